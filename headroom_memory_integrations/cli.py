@@ -1,0 +1,210 @@
+"""The ``headroom-memory`` command: look after users' memories from a shell.
+
+::
+
+    headroom-memory add --user alice "Prefers Python for backend work" --category preference
+    headroom-memory search --user alice "which language?" --json
+    headroom-memory list --user alice
+    headroom-memory export --user alice alice.jsonl
+
+Every command takes ``--user`` (or ``$HEADROOM_MEMORY_USER``), ``--db`` (a folder or a Chroma
+server URL; default ``$HEADROOM_MEMORY_DB`` or ``~/.headroom-memory``) and ``--json``.
+Exit status: 0 on success, 1 when the memory layer refuses or fails, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from .engine import MemoryStore
+from .errors import HeadroomMemoryError
+from .types import Category, Memory
+
+_TEXT_WIDTH = 60
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--user",
+        default=os.environ.get("HEADROOM_MEMORY_USER"),
+        help="whose memories (default: $HEADROOM_MEMORY_USER)",
+    )
+    common.add_argument(
+        "--db",
+        default=None,
+        help="storage folder or Chroma server URL (default: $HEADROOM_MEMORY_DB "
+        "or ~/.headroom-memory)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    categories = [c.value for c in Category]
+
+    parser = argparse.ArgumentParser(
+        prog="headroom-memory", description="Manage per-user long-term memories."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add = commands.add_parser("add", parents=[common], help="remember a text")
+    add.add_argument("text")
+    add.add_argument("--category", choices=categories, default="fact")
+    add.add_argument(
+        "--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata (repeatable)"
+    )
+
+    search = commands.add_parser("search", parents=[common], help="find relevant memories")
+    search.add_argument("query")
+    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument(
+        "--category", action="append", choices=categories, help="only this category (repeatable)"
+    )
+    search.add_argument("--min-score", type=float, default=None, help="relevance floor")
+
+    listing = commands.add_parser("list", parents=[common], help="list memories, oldest first")
+    listing.add_argument("--category", choices=categories)
+
+    delete = commands.add_parser("delete", parents=[common], help="forget one memory")
+    delete.add_argument("id")
+
+    clear = commands.add_parser("clear", parents=[common], help="forget all of a user's memories")
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    commands.add_parser("stats", parents=[common], help="counts and configuration")
+
+    export = commands.add_parser("export", parents=[common], help="write memories as JSON Lines")
+    export.add_argument("file", nargs="?", default="-", help="a file, or - for stdout (default)")
+
+    load = commands.add_parser("import", parents=[common], help="read memories from JSON Lines")
+    load.add_argument("file", help="a file written by export, or - for stdin")
+    return parser
+
+
+def _table(memories: Sequence[Memory], scores: Sequence[float] | None = None) -> str:
+    if not memories:
+        return "(no memories)"
+    rows = [
+        ([f"{scores[i]:.3f}"] if scores is not None else [])
+        + [m.id[:12], m.category.value, m.created_at.strftime("%Y-%m-%d %H:%M"), _shorten(m.text)]
+        for i, m in enumerate(memories)
+    ]
+    header = (["score"] if scores is not None else []) + ["id", "category", "created (UTC)", "text"]
+    widths = [max(len(r[col]) for r in [header, *rows]) for col in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+        for row in [header, ["-" * w for w in widths], *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _shorten(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _TEXT_WIDTH else flat[: _TEXT_WIDTH - 1] + "…"
+
+
+def _metadata(pairs: Sequence[str]) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    metadata = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise HeadroomMemoryError(f"--meta takes KEY=VALUE, got {pair!r}")
+        metadata[key] = value
+    return metadata
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> Any:
+    """Carry out one command; return what to print as JSON (text output is written here)."""
+    store = MemoryStore(args.user, db_path=args.db)
+    if args.command == "add":
+        memory = store.add(args.text, category=args.category, metadata=_metadata(args.meta))
+        if not args.json:
+            print(f"stored {memory.id} ({memory.category.value}): {memory.text}", file=out)
+        return memory.to_dict()
+    if args.command == "search":
+        results = store.search(
+            args.query, top_k=args.top_k, categories=args.category, min_score=args.min_score
+        )
+        if not args.json:
+            print(_table([m for m, _ in results], [s for _, s in results]), file=out)
+        return [{"score": round(s, 6), **m.to_dict()} for m, s in results]
+    if args.command == "list":
+        memories = store.get_all(args.category)
+        if not args.json:
+            print(_table(memories), file=out)
+        return [m.to_dict() for m in memories]
+    if args.command == "delete":
+        store.delete(_full_id(store, args.id))
+        if not args.json:
+            print(f"deleted {args.id}", file=out)
+        return {"deleted": args.id}
+    if args.command == "clear":
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise HeadroomMemoryError("refusing to clear without --yes (no terminal to ask)")
+            answer = input(f"Forget every memory of user {args.user!r}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                raise HeadroomMemoryError("cancelled")
+        removed = store.clear()
+        if not args.json:
+            print(f"cleared {removed} memories of user {args.user!r}", file=out)
+        return {"cleared": removed}
+    if args.command == "stats":
+        stats = store.stats()
+        if not args.json:
+            for key, value in stats.items():
+                print(f"{key:<22}{value}", file=out)
+        return stats
+    if args.command == "export":
+        if args.file == "-":
+            count = store.export(out)
+        else:
+            count = store.export(args.file)
+            if not args.json:
+                print(f"exported {count} memories to {args.file}", file=out)
+        return {"exported": count}
+    if args.command == "import":
+        count = store.import_(sys.stdin if args.file == "-" else args.file)
+        if not args.json:
+            print(f"imported {count} memories", file=out)
+        return {"imported": count}
+    raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def _full_id(store: MemoryStore, given: str) -> str:
+    """Accept the 12-character ids the tables show, if they are unambiguous."""
+    if len(given) >= 32:
+        return given
+    matches = [m.id for m in store.get_all() if m.id.startswith(given)]
+    if len(matches) > 1:
+        raise HeadroomMemoryError(f"id prefix {given!r} matches {len(matches)} memories")
+    return matches[0] if matches else given
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``headroom-memory``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if not args.user:
+        print(
+            "headroom-memory: error: --user is required (or set HEADROOM_MEMORY_USER)",
+            file=sys.stderr,
+        )
+        return 2
+    quiet_json = args.json and args.command == "export" and args.file == "-"
+    try:
+        result = _run(args, sys.stdout)
+    except (HeadroomMemoryError, OSError) as exc:
+        print(f"headroom-memory: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json and not quiet_json:
+        json.dump(result, sys.stdout, ensure_ascii=False, indent=2, default=str)
+        print()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The embedder protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+Vectors = npt.NDArray[np.float32]
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into vectors.
+
+    Attributes:
+        name: Identifies the model; stored with each user's collection so that a store
+            built with one model is never silently queried with another.
+        dimension: Length of every vector.
+    """
+
+    name: str
+    dimension: int
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        """Return one L2-normalised float32 row per text, shape ``(len(texts), dimension)``."""
+        ...
+
+
+def normalize_rows(vectors: npt.ArrayLike) -> Vectors:
+    """Scale each row to unit length (rows of zeros stay zero)."""
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return (matrix / np.where(norms == 0, 1, norms)).astype(np.float32, copy=False)

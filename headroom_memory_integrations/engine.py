@@ -1,0 +1,507 @@
+"""The framework-free core: one user's memories, stored with embeddings, searched by meaning.
+
+Every wrapper and adapter in this package is a thin layer over :class:`MemoryStore`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import unicodedata
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any
+
+import numpy as np
+
+from .embeddings.base import Embedder, Vectors
+from .embeddings.local import LocalEmbedder
+from .errors import InvalidInputError, MemoryNotFoundError
+from .storage.base import Storage, UserCollection
+from .storage.chroma import ChromaStorage
+from .types import Category, Memory, Revision, SearchResult, Source, parse_time, utc_now
+
+DEFAULT_DB_PATH = "~/.headroom-memory"
+"""Where memories are kept when no ``db_path`` is given (``$HEADROOM_MEMORY_DB`` overrides)."""
+
+DEFAULT_MIN_SCORE = 0.25
+"""Relevance floor: search returns nothing scoring below this cosine similarity. With
+all-MiniLM-L6-v2, a memory that bears on the query scores about 0.3-0.8 and unrelated
+text about -0.1-0.15 ("What is 2+2?" against "Prefers Python for backend work": 0.03)."""
+
+DEFAULT_DUPLICATE_THRESHOLD = 0.92
+"""A new memory this similar (cosine) to an existing one of the same user is a duplicate:
+it is not stored again, and the existing memory is returned."""
+
+MAX_TEXT_CHARS = 2000
+"""Longest memory text accepted."""
+
+MAX_USER_ID_CHARS = 2048
+MAX_METADATA_KEYS = 32
+MAX_METADATA_VALUE_CHARS = 1000
+MAX_TOP_K = 1000
+
+_QUERY_CACHE_SIZE = 1024
+_CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
+
+
+@dataclass(frozen=True)
+class NewMemory:
+    """A memory to add with :meth:`MemoryStore.add_many`."""
+
+    text: str
+    category: Category | str = Category.FACT
+    metadata: Mapping[str, Any] | None = None
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def validate_user_id(user_id: object) -> str:
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise InvalidInputError(f"user_id must be a non-empty string, got {user_id!r}")
+    if len(user_id) > MAX_USER_ID_CHARS:
+        raise InvalidInputError(
+            f"user_id is {len(user_id)} characters; the maximum is {MAX_USER_ID_CHARS}"
+        )
+    return user_id
+
+
+def clean_text(text: object, what: str = "memory text") -> str:
+    """Strip, drop control characters, and check the length of a text."""
+    if not isinstance(text, str):
+        raise InvalidInputError(f"{what} must be a string, got {type(text).__name__}")
+    cleaned = "".join(
+        ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs")
+    ).strip()
+    if not cleaned:
+        raise InvalidInputError(f"{what} is empty")
+    if len(cleaned) > MAX_TEXT_CHARS:
+        raise InvalidInputError(
+            f"{what} is {len(cleaned)} characters; the maximum is {MAX_TEXT_CHARS}"
+        )
+    return cleaned
+
+
+def clean_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """Check that metadata is a small mapping of string keys to scalar values."""
+    if metadata is None:
+        return MappingProxyType({})
+    if not isinstance(metadata, Mapping):
+        raise InvalidInputError(f"metadata must be a mapping, got {type(metadata).__name__}")
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidInputError(
+            f"metadata has {len(metadata)} keys; the maximum is {MAX_METADATA_KEYS}"
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidInputError(f"metadata keys must be non-empty strings, got {key!r}")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise InvalidInputError(
+                f"metadata[{key!r}] must be a string, number, boolean or None, "
+                f"got {type(value).__name__}"
+            )
+        if isinstance(value, float) and not np.isfinite(value):
+            raise InvalidInputError(f"metadata[{key!r}] must be a finite number")
+        if isinstance(value, str) and len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidInputError(
+                f"metadata[{key!r}] is {len(value)} characters; the maximum is "
+                f"{MAX_METADATA_VALUE_CHARS}"
+            )
+    return MappingProxyType(dict(metadata))
+
+
+def _check_top_k(top_k: object) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
+    return top_k
+
+
+def _resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
+    path = (
+        str(db_path)
+        if db_path is not None
+        else os.environ.get("HEADROOM_MEMORY_DB", DEFAULT_DB_PATH)
+    )
+    if path.startswith(("http://", "https://")):
+        return ChromaStorage.from_url(path)
+    return ChromaStorage.at(path)
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+class MemoryStore:
+    """One user's long-term memories.
+
+    Args:
+        user_id: Whose memories these are. Any non-empty string; users never see each
+            other's memories.
+        db_path: A folder for embedded Chroma (default ``~/.headroom-memory``, or
+            ``$HEADROOM_MEMORY_DB``), or a Chroma server's URL (``http://127.0.0.1:8000``).
+        storage: A storage object instead of ``db_path`` (e.g. ``ChromaStorage(client)``).
+        embedder: Defaults to the local all-MiniLM-L6-v2. A store keeps the embedder it was
+            built with; opening it with another raises :class:`EmbeddingMismatchError`.
+        min_score: The relevance floor of :meth:`search` (see :data:`DEFAULT_MIN_SCORE`).
+        duplicate_threshold: See :data:`DEFAULT_DUPLICATE_THRESHOLD`; ``None`` turns the
+            near-duplicate check off (identical texts are still stored once).
+
+    Example::
+
+        >>> store = MemoryStore("alice", db_path="/tmp/memories")
+        >>> store.add("Prefers Python for backend work", category="preference")
+        >>> [(m.text, round(s, 2)) for m, s in store.search("Which language should I use?")]
+        [('Prefers Python for backend work', 0.41)]
+    """
+
+    def __init__(
+        self,
+        user_id: str,
+        db_path: str | os.PathLike[str] | None = None,
+        *,
+        storage: Storage | None = None,
+        embedder: Embedder | None = None,
+        min_score: float = DEFAULT_MIN_SCORE,
+        duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
+    ) -> None:
+        self.user_id = validate_user_id(user_id)
+        if storage is not None and db_path is not None:
+            raise InvalidInputError("pass db_path or storage, not both")
+        self.storage = storage if storage is not None else _resolve_storage(db_path)
+        self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
+        self.min_score = float(min_score)
+        self.duplicate_threshold = duplicate_threshold
+        self._collection: UserCollection | None = None
+        self._query_cache: OrderedDict[str, Vectors] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # consolidation reads then writes: one at a time
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _embed(self, texts: Sequence[str]) -> Vectors:
+        vectors = np.asarray(self.embedder.embed(list(texts)), dtype=np.float32)
+        if vectors.shape[0] != len(texts):
+            raise InvalidInputError(
+                f"embedder {self.embedder.name!r} returned {vectors.shape[0]} vectors "
+                f"for {len(texts)} texts"
+            )
+        return vectors
+
+    def _query_vector(self, query: str) -> Vectors:
+        with self._cache_lock:
+            cached = self._query_cache.get(query)
+            if cached is not None:
+                self._query_cache.move_to_end(query)
+                return cached
+        vector = self._embed([query])[0]
+        with self._cache_lock:
+            self._query_cache[query] = vector
+            while len(self._query_cache) > _QUERY_CACHE_SIZE:
+                self._query_cache.popitem(last=False)
+        return vector
+
+    def _open(self, dimension: int | None = None) -> UserCollection:
+        if self._collection is None:
+            if dimension is None:
+                dimension = self.embedder.dimension or self._embed(["dimension probe"]).shape[1]
+            self._collection = self.storage.open(self.user_id, self.embedder.name, dimension)
+        return self._collection
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def search(
+        self,
+        query: str,
+        top_k: int = 5,
+        categories: Iterable[Category | str] | None = None,
+        *,
+        min_score: float | None = None,
+    ) -> list[SearchResult]:
+        """The memories most relevant to ``query``, most relevant first.
+
+        Args:
+            query: What to look for, usually the user's latest message.
+            top_k: At most this many results.
+            categories: Only these categories (default: all).
+            min_score: Override the store's relevance floor for this call.
+
+        Returns:
+            ``(memory, score)`` pairs; higher scores are more relevant, and none is below
+            the floor, so an unrelated query returns an empty list.
+        """
+        query = clean_text(query, "query")
+        top_k = _check_top_k(top_k)
+        wanted = {Category.parse(c) for c in categories} if categories is not None else None
+        floor = self.min_score if min_score is None else float(min_score)
+        vector = self._query_vector(query)
+        collection = self._open(vector.shape[0])
+        limit = top_k if wanted is None else top_k * _CATEGORY_OVERFETCH
+        while True:
+            found = collection.query(vector, limit)[0]
+            hits = [
+                SearchResult(memory, score)
+                for memory, score in found
+                if score >= floor and (wanted is None or memory.category in wanted)
+            ]
+            exhausted = len(found) < limit or (found and found[-1][1] < floor)
+            if len(hits) >= top_k or exhausted:
+                return hits[:top_k]
+            limit *= 4  # a rare category: widen the net rather than ask Chroma to filter
+
+    def get(self, memory_id: str) -> Memory:
+        """The memory with this id. Raises :class:`MemoryNotFoundError` if there is none."""
+        found = self._open().get([memory_id]) if isinstance(memory_id, str) else []
+        if not found:
+            raise MemoryNotFoundError(f"user {self.user_id!r} has no memory with id {memory_id!r}")
+        return found[0]
+
+    def get_all(self, category: Category | str | None = None) -> list[Memory]:
+        """Every memory (of one category, if given), oldest first."""
+        wanted = Category.parse(category) if category is not None else None
+        memories = [m for m in self._open().get() if wanted is None or m.category == wanted]
+        return sorted(memories, key=lambda m: (m.created_at, m.id))
+
+    def count(self) -> int:
+        return self._open().count()
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and configuration: ``total_chunks`` (= ``total_memories``), ``by_category``,
+        ``user_id``, ``embedding_model``, ``embedding_dimension``, ``storage``."""
+        memories = self._open().get()
+        by_category = Counter(m.category.value for m in memories)
+        return {
+            "user_id": self.user_id,
+            "total_memories": len(memories),
+            "total_chunks": len(memories),
+            "by_category": {c.value: by_category.get(c.value, 0) for c in Category},
+            "embedding_model": self.embedder.name,
+            "embedding_dimension": self.embedder.dimension,
+            "storage": self.storage.location,
+            "min_score": self.min_score,
+            "duplicate_threshold": self.duplicate_threshold,
+        }
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def add(
+        self,
+        text: str,
+        category: Category | str = Category.FACT,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        source: Source | str = Source.MANUAL,
+    ) -> Memory:
+        """Remember ``text``. A duplicate of an existing memory is not stored again: the
+        existing memory is returned instead."""
+        return self.add_many([NewMemory(text, category, metadata)], source=source)[0]
+
+    def add_many(
+        self,
+        items: Iterable[NewMemory | str | Mapping[str, Any]],
+        *,
+        source: Source | str = Source.MANUAL,
+    ) -> list[Memory]:
+        """Remember several memories with one embedding batch and one write.
+
+        Each item is a :class:`NewMemory`, a plain text (category ``fact``) or a mapping
+        with ``text`` and optional ``category`` and ``metadata``. Every item is checked
+        before anything is written: one bad item raises and nothing is stored.
+
+        Returns:
+            One memory per item, in order: the new memory, or the existing one it duplicates.
+        """
+        drafts = [self._draft(item, Source.parse(source)) for item in items]
+        if not drafts:
+            return []
+        vectors = self._embed([d.text for d in drafts])
+        collection = self._open(vectors.shape[1])
+        with self._write_lock:
+            nearest = collection.query(vectors, 1)
+            results: list[Memory] = []
+            new: list[tuple[Memory, Vectors]] = []
+            for draft, vector, stored in zip(drafts, vectors, nearest):
+                duplicate = self._find_duplicate(draft.text, vector, [*new, *stored])
+                if duplicate is None:
+                    new.append((draft, vector))
+                results.append(duplicate or draft)
+            if new:
+                collection.upsert([m for m, _ in new], np.stack([v for _, v in new]))
+        return results
+
+    def update(
+        self,
+        memory_id: str,
+        text: str,
+        *,
+        category: Category | str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Memory:
+        """Replace a memory's text (and optionally category or metadata), keeping the old
+        text in ``history``. Search then finds the new text, never the old one."""
+        text = clean_text(text)
+        new_category = Category.parse(category) if category is not None else None
+        new_metadata = clean_metadata(metadata) if metadata is not None else None
+        vector = self._embed([text])
+        with self._write_lock:
+            old = self.get(memory_id)
+            revision = Revision(old.text, old.category, utc_now())
+            updated = replace(
+                old,
+                text=text,
+                category=new_category or old.category,
+                metadata=new_metadata if new_metadata is not None else old.metadata,
+                updated_at=revision.replaced_at,
+                history=(*old.history, revision) if text != old.text else old.history,
+            )
+            self._open().upsert([updated], vector)
+        return updated
+
+    def supersede(
+        self, old_id: str, new_text: str, category: Category | str | None = None
+    ) -> Memory:
+        """Record that ``new_text`` replaces memory ``old_id`` ("moved to SF" replaces
+        "lives in NY"): the same as :meth:`update`, named for intent."""
+        return self.update(old_id, new_text, category=category)
+
+    def delete(self, memory_id: str) -> None:
+        """Forget one memory. Raises :class:`MemoryNotFoundError` if there is none."""
+        with self._write_lock:
+            self.get(memory_id)
+            self._open().delete([memory_id])
+
+    def clear(self) -> int:
+        """Forget every memory of this user; return how many there were."""
+        with self._write_lock:
+            self._collection = None
+            with self._cache_lock:
+                self._query_cache.clear()
+            return self.storage.drop(self.user_id)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for pending writes. The store itself writes synchronously, so there are none;
+        the wrappers' ``.memory`` waits for their background writer."""
+        return True
+
+    # -- export / import ---------------------------------------------------------------------
+
+    def export(self, destination: str | os.PathLike[str] | IO[str] | None = None) -> str | int:
+        """Write every memory as JSON Lines.
+
+        Returns:
+            The text, if ``destination`` is None; else how many memories were written to the
+            file path or text stream.
+        """
+        lines = [json.dumps(m.to_dict(), ensure_ascii=False) + "\n" for m in self.get_all()]
+        if destination is None:
+            return "".join(lines)
+        if isinstance(destination, (str, os.PathLike)):
+            Path(destination).write_text("".join(lines), encoding="utf-8")
+        else:
+            destination.writelines(lines)
+        return len(lines)
+
+    def import_(self, source: str | os.PathLike[str] | IO[str] | Iterable[str]) -> int:
+        """Load memories written by :meth:`export` (a path, stream or lines) into this user.
+
+        Ids, times, sources, metadata and history are kept; the user is always this store's,
+        whatever the file says. Importing the same file twice changes nothing. Every line is
+        checked first: one bad line raises (naming the line) and nothing is written.
+
+        Returns:
+            How many memories were imported.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            lines: Iterable[str] = Path(source).read_text(encoding="utf-8").splitlines()
+        else:
+            lines = source
+        memories = [
+            self._from_export(line, number)
+            for number, line in enumerate(lines, start=1)
+            if line.strip()
+        ]
+        if not memories:
+            return 0
+        vectors = self._embed([m.text for m in memories])
+        with self._write_lock:
+            self._open(vectors.shape[1]).upsert(memories, vectors)
+        return len(memories)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _draft(self, item: NewMemory | str | Mapping[str, Any], source: Source) -> Memory:
+        if isinstance(item, str):
+            item = NewMemory(item)
+        elif isinstance(item, Mapping):
+            unknown = set(item) - {"text", "category", "metadata"}
+            if unknown or "text" not in item:
+                raise InvalidInputError(
+                    "a memory mapping takes 'text' and optional 'category' and 'metadata'; "
+                    f"got keys {sorted(item)}"
+                )
+            item = NewMemory(
+                item["text"], item.get("category", Category.FACT), item.get("metadata")
+            )
+        elif not isinstance(item, NewMemory):
+            raise InvalidInputError(f"cannot make a memory from {type(item).__name__}")
+        now = utc_now()
+        return Memory(
+            id=uuid.uuid4().hex,
+            user_id=self.user_id,
+            text=clean_text(item.text),
+            category=Category.parse(item.category),
+            created_at=now,
+            updated_at=now,
+            source=source,
+            metadata=clean_metadata(item.metadata),
+        )
+
+    def _find_duplicate(
+        self, text: str, vector: Vectors, candidates: Sequence[tuple[Memory, Vectors | float]]
+    ) -> Memory | None:
+        """The candidate ``text`` duplicates: the same text (ignoring case), or a similarity
+        at or above the threshold. A candidate comes with its vector or its similarity."""
+        threshold = 1.0 if self.duplicate_threshold is None else self.duplicate_threshold
+        folded = text.casefold()
+        for memory, other in candidates:
+            similarity = other if isinstance(other, float) else float(vector @ other)
+            if memory.text.casefold() == folded or similarity >= threshold - 1e-6:
+                return memory
+        return None
+
+    def _from_export(self, line: str, number: int) -> Memory:
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise InvalidInputError("not a JSON object")
+            memory_id = data["id"]
+            if not isinstance(memory_id, str) or not 1 <= len(memory_id) <= 128:
+                raise InvalidInputError(f"bad id {memory_id!r}")
+            return Memory(
+                id=memory_id,
+                user_id=self.user_id,
+                text=clean_text(data["text"]),
+                category=Category.parse(data.get("category", "fact")),
+                created_at=parse_time(data.get("created_at") or utc_now()),
+                updated_at=parse_time(
+                    data.get("updated_at") or data.get("created_at") or utc_now()
+                ),
+                source=Source.parse(data.get("source", "manual")),
+                metadata=clean_metadata(data.get("metadata")),
+                history=tuple(Revision.from_dict(r) for r in data.get("history") or ()),
+            )
+        except (InvalidInputError, KeyError, TypeError, ValueError) as exc:
+            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            if isinstance(exc, KeyError):
+                message = f"missing field {message!r}"
+            raise InvalidInputError(f"line {number}: {message}") from exc
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryStore(user_id={self.user_id!r}, storage={self.storage.location!r}, "
+            f"embedder={self.embedder.name!r})"
+        )

@@ -1,0 +1,297 @@
+"""Chroma storage: one collection per user, embedded on disk or on a Chroma server.
+
+- Embedded (default): ``ChromaStorage.at("~/.headroom-memory")`` opens a ``PersistentClient``.
+  One process at a time should write to a folder.
+- Server: ``ChromaStorage.connect("127.0.0.1", 8000)`` talks to ``chroma run``, which several
+  processes or machines can share.
+- Your own client: ``ChromaStorage(client)``.
+
+Chroma never embeds here (``embedding_function=None``; the engine passes vectors) and its
+telemetry is off. Collections use cosine space, so a score is ``1 - distance``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+
+from ..embeddings.base import Vectors
+from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
+from ..types import Category, Memory, Revision, Source, parse_time
+from .base import collection_name
+
+SCHEMA_VERSION = 1
+_BATCH = 1000  # rows per Chroma call when reading or deleting many
+T = TypeVar("T")
+
+
+def _settings() -> Any:
+    from chromadb.config import Settings
+
+    return Settings(anonymized_telemetry=False, allow_reset=False)
+
+
+@contextmanager
+def _storage_errors(action: str) -> Iterator[None]:
+    """Re-raise Chroma's and the network's errors as :class:`StorageError`."""
+    try:
+        yield
+    except HeadroomMemoryError:
+        raise
+    except Exception as exc:  # chromadb raises many unrelated types
+        raise StorageError(f"could not {action}: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_record(memory: Memory) -> tuple[str, dict[str, Any]]:
+    metadata = {
+        "category": memory.category.value,
+        "source": memory.source.value,
+        "created_at": memory.created_at.timestamp(),
+        "updated_at": memory.updated_at.timestamp(),
+        "metadata": json.dumps(dict(memory.metadata), ensure_ascii=False),
+        "history": json.dumps([r.to_dict() for r in memory.history], ensure_ascii=False),
+    }
+    return memory.text, metadata
+
+
+def _from_record(user_id: str, memory_id: str, text: str, meta: dict[str, Any]) -> Memory:
+    return Memory(
+        id=memory_id,
+        user_id=user_id,
+        text=text,
+        category=Category.parse(meta["category"]),
+        created_at=parse_time(meta["created_at"]),
+        updated_at=parse_time(meta["updated_at"]),
+        source=Source.parse(meta.get("source", "manual")),
+        metadata=MappingProxyType(json.loads(meta.get("metadata") or "{}")),
+        history=tuple(Revision.from_dict(r) for r in json.loads(meta.get("history") or "[]")),
+    )
+
+
+class ChromaCollection:
+    """A user's memories in one Chroma collection (see :class:`UserCollection`).
+
+    If the collection is dropped behind its back (``clear()`` from another process or
+    client), the next call opens it afresh instead of failing on a stale handle.
+    """
+
+    def __init__(
+        self, user_id: str, reopen: Callable[[], Any], write_lock: threading.RLock
+    ) -> None:
+        self._user_id = user_id
+        self._reopen = reopen
+        self._collection = reopen()
+        self._write_lock = write_lock
+        self.binding: tuple[str, int] = ("", 0)  # (embedder, dimension) it was opened with
+
+    def _call(self, action: str, run: Callable[[Any], T]) -> T:
+        from chromadb.errors import NotFoundError
+
+        with _storage_errors(action):
+            try:
+                return run(self._collection)
+            except NotFoundError:
+                self._collection = self._reopen()
+                return run(self._collection)
+
+    def upsert(self, memories: Sequence[Memory], vectors: Vectors) -> None:
+        if not memories:
+            return
+        records = [_to_record(m) for m in memories]
+        with self._write_lock:
+            self._call(
+                "write memories",
+                lambda c: c.upsert(
+                    ids=[m.id for m in memories],
+                    embeddings=vectors,
+                    documents=[text for text, _ in records],
+                    metadatas=[meta for _, meta in records],
+                ),
+            )
+
+    def get(self, ids: Sequence[str] | None = None) -> list[Memory]:
+        include = ["documents", "metadatas"]
+        if ids is not None:
+            if not ids:
+                return []
+            return self._rows(
+                self._call("read memories", lambda c: c.get(ids=list(ids), include=include))
+            )
+        memories: list[Memory] = []
+        for offset in range(0, self.count(), _BATCH):
+            page = self._call(
+                "read memories",
+                lambda c: c.get(limit=_BATCH, offset=offset, include=include),  # noqa: B023
+            )
+            memories.extend(self._rows(page))
+        return memories
+
+    def query(self, vectors: Vectors, limit: int) -> list[list[tuple[Memory, float]]]:
+        matrix = vectors.reshape(-1, vectors.shape[-1])
+        found = self._call(
+            "search memories",
+            lambda c: c.query(
+                query_embeddings=matrix,
+                n_results=limit,
+                include=["documents", "metadatas", "distances"],
+            ),
+        )
+        return [
+            [
+                (_from_record(self._user_id, i, doc, dict(meta)), 1.0 - float(distance))
+                for i, doc, meta, distance in zip(ids, docs, metas, distances)
+            ]
+            for ids, docs, metas, distances in zip(
+                found["ids"], found["documents"], found["metadatas"], found["distances"]
+            )
+        ]
+
+    def delete(self, ids: Sequence[str]) -> None:
+        with self._write_lock:
+            for start in range(0, len(ids), _BATCH):
+                batch = list(ids[start : start + _BATCH])
+                self._call("delete memories", lambda c: c.delete(ids=batch))  # noqa: B023
+
+    def count(self) -> int:
+        return int(self._call("count memories", lambda c: c.count()))
+
+    def _rows(self, page: dict[str, Any]) -> list[Memory]:
+        return [
+            _from_record(self._user_id, i, doc, dict(meta))
+            for i, doc, meta in zip(page["ids"], page["documents"], page["metadatas"])
+        ]
+
+
+class ChromaStorage:
+    """Users' memory collections in Chroma.
+
+    Args:
+        client: A chromadb client (``PersistentClient``, ``HttpClient``, ...).
+        location: A human-readable description of where the data is.
+    """
+
+    _embedded: ClassVar[dict[str, ChromaStorage]] = {}
+    _embedded_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, client: Any, location: str = "chroma client") -> None:
+        self._client = client
+        self.location = location
+        self._write_lock = threading.RLock()
+        self._collections: dict[str, ChromaCollection] = {}
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str]) -> ChromaStorage:
+        """Embedded storage in the folder ``path`` (created if missing), shared in the process."""
+        folder = str(Path(path).expanduser().resolve())
+        with cls._embedded_lock:
+            storage = cls._embedded.get(folder)
+            if storage is None:
+                import chromadb
+
+                with _storage_errors(f"open the memory store at {folder}"):
+                    Path(folder).mkdir(parents=True, exist_ok=True)
+                    client = chromadb.PersistentClient(path=folder, settings=_settings())
+                storage = cls._embedded[folder] = cls(client, folder)
+            return storage
+
+    @classmethod
+    def connect(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        ssl: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> ChromaStorage:
+        """Storage on a Chroma server (``chroma run --path DIR --host HOST --port PORT``)."""
+        import chromadb
+
+        url = f"{'https' if ssl else 'http'}://{host}:{port}"
+        with _storage_errors(f"connect to the Chroma server at {url}"):
+            client = chromadb.HttpClient(
+                host=host, port=port, ssl=ssl, headers=headers, settings=_settings()
+            )
+        return cls(client, url)
+
+    @classmethod
+    def from_url(cls, url: str) -> ChromaStorage:
+        """Storage on the Chroma server at ``http://host:port`` (or https)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise StorageError(f"not a Chroma server URL: {url!r} (expected http://host:port)")
+        ssl = parts.scheme == "https"
+        return cls.connect(parts.hostname, parts.port or (443 if ssl else 8000), ssl=ssl)
+
+    def open(self, user_id: str, embedder: str, dimension: int) -> ChromaCollection:
+        name = collection_name(user_id)
+        cached = self._collections.get(name)
+        if cached is not None and cached.binding == (embedder, dimension):
+            return cached
+
+        def get_or_create() -> Any:
+            collection = self._client.get_or_create_collection(
+                name=name,
+                embedding_function=None,
+                configuration={"hnsw": {"space": "cosine", "ef_search": 100}},
+                metadata={
+                    "user_id": user_id,
+                    "embedder": embedder,
+                    "dimension": dimension,
+                    "schema_version": SCHEMA_VERSION,
+                    "created_at": time.time(),
+                },
+            )
+            self._check_owner(collection.metadata or {}, user_id, embedder, dimension)
+            return collection
+
+        with self._write_lock, _storage_errors(f"open the collection of user {user_id!r}"):
+            handle = ChromaCollection(user_id, get_or_create, self._write_lock)
+        handle.binding = (embedder, dimension)
+        self._collections[name] = handle
+        return handle
+
+    def _check_owner(self, meta: Any, user_id: str, embedder: str, dimension: int) -> None:
+        if meta.get("user_id") != user_id:
+            raise StorageError("a collection named for this user belongs to another; refusing it")
+        if meta.get("embedder") != embedder or int(meta.get("dimension", dimension)) != dimension:
+            raise EmbeddingMismatchError(
+                f"the memories of user {user_id!r} in {self.location} were embedded with "
+                f"{meta.get('embedder')!r} ({meta.get('dimension')} dimensions), but this store "
+                f"uses {embedder!r} ({dimension} dimensions). Use the original embedder, another "
+                "db_path, or export the memories, clear() them and import them again."
+            )
+
+    def drop(self, user_id: str) -> int:
+        name = collection_name(user_id)
+        with self._write_lock, _storage_errors(f"clear the memories of user {user_id!r}"):
+            self._collections.pop(name, None)
+            if self._describe(name) is None:
+                return 0
+            count = int(self._client.get_collection(name).count())
+            self._client.delete_collection(name)
+            return count
+
+    def describe(self, user_id: str) -> dict[str, object] | None:
+        with _storage_errors("read collection metadata"):
+            return self._describe(collection_name(user_id))
+
+    def _describe(self, name: str) -> dict[str, object] | None:
+        from chromadb.errors import NotFoundError
+
+        try:
+            collection = self._client.get_collection(name)
+        except (NotFoundError, ValueError):
+            return None
+        return {"collection": name, "count": collection.count(), **dict(collection.metadata or {})}
+
+    def __repr__(self) -> str:
+        return f"ChromaStorage(location={self.location!r})"

@@ -1,0 +1,159 @@
+"""The small value types of the memory layer: :class:`Category`, :class:`Source`,
+:class:`Memory`, :class:`Revision` and :class:`SearchResult`.
+
+Scores, everywhere in this package, are *higher is more relevant*: for the default
+embedders a score is the cosine similarity of the query and the memory, in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from .errors import InvalidCategoryError, InvalidInputError
+
+
+class Category(str, Enum):
+    """What kind of thing a memory records."""
+
+    PREFERENCE = "preference"
+    """Likes, dislikes and preferred ways of working: "Prefers Python for backend work"."""
+    FACT = "fact"
+    """Identity, role, constraints: "Works at a fintech startup"."""
+    CONTEXT = "context"
+    """Current goals and ongoing tasks: "Migrating the billing service to Go"."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: Category | str) -> Category:
+        """Return the category named by ``value`` (case-insensitive).
+
+        Raises:
+            InvalidCategoryError: ``value`` names no category; the message lists the valid ones.
+        """
+        if isinstance(value, Category):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.strip().lower())
+            except ValueError:
+                pass
+        valid = ", ".join(repr(c.value) for c in cls)
+        raise InvalidCategoryError(f"unknown category {value!r}; valid categories are {valid}")
+
+
+class Source(str, Enum):
+    """How a memory came to be stored."""
+
+    INLINE = "inline"
+    """Extracted from the model's own answer by ``with_fast_memory``."""
+    BACKGROUND = "background"
+    """Extracted by a separate call in ``with_memory``'s worker."""
+    MANUAL = "manual"
+    """Added through the API or the CLI."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: Source | str) -> Source:
+        if isinstance(value, Source):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            valid = ", ".join(repr(s.value) for s in cls)
+            raise InvalidInputError(
+                f"unknown source {value!r}; valid sources are {valid}"
+            ) from None
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Revision:
+    """An earlier text of a memory, kept when the memory was updated or superseded."""
+
+    text: str
+    category: Category
+    replaced_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "category": self.category.value,
+            "replaced_at": self.replaced_at.isoformat(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Revision:
+        return cls(
+            text=str(data["text"]),
+            category=Category.parse(data["category"]),
+            replaced_at=parse_time(data["replaced_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class Memory:
+    """One remembered statement about one user.
+
+    Attributes:
+        id: Stable identifier (32 hex characters).
+        user_id: The user it belongs to. Set by the store, never by the text or metadata.
+        text: The statement, e.g. ``"Prefers Python for backend work"``.
+        category: preference, fact or context.
+        created_at / updated_at: Timezone-aware UTC times.
+        source: inline, background or manual.
+        metadata: The caller's own scalar key/values (read-only).
+        history: Earlier texts this memory replaced, oldest first.
+    """
+
+    id: str
+    user_id: str
+    text: str
+    category: Category
+    created_at: datetime
+    updated_at: datetime
+    source: Source = Source.MANUAL
+    metadata: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    history: tuple[Revision, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, the format of :meth:`MemoryStore.export` lines."""
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "text": self.text,
+            "category": self.category.value,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "source": self.source.value,
+            "metadata": dict(self.metadata),
+            "history": [r.to_dict() for r in self.history],
+        }
+
+
+class SearchResult(NamedTuple):
+    """A memory and its relevance score (higher is more relevant). Unpacks as ``memory, score``."""
+
+    memory: Memory
+    score: float
+
+
+def parse_time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, (int, float)):
+        parsed = datetime.fromtimestamp(float(value), timezone.utc)
+    else:
+        parsed = datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -1,0 +1,117 @@
+"""Shared fixtures: real Chroma (embedded in a temp dir, or a real `chroma run` server on
+127.0.0.1), the real all-MiniLM-L6-v2 model, and a tiny deterministic embedder for tests
+whose outcome does not depend on meaning."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
+from headroom_memory_integrations.embeddings import normalize_rows
+
+
+class HashEmbedder:
+    """Deterministic bag-of-words vectors: equal texts get equal vectors, texts sharing
+    words are closer. For tests that must not depend on a model's sense of meaning."""
+
+    def __init__(self, dimension: int = 64, name: str = "test-hash") -> None:
+        self.dimension = dimension
+        self.name = name
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        rows = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+                rows[row, int.from_bytes(digest[:4], "little") % self.dimension] += 1.0
+        rows[:, 0] += 1e-3  # never a zero vector
+        return normalize_rows(rows)
+
+
+@pytest.fixture(scope="session")
+def model() -> LocalEmbedder:
+    """The real local model, loaded once for the session."""
+    embedder = LocalEmbedder()
+    embedder.warm_up()
+    return embedder
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "memories"
+
+
+@pytest.fixture
+def store(db_path: Path, model: LocalEmbedder) -> MemoryStore:
+    """Alice's memories in embedded Chroma with the real model."""
+    return MemoryStore("alice", db_path=db_path, embedder=model)
+
+
+@pytest.fixture
+def hash_store(db_path: Path) -> MemoryStore:
+    return MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ChromaServer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        chroma = shutil.which("chroma", path=str(Path(sys.executable).parent)) or "chroma"
+        self.process = subprocess.Popen(
+            [chroma, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"chroma run exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
+            try:
+                urllib.request.urlopen(f"{self.url}/api/v2/heartbeat", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("chroma run did not answer within 30 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaServer]:
+    """A real `chroma run` server on 127.0.0.1 for the session."""
+    server = ChromaServer(tmp_path_factory.mktemp("chroma-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_storage(chroma_server: ChromaServer) -> ChromaStorage:
+    return ChromaStorage.from_url(chroma_server.url)

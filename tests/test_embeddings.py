@@ -1,0 +1,53 @@
+"""The embedders: the local numpy MiniLM equals sentence-transformers' output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from headroom_memory_integrations import Embedder, LocalEmbedder
+from headroom_memory_integrations.embeddings.local import bundled_model_dir
+
+TEXTS = [
+    "I prefer Python for backend work",
+    "What language should I use?",
+    "Ünïcödé and emoji 🙂 survive tokenization",
+    "A much longer sentence " * 40,  # past the 256-token truncation
+]
+
+
+def test_local_embedder_matches_sentence_transformers(model: LocalEmbedder) -> None:
+    reference = LocalEmbedder(backend="sentence-transformers").embed(TEXTS)
+    ours = model.embed(TEXTS)
+    assert ours.shape == reference.shape == (4, 384)
+    np.testing.assert_allclose((ours * reference).sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_vectors_are_unit_length_and_batch_independent(model: LocalEmbedder) -> None:
+    batch = model.embed(TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.stack([model.embed([t])[0] for t in TEXTS])
+    np.testing.assert_allclose(batch, one_by_one, atol=1e-5)
+    assert model.embed([]).shape == (0, 384)
+
+
+def test_meaning(model: LocalEmbedder) -> None:
+    a, b, c = model.embed(
+        ["Prefers Python for backend work", "Which language should I use?", "What is 2+2?"]
+    )
+    assert float(a @ b) > 0.3 > float(a @ c)
+
+
+def test_default_model_resolves_to_the_offline_copy() -> None:
+    folder = bundled_model_dir()
+    assert folder is not None and (folder / "tokenizer.json").exists()
+    assert isinstance(LocalEmbedder(), Embedder)
+    assert LocalEmbedder("sentence-transformers/all-MiniLM-L6-v2").name == "all-MiniLM-L6-v2"
+
+
+def test_a_missing_model_folder_is_a_clear_error(tmp_path) -> None:
+    from headroom_memory_integrations import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError, match="no local copy"):
+        LocalEmbedder(str(tmp_path), backend="numpy").embed(["x"])

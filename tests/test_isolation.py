@@ -1,0 +1,72 @@
+"""One user never sees another's memories, whatever the user ids look like."""
+
+from __future__ import annotations
+
+import pytest
+
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.storage import collection_name
+
+
+def test_fifty_users_with_near_identical_memories_each_find_only_their_own(db_path, model) -> None:
+    stores = [MemoryStore(f"user-{i}", db_path=db_path, embedder=model) for i in range(50)]
+    for i, store in enumerate(stores):
+        store.add(f"My locker code is {1000 + i} and my locker is on floor {i % 5}")
+    for i, store in enumerate(stores):
+        results = store.search("What is my locker code?", top_k=10, min_score=-1)
+        assert [m.text for m, _ in results] == [
+            f"My locker code is {1000 + i} and my locker is on floor {i % 5}"
+        ]
+        assert all(m.user_id == f"user-{i}" for m, _ in results)
+        assert len(store.get_all()) == 1 and store.stats()["total_chunks"] == 1
+
+
+STRANGE_IDS = [
+    "alice/../bob",
+    "../../etc/passwd",
+    "..",
+    "a/b\\c",
+    "ユーザー🙂",
+    "Alice",
+    "alice ",
+    "x" * 1000,
+    "hm-" + "0" * 40,
+    "'; DROP TABLE memories; --",
+]
+
+
+def test_strange_user_ids_work_and_stay_isolated(db_path, model) -> None:
+    plain = MemoryStore("alice", db_path=db_path, embedder=model)
+    plain.add("Alice's secret: the vault code is 1234")
+    for user_id in STRANGE_IDS:
+        store = MemoryStore(user_id, db_path=db_path, embedder=model)
+        store.add(f"Secret of {user_id[:20]}: likes kites")
+        found = store.search("secret vault code", top_k=10, min_score=-1)
+        assert [m.user_id for m, _ in found] == [user_id]
+        assert store.stats()["user_id"] == user_id
+    assert [m.text for m in plain.get_all()] == ["Alice's secret: the vault code is 1234"]
+    assert len({collection_name(u) for u in [*STRANGE_IDS, "alice"]}) == len(STRANGE_IDS) + 1
+
+
+def test_import_cannot_move_memories_into_another_users_scope(db_path, model) -> None:
+    mallory = MemoryStore("mallory", db_path=db_path, embedder=model)
+    line = '{"id": "abc", "user_id": "alice", "text": "Alice is an admin", "category": "fact"}'
+    mallory.import_([line])
+    assert MemoryStore("alice", db_path=db_path, embedder=model).get_all() == []
+    assert [m.user_id for m in mallory.get_all()] == ["mallory"]
+
+
+def test_metadata_cannot_change_the_owner(hash_store: MemoryStore, db_path) -> None:
+    memory = hash_store.add("Has a cat", metadata={"user_id": "bob"})
+    assert memory.user_id == "alice" and memory.metadata["user_id"] == "bob"
+    from conftest import HashEmbedder
+
+    assert MemoryStore("bob", db_path=db_path, embedder=HashEmbedder()).get_all() == []
+
+
+@pytest.mark.parametrize("user_id", ["x" * 2049])
+def test_overlong_user_id_is_refused(db_path, user_id) -> None:
+    from headroom_memory_integrations import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="maximum is 2048"):
+        MemoryStore(user_id, db_path=db_path)

@@ -1,0 +1,61 @@
+"""Memories outlive the process that wrote them, and a store keeps its embedder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from headroom_memory_integrations import EmbeddingMismatchError, MemoryStore
+
+
+def _run(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_memories_persist_across_processes(db_path) -> None:
+    _run(
+        f"""
+        from headroom_memory_integrations import MemoryStore
+        store = MemoryStore("alice", db_path={str(db_path)!r})
+        store.add("Prefers Python for backend work", category="preference")
+        store.add("Is allergic to peanuts", category="fact")
+        """
+    )
+    out = _run(
+        f"""
+        import json
+        from headroom_memory_integrations import MemoryStore
+        store = MemoryStore("alice", db_path={str(db_path)!r})
+        hits = store.search("What language should I use for my API?")
+        print(json.dumps([m.text for m, _ in hits]))
+        print(json.dumps(store.stats()["by_category"]))
+        """
+    )
+    hits, categories = (json.loads(line) for line in out.splitlines())
+    assert hits[0] == "Prefers Python for backend work"
+    assert categories == {"preference": 1, "fact": 1, "context": 0}
+
+
+def test_changing_the_embedder_is_a_clear_error(db_path, model) -> None:
+    from conftest import HashEmbedder
+
+    MemoryStore("alice", db_path=db_path, embedder=model).add("Knows French")
+    other = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder(dimension=64))
+    with pytest.raises(EmbeddingMismatchError, match=r"all-MiniLM-L6-v2.*384.*test-hash.*64"):
+        other.search("French")
+    with pytest.raises(EmbeddingMismatchError):
+        other.add("Knows German")
+    # a new user in the same folder may use another embedder
+    MemoryStore("bob", db_path=db_path, embedder=HashEmbedder()).add("Knows German")
+    # and clearing releases the user's old binding
+    assert other.clear() == 1
+    other.add("Knows German")
+    assert other.count() == 1

@@ -1,0 +1,69 @@
+"""Server mode: several clients (and processes) share memories on a real `chroma run`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from headroom_memory_integrations import ChromaStorage, MemoryStore, StorageError
+
+pytestmark = pytest.mark.server
+
+
+def test_two_clients_share_one_server(server_storage, chroma_server, model) -> None:
+    writer = MemoryStore("srv-alice", storage=server_storage, embedder=model)
+    reader = MemoryStore(
+        "srv-alice", storage=ChromaStorage.from_url(chroma_server.url), embedder=model
+    )
+    writer.add("Prefers Python for backend work", category="preference")
+    assert (
+        reader.search("Which language for the backend?")[0].memory.text
+        == "Prefers Python for backend work"
+    )
+    assert reader.stats()["storage"] == chroma_server.url
+    reader.clear()
+    assert writer.get_all() == []
+    writer.add("Prefers Go now")
+    assert [m.text for m in reader.get_all()] == ["Prefers Go now"]
+
+
+def test_a_second_process_sees_writes_at_once(chroma_server, model) -> None:
+    store = MemoryStore("srv-bob", db_path=chroma_server.url, embedder=model)
+    store.add("Is a vegetarian")
+    code = f"""
+        from headroom_memory_integrations import MemoryStore
+        store = MemoryStore("srv-bob", db_path={chroma_server.url!r})
+        print([m.text for m in store.get_all()])
+        store.add("Lives in Lisbon")
+        """
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Is a vegetarian" in out.stdout
+    assert {m.text for m in store.get_all()} == {"Is a vegetarian", "Lives in Lisbon"}
+
+
+def test_users_are_isolated_on_the_server(server_storage, model) -> None:
+    for i in range(5):
+        MemoryStore(f"srv-user-{i}", storage=server_storage, embedder=model).add(
+            f"Badge number {i}"
+        )
+    for i in range(5):
+        found = MemoryStore(f"srv-user-{i}", storage=server_storage, embedder=model).search(
+            "badge", min_score=-1
+        )
+        assert [m.text for m, _ in found] == [f"Badge number {i}"]
+
+
+def test_unreachable_server_is_a_storage_error() -> None:
+    with pytest.raises(StorageError, match=r"127\.0\.0\.1:9"):
+        MemoryStore("x", db_path="http://127.0.0.1:9").add("never stored")
+
+
+def test_bad_server_url() -> None:
+    with pytest.raises(StorageError, match="not a Chroma server URL"):
+        ChromaStorage.from_url("ftp://example")

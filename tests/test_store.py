@@ -1,0 +1,262 @@
+"""The memory API on embedded Chroma with the real model: what a user of MemoryStore sees."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import pytest
+
+from headroom_memory_integrations import (
+    Category,
+    InvalidCategoryError,
+    InvalidInputError,
+    MemoryNotFoundError,
+    MemoryStore,
+    NewMemory,
+    Source,
+)
+from headroom_memory_integrations.engine import MAX_TEXT_CHARS
+
+
+def test_search_finds_the_relevant_memory_first(store: MemoryStore) -> None:
+    store.add_many(
+        [
+            {"text": "Prefers Python for backend work", "category": "preference"},
+            {"text": "Works at a fintech startup", "category": "fact"},
+            {"text": "Her team uses PostgreSQL for everything", "category": "fact"},
+            {"text": "Is migrating the auth service to OAuth", "category": "context"},
+        ]
+    )
+    results = store.search("What language should I use for the backend?")
+    assert results[0].memory.text == "Prefers Python for backend work"
+    assert [s for _, s in results] == sorted((s for _, s in results), reverse=True)
+    memory, score = results[0]  # unpacks as a pair
+    assert memory.category is Category.PREFERENCE and 0 < score <= 1
+    assert store.search("Which database do we run?")[0].memory.text.endswith(
+        "PostgreSQL for everything"
+    )
+
+
+def test_relevance_floor_returns_nothing_for_unrelated_queries(store: MemoryStore) -> None:
+    store.add("Prefers Python for backend work", category="preference")
+    store.add("Works at a fintech startup")
+    assert store.search("What is 2+2?") == []
+    assert store.search("What is 2+2?", min_score=-1.0)  # the floor is what filtered them
+
+
+def test_category_filter_and_top_k(store: MemoryStore) -> None:
+    store.add_many(
+        [NewMemory(f"Likes programming language number {i}", "preference") for i in range(12)]
+        + [NewMemory("Is learning the Zig programming language", "context")]
+    )
+    only_context = store.search("programming languages", categories=["context"])
+    assert [m.text for m, _ in only_context] == ["Is learning the Zig programming language"]
+    assert len(store.search("programming languages", top_k=3)) == 3
+    assert all(
+        m.category is Category.PREFERENCE
+        for m, _ in store.search("languages", categories=[Category.PREFERENCE])
+    )
+
+
+def test_get_update_delete_and_history(store: MemoryStore) -> None:
+    memory = store.add("Lives in New York", category="fact", metadata={"origin": "chat", "turn": 3})
+    assert store.get(memory.id) == memory
+    assert memory.metadata == {"origin": "chat", "turn": 3}
+    assert memory.source is Source.MANUAL and memory.user_id == "alice"
+
+    moved = store.supersede(memory.id, "Moved from New York to San Francisco")
+    assert moved.id == memory.id
+    assert [r.text for r in moved.history] == ["Lives in New York"]
+    assert moved.updated_at > memory.updated_at and moved.created_at == memory.created_at
+    assert store.get(memory.id).history == moved.history  # persisted
+    texts = [m.text for m, _ in store.search("Where does she live?", min_score=-1)]
+    assert texts == ["Moved from New York to San Francisco"]  # the old text is gone from search
+
+    store.update(memory.id, "Lives in San Francisco", category="context")
+    assert [r.text for r in store.get(memory.id).history] == [
+        "Lives in New York",
+        "Moved from New York to San Francisco",
+    ]
+    store.delete(memory.id)
+    with pytest.raises(MemoryNotFoundError):
+        store.get(memory.id)
+    with pytest.raises(MemoryNotFoundError):
+        store.delete(memory.id)
+    with pytest.raises(MemoryNotFoundError):
+        store.update("no-such-id", "text")
+
+
+def test_get_all_clear_and_stats(store: MemoryStore) -> None:
+    store.add("Prefers dark mode", category="preference")
+    store.add("Is a senior engineer", category="fact")
+    store.add("Is preparing a conference talk", category="context")
+    assert [m.text for m in store.get_all()] == [
+        "Prefers dark mode",
+        "Is a senior engineer",
+        "Is preparing a conference talk",
+    ]
+    assert [m.text for m in store.get_all("fact")] == ["Is a senior engineer"]
+    stats = store.stats()
+    assert stats["total_chunks"] == stats["total_memories"] == 3
+    assert stats["by_category"] == {"preference": 1, "fact": 1, "context": 1}
+    assert stats["user_id"] == "alice"
+    assert stats["embedding_model"] == "all-MiniLM-L6-v2" and stats["embedding_dimension"] == 384
+    assert stats["storage"] == str(store.storage.location)
+    assert store.clear() == 3
+    assert store.get_all() == [] and store.stats()["total_chunks"] == 0
+    store.add("Starts over")  # the store works after clear
+    assert store.count() == 1
+
+
+def test_duplicates_are_stored_once(store: MemoryStore) -> None:
+    first = store.add("Lives in New York City")
+    assert store.add("lives in new york city") == first  # same text, any case
+    assert store.add("Lives in NYC") == first  # near-duplicate above the threshold
+    batch = store.add_many(
+        ["Has a dog named Rex", "Has a dog named Rex.", "Lives in San Francisco"]
+    )
+    assert batch[0] == batch[1]  # duplicates inside one batch
+    assert [m.text for m in store.get_all()] == [
+        "Lives in New York City",
+        "Has a dog named Rex",
+        "Lives in San Francisco",
+    ]
+
+
+def test_duplicate_check_can_be_turned_off(db_path, model) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=model, duplicate_threshold=None)
+    store.add("Lives in New York City")
+    store.add("Lives in NYC")
+    store.add("lives in new york city")  # identical text is still stored once
+    assert store.count() == 2
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s: s.add(""), "empty"),
+        (lambda s: s.add("   \n\t "), "empty"),
+        (lambda s: s.add("x" * (MAX_TEXT_CHARS + 1)), f"maximum is {MAX_TEXT_CHARS}"),
+        (lambda s: s.add(42), "must be a string"),
+        (lambda s: s.add("ok", category="hobby"), "'preference', 'fact', 'context'"),
+        (lambda s: s.add("ok", metadata={"nested": {"a": 1}}), "metadata['nested']"),
+        (lambda s: s.add("ok", metadata={"": 1}), "non-empty strings"),
+        (lambda s: s.add("ok", metadata=["a"]), "must be a mapping"),
+        (lambda s: s.add("ok", source="telepathy"), "unknown source"),
+        (lambda s: s.search(""), "query is empty"),
+        (lambda s: s.search("ok", top_k=0), "top_k"),
+        (lambda s: s.search("ok", categories=["nope"]), "valid categories"),
+        (lambda s: s.add_many([{"txt": "typo"}]), "takes 'text'"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_writes_nothing(
+    hash_store: MemoryStore, call, message: str
+) -> None:
+    with pytest.raises(InvalidInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        call(hash_store)
+    assert hash_store.count() == 0
+
+
+def test_unknown_category_lists_the_valid_ones() -> None:
+    with pytest.raises(InvalidCategoryError) as raised:
+        Category.parse("hobby")
+    assert "'preference', 'fact', 'context'" in str(raised.value)
+    assert isinstance(raised.value, ValueError)  # catchable as a plain ValueError too
+    assert Category.parse(" Preference ") is Category.PREFERENCE
+
+
+def test_one_bad_item_in_a_batch_stores_nothing(hash_store: MemoryStore) -> None:
+    with pytest.raises(InvalidInputError):
+        hash_store.add_many(["fine", "also fine", ""])
+    assert hash_store.count() == 0
+
+
+@pytest.mark.parametrize("user_id", ["", "   ", None, 7])
+def test_user_id_is_required(db_path, user_id) -> None:
+    with pytest.raises(InvalidInputError, match="user_id"):
+        MemoryStore(user_id, db_path=db_path)
+
+
+def test_control_characters_are_removed(hash_store: MemoryStore) -> None:
+    memory = hash_store.add("Likes\x00 tea\x1b[31m")
+    assert memory.text == "Likes tea[31m"
+
+
+def test_export_import_round_trip(store: MemoryStore, db_path, model) -> None:
+    original = store.add("Prefers tabs over spaces", category="preference", metadata={"k": "v"})
+    store.supersede(original.id, "Prefers spaces over tabs")
+    store.add("Is on call this week", category="context")
+    exported = store.export()
+    assert isinstance(exported, str) and len(exported.splitlines()) == 2
+    assert json.loads(exported.splitlines()[0])["history"][0]["text"] == "Prefers tabs over spaces"
+
+    bob = MemoryStore("bob", db_path=db_path, embedder=model)
+    assert bob.import_(io.StringIO(exported)) == 2
+    assert bob.import_(exported.splitlines()) == 2  # idempotent: same ids
+    assert bob.get_all() == [
+        m.__class__(**{**m.__dict__, "user_id": "bob"}) for m in store.get_all()
+    ]  # everything kept but the owner, which is always the importing store's
+    assert bob.search("tabs or spaces?")[0].memory.text == "Prefers spaces over tabs"
+
+
+def test_export_to_a_file_and_import_bad_lines(store: MemoryStore, tmp_path) -> None:
+    store.add("Drinks oat milk")
+    path = tmp_path / "alice.jsonl"
+    assert store.export(path) == 1
+    good = path.read_text()
+    bad = good + '{"id": "x1", "text": "fine"}\n{"id": "x2", "text": "", "category": "fact"}\n'
+    fresh = MemoryStore("carol", db_path=store.storage.location, embedder=store.embedder)
+    with pytest.raises(InvalidInputError, match="line 3: memory text is empty"):
+        fresh.import_(bad.splitlines())
+    with pytest.raises(InvalidInputError, match="line 1: "):
+        fresh.import_(["not json"])
+    with pytest.raises(InvalidInputError, match="missing field 'text'"):
+        fresh.import_(['{"id": "x"}'])
+    with pytest.raises(InvalidInputError, match="valid categories"):
+        fresh.import_(['{"id": "x", "text": "t", "category": "hobby"}'])
+    assert fresh.count() == 0  # nothing half-written
+    assert fresh.import_(path) == 1
+
+
+def test_concurrent_readers_and_writers(db_path) -> None:
+    from conftest import HashEmbedder
+
+    hash_store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder(dimension=4096))
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(15):
+                hash_store.add(f"writer-{n} wrote fact-{n}-{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            for _ in range(30):
+                hash_store.search("writer fact", min_score=-1)
+                hash_store.count()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    threads += [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert hash_store.count() == 60
+
+
+def test_two_stores_of_one_user_stay_consistent_after_clear(db_path, model) -> None:
+    first = MemoryStore("alice", db_path=db_path, embedder=model)
+    second = MemoryStore("alice", db_path=db_path, embedder=model)
+    first.add("Plays the cello")
+    assert second.count() == 1
+    first.clear()
+    assert second.get_all() == []  # a stale handle recovers
+    second.add("Plays the violin")
+    assert [m.text for m in first.get_all()] == ["Plays the violin"]
