@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 
@@ -50,13 +50,30 @@ _QUERY_CACHE_SIZE = 1024
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
 
 
+class PendingWrites(Protocol):
+    """Background work on a store's memories (the wrappers' durable job queue)."""
+
+    def flush(self, timeout: float | None = None) -> bool: ...
+
+    def retry_failed(self) -> int: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
 @dataclass(frozen=True)
 class NewMemory:
-    """A memory to add with :meth:`MemoryStore.add_many`."""
+    """A memory to add with :meth:`MemoryStore.add_many`.
+
+    Attributes:
+        replaces: The id of an existing memory of the same user that this one supersedes
+            ("Moved to SF" replacing "Lives in NY"). That memory is updated in place and
+            keeps its old text in ``history``; if it no longer exists, this one is added.
+    """
 
     text: str
     category: Category | str = Category.FACT
     metadata: Mapping[str, Any] | None = None
+    replaces: str | None = None
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -179,7 +196,11 @@ class MemoryStore:
         self._collection: UserCollection | None = None
         self._query_cache: OrderedDict[str, Vectors] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._write_lock = threading.Lock()  # consolidation reads then writes: one at a time
+        self._write_lock = threading.RLock()  # consolidation reads then writes: one at a time
+        self.counters: Counter[str] = Counter()
+        """Failures the wrappers survived (inject_failures, store_failures, malformed_blocks,
+        ...): each was logged, and the user's chat call went on. Shown in :meth:`stats`."""
+        self._pending: PendingWrites | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -260,6 +281,11 @@ class MemoryStore:
             raise MemoryNotFoundError(f"user {self.user_id!r} has no memory with id {memory_id!r}")
         return found[0]
 
+    def get_many(self, memory_ids: Sequence[str]) -> list[Memory]:
+        """The memories with these ids; ids that do not exist are skipped."""
+        ids = [i for i in memory_ids if isinstance(i, str)]
+        return self._open().get(ids) if ids else []
+
     def get_all(self, category: Category | str | None = None) -> list[Memory]:
         """Every memory (of one category, if given), oldest first."""
         wanted = Category.parse(category) if category is not None else None
@@ -284,6 +310,8 @@ class MemoryStore:
             "storage": self.storage.location,
             "min_score": self.min_score,
             "duplicate_threshold": self.duplicate_threshold,
+            "events": dict(self.counters),
+            "background": self._pending.stats() if self._pending is not None else {},
         }
 
     # -- writing -----------------------------------------------------------------------------
@@ -315,20 +343,28 @@ class MemoryStore:
         Returns:
             One memory per item, in order: the new memory, or the existing one it duplicates.
         """
-        drafts = [self._draft(item, Source.parse(source)) for item in items]
+        parsed = [self._parse_item(item) for item in items]
+        drafts = [self._draft(item, Source.parse(source)) for item in parsed]
         if not drafts:
             return []
         vectors = self._embed([d.text for d in drafts])
         collection = self._open(vectors.shape[1])
         with self._write_lock:
+            superseded = {
+                index: self._supersede_if_present(item.replaces, drafts[index], vectors[index])
+                for index, item in enumerate(parsed)
+                if item.replaces
+            }
             nearest = collection.query(vectors, 1)
             results: list[Memory] = []
             new: list[tuple[Memory, Vectors]] = []
-            for draft, vector, stored in zip(drafts, vectors, nearest):
-                duplicate = self._find_duplicate(draft.text, vector, [*new, *stored])
-                if duplicate is None:
+            for index, (draft, vector, stored) in enumerate(zip(drafts, vectors, nearest)):
+                done = superseded.get(index) or self._find_duplicate(
+                    draft.text, vector, [*new, *stored]
+                )
+                if done is None:
                     new.append((draft, vector))
-                results.append(duplicate or draft)
+                results.append(done or draft)
             if new:
                 collection.upsert([m for m, _ in new], np.stack([v for _, v in new]))
         return results
@@ -348,17 +384,28 @@ class MemoryStore:
         new_metadata = clean_metadata(metadata) if metadata is not None else None
         vector = self._embed([text])
         with self._write_lock:
-            old = self.get(memory_id)
-            revision = Revision(old.text, old.category, utc_now())
-            updated = replace(
-                old,
-                text=text,
-                category=new_category or old.category,
-                metadata=new_metadata if new_metadata is not None else old.metadata,
-                updated_at=revision.replaced_at,
-                history=(*old.history, revision) if text != old.text else old.history,
-            )
-            self._open().upsert([updated], vector)
+            return self._rewrite(self.get(memory_id), text, new_category, new_metadata, vector)
+
+    def _rewrite(
+        self,
+        old: Memory,
+        text: str,
+        category: Category | None,
+        metadata: Mapping[str, Any] | None,
+        vector: Vectors,
+    ) -> Memory:
+        if text == old.text and category in (None, old.category) and metadata is None:
+            return old  # nothing changes: replaying a supersede is harmless
+        revision = Revision(old.text, old.category, utc_now())
+        updated = replace(
+            old,
+            text=text,
+            category=category or old.category,
+            metadata=metadata if metadata is not None else old.metadata,
+            updated_at=revision.replaced_at,
+            history=(*old.history, revision) if text != old.text else old.history,
+        )
+        self._open().upsert([updated], vector.reshape(1, -1))
         return updated
 
     def supersede(
@@ -382,10 +429,20 @@ class MemoryStore:
                 self._query_cache.clear()
             return self.storage.drop(self.user_id)
 
+    def attach_writer(self, pending: PendingWrites) -> None:
+        """Let :meth:`flush` wait for ``pending``'s background writes (the wrappers do this)."""
+        self._pending = pending
+
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait for pending writes. The store itself writes synchronously, so there are none;
-        the wrappers' ``.memory`` waits for their background writer."""
-        return True
+        """Wait until background writes are done (with the wrappers, memories are stored off
+        the caller's path). Returns False if ``timeout`` seconds passed first. A store used on
+        its own writes synchronously, so there is nothing to wait for."""
+        return self._pending.flush(timeout) if self._pending is not None else True
+
+    def retry_failed(self) -> int:
+        """Queue again the background jobs that failed for good (bad request, malformed
+        answers past the retry limit); return how many."""
+        return self._pending.retry_failed() if self._pending is not None else 0
 
     # -- export / import ---------------------------------------------------------------------
 
@@ -433,21 +490,38 @@ class MemoryStore:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _draft(self, item: NewMemory | str | Mapping[str, Any], source: Source) -> Memory:
+    @staticmethod
+    def _parse_item(item: NewMemory | str | Mapping[str, Any]) -> NewMemory:
+        parsed = MemoryStore._as_new_memory(item)
+        if parsed.replaces is not None and not isinstance(parsed.replaces, str):
+            raise InvalidInputError(f"replaces must be a memory id string, got {parsed.replaces!r}")
+        return parsed
+
+    @staticmethod
+    def _as_new_memory(item: NewMemory | str | Mapping[str, Any]) -> NewMemory:
+        if isinstance(item, NewMemory):
+            return item
         if isinstance(item, str):
-            item = NewMemory(item)
-        elif isinstance(item, Mapping):
-            unknown = set(item) - {"text", "category", "metadata"}
+            return NewMemory(item)
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"text", "category", "metadata", "replaces"}
             if unknown or "text" not in item:
                 raise InvalidInputError(
-                    "a memory mapping takes 'text' and optional 'category' and 'metadata'; "
-                    f"got keys {sorted(item)}"
+                    "a memory mapping takes 'text' and optional 'category', 'metadata' and "
+                    f"'replaces'; got keys {sorted(item)}"
                 )
-            item = NewMemory(
-                item["text"], item.get("category", Category.FACT), item.get("metadata")
-            )
-        elif not isinstance(item, NewMemory):
-            raise InvalidInputError(f"cannot make a memory from {type(item).__name__}")
+            return NewMemory(**item)
+        raise InvalidInputError(f"cannot make a memory from {type(item).__name__}")
+
+    def _supersede_if_present(
+        self, memory_id: str, draft: Memory, vector: Vectors
+    ) -> Memory | None:
+        found = self._open().get([memory_id])
+        if not found:
+            return None
+        return self._rewrite(found[0], draft.text, draft.category, None, vector)
+
+    def _draft(self, item: NewMemory, source: Source) -> Memory:
         now = utc_now()
         return Memory(
             id=uuid.uuid4().hex,

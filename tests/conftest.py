@@ -115,3 +115,57 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaSe
 @pytest.fixture
 def server_storage(chroma_server: ChromaServer) -> ChromaStorage:
     return ChromaStorage.from_url(chroma_server.url)
+
+
+# -- the scripted OpenAI-compatible model ------------------------------------------------------
+
+import json  # noqa: E402
+import re  # noqa: E402
+
+from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer  # noqa: E402
+
+_NONCE = re.compile(r"<memory-([0-9a-f]{8,32})>")
+
+
+def instruction_nonce(body: dict) -> str | None:
+    """The nonce of the memory instruction in a request's system messages, if any."""
+    system = "\n".join(
+        m["content"]
+        for m in body["messages"]
+        if m["role"] == "system" and isinstance(m["content"], str)
+    )
+    found = _NONCE.search(system)
+    return found.group(1) if found else None
+
+
+def block(nonce: str, memories: list[dict]) -> str:
+    return f"<memory-{nonce}>{json.dumps(memories)}</memory-{nonce}>"
+
+
+class RememberingModel:
+    """A responder that answers like a model following the inline memory instruction:
+    ``answer`` then a block with ``memories`` (when the request carried the instruction)."""
+
+    def __init__(self, answer: str = "Noted.", memories: list[dict] | None = None) -> None:
+        self.answer = answer
+        self.memories = memories or []
+        self.chunk_size: int | None = None
+
+    def __call__(self, body: dict) -> Reply:
+        nonce = instruction_nonce(body)
+        text = self.answer + (f"\n\n{block(nonce, self.memories)}" if nonce else "")
+        return Reply.text(text, chunk_size=self.chunk_size)
+
+
+@pytest.fixture
+def openai_server() -> Iterator[ScriptedOpenAIServer]:
+    with ScriptedOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture
+def model_says(openai_server: ScriptedOpenAIServer) -> RememberingModel:
+    """Set what the scripted model answers (and remembers) for every following request."""
+    model = RememberingModel()
+    openai_server.responder = model
+    return model

@@ -260,3 +260,23 @@ def test_two_stores_of_one_user_stay_consistent_after_clear(db_path, model) -> N
     assert second.get_all() == []  # a stale handle recovers
     second.add("Plays the violin")
     assert [m.text for m in first.get_all()] == ["Plays the violin"]
+
+
+def test_add_many_can_supersede_existing_memories(store: MemoryStore) -> None:
+    home = store.add("Lives in New York", category="fact")
+    results = store.add_many(
+        [
+            NewMemory("Moved from New York to San Francisco", "fact", replaces=home.id),
+            {"text": "Adopted a cat", "replaces": "gone-id"},  # unknown target: added as new
+        ],
+        source="inline",
+    )
+    assert results[0].id == home.id and [r.text for r in results[0].history] == [
+        "Lives in New York"
+    ]
+    assert results[1].text == "Adopted a cat" and results[1].source is Source.INLINE
+    assert store.count() == 2
+    again = store.add_many([NewMemory("Moved from New York to San Francisco", replaces=home.id)])
+    assert again[0].history == results[0].history  # replaying changes nothing
+    with pytest.raises(InvalidInputError, match="replaces"):
+        store.add_many([NewMemory("x", replaces=123)])  # type: ignore[arg-type]

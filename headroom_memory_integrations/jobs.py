@@ -1,0 +1,548 @@
+"""Durable background jobs: a SQLite-backed queue and a worker thread that drains it.
+
+The OpenAI wrappers store memories off the caller's critical path: they :meth:`JobQueue.put` a
+job ("store these memories for user X") and :meth:`JobWorker.notify` a worker thread, which runs
+the handler and deletes the job once it returned. Jobs live in one SQLite file (WAL mode,
+``synchronous=NORMAL``: a commit survives a crash or ``kill -9`` of the process, though not a
+power cut of the last few commits), so whatever a process did not finish, the next process that
+opens the same file resumes. A job may run more than once (a crash after the handler's write
+but before ``complete``), so handlers must be idempotent; it is never silently dropped:
+retryable errors are retried forever with capped exponential backoff, the rest are
+dead-lettered (status ``failed``, kept in the file; :meth:`JobQueue.retry_failed` requeues them).
+
+Example::
+
+    queue = JobQueue("~/.headroom-memory/jobs.sqlite3")
+    worker = JobWorker(queue, handle)   # handle(job) raises PermanentJobError to dead-letter
+    queue.put("store", "alice", {"texts": ["Prefers Python"]})
+    worker.notify()                     # starts the thread on first use
+    worker.flush(timeout=5)             # True once everything pending is done or dead-lettered
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import HeadroomMemoryError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+MAX_PAYLOAD_BYTES = 1_000_000
+MAX_ERROR_CHARS = 2_000
+DEFAULT_LEASE_SECONDS = 300.0
+_HOST = socket.gethostname()
+CKPT = float(os.environ.get('CKPT', '0.1'))
+_COLUMNS = "id, kind, user_id, payload, attempts, created_at, last_error"
+
+#: Schema migrations, applied in order; ``PRAGMA user_version`` is how many have run.
+#: Append new scripts, never edit old ones. One statement per ``;``-terminated line group.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are never reused
+        kind        TEXT NOT NULL,
+        user_id     TEXT NOT NULL,
+        payload     TEXT NOT NULL,
+        status      TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'running', 'failed')),
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        created_at  REAL NOT NULL,
+        not_before  REAL NOT NULL,
+        owner       TEXT,
+        lease_until REAL,
+        last_error  TEXT
+    );
+    CREATE INDEX jobs_by_status ON jobs (status, id);
+    """,
+)
+
+
+class PermanentJobError(HeadroomMemoryError):
+    """Raised by a handler when retrying cannot help; the job is dead-lettered."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A queued job as handed to a handler. ``attempts`` counts starts, this one included."""
+
+    id: int
+    kind: str
+    user_id: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: float
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Retry delays: ``initial * factor ** (attempt - 1)``, capped, with +-``jitter`` spread."""
+
+    initial: float = 0.5
+    factor: float = 2.0
+    maximum: float = 60.0
+    jitter: float = 0.2
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait before the next try, after ``attempts`` failed tries."""
+        base = min(self.maximum, self.initial * self.factor ** min(max(attempts - 1, 0), 64))
+        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+DEFAULT_BACKOFF = Backoff()
+
+
+def default_retryable(exc: BaseException) -> bool:
+    """Everything but :class:`PermanentJobError` is worth retrying (timeouts, 429, 5xx, ...)."""
+    return not isinstance(exc, PermanentJobError)
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True only if ``owner`` ("host:pid") is a process on this host that no longer exists."""
+    host, _, pid = owner.rpartition(":")
+    if host != _HOST or not pid.isdigit() or int(pid) == os.getpid() or os.name == "nt":
+        return False  # another host, or Windows (where signal 0 is CTRL_C): wait for the lease
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, under another user
+        return False
+    return False
+
+
+def _kind_filter(kinds: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
+    """An SQL condition (and its parameters) restricting jobs to ``kinds``; None is all."""
+    if kinds is None:
+        return "", ()
+    return f" AND kind IN ({','.join('?' * len(kinds))})", tuple(kinds)
+
+
+def _statements(script: str) -> Iterator[str]:
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer
+            buffer = ""
+
+
+class JobQueue:
+    """A durable FIFO of jobs in one SQLite file, safe across threads and processes.
+
+    One connection per queue, guarded by a lock: every operation is a single short statement
+    or transaction (well under a millisecond), SQLite serialises writers anyway, and a single
+    connection closes deterministically. Claims run in ``BEGIN IMMEDIATE`` transactions, so
+    two processes never claim the same job; ``busy_timeout`` absorbs their contention.
+
+    Args:
+        path: The SQLite file; created with its schema on first open.
+        busy_timeout: Seconds to wait for another process's write lock.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise HeadroomMemoryError(f"{self.path} has a newer job schema ({version})")
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                for statement in _statements(MIGRATIONS[number - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._conn is None:
+                raise RuntimeError(f"job queue {self.path} is closed")
+            yield self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._locked() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def put(self, kind: str, user_id: str, payload: dict[str, Any]) -> int:
+        """Queue a job and return its id. Nothing is written if the input is invalid.
+
+        Raises:
+            InvalidInputError: Empty ``kind``/``user_id``, a payload that is not a dict, not
+                JSON-serialisable, or larger than ``MAX_PAYLOAD_BYTES`` once encoded.
+        """
+        for name, value in (("kind", kind), ("user_id", user_id)):
+            if not isinstance(value, str) or not value.strip() or len(value) > 2048:
+                raise InvalidInputError(f"{name} must be a non-empty string (<= 2048 chars)")
+        if not isinstance(payload, dict):
+            raise InvalidInputError(f"payload must be a dict, not {type(payload).__name__}")
+        try:
+            text = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            size = len(text.encode())
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+            raise InvalidInputError(f"payload is not JSON-serialisable: {exc}") from exc
+        if size > MAX_PAYLOAD_BYTES:
+            raise InvalidInputError(f"payload is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+        now = time.time()
+        with self._locked() as conn:
+            cursor = conn.execute(
+                "INSERT INTO jobs (kind, user_id, payload, created_at, not_before)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (kind, user_id, text, now, now),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def claim(
+        self,
+        limit: int = 1,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        kinds: Collection[str] | None = None,
+    ) -> list[Job]:
+        """Atomically take up to ``limit`` jobs (of ``kinds``, if given), oldest first.
+
+        Takes due pending jobs, running jobs whose lease expired, and running jobs whose owner
+        ("host:pid") is a dead process on this host, so a restart resumes a killed process's
+        jobs at once. A claim lasts ``lease_seconds``; a recycled pid looks alive, and jobs
+        of another host's process wait for the lease.
+        """
+        owner, now = f"{_HOST}:{os.getpid()}", time.time()
+        kind_sql, kind_args = _kind_filter(kinds)
+        with self._write() as conn:
+            owners = conn.execute("SELECT DISTINCT owner FROM jobs WHERE status = 'running'")
+            dead = [row[0] for row in owners if row[0] and _owner_is_dead(row[0])]
+            rows = conn.execute(  # two index walks in id order, not a sort of the backlog
+                f"SELECT * FROM (SELECT {_COLUMNS} FROM jobs WHERE status = 'pending'"
+                f" AND not_before <= ?{kind_sql} ORDER BY id LIMIT ?) UNION ALL"
+                f" SELECT * FROM (SELECT {_COLUMNS} FROM jobs WHERE status = 'running'{kind_sql}"
+                f" AND (lease_until <= ? OR owner IN ({','.join('?' * len(dead))}))"
+                " ORDER BY id LIMIT ?) ORDER BY id LIMIT ?",
+                (now, *kind_args, limit, *kind_args, now, *dead, limit, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
+                " attempts = attempts + 1 WHERE id = ?",
+                [(owner, now + lease_seconds, row[0]) for row in rows],
+            )
+        return [Job(r[0], r[1], r[2], json.loads(r[3]), r[4] + 1, r[5], r[6]) for r in rows]
+
+    def complete(self, job_id: int) -> None:
+        """The job succeeded: delete it (done jobs do not accumulate)."""
+        with self._locked() as conn:
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def retry_later(self, job_id: int, error: str, delay_seconds: float) -> None:
+        """Put the job back, claimable again in ``delay_seconds``."""
+        self._release(job_id, "pending", error, time.time() + delay_seconds)
+
+    def fail(self, job_id: int, error: str) -> None:
+        """Dead-letter the job: kept with status 'failed', never run again automatically."""
+        self._release(job_id, "failed", error, time.time())
+
+    def _release(self, job_id: int, status: str, error: str, not_before: float) -> None:
+        with self._locked() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = ?, last_error = ?, not_before = ?, owner = NULL,"
+                " lease_until = NULL WHERE id = ?",
+                (status, error[:MAX_ERROR_CHARS], not_before, job_id),
+            )
+
+    def retry_failed(self) -> int:
+        """Requeue every dead-lettered job (attempts reset); return how many."""
+        with self._locked() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET status = 'pending', attempts = 0, not_before = ?"
+                " WHERE status = 'failed'",
+                (time.time(),),
+            )
+        return cursor.rowcount
+
+    def failed(self, limit: int = 100) -> list[Job]:
+        """The dead-lettered jobs, oldest first, with their ``last_error``."""
+        with self._locked() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE status = 'failed' ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [Job(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per status in the file: ``{"pending": n, "running": n, "failed": n}``."""
+        counts = dict.fromkeys(("pending", "running", "failed"), 0)
+        with self._locked() as conn:
+            counts.update(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+        return counts
+
+    def _scalar(self, sql: str, *args: object) -> Any:
+        with self._locked() as conn:
+            return conn.execute(sql, args).fetchone()[0]
+
+    def close(self) -> None:
+        """Close the connection. Idempotent; later calls raise ``RuntimeError``."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _user_tag(user_id: str) -> str:
+    return hashlib.sha256(user_id.encode("utf-8", "replace")).hexdigest()[:10]
+
+
+def _close_at_exit(ref: weakref.ReferenceType[JobWorker]) -> Callable[[], None]:
+    def hook() -> None:
+        worker = ref()
+        if worker is not None:
+            worker.close(worker.exit_timeout)
+
+    return hook
+
+
+class JobWorker:
+    """A daemon thread that claims jobs from a :class:`JobQueue` and runs ``handler(job)``.
+
+    Outcomes: the handler returns -> the job is deleted; it raises an exception that
+    ``retryable(exc)`` accepts -> retried after ``backoff.delay(attempts)``, with no limit on
+    attempts (a job is never dropped); it raises :class:`PermanentJobError` or a non-retryable
+    exception -> dead-lettered and logged at WARNING. Logs name the job id, kind, a hash of
+    the user id and the error type, never payload contents. The thread starts on the first
+    :meth:`notify` or :meth:`start` (call ``start()`` to resume a previous run's leftovers at
+    once), sleeps until notified or for ``poll_interval`` (other processes may enqueue), and at
+    interpreter exit drains for up to ``exit_timeout`` seconds; the rest stays in the file.
+
+    Args:
+        queue: The queue to drain; the worker owns it and closes it in :meth:`close`.
+        handler: Called with each :class:`Job`; must be idempotent.
+        kinds: The job kinds this worker takes (and flushes); None means all.
+        retryable: Decides whether an exception is transient.
+        backoff: Retry delays.
+        name: The thread's name.
+        poll_interval: Seconds between looks at the file when idle.
+        lease_seconds: How long a claim lasts before another process may take the job over.
+        exit_timeout: Seconds the atexit hook waits for the queue to drain.
+    """
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        handler: Callable[[Job], object],
+        *,
+        kinds: Collection[str] | None = None,
+        retryable: Callable[[BaseException], bool] = default_retryable,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        name: str = "headroom-memory-jobs",
+        poll_interval: float = 1.0,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        exit_timeout: float = 5.0,
+    ) -> None:
+        self.queue, self.handler, self.retryable, self.backoff = queue, handler, retryable, backoff
+        self.name, self.poll_interval = name, poll_interval
+        self.kinds = None if kinds is None else tuple(kinds)
+        self._kind_sql, self._kind_args = _kind_filter(self.kinds)
+        self.lease_seconds, self.exit_timeout = lease_seconds, exit_timeout
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._progress = threading.Condition()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closing = self.closed = False
+        self._stats = {"processed": 0, "retried": 0, "failed": 0}
+        self._exit_hook = _close_at_exit(weakref.ref(self))
+        atexit.register(self._exit_hook)
+
+    def start(self) -> None:
+        """Start the thread if it is not running yet."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the job worker is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    def notify(self) -> None:
+        """Wake the thread now (call after ``put``); starts it on first use."""
+        self.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        # A second connection, used only here, checkpoints the WAL whenever the worker goes idle
+        # so SQLite's automatic checkpoint (an fsync of ~5-50 ms) rarely lands on a put().
+        checkpointer = sqlite3.connect(self.queue.path, isolation_level=None)
+        dirty, checkpointed = False, time.monotonic()
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()  # before claiming, so a notify() during the claim is kept
+                try:
+                    jobs = self.queue.claim(1, lease_seconds=self.lease_seconds, kinds=self.kinds)
+                    for job in jobs:
+                        self._process(job)
+                    dirty = dirty or bool(jobs)
+                    if not jobs and dirty and time.monotonic() - checkpointed > CKPT:
+                        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        dirty, checkpointed = False, time.monotonic()
+                    idle = 0.0 if jobs else self._idle_seconds()
+                except Exception:  # locked beyond busy_timeout, disk full, ...: try again later
+                    logger.exception("job queue %s: claim or update failed", self.queue.path)
+                    idle = self.poll_interval
+                with self._progress:
+                    self._progress.notify_all()
+                if idle:
+                    self._wake.wait(idle)
+        finally:
+            checkpointer.close()
+            with self._progress:
+                self._progress.notify_all()
+            if self._stop.is_set():
+                self.queue.close()
+
+    def _idle_seconds(self) -> float:
+        due = self.queue._scalar(
+            f"SELECT MIN(not_before) FROM jobs WHERE status = 'pending'{self._kind_sql}",
+            *self._kind_args,
+        )
+        wait = self.poll_interval if due is None else due - time.time()
+        return min(self.poll_interval, max(wait, 0.005))
+
+    def _process(self, job: Job) -> None:
+        # Count and log before the write that flush() watches, so both are current when it returns.
+        try:
+            self.handler(job)
+        except BaseException as exc:  # even a handler's SystemExit must not kill the thread
+            self._handle_failure(job, exc)
+        else:
+            self._count("processed")
+            self.queue.complete(job.id)
+
+    def _handle_failure(self, job: Job, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        about = f"job {job.id} ({job.kind}, user {_user_tag(job.user_id)}, attempt {job.attempts})"
+        logger.debug("%s raised", about, exc_info=exc)  # may quote user text: DEBUG only
+        try:
+            retry = not isinstance(exc, PermanentJobError) and self.retryable(exc)
+        except Exception:
+            logger.exception("retryable() raised for %s; dead-lettering it", about)
+            retry = False
+        if retry:
+            delay = self.backoff.delay(job.attempts)
+            self._count("retried")
+            logger.info("%s failed with %s; retrying in %.2fs", about, type(exc).__name__, delay)
+            self.queue.retry_later(job.id, error, delay)
+        else:
+            self._count("failed")
+            logger.warning("%s failed with %s; dead-lettered", about, type(exc).__name__)
+            self.queue.fail(job.id, error)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._stats[key] += 1
+
+    def stats(self) -> dict[str, int]:
+        """This worker's processed/retried/failed counts, plus the file's pending/running."""
+        with self._lock:
+            stats = dict(self._stats)
+        counts = self.queue.counts()
+        return {**stats, "pending": counts["pending"], "running": counts["running"]}
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every job (of ``kinds``) queued before this call is done or dead-lettered.
+
+        Jobs waiting out a backoff are waited for too, so pass a ``timeout`` to bound it.
+
+        Returns:
+            True if drained, False if ``timeout`` seconds passed first.
+        """
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("flush() from the worker's own handler would wait for itself")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mark = self.queue._scalar("SELECT COALESCE(MAX(id), 0) FROM jobs")
+        unfinished = (
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE id <= ? AND status != 'failed'"
+            f"{self._kind_sql})"
+        )
+        with self._progress:
+            while self.queue._scalar(unfinished, mark, *self._kind_args):
+                self.start()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._progress.wait(0.2 if remaining is None else min(remaining, 0.2))
+        return True
+
+    def close(self, timeout: float | None = 5.0) -> bool:
+        """Drain for up to ``timeout`` seconds, stop the thread, close the queue. Idempotent.
+
+        Returns:
+            True if the queue was drained; what is left stays in the file for the next run.
+        """
+        with self._lock:
+            if self._closing:
+                return False
+            self._closing = True
+        atexit.unregister(self._exit_hook)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            drained = self.flush(timeout)
+        except RuntimeError:  # e.g. no new threads at interpreter shutdown (Python >= 3.12)
+            logger.warning("job queue %s: could not drain; jobs kept for next run", self.queue.path)
+            drained = False
+        with self._lock:
+            self.closed, thread = True, self._thread
+        self._stop.set()
+        self._wake.set()
+        if thread is None:
+            self.queue.close()
+        else:  # the thread closes the queue when it stops; a handler may still be running
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.1))
+        return drained
+
+
+_SHARED: dict[tuple[str, str], JobWorker] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_worker(
+    path: str | os.PathLike[str], key: str, handler: Callable[[Job], object], **options: Any
+) -> JobWorker:
+    """The process's one worker for (queue file, ``key``); made on first call, then reused.
+
+    Later calls return the existing worker and ignore ``handler`` and ``options`` (which are
+    :class:`JobWorker`'s keyword arguments).
+    """
+    ident = (os.path.realpath(os.path.expanduser(os.fspath(path))), key)
+    with _SHARED_LOCK:
+        worker = _SHARED.get(ident)
+        if worker is None or worker.closed:
+            worker = _SHARED[ident] = JobWorker(JobQueue(path), handler, **options)
+        return worker

@@ -1,0 +1,218 @@
+"""Memory for OpenAI-compatible clients: :func:`with_fast_memory` and :func:`with_memory`.
+
+Both return a client that works exactly like the one they wrap (``OpenAI``, ``AsyncOpenAI``, or
+any OpenAI-compatible client such as Ollama, vLLM or Groq through ``base_url``), with the user's
+relevant memories injected before each ``chat.completions.create`` and a ``.memory`` attribute
+for direct access.
+
+- ``with_fast_memory``: the model appends a memory block (with a per-request secret nonce) to its
+  answer; the block is cut out of what you receive, streamed or not, and its memories are stored
+  off your call's path. No extra model call.
+- ``with_memory``: responses are untouched and no instruction is added; each turn is queued
+  durably and a worker extracts memories with a separate call.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..embeddings import Embedder, LocalEmbedder, OpenAIEmbedder
+from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
+from ..jobs import Backoff
+from ..storage import Storage
+from .client import AsyncMemoryStream, MemoryClient, MemoryStream
+from .flow import Injection, MemoryFlow
+from .writer import BackgroundExtractor, MemoryWriter, queue_path_for, writer_for
+
+__all__ = [
+    "AsyncMemoryStream",
+    "MemoryClient",
+    "MemoryStream",
+    "with_fast_memory",
+    "with_memory",
+]
+
+
+def _is_async(client: Any) -> bool:
+    import inspect
+
+    create = inspect.unwrap(client.chat.completions.create)  # openai decorates it
+    return inspect.iscoroutinefunction(create)
+
+
+def sync_twin(client: Any) -> Any:
+    """A synchronous client for work done in a thread: the client itself if it is synchronous;
+    for ``openai.AsyncOpenAI``, an ``openai.OpenAI`` with the same key, URL and options."""
+    if not _is_async(client):
+        return client
+    import openai
+
+    if not isinstance(client, openai.AsyncOpenAI):
+        raise TypeError(
+            f"cannot derive a synchronous client from {type(client).__name__}; "
+            "pass extraction_client= (or embedder=) explicitly"
+        )
+    return openai.OpenAI(
+        api_key=client.api_key,
+        organization=client.organization,
+        project=client.project,
+        base_url=client.base_url,
+        timeout=client.timeout,
+        max_retries=client.max_retries,
+        default_headers=getattr(client, "_custom_headers", None),
+    )
+
+
+def _wrap(
+    client: Any,
+    user_id: str,
+    db_path: str | os.PathLike[str] | None,
+    *,
+    inline: bool,
+    top_k: int,
+    use_local_embeddings: bool,
+    embedding_model: str,
+    embedder: Embedder | None,
+    storage: Storage | None,
+    min_score: float,
+    duplicate_threshold: float | None,
+    injection: Injection,
+    queue_path: str | os.PathLike[str] | None,
+    extractor: BackgroundExtractor | None = None,
+    backoff: Backoff | None = None,
+) -> MemoryClient:
+    if embedder is None:
+        embedder = (
+            LocalEmbedder(embedding_model)
+            if use_local_embeddings
+            else OpenAIEmbedder(sync_twin(client))
+        )
+    memory = MemoryStore(
+        user_id,
+        db_path,
+        storage=storage,
+        embedder=embedder,
+        min_score=min_score,
+        duplicate_threshold=duplicate_threshold,
+    )
+    from pathlib import Path
+
+    writer: MemoryWriter = writer_for(
+        Path(queue_path).expanduser() if queue_path else queue_path_for(memory), backoff=backoff
+    )
+    writer.register(memory, extractor)
+    flow = MemoryFlow(memory, writer, inline=inline, top_k=top_k, injection=injection)
+    return MemoryClient(client, flow, asynchronous=_is_async(client))
+
+
+def with_fast_memory(
+    client: Any,
+    user_id: str,
+    db_path: str | os.PathLike[str] | None = None,
+    *,
+    top_k: int = 5,
+    use_local_embeddings: bool = True,
+    embedding_model: str = "all-MiniLM-L6-v2",
+    embedder: Embedder | None = None,
+    storage: Storage | None = None,
+    min_score: float = DEFAULT_MIN_SCORE,
+    duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
+    injection: Injection = "system",
+    queue_path: str | os.PathLike[str] | None = None,
+) -> MemoryClient:
+    """Wrap ``client`` so the model extracts memories inline, in its own answer.
+
+    Args:
+        client: ``OpenAI``, ``AsyncOpenAI`` or any OpenAI-compatible client.
+        user_id: Whose memories. Required; users never see each other's memories.
+        db_path: Embedded Chroma folder (default ``~/.headroom-memory``) or a Chroma server URL.
+        top_k: Memories injected at most (fewer when fewer pass the relevance floor).
+        use_local_embeddings: The local all-MiniLM-L6-v2 (default) or, if False, OpenAI's
+            ``text-embedding-3-small`` through ``client``.
+        embedding_model: The local model's name.
+        embedder: Any :class:`Embedder`; overrides the two options above.
+        storage: A storage object instead of ``db_path``.
+        min_score: The relevance floor for injection.
+        duplicate_threshold: Similarity at which a new memory counts as a duplicate.
+        injection: ``"system"`` (a system message just before the latest user message) or
+            ``"user"`` (prepended to it, for chat templates that refuse a late system message).
+        queue_path: The SQLite file of pending writes (default: beside embedded memories, or in
+            ``~/.headroom-memory`` for a server).
+
+    Returns:
+        A client used exactly like ``client``, with ``.memory`` (a :class:`MemoryStore`).
+        Requests that must return JSON or call a tool (``response_format``, a forced
+        ``tool_choice``) get memories injected but no extraction instruction.
+    """
+    return _wrap(
+        client,
+        user_id,
+        db_path,
+        inline=True,
+        top_k=top_k,
+        use_local_embeddings=use_local_embeddings,
+        embedding_model=embedding_model,
+        embedder=embedder,
+        storage=storage,
+        min_score=min_score,
+        duplicate_threshold=duplicate_threshold,
+        injection=injection,
+        queue_path=queue_path,
+    )
+
+
+def with_memory(
+    client: Any,
+    user_id: str,
+    db_path: str | os.PathLike[str] | None = None,
+    *,
+    top_k: int = 5,
+    extraction_model: str | None = None,
+    extraction_client: Any = None,
+    use_local_embeddings: bool = True,
+    embedding_model: str = "all-MiniLM-L6-v2",
+    embedder: Embedder | None = None,
+    storage: Storage | None = None,
+    min_score: float = DEFAULT_MIN_SCORE,
+    duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
+    injection: Injection = "system",
+    queue_path: str | os.PathLike[str] | None = None,
+    retry_backoff: Backoff | None = None,
+) -> MemoryClient:
+    """Wrap ``client`` so memories are extracted in the background by a separate call.
+
+    Responses come back exactly as the model wrote them. Each turn (the latest user message and
+    the answer) is written to a durable queue before the call returns; a worker thread asks the
+    extraction model for memories, validates the JSON, and stores them under this ``user_id``.
+    Timeouts, 429s, 5xx and malformed answers are retried with backoff; a job that cannot
+    succeed (a 400, bad credentials) is kept as failed (``memory.retry_failed()``). Pending work
+    is drained at exit (``memory.flush(timeout)`` waits for it), and a process that crashed
+    leaves it in the queue for the next one.
+
+    Args:
+        extraction_model: The model for extraction calls (default: the model of each request).
+        extraction_client: A synchronous client for extraction (default: ``client``, or a
+            synchronous twin of an ``AsyncOpenAI``).
+        retry_backoff: Delays between retries.
+
+    The other arguments are those of :func:`with_fast_memory`.
+    """
+    extractor = BackgroundExtractor(extraction_client or sync_twin(client), extraction_model)
+    return _wrap(
+        client,
+        user_id,
+        db_path,
+        inline=False,
+        top_k=top_k,
+        use_local_embeddings=use_local_embeddings,
+        embedding_model=embedding_model,
+        embedder=embedder,
+        storage=storage,
+        min_score=min_score,
+        duplicate_threshold=duplicate_threshold,
+        injection=injection,
+        queue_path=queue_path,
+        extractor=extractor,
+        backoff=retry_backoff,
+    )

@@ -1,0 +1,191 @@
+"""Memory work done off the caller's path, durably: storing memories the model wrote inline,
+and extracting memories from a turn with a separate call.
+
+Each piece of work is a row in a SQLite job queue (:mod:`..jobs`) before the chat call returns,
+so a crash or a kill loses nothing: the next process that opens the same memories resumes it.
+Handlers are idempotent (storing the same memories twice stores them once), so a job cut short
+and run again has its effect exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..engine import MemoryStore, NewMemory
+from ..errors import EmbeddingMismatchError, InvalidInputError
+from ..jobs import DEFAULT_BACKOFF, Backoff, Job, JobQueue, JobWorker, PermanentJobError
+from ..prompts import background_extraction_messages, parse_extraction_json
+from ..types import Source
+
+log = logging.getLogger("headroom_memory_integrations.openai")
+
+MAX_MALFORMED_ATTEMPTS = 5
+"""An extraction answer that is not valid JSON is retried this many times, then the job is
+dead-lettered (kept in the queue file; ``memory.retry_failed()`` runs it again)."""
+
+
+class BackgroundExtractor:
+    """Makes the separate extraction call of ``with_memory``.
+
+    Args:
+        client: A synchronous OpenAI-compatible client.
+        model: The extraction model.
+    """
+
+    def __init__(self, client: Any, model: str | None) -> None:
+        self.client = client
+        self.model = model
+
+    def __call__(self, memory: MemoryStore, job: Job) -> list[NewMemory]:
+        injected: Mapping[str, str] = job.payload.get("injected") or {}
+        known = {m.id: m for m in memory.get_many(list(injected.values()))}
+        existing = [(label, known[i]) for label, i in injected.items() if i in known]
+        model = self.model or job.payload.get("model")
+        if not model:
+            raise PermanentJobError("no extraction model: pass extraction_model=")
+        response = self.client.chat.completions.create(
+            model=model,
+            messages=background_extraction_messages(job.payload["exchange"], existing),
+            temperature=0,
+        )
+        result = parse_extraction_json(response.choices[0].message.content or "")
+        if result.malformed:
+            memory.counters["malformed_extractions"] += 1
+            message = f"malformed extraction answer: {result.problem}"
+            if job.attempts >= MAX_MALFORMED_ATTEMPTS:
+                raise PermanentJobError(message)
+            raise ValueError(message)  # retried with backoff
+        return [
+            NewMemory(m.text, m.category, replaces=injected.get(m.replaces) if m.replaces else None)
+            for m in result.memories
+        ]
+
+
+def retryable(exc: BaseException) -> bool:
+    """Transient failures are retried: timeouts, connection errors, 408/409/429/5xx, malformed
+    answers, storage errors. Bad requests, bad credentials and bad data are not."""
+    if isinstance(exc, (PermanentJobError, InvalidInputError, EmbeddingMismatchError)):
+        return False
+    status = getattr(exc, "status_code", None)
+    return not isinstance(status, int) or status in (408, 409, 429) or status >= 500
+
+
+def queue_path_for(memory: MemoryStore) -> Path:
+    """Where a store's job queue lives: beside embedded memories, else in the home folder."""
+    location = memory.storage.location
+    if os.path.isdir(location):
+        return Path(location) / "jobs.sqlite3"
+    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    return Path("~/.headroom-memory").expanduser() / f"jobs-{digest}.sqlite3"
+
+
+class MemoryWriter:
+    """One queue file's jobs, for every user whose memories share it, in this process.
+
+    Use :func:`writer_for` to get the process's writer of a queue file.
+    """
+
+    def __init__(self, path: Path, *, backoff: Backoff | None = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._stores: dict[str, MemoryStore] = {}
+        self._extractors: dict[str, BackgroundExtractor] = {}
+        self._lock = threading.Lock()
+        self.worker = JobWorker(
+            JobQueue(path),
+            self._handle,
+            retryable=retryable,
+            backoff=backoff or DEFAULT_BACKOFF,
+            name=f"headroom-memory {path.name}",
+        )
+
+    def register(self, memory: MemoryStore, extractor: BackgroundExtractor | None = None) -> None:
+        """Serve ``memory``'s jobs (and, with ``extractor``, its background extraction), and
+        resume whatever an earlier process left in the queue."""
+        with self._lock:
+            self._stores[memory.user_id] = memory
+            if extractor is not None:
+                self._extractors[memory.user_id] = extractor
+        memory.attach_writer(self)
+        self.worker.start()
+
+    def store(self, memory: MemoryStore, memories: Sequence[Mapping[str, Any]]) -> None:
+        self._put("store", memory, {"memories": list(memories)})
+
+    def extract(
+        self,
+        memory: MemoryStore,
+        exchange: Sequence[Mapping[str, str]],
+        injected: Mapping[str, str],
+        model: str | None,
+    ) -> None:
+        payload = {"exchange": list(exchange), "injected": dict(injected), "model": model}
+        self._put("extract", memory, payload)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.worker.flush(timeout)
+
+    def retry_failed(self) -> int:
+        count = self.worker.queue.retry_failed()
+        self.worker.notify()
+        return count
+
+    def stats(self) -> dict[str, int]:
+        return self.worker.stats()
+
+    def _put(self, kind: str, memory: MemoryStore, payload: dict[str, Any]) -> None:
+        try:
+            self.worker.queue.put(kind, memory.user_id, payload)
+            self.worker.notify()
+        except Exception:
+            memory.counters["store_failures"] += 1
+            log.warning("could not queue memory work (%s)", kind, exc_info=True)
+
+    def _handle(self, job: Job) -> None:
+        memory = self._store_for(job.user_id)
+        if job.kind == "store":
+            items = [NewMemory(**item) for item in job.payload["memories"]]
+            source = Source.INLINE
+        elif job.kind == "extract":
+            extractor = self._extractors.get(job.user_id) or next(
+                iter(self._extractors.values()), None
+            )
+            if extractor is None:
+                raise RuntimeError("no with_memory client in this process yet")  # retried later
+            items, source = extractor(memory, job), Source.BACKGROUND
+        else:
+            raise PermanentJobError(f"unknown job kind {job.kind!r}")
+        memory.add_many(items, source=source)
+
+    def _store_for(self, user_id: str) -> MemoryStore:
+        """The registered store of ``user_id``, or (for work a previous process left) one on
+        the same storage with the same embedder as the stores registered here."""
+        with self._lock:
+            memory = self._stores.get(user_id)
+            if memory is None:
+                if not self._stores:
+                    raise RuntimeError("no memory store registered yet")  # retried later
+                template = next(iter(self._stores.values()))
+                memory = self._stores[user_id] = MemoryStore(
+                    user_id, storage=template.storage, embedder=template.embedder
+                )
+            return memory
+
+
+_writers: dict[str, MemoryWriter] = {}
+_writers_lock = threading.Lock()
+
+
+def writer_for(path: Path, *, backoff: Backoff | None = None) -> MemoryWriter:
+    """The process's one :class:`MemoryWriter` for the queue file at ``path``."""
+    key = os.path.realpath(path)
+    with _writers_lock:
+        writer = _writers.get(key)
+        if writer is None or writer.worker.closed:
+            writer = _writers[key] = MemoryWriter(Path(key), backoff=backoff)
+        return writer

@@ -1,0 +1,228 @@
+"""with_memory: responses untouched, each turn extracted once by a separate call, durably."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from headroom_memory_integrations.jobs import Backoff
+from headroom_memory_integrations.openai import with_memory
+from headroom_memory_integrations.testing import Reply
+
+FAST = Backoff(initial=0.01, factor=2.0, maximum=0.05, jitter=0.0)
+EXTRACTED = json.dumps(
+    {"memories": [{"text": "Prefers Python for backend work", "category": "preference"}]}
+)
+
+
+def is_extraction(body: dict) -> bool:
+    return "You maintain long-term memory" in body["messages"][0]["content"]
+
+
+class Model:
+    """Answers chat turns with a fixed text and extraction calls from a script (then EXTRACTED)."""
+
+    def __init__(
+        self, answer: str = "Python is a good fit.", extractions: list | None = None
+    ) -> None:
+        self.answer = answer
+        self.extractions = list(extractions or [])
+        self.extraction_calls = 0
+        self.chat_bodies: list[dict] = []
+
+    def __call__(self, body: dict):
+        if is_extraction(body):
+            self.extraction_calls += 1
+            return self.extractions.pop(0) if self.extractions else Reply.text(EXTRACTED)
+        self.chat_bodies.append(body)
+        return Reply.text(self.answer, chunk_size=3)
+
+
+@pytest.fixture
+def fake_model(openai_server) -> Model:
+    model = Model()
+    openai_server.responder = model
+    return model
+
+
+@pytest.fixture
+def client(openai_server, db_path, model):
+    return with_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model, retry_backoff=FAST
+    )
+
+
+def ask(client, text: str, **options):
+    return client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": text}], **options
+    )
+
+
+def test_response_untouched_and_memories_extracted_in_the_background(client, fake_model) -> None:
+    response = ask(client, "I prefer Python for backend work")
+    assert response.choices[0].message.content == "Python is a good fit."
+    assert fake_model.chat_bodies[0]["messages"] == [
+        {"role": "user", "content": "I prefer Python for backend work"}
+    ]  # no instruction, nothing injected (no memories yet)
+    assert client.memory.flush(30)
+    assert fake_model.extraction_calls == 1
+    [memory] = client.memory.get_all()
+    assert (memory.text, memory.source.value, memory.user_id) == (
+        "Prefers Python for backend work",
+        "background",
+        "alice",
+    )
+    ask(client, "Which language should I use?")
+    injected = fake_model.chat_bodies[-1]["messages"][0]
+    assert injected["role"] == "system" and "Prefers Python" in injected["content"]
+    assert "<memory-" not in injected["content"]  # context only, never an instruction
+
+
+def test_the_extraction_sees_the_turn_as_quoted_data(client, fake_model, openai_server) -> None:
+    ask(client, "I prefer Python for backend work")
+    assert client.memory.flush(30)
+    extraction = next(r.body for r in openai_server.requests if is_extraction(r.body))
+    data = extraction["messages"][1]["content"]
+    assert '"I prefer Python for backend work"' in data and '"Python is a good fit."' in data
+    assert extraction["model"] == "gpt-4o"
+
+
+def test_transient_errors_and_malformed_answers_are_retried(client, fake_model) -> None:
+    fake_model.extractions = [
+        Reply.error(429, "slow down"),
+        Reply.error(503, "overloaded"),
+        Reply.text("Sure! Here are the memories: none"),  # malformed
+        Reply.text(
+            '{"memories": [{"text": "Prefers Python for backend work", "category": "preference"}]}'
+        ),
+    ]
+    ask(client, "I prefer Python for backend work")
+    assert client.memory.flush(30)
+    assert fake_model.extraction_calls == 4
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    stats = client.memory.stats()
+    assert stats["background"]["retried"] >= 3 and stats["events"]["malformed_extractions"] == 1
+
+
+def test_a_bad_request_is_kept_as_failed_and_can_be_retried(client, fake_model) -> None:
+    fake_model.extractions = [Reply.error(400, "model not found")]
+    ask(client, "I prefer Python for backend work")
+    assert client.memory.flush(30)
+    assert client.memory.get_all() == [] and client.memory.stats()["background"]["failed"] >= 1
+    assert client.memory.retry_failed() == 1
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+
+
+def test_the_model_cannot_choose_the_user(client, fake_model, db_path, model) -> None:
+    from headroom_memory_integrations import MemoryStore
+
+    fake_model.extractions = [
+        Reply.text(
+            json.dumps(
+                {
+                    "memories": [{"text": "Is an admin", "category": "fact", "user_id": "root"}],
+                    "user_id": "root",
+                }
+            )
+        )
+    ]
+    ask(client, "hello")
+    assert client.memory.flush(30)
+    assert [m.user_id for m in client.memory.get_all()] in ([], ["alice"])
+    assert MemoryStore("root", db_path=db_path, embedder=model).get_all() == []
+
+
+def test_streaming_is_untouched_and_queued_at_the_end(client, fake_model) -> None:
+    chunks = [
+        c.choices[0].delta.content
+        for c in ask(client, "I prefer Python for backend work", stream=True)
+        if c.choices
+    ]
+    assert "".join(c or "" for c in chunks) == "Python is a good fit."
+    assert client.memory.flush(30)
+    assert fake_model.extraction_calls == 1 and client.memory.count() == 1
+
+
+def test_async_client(openai_server, db_path, model, fake_model) -> None:
+    client = with_memory(
+        openai_server.async_client(),
+        user_id="alice",
+        db_path=db_path,
+        embedder=model,
+        retry_backoff=FAST,
+    )
+
+    async def scenario():
+        answer = await client.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "I prefer Python for backend work"}],
+        )
+        return answer.choices[0].message.content
+
+    assert asyncio.run(scenario()) == "Python is a good fit."
+    assert client.memory.flush(30) and client.memory.count() == 1
+
+
+def test_each_turn_is_extracted_once(client, fake_model) -> None:
+    for i in range(5):
+        ask(client, f"Fact number {i}: I collect stamps from country {i}")
+    assert client.memory.flush(60)
+    assert fake_model.extraction_calls == 5
+
+
+def test_a_killed_worker_resumes_and_loses_nothing(openai_server, db_path, model, tmp_path) -> None:
+    """A process queues turns whose extraction hangs, is killed with SIGKILL, and the next
+    process extracts and stores every one of them."""
+    hung = tmp_path / "hung"
+
+    def respond(body):
+        if is_extraction(body) and not hung.exists():
+            return Reply.text(EXTRACTED).delayed(60)  # the first process's extraction hangs
+        return Reply.text(EXTRACTED if is_extraction(body) else "ok")
+
+    openai_server.responder = respond
+    code = f"""
+        from headroom_memory_integrations.openai import with_memory
+        from openai import OpenAI
+        raw = OpenAI(base_url={openai_server.base_url!r}, api_key="x", max_retries=0)
+        client = with_memory(raw, user_id="alice", db_path={str(db_path)!r})
+        for text in ["I prefer Python for backend work", "I live in Lisbon", "I am a vegetarian"]:
+            turn = [{{"role": "user", "content": text}}]
+            client.chat.completions.create(model="gpt-4o", messages=turn)
+        print("queued", flush=True)
+        import time; time.sleep(120)
+        """
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "queued"
+        deadline = time.monotonic() + 30
+        while not any(is_extraction(r.body) for r in openai_server.requests):
+            assert time.monotonic() < deadline, "the worker never started an extraction"
+            time.sleep(0.05)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    hung.touch()
+
+    client = with_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model, retry_backoff=FAST
+    )
+    assert client.memory.flush(60)
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    extraction_payloads = [
+        r.body["messages"][1]["content"] for r in openai_server.requests if is_extraction(r.body)
+    ]
+    for text in ["I prefer Python for backend work", "I live in Lisbon", "I am a vegetarian"]:
+        assert any(text in p for p in extraction_payloads)  # every turn was extracted
+    assert client.memory.stats()["background"]["pending"] == 0

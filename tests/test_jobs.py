@@ -1,0 +1,385 @@
+"""The durable job queue and its worker: real SQLite files, real threads, real subprocesses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from headroom_memory_integrations.errors import HeadroomMemoryError, InvalidInputError
+from headroom_memory_integrations.jobs import (
+    MAX_PAYLOAD_BYTES,
+    MIGRATIONS,
+    Backoff,
+    Job,
+    JobQueue,
+    JobWorker,
+    PermanentJobError,
+    shared_worker,
+)
+
+FAST = Backoff(initial=0.01, factor=2.0, maximum=0.05, jitter=0.1)
+MakeWorker = Callable[..., JobWorker]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "jobs.sqlite3"
+
+
+@pytest.fixture
+def queue(path: Path) -> Iterator[JobQueue]:
+    queue = JobQueue(path)
+    yield queue
+    queue.close()
+
+
+@pytest.fixture
+def make_worker(path: Path) -> Iterator[MakeWorker]:
+    """Workers on their own queue objects for ``path``, closed after the test."""
+    workers: list[JobWorker] = []
+
+    def make(handler: Callable[[Job], object], **options: Any) -> JobWorker:
+        worker = JobWorker(JobQueue(path), handler, backoff=FAST, poll_interval=0.05, **options)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.close(timeout=0)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_put_claim_complete_in_fifo_order(queue: JobQueue) -> None:
+    ids = [queue.put("store", f"user-{n}", {"n": n}) for n in range(5)]
+    assert ids == sorted(ids)
+    assert queue.counts() == {"pending": 5, "running": 0, "failed": 0}
+    first = queue.claim()
+    assert [job.id for job in first] == ids[:1]
+    assert (first[0].kind, first[0].user_id, first[0].attempts) == ("store", "user-0", 1)
+    rest = queue.claim(limit=10)
+    assert [job.payload["n"] for job in rest] == [1, 2, 3, 4]
+    assert queue.counts() == {"pending": 0, "running": 5, "failed": 0}
+    assert queue.claim() == []  # our own live claims are not taken back before the lease ends
+    for job in first + rest:
+        queue.complete(job.id)
+    assert queue.counts() == {"pending": 0, "running": 0, "failed": 0}
+
+
+def test_payload_round_trip_keeps_unicode(queue: JobQueue) -> None:
+    payload = {"texts": ["Préfère le thé 🍵", "東京に住んでいる"], "nested": {"k": [1, 2.5, None]}}
+    queue.put("store", "zoë", payload)
+    [job] = queue.claim()
+    assert job.payload == payload
+    assert job.user_id == "zoë"
+
+
+@pytest.mark.parametrize(
+    ("kind", "user_id", "payload"),
+    [
+        ("store", "alice", {"bad": object()}),
+        ("store", "alice", {"nan": float("nan")}),
+        ("store", "alice", {"surrogate": "\ud800"}),
+        ("store", "alice", {"big": "x" * MAX_PAYLOAD_BYTES}),
+        ("store", "alice", ["not", "a", "dict"]),
+        ("", "alice", {}),
+        ("store", "  ", {}),
+    ],
+)
+def test_bad_input_is_rejected_and_nothing_written(
+    queue: JobQueue, kind: str, user_id: str, payload: object
+) -> None:
+    with pytest.raises(InvalidInputError):
+        queue.put(kind, user_id, payload)  # type: ignore[arg-type]
+    assert queue.counts() == {"pending": 0, "running": 0, "failed": 0}
+    assert issubclass(InvalidInputError, ValueError)
+
+
+def test_expired_lease_and_backoff_delay(queue: JobQueue) -> None:
+    job_id = queue.put("store", "alice", {})
+    queue.claim(lease_seconds=0)
+    [again] = queue.claim(lease_seconds=60)  # the lease expired: taken over
+    assert (again.id, again.attempts) == (job_id, 2)
+    queue.retry_later(job_id, "TimeoutError: slow", delay_seconds=60)
+    assert queue.claim() == []
+    assert queue.counts()["pending"] == 1
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    backoff = Backoff(initial=1.0, factor=2.0, maximum=5.0, jitter=0.0)
+    assert [backoff.delay(n) for n in (1, 2, 3, 4, 10_000)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert 0.8 <= Backoff(initial=1.0, jitter=0.2).delay(1) <= 1.2
+
+
+def test_retryable_failures_are_retried_until_success(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    attempts: list[int] = []
+
+    def flaky(job: Job) -> None:
+        attempts.append(job.attempts)
+        if len(attempts) <= 2:
+            raise TimeoutError("the extraction call timed out")
+
+    worker = make_worker(flaky)
+    queue.put("extract", "alice", {"turn": "hi"})
+    worker.notify()
+    assert worker.flush(timeout=5)
+    assert attempts == [1, 2, 3]
+    assert worker.stats() == {"processed": 1, "retried": 2, "failed": 0, "pending": 0, "running": 0}
+
+
+def test_permanent_failure_is_dead_lettered_then_requeued(
+    queue: JobQueue, make_worker: MakeWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    healthy = threading.Event()
+
+    def handler(job: Job) -> None:
+        if not healthy.is_set():
+            raise PermanentJobError("the model answered with malformed JSON")
+
+    worker = make_worker(handler)
+    job_id = queue.put("extract", "alice", {"turn": "my secret diary entry"})
+    with caplog.at_level(logging.INFO, logger="headroom_memory_integrations.jobs"):
+        worker.notify()
+        assert worker.flush(timeout=5)  # dead-lettered counts as finished
+    assert queue.counts() == {"pending": 0, "running": 0, "failed": 1}
+    [dead] = queue.failed()
+    assert dead.id == job_id
+    assert dead.last_error == "PermanentJobError: the model answered with malformed JSON"
+    assert worker.stats()["failed"] == 1
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"job {job_id}" in warning.getMessage() and "PermanentJobError" in warning.getMessage()
+    assert not any(word in caplog.text for word in ("alice", "secret", "malformed"))  # user text
+    time.sleep(0.2)
+    assert queue.counts()["failed"] == 1  # never run again on its own
+
+    healthy.set()
+    assert queue.retry_failed() == 1
+    worker.notify()
+    assert worker.flush(timeout=5)
+    assert queue.counts() == {"pending": 0, "running": 0, "failed": 0}
+    assert worker.stats()["processed"] == 1
+
+
+def test_non_retryable_exceptions_follow_the_predicate(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    def handler(job: Job) -> None:
+        raise (ValueError if job.payload["n"] else ConnectionError)("boom")
+
+    worker = make_worker(handler, retryable=lambda exc: not isinstance(exc, ValueError))
+    queue.put("store", "alice", {"n": 1})
+    queue.put("store", "alice", {"n": 0})
+    worker.notify()
+    wait_for(lambda: worker.stats()["failed"] == 1 and worker.stats()["retried"] >= 1)
+    assert [job.payload for job in queue.failed()] == [{"n": 1}]
+
+
+def test_handler_errors_do_not_kill_the_worker_and_flush_times_out(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    done: list[int] = []
+
+    def handler(job: Job) -> None:
+        if job.payload["n"] == 0:
+            raise RuntimeError("a bug in the handler")
+        done.append(job.payload["n"])
+
+    worker = make_worker(handler)
+    for n in range(3):
+        queue.put("store", "alice", {"n": n})
+    worker.notify()
+    started = time.monotonic()
+    assert worker.flush(timeout=0.5) is False  # job 0 keeps failing and backing off
+    assert 0.45 <= time.monotonic() - started < 2
+    assert done == [1, 2]
+    assert worker.stats()["retried"] >= 3
+    queue.put("store", "alice", {"n": 3})
+    worker.notify()
+    wait_for(lambda: done == [1, 2, 3])  # the thread is still alive
+    assert worker.close(timeout=0.1) is False
+    assert queue.counts()["pending"] == 1  # kept in the file for the next run
+    worker.close()  # idempotent
+
+
+def test_concurrent_producers_every_job_processed_exactly_once(make_worker: MakeWorker) -> None:
+    seen: list[int] = []
+    worker = make_worker(lambda job: seen.append(job.id))
+    put: list[int] = []
+    lock = threading.Lock()
+
+    def produce(thread: int) -> None:
+        for n in range(50):
+            job_id = worker.queue.put("store", f"user-{thread}", {"n": n})
+            with lock:
+                put.append(job_id)
+            worker.notify()
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert worker.flush(timeout=10)
+    assert len(seen) == len(set(seen)) == 200
+    assert sorted(seen) == sorted(put)
+    assert worker.stats()["processed"] == 200
+
+
+def test_two_workers_on_one_file_never_share_a_job(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    ids = [queue.put("store", "alice", {"n": n}) for n in range(200)]
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+
+    def recorder(name: str) -> Callable[[Job], None]:
+        def handle(job: Job) -> None:
+            seen[name].append(job.id)
+            time.sleep(0.001)
+
+        return handle
+
+    workers = [make_worker(recorder(name), name=name) for name in seen]
+    for worker in workers:
+        worker.start()
+    assert all(worker.flush(timeout=10) for worker in workers)
+    every = seen["a"] + seen["b"]
+    assert len(every) == len(set(every)) and sorted(every) == ids
+    assert seen["a"] and seen["b"]
+
+
+def test_workers_take_only_their_kinds(queue: JobQueue, make_worker: MakeWorker) -> None:
+    stored: list[str] = []
+    store = make_worker(lambda job: stored.append(job.kind), kinds=["store"])
+    queue.put("extract", "alice", {})
+    queue.put("store", "alice", {})
+    store.notify()
+    assert store.flush(timeout=5)  # does not wait for the extract job it will never take
+    assert stored == ["store"]
+    assert queue.counts()["pending"] == 1
+    extracted: list[str] = []
+    extract = make_worker(lambda job: extracted.append(job.kind), kinds=("extract",))
+    assert extract.flush(timeout=5)  # starts the thread: leftovers are resumed
+    assert extracted == ["extract"]
+
+
+def test_processes_opening_a_new_file_at_once(path: Path) -> None:
+    script = (
+        "import sys; from headroom_memory_integrations.jobs import JobQueue; "
+        "q = JobQueue(sys.argv[1]); [q.put('store', 'alice', {'n': n}) for n in range(25)]"
+    )
+    children = [subprocess.Popen([sys.executable, "-c", script, str(path)]) for _ in range(4)]
+    assert [child.wait(timeout=15) for child in children] == [0, 0, 0, 0]
+    queue = JobQueue(path)
+    assert queue.counts()["pending"] == 100
+    assert len({job.id for job in queue.claim(limit=200)}) == 100
+    queue.close()
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from typing import Any
+from headroom_memory_integrations.jobs import JobQueue, JobWorker
+path, log, started, mode = sys.argv[1:5]
+queue = JobQueue(path)
+for n in range(6):
+    queue.put("store", "alice", {"n": n})
+
+def handle(job):
+    if mode == "block" and job.payload["n"] == 2:
+        Path(started).write_text(str(job.id))
+        time.sleep(60)
+    time.sleep(0.05)
+    with open(log, "a") as out:
+        out.write(f"{job.payload['n']}\\n")
+
+JobWorker(queue, handle, lease_seconds=3600).notify()
+if mode == "block":
+    time.sleep(60)
+"""
+
+
+def run_child(path: Path, tmp_path: Path, mode: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log, started = tmp_path / "child.log", tmp_path / "started"
+    args = [sys.executable, "-c", textwrap.dedent(CHILD), str(path), str(log), str(started), mode]
+    return subprocess.Popen(args), log
+
+
+def test_jobs_of_a_killed_process_are_resumed(
+    path: Path, tmp_path: Path, make_worker: MakeWorker
+) -> None:
+    child, log = run_child(path, tmp_path, "block")
+    try:
+        wait_for((tmp_path / "started").exists)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert log.read_text().split() == ["0", "1"]
+    blocked_id = int((tmp_path / "started").read_text())
+
+    resumed: list[tuple[int, int]] = []
+    worker = make_worker(lambda job: resumed.append((job.payload["n"], job.attempts)))
+    assert worker.queue.counts() == {"pending": 3, "running": 1, "failed": 0}
+    worker.start()  # the dead owner is noticed at once, though its lease has an hour to run
+    assert worker.flush(timeout=5)
+    assert resumed == [(2, 2), (3, 1), (4, 1), (5, 1)]
+    assert log.read_text().split() == ["0", "1"]  # the killed job never completed there
+    assert worker.queue.counts() == {"pending": 0, "running": 0, "failed": 0}
+    assert blocked_id > 0
+
+
+def test_atexit_drains_before_the_process_exits(path: Path, tmp_path: Path) -> None:
+    child, log = run_child(path, tmp_path, "exit")
+    assert child.wait(timeout=15) == 0
+    assert log.read_text().split() == [str(n) for n in range(6)]
+    queue = JobQueue(path)
+    assert queue.counts() == {"pending": 0, "running": 0, "failed": 0}
+    queue.close()
+
+
+def test_schema_version_and_reopening(path: Path) -> None:
+    queue = JobQueue(path)
+    job_id = queue.put("store", "alice", {"n": 1})
+    queue.close()
+    queue.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        queue.counts()
+    reopened = JobQueue(path)
+    assert [job.id for job in reopened.claim()] == [job_id]
+    reopened.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 1
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(HeadroomMemoryError, match="newer"):
+        JobQueue(path)
+
+
+def test_shared_worker_is_one_per_file_and_key(path: Path) -> None:
+    first = shared_worker(path, "store", lambda job: None)
+    assert shared_worker(str(path), "store", lambda job: None) is first
+    other = shared_worker(path, "extract", lambda job: None)
+    assert other is not first
+    for worker in (first, other):
+        worker.close(timeout=0)
+    assert shared_worker(path, "store", lambda job: None) is not first
+    shared_worker(path, "store", lambda job: None).close(timeout=0)

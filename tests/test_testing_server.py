@@ -1,0 +1,521 @@
+"""The scripted OpenAI-compatible server, driven by the real openai client over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import math
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import openai
+import pytest
+from openai.types import CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
+
+from headroom_memory_integrations.testing import (
+    RecordedRequest,
+    Reply,
+    ScriptedOpenAIServer,
+    ToolCall,
+    Usage,
+    hash_embedding,
+)
+
+MODES = ["sync", "async"]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedOpenAIServer]:
+    with ScriptedOpenAIServer() as running:
+        yield running
+
+
+def chat(server: ScriptedOpenAIServer, mode: str, **kwargs: Any) -> ChatCompletion:
+    """One non-streaming chat completion through the sync or async openai client."""
+    kwargs = {"model": "gpt-test", "messages": USER, **kwargs}
+    if mode == "sync":
+        with server.client() as client:
+            answer: ChatCompletion = client.chat.completions.create(**kwargs)
+            return answer
+
+    async def run() -> ChatCompletion:
+        async with server.async_client() as client:
+            answer: ChatCompletion = await client.chat.completions.create(**kwargs)
+            return answer
+
+    return asyncio.run(run())
+
+
+def stream(server: ScriptedOpenAIServer, mode: str, **kwargs: Any) -> list[ChatCompletionChunk]:
+    """Every chunk of one streamed chat completion through the sync or async openai client."""
+    kwargs = {"model": "gpt-test", "messages": USER, "stream": True, **kwargs}
+    if mode == "sync":
+        with server.client() as client, client.chat.completions.create(**kwargs) as chunks:
+            return list(chunks)
+
+    async def run() -> list[ChatCompletionChunk]:
+        async with server.async_client() as client:
+            return [chunk async for chunk in await client.chat.completions.create(**kwargs)]
+
+    return asyncio.run(run())
+
+
+def embed(server: ScriptedOpenAIServer, mode: str, **kwargs: Any) -> CreateEmbeddingResponse:
+    kwargs = {"model": "text-embedding-3-small", **kwargs}
+    if mode == "sync":
+        with server.client() as client:
+            return client.embeddings.create(**kwargs)
+
+    async def run() -> CreateEmbeddingResponse:
+        async with server.async_client() as client:
+            return await client.embeddings.create(**kwargs)
+
+    return asyncio.run(run())
+
+
+def content_of(chunks: list[ChatCompletionChunk], index: int = 0) -> str:
+    return "".join(
+        c.choices[0].delta.content or ""
+        for c in chunks
+        if c.choices and c.choices[0].index == index
+    )
+
+
+# -- chat completions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_text_reply_looks_like_openai(server: ScriptedOpenAIServer, mode: str) -> None:
+    server.script(Reply.text("Hi, I remember you like tea.", usage=Usage(12, 8)))
+
+    answer = chat(server, mode)
+
+    assert answer.id.startswith("chatcmpl-")
+    assert answer.object == "chat.completion"
+    assert answer.model == "gpt-test"
+    assert abs(answer.created - time.time()) < 60
+    [choice] = answer.choices
+    assert choice.index == 0
+    assert choice.message.role == "assistant"
+    assert choice.message.content == "Hi, I remember you like tea."
+    assert choice.message.tool_calls is None
+    assert choice.finish_reason == "stop"
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (12, 8)
+    assert answer.usage.total_tokens == 20
+
+
+def test_queue_is_fifo_then_falls_back_to_ok(server: ScriptedOpenAIServer) -> None:
+    server.script("first", Reply.text("second"))
+    assert server.pending == 2
+
+    answers = [chat(server, "sync").choices[0].message.content for _ in range(3)]
+
+    assert answers == ["first", "second", "OK"]
+    assert server.pending == 0
+
+
+def test_default_usage_is_a_rough_token_count(server: ScriptedOpenAIServer) -> None:
+    server.script("x" * 40)
+    usage = chat(server, "sync", messages=[{"role": "user", "content": "y" * 80}]).usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (20, 10, 30)
+
+
+def test_responder_answers_when_queue_is_empty() -> None:
+    def shout(body: dict[str, Any]) -> str:
+        return str(body["messages"][-1]["content"]).upper()
+
+    with ScriptedOpenAIServer(["scripted"], responder=shout) as server:
+        first = chat(server, "sync", messages=[{"role": "user", "content": "one"}])
+        second = chat(server, "sync", messages=[{"role": "user", "content": "two"}])
+    assert first.choices[0].message.content == "scripted"
+    assert second.choices[0].message.content == "TWO"
+
+
+def test_responder_failure_becomes_a_500(server: ScriptedOpenAIServer) -> None:
+    def broken(body: dict[str, Any]) -> Reply:
+        raise LookupError("no reply for this")
+
+    server.responder = broken
+    with pytest.raises(openai.InternalServerError, match="no reply for this"):
+        chat(server, "sync")
+
+
+def test_requests_are_recorded(server: ScriptedOpenAIServer) -> None:
+    messages = [
+        {"role": "system", "content": "Known about the user: prefers tea."},
+        {"role": "user", "content": "What should I drink?"},
+    ]
+    chat(server, "sync", messages=messages, temperature=0.2)
+    embed(server, "sync", input="tea")
+
+    chat_request, embed_request = server.requests
+    assert isinstance(chat_request, RecordedRequest)
+    assert (chat_request.method, chat_request.path) == ("POST", "/v1/chat/completions")
+    assert chat_request.body is not None
+    assert chat_request.body["messages"] == messages
+    assert chat_request.body["temperature"] == 0.2
+    assert chat_request.headers["authorization"] == "Bearer sk-scripted"
+    assert chat_request.headers["content-type"] == "application/json"
+    assert embed_request.path == "/v1/embeddings"
+    assert embed_request.body is not None and embed_request.body["input"] == "tea"
+
+    server.reset()
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_n_choices(server: ScriptedOpenAIServer, mode: str) -> None:
+    server.script("same answer")
+    answer = chat(server, mode, n=3)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert {c.message.content for c in answer.choices} == {"same answer"}
+
+    server.script("streamed")
+    chunks = stream(server, mode, n=2)
+    assert content_of(chunks, 0) == content_of(chunks, 1) == "streamed"
+    finals = [c.choices[0] for c in chunks if c.choices[0].finish_reason]
+    assert sorted((f.index, f.finish_reason) for f in finals) == [(0, "stop"), (1, "stop")]
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_reassembles_exactly(server: ScriptedOpenAIServer, mode: str) -> None:
+    text = "The quick brown fox — jumps over 🦊 the lazy dog."
+    server.script(Reply.text(text, chunk_size=3))
+
+    chunks = stream(server, mode)
+
+    assert content_of(chunks) == text
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert pieces == [text[i : i + 3] for i in range(0, len(text), 3)]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert {c.id for c in chunks} == {chunks[0].id}
+    assert {(c.object, c.model) for c in chunks} == {("chat.completion.chunk", "gpt-test")}
+    assert all(c.usage is None for c in chunks)
+
+
+def test_stream_default_chunk_size_and_explicit_chunks() -> None:
+    with ScriptedOpenAIServer(["abcdefg", Reply.text(["Hel", "lo, ", "world"])], chunk_size=2) as s:
+        default = stream(s, "sync")
+        explicit = stream(s, "sync")
+    assert [c.choices[0].delta.content for c in default[1:-1]] == ["ab", "cd", "ef", "g"]
+    assert [c.choices[0].delta.content for c in explicit[1:-1]] == ["Hel", "lo, ", "world"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_include_usage(server: ScriptedOpenAIServer, mode: str) -> None:
+    server.script(Reply.text("counted", usage=Usage(5, 2)))
+
+    chunks = stream(server, mode, stream_options={"include_usage": True})
+
+    *body, last = chunks
+    assert last.choices == []
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (5, 2)
+    assert last.usage.total_tokens == 7
+    assert all(c.usage is None and len(c.choices) == 1 for c in body)
+    assert content_of(body) == "counted"
+
+
+def test_stream_chunk_delay_spaces_out_chunks(server: ScriptedOpenAIServer) -> None:
+    server.script(Reply.text(["a", "b", "c"]).delayed(0, between_chunks=0.05))
+    arrivals: list[float] = []
+    with server.client() as client:
+        start = time.perf_counter()
+        for _chunk in client.chat.completions.create(model="m", messages=USER, stream=True):
+            arrivals.append(time.perf_counter() - start)
+    assert len(arrivals) == 5  # role, a, b, c, finish
+    assert arrivals[-1] - arrivals[0] >= 0.15
+
+
+# -- tool calls ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tool_call(server: ScriptedOpenAIServer, mode: str) -> None:
+    server.script(Reply.tool_call("save_memory", {"text": "Likes tea", "category": "preference"}))
+
+    answer = chat(server, mode, tools=[{"type": "function", "function": {"name": "save_memory"}}])
+
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function"
+    assert call.id.startswith("call_")
+    assert call.function.name == "save_memory"
+    assert json.loads(call.function.arguments) == {"text": "Likes tea", "category": "preference"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tool_calls_streamed_in_pieces(server: ScriptedOpenAIServer, mode: str) -> None:
+    server.script(
+        Reply.tool_calls(
+            ToolCall("search", {"query": "favourite drink", "limit": 5}, id="call_fixed"),
+            ToolCall("save_memory", '{"text": "Works at a fintech startup"}'),
+        )
+    )
+
+    chunks = stream(server, mode)
+
+    calls: dict[int, dict[str, str]] = {}
+    argument_pieces = 0
+    for chunk in chunks:
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] += delta.id or ""
+            assert delta.function is not None
+            call["name"] += delta.function.name or ""
+            call["arguments"] += delta.function.arguments or ""
+            argument_pieces += bool(delta.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert argument_pieces > 10  # several pieces per call, as OpenAI streams them
+    assert calls[0]["id"] == "call_fixed" and calls[1]["id"].startswith("call_")
+    assert [calls[0]["name"], calls[1]["name"]] == ["search", "save_memory"]
+    assert json.loads(calls[0]["arguments"]) == {"query": "favourite drink", "limit": 5}
+    assert json.loads(calls[1]["arguments"]) == {"text": "Works at a fintech startup"}
+
+
+# -- errors and delays -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error_class"),
+    [
+        (400, openai.BadRequestError),
+        (401, openai.AuthenticationError),
+        (429, openai.RateLimitError),
+        (500, openai.InternalServerError),
+        (503, openai.InternalServerError),
+    ],
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_scripted_errors_raise_openai_exceptions(
+    server: ScriptedOpenAIServer, mode: str, status: int, error_class: type[openai.APIStatusError]
+) -> None:
+    server.script(Reply.error(status, "scripted failure", code="boom"), "recovered")
+
+    with pytest.raises(error_class) as caught:
+        chat(server, mode)
+
+    assert caught.value.status_code == status
+    assert caught.value.code == "boom"
+    assert caught.value.body == {
+        "message": "scripted failure",
+        "type": caught.value.type,
+        "param": None,
+        "code": "boom",
+    }
+    assert chat(server, mode).choices[0].message.content == "recovered"
+
+
+def test_error_defaults_and_streamed_error(server: ScriptedOpenAIServer) -> None:
+    server.script(Reply.error(429))
+    with pytest.raises(openai.RateLimitError) as caught:
+        stream(server, "sync")
+    assert (caught.value.type, caught.value.code) == ("requests", "rate_limit_exceeded")
+    with pytest.raises(ValueError, match=">= 400"):
+        Reply.error(200)
+
+
+def test_retry_after_header_lets_the_client_retry_fast(server: ScriptedOpenAIServer) -> None:
+    server.script(Reply.error(429, headers={"retry-after-ms": "10"}), "after retry")
+    with server.client(max_retries=1) as client:
+        answer = client.chat.completions.create(model="m", messages=USER)
+    assert answer.choices[0].message.content == "after retry"
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_delay_past_client_timeout_raises_timeout(server: ScriptedOpenAIServer, mode: str) -> None:
+    server.script(Reply.text("too late").delayed(3.0))
+    start = time.perf_counter()
+
+    with pytest.raises(openai.APITimeoutError):
+        if mode == "sync":
+            server.client(timeout=0.2).chat.completions.create(model="m", messages=USER)
+        else:
+
+            async def run() -> None:
+                async with server.async_client(timeout=0.2) as client:
+                    await client.chat.completions.create(model="m", messages=USER)
+
+            asyncio.run(run())
+
+    assert time.perf_counter() - start < 2.0
+    assert chat(server, mode).choices[0].message.content == "OK"  # still serving
+
+
+def test_delay_within_timeout_answers_late(server: ScriptedOpenAIServer) -> None:
+    server.script(Reply.text("patience").delayed(0.2))
+    start = time.perf_counter()
+    assert chat(server, "sync").choices[0].message.content == "patience"
+    assert time.perf_counter() - start >= 0.2
+
+
+# -- embeddings and models -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_embeddings_are_deterministic_unit_vectors(server: ScriptedOpenAIServer, mode: str) -> None:
+    response = embed(server, mode, input=["tea", "coffee", "tea"])
+
+    assert response.object == "list"
+    assert response.model == "text-embedding-3-small"
+    assert [e.index for e in response.data] == [0, 1, 2]
+    tea, coffee, tea_again = (e.embedding for e in response.data)
+    assert len(tea) == 1536
+    assert math.isclose(math.fsum(x * x for x in tea), 1.0, rel_tol=1e-5)
+    assert tea == tea_again
+    assert tea != coffee
+    assert embed(server, mode, input="tea").data[0].embedding == tea  # across requests
+    # The client asks for base64 (float32) by default; the values match up to float32 rounding.
+    assert all(
+        math.isclose(a, b, abs_tol=1e-6) for a, b in zip(tea, hash_embedding("tea"), strict=True)
+    )
+    assert response.usage.prompt_tokens == response.usage.total_tokens > 0
+
+
+def test_embedding_dimensions_and_float_format(server: ScriptedOpenAIServer) -> None:
+    response = embed(server, "sync", input="tea", dimensions=64, encoding_format="float")
+    assert response.data[0].embedding == hash_embedding("tea", 64)
+    tokens = embed(server, "sync", input=[1, 2, 3], dimensions=8).data
+    assert len(tokens) == 1 and len(tokens[0].embedding) == 8
+
+
+def test_embedding_dimension_and_embedder_are_configurable() -> None:
+    def counting(text: str, dimensions: int) -> list[float]:
+        return [float(len(text))] * dimensions
+
+    with ScriptedOpenAIServer(embedding_dimensions=8) as server:
+        assert len(embed(server, "sync", input="tea").data[0].embedding) == 8
+    with ScriptedOpenAIServer(embedder=counting, embedding_dimensions=3) as server:
+        assert embed(server, "sync", input="abcd").data[0].embedding == [4.0, 4.0, 4.0]
+
+
+def test_models_list_and_retrieve(server: ScriptedOpenAIServer) -> None:
+    with server.client() as client:
+        models = client.models.list()
+        assert [m.id for m in models] == ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
+        assert {m.object for m in models} == {"model"}
+        assert client.models.retrieve("gpt-4o").id == "gpt-4o"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("no-such-model")
+
+
+# -- HTTP behaviour --------------------------------------------------------------------------
+
+
+def test_unknown_path_is_an_openai_shaped_404(server: ScriptedOpenAIServer) -> None:
+    with server.client() as client, pytest.raises(openai.NotFoundError) as caught:
+        client.post("/nowhere", cast_to=object, body={})
+    assert caught.value.code == "unknown_url"
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        connection.request("GET", "/v1/nope")
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == 404
+        assert response.getheader("Content-Length") == str(len(body))
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_request_error"
+        assert "/v1/nope" in error["message"]
+        # keep-alive: the same connection serves another request
+        connection.request("POST", "/v1/chat/completions", body=b"{not json")
+        response = connection.getresponse()
+        assert response.status == 400
+        assert "parse" in json.loads(response.read())["error"]["message"]
+    finally:
+        connection.close()
+
+
+def test_concurrent_requests_from_threads() -> None:
+    def echo(body: dict[str, Any]) -> Reply:
+        return Reply.text(f"echo {body['messages'][-1]['content']}").delayed(0.1)
+
+    with ScriptedOpenAIServer(responder=echo) as server, server.client() as client:
+
+        def ask(i: int) -> str | None:
+            messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": str(i)}]
+            answer = client.chat.completions.create(model="m", messages=messages)
+            return answer.choices[0].message.content
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            answers = list(pool.map(ask, range(20)))
+        elapsed = time.perf_counter() - start
+
+        assert answers == [f"echo {i}" for i in range(20)]
+        assert len(server.requests) == 20
+        assert elapsed < 1.5  # 20 x 0.1 s delays overlapped
+
+
+def test_concurrent_async_streams(server: ScriptedOpenAIServer) -> None:
+    server.responder = lambda body: Reply.text(f"stream {body['messages'][-1]['content']}")
+
+    async def run() -> list[str]:
+        async with server.async_client() as client:
+
+            async def one(i: int) -> str:
+                messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": str(i)}]
+                chunks = await client.chat.completions.create(
+                    model="m",
+                    messages=messages,
+                    stream=True,
+                )
+                return "".join([c.choices[0].delta.content or "" async for c in chunks])
+
+            return list(await asyncio.gather(*(one(i) for i in range(20))))
+
+    assert asyncio.run(run()) == [f"stream {i}" for i in range(20)]
+
+
+def test_close_is_prompt_frees_the_port_and_cuts_delays() -> None:
+    server = ScriptedOpenAIServer([Reply.text("never").delayed(30)]).start()
+    port = server.port
+    errors: list[Exception] = []
+
+    def call() -> None:
+        try:
+            server.client(timeout=10).chat.completions.create(model="m", messages=USER)
+        except Exception as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=call)
+    waiter.start()
+    while not server.requests:
+        time.sleep(0.01)
+    start = time.perf_counter()
+    server.close()
+    waiter.join(timeout=5)
+    assert time.perf_counter() - start < 1.0
+    assert not waiter.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], openai.APIConnectionError)
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = server.base_url
+    server.close()  # idempotent
+
+
+def test_base_url_and_clients_point_at_the_server(server: ScriptedOpenAIServer) -> None:
+    assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
+    with server.client() as client:
+        assert str(client.base_url).rstrip("/") == server.base_url
+        assert client.max_retries == 0

@@ -1,0 +1,392 @@
+"""Tests for RollingWindowTransform: budget, pinning, tool-call pairing, counting, errors."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from headroom_memory_integrations.errors import InvalidInputError
+from headroom_memory_integrations.transforms import (
+    MESSAGE_OVERHEAD,
+    TOOL_CALL_OVERHEAD,
+    RollingWindowTransform,
+    estimate_tokens,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_OFFLINE_TIKTOKEN = bool(
+    importlib.util.find_spec("tiktoken") and importlib.util.find_spec("llama_index")
+)
+needs_tiktoken = pytest.mark.skipif(
+    not HAS_OFFLINE_TIKTOKEN, reason="needs tiktoken and llama-index-core's cached encodings"
+)
+Msg = dict[str, Any]
+PINNED_ROLES = ("system", "developer")
+
+
+def words(text: str) -> int:
+    """A predictable custom counter: one token per whitespace-separated word."""
+    return len(text.split())
+
+
+def user(text: str) -> Msg:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> Msg:
+    return {"role": "assistant", "content": text}
+
+
+def tool_group(call_ids: list[str], result: str = "ok") -> list[Msg]:
+    calls = [
+        {"id": cid, "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+        for cid in call_ids
+    ]
+    results = [{"role": "tool", "tool_call_id": cid, "content": result} for cid in call_ids]
+    return [{"role": "assistant", "content": None, "tool_calls": calls}, *results]
+
+
+def run_python(code: str, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter with ``env``; it must print one JSON line."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+# --- property-based: random conversations with tool-call groups -------------------------
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[Msg]:
+    ids = iter(range(10**6))
+    texts = st.text(max_size=40) | st.lists(st.sampled_from(["alpha", "beta", "42"]), max_size=30)
+
+    def text() -> str:
+        body = draw(texts)
+        return f"#{next(ids)} " + (body if isinstance(body, str) else " ".join(body))
+
+    msgs: list[Msg] = [
+        {"role": draw(st.sampled_from(["system", "developer"])), "content": text()}
+        for _ in range(draw(st.integers(0, 2)))
+    ]
+    if draw(st.booleans()):
+        msgs.append(assistant(text()))  # a greeting before the first user turn
+    for _ in range(draw(st.integers(0, 6))):
+        if draw(st.booleans()):
+            msgs.append(user(text()))
+        else:
+            parts: list[Msg] = [{"type": "text", "text": text()}]
+            parts.append({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}})
+            msgs.append({"role": "user", "content": parts})
+        for _ in range(draw(st.integers(0, 3))):
+            kind = draw(st.sampled_from(["reply", "tools", "function", "system"]))
+            if kind == "reply":
+                msgs.append(assistant(text()))
+            elif kind == "tools":
+                n_calls = draw(st.integers(1, 3))
+                msgs.extend(tool_group([f"call_{next(ids)}" for _ in range(n_calls)], text()))
+            elif kind == "function":
+                call = {"name": "legacy", "arguments": json.dumps({"q": text()})}
+                msgs.append({"role": "assistant", "content": None, "function_call": call})
+                msgs.append({"role": "function", "name": "legacy", "content": text()})
+            else:
+                msgs.append({"role": "system", "content": text()})
+    return msgs
+
+
+def assert_calls_paired(result: list[Msg]) -> None:
+    for i, m in enumerate(result):
+        if m["role"] == "tool":
+            j = i - 1
+            while j >= 0 and result[j]["role"] == "tool":
+                j -= 1
+            assert j >= 0, "orphan tool message at the start of the window"
+            call_ids = {c["id"] for c in result[j].get("tool_calls") or []}
+            assert m["tool_call_id"] in call_ids, "tool message without its call"
+        if m["role"] == "function":
+            assert i > 0 and result[i - 1].get("function_call"), "orphan function message"
+        if m.get("tool_calls"):
+            answered = set()
+            for follower in result[i + 1 :]:
+                if follower["role"] != "tool":
+                    break
+                answered.add(follower["tool_call_id"])
+            assert answered == {c["id"] for c in m["tool_calls"]}, "tool call without results"
+        if m.get("function_call"):
+            assert i + 1 < len(result) and result[i + 1]["role"] == "function"
+
+
+def is_subsequence(small: list[Msg], big: list[Msg]) -> bool:
+    it = iter(big)
+    return all(any(s == b for b in it) for s in small)
+
+
+@needs_tiktoken
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conversations(), st.integers(1, 400), st.booleans())
+def test_random_conversations_fit_and_keep_invariants(
+    msgs: list[Msg], max_tokens: int, keep_system: bool
+) -> None:
+    transform = RollingWindowTransform(max_tokens, keep_system=keep_system)
+    snapshot = copy.deepcopy(msgs)
+    result = transform.apply(msgs)
+
+    assert msgs == snapshot  # caller's list and dicts untouched
+    assert all(r is not m for r in result for m in msgs)  # new dicts
+    assert is_subsequence(result, msgs)  # order preserved, nothing invented
+    assert_calls_paired(result)
+
+    n_pinned = 0
+    while keep_system and n_pinned < len(msgs) and msgs[n_pinned]["role"] in PINNED_ROLES:
+        n_pinned += 1
+    pinned = msgs[:n_pinned]
+    assert result[:n_pinned] == pinned  # leading system/developer messages kept
+
+    last = len(msgs)  # the newest atomic unit: last message, plus the call its results answer
+    while last > n_pinned and msgs[last - 1]["role"] in ("tool", "function"):
+        last -= 1
+    newest = msgs[max(last - 1, n_pinned) :]
+    user_idx = [i for i in range(n_pinned, len(msgs)) if msgs[i]["role"] == "user"]
+    latest_user = [msgs[user_idx[-1]]] if user_idx else []
+    if latest_user:
+        assert latest_user[0] in result  # the latest user message is always kept
+    if transform.count(msgs) <= max_tokens:
+        assert result == msgs
+    if transform.count(result) > max_tokens:  # the one documented over-budget case
+        assert result == pinned + (latest_user or newest)
+        assert transform.count(pinned + (latest_user or newest)) > max_tokens
+    extra = [] if not latest_user or latest_user[0] in newest else latest_user
+    if newest and transform.count(pinned + extra + newest) <= max_tokens:
+        assert result[-len(newest) :] == newest  # the newest turn is kept when it can be
+    if result != msgs and latest_user:  # something dropped: start at a turn boundary
+        assert result[n_pinned]["role"] in ("user", "system", "developer")
+
+
+# --- deterministic behaviour (word counter for exact arithmetic) -------------------------
+
+
+def test_keyword_usage_on_a_long_conversation() -> None:
+    long = [{"role": "system", "content": "You are helpful."}]
+    for i in range(300):
+        long += [user(f"question {i} " * 20), assistant(f"answer {i} " * 40)]
+    long.append(user("final question"))
+    transform = RollingWindowTransform(max_tokens=4000)
+    result = transform.apply(long)
+    assert transform.count(result) <= 4000 < transform.count(long)
+    assert result[0] == long[0] and result[-1] == long[-1]
+    assert result[1]["role"] == "user"
+    assert RollingWindowTransform(4000).apply(long) == result  # positional form too
+
+
+def test_drops_oldest_turns_and_starts_at_a_user_message() -> None:
+    msgs = [
+        {"role": "system", "content": "s"},
+        user("u1"),
+        assistant("a1"),
+        user("u2 " * 6),
+        assistant("a2"),
+        user("u3"),
+        assistant("a3"),
+    ]
+    # costs with words(): system 5, u1/a1/a2/u3/a3 5 each, u2 10 -> 40 in all
+    transform = RollingWindowTransform(20, token_counter=words)
+    assert transform.count(msgs) == 40
+    # 15 left after the system prompt: a2 + u3 + a3 fit, but a2 would dangle -> dropped
+    assert transform.apply(msgs) == [msgs[0], msgs[5], msgs[6]]
+    assert RollingWindowTransform(30, token_counter=words).apply(msgs) == [msgs[0], *msgs[3:]]
+
+
+def test_tool_call_group_is_kept_or_dropped_whole() -> None:
+    group = tool_group(["c1", "c2"], result="r")
+    msgs = [user("q1"), *group, assistant("done"), user("q2"), assistant("fine")]
+    transform = RollingWindowTransform(100, token_counter=words)
+    group_cost = transform.count(group)
+    assert group_cost == 3 * MESSAGE_OVERHEAD + 2 * (TOOL_CALL_OVERHEAD + 2) + 2
+    tight = RollingWindowTransform(transform.count(msgs) - 1, token_counter=words)
+    assert tight.apply(msgs) == msgs[5:]  # q1 gone -> group and reply dangle, window at q2
+    first_turn = msgs[:5]  # q1 is the latest user message: the group must not be split
+    cut = RollingWindowTransform(transform.count(first_turn) - 1, token_counter=words)
+    assert cut.apply(first_turn) == [msgs[0], msgs[4]]
+
+
+def test_latest_user_message_is_kept_even_over_budget() -> None:
+    msgs = [{"role": "system", "content": "rules"}, user("old"), user("huge " * 50)]
+    transform = RollingWindowTransform(10, token_counter=words)
+    result = transform.apply(msgs)
+    assert result == [msgs[0], msgs[2]]
+    assert transform.count(result) > 10  # documented: no truncation, never empty
+
+
+def test_too_big_latest_turn_keeps_its_question_and_newest_fitting_units() -> None:
+    msgs = [user("q1"), assistant("a1"), user("q2"), *tool_group(["c"], "x " * 80), assistant("a")]
+    result = RollingWindowTransform(15, token_counter=words).apply(msgs)
+    assert result == [msgs[2], msgs[-1]]
+
+
+def test_keep_system_false_and_later_system_messages_age_out() -> None:
+    msgs = [{"role": "system", "content": "s"}, user("u1"), {"role": "system", "content": "m"}]
+    msgs += [user("u2"), assistant("a2")]
+    assert RollingWindowTransform(10, token_counter=words, keep_system=False).apply(msgs) == [
+        msgs[3],
+        msgs[4],
+    ]
+    assert RollingWindowTransform(15, token_counter=words).apply(msgs) == [msgs[0], *msgs[3:]]
+
+
+def test_edge_conversations() -> None:
+    transform = RollingWindowTransform(5, token_counter=words)
+    assert transform.apply([]) == []
+    only_system = [{"role": "system", "content": "a b c d e f"}]
+    assert transform.apply(only_system) == only_system  # pinned, even over budget
+    no_user = [assistant("one"), assistant("two three four five six")]
+    assert transform.apply(no_user) == [no_user[1]]  # newest unit kept anyway
+    assert transform.apply(tuple(no_user[:1])) == no_user[:1]
+
+
+def test_content_parts_and_names_are_counted() -> None:
+    transform = RollingWindowTransform(100, token_counter=words, media_tokens=7)
+    parts = [
+        {"type": "text", "text": "two words"},
+        {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+        {"type": "refusal", "refusal": "no"},
+    ]
+    msg = {"role": "user", "name": "bob", "content": parts}
+    assert transform.count([msg]) == MESSAGE_OVERHEAD + 2 + 7 + 1 + (1 + 1)
+
+
+# --- token counting ----------------------------------------------------------------------
+
+
+@needs_tiktoken
+def test_default_counter_is_offline_tiktoken() -> None:
+    transform = RollingWindowTransform(max_tokens=100)
+    assert transform.counter_name in ("tiktoken:o200k_base", "tiktoken:cl100k_base")
+    assert transform.counter_name in repr(transform)
+    assert transform.token_counter("hello world") == 2
+    assert transform.count([user("hello world")]) == MESSAGE_OVERHEAD + 2
+    assert transform.count([user("a <|endoftext|> b")]) > MESSAGE_OVERHEAD  # no special error
+
+
+@needs_tiktoken
+def test_encoding_loads_with_network_blocked_and_restores_env(tmp_path: Path) -> None:
+    out = run_python(
+        """
+        import json, os, sys, time
+        def no_network(event, args):
+            if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname"):
+                raise RuntimeError("network access attempted: " + event)
+        sys.addaudithook(no_network)
+        from headroom_memory_integrations.transforms import RollingWindowTransform
+        start = time.perf_counter()
+        t = RollingWindowTransform(max_tokens=50)
+        print(json.dumps({"name": t.counter_name, "secs": time.perf_counter() - start,
+                          "hello": t.token_counter("hello world"),
+                          "env": os.environ.get("TIKTOKEN_CACHE_DIR")}))
+        """,
+        {"TIKTOKEN_CACHE_DIR": str(tmp_path), "TMPDIR": str(tmp_path)},
+    )
+    assert out["name"] == "tiktoken:o200k_base" and out["hello"] == 2
+    assert out["secs"] < 5 and out["env"] == str(tmp_path)
+
+
+def test_falls_back_to_estimate_without_tiktoken_or_cache(tmp_path: Path) -> None:
+    code = """
+        import json
+        from headroom_memory_integrations.transforms import RollingWindowTransform
+        t = RollingWindowTransform(max_tokens=50)
+        print(json.dumps({"name": t.counter_name, "hello": t.token_counter("hello world")}))
+        """
+    shadow = tmp_path / "shadow"  # stand-ins that hide the real packages in a child process
+    (shadow / "tiktoken").mkdir(parents=True)
+    (shadow / "tiktoken" / "__init__.py").write_text("raise ImportError('hidden')\n")
+    (shadow / "llama_index").mkdir()
+    (shadow / "llama_index" / "__init__.py").write_text("")
+    empty = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+    no_tiktoken = run_python(code, {**empty, "PYTHONPATH": f"{shadow}{os.pathsep}{ROOT}"})
+    assert no_tiktoken == {"name": "estimate:ceil(utf8_bytes/3)", "hello": 4}
+    (shadow / "tiktoken" / "__init__.py").unlink()
+    (shadow / "tiktoken").rmdir()  # real tiktoken, but no cached encoding anywhere
+    no_cache = run_python(code, {**empty, "PYTHONPATH": f"{shadow}{os.pathsep}{ROOT}"})
+    assert no_cache == no_tiktoken
+
+
+def test_import_is_light() -> None:
+    out = run_python(
+        """
+        import json, sys
+        import headroom_memory_integrations
+        before = set(sys.modules)
+        import headroom_memory_integrations.transforms
+        new = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in
+                     ("tiktoken", "tiktoken_ext", "llama_index"))
+        print(json.dumps({"new": new}))
+        """,
+        {},
+    )
+    assert out["new"] == []
+
+
+def test_estimate_and_custom_counter() -> None:
+    assert estimate_tokens("") == 0
+    assert estimate_tokens("hello world") == 4
+    assert estimate_tokens("日本") == 2  # 6 UTF-8 bytes
+    transform = RollingWindowTransform(max_tokens=10, token_counter=words)
+    assert transform.counter_name == "custom:words" and "custom:words" in repr(transform)
+    assert transform.count([user("one two three")]) == MESSAGE_OVERHEAD + 3
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, "10", True, None])
+def test_bad_max_tokens(bad: Any) -> None:
+    with pytest.raises(InvalidInputError, match="max_tokens"):
+        RollingWindowTransform(bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        "hello",
+        {"role": "user", "content": "hi"},
+        ["hi"],
+        [{"content": "no role"}],
+        [{"role": "", "content": "x"}],
+        [{"role": 3, "content": "x"}],
+        [{"role": "user", "content": 42}],
+        [{"role": "user", "content": [7]}],
+    ],
+)
+def test_bad_messages(bad: Any) -> None:
+    transform = RollingWindowTransform(10, token_counter=words)
+    with pytest.raises(ValueError):
+        transform.apply(bad)
+    with pytest.raises(InvalidInputError):
+        transform.count(bad)
+
+
+def test_bad_options() -> None:
+    with pytest.raises(InvalidInputError):
+        RollingWindowTransform(10, token_counter="not callable")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        RollingWindowTransform(10, media_tokens=-1)
