@@ -45,7 +45,7 @@ MAX_PAYLOAD_BYTES = 1_000_000
 MAX_ERROR_CHARS = 2_000
 DEFAULT_LEASE_SECONDS = 300.0
 _HOST = socket.gethostname()
-CKPT = float(os.environ.get('CKPT', '0.1'))
+_CHECKPOINT_EVERY = 0.5  # seconds, at most, between the worker's WAL checkpoints
 _COLUMNS = "id, kind, user_id, payload, attempts, created_at, last_error"
 
 #: Schema migrations, applied in order; ``PRAGMA user_version`` is how many have run.
@@ -100,9 +100,10 @@ class Backoff:
     def delay(self, attempts: int) -> float:
         """Seconds to wait before the next try, after ``attempts`` failed tries."""
         base = min(self.maximum, self.initial * self.factor ** min(max(attempts - 1, 0), 64))
-        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+        return max(0.0, base * (1 + _jitter_source.uniform(-self.jitter, self.jitter)))
 
 
+_jitter_source = random.Random()  # private: never touches (or reseeds) the global random state
 DEFAULT_BACKOFF = Backoff()
 
 
@@ -409,7 +410,7 @@ class JobWorker:
                     for job in jobs:
                         self._process(job)
                     dirty = dirty or bool(jobs)
-                    if not jobs and dirty and time.monotonic() - checkpointed > CKPT:
+                    if not jobs and dirty and time.monotonic() - checkpointed > _CHECKPOINT_EVERY:
                         checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
                         dirty, checkpointed = False, time.monotonic()
                     idle = 0.0 if jobs else self._idle_seconds()
