@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from ..embeddings.base import Vectors
-from ..types import Memory
+from ..types import Category, Memory
 
 
 def collection_name(user_id: str) -> str:
@@ -28,8 +28,14 @@ class UserCollection(Protocol):
         """The memories with these ids (missing ones are skipped), or all when ``ids`` is None."""
         ...
 
-    def query(self, vectors: Vectors, limit: int) -> list[list[tuple[Memory, float]]]:
-        """For each row of ``vectors``, the ``limit`` nearest memories, most similar first."""
+    def nearest(self, vectors: Vectors, limit: int) -> list[list[tuple[str, float]]]:
+        """For each row of ``vectors``, the ids of the ``limit`` nearest memories with their
+        cosine similarity, most similar first."""
+        ...
+
+    def catalog(self, ids: Sequence[str]) -> dict[str, tuple[str, Category]]:
+        """Text and category by id (ids that do not exist are left out). May be served from a
+        cache that this handle's own writes keep current; use :meth:`get` for fresh records."""
         ...
 
     def delete(self, ids: Sequence[str]) -> None: ...

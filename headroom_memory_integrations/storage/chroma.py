@@ -90,6 +90,7 @@ class ChromaCollection:
         self._collection = reopen()
         self._write_lock = write_lock
         self.binding: tuple[str, int] = ("", 0)  # (embedder, dimension) it was opened with
+        self._catalog: dict[str, tuple[str, Category]] = {}  # text, category by id
 
     def _call(self, action: str, run: Callable[[Any], T]) -> T:
         from chromadb.errors import NotFoundError
@@ -115,6 +116,8 @@ class ChromaCollection:
                     metadatas=[meta for _, meta in records],
                 ),
             )
+            for memory in memories:
+                self._catalog.pop(memory.id, None)
 
     def get(self, ids: Sequence[str] | None = None) -> list[Memory]:
         include = ["documents", "metadatas"]
@@ -133,31 +136,34 @@ class ChromaCollection:
             memories.extend(self._rows(page))
         return memories
 
-    def query(self, vectors: Vectors, limit: int) -> list[list[tuple[Memory, float]]]:
+    def nearest(self, vectors: Vectors, limit: int) -> list[list[tuple[str, float]]]:
         matrix = vectors.reshape(-1, vectors.shape[-1])
         found = self._call(
             "search memories",
-            lambda c: c.query(
-                query_embeddings=matrix,
-                n_results=limit,
-                include=["documents", "metadatas", "distances"],
-            ),
+            lambda c: c.query(query_embeddings=matrix, n_results=limit, include=["distances"]),
         )
         return [
-            [
-                (_from_record(self._user_id, i, doc, dict(meta)), 1.0 - float(distance))
-                for i, doc, meta, distance in zip(ids, docs, metas, distances)
-            ]
-            for ids, docs, metas, distances in zip(
-                found["ids"], found["documents"], found["metadatas"], found["distances"]
-            )
+            [(i, 1.0 - float(distance)) for i, distance in zip(ids, distances)]
+            for ids, distances in zip(found["ids"], found["distances"])
         ]
+
+    def catalog(self, ids: Sequence[str]) -> dict[str, tuple[str, Category]]:
+        missing = [i for i in ids if i not in self._catalog]
+        if missing:
+            page = self._call(
+                "read memories", lambda c: c.get(ids=missing, include=["documents", "metadatas"])
+            )
+            for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"]):
+                self._catalog[i] = (text, Category.parse(meta["category"]))
+        return {i: self._catalog[i] for i in ids if i in self._catalog}
 
     def delete(self, ids: Sequence[str]) -> None:
         with self._write_lock:
             for start in range(0, len(ids), _BATCH):
                 batch = list(ids[start : start + _BATCH])
                 self._call("delete memories", lambda c: c.delete(ids=batch))  # noqa: B023
+                for i in batch:
+                    self._catalog.pop(i, None)
 
     def count(self) -> int:
         return int(self._call("count memories", lambda c: c.count()))

@@ -1,0 +1,59 @@
+"""Hybrid search: exact words count, and one shared word cannot lift an unrelated memory."""
+
+from __future__ import annotations
+
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.engine import DEFAULT_MIN_SCORE
+from headroom_memory_integrations.lexical import lexical_scores, terms
+
+
+def test_terms_drop_stop_words_and_trim_endings() -> None:
+    assert terms("I went hiking with my dogs in Lisbon") == {
+        "went": 1,
+        "hik": 1,
+        "dog": 1,
+        "lisbon": 1,
+    }
+    assert terms("The the THE") == {}
+
+
+def test_lexical_scores_are_shares_of_the_best_possible_score() -> None:
+    docs = ["Caroline went to a support group", "Melanie painted a sunrise", "Caroline painted"]
+    scores = lexical_scores("When did Melanie paint the sunrise?", docs)
+    assert scores.argmax() == 1 and 0 < scores[1] <= 1 and scores[0] == 0
+    assert lexical_scores("the of and", docs).tolist() == [0, 0, 0]  # stop words only
+    assert lexical_scores("anything", []).size == 0
+
+
+def test_a_rare_exact_word_outranks_vaguer_semantic_matches(store: MemoryStore, model) -> None:
+    store.add_many(
+        [
+            "Enjoys cooking Italian food on weekends",
+            "Recently started learning to cook Thai curries",
+            "Her favourite restaurant is called Osteria Francescana",
+            "Likes trying new recipes with friends",
+        ]
+    )
+    question = "Have I told you about Osteria Francescana?"
+    top = store.search(question, top_k=1)
+    assert top[0].memory.text == "Her favourite restaurant is called Osteria Francescana"
+    query, text = model.embed([question, top[0].memory.text])
+    assert top[0].score > float(query @ text) + 0.2  # cosine plus a lexical bonus
+
+
+def test_one_shared_token_does_not_lift_an_unrelated_memory(store: MemoryStore) -> None:
+    store.add("Has 2 cats and a dog")
+    query = "What is 2+2?"
+    found = store.search(query, min_score=-1.0)
+    assert found and found[0].score > DEFAULT_MIN_SCORE  # the shared "2" gives it a bonus ...
+    assert store.search(query) == []  # ... but the floor judges meaning alone
+
+
+def test_a_memory_updated_elsewhere_is_ranked_by_its_new_text(db_path, model) -> None:
+    first = MemoryStore("alice", db_path=db_path, embedder=model)
+    second = MemoryStore("alice", db_path=db_path, embedder=model)
+    memory = first.add("Drives a red Toyota")
+    assert second.search("What car does she drive? Toyota?")[0].memory.text == "Drives a red Toyota"
+    first.update(memory.id, "Sold the Toyota and now cycles everywhere")
+    [hit] = second.search("Does she cycle?")
+    assert hit.memory.text == "Sold the Toyota and now cycles everywhere"
