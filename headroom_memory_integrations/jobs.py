@@ -319,7 +319,8 @@ class JobQueue:
                 self._conn = None
 
 
-def _user_tag(user_id: str) -> str:
+def user_tag(user_id: str) -> str:
+    """A short hash that names a user in logs without showing the id itself."""
     return hashlib.sha256(user_id.encode("utf-8", "replace")).hexdigest()[:10]
 
 
@@ -448,7 +449,7 @@ class JobWorker:
 
     def _handle_failure(self, job: Job, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"
-        about = f"job {job.id} ({job.kind}, user {_user_tag(job.user_id)}, attempt {job.attempts})"
+        about = f"job {job.id} ({job.kind}, user {user_tag(job.user_id)}, attempt {job.attempts})"
         logger.debug("%s raised", about, exc_info=exc)  # may quote user text: DEBUG only
         try:
             retry = not isinstance(exc, PermanentJobError) and self.retryable(exc)

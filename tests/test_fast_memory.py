@@ -389,3 +389,18 @@ def test_two_users_stay_isolated(openai_server, db_path, model) -> None:
     assert "Has a peanut allergy" in sent_messages(openai_server)[0]["content"]
     assert bob.memory.flush(30) and bob.memory.get_all() == []
     assert [m.user_id for m in alice.memory.get_all()] == ["alice"]
+
+
+def test_injection_into_the_user_message(openai_server, db_path, model, model_says) -> None:
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model, injection="user"
+    )
+    client.memory.add("Prefers Python for backend work", category="preference")
+    question = {"role": "user", "content": "What language should I use?"}
+    client.chat.completions.create(model="gpt-4o", messages=[question])
+    [sent] = sent_messages(openai_server)
+    assert sent["role"] == "user" and sent["content"].endswith("\n\nWhat language should I use?")
+    assert '"Prefers Python for backend work"' in sent["content"]
+    assert question == {"role": "user", "content": "What language should I use?"}
+    with pytest.raises(ValueError, match="injection"):
+        with_fast_memory(openai_server.client(), user_id="alice", db_path=db_path, injection="top")

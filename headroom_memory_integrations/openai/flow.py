@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from ..engine import MAX_TEXT_CHARS, MemoryStore
+from ..jobs import user_tag
 from ..prompts import (
     ExtractedMemory,
     MemoryStreamFilter,
@@ -225,8 +226,7 @@ class MemoryFlow:
         log.warning("%s (user %s)", message, self._user(), exc_info=True)
 
     def _user(self) -> str:
-        user_id = self.memory.user_id
-        return user_id if len(user_id) <= 40 else user_id[:37] + "..."
+        return user_tag(self.memory.user_id)
 
 
 class StreamEditor:
