@@ -12,12 +12,42 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from .errors import InvalidCategoryError, InvalidInputError
 
+_Named = TypeVar("_Named", bound="_NamedEnum")
+_PARSE_ERRORS = {"category": (InvalidCategoryError, "categories")}
 
-class Category(str, Enum):
+
+class _NamedEnum(str, Enum):
+    """A string enum parsed case-insensitively, with an error that lists the valid values."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls: type[_Named], value: object) -> _Named:
+        """Return the member named by ``value`` (case-insensitive, surrounding spaces ignored).
+
+        Raises:
+            InvalidInputError: ``value`` names no member; the message lists the valid ones
+                (:class:`InvalidCategoryError` for categories).
+        """
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.strip().lower())
+            except ValueError:
+                pass
+        noun = cls.__name__.lower()
+        error, plural = _PARSE_ERRORS.get(noun, (InvalidInputError, noun + "s"))
+        valid = ", ".join(repr(member.value) for member in cls)
+        raise error(f"unknown {noun} {value!r}; valid {plural} are {valid}")
+
+
+class Category(_NamedEnum):
     """What kind of thing a memory records."""
 
     PREFERENCE = "preference"
@@ -27,28 +57,8 @@ class Category(str, Enum):
     CONTEXT = "context"
     """Current goals and ongoing tasks: "Migrating the billing service to Go"."""
 
-    def __str__(self) -> str:
-        return self.value
 
-    @classmethod
-    def parse(cls, value: Category | str) -> Category:
-        """Return the category named by ``value`` (case-insensitive).
-
-        Raises:
-            InvalidCategoryError: ``value`` names no category; the message lists the valid ones.
-        """
-        if isinstance(value, Category):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value.strip().lower())
-            except ValueError:
-                pass
-        valid = ", ".join(repr(c.value) for c in cls)
-        raise InvalidCategoryError(f"unknown category {value!r}; valid categories are {valid}")
-
-
-class Source(str, Enum):
+class Source(_NamedEnum):
     """How a memory came to be stored."""
 
     INLINE = "inline"
@@ -57,21 +67,6 @@ class Source(str, Enum):
     """Extracted by a separate call in ``with_memory``'s worker."""
     MANUAL = "manual"
     """Added through the API or the CLI."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    @classmethod
-    def parse(cls, value: Source | str) -> Source:
-        if isinstance(value, Source):
-            return value
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            valid = ", ".join(repr(s.value) for s in cls)
-            raise InvalidInputError(
-                f"unknown source {value!r}; valid sources are {valid}"
-            ) from None
 
 
 def utc_now() -> datetime:
