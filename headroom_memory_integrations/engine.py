@@ -73,6 +73,8 @@ class PendingWrites(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    def detach(self, memory: MemoryStore, timeout: float | None) -> bool: ...
+
 
 @dataclass(frozen=True)
 class NewMemory:
@@ -484,6 +486,13 @@ class MemoryStore:
         the caller's path). Returns False if ``timeout`` seconds passed first. A store used on
         its own writes synchronously, so there is nothing to wait for."""
         return self._pending.flush(timeout) if self._pending is not None else True
+
+    def close(self, timeout: float | None = 5.0) -> bool:
+        """Finish background writes (waiting up to ``timeout`` seconds) and stop serving this
+        store's background work; what is left stays queued for the next process. Returns True
+        if everything was written. Searching and adding directly still work afterwards."""
+        pending, self._pending = self._pending, None
+        return pending.detach(self, timeout) if pending is not None else True
 
     def retry_failed(self) -> int:
         """Queue again the background jobs that failed for good (bad request, malformed

@@ -226,3 +226,35 @@ def test_a_killed_worker_resumes_and_loses_nothing(openai_server, db_path, model
     for text in ["I prefer Python for backend work", "I live in Lisbon", "I am a vegetarian"]:
         assert any(text in p for p in extraction_payloads)  # every turn was extracted
     assert client.memory.stats()["background"]["pending"] == 0
+
+
+def test_close_drains_and_stops(client, fake_model) -> None:
+    ask(client, "I prefer Python for backend work")
+    assert client.memory.close(30)
+    assert client.memory.count() == 1 and fake_model.extraction_calls == 1
+    assert client.memory.close() is True  # idempotent
+    assert client.memory.search("Which language should I use for the backend?")  # still works
+
+
+def test_pending_work_is_drained_at_exit(openai_server, db_path, model) -> None:
+    """A script that never calls flush() or close(): its queued turn is extracted before the
+    interpreter exits."""
+    openai_server.responder = lambda body: (
+        Reply.text(EXTRACTED).delayed(0.5) if is_extraction(body) else Reply.text("ok")
+    )
+    code = f"""
+        from headroom_memory_integrations.openai import with_memory
+        from openai import OpenAI
+        raw = OpenAI(base_url={openai_server.base_url!r}, api_key="x", max_retries=0)
+        client = with_memory(raw, user_id="alice", db_path={str(db_path)!r})
+        turn = [{{"role": "user", "content": "I prefer Python for backend work"}}]
+        client.chat.completions.create(model="gpt-4o", messages=turn)
+        """
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr
+    from headroom_memory_integrations import MemoryStore
+
+    stored = MemoryStore("alice", db_path=db_path, embedder=model).get_all()
+    assert [m.text for m in stored] == ["Prefers Python for backend work"]

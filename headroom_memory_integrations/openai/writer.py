@@ -130,6 +130,18 @@ class MemoryWriter:
     def flush(self, timeout: float | None = None) -> bool:
         return self.worker.flush(timeout)
 
+    def detach(self, memory: MemoryStore, timeout: float | None) -> bool:
+        """``memory`` is closing: drain the queue (up to ``timeout``); once no store is left,
+        stop the worker (unfinished jobs stay in the file for the next process)."""
+        with self._lock:
+            last = set(self._stores) <= {memory.user_id}
+        drained = self.worker.close(timeout) if last else self.worker.flush(timeout)
+        with self._lock:  # only now: pending jobs of this user needed its store
+            if self._stores.get(memory.user_id) is memory:
+                del self._stores[memory.user_id]
+                self._extractors.pop(memory.user_id, None)
+        return drained
+
     def retry_failed(self) -> int:
         count = self.worker.queue.retry_failed()
         self.worker.notify()
