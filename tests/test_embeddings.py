@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,12 @@ def test_a_missing_model_folder_is_a_clear_error(tmp_path) -> None:
 
     with pytest.raises(MissingDependencyError, match="no local copy"):
         LocalEmbedder(str(tmp_path), backend="numpy").embed(["x"])
+
+
+def test_thread_count_can_be_configured(monkeypatch) -> None:
+    from headroom_memory_integrations.embeddings.local import cpu_threads
+
+    monkeypatch.setenv("HEADROOM_MEMORY_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.setenv("HEADROOM_MEMORY_THREADS", "many")
+    assert cpu_threads() == (1 if (os.cpu_count() or 1) <= 2 else min(os.cpu_count() or 1, 8))
