@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import unicodedata
 import uuid
@@ -48,9 +49,12 @@ SEARCH_CANDIDATES = 200
 """Nearest neighbours scored per search (their ids and similarities come from Chroma; their
 texts from a per-process cache)."""
 
-DEFAULT_DUPLICATE_THRESHOLD = 0.92
-"""A new memory this similar (cosine) to an existing one of the same user is a duplicate:
-it is not stored again, and the existing memory is returned."""
+DEFAULT_DUPLICATE_THRESHOLD = 0.95
+"""A new memory this similar (cosine) to an existing one of the same user is a duplicate: it is
+not stored again, and the existing memory is returned. Texts equal but for case, punctuation and
+spacing are duplicates whatever their similarity. With all-MiniLM-L6-v2: "Lives in NYC" ~ "Lives
+in New York City" 0.96 (merged); "Lives with their wife Carmen" ~ "... stepfather Carmen" 0.91
+(kept apart)."""
 
 MAX_TEXT_CHARS = 2000
 """Longest memory text accepted."""
@@ -60,6 +64,8 @@ MAX_METADATA_KEYS = 32
 MAX_METADATA_VALUE_CHARS = 1000
 MAX_TOP_K = 1000
 
+_WORDS = re.compile(r"[^\W_]+")
+_SAME_WORDING_MIN_COSINE = 0.85  # the same words, punctuated differently, embed this close or more
 _QUERY_CACHE_SIZE = 1024
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
 
@@ -147,6 +153,11 @@ def clean_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
                 f"{MAX_METADATA_VALUE_CHARS}"
             )
     return MappingProxyType(dict(metadata))
+
+
+def same_wording_key(text: str) -> str:
+    """``text`` without case, punctuation and extra spacing: equal keys mean the same memory."""
+    return " ".join(_WORDS.findall(text.casefold()))
 
 
 def _check_top_k(top_k: object) -> int:
@@ -400,7 +411,7 @@ class MemoryStore:
                 if item.replaces
             }
             nearest = collection.nearest(vectors, 1)
-            threshold = min(self._duplicate_cutoff(), 0.999)
+            threshold = min(self._duplicate_cutoff(), _SAME_WORDING_MIN_COSINE)
             close = [i for row in nearest for i, cosine in row if cosine >= threshold]
             known = {m.id: m for m in collection.get(close)} if close else {}
             results: list[Memory] = []
@@ -592,13 +603,13 @@ class MemoryStore:
     def _find_duplicate(
         self, text: str, vector: Vectors, candidates: Sequence[tuple[Memory, Vectors | float]]
     ) -> Memory | None:
-        """The candidate ``text`` duplicates: the same text (ignoring case), or a similarity
-        at or above the threshold. A candidate comes with its vector or its similarity."""
+        """The candidate ``text`` duplicates: the same wording (:func:`same_wording_key`) or a
+        similarity at or above the threshold. A candidate comes with its vector or similarity."""
         threshold = self._duplicate_cutoff()
-        folded = text.casefold()
+        wording = same_wording_key(text)
         for memory, other in candidates:
             similarity = other if isinstance(other, float) else float(vector @ other)
-            if memory.text.casefold() == folded or similarity >= threshold:
+            if similarity >= threshold or same_wording_key(memory.text) == wording:
                 return memory
         return None
 

@@ -280,3 +280,17 @@ def test_add_many_can_supersede_existing_memories(store: MemoryStore) -> None:
     assert again[0].history == results[0].history  # replaying changes nothing
     with pytest.raises(InvalidInputError, match="replaces"):
         store.add_many([NewMemory("x", replaces=123)])  # type: ignore[arg-type]
+
+
+def test_a_batch_of_duplicates_of_one_memory(store: MemoryStore) -> None:
+    first = store.add("Prefers Python for backend work")
+    batch = store.add_many(["Prefers Python for backend work!", "prefers python for backend work."])
+    assert batch == [first, first] and store.count() == 1
+
+
+def test_different_facts_in_similar_words_are_kept_apart(store: MemoryStore) -> None:
+    store.add("Lives with their wife Carmen")
+    store.add("Lives with their stepfather Carmen")
+    store.add("Prefers dark mode")
+    store.add("Prefers light mode")
+    assert store.count() == 4

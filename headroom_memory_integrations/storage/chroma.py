@@ -122,10 +122,11 @@ class ChromaCollection:
     def get(self, ids: Sequence[str] | None = None) -> list[Memory]:
         include = ["documents", "metadatas"]
         if ids is not None:
-            if not ids:
+            unique = list(dict.fromkeys(ids))  # Chroma refuses a repeated id
+            if not unique:
                 return []
             return self._rows(
-                self._call("read memories", lambda c: c.get(ids=list(ids), include=include))
+                self._call("read memories", lambda c: c.get(ids=unique, include=include))
             )
         memories: list[Memory] = []
         for offset in range(0, self.count(), _BATCH):
