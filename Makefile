@@ -31,5 +31,11 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick
+
 clean:
 	rm -rf $(VENV) .headroom-memory-demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,127 @@
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--only SECTION[,SECTION]]``.
+
+Prints a table (medians, p95, targets) and writes ``benchmarks/results/<timestamp>.json`` and
+``benchmarks/results/latest.json``. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Cap BLAS/OpenMP threads before numpy loads, as the package caps its own model threads
+# (headroom_memory_integrations.embeddings.local.cpu_threads: 1 thread on 2 cores or fewer,
+# else up to 8): on a 2-core machine, more threads oversubscribe and latency spikes. This also
+# covers the harness's own numpy work and engine versions that do not cap.
+_CORES = os.cpu_count() or 1
+_THREADS = "1" if _CORES <= 2 else str(min(_CORES, 8))
+if "--no-thread-cap" not in sys.argv:
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, _THREADS)
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
+
+from . import coldstart, e2e, injection, locomo, memory, needle, writes  # noqa: E402
+from .common import (  # noqa: E402
+    Context,
+    SectionResult,
+    calibrate,
+    log,
+    machine_info,
+    table,
+    write_results,
+)
+
+SECTIONS: dict[str, ModuleType] = {
+    "injection": injection,
+    "writes": writes,
+    "e2e": e2e,
+    "coldstart": coldstart,
+    "memory": memory,
+    "locomo": locomo,
+    "needle": needle,
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke run: small, few repeats")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="SECTION",
+        help=f"run only these sections (repeatable or comma-separated): {', '.join(SECTIONS)}",
+    )
+    parser.add_argument(
+        "--no-thread-cap",
+        action="store_true",
+        help="leave BLAS/OpenMP thread counts at their defaults",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = parser.parse_args(argv)
+    args.only = [name.strip() for value in args.only for name in value.split(",") if name.strip()]
+    unknown = [name for name in args.only if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    return args
+
+
+def run_section(name: str, module: ModuleType, ctx: Context) -> SectionResult:
+    log(f"== {name} ==")
+    started = time.perf_counter()
+    try:
+        result: SectionResult = module.run(ctx)
+    except Exception:
+        traceback.print_exc()
+        result = SectionResult(name, details={"error": traceback.format_exc()})
+    result.seconds = time.perf_counter() - started
+    log(f"== {name} done in {result.seconds:.0f} s ==")
+    return result
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    names = args.only or list(SECTIONS)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    machine = machine_info()
+    workdir = Path(tempfile.mkdtemp(prefix="headroom-bench-"))
+    ctx = Context(quick=args.quick, workdir=workdir)
+    started = time.perf_counter()
+    machine["calibration_start"] = calibrate()
+    try:
+        results = [run_section(name, SECTIONS[name], ctx) for name in names]
+    finally:
+        if args.keep:
+            log(f"scratch folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    machine["calibration_end"] = calibrate()
+    report = {
+        "started_at": stamp,
+        "mode": "quick" if args.quick else "full",
+        "argv": argv,
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": machine,
+        "sections": {result.name: result.to_dict() for result in results},
+    }
+    path = write_results(report, stamp)
+    rows = [row for result in results for row in result.rows]
+    print(table(rows, machine))
+    failed = [result.name for result in results if "error" in result.details]
+    print(f"\n{report['mode']} run, {report['seconds']:.0f} s; results: {path}")
+    if failed:
+        print(f"sections that failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,155 @@
+"""Write cost: storing memories directly, and what storing costs the caller of the wrapper.
+
+- ``add``: one memory per call (embedding it with the real model, the duplicate check against
+  the user's 1k existing memories, the Chroma write).
+- ``add_many``: batches of 100 new memories, per memory.
+- ``with_fast_memory``: the scripted model appends a memory block holding one new memory (or
+  an empty block). Rounds of three calls in random order: a raw client, the wrapped client with
+  an empty block, the wrapped client with one memory. What the caller waits for because a
+  memory is stored is the paired difference between the last two; after each wrapped call the
+  time until ``memory.flush()`` returns (the memory is in Chroma) is measured. All calls ask the
+  same question, so retrieval costs the same (a cached query vector) in both wrapped calls.
+"""
+
+from __future__ import annotations
+
+import random
+
+from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
+from headroom_memory_integrations.openai import with_fast_memory
+from headroom_memory_integrations.testing import ScriptedOpenAIServer
+
+from .common import (
+    Context,
+    SectionResult,
+    at_most,
+    clock,
+    latency,
+    log,
+    ms_since,
+    timed,
+)
+from .corpus import memory_texts
+from .population import embedded_user
+from .scripted import InlineModel, call_ms
+
+NAME = "writes"
+EXISTING = 1_000
+FRESH_SEED = 2024  # new memory texts, unlike the synthetic memories already stored
+
+
+def direct_writes(ctx: Context, result: SectionResult, fresh: list[str]) -> None:
+    folder = ctx.scratch("writes-direct")
+    embedded_user(folder, "writer", EXISTING, ctx.cache)
+    store = MemoryStore("writer", storage=ChromaStorage.at(folder), embedder=LocalEmbedder())
+    store.search("warm up the model and open the collection")
+    singles, batches = ctx.pick(100, 30), ctx.pick(10, 3)
+    before = store.count()
+    one = [timed(lambda t=text: store.add(t))[1] for text in fresh[:singles]]
+    per_memory = []
+    for index in range(batches):
+        batch = fresh[singles + index * 100 : singles + (index + 1) * 100]
+        per_memory.append(timed(lambda b=batch: store.add_many(b))[1] / len(batch))
+    offered = singles + batches * 100
+    stored = store.count() - before
+    spare = fresh[offered : offered + 300]
+    embed_one = [timed(lambda t=text: store.embedder.embed([t]))[1] for text in spare[:30]]
+    embed_batch = [timed(lambda b=b: store.embedder.embed(b))[1] / 100 for b in _hundreds(spare)]
+    result.details["model_time"] = {
+        "embed_one_memory_p50_ms": round(latency(NAME, "", embed_one).value, 2),
+        "embed_100_per_memory_p50_ms": round(latency(NAME, "", embed_batch).value, 2),
+    }
+    note = f"{stored}/{offered} stored (the rest merged as near-duplicates)"
+    result.add(latency(NAME, "add(): one memory per call", one, note=note))
+    result.add(
+        latency(
+            NAME,
+            "add_many(100): per memory",
+            per_memory,
+            at_most(p50=5),
+            note="p50/p95 over batches",
+        )
+    )
+
+
+def _hundreds(texts: list[str]) -> list[list[str]]:
+    return [texts[i : i + 100] for i in range(0, len(texts) - 99, 100)]
+
+
+def wrapped_writes(ctx: Context, result: SectionResult, fresh: list[str]) -> None:
+    folder = ctx.scratch("writes-wrapped")
+    embedded_user(folder, "fast-writer", EXISTING, ctx.cache)
+    model = InlineModel()
+    rounds = ctx.pick(60, 15)
+    question = "What should I cook for dinner tonight?"
+    times: dict[str, list[float]] = {"raw": [], "empty": [], "store": []}
+    flushes: dict[str, list[float]] = {"empty": [], "store": []}
+    with ScriptedOpenAIServer(responder=model) as server:
+        raw = server.client()
+        wrapped = with_fast_memory(server.client(), "fast-writer", db_path=folder)
+        before = wrapped.memory.count()
+
+        def wrapped_call(kind: str, text: str | None) -> None:
+            model.memories = [{"text": text, "category": "fact"}] if text else []
+            times[kind].append(call_ms(wrapped, question))
+            start = clock()
+            if not wrapped.memory.flush(timeout=60):
+                raise RuntimeError("memory.flush() timed out")
+            flushes[kind].append(ms_since(start))
+
+        for index in range(5):  # warm up: model, collection, HTTP connections, the job worker
+            call_ms(raw, question)
+            wrapped_call("empty", None)
+            wrapped_call("store", f"Warm-up memory number {index} about the benchmark")
+        for values in (*times.values(), *flushes.values()):
+            values.clear()
+        rng = random.Random(5)
+        texts = iter(fresh)
+        for _ in range(rounds):
+            kinds = ["raw", "empty", "store"]
+            rng.shuffle(kinds)
+            for kind in kinds:
+                if kind == "raw":
+                    times["raw"].append(call_ms(raw, question))
+                else:
+                    wrapped_call(kind, next(texts) if kind == "store" else None)
+        stored = wrapped.memory.count() - before - 5
+        counters = dict(wrapped.memory.counters)
+    waited = [s - e for s, e in zip(times["store"], times["empty"])]
+    result.add(latency(NAME, "fast memory: raw call (scripted server)", times["raw"]))
+    result.add(latency(NAME, "fast memory: wrapped call, empty block", times["empty"]))
+    result.add(latency(NAME, "fast memory: wrapped call, 1 memory in block", times["store"]))
+    result.add(
+        latency(
+            NAME,
+            "fast memory: caller waits for storing (1 memory - empty)",
+            waited,
+            at_most(p50=1),
+            note="paired difference per round",
+        )
+    )
+    result.add(
+        latency(
+            NAME,
+            "fast memory: call return -> flush() done (1 memory)",
+            flushes["store"],
+            note=f"{stored}/{rounds} memories stored in the background",
+        )
+    )
+    result.details["fast_memory"] = {
+        "rounds": rounds,
+        "stored": stored,
+        "flush_after_empty_block_p50_ms": round(latency(NAME, "", flushes["empty"]).value, 3),
+        "counters": counters,
+    }
+
+
+def run(ctx: Context) -> SectionResult:
+    result = SectionResult(NAME)
+    LocalEmbedder().warm_up()
+    fresh = memory_texts(2500, FRESH_SEED)
+    log("writes: add / add_many on a user with 1k memories")
+    direct_writes(ctx, result, fresh[:1600])
+    log("writes: with_fast_memory against the scripted server")
+    wrapped_writes(ctx, result, fresh[1600:])
+    return result
