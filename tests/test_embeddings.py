@@ -62,3 +62,34 @@ def test_thread_count_can_be_configured(monkeypatch) -> None:
     assert cpu_threads() == 3
     monkeypatch.setenv("HEADROOM_MEMORY_THREADS", "many")
     assert cpu_threads() == (1 if (os.cpu_count() or 1) <= 2 else min(os.cpu_count() or 1, 8))
+
+
+def test_openai_embedder_over_real_http(openai_server, db_path) -> None:
+    from headroom_memory_integrations import MemoryStore, OpenAIEmbedder
+
+    embedder = OpenAIEmbedder(openai_server.client(), batch_size=2)
+    assert embedder.dimension == 1536 and embedder.name == "openai/text-embedding-3-small"
+    vectors = embedder.embed(["a", "b", "c"])  # two requests of at most two texts
+    assert vectors.shape == (3, 1536)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    calls = [r for r in openai_server.requests if r.path == "/v1/embeddings"]
+    assert [c.body["input"] for c in calls] == [["a", "b"], ["c"]]
+    assert embedder.embed([]).shape == (0, 1536)
+
+    store = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    store.add("Prefers Python for backend work")
+    assert store.search("Prefers Python for backend work")[0].score > 0.99
+    assert "sk-" not in repr(embedder)
+    shorter = OpenAIEmbedder(openai_server.client(), dimensions=256)
+    assert shorter.embed(["x"]).shape == (1, 256) and shorter.name.endswith("@256")
+
+
+def test_wrapper_with_openai_embeddings(openai_server, db_path) -> None:
+    from headroom_memory_integrations.openai import with_fast_memory
+
+    client = with_fast_memory(
+        openai_server.async_client(), user_id="alice", db_path=db_path, use_local_embeddings=False
+    )
+    assert client.memory.embedder.name == "openai/text-embedding-3-small"
+    client.memory.add("Prefers Python for backend work")
+    assert client.memory.stats()["embedding_dimension"] == 1536

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .base import Vectors, normalize_rows
 
 _KNOWN_DIMENSIONS = {
@@ -52,11 +54,10 @@ class OpenAIEmbedder:
             response = self._client.embeddings.create(model=self.model, input=batch, **extra)
             ordered = sorted(response.data, key=lambda item: item.index)
             rows.extend(item.embedding for item in ordered)
-        vectors = (
-            normalize_rows(rows) if rows else normalize_rows([[0.0] * max(self.dimension, 1)])[:0]
-        )
-        if rows:
-            self.dimension = vectors.shape[1]
+        if not rows:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        vectors = normalize_rows(rows)
+        self.dimension = vectors.shape[1]
         return vectors
 
     def __repr__(self) -> str:  # never shows the client (its repr may carry the API key)
