@@ -63,7 +63,3 @@ class Storage(Protocol):
     def drop(self, user_id: str) -> int:
         """Delete the user's collection; return how many memories it held."""
         ...
-
-    def describe(self, user_id: str) -> dict[str, object] | None:
-        """The collection's metadata (embedder, dimension, ...), or None if it does not exist."""
-        ...

@@ -83,13 +83,17 @@ class ChromaCollection:
     """
 
     def __init__(
-        self, user_id: str, reopen: Callable[[], Any], write_lock: threading.RLock
+        self,
+        user_id: str,
+        reopen: Callable[[], Any],
+        write_lock: threading.RLock,
+        binding: tuple[str, int],
     ) -> None:
         self._user_id = user_id
         self._reopen = reopen
         self._collection = reopen()
         self._write_lock = write_lock
-        self.binding: tuple[str, int] = ("", 0)  # (embedder, dimension) it was opened with
+        self.binding = binding  # (embedder, dimension) it was opened with
         self._catalog: dict[str, tuple[str, Category]] = {}  # text, category by id
 
     def _call(self, action: str, run: Callable[[Any], T]) -> T:
@@ -261,8 +265,9 @@ class ChromaStorage:
             return collection
 
         with self._write_lock, _storage_errors(f"open the collection of user {user_id!r}"):
-            handle = ChromaCollection(user_id, get_or_create, self._write_lock)
-        handle.binding = (embedder, dimension)
+            handle = ChromaCollection(
+                user_id, get_or_create, self._write_lock, (embedder, dimension)
+            )
         self._collections[name] = handle
         return handle
 
@@ -278,27 +283,17 @@ class ChromaStorage:
             )
 
     def drop(self, user_id: str) -> int:
+        from chromadb.errors import NotFoundError
+
         name = collection_name(user_id)
         with self._write_lock, _storage_errors(f"clear the memories of user {user_id!r}"):
             self._collections.pop(name, None)
-            if self._describe(name) is None:
+            try:
+                count = int(self._client.get_collection(name).count())
+            except (NotFoundError, ValueError):
                 return 0
-            count = int(self._client.get_collection(name).count())
             self._client.delete_collection(name)
             return count
-
-    def describe(self, user_id: str) -> dict[str, object] | None:
-        with _storage_errors("read collection metadata"):
-            return self._describe(collection_name(user_id))
-
-    def _describe(self, name: str) -> dict[str, object] | None:
-        from chromadb.errors import NotFoundError
-
-        try:
-            collection = self._client.get_collection(name)
-        except (NotFoundError, ValueError):
-            return None
-        return {"collection": name, "count": collection.count(), **dict(collection.metadata or {})}
 
     def __repr__(self) -> str:
         return f"ChromaStorage(location={self.location!r})"
