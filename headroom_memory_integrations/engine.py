@@ -331,7 +331,7 @@ class MemoryStore:
 
     def get(self, memory_id: str) -> Memory:
         """The memory with this id. Raises :class:`MemoryNotFoundError` if there is none."""
-        found = self._open().get([memory_id]) if isinstance(memory_id, str) else []
+        found = self.get_many([memory_id])
         if not found:
             raise MemoryNotFoundError(f"user {self.user_id!r} has no memory with id {memory_id!r}")
         return found[0]
@@ -558,31 +558,26 @@ class MemoryStore:
 
     @staticmethod
     def _parse_item(item: NewMemory | str | Mapping[str, Any]) -> NewMemory:
-        parsed = MemoryStore._as_new_memory(item)
-        if parsed.replaces is not None and not isinstance(parsed.replaces, str):
-            raise InvalidInputError(f"replaces must be a memory id string, got {parsed.replaces!r}")
-        return parsed
-
-    @staticmethod
-    def _as_new_memory(item: NewMemory | str | Mapping[str, Any]) -> NewMemory:
-        if isinstance(item, NewMemory):
-            return item
         if isinstance(item, str):
-            return NewMemory(item)
-        if isinstance(item, Mapping):
+            item = NewMemory(item)
+        elif isinstance(item, Mapping):
             unknown = set(item) - {"text", "category", "metadata", "replaces"}
             if unknown or "text" not in item:
                 raise InvalidInputError(
                     "a memory mapping takes 'text' and optional 'category', 'metadata' and "
                     f"'replaces'; got keys {sorted(item)}"
                 )
-            return NewMemory(**item)
-        raise InvalidInputError(f"cannot make a memory from {type(item).__name__}")
+            item = NewMemory(**item)
+        elif not isinstance(item, NewMemory):
+            raise InvalidInputError(f"cannot make a memory from {type(item).__name__}")
+        if item.replaces is not None and not isinstance(item.replaces, str):
+            raise InvalidInputError(f"replaces must be a memory id string, got {item.replaces!r}")
+        return item
 
     def _supersede_if_present(
         self, memory_id: str, draft: Memory, vector: Vectors
     ) -> Memory | None:
-        found = self._open().get([memory_id])
+        found = self.get_many([memory_id])
         if not found:
             return None
         return self._rewrite(found[0], draft.text, draft.category, None, vector)

@@ -161,9 +161,9 @@ class MemoryFlow:
         except Exception:
             self._failed("inject_failures", "could not search memories; answering without them")
             return ""
-        labels = short_ids(len(found))
-        turn.injected = {label: m.id for label, (m, _) in zip(labels, found)}
-        return format_memory_context([(label, m) for label, (m, _) in zip(labels, found)])
+        labelled = [(label, memory) for label, (memory, _) in zip(short_ids(len(found)), found)]
+        turn.injected = {label: memory.id for label, memory in labelled}
+        return format_memory_context(labelled)
 
     def after(self, turn: Turn, completion: Any) -> Any:
         """Strip the memory block from every choice of a whole completion; queue the work."""
