@@ -29,6 +29,10 @@ from .base import collection_name
 
 SCHEMA_VERSION = 1
 _BATCH = 1000  # rows per Chroma call when reading or deleting many
+# A search that runs while another thread's first write to a new collection is being flushed
+# fails with this (Chroma 1.5): wait a little and try again (5 ms doubling, ~0.3 s in all).
+_UNWRITTEN_INDEX = "Nothing found on disk"
+_UNWRITTEN_INDEX_TRIES = 7
 T = TypeVar("T")
 
 
@@ -97,14 +101,20 @@ class ChromaCollection:
         self._catalog: dict[str, tuple[str, Category]] = {}  # text, category by id
 
     def _call(self, action: str, run: Callable[[Any], T]) -> T:
-        from chromadb.errors import NotFoundError
+        from chromadb.errors import InternalError, NotFoundError
 
         with _storage_errors(action):
-            try:
-                return run(self._collection)
-            except NotFoundError:
-                self._collection = self._reopen()
-                return run(self._collection)
+            for attempt in range(_UNWRITTEN_INDEX_TRIES):
+                try:
+                    return run(self._collection)
+                except NotFoundError:  # dropped behind our back: open it afresh, once
+                    self._collection = self._reopen()
+                    return run(self._collection)
+                except InternalError as exc:
+                    if _UNWRITTEN_INDEX not in str(exc) or attempt == _UNWRITTEN_INDEX_TRIES - 1:
+                        raise
+                    time.sleep(0.005 * 2**attempt)
+            raise AssertionError("unreachable")  # the loop returns or raises
 
     def upsert(self, memories: Sequence[Memory], vectors: Vectors) -> None:
         if not memories:
