@@ -1,4 +1,4 @@
-"""The embedders: the local numpy MiniLM equals sentence-transformers' output."""
+"""The embedders: every local backend gives sentence-transformers' vectors."""
 
 from __future__ import annotations
 
@@ -18,12 +18,35 @@ TEXTS = [
 ]
 
 
-def test_local_embedder_matches_sentence_transformers(model: LocalEmbedder) -> None:
-    reference = LocalEmbedder(backend="sentence-transformers").embed(TEXTS)
-    ours = model.embed(TEXTS)
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    return LocalEmbedder(backend="sentence-transformers").embed(TEXTS)
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnx", "numpy"])
+def test_local_backends_match_sentence_transformers(backend: str, reference: np.ndarray) -> None:
+    ours = LocalEmbedder(backend=backend).embed(TEXTS)  # type: ignore[arg-type]
     assert ours.shape == reference.shape == (4, 384)
     np.testing.assert_allclose((ours * reference).sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_the_default_backend_is_onnx_runtime(model: LocalEmbedder) -> None:
+    from headroom_memory_integrations.embeddings.bert_onnx import OnnxBertEncoder
+
+    assert isinstance(model._encoder(), OnnxBertEncoder)
+
+
+def test_threads_embed_at_once_and_each_gets_its_own_vectors(model: LocalEmbedder) -> None:
+    """A foreground query and a background batch share one ONNX Runtime session."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[f"{text} #{i}" for text in TEXTS] for i in range(8)]
+    expected = [model.embed(batch) for batch in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(model.embed, batches))
+    for mine, theirs in zip(got, expected):
+        np.testing.assert_allclose(mine, theirs, atol=1e-6)
 
 
 def test_vectors_are_unit_length_and_batch_independent(model: LocalEmbedder) -> None:

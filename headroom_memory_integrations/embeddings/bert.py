@@ -1,0 +1,112 @@
+"""What the local BERT sentence encoders share: the model folder, tokenisation, batching and
+mean pooling. A subclass supplies the transformer's forward pass (ONNX Runtime or numpy).
+
+The model is a sentence-transformers folder (``config.json``, ``tokenizer.json``,
+``model.safetensors``) of a BERT encoder with mean pooling, such as all-MiniLM-L6-v2. Both
+forward passes give sentence-transformers' vectors (max difference ~2e-7; a test checks it).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .base import Vectors
+
+Array = npt.NDArray[np.float32]
+TokenIds = npt.NDArray[np.int64]
+
+
+class BertEncoder(ABC):
+    """Mean-pooled, normalised BERT sentence embeddings.
+
+    Args:
+        model_dir: A sentence-transformers model folder.
+        max_tokens: Longer texts are truncated (sentence-transformers' ``max_seq_length``).
+        threads: CPU threads while encoding.
+
+    Attributes:
+        config: The model's ``config.json``.
+        dimension: Length of the vectors.
+    """
+
+    def __init__(self, model_dir: Path, max_tokens: int = 256, threads: int = 1) -> None:
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        self.threads = threads
+        self.config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
+        self.dimension: int = self.config["hidden_size"]
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_tokens)
+        weights = load_file(str(model_dir / "model.safetensors"))
+        self._load({name.removeprefix("bert."): array for name, array in weights.items()})
+
+    @abstractmethod
+    def _load(self, weights: dict[str, Array]) -> None:
+        """Prepare the forward pass from the checkpoint's tensors (``bert.`` prefix removed)."""
+
+    @abstractmethod
+    def _forward(self, ids: TokenIds, mask: Array) -> Array:
+        """The mean of the last hidden states over each row's real tokens, ``(batch, dim)``.
+
+        ``ids`` is right-padded with zeros; ``mask`` is 1.0 on real tokens, 0.0 on padding.
+        """
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> Vectors:
+        """Mean-pooled vectors of ``texts`` (not yet normalised); similar lengths are batched
+        together to waste little on padding."""
+        encodings = self._tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        result = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            rows = [encodings[i].ids for i in chunk]
+            ids = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
+            mask = np.zeros(ids.shape, dtype=np.float32)
+            for row, row_ids in enumerate(rows):
+                ids[row, : len(row_ids)] = row_ids
+                mask[row, : len(row_ids)] = 1.0
+            result[chunk] = self._forward(ids, mask)
+        return result
+
+    def layer_weights(self, weights: dict[str, Array], layer: int) -> dict[str, Array]:
+        """One transformer layer's tensors under short names, matrices laid out for ``x @ W``
+        (the checkpoint stores them transposed): ``query``, ``key``, ``value``, ``out``, ``up``,
+        ``down`` and their ``*_bias``; ``norm1``/``norm2`` and their ``*_bias``."""
+        prefix = f"encoder.layer.{layer}."
+        names = {
+            "query": "attention.self.query",
+            "key": "attention.self.key",
+            "value": "attention.self.value",
+            "out": "attention.output.dense",
+            "up": "intermediate.dense",
+            "down": "output.dense",
+        }
+        tensors: dict[str, Array] = {}
+        for short, name in names.items():
+            tensors[short] = np.ascontiguousarray(weights[f"{prefix}{name}.weight"].T)
+            tensors[f"{short}_bias"] = weights[f"{prefix}{name}.bias"]
+        for short, name in (("norm1", "attention.output.LayerNorm"), ("norm2", "output.LayerNorm")):
+            tensors[short] = weights[f"{prefix}{name}.weight"]
+            tensors[f"{short}_bias"] = weights[f"{prefix}{name}.bias"]
+        return tensors
+
+    @property
+    def heads(self) -> int:
+        return int(self.config["num_attention_heads"])
+
+    @property
+    def layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def eps(self) -> float:
+        return float(self.config.get("layer_norm_eps", 1e-12))

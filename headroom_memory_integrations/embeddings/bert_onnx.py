@@ -1,0 +1,152 @@
+"""The BERT forward pass on ONNX Runtime: the default for the bundled model.
+
+No exported model file is shipped or downloaded. The graph (~200 operators, a few KB) is built
+here from the model's config, and the checkpoint's tensors are handed to ONNX Runtime as
+in-memory initializers, without copying them into the graph. ONNX Runtime then fuses the
+attention, GELU and layer-norm patterns and runs the matrix products with its own kernels:
+a query embeds in ~4 ms on one core (numpy: ~6-7 ms), a batch ~4x faster than numpy's, with
+the same vectors.
+
+Each ``run`` uses its own call's thread (``threads`` intra-op threads), so a foreground query
+and a background batch can embed at once without sharing a process-wide thread setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from .bert import Array, BertEncoder, TokenIds
+
+OPSET = 17  # LayerNormalization is a standard operator from 17 on
+
+
+class _Graph:
+    """Collects ONNX nodes and initializers; each method returns its output's name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.external: dict[str, Array] = {}  # large tensors, handed over in memory
+
+    def op(self, kind: str, *inputs: str, **attributes: Any) -> str:
+        output = f"{kind}_{len(self.nodes)}"
+        self.nodes.append(helper.make_node(kind, list(inputs), [output], **attributes))
+        return output
+
+    def constant(self, value: Any, dtype: type = np.float32) -> str:
+        """A small tensor, stored in the graph."""
+        name = f"constant_{len(self.initializers)}"
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def weight(self, array: Array) -> str:
+        """A model tensor, which ONNX Runtime will read from our memory, not from the graph."""
+        name = f"weight_{len(self.external)}"
+        self.external[name] = np.ascontiguousarray(array, dtype=np.float32)
+        proto = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape)
+        proto.data_location = TensorProto.EXTERNAL
+        location = proto.external_data.add()
+        location.key, location.value = "location", "in-memory"  # never read
+        self.initializers.append(proto)
+        return name
+
+    def model(self, output: str) -> bytes:
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "length"]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "length"]),
+        ]
+        outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)]
+        graph = helper.make_graph(self.nodes, "bert", inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        data: bytes = model.SerializeToString()
+        return data
+
+
+class OnnxBertEncoder(BertEncoder):
+    """The encoder on ONNX Runtime's CPU provider."""
+
+    def _load(self, weights: dict[str, Array]) -> None:
+        graph = _Graph()
+        self._output = self._build(graph, weights)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        if self.threads > 1:  # idle workers sleep rather than spin on a small machine
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        names = list(graph.external)
+        # the session reads these buffers for its whole life: keep them referenced
+        self._weights = [ort.OrtValue.ortvalue_from_numpy(graph.external[n]) for n in names]
+        options.add_external_initializers(names, self._weights)
+        self._session = ort.InferenceSession(
+            graph.model(self._output), options, providers=["CPUExecutionProvider"]
+        )
+
+    def _forward(self, ids: TokenIds, mask: Array) -> Array:
+        pooled: Array = self._session.run([self._output], {"input_ids": ids, "mask": mask})[0]
+        return pooled
+
+    def _build(self, g: _Graph, weights: dict[str, Array]) -> str:
+        """The forward pass as ONNX operators; returns the pooled output's name."""
+        hidden, heads, eps = self.dimension, self.heads, self.eps
+        head_dim = hidden // heads
+
+        def linear(x: str, w: dict[str, Array], name: str) -> str:
+            return g.op("Add", g.op("MatMul", x, g.weight(w[name])), g.weight(w[f"{name}_bias"]))
+
+        def layer_norm(x: str, weight: Array, bias: Array) -> str:
+            return g.op(
+                "LayerNormalization", x, g.weight(weight), g.weight(bias), axis=-1, epsilon=eps
+            )
+
+        # embeddings: word + position + token type 0, normalised
+        words = g.op("Gather", g.weight(weights["embeddings.word_embeddings.weight"]), "input_ids")
+        length = g.op("Shape", "input_ids", start=1, end=2)
+        zero = g.constant([0], np.int64)
+        positions = weights["embeddings.position_embeddings.weight"]
+        positions_used = g.op("Slice", g.weight(positions), zero, length, zero)
+        token_type = g.weight(weights["embeddings.token_type_embeddings.weight"][0])
+        x = g.op("Add", g.op("Add", words, positions_used), token_type)
+        x = layer_norm(
+            x, weights["embeddings.LayerNorm.weight"], weights["embeddings.LayerNorm.bias"]
+        )
+
+        padding = g.op("Sub", g.constant(1.0), "mask")
+        attention_bias = g.op(
+            "Unsqueeze", g.op("Mul", padding, g.constant(-1e9)), g.constant([1, 2], np.int64)
+        )
+        split_heads = g.constant([0, 0, heads, head_dim], np.int64)
+        merge_heads = g.constant([0, 0, hidden], np.int64)
+        scale = g.constant(1.0 / np.sqrt(head_dim))
+        half, one, root2 = g.constant(0.5), g.constant(1.0), g.constant(np.sqrt(2.0))
+
+        for index in range(self.layers):
+            w = self.layer_weights(weights, index)
+            # (batch, heads, length, head_dim); keys transposed for q @ k
+            q, k, v = (
+                g.op("Transpose", g.op("Reshape", linear(x, w, name), split_heads), perm=perm)
+                for name, perm in (
+                    ("query", [0, 2, 1, 3]),
+                    ("key", [0, 2, 3, 1]),
+                    ("value", [0, 2, 1, 3]),
+                )
+            )
+            scores = g.op("Add", g.op("Mul", g.op("MatMul", q, k), scale), attention_bias)
+            context = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+            context = g.op("Reshape", g.op("Transpose", context, perm=[0, 2, 1, 3]), merge_heads)
+            attended = g.op("Add", linear(context, w, "out"), x)
+            x = layer_norm(attended, w["norm1"], w["norm1_bias"])
+            up = linear(x, w, "up")
+            erf = g.op("Erf", g.op("Div", up, root2))
+            gelu = g.op("Mul", g.op("Mul", up, half), g.op("Add", one, erf))
+            x = layer_norm(g.op("Add", linear(gelu, w, "down"), x), w["norm2"], w["norm2_bias"])
+
+        # mean over each row's real tokens
+        mask = g.op("Unsqueeze", "mask", g.constant([2], np.int64))
+        axis1 = g.constant([1], np.int64)
+        total = g.op("ReduceSum", g.op("Mul", x, mask), axis1, keepdims=0)
+        return g.op("Div", total, g.op("ReduceSum", "mask", axis1, keepdims=1))
