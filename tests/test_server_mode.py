@@ -30,6 +30,22 @@ def test_two_clients_share_one_server(server_storage, chroma_server, model) -> N
     assert [m.text for m in reader.get_all()] == ["Prefers Go now"]
 
 
+def test_a_rewrite_by_another_client_is_returned_at_once(
+    server_storage, chroma_server, model
+) -> None:
+    """With a server, other clients write too: records are read afresh, never cached."""
+    writer = MemoryStore("srv-carol", storage=server_storage, embedder=model)
+    reader = MemoryStore(
+        "srv-carol", storage=ChromaStorage.from_url(chroma_server.url), embedder=model
+    )
+    memory = writer.add("Plays the cello")
+    assert reader.search("Which instrument do I play?")[0].memory.text == "Plays the cello"
+    writer.update(memory.id, "Plays the cello and the viola")
+    assert reader.get(memory.id).text == "Plays the cello and the viola"
+    found = reader.search("Which instrument do I play?")[0].memory
+    assert found.text == "Plays the cello and the viola"
+
+
 def test_a_second_process_sees_writes_at_once(chroma_server, model) -> None:
     store = MemoryStore("srv-bob", db_path=chroma_server.url, embedder=model)
     store.add("Is a vegetarian")

@@ -294,3 +294,39 @@ def test_different_facts_in_similar_words_are_kept_apart(store: MemoryStore) -> 
     store.add("Prefers dark mode")
     store.add("Prefers light mode")
     assert store.count() == 4
+
+
+def test_embedded_reads_are_served_from_memory_and_follow_writes(store: MemoryStore) -> None:
+    memory = store.add("Plays the cello")
+    collection = store._open()
+    reads: list[object] = []
+    chroma_get = collection._collection.get
+    collection._collection.get = lambda *a, **k: reads.append(k) or chroma_get(*a, **k)
+    assert store.search("Which instrument do I play?")[0].memory.text == "Plays the cello"
+    assert store.get(memory.id).text == "Plays the cello"
+    assert reads == []  # this process is the folder's only writer: its records are current
+    store.update(memory.id, "Plays the violin")
+    assert store.search("Which instrument do I play?")[0].memory.text == "Plays the violin"
+    assert store.get(memory.id).text == "Plays the violin"
+    store.delete(memory.id)
+    assert store.search("Which instrument do I play?") == []
+    assert store.get_many([memory.id]) == []
+
+
+def test_a_read_that_overlaps_a_write_caches_nothing(hash_store: MemoryStore) -> None:
+    """A read that returns the old text while a write lands must not be served later."""
+    memory = hash_store.add("Lives in Porto")
+    collection = hash_store._open()
+    collection.retire()  # empty the cache, as if the record had never been read
+    collection._sole_writer = True
+    chroma_get = collection._collection.get
+
+    def get_then_rewrite(*args, **kwargs):
+        page = chroma_get(*args, **kwargs)  # the old text...
+        collection._collection.get = chroma_get
+        hash_store.update(memory.id, "Lives in Lisbon")  # ...and a write lands meanwhile
+        return page
+
+    collection._collection.get = get_then_rewrite
+    assert hash_store.get(memory.id).text == "Lives in Porto"  # what the read saw
+    assert hash_store.get(memory.id).text == "Lives in Lisbon"  # not the cached old text

@@ -25,7 +25,9 @@ class UserCollection(Protocol):
     def upsert(self, memories: Sequence[Memory], vectors: Vectors) -> None: ...
 
     def get(self, ids: Sequence[str] | None = None) -> list[Memory]:
-        """The memories with these ids (missing ones are skipped), or all when ``ids`` is None."""
+        """The memories with these ids (missing ones are skipped), or all when ``ids`` is None.
+        Current: read from storage, or from a cache when this handle is the collection's only
+        writer."""
         ...
 
     def nearest(self, vectors: Vectors, limit: int) -> list[list[tuple[str, float]]]:

@@ -79,6 +79,26 @@ def _from_record(user_id: str, memory_id: str, text: str, meta: dict[str, Any]) 
     )
 
 
+_RECORD = ["documents", "metadatas"]
+
+
+class _Record:
+    """A stored memory as Chroma returns it; parsed into a :class:`Memory` on first need."""
+
+    __slots__ = ("_memory", "category", "meta", "text")
+
+    def __init__(self, text: str, meta: Any, memory: Memory | None = None) -> None:
+        self.text = text
+        self.meta = meta
+        self.category = Category.parse(meta["category"])
+        self._memory = memory
+
+    def memory(self, user_id: str, memory_id: str) -> Memory:
+        if self._memory is None:
+            self._memory = _from_record(user_id, memory_id, self.text, dict(self.meta))
+        return self._memory
+
+
 class ChromaCollection:
     """A user's memories in one Chroma collection (see :class:`UserCollection`).
 
@@ -92,13 +112,20 @@ class ChromaCollection:
         reopen: Callable[[], Any],
         write_lock: threading.RLock,
         binding: tuple[str, int],
+        *,
+        sole_writer: bool = False,
     ) -> None:
         self._user_id = user_id
         self._reopen = reopen
         self._collection = reopen()
         self._write_lock = write_lock
         self.binding = binding  # (embedder, dimension) it was opened with
-        self._catalog: dict[str, tuple[str, Category]] = {}  # text, category by id
+        # Records read before, by id. This handle's writes keep them current; when it is the
+        # only writer of the collection (embedded storage), get() may be served from them.
+        self._cache: dict[str, _Record] = {}
+        self._sole_writer = sole_writer
+        # Odd while a write is under way; a read that overlaps a write caches nothing.
+        self._write_stamp = 0
 
     def _call(self, action: str, run: Callable[[Any], T]) -> T:
         from chromadb.errors import InternalError, NotFoundError
@@ -120,7 +147,8 @@ class ChromaCollection:
         if not memories:
             return
         records = [_to_record(m) for m in memories]
-        with self._write_lock:
+        written = {m.id: _Record(text, meta, m) for m, (text, meta) in zip(memories, records)}
+        with self._writing(list(written), written):
             self._call(
                 "write memories",
                 lambda c: c.upsert(
@@ -130,25 +158,20 @@ class ChromaCollection:
                     metadatas=[meta for _, meta in records],
                 ),
             )
-            for memory in memories:
-                self._catalog.pop(memory.id, None)
 
     def get(self, ids: Sequence[str] | None = None) -> list[Memory]:
-        include = ["documents", "metadatas"]
         if ids is not None:
-            unique = list(dict.fromkeys(ids))  # Chroma refuses a repeated id
-            if not unique:
-                return []
-            return self._rows(
-                self._call("read memories", lambda c: c.get(ids=unique, include=include))
-            )
+            unique = list(dict.fromkeys(ids))
+            records = self._records(unique, cached=self._sole_writer)
+            return [records[i].memory(self._user_id, i) for i in unique if i in records]
         memories: list[Memory] = []
         for offset in range(0, self.count(), _BATCH):
             page = self._call(
                 "read memories",
-                lambda c: c.get(limit=_BATCH, offset=offset, include=include),  # noqa: B023
+                lambda c: c.get(limit=_BATCH, offset=offset, include=_RECORD),  # noqa: B023
             )
-            memories.extend(self._rows(page))
+            for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"]):
+                memories.append(_Record(text, meta).memory(self._user_id, i))
         return memories
 
     def nearest(self, vectors: Vectors, limit: int) -> list[list[tuple[str, float]]]:
@@ -163,31 +186,60 @@ class ChromaCollection:
         ]
 
     def catalog(self, ids: Sequence[str]) -> dict[str, tuple[str, Category]]:
-        missing = [i for i in ids if i not in self._catalog]
-        if missing:
-            page = self._call(
-                "read memories", lambda c: c.get(ids=missing, include=["documents", "metadatas"])
-            )
-            for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"]):
-                self._catalog[i] = (text, Category.parse(meta["category"]))
-        return {i: self._catalog[i] for i in ids if i in self._catalog}
+        records = self._records(list(dict.fromkeys(ids)), cached=True)
+        return {i: (record.text, record.category) for i, record in records.items()}
 
     def delete(self, ids: Sequence[str]) -> None:
-        with self._write_lock:
-            for start in range(0, len(ids), _BATCH):
-                batch = list(ids[start : start + _BATCH])
+        for start in range(0, len(ids), _BATCH):
+            batch = list(ids[start : start + _BATCH])
+            with self._writing(batch):
                 self._call("delete memories", lambda c: c.delete(ids=batch))  # noqa: B023
-                for i in batch:
-                    self._catalog.pop(i, None)
+
+    def retire(self) -> None:
+        """The collection was dropped and this handle replaced: stop trusting the cache."""
+        self._sole_writer = False
+        self._cache.clear()
 
     def count(self) -> int:
         return int(self._call("count memories", lambda c: c.count()))
 
-    def _rows(self, page: dict[str, Any]) -> list[Memory]:
-        return [
-            _from_record(self._user_id, i, doc, dict(meta))
-            for i, doc, meta in zip(page["ids"], page["documents"], page["metadatas"])
-        ]
+    def _records(self, ids: list[str], *, cached: bool) -> dict[str, _Record]:
+        """The records of ``ids`` that exist (ids must be unique: Chroma refuses repeats),
+        from the cache where ``cached`` and present, else read from Chroma."""
+        found = {i: self._cache[i] for i in ids if i in self._cache} if cached else {}
+        missing = [i for i in ids if i not in found]
+        if not missing:
+            return found
+        stamp = self._write_stamp
+        page = self._call("read memories", lambda c: c.get(ids=missing, include=_RECORD))
+        read = {
+            i: _Record(text, meta)
+            for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"])
+        }
+        if stamp % 2 == 0 and stamp == self._write_stamp:  # no write overlapped the read
+            self._cache.update(read)
+        found.update(read)
+        return found
+
+    @contextmanager
+    def _writing(
+        self, ids: Sequence[str], written: dict[str, _Record] | None = None
+    ) -> Iterator[None]:
+        """Hold the write lock around a write of ``ids`` and keep the cache honest: what was
+        ``written`` is cached if this handle is the only writer; otherwise the ids are
+        forgotten."""
+        with self._write_lock:
+            self._write_stamp += 1
+            succeeded = False
+            try:
+                yield
+                succeeded = True
+            finally:
+                for i in ids:
+                    self._cache.pop(i, None)
+                if succeeded and written and self._sole_writer:
+                    self._cache.update(written)
+                self._write_stamp += 1
 
 
 class ChromaStorage:
@@ -196,14 +248,21 @@ class ChromaStorage:
     Args:
         client: A chromadb client (``PersistentClient``, ``HttpClient``, ...).
         location: A human-readable description of where the data is.
+        sole_writer: Promise that nothing but this object writes to the client's memory
+            collections (true of :meth:`at`: one writing process per folder, one object per
+            folder in a process). Reads of records this process has seen are then served
+            from memory; otherwise every :meth:`ChromaCollection.get` reads from Chroma.
     """
 
     _embedded: ClassVar[dict[str, ChromaStorage]] = {}
     _embedded_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, client: Any, location: str = "chroma client") -> None:
+    def __init__(
+        self, client: Any, location: str = "chroma client", *, sole_writer: bool = False
+    ) -> None:
         self._client = client
         self.location = location
+        self._sole_writer = sole_writer
         self._write_lock = threading.RLock()
         self._collections: dict[str, ChromaCollection] = {}
 
@@ -219,7 +278,7 @@ class ChromaStorage:
                 with _storage_errors(f"open the memory store at {folder}"):
                     Path(folder).mkdir(parents=True, exist_ok=True)
                     client = chromadb.PersistentClient(path=folder, settings=_settings())
-                storage = cls._embedded[folder] = cls(client, folder)
+                storage = cls._embedded[folder] = cls(client, folder, sole_writer=True)
             return storage
 
     @classmethod
@@ -276,7 +335,11 @@ class ChromaStorage:
 
         with self._write_lock, _storage_errors(f"open the collection of user {user_id!r}"):
             handle = ChromaCollection(
-                user_id, get_or_create, self._write_lock, (embedder, dimension)
+                user_id,
+                get_or_create,
+                self._write_lock,
+                (embedder, dimension),
+                sole_writer=self._sole_writer,
             )
         self._collections[name] = handle
         return handle
@@ -297,7 +360,9 @@ class ChromaStorage:
 
         name = collection_name(user_id)
         with self._write_lock, _storage_errors(f"clear the memories of user {user_id!r}"):
-            self._collections.pop(name, None)
+            retired = self._collections.pop(name, None)
+            if retired is not None:
+                retired.retire()
             try:
                 count = int(self._client.get_collection(name).count())
             except (NotFoundError, ValueError):
