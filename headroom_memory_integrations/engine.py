@@ -322,10 +322,11 @@ class MemoryStore:
         catalog = collection.catalog([memory_id for memory_id, _ in nearest])
         present = [(memory_id, cosine) for memory_id, cosine in nearest if memory_id in catalog]
         lexical = lexical_scores(query, [catalog[memory_id][0] for memory_id, _ in present])
-        ranked = []
-        for (memory_id, cosine), overlap in zip(present, lexical):
-            if cosine >= floor and (wanted is None or catalog[memory_id][1] in wanted):
-                ranked.append((memory_id, cosine + LEXICAL_WEIGHT * float(overlap)))
+        ranked = [
+            (memory_id, cosine + LEXICAL_WEIGHT * overlap)
+            for (memory_id, cosine), overlap in zip(present, lexical.tolist())
+            if cosine >= floor and (wanted is None or catalog[memory_id][1] in wanted)
+        ]
         ranked.sort(key=lambda pair: pair[1], reverse=True)
         return ranked
 

@@ -51,29 +51,40 @@ def stem(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("e") else word
 
 
+@lru_cache(maxsize=50_000)
+def _document(text: str) -> tuple[Counter[str], int]:
+    """A document's counted terms and its length in terms."""
+    counted = terms(text)
+    return counted, sum(counted.values())
+
+
 def lexical_scores(
     query: str, documents: Sequence[str], *, k1: float = 1.2, b: float = 0.75
 ) -> npt.NDArray[np.float64]:
     """The share of ``query``'s best possible BM25 score each document reaches, in [0, 1].
 
     Document frequencies and lengths are those of ``documents`` (a search's candidates).
+    Plain Python over the few (document, term) pairs that match: numpy's per-call cost is
+    larger than the work for a couple of hundred short texts.
     """
     wanted = set(terms(query))
-    scores = np.zeros(len(documents))
-    if not wanted or not documents:
-        return scores
-    counted = [terms(d) for d in documents]
-    lengths = np.array([sum(c.values()) for c in counted], dtype=np.float64)
-    average = max(float(lengths.mean()), 1.0)
     count = len(documents)
+    if not wanted or not count:
+        return np.zeros(count)
+    parsed = [_document(d) for d in documents]
+    average = max(sum(length for _, length in parsed) / count, 1.0)
+    holders: dict[str, list[int]] = {term: [] for term in wanted}
+    for index, (counted, _) in enumerate(parsed):
+        for term in wanted.intersection(counted):
+            holders[term].append(index)
+    scores = [0.0] * count
     best = 0.0
-    for term in wanted:
-        frequency = np.array([c.get(term, 0) for c in counted], dtype=np.float64)
-        holders = int(np.count_nonzero(frequency))
-        idf = math.log(1 + (count - holders + 0.5) / (holders + 0.5))
+    for term, holding in holders.items():
+        idf = math.log(1 + (count - len(holding) + 0.5) / (len(holding) + 0.5))
         best += idf * (k1 + 1)
-        if holders:
-            scores += (
-                idf * frequency * (k1 + 1) / (frequency + k1 * (1 - b + b * lengths / average))
-            )
-    return scores / best
+        for index in holding:
+            counted, length = parsed[index]
+            frequency = counted[term]
+            saturation = frequency + k1 * (1 - b + b * length / average)
+            scores[index] += idf * frequency * (k1 + 1) / saturation
+    return np.asarray(scores) / best
