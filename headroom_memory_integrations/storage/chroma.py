@@ -12,10 +12,13 @@ telemetry is off. Collections use cosine space, so a score is ``1 - distance``.
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,14 +29,31 @@ from ..embeddings.base import Vectors
 from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import collection_name
+from .vectors import VectorIndex
 
 SCHEMA_VERSION = 1
 _BATCH = 1000  # rows per Chroma call when reading or deleting many
+# A sole writer reads collections of up to this many memories into memory (~2.5 KB each) and
+# searches them there; larger ones are searched by Chroma.
+WARM_LIMIT = 20_000
+_WARM_RETRY_SECONDS = 5.0  # after a write overlapped a read-ahead, wait this long to retry
 # A search that runs while another thread's first write to a new collection is being flushed
 # fails with this (Chroma 1.5): wait a little and try again (5 ms doubling, ~0.3 s in all).
 _UNWRITTEN_INDEX = "Nothing found on disk"
 _UNWRITTEN_INDEX_TRIES = 7
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+_stopping = threading.Event()
+_warmers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_warming() -> None:
+    """Let read-ahead threads finish their page and stop before the interpreter goes away."""
+    _stopping.set()
+    for thread in list(_warmers):
+        thread.join(timeout=2.0)
 
 
 def _settings() -> Any:
@@ -126,6 +146,10 @@ class ChromaCollection:
         self._sole_writer = sole_writer
         # Odd while a write is under way; a read that overlaps a write caches nothing.
         self._write_stamp = 0
+        # A sole writer's copy of every vector, once read ahead in the background (see _warm).
+        self._index: VectorIndex | None = None
+        self._warm_lock = threading.Lock()
+        self._warm_after: float | None = 0.0  # monotonic time; None: running or given up
 
     def _call(self, action: str, run: Callable[[Any], T]) -> T:
         from chromadb.errors import InternalError, NotFoundError
@@ -148,7 +172,7 @@ class ChromaCollection:
             return
         records = [_to_record(m) for m in memories]
         written = {m.id: _Record(text, meta, m) for m, (text, meta) in zip(memories, records)}
-        with self._writing(list(written), written):
+        with self._writing(list(written), written, vectors):
             self._call(
                 "write memories",
                 lambda c: c.upsert(
@@ -176,6 +200,10 @@ class ChromaCollection:
 
     def nearest(self, vectors: Vectors, limit: int) -> list[list[tuple[str, float]]]:
         matrix = vectors.reshape(-1, vectors.shape[-1])
+        index = self._index
+        if index is not None:
+            return [index.nearest(row, limit) for row in matrix]
+        self._start_warming()
         found = self._call(
             "search memories",
             lambda c: c.query(query_embeddings=matrix, n_results=limit, include=["distances"]),
@@ -198,7 +226,60 @@ class ChromaCollection:
     def retire(self) -> None:
         """The collection was dropped and this handle replaced: stop trusting the cache."""
         self._sole_writer = False
+        self._index = None
         self._cache.clear()
+
+    def _start_warming(self) -> None:
+        """As a sole writer, start reading the collection ahead (once, or again a while after
+        a write spoilt the last attempt)."""
+        if not self._sole_writer or _stopping.is_set():
+            return
+        with self._warm_lock:
+            if self._warm_after is None or time.monotonic() < self._warm_after:
+                return
+            self._warm_after = None
+        thread = threading.Thread(target=self._warm, name="headroom-memory-read-ahead", daemon=True)
+        _warmers.add(thread)
+        thread.start()
+
+    def _warm(self) -> None:
+        """Read every record and vector (up to :data:`WARM_LIMIT`) in pages: records into the
+        cache, vectors into an index that :meth:`nearest` then searches instead of Chroma.
+        The index is kept only if no write overlapped the reading and it holds every memory."""
+        retry = False
+        try:
+            stamp = self._write_stamp
+            if stamp % 2 or self.count() > WARM_LIMIT:
+                retry = bool(stamp % 2)
+                return
+            index = VectorIndex(self.binding[1])
+            records: dict[str, _Record] = {}
+            include = ["embeddings", *_RECORD]
+            offset = 0
+            while not _stopping.is_set():
+                page = self._call(
+                    "read memories",
+                    lambda c: c.get(limit=_BATCH, offset=offset, include=include),  # noqa: B023
+                )
+                if not page["ids"]:
+                    break
+                index.put(page["ids"], page["embeddings"])
+                for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"]):
+                    records[i] = _Record(text, meta)
+                offset += len(page["ids"])
+            with self._write_lock:
+                complete = stamp == self._write_stamp and len(index) == self.count()
+                if not complete or not self._sole_writer or _stopping.is_set():
+                    retry = True
+                    return
+                for memory_id, record in records.items():
+                    self._cache.setdefault(memory_id, record)
+                self._index = index
+        except HeadroomMemoryError as exc:
+            logger.warning("reading memories ahead failed; Chroma serves searches: %s", exc)
+        finally:
+            if retry:
+                self._warm_after = time.monotonic() + _WARM_RETRY_SECONDS
 
     def count(self) -> int:
         return int(self._call("count memories", lambda c: c.count()))
@@ -223,23 +304,35 @@ class ChromaCollection:
 
     @contextmanager
     def _writing(
-        self, ids: Sequence[str], written: dict[str, _Record] | None = None
+        self,
+        ids: Sequence[str],
+        written: dict[str, _Record] | None = None,
+        vectors: Vectors | None = None,
     ) -> Iterator[None]:
-        """Hold the write lock around a write of ``ids`` and keep the cache honest: what was
-        ``written`` is cached if this handle is the only writer; otherwise the ids are
-        forgotten."""
+        """Hold the write lock around a write of ``ids`` (an upsert of ``written`` records
+        with ``vectors``, or a delete) and keep what is held in memory honest: after a
+        sole writer's write it holds what was written; otherwise the ids are forgotten."""
         with self._write_lock:
             self._write_stamp += 1
-            succeeded = False
             try:
                 yield
-                succeeded = True
+            except BaseException:
+                # the write may have half happened: search with Chroma, read ahead again later
+                if self._index is not None:
+                    self._index = None
+                    self._warm_after = time.monotonic() + _WARM_RETRY_SECONDS
+                raise
             finally:
                 for i in ids:
                     self._cache.pop(i, None)
-                if succeeded and written and self._sole_writer:
-                    self._cache.update(written)
                 self._write_stamp += 1
+            if self._sole_writer and written:
+                self._cache.update(written)
+            if self._index is not None:
+                if vectors is None:
+                    self._index.remove(ids)
+                else:
+                    self._index.put(ids, vectors)
 
 
 class ChromaStorage:

@@ -1,0 +1,71 @@
+"""An in-memory copy of one collection's vectors, searched exactly.
+
+Chroma answers a nearest-neighbour query in ~1.5-2.5 ms, most of it fixed cost. When this process
+is a collection's only writer (embedded storage), it can hold every vector itself and answer in
+~0.2 ms for 10k memories: one matrix-vector product. :class:`ChromaCollection` builds the copy
+in the background and keeps it in step with its own writes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..embeddings.base import Vectors
+
+
+class VectorIndex:
+    """Unit vectors by id; :meth:`nearest` ranks them all by cosine similarity.
+
+    Thread-safe: each method holds the index's lock for its own short work.
+    """
+
+    def __init__(self, dimension: int) -> None:
+        self._lock = threading.Lock()
+        self._ids: list[str] = []
+        self._rows: dict[str, int] = {}
+        self._matrix = np.zeros((64, dimension), dtype=np.float32)  # rows past len(ids): spare
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def put(self, ids: Sequence[str], vectors: Vectors) -> None:
+        """Add these vectors, or replace the vectors of ids already present."""
+        with self._lock:
+            for memory_id, vector in zip(ids, vectors):
+                row = self._rows.get(memory_id)
+                if row is None:
+                    row = self._rows[memory_id] = len(self._ids)
+                    self._ids.append(memory_id)
+                    if row == len(self._matrix):
+                        self._matrix = np.concatenate([self._matrix, np.zeros_like(self._matrix)])
+                self._matrix[row] = vector
+
+    def remove(self, ids: Sequence[str]) -> None:
+        """Forget these ids (unknown ones are ignored); the last row fills each gap."""
+        with self._lock:
+            for memory_id in ids:
+                row = self._rows.pop(memory_id, None)
+                if row is None:
+                    continue
+                last = len(self._ids) - 1
+                moved = self._ids.pop()
+                if row != last:
+                    self._ids[row] = moved
+                    self._rows[moved] = row
+                    self._matrix[row] = self._matrix[last]
+
+    def nearest(self, vector: Vectors, limit: int) -> list[tuple[str, float]]:
+        """The ``limit`` most similar ids with their cosine similarity, most similar first."""
+        with self._lock:
+            count = len(self._ids)
+            if not count or limit <= 0:
+                return []
+            similarities = self._matrix[:count] @ vector.reshape(-1)
+            top = np.argpartition(-similarities, limit - 1)[:limit] if limit < count else None
+            if top is None:
+                top = np.arange(count)
+            top = top[np.argsort(-similarities[top], kind="stable")]
+            return [(self._ids[i], float(similarities[i])) for i in top.tolist()]

@@ -1,0 +1,141 @@
+"""A sole writer (embedded storage) reads a user's memories ahead and searches them in memory:
+the in-memory index must answer exactly like Chroma and follow every write."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.storage import chroma
+from headroom_memory_integrations.storage.vectors import VectorIndex
+
+
+def _unit_rows(count: int, dimension: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((count, dimension)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_vector_index_ranks_exactly_and_follows_puts_and_removes() -> None:
+    index = VectorIndex(8)
+    vectors = _unit_rows(200, 8, seed=1)  # grows past its first 64 rows
+    ids = [f"m{i}" for i in range(200)]
+    index.put(ids, vectors)
+    index.put(["m5"], vectors[7:8])  # a rewrite replaces, never duplicates
+    index.remove(["m0", "m100", "m199", "unknown"])
+    expected = {i: v for i, v in zip(ids, vectors)} | {"m5": vectors[7]}
+    for gone in ("m0", "m100", "m199"):
+        del expected[gone]
+    assert len(index) == len(expected) == 197
+
+    query = _unit_rows(1, 8, seed=2)[0]
+    truth = sorted(((i, float(v @ query)) for i, v in expected.items()), key=lambda p: -p[1])
+    found = index.nearest(query, 10)
+    assert [i for i, _ in found] == [i for i, _ in truth[:10]]
+    np.testing.assert_allclose([s for _, s in found], [s for _, s in truth[:10]], atol=1e-6)
+    assert len(index.nearest(query, 1000)) == 197
+    assert VectorIndex(8).nearest(query, 5) == []
+
+
+def _wait_for_index(store: MemoryStore, seconds: float = 20.0) -> VectorIndex:
+    collection = store._open()
+    deadline = time.monotonic() + seconds
+    while collection._index is None:
+        assert time.monotonic() < deadline, "the read-ahead never finished"
+        time.sleep(0.01)
+    return collection._index
+
+
+def test_searches_move_to_memory_and_answer_as_chroma_did(store: MemoryStore) -> None:
+    texts = [
+        "Plays the cello in a community orchestra",
+        "Is allergic to peanuts",
+        "Works as a nurse in Leeds",
+        "Prefers tea over coffee",
+        "Has a dog called Biscuit",
+    ]
+    store.add_many(texts)
+    questions = ["Which instrument do I play?", "What is my job?", "Do I have pets?"]
+    by_chroma = [store.search(q, min_score=-1) for q in questions]  # starts the read-ahead
+    index = _wait_for_index(store)
+    assert len(index) == 5
+    by_memory = [store.search(q, min_score=-1) for q in questions]
+    for chroma_results, memory_results in zip(by_chroma, by_memory):
+        assert [r.memory.id for r in memory_results] == [r.memory.id for r in chroma_results]
+        np.testing.assert_allclose(
+            [r.score for r in memory_results], [r.score for r in chroma_results], atol=1e-4
+        )
+
+    new = store.add("Speaks fluent Portuguese")
+    assert store.search("Which languages do I speak?")[0].memory.id == new.id
+    store.update(new.id, "Speaks fluent Japanese")
+    found = store.search("Do I speak Japanese?")[0]
+    assert found.memory.text == "Speaks fluent Japanese" and found.score > 0.6
+    store.delete(new.id)
+    assert all(r.memory.id != new.id for r in store.search("Which languages do I speak?"))
+    assert len(index) == 5 == store.count()
+
+
+def test_a_write_during_the_read_ahead_keeps_searches_on_chroma(hash_store: MemoryStore) -> None:
+    collection = hash_store._open()
+    collection._warm_after = None  # no background read-ahead: this test runs it by hand
+    hash_store.add_many([f"fact number {i}" for i in range(30)])
+    chroma_get = collection._collection.get
+
+    def get_and_write(*args, **kwargs):
+        if kwargs.get("offset") == 0:  # the read-ahead's first page
+            collection._collection.get = chroma_get
+            hash_store.add("a fact written meanwhile")
+        return chroma_get(*args, **kwargs)
+
+    collection._collection.get = get_and_write
+    collection._warm()  # what the background thread runs
+    assert collection._index is None and collection._warm_after is not None
+    assert "a fact written meanwhile" in [
+        r.memory.text for r in hash_store.search("fact written meanwhile", min_score=-1)
+    ]
+    collection._warm_after = 0.0
+    collection._warm()  # a later attempt, with no write in the way
+    assert collection._index is not None and len(collection._index) == hash_store.count() > 20
+
+
+def test_large_collections_stay_on_chroma(hash_store: MemoryStore, monkeypatch) -> None:
+    monkeypatch.setattr(chroma, "WARM_LIMIT", 10)
+    collection = hash_store._open()
+    collection._warm_after = None
+    hash_store.add_many([f"note {chr(97 + i) * 3} {i * 7919}" for i in range(11)])
+    collection._warm()
+    assert collection._index is None
+    assert hash_store.count() == 11
+    assert len(hash_store.search("note ddd", min_score=-1)) == 5
+
+
+@pytest.mark.server
+def test_a_server_collection_is_never_read_ahead(server_storage, model) -> None:
+    store = MemoryStore("srv-dave", storage=server_storage, embedder=model)
+    store.add("Plays the cello")
+    store.search("Which instrument do I play?")
+    collection = store._open()
+    time.sleep(0.2)
+    assert collection._index is None and collection._warm_after == 0.0
+
+
+def test_a_failed_write_sends_searches_back_to_chroma(hash_store: MemoryStore, monkeypatch) -> None:
+    from headroom_memory_integrations import StorageError
+
+    hash_store.add("Plays the cello")
+    hash_store.search("cello")
+    _wait_for_index(hash_store)
+    collection = hash_store._open()
+
+    def broken_upsert(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(collection._collection, "upsert", broken_upsert)
+    with pytest.raises(StorageError, match="disk full"):
+        hash_store.add("Plays the violin")
+    assert collection._index is None  # it may not match Chroma any more
+    assert collection._warm_after is not None  # and will be read again
+    assert [r.memory.text for r in hash_store.search("cello")] == ["Plays the cello"]
