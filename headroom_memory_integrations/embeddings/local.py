@@ -52,7 +52,7 @@ def cpu_threads() -> int:
     """Threads for the model: ``$HEADROOM_MEMORY_THREADS`` if set; else all cores (at most 8),
     but one on machines of 2 cores or fewer, where threads competing for cores (the model's, the
     app's, other processes') make embedding 10-15 times slower. On a 2-core machine that runs
-    nothing else, ``HEADROOM_MEMORY_THREADS=2`` makes a query ~1.5x faster."""
+    nothing else, ``HEADROOM_MEMORY_THREADS=2`` takes ~15% off a query."""
     configured = os.environ.get("HEADROOM_MEMORY_THREADS", "").strip()
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
