@@ -23,10 +23,12 @@ what the wrapper would inject for the question: ``format_memory_context`` of
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, Memory, MemoryStore
@@ -37,7 +39,9 @@ from .common import ROOT, Context, Row, SectionResult, log, value_at_least
 from .population import add_batch
 
 NAME = "locomo"
-DATA = ROOT.parent / "shared" / "data" / "locomo-dev.json"
+DATA = Path(
+    os.environ.get("HEADROOM_LOCOMO_DATA") or ROOT.parent / "shared" / "data" / "locomo-dev.json"
+)
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 OVERALL = (1, 2, 3, 4)
 KS = (1, 5, 10, 20)
@@ -195,6 +199,11 @@ def build(
 
 def run(ctx: Context) -> SectionResult:
     result = SectionResult(NAME)
+    if not DATA.is_file():
+        raise FileNotFoundError(
+            f"LoCoMo data not found at {DATA}: it is read from ../shared/data/ next to the "
+            "repository; elsewhere, set HEADROOM_LOCOMO_DATA to the file"
+        )
     samples = json.loads(DATA.read_text(encoding="utf-8"))[: ctx.pick(None, 2)]
     counter = RollingWindowTransform(1)
     storage = ChromaStorage.at(ctx.scratch("locomo"))

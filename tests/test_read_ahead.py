@@ -113,13 +113,19 @@ def test_large_collections_stay_on_chroma(hash_store: MemoryStore, monkeypatch) 
 
 
 @pytest.mark.server
-def test_a_server_collection_is_never_read_ahead(server_storage, model) -> None:
+def test_a_server_collection_reads_texts_ahead_but_searches_with_chroma(
+    server_storage, model
+) -> None:
+    """Other clients write to a server: its texts may rank candidates, nothing more."""
     store = MemoryStore("srv-dave", storage=server_storage, embedder=model)
-    store.add("Plays the cello")
-    store.search("Which instrument do I play?")
     collection = store._open()
-    time.sleep(0.2)
-    assert collection._index is None and collection._warm_after == 0.0
+    collection._warm_after = None  # no background read-ahead: this test runs it by hand
+    memory = store.add("Plays the cello")
+    assert memory.id not in collection._cache  # a server handle keeps nothing it writes
+    collection._warm()
+    assert collection._cache[memory.id].text == "Plays the cello"
+    assert collection._index is None and collection._warm_after is None  # done, no retry
+    assert store.search("Which instrument do I play?")[0].memory.id == memory.id
 
 
 def test_a_failed_write_sends_searches_back_to_chroma(hash_store: MemoryStore, monkeypatch) -> None:

@@ -230,9 +230,9 @@ class ChromaCollection:
         self._cache.clear()
 
     def _start_warming(self) -> None:
-        """As a sole writer, start reading the collection ahead (once, or again a while after
-        a write spoilt the last attempt)."""
-        if not self._sole_writer or _stopping.is_set():
+        """Start reading the collection ahead (once, or again a while after a write spoilt
+        the last attempt)."""
+        if _stopping.is_set():
             return
         with self._warm_lock:
             if self._warm_after is None or time.monotonic() < self._warm_after:
@@ -243,18 +243,20 @@ class ChromaCollection:
         thread.start()
 
     def _warm(self) -> None:
-        """Read every record and vector (up to :data:`WARM_LIMIT`) in pages: records into the
-        cache, vectors into an index that :meth:`nearest` then searches instead of Chroma.
-        The index is kept only if no write overlapped the reading and it holds every memory."""
+        """Read every record (up to :data:`WARM_LIMIT`) in pages into the cache, which then
+        serves the candidates' texts for ranking. A sole writer also reads the vectors, into
+        an index that :meth:`nearest` then searches instead of Chroma. Nothing is kept if a
+        write of this handle overlapped the reading, and the index only if it holds every
+        memory."""
         retry = False
         try:
             stamp = self._write_stamp
             if stamp % 2 or self.count() > WARM_LIMIT:
                 retry = bool(stamp % 2)
                 return
-            index = VectorIndex(self.binding[1])
+            index = VectorIndex(self.binding[1]) if self._sole_writer else None
+            include = [*_RECORD, "embeddings"] if index is not None else _RECORD
             records: dict[str, _Record] = {}
-            include = ["embeddings", *_RECORD]
             offset = 0
             while not _stopping.is_set():
                 page = self._call(
@@ -263,18 +265,22 @@ class ChromaCollection:
                 )
                 if not page["ids"]:
                     break
-                index.put(page["ids"], page["embeddings"])
+                if index is not None:
+                    index.put(page["ids"], page["embeddings"])
                 for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"]):
                     records[i] = _Record(text, meta)
                 offset += len(page["ids"])
             with self._write_lock:
-                complete = stamp == self._write_stamp and len(index) == self.count()
-                if not complete or not self._sole_writer or _stopping.is_set():
+                if stamp != self._write_stamp or _stopping.is_set():
                     retry = True
                     return
                 for memory_id, record in records.items():
                     self._cache.setdefault(memory_id, record)
-                self._index = index
+                if index is not None:
+                    if len(index) == self.count() and self._sole_writer:
+                        self._index = index
+                    else:
+                        retry = True
         except HeadroomMemoryError as exc:
             logger.warning("reading memories ahead failed; Chroma serves searches: %s", exc)
         finally:
