@@ -145,3 +145,30 @@ def test_a_failed_write_sends_searches_back_to_chroma(hash_store: MemoryStore, m
     assert collection._index is None  # it may not match Chroma any more
     assert collection._warm_after is not None  # and will be read again
     assert [r.memory.text for r in hash_store.search("cello")] == ["Plays the cello"]
+
+
+def test_clear_stops_a_read_ahead_and_does_not_revive_the_collection(db_path) -> None:
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations import ChromaStorage
+    from headroom_memory_integrations.storage.base import collection_name
+
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    collection = store._open()
+    collection._warm_after = None  # no background read-ahead: this test runs it by hand
+    store.add_many([f"note {chr(97 + i) * 3} {i * 7919}" for i in range(20)])
+    chroma_get = collection._collection.get
+    pages = []
+
+    def get_then_clear(*args, **kwargs):
+        page = chroma_get(*args, **kwargs)
+        pages.append(len(page["ids"]))
+        store.clear()  # another thread clears the user while the read-ahead runs
+        return page
+
+    collection._collection.get = get_then_clear
+    collection._warm()
+    assert pages == [20] and collection._index is None and collection._warm_after is None
+    names = [c.name for c in ChromaStorage.at(db_path)._client.list_collections()]
+    assert collection_name("alice") not in names
+    assert store.count() == 0

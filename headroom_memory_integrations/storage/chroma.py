@@ -150,6 +150,7 @@ class ChromaCollection:
         self._index: VectorIndex | None = None
         self._warm_lock = threading.Lock()
         self._warm_after: float | None = 0.0  # monotonic time; None: running or given up
+        self._retired = False
 
     def _call(self, action: str, run: Callable[[Any], T]) -> T:
         from chromadb.errors import InternalError, NotFoundError
@@ -225,6 +226,7 @@ class ChromaCollection:
 
     def retire(self) -> None:
         """The collection was dropped and this handle replaced: stop trusting the cache."""
+        self._retired = True
         self._sole_writer = False
         self._index = None
         self._cache.clear()
@@ -232,7 +234,7 @@ class ChromaCollection:
     def _start_warming(self) -> None:
         """Start reading the collection ahead (once, or again a while after a write spoilt
         the last attempt)."""
-        if _stopping.is_set():
+        if _stopping.is_set() or self._retired:
             return
         with self._warm_lock:
             if self._warm_after is None or time.monotonic() < self._warm_after:
@@ -258,7 +260,7 @@ class ChromaCollection:
             include = [*_RECORD, "embeddings"] if index is not None else _RECORD
             records: dict[str, _Record] = {}
             offset = 0
-            while not _stopping.is_set():
+            while not (_stopping.is_set() or self._retired):
                 page = self._call(
                     "read memories",
                     lambda c: c.get(limit=_BATCH, offset=offset, include=include),  # noqa: B023
@@ -271,8 +273,8 @@ class ChromaCollection:
                     records[i] = _Record(text, meta)
                 offset += len(page["ids"])
             with self._write_lock:
-                if stamp != self._write_stamp or _stopping.is_set():
-                    retry = True
+                if stamp != self._write_stamp or _stopping.is_set() or self._retired:
+                    retry = not self._retired
                     return
                 for memory_id, record in records.items():
                     self._cache.setdefault(memory_id, record)
