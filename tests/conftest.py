@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +113,22 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaSe
 
 
 @pytest.fixture
-def server_storage(chroma_server: ChromaServer) -> ChromaStorage:
-    return ChromaStorage.from_url(chroma_server.url)
+def server_storages(chroma_server: ChromaServer) -> Iterator[Callable[[], ChromaStorage]]:
+    """Opens clients of the session's server (each its own connections); closes them after."""
+    opened: list[ChromaStorage] = []
+
+    def open_one() -> ChromaStorage:
+        opened.append(ChromaStorage.from_url(chroma_server.url))
+        return opened[-1]
+
+    yield open_one
+    for storage in opened:
+        storage.close()
+
+
+@pytest.fixture
+def server_storage(server_storages: Callable[[], ChromaStorage]) -> ChromaStorage:
+    return server_storages()
 
 
 # -- the scripted OpenAI-compatible model ------------------------------------------------------

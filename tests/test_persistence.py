@@ -59,3 +59,15 @@ def test_changing_the_embedder_is_a_clear_error(db_path, model) -> None:
     assert other.clear() == 1
     other.add("Knows German")
     assert other.count() == 1
+
+
+def test_closing_an_embedded_storage_lets_the_folder_be_opened_afresh(db_path, model) -> None:
+    from headroom_memory_integrations import ChromaStorage
+
+    storage = ChromaStorage.at(db_path)
+    MemoryStore("alice", storage=storage, embedder=model).add("Plays the cello")
+    storage.close()
+    reopened = ChromaStorage.at(db_path)
+    assert reopened is not storage
+    store = MemoryStore("alice", storage=reopened, embedder=model)
+    assert [m.text for m in store.get_all()] == ["Plays the cello"]

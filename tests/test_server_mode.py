@@ -13,11 +13,9 @@ from headroom_memory_integrations import ChromaStorage, MemoryStore, StorageErro
 pytestmark = pytest.mark.server
 
 
-def test_two_clients_share_one_server(server_storage, chroma_server, model) -> None:
-    writer = MemoryStore("srv-alice", storage=server_storage, embedder=model)
-    reader = MemoryStore(
-        "srv-alice", storage=ChromaStorage.from_url(chroma_server.url), embedder=model
-    )
+def test_two_clients_share_one_server(server_storages, chroma_server, model) -> None:
+    writer = MemoryStore("srv-alice", storage=server_storages(), embedder=model)
+    reader = MemoryStore("srv-alice", storage=server_storages(), embedder=model)
     writer.add("Prefers Python for backend work", category="preference")
     assert (
         reader.search("Which language for the backend?")[0].memory.text
@@ -30,14 +28,10 @@ def test_two_clients_share_one_server(server_storage, chroma_server, model) -> N
     assert [m.text for m in reader.get_all()] == ["Prefers Go now"]
 
 
-def test_a_rewrite_by_another_client_is_returned_at_once(
-    server_storage, chroma_server, model
-) -> None:
+def test_a_rewrite_by_another_client_is_returned_at_once(server_storages, model) -> None:
     """With a server, other clients write too: records are read afresh, never cached."""
-    writer = MemoryStore("srv-carol", storage=server_storage, embedder=model)
-    reader = MemoryStore(
-        "srv-carol", storage=ChromaStorage.from_url(chroma_server.url), embedder=model
-    )
+    writer = MemoryStore("srv-carol", storage=server_storages(), embedder=model)
+    reader = MemoryStore("srv-carol", storage=server_storages(), embedder=model)
     memory = writer.add("Plays the cello")
     assert reader.search("Which instrument do I play?")[0].memory.text == "Plays the cello"
     writer.update(memory.id, "Plays the cello and the viola")
@@ -61,6 +55,18 @@ def test_a_second_process_sees_writes_at_once(chroma_server, model) -> None:
     assert out.returncode == 0, out.stderr
     assert "Is a vegetarian" in out.stdout
     assert {m.text for m in store.get_all()} == {"Is a vegetarian", "Lives in Lisbon"}
+
+
+def test_closing_a_storage_stops_its_read_ahead(server_storages, model) -> None:
+    storage = server_storages()
+    store = MemoryStore("srv-erin", storage=storage, embedder=model)
+    store.add("Plays the cello")
+    collection = store._open()
+    storage.close()
+    assert collection._retired and collection._cache == {}
+    collection._warm_after = 0.0
+    collection._start_warming()  # a retired handle never reads ahead again
+    assert collection._warm_after == 0.0
 
 
 def test_users_are_isolated_on_the_server(server_storage, model) -> None:

@@ -297,8 +297,9 @@ def test_different_facts_in_similar_words_are_kept_apart(store: MemoryStore) -> 
 
 
 def test_embedded_reads_are_served_from_memory_and_follow_writes(store: MemoryStore) -> None:
-    memory = store.add("Plays the cello")
     collection = store._open()
+    collection._warm_after = None  # no background read-ahead: only this test's reads count
+    memory = store.add("Plays the cello")
     reads: list[object] = []
     chroma_get = collection._collection.get
     collection._collection.get = lambda *a, **k: reads.append(k) or chroma_get(*a, **k)
@@ -315,6 +316,7 @@ def test_embedded_reads_are_served_from_memory_and_follow_writes(store: MemorySt
 
 def test_a_read_that_overlaps_a_write_caches_nothing(hash_store: MemoryStore) -> None:
     """A read that returns the old text while a write lands must not be served later."""
+    hash_store._open()._warm_after = None  # no background read-ahead to race this test
     memory = hash_store.add("Lives in Porto")
     collection = hash_store._open()
     collection.retire()  # empty the cache, as if the record had never been read

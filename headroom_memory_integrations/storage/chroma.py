@@ -225,7 +225,8 @@ class ChromaCollection:
                 self._call("delete memories", lambda c: c.delete(ids=batch))  # noqa: B023
 
     def retire(self) -> None:
-        """The collection was dropped and this handle replaced: stop trusting the cache."""
+        """The collection was dropped and this handle replaced, or the storage closed: stop
+        reading ahead and trusting the cache."""
         self._retired = True
         self._sole_writer = False
         self._index = None
@@ -470,6 +471,23 @@ class ChromaStorage:
                 return 0
             self._client.delete_collection(name)
             return count
+
+    def close(self) -> None:
+        """Stop this storage's background reads and release its client (a server's
+        connections, an embedded folder's files). Do not use it, or stores built on it,
+        afterwards. :meth:`at` shares one storage per folder in a process: closing it closes
+        it for every store of that folder, and the next :meth:`at` opens the folder afresh."""
+        with self._write_lock:
+            for handle in self._collections.values():
+                handle.retire()
+            self._collections.clear()
+        with self._embedded_lock:
+            for folder, storage in list(self._embedded.items()):
+                if storage is self:
+                    del self._embedded[folder]
+        close = getattr(self._client, "close", None)
+        if callable(close):
+            close()
 
     def __repr__(self) -> str:
         return f"ChromaStorage(location={self.location!r})"
