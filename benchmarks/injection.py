@@ -104,7 +104,7 @@ def breakdown(ctx: Context, memory: MemoryStore, repeat: int) -> dict[str, Any]:
 def run(ctx: Context) -> SectionResult:
     result = SectionResult(NAME)
     sizes = ctx.pick((100, 1_000, 10_000, 100_000), (100, 1_000))
-    server_sizes = ctx.pick((100, 1_000, 10_000), (1_000,))
+    server_sizes = ctx.pick((100, 1_000, 10_000, 100_000), (1_000,))
     others = ctx.pick(1000, 200)
     LocalEmbedder().warm_up()
 
