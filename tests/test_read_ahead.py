@@ -39,16 +39,20 @@ def test_vector_index_ranks_exactly_and_follows_puts_and_removes() -> None:
     assert VectorIndex(8).nearest(query, 5) == []
 
 
-def _wait_for_index(store: MemoryStore, seconds: float = 20.0) -> VectorIndex:
+def _wait_for_index(store: MemoryStore, monkeypatch, seconds: float = 20.0) -> VectorIndex:
+    """Search until the background read-ahead has built the index. A read-ahead that a write
+    overlapped is tried again by a later search; here without the usual pause."""
+    monkeypatch.setattr(chroma, "_WARM_RETRY_SECONDS", 0.0)
     collection = store._open()
     deadline = time.monotonic() + seconds
     while collection._index is None:
         assert time.monotonic() < deadline, "the read-ahead never finished"
+        store.search("anything", min_score=-1)
         time.sleep(0.01)
     return collection._index
 
 
-def test_searches_move_to_memory_and_answer_as_chroma_did(store: MemoryStore) -> None:
+def test_searches_move_to_memory_and_answer_as_chroma_did(store: MemoryStore, monkeypatch) -> None:
     texts = [
         "Plays the cello in a community orchestra",
         "Is allergic to peanuts",
@@ -59,7 +63,7 @@ def test_searches_move_to_memory_and_answer_as_chroma_did(store: MemoryStore) ->
     store.add_many(texts)
     questions = ["Which instrument do I play?", "What is my job?", "Do I have pets?"]
     by_chroma = [store.search(q, min_score=-1) for q in questions]  # starts the read-ahead
-    index = _wait_for_index(store)
+    index = _wait_for_index(store, monkeypatch)
     assert len(index) == 5
     by_memory = [store.search(q, min_score=-1) for q in questions]
     for chroma_results, memory_results in zip(by_chroma, by_memory):
@@ -133,7 +137,7 @@ def test_a_failed_write_sends_searches_back_to_chroma(hash_store: MemoryStore, m
 
     hash_store.add("Plays the cello")
     hash_store.search("cello")
-    _wait_for_index(hash_store)
+    _wait_for_index(hash_store, monkeypatch)
     collection = hash_store._open()
 
     def broken_upsert(*args, **kwargs):
@@ -172,3 +176,24 @@ def test_clear_stops_a_read_ahead_and_does_not_revive_the_collection(db_path) ->
     names = [c.name for c in ChromaStorage.at(db_path)._client.list_collections()]
     assert collection_name("alice") not in names
     assert store.count() == 0
+
+
+def test_the_least_recently_searched_users_are_let_go_past_the_budget(db_path, monkeypatch) -> None:
+    from conftest import HashEmbedder
+
+    monkeypatch.setattr(chroma, "READ_AHEAD_BUDGET", 25)
+    stores = [MemoryStore(user, db_path=db_path, embedder=HashEmbedder()) for user in "abc"]
+    collections = []
+    for number, store in enumerate(stores):
+        collection = store._open()
+        collection._warm_after = None  # no background read-ahead: this test runs it by hand
+        store.add_many([f"note {chr(97 + i) * 3} {number} {i * 7919}" for i in range(10)])
+        collections.append(collection)
+    collections[0]._warm()
+    collections[1]._warm()
+    stores[0].search("note aaa")  # user a is now searched more recently than user b
+    collections[2]._warm()  # 30 memories held: the least recently searched (b) is let go
+    assert collections[1]._index is None and collections[1]._cache == {}
+    assert collections[1]._warm_after is not None  # read again on a later search
+    assert collections[0]._index is not None and collections[2]._index is not None
+    assert len(stores[1].search("note bbb 1", min_score=-1)) == 5  # now served by Chroma

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +37,9 @@ _BATCH = 1000  # rows per Chroma call when reading or deleting many
 # A sole writer reads collections of up to this many memories into memory (~2.5 KB each) and
 # searches them there; larger ones are searched by Chroma.
 WARM_LIMIT = 20_000
+# Memories held read ahead in one process, over all users; past it, the users searched least
+# recently are let go (their searches go back to Chroma until they are read ahead again).
+READ_AHEAD_BUDGET = 100_000
 _WARM_RETRY_SECONDS = 5.0  # after a write overlapped a read-ahead, wait this long to retry
 # A search that runs while another thread's first write to a new collection is being flushed
 # fails with this (Chroma 1.5): wait a little and try again (5 ms doubling, ~0.3 s in all).
@@ -46,6 +50,37 @@ logger = logging.getLogger(__name__)
 
 _stopping = threading.Event()
 _warmers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+class _ReadAheads:
+    """The collections held read ahead in this process, least recently searched first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sizes: OrderedDict[ChromaCollection, int] = OrderedDict()
+
+    def add(self, handle: ChromaCollection, size: int) -> None:
+        """Hold ``handle``'s read-ahead, letting the least recently searched ones go."""
+        with self._lock:
+            self._sizes[handle] = size
+            self._sizes.move_to_end(handle)
+            evicted = []
+            while sum(self._sizes.values()) > READ_AHEAD_BUDGET and len(self._sizes) > 1:
+                evicted.append(self._sizes.popitem(last=False)[0])
+        for old in evicted:
+            old.forget_read_ahead()
+
+    def touch(self, handle: ChromaCollection) -> None:
+        with self._lock:
+            if handle in self._sizes:
+                self._sizes.move_to_end(handle)
+
+    def remove(self, handle: ChromaCollection) -> None:
+        with self._lock:
+            self._sizes.pop(handle, None)
+
+
+_read_aheads = _ReadAheads()
 
 
 @atexit.register
@@ -201,6 +236,7 @@ class ChromaCollection:
 
     def nearest(self, vectors: Vectors, limit: int) -> list[list[tuple[str, float]]]:
         matrix = vectors.reshape(-1, vectors.shape[-1])
+        _read_aheads.touch(self)
         index = self._index
         if index is not None:
             return [index.nearest(row, limit) for row in matrix]
@@ -231,6 +267,16 @@ class ChromaCollection:
         self._sole_writer = False
         self._index = None
         self._cache.clear()
+        _read_aheads.remove(self)
+
+    def forget_read_ahead(self) -> None:
+        """Let go of what was read ahead (to stay within :data:`READ_AHEAD_BUDGET`); it is
+        read again on a later search."""
+        with self._write_lock:
+            self._index = None
+            self._cache.clear()
+            if self._warm_after is None:
+                self._warm_after = time.monotonic() + _WARM_RETRY_SECONDS
 
     def _start_warming(self) -> None:
         """Start reading the collection ahead (once, or again a while after a write spoilt
@@ -284,6 +330,7 @@ class ChromaCollection:
                         self._index = index
                     else:
                         retry = True
+            _read_aheads.add(self, len(records))
         except HeadroomMemoryError as exc:
             logger.warning("reading memories ahead failed; Chroma serves searches: %s", exc)
         finally:
