@@ -34,8 +34,8 @@ from .vectors import VectorIndex
 
 SCHEMA_VERSION = 1
 _BATCH = 1000  # rows per Chroma call when reading or deleting many
-# A sole writer reads collections of up to this many memories into memory (~2.5 KB each) and
-# searches them there; larger ones are searched by Chroma.
+# A user's memories are read ahead into memory (a few KB each) up to this many; a sole writer
+# then searches them there. Larger collections are searched by Chroma.
 WARM_LIMIT = 20_000
 # Memories held read ahead in one process, over all users; past it, the users searched least
 # recently are let go (their searches go back to Chroma until they are read ahead again).
@@ -154,6 +154,14 @@ class _Record:
         return self._memory
 
 
+def _page_records(page: dict[str, Any]) -> dict[str, _Record]:
+    """The records of one Chroma ``get`` answer (documents and metadatas), by id."""
+    return {
+        i: _Record(text, meta)
+        for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"])
+    }
+
+
 class ChromaCollection:
     """A user's memories in one Chroma collection (see :class:`UserCollection`).
 
@@ -224,15 +232,11 @@ class ChromaCollection:
             unique = list(dict.fromkeys(ids))
             records = self._records(unique, cached=self._sole_writer)
             return [records[i].memory(self._user_id, i) for i in unique if i in records]
-        memories: list[Memory] = []
-        for offset in range(0, self.count(), _BATCH):
-            page = self._call(
-                "read memories",
-                lambda c: c.get(limit=_BATCH, offset=offset, include=_RECORD),  # noqa: B023
-            )
-            for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"]):
-                memories.append(_Record(text, meta).memory(self._user_id, i))
-        return memories
+        return [
+            record.memory(self._user_id, i)
+            for page in self._pages(_RECORD)
+            for i, record in _page_records(page).items()
+        ]
 
     def nearest(self, vectors: Vectors, limit: int) -> list[list[tuple[str, float]]]:
         matrix = vectors.reshape(-1, vectors.shape[-1])
@@ -306,19 +310,12 @@ class ChromaCollection:
             index = VectorIndex(self.binding[1]) if self._sole_writer else None
             include = [*_RECORD, "embeddings"] if index is not None else _RECORD
             records: dict[str, _Record] = {}
-            offset = 0
-            while not (_stopping.is_set() or self._retired):
-                page = self._call(
-                    "read memories",
-                    lambda c: c.get(limit=_BATCH, offset=offset, include=include),  # noqa: B023
-                )
-                if not page["ids"]:
+            for page in self._pages(include):
+                if _stopping.is_set() or self._retired:
                     break
                 if index is not None:
                     index.put(page["ids"], page["embeddings"])
-                for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"]):
-                    records[i] = _Record(text, meta)
-                offset += len(page["ids"])
+                records.update(_page_records(page))
             with self._write_lock:
                 if stamp != self._write_stamp or _stopping.is_set() or self._retired:
                     retry = not self._retired
@@ -340,6 +337,19 @@ class ChromaCollection:
     def count(self) -> int:
         return int(self._call("count memories", lambda c: c.count()))
 
+    def _pages(self, include: list[str]) -> Iterator[dict[str, Any]]:
+        """Every record of the collection, :data:`_BATCH` at a time, until a page is empty."""
+        offset = 0
+        while True:
+            page = self._call(
+                "read memories",
+                lambda c: c.get(limit=_BATCH, offset=offset, include=include),  # noqa: B023
+            )
+            if not page["ids"]:
+                return
+            yield page
+            offset += len(page["ids"])
+
     def _records(self, ids: list[str], *, cached: bool) -> dict[str, _Record]:
         """The records of ``ids`` that exist (ids must be unique: Chroma refuses repeats),
         from the cache where ``cached`` and present, else read from Chroma."""
@@ -348,11 +358,9 @@ class ChromaCollection:
         if not missing:
             return found
         stamp = self._write_stamp
-        page = self._call("read memories", lambda c: c.get(ids=missing, include=_RECORD))
-        read = {
-            i: _Record(text, meta)
-            for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"])
-        }
+        read = _page_records(
+            self._call("read memories", lambda c: c.get(ids=missing, include=_RECORD))
+        )
         if stamp % 2 == 0 and stamp == self._write_stamp:  # no write overlapped the read
             self._cache.update(read)
         found.update(read)
