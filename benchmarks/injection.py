@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
-from headroom_memory_integrations.openai.flow import MemoryFlow
+from headroom_memory_integrations.flow import MemoryFlow
+from headroom_memory_integrations.openai.flow import CompletionsFlow
 from headroom_memory_integrations.prompts import format_memory_context, short_ids
 from headroom_memory_integrations.storage import Storage
 
@@ -52,7 +53,7 @@ def measure_store(
 ) -> None:
     """Time ``before`` for the user holding ``size`` memories in ``storage``."""
     memory = MemoryStore(f"user-{size}", storage=storage, embedder=LocalEmbedder())
-    flow = MemoryFlow(memory, _NoJobs(), inline=True, top_k=5)
+    flow = CompletionsFlow(MemoryFlow(memory, _NoJobs(), inline=True, top_k=5))
     warmups = ctx.queries.take(ctx.pick(30, 15))
     first = timed(lambda: flow.before(ask(warmups[0])))[1]  # opens the collection
     for question in warmups[1:]:
@@ -63,9 +64,9 @@ def measure_store(
     repeated: list[float] = []
     injected: list[int] = []
     for question in ctx.queries.take(ctx.pick(400, 100)):
-        turn, elapsed = timed(lambda q=question: flow.before(ask(q)))
+        call, elapsed = timed(lambda q=question: flow.before(ask(q)))
         cold.append(elapsed)
-        injected.append(len(turn.injected))
+        injected.append(len(call.turn.injected))
         repeated.append(timed(lambda: flow.before(ask(repeated_question)))[1])
     where = f"{_label(size)} memories, {backend}"
     note = f"{sum(injected) / len(injected):.1f} memories injected on average"

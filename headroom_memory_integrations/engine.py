@@ -65,6 +65,8 @@ MAX_METADATA_VALUE_CHARS = 1000
 MAX_TOP_K = 1000
 
 _WORDS = re.compile(r"[^\W_]+")
+MAX_MEMORY_ID_CHARS = 256
+"""Longest id a caller may choose (:meth:`MemoryStore.put`)."""
 _SAME_WORDING_MIN_COSINE = 0.85  # the same words, punctuated differently, embed this close or more
 _QUERY_CACHE_SIZE = 1024
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
@@ -158,6 +160,21 @@ def clean_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
 def same_wording_key(text: str) -> str:
     """``text`` without case, punctuation and extra spacing: equal keys mean the same memory."""
     return " ".join(_WORDS.findall(text.casefold()))
+
+
+def check_memory_id(memory_id: object) -> str:
+    """A caller-chosen memory id: 1 to :data:`MAX_MEMORY_ID_CHARS` printable characters."""
+    if (
+        not isinstance(memory_id, str)
+        or not 1 <= len(memory_id) <= MAX_MEMORY_ID_CHARS
+        or not memory_id.isprintable()
+        or memory_id != memory_id.strip()
+    ):
+        raise InvalidInputError(
+            f"a memory id must be 1-{MAX_MEMORY_ID_CHARS} printable characters with no "
+            f"surrounding spaces, got {memory_id!r}"
+        )
+    return memory_id
 
 
 def _check_top_k(top_k: object) -> int:
@@ -428,6 +445,39 @@ class MemoryStore:
             if new:
                 collection.upsert([m for m, _ in new], np.stack([v for _, v in new]))
         return results
+
+    def put(
+        self,
+        memory_id: str,
+        text: str,
+        category: Category | str = Category.FACT,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        source: Source | str = Source.MANUAL,
+    ) -> Memory:
+        """Store ``text`` under an id the caller chose (a key-value store's key): create the
+        memory, or replace the one with that id (its old text kept in ``history``, its
+        metadata replaced). No consolidation: a key is kept even if another memory says the
+        same.
+
+        Raises:
+            InvalidInputError: ``memory_id`` is not 1-256 printable characters, or the text,
+                category or metadata is invalid.
+        """
+        memory_id = check_memory_id(memory_id)
+        draft = replace(
+            self._draft(NewMemory(text, category, metadata), Source.parse(source)), id=memory_id
+        )
+        vector = self._embed([draft.text])
+        collection = self._open(vector.shape[1])
+        with self._write_lock:
+            existing = collection.get([memory_id])
+            if existing:
+                return self._rewrite(
+                    existing[0], draft.text, draft.category, draft.metadata, vector
+                )
+            collection.upsert([draft], vector)
+            return draft
 
     def update(
         self,

@@ -19,11 +19,12 @@ from typing import Any
 
 from ..embeddings import Embedder, LocalEmbedder, OpenAIEmbedder
 from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
-from ..jobs import Backoff
+from ..jobs import Backoff, PermanentJobError
 from ..storage import Storage
+from ..wiring import build_flow
+from ..writer import BackgroundExtractor, Complete
 from .client import AsyncMemoryStream, MemoryClient, MemoryStream
-from .flow import Injection, MemoryFlow
-from .writer import BackgroundExtractor, MemoryWriter, queue_path_for, writer_for
+from .flow import CompletionsFlow, Injection
 
 __all__ = [
     "AsyncMemoryStream",
@@ -64,6 +65,18 @@ def sync_twin(client: Any) -> Any:
     )
 
 
+def openai_completer(client: Any) -> Complete:
+    """Background extraction's call through a synchronous OpenAI-compatible ``client``."""
+
+    def complete(messages: list[dict[str, str]], model: str | None) -> str:
+        if not model:
+            raise PermanentJobError("no extraction model: pass extraction_model=")
+        response = client.chat.completions.create(model=model, messages=messages, temperature=0)
+        return response.choices[0].message.content or ""
+
+    return complete
+
+
 def _wrap(
     client: Any,
     user_id: str,
@@ -96,14 +109,15 @@ def _wrap(
         min_score=min_score,
         duplicate_threshold=duplicate_threshold,
     )
-    from pathlib import Path
-
-    writer: MemoryWriter = writer_for(
-        Path(queue_path).expanduser() if queue_path else queue_path_for(memory), backoff=backoff
+    flow = build_flow(
+        memory,
+        inline=inline,
+        top_k=top_k,
+        extractor=extractor,
+        queue_path=queue_path,
+        backoff=backoff,
     )
-    writer.register(memory, extractor)
-    flow = MemoryFlow(memory, writer, inline=inline, top_k=top_k, injection=injection)
-    return MemoryClient(client, flow, asynchronous=_is_async(client))
+    return MemoryClient(client, CompletionsFlow(flow, injection), asynchronous=_is_async(client))
 
 
 def with_fast_memory(
@@ -198,7 +212,9 @@ def with_memory(
 
     The other arguments are those of :func:`with_fast_memory`.
     """
-    extractor = BackgroundExtractor(extraction_client or sync_twin(client), extraction_model)
+    extractor = BackgroundExtractor(
+        openai_completer(extraction_client or sync_twin(client)), extraction_model
+    )
     return _wrap(
         client,
         user_id,

@@ -1,4 +1,4 @@
-"""Thin proxies that put a :class:`MemoryFlow` around ``chat.completions.create``.
+"""Thin proxies that put a :class:`CompletionsFlow` around ``chat.completions.create``.
 
 Everything else (``models``, ``embeddings``, ``files``, ``with_raw_response``, ``parse``, ...)
 is the wrapped client's own, untouched. Sync and async proxies differ only in how they call the
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ..engine import MemoryStore
-from .flow import MemoryFlow, StreamEditor
+from .flow import CompletionsFlow, StreamEditor
 
 
 class _Passthrough:
@@ -79,31 +79,31 @@ class AsyncMemoryStream(_Passthrough):
 
 
 class _Completions(_Passthrough):
-    def __init__(self, completions: Any, flow: MemoryFlow) -> None:
+    def __init__(self, completions: Any, flow: CompletionsFlow) -> None:
         super().__init__(completions)
         self._flow = flow
 
     def create(self, **kwargs: Any) -> Any:
         """``chat.completions.create`` with memory; same arguments, same result types."""
-        turn = self._flow.before(kwargs)
-        result = self._wrapped.create(**turn.request)
+        call = self._flow.before(kwargs)
+        result = self._wrapped.create(**call.request)
         if kwargs.get("stream"):
-            return MemoryStream(result, StreamEditor(self._flow, turn))
-        return self._flow.after(turn, result)
+            return MemoryStream(result, self._flow.editor(call))
+        return self._flow.after(call, result)
 
 
 class _AsyncCompletions(_Passthrough):
-    def __init__(self, completions: Any, flow: MemoryFlow) -> None:
+    def __init__(self, completions: Any, flow: CompletionsFlow) -> None:
         super().__init__(completions)
         self._flow = flow
 
     async def create(self, **kwargs: Any) -> Any:
         """``await chat.completions.create(...)`` with memory; searching runs off the loop."""
-        turn = await asyncio.to_thread(self._flow.before, kwargs)
-        result = await self._wrapped.create(**turn.request)
+        call = await asyncio.to_thread(self._flow.before, kwargs)
+        result = await self._wrapped.create(**call.request)
         if kwargs.get("stream"):
-            return AsyncMemoryStream(result, StreamEditor(self._flow, turn))
-        return self._flow.after(turn, result)
+            return AsyncMemoryStream(result, self._flow.editor(call))
+        return self._flow.after(call, result)
 
 
 class _Chat(_Passthrough):
@@ -119,7 +119,7 @@ class MemoryClient(_Passthrough):
         memory: The user's :class:`MemoryStore` (search, add, get_all, clear, stats, flush, ...).
     """
 
-    def __init__(self, client: Any, flow: MemoryFlow, *, asynchronous: bool) -> None:
+    def __init__(self, client: Any, flow: CompletionsFlow, *, asynchronous: bool) -> None:
         super().__init__(client)
         self._flow = flow
         self._asynchronous = asynchronous
@@ -139,5 +139,5 @@ class MemoryClient(_Passthrough):
     copy = with_options
 
     def __repr__(self) -> str:  # never the wrapped client's repr: it could show an API key
-        kind = "with_fast_memory" if self._flow.inline else "with_memory"
+        kind = "with_fast_memory" if self._flow.flow.inline else "with_memory"
         return f"{kind}({type(self._wrapped).__name__}, user_id={self.memory.user_id!r})"

@@ -62,6 +62,10 @@ class Storage(Protocol):
         """
         ...
 
+    def users(self) -> list[str]:
+        """The ids of every user with a collection here, sorted."""
+        ...
+
     def drop(self, user_id: str) -> int:
         """Delete the user's collection; return how many memories it held."""
         ...

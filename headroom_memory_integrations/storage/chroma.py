@@ -512,6 +512,25 @@ class ChromaStorage:
                 "db_path, or export the memories, clear() them and import them again."
             )
 
+    def users(self) -> list[str]:
+        """The ids of every user with a memory collection here, sorted."""
+        with _storage_errors("list the users"):
+            listed = []
+            offset = 0
+            while True:
+                page = self._client.list_collections(limit=_BATCH, offset=offset)
+                listed += page
+                if len(page) < _BATCH:
+                    break
+                offset += len(page)
+        found = set()
+        for collection in listed:
+            meta = collection.metadata or {}
+            user_id = meta.get("user_id")
+            if isinstance(user_id, str) and collection.name == collection_name(user_id):
+                found.add(user_id)
+        return sorted(found)
+
     def drop(self, user_id: str) -> int:
         from chromadb.errors import NotFoundError
 

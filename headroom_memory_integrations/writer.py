@@ -1,7 +1,7 @@
 """Memory work done off the caller's path, durably: storing memories the model wrote inline,
 and extracting memories from a turn with a separate call.
 
-Each piece of work is a row in a SQLite job queue (:mod:`..jobs`) before the chat call returns,
+Each piece of work is a row in a SQLite job queue (:mod:`.jobs`) before the chat call returns,
 so a crash or a kill loses nothing: the next process that opens the same memories resumes it.
 Handlers are idempotent (storing the same memories twice stores them once), so a job cut short
 and run again has its effect exactly once.
@@ -13,48 +13,49 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..engine import MemoryStore, NewMemory
-from ..errors import EmbeddingMismatchError, InvalidInputError
-from ..jobs import DEFAULT_BACKOFF, Backoff, Job, JobQueue, JobWorker, PermanentJobError
-from ..prompts import background_extraction_messages, parse_extraction_json
-from ..types import Source
+from .engine import MemoryStore, NewMemory
+from .errors import EmbeddingMismatchError, InvalidInputError
+from .jobs import DEFAULT_BACKOFF, Backoff, Job, JobQueue, JobWorker, PermanentJobError
+from .prompts import background_extraction_messages, parse_extraction_json
+from .types import Source
 
-log = logging.getLogger("headroom_memory_integrations.openai")
+log = logging.getLogger("headroom_memory_integrations")
 
 MAX_MALFORMED_ATTEMPTS = 5
 """An extraction answer that is not valid JSON is retried this many times, then the job is
 dead-lettered (kept in the queue file; ``memory.retry_failed()`` runs it again)."""
 
 
+Complete = Callable[[list[dict[str, str]], str | None], str]
+"""Asks a chat model for an answer: ``complete(messages, model) -> text``. ``messages`` are
+``{"role", "content"}`` dicts; ``model`` is the extraction model's name when one was chosen or the
+request named one (a framework's model object may ignore it)."""
+
+
 class BackgroundExtractor:
-    """Makes the separate extraction call of ``with_memory``.
+    """Makes the separate extraction call of the background mode, with any chat model.
 
     Args:
-        client: A synchronous OpenAI-compatible client.
-        model: The extraction model.
+        complete: The call to the model (see :data:`Complete`); the OpenAI wrappers, LangChain
+            and LlamaIndex adapters each pass their own.
+        model: The extraction model's name, if the caller chose one.
     """
 
-    def __init__(self, client: Any, model: str | None) -> None:
-        self.client = client
+    def __init__(self, complete: Complete, model: str | None = None) -> None:
+        self.complete = complete
         self.model = model
 
     def __call__(self, memory: MemoryStore, job: Job) -> list[NewMemory]:
         injected: Mapping[str, str] = job.payload.get("injected") or {}
         known = {m.id: m for m in memory.get_many(list(injected.values()))}
         existing = [(label, known[i]) for label, i in injected.items() if i in known]
-        model = self.model or job.payload.get("model")
-        if not model:
-            raise PermanentJobError("no extraction model: pass extraction_model=")
-        response = self.client.chat.completions.create(
-            model=model,
-            messages=background_extraction_messages(job.payload["exchange"], existing),
-            temperature=0,
-        )
-        result = parse_extraction_json(response.choices[0].message.content or "")
+        messages = background_extraction_messages(job.payload["exchange"], existing)
+        answer = self.complete(messages, self.model or job.payload.get("model"))
+        result = parse_extraction_json(answer or "")
         if result.malformed:
             memory.counters["malformed_extractions"] += 1
             message = f"malformed extraction answer: {result.problem}"
@@ -88,7 +89,8 @@ def queue_path_for(memory: MemoryStore) -> Path:
 class MemoryWriter:
     """One queue file's jobs, for every user whose memories share it, in this process.
 
-    Use :func:`writer_for` to get the process's writer of a queue file.
+    Use :func:`writer_for` to get the process's writer of a queue file. It is the
+    :class:`~.flow.MemoryJobs` of every flow on that file.
     """
 
     def __init__(self, path: Path, *, backoff: Backoff | None = None) -> None:
@@ -168,7 +170,7 @@ class MemoryWriter:
                 iter(self._extractors.values()), None
             )
             if extractor is None:
-                raise RuntimeError("no with_memory client in this process yet")  # retried later
+                raise RuntimeError("no background extractor in this process yet")  # retried later
             items, source = extractor(memory, job), Source.BACKGROUND
         else:
             raise PermanentJobError(f"unknown job kind {job.kind!r}")

@@ -1,0 +1,264 @@
+"""What happens around one model call, for every wrapper and adapter, with no I/O of its own.
+
+A :class:`MemoryFlow` is the one implementation of "memory around a chat turn". The OpenAI
+wrappers, the LangChain and the LlamaIndex adapters only translate their framework's messages and
+answers to and from plain text; they hold no memory logic. For each model call:
+
+1. :meth:`MemoryFlow.start` with the latest user message's text: search the user's memories and
+   build :attr:`Turn.prompt`, the text the caller puts in a system message just before that user
+   message (the escaped context and, for inline extraction, the instruction with a fresh nonce).
+2. The caller calls the model with it.
+3. :meth:`MemoryFlow.finish` (a whole answer) or an :class:`AnswerStream` (delta by delta): inline,
+   the memory block is cut from the answer and its memories are queued for storing; in the
+   background mode, the turn is queued for a separate extraction call. Nothing is stored on the
+   caller's path.
+
+Memory never fails a model call: any error here is logged, counted in ``memory.stats()``, and the
+call goes on without memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from .engine import MAX_TEXT_CHARS, MemoryStore
+from .jobs import user_tag
+from .prompts import (
+    ExtractedMemory,
+    MemoryStreamFilter,
+    extraction_instruction,
+    format_memory_context,
+    new_nonce,
+    parse_memory_block,
+    short_ids,
+)
+
+log = logging.getLogger("headroom_memory_integrations")
+
+M = TypeVar("M")
+
+
+class MemoryJobs(Protocol):
+    """Where a flow sends work that must not hold up the caller (see :mod:`.writer`)."""
+
+    def store(self, memory: MemoryStore, memories: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def extract(
+        self,
+        memory: MemoryStore,
+        exchange: Sequence[Mapping[str, str]],
+        injected: Mapping[str, str],
+        model: str | None,
+    ) -> None: ...
+
+
+@dataclass
+class Turn:
+    """One model call on its way through the flow.
+
+    Attributes:
+        user_text: The latest user message (searched with; quoted in background extraction).
+        prompt: The text to inject in a system message just before the latest user message
+            (the memory context and/or the extraction instruction), or None for nothing.
+        nonce: The memory block's nonce, when the inline instruction is in ``prompt``.
+        injected: Short id shown to the model -> id of the injected memory.
+        model: The model's name, for background extraction with the same model.
+    """
+
+    user_text: str | None = None
+    prompt: str | None = None
+    nonce: str | None = None
+    injected: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+
+
+def latest_index(messages: Sequence[M], is_user: Callable[[M], bool]) -> int | None:
+    """Index of the last message for which ``is_user`` holds, or None."""
+    for index in range(len(messages) - 1, -1, -1):
+        if is_user(messages[index]):
+            return index
+    return None
+
+
+def insert_before(messages: Sequence[M], index: int, message: M) -> list[M]:
+    """A new list with ``message`` just before ``messages[index]``; the prefix is unchanged, so
+    the provider's prompt caching keeps working."""
+    return [*messages[:index], message, *messages[index:]]
+
+
+class MemoryFlow:
+    """Memory around model calls for one user.
+
+    Args:
+        memory: The user's store.
+        jobs: Where storing and extraction work goes (a :class:`~.writer.MemoryWriter`).
+        inline: True to have the model write the memory block in its answer (no extra call);
+            False to leave answers untouched and extract with a separate call in the background.
+        top_k: Memories injected at most.
+    """
+
+    def __init__(
+        self, memory: MemoryStore, jobs: MemoryJobs, *, inline: bool, top_k: int = 5
+    ) -> None:
+        self.memory = memory
+        self.jobs = jobs
+        self.inline = inline
+        self.top_k = top_k
+
+    def start(
+        self, user_text: str | None, *, instruct: bool = True, model: str | None = None
+    ) -> Turn:
+        """Prepare a call whose latest user message says ``user_text``. Never raises.
+
+        Args:
+            user_text: The latest user message's text (None or blank: nothing to search with).
+            instruct: False when the answer must stay machine-readable (JSON, a forced tool
+                call): memories are injected but the inline instruction is not added.
+            model: The model's name, for background extraction.
+        """
+        turn = Turn(user_text=(user_text or "").strip() or None, model=model)
+        try:
+            parts = []
+            if turn.user_text:
+                context = self._recall(turn, turn.user_text)
+                parts += [context] if context else []
+            if self.inline and instruct:
+                turn.nonce = new_nonce()
+                parts.append(extraction_instruction(turn.nonce, allow_replace=bool(turn.injected)))
+            turn.prompt = "\n\n".join(parts) or None
+        except Exception:
+            self.failed("inject_failures", "could not prepare memories; calling without them")
+            turn.prompt, turn.nonce, turn.injected = None, None, {}
+        return turn
+
+    def _recall(self, turn: Turn, query: str) -> str:
+        """The context block of the memories relevant to ``query`` ("" if none or on failure)."""
+        try:
+            found = self.memory.search(query[-MAX_TEXT_CHARS:], top_k=self.top_k)
+        except Exception:
+            self.failed("inject_failures", "could not search memories; answering without them")
+            return ""
+        labelled = [(label, memory) for label, (memory, _) in zip(short_ids(len(found)), found)]
+        turn.injected = {label: memory.id for label, memory in labelled}
+        return format_memory_context(labelled)
+
+    def strip(self, turn: Turn, answer: str) -> str:
+        """``answer`` without its memory block, storing nothing (for extra choices)."""
+        if not turn.nonce or not isinstance(answer, str):
+            return answer
+        return parse_memory_block(answer, turn.nonce).visible
+
+    def finish(self, turn: Turn, answer: str | None) -> str | None:
+        """A whole answer came back: return what the caller may see (the block cut out) and
+        queue the memory work. Never raises; on failure the answer is returned stripped or as is.
+        """
+        try:
+            if turn.nonce:
+                if not isinstance(answer, str):
+                    return answer  # a tool call: no text, no block
+                parsed = parse_memory_block(answer, turn.nonce)
+                self.finish_inline(turn, parsed.memories, parsed.problem, parsed.block_found)
+                return parsed.visible
+            self.finish_background(turn, answer)
+        except Exception:
+            self.failed("store_failures", "could not process the answer's memories")
+            return self.strip(turn, answer) if isinstance(answer, str) else answer
+        return answer
+
+    def stream(self, turn: Turn, *, remember: bool = True) -> AnswerStream:
+        """A filter for the answer's text deltas (see :class:`AnswerStream`)."""
+        return AnswerStream(self, turn, remember=remember)
+
+    def finish_inline(
+        self,
+        turn: Turn,
+        memories: Sequence[ExtractedMemory],
+        problem: str | None,
+        block_found: bool,
+    ) -> None:
+        if problem:
+            self.memory.counters["malformed_blocks"] += 1
+            log.info("memory block problem (user %s): %s", self._user(), problem)
+        elif not block_found:
+            self.memory.counters["missing_blocks"] += 1
+        if not memories:
+            return
+        items = [
+            {
+                "text": m.text,
+                "category": m.category.value,
+                "replaces": turn.injected.get(m.replaces) if m.replaces else None,
+            }
+            for m in memories
+        ]
+        self.jobs.store(self.memory, items)
+
+    def finish_background(self, turn: Turn, answer: str | None) -> None:
+        if self.inline or not turn.user_text:
+            return
+        exchange = [{"role": "user", "content": turn.user_text}]
+        if answer:
+            exchange.append({"role": "assistant", "content": answer})
+        self.jobs.extract(self.memory, exchange, turn.injected, turn.model)
+
+    def failed(self, counter: str, message: str) -> None:
+        """Count and log a failure the call survives."""
+        self.memory.counters[counter] += 1
+        log.warning("%s (user %s)", message, self._user(), exc_info=True)
+
+    def _user(self) -> str:
+        return user_tag(self.memory.user_id)
+
+
+class AnswerStream:
+    """An answer's text, delta by delta: no returned piece contains any part of the memory block.
+
+    Feed each text delta to :meth:`feed` and show what it returns; when the answer is over, show
+    what :meth:`finish` returns (text that was held back in case it started a tag). ``finish``
+    queues the memory work once (with ``remember=False``, for extra choices, it stores nothing).
+    In the background mode, text passes through unchanged and is collected for extraction.
+    Never raises.
+    """
+
+    def __init__(self, flow: MemoryFlow, turn: Turn, *, remember: bool = True) -> None:
+        self._flow = flow
+        self._turn = turn
+        self._remember = remember
+        self._filter = MemoryStreamFilter(turn.nonce) if turn.nonce else None
+        self._answer: list[str] = []
+        self._tail: str | None = None
+
+    def feed(self, delta: str | None) -> str:
+        if not delta:
+            return ""
+        if self._filter is None:
+            self._answer.append(delta)
+            return delta
+        try:
+            return self._filter.feed(delta)
+        except Exception:
+            self._flow.failed("store_failures", "could not filter a streamed answer")
+            self._filter = None  # fail open: the rest streams unfiltered rather than not at all
+            return delta
+
+    def finish(self) -> str:
+        """The text still held back ("" if none). Calling it again returns ""."""
+        if self._tail is not None:
+            return ""
+        self._tail = ""
+        try:
+            if self._filter is not None:
+                result = self._filter.finish()
+                self._tail = result.tail
+                if self._remember:
+                    self._flow.finish_inline(
+                        self._turn, result.memories, result.problem, result.answer.block_found
+                    )
+            elif self._remember:
+                self._flow.finish_background(self._turn, "".join(self._answer))
+        except Exception:
+            self._flow.failed("store_failures", "could not finish a streamed answer")
+        return self._tail

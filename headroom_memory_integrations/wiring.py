@@ -1,0 +1,89 @@
+"""How a wrapper or an adapter gets its store, job queue and flow from what users pass.
+
+Every constructor in this package takes memory the same way: ``user_id=`` with ``db_path=`` (or
+``storage=``, ``embedder=``), or an existing ``memory=MemoryStore(...)``. :func:`open_memory`
+reads those arguments; :func:`build_flow` adds the durable job queue and the
+:class:`~.flow.MemoryFlow` that the OpenAI wrappers, the LangChain and the LlamaIndex adapters all
+use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .embeddings import Embedder
+from .engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
+from .errors import InvalidInputError
+from .flow import MemoryFlow
+from .jobs import Backoff
+from .storage import Storage
+from .writer import BackgroundExtractor, queue_path_for, writer_for
+
+
+def open_memory(
+    memory: MemoryStore | None = None,
+    user_id: str | None = None,
+    db_path: str | os.PathLike[str] | None = None,
+    *,
+    storage: Storage | None = None,
+    embedder: Embedder | None = None,
+    min_score: float = DEFAULT_MIN_SCORE,
+    duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
+) -> MemoryStore:
+    """``memory`` itself, or a new :class:`MemoryStore` for ``user_id``.
+
+    Raises:
+        InvalidInputError: neither or both of ``memory`` and ``user_id``; or ``memory`` together
+            with options that only a new store would use.
+    """
+    if memory is not None:
+        if user_id is not None and user_id != memory.user_id:
+            raise InvalidInputError(
+                f"user_id={user_id!r} does not match memory.user_id={memory.user_id!r}; "
+                "pass one of them"
+            )
+        if db_path is not None or storage is not None or embedder is not None:
+            raise InvalidInputError(
+                "pass memory=MemoryStore(...) or db_path/storage/embedder, not both"
+            )
+        if not isinstance(memory, MemoryStore):
+            raise InvalidInputError(f"memory must be a MemoryStore, got {type(memory).__name__}")
+        return memory
+    if user_id is None:
+        raise InvalidInputError("pass user_id= (with db_path=, storage= or embedder=) or memory=")
+    return MemoryStore(
+        user_id,
+        db_path,
+        storage=storage,
+        embedder=embedder,
+        min_score=min_score,
+        duplicate_threshold=duplicate_threshold,
+    )
+
+
+def build_flow(
+    memory: MemoryStore,
+    *,
+    inline: bool,
+    top_k: int = 5,
+    extractor: BackgroundExtractor | None = None,
+    queue_path: str | os.PathLike[str] | None = None,
+    backoff: Backoff | None = None,
+) -> MemoryFlow:
+    """A flow for ``memory``, its work queued in the process's writer of ``queue_path`` (default:
+    beside embedded memories, or in ``~/.headroom-memory`` for a server).
+
+    Args:
+        inline: The model writes the memory block (True) or ``extractor`` extracts in the
+            background (False).
+        extractor: Required when ``inline`` is False.
+    """
+    if not inline and extractor is None:
+        raise InvalidInputError("background extraction needs an extractor")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
+    path = Path(queue_path).expanduser() if queue_path else queue_path_for(memory)
+    writer = writer_for(path, backoff=backoff)
+    writer.register(memory, extractor)
+    return MemoryFlow(memory, writer, inline=inline, top_k=top_k)
