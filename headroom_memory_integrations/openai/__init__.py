@@ -21,7 +21,7 @@ from ..embeddings import Embedder, LocalEmbedder, OpenAIEmbedder
 from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
 from ..jobs import Backoff, PermanentJobError
 from ..storage import Storage
-from ..wiring import build_flow
+from ..wiring import build_flow, open_memory
 from ..writer import BackgroundExtractor, Complete
 from .client import AsyncMemoryStream, MemoryClient, MemoryStream
 from .flow import CompletionsFlow, Injection
@@ -79,7 +79,7 @@ def openai_completer(client: Any) -> Complete:
 
 def _wrap(
     client: Any,
-    user_id: str,
+    user_id: str | None,
     db_path: str | os.PathLike[str] | None,
     *,
     inline: bool,
@@ -92,16 +92,18 @@ def _wrap(
     duplicate_threshold: float | None,
     injection: Injection,
     queue_path: str | os.PathLike[str] | None,
+    memory: MemoryStore | None,
     extractor: BackgroundExtractor | None = None,
     backoff: Backoff | None = None,
 ) -> MemoryClient:
-    if embedder is None:
+    if embedder is None and memory is None:
         embedder = (
             LocalEmbedder(embedding_model)
             if use_local_embeddings
             else OpenAIEmbedder(sync_twin(client))
         )
-    memory = MemoryStore(
+    memory = open_memory(
+        memory,
         user_id,
         db_path,
         storage=storage,
@@ -122,7 +124,7 @@ def _wrap(
 
 def with_fast_memory(
     client: Any,
-    user_id: str,
+    user_id: str | None = None,
     db_path: str | os.PathLike[str] | None = None,
     *,
     top_k: int = 5,
@@ -134,6 +136,7 @@ def with_fast_memory(
     duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
     injection: Injection = "system",
     queue_path: str | os.PathLike[str] | None = None,
+    memory: MemoryStore | None = None,
 ) -> MemoryClient:
     """Wrap ``client`` so the model extracts memories inline, in its own answer.
 
@@ -153,6 +156,9 @@ def with_fast_memory(
             ``"user"`` (prepended to it, for chat templates that refuse a late system message).
         queue_path: The SQLite file of pending writes (default: beside embedded memories, or in
             ``~/.headroom-memory`` for a server).
+        memory: An existing :class:`MemoryStore` instead of ``user_id`` and the storage and
+            embedding options, e.g. to give a sync and an async client one store:
+            ``with_fast_memory(AsyncOpenAI(), memory=sync_client.memory)``.
 
     Returns:
         A client used exactly like ``client``, with ``.memory`` (a :class:`MemoryStore`).
@@ -173,12 +179,13 @@ def with_fast_memory(
         duplicate_threshold=duplicate_threshold,
         injection=injection,
         queue_path=queue_path,
+        memory=memory,
     )
 
 
 def with_memory(
     client: Any,
-    user_id: str,
+    user_id: str | None = None,
     db_path: str | os.PathLike[str] | None = None,
     *,
     top_k: int = 5,
@@ -193,6 +200,7 @@ def with_memory(
     injection: Injection = "system",
     queue_path: str | os.PathLike[str] | None = None,
     retry_backoff: Backoff | None = None,
+    memory: MemoryStore | None = None,
 ) -> MemoryClient:
     """Wrap ``client`` so memories are extracted in the background by a separate call.
 
@@ -229,6 +237,7 @@ def with_memory(
         duplicate_threshold=duplicate_threshold,
         injection=injection,
         queue_path=queue_path,
+        memory=memory,
         extractor=extractor,
         backoff=retry_backoff,
     )
