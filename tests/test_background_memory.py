@@ -17,6 +17,8 @@ from headroom_memory_integrations.jobs import Backoff
 from headroom_memory_integrations.openai import with_memory
 from headroom_memory_integrations.testing import Reply
 
+pytestmark = pytest.mark.openai_client
+
 FAST = Backoff(initial=0.01, factor=2.0, maximum=0.05, jitter=0.0)
 EXTRACTED = json.dumps(
     {"memories": [{"text": "Prefers Python for backend work", "category": "preference"}]}

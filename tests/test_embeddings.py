@@ -87,6 +87,7 @@ def test_thread_count_can_be_configured(monkeypatch) -> None:
     assert cpu_threads() == (1 if (os.cpu_count() or 1) <= 2 else min(os.cpu_count() or 1, 8))
 
 
+@pytest.mark.openai_client
 def test_openai_embedder_over_real_http(openai_server, db_path) -> None:
     from headroom_memory_integrations import MemoryStore, OpenAIEmbedder
 
@@ -107,6 +108,7 @@ def test_openai_embedder_over_real_http(openai_server, db_path) -> None:
     assert shorter.embed(["x"]).shape == (1, 256) and shorter.name.endswith("@256")
 
 
+@pytest.mark.openai_client
 def test_wrapper_with_openai_embeddings(openai_server, db_path) -> None:
     from headroom_memory_integrations.openai import with_fast_memory
 

@@ -18,6 +18,8 @@ from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.prompts import CONTEXT_CLOSE, CONTEXT_OPEN
 from headroom_memory_integrations.testing import Reply, ToolCall
 
+pytestmark = pytest.mark.openai_client
+
 PYTHON = {"text": "Prefers Python for backend work", "category": "preference"}
 
 

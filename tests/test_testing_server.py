@@ -27,6 +27,8 @@ from headroom_memory_integrations.testing import (
     hash_embedding,
 )
 
+pytestmark = pytest.mark.openai_client
+
 MODES = ["sync", "async"]
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello there"}]
 

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -323,8 +324,7 @@ def test_falls_back_to_estimate_without_tiktoken_or_cache(tmp_path: Path) -> Non
     empty = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
     no_tiktoken = run_python(code, {**empty, "PYTHONPATH": f"{shadow}{os.pathsep}{ROOT}"})
     assert no_tiktoken == {"name": "estimate:ceil(utf8_bytes/3)", "hello": 4}
-    (shadow / "tiktoken" / "__init__.py").unlink()
-    (shadow / "tiktoken").rmdir()  # real tiktoken, but no cached encoding anywhere
+    shutil.rmtree(shadow / "tiktoken")  # real tiktoken, but no cached encoding anywhere
     no_cache = run_python(code, {**empty, "PYTHONPATH": f"{shadow}{os.pathsep}{ROOT}"})
     assert no_cache == no_tiktoken
 
