@@ -43,6 +43,9 @@ class _NoJobs:
     def extract(self, *args: Any) -> None:
         raise AssertionError("before() extracted something")
 
+    def settle(self, memory: MemoryStore) -> bool:
+        return True
+
 
 def _label(size: int) -> str:
     return f"{size // 1000}k" if size >= 1000 else str(size)

@@ -4,7 +4,8 @@ A :class:`MemoryFlow` is the one implementation of "memory around a chat turn". 
 wrappers, the LangChain and the LlamaIndex adapters only translate their framework's messages and
 answers to and from plain text; they hold no memory logic. For each model call:
 
-1. :meth:`MemoryFlow.start` with the latest user message's text: search the user's memories and
+1. :meth:`MemoryFlow.start` with the latest user message's text: wait (boundedly) for what the
+   user's previous calls queued in this process to be stored, search the user's memories and
    build :attr:`Turn.prompt`, the text the caller puts in a system message just before that user
    message (the escaped context and, for inline extraction, the instruction with a fresh nonce).
 2. The caller calls the model with it.
@@ -43,6 +44,11 @@ M = TypeVar("M")
 
 class MemoryJobs(Protocol):
     """Where a flow sends work that must not hold up the caller (see :mod:`.writer`)."""
+
+    def settle(self, memory: MemoryStore) -> bool:
+        """Wait, briefly and boundedly, for the memories queued for ``memory``'s user in this
+        process to be stored, so a user's next call reads their previous call's writes."""
+        ...
 
     def store(self, memory: MemoryStore, memories: Sequence[Mapping[str, Any]]) -> None: ...
 
@@ -123,6 +129,7 @@ class MemoryFlow:
         try:
             parts = []
             if turn.user_text:
+                self.jobs.settle(self.memory)
                 context = self._recall(turn, turn.user_text)
                 parts += [context] if context else []
             if self.inline and instruct:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,11 @@ from .prompts import background_extraction_messages, parse_extraction_json
 from .types import Source
 
 log = logging.getLogger("headroom_memory_integrations")
+
+READ_YOUR_WRITES_SECONDS = 1.0
+"""A user's next call waits at most this long for the memories their previous calls queued in
+this process to be stored (usually a few milliseconds: embedding and one write), so what a
+user said is used in their very next call. The call that queued them never waits."""
 
 MAX_MALFORMED_ATTEMPTS = 5
 """An extraction answer that is not valid JSON is retried this many times, then the job is
@@ -98,6 +104,8 @@ class MemoryWriter:
         self._stores: dict[str, MemoryStore] = {}
         self._extractors: dict[str, BackgroundExtractor] = {}
         self._lock = threading.Lock()
+        self._unsettled: dict[str, set[int]] = {}  # user -> store jobs queued here, not yet run
+        self._settled = threading.Condition()
         self.worker = JobWorker(
             JobQueue(path),
             self._handle,
@@ -132,6 +140,18 @@ class MemoryWriter:
     def flush(self, timeout: float | None = None) -> bool:
         return self.worker.flush(timeout)
 
+    def settle(self, memory: MemoryStore, timeout: float = READ_YOUR_WRITES_SECONDS) -> bool:
+        """Wait (up to ``timeout`` seconds) until the memories this process queued for
+        ``memory``'s user have been stored, or tried once. Returns False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._settled:
+            while self._unsettled.get(memory.user_id):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._settled.wait(remaining)
+        return True
+
     def detach(self, memory: MemoryStore, timeout: float | None) -> bool:
         """``memory`` is closing: drain the queue (up to ``timeout``); once no store is left,
         stop the worker (unfinished jobs stay in the file for the next process)."""
@@ -154,13 +174,28 @@ class MemoryWriter:
 
     def _put(self, kind: str, memory: MemoryStore, payload: dict[str, Any]) -> None:
         try:
-            self.worker.queue.put(kind, memory.user_id, payload)
+            with self._settled:  # held until recorded, so the worker cannot finish it unseen
+                job_id = self.worker.queue.put(kind, memory.user_id, payload)
+                if kind == "store":
+                    self._unsettled.setdefault(memory.user_id, set()).add(job_id)
             self.worker.notify()
         except Exception:
             memory.counters["store_failures"] += 1
             log.warning("could not queue memory work (%s)", kind, exc_info=True)
 
     def _handle(self, job: Job) -> None:
+        try:
+            self._run(job)
+        finally:
+            with self._settled:
+                waiting = self._unsettled.get(job.user_id)
+                if waiting is not None and job.id in waiting:
+                    waiting.discard(job.id)
+                    if not waiting:
+                        del self._unsettled[job.user_id]
+                    self._settled.notify_all()
+
+    def _run(self, job: Job) -> None:
         memory = self._store_for(job.user_id)
         if job.kind == "store":
             items = [NewMemory(**item) for item in job.payload["memories"]]
