@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .engine import MAX_TEXT_CHARS, MemoryStore
+from .grounding import grounded
 from .jobs import user_tag
 from .prompts import (
     ExtractedMemory,
@@ -58,6 +59,7 @@ class MemoryJobs(Protocol):
         exchange: Sequence[Mapping[str, str]],
         injected: Mapping[str, str],
         model: str | None,
+        untrusted: bool = False,
     ) -> None: ...
 
 
@@ -72,6 +74,8 @@ class Turn:
         nonce: The memory block's nonce, when the inline instruction is in ``prompt``.
         injected: Short id shown to the model -> id of the injected memory.
         model: The model's name, for background extraction with the same model.
+        untrusted: The call's context holds untrusted content (tool results, documents): its
+            memories are kept only if grounded in the user's text (see :mod:`.grounding`).
     """
 
     user_text: str | None = None
@@ -79,6 +83,7 @@ class Turn:
     nonce: str | None = None
     injected: dict[str, str] = field(default_factory=dict)
     model: str | None = None
+    untrusted: bool = False
 
 
 def latest_index(messages: Sequence[M], is_user: Callable[[M], bool]) -> int | None:
@@ -104,18 +109,32 @@ class MemoryFlow:
         inline: True to have the model write the memory block in its answer (no extra call);
             False to leave answers untouched and extract with a separate call in the background.
         top_k: Memories injected at most.
+        untrusted_context: Treat every call as holding untrusted content (for applications that
+            put retrieved documents in the prompt): see :mod:`.grounding`.
     """
 
     def __init__(
-        self, memory: MemoryStore, jobs: MemoryJobs, *, inline: bool, top_k: int = 5
+        self,
+        memory: MemoryStore,
+        jobs: MemoryJobs,
+        *,
+        inline: bool,
+        top_k: int = 5,
+        untrusted_context: bool = False,
     ) -> None:
         self.memory = memory
         self.jobs = jobs
         self.inline = inline
         self.top_k = top_k
+        self.untrusted_context = untrusted_context
 
     def start(
-        self, user_text: str | None, *, instruct: bool = True, model: str | None = None
+        self,
+        user_text: str | None,
+        *,
+        instruct: bool = True,
+        model: str | None = None,
+        untrusted: bool = False,
     ) -> Turn:
         """Prepare a call whose latest user message says ``user_text``. Never raises.
 
@@ -124,8 +143,14 @@ class MemoryFlow:
             instruct: False when the answer must stay machine-readable (JSON, a forced tool
                 call): memories are injected but the inline instruction is not added.
             model: The model's name, for background extraction.
+            untrusted: The call's messages hold tool results or documents (text the user did
+                not write): only memories grounded in the user's text are kept.
         """
-        turn = Turn(user_text=(user_text or "").strip() or None, model=model)
+        turn = Turn(
+            user_text=(user_text or "").strip() or None,
+            model=model,
+            untrusted=untrusted or self.untrusted_context,
+        )
         try:
             parts = []
             if turn.user_text:
@@ -191,6 +216,16 @@ class MemoryFlow:
             log.info("memory block problem (user %s): %s", self._user(), problem)
         elif not block_found:
             self.memory.counters["missing_blocks"] += 1
+        if turn.untrusted:
+            kept = [m for m in memories if grounded(m.text, turn.user_text or "")]
+            if len(kept) < len(memories):
+                self.memory.counters["ungrounded_memories"] += len(memories) - len(kept)
+                log.info(
+                    "dropped %d ungrounded memories (user %s)",
+                    len(memories) - len(kept),
+                    self._user(),
+                )
+            memories = kept
         if not memories:
             return
         items = [
@@ -209,7 +244,7 @@ class MemoryFlow:
         exchange = [{"role": "user", "content": turn.user_text}]
         if answer:
             exchange.append({"role": "assistant", "content": answer})
-        self.jobs.extract(self.memory, exchange, turn.injected, turn.model)
+        self.jobs.extract(self.memory, exchange, turn.injected, turn.model, turn.untrusted)
 
     def failed(self, counter: str, message: str) -> None:
         """Count and log a failure the call survives."""

@@ -70,6 +70,7 @@ def build_flow(
     extractor: BackgroundExtractor | None = None,
     queue_path: str | os.PathLike[str] | None = None,
     backoff: Backoff | None = None,
+    untrusted_context: bool = False,
 ) -> MemoryFlow:
     """A flow for ``memory``, its work queued in the process's writer of ``queue_path`` (default:
     beside embedded memories, or in ``~/.headroom-memory`` for a server).
@@ -78,6 +79,8 @@ def build_flow(
         inline: The model writes the memory block (True) or ``extractor`` extracts in the
             background (False).
         extractor: Required when ``inline`` is False.
+        untrusted_context: Every call's context holds untrusted text (e.g. retrieved
+            documents): keep only memories grounded in the user's words (:mod:`.grounding`).
     """
     if not inline and extractor is None:
         raise InvalidInputError("background extraction needs an extractor")
@@ -86,4 +89,6 @@ def build_flow(
     path = Path(queue_path).expanduser() if queue_path else queue_path_for(memory)
     writer = writer_for(path, backoff=backoff)
     writer.register(memory, extractor)
-    return MemoryFlow(memory, writer, inline=inline, top_k=top_k)
+    return MemoryFlow(
+        memory, writer, inline=inline, top_k=top_k, untrusted_context=untrusted_context
+    )

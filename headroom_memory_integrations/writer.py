@@ -20,6 +20,7 @@ from typing import Any
 
 from .engine import MemoryStore, NewMemory
 from .errors import EmbeddingMismatchError, InvalidInputError
+from .grounding import grounded
 from .jobs import DEFAULT_BACKOFF, Backoff, Job, JobQueue, JobWorker, PermanentJobError
 from .prompts import background_extraction_messages, parse_extraction_json
 from .types import Source
@@ -68,9 +69,17 @@ class BackgroundExtractor:
             if job.attempts >= MAX_MALFORMED_ATTEMPTS:
                 raise PermanentJobError(message)
             raise ValueError(message)  # retried with backoff
+        memories = list(result.memories)
+        if job.payload.get("untrusted"):
+            said = "\n".join(
+                m["content"] for m in job.payload["exchange"] if m.get("role") == "user"
+            )
+            kept = [m for m in memories if grounded(m.text, said)]
+            memory.counters["ungrounded_memories"] += len(memories) - len(kept)
+            memories = kept
         return [
             NewMemory(m.text, m.category, replaces=injected.get(m.replaces) if m.replaces else None)
-            for m in result.memories
+            for m in memories
         ]
 
 
@@ -133,8 +142,14 @@ class MemoryWriter:
         exchange: Sequence[Mapping[str, str]],
         injected: Mapping[str, str],
         model: str | None,
+        untrusted: bool = False,
     ) -> None:
-        payload = {"exchange": list(exchange), "injected": dict(injected), "model": model}
+        payload = {
+            "exchange": list(exchange),
+            "injected": dict(injected),
+            "model": model,
+            "untrusted": untrusted,
+        }
         self._put("extract", memory, payload)
 
     def flush(self, timeout: float | None = None) -> bool:

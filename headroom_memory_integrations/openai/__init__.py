@@ -93,6 +93,7 @@ def _wrap(
     injection: Injection,
     queue_path: str | os.PathLike[str] | None,
     memory: MemoryStore | None,
+    untrusted_context: bool,
     extractor: BackgroundExtractor | None = None,
     backoff: Backoff | None = None,
 ) -> MemoryClient:
@@ -118,6 +119,7 @@ def _wrap(
         extractor=extractor,
         queue_path=queue_path,
         backoff=backoff,
+        untrusted_context=untrusted_context,
     )
     return MemoryClient(client, CompletionsFlow(flow, injection), asynchronous=_is_async(client))
 
@@ -137,6 +139,7 @@ def with_fast_memory(
     injection: Injection = "system",
     queue_path: str | os.PathLike[str] | None = None,
     memory: MemoryStore | None = None,
+    untrusted_context: bool = False,
 ) -> MemoryClient:
     """Wrap ``client`` so the model extracts memories inline, in its own answer.
 
@@ -159,6 +162,9 @@ def with_fast_memory(
         memory: An existing :class:`MemoryStore` instead of ``user_id`` and the storage and
             embedding options, e.g. to give a sync and an async client one store:
             ``with_fast_memory(AsyncOpenAI(), memory=sync_client.memory)``.
+        untrusted_context: Your prompts carry text the user did not write (retrieved
+            documents, web pages): keep only memories grounded in the user's own words. Calls
+            whose messages hold tool results are treated so anyway.
 
     Returns:
         A client used exactly like ``client``, with ``.memory`` (a :class:`MemoryStore`).
@@ -180,6 +186,7 @@ def with_fast_memory(
         injection=injection,
         queue_path=queue_path,
         memory=memory,
+        untrusted_context=untrusted_context,
     )
 
 
@@ -201,6 +208,7 @@ def with_memory(
     queue_path: str | os.PathLike[str] | None = None,
     retry_backoff: Backoff | None = None,
     memory: MemoryStore | None = None,
+    untrusted_context: bool = False,
 ) -> MemoryClient:
     """Wrap ``client`` so memories are extracted in the background by a separate call.
 
@@ -238,6 +246,7 @@ def with_memory(
         injection=injection,
         queue_path=queue_path,
         memory=memory,
+        untrusted_context=untrusted_context,
         extractor=extractor,
         backoff=retry_backoff,
     )

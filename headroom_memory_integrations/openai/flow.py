@@ -40,6 +40,10 @@ def _is_user(message: Any) -> bool:
     return isinstance(message, Mapping) and message.get("role") == "user"
 
 
+def _is_tool_result(message: Any) -> bool:
+    return isinstance(message, Mapping) and message.get("role") in ("tool", "function")
+
+
 def _prepend(message: Mapping[str, Any], text: str) -> dict[str, Any]:
     user = dict(message)
     content = user.get("content")
@@ -84,6 +88,7 @@ class CompletionsFlow:
             message_text(messages[index]),
             instruct=inline_extraction_allowed(kwargs),
             model=model if isinstance(model, str) else None,
+            untrusted=any(_is_tool_result(message) for message in messages),
         )
         prompt = call.turn.prompt
         if prompt:
