@@ -33,6 +33,7 @@ from . import coldstart, e2e, injection, locomo, memory, needle, writes  # noqa:
 from .common import (  # noqa: E402
     Context,
     SectionResult,
+    SectionSkipped,
     calibrate,
     log,
     machine_info,
@@ -80,6 +81,9 @@ def run_section(name: str, module: ModuleType, ctx: Context) -> SectionResult:
     started = time.perf_counter()
     try:
         result: SectionResult = module.run(ctx)
+    except SectionSkipped as skipped:
+        log(f"== {name} skipped: {skipped} ==")
+        result = SectionResult(name, details={"skipped": str(skipped)})
     except Exception:
         traceback.print_exc()
         result = SectionResult(name, details={"error": traceback.format_exc()})
@@ -117,7 +121,10 @@ def main(argv: list[str]) -> int:
     rows = [row for result in results for row in result.rows]
     print(table(rows, machine))
     failed = [result.name for result in results if "error" in result.details]
+    skipped = [result.name for result in results if "skipped" in result.details]
     print(f"\n{report['mode']} run, {report['seconds']:.0f} s; results: {path}")
+    if skipped:
+        print(f"sections skipped (their data is missing): {', '.join(skipped)}")
     if failed:
         print(f"sections that failed: {', '.join(failed)}")
     return 1 if failed else 0

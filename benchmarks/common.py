@@ -183,6 +183,10 @@ def latency(
     return Row(section, name, stats.p50, unit, stats.p95, stats.n, target, note)
 
 
+class SectionSkipped(Exception):
+    """A section cannot run here (its data is missing): the run says so and goes on."""
+
+
 @dataclass
 class SectionResult:
     """What a section reports: table rows and a free-form ``details`` dict for the JSON."""

@@ -35,7 +35,7 @@ from headroom_memory_integrations import ChromaStorage, LocalEmbedder, Memory, M
 from headroom_memory_integrations.prompts import format_memory_context, short_ids
 from headroom_memory_integrations.transforms import RollingWindowTransform
 
-from .common import ROOT, Context, Row, SectionResult, log, value_at_least
+from .common import ROOT, Context, Row, SectionResult, SectionSkipped, log, value_at_least
 from .population import add_batch
 
 NAME = "locomo"
@@ -200,7 +200,7 @@ def build(
 def run(ctx: Context) -> SectionResult:
     result = SectionResult(NAME)
     if not DATA.is_file():
-        raise FileNotFoundError(
+        raise SectionSkipped(
             f"LoCoMo data not found at {DATA}: it is read from ../shared/data/ next to the "
             "repository; elsewhere, set HEADROOM_LOCOMO_DATA to the file"
         )
