@@ -51,6 +51,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import socket
 import socketserver
 import struct
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODELS",
+    "MemoryFollowingModel",
     "RecordedRequest",
     "Reply",
     "Responder",
@@ -271,6 +273,106 @@ def _prompt_text(messages: list[Any]) -> str:
                 p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
             ]
     return "\n".join(parts)
+
+
+_NONCE = re.compile(r"<memory-([0-9a-f]{8,32})>")
+_INJECTED = re.compile(r'^- m\d+ \((\w+)\): ("(?:[^"\\]|\\.)*")$', re.MULTILINE)
+_SENTENCES = re.compile(r"[^.!?;\n]+[.!?;]?")
+_IRREGULAR = {"have": "has", "do": "does", "go": "goes", "am": "is", "was": "was"}
+_PRONOUNS = {"my": "their", "me": "them", "myself": "themselves", "mine": "theirs", "i": "they"}
+_PREFERENCE_WORDS = ("prefer", "like", "love", "enjoy", "hate", "dislike", "favorite", "favourite")
+_CONTEXT_WORDS = ("working on", "migrating", "planning", "learning", "building", "preparing")
+
+
+def _third_person(verb: str) -> str:
+    lower = verb.lower()
+    if lower in _IRREGULAR:
+        return _IRREGULAR[lower]
+    if lower.endswith(("s", "sh", "ch", "x", "o", "z")):
+        return lower + "es"
+    if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return lower[:-1] + "ies"
+    return lower + "s"
+
+
+def _about_the_user(sentence: str) -> str | None:
+    """A first-person statement in the third person, or None if it is not one."""
+    words = sentence.strip().rstrip(".!;").split()
+    if len(words) < 2 or sentence.strip().endswith("?"):
+        return None
+    head = words[0].lower()
+    rest = [_PRONOUNS.get(w.lower(), w) for w in words[2:]]
+    if head in ("i'm", "i’m") or (head == "i" and words[1].lower() == "am"):
+        tail = words[1:] if head != "i" else words[2:]
+        text = "Is " + " ".join(_PRONOUNS.get(w.lower(), w) for w in tail)
+    elif head == "i":
+        text = _third_person(words[1]).capitalize() + (" " + " ".join(rest) if rest else "")
+    elif head == "my" and len(words) >= 3:
+        text = "User's " + " ".join(_PRONOUNS.get(w.lower(), w) for w in words[1:])
+    else:
+        return None
+    return text if len(text.split()) >= 2 else None
+
+
+def _category(text: str) -> str:
+    lower = text.lower()
+    if any(word in lower for word in _PREFERENCE_WORDS):
+        return "preference"
+    if any(word in lower for word in _CONTEXT_WORDS):
+        return "context"
+    return "fact"
+
+
+class MemoryFollowingModel:
+    """A responder that behaves like a chat model following this package's memory prompts, so
+    demos, docs and notebooks show the whole loop offline (``responder=MemoryFollowingModel()``).
+
+    - It answers from the memories injected into the request ("From what I remember: Prefers
+      Python for backend work."), or acknowledges what the user told it.
+    - When the request carries the inline instruction, it ends its answer with a valid memory
+      block holding the latest user message's first-person statements in the third person
+      ("I prefer Python for backend work" becomes "Prefers Python for backend work").
+    - It answers background extraction calls with ``{"memories": [...]}`` of the same statements.
+
+    It is a few string rules, not a model: it understands nothing else.
+    """
+
+    def __init__(self, chunk_size: int | None = None) -> None:
+        self.chunk_size = chunk_size
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        system = "\n".join(
+            _prompt_text([m]) for m in messages if m.get("role") in ("system", "developer")
+        )
+        users = [_prompt_text([m]) for m in messages if m.get("role") == "user"]
+        if system.startswith("You maintain long-term memory") and users:
+            said = re.findall(r"^- user: (.*)$", users[-1], re.MULTILINE)
+            texts = [json.loads(line) for line in said]
+            return Reply.text(json.dumps({"memories": self._memories(" ".join(texts))}))
+        latest = users[-1] if users else ""
+        statements = self._memories(latest)
+        remembered = [json.loads(text) for _, text in _INJECTED.findall(system + "\n" + latest)]
+        if remembered:
+            answer = "From what I remember: " + "; ".join(remembered) + "."
+        elif statements:
+            answer = "Thanks, I will keep that in mind."
+        else:
+            answer = "I don't know anything about that yet."
+        nonce = _NONCE.search(system) or _NONCE.search(latest)
+        if nonce:
+            tag = nonce.group(1)
+            answer += f"\n\n<memory-{tag}>{json.dumps(statements)}</memory-{tag}>"
+        return Reply.text(answer, chunk_size=self.chunk_size)
+
+    @staticmethod
+    def _memories(text: str) -> list[dict[str, str]]:
+        found = []
+        for sentence in _SENTENCES.findall(text):
+            statement = _about_the_user(sentence)
+            if statement:
+                found.append({"text": statement, "category": _category(statement)})
+        return found
 
 
 @dataclass
