@@ -276,7 +276,7 @@ def _prompt_text(messages: list[Any]) -> str:
 
 
 _NONCE = re.compile(r"<memory-([0-9a-f]{8,32})>")
-_INJECTED = re.compile(r'^- m\d+ \((\w+)\): ("(?:[^"\\]|\\.)*")$', re.MULTILINE)
+_INJECTED = re.compile(r'^- m\d+ \(([^)]*)\): ("(?:[^"\\]|\\.)*")$', re.MULTILINE)
 _SENTENCES = re.compile(r"[^.!?;\n]+[.!?;]?")
 _IRREGULAR = {"have": "has", "do": "does", "go": "goes", "am": "is", "was": "was"}
 _PRONOUNS = {"my": "their", "me": "them", "myself": "themselves", "mine": "theirs", "i": "they"}
