@@ -204,13 +204,13 @@ def create_manage_memory_tool(
     category=None)`` to create, update or delete one of the user's memories.
 
     ``create`` stores ``content`` and answers with the id and text of the memory kept (a
-    near-duplicate of an existing memory is not stored again: the answer shows that one); ``update`` replaces the text (and category)
-    of the memory ``id``, keeping the old text in its history; ``delete`` forgets memory
-    ``id``. Text goes through the engine's checks (at most 2,000 characters, control characters
-    dropped). An id that is not one of this user's memories, a missing argument or a bad text
-    is answered with an error message the model can read (the run goes on); nothing of another
-    user can be read or changed, whatever the model passes. The artifact is the memory as a
-    dict (or None after a delete).
+    near-duplicate of an existing memory is not stored again: the answer shows that one);
+    ``update`` replaces the text (and category) of the memory ``id``, keeping the old text in
+    its history; ``delete`` forgets memory ``id``. Text goes through the engine's checks (at
+    most 2,000 characters, control characters dropped). An id that is not one of this user's
+    memories, a missing argument or a bad text is answered with an error message the model can
+    read (the run goes on); nothing of another user can be read or changed, whatever the model
+    passes. The artifact is the memory as a dict (or None after a delete).
 
     Args: as for :func:`create_search_memory_tool`.
     """
