@@ -3,15 +3,19 @@ ChatOpenAI over HTTP to the scripted server, and ways to read what a run did."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from langchain_core.messages import ToolMessage
 from langchain_openai import ChatOpenAI
 
 from headroom_memory_integrations.testing import ScriptedOpenAIServer
+
+T = TypeVar("T")
 
 EXTRACTION_SYSTEM_START = "You maintain long-term memory about a user."
 
@@ -26,6 +30,20 @@ def chat_model(server: ScriptedOpenAIServer, **options: Any) -> ChatOpenAI:
         "timeout": 30,
     }
     return ChatOpenAI(**{**defaults, **options})
+
+
+def run_async(main: Coroutine[Any, Any, T], *models: ChatOpenAI) -> T:
+    """``asyncio.run(main)``, closing the models' async HTTP connections before the loop ends
+    (left open, they would be reported as unclosed sockets in a later test)."""
+
+    async def closing() -> T:
+        try:
+            return await main
+        finally:
+            for model in models:
+                await model.root_async_client.close()
+
+    return asyncio.run(closing())
 
 
 def is_extraction(body: dict | None) -> bool:

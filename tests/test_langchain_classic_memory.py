@@ -8,7 +8,13 @@ import json
 import warnings
 
 import pytest
-from _langgraph_support import chat_model, is_extraction, request_text, run_python
+from _langgraph_support import (
+    chat_model,
+    is_extraction,
+    request_text,
+    run_async,
+    run_python,
+)
 from langchain_classic.chains import ConversationChain
 from langchain_core.messages import SystemMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
@@ -211,7 +217,7 @@ def test_async_forms_in_a_chain(openai_server, scripted, make_memory) -> None:
         await memory.aclear()
         return recalled
 
-    recalled = asyncio.run(run())
+    recalled = run_async(run(), chain.llm)
     assert "Prefers Python for backend work" in recalled["memories"]
     assert memory.memory.count() == 0
 

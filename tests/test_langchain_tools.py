@@ -3,10 +3,8 @@ server, real Chroma and the real model. The user always comes from configuration
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from _langgraph_support import chat_model, request_text, tool_messages
+from _langgraph_support import chat_model, request_text, run_async, tool_messages
 from langchain.agents import create_agent
 
 from headroom_memory_integrations import InvalidInputError, MemoryStore
@@ -196,7 +194,9 @@ def test_memory_texts_are_escaped_in_tool_results(db_path, model) -> None:
     assert len(found.splitlines()) == 2  # the memory added no line
 
 
-def test_an_async_agent_uses_the_same_tools(agent, openai_server, db_path, model) -> None:
+def test_an_async_agent_uses_the_same_tools(openai_server, db_path, model) -> None:
+    llm = chat_model(openai_server)
+    agent = create_agent(llm, tools=memory_tools(db_path=db_path, embedder=model))
     create = {"action": "create", "content": "Works night shifts", "category": "context"}
 
     async def run() -> dict:
@@ -205,6 +205,6 @@ def test_an_async_agent_uses_the_same_tools(agent, openai_server, db_path, model
         openai_server.script(Reply.tool_call("search_memory", {"query": "my schedule"}), "Nights.")
         return await agent.ainvoke(ask("What is my schedule?"), user("gina"))
 
-    (searched,) = tool_messages(asyncio.run(run()))
+    (searched,) = tool_messages(run_async(run(), llm))
     assert [m["text"] for m in searched.artifact] == ["Works night shifts"]
     assert memories(db_path, model, "gina") == [("Works night shifts", "context")]

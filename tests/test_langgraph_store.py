@@ -8,7 +8,7 @@ import json
 from typing import TypedDict
 
 import pytest
-from _langgraph_support import chat_model, request_text, run_python, tool_messages
+from _langgraph_support import chat_model, request_text, run_async, run_python, tool_messages
 from langchain.agents import create_agent
 from langchain.tools import ToolRuntime
 from langchain_core.tools import tool
@@ -334,11 +334,8 @@ def test_create_agent_tools_read_and_write_the_store(mode, db_path, model, opena
     openai_server.script(
         Reply.tool_call(reader.name, {"query": "which programming language"}), "Use Python."
     )
-    agent = create_agent(
-        chat_model(openai_server),
-        tools=[reader],
-        store=HeadroomStore(db_path=db_path, embedder=model),
-    )
+    llm = chat_model(openai_server)
+    agent = create_agent(llm, tools=[reader], store=HeadroomStore(db_path=db_path, embedder=model))
     question = {"messages": [{"role": "user", "content": "Which language should I use?"}]}
     bob = {"configurable": {"user_id": "bob"}}
 
@@ -353,7 +350,7 @@ def test_create_agent_tools_read_and_write_the_store(mode, db_path, model, opena
         openai_server.script(Reply.tool_call(reader.name, {"query": "programming language"}), "?")
         return second, await agent.ainvoke(question, bob)
 
-    second, third = ask_twice() if mode == "sync" else asyncio.run(aask_twice())
+    second, third = ask_twice() if mode == "sync" else run_async(aask_twice(), llm)
     assert [m.content for m in tool_messages(second)] == ["Prefers Python for backend work"]
     assert "Prefers Python for backend work" in request_text(openai_server.requests[-3].body)
     assert [m.content for m in tool_messages(third)] == [""]

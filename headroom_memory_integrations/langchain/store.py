@@ -324,8 +324,8 @@ class HeadroomStore(BaseStore):
         store.put(("alice",), "language", {"text": "Prefers Python", "category": "preference"})
         store.get(("alice",), "language").value
         # {'text': 'Prefers Python', 'category': 'preference'}
-        [(i.key, round(i.score, 2)) for i in store.search(("alice",), query="which language?")]
-        # [('language', 0.52)]
+        found = store.search(("alice",), query="Which programming language should I use?")
+        [(i.key, round(i.score, 2)) for i in found]  # [('language', 0.61)]
 
     In an agent (tools reach it as ``runtime.store``)::
 
