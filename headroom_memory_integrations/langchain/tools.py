@@ -22,7 +22,13 @@ from ..storage import Storage
 from ..types import Memory, SearchResult
 from ..wiring import UserStores, open_memory
 
-__all__ = ["create_manage_memory_tool", "create_search_memory_tool", "memory_tools"]
+__all__ = [
+    "MemoryScope",
+    "create_manage_memory_tool",
+    "create_search_memory_tool",
+    "memory_tools",
+    "run_user_id",
+]
 
 CategoryName = Literal["preference", "fact", "context"]
 
