@@ -4,16 +4,24 @@ Every constructor in this package takes memory the same way: ``user_id=`` with `
 ``storage=``, ``embedder=``), or an existing ``memory=MemoryStore(...)``. :func:`open_memory`
 reads those arguments; :func:`build_flow` adds the durable job queue and the
 :class:`~.flow.MemoryFlow` that the OpenAI wrappers, the LangChain and the LlamaIndex adapters all
-use.
+use. Adapters that serve many users (a LangGraph store, per-run agent tools) open each user's
+store through one :class:`UserStores`.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
-from .embeddings import Embedder
-from .engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
+from .embeddings import Embedder, LocalEmbedder
+from .engine import (
+    DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_MIN_SCORE,
+    MemoryStore,
+    _resolve_storage,
+    validate_user_id,
+)
 from .errors import InvalidInputError
 from .flow import MemoryFlow
 from .jobs import Backoff
@@ -92,3 +100,57 @@ def build_flow(
     return MemoryFlow(
         memory, writer, inline=inline, top_k=top_k, untrusted_context=untrusted_context
     )
+
+
+def open_storage(
+    db_path: str | os.PathLike[str] | None = None, storage: Storage | None = None
+) -> Storage:
+    """``storage`` itself, or the storage ``db_path`` names, resolved as :class:`MemoryStore`
+    resolves it (a folder for embedded Chroma, a server URL, default ``~/.headroom-memory``)."""
+    if storage is not None:
+        if db_path is not None:
+            raise InvalidInputError("pass db_path or storage, not both")
+        return storage
+    return _resolve_storage(db_path)
+
+
+class UserStores:
+    """The memory stores of many users on one storage, each opened on first use and kept, all
+    sharing one embedder. For adapters that pick the user per call (a LangGraph store whose
+    namespaces are users, agent tools scoped by the run's configuration).
+
+    Args:
+        db_path: As for :class:`MemoryStore` (or ``storage=``).
+        embedder: Shared by every user's store (default: the local model, loaded once).
+        min_score: The relevance floor of every user's store.
+    """
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str] | None = None,
+        *,
+        storage: Storage | None = None,
+        embedder: Embedder | None = None,
+        min_score: float = DEFAULT_MIN_SCORE,
+    ) -> None:
+        self.storage = open_storage(db_path, storage)
+        self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
+        self.min_score = float(min_score)
+        self._stores: dict[str, MemoryStore] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, user_id: str) -> MemoryStore:
+        """The store of ``user_id`` (created on first use; the user's collection is created
+        only when the store first reads or writes)."""
+        user_id = validate_user_id(user_id)
+        with self._lock:
+            memory = self._stores.get(user_id)
+            if memory is None:
+                memory = self._stores[user_id] = MemoryStore(
+                    user_id, storage=self.storage, embedder=self.embedder, min_score=self.min_score
+                )
+            return memory
+
+    def users(self) -> list[str]:
+        """Every user with memories in the storage (a collection, possibly emptied), sorted."""
+        return self.storage.users()

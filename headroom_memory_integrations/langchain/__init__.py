@@ -2,15 +2,47 @@
 
 Every class here is a thin translation onto the core (:mod:`headroom_memory_integrations.flow`,
 the engine and the prompts): the same injection, extraction, escaping and storing as the OpenAI
-wrappers. Install with ``pip install 'headroom-memory-integrations[langchain]'``.
+wrappers. Install with ``pip install 'headroom-memory-integrations[langchain]'``;
+:class:`HeadroomMemory` (the classic chains' memory) also needs
+``pip install 'headroom-memory-integrations[langchain-classic]'`` and is imported on first use.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from .._optional import require
 
 require("langchain_core", "langchain", "langgraph", extra="langchain")
 
 from ._extract import chat_model_completer  # noqa: E402
+from .retriever import HeadroomRetriever  # noqa: E402
+from .store import HeadroomStore  # noqa: E402
+from .tools import (  # noqa: E402
+    MemoryScope,
+    create_manage_memory_tool,
+    create_search_memory_tool,
+    memory_tools,
+)
 
-__all__ = ["chat_model_completer"]
+if TYPE_CHECKING:
+    from .memory import HeadroomMemory
+
+__all__ = [
+    "HeadroomMemory",
+    "HeadroomRetriever",
+    "HeadroomStore",
+    "MemoryScope",
+    "chat_model_completer",
+    "create_manage_memory_tool",
+    "create_search_memory_tool",
+    "memory_tools",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HeadroomMemory":  # needs langchain-classic: imported on first use
+        from .memory import HeadroomMemory
+
+        return HeadroomMemory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,189 @@
+"""Long-term memory for classic LangChain chains: :class:`HeadroomMemory`.
+
+Needs the ``langchain-classic`` extra (``pip install
+'headroom-memory-integrations[langchain-classic]'``); the rest of
+:mod:`headroom_memory_integrations.langchain` imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+from .._optional import require
+
+require("langchain_classic", extra="langchain-classic")
+
+from langchain_classic.base_memory import BaseMemory  # noqa: E402
+from langchain_core.messages import BaseMessage, SystemMessage  # noqa: E402
+from pydantic import Field, PrivateAttr, model_validator  # noqa: E402
+
+from ..engine import MemoryStore  # noqa: E402
+from ..flow import MemoryFlow, Turn  # noqa: E402
+from ..prompts import message_text  # noqa: E402
+from ..wiring import build_flow, open_memory  # noqa: E402
+from ..writer import BackgroundExtractor  # noqa: E402
+from ._extract import chat_model_completer  # noqa: E402
+
+_OPENING = ("user_id", "db_path", "storage", "embedder")
+_PENDING_TURNS = 64  # loaded turns waiting for their save_context, per memory object
+
+
+class HeadroomMemory(BaseMemory):
+    """A user's long-term memories for classic chains (``langchain_classic`` memory API).
+
+    Before each run, :meth:`load_memory_variables` searches the user's memories with the
+    run's input and returns the relevant ones under ``memory_key``: the escaped context block
+    that every adapter of this package injects (marked as data, not instructions), or ``""``
+    when nothing is relevant; with ``return_messages=True``, a list holding one
+    ``SystemMessage`` with that block (or an empty list). After each run,
+    :meth:`save_context` queues the exchange durably and returns at once; a background worker
+    asks ``llm`` to extract memories and stores them (``memory.flush()`` waits for it).
+    Without ``llm`` it still recalls but never learns (a warning says so at construction).
+
+    It raises no deprecation warning of its own; ``langchain_classic`` deprecates its chains
+    and memories in favour of agents with a store (see ``HeadroomStore``).
+
+    Setup::
+
+        from langchain_classic.chains import ConversationChain
+        from langchain_core.prompts import PromptTemplate
+        from headroom_memory_integrations.langchain import HeadroomMemory
+
+        memory = HeadroomMemory(user_id="alice", db_path="./memories", llm=model)
+        prompt = PromptTemplate.from_template("{memories}\\n\\nUser: {input}\\nAssistant:")
+        chain = ConversationChain(llm=model, memory=memory, prompt=prompt)
+
+    Invoke::
+
+        chain.invoke({"input": "I prefer Python for backend work"})
+        memory.memory.flush()  # the background extraction is done
+        # ... later, in another process:
+        chain.invoke({"input": "Which language should I use?"})  # the prompt carries the memory
+
+    Directly::
+
+        memory.load_memory_variables({"input": "Which language should I use?"})
+        # {'memories': '<user-memories>\\n...\\n- m1 (preference): "Prefers Python ..."\\n...'}
+        memory.save_context({"input": "..."}, {"response": "..."})  # returns immediately
+
+    Async: ``aload_memory_variables``, ``asave_context`` and ``aclear`` run the same code in a
+    worker thread.
+
+    Args:
+        user_id / db_path / storage / embedder: Whose memories, as for ``MemoryStore``.
+        memory: An existing store instead.
+        llm: The LangChain chat model that extracts memories in the background.
+        memory_key: The prompt variable the memories fill (default ``"memories"``).
+        input_key / output_key: Which input and output hold the exchange (default: the only
+            one there is).
+        return_messages: Return a list of messages instead of a string.
+        top_k: Memories recalled at most.
+    """
+
+    memory: MemoryStore
+    llm: Any = Field(default=None, exclude=True)
+    memory_key: str = "memories"
+    input_key: str | None = None
+    output_key: str | None = None
+    return_messages: bool = False
+    top_k: int = Field(default=5, ge=1)
+
+    _flow: MemoryFlow = PrivateAttr()
+    _turns: OrderedDict[str, Turn] = PrivateAttr(default_factory=OrderedDict)
+    _turns_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        if self.llm is None:
+            warnings.warn(
+                "HeadroomMemory has no llm: it recalls memories but cannot learn new ones. "
+                "Pass llm=<a LangChain chat model> to extract memories in the background.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _open_memory(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        options = {name: data.pop(name) for name in _OPENING if name in data}
+        if options or "memory" not in data:
+            data["memory"] = open_memory(data.pop("memory", None), **options)
+        return data
+
+    def model_post_init(self, context: Any) -> None:
+        if self.llm is not None:
+            extractor = BackgroundExtractor(chat_model_completer(self.llm))
+            self._flow = build_flow(
+                self.memory, inline=False, top_k=self.top_k, extractor=extractor
+            )
+        else:
+            # Recall only: the flow is asked for context without the instruction, and never
+            # finished, so nothing is queued.
+            self._flow = build_flow(self.memory, inline=True, top_k=self.top_k)
+
+    @property
+    def memory_variables(self) -> list[str]:
+        return [self.memory_key]
+
+    def load_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The user's memories relevant to the run's input, under ``memory_key``."""
+        text = self._text(inputs, self.input_key, "input")
+        turn = self._flow.start(text, instruct=False)
+        if turn.user_text is not None:
+            with self._turns_lock:
+                self._turns[turn.user_text] = turn
+                while len(self._turns) > _PENDING_TURNS:
+                    self._turns.popitem(last=False)
+        context = turn.prompt or ""
+        if self.return_messages:
+            messages: list[BaseMessage] = [SystemMessage(context)] if context else []
+            return {self.memory_key: messages}
+        return {self.memory_key: context}
+
+    def save_context(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        """Queue the exchange for background extraction and return (without ``llm``: nothing)."""
+        user_text = self._text(inputs, self.input_key, "input").strip()
+        answer = self._text(outputs, self.output_key, "output")
+        with self._turns_lock:
+            turn = self._turns.pop(user_text, None) or Turn(user_text=user_text or None)
+        if self.llm is not None:
+            self._flow.finish(turn, answer)
+
+    def clear(self) -> None:
+        """Forget every memory of this user (in storage, not only in this object)."""
+        with self._turns_lock:
+            self._turns.clear()
+        self.memory.clear()
+
+    async def aload_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self.load_memory_variables, inputs)
+
+    async def asave_context(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.save_context, inputs, outputs)
+
+    async def aclear(self) -> None:
+        await asyncio.to_thread(self.clear)
+
+    def _text(self, values: dict[str, Any], key: str | None, what: str) -> str:
+        if key is None:
+            keys = [k for k in values if k not in (self.memory_key, "stop")]
+            if len(keys) != 1:
+                raise ValueError(
+                    f"HeadroomMemory cannot tell which {what} holds the exchange among "
+                    f"{sorted(keys)}; pass {what}_key="
+                )
+            key = keys[0]
+        value = values.get(key)
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):  # a chat history: the latest message
+            return message_text(value[-1]) if value else ""
+        return message_text(value) or str(value)

@@ -1,0 +1,115 @@
+"""A user's relevant memories as LangChain documents: :class:`HeadroomRetriever`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForRetrieverRun,
+)
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from pydantic import Field, model_validator
+
+from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
+from ..types import Category, Memory
+from ..wiring import open_memory
+
+_OPENING = ("user_id", "db_path", "storage", "embedder")
+
+
+class HeadroomRetriever(BaseRetriever):
+    """A user's memories most relevant to a query, as ``Document`` objects.
+
+    Each document's ``page_content`` is a memory's text, its ``id`` the memory's id, and its
+    ``metadata`` holds ``id``, ``category``, ``score`` (higher is more relevant), ``source``,
+    ``created_at`` and ``updated_at`` (ISO 8601, UTC). Only memories above the relevance floor
+    come back, so an unrelated query returns ``[]``; at most ``k``, most relevant first.
+
+    Setup::
+
+        from headroom_memory_integrations.langchain import HeadroomRetriever
+
+        retriever = HeadroomRetriever(user_id="alice", db_path="./memories", k=3)
+        # or HeadroomRetriever(memory=MemoryStore("alice", db_path="./memories"))
+
+    Invoke::
+
+        docs = retriever.invoke("Which language should I use?")
+        docs[0].page_content  # 'Prefers Python for backend work'
+        docs[0].metadata["category"], round(docs[0].metadata["score"], 2)  # ('preference', 0.35)
+        retriever.invoke("Which language should I use?", k=1)  # one document at most
+
+    In a chain::
+
+        chain = {"memories": retriever, "question": RunnablePassthrough()} | prompt | model
+
+    Async: ``await retriever.ainvoke(query)`` runs the same search in a worker thread.
+
+    Args:
+        user_id / db_path / storage / embedder: Whose memories, as for ``MemoryStore``.
+        memory: An existing store instead.
+        k: Documents at most (also per call: ``invoke(query, k=...)``).
+        min_score: Overrides the store's relevance floor.
+        categories: Only these categories (default all).
+    """
+
+    memory: MemoryStore
+    k: int = Field(default=5, ge=1, le=MAX_TOP_K)
+    min_score: float | None = None
+    categories: list[Category] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _open_memory(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        options = {name: data.pop(name) for name in _OPENING if name in data}
+        if options or "memory" not in data:
+            data["memory"] = open_memory(data.pop("memory", None), **options)
+        return data
+
+    @property
+    def user_id(self) -> str:
+        return self.memory.user_id
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None
+    ) -> list[Document]:
+        return self._search(query, k)
+
+    async def _aget_relevant_documents(
+        self,
+        query: str,
+        *,
+        run_manager: AsyncCallbackManagerForRetrieverRun,
+        k: int | None = None,
+    ) -> list[Document]:
+        return await asyncio.to_thread(self._search, query, k)
+
+    def _search(self, query: str, k: int | None) -> list[Document]:
+        if not isinstance(query, str) or not query.strip():
+            return []
+        found = self.memory.search(
+            query[-MAX_TEXT_CHARS:],
+            top_k=self.k if k is None else k,
+            categories=self.categories,
+            min_score=self.min_score,
+        )
+        return [memory_document(memory, score) for memory, score in found]
+
+
+def memory_document(memory: Memory, score: float | None = None) -> Document:
+    """A memory as a ``Document`` (see :class:`HeadroomRetriever` for the metadata)."""
+    metadata: dict[str, Any] = {
+        "id": memory.id,
+        "category": memory.category.value,
+        "source": memory.source.value,
+        "created_at": memory.created_at.isoformat(),
+        "updated_at": memory.updated_at.isoformat(),
+    }
+    if score is not None:
+        metadata["score"] = score
+    return Document(page_content=memory.text, id=memory.id, metadata=metadata)

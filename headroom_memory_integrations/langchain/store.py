@@ -1,0 +1,529 @@
+"""A LangGraph long-term store over the memory engine: :class:`HeadroomStore`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from langgraph.store.base import (
+    BaseStore,
+    GetOp,
+    Item,
+    ListNamespacesOp,
+    MatchCondition,
+    Op,
+    PutOp,
+    Result,
+    SearchItem,
+    SearchOp,
+    get_text_at_path,
+    validate_op_namespace,
+)
+from langgraph.store.base import InvalidNamespaceError as _InvalidNamespaceError
+
+from ..embeddings import Embedder
+from ..engine import (
+    DEFAULT_MIN_SCORE,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_TOP_K,
+    MemoryStore,
+    check_memory_id,
+    clean_metadata,
+    clean_text,
+    validate_user_id,
+)
+from ..errors import InvalidInputError, MemoryNotFoundError
+from ..storage import Storage
+from ..types import Category, Memory
+from ..wiring import UserStores
+
+SEPARATOR = "."
+"""A namespace's engine user is its labels joined by this (LangGraph forbids it in labels)."""
+
+_VALUE_KEY = "langgraph_value_"  # metadata keys holding the value's JSON, in numbered pieces
+_TEXT_FIELD_KEY = "langgraph_text_field"  # "text" or "content": the field the text came from
+_INDEXED_KEY = "langgraph_indexed"  # digest of the indexed text, to notice rewrites elsewhere
+MAX_VALUE_CHARS = (MAX_METADATA_KEYS - 2) * MAX_METADATA_VALUE_CHARS
+"""Longest value an item holds, measured as its JSON (non-ASCII characters count as their
+``\\uXXXX`` escapes)."""
+_TEXT_FIELDS = ("text", "content")
+_FIRST_SEARCH_DEPTH = 10
+_OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte")
+
+
+class InvalidNamespaceError(_InvalidNamespaceError, InvalidInputError):
+    """A namespace this store cannot map to a user (LangGraph's error, and ours)."""
+
+
+def namespace_user(namespace: Sequence[str]) -> str:
+    """The engine user of ``namespace``: its labels joined by ``"."``.
+
+    Raises:
+        InvalidNamespaceError: the namespace is empty, or a label is not a non-empty string
+            without ``"."``; or the joined id is too long for a user id.
+    """
+    if not namespace:
+        raise InvalidNamespaceError("an empty namespace names no user")
+    validate_op_namespace(GetOp(tuple(namespace), ""))
+    try:
+        return validate_user_id(SEPARATOR.join(namespace))
+    except InvalidInputError as exc:
+        raise InvalidNamespaceError(f"namespace {tuple(namespace)!r}: {exc}") from exc
+
+
+def user_namespace(user_id: str) -> tuple[str, ...] | None:
+    """The namespace whose user is ``user_id``, or None if no namespace maps to it (an empty
+    label, as in ``"a..b"``, or a NUL character)."""
+    labels = tuple(user_id.split(SEPARATOR))
+    if any(not label or "\x00" in label for label in labels):
+        return None
+    return labels
+
+
+# -- values <-> memories ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """An item ready to store as a memory."""
+
+    user_id: str
+    key: str
+    text: str
+    category: Category
+    metadata: Mapping[str, Any]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _check_keys(value: Any, where: str) -> None:
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            if not isinstance(key, str):
+                raise InvalidInputError(f"{where} has a key {key!r} that is not a string")
+            _check_keys(inner, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, inner in enumerate(value):
+            _check_keys(inner, f"{where}[{index}]")
+
+
+def _category_of(value: Mapping[str, Any]) -> Category | None:
+    named = value.get("category")
+    if not isinstance(named, str):
+        return None
+    try:
+        return Category.parse(named)
+    except InvalidInputError:
+        return None
+
+
+def _indexed_text(value: Mapping[str, Any], index: Any) -> tuple[str | None, str, str]:
+    """``(field, text, what)``: the text to embed, the top-level field it is (or None), and how
+    to name it in an error."""
+    if isinstance(index, list) and index:
+        texts = [text for path in index for text in get_text_at_path(value, path)]
+        if any(text.strip() for text in texts):
+            return None, "\n".join(texts), f"the text of the fields {index!r}"
+    for field in _TEXT_FIELDS:
+        text = value.get(field)
+        if isinstance(text, str) and text.strip():
+            return field, text, f"value[{field!r}]"
+    rendered = get_text_at_path(value, "$")[0]
+    return None, rendered, "the value rendered as text (put the text to search by in 'text')"
+
+
+def encode_item(namespace: Sequence[str], key: str, value: Any, index: Any = None) -> _Encoded:
+    """Check an item and turn it into a memory's text, category and metadata; nothing is
+    written. See :class:`HeadroomStore` for the rules."""
+    user_id = namespace_user(namespace)
+    place = f"item {tuple(namespace)!r}/{key!r}"
+    try:
+        key = check_memory_id(key)
+        if not isinstance(value, Mapping):
+            raise InvalidInputError(f"the value must be a dict, got {type(value).__name__}")
+        _check_keys(value, "the value")
+        try:
+            data = json.dumps(dict(value), ensure_ascii=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"the value must be JSON data: {exc}") from exc
+        if len(data) > MAX_VALUE_CHARS:
+            raise InvalidInputError(
+                f"the value is {len(data)} characters as JSON; the maximum is {MAX_VALUE_CHARS}"
+            )
+        field, raw_text, what = _indexed_text(value, index)
+        text = clean_text(raw_text, what)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{place}: {exc}") from exc
+    pieces = range(0, len(data), MAX_METADATA_VALUE_CHARS)
+    metadata = {
+        f"{_VALUE_KEY}{n}": data[start : start + MAX_METADATA_VALUE_CHARS]
+        for n, start in enumerate(pieces)
+    }
+    metadata[_TEXT_FIELD_KEY] = field or ""
+    metadata[_INDEXED_KEY] = _digest(text)
+    category = _category_of(value) or Category.FACT
+    return _Encoded(user_id, key, text, category, clean_metadata(metadata))
+
+
+def memory_value(memory: Memory) -> dict[str, Any]:
+    """The value of the item a memory shows as: what was put, or ``{"text", "category"}`` for a
+    memory written otherwise (learned by a wrapper, added through the API). If the memory's
+    text was rewritten since it was put (updated by a tool, superseded by a wrapper), the put
+    field that held its text shows the new text; without such a field, the plain form shows."""
+    plain = {"text": memory.text, "category": memory.category.value}
+    meta = memory.metadata
+    pieces: list[str] = []
+    while isinstance(piece := meta.get(f"{_VALUE_KEY}{len(pieces)}"), str):
+        pieces.append(piece)
+    if not pieces:
+        return plain
+    try:
+        value = json.loads("".join(pieces))
+    except ValueError:
+        return plain
+    if not isinstance(value, dict):
+        return plain
+    if meta.get(_INDEXED_KEY) != _digest(memory.text):
+        field = meta.get(_TEXT_FIELD_KEY)
+        if field not in _TEXT_FIELDS or not isinstance(value.get(field), str):
+            return plain
+        value[field] = memory.text
+    put_category = _category_of(value)
+    if put_category is not None and put_category != memory.category:
+        value["category"] = memory.category.value
+    return value
+
+
+# -- filters and namespace matching -------------------------------------------------------------
+
+
+def _compare(actual: Any, wanted: Any) -> bool:
+    if isinstance(wanted, Mapping):
+        if any(isinstance(k, str) and k.startswith("$") for k in wanted):
+            return all(_apply(actual, op, operand) for op, operand in wanted.items())
+        return isinstance(actual, Mapping) and all(
+            _compare(actual.get(k), v) for k, v in wanted.items()
+        )
+    if isinstance(wanted, (list, tuple)):
+        return (
+            isinstance(actual, (list, tuple))
+            and len(actual) == len(wanted)
+            and all(_compare(a, w) for a, w in zip(actual, wanted))
+        )
+    return bool(actual == wanted)
+
+
+def _apply(actual: Any, operator: str, operand: Any) -> bool:
+    if operator not in _OPERATORS:
+        raise InvalidInputError(f"unknown filter operator {operator!r}; use one of {_OPERATORS}")
+    if operator == "$eq":
+        return bool(actual == operand)
+    if operator == "$ne":
+        return bool(actual != operand)
+    try:
+        left, right = float(actual), float(operand)
+    except (TypeError, ValueError):
+        return False  # a missing or non-numeric field does not match a comparison
+    return {
+        "$gt": left > right,
+        "$gte": left >= right,
+        "$lt": left < right,
+        "$lte": left <= right,
+    }[operator]
+
+
+def matches(value: Mapping[str, Any], filter: Mapping[str, Any] | None) -> bool:
+    """Whether an item's value passes a LangGraph search filter: exact values (nested dicts
+    and lists compared field by field) or ``$eq``, ``$ne``, ``$gt``, ``$gte``, ``$lt``,
+    ``$lte``."""
+    return not filter or all(_compare(value.get(k), v) for k, v in filter.items())
+
+
+def _namespace_matches(condition: MatchCondition, namespace: tuple[str, ...]) -> bool:
+    path = tuple(condition.path)
+    if len(namespace) < len(path):
+        return False
+    if condition.match_type == "prefix":
+        part = namespace[: len(path)]
+    elif condition.match_type == "suffix":
+        part = namespace[len(namespace) - len(path) :]
+    else:
+        raise InvalidInputError(f"unknown match type {condition.match_type!r}")
+    return all(p in ("*", n) for p, n in zip(path, part))
+
+
+def _check_page(limit: int, offset: int) -> None:
+    for name, number in (("limit", limit), ("offset", offset)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise InvalidInputError(f"{name} must be a non-negative integer, got {number!r}")
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+class HeadroomStore(BaseStore):
+    """LangGraph's long-term memory store (``BaseStore``), kept by the memory engine: every
+    item is a user's memory, searched by meaning.
+
+    **Namespaces are users.** The engine user of a namespace is its labels joined by ``"."``:
+    ``("alice",)`` is user ``"alice"``, ``("acme", "bob")`` is user ``"acme.bob"``. LangGraph
+    forbids ``"."`` and empty labels, so no two namespaces share a user. ``("alice",)`` holds
+    exactly the memories of ``MemoryStore("alice")`` and of the chat-model wrappers built with
+    ``user_id="alice"`` on the same ``db_path``: a store sees what the wrappers learned, and the
+    wrappers recall what an agent put. A get, put or delete touches one namespace's user only.
+    A search covers the namespace and its descendants (LangGraph's prefix semantics):
+    ``("acme",)`` also finds the items of ``("acme", "bob")``, never those of ``("acmex",)``.
+    An empty prefix, which would cover every user, is refused with
+    :class:`InvalidNamespaceError`. Users whose id is no namespace (``"a..b"``) are reachable
+    only through :class:`~headroom_memory_integrations.MemoryStore`.
+
+    **Items are memories.** ``put(ns, key, value)`` stores a memory with the id ``key`` (1-256
+    printable characters): created, or replaced in place, never merged with a similar one.
+    ``get`` returns a value equal to the one put (values are kept as JSON, up to
+    :data:`MAX_VALUE_CHARS`; tuples come back as lists). The memory's text, which search and
+    the wrappers see, is ``value["text"]``, else ``value["content"]`` when it is a string, else
+    the value as JSON; ``put(..., index=["a.b", "c[*]"])`` uses the text at those fields
+    instead. ``index=False`` is treated like ``None``: every memory is searchable. The text may
+    have up to 2,000 characters. A valid ``value["category"]`` (``preference``, ``fact``,
+    ``context``) becomes the memory's category, else ``fact``. A memory not written through a
+    store (learned by a wrapper) shows as ``{"text": ..., "category": ...}`` with its id as
+    key. ``put(ns, key, None)`` and ``delete`` remove the item. Bad input raises
+    :class:`~headroom_memory_integrations.InvalidInputError` (a ``ValueError``) naming the
+    limit; a batch is checked whole before anything is written.
+
+    **Search.** With ``query``, items come most relevant first, each with its score (cosine
+    similarity plus a bonus for shared words; higher is more relevant); only items above the
+    relevance floor ``min_score`` come back, so an unrelated query finds nothing
+    (``min_score=-1`` ranks everything), at most 1,000 deep. Without ``query``, items come
+    oldest first, namespace by namespace. ``filter`` matches value fields exactly or with
+    ``$eq``, ``$ne``, ``$gt``, ``$gte``, ``$lt``, ``$lte``; ``limit`` and ``offset`` page.
+    ``list_namespaces`` lists users' namespaces (one whose items were all deleted may still
+    be listed). TTL is not supported (``supports_ttl`` is False; a ``ttl`` raises
+    ``NotImplementedError``).
+
+    Setup::
+
+        from langchain.agents import create_agent
+        from headroom_memory_integrations.langchain import HeadroomStore
+
+        store = HeadroomStore(db_path="./memories")
+
+    Put, get, search::
+
+        store.put(("alice",), "language", {"text": "Prefers Python", "category": "preference"})
+        store.get(("alice",), "language").value
+        # {'text': 'Prefers Python', 'category': 'preference'}
+        found = store.search(("alice",), query="Which programming language should I use?")
+        [(i.key, round(i.score, 2)) for i in found]  # [('language', 0.61)]
+
+    In an agent (tools reach it as ``runtime.store``)::
+
+        agent = create_agent(model, tools=[...], store=store)
+        graph = builder.compile(store=store)  # or any LangGraph StateGraph
+
+    Async: ``aget``, ``aput``, ``asearch``, ``adelete``, ``alist_namespaces`` run the same code
+    in a worker thread.
+
+    Args:
+        db_path: A folder for embedded Chroma or a Chroma server's URL, as for
+            :class:`~headroom_memory_integrations.MemoryStore` (default ``~/.headroom-memory``).
+        storage: A storage object instead of ``db_path``.
+        embedder: Default: the local all-MiniLM-L6-v2.
+        min_score: The relevance floor of searches with a query.
+    """
+
+    supports_ttl = False
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str] | None = None,
+        *,
+        storage: Storage | None = None,
+        embedder: Embedder | None = None,
+        min_score: float = DEFAULT_MIN_SCORE,
+    ) -> None:
+        self.stores = UserStores(db_path, storage=storage, embedder=embedder, min_score=min_score)
+        self._known: set[str] = set()
+        self._known_lock = threading.Lock()
+
+    def memory(self, namespace: tuple[str, ...]) -> MemoryStore:
+        """The engine's store of ``namespace``'s user (to ``flush``, ``export``, ...)."""
+        return self.stores(namespace_user(namespace))
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def batch(self, ops: Iterable[Op]) -> list[Result]:
+        """Run ``ops`` in order. Every op is checked first (namespaces, keys, values, limits):
+        one bad op raises and nothing is written."""
+        ops = list(ops)
+        encoded = [self._check(op) for op in ops]
+        return [self._run(op, item) for op, item in zip(ops, encoded)]
+
+    async def abatch(self, ops: Iterable[Op]) -> list[Result]:
+        return await asyncio.to_thread(self.batch, list(ops))
+
+    def _check(self, op: Op) -> _Encoded | None:
+        validate_op_namespace(op)
+        if isinstance(op, PutOp):
+            if op.ttl is not None:
+                raise NotImplementedError("HeadroomStore does not support TTL; pass ttl=None")
+            if op.value is not None:
+                return encode_item(op.namespace, op.key, op.value, op.index)
+            namespace_user(op.namespace)
+        elif isinstance(op, GetOp):
+            namespace_user(op.namespace)
+        elif isinstance(op, SearchOp):
+            if not op.namespace_prefix:
+                raise InvalidNamespaceError(
+                    "HeadroomStore searches one namespace (a user) and its descendants; the "
+                    "empty prefix would cover every user's memories. Pass a namespace."
+                )
+            namespace_user(op.namespace_prefix)
+            _check_page(op.limit, op.offset)
+        elif isinstance(op, ListNamespacesOp):
+            _check_page(op.limit, op.offset)
+        else:
+            raise InvalidInputError(f"unknown store operation {type(op).__name__}")
+        return None
+
+    def _run(self, op: Op, encoded: _Encoded | None) -> Result:
+        if isinstance(op, GetOp):
+            return self._get(op)
+        if isinstance(op, SearchOp):
+            return self._search(op)
+        if isinstance(op, ListNamespacesOp):
+            return self._list_namespaces(op)
+        if encoded is not None:
+            self._put(encoded)
+        else:
+            self._delete(namespace_user(op.namespace), op.key)
+        return None
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def _get(self, op: GetOp) -> Item | None:
+        user_id = namespace_user(op.namespace)
+        if not self._exists(user_id) or not isinstance(op.key, str):
+            return None
+        found = self.stores(user_id).get_many([op.key])
+        return _item(op.namespace, found[0]) if found else None
+
+    def _put(self, item: _Encoded) -> None:
+        self.stores(item.user_id).put(item.key, item.text, item.category, item.metadata)
+        with self._known_lock:
+            self._known.add(item.user_id)
+
+    def _delete(self, user_id: str, key: str) -> None:
+        if not self._exists(user_id):
+            return
+        with contextlib.suppress(MemoryNotFoundError):
+            self.stores(user_id).delete(key)
+
+    def _search(self, op: SearchOp) -> list[SearchItem]:
+        prefix = namespace_user(op.namespace_prefix)
+        users = [
+            user
+            for user in self._refresh_users()
+            if (user == prefix or user.startswith(prefix + SEPARATOR))
+            and user_namespace(user) is not None
+        ]
+        wanted = op.offset + op.limit
+        if not users or wanted == 0:
+            return []
+        found: list[tuple[float | None, str, Memory]]
+        if op.query and op.query.strip():
+            found = [*self._ranked(users, op.query, op.filter, wanted)]
+        else:
+            found = [
+                (None, user, memory)
+                for user in users
+                for memory in self.stores(user).get_all()
+                if matches(memory_value(memory), op.filter)
+            ]
+        return [
+            _search_item(user, memory, score)
+            for score, user, memory in found[op.offset : op.offset + op.limit]
+        ]
+
+    def _ranked(
+        self, users: list[str], query: str, filter: Mapping[str, Any] | None, wanted: int
+    ) -> list[tuple[float, str, Memory]]:
+        """The best ``wanted`` matches across ``users``: with a filter, search deeper until
+        enough pass it or the users' relevant memories run out."""
+        depth = min(MAX_TOP_K, max(wanted, _FIRST_SEARCH_DEPTH))
+        while True:
+            hits: list[tuple[float, str, Memory]] = []
+            exhausted = True
+            for user in users:
+                found = self.stores(user).search(query[-MAX_TEXT_CHARS:], top_k=depth)
+                exhausted = exhausted and len(found) < depth
+                hits += [
+                    (score, user, memory)
+                    for memory, score in found
+                    if matches(memory_value(memory), filter)
+                ]
+            hits.sort(key=lambda hit: hit[0], reverse=True)
+            if len(hits) >= wanted or exhausted or depth == MAX_TOP_K:
+                return hits
+            depth = min(MAX_TOP_K, depth * 4)
+
+    def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
+        namespaces = {
+            namespace
+            for user in self._refresh_users()
+            if (namespace := user_namespace(user)) is not None
+            and all(_namespace_matches(c, namespace) for c in op.match_conditions or ())
+        }
+        if op.max_depth is not None:
+            namespaces = {namespace[: op.max_depth] for namespace in namespaces}
+        return sorted(namespaces)[op.offset : op.offset + op.limit]
+
+    # -- users ---------------------------------------------------------------------------------
+
+    def _refresh_users(self) -> list[str]:
+        users = self.stores.users()
+        with self._known_lock:
+            self._known.update(users)
+        return users
+
+    def _exists(self, user_id: str) -> bool:
+        """Whether the user has a collection (checked without creating one)."""
+        with self._known_lock:
+            if user_id in self._known:
+                return True
+        return user_id in self._refresh_users()
+
+    def __repr__(self) -> str:
+        return f"HeadroomStore(storage={self.stores.storage.location!r})"
+
+
+def _item(namespace: Sequence[str], memory: Memory) -> Item:
+    return Item(
+        value=memory_value(memory),
+        key=memory.id,
+        namespace=tuple(namespace),
+        created_at=memory.created_at,
+        updated_at=memory.updated_at,
+    )
+
+
+def _search_item(user_id: str, memory: Memory, score: float | None) -> SearchItem:
+    return SearchItem(
+        namespace=user_namespace(user_id) or (user_id,),
+        key=memory.id,
+        value=memory_value(memory),
+        created_at=memory.created_at,
+        updated_at=memory.updated_at,
+        score=score,
+    )

@@ -1,0 +1,147 @@
+"""HeadroomRetriever: a user's memories as documents, with real Chroma and the real model, and
+LangChain's own standard retriever tests."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.documents import Document
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnablePassthrough
+from langchain_tests.integration_tests import RetrieversIntegrationTests
+
+from headroom_memory_integrations import InvalidInputError, LocalEmbedder, MemoryStore
+from headroom_memory_integrations.langchain import HeadroomRetriever
+
+FOOD = [
+    ("Is vegetarian", "fact"),
+    ("Loves spicy Thai curries", "preference"),
+    ("Dislikes mushrooms", "preference"),
+    ("Enjoys fresh Italian pasta", "preference"),
+    ("Hates the taste of coriander", "preference"),
+]
+OTHER = [
+    ("Is learning to bake sourdough bread", "context"),
+    ("Works as a tax accountant", "fact"),
+    ("Drives a blue bicycle", "fact"),
+]
+QUERY = "What food do I like and dislike?"  # all of FOOD is relevant, none of OTHER
+
+
+@pytest.fixture
+def alice(db_path, model) -> MemoryStore:
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    store.add_many([{"text": t, "category": c} for t, c in FOOD + OTHER])
+    return store
+
+
+def test_documents_carry_the_memory_and_its_metadata(alice) -> None:
+    retriever = HeadroomRetriever(memory=alice)
+    docs = retriever.invoke(QUERY)
+    assert sorted(d.page_content for d in docs) == sorted(t for t, _ in FOOD)
+    assert docs[0].page_content == "Dislikes mushrooms"
+    scores = [d.metadata["score"] for d in docs]
+    assert scores == sorted(scores, reverse=True)
+    stored = {m.id: m for m in alice.get_all()}
+    for doc in docs:
+        memory = stored[doc.id]
+        assert doc.metadata == {
+            "id": memory.id,
+            "category": memory.category.value,
+            "source": "manual",
+            "score": doc.metadata["score"],
+            "created_at": memory.created_at.isoformat(),
+            "updated_at": memory.updated_at.isoformat(),
+        }
+        assert datetime.fromisoformat(doc.metadata["created_at"]).tzinfo is not None
+
+
+def test_k_in_the_constructor_and_per_call(alice) -> None:
+    query = QUERY
+    assert len(HeadroomRetriever(memory=alice, k=2).invoke(query)) == 2
+    retriever = HeadroomRetriever(memory=alice, k=3)
+    assert len(retriever.invoke(query)) == 3
+    assert len(retriever.invoke(query, k=1)) == 1
+    assert retriever.invoke(query, k=1)[0].page_content == retriever.invoke(query)[0].page_content
+    with pytest.raises(InvalidInputError, match="top_k"):
+        retriever.invoke(query, k=0)
+    with pytest.raises(ValueError):
+        HeadroomRetriever(memory=alice, k=0)
+
+
+def test_the_relevance_floor_and_categories(alice) -> None:
+    retriever = HeadroomRetriever(memory=alice, k=10)
+    assert retriever.invoke("What is 2+2?") == []
+    assert retriever.invoke("   ") == []
+    every = HeadroomRetriever(memory=alice, k=10, min_score=-1.0).invoke("What is 2+2?")
+    assert len(every) == len(FOOD + OTHER)
+    preferences = HeadroomRetriever(memory=alice, k=10, categories=["preference"])
+    found = preferences.invoke(QUERY)
+    assert len(found) == 4 and {d.metadata["category"] for d in found} == {"preference"}
+
+
+def test_built_from_user_id_and_db_path_and_isolated(alice, db_path, model) -> None:
+    MemoryStore("bob", db_path=db_path, embedder=model).add("Is allergic to shellfish")
+    bob = HeadroomRetriever(user_id="bob", db_path=db_path, embedder=model)
+    assert bob.user_id == "bob"
+    assert [d.page_content for d in bob.invoke("Do I have any food allergies?")] == [
+        "Is allergic to shellfish"
+    ]
+    alice_docs = HeadroomRetriever(user_id="alice", db_path=db_path, embedder=model, k=10).invoke(
+        "Do I have any food allergies?"
+    )
+    assert "Is allergic to shellfish" not in {d.page_content for d in alice_docs}
+    with pytest.raises(ValueError, match="pass user_id="):  # pydantic's ValidationError
+        HeadroomRetriever(db_path=db_path, embedder=model)
+
+
+def test_async_and_in_a_chain(alice) -> None:
+    retriever = HeadroomRetriever(memory=alice, k=2)
+    query = QUERY
+    docs = asyncio.run(retriever.ainvoke(query, k=1))
+    assert [d.page_content for d in docs] == [retriever.invoke(query)[0].page_content]
+    prompt = ChatPromptTemplate.from_template("Known: {memories}\nQ: {question}")
+
+    def join(found: list[Document]) -> str:
+        return "; ".join(d.page_content for d in found)
+
+    chain = {"memories": retriever | join, "question": RunnablePassthrough()} | prompt
+    text = chain.invoke(query).to_string()
+    assert "Dislikes mushrooms" in text and text.endswith(f"Q: {query}")
+
+
+# The suite's async test carries no marker and asyncio_mode is strict here: mark the class (the
+# sync tests' "marked asyncio but not async" warning is expected).
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore:The test <Function:pytest.PytestWarning")
+class TestHeadroomRetrieverStandard(RetrieversIntegrationTests):
+    """LangChain's standard retriever tests. Nothing is skipped: the retriever needs no chat
+    model, only Chroma and the local embedding model, both real here."""
+
+    memories_db: Path
+    embedder: LocalEmbedder
+
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def _memories(cls, tmp_path_factory: pytest.TempPathFactory, model: LocalEmbedder) -> None:
+        db = tmp_path_factory.mktemp("retriever-standard") / "memories"
+        store = MemoryStore("standard-tests", db_path=db, embedder=model)
+        store.add_many([{"text": t, "category": c} for t, c in FOOD + OTHER])
+        cls.memories_db = db
+        cls.embedder = model
+
+    @property
+    def retriever_constructor(self) -> type[HeadroomRetriever]:
+        return HeadroomRetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict[str, Any]:
+        return {"user_id": "standard-tests", "db_path": self.memories_db, "embedder": self.embedder}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return QUERY

@@ -1,0 +1,388 @@
+"""HeadroomStore: LangGraph's BaseStore over the memory engine, with real Chroma, the real model,
+real LangGraph graphs and a real ChatOpenAI over HTTP to the scripted server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TypedDict
+
+import pytest
+from _langgraph_support import chat_model, request_text, run_async, run_python, tool_messages
+from langchain.agents import create_agent
+from langchain.tools import ToolRuntime
+from langchain_core.tools import tool
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from langgraph.store.base import BaseStore, PutOp
+
+from headroom_memory_integrations import InvalidInputError, MemoryStore
+from headroom_memory_integrations.langchain import HeadroomStore
+from headroom_memory_integrations.langchain.store import InvalidNamespaceError
+from headroom_memory_integrations.openai import with_fast_memory
+from headroom_memory_integrations.testing import Reply
+
+PYTHON = {"text": "Prefers Python for backend work", "category": "preference"}
+PEANUTS = {"text": "Is allergic to peanuts", "category": "fact"}
+MARATHON = {"text": "Is training for the Berlin marathon", "category": "context"}
+
+
+@pytest.fixture
+def store(db_path, model) -> HeadroomStore:
+    return HeadroomStore(db_path=db_path, embedder=model)
+
+
+# -- CRUD with caller keys ----------------------------------------------------------------------
+
+
+def test_put_then_get_returns_the_value_put(store) -> None:
+    value = {
+        "text": "  Prefers tea over coffee\n",
+        "category": "Preference",
+        "score": 4.5,
+        "tags": ["drinks", "morning"],
+        "nested": {"since": 2019, "ok": True, "none": None},
+        "unicode": "thé vert 🍵",
+    }
+    assert store.get(("alice",), "drinks") is None
+    store.put(("alice",), "drinks", value)
+    item = store.get(("alice",), "drinks")
+    assert item is not None
+    assert (item.namespace, item.key, item.value) == (("alice",), "drinks", value)
+    assert item.created_at == item.updated_at and item.created_at.tzinfo is not None
+    # the memory behind it: the text field, stripped, with the value's category
+    memory = store.memory(("alice",)).get("drinks")
+    assert (memory.text, memory.category.value) == ("Prefers tea over coffee", "preference")
+
+
+def test_put_replaces_in_place_and_delete_removes(store) -> None:
+    store.put(("alice",), "home", {"text": "Lives in New York"})
+    first = store.get(("alice",), "home")
+    store.put(("alice",), "home", {"text": "Lives in Lisbon", "since": 2024})
+    second = store.get(("alice",), "home")
+    assert second.value == {"text": "Lives in Lisbon", "since": 2024}
+    assert second.created_at == first.created_at and second.updated_at > first.updated_at
+    assert [m.id for m in store.memory(("alice",)).get_all()] == ["home"]  # not a second memory
+    store.delete(("alice",), "home")
+    assert store.get(("alice",), "home") is None
+    store.put(("alice",), "again", {"text": "Has a cat"})
+    store.put(("alice",), "again", None)  # a None value deletes too
+    assert store.get(("alice",), "again") is None
+    store.delete(("alice",), "never-existed")  # deleting nothing is not an error
+    store.delete(("nobody",), "x")
+    assert ("nobody",) not in store.list_namespaces()
+
+
+def test_similar_items_under_different_keys_are_both_kept(store) -> None:
+    store.put(("alice",), "a", {"text": "Prefers Python for backend work"})
+    store.put(("alice",), "b", {"text": "prefers python for backend work!"})
+    assert {i.key for i in store.search(("alice",))} == {"a", "b"}
+
+
+def test_the_indexed_text_follows_the_value(store) -> None:
+    store.put(("alice",), "c", {"content": "Writes Go at work", "kind": "note"})
+    store.put(("alice",), "p", {"name": "Alice", "languages": ["Go", "Rust"]})
+    store.put(
+        ("alice",), "f", {"profile": {"bio": "Climbs on weekends"}, "id": 7}, index=["profile.bio"]
+    )
+    texts = {m.id: m.text for m in store.memory(("alice",)).get_all()}
+    assert texts["c"] == "Writes Go at work"
+    assert json.loads(texts["p"]) == {"name": "Alice", "languages": ["Go", "Rust"]}
+    assert texts["f"] == "Climbs on weekends"
+
+
+def test_bad_items_raise_naming_the_limit_and_a_batch_writes_nothing(store) -> None:
+    with pytest.raises(InvalidInputError, match=r"value\['text'\] is 2001 characters; the max"):
+        store.put(("alice",), "long", {"text": "x" * 2001})
+    with pytest.raises(InvalidInputError, match=r"characters as JSON; the maximum is 30000"):
+        store.put(("alice",), "big", {"text": "short", "blob": "y" * 30_000})
+    with pytest.raises(InvalidInputError, match=r"1-256 printable characters"):
+        store.put(("alice",), "k" * 257, {"text": "fine"})
+    with pytest.raises(InvalidInputError, match=r"JSON data"):
+        store.put(("alice",), "obj", {"text": "fine", "when": object()})
+    with pytest.raises(InvalidInputError, match=r"not a string"):
+        store.put(("alice",), "keys", {"text": "fine", "map": {1: "one"}})
+    with pytest.raises(InvalidInputError, match=r"value\['text'\]|empty"):
+        store.put(("alice",), "blank", {"text": "\x00\x01"})
+    with pytest.raises(InvalidInputError, match=r"is 2001 characters"):
+        store.batch(
+            [
+                PutOp(("alice",), "good", {"text": "Has two cats"}),
+                PutOp(("bob",), "bad", {"text": "z" * 2001}),
+            ]
+        )
+    assert store.get(("alice",), "good") is None
+    assert store.search(("alice",)) == []
+
+
+def test_ttl_is_not_supported(store) -> None:
+    assert store.supports_ttl is False
+    with pytest.raises(NotImplementedError, match="TTL"):
+        store.put(("alice",), "k", {"text": "Has a dog"}, ttl=5)
+    with pytest.raises(NotImplementedError, match="TTL"):
+        store.batch([PutOp(("alice",), "k", {"text": "Has a dog"}, ttl=5.0)])
+
+
+# -- search ---------------------------------------------------------------------------------------
+
+
+def test_semantic_search_ranks_by_meaning_above_the_floor(store, db_path, model) -> None:
+    for key, value in (("python", PYTHON), ("peanuts", PEANUTS), ("run", MARATHON)):
+        store.put(("alice",), key, value)
+    found = store.search(("alice",), query="Which programming language should I use?")
+    assert found[0].key == "python" and found[0].value == PYTHON
+    assert [i.score for i in found] == sorted((i.score for i in found), reverse=True)
+    assert store.search(("alice",), query="Do I have any food allergies?")[0].key == "peanuts"
+    assert store.search(("alice",), query="What is 2+2?") == []  # nothing relevant
+    everything = HeadroomStore(db_path=db_path, embedder=model, min_score=-1.0)
+    assert len(everything.search(("alice",), query="What is 2+2?")) == 3
+
+
+def test_filters_limit_offset_and_listing(store) -> None:
+    for n in range(6):
+        store.put(
+            ("alice",),
+            f"k{n}",
+            {"text": f"Practised the piano on day {n}", "day": n, "meta": {"even": n % 2 == 0}},
+        )
+    store.put(("alice",), "other", {"text": "Practised the violin", "day": 9})
+    listed = store.search(("alice",))
+    assert [i.key for i in listed] == ["k0", "k1", "k2", "k3", "k4", "k5", "other"]
+    assert all(i.score is None for i in listed)
+    assert [i.key for i in store.search(("alice",), limit=2, offset=3)] == ["k3", "k4"]
+    assert [i.key for i in store.search(("alice",), filter={"day": {"$gte": 4}})] == [
+        "k4",
+        "k5",
+        "other",
+    ]
+    assert [i.key for i in store.search(("alice",), filter={"meta": {"even": True}})] == [
+        "k0",
+        "k2",
+        "k4",
+    ]
+    assert [i.key for i in store.search(("alice",), filter={"day": {"$ne": 9, "$lt": 2}})] == [
+        "k0",
+        "k1",
+    ]
+    piano = store.search(("alice",), query="playing the piano", filter={"meta": {"even": False}})
+    assert sorted(i.key for i in piano) == ["k1", "k3", "k5"]
+    assert len(store.search(("alice",), query="playing the piano", limit=2, offset=1)) == 2
+    with pytest.raises(InvalidInputError, match="unknown filter operator"):
+        store.search(("alice",), filter={"day": {"$regex": "1"}})
+
+
+def test_list_namespaces(store, db_path, model) -> None:
+    for namespace in [("alice",), ("alice", "notes"), ("acme", "bob"), ("acme", "carol", "work")]:
+        store.put(namespace, "k", {"text": "Likes hiking"})
+    MemoryStore("a..b", db_path=db_path, embedder=model).add("No namespace maps to me")
+    assert store.list_namespaces() == [
+        ("acme", "bob"),
+        ("acme", "carol", "work"),
+        ("alice",),
+        ("alice", "notes"),
+    ]
+    assert store.list_namespaces(prefix=("acme",)) == [("acme", "bob"), ("acme", "carol", "work")]
+    assert store.list_namespaces(suffix=("work",)) == [("acme", "carol", "work")]
+    assert store.list_namespaces(prefix=("acme", "*")) == [
+        ("acme", "bob"),
+        ("acme", "carol", "work"),
+    ]
+    assert store.list_namespaces(max_depth=1) == [("acme",), ("alice",)]
+    assert store.list_namespaces(limit=1, offset=1) == [("acme", "carol", "work")]
+
+
+@pytest.mark.asyncio
+async def test_async_methods_run_the_same_operations(store) -> None:
+    await store.aput(("alice",), "python", PYTHON)
+    await store.aput(("bob",), "peanuts", PEANUTS)
+    assert (await store.aget(("alice",), "python")).value == PYTHON
+    found = await store.asearch(("alice",), query="Which language for my API?")
+    assert [i.key for i in found] == ["python"]
+    assert await store.alist_namespaces() == [("alice",), ("bob",)]
+    await store.adelete(("alice",), "python")
+    assert await store.aget(("alice",), "python") is None
+    results = await store.abatch([PutOp(("alice",), "x", {"text": "Owns a kayak"})])
+    assert results == [None] and (await store.aget(("alice",), "x")).value["text"] == "Owns a kayak"
+    # concurrent calls from one event loop
+    await asyncio.gather(
+        *(store.aput(("alice",), f"c{n}", {"text": f"Fact {n}"}) for n in range(4))
+    )
+    assert len(await store.asearch(("alice",), limit=100)) == 5
+
+
+# -- isolation ------------------------------------------------------------------------------------
+
+
+def test_a_namespace_never_reaches_another_users_memories(store) -> None:
+    store.put(("alice",), "secret", {"text": "Alice's door code is 4321"})
+    store.put(("bob",), "secret", {"text": "Bob's door code is 9876"})
+    store.put(("alicex",), "secret", {"text": "Alicex's door code is 1111"})
+    store.put(("alice", "work"), "desk", {"text": "Alice sits on floor 3"})
+    assert store.get(("alice",), "secret").value["text"] == "Alice's door code is 4321"
+    assert store.get(("bob",), "secret").value["text"] == "Bob's door code is 9876"
+    found = store.search(("alice",), query="door code", limit=10)
+    assert {(i.namespace, i.key) for i in found} == {(("alice",), "secret")}
+    listed = store.search(("alice",), limit=10)
+    assert {i.namespace for i in listed} == {("alice",), ("alice", "work")}  # and descendants
+    assert store.search(("alice", "work"), limit=10)[0].value["text"] == "Alice sits on floor 3"
+    store.delete(("alice",), "secret")
+    assert store.get(("bob",), "secret") is not None
+    assert store.get(("alicex",), "secret") is not None
+    with pytest.raises(InvalidNamespaceError, match="empty prefix would cover every user"):
+        store.search((), query="door code")
+    with pytest.raises(ValueError, match="period"):
+        store.get(("alice.bob",), "secret")  # LangGraph's own check: no dots in labels
+    with pytest.raises(ValueError, match="empty"):
+        store.put((), "k", {"text": "x"})
+
+
+def test_memories_learned_by_a_wrapper_are_items_and_items_are_recalled(
+    store, db_path, model, openai_server, model_says
+) -> None:
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    model_says.answer, model_says.memories = "Noted.", [PYTHON]
+    client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python for backend work"}]
+    )
+    assert client.memory.flush(30)
+    learned = client.memory.get_all()[0]
+    items = store.search(("alice",))
+    assert [(i.key, i.value) for i in items] == [(learned.id, PYTHON)]
+    assert store.search(("alice",), query="Which language should I pick?")[0].key == learned.id
+    assert store.search(("bob",)) == []
+    # and what an agent puts, the wrapper recalls
+    store.put(("alice",), "editor", {"text": "Uses Neovim as their editor", "category": "fact"})
+    model_says.memories = []
+    client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Which text editor do I use?"}]
+    )
+    assert "Uses Neovim as their editor" in request_text(openai_server.requests[-1].body)
+    # a wrapper's supersede rewrites an item's text: its text field shows the new text
+    store.put(("alice",), "home", {"text": "Lives in New York", "floor": 3})
+    client.memory.supersede("home", "Moved from New York to Lisbon")
+    assert store.get(("alice",), "home").value == {
+        "text": "Moved from New York to Lisbon",
+        "floor": 3,
+    }
+
+
+def test_items_persist_across_processes(db_path, model) -> None:
+    run_python(
+        f"""
+        from headroom_memory_integrations.langchain import HeadroomStore
+        store = HeadroomStore(db_path={str(db_path)!r})
+        store.put(("alice",), "lang", {{"text": "Prefers Python for backend work", "n": [1, 2]}})
+        store.put(("bob",), "lang", {{"text": "Prefers Haskell"}})
+        """
+    )
+    store = HeadroomStore(db_path=db_path, embedder=model)
+    assert store.get(("alice",), "lang").value == {
+        "text": "Prefers Python for backend work",
+        "n": [1, 2],
+    }
+    assert [i.key for i in store.search(("alice",), query="what language for an API?")] == ["lang"]
+    assert store.list_namespaces() == [("alice",), ("bob",)]
+    assert store.get(("bob",), "lang").value == {"text": "Prefers Haskell"}
+
+
+# -- in LangGraph ---------------------------------------------------------------------------------
+
+
+@tool
+def save_note(note: str, runtime: ToolRuntime) -> str:
+    """Save a note about the user for later conversations."""
+    user = runtime.config["configurable"]["user_id"]
+    runtime.store.put((user,), "note", {"text": note, "category": "preference"})
+    return "saved"
+
+
+@tool
+def find_notes(query: str, runtime: ToolRuntime) -> str:
+    """Find the user's notes relevant to a query."""
+    user = runtime.config["configurable"]["user_id"]
+    return "\n".join(i.value["text"] for i in runtime.store.search((user,), query=query, limit=3))
+
+
+@tool
+async def afind_notes(query: str, runtime: ToolRuntime) -> str:
+    """Find the user's notes relevant to a query (async)."""
+    user = runtime.config["configurable"]["user_id"]
+    found = await runtime.store.asearch((user,), query=query, limit=3)
+    return "\n".join(i.value["text"] for i in found)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_create_agent_tools_read_and_write_the_store(mode, db_path, model, openai_server) -> None:
+    alice = {"configurable": {"user_id": "alice"}}
+    openai_server.script(
+        Reply.tool_call("save_note", {"note": "Prefers Python for backend work"}),
+        "Saved your preference.",
+    )
+    agent = create_agent(
+        chat_model(openai_server),
+        tools=[save_note],
+        store=HeadroomStore(db_path=db_path, embedder=model),
+    )
+    first = agent.invoke({"messages": [{"role": "user", "content": "I like Python"}]}, alice)
+    assert [m.content for m in tool_messages(first)] == ["saved"]
+    assert first["messages"][-1].content == "Saved your preference."
+
+    # a new store object and a new agent on the same folder: the note is there
+    reader = find_notes if mode == "sync" else afind_notes
+    openai_server.script(
+        Reply.tool_call(reader.name, {"query": "which programming language"}), "Use Python."
+    )
+    llm = chat_model(openai_server)
+    agent = create_agent(llm, tools=[reader], store=HeadroomStore(db_path=db_path, embedder=model))
+    question = {"messages": [{"role": "user", "content": "Which language should I use?"}]}
+    bob = {"configurable": {"user_id": "bob"}}
+
+    def ask_twice() -> tuple[dict, dict]:
+        """Alice's question, then bob's (his run reaches his namespace only)."""
+        second = agent.invoke(question, alice)
+        openai_server.script(Reply.tool_call(reader.name, {"query": "programming language"}), "?")
+        return second, agent.invoke(question, bob)
+
+    async def aask_twice() -> tuple[dict, dict]:
+        second = await agent.ainvoke(question, alice)
+        openai_server.script(Reply.tool_call(reader.name, {"query": "programming language"}), "?")
+        return second, await agent.ainvoke(question, bob)
+
+    second, third = ask_twice() if mode == "sync" else run_async(aask_twice(), llm)
+    assert [m.content for m in tool_messages(second)] == ["Prefers Python for backend work"]
+    assert "Prefers Python for backend work" in request_text(openai_server.requests[-3].body)
+    assert [m.content for m in tool_messages(third)] == [""]
+
+
+class QA(TypedDict):
+    user: str
+    question: str
+    answer: str
+
+
+def test_a_state_graph_compiled_with_the_store(db_path, model) -> None:
+    def remember(state: QA, runtime: Runtime) -> dict:
+        runtime.store.put((state["user"],), "diet", {"text": "Is vegetarian", "category": "fact"})
+        return {}
+
+    def answer(state: QA, store: BaseStore) -> dict:
+        found = store.search((state["user"],), query=state["question"], limit=1)
+        return {"answer": found[0].value["text"] if found else "nothing"}
+
+    builder = StateGraph(QA)
+    builder.add_node("remember", remember)
+    builder.add_node("answer", answer)
+    builder.add_edge(START, "remember")
+    builder.add_edge("remember", "answer")
+    builder.add_edge("answer", END)
+    graph = builder.compile(store=HeadroomStore(db_path=db_path, embedder=model))
+    out = graph.invoke({"user": "alice", "question": "Can I order the steak?", "answer": ""})
+    assert out["answer"] == "Is vegetarian"
+    out = asyncio.run(graph.ainvoke({"user": "carol", "question": "Do I eat meat?", "answer": ""}))
+    assert out["answer"] == "Is vegetarian"
+    assert HeadroomStore(db_path=db_path, embedder=model).list_namespaces() == [
+        ("alice",),
+        ("carol",),
+    ]
