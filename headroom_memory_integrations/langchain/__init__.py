@@ -12,5 +12,7 @@ from .._optional import require
 require("langchain_core", "langchain", "langgraph", extra="langchain")
 
 from ._extract import chat_model_completer  # noqa: E402
+from .chat_model import MemoryChatModel  # noqa: E402
+from .middleware import MemoryMiddleware  # noqa: E402
 
-__all__ = ["chat_model_completer"]
+__all__ = ["MemoryChatModel", "MemoryMiddleware", "chat_model_completer"]
