@@ -23,6 +23,7 @@ from langchain.agents import create_agent
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.memory import InMemorySaver
+from pydantic import BaseModel
 
 from headroom_memory_integrations import MemoryStore
 from headroom_memory_integrations.langchain import MemoryChatModel, MemoryMiddleware
@@ -212,6 +213,30 @@ def test_nothing_is_stored_on_the_callers_path(
     assert middleware.memory.get_all() == []  # type: ignore[union-attr]
     gate.set()
     assert texts(middleware.memory) == [TEA["text"]]  # type: ignore[arg-type]
+
+
+def test_structured_agent_answers_get_memories_but_no_instruction(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    middleware = MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    middleware.memory.add(TEA["text"], category="preference")  # type: ignore[union-attr]
+    agent = agent_with(openai_server, middleware, response_format=Drink)
+    question = "What should I drink in 'Lyon' today?"
+    result = agent.invoke({"messages": [{"role": "user", "content": question}]}, thread("s"))
+
+    assert isinstance(result["structured_response"], Drink)
+    requests = chat_requests(openai_server)
+    assert [r[-1]["role"] for r in requests] == ["user", "tool"]
+    assert all(nonce_in(r) is None for r in requests)  # JSON must stay JSON: no block asked
+    for request in requests:
+        injected = next(m["content"] for m in request if m["role"] == "system")
+        assert f'"{TEA["text"]}"' in injected
+
+
+class Drink(BaseModel):
+    """A drink suggestion."""
+
+    name: str
 
 
 def test_a_model_that_has_memory_already_is_left_alone(

@@ -186,8 +186,6 @@ class MemoryChatModel(BaseChatModel):
                 "MemoryChatModel answers are never cached: a cached answer skips memory and "
                 "could show one user's memories to another"
             )
-        if isinstance(self.top_k, bool) or self.top_k < 1:
-            raise InvalidInputError(f"top_k must be a positive integer, got {self.top_k!r}")
         if isinstance(self.model, MemoryChatModel):
             raise InvalidInputError("the model already has memory: wrap the model it wraps")
         if "output_version" not in self.model_fields_set:
