@@ -82,7 +82,8 @@ def test_a_chain_remembers_across_instances(openai_server, scripted, make_memory
     later = make_memory()  # a new memory object and chain on the same folder
     conversation(openai_server, later).invoke({"input": "Which language for my new API?"})
     prompt = request_text(chat_requests(openai_server)[-1])
-    assert CONTEXT_OPEN in prompt and '(preference): "Prefers Python for backend work"' in prompt
+    assert CONTEXT_OPEN in prompt and '"Prefers Python for backend work"' in prompt
+    assert "- m1 (preference, noted " in prompt
     # bob's chain sees none of it
     conversation(openai_server, make_memory("bob")).invoke({"input": "Which language for my API?"})
     assert CONTEXT_OPEN not in request_text(chat_requests(openai_server)[-1])

@@ -16,6 +16,8 @@ from .._optional import require
 require("langchain_core", "langchain", "langgraph", extra="langchain")
 
 from ._extract import chat_model_completer  # noqa: E402
+from .chat_model import MemoryChatModel  # noqa: E402
+from .middleware import MemoryMiddleware  # noqa: E402
 from .retriever import HeadroomRetriever  # noqa: E402
 from .store import HeadroomStore  # noqa: E402
 from .tools import (  # noqa: E402
@@ -32,6 +34,8 @@ __all__ = [
     "HeadroomMemory",
     "HeadroomRetriever",
     "HeadroomStore",
+    "MemoryChatModel",
+    "MemoryMiddleware",
     "MemoryScope",
     "chat_model_completer",
     "create_manage_memory_tool",

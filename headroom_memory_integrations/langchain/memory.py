@@ -67,7 +67,7 @@ class HeadroomMemory(BaseMemory):
     Directly::
 
         memory.load_memory_variables({"input": "Which language should I use?"})
-        # {'memories': '<user-memories>\\n...\\n- m1 (preference): "Prefers Python ..."\\n...'}
+        # {'memories': '<user-memories>...- m1 (preference, noted 2026-12-01): "Prefers ...'}
         memory.save_context({"input": "..."}, {"response": "..."})  # returns immediately
 
     Async: ``aload_memory_variables``, ``asave_context`` and ``aclear`` run the same code in a

@@ -1,0 +1,277 @@
+"""The core :class:`~..flow.MemoryFlow` translated to LangChain messages, with no I/O.
+
+:class:`MessagesFlow` is what :class:`~.chat_model.MemoryChatModel` (and, through it, the
+agent middleware) uses around every call of the model it wraps, sync or async, streamed or not:
+
+1. :meth:`MessagesFlow.before`: the flow's prompt becomes a ``SystemMessage`` just before the
+   latest ``HumanMessage`` (or, with ``injection="user"``, the start of that message). The
+   caller's list and messages are never changed.
+2. The wrapper calls the model with :attr:`Call.messages`.
+3. :meth:`MessagesFlow.after` (a whole ``ChatResult``) or a :class:`ChunkEditor` (chunk by
+   chunk): the memory block is cut from the answer's text (a ``str`` content, or the ``text``
+   blocks of a list content) and the first generation's memories go to the flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
+from ..engine import MemoryStore
+from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
+from ..prompts import inline_extraction_allowed, message_text
+
+Injection = Literal["system", "user"]
+"""Where the memory prompt goes: a system message just before the latest user message, or the
+start of that user message (for providers that refuse a system message after the first)."""
+
+
+@dataclass
+class Call:
+    """One model call on its way through the flow: the flow's turn and the messages to send."""
+
+    turn: Turn
+    messages: list[BaseMessage]
+
+
+def _is_user(message: BaseMessage) -> bool:
+    return getattr(message, "type", None) == "human"
+
+
+def _prepend(message: BaseMessage, text: str) -> BaseMessage:
+    content = message.content
+    if isinstance(content, list):
+        new_content: Any = [{"type": "text", "text": text}, *content]
+    else:
+        new_content = f"{text}\n\n{content or ''}"
+    return message.model_copy(update={"content": new_content})
+
+
+def _text_of(block: Any) -> str | None:
+    """The text of a content block that is answer text (a ``str`` or a ``text`` block)."""
+    if isinstance(block, str):
+        return block
+    if isinstance(block, Mapping) and block.get("type") == "text":
+        text = block.get("text")
+        return text if isinstance(text, str) else None
+    return None
+
+
+def _with_text(block: Any, text: str) -> Any:
+    return text if isinstance(block, str) else {**block, "text": text}
+
+
+class MessagesFlow:
+    """Memory around a LangChain chat model's calls for one user.
+
+    Args:
+        flow: The core flow (the user's store and the job queue; inline extraction).
+        injection: ``"system"`` (default) or ``"user"``; see :data:`Injection`.
+    """
+
+    def __init__(self, flow: MemoryFlow, injection: Injection = "system") -> None:
+        if injection not in ("system", "user"):
+            raise ValueError(f"injection must be 'system' or 'user', got {injection!r}")
+        self.flow = flow
+        self.injection: Injection = injection
+
+    @property
+    def memory(self) -> MemoryStore:
+        return self.flow.memory
+
+    def before(self, messages: Sequence[BaseMessage], call_kwargs: Mapping[str, Any]) -> Call:
+        """The messages to send. Never raises for memory's sake.
+
+        Args:
+            messages: The call's messages (left unchanged).
+            call_kwargs: The call's keyword arguments (bound tools, ``tool_choice``,
+                ``response_format``, ...): a request whose answer must stay machine-readable
+                gets memories but no extraction instruction.
+        """
+        call = Call(Turn(), list(messages))
+        index = latest_index(call.messages, _is_user)
+        if index is None:
+            return call
+        call.turn = self.flow.start(
+            message_text(call.messages[index]), instruct=inline_extraction_allowed(call_kwargs)
+        )
+        prompt = call.turn.prompt
+        if prompt:
+            if self.injection == "system":
+                call.messages = insert_before(call.messages, index, SystemMessage(content=prompt))
+            else:
+                user = _prepend(call.messages[index], prompt)
+                call.messages = [*call.messages[:index], user, *call.messages[index + 1 :]]
+        return call
+
+    def after(self, call: Call, result: ChatResult) -> ChatResult:
+        """``result`` with the block cut from every generation; the first one's memories queued."""
+        if not call.turn.nonce:
+            return result
+        generations = []
+        for position, generation in enumerate(result.generations):
+            message = generation.message
+            content = self._visible(call.turn, message, remember=position == 0)
+            if content is not message.content:
+                generation = ChatGeneration(
+                    message=message.model_copy(update={"content": content}),
+                    generation_info=generation.generation_info,
+                )
+            generations.append(generation)
+        return ChatResult(generations=generations, llm_output=result.llm_output)
+
+    def editor(self, call: Call) -> ChunkEditor:
+        """A filter for the chunks of a streamed answer to ``call``."""
+        return ChunkEditor(self.flow, call.turn)
+
+    def _visible(self, turn: Turn, message: BaseMessage, *, remember: bool) -> Any:
+        content = message.content
+        if isinstance(content, str):
+            if not remember:
+                return self.flow.strip(turn, content)
+            tool_call = not content and getattr(message, "tool_calls", None)
+            visible = self.flow.finish(turn, None if tool_call else content)
+            return content if visible is None or visible == content else visible
+        stream = self.flow.stream(turn, remember=remember)
+        blocks, changed = _feed_blocks(stream, content)
+        tail = stream.finish()
+        if tail:
+            blocks, changed = _append_tail(blocks, tail), True
+        return blocks if changed else content
+
+
+def _feed_blocks(stream: AnswerStream, content: list[Any]) -> tuple[list[Any], bool]:
+    """``content`` with each text block fed through ``stream``; emptied text blocks dropped."""
+    blocks: list[Any] = []
+    changed = False
+    for block in content:
+        text = _text_of(block)
+        if text is None:
+            blocks.append(block)
+            continue
+        visible = stream.feed(text)
+        if visible != text:
+            changed = True
+        if visible:
+            blocks.append(_with_text(block, visible))
+    return blocks, changed
+
+
+def _append_tail(blocks: list[Any], tail: str) -> list[Any]:
+    for position in range(len(blocks) - 1, -1, -1):
+        text = _text_of(blocks[position])
+        if text is not None:
+            return [
+                *blocks[:position],
+                _with_text(blocks[position], text + tail),
+                *blocks[position + 1 :],
+            ]
+    return [*blocks, {"type": "text", "text": tail}]
+
+
+def _ends_answer(chunk: ChatGenerationChunk) -> bool:
+    message = chunk.message
+    if getattr(message, "chunk_position", None) == "last":
+        return True
+    info = chunk.generation_info or {}
+    metadata = message.response_metadata or {}
+    return bool(info.get("finish_reason") or metadata.get("finish_reason"))
+
+
+def _carries_more(chunk: ChatGenerationChunk) -> bool:
+    """Whether a chunk says anything besides its text (so it is kept even with no text left)."""
+    message = chunk.message
+    return bool(
+        getattr(message, "tool_call_chunks", None)
+        or getattr(message, "usage_metadata", None)
+        or getattr(message, "chunk_position", None)
+        or message.additional_kwargs
+        or chunk.generation_info
+    )
+
+
+class ChunkEditor:
+    """Edits a streamed answer chunk by chunk (for both sync and async streams).
+
+    No chunk it returns contains any part of the memory block: the answer's text goes through
+    one :class:`~..flow.AnswerStream`, which holds back only a possible tag prefix (and trailing
+    whitespace). Text held back is released on the chunk that ends the answer (a finish reason
+    or ``chunk_position="last"``), or by :meth:`end`. Chunks left with nothing to say are
+    dropped; tool-call chunks, usage and metadata pass through.
+    """
+
+    def __init__(self, flow: MemoryFlow, turn: Turn) -> None:
+        self._flow = flow
+        self._turn = turn
+        self._answer = flow.stream(turn)
+        self._done = False
+        self._last: ChatGenerationChunk | None = None
+
+    def edit(self, chunk: ChatGenerationChunk) -> ChatGenerationChunk | None:
+        """The chunk to show (a new object), or None when nothing is left of it."""
+        try:
+            self._last = chunk
+            content = chunk.message.content
+            if isinstance(content, str):
+                visible: Any = self._answer.feed(content)
+                had_text = bool(content)
+            else:
+                visible, _ = _feed_blocks(self._answer, content)
+                had_text = any(_text_of(block) for block in content)
+            if _ends_answer(chunk):
+                tail = self._answer.finish()
+                # anything after the end (no provider sends text there) is still filtered
+                self._answer = self._flow.stream(self._turn, remember=False)
+                if tail:
+                    visible = (
+                        visible + tail if isinstance(visible, str) else _append_tail(visible, tail)
+                    )
+            if visible == content:
+                return chunk
+            if had_text and not visible and not _carries_more(chunk):
+                return None
+            return _rebuilt(chunk, visible)
+        except Exception:
+            self._flow.failed("store_failures", "could not filter a streamed chunk")
+            return chunk
+
+    def end(self) -> ChatGenerationChunk | None:
+        """The stream is over: queue the memory work (once); return a chunk with text that was
+        still held back, or None."""
+        if self._done:
+            return None
+        self._done = True
+        tail = self._answer.finish()
+        if not tail:
+            return None
+        last = self._last.message if self._last is not None else None
+        content: Any = tail
+        if last is not None and isinstance(last.content, list):
+            content = [{"type": "text", "text": tail}]
+        return ChatGenerationChunk(
+            message=AIMessageChunk(content=content, id=getattr(last, "id", None))
+        )
+
+
+def _rebuilt(chunk: ChatGenerationChunk, content: Any) -> ChatGenerationChunk:
+    return ChatGenerationChunk(
+        message=chunk.message.model_copy(update={"content": content}),
+        generation_info=chunk.generation_info,
+    )
+
+
+def as_chunk(generation: ChatGeneration) -> ChatGenerationChunk:
+    """A whole answer as the one chunk of a stream (for models that cannot stream)."""
+    message = generation.message
+    fields = message.model_dump(exclude={"type"})
+    if isinstance(message, AIMessage):
+        fields.pop("tool_call_chunks", None)
+        fields.pop("chunk_position", None)
+        chunk = AIMessageChunk(**fields, chunk_position="last")
+    else:
+        chunk = AIMessageChunk(content=message.content, id=message.id, chunk_position="last")
+    return ChatGenerationChunk(message=chunk, generation_info=generation.generation_info)

@@ -1,0 +1,436 @@
+"""``MemoryChatModel``: any LangChain chat model, with one user's long-term memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableBinding
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from typing_extensions import Self
+
+from ..engine import MemoryStore
+from ..errors import InvalidInputError
+from ..wiring import build_flow, open_memory
+from ._messages import Injection, MessagesFlow, as_chunk
+
+_MODEL_SETTINGS = ("temperature", "max_tokens")
+"""Settings the wrapped model reads on every call: set on a copy of a model instance."""
+
+_CLIENT_SETTINGS = ("timeout", "max_retries", "api_key", "base_url")
+"""Settings built into a model's client: only for a model built from its name."""
+
+
+class MemoryChatModel(BaseChatModel):
+    """A LangChain chat model with one user's long-term memory.
+
+    It wraps any chat model (``ChatOpenAI``, ``ChatAnthropic``, ``ChatOllama``, a fake, ...).
+    Before each call, the user's relevant memories go in a system message just before the
+    latest ``HumanMessage``, with an instruction to end the answer with a memory block (a fresh
+    nonce every call). The block is cut from the answer, streamed or not, before anything sees
+    it (the caller, callbacks, tracers, LangGraph streams, the message history), and its
+    memories are stored off the call's path. No extra model call: the same inline extraction as
+    ``with_fast_memory``, through the same core.
+
+    Setup:
+        .. code-block:: bash
+
+            pip install 'headroom-memory-integrations[langchain]' langchain-openai
+
+    Instantiate:
+        .. code-block:: python
+
+            from langchain_openai import ChatOpenAI
+            from headroom_memory_integrations.langchain import MemoryChatModel
+
+            chat = MemoryChatModel(
+                model=ChatOpenAI(model="gpt-4o-mini"),
+                user_id="alice",
+                db_path="./memories",  # or storage=..., embedder=..., or memory=MemoryStore(...)
+            )
+            # or from a name, the standard settings handed to the model it builds:
+            chat = MemoryChatModel(
+                model="openai:gpt-4o-mini", temperature=0, timeout=30, user_id="alice"
+            )
+
+    Invoke:
+        .. code-block:: python
+
+            chat.invoke("I'm vegetarian and I live in Lyon.")
+            # AIMessage(content="Noted! ...")  -- no memory block in it
+            chat.memory.flush()  # only to wait for the store in a script; apps need not
+            chat.invoke("Suggest a dinner place nearby.").content
+            # 'In Lyon, try ... (vegetarian-friendly)'
+
+    Stream:
+        .. code-block:: python
+
+            for chunk in chat.stream("What should I cook tonight?"):
+                print(chunk.text, end="")  # the block never shows, not even in part
+
+    Async:
+        .. code-block:: python
+
+            await chat.ainvoke("...")
+            async for chunk in chat.astream("..."):
+                ...
+
+    Tools, structured output, chains, agents:
+        .. code-block:: python
+
+            chat.bind_tools([get_weather]).invoke("Weather where I live?")
+            chat.with_structured_output(Recipe).invoke("A recipe for me")  # no block asked
+            (prompt | chat | StrOutputParser()).invoke({...})
+            create_agent(chat, tools=[get_weather]).invoke({"messages": [...]})
+
+    For agents serving many users, see :class:`~.middleware.MemoryMiddleware`.
+
+    The wrapped model is called through its own ``_generate`` / ``_stream`` (and async twins)
+    inside this model's run, so a call is traced once, as this model, with the caller's
+    messages and the visible answer. Its own callbacks, cache and tracing are not involved.
+
+    Args:
+        model: The chat model to wrap, or a name for ``init_chat_model`` (``"openai:gpt-4o"``).
+        user_id: Whose memories (with ``db_path``, ``storage``, ``embedder``); or pass
+            ``memory=MemoryStore(...)``.
+        db_path: Embedded Chroma folder or a Chroma server URL (default ``~/.headroom-memory``).
+        top_k: Memories injected at most (fewer pass the relevance floor for most questions).
+        injection: ``"system"`` (default) or ``"user"`` to prepend the memories to the latest
+            user message, for providers that refuse a system message after the first.
+        temperature, max_tokens: Set on (a copy of) the wrapped model, or handed to the model
+            built from a name.
+        timeout, max_retries, api_key, base_url: Handed to the model built from a name (a
+            model instance has them built into its client already: configure it directly).
+        stop: Default stop sequences of every call.
+        model_options: More keyword arguments for the model built from a name.
+        streaming: Stream the wrapped model's answer even on ``invoke`` (for callbacks).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    model: BaseChatModel
+    """The wrapped chat model."""
+    user_id: str | None = None
+    db_path: str | os.PathLike[str] | None = Field(default=None, exclude=True, repr=False)
+    storage: Any = Field(default=None, exclude=True, repr=False)
+    embedder: Any = Field(default=None, exclude=True, repr=False)
+    memory: MemoryStore | None = Field(default=None, exclude=True, repr=False)
+    """The user's :class:`~headroom_memory_integrations.MemoryStore` (search, get_all, ...)."""
+    queue_path: str | os.PathLike[str] | None = Field(default=None, exclude=True, repr=False)
+    top_k: int = 5
+    injection: Injection = "system"
+    temperature: float | None = None
+    max_tokens: int | None = None
+    timeout: float | None = None
+    max_retries: int | None = None
+    stop: list[str] | None = None
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    base_url: str | None = Field(default=None, exclude=True, repr=False)
+    model_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+    streaming: bool = False
+    cache: Any = Field(default=False, exclude=True, repr=False)
+    """Always False: a cached answer would skip memory, and could carry one user's memories
+    to another user asking the same question."""
+
+    _memory_flow: MessagesFlow = PrivateAttr()
+
+    # -- construction -----------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _configure_model(cls, data: Any) -> Any:
+        """Build the wrapped model from a name, or apply the model settings to a copy."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        model = data.get("model")
+        if isinstance(model, str):
+            from langchain.chat_models import init_chat_model
+
+            settings = {
+                name: data[name]
+                for name in (*_MODEL_SETTINGS, *_CLIENT_SETTINGS)
+                if data.get(name) is not None
+            }
+            if isinstance(settings.get("api_key"), SecretStr):
+                settings["api_key"] = settings["api_key"].get_secret_value()
+            data["model"] = init_chat_model(model, **settings, **(data.get("model_options") or {}))
+        elif isinstance(model, BaseChatModel):
+            client = [name for name in (*_CLIENT_SETTINGS, "model_options") if data.get(name)]
+            if client:
+                raise InvalidInputError(
+                    f"{', '.join(client)}: set on {type(model).__name__} itself (a model "
+                    "instance has them built into its client); MemoryChatModel hands them only "
+                    "to a model it builds from a name, e.g. model='openai:gpt-4o-mini'"
+                )
+            updates = {
+                _field_of(model, name): data[name]
+                for name in _MODEL_SETTINGS
+                if data.get(name) is not None
+            }
+            if updates:
+                data["model"] = model.model_copy(update=updates)
+        return data
+
+    @model_validator(mode="after")
+    def _open_memory(self) -> Self:
+        if self.cache is not False:
+            raise InvalidInputError(
+                "MemoryChatModel answers are never cached: a cached answer skips memory and "
+                "could show one user's memories to another"
+            )
+        if isinstance(self.model, MemoryChatModel):
+            raise InvalidInputError("the model already has memory: wrap the model it wraps")
+        if "output_version" not in self.model_fields_set:
+            self.output_version = self.model.output_version
+        self.memory = open_memory(
+            self.memory, self.user_id, self.db_path, storage=self.storage, embedder=self.embedder
+        )
+        self.user_id = self.memory.user_id
+        flow = build_flow(self.memory, inline=True, top_k=self.top_k, queue_path=self.queue_path)
+        self._memory_flow = MessagesFlow(flow, self.injection)
+        return self
+
+    @classmethod
+    def around(cls, model: BaseChatModel, flow: MessagesFlow) -> MemoryChatModel:
+        """``model`` with the memory of an existing flow (no new store, no new queue): what
+        :class:`~.middleware.MemoryMiddleware` uses around each agent's model call."""
+        wrapper = cls.model_construct(
+            model=model,
+            memory=flow.memory,
+            user_id=flow.memory.user_id,
+            top_k=flow.flow.top_k,
+            injection=flow.injection,
+            output_version=model.output_version,
+            profile=model.profile,
+        )
+        wrapper._memory_flow = flow
+        return wrapper
+
+    # -- what LangChain asks of a chat model ----------------------------------------------------
+
+    @property
+    def _llm_type(self) -> str:
+        return "headroom-memory"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            **self.model._identifying_params,
+            "wrapped": self.model._llm_type,
+            "top_k": self.top_k,
+            "injection": self.injection,
+        }
+
+    @property
+    def model_name(self) -> str:
+        """The wrapped model's name (what agents and tracing look for), else its type."""
+        for attribute in ("model_name", "model", "model_id"):
+            name = getattr(self.model, attribute, None)
+            if isinstance(name, str) and name:
+                return name
+        return self.model._llm_type
+
+    def _resolve_model_profile(self) -> Any:
+        return self.model.profile
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        return self.model._get_ls_params(stop=self._stop(stop), **kwargs)
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        return self.model.get_num_tokens_from_messages(messages, tools=tools)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        return self.model.get_token_ids(text)
+
+    def __repr_args__(self) -> Any:  # never the wrapped model's fields: clients, keys
+        return [
+            ("model", _Named(type(self.model).__name__, self.model_name)),
+            ("user_id", self.user_id),
+            ("top_k", self.top_k),
+            ("injection", self.injection),
+        ]
+
+    # -- tools and structured output ------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | Any],
+        *,
+        tool_choice: Any = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """This model with tools: the wrapped model converts them (its own format and
+        ``tool_choice`` values), and its call arguments are bound to this model, so every
+        call still gets memory."""
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
+        bound = self.model.bind_tools(tools, **kwargs)
+        if not isinstance(bound, RunnableBinding) or not isinstance(bound.bound, BaseChatModel):
+            raise NotImplementedError(
+                f"{type(self.model).__name__}.bind_tools returned {type(bound).__name__}, not "
+                "a binding of call arguments; MemoryChatModel cannot carry its tools"
+            )
+        return self.bind(**bound.kwargs)
+
+    def with_structured_output(
+        self, schema: Any = None, *, include_raw: bool = False, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, Any]:
+        """The wrapped model's own structured output (every ``method`` it offers), run through
+        this model: memories are injected, but no memory block is asked for, since the answer
+        must stay machine-readable."""
+        # The wrapped model's method builds its runnable from ``self.bind`` / ``self.bind_tools``;
+        # a throwaway copy whose two methods bind to this model builds the same runnable here.
+        recipe = self.model.model_copy()
+        object.__setattr__(recipe, "bind", self.bind)
+        object.__setattr__(recipe, "bind_tools", self.bind_tools)
+        return recipe.with_structured_output(schema, include_raw=include_raw, **kwargs)
+
+    # -- the calls ------------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        flow = self._memory_flow
+        call = flow.before(messages, kwargs)
+        self._acquire()
+        result = self.model._generate(call.messages, stop=self._stop(stop), **kwargs)
+        return flow.after(call, result)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        flow = self._memory_flow
+        call = await asyncio.to_thread(flow.before, messages, kwargs)
+        await self._aacquire()
+        result = await self.model._agenerate(call.messages, stop=self._stop(stop), **kwargs)
+        return await asyncio.to_thread(flow.after, call, result)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        # run_manager is this model's run: the base class reports the chunks yielded here (the
+        # filtered ones); the wrapped model gets none, so it reports nothing raw.
+        flow = self._memory_flow
+        call = flow.before(messages, kwargs)
+        self._acquire()
+        stop = self._stop(stop)
+        if not self._model_streams(kwargs, asynchronous=False):
+            result = flow.after(call, self.model._generate(call.messages, stop=stop, **kwargs))
+            yield as_chunk(result.generations[0])
+            return
+        editor = flow.editor(call)
+        chunks = self.model._stream(call.messages, stop=stop, **kwargs)
+        try:
+            for chunk in chunks:
+                edited = editor.edit(chunk)
+                if edited is not None:
+                    yield edited
+            last = editor.end()
+            if last is not None:
+                yield last
+        finally:
+            editor.end()
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        flow = self._memory_flow
+        call = await asyncio.to_thread(flow.before, messages, kwargs)
+        await self._aacquire()
+        stop = self._stop(stop)
+        if not self._model_streams(kwargs, asynchronous=True):
+            result = await self.model._agenerate(call.messages, stop=stop, **kwargs)
+            result = await asyncio.to_thread(flow.after, call, result)
+            yield as_chunk(result.generations[0])
+            return
+        editor = flow.editor(call)
+        chunks = self.model._astream(call.messages, stop=stop, **kwargs)
+        try:
+            async for chunk in chunks:
+                edited = editor.edit(chunk)
+                if edited is not None:
+                    yield edited
+            last = await asyncio.to_thread(editor.end)
+            if last is not None:
+                yield last
+        finally:
+            editor.end()
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _stop(self, stop: list[str] | None) -> list[str] | None:
+        chosen = stop if stop is not None else self.stop
+        return list(chosen) if chosen else None
+
+    def _model_streams(self, kwargs: Mapping[str, Any], *, asynchronous: bool) -> bool:
+        """Whether the wrapped model streams this call (else one chunk from ``_generate``)."""
+        model = self.model
+        streams = type(model)._stream is not BaseChatModel._stream
+        if asynchronous:
+            streams = streams or type(model)._astream is not BaseChatModel._astream
+        if not streams:
+            return False
+        disabled = getattr(model, "_streaming_disabled", None)
+        if callable(disabled):
+            return not disabled(**kwargs)
+        return model.disable_streaming is not True
+
+    def _acquire(self) -> None:
+        if self.model.rate_limiter is not None:
+            self.model.rate_limiter.acquire(blocking=True)
+
+    async def _aacquire(self) -> None:
+        if self.model.rate_limiter is not None:
+            await self.model.rate_limiter.aacquire(blocking=True)
+
+
+class _Named:
+    """Shows as ``ChatOpenAI(model='gpt-4o-mini')`` in a repr, whatever the model holds."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        self._text = f"{kind}(model={name!r})"
+
+    def __repr__(self) -> str:
+        return self._text
+
+
+def _field_of(model: BaseChatModel, setting: str) -> str:
+    """The name of ``model``'s field for a standard setting (by name or alias)."""
+    for name, info in type(model).model_fields.items():
+        if setting in (name, info.alias, info.validation_alias):
+            return name
+    raise InvalidInputError(
+        f"{type(model).__name__} has no {setting!r} setting; configure the model itself"
+    )

@@ -1,0 +1,213 @@
+"""``MemoryMiddleware``: long-term memory for ``create_agent`` agents, per user."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
+from langchain_core.messages import AIMessage
+
+from ..embeddings import Embedder
+from ..engine import MemoryStore
+from ..errors import InvalidInputError
+from ..storage import Storage
+from ..wiring import build_flow, open_memory
+from ._messages import Injection, MessagesFlow
+from .chat_model import MemoryChatModel
+
+USER_ID_KEY = "user_id"
+"""Where a run names its user: ``context.user_id`` (or ``context["user_id"]``), else
+``config["configurable"]["user_id"]``."""
+
+
+class MemoryMiddleware(AgentMiddleware):
+    """Long-term memory for a ``create_agent`` agent: every model call of a run gets the user's
+    relevant memories, and the model's answers teach it new ones.
+
+    Each model call goes through :class:`~.chat_model.MemoryChatModel` around the agent's own
+    model (with its tools bound as usual), so the memory block is cut before any stream mode
+    (``values``, ``updates``, ``messages``), callback or checkpoint sees it, and the memories
+    are queued for storing off the call's path.
+
+    Setup:
+        .. code-block:: python
+
+            from langchain.agents import create_agent
+            from headroom_memory_integrations.langchain import MemoryMiddleware
+
+    One user (a personal assistant):
+        .. code-block:: python
+
+            agent = create_agent(
+                "openai:gpt-4o-mini",
+                tools=[get_weather],
+                middleware=[MemoryMiddleware(user_id="alice", db_path="./memories")],
+            )
+            agent.invoke({"messages": [{"role": "user", "content": "I live in Lyon."}]})
+
+    Many users (a service): build it without ``user_id``; each run names its user in its
+    context or its config, never in anything the model writes:
+        .. code-block:: python
+
+            @dataclass
+            class Context:
+                user_id: str
+
+            agent = create_agent(
+                "openai:gpt-4o-mini",
+                tools=[get_weather],
+                context_schema=Context,
+                middleware=[MemoryMiddleware(db_path="./memories")],
+            )
+            agent.invoke({"messages": [...]}, context=Context(user_id="alice"))
+            # or: agent.invoke({"messages": [...]}, {"configurable": {"user_id": "alice"}})
+
+    Stream and async:
+        .. code-block:: python
+
+            for token, meta in agent.stream(inputs, context=ctx, stream_mode="messages"):
+                print(token.text, end="")  # never any part of a memory block
+            await agent.ainvoke(inputs, context=ctx)
+
+    Args:
+        user_id: The one user of every run (with ``db_path``, ``storage``, ``embedder``); or
+            ``memory=MemoryStore(...)``. Without either, each run names its user.
+        db_path: Embedded Chroma folder or a Chroma server URL (default ``~/.headroom-memory``).
+        storage: A :class:`~headroom_memory_integrations.Storage` instead of ``db_path``.
+        embedder: The embedder (default: the local all-MiniLM-L6-v2).
+        memory: An existing :class:`~headroom_memory_integrations.MemoryStore` (one user).
+        top_k: Memories injected at most per model call.
+        injection: ``"system"`` or ``"user"`` (see :class:`~.chat_model.MemoryChatModel`).
+        queue_path: The durable job queue's file (default: beside embedded memories).
+    """
+
+    def __init__(
+        self,
+        user_id: str | None = None,
+        db_path: str | os.PathLike[str] | None = None,
+        *,
+        storage: Storage | None = None,
+        embedder: Embedder | None = None,
+        memory: MemoryStore | None = None,
+        top_k: int = 5,
+        injection: Injection = "system",
+        queue_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if injection not in ("system", "user"):
+            raise InvalidInputError(f"injection must be 'system' or 'user', got {injection!r}")
+        self._top_k = top_k
+        self._injection: Injection = injection
+        self._queue_path = queue_path
+        self._db_path = db_path
+        self._storage = storage
+        self._embedder = embedder
+        self._flows: dict[str, MessagesFlow] = {}
+        self._lock = threading.Lock()
+        self._fixed: MessagesFlow | None = None
+        if memory is not None or user_id is not None:
+            self._fixed = self._flow_for(
+                open_memory(memory, user_id, db_path, storage=storage, embedder=embedder)
+            )
+
+    @property
+    def memory(self) -> MemoryStore | None:
+        """The store of the one user, when built with ``user_id`` or ``memory`` (else None)."""
+        return self._fixed.memory if self._fixed is not None else None
+
+    def memory_for(self, user_id: str) -> MemoryStore:
+        """A user's store, as the middleware uses it (e.g. to list or delete their memories).
+
+        Raises:
+            InvalidInputError: the middleware serves one user and ``user_id`` is another.
+        """
+        return self._flow_of(user_id).memory
+
+    # -- the hooks ----------------------------------------------------------------------------
+
+    def wrap_model_call(
+        self,
+        request: ModelRequest[Any],
+        handler: Callable[[ModelRequest[Any]], ModelResponse[Any]],
+    ) -> ModelResponse[Any] | AIMessage:
+        return handler(self._with_memory(request))
+
+    async def awrap_model_call(
+        self,
+        request: ModelRequest[Any],
+        handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
+    ) -> ModelResponse[Any] | AIMessage:
+        # opening a user's store the first time touches Chroma: off the event loop
+        return await handler(await asyncio.to_thread(self._with_memory, request))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _with_memory(self, request: ModelRequest[Any]) -> ModelRequest[Any]:
+        if isinstance(request.model, MemoryChatModel):
+            return request  # the agent's model has its own memory already
+        flow = self._flow_of(self._user_of(request))
+        return request.override(model=MemoryChatModel.around(request.model, flow))
+
+    def _user_of(self, request: ModelRequest[Any]) -> str:
+        if self._fixed is not None:
+            return self._fixed.memory.user_id
+        runtime = getattr(request, "runtime", None)
+        user = _get(getattr(runtime, "context", None), USER_ID_KEY)
+        if user is None:
+            user = _get(_run_config().get("configurable"), USER_ID_KEY)
+        if user is None:
+            raise InvalidInputError(
+                "MemoryMiddleware needs the run's user: pass context with a user_id "
+                "(create_agent(..., context_schema=...) and invoke(..., context=...)) or "
+                "config={'configurable': {'user_id': ...}}, or build it with user_id="
+            )
+        if not isinstance(user, str):
+            raise InvalidInputError(f"user_id must be a string, got {type(user).__name__}")
+        return user
+
+    def _flow_of(self, user_id: str) -> MessagesFlow:
+        if self._fixed is not None:
+            if user_id != self._fixed.memory.user_id:
+                raise InvalidInputError(
+                    f"this MemoryMiddleware serves user {self._fixed.memory.user_id!r} only"
+                )
+            return self._fixed
+        with self._lock:
+            flow = self._flows.get(user_id)
+            if flow is None:
+                flow = self._flows[user_id] = self._flow_for(self._open(user_id))
+            return flow
+
+    def _open(self, user_id: str) -> MemoryStore:
+        """A new user's store, on the same storage and embedder as the users before."""
+        if not self._flows:
+            return open_memory(
+                None, user_id, self._db_path, storage=self._storage, embedder=self._embedder
+            )
+        first = next(iter(self._flows.values())).memory
+        return MemoryStore(user_id, storage=first.storage, embedder=first.embedder)
+
+    def _flow_for(self, memory: MemoryStore) -> MessagesFlow:
+        flow = build_flow(memory, inline=True, top_k=self._top_k, queue_path=self._queue_path)
+        return MessagesFlow(flow, self._injection)
+
+
+def _get(source: Any, key: str) -> Any:
+    if source is None:
+        return None
+    if isinstance(source, Mapping):
+        return source.get(key)
+    return getattr(source, key, None)
+
+
+def _run_config() -> Mapping[str, Any]:
+    from langgraph.config import get_config
+
+    try:
+        return get_config()
+    except RuntimeError:
+        return {}

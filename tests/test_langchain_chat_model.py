@@ -1,0 +1,524 @@
+"""MemoryChatModel: memory around any LangChain chat model, through every call style.
+
+The wrapped model is a real ``ChatOpenAI`` over real HTTP to a :class:`ScriptedOpenAIServer`
+(answered by :class:`ScriptedChat`, which ends its text answers with a valid memory block when
+the request asks for one), or a langchain-core chat model written here where HTTP adds nothing.
+Memories live in real Chroma with the real all-MiniLM-L6-v2 model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _langchain_support import (
+    RunRecorder,
+    ScriptedChat,
+    TokenRecorder,
+    assert_clean,
+    instruction_nonce,
+    memory_block,
+)
+from langchain.agents import create_agent
+from langchain_core.language_models import BaseChatModel
+from langchain_core.load import dumpd
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableBinding
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import START, MessagesState, StateGraph
+from pydantic import BaseModel, Field
+
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.langchain import MemoryChatModel
+from headroom_memory_integrations.prompts import CONTEXT_OPEN
+from headroom_memory_integrations.testing import ScriptedOpenAIServer
+
+TEA = {"text": "Prefers green tea over coffee", "category": "preference"}
+ANSWER = "Noted, green tea it is!"
+
+
+@tool
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"It is sunny in {city}"
+
+
+def chat_openai(server: ScriptedOpenAIServer, **options: Any) -> ChatOpenAI:
+    return ChatOpenAI(
+        model="gpt-4o-mini",
+        base_url=server.base_url,
+        api_key="sk-scripted-secret",
+        max_retries=0,
+        stream_usage=True,
+        **options,
+    )
+
+
+@pytest.fixture
+def says(openai_server: ScriptedOpenAIServer) -> ScriptedChat:
+    """What the scripted model answers: ANSWER, and TEA in its memory block."""
+    chat = ScriptedChat(ANSWER, memories=[TEA])
+    openai_server.responder = chat
+    return chat
+
+
+@pytest.fixture
+def chat(openai_server: ScriptedOpenAIServer, db_path: Path, model: Any, says: ScriptedChat):
+    return MemoryChatModel(
+        model=chat_openai(openai_server), user_id="alice", db_path=db_path, embedder=model
+    )
+
+
+def sent(server: ScriptedOpenAIServer, index: int = -1) -> list[dict[str, Any]]:
+    """The messages of a chat request the server received."""
+    chats = [r for r in server.requests if r.path == "/v1/chat/completions"]
+    return chats[index].body["messages"]  # type: ignore[index]
+
+
+def texts(memory: MemoryStore) -> list[str]:
+    assert memory.flush(30)
+    return sorted(m.text for m in memory.get_all())
+
+
+# -- every call style ----------------------------------------------------------------------------
+
+STYLES = ["invoke", "ainvoke", "stream", "astream", "batch", "abatch", "astream_events"]
+
+
+def answer_in(chat: Any, style: str, text: str, config: dict[str, Any]) -> tuple[str, list]:
+    """The visible answer to ``text`` called in ``style``, and what else the style showed
+    (streamed chunks, events)."""
+    if style == "invoke":
+        return chat.invoke(text, config).text, []
+    if style == "stream":
+        chunks = list(chat.stream(text, config))
+        return "".join(c.text for c in chunks), chunks
+    if style == "batch":
+        answers = chat.batch([text, text], config)
+        assert answers[0].text == answers[1].text
+        return answers[0].text, answers
+
+    async def scenario() -> tuple[str, list]:
+        if style == "ainvoke":
+            return (await chat.ainvoke(text, config)).text, []
+        if style == "astream":
+            chunks = [c async for c in chat.astream(text, config)]
+            return "".join(c.text for c in chunks), chunks
+        if style == "abatch":
+            answers = await chat.abatch([text, text], config)
+            return answers[0].text, answers
+        events = [e async for e in chat.astream_events(text, config, version="v2")]
+        streamed = [e["data"]["chunk"] for e in events if e["event"] == "on_chat_model_stream"]
+        assert streamed, "astream_events showed no streamed chunk"
+        return "".join(c.text for c in streamed), events
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_every_call_style_hides_the_block_and_learns(
+    style: str, chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, says: ScriptedChat
+) -> None:
+    says.chunk_size = 3  # the block arrives in many small pieces
+    tokens, tracer = TokenRecorder(), RunRecorder()
+    answer, shown = answer_in(
+        chat, style, "I always drink green tea.", {"callbacks": [tokens, tracer]}
+    )
+
+    assert answer == ANSWER
+    assert_clean(
+        answer, shown, tokens.tokens, tokens.outputs, tracer.dump(), memories=[TEA["text"]]
+    )
+    calls = 2 if "batch" in style else 1
+    assert len(tracer.llm_runs()) == calls  # one traced run per call: the wrapped model's is not
+    assert tokens.chat_starts == calls
+    if "stream" in style:
+        assert tokens.streamed == ANSWER  # callbacks got every visible token, and only those
+    messages = sent(openai_server)
+    assert messages[-1] == {"role": "user", "content": "I always drink green tea."}
+    assert messages[-2]["role"] == "system" and instruction_nonce(messages)
+    assert texts(chat.memory) == [TEA["text"]]
+
+
+def test_memories_are_injected_before_the_latest_user_message(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
+) -> None:
+    chat.memory.add(TEA["text"], category="preference")
+    history = [
+        SystemMessage("You are a barista."),
+        HumanMessage("Hi"),
+        AIMessage("Hello!"),
+        HumanMessage("What should I drink this morning?"),
+    ]
+    before = [m.model_copy() for m in history]
+    chat.invoke(history)
+
+    messages = sent(openai_server)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "system", "user"]
+    assert CONTEXT_OPEN in messages[3]["content"]
+    assert f'"{TEA["text"]}"' in messages[3]["content"]
+    assert history == before  # the caller's messages are untouched
+
+
+def test_injection_into_the_user_message(
+    openai_server: ScriptedOpenAIServer, db_path: Path, model: Any, says: ScriptedChat
+) -> None:
+    chat = MemoryChatModel(
+        model=chat_openai(openai_server),
+        user_id="alice",
+        db_path=db_path,
+        embedder=model,
+        injection="user",
+    )
+    chat.memory.add(TEA["text"], category="preference")
+    assert chat.invoke("What should I drink?").text == ANSWER
+    messages = sent(openai_server)
+    assert [m["role"] for m in messages] == ["user"]
+    assert messages[0]["content"].startswith(CONTEXT_OPEN)
+    assert messages[0]["content"].endswith("\n\nWhat should I drink?")
+
+
+def test_langgraph_streams_and_history_never_show_the_block(
+    chat: MemoryChatModel, says: ScriptedChat
+) -> None:
+    says.chunk_size = 2
+
+    def respond(state: MessagesState) -> dict[str, list[BaseMessage]]:
+        return {"messages": [chat.invoke(state["messages"])]}
+
+    graph = (
+        StateGraph(MessagesState)
+        .add_node("respond", respond)
+        .add_edge(START, "respond")
+        .compile(checkpointer=InMemorySaver())
+    )
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    inputs = {"messages": [HumanMessage("I always drink green tea.")]}
+    seen = list(graph.stream(inputs, config, stream_mode=["messages", "updates", "values"]))
+
+    tokens = [data[0].text for mode, data in seen if mode == "messages"]
+    assert "".join(tokens) == ANSWER and len(tokens) > 1
+    history = graph.get_state(config).values["messages"]
+    assert [m.type for m in history] == ["human", "ai"]
+    assert history[-1].text == ANSWER
+    assert_clean(seen, history, list(graph.get_state_history(config)), memories=[TEA["text"]])
+
+
+def test_stream_events_v3_never_show_the_block(chat: MemoryChatModel, says: ScriptedChat) -> None:
+    says.chunk_size = 5
+    stream = chat.stream_events("I always drink green tea.", version="v3")
+    events = list(stream)
+    assert stream.output.text == ANSWER
+    assert_clean(events, stream.output, memories=[TEA["text"]])
+
+
+# -- tools, structured output, chains, agents ---------------------------------------------------
+
+
+def test_tools_and_memory_work_together(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
+) -> None:
+    chat.memory.add("Lives in Lyon", category="fact")
+    with_tools = chat.bind_tools([get_weather])
+    assert isinstance(with_tools, RunnableBinding) and with_tools.bound is chat
+
+    message = with_tools.invoke("Where do I live? What is the weather there?")
+    assert message.tool_calls[0]["name"] == "get_weather"
+    assert message.usage_metadata and message.usage_metadata["input_tokens"] > 0
+    assert message.response_metadata["model_name"] == "gpt-4o-mini"
+    request = openai_server.requests[-1].body
+    assert request["tools"][0]["function"]["name"] == "get_weather"
+    assert '"Lives in Lyon"' in request["messages"][-2]["content"]
+    assert instruction_nonce(request["messages"])  # tool_choice "auto": the model may answer
+
+    chunks = list(with_tools.stream("Where do I live? What is the weather there?"))
+    streamed = chunks[0]
+    for chunk in chunks[1:]:
+        streamed += chunk
+    assert streamed.tool_calls[0]["name"] == "get_weather"
+    assert streamed.usage_metadata and streamed.usage_metadata["output_tokens"] > 0
+
+
+def test_a_forced_tool_call_gets_memories_but_no_instruction(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
+) -> None:
+    chat.memory.add("Lives in Lyon", category="fact")
+    message = chat.bind_tools([get_weather], tool_choice="any").invoke(
+        "Where do I live? Weather there?"
+    )
+    assert message.tool_calls[0]["name"] == "get_weather"
+    request = openai_server.requests[-1].body
+    assert request["tool_choice"] == "required"
+    assert '"Lives in Lyon"' in request["messages"][-2]["content"]
+    assert instruction_nonce(request["messages"]) is None
+
+
+class Drink(BaseModel):
+    """A drink suggestion."""
+
+    name: str = Field(description="the drink")
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_structured_output_gets_no_extraction_instruction(
+    method: str, chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
+) -> None:
+    chat.memory.add(TEA["text"], category="preference")
+    structured = chat.with_structured_output(Drink, method=method)
+    question = "Suggest a drink for me. Reply in JSON with a 'name' key."
+    tracer = RunRecorder()
+
+    assert isinstance(structured.invoke(question, {"callbacks": [tracer]}), Drink)
+    assert [run.name for run in tracer.llm_runs()] == ["MemoryChatModel"]
+    messages = sent(openai_server)
+    assert instruction_nonce(messages) is None
+    assert f'"{TEA["text"]}"' in messages[-2]["content"]
+    assert all(isinstance(d, Drink) for d in structured.stream(question))
+    assert instruction_nonce(sent(openai_server)) is None
+
+
+def test_in_an_lcel_chain(chat: MemoryChatModel, openai_server: ScriptedOpenAIServer) -> None:
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "You are a barista."), ("human", "{question}")]
+    )
+    chain = prompt | chat | StrOutputParser()
+    tracer = RunRecorder()
+    assert chain.invoke({"question": "I always drink green tea."}, {"callbacks": [tracer]}) == (
+        ANSWER
+    )
+    assert "".join(chain.stream({"question": "Hello again"})) == ANSWER
+    assert_clean(tracer.dump(), memories=[TEA["text"]])
+    assert [m["role"] for m in sent(openai_server)] == ["system", "system", "user"]
+    assert texts(chat.memory) == [TEA["text"]]
+
+
+def test_as_the_model_of_an_agent_through_a_tool_loop(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
+) -> None:
+    agent = create_agent(chat, tools=[get_weather], checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "agent"}}
+    result = agent.invoke(
+        {"messages": [{"role": "user", "content": "I love green tea. Weather in 'Lyon'?"}]}, config
+    )
+    messages = result["messages"]
+    assert [m.type for m in messages] == ["human", "ai", "tool", "ai"]
+    assert messages[1].tool_calls[0]["args"] == {"city": "Lyon"}
+    assert messages[-1].text == "The tool says: It is sunny in Lyon."
+    assert_clean(messages, list(agent.get_state_history(config)), memories=[TEA["text"]])
+    assert all(instruction_nonce(r.body["messages"]) for r in openai_server.requests)
+    assert texts(chat.memory) == [TEA["text"]]
+
+
+# -- memory across instances, processes and users ------------------------------------------------
+
+
+def test_a_fact_is_recalled_by_a_new_instance_and_a_new_process(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, db_path: Path, model: Any
+) -> None:
+    chat.invoke("I always drink green tea.")
+    assert texts(chat.memory) == [TEA["text"]]
+
+    again = MemoryChatModel(
+        model=chat_openai(openai_server), user_id="alice", db_path=db_path, embedder=model
+    )
+    again.invoke("What should I drink this morning?")
+    assert f'"{TEA["text"]}"' in sent(openai_server)[-2]["content"]
+
+    code = f"""
+        import json
+        from langchain_openai import ChatOpenAI
+        from headroom_memory_integrations.langchain import MemoryChatModel
+        chat = MemoryChatModel(
+            model=ChatOpenAI(model="gpt-4o-mini", base_url={openai_server.base_url!r},
+                             api_key="sk-scripted", max_retries=0),
+            user_id="alice",
+            db_path={str(db_path)!r},
+        )
+        print(json.dumps(chat.invoke("What should I drink this morning?").text))
+        """
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == ANSWER
+    assert f'"{TEA["text"]}"' in sent(openai_server)[-2]["content"]
+
+
+def test_two_users_stay_isolated(
+    openai_server: ScriptedOpenAIServer, db_path: Path, model: Any, says: ScriptedChat
+) -> None:
+    def chat_for(user: str) -> MemoryChatModel:
+        return MemoryChatModel(
+            model=chat_openai(openai_server), user_id=user, db_path=db_path, embedder=model
+        )
+
+    alice, bob = chat_for("alice"), chat_for("bob")
+    alice.invoke("I always drink green tea.")
+    assert texts(alice.memory) == [TEA["text"]]
+
+    says.memories = []
+    bob.invoke("What do I prefer to drink, green tea or coffee?")
+    assert CONTEXT_OPEN not in json.dumps(sent(openai_server))
+    assert texts(bob.memory) == []
+
+
+def test_a_memory_failure_never_fails_the_call(
+    openai_server: ScriptedOpenAIServer, model: Any, says: ScriptedChat, tmp_path: Path
+) -> None:
+    from conftest import ChromaServer
+
+    chroma = ChromaServer(tmp_path / "doomed")
+    chat = MemoryChatModel(
+        model=chat_openai(openai_server),
+        user_id="alice",
+        db_path=chroma.url,
+        embedder=model,
+        queue_path=tmp_path / "jobs.sqlite3",
+    )
+    chat.memory.add(TEA["text"], category="preference")
+    chroma.stop()  # the memory store goes away
+
+    assert chat.invoke("What should I drink?").text == ANSWER
+    assert "".join(c.text for c in chat.stream("What should I drink?")) == ANSWER
+    assert asyncio.run(chat.ainvoke("What should I drink?")).text == ANSWER
+    assert chat.memory.counters["inject_failures"] == 3
+    assert instruction_nonce(sent(openai_server))  # the call went on, with the instruction
+
+
+def test_model_errors_reach_the_caller(chat: MemoryChatModel, openai_server) -> None:
+    from openai import RateLimitError
+
+    from headroom_memory_integrations.testing import Reply
+
+    openai_server.script(Reply.error(429, "slow down"))
+    with pytest.raises(RateLimitError):
+        chat.invoke("hi")
+
+
+# -- a model without HTTP: list content, no streaming ---------------------------------------------
+
+
+class BlockWriter(BaseChatModel):
+    """A chat model that answers in text blocks and writes the memory block the request asks
+    for across two of them; it cannot stream (only ``_generate``)."""
+
+    memories: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def _llm_type(self) -> str:
+        return "block-writer"
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        nonce = instruction_nonce(
+            [{"role": m.type.replace("human", "user"), "content": m.content} for m in messages]
+        )
+        content: list[Any] = [{"type": "text", "text": "Here you go."}]
+        if nonce:
+            block = memory_block(nonce, self.memories)
+            content += [{"type": "text", "text": block[:15]}, {"type": "text", "text": block[15:]}]
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=content))])
+
+
+@pytest.mark.parametrize("style", ["invoke", "stream", "ainvoke", "astream"])
+def test_text_blocks_and_models_that_cannot_stream(style: str, db_path: Path, model: Any) -> None:
+    chat = MemoryChatModel(
+        model=BlockWriter(memories=[TEA]), user_id="alice", db_path=db_path, embedder=model
+    )
+    tokens = TokenRecorder()
+    answer, shown = answer_in(chat, style, "I always drink green tea.", {"callbacks": [tokens]})
+    assert answer == "Here you go."
+    assert_clean(shown, tokens.outputs, memories=[TEA["text"]])
+    assert texts(chat.memory) == [TEA["text"]]
+
+
+# -- settings, repr, misuse ------------------------------------------------------------------------
+
+
+def test_standard_settings_are_handed_to_a_model_built_from_its_name(
+    openai_server: ScriptedOpenAIServer, db_path: Path, model: Any, says: ScriptedChat
+) -> None:
+    chat = MemoryChatModel(
+        model="openai:gpt-4o-mini",
+        base_url=openai_server.base_url,
+        api_key="sk-scripted-secret",
+        temperature=0.2,
+        max_tokens=50,
+        timeout=7,
+        max_retries=1,
+        stop=["STOP"],
+        user_id="alice",
+        db_path=db_path,
+        embedder=model,
+    )
+    inner = chat.model
+    assert isinstance(inner, ChatOpenAI)
+    assert (inner.temperature, inner.max_tokens, inner.request_timeout, inner.max_retries) == (
+        0.2,
+        50,
+        7,
+        1,
+    )
+    assert inner.openai_api_key.get_secret_value() == "sk-scripted-secret"  # type: ignore[union-attr]
+    chat.invoke("hi")
+    body = openai_server.requests[-1].body
+    assert body["temperature"] == 0.2 and body["stop"] == ["STOP"]
+    assert chat._get_ls_params()["ls_temperature"] == 0.2
+
+
+def test_settings_on_a_model_instance(
+    openai_server: ScriptedOpenAIServer, db_path: Path, model: Any
+) -> None:
+    given = chat_openai(openai_server)
+    chat = MemoryChatModel(
+        model=given, temperature=0.5, user_id="alice", db_path=db_path, embedder=model
+    )
+    assert chat.model.temperature == 0.5 and given.temperature is None  # a copy, not the caller's
+    with pytest.raises(ValueError, match="timeout: set on ChatOpenAI itself"):
+        MemoryChatModel(model=given, timeout=3, user_id="alice", db_path=db_path, embedder=model)
+    with pytest.raises(ValueError, match="unknown_option"):
+        MemoryChatModel(model=given, unknown_option=1, user_id="alice", db_path=db_path)
+
+
+def test_repr_and_serialization_show_no_client_or_key(chat: MemoryChatModel) -> None:
+    assert repr(chat) == (
+        "MemoryChatModel(model=ChatOpenAI(model='gpt-4o-mini'), user_id='alice', top_k=5, "
+        "injection='system')"
+    )
+    for shown in (repr(chat), str(chat), json.dumps(dumpd(chat)), json.dumps(chat.asdict())):
+        assert "sk-scripted-secret" not in shown and "object at 0x" not in shown
+
+
+def test_answers_are_never_cached(chat: MemoryChatModel, db_path: Path, model: Any) -> None:
+    with pytest.raises(ValueError, match="never cached"):
+        MemoryChatModel(model=chat.model, cache=True, user_id="bob", db_path=db_path)
+    with pytest.raises(ValueError, match="already has memory"):
+        MemoryChatModel(model=chat, user_id="bob", db_path=db_path, embedder=model)
+
+
+def test_importing_without_the_extra_names_the_pip_command() -> None:
+    code = """
+        import sys
+        sys.modules["langchain_core"] = None  # as if langchain-core were not installed
+        try:
+            import headroom_memory_integrations.langchain
+        except ImportError as exc:
+            print(exc)
+        """
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "pip install 'headroom-memory-integrations[langchain]'" in run.stdout

@@ -1,0 +1,264 @@
+"""MemoryMiddleware: memory for create_agent agents, through a real tool loop.
+
+The agent's model is a real ``ChatOpenAI`` over real HTTP to a :class:`ScriptedOpenAIServer`
+answered by :class:`ScriptedChat` (a tool call when the user speaks and tools are offered, a
+sentence about the tool's result after it, and a valid memory block when asked for one).
+Memories live in real Chroma with the real all-MiniLM-L6-v2 model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _langchain_support import RunRecorder, ScriptedChat, TokenRecorder, assert_clean
+from _langchain_support import instruction_nonce as nonce_in
+from langchain.agents import create_agent
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+from langgraph.checkpoint.memory import InMemorySaver
+from pydantic import BaseModel
+
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.langchain import MemoryChatModel, MemoryMiddleware
+from headroom_memory_integrations.prompts import CONTEXT_OPEN
+from headroom_memory_integrations.testing import ScriptedOpenAIServer
+
+TEA = {"text": "Prefers green tea over coffee", "category": "preference"}
+FINAL = "The tool says: It is sunny in Lyon."
+ASK = {"messages": [{"role": "user", "content": "I love green tea. Weather in 'Lyon'?"}]}
+
+
+@tool
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"It is sunny in {city}"
+
+
+@dataclass
+class Context:
+    user_id: str
+
+
+@pytest.fixture
+def says(openai_server: ScriptedOpenAIServer) -> ScriptedChat:
+    chat = ScriptedChat(memories=[TEA])
+    chat.chunk_size = 3
+    openai_server.responder = chat
+    return chat
+
+
+def chat_openai(server: ScriptedOpenAIServer) -> ChatOpenAI:
+    return ChatOpenAI(
+        model="gpt-4o-mini",
+        base_url=server.base_url,
+        api_key="sk-scripted",
+        max_retries=0,
+        stream_usage=True,
+    )
+
+
+def agent_with(server: ScriptedOpenAIServer, middleware: MemoryMiddleware, **options: Any) -> Any:
+    return create_agent(
+        chat_openai(server),
+        tools=[get_weather],
+        middleware=[middleware],
+        checkpointer=InMemorySaver(),
+        **options,
+    )
+
+
+def chat_requests(server: ScriptedOpenAIServer) -> list[list[dict[str, Any]]]:
+    return [r.body["messages"] for r in server.requests if r.path == "/v1/chat/completions"]  # type: ignore[index]
+
+
+def texts(memory: MemoryStore) -> list[str]:
+    assert memory.flush(30)
+    return sorted(m.text for m in memory.get_all())
+
+
+def thread(name: str, **more: Any) -> dict[str, Any]:
+    return {"configurable": {"thread_id": name, **more}}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["invoke", "ainvoke"])
+def test_an_agent_learns_and_shows_no_block_through_a_tool_loop(
+    asynchronous: bool,
+    openai_server: ScriptedOpenAIServer,
+    says: ScriptedChat,
+    db_path: Path,
+    model: Any,
+) -> None:
+    middleware = MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    agent = agent_with(openai_server, middleware)
+    tracer, tokens = RunRecorder(), TokenRecorder()
+    config = {**thread("t1"), "callbacks": [tracer, tokens]}
+    result = asyncio.run(agent.ainvoke(ASK, config)) if asynchronous else agent.invoke(ASK, config)
+
+    messages = result["messages"]
+    assert [m.type for m in messages] == ["human", "ai", "tool", "ai"]
+    assert messages[-1].text == FINAL
+    assert_clean(
+        messages,
+        list(agent.get_state_history(thread("t1"))),
+        tracer.dump(),
+        tokens.outputs,
+        memories=[TEA["text"]],
+    )
+    requests = chat_requests(openai_server)
+    assert len(requests) == 2 and all(nonce_in(r) for r in requests)  # every model call
+    assert requests[1][-1]["role"] == "tool"
+    assert texts(middleware.memory) == [TEA["text"]]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["stream", "astream"])
+def test_no_stream_mode_shows_any_part_of_the_block(
+    asynchronous: bool,
+    openai_server: ScriptedOpenAIServer,
+    says: ScriptedChat,
+    db_path: Path,
+    model: Any,
+) -> None:
+    agent = agent_with(
+        openai_server, MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    )
+    modes = ["values", "updates", "messages", "custom", "debug"]
+
+    async def collect_async() -> tuple[list[Any], list[Any]]:
+        parts = [part async for part in agent.astream(ASK, thread("a"), stream_mode=modes)]
+        events = [e async for e in agent.astream_events(ASK, thread("b"), version="v2")]
+        return parts, events
+
+    if asynchronous:
+        parts, events = asyncio.run(collect_async())
+    else:
+        parts = list(agent.stream(ASK, thread("a"), stream_mode=modes))
+        events = []
+
+    tokens = [data[0] for mode, data in parts if mode == "messages"]
+    final_id = [data for mode, data in parts if mode == "values"][-1]["messages"][-1].id
+    assert "".join(t.text for t in tokens if t.id == final_id) == FINAL
+    assert {mode for mode, _ in parts} >= {"values", "updates", "messages"}
+    assert_clean(parts, events, memories=[TEA["text"]])
+    if asynchronous:
+        streamed = [e for e in events if e["event"] == "on_chat_model_stream"]
+        assert streamed and "".join(e["data"]["chunk"].text for e in streamed) == FINAL
+
+
+def test_a_fact_told_in_one_run_is_recalled_in_the_next(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    first = MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    agent_with(openai_server, first).invoke(ASK, thread("monday"))
+    assert texts(first.memory) == [TEA["text"]]  # type: ignore[arg-type]
+
+    later = agent_with(
+        openai_server, MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    )
+    later.invoke(
+        {"messages": [{"role": "user", "content": "What should I drink this morning?"}]},
+        thread("tuesday"),
+    )
+    question = chat_requests(openai_server)[-2]  # the call that answered the user
+    assert question[-1]["content"] == "What should I drink this morning?"
+    assert CONTEXT_OPEN in question[-2]["content"]
+    assert f'"{TEA["text"]}"' in question[-2]["content"]
+
+
+def test_each_run_names_its_user_in_its_context_or_config(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    middleware = MemoryMiddleware(db_path=db_path, embedder=model)
+    agent = agent_with(openai_server, middleware, context_schema=Context)
+    agent.invoke(ASK, thread("alice-1"), context=Context(user_id="alice"))
+    assert texts(middleware.memory_for("alice")) == [TEA["text"]]
+
+    says.memories = [{"text": "Drinks only espresso", "category": "preference"}]
+    asyncio.run(
+        agent_with(openai_server, middleware).ainvoke(
+            ASK,
+            thread("bob-1", user_id="bob"),  # no context schema: the config names the user
+        )
+    )
+    assert texts(middleware.memory_for("bob")) == ["Drinks only espresso"]
+
+    says.memories = []
+    question = {"messages": [{"role": "user", "content": "Green tea or coffee, what do I prefer?"}]}
+    agent.invoke(question, thread("bob-2"), context=Context(user_id="bob"))
+    injected = chat_requests(openai_server)[-2][-2]["content"]
+    assert '"Drinks only espresso"' in injected and TEA["text"] not in injected  # isolated
+    agent.invoke(question, thread("alice-2"), context=Context(user_id="alice"))
+    injected = chat_requests(openai_server)[-2][-2]["content"]
+    assert f'"{TEA["text"]}"' in injected and "espresso" not in injected
+
+    with pytest.raises(ValueError, match="needs the run's user"):
+        agent_with(openai_server, middleware).invoke(ASK, thread("nobody"))
+
+
+def test_nothing_is_stored_on_the_callers_path(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    gate = threading.Event()
+    middleware = MemoryMiddleware(
+        user_id="alice", db_path=db_path, embedder=GatedEmbedder(model, TEA["text"], gate)
+    )
+    result = agent_with(openai_server, middleware).invoke(ASK, thread("t"))
+    assert result["messages"][-1].text == FINAL  # answered while the memory could not be stored
+    assert middleware.memory.get_all() == []  # type: ignore[union-attr]
+    gate.set()
+    assert texts(middleware.memory) == [TEA["text"]]  # type: ignore[arg-type]
+
+
+def test_structured_agent_answers_get_memories_but_no_instruction(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    middleware = MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    middleware.memory.add(TEA["text"], category="preference")  # type: ignore[union-attr]
+    agent = agent_with(openai_server, middleware, response_format=Drink)
+    question = "What should I drink in 'Lyon' today?"
+    result = agent.invoke({"messages": [{"role": "user", "content": question}]}, thread("s"))
+
+    assert isinstance(result["structured_response"], Drink)
+    requests = chat_requests(openai_server)
+    assert [r[-1]["role"] for r in requests] == ["user", "tool"]
+    assert all(nonce_in(r) is None for r in requests)  # JSON must stay JSON: no block asked
+    for request in requests:
+        injected = next(m["content"] for m in request if m["role"] == "system")
+        assert f'"{TEA["text"]}"' in injected
+
+
+class Drink(BaseModel):
+    """A drink suggestion."""
+
+    name: str
+
+
+def test_a_model_that_has_memory_already_is_left_alone(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    chat = MemoryChatModel(
+        model=chat_openai(openai_server), user_id="alice", db_path=db_path, embedder=model
+    )
+    middleware = MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    create_agent(chat, tools=[get_weather], middleware=[middleware]).invoke(ASK)
+    for request in chat_requests(openai_server):
+        assert sum(m["role"] == "system" for m in request) == 1  # injected once, not twice
+
+
+class GatedEmbedder:
+    """The real model, except that embedding ``text`` (storing it) waits for ``gate``."""
+
+    def __init__(self, inner: Any, text: str, gate: threading.Event) -> None:
+        self.inner, self.text, self.gate = inner, text, gate
+        self.name, self.dimension = inner.name, inner.dimension
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.text in texts:
+            assert self.gate.wait(60)
+        return self.inner.embed(texts)
