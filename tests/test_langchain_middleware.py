@@ -180,9 +180,12 @@ def test_each_run_names_its_user_in_its_context_or_config(
     assert texts(middleware.memory_for("alice")) == [TEA["text"]]
 
     says.memories = [{"text": "Drinks only espresso", "category": "preference"}]
+    espresso = {
+        "messages": [{"role": "user", "content": "I drink only espresso. Weather in 'Lyon'?"}]
+    }
     asyncio.run(
         agent_with(openai_server, middleware).ainvoke(
-            ASK,
+            espresso,  # the memory is grounded in the user's words (the tool loop is untrusted)
             thread("bob-1", user_id="bob"),  # no context schema: the config names the user
         )
     )

@@ -42,6 +42,10 @@ def _is_user(message: BaseMessage) -> bool:
     return getattr(message, "type", None) == "human"
 
 
+def _is_tool_result(message: BaseMessage) -> bool:
+    return getattr(message, "type", None) in ("tool", "function")
+
+
 def _prepend(message: BaseMessage, text: str) -> BaseMessage:
     content = message.content
     if isinstance(content, list):
@@ -97,7 +101,9 @@ class MessagesFlow:
         if index is None:
             return call
         call.turn = self.flow.start(
-            message_text(call.messages[index]), instruct=inline_extraction_allowed(call_kwargs)
+            message_text(call.messages[index]),
+            instruct=inline_extraction_allowed(call_kwargs),
+            untrusted=any(_is_tool_result(message) for message in call.messages),
         )
         prompt = call.turn.prompt
         if prompt:
