@@ -129,6 +129,8 @@ def test_raw_create_streamed_never_shows_the_block(
         raw = await completions.with_raw_response.create(
             model="gpt-4o", messages=QUESTION, stream=True
         )
+        with pytest.raises(TypeError, match="async for"):  # a property cannot wait for the body
+            _ = raw.text
         async with raw.parse() as stream:
             return [c.choices[0].delta.content async for c in stream if c.choices]
 
