@@ -87,7 +87,6 @@ def chat_openai(client, aclient, **options: Any) -> ChatOpenAI:
         root_client=client,
         async_client=aclient.chat.completions,
         root_async_client=aclient,
-        api_key="unused",  # the clients carry their own key
         **options,
     )
 
@@ -155,6 +154,19 @@ def test_invoke_and_stream_get_memory(alice, openai_server, scripted) -> None:
     assert client.memory.flush(30)
     assert processed(client) - before == 4  # each call's memories, stored once
     assert sorted(m.text for m in client.memory.get_all()) == sorted([KNOWN, NEW["text"]])
+
+
+def test_response_headers_pass_through(alice, openai_server, scripted) -> None:
+    llm = chat_openai(*alice, include_response_headers=True)  # the raw-response paths
+    answer = llm.invoke(QUESTION)
+    assert answer.content == ANSWER
+    assert answer.response_metadata["headers"]["x-request-id"].startswith("req_")
+    chunks = list(llm.stream(QUESTION))
+    assert "".join(c.content for c in chunks) == ANSWER
+    assert chunks[0].response_metadata["headers"]["content-type"].startswith("text/event-stream")
+    assert_no_block(*[c.content for c in chunks])
+    for body in chat_requests(openai_server):
+        assert_memory_was_used(body)
 
 
 def test_ainvoke_and_astream_get_memory(alice, openai_server, scripted) -> None:
@@ -290,7 +302,6 @@ def test_azure_chat_openai_invoke_and_stream(openai_server, db_path, model, scri
         azure_deployment="travel-gpt",
         api_version=API_VERSION,
         azure_endpoint=openai_server.azure_endpoint,
-        api_key="unused",
         client=client.chat.completions,
         root_client=client,
         async_client=aclient.chat.completions,
