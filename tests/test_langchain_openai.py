@@ -61,22 +61,31 @@ def get_weather(city: str) -> str:
     return f"It is sunny in {city}."
 
 
-def memory_clients(server, db_path, embedder, user_id: str = "alice", azure: bool = False):
-    """A sync and an async memory client for one user, over one store."""
-    if azure:
-        options: dict[str, Any] = {
-            "azure_endpoint": server.azure_endpoint,
-            "azure_deployment": "travel-gpt",
-            "api_version": API_VERSION,
-            "api_key": "azure-key",
-            "max_retries": 0,
-        }
-        sync_client: Any = openai.AzureOpenAI(**options)
-        async_client: Any = openai.AsyncAzureOpenAI(**options)
-    else:
-        sync_client, async_client = server.client(), server.async_client()
-    client = with_fast_memory(sync_client, user_id=user_id, db_path=db_path, embedder=embedder)
-    return client, with_fast_memory(async_client, memory=client.memory)
+@pytest.fixture
+def memory_clients(openai_server, db_path, model):
+    """Makes a sync and an async memory client for a user, over one store (closed after)."""
+    opened = []
+
+    def make(user_id: str = "alice", *, azure: bool = False):
+        if azure:
+            options: dict[str, Any] = {
+                "azure_endpoint": openai_server.azure_endpoint,
+                "azure_deployment": "travel-gpt",
+                "api_version": API_VERSION,
+                "api_key": "azure-key",
+                "max_retries": 0,
+            }
+            sync_client: Any = openai.AzureOpenAI(**options)
+            async_client: Any = openai.AsyncAzureOpenAI(**options)
+        else:
+            sync_client, async_client = openai_server.client(), openai_server.async_client()
+        opened.append(sync_client)
+        client = with_fast_memory(sync_client, user_id=user_id, db_path=db_path, embedder=model)
+        return client, with_fast_memory(async_client, memory=client.memory)
+
+    yield make
+    for client in opened:
+        client.close()
 
 
 def chat_openai(client, aclient, **options: Any) -> ChatOpenAI:
@@ -92,8 +101,8 @@ def chat_openai(client, aclient, **options: Any) -> ChatOpenAI:
 
 
 @pytest.fixture
-def alice(openai_server, db_path, model):
-    client, aclient = memory_clients(openai_server, db_path, model)
+def alice(memory_clients):
+    client, aclient = memory_clients()
     client.memory.add(KNOWN, category="preference")
     return client, aclient
 
@@ -115,6 +124,19 @@ def processed(client) -> int:
 def assert_no_block(*texts: Any) -> None:
     for text in texts:
         assert "memory-" not in str(text) and "<" not in str(text)
+
+
+def in_loop(coroutine, *async_clients):
+    """Run ``coroutine`` in a new event loop, then close the clients' connections in it."""
+
+    async def main():
+        try:
+            return await coroutine
+        finally:
+            for client in async_clients:
+                await client.close()
+
+    return asyncio.run(main())
 
 
 class Tokens(BaseCallbackHandler):
@@ -180,7 +202,7 @@ def test_ainvoke_and_astream_get_memory(alice, openai_server, scripted) -> None:
         chunks = [chunk.content async for chunk in llm.astream(QUESTION)]
         return whole, first, chunks
 
-    whole, first, chunks = asyncio.run(scenario())
+    whole, first, chunks = in_loop(scenario(), aclient)
     assert whole.content == ANSWER and "".join(chunks) == ANSWER and len(chunks) > 5
     assert_no_block(*chunks)
     assert_memory_was_used(first)
@@ -234,7 +256,7 @@ def test_agent_streams_never_show_the_block(alice, openai_server, scripted) -> N
     async def events():
         return [event async for event in agent.astream_events(question, version="v2")]
 
-    seen = asyncio.run(events())
+    seen = in_loop(events(), aclient)
     tokens = [e["data"]["chunk"].content for e in seen if e["event"] == "on_chat_model_stream"]
     assert "".join(tokens) == ANSWER
     ends = [e["data"]["output"].content for e in seen if e["event"] == "on_chat_model_end"]
@@ -247,20 +269,20 @@ def test_agent_streams_never_show_the_block(alice, openai_server, scripted) -> N
 
 
 def test_a_fact_told_in_one_run_is_recalled_by_a_new_instance(
-    openai_server, db_path, model
+    memory_clients, openai_server
 ) -> None:
     allergy = {"text": "Has a severe peanut allergy", "category": "fact"}
     openai_server.responder = AgentModel("Noted, I will keep that in mind.", [allergy])
-    client, aclient = memory_clients(openai_server, db_path, model)
+    client, aclient = memory_clients()
     first_agent = create_agent(chat_openai(client, aclient), tools=[get_weather])
     first_agent.invoke(
         {"messages": [{"role": "user", "content": "I have a severe peanut allergy."}]}
     )
     assert client.memory.flush(30)
 
-    later, alater = memory_clients(openai_server, db_path, model)  # a new run, new objects
+    later, alater = memory_clients()  # a new run, new objects
     llm = chat_openai(later, alater)
-    asyncio.run(llm.ainvoke("Can I eat peanut butter cookies given my allergy?"))
+    in_loop(llm.ainvoke("Can I eat peanut butter cookies given my allergy?"), alater)
     system = [m for m in chat_requests(openai_server)[-1]["messages"] if m["role"] == "system"]
     assert "Has a severe peanut allergy" in system[0]["content"]
 
@@ -270,11 +292,11 @@ def assert_bob_sees_nothing_of_alice(body: dict) -> None:
     assert CONTEXT_OPEN not in json.dumps(body)
 
 
-def test_two_users_stay_isolated(openai_server, db_path, model, scripted) -> None:
+def test_two_users_stay_isolated(memory_clients, openai_server, scripted) -> None:
     secret = {"text": "Has a severe peanut allergy", "category": "fact"}
     openai_server.responder = AgentModel("Noted.", [secret])
-    alice_llm = chat_openai(*memory_clients(openai_server, db_path, model, "alice"))
-    bob_client, bob_async = memory_clients(openai_server, db_path, model, "bob")
+    alice_llm = chat_openai(*memory_clients("alice"))
+    bob_client, bob_async = memory_clients("bob")
     bob_llm = chat_openai(bob_client, bob_async)
     alice_llm.invoke("I have a severe peanut allergy.")
     assert alice_llm.root_client.memory.flush(30)
@@ -284,7 +306,7 @@ def test_two_users_stay_isolated(openai_server, db_path, model, scripted) -> Non
     bob_llm.invoke(question)
     bob_agent = create_agent(bob_llm, tools=[get_weather])
     bob_agent.invoke({"messages": [{"role": "user", "content": question}]})
-    asyncio.run(bob_llm.ainvoke(question))
+    in_loop(bob_llm.ainvoke(question), bob_async)
     for body in chat_requests(openai_server)[1:]:  # bob's calls: invoke, the tool loop, ainvoke
         assert_bob_sees_nothing_of_alice(body)
     assert bob_client.memory.flush(30) and bob_client.memory.get_all() == []
@@ -295,8 +317,8 @@ def test_two_users_stay_isolated(openai_server, db_path, model, scripted) -> Non
 # -- Azure ---------------------------------------------------------------------------------------
 
 
-def test_azure_chat_openai_invoke_and_stream(openai_server, db_path, model, scripted) -> None:
-    client, aclient = memory_clients(openai_server, db_path, model, azure=True)
+def test_azure_chat_openai_invoke_and_stream(memory_clients, openai_server, scripted) -> None:
+    client, aclient = memory_clients(azure=True)
     client.memory.add(KNOWN, category="preference")
     llm = AzureChatOpenAI(
         azure_deployment="travel-gpt",
@@ -363,4 +385,4 @@ def test_the_whole_client_as_chat_completions_fails_clearly(alice) -> None:
     with pytest.raises(AttributeError, match=r"root_client=client"):
         list(mistaken.stream(QUESTION))
     with pytest.raises(AttributeError, match=r"root_async_client=aclient"):
-        asyncio.run(mistaken.ainvoke(QUESTION))
+        in_loop(mistaken.ainvoke(QUESTION), aclient)

@@ -41,10 +41,11 @@ def clients(openai_server, db_path, model):
         openai_server.client(), user_id="alice", db_path=db_path, embedder=model
     )
     sync.memory.add(KNOWN, category="preference")
-    return {
+    yield {
         "sync": sync,
         "async": with_fast_memory(openai_server.async_client(), memory=sync.memory),
     }
+    sync.close()
 
 
 def processed(client) -> int:
@@ -74,8 +75,23 @@ def sse_text(lines: list[str]) -> str:
     return text
 
 
-def run(mode: str, sync_scenario, async_scenario):
-    return sync_scenario() if mode == "sync" else asyncio.run(async_scenario())
+def in_loop(coroutine, *async_clients):
+    """Run ``coroutine`` in a new event loop, then close the clients' connections in it."""
+
+    async def main():
+        try:
+            return await coroutine
+        finally:
+            for client in async_clients:
+                await client.close()
+
+    return asyncio.run(main())
+
+
+def run(mode: str, sync_scenario, async_scenario, clients):
+    if mode == "sync":
+        return sync_scenario()
+    return in_loop(async_scenario(), clients["async"])
 
 
 # -- with_raw_response ---------------------------------------------------------------------------
@@ -95,7 +111,7 @@ def test_raw_create_gets_memory_and_hides_the_block(
     async def asynchronous():
         return await completions.with_raw_response.create(model="gpt-4o", messages=QUESTION)
 
-    raw = run(mode, sync, asynchronous)
+    raw = run(mode, sync, asynchronous, clients)
     assert_memory_was_used(openai_server)
     completion = raw.parse()
     assert completion.choices[0].message.content == ANSWER
@@ -134,7 +150,7 @@ def test_raw_create_streamed_never_shows_the_block(
         async with raw.parse() as stream:
             return [c.choices[0].delta.content async for c in stream if c.choices]
 
-    pieces = run(mode, sync, asynchronous)
+    pieces = run(mode, sync, asynchronous, clients)
     assert_memory_was_used(openai_server)
     assert "".join(p or "" for p in pieces) == ANSWER  # not one character of the block
     assert len([p for p in pieces if p]) >= 5  # streamed piece by piece, not gathered
@@ -194,7 +210,7 @@ def test_streaming_response_whole_completion(mode, clients, openai_server, memor
                 [line async for line in r.iter_lines()],
             )
 
-    content, same, body, text, data, pieces, whole, lines = run(mode, sync, asynchronous)
+    content, same, body, text, data, pieces, whole, lines = run(mode, sync, asynchronous, clients)
     assert_memory_was_used(openai_server)
     assert content == ANSWER and same
     assert body["choices"][0]["message"]["content"] == ANSWER
@@ -224,7 +240,7 @@ def test_streaming_response_streamed_completion(mode, clients, openai_server, me
             second = [c.choices[0].delta.content or "" async for c in await r.parse() if c.choices]
         return first, second
 
-    lines, pieces = run(mode, sync, asynchronous)
+    lines, pieces = run(mode, sync, asynchronous, clients)
     assert_memory_was_used(openai_server)
     assert sse_text(lines) == ANSWER and lines[-2:] == ["data: [DONE]", ""]
     assert not any("memory-" in line for line in lines)
@@ -327,7 +343,7 @@ def test_structured_outputs_get_memories_but_no_instruction(mode, clients, opena
         async with completions.with_streaming_response.parse(**request) as streamed:
             return direct, raw.parse(), await streamed.parse()
 
-    for parsed in run(mode, sync, asynchronous):
+    for parsed in run(mode, sync, asynchronous, clients):
         assert parsed.choices[0].message.parsed == Choice(language="Python")
     for request_sent in openai_server.requests:
         system = [m for m in request_sent.body["messages"] if m["role"] == "system"]
@@ -384,7 +400,7 @@ def test_api_errors_reach_the_caller_unchanged(mode, clients, openai_server) -> 
             caught.append(error.value)
         return caught
 
-    errors = run(mode, sync, asynchronous)
+    errors = run(mode, sync, asynchronous, clients)
     assert [type(e) for e in errors] == [
         openai.RateLimitError,
         openai.BadRequestError,
@@ -427,7 +443,7 @@ def test_unwrapped_apis_work_and_warn_once_per_client(clients, openai_server, ca
     assert openai_server.requests[-1].body["messages"] == QUESTION  # really no memory
 
     with pytest.raises(openai.NotFoundError):  # another memory client warns for itself
-        asyncio.run(clients["async"].responses.create(model="gpt-4o", input="hi"))
+        in_loop(clients["async"].responses.create(model="gpt-4o", input="hi"), clients["async"])
     assert len(unwrapped_warnings(caplog)) == 3
     assert "alice" not in repr(client.responses) and "not wrapped" in repr(client.responses)
 
