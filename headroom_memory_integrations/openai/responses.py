@@ -72,8 +72,8 @@ class ResponseEdits:
         """A completion's JSON body with the block cut from every choice's text."""
         try:
             decoded = json.loads(raw)
-        except ValueError:
-            return raw  # not JSON: openai's parse() would not have read a completion either
+        except ValueError:  # not JSON (an odd server): cut the block from the text as it is
+            return self.flow.flow.strip(self.call.turn, raw.decode("utf-8", "replace")).encode()
         edited = self.flow.strip_json(self.call, decoded)
         return json.dumps(edited, ensure_ascii=False, separators=(",", ":")).encode()
 
