@@ -3,8 +3,10 @@
 :class:`ScriptedOpenAIServer` listens on ``127.0.0.1`` (a free port) and answers the real
 ``openai`` client over real HTTP, so code under test runs unchanged: only ``base_url`` differs.
 It serves ``POST /v1/chat/completions`` (plain and ``stream=True``), ``POST /v1/embeddings`` and
-``GET /v1/models``; any other path gets a 404 in OpenAI's error shape. The server itself uses the
-standard library only.
+``GET /v1/models``; any other path gets a 404 in OpenAI's error shape. Azure OpenAI's deployment
+routes (``/openai/deployments/<name>/chat/completions`` and ``.../embeddings``) are served the
+same way, so ``openai.AzureOpenAI(azure_endpoint=server.azure_endpoint, ...)`` works too. The
+server itself uses the standard library only.
 
 Each chat request consumes the next :class:`Reply` from a FIFO queue; when the queue is empty
 the ``responder`` callable answers instead (by default it says ``"OK"``). Every request is
@@ -84,6 +86,9 @@ __all__ = [
 
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
 """Model ids listed by ``GET /v1/models`` unless the server is given others."""
+
+_AZURE_DEPLOYMENT = re.compile(r"^/openai/deployments/[^/]+(?=/chat/completions$|/embeddings$)")
+"""The prefix of Azure OpenAI's deployment routes, served as the ``/v1`` ones."""
 
 _ERROR_KINDS = {  # status -> (error type, error code), as OpenAI reports them
     400: ("invalid_request_error", None),
@@ -484,6 +489,11 @@ class ScriptedOpenAIServer:
         """``http://127.0.0.1:PORT/v1``, the ``base_url`` for an openai client."""
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def azure_endpoint(self) -> str:
+        """``http://127.0.0.1:PORT``, the ``azure_endpoint`` for an ``openai.AzureOpenAI``."""
+        return f"http://127.0.0.1:{self.port}"
+
     def client(self, **options: Any) -> OpenAI:
         """An ``openai.OpenAI`` for this server.
 
@@ -546,6 +556,7 @@ class ScriptedOpenAIServer:
             self._requests.append(RecordedRequest(method, path, dict(headers), body))
         if raw and body is None:
             return _error(400, "We could not parse the JSON body of your request.")
+        path = _AZURE_DEPLOYMENT.sub("/v1", path)
         if method == "GET" and path == "/v1/models":
             return _Response(
                 payload={"object": "list", "data": [self._model(m) for m in self.models]}

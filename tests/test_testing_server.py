@@ -521,3 +521,31 @@ def test_base_url_and_clients_point_at_the_server(server: ScriptedOpenAIServer) 
     with server.client() as client:
         assert str(client.base_url).rstrip("/") == server.base_url
         assert client.max_retries == 0
+
+
+def test_azure_deployment_routes_are_served(server: ScriptedOpenAIServer) -> None:
+    server.script("Hi from Azure", Reply.text("streamed", chunk_size=3))
+    options: dict[str, Any] = {
+        "azure_endpoint": server.azure_endpoint,
+        "azure_deployment": "my-gpt",
+        "api_version": "2024-10-21",
+        "api_key": "azure-key",
+        "max_retries": 0,
+    }
+    with openai.AzureOpenAI(**options) as client:
+        answer = client.chat.completions.create(model="my-gpt", messages=USER)
+        stream = client.chat.completions.create(model="my-gpt", messages=USER, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        vectors = client.embeddings.create(model="my-embedder", input="x", dimensions=8)
+    assert (answer.choices[0].message.content, streamed) == ("Hi from Azure", "streamed")
+    assert vectors.data[0].embedding == pytest.approx(hash_embedding("x", 8))
+    paths = [request.path for request in server.requests]
+    assert paths == [
+        "/openai/deployments/my-gpt/chat/completions",
+        "/openai/deployments/my-gpt/chat/completions",
+        "/openai/deployments/my-gpt/embeddings",
+    ]
+    assert server.requests[0].headers["api-key"] == "azure-key"
+    other = openai.OpenAI(base_url=f"{server.azure_endpoint}/openai/other/x", api_key="k")
+    with other, pytest.raises(openai.NotFoundError):  # only the deployment routes are mapped
+        other.chat.completions.create(model="m", messages=USER)

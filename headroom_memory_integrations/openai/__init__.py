@@ -1,9 +1,12 @@
 """Memory for OpenAI-compatible clients: :func:`with_fast_memory` and :func:`with_memory`.
 
-Both return a client that works exactly like the one they wrap (``OpenAI``, ``AsyncOpenAI``, or
-any OpenAI-compatible client such as Ollama, vLLM or Groq through ``base_url``), with the user's
-relevant memories injected before each ``chat.completions.create`` and a ``.memory`` attribute
-for direct access.
+Both return a client that works exactly like the one they wrap (``OpenAI``, ``AsyncOpenAI``,
+``AzureOpenAI``, or any OpenAI-compatible client such as Ollama, vLLM or Groq through
+``base_url``), with the user's relevant memories injected before each ``chat.completions.create``
+or ``parse`` (also through ``with_raw_response`` and ``with_streaming_response``, which is how
+LangChain's ``ChatOpenAI`` calls it) and a ``.memory`` attribute for direct access. The APIs they
+do not cover (the Responses API, ``chat.completions.stream``, ...) still work and log a warning
+once.
 
 - ``with_fast_memory``: the model appends a memory block (with a per-request secret nonce) to its
   answer; the block is cut out of what you receive, streamed or not, and its memories are stored
@@ -23,13 +26,18 @@ from ..jobs import Backoff, PermanentJobError
 from ..storage import Storage
 from ..wiring import build_flow, open_memory
 from ..writer import BackgroundExtractor, Complete
-from .client import AsyncMemoryStream, MemoryClient, MemoryStream
+from .client import MemoryClient
 from .flow import CompletionsFlow, Injection
+from .responses import AsyncMemoryStreamedResponse, MemoryRawResponse, MemoryStreamedResponse
+from .streams import AsyncMemoryStream, MemoryStream
 
 __all__ = [
     "AsyncMemoryStream",
+    "AsyncMemoryStreamedResponse",
     "MemoryClient",
+    "MemoryRawResponse",
     "MemoryStream",
+    "MemoryStreamedResponse",
     "with_fast_memory",
     "with_memory",
 ]
@@ -49,7 +57,8 @@ def sync_twin(client: Any) -> Any:
         return client
     import openai
 
-    if not isinstance(client, openai.AsyncOpenAI):
+    # an Azure client's deployment, API version and key header do not carry over
+    if not isinstance(client, openai.AsyncOpenAI) or isinstance(client, openai.AsyncAzureOpenAI):
         raise TypeError(
             f"cannot derive a synchronous client from {type(client).__name__}; "
             "pass extraction_client= (or embedder=) explicitly"

@@ -1,6 +1,11 @@
-"""Thin proxies that put a :class:`CompletionsFlow` around ``chat.completions.create``.
+"""Thin proxies that put a :class:`CompletionsFlow` around every way of sending a chat
+completion request through ``chat.completions``.
 
-Everything else (``models``, ``embeddings``, ``files``, ``with_raw_response``, ``parse``, ...)
+Covered, sync and async: ``create`` and ``parse``, directly, through ``with_raw_response`` and
+through ``with_streaming_response`` (also reached as ``client.with_raw_response.chat.completions``).
+The parts that send messages to a model without memory (the Responses API,
+``chat.completions.stream``, the beta and Realtime APIs, legacy completions) still work and log a
+warning once (see :mod:`.unwrapped`). Everything else (``models``, ``embeddings``, ``files``, ...)
 is the wrapped client's own, untouched. Sync and async proxies differ only in how they call the
 model; the logic is the flow's.
 """
@@ -8,108 +13,184 @@ model; the logic is the flow's.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..engine import MemoryStore
-from .flow import CompletionsFlow, StreamEditor
+from .flow import CompletionsFlow
+from .responses import (
+    AsyncMemoryResponseManager,
+    MemoryRawResponse,
+    MemoryResponseManager,
+    ResponseEdits,
+)
+from .streams import AsyncMemoryStream, MemoryStream, _Passthrough
+from .unwrapped import UnwrappedCalls
+
+__all__ = ["AsyncMemoryStream", "MemoryClient", "MemoryStream"]
+
+_NOT_COMPLETIONS = ("create", "parse", "stream")
 
 
-class _Passthrough:
-    """Forwards every attribute it does not define to the wrapped object."""
-
-    def __init__(self, wrapped: Any) -> None:
-        self._wrapped = wrapped
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
-
-
-class MemoryStream(_Passthrough):
-    """A streamed completion with the memory block filtered out. Iterate it as the original;
-    ``close()``, ``response`` and the context manager work as before."""
-
-    def __init__(self, stream: Any, editor: StreamEditor) -> None:
-        super().__init__(stream)
-        self._editor = editor
-
-    def __iter__(self) -> Iterator[Any]:
-        try:
-            for chunk in self._wrapped:
-                edited = self._editor.edit(chunk)
-                if edited is not None:
-                    yield edited
-            last = self._editor.end()
-            if last is not None:
-                yield last
-        finally:
-            self._editor.end()
-
-    def __enter__(self) -> MemoryStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._wrapped.close()
-
-
-class AsyncMemoryStream(_Passthrough):
-    """The async twin of :class:`MemoryStream`."""
-
-    def __init__(self, stream: Any, editor: StreamEditor) -> None:
-        super().__init__(stream)
-        self._editor = editor
-
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        try:
-            async for chunk in self._wrapped:
-                edited = self._editor.edit(chunk)
-                if edited is not None:
-                    yield edited
-            last = self._editor.end()
-            if last is not None:
-                yield last
-        finally:
-            self._editor.end()
-
-    async def __aenter__(self) -> AsyncMemoryStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._wrapped.close()
+def _whole_client_error(name: str) -> AttributeError:
+    return AttributeError(
+        f"a memory client has no {name!r}: it wraps the whole OpenAI client, not "
+        f"chat.completions. Call client.chat.completions.{name}(...). For LangChain: "
+        "ChatOpenAI(client=client.chat.completions, root_client=client, "
+        "async_client=aclient.chat.completions, root_async_client=aclient), with "
+        "aclient = with_fast_memory(AsyncOpenAI(...), memory=client.memory)"
+    )
 
 
 class _Completions(_Passthrough):
+    """``chat.completions`` of a sync client."""
+
+    def __init__(self, completions: Any, flow: CompletionsFlow, unwrapped: UnwrappedCalls) -> None:
+        super().__init__(completions)
+        self._flow = flow
+        self._unwrapped = unwrapped
+
+    def create(self, **kwargs: Any) -> Any:
+        """``chat.completions.create`` with memory; same arguments, same result types."""
+        return self._call(self._wrapped.create, kwargs)
+
+    def parse(self, **kwargs: Any) -> Any:
+        """``chat.completions.parse`` (structured outputs) with memory: memories are injected;
+        a ``response_format`` leaves out the extraction instruction."""
+        return self._call(self._wrapped.parse, kwargs)
+
+    def _call(self, method: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
+        call = self._flow.before(kwargs)
+        result = method(**call.request)
+        if kwargs.get("stream"):
+            return MemoryStream(result, self._flow.editor(call))
+        return self._flow.after(call, result)
+
+    def stream(self, **kwargs: Any) -> Any:
+        """openai's ``chat.completions.stream`` helper, NOT wrapped: logs a warning once."""
+        self._unwrapped.warn("chat.completions.stream", "chat.completions.stream")
+        return self._wrapped.stream(**kwargs)
+
+    @property
+    def with_raw_response(self) -> _RawCompletions:
+        return _RawCompletions(self._wrapped.with_raw_response, self._flow)
+
+    @property
+    def with_streaming_response(self) -> _StreamingCompletions:
+        return _StreamingCompletions(self._wrapped.with_streaming_response, self._flow)
+
+
+class _AsyncCompletions(_Completions):
+    """``chat.completions`` of an async client: searching runs off the event loop."""
+
+    async def create(self, **kwargs: Any) -> Any:
+        """``await chat.completions.create(...)`` with memory; same arguments and results."""
+        return await self._call_async(self._wrapped.create, kwargs)
+
+    async def parse(self, **kwargs: Any) -> Any:
+        """``await chat.completions.parse(...)`` with memory (see the sync ``parse``)."""
+        return await self._call_async(self._wrapped.parse, kwargs)
+
+    async def _call_async(self, method: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
+        call = await asyncio.to_thread(self._flow.before, kwargs)
+        result = await method(**call.request)
+        if kwargs.get("stream"):
+            return AsyncMemoryStream(result, self._flow.editor(call))
+        return self._flow.after(call, result)
+
+    @property
+    def with_raw_response(self) -> _RawCompletions:
+        return _AsyncRawCompletions(self._wrapped.with_raw_response, self._flow)
+
+    @property
+    def with_streaming_response(self) -> _StreamingCompletions:
+        return _AsyncStreamingCompletions(self._wrapped.with_streaming_response, self._flow)
+
+
+class _RawCompletions(_Passthrough):
+    """``chat.completions.with_raw_response`` of a sync client."""
+
     def __init__(self, completions: Any, flow: CompletionsFlow) -> None:
         super().__init__(completions)
         self._flow = flow
 
     def create(self, **kwargs: Any) -> Any:
-        """``chat.completions.create`` with memory; same arguments, same result types."""
+        return self._call(self._wrapped.create, kwargs)
+
+    def parse(self, **kwargs: Any) -> Any:
+        return self._call(self._wrapped.parse, kwargs)
+
+    def _call(self, method: Callable[..., Any], kwargs: Mapping[str, Any]) -> MemoryRawResponse:
         call = self._flow.before(kwargs)
-        result = self._wrapped.create(**call.request)
-        if kwargs.get("stream"):
-            return MemoryStream(result, self._flow.editor(call))
-        return self._flow.after(call, result)
+        edits = ResponseEdits(
+            self._flow, call, streamed=bool(kwargs.get("stream")), asynchronous=False
+        )
+        return MemoryRawResponse(method(**call.request), edits)
 
 
-class _AsyncCompletions(_Passthrough):
+class _AsyncRawCompletions(_RawCompletions):
+    """``chat.completions.with_raw_response`` of an async client."""
+
+    async def create(self, **kwargs: Any) -> Any:
+        return await self._call_async(self._wrapped.create, kwargs)
+
+    async def parse(self, **kwargs: Any) -> Any:
+        return await self._call_async(self._wrapped.parse, kwargs)
+
+    async def _call_async(
+        self, method: Callable[..., Any], kwargs: Mapping[str, Any]
+    ) -> MemoryRawResponse:
+        call = await asyncio.to_thread(self._flow.before, kwargs)
+        edits = ResponseEdits(
+            self._flow, call, streamed=bool(kwargs.get("stream")), asynchronous=True
+        )
+        return MemoryRawResponse(await method(**call.request), edits)
+
+
+class _StreamingCompletions(_Passthrough):
+    """``chat.completions.with_streaming_response`` of a sync client."""
+
     def __init__(self, completions: Any, flow: CompletionsFlow) -> None:
         super().__init__(completions)
         self._flow = flow
 
-    async def create(self, **kwargs: Any) -> Any:
-        """``await chat.completions.create(...)`` with memory; searching runs off the loop."""
-        call = await asyncio.to_thread(self._flow.before, kwargs)
-        result = await self._wrapped.create(**call.request)
-        if kwargs.get("stream"):
-            return AsyncMemoryStream(result, self._flow.editor(call))
-        return self._flow.after(call, result)
+    def create(self, **kwargs: Any) -> Any:
+        return MemoryResponseManager(self._wrapped.create, self._flow, kwargs)
+
+    def parse(self, **kwargs: Any) -> Any:
+        return MemoryResponseManager(self._wrapped.parse, self._flow, kwargs)
+
+
+class _AsyncStreamingCompletions(_StreamingCompletions):
+    """``chat.completions.with_streaming_response`` of an async client."""
+
+    def create(self, **kwargs: Any) -> Any:
+        return AsyncMemoryResponseManager(self._wrapped.create, self._flow, kwargs)
+
+    def parse(self, **kwargs: Any) -> Any:
+        return AsyncMemoryResponseManager(self._wrapped.parse, self._flow, kwargs)
 
 
 class _Chat(_Passthrough):
-    def __init__(self, chat: Any, completions: _Passthrough) -> None:
+    def __init__(self, chat: Any, completions: Any) -> None:
         super().__init__(chat)
         self.completions = completions
+
+
+class _ClientView(_Passthrough):
+    """``client.with_raw_response`` / ``client.with_streaming_response`` of a memory client:
+    ``.chat.completions`` is the memory one; unwrapped APIs warn."""
+
+    def __init__(self, view: Any, completions: Any, unwrapped: UnwrappedCalls, name: str) -> None:
+        super().__init__(view)
+        self.chat = _Chat(view.chat, completions)
+        self._unwrapped = unwrapped
+        self._name = name
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _NOT_COMPLETIONS:
+            raise _whole_client_error(f"{self._name}.{name}")
+        return self._unwrapped.guard(name, getattr(self._wrapped, name), f"{self._name}.")
 
 
 class MemoryClient(_Passthrough):
@@ -119,21 +200,58 @@ class MemoryClient(_Passthrough):
         memory: The user's :class:`MemoryStore` (search, add, get_all, clear, stats, flush, ...).
     """
 
-    def __init__(self, client: Any, flow: CompletionsFlow, *, asynchronous: bool) -> None:
+    def __init__(
+        self,
+        client: Any,
+        flow: CompletionsFlow,
+        *,
+        asynchronous: bool,
+        unwrapped: UnwrappedCalls | None = None,
+    ) -> None:
         super().__init__(client)
         self._flow = flow
         self._asynchronous = asynchronous
+        self._unwrapped = unwrapped or UnwrappedCalls(flow.memory.user_id)
         completions_type = _AsyncCompletions if asynchronous else _Completions
-        self.chat = _Chat(client.chat, completions_type(client.chat.completions, flow))
+        self.chat = _Chat(
+            client.chat, completions_type(client.chat.completions, flow, self._unwrapped)
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _NOT_COMPLETIONS:
+            raise _whole_client_error(name)
+        return self._unwrapped.guard(name, getattr(self._wrapped, name))
 
     @property
     def memory(self) -> MemoryStore:
         return self._flow.memory
 
+    @property
+    def with_raw_response(self) -> _ClientView:
+        """The client's ``with_raw_response``; ``.chat.completions`` has memory."""
+        completions = self.chat.completions.with_raw_response
+        return _ClientView(
+            self._wrapped.with_raw_response, completions, self._unwrapped, "with_raw_response"
+        )
+
+    @property
+    def with_streaming_response(self) -> _ClientView:
+        """The client's ``with_streaming_response``; ``.chat.completions`` has memory."""
+        completions = self.chat.completions.with_streaming_response
+        return _ClientView(
+            self._wrapped.with_streaming_response,
+            completions,
+            self._unwrapped,
+            "with_streaming_response",
+        )
+
     def with_options(self, **options: Any) -> MemoryClient:
         """The wrapped client's ``with_options``, keeping the memory."""
         return MemoryClient(
-            self._wrapped.with_options(**options), self._flow, asynchronous=self._asynchronous
+            self._wrapped.with_options(**options),
+            self._flow,
+            asynchronous=self._asynchronous,
+            unwrapped=self._unwrapped,
         )
 
     copy = with_options

@@ -118,6 +118,25 @@ class CompletionsFlow:
                 message.content = self.flow.strip(call.turn, message.content)
         return completion
 
+    def strip(self, call: Call, completion: Any) -> Any:
+        """Cut the block from every choice of a completion already finished (another parsed
+        form of the same answer); stores nothing."""
+        for choice in getattr(completion, "choices", None) or []:
+            message = getattr(choice, "message", None)
+            if message is not None and isinstance(message.content, str):
+                message.content = self.flow.strip(call.turn, message.content)
+        return completion
+
+    def strip_json(self, call: Call, body: Any) -> Any:
+        """Cut the block from every choice of a completion's JSON body (as decoded, edited in
+        place; other shapes are returned as they are); stores nothing."""
+        choices = body.get("choices") if isinstance(body, dict) else None
+        for choice in choices if isinstance(choices, list) else []:
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                message["content"] = self.flow.strip(call.turn, message["content"])
+        return body
+
     def editor(self, call: Call) -> StreamEditor:
         return StreamEditor(self.flow, call.turn)
 
