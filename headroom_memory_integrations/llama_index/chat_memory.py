@@ -9,11 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer
 from llama_index.core.llms import LLM
 from llama_index.core.memory import ChatMemoryBuffer
 from llama_index.core.memory.types import DEFAULT_CHAT_STORE_KEY, BaseChatStoreMemory
-from llama_index.core.storage.chat_store import BaseChatStore
+from llama_index.core.storage.chat_store import BaseChatStore, SimpleChatStore
 from llama_index.core.utils import get_tokenizer
 
 from ..embeddings import Embedder
@@ -116,6 +116,25 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
     @classmethod
     def class_name(cls) -> str:
         return "HeadroomChatMemoryBuffer"
+
+    @field_serializer("chat_store")
+    def serialize_courses_in_order(self, chat_store: BaseChatStore) -> dict:
+        """The chat store as ``load_chat_store`` reads it back. (llama-index-core 0.14's
+        ``SimpleChatStore`` fails to dump messages under pydantic 2.14: its wrap serializer
+        calls the handler the old way; its messages are dumped one by one instead.)"""
+        try:
+            data = chat_store.model_dump()
+        except Exception:
+            if not isinstance(chat_store, SimpleChatStore):
+                raise
+            data = {
+                "store": {
+                    key: [message.model_dump(mode="json") for message in messages]
+                    for key, messages in chat_store.store.items()
+                }
+            }
+        data["class_name"] = chat_store.class_name()
+        return data
 
     @classmethod
     def from_defaults(  # type: ignore[override]
