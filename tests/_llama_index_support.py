@@ -263,9 +263,12 @@ class Seen:
 
     text: str = ""
     pieces: list[str] = field(default_factory=list)
+    history: list[ChatMessage] = field(default_factory=list)
 
     def all_text(self) -> str:
-        return "\n".join([self.text, *self.pieces])
+        """Everything the caller could see or that was stored in the engine's history."""
+        stored = [f"{m.content} {m.additional_kwargs}" for m in self.history]
+        return "\n".join([self.text, *self.pieces, *stored])
 
 
 ENGINES = ("simple", "context", "condense", "function_agent", "agent_workflow")
@@ -325,6 +328,7 @@ def ask(kind: str, llm: Any, memory: Any, text: str, mode: str) -> Seen:
 
         asyncio.run(consume())
         seen.text = "".join(seen.pieces)
+    seen.history = engine.chat_history
     return seen
 
 
@@ -337,9 +341,11 @@ async def _run_agent(agent: Any, memory: Any, text: str, *, streaming: bool) -> 
     handler = agent.run(user_msg=text, **({} if memory is None else {"memory": memory}))
     async for event in handler.stream_events():
         if isinstance(event, AgentStream):
-            seen.pieces += [event.delta, event.response]
+            seen.pieces += [event.delta, event.response, repr(event.raw)]
     result = await handler
     seen.text = str(result)
+    seen.pieces.append(repr(result.raw))
+    seen.history = await (await handler.ctx.store.get("memory")).aget_all()
     return seen
 
 

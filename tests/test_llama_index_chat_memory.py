@@ -158,7 +158,19 @@ def test_serializes_without_clients_and_comes_back(new_buffer, db_path) -> None:
     assert HeadroomChatMemoryBuffer.from_string(memory.to_string()).user_id == "alice"
 
 
-def test_an_agent_context_with_the_memory_serializes_and_resumes(new_buffer, llm, model) -> None:
+@pytest.fixture
+def settings_llm(llm):
+    """``Settings.llm`` for the test: what a memory rebuilt by ``from_dict`` extracts with."""
+    from llama_index.core import Settings
+
+    Settings.llm = llm
+    yield llm
+    Settings._llm = None
+
+
+def test_an_agent_context_with_the_memory_serializes_and_resumes(
+    new_buffer, llm, settings_llm
+) -> None:
     from llama_index.core.agent.workflow import FunctionAgent
     from workflows import Context
     from workflows.context.serializers import JsonSerializer
@@ -174,9 +186,18 @@ def test_an_agent_context_with_the_memory_serializes_and_resumes(new_buffer, llm
         text = json.dumps(data)
         assert "alice" in text and "Hello there" in text
         restored = Context.from_dict(agent, json.loads(text), serializer=JsonSerializer())
-        return str(await agent.run(user_msg=QUESTION, ctx=restored))
+        answer = str(await agent.run(user_msg=QUESTION, ctx=restored))
+        again = await restored.store.get("memory")
+        assert isinstance(again, HeadroomChatMemoryBuffer) and again is not memory
+        await again.aput_messages(
+            [ChatMessage(role="user", content="I work at a fintech startup"),
+             ChatMessage(role="assistant", content="Noted.")]
+        )
+        flush(again.memory)
+        return answer
 
     answer = asyncio.run(run())
     assert f"{RECALLED} {FACT}" in answer
     sent = llm.brain.requests[-1]
     assert [m["content"] for m in sent if m["role"] == "user"] == ["Hello there", QUESTION]
+    assert "I work at a fintech startup" in [m.text for m in memory.memory.get_all()]
