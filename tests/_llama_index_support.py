@@ -353,3 +353,25 @@ def flush(store: Any) -> None:
     """Wait until the memory work queued so far is done."""
     assert store.flush(30), "memory work did not finish in 30 s"
 
+
+
+def in_new_process(code: str) -> str:
+    """Run ``code`` in a new Python process (this module importable); its stdout."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tests.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

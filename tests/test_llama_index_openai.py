@@ -21,6 +21,7 @@ from _llama_index_support import (
     ScriptedLLM,
     ask,
     flush,
+    in_new_process,
 )
 
 from headroom_memory_integrations.errors import InvalidInputError
@@ -182,3 +183,26 @@ def test_every_adapter_over_http(path, kind, plain_llm, db_path, model) -> None:
     llm, memory, store = _adapter(path, plain_llm(), "bob", db_path, model)
     assert RECALLED not in ask(kind, llm, memory, QUESTION, mode).text  # two users, isolated
     flush(store)
+
+
+def test_a_new_process_recalls_through_the_openai_llm(memory_llm, openai_server, db_path) -> None:
+    first = memory_llm()
+    ask("simple", first, None, FACT, "sync")
+    flush(llm_memory(first))
+    out = in_new_process(
+        f"""
+        from _llama_index_support import QUESTION, ask
+        from llama_index.llms.openai_like import OpenAILike
+        from headroom_memory_integrations.llama_index import llm_memory, openai_llm_with_memory
+
+        llm = openai_llm_with_memory(
+            OpenAILike(model="gpt-4o-mini", api_base={openai_server.base_url!r}, api_key="k",
+                       is_chat_model=True, is_function_calling_model=True),
+            user_id="alice",
+            db_path={str(db_path)!r},
+        )
+        print(ask("function_agent", llm, None, QUESTION, "stream").text)
+        llm_memory(llm).flush(30)
+        """
+    )
+    assert out.splitlines()[-1] == f"{RECALLED} {FACT}"
