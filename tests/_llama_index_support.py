@@ -354,7 +354,6 @@ def flush(store: Any) -> None:
     assert store.flush(30), "memory work did not finish in 30 s"
 
 
-
 def in_new_process(code: str) -> str:
     """Run ``code`` in a new Python process (this module importable); its stdout."""
     import os

@@ -190,8 +190,10 @@ def test_an_agent_context_with_the_memory_serializes_and_resumes(
         again = await restored.store.get("memory")
         assert isinstance(again, HeadroomChatMemoryBuffer) and again is not memory
         await again.aput_messages(
-            [ChatMessage(role="user", content="I work at a fintech startup"),
-             ChatMessage(role="assistant", content="Noted.")]
+            [
+                ChatMessage(role="user", content="I work at a fintech startup"),
+                ChatMessage(role="assistant", content="Noted."),
+            ]
         )
         flush(again.memory)
         return answer

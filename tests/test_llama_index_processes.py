@@ -37,12 +37,15 @@ def test_each_adapter_recalls_in_a_new_process(db_path, model) -> None:
             HeadroomChatMemoryBuffer, HeadroomMemoryBlock, MemoryLLM)
 
         llm, where = ScriptedLLM(), {str(db_path)!r}
-        buffer = HeadroomChatMemoryBuffer.from_defaults(user_id="buffer-user", db_path=where, llm=llm)
+        buffer = HeadroomChatMemoryBuffer.from_defaults(
+            user_id="buffer-user", db_path=where, llm=llm
+        )
         block = HeadroomMemoryBlock(user_id="block-user", db_path=where, llm=llm)
         wrapped = MemoryLLM(llm=ScriptedLLM(), user_id="llm-user", db_path=where)
+        with_block = Memory.from_defaults(memory_blocks=[block])
         answers = [
             ask("simple", llm, buffer, QUESTION, "sync").text,
-            ask("function_agent", llm, Memory.from_defaults(memory_blocks=[block]), QUESTION, "async").text,
+            ask("function_agent", llm, with_block, QUESTION, "async").text,
             ask("context", wrapped, None, QUESTION, "stream").text,
         ]
         for store in (buffer.memory, block.memory, wrapped.memory):
