@@ -39,9 +39,11 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
       a durable queue and ``llm`` extracts memories from it in a background thread. Nothing on
       the caller's path but a queue insert.
 
-    Serializing (``to_dict``, an agent's ``Context.to_dict``) writes ``user_id``, ``db_path``,
-    the chat store and the limits, never the clients; ``from_dict`` opens the same memories
-    (with the default embedder) again.
+    Serializing (``to_dict``, an agent's ``Context.to_dict``) writes ``user_id``, ``db_path``
+    (the folder or server URL of the memories), the chat store and the limits, never a client;
+    ``from_dict`` opens the same memories again, with the default embedder and, for
+    extraction, ``Settings.llm`` (pass ``embedder=`` or ``llm=`` to ``from_dict`` for others).
+    Give ``llm`` a plain LLM, not one with memory of its own.
 
     Setup::
 

@@ -166,7 +166,7 @@ class MemoryLLM(FunctionCallingLLM):
         return response.model_copy(
             update={
                 "message": with_text(response.message, visible),
-                "delta": visible if response.delta is not None else None,
+                "delta": (visible or "") if response.delta is not None else None,
                 "raw": _scrub(self._flow, call.turn, response.raw),
             }
         )
