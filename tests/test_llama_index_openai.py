@@ -6,6 +6,7 @@ llama-index's OpenAI LLM packages pin openai<3: these tests run in the openai 2.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -49,11 +50,14 @@ def plain_llm(openai_server, brain):
     import httpx
     from llama_index.llms.openai_like import OpenAILike
 
+    opened: list = []
+
     def build(**options):
         plain_http = {  # the server is http://127.0.0.1: no certificates to load (~0.3 s each)
             "http_client": httpx.Client(verify=False),
             "async_http_client": httpx.AsyncClient(verify=False),
         }
+        opened.append(plain_http)
         return OpenAILike(
             **plain_http,
             model="gpt-4o-mini",
@@ -65,7 +69,11 @@ def plain_llm(openai_server, brain):
             **options,
         )
 
-    return build
+    yield build
+    for clients in opened:
+        clients["http_client"].close()
+        with contextlib.suppress(RuntimeError):  # its connections' event loop may be gone
+            asyncio.run(clients["async_http_client"].aclose())
 
 
 @pytest.fixture
