@@ -203,3 +203,27 @@ def test_an_agent_context_with_the_memory_serializes_and_resumes(
     sent = llm.brain.requests[-1]
     assert [m["content"] for m in sent if m["role"] == "user"] == ["Hello there", QUESTION]
     assert "I work at a fintech startup" in [m.text for m in memory.memory.get_all()]
+
+
+def test_the_short_term_history_lives_in_the_chat_store_given(new_buffer, llm) -> None:
+    store = SimpleChatStore()
+    ask("simple", llm, new_buffer(chat_store=store, chat_store_key="alice-1"), FACT, "sync")
+    again = new_buffer(chat_store=store, chat_store_key="alice-1")
+    assert [(m.role.value, m.content) for m in again.get_all()] == [
+        ("user", FACT),
+        ("assistant", "Noted."),
+    ]
+    assert new_buffer(chat_store=store, chat_store_key="bob-1").get_all() == []
+
+
+def test_public_names() -> None:
+    import headroom_memory_integrations.llama_index as adapters
+
+    assert adapters.__all__ == [
+        "HeadroomChatMemoryBuffer",
+        "HeadroomMemoryBlock",
+        "MemoryLLM",
+        "llm_completer",
+        "llm_memory",
+        "openai_llm_with_memory",
+    ]
