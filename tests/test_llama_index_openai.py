@@ -214,3 +214,25 @@ def test_a_new_process_recalls_through_the_openai_llm(memory_llm, openai_server,
         """
     )
     assert out.splitlines()[-1] == f"{RECALLED} {FACT}"
+
+
+@pytest.mark.parametrize("mode", ["async", "stream"])
+@pytest.mark.parametrize("path", ["openai_clients", "memory_llm"])
+def test_tool_calls_pass_through_over_http(
+    path, mode, memory_llm, plain_llm, brain, db_path, model
+) -> None:
+    def build():
+        if path == "openai_clients":
+            return memory_llm()
+        return MemoryLLM(llm=plain_llm(), user_id="alice", db_path=db_path, embedder=model)
+
+    llm = build()
+    ask("function_agent", llm, None, FACT, mode)
+    flush(llm_memory(llm) if path == "openai_clients" else llm.memory)
+    brain.tool_calls.append(("weather", {"city": "Oslo"}))
+    llm = build()
+    seen = ask("function_agent", llm, None, QUESTION, mode)
+    assert seen.text == f"The tool says sunny in Oslo. {RECALLED} {FACT}"
+    assert_no_block(seen.all_text())
+    tool_turn = next(r for r in brain.requests if r[-1]["role"] == "tool")
+    assert "<memory-" in str(tool_turn)  # the answer after the tool result had memory too
