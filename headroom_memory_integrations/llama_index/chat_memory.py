@@ -1,0 +1,306 @@
+"""A drop-in for LlamaIndex's ``ChatMemoryBuffer`` with the user's long-term memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer
+from llama_index.core.llms import LLM
+from llama_index.core.memory import ChatMemoryBuffer
+from llama_index.core.memory.types import DEFAULT_CHAT_STORE_KEY, BaseChatStoreMemory
+from llama_index.core.storage.chat_store import BaseChatStore, SimpleChatStore
+from llama_index.core.utils import get_tokenizer
+
+from ..embeddings import Embedder
+from ..engine import MemoryStore
+from ..flow import MemoryFlow, Turn, insert_before, latest_index
+from ..storage import Storage
+from ._messages import is_final_answer, is_user, latest_user_text, system_message, text_of
+from ._wiring import PathLike, background_flow, path_text, reopenable_location
+
+
+class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
+    """``ChatMemoryBuffer`` plus the user's long-term memory, for any chat engine or agent.
+
+    The recent conversation is kept within ``token_limit`` exactly as ``ChatMemoryBuffer``
+    keeps it (its own trimming is used), in ``chat_store`` under ``chat_store_key`` (persist
+    the store to keep the short-term history too). On top of it:
+
+    - ``get`` adds a system message with the user's memories relevant to ``input`` (or, without
+      ``input``, to the latest user message): the escaped context of the core, placed just
+      before that user message (or last, when ``input`` is not in the history yet), and
+      counted in ``token_limit``. Nothing is added when no memory is relevant.
+    - every turn is learnt from: when the answer to a user message is put, the exchange goes to
+      a durable queue and ``llm`` extracts memories from it in a background thread. Nothing on
+      the caller's path but a queue insert.
+
+    Serializing (``to_dict``, an agent's ``Context.to_dict``) writes ``user_id``, ``db_path``
+    (the folder or server URL of the memories), the chat store and the limits, never a client;
+    ``from_dict`` opens the same memories again, with the default embedder and, for
+    extraction, ``Settings.llm`` (pass ``embedder=`` or ``llm=`` to ``from_dict`` for others).
+    Give ``llm`` a plain LLM, not one with memory of its own.
+
+    Setup::
+
+        from llama_index.core.chat_engine import SimpleChatEngine
+        from headroom_memory_integrations.llama_index import HeadroomChatMemoryBuffer
+
+        memory = HeadroomChatMemoryBuffer.from_defaults(
+            user_id="alice", db_path="./memories", token_limit=3000, llm=llm
+        )
+        engine = SimpleChatEngine.from_defaults(llm=llm, memory=memory)
+
+    Invoke (days later, in a new process, with a new memory object)::
+
+        engine.chat("I prefer Python for backend work")
+        memory.memory.flush()  # optional: wait for the background extraction
+        engine.chat("Which language should I use?")  # the model sees "Prefers Python ..."
+
+    Stream and async work the same (``stream_chat``, ``achat``, ``astream_chat``), and so do
+    agents: ``await FunctionAgent(llm=llm, tools=[...]).run("...", memory=memory)``.
+
+    Args (of :meth:`from_defaults` and the constructor):
+        user_id: Whose memories (with ``db_path``, or ``storage`` and ``embedder``).
+        db_path: Embedded Chroma folder or Chroma server URL.
+        memory: An existing :class:`MemoryStore` instead of the three above.
+        llm: The model for background extraction; in ``from_defaults`` also, as in
+            ``ChatMemoryBuffer``, the default ``token_limit`` (75% of its context window).
+        token_limit: The short-term history's budget in tokens, memories included.
+        chat_store / chat_store_key: Where the short-term history lives.
+        top_k: Memories added at most.
+        queue_path: The SQLite file of pending extraction jobs.
+    """
+
+    token_limit: int = Field(gt=0)
+    tokenizer_fn: Callable[[str], list] = Field(default_factory=get_tokenizer, exclude=True)
+    user_id: str
+    db_path: str | None = None
+    top_k: int = Field(default=5, gt=0)
+
+    _flow: MemoryFlow = PrivateAttr()
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _turn: Turn | None = PrivateAttr(default=None)  # the latest get's, for learning
+    _asked: str | None = PrivateAttr(default=None)  # the latest user message put
+    _awaiting: bool = PrivateAttr(default=False)  # it has no answer yet
+
+    def __init__(
+        self,
+        *,
+        memory: MemoryStore | None = None,
+        storage: Storage | None = None,
+        embedder: Embedder | None = None,
+        llm: LLM | None = None,
+        queue_path: PathLike | None = None,
+        **data: Any,
+    ) -> None:
+        if memory is not None:
+            data.setdefault("user_id", memory.user_id)
+        data["db_path"] = path_text(data.get("db_path"))
+        super().__init__(**data)
+        self._flow = background_flow(
+            memory,
+            self.user_id,
+            self.db_path,
+            storage=storage,
+            embedder=embedder,
+            llm=llm,
+            top_k=self.top_k,
+            queue_path=queue_path,
+        )
+        if self.db_path is None:  # so that from_dict opens the same memories
+            self.db_path = reopenable_location(self._flow.memory)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "HeadroomChatMemoryBuffer"
+
+    @field_serializer("chat_store")
+    def serialize_courses_in_order(self, chat_store: BaseChatStore) -> dict:
+        """The chat store as ``load_chat_store`` reads it back. (llama-index-core 0.14's
+        ``SimpleChatStore`` fails to dump messages under pydantic 2.14: its wrap serializer
+        calls the handler the old way; its messages are dumped one by one instead.)"""
+        try:
+            data = chat_store.model_dump()
+        except Exception:
+            if not isinstance(chat_store, SimpleChatStore):
+                raise
+            data = {
+                "store": {
+                    key: [message.model_dump(mode="json") for message in messages]
+                    for key, messages in chat_store.store.items()
+                }
+            }
+        data["class_name"] = chat_store.class_name()
+        return data
+
+    @classmethod
+    def from_defaults(  # type: ignore[override]
+        cls,
+        chat_history: list[ChatMessage] | None = None,
+        llm: LLM | None = None,
+        chat_store: BaseChatStore | None = None,
+        chat_store_key: str = DEFAULT_CHAT_STORE_KEY,
+        token_limit: int | None = None,
+        tokenizer_fn: Callable[[str], list] | None = None,
+        *,
+        user_id: str | None = None,
+        db_path: PathLike | None = None,
+        memory: MemoryStore | None = None,
+        storage: Storage | None = None,
+        embedder: Embedder | None = None,
+        top_k: int = 5,
+        queue_path: PathLike | None = None,
+    ) -> HeadroomChatMemoryBuffer:
+        """A memory with ``ChatMemoryBuffer.from_defaults``'s defaults (``token_limit`` from
+        ``llm``'s context window, else 3000; a new ``SimpleChatStore``) for ``user_id``."""
+        buffer = ChatMemoryBuffer.from_defaults(
+            chat_history=chat_history,
+            llm=llm,
+            chat_store=chat_store,
+            chat_store_key=chat_store_key,
+            token_limit=token_limit,
+            tokenizer_fn=tokenizer_fn,
+        )
+        return cls(
+            token_limit=buffer.token_limit,
+            tokenizer_fn=buffer.tokenizer_fn,
+            chat_store=buffer.chat_store,
+            chat_store_key=buffer.chat_store_key,
+            user_id=user_id if user_id is not None or memory is None else memory.user_id,
+            db_path=db_path,
+            memory=memory,
+            storage=storage,
+            embedder=embedder,
+            llm=llm,
+            top_k=top_k,
+            queue_path=queue_path,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> HeadroomChatMemoryBuffer:
+        """Rebuild from :meth:`to_dict`; ``kwargs`` (e.g. ``llm=``, ``embedder=``) are added."""
+        from llama_index.core.storage.chat_store.loading import load_chat_store
+
+        data = {**data, **kwargs}
+        data.pop("class_name", None)
+        if kwargs.get("memory") is not None or kwargs.get("storage") is not None:
+            data.pop("db_path", None)
+        if isinstance(data.get("chat_store"), dict):
+            data["chat_store"] = load_chat_store(data["chat_store"])
+        return cls(**data)
+
+    def to_string(self) -> str:
+        return self.json()
+
+    @classmethod
+    def from_string(cls, json_str: str) -> HeadroomChatMemoryBuffer:
+        return cls.from_dict(json.loads(json_str))
+
+    @property
+    def memory(self) -> MemoryStore:
+        """The user's long-term memories (search, add, get_all, clear, flush, stats, ...)."""
+        return self._flow.memory
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(
+        self, input: str | ChatMessage | None = None, initial_token_count: int = 0, **kwargs: Any
+    ) -> list[ChatMessage]:
+        """The recent history within ``token_limit``, with the relevant memories."""
+        asked = text_of(input) if isinstance(input, ChatMessage) else input
+        query = asked if asked and asked.strip() else latest_user_text(self.get_all())
+        turn = self._flow.start(query, instruct=False)
+        prompt = turn.prompt
+        used = len(self.tokenizer_fn(prompt)) if prompt else 0
+        if initial_token_count + used > self.token_limit:
+            prompt, used = None, 0  # no room left for memories
+        window = ChatMemoryBuffer(
+            token_limit=self.token_limit,
+            tokenizer_fn=self.tokenizer_fn,
+            chat_store=self.chat_store,
+            chat_store_key=self.chat_store_key,
+        )
+        history = window.get(initial_token_count=initial_token_count + used)
+        if turn.user_text:
+            with self._lock:
+                self._turn = turn
+        if not prompt:
+            return history
+        return self._with_memories(history, system_message(prompt), asked)
+
+    @staticmethod
+    def _with_memories(
+        history: list[ChatMessage], memories: ChatMessage, asked: str | None
+    ) -> list[ChatMessage]:
+        index = latest_index(history, is_user)
+        pending = asked is not None and (
+            index is None or text_of(history[index]).strip() != asked.strip()
+        )
+        if pending or index is None:  # the question is not stored yet: it will come last
+            return [*history, memories]
+        return insert_before(history, index, memories)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def put(self, message: ChatMessage) -> None:
+        """Store ``message``; the answer to a user message queues the exchange for learning."""
+        super().put(message)
+        self._observe([message])
+
+    def set(self, messages: list[ChatMessage]) -> None:
+        """Replace the short-term history (nothing in it is learnt from)."""
+        super().set(messages)
+        with self._lock:
+            self._turn = None
+            self._awaiting = bool(messages) and is_user(messages[-1])
+            self._asked = text_of(messages[-1]) if self._awaiting else None
+
+    def reset(self) -> None:
+        """Clear the short-term history. Long-term memories stay (``memory.clear()``)."""
+        super().reset()
+        with self._lock:
+            self._turn, self._asked, self._awaiting = None, None, False
+
+    def _observe(self, messages: list[ChatMessage]) -> None:
+        finished: list[tuple[Turn, str]] = []
+        with self._lock:
+            for message in messages:
+                if is_user(message):
+                    self._asked, self._awaiting = text_of(message).strip(), True
+                elif self._awaiting and self._asked and is_final_answer(message):
+                    turn = self._turn
+                    if turn is None or turn.user_text != self._asked:
+                        turn = Turn(user_text=self._asked)
+                    finished.append((turn, text_of(message)))
+                    self._turn, self._awaiting = None, False
+        for turn, answer in finished:
+            self._flow.finish(turn, answer)
+
+    # -- async: the same work, off the event loop ------------------------------------------
+
+    async def aget(
+        self, input: str | ChatMessage | None = None, initial_token_count: int = 0, **kwargs: Any
+    ) -> list[ChatMessage]:
+        return await asyncio.to_thread(
+            self.get, input=input, initial_token_count=initial_token_count, **kwargs
+        )
+
+    async def aget_all(self) -> list[ChatMessage]:
+        return await asyncio.to_thread(self.get_all)
+
+    async def aput(self, message: ChatMessage) -> None:
+        await asyncio.to_thread(self.put, message)
+
+    async def aput_messages(self, messages: list[ChatMessage]) -> None:
+        await asyncio.to_thread(self.put_messages, messages)
+
+    async def aset(self, messages: list[ChatMessage]) -> None:
+        await asyncio.to_thread(self.set, messages)
+
+    async def areset(self) -> None:
+        await asyncio.to_thread(self.reset)

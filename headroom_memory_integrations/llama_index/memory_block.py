@@ -1,0 +1,125 @@
+"""A memory block for LlamaIndex's ``Memory`` that holds the user's long-term memory."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms import LLM
+from llama_index.core.memory.memory import BaseMemoryBlock
+
+from ..embeddings import Embedder
+from ..engine import MemoryStore
+from ..flow import MemoryFlow
+from ..storage import Storage
+from ._messages import latest_user_text
+from ._wiring import PathLike, background_flow, path_text, reopenable_location
+
+
+class HeadroomMemoryBlock(BaseMemoryBlock[str]):
+    """The user's long-term memory as a block of ``llama_index.core.memory.Memory``.
+
+    ``Memory`` hands its blocks messages only when they are flushed out of its short-term
+    queue (with the defaults, after about 21,000 tokens of conversation), so a block that
+    learnt in ``aput`` would learn nothing in most conversations. What ``Memory`` does call on
+    every turn is the blocks' ``aget``, with the whole active history plus the new input. So
+    this block learns there: on each ``aget`` whose latest user message it has not seen yet
+    (per ``session_id``), it queues that message for background extraction by ``llm``, and
+    returns the memories relevant to it (the core's escaped context) for ``Memory`` to put in
+    its system message. Each user message is learnt from once, as soon as it is asked, so the
+    last turn of a session is not lost; the assistant's answers are not needed, since only
+    what users say about themselves is remembered. Messages ``Memory`` flushes later are
+    ignored (they were learnt from already), and so is history that was never the latest
+    message of an ``aget`` (``chat_history=``, ``set``).
+
+    Setup::
+
+        from llama_index.core.memory import Memory
+        from headroom_memory_integrations.llama_index import HeadroomMemoryBlock
+
+        block = HeadroomMemoryBlock(user_id="alice", db_path="./memories", llm=llm)
+        memory = Memory.from_defaults(session_id="alice-chat", memory_blocks=[block])
+
+    Invoke (any engine or agent that takes a ``memory``)::
+
+        agent = FunctionAgent(llm=llm, tools=[...])
+        await agent.run("I prefer Python for backend work", memory=memory)
+        # ... later, with a new Memory and a new block:
+        await agent.run("Which language should I use?", memory=memory)  # sees the preference
+
+    Args:
+        user_id: Whose memories (with ``db_path``, or ``storage`` and ``embedder``).
+        db_path: Embedded Chroma folder or Chroma server URL.
+        memory: An existing :class:`MemoryStore` instead of the three above.
+        llm: The model for background extraction (default: ``Settings.llm``).
+        top_k: Memories returned at most.
+        queue_path: The SQLite file of pending extraction jobs.
+        name / priority: As for every block (priority 0: never truncated).
+    """
+
+    name: str = Field(default="user_memories", description="The name of the memory block.")
+    description: str | None = Field(
+        default="What the user told in earlier conversations (long-term memory)."
+    )
+    user_id: str
+    db_path: str | None = None
+    top_k: int = Field(default=5, gt=0)
+
+    _flow: MemoryFlow = PrivateAttr()
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _learnt: dict[str | None, str] = PrivateAttr(default_factory=dict)  # session -> message
+
+    def __init__(
+        self,
+        *,
+        memory: MemoryStore | None = None,
+        storage: Storage | None = None,
+        embedder: Embedder | None = None,
+        llm: LLM | None = None,
+        queue_path: PathLike | None = None,
+        **data: Any,
+    ) -> None:
+        if memory is not None:
+            data.setdefault("user_id", memory.user_id)
+        data["db_path"] = path_text(data.get("db_path"))
+        super().__init__(**data)
+        self._flow = background_flow(
+            memory,
+            self.user_id,
+            self.db_path,
+            storage=storage,
+            embedder=embedder,
+            llm=llm,
+            top_k=self.top_k,
+            queue_path=queue_path,
+        )
+        if self.db_path is None:
+            self.db_path = reopenable_location(self._flow.memory)
+
+    @property
+    def memory(self) -> MemoryStore:
+        """The user's long-term memories (search, add, get_all, clear, flush, stats, ...)."""
+        return self._flow.memory
+
+    async def _aget(self, messages: list[ChatMessage] | None = None, **block_kwargs: Any) -> str:
+        """The memories relevant to the latest user message ("" for none); learns from it."""
+        asked = latest_user_text(messages or [])
+        if not asked or not asked.strip():
+            return ""
+        return await asyncio.to_thread(self._recall, asked, block_kwargs.get("session_id"))
+
+    def _recall(self, asked: str, session: str | None) -> str:
+        turn = self._flow.start(asked, instruct=False)
+        with self._lock:
+            new = turn.user_text is not None and self._learnt.get(session) != turn.user_text
+            if new and turn.user_text is not None:
+                self._learnt[session] = turn.user_text
+        if new:
+            self._flow.finish(turn, None)  # the user's message, extracted in the background
+        return turn.prompt or ""
+
+    async def _aput(self, messages: list[ChatMessage]) -> None:
+        """Flushed messages: already learnt from when they were asked (see the class)."""

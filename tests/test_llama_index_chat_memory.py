@@ -1,0 +1,229 @@
+"""HeadroomChatMemoryBuffer: a ChatMemoryBuffer with long-term memory, learnt in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from _llama_index_support import CASES, FACT, QUESTION, RECALLED, ScriptedLLM, ask, flush
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.memory import ChatMemoryBuffer
+from llama_index.core.storage.chat_store import SimpleChatStore
+
+from headroom_memory_integrations.llama_index import HeadroomChatMemoryBuffer
+
+
+@pytest.fixture
+def llm() -> ScriptedLLM:
+    return ScriptedLLM()
+
+
+@pytest.fixture
+def new_buffer(db_path, model, llm):
+    def build(user: str = "alice", **options) -> HeadroomChatMemoryBuffer:
+        return HeadroomChatMemoryBuffer.from_defaults(
+            user_id=user, db_path=db_path, embedder=model, llm=llm, **options
+        )
+
+    return build
+
+
+def contents(messages) -> str:
+    return "\n".join(str(m.content) for m in messages)
+
+
+@pytest.mark.parametrize(("kind", "mode"), CASES)
+def test_recalls_a_fact_told_in_an_earlier_session(kind, mode, new_buffer, llm) -> None:
+    first = new_buffer()
+    told = ask(kind, llm, first, FACT, mode)
+    assert RECALLED not in told.text
+    flush(first.memory)
+    assert [m.text for m in first.memory.get_all()] == [FACT]  # learnt in the background
+
+    second = new_buffer()  # a new session: a new memory object, the same user
+    seen = ask(kind, llm, second, QUESTION, mode)
+    assert f"{RECALLED} {FACT}" in seen.text
+    if mode in ("stream", "astream"):
+        assert len(seen.pieces) > 2  # it was streamed
+    history = second.get_all()
+    assert "<user-memories>" not in contents(history)  # the context is never stored
+    assert [m.role.value for m in history][:1] == ["user"]
+
+
+def test_two_users_stay_isolated(new_buffer, llm) -> None:
+    alice = new_buffer("alice")
+    ask("simple", llm, alice, FACT, "sync")
+    flush(alice.memory)
+    bob = new_buffer("bob")
+    seen = ask("simple", llm, bob, QUESTION, "sync")
+    assert RECALLED not in seen.text
+    assert bob.memory.get_all() == []
+    assert "Python" not in json.dumps(llm.brain.requests[-1])
+
+
+def test_get_adds_memories_before_the_latest_user_message_or_last_for_input(
+    new_buffer, model
+) -> None:
+    memory = new_buffer()
+    memory.memory.add(FACT, category="preference")
+    memory.put(ChatMessage(role="user", content="Hello"))
+    memory.put(ChatMessage(role="assistant", content="Hi!"))
+    memory.put(ChatMessage(role="user", content=QUESTION))
+    got = memory.get()
+    assert [m.role.value for m in got] == ["user", "assistant", "system", "user"]
+    assert got[2].content.startswith("<user-memories>") and "Python" in got[2].content
+
+    pending = memory.get(input="What should I learn next for backend services?")
+    assert [m.role.value for m in pending][-1] == "system"  # the question comes after it
+    assert "Python" in pending[-1].content
+
+    assert [m.role.value for m in memory.get(input="What is 2+2?")] == [
+        "user",
+        "assistant",
+        "user",
+    ]  # nothing relevant: nothing added
+    assert memory.get_all()[-1].content == QUESTION  # the store holds only the conversation
+
+
+def test_the_token_limit_holds_with_memories_counted(new_buffer) -> None:
+    memory = new_buffer(token_limit=120)
+    memory.memory.add(FACT, category="preference")
+    tokens = memory.tokenizer_fn
+    for i in range(30):
+        memory.put(ChatMessage(role="user", content=f"Message {i} about my day at work"))
+        memory.put(ChatMessage(role="assistant", content=f"Reply {i}: sounds like a good day"))
+    memory.put(ChatMessage(role="user", content=QUESTION))
+    for initial in (0, 20):
+        got = memory.get(initial_token_count=initial)
+        assert got[-2].role.value == "system" and "Python" in got[-2].content
+        assert got[-1].content == QUESTION
+        assert len(tokens(" ".join(str(m.content) for m in got))) + initial <= 120
+    plain = ChatMemoryBuffer.from_defaults(token_limit=120, chat_store=memory.chat_store)
+    assert len(memory.get()) < len(plain.get()) + 1  # room was made for the memories
+
+    tight = new_buffer(token_limit=60)
+    tight.put(ChatMessage(role="user", content=QUESTION))
+    got = tight.get(initial_token_count=55)  # no room for memories: they are left out
+    assert [m.role.value for m in got] == ["user"]
+
+
+def test_learns_each_exchange_once_in_the_background(new_buffer, llm) -> None:
+    memory = new_buffer()
+    memory.put(ChatMessage(role="user", content=FACT))
+    memory.get()
+    memory.put(ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [1]}))
+    memory.put(ChatMessage(role="tool", content="42"))
+    memory.put(ChatMessage(role="assistant", content="Great choice."))
+    memory.get()
+    memory.put(ChatMessage(role="assistant", content="Another answer."))  # same turn: not again
+    flush(memory.memory)
+    assert llm.brain.extractions == 1
+    assert [m.text for m in memory.memory.get_all()] == [FACT]
+
+
+def test_async_forms_go_through_the_same_logic(new_buffer, llm) -> None:
+    async def run() -> list[ChatMessage]:
+        memory = new_buffer()
+        await memory.aput(ChatMessage(role="user", content=FACT))
+        await memory.aput_messages([ChatMessage(role="assistant", content="Noted.")])
+        flush(memory.memory)
+        await memory.aput(ChatMessage(role="user", content=QUESTION))
+        got = await memory.aget()
+        assert len(await memory.aget_all()) == 3
+        await memory.aset([ChatMessage(role="user", content="Hi")])
+        assert [m.content for m in await memory.aget_all()] == ["Hi"]
+        await memory.areset()
+        assert await memory.aget_all() == []
+        return got
+
+    got = asyncio.run(run())
+    assert got[-2].role.value == "system" and FACT in got[-2].content
+
+
+def test_serializes_without_clients_and_comes_back(new_buffer, db_path) -> None:
+    store = SimpleChatStore()
+    memory = new_buffer(chat_store=store, chat_store_key="alice-chat", token_limit=500)
+    memory.memory.add(FACT, category="preference")
+    memory.put(ChatMessage(role="user", content=QUESTION))
+    data = json.loads(json.dumps(memory.to_dict()))
+    assert data["user_id"] == "alice" and data["db_path"] == str(db_path)
+    assert data["class_name"] == "HeadroomChatMemoryBuffer"
+    assert "_flow" not in data and "memory" not in data
+
+    again = HeadroomChatMemoryBuffer.from_dict(data, embedder=memory.memory.embedder)
+    assert (again.token_limit, again.chat_store_key) == (500, "alice-chat")
+    got = again.get()
+    assert got[-1].content == QUESTION and FACT in got[-2].content
+    assert HeadroomChatMemoryBuffer.from_string(memory.to_string()).user_id == "alice"
+
+
+@pytest.fixture
+def settings_llm(llm):
+    """``Settings.llm`` for the test: what a memory rebuilt by ``from_dict`` extracts with."""
+    from llama_index.core import Settings
+
+    Settings.llm = llm
+    yield llm
+    Settings._llm = None
+
+
+def test_an_agent_context_with_the_memory_serializes_and_resumes(
+    new_buffer, llm, settings_llm
+) -> None:
+    from llama_index.core.agent.workflow import FunctionAgent
+    from workflows import Context
+    from workflows.context.serializers import JsonSerializer
+
+    memory = new_buffer(chat_store_key="alice-agent")
+    memory.memory.add(FACT, category="preference")
+    agent = FunctionAgent(tools=[], llm=llm, streaming=False)
+
+    async def run() -> str:
+        handler = agent.run(user_msg="Hello there", memory=memory)
+        await handler
+        data = handler.ctx.to_dict(serializer=JsonSerializer())
+        text = json.dumps(data)
+        assert "alice" in text and "Hello there" in text
+        restored = Context.from_dict(agent, json.loads(text), serializer=JsonSerializer())
+        answer = str(await agent.run(user_msg=QUESTION, ctx=restored))
+        again = await restored.store.get("memory")
+        assert isinstance(again, HeadroomChatMemoryBuffer) and again is not memory
+        await again.aput_messages(
+            [
+                ChatMessage(role="user", content="I work at a fintech startup"),
+                ChatMessage(role="assistant", content="Noted."),
+            ]
+        )
+        flush(again.memory)
+        return answer
+
+    answer = asyncio.run(run())
+    assert f"{RECALLED} {FACT}" in answer
+    sent = llm.brain.requests[-1]
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["Hello there", QUESTION]
+    assert "I work at a fintech startup" in [m.text for m in memory.memory.get_all()]
+
+
+def test_the_short_term_history_lives_in_the_chat_store_given(new_buffer, llm) -> None:
+    store = SimpleChatStore()
+    ask("simple", llm, new_buffer(chat_store=store, chat_store_key="alice-1"), FACT, "sync")
+    again = new_buffer(chat_store=store, chat_store_key="alice-1")
+    assert [(m.role.value, m.content) for m in again.get_all()] == [
+        ("user", FACT),
+        ("assistant", "Noted."),
+    ]
+    assert new_buffer(chat_store=store, chat_store_key="bob-1").get_all() == []
+
+
+def test_public_names() -> None:
+    import headroom_memory_integrations.llama_index as adapters
+
+    assert adapters.__all__ == [
+        "HeadroomChatMemoryBuffer",
+        "HeadroomMemoryBlock",
+        "MemoryLLM",
+        "llm_completer",
+        "llm_memory",
+        "openai_llm_with_memory",
+    ]

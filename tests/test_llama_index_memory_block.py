@@ -1,0 +1,99 @@
+"""HeadroomMemoryBlock: long-term memory as a block of llama_index.core.memory.Memory."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from _llama_index_support import CASES, FACT, QUESTION, RECALLED, ScriptedLLM, ask, flush
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.memory import Memory
+
+from headroom_memory_integrations.llama_index import HeadroomMemoryBlock
+
+
+@pytest.fixture
+def llm() -> ScriptedLLM:
+    return ScriptedLLM()
+
+
+@pytest.fixture
+def new_memory(db_path, model, llm):
+    """A new ``Memory`` (a new session) with a new block for ``user``."""
+
+    def build(user: str = "alice") -> Memory:
+        block = HeadroomMemoryBlock(user_id=user, db_path=db_path, embedder=model, llm=llm)
+        return Memory.from_defaults(session_id=f"{user}-{uuid.uuid4()}", memory_blocks=[block])
+
+    return build
+
+
+def block_of(memory: Memory) -> HeadroomMemoryBlock:
+    (block,) = memory.memory_blocks
+    assert isinstance(block, HeadroomMemoryBlock)
+    return block
+
+
+@pytest.mark.parametrize(("kind", "mode"), CASES)
+def test_recalls_a_fact_told_in_an_earlier_session(kind, mode, new_memory, llm) -> None:
+    first = new_memory()
+    told = ask(kind, llm, first, FACT, mode)
+    assert RECALLED not in told.text
+    store = block_of(first).memory
+    flush(store)
+    # learnt from a short conversation, although Memory flushed nothing to its blocks
+    assert [m.text for m in store.get_all()] == [FACT]
+    assert llm.brain.extractions == 1
+
+    second = new_memory()
+    seen = ask(kind, llm, second, QUESTION, mode)
+    assert f"{RECALLED} {FACT}" in seen.text
+    stored = "\n".join(str(m.content) for m in second.get_all())
+    assert QUESTION in stored and "<user-memories>" not in stored
+
+
+def test_memories_go_in_memorys_system_message(new_memory) -> None:
+    memory = new_memory()
+    block_of(memory).memory.add(FACT, category="preference")
+    memory.put(ChatMessage(role="user", content=QUESTION))
+    got = memory.get()
+    assert [m.role.value for m in got] == ["system", "user"]
+    assert "<user_memories>" in got[0].content  # Memory's template, the block's name
+    assert "<user-memories>" in got[0].content and FACT in got[0].content
+    assert [m.role.value for m in memory.get(input="What is 2+2?")] == ["user"]
+
+
+def test_each_user_message_is_learnt_once(new_memory, llm) -> None:
+    memory = new_memory()
+
+    async def turn(text: str) -> None:
+        await memory.aput(ChatMessage(role="user", content=text))
+        await memory.aget()
+        await memory.aget(input=text)  # an agent asks again after tool calls
+        await memory.aput(ChatMessage(role="assistant", content="Noted."))
+        await memory.aget()  # and once more after its answer
+
+    asyncio.run(turn(FACT))
+    asyncio.run(turn("I work at a fintech startup"))
+    store = block_of(memory).memory
+    flush(store)
+    assert llm.brain.extractions == 2
+    assert sorted(m.text for m in store.get_all()) == [FACT, "I work at a fintech startup"]
+
+
+def test_two_users_stay_isolated(new_memory, llm) -> None:
+    alice = new_memory("alice")
+    ask("simple", llm, alice, FACT, "sync")
+    flush(block_of(alice).memory)
+    bob = new_memory("bob")
+    seen = ask("simple", llm, bob, QUESTION, "sync")
+    assert RECALLED not in seen.text and block_of(bob).memory.get_all() == []
+
+
+def test_memory_with_the_block_serializes_without_clients(new_memory) -> None:
+    memory = new_memory()
+    data = memory.to_dict()
+    (block,) = data["memory_blocks"]
+    assert block["name"] == "user_memories"
+    assert "_flow" not in block and "memory" not in block

@@ -1,0 +1,238 @@
+"""LlamaIndex's OpenAILike over real HTTP (ScriptedOpenAIServer): memory through its own
+clients (openai_llm_with_memory), and every adapter with a real OpenAI-compatible LLM.
+
+llama-index's OpenAI LLM packages pin openai<3: these tests run in the openai 2.x venv."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import pytest
+from _llama_index_support import (
+    AGENTS,
+    CASES,
+    ENGINES,
+    FACT,
+    QUESTION,
+    RECALLED,
+    Brain,
+    ScriptedLLM,
+    ask,
+    flush,
+    in_new_process,
+)
+
+from headroom_memory_integrations.errors import InvalidInputError
+from headroom_memory_integrations.llama_index import (
+    HeadroomChatMemoryBuffer,
+    HeadroomMemoryBlock,
+    MemoryLLM,
+    llm_memory,
+    openai_llm_with_memory,
+)
+from headroom_memory_integrations.openai import MemoryClient, with_fast_memory
+
+pytestmark = pytest.mark.openai2  # llama-index-llms-openai-like: only in the openai 2.x venv
+
+
+@pytest.fixture
+def brain(openai_server) -> Brain:
+    brain = Brain()
+    openai_server.responder = brain.responder
+    return brain
+
+
+@pytest.fixture
+def plain_llm(openai_server, brain):
+    import httpx
+    from llama_index.llms.openai_like import OpenAILike
+
+    opened: list = []
+
+    def build(**options):
+        plain_http = {  # the server is http://127.0.0.1: no certificates to load (~0.3 s each)
+            "http_client": httpx.Client(verify=False),
+            "async_http_client": httpx.AsyncClient(verify=False),
+        }
+        opened.append(plain_http)
+        return OpenAILike(
+            **plain_http,
+            model="gpt-4o-mini",
+            api_base=openai_server.base_url,
+            api_key="test-key",
+            is_chat_model=True,
+            is_function_calling_model=True,
+            context_window=16000,
+            **options,
+        )
+
+    yield build
+    for clients in opened:
+        clients["http_client"].close()
+        with contextlib.suppress(RuntimeError):  # its connections' event loop may be gone
+            asyncio.run(clients["async_http_client"].aclose())
+
+
+@pytest.fixture
+def memory_llm(plain_llm, db_path, model):
+    def build(user: str = "alice", **options):
+        return openai_llm_with_memory(
+            plain_llm(**options), user_id=user, db_path=db_path, embedder=model
+        )
+
+    return build
+
+
+def assert_no_block(text: str) -> None:
+    assert "<memory-" not in text and "</memory" not in text and "category" not in text
+
+
+@pytest.mark.parametrize(("kind", "mode"), CASES)
+def test_recalls_through_the_llms_own_memory_clients(kind, mode, memory_llm, brain) -> None:
+    first = memory_llm()
+    told = ask(kind, first, None, FACT, mode)
+    assert told.text.strip() == "Noted."
+    assert_no_block(told.all_text())
+    flush(llm_memory(first))
+    assert [m.text for m in llm_memory(first).get_all()] == [FACT]
+
+    second = memory_llm()
+    seen = ask(kind, second, None, QUESTION, mode)
+    assert f"{RECALLED} {FACT}" in seen.text
+    assert_no_block(seen.all_text())
+    assert "<user-memories>" not in "\n".join(str(m.content) for m in seen.history)
+    assert "<memory-" in str(brain.requests[-1])  # the instruction went over HTTP
+
+
+def test_one_store_for_the_sync_and_async_clients(memory_llm) -> None:
+    llm = memory_llm()
+    assert isinstance(llm._client, MemoryClient) and isinstance(llm._aclient, MemoryClient)
+    assert llm._client.memory is llm._aclient.memory is llm_memory(llm)
+    assert "test-key" not in repr(llm._client) + repr(llm._aclient)
+
+
+def test_reuse_client_false_is_switched_with_a_warning(memory_llm, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations"):
+        llm = memory_llm(reuse_client=False)
+    assert "reuse_client=False" in caplog.text and "bypass" in caplog.text
+    assert llm.reuse_client is True
+    assert llm._get_client() is llm._client  # every call goes through the memory client
+    ask("simple", llm, None, FACT, "astream")
+    flush(llm_memory(llm))
+    assert [m.text for m in llm_memory(llm).get_all()] == [FACT]
+
+
+def test_an_llm_built_on_wrapped_clients_is_checked_and_kept(
+    openai_server, plain_llm, db_path, model
+) -> None:
+    sync = with_fast_memory(openai_server.client(), "alice", db_path, embedder=model)
+    llm = plain_llm(openai_client=sync, reuse_client=False)
+    assert openai_llm_with_memory(llm) is llm
+    assert llm._client is sync and llm._aclient.memory is sync.memory  # async added, one store
+    asyncio.run(llm.achat([_user(FACT)]))
+    flush(sync.memory)
+    assert [m.text for m in sync.memory.get_all()] == [FACT]
+
+    other = with_fast_memory(openai_server.async_client(), "alice", db_path, embedder=model)
+    with pytest.raises(InvalidInputError, match="different stores"):
+        openai_llm_with_memory(plain_llm(openai_client=sync, async_openai_client=other))
+    with pytest.raises(InvalidInputError, match="no store options"):
+        openai_llm_with_memory(plain_llm(openai_client=sync), user_id="alice")
+
+
+def test_other_llms_are_refused() -> None:
+    with pytest.raises(InvalidInputError, match="wrap any other LLM in MemoryLLM"):
+        openai_llm_with_memory(ScriptedLLM())
+
+
+def _user(text: str):
+    from llama_index.core.base.llms.types import ChatMessage
+
+    return ChatMessage(role="user", content=text)
+
+
+# -- the other adapters with a real OpenAI-compatible LLM over HTTP ---------------------------
+
+
+def _adapter(path: str, llm, user: str, db_path, model):
+    """(the engine's LLM, the engine's memory, the user's store) for one adapter."""
+    store = {"user_id": user, "db_path": db_path, "embedder": model}
+    if path == "buffer":
+        memory = HeadroomChatMemoryBuffer.from_defaults(llm=llm, **store)
+        return llm, memory, memory.memory
+    if path == "block":
+        from llama_index.core.memory import Memory
+
+        block = HeadroomMemoryBlock(llm=llm, **store)
+        memory = Memory.from_defaults(session_id=str(uuid.uuid4()), memory_blocks=[block])
+        return llm, memory, block.memory
+    wrapped = MemoryLLM(llm=llm, **store)
+    return wrapped, None, wrapped.memory
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+@pytest.mark.parametrize("path", ["buffer", "block", "memory_llm"])
+def test_every_adapter_over_http(path, kind, plain_llm, db_path, model) -> None:
+    mode = "stream" if kind in AGENTS else "astream"
+    llm, memory, store = _adapter(path, plain_llm(), "alice", db_path, model)
+    assert ask(kind, llm, memory, FACT, mode).text.strip() == "Noted."
+    flush(store)
+    assert [m.text for m in store.get_all()] == [FACT]
+
+    llm, memory, store = _adapter(path, plain_llm(), "alice", db_path, model)
+    seen = ask(kind, llm, memory, QUESTION, mode)
+    assert f"{RECALLED} {FACT}" in seen.text
+    assert_no_block(seen.all_text())
+    flush(store)  # before the server goes away
+
+    llm, memory, store = _adapter(path, plain_llm(), "bob", db_path, model)
+    assert RECALLED not in ask(kind, llm, memory, QUESTION, mode).text  # two users, isolated
+    flush(store)
+
+
+def test_a_new_process_recalls_through_the_openai_llm(memory_llm, openai_server, db_path) -> None:
+    first = memory_llm()
+    ask("simple", first, None, FACT, "sync")
+    flush(llm_memory(first))
+    out = in_new_process(
+        f"""
+        from _llama_index_support import QUESTION, ask
+        from llama_index.llms.openai_like import OpenAILike
+        from headroom_memory_integrations.llama_index import llm_memory, openai_llm_with_memory
+
+        llm = openai_llm_with_memory(
+            OpenAILike(model="gpt-4o-mini", api_base={openai_server.base_url!r}, api_key="k",
+                       is_chat_model=True, is_function_calling_model=True),
+            user_id="alice",
+            db_path={str(db_path)!r},
+        )
+        print(ask("function_agent", llm, None, QUESTION, "stream").text)
+        llm_memory(llm).flush(30)
+        """
+    )
+    assert out.splitlines()[-1] == f"{RECALLED} {FACT}"
+
+
+@pytest.mark.parametrize("mode", ["async", "stream"])
+@pytest.mark.parametrize("path", ["openai_clients", "memory_llm"])
+def test_tool_calls_pass_through_over_http(
+    path, mode, memory_llm, plain_llm, brain, db_path, model
+) -> None:
+    def build():
+        if path == "openai_clients":
+            return memory_llm()
+        return MemoryLLM(llm=plain_llm(), user_id="alice", db_path=db_path, embedder=model)
+
+    llm = build()
+    ask("function_agent", llm, None, FACT, mode)
+    flush(llm_memory(llm) if path == "openai_clients" else llm.memory)
+    brain.tool_calls.append(("weather", {"city": "Oslo"}))
+    llm = build()
+    seen = ask("function_agent", llm, None, QUESTION, mode)
+    assert seen.text == f"The tool says sunny in Oslo. {RECALLED} {FACT}"
+    assert_no_block(seen.all_text())
+    tool_turn = next(r for r in brain.requests if r[-1]["role"] == "tool")
+    assert "<memory-" in str(tool_turn)  # the answer after the tool result had memory too
