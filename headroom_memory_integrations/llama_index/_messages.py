@@ -15,6 +15,11 @@ def is_user(message: ChatMessage) -> bool:
     return message.role == MessageRole.USER
 
 
+def holds_tool_results(messages: Sequence[ChatMessage]) -> bool:
+    """Whether any message is a tool's result (text the user did not write: see grounding)."""
+    return any(m.role in (MessageRole.TOOL, MessageRole.FUNCTION) for m in messages)
+
+
 def text_of(message: ChatMessage) -> str:
     """The text of ``message`` (its text blocks; images and tool calls left out)."""
     return message_text(message)

@@ -20,7 +20,14 @@ from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..flow import MemoryFlow, Turn, insert_before, latest_index
 from ..storage import Storage
-from ._messages import is_final_answer, is_user, latest_user_text, system_message, text_of
+from ._messages import (
+    holds_tool_results,
+    is_final_answer,
+    is_user,
+    latest_user_text,
+    system_message,
+    text_of,
+)
 from ._wiring import PathLike, background_flow, path_text, reopenable_location
 
 
@@ -213,8 +220,9 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
     ) -> list[ChatMessage]:
         """The recent history within ``token_limit``, with the relevant memories."""
         asked = text_of(input) if isinstance(input, ChatMessage) else input
-        query = asked if asked and asked.strip() else latest_user_text(self.get_all())
-        turn = self._flow.start(query, instruct=False)
+        stored = self.get_all()
+        query = asked if asked and asked.strip() else latest_user_text(stored)
+        turn = self._flow.start(query, instruct=False, untrusted=holds_tool_results(stored))
         prompt = turn.prompt
         used = len(self.tokenizer_fn(prompt)) if prompt else 0
         if initial_token_count + used > self.token_limit:

@@ -35,7 +35,7 @@ from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
 from ..prompts import block_tags, inline_extraction_allowed
 from ..storage import Storage
 from ..wiring import build_flow, open_memory
-from ._messages import is_user, system_message, text_of, with_text
+from ._messages import holds_tool_results, is_user, system_message, text_of, with_text
 from ._wiring import PathLike
 
 
@@ -153,7 +153,11 @@ class MemoryLLM(FunctionCallingLLM):
         index = latest_index(sent, is_user)
         if index is None:
             return _Call(Turn(), sent)
-        turn = self._flow.start(text_of(sent[index]), instruct=inline_extraction_allowed(kwargs))
+        turn = self._flow.start(
+            text_of(sent[index]),
+            instruct=inline_extraction_allowed(kwargs),
+            untrusted=holds_tool_results(sent),
+        )
         if turn.prompt:
             sent = insert_before(sent, index, system_message(turn.prompt))
         return _Call(turn, sent)
