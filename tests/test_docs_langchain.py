@@ -1,0 +1,131 @@
+"""docs/langchain.md: every example runs as a user would run it, and prints what the page shows.
+
+Each ``python`` block of the page runs as a script in a new Python process, in its own empty
+folder, with ``OPENAI_BASE_URL`` pointing at a :class:`ScriptedOpenAIServer` started here and
+answered by :class:`DocsModel` (a model that follows the memory prompts and uses tools sensibly).
+Memories live in real embedded Chroma with the real all-MiniLM-L6-v2 model. What a script prints
+must equal the ``text`` block the page shows under it, so the page cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from subprocess import CompletedProcess
+
+import pytest
+from _docs_support import (
+    ROOT,
+    Example,
+    assert_prints,
+    docs_server,
+    example_env,
+    examples_in,
+    run_example,
+)
+
+import headroom_memory_integrations.langchain as adapters
+
+PAGE = ROOT / "docs" / "langchain.md"
+EXAMPLES = examples_in(PAGE)
+
+EXPECTED_STDERR = {
+    # langchain-classic's own deprecation of the chain the HeadroomMemory example uses
+    "HeadroomMemory": re.compile(
+        r"^.*LangChainDeprecationWarning: The class `ConversationChain` was deprecated.*\n.*\n",
+        re.MULTILINE,
+    ),
+}
+
+WORKERS = min(2, os.cpu_count() or 1)  # each example is a Python process importing LangChain
+
+
+def test_the_page_shows_every_adapter_with_what_it_prints() -> None:
+    headings = [example.heading for example in EXAMPLES]
+    assert headings == [
+        "MemoryChatModel",
+        "MemoryMiddleware",
+        "ChatOpenAI on memory clients",
+        "HeadroomStore",
+        "Memory tools",
+        "HeadroomRetriever",
+        "HeadroomMemory",
+    ]
+    for example, used in zip(
+        EXAMPLES,
+        [
+            "MemoryChatModel(",
+            "MemoryMiddleware(",
+            "with_fast_memory(AsyncOpenAI()",
+            "HeadroomStore(",
+            "memory_tools(",
+            "HeadroomRetriever(",
+            "HeadroomMemory(",
+        ],
+    ):
+        assert used in example.code, example.heading
+        assert example.prints, f"{example.heading}: the page shows no output for its example"
+    page = PAGE.read_text(encoding="utf-8")
+    assert "pip install 'headroom-memory-integrations[langchain]'" in page
+    assert "pip install 'headroom-memory-integrations[langchain-classic]'" in page
+    for name in adapters.__all__:
+        assert re.search(rf"`[^`]*\b{name}\b[^`]*`", page), f"{PAGE.name} never names {name}"
+
+
+def test_the_page_links_resolve() -> None:
+    page = PAGE.read_text(encoding="utf-8")
+    anchors = {_slug(heading) for heading in re.findall(r"^#+ (.+)$", page, re.MULTILINE)}
+    for target in re.findall(r"\]\(([^)]+)\)", page):
+        path, _, anchor = target.partition("#")
+        if not path:
+            assert anchor in anchors, f"no heading for the link {target}"
+            continue
+        linked = PAGE.parent / path
+        assert linked.is_file(), f"{target}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.MULTILINE)
+            assert anchor in {_slug(h) for h in headings}, f"{target}: no such heading"
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _selected(session: pytest.Session) -> list[Example]:
+    """The examples whose tests this session runs (all of them, unless deselected)."""
+    chosen = []
+    for item in session.items:
+        callspec = getattr(item, "callspec", None)
+        if item.module is sys.modules[__name__] and callspec and "example" in callspec.params:
+            chosen.append(callspec.params["example"])
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[CompletedProcess[str]]]]:
+    """Starts every selected example at once (``WORKERS`` at a time) against one server."""
+    with docs_server() as server, ThreadPoolExecutor(WORKERS) as pool:
+
+        def run(example: Example) -> CompletedProcess[str]:
+            folder: Path = tmp_path_factory.mktemp(example.name)
+            return run_example(example, folder, example_env(server, folder))
+
+        yield {example.name: pool.submit(run, example) for example in _selected(request.session)}
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[example.name for example in EXAMPLES])
+def test_the_example_prints_what_the_page_shows(
+    example: Example, runs: dict[str, Future[CompletedProcess[str]]]
+) -> None:
+    run = runs[example.name].result()
+    assert_prints(example, run.stdout)
+    expected = EXPECTED_STDERR.get(example.heading)
+    stderr = expected.sub("", run.stderr) if expected else run.stderr
+    assert stderr == "", f"{example.heading} wrote to stderr:\n{run.stderr}"
