@@ -181,7 +181,9 @@ def test_fast_memory_section(run: Run) -> None:
     # conversation 2: the memory was injected, and the model's answer used it
     received = out.split("the model received this system message:")[1].split("answer:")[0]
     assert "<user-memories>" in received and "</user-memories>" in received
-    assert re.search(r'- m\d+ \(preference\): "Prefers Python for backend work"', received)
+    assert re.search(
+        r'- m\d+ \(preference, noted [0-9-]+\): "Prefers Python for backend work"', received
+    )
     assert "Prefers Python for backend work" in answers[1]
 
 
