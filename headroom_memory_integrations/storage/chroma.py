@@ -441,11 +441,11 @@ class ChromaCollection:
         index = self._index
         if index is not None:
             return [index.nearest(row, limit) for row in matrix]
-        self._start_warming()
         found = self._call(
             "search memories",
             lambda c: c.query(query_embeddings=matrix, n_results=limit, include=["distances"]),
         )
+        self._start_warming()  # Chroma answered: read the collection ahead for later searches
         if found is None:
             return [[] for _ in matrix]
         return [
@@ -508,8 +508,7 @@ class ChromaCollection:
         self._index = None
         self._cache.clear()
         _read_aheads.remove(self)
-        if self._warm_after is not None:
-            self._warm_after = 0.0
+        self._warm_after = 0.0  # a read-ahead under way now keeps nothing (the stamp moved)
 
     def retire(self) -> None:
         """The storage was closed: stop reading ahead and trusting the cache."""
@@ -748,7 +747,11 @@ class ChromaStorage:
             self._availability.check()
             if self._starting is not None and self._starting.running:
                 raise StorageError(f"{self.location} has not answered yet")
-            what = f"connect to {self.location}"
+            what = (
+                f"open the memory store at {self.location}"
+                if self._folder is not None
+                else f"connect to {self.location}"
+            )
             try:
                 if self.timeout is None:
                     self._adopt(self._connect())
@@ -759,9 +762,10 @@ class ChromaStorage:
                     if self._starting is not None:
                         raise StorageError(f"could not {what}: no answer in {deadline:.0f} s")
             except Exception as exc:
-                self._availability.failed(f"{type(exc).__name__}")
                 if isinstance(exc, StorageError):
+                    self._availability.failed(str(exc))
                     raise
+                self._availability.failed(f"{type(exc).__name__}: {exc}")
                 raise StorageError(f"could not {what}: {type(exc).__name__}: {exc}") from exc
             return self._client
 
@@ -787,7 +791,7 @@ class ChromaStorage:
             raise
         except Exception as exc:  # chromadb raises many unrelated types
             if is_unreachable(exc):
-                self._availability.failed(type(exc).__name__)
+                self._availability.failed(f"{type(exc).__name__}: {exc}")
             raise StorageError(f"could not {action}: {type(exc).__name__}: {exc}") from exc
         self._availability.succeeded()
 

@@ -58,18 +58,19 @@ class Availability:
         until = self._until
         if until and time.monotonic() < until:
             raise StorageError(
-                f"{self.location} is unavailable ({self._reason}); not trying again for "
-                f"{until - time.monotonic():.1f} s"
+                f"{self.location} is unavailable; not trying again for "
+                f"{until - time.monotonic():.1f} s. Last error: {self._reason}"
             )
 
     def failed(self, reason: str) -> None:
-        """The backend did not answer: hold calls back for a while (longer each time)."""
+        """The backend did not answer, or could not be opened: hold calls back for a while
+        (longer each time)."""
         with self._lock:
             self._pause = min(MAX_RETRY_SECONDS, self._pause * 2 or FIRST_RETRY_SECONDS)
             self._until = time.monotonic() + self._pause
             self._reason = reason
         logger.warning(
-            "%s did not answer (%s); storage calls fail at once for %.0f s",
+            "%s failed (%s); storage calls fail at once for %.0f s",
             self.location,
             reason,
             self._pause,
