@@ -739,7 +739,9 @@ class ChromaStorage:
         client = self._client
         if client is not None:
             return client
-        with self._client_lock:
+        if not self._client_lock.acquire(timeout=-1 if self.timeout is None else self.timeout):
+            raise StorageError(f"still connecting to {self.location}")
+        try:
             if self._client is not None:
                 return self._client
             if self._closed or self._connect is None:
@@ -768,6 +770,8 @@ class ChromaStorage:
                 self._availability.failed(f"{type(exc).__name__}: {exc}")
                 raise StorageError(f"could not {what}: {type(exc).__name__}: {exc}") from exc
             return self._client
+        finally:
+            self._client_lock.release()
 
     def _adopt(self, client: Any) -> None:
         """Keep a client just made (possibly late, by a helper thread)."""
