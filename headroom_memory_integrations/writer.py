@@ -86,7 +86,11 @@ def retryable(exc: BaseException) -> bool:
 
 
 def queue_path_for(memory: MemoryStore) -> Path:
-    """Where a store's job queue lives: beside embedded memories, else in the home folder."""
+    """Where a store's job queue lives: beside embedded memories (even before the folder is
+    created: it is opened on first use), else in the home folder."""
+    folder = getattr(memory.storage, "folder", None)
+    if isinstance(folder, Path):
+        return folder / "jobs.sqlite3"
     location = memory.storage.location
     if os.path.isdir(location):
         return Path(location) / "jobs.sqlite3"

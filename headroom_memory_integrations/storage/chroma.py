@@ -809,6 +809,11 @@ class ChromaStorage:
 
     # -- an embedded folder -----------------------------------------------------------------
 
+    @property
+    def folder(self) -> Path | None:
+        """The embedded folder (:meth:`at`), whether or not it exists yet; None otherwise."""
+        return self._folder
+
     def _holds_folder(self) -> bool:
         """True unless this is an embedded folder whose lock another process holds."""
         return self._folder_lock is None or self._folder_lock.held
