@@ -36,7 +36,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,12 +312,17 @@ class JobQueue:
             ).fetchone()[0]
         return deleted, int(running)
 
-    def erase_wal(self) -> bool:
+    def erase_wal(self, busy_timeout: float = 0.1) -> bool:
         """Copy the WAL into the file and truncate it to nothing, so deleted jobs' payloads
-        are gone from every file. Returns False if a reader in another process kept part of
-        it (try again later)."""
-        with self._locked() as conn:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        are gone from every file. Uses a connection of its own, so puts never wait for it.
+        Returns False if another connection (or process) kept part of it: try again later."""
+        if self._closed:
+            return False
+        try:
+            with closing(sqlite3.connect(self.path, timeout=busy_timeout)) as conn:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return False
         return not busy
 
     def retry_later(self, job_id: int, error: str, delay_seconds: float) -> None:
