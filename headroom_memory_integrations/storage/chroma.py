@@ -61,9 +61,10 @@ DEFAULT_TIMEOUT = 5.0
 forever). A chat call whose storage does not answer goes on without memories after at most
 this long (plus :data:`~headroom_memory_integrations.writer.READ_YOUR_WRITES_SECONDS`); later
 calls fail at once until the server answers again (see :class:`.guard.Availability`)."""
-# Chroma (1.5) fails reads that race a write or a drop of the same collection with these; they
-# pass on their own: wait a little and try again (5 ms doubling, ~0.3 s in all).
-_TRANSIENT = ("Nothing found on disk", "Missing metadata segment")
+# Chroma (1.5) fails reads that race a write or a drop of the same collection with these (and,
+# in another process, reads that race the rewrite that erases deleted text); they pass on their
+# own: wait a little and try again (5 ms doubling, ~0.3 s in all).
+_TRANSIENT = ("Nothing found on disk", "Missing metadata segment", "disk I/O error")
 _TRANSIENT_TRIES = 7
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -101,6 +102,50 @@ class _ReadAheads:
 
 
 _read_aheads = _ReadAheads()
+
+
+class _EraseLock:
+    """Chroma calls share it; erasing deleted text (a rewrite of the database file under
+    Chroma's connections) takes it alone. A thread that already shares it (a call made from
+    inside a Chroma call) does not wait for itself."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._sharers = 0
+        self._erasing = False
+        self._mine = threading.local()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        held = getattr(self._mine, "count", 0)
+        with self._condition:
+            while self._erasing and not held:
+                self._condition.wait()
+            self._sharers += 1
+        self._mine.count = held + 1
+        try:
+            yield
+        finally:
+            self._mine.count = held
+            with self._condition:
+                self._sharers -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        own = getattr(self._mine, "count", 0)
+        with self._condition:
+            while self._erasing:
+                self._condition.wait()
+            self._erasing = True
+            while self._sharers > own:
+                self._condition.wait()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._erasing = False
+                self._condition.notify_all()
 
 
 @atexit.register
@@ -299,7 +344,7 @@ class ChromaCollection:
         storage = self._storage
         for attempt in range(_TRANSIENT_TRIES):
             last = attempt == _TRANSIENT_TRIES - 1
-            with storage._guard(action):
+            with storage._guard(action), storage._erase_lock.shared():
                 try:
                     collection = self._chroma(create=write)
                     if collection is None:
@@ -657,6 +702,7 @@ class ChromaStorage:
         self._collections_lock = threading.Lock()
         self._max_batch: int | None = None
         self._unerased: list[tuple[str, list[str] | None]] = []
+        self._erase_lock = _EraseLock()
         self._closed = False
         if client is not None and timeout is not None:
             bound_http_requests(client, timeout)
@@ -850,7 +896,7 @@ class ChromaStorage:
         to rewrite the file), it is logged and tried again after the next delete or clear."""
         if self._folder is None:
             return
-        with self._write_lock:
+        with self._write_lock, self._erase_lock.alone():
             self._unerased.append((collection_id, ids))
             try:
                 while self._unerased:
@@ -892,7 +938,7 @@ class ChromaStorage:
 
     def users(self) -> list[str]:
         """The ids of every user with a memory collection here, sorted."""
-        with self._guard("list the users"):
+        with self._guard("list the users"), self._erase_lock.shared():
             client = self._client_now()
             listed = []
             offset = 0
