@@ -29,7 +29,7 @@ from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import ModuleType  # noqa: E402
 
-from . import coldstart, e2e, injection, locomo, memory, needle, writes  # noqa: E402
+from . import coldstart, e2e, injection, load, locomo, memory, needle, writes  # noqa: E402
 from .common import (  # noqa: E402
     Context,
     SectionResult,
@@ -49,6 +49,7 @@ SECTIONS: dict[str, ModuleType] = {
     "memory": memory,
     "locomo": locomo,
     "needle": needle,
+    "load": load,
 }
 
 

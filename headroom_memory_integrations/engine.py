@@ -83,6 +83,8 @@ class PendingWrites(Protocol):
 
     def detach(self, memory: MemoryStore, timeout: float | None) -> bool: ...
 
+    def forget(self, memory: MemoryStore, timeout: float | None) -> int: ...
+
 
 @dataclass(frozen=True)
 class NewMemory:
@@ -103,6 +105,16 @@ class NewMemory:
 # -- validation ------------------------------------------------------------------------------
 
 
+def _check_encodable(text: str, what: str) -> None:
+    """Refuse strings that cannot be stored as UTF-8 (lone surrogates such as ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} is not valid Unicode text (a lone surrogate at position {exc.start})"
+        ) from None
+
+
 def validate_user_id(user_id: object) -> str:
     if not isinstance(user_id, str) or not user_id.strip():
         raise InvalidInputError(f"user_id must be a non-empty string, got {user_id!r}")
@@ -110,6 +122,7 @@ def validate_user_id(user_id: object) -> str:
         raise InvalidInputError(
             f"user_id is {len(user_id)} characters; the maximum is {MAX_USER_ID_CHARS}"
         )
+    _check_encodable(user_id, "user_id")
     return user_id
 
 
@@ -142,6 +155,9 @@ def clean_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
     for key, value in metadata.items():
         if not isinstance(key, str) or not key:
             raise InvalidInputError(f"metadata keys must be non-empty strings, got {key!r}")
+        _check_encodable(key, "a metadata key")
+        if isinstance(value, str):
+            _check_encodable(value, f"metadata[{key!r}]")
         if value is not None and not isinstance(value, (str, int, float, bool)):
             raise InvalidInputError(
                 f"metadata[{key!r}] must be a string, number, boolean or None, "
@@ -526,18 +542,41 @@ class MemoryStore:
         return self.update(old_id, new_text, category=category)
 
     def delete(self, memory_id: str) -> None:
-        """Forget one memory. Raises :class:`MemoryNotFoundError` if there is none."""
+        """Forget one memory, and erase its text (with its earlier versions) from an embedded
+        folder's files (docs/reliability.md). Raises :class:`MemoryNotFoundError` if there
+        is none."""
         with self._write_lock:
             self.get(memory_id)
             self._open().delete([memory_id])
 
     def clear(self) -> int:
-        """Forget every memory of this user; return how many there were."""
+        """Forget every memory of this user, their text erased from an embedded folder's
+        files; return how many there were. Background work already queued still runs (see
+        :meth:`forget_user`)."""
         with self._write_lock:
-            self._collection = None
             with self._cache_lock:
                 self._query_cache.clear()
             return self.storage.drop(self.user_id)
+
+    def forget_user(self, timeout: float | None = 30.0) -> int:
+        """Forget everything kept about this user: their queued background work (turns
+        waiting to be stored or extracted, in the job queue of the wrappers), then every
+        memory, with the text erased from the files of an embedded folder and of the job queue.
+        Returns how many memories there were.
+
+        Args:
+            timeout: Seconds to wait for background work of this user that is running now.
+
+        Raises:
+            StorageError: that work did not finish in time (nothing was deleted yet), or the
+                storage failed.
+        """
+        with self._write_lock:
+            if self._pending is not None:
+                self._pending.forget(self, timeout)
+            with self._cache_lock:
+                self._query_cache.clear()
+            return self.storage.drop(self.user_id, erase=True)
 
     def attach_writer(self, pending: PendingWrites) -> None:
         """Let :meth:`flush` wait for ``pending``'s background writes (the wrappers do this)."""

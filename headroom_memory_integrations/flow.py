@@ -192,7 +192,9 @@ class MemoryFlow:
                 if not isinstance(answer, str):
                     return answer  # a tool call: no text, no block
                 parsed = parse_memory_block(answer, turn.nonce)
-                self.finish_inline(turn, parsed.memories, parsed.problem, parsed.block_found)
+                self.finish_inline(
+                    turn, parsed.memories, parsed.problem, parsed.block_found, parsed.dropped
+                )
                 return parsed.visible
             self.finish_background(turn, answer)
         except Exception:
@@ -210,7 +212,12 @@ class MemoryFlow:
         memories: Sequence[ExtractedMemory],
         problem: str | None,
         block_found: bool,
+        dropped: int = 0,
     ) -> None:
+        """Queue the memories of an inline block for storing; count what was wrong with it
+        (``malformed_blocks``, ``missing_blocks``, ``dropped_entries`` in ``stats()``)."""
+        if dropped:
+            self.memory.counters["dropped_entries"] += dropped
         if problem:
             self.memory.counters["malformed_blocks"] += 1
             log.info("memory block problem (user %s): %s", self._user(), problem)
@@ -297,7 +304,11 @@ class AnswerStream:
                 self._tail = result.tail
                 if self._remember:
                     self._flow.finish_inline(
-                        self._turn, result.memories, result.problem, result.answer.block_found
+                        self._turn,
+                        result.memories,
+                        result.problem,
+                        result.answer.block_found,
+                        result.answer.dropped,
                     )
             elif self._remember:
                 self._flow.finish_background(self._turn, "".join(self._answer))

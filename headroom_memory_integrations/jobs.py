@@ -5,10 +5,13 @@ job ("store these memories for user X") and :meth:`JobWorker.notify` a worker th
 the handler and deletes the job once it returned. Jobs live in one SQLite file (WAL mode,
 ``synchronous=NORMAL``: a commit survives a crash or ``kill -9`` of the process, though not a
 power cut of the last few commits), so whatever a process did not finish, the next process that
-opens the same file resumes. A job may run more than once (a crash after the handler's write
-but before ``complete``), so handlers must be idempotent; it is never silently dropped:
-retryable errors are retried forever with capped exponential backoff, the rest are
-dead-lettered (status ``failed``, kept in the file; :meth:`JobQueue.retry_failed` requeues them).
+opens the same file resumes. A finished job leaves no trace of its payload (turn text) in the
+files: its row is deleted with ``secure_delete`` (the space is zeroed), and when the worker goes
+idle it checkpoints the WAL and truncates it to nothing. A job may run more than once (a crash
+after the handler's write but before ``complete``), so handlers must be idempotent; it is never
+silently dropped: retryable errors are retried forever with capped exponential backoff, the rest
+are dead-lettered (status ``failed``, kept in the file; :meth:`JobQueue.retry_failed` requeues
+them).
 
 Example::
 
@@ -33,7 +36,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,24 +156,47 @@ class JobQueue:
     Args:
         path: The SQLite file; created with its schema on first open.
         busy_timeout: Seconds to wait for another process's write lock.
+        open_later: If the file cannot be opened now (a read-only or missing folder), do not
+            raise: try again on each use, which raises until it can be opened.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, open_later: bool = False
+    ) -> None:
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        try:
+            with self._lock:
+                self._open()
+        except (sqlite3.Error, OSError):
+            if not open_later:
+                raise
+            logger.warning("job queue %s cannot be opened yet; retrying on use", self.path)
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, with the lock held (on first use, if the constructor could not)."""
+        if self._conn is not None:
+            return self._conn
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA secure_delete=ON")  # deleted payloads are zeroed, not left
+            self._migrate(conn)
         except BaseException:
-            self.close()
+            conn.close()
             raise
+        self._conn = conn
+        return conn
 
-    def _migrate(self) -> None:
-        with self._write() as conn:
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
                 raise HeadroomMemoryError(f"{self.path} has a newer job schema ({version})")
@@ -178,13 +204,18 @@ class JobQueue:
                 for statement in _statements(MIGRATIONS[number - 1]):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     @contextmanager
     def _locked(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            if self._conn is None:
+            if self._closed:
                 raise RuntimeError(f"job queue {self.path} is closed")
-            yield self._conn
+            yield self._open()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -261,9 +292,38 @@ class JobQueue:
         return [Job(r[0], r[1], r[2], json.loads(r[3]), r[4] + 1, r[5], r[6]) for r in rows]
 
     def complete(self, job_id: int) -> None:
-        """The job succeeded: delete it (done jobs do not accumulate)."""
+        """The job succeeded: delete it (done jobs do not accumulate; its payload is zeroed in
+        the file, and gone from the WAL after the next :meth:`erase_wal`)."""
         with self._locked() as conn:
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def forget_user(self, user_id: str) -> tuple[int, int]:
+        """Delete the user's jobs that are not running now (pending and dead-lettered).
+
+        Returns:
+            (deleted, still running): running jobs are left to their worker.
+        """
+        with self._write() as conn:
+            deleted = conn.execute(
+                "DELETE FROM jobs WHERE user_id = ? AND status != 'running'", (user_id,)
+            ).rowcount
+            running = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE user_id = ? AND status = 'running'", (user_id,)
+            ).fetchone()[0]
+        return deleted, int(running)
+
+    def erase_wal(self, busy_timeout: float = 0.1) -> bool:
+        """Copy the WAL into the file and truncate it to nothing, so deleted jobs' payloads
+        are gone from every file. Uses a connection of its own, so puts never wait for it.
+        Returns False if another connection (or process) kept part of it: try again later."""
+        if self._closed:
+            return False
+        try:
+            with closing(sqlite3.connect(self.path, timeout=busy_timeout)) as conn:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return False
+        return not busy
 
     def retry_later(self, job_id: int, error: str, delay_seconds: float) -> None:
         """Put the job back, claimable again in ``delay_seconds``."""
@@ -314,6 +374,7 @@ class JobQueue:
     def close(self) -> None:
         """Close the connection. Idempotent; later calls raise ``RuntimeError``."""
         with self._lock:
+            self._closed = True
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -399,9 +460,10 @@ class JobWorker:
         self._wake.set()
 
     def _run(self) -> None:
-        # A second connection, used only here, checkpoints the WAL whenever the worker goes idle
-        # so SQLite's automatic checkpoint (an fsync of ~5-50 ms) rarely lands on a put().
-        checkpointer = sqlite3.connect(self.queue.path, isolation_level=None)
+        # Whenever the worker goes idle after finishing jobs, it checkpoints the WAL and
+        # truncates it (finished jobs' payloads must not linger there), at most every
+        # _CHECKPOINT_EVERY seconds, so SQLite's automatic checkpoint (an fsync of ~5-50 ms)
+        # rarely lands on a put().
         dirty, checkpointed = False, time.monotonic()
         try:
             while not self._stop.is_set():
@@ -411,10 +473,14 @@ class JobWorker:
                     for job in jobs:
                         self._process(job)
                     dirty = dirty or bool(jobs)
-                    if not jobs and dirty and time.monotonic() - checkpointed > _CHECKPOINT_EVERY:
-                        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                        dirty, checkpointed = False, time.monotonic()
                     idle = 0.0 if jobs else self._idle_seconds()
+                    if not jobs and dirty:
+                        wait = _CHECKPOINT_EVERY - (time.monotonic() - checkpointed)
+                        if wait <= 0:
+                            dirty = not self.queue.erase_wal()
+                            checkpointed = time.monotonic()
+                        else:
+                            idle = min(idle, wait)
                 except Exception:  # locked beyond busy_timeout, disk full, ...: try again later
                     logger.exception("job queue %s: claim or update failed", self.queue.path)
                     idle = self.poll_interval
@@ -423,7 +489,6 @@ class JobWorker:
                 if idle:
                     self._wake.wait(idle)
         finally:
-            checkpointer.close()
             with self._progress:
                 self._progress.notify_all()
             if self._stop.is_set():

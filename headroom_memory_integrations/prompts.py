@@ -157,12 +157,14 @@ class ParsedAnswer:
         problem: None, or a short description of what was wrong, for logging.
         block_found: Whether an opening tag with this nonce occurred at all (False means the model
             ignored the instruction).
+        dropped: Entries of the block left out (invalid, repeated, or past the cap).
     """
 
     visible: str
     memories: tuple[ExtractedMemory, ...] = ()
     problem: str | None = None
     block_found: bool = False
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,11 +199,13 @@ class ExtractionResult:
         malformed: True when the answer as a whole was unusable (not JSON, wrong shape, too large):
             the caller should retry. False for a valid answer, even one where some entries were
             dropped.
+        dropped: Entries left out (invalid, repeated, or past the cap).
     """
 
     memories: tuple[ExtractedMemory, ...] = ()
     problem: str | None = None
     malformed: bool = False
+    dropped: int = 0
 
 
 # ------------------------------------------------------------------------------- nonce and tags
@@ -588,17 +592,19 @@ def _split(text: str, open_tag: str, close_tag: str) -> tuple[str, list[str], bo
         pos = end + len(close_tag)
 
 
-def _block_memories(content: str) -> tuple[tuple[ExtractedMemory, ...], list[str]]:
+def _block_memories(content: str) -> tuple[tuple[ExtractedMemory, ...], list[str], int]:
+    """(valid entries, notes, how many entries were dropped) of a block's content."""
     if len(content) > MAX_BLOCK_CHARS:
-        return (), [f"memory block longer than {MAX_BLOCK_CHARS} characters"]
+        return (), [f"memory block longer than {MAX_BLOCK_CHARS} characters"], 0
     if not content.strip():
-        return (), []
+        return (), [], 0
     ok, payload = _loads(content, "[", "]")
     if not ok:
-        return (), ["memory block is not valid JSON"]
+        return (), ["memory block is not valid JSON"], 0
     if not isinstance(payload, list):
-        return (), ["memory block is not a JSON array"]
-    return _entries(payload)
+        return (), ["memory block is not a JSON array"], 0
+    memories, notes = _entries(payload)
+    return memories, notes, len(payload) - len(memories)
 
 
 def parse_memory_block(text: str, nonce: str) -> ParsedAnswer:
@@ -624,10 +630,11 @@ def parse_memory_block(text: str, nonce: str) -> ParsedAnswer:
     if not blocks:
         return ParsedAnswer(visible, (), None, False)
     try:
-        memories, block_notes = _block_memories(blocks[-1])
+        memories, block_notes, dropped = _block_memories(blocks[-1])
     except Exception as exc:  # pragma: no cover - a safety net: a parser bug must not break answers
-        memories, block_notes = (), [f"memory block could not be parsed ({type(exc).__name__})"]
-    return ParsedAnswer(visible, memories, _join(notes + block_notes), found)
+        block_notes = [f"memory block could not be parsed ({type(exc).__name__})"]
+        memories, dropped = (), 0
+    return ParsedAnswer(visible, memories, _join(notes + block_notes), found, dropped)
 
 
 def parse_extraction_json(text: str) -> ExtractionResult:
@@ -657,7 +664,7 @@ def parse_extraction_json(text: str) -> ExtractionResult:
         elif not isinstance(payload, list):
             return ExtractionResult((), "answer is not a JSON object", True)
         memories, notes = _entries(payload)
-        return ExtractionResult(memories, _join(notes), False)
+        return ExtractionResult(memories, _join(notes), False, len(payload) - len(memories))
     except Exception as exc:  # pragma: no cover - a safety net, as in parse_memory_block
         return ExtractionResult((), f"answer could not be parsed ({type(exc).__name__})", True)
 

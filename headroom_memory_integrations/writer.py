@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import MemoryStore, NewMemory
-from .errors import EmbeddingMismatchError, InvalidInputError
+from .errors import EmbeddingMismatchError, InvalidInputError, StorageError
 from .grounding import grounded
 from .jobs import DEFAULT_BACKOFF, Backoff, Job, JobQueue, JobWorker, PermanentJobError
 from .prompts import background_extraction_messages, parse_extraction_json
@@ -63,6 +63,8 @@ class BackgroundExtractor:
         messages = background_extraction_messages(job.payload["exchange"], existing)
         answer = self.complete(messages, self.model or job.payload.get("model"))
         result = parse_extraction_json(answer or "")
+        if result.dropped:
+            memory.counters["dropped_entries"] += result.dropped
         if result.malformed:
             memory.counters["malformed_extractions"] += 1
             message = f"malformed extraction answer: {result.problem}"
@@ -93,7 +95,11 @@ def retryable(exc: BaseException) -> bool:
 
 
 def queue_path_for(memory: MemoryStore) -> Path:
-    """Where a store's job queue lives: beside embedded memories, else in the home folder."""
+    """Where a store's job queue lives: beside embedded memories (even before the folder is
+    created: it is opened on first use), else in the home folder."""
+    folder = getattr(memory.storage, "folder", None)
+    if isinstance(folder, Path):
+        return folder / "jobs.sqlite3"
     location = memory.storage.location
     if os.path.isdir(location):
         return Path(location) / "jobs.sqlite3"
@@ -109,14 +115,17 @@ class MemoryWriter:
     """
 
     def __init__(self, path: Path, *, backoff: Backoff | None = None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only folder: the queue opens once it can (JobQueue open_later)
+            log.warning("cannot create the folder of job queue %s yet", path, exc_info=True)
         self._stores: dict[str, MemoryStore] = {}
         self._extractors: dict[str, BackgroundExtractor] = {}
         self._lock = threading.Lock()
         self._unsettled: dict[str, set[int]] = {}  # user -> store jobs queued here, not yet run
         self._settled = threading.Condition()
         self.worker = JobWorker(
-            JobQueue(path),
+            JobQueue(path, open_later=True),
             self._handle,
             retryable=retryable,
             backoff=backoff or DEFAULT_BACKOFF,
@@ -178,6 +187,32 @@ class MemoryWriter:
                 del self._stores[memory.user_id]
                 self._extractors.pop(memory.user_id, None)
         return drained
+
+    def forget(self, memory: MemoryStore, timeout: float | None) -> int:
+        """Delete every job of ``memory``'s user from the queue file (waiting up to
+        ``timeout`` seconds for one that runs now to end) and erase their text from the file
+        and its WAL. Returns how many were deleted.
+
+        Raises:
+            StorageError: a job of the user was still running after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        queue, deleted = self.worker.queue, 0
+        while True:
+            removed, running = queue.forget_user(memory.user_id)
+            deleted += removed
+            if not running:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StorageError(
+                    f"background work of this user still ran after {timeout} s; try again"
+                )
+            time.sleep(0.02)
+        with self._settled:
+            self._unsettled.pop(memory.user_id, None)
+            self._settled.notify_all()
+        queue.erase_wal()
+        return deleted
 
     def retry_failed(self) -> int:
         count = self.worker.queue.retry_failed()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from ..embeddings.base import Vectors
@@ -20,9 +21,15 @@ def collection_name(user_id: str) -> str:
 
 
 class UserCollection(Protocol):
-    """One user's memories with their vectors. Scores are similarities: higher is closer."""
+    """One user's memories with their vectors. Scores are similarities: higher is closer.
 
-    def upsert(self, memories: Sequence[Memory], vectors: Vectors) -> None: ...
+    A storage gives every caller in a process the same object for a user, so what it holds in
+    memory (a cache, a search index) follows every write made in the process."""
+
+    def upsert(self, memories: Sequence[Memory], vectors: Vectors) -> None:
+        """Store new memories or new versions of existing ones. A write that raises stored
+        nothing (what it had written is undone first)."""
+        ...
 
     def get(self, ids: Sequence[str] | None = None) -> list[Memory]:
         """The memories with these ids (missing ones are skipped), or all when ``ids`` is None.
@@ -40,9 +47,18 @@ class UserCollection(Protocol):
         cache that this handle's own writes keep current; use :meth:`get` for fresh records."""
         ...
 
-    def delete(self, ids: Sequence[str]) -> None: ...
+    def delete(self, ids: Sequence[str], *, erase: bool = True) -> None:
+        """Delete these memories (unknown ids are ignored); with ``erase``, their text is
+        also removed from the storage's files where it can be (an embedded folder)."""
+        ...
 
     def count(self) -> int: ...
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """This user's write lock, to read, decide and write with no other write of the user
+        from this process in between (consolidation). See
+        :meth:`.chroma.ChromaCollection.exclusive` for what it covers across processes."""
+        ...
 
 
 class Storage(Protocol):
@@ -55,10 +71,11 @@ class Storage(Protocol):
     location: str
 
     def open(self, user_id: str, embedder: str, dimension: int) -> UserCollection:
-        """The user's collection, created if missing.
+        """The user's collection (created by its first write). The same object for every
+        caller of this storage in the process.
 
-        Raises:
-            EmbeddingMismatchError: it was built with another embedder or dimension.
+        Its methods raise :class:`EmbeddingMismatchError` if it was built with another
+        embedder or dimension.
         """
         ...
 
@@ -66,6 +83,7 @@ class Storage(Protocol):
         """The ids of every user with a collection here, sorted."""
         ...
 
-    def drop(self, user_id: str) -> int:
-        """Delete the user's collection; return how many memories it held."""
+    def drop(self, user_id: str, *, erase: bool = True) -> int:
+        """Delete the user's collection; return how many memories it held. With ``erase``,
+        their text is also removed from the storage's files where it can be."""
         ...

@@ -1,10 +1,16 @@
 """Chroma storage: one collection per user, embedded on disk or on a Chroma server.
 
 - Embedded (default): ``ChromaStorage.at("~/.headroom-memory")`` opens a ``PersistentClient``.
-  One process at a time should write to a folder.
+  One process at a time writes to a folder (it holds the folder's lock, see :mod:`.folder`);
+  others may read it.
 - Server: ``ChromaStorage.connect("127.0.0.1", 8000)`` talks to ``chroma run``, which several
-  processes or machines can share.
+  processes or machines can share. Every request has a timeout (:data:`DEFAULT_TIMEOUT`).
 - Your own client: ``ChromaStorage(client)``.
+
+Nothing is opened or contacted until the first call, so a store can be built while its storage
+is down (a stopped server, a read-only folder); calls then raise :class:`StorageError` until it
+is back (see :mod:`.guard`). In a process, every store of a user shares one
+:class:`ChromaCollection` per storage, and with it one search index and one cache, whoever writes.
 
 Chroma never embeds here (``embedding_function=None``; the engine passes vectors) and its
 telemetry is off. Collections use cosine space, so a score is ``1 - distance``.
@@ -21,7 +27,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
@@ -30,6 +36,15 @@ from ..embeddings.base import Vectors
 from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import collection_name
+from .folder import FolderLock, check_free_space, directory_bytes, erase_deleted, vector_segment
+from .guard import (
+    Availability,
+    PendingStart,
+    bound_http_requests,
+    forget_broken_system,
+    is_unreachable,
+    start_with_deadline,
+)
 from .vectors import VectorIndex
 
 SCHEMA_VERSION = 1
@@ -41,10 +56,16 @@ WARM_LIMIT = 20_000
 # recently are let go (their searches go back to Chroma until they are read ahead again).
 READ_AHEAD_BUDGET = 100_000
 _WARM_RETRY_SECONDS = 5.0  # after a write overlapped a read-ahead, wait this long to retry
-# A search that runs while another thread's first write to a new collection is being flushed
-# fails with this (Chroma 1.5): wait a little and try again (5 ms doubling, ~0.3 s in all).
-_UNWRITTEN_INDEX = "Nothing found on disk"
-_UNWRITTEN_INDEX_TRIES = 7
+DEFAULT_TIMEOUT = 5.0
+"""Seconds a request to a Chroma server may take before it fails (chromadb's own client waits
+forever). A chat call whose storage does not answer goes on without memories after at most
+this long (plus :data:`~headroom_memory_integrations.writer.READ_YOUR_WRITES_SECONDS`); later
+calls fail at once until the server answers again (see :class:`.guard.Availability`)."""
+# Chroma (1.5) fails reads that race a write or a drop of the same collection with these (and,
+# in another process, reads that race the rewrite that erases deleted text); they pass on their
+# own: wait a little and try again (5 ms doubling, ~0.3 s in all).
+_TRANSIENT = ("Nothing found on disk", "Missing metadata segment", "disk I/O error")
+_TRANSIENT_TRIES = 7
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -83,6 +104,50 @@ class _ReadAheads:
 _read_aheads = _ReadAheads()
 
 
+class _EraseLock:
+    """Chroma calls share it; erasing deleted text (a rewrite of the database file under
+    Chroma's connections) takes it alone. A thread that already shares it (a call made from
+    inside a Chroma call) does not wait for itself."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._sharers = 0
+        self._erasing = False
+        self._mine = threading.local()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        held = getattr(self._mine, "count", 0)
+        with self._condition:
+            while self._erasing and not held:
+                self._condition.wait()
+            self._sharers += 1
+        self._mine.count = held + 1
+        try:
+            yield
+        finally:
+            self._mine.count = held
+            with self._condition:
+                self._sharers -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        own = getattr(self._mine, "count", 0)
+        with self._condition:
+            while self._erasing:
+                self._condition.wait()
+            self._erasing = True
+            while self._sharers > own:
+                self._condition.wait()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._erasing = False
+                self._condition.notify_all()
+
+
 @atexit.register
 def _stop_warming() -> None:
     """Let read-ahead threads finish their page and stop before the interpreter goes away."""
@@ -97,15 +162,37 @@ def _settings() -> Any:
     return Settings(anonymized_telemetry=False, allow_reset=False)
 
 
-@contextmanager
-def _storage_errors(action: str) -> Iterator[None]:
-    """Re-raise Chroma's and the network's errors as :class:`StorageError`."""
-    try:
-        yield
-    except HeadroomMemoryError:
-        raise
-    except Exception as exc:  # chromadb raises many unrelated types
-        raise StorageError(f"could not {action}: {type(exc).__name__}: {exc}") from exc
+_CLIENT_SETUP_SECONDS = 10.0  # building a server client (TLS setup, ...) beyond its requests
+
+
+def _import_clients() -> None:
+    """Import what building a chromadb ``HttpClient`` imports, outside its deadline (it takes
+    seconds on a busy machine)."""
+    import chromadb.api.fastapi  # noqa: F401
+    import h11  # noqa: F401
+    import httpcore  # noqa: F401
+    import httpx  # noqa: F401
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from chromadb.errors import InternalError
+
+    return isinstance(exc, InternalError) and any(text in str(exc) for text in _TRANSIENT)
+
+
+def _is_missing(exc: BaseException) -> bool:
+    """The collection does not exist (any more): chromadb raises NotFoundError, older
+    versions a ValueError."""
+    from chromadb.errors import NotFoundError
+
+    return isinstance(exc, NotFoundError) or (
+        isinstance(exc, ValueError) and "does not exist" in str(exc)
+    )
+
+
+def _record_bytes(text: str, meta: dict[str, Any], dimension: int) -> int:
+    """About how many bytes one record adds to the files (text, metadata, vector)."""
+    return len(text.encode("utf-8", "replace")) + len(json.dumps(meta)) + 8 * dimension + 200
 
 
 def _to_record(memory: Memory) -> tuple[str, dict[str, Any]]:
@@ -162,31 +249,32 @@ def _page_records(page: dict[str, Any]) -> dict[str, _Record]:
     }
 
 
+_NO_PAGE: dict[str, Any] = {"ids": [], "documents": [], "metadatas": [], "embeddings": []}
+
+
 class ChromaCollection:
     """A user's memories in one Chroma collection (see :class:`UserCollection`).
 
-    If the collection is dropped behind its back (``clear()`` from another process or
-    client), the next call opens it afresh instead of failing on a stale handle.
+    :meth:`ChromaStorage.open` hands every store of the user the same handle, so its cache and
+    search index follow every write made in this process. The Chroma collection is opened on
+    first use; a read of a collection that does not exist finds nothing (and creates nothing);
+    a write creates it. If it is dropped behind this handle's back (``clear()`` from another
+    client of a server), the next call opens it afresh.
     """
 
-    def __init__(
-        self,
-        user_id: str,
-        reopen: Callable[[], Any],
-        write_lock: threading.RLock,
-        binding: tuple[str, int],
-        *,
-        sole_writer: bool = False,
-    ) -> None:
+    def __init__(self, storage: ChromaStorage, user_id: str, binding: tuple[str, int]) -> None:
+        self._storage = storage
         self._user_id = user_id
-        self._reopen = reopen
-        self._collection = reopen()
-        self._write_lock = write_lock
-        self.binding = binding  # (embedder, dimension) it was opened with
+        self._name = collection_name(user_id)
+        self.binding = binding  # (embedder, dimension) it is used with
+        self._collection: Any = None  # the chromadb collection, once opened
+        self._segment: Path | None = None  # an embedded collection's index folder, once known
+        self._write_lock = storage._write_lock
+        self._user_lock = threading.RLock()
         # Records read before, by id. This handle's writes keep them current; when it is the
         # only writer of the collection (embedded storage), get() may be served from them.
         self._cache: dict[str, _Record] = {}
-        self._sole_writer = sole_writer
+        self._sole_flag = storage._sole_writer
         # Odd while a write is under way; a read that overlaps a write caches nothing.
         self._write_stamp = 0
         # A sole writer's copy of every vector, once read ahead in the background (see _warm).
@@ -195,37 +283,191 @@ class ChromaCollection:
         self._warm_after: float | None = 0.0  # monotonic time; None: running or given up
         self._retired = False
 
-    def _call(self, action: str, run: Callable[[Any], T]) -> T:
-        from chromadb.errors import InternalError, NotFoundError
+    @property
+    def _sole_writer(self) -> bool:
+        """True while nothing but this process writes the collection: an embedded folder
+        whose lock this process holds, or a storage built with ``sole_writer=True``."""
+        return self._sole_flag and self._storage._holds_folder()
 
-        with _storage_errors(action):
-            for attempt in range(_UNWRITTEN_INDEX_TRIES):
+    @_sole_writer.setter
+    def _sole_writer(self, value: bool) -> None:
+        self._sole_flag = value
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold this user's write lock: read, decide, then write with no other write of the
+        user in between (consolidation). Every store of the user in this process shares it;
+        with embedded storage this process is the folder's only writer, so nothing else writes
+        meanwhile. A Chroma server has no lock: another process can still write meanwhile.
+        Reentrant; writes made inside take it again."""
+        with self._user_lock:
+            yield
+
+    # -- calling Chroma ---------------------------------------------------------------------
+
+    def _chroma(self, *, create: bool) -> Any:
+        """The chromadb collection, opened on first need; None if it does not exist and
+        ``create`` is False. Raises if it belongs to another user or embedder."""
+        if self._collection is not None:
+            return self._collection
+        storage = self._storage
+        client = storage._client_now()
+        embedder, dimension = self.binding
+        if create:
+            collection = client.get_or_create_collection(
+                name=self._name,
+                embedding_function=None,
+                configuration={"hnsw": {"space": "cosine", "ef_search": 100}},
+                metadata={
+                    "user_id": self._user_id,
+                    "embedder": embedder,
+                    "dimension": dimension,
+                    "schema_version": SCHEMA_VERSION,
+                    "created_at": time.time(),
+                },
+            )
+        else:
+            try:
+                collection = client.get_collection(self._name, embedding_function=None)
+            except Exception as exc:
+                if _is_missing(exc):
+                    return None
+                raise
+        storage._check_owner(collection.metadata or {}, self._user_id, embedder, dimension)
+        self._collection = collection
+        return collection
+
+    def _call(self, action: str, run: Callable[[Any], T], *, write: bool = False) -> T | None:
+        """``run(collection)``, its errors raised as :class:`StorageError`. Returns None when
+        the collection does not exist and ``write`` is False (nothing to read or delete).
+        A collection dropped meanwhile is opened afresh; transient Chroma errors are retried."""
+        storage = self._storage
+        for attempt in range(_TRANSIENT_TRIES):
+            last = attempt == _TRANSIENT_TRIES - 1
+            with storage._guard(action), storage._erase_lock.shared():
                 try:
-                    return run(self._collection)
-                except NotFoundError:  # dropped behind our back: open it afresh, once
-                    self._collection = self._reopen()
-                    return run(self._collection)
-                except InternalError as exc:
-                    if _UNWRITTEN_INDEX not in str(exc) or attempt == _UNWRITTEN_INDEX_TRIES - 1:
+                    collection = self._chroma(create=write)
+                    if collection is None:
+                        return None
+                    return run(collection)
+                except Exception as exc:
+                    if _is_missing(exc) and not last:
+                        self._collection = self._segment = None  # dropped: open it afresh
+                        continue
+                    if not _is_transient(exc) or last:
                         raise
-                    time.sleep(0.005 * 2**attempt)
-            raise AssertionError("unreachable")  # the loop returns or raises
+            time.sleep(0.005 * 2**attempt)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    # -- writing ----------------------------------------------------------------------------
 
     def upsert(self, memories: Sequence[Memory], vectors: Vectors) -> None:
+        """Store ``memories`` (new ones, or new versions of existing ones) with their vectors.
+
+        Written in batches of at most the server's maximum. If any batch fails, what the
+        earlier ones wrote is undone (new memories deleted, rewritten ones restored) before
+        :class:`StorageError` is raised, so a write that raised leaves nothing half-stored.
+        """
         if not memories:
             return
         records = [_to_record(m) for m in memories]
         written = {m.id: _Record(text, meta, m) for m, (text, meta) in zip(memories, records)}
-        with self._writing(list(written), written, vectors):
-            self._call(
-                "write memories",
-                lambda c: c.upsert(
-                    ids=[m.id for m in memories],
-                    embeddings=vectors,
-                    documents=[text for text, _ in records],
-                    metadatas=[meta for _, meta in records],
+        ids = list(written)
+        if len(ids) != len(memories):
+            raise StorageError("a write may not name the same memory twice")
+        size = sum(_record_bytes(text, meta, self.binding[1]) for text, meta in records)
+        with self._user_lock, self._writing(ids, written, vectors):
+            self._storage._ready_to_write(self, size)
+            prior = self._prior(ids)
+            batch = self._storage._batch_size()
+            try:
+                for start in range(0, len(ids), batch):
+                    stop = start + batch
+                    self._call(
+                        "write memories",
+                        lambda c: c.upsert(
+                            ids=ids[start:stop],  # noqa: B023
+                            embeddings=vectors[start:stop],  # noqa: B023
+                            documents=[text for text, _ in records[start:stop]],  # noqa: B023
+                            metadatas=[meta for _, meta in records[start:stop]],  # noqa: B023
+                        ),
+                        write=True,
+                    )
+            except StorageError as error:
+                self._undo(ids, prior, error)
+                raise
+
+    def _prior(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The stored records (document, metadata, vector) of those ``ids`` that exist, to
+        restore them if a write fails halfway."""
+        index = self._index
+        if index is not None and self._sole_writer and not any(i in index for i in ids):
+            return {}  # a sole writer's complete index: none of them exists
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), _BATCH):
+            page = self._call(
+                "read memories",
+                lambda c: c.get(
+                    ids=ids[start : start + _BATCH],  # noqa: B023
+                    include=["documents", "metadatas", "embeddings"],
                 ),
             )
+            if page is None:
+                break  # no collection: none of them exists
+            for position, memory_id in enumerate(page["ids"]):
+                found[memory_id] = {
+                    "document": page["documents"][position],
+                    "metadata": page["metadatas"][position],
+                    "embedding": page["embeddings"][position],
+                }
+        return found
+
+    def _undo(self, ids: list[str], prior: dict[str, dict[str, Any]], error: Exception) -> None:
+        """Delete what a failed write added and restore what it replaced."""
+        added = [i for i in ids if i not in prior]
+        try:
+            for start in range(0, len(added), _BATCH):
+                batch = added[start : start + _BATCH]
+                self._call("undo a failed write", lambda c: c.delete(ids=batch))  # noqa: B023
+            restore = list(prior.items())
+            step = self._storage._batch_size()
+            for start in range(0, len(restore), step):
+                part = restore[start : start + step]
+                self._call(
+                    "undo a failed write",
+                    lambda c: c.upsert(
+                        ids=[i for i, _ in part],  # noqa: B023
+                        embeddings=[r["embedding"] for _, r in part],  # noqa: B023
+                        documents=[r["document"] for _, r in part],  # noqa: B023
+                        metadatas=[r["metadata"] for _, r in part],  # noqa: B023
+                    ),
+                )
+        except StorageError as undo_error:
+            raise StorageError(
+                f"{error}; undoing the write failed too ({undo_error}), so part of it may be stored"
+            ) from error
+
+    def delete(self, ids: Sequence[str], *, erase: bool = True) -> None:
+        """Delete these memories (unknown ids are ignored).
+
+        Args:
+            erase: Also remove their text from the files of an embedded folder (Chroma keeps
+                it in its log and in freed pages otherwise): costs a rewrite of the database
+                file, about 0.3 s per 6 MB.
+        """
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return
+        with self._user_lock:
+            for start in range(0, len(unique), _BATCH):
+                batch = unique[start : start + _BATCH]
+                with self._writing(batch):
+                    self._storage._ready_to_write(self, 0)
+                    self._call("delete memories", lambda c: c.delete(ids=batch))  # noqa: B023
+            if erase and self._collection is not None:
+                self._storage._erase(str(self._collection.id), unique)
+
+    # -- reading ----------------------------------------------------------------------------
 
     def get(self, ids: Sequence[str] | None = None) -> list[Memory]:
         if ids is not None:
@@ -244,11 +486,13 @@ class ChromaCollection:
         index = self._index
         if index is not None:
             return [index.nearest(row, limit) for row in matrix]
-        self._start_warming()
         found = self._call(
             "search memories",
             lambda c: c.query(query_embeddings=matrix, n_results=limit, include=["distances"]),
         )
+        self._start_warming()  # Chroma answered: read the collection ahead for later searches
+        if found is None:
+            return [[] for _ in matrix]
         return [
             [(i, 1.0 - float(distance)) for i, distance in zip(ids, distances)]
             for ids, distances in zip(found["ids"], found["distances"])
@@ -258,15 +502,61 @@ class ChromaCollection:
         records = self._records(list(dict.fromkeys(ids)), cached=True)
         return {i: (record.text, record.category) for i, record in records.items()}
 
-    def delete(self, ids: Sequence[str]) -> None:
-        for start in range(0, len(ids), _BATCH):
-            batch = list(ids[start : start + _BATCH])
-            with self._writing(batch):
-                self._call("delete memories", lambda c: c.delete(ids=batch))  # noqa: B023
+    def count(self) -> int:
+        return int(self._call("count memories", lambda c: c.count()) or 0)
+
+    def _pages(self, include: list[str]) -> Iterator[dict[str, Any]]:
+        """Every record of the collection, :data:`_BATCH` at a time, until a page is empty."""
+        offset = 0
+        while True:
+            page = self._call(
+                "read memories",
+                lambda c: c.get(limit=_BATCH, offset=offset, include=include),  # noqa: B023
+            )
+            if not page or not page["ids"]:
+                return
+            yield page
+            offset += len(page["ids"])
+
+    def _records(self, ids: list[str], *, cached: bool) -> dict[str, _Record]:
+        """The records of ``ids`` that exist (ids must be unique: Chroma refuses repeats),
+        from the cache where ``cached`` and present, else read from Chroma."""
+        found = {i: self._cache[i] for i in ids if i in self._cache} if cached else {}
+        missing = [i for i in ids if i not in found]
+        if not missing:
+            return found
+        stamp = self._write_stamp
+        page = self._call("read memories", lambda c: c.get(ids=missing, include=_RECORD))
+        read = _page_records(page) if page else {}
+        if stamp % 2 == 0 and stamp == self._write_stamp:  # no write overlapped the read
+            self._cache.update(read)
+        found.update(read)
+        return found
+
+    # -- what is held in memory -------------------------------------------------------------
+
+    def _index_bytes(self) -> int:
+        """The size of an embedded collection's vector index files (a write may rewrite them)."""
+        folder = self._storage._folder
+        if folder is None or self._collection is None:
+            return 0
+        if self._segment is None:
+            self._segment = vector_segment(folder, str(self._collection.id))
+        return directory_bytes(self._segment) if self._segment is not None else 0
+
+    def dropped(self) -> None:
+        """The collection was deleted (:meth:`ChromaStorage.drop`, with the write lock held):
+        forget what is held of it. The handle stays in use; the next write creates the
+        collection again, and the next search reads it ahead again."""
+        self._write_stamp += 2  # a read or read-ahead that overlapped keeps nothing
+        self._collection = self._segment = None
+        self._index = None
+        self._cache.clear()
+        _read_aheads.remove(self)
+        self._warm_after = 0.0  # a read-ahead under way now keeps nothing (the stamp moved)
 
     def retire(self) -> None:
-        """The collection was dropped and this handle replaced, or the storage closed: stop
-        reading ahead and trusting the cache."""
+        """The storage was closed: stop reading ahead and trusting the cache."""
         self._retired = True
         self._sole_writer = False
         self._index = None
@@ -299,8 +589,7 @@ class ChromaCollection:
         """Read every record (up to :data:`WARM_LIMIT`) in pages into the cache, which then
         serves the candidates' texts for ranking. A sole writer also reads the vectors, into
         an index that :meth:`nearest` then searches instead of Chroma. Nothing is kept if a
-        write of this handle overlapped the reading, and the index only if it holds every
-        memory."""
+        write or a drop overlapped the reading, and the index only if it holds every memory."""
         retry = False
         try:
             stamp = self._write_stamp
@@ -330,41 +619,10 @@ class ChromaCollection:
             _read_aheads.add(self, len(records))
         except HeadroomMemoryError as exc:
             logger.warning("reading memories ahead failed; Chroma serves searches: %s", exc)
+            retry = not self._retired
         finally:
             if retry:
                 self._warm_after = time.monotonic() + _WARM_RETRY_SECONDS
-
-    def count(self) -> int:
-        return int(self._call("count memories", lambda c: c.count()))
-
-    def _pages(self, include: list[str]) -> Iterator[dict[str, Any]]:
-        """Every record of the collection, :data:`_BATCH` at a time, until a page is empty."""
-        offset = 0
-        while True:
-            page = self._call(
-                "read memories",
-                lambda c: c.get(limit=_BATCH, offset=offset, include=include),  # noqa: B023
-            )
-            if not page["ids"]:
-                return
-            yield page
-            offset += len(page["ids"])
-
-    def _records(self, ids: list[str], *, cached: bool) -> dict[str, _Record]:
-        """The records of ``ids`` that exist (ids must be unique: Chroma refuses repeats),
-        from the cache where ``cached`` and present, else read from Chroma."""
-        found = {i: self._cache[i] for i in ids if i in self._cache} if cached else {}
-        missing = [i for i in ids if i not in found]
-        if not missing:
-            return found
-        stamp = self._write_stamp
-        read = _page_records(
-            self._call("read memories", lambda c: c.get(ids=missing, include=_RECORD))
-        )
-        if stamp % 2 == 0 and stamp == self._write_stamp:  # no write overlapped the read
-            self._cache.update(read)
-        found.update(read)
-        return found
 
     @contextmanager
     def _writing(
@@ -406,36 +664,63 @@ class ChromaStorage:
         client: A chromadb client (``PersistentClient``, ``HttpClient``, ...).
         location: A human-readable description of where the data is.
         sole_writer: Promise that nothing but this object writes to the client's memory
-            collections (true of :meth:`at`: one writing process per folder, one object per
-            folder in a process). Reads of records this process has seen are then served
-            from memory; otherwise every :meth:`ChromaCollection.get` reads from Chroma.
+            collections (what :meth:`at` makes sure of with the folder's lock). Reads of
+            records this process has seen are then served from memory, and searches from an
+            in-memory index; otherwise every :meth:`ChromaCollection.get` reads from Chroma.
+        connect: Instead of ``client``: a function that makes one, called on first use (and
+            again after it failed), so the storage can be built while the backend is down.
+        timeout: Seconds that making the client and each of its requests may take, for a
+            server (:meth:`connect` passes :data:`DEFAULT_TIMEOUT`). None waits forever.
     """
 
     _embedded: ClassVar[dict[str, ChromaStorage]] = {}
     _embedded_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(
-        self, client: Any, location: str = "chroma client", *, sole_writer: bool = False
+        self,
+        client: Any = None,
+        location: str = "chroma client",
+        *,
+        sole_writer: bool = False,
+        connect: Callable[[], Any] | None = None,
+        timeout: float | None = None,
     ) -> None:
+        if (client is None) == (connect is None):
+            raise TypeError("pass a chromadb client or a connect function, not both or neither")
         self._client = client
+        self._connect = connect
         self.location = location
+        self.timeout = timeout
         self._sole_writer = sole_writer
+        self._folder: Path | None = None
+        self._folder_lock: FolderLock | None = None
         self._write_lock = threading.RLock()
-        self._collections: dict[str, ChromaCollection] = {}
+        self._client_lock = threading.Lock()
+        self._starting: PendingStart | None = None
+        self._availability = Availability(location)
+        self._collections: dict[tuple[str, str, int], ChromaCollection] = {}
+        self._collections_lock = threading.Lock()
+        self._max_batch: int | None = None
+        self._unerased: list[tuple[str, list[str] | None]] = []
+        self._erase_lock = _EraseLock()
+        self._closed = False
+        if client is not None and timeout is not None:
+            bound_http_requests(client, timeout)
 
     @classmethod
     def at(cls, path: str | os.PathLike[str]) -> ChromaStorage:
-        """Embedded storage in the folder ``path`` (created if missing), shared in the process."""
+        """Embedded storage in the folder ``path`` (created on first write), shared in the
+        process. Opened on first use; the process that writes first holds the folder's lock
+        until it closes the storage or exits, and writes from other processes are refused."""
         folder = str(Path(path).expanduser().resolve())
         with cls._embedded_lock:
             storage = cls._embedded.get(folder)
             if storage is None:
-                import chromadb
-
-                with _storage_errors(f"open the memory store at {folder}"):
-                    Path(folder).mkdir(parents=True, exist_ok=True)
-                    client = chromadb.PersistentClient(path=folder, settings=_settings())
-                storage = cls._embedded[folder] = cls(client, folder, sole_writer=True)
+                storage = cls(connect=lambda: None, location=folder, sole_writer=True)
+                storage._folder = Path(folder)
+                storage._folder_lock = FolderLock(Path(folder))
+                storage._connect = storage._open_folder
+                cls._embedded[folder] = storage
             return storage
 
     @classmethod
@@ -446,19 +731,27 @@ class ChromaStorage:
         *,
         ssl: bool = False,
         headers: dict[str, str] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> ChromaStorage:
-        """Storage on a Chroma server (``chroma run --path DIR --host HOST --port PORT``)."""
-        import chromadb
-
+        """Storage on a Chroma server (``chroma run --path DIR --host HOST --port PORT``),
+        contacted on first use. Each request fails after ``timeout`` seconds."""
         url = f"{'https' if ssl else 'http'}://{host}:{port}"
-        with _storage_errors(f"connect to the Chroma server at {url}"):
-            client = chromadb.HttpClient(
+
+        def make_client() -> Any:
+            import chromadb
+            import httpx
+
+            # chromadb's client talks to the server while it is built, with no timeout: ask
+            # for a heartbeat first, with one, so a server that does not answer fails in time
+            httpx.get(f"{url}/api/v2/heartbeat", headers=headers, timeout=timeout)
+            return chromadb.HttpClient(
                 host=host, port=port, ssl=ssl, headers=headers, settings=_settings()
             )
-        return cls(client, url)
+
+        return cls(connect=make_client, location=url, timeout=timeout)
 
     @classmethod
-    def from_url(cls, url: str) -> ChromaStorage:
+    def from_url(cls, url: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> ChromaStorage:
         """Storage on the Chroma server at ``http://host:port`` (or https)."""
         from urllib.parse import urlsplit
 
@@ -466,40 +759,171 @@ class ChromaStorage:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise StorageError(f"not a Chroma server URL: {url!r} (expected http://host:port)")
         ssl = parts.scheme == "https"
-        return cls.connect(parts.hostname, parts.port or (443 if ssl else 8000), ssl=ssl)
+        port = parts.port or (443 if ssl else 8000)
+        return cls.connect(parts.hostname, port, ssl=ssl, timeout=timeout)
+
+    # -- the client -------------------------------------------------------------------------
+
+    def _open_folder(self) -> Any:
+        """Make the embedded client: create the folder, take its lock if no other process
+        holds it, open Chroma. A failed open leaves nothing behind to spoil the next one."""
+        import chromadb
+
+        assert self._folder is not None and self._folder_lock is not None
+        folder = str(self._folder)
+        self._folder.mkdir(parents=True, exist_ok=True)
+        self._folder_lock.acquire()
+        try:
+            return chromadb.PersistentClient(path=folder, settings=_settings())
+        except BaseException:
+            self._folder_lock.release()
+            forget_broken_system(folder)
+            raise
+
+    def _client_now(self) -> Any:
+        """The chromadb client, made on first need (see ``connect``)."""
+        client = self._client
+        if client is not None:
+            return client
+        if not self._client_lock.acquire(timeout=-1 if self.timeout is None else self.timeout):
+            raise StorageError(f"still connecting to {self.location}")
+        try:
+            if self._client is not None:
+                return self._client
+            if self._closed or self._connect is None:
+                raise StorageError(f"the storage at {self.location} is closed")
+            self._availability.check()
+            if self._starting is not None and self._starting.running:
+                raise StorageError(f"{self.location} has not answered yet")
+            what = (
+                f"open the memory store at {self.location}"
+                if self._folder is not None
+                else f"connect to {self.location}"
+            )
+            try:
+                if self.timeout is None:
+                    self._adopt(self._connect())
+                else:
+                    _import_clients()  # slow the first time, and not the server's fault
+                    deadline = self.timeout + _CLIENT_SETUP_SECONDS
+                    self._starting = start_with_deadline(self._connect, self._adopt, deadline, what)
+                    if self._starting is not None:
+                        raise StorageError(f"could not {what}: no answer in {deadline:.0f} s")
+            except Exception as exc:
+                if isinstance(exc, StorageError):
+                    self._availability.failed(str(exc))
+                    raise
+                self._availability.failed(f"{type(exc).__name__}: {exc}")
+                raise StorageError(f"could not {what}: {type(exc).__name__}: {exc}") from exc
+            return self._client
+        finally:
+            self._client_lock.release()
+
+    def _adopt(self, client: Any) -> None:
+        """Keep a client just made (possibly late, by a helper thread)."""
+        if self.timeout is not None:
+            bound_http_requests(client, self.timeout)
+        if self._closed or self._client is not None:
+            close = getattr(client, "close", None)
+            if callable(close) and client is not self._client:
+                close()
+            return
+        self._client = client
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        """Fail at once while the backend is known to be down; raise Chroma's and the
+        network's errors as :class:`StorageError`, noting when the backend did not answer."""
+        self._availability.check()
+        try:
+            yield
+        except HeadroomMemoryError:
+            raise
+        except Exception as exc:  # chromadb raises many unrelated types
+            if is_unreachable(exc):
+                self._availability.failed(f"{type(exc).__name__}: {exc}")
+            raise StorageError(f"could not {action}: {type(exc).__name__}: {exc}") from exc
+        self._availability.succeeded()
+
+    def _batch_size(self) -> int:
+        """The most records Chroma takes in one write (5,461 in Chroma 1.5)."""
+        if self._max_batch is None:
+            with self._guard("ask Chroma for its largest batch"):
+                size = int(self._client_now().get_max_batch_size())
+            self._max_batch = size if size > 0 else _BATCH
+        return self._max_batch
+
+    # -- an embedded folder -----------------------------------------------------------------
+
+    @property
+    def folder(self) -> Path | None:
+        """The embedded folder (:meth:`at`), whether or not it exists yet; None otherwise."""
+        return self._folder
+
+    def _holds_folder(self) -> bool:
+        """True unless this is an embedded folder whose lock another process holds."""
+        return self._folder_lock is None or self._folder_lock.held
+
+    def _ready_to_write(self, handle: ChromaCollection | None, write_bytes: int) -> None:
+        """Refuse a write to an embedded folder that another process writes to, or whose
+        disk is (almost) full. Called with the write lock held, before anything is written.
+
+        Raises:
+            StorageError: The write would not be safe; nothing was written.
+        """
+        lock, folder = self._folder_lock, self._folder
+        if lock is None or folder is None:
+            return
+        with self._guard(f"open the memory store at {folder}"):
+            self._client_now()
+        if not lock.held:
+            if not lock.acquire():
+                raise StorageError(
+                    f"another process (pid {lock.holder()}) is writing to the memory folder "
+                    f"{folder}. One process at a time may write to an embedded folder; this "
+                    "one can read it. To share memories between processes, run a Chroma "
+                    "server (chroma run --path DIR) and pass db_path='http://host:port'."
+                )
+            with self._collections_lock:  # another process wrote until now: read afresh
+                handles = list(self._collections.values())
+            for other in handles:
+                other.forget_read_ahead()
+        check_free_space(folder, handle._index_bytes() if handle is not None else 0, write_bytes)
+
+    def _erase(self, collection_id: str, ids: list[str] | None) -> None:
+        """Remove deleted records' text from an embedded folder's files (see
+        :func:`.folder.erase_deleted`). Held with the write lock. If that fails (e.g. no room
+        to rewrite the file), it is logged and tried again after the next delete or clear."""
+        if self._folder is None:
+            return
+        with self._write_lock, self._erase_lock.alone():
+            self._unerased.append((collection_id, ids))
+            try:
+                while self._unerased:
+                    collection, pending = self._unerased[0]
+                    erase_deleted(self._folder, collection, pending)
+                    self._unerased.pop(0)
+            except Exception:
+                logger.warning(
+                    "deleted memories' text could not yet be erased from %s; trying again "
+                    "after the next delete",
+                    self._folder,
+                    exc_info=True,
+                )
+
+    # -- users ------------------------------------------------------------------------------
 
     def open(self, user_id: str, embedder: str, dimension: int) -> ChromaCollection:
-        name = collection_name(user_id)
-        cached = self._collections.get(name)
-        if cached is not None and cached.binding == (embedder, dimension):
-            return cached
-
-        def get_or_create() -> Any:
-            collection = self._client.get_or_create_collection(
-                name=name,
-                embedding_function=None,
-                configuration={"hnsw": {"space": "cosine", "ef_search": 100}},
-                metadata={
-                    "user_id": user_id,
-                    "embedder": embedder,
-                    "dimension": dimension,
-                    "schema_version": SCHEMA_VERSION,
-                    "created_at": time.time(),
-                },
-            )
-            self._check_owner(collection.metadata or {}, user_id, embedder, dimension)
-            return collection
-
-        with self._write_lock, _storage_errors(f"open the collection of user {user_id!r}"):
-            handle = ChromaCollection(
-                user_id,
-                get_or_create,
-                self._write_lock,
-                (embedder, dimension),
-                sole_writer=self._sole_writer,
-            )
-        self._collections[name] = handle
-        return handle
+        """The user's collection: the same handle for every caller in this process (nothing is
+        read until it is used; a mismatched embedder raises then)."""
+        key = (collection_name(user_id), embedder, dimension)
+        with self._collections_lock:
+            handle = self._collections.get(key)
+            if handle is None or handle._retired:
+                handle = self._collections[key] = ChromaCollection(
+                    self, user_id, (embedder, dimension)
+                )
+            return handle
 
     def _check_owner(self, meta: Any, user_id: str, embedder: str, dimension: int) -> None:
         if meta.get("user_id") != user_id:
@@ -514,11 +938,12 @@ class ChromaStorage:
 
     def users(self) -> list[str]:
         """The ids of every user with a memory collection here, sorted."""
-        with _storage_errors("list the users"):
+        with self._guard("list the users"), self._erase_lock.shared():
+            client = self._client_now()
             listed = []
             offset = 0
             while True:
-                page = self._client.list_collections(limit=_BATCH, offset=offset)
+                page = client.list_collections(limit=_BATCH, offset=offset)
                 listed += page
                 if len(page) < _BATCH:
                     break
@@ -531,37 +956,66 @@ class ChromaStorage:
                 found.add(user_id)
         return sorted(found)
 
-    def drop(self, user_id: str) -> int:
-        from chromadb.errors import NotFoundError
+    def drop(self, user_id: str, *, erase: bool = True) -> int:
+        """Delete the user's collection; return how many memories it held. Every handle of
+        the user in this process stays usable (empty until written again).
 
+        Args:
+            erase: Also remove the memories' text from an embedded folder's files.
+        """
         name = collection_name(user_id)
-        with self._write_lock, _storage_errors(f"clear the memories of user {user_id!r}"):
-            retired = self._collections.pop(name, None)
-            if retired is not None:
-                retired.retire()
-            try:
-                count = int(self._client.get_collection(name).count())
-            except (NotFoundError, ValueError):
+        with self._collections_lock:
+            handles = [h for key, h in self._collections.items() if key[0] == name]
+        with ExitStack() as held:
+            for handle in handles:
+                held.enter_context(handle.exclusive())
+            held.enter_context(self._write_lock)
+            self._ready_to_write(None, 0)
+            with self._guard(f"clear the memories of user {user_id!r}"):
+                client = self._client_now()
+                try:
+                    collection = client.get_collection(name, embedding_function=None)
+                except Exception as exc:
+                    if not _is_missing(exc):
+                        raise
+                    collection = None
+                if collection is not None:
+                    if (collection.metadata or {}).get("user_id") != user_id:
+                        raise StorageError(
+                            "a collection named for this user belongs to another; refusing it"
+                        )
+                    count = int(collection.count())
+                    client.delete_collection(name)
+            for handle in handles:
+                handle.dropped()
+            if collection is None:
                 return 0
-            self._client.delete_collection(name)
+            if erase:
+                self._erase(str(collection.id), None)
             return count
 
     def close(self) -> None:
         """Stop this storage's background reads and release its client (a server's
-        connections, an embedded folder's files). Do not use it, or stores built on it,
-        afterwards. :meth:`at` shares one storage per folder in a process: closing it closes
-        it for every store of that folder, and the next :meth:`at` opens the folder afresh."""
+        connections, an embedded folder's files and lock). Do not use it, or stores built on
+        it, afterwards. :meth:`at` shares one storage per folder in a process: closing it
+        closes it for every store of that folder, and the next :meth:`at` opens the folder
+        afresh."""
         with self._write_lock:
-            for handle in self._collections.values():
-                handle.retire()
-            self._collections.clear()
+            self._closed = True
+            with self._collections_lock:
+                for handle in self._collections.values():
+                    handle.retire()
+                self._collections.clear()
         with self._embedded_lock:
             for folder, storage in list(self._embedded.items()):
                 if storage is self:
                     del self._embedded[folder]
-        close = getattr(self._client, "close", None)
+        client, self._client = self._client, None
+        close = getattr(client, "close", None)
         if callable(close):
             close()
+        if self._folder_lock is not None:
+            self._folder_lock.release()
 
     def __repr__(self) -> str:
         return f"ChromaStorage(location={self.location!r})"

@@ -31,6 +31,9 @@ class VectorIndex:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def __contains__(self, memory_id: object) -> bool:
+        return memory_id in self._rows
+
     def put(self, ids: Sequence[str], vectors: Vectors) -> None:
         """Add these vectors, or replace the vectors of ids already present."""
         with self._lock:

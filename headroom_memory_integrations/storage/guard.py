@@ -1,0 +1,168 @@
+"""Keeping a sick storage backend from hanging or failing its callers for longer than a bound.
+
+- :class:`Availability` remembers that a backend did not answer and fails calls at once for a
+  while (1 s, doubling to :data:`MAX_RETRY_SECONDS` while it stays down), so a chat call pays a
+  storage timeout at most once per pause instead of on every request.
+- :func:`start_with_deadline` builds a client in a helper thread and stops waiting after a
+  deadline (chromadb's ``HttpClient`` talks to the server while it is constructed, with no
+  timeout); at most one such thread is ever waiting, and a client it completes later is kept.
+- :func:`bound_http_requests` gives an ``HttpClient``'s every later request a timeout.
+- :func:`forget_broken_system` drops what a failed ``PersistentClient`` left in chromadb's
+  process-wide cache, so the next attempt to open the folder starts clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+FIRST_RETRY_SECONDS = 1.0
+"""After a backend first fails to answer, calls fail at once for this long, then one call tries."""
+MAX_RETRY_SECONDS = 16.0
+"""The pause doubles while the backend stays down, up to this."""
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True for errors that mean "the backend did not answer" (timeouts, refused or broken
+    connections), as opposed to the backend answering with an error."""
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - chromadb depends on httpx
+        return isinstance(exc, (ConnectionError, TimeoutError))
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+
+
+class Availability:
+    """Whether a backend is worth calling now. Thread-safe.
+
+    Args:
+        location: Named in the error raised while calls are held back.
+    """
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self._lock = threading.Lock()
+        self._until = 0.0  # monotonic time before which calls fail at once
+        self._pause = 0.0
+        self._reason = ""
+
+    def check(self) -> None:
+        """Raise :class:`StorageError` at once while the backend is held to be down."""
+        until = self._until
+        if until and time.monotonic() < until:
+            raise StorageError(
+                f"{self.location} is unavailable; not trying again for "
+                f"{until - time.monotonic():.1f} s. Last error: {self._reason}"
+            )
+
+    def failed(self, reason: str) -> None:
+        """The backend did not answer, or could not be opened: hold calls back for a while
+        (longer each time)."""
+        with self._lock:
+            self._pause = min(MAX_RETRY_SECONDS, self._pause * 2 or FIRST_RETRY_SECONDS)
+            self._until = time.monotonic() + self._pause
+            self._reason = reason
+        logger.warning(
+            "%s failed (%s); storage calls fail at once for %.0f s",
+            self.location,
+            reason,
+            self._pause,
+        )
+
+    def succeeded(self) -> None:
+        """The backend answered: call it freely again."""
+        if self._until or self._pause:
+            with self._lock:
+                self._until = self._pause = 0.0
+
+
+class PendingStart:
+    """A client being built in a helper thread that outlived its caller's deadline."""
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = thread
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+
+def start_with_deadline(
+    make: Callable[[], Any],
+    adopt: Callable[[Any], None],
+    seconds: float,
+    what: str,
+) -> PendingStart | None:
+    """Run ``make()`` in a daemon thread and wait up to ``seconds`` for it.
+
+    ``adopt(client)`` is called with the result in the helper thread, even if it comes after
+    the deadline (the backend answered late: the client is good). Returns None when ``make``
+    finished in time; re-raises its error, wrapped in :class:`StorageError`.
+
+    Returns:
+        None if done; a :class:`PendingStart` if the deadline passed (callers keep it and do
+        not start another while it runs).
+
+    Raises:
+        StorageError: ``make`` failed within the deadline.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            adopt(make())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="headroom-memory-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        return PendingStart(thread)
+    if failure:
+        exc = failure[0]
+        raise StorageError(f"could not {what}: {type(exc).__name__}: {exc}") from exc
+    return None
+
+
+def bound_http_requests(client: Any, seconds: float) -> bool:
+    """Give every later request of a chromadb ``HttpClient`` a timeout of ``seconds`` (it has
+    none by default). Returns False if this chromadb keeps its HTTP session elsewhere."""
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if session is None or not hasattr(session, "timeout"):
+        logger.warning("cannot bound this chromadb client's request time; calls may hang")
+        return False
+    import httpx
+
+    session.timeout = httpx.Timeout(seconds)
+    return True
+
+
+def forget_broken_system(folder: str) -> None:
+    """After ``PersistentClient(folder)`` failed: remove the half-started system chromadb cached
+    for the folder (it would fail every later open in this process with ``'RustBindingsAPI'
+    object has no attribute 'bindings'``). Systems in use by a client are left alone."""
+    try:
+        from chromadb.api.shared_system_client import SharedSystemClient
+    except ImportError:  # pragma: no cover
+        return
+    systems = getattr(SharedSystemClient, "_identifier_to_system", None)
+    counts = getattr(SharedSystemClient, "_identifier_to_refcount", None)
+    if not isinstance(systems, dict) or not isinstance(counts, dict):  # pragma: no cover
+        return
+    with SharedSystemClient._refcount_lock:
+        if counts.get(folder, 0) > 0:
+            return
+        system = systems.pop(folder, None)
+    if system is not None:
+        try:
+            system.stop()
+        except Exception:
+            logger.debug("stopping a half-started chromadb system failed", exc_info=True)

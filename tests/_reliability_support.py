@@ -1,0 +1,110 @@
+"""Helpers of the reliability tests: a fast embedder with no meaning, raw-byte searches of every
+file under a folder, small filesystems (tmpfs) and read-only bind mounts for the disk tests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RandomEmbedder:
+    """A unit vector drawn from a seed hashed from the text: equal texts get equal vectors,
+    different texts unrelated ones (cosine ~0). For tests about storage, not meaning."""
+
+    def __init__(self, dimension: int = 16, name: str = "test-random") -> None:
+        self.dimension = dimension
+        self.name = name
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        rows = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+            rows[row] = np.random.default_rng(seed).standard_normal(self.dimension)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def files_containing(folder: Path, needles: Iterable[str]) -> dict[str, list[str]]:
+    """For each needle found, the files under ``folder`` whose raw bytes contain it (as UTF-8,
+    and as UTF-16 in case a file stores text that way)."""
+    found: dict[str, list[str]] = {}
+    patterns = {n: (n.encode("utf-8"), n.encode("utf-16-le")) for n in needles}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        for needle, encodings in patterns.items():
+            if any(pattern in data for pattern in encodings):
+                found.setdefault(needle, []).append(str(path.relative_to(folder)))
+    return found
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@contextmanager
+def small_filesystem(where: Path, megabytes: int) -> Iterator[Path]:
+    """A tmpfs of ``megabytes`` mounted at ``where`` (needs root), unmounted afterwards."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)], check=True
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@contextmanager
+def read_only_view(source: Path, where: Path) -> Iterator[Path]:
+    """``source`` mounted read-only at ``where`` (needs root). Yields ``where``; call
+    :func:`make_writable` to remount it read-write."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(source), str(where)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(where)], check=True)
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def make_writable(where: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,bind,rw", str(where)], check=True)
+
+
+def fill_disk(folder: Path, leave_bytes: int) -> Path:
+    """Write a filler file so that about ``leave_bytes`` stay free on ``folder``'s disk."""
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    filler = folder / "filler.bin"
+    size = max(0, free - leave_bytes)
+    with open(filler, "wb") as out:
+        chunk = b"\0" * 2**20
+        while size > 0:
+            out.write(chunk[: min(size, len(chunk))])
+            size -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return filler
+
+
+def run_python(code: str, *, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with the tests folder importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

@@ -1,0 +1,416 @@
+"""Reliability and privacy (issue 11): one search index per user and process whoever writes,
+batches over Chroma's maximum, writes that fail leave nothing behind, deleted text erased from
+every file, one writing process per embedded folder, and the smaller failures of item 7.
+Real embedded Chroma in temp folders; docs/reliability.md maps each guarantee to its test."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from _reliability_support import (
+    RandomEmbedder,
+    files_containing,
+    is_root,
+    make_writable,
+    read_only_view,
+    run_python,
+)
+from conftest import HashEmbedder, RememberingModel
+
+from headroom_memory_integrations import (
+    InvalidInputError,
+    MemoryStore,
+    StorageError,
+)
+from headroom_memory_integrations.jobs import Backoff
+from headroom_memory_integrations.openai import with_fast_memory, with_memory
+from headroom_memory_integrations.storage import chroma
+from headroom_memory_integrations.testing import Reply
+
+FAST = Backoff(initial=0.01, factor=2.0, maximum=0.05, jitter=0.0)
+
+
+def texts_found(store: MemoryStore, query: str, top_k: int = 5) -> list[str]:
+    return [r.memory.text for r in store.search(query, top_k=top_k, min_score=-1)]
+
+
+def wait_for_index(store: MemoryStore, monkeypatch, seconds: float = 30.0) -> None:
+    """Search until the background read-ahead has built the in-memory index."""
+    monkeypatch.setattr(chroma, "_WARM_RETRY_SECONDS", 0.0)
+    collection = store._open()
+    deadline = time.monotonic() + seconds
+    while collection._index is None:
+        assert time.monotonic() < deadline, "the read-ahead never finished"
+        store.search("anything", min_score=-1)
+        time.sleep(0.02)
+
+
+# -- 1: one index per user and process ---------------------------------------------------------
+
+
+def test_two_stores_of_one_user_stay_in_step_through_clear(db_path, monkeypatch) -> None:
+    """The issue's reproduction: a write through one store reaches the other's searches even
+    after the other cleared the user and built its in-memory index."""
+    embedder = HashEmbedder()
+    a = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    b = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    a.add("Plays the cello")
+    b.get_all()
+    a.clear()
+    a.add("Lives in Lisbon")
+    wait_for_index(a, monkeypatch)
+    b.add("Is a vegetarian")
+    fresh = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    for store in (a, b, fresh):
+        assert "Is a vegetarian" in texts_found(store, "Is a vegetarian")
+    assert a._open() is b._open() is fresh._open()  # one handle, one index
+
+
+def test_writers_racing_clear_leave_every_listed_memory_searchable(db_path, monkeypatch) -> None:
+    """Three threads write and search through their own stores while a fourth clears the user
+    every 0.3 s: no error reaches them, and afterwards every memory that get_all() lists is
+    found by a search for its own text; so are writes the racing stores make once the index
+    is built."""
+    monkeypatch.setattr(chroma, "_WARM_RETRY_SECONDS", 0.1)  # read ahead often, to race writes
+    embedder = RandomEmbedder()
+    stores = [MemoryStore("alice", db_path=db_path, embedder=embedder) for _ in range(4)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    written = [0]
+
+    def write(number: int) -> None:
+        count = 0
+        while not stop.is_set():
+            text = f"writer {number} fact {count}"
+            try:
+                stores[number].add(text)
+                stores[number].search(text, min_score=-1)
+                written[0] += 1
+            except BaseException as exc:
+                errors.append(exc)
+            count += 1
+
+    def clear() -> None:
+        while not stop.wait(0.3):
+            try:
+                stores[3].clear()
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(3)]
+    threads.append(threading.Thread(target=clear))
+    for thread in threads:
+        thread.start()
+    time.sleep(6)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    checker = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    listed = checker.get_all()
+    assert listed and written[0] > len(listed)
+    unsearchable = [m.text for m in listed if texts_found(checker, m.text, top_k=1) != [m.text]]
+    assert unsearchable == []
+
+    stores[3].clear()
+    checker.add("written after the race by the checker")
+    wait_for_index(checker, monkeypatch)
+    for number, store in enumerate(stores):
+        store.add(f"written after the race by store {number}")
+    for number in range(4):
+        text = f"written after the race by store {number}"
+        assert texts_found(checker, text, top_k=1) == [text]
+
+
+# -- 3: batches over Chroma's maximum; a failed write is undone --------------------------------
+
+
+def _export_line(number: int) -> str:
+    return json.dumps(
+        {
+            "id": f"m{number:05d}",
+            "text": f"Imported fact number {number}",
+            "category": "fact",
+            "created_at": 1_700_000_000 + number,
+        }
+    )
+
+
+def test_an_export_larger_than_one_chroma_batch_round_trips(db_path) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
+    assert store.storage._batch_size() == 5461  # Chroma 1.5's limit for one write
+    lines = [_export_line(n) for n in range(5600)]
+    assert store.import_(lines) == 5600
+    assert store.count() == 5600
+    exported = [json.loads(line) for line in str(store.export()).splitlines()]
+    assert [(m["id"], m["text"]) for m in exported] == [
+        (f"m{n:05d}", f"Imported fact number {n}") for n in range(5600)
+    ]
+    assert texts_found(store, "Imported fact number 5599", top_k=1) == ["Imported fact number 5599"]
+
+
+def test_a_write_that_fails_halfway_is_undone(db_path, monkeypatch) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
+    kept = store.add("Plays the cello")
+    collection = store._open()
+    monkeypatch.setattr(collection._storage, "_max_batch", 10)
+    upsert = collection._collection.upsert
+    calls: list[int] = []
+
+    def third_batch_fails(**request):
+        calls.append(len(request["ids"]))
+        if len(calls) == 3:
+            raise RuntimeError("the disk went away")
+        return upsert(**request)
+
+    monkeypatch.setattr(collection._collection, "upsert", third_batch_fails)
+    rewrite = json.dumps({"id": kept.id, "text": "Plays the viola", "category": "fact"})
+    lines = [rewrite] + [_export_line(n) for n in range(34)]
+    with pytest.raises(StorageError, match="the disk went away"):
+        store.import_(lines)
+    assert calls[:3] == [10, 10, 10]  # split to the limit; the third batch failed
+    assert [(m.id, m.text) for m in store.get_all()] == [(kept.id, "Plays the cello")]
+    assert texts_found(store, "Imported fact number 3") == ["Plays the cello"]
+
+
+# -- 6: deleted text leaves every file ---------------------------------------------------------
+
+SECRETS = [
+    "Keeps the spare key under the blue flowerpot",
+    "Keeps the spare key in the garden shed",
+    "Keeps the spare key with the neighbour Ingrid",
+]
+
+
+def test_delete_erases_every_version_of_a_memory_from_disk(db_path) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
+    store.add_many([f"Ordinary fact number {n}" for n in range(30)])
+    secret = store.add(SECRETS[0])
+    store.supersede(secret.id, SECRETS[1])
+    store.update(secret.id, SECRETS[2])
+    assert set(files_containing(db_path, SECRETS)) == set(SECRETS)  # kept while remembered
+    store.delete(secret.id)
+    for n in range(5):
+        store.add(f"A later fact number {n}")
+    assert files_containing(db_path, SECRETS) == {}
+    assert "Ordinary fact number 7" in files_containing(db_path, ["Ordinary fact number 7"])
+    assert texts_found(store, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
+    store.storage.close()  # and after a clean exit
+    assert files_containing(db_path, SECRETS) == {}
+
+
+@pytest.mark.parametrize("how", ["clear", "forget_user"])
+def test_clear_and_forget_user_erase_the_users_text_and_keep_others(db_path, how) -> None:
+    embedder = RandomEmbedder()
+    alice = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    bob = MemoryStore("bob", db_path=db_path, embedder=embedder)
+    bob.add("Bob collects stamps")
+    alice.add_many(SECRETS)
+    assert getattr(alice, how)() == 3
+    assert files_containing(db_path, SECRETS) == {}
+    assert "alice" not in alice.storage.users()
+    assert alice.get_all() == [] and alice.search(SECRETS[0], min_score=-1) == []
+    assert texts_found(bob, "Bob collects stamps") == ["Bob collects stamps"]
+    alice.add("Starts afresh")  # the cleared user can write again
+    assert [m.text for m in alice.get_all()] == ["Starts afresh"]
+
+
+def test_the_job_queue_keeps_no_turn_text_after_its_job_ends(openai_server, db_path, model):
+    openai_server.responder = lambda body: Reply.text(
+        json.dumps({"memories": [{"text": "Prefers Python for backend work", "category": "fact"}]})
+        if "You maintain long-term memory" in body["messages"][0]["content"]
+        else "Noted."
+    )
+    client = with_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model, retry_backoff=FAST
+    )
+    turn = "I prefer Python for backend work; my locker code is ZEBRA-4417"
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": turn}])
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    deadline = time.monotonic() + 10
+    while files_containing(db_path, ["ZEBRA-4417"]):
+        assert time.monotonic() < deadline, files_containing(db_path, ["ZEBRA-4417"])
+        time.sleep(0.1)
+
+
+def test_forget_user_removes_queued_turns_too(openai_server, db_path, model) -> None:
+    """Turns whose extraction keeps failing wait in the queue; forget_user deletes them (and
+    their text) along with the memories."""
+    openai_server.responder = lambda body: (
+        Reply.error(503)
+        if "You maintain long-term memory" in body["messages"][0]["content"]
+        else Reply.text("Noted.")
+    )
+    client = with_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model, retry_backoff=FAST
+    )
+    client.memory.add("Plays the cello")
+    turn = "Remember that my locker code is ZEBRA-9031"
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": turn}])
+
+    def extractions() -> int:
+        return sum("ZEBRA-9031" in json.dumps(r.body) for r in openai_server.requests) - 1
+
+    deadline = time.monotonic() + 30
+    while extractions() < 2:  # the turn's extraction failed and is being retried
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert client.memory.forget_user() == 1
+    background = client.memory.stats()["background"]
+    assert (background["pending"], background["running"]) == (0, 0)
+    assert client.memory.get_all() == []
+    tried = extractions()
+    time.sleep(0.3)
+    assert extractions() == tried  # nothing is retried any more
+    deadline = time.monotonic() + 10
+    while files_containing(db_path, ["ZEBRA-9031", "Plays the cello"]):
+        assert time.monotonic() < deadline, files_containing(db_path, ["ZEBRA-9031"])
+        time.sleep(0.1)
+
+
+# -- 7: smaller failures -----------------------------------------------------------------------
+
+
+def test_a_lone_surrogate_is_invalid_input(db_path) -> None:
+    with pytest.raises(InvalidInputError, match="user_id"):
+        MemoryStore("bob\ud800", db_path=db_path, embedder=HashEmbedder())
+    store = MemoryStore("bob", db_path=db_path, embedder=HashEmbedder())
+    with pytest.raises(InvalidInputError, match="metadata"):
+        store.add("Plays the cello", metadata={"note": "a\udfffb"})
+    assert store.count() == 0
+
+
+def test_after_a_failed_open_the_next_open_works(db_path) -> None:
+    """A folder Chroma cannot open (here: a corrupt database file) fails with StorageError;
+    once it is fixed, the same process opens it (chromadb's cache of the half-started system
+    used to fail every later open with "'RustBindingsAPI' object has no attribute 'bindings'")."""
+    db_path.mkdir(parents=True)
+    (db_path / "chroma.sqlite3").write_bytes(b"not a database " * 1000)
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())  # builds fine
+    with pytest.raises(StorageError, match="not a database"):
+        store.add("Plays the cello")
+    (db_path / "chroma.sqlite3").unlink()
+    time.sleep(1.1)  # calls fail at once for 1 s after a failure
+    store.add("Plays the cello")
+    assert [m.text for m in store.get_all()] == ["Plays the cello"]
+
+
+def test_dropped_entries_are_counted(openai_server, db_path, model) -> None:
+    answer = RememberingModel(
+        memories=[
+            {"text": "Prefers Python for backend work", "category": "preference"},
+            {"text": "", "category": "fact"},
+            {"text": "Has a cat", "category": "not-a-category"},
+        ]
+    )
+    openai_server.responder = answer
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python"}]
+    )
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    assert client.memory.stats()["events"]["dropped_entries"] == 2
+
+
+def test_dropped_entries_of_background_extraction_are_counted(openai_server, db_path, model):
+    extraction = {"memories": [{"text": "Prefers Python", "category": "preference"}, {"text": 42}]}
+    openai_server.responder = lambda body: Reply.text(
+        json.dumps(extraction)
+        if "You maintain long-term memory" in body["messages"][0]["content"]
+        else "Noted."
+    )
+    client = with_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model, retry_backoff=FAST
+    )
+    client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python"}]
+    )
+    assert client.memory.flush(30)
+    assert client.memory.stats()["events"]["dropped_entries"] == 1
+
+
+# -- 2 (embedded): built while the folder is read-only, working once it is writable ------------
+
+
+@pytest.mark.skipif(not is_root(), reason="a read-only bind mount needs root")
+def test_a_wrapper_built_on_a_read_only_folder_answers_and_recovers(
+    openai_server, tmp_path, model
+) -> None:
+    source = tmp_path / "source"
+    (source / "memories").mkdir(parents=True)
+    model_says = RememberingModel(
+        "Noted.", [{"text": "Prefers Python for backend work", "category": "preference"}]
+    )
+    openai_server.responder = model_says
+    with read_only_view(source, tmp_path / "view") as view:
+        client = with_fast_memory(
+            openai_server.client(), user_id="alice", db_path=view / "memories", embedder=model
+        )
+        answer = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python"}]
+        )
+        assert answer.choices[0].message.content == "Noted."  # answered, without memory
+        with pytest.raises(StorageError):  # the store's calls fail until the folder is back
+            client.memory.get_all()
+        make_writable(view)
+        time.sleep(1.1)
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python"}]
+        )
+        assert client.memory.flush(30)
+        assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+
+
+# -- many processes on one embedded folder -----------------------------------------------------
+
+_CHILD = """
+    import json, sys
+    from conftest import HashEmbedder
+    from headroom_memory_integrations import MemoryStore, StorageError
+    store = MemoryStore("alice", db_path={db!r}, embedder=HashEmbedder())
+    seen = [m.text for m in store.get_all()]
+    try:
+        store.add("Written by the second process")
+        wrote = "ok"
+    except StorageError as exc:
+        wrote = str(exc)
+    print(json.dumps({{"seen": seen, "wrote": wrote}}))
+    """
+
+
+def test_a_second_process_reads_the_folder_but_may_not_write(db_path) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    store.add("Written by the first process")
+    run = run_python(_CHILD.format(db=str(db_path)))
+    assert run.returncode == 0, run.stderr
+    child = json.loads(run.stdout.splitlines()[-1])
+    assert child["seen"] == ["Written by the first process"]
+    assert "another process" in child["wrote"] and "chroma run" in child["wrote"]
+    assert [m.text for m in store.get_all()] == ["Written by the first process"]
+
+    store.storage.close()  # the first process lets go of the folder: the next writer may write
+    run = run_python(_CHILD.format(db=str(db_path)))
+    assert json.loads(run.stdout.splitlines()[-1])["wrote"] == "ok"
+
+
+def test_a_killed_writer_does_not_leave_the_folder_locked(db_path) -> None:
+    run = run_python(
+        f"""
+        import os, signal
+        from conftest import HashEmbedder
+        from headroom_memory_integrations import MemoryStore
+        MemoryStore("alice", db_path={str(db_path)!r}, embedder=HashEmbedder()).add("Mine")
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    assert run.returncode != 0
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    store.add("Written after the kill")
+    assert sorted(m.text for m in store.get_all()) == ["Mine", "Written after the kill"]

@@ -1,0 +1,22 @@
+"""The load benchmark's short form (benchmarks/load.py): wrapped calls, sync and async, for four
+users at once for 20 s against the scripted server. No call fails, no failure is survived
+silently, and every acknowledged memory is stored afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.load import drive
+
+pytestmark = pytest.mark.openai_client
+
+
+def test_a_sustained_load_loses_nothing_and_fails_nothing(tmp_path, model) -> None:
+    report = drive(tmp_path / "memories", seconds=20, prefill=50, window=5, embedder=model)
+    assert report["errors"] == 0, report["error_examples"]
+    assert report["wrapper_failures"] == {}, report["counters"]
+    assert report["calls"] > 20 and report["acknowledged_writes"] >= 4
+    assert report["flushed"] and report["missing_after_flush"] == 0, report["missing_examples"]
+    found, sampled = map(int, report["latest_write_found_by_search"].split("/"))
+    assert found == sampled == 4
+    assert len(report["over_time"]) >= 3  # latency and rate reported per 5 s window

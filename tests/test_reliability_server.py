@@ -1,0 +1,139 @@
+"""A sick Chroma server never holds a chat call beyond a bound (issue 11, item 2): a real
+`chroma run`, frozen with SIGSTOP and thawed with SIGCONT, under the real openai client."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import ChromaServer, RememberingModel
+
+from headroom_memory_integrations import ChromaStorage, StorageError
+from headroom_memory_integrations.openai import with_fast_memory
+from headroom_memory_integrations.prompts import CONTEXT_OPEN
+from headroom_memory_integrations.writer import READ_YOUR_WRITES_SECONDS
+
+pytestmark = [pytest.mark.server, pytest.mark.openai_client]
+
+TIMEOUT = 1.0  # seconds per storage request in these tests (the default is 5)
+CELLO = {"text": "Plays the cello in an orchestra", "category": "fact"}
+
+
+@pytest.fixture
+def own_server(tmp_path) -> Iterator[ChromaServer]:
+    """A server of this test's own, since it gets frozen."""
+    server = ChromaServer(tmp_path / "chroma")
+    yield server
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()
+
+
+def ask(client, text: str) -> tuple[str, float]:
+    started = time.monotonic()
+    response = client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": text}]
+    )
+    return response.choices[0].message.content, time.monotonic() - started
+
+
+def injected(openai_server) -> bool:
+    """Whether the last chat request carried the memory about the cello."""
+    return any(
+        CONTEXT_OPEN in str(m.get("content")) and CELLO["text"] in str(m.get("content"))
+        for m in openai_server.requests[-1].body["messages"]
+        if m["role"] == "system"
+    )
+
+
+def test_a_frozen_server_costs_a_chat_call_at_most_the_bound(own_server, openai_server, model):
+    model_says = RememberingModel("Noted.", [CELLO])
+    openai_server.responder = model_says
+    storage = ChromaStorage.from_url(own_server.url, timeout=TIMEOUT)
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", storage=storage, embedder=model
+    )
+    ask(client, "I play the cello in an orchestra")
+    assert client.memory.flush(30)
+    model_says.memories = []  # from now on the model writes no memories (nothing to store)
+    ask(client, "Which instrument do I play?")
+    assert injected(openai_server)
+
+    os.kill(own_server.process.pid, signal.SIGSTOP)
+    answer, frozen = ask(client, "Which instrument do I play?")
+    assert answer == "Noted." and not injected(openai_server)  # answered, without memories
+    assert frozen < TIMEOUT + READ_YOUR_WRITES_SECONDS + 3.0  # the documented bound, loosely
+    answer, again = ask(client, "Which instrument do I play?")
+    assert answer == "Noted." and again < 1.0  # storage calls now fail at once
+    assert client.memory.counters["inject_failures"] >= 2  # counted (stats() needs storage)
+
+    built_started = time.monotonic()
+    later = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=own_server.url, embedder=model
+    )  # built while the server is frozen: nothing is contacted yet
+    assert time.monotonic() - built_started < 1.0
+    bob = with_fast_memory(
+        openai_server.client(),
+        user_id="bob",
+        storage=ChromaStorage.from_url(own_server.url, timeout=TIMEOUT),
+        embedder=model,
+    )
+    answer, first_contact = ask(bob, "Hello")  # its client cannot be made: answers all the same
+    assert answer == "Noted." and first_contact < TIMEOUT + READ_YOUR_WRITES_SECONDS + 3.0
+    with pytest.raises(StorageError):
+        client.memory.get_all()
+
+    os.kill(own_server.process.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30  # calls are held back a while after each failure
+    while True:
+        ask(client, "Which instrument do I play?")
+        if injected(openai_server):
+            break
+        assert time.monotonic() < deadline, "memories never came back after the server did"
+        time.sleep(0.2)
+    for recovered in (later, bob):
+        while True:
+            ask(recovered, "Which instrument do I play?")
+            if recovered is bob or injected(openai_server):
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert [m.text for m in later.memory.get_all()] == [CELLO["text"]]
+    assert bob.memory.get_all() == []
+
+
+def test_a_killed_server_fails_fast_and_a_restarted_one_is_used_again(
+    tmp_path, openai_server, model, monkeypatch
+) -> None:
+    import conftest
+
+    openai_server.responder = RememberingModel("Noted.", [CELLO])
+    server = ChromaServer(tmp_path / "chroma")
+    storage = ChromaStorage.from_url(server.url, timeout=TIMEOUT)
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", storage=storage, embedder=model
+    )
+    ask(client, "I play the cello in an orchestra")
+    assert client.memory.flush(30)
+    server.process.kill()
+    server.process.wait()
+    answer, elapsed = ask(client, "Which instrument do I play?")
+    assert answer == "Noted." and not injected(openai_server)
+    assert elapsed < READ_YOUR_WRITES_SECONDS + 2.0
+
+    monkeypatch.setattr(conftest, "_free_port", lambda: server.port)  # the same port again
+    restarted = ChromaServer(server.path)
+    try:
+        deadline = time.monotonic() + 30  # calls are held back a while after each failure
+        while True:
+            ask(client, "Which instrument do I play?")
+            if injected(openai_server):
+                break
+            assert time.monotonic() < deadline, "memories never came back after the restart"
+            time.sleep(0.2)
+    finally:
+        restarted.stop()
