@@ -34,6 +34,7 @@ __all__ = [
     "client_html",
     "memories_html",
     "memory_html",
+    "memory_repr",
     "search_result_html",
     "search_results_html",
     "stats_html",
@@ -42,6 +43,10 @@ __all__ = [
 
 _TABLE = '<table class="headroom-memory" style="border-collapse: collapse">'
 _CELL_STYLE = ' style="text-align: left; vertical-align: top; white-space: pre-wrap"'
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 class MemoryList(list[Memory]):
@@ -132,6 +137,24 @@ def _memory_cells(memory: Memory) -> list[object]:
 _MEMORY_HEADER = ["text", "category", "source", "updated", "id", "metadata", "replaced"]
 
 
+def memory_repr(memory: Memory) -> str:
+    """A memory as one line of plain text: what it says and where it stands, with the full id
+    (for ``get`` / ``delete``); metadata and earlier texts only when there are some."""
+    parts = [
+        f"id={memory.id!r}",
+        f"user_id={memory.user_id!r}",
+        f"text={memory.text!r}",
+        f"category={memory.category.value!r}",
+        f"source={memory.source.value!r}",
+        f"updated_at={memory.updated_at.isoformat(timespec='seconds')!r}",
+    ]
+    if memory.metadata:
+        parts.append(f"metadata={dict(memory.metadata)!r}")
+    if memory.history:
+        parts.append(f"history={[revision.text for revision in memory.history]!r}")
+    return f"Memory({', '.join(parts)})"
+
+
 def memory_html(memory: Memory) -> str:
     """One memory as a one-row table."""
     return _table(_MEMORY_HEADER, [_memory_cells(memory)], caption=f"memory of {memory.user_id}")
@@ -140,7 +163,8 @@ def memory_html(memory: Memory) -> str:
 def memories_html(memories: Sequence[Memory]) -> str:
     """Memories as a table, one row each, in the order given."""
     users = sorted({m.user_id for m in memories})
-    caption = f"{len(memories)} memories" + (f" of {users[0]}" if len(users) == 1 else "")
+    caption = _count(len(memories), "memory", "memories")
+    caption += f" of {users[0]}" if len(users) == 1 else ""
     return _table(["#", *_MEMORY_HEADER], _numbered(map(_memory_cells, memories)), caption)
 
 
@@ -152,7 +176,7 @@ def search_results_html(
     results: Sequence[SearchResult], *, query: str | None = None, min_score: float | None = None
 ) -> str:
     """Search results as a table: score first, then the memory."""
-    caption = f"{len(results)} results"
+    caption = _count(len(results), "result", "results")
     if query is not None:
         caption += f" for {query!r}"
     if min_score is not None:

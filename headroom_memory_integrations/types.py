@@ -138,6 +138,11 @@ class Memory:
             "history": [r.to_dict() for r in self.history],
         }
 
+    def __repr__(self) -> str:
+        from .display import memory_repr
+
+        return memory_repr(self)
+
     def _repr_html_(self) -> str:
         from .display import memory_html
 

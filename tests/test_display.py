@@ -12,13 +12,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import HashEmbedder
 from IPython.core.formatters import DisplayFormatter
 
 from headroom_memory_integrations import Memory, MemoryStore, SearchResult
 from headroom_memory_integrations.display import MemoryList, MemoryStats, SearchResults
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.testing import ScriptedOpenAIServer
-from tests.conftest import HashEmbedder
 
 HOSTILE = [
     '<script>alert("memory")</script>',
@@ -107,6 +107,19 @@ def test_a_memory_renders_as_a_table_with_its_text_as_text(hostile_store: Memory
     assert memory.text in markup.cells
     assert any(HOSTILE[1] in cell and HOSTILE[0] in cell for cell in markup.cells)  # metadata
     assert "fact" in markup.cells and "manual" in markup.cells
+
+
+def test_a_memory_reads_well_as_plain_text(hash_store: MemoryStore) -> None:
+    memory = hash_store.add("Prefers Python", category="preference", metadata={"app": "cli"})
+    memory = hash_store.supersede(memory.id, "Prefers Rust")
+    shown = repr(memory)
+    assert shown.startswith(f"Memory(id={memory.id!r}, user_id='alice', text='Prefers Rust', ")
+    assert "category='preference', source='manual', updated_at='" in shown
+    assert "metadata={'app': 'cli'}, history=['Prefers Python'])" in shown
+    assert "mappingproxy" not in shown and "datetime.datetime" not in shown
+    assert str(memory) == shown
+    (result,) = hash_store.search("Prefers Rust", min_score=-1.0)
+    assert repr(result) == f"SearchResult(memory={shown}, score={result.score!r})"
 
 
 def test_a_superseded_memory_shows_what_it_replaced(hash_store: MemoryStore) -> None:
