@@ -20,6 +20,7 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 
+from .display import MemoryList, MemoryStats, SearchResults, store_html
 from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
 from .errors import InvalidInputError, MemoryNotFoundError
@@ -313,7 +314,8 @@ class MemoryStore:
 
         Returns:
             ``(memory, score)`` pairs; higher scores are more relevant, and none is below
-            the floor, so an unrelated query returns an empty list.
+            the floor, so an unrelated query returns an empty list. A ``list`` (shown as a
+            table in Jupyter).
         """
         query = clean_text(query, "query")
         top_k = _check_top_k(top_k)
@@ -336,11 +338,15 @@ class MemoryStore:
             limit *= 4  # a rare category: widen the net rather than ask Chroma to filter
         best = ranked[:top_k]
         fresh = {m.id: m for m in collection.get([memory_id for memory_id, _ in best])}
-        return [
-            SearchResult(fresh[memory_id], score)
-            for memory_id, score in best
-            if memory_id in fresh and (wanted is None or fresh[memory_id].category in wanted)
-        ]
+        return SearchResults(
+            (
+                SearchResult(fresh[memory_id], score)
+                for memory_id, score in best
+                if memory_id in fresh and (wanted is None or fresh[memory_id].category in wanted)
+            ),
+            query=query,
+            min_score=floor,
+        )
 
     def _rank(
         self,
@@ -376,20 +382,23 @@ class MemoryStore:
         return self._open().get(ids) if ids else []
 
     def get_all(self, category: Category | str | None = None) -> list[Memory]:
-        """Every memory (of one category, if given), oldest first."""
+        """Every memory (of one category, if given), oldest first (a ``list``, shown as a table
+        in Jupyter)."""
         wanted = Category.parse(category) if category is not None else None
         memories = [m for m in self._open().get() if wanted is None or m.category == wanted]
-        return sorted(memories, key=lambda m: (m.created_at, m.id))
+        return MemoryList(sorted(memories, key=lambda m: (m.created_at, m.id)))
 
     def count(self) -> int:
         return self._open().count()
 
     def stats(self) -> dict[str, Any]:
         """Counts and configuration: ``total_chunks`` (= ``total_memories``), ``by_category``,
-        ``user_id``, ``embedding_model``, ``embedding_dimension``, ``storage``."""
+        ``user_id``, ``embedding_model``, ``embedding_dimension``, ``storage``, ``min_score``,
+        ``duplicate_threshold``, ``events`` (failures survived) and ``background`` (the write
+        queue). A ``dict`` (shown as a table in Jupyter)."""
         memories = self._open().get()
         by_category = Counter(m.category.value for m in memories)
-        return {
+        stats: dict[str, Any] = {
             "user_id": self.user_id,
             "total_memories": len(memories),
             "total_chunks": len(memories),
@@ -402,6 +411,7 @@ class MemoryStore:
             "events": dict(self.counters),
             "background": self._pending.stats() if self._pending is not None else {},
         }
+        return MemoryStats(stats)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -730,6 +740,9 @@ class MemoryStore:
             if isinstance(exc, KeyError):
                 message = f"missing field {message!r}"
             raise InvalidInputError(f"line {number}: {message}") from exc
+
+    def _repr_html_(self) -> str:
+        return store_html(self)
 
     def __repr__(self) -> str:
         return (

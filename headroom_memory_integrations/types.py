@@ -1,8 +1,10 @@
 """The small value types of the memory layer: :class:`Category`, :class:`Source`,
 :class:`Memory`, :class:`Revision` and :class:`SearchResult`.
 
-Scores, everywhere in this package, are *higher is more relevant*: for the default
-embedders a score is the cosine similarity of the query and the memory, in [-1, 1].
+Scores, everywhere in this package, are *higher is more relevant*: a search score is the cosine
+similarity of the query and the memory plus a bonus for shared wording (see
+:data:`~headroom_memory_integrations.engine.LEXICAL_WEIGHT`). In Jupyter, memories and search
+results render as HTML tables (:mod:`.display`).
 """
 
 from __future__ import annotations
@@ -136,12 +138,27 @@ class Memory:
             "history": [r.to_dict() for r in self.history],
         }
 
+    def __repr__(self) -> str:
+        from .display import memory_repr
+
+        return memory_repr(self)
+
+    def _repr_html_(self) -> str:
+        from .display import memory_html
+
+        return memory_html(self)
+
 
 class SearchResult(NamedTuple):
     """A memory and its relevance score (higher is more relevant). Unpacks as ``memory, score``."""
 
     memory: Memory
     score: float
+
+    def _repr_html_(self) -> str:
+        from .display import search_result_html
+
+        return search_result_html(self)
 
 
 def parse_time(value: Any) -> datetime:

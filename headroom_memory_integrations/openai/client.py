@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..display import client_html
 from ..engine import MemoryStore
 from .flow import CompletionsFlow
 from .responses import (
@@ -259,3 +260,7 @@ class MemoryClient(_Passthrough):
     def __repr__(self) -> str:  # never the wrapped client's repr: it could show an API key
         kind = "with_fast_memory" if self._flow.flow.inline else "with_memory"
         return f"{kind}({type(self._wrapped).__name__}, user_id={self.memory.user_id!r})"
+
+    def _repr_html_(self) -> str:  # the same facts as the repr, plus the store's settings
+        kind = "with_fast_memory" if self._flow.flow.inline else "with_memory"
+        return client_html(kind, type(self._wrapped).__name__, self.memory)

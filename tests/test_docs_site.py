@@ -1,0 +1,211 @@
+"""The documentation site: ``mkdocs build --strict`` succeeds (mkdocs-material, the API reference
+generated from the docstrings by mkdocstrings), every page is in the navigation, and every example
+of the site's own pages runs and prints what the page shows.
+
+- ``python`` blocks run as scripts in new processes (``_docs_support``), against a scripted
+  OpenAI-compatible server answered by a model that follows the memory prompts; a page's blocks
+  share one folder, in order, so a later script sees what an earlier one stored.
+- ``console`` blocks are shell sessions of ``headroom-memory``: each ``$`` line runs (the
+  command's ``main``, in the test process) in the page's folder, and its output must be the
+  lines the page shows under it, once ids, dates, paths and the last digits of scores are set
+  aside. An id the page shows stands for the id that run printed at the same place.
+
+The LangChain and LlamaIndex pages have their own example tests.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import yaml
+from _docs_support import (
+    ROOT,
+    Example,
+    assert_prints,
+    docs_server,
+    example_env,
+    examples_in,
+    run_example,
+)
+from _notebooks_support import normalized
+from conftest import ChromaServer
+
+from headroom_memory_integrations import cli
+
+DOCS = ROOT / "docs"
+PAGES_WITH_EXAMPLES = [
+    "quickstart.md",
+    "concepts.md",
+    "storage.md",
+    "embeddings.md",
+    "cli.md",
+    "troubleshooting.md",
+]
+DOCUMENTED_SERVER = "http://127.0.0.1:8000"
+SHOWN_PROJECT = "/home/you/project"
+_HEX_ID = re.compile(r"\b[0-9a-f]{32}\b|\b[0-9a-f]{12}\b")
+_FENCE = re.compile(r"^```(\w*)\s*$")
+
+
+class _Loader(yaml.SafeLoader):
+    """Reads mkdocs.yml, leaving its ``!!python/name:`` tags (if any) as plain strings."""
+
+
+_Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: suffix)
+
+
+def nav_pages(entries: object) -> list[str]:
+    if isinstance(entries, str):
+        return [entries]
+    if isinstance(entries, list):
+        return [page for entry in entries for page in nav_pages(entry)]
+    if isinstance(entries, dict):
+        return [page for value in entries.values() for page in nav_pages(value)]
+    return []
+
+
+def config() -> dict:
+    return yaml.load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"), Loader=_Loader)
+
+
+# -- the site ---------------------------------------------------------------------------------
+
+
+def test_every_page_is_in_the_navigation() -> None:
+    pages = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md"))
+    listed = nav_pages(config()["nav"])
+    assert sorted(listed) == pages
+    assert len(listed) == len(set(listed))
+
+
+def test_the_site_builds_strictly(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert build.returncode == 0, build.stderr
+    assert "WARNING" not in build.stderr, build.stderr
+    for page in nav_pages(config()["nav"]):
+        html = page.removesuffix(".md")
+        built = site / ("index.html" if html == "index" else f"{html}/index.html")
+        assert built.is_file(), page
+    # the API reference is generated from the docstrings
+    openai_api = (site / "api" / "openai" / "index.html").read_text(encoding="utf-8")
+    assert "Wrap <code>client</code> so the model extracts memories inline" in openai_api
+    core_api = (site / "api" / "core" / "index.html").read_text(encoding="utf-8")
+    for name in ("MemoryStore.search", "MemoryStore.supersede", "DEFAULT_MIN_SCORE"):
+        assert f'id="headroom_memory_integrations.engine.{name}"' in core_api, name
+    langchain_api = (site / "api" / "langchain" / "index.html").read_text(encoding="utf-8")
+    assert "MemoryMiddleware" in langchain_api and "HeadroomStore" in langchain_api
+    # the existing guides are pages of the site, as they are
+    assert "Which one to use" in (site / "langchain" / "index.html").read_text(encoding="utf-8")
+    assert "threat model" in (site / "security" / "index.html").read_text(encoding="utf-8")
+
+
+# -- the examples -----------------------------------------------------------------------------
+
+
+def console_sessions(page: Path) -> list[tuple[int, list[tuple[str, str]]]]:
+    """Each ``console`` block of a page: its first line (1-based) and its ``(command, shown
+    output)`` pairs."""
+    sessions: list[tuple[int, list[tuple[str, str]]]] = []
+    kind = None
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
+        fence = _FENCE.match(line)
+        if fence and kind is None:
+            kind = fence.group(1)
+            if kind == "console":
+                sessions.append((number, []))
+            continue
+        if fence:
+            kind = None
+            continue
+        if kind == "console":
+            steps = sessions[-1][1]
+            if line.startswith("$ "):
+                steps.append((line[2:], ""))
+            else:
+                command, shown = steps[-1]
+                steps[-1] = (command, shown + line + "\n")
+    return sessions
+
+
+def assert_same_output(where: str, shown: str, printed: str) -> None:
+    shown_text, shown_numbers = normalized(shown)
+    printed_text, printed_numbers = normalized(printed)
+    assert printed_text.rstrip() == shown_text.rstrip(), f"{where}:\n{printed}"
+    assert len(printed_numbers) == len(shown_numbers), f"{where}:\n{printed}"
+    for shown_number, number in zip(shown_numbers, printed_numbers):
+        assert abs(shown_number - number) <= 0.05, f"{where}: {shown_number} vs {number}"
+
+
+def run_console(page: Path, steps: list[tuple[str, str]], ids: dict[str, str]) -> None:
+    """Run one console session of ``page`` in the current folder, each command as
+    ``headroom-memory`` runs it (its ``main``, in this process). ``ids`` maps an id the page
+    shows to the id the run printed in its place (filled in as the session goes)."""
+    for command, shown in steps:
+        argv = shlex.split(command)
+        assert argv[0] == "headroom-memory", command
+        argv = [ids.get(arg, arg) for arg in argv[1:]]
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            status = cli.main(argv)
+        where = f"{page.name}: $ {command}"
+        assert status == 0, f"{where}\n{err.getvalue()}"
+        printed = out.getvalue().replace(str(Path.cwd().resolve()), SHOWN_PROJECT)
+        assert_same_output(where, shown, printed)
+        for shown_id, printed_id in zip(_HEX_ID.findall(shown), _HEX_ID.findall(printed)):
+            ids[shown_id] = printed_id
+            ids[shown_id[:12]] = printed_id[:12]
+
+
+@pytest.fixture(scope="module")
+def chroma_at_documented_address(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ChromaServer]:
+    """A real Chroma server; examples that name the documented address get its address."""
+    server = ChromaServer(tmp_path_factory.mktemp("docs-chroma"))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("name", PAGES_WITH_EXAMPLES)
+def test_the_page_examples_print_what_it_shows(
+    name: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = DOCS / name
+    blocks: list[tuple[int, Example | list[tuple[str, str]]]] = [
+        *((example.line, example) for example in examples_in(page)),
+        *console_sessions(page),
+    ]
+    assert blocks, f"{name} has no example"
+    ids: dict[str, str] = {}
+    uses_server = DOCUMENTED_SERVER in page.read_text(encoding="utf-8")
+    url = request.getfixturevalue("chroma_at_documented_address").url if uses_server else ""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HEADROOM_MEMORY_USER", raising=False)
+    with docs_server() as server:
+        env = example_env(server, tmp_path)
+        for _, block in sorted(blocks, key=lambda pair: pair[0]):  # in the page's order
+            if isinstance(block, list):
+                run_console(page, block, ids)
+                continue
+            code = block.code.replace(DOCUMENTED_SERVER, url) if url else block.code
+            run = run_example(
+                Example(block.page, block.heading, block.line, code, block.prints), tmp_path, env
+            )
+            assert_prints(block, run.stdout.replace(url, DOCUMENTED_SERVER) if url else run.stdout)
