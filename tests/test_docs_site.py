@@ -39,7 +39,7 @@ from _docs_support import (
 from _notebooks_support import normalized
 from conftest import ChromaServer
 
-from headroom_memory_integrations import cli
+from headroom_memory_integrations import ChromaStorage, cli
 
 DOCS = ROOT / "docs"
 PAGES_WITH_EXAMPLES = [
@@ -164,6 +164,7 @@ def run_console(page: Path, steps: list[tuple[str, str]], ids: dict[str, str]) -
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out), redirect_stderr(err):
             status = cli.main(argv)
+        _release_folder(argv)  # as the command's own process would at exit
         where = f"{page.name}: $ {command}"
         assert status == 0, f"{where}\n{err.getvalue()}"
         printed = out.getvalue().replace(str(Path.cwd().resolve()), SHOWN_PROJECT)
@@ -171,6 +172,15 @@ def run_console(page: Path, steps: list[tuple[str, str]], ids: dict[str, str]) -
         for shown_id, printed_id in zip(_HEX_ID.findall(shown), _HEX_ID.findall(printed)):
             ids[shown_id] = printed_id
             ids[shown_id[:12]] = printed_id[:12]
+
+
+def _release_folder(argv: list[str]) -> None:
+    """Close the embedded storage a command opened in this process, releasing the folder's
+    writer lock for the examples that run next in their own processes."""
+    db = argv[argv.index("--db") + 1] if "--db" in argv else os.environ.get("HEADROOM_MEMORY_DB")
+    folder = Path(db or "~/.headroom-memory").expanduser()
+    if not str(db or "").startswith(("http://", "https://")) and folder.is_dir():
+        ChromaStorage.at(folder).close()
 
 
 @pytest.fixture(scope="module")
