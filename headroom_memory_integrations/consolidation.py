@@ -1,0 +1,508 @@
+"""Consolidation: how a new memory relates to an existing, similar one of the same user.
+
+An embedding model says two texts are *about* the same thing; it barely notices that they
+disagree on exactly what matters. With all-MiniLM-L6-v2, "Dentist appointment on Tuesday at
+3pm" and "... Thursday at 3pm" are 0.977 similar, "User is allergic to peanuts" and "User is
+not allergic to peanuts" 0.979. Merging by similarity alone therefore throws away corrections.
+:func:`relate` compares the two texts word by word instead, and answers one of:
+
+- :attr:`Relation.DUPLICATE`: the new text says nothing the old one does not: the same words
+  up to case, punctuation and spacing, articles and a few filler words ("really", "has been"),
+  number words ("seven" = "7", "3pm" = "3 pm" = "15:00"), word forms ("Saturdays" =
+  "Saturday"), the order of an "A and B" list or of phrases that keep their prepositions
+  ("Works at Stripe as an engineer"), names spelled as one word or an acronym ("VS Code" =
+  "VSCode", "New York City" = "NYC"), or fewer details ("Enjoys jazz" after "Enjoys jazz
+  music"). A reworded text counts only if it is at least ``duplicate_threshold`` similar and
+  changes no number, date, name, negation or tense.
+- :attr:`Relation.UPDATE`: the same statement with a changed value, which makes the old one
+  no longer current: a number, date or time ("daughter is 7" -> "9"), a negation or tense
+  ("is allergic" -> "is not allergic", "likes" -> "dislikes", "is unpaid" -> "was paid"),
+  more detail ("Has a dog" -> "Has a dog named Max"), a word that announces a change ("now",
+  "moved", "finished", "cancelled", "married"), or a new value of something a person has one
+  of: where they live or work, their preference, their favourite, their manager, an
+  attribute stated as "<thing> is <value>" ("Bank is Chase" -> "Bank is Wells Fargo").
+- :attr:`Relation.DISTINCT`: both can be true: a different subject ("Teammate 59 ..." vs
+  "Teammate 62 ...", "User's daughter ..." vs "User's son ..."), a second value of something
+  a person can have several of ("allergic to peanuts" and "... to shellfish", "plays guitar"
+  and "... piano"), a different verb, or texts too different to align.
+
+Mistakes are not equal. Calling an update or a distinct fact a duplicate discards new
+information, so the duplicate rule is the strictest. Calling a distinct fact an update retires
+a true memory to ``history``; calling an update distinct keeps a stale memory next to the new
+one. When unsure, :func:`relate` says DISTINCT. The rules and their measured error rates, on a
+labelled set of 318 pairs, are in ``docs/benchmarks.md`` (``benchmarks/consolidation.py``).
+
+Everything here is plain Python on the two texts and their cosine similarity: no model, no
+storage, no framework.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from enum import Enum
+from functools import lru_cache
+
+from .lexical import stem
+
+
+class Relation(str, Enum):
+    """How a new memory relates to an existing one (see the module docstring)."""
+
+    DUPLICATE = "duplicate"
+    UPDATE = "update"
+    DISTINCT = "distinct"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+UPDATE_MIN_SHARED = 0.5
+"""An update keeps the statement: at least this share of the tokens of both texts together
+(2 x shared / (old + new)) are the same, in the same order."""
+
+POLARITY_MIN_COVERED = 0.5
+"""A negation or tense flip keeps at least this share of the shorter text's other tokens."""
+
+
+# -- word lists (stems, see lexical.stem) -----------------------------------------------------
+
+
+def _stems(words: str) -> frozenset[str]:
+    return frozenset(stem(word) for word in words.split())
+
+
+def _verb_forms(bases: str, irregular: str) -> frozenset[str]:
+    """The stems of each verb's regular forms (lives, lived, living, planned, ...)."""
+    forms = irregular.split()
+    for base in bases.split():
+        root = base[:-1] if base.endswith("e") else base
+        forms += [base, base + "s", base + "es", root + "ed", root + "ing"]
+        forms += [base + base[-1] + "ed", base + base[-1] + "ing"]  # planned, quitting
+    return frozenset(stem(form) for form in forms)
+
+
+_ARTICLES = frozenset({"a", "an", "the"})
+_LEADING_SUBJECTS = frozenset({"user", "their", "his", "her", "my", "your", "our"})
+"""Dropped at the start of a text: "User's mother lives in Lisbon" = "Mother lives in Lisbon"."""
+
+_FILLER = _stems("been being really very also just actually originally always still currently")
+"""Words whose presence or absence alone changes nothing ("Has been vegetarian" = "Vegetarian";
+"Really hates cilantro" = "Hates cilantro")."""
+
+_NEGATIONS = frozenset(
+    "not no never none nothing nobody neither nor without cannot anymore longer".split()
+)
+_TENSE = frozenset("was were used former formerly previously ex".split())
+"""A tense marker added or removed changes what is current ("Used to live in Boston")."""
+
+_ANTONYM_PREFIXES = ("dis", "un", "non", "in", "im", "ir", "il")
+
+_CHANGE_WORDS = _stems(
+    "now moved move switched switch changed change finished finish quit stopped stop left "
+    "cancelled canceled cancel became become married divorced engaged separated widowed retired "
+    "graduated rescheduled postponed sold paid"
+)
+"""A word of the new text, not in the old one, that announces a change of state."""
+
+_AUXILIARIES = _stems(
+    "is are am be been has have had does do did will would can could should must might shall "
+    "gets got"
+)
+
+_VERBS = _verb_forms(
+    "live move relocate reside work prefer like love enjoy hate dislike use drive own speak play study take eat "
+    "drink want need visit start join leave buy run swim read watch write code manage lead report "
+    "meet see go walk feed sleep wake weigh commute pay owe earn cost expire launch turn knit "
+    "coach volunteer collect practice practise climb teach learn deploy finish quit smoke wear "
+    "grow know plan travel fly attend sing cook bake keep call name rent book cancel switch "
+    "change become marry retire graduate avoid follow support carry pick share host belong "
+    "celebrate cycle hike date divorce wish hope miss expect stay",
+    irregular="took ate drank left bought ran swam wrote led met saw goes went fed slept woke "
+    "paid taught grew knew flew kept became spoke",
+)
+"""Verbs that start the predicate ("Sister Anna | lives in Berlin"): what comes before them
+is the subject."""
+
+_PREPOSITIONS = _stems(
+    "in at on to for with from by as into near since until after before during via per about "
+    "over under than through within around across"
+)
+
+_ONE_VALUE = _stems(
+    "live lives lived move moved based located resides reside work works job title role position "
+    "employer salary earn earns age born birthday name named called id number email address "
+    "phone weigh weighs weight height tall type dose favourite favorite prefer prefers preferred "
+    "married engaged partner husband wife girlfriend boyfriend timezone drive drives rent budget "
+    "commute commutes wake wakes bedtime report reports manager boss hometown grade level rating "
+    "score goal price plate version"
+)
+"""Things a person has one of at a time, named before the changed value: a new value replaces
+the old ("Lives in Boston" -> "Lives in Denver")."""
+
+_ONE_VALUE_ROLES = _stems(
+    "editor shell browser ide layout status bank doctor dentist vet manager language"
+)
+"""Roles named after the changed value ("Uses VS Code as their editor")."""
+
+_MANY_VALUES = _stems(
+    "like likes love loves enjoy enjoys allergic allergy speak speaks play plays visit visited "
+    "learn learning study studying read reading watch collect collects know knows own owns "
+    "friend friends want wants hate hates dislike dislikes avoid avoids volunteer volunteers "
+    "knit knits"
+)
+"""Things a person can have several of: a second value is a second fact ("Is allergic to
+peanuts", "Is allergic to shellfish")."""
+
+_NUMBER_WORDS = {
+    word: str(value)
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_NUMBER_WORDS.update(
+    {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70"}
+)
+_NUMBER_WORDS.update({"eighty": "80", "ninety": "90", "hundred": "100", "dozen": "12"})
+_ORDINALS = {
+    word: str(value)
+    for value, word in enumerate(
+        "zeroth first second third fourth fifth sixth seventh eighth ninth tenth eleventh "
+        "twelfth".split()
+    )
+    if value
+}
+_MULTIPLES = {"once": "1", "twice": "2", "thrice": "3"}  # ... times
+_ORDINAL_SUFFIXES = frozenset({"st", "nd", "rd", "th"})
+_DAY_WORDS = frozenset(
+    "monday tuesday wednesday thursday friday saturday sunday today tomorrow tonight yesterday "
+    "weekday weekend".split()
+)
+_MONTHS = frozenset(
+    "january february march april may june july august september october november december".split()
+)  # dates only when capitalised: "may" and "march" are verbs too
+
+_WORDS = re.compile(r"[^\W_]+")
+_BRITISH_OUR = re.compile(
+    r"^(col|flav|fav|behavi|neighb|hon|hum|lab|harb|rum|vap|arm|splend|sav)our"
+)
+_BRITISH_TRE = re.compile(r"^(cen|thea|me|li|fib)tre")
+_BRITISH_ISE = re.compile(r"^(organ|real|recogn|special|apolog|optim|minim|summar|analy)is")
+_IDENTIFIER = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+|www\.\S+")
+_TOKEN = re.compile(rf"{_IDENTIFIER.pattern}|\d+(?:[.,:]\d+)*|[^\W\d_]+\d*[^\W_]*")
+_CONTRACTIONS = (
+    (re.compile(r"\bcan't\b", re.IGNORECASE), "can not"),
+    (re.compile(r"\bwon't\b", re.IGNORECASE), "will not"),
+    (re.compile(r"n't\b", re.IGNORECASE), " not"),
+    (re.compile(r"'(re|ve|ll|m|d)\b", re.IGNORECASE), " "),
+    (re.compile(r"'s\b", re.IGNORECASE), ""),
+)
+_THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+")
+_CLOCK = re.compile(r"(\d{1,2})(?::(\d{2}))?")
+
+
+# -- one text as tokens -----------------------------------------------------------------------
+
+
+def same_wording_key(text: str) -> str:
+    """``text`` without case, punctuation and extra spacing: equal keys mean the same memory."""
+    return " ".join(_WORDS.findall(text.casefold()))
+
+
+def _american(word: str) -> str:
+    """One spelling for British and American variants ("colour", "favourite", "organise")."""
+    word = _BRITISH_OUR.sub(r"\1or", word)
+    word = _BRITISH_TRE.sub(r"\1ter", word)
+    return _BRITISH_ISE.sub(r"\1iz", word)
+
+
+@dataclass(frozen=True)
+class Token:
+    """A word of a memory, compared by ``text`` (case-folded, stemmed, numbers normalised).
+
+    Attributes:
+        kind: ``word``, ``number``, ``date``, ``name`` (capitalised), ``negation`` or ``tense``.
+        initials: For a name, its initials ("newyorkcity" -> "nyc"); an all-capitals name is
+            its own initials, so an acronym can match the name it stands for.
+    """
+
+    text: str
+    kind: str
+    initials: str = ""
+
+    @property
+    def is_detail(self) -> bool:
+        """Numbers, dates and names: the words an embedding model barely tells apart."""
+        return self.kind in ("number", "date", "name")
+
+
+@lru_cache(maxsize=4096)
+def tokens(text: str) -> tuple[Token, ...]:
+    """The comparable tokens of ``text`` (see the module docstring for what is normalised)."""
+    text = text.replace("\u2019", "'")
+    for pattern, replacement in _CONTRACTIONS:
+        text = pattern.sub(replacement, text)
+    raw = _TOKEN.findall(text)
+    found: list[Token] = []
+    for index, word in enumerate(raw):
+        found.extend(_classify(word, index, raw))
+    found = _times_and_ordinals(found)
+    while found and found[0].text in _LEADING_SUBJECTS | _ARTICLES:
+        found.pop(0)
+    kept = [t for t in found if not (t.text in _ARTICLES and t.kind == "word")]
+    return tuple(_join_names(kept))
+
+
+def _classify(word: str, index: int, raw: Sequence[str]) -> list[Token]:
+    lower = word.casefold()
+    if _IDENTIFIER.fullmatch(word):
+        return [Token(lower.rstrip(".,;:!?"), "name")]  # an email address or a web address
+    if any(ch.isdigit() for ch in word):
+        return [Token(lower.replace(",", "") if _THOUSANDS.fullmatch(word) else lower, "number")]
+    if lower in _NUMBER_WORDS:
+        return [Token(_NUMBER_WORDS[lower], "number")]
+    if lower in _ORDINALS:
+        return [Token(_ORDINALS[lower], "number")]
+    if lower in _MULTIPLES:
+        return [Token(_MULTIPLES[lower], "number"), Token(stem("time"), "word")]
+    if lower in _NEGATIONS:
+        return [Token(lower, "negation")]
+    if lower in _TENSE:
+        return [Token(lower, "tense")]
+    stemmed = stem(_american(lower))
+    capitalised = word[0].isupper()
+    for day in (lower, stemmed, lower[:-1]):
+        if day in _DAY_WORDS or (capitalised and day in _MONTHS):
+            return [Token(day, "date")]
+    acronym = len(word) >= 2 and word.isupper()
+    if capitalised and (index > 0 or acronym):
+        return [Token(lower, "name", lower if acronym else lower[0])]
+    return [Token(stemmed, "word")]
+
+
+def _times_and_ordinals(found: list[Token]) -> list[Token]:
+    """``3 pm`` -> ``15:00``, ``9:30 am`` -> ``09:30``; ``3 rd`` -> ``3``."""
+    out: list[Token] = []
+    for token in found:
+        previous = out[-1] if out else None
+        if previous is not None and previous.kind == "number":
+            clock = _CLOCK.fullmatch(previous.text)
+            if token.text in ("am", "pm") and clock:
+                hour = int(clock.group(1)) % 12 + (12 if token.text == "pm" else 0)
+                out[-1] = Token(f"{hour:02d}:{clock.group(2) or '00'}", "number")
+                continue
+            if token.text in _ORDINAL_SUFFIXES:
+                continue
+        out.append(token)
+    return out
+
+
+def _join_names(found: list[Token]) -> list[Token]:
+    """Consecutive capitalised words are one name: "New York City" -> ``newyorkcity``."""
+    out: list[Token] = []
+    for token in found:
+        if token.kind == "name" and out and out[-1].kind == "name":
+            last = out[-1]
+            out[-1] = Token(last.text + token.text, "name", last.initials + token.text[0])
+        else:
+            out.append(token)
+    return out
+
+
+# -- comparing two texts ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """Where two token sequences differ.
+
+    Attributes:
+        before / after: The old and the new tokens of the changed spans.
+        prefix / suffix: The shared tokens before the first change and after the last one.
+        shared: How many tokens are the same, in the same order.
+        first_old / first_new: Index of the first changed token in each sequence.
+    """
+
+    before: tuple[Token, ...]
+    after: tuple[Token, ...]
+    prefix: tuple[Token, ...]
+    suffix: tuple[Token, ...]
+    shared: int
+    first_old: int
+    first_new: int
+
+
+def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
+    matcher = SequenceMatcher(None, [t.text for t in old], [t.text for t in new], autojunk=False)
+    before: list[Token] = []
+    after: list[Token] = []
+    shared = 0
+    spans: list[tuple[int, int, int, int]] = []
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal":
+            shared += i2 - i1
+        else:
+            before.extend(old[i1:i2])
+            after.extend(new[j1:j2])
+            spans.append((i1, i2, j1, j2))
+    first_old = spans[0][0] if spans else len(old)
+    last_old = spans[-1][1] if spans else len(old)
+    return Change(
+        before=tuple(before),
+        after=tuple(after),
+        prefix=tuple(old[:first_old]),
+        suffix=tuple(old[last_old:]),
+        shared=shared,
+        first_old=first_old,
+        first_new=spans[0][2] if spans else len(new),
+    )
+
+
+def _predicate_start(sequence: Sequence[Token]) -> int:
+    """Index where the predicate begins: the first auxiliary, verb or negation, else the first
+    preposition, else 0 (a text that starts with its verb: "Prefers dark mode")."""
+    for index, token in enumerate(sequence):
+        if token.kind in ("negation", "tense") or (
+            token.kind == "word" and (token.text in _AUXILIARIES or token.text in _VERBS)
+        ):
+            return index
+    for index, token in enumerate(sequence):
+        if token.text in _PREPOSITIONS:
+            return index
+    return 0
+
+
+def _subject(sequence: Sequence[Token]) -> Counter[str]:
+    return Counter(t.text for t in sequence[: _predicate_start(sequence)])
+
+
+def _with_acronyms(old: Sequence[Token], new: Sequence[Token]) -> tuple[list[Token], list[Token]]:
+    """Where one text has an acronym and the other a name with those initials, write the
+    acronym in both ("Lives in NYC" and "Lives in New York City")."""
+    acronyms = {t.text for t in (*old, *new) if t.kind == "name" and t.initials == t.text}
+
+    def shorten(sequence: Sequence[Token]) -> list[Token]:
+        return [
+            Token(t.initials, "name", t.initials)
+            if t.kind == "name" and len(t.initials) > 1 and t.initials in acronyms
+            else t
+            for t in sequence
+        ]
+
+    return shorten(old), shorten(new)
+
+
+def _polarity(sequence: Sequence[Token]) -> Counter[str]:
+    return Counter(t.text for t in sequence if t.kind in ("negation", "tense"))
+
+
+def _antonyms(change: Change) -> bool:
+    """A changed word and its opposite by prefix: "likes" / "dislikes", "paid" / "unpaid"."""
+    before = {t.text for t in change.before if t.kind == "word"}
+    after = {t.text for t in change.after if t.kind == "word"}
+    for one, other in ((before, after), (after, before)):
+        for word in one:
+            if any(prefix + word in other for prefix in _ANTONYM_PREFIXES):
+                return True
+    return False
+
+
+def _links(sequence: Sequence[Token]) -> Counter[tuple[str, str]]:
+    """Each preposition with the word it governs: what a reordering must keep."""
+    return Counter(
+        (token.text, sequence[index + 1].text)
+        for index, token in enumerate(sequence[:-1])
+        if token.text in _PREPOSITIONS
+    )
+
+
+def _reordered(old: Sequence[Token], new: Sequence[Token]) -> bool:
+    """The same words in another order that keeps the subject and what each preposition
+    governs ("Plays guitar and piano" = "Plays piano and guitar"; "Prefers tea over coffee"
+    is not "Prefers coffee over tea")."""
+    return (
+        Counter(t.text for t in old) == Counter(t.text for t in new)
+        and _subject(old) == _subject(new)
+        and _links(old) == _links(new)
+    )
+
+
+def _details(sequence: Sequence[Token]) -> Counter[str]:
+    return Counter(t.text for t in sequence if t.is_detail)
+
+
+def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float) -> Relation:
+    """How memory text ``new`` relates to the existing ``old`` (see the module docstring).
+
+    Args:
+        old: The text of a memory already stored.
+        new: The text about to be stored.
+        similarity: Their cosine similarity (the engine has it from the vector search).
+        duplicate_threshold: The similarity from which a rewording that changes no number,
+            date, name, negation or tense counts as a duplicate.
+    """
+    if same_wording_key(old) == same_wording_key(new):
+        return Relation.DUPLICATE
+    a, b = _with_acronyms(tokens(old), tokens(new))
+    if [t.text for t in a] == [t.text for t in b] or (a and b and _reordered(a, b)):
+        return Relation.DUPLICATE
+    if not a or not b:
+        return Relation.DISTINCT
+    change = _diff(a, b)
+    if _subject(a) != _subject(b) and (
+        change.first_old < _predicate_start(a) or change.first_new < _predicate_start(b)
+    ):
+        return Relation.DISTINCT  # "Teammate 59 ..." / "Teammate 62 ..."
+    if _polarity(a) != _polarity(b) or _antonyms(change):
+        covered = change.shared >= POLARITY_MIN_COVERED * min(len(a), len(b))
+        return Relation.UPDATE if covered else Relation.DISTINCT
+    removed = [t for t in change.before if t.text not in _FILLER]
+    added = [t for t in change.after if t.text not in _FILLER]
+    if not added:  # the new text says less
+        fewer_values = any(t.kind in ("number", "date") for t in removed)
+        return Relation.UPDATE if fewer_values else Relation.DUPLICATE  # "every 2 weeks"
+    if not removed:
+        return Relation.UPDATE  # the same statement with more detail
+    announced = _announces_change(added, a)
+    moved = {t.text for t in removed} & {t.text for t in added}
+    if similarity >= duplicate_threshold and _details(a) == _details(b) and not (
+        announced or moved
+    ):
+        return Relation.DUPLICATE  # words replaced by others of the same meaning
+    if 2 * change.shared < UPDATE_MIN_SHARED * (len(a) + len(b)):
+        return Relation.DISTINCT  # too different to be the same statement
+    if announced:
+        return Relation.UPDATE  # "now", "moved", "finished", "cancelled", ...
+    kinds = {"value" if t.kind in ("number", "date") else t.kind for t in removed + added}
+    if kinds == {"value"}:
+        return Relation.UPDATE  # only numbers, dates or times changed
+    if "value" in kinds:
+        return Relation.DISTINCT  # a value and something else: another occasion
+    if {t.kind for t in removed} != {t.kind for t in added}:
+        return Relation.DISTINCT  # a name for a common noun: another slot ("Lives in a house")
+    context = {t.text for t in change.prefix}
+    if context & _MANY_VALUES:
+        return Relation.DISTINCT
+    if context & _ONE_VALUE or {t.text for t in change.suffix} & _ONE_VALUE_ROLES:
+        return Relation.UPDATE
+    return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
+
+
+def _announces_change(added: Sequence[Token], old: Sequence[Token]) -> bool:
+    had = {t.text for t in old}
+    return any(t.text in _CHANGE_WORDS and t.text not in had for t in added)
+
+
+def _attribute_is(old: Sequence[Token], change: Change) -> bool:
+    """"<thing> is <value>" with the value changed: "Bank is Chase" -> "Bank is Wells Fargo"."""
+    start = _predicate_start(old)
+    return (
+        start > 0
+        and old[start].text in ("is", "are")
+        and change.first_old == start + 1
+        and len(change.prefix) == start + 1
+    )
