@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 from enum import Enum
 from functools import lru_cache
@@ -157,6 +157,12 @@ _MANY_VALUES = _stems(
 """Things a person can have several of: a second value is a second fact ("Is allergic to
 peanuts", "Is allergic to shellfish")."""
 
+_UNITS = _stems(
+    "second seconds minute minutes hour hours day days week weeks month months year years "
+    "time times mg g kg lb lbs pound pounds km mile miles m cm mm inch inches foot feet liter "
+    "liters litre litres ml percent dollar dollars euro euros"
+)
+
 _NUMBER_WORDS = {
     word: str(value)
     for value, word in enumerate(
@@ -233,6 +239,7 @@ class Token:
     text: str
     kind: str
     initials: str = ""
+    continues_name: bool = False  # a capitalised word right after another ("York" in "New York")
 
     @property
     def is_detail(self) -> bool:
@@ -246,10 +253,22 @@ def tokens(text: str) -> tuple[Token, ...]:
     text = text.replace("\u2019", "'")
     for pattern, replacement in _CONTRACTIONS:
         text = pattern.sub(replacement, text)
-    raw = _TOKEN.findall(text)
     found: list[Token] = []
-    for index, word in enumerate(raw):
-        found.extend(_classify(word, index, raw))
+    previous_end = 0
+    for match in _TOKEN.finditer(text):
+        gap = text[previous_end : match.start()]
+        title = bool(found) and gap.strip() == "." and found[-1].kind == "name" and len(found[-1].text) <= 3
+        sentence_start = not found or (any(m in gap for m in ".!?:;\n") and not title)
+        classified = _classify(match.group(), sentence_start)
+        if (
+            found
+            and found[-1].kind == "name"
+            and classified[0].kind == "name"
+            and (gap.strip() in ("", "-") or (gap.strip() == "." and len(found[-1].text) <= 3))
+        ):  # "New York", "Pre-Check", "Dr. Patel"; not "Lopez, the VP"
+            classified[0] = replace(classified[0], continues_name=True)
+        found.extend(classified)
+        previous_end = match.end()
     found = _times_and_ordinals(found)
     while found and found[0].text in _LEADING_SUBJECTS | _ARTICLES:
         found.pop(0)
@@ -257,7 +276,7 @@ def tokens(text: str) -> tuple[Token, ...]:
     return tuple(_join_names(kept))
 
 
-def _classify(word: str, index: int, raw: Sequence[str]) -> list[Token]:
+def _classify(word: str, sentence_start: bool) -> list[Token]:
     lower = word.casefold()
     if _IDENTIFIER.fullmatch(word):
         return [Token(lower.rstrip(".,;:!?"), "name")]  # an email address or a web address
@@ -279,7 +298,7 @@ def _classify(word: str, index: int, raw: Sequence[str]) -> list[Token]:
         if day in _DAY_WORDS or (capitalised and day in _MONTHS):
             return [Token(day, "date")]
     acronym = len(word) >= 2 and word.isupper()
-    if capitalised and (index > 0 or acronym):
+    if capitalised and (not sentence_start or acronym):
         return [Token(lower, "name", lower if acronym else lower[0])]
     return [Token(stemmed, "word")]
 
@@ -305,7 +324,7 @@ def _join_names(found: list[Token]) -> list[Token]:
     """Consecutive capitalised words are one name: "New York City" -> ``newyorkcity``."""
     out: list[Token] = []
     for token in found:
-        if token.kind == "name" and out and out[-1].kind == "name":
+        if token.continues_name and out and out[-1].kind == "name":
             last = out[-1]
             out[-1] = Token(last.text + token.text, "name", last.initials + token.text[0])
         else:
@@ -334,6 +353,8 @@ class Change:
     shared: int
     first_old: int
     first_new: int
+    changed_old: frozenset[int]
+    changed_new: frozenset[int]
 
 
 def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
@@ -359,6 +380,8 @@ def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
         shared=shared,
         first_old=first_old,
         first_new=spans[0][2] if spans else len(new),
+        changed_old=frozenset(i for i1, i2, _, _ in spans for i in range(i1, i2)),
+        changed_new=frozenset(j for _, _, j1, j2 in spans for j in range(j1, j2)),
     )
 
 
@@ -366,14 +389,18 @@ def _predicate_start(sequence: Sequence[Token]) -> int:
     """Index where the predicate begins: the first auxiliary, verb or negation, else the first
     preposition, else 0 (a text that starts with its verb: "Prefers dark mode")."""
     for index, token in enumerate(sequence):
-        if token.kind in ("negation", "tense") or (
-            token.kind == "word" and (token.text in _AUXILIARIES or token.text in _VERBS)
-        ):
+        if _starts_predicate(token):
             return index
     for index, token in enumerate(sequence):
         if token.text in _PREPOSITIONS:
             return index
     return 0
+
+
+def _starts_predicate(token: Token) -> bool:
+    return token.kind in ("negation", "tense") or (
+        token.kind == "word" and (token.text in _AUXILIARIES or token.text in _VERBS)
+    )
 
 
 def _subject(sequence: Sequence[Token]) -> Counter[str]:
@@ -411,13 +438,20 @@ def _antonyms(change: Change) -> bool:
     return False
 
 
-def _links(sequence: Sequence[Token]) -> Counter[tuple[str, str]]:
-    """Each preposition with the word it governs: what a reordering must keep."""
-    return Counter(
-        (token.text, sequence[index + 1].text)
-        for index, token in enumerate(sequence[:-1])
-        if token.text in _PREPOSITIONS
-    )
+def _links(sequence: Sequence[Token]) -> Counter[tuple[str, frozenset[str]]]:
+    """Each preposition with the words it governs (up to the next preposition or verb):
+    what a reordering must keep. "in Python and TypeScript" = "in TypeScript and Python"."""
+    links: Counter[tuple[str, frozenset[str]]] = Counter()
+    for index, token in enumerate(sequence):
+        if token.text not in _PREPOSITIONS:
+            continue
+        governed = []
+        for following in sequence[index + 1 :]:
+            if following.text in _PREPOSITIONS or _starts_predicate(following):
+                break
+            governed.append(following.text)
+        links[(token.text, frozenset(governed))] += 1
+    return links
 
 
 def _reordered(old: Sequence[Token], new: Sequence[Token]) -> bool:
@@ -453,9 +487,7 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
     if not a or not b:
         return Relation.DISTINCT
     change = _diff(a, b)
-    if _subject(a) != _subject(b) and (
-        change.first_old < _predicate_start(a) or change.first_new < _predicate_start(b)
-    ):
+    if _subject_changed(a, b, change):
         return Relation.DISTINCT  # "Teammate 59 ..." / "Teammate 62 ..."
     if _polarity(a) != _polarity(b) or _antonyms(change):
         covered = change.shared >= POLARITY_MIN_COVERED * min(len(a), len(b))
@@ -477,7 +509,7 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
         return Relation.DISTINCT  # too different to be the same statement
     if announced:
         return Relation.UPDATE  # "now", "moved", "finished", "cancelled", ...
-    kinds = {"value" if t.kind in ("number", "date") else t.kind for t in removed + added}
+    kinds = {"value" if _is_value(t) else t.kind for t in removed + added}
     if kinds == {"value"}:
         return Relation.UPDATE  # only numbers, dates or times changed
     if "value" in kinds:
@@ -492,17 +524,38 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
     return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
 
 
+def _subject_changed(old: Sequence[Token], new: Sequence[Token], change: Change) -> bool:
+    """Whether a word before the predicate differs: another person or thing. Helper and
+    filler words do not count ("Has been vegetarian" = "Vegetarian")."""
+    for sequence, changed in ((old, change.changed_old), (new, change.changed_new)):
+        start = _predicate_start(sequence)
+        if any(
+            index < start
+            and sequence[index].text not in _FILLER
+            and not _starts_predicate(sequence[index])
+            for index in changed
+        ):
+            return True
+    return False
+
+
+def _is_value(token: Token) -> bool:
+    """Numbers, dates, times and units of measure ("30 minutes" -> "1 hour")."""
+    return token.kind in ("number", "date") or token.text in _UNITS
+
+
 def _announces_change(added: Sequence[Token], old: Sequence[Token]) -> bool:
     had = {t.text for t in old}
     return any(t.text in _CHANGE_WORDS and t.text not in had for t in added)
 
 
 def _attribute_is(old: Sequence[Token], change: Change) -> bool:
-    """"<thing> is <value>" with the value changed: "Bank is Chase" -> "Bank is Wells Fargo"."""
+    """"<thing> is [preposition] <value>" with the value changed: "Bank is Chase" -> "Bank is
+    Wells Fargo"."""
     start = _predicate_start(old)
-    return (
-        start > 0
-        and old[start].text in ("is", "are")
-        and change.first_old == start + 1
-        and len(change.prefix) == start + 1
-    )
+    if start == 0 or old[start].text not in ("is", "are"):
+        return False
+    value = start + 1
+    if value < len(old) and old[value].text in _PREPOSITIONS:
+        value += 1  # "Gym is near the office" -> "Gym is near home"
+    return change.first_old == value
