@@ -22,6 +22,8 @@ from .engine import (
     MAX_TEXT_CHARS,
     MemoryStore,
     NewMemory,
+    Outcome,
+    Remembered,
 )
 from .errors import (
     EmbeddingMismatchError,
@@ -55,6 +57,8 @@ __all__ = [
     "MissingDependencyError",
     "NewMemory",
     "OpenAIEmbedder",
+    "Outcome",
+    "Remembered",
     "Revision",
     "SearchResult",
     "Source",

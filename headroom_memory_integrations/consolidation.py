@@ -86,7 +86,8 @@ def _verb_forms(bases: str, irregular: str) -> frozenset[str]:
 
 
 _ARTICLES = frozenset({"a", "an", "the"})
-_LEADING_SUBJECTS = frozenset({"user", "their", "his", "her", "my", "your", "our"})
+_POSSESSIVES = frozenset({"their", "his", "her", "my", "your", "our"})
+_LEADING_SUBJECTS = _POSSESSIVES | {"user"}
 """Dropped at the start of a text: "User's mother lives in Lisbon" = "Mother lives in Lisbon"."""
 
 _FILLER = _stems("been being really very also just actually originally always still currently")
@@ -114,8 +115,9 @@ _AUXILIARIES = _stems(
 )
 
 _VERBS = _verb_forms(
-    "live move relocate reside work prefer like love enjoy hate dislike use drive own speak play study take eat "
-    "drink want need visit start join leave buy run swim read watch write code manage lead report "
+    "live move relocate reside work prefer like love enjoy hate dislike use drive own speak play "
+    "study take eat drink want need visit start join leave buy run swim read watch write code "
+    "manage lead report "
     "meet see go walk feed sleep wake weigh commute pay owe earn cost expire launch turn knit "
     "coach volunteer collect practice practise climb teach learn deploy finish quit smoke wear "
     "grow know plan travel fly attend sing cook bake keep call name rent book cancel switch "
@@ -134,7 +136,7 @@ _PREPOSITIONS = _stems(
 
 _ONE_VALUE = _stems(
     "live lives lived move moved based located resides reside work works job title role position "
-    "employer salary earn earns age born birthday name named called id number email address "
+    "employer salary earn earns age born birthday name named called id email address "
     "phone weigh weighs weight height tall type dose favourite favorite prefer prefers preferred "
     "married engaged partner husband wife girlfriend boyfriend timezone drive drives rent budget "
     "commute commutes wake wakes bedtime report reports manager boss hometown grade level rating "
@@ -152,10 +154,14 @@ _MANY_VALUES = _stems(
     "like likes love loves enjoy enjoys allergic allergy speak speaks play plays visit visited "
     "learn learning study studying read reading watch collect collects know knows own owns "
     "friend friends want wants hate hates dislike dislikes avoid avoids volunteer volunteers "
-    "knit knits"
+    "knit knits write writes wrote written"
 )
 """Things a person can have several of: a second value is a second fact ("Is allergic to
 peanuts", "Is allergic to shellfish")."""
+
+_COMPANY = _stems("with and alongside")
+"""A changed value right after these is one more companion or tool ("Lives with their wife
+Carmen", "Lives with their stepfather Carmen"), not a replacement."""
 
 _UNITS = _stems(
     "second seconds minute minutes hour hours day days week weeks month months year years "
@@ -170,9 +176,7 @@ _NUMBER_WORDS = {
         "fifteen sixteen seventeen eighteen nineteen twenty".split()
     )
 }
-_NUMBER_WORDS.update(
-    {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70"}
-)
+_NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70"})
 _NUMBER_WORDS.update({"eighty": "80", "ninety": "90", "hundred": "100", "dozen": "12"})
 _ORDINALS = {
     word: str(value)
@@ -257,7 +261,12 @@ def tokens(text: str) -> tuple[Token, ...]:
     previous_end = 0
     for match in _TOKEN.finditer(text):
         gap = text[previous_end : match.start()]
-        title = bool(found) and gap.strip() == "." and found[-1].kind == "name" and len(found[-1].text) <= 3
+        title = (
+            bool(found)
+            and gap.strip() == "."
+            and found[-1].kind == "name"
+            and len(found[-1].text) <= 3
+        )
         sentence_start = not found or (any(m in gap for m in ".!?:;\n") and not title)
         classified = _classify(match.group(), sentence_start)
         if (
@@ -501,8 +510,10 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
         return Relation.UPDATE  # the same statement with more detail
     announced = _announces_change(added, a)
     moved = {t.text for t in removed} & {t.text for t in added}
-    if similarity >= duplicate_threshold and _details(a) == _details(b) and not (
-        announced or moved
+    if (
+        similarity >= duplicate_threshold
+        and _details(a) == _details(b)
+        and not (announced or moved)
     ):
         return Relation.DUPLICATE  # words replaced by others of the same meaning
     if 2 * change.shared < UPDATE_MIN_SHARED * (len(a) + len(b)):
@@ -510,15 +521,17 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
     if announced:
         return Relation.UPDATE  # "now", "moved", "finished", "cancelled", ...
     kinds = {"value" if _is_value(t) else t.kind for t in removed + added}
-    if kinds == {"value"}:
-        return Relation.UPDATE  # only numbers, dates or times changed
+    context = {t.text for t in change.prefix}
+    if kinds == {"value"}:  # only numbers, dates or times changed
+        if context & _MANY_VALUES and _names_things(a, change.changed_old):
+            return Relation.DISTINCT  # "Likes language number 3" / "... number 5"
+        return Relation.UPDATE
     if "value" in kinds:
         return Relation.DISTINCT  # a value and something else: another occasion
     if {t.kind for t in removed} != {t.kind for t in added}:
         return Relation.DISTINCT  # a name for a common noun: another slot ("Lives in a house")
-    context = {t.text for t in change.prefix}
-    if context & _MANY_VALUES:
-        return Relation.DISTINCT
+    if context & _MANY_VALUES or _after_company(change.prefix):
+        return Relation.DISTINCT  # "allergic to peanuts" / "shellfish"; "lives with X" / "Y"
     if context & _ONE_VALUE or {t.text for t in change.suffix} & _ONE_VALUE_ROLES:
         return Relation.UPDATE
     return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
@@ -539,6 +552,31 @@ def _subject_changed(old: Sequence[Token], new: Sequence[Token], change: Change)
     return False
 
 
+def _names_things(sequence: Sequence[Token], changed: frozenset[int]) -> bool:
+    """Whether each changed number follows a noun, naming a thing ("room 12", "language
+    number 3") rather than counting or measuring it ("12 rooms", "at 3pm", "is 7", "level 2")."""
+    numbers = [i for i in changed if sequence[i].kind == "number"]
+
+    def after_noun(index: int) -> bool:
+        while index > 0 and sequence[index - 1].kind == "number":
+            index -= 1  # "fact 0 3": the whole run of numbers follows "fact"
+        before = sequence[index - 1] if index > 0 else None
+        return (
+            before is not None
+            and before.kind == "word"
+            and before.text not in _PREPOSITIONS | _FILLER | _UNITS | _ONE_VALUE
+            and not _starts_predicate(before)
+        )
+
+    return bool(numbers) and all(after_noun(i) for i in numbers)
+
+
+def _after_company(prefix: Sequence[Token]) -> bool:
+    """Whether the change follows "with" or "and" (possessives skipped: "with their ...")."""
+    words = [t.text for t in prefix if t.text not in _POSSESSIVES]
+    return bool(words) and words[-1] in _COMPANY
+
+
 def _is_value(token: Token) -> bool:
     """Numbers, dates, times and units of measure ("30 minutes" -> "1 hour")."""
     return token.kind in ("number", "date") or token.text in _UNITS
@@ -550,7 +588,7 @@ def _announces_change(added: Sequence[Token], old: Sequence[Token]) -> bool:
 
 
 def _attribute_is(old: Sequence[Token], change: Change) -> bool:
-    """"<thing> is [preposition] <value>" with the value changed: "Bank is Chase" -> "Bank is
+    """ "<thing> is [preposition] <value>" with the value changed: "Bank is Chase" -> "Bank is
     Wells Fargo"."""
     start = _predicate_start(old)
     if start == 0 or old[start].text not in ("is", "are"):
