@@ -64,8 +64,10 @@ UPDATE_MIN_SHARED = 0.5
 """An update keeps the statement: at least this share of the tokens of both texts together
 (2 x shared / (old + new)) are the same, in the same order."""
 
-POLARITY_MIN_COVERED = 0.5
-"""A negation or tense flip keeps at least this share of the shorter text's other tokens."""
+MIN_SHARED_OF_SHORTER = 0.5
+"""Two texts that share fewer than this share of the shorter one's tokens are distinct, unless
+one rewords the other (at or above the duplicate threshold); a negation or tense flip must keep
+this share too."""
 
 
 # -- word lists (stems, see lexical.stem) -----------------------------------------------------
@@ -218,6 +220,7 @@ _CLOCK = re.compile(r"(\d{1,2})(?::(\d{2}))?")
 # -- one text as tokens -----------------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)
 def same_wording_key(text: str) -> str:
     """``text`` without case, punctuation and extra spacing: equal keys mean the same memory."""
     return " ".join(_WORDS.findall(text.casefold()))
@@ -225,9 +228,13 @@ def same_wording_key(text: str) -> str:
 
 def _american(word: str) -> str:
     """One spelling for British and American variants ("colour", "favourite", "organise")."""
-    word = _BRITISH_OUR.sub(r"\1or", word)
-    word = _BRITISH_TRE.sub(r"\1ter", word)
-    return _BRITISH_ISE.sub(r"\1iz", word)
+    if "our" in word:
+        word = _BRITISH_OUR.sub(r"\1or", word)
+    if "tre" in word:
+        word = _BRITISH_TRE.sub(r"\1ter", word)
+    if "is" in word:
+        word = _BRITISH_ISE.sub(r"\1iz", word)
+    return word
 
 
 @dataclass(frozen=True)
@@ -268,7 +275,7 @@ def tokens(text: str) -> tuple[Token, ...]:
             and len(found[-1].text) <= 3
         )
         sentence_start = not found or (any(m in gap for m in ".!?:;\n") and not title)
-        classified = _classify(match.group(), sentence_start)
+        classified = list(_classify(match.group(), sentence_start))
         if (
             found
             and found[-1].kind == "name"
@@ -285,31 +292,35 @@ def tokens(text: str) -> tuple[Token, ...]:
     return tuple(_join_names(kept))
 
 
-def _classify(word: str, sentence_start: bool) -> list[Token]:
+@lru_cache(maxsize=16384)
+def _classify(word: str, sentence_start: bool) -> tuple[Token, ...]:
     lower = word.casefold()
     if _IDENTIFIER.fullmatch(word):
-        return [Token(lower.rstrip(".,;:!?"), "name")]  # an email address or a web address
+        return (Token(lower.rstrip(".,;:!?"), "name"),)  # an email address or a web address
     if any(ch.isdigit() for ch in word):
-        return [Token(lower.replace(",", "") if _THOUSANDS.fullmatch(word) else lower, "number")]
+        return (Token(lower.replace(",", "") if _THOUSANDS.fullmatch(word) else lower, "number"),)
     if lower in _NUMBER_WORDS:
-        return [Token(_NUMBER_WORDS[lower], "number")]
+        return (Token(_NUMBER_WORDS[lower], "number"),)
     if lower in _ORDINALS:
-        return [Token(_ORDINALS[lower], "number")]
+        return (Token(_ORDINALS[lower], "number"),)
     if lower in _MULTIPLES:
-        return [Token(_MULTIPLES[lower], "number"), Token(stem("time"), "word")]
+        return (
+            Token(_MULTIPLES[lower], "number"),
+            Token(stem("time"), "word"),
+        )
     if lower in _NEGATIONS:
-        return [Token(lower, "negation")]
+        return (Token(lower, "negation"),)
     if lower in _TENSE:
-        return [Token(lower, "tense")]
+        return (Token(lower, "tense"),)
     stemmed = stem(_american(lower))
     capitalised = word[0].isupper()
     for day in (lower, stemmed, lower[:-1]):
         if day in _DAY_WORDS or (capitalised and day in _MONTHS):
-            return [Token(day, "date")]
+            return (Token(day, "date"),)
     acronym = len(word) >= 2 and word.isupper()
     if capitalised and (not sentence_start or acronym):
-        return [Token(lower, "name", lower if acronym else lower[0])]
-    return [Token(stemmed, "word")]
+        return (Token(lower, "name", lower if acronym else lower[0]),)
+    return (Token(stemmed, "word"),)
 
 
 def _times_and_ordinals(found: list[Token]) -> list[Token]:
@@ -367,12 +378,32 @@ class Change:
 
 
 def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
-    matcher = SequenceMatcher(None, [t.text for t in old], [t.text for t in new], autojunk=False)
+    old_words = [t.text for t in old]
+    new_words = [t.text for t in new]
+    head = 0  # the common beginning and end are matched directly: the middle is usually short
+    while head < min(len(old), len(new)) and old_words[head] == new_words[head]:
+        head += 1
+    tail = 0
+    while (
+        tail < min(len(old), len(new)) - head
+        and old_words[len(old) - 1 - tail] == new_words[len(new) - 1 - tail]
+    ):
+        tail += 1
+    old_middle = old_words[head : len(old) - tail]
+    new_middle = new_words[head : len(new) - tail]
+    opcodes: Sequence[tuple[str, int, int, int, int]] = (
+        [("replace", 0, len(old_middle), 0, len(new_middle))]  # one changed span
+        if old_middle or new_middle
+        else []
+    )
+    if old_middle and new_middle and set(old_middle) & set(new_middle):
+        opcodes = SequenceMatcher(None, old_middle, new_middle, autojunk=False).get_opcodes()
     before: list[Token] = []
     after: list[Token] = []
-    shared = 0
+    shared = head + tail
     spans: list[tuple[int, int, int, int]] = []
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+    for op, i1, i2, j1, j2 in opcodes:
+        i1, i2, j1, j2 = i1 + head, i2 + head, j1 + head, j2 + head
         if op == "equal":
             shared += i2 - i1
         else:
@@ -394,7 +425,8 @@ def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
     )
 
 
-def _predicate_start(sequence: Sequence[Token]) -> int:
+@lru_cache(maxsize=4096)
+def _predicate_start(sequence: tuple[Token, ...]) -> int:
     """Index where the predicate begins: the first auxiliary, verb or negation, else the first
     preposition, else 0 (a text that starts with its verb: "Prefers dark mode")."""
     for index, token in enumerate(sequence):
@@ -412,22 +444,26 @@ def _starts_predicate(token: Token) -> bool:
     )
 
 
-def _subject(sequence: Sequence[Token]) -> Counter[str]:
+def _subject(sequence: tuple[Token, ...]) -> Counter[str]:
     return Counter(t.text for t in sequence[: _predicate_start(sequence)])
 
 
-def _with_acronyms(old: Sequence[Token], new: Sequence[Token]) -> tuple[list[Token], list[Token]]:
+def _with_acronyms(
+    old: tuple[Token, ...], new: tuple[Token, ...]
+) -> tuple[tuple[Token, ...], tuple[Token, ...]]:
     """Where one text has an acronym and the other a name with those initials, write the
     acronym in both ("Lives in NYC" and "Lives in New York City")."""
     acronyms = {t.text for t in (*old, *new) if t.kind == "name" and t.initials == t.text}
+    if not acronyms:
+        return old, new
 
-    def shorten(sequence: Sequence[Token]) -> list[Token]:
-        return [
+    def shorten(sequence: tuple[Token, ...]) -> tuple[Token, ...]:
+        return tuple(
             Token(t.initials, "name", t.initials)
             if t.kind == "name" and len(t.initials) > 1 and t.initials in acronyms
             else t
             for t in sequence
-        ]
+        )
 
     return shorten(old), shorten(new)
 
@@ -463,15 +499,11 @@ def _links(sequence: Sequence[Token]) -> Counter[tuple[str, frozenset[str]]]:
     return links
 
 
-def _reordered(old: Sequence[Token], new: Sequence[Token]) -> bool:
-    """The same words in another order that keeps the subject and what each preposition
+def _reordered(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
+    """Whether the same words, in another order, keep the subject and what each preposition
     governs ("Plays guitar and piano" = "Plays piano and guitar"; "Prefers tea over coffee"
     is not "Prefers coffee over tea")."""
-    return (
-        Counter(t.text for t in old) == Counter(t.text for t in new)
-        and _subject(old) == _subject(new)
-        and _links(old) == _links(new)
-    )
+    return _subject(old) == _subject(new) and _links(old) == _links(new)
 
 
 def _details(sequence: Sequence[Token]) -> Counter[str]:
@@ -491,15 +523,22 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
     if same_wording_key(old) == same_wording_key(new):
         return Relation.DUPLICATE
     a, b = _with_acronyms(tokens(old), tokens(new))
-    if [t.text for t in a] == [t.text for t in b] or (a and b and _reordered(a, b)):
-        return Relation.DUPLICATE
     if not a or not b:
-        return Relation.DISTINCT
+        return Relation.DUPLICATE if a == b else Relation.DISTINCT
+    words_a, words_b = Counter(t.text for t in a), Counter(t.text for t in b)
+    if [t.text for t in a] == [t.text for t in b] or (words_a == words_b and _reordered(a, b)):
+        return Relation.DUPLICATE
+    common = words_a & words_b
+    if (
+        sum(common.values()) < MIN_SHARED_OF_SHORTER * min(len(a), len(b))
+        and similarity < duplicate_threshold
+    ):
+        return Relation.DISTINCT  # too different to be the same statement
     change = _diff(a, b)
     if _subject_changed(a, b, change):
         return Relation.DISTINCT  # "Teammate 59 ..." / "Teammate 62 ..."
     if _polarity(a) != _polarity(b) or _antonyms(change):
-        covered = change.shared >= POLARITY_MIN_COVERED * min(len(a), len(b))
+        covered = change.shared >= MIN_SHARED_OF_SHORTER * min(len(a), len(b))
         return Relation.UPDATE if covered else Relation.DISTINCT
     removed = [t for t in change.before if t.text not in _FILLER]
     added = [t for t in change.after if t.text not in _FILLER]
@@ -537,7 +576,7 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
     return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
 
 
-def _subject_changed(old: Sequence[Token], new: Sequence[Token], change: Change) -> bool:
+def _subject_changed(old: tuple[Token, ...], new: tuple[Token, ...], change: Change) -> bool:
     """Whether a word before the predicate differs: another person or thing. Helper and
     filler words do not count ("Has been vegetarian" = "Vegetarian")."""
     for sequence, changed in ((old, change.changed_old), (new, change.changed_new)):
@@ -552,7 +591,7 @@ def _subject_changed(old: Sequence[Token], new: Sequence[Token], change: Change)
     return False
 
 
-def _names_things(sequence: Sequence[Token], changed: frozenset[int]) -> bool:
+def _names_things(sequence: tuple[Token, ...], changed: frozenset[int]) -> bool:
     """Whether each changed number follows a noun, naming a thing ("room 12", "language
     number 3") rather than counting or measuring it ("12 rooms", "at 3pm", "is 7", "level 2")."""
     numbers = [i for i in changed if sequence[i].kind == "number"]
@@ -587,7 +626,7 @@ def _announces_change(added: Sequence[Token], old: Sequence[Token]) -> bool:
     return any(t.text in _CHANGE_WORDS and t.text not in had for t in added)
 
 
-def _attribute_is(old: Sequence[Token], change: Change) -> bool:
+def _attribute_is(old: tuple[Token, ...], change: Change) -> bool:
     """ "<thing> is [preposition] <value>" with the value changed: "Bank is Chase" -> "Bank is
     Wells Fargo"."""
     start = _predicate_start(old)
