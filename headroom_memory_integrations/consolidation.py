@@ -427,15 +427,16 @@ def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
 
 @lru_cache(maxsize=4096)
 def _predicate_start(sequence: tuple[Token, ...]) -> int:
-    """Index where the predicate begins: the first auxiliary, verb or negation, else the first
-    preposition, else 0 (a text that starts with its verb: "Prefers dark mode")."""
+    """Index where the predicate begins: the first auxiliary, verb or negation ("Sister Anna |
+    lives in Berlin"; "| Prefers dark mode"), else the first preposition ("Dentist appointment
+    | on Tuesday"). A text with neither only names something ("fact number 3"): all subject."""
     for index, token in enumerate(sequence):
         if _starts_predicate(token):
             return index
     for index, token in enumerate(sequence):
         if token.text in _PREPOSITIONS:
             return index
-    return 0
+    return len(sequence)
 
 
 def _starts_predicate(token: Token) -> bool:
@@ -630,7 +631,7 @@ def _attribute_is(old: tuple[Token, ...], change: Change) -> bool:
     """ "<thing> is [preposition] <value>" with the value changed: "Bank is Chase" -> "Bank is
     Wells Fargo"."""
     start = _predicate_start(old)
-    if start == 0 or old[start].text not in ("is", "are"):
+    if not 0 < start < len(old) or old[start].text not in ("is", "are"):
         return False
     value = start + 1
     if value < len(old) and old[value].text in _PREPOSITIONS:
