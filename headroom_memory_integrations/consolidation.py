@@ -11,9 +11,10 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   number words ("seven" = "7", "3pm" = "3 pm" = "15:00"), word forms ("Saturdays" =
   "Saturday"), the order of an "A and B" list or of phrases that keep their prepositions
   ("Works at Stripe as an engineer"), names spelled as one word or an acronym ("VS Code" =
-  "VSCode", "New York City" = "NYC"), or fewer details ("Enjoys jazz" after "Enjoys jazz
-  music"). A reworded text counts only if it is at least ``duplicate_threshold`` similar and
-  changes no number, date, name, negation or tense.
+  "VSCode", "New York City" = "NYC"), or fewer words ("Enjoys jazz" after "Enjoys jazz
+  music"; but fewer numbers or dates is an update: "every week" after "every two weeks").
+  A reworded text counts only if it is at least ``duplicate_threshold`` similar and changes no
+  number, date, name, negation or tense.
 - :attr:`Relation.UPDATE`: the same statement with a changed value, which makes the old one
   no longer current: a number, date or time ("daughter is 7" -> "9"), a negation or tense
   ("is allergic" -> "is not allergic", "likes" -> "dislikes", "is unpaid" -> "was paid"),
@@ -21,10 +22,14 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   "moved", "finished", "cancelled", "married"), or a new value of something a person has one
   of: where they live or work, their preference, their favourite, their manager, an
   attribute stated as "<thing> is <value>" ("Bank is Chase" -> "Bank is Wells Fargo").
-- :attr:`Relation.DISTINCT`: both can be true: a different subject ("Teammate 59 ..." vs
-  "Teammate 62 ...", "User's daughter ..." vs "User's son ..."), a second value of something
-  a person can have several of ("allergic to peanuts" and "... to shellfish", "plays guitar"
-  and "... piano"), a different verb, or texts too different to align.
+- :attr:`Relation.DISTINCT`: both can be true: a different subject, i.e. a change before the
+  verb ("Teammate 59 ..." vs "Teammate 62 ...", "User's daughter ..." vs "User's son ...";
+  a text with no verb or preposition, "fact number 3", is all subject); a second value of
+  something a person can have several of ("allergic to peanuts" and "... to shellfish", "plays
+  guitar" and "... piano", "likes language number 3" and "... 5"); one more companion ("lives
+  with their wife Carmen" and "... stepfather Carmen"); a value changed together with another
+  word ("Lived in Paris from 2010" and "... Rome from 2015"); a different verb; or texts that
+  share less than half of the shorter one's words.
 
 Mistakes are not equal. Calling an update or a distinct fact a duplicate discards new
 information, so the duplicate rule is the strictest. Calling a distinct fact an update retires

@@ -143,7 +143,7 @@ class Remembered:
     outcome: Outcome
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Decision:
     """How one item of a batch is consolidated: its outcome, and the memory it concerns (its
     own draft, or the id of the memory it duplicates or supersedes)."""
