@@ -69,6 +69,12 @@ UPDATE_MIN_SHARED = 0.5
 """An update keeps the statement: at least this share of the tokens of both texts together
 (2 x shared / (old + new)) are the same, in the same order."""
 
+MAX_CHANGED_WORDS = 3
+"""A duplicate or an update changes at most this many content words on either side (helper
+words, negations, prepositions and pronouns not counted): one slot of the statement. More is
+another statement that shares a frame ("[17 July 2023] Melanie enjoys unplugging ..." and
+"[17 July 2023] Melanie and her kids finished a painting ...")."""
+
 MIN_SHARED_OF_SHORTER = 0.5
 """Two texts that share fewer than this share of the shorter one's tokens are distinct, unless
 one rewords the other (at or above the duplicate threshold); a negation or tense flip must keep
@@ -451,7 +457,7 @@ def _starts_predicate(token: Token) -> bool:
 
 
 def _subject(sequence: tuple[Token, ...]) -> Counter[str]:
-    return Counter(t.text for t in sequence[: _predicate_start(sequence)])
+    return Counter(t.text for t in sequence[: _predicate_start(sequence)] if t.text not in _FILLER)
 
 
 def _with_acronyms(
@@ -543,6 +549,8 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
     change = _diff(a, b)
     if _subject_changed(a, b, change):
         return Relation.DISTINCT  # "Teammate 59 ..." / "Teammate 62 ..."
+    if max(_content_words(change.before), _content_words(change.after)) > MAX_CHANGED_WORDS:
+        return Relation.DISTINCT  # another statement in the same frame ("[date] Name ...")
     if _polarity(a) != _polarity(b) or _antonyms(change):
         covered = change.shared >= MIN_SHARED_OF_SHORTER * min(len(a), len(b))
         return Relation.UPDATE if covered else Relation.DISTINCT
@@ -582,9 +590,28 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
     return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
 
 
+def _content_words(changed: Sequence[Token]) -> int:
+    return sum(
+        1
+        for t in changed
+        if t.kind not in ("negation", "tense")
+        and t.text not in _FILLER
+        and t.text not in _AUXILIARIES
+        and t.text not in _PREPOSITIONS
+        and t.text not in _POSSESSIVES
+    )
+
+
+def _has_verb(sequence: tuple[Token, ...]) -> bool:
+    return any(_starts_predicate(t) for t in sequence)
+
+
 def _subject_changed(old: tuple[Token, ...], new: tuple[Token, ...], change: Change) -> bool:
-    """Whether a word before the predicate differs: another person or thing. Helper and
-    filler words do not count ("Has been vegetarian" = "Vegetarian")."""
+    """Whether the subject differs: another person or thing. It does when a word before the
+    predicate changed, or when both texts have a verb and the words before it differ. Helper
+    and filler words do not count ("Has been vegetarian" = "Vegetarian")."""
+    if _has_verb(old) and _has_verb(new) and _subject(old) != _subject(new):
+        return True
     for sequence, changed in ((old, change.changed_old), (new, change.changed_new)):
         start = _predicate_start(sequence)
         if any(
