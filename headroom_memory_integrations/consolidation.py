@@ -142,6 +142,13 @@ _VERBS = _verb_forms(
 """Verbs that start the predicate ("Sister Anna | lives in Berlin"): what comes before them
 is the subject."""
 
+_IRREGULAR_PAST = frozenset(
+    "took ate drank left bought ran swam wrote led met saw went fed slept woke paid taught grew "
+    "knew flew kept became spoke had did got made came gave found told thought sent spent won "
+    "lost sold built felt heard held brought began broke chose drove forgot rode sang sat stood "
+    "wore".split()
+)
+
 _PREPOSITIONS = _stems(
     "in at on to for with from by as into near since until after before during via per about "
     "over under than through within around across"
@@ -262,6 +269,7 @@ class Token:
     kind: str
     initials: str = ""
     continues_name: bool = False  # a capitalised word right after another ("York" in "New York")
+    past: bool = False  # a verb's past form ("lived", "took", "was")
 
     @property
     def is_detail(self) -> bool:
@@ -322,7 +330,7 @@ def _classify(word: str, sentence_start: bool) -> tuple[Token, ...]:
     if lower in _NEGATIONS:
         return (Token(lower, "negation"),)
     if lower in _TENSE:
-        return (Token(lower, "tense"),)
+        return (Token(lower, "tense", past=lower in ("was", "were", "used")),)
     stemmed = stem(_american(lower))
     capitalised = word[0].isupper()
     for day in (lower, stemmed, lower[:-1]):
@@ -331,7 +339,7 @@ def _classify(word: str, sentence_start: bool) -> tuple[Token, ...]:
     acronym = len(word) >= 2 and word.isupper()
     if capitalised and (not sentence_start or acronym):
         return (Token(lower, "name", lower if acronym else lower[0]),)
-    return (Token(stemmed, "word"),)
+    return (Token(stemmed, "word", past=lower.endswith("ed") or lower in _IRREGULAR_PAST),)
 
 
 def _times_and_ordinals(found: list[Token]) -> list[Token]:
@@ -375,6 +383,8 @@ class Change:
         prefix / suffix: The shared tokens before the first change and after the last one.
         shared: How many tokens are the same, in the same order.
         first_old / first_new: Index of the first changed token in each sequence.
+        changed_old / changed_new: Indexes of the changed tokens in each sequence.
+        spans: How many separate places changed.
     """
 
     before: tuple[Token, ...]
@@ -386,6 +396,7 @@ class Change:
     first_new: int
     changed_old: frozenset[int]
     changed_new: frozenset[int]
+    spans: int  # how many separate places changed
 
 
 def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
@@ -433,6 +444,7 @@ def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
         first_new=spans[0][2] if spans else len(new),
         changed_old=frozenset(i for i1, i2, _, _ in spans for i in range(i1, i2)),
         changed_new=frozenset(j for _, _, j1, j2 in spans for j in range(j1, j2)),
+        spans=len(spans),
     )
 
 
@@ -573,6 +585,8 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
         return Relation.DISTINCT  # too different to be the same statement
     if announced:
         return Relation.UPDATE  # "now", "moved", "finished", "cancelled", ...
+    if _in_the_past(a) and _in_the_past(b):
+        return Relation.DISTINCT  # "Lived in Paris ..." and "Lived in Rome ...": both were true
     kinds = {"value" if _is_value(t) else t.kind for t in removed + added}
     context = {t.text for t in change.prefix}
     if kinds == {"value"}:  # only numbers, dates or times changed
@@ -581,6 +595,9 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
         return Relation.UPDATE
     if "value" in kinds:
         return Relation.DISTINCT  # a value and something else: another occasion
+    swapped = Counter(t.text for t in removed) == Counter(t.text for t in added)
+    if change.spans > 1 and not swapped:
+        return Relation.DISTINCT  # changed in several places: another statement
     if {t.kind for t in removed} != {t.kind for t in added}:
         return Relation.DISTINCT  # a name for a common noun: another slot ("Lives in a house")
     if context & _MANY_VALUES or _after_company(change.prefix):
@@ -600,6 +617,12 @@ def _content_words(changed: Sequence[Token]) -> int:
         and t.text not in _PREPOSITIONS
         and t.text not in _POSSESSIVES
     )
+
+
+def _in_the_past(sequence: tuple[Token, ...]) -> bool:
+    """Whether the statement's verb is in the past tense ("Lived in Paris", "Was a nurse")."""
+    start = _predicate_start(sequence)
+    return start < len(sequence) and sequence[start].past
 
 
 def _has_verb(sequence: tuple[Token, ...]) -> bool:

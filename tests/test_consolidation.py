@@ -210,6 +210,17 @@ def test_the_cli_says_what_happened(db_path, capsys: pytest.CaptureFixture[str])
         ("Likes language number 3", "Likes language number 5", Relation.DISTINCT),
         ("Lives in Boston", "Lives in a big house", Relation.DISTINCT),
         ("Lived in Paris from 2010 to 2014", "Lived in Rome from 2015 to 2018", Relation.DISTINCT),
+        ("Went to the dentist on Tuesday", "Went to the dentist on Thursday", Relation.DISTINCT),
+        (  # several places changed: another statement in the same template
+            "Has a rabbit named Hazel that Mohammed looks after in Kyoto",
+            "Has a rabbit named Rocket that Vanessa looks after in Lisbon",
+            Relation.DISTINCT,
+        ),
+        (  # a shared frame, then another statement (LoCoMo observations)
+            "[17 July 2023] Melanie enjoys unplugging and hanging out with her kids.",
+            "[17 July 2023] Melanie and her kids finished a painting before the conversation.",
+            Relation.DISTINCT,
+        ),
     ],
 )
 def test_relate_word_by_word(old: str, new: str, relation: Relation) -> None:
