@@ -154,6 +154,9 @@ _PREPOSITIONS = _stems(
     "over under than through within around across"
 )
 
+_NOT_CONTENT = _FILLER | _NEGATIONS | _TENSE | _AUXILIARIES | _PREPOSITIONS | _POSSESSIVES
+"""Words that do not count as changed content (see :data:`MAX_CHANGED_WORDS`)."""
+
 _ONE_VALUE = _stems(
     "live lives lived move moved based located resides reside work works job title role position "
     "employer salary earn earns age born birthday name named called id email address "
@@ -255,7 +258,7 @@ def _american(word: str) -> str:
     return word
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: cached, compared by text
 class Token:
     """A word of a memory, compared by ``text`` (case-folded, stemmed, numbers normalised).
 
@@ -468,8 +471,12 @@ def _starts_predicate(token: Token) -> bool:
     )
 
 
-def _subject(sequence: tuple[Token, ...]) -> Counter[str]:
-    return Counter(t.text for t in sequence[: _predicate_start(sequence)] if t.text not in _FILLER)
+@lru_cache(maxsize=4096)
+def _subject(sequence: tuple[Token, ...]) -> tuple[str, ...]:
+    """The words before the predicate (filler left out), sorted: compared as a multiset."""
+    return tuple(
+        sorted(t.text for t in sequence[: _predicate_start(sequence)] if t.text not in _FILLER)
+    )
 
 
 def _with_acronyms(
@@ -558,6 +565,10 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
         and similarity < duplicate_threshold
     ):
         return Relation.DISTINCT  # too different to be the same statement
+    if _has_verb(a) and _has_verb(b) and _subject(a) != _subject(b):
+        return Relation.DISTINCT  # "Sister Anna lives ..." / "Sister Maria lives ..."
+    if max(_content_count(words_a - common), _content_count(words_b - common)) > MAX_CHANGED_WORDS:
+        return Relation.DISTINCT  # (the words no alignment can match: a quick first count)
     change = _diff(a, b)
     if _subject_changed(a, b, change):
         return Relation.DISTINCT  # "Teammate 59 ..." / "Teammate 62 ..."
@@ -608,15 +619,11 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
 
 
 def _content_words(changed: Sequence[Token]) -> int:
-    return sum(
-        1
-        for t in changed
-        if t.kind not in ("negation", "tense")
-        and t.text not in _FILLER
-        and t.text not in _AUXILIARIES
-        and t.text not in _PREPOSITIONS
-        and t.text not in _POSSESSIVES
-    )
+    return sum(1 for t in changed if t.text not in _NOT_CONTENT)
+
+
+def _content_count(words: Counter[str]) -> int:
+    return sum(count for word, count in words.items() if word not in _NOT_CONTENT)
 
 
 def _in_the_past(sequence: tuple[Token, ...]) -> bool:
@@ -630,11 +637,9 @@ def _has_verb(sequence: tuple[Token, ...]) -> bool:
 
 
 def _subject_changed(old: tuple[Token, ...], new: tuple[Token, ...], change: Change) -> bool:
-    """Whether the subject differs: another person or thing. It does when a word before the
-    predicate changed, or when both texts have a verb and the words before it differ. Helper
-    and filler words do not count ("Has been vegetarian" = "Vegetarian")."""
-    if _has_verb(old) and _has_verb(new) and _subject(old) != _subject(new):
-        return True
+    """Whether a word before the predicate changed: another person or thing. Helper and
+    filler words do not count ("Has been vegetarian" = "Vegetarian"). (When both texts have
+    a verb, :func:`relate` has compared the words before it already.)"""
     for sequence, changed in ((old, change.changed_old), (new, change.changed_new)):
         start = _predicate_start(sequence)
         if any(
