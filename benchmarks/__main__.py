@@ -29,7 +29,17 @@ from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import ModuleType  # noqa: E402
 
-from . import coldstart, e2e, injection, load, locomo, memory, needle, writes  # noqa: E402
+from . import (  # noqa: E402
+    coldstart,
+    consolidation,
+    e2e,
+    injection,
+    load,
+    locomo,
+    memory,
+    needle,
+    writes,
+)
 from .common import (  # noqa: E402
     Context,
     SectionResult,
@@ -49,6 +59,7 @@ SECTIONS: dict[str, ModuleType] = {
     "memory": memory,
     "locomo": locomo,
     "needle": needle,
+    "consolidation": consolidation,
     "load": load,
 }
 

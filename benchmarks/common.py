@@ -344,7 +344,7 @@ def _number(value: float | None, unit: str) -> str:
         return "-"
     if unit in ("ms", "s", "MB", "x"):
         text = f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
-    elif unit in ("/10", "questions"):
+    elif unit in ("/10", "questions", "pairs", "memories"):
         text = f"{value:.0f}"
     else:
         text = f"{value:.3f}"

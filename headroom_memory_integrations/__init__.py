@@ -26,6 +26,8 @@ from .engine import (
     MAX_TEXT_CHARS,
     MemoryStore,
     NewMemory,
+    Outcome,
+    Remembered,
 )
 from .errors import (
     EmbeddingMismatchError,
@@ -83,6 +85,8 @@ __all__ = [
     "MissingDependencyError",
     "NewMemory",
     "OpenAIEmbedder",
+    "Outcome",
+    "Remembered",
     "Revision",
     "RollingWindowTransform",
     "SearchResult",

@@ -3,6 +3,7 @@
 ::
 
     headroom-memory add --user alice "Prefers Python for backend work" --category preference
+    # -> stored 3f2a... (preference): ...; "duplicate of ..." or "superseded ... (was: ...)"
     headroom-memory search --user alice "which language?" --json
     headroom-memory list --user alice
     headroom-memory export --user alice alice.jsonl
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from .engine import MemoryStore
+from .engine import MemoryStore, Outcome, Remembered
 from .errors import HeadroomMemoryError
 from .types import Category, Memory
 
@@ -121,10 +122,10 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
     """Carry out one command; return what to print as JSON (text output is written here)."""
     store = MemoryStore(args.user, db_path=args.db)
     if args.command == "add":
-        memory = store.add(args.text, category=args.category, metadata=_metadata(args.meta))
+        done = store.remember(args.text, category=args.category, metadata=_metadata(args.meta))
         if not args.json:
-            print(f"stored {memory.id} ({memory.category.value}): {memory.text}", file=out)
-        return memory.to_dict()
+            print(_outcome_line(done), file=out)
+        return {"outcome": done.outcome.value, **done.memory.to_dict()}
     if args.command == "search":
         results = store.search(
             args.query, top_k=args.top_k, categories=args.category, min_score=args.min_score
@@ -173,6 +174,17 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
             print(f"imported {count} memories", file=out)
         return {"imported": count}
     raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def _outcome_line(done: Remembered) -> str:
+    """``stored <id> ...``, ``duplicate of <id> ...`` or ``superseded <id> ... (was: ...)``."""
+    memory = done.memory
+    about = f"{memory.id} ({memory.category.value}): {memory.text}"
+    if done.outcome is Outcome.DUPLICATE:
+        return f"duplicate of {about} (nothing stored)"
+    if done.outcome is Outcome.SUPERSEDED:
+        return f"superseded {about} (was: {memory.history[-1].text})"
+    return f"stored {about}"
 
 
 def _full_id(store: MemoryStore, given: str) -> str:

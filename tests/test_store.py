@@ -113,16 +113,16 @@ def test_get_all_clear_and_stats(store: MemoryStore) -> None:
 def test_duplicates_are_stored_once(store: MemoryStore) -> None:
     first = store.add("Lives in New York City")
     assert store.add("lives in new york city") == first  # same text, any case
-    assert store.add("Lives in NYC") == first  # near-duplicate above the threshold
+    assert store.add("Lives in NYC") == first  # the same place, as an acronym
     batch = store.add_many(
         ["Has a dog named Rex", "Has a dog named Rex.", "Lives in San Francisco"]
     )
     assert batch[0] == batch[1]  # duplicates inside one batch
-    assert [m.text for m in store.get_all()] == [
-        "Lives in New York City",
-        "Has a dog named Rex",
-        "Lives in San Francisco",
+    # a new home is not a duplicate of the old one: it supersedes it
+    assert batch[2].id == first.id and [r.text for r in batch[2].history] == [
+        "Lives in New York City"
     ]
+    assert [m.text for m in store.get_all()] == ["Lives in San Francisco", "Has a dog named Rex"]
 
 
 def test_duplicate_check_can_be_turned_off(db_path, model) -> None:
@@ -292,8 +292,13 @@ def test_different_facts_in_similar_words_are_kept_apart(store: MemoryStore) -> 
     store.add("Lives with their wife Carmen")
     store.add("Lives with their stepfather Carmen")
     store.add("Prefers dark mode")
-    store.add("Prefers light mode")
-    assert store.count() == 4
+    store.add("Prefers light mode")  # a changed preference replaces the old one
+    assert [m.text for m in store.get_all()] == [
+        "Lives with their wife Carmen",
+        "Lives with their stepfather Carmen",
+        "Prefers light mode",
+    ]
+    assert [r.text for r in store.get_all()[2].history] == ["Prefers dark mode"]
 
 
 def test_embedded_reads_are_served_from_memory_and_follow_writes(store: MemoryStore) -> None:

@@ -1,0 +1,245 @@
+"""Consolidation quality: is a new memory merged, does it supersede, or is it kept beside?
+
+Two measures, both through ``MemoryStore`` with the real local model:
+
+- **Labelled pairs** (``benchmarks/consolidation_pairs.jsonl``, 318 pairs in 11 domains written
+  for this: health, work, family, places, tools, tastes, schedules, ids, travel, pets,
+  learning). Each pair is an existing memory and a new one, labelled ``duplicate`` (the new
+  one says nothing new), ``update`` (it makes the old one no longer current) or ``distinct``
+  (both can be true). The pairs alternate between a ``dev`` half, on which the rules and
+  thresholds were tuned, and a ``heldout`` half. For each pair a fresh user stores the old text
+  with ``add`` and then ``remember(new)``; its outcome (``duplicate``, ``superseded`` or
+  ``stored``) is compared with the label. The number that must be 0 is **new information
+  discarded**: an update or a distinct fact that came back as a duplicate, so the new memory
+  was dropped and the old one stayed current. The old rule (a duplicate at cosine >= 0.95 or
+  the same wording; never a supersede) is scored on the same pairs for comparison.
+- **Teammates**: 1,000 distinct facts in nearly the same words ("Teammate 59 is busy with
+  pottery work", "Teammate 62 ...") added with ``remember_many`` in batches of 100; all must be
+  stored. The old rule's count is computed on the same vectors.
+
+Run alone with ``python -m benchmarks.consolidation`` (prints the confusion matrices), or as
+the ``consolidation`` section of ``python -m benchmarks``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headroom_memory_integrations import (
+    DEFAULT_DUPLICATE_THRESHOLD,
+    ChromaStorage,
+    LocalEmbedder,
+    MemoryStore,
+    Outcome,
+)
+from headroom_memory_integrations.consolidation import same_wording_key
+
+from .common import Context, Row, SectionResult, log, value_at_least, value_at_most
+
+NAME = "consolidation"
+PAIRS = Path(__file__).with_name("consolidation_pairs.jsonl")
+LABELS = ("duplicate", "update", "distinct")
+SPLITS = ("dev", "heldout")
+AS_LABEL = {
+    Outcome.DUPLICATE: "duplicate",
+    Outcome.SUPERSEDED: "update",
+    Outcome.STORED: "distinct",
+}
+TEAMMATES = 1_000
+HOBBIES = "pottery chess garden carpentry painting knitting baking cycling sailing yoga".split()
+
+
+def load_pairs(path: Path = PAIRS) -> list[dict[str, str]]:
+    pairs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    for pair in pairs:
+        if pair["label"] not in LABELS or pair["split"] not in SPLITS:
+            raise ValueError(f"bad pair {pair['id']}: {pair['label']!r} / {pair['split']!r}")
+    return pairs
+
+
+def teammates(count: int = TEAMMATES) -> list[str]:
+    rng = random.Random(7)
+    return [f"Teammate {n} is busy with {rng.choice(HOBBIES)} work" for n in range(1, count + 1)]
+
+
+def old_rule(old: str, new: str, similarity: float) -> str:
+    """What the engine did before: a duplicate at cosine >= 0.95 or the same wording, else
+    stored; it never superseded on its own."""
+    same = same_wording_key(old) == same_wording_key(new)
+    return "duplicate" if same or similarity >= DEFAULT_DUPLICATE_THRESHOLD else "distinct"
+
+
+def judge_pairs(
+    pairs: list[dict[str, str]], storage: ChromaStorage, model: LocalEmbedder
+) -> list[dict[str, Any]]:
+    """Each pair through a fresh user's store: the outcome, the old rule's answer, the
+    similarity."""
+    olds = model.embed([p["old"] for p in pairs])
+    news = model.embed([p["new"] for p in pairs])
+    similarities = np.einsum("ij,ij->i", olds, news).tolist()
+    judged = []
+    for number, (pair, similarity) in enumerate(zip(pairs, similarities)):
+        store = MemoryStore(f"pair-{number}", storage=storage, embedder=model)
+        store.add(pair["old"])
+        done = store.remember(pair["new"])
+        judged.append(
+            {
+                **pair,
+                "similarity": round(similarity, 4),
+                "predicted": AS_LABEL[done.outcome],
+                "old_rule": old_rule(pair["old"], pair["new"], similarity),
+            }
+        )
+    return judged
+
+
+def matrix(judged: list[dict[str, Any]], key: str = "predicted") -> dict[str, dict[str, int]]:
+    """Label -> predicted -> count."""
+    counts = Counter((j["label"], j[key]) for j in judged)
+    return {label: {p: counts[(label, p)] for p in LABELS} for label in LABELS}
+
+
+def summary(judged: list[dict[str, Any]], key: str = "predicted") -> dict[str, Any]:
+    table = matrix(judged, key)
+    return {
+        "pairs": len(judged),
+        "matrix": table,
+        "accuracy": round(sum(table[x][x] for x in LABELS) / max(len(judged), 1), 3),
+        "new_information_discarded": table["update"]["duplicate"] + table["distinct"]["duplicate"],
+        "true_memory_retired": table["distinct"]["update"],
+        "stale_memory_kept": table["update"]["distinct"],
+        "duplicate_kept_or_rewritten": table["duplicate"]["update"]
+        + table["duplicate"]["distinct"],
+    }
+
+
+def format_matrix(table: dict[str, dict[str, int]]) -> str:
+    width = max(len(label) for label in LABELS) + 2
+    lines = ["label \\ outcome".ljust(width + 8) + "".join(p.rjust(width) for p in LABELS)]
+    for label in LABELS:
+        cells = "".join(str(table[label][p]).rjust(width) for p in LABELS)
+        lines.append(label.ljust(width + 8) + cells)
+    return "\n".join(lines)
+
+
+def teammates_stored(storage: ChromaStorage, model: LocalEmbedder, count: int) -> dict[str, Any]:
+    texts = teammates(count)
+    store = MemoryStore("teammates", storage=storage, embedder=model)
+    outcomes: Counter[str] = Counter()
+    for start in range(0, len(texts), 100):
+        outcomes.update(d.outcome.value for d in store.remember_many(texts[start : start + 100]))
+    vectors = model.embed(texts)
+    kept: list[int] = []  # the old rule: dropped if this close to any memory kept before it
+    for index, vector in enumerate(vectors):
+        if not kept or float(np.max(vectors[kept] @ vector)) < DEFAULT_DUPLICATE_THRESHOLD:
+            kept.append(index)
+    return {
+        "offered": len(texts),
+        "stored": store.count(),
+        "outcomes": dict(outcomes),
+        "old_rule_stored": len(kept),
+    }
+
+
+def measure(workdir: Path, teammate_count: int) -> dict[str, Any]:
+    model = LocalEmbedder()
+    storage = ChromaStorage.at(workdir)
+    judged = judge_pairs(load_pairs(), storage, model)
+    report: dict[str, Any] = {}
+    for split in SPLITS:
+        half = [j for j in judged if j["split"] == split]
+        report[split] = summary(half)
+        report[f"{split}_old_rule"] = summary(half, "old_rule")
+    report["errors"] = [
+        {k: j[k] for k in ("id", "split", "label", "predicted", "similarity", "old", "new")}
+        for j in judged
+        if j["predicted"] != j["label"]
+    ]
+    report["teammates"] = teammates_stored(storage, model, teammate_count)
+    return report
+
+
+def run(ctx: Context) -> SectionResult:
+    result = SectionResult(NAME)
+    report = measure(ctx.scratch(NAME), ctx.pick(TEAMMATES, 200))
+    for split in SPLITS:
+        label = "held-out" if split == "heldout" else split
+        now, before = report[split], report[f"{split}_old_rule"]
+        result.add(
+            Row(
+                NAME,
+                f"new information discarded, {label} pairs",
+                now["new_information_discarded"],
+                "pairs",
+                n=now["pairs"],
+                target=value_at_most(0),
+                note=f"old rule: {before['new_information_discarded']}",
+            )
+        )
+        result.add(
+            Row(
+                NAME,
+                f"outcome = label, {label} pairs",
+                now["accuracy"],
+                "",
+                n=now["pairs"],
+                note=f"old rule: {before['accuracy']:.3f}",
+            )
+        )
+        log(f"{NAME}, {label} half:\n{format_matrix(now['matrix'])}")
+    mates = report["teammates"]
+    result.add(
+        Row(
+            NAME,
+            f"teammates stored of {mates['offered']} distinct facts",
+            mates["stored"],
+            "memories",
+            target=value_at_least(mates["offered"]),
+            note=f"old rule: {mates['old_rule_stored']}",
+        )
+    )
+    result.details = report
+    return result
+
+
+def main() -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="headroom-consolidation-"))
+    try:
+        report = measure(workdir, TEAMMATES)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    for split in SPLITS:
+        for key, title in ((split, "this engine"), (f"{split}_old_rule", "old rule")):
+            part = report[key]
+            print(f"\n{split} half, {title} ({part['pairs']} pairs, accuracy {part['accuracy']}):")
+            print(format_matrix(part["matrix"]))
+            print(
+                f"new information discarded: {part['new_information_discarded']}; true memory "
+                f"retired: {part['true_memory_retired']}; stale memory kept: "
+                f"{part['stale_memory_kept']}"
+            )
+    mates = report["teammates"]
+    print(
+        f"\nteammates: {mates['stored']} of {mates['offered']} stored "
+        f"(old rule: {mates['old_rule_stored']})"
+    )
+    print("\nmismatches:")
+    for error in report["errors"]:
+        print(
+            f"  {error['split']:<7} {error['label']:>9} -> {error['predicted']:<9} "
+            f"{error['similarity']:.3f}  {error['old']!r} -> {error['new']!r}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,699 @@
+"""Consolidation: how a new memory relates to an existing, similar one of the same user.
+
+An embedding model says two texts are *about* the same thing; it barely notices that they
+disagree on exactly what matters. With all-MiniLM-L6-v2, "Dentist appointment on Tuesday at
+3pm" and "... Thursday at 3pm" are 0.977 similar, "User is allergic to peanuts" and "User is
+not allergic to peanuts" 0.979. Merging by similarity alone therefore throws away corrections.
+:func:`relate` compares the two texts word by word instead, and answers one of:
+
+- :attr:`Relation.DUPLICATE`: the new text says nothing the old one does not: the same words
+  up to case, punctuation and spacing, articles and a few filler words ("really", "has been"),
+  number words ("seven" = "7", "3pm" = "3 pm" = "15:00"), word forms ("Saturdays" =
+  "Saturday"), the order of an "A and B" list or of phrases that keep their prepositions
+  ("Works at Stripe as an engineer"), names spelled as one word or an acronym ("VS Code" =
+  "VSCode", "New York City" = "NYC"), or fewer words ("Enjoys jazz" after "Enjoys jazz
+  music"; but fewer numbers or dates is an update: "every week" after "every two weeks").
+  A reworded text counts only if it is at least ``duplicate_threshold`` similar and changes no
+  number, date, name, negation or tense.
+- :attr:`Relation.UPDATE`: the same statement with a changed value, which makes the old one
+  no longer current: a number, date or time ("daughter is 7" -> "9"), a negation or tense
+  ("is allergic" -> "is not allergic", "likes" -> "dislikes", "is unpaid" -> "was paid"),
+  more detail ("Has a dog" -> "Has a dog named Max"), a word that announces a change ("now",
+  "moved", "finished", "cancelled", "married"), or a new value of something a person has one
+  of: where they live or work, their preference, their favourite, their manager, an
+  attribute stated as "<thing> is <value>" ("Bank is Chase" -> "Bank is Wells Fargo").
+- :attr:`Relation.DISTINCT`: both can be true: a different subject, i.e. a change before the
+  verb ("Teammate 59 ..." vs "Teammate 62 ...", "User's daughter ..." vs "User's son ...";
+  a text with no verb or preposition, "fact number 3", is all subject); a second value of
+  something a person can have several of ("allergic to peanuts" and "... to shellfish", "plays
+  guitar" and "... piano", "likes language number 3" and "... 5"); one more companion ("lives
+  with their wife Carmen" and "... stepfather Carmen"); a value changed together with another
+  word ("Lived in Paris from 2010" and "... Rome from 2015"); a different verb; or texts that
+  share less than half of the shorter one's words.
+
+Mistakes are not equal. Calling an update or a distinct fact a duplicate discards new
+information, so the duplicate rule is the strictest. Calling a distinct fact an update retires
+a true memory to ``history``; calling an update distinct keeps a stale memory next to the new
+one. When unsure, :func:`relate` says DISTINCT. The rules and their measured error rates, on a
+labelled set of 318 pairs, are in ``docs/benchmarks.md`` (``benchmarks/consolidation.py``).
+
+Everything here is plain Python on the two texts and their cosine similarity: no model, no
+storage, no framework.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from difflib import SequenceMatcher
+from enum import Enum
+from functools import lru_cache
+
+from .lexical import stem
+
+
+class Relation(str, Enum):
+    """How a new memory relates to an existing one (see the module docstring)."""
+
+    DUPLICATE = "duplicate"
+    UPDATE = "update"
+    DISTINCT = "distinct"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+UPDATE_MIN_SHARED = 0.5
+"""An update keeps the statement: at least this share of the tokens of both texts together
+(2 x shared / (old + new)) are the same, in the same order."""
+
+MAX_CHANGED_WORDS = 3
+"""A duplicate or an update changes at most this many content words on either side (helper
+words, negations, prepositions and pronouns not counted): one slot of the statement. More is
+another statement that shares a frame ("[17 July 2023] Melanie enjoys unplugging ..." and
+"[17 July 2023] Melanie and her kids finished a painting ...")."""
+
+MIN_SHARED_OF_SHORTER = 0.5
+"""Two texts that share fewer than this share of the shorter one's tokens are distinct, unless
+one rewords the other (at or above the duplicate threshold); a negation or tense flip must keep
+this share too."""
+
+
+# -- word lists (stems, see lexical.stem) -----------------------------------------------------
+
+
+def _stems(words: str) -> frozenset[str]:
+    return frozenset(stem(word) for word in words.split())
+
+
+def _verb_forms(bases: str, irregular: str) -> frozenset[str]:
+    """The stems of each verb's regular forms (lives, lived, living, planned, ...)."""
+    forms = irregular.split()
+    for base in bases.split():
+        root = base[:-1] if base.endswith("e") else base
+        forms += [base, base + "s", base + "es", root + "ed", root + "ing"]
+        forms += [base + base[-1] + "ed", base + base[-1] + "ing"]  # planned, quitting
+    return frozenset(stem(form) for form in forms)
+
+
+_ARTICLES = frozenset({"a", "an", "the"})
+_POSSESSIVES = frozenset({"their", "his", "her", "my", "your", "our"})
+_LEADING_SUBJECTS = _POSSESSIVES | {"user"}
+"""Dropped at the start of a text: "User's mother lives in Lisbon" = "Mother lives in Lisbon"."""
+
+_FILLER = _stems("been being really very also just actually originally always still currently")
+"""Words whose presence or absence alone changes nothing ("Has been vegetarian" = "Vegetarian";
+"Really hates cilantro" = "Hates cilantro")."""
+
+_NEGATIONS = frozenset(
+    "not no never none nothing nobody neither nor without cannot anymore longer".split()
+)
+_TENSE = frozenset("was were used former formerly previously ex".split())
+"""A tense marker added or removed changes what is current ("Used to live in Boston")."""
+
+_ANTONYM_PREFIXES = ("dis", "un", "non", "in", "im", "ir", "il")
+
+_CHANGE_WORDS = _stems(
+    "now moved move switched switch changed change finished finish quit stopped stop left "
+    "cancelled canceled cancel became become married divorced engaged separated widowed retired "
+    "graduated rescheduled postponed sold paid"
+)
+"""A word of the new text, not in the old one, that announces a change of state."""
+
+_AUXILIARIES = _stems(
+    "is are am be been has have had does do did will would can could should must might shall "
+    "gets got"
+)
+
+_VERBS = _verb_forms(
+    "live move relocate reside work prefer like love enjoy hate dislike use drive own speak play "
+    "study take eat drink want need visit start join leave buy run swim read watch write code "
+    "manage lead report "
+    "meet see go walk feed sleep wake weigh commute pay owe earn cost expire launch turn knit "
+    "coach volunteer collect practice practise climb teach learn deploy finish quit smoke wear "
+    "grow know plan travel fly attend sing cook bake keep call name rent book cancel switch "
+    "change become marry retire graduate avoid follow support carry pick share host belong "
+    "celebrate cycle hike date divorce wish hope miss expect stay",
+    irregular="took ate drank left bought ran swam wrote led met saw goes went fed slept woke "
+    "paid taught grew knew flew kept became spoke",
+)
+"""Verbs that start the predicate ("Sister Anna | lives in Berlin"): what comes before them
+is the subject."""
+
+_IRREGULAR_PAST = frozenset(
+    "took ate drank left bought ran swam wrote led met saw went fed slept woke paid taught grew "
+    "knew flew kept became spoke had did got made came gave found told thought sent spent won "
+    "lost sold built felt heard held brought began broke chose drove forgot rode sang sat stood "
+    "wore".split()
+)
+
+_PREPOSITIONS = _stems(
+    "in at on to for with from by as into near since until after before during via per about "
+    "over under than through within around across"
+)
+
+_NOT_CONTENT = _FILLER | _NEGATIONS | _TENSE | _AUXILIARIES | _PREPOSITIONS | _POSSESSIVES
+"""Words that do not count as changed content (see :data:`MAX_CHANGED_WORDS`)."""
+
+_ONE_VALUE = _stems(
+    "live lives lived move moved based located resides reside work works job title role position "
+    "employer salary earn earns age born birthday name named called id email address "
+    "phone weigh weighs weight height tall type dose favourite favorite prefer prefers preferred "
+    "married engaged partner husband wife girlfriend boyfriend timezone drive drives rent budget "
+    "commute commutes wake wakes bedtime report reports manager boss hometown grade level rating "
+    "score goal price plate version"
+)
+"""Things a person has one of at a time, named before the changed value: a new value replaces
+the old ("Lives in Boston" -> "Lives in Denver")."""
+
+_ONE_VALUE_ROLES = _stems(
+    "editor shell browser ide layout status bank doctor dentist vet manager language"
+)
+"""Roles named after the changed value ("Uses VS Code as their editor")."""
+
+_MANY_VALUES = _stems(
+    "like likes love loves enjoy enjoys allergic allergy speak speaks play plays visit visited "
+    "learn learning study studying read reading watch collect collects know knows own owns "
+    "friend friends want wants hate hates dislike dislikes avoid avoids volunteer volunteers "
+    "knit knits write writes wrote written"
+)
+"""Things a person can have several of: a second value is a second fact ("Is allergic to
+peanuts", "Is allergic to shellfish")."""
+
+_COMPANY = _stems("with and alongside")
+"""A changed value right after these is one more companion or tool ("Lives with their wife
+Carmen", "Lives with their stepfather Carmen"), not a replacement."""
+
+_UNITS = _stems(
+    "second seconds minute minutes hour hours day days week weeks month months year years "
+    "time times mg g kg lb lbs pound pounds km mile miles m cm mm inch inches foot feet liter "
+    "liters litre litres ml percent dollar dollars euro euros"
+)
+
+_NUMBER_WORDS = {
+    word: str(value)
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70"})
+_NUMBER_WORDS.update({"eighty": "80", "ninety": "90", "hundred": "100", "dozen": "12"})
+_ORDINALS = {
+    word: str(value)
+    for value, word in enumerate(
+        "zeroth first second third fourth fifth sixth seventh eighth ninth tenth eleventh "
+        "twelfth".split()
+    )
+    if value
+}
+_MULTIPLES = {"once": "1", "twice": "2", "thrice": "3"}  # ... times
+_ORDINAL_SUFFIXES = frozenset({"st", "nd", "rd", "th"})
+_DAY_WORDS = frozenset(
+    "monday tuesday wednesday thursday friday saturday sunday today tomorrow tonight yesterday "
+    "weekday weekend".split()
+)
+_MONTHS = frozenset(
+    "january february march april may june july august september october november december".split()
+)  # dates only when capitalised: "may" and "march" are verbs too
+
+_WORDS = re.compile(r"[^\W_]+")
+_BRITISH_OUR = re.compile(
+    r"^(col|flav|fav|behavi|neighb|hon|hum|lab|harb|rum|vap|arm|splend|sav)our"
+)
+_BRITISH_TRE = re.compile(r"^(cen|thea|me|li|fib)tre")
+_BRITISH_ISE = re.compile(r"^(organ|real|recogn|special|apolog|optim|minim|summar|analy)is")
+_IDENTIFIER = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+|www\.\S+")
+_TOKEN = re.compile(rf"{_IDENTIFIER.pattern}|\d+(?:[.,:]\d+)*|[^\W\d_]+\d*[^\W_]*")
+_CONTRACTIONS = (
+    (re.compile(r"\bcan't\b", re.IGNORECASE), "can not"),
+    (re.compile(r"\bwon't\b", re.IGNORECASE), "will not"),
+    (re.compile(r"n't\b", re.IGNORECASE), " not"),
+    (re.compile(r"'(re|ve|ll|m|d)\b", re.IGNORECASE), " "),
+    (re.compile(r"'s\b", re.IGNORECASE), ""),
+)
+_THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+")
+_CLOCK = re.compile(r"(\d{1,2})(?::(\d{2}))?")
+
+
+# -- one text as tokens -----------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def same_wording_key(text: str) -> str:
+    """``text`` without case, punctuation and extra spacing: equal keys mean the same memory."""
+    return " ".join(_WORDS.findall(text.casefold()))
+
+
+def _american(word: str) -> str:
+    """One spelling for British and American variants ("colour", "favourite", "organise")."""
+    if "our" in word:
+        word = _BRITISH_OUR.sub(r"\1or", word)
+    if "tre" in word:
+        word = _BRITISH_TRE.sub(r"\1ter", word)
+    if "is" in word:
+        word = _BRITISH_ISE.sub(r"\1iz", word)
+    return word
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: cached, compared by text
+class Token:
+    """A word of a memory, compared by ``text`` (case-folded, stemmed, numbers normalised).
+
+    Attributes:
+        kind: ``word``, ``number``, ``date``, ``name`` (capitalised), ``negation`` or ``tense``.
+        initials: For a name, its initials ("newyorkcity" -> "nyc"); an all-capitals name is
+            its own initials, so an acronym can match the name it stands for.
+    """
+
+    text: str
+    kind: str
+    initials: str = ""
+    continues_name: bool = False  # a capitalised word right after another ("York" in "New York")
+    past: bool = False  # a verb's past form ("lived", "took", "was")
+
+    @property
+    def is_detail(self) -> bool:
+        """Numbers, dates and names: the words an embedding model barely tells apart."""
+        return self.kind in ("number", "date", "name")
+
+
+@lru_cache(maxsize=4096)
+def tokens(text: str) -> tuple[Token, ...]:
+    """The comparable tokens of ``text`` (see the module docstring for what is normalised)."""
+    text = text.replace("\u2019", "'")
+    for pattern, replacement in _CONTRACTIONS:
+        text = pattern.sub(replacement, text)
+    found: list[Token] = []
+    previous_end = 0
+    for match in _TOKEN.finditer(text):
+        gap = text[previous_end : match.start()]
+        title = (
+            bool(found)
+            and gap.strip() == "."
+            and found[-1].kind == "name"
+            and len(found[-1].text) <= 3
+        )
+        sentence_start = not found or (any(m in gap for m in ".!?:;\n") and not title)
+        classified = list(_classify(match.group(), sentence_start))
+        if (
+            found
+            and found[-1].kind == "name"
+            and classified[0].kind == "name"
+            and (gap.strip() in ("", "-") or (gap.strip() == "." and len(found[-1].text) <= 3))
+        ):  # "New York", "Pre-Check", "Dr. Patel"; not "Lopez, the VP"
+            classified[0] = replace(classified[0], continues_name=True)
+        found.extend(classified)
+        previous_end = match.end()
+    found = _times_and_ordinals(found)
+    while found and found[0].text in _LEADING_SUBJECTS | _ARTICLES:
+        found.pop(0)
+    kept = [t for t in found if not (t.text in _ARTICLES and t.kind == "word")]
+    return tuple(_join_names(kept))
+
+
+@lru_cache(maxsize=16384)
+def _classify(word: str, sentence_start: bool) -> tuple[Token, ...]:
+    lower = word.casefold()
+    if _IDENTIFIER.fullmatch(word):
+        return (Token(lower.rstrip(".,;:!?"), "name"),)  # an email address or a web address
+    if any(ch.isdigit() for ch in word):
+        return (Token(lower.replace(",", "") if _THOUSANDS.fullmatch(word) else lower, "number"),)
+    if lower in _NUMBER_WORDS:
+        return (Token(_NUMBER_WORDS[lower], "number"),)
+    if lower in _ORDINALS:
+        return (Token(_ORDINALS[lower], "number"),)
+    if lower in _MULTIPLES:
+        return (
+            Token(_MULTIPLES[lower], "number"),
+            Token(stem("time"), "word"),
+        )
+    if lower in _NEGATIONS:
+        return (Token(lower, "negation"),)
+    if lower in _TENSE:
+        return (Token(lower, "tense", past=lower in ("was", "were", "used")),)
+    stemmed = stem(_american(lower))
+    capitalised = word[0].isupper()
+    for day in (lower, stemmed, lower[:-1]):
+        if day in _DAY_WORDS or (capitalised and day in _MONTHS):
+            return (Token(day, "date"),)
+    acronym = len(word) >= 2 and word.isupper()
+    if capitalised and (not sentence_start or acronym):
+        return (Token(lower, "name", lower if acronym else lower[0]),)
+    return (Token(stemmed, "word", past=lower.endswith("ed") or lower in _IRREGULAR_PAST),)
+
+
+def _times_and_ordinals(found: list[Token]) -> list[Token]:
+    """``3 pm`` -> ``15:00``, ``9:30 am`` -> ``09:30``; ``3 rd`` -> ``3``."""
+    out: list[Token] = []
+    for token in found:
+        previous = out[-1] if out else None
+        if previous is not None and previous.kind == "number":
+            clock = _CLOCK.fullmatch(previous.text)
+            if token.text in ("am", "pm") and clock:
+                hour = int(clock.group(1)) % 12 + (12 if token.text == "pm" else 0)
+                out[-1] = Token(f"{hour:02d}:{clock.group(2) or '00'}", "number")
+                continue
+            if token.text in _ORDINAL_SUFFIXES:
+                continue
+        out.append(token)
+    return out
+
+
+def _join_names(found: list[Token]) -> list[Token]:
+    """Consecutive capitalised words are one name: "New York City" -> ``newyorkcity``."""
+    out: list[Token] = []
+    for token in found:
+        if token.continues_name and out and out[-1].kind == "name":
+            last = out[-1]
+            out[-1] = Token(last.text + token.text, "name", last.initials + token.text[0])
+        else:
+            out.append(token)
+    return out
+
+
+# -- comparing two texts ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """Where two token sequences differ.
+
+    Attributes:
+        before / after: The old and the new tokens of the changed spans.
+        prefix / suffix: The shared tokens before the first change and after the last one.
+        shared: How many tokens are the same, in the same order.
+        first_old / first_new: Index of the first changed token in each sequence.
+        changed_old / changed_new: Indexes of the changed tokens in each sequence.
+        spans: How many separate places changed.
+    """
+
+    before: tuple[Token, ...]
+    after: tuple[Token, ...]
+    prefix: tuple[Token, ...]
+    suffix: tuple[Token, ...]
+    shared: int
+    first_old: int
+    first_new: int
+    changed_old: frozenset[int]
+    changed_new: frozenset[int]
+    spans: int  # how many separate places changed
+
+
+def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
+    old_words = [t.text for t in old]
+    new_words = [t.text for t in new]
+    head = 0  # the common beginning and end are matched directly: the middle is usually short
+    while head < min(len(old), len(new)) and old_words[head] == new_words[head]:
+        head += 1
+    tail = 0
+    while (
+        tail < min(len(old), len(new)) - head
+        and old_words[len(old) - 1 - tail] == new_words[len(new) - 1 - tail]
+    ):
+        tail += 1
+    old_middle = old_words[head : len(old) - tail]
+    new_middle = new_words[head : len(new) - tail]
+    opcodes: Sequence[tuple[str, int, int, int, int]] = (
+        [("replace", 0, len(old_middle), 0, len(new_middle))]  # one changed span
+        if old_middle or new_middle
+        else []
+    )
+    if old_middle and new_middle and set(old_middle) & set(new_middle):
+        opcodes = SequenceMatcher(None, old_middle, new_middle, autojunk=False).get_opcodes()
+    before: list[Token] = []
+    after: list[Token] = []
+    shared = head + tail
+    spans: list[tuple[int, int, int, int]] = []
+    for op, i1, i2, j1, j2 in opcodes:
+        i1, i2, j1, j2 = i1 + head, i2 + head, j1 + head, j2 + head
+        if op == "equal":
+            shared += i2 - i1
+        else:
+            before.extend(old[i1:i2])
+            after.extend(new[j1:j2])
+            spans.append((i1, i2, j1, j2))
+    first_old = spans[0][0] if spans else len(old)
+    last_old = spans[-1][1] if spans else len(old)
+    return Change(
+        before=tuple(before),
+        after=tuple(after),
+        prefix=tuple(old[:first_old]),
+        suffix=tuple(old[last_old:]),
+        shared=shared,
+        first_old=first_old,
+        first_new=spans[0][2] if spans else len(new),
+        changed_old=frozenset(i for i1, i2, _, _ in spans for i in range(i1, i2)),
+        changed_new=frozenset(j for _, _, j1, j2 in spans for j in range(j1, j2)),
+        spans=len(spans),
+    )
+
+
+@lru_cache(maxsize=4096)
+def _predicate_start(sequence: tuple[Token, ...]) -> int:
+    """Index where the predicate begins: the first auxiliary, verb or negation ("Sister Anna |
+    lives in Berlin"; "| Prefers dark mode"), else the first preposition ("Dentist appointment
+    | on Tuesday"). A text with neither only names something ("fact number 3"): all subject."""
+    for index, token in enumerate(sequence):
+        if _starts_predicate(token):
+            return index
+    for index, token in enumerate(sequence):
+        if token.text in _PREPOSITIONS:
+            return index
+    return len(sequence)
+
+
+def _starts_predicate(token: Token) -> bool:
+    return token.kind in ("negation", "tense") or (
+        token.kind == "word" and (token.text in _AUXILIARIES or token.text in _VERBS)
+    )
+
+
+@lru_cache(maxsize=4096)
+def _subject(sequence: tuple[Token, ...]) -> tuple[str, ...]:
+    """The words before the predicate (filler left out), sorted: compared as a multiset."""
+    return tuple(
+        sorted(t.text for t in sequence[: _predicate_start(sequence)] if t.text not in _FILLER)
+    )
+
+
+def _with_acronyms(
+    old: tuple[Token, ...], new: tuple[Token, ...]
+) -> tuple[tuple[Token, ...], tuple[Token, ...]]:
+    """Where one text has an acronym and the other a name with those initials, write the
+    acronym in both ("Lives in NYC" and "Lives in New York City")."""
+    acronyms = {t.text for t in (*old, *new) if t.kind == "name" and t.initials == t.text}
+    if not acronyms:
+        return old, new
+
+    def shorten(sequence: tuple[Token, ...]) -> tuple[Token, ...]:
+        return tuple(
+            Token(t.initials, "name", t.initials)
+            if t.kind == "name" and len(t.initials) > 1 and t.initials in acronyms
+            else t
+            for t in sequence
+        )
+
+    return shorten(old), shorten(new)
+
+
+def _polarity(sequence: Sequence[Token]) -> Counter[str]:
+    return Counter(t.text for t in sequence if t.kind in ("negation", "tense"))
+
+
+def _antonyms(change: Change) -> bool:
+    """A changed word and its opposite by prefix: "likes" / "dislikes", "paid" / "unpaid"."""
+    before = {t.text for t in change.before if t.kind == "word"}
+    after = {t.text for t in change.after if t.kind == "word"}
+    for one, other in ((before, after), (after, before)):
+        for word in one:
+            if any(prefix + word in other for prefix in _ANTONYM_PREFIXES):
+                return True
+    return False
+
+
+def _links(sequence: Sequence[Token]) -> Counter[tuple[str, frozenset[str]]]:
+    """Each preposition with the words it governs (up to the next preposition or verb):
+    what a reordering must keep. "in Python and TypeScript" = "in TypeScript and Python"."""
+    links: Counter[tuple[str, frozenset[str]]] = Counter()
+    for index, token in enumerate(sequence):
+        if token.text not in _PREPOSITIONS:
+            continue
+        governed = []
+        for following in sequence[index + 1 :]:
+            if following.text in _PREPOSITIONS or _starts_predicate(following):
+                break
+            governed.append(following.text)
+        links[(token.text, frozenset(governed))] += 1
+    return links
+
+
+def _reordered(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
+    """Whether the same words, in another order, keep the subject and what each preposition
+    governs ("Plays guitar and piano" = "Plays piano and guitar"; "Prefers tea over coffee"
+    is not "Prefers coffee over tea")."""
+    return _subject(old) == _subject(new) and _links(old) == _links(new)
+
+
+def _details(sequence: Sequence[Token]) -> Counter[str]:
+    return Counter(t.text for t in sequence if t.is_detail)
+
+
+def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float) -> Relation:
+    """How memory text ``new`` relates to the existing ``old`` (see the module docstring).
+
+    Args:
+        old: The text of a memory already stored.
+        new: The text about to be stored.
+        similarity: Their cosine similarity (the engine has it from the vector search).
+        duplicate_threshold: The similarity from which a rewording that changes no number,
+            date, name, negation or tense counts as a duplicate.
+    """
+    if same_wording_key(old) == same_wording_key(new):
+        return Relation.DUPLICATE
+    a, b = _with_acronyms(tokens(old), tokens(new))
+    if not a or not b:
+        return Relation.DUPLICATE if a == b else Relation.DISTINCT
+    words_a, words_b = Counter(t.text for t in a), Counter(t.text for t in b)
+    if [t.text for t in a] == [t.text for t in b] or (words_a == words_b and _reordered(a, b)):
+        return Relation.DUPLICATE
+    common = words_a & words_b
+    if (
+        sum(common.values()) < MIN_SHARED_OF_SHORTER * min(len(a), len(b))
+        and similarity < duplicate_threshold
+    ):
+        return Relation.DISTINCT  # too different to be the same statement
+    if _has_verb(a) and _has_verb(b) and _subject(a) != _subject(b):
+        return Relation.DISTINCT  # "Sister Anna lives ..." / "Sister Maria lives ..."
+    if max(_content_count(words_a - common), _content_count(words_b - common)) > MAX_CHANGED_WORDS:
+        return Relation.DISTINCT  # (the words no alignment can match: a quick first count)
+    change = _diff(a, b)
+    if _subject_changed(a, b, change):
+        return Relation.DISTINCT  # "Teammate 59 ..." / "Teammate 62 ..."
+    if max(_content_words(change.before), _content_words(change.after)) > MAX_CHANGED_WORDS:
+        return Relation.DISTINCT  # another statement in the same frame ("[date] Name ...")
+    if _polarity(a) != _polarity(b) or _antonyms(change):
+        covered = change.shared >= MIN_SHARED_OF_SHORTER * min(len(a), len(b))
+        return Relation.UPDATE if covered else Relation.DISTINCT
+    removed = [t for t in change.before if t.text not in _FILLER]
+    added = [t for t in change.after if t.text not in _FILLER]
+    if not added:  # the new text says less
+        fewer_values = any(t.kind in ("number", "date") for t in removed)
+        return Relation.UPDATE if fewer_values else Relation.DUPLICATE  # "every 2 weeks"
+    if not removed:
+        return Relation.UPDATE  # the same statement with more detail
+    announced = _announces_change(added, a)
+    moved = {t.text for t in removed} & {t.text for t in added}
+    if (
+        similarity >= duplicate_threshold
+        and _details(a) == _details(b)
+        and not (announced or moved)
+    ):
+        return Relation.DUPLICATE  # words replaced by others of the same meaning
+    if 2 * change.shared < UPDATE_MIN_SHARED * (len(a) + len(b)):
+        return Relation.DISTINCT  # too different to be the same statement
+    if announced:
+        return Relation.UPDATE  # "now", "moved", "finished", "cancelled", ...
+    if _in_the_past(a) and _in_the_past(b):
+        return Relation.DISTINCT  # "Lived in Paris ..." and "Lived in Rome ...": both were true
+    kinds = {"value" if _is_value(t) else t.kind for t in removed + added}
+    context = {t.text for t in change.prefix}
+    if kinds == {"value"}:  # only numbers, dates or times changed
+        if context & _MANY_VALUES and _names_things(a, change.changed_old):
+            return Relation.DISTINCT  # "Likes language number 3" / "... number 5"
+        return Relation.UPDATE
+    if "value" in kinds:
+        return Relation.DISTINCT  # a value and something else: another occasion
+    swapped = Counter(t.text for t in removed) == Counter(t.text for t in added)
+    if change.spans > 1 and not swapped:
+        return Relation.DISTINCT  # changed in several places: another statement
+    if {t.kind for t in removed} != {t.kind for t in added}:
+        return Relation.DISTINCT  # a name for a common noun: another slot ("Lives in a house")
+    if context & _MANY_VALUES or _after_company(change.prefix):
+        return Relation.DISTINCT  # "allergic to peanuts" / "shellfish"; "lives with X" / "Y"
+    if context & _ONE_VALUE or {t.text for t in change.suffix} & _ONE_VALUE_ROLES:
+        return Relation.UPDATE
+    return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
+
+
+def _content_words(changed: Sequence[Token]) -> int:
+    return sum(1 for t in changed if t.text not in _NOT_CONTENT)
+
+
+def _content_count(words: Counter[str]) -> int:
+    return sum(count for word, count in words.items() if word not in _NOT_CONTENT)
+
+
+def _in_the_past(sequence: tuple[Token, ...]) -> bool:
+    """Whether the statement's verb is in the past tense ("Lived in Paris", "Was a nurse")."""
+    start = _predicate_start(sequence)
+    return start < len(sequence) and sequence[start].past
+
+
+def _has_verb(sequence: tuple[Token, ...]) -> bool:
+    return any(_starts_predicate(t) for t in sequence)
+
+
+def _subject_changed(old: tuple[Token, ...], new: tuple[Token, ...], change: Change) -> bool:
+    """Whether a word before the predicate changed: another person or thing. Helper and
+    filler words do not count ("Has been vegetarian" = "Vegetarian"). (When both texts have
+    a verb, :func:`relate` has compared the words before it already.)"""
+    for sequence, changed in ((old, change.changed_old), (new, change.changed_new)):
+        start = _predicate_start(sequence)
+        if any(
+            index < start
+            and sequence[index].text not in _FILLER
+            and not _starts_predicate(sequence[index])
+            for index in changed
+        ):
+            return True
+    return False
+
+
+def _names_things(sequence: tuple[Token, ...], changed: frozenset[int]) -> bool:
+    """Whether each changed number follows a noun, naming a thing ("room 12", "language
+    number 3") rather than counting or measuring it ("12 rooms", "at 3pm", "is 7", "level 2")."""
+    numbers = [i for i in changed if sequence[i].kind == "number"]
+
+    def after_noun(index: int) -> bool:
+        while index > 0 and sequence[index - 1].kind == "number":
+            index -= 1  # "fact 0 3": the whole run of numbers follows "fact"
+        before = sequence[index - 1] if index > 0 else None
+        return (
+            before is not None
+            and before.kind == "word"
+            and before.text not in _PREPOSITIONS | _FILLER | _UNITS | _ONE_VALUE
+            and not _starts_predicate(before)
+        )
+
+    return bool(numbers) and all(after_noun(i) for i in numbers)
+
+
+def _after_company(prefix: Sequence[Token]) -> bool:
+    """Whether the change follows "with" or "and" (possessives skipped: "with their ...")."""
+    words = [t.text for t in prefix if t.text not in _POSSESSIVES]
+    return bool(words) and words[-1] in _COMPANY
+
+
+def _is_value(token: Token) -> bool:
+    """Numbers, dates, times and units of measure ("30 minutes" -> "1 hour")."""
+    return token.kind in ("number", "date") or token.text in _UNITS
+
+
+def _announces_change(added: Sequence[Token], old: Sequence[Token]) -> bool:
+    had = {t.text for t in old}
+    return any(t.text in _CHANGE_WORDS and t.text not in had for t in added)
+
+
+def _attribute_is(old: tuple[Token, ...], change: Change) -> bool:
+    """ "<thing> is [preposition] <value>" with the value changed: "Bank is Chase" -> "Bank is
+    Wells Fargo"."""
+    start = _predicate_start(old)
+    if not 0 < start < len(old) or old[start].text not in ("is", "are"):
+        return False
+    value = start + 1
+    if value < len(old) and old[value].text in _PREPOSITIONS:
+        value += 1  # "Gym is near the office" -> "Gym is near home"
+    return change.first_old == value

@@ -1,0 +1,230 @@
+"""Consolidation with the real model: a new memory is merged only when it says nothing new, a
+changed value supersedes the old memory (kept in ``history``), and distinct facts are kept."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from headroom_memory_integrations import MemoryStore, NewMemory, Outcome, Remembered
+from headroom_memory_integrations.cli import main
+from headroom_memory_integrations.consolidation import Relation, relate
+
+CORRECTIONS = [
+    (
+        "Dentist appointment on Tuesday at 3pm",
+        "Dentist appointment on Thursday at 3pm",
+        "When is my dentist appointment?",
+    ),
+    ("User's daughter is 7 years old", "User's daughter is 9 years old", "How old is my kid?"),
+    ("User's employee ID is 48213", "User's employee ID is 48291", "What is my employee number?"),
+    ("User is allergic to peanuts", "User is not allergic to peanuts", "Can I eat peanuts?"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "question"), CORRECTIONS)
+def test_a_correction_supersedes_the_old_fact(
+    store: MemoryStore, old: str, new: str, question: str
+) -> None:
+    first = store.remember(old)
+    assert first.outcome is Outcome.STORED
+    done = store.remember(new)
+    assert done.outcome is Outcome.SUPERSEDED
+    assert done.memory.id == first.memory.id and done.memory.text == new
+    assert [r.text for r in done.memory.history] == [old]
+    assert [m.text for m in store.get_all()] == [new]
+    assert store.get(first.memory.id).history == done.memory.history  # persisted
+    found = [m.text for m, _ in store.search(question, min_score=-1.0)]
+    assert found == [new]  # the old text is never served
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("Prefers Python for backend work", "prefers python for backend work!"),
+        ("Runs 5 km three times a week", "Runs 5 km 3 times a week"),
+        ("Allergic to shellfish and peanuts", "Allergic to peanuts and shellfish"),
+        ("Works at Stripe as a software engineer", "Works as a software engineer at Stripe"),
+        ("Lives in New York City", "Lives in NYC"),
+        ("Deploys with Docker and Kubernetes", "Deploys using Docker and Kubernetes"),
+        ("Dentist appointment on Tuesday at 3pm", "Dentist appointment on Tuesday at 3 pm"),
+        ("Enjoys jazz music", "Enjoys jazz"),
+    ],
+)
+def test_a_true_duplicate_is_merged(store: MemoryStore, old: str, new: str) -> None:
+    first = store.add(old)
+    done = store.remember(new)
+    assert done == Remembered(first, Outcome.DUPLICATE)
+    assert store.get_all() == [first]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("Teammate 59 is busy with pottery work", "Teammate 62 is busy with pottery work"),
+        ("User's daughter is 7 years old", "User's son is 7 years old"),
+        ("Is allergic to peanuts", "Is allergic to shellfish"),
+        ("Lives with their wife Carmen", "Lives with their stepfather Carmen"),
+        ("Flight to Madrid leaves on June 12", "Flight to Lisbon leaves on June 12"),
+        ("Plays guitar", "Plays piano"),
+    ],
+)
+def test_a_distinct_fact_is_kept_beside_the_other(store: MemoryStore, old: str, new: str) -> None:
+    store.add(old)
+    assert store.remember(new).outcome is Outcome.STORED
+    assert [m.text for m in store.get_all()] == [old, new]
+
+
+def test_successive_updates_keep_every_earlier_text(store: MemoryStore) -> None:
+    store.add("Has two cats")
+    store.add("Has three cats")
+    latest = store.add("Has four cats")
+    assert latest.text == "Has four cats"
+    assert [r.text for r in latest.history] == ["Has two cats", "Has three cats"]
+    assert store.count() == 1
+
+
+def test_consolidation_inside_one_batch(store: MemoryStore) -> None:
+    stored = store.add("Lives in Boston")
+    results = store.remember_many(
+        [
+            "Dentist appointment on Tuesday at 3pm",
+            "Dentist appointment on Thursday at 3pm",  # updates the item before it
+            "dentist appointment on thursday at 3pm.",  # repeats the updated item
+            "Haircut appointment on Tuesday at 3pm",  # another appointment
+            "Lives in Denver",  # updates a stored memory
+            "Lives in Denver!",  # repeats that update
+        ]
+    )
+    assert [r.outcome for r in results] == [
+        Outcome.STORED,
+        Outcome.SUPERSEDED,
+        Outcome.DUPLICATE,
+        Outcome.STORED,
+        Outcome.SUPERSEDED,
+        Outcome.DUPLICATE,
+    ]
+    dentist = results[0].memory.id
+    assert results[1].memory.id == results[2].memory.id == dentist
+    assert [r.text for r in results[1].memory.history] == ["Dentist appointment on Tuesday at 3pm"]
+    assert results[4].memory.id == results[5].memory.id == stored.id
+    assert {m.text for m in store.get_all()} == {
+        "Lives in Denver",
+        "Dentist appointment on Thursday at 3pm",
+        "Haircut appointment on Tuesday at 3pm",
+    }
+    assert [r.text for r in store.get(stored.id).history] == ["Lives in Boston"]
+    assert store.get(dentist).text == "Dentist appointment on Thursday at 3pm"
+
+
+def test_the_teammates_corpus_loses_nothing(store: MemoryStore) -> None:
+    """Distinct facts in nearly the same words (the old rule merged 187 of these 1,000)."""
+    rng = random.Random(7)
+    hobbies = "pottery chess garden carpentry painting knitting baking cycling sailing yoga".split()
+    texts = [f"Teammate {n} is busy with {rng.choice(hobbies)} work" for n in range(1, 1001)]
+    outcomes = [
+        done.outcome
+        for start in range(0, len(texts), 100)
+        for done in store.remember_many(texts[start : start + 100])
+    ]
+    assert outcomes == [Outcome.STORED] * len(texts)
+    assert sorted(m.text for m in store.get_all()) == sorted(texts)
+    again = store.remember_many(texts[:100])  # the same facts again: all duplicates
+    assert {done.outcome for done in again} == {Outcome.DUPLICATE}
+    assert store.count() == len(texts)
+
+
+def test_add_and_add_many_still_return_memories(store: MemoryStore) -> None:
+    memory = store.add("Prefers dark mode", category="preference")
+    assert memory == store.get(memory.id)
+    [same, moved] = store.add_many(["prefers dark mode.", "Prefers light mode"])
+    assert same == memory
+    assert moved.id == memory.id and moved.text == "Prefers light mode"
+
+
+def test_an_explicit_replacement_reports_superseded(store: MemoryStore) -> None:
+    home = store.add("Lives in New York")
+    [done] = store.remember_many([NewMemory("Moved to San Francisco", replaces=home.id)])
+    assert done.outcome is Outcome.SUPERSEDED and done.memory.id == home.id
+    assert [r.text for r in done.memory.history] == ["Lives in New York"]
+
+
+def test_new_metadata_and_category_come_with_the_update(store: MemoryStore) -> None:
+    old = store.add("Prefers tabs over spaces", category="fact", metadata={"origin": "chat"})
+    kept = store.remember("Prefers spaces over tabs", category="preference").memory
+    assert kept.id == old.id and kept.category.value == "preference"
+    assert kept.metadata == {"origin": "chat"}  # none given: the old metadata stays
+    given = store.remember("Prefers tabs over spaces", metadata={"origin": "settings"}).memory
+    assert given.metadata == {"origin": "settings"}
+
+
+def test_consolidation_can_be_turned_off(db_path, model) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=model, duplicate_threshold=None)
+    store.add("Lives in Boston")
+    assert store.remember("Lives in Denver").outcome is Outcome.STORED
+    assert store.remember("Deploys with Docker").outcome is Outcome.STORED
+    assert store.remember("Deploys using Docker").outcome is Outcome.STORED
+    assert store.remember("lives in boston!").outcome is Outcome.DUPLICATE  # same wording
+    assert store.count() == 4
+
+
+def test_the_cli_says_what_happened(db_path, capsys: pytest.CaptureFixture[str]) -> None:
+    def add(text: str, *flags: str) -> str:
+        assert main(["add", text, "--user", "alice", "--db", str(db_path), *flags]) == 0
+        return capsys.readouterr().out
+
+    stored = add("User's daughter is 7 years old")
+    assert stored.startswith("stored ")
+    memory_id = stored.split()[1]
+    assert add("user's daughter is 7 years old!").startswith(f"duplicate of {memory_id} ")
+    superseded = add("User's daughter is 9 years old")
+    assert superseded.startswith(f"superseded {memory_id} ")
+    assert superseded.rstrip().endswith("(was: User's daughter is 7 years old)")
+    as_json = json.loads(add("User's daughter is 9 years old", "--json"))
+    assert as_json["outcome"] == "duplicate" and as_json["id"] == memory_id
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "relation"),
+    [
+        ("Uses VS Code as their editor", "Uses VSCode as their editor", Relation.DUPLICATE),
+        ("Favourite colour is blue", "Favorite color is blue", Relation.DUPLICATE),
+        ("Has been vegetarian since 2015", "Vegetarian since 2015", Relation.DUPLICATE),
+        ("Walks the dog twice a day", "Walks the dog 2 times a day", Relation.DUPLICATE),
+        ("Likes spicy food", "Dislikes spicy food", Relation.UPDATE),
+        ("Invoice 1042 is unpaid", "Invoice 1042 was paid", Relation.UPDATE),
+        ("Used to live in Boston", "Lives in Boston", Relation.UPDATE),
+        ("Has a dog", "Has a dog named Max", Relation.UPDATE),
+        ("Goes to therapy every two weeks", "Goes to therapy every week", Relation.UPDATE),
+        ("Is engaged to Carmen", "Is married to Carmen", Relation.UPDATE),
+        ("Bank is Chase", "Bank is Wells Fargo", Relation.UPDATE),
+        ("Prefers tea over coffee", "Prefers coffee over tea", Relation.UPDATE),
+        (
+            "Took the train from Paris to Lyon",
+            "Took the train from Lyon to Paris",
+            Relation.DISTINCT,
+        ),
+        ("Email is sam@example.com", "Email is sam@example.org", Relation.UPDATE),
+        ("Likes language number 3", "Likes language number 5", Relation.DISTINCT),
+        ("Lives in Boston", "Lives in a big house", Relation.DISTINCT),
+        ("Lived in Paris from 2010 to 2014", "Lived in Rome from 2015 to 2018", Relation.DISTINCT),
+        ("Went to the dentist on Tuesday", "Went to the dentist on Thursday", Relation.DISTINCT),
+        (  # several places changed: another statement in the same template
+            "Has a rabbit named Hazel that Mohammed looks after in Kyoto",
+            "Has a rabbit named Rocket that Vanessa looks after in Lisbon",
+            Relation.DISTINCT,
+        ),
+        (  # a shared frame, then another statement (LoCoMo observations)
+            "[17 July 2023] Melanie enjoys unplugging and hanging out with her kids.",
+            "[17 July 2023] Melanie and her kids finished a painting before the conversation.",
+            Relation.DISTINCT,
+        ),
+    ],
+)
+def test_relate_word_by_word(old: str, new: str, relation: Relation) -> None:
+    """The rules themselves. Each duplicate here holds at any similarity (the words alone show
+    it), and no similarity, however high, turns a change into a duplicate."""
+    similarity = 0.0 if relation is Relation.DUPLICATE else 1.0
+    assert relate(old, new, similarity, duplicate_threshold=0.95) is relation
