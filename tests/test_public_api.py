@@ -26,6 +26,8 @@ PUBLIC = [
     "MissingDependencyError",
     "NewMemory",
     "OpenAIEmbedder",
+    "Outcome",
+    "Remembered",
     "Revision",
     "RollingWindowTransform",
     "SearchResult",
