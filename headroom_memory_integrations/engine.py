@@ -5,6 +5,7 @@ Every wrapper and adapter in this package is a thin layer over :class:`MemorySto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -71,6 +72,9 @@ Chen" 0.40), so the floor is low; the word-by-word comparison decides."""
 
 MAX_TEXT_CHARS = 2000
 """Longest memory text accepted."""
+
+MAX_IMPORT_LINE_CHARS = 1_000_000
+"""Longest line :meth:`MemoryStore.import_` reads (an exported memory is far shorter)."""
 
 MAX_USER_ID_CHARS = 2048
 MAX_METADATA_KEYS = 32
@@ -248,7 +252,9 @@ def _check_top_k(top_k: object) -> int:
     return top_k
 
 
-def _resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
+def resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
+    """The storage ``db_path`` names: a Chroma server for an ``http(s)://`` URL, else an
+    embedded folder (default ``$HEADROOM_MEMORY_DB`` or ``~/.headroom-memory``)."""
     path = (
         str(db_path)
         if db_path is not None
@@ -299,7 +305,7 @@ class MemoryStore:
         self.user_id = validate_user_id(user_id)
         if storage is not None and db_path is not None:
             raise InvalidInputError("pass db_path or storage, not both")
-        self.storage = storage if storage is not None else _resolve_storage(db_path)
+        self.storage = storage if storage is not None else resolve_storage(db_path)
         self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
         self.min_score = float(min_score)
         self.duplicate_threshold = duplicate_threshold
@@ -814,15 +820,25 @@ class MemoryStore:
         Returns:
             How many memories were imported.
         """
-        if isinstance(source, (str, os.PathLike)):
-            lines: Iterable[str] = Path(source).read_text(encoding="utf-8").splitlines()
-        else:
-            lines = source
-        memories = [
-            self._from_export(line, number)
-            for number, line in enumerate(lines, start=1)
-            if line.strip()
-        ]
+        memories = []
+        with contextlib.ExitStack() as stack:
+            lines: Iterable[str] = source  # type: ignore[assignment]
+            if isinstance(source, (str, os.PathLike)):
+                lines = stack.enter_context(open(source, encoding="utf-8"))
+            try:
+                for number, line in enumerate(lines, start=1):
+                    if len(line) > MAX_IMPORT_LINE_CHARS:
+                        raise InvalidInputError(
+                            f"line {number} is longer than {MAX_IMPORT_LINE_CHARS} characters: "
+                            "not a line written by export()"
+                        )
+                    if line.strip():
+                        memories.append(self._from_export(line, number))
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(
+                    f"not a UTF-8 text file (an undecodable byte at offset {exc.start}): "
+                    "import takes the JSON Lines that export() writes"
+                ) from exc
         if not memories:
             return 0
         vectors = self._embed([m.text for m in memories])

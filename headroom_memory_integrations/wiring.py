@@ -19,7 +19,7 @@ from .engine import (
     DEFAULT_DUPLICATE_THRESHOLD,
     DEFAULT_MIN_SCORE,
     MemoryStore,
-    _resolve_storage,
+    resolve_storage,
     validate_user_id,
 )
 from .errors import InvalidInputError
@@ -111,7 +111,7 @@ def open_storage(
         if db_path is not None:
             raise InvalidInputError("pass db_path or storage, not both")
         return storage
-    return _resolve_storage(db_path)
+    return resolve_storage(db_path)
 
 
 class UserStores:
