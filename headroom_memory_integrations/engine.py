@@ -487,10 +487,11 @@ class MemoryStore:
         self,
         items: Iterable[NewMemory | str | Mapping[str, Any]],
         *,
+        category: Category | str = Category.FACT,
         source: Source | str = Source.MANUAL,
     ) -> list[Memory]:
         """:meth:`remember_many`, returning only the memories (one per item, in order)."""
-        return [done.memory for done in self.remember_many(items, source=source)]
+        return [done.memory for done in self.remember_many(items, category=category, source=source)]
 
     def remember(
         self,
@@ -518,12 +519,14 @@ class MemoryStore:
         self,
         items: Iterable[NewMemory | str | Mapping[str, Any]],
         *,
+        category: Category | str = Category.FACT,
         source: Source | str = Source.MANUAL,
     ) -> list[Remembered]:
         """Remember several memories with one embedding batch and one write.
 
-        Each item is a :class:`NewMemory`, a plain text (category ``fact``) or a mapping
-        with ``text`` and optional ``category``, ``metadata`` and ``replaces``. Every item is
+        Each item is a :class:`NewMemory`, a plain text (of ``category``, default ``fact``) or
+        a mapping with ``text`` and optional ``category`` (default ``category``), ``metadata``
+        and ``replaces``. Every item is
         checked before anything is written: one bad item raises and nothing is stored. Items
         are consolidated in order, with the stored memories and with the earlier items of
         the batch (see :meth:`remember`).
@@ -531,7 +534,8 @@ class MemoryStore:
         Returns:
             One :class:`Remembered` per item, in order.
         """
-        parsed = [self._parse_item(item) for item in items]
+        default = Category.parse(category)
+        parsed = [self._parse_item(item, default) for item in items]
         drafts = [self._draft(item, Source.parse(source)) for item in parsed]
         if not drafts:
             return []
@@ -849,9 +853,11 @@ class MemoryStore:
     # -- helpers -----------------------------------------------------------------------------
 
     @staticmethod
-    def _parse_item(item: NewMemory | str | Mapping[str, Any]) -> NewMemory:
+    def _parse_item(
+        item: NewMemory | str | Mapping[str, Any], category: Category = Category.FACT
+    ) -> NewMemory:
         if isinstance(item, str):
-            item = NewMemory(item)
+            item = NewMemory(item, category)
         elif isinstance(item, Mapping):
             unknown = set(item) - {"text", "category", "metadata", "replaces"}
             if unknown or "text" not in item:
@@ -859,7 +865,7 @@ class MemoryStore:
                     "a memory mapping takes 'text' and optional 'category', 'metadata' and "
                     f"'replaces'; got keys {sorted(item)}"
                 )
-            item = NewMemory(**item)
+            item = NewMemory(**{"category": category, **item})
         elif not isinstance(item, NewMemory):
             raise InvalidInputError(f"cannot make a memory from {type(item).__name__}")
         if item.replaces is not None and not isinstance(item.replaces, str):
