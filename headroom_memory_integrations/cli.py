@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -194,11 +195,25 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
                 print(f"exported {count} memories to {args.file}", file=out)
         return {"exported": count}
     if args.command == "import":
-        count = store.import_(sys.stdin if args.file == "-" else args.file)
+        imported = store.import_with_outcomes(sys.stdin if args.file == "-" else args.file)
+        counts = Counter(each.outcome for each in imported)
         if not args.json:
-            print(f"imported {count} memories", file=out)
-        return {"imported": count}
+            print(f"imported {len(imported)} memories{_import_summary(counts)}", file=out)
+        return {"imported": len(imported), **{str(o): counts[o] for o in Outcome}}
     raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def _import_summary(counts: Counter[Outcome]) -> str:
+    """``: 3 stored, 1 updated a stored memory, 2 already known`` (the parts that occurred)."""
+    parts = [
+        f"{counts[Outcome.STORED]} stored" if counts[Outcome.STORED] else "",
+        f"{counts[Outcome.SUPERSEDED]} updated a stored memory"
+        if counts[Outcome.SUPERSEDED]
+        else "",
+        f"{counts[Outcome.DUPLICATE]} already known" if counts[Outcome.DUPLICATE] else "",
+    ]
+    said = ", ".join(part for part in parts if part)
+    return f": {said}" if said else ""
 
 
 def _outcome_line(done: Remembered) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import unicodedata
@@ -14,6 +15,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
@@ -21,11 +23,12 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 
+from .concurrency import survivor, user_write_lock, wording_id
 from .consolidation import Relation, relate, same_wording_key
 from .display import MemoryList, MemoryStats, SearchResults, store_html
 from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
-from .errors import InvalidInputError, MemoryNotFoundError
+from .errors import HeadroomMemoryError, InvalidInputError, MemoryNotFoundError
 from .lexical import lexical_scores
 from .storage.base import Storage, UserCollection
 from .storage.chroma import ChromaStorage
@@ -83,7 +86,9 @@ MAX_TOP_K = 1000
 
 MAX_MEMORY_ID_CHARS = 256
 """Longest id a caller may choose (:meth:`MemoryStore.put`)."""
+logger = logging.getLogger(__name__)
 _QUERY_CACHE_SIZE = 1024
+_READ_CHUNK = 1000  # ids or vectors per storage read when consolidating a large batch
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
 
 
@@ -312,7 +317,9 @@ class MemoryStore:
         self._collection: UserCollection | None = None
         self._query_cache: OrderedDict[str, Vectors] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._write_lock = threading.RLock()  # consolidation reads then writes: one at a time
+        # consolidation reads, decides, then writes: one writer of the user at a time in this
+        # process, whichever store object it goes through (see .concurrency)
+        self._write_lock = user_write_lock(self.storage.location, self.user_id)
         self.counters: Counter[str] = Counter()
         """Failures the wrappers survived (inject_failures, store_failures, malformed_blocks,
         ...): each was logged, and the user's chat call went on. Shown in :meth:`stats`."""
@@ -540,15 +547,47 @@ class MemoryStore:
         if not drafts:
             return []
         vectors = self._embed([d.text for d in drafts])
+        wanted = [wording_id(self.user_id, d.text) for d in drafts]
+        replaces = {index: item.replaces for index, item in enumerate(parsed) if item.replaces}
+        return self._remember(drafts, vectors, wanted, replaces, imported=False)
+
+    def _remember(
+        self,
+        drafts: Sequence[Memory],
+        vectors: Vectors,
+        wanted: Sequence[str],
+        replaces: Mapping[int, str],
+        *,
+        imported: bool,
+    ) -> list[Remembered]:
+        """Consolidate ``drafts`` (each with a placeholder id of its own) with the stored
+        memories and write the outcome, holding the user's write lock: the write path of
+        :meth:`remember_many` and :meth:`import_`.
+
+        Args:
+            wanted: The id each draft is stored under if it is new (see :meth:`_apply`).
+            replaces: Draft index -> the id of the memory it explicitly supersedes.
+            imported: The drafts are exported memories: their times and history are kept, and
+                one that updates a newer memory is outdated (see :meth:`import_`).
+        """
         collection = self._open(vectors.shape[1])
         with self._write_lock:
             explicit = {
-                index: self._supersede_if_present(item.replaces, drafts[index], vectors[index])
-                for index, item in enumerate(parsed)
-                if item.replaces
+                index: self._supersede_if_present(memory_id, drafts[index], vectors[index])
+                for index, memory_id in replaces.items()
             }
-            decisions = self._consolidate(collection, drafts, vectors, explicit)
-            return self._apply(collection, drafts, vectors, explicit, decisions)
+            decisions, seen = self._consolidate(collection, drafts, vectors, explicit, imported)
+            results = self._apply(
+                collection, drafts, vectors, wanted, explicit, decisions, imported
+            )
+            if self._shared_with_other_processes():
+                results = self._reconcile(collection, drafts, vectors, decisions, results, seen)
+            return results
+
+    def _shared_with_other_processes(self) -> bool:
+        """Whether other processes may write this user's memories meanwhile: not with an
+        embedded folder, which one process at a time writes to (it holds the folder's lock)."""
+        return getattr(self.storage, "folder", None) is None
 
     def _consolidate(
         self,
@@ -556,18 +595,30 @@ class MemoryStore:
         drafts: Sequence[Memory],
         vectors: Vectors,
         explicit: Mapping[int, Memory | None],
-    ) -> list[_Decision | None]:
+        imported: bool = False,
+    ) -> tuple[list[_Decision | None], dict[str, str]]:
         """Decide, item by item, what each draft does (``None`` for an explicit supersede),
         comparing it with its nearest stored memories and the batch's earlier items. Reads
-        texts only: one nearest-neighbour query and one catalog read for the whole batch."""
-        neighbours = collection.nearest(vectors, CONSOLIDATION_NEIGHBOURS)
+        texts only (whole records for an import, whose times count): one nearest-neighbour
+        query and one read per :data:`_READ_CHUNK` items.
+
+        Returns:
+            The decisions, and the text of every stored memory they were made against (by id).
+        """
+        neighbours = _nearest_in_chunks(collection, vectors, CONSOLIDATION_NEIGHBOURS)
         floor = CONSOLIDATION_MIN_SIMILARITY
-        catalog = collection.catalog(
-            [i for row in neighbours for i, cosine in row if cosine >= floor]
-        )
+        close = [i for row in neighbours for i, cosine in row if cosine >= floor]
+        dated: dict[str, datetime] | None = None  # id -> updated_at, for an import
+        if imported:
+            records = _get_in_chunks(collection, close)
+            catalog = {m.id: (m.text, m.category) for m in records}
+            dated = {m.id: m.updated_at for m in records}
+        else:
+            catalog = _catalog_in_chunks(collection, close)
         texts: dict[str, str] = {}  # id -> text, for memories this batch creates or rewrites
         vector_of: dict[str, int] = {}  # id -> the batch row holding its (new) vector
         owner_of: dict[int, str] = {}  # batch row -> the id whose vector it is
+        owns = np.zeros(len(drafts), dtype=bool)  # the rows in owner_of
         decisions: list[_Decision | None] = []
         for index, (draft, row) in enumerate(zip(drafts, neighbours)):
             if explicit.get(index) is not None:
@@ -579,55 +630,89 @@ class MemoryStore:
                 if memory_id not in texts and cosine >= floor and memory_id in catalog
             ]
             if owner_of:
-                rows = np.fromiter(owner_of, dtype=np.int64, count=len(owner_of))
-                similar = vectors[rows] @ vectors[index]
-                for position in np.flatnonzero(similar >= floor).tolist():
-                    memory_id = owner_of[int(rows[position])]
+                similar = vectors[:index] @ vectors[index]
+                rows = np.flatnonzero(owns[:index] & (similar >= floor))
+                if len(rows) > CONSOLIDATION_NEIGHBOURS:  # only the nearest can be judged
+                    nearest = np.argpartition(-similar[rows], CONSOLIDATION_NEIGHBOURS)
+                    rows = rows[nearest[:CONSOLIDATION_NEIGHBOURS]]
+                for position in rows.tolist():
+                    memory_id = owner_of[position]
                     found.append((float(similar[position]), memory_id, texts[memory_id]))
             found.sort(key=lambda candidate: candidate[0], reverse=True)
-            decision = self._judge(draft, found[:CONSOLIDATION_NEIGHBOURS])
-            if decision.outcome is Outcome.SUPERSEDED:
-                owner_of.pop(vector_of.get(decision.target, -1), None)
+            decision = self._judge(draft, found[:CONSOLIDATION_NEIGHBOURS], dated)
+            if decision.outcome is Outcome.SUPERSEDED and decision.target in vector_of:
+                replaced = vector_of[decision.target]
+                owner_of.pop(replaced, None)
+                owns[replaced] = False
             if decision.outcome is not Outcome.DUPLICATE:
                 texts[decision.target] = draft.text
                 vector_of[decision.target] = index
                 owner_of[index] = decision.target
+                owns[index] = True
+                if dated is not None:
+                    dated[decision.target] = draft.updated_at
             decisions.append(decision)
-        return decisions
+        return decisions, {memory_id: text for memory_id, (text, _) in catalog.items()}
 
-    def _judge(self, draft: Memory, candidates: Sequence[tuple[float, str, str]]) -> _Decision:
+    def _judge(
+        self,
+        draft: Memory,
+        candidates: Sequence[tuple[float, str, str]],
+        dated: Mapping[str, datetime] | None = None,
+    ) -> _Decision:
         """The draft's outcome against ``candidates`` (similarity, id, text), most similar
         first: a duplicate of any of them, else an update of the most similar one it updates,
-        else stored."""
+        else stored. With ``dated`` (the candidates' ``updated_at``, for an import), an update
+        of a memory newer than the draft is outdated: a duplicate."""
         update: _Decision | None = None
-        wording = same_wording_key(draft.text)
         for similarity, memory_id, text in candidates:
-            if self.duplicate_threshold is None:  # consolidation off: only the same wording
-                same = same_wording_key(text) == wording
-                relation = Relation.DUPLICATE if same else Relation.DISTINCT
-            else:
-                relation = relate(
-                    text, draft.text, similarity, duplicate_threshold=self.duplicate_threshold
-                )
+            relation = self._relation(text, draft.text, similarity)
+            outdated = (
+                dated is not None and dated.get(memory_id, draft.updated_at) > draft.updated_at
+            )
+            if relation is Relation.UPDATE and outdated:
+                relation = Relation.DUPLICATE  # the store already knows better
             if relation is Relation.DUPLICATE:
                 return _Decision(Outcome.DUPLICATE, memory_id, text)
             if relation is Relation.UPDATE and update is None:
                 update = _Decision(Outcome.SUPERSEDED, memory_id, text)
         return update or _Decision(Outcome.STORED, draft.id)
 
+    def _relation(self, old: str, new: str, similarity: float) -> Relation:
+        """How ``new`` relates to ``old`` under this store's consolidation setting (with it
+        off, only the same wording is a duplicate)."""
+        if self.duplicate_threshold is None:
+            same = same_wording_key(old) == same_wording_key(new)
+            return Relation.DUPLICATE if same else Relation.DISTINCT
+        return relate(old, new, similarity, duplicate_threshold=self.duplicate_threshold)
+
     def _apply(
         self,
         collection: UserCollection,
         drafts: Sequence[Memory],
         vectors: Vectors,
+        wanted: Sequence[str],
         explicit: Mapping[int, Memory | None],
         decisions: Sequence[_Decision | None],
+        imported: bool,
     ) -> list[Remembered]:
-        """Carry out the decisions: read the stored memories they concern (one read), build
-        the new and rewritten memories, and write them all at once."""
-        drafted = {d.id for d in drafts}
-        targets = {d.target for d in decisions if d is not None and d.target not in drafted}
-        stored = {m.id: m for m in collection.get(list(targets))} if targets else {}
+        """Carry out the decisions: read afresh the stored memories they concern and the ids
+        the new ones want (one read), build the new and rewritten memories, and write them all
+        at once.
+
+        A new memory is stored under its wanted id (:func:`.concurrency.wording_id`, or an
+        imported memory's own id) unless a stored memory holds that id: one worded the same
+        (another process just wrote it) makes the new one a duplicate; one with another text
+        (it was updated since) keeps it, and the new memory gets its placeholder id (a fresh
+        id, for an imported one). A memory is never overwritten by a different one."""
+        final: dict[str, str] = {}  # placeholder id of a draft -> the id it is stored under
+        targets = {d.target for d in decisions if d is not None} - {d.id for d in drafts}
+        probes = {
+            wanted[index]
+            for index, decision in enumerate(decisions)
+            if decision is not None and decision.outcome is Outcome.STORED
+        }
+        stored = {m.id: m for m in _get_in_chunks(collection, list(targets | probes))}
         current: dict[str, Memory] = {}  # what this batch writes, by id
         row_of: dict[str, int] = {}
         results: list[Remembered] = []
@@ -637,26 +722,174 @@ class MemoryStore:
                 assert done is not None  # an explicit supersede that found its target
                 results.append(Remembered(done, Outcome.SUPERSEDED))
                 continue
-            existing = current.get(decision.target) or stored.get(decision.target)
+            target = final.get(decision.target, decision.target)
+            existing = current.get(target) or stored.get(target)
             if decision.outcome is not Outcome.STORED and not _still_applies(
                 decision, existing, draft, self.duplicate_threshold
             ):
                 decision = _Decision(Outcome.STORED, draft.id)  # it changed meanwhile
+            if decision.outcome is Outcome.SUPERSEDED:
+                assert existing is not None
+                if imported and draft.updated_at < existing.updated_at:
+                    decision = _Decision(Outcome.DUPLICATE, target)  # outdated: known better
+            memory_id = draft.id
+            if decision.outcome is Outcome.STORED:
+                holder = current.get(wanted[index]) or stored.get(wanted[index])
+                if holder is None:
+                    memory_id = wanted[index]
+                elif wanted[index] not in current and _same_wording(holder.text, draft.text):
+                    existing, decision = holder, _Decision(Outcome.DUPLICATE, holder.id)
             if decision.outcome is Outcome.DUPLICATE:
                 assert existing is not None
                 results.append(Remembered(existing, Outcome.DUPLICATE))
                 continue
             if decision.outcome is Outcome.SUPERSEDED:
                 assert existing is not None
-                memory = _revised(existing, draft)
+                memory = _revised(existing, draft, at=draft.updated_at if imported else None)
             else:
-                memory = draft
+                memory = replace(draft, id=memory_id)
+                if not imported:  # a new memory is dated when it is written
+                    now = utc_now()
+                    memory = replace(memory, created_at=now, updated_at=now)
+                final[draft.id] = memory_id
             current[memory.id] = memory
             row_of[memory.id] = index
             results.append(Remembered(memory, decision.outcome))
         if current:
             collection.upsert(list(current.values()), vectors[[row_of[i] for i in current]])
         return results
+
+    def _reconcile(
+        self,
+        collection: UserCollection,
+        drafts: Sequence[Memory],
+        vectors: Vectors,
+        decisions: Sequence[_Decision | None],
+        results: list[Remembered],
+        seen: Mapping[str, str],
+    ) -> list[Remembered]:
+        """After writing to storage that other processes write too: settle what they wrote
+        meanwhile (between this batch's reads and its write), which the decisions could not
+        see. Every read here is fresh.
+
+        - A new memory and one written meanwhile that say the same thing: the one that adds
+          nothing to the other is deleted (if each adds nothing, the one that is not the
+          :func:`.concurrency.survivor`), by whichever process sees both. A memory is deleted
+          only while the other is read back stored, and never one with a history, so the two
+          are never both deleted.
+        - A memory this batch superseded whose text another process replaced meanwhile, with
+          no trace of this batch's text: this batch's text is added to its history.
+
+        A failure here is logged, not raised: the write itself succeeded.
+        """
+        try:
+            return self._settle(collection, drafts, vectors, decisions, results, seen)
+        except HeadroomMemoryError as exc:
+            logger.warning("could not check for writes made meanwhile by another process: %s", exc)
+            return results
+
+    def _settle(
+        self,
+        collection: UserCollection,
+        drafts: Sequence[Memory],
+        vectors: Vectors,
+        decisions: Sequence[_Decision | None],
+        results: list[Remembered],
+        seen: Mapping[str, str],
+    ) -> list[Remembered]:
+        written = {done.memory.id for done in results if done.outcome is not Outcome.DUPLICATE}
+        new = [i for i, done in enumerate(results) if done.outcome is Outcome.STORED]
+        rewritten = [
+            i
+            for i, (done, decision) in enumerate(zip(results, decisions))
+            if done.outcome is Outcome.SUPERSEDED and decision is not None
+        ]
+        if not new and not rewritten:
+            return results
+        floor = CONSOLIDATION_MIN_SIMILARITY
+        limit = CONSOLIDATION_NEIGHBOURS + 1  # the new memory itself is one of them
+        rows = _nearest_in_chunks(collection, vectors[new], limit) if new else []
+        meanwhile = [  # near a new memory, and not there when the decisions were made
+            [(i, cosine) for i, cosine in row if cosine >= floor and i not in written | seen.keys()]
+            for row in rows
+        ]
+        others = {memory_id for row in meanwhile for memory_id, _ in row}
+        if not others and not rewritten:
+            return results  # the common case: nobody else wrote near these memories
+        mine = {results[i].memory.id for i, row in zip(new, meanwhile) if row}
+        mine |= {results[i].memory.id for i in rewritten}
+        fresh = {m.id: m for m in _get_in_chunks(collection, list(others | mine))}
+        results = list(results)
+        gone: set[str] = set()
+        for index, row in zip(new, meanwhile):
+            written_now = results[index].memory
+            stored = fresh.get(written_now.id)
+            if stored is None and row:  # another process settled it already: say for what
+                results[index] = self._duplicate_among(written_now, row, fresh) or results[index]
+            if stored is None or stored.text != written_now.text:
+                continue  # nothing to settle, or deleted or changed meanwhile: leave it
+            for memory_id, cosine in row:
+                other = fresh.get(memory_id)
+                if other is None or memory_id in gone:
+                    continue
+                loser = self._redundant(stored, other, cosine)
+                if loser is None:
+                    continue
+                collection.delete([loser.id])
+                gone.add(loser.id)
+                if loser is stored:
+                    results[index] = Remembered(other, Outcome.DUPLICATE)
+                    break
+        for index in rewritten:
+            self._keep_overwritten_text(collection, drafts[index], results, index, fresh)
+        return results
+
+    def _duplicate_among(
+        self, memory: Memory, row: Sequence[tuple[str, float]], fresh: Mapping[str, Memory]
+    ) -> Remembered | None:
+        """``memory`` as a duplicate of the first of ``row``'s memories it duplicates."""
+        for memory_id, cosine in row:
+            other = fresh.get(memory_id)
+            if other is not None and (
+                self._relation(other.text, memory.text, cosine) is Relation.DUPLICATE
+            ):
+                return Remembered(other, Outcome.DUPLICATE)
+        return None
+
+    def _redundant(self, mine: Memory, other: Memory, cosine: float) -> Memory | None:
+        """Which of two memories (read back stored) may be deleted: one that adds nothing to
+        the other (a duplicate of it), has no history, and, if each is a duplicate of the
+        other, is not the :func:`.concurrency.survivor`. None if both are kept."""
+        mine_adds = self._relation(other.text, mine.text, cosine) is not Relation.DUPLICATE
+        other_adds = self._relation(mine.text, other.text, cosine) is not Relation.DUPLICATE
+        if mine_adds and other_adds:
+            return None
+        if mine_adds:
+            loser = other
+        elif other_adds:
+            loser = mine
+        else:
+            loser = other if survivor(mine, other) is mine else mine
+        return None if loser.history else loser
+
+    def _keep_overwritten_text(
+        self,
+        collection: UserCollection,
+        draft: Memory,
+        results: list[Remembered],
+        index: int,
+        fresh: Mapping[str, Memory],
+    ) -> None:
+        """If another process overwrote the memory this batch just superseded, with no trace
+        of this batch's text, add that text to its history (its newest earlier version)."""
+        now = fresh.get(results[index].memory.id)
+        if now is None or draft.text in {now.text, *(r.text for r in now.history)}:
+            return  # deleted since, or this text is kept
+        revision = Revision(draft.text, draft.category, results[index].memory.updated_at)
+        history = tuple(sorted((*now.history, revision), key=lambda r: r.replaced_at))
+        kept = replace(now, history=history)
+        collection.upsert([kept], self._embed([kept.text]))
+        results[index] = Remembered(kept, Outcome.SUPERSEDED)
 
     def put(
         self,
@@ -815,15 +1048,50 @@ class MemoryStore:
         return len(lines)
 
     def import_(self, source: str | os.PathLike[str] | IO[str] | Iterable[str]) -> int:
-        """Load memories written by :meth:`export` (a path, stream or lines) into this user.
+        """Load memories written by :meth:`export` (a path, stream or lines) into this user,
+        consolidated with the memories stored here like new ones (see
+        :meth:`import_with_outcomes`).
 
         Ids, times, sources, metadata and history are kept; the user is always this store's,
         whatever the file says. Importing the same file twice changes nothing. Every line is
         checked first: one bad line raises (naming the line) and nothing is written.
 
         Returns:
-            How many memories were imported.
+            How many memories the file held: each is now stored, or was merged into a stored
+            memory, or was already known. :meth:`import_with_outcomes` says which.
         """
+        return len(self.import_with_outcomes(source))
+
+    def import_with_outcomes(
+        self, source: str | os.PathLike[str] | IO[str] | Iterable[str]
+    ) -> list[Remembered]:
+        """:meth:`import_`, saying what became of each memory of the file, in order.
+
+        Each exported memory is consolidated with the stored memories and the file's earlier
+        lines, as :meth:`remember_many` does, as of its own ``updated_at``:
+
+        - ``duplicate``: it says nothing new (nothing is written); also when it would update a
+          stored memory that is newer than it (the store already knows better).
+        - ``superseded``: it updates an older stored memory, which takes its text (the old text
+          and the imported memory's own history join that memory's ``history``).
+        - ``stored``: it is new here, and is stored with its id, times and history (under a
+          fresh id if a different memory holds its id here: nothing is overwritten).
+
+        Raises:
+            InvalidInputError: A line is not an exported memory (nothing was written).
+            StorageError: The storage failed (nothing was written).
+        """
+        memories = self._read_export(source)
+        if not memories:
+            return []
+        vectors = self._embed([m.text for m in memories])
+        drafts = [replace(m, id=uuid.uuid4().hex) for m in memories]  # placeholders
+        return self._remember(drafts, vectors, [m.id for m in memories], {}, imported=True)
+
+    def _read_export(
+        self, source: str | os.PathLike[str] | IO[str] | Iterable[str]
+    ) -> list[Memory]:
+        """Every memory of an export, each line checked (one bad line raises)."""
         memories = []
         with contextlib.ExitStack() as stack:
             lines: Iterable[str] = source  # type: ignore[assignment]
@@ -843,12 +1111,7 @@ class MemoryStore:
                     f"not a UTF-8 text file (an undecodable byte at offset {exc.start}): "
                     "import takes the JSON Lines that export() writes"
                 ) from exc
-        if not memories:
-            return 0
-        vectors = self._embed([m.text for m in memories])
-        with self._write_lock:
-            self._open(vectors.shape[1]).upsert(memories, vectors)
-        return len(memories)
+        return memories
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -930,18 +1193,54 @@ class MemoryStore:
         )
 
 
-def _revised(old: Memory, new: Memory) -> Memory:
+def _revised(old: Memory, new: Memory, *, at: datetime | None = None) -> Memory:
     """``old`` rewritten with the text and category of ``new`` (and its metadata, if it has
-    any), the old text kept in ``history``."""
-    revision = Revision(old.text, old.category, utc_now())
+    any) at time ``at`` (default now), the old text kept in ``history`` with ``new``'s own
+    earlier texts (an imported memory's), oldest first."""
+    revision = Revision(old.text, old.category, at or utc_now())
+    history = [*old.history, revision]
+    known = {r.text for r in history} | {new.text}
+    history += [r for r in new.history if r.text not in known]
     return replace(
         old,
         text=new.text,
         category=new.category,
         metadata=new.metadata or old.metadata,
         updated_at=revision.replaced_at,
-        history=(*old.history, revision),
+        history=tuple(sorted(history, key=lambda r: r.replaced_at)),
     )
+
+
+def _same_wording(a: str, b: str) -> bool:
+    return same_wording_key(a) == same_wording_key(b)
+
+
+def _nearest_in_chunks(
+    collection: UserCollection, vectors: Vectors, limit: int
+) -> list[list[tuple[str, float]]]:
+    """:meth:`UserCollection.nearest` for every row, :data:`_READ_CHUNK` rows per request."""
+    found: list[list[tuple[str, float]]] = []
+    for start in range(0, len(vectors), _READ_CHUNK):
+        found += collection.nearest(vectors[start : start + _READ_CHUNK], limit)
+    return found
+
+
+def _catalog_in_chunks(
+    collection: UserCollection, ids: Sequence[str]
+) -> dict[str, tuple[str, Category]]:
+    unique = list(dict.fromkeys(ids))
+    found: dict[str, tuple[str, Category]] = {}
+    for start in range(0, len(unique), _READ_CHUNK):
+        found.update(collection.catalog(unique[start : start + _READ_CHUNK]))
+    return found
+
+
+def _get_in_chunks(collection: UserCollection, ids: Sequence[str]) -> list[Memory]:
+    unique = list(dict.fromkeys(ids))
+    found: list[Memory] = []
+    for start in range(0, len(unique), _READ_CHUNK):
+        found += collection.get(unique[start : start + _READ_CHUNK])
+    return found
 
 
 def _still_applies(

@@ -1,0 +1,360 @@
+"""Consolidation is atomic for every writer of a user: stores in threads, processes on a
+server, and imports (issue 11, item 5; docs/reliability.md section 5)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from headroom_memory_integrations import ChromaStorage, MemoryStore
+from headroom_memory_integrations.cli import main
+from headroom_memory_integrations.engine import Outcome
+
+_ACTIVITIES = [
+    "works on the billing service",
+    "prefers Rust for tooling",
+    "is on call on Fridays",
+    "lives near the office",
+    "reviews the frontend pull requests",
+    "runs the weekly retro",
+    "owns the deployment scripts",
+    "joined the team last spring",
+    "mentors the new interns",
+    "maintains the data pipeline",
+]
+DISTINCT = [f"Teammate {n} {_ACTIVITIES[n % len(_ACTIVITIES)]}" for n in range(100)]
+"""100 facts that consolidation keeps apart: one store adding them all keeps 100."""
+
+REWORDED = [
+    ("Takes 20 mg of lisinopril every morning", "Takes 20mg of lisinopril every morning"),
+    ("Allergic to shellfish and peanuts", "Allergic to peanuts and shellfish"),
+    ("Runs 5 km three times a week", "Runs 5 km 3 times a week"),
+    ("Works at Stripe as a software engineer", "Works as a software engineer at Stripe"),
+    ("Manages a team of 8 engineers", "Manages a team of eight engineers"),
+    ("User's daughter is 7 years old", "User's daughter is seven years old"),
+    ("Has a younger brother named Tom", "Has a younger brother called Tom"),
+    ("Lives in Berlin with their partner", "Lives with their partner in Berlin"),
+    ("Lives in a two-bedroom apartment", "Lives in a 2-bedroom apartment"),
+    ("Codes in Python and TypeScript", "Codes in TypeScript and Python"),
+    ("Deploys with Docker and Kubernetes", "Deploys using Docker and Kubernetes"),
+    ("Prefers dark mode in every app", "Prefers dark mode in all apps"),
+    ("Likes Italian and Thai food", "Likes Thai and Italian food"),
+    ("Hates cilantro", "Really hates cilantro"),
+    ("Team standup is at 9:30 every weekday", "Team standup is at 9:30 each weekday"),
+    ("Goes to the gym on Mondays and Thursdays", "Goes to the gym on Thursdays and Mondays"),
+    ("Picks up the kids at 3:15 pm", "Picks the kids up at 3:15 pm"),
+    ("Has two cats", "Has 2 cats"),
+    ("Feeds the cat at 7am and 6pm", "Feeds the cat at 6pm and 7am"),
+    ("Plays guitar and piano", "Plays piano and guitar"),
+]
+"""Pairs that consolidation calls duplicates (either way round), each unrelated to the others."""
+
+
+def _in_threads(*jobs: Callable[[], Any]) -> list[Any]:
+    """Run ``jobs`` at once (released together), re-raising the first error."""
+    start = threading.Barrier(len(jobs))
+    results: list[Any] = [None] * len(jobs)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            start.wait()
+            results[index] = jobs[index]()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _adding(store: MemoryStore, texts: Sequence[str]) -> Callable[[], list[Outcome]]:
+    return lambda: [store.remember(text).outcome for text in texts]
+
+
+# -- one process, several store objects --------------------------------------------------------
+
+
+def test_two_stores_adding_the_same_texts_at_once_store_each_once(db_path, model) -> None:
+    first = MemoryStore("alice", db_path=db_path, embedder=model)
+    second = MemoryStore("alice", db_path=db_path, embedder=model)
+    texts = DISTINCT[:40]
+    outcomes = _in_threads(_adding(first, texts), _adding(second, texts))
+    assert sorted(m.text for m in first.get_all()) == sorted(texts)  # before: 77 memories
+    for pair in zip(*outcomes):  # each text was stored once, and found by the other
+        assert sorted(pair) == [Outcome.DUPLICATE, Outcome.STORED]
+
+
+def test_rewordings_from_two_stores_at_once_are_consolidated(db_path, model) -> None:
+    first = MemoryStore("alice", db_path=db_path, embedder=model)
+    second = MemoryStore("alice", db_path=db_path, embedder=model)
+    originals, rewordings = zip(*REWORDED)
+    _in_threads(_adding(first, originals), _adding(second, rewordings))
+    kept = [m.text for m in first.get_all()]
+    assert len(kept) == len(REWORDED)
+    assert all((a in kept) != (b in kept) for a, b in REWORDED)  # one of each pair
+
+
+def test_stores_on_separate_clients_of_one_server_share_the_lock(server_storages, model) -> None:
+    """Two storage objects for one server URL in a process (``db_path=url`` twice) are
+    two clients with their own caches; they still take the same user's lock."""
+    first = MemoryStore("atomic-lock", storage=server_storages(), embedder=model)
+    second = MemoryStore("atomic-lock", storage=server_storages(), embedder=model)
+    assert first.storage is not second.storage
+    originals, rewordings = zip(*REWORDED)
+    _in_threads(_adding(first, originals), _adding(second, rewordings))
+    assert len(first.get_all()) == len(REWORDED)
+
+
+# -- processes on a Chroma server --------------------------------------------------------------
+
+_WRITER = """
+import json, sys
+from headroom_memory_integrations import MemoryStore
+url, user, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+store = MemoryStore(user, db_path=url)
+store.search("warm up")  # load the model and connect before the start
+print("ready", flush=True)
+sys.stdin.readline()
+print(json.dumps([store.remember(text).outcome.value for text in texts]))
+"""
+
+
+def _processes_adding(url: str, user: str, texts_of: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Start one process per list of texts; once all are ready, let them add at once. Returns
+    each process's outcomes."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, url, user, json.dumps(list(texts))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for texts in texts_of
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "ready", process.stderr
+        outcomes = []
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        for process in processes:
+            out, err = process.communicate(timeout=240)
+            assert process.returncode == 0, err
+            outcomes.append(json.loads(out))
+        return outcomes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+
+
+def _with_every_fifth(texts: Sequence[str], inserted: Sequence[str]) -> list[str]:
+    """``texts`` with ``inserted[k]`` after every fifth one (so processes reach it together)."""
+    mixed = list(texts)
+    for k, text in reversed(list(enumerate(inserted))):
+        mixed.insert(5 * (k + 1), text)
+    return mixed
+
+
+@pytest.mark.server
+def test_four_processes_adding_the_same_texts_and_rewordings_store_each_once(
+    chroma_server, model
+) -> None:
+    """Four processes add the same 100 texts at once; two also add 20 texts, and the other
+    two a rewording of each, at the same moments."""
+    originals, rewordings = zip(*REWORDED)
+    first, second = _with_every_fifth(DISTINCT, originals), _with_every_fifth(DISTINCT, rewordings)
+    outcomes = _processes_adding(chroma_server.url, "atomic-procs", [first, second] * 2)
+    kept = [m.text for m in MemoryStore("atomic-procs", db_path=chroma_server.url).get_all()]
+    assert sorted(t for t in kept if t.startswith("Teammate")) == sorted(DISTINCT)  # before: 295
+    assert all((a in kept) or (b in kept) for a, b in REWORDED)  # nothing lost, ever
+    assert len(kept) == len(DISTINCT) + len(REWORDED)  # before: 48 for the 20 pairs
+    assert all(len(each) == len(first) for each in outcomes)
+
+
+def _client(chroma_server, name: str) -> ChromaStorage:
+    """A storage that acts as another process: its own client, cache and lock."""
+    import chromadb
+
+    client = chromadb.HttpClient(host="127.0.0.1", port=chroma_server.port)
+    return ChromaStorage(client, location=f"{chroma_server.url} as {name}")
+
+
+@pytest.mark.server
+def test_a_rewording_written_meanwhile_by_another_process_is_reconciled(
+    chroma_server, model, monkeypatch
+) -> None:
+    """``first`` decides its memory is new; before it writes, another process stores a
+    rewording. After writing, ``first`` sees it and yields to it: one memory is left."""
+    first = MemoryStore("atomic-meanwhile", storage=_client(chroma_server, "p1"), embedder=model)
+    other = MemoryStore("atomic-meanwhile", storage=_client(chroma_server, "p2"), embedder=model)
+    decide = first._consolidate
+
+    def decide_then_race(*args: Any, **kwargs: Any) -> Any:
+        decisions = decide(*args, **kwargs)
+        other.add("Deploys using Docker and Kubernetes")
+        return decisions
+
+    monkeypatch.setattr(first, "_consolidate", decide_then_race)
+    done = first.remember("Deploys with Docker and Kubernetes")
+    assert done.outcome is Outcome.DUPLICATE  # before: stored beside it
+    assert done.memory.text == "Deploys using Docker and Kubernetes"
+    assert [m.text for m in other.get_all()] == ["Deploys using Docker and Kubernetes"]
+
+
+@pytest.mark.server
+def test_two_processes_that_both_wrote_a_rewording_keep_exactly_one(
+    chroma_server, model, monkeypatch
+) -> None:
+    """Both decide before either writes, both write, then both check: exactly one of the two
+    memories yields to the other (never both), whatever the order of the checks."""
+    stores = [
+        MemoryStore("atomic-both", storage=_client(chroma_server, f"p{n}"), embedder=model)
+        for n in (1, 2)
+    ]
+    decided, written = threading.Barrier(2), threading.Barrier(2)
+    for store in stores:
+        decide, check = store._consolidate, store._reconcile
+
+        def decide_together(*args: Any, _decide=decide, **kwargs: Any) -> Any:
+            decisions = _decide(*args, **kwargs)
+            decided.wait(30)
+            return decisions
+
+        def check_together(*args: Any, _check=check, **kwargs: Any) -> Any:
+            written.wait(30)
+            return _check(*args, **kwargs)
+
+        monkeypatch.setattr(store, "_consolidate", decide_together)
+        monkeypatch.setattr(store, "_reconcile", check_together)
+    pair = REWORDED[10]
+    results = _in_threads(*(lambda s=s, t=t: s.remember(t) for s, t in zip(stores, pair)))
+    kept = stores[0].get_all()
+    assert len(kept) == 1 and kept[0].text in pair  # before: both kept
+    assert sorted(r.outcome for r in results) == [Outcome.DUPLICATE, Outcome.STORED]
+    assert {r.memory.id for r in results} == {kept[0].id}
+
+
+@pytest.mark.server
+def test_a_memory_rewritten_meanwhile_is_never_overwritten(chroma_server, model) -> None:
+    """A text's first writer stores it under an id derived from its wording, so that
+    processes adding it at once write one record. If that record was superseded since (it
+    holds another text now), adding the text again stores it beside, under a fresh id."""
+    first = MemoryStore("atomic-rewritten", storage=_client(chroma_server, "p1"), embedder=model)
+    other = MemoryStore("atomic-rewritten", storage=_client(chroma_server, "p2"), embedder=model)
+    original = first.add("Prefers aisle seats")
+    other.update(original.id, "Speaks fluent Dutch")  # unrelated: not compared when adding
+    again = first.remember("Prefers aisle seats")
+    assert again.outcome is Outcome.STORED and again.memory.id != original.id
+    texts = {m.id: m.text for m in first.get_all()}
+    assert texts == {original.id: "Speaks fluent Dutch", again.memory.id: "Prefers aisle seats"}
+
+
+# -- imports ------------------------------------------------------------------------------------
+
+
+def _export_line(memory_id: str, text: str, when: int, **more: Any) -> str:
+    return json.dumps(
+        {"id": memory_id, "text": text, "created_at": when, "updated_at": when, **more}
+    )
+
+
+def test_an_import_is_consolidated_with_the_stored_memories(db_path, model, tmp_path) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    cello = store.add("Plays the cello")
+    daughter = store.add("User's daughter is 7 years old")
+    dentist = store.add("Dentist appointment on Thursday at 3pm")
+    now = int(time.time())
+    lines = [
+        _export_line("e1", "plays the cello.", now - 100),  # same wording: a duplicate
+        _export_line("e2", "User's daughter is seven years old", now - 100),  # a rewording
+        _export_line("e3", "User's daughter is 9 years old", now + 100),  # newer: supersedes
+        _export_line("e4", "Dentist appointment on Tuesday at 3pm", now - 10_000),  # outdated
+        _export_line("e5", "Is learning Portuguese", now - 100, category="context"),  # new
+        _export_line("e6", "Is learning Portuguese!", now - 50),  # a duplicate within the file
+    ]
+    path = tmp_path / "import.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    outcomes = store.import_with_outcomes(path)
+    assert [o.outcome for o in outcomes] == [
+        Outcome.DUPLICATE,
+        Outcome.DUPLICATE,
+        Outcome.SUPERSEDED,
+        Outcome.DUPLICATE,
+        Outcome.STORED,
+        Outcome.DUPLICATE,
+    ]
+    memories = {m.id: m for m in store.get_all()}
+    assert set(memories) == {cello.id, daughter.id, dentist.id, "e5"}  # before: 9 memories
+    assert memories[daughter.id].text == "User's daughter is 9 years old"
+    assert memories[daughter.id].history[-1].text == "User's daughter is 7 years old"
+    assert memories[dentist.id].text == "Dentist appointment on Thursday at 3pm"  # kept newer
+    assert memories["e5"].category.value == "context"  # stored as exported: id, category
+
+    assert store.import_(path) == 6  # every memory of the file is taken in, again
+    assert len(store.get_all()) == 4  # and nothing changes
+
+
+def test_the_cli_reports_what_an_import_did(db_path, model, tmp_path, capsys) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    store.add("Plays the cello")
+    path = tmp_path / "import.jsonl"
+    lines = [_export_line("e1", "Plays the cello", 1), _export_line("e2", "Speaks Dutch", 2)]
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["import", str(path), "--user", "alice", "--db", str(db_path)]) == 0
+    assert capsys.readouterr().out.strip() == ("imported 2 memories: 1 stored, 1 already known")
+    assert main(["import", str(path), "--user", "alice", "--db", str(db_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "imported": 2,
+        "stored": 0,
+        "superseded": 0,
+        "duplicate": 2,
+    }
+
+
+def test_an_imported_id_that_holds_another_memory_does_not_overwrite_it(db_path, model) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    kept = store.add("Plays the cello")
+    line = _export_line(kept.id, "Speaks fluent Dutch", int(time.time()))
+    [done] = store.import_with_outcomes([line])
+    assert done.outcome is Outcome.STORED and done.memory.id != kept.id
+    assert sorted(m.text for m in store.get_all()) == ["Plays the cello", "Speaks fluent Dutch"]
+
+
+def test_imports_from_two_stores_at_once_store_each_memory_once(db_path, model) -> None:
+    first = MemoryStore("alice", db_path=db_path, embedder=model)
+    second = MemoryStore("alice", db_path=db_path, embedder=model)
+    texts = DISTINCT[:30]
+    file_one = [_export_line(f"a{n}", text, n) for n, text in enumerate(texts)]
+    file_two = [_export_line(f"b{n}", text, n) for n, text in enumerate(texts)]
+    _in_threads(lambda: first.import_(file_one), lambda: second.import_(file_two))
+    assert sorted(m.text for m in first.get_all()) == sorted(texts)
+
+
+def test_the_lock_is_one_per_user_and_location(tmp_path: Path, model) -> None:
+    a1 = MemoryStore("alice", db_path=tmp_path / "m", embedder=model)
+    a2 = MemoryStore("alice", db_path=tmp_path / "m", embedder=model)
+    bob = MemoryStore("bob", db_path=tmp_path / "m", embedder=model)
+    elsewhere = MemoryStore("alice", db_path=tmp_path / "other", embedder=model)
+    assert a1._write_lock is a2._write_lock
+    assert a1._write_lock is not bob._write_lock
+    assert a1._write_lock is not elsewhere._write_lock
