@@ -809,9 +809,21 @@ class MemoryStore:
         floor = CONSOLIDATION_MIN_SIMILARITY
         limit = CONSOLIDATION_NEIGHBOURS + 1  # the new memory itself is one of them
         rows = _nearest_in_chunks(collection, vectors[new], limit) if new else []
-        meanwhile = [  # near a new memory, and not there when the decisions were made
-            [(i, cosine) for i, cosine in row if cosine >= floor and i not in written | seen.keys()]
-            for row in rows
+        # A memory that was there when a draft was judged is settled, unless that judgement
+        # fell through (the memory it duplicated was gone when written, so it was stored).
+        judged = written | seen.keys()
+        fell_through = {
+            i
+            for i in new
+            if (decision := decisions[i]) is not None and decision.outcome is not Outcome.STORED
+        }
+        meanwhile = [  # near a new memory, and not judged with it
+            [
+                (i, cosine)
+                for i, cosine in row
+                if cosine >= floor and i not in (written if index in fell_through else judged)
+            ]
+            for index, row in zip(new, rows)
         ]
         others = {memory_id for row in meanwhile for memory_id, _ in row}
         if not others and not rewritten:

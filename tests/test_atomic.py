@@ -254,6 +254,31 @@ def test_two_processes_that_both_wrote_a_rewording_keep_exactly_one(
 
 
 @pytest.mark.server
+def test_a_duplicate_whose_original_vanished_is_still_reconciled(
+    chroma_server, model, monkeypatch
+) -> None:
+    """``first`` finds its text stored twice (worded two ways) and decides it is a duplicate;
+    before it writes, another process deletes the copy it matched, so ``first`` stores it.
+    The other wording, seen when deciding but never judged, is then settled too."""
+    first = MemoryStore("atomic-vanished", storage=_client(chroma_server, "p1"), embedder=model)
+    other = MemoryStore("atomic-vanished", storage=_client(chroma_server, "p2"), embedder=model)
+    original, rewording = REWORDED[16]
+    matched = other.add(original)
+    other.put("reworded", rewording)  # put does not consolidate: both wordings are stored
+    decide = first._consolidate
+
+    def decide_then_delete(*args: Any, **kwargs: Any) -> Any:
+        decisions = decide(*args, **kwargs)
+        other.delete(matched.id)
+        return decisions
+
+    monkeypatch.setattr(first, "_consolidate", decide_then_delete)
+    first.remember(original)
+    kept = [m.text for m in other.get_all()]
+    assert len(kept) == 1 and kept[0] in (original, rewording)  # before the fix: both
+
+
+@pytest.mark.server
 def test_a_memory_rewritten_meanwhile_is_never_overwritten(chroma_server, model) -> None:
     """A text's first writer stores it under an id derived from its wording, so that
     processes adding it at once write one record. If that record was superseded since (it
