@@ -4,8 +4,6 @@ server, and imports (issue 11, item 5; docs/reliability.md section 5)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -13,49 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _atomic_support import DISTINCT, REWORDED, processes_adding
 
 from headroom_memory_integrations import ChromaStorage, MemoryStore
 from headroom_memory_integrations.cli import main
 from headroom_memory_integrations.engine import Outcome
-
-_ACTIVITIES = [
-    "works on the billing service",
-    "prefers Rust for tooling",
-    "is on call on Fridays",
-    "lives near the office",
-    "reviews the frontend pull requests",
-    "runs the weekly retro",
-    "owns the deployment scripts",
-    "joined the team last spring",
-    "mentors the new interns",
-    "maintains the data pipeline",
-]
-DISTINCT = [f"Teammate {n} {_ACTIVITIES[n % len(_ACTIVITIES)]}" for n in range(100)]
-"""100 facts that consolidation keeps apart: one store adding them all keeps 100."""
-
-REWORDED = [
-    ("Takes 20 mg of lisinopril every morning", "Takes 20mg of lisinopril every morning"),
-    ("Allergic to shellfish and peanuts", "Allergic to peanuts and shellfish"),
-    ("Runs 5 km three times a week", "Runs 5 km 3 times a week"),
-    ("Works at Stripe as a software engineer", "Works as a software engineer at Stripe"),
-    ("Manages a team of 8 engineers", "Manages a team of eight engineers"),
-    ("User's daughter is 7 years old", "User's daughter is seven years old"),
-    ("Has a younger brother named Tom", "Has a younger brother called Tom"),
-    ("Lives in Berlin with their partner", "Lives with their partner in Berlin"),
-    ("Lives in a two-bedroom apartment", "Lives in a 2-bedroom apartment"),
-    ("Codes in Python and TypeScript", "Codes in TypeScript and Python"),
-    ("Deploys with Docker and Kubernetes", "Deploys using Docker and Kubernetes"),
-    ("Prefers dark mode in every app", "Prefers dark mode in all apps"),
-    ("Likes Italian and Thai food", "Likes Thai and Italian food"),
-    ("Hates cilantro", "Really hates cilantro"),
-    ("Team standup is at 9:30 every weekday", "Team standup is at 9:30 each weekday"),
-    ("Goes to the gym on Mondays and Thursdays", "Goes to the gym on Thursdays and Mondays"),
-    ("Picks up the kids at 3:15 pm", "Picks the kids up at 3:15 pm"),
-    ("Has two cats", "Has 2 cats"),
-    ("Feeds the cat at 7am and 6pm", "Feeds the cat at 6pm and 7am"),
-    ("Plays guitar and piano", "Plays piano and guitar"),
-]
-"""Pairs that consolidation calls duplicates (either way round), each unrelated to the others."""
 
 
 def _in_threads(*jobs: Callable[[], Any]) -> list[Any]:
@@ -121,73 +81,14 @@ def test_stores_on_separate_clients_of_one_server_share_the_lock(server_storages
 
 # -- processes on a Chroma server --------------------------------------------------------------
 
-_WRITER = """
-import json, sys
-from headroom_memory_integrations import MemoryStore
-url, user, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-store = MemoryStore(user, db_path=url)
-store.search("warm up")  # load the model and connect before the start
-print("ready", flush=True)
-sys.stdin.readline()
-print(json.dumps([store.remember(text).outcome.value for text in texts]))
-"""
-
-
-def _processes_adding(url: str, user: str, texts_of: Sequence[Sequence[str]]) -> list[list[str]]:
-    """Start one process per list of texts; once all are ready, let them add at once. Returns
-    each process's outcomes."""
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WRITER, url, user, json.dumps(list(texts))],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for texts in texts_of
-    ]
-    try:
-        for process in processes:
-            assert process.stdout is not None
-            assert process.stdout.readline().strip() == "ready", process.stderr
-        outcomes = []
-        for process in processes:
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
-        for process in processes:
-            out, err = process.communicate(timeout=240)
-            assert process.returncode == 0, err
-            outcomes.append(json.loads(out))
-        return outcomes
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-
-
-def _with_every_fifth(texts: Sequence[str], inserted: Sequence[str]) -> list[str]:
-    """``texts`` with ``inserted[k]`` after every fifth one (so processes reach it together)."""
-    mixed = list(texts)
-    for k, text in reversed(list(enumerate(inserted))):
-        mixed.insert(5 * (k + 1), text)
-    return mixed
-
 
 @pytest.mark.server
-def test_four_processes_adding_the_same_texts_and_rewordings_store_each_once(
-    chroma_server, model
-) -> None:
-    """Four processes add the same 100 texts at once; two also add 20 texts, and the other
-    two a rewording of each, at the same moments."""
-    originals, rewordings = zip(*REWORDED)
-    first, second = _with_every_fifth(DISTINCT, originals), _with_every_fifth(DISTINCT, rewordings)
-    outcomes = _processes_adding(chroma_server.url, "atomic-procs", [first, second] * 2)
+def test_four_processes_adding_the_same_texts_store_each_once(chroma_server, model) -> None:
+    results = processes_adding(chroma_server.url, "atomic-procs", [DISTINCT] * 4)
+    assert all(isinstance(outcomes, list) for outcomes in results), results
     kept = [m.text for m in MemoryStore("atomic-procs", db_path=chroma_server.url).get_all()]
-    assert sorted(t for t in kept if t.startswith("Teammate")) == sorted(DISTINCT)  # before: 295
-    assert all((a in kept) or (b in kept) for a, b in REWORDED)  # nothing lost, ever
-    assert len(kept) == len(DISTINCT) + len(REWORDED)  # before: 48 for the 20 pairs
-    assert all(len(each) == len(first) for each in outcomes)
+    assert sorted(kept) == sorted(DISTINCT)  # before: 295 memories
+    assert all(len(outcomes) == len(DISTINCT) for outcomes in results)
 
 
 def _client(chroma_server, name: str) -> ChromaStorage:
