@@ -180,6 +180,53 @@ def test_a_duplicate_whose_original_vanished_is_still_reconciled(
 
 
 @pytest.mark.server
+def test_an_update_overwritten_by_another_process_is_kept_in_history(
+    chroma_server, model, monkeypatch
+) -> None:
+    """Two processes supersede one memory at once: both read it, ``first`` writes, then
+    ``other`` overwrites it. ``first`` sees that its text is gone and adds it to the history."""
+    first = MemoryStore("atomic-updates", storage=_client(chroma_server, "p1"), embedder=model)
+    other = MemoryStore("atomic-updates", storage=_client(chroma_server, "p2"), embedder=model)
+    daughter = first.add("User's daughter is 7 years old")
+    other_read, first_wrote, other_wrote = threading.Event(), threading.Event(), threading.Event()
+    decided = threading.Barrier(2)
+    turns = ((first, other_read, first_wrote), (other, first_wrote, other_wrote))
+    for store, before, after in turns:  # other reads, first writes, then other writes
+        collection, decide = store._open(), store._consolidate
+
+        def decide_together(*args: Any, _decide=decide, **kwargs: Any) -> Any:
+            decisions = _decide(*args, **kwargs)
+            decided.wait(30)
+            return decisions
+
+        def write_in_turn(*args: Any, _write=collection.upsert, _before=before, _after=after):
+            _before.wait(30)
+            _write(*args)
+            _after.set()
+
+        monkeypatch.setattr(store, "_consolidate", decide_together)
+        monkeypatch.setattr(collection, "upsert", write_in_turn)
+    read = other._open().get
+    monkeypatch.setattr(other._open(), "get", lambda *a: (read(*a), other_read.set())[0])
+    check = first._reconcile
+    monkeypatch.setattr(
+        first, "_reconcile", lambda *a, **k: (other_wrote.wait(30), check(*a, **k))[1]
+    )
+    results = _in_threads(
+        lambda: first.remember("User's daughter is 8 years old"),
+        lambda: other.remember("User's daughter is 9 years old"),
+    )
+    assert [r.outcome for r in results] == [Outcome.SUPERSEDED, Outcome.SUPERSEDED]
+    now = other.get(daughter.id)
+    assert now.text == "User's daughter is 9 years old"  # the last write holds
+    assert [r.text for r in now.history] == [  # before: the 8 was lost
+        "User's daughter is 7 years old",
+        "User's daughter is 8 years old",
+    ]
+    assert len(other.get_all()) == 1
+
+
+@pytest.mark.server
 def test_a_memory_rewritten_meanwhile_is_never_overwritten(chroma_server, model) -> None:
     """A text's first writer stores it under an id derived from its wording, so that
     processes adding it at once write one record. If that record was superseded since (it
