@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 from _docs_support import Example, docs_server, example_env, run_example
 
-pytestmark = pytest.mark.openai_client
-
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "memory-api-reference.txt"
 
 QUICK_START = """
