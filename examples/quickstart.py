@@ -99,7 +99,7 @@ def main() -> None:
     shutil.rmtree(DB, ignore_errors=True)  # start fresh, so every run shows the same thing
     print("(model: " + (MODEL if os.environ.get("OPENAI_API_KEY") else "scripted, offline") + ")\n")
     first_conversation()
-    print()
+    print(flush=True)  # before the child writes to the same output
     subprocess.run([sys.executable, __file__, "--later"], check=True)
 
 

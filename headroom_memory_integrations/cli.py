@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from .engine import MemoryStore, Outcome, Remembered
@@ -27,6 +29,7 @@ from .errors import HeadroomMemoryError
 from .types import Category, Memory
 
 _TEXT_WIDTH = 60
+_HOST_PORT = re.compile(r"[\w.-]+:\d{1,5}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("text")
     add.add_argument("--category", choices=categories, default="fact")
     add.add_argument(
-        "--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata (repeatable)"
+        "--meta",
+        action="append",
+        default=[],
+        type=_meta_pair,
+        metavar="KEY=VALUE",
+        help="metadata (repeatable)",
     )
 
     search = commands.add_parser("search", parents=[common], help="find relevant memories")
@@ -106,16 +114,33 @@ def _shorten(text: str) -> str:
     return flat if len(flat) <= _TEXT_WIDTH else flat[: _TEXT_WIDTH - 1] + "…"
 
 
-def _metadata(pairs: Sequence[str]) -> dict[str, str] | None:
-    if not pairs:
+def _meta_pair(pair: str) -> tuple[str, str]:
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {pair!r}")
+    return key, value
+
+
+def _metadata(pairs: Sequence[tuple[str, str]]) -> dict[str, str] | None:
+    return dict(pairs) if pairs else None
+
+
+_READS = ("search", "list", "stats", "export", "delete", "clear")
+"""Commands that only read or remove: they never create a store."""
+
+
+def _check_db(args: argparse.Namespace) -> str | None:
+    """A usage error for a ``--db`` that is neither a folder nor a server URL (``host:port``
+    without ``http://``), else None. A read command on a folder that does not exist raises
+    instead of creating one."""
+    db = args.db if args.db is not None else os.environ.get("HEADROOM_MEMORY_DB")
+    if db is None or db.startswith(("http://", "https://")):
         return None
-    metadata = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise HeadroomMemoryError(f"--meta takes KEY=VALUE, got {pair!r}")
-        metadata[key] = value
-    return metadata
+    if _HOST_PORT.fullmatch(db):
+        return f"--db {db!r} is neither a folder nor a URL: did you mean 'http://{db}'?"
+    if args.command in _READS and not Path(db).expanduser().is_dir():
+        raise HeadroomMemoryError(f"no memory store at {db} (check --db); nothing was created")
+    return None
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> Any:
@@ -208,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     quiet_json = args.json and args.command == "export" and args.file == "-"
     try:
+        usage = _check_db(args)
+        if usage:
+            print(f"headroom-memory: error: {usage}", file=sys.stderr)
+            return 2
         result = _run(args, sys.stdout)
     except (HeadroomMemoryError, OSError) as exc:
         print(f"headroom-memory: error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ Every wrapper and adapter in this package is a thin layer over :class:`MemorySto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -84,6 +85,9 @@ Chen" 0.40), so the floor is low; the word-by-word comparison decides."""
 
 MAX_TEXT_CHARS = 2000
 """Longest memory text accepted."""
+
+MAX_IMPORT_LINE_CHARS = 1_000_000
+"""Longest line :meth:`MemoryStore.import_` reads (an exported memory is far shorter)."""
 
 MAX_USER_ID_CHARS = 2048
 MAX_METADATA_KEYS = 32
@@ -284,7 +288,9 @@ def _check_top_k(top_k: object) -> int:
     return top_k
 
 
-def _resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
+def resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
+    """The storage ``db_path`` names: a Chroma server for an ``http(s)://`` URL, else an
+    embedded folder (default ``$HEADROOM_MEMORY_DB`` or ``~/.headroom-memory``)."""
     path = (
         str(db_path)
         if db_path is not None
@@ -336,7 +342,7 @@ class MemoryStore:
         self.user_id = validate_user_id(user_id)
         if storage is not None and db_path is not None:
             raise InvalidInputError("pass db_path or storage, not both")
-        self.storage = storage if storage is not None else _resolve_storage(db_path)
+        self.storage = storage if storage is not None else resolve_storage(db_path)
         self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
         self.min_score = float(min_score)
         self.duplicate_threshold = duplicate_threshold
@@ -537,10 +543,11 @@ class MemoryStore:
         self,
         items: Iterable[NewMemory | str | Mapping[str, Any]],
         *,
+        category: Category | str = Category.FACT,
         source: Source | str = Source.MANUAL,
     ) -> list[Memory]:
         """:meth:`remember_many`, returning only the memories (one per item, in order)."""
-        return [done.memory for done in self.remember_many(items, source=source)]
+        return [done.memory for done in self.remember_many(items, category=category, source=source)]
 
     def remember(
         self,
@@ -568,12 +575,14 @@ class MemoryStore:
         self,
         items: Iterable[NewMemory | str | Mapping[str, Any]],
         *,
+        category: Category | str = Category.FACT,
         source: Source | str = Source.MANUAL,
     ) -> list[Remembered]:
         """Remember several memories with one embedding batch and one write.
 
-        Each item is a :class:`NewMemory`, a plain text (category ``fact``) or a mapping
-        with ``text`` and optional ``category``, ``metadata`` and ``replaces``. Every item is
+        Each item is a :class:`NewMemory`, a plain text (of ``category``, default ``fact``) or
+        a mapping with ``text`` and optional ``category`` (default ``category``), ``metadata``
+        and ``replaces``. Every item is
         checked before anything is written: one bad item raises and nothing is stored. Items
         are consolidated in order, with the stored memories and with the earlier items of
         the batch (see :meth:`remember`).
@@ -581,7 +590,8 @@ class MemoryStore:
         Returns:
             One :class:`Remembered` per item, in order.
         """
-        parsed = [self._parse_item(item) for item in items]
+        default = Category.parse(category)
+        parsed = [self._parse_item(item, default) for item in items]
         drafts = [self._draft(item, Source.parse(source)) for item in parsed]
         if not drafts:
             return []
@@ -870,15 +880,25 @@ class MemoryStore:
         Returns:
             How many memories were imported.
         """
-        if isinstance(source, (str, os.PathLike)):
-            lines: Iterable[str] = Path(source).read_text(encoding="utf-8").splitlines()
-        else:
-            lines = source
-        memories = [
-            self._from_export(line, number)
-            for number, line in enumerate(lines, start=1)
-            if line.strip()
-        ]
+        memories = []
+        with contextlib.ExitStack() as stack:
+            lines: Iterable[str] = source  # type: ignore[assignment]
+            if isinstance(source, (str, os.PathLike)):
+                lines = stack.enter_context(open(source, encoding="utf-8"))
+            try:
+                for number, line in enumerate(lines, start=1):
+                    if len(line) > MAX_IMPORT_LINE_CHARS:
+                        raise InvalidInputError(
+                            f"line {number} is longer than {MAX_IMPORT_LINE_CHARS} characters: "
+                            "not a line written by export()"
+                        )
+                    if line.strip():
+                        memories.append(self._from_export(line, number))
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(
+                    f"not a UTF-8 text file (an undecodable byte at offset {exc.start}): "
+                    "import takes the JSON Lines that export() writes"
+                ) from exc
         if not memories:
             return 0
         vectors = self._embed([m.text for m in memories])
@@ -889,9 +909,11 @@ class MemoryStore:
     # -- helpers -----------------------------------------------------------------------------
 
     @staticmethod
-    def _parse_item(item: NewMemory | str | Mapping[str, Any]) -> NewMemory:
+    def _parse_item(
+        item: NewMemory | str | Mapping[str, Any], category: Category = Category.FACT
+    ) -> NewMemory:
         if isinstance(item, str):
-            item = NewMemory(item)
+            item = NewMemory(item, category)
         elif isinstance(item, Mapping):
             unknown = set(item) - {"text", "category", "metadata", "replaces"}
             if unknown or "text" not in item:
@@ -899,7 +921,7 @@ class MemoryStore:
                     "a memory mapping takes 'text' and optional 'category', 'metadata' and "
                     f"'replaces'; got keys {sorted(item)}"
                 )
-            item = NewMemory(**item)
+            item = NewMemory(**{"category": category, **item})
         elif not isinstance(item, NewMemory):
             raise InvalidInputError(f"cannot make a memory from {type(item).__name__}")
         if item.replaces is not None and not isinstance(item.replaces, str):

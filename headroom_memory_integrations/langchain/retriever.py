@@ -15,9 +15,7 @@ from pydantic import Field, model_validator
 
 from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
 from ..types import Category, Memory
-from ..wiring import open_memory
-
-_OPENING = ("user_id", "db_path", "storage", "embedder")
+from ._extract import memory_field
 
 
 class HeadroomRetriever(BaseRetriever):
@@ -64,12 +62,7 @@ class HeadroomRetriever(BaseRetriever):
     @model_validator(mode="before")
     @classmethod
     def _open_memory(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        options = {name: data.pop(name) for name in _OPENING if name in data}
-        if options or "memory" not in data:
-            data["memory"] = open_memory(data.pop("memory", None), **options)
-        return data
+        return memory_field(data)
 
     @property
     def user_id(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from llama_index.core.llms import LLM
 
@@ -22,21 +23,36 @@ def path_text(path: PathLike | None) -> str | None:
     return None if path is None else os.fspath(path)
 
 
+def memory_fields(memory: MemoryStore | None, data: dict[str, Any]) -> dict[str, Any]:
+    """The pydantic fields of a memory class that learns in the background: ``user_id`` taken
+    from ``memory`` when given, ``db_path`` as text."""
+    if memory is not None:
+        data.setdefault("user_id", memory.user_id)
+    data["db_path"] = path_text(data.get("db_path"))
+    return data
+
+
 def background_flow(
+    owner: Any,
     memory: MemoryStore | None,
-    user_id: str | None,
-    db_path: PathLike | None,
     *,
     storage: Storage | None,
     embedder: Embedder | None,
     llm: LLM | None,
-    top_k: int,
     queue_path: PathLike | None,
 ) -> MemoryFlow:
-    """A flow that injects the user's memories and learns in the background through ``llm``."""
-    store = open_memory(memory, user_id, db_path, storage=storage, embedder=embedder)
+    """The flow of ``owner`` (a memory class with ``user_id``, ``db_path`` and ``top_k``
+    fields): it injects the user's memories and learns in the background through ``llm``.
+    An owner built without ``db_path`` gets the location of its memories, so that what it
+    serializes opens the same memories again."""
+    store = open_memory(memory, owner.user_id, owner.db_path, storage=storage, embedder=embedder)
     extractor = BackgroundExtractor(llm_completer(llm))
-    return build_flow(store, inline=False, top_k=top_k, extractor=extractor, queue_path=queue_path)
+    flow = build_flow(
+        store, inline=False, top_k=owner.top_k, extractor=extractor, queue_path=queue_path
+    )
+    if owner.db_path is None:
+        owner.db_path = reopenable_location(store)
+    return flow
 
 
 def reopenable_location(memory: MemoryStore) -> str | None:

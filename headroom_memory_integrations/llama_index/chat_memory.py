@@ -28,7 +28,7 @@ from ._messages import (
     system_message,
     text_of,
 )
-from ._wiring import PathLike, background_flow, path_text, reopenable_location
+from ._wiring import PathLike, background_flow, memory_fields
 
 
 class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
@@ -105,22 +105,10 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
         queue_path: PathLike | None = None,
         **data: Any,
     ) -> None:
-        if memory is not None:
-            data.setdefault("user_id", memory.user_id)
-        data["db_path"] = path_text(data.get("db_path"))
-        super().__init__(**data)
+        super().__init__(**memory_fields(memory, data))
         self._flow = background_flow(
-            memory,
-            self.user_id,
-            self.db_path,
-            storage=storage,
-            embedder=embedder,
-            llm=llm,
-            top_k=self.top_k,
-            queue_path=queue_path,
+            self, memory, storage=storage, embedder=embedder, llm=llm, queue_path=queue_path
         )
-        if self.db_path is None:  # so that from_dict opens the same memories
-            self.db_path = reopenable_location(self._flow.memory)
 
     @classmethod
     def class_name(cls) -> str:

@@ -16,7 +16,7 @@ from ..engine import MemoryStore
 from ..flow import MemoryFlow
 from ..storage import Storage
 from ._messages import latest_user_text
-from ._wiring import PathLike, background_flow, path_text, reopenable_location
+from ._wiring import PathLike, background_flow, memory_fields
 
 
 class HeadroomMemoryBlock(BaseMemoryBlock[str]):
@@ -82,22 +82,10 @@ class HeadroomMemoryBlock(BaseMemoryBlock[str]):
         queue_path: PathLike | None = None,
         **data: Any,
     ) -> None:
-        if memory is not None:
-            data.setdefault("user_id", memory.user_id)
-        data["db_path"] = path_text(data.get("db_path"))
-        super().__init__(**data)
+        super().__init__(**memory_fields(memory, data))
         self._flow = background_flow(
-            memory,
-            self.user_id,
-            self.db_path,
-            storage=storage,
-            embedder=embedder,
-            llm=llm,
-            top_k=self.top_k,
-            queue_path=queue_path,
+            self, memory, storage=storage, embedder=embedder, llm=llm, queue_path=queue_path
         )
-        if self.db_path is None:
-            self.db_path = reopenable_location(self._flow.memory)
 
     @property
     def memory(self) -> MemoryStore:

