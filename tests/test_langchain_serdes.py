@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _langchain_support import ScriptedChat, TokenRecorder, assert_clean, instruction_nonce
+from _langchain_support import (
+    ScriptedChat,
+    TokenRecorder,
+    assert_clean,
+    instruction_nonce,
+    sent,
+    texts,
+)
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.load import dumpd, dumps, load, loads
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
@@ -52,16 +59,6 @@ def says(openai_server: ScriptedOpenAIServer) -> ScriptedChat:
     chat = ScriptedChat(ANSWER, memories=[TEA])
     openai_server.responder = chat
     return chat
-
-
-def sent(server: ScriptedOpenAIServer, index: int = -1) -> list[dict[str, Any]]:
-    chats = [r for r in server.requests if r.path == "/v1/chat/completions"]
-    return chats[index].body["messages"]  # type: ignore[index]
-
-
-def texts(memory: MemoryStore) -> list[str]:
-    assert memory.flush(30)
-    return sorted(m.text for m in memory.get_all())
 
 
 # -- the dump, and loading it ----------------------------------------------------------------------

@@ -202,7 +202,7 @@ EXAMPLES = {
     "isolation": (ISOLATION, "1 0\n[]\n"),
     "compression": (COMPRESSION, "402 True system\n"),
     # The response references the PostgreSQL memory, as the spec says ("User's team uses
-    # PostgreSQL" is at cosine 0.17 from the question: over the floor of a user with 3 memories, 0.166)
+    # PostgreSQL" is at cosine 0.17 from the question: over 0.166, the floor of 3 memories)
     "multi-turn": (MULTI_TURN, "From what I remember: User's team uses PostgreSQL.\n"),
 }
 
