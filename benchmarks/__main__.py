@@ -38,6 +38,7 @@ from . import (  # noqa: E402
     locomo,
     memory,
     needle,
+    paraphrase,
     writes,
 )
 from .common import (  # noqa: E402
@@ -59,6 +60,7 @@ SECTIONS: dict[str, ModuleType] = {
     "memory": memory,
     "locomo": locomo,
     "needle": needle,
+    "paraphrase": paraphrase,
     "consolidation": consolidation,
     "load": load,
 }

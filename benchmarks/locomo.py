@@ -15,6 +15,13 @@ the top k (for observations, an evidence id is found when a retrieved observatio
 it); MRR uses the rank of the first result that hits any evidence id (0 if none in the top 20).
 Categories 1-4 make "overall"; category 5 (adversarial) is reported apart.
 
+Injected recall: what a wrapper puts in the prompt is ``search(question, top_k=5)`` with the
+default relevance floor; its recall is the fraction of the question's evidence ids that the
+injected memories carry (0 when nothing is injected). Other floor rules (the old fixed cosine
+0.25, ...) are replayed on the 20 best results of the no-floor search, with each result's
+cosine similarity computed from the vectors the store was written with (see
+``paraphrase.replay``); the replay of the default rule is checked against the engine.
+
 Compression: tokens of the whole conversation (every turn as "speaker: text") against tokens of
 what the wrapper would inject for the question: ``format_memory_context`` of
 ``search(question, top_k=5)`` with the default relevance floor.
@@ -31,11 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, Memory, MemoryStore
 from headroom_memory_integrations.prompts import format_memory_context, short_ids
 from headroom_memory_integrations.transforms import RollingWindowTransform
 
 from .common import ROOT, Context, Row, SectionResult, SectionSkipped, log, value_at_least
+from .paraphrase import Candidate, floor_rules, replay
 from .population import add_batch
 
 NAME = "locomo"
@@ -188,11 +198,32 @@ INDEXES = (
 )
 
 
+class RecordingEmbedder:
+    """The local model, keeping every vector it computed (by text), so that the cosine
+    similarity of any query and memory can be read back."""
+
+    def __init__(self, real: LocalEmbedder) -> None:
+        self.real = real
+        self.name = real.name
+        self.dimension = real.dimension
+        self.vectors: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = np.asarray(self.real.embed(list(texts)), dtype=np.float32)
+        self.vectors.update(zip(texts, vectors))
+        return vectors
+
+    def vector(self, text: str) -> np.ndarray:
+        if text not in self.vectors:
+            self.embed([text])
+        return self.vectors[text]
+
+
 def build(
-    storage: ChromaStorage, user: str, items: list[dict[str, Any]]
+    storage: ChromaStorage, user: str, items: list[dict[str, Any]], embedder: RecordingEmbedder
 ) -> tuple[MemoryStore, int]:
     """The user's store holding ``items``, and how many batches ``add_many`` refused."""
-    store = MemoryStore(user, storage=storage, embedder=LocalEmbedder())
+    store = MemoryStore(user, storage=storage, embedder=embedder)
     errors = sum(add_batch(store, items[i : i + 200]) for i in range(0, len(items), 200))
     return store, errors
 
@@ -212,6 +243,10 @@ def run(ctx: Context) -> SectionResult:
     details: dict[str, Any] = {"data": str(DATA), "token_counter": counter.counter_name}
     compression: dict[str, list[tuple[int, int]]] = defaultdict(list)  # (history, injected)
     per_conversation = []
+    embedder = RecordingEmbedder(LocalEmbedder())
+    rules = floor_rules()
+    injected_recall: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    agreement: dict[str, list[bool]] = defaultdict(list)
     for sample in samples:
         sample_id = sample["sample_id"]
         known_ids = {t["dia_id"] for _, _, turns in sessions(sample) for t in turns}
@@ -227,17 +262,38 @@ def run(ctx: Context) -> SectionResult:
         conversation["evidence_ids_not_in_turns"] = sum(len(e - known_ids) for _, _, e in questions)
         for index in INDEXES:
             items = index.items(sample)
-            store, errors = build(storage, f"locomo-{index.kind}-{sample_id}", items)
+            store, errors = build(storage, f"locomo-{index.kind}-{sample_id}", items, embedder)
             conversation[f"{index.kind}_add_many_errors"] = errors
             conversation[f"{index.kind}_offered"] = len(items)
             conversation[f"{index.kind}_stored"] = store.count()
             reachable = set().union(*(index.ids_of(m) for m in store.get_all()))
+            memories = store.count()
             for category, question, evidence in questions:
                 found = store.search(question, top_k=20, min_score=-1.0)
                 recall, rr = score(evidence, [index.ids_of(m) for m, _ in found])
                 ceiling = len(evidence & reachable) / len(evidence)
                 scores[index.kind].append(Scores(category, recall, rr, ceiling))
                 injected = store.search(question, top_k=5)
+                if category in OVERALL:
+                    query = embedder.vector(question)
+                    candidates = [
+                        Candidate(m.id, s, float(embedder.vector(m.text) @ query)) for m, s in found
+                    ]
+                    ids_of = {m.id: index.ids_of(m) for m, _ in found}
+                    actual = [m.id for m, _ in injected]
+                    for name, rule in rules.items():
+                        kept = replay(candidates, rule, memories)
+                        if name.endswith("(default)"):
+                            agreement[index.kind].append(kept == actual)
+                        carried = set().union(*(ids_of[i] for i in kept)) if kept else set()
+                        injected_recall[index.kind][name].append(
+                            len(carried & evidence) / len(evidence)
+                        )
+                    carried = set().union(*(index.ids_of(m) for m, _ in injected), set())
+                    injected_recall[index.kind]["engine"].append(
+                        len(carried & evidence) / len(evidence)
+                    )
+                    injected_recall[index.kind]["nothing injected"].append(float(not injected))
                 context = format_memory_context(
                     list(zip(short_ids(len(injected)), [m for m, _ in injected]))
                 )
@@ -286,6 +342,25 @@ def run(ctx: Context) -> SectionResult:
                         note=_note(part),
                     )
                 )
+        recalls = {
+            name: round(sum(values) / len(values), 4)
+            for name, values in injected_recall[index.kind].items()
+        }
+        details[index.kind]["injected_recall (cat 1-4, top 5, floor on)"] = recalls
+        checks = agreement[index.kind]
+        details[index.kind]["replay_agrees_with_engine"] = round(sum(checks) / len(checks), 4)
+        old = next(name for name in recalls if name.endswith("(old default)"))
+        result.add(
+            Row(
+                NAME,
+                f"{index.kind}: injected recall (cat 1-4, top 5, floor on)",
+                recalls["engine"],
+                "",
+                n=len(checks),
+                note=f"old floor (cosine 0.25): {recalls[old]:.3f}; "
+                f"nothing injected for {recalls['nothing injected']:.3f}",
+            )
+        )
         pairs = compression[index.kind]
         history = sum(h for h, _ in pairs) / len(pairs)
         injected = sum(i for _, i in pairs) / len(pairs)

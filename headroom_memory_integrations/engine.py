@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
+import time
 import unicodedata
 import uuid
 from collections import Counter, OrderedDict
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
+from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any, Protocol
@@ -37,12 +40,22 @@ from .types import Category, Memory, Revision, SearchResult, Source, parse_time,
 DEFAULT_DB_PATH = "~/.headroom-memory"
 """Where memories are kept when no ``db_path`` is given (``$HEADROOM_MEMORY_DB`` overrides)."""
 
-DEFAULT_MIN_SCORE = 0.25
-"""Relevance floor: search returns only memories whose meaning is this close to the query
-(cosine similarity). With all-MiniLM-L6-v2, a memory that bears on the query scores about
-0.3-0.8 and unrelated text about -0.1-0.2 ("What is 2+2?" against "Prefers Python for backend
-work": 0.03). The floor judges meaning alone: sharing a word ("2" with "Has 2 cats") never
-lets an unrelated memory through."""
+DEFAULT_MIN_SCORE = 0.125
+"""Relevance floor for a user with one memory: search returns only memories whose meaning is
+at least this close to the query (cosine similarity). The floor rises with the number of
+memories the user has (:data:`FLOOR_RISE`): the more memories, the closer the best of them
+comes to any question by chance. With all-MiniLM-L6-v2, "which language?" against "Prefers
+Python for backend work" scores 0.136 and "What is 2+2?" -0.008. The floor judges meaning
+alone: sharing a word ("2" with "Has 2 cats") never lets an unrelated memory through."""
+
+FLOOR_RISE = ((1, 0.0), (10, 0.085), (30, 0.135), (100, 0.16), (1_000, 0.195), (10_000, 0.22))
+"""How far the relevance floor rises above ``min_score`` with the number of memories: (memories,
+rise) points, joined by straight lines over the logarithm of the number, flat past the last
+one. With the default floor: 0.125 for 1 memory, 0.21 for 10, 0.285 for 100, 0.32 for 1,000,
+0.345 from 10,000. Measured, not chosen: at each size, the best memory of the user is at least
+this close to an unrelated question (small talk, general knowledge, code) for at most 5% of
+the dev half of ``benchmarks/paraphrase_unrelated.jsonl`` (docs/benchmarks.md, "Paraphrase
+needles and the relevance floor")."""
 
 LEXICAL_WEIGHT = 1.2
 """The score that orders search results is the cosine similarity of query and memory plus this
@@ -90,6 +103,29 @@ logger = logging.getLogger(__name__)
 _QUERY_CACHE_SIZE = 1024
 _READ_CHUNK = 1000  # ids or vectors per storage read when consolidating a large batch
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
+_COUNT_SECONDS = 30.0  # how long a store trusts the memory count its floor was set with
+
+
+def relevance_floor(min_score: float, memories: int) -> float:
+    """The cosine similarity a memory needs to be returned by a search, for a user holding
+    ``memories`` memories: ``min_score`` plus the rise of :data:`FLOOR_RISE`. ``min_score``
+    is the floor for one memory; -1 or less turns the floor off.
+
+    Example::
+
+        >>> [relevance_floor(DEFAULT_MIN_SCORE, n) for n in (1, 100, 10_000)]
+        [0.125, 0.285, 0.345]
+    """
+    if min_score <= -1.0:
+        return -1.0
+    position = math.log10(max(memories, 1))
+    points = [(math.log10(count), rise) for count, rise in FLOOR_RISE]
+    rise = points[-1][1]
+    for (left, low), (right, high) in pairwise(points):
+        if position <= right:
+            rise = low + (high - low) * (position - left) / (right - left)
+            break
+    return round(min_score + rise, 3)
 
 
 class PendingWrites(Protocol):
@@ -284,7 +320,8 @@ class MemoryStore:
         storage: A storage object instead of ``db_path`` (e.g. ``ChromaStorage(client)``).
         embedder: Defaults to the local all-MiniLM-L6-v2. A store keeps the embedder it was
             built with; opening it with another raises :class:`EmbeddingMismatchError`.
-        min_score: The relevance floor of :meth:`search` (see :data:`DEFAULT_MIN_SCORE`).
+        min_score: The relevance floor of :meth:`search` for a user with one memory; it
+            rises with the number of memories (see :func:`relevance_floor`).
         duplicate_threshold: See :data:`DEFAULT_DUPLICATE_THRESHOLD`; ``None`` turns
             consolidation off: texts worded the same are still stored once, but rewordings
             are kept and nothing is superseded automatically.
@@ -324,6 +361,7 @@ class MemoryStore:
         """Failures the wrappers survived (inject_failures, store_failures, malformed_blocks,
         ...): each was logged, and the user's chat call went on. Shown in :meth:`stats`."""
         self._pending: PendingWrites | None = None
+        self._counted: tuple[int, float] | None = None  # (memories, when counted)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -372,22 +410,28 @@ class MemoryStore:
             query: What to look for, usually the user's latest message.
             top_k: At most this many results.
             categories: Only these categories (default: all).
-            min_score: Override the store's relevance floor for this call.
+            min_score: Override the store's relevance floor for this call (the floor for one
+                memory; it rises with the number of memories, see :func:`relevance_floor`).
+                ``-1`` returns the nearest memories whatever their score.
 
         Returns:
-            ``(memory, score)`` pairs; higher scores are more relevant, and none is below
-            the floor, so an unrelated query returns an empty list. A ``list`` (shown as a
-            table in Jupyter).
+            ``(memory, score)`` pairs; higher scores are more relevant, and every memory's
+            cosine similarity to the query reaches the floor, so an unrelated query returns an
+            empty list. A ``list`` (shown as a table in Jupyter; its ``min_score`` is the floor
+            that was applied).
         """
         query = clean_text(query, "query")
         top_k = _check_top_k(top_k)
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
-        floor = self.min_score if min_score is None else float(min_score)
+        base = self.min_score if min_score is None else float(min_score)
         vector = self._query_vector(query)
         collection = self._open(vector.shape[0])
         limit = max(SEARCH_CANDIDATES, top_k * _CATEGORY_OVERFETCH)
+        floor: float | None = None
         while True:
             nearest = collection.nearest(vector, limit)[0]
+            if floor is None:
+                floor = relevance_floor(base, self._memories(collection, len(nearest), limit))
             ranked = self._rank(query, nearest, collection, wanted, floor)
             deeper_can_pass = bool(nearest) and nearest[-1][1] >= floor
             if (
@@ -409,6 +453,18 @@ class MemoryStore:
             query=query,
             min_score=floor,
         )
+
+    def _memories(self, collection: UserCollection, found: int, limit: int) -> int:
+        """How many memories the user has, for the floor: ``found`` when the nearest-neighbour
+        query returned fewer than ``limit`` (it returned them all), else a count read at most
+        every :data:`_COUNT_SECONDS` (the floor moves little with a few more memories)."""
+        if found < limit:
+            return found
+        counted, now = self._counted, time.monotonic()
+        if counted is None or now - counted[1] > _COUNT_SECONDS:
+            counted = (collection.count(), now)
+            self._counted = counted
+        return max(counted[0], found)
 
     def _rank(
         self,

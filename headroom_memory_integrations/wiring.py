@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-from .embeddings import Embedder, LocalEmbedder
+from .embeddings import DEFAULT_LOCAL_MODEL, Embedder, LocalEmbedder
 from .engine import (
     DEFAULT_DUPLICATE_THRESHOLD,
     DEFAULT_MIN_SCORE,
@@ -25,7 +27,7 @@ from .engine import (
 from .errors import InvalidInputError
 from .flow import MemoryFlow
 from .jobs import Backoff
-from .storage import Storage
+from .storage import ChromaStorage, Storage
 from .writer import BackgroundExtractor, queue_path_for, writer_for
 
 
@@ -67,6 +69,52 @@ def open_memory(
         embedder=embedder,
         min_score=min_score,
         duplicate_threshold=duplicate_threshold,
+    )
+
+
+def reopening_arguments(memory: MemoryStore) -> dict[str, Any]:
+    """The :class:`MemoryStore` arguments, besides ``user_id``, that open ``memory`` again in
+    another process (what a saved configuration carries): ``db_path`` (an embedded folder,
+    absolute, or a Chroma server's ``scheme://host:port``), and ``min_score`` and
+    ``duplicate_threshold`` when they are not the defaults. Never credentials: a server's
+    headers, or a URL's user and password, stay out.
+
+    Raises:
+        InvalidInputError: ``memory`` cannot be opened again from arguments: its storage is not
+            an embedded folder or a server (a Chroma client built by hand, another backend), or
+            it embeds with something other than the default local model, which a reopened store
+            would use and this one refuses.
+    """
+    embedder = memory.embedder
+    if not (isinstance(embedder, LocalEmbedder) and embedder.name == DEFAULT_LOCAL_MODEL):
+        raise InvalidInputError(
+            f"the memories of {memory.user_id!r} are embedded with {embedder!r}, which cannot "
+            f"be saved (it may hold a client or a key); a reopened store would embed with the "
+            f"default {DEFAULT_LOCAL_MODEL} and be refused. Use the default embedder, or "
+            "reopen the store yourself and pass it as memory=MemoryStore(...)"
+        )
+    arguments: dict[str, Any] = {"db_path": _reopening_location(memory.storage)}
+    if memory.min_score != DEFAULT_MIN_SCORE:
+        arguments["min_score"] = memory.min_score
+    if memory.duplicate_threshold != DEFAULT_DUPLICATE_THRESHOLD:
+        arguments["duplicate_threshold"] = memory.duplicate_threshold
+    return arguments
+
+
+def _reopening_location(storage: Storage) -> str:
+    if isinstance(storage, ChromaStorage):
+        if storage.folder is not None:
+            return str(storage.folder)
+        parts = urlsplit(storage.location)
+        if parts.scheme in ("http", "https") and parts.hostname:
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            port = parts.port or (443 if parts.scheme == "https" else 8000)
+            return f"{parts.scheme}://{host}:{port}"
+    raise InvalidInputError(
+        f"the memories are in {storage!r}, which cannot be opened again from a db_path (only "
+        "an embedded Chroma folder or a Chroma server's URL can). Build the store with "
+        "db_path=<folder or http://host:port>, or reopen it yourself and pass it as "
+        "memory=MemoryStore(...)"
     )
 
 

@@ -14,7 +14,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.tracers.base import BaseTracer
 from langchain_core.tracers.schemas import Run
 
-from headroom_memory_integrations.testing import Reply
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer
 
 _NONCE = re.compile(r"<memory-([0-9a-f]{8,32})>")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -257,3 +258,15 @@ def _dump(value: Any) -> Any:
     if isinstance(value, UUID):
         return str(value)
     return repr(value)
+
+
+def sent(server: ScriptedOpenAIServer, index: int = -1) -> list[dict[str, Any]]:
+    """The messages of a chat request the server received (the latest by default)."""
+    chats = [r for r in server.requests if r.path == "/v1/chat/completions"]
+    return chats[index].body["messages"]  # type: ignore[index]
+
+
+def texts(memory: MemoryStore) -> list[str]:
+    """The user's memory texts, sorted, once every queued write has landed."""
+    assert memory.flush(30)
+    return sorted(m.text for m in memory.get_all())

@@ -24,6 +24,8 @@ from _langchain_support import (
     assert_clean,
     instruction_nonce,
     memory_block,
+    sent,
+    texts,
 )
 from langchain.agents import create_agent
 from langchain_core.language_models import BaseChatModel
@@ -39,7 +41,6 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
 from pydantic import BaseModel, Field
 
-from headroom_memory_integrations import MemoryStore
 from headroom_memory_integrations.langchain import MemoryChatModel
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
 from headroom_memory_integrations.testing import ScriptedOpenAIServer
@@ -78,17 +79,6 @@ def chat(openai_server: ScriptedOpenAIServer, db_path: Path, model: Any, says: S
     return MemoryChatModel(
         model=chat_openai(openai_server), user_id="alice", db_path=db_path, embedder=model
     )
-
-
-def sent(server: ScriptedOpenAIServer, index: int = -1) -> list[dict[str, Any]]:
-    """The messages of a chat request the server received."""
-    chats = [r for r in server.requests if r.path == "/v1/chat/completions"]
-    return chats[index].body["messages"]  # type: ignore[index]
-
-
-def texts(memory: MemoryStore) -> list[str]:
-    assert memory.flush(30)
-    return sorted(m.text for m in memory.get_all())
 
 
 # -- every call style ----------------------------------------------------------------------------

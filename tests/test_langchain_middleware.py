@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _langchain_support import RunRecorder, ScriptedChat, TokenRecorder, assert_clean
+from _langchain_support import RunRecorder, ScriptedChat, TokenRecorder, assert_clean, texts
 from _langchain_support import instruction_nonce as nonce_in
 from langchain.agents import create_agent
 from langchain_core.tools import tool
@@ -25,7 +25,6 @@ from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel
 
-from headroom_memory_integrations import MemoryStore
 from headroom_memory_integrations.langchain import MemoryChatModel, MemoryMiddleware
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
 from headroom_memory_integrations.testing import ScriptedOpenAIServer
@@ -76,11 +75,6 @@ def agent_with(server: ScriptedOpenAIServer, middleware: MemoryMiddleware, **opt
 
 def chat_requests(server: ScriptedOpenAIServer) -> list[list[dict[str, Any]]]:
     return [r.body["messages"] for r in server.requests if r.path == "/v1/chat/completions"]  # type: ignore[index]
-
-
-def texts(memory: MemoryStore) -> list[str]:
-    assert memory.flush(30)
-    return sorted(m.text for m in memory.get_all())
 
 
 def thread(name: str, **more: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ suite may connect to 127.0.0.1 only.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from headroom_memory_integrations import LocalEmbedder, MemoryStore
 from headroom_memory_integrations.langchain import MemoryChatModel
 from headroom_memory_integrations.testing import ScriptedOpenAIServer
 
+lc_load = import_module("langchain_core.load.load")  # the module (`load` is also a function)
 UNREACHABLE_URL = "http://127.0.0.1:9/v1"  # never contacted: unit tests make no request
 
 
@@ -37,11 +39,41 @@ def class_memory(tmp_path_factory: pytest.TempPathFactory) -> MemoryStore:
     return MemoryStore("standard-user", db_path=folder, embedder=LocalEmbedder())
 
 
+@pytest.fixture(scope="module")
+def vcr_config() -> dict[str, Any]:
+    """How test_stream_time replays its cassette (tests/cassettes/test_langchain_standard/):
+    a stream recorded from the scripted server (``--record-mode=rewrite`` records it again).
+    Requests match on method and path only: the server's port and the nonce in the body
+    change every run. No network is used otherwise: pytest-recording replays only."""
+    return {
+        "match_on": ["method", "path"],
+        "filter_headers": ["authorization"],
+        "allow_playback_repeats": True,
+    }
+
+
 @pytest.mark.allow_hosts([])
 class TestMemoryChatModelUnit(ChatModelUnitTests):
+    # The memories are in the relative folder "memories" of a temp working directory: the
+    # serialized model (test_serdes's snapshot) carries db_path as given, the same every run.
+
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def _working_directory(cls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(tmp_path_factory.mktemp("standard-unit"))
+            yield
+
     @pytest.fixture(autouse=True)
-    def _memory(self, class_memory: MemoryStore) -> None:
-        self.memory = class_memory
+    def _loadable_with_allowed_objects_all(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # test_serdes loads with allowed_objects="all", which langchain-core 1.x limits to the
+        # classes in its serialization mapping (LangChain's own and its partner packages'), so
+        # no other package's class passes it unless listed there: list MemoryChatModel for the
+        # test, as LangChain lists a partner's model. (Apps load with an explicit allowlist:
+        # allowed_objects=[MemoryChatModel, ChatOpenAI]; see test_langchain_serdes.py.)
+        path = tuple(MemoryChatModel.lc_id())
+        monkeypatch.setitem(lc_load.ALL_SERIALIZABLE_MAPPINGS, path, path)
+        monkeypatch.setattr(lc_load, "_default_class_paths_cache", {})
 
     @property
     def chat_model_class(self) -> type[MemoryChatModel]:
@@ -53,19 +85,21 @@ class TestMemoryChatModelUnit(ChatModelUnitTests):
             "model": "openai:gpt-4o-mini",
             "base_url": UNREACHABLE_URL,
             "api_key": "sk-unit",
-            "memory": self.memory,
+            "user_id": "standard-user",
+            "db_path": "memories",
         }
-
-    # test_serdes is skipped by the suite ("Model is not serializable"): MemoryChatModel is
-    # deliberately not LangChain-serializable, since loading one would reopen a user's
-    # memories from a serialized dict; its dumpd() is the "not implemented" stub with the repr.
 
     @property
     def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
         # the wrapped model built from a name reads its key from the environment as usual
         return (
             {"OPENAI_API_KEY": "sk-from-env"},
-            {"model": "openai:gpt-4o-mini", "base_url": UNREACHABLE_URL, "memory": self.memory},
+            {
+                "model": "openai:gpt-4o-mini",
+                "base_url": UNREACHABLE_URL,
+                "user_id": "standard-user",
+                "db_path": "memories",
+            },
             {"model_name": "gpt-4o-mini", "user_id": "standard-user"},
         )
 
@@ -121,10 +155,12 @@ class TestMemoryChatModelIntegration(ChatModelIntegrationTests):
     def returns_usage_metadata(self) -> bool:
         return True
 
-    # The suite skips the tests of the five properties below when they are False. Each of those
-    # tests downloads its input at run time (an image from github.com, a PDF from w3.org, a
-    # WAV file from wikimedia.org), and no host but 127.0.0.1 is reachable here; nor could the
-    # scripted model describe an image. MemoryChatModel passes such content through unchanged.
+    # The only skips left. The suite skips the tests of the five properties below when they
+    # are False. Each of those tests downloads its input at run time (an image from
+    # raw.githubusercontent.com, a PDF from w3.org, a WAV file from upload.wikimedia.org) with
+    # httpx, and no host but 127.0.0.1 is reachable here. MemoryChatModel hands such content to
+    # the wrapped model unchanged: test_langchain_serdes.py sends each of these content blocks
+    # (small local files) through it to the scripted server.
 
     @property
     def supports_image_inputs(self) -> bool:
@@ -148,11 +184,10 @@ class TestMemoryChatModelIntegration(ChatModelIntegrationTests):
 
     @property
     def supports_anthropic_inputs(self) -> bool:
-        # skips test_anthropic_inputs: Anthropic-format messages (thinking blocks with
-        # signatures, tool_use blocks) need a real Anthropic model; the wrapped one is ChatOpenAI
-        return False
+        # runs test_anthropic_inputs: ChatOpenAI turns Anthropic-format tools and histories
+        # (tool_use blocks, thinking blocks) into its own, so the scripted server answers them
+        return True
 
     @property
     def enable_vcr_tests(self) -> bool:
-        # skips test_stream_time: it replays cassettes recorded from a real provider
-        return False
+        return True  # runs test_stream_time from its cassette (see vcr_config above)

@@ -17,6 +17,8 @@ from headroom_memory_integrations.openai import with_fast_memory, with_memory
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
 from headroom_memory_integrations.testing import Reply
 
+pytestmark = pytest.mark.openai_client
+
 ANSWER = "Python suits that service."
 KNOWN = "Prefers Python for backend work"
 NEW = {"text": "Is building a billing service", "category": "context"}

@@ -20,8 +20,6 @@ from _docs_support import (
     run_example,
 )
 
-pytestmark = pytest.mark.openai_client
-
 README = ROOT / "README.md"
 EXAMPLES = examples_in(README)
 

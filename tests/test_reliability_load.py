@@ -4,11 +4,7 @@ silently, and every acknowledged memory is stored afterwards."""
 
 from __future__ import annotations
 
-import pytest
-
 from benchmarks.load import drive
-
-pytestmark = pytest.mark.openai_client
 
 
 def test_a_sustained_load_loses_nothing_and_fails_nothing(tmp_path, model) -> None:

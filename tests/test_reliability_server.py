@@ -17,7 +17,7 @@ from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
 from headroom_memory_integrations.writer import READ_YOUR_WRITES_SECONDS
 
-pytestmark = [pytest.mark.server, pytest.mark.openai_client]
+pytestmark = pytest.mark.server
 
 TIMEOUT = 1.0  # seconds per storage request in these tests (the default is 5)
 CELLO = {"text": "Plays the cello in an orchestra", "category": "fact"}

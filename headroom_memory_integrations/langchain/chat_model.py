@@ -5,20 +5,23 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
+from langchain_core.load import dumpd
+from langchain_core.load.serializable import to_json_not_implemented
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableBinding
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from typing_extensions import Self
 
-from ..engine import MemoryStore
+from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
 from ..errors import InvalidInputError
-from ..wiring import build_flow, open_memory
+from ..wiring import build_flow, open_memory, reopening_arguments
 from ._messages import Injection, MessagesFlow, as_chunk
 
 _MODEL_SETTINGS = ("temperature", "max_tokens")
@@ -90,6 +93,26 @@ class MemoryChatModel(BaseChatModel):
             (prompt | chat | StrOutputParser()).invoke({...})
             create_agent(chat, tools=[get_weather]).invoke({"messages": [...]})
 
+    Save and load (LangChain's own serialization):
+        .. code-block:: python
+
+            from langchain_core.load import dumps, loads
+
+            saved = dumps(chat)  # the wrapped model, user_id, db_path, top_k, ...; no API key
+            chat = loads(
+                saved,
+                allowed_objects=[MemoryChatModel, ChatOpenAI],  # the classes in the dump
+                valid_namespaces=["headroom_memory_integrations"],
+                secrets_from_env=True,  # or secrets_map={"OPENAI_API_KEY": ...}
+            )  # the same user's memories, in this process or another
+
+        A dump names a user and where their memories are: load only dumps you trust (as
+        LangChain says of every dump). A store passed as ``memory=`` or ``storage=`` is saved as
+        its folder or server URL (never a server's headers); a store that no ``db_path`` can
+        reopen (a Chroma client built by hand, an embedder other than the default), or a
+        wrapped model that LangChain cannot serialize, makes ``dumpd`` raise
+        :class:`~headroom_memory_integrations.errors.InvalidInputError` saying what to do.
+
     For agents serving many users, see :class:`~.middleware.MemoryMiddleware`.
 
     The wrapped model is called through its own ``_generate`` / ``_stream`` (and async twins)
@@ -102,6 +125,9 @@ class MemoryChatModel(BaseChatModel):
             ``memory=MemoryStore(...)``.
         db_path: Embedded Chroma folder or a Chroma server URL (default ``~/.headroom-memory``).
         top_k: Memories injected at most (fewer pass the relevance floor for most questions).
+        min_score, duplicate_threshold: The settings of the store opened here (see
+            :class:`~headroom_memory_integrations.MemoryStore`); a store passed as ``memory=``
+            has its own.
         injection: ``"system"`` (default) or ``"user"`` to prepend the memories to the latest
             user message, for providers that refuse a system message after the first.
         temperature, max_tokens: Set on (a copy of) the wrapped model, or handed to the model
@@ -125,11 +151,15 @@ class MemoryChatModel(BaseChatModel):
     """The user's :class:`~headroom_memory_integrations.MemoryStore` (search, get_all, ...)."""
     queue_path: str | os.PathLike[str] | None = Field(default=None, exclude=True, repr=False)
     top_k: int = 5
+    min_score: float = Field(default=DEFAULT_MIN_SCORE, exclude=True, repr=False)
+    duplicate_threshold: float | None = Field(
+        default=DEFAULT_DUPLICATE_THRESHOLD, exclude=True, repr=False
+    )
     injection: Injection = "system"
     temperature: float | None = None
     max_tokens: int | None = None
-    timeout: float | None = None
-    max_retries: int | None = None
+    timeout: float | None = Field(default=None, exclude=True)
+    max_retries: int | None = Field(default=None, exclude=True)
     stop: list[str] | None = None
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     base_url: str | None = Field(default=None, exclude=True, repr=False)
@@ -140,6 +170,8 @@ class MemoryChatModel(BaseChatModel):
     to another user asking the same question."""
 
     _memory_flow: MessagesFlow = PrivateAttr()
+    _opened_here: bool = PrivateAttr(default=False)
+    """The store was opened from ``db_path`` (or the default location), not given."""
 
     # -- construction -----------------------------------------------------------------------
 
@@ -190,10 +222,24 @@ class MemoryChatModel(BaseChatModel):
             raise InvalidInputError("the model already has memory: wrap the model it wraps")
         if "output_version" not in self.model_fields_set:
             self.output_version = self.model.output_version
+        store_settings = {"min_score", "duplicate_threshold"} & self.model_fields_set
+        if self.memory is not None and store_settings:
+            raise InvalidInputError(
+                f"{', '.join(sorted(store_settings))}: set on the MemoryStore passed as memory="
+            )
+        self._opened_here = self.memory is None and self.storage is None
         self.memory = open_memory(
-            self.memory, self.user_id, self.db_path, storage=self.storage, embedder=self.embedder
+            self.memory,
+            self.user_id,
+            self.db_path,
+            storage=self.storage,
+            embedder=self.embedder,
+            min_score=self.min_score,
+            duplicate_threshold=self.duplicate_threshold,
         )
         self.user_id = self.memory.user_id
+        self.min_score = self.memory.min_score
+        self.duplicate_threshold = self.memory.duplicate_threshold
         flow = build_flow(self.memory, inline=True, top_k=self.top_k, queue_path=self.queue_path)
         self._memory_flow = MessagesFlow(flow, self.injection)
         return self
@@ -213,6 +259,58 @@ class MemoryChatModel(BaseChatModel):
         )
         wrapper._memory_flow = flow
         return wrapper
+
+    # -- saving and loading (LangChain's dumpd / load) ------------------------------------------
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        """The public module (``headroom_memory_integrations.langchain``), which ``load``
+        imports the class from: saved models stay loadable when the package's files move."""
+        return ["headroom_memory_integrations", "langchain"]
+
+    @property
+    def lc_attributes(self) -> dict[str, Any]:
+        """What ``dumpd`` carries besides the fields (the wrapped model, ``user_id``, ``top_k``,
+        ``injection``, ...): where the user's memories are, and the store's settings.
+
+        ``db_path`` is carried as it was given (a relative folder is found from the loading
+        process's working directory); without one, nothing: the loading process finds its
+        default store (``$HEADROOM_MEMORY_DB`` or ``~/.headroom-memory``), as this one did. A
+        store given as ``memory=`` or ``storage=`` is carried as its folder or server URL.
+
+        Raises:
+            InvalidInputError: This model cannot be saved: the wrapped model is not
+                serializable, or the store cannot be opened again from arguments (see
+                :func:`~headroom_memory_integrations.wiring.reopening_arguments`).
+        """
+        if not self.model.is_lc_serializable():
+            raise InvalidInputError(
+                f"the wrapped {type(self.model).__name__} is not serializable by LangChain "
+                "(its is_lc_serializable() is False), so neither is this MemoryChatModel: "
+                "wrap a serializable chat model (ChatOpenAI, ChatAnthropic, ...) to save it"
+            )
+        assert self.memory is not None
+        arguments = reopening_arguments(self.memory)
+        if self._opened_here:
+            del arguments["db_path"]
+            if self.db_path is not None:
+                arguments["db_path"] = os.fspath(self.db_path)
+        if self.queue_path is not None:
+            arguments["queue_path"] = os.fspath(self.queue_path)
+        return arguments
+
+    @cached_property
+    def _serialized(self) -> dict[str, Any]:
+        """What callbacks and tracers are told of this model on every call: its dump, or
+        LangChain's "not implemented" stub when it cannot be saved (a call never fails for it)."""
+        try:
+            return dict(dumpd(self))
+        except Exception:  # InvalidInputError says why; the call goes on either way
+            return dict(to_json_not_implemented(self))
 
     # -- what LangChain asks of a chat model ----------------------------------------------------
 

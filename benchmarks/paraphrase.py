@@ -1,0 +1,317 @@
+"""Paraphrase needles: facts asked about in other words, among many memories of the same form.
+
+``benchmarks/paraphrase_pairs.jsonl`` holds 132 (fact, question) pairs written for this in eight
+domains (health, work, family, places, tools, tastes, schedules; money, pets and learning), e.g.
+"Is allergic to sesame seeds" / "Can I eat the tahini dip at the party?": for 128 of them the
+question shares no content word with the fact. ``benchmarks/paraphrase_unrelated.jsonl`` holds
+120 questions that no memory answers (small talk, general knowledge, coding). Both alternate,
+within each domain or kind, between a ``dev`` half (rules and thresholds were tuned on it) and a
+``heldout`` half. Both files were committed before anything was tuned.
+
+One user holds the 132 facts, then 1k, 10k and 100k synthetic memories besides
+(``corpus.memory_texts``: "Is allergic to peanuts and carries medication when visiting their
+aunt Priya in Porto", "Uses Rust and Go for the billing service at a hospital in Oslo", ...;
+vectors from the cache, see ``population``), written with ``MemoryStore.add_many``. The facts
+are embedded with the real model, as is every question. At each size:
+
+- *injected* (what a wrapper puts in the prompt): ``search(question, top_k=5)`` with the
+  default relevance floor. hit@k = the fact among the first k results; *nothing returned* =
+  an empty result.
+- *raw ranking*: the same without a floor (``min_score=-1``).
+- *false injection*: the share of unrelated questions for which ``search(question, top_k=5)``
+  returns anything.
+- *the floor's curve*: other floor rules replayed on the same candidates. For each question the
+  engine's 50 best of its 200 nearest candidates are read once (``min_score=-1``) with their
+  scores; a candidate's cosine similarity is computed from the vectors the store was written
+  with, so its lexical part is the rest of its score, and a rule keeps what it keeps, in the
+  engine's order. The replay of the default rule is checked against the engine's own results.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
+from headroom_memory_integrations.engine import DEFAULT_MIN_SCORE, LEXICAL_WEIGHT, relevance_floor
+
+from .common import ROOT, Context, Row, SectionResult, log, value_at_least, value_at_most
+from .population import PrecomputedEmbedder, fill, memory_cache
+
+NAME = "paraphrase"
+PAIRS = ROOT / "benchmarks" / "paraphrase_pairs.jsonl"
+UNRELATED = ROOT / "benchmarks" / "paraphrase_unrelated.jsonl"
+SPLITS = ("dev", "heldout")
+REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
+TARGET_SIZE = 10_000
+
+
+def load(path: Path = PAIRS) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file of this benchmark."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+@dataclass
+class Candidate:
+    """One result of the no-floor read: its memory id, engine score and cosine similarity."""
+
+    memory_id: str
+    score: float
+    cosine: float
+
+
+@dataclass
+class Asked:
+    """One question asked of the store at one size."""
+
+    question: str
+    split: str
+    injected: list[str]  # ids returned with the default floor, best first
+    candidates: list[Candidate]
+    target: str | None = None  # the needle's memory id (None for unrelated questions)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- floor rules replayed on the candidates ----------------------------------------------------
+
+Rule = Callable[[Candidate, int], bool]  # (candidate, memories in the store) -> kept
+
+
+def fixed(floor: float) -> Rule:
+    return lambda c, n: c.cosine >= floor
+
+
+def size_aware(base: float) -> Rule:
+    return lambda c, n: c.cosine >= relevance_floor(base, n)
+
+
+def discounted(base: float, weight: float) -> Rule:
+    """The size-aware floor on the cosine minus ``weight`` times the lexical overlap (0-1): a
+    memory that shares the question's words must be that much closer in meaning."""
+    return lambda c, n: (
+        c.cosine - weight * (c.score - c.cosine) / LEXICAL_WEIGHT >= relevance_floor(base, n)
+    )
+
+
+def on_score(floor: float) -> Rule:
+    """A floor on the whole score (cosine plus the lexical bonus) instead of the cosine."""
+    return lambda c, n: c.score >= floor
+
+
+def floor_rules() -> dict[str, Rule]:
+    found: dict[str, Rule] = {}
+    for base in (0.075, 0.10, DEFAULT_MIN_SCORE, 0.15, 0.175):
+        name = f"size-aware, {base:.3f} at 1 memory" + (" (default)" * (base == DEFAULT_MIN_SCORE))
+        found[name] = size_aware(base)
+    for weight in (0.1, 0.2):
+        found[f"size-aware, {DEFAULT_MIN_SCORE:.3f}, lexical overlap x {weight} off"] = discounted(
+            DEFAULT_MIN_SCORE, weight
+        )
+    for floor in (0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40):
+        found[f"cosine >= {floor:.2f}" + (" (old default)" * (floor == 0.25))] = fixed(floor)
+    for floor in (0.40, 0.50, 0.60):
+        found[f"score (cosine + lexical) >= {floor:.2f}"] = on_score(floor)
+    return found
+
+
+def replay(candidates: Sequence[Candidate], rule: Rule, memories: int, top_k: int = 5) -> list[str]:
+    """The ids ``rule`` keeps of ``candidates`` (in the engine's order), at most ``top_k``."""
+    return [c.memory_id for c in candidates if rule(c, memories)][:top_k]
+
+
+def measure(
+    needles: Sequence[Asked], unrelated: Sequence[Asked], pick: Callable[[Asked], list[str]]
+) -> dict[str, dict[str, float]]:
+    """hit@1, hit@5, nothing returned (needles) and false injection (unrelated), per split."""
+    summary: dict[str, dict[str, float]] = {}
+    for split in SPLITS:
+        mine = [a for a in needles if a.split == split]
+        other = [a for a in unrelated if a.split == split]
+        picked = [pick(a) for a in mine]
+        summary[split] = {
+            "needles": len(mine),
+            "hit@1": _share(bool(p) and p[0] == a.target for a, p in zip(mine, picked)),
+            "hit@5": _share(a.target in p[:5] for a, p in zip(mine, picked)),
+            "nothing": _share(not p for p in picked),
+            "unrelated": len(other),
+            "false_injection": _share(bool(pick(a)) for a in other),
+        }
+    return summary
+
+
+def _share(flags: Any) -> float:
+    values = list(flags)
+    return round(sum(values) / len(values), 4) if values else float("nan")
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def _wait_for_read_ahead(store: MemoryStore) -> None:
+    """One search starts the read-ahead of embedded storage (users up to 20k memories); wait
+    for it, so that the measured searches are the steady state an application sees."""
+    from headroom_memory_integrations.storage import chroma
+
+    store.search("warm-up question", min_score=-1.0)
+    for thread in list(chroma._warmers):  # private: the benchmark only waits for them
+        if thread is not threading.current_thread():
+            thread.join(timeout=120)
+
+
+def ask_all(
+    reader: MemoryStore,
+    vectors: dict[str, np.ndarray],
+    real: LocalEmbedder,
+    rows: Sequence[dict[str, Any]],
+    targets: Sequence[str | None],
+) -> list[Asked]:
+    questions = [row["question"] for row in rows]
+    query_vectors = real.embed(questions)
+    asked = []
+    for row, target, query_vector in zip(rows, targets, query_vectors):
+        injected = [r.memory.id for r in reader.search(row["question"], top_k=5)]
+        found = reader.search(row["question"], top_k=REPLAY_DEPTH, min_score=-1.0)
+        missing = [r.memory.text for r in found if r.memory.text not in vectors]
+        if missing:
+            vectors.update(zip(missing, real.embed(missing)))
+        candidates = [
+            Candidate(r.memory.id, r.score, float(vectors[r.memory.text] @ query_vector))
+            for r in found
+        ]
+        asked.append(Asked(row["question"], row["split"], injected, candidates, target))
+    return asked
+
+
+def run(ctx: Context) -> SectionResult:
+    result = SectionResult(NAME)
+    pairs, unrelated_rows = load(PAIRS), load(UNRELATED)
+    sizes = ctx.pick((0, 1_000, 10_000, 100_000), (0, 1_000))
+    real = LocalEmbedder()
+    cache = memory_cache(ctx.cache, real)
+    facts = [row["fact"] for row in pairs]
+    vectors = cache.table  # every text written, with its vector (the cache grows as it fills)
+    vectors.update(zip(facts, real.embed(facts)))
+    storage = ChromaStorage.at(ctx.scratch("paraphrase"))
+    writer = MemoryStore(
+        "paraphrase-user", storage=storage, embedder=PrecomputedEmbedder(real, vectors)
+    )
+    planted = writer.add_many(facts)
+    if len({m.id for m in planted}) != len(facts):
+        raise RuntimeError("the engine merged two facts of the pairs file")
+    details: dict[str, Any] = {"pairs": len(pairs), "unrelated": len(unrelated_rows)}
+    all_rules = floor_rules()
+    for size in sizes:
+        population = fill(writer, cache, size + len(facts)) if size else {}
+        now = {m.id: m.text for m in writer.get_many([m.id for m in planted])}
+        changed = sum(1 for m in planted if now.get(m.id) != m.text)
+        memories = writer.count()
+        label = f"{size // 1000}k" if size else "0"
+        log(f"paraphrase: 132 facts + {label} memories ({memories} stored); asking")
+        reader = MemoryStore("paraphrase-user", storage=storage, embedder=real)
+        _wait_for_read_ahead(reader)
+        needles = ask_all(reader, vectors, real, pairs, [m.id for m in planted])
+        unrelated = ask_all(reader, vectors, real, unrelated_rows, [None] * len(unrelated_rows))
+        injected = measure(needles, unrelated, lambda a: a.injected)
+        raw = measure(needles, unrelated, lambda a: [c.memory_id for c in a.candidates])
+        default = all_rules[next(n for n in all_rules if n.endswith("(default)"))]
+        agreement = sum(
+            replay(a.candidates, default, memories) == a.injected for a in [*needles, *unrelated]
+        ) / (len(needles) + len(unrelated))
+        curve = {
+            name: measure(
+                needles, unrelated, lambda a, r=rule, n=memories: replay(a.candidates, r, n)
+            )
+            for name, rule in all_rules.items()
+        }
+        details[label] = {
+            "memories": memories,
+            "floor": relevance_floor(DEFAULT_MIN_SCORE, memories),
+            "population": population,
+            "facts_changed_by_consolidation": changed,
+            "injected": injected,
+            "raw_ranking": raw,
+            "replay_agrees_with_engine": round(agreement, 4),
+            "curve": curve,
+            "needles": [_needle_detail(a, pairs[i]) for i, a in enumerate(needles)],
+            "false_injections": [
+                {"question": a.question, "split": a.split, "injected": len(a.injected)}
+                for a in unrelated
+                if a.injected
+            ],
+        }
+        _rows(result, label, size, memories, injected, raw)
+    result.details = details
+    return result
+
+
+def _needle_detail(asked: Asked, pair: dict[str, Any]) -> dict[str, Any]:
+    ranked = [c.memory_id for c in asked.candidates]
+    rank = ranked.index(asked.target) + 1 if asked.target in ranked else None
+    cosine = next((c.cosine for c in asked.candidates if c.memory_id == asked.target), None)
+    return {
+        "id": pair["id"],
+        "split": asked.split,
+        "raw_rank": rank,
+        "cosine": round(cosine, 3) if cosine is not None else None,
+        "injected_rank": (asked.injected.index(asked.target) + 1)
+        if asked.target in asked.injected
+        else None,
+        "injected": len(asked.injected),
+    }
+
+
+def _rows(
+    result: SectionResult,
+    label: str,
+    size: int,
+    memories: int,
+    injected: dict[str, dict[str, float]],
+    raw: dict[str, dict[str, float]],
+) -> None:
+    at_target = size == TARGET_SIZE
+    floor = relevance_floor(DEFAULT_MIN_SCORE, memories)
+    where = f"132 facts + {label} memories"
+    for split in SPLITS:
+        part, bare = injected[split], raw[split]
+        name = "held-out" if split == "heldout" else "dev"
+        note = f"floor {floor:.3f}; raw ranking (no floor) hit@5 {bare['hit@5']:.3f}"
+        result.add(
+            Row(NAME, f"{where}, {name}: hit@1 injected", part["hit@1"], "", n=int(part["needles"]))
+        )
+        result.add(
+            Row(
+                NAME,
+                f"{where}, {name}: hit@5 injected",
+                part["hit@5"],
+                "",
+                n=int(part["needles"]),
+                target=value_at_least(0.85) if at_target and split == "heldout" else None,
+                note=note,
+            )
+        )
+        result.add(
+            Row(
+                NAME,
+                f"{where}, {name}: nothing returned",
+                part["nothing"],
+                "",
+                n=int(part["needles"]),
+                target=value_at_most(0.05) if at_target and split == "heldout" else None,
+            )
+        )
+        result.add(
+            Row(
+                NAME,
+                f"{where}, {name}: false injection (unrelated questions)",
+                part["false_injection"],
+                "",
+                n=int(part["unrelated"]),
+                target=value_at_most(0.05) if at_target else None,
+            )
+        )
