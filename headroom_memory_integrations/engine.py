@@ -164,7 +164,8 @@ class Outcome(str, Enum):
     STORED = "stored"
     """It was new: stored as a memory of its own."""
     DUPLICATE = "duplicate"
-    """It said nothing new: nothing was written, and the existing memory is returned."""
+    """It said nothing new: nothing was written, and the existing memory is returned. (An
+    imported memory older than the stored one it would update is a duplicate too.)"""
     SUPERSEDED = "superseded"
     """It changed an existing memory ("daughter is 7" -> "9"): that memory now has the new
     text, and its old text is the last entry of its ``history``."""
@@ -592,7 +593,9 @@ class MemoryStore:
         and ``replaces``. Every item is
         checked before anything is written: one bad item raises and nothing is stored. Items
         are consolidated in order, with the stored memories and with the earlier items of
-        the batch (see :meth:`remember`).
+        the batch (see :meth:`remember`), as if no one else wrote meanwhile: every store of the
+        user in the process waits for the others, and processes sharing a Chroma server settle
+        what they wrote at the same moment (docs/reliability.md, section 5).
 
         Returns:
             One :class:`Remembered` per item, in order.
