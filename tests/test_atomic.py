@@ -74,6 +74,7 @@ def test_stores_on_separate_clients_of_one_server_share_the_lock(server_storages
     first = MemoryStore("atomic-lock", storage=server_storages(), embedder=model)
     second = MemoryStore("atomic-lock", storage=server_storages(), embedder=model)
     assert first.storage is not second.storage
+    assert first._write_lock is second._write_lock
     originals, rewordings = zip(*REWORDED)
     _in_threads(_adding(first, originals), _adding(second, rewordings))
     assert len(first.get_all()) == len(REWORDED)
