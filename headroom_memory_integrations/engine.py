@@ -798,6 +798,7 @@ class MemoryStore:
                     memory_id = wanted[index]
                 elif wanted[index] not in current and _same_wording(holder.text, draft.text):
                     existing, decision = holder, _Decision(Outcome.DUPLICATE, holder.id)
+                    final[draft.id] = holder.id  # later items that matched this draft
             if decision.outcome is Outcome.DUPLICATE:
                 assert existing is not None
                 results.append(Remembered(existing, Outcome.DUPLICATE))
