@@ -957,9 +957,10 @@ class MemoryStore:
         now = fresh.get(results[index].memory.id)
         if now is None or draft.text in {now.text, *(r.text for r in now.history)}:
             return  # deleted since, or this text is kept
-        revision = Revision(draft.text, draft.category, results[index].memory.updated_at)
-        history = tuple(sorted((*now.history, revision), key=lambda r: r.replaced_at))
-        kept = replace(now, history=history)
+        # it stopped being current when the other text was written over it
+        kept = replace(
+            now, history=(*now.history, Revision(draft.text, draft.category, now.updated_at))
+        )
         collection.upsert([kept], self._embed([kept.text]))
         results[index] = Remembered(kept, Outcome.SUPERSEDED)
 
