@@ -218,6 +218,18 @@ def test_clear_and_forget_user_erase_the_users_text_and_keep_others(db_path, how
     assert [m.text for m in alice.get_all()] == ["Starts afresh"]
 
 
+@pytest.mark.parametrize("how", ["clear", "forget_user"])
+def test_a_cleared_users_vector_index_files_are_removed(db_path, how) -> None:
+    """Chroma leaves a deleted collection's index folder behind; its files may hold stray
+    bytes of the deleted texts, so dropping a user removes it."""
+    alice = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
+    alice.add_many(SECRETS)
+    index_folders = {p for p in db_path.iterdir() if p.is_dir()}
+    assert index_folders  # the collection's vector index
+    getattr(alice, how)()
+    assert not index_folders & {p for p in db_path.iterdir() if p.is_dir()}
+
+
 def test_the_job_queue_keeps_no_turn_text_after_its_job_ends(openai_server, db_path, model):
     openai_server.responder = lambda body: Reply.text(
         json.dumps({"memories": [{"text": "Prefers Python for backend work", "category": "fact"}]})

@@ -36,7 +36,14 @@ from ..embeddings.base import Vectors
 from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import collection_name
-from .folder import FolderLock, check_free_space, directory_bytes, erase_deleted, vector_segment
+from .folder import (
+    FolderLock,
+    check_free_space,
+    directory_bytes,
+    erase_deleted,
+    remove_folder,
+    vector_segment,
+)
 from .guard import (
     Availability,
     PendingStart,
@@ -985,6 +992,7 @@ class ChromaStorage:
                             "a collection named for this user belongs to another; refusing it"
                         )
                     count = int(collection.count())
+                    index_files = self._index_folder(str(collection.id)) if erase else None
                     client.delete_collection(name)
             for handle in handles:
                 handle.dropped()
@@ -992,7 +1000,14 @@ class ChromaStorage:
                 return 0
             if erase:
                 self._erase(str(collection.id), None)
+                if index_files is not None:
+                    remove_folder(index_files)
             return count
+
+    def _index_folder(self, collection_id: str) -> Path | None:
+        """An embedded collection's vector index folder: Chroma may leave it behind when the
+        collection is deleted, and its files may hold stray bytes of the deleted texts."""
+        return vector_segment(self._folder, collection_id) if self._folder is not None else None
 
     def close(self) -> None:
         """Stop this storage's background reads and release its client (a server's

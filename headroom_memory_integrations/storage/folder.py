@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 from collections.abc import Collection
 from contextlib import closing
@@ -176,3 +177,26 @@ def erase_deleted(folder: Path, collection_id: str, ids: Collection[str] | None)
         db.execute("VACUUM")
     finally:
         db.close()
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete ``folder`` and its files, overwriting each file with zeros first (a reader that
+    still holds one open sees no text either). A failure is logged: the delete it follows
+    succeeded."""
+    try:
+        for path in sorted(folder.rglob("*"), reverse=True):
+            if path.is_file() and not path.is_symlink():
+                with open(path, "r+b") as handle:
+                    size = handle.seek(0, os.SEEK_END)
+                    handle.seek(0)
+                    while size > 0:
+                        size -= handle.write(b"\0" * min(size, _MB))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        return  # Chroma removed it already
+    except OSError:
+        logger.warning(
+            "could not remove the deleted collection's files in %s", folder, exc_info=True
+        )
