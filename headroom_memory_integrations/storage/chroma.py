@@ -71,7 +71,12 @@ calls fail at once until the server answers again (see :class:`.guard.Availabili
 # Chroma (1.5) fails reads that race a write or a drop of the same collection with these (and,
 # in another process, reads that race the rewrite that erases deleted text); they pass on their
 # own: wait a little and try again (5 ms doubling, ~0.3 s in all).
-_TRANSIENT = ("Nothing found on disk", "Missing metadata segment", "disk I/O error")
+_TRANSIENT = (
+    "Nothing found on disk",
+    "Missing metadata segment",
+    "disk I/O error",
+    "Error finding id",  # a server's read by id racing another client's delete of that id
+)
 _TRANSIENT_TRIES = 7
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -185,6 +190,18 @@ def _is_transient(exc: BaseException) -> bool:
     from chromadb.errors import InternalError
 
     return isinstance(exc, InternalError) and any(text in str(exc) for text in _TRANSIENT)
+
+
+def _with_vectors(page: Any) -> Any:
+    """``page`` if it holds a vector for each of its ids. A server's read that races another
+    client's delete may return an id without its vector: that is retried, as a transient
+    error."""
+    from chromadb.errors import InternalError
+
+    vectors = page.get("embeddings") if page is not None else None
+    if page is not None and len(page["ids"]) != (0 if vectors is None else len(vectors)):
+        raise InternalError("Error finding id: a record came back without its vector")
+    return page
 
 
 def _is_missing(exc: BaseException) -> bool:
@@ -414,9 +431,11 @@ class ChromaCollection:
         for start in range(0, len(ids), _BATCH):
             page = self._call(
                 "read memories",
-                lambda c: c.get(
-                    ids=ids[start : start + _BATCH],  # noqa: B023
-                    include=["documents", "metadatas", "embeddings"],
+                lambda c: _with_vectors(
+                    c.get(
+                        ids=ids[start : start + _BATCH],  # noqa: B023
+                        include=["documents", "metadatas", "embeddings"],
+                    )
                 ),
             )
             if page is None:
