@@ -48,6 +48,7 @@ def test_the_page_shows_every_adapter_with_what_it_prints() -> None:
     headings = [example.heading for example in EXAMPLES]
     assert headings == [
         "MemoryChatModel",
+        "Saving and loading",
         "MemoryMiddleware",
         "ChatOpenAI on memory clients",
         "HeadroomStore",
@@ -59,6 +60,7 @@ def test_the_page_shows_every_adapter_with_what_it_prints() -> None:
         EXAMPLES,
         [
             "MemoryChatModel(",
+            "loads(",
             "MemoryMiddleware(",
             "with_fast_memory(AsyncOpenAI()",
             "HeadroomStore(",
