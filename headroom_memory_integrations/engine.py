@@ -640,7 +640,12 @@ class MemoryStore:
                 collection, drafts, vectors, wanted, explicit, decisions, imported
             )
             if self._shared_with_other_processes():
-                results = self._reconcile(collection, drafts, vectors, decisions, results, seen)
+                try:
+                    results = self._reconcile(collection, drafts, vectors, decisions, results, seen)
+                except HeadroomMemoryError as exc:  # the write itself succeeded
+                    logger.warning(
+                        "could not check for writes made meanwhile by another process: %s", exc
+                    )
             return results
 
     def _shared_with_other_processes(self) -> bool:
@@ -840,23 +845,10 @@ class MemoryStore:
         - A memory this batch superseded whose text another process replaced meanwhile, with
           no trace of this batch's text: this batch's text is added to its history.
 
-        A failure here is logged, not raised: the write itself succeeded.
+        Raises:
+            HeadroomMemoryError: A storage call failed; the caller logs it (the write itself
+                succeeded).
         """
-        try:
-            return self._settle(collection, drafts, vectors, decisions, results, seen)
-        except HeadroomMemoryError as exc:
-            logger.warning("could not check for writes made meanwhile by another process: %s", exc)
-            return results
-
-    def _settle(
-        self,
-        collection: UserCollection,
-        drafts: Sequence[Memory],
-        vectors: Vectors,
-        decisions: Sequence[_Decision | None],
-        results: list[Remembered],
-        seen: Mapping[str, str],
-    ) -> list[Remembered]:
         written = {done.memory.id for done in results if done.outcome is not Outcome.DUPLICATE}
         new = [i for i, done in enumerate(results) if done.outcome is Outcome.STORED]
         rewritten = [
