@@ -124,19 +124,23 @@ def _lines(text: str) -> list[str]:
     return text.splitlines()
 
 
-class MemoryRawResponse(_Passthrough):
-    """What ``chat.completions.with_raw_response.create`` / ``.parse`` return on a memory
-    client (sync or async): openai's ``LegacyAPIResponse`` with the block cut from the parsed
-    completion and the body (see the module docstring).
-
-    ``raw = client.chat.completions.with_raw_response.create(model=..., messages=...)``;
-    ``raw.headers`` as before; ``raw.parse()`` the completion (or, with ``stream=True``, a
-    stream to iterate, ``async for`` on an async client).
-    """
+class _EditedResponse(_Passthrough):
+    """An openai response object with the memory block cut out by ``edits``."""
 
     def __init__(self, response: Any, edits: ResponseEdits) -> None:
         super().__init__(response)
         self._edits = edits
+
+    def __repr__(self) -> str:
+        return f"<memory {self._wrapped!r}>"
+
+
+class _SyncEditedResponse(_EditedResponse):
+    """A sync response: ``parse()`` edits the completion or the stream; other forms
+    (``parse(to=str)``, ...) are read from :meth:`_body`, the edited body."""
+
+    def _body(self) -> bytes:
+        raise NotImplementedError
 
     def parse(self, *, to: Any = None) -> Any:
         edits = self._edits
@@ -146,7 +150,21 @@ class MemoryRawResponse(_Passthrough):
         completion = edits.completion(self._wrapped.parse())
         if to is None:
             return completion
-        return edits.other_form(to, lambda: self.content, lambda: self._wrapped.parse(to=to))
+        return edits.other_form(to, self._body, lambda: self._wrapped.parse(to=to))
+
+
+class MemoryRawResponse(_SyncEditedResponse):
+    """What ``chat.completions.with_raw_response.create`` / ``.parse`` return on a memory
+    client (sync or async): openai's ``LegacyAPIResponse`` with the block cut from the parsed
+    completion and the body (see the module docstring).
+
+    ``raw = client.chat.completions.with_raw_response.create(model=..., messages=...)``;
+    ``raw.headers`` as before; ``raw.parse()`` the completion (or, with ``stream=True``, a
+    stream to iterate, ``async for`` on an async client).
+    """
+
+    def _body(self) -> bytes:
+        return self.content
 
     @property
     def content(self) -> bytes:
@@ -165,28 +183,14 @@ class MemoryRawResponse(_Passthrough):
     def text(self) -> str:
         return self.content.decode()
 
-    def __repr__(self) -> str:
-        return f"<memory {self._wrapped!r}>"
 
-
-class MemoryStreamedResponse(_Passthrough):
+class MemoryStreamedResponse(_SyncEditedResponse):
     """What ``chat.completions.with_streaming_response.create`` / ``.parse`` yield on a sync
     memory client, inside ``with``: openai's ``APIResponse`` with the block cut from the parsed
     completion and from every body accessor (see the module docstring)."""
 
-    def __init__(self, response: Any, edits: ResponseEdits) -> None:
-        super().__init__(response)
-        self._edits = edits
-
-    def parse(self, *, to: Any = None) -> Any:
-        edits = self._edits
-        if edits.streamed:
-            edits.refuse_other_stream_form(to)
-            return edits.stream(self._wrapped.parse())
-        completion = edits.completion(self._wrapped.parse())
-        if to is None:
-            return completion
-        return edits.other_form(to, self.read, lambda: self._wrapped.parse(to=to))
+    def _body(self) -> bytes:
+        return self.read()
 
     def _events(self) -> Iterator[str]:
         if self._edits.streamed:
@@ -215,9 +219,6 @@ class MemoryStreamedResponse(_Passthrough):
         for event in self._events():
             yield from _lines(event)
 
-    def __repr__(self) -> str:
-        return f"<memory {self._wrapped!r}>"
-
 
 def _rechunk(pieces: Iterable[P], size: int | None) -> Iterator[P]:
     rechunker: _Rechunker[P] = _Rechunker(size)
@@ -226,12 +227,8 @@ def _rechunk(pieces: Iterable[P], size: int | None) -> Iterator[P]:
     yield from rechunker.flush()
 
 
-class AsyncMemoryStreamedResponse(_Passthrough):
+class AsyncMemoryStreamedResponse(_EditedResponse):
     """The async twin of :class:`MemoryStreamedResponse` (``async with``; ``await parse()``)."""
-
-    def __init__(self, response: Any, edits: ResponseEdits) -> None:
-        super().__init__(response)
-        self._edits = edits
 
     async def parse(self, *, to: Any = None) -> Any:
         edits = self._edits
@@ -283,9 +280,6 @@ class AsyncMemoryStreamedResponse(_Passthrough):
         async for event in self._events():
             for line in _lines(event):
                 yield line
-
-    def __repr__(self) -> str:
-        return f"<memory {self._wrapped!r}>"
 
 
 class MemoryResponseManager:
