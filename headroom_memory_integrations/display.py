@@ -152,6 +152,8 @@ def memory_repr(memory: Memory) -> str:
         parts.append(f"metadata={dict(memory.metadata)!r}")
     if memory.history:
         parts.append(f"history={[revision.text for revision in memory.history]!r}")
+    if memory.keys:
+        parts.append(f"keys={list(memory.keys)!r}")
     return f"Memory({', '.join(parts)})"
 
 

@@ -32,8 +32,9 @@ from .display import MemoryList, MemoryStats, SearchResults, store_html
 from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
 from .errors import HeadroomMemoryError, InvalidInputError, MemoryNotFoundError
+from .keys import clean_keys, index_text
 from .lexical import lexical_scores
-from .storage.base import Storage, UserCollection
+from .storage.base import Catalogued, Storage, UserCollection
 from .storage.chroma import ChromaStorage
 from .types import Category, Memory, Revision, SearchResult, Source, parse_time, utc_now
 
@@ -150,12 +151,15 @@ class NewMemory:
         replaces: The id of an existing memory of the same user that this one supersedes
             ("Moved to SF" replacing "Lives in NY"). That memory is updated in place and
             keeps its old text in ``history``; if it no longer exists, this one is added.
+        keys: Topic words to index with the text, as a comma-separated string or a list
+            (``"diet, food allergy, seafood"``; see :mod:`.keys`).
     """
 
     text: str
     category: Category | str = Category.FACT
     metadata: Mapping[str, Any] | None = None
     replaces: str | None = None
+    keys: Sequence[str] | str | None = None
 
 
 class Outcome(str, Enum):
@@ -375,6 +379,10 @@ class MemoryStore:
             )
         return vectors
 
+    def _vectors(self, memories: Sequence[Memory]) -> Vectors:
+        """The vectors memories are stored with: each one's text with its keys."""
+        return self._embed([index_text(m.text, m.keys) for m in memories])
+
     def _query_vector(self, query: str) -> Vectors:
         with self._cache_lock:
             cached = self._query_cache.get(query)
@@ -479,7 +487,13 @@ class MemoryStore:
         keep those of the wanted categories whose cosine reaches the floor, best first."""
         catalog = collection.catalog([memory_id for memory_id, _ in nearest])
         present = [(memory_id, cosine) for memory_id, cosine in nearest if memory_id in catalog]
-        lexical = lexical_scores(query, [catalog[memory_id][0] for memory_id, _ in present])
+        lexical = lexical_scores(
+            query,
+            [
+                index_text(catalog[memory_id].text, catalog[memory_id].keys)
+                for memory_id, _ in present
+            ],
+        )
         ranked = [
             (memory_id, cosine + LEXICAL_WEIGHT * overlap)
             for (memory_id, cosine), overlap in zip(present, lexical.tolist())
@@ -541,11 +555,12 @@ class MemoryStore:
         metadata: Mapping[str, Any] | None = None,
         *,
         source: Source | str = Source.MANUAL,
+        keys: Sequence[str] | str | None = None,
     ) -> Memory:
         """Remember ``text`` and return the memory now current: the new memory, the existing
         one it duplicates, or the existing one it superseded. :meth:`remember` also says
         which."""
-        return self.remember(text, category, metadata, source=source).memory
+        return self.remember(text, category, metadata, source=source, keys=keys).memory
 
     def add_many(
         self,
@@ -564,6 +579,7 @@ class MemoryStore:
         metadata: Mapping[str, Any] | None = None,
         *,
         source: Source | str = Source.MANUAL,
+        keys: Sequence[str] | str | None = None,
     ) -> Remembered:
         """Remember ``text``, consolidated with the user's memories, and say what happened.
 
@@ -573,11 +589,17 @@ class MemoryStore:
         supersedes it: that memory gets the new text and keeps the old one in ``history``.
         Anything else is stored as a memory of its own. See :mod:`.consolidation`.
 
+        ``keys`` are topic words indexed with the text (``"diet, food allergy, seafood"``):
+        searches worded like them find the memory (see :mod:`.keys`). They follow the text: a
+        memory superseded by this one takes its keys.
+
         Returns:
             The memory now current and the :class:`Outcome`: ``stored``, ``duplicate`` or
             ``superseded``.
         """
-        return self.remember_many([NewMemory(text, category, metadata)], source=source)[0]
+        return self.remember_many([NewMemory(text, category, metadata, keys=keys)], source=source)[
+            0
+        ]
 
     def remember_many(
         self,
@@ -589,8 +611,8 @@ class MemoryStore:
         """Remember several memories with one embedding batch and one write.
 
         Each item is a :class:`NewMemory`, a plain text (of ``category``, default ``fact``) or
-        a mapping with ``text`` and optional ``category`` (default ``category``), ``metadata``
-        and ``replaces``. Every item is
+        a mapping with ``text`` and optional ``category`` (default ``category``), ``metadata``,
+        ``replaces`` and ``keys``. Every item is
         checked before anything is written: one bad item raises and nothing is stored. Items
         are consolidated in order, with the stored memories and with the earlier items of
         the batch (see :meth:`remember`), as if no one else wrote meanwhile: every store of the
@@ -605,7 +627,7 @@ class MemoryStore:
         drafts = [self._draft(item, Source.parse(source)) for item in parsed]
         if not drafts:
             return []
-        vectors = self._embed([d.text for d in drafts])
+        vectors = self._vectors(drafts)
         wanted = [wording_id(self.user_id, d.text) for d in drafts]
         replaces = {index: item.replaces for index, item in enumerate(parsed) if item.replaces}
         return self._remember(drafts, vectors, wanted, replaces, imported=False)
@@ -675,7 +697,7 @@ class MemoryStore:
         dated: dict[str, datetime] | None = None  # id -> updated_at, for an import
         if imported:
             records = _get_in_chunks(collection, close)
-            catalog = {m.id: (m.text, m.category) for m in records}
+            catalog = {m.id: Catalogued(m.text, m.category, m.keys) for m in records}
             dated = {m.id: m.updated_at for m in records}
         else:
             catalog = _catalog_in_chunks(collection, close)
@@ -716,7 +738,7 @@ class MemoryStore:
                 if dated is not None:
                     dated[decision.target] = draft.updated_at
             decisions.append(decision)
-        return decisions, {memory_id: text for memory_id, (text, _) in catalog.items()}
+        return decisions, {memory_id: entry.text for memory_id, entry in catalog.items()}
 
     def _judge(
         self,
@@ -953,7 +975,7 @@ class MemoryStore:
         kept = replace(
             now, history=(*now.history, Revision(draft.text, draft.category, now.updated_at))
         )
-        collection.upsert([kept], self._embed([kept.text]))
+        collection.upsert([kept], self._vectors([kept]))
         results[index] = Remembered(kept, Outcome.SUPERSEDED)
 
     def put(
@@ -964,6 +986,7 @@ class MemoryStore:
         metadata: Mapping[str, Any] | None = None,
         *,
         source: Source | str = Source.MANUAL,
+        keys: Sequence[str] | str | None = None,
     ) -> Memory:
         """Store ``text`` under an id the caller chose (a key-value store's key): create the
         memory, or replace the one with that id (its old text kept in ``history``, its
@@ -976,15 +999,16 @@ class MemoryStore:
         """
         memory_id = check_memory_id(memory_id)
         draft = replace(
-            self._draft(NewMemory(text, category, metadata), Source.parse(source)), id=memory_id
+            self._draft(NewMemory(text, category, metadata, keys=keys), Source.parse(source)),
+            id=memory_id,
         )
-        vector = self._embed([draft.text])
+        vector = self._vectors([draft])
         collection = self._open(vector.shape[1])
         with self._write_lock:
             existing = collection.get([memory_id])
             if existing:
                 return self._rewrite(
-                    existing[0], draft.text, draft.category, draft.metadata, vector
+                    existing[0], draft.text, draft.category, draft.metadata, draft.keys, vector
                 )
             collection.upsert([draft], vector)
             return draft
@@ -996,15 +1020,22 @@ class MemoryStore:
         *,
         category: Category | str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        keys: Sequence[str] | str | None = None,
     ) -> Memory:
         """Replace a memory's text (and optionally category or metadata), keeping the old
-        text in ``history``. Search then finds the new text, never the old one."""
+        text in ``history``. Search then finds the new text, never the old one. The keys
+        follow the text: the memory keeps its keys only if the text stays the same and no
+        ``keys`` are given."""
         text = clean_text(text)
         new_category = Category.parse(category) if category is not None else None
         new_metadata = clean_metadata(metadata) if metadata is not None else None
-        vector = self._embed([text])
+        new_keys = clean_keys(keys)
         with self._write_lock:
-            return self._rewrite(self.get(memory_id), text, new_category, new_metadata, vector)
+            old = self.get(memory_id)
+            if not new_keys and keys is None and text == old.text:
+                new_keys = old.keys
+            vector = self._embed([index_text(text, new_keys)])
+            return self._rewrite(old, text, new_category, new_metadata, new_keys, vector)
 
     def _rewrite(
         self,
@@ -1012,9 +1043,15 @@ class MemoryStore:
         text: str,
         category: Category | None,
         metadata: Mapping[str, Any] | None,
+        keys: tuple[str, ...],
         vector: Vectors,
     ) -> Memory:
-        if text == old.text and category in (None, old.category) and metadata is None:
+        if (
+            text == old.text
+            and category in (None, old.category)
+            and metadata is None
+            and keys == old.keys
+        ):
             return old  # nothing changes: replaying a supersede is harmless
         revision = Revision(old.text, old.category, utc_now())
         updated = replace(
@@ -1024,6 +1061,7 @@ class MemoryStore:
             metadata=metadata if metadata is not None else old.metadata,
             updated_at=revision.replaced_at,
             history=(*old.history, revision) if text != old.text else old.history,
+            keys=keys,
         )
         self._open().upsert([updated], vector.reshape(1, -1))
         return updated
@@ -1149,7 +1187,7 @@ class MemoryStore:
         memories = self._read_export(source)
         if not memories:
             return []
-        vectors = self._embed([m.text for m in memories])
+        vectors = self._vectors(memories)
         drafts = [replace(m, id=uuid.uuid4().hex) for m in memories]  # placeholders
         return self._remember(drafts, vectors, [m.id for m in memories], {}, imported=True)
 
@@ -1187,11 +1225,11 @@ class MemoryStore:
         if isinstance(item, str):
             item = NewMemory(item, category)
         elif isinstance(item, Mapping):
-            unknown = set(item) - {"text", "category", "metadata", "replaces"}
+            unknown = set(item) - {"text", "category", "metadata", "replaces", "keys"}
             if unknown or "text" not in item:
                 raise InvalidInputError(
-                    "a memory mapping takes 'text' and optional 'category', 'metadata' and "
-                    f"'replaces'; got keys {sorted(item)}"
+                    "a memory mapping takes 'text' and optional 'category', 'metadata', "
+                    f"'replaces' and 'keys'; got {sorted(item)}"
                 )
             item = NewMemory(**{"category": category, **item})
         elif not isinstance(item, NewMemory):
@@ -1206,7 +1244,7 @@ class MemoryStore:
         found = self.get_many([memory_id])
         if not found:
             return None
-        return self._rewrite(found[0], draft.text, draft.category, None, vector)
+        return self._rewrite(found[0], draft.text, draft.category, None, draft.keys, vector)
 
     def _draft(self, item: NewMemory, source: Source) -> Memory:
         now = utc_now()
@@ -1219,6 +1257,7 @@ class MemoryStore:
             updated_at=now,
             source=source,
             metadata=clean_metadata(item.metadata),
+            keys=clean_keys(item.keys),
         )
 
     def _from_export(self, line: str, number: int) -> Memory:
@@ -1241,6 +1280,7 @@ class MemoryStore:
                 source=Source.parse(data.get("source", "manual")),
                 metadata=clean_metadata(data.get("metadata")),
                 history=tuple(Revision.from_dict(r) for r in data.get("history") or ()),
+                keys=clean_keys(data.get("keys")),
             )
         except (InvalidInputError, KeyError, TypeError, ValueError) as exc:
             message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -1271,6 +1311,7 @@ def _revised(old: Memory, new: Memory, *, at: datetime | None = None) -> Memory:
         text=new.text,
         category=new.category,
         metadata=new.metadata or old.metadata,
+        keys=new.keys,
         updated_at=revision.replaced_at,
         history=tuple(sorted(history, key=lambda r: r.replaced_at)),
     )
@@ -1290,11 +1331,9 @@ def _nearest_in_chunks(
     return found
 
 
-def _catalog_in_chunks(
-    collection: UserCollection, ids: Sequence[str]
-) -> dict[str, tuple[str, Category]]:
+def _catalog_in_chunks(collection: UserCollection, ids: Sequence[str]) -> dict[str, Catalogued]:
     unique = list(dict.fromkeys(ids))
-    found: dict[str, tuple[str, Category]] = {}
+    found: dict[str, Catalogued] = {}
     for start in range(0, len(unique), _READ_CHUNK):
         found.update(collection.catalog(unique[start : start + _READ_CHUNK]))
     return found

@@ -112,6 +112,8 @@ class Memory:
         source: inline, background or manual.
         metadata: The caller's own scalar key/values (read-only).
         history: Earlier texts this memory replaced, oldest first.
+        keys: Topic words indexed with the text, never shown in the injected context
+            (``("diet", "food allergy", "seafood")``; see :mod:`.keys`).
     """
 
     id: str
@@ -123,6 +125,7 @@ class Memory:
     source: Source = Source.MANUAL
     metadata: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     history: tuple[Revision, ...] = ()
+    keys: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, the format of :meth:`MemoryStore.export` lines."""
@@ -136,6 +139,7 @@ class Memory:
             "source": self.source.value,
             "metadata": dict(self.metadata),
             "history": [r.to_dict() for r in self.history],
+            "keys": list(self.keys),
         }
 
     def __repr__(self) -> str:

@@ -5,10 +5,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..embeddings.base import Vectors
 from ..types import Category, Memory
+
+
+class Catalogued(NamedTuple):
+    """What a search and the consolidation read of a memory: its text, category and keys."""
+
+    text: str
+    category: Category
+    keys: tuple[str, ...] = ()
 
 
 def collection_name(user_id: str) -> str:
@@ -42,8 +50,8 @@ class UserCollection(Protocol):
         cosine similarity, most similar first."""
         ...
 
-    def catalog(self, ids: Sequence[str]) -> dict[str, tuple[str, Category]]:
-        """Text and category by id (ids that do not exist are left out). May be served from a
+    def catalog(self, ids: Sequence[str]) -> dict[str, Catalogued]:
+        """Text, category and keys by id (ids that do not exist are left out). May be served from a
         cache that this handle's own writes keep current; use :meth:`get` for fresh records."""
         ...
 

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, TypeVar
 from ..embeddings.base import Vectors
 from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
 from ..types import Category, Memory, Revision, Source, parse_time
-from .base import collection_name
+from .base import Catalogued, collection_name
 from .folder import (
     FolderLock,
     check_free_space,
@@ -228,6 +228,8 @@ def _to_record(memory: Memory) -> tuple[str, dict[str, Any]]:
         "metadata": json.dumps(dict(memory.metadata), ensure_ascii=False),
         "history": json.dumps([r.to_dict() for r in memory.history], ensure_ascii=False),
     }
+    if memory.keys:
+        metadata["keys"] = json.dumps(list(memory.keys), ensure_ascii=False)
     return memory.text, metadata
 
 
@@ -242,7 +244,12 @@ def _from_record(user_id: str, memory_id: str, text: str, meta: dict[str, Any]) 
         source=Source.parse(meta.get("source", "manual")),
         metadata=MappingProxyType(json.loads(meta.get("metadata") or "{}")),
         history=tuple(Revision.from_dict(r) for r in json.loads(meta.get("history") or "[]")),
+        keys=_keys(meta),
     )
+
+
+def _keys(meta: Any) -> tuple[str, ...]:
+    return tuple(json.loads(meta.get("keys") or "[]"))
 
 
 _RECORD = ["documents", "metadatas"]
@@ -524,9 +531,12 @@ class ChromaCollection:
             for ids, distances in zip(found["ids"], found["distances"])
         ]
 
-    def catalog(self, ids: Sequence[str]) -> dict[str, tuple[str, Category]]:
+    def catalog(self, ids: Sequence[str]) -> dict[str, Catalogued]:
         records = self._records(list(dict.fromkeys(ids)), cached=True)
-        return {i: (record.text, record.category) for i, record in records.items()}
+        return {
+            i: Catalogued(record.text, record.category, _keys(record.meta))
+            for i, record in records.items()
+        }
 
     def count(self) -> int:
         return int(self._call("count memories", lambda c: c.count()) or 0)
