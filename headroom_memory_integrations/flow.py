@@ -240,6 +240,7 @@ class MemoryFlow:
                 "text": m.text,
                 "category": m.category.value,
                 "replaces": turn.injected.get(m.replaces) if m.replaces else None,
+                **({"keys": list(m.keys)} if m.keys else {}),
             }
             for m in memories
         ]

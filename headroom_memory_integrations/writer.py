@@ -80,7 +80,12 @@ class BackgroundExtractor:
             memory.counters["ungrounded_memories"] += len(memories) - len(kept)
             memories = kept
         return [
-            NewMemory(m.text, m.category, replaces=injected.get(m.replaces) if m.replaces else None)
+            NewMemory(
+                m.text,
+                m.category,
+                replaces=injected.get(m.replaces) if m.replaces else None,
+                keys=m.keys,
+            )
             for m in memories
         ]
 
