@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="metadata (repeatable)",
     )
+    add.add_argument(
+        "--keys", metavar="WORDS", help='topic words to index with it, e.g. "diet, seafood"'
+    )
 
     search = commands.add_parser("search", parents=[common], help="find relevant memories")
     search.add_argument("query")
@@ -148,7 +151,9 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
     """Carry out one command; return what to print as JSON (text output is written here)."""
     store = MemoryStore(args.user, db_path=args.db)
     if args.command == "add":
-        done = store.remember(args.text, category=args.category, metadata=_metadata(args.meta))
+        done = store.remember(
+            args.text, category=args.category, metadata=_metadata(args.meta), keys=args.keys
+        )
         if not args.json:
             print(_outcome_line(done), file=out)
         return {"outcome": done.outcome.value, **done.memory.to_dict()}

@@ -40,9 +40,10 @@ def test_add_search_list_stats_as_tables(run) -> None:
 
 
 def test_json_output_for_scripts(run) -> None:
-    _, out, _ = run("add", "Is a vegetarian", "--json")
+    _, out, _ = run("add", "Is a vegetarian", "--json", "--keys", "diet, no meat")
     added = json.loads(out)
     assert added["text"] == "Is a vegetarian" and added["user_id"] == "alice"
+    assert added["keys"] == ["diet", "no meat"]
     _, out, _ = run("search", "What should I cook for dinner?", "--json", "--min-score", "0.1")
     results = json.loads(out)
     assert results[0]["id"] == added["id"] and results[0]["score"] > 0.1
@@ -77,6 +78,7 @@ def test_delete_by_short_id_clear_export_import(run, tmp_path: Path) -> None:
     [
         (("add", ""), "memory text is empty"),
         (("add", "x" * 3000), "maximum is 2000"),
+        (("add", "ok", "--keys", "x" * 100), "the maximum is 60"),
         (("delete", "no-such-id"), "no memory with id"),
         (("search", "q", "--top-k", "0"), "top_k"),
         (("import", "/no/such/file.jsonl"), "No such file"),

@@ -207,7 +207,8 @@ def create_manage_memory_tool(
     name: str = "manage_memory",
 ) -> BaseTool:
     """A tool the model calls as ``manage_memory(action, content=None, id=None,
-    category=None)`` to create, update or delete one of the user's memories.
+    category=None, keys=None)`` to create, update or delete one of the user's memories
+    (``keys``: topic words indexed with the text, see :mod:`...keys`).
 
     ``create`` stores ``content`` and answers with the id and text of the memory kept (a
     near-duplicate of an existing memory is not stored again: the answer shows that one);
@@ -241,13 +242,20 @@ def create_manage_memory_tool(
                 "context (current goals and tasks); default fact."
             ),
         ] = None,
+        keys: Annotated[
+            str | None,
+            Field(
+                description="For create and update: 3-6 comma-separated topic words a later "
+                "question might use, e.g. 'diet, food allergy, seafood'."
+            ),
+        ] = None,
         *,
         config: RunnableConfig,
         runtime: ToolRuntime[Any, Any] = None,  # type: ignore[assignment]  # injected in agents
     ) -> tuple[str, dict[str, Any] | None]:
         store = users.memory_for(config, runtime)
         try:
-            return _manage(store, action, content, id, category)
+            return _manage(store, action, content, id, category, keys)
         except (InvalidInputError, MemoryNotFoundError) as exc:
             raise ToolException(f"Cannot {action} the memory: {exc}") from exc
 
@@ -266,13 +274,14 @@ def _manage(
     content: str | None,
     memory_id: str | None,
     category: str | None,
+    keys: str | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
     if action == "create":
         if content is None:
             raise InvalidInputError("create needs content")
         # a near-duplicate of a memory the user has is not stored again: the text shown is
         # the one kept, so the model sees what it merged into
-        saved = store.add(content, category or "fact")
+        saved = store.add(content, category or "fact", keys=keys)
         return f"Saved as memory {saved.id}: {escape_text(saved.text)}", _described(saved)
     if action not in ("update", "delete"):
         raise InvalidInputError(f"unknown action {action!r}; use create, update or delete")
@@ -285,7 +294,7 @@ def _manage(
         return f"Deleted memory {memory_id}.", None
     if content is None:
         raise InvalidInputError("update needs the new content")
-    updated = store.update(memory_id, content, category=category)
+    updated = store.update(memory_id, content, category=category, keys=keys)
     return f"Updated memory {updated.id}.", _described(updated)
 
 
