@@ -220,20 +220,15 @@ def ask_all(
     for row, target, query_vector in zip(rows, targets, query_vectors):
         injected = [r.memory.id for r in reader.search(row["question"], top_k=5)]
         found = reader.search(row["question"], top_k=REPLAY_DEPTH, min_score=-1.0)
-        missing = [_indexed(r.memory) for r in found if _indexed(r.memory) not in vectors]
+        missing = [_index_text(r.memory) for r in found if _index_text(r.memory) not in vectors]
         if missing:
             vectors.update(zip(missing, real.embed(missing)))
         candidates = [
-            Candidate(r.memory.id, r.score, float(vectors[_indexed(r.memory)] @ query_vector))
+            Candidate(r.memory.id, r.score, float(vectors[_index_text(r.memory)] @ query_vector))
             for r in found
         ]
         asked.append(Asked(row["question"], row["split"], injected, candidates, target))
     return asked
-
-
-def _indexed(memory: Memory) -> str:
-    """The text ``memory`` was embedded as: its text with its keys."""
-    return index_text(memory.text, memory.keys)
 
 
 def run(ctx: Context) -> SectionResult:
@@ -347,8 +342,9 @@ def _run_sizes(
     return details
 
 
-def _index_text(item: str | NewMemory) -> str:
-    """What the engine embeds for ``item``."""
+def _index_text(item: str | NewMemory | Memory) -> str:
+    """What the engine embeds for ``item`` (a memory to write, or one written): its text
+    with its keys."""
     if isinstance(item, str):
         return item
     return index_text(item.text, clean_keys(item.keys))
