@@ -6,8 +6,15 @@ every machine) sees the same texts, and cached embeddings of them stay valid.
 
 from __future__ import annotations
 
+import functools
+import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from headroom_memory_integrations.keys import MAX_KEYS, clean_keys
 
 NAMES = (
     "Alice Bruno Chen Dana Elif Farah Goran Hana Ivan Jamal Keiko Liam Maya Nikos Olu Priya "
@@ -225,16 +232,38 @@ def a(noun: str) -> str:
     return f"{'an' if noun[0].lower() in 'aeiou' else 'a'} {noun}"
 
 
-def _pick(rng: random.Random, options: tuple[str, ...] | list[str]) -> str:
+def _pick(rng: random.Random, options: Sequence[str]) -> str:
     return options[rng.randrange(len(options))]
 
 
-def _memory(rng: random.Random) -> str:
+@dataclass(frozen=True)
+class Drawn:
+    """One generated memory: its text, its template family (0-15) and the slot values drawn
+    for it, in order, as (list drawn from, value) pairs."""
+
+    text: str
+    family: int
+    picks: tuple[tuple[Sequence[str], str], ...]
+
+
+def _draw_memory(rng: random.Random) -> Drawn:
     """One plausible long-term memory about a user, in the style the wrappers store. Every
     template has several independent slots, so that few generated texts are near-duplicates
-    (which the engine would merge)."""
-    p = lambda options: _pick(rng, options)  # noqa: E731
+    (which the engine would merge). The draws are recorded (keys follow them); recording
+    takes nothing from ``rng``."""
+    picks: list[tuple[Sequence[str], str]] = []
+
+    def p(options: Sequence[str]) -> str:
+        value = _pick(rng, options)
+        picks.append((options, value))
+        return value
+
     family = rng.randrange(16)
+    return Drawn(_template(family, p, rng), family, tuple(picks))
+
+
+def _template(family: int, p: Callable[[Sequence[str]], str], rng: random.Random) -> str:
+    """The text of template ``family``, its slots filled with ``p(options)``."""
     if family == 0:
         return f"Their {p(RELATIONS)} {p(NAMES)} works as {a(p(JOBS))} in {p(CITIES)}"
     if family == 1:
@@ -302,7 +331,79 @@ def _memory(rng: random.Random) -> str:
 
 def memory_texts(count: int, seed: int = 7) -> list[str]:
     """``count`` distinct memory texts; a longer list starts with the shorter one (same seed)."""
-    return _distinct(_memory, count, seed)
+    draws = _distinct_draws(seed)
+    return [next(draws).text for _ in range(count)]
+
+
+def _distinct_draws(seed: int) -> Iterator[Drawn]:
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    while True:
+        drawn = _draw_memory(rng)
+        if drawn.text not in seen:
+            seen.add(drawn.text)
+            yield drawn
+
+
+# -- memory keys -------------------------------------------------------------------------------
+
+MEMORY_KEYS = Path(__file__).with_name("memory_keys.json")
+"""Keys for the synthetic memories, written by a model that saw only the templates' texts and
+slot values (never a question): ``{"families": {"0".."15": keys}, "values": {list: {value:
+keys}}}``, each ``keys`` a comma-separated string. See ``benchmarks/paraphrase.py``."""
+
+KEYED_LISTS: dict[str, Sequence[str]] = {
+    "FOODS": FOODS,
+    "HOBBIES": HOBBIES,
+    "JOBS": JOBS,
+    "PETS": PETS,
+    "LANGUAGES": LANGUAGES,
+    "TECH": TECH,
+    "PROJECTS": PROJECTS,
+    "SPORTS": SPORTS,
+    "INSTRUMENTS": INSTRUMENTS,
+    "GROUPS": GROUPS,
+    "GENRES": GENRES,
+    "ALLERGENS": ALLERGENS,
+    "CARS": CARS,
+    "CITIES": CITIES,
+}
+"""The slot lists whose values have keys of their own, by their name in :data:`MEMORY_KEYS`
+(names, relations, months, companies and the like have none)."""
+
+
+@functools.cache
+def memory_keys() -> dict[str, Any]:
+    """The contents of :data:`MEMORY_KEYS`."""
+    loaded: dict[str, Any] = json.loads(MEMORY_KEYS.read_text(encoding="utf-8"))
+    return loaded
+
+
+def keys_of(drawn: Drawn) -> tuple[str, ...]:
+    """The keys of a generated memory: its family's, then those of each value it drew from
+    :data:`KEYED_LISTS` in the order drawn; tidied and without repeats
+    (:func:`~headroom_memory_integrations.keys.clean_keys`), the first
+    :data:`~headroom_memory_integrations.keys.MAX_KEYS` of them."""
+    table = memory_keys()
+    names = {id(options): name for name, options in KEYED_LISTS.items()}
+    parts = [table["families"][str(drawn.family)]]
+    parts += [
+        table["values"][names[id(options)]][value]
+        for options, value in drawn.picks
+        if id(options) in names
+    ]
+    kept: list[str] = []
+    for phrase in (phrase for part in parts for phrase in clean_keys(part)):
+        if len(kept) < MAX_KEYS and phrase.casefold() not in {k.casefold() for k in kept}:
+            kept.append(phrase)
+    return clean_keys(kept)
+
+
+def keyed_memory_texts(count: int, seed: int = 7) -> list[tuple[str, tuple[str, ...]]]:
+    """:func:`memory_texts` (the same texts, in the same order) with each one's keys
+    (:func:`keys_of`)."""
+    draws = _distinct_draws(seed)
+    return [(drawn.text, keys_of(drawn)) for drawn in (next(draws) for _ in range(count))]
 
 
 QUERY_TEMPLATES = (

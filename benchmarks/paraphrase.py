@@ -25,6 +25,27 @@ are embedded with the real model, as is every question. At each size:
   scores; a candidate's cosine similarity is computed from the vectors the store was written
   with, so its lexical part is the rest of its score, and a rule keeps what it keeps, in the
   engine's order. The replay of the default rule is checked against the engine's own results.
+
+**A second run, with model-written keys** (``headroom_memory_integrations.keys``): the same
+facts and synthetic memories, each written with keys (``NewMemory(text, keys=...)``), at 0, 1k
+and 10k memories (embedding 100k index texts would take an hour here); its rows say "with
+model-written keys", and ``python -m benchmarks --only paraphrase-keys`` runs it alone. The
+keys were written once, before this run existed, by a separate model instance that saw only
+the memory texts and the production instruction ("a few comma-separated topic words (3 to 6
+short phrases) naming what the memory is about and the words a later question about it might
+use"), never a question of either file:
+
+- ``benchmarks/paraphrase_keys.jsonl``: ``{"id", "keys"}`` for each fact of the pairs file
+  (same ids, same order), e.g. "health, food allergy, allergic reaction, diet, sesame".
+- ``benchmarks/memory_keys.json``: keys for each of the 16 template families of
+  ``corpus._template`` and for each value of its slot lists (``corpus.KEYED_LISTS``). A
+  synthetic memory's keys are its family's, then those of each value it drew, in order, the
+  first eight distinct phrases (``corpus.keyed_memory_texts``).
+
+The engine embeds and matches a memory with keys by its index text, "text (key, key, ...)";
+the vectors of the synthetic memories' index texts are cached like the texts' (see
+``population.keyed_memory_cache``), and a candidate's cosine in the replay is computed from
+the vector of its index text. Without keys a memory is indexed as in the first run.
 """
 
 from __future__ import annotations
@@ -38,18 +59,35 @@ from typing import Any
 
 import numpy as np
 
-from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
+from headroom_memory_integrations import (
+    ChromaStorage,
+    LocalEmbedder,
+    Memory,
+    MemoryStore,
+    NewMemory,
+)
 from headroom_memory_integrations.engine import DEFAULT_MIN_SCORE, LEXICAL_WEIGHT, relevance_floor
+from headroom_memory_integrations.keys import clean_keys, index_text
 
 from .common import ROOT, Context, Row, SectionResult, log, value_at_least, value_at_most
-from .population import PrecomputedEmbedder, fill, memory_cache
+from .population import (
+    PrecomputedEmbedder,
+    VectorCache,
+    fill,
+    keyed_memory_cache,
+    memory_cache,
+)
 
 NAME = "paraphrase"
+KEYED_NAME = "paraphrase-keys"  # the section of the run with keys alone
+KEYED = ", with model-written keys"  # ends the size in the keyed run's row names
 PAIRS = ROOT / "benchmarks" / "paraphrase_pairs.jsonl"
 UNRELATED = ROOT / "benchmarks" / "paraphrase_unrelated.jsonl"
+FACT_KEYS = ROOT / "benchmarks" / "paraphrase_keys.jsonl"
 SPLITS = ("dev", "heldout")
 REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
 TARGET_SIZE = 10_000
+KEYED_SIZES = (0, 1_000, 10_000)  # embedding 100k index texts would take an hour
 
 
 def load(path: Path = PAIRS) -> list[dict[str, Any]]:
@@ -120,6 +158,11 @@ def floor_rules() -> dict[str, Rule]:
     return found
 
 
+def _replayer(rule: Rule, memories: int) -> Callable[[Asked], list[str]]:
+    """What ``rule`` keeps of a question's candidates in a store of ``memories``."""
+    return lambda asked: replay(asked.candidates, rule, memories)
+
+
 def replay(candidates: Sequence[Candidate], rule: Rule, memories: int, top_k: int = 5) -> list[str]:
     """The ids ``rule`` keeps of ``candidates`` (in the engine's order), at most ``top_k``."""
     return [c.memory_id for c in candidates if rule(c, memories)][:top_k]
@@ -177,11 +220,11 @@ def ask_all(
     for row, target, query_vector in zip(rows, targets, query_vectors):
         injected = [r.memory.id for r in reader.search(row["question"], top_k=5)]
         found = reader.search(row["question"], top_k=REPLAY_DEPTH, min_score=-1.0)
-        missing = [r.memory.text for r in found if r.memory.text not in vectors]
+        missing = [_index_text(r.memory) for r in found if _index_text(r.memory) not in vectors]
         if missing:
             vectors.update(zip(missing, real.embed(missing)))
         candidates = [
-            Candidate(r.memory.id, r.score, float(vectors[r.memory.text] @ query_vector))
+            Candidate(r.memory.id, r.score, float(vectors[_index_text(r.memory)] @ query_vector))
             for r in found
         ]
         asked.append(Asked(row["question"], row["split"], injected, candidates, target))
@@ -189,18 +232,69 @@ def ask_all(
 
 
 def run(ctx: Context) -> SectionResult:
+    """Both runs: memories without keys (up to 100k), then with model-written keys."""
     result = SectionResult(NAME)
-    pairs, unrelated_rows = load(PAIRS), load(UNRELATED)
-    sizes = ctx.pick((0, 1_000, 10_000, 100_000), (0, 1_000))
     real = LocalEmbedder()
-    cache = memory_cache(ctx.cache, real)
-    facts = [row["fact"] for row in pairs]
-    vectors = cache.table  # every text written, with its vector (the cache grows as it fills)
-    vectors.update(zip(facts, real.embed(facts)))
-    storage = ChromaStorage.at(ctx.scratch("paraphrase"))
-    writer = MemoryStore(
-        "paraphrase-user", storage=storage, embedder=PrecomputedEmbedder(real, vectors)
-    )
+    result.details = _run_plain(ctx, result, real)
+    result.details["with_keys"] = _run_keyed(ctx, result, real)
+    return result
+
+
+def run_keyed(ctx: Context) -> SectionResult:
+    """The run with model-written keys alone (the ``paraphrase-keys`` section)."""
+    result = SectionResult(KEYED_NAME)
+    result.details = _run_keyed(ctx, result, LocalEmbedder())
+    return result
+
+
+def _run_plain(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict[str, Any]:
+    """Facts and synthetic memories written as texts, without keys."""
+    pairs = load(PAIRS)
+    sizes = ctx.pick((0, 1_000, 10_000, 100_000), (0, 1_000))
+    facts: list[str | NewMemory] = [row["fact"] for row in pairs]
+    return _run_sizes(ctx, result, real, facts, memory_cache(ctx.cache, real), sizes, "")
+
+
+def _run_keyed(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict[str, Any]:
+    """Facts and synthetic memories written with their model-written keys."""
+    pairs = load(PAIRS)
+    sizes = ctx.pick(KEYED_SIZES, (0, 1_000))
+    facts: list[str | NewMemory] = [
+        NewMemory(row["fact"], keys=keys) for row, keys in zip(pairs, fact_keys(pairs))
+    ]
+    cache = keyed_memory_cache(ctx.cache, real, max(sizes))
+    return _run_sizes(ctx, result, real, facts, cache, sizes, KEYED)
+
+
+def fact_keys(pairs: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """The keys of each pair's fact, from :data:`FACT_KEYS` (which must list the same ids in
+    the same order)."""
+    rows = load(FACT_KEYS)
+    ids = [row["id"] for row in rows]
+    if ids != [pair["id"] for pair in pairs]:
+        raise ValueError(f"{FACT_KEYS.name} does not list the ids of {PAIRS.name} in order")
+    return [clean_keys(row["keys"]) for row in rows]
+
+
+def _run_sizes(
+    ctx: Context,
+    result: SectionResult,
+    real: LocalEmbedder,
+    facts: Sequence[str | NewMemory],
+    cache: VectorCache,
+    sizes: Sequence[int],
+    variant: str,
+) -> dict[str, Any]:
+    """One user holds ``facts``, then each of ``sizes`` synthetic memories besides (from
+    ``cache``); every question of both files is asked at each size. Adds the rows to
+    ``result`` (their names end the size with ``variant``) and returns the details."""
+    pairs, unrelated_rows = load(PAIRS), load(UNRELATED)
+    vectors = cache.table  # every index text written, with its vector (grows as it fills)
+    indexed = [_index_text(item) for item in facts]
+    vectors.update(zip(indexed, real.embed(indexed)))
+    storage = ChromaStorage.at(ctx.scratch("paraphrase-keys" if variant else "paraphrase"))
+    embedder = PrecomputedEmbedder(real, vectors)
+    writer = MemoryStore("paraphrase-user", storage=storage, embedder=embedder)
     planted = writer.add_many(facts)
     if len({m.id for m in planted}) != len(facts):
         raise RuntimeError("the engine merged two facts of the pairs file")
@@ -212,7 +306,7 @@ def run(ctx: Context) -> SectionResult:
         changed = sum(1 for m in planted if now.get(m.id) != m.text)
         memories = writer.count()
         label = f"{size // 1000}k" if size else "0"
-        log(f"paraphrase: 132 facts + {label} memories ({memories} stored); asking")
+        log(f"paraphrase: 132 facts + {label} memories{variant} ({memories} stored); asking")
         reader = MemoryStore("paraphrase-user", storage=storage, embedder=real)
         _wait_for_read_ahead(reader)
         needles = ask_all(reader, vectors, real, pairs, [m.id for m in planted])
@@ -224,9 +318,7 @@ def run(ctx: Context) -> SectionResult:
             replay(a.candidates, default, memories) == a.injected for a in [*needles, *unrelated]
         ) / (len(needles) + len(unrelated))
         curve = {
-            name: measure(
-                needles, unrelated, lambda a, r=rule, n=memories: replay(a.candidates, r, n)
-            )
+            name: measure(needles, unrelated, _replayer(rule, memories))
             for name, rule in all_rules.items()
         }
         details[label] = {
@@ -245,9 +337,17 @@ def run(ctx: Context) -> SectionResult:
                 if a.injected
             ],
         }
-        _rows(result, label, size, memories, injected, raw)
-    result.details = details
-    return result
+        _rows(result, f"132 facts + {label} memories{variant}", size, memories, injected, raw)
+    details["index_texts_embedded_while_writing"] = embedder.misses
+    return details
+
+
+def _index_text(item: str | NewMemory | Memory) -> str:
+    """What the engine embeds for ``item`` (a memory to write, or one written): its text
+    with its keys."""
+    if isinstance(item, str):
+        return item
+    return index_text(item.text, clean_keys(item.keys))
 
 
 def _needle_detail(asked: Asked, pair: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +368,7 @@ def _needle_detail(asked: Asked, pair: dict[str, Any]) -> dict[str, Any]:
 
 def _rows(
     result: SectionResult,
-    label: str,
+    where: str,
     size: int,
     memories: int,
     injected: dict[str, dict[str, float]],
@@ -276,7 +376,6 @@ def _rows(
 ) -> None:
     at_target = size == TARGET_SIZE
     floor = relevance_floor(DEFAULT_MIN_SCORE, memories)
-    where = f"132 facts + {label} memories"
     for split in SPLITS:
         part, bare = injected[split], raw[split]
         name = "held-out" if split == "heldout" else "dev"

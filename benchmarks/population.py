@@ -7,6 +7,11 @@ The stores are then written through the ordinary public path, ``MemoryStore.add_
 batches, with a :class:`PrecomputedEmbedder` that answers those texts from the cache. Chroma,
 the duplicate check and every other part of the write are the real ones; only the embedding
 step of *population* is skipped. Every measured search embeds its query with the real model.
+
+Memories written with keys are embedded by the engine as their index text, "text (key, key,
+...)" (``headroom_memory_integrations.keys.index_text``): their cache (:func:`keyed_memory_cache`)
+holds the vectors of those index texts, and :func:`fill` writes them as ``NewMemory`` items with
+their keys, which the engine turns back into the same index texts.
 """
 
 from __future__ import annotations
@@ -20,11 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore, StorageError
+from headroom_memory_integrations import (
+    ChromaStorage,
+    LocalEmbedder,
+    MemoryStore,
+    NewMemory,
+    StorageError,
+)
+from headroom_memory_integrations.keys import index_text
 from headroom_memory_integrations.storage import Storage
 
 from .common import clock, log, run_python
-from .corpus import memory_texts
+from .corpus import keyed_memory_texts, memory_texts
 
 CHUNK = 1000
 WRITE_BATCH = 1000  # add_many checks each text against all earlier ones of its batch: keep ~1k
@@ -46,12 +58,11 @@ class PrecomputedEmbedder:
         self.misses = 0
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        rows = [self.table.get(text) for text in texts]
-        missing = [text for text, row in zip(texts, rows) if row is None]
-        if missing:
-            self.misses += len(missing)
-            fresh = iter(self.real.embed(missing))
-            rows = [row if row is not None else next(fresh) for row in rows]
+        known = [self.table.get(text) for text in texts]
+        missing = [text for text, row in zip(texts, known) if row is None]
+        fresh = iter(self.real.embed(missing) if missing else ())
+        self.misses += len(missing)
+        rows = [row if row is not None else next(fresh) for row in known]
         if not rows:
             return np.zeros((0, self.dimension), dtype=np.float32)
         return np.stack(rows).astype(np.float32, copy=False)
@@ -59,10 +70,23 @@ class PrecomputedEmbedder:
 
 class VectorCache:
     """Real-model vectors of a fixed list of texts, computed chunk by chunk on first need and
-    kept on disk."""
+    kept on disk.
 
-    def __init__(self, texts: Sequence[str], directory: Path, real: LocalEmbedder) -> None:
+    ``items`` are what :func:`fill` writes, one per text: by default the texts themselves; for
+    memories with keys, ``NewMemory(text, keys=keys)`` items whose texts here are their index
+    texts (``keys.index_text``), the texts the engine embeds for them."""
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        directory: Path,
+        real: LocalEmbedder,
+        items: Sequence[str | NewMemory] | None = None,
+    ) -> None:
         self.texts = list(texts)
+        self.items: list[str | NewMemory] = list(self.texts if items is None else items)
+        if len(self.items) != len(self.texts):
+            raise ValueError(f"{len(self.items)} items for {len(self.texts)} texts")
         self.directory = directory
         self.real = real
         self.table: dict[str, np.ndarray] = {}
@@ -102,6 +126,20 @@ def memory_cache(cache_dir: Path, real: LocalEmbedder) -> VectorCache:
     return VectorCache(memory_texts(int(LARGEST * OVERSUPPLY) + CHUNK), cache_dir, real)
 
 
+def keyed_memory_cache(cache_dir: Path, real: LocalEmbedder, largest: int) -> VectorCache:
+    """The cache of synthetic memories with their model-written keys
+    (``corpus.keyed_memory_texts``), long enough to fill a store of ``largest`` memories: its
+    texts are the index texts, its items the memories with their keys. Its chunks depend only
+    on the texts they hold, so caches of different lengths share them."""
+    keyed = keyed_memory_texts(int(largest * OVERSUPPLY) + CHUNK)
+    return VectorCache(
+        [index_text(text, keys) for text, keys in keyed],
+        cache_dir,
+        real,
+        items=[NewMemory(text, keys=keys) for text, keys in keyed],
+    )
+
+
 def add_batch(store: MemoryStore, items: Sequence[Any]) -> int:
     """``store.add_many(items)``. If the engine raises a :class:`StorageError` for the batch
     (it then writes nothing), each half is added the same way, down to single items. Returns
@@ -119,14 +157,14 @@ def add_batch(store: MemoryStore, items: Sequence[Any]) -> int:
 
 
 def fill(store: MemoryStore, cache: VectorCache, size: int, start: int = 0) -> dict[str, Any]:
-    """Add texts from ``cache`` (from ``start`` on) to ``store`` with ``add_many`` until it
+    """Add the items of ``cache`` (from ``start`` on) to ``store`` with ``add_many`` until it
     holds ``size`` memories (near-duplicates are merged by the engine, so a few more texts than
     ``size`` are usually offered). ``store`` must use ``cache.embedder()``."""
     began = clock()
     offered, fallbacks = start, 0
     count = store.count()
     while count < size and offered < len(cache.texts):
-        batch = cache.texts[offered : offered + min(WRITE_BATCH, size - count)]
+        batch = cache.items[offered : offered + min(WRITE_BATCH, size - count)]
         cache.ensure(offered + len(batch))
         fallbacks += add_batch(store, batch)
         offered += len(batch)

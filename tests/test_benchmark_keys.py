@@ -1,0 +1,121 @@
+"""The paraphrase benchmark's run with model-written keys (benchmarks/paraphrase.py): the keyed
+synthetic memories, the key files, and the run's machinery on the real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import corpus, paraphrase
+from benchmarks.common import Context, SectionResult
+from benchmarks.population import CHUNK, VectorCache, fill, keyed_memory_cache
+from headroom_memory_integrations import LocalEmbedder, MemoryStore, NewMemory
+from headroom_memory_integrations.keys import MAX_KEYS, clean_keys, index_text
+
+
+def test_keyed_memories_are_the_memory_texts_with_keys() -> None:
+    for seed in (7, 99):
+        keyed = corpus.keyed_memory_texts(3000, seed)
+        assert [text for text, _ in keyed] == corpus.memory_texts(3000, seed)
+    assert corpus.keyed_memory_texts(200) == corpus.keyed_memory_texts(1000)[:200]
+
+
+def test_memory_texts_are_unchanged_by_the_recording() -> None:
+    # The first texts of seed 7 as generated before the draws were recorded.
+    assert corpus.memory_texts(3) == [
+        "Speaks Japanese with their colleague Maya and is learning Portuguese for a move to "
+        "Rotterdam",
+        "Plays saxophone in a string quartet in Seoul every Friday with Yuki",
+        "Prefers spicy ramen for late-night snacks when visiting Wanjiru in Austin",
+    ]
+
+
+def test_a_memory_gets_its_familys_keys_then_its_values_keys() -> None:
+    families = corpus.memory_keys()["families"]
+    draws = corpus._distinct_draws(7)
+    for _ in range(2000):
+        drawn = next(draws)
+        keys = corpus.keys_of(drawn)
+        family = clean_keys(families[str(drawn.family)])
+        assert keys[: len(family)] == family
+        assert len(family) < len(keys) <= MAX_KEYS
+        assert clean_keys(keys) == keys
+    text, keys = corpus.keyed_memory_texts(4)[3]
+    assert text.startswith("Is allergic to peanuts")
+    assert keys == (
+        "health",
+        "allergy",
+        "medication",
+        "family visit",  # family 7
+        "nuts",
+        "food allergy",  # peanuts
+        "South Korea",  # Seoul
+    )
+
+
+def test_key_files_cover_every_fact_family_and_slot_value() -> None:
+    pairs = paraphrase.load(paraphrase.PAIRS)
+    keys = paraphrase.fact_keys(pairs)  # raises unless the ids match in order
+    assert len(keys) == len(pairs) == 132
+    assert all(2 <= len(k) <= MAX_KEYS for k in keys)
+    table = corpus.memory_keys()
+    assert sorted(table["families"], key=int) == [str(f) for f in range(16)]
+    assert set(table["values"]) == set(corpus.KEYED_LISTS)
+    for name, options in corpus.KEYED_LISTS.items():
+        assert set(table["values"][name]) == set(options), name
+        assert all(clean_keys(k) for k in table["values"][name].values())
+
+
+def test_fact_keys_refuse_pairs_in_another_order() -> None:
+    pairs = paraphrase.load(paraphrase.PAIRS)
+    with pytest.raises(ValueError, match="ids"):
+        paraphrase.fact_keys(pairs[::-1])
+
+
+def test_the_keyed_cache_writes_memories_with_their_keys(
+    tmp_path: Path, model: LocalEmbedder
+) -> None:
+    full = keyed_memory_cache(tmp_path / "cache", model, 1000)
+    assert len(full.texts) > CHUNK
+    few = 40  # a cache of the first texts only, so that the test embeds few
+    cache = VectorCache(full.texts[:few], tmp_path / "cache", model, items=full.items[:few])
+    embedder = cache.embedder()
+    store = MemoryStore("u", db_path=tmp_path / "db", embedder=embedder)
+    report = fill(store, cache, 30)
+    assert report["memories"] == store.count() >= 30
+    # the engine asked for exactly the cached index texts: nothing was embedded while writing
+    assert embedder.misses == 0
+    written = {item.text: item.keys for item in cache.items if isinstance(item, NewMemory)}
+    for memory in store.get_all():
+        assert memory.keys == written[memory.text] and len(memory.keys) >= 5
+        assert index_text(memory.text, memory.keys) in cache.table
+
+
+def test_the_keyed_run_reports_its_rows(tmp_path: Path, model: LocalEmbedder) -> None:
+    ctx = Context(quick=True, workdir=tmp_path, cache=tmp_path / "cache")
+    pairs = paraphrase.load(paraphrase.PAIRS)
+    facts: list[str | NewMemory] = [
+        NewMemory(row["fact"], keys=keys) for row, keys in zip(pairs, paraphrase.fact_keys(pairs))
+    ]
+    result = SectionResult(paraphrase.KEYED_NAME)
+    cache = keyed_memory_cache(ctx.cache, model, 0)
+    details = paraphrase._run_sizes(ctx, result, model, facts, cache, (0,), paraphrase.KEYED)
+
+    names = [row.name for row in result.rows]
+    assert len(names) == 8 and all(", with model-written keys, " in name for name in names)
+    assert "132 facts + 0 memories, with model-written keys, held-out: hit@5 injected" in names
+    at_zero = details["0"]
+    assert at_zero["memories"] == 132 and at_zero["facts_changed_by_consolidation"] == 0
+    assert details["index_texts_embedded_while_writing"] == 0
+    # the replay computes cosines from the index texts' vectors: it agrees with the engine
+    assert at_zero["replay_agrees_with_engine"] == 1.0
+    for split in paraphrase.SPLITS:
+        assert at_zero["raw_ranking"][split]["hit@5"] >= 0.8
+        assert at_zero["injected"][split]["hit@1"] <= at_zero["injected"][split]["hit@5"]
+    stored = MemoryStore(
+        "paraphrase-user", db_path=tmp_path / "paraphrase-keys", embedder=model
+    ).get_all()
+    assert {m.text: m.keys for m in stored} == {
+        row["fact"]: keys for row, keys in zip(pairs, paraphrase.fact_keys(pairs))
+    }
