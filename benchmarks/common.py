@@ -320,7 +320,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def calibrate() -> dict[str, float]:
+def calibrate() -> dict[str, Any]:
     """Fixed work timed at the start and the end of a run, to show how busy the machine was:
     embedding one fixed sentence with the local model, and a pure-Python loop (medians)."""
     from headroom_memory_integrations import LocalEmbedder

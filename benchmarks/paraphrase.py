@@ -66,7 +66,12 @@ from headroom_memory_integrations import (
     MemoryStore,
     NewMemory,
 )
-from headroom_memory_integrations.engine import DEFAULT_MIN_SCORE, LEXICAL_WEIGHT, relevance_floor
+from headroom_memory_integrations.engine import (
+    DEFAULT_MIN_SCORE,
+    KEYED_FLOOR_RISE,
+    LEXICAL_WEIGHT,
+    relevance_floor,
+)
 from headroom_memory_integrations.keys import clean_keys, index_text
 
 from .common import ROOT, Context, Row, SectionResult, log, value_at_least, value_at_most
@@ -102,6 +107,7 @@ class Candidate:
     memory_id: str
     score: float
     cosine: float
+    keyed: bool = False  # the memory has keys (the engine's floor is KEYED_FLOOR_RISE higher)
 
 
 @dataclass
@@ -125,8 +131,8 @@ def fixed(floor: float) -> Rule:
     return lambda c, n: c.cosine >= floor
 
 
-def size_aware(base: float) -> Rule:
-    return lambda c, n: c.cosine >= relevance_floor(base, n)
+def size_aware(base: float, keyed_rise: float = KEYED_FLOOR_RISE) -> Rule:
+    return lambda c, n: c.cosine >= relevance_floor(base, n) + keyed_rise * c.keyed
 
 
 def discounted(base: float, weight: float) -> Rule:
@@ -147,6 +153,10 @@ def floor_rules() -> dict[str, Rule]:
     for base in (0.075, 0.10, DEFAULT_MIN_SCORE, 0.15, 0.175):
         name = f"size-aware, {base:.3f} at 1 memory" + (" (default)" * (base == DEFAULT_MIN_SCORE))
         found[name] = size_aware(base)
+    for rise in (0.0, 0.01, 0.02, 0.03):  # only memories with keys are concerned
+        found[f"size-aware, {DEFAULT_MIN_SCORE:.3f}, memories with keys +{rise:.3f}"] = size_aware(
+            DEFAULT_MIN_SCORE, rise
+        )
     for weight in (0.1, 0.2):
         found[f"size-aware, {DEFAULT_MIN_SCORE:.3f}, lexical overlap x {weight} off"] = discounted(
             DEFAULT_MIN_SCORE, weight
@@ -224,7 +234,12 @@ def ask_all(
         if missing:
             vectors.update(zip(missing, real.embed(missing)))
         candidates = [
-            Candidate(r.memory.id, r.score, float(vectors[_index_text(r.memory)] @ query_vector))
+            Candidate(
+                r.memory.id,
+                r.score,
+                float(vectors[_index_text(r.memory)] @ query_vector),
+                bool(r.memory.keys),
+            )
             for r in found
         ]
         asked.append(Asked(row["question"], row["split"], injected, candidates, target))

@@ -58,6 +58,12 @@ this close to an unrelated question (small talk, general knowledge, code) for at
 the dev half of ``benchmarks/paraphrase_unrelated.jsonl`` (docs/benchmarks.md, "Paraphrase
 needles and the relevance floor")."""
 
+KEYED_FLOOR_RISE = 0.015
+"""How much closer than the floor a memory with keys must be to the query: its topic words
+bring it nearer to questions of its topic, and a little nearer to every question. The
+smallest rise that keeps false injection at most 5% on the dev half of the unrelated questions
+with 1k and 10k memories that all have keys (docs/benchmarks.md, "Memory keys")."""
+
 LEXICAL_WEIGHT = 1.2
 """The score that orders search results is the cosine similarity of query and memory plus this
 weight times their lexical overlap (0-1: the share of the query's best possible BM25 score the
@@ -484,7 +490,8 @@ class MemoryStore:
         floor: float,
     ) -> list[tuple[str, float]]:
         """Score the dense candidates (cosine plus the lexical bonus, see :data:`LEXICAL_WEIGHT`);
-        keep those of the wanted categories whose cosine reaches the floor, best first."""
+        keep those of the wanted categories whose cosine reaches the floor (raised by
+        :data:`KEYED_FLOOR_RISE` for a memory with keys), best first."""
         catalog = collection.catalog([memory_id for memory_id, _ in nearest])
         present = [(memory_id, cosine) for memory_id, cosine in nearest if memory_id in catalog]
         lexical = lexical_scores(
@@ -497,7 +504,8 @@ class MemoryStore:
         ranked = [
             (memory_id, cosine + LEXICAL_WEIGHT * overlap)
             for (memory_id, cosine), overlap in zip(present, lexical.tolist())
-            if cosine >= floor and (wanted is None or catalog[memory_id][1] in wanted)
+            if cosine >= floor + KEYED_FLOOR_RISE * bool(catalog[memory_id].keys)
+            and (wanted is None or catalog[memory_id].category in wanted)
         ]
         ranked.sort(key=lambda pair: pair[1], reverse=True)
         return ranked

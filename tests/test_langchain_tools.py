@@ -119,6 +119,7 @@ def test_a_model_cannot_reach_another_users_memories(agent, openai_server, db_pa
             "content",
             "id",
             "category",
+            "keys",
         }
     # bob's id, a made-up id, a search, and arguments naming bob: all stay in alice's scope
     openai_server.script(
