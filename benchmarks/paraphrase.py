@@ -153,7 +153,7 @@ def floor_rules() -> dict[str, Rule]:
     for base in (0.075, 0.10, DEFAULT_MIN_SCORE, 0.15, 0.175):
         name = f"size-aware, {base:.3f} at 1 memory" + (" (default)" * (base == DEFAULT_MIN_SCORE))
         found[name] = size_aware(base)
-    for rise in (0.0, 0.01, 0.02, 0.03):  # only memories with keys are concerned
+    for rise in (0.0, 0.01, 0.015, 0.02, 0.03):  # only memories with keys are concerned
         found[f"size-aware, {DEFAULT_MIN_SCORE:.3f}, memories with keys +{rise:.3f}"] = size_aware(
             DEFAULT_MIN_SCORE, rise
         )
