@@ -12,6 +12,7 @@ import pytest
 from conftest import block, instruction_nonce
 
 from headroom_memory_integrations import MemoryStore, NewMemory
+from headroom_memory_integrations.engine import KEYED_FLOOR_RISE
 from headroom_memory_integrations.errors import InvalidInputError
 from headroom_memory_integrations.keys import (
     MAX_KEY_CHARS,
@@ -172,6 +173,24 @@ def test_keys_bring_a_reworded_question_to_its_memory(db_path, model) -> None:
     plain_cosine = plain.search("Which foods make me ill?", min_score=-1)
     assert cosine_only[0].memory.text == SHELLFISH
     assert cosine_only[0].score > next(r.score for r in plain_cosine if r.memory.text == SHELLFISH)
+
+
+def test_a_memory_with_keys_must_clear_a_slightly_higher_floor(db_path, model) -> None:
+    """Keys bring a memory a little nearer to every question: one with keys is returned only
+    if its cosine reaches the floor plus KEYED_FLOOR_RISE (calibrated in docs/benchmarks.md)."""
+    keyed = MemoryStore("keyed", db_path=db_path, embedder=model)
+    plain = MemoryStore("plain", db_path=db_path, embedder=model)
+    keyed.add(SHELLFISH, keys=SEAFOOD_KEYS)
+    plain.add(SHELLFISH)
+    question = model.embed([SEAFOOD_QUESTION])[0]
+    keyed_cosine = float(
+        model.embed([index_text(SHELLFISH, clean_keys(SEAFOOD_KEYS))])[0] @ question
+    )
+    plain_cosine = float(model.embed([SHELLFISH])[0] @ question)
+    half = KEYED_FLOOR_RISE / 2  # one memory: the floor is min_score itself
+    assert not keyed.search(SEAFOOD_QUESTION, min_score=keyed_cosine - half)
+    assert keyed.search(SEAFOOD_QUESTION, min_score=keyed_cosine - KEYED_FLOOR_RISE - half)
+    assert plain.search(SEAFOOD_QUESTION, min_score=plain_cosine - half)
 
 
 # -- the wrappers ----------------------------------------------------------------------------
