@@ -349,8 +349,11 @@ def _distinct_draws(seed: int) -> Iterator[Drawn]:
 
 MEMORY_KEYS = Path(__file__).with_name("memory_keys.json")
 """Keys for the synthetic memories, written by a model that saw only the templates' texts and
-slot values (never a question): ``{"families": {"0".."15": keys}, "values": {list: {value:
-keys}}}``, each ``keys`` a comma-separated string. See ``benchmarks/paraphrase.py``."""
+slot values (never a question of the benchmark): ``{"families": {"0".."15": keys}, "values":
+{list: {value: keys}}, "asks": {"0".."15": question}}``, each ``keys`` a comma-separated string,
+each question a template in the user's voice with slots named after the lists
+(:data:`SLOT_NAMES`: "What does my {relation} {name} do for work?"). See
+``benchmarks/paraphrase.py``."""
 
 KEYED_LISTS: dict[str, Sequence[str]] = {
     "FOODS": FOODS,
@@ -371,6 +374,61 @@ KEYED_LISTS: dict[str, Sequence[str]] = {
 """The slot lists whose values have keys of their own, by their name in :data:`MEMORY_KEYS`
 (names, relations, months, companies and the like have none)."""
 
+SLOT_NAMES: dict[int, str] = {
+    id(options): name
+    for options, name in (
+        (RELATIONS, "relation"),
+        (NAMES, "name"),
+        (JOBS, "job"),
+        (CITIES, "city"),
+        (FOODS, "food"),
+        (MEALS, "meal"),
+        (PETS, "pet"),
+        (PET_NAMES, "pet_name"),
+        (INSTRUMENTS, "instrument"),
+        (GROUPS, "group"),
+        (WEEKDAYS, "weekday"),
+        (SPORTS, "sport"),
+        (TECH, "tech"),
+        (PROJECTS, "project"),
+        (COMPANIES, "company"),
+        (HOBBIES, "hobby"),
+        (MONTHS, "month"),
+        (GENRES, "genre"),
+        (AUTHORS, "author"),
+        (LANGUAGES, "language"),
+        (ALLERGENS, "allergen"),
+        (COLOURS, "colour"),
+        (CARS, "car"),
+    )
+}
+"""The name of each slot list in the question templates of :data:`MEMORY_KEYS` (by the list's
+id); the second value drawn from a list is ``{city2}``, and so on."""
+
+
+def with_question(topics: Sequence[str], question: str) -> tuple[str, ...]:
+    """Keys as the model writes them: topic words, then one question the memory answers, at
+    most :data:`~headroom_memory_integrations.keys.MAX_KEYS` phrases in all (the question is
+    always kept)."""
+    kept: list[str] = []
+    for phrase in topics:
+        if len(kept) < MAX_KEYS - 1 and phrase.casefold() not in {k.casefold() for k in kept}:
+            kept.append(phrase)
+    return clean_keys([*kept, question])
+
+
+def question_of(drawn: Drawn) -> str:
+    """The question of a generated memory: its family's template with the values it drew."""
+    slots: dict[str, str] = {}
+    for options, value in drawn.picks:
+        base = SLOT_NAMES[id(options)]
+        name, n = base, 2
+        while name in slots:
+            name, n = f"{base}{n}", n + 1
+        slots[name] = value
+    template: str = memory_keys()["asks"][str(drawn.family)]
+    return template.format(**slots)
+
 
 @functools.cache
 def memory_keys() -> dict[str, Any]:
@@ -381,9 +439,10 @@ def memory_keys() -> dict[str, Any]:
 
 def keys_of(drawn: Drawn) -> tuple[str, ...]:
     """The keys of a generated memory: its family's, then those of each value it drew from
-    :data:`KEYED_LISTS` in the order drawn; tidied and without repeats
+    :data:`KEYED_LISTS` in the order drawn, tidied and without repeats
     (:func:`~headroom_memory_integrations.keys.clean_keys`), the first
-    :data:`~headroom_memory_integrations.keys.MAX_KEYS` of them."""
+    :data:`~headroom_memory_integrations.keys.MAX_KEYS` less one of them; then its question
+    (:func:`question_of`)."""
     table = memory_keys()
     names = {id(options): name for name, options in KEYED_LISTS.items()}
     parts = [table["families"][str(drawn.family)]]
@@ -392,11 +451,8 @@ def keys_of(drawn: Drawn) -> tuple[str, ...]:
         for options, value in drawn.picks
         if id(options) in names
     ]
-    kept: list[str] = []
-    for phrase in (phrase for part in parts for phrase in clean_keys(part)):
-        if len(kept) < MAX_KEYS and phrase.casefold() not in {k.casefold() for k in kept}:
-            kept.append(phrase)
-    return clean_keys(kept)
+    topics = [phrase for part in parts for phrase in clean_keys(part)]
+    return with_question(topics, question_of(drawn))
 
 
 def keyed_memory_texts(count: int, seed: int = 7) -> list[tuple[str, tuple[str, ...]]]:

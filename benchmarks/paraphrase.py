@@ -75,6 +75,7 @@ from headroom_memory_integrations.engine import (
 from headroom_memory_integrations.keys import clean_keys, index_text
 
 from .common import ROOT, Context, Row, SectionResult, log, value_at_least, value_at_most
+from .corpus import with_question
 from .population import (
     PrecomputedEmbedder,
     VectorCache,
@@ -153,7 +154,7 @@ def floor_rules() -> dict[str, Rule]:
     for base in (0.075, 0.10, DEFAULT_MIN_SCORE, 0.15, 0.175):
         name = f"size-aware, {base:.3f} at 1 memory" + (" (default)" * (base == DEFAULT_MIN_SCORE))
         found[name] = size_aware(base)
-    for rise in (0.0, 0.01, 0.015, 0.02, 0.03):  # only memories with keys are concerned
+    for rise in (0.0, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08):  # only memories with keys
         found[f"size-aware, {DEFAULT_MIN_SCORE:.3f}, memories with keys +{rise:.3f}"] = size_aware(
             DEFAULT_MIN_SCORE, rise
         )
@@ -283,12 +284,12 @@ def _run_keyed(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict
 
 def fact_keys(pairs: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
     """The keys of each pair's fact, from :data:`FACT_KEYS` (which must list the same ids in
-    the same order)."""
+    the same order): its topic words, then its question (``asks``)."""
     rows = load(FACT_KEYS)
     ids = [row["id"] for row in rows]
     if ids != [pair["id"] for pair in pairs]:
         raise ValueError(f"{FACT_KEYS.name} does not list the ids of {PAIRS.name} in order")
-    return [clean_keys(row["keys"]) for row in rows]
+    return [with_question(clean_keys(row["keys"]), row["asks"]) for row in rows]
 
 
 def _run_sizes(

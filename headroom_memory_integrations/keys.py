@@ -1,11 +1,14 @@
-"""Memory keys: a few topic words written with a memory and indexed with it.
+"""Memory keys: a few topic words, and a question, written with a memory and indexed with it.
 
 A memory says what the user said ("Is allergic to shellfish"); a later question often names the
 topic in other words ("Any seafood dishes I should avoid?"). The model that writes a memory in
-the inline block (or the background extraction) may add keys, e.g. ``"diet, food allergy,
-seafood"``: the words a later question about it might use. The engine embeds a memory with its
-keys (:func:`index_text`) and scores the query's wording against both, so the topic words
-count without being shown to anyone: the injected context and every listing show the text.
+the inline block (or the background extraction) may add keys: a few topic words and one short
+question in the user's voice that the memory answers, e.g. ``"diet, food allergy, seafood,
+What can't I eat at a fish restaurant?"``. The engine embeds a memory with its keys
+(:func:`index_text`) and scores the query's wording against both, so they count without being
+shown to anyone: the injected context and every listing show the text. The question matters
+most: the embedding model was trained largely on pairs of questions, and a user's later
+question is worded like one.
 
 On the paraphrase needles (``benchmarks/paraphrase.py``), keys written by a model that never
 saw the questions raise held-out hit@5 at 10k memories (docs/benchmarks.md). A memory without
@@ -22,8 +25,8 @@ from .errors import InvalidInputError
 MAX_KEYS = 8
 """Most key phrases a memory keeps."""
 
-MAX_KEY_CHARS = 60
-"""Longest key phrase."""
+MAX_KEY_CHARS = 120
+"""Longest key phrase (a question fits)."""
 
 __all__ = ["MAX_KEYS", "MAX_KEY_CHARS", "clean_keys", "index_text", "lenient_keys"]
 

@@ -257,8 +257,8 @@ def short_ids(n: int) -> list[str]:
 
 
 KEYS_HINT = (
-    '"keys": 3-6 topic words a later question might use ("programming language, coding, '
-    'server side")'
+    '"keys": 3-6 topic words and one question in the user\'s voice that it answers '
+    '("programming language, coding, server side, Which language should I use for my API?")'
 )
 """How both instructions ask for a memory's keys (:mod:`.keys`)."""
 

@@ -78,7 +78,7 @@ def test_delete_by_short_id_clear_export_import(run, tmp_path: Path) -> None:
     [
         (("add", ""), "memory text is empty"),
         (("add", "x" * 3000), "maximum is 2000"),
-        (("add", "ok", "--keys", "x" * 100), "the maximum is 60"),
+        (("add", "ok", "--keys", "x" * 200), "the maximum is 120"),
         (("delete", "no-such-id"), "no memory with id"),
         (("search", "q", "--top-k", "0"), "top_k"),
         (("import", "/no/such/file.jsonl"), "No such file"),

@@ -82,9 +82,10 @@ def test_a_memory_is_indexed_with_its_keys_in_parentheses() -> None:
 
 
 def test_both_instructions_ask_for_keys() -> None:
-    assert '"keys"' in extraction_instruction(new_nonce(), allow_replace=False)
+    inline = extraction_instruction(new_nonce(), allow_replace=False)
     system = background_extraction_messages([{"role": "user", "content": "hi"}])[0]["content"]
-    assert '"keys"' in system
+    for instruction in (inline, system):
+        assert '"keys": 3-6 topic words and one question' in instruction
 
 
 def test_the_parsers_read_keys_and_keep_a_memory_whose_keys_are_bad() -> None:

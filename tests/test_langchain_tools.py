@@ -197,8 +197,8 @@ def test_the_model_can_give_keys_and_bad_keys_are_a_tool_error(db_path, model) -
     update = {"action": "update", "id": saved.artifact["id"], "content": "Is allergic to prawns"}
     manage.invoke({**update, "keys": "diet, shrimp"})
     assert store.get(saved.artifact["id"]).keys == ("diet", "shrimp")
-    refused = manage.invoke({**update, "keys": "x" * 100})
-    assert "Cannot update the memory" in refused and "the maximum is 60" in refused
+    refused = manage.invoke({**update, "keys": "x" * 200})
+    assert "Cannot update the memory" in refused and "the maximum is 120" in refused
     assert store.get(saved.artifact["id"]).keys == ("diet", "shrimp")
 
 
