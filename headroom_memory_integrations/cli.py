@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         help="metadata (repeatable)",
     )
     add.add_argument(
-        "--keys", metavar="WORDS", help='topic words to index with it, e.g. "diet, seafood"'
+        "--keys",
+        metavar="WORDS",
+        help='topic words (and a question) to index with it, e.g. "diet, seafood"',
     )
 
     search = commands.add_parser("search", parents=[common], help="find relevant memories")

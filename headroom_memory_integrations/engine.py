@@ -158,8 +158,9 @@ class NewMemory:
         replaces: The id of an existing memory of the same user that this one supersedes
             ("Moved to SF" replacing "Lives in NY"). That memory is updated in place and
             keeps its old text in ``history``; if it no longer exists, this one is added.
-        keys: Topic words to index with the text, as a comma-separated string or a list
-            (``"diet, food allergy, seafood"``; see :mod:`.keys`).
+        keys: Topic words and a question to index with the text, as a comma-separated string
+            or a list (``["diet", "seafood", "What can't I eat at a fish restaurant?"]``; see
+            :mod:`.keys`).
     """
 
     text: str
@@ -598,17 +599,17 @@ class MemoryStore:
         supersedes it: that memory gets the new text and keeps the old one in ``history``.
         Anything else is stored as a memory of its own. See :mod:`.consolidation`.
 
-        ``keys`` are topic words indexed with the text (``"diet, food allergy, seafood"``):
-        searches worded like them find the memory (see :mod:`.keys`). They follow the text: a
-        memory superseded by this one takes its keys.
+        ``keys`` are topic words, and a question the memory answers, indexed with the text
+        (``"diet, food allergy, seafood, What can't I eat at a fish restaurant?"``): searches
+        worded like them find the memory (see :mod:`.keys`). They follow the text: a memory
+        superseded by this one takes its keys. A duplicate writes nothing, keys included.
 
         Returns:
             The memory now current and the :class:`Outcome`: ``stored``, ``duplicate`` or
             ``superseded``.
         """
-        return self.remember_many([NewMemory(text, category, metadata, keys=keys)], source=source)[
-            0
-        ]
+        item = NewMemory(text, category, metadata, keys=keys)
+        return self.remember_many([item], source=source)[0]
 
     def remember_many(
         self,

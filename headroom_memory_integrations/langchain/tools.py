@@ -245,8 +245,9 @@ def create_manage_memory_tool(
         keys: Annotated[
             str | None,
             Field(
-                description="For create and update: 3-6 comma-separated topic words a later "
-                "question might use, e.g. 'diet, food allergy, seafood'."
+                description="For create and update: 3-6 comma-separated topic words and one "
+                "question in the user's voice that it answers, e.g. 'diet, food allergy, "
+                "seafood, What can't I eat at a fish restaurant?'."
             ),
         ] = None,
         *,
