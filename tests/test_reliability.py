@@ -77,7 +77,7 @@ def test_writers_racing_clear_leave_every_listed_memory_searchable(db_path, monk
     monkeypatch.setattr(chroma, "_WARM_RETRY_SECONDS", 0.1)  # read ahead often, to race writes
     embedder = RandomEmbedder()
     stores = [MemoryStore("alice", db_path=db_path, embedder=embedder) for _ in range(4)]
-    stop = threading.Event()
+    stop, stop_clearing = threading.Event(), threading.Event()
     errors: list[BaseException] = []
     written = [0]
 
@@ -94,7 +94,7 @@ def test_writers_racing_clear_leave_every_listed_memory_searchable(db_path, monk
             count += 1
 
     def clear() -> None:
-        while not stop.wait(0.3):
+        while not stop_clearing.wait(0.3):
             try:
                 stores[3].clear()
             except BaseException as exc:
@@ -105,6 +105,12 @@ def test_writers_racing_clear_leave_every_listed_memory_searchable(db_path, monk
     for thread in threads:
         thread.start()
     time.sleep(6)
+    stop_clearing.set()  # the clears stop first, so that some writes surely outlive the last one
+    threads[-1].join(60)
+    after_the_last_clear = written[0] + 3
+    deadline = time.monotonic() + 60
+    while written[0] < after_the_last_clear and time.monotonic() < deadline and not errors:
+        time.sleep(0.05)
     stop.set()
     for thread in threads:
         thread.join(60)

@@ -256,14 +256,15 @@ _RECORD = ["documents", "metadatas"]
 
 
 class _Record:
-    """A stored memory as Chroma returns it; parsed into a :class:`Memory` on first need."""
+    """A stored memory as Chroma returns it; parsed into a :class:`Memory` on first need, and
+    what a search reads of it (:attr:`entry`) parsed once, when it is read."""
 
-    __slots__ = ("_memory", "category", "meta", "text")
+    __slots__ = ("_memory", "entry", "meta", "text")
 
     def __init__(self, text: str, meta: Any, memory: Memory | None = None) -> None:
         self.text = text
         self.meta = meta
-        self.category = Category.parse(meta["category"])
+        self.entry = Catalogued(text, Category.parse(meta["category"]), _keys(meta))
         self._memory = memory
 
     def memory(self, user_id: str, memory_id: str) -> Memory:
@@ -533,10 +534,7 @@ class ChromaCollection:
 
     def catalog(self, ids: Sequence[str]) -> dict[str, Catalogued]:
         records = self._records(list(dict.fromkeys(ids)), cached=True)
-        return {
-            i: Catalogued(record.text, record.category, _keys(record.meta))
-            for i, record in records.items()
-        }
+        return {i: record.entry for i, record in records.items()}
 
     def count(self) -> int:
         return int(self._call("count memories", lambda c: c.count()) or 0)
