@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from headroom_memory_integrations.keys import MAX_KEYS, clean_keys
+from headroom_memory_integrations.keys import MAX_KEYS, clean_keys, lenient_keys
 
 NAMES = (
     "Alice Bruno Chen Dana Elif Farah Goran Hana Ivan Jamal Keiko Liam Maya Nikos Olu Priya "
@@ -410,11 +410,7 @@ def with_question(topics: Sequence[str], question: str) -> tuple[str, ...]:
     """Keys as the model writes them: topic words, then one question the memory answers, at
     most :data:`~headroom_memory_integrations.keys.MAX_KEYS` phrases in all (the question is
     always kept)."""
-    kept: list[str] = []
-    for phrase in topics:
-        if len(kept) < MAX_KEYS - 1 and phrase.casefold() not in {k.casefold() for k in kept}:
-            kept.append(phrase)
-    return clean_keys([*kept, question])
+    return clean_keys([*lenient_keys(topics)[: MAX_KEYS - 1], question])
 
 
 def question_of(drawn: Drawn) -> str:

@@ -1040,11 +1040,12 @@ class MemoryStore:
         new_category = Category.parse(category) if category is not None else None
         new_metadata = clean_metadata(metadata) if metadata is not None else None
         new_keys = clean_keys(keys)
+        vector = self._embed([index_text(text, new_keys)])  # before the lock, as a rule
         with self._write_lock:
             old = self.get(memory_id)
-            if not new_keys and keys is None and text == old.text:
+            if keys is None and text == old.text and old.keys:  # only category or metadata
                 new_keys = old.keys
-            vector = self._embed([index_text(text, new_keys)])
+                vector = self._embed([index_text(text, new_keys)])
             return self._rewrite(old, text, new_category, new_metadata, new_keys, vector)
 
     def _rewrite(

@@ -112,8 +112,9 @@ class Memory:
         source: inline, background or manual.
         metadata: The caller's own scalar key/values (read-only).
         history: Earlier texts this memory replaced, oldest first.
-        keys: Topic words indexed with the text, never shown in the injected context
-            (``("diet", "food allergy", "seafood")``; see :mod:`.keys`).
+        keys: Topic words, then a question the memory answers, indexed with the text and never
+            shown in the injected context (``("diet", "seafood", "What can't I eat?")``; see
+            :mod:`.keys`).
     """
 
     id: str
