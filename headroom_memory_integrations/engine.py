@@ -15,7 +15,7 @@ import time
 import unicodedata
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
@@ -404,6 +404,36 @@ class MemoryStore:
                 self._query_cache.popitem(last=False)
         return vector
 
+    def _embed_opening(self, embed: Callable[[], Vectors]) -> tuple[Vectors, UserCollection]:
+        """``embed()``, and the user's collection. The first time (when the embedder knows its
+        dimension beforehand), the storage is opened and asked for a count on another thread
+        meanwhile: importing Chroma and opening it (~0.5-0.8 s) then overlaps loading the model
+        (~0.3 s, mostly outside the GIL) instead of following it."""
+        dimension = self.embedder.dimension
+        if self._collection is not None or not dimension:
+            vectors = embed()
+            return vectors, self._open(vectors.shape[-1])
+        opened: list[UserCollection] = []
+        failed: list[BaseException] = []
+
+        def open_and_count() -> None:
+            try:
+                collection = self._open(dimension)
+                collection.count()  # connects: the import and the opening happen here
+                opened.append(collection)
+            except BaseException as exc:  # re-raised in the caller's thread
+                failed.append(exc)
+
+        opening = threading.Thread(target=open_and_count, name="headroom-memory-open")
+        opening.start()
+        try:
+            vectors = embed()
+        finally:
+            opening.join()
+        if failed:
+            raise failed[0]
+        return vectors, opened[0]
+
     def _open(self, dimension: int | None = None) -> UserCollection:
         if self._collection is None:
             if dimension is None:
@@ -441,8 +471,7 @@ class MemoryStore:
         top_k = _check_top_k(top_k)
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
         base = self.min_score if min_score is None else float(min_score)
-        vector = self._query_vector(query)
-        collection = self._open(vector.shape[0])
+        vector, collection = self._embed_opening(lambda: self._query_vector(query))
         limit = max(SEARCH_CANDIDATES, top_k * _CATEGORY_OVERFETCH)
         floor: float | None = None
         while True:
@@ -637,7 +666,7 @@ class MemoryStore:
         drafts = [self._draft(item, Source.parse(source)) for item in parsed]
         if not drafts:
             return []
-        vectors = self._vectors(drafts)
+        vectors, _ = self._embed_opening(lambda: self._vectors(drafts))
         wanted = [wording_id(self.user_id, d.text) for d in drafts]
         replaces = {index: item.replaces for index, item in enumerate(parsed) if item.replaces}
         return self._remember(drafts, vectors, wanted, replaces, imported=False)

@@ -82,27 +82,72 @@ def test_searches_move_to_memory_and_answer_as_chroma_did(store: MemoryStore, mo
     assert len(index) == 5 == store.count()
 
 
-def test_a_write_during_the_read_ahead_keeps_searches_on_chroma(hash_store: MemoryStore) -> None:
-    collection = hash_store._open()
-    collection._warm_after = None  # no background read-ahead: this test runs it by hand
-    hash_store.add_many([f"fact number {i}" for i in range(30)])
+def _writing_during_first_page(collection, write) -> None:
+    """Make the read-ahead's first page run ``write()`` before it reads."""
     chroma_get = collection._collection.get
 
     def get_and_write(*args, **kwargs):
         if kwargs.get("offset") == 0:  # the read-ahead's first page
             collection._collection.get = chroma_get
-            hash_store.add("a fact written meanwhile")
+            write()
         return chroma_get(*args, **kwargs)
 
     collection._collection.get = get_and_write
+
+
+def test_writes_during_the_read_ahead_are_replayed_on_it(hash_store: MemoryStore) -> None:
+    """A user who keeps writing still gets the in-memory index: what was written, rewritten or
+    deleted while the read-ahead read its pages is in it, exactly as in Chroma."""
+    collection = hash_store._open()
+    collection._warm_after = None  # no background read-ahead: this test runs it by hand
+    stored = hash_store.add_many([f"fact number {i}" for i in range(30)])
+    gone, rewritten = stored[3].id, stored[4].id
+    added: list[str] = []
+
+    def write() -> None:
+        added.append(hash_store.add("a fact written meanwhile").id)
+        hash_store.delete(gone)
+        hash_store.update(rewritten, "a fact rewritten meanwhile")
+
+    _writing_during_first_page(collection, write)
     collection._warm()  # what the background thread runs
+    index = collection._index
+    assert index is not None and collection._warm_log is None
+    assert len(index) == hash_store.count() == 30
+    assert added[0] in index and gone not in index and rewritten in index
+    assert collection._cache[rewritten].text == "a fact rewritten meanwhile"
+    assert gone not in collection._cache
+    for question in ("fact written meanwhile", "fact rewritten meanwhile", "fact number 7"):
+        by_memory = hash_store.search(question, min_score=-1)
+        saved, collection._index = collection._index, None
+        by_chroma = hash_store.search(question, min_score=-1)
+        collection._index = saved
+        assert [r.memory.id for r in by_memory] == [r.memory.id for r in by_chroma]
+
+
+def test_a_failed_write_during_the_read_ahead_spoils_it(hash_store: MemoryStore) -> None:
+    from headroom_memory_integrations import StorageError
+
+    collection = hash_store._open()
+    collection._warm_after = None
+    hash_store.add_many([f"fact number {i}" for i in range(30)])
+    chroma_upsert = collection._collection.upsert
+
+    def failing_write() -> None:
+        def broken_upsert(*args, **kwargs):
+            raise RuntimeError("disk full")
+
+        collection._collection.upsert = broken_upsert
+        with pytest.raises(StorageError, match="disk full"):
+            hash_store.add("a fact that may be half written")
+        collection._collection.upsert = chroma_upsert
+
+    _writing_during_first_page(collection, failing_write)
+    collection._warm()
     assert collection._index is None and collection._warm_after is not None
-    assert "a fact written meanwhile" in [
-        r.memory.text for r in hash_store.search("fact written meanwhile", min_score=-1)
-    ]
     collection._warm_after = 0.0
     collection._warm()  # a later attempt, with no write in the way
-    assert collection._index is not None and len(collection._index) == hash_store.count() > 20
+    assert collection._index is not None and len(collection._index) == hash_store.count() == 30
 
 
 def test_large_collections_stay_on_chroma(hash_store: MemoryStore, monkeypatch) -> None:

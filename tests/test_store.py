@@ -351,3 +351,37 @@ def test_add_many_takes_a_default_category(hash_store: MemoryStore) -> None:
     with pytest.raises(InvalidCategoryError):
         hash_store.add_many(["x"], category="hobby")
     assert len(hash_store.get_all()) == 2
+
+
+def test_the_first_search_opens_the_storage_while_the_query_embeds(db_path) -> None:
+    """Opening Chroma (its import alone takes ~0.5 s) overlaps loading the model: here the
+    embedder only answers once the storage has its client, which it never would if the
+    storage were opened after the query was embedded."""
+    import time as clock
+
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations import ChromaStorage
+
+    class WaitsForTheStorage(HashEmbedder):
+        def __init__(self, storage: ChromaStorage) -> None:
+            super().__init__()
+            self.storage = storage
+            self.waited = False
+
+        def embed(self, texts):
+            deadline = clock.monotonic() + 20
+            while self.storage._client is None and not self.waited:
+                assert clock.monotonic() < deadline, "the storage was not opened meanwhile"
+                clock.sleep(0.005)
+            self.waited = True
+            return super().embed(texts)
+
+    storage = ChromaStorage.at(db_path)
+    store = MemoryStore("alice", storage=storage, embedder=WaitsForTheStorage(storage))
+    assert store.search("anything at all") == []
+    assert storage.users() == []  # a search creates nothing
+    other = ChromaStorage.at(db_path / "other")  # the write path does the same
+    writer = MemoryStore("bob", storage=other, embedder=WaitsForTheStorage(other))
+    assert writer.add("Plays the cello").text == "Plays the cello"
+    assert [r.memory.text for r in writer.search("cello", min_score=-1)] == ["Plays the cello"]

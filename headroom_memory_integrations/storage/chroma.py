@@ -284,6 +284,30 @@ def _page_records(page: dict[str, Any]) -> dict[str, _Record]:
 _NO_PAGE: dict[str, Any] = {"ids": [], "documents": [], "metadatas": [], "embeddings": []}
 
 
+class _Change:
+    """A write as it affects what is held in memory: ``ids`` rewritten with ``written``
+    records (None: not known, forget them) and ``vectors``, or deleted (``vectors`` None)."""
+
+    def __init__(
+        self, ids: Sequence[str], written: dict[str, _Record] | None, vectors: Vectors | None
+    ) -> None:
+        self.ids = list(ids)
+        self.written = written
+        self.vectors = vectors
+
+    def replay(self, records: dict[str, _Record], index: VectorIndex | None) -> None:
+        """Make ``records`` (by id) and ``index`` hold what this write left."""
+        for memory_id in self.ids:
+            records.pop(memory_id, None)
+        if self.written:
+            records.update(self.written)
+        if index is not None:
+            if self.vectors is None:
+                index.remove(self.ids)
+            else:
+                index.put(self.ids, self.vectors)
+
+
 class ChromaCollection:
     """A user's memories in one Chroma collection (see :class:`UserCollection`).
 
@@ -313,6 +337,8 @@ class ChromaCollection:
         self._index: VectorIndex | None = None
         self._warm_lock = threading.Lock()
         self._warm_after: float | None = 0.0  # monotonic time; None: running or given up
+        # While a read-ahead runs: the writes made meanwhile, replayed on what it read.
+        self._warm_log: list[_Change] | None = None
         self._retired = False
 
     @property
@@ -554,9 +580,13 @@ class ChromaCollection:
 
     def _records(self, ids: list[str], *, cached: bool) -> dict[str, _Record]:
         """The records of ``ids`` that exist (ids must be unique: Chroma refuses repeats),
-        from the cache where ``cached`` and present, else read from Chroma."""
+        from the cache where ``cached`` and present, else read from Chroma. A sole writer's
+        complete index tells which ids do not exist without asking Chroma."""
         found = {i: self._cache[i] for i in ids if i in self._cache} if cached else {}
         missing = [i for i in ids if i not in found]
+        index = self._index
+        if cached and missing and index is not None and self._sole_writer:
+            missing = [i for i in missing if i in index]
         if not missing:
             return found
         stamp = self._write_stamp
@@ -582,12 +612,13 @@ class ChromaCollection:
         """The collection was deleted (:meth:`ChromaStorage.drop`, with the write lock held):
         forget what is held of it. The handle stays in use; the next write creates the
         collection again, and the next search reads it ahead again."""
-        self._write_stamp += 2  # a read or read-ahead that overlapped keeps nothing
+        self._write_stamp += 2  # a read that overlapped keeps nothing
+        self._warm_log = None  # nor does a read-ahead under way
         self._collection = self._segment = None
         self._index = None
         self._cache.clear()
         _read_aheads.remove(self)
-        self._warm_after = 0.0  # a read-ahead under way now keeps nothing (the stamp moved)
+        self._warm_after = 0.0
 
     def retire(self) -> None:
         """The storage was closed: stop reading ahead and trusting the cache."""
@@ -622,13 +653,18 @@ class ChromaCollection:
     def _warm(self) -> None:
         """Read every record (up to :data:`WARM_LIMIT`) in pages into the cache, which then
         serves the candidates' texts for ranking. A sole writer also reads the vectors, into
-        an index that :meth:`nearest` then searches instead of Chroma. Nothing is kept if a
-        write or a drop overlapped the reading, and the index only if it holds every memory."""
+        an index that :meth:`nearest` then searches instead of Chroma.
+
+        Writes may go on meanwhile: each one is logged (see :meth:`_writing`) and replayed on
+        what was read, so a user who keeps writing still gets the read-ahead. Nothing is kept
+        if a write failed or the collection was dropped meanwhile, and the index only if it
+        then holds every memory (a page read while others were deleted can miss some)."""
         retry = False
+        log: list[_Change] = []
         try:
-            stamp = self._write_stamp
-            if stamp % 2 or self.count() > WARM_LIMIT:
-                retry = bool(stamp % 2)
+            with self._write_lock:
+                self._warm_log = log
+            if self.count() > WARM_LIMIT:
                 return
             index = VectorIndex(self.binding[1]) if self._sole_writer else None
             include = [*_RECORD, "embeddings"] if index is not None else _RECORD
@@ -640,9 +676,11 @@ class ChromaCollection:
                     index.put(page["ids"], page["embeddings"])
                 records.update(_page_records(page))
             with self._write_lock:
-                if stamp != self._write_stamp or _stopping.is_set() or self._retired:
+                if self._warm_log is not log or _stopping.is_set() or self._retired:
                     retry = not self._retired
                     return
+                for change in log:
+                    change.replay(records, index)
                 for memory_id, record in records.items():
                     self._cache.setdefault(memory_id, record)
                 if index is not None:
@@ -655,6 +693,9 @@ class ChromaCollection:
             logger.warning("reading memories ahead failed; Chroma serves searches: %s", exc)
             retry = not self._retired
         finally:
+            with self._write_lock:
+                if self._warm_log is log:
+                    self._warm_log = None
             if retry:
                 self._warm_after = time.monotonic() + _WARM_RETRY_SECONDS
 
@@ -674,6 +715,7 @@ class ChromaCollection:
                 yield
             except BaseException:
                 # the write may have half happened: search with Chroma, read ahead again later
+                self._warm_log = None
                 if self._index is not None:
                     self._index = None
                     self._warm_after = time.monotonic() + _WARM_RETRY_SECONDS
@@ -682,13 +724,10 @@ class ChromaCollection:
                 for i in ids:
                     self._cache.pop(i, None)
                 self._write_stamp += 1
-            if self._sole_writer and written:
-                self._cache.update(written)
-            if self._index is not None:
-                if vectors is None:
-                    self._index.remove(ids)
-                else:
-                    self._index.put(ids, vectors)
+            change = _Change(ids, written if self._sole_writer else None, vectors)
+            change.replay(self._cache, self._index)
+            if self._warm_log is not None:
+                self._warm_log.append(change)
 
 
 class ChromaStorage:
