@@ -38,6 +38,16 @@ def test_vector_index_ranks_exactly_and_follows_puts_and_removes() -> None:
     assert len(index.nearest(query, 1000)) == 197
     assert VectorIndex(8).nearest(query, 5) == []
 
+    for rows in (2, 40):  # row by row, and one matrix product for a batch
+        queries = _unit_rows(rows, 8, seed=3)
+        batch = index.nearest_many(queries, 7)
+        assert len(batch) == rows
+        for row, found in zip(queries, batch):
+            truth = {i: float(v @ row) for i, v in expected.items()}  # m5 and m7 tie
+            best = sorted(truth.values(), reverse=True)[:7]
+            np.testing.assert_allclose([s for _, s in found], best, atol=1e-5)
+            np.testing.assert_allclose([truth[i] for i, _ in found], best, atol=1e-5)
+
 
 def _wait_for_index(store: MemoryStore, monkeypatch, seconds: float = 20.0) -> VectorIndex:
     """Search until the background read-ahead has built the index. A read-ahead that a write

@@ -545,7 +545,7 @@ class ChromaCollection:
         _read_aheads.touch(self)
         index = self._index
         if index is not None:
-            return [index.nearest(row, limit) for row in matrix]
+            return index.nearest_many(matrix, limit)
         found = self._call(
             "search memories",
             lambda c: c.query(query_embeddings=matrix, n_results=limit, include=["distances"]),

@@ -2,14 +2,17 @@
 
 Chroma answers a nearest-neighbour query in ~1.5-2.5 ms, most of it fixed cost. When this process
 is a collection's only writer (embedded storage), it can hold every vector itself and answer in
-~0.2 ms for 10k memories: one matrix-vector product. :class:`ChromaCollection` builds the copy
-in the background and keeps it in step with its own writes.
+~0.2 ms for 10k memories: one matrix-vector product (for a batch of queries, one matrix
+product). :class:`ChromaCollection` builds the copy in the background and keeps it in step with
+its own writes.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 
@@ -62,17 +65,45 @@ class VectorIndex:
 
     def nearest(self, vector: Vectors, limit: int) -> list[tuple[str, float]]:
         """The ``limit`` most similar ids with their cosine similarity, most similar first."""
+        return self.nearest_many(vector.reshape(1, -1), limit)[0]
+
+    def nearest_many(self, vectors: Vectors, limit: int) -> list[list[tuple[str, float]]]:
+        """:meth:`nearest` for each row of ``vectors``, the stored matrix read once for all."""
         with self._lock:
             count = len(self._ids)
             if not count or limit <= 0:
-                return []
-            # einsum's own loop, not BLAS: a BLAS matrix-vector product runs on every core by
-            # default, and on a small busy machine its threads wait on each other (3-7x slower
-            # than one thread, measured on 2 cores); einsum is as fast as one BLAS thread and
-            # leaves the process's BLAS settings alone.
-            similarities = np.einsum("ij,j->i", self._matrix[:count], vector.reshape(-1))
-            top = np.argpartition(-similarities, limit - 1)[:limit] if limit < count else None
-            if top is None:
-                top = np.arange(count)
-            top = top[np.argsort(-similarities[top], kind="stable")]
-            return [(self._ids[i], float(similarities[i])) for i in top.tolist()]
+                return [[] for _ in vectors]
+            stored = self._matrix[:count]
+            if len(vectors) < _BATCH_ROWS:
+                # einsum's own loop, not BLAS: a BLAS matrix-vector product runs on every core
+                # by default, and on a small busy machine its threads wait on each other (3-7x
+                # slower than one thread, measured on 2 cores); einsum is as fast as one BLAS
+                # thread and leaves the process's BLAS settings alone.
+                similarities = np.einsum("ij,kj->ki", stored, vectors)
+            else:  # a batch: one matrix product on one BLAS thread, ~6x faster than row by row
+                with _one_blas_thread():
+                    similarities = vectors @ stored.T
+            return [self._best(row, limit) for row in similarities]
+
+    def _best(self, similarities: Vectors, limit: int) -> list[tuple[str, float]]:
+        count = len(similarities)
+        top = np.argpartition(-similarities, limit - 1)[:limit] if limit < count else None
+        if top is None:
+            top = np.arange(count)
+        top = top[np.argsort(-similarities[top], kind="stable")]
+        return [(self._ids[i], float(similarities[i])) for i in top.tolist()]
+
+
+_BATCH_ROWS = 4  # from this many query rows, one BLAS matrix product beats einsum row by row
+_blas: Any = None
+
+
+def _one_blas_thread() -> AbstractContextManager[Any]:
+    """Limit BLAS to one thread for a matrix product (see :meth:`VectorIndex.nearest_many`)."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController()
+    limited: AbstractContextManager[Any] = _blas.limit(limits=1, user_api="blas")
+    return limited
