@@ -631,7 +631,8 @@ class MemoryStore:
         ``keys`` are topic words, and a question the memory answers, indexed with the text
         (``"diet, food allergy, seafood, What can't I eat at a fish restaurant?"``): searches
         worded like them find the memory (see :mod:`.keys`). They follow the text: a memory
-        superseded by this one takes its keys. A duplicate writes nothing, keys included.
+        superseded by this one takes its keys. A duplicate writes nothing, except that a
+        memory without keys takes those of a restatement that has some.
 
         Returns:
             The memory now current and the :class:`Outcome`: ``stored``, ``duplicate`` or
@@ -867,6 +868,10 @@ class MemoryStore:
                     final[draft.id] = holder.id  # later items that matched this draft
             if decision.outcome is Outcome.DUPLICATE:
                 assert existing is not None
+                if draft.keys and not existing.keys:  # a restatement brings the keys it lacked
+                    existing = replace(existing, keys=draft.keys)
+                    current[existing.id] = existing
+                    row_of[existing.id] = index  # indexed as the restatement with its keys
                 results.append(Remembered(existing, Outcome.DUPLICATE))
                 continue
             if decision.outcome is Outcome.SUPERSEDED:
