@@ -128,6 +128,15 @@ class Memory:
     history: tuple[Revision, ...] = ()
     keys: tuple[str, ...] = ()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickle and deepcopy, which refuse the read-only view of ``metadata``."""
+        return {**self.__dict__, "metadata": dict(self.metadata)}
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, the format of :meth:`MemoryStore.export` lines."""
         return {

@@ -385,3 +385,23 @@ def test_the_first_search_opens_the_storage_while_the_query_embeds(db_path) -> N
     writer = MemoryStore("bob", storage=other, embedder=WaitsForTheStorage(other))
     assert writer.add("Plays the cello").text == "Plays the cello"
     assert [r.memory.text for r in writer.search("cello", min_score=-1)] == ["Plays the cello"]
+
+
+def test_memories_and_results_pickle_and_deepcopy(hash_store: MemoryStore) -> None:
+    """Checkpointers, caches and process pools pickle what they are given."""
+    import copy
+    import pickle
+
+    memory = hash_store.add("Likes green tea", metadata={"origin": "chat", "turn": 3})
+    hash_store.update(memory.id, "Likes jasmine tea")
+    memory = hash_store.get(memory.id)
+    results = hash_store.search("tea", min_score=-1)
+    for clone in (pickle.loads(pickle.dumps(memory)), copy.deepcopy(memory)):
+        assert clone == memory and clone is not memory
+        assert dict(clone.metadata) == {"origin": "chat", "turn": 3}
+        assert clone.history == memory.history and clone.history[0].text == "Likes green tea"
+        with pytest.raises(TypeError):
+            clone.metadata["turn"] = 4  # still read-only
+    again = pickle.loads(pickle.dumps(results))
+    assert [(r.memory, r.score) for r in again] == [(r.memory, r.score) for r in results]
+    assert again.min_score == results.min_score
