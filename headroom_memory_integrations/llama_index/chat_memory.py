@@ -35,8 +35,9 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
     """``ChatMemoryBuffer`` plus the user's long-term memory, for any chat engine or agent.
 
     The recent conversation is kept within ``token_limit`` exactly as ``ChatMemoryBuffer``
-    keeps it (its own trimming is used), in ``chat_store`` under ``chat_store_key`` (persist
-    the store to keep the short-term history too). On top of it:
+    keeps it (its own trimming is used), in ``chat_store`` under ``chat_store_key``. To keep
+    the short-term history too, save ``to_dict()`` (below): llama-index-core 0.14's
+    ``SimpleChatStore.persist`` fails under pydantic 2.14. On top of it:
 
     - ``get`` adds a system message with the user's memories relevant to ``input`` (or, without
       ``input``, to the latest user message): the escaped context of the core, placed just
@@ -114,7 +115,7 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
     def class_name(cls) -> str:
         return "HeadroomChatMemoryBuffer"
 
-    @field_serializer("chat_store")
+    @field_serializer("chat_store")  # the base class's name: this replaces its serializer
     def serialize_courses_in_order(self, chat_store: BaseChatStore) -> dict:
         """The chat store as ``load_chat_store`` reads it back. (llama-index-core 0.14's
         ``SimpleChatStore`` fails to dump messages under pydantic 2.14: its wrap serializer
