@@ -26,8 +26,6 @@ from .engine import (
     MAX_TEXT_CHARS,
     MemoryStore,
     NewMemory,
-    Outcome,
-    Remembered,
 )
 from .errors import (
     EmbeddingMismatchError,
@@ -40,6 +38,7 @@ from .errors import (
 )
 from .storage import ChromaStorage
 from .types import Category, Memory, Revision, SearchResult, Source
+from .write_path import Outcome, Remembered
 
 if TYPE_CHECKING:
     from .openai import with_fast_memory, with_memory

@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .engine import MemoryStore, Outcome, Remembered
+from .engine import MemoryStore
 from .errors import HeadroomMemoryError
 from .types import Category, Memory
+from .write_path import Outcome, Remembered
 
 _TEXT_WIDTH = 60
 _HOST_PORT = re.compile(r"[\w.-]+:\d{1,5}")

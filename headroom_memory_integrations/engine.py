@@ -17,8 +17,6 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
-from enum import Enum
 from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
@@ -26,17 +24,20 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 
-from .concurrency import survivor, user_write_lock, wording_id
-from .consolidation import Relation, relate, same_wording_key
+from .concurrency import user_write_lock, wording_id
 from .display import MemoryList, MemoryStats, SearchResults, store_html
 from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
-from .errors import HeadroomMemoryError, InvalidInputError, MemoryNotFoundError
+from .errors import InvalidInputError, MemoryNotFoundError
 from .keys import clean_keys, index_text
 from .lexical import lexical_scores
-from .storage.base import Catalogued, Storage, UserCollection
+from .storage.base import Storage, UserCollection
 from .storage.chroma import ChromaStorage
 from .types import Category, Memory, Revision, SearchResult, Source, parse_time, utc_now
+from .write_path import (
+    Remembered,
+    WritePath,
+)
 
 DEFAULT_DB_PATH = "~/.headroom-memory"
 """Where memories are kept when no ``db_path`` is given (``$HEADROOM_MEMORY_DB`` overrides)."""
@@ -86,14 +87,6 @@ whatever their similarity. On the labelled pairs of ``benchmarks/consolidation_p
 0.93 is the lowest value that discards no new information on the dev half; 0.95 keeps a
 margin."""
 
-CONSOLIDATION_NEIGHBOURS = 5
-"""How many of the nearest existing memories a new one is compared with."""
-
-CONSOLIDATION_MIN_SIMILARITY = 0.4
-"""Existing memories less similar (cosine) than this are not compared with a new one: it is
-stored beside them. Name changes embed far apart ("Reports to Maria Lopez" ~ "Reports to James
-Chen" 0.40), so the floor is low; the word-by-word comparison decides."""
-
 MAX_TEXT_CHARS = 2000
 """Longest memory text accepted."""
 
@@ -109,7 +102,6 @@ MAX_MEMORY_ID_CHARS = 256
 """Longest id a caller may choose (:meth:`MemoryStore.put`)."""
 logger = logging.getLogger(__name__)
 _QUERY_CACHE_SIZE = 1024
-_READ_CHUNK = 1000  # ids or vectors per storage read when consolidating a large batch
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
 _COUNT_SECONDS = 30.0  # how long a store trusts the memory count its floor was set with
 
@@ -168,50 +160,6 @@ class NewMemory:
     metadata: Mapping[str, Any] | None = None
     replaces: str | None = None
     keys: Sequence[str] | str | None = None
-
-
-class Outcome(str, Enum):
-    """What :meth:`MemoryStore.remember` did with a new memory."""
-
-    STORED = "stored"
-    """It was new: stored as a memory of its own."""
-    DUPLICATE = "duplicate"
-    """It said nothing new: nothing was written, and the existing memory is returned. (An
-    imported memory older than the stored one it would update is a duplicate too.)"""
-    SUPERSEDED = "superseded"
-    """It changed an existing memory ("daughter is 7" -> "9"): that memory now has the new
-    text, and its old text is the last entry of its ``history``."""
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class Remembered:
-    """One result of :meth:`MemoryStore.remember`: the memory now current, and what happened.
-
-    Example::
-
-        >>> store.remember("User's daughter is 7 years old").outcome
-        <Outcome.STORED: 'stored'>
-        >>> done = store.remember("User's daughter is 9 years old")
-        >>> done.outcome, done.memory.text, done.memory.history[-1].text
-        (<Outcome.SUPERSEDED: 'superseded'>, "User's daughter is 9 years old",
-         "User's daughter is 7 years old")
-    """
-
-    memory: Memory
-    outcome: Outcome
-
-
-@dataclass(frozen=True)
-class _Decision:
-    """How one item of a batch is consolidated: its outcome, and the memory it concerns (its
-    own draft, or the id of the memory it duplicates or supersedes)."""
-
-    outcome: Outcome
-    target: str
-    checked_text: str | None = None  # the stored text it was judged against (catalog copy)
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -322,7 +270,7 @@ def resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
 # -- the store -------------------------------------------------------------------------------
 
 
-class MemoryStore:
+class MemoryStore(WritePath):
     """One user's long-term memories.
 
     Args:
@@ -672,356 +620,6 @@ class MemoryStore:
         replaces = {index: item.replaces for index, item in enumerate(parsed) if item.replaces}
         return self._remember(drafts, vectors, wanted, replaces, imported=False)
 
-    def _remember(
-        self,
-        drafts: Sequence[Memory],
-        vectors: Vectors,
-        wanted: Sequence[str],
-        replaces: Mapping[int, str],
-        *,
-        imported: bool,
-    ) -> list[Remembered]:
-        """Consolidate ``drafts`` (each with a placeholder id of its own) with the stored
-        memories and write the outcome, holding the user's write lock: the write path of
-        :meth:`remember_many` and :meth:`import_`.
-
-        Args:
-            wanted: The id each draft is stored under if it is new (see :meth:`_apply`).
-            replaces: Draft index -> the id of the memory it explicitly supersedes.
-            imported: The drafts are exported memories: their times and history are kept, and
-                one that updates a newer memory is outdated (see :meth:`import_`).
-        """
-        collection = self._open(vectors.shape[1])
-        with self._write_lock:
-            explicit = {
-                index: self._supersede_if_present(memory_id, drafts[index], vectors[index])
-                for index, memory_id in replaces.items()
-            }
-            decisions, seen = self._consolidate(collection, drafts, vectors, explicit, imported)
-            results = self._apply(
-                collection, drafts, vectors, wanted, explicit, decisions, imported
-            )
-            if self._shared_with_other_processes():
-                try:
-                    results = self._reconcile(collection, drafts, vectors, decisions, results, seen)
-                except HeadroomMemoryError as exc:  # the write itself succeeded
-                    logger.warning(
-                        "could not check for writes made meanwhile by another process: %s", exc
-                    )
-            return results
-
-    def _shared_with_other_processes(self) -> bool:
-        """Whether other processes may write this user's memories meanwhile: not with an
-        embedded folder, which one process at a time writes to (it holds the folder's lock)."""
-        return getattr(self.storage, "folder", None) is None
-
-    def _consolidate(
-        self,
-        collection: UserCollection,
-        drafts: Sequence[Memory],
-        vectors: Vectors,
-        explicit: Mapping[int, Memory | None],
-        imported: bool = False,
-    ) -> tuple[list[_Decision | None], dict[str, str]]:
-        """Decide, item by item, what each draft does (``None`` for an explicit supersede),
-        comparing it with its nearest stored memories and the batch's earlier items. Reads
-        texts only (whole records for an import, whose times count): one nearest-neighbour
-        query and one read per :data:`_READ_CHUNK` items.
-
-        Returns:
-            The decisions, and the text of every stored memory they were made against (by id).
-        """
-        neighbours = _nearest_in_chunks(collection, vectors, CONSOLIDATION_NEIGHBOURS)
-        floor = CONSOLIDATION_MIN_SIMILARITY
-        close = [i for row in neighbours for i, cosine in row if cosine >= floor]
-        dated: dict[str, datetime] | None = None  # id -> updated_at, for an import
-        if imported:
-            records = _get_in_chunks(collection, close)
-            catalog = {m.id: Catalogued(m.text, m.category, m.keys) for m in records}
-            dated = {m.id: m.updated_at for m in records}
-        else:
-            catalog = _catalog_in_chunks(collection, close)
-        texts: dict[str, str] = {}  # id -> text, for memories this batch creates or rewrites
-        vector_of: dict[str, int] = {}  # id -> the batch row holding its (new) vector
-        owner_of: dict[int, str] = {}  # batch row -> the id whose vector it is
-        owns = np.zeros(len(drafts), dtype=bool)  # the rows in owner_of
-        decisions: list[_Decision | None] = []
-        for index, (draft, row) in enumerate(zip(drafts, neighbours)):
-            if explicit.get(index) is not None:
-                decisions.append(None)
-                continue
-            found = [
-                (cosine, memory_id, catalog[memory_id][0])
-                for memory_id, cosine in row
-                if memory_id not in texts and cosine >= floor and memory_id in catalog
-            ]
-            if owner_of:
-                similar = vectors[:index] @ vectors[index]
-                rows = np.flatnonzero(owns[:index] & (similar >= floor))
-                if len(rows) > CONSOLIDATION_NEIGHBOURS:  # only the nearest can be judged
-                    nearest = np.argpartition(-similar[rows], CONSOLIDATION_NEIGHBOURS)
-                    rows = rows[nearest[:CONSOLIDATION_NEIGHBOURS]]
-                for position in rows.tolist():
-                    memory_id = owner_of[position]
-                    found.append((float(similar[position]), memory_id, texts[memory_id]))
-            found.sort(key=lambda candidate: candidate[0], reverse=True)
-            decision = self._judge(draft, found[:CONSOLIDATION_NEIGHBOURS], dated)
-            if decision.outcome is Outcome.SUPERSEDED and decision.target in vector_of:
-                replaced = vector_of[decision.target]
-                owner_of.pop(replaced, None)
-                owns[replaced] = False
-            if decision.outcome is not Outcome.DUPLICATE:
-                texts[decision.target] = draft.text
-                vector_of[decision.target] = index
-                owner_of[index] = decision.target
-                owns[index] = True
-                if dated is not None:
-                    dated[decision.target] = draft.updated_at
-            decisions.append(decision)
-        return decisions, {memory_id: entry.text for memory_id, entry in catalog.items()}
-
-    def _judge(
-        self,
-        draft: Memory,
-        candidates: Sequence[tuple[float, str, str]],
-        dated: Mapping[str, datetime] | None = None,
-    ) -> _Decision:
-        """The draft's outcome against ``candidates`` (similarity, id, text), most similar
-        first: a duplicate of any of them, else an update of the most similar one it updates,
-        else stored. With ``dated`` (the candidates' ``updated_at``, for an import), an update
-        of a memory newer than the draft is outdated: a duplicate."""
-        update: _Decision | None = None
-        for similarity, memory_id, text in candidates:
-            relation = self._relation(text, draft.text, similarity)
-            outdated = (
-                dated is not None and dated.get(memory_id, draft.updated_at) > draft.updated_at
-            )
-            if relation is Relation.UPDATE and outdated:
-                relation = Relation.DUPLICATE  # the store already knows better
-            if relation is Relation.DUPLICATE:
-                return _Decision(Outcome.DUPLICATE, memory_id, text)
-            if relation is Relation.UPDATE and update is None:
-                update = _Decision(Outcome.SUPERSEDED, memory_id, text)
-        return update or _Decision(Outcome.STORED, draft.id)
-
-    def _relation(self, old: str, new: str, similarity: float) -> Relation:
-        """How ``new`` relates to ``old`` under this store's consolidation setting (with it
-        off, only the same wording is a duplicate)."""
-        if self.duplicate_threshold is None:
-            same = same_wording_key(old) == same_wording_key(new)
-            return Relation.DUPLICATE if same else Relation.DISTINCT
-        return relate(old, new, similarity, duplicate_threshold=self.duplicate_threshold)
-
-    def _apply(
-        self,
-        collection: UserCollection,
-        drafts: Sequence[Memory],
-        vectors: Vectors,
-        wanted: Sequence[str],
-        explicit: Mapping[int, Memory | None],
-        decisions: Sequence[_Decision | None],
-        imported: bool,
-    ) -> list[Remembered]:
-        """Carry out the decisions: read afresh the stored memories they concern and the ids
-        the new ones want (one read), build the new and rewritten memories, and write them all
-        at once.
-
-        A new memory is stored under its wanted id (:func:`.concurrency.wording_id`, or an
-        imported memory's own id) unless a stored memory holds that id: one worded the same
-        (another process just wrote it) makes the new one a duplicate; one with another text
-        (it was updated since) keeps it, and the new memory gets its placeholder id (a fresh
-        id, for an imported one). A memory is never overwritten by a different one."""
-        final: dict[str, str] = {}  # placeholder id of a draft -> the id it is stored under
-        targets = {d.target for d in decisions if d is not None} - {d.id for d in drafts}
-        probes = {
-            wanted[index]
-            for index, decision in enumerate(decisions)
-            if decision is not None and decision.outcome is Outcome.STORED
-        }
-        stored = {m.id: m for m in _get_in_chunks(collection, list(targets | probes))}
-        current: dict[str, Memory] = {}  # what this batch writes, by id
-        row_of: dict[str, int] = {}
-        results: list[Remembered] = []
-        for index, (draft, decision) in enumerate(zip(drafts, decisions)):
-            if decision is None:
-                done = explicit[index]
-                assert done is not None  # an explicit supersede that found its target
-                results.append(Remembered(done, Outcome.SUPERSEDED))
-                continue
-            target = final.get(decision.target, decision.target)
-            existing = current.get(target) or stored.get(target)
-            if decision.outcome is not Outcome.STORED and not _still_applies(
-                decision, existing, draft, self.duplicate_threshold
-            ):
-                decision = _Decision(Outcome.STORED, draft.id)  # it changed meanwhile
-            if decision.outcome is Outcome.SUPERSEDED:
-                assert existing is not None
-                if imported and draft.updated_at < existing.updated_at:
-                    decision = _Decision(Outcome.DUPLICATE, target)  # outdated: known better
-            memory_id = draft.id
-            if decision.outcome is Outcome.STORED:
-                holder = current.get(wanted[index]) or stored.get(wanted[index])
-                if holder is None:
-                    memory_id = wanted[index]
-                elif wanted[index] not in current and _same_wording(holder.text, draft.text):
-                    existing, decision = holder, _Decision(Outcome.DUPLICATE, holder.id)
-                    final[draft.id] = holder.id  # later items that matched this draft
-            if decision.outcome is Outcome.DUPLICATE:
-                assert existing is not None
-                if draft.keys and not existing.keys:  # a restatement brings the keys it lacked
-                    existing = replace(existing, keys=draft.keys)
-                    current[existing.id] = existing
-                    row_of[existing.id] = index  # indexed as the restatement with its keys
-                results.append(Remembered(existing, Outcome.DUPLICATE))
-                continue
-            if decision.outcome is Outcome.SUPERSEDED:
-                assert existing is not None
-                memory = _revised(existing, draft, at=draft.updated_at if imported else None)
-            else:
-                memory = replace(draft, id=memory_id)
-                if not imported:  # a new memory is dated when it is written
-                    now = utc_now()
-                    memory = replace(memory, created_at=now, updated_at=now)
-                final[draft.id] = memory_id
-            current[memory.id] = memory
-            row_of[memory.id] = index
-            results.append(Remembered(memory, decision.outcome))
-        if current:
-            collection.upsert(list(current.values()), vectors[[row_of[i] for i in current]])
-        return results
-
-    def _reconcile(
-        self,
-        collection: UserCollection,
-        drafts: Sequence[Memory],
-        vectors: Vectors,
-        decisions: Sequence[_Decision | None],
-        results: list[Remembered],
-        seen: Mapping[str, str],
-    ) -> list[Remembered]:
-        """After writing to storage that other processes write too: settle what they wrote
-        meanwhile (between this batch's reads and its write), which the decisions could not
-        see. Every read here is fresh.
-
-        - A new memory and one written meanwhile that say the same thing: the one that adds
-          nothing to the other is deleted (if each adds nothing, the one that is not the
-          :func:`.concurrency.survivor`), by whichever process sees both. A memory is deleted
-          only while the other is read back stored, and never one with a history, so the two
-          are never both deleted.
-        - A memory this batch superseded whose text another process replaced meanwhile, with
-          no trace of this batch's text: this batch's text is added to its history.
-
-        Raises:
-            HeadroomMemoryError: A storage call failed; the caller logs it (the write itself
-                succeeded).
-        """
-        written = {done.memory.id for done in results if done.outcome is not Outcome.DUPLICATE}
-        new = [i for i, done in enumerate(results) if done.outcome is Outcome.STORED]
-        rewritten = [
-            i
-            for i, (done, decision) in enumerate(zip(results, decisions))
-            if done.outcome is Outcome.SUPERSEDED and decision is not None
-        ]
-        if not new and not rewritten:
-            return results
-        floor = CONSOLIDATION_MIN_SIMILARITY
-        limit = CONSOLIDATION_NEIGHBOURS + 1  # the new memory itself is one of them
-        rows = _nearest_in_chunks(collection, vectors[new], limit) if new else []
-        # A memory that was there when a draft was judged is settled, unless that judgement
-        # fell through (the memory it duplicated was gone when written, so it was stored).
-        judged = written | seen.keys()
-        fell_through = {
-            i
-            for i in new
-            if (decision := decisions[i]) is not None and decision.outcome is not Outcome.STORED
-        }
-        meanwhile = [  # near a new memory, and not judged with it
-            [
-                (i, cosine)
-                for i, cosine in row
-                if cosine >= floor and i not in (written if index in fell_through else judged)
-            ]
-            for index, row in zip(new, rows)
-        ]
-        others = {memory_id for row in meanwhile for memory_id, _ in row}
-        if not others and not rewritten:
-            return results  # the common case: nobody else wrote near these memories
-        mine = {results[i].memory.id for i, row in zip(new, meanwhile) if row}
-        mine |= {results[i].memory.id for i in rewritten}
-        fresh = {m.id: m for m in _get_in_chunks(collection, list(others | mine))}
-        results = list(results)
-        gone: set[str] = set()
-        for index, row in zip(new, meanwhile):
-            written_now = results[index].memory
-            stored = fresh.get(written_now.id)
-            if stored is None and row:  # another process settled it already: say for what
-                results[index] = self._duplicate_among(written_now, row, fresh) or results[index]
-            if stored is None or stored.text != written_now.text:
-                continue  # nothing to settle, or deleted or changed meanwhile: leave it
-            for memory_id, cosine in row:
-                other = fresh.get(memory_id)
-                if other is None or memory_id in gone:
-                    continue
-                loser = self._redundant(stored, other, cosine)
-                if loser is None:
-                    continue
-                collection.delete([loser.id])
-                gone.add(loser.id)
-                if loser is stored:
-                    results[index] = Remembered(other, Outcome.DUPLICATE)
-                    break
-        for index in rewritten:
-            self._keep_overwritten_text(collection, drafts[index], results, index, fresh)
-        return results
-
-    def _duplicate_among(
-        self, memory: Memory, row: Sequence[tuple[str, float]], fresh: Mapping[str, Memory]
-    ) -> Remembered | None:
-        """``memory`` as a duplicate of the first of ``row``'s memories it duplicates."""
-        for memory_id, cosine in row:
-            other = fresh.get(memory_id)
-            if other is not None and (
-                self._relation(other.text, memory.text, cosine) is Relation.DUPLICATE
-            ):
-                return Remembered(other, Outcome.DUPLICATE)
-        return None
-
-    def _redundant(self, mine: Memory, other: Memory, cosine: float) -> Memory | None:
-        """Which of two memories (read back stored) may be deleted: one that adds nothing to
-        the other (a duplicate of it), has no history, and, if each is a duplicate of the
-        other, is not the :func:`.concurrency.survivor`. None if both are kept."""
-        mine_adds = self._relation(other.text, mine.text, cosine) is not Relation.DUPLICATE
-        other_adds = self._relation(mine.text, other.text, cosine) is not Relation.DUPLICATE
-        if mine_adds and other_adds:
-            return None
-        if mine_adds:
-            loser = other
-        elif other_adds:
-            loser = mine
-        else:
-            loser = other if survivor(mine, other) is mine else mine
-        return None if loser.history else loser
-
-    def _keep_overwritten_text(
-        self,
-        collection: UserCollection,
-        draft: Memory,
-        results: list[Remembered],
-        index: int,
-        fresh: Mapping[str, Memory],
-    ) -> None:
-        """If another process overwrote the memory this batch just superseded, with no trace
-        of this batch's text, add that text to its history (its newest earlier version)."""
-        now = fresh.get(results[index].memory.id)
-        if now is None or draft.text in {now.text, *(r.text for r in now.history)}:
-            return  # deleted since, or this text is kept
-        # it stopped being current when the other text was written over it
-        kept = replace(
-            now, history=(*now.history, Revision(draft.text, draft.category, now.updated_at))
-        )
-        collection.upsert([kept], self._vectors([kept]))
-        results[index] = Remembered(kept, Outcome.SUPERSEDED)
-
     def put(
         self,
         memory_id: str,
@@ -1341,68 +939,3 @@ class MemoryStore:
             f"MemoryStore(user_id={self.user_id!r}, storage={self.storage.location!r}, "
             f"embedder={self.embedder.name!r})"
         )
-
-
-def _revised(old: Memory, new: Memory, *, at: datetime | None = None) -> Memory:
-    """``old`` rewritten with the text and category of ``new`` (and its metadata, if it has
-    any) at time ``at`` (default now), the old text kept in ``history`` with ``new``'s own
-    earlier texts (an imported memory's), oldest first."""
-    revision = Revision(old.text, old.category, at or utc_now())
-    history = [*old.history, revision]
-    known = {r.text for r in history} | {new.text}
-    history += [r for r in new.history if r.text not in known]
-    return replace(
-        old,
-        text=new.text,
-        category=new.category,
-        metadata=new.metadata or old.metadata,
-        keys=new.keys,
-        updated_at=revision.replaced_at,
-        history=tuple(sorted(history, key=lambda r: r.replaced_at)),
-    )
-
-
-def _same_wording(a: str, b: str) -> bool:
-    return same_wording_key(a) == same_wording_key(b)
-
-
-def _nearest_in_chunks(
-    collection: UserCollection, vectors: Vectors, limit: int
-) -> list[list[tuple[str, float]]]:
-    """:meth:`UserCollection.nearest` for every row, :data:`_READ_CHUNK` rows per request."""
-    found: list[list[tuple[str, float]]] = []
-    for start in range(0, len(vectors), _READ_CHUNK):
-        found += collection.nearest(vectors[start : start + _READ_CHUNK], limit)
-    return found
-
-
-def _catalog_in_chunks(collection: UserCollection, ids: Sequence[str]) -> dict[str, Catalogued]:
-    unique = list(dict.fromkeys(ids))
-    found: dict[str, Catalogued] = {}
-    for start in range(0, len(unique), _READ_CHUNK):
-        found.update(collection.catalog(unique[start : start + _READ_CHUNK]))
-    return found
-
-
-def _get_in_chunks(collection: UserCollection, ids: Sequence[str]) -> list[Memory]:
-    unique = list(dict.fromkeys(ids))
-    found: list[Memory] = []
-    for start in range(0, len(unique), _READ_CHUNK):
-        found += collection.get(unique[start : start + _READ_CHUNK])
-    return found
-
-
-def _still_applies(
-    decision: _Decision, existing: Memory | None, draft: Memory, threshold: float | None
-) -> bool:
-    """Whether a decision made on a cached text holds for the memory as read: it exists, and
-    if its text changed (another process wrote it), the new text relates the same way."""
-    if existing is None:
-        return False
-    if decision.checked_text is None or existing.text == decision.checked_text:
-        return True
-    if threshold is None:
-        return same_wording_key(existing.text) == same_wording_key(draft.text)
-    wanted = Relation.DUPLICATE if decision.outcome is Outcome.DUPLICATE else Relation.UPDATE
-    # the similarity is not known for the changed text: judge it as a rewording would be
-    return relate(existing.text, draft.text, 0.0, duplicate_threshold=threshold) is wanted

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from _atomic_support import DISTINCT, REWORDED, processes_adding
 
-from headroom_memory_integrations import ChromaStorage, MemoryStore
+from headroom_memory_integrations import ChromaStorage, MemoryStore, Outcome
 from headroom_memory_integrations.cli import main
-from headroom_memory_integrations.engine import Outcome
 
 
 def _in_threads(*jobs: Callable[[], Any]) -> list[Any]:
