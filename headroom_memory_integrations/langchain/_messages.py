@@ -38,11 +38,11 @@ class Call:
     messages: list[BaseMessage]
 
 
-def _is_user(message: BaseMessage) -> bool:
+def is_user(message: BaseMessage) -> bool:
     return getattr(message, "type", None) == "human"
 
 
-def _is_tool_result(message: BaseMessage) -> bool:
+def is_tool_result(message: BaseMessage) -> bool:
     return getattr(message, "type", None) in ("tool", "function")
 
 
@@ -97,13 +97,13 @@ class MessagesFlow:
                 gets memories but no extraction instruction.
         """
         call = Call(Turn(), list(messages))
-        index = latest_index(call.messages, _is_user)
+        index = latest_index(call.messages, is_user)
         if index is None:
             return call
         call.turn = self.flow.start(
             message_text(call.messages[index]),
             instruct=inline_extraction_allowed(call_kwargs),
-            untrusted=any(_is_tool_result(message) for message in call.messages),
+            untrusted=any(is_tool_result(message) for message in call.messages),
         )
         prompt = call.turn.prompt
         if prompt:

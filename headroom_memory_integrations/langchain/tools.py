@@ -5,6 +5,7 @@ No ``from __future__ import annotations`` here: LangChain reads the tool functio
 at run time, and they refer to local values (the ``limit`` bound).
 """
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -17,10 +18,14 @@ from pydantic import Field
 from ..embeddings import Embedder
 from ..engine import MAX_TEXT_CHARS, MemoryStore
 from ..errors import InvalidInputError, MemoryNotFoundError
-from ..prompts import escape_text
+from ..grounding import grounded
+from ..prompts import escape_text, message_text
 from ..storage import Storage
 from ..types import Memory, SearchResult
 from ..wiring import UserStores, open_memory
+from ._messages import is_tool_result, is_user
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MemoryScope",
@@ -217,7 +222,9 @@ def create_manage_memory_tool(
     most 2,000 characters, control characters dropped). An id that is not one of this user's
     memories, a missing argument or a bad text is answered with an error message the model can
     read (the run goes on); nothing of another user can be read or changed, whatever the model
-    passes. The artifact is the memory as a dict (or None after a delete).
+    passes. While the run's conversation holds a tool result, a text not grounded in what the
+    user wrote is refused the same way (see :mod:`...grounding`). The artifact is the memory as
+    a dict (or None after a delete).
 
     Args: as for :func:`create_search_memory_tool`.
     """
@@ -256,6 +263,7 @@ def create_manage_memory_tool(
     ) -> tuple[str, dict[str, Any] | None]:
         store = users.memory_for(config, runtime)
         try:
+            _check_grounded(store, action, content, runtime)
             return _manage(store, action, content, id, category, keys)
         except (InvalidInputError, MemoryNotFoundError) as exc:
             raise ToolException(f"Cannot {action} the memory: {exc}") from exc
@@ -266,6 +274,30 @@ def create_manage_memory_tool(
         description=_MANAGE_DESCRIPTION,
         response_format="content_and_artifact",
         handle_tool_error=True,
+    )
+
+
+def _check_grounded(store: MemoryStore, action: str, content: str | None, runtime: Any) -> None:
+    """Refuse to create or rewrite a memory that is not grounded in what the user wrote while
+    the run's conversation holds tool results (text the user did not write: a web page, a
+    document, another tool's output), which may have told the model what to save. The same
+    rule as for the wrappers' memory blocks (see :mod:`...grounding`); a conversation without
+    tool results, or a tool called outside an agent, is not checked."""
+    if action not in ("create", "update") or content is None:
+        return
+    state = getattr(runtime, "state", None)
+    found = state.get("messages") if isinstance(state, Mapping) else None
+    messages = found if isinstance(found, list) else []
+    if not any(is_tool_result(message) for message in messages):
+        return
+    said = "\n".join(message_text(message) for message in messages if is_user(message))
+    if grounded(content, said):
+        return
+    store.counters["ungrounded_memories"] += 1
+    logger.warning("refused an ungrounded memory from the memory tool (user %s)", store.user_id)
+    raise InvalidInputError(
+        "it is not in what the user said, and this conversation holds tool results: a memory "
+        "must come from the user, not from a document or a tool's output"
     )
 
 
