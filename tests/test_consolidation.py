@@ -228,3 +228,30 @@ def test_relate_word_by_word(old: str, new: str, relation: Relation) -> None:
     it), and no similarity, however high, turns a change into a duplicate."""
     similarity = 0.0 if relation is Relation.DUPLICATE else 1.0
     assert relate(old, new, similarity, duplicate_threshold=0.95) is relation
+
+
+def test_a_batch_compares_each_item_with_its_nearest_earlier_ones() -> None:
+    """The earlier items of a batch an item is judged against: every one at least the floor
+    similar, most similar first, across the blocks the batch is computed in (at most
+    _EARLIER_KEPT of them)."""
+    import numpy as np
+
+    from headroom_memory_integrations import write_path
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((700, 8)).astype(np.float32)
+    vectors[500:] = vectors[:200] + 0.1 * rng.standard_normal((200, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    found = write_path._earlier_neighbours(vectors, 0.4)
+    assert len(found) == 700 and len(found[0][0]) == 0
+    capped = 0
+    for index in (1, 255, 256, 257, 511, 600, 699):  # either side of a block's edge
+        similar = vectors[:index] @ vectors[index]
+        expected = [i for i in np.argsort(-similar, kind="stable") if similar[i] >= 0.4]
+        capped += len(expected) > write_path._EARLIER_KEPT
+        rows, cosines = found[index]
+        assert rows.tolist() == expected[: write_path._EARLIER_KEPT]
+        np.testing.assert_allclose(cosines, similar[rows], atol=1e-5)
+    assert capped >= 3  # late rows have more similar earlier ones than are kept
+    assert found[600][0][0] == 100  # its planted near-duplicate comes first
+    assert write_path._earlier_neighbours(vectors[:1], 0.4)[0][0].size == 0

@@ -81,7 +81,7 @@ class VectorIndex:
                 # thread and leaves the process's BLAS settings alone.
                 similarities = np.einsum("ij,kj->ki", stored, vectors)
             else:  # a batch: one matrix product on one BLAS thread, ~6x faster than row by row
-                with _one_blas_thread():
+                with one_blas_thread():
                     similarities = vectors @ stored.T
             return [self._best(row, limit) for row in similarities]
 
@@ -98,8 +98,9 @@ _BATCH_ROWS = 4  # from this many query rows, one BLAS matrix product beats eins
 _blas: Any = None
 
 
-def _one_blas_thread() -> AbstractContextManager[Any]:
-    """Limit BLAS to one thread for a matrix product (see :meth:`VectorIndex.nearest_many`)."""
+def one_blas_thread() -> AbstractContextManager[Any]:
+    """Limit BLAS to one thread for a matrix product: on a small busy machine, BLAS threads
+    competing for cores make it several times slower (see :meth:`VectorIndex.nearest_many`)."""
     global _blas
     if _blas is None:
         from threadpoolctl import ThreadpoolController
