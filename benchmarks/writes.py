@@ -23,6 +23,7 @@ from headroom_memory_integrations.testing import ScriptedOpenAIServer
 
 from .common import (
     Context,
+    Row,
     SectionResult,
     at_most,
     clock,
@@ -30,9 +31,10 @@ from .common import (
     log,
     ms_since,
     timed,
+    value_at_most,
 )
 from .corpus import memory_texts
-from .population import embedded_user
+from .population import embedded_user, memory_cache
 from .scripted import InlineModel, call_ms
 
 NAME = "writes"
@@ -82,6 +84,41 @@ def direct_writes(ctx: Context, result: SectionResult, fresh: list[str], existin
             per_memory,
             at_most(p50=3) if targets else None,
             note="p50/p95 over batches",
+        )
+    )
+
+
+def batch_scaling(ctx: Context, result: SectionResult) -> None:
+    """One ``add_many`` of N synthetic memories into an empty store, per memory, with the
+    vectors taken from the cache so that only the write path is timed: its cost per memory
+    must not grow with N (every item is compared with the earlier items of its batch)."""
+    cache = memory_cache(ctx.cache, LocalEmbedder())
+    sizes = ctx.pick((1_000, 2_000, 4_000, 8_000), (1_000, 2_000))
+    cache.ensure(max(sizes))
+    embedder = cache.embedder()
+    texts = cache.texts
+    warm = MemoryStore(
+        "warm-up", storage=ChromaStorage.at(ctx.scratch("writes-batch-warm")), embedder=embedder
+    )
+    warm.add_many(texts[:10])  # the process's first Chroma calls are not the batch's
+    per_memory: dict[str, float] = {}
+    for size in sizes:
+        folder = ctx.scratch(f"writes-batch-{size}")
+        store = MemoryStore("batch", storage=ChromaStorage.at(folder), embedder=embedder)
+        start = clock()
+        store.add_many(texts[:size])
+        per_memory[str(size)] = round(ms_since(start) / size, 3)
+        store.storage.close()
+    result.details["add_many_by_batch_size_ms_per_memory"] = per_memory
+    growth = per_memory[str(sizes[-1])] / per_memory[str(sizes[0])]
+    result.add(
+        Row(
+            NAME,
+            f"add_many: per-memory cost at {sizes[-1]:,} / at {sizes[0]:,} (vectors given)",
+            round(growth, 2),
+            "x",
+            target=value_at_most(1.25, "x"),
+            note=f"linear in the batch size; ms per memory by size: {per_memory}",
         )
     )
 
@@ -174,6 +211,8 @@ def run(ctx: Context) -> SectionResult:
     for existing in ctx.pick((1_000, 10_000), (1_000,)):
         log(f"writes: add / add_many on a user with {existing} memories")
         direct_writes(ctx, result, fresh[:1600], existing)
+    log("writes: add_many of growing batches (write path only)")
+    batch_scaling(ctx, result)
     log("writes: with_fast_memory against the scripted server")
     wrapped_writes(ctx, result, fresh[1600:])
     return result
