@@ -133,6 +133,44 @@ def test_threads_embed_at_once_and_each_gets_its_own_vectors(model: LocalEmbedde
         np.testing.assert_allclose(mine, theirs, atol=1e-6)
 
 
+def test_a_large_batch_is_encoded_in_parallel_chunks_with_the_same_vectors() -> None:
+    """On 2 cores, the chunks of a batch of more than 32 texts are encoded two at a time, each
+    on its own thread: the vectors are those of one chunk after the other, bit for bit."""
+    import threading
+
+    from headroom_memory_integrations.embeddings.bert_onnx import OnnxBertEncoder
+
+    texts = [f"{TEXTS[i % len(TEXTS)]} #{i} {'and more ' * (i % 7)}" for i in range(100)]
+    one_by_one = OnnxBertEncoder(bundled_model_dir(), chunk_workers=1)
+    parallel = OnnxBertEncoder(bundled_model_dir(), chunk_workers=2)
+    threads: set[str] = set()
+    forward = parallel._forward
+
+    def recording_forward(ids, mask):
+        threads.add(threading.current_thread().name)
+        return forward(ids, mask)
+
+    parallel._forward = recording_forward  # type: ignore[method-assign]
+    assert np.array_equal(parallel.encode(texts), one_by_one.encode(texts))
+    assert len(threads) == 2 and threading.current_thread().name not in threads
+    threads.clear()
+    parallel.encode(texts[:32])  # one chunk: encoded on the caller's thread
+    assert threads == {threading.current_thread().name}
+
+
+def test_batch_workers_follow_the_machine_and_the_setting(monkeypatch) -> None:
+    from headroom_memory_integrations.embeddings import local
+
+    monkeypatch.delenv("HEADROOM_MEMORY_THREADS", raising=False)
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 2)
+    assert local.batch_workers() == 2 and local.cpu_threads() == 1
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
+    assert local.batch_workers() == 1 and local.cpu_threads() == 8
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("HEADROOM_MEMORY_THREADS", "1")
+    assert local.batch_workers() == 1
+
+
 def test_vectors_are_unit_length_and_batch_independent(model: LocalEmbedder) -> None:
     batch = model.embed(TEXTS)
     np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)

@@ -54,17 +54,22 @@ class BertEncoder(ABC):
         model_dir: A model folder (see the module docstring).
         max_tokens: Longer texts are truncated (sentence-transformers' ``max_seq_length``).
         threads: CPU threads while encoding.
+        chunk_workers: Chunks of a large batch encoded at once, each on a thread of its own
+            (for a forward pass that runs outside the GIL on ``threads`` threads).
 
     Attributes:
         config: The model's ``config.json``.
         dimension: Length of the vectors.
     """
 
-    def __init__(self, model_dir: Path, max_tokens: int = 256, threads: int = 1) -> None:
+    def __init__(
+        self, model_dir: Path, max_tokens: int = 256, threads: int = 1, chunk_workers: int = 1
+    ) -> None:
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
         self.threads = threads
+        self.chunk_workers = chunk_workers
         self.config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
         self.dimension: int = self.config["hidden_size"]
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -86,12 +91,13 @@ class BertEncoder(ABC):
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> Vectors:
         """Mean-pooled vectors of ``texts`` (not yet normalised); similar lengths are batched
-        together to waste little on padding."""
+        together to waste little on padding, and with :attr:`chunk_workers` above 1 the chunks
+        of a large batch are encoded on that many threads at once (the same vectors)."""
         encodings = self._tokenizer.encode_batch(list(texts))
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
         result = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+
+        def encode_chunk(chunk: list[int]) -> None:
             rows = [encodings[i].ids for i in chunk]
             ids = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
             mask = np.zeros(ids.shape, dtype=np.float32)
@@ -99,6 +105,16 @@ class BertEncoder(ABC):
                 ids[row, : len(row_ids)] = row_ids
                 mask[row, : len(row_ids)] = 1.0
             result[chunk] = self._forward(ids, mask)
+
+        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        if self.chunk_workers > 1 and len(chunks) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(self.chunk_workers, len(chunks))) as pool:
+                list(pool.map(encode_chunk, chunks))  # list(): re-raise a chunk's error
+        else:
+            for chunk in chunks:
+                encode_chunk(chunk)
         return result
 
     def layer_weights(self, weights: dict[str, Array], layer: int) -> dict[str, Array]:

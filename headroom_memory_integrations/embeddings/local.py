@@ -83,6 +83,16 @@ def cpu_threads() -> int:
     return 1 if cores <= 2 else min(cores, 8)
 
 
+def batch_workers() -> int:
+    """Chunks of a large batch (more than 32 texts) the model encodes at once, each on one
+    thread: 2 on a 2-core machine left at its default of one thread per forward pass (a batch
+    of 100 ~1.5x faster, the same vectors; a single query or a small batch still takes one
+    core), else 1: with more cores each forward pass already uses them, and an explicit
+    ``$HEADROOM_MEMORY_THREADS`` is followed as given."""
+    configured = os.environ.get("HEADROOM_MEMORY_THREADS", "").strip()
+    return 2 if not configured and (os.cpu_count() or 1) == 2 else 1
+
+
 class _SentenceTransformerEncoder:
     def __init__(self, model: str) -> None:
         try:
@@ -139,7 +149,7 @@ def _load_encoder(model: str, backend: Backend) -> _Encoder:
             raise MissingDependencyError("the onnx backend needs: pip install onnxruntime")
         from .bert_onnx import OnnxBertEncoder
 
-        return OnnxBertEncoder(model_dir, threads=cpu_threads())
+        return OnnxBertEncoder(model_dir, threads=cpu_threads(), chunk_workers=batch_workers())
     from .bert_numpy import NumpyBertEncoder
 
     return NumpyBertEncoder(model_dir, threads=cpu_threads())
