@@ -373,7 +373,11 @@ class MemoryStore(WritePath):
                 failed.append(exc)
 
         opening = threading.Thread(target=open_and_count, name="headroom-memory-open")
-        opening.start()
+        try:
+            opening.start()
+        except RuntimeError:  # no new threads (the interpreter is shutting down)
+            vectors = embed()
+            return vectors, self._open(vectors.shape[-1])
         try:
             vectors = embed()
         finally:

@@ -158,6 +158,19 @@ def test_a_large_batch_is_encoded_in_parallel_chunks_with_the_same_vectors() -> 
     assert threads == {threading.current_thread().name}
 
 
+def test_a_large_batch_is_still_encoded_while_the_interpreter_shuts_down(monkeypatch) -> None:
+    """A background write flushed at exit cannot start threads: it encodes chunk by chunk."""
+    import concurrent.futures.thread
+
+    from headroom_memory_integrations.embeddings.bert_onnx import OnnxBertEncoder
+
+    texts = [f"{TEXTS[i % len(TEXTS)]} #{i}" for i in range(70)]
+    expected = OnnxBertEncoder(bundled_model_dir(), chunk_workers=1).encode(texts)
+    parallel = OnnxBertEncoder(bundled_model_dir(), chunk_workers=2)
+    monkeypatch.setattr(concurrent.futures.thread, "_shutdown", True)
+    assert np.array_equal(parallel.encode(texts), expected)
+
+
 def test_batch_workers_follow_the_machine_and_the_setting(monkeypatch) -> None:
     from headroom_memory_integrations.embeddings import local
 

@@ -110,11 +110,15 @@ class BertEncoder(ABC):
         if self.chunk_workers > 1 and len(chunks) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(min(self.chunk_workers, len(chunks))) as pool:
-                list(pool.map(encode_chunk, chunks))  # list(): re-raise a chunk's error
-        else:
-            for chunk in chunks:
-                encode_chunk(chunk)
+            try:
+                with ThreadPoolExecutor(min(self.chunk_workers, len(chunks))) as pool:
+                    list(pool.map(encode_chunk, chunks))  # list(): re-raise a chunk's error
+                return result
+            except RuntimeError as exc:  # no new threads (the interpreter is shutting down)
+                if "shutdown" not in str(exc):
+                    raise
+        for chunk in chunks:
+            encode_chunk(chunk)
         return result
 
     def layer_weights(self, weights: dict[str, Array], layer: int) -> dict[str, Array]:
