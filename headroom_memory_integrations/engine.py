@@ -34,10 +34,7 @@ from .lexical import lexical_scores
 from .storage.base import Storage, UserCollection
 from .storage.chroma import ChromaStorage
 from .types import Category, Memory, Revision, SearchResult, Source, parse_time, utc_now
-from .write_path import (
-    Remembered,
-    WritePath,
-)
+from .write_path import Remembered, WritePath
 
 DEFAULT_DB_PATH = "~/.headroom-memory"
 """Where memories are kept when no ``db_path`` is given (``$HEADROOM_MEMORY_DB`` overrides)."""
@@ -358,9 +355,6 @@ class MemoryStore(WritePath):
         meanwhile: importing Chroma and opening it (~0.5-0.8 s) then overlaps loading the model
         (~0.3 s, mostly outside the GIL) instead of following it."""
         dimension = self.embedder.dimension
-        if self._collection is not None or not dimension:
-            vectors = embed()
-            return vectors, self._open(vectors.shape[-1])
         opened: list[UserCollection] = []
         failed: list[BaseException] = []
 
@@ -372,10 +366,14 @@ class MemoryStore(WritePath):
             except BaseException as exc:  # re-raised in the caller's thread
                 failed.append(exc)
 
-        opening = threading.Thread(target=open_and_count, name="headroom-memory-open")
-        try:
-            opening.start()
-        except RuntimeError:  # no new threads (the interpreter is shutting down)
+        opening: threading.Thread | None = None
+        if self._collection is None and dimension:
+            opening = threading.Thread(target=open_and_count, name="headroom-memory-open")
+            try:
+                opening.start()
+            except RuntimeError:  # no new threads (the interpreter is shutting down)
+                opening = None
+        if opening is None:
             vectors = embed()
             return vectors, self._open(vectors.shape[-1])
         try:
