@@ -253,3 +253,25 @@ def test_the_least_recently_searched_users_are_let_go_past_the_budget(db_path, m
     assert collections[1]._warm_after is not None  # read again on a later search
     assert collections[0]._index is not None and collections[2]._index is not None
     assert len(stores[1].search("note bbb 1", min_score=-1)) == 5  # now served by Chroma
+
+
+def test_records_read_on_demand_are_held_up_to_a_limit(
+    hash_store: MemoryStore, monkeypatch
+) -> None:
+    """A user too large to read ahead has each search's candidates read and kept: past
+    CACHE_LIMIT records the oldest half is let go, and they are read again when needed."""
+    monkeypatch.setattr(chroma, "WARM_LIMIT", 10)  # too many to read ahead: searched by Chroma
+    monkeypatch.setattr(chroma, "CACHE_LIMIT", 40)
+    collection = hash_store._open()
+    collection._warm_after = None
+    stored = hash_store.add_many([f"note {i} about topic {i % 9} and word{i}" for i in range(120)])
+    collection._cache.clear()  # as in a new process
+    for i in range(0, 120, 7):
+        hash_store.search(f"word{i} topic {i % 9}", min_score=-1)
+        assert len(collection._cache) <= 40
+    assert collection._index is None
+    oldest = stored[0].id
+    assert hash_store.get(oldest).text == "note 0 about topic 0 and word0"  # read again
+    assert [r.memory.id for r in hash_store.search("note 0 about topic 0 and word0")][:1] == [
+        oldest
+    ]

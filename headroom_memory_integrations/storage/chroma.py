@@ -19,6 +19,7 @@ telemetry is off. Collections use cosine space, so a score is ``1 - distance``.
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import logging
 import os
@@ -62,6 +63,10 @@ WARM_LIMIT = 20_000
 # Memories held read ahead in one process, over all users; past it, the users searched least
 # recently are let go (their searches go back to Chroma until they are read ahead again).
 READ_AHEAD_BUDGET = 100_000
+# Records of one user held in memory, at most (those read ahead, written, or read on demand:
+# a user above WARM_LIMIT has each search's candidates read and kept); past it, the oldest
+# half is let go and read again from Chroma when needed.
+CACHE_LIMIT = 2 * WARM_LIMIT
 _WARM_RETRY_SECONDS = 5.0  # after a write overlapped a read-ahead, wait this long to retry
 DEFAULT_TIMEOUT = 5.0
 """Seconds a request to a Chroma server may take before it fails (chromadb's own client waits
@@ -594,10 +599,20 @@ class ChromaCollection:
         read = _page_records(page) if page else {}
         if stamp % 2 == 0 and stamp == self._write_stamp:  # no write overlapped the read
             self._cache.update(read)
+            if len(self._cache) > CACHE_LIMIT:
+                self._let_go_oldest()
         found.update(read)
         return found
 
     # -- what is held in memory -------------------------------------------------------------
+
+    def _let_go_oldest(self) -> None:
+        """Keep the newest half of :data:`CACHE_LIMIT` records (the cache is in the order they
+        were read or written); an index read ahead stays whole."""
+        with self._write_lock:
+            surplus = len(self._cache) - CACHE_LIMIT // 2
+            for memory_id in list(itertools.islice(self._cache, max(surplus, 0))):
+                del self._cache[memory_id]
 
     def _index_bytes(self) -> int:
         """The size of an embedded collection's vector index files (a write may rewrite them)."""
