@@ -18,6 +18,7 @@ afresh, like an application started after the memories were stored.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
@@ -67,7 +68,7 @@ def measure_store(
     repeated: list[float] = []
     injected: list[int] = []
     for question in ctx.queries.take(ctx.pick(400, 100)):
-        call, elapsed = timed(lambda q=question: flow.before(ask(q)))
+        call, elapsed = timed(partial(flow.before, ask(question)))
         cold.append(elapsed)
         injected.append(len(call.turn.injected))
         repeated.append(timed(lambda: flow.before(ask(repeated_question)))[1])
@@ -87,7 +88,7 @@ def breakdown(ctx: Context, memory: MemoryStore, repeat: int) -> dict[str, Any]:
     """Medians and p95 of the parts of ``before``: embedding a new query with the model,
     a search repeating an earlier query (vector and texts cached), and formatting the context."""
     embedder = memory.embedder
-    embed = [timed(lambda q=q: embedder.embed([q]))[1] for q in ctx.queries.take(repeat)]
+    embed = [timed(partial(embedder.embed, [q]))[1] for q in ctx.queries.take(repeat)]
     question = ctx.queries.take(1)[0]
     found = memory.search(question)
     search = [timed(lambda: memory.search(question))[1] for _ in range(repeat)]

@@ -262,7 +262,7 @@ def _summary(latencies: list[float]) -> dict[str, float]:
 
 
 def _windows(calls: list[tuple[float, float]], window: float, elapsed: float) -> list[dict]:
-    rows = []
+    rows: list[dict] = []
     start = 0.0
     while start < elapsed - 1e-9:
         end = min(start + window, elapsed)

@@ -363,16 +363,19 @@ def run(ctx: Context) -> SectionResult:
         )
         pairs = compression[index.kind]
         history = sum(h for h, _ in pairs) / len(pairs)
-        injected = sum(i for _, i in pairs) / len(pairs)
+        injected_tokens = sum(i for _, i in pairs) / len(pairs)
         empty = sum(1 for _, i in pairs if i == 0)
         result.add(
             Row(
                 NAME,
                 f"{index.kind}: compression, history / injected top-5 tokens",
-                history / injected if injected else float("nan"),
+                history / injected_tokens if injected_tokens else float("nan"),
                 "x",
                 n=len(pairs),
-                note=f"{history:.0f} vs {injected:.0f} tokens; {empty} questions inject nothing",
+                note=(
+                    f"{history:.0f} vs {injected_tokens:.0f} tokens; "
+                    f"{empty} questions inject nothing"
+                ),
             )
         )
     details["skipped_questions_without_evidence"] = {

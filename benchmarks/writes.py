@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
 from headroom_memory_integrations.openai import with_fast_memory
@@ -50,16 +51,16 @@ def direct_writes(ctx: Context, result: SectionResult, fresh: list[str], existin
     _wait_for_read_ahead(store)
     singles, batches = ctx.pick(100, 30), ctx.pick(10, 3)
     before = store.count()
-    one = [timed(lambda t=text: store.add(t))[1] for text in fresh[:singles]]
+    one = [timed(partial(store.add, text))[1] for text in fresh[:singles]]
     per_memory = []
     for index in range(batches):
         batch = fresh[singles + index * 100 : singles + (index + 1) * 100]
-        per_memory.append(timed(lambda b=batch: store.add_many(b))[1] / len(batch))
+        per_memory.append(timed(partial(store.add_many, batch))[1] / len(batch))
     offered = singles + batches * 100
     stored = store.count() - before
     spare = fresh[offered : offered + 300]
-    embed_one = [timed(lambda t=text: store.embedder.embed([t]))[1] for text in spare[:30]]
-    embed_batch = [timed(lambda b=b: store.embedder.embed(b))[1] / 100 for b in _hundreds(spare)]
+    embed_one = [timed(partial(store.embedder.embed, [text]))[1] for text in spare[:30]]
+    embed_batch = [timed(partial(store.embedder.embed, b))[1] / 100 for b in _hundreds(spare)]
     result.details["model_time"] = {
         "embed_one_memory_p50_ms": round(latency(NAME, "", embed_one).value, 2),
         "embed_100_per_memory_p50_ms": round(latency(NAME, "", embed_batch).value, 2),
@@ -104,11 +105,12 @@ def batch_scaling(ctx: Context, result: SectionResult) -> None:
     per_memory: dict[str, float] = {}
     for size in sizes:
         folder = ctx.scratch(f"writes-batch-{size}")
-        store = MemoryStore("batch", storage=ChromaStorage.at(folder), embedder=embedder)
+        storage = ChromaStorage.at(folder)
+        store = MemoryStore("batch", storage=storage, embedder=embedder)
         start = clock()
         store.add_many(texts[:size])
         per_memory[str(size)] = round(ms_since(start) / size, 3)
-        store.storage.close()
+        storage.close()
     result.details["add_many_by_batch_size_ms_per_memory"] = per_memory
     growth = per_memory[str(sizes[-1])] / per_memory[str(sizes[0])]
     result.add(
