@@ -145,6 +145,23 @@ def _statements(script: str) -> Iterator[str]:
             buffer = ""
 
 
+def _use_wal(conn: sqlite3.Connection, seconds: float) -> None:
+    """Put the file in WAL mode. SQLite answers "database is locked" at once, without waiting
+    for its busy timeout, when another process is switching a new file's journal mode at the
+    same moment: try again until ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause * (1 + random.random()))
+        pause = min(pause * 2, 0.2)
+
+
 class JobQueue:
     """A durable FIFO of jobs in one SQLite file, safe across threads and processes.
 
@@ -184,7 +201,7 @@ class JobQueue:
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn, self._busy_timeout)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA secure_delete=ON")  # deleted payloads are zeroed, not left
             self._migrate(conn)

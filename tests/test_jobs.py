@@ -383,3 +383,33 @@ def test_shared_worker_is_one_per_file_and_key(path: Path) -> None:
         worker.close(timeout=0)
     assert shared_worker(path, "store", lambda job: None) is not first
     shared_worker(path, "store", lambda job: None).close(timeout=0)
+
+
+def test_a_new_file_locked_while_another_process_switches_it_to_wal_is_waited_for(
+    path: Path, monkeypatch
+) -> None:
+    """SQLite can refuse the switch to WAL at once ("database is locked", without waiting for
+    the busy timeout) while another process switches the same new file: seen once in a few
+    hundred opens by four processes at once. The queue tries again within its timeout."""
+    import sqlite3
+
+    from headroom_memory_integrations import jobs
+
+    refusals = {"left": 3}
+
+    class Racing(sqlite3.Connection):
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql == "PRAGMA journal_mode=WAL" and refusals["left"]:
+                refusals["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return super().execute(sql, *args)
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(jobs.sqlite3, "connect", lambda *a, **k: connect(*a, factory=Racing, **k))
+    queue = JobQueue(path)
+    queue.put("store", "alice", {"n": 1})
+    assert refusals["left"] == 0 and queue.counts()["pending"] == 1
+    queue.close()
+    refusals["left"] = 10**6  # refused for good: the open fails after the timeout
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        JobQueue(path, busy_timeout=0.2)
