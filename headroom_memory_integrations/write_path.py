@@ -24,7 +24,7 @@ from .consolidation import Relation, relate, same_wording_key
 from .embeddings.base import Vectors
 from .errors import HeadroomMemoryError
 from .storage.base import Catalogued, Storage, UserCollection
-from .storage.vectors import one_blas_thread
+from .storage.vectors import most_similar, one_blas_thread
 from .types import Memory, Revision, utc_now
 
 logger = logging.getLogger(__name__)
@@ -498,9 +498,7 @@ def _earlier_neighbours(vectors: Vectors, floor: float) -> list[tuple[np.ndarray
             for offset in range(stop - start):
                 similar = block[offset, : start + offset]
                 rows = np.flatnonzero(similar >= floor)
-                if len(rows) > _EARLIER_KEPT:
-                    rows = rows[np.argpartition(-similar[rows], _EARLIER_KEPT)[:_EARLIER_KEPT]]
-                rows = rows[np.argsort(-similar[rows], kind="stable")]
+                rows = rows[most_similar(similar[rows], _EARLIER_KEPT)]
                 found.append((rows, similar[rows]))
     return found
 

@@ -86,12 +86,17 @@ class VectorIndex:
             return [self._best(row, limit) for row in similarities]
 
     def _best(self, similarities: Vectors, limit: int) -> list[tuple[str, float]]:
-        count = len(similarities)
-        top = np.argpartition(-similarities, limit - 1)[:limit] if limit < count else None
-        if top is None:
-            top = np.arange(count)
-        top = top[np.argsort(-similarities[top], kind="stable")]
+        top = most_similar(similarities, limit)
         return [(self._ids[i], float(similarities[i])) for i in top.tolist()]
+
+
+def most_similar(similarities: Vectors, limit: int) -> np.ndarray:
+    """The positions of the ``limit`` highest ``similarities``, highest first."""
+    if limit < len(similarities):
+        top = np.argpartition(-similarities, limit - 1)[:limit]
+    else:
+        top = np.arange(len(similarities))
+    return top[np.argsort(-similarities[top], kind="stable")]
 
 
 _BATCH_ROWS = 4  # from this many query rows, one BLAS matrix product beats einsum row by row
