@@ -275,3 +275,5 @@ def test_records_read_on_demand_are_held_up_to_a_limit(
     assert [r.memory.id for r in hash_store.search("note 0 about topic 0 and word0")][:1] == [
         oldest
     ]
+    hash_store.add_many([f"later note {i} on subject {i}" for i in range(60)])  # writes too
+    assert len(collection._cache) <= 40 and hash_store.count() == 180

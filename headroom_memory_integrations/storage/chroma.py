@@ -599,16 +599,17 @@ class ChromaCollection:
         read = _page_records(page) if page else {}
         if stamp % 2 == 0 and stamp == self._write_stamp:  # no write overlapped the read
             self._cache.update(read)
-            if len(self._cache) > CACHE_LIMIT:
-                self._let_go_oldest()
+            self._within_cache_limit()
         found.update(read)
         return found
 
     # -- what is held in memory -------------------------------------------------------------
 
-    def _let_go_oldest(self) -> None:
-        """Keep the newest half of :data:`CACHE_LIMIT` records (the cache is in the order they
-        were read or written); an index read ahead stays whole."""
+    def _within_cache_limit(self) -> None:
+        """Past :data:`CACHE_LIMIT` records (read or written), keep the newest half (the cache
+        is in the order they were read or written); an index read ahead stays whole."""
+        if len(self._cache) <= CACHE_LIMIT:
+            return
         with self._write_lock:
             surplus = len(self._cache) - CACHE_LIMIT // 2
             for memory_id in list(itertools.islice(self._cache, max(surplus, 0))):
@@ -741,6 +742,7 @@ class ChromaCollection:
                 self._write_stamp += 1
             change = _Change(ids, written if self._sole_writer else None, vectors)
             change.replay(self._cache, self._index)
+            self._within_cache_limit()
             if self._warm_log is not None:
                 self._warm_log.append(change)
 
