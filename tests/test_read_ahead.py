@@ -125,7 +125,7 @@ def test_writes_during_the_read_ahead_are_replayed_on_it(hash_store: MemoryStore
     assert index is not None and collection._warm_log is None
     assert len(index) == hash_store.count() == 30
     assert added[0] in index and gone not in index and rewritten in index
-    assert collection._cache[rewritten].text == "a fact rewritten meanwhile"
+    assert collection._cache[rewritten].entry.text == "a fact rewritten meanwhile"
     assert gone not in collection._cache
     stored = collection._collection.get(include=["embeddings"])  # what Chroma holds
     assert sorted(stored["ids"]) == sorted(index._ids)
@@ -182,7 +182,7 @@ def test_a_server_collection_reads_texts_ahead_but_searches_with_chroma(
     memory = store.add("Plays the cello")
     assert memory.id not in collection._cache  # a server handle keeps nothing it writes
     collection._warm()
-    assert collection._cache[memory.id].text == "Plays the cello"
+    assert collection._cache[memory.id].entry.text == "Plays the cello"
     assert collection._index is None and collection._warm_after is None  # done, no retry
     assert store.search("Which instrument do I play?")[0].memory.id == memory.id
 

@@ -55,7 +55,14 @@ from .guard import (
 )
 from .vectors import VectorIndex
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""How memories are stored, as recorded in the metadata of the collections this version
+creates. Format 2: a memory's fields (text, category, source, times, metadata, history, keys)
+are one JSON metadata value, ``record``, and Chroma is given no document. Format 1 (before
+2026-12) gave the text as the document and each field a metadata value of its own; Chroma
+indexes every document's trigrams for a full-text search this package never makes, and with
+one row per field that made a single write ~40% dearer. Records of format 1 are read as they
+are and rewritten in format 2 when they change."""
 _BATCH = 1000  # rows per Chroma call when reading or deleting many
 # A user's memories are read ahead into memory (a few KB each) up to this many; a sole writer
 # then searches them there. Larger collections are searched by Chroma.
@@ -219,42 +226,70 @@ def _is_missing(exc: BaseException) -> bool:
     )
 
 
-def _record_bytes(text: str, meta: dict[str, Any], dimension: int) -> int:
-    """About how many bytes one record adds to the files (text, metadata, vector)."""
-    return len(text.encode("utf-8", "replace")) + len(json.dumps(meta)) + 8 * dimension + 200
+def _record_bytes(meta: dict[str, Any], dimension: int) -> int:
+    """About how many bytes one record adds to the files (text and fields, vector)."""
+    return len(json.dumps(meta)) + 8 * dimension + 200
 
 
-def _to_record(memory: Memory) -> tuple[str, dict[str, Any]]:
-    metadata = {
+_RECORD_KEY = "record"
+_V1_KEYS = ("category", "source", "created_at", "updated_at", "metadata", "history", "keys")
+
+
+def _fields_of(memory: Memory) -> dict[str, Any]:
+    """What is stored of ``memory``, JSON-ready (format 2, see :data:`SCHEMA_VERSION`)."""
+    return {
+        "text": memory.text,
         "category": memory.category.value,
         "source": memory.source.value,
         "created_at": memory.created_at.timestamp(),
         "updated_at": memory.updated_at.timestamp(),
-        "metadata": json.dumps(dict(memory.metadata), ensure_ascii=False),
-        "history": json.dumps([r.to_dict() for r in memory.history], ensure_ascii=False),
+        "metadata": dict(memory.metadata),
+        "history": [r.to_dict() for r in memory.history],
+        "keys": list(memory.keys),
     }
-    if memory.keys:
-        metadata["keys"] = json.dumps(list(memory.keys), ensure_ascii=False)
-    return memory.text, metadata
 
 
-def _from_record(user_id: str, memory_id: str, text: str, meta: dict[str, Any]) -> Memory:
+def _metadata(fields: dict[str, Any]) -> dict[str, Any]:
+    """The Chroma metadata of a record of format 2: its fields as one JSON value."""
+    return {_RECORD_KEY: json.dumps(fields, ensure_ascii=False)}
+
+
+def _fields(document: str | None, meta: Any) -> dict[str, Any]:
+    """A stored memory's fields, from a record of either format."""
+    if _RECORD_KEY in meta:
+        fields: dict[str, Any] = json.loads(meta[_RECORD_KEY])
+        return fields
+    return {  # format 1: the text is the document, each field a metadata value of its own
+        "text": document or "",
+        "category": meta["category"],
+        "source": meta.get("source", "manual"),
+        "created_at": meta["created_at"],
+        "updated_at": meta["updated_at"],
+        "metadata": json.loads(meta.get("metadata") or "{}"),
+        "history": json.loads(meta.get("history") or "[]"),
+        "keys": json.loads(meta.get("keys") or "[]"),
+    }
+
+
+def _from_fields(user_id: str, memory_id: str, fields: dict[str, Any]) -> Memory:
     return Memory(
         id=memory_id,
         user_id=user_id,
-        text=text,
-        category=Category.parse(meta["category"]),
-        created_at=parse_time(meta["created_at"]),
-        updated_at=parse_time(meta["updated_at"]),
-        source=Source.parse(meta.get("source", "manual")),
-        metadata=MappingProxyType(json.loads(meta.get("metadata") or "{}")),
-        history=tuple(Revision.from_dict(r) for r in json.loads(meta.get("history") or "[]")),
-        keys=_keys(meta),
+        text=fields["text"],
+        category=Category.parse(fields["category"]),
+        created_at=parse_time(fields["created_at"]),
+        updated_at=parse_time(fields["updated_at"]),
+        source=Source.parse(fields.get("source", "manual")),
+        metadata=MappingProxyType(dict(fields.get("metadata") or {})),
+        history=tuple(Revision.from_dict(r) for r in fields.get("history") or ()),
+        keys=tuple(fields.get("keys") or ()),
     )
 
 
-def _keys(meta: Any) -> tuple[str, ...]:
-    return tuple(json.loads(meta.get("keys") or "[]"))
+def _replacing(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` to write over a stored record: Chroma merges a rewrite's metadata into the
+    record's, so every other key of either format is removed (None) explicitly."""
+    return {**{key: None for key in (_RECORD_KEY, *_V1_KEYS) if key not in meta}, **meta}
 
 
 _RECORD = ["documents", "metadatas"]
@@ -264,25 +299,26 @@ class _Record:
     """A stored memory as Chroma returns it; parsed into a :class:`Memory` on first need, and
     what a search reads of it (:attr:`entry`) parsed once, when it is read."""
 
-    __slots__ = ("_memory", "entry", "meta", "text")
+    __slots__ = ("_memory", "entry", "fields")
 
-    def __init__(self, text: str, meta: Any, memory: Memory | None = None) -> None:
-        self.text = text
-        self.meta = meta
-        self.entry = Catalogued(text, Category.parse(meta["category"]), _keys(meta))
+    def __init__(self, fields: dict[str, Any], memory: Memory | None = None) -> None:
+        self.fields = fields
+        self.entry = Catalogued(
+            fields["text"], Category.parse(fields["category"]), tuple(fields.get("keys") or ())
+        )
         self._memory = memory
 
     def memory(self, user_id: str, memory_id: str) -> Memory:
         if self._memory is None:
-            self._memory = _from_record(user_id, memory_id, self.text, dict(self.meta))
+            self._memory = _from_fields(user_id, memory_id, self.fields)
         return self._memory
 
 
 def _page_records(page: dict[str, Any]) -> dict[str, _Record]:
     """The records of one Chroma ``get`` answer (documents and metadatas), by id."""
     return {
-        i: _Record(text, meta)
-        for i, text, meta in zip(page["ids"], page["documents"], page["metadatas"])
+        i: _Record(_fields(document, meta))
+        for i, document, meta in zip(page["ids"], page["documents"], page["metadatas"])
     }
 
 
@@ -433,29 +469,31 @@ class ChromaCollection:
         """
         if not memories:
             return
-        records = [_to_record(m) for m in memories]
-        written = {m.id: _Record(text, meta, m) for m, (text, meta) in zip(memories, records)}
+        fields = [_fields_of(m) for m in memories]
+        metas = [_metadata(f) for f in fields]
+        written = {m.id: _Record(f, m) for m, f in zip(memories, fields)}
         ids = list(written)
         if len(ids) != len(memories):
             raise StorageError("a write may not name the same memory twice")
-        size = sum(_record_bytes(text, meta, self.binding[1]) for text, meta in records)
+        size = sum(_record_bytes(meta, self.binding[1]) for meta in metas)
         with self._user_lock, self._writing(ids, written, vectors):
             self._storage._ready_to_write(self, size)
             prior = self._prior(ids)
+            # A record of format 1 being rewritten loses its document and its own keys.
+            legacy = {i for i, r in prior.items() if _RECORD_KEY not in (r["metadata"] or {})}
+            metas = [_replacing(m) if i in legacy else m for i, m in zip(ids, metas)]
             batch = self._storage._batch_size()
             try:
                 for start in range(0, len(ids), batch):
-                    stop = start + batch
-                    self._call(
-                        "write memories",
-                        lambda c: c.upsert(
-                            ids=ids[start:stop],  # noqa: B023
-                            embeddings=vectors[start:stop],  # noqa: B023
-                            documents=[text for text, _ in records[start:stop]],  # noqa: B023
-                            metadatas=[meta for _, meta in records[start:stop]],  # noqa: B023
-                        ),
-                        write=True,
-                    )
+                    part = slice(start, start + batch)
+                    columns = {
+                        "ids": ids[part],
+                        "embeddings": vectors[part],
+                        "metadatas": metas[part],
+                    }
+                    if legacy:  # (Chroma keeps a record's document unless given another)
+                        columns["documents"] = ["" if i in legacy else None for i in ids[part]]
+                    self._call("write memories", lambda c: c.upsert(**columns), write=True)  # noqa: B023
             except StorageError as error:
                 self._undo(ids, prior, error)
                 raise
@@ -504,7 +542,7 @@ class ChromaCollection:
                         ids=[i for i, _ in part],  # noqa: B023
                         embeddings=[r["embedding"] for _, r in part],  # noqa: B023
                         documents=[r["document"] for _, r in part],  # noqa: B023
-                        metadatas=[r["metadata"] for _, r in part],  # noqa: B023
+                        metadatas=[_replacing(r["metadata"]) for _, r in part],  # noqa: B023
                     ),
                 )
         except StorageError as undo_error:
