@@ -158,6 +158,18 @@ def test_a_large_batch_is_encoded_in_parallel_chunks_with_the_same_vectors() -> 
     assert threads == {threading.current_thread().name}
 
 
+def test_a_batch_is_cut_into_an_even_number_of_equal_chunks() -> None:
+    """Two threads share the chunks evenly: no last round of one full chunk and a few texts."""
+    from headroom_memory_integrations.embeddings.bert import balanced_chunks
+
+    sizes = {
+        n: [len(c) for c in balanced_chunks(list(range(n)), 32)] for n in (1, 32, 33, 100, 200)
+    }
+    assert sizes == {1: [1], 32: [32], 33: [17, 16], 100: [25] * 4, 200: [25] * 8}
+    assert [i for c in balanced_chunks(list(range(65)), 32) for i in c] == list(range(65))
+    assert balanced_chunks([], 32) == []
+
+
 def test_a_large_batch_is_still_encoded_while_the_interpreter_shuts_down(monkeypatch) -> None:
     """A background write flushed at exit cannot start threads: it encodes chunk by chunk."""
     import concurrent.futures.thread

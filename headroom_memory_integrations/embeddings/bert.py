@@ -92,7 +92,8 @@ class BertEncoder(ABC):
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> Vectors:
         """Mean-pooled vectors of ``texts`` (not yet normalised); similar lengths are batched
         together to waste little on padding, and with :attr:`chunk_workers` above 1 the chunks
-        of a large batch are encoded on that many threads at once (the same vectors)."""
+        of a large batch are encoded on that many threads at once (the same vectors; see
+        :func:`balanced_chunks`)."""
         encodings = self._tokenizer.encode_batch(list(texts))
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
         result = np.zeros((len(texts), self.dimension), dtype=np.float32)
@@ -106,7 +107,7 @@ class BertEncoder(ABC):
                 mask[row, : len(row_ids)] = 1.0
             result[chunk] = self._forward(ids, mask)
 
-        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        chunks = balanced_chunks(order, batch_size)
         if self.chunk_workers > 1 and len(chunks) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -154,3 +155,21 @@ class BertEncoder(ABC):
     @property
     def eps(self) -> float:
         return float(self.config.get("layer_norm_eps", 1e-12))
+
+
+def balanced_chunks(items: list[int], most: int) -> list[list[int]]:
+    """``items`` cut in order into chunks of at most ``most`` and of equal sizes (within one),
+    an even number of them when there are several, so that two threads share them evenly: 100
+    texts are 4 chunks of 25, not 32, 32, 32 and 4, whose last round would keep one thread idle
+    while the other encodes 32 texts. The cut does not depend on the number of threads, so
+    neither do the vectors."""
+    count = -(-len(items) // most)
+    if count > 1:
+        count += count % 2
+    size, extra = divmod(len(items), max(count, 1))
+    chunks, start = [], 0
+    for index in range(count):
+        stop = start + size + (index < extra)
+        chunks.append(items[start:stop])
+        start = stop
+    return chunks

@@ -86,7 +86,7 @@ def cpu_threads() -> int:
 def batch_workers() -> int:
     """Chunks of a large batch (more than 32 texts) the model encodes at once, each on one
     thread: 2 on a 2-core machine left at its default of one thread per forward pass (a batch
-    of 100 ~1.5x faster, the same vectors; a single query or a small batch still takes one
+    of 100 ~1.8x faster, the same vectors; a single query or a small batch still takes one
     core), else 1: with more cores each forward pass already uses them, and an explicit
     ``$HEADROOM_MEMORY_THREADS`` is followed as given."""
     configured = os.environ.get("HEADROOM_MEMORY_THREADS", "").strip()
