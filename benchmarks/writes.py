@@ -2,7 +2,8 @@
 
 - ``add``: one memory per call (embedding it with the real model, the duplicate check against
   the user's existing memories, the Chroma write), on a user with 1k and (not ``--quick``) 10k
-  memories, once the store has read them ahead (its steady state).
+  and 50k memories, once the store has read them ahead (its steady state; a user above the
+  20k read-ahead limit is searched by Chroma).
 - ``add_many``: batches of 100 new memories, per memory, on the same users.
 - ``with_fast_memory``: the scripted model appends a memory block holding one new memory (or
   an empty block). Rounds of three calls in random order: a raw client, the wrapped client with
@@ -20,6 +21,7 @@ from functools import partial
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
 from headroom_memory_integrations.openai import with_fast_memory
+from headroom_memory_integrations.storage.chroma import WARM_LIMIT
 from headroom_memory_integrations.testing import ScriptedOpenAIServer
 
 from .common import (
@@ -68,13 +70,14 @@ def direct_writes(ctx: Context, result: SectionResult, fresh: list[str], existin
     result.details[f"model_time_{existing}"] = result.details.pop("model_time")
     note = f"{stored}/{offered} stored (the rest merged as near-duplicates)"
     size = f"{existing // 1000}k"
-    targets = existing >= 10_000  # issue 10's: add <= 8 ms, add_many <= 3 ms per memory at 10k
+    # issue 10's targets: add <= 8 ms at 10k; add_many <= 3 ms per memory at 10k and 50k
+    add_target, batch_target = existing == 10_000, existing >= 10_000
     result.add(
         latency(
             NAME,
             f"add(): one memory per call, {size} store",
             one,
-            at_most(p50=8) if targets else None,
+            at_most(p50=8) if add_target else None,
             note=note,
         )
     )
@@ -83,7 +86,7 @@ def direct_writes(ctx: Context, result: SectionResult, fresh: list[str], existin
             NAME,
             f"add_many(100): per memory, {size} store",
             per_memory,
-            at_most(p50=3) if targets else None,
+            at_most(p50=3) if batch_target else None,
             note="p50/p95 over batches",
         )
     )
@@ -127,7 +130,10 @@ def batch_scaling(ctx: Context, result: SectionResult) -> None:
 
 def _wait_for_read_ahead(store: MemoryStore, seconds: float = 120.0) -> None:
     """Wait until the store searches its memories in memory (read ahead in the background
-    after its first search), so that the steady state is measured, not the first seconds."""
+    after its first search), so that the steady state is measured, not the first seconds.
+    A user above the read-ahead limit is not read ahead: nothing to wait for."""
+    if store.count() > WARM_LIMIT:
+        return
     collection = store._open()
     deadline = clock() + seconds
     while getattr(collection, "_index", None) is None and clock() < deadline:
@@ -210,7 +216,7 @@ def run(ctx: Context) -> SectionResult:
     result = SectionResult(NAME)
     LocalEmbedder().warm_up()
     fresh = memory_texts(2500, FRESH_SEED)
-    for existing in ctx.pick((1_000, 10_000), (1_000,)):
+    for existing in ctx.pick((1_000, 10_000, 50_000), (1_000,)):
         log(f"writes: add / add_many on a user with {existing} memories")
         direct_writes(ctx, result, fresh[:1600], existing)
     log("writes: add_many of growing batches (write path only)")

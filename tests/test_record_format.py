@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from _reliability_support import files_containing
 from conftest import HashEmbedder
 
 from headroom_memory_integrations import MemoryStore, StorageError
@@ -137,3 +138,20 @@ def test_an_undone_rewrite_of_a_format_1_record_restores_it_as_it_was(db_path, m
     assert _raw(store, [kept]) == before and before[kept] == ("Lives in Lisbon", meta)
     fresh = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
     assert sorted(m.text for m in fresh.get_all()) == ["Has two cats", "Lives in Lisbon"]
+
+
+def test_deleting_a_format_1_record_erases_its_text_from_every_file(db_path) -> None:
+    """Its text was Chroma's document, so Chroma's full-text index held its trigrams too."""
+    secret = "Keeps the spare key under the red flowerpot"
+    writer = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    writer.add_many([f"Ordinary fact number {n}" for n in range(20)])
+    _add_format_1(writer, "e" * 32, secret)
+    writer.storage.close()
+    assert _fulltext_rows(db_path) == 1
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    assert store.get("e" * 32).text == secret
+    assert files_containing(db_path, [secret])  # kept while remembered
+    store.delete("e" * 32)
+    assert files_containing(db_path, [secret]) == {}
+    store.storage.close()
+    assert files_containing(db_path, [secret]) == {}
