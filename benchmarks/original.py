@@ -30,8 +30,8 @@ from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemorySto
 
 from .common import RESULTS
 from .corpus import memory_texts
-from .population import embedded_user, memory_cache
-from .writes import FRESH_SEED, _wait_for_read_ahead
+from .population import embedded_user, memory_cache, wait_for_read_ahead
+from .writes import FRESH_SEED
 
 SIZE = 10_000
 ROUNDS = 10  # each: 10 adds of one store, then 10 of the other (the order alternates)
@@ -65,8 +65,7 @@ def compare(fast_store: Any, work: Path) -> None:
     original.set_embed_fn(lambda text: real.embed([text])[0])
     embedded_user(work / "ours", "writer", SIZE, RESULTS / "cache")
     ours = MemoryStore("writer", storage=ChromaStorage.at(work / "ours"), embedder=real)
-    ours.search("warm up the model and open the collection")
-    _wait_for_read_ahead(ours)
+    wait_for_read_ahead(ours)
 
     fresh = memory_texts(2 * ROUNDS * 10, FRESH_SEED)
     times: dict[str, list[float]] = {"original (headroom-ai 0.2.15)": [], "ours": []}

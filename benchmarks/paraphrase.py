@@ -51,7 +51,6 @@ the vector of its index text. Without keys a memory is indexed as in the first r
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +81,7 @@ from .population import (
     fill,
     keyed_memory_cache,
     memory_cache,
+    wait_for_read_ahead,
 )
 
 NAME = "paraphrase"
@@ -207,17 +207,6 @@ def _share(flags: Any) -> float:
 # -- the run -----------------------------------------------------------------------------------
 
 
-def _wait_for_read_ahead(store: MemoryStore) -> None:
-    """One search starts the read-ahead of embedded storage (users up to 20k memories); wait
-    for it, so that the measured searches are the steady state an application sees."""
-    from headroom_memory_integrations.storage import chroma
-
-    store.search("warm-up question", min_score=-1.0)
-    for thread in list(chroma._warmers):  # private: the benchmark only waits for them
-        if thread is not threading.current_thread():
-            thread.join(timeout=120)
-
-
 def ask_all(
     reader: MemoryStore,
     vectors: dict[str, np.ndarray],
@@ -324,7 +313,7 @@ def _run_sizes(
         label = f"{size // 1000}k" if size else "0"
         log(f"paraphrase: 132 facts + {label} memories{variant} ({memories} stored); asking")
         reader = MemoryStore("paraphrase-user", storage=storage, embedder=real)
-        _wait_for_read_ahead(reader)
+        wait_for_read_ahead(reader)
         needles = ask_all(reader, vectors, real, pairs, [m.id for m in planted])
         unrelated = ask_all(reader, vectors, real, unrelated_rows, [None] * len(unrelated_rows))
         injected = measure(needles, unrelated, lambda a: a.injected)

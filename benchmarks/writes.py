@@ -16,12 +16,10 @@
 from __future__ import annotations
 
 import random
-import time
 from functools import partial
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
 from headroom_memory_integrations.openai import with_fast_memory
-from headroom_memory_integrations.storage.chroma import WARM_LIMIT
 from headroom_memory_integrations.testing import ScriptedOpenAIServer
 
 from .common import (
@@ -37,7 +35,7 @@ from .common import (
     value_at_most,
 )
 from .corpus import memory_texts
-from .population import embedded_user, memory_cache
+from .population import embedded_user, memory_cache, wait_for_read_ahead
 from .scripted import InlineModel, call_ms
 
 NAME = "writes"
@@ -49,8 +47,7 @@ def direct_writes(ctx: Context, result: SectionResult, fresh: list[str], existin
     folder = ctx.scratch(f"writes-direct-{existing}")
     embedded_user(folder, "writer", existing, ctx.cache)
     store = MemoryStore("writer", storage=ChromaStorage.at(folder), embedder=LocalEmbedder())
-    store.search("warm up the model and open the collection")
-    _wait_for_read_ahead(store)
+    wait_for_read_ahead(store)  # its first search also opens the collection, loads the model
     singles, batches = ctx.pick(100, 30), ctx.pick(10, 3)
     before = store.count()
     one = [timed(partial(store.add, text))[1] for text in fresh[:singles]]
@@ -126,18 +123,6 @@ def batch_scaling(ctx: Context, result: SectionResult) -> None:
             note=f"linear in the batch size; ms per memory by size: {per_memory}",
         )
     )
-
-
-def _wait_for_read_ahead(store: MemoryStore, seconds: float = 120.0) -> None:
-    """Wait until the store searches its memories in memory (read ahead in the background
-    after its first search), so that the steady state is measured, not the first seconds.
-    A user above the read-ahead limit is not read ahead: nothing to wait for."""
-    if store.count() > WARM_LIMIT:
-        return
-    collection = store._open()
-    deadline = clock() + seconds
-    while getattr(collection, "_index", None) is None and clock() < deadline:
-        time.sleep(0.05)
 
 
 def _hundreds(texts: list[str]) -> list[list[str]]:
