@@ -30,14 +30,28 @@ SCALE_SUFFIX = ":scale"
 def float32_weights(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Array]:
     """A checkpoint's tensors as float32, whatever form they were stored in.
 
-    float32 tensors are kept as they are, float16 ones widened. An int8 tensor ``name`` comes
-    with a ``name:scale`` tensor (one scale per row, broadcast along the row) and becomes
-    ``int8 * scale``. (The bundled model stores float16; scripts/build_local_model.py can
-    write int8 rows too.)
+    float32 tensors are kept as they are, float16 ones widened, all in one pass: on the first
+    answer, this runs beside the import of Chroma on another thread, and each numpy call
+    releases the GIL and waits to take it back, so a hundred calls cost several times one. An
+    int8 tensor ``name`` comes with a ``name:scale`` tensor (one scale per row, broadcast along
+    the row) and becomes ``int8 * scale``. (The bundled model stores float16;
+    scripts/build_local_model.py can write int8 rows too.)
     """
     weights: dict[str, Array] = {}
+    halves = [
+        name
+        for name, array in tensors.items()
+        if array.dtype == np.float16 and not name.endswith(SCALE_SUFFIX)
+    ]
+    if halves:  # widened in one pass, each tensor a view of the result
+        widened = np.concatenate([tensors[name].ravel() for name in halves]).astype(np.float32)
+        start = 0
+        for name in halves:
+            size = tensors[name].size
+            weights[name] = widened[start : start + size].reshape(tensors[name].shape)
+            start += size
     for name, array in tensors.items():
-        if name.endswith(SCALE_SUFFIX):
+        if name.endswith(SCALE_SUFFIX) or name in weights:
             continue
         scale = tensors.get(name + SCALE_SUFFIX)
         if scale is not None:
@@ -122,10 +136,13 @@ class BertEncoder(ABC):
             encode_chunk(chunk)
         return result
 
-    def layer_weights(self, weights: dict[str, Array], layer: int) -> dict[str, Array]:
-        """One transformer layer's tensors under short names, matrices laid out for ``x @ W``
-        (the checkpoint stores them transposed): ``query``, ``key``, ``value``, ``out``, ``up``,
-        ``down`` and their ``*_bias``; ``norm1``/``norm2`` and their ``*_bias``."""
+    def layer_weights(
+        self, weights: dict[str, Array], layer: int, transpose: bool = True
+    ) -> dict[str, Array]:
+        """One transformer layer's tensors under short names: ``query``, ``key``, ``value``,
+        ``out``, ``up``, ``down`` and their ``*_bias``; ``norm1``/``norm2`` and their
+        ``*_bias``. The matrices are laid out for ``x @ W`` (the checkpoint stores them
+        transposed), or left as stored with ``transpose=False``."""
         prefix = f"encoder.layer.{layer}."
         names = {
             "query": "attention.self.query",
@@ -137,7 +154,8 @@ class BertEncoder(ABC):
         }
         tensors: dict[str, Array] = {}
         for short, name in names.items():
-            tensors[short] = np.ascontiguousarray(weights[f"{prefix}{name}.weight"].T)
+            matrix = weights[f"{prefix}{name}.weight"]
+            tensors[short] = np.ascontiguousarray(matrix.T) if transpose else matrix
             tensors[f"{short}_bias"] = weights[f"{prefix}{name}.bias"]
         for short, name in (("norm1", "attention.output.LayerNorm"), ("norm2", "output.LayerNorm")):
             tensors[short] = weights[f"{prefix}{name}.weight"]

@@ -91,7 +91,10 @@ class OnnxBertEncoder(BertEncoder):
         head_dim = hidden // heads
 
         def linear(x: str, w: dict[str, Array], name: str) -> str:
-            return g.op("Add", g.op("MatMul", x, g.weight(w[name])), g.weight(w[f"{name}_bias"]))
+            # the checkpoint's (out, in) matrix, transposed by ONNX Runtime as it loads the
+            # graph (constant folding, outside the GIL) rather than by numpy here
+            matrix = g.op("Transpose", g.weight(w[name]), perm=[1, 0])
+            return g.op("Add", g.op("MatMul", x, matrix), g.weight(w[f"{name}_bias"]))
 
         def layer_norm(x: str, weight: Array, bias: Array) -> str:
             return g.op(
@@ -120,7 +123,7 @@ class OnnxBertEncoder(BertEncoder):
         half, one, root2 = g.constant(0.5), g.constant(1.0), g.constant(np.sqrt(2.0))
 
         for index in range(self.layers):
-            w = self.layer_weights(weights, index)
+            w = self.layer_weights(weights, index, transpose=False)
             # (batch, heads, length, head_dim); keys transposed for q @ k
             q, k, v = (
                 g.op("Transpose", g.op("Reshape", linear(x, w, name), split_heads), perm=perm)
