@@ -37,6 +37,7 @@ from ..embeddings.base import Vectors
 from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import Catalogued, collection_name
+from .chroma_import import import_chromadb
 from .folder import (
     FolderLock,
     check_free_space,
@@ -192,7 +193,7 @@ _CLIENT_SETUP_SECONDS = 10.0  # building a server client (TLS setup, ...) beyond
 def _import_clients() -> None:
     """Import what building a chromadb ``HttpClient`` imports, outside its deadline (it takes
     seconds on a busy machine)."""
-    import chromadb.api.fastapi  # noqa: F401
+    import_chromadb("chromadb.api.fastapi")
     import h11  # noqa: F401
     import httpcore  # noqa: F401
     import httpx  # noqa: F401
@@ -866,8 +867,9 @@ class ChromaStorage:
         url = f"{'https' if ssl else 'http'}://{host}:{port}"
 
         def make_client() -> Any:
-            import chromadb
             import httpx
+
+            chromadb = import_chromadb("chromadb.api.fastapi")
 
             # chromadb's client talks to the server while it is built, with no timeout: ask
             # for a heartbeat first, with one, so a server that does not answer fails in time
@@ -895,7 +897,7 @@ class ChromaStorage:
     def _open_folder(self) -> Any:
         """Make the embedded client: create the folder, take its lock if no other process
         holds it, open Chroma. A failed open leaves nothing behind to spoil the next one."""
-        import chromadb
+        chromadb = import_chromadb("chromadb.api.rust")
 
         assert self._folder is not None and self._folder_lock is not None
         folder = str(self._folder)

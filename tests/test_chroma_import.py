@@ -1,0 +1,76 @@
+"""Importing chromadb with ``overrides``' class-creation checks skipped
+(storage/chroma_import.py): in a fresh interpreter, none of those checks runs during the import,
+the decorator is the original again afterwards, chromadb's methods are still marked as overrides,
+and an embedded store opened that way works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import overrides
+    checks = sys.modules["overrides.overrides"]
+    original = overrides.override
+    validated = []
+    real_validate = checks._validate_method
+    def counting(method, super_class, check_signature):
+        validated.append(method.__qualname__)
+        return real_validate(method, super_class, check_signature)
+    checks._validate_method = counting
+
+    from headroom_memory_integrations.storage.chroma_import import import_chromadb
+    chromadb = import_chromadb("chromadb.api.rust")
+    from chromadb.api.rust import RustBindingsAPI
+    during_import = len(validated)
+
+    class Base:
+        def greet(self, name: str) -> str:
+            return name
+    try:
+        class Broken(Base):
+            @overrides.override
+            def greet(self, name: int, extra: int) -> str:
+                return ""
+        checked_after = False
+    except TypeError:
+        checked_after = True
+
+    from headroom_memory_integrations import MemoryStore
+    store = MemoryStore("someone", db_path=sys.argv[1])
+    stored = store.add("Prefers tea to coffee").text
+    found = [memory.text for memory, _ in store.search("tea or coffee?", min_score=-1)]
+    print(json.dumps({
+        "validated_during_import": during_import,
+        "restored": overrides.override is original and checks.override is original,
+        "marked": getattr(RustBindingsAPI._count, "__override__", False),
+        "checked_after": checked_after,
+        "stored": stored,
+        "found": found,
+    }))
+    """
+)
+
+
+def test_chromadb_is_imported_without_the_checks_and_the_decorator_restored(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["validated_during_import"] == 0
+    assert result["restored"] is True
+    assert result["marked"] is True
+    assert result["checked_after"] is True  # other code's @override still checks
+    assert result["stored"] == "Prefers tea to coffee"
+    assert result["found"] == ["Prefers tea to coffee"]
