@@ -27,8 +27,11 @@ TokenIds = npt.NDArray[np.int64]
 SCALE_SUFFIX = ":scale"
 
 
-def float32_weights(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Array]:
-    """A checkpoint's tensors as float32, whatever form they were stored in.
+def float32_weights(
+    tensors: dict[str, npt.NDArray[Any]], keep_float16: bool = False
+) -> dict[str, Array]:
+    """A checkpoint's tensors as float32, whatever form they were stored in (float16 ones
+    left as they are with ``keep_float16``, for a forward pass that widens them itself).
 
     float32 tensors are kept as they are, float16 ones widened, all in one pass: on the first
     answer, this runs beside the import of Chroma on another thread, and each numpy call
@@ -43,7 +46,9 @@ def float32_weights(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Array]:
         for name, array in tensors.items()
         if array.dtype == np.float16 and not name.endswith(SCALE_SUFFIX)
     ]
-    if halves:  # widened in one pass, each tensor a view of the result
+    if keep_float16:
+        weights.update((name, tensors[name]) for name in halves)
+    elif halves:  # widened in one pass, each tensor a view of the result
         widened = np.concatenate([tensors[name].ravel() for name in halves]).astype(np.float32)
         start = 0
         for name in halves:
@@ -89,12 +94,17 @@ class BertEncoder(ABC):
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_tokens)
-        weights = float32_weights(load_file(str(model_dir / "model.safetensors")))
+        weights = float32_weights(
+            load_file(str(model_dir / "model.safetensors")), keep_float16=self.widens_float16
+        )
         self._load({name.removeprefix("bert."): array for name, array in weights.items()})
+
+    widens_float16 = False  # whether _load takes float16 tensors as they are
 
     @abstractmethod
     def _load(self, weights: dict[str, Array]) -> None:
-        """Prepare the forward pass from the checkpoint's tensors (``bert.`` prefix removed)."""
+        """Prepare the forward pass from the checkpoint's tensors (``bert.`` prefix removed),
+        float32, or float16 too where :attr:`widens_float16` says so."""
 
     @abstractmethod
     def _forward(self, ids: TokenIds, mask: Array) -> Array:

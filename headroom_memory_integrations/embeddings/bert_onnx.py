@@ -46,9 +46,15 @@ class _Graph:
         return name
 
     def weight(self, array: Array) -> str:
-        """A model tensor, which ONNX Runtime will read from our memory, not from the graph."""
+        """A model tensor, which ONNX Runtime will read from our memory, not from the graph.
+        A float16 one is widened by a Cast that ONNX Runtime folds as it loads the graph."""
         name = f"weight_{len(self.external)}"
-        self.external[name] = np.ascontiguousarray(array, dtype=np.float32)
+        self.external[name] = np.ascontiguousarray(array)
+        if array.dtype == np.float16:
+            self.initializers.append(
+                onnx_format.external_tensor(name, array.shape, onnx_format.FLOAT16)
+            )
+            return self.op("Cast", name, to=onnx_format.FLOAT)
         self.initializers.append(onnx_format.external_tensor(name, array.shape))
         return name
 
@@ -63,6 +69,11 @@ class _Graph:
 
 class OnnxBertEncoder(BertEncoder):
     """The encoder on ONNX Runtime's CPU provider."""
+
+    # the checkpoint's float16 tensors are handed over as they are, widened and transposed by
+    # ONNX Runtime as it loads the graph (constant folding, outside the GIL): on the first
+    # answer, the model loads beside the Chroma import on another thread
+    widens_float16 = True
 
     def _load(self, weights: dict[str, Array]) -> None:
         graph = _Graph()
@@ -91,8 +102,7 @@ class OnnxBertEncoder(BertEncoder):
         head_dim = hidden // heads
 
         def linear(x: str, w: dict[str, Array], name: str) -> str:
-            # the checkpoint's (out, in) matrix, transposed by ONNX Runtime as it loads the
-            # graph (constant folding, outside the GIL) rather than by numpy here
+            # the checkpoint's (out, in) matrix, transposed as the graph loads
             matrix = g.op("Transpose", g.weight(w[name]), perm=[1, 0])
             return g.op("Add", g.op("MatMul", x, matrix), g.weight(w[f"{name}_bias"]))
 

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 IR_VERSION = 8  # read by every ONNX Runtime since 1.10; enough for opset 17
-FLOAT, INT64 = 1, 7  # TensorProto.DataType
+FLOAT, INT64, FLOAT16 = 1, 7, 10  # TensorProto.DataType
 _DATA_TYPES = {np.dtype(np.float32): FLOAT, np.dtype(np.int64): INT64}
 _ATTRIBUTE_FLOAT, _ATTRIBUTE_INT, _ATTRIBUTE_INTS = 1, 2, 7  # AttributeProto.AttributeType
 _EXTERNAL = 1  # TensorProto.DataLocation
