@@ -89,9 +89,8 @@ def run(ctx: Context) -> SectionResult:
             NAME,
             "first answer of with_fast_memory (imports -> answer)",
             seconds(answers, "first_answer_ms"),
-            value_at_most(2, "s"),
+            value_at_most(1, "s"),
             unit="s",
-            note="target < 2 s",
         )
     )
     result.add(
