@@ -71,3 +71,43 @@ def test_closing_an_embedded_storage_lets_the_folder_be_opened_afresh(db_path, m
     assert reopened is not storage
     store = MemoryStore("alice", storage=reopened, embedder=model)
     assert [m.text for m in store.get_all()] == ["Plays the cello"]
+
+
+def test_the_vector_index_is_saved_every_100_writes_in_new_and_older_collections(
+    db_path,
+) -> None:
+    """Chroma keeps writes in its log until it saves the vector index, and each write costs
+    more the longer that log is: collections are made with a save every 100 writes (Chroma's
+    default is 1,000), and those of older versions are set to it when a process opens them."""
+    threshold = f"""
+        import chromadb
+        from chromadb.config import Settings
+        client = chromadb.PersistentClient({str(db_path)!r}, Settings(anonymized_telemetry=False))
+        [chroma] = client.list_collections()
+        print(chroma.configuration["hnsw"]["sync_threshold"])
+        """
+    out = _run(
+        f"""
+        from headroom_memory_integrations import MemoryStore
+        store = MemoryStore("alice", db_path={str(db_path)!r})
+        store.add("Likes green tea")
+        """
+        + threshold
+        + """
+        chroma.modify(configuration={"hnsw": {"sync_threshold": 1000}})  # as older versions
+        """
+        + threshold
+    )
+    assert out.split() == ["100", "1000"]
+    out = _run(
+        f"""
+        import json
+        from headroom_memory_integrations import MemoryStore
+        store = MemoryStore("alice", db_path={str(db_path)!r})
+        print(json.dumps([m.text for m, _ in store.search("green tea", min_score=-1)]))
+        store.add("Walks to work")
+        print(store.count())
+        """
+        + threshold
+    )
+    assert out.splitlines() == ['["Likes green tea"]', "2", "100"]

@@ -65,6 +65,13 @@ indexes every document's trigrams for a full-text search this package never make
 one row per field that made a single write ~40% dearer. Records of format 1 are read as they
 are and rewritten in format 2 when they change."""
 _BATCH = 1000  # rows per Chroma call when reading or deleting many
+HNSW_SYNC_THRESHOLD = 100
+"""Writes after which Chroma saves a collection's vector index to disk; until then it keeps
+them in its write log too, and each write costs more the longer that log is. Chroma's default,
+1,000, made a single write at 10k memories 6.8 ms at the median (rising from ~5 ms to ~8 ms
+between two saves); at 100 it is 4.8 ms (50k: 8.3 -> 5.3 ms; 100k: 8.0 -> 5.4 ms), and a batch
+of 100 costs the same within ~0.1 ms per record. Collections of older versions are set to it
+when opened (before Chroma loads their index, which reads it)."""
 # A user's memories are read ahead into memory (a few KB each) up to this many; a sole writer
 # then searches them there. Larger collections are searched by Chroma.
 WARM_LIMIT = 20_000
@@ -197,6 +204,18 @@ def _import_clients() -> None:
     import h11  # noqa: F401
     import httpcore  # noqa: F401
     import httpx  # noqa: F401
+
+
+def _save_index_often(collection: Any) -> None:
+    """Set a collection made by an older version to :data:`HNSW_SYNC_THRESHOLD`. Chroma reads
+    it when it loads the index, at the first read or write: this comes before. Best effort:
+    a collection that cannot be changed (a read-only folder) works as it is."""
+    try:
+        hnsw = (getattr(collection, "configuration", None) or {}).get("hnsw") or {}
+        if int(hnsw.get("sync_threshold", 0)) > HNSW_SYNC_THRESHOLD:
+            collection.modify(configuration={"hnsw": {"sync_threshold": HNSW_SYNC_THRESHOLD}})
+    except Exception as exc:
+        logger.debug("left the index's sync threshold of %s as it was: %s", collection, exc)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -417,7 +436,13 @@ class ChromaCollection:
             collection = client.get_or_create_collection(
                 name=self._name,
                 embedding_function=None,
-                configuration={"hnsw": {"space": "cosine", "ef_search": 100}},
+                configuration={
+                    "hnsw": {
+                        "space": "cosine",
+                        "ef_search": 100,
+                        "sync_threshold": HNSW_SYNC_THRESHOLD,
+                    }
+                },
                 metadata={
                     "user_id": self._user_id,
                     "embedder": embedder,
@@ -434,6 +459,7 @@ class ChromaCollection:
                     return None
                 raise
         storage._check_owner(collection.metadata or {}, self._user_id, embedder, dimension)
+        _save_index_often(collection)
         self._collection = collection
         return collection
 
