@@ -19,8 +19,10 @@ def _check_openai_llm(llm: Any) -> None:
     try:
         from llama_index.llms.openai import OpenAI
     except ImportError:
-        OpenAI = None
-    if OpenAI is None or not isinstance(llm, OpenAI):
+        openai_llm: type | None = None
+    else:
+        openai_llm = OpenAI
+    if openai_llm is None or not isinstance(llm, openai_llm):
         raise InvalidInputError(
             "openai_llm_with_memory takes a llama_index.llms.openai.OpenAI or a subclass "
             f"(OpenAILike, ...), got {type(llm).__name__}; wrap any other LLM in MemoryLLM"
