@@ -84,7 +84,7 @@ def test_the_vector_index_is_saved_every_100_writes_in_new_and_older_collections
         from chromadb.config import Settings
         client = chromadb.PersistentClient({str(db_path)!r}, Settings(anonymized_telemetry=False))
         [chroma] = client.list_collections()
-        print(chroma.configuration["hnsw"]["sync_threshold"])
+        print(chroma.configuration_json["hnsw"]["sync_threshold"])
         """
     out = _run(
         f"""

@@ -211,7 +211,9 @@ def _save_index_often(collection: Any) -> None:
     it when it loads the index, at the first read or write: this comes before. Best effort:
     a collection that cannot be changed (a read-only folder) works as it is."""
     try:
-        hnsw = (getattr(collection, "configuration", None) or {}).get("hnsw") or {}
+        # the raw JSON: chromadb's parsed `configuration` warns of our "legacy" (absent)
+        # embedding function each time it is read
+        hnsw = (getattr(collection, "configuration_json", None) or {}).get("hnsw") or {}
         if int(hnsw.get("sync_threshold", 0)) > HNSW_SYNC_THRESHOLD:
             collection.modify(configuration={"hnsw": {"sync_threshold": HNSW_SYNC_THRESHOLD}})
     except Exception as exc:
