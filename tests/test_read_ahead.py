@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations import MemoryStore, StorageError
 from headroom_memory_integrations.storage import chroma
 from headroom_memory_integrations.storage.vectors import VectorIndex
 
@@ -277,3 +277,37 @@ def test_records_read_on_demand_are_held_up_to_a_limit(
     ]
     hash_store.add_many([f"later note {i} on subject {i}" for i in range(60)])  # writes too
     assert len(collection._cache) <= 40 and hash_store.count() == 180
+
+
+def test_a_new_memory_id_is_read_once_above_the_read_ahead_limit(
+    hash_store: MemoryStore, monkeypatch
+) -> None:
+    """Without a complete index, a new memory's id is read to see whether it is taken; the
+    write then needs to know what it replaces, which that read already said (nothing): Chroma
+    is asked once, not twice. A failed write still leaves nothing behind."""
+    monkeypatch.setattr(chroma, "WARM_LIMIT", 10)
+    collection = hash_store._open()
+    collection._warm_after = None  # no read-ahead
+    hash_store.add_many([f"note {i} about topic {i}" for i in range(30)])
+    reads: list[list[str]] = []
+    real_get = collection._collection.get
+
+    def counting_get(*args, **kwargs):
+        reads.append(list(kwargs.get("ids") or []))
+        return real_get(*args, **kwargs)
+
+    monkeypatch.setattr(collection._collection, "get", counting_get)
+    memory = hash_store.add("Keeps bees in the back garden")
+    assert sum(memory.id in ids for ids in reads) == 1
+    assert hash_store.get(memory.id).text == "Keeps bees in the back garden"
+
+    def broken_upsert(**kwargs):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(collection._collection, "upsert", broken_upsert)
+    with pytest.raises(StorageError):
+        hash_store.add("Owns a red canoe")
+    monkeypatch.undo()
+    assert hash_store.count() == 31
+    assert [m.text for m in hash_store.get_all() if "canoe" in m.text] == []
+    assert hash_store.add("Owns a red canoe").text == "Owns a red canoe"  # its id is free

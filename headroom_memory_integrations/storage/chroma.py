@@ -82,6 +82,7 @@ READ_AHEAD_BUDGET = 100_000
 # a user above WARM_LIMIT has each search's candidates read and kept); past it, the oldest
 # half is let go and read again from Chroma when needed.
 CACHE_LIMIT = 2 * WARM_LIMIT
+_ABSENT_LIMIT = 4096  # ids known not to exist, kept at most (see ChromaCollection._absent)
 _WARM_RETRY_SECONDS = 5.0  # after a write overlapped a read-ahead, wait this long to retry
 DEFAULT_TIMEOUT = 5.0
 """Seconds a request to a Chroma server may take before it fails (chromadb's own client waits
@@ -393,6 +394,10 @@ class ChromaCollection:
         # Records read before, by id. This handle's writes keep them current; when it is the
         # only writer of the collection (embedded storage), get() may be served from them.
         self._cache: dict[str, _Record] = {}
+        # Ids a sole writer's read found missing, with no write between: a new memory's id is
+        # read before the write (is it taken?) and again as the write starts (what to restore
+        # if it fails); the second read is answered from here. Written ids leave it.
+        self._absent: dict[str, None] = {}
         self._sole_flag = storage._sole_writer
         # Odd while a write is under way; a read that overlaps a write caches nothing.
         self._write_stamp = 0
@@ -533,6 +538,8 @@ class ChromaCollection:
         index = self._index
         if index is not None and self._sole_writer and not any(i in index for i in ids):
             return {}  # a sole writer's complete index: none of them exists
+        if self._sole_writer:
+            ids = [i for i in ids if i not in self._absent]  # read missing, not written since
         found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(ids), _BATCH):
             page = self._call(
@@ -667,10 +674,25 @@ class ChromaCollection:
         if stamp % 2 == 0 and stamp == self._write_stamp:  # no write overlapped the read
             self._cache.update(read)
             self._within_cache_limit()
+            if self._sole_writer:
+                self._note_absent([i for i in missing if i not in read], stamp)
         found.update(read)
         return found
 
     # -- what is held in memory -------------------------------------------------------------
+
+    def _note_absent(self, ids: list[str], stamp: int) -> None:
+        """Remember that a read begun at write stamp ``stamp`` found ``ids`` missing, unless a
+        write has begun since (or holds the lock now: then it is skipped, not waited for)."""
+        if not ids or not self._write_lock.acquire(blocking=False):
+            return
+        try:
+            if stamp == self._write_stamp:
+                self._absent.update((i, None) for i in ids)
+                while len(self._absent) > _ABSENT_LIMIT:
+                    del self._absent[next(iter(self._absent))]
+        finally:
+            self._write_lock.release()
 
     def _within_cache_limit(self) -> None:
         """Past :data:`CACHE_LIMIT` records (read or written), keep the newest half (the cache
@@ -700,6 +722,7 @@ class ChromaCollection:
         self._collection = self._segment = None
         self._index = None
         self._cache.clear()
+        self._absent.clear()
         _read_aheads.remove(self)
         self._warm_after = 0.0
 
@@ -709,6 +732,7 @@ class ChromaCollection:
         self._sole_writer = False
         self._index = None
         self._cache.clear()
+        self._absent.clear()
         _read_aheads.remove(self)
 
     def forget_read_ahead(self) -> None:
@@ -806,6 +830,7 @@ class ChromaCollection:
             finally:
                 for i in ids:
                     self._cache.pop(i, None)
+                    self._absent.pop(i, None)
                 self._write_stamp += 1
             change = _Change(ids, written if self._sole_writer else None, vectors)
             change.replay(self._cache, self._index)
