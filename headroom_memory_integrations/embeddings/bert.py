@@ -34,9 +34,10 @@ def float32_weights(
     left as they are with ``keep_float16``, for a forward pass that widens them itself).
 
     float32 tensors are kept as they are, float16 ones widened, all in one pass: on the first
-    answer, this runs beside the import of Chroma on another thread, and each numpy call
-    releases the GIL and waits to take it back, so a hundred calls cost several times one. An
-    int8 tensor ``name`` comes with a ``name:scale`` tensor (one scale per row, broadcast along
+    answer the model loads beside the import of Chroma on another thread, where each numpy
+    call releases the GIL and waits to take it back, so a hundred calls cost several times one
+    (the ONNX Runtime encoder widens them in its graph instead, outside the GIL). An int8
+    tensor ``name`` comes with a ``name:scale`` tensor (one scale per row, broadcast along
     the row) and becomes ``int8 * scale``. (The bundled model stores float16;
     scripts/build_local_model.py can write int8 rows too.)
     """
