@@ -89,3 +89,28 @@ def test_unreachable_server_is_a_storage_error() -> None:
 def test_bad_server_url() -> None:
     with pytest.raises(StorageError, match="not a Chroma server URL"):
         ChromaStorage.from_url("ftp://example")
+
+
+def test_a_storage_dropped_unclosed_lets_go_of_its_client(chroma_server, model) -> None:
+    """An application that makes a storage per request and never closes it: once the storage
+    is unreachable it is collected (the read-ahead of its users does not keep it) and its
+    client closed, so its connections are not held until the process ends."""
+    import gc
+    import weakref
+
+    from headroom_memory_integrations.storage import chroma
+
+    storage = ChromaStorage.from_url(chroma_server.url)
+    store = MemoryStore("srv-dropped", storage=storage, embedder=model)
+    store.add("Keeps bees on the roof")
+    assert store.search("Which animals do I keep?")  # Chroma answers: read ahead after it
+    for thread in list(chroma._warmers):
+        thread.join(timeout=30)
+    assert any(h._storage is storage for h in chroma._read_aheads.held())  # read ahead
+    client = storage._client
+    collected = weakref.ref(storage)
+    del store, storage
+    gc.collect()
+    assert collected() is None
+    assert client._closed
+    assert not any(h._user_id == "srv-dropped" for h in chroma._read_aheads.held())

@@ -107,34 +107,64 @@ _warmers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
 class _ReadAheads:
-    """The collections held read ahead in this process, least recently searched first."""
+    """The collections held read ahead in this process, least recently searched first. Held
+    weakly: a storage dropped without :meth:`ChromaStorage.close` is still collected (and its
+    client closed, see ``ChromaStorage._adopt``); its entries leave with it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sizes: OrderedDict[ChromaCollection, int] = OrderedDict()
+        self._sizes: OrderedDict[weakref.ref[ChromaCollection], int] = OrderedDict()
+        # entries of collected handles, dropped at the next call (a collection may happen
+        # while the lock is held, by this very thread)
+        self._dead: list[weakref.ref[ChromaCollection]] = []
 
     def add(self, handle: ChromaCollection, size: int) -> None:
         """Hold ``handle``'s read-ahead, letting the least recently searched ones go."""
         with self._lock:
-            self._sizes[handle] = size
-            self._sizes.move_to_end(handle)
+            self._drop_dead()
+            key = weakref.ref(handle, self._collected)
+            self._sizes[key] = size
+            self._sizes.move_to_end(key)
             evicted = []
             while sum(self._sizes.values()) > READ_AHEAD_BUDGET and len(self._sizes) > 1:
-                evicted.append(self._sizes.popitem(last=False)[0])
+                evicted.append(self._sizes.popitem(last=False)[0]())
         for old in evicted:
-            old.forget_read_ahead()
+            if old is not None:
+                old.forget_read_ahead()
 
     def touch(self, handle: ChromaCollection) -> None:
         with self._lock:
-            if handle in self._sizes:
-                self._sizes.move_to_end(handle)
+            self._drop_dead()
+            key = weakref.ref(handle)
+            if key in self._sizes:
+                self._sizes.move_to_end(key)
 
     def remove(self, handle: ChromaCollection) -> None:
         with self._lock:
-            self._sizes.pop(handle, None)
+            self._drop_dead()
+            self._sizes.pop(weakref.ref(handle), None)
+
+    def held(self) -> list[ChromaCollection]:
+        """The handles held, least recently searched first."""
+        with self._lock:
+            self._drop_dead()
+            return [h for h in (key() for key in self._sizes) if h is not None]
+
+    def _collected(self, key: weakref.ref[ChromaCollection]) -> None:
+        self._dead.append(key)
+
+    def _drop_dead(self) -> None:
+        while self._dead:
+            self._sizes.pop(self._dead.pop(), None)
 
 
 _read_aheads = _ReadAheads()
+
+
+def _close_client(client: Any) -> None:
+    close = getattr(client, "close", None)
+    if callable(close):
+        close()
 
 
 class _EraseLock:
@@ -886,6 +916,7 @@ class ChromaStorage:
         self._unerased: list[tuple[str, list[str] | None]] = []
         self._erase_lock = _EraseLock()
         self._closed = False
+        self._release: weakref.finalize[Any, Any] | None = None
         if client is not None and timeout is not None:
             bound_http_requests(client, timeout)
 
@@ -1012,6 +1043,12 @@ class ChromaStorage:
                 close()
             return
         self._client = client
+        if self._connect is not None and self._folder is None:
+            # a server's client made here: closed by close(), or once this is collected (not
+            # at exit: work still draining then may need it; embedded storages stay in
+            # ChromaStorage._embedded until closed)
+            self._release = weakref.finalize(self, _close_client, client)
+            self._release.atexit = False
 
     @contextmanager
     def _guard(self, action: str) -> Iterator[None]:
@@ -1202,9 +1239,9 @@ class ChromaStorage:
                 if storage is self:
                     del self._embedded[folder]
         client, self._client = self._client, None
-        close = getattr(client, "close", None)
-        if callable(close):
-            close()
+        if self._release is not None:
+            self._release.detach()
+        _close_client(client)
         if self._folder_lock is not None:
             self._folder_lock.release()
 
