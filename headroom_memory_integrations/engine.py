@@ -761,9 +761,16 @@ class MemoryStore(WritePath):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until background writes are done (with the wrappers, memories are stored off
-        the caller's path). Returns False if ``timeout`` seconds passed first. A store used on
-        its own writes synchronously, so there is nothing to wait for."""
-        return self._pending.flush(timeout) if self._pending is not None else True
+        the caller's path) and in Chroma: an embedded folder stores small writes in Chroma
+        just after they return (they are journaled first, see :mod:`.storage.deferred`).
+        Returns False if ``timeout`` seconds passed first."""
+        start = time.monotonic()
+        done = self._pending.flush(timeout) if self._pending is not None else True
+        settle = getattr(self.storage, "settle", None)
+        if done and callable(settle):
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            done = bool(settle(left))
+        return done
 
     def close(self, timeout: float | None = 5.0) -> bool:
         """Finish background writes (waiting up to ``timeout`` seconds) and stop serving this

@@ -324,7 +324,8 @@ class WritePath:
             row_of[memory.id] = index
             results.append(Remembered(memory, decision.outcome))
         if current:
-            collection.upsert(list(current.values()), vectors[[row_of[i] for i in current]])
+            rows = vectors[[row_of[i] for i in current]]
+            collection.upsert(list(current.values()), rows, behind=not imported)
         return results
 
     def _reconcile(

@@ -199,9 +199,11 @@ def test_an_update_overwritten_by_another_process_is_kept_in_history(
             decided.wait(30)
             return decisions
 
-        def write_in_turn(*args: Any, _write=collection.upsert, _before=before, _after=after):
+        def write_in_turn(
+            *args: Any, _write=collection.upsert, _before=before, _after=after, **kwargs: Any
+        ):
             _before.wait(30)
-            _write(*args)
+            _write(*args, **kwargs)
             _after.set()
 
         monkeypatch.setattr(store, "_consolidate", decide_together)

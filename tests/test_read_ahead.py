@@ -3,6 +3,7 @@ the in-memory index must answer exactly like Chroma and follow every write."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -199,8 +200,8 @@ def test_a_failed_write_sends_searches_back_to_chroma(hash_store: MemoryStore, m
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(collection._collection, "upsert", broken_upsert)
-    with pytest.raises(StorageError, match="disk full"):
-        hash_store.add("Plays the violin")
+    with pytest.raises(StorageError, match="disk full"):  # a write made at once (an import)
+        hash_store.import_([json.dumps({"id": "f" * 32, "text": "Plays the violin"})])
     assert collection._index is None  # it may not match Chroma any more
     assert collection._warm_after is not None  # and will be read again
     assert [r.memory.text for r in hash_store.search("cello")] == ["Plays the cello"]

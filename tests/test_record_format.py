@@ -17,6 +17,7 @@ from headroom_memory_integrations import MemoryStore, StorageError
 
 def _raw(store: MemoryStore, ids: list[str]) -> dict[str, tuple[str | None, dict]]:
     """What Chroma holds for ``ids``: (document, metadata)."""
+    assert store.flush()  # writes stored behind the caller are in Chroma
     page = store._open()._collection.get(ids=ids, include=["documents", "metadatas"])
     return {
         i: (document, dict(meta))

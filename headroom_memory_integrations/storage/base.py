@@ -34,9 +34,15 @@ class UserCollection(Protocol):
     A storage gives every caller in a process the same object for a user, so what it holds in
     memory (a cache, a search index) follows every write made in the process."""
 
-    def upsert(self, memories: Sequence[Memory], vectors: Vectors) -> None:
+    def upsert(self, memories: Sequence[Memory], vectors: Vectors, *, behind: bool = False) -> None:
         """Store new memories or new versions of existing ones. A write that raises stored
-        nothing (what it had written is undone first)."""
+        nothing (what it had written is undone first).
+
+        Args:
+            behind: The write may reach storage just after this returns, once it is durable
+                and every later read of the process sees it (embedded storage, see
+                :mod:`.deferred`); a failure to store it then is retried, not raised.
+        """
         ...
 
     def get(self, ids: Sequence[str] | None = None) -> list[Memory]:

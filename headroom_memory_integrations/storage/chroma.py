@@ -38,6 +38,14 @@ from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import Catalogued, collection_name
 from .chroma_import import import_chromadb
+from .deferred import (
+    MAX_DEFERRED_RECORDS,
+    SETTLE_SECONDS,
+    DeferredWrites,
+    PendingWrite,
+    clear_journal,
+    journaled,
+)
 from .folder import (
     FolderLock,
     check_free_space,
@@ -249,6 +257,48 @@ def _save_index_often(collection: Any) -> None:
             collection.modify(configuration={"hnsw": {"sync_threshold": HNSW_SYNC_THRESHOLD}})
     except Exception as exc:
         logger.debug("left the index's sync threshold of %s as it was: %s", collection, exc)
+
+
+def _create_collection(client: Any, user_id: str, binding: tuple[str, int]) -> Any:
+    """The user's collection, made with this package's settings if it does not exist."""
+    embedder, dimension = binding
+    return client.get_or_create_collection(
+        name=collection_name(user_id),
+        embedding_function=None,
+        configuration={
+            "hnsw": {"space": "cosine", "ef_search": 100, "sync_threshold": HNSW_SYNC_THRESHOLD}
+        },
+        metadata={
+            "user_id": user_id,
+            "embedder": embedder,
+            "dimension": dimension,
+            "schema_version": SCHEMA_VERSION,
+            "created_at": time.time(),
+        },
+    )
+
+
+def _store_journaled(client: Any, folder: Path) -> None:
+    """Store in Chroma the deferred writes a process left journaled in ``folder`` (it exited
+    or was killed with them pending), then empty the journal. Each is an upsert of whole
+    records, so storing one again is harmless. Raises if Chroma refuses one: the folder does
+    not open, and the journal is kept."""
+    stored = 0
+    for write in journaled(folder):
+        collection = _create_collection(client, write.user_id, (write.embedder, write.dimension))
+        ids = list(write.records)
+        found = collection.get(ids=ids, include=["metadatas"])
+        metadatas = zip(found["ids"], found["metadatas"])
+        legacy = {i for i, meta in metadatas if _RECORD_KEY not in (meta or {})}
+        metas = [_replacing(m) if i in legacy else m for i, m in write.records.items()]
+        columns: dict[str, Any] = {"ids": ids, "embeddings": write.vectors, "metadatas": metas}
+        if legacy:
+            columns["documents"] = ["" if i in legacy else None for i in ids]
+        collection.upsert(**columns)
+        stored += 1
+    if stored:
+        logger.info("stored %d write(s) left pending by an earlier process in %s", stored, folder)
+    clear_journal(folder)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -470,24 +520,7 @@ class ChromaCollection:
         client = storage._client_now()
         embedder, dimension = self.binding
         if create:
-            collection = client.get_or_create_collection(
-                name=self._name,
-                embedding_function=None,
-                configuration={
-                    "hnsw": {
-                        "space": "cosine",
-                        "ef_search": 100,
-                        "sync_threshold": HNSW_SYNC_THRESHOLD,
-                    }
-                },
-                metadata={
-                    "user_id": self._user_id,
-                    "embedder": embedder,
-                    "dimension": dimension,
-                    "schema_version": SCHEMA_VERSION,
-                    "created_at": time.time(),
-                },
-            )
+            collection = _create_collection(client, self._user_id, self.binding)
         else:
             try:
                 collection = client.get_collection(self._name, embedding_function=None)
@@ -505,6 +538,7 @@ class ChromaCollection:
         the collection does not exist and ``write`` is False (nothing to read or delete).
         A collection dropped meanwhile is opened afresh; transient Chroma errors are retried."""
         storage = self._storage
+        storage._settle()  # Chroma is read and written with every deferred write in it
         for attempt in range(_TRANSIENT_TRIES):
             last = attempt == _TRANSIENT_TRIES - 1
             with storage._guard(action), storage._erase_lock.shared():
@@ -524,12 +558,16 @@ class ChromaCollection:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def upsert(self, memories: Sequence[Memory], vectors: Vectors) -> None:
+    def upsert(self, memories: Sequence[Memory], vectors: Vectors, *, behind: bool = False) -> None:
         """Store ``memories`` (new ones, or new versions of existing ones) with their vectors.
 
         Written in batches of at most the server's maximum. If any batch fails, what the
         earlier ones wrote is undone (new memories deleted, rewritten ones restored) before
         :class:`StorageError` is raised, so a write that raised leaves nothing half-stored.
+
+        With ``behind``, a small write of a sole writer that holds the user read ahead is
+        journaled, made in memory and stored in Chroma behind the caller (see
+        :mod:`.deferred`).
         """
         if not memories:
             return
@@ -540,27 +578,59 @@ class ChromaCollection:
         if len(ids) != len(memories):
             raise StorageError("a write may not name the same memory twice")
         size = sum(_record_bytes(meta, self.binding[1]) for meta in metas)
-        with self._user_lock, self._writing(ids, written, vectors):
-            self._storage._ready_to_write(self, size)
-            prior = self._prior(ids)
-            # A record of format 1 being rewritten loses its document and its own keys.
-            legacy = {i for i, r in prior.items() if _RECORD_KEY not in (r["metadata"] or {})}
-            metas = [_replacing(m) if i in legacy else m for i, m in zip(ids, metas)]
-            batch = self._storage._batch_size()
-            try:
-                for start in range(0, len(ids), batch):
-                    part = slice(start, start + batch)
-                    columns = {
-                        "ids": ids[part],
-                        "embeddings": vectors[part],
-                        "metadatas": metas[part],
-                    }
-                    if legacy:  # (Chroma keeps a record's document unless given another)
-                        columns["documents"] = ["" if i in legacy else None for i in ids[part]]
-                    self._call("write memories", lambda c: c.upsert(**columns), write=True)  # noqa: B023
-            except StorageError as error:
-                self._undo(ids, prior, error)
-                raise
+        with self._user_lock, self._write_lock:
+            deferred = self._storage._deferred
+            if (
+                behind
+                and deferred is not None
+                and deferred.last_error is None  # Chroma refuses writes: the caller hears it
+                and self._deferrable(len(ids))
+            ):
+                self._storage._ready_to_write(self, size)
+                embedder, dimension = self.binding
+                pending = dict(zip(ids, metas))
+                if deferred.add(PendingWrite(self._user_id, embedder, dimension, pending, vectors)):
+                    with self._writing(ids, written, vectors):
+                        return
+            with self._writing(ids, written, vectors):
+                self._storage._ready_to_write(self, size)
+                self._store(ids, metas, vectors)
+
+    def _deferrable(self, records: int) -> bool:
+        """Whether a write of ``records`` records may be stored behind the caller: this
+        process holds everything it changes (a sole writer's complete read-ahead, not being
+        read again meanwhile), the collection exists (the first write makes it at once), and
+        the write is small."""
+        return (
+            records <= MAX_DEFERRED_RECORDS
+            and self._collection is not None
+            and self._index is not None
+            and self._warm_log is None
+            and self._sole_writer
+            and not self._retired
+        )
+
+    def _store(self, ids: list[str], metas: list[dict[str, Any]], vectors: Vectors) -> None:
+        """Write these records to Chroma, undoing what was written if a batch fails."""
+        prior = self._prior(ids)
+        # A record of format 1 being rewritten loses its document and its own keys.
+        legacy = {i for i, r in prior.items() if _RECORD_KEY not in (r["metadata"] or {})}
+        metas = [_replacing(m) if i in legacy else m for i, m in zip(ids, metas)]
+        batch = self._storage._batch_size()
+        try:
+            for start in range(0, len(ids), batch):
+                part = slice(start, start + batch)
+                columns = {
+                    "ids": ids[part],
+                    "embeddings": vectors[part],
+                    "metadatas": metas[part],
+                }
+                if legacy:  # (Chroma keeps a record's document unless given another)
+                    columns["documents"] = ["" if i in legacy else None for i in ids[part]]
+                self._call("write memories", lambda c: c.upsert(**columns), write=True)  # noqa: B023
+        except StorageError as error:
+            self._undo(ids, prior, error)
+            raise
 
     def _prior(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """The stored records (document, metadata, vector) of those ``ids`` that exist, to
@@ -917,6 +987,7 @@ class ChromaStorage:
         self._erase_lock = _EraseLock()
         self._closed = False
         self._release: weakref.finalize[Any, Any] | None = None
+        self._deferred: DeferredWrites | None = None  # an embedded folder's (see at())
         if client is not None and timeout is not None:
             bound_http_requests(client, timeout)
 
@@ -933,6 +1004,7 @@ class ChromaStorage:
                 storage._folder = Path(folder)
                 storage._folder_lock = FolderLock(Path(folder))
                 storage._connect = storage._open_folder
+                storage._deferred = DeferredWrites(Path(folder), storage._store_pending)
                 cls._embedded[folder] = storage
             return storage
 
@@ -986,13 +1058,38 @@ class ChromaStorage:
         assert self._folder is not None and self._folder_lock is not None
         folder = str(self._folder)
         self._folder.mkdir(parents=True, exist_ok=True)
-        self._folder_lock.acquire()
+        writer = self._folder_lock.acquire()
         try:
-            return chromadb.PersistentClient(path=folder, settings=_settings())
+            client = chromadb.PersistentClient(path=folder, settings=_settings())
+            if writer:
+                _store_journaled(client, self._folder)
+            return client
         except BaseException:
             self._folder_lock.release()
             forget_broken_system(folder)
             raise
+
+    def _store_pending(self, write: PendingWrite) -> None:
+        """Write a deferred write to Chroma (in the worker thread of :mod:`.deferred`)."""
+        handle = self.open(write.user_id, write.embedder, write.dimension)
+        handle._store(list(write.records), list(write.records.values()), write.vectors)
+
+    def _settle(self) -> None:
+        """Wait for this folder's deferred writes to be in Chroma (see :mod:`.deferred`)."""
+        if self._deferred is not None:
+            self._deferred.settle()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until the writes an embedded folder stores behind its callers are in Chroma
+        (they are journaled and searchable in this process already; see :mod:`.deferred`).
+        Returns False if ``timeout`` seconds passed first or Chroma keeps refusing them."""
+        if self._deferred is None:
+            return True
+        try:
+            self._deferred.settle(SETTLE_SECONDS if timeout is None else timeout)
+        except StorageError:
+            return False
+        return True
 
     def _client_now(self) -> Any:
         """The chromadb client, made on first need (see ``connect``)."""
@@ -1158,6 +1255,7 @@ class ChromaStorage:
 
     def users(self) -> list[str]:
         """The ids of every user with a memory collection here, sorted."""
+        self._settle()
         with self._guard("list the users"), self._erase_lock.shared():
             client = self._client_now()
             listed = []
@@ -1190,6 +1288,7 @@ class ChromaStorage:
             for handle in handles:
                 held.enter_context(handle.exclusive())
             held.enter_context(self._write_lock)
+            self._settle()
             self._ready_to_write(None, 0)
             with self._guard(f"clear the memories of user {user_id!r}"):
                 client = self._client_now()
@@ -1228,6 +1327,8 @@ class ChromaStorage:
         it, afterwards. :meth:`at` shares one storage per folder in a process: closing it
         closes it for every store of that folder, and the next :meth:`at` opens the folder
         afresh."""
+        if self._deferred is not None:
+            self._deferred.stop()  # what cannot be stored now stays journaled for next time
         with self._write_lock:
             self._closed = True
             with self._collections_lock:

@@ -1,0 +1,211 @@
+"""Small writes to an embedded folder reach Chroma just after the caller returns: journaled
+first, searchable in the process at once, stored by a worker thread, never lost (see
+``storage/deferred.py``)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from _reliability_support import files_containing, run_python
+from conftest import HashEmbedder
+
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.storage import chroma, deferred
+from headroom_memory_integrations.storage.deferred import JOURNAL_FILE, PendingWrite, merged
+
+
+def _read_ahead(store: MemoryStore, monkeypatch) -> chroma.ChromaCollection:
+    """The store once its user is read ahead (the state in which writes are deferred)."""
+    monkeypatch.setattr(chroma, "_WARM_RETRY_SECONDS", 0.0)
+    collection = store._open()
+    deadline = time.monotonic() + 20
+    while collection._index is None:
+        assert time.monotonic() < deadline, "the read-ahead never finished"
+        store.search("anything", min_score=-1)
+        time.sleep(0.01)
+    return collection
+
+
+def _in_chroma(collection: chroma.ChromaCollection, memory_id: str) -> bool:
+    """Whether Chroma itself holds the record (asked directly, without waiting for anything)."""
+    return bool(collection._collection.get(ids=[memory_id])["ids"])
+
+
+def _journal(store: MemoryStore) -> bytes:
+    return (store.storage.folder / JOURNAL_FILE).read_bytes()
+
+
+@pytest.fixture
+def held(monkeypatch) -> None:
+    """The worker gathers writes for a minute unless somebody waits for them."""
+    monkeypatch.setattr(deferred, "GROUP_SECONDS", 60.0)
+
+
+def test_a_single_add_is_journaled_searchable_at_once_and_in_chroma_after_flush(
+    hash_store: MemoryStore, monkeypatch, held
+) -> None:
+    hash_store.add("Plays the cello")  # the first write makes the collection, at once
+    collection = _read_ahead(hash_store, monkeypatch)
+    memory = hash_store.add("Keeps bees on the roof")
+    assert hash_store.storage._deferred.pending == 1
+    assert not _in_chroma(collection, memory.id)  # not yet: the worker is gathering
+    assert b"Keeps bees on the roof" in _journal(hash_store)
+    assert hash_store.get(memory.id).text == "Keeps bees on the roof"
+    found = hash_store.search("Keeps bees on the roof", min_score=-1)
+    assert found[0].memory.id == memory.id  # this process sees it at once
+    assert hash_store.flush(10)
+    assert _in_chroma(collection, memory.id) and _journal(hash_store) == b""
+    assert hash_store.storage._deferred.pending == 0
+
+
+def test_whatever_reads_chroma_waits_for_the_pending_writes(
+    hash_store: MemoryStore, monkeypatch, held
+) -> None:
+    hash_store.add("Plays the cello")
+    _read_ahead(hash_store, monkeypatch)
+    for n in range(3):
+        hash_store.add(f"Visited country number {n} last year")
+    assert hash_store.storage._deferred.pending == 3
+    assert hash_store.count() == 4  # Chroma answers, with every earlier write in it
+    assert hash_store.storage._deferred.pending == 0
+
+
+def test_writes_pending_when_the_process_is_killed_are_stored_by_the_next(db_path) -> None:
+    run = run_python(
+        f"""
+        import os, signal, time
+        from conftest import HashEmbedder
+        from headroom_memory_integrations import MemoryStore
+        from headroom_memory_integrations.storage import chroma, deferred
+        deferred.GROUP_SECONDS = 60.0
+        chroma._WARM_RETRY_SECONDS = 0.0
+        store = MemoryStore("alice", db_path={str(db_path)!r}, embedder=HashEmbedder())
+        store.add("Plays the cello")
+        while store._open()._index is None:
+            store.search("anything", min_score=-1)
+            time.sleep(0.01)
+        store.add("Said just before the crash")
+        assert store.storage._deferred.pending == 1
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    assert run.returncode == -9, run.stderr
+    assert b"Said just before the crash" in (db_path / JOURNAL_FILE).read_bytes()
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    texts = sorted(m.text for m in store.get_all())
+    assert texts == ["Plays the cello", "Said just before the crash"]
+    assert (db_path / JOURNAL_FILE).read_bytes() == b""
+
+
+def test_a_write_chroma_refuses_is_retried_and_never_fails_the_caller(
+    hash_store: MemoryStore, monkeypatch, caplog
+) -> None:
+    hash_store.add("Plays the cello")
+    collection = _read_ahead(hash_store, monkeypatch)
+    monkeypatch.setattr(deferred, "_RETRY_PAUSES", (0.01,))
+    upsert = collection._collection.upsert
+    refusals = []
+
+    def refuses_twice(**request):
+        if len(refusals) < 2:
+            refusals.append(request["ids"])
+            raise RuntimeError("the disk went away")
+        return upsert(**request)
+
+    monkeypatch.setattr(collection._collection, "upsert", refuses_twice)
+    memory = hash_store.add("Keeps bees on the roof")  # no error for the caller
+    assert hash_store.search("Keeps bees on the roof", min_score=-1)[0].memory.id == memory.id
+    assert hash_store.flush(10)
+    assert len(refusals) == 2 and _in_chroma(collection, memory.id)
+    assert hash_store.storage._deferred.failures == 2
+    assert "stay journaled" in caplog.text and _journal(hash_store) == b""
+
+
+def test_deleting_a_pending_memory_leaves_its_text_in_no_file(
+    hash_store: MemoryStore, monkeypatch, held
+) -> None:
+    hash_store.add("Plays the cello")
+    _read_ahead(hash_store, monkeypatch)
+    secret = "Keeps the spare key under the red flowerpot"
+    memory = hash_store.add(secret)
+    assert hash_store.storage._deferred.pending == 1
+    hash_store.delete(memory.id)
+    assert files_containing(hash_store.storage.folder, [secret]) == {}
+    assert [m.text for m in hash_store.get_all()] == ["Plays the cello"]
+
+
+def test_imports_and_batches_are_written_at_once(hash_store: MemoryStore, monkeypatch, held):
+    hash_store.add("Plays the cello")
+    _read_ahead(hash_store, monkeypatch)
+    hash_store.add_many([f"Has read book number {n} twice" for n in range(20)])  # > 16 records
+    hash_store.import_([json.dumps({"id": "f" * 32, "text": "Speaks Finnish"})])
+    assert hash_store.storage._deferred.pending == 0
+
+
+def test_writes_gathered_together_keep_each_memorys_last_version() -> None:
+    def write(user: str, records: dict[str, str]) -> PendingWrite:
+        vectors = np.array([[float(v), 0.0] for v in records.values()], dtype=np.float32)
+        metas = {i: {"record": v} for i, v in records.items()}
+        return PendingWrite(user, "test", 2, metas, vectors)
+
+    writes = [write("a", {"x": "1", "y": "2"}), write("b", {"z": "3"}), write("a", {"x": "4"})]
+    groups = merged(writes)
+    assert [(g.user_id, list(g.records)) for g in groups] == [("a", ["y", "x"]), ("b", ["z"])]
+    assert groups[0].records["x"] == {"record": "4"}
+    assert groups[0].vectors.tolist() == [[2.0, 0.0], [4.0, 0.0]]
+    again = PendingWrite.from_line(groups[0].to_line())  # as the journal keeps it
+    assert (again.user_id, again.embedder, again.dimension) == ("a", "test", 2)
+    assert again.records == groups[0].records
+    assert again.vectors.tolist() == groups[0].vectors.tolist()
+
+
+def test_writes_pending_in_a_removed_folder_are_given_up_not_retried_forever(
+    hash_store: MemoryStore, monkeypatch, held, caplog
+) -> None:
+    import shutil
+
+    hash_store.add("Plays the cello")
+    _read_ahead(hash_store, monkeypatch)
+    hash_store.add("Keeps bees on the roof")
+    queue = hash_store.storage._deferred
+    assert queue.pending == 1
+    shutil.rmtree(hash_store.storage.folder)  # e.g. a temporary folder cleaned up
+    queue.settle(10)  # no StorageError: the worker gave the write up with the folder
+    assert queue.pending == 0 and "was removed with 1 write(s) pending" in caplog.text
+
+
+def test_while_chroma_refuses_writes_callers_hear_it_and_nothing_pending_is_lost(
+    hash_store: MemoryStore, monkeypatch
+) -> None:
+    from headroom_memory_integrations import StorageError
+
+    hash_store.add("Plays the cello")
+    collection = _read_ahead(hash_store, monkeypatch)
+    monkeypatch.setattr(deferred, "_RETRY_PAUSES", (0.05,))
+    upsert = collection._collection.upsert
+    broken = [True]
+
+    def refuses_while_broken(**request):
+        if broken[0]:
+            raise RuntimeError("the disk went away")
+        return upsert(**request)
+
+    monkeypatch.setattr(collection._collection, "upsert", refuses_while_broken)
+    pending = hash_store.add("Keeps bees on the roof")  # deferred: no error for the caller
+    queue = hash_store.storage._deferred
+    deadline = time.monotonic() + 10
+    while queue.last_error is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="the disk went away"):
+        hash_store.add("Grows tomatoes on the balcony")  # made at once, and it fails
+    assert time.monotonic() - started < 5
+    broken[0] = False
+    assert hash_store.flush(10)
+    assert _in_chroma(collection, pending.id)
+    texts = sorted(m.text for m in hash_store.get_all())
+    assert texts == ["Keeps bees on the roof", "Plays the cello"]
