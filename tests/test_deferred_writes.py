@@ -209,3 +209,42 @@ def test_while_chroma_refuses_writes_callers_hear_it_and_nothing_pending_is_lost
     assert _in_chroma(collection, pending.id)
     texts = sorted(m.text for m in hash_store.get_all())
     assert texts == ["Keeps bees on the roof", "Plays the cello"]
+
+
+def test_the_journal_keeps_only_pending_writes_when_writes_never_pause(
+    tmp_path, monkeypatch
+) -> None:
+    import threading
+
+    monkeypatch.setattr(deferred, "GROUP_SECONDS", 0.0)
+    monkeypatch.setattr(deferred, "COMPACT_BYTES", 1)
+    calls, gates = [], [threading.Event(), threading.Event()]
+
+    def store(write: PendingWrite) -> None:  # Chroma, slow enough for writes to pile up
+        calls.append(list(write.records))
+        gates[min(len(calls), 2) - 1].wait(10)
+
+    queue = deferred.DeferredWrites(tmp_path, store)
+
+    def write(memory_id: str) -> PendingWrite:
+        meta = {"record": json.dumps({"text": f"Text of {memory_id}"})}
+        return PendingWrite("u", "test", 2, {memory_id: meta}, np.ones((1, 2), np.float32))
+
+    queue.add(write("first"))
+    while not calls:
+        time.sleep(0.005)
+    queue.add(write("second"))
+    queue.add(write("third"))
+    gates[0].set()  # "first" is stored while the others wait: the journal is rewritten
+    deadline = time.monotonic() + 10
+    while b"Text of first" in (tmp_path / JOURNAL_FILE).read_bytes():
+        assert time.monotonic() < deadline, "the journal was never compacted"
+        time.sleep(0.005)
+    held = (tmp_path / JOURNAL_FILE).read_bytes()
+    assert b"Text of second" in held and b"Text of third" in held
+    gates[1].set()
+    queue.settle(10)
+    assert calls == [["first"], ["second", "third"]]
+    assert (tmp_path / JOURNAL_FILE).read_bytes() == b""
+    assert not (tmp_path / (JOURNAL_FILE + ".new")).exists()
+    queue.stop()

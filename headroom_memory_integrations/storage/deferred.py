@@ -49,6 +49,8 @@ MAX_DEFERRED_RECORDS = 16
 """Writes of more records than this are made at once (a batch gains little from waiting)."""
 SETTLE_SECONDS = 30.0
 """How long a call that reaches Chroma waits for the pending writes before it fails."""
+COMPACT_BYTES = 1 << 20
+"""A journal past this size, with writes still pending, is rewritten with only those."""
 FAILING_SETTLE_SECONDS = 1.0
 """How long that wait is while Chroma refuses the pending writes (the caller gets the error)."""
 EXIT_SECONDS = 10.0
@@ -150,8 +152,9 @@ class DeferredWrites:
         self._store = store
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._queue: deque[PendingWrite] = deque()
+        self._queue: deque[tuple[PendingWrite, bytes]] = deque()  # with its journal line
         self._fd: int | None = None
+        self._journal_bytes = 0  # what the journal holds, stored writes included
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._urgent = False  # somebody waits for the pending writes: store them now
@@ -184,7 +187,8 @@ class DeferredWrites:
                 os.fdatasync(self._fd) if hasattr(os, "fdatasync") else os.fsync(self._fd)
             except OSError as exc:
                 raise StorageError(f"could not journal the write in {self.path}: {exc}") from exc
-            self._queue.append(write)
+            self._journal_bytes += len(line)
+            self._queue.append((write, line))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="headroom-memory-writer", daemon=True
@@ -247,7 +251,7 @@ class DeferredWrites:
                     lambda: self._urgent or self._stopped or len(self._queue) >= MAX_GROUP,
                     GROUP_SECONDS,
                 )
-                writes = list(self._queue)
+                writes = [write for write, _ in self._queue]
             try:
                 for write in merged(writes):
                     self._store(write)
@@ -282,21 +286,46 @@ class DeferredWrites:
             with self._lock:
                 for _ in writes:
                     self._queue.popleft()
+                self.last_error = None
                 if not self._queue:
                     self._empty_journal()
-                    self.last_error = None
                     self._urgent = False
+                elif self._journal_bytes > COMPACT_BYTES:  # writes that never stop coming
+                    self._compact_journal()
                 self._changed.notify_all()
 
     def _empty_journal(self) -> None:
         """With the lock held and nothing pending: empty the journal file."""
-        if self._fd is None:
-            return
         try:
-            os.ftruncate(self._fd, 0)
-            os.fsync(self._fd)
+            if self._fd is None:
+                clear_journal(self.path.parent)
+            else:
+                os.ftruncate(self._fd, 0)
+                os.fsync(self._fd)
+            self._journal_bytes = 0
         except OSError as exc:  # what it holds is stored: replaying it is harmless
             logger.warning("could not empty %s: %s", self.path, exc)
+
+    def _compact_journal(self) -> None:
+        """With the lock held: replace the journal by one holding only the pending writes
+        (written beside it, synced, then renamed over it), so that it stays small however
+        long writes keep coming without a pause."""
+        fresh = self.path.with_name(self.path.name + ".new")
+        try:
+            pending = b"".join(line for _, line in self._queue)
+            with open(fresh, "wb") as handle:
+                handle.write(pending)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(fresh, self.path)
+        except OSError as exc:  # the old journal is intact: it is only longer
+            fresh.unlink(missing_ok=True)
+            logger.warning("could not compact %s: %s", self.path, exc)
+            return
+        old, self._fd = self._fd, None  # the next write opens the new journal
+        if old is not None:
+            os.close(old)
+        self._journal_bytes = len(pending)
 
 
 _open_queues: weakref.WeakSet[DeferredWrites] = weakref.WeakSet()
