@@ -278,6 +278,22 @@ def _create_collection(client: Any, user_id: str, binding: tuple[str, int]) -> A
     )
 
 
+def _upsert_columns(
+    ids: list[str], vectors: Vectors, metas: list[dict[str, Any]], legacy: set[str]
+) -> dict[str, Any]:
+    """Chroma's upsert of these records. A record of format 1 being rewritten (``legacy``)
+    loses its own keys and its document (Chroma keeps a record's document unless given
+    another)."""
+    columns: dict[str, Any] = {
+        "ids": ids,
+        "embeddings": vectors,
+        "metadatas": [_replacing(m) if i in legacy else m for i, m in zip(ids, metas)],
+    }
+    if legacy:
+        columns["documents"] = ["" if i in legacy else None for i in ids]
+    return columns
+
+
 def _store_journaled(client: Any, folder: Path) -> None:
     """Store in Chroma the deferred writes a process left journaled in ``folder`` (it exited
     or was killed with them pending), then empty the journal. Each is an upsert of whole
@@ -286,15 +302,11 @@ def _store_journaled(client: Any, folder: Path) -> None:
     stored = 0
     for write in journaled(folder):
         collection = _create_collection(client, write.user_id, (write.embedder, write.dimension))
-        ids = list(write.records)
+        ids, metas = list(write.records), list(write.records.values())
         found = collection.get(ids=ids, include=["metadatas"])
         metadatas = zip(found["ids"], found["metadatas"])
         legacy = {i for i, meta in metadatas if _RECORD_KEY not in (meta or {})}
-        metas = [_replacing(m) if i in legacy else m for i, m in write.records.items()]
-        columns: dict[str, Any] = {"ids": ids, "embeddings": write.vectors, "metadatas": metas}
-        if legacy:
-            columns["documents"] = ["" if i in legacy else None for i in ids]
-        collection.upsert(**columns)
+        collection.upsert(**_upsert_columns(ids, write.vectors, metas, legacy))
         stored += 1
     if stored:
         logger.info("stored %d write(s) left pending by an earlier process in %s", stored, folder)
@@ -613,20 +625,12 @@ class ChromaCollection:
     def _store(self, ids: list[str], metas: list[dict[str, Any]], vectors: Vectors) -> None:
         """Write these records to Chroma, undoing what was written if a batch fails."""
         prior = self._prior(ids)
-        # A record of format 1 being rewritten loses its document and its own keys.
         legacy = {i for i, r in prior.items() if _RECORD_KEY not in (r["metadata"] or {})}
-        metas = [_replacing(m) if i in legacy else m for i, m in zip(ids, metas)]
         batch = self._storage._batch_size()
         try:
             for start in range(0, len(ids), batch):
                 part = slice(start, start + batch)
-                columns = {
-                    "ids": ids[part],
-                    "embeddings": vectors[part],
-                    "metadatas": metas[part],
-                }
-                if legacy:  # (Chroma keeps a record's document unless given another)
-                    columns["documents"] = ["" if i in legacy else None for i in ids[part]]
+                columns = _upsert_columns(ids[part], vectors[part], metas[part], legacy)
                 self._call("write memories", lambda c: c.upsert(**columns), write=True)  # noqa: B023
         except StorageError as error:
             self._undo(ids, prior, error)
