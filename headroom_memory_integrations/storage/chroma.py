@@ -45,6 +45,7 @@ from .deferred import (
     PendingWrite,
     clear_journal,
     journaled,
+    merged,
 )
 from .folder import (
     FolderLock,
@@ -296,20 +297,24 @@ def _upsert_columns(
 
 def _store_journaled(client: Any, folder: Path) -> None:
     """Store in Chroma the deferred writes a process left journaled in ``folder`` (it exited
-    or was killed with them pending), then empty the journal. Each is an upsert of whole
+    or was killed with them pending), then empty the journal: gathered per user as the worker
+    does (:func:`.deferred.merged`), in batches of Chroma's maximum. Each is an upsert of whole
     records, so storing one again is harmless. Raises if Chroma refuses one: the folder does
     not open, and the journal is kept."""
-    stored = 0
-    for write in journaled(folder):
+    writes = merged(list(journaled(folder)))
+    step = int(client.get_max_batch_size())
+    for write in writes:
         collection = _create_collection(client, write.user_id, (write.embedder, write.dimension))
         ids, metas = list(write.records), list(write.records.values())
-        found = collection.get(ids=ids, include=["metadatas"])
-        metadatas = zip(found["ids"], found["metadatas"])
-        legacy = {i for i, meta in metadatas if _RECORD_KEY not in (meta or {})}
-        collection.upsert(**_upsert_columns(ids, write.vectors, metas, legacy))
-        stored += 1
-    if stored:
-        logger.info("stored %d write(s) left pending by an earlier process in %s", stored, folder)
+        for start in range(0, len(ids), step):
+            part = slice(start, start + step)
+            found = collection.get(ids=ids[part], include=["metadatas"])
+            metadatas = zip(found["ids"], found["metadatas"])
+            legacy = {i for i, meta in metadatas if _RECORD_KEY not in (meta or {})}
+            columns = _upsert_columns(ids[part], write.vectors[part], metas[part], legacy)
+            collection.upsert(**columns)
+    if writes:
+        logger.info("stored the writes an earlier process left pending in %s", folder)
     clear_journal(folder)
 
 

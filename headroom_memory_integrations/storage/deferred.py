@@ -16,9 +16,10 @@ it:
    with every earlier write in it.
 
 A write the worker could not store (Chroma failed) stays in the journal and is tried again,
-with a growing pause; a process that exits or is killed with writes pending leaves them in the
-journal, and the next process to open the folder stores them before anything else. The
-caller's errors are those of the journal: a full disk is refused before anything is written.
+with a growing pause; meanwhile new writes are not deferred, so their callers get Chroma's
+error. A process that exits or is killed with writes pending leaves them in the journal, and
+the next process to open the folder stores them before anything else. A full disk is refused
+before anything is written.
 """
 
 from __future__ import annotations
