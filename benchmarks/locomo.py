@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, Memory, MemoryStore
+from headroom_memory_integrations.engine import centred_query
 from headroom_memory_integrations.prompts import format_memory_context, short_ids
 from headroom_memory_integrations.transforms import RollingWindowTransform
 
@@ -268,6 +269,7 @@ def run(ctx: Context) -> SectionResult:
             conversation[f"{index.kind}_stored"] = store.count()
             reachable = set().union(*(index.ids_of(m) for m in store.get_all()))
             memories = store.count()
+            centroid = store._open().centroid()  # private: to replay the engine's similarity
             for category, question, evidence in questions:
                 found = store.search(question, top_k=20, min_score=-1.0)
                 recall, rr = score(evidence, [index.ids_of(m) for m, _ in found])
@@ -275,9 +277,14 @@ def run(ctx: Context) -> SectionResult:
                 scores[index.kind].append(Scores(category, recall, rr, ceiling))
                 injected = store.search(question, top_k=5)
                 if category in OVERALL:
-                    query = embedder.vector(question)
+                    centred = centred_query(embedder.vector(question), centroid)
                     candidates = [
-                        Candidate(m.id, s, float(embedder.vector(m.text) @ query)) for m, s in found
+                        Candidate(
+                            m.id,
+                            s,
+                            centred.similarity(float(embedder.vector(m.text) @ centred.vector)),
+                        )
+                        for m, s in found
                     ]
                     ids_of = {m.id: index.ids_of(m) for m, _ in found}
                     actual = [m.id for m, _ in injected]

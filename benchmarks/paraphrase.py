@@ -69,6 +69,7 @@ from headroom_memory_integrations.engine import (
     DEFAULT_MIN_SCORE,
     KEYED_FLOOR_RISE,
     LEXICAL_WEIGHT,
+    centred_query,
     relevance_floor,
 )
 from headroom_memory_integrations.keys import clean_keys, index_text
@@ -103,11 +104,12 @@ def load(path: Path = PAIRS) -> list[dict[str, Any]]:
 
 @dataclass
 class Candidate:
-    """One result of the no-floor read: its memory id, engine score and cosine similarity."""
+    """One result of the no-floor read: its memory id, engine score and similarity (the one
+    the floor judges: cosine, discounted as :func:`engine.centred_query` says)."""
 
     memory_id: str
     score: float
-    cosine: float
+    similarity: float
     keyed: bool = False  # the memory has keys (the engine's floor is KEYED_FLOOR_RISE higher)
 
 
@@ -129,18 +131,19 @@ Rule = Callable[[Candidate, int], bool]  # (candidate, memories in the store) ->
 
 
 def fixed(floor: float) -> Rule:
-    return lambda c, n: c.cosine >= floor
+    return lambda c, n: c.similarity >= floor
 
 
 def size_aware(base: float, keyed_rise: float = KEYED_FLOOR_RISE) -> Rule:
-    return lambda c, n: c.cosine >= relevance_floor(base, n) + keyed_rise * c.keyed
+    return lambda c, n: c.similarity >= relevance_floor(base, n) + keyed_rise * c.keyed
 
 
 def discounted(base: float, weight: float) -> Rule:
     """The size-aware floor on the cosine minus ``weight`` times the lexical overlap (0-1): a
     memory that shares the question's words must be that much closer in meaning."""
     return lambda c, n: (
-        c.cosine - weight * (c.score - c.cosine) / LEXICAL_WEIGHT >= relevance_floor(base, n)
+        c.similarity - weight * (c.score - c.similarity) / LEXICAL_WEIGHT
+        >= relevance_floor(base, n)
     )
 
 
@@ -216,6 +219,7 @@ def ask_all(
 ) -> list[Asked]:
     questions = [row["question"] for row in rows]
     query_vectors = real.embed(questions)
+    centroid = reader._open().centroid()  # private: the benchmark replays the engine's similarity
     asked = []
     for row, target, query_vector in zip(rows, targets, query_vectors):
         injected = [r.memory.id for r in reader.search(row["question"], top_k=5)]
@@ -223,11 +227,12 @@ def ask_all(
         missing = [_index_text(r.memory) for r in found if _index_text(r.memory) not in vectors]
         if missing:
             vectors.update(zip(missing, real.embed(missing)))
+        centred = centred_query(query_vector, centroid)
         candidates = [
             Candidate(
                 r.memory.id,
                 r.score,
-                float(vectors[_index_text(r.memory)] @ query_vector),
+                centred.similarity(float(vectors[_index_text(r.memory)] @ centred.vector)),
                 bool(r.memory.keys),
             )
             for r in found
@@ -358,7 +363,7 @@ def _index_text(item: str | NewMemory | Memory) -> str:
 def _needle_detail(asked: Asked, pair: dict[str, Any]) -> dict[str, Any]:
     ranked = [c.memory_id for c in asked.candidates]
     rank = ranked.index(asked.target) + 1 if asked.target in ranked else None
-    cosine = next((c.cosine for c in asked.candidates if c.memory_id == asked.target), None)
+    cosine = next((c.similarity for c in asked.candidates if c.memory_id == asked.target), None)
     return {
         "id": pair["id"],
         "split": asked.split,

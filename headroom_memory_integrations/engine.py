@@ -41,27 +41,30 @@ DEFAULT_DB_PATH = "~/.headroom-memory"
 
 DEFAULT_MIN_SCORE = 0.125
 """Relevance floor for a user with one memory: search returns only memories whose meaning is
-at least this close to the query (cosine similarity). The floor rises with the number of
+at least this close to the query (cosine similarity, discounted for memories more typical of
+the user than the average one: :data:`QUERY_CENTERING`). The floor rises with the number of
 memories the user has (:data:`FLOOR_RISE`): the more memories, the closer the best of them
 comes to any question by chance. With all-MiniLM-L6-v2, "which language?" against "Prefers
 Python for backend work" scores 0.136 and "What is 2+2?" -0.008. The floor judges meaning
 alone: sharing a word ("2" with "Has 2 cats") never lets an unrelated memory through."""
 
-FLOOR_RISE = ((1, 0.0), (10, 0.085), (30, 0.135), (100, 0.16), (1_000, 0.195), (10_000, 0.22))
+FLOOR_RISE = ((1, 0.0), (10, 0.085), (30, 0.135), (100, 0.16), (1_000, 0.21), (10_000, 0.235))
 """How far the relevance floor rises above ``min_score`` with the number of memories: (memories,
 rise) points, joined by straight lines over the logarithm of the number, flat past the last
-one. With the default floor: 0.125 for 1 memory, 0.21 for 10, 0.285 for 100, 0.32 for 1,000,
-0.345 from 10,000. Measured, not chosen: at each size, the best memory of the user is at least
+one. With the default floor: 0.125 for 1 memory, 0.21 for 10, 0.285 for 100, 0.335 for 1,000,
+0.36 from 10,000. Measured, not chosen: at each size, the best memory of the user is at least
 this close to an unrelated question (small talk, general knowledge, code) for at most 5% of
 the dev half of ``benchmarks/paraphrase_unrelated.jsonl`` (docs/benchmarks.md, "Paraphrase
-needles and the relevance floor")."""
+needles and the relevance floor"; the points from 1,000 on were measured again with centred
+queries, ``python -m benchmarks.floor``)."""
 
 KEYED_FLOOR_RISE = 0.05
 """How much closer than the floor a memory with keys must be to the query: its topic words and
 its question bring it nearer to questions of its topic, and a little nearer to every question.
 Measured, like :data:`FLOOR_RISE`: the smallest rise of those tried (0, 0.02, 0.03, 0.04, 0.05,
 0.06, 0.08) that keeps false injection at most 5% on the dev half of the unrelated questions
-with 132, 1k and 10k memories that all have keys (docs/benchmarks.md, "Memory keys")."""
+with 132, 1k and 10k memories that all have keys (docs/benchmarks.md, "Memory keys"); still
+enough with centred queries (``python -m benchmarks.floor``)."""
 
 LEXICAL_WEIGHT = 1.2
 """The score that orders search results is the cosine similarity of query and memory plus this
@@ -69,6 +72,21 @@ weight times their lexical overlap (0-1: the share of the query's best possible 
 memory reaches, see :mod:`.lexical`), so exact names, numbers and rare words count. Scores lie
 in [-1, 1 + LEXICAL_WEIGHT]; higher is more relevant. On LoCoMo this raises turn-level
 recall@10 from 0.53 to 0.69 (docs/benchmarks.md)."""
+
+QUERY_CENTERING = 0.6
+"""How much a search discounts a memory for being like the user's other memories (see
+:func:`centred_query`). What all of a user's memories share (their form, "User ..." or
+"[date] Name: ...", and keys of the same kind) brings each of them nearer to every question
+while telling them apart not at all; a memory's similarity to a query is its cosine
+similarity less this share of how much closer than the average memory it is to the mean of
+them all. Chosen on the dev halves of ``benchmarks/paraphrase_pairs.jsonl`` and
+``benchmarks/paraphrase_unrelated.jsonl`` (0.3 to 1.0 tried; 0.5-0.7 did best and alike) and
+checked on LoCoMo, where 1.0 lost turn recall: docs/benchmarks.md, "Centred queries"."""
+
+CENTROID_PRIOR = 300
+"""The mean of few memories says little about what a user's memories share: it is taken off
+in proportion ``n / (n + CENTROID_PRIOR)`` of the ``n`` memories it averages, nearly not at all
+for a handful, 0.6 x 0.97 of it at 10,000."""
 
 SEARCH_CANDIDATES = 200
 """Nearest neighbours scored per search (their ids and similarities come from Chroma; their
@@ -104,14 +122,15 @@ _COUNT_SECONDS = 30.0  # how long a store trusts the memory count its floor was 
 
 
 def relevance_floor(min_score: float, memories: int) -> float:
-    """The cosine similarity a memory needs to be returned by a search, for a user holding
-    ``memories`` memories: ``min_score`` plus the rise of :data:`FLOOR_RISE`. ``min_score``
-    is the floor for one memory; -1 or less turns the floor off.
+    """The similarity (see :func:`centred_query`) a memory needs to be returned by a search,
+    for a user holding ``memories`` memories: ``min_score`` plus the rise of
+    :data:`FLOOR_RISE`. ``min_score`` is the floor for one memory; -1 or less turns the floor
+    off.
 
     Example::
 
         >>> [relevance_floor(DEFAULT_MIN_SCORE, n) for n in (1, 100, 10_000)]
-        [0.125, 0.285, 0.345]
+        [0.125, 0.285, 0.36]
     """
     if min_score <= -1.0:
         return -1.0
@@ -123,6 +142,46 @@ def relevance_floor(min_score: float, memories: int) -> float:
             rise = low + (high - low) * (position - left) / (right - left)
             break
     return round(min_score + rise, 3)
+
+
+@dataclass(frozen=True)
+class CentredQuery:
+    """A query vector as a search compares it with a user's memories (:func:`centred_query`).
+
+    ``vector`` is what the storage's nearest-neighbour search is given (a unit vector); a
+    memory's similarity to the query is its cosine similarity to ``vector`` times ``scale``
+    plus ``offset`` (:meth:`similarity`)."""
+
+    vector: Vectors
+    scale: float = 1.0
+    offset: float = 0.0
+
+    def similarity(self, found: float) -> float:
+        """A memory's similarity to the query, from its cosine similarity to :attr:`vector`."""
+        return found * self.scale + self.offset
+
+
+def centred_query(vector: Vectors, centroid: tuple[Vectors, int] | None) -> CentredQuery:
+    """How a search compares unit query ``vector`` with the memories of a user whose mean
+    memory vector is ``centroid`` (:meth:`UserCollection.centroid`'s answer: the mean and how
+    many memories it averages; None for none).
+
+    A memory's similarity is its cosine similarity to the query less ``w`` times how much
+    closer than the average memory it is to the mean: ``q.m - w * (m.mean - mean.mean)``,
+    with ``w`` = :data:`QUERY_CENTERING` x ``n / (n + CENTROID_PRIOR)``. A memory as typical
+    of the user as the average one keeps its cosine; a more typical one scores lower, a less
+    typical one higher. That is ``(q - w * mean).m + w * mean.mean``: a nearest-neighbour
+    search for the unit vector along ``q - w * mean`` ranks the memories by it, and its
+    cosine similarities give it back (scale and offset)."""
+    if centroid is None:
+        return CentredQuery(vector)
+    mean, count = centroid
+    weight = QUERY_CENTERING * count / (count + CENTROID_PRIOR)
+    shifted = np.asarray(vector, dtype=np.float32) - np.float32(weight) * mean
+    length = float(np.linalg.norm(shifted))
+    if not length > 1e-6:  # the query is the mean itself: keep plain cosine
+        return CentredQuery(vector)
+    return CentredQuery((shifted / length).astype(np.float32), length, weight * float(mean @ mean))
 
 
 class PendingWrites(Protocol):
@@ -422,10 +481,14 @@ class MemoryStore(WritePath):
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
         base = self.min_score if min_score is None else float(min_score)
         vector, collection = self._embed_opening(lambda: self._query_vector(query))
+        centred = centred_query(vector, collection.centroid())
         limit = max(SEARCH_CANDIDATES, top_k * _CATEGORY_OVERFETCH)
         floor: float | None = None
         while True:
-            nearest = collection.nearest(vector, limit)[0]
+            nearest = [
+                (memory_id, centred.similarity(found))
+                for memory_id, found in collection.nearest(centred.vector, limit)[0]
+            ]
             if floor is None:
                 floor = relevance_floor(base, self._memories(collection, len(nearest), limit))
             ranked = self._rank(query, nearest, collection, wanted, floor)

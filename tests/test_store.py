@@ -18,6 +18,7 @@ from headroom_memory_integrations import (
     Source,
 )
 from headroom_memory_integrations.engine import MAX_TEXT_CHARS
+from headroom_memory_integrations.storage.chroma import CENTROID_SAMPLE
 
 
 def test_search_finds_the_relevant_memory_first(store: MemoryStore) -> None:
@@ -310,7 +311,9 @@ def test_embedded_reads_are_served_from_memory_and_follow_writes(store: MemorySt
     collection._collection.get = lambda *a, **k: reads.append(k) or chroma_get(*a, **k)
     assert store.search("Which instrument do I play?")[0].memory.text == "Plays the cello"
     assert store.get(memory.id).text == "Plays the cello"
-    assert reads == []  # this process is the folder's only writer: its records are current
+    # this process is the folder's only writer: its records are current, and no record is
+    # read; without the read-ahead's index, the search reads a sample of vectors for their mean
+    assert reads == [{"limit": CENTROID_SAMPLE, "offset": 0, "include": ["embeddings"]}]
     store.update(memory.id, "Plays the violin")
     assert store.search("Which instrument do I play?")[0].memory.text == "Plays the violin"
     assert store.get(memory.id).text == "Plays the violin"

@@ -56,6 +56,12 @@ class UserCollection(Protocol):
         cosine similarity, most similar first."""
         ...
 
+    def centroid(self) -> tuple[Vectors, int] | None:
+        """The mean of the stored vectors (or of a sample of them) and how many it averages;
+        None when there are none. Searches are centred on it (see
+        :data:`~headroom_memory_integrations.engine.QUERY_CENTERING`)."""
+        ...
+
     def catalog(self, ids: Sequence[str]) -> dict[str, Catalogued]:
         """Text, category and keys by id (ids that do not exist are left out). May be served from a
         cache that this handle's own writes keep current; use :meth:`get` for fresh records."""

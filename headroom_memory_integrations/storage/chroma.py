@@ -33,6 +33,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
+
 from ..embeddings.base import Vectors
 from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
 from ..types import Category, Memory, Revision, Source, parse_time
@@ -91,6 +93,12 @@ READ_AHEAD_BUDGET = 100_000
 # a user above WARM_LIMIT has each search's candidates read and kept); past it, the oldest
 # half is let go and read again from Chroma when needed.
 CACHE_LIMIT = 2 * WARM_LIMIT
+# Without an in-memory index (a user above WARM_LIMIT, or a Chroma server), the mean of the
+# stored vectors that searches are centred on (see engine.QUERY_CENTERING) comes from a sample
+# of this many vectors, read at most every CENTROID_SECONDS.
+CENTROID_SAMPLE = 1000
+CENTROID_SECONDS = 300.0
+_CENTROID_PAGES = 8  # the sample of a larger collection is read in this many spread pages
 _ABSENT_LIMIT = 4096  # ids known not to exist, kept at most (see ChromaCollection._absent)
 _WARM_RETRY_SECONDS = 5.0  # after a write overlapped a read-ahead, wait this long to retry
 DEFAULT_TIMEOUT = 5.0
@@ -505,6 +513,8 @@ class ChromaCollection:
         # While a read-ahead runs: the writes made meanwhile, replayed on what it read.
         self._warm_log: list[_Change] | None = None
         self._retired = False
+        # Without the index: the mean of a sample of the vectors, with when it was read.
+        self._sampled_centroid: tuple[float, tuple[Vectors, int] | None] | None = None
 
     @property
     def _sole_writer(self) -> bool:
@@ -745,6 +755,36 @@ class ChromaCollection:
             [(i, 1.0 - float(distance)) for i, distance in zip(ids, distances)]
             for ids, distances in zip(found["ids"], found["distances"])
         ]
+
+    def centroid(self) -> tuple[Vectors, int] | None:
+        """The mean of the stored vectors and how many it averages: exact from the in-memory
+        index, else from a sample of :data:`CENTROID_SAMPLE` vectors read from Chroma at most
+        every :data:`CENTROID_SECONDS` (the mean of thousands of memories moves slowly)."""
+        index = self._index
+        if index is not None:
+            return index.centroid()
+        sampled, now = self._sampled_centroid, time.monotonic()
+        if sampled is not None and now - sampled[0] < CENTROID_SECONDS:
+            return sampled[1]
+        # pages spread evenly over the collection: Chroma returns records in the order they
+        # were written, and a user's first memories are not like the rest
+        count = self.count()
+        pages = 1 if count <= CENTROID_SAMPLE else _CENTROID_PAGES
+        size = CENTROID_SAMPLE // pages
+        rows = []
+        for offset in (page * count // pages for page in range(pages)):
+            found = self._call(
+                "read memories",
+                lambda c: c.get(limit=size, offset=offset, include=["embeddings"]),  # noqa: B023
+            )
+            if found and found["ids"]:
+                rows.append(np.asarray(found["embeddings"], dtype=np.float32))
+        mean = None
+        if rows:
+            matrix = np.vstack(rows)
+            mean = (matrix.mean(axis=0), len(matrix))
+        self._sampled_centroid = (now, mean)
+        return mean
 
     def catalog(self, ids: Sequence[str]) -> dict[str, Catalogued]:
         records = self._records(list(dict.fromkeys(ids)), cached=True)

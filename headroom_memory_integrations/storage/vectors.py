@@ -30,6 +30,9 @@ class VectorIndex:
         self._ids: list[str] = []
         self._rows: dict[str, int] = {}
         self._matrix = np.zeros((64, dimension), dtype=np.float32)  # rows past len(ids): spare
+        # the stored rows' sum, for centroid(); float64 keeps adding and taking away float32
+        # rows exact
+        self._sum = np.zeros(dimension, dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -47,7 +50,10 @@ class VectorIndex:
                     self._ids.append(memory_id)
                     if row == len(self._matrix):
                         self._matrix = np.concatenate([self._matrix, np.zeros_like(self._matrix)])
+                else:
+                    self._sum -= self._matrix[row]
                 self._matrix[row] = vector
+                self._sum += self._matrix[row]
 
     def remove(self, ids: Sequence[str]) -> None:
         """Forget these ids (unknown ones are ignored); the last row fills each gap."""
@@ -56,12 +62,21 @@ class VectorIndex:
                 row = self._rows.pop(memory_id, None)
                 if row is None:
                     continue
+                self._sum -= self._matrix[row]
                 last = len(self._ids) - 1
                 moved = self._ids.pop()
                 if row != last:
                     self._ids[row] = moved
                     self._rows[moved] = row
                     self._matrix[row] = self._matrix[last]
+
+    def centroid(self) -> tuple[Vectors, int] | None:
+        """The mean of the stored vectors and how many there are (None when empty)."""
+        with self._lock:
+            count = len(self._ids)
+            if not count:
+                return None
+            return (self._sum / count).astype(np.float32), count
 
     def nearest(self, vector: Vectors, limit: int) -> list[tuple[str, float]]:
         """The ``limit`` most similar ids with their cosine similarity, most similar first."""

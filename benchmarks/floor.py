@@ -1,0 +1,85 @@
+"""Measure the relevance floor's points: ``python -m benchmarks.floor``.
+
+For each size of :data:`engine.FLOOR_RISE` (and the sizes of the paraphrase section), the
+similarity that the best memory of a user reaches for an unrelated question, at the 95th
+percentile of the dev half of ``benchmarks/paraphrase_unrelated.jsonl``: the floor that keeps
+false injection at 5% on dev. Below 132 memories, the users are 100 random draws of that many
+facts of ``benchmarks/paraphrase_pairs.jsonl``; from 132, the 132 facts, then with 1k and 10k
+synthetic memories of the same form (``corpus.memory_texts``, vectors from the benchmark
+cache; the first texts of the list, not merged as a store would merge a few). Similarities
+are those a search computes (``engine.centred_query``, with the exact mean). Printed for
+memories written as plain texts and with model-written keys; a keyed memory's floor is the
+plain one plus :data:`engine.KEYED_FLOOR_RISE`, which must cover the difference. Nothing here
+reads the held-out half.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from headroom_memory_integrations import LocalEmbedder
+from headroom_memory_integrations.engine import (
+    DEFAULT_MIN_SCORE,
+    KEYED_FLOOR_RISE,
+    centred_query,
+    relevance_floor,
+)
+from headroom_memory_integrations.keys import clean_keys, index_text
+
+from .common import ROOT
+from .paraphrase import PAIRS, UNRELATED, fact_keys, load
+from .population import keyed_memory_cache, memory_cache
+
+SMALL_SIZES = (1, 3, 10, 30, 100)
+DRAWS = 100
+DISTRACTORS = (0, 1_000, 10_000)
+QUANTILE = 0.95
+
+
+def best_similarities(memories: np.ndarray, questions: np.ndarray) -> np.ndarray:
+    """For each question, the highest similarity a search gives any of ``memories``."""
+    centroid = (memories.mean(axis=0), len(memories))
+    best = []
+    for question in questions:
+        centred = centred_query(question, centroid)
+        best.append(centred.similarity(float((memories @ centred.vector).max())))
+    return np.asarray(best)
+
+
+def main() -> None:
+    real = LocalEmbedder()
+    cache_dir = ROOT / "benchmarks" / "results" / "cache"
+    pairs, unrelated = load(PAIRS), load(UNRELATED)
+    questions = real.embed([row["question"] for row in unrelated if row["split"] == "dev"])
+    keyed_facts = [
+        index_text(row["fact"], clean_keys(k)) for row, k in zip(pairs, fact_keys(pairs))
+    ]
+    variants = {
+        "plain": ([row["fact"] for row in pairs], memory_cache(cache_dir, real)),
+        "keyed": (keyed_facts, keyed_memory_cache(cache_dir, real, max(DISTRACTORS))),
+    }
+    draw = np.random.default_rng(0)
+    print(f"the floor for false injection <= {1 - QUANTILE:.0%}, {len(questions)} dev questions")
+    for name, (facts, cache) in variants.items():
+        fact_vectors = real.embed(facts)
+        cache.ensure(max(DISTRACTORS))
+        row = []
+        for size in SMALL_SIZES:
+            chosen = [draw.choice(len(facts), size, replace=False) for _ in range(DRAWS)]
+            best = np.concatenate([best_similarities(fact_vectors[c], questions) for c in chosen])
+            row.append((size, float(np.quantile(best, QUANTILE))))
+        for extra in DISTRACTORS:
+            others = [cache.table[text] for text in cache.texts[:extra]]
+            memories = np.vstack([fact_vectors, *others]) if others else fact_vectors
+            best = best_similarities(memories, questions)
+            row.append((len(memories), float(np.quantile(best, QUANTILE))))
+        print(f"{name:6s} " + "  ".join(f"{n}: {v:.3f}" for n, v in row))
+        rise = KEYED_FLOOR_RISE if name == "keyed" else 0.0
+        floors = "  ".join(
+            f"{n}: {relevance_floor(DEFAULT_MIN_SCORE, n) + rise:.3f}" for n, _ in row
+        )
+        print(f"{'engine':6s} {floors}")
+
+
+if __name__ == "__main__":
+    main()
