@@ -62,7 +62,8 @@ class SearchResults(list[SearchResult]):
 
     Attributes:
         query: The text searched for.
-        min_score: The relevance floor the results passed (their cosine similarity).
+        min_score: The relevance floor the results passed (their similarity: see
+            :func:`~headroom_memory_integrations.engine.centred_query`).
     """
 
     query: str | None = None
@@ -182,7 +183,7 @@ def search_results_html(
     if query is not None:
         caption += f" for {query!r}"
     if min_score is not None:
-        caption += f" (relevance floor: cosine ≥ {min_score:g})"
+        caption += f" (relevance floor: similarity ≥ {min_score:g})"
     rows = ([f"{score:.3f}", *_memory_cells(memory)] for memory, score in results)
     return _table(["score", *_MEMORY_HEADER], rows, caption)
 

@@ -1,9 +1,11 @@
 """The small value types of the memory layer: :class:`Category`, :class:`Source`,
 :class:`Memory`, :class:`Revision` and :class:`SearchResult`.
 
-Scores, everywhere in this package, are *higher is more relevant*: a search score is the cosine
-similarity of the query and the memory plus a bonus for shared wording (see
-:data:`~headroom_memory_integrations.engine.LEXICAL_WEIGHT`). In Jupyter, memories and search
+Scores, everywhere in this package, are *higher is more relevant*: a search score is the
+similarity of the query and the memory (their cosine similarity, discounted for memories more
+typical of the user than the average one: see
+:func:`~headroom_memory_integrations.engine.centred_query`) plus a bonus for shared wording
+(see :data:`~headroom_memory_integrations.engine.LEXICAL_WEIGHT`). In Jupyter, memories and search
 results render as HTML tables (:mod:`.display`).
 """
 

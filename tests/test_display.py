@@ -161,7 +161,7 @@ def test_search_results_are_a_list_shown_with_scores_and_floor(
     assert f"{results[0].score:.3f}" in markup.cells
     assert all(r.memory.text in markup.cells for r in results)
     caption = markup.text  # the query is user data too
-    assert repr(HOSTILE[2]) in caption and "relevance floor: cosine ≥ -1" in caption
+    assert repr(HOSTILE[2]) in caption and "relevance floor: similarity ≥ -1" in caption
 
 
 def test_no_results_still_compare_equal_to_an_empty_list(hash_store: MemoryStore) -> None:
