@@ -85,7 +85,7 @@ checked on LoCoMo, where 1.0 lost turn recall: docs/benchmarks.md, "Centred quer
 
 CENTROID_PRIOR = 300
 """The mean of few memories says little about what a user's memories share: it is taken off
-in proportion ``n / (n + CENTROID_PRIOR)`` of the ``n`` memories it averages, nearly not at all
+in proportion ``n / (n + CENTROID_PRIOR)`` of the ``n`` memories it stands for, nearly not at all
 for a handful, 0.6 x 0.97 of it at 10,000."""
 
 SEARCH_CANDIDATES = 200
@@ -164,7 +164,7 @@ class CentredQuery:
 def centred_query(vector: Vectors, centroid: tuple[Vectors, int] | None) -> CentredQuery:
     """How a search compares unit query ``vector`` with the memories of a user whose mean
     memory vector is ``centroid`` (:meth:`UserCollection.centroid`'s answer: the mean and how
-    many memories it averages; None for none).
+    many memories it stands for; None for none).
 
     A memory's similarity is its cosine similarity to the query less ``w`` times how much
     closer than the average memory it is to the mean: ``q.m - w * (m.mean - mean.mean)``,

@@ -57,8 +57,8 @@ class UserCollection(Protocol):
         ...
 
     def centroid(self) -> tuple[Vectors, int] | None:
-        """The mean of the stored vectors (or of a sample of them) and how many it averages;
-        None when there are none. Searches are centred on it (see
+        """The mean of the stored vectors (or of a sample of them) and how many memories it
+        stands for; None when there are none. Searches are centred on it (see
         :data:`~headroom_memory_integrations.engine.QUERY_CENTERING`)."""
         ...
 

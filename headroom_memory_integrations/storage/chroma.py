@@ -757,9 +757,10 @@ class ChromaCollection:
         ]
 
     def centroid(self) -> tuple[Vectors, int] | None:
-        """The mean of the stored vectors and how many it averages: exact from the in-memory
-        index, else from a sample of :data:`CENTROID_SAMPLE` vectors read from Chroma at most
-        every :data:`CENTROID_SECONDS` (the mean of thousands of memories moves slowly)."""
+        """The mean of the stored vectors and how many memories it stands for: exact from the
+        in-memory index, else the mean of a sample of :data:`CENTROID_SAMPLE` vectors read from
+        Chroma at most every :data:`CENTROID_SECONDS` (the mean of thousands of memories moves
+        slowly), standing for the collection's count."""
         index = self._index
         if index is not None:
             return index.centroid()
@@ -780,9 +781,9 @@ class ChromaCollection:
             if found and found["ids"]:
                 rows.append(np.asarray(found["embeddings"], dtype=np.float32))
         mean = None
-        if rows:
+        if rows:  # the mean stands for the whole collection: the count is the collection's
             matrix = np.vstack(rows)
-            mean = (matrix.mean(axis=0), len(matrix))
+            mean = (matrix.mean(axis=0), max(count, len(matrix)))
         self._sampled_centroid = (now, mean)
         return mean
 
