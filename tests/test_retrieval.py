@@ -15,7 +15,8 @@ from headroom_memory_integrations.engine import (
 
 
 def test_the_floor_rises_with_the_number_of_memories_and_then_stays() -> None:
-    floors = [relevance_floor(DEFAULT_MIN_SCORE, n) for n in (0, 1, 2, 10, 100, 1_000, 10_000)]
+    sizes = (0, 1, 2, 10, 100, 1_000, 10_000, 100_000)
+    floors = [relevance_floor(DEFAULT_MIN_SCORE, n) for n in sizes]
     assert floors[0] == floors[1] == DEFAULT_MIN_SCORE
     assert floors == sorted(floors) and len(set(floors)) == len(floors) - 1
     assert floors[-1] == round(DEFAULT_MIN_SCORE + FLOOR_RISE[-1][1], 3)
