@@ -96,7 +96,7 @@ def test_without_the_index_the_mean_comes_from_a_sample_read_at_most_every_few_m
     mean, count = collection.centroid()
     assert count == 3
     np.testing.assert_allclose(mean, hash_store.embedder.embed(texts).mean(axis=0), atol=1e-6)
-    assert samples == [{"limit": chroma.CENTROID_SAMPLE, "offset": 0, "include": ["embeddings"]}]
+    assert samples == [{"limit": chroma.CENTROID_SAMPLE, "include": ["embeddings"]}]
     hash_store.search("Where do I live?")
     assert collection.centroid()[1] == 3 and len(samples) == 1  # served from the last sample
     monkeypatch.setattr(chroma, "CENTROID_SECONDS", 0.0)
@@ -104,24 +104,28 @@ def test_without_the_index_the_mean_comes_from_a_sample_read_at_most_every_few_m
     assert collection.centroid()[1] == 4 and len(samples) == 2
 
 
-def test_the_sample_of_a_larger_collection_is_spread_over_it(
+def test_the_sample_of_a_larger_collection_stands_for_all_of_it(
     hash_store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Chroma returns records in the order they were written: a sample from the start would
-    be the user's first memories only."""
     collection = hash_store._open()
     collection._warm_after = None
-    hash_store.add_many([f"Note number {n} about topic {n * 7}" for n in range(20)])
+    texts = [f"Note number {n} about topic {n * 7}" for n in range(20)]
+    hash_store.add_many(texts)
     monkeypatch.setattr(chroma, "CENTROID_SAMPLE", 8)
-    monkeypatch.setattr(chroma, "_CENTROID_PAGES", 4)
-    offsets: list[object] = []
-    chroma_get = collection._collection.get
+    mean, count = collection.centroid()
+    assert count == 20  # the mean of 8 is weighed as the mean of the user's 20 memories
+    np.testing.assert_allclose(mean, hash_store.embedder.embed(texts[:8]).mean(axis=0), atol=1e-6)
 
-    def counted(*args: object, **kwargs: object) -> object:
-        if "embeddings" in kwargs.get("include", ()):  # type: ignore[operator]
-            offsets.append(kwargs["offset"])
-        return chroma_get(*args, **kwargs)
 
-    collection._collection.get = counted
-    assert collection.centroid()[1] == 20  # the mean of 8 stands for the 20
-    assert offsets == [0, 5, 10, 15]
+def test_a_small_users_sampled_mean_follows_the_writes_of_this_process(
+    hash_store: MemoryStore,
+) -> None:
+    """A search before the first memory must not leave the user uncentred for minutes."""
+    collection = hash_store._open()
+    collection._warm_after = None
+    assert hash_store.search("Where do I live?") == []
+    assert collection.centroid() is None
+    hash_store.add("Lives in Porto")
+    mean, count = collection.centroid()
+    assert count == 1
+    np.testing.assert_allclose(mean, hash_store.embedder.embed(["Lives in Porto"])[0], atol=1e-6)

@@ -313,7 +313,7 @@ def test_embedded_reads_are_served_from_memory_and_follow_writes(store: MemorySt
     assert store.get(memory.id).text == "Plays the cello"
     # this process is the folder's only writer: its records are current, and no record is
     # read; without the read-ahead's index, the search reads a sample of vectors for their mean
-    assert reads == [{"limit": CENTROID_SAMPLE, "offset": 0, "include": ["embeddings"]}]
+    assert reads == [{"limit": CENTROID_SAMPLE, "include": ["embeddings"]}]
     store.update(memory.id, "Plays the violin")
     assert store.search("Which instrument do I play?")[0].memory.text == "Plays the violin"
     assert store.get(memory.id).text == "Plays the violin"

@@ -93,12 +93,12 @@ READ_AHEAD_BUDGET = 100_000
 # a user above WARM_LIMIT has each search's candidates read and kept); past it, the oldest
 # half is let go and read again from Chroma when needed.
 CACHE_LIMIT = 2 * WARM_LIMIT
-# Without an in-memory index (a user above WARM_LIMIT, or a Chroma server), the mean of the
-# stored vectors that searches are centred on (see engine.QUERY_CENTERING) comes from a sample
-# of this many vectors, read at most every CENTROID_SECONDS.
+# Without an in-memory index (a user above WARM_LIMIT, a Chroma server, or a search before the
+# read-ahead is done), the mean of the stored vectors that searches are centred on (see
+# engine.QUERY_CENTERING) is that of the first this many memories, read at most every
+# CENTROID_SECONDS (sooner for a user with fewer, after a write of this process).
 CENTROID_SAMPLE = 1000
 CENTROID_SECONDS = 300.0
-_CENTROID_PAGES = 8  # the sample of a larger collection is read in this many spread pages
 _ABSENT_LIMIT = 4096  # ids known not to exist, kept at most (see ChromaCollection._absent)
 _WARM_RETRY_SECONDS = 5.0  # after a write overlapped a read-ahead, wait this long to retry
 DEFAULT_TIMEOUT = 5.0
@@ -758,32 +758,28 @@ class ChromaCollection:
 
     def centroid(self) -> tuple[Vectors, int] | None:
         """The mean of the stored vectors and how many memories it stands for: exact from the
-        in-memory index, else the mean of a sample of :data:`CENTROID_SAMPLE` vectors read from
+        in-memory index, else the mean of the first :data:`CENTROID_SAMPLE` vectors read from
         Chroma at most every :data:`CENTROID_SECONDS` (the mean of thousands of memories moves
-        slowly), standing for the collection's count."""
+        slowly), standing for the collection's count. Those are the user's oldest memories:
+        on the paraphrase benchmark at 10k they rank a little worse than the exact mean
+        (docs/benchmarks.md, "Centred queries")."""
         index = self._index
         if index is not None:
             return index.centroid()
         sampled, now = self._sampled_centroid, time.monotonic()
         if sampled is not None and now - sampled[0] < CENTROID_SECONDS:
             return sampled[1]
-        # pages spread evenly over the collection: Chroma returns records in the order they
-        # were written, and a user's first memories are not like the rest
-        count = self.count()
-        pages = 1 if count <= CENTROID_SAMPLE else _CENTROID_PAGES
-        size = CENTROID_SAMPLE // pages
-        rows = []
-        for offset in (page * count // pages for page in range(pages)):
-            found = self._call(
-                "read memories",
-                lambda c: c.get(limit=size, offset=offset, include=["embeddings"]),  # noqa: B023
-            )
-            if found and found["ids"]:
-                rows.append(np.asarray(found["embeddings"], dtype=np.float32))
+        # One read of the first records (Chroma returns them in the order they were written):
+        # reading pages spread over the collection was better on the benchmarks, but each
+        # page costs a scan to its offset (~20 ms each at 50k memories).
+        found = self._call(
+            "read memories", lambda c: c.get(limit=CENTROID_SAMPLE, include=["embeddings"])
+        )
         mean = None
-        if rows:  # the mean stands for the whole collection: the count is the collection's
-            matrix = np.vstack(rows)
-            mean = (matrix.mean(axis=0), max(count, len(matrix)))
+        if found and found["ids"]:
+            matrix = np.asarray(found["embeddings"], dtype=np.float32)
+            count = len(matrix) if len(matrix) < CENTROID_SAMPLE else self.count()
+            mean = (matrix.mean(axis=0), max(count, len(matrix)))  # it stands for them all
         self._sampled_centroid = (now, mean)
         return mean
 
@@ -984,6 +980,9 @@ class ChromaCollection:
                 self._write_stamp += 1
             change = _Change(ids, written if self._sole_writer else None, vectors)
             change.replay(self._cache, self._index)
+            sampled = self._sampled_centroid
+            if sampled is not None and (sampled[1] is None or sampled[1][1] < CENTROID_SAMPLE):
+                self._sampled_centroid = None  # a few writes move the mean of a few memories
             self._within_cache_limit()
             if self._warm_log is not None:
                 self._warm_log.append(change)
