@@ -75,7 +75,8 @@ with 132, 1k and 10k memories that all have keys (docs/benchmarks.md, "Memory ke
 enough with centred queries (``python -m benchmarks.floor``)."""
 
 LEXICAL_WEIGHT = 1.2
-"""The score that orders search results is the cosine similarity of query and memory plus this
+"""The score that orders search results is the similarity of query and memory (their cosine
+similarity, discounted for typical memories: :func:`centred_query`) plus this
 weight times their lexical overlap (0-1: the share of the query's best possible BM25 score the
 memory reaches, see :mod:`.lexical`), so exact names, numbers and rare words count. Scores lie
 in [-1, 1 + LEXICAL_WEIGHT]; higher is more relevant. On LoCoMo this raises turn-level
@@ -486,9 +487,9 @@ class MemoryStore(WritePath):
 
         Returns:
             ``(memory, score)`` pairs; higher scores are more relevant, and every memory's
-            cosine similarity to the query reaches the floor, so an unrelated query returns an
-            empty list. A ``list`` (shown as a table in Jupyter; its ``min_score`` is the floor
-            that was applied).
+            similarity to the query (see :func:`centred_query`) reaches the floor, so an
+            unrelated query returns an empty list. A ``list`` (shown as a table in Jupyter; its
+            ``min_score`` is the floor that was applied).
         """
         query = clean_text(query, "query")
         top_k = _check_top_k(top_k)
@@ -547,11 +548,12 @@ class MemoryStore(WritePath):
         wanted: set[Category] | None,
         floor: float,
     ) -> list[tuple[str, float]]:
-        """Score the dense candidates (cosine plus the lexical bonus, see :data:`LEXICAL_WEIGHT`);
-        keep those of the wanted categories whose cosine reaches the floor (raised by
+        """Score the dense candidates (their similarity plus the lexical bonus, see
+        :data:`LEXICAL_WEIGHT`); keep those of the wanted categories whose similarity reaches the
+        floor (raised by
         :data:`KEYED_FLOOR_RISE` for a memory with keys), best first."""
         catalog = collection.catalog([memory_id for memory_id, _ in nearest])
-        present = [(memory_id, cosine) for memory_id, cosine in nearest if memory_id in catalog]
+        present = [(memory_id, close) for memory_id, close in nearest if memory_id in catalog]
         lexical = lexical_scores(
             query,
             [
@@ -560,9 +562,9 @@ class MemoryStore(WritePath):
             ],
         )
         ranked = [
-            (memory_id, cosine + LEXICAL_WEIGHT * overlap)
-            for (memory_id, cosine), overlap in zip(present, lexical.tolist())
-            if cosine >= floor + KEYED_FLOOR_RISE * bool(catalog[memory_id].keys)
+            (memory_id, close + LEXICAL_WEIGHT * overlap)
+            for (memory_id, close), overlap in zip(present, lexical.tolist())
+            if close >= floor + KEYED_FLOOR_RISE * bool(catalog[memory_id].keys)
             and (wanted is None or catalog[memory_id].category in wanted)
         ]
         ranked.sort(key=lambda pair: pair[1], reverse=True)
