@@ -76,11 +76,12 @@ enough with centred queries (``python -m benchmarks.floor``)."""
 
 LEXICAL_WEIGHT = 1.2
 """The score that orders search results is the similarity of query and memory (their cosine
-similarity, discounted for typical memories: :func:`centred_query`) plus this
-weight times their lexical overlap (0-1: the share of the query's best possible BM25 score the
-memory reaches, see :mod:`.lexical`), so exact names, numbers and rare words count. Scores lie
-in [-1, 1 + LEXICAL_WEIGHT]; higher is more relevant. On LoCoMo this raises turn-level
-recall@10 from 0.53 to 0.69 (docs/benchmarks.md)."""
+similarity, discounted for typical memories: :func:`centred_query`) plus this weight times
+their lexical overlap (0-1: the share of the query's best possible BM25 score the memory
+reaches, see :mod:`.lexical`), so exact names, numbers and rare words count. Higher is more
+relevant; scores lie in about [-1, 1 + LEXICAL_WEIGHT] (the discount can take a similarity a
+little past either end). On LoCoMo this raises turn-level recall@10 from 0.53 to 0.69
+(docs/benchmarks.md)."""
 
 QUERY_CENTERING = 0.6
 """How much a search discounts a memory for being like the user's other memories (see
