@@ -2,7 +2,7 @@
 
 Dense embeddings miss exact names, numbers and rare words ("Caroline", "PostgreSQL", "2023");
 BM25 catches them. The engine scores the nearest candidates of a search lexically and adds the
-result to their cosine similarity (see :data:`engine.LEXICAL_WEIGHT`). Term statistics come
+result to their similarity (see :data:`engine.LEXICAL_WEIGHT`). Term statistics come
 from the candidates themselves, so no index has to be kept in step with the store, and what
 another process wrote is scored like the rest.
 

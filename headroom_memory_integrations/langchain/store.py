@@ -302,8 +302,9 @@ class HeadroomStore(BaseStore):
     :class:`~headroom_memory_integrations.InvalidInputError` (a ``ValueError``) naming the
     limit; a batch is checked whole before anything is written.
 
-    **Search.** With ``query``, items come most relevant first, each with its score (cosine
-    similarity plus a bonus for shared words; higher is more relevant); only items above the
+    **Search.** With ``query``, items come most relevant first, each with its score (the
+    similarity of meaning, :func:`~headroom_memory_integrations.engine.centred_query`, plus a
+    bonus for shared words; higher is more relevant); only items above the
     relevance floor ``min_score`` come back, so an unrelated query finds nothing
     (``min_score=-1`` ranks everything), at most 1,000 deep. Without ``query``, items come
     oldest first, namespace by namespace. ``filter`` matches value fields exactly or with
