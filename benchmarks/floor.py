@@ -44,7 +44,7 @@ def best_similarities(memories: np.ndarray, questions: np.ndarray) -> np.ndarray
     best = []
     for question in questions:
         centred = centred_query(question, centroid)
-        best.append(centred.similarity(float((memories @ centred.vector).max())))
+        best.append(float(centred.similarity_of(memories).max()))
     return np.asarray(best)
 
 

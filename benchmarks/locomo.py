@@ -282,7 +282,7 @@ def run(ctx: Context) -> SectionResult:
                         Candidate(
                             m.id,
                             s,
-                            centred.similarity(float(embedder.vector(m.text) @ centred.vector)),
+                            float(centred.similarity_of(embedder.vector(m.text))),
                         )
                         for m, s in found
                     ]

@@ -232,7 +232,7 @@ def ask_all(
             Candidate(
                 r.memory.id,
                 r.score,
-                centred.similarity(float(vectors[_index_text(r.memory)] @ centred.vector)),
+                float(centred.similarity_of(vectors[_index_text(r.memory)])),
                 bool(r.memory.keys),
             )
             for r in found

@@ -170,6 +170,11 @@ class CentredQuery:
         """A memory's similarity to the query, from its cosine similarity to :attr:`vector`."""
         return found * self.scale + self.offset
 
+    def similarity_of(self, stored: Vectors) -> Any:
+        """The similarity to the query of a stored unit vector (a float), or of each row of a
+        matrix of them (an array)."""
+        return np.asarray(stored) @ self.vector * self.scale + self.offset
+
 
 def centred_query(vector: Vectors, centroid: tuple[Vectors, int] | None) -> CentredQuery:
     """How a search compares unit query ``vector`` with the memories of a user whose mean
@@ -551,8 +556,7 @@ class MemoryStore(WritePath):
     ) -> list[tuple[str, float]]:
         """Score the dense candidates (their similarity plus the lexical bonus, see
         :data:`LEXICAL_WEIGHT`); keep those of the wanted categories whose similarity reaches the
-        floor (raised by
-        :data:`KEYED_FLOOR_RISE` for a memory with keys), best first."""
+        floor (raised by :data:`KEYED_FLOOR_RISE` for a memory with keys), best first."""
         catalog = collection.catalog([memory_id for memory_id, _ in nearest])
         present = [(memory_id, close) for memory_id, close in nearest if memory_id in catalog]
         lexical = lexical_scores(

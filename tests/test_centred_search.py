@@ -44,12 +44,13 @@ def test_a_memory_is_discounted_by_how_much_more_typical_than_the_average_one_it
     centred = centred_query(query, (mean, len(rows)))
     weight = QUERY_CENTERING * len(rows) / (len(rows) + CENTROID_PRIOR)
     expected = rows @ query - weight * (rows @ mean - mean @ mean)
-    found = [centred.similarity(float(row @ centred.vector)) for row in rows]
+    found = centred.similarity_of(rows)
     np.testing.assert_allclose(found, expected, atol=1e-5)
     assert np.isclose(np.linalg.norm(centred.vector), 1.0)
     assert not np.allclose(found, rows @ query, atol=1e-3)  # it is not the plain cosine
     plain = centred_query(query, None)  # no memories yet: plain cosine
-    assert plain.similarity(float(rows[0] @ plain.vector)) == pytest.approx(rows[0] @ query)
+    assert plain.similarity_of(rows[0]) == pytest.approx(rows[0] @ query)
+    assert centred.similarity(float(rows[0] @ centred.vector)) == pytest.approx(found[0])
 
 
 def test_search_scores_are_the_centred_similarity_plus_the_lexical_bonus(
@@ -68,7 +69,7 @@ def test_search_scores_are_the_centred_similarity_plus_the_lexical_bonus(
     centred = centred_query(store.embedder.embed([query])[0], (vectors.mean(axis=0), len(texts)))
     lexical = lexical_scores(query, texts)
     expected = {
-        text: centred.similarity(float(vector @ centred.vector)) + LEXICAL_WEIGHT * overlap
+        text: float(centred.similarity_of(vector)) + LEXICAL_WEIGHT * overlap
         for text, vector, overlap in zip(texts, vectors, lexical.tolist())
     }
     assert {r.memory.text for r in results} == set(texts)
