@@ -55,6 +55,7 @@ from .folder import (
     directory_bytes,
     erase_deleted,
     remove_folder,
+    scrub_freed_memory,
     vector_segment,
 )
 from .guard import (
@@ -1107,6 +1108,7 @@ class ChromaStorage:
         assert self._folder is not None and self._folder_lock is not None
         folder = str(self._folder)
         self._folder.mkdir(parents=True, exist_ok=True)
+        scrub_freed_memory()  # before Chroma allocates an index it writes out uncleared
         writer = self._folder_lock.acquire()
         try:
             client = chromadb.PersistentClient(path=folder, settings=_settings())

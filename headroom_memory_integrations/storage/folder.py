@@ -11,14 +11,19 @@ and erasing deleted text from the files.
   files and lose acknowledged writes).
 - :func:`erase_deleted`: Chroma keeps a deleted record's text in its write-ahead log
   (``embeddings_queue``), in freed database pages and in its full-text index; this removes it.
+- :func:`scrub_freed_memory`: Chroma's vector index files hold bytes of memory it never
+  cleared, which can hold any text the process freed (another user's memories, a deleted one);
+  this has the C allocator clear memory as it is freed and handed out.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
 import sqlite3
+import sys
 from collections.abc import Collection
 from contextlib import closing
 from pathlib import Path
@@ -32,6 +37,10 @@ MIN_FREE_BYTES = 64 * 2**20
 """An embedded write starts only if at least this much disk space (plus twice the size of the
 user's index files and four times the size of the write) stays free."""
 _MB = 2**20
+M_PERTURB = -6  # glibc's mallopt parameter (malloc.h)
+SCRUB_BYTE = 0x5A
+"""What glibc writes over memory as it is freed (and its complement over memory as it is
+handed out), once :func:`scrub_freed_memory` has run."""
 
 
 class FolderLock:
@@ -200,3 +209,29 @@ def remove_folder(folder: Path) -> None:
         logger.warning(
             "could not remove the deleted collection's files in %s", folder, exc_info=True
         )
+
+
+def scrub_freed_memory() -> bool:
+    """Have glibc's allocator overwrite memory when it is freed and when it is handed out, for
+    the rest of the process; True if it now does.
+
+    Chroma's vector index allocates room for more records than it holds and writes all of it
+    to ``data_level0.bin``, unused room included, without clearing it first. Unused room is
+    whatever the process's allocator last kept there: the text of a memory read, written or
+    deleted moments before, of any user. So another user's forgotten memories could stay on
+    disk inside a kept user's index file. With this, freed memory holds :data:`SCRUB_BYTE` and
+    new memory its complement, so such room holds no text.
+
+    It applies to the whole process, at the cost of filling each allocation and each freed
+    block once (small blocks that glibc keeps in its per-thread cache are left as they are).
+    It does nothing and returns False off glibc (macOS, Windows, musl), where this stray text
+    is not cleared.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 -- glibc only: musl's mallopt ignores this
+        return bool(libc.mallopt(M_PERTURB, SCRUB_BYTE))
+    except (OSError, AttributeError):
+        return False
