@@ -1,7 +1,8 @@
 """Importing chromadb with ``overrides``' class-creation checks skipped
 (storage/chroma_import.py): in a fresh interpreter, none of those checks runs during the import,
 the decorator is the original again afterwards, chromadb's methods are still marked as overrides,
-and an embedded store opened that way works."""
+and an embedded store opened that way works. The modules put off during the import are not
+loaded by it, and work in full when used afterwards."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ CHILD = textwrap.dedent(
         return real_validate(method, super_class, check_signature)
     checks._validate_method = counting
 
-    from headroom_memory_integrations.storage.chroma_import import import_chromadb
+    from headroom_memory_integrations.storage.chroma_import import DEFERRED, import_chromadb
     chromadb = import_chromadb("chromadb.api.rust")
     from chromadb.api.rust import RustBindingsAPI
     during_import = len(validated)
@@ -41,6 +42,13 @@ CHILD = textwrap.dedent(
     except TypeError:
         checked_after = True
 
+    put_off = [name for name in DEFERRED if name in sys.modules]
+    from chromadb.telemetry import opentelemetry as chroma_tracing
+    exporter = chroma_tracing.OTLPSpanExporter(endpoint="http://127.0.0.1:9")
+    import httpx
+    import httpx._main
+    import click
+
     from headroom_memory_integrations import MemoryStore
     store = MemoryStore("someone", db_path=sys.argv[1])
     stored = store.add("Prefers tea to coffee").text
@@ -50,6 +58,10 @@ CHILD = textwrap.dedent(
         "restored": overrides.override is original and checks.override is original,
         "marked": getattr(RustBindingsAPI._count, "__override__", False),
         "checked_after": checked_after,
+        "loaded_by_the_import": put_off,
+        "exporter": type(exporter).__module__ + "." + type(exporter).__name__,
+        "cli_is_real": isinstance(httpx._main.main, click.Command),
+        "httpx_main_reaches_it": httpx.main.__name__ == "main" and callable(httpx.main),
         "stored": stored,
         "found": found,
     }))
@@ -72,5 +84,10 @@ def test_chromadb_is_imported_without_the_checks_and_the_decorator_restored(
     assert result["restored"] is True
     assert result["marked"] is True
     assert result["checked_after"] is True  # other code's @override still checks
+    assert result["loaded_by_the_import"] == []
+    assert result["exporter"] == (
+        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter.OTLPSpanExporter"
+    )
+    assert result["cli_is_real"] is True and result["httpx_main_reaches_it"] is True
     assert result["stored"] == "Prefers tea to coffee"
     assert result["found"] == ["Prefers tea to coffee"]

@@ -12,6 +12,13 @@ that import is the slowest step.
 the original back. Nothing else changes: chromadb's classes and methods are the same objects.
 Where chromadb is already imported, or ``overrides`` is not laid out as expected, it is a plain
 import.
+
+Two modules chromadb imports but never uses in an embedded store are also put off until first
+used (:data:`DEFERRED`, ~115 ms together): httpx's command-line client (``httpx._main``, which
+loads click, rich and pygments for ``httpx.main``) and OpenTelemetry's OTLP span exporter (with
+gRPC and protobuf, only built when Chroma's tracing is configured). While chromadb imports, each
+is a stand-in whose names import the real module when called; afterwards the stand-in leaves
+``sys.modules``, so any later import of either gets the real module.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ from typing import Any
 
 _lock = threading.Lock()
 _NAMES = ("override", "overrides")
+DEFERRED = {
+    "httpx._main": ("main",),
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter": ("OTLPSpanExporter",),
+}
+"""Modules put off while chromadb imports: module -> the names chromadb takes from it."""
 
 
 def import_chromadb(*submodules: str) -> ModuleType:
@@ -33,7 +45,7 @@ def import_chromadb(*submodules: str) -> ModuleType:
     what an embedded client loads, ``"chromadb.api.fastapi"`` a server client)."""
     wanted = ("chromadb", *submodules)
     if any(name not in sys.modules for name in wanted):
-        with _lock, _override_checks_skipped():
+        with _lock, _override_checks_skipped(), _modules_deferred():
             importlib.import_module("chromadb")
             for name in submodules:
                 # in another layout, chromadb imports what it needs itself
@@ -72,3 +84,31 @@ def _override_checks_skipped() -> Iterator[None]:
     finally:
         for module, name, original in originals:
             setattr(module, name, original)
+
+
+def _forwarder(module: str, name: str) -> Any:
+    """A stand-in for ``module.name`` that calls the real one, imported on first call."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+@contextmanager
+def _modules_deferred() -> Iterator[None]:
+    placed = {}
+    for module, names in DEFERRED.items():
+        if module in sys.modules:
+            continue
+        stand_in = ModuleType(module, "put off while chromadb imports (chroma_import.py)")
+        for name in names:
+            setattr(stand_in, name, _forwarder(module, name))
+        placed[module] = sys.modules[module] = stand_in
+    try:
+        yield
+    finally:
+        for module, stand_in in placed.items():
+            if sys.modules.get(module) is stand_in:
+                del sys.modules[module]
