@@ -39,6 +39,7 @@ from . import (  # noqa: E402
     memory,
     needle,
     paraphrase,
+    paraphrase_fresh,
     paraphrase_keys,
     writes,
 )
@@ -63,10 +64,12 @@ SECTIONS: dict[str, ModuleType] = {
     "needle": needle,
     "paraphrase": paraphrase,
     "paraphrase-keys": paraphrase_keys,
+    "paraphrase-fresh": paraphrase_fresh,
     "consolidation": consolidation,
     "load": load,
 }
-PARTS = {"paraphrase-keys": "paraphrase"}  # runnable alone, and run by the section named
+# runnable alone, and run by the section named
+PARTS = {"paraphrase-keys": "paraphrase", "paraphrase-fresh": "paraphrase"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

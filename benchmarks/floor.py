@@ -10,8 +10,8 @@ cache; the first texts of the list, not merged as a store would merge a few), an
 memories without keys. Similarities
 are those a search computes (``engine.centred_query``, with the exact mean). Printed for
 memories written as plain texts and with model-written keys; a keyed memory's floor is the
-plain one plus :data:`engine.KEYED_FLOOR_RISE`, which must cover the difference. Nothing here
-reads the held-out half.
+plain one plus :data:`engine.KEYED_FLOOR_RISE` at that size, which must cover the difference.
+Nothing here reads the held-out half or the fresh set.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from headroom_memory_integrations.engine import (
     KEYED_FLOOR_RISE,
     centred_query,
     relevance_floor,
+    rise_by_size,
 )
 from headroom_memory_integrations.keys import clean_keys, index_text
 
@@ -76,9 +77,10 @@ def main() -> None:
             best = best_similarities(memories, questions)
             row.append((len(memories), float(np.quantile(best, QUANTILE))))
         print(f"{name:6s} " + "  ".join(f"{n}: {v:.3f}" for n, v in row))
-        rise = KEYED_FLOOR_RISE if name == "keyed" else 0.0
+        rises = KEYED_FLOOR_RISE if name == "keyed" else ((1, 0.0),)
         floors = "  ".join(
-            f"{n}: {relevance_floor(DEFAULT_MIN_SCORE, n) + rise:.3f}" for n, _ in row
+            f"{n}: {relevance_floor(DEFAULT_MIN_SCORE, n) + rise_by_size(rises, n):.3f}"
+            for n, _ in row
         )
         print(f"{'engine':6s} {floors}")
 

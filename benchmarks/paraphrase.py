@@ -42,6 +42,16 @@ use"), never a question of either file:
   synthetic memory's keys are its family's, then those of each value it drew, in order, the
   first eight distinct phrases (``corpus.keyed_memory_texts``).
 
+**A fresh set** (2026-12-03), written when the first set's held-out half had been read many
+times: ``benchmarks/paraphrase_fresh_pairs.jsonl`` (100 pairs, ten in each of ten domains),
+``benchmarks/paraphrase_fresh_unrelated.jsonl`` (60 questions) and
+``benchmarks/paraphrase_fresh_keys.jsonl`` (the facts' keys), all of split ``fresh``. A model
+instance wrote the pairs and questions under the first set's rules, seeing only the first set's
+files (to write nothing twice), no result and no code; another wrote the keys seeing only the
+fresh facts and the production instruction. Its facts are planted among the same synthetic
+memories with keys, in a user of their own, at 0, 1k and 10k; its rows say "100 facts".
+Nothing is tuned on it.
+
 The engine embeds and matches a memory with keys by its index text, "text (key, key, ...)";
 the vectors of the synthetic memories' index texts are cached like the texts' (see
 ``population.keyed_memory_cache``), and a candidate's cosine in the replay is computed from
@@ -71,6 +81,7 @@ from headroom_memory_integrations.engine import (
     LEXICAL_WEIGHT,
     centred_query,
     relevance_floor,
+    rise_by_size,
 )
 from headroom_memory_integrations.keys import clean_keys, index_text
 
@@ -91,7 +102,12 @@ KEYED = ", with model-written keys"  # ends the size in the keyed run's row name
 PAIRS = ROOT / "benchmarks" / "paraphrase_pairs.jsonl"
 UNRELATED = ROOT / "benchmarks" / "paraphrase_unrelated.jsonl"
 FACT_KEYS = ROOT / "benchmarks" / "paraphrase_keys.jsonl"
+FRESH_NAME = "paraphrase-fresh"  # the section of the fresh set alone
+FRESH_PAIRS = ROOT / "benchmarks" / "paraphrase_fresh_pairs.jsonl"
+FRESH_UNRELATED = ROOT / "benchmarks" / "paraphrase_fresh_unrelated.jsonl"
+FRESH_KEYS = ROOT / "benchmarks" / "paraphrase_fresh_keys.jsonl"
 SPLITS = ("dev", "heldout")
+SPLIT_NAMES = {"dev": "dev", "heldout": "held-out", "fresh": "fresh"}
 REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
 TARGET_SIZE = 10_000
 KEYED_SIZES = (0, 1_000, 10_000)  # embedding 100k index texts would take an hour
@@ -110,7 +126,7 @@ class Candidate:
     memory_id: str
     score: float
     similarity: float
-    keyed: bool = False  # the memory has keys (the engine's floor is KEYED_FLOOR_RISE higher)
+    keyed: bool = False  # the memory has keys (the engine's floor rises by KEYED_FLOOR_RISE)
 
 
 @dataclass
@@ -134,8 +150,15 @@ def fixed(floor: float) -> Rule:
     return lambda c, n: c.similarity >= floor
 
 
-def size_aware(base: float, keyed_rise: float = KEYED_FLOOR_RISE) -> Rule:
-    return lambda c, n: c.similarity >= relevance_floor(base, n) + keyed_rise * c.keyed
+def size_aware(base: float, keyed_rise: float | None = None) -> Rule:
+    """The engine's floor from ``base``; a memory with keys must reach it plus ``keyed_rise``
+    (by default the engine's rise at that size, :data:`engine.KEYED_FLOOR_RISE`)."""
+
+    def keeps(c: Candidate, n: int) -> bool:
+        rise = rise_by_size(KEYED_FLOOR_RISE, n) if keyed_rise is None else keyed_rise
+        return c.similarity >= relevance_floor(base, n) + rise * c.keyed
+
+    return keeps
 
 
 def discounted(base: float, weight: float) -> Rule:
@@ -158,9 +181,8 @@ def floor_rules() -> dict[str, Rule]:
         name = f"size-aware, {base:.3f} at 1 memory" + (" (default)" * (base == DEFAULT_MIN_SCORE))
         found[name] = size_aware(base)
     for rise in (0.0, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08):  # only memories with keys
-        found[f"size-aware, {DEFAULT_MIN_SCORE:.3f}, memories with keys +{rise:.3f}"] = size_aware(
-            DEFAULT_MIN_SCORE, rise
-        )
+        name = f"size-aware, {DEFAULT_MIN_SCORE:.3f}, memories with keys +{rise:.3f} at any size"
+        found[name + " (former default)" * (rise == 0.05)] = size_aware(DEFAULT_MIN_SCORE, rise)
     for weight in (0.1, 0.2):
         found[f"size-aware, {DEFAULT_MIN_SCORE:.3f}, lexical overlap x {weight} off"] = discounted(
             DEFAULT_MIN_SCORE, weight
@@ -185,9 +207,10 @@ def replay(candidates: Sequence[Candidate], rule: Rule, memories: int, top_k: in
 def measure(
     needles: Sequence[Asked], unrelated: Sequence[Asked], pick: Callable[[Asked], list[str]]
 ) -> dict[str, dict[str, float]]:
-    """hit@1, hit@5, nothing returned (needles) and false injection (unrelated), per split."""
+    """hit@1, hit@5, nothing returned (needles) and false injection (unrelated), per split
+    (in the order the needles come in)."""
     summary: dict[str, dict[str, float]] = {}
-    for split in SPLITS:
+    for split in dict.fromkeys(a.split for a in needles):
         mine = [a for a in needles if a.split == split]
         other = [a for a in unrelated if a.split == split]
         picked = [pick(a) for a in mine]
@@ -247,6 +270,7 @@ def run(ctx: Context) -> SectionResult:
     real = LocalEmbedder()
     result.details = _run_plain(ctx, result, real)
     result.details["with_keys"] = _run_keyed(ctx, result, real)
+    result.details["fresh"] = _run_fresh(ctx, result, real)
     return result
 
 
@@ -254,6 +278,13 @@ def run_keyed(ctx: Context) -> SectionResult:
     """The run with model-written keys alone (the ``paraphrase-keys`` section)."""
     result = SectionResult(KEYED_NAME)
     result.details = _run_keyed(ctx, result, LocalEmbedder())
+    return result
+
+
+def run_fresh(ctx: Context) -> SectionResult:
+    """The fresh set alone (the ``paraphrase-fresh`` section)."""
+    result = SectionResult(FRESH_NAME)
+    result.details = _run_fresh(ctx, result, LocalEmbedder())
     return result
 
 
@@ -276,13 +307,24 @@ def _run_keyed(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict
     return _run_sizes(ctx, result, real, facts, cache, sizes, KEYED)
 
 
-def fact_keys(pairs: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """The keys of each pair's fact, from :data:`FACT_KEYS` (which must list the same ids in
-    the same order): its topic words, then its question (``asks``)."""
-    rows = load(FACT_KEYS)
+def _run_fresh(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict[str, Any]:
+    """The fresh set's facts, with their keys, among synthetic memories written with keys."""
+    pairs, unrelated = load(FRESH_PAIRS), load(FRESH_UNRELATED)
+    sizes = ctx.pick(KEYED_SIZES, (0, 1_000))
+    facts: list[str | NewMemory] = [
+        NewMemory(row["fact"], keys=keys) for row, keys in zip(pairs, fact_keys(pairs, FRESH_KEYS))
+    ]
+    cache = keyed_memory_cache(ctx.cache, real, max(sizes))
+    return _run_sizes(ctx, result, real, facts, cache, sizes, KEYED, (pairs, unrelated), "fresh")
+
+
+def fact_keys(pairs: Sequence[dict[str, Any]], path: Path = FACT_KEYS) -> list[tuple[str, ...]]:
+    """The keys of each pair's fact, from ``path`` (which must list the same ids in the same
+    order): its topic words, then its question (``asks``)."""
+    rows = load(path)
     ids = [row["id"] for row in rows]
     if ids != [pair["id"] for pair in pairs]:
-        raise ValueError(f"{FACT_KEYS.name} does not list the ids of {PAIRS.name} in order")
+        raise ValueError(f"{path.name} does not list the ids of the pairs in order")
     return [with_question(clean_keys(row["keys"]), row["asks"]) for row in rows]
 
 
@@ -294,15 +336,21 @@ def _run_sizes(
     cache: VectorCache,
     sizes: Sequence[int],
     variant: str,
+    questions: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """One user holds ``facts``, then each of ``sizes`` synthetic memories besides (from
-    ``cache``); every question of both files is asked at each size. Adds the rows to
-    ``result`` (their names end the size with ``variant``) and returns the details."""
-    pairs, unrelated_rows = load(PAIRS), load(UNRELATED)
+    ``cache``); every question of both files (``questions``: the pairs and the unrelated
+    questions, by default those of :data:`PAIRS` and :data:`UNRELATED`) is asked at each size.
+    Adds the rows to ``result`` (their names end the size with ``variant``) and returns the
+    details. ``store`` names the scratch folder."""
+    pairs, unrelated_rows = questions or (load(PAIRS), load(UNRELATED))
     vectors = cache.table  # every index text written, with its vector (grows as it fills)
     indexed = [_index_text(item) for item in facts]
     vectors.update(zip(indexed, real.embed(indexed)))
-    storage = ChromaStorage.at(ctx.scratch("paraphrase-keys" if variant else "paraphrase"))
+    storage = ChromaStorage.at(
+        ctx.scratch(store or ("paraphrase-keys" if variant else "paraphrase"))
+    )
     embedder = PrecomputedEmbedder(real, vectors)
     writer = MemoryStore("paraphrase-user", storage=storage, embedder=embedder)
     planted = writer.add_many(facts)
@@ -316,7 +364,8 @@ def _run_sizes(
         changed = sum(1 for m in planted if now.get(m.id) != m.text)
         memories = writer.count()
         label = f"{size // 1000}k" if size else "0"
-        log(f"paraphrase: 132 facts + {label} memories{variant} ({memories} stored); asking")
+        where = f"{len(facts)} facts + {label} memories{variant}"
+        log(f"paraphrase: {where} ({memories} stored); asking")
         reader = MemoryStore("paraphrase-user", storage=storage, embedder=real)
         wait_for_read_ahead(reader)
         needles = ask_all(reader, vectors, real, pairs, [m.id for m in planted])
@@ -347,7 +396,7 @@ def _run_sizes(
                 if a.injected
             ],
         }
-        _rows(result, f"132 facts + {label} memories{variant}", size, memories, injected, raw)
+        _rows(result, where, size, memories, injected, raw)
     details["index_texts_embedded_while_writing"] = embedder.misses
     return details
 
@@ -386,9 +435,10 @@ def _rows(
 ) -> None:
     at_target = size == TARGET_SIZE
     floor = relevance_floor(DEFAULT_MIN_SCORE, memories)
-    for split in SPLITS:
+    for split in injected:
         part, bare = injected[split], raw[split]
-        name = "held-out" if split == "heldout" else "dev"
+        name = SPLIT_NAMES[split]
+        judged = at_target and split != "dev"  # the targets are for questions not tuned on
         note = f"floor {floor:.3f}; raw ranking (no floor) hit@5 {bare['hit@5']:.3f}"
         result.add(
             Row(NAME, f"{where}, {name}: hit@1 injected", part["hit@1"], "", n=int(part["needles"]))
@@ -400,7 +450,7 @@ def _rows(
                 part["hit@5"],
                 "",
                 n=int(part["needles"]),
-                target=value_at_least(0.85) if at_target and split == "heldout" else None,
+                target=value_at_least(0.85) if judged else None,
                 note=note,
             )
         )
@@ -411,7 +461,7 @@ def _rows(
                 part["nothing"],
                 "",
                 n=int(part["needles"]),
-                target=value_at_most(0.05) if at_target and split == "heldout" else None,
+                target=value_at_most(0.05) if judged else None,
             )
         )
         result.add(

@@ -72,6 +72,22 @@ def test_key_files_cover_every_fact_family_and_slot_value() -> None:
         assert all(clean_keys(k) for k in table["values"][name].values())
 
 
+def test_the_fresh_set_is_complete_and_apart_from_the_first() -> None:
+    """The fresh set (never tuned on): 100 pairs in ten domains, 60 unrelated questions, one
+    split, keys for every fact in order, and no fact or question of the first set again."""
+    pairs = paraphrase.load(paraphrase.FRESH_PAIRS)
+    unrelated = paraphrase.load(paraphrase.FRESH_UNRELATED)
+    assert len(pairs) == 100 and len(unrelated) == 60
+    assert {row["split"] for row in [*pairs, *unrelated]} == {"fresh"}
+    assert len({row["domain"] for row in pairs}) == 10
+    keys = paraphrase.fact_keys(pairs, paraphrase.FRESH_KEYS)
+    assert all(2 <= len(k) <= MAX_KEYS and k[-1].endswith("?") for k in keys)
+    first = paraphrase.load(paraphrase.PAIRS) + paraphrase.load(paraphrase.UNRELATED)
+    seen = {row.get("fact") for row in first} | {row["question"] for row in first}
+    fresh = [row["fact"] for row in pairs] + [row["question"] for row in [*pairs, *unrelated]]
+    assert len(set(fresh)) == len(fresh) and not seen & set(fresh)
+
+
 def test_fact_keys_refuse_pairs_in_another_order() -> None:
     pairs = paraphrase.load(paraphrase.PAIRS)
     with pytest.raises(ValueError, match="ids"):

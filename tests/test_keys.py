@@ -12,7 +12,7 @@ import pytest
 from conftest import block, instruction_nonce
 
 from headroom_memory_integrations import MemoryStore, NewMemory
-from headroom_memory_integrations.engine import KEYED_FLOOR_RISE
+from headroom_memory_integrations.engine import KEYED_FLOOR_RISE, rise_by_size
 from headroom_memory_integrations.errors import InvalidInputError
 from headroom_memory_integrations.keys import (
     MAX_KEY_CHARS,
@@ -178,7 +178,8 @@ def test_keys_bring_a_reworded_question_to_its_memory(db_path, model) -> None:
 
 def test_a_memory_with_keys_must_clear_a_slightly_higher_floor(db_path, model) -> None:
     """Keys bring a memory a little nearer to every question: one with keys is returned only
-    if its cosine reaches the floor plus KEYED_FLOOR_RISE (calibrated in docs/benchmarks.md)."""
+    if its cosine reaches the floor plus KEYED_FLOOR_RISE at the store's size (calibrated in
+    docs/benchmarks.md)."""
     keyed = MemoryStore("keyed", db_path=db_path, embedder=model)
     plain = MemoryStore("plain", db_path=db_path, embedder=model)
     keyed.add(SHELLFISH, keys=SEAFOOD_KEYS)
@@ -188,10 +189,23 @@ def test_a_memory_with_keys_must_clear_a_slightly_higher_floor(db_path, model) -
         model.embed([index_text(SHELLFISH, clean_keys(SEAFOOD_KEYS))])[0] @ question
     )
     plain_cosine = float(model.embed([SHELLFISH])[0] @ question)
-    half = KEYED_FLOOR_RISE / 2  # one memory: the floor is min_score itself
+    rise = rise_by_size(KEYED_FLOOR_RISE, 1)  # one memory: the floor is min_score itself
+    assert rise > 0
+    half = rise / 2
     assert not keyed.search(SEAFOOD_QUESTION, min_score=keyed_cosine - half)
-    assert keyed.search(SEAFOOD_QUESTION, min_score=keyed_cosine - KEYED_FLOOR_RISE - half)
+    assert keyed.search(SEAFOOD_QUESTION, min_score=keyed_cosine - rise - half)
     assert plain.search(SEAFOOD_QUESTION, min_score=plain_cosine - half)
+
+
+def test_the_rise_for_memories_with_keys_follows_the_number_of_memories() -> None:
+    """Interpolated on the logarithm of the size between the measured points, flat past the
+    last one."""
+    points = ((1, 0.02), (100, 0.02), (1_000, 0.05), (10_000, 0.04))
+    assert rise_by_size(points, 0) == rise_by_size(points, 1) == 0.02
+    assert rise_by_size(points, 316) == pytest.approx(0.035, abs=1e-3)  # halfway, on log10
+    assert rise_by_size(points, 1_000) == pytest.approx(0.05)
+    assert rise_by_size(points, 3_162) == pytest.approx(0.045, abs=1e-3)
+    assert rise_by_size(points, 10_000) == rise_by_size(points, 1_000_000) == pytest.approx(0.04)
 
 
 # -- the wrappers ----------------------------------------------------------------------------
