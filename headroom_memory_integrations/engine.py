@@ -818,8 +818,9 @@ class MemoryStore(WritePath):
 
     def delete(self, memory_id: str) -> None:
         """Forget one memory, and erase its text (with its earlier versions) from an embedded
-        folder's files (docs/reliability.md). Raises :class:`MemoryNotFoundError` if there
-        is none."""
+        folder's files (docs/reliability.md). Its vector stays in Chroma's index file until
+        Chroma reuses the slot: to leave nothing of a user, use :meth:`forget_user`. Raises
+        :class:`MemoryNotFoundError` if there is none."""
         with self._write_lock:
             self.get(memory_id)
             self._open().delete([memory_id])

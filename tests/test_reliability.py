@@ -11,6 +11,7 @@ import platform
 import threading
 import time
 
+import numpy as np
 import pytest
 from _reliability_support import (
     RandomEmbedder,
@@ -209,6 +210,27 @@ def test_delete_erases_every_version_of_a_memory_from_disk(db_path) -> None:
     assert texts_found(store, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
     store.storage.close()  # and after a clean exit
     assert files_containing(db_path, SECRETS) == {}
+
+
+def test_delete_erases_the_deleted_memorys_vector_from_chromas_log(db_path) -> None:
+    """Chroma's write-ahead log keeps each write's vector until it saves its index (every 100
+    writes); a deleted memory's entry is blanked to zeros, and replaying the log still gives
+    the stored memories."""
+    embedder = RandomEmbedder(dimension=384)
+    store = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    store.add_many([f"Ordinary fact number {n}" for n in range(30)])
+    secret = store.add(SECRETS[0])
+    store.flush()
+    vector = embedder.embed([SECRETS[0]])[0].astype(np.float32).tobytes()
+    assert vector in (db_path / "chroma.sqlite3").read_bytes()  # kept while remembered
+    store.delete(secret.id)
+    store.add("A later fact")
+    store.storage.close()
+    assert vector not in (db_path / "chroma.sqlite3").read_bytes()
+    reopened = MemoryStore("alice", db_path=db_path, embedder=embedder)  # replays the log
+    assert reopened.count() == 31
+    assert texts_found(reopened, SECRETS[0], top_k=31).count(SECRETS[0]) == 0
+    assert texts_found(reopened, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
 
 
 @pytest.mark.parametrize("how", ["clear", "forget_user"])

@@ -141,12 +141,21 @@ def vector_segment(folder: Path, collection_id: str) -> Path | None:
     return folder / row[0] if row else None
 
 
+# A log entry keeps its vector's length (zeros: replayed, an entry upserts a zero vector that a
+# later entry deletes) and loses its record, whose JSON holds the text.
+_BLANK = (
+    "UPDATE embeddings_queue SET metadata = NULL, "
+    "vector = CASE WHEN vector IS NULL THEN NULL ELSE zeroblob(length(vector)) END"
+)
+
+
 def erase_deleted(folder: Path, collection_id: str, ids: Collection[str] | None) -> None:
-    """Remove the text of deleted records from ``folder``'s Chroma database file.
+    """Remove the text and vectors of deleted records from ``folder``'s Chroma database file.
 
     Blanks the records' entries in Chroma's write-ahead log (all of the collection's when
-    ``ids`` is None), merges the full-text index (which keeps deleted documents' trigrams until
-    merged) and rewrites the file (``VACUUM``) so that freed pages keep nothing. Run it after
+    ``ids`` is None; a vector becomes zeros of the same length), merges the full-text index
+    (which keeps deleted documents' trigrams until merged) and rewrites the file (``VACUUM``)
+    so that freed pages keep nothing. Run it after
     the delete, with no write in progress. It costs a rewrite of the file: about 0.3 s for a
     6 MB database here.
 
@@ -163,13 +172,10 @@ def erase_deleted(folder: Path, collection_id: str, ids: Collection[str] | None)
             db.execute("BEGIN IMMEDIATE")
             try:
                 if ids is None:
-                    db.execute(
-                        "UPDATE embeddings_queue SET metadata = NULL WHERE topic LIKE ?", (topic,)
-                    )
+                    db.execute(f"{_BLANK} WHERE topic LIKE ?", (topic,))
                 else:
                     db.executemany(
-                        "UPDATE embeddings_queue SET metadata = NULL WHERE id = ? AND topic LIKE ?",
-                        [(i, topic) for i in ids],
+                        f"{_BLANK} WHERE id = ? AND topic LIKE ?", [(i, topic) for i in ids]
                     )
                 db.execute("COMMIT")
             except BaseException:
