@@ -865,10 +865,9 @@ class MemoryStore(WritePath):
         Returns False if ``timeout`` seconds passed first."""
         start = time.monotonic()
         done = self._pending.flush(timeout) if self._pending is not None else True
-        settle = getattr(self.storage, "settle", None)
-        if done and callable(settle):
+        if done:
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            done = bool(settle(left))
+            done = self.storage.settle(left)
         return done
 
     def close(self, timeout: float | None = 5.0) -> bool:

@@ -107,3 +107,9 @@ class Storage(Protocol):
         """Delete the user's collection; return how many memories it held. With ``erase``,
         their text is also removed from the storage's files where it can be."""
         ...
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until writes the storage stores behind its callers are stored (True at once
+        for a storage that stores each write before it returns). False if ``timeout`` seconds
+        passed first or the writes keep failing."""
+        ...
