@@ -295,6 +295,40 @@ def test_memory_freed_in_the_process_is_cleared_before_it_is_handed_out_again() 
                 libc.free(given)
 
 
+_FREED_TEXT_CHECK = """
+import ctypes
+from headroom_memory_integrations import MemoryStore
+from _reliability_support import RandomEmbedder
+MemoryStore("alice", db_path=FOLDER, embedder=RandomEmbedder()).add("Opens the folder")
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+seen = 0
+for _ in range(20):
+    freed = libc.malloc(65536)
+    ctypes.memmove(freed, b"spare key" * 1000, 9000)
+    libc.free(freed)
+    given = libc.malloc(65536)
+    seen += b"spare key" in ctypes.string_at(given, 65536)
+    libc.free(given)
+print(seen)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's allocator")
+def test_opening_a_folder_clears_freed_memory_unless_turned_off(tmp_path) -> None:
+    """By default, opening an embedded folder has glibc clear freed memory; with
+    HEADROOM_MEMORY_CLEAR_FREED=0 the allocator is left as it is (freed text comes back)."""
+    on = run_python(f"FOLDER = {str(tmp_path / 'on')!r}" + _FREED_TEXT_CHECK)
+    off = run_python(
+        f"FOLDER = {str(tmp_path / 'off')!r}" + _FREED_TEXT_CHECK,
+        env={"HEADROOM_MEMORY_CLEAR_FREED": "0"},
+    )
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert int(on.stdout.strip().splitlines()[-1]) == 0
+    assert int(off.stdout.strip().splitlines()[-1]) > 0
+
+
 def test_the_job_queue_keeps_no_turn_text_after_its_job_ends(openai_server, db_path, model):
     openai_server.responder = lambda body: Reply.text(
         json.dumps({"memories": [{"text": "Prefers Python for backend work", "category": "fact"}]})

@@ -38,6 +38,7 @@ MIN_FREE_BYTES = 64 * 2**20
 user's index files and four times the size of the write) stays free."""
 _MB = 2**20
 M_PERTURB = -6  # glibc's mallopt parameter (malloc.h)
+CLEAR_FREED_VARIABLE = "HEADROOM_MEMORY_CLEAR_FREED"  # "0": leave glibc's allocator as it is
 SCRUB_BYTE = 0x5A
 """What glibc writes over memory as it is freed (and its complement over memory as it is
 handed out), once :func:`scrub_freed_memory` has run."""
@@ -229,10 +230,14 @@ def scrub_freed_memory() -> bool:
     new memory its complement, so such room holds no text.
 
     It applies to the whole process, at the cost of filling each allocation and each freed
-    block once (small blocks that glibc keeps in its per-thread cache are left as they are).
-    It does nothing and returns False off glibc (macOS, Windows, musl), where this stray text
-    is not cleared.
+    block once (small blocks that glibc keeps in its per-thread cache are left as they are):
+    0-4% of a search here. ``HEADROOM_MEMORY_CLEAR_FREED=0`` in the environment turns it off,
+    for an application that cannot afford it elsewhere (deleted text may then stay in those
+    files). It does nothing and returns False off glibc (macOS, Windows, musl), where this
+    stray text is not cleared.
     """
+    if os.environ.get(CLEAR_FREED_VARIABLE, "").strip() == "0":
+        return False
     if not sys.platform.startswith("linux"):
         return False
     try:
