@@ -231,7 +231,7 @@ def scrub_freed_memory() -> bool:
 
     It applies to the whole process, at the cost of filling each allocation and each freed
     block once (small blocks that glibc keeps in its per-thread cache are left as they are):
-    0-4% of a search here. ``HEADROOM_MEMORY_CLEAR_FREED=0`` in the environment turns it off,
+    0-10% of a search here. ``HEADROOM_MEMORY_CLEAR_FREED=0`` in the environment turns it off,
     for an application that cannot afford it elsewhere (deleted text may then stay in those
     files). It does nothing and returns False off glibc (macOS, Windows, musl), where this
     stray text is not cleared.
