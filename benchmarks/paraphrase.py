@@ -50,7 +50,8 @@ instance wrote the pairs and questions under the first set's rules, seeing only 
 files (to write nothing twice), no result and no code; another wrote the keys seeing only the
 fresh facts and the production instruction. Its facts are planted among the same synthetic
 memories with keys, in a user of their own, at 0, 1k and 10k; its rows say "100 facts".
-Nothing is tuned on it.
+Nothing is tuned on it; every look at it is logged, with its rule, in
+``benchmarks/paraphrase_fresh_log.md`` before it is run.
 
 The engine embeds and matches a memory with keys by its index text, "text (key, key, ...)";
 the vectors of the synthetic memories' index texts are cached like the texts' (see
