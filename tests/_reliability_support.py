@@ -3,6 +3,7 @@ file under a folder, small filesystems (tmpfs) and read-only bind mounts for the
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import subprocess
@@ -46,6 +47,26 @@ def files_containing(folder: Path, needles: Iterable[str]) -> dict[str, list[str
             if any(pattern in data for pattern in encodings):
                 found.setdefault(needle, []).append(str(path.relative_to(folder)))
     return found
+
+
+def freed_text_handed_back(sizes: Iterable[int] = (4096, 65536), rounds: int = 10) -> int:
+    """With the C library's allocator: how many of ``rounds`` cycles per block size (write a
+    text into a new block, free it, allocate the same size again) found the text in the new
+    block. glibc hands the freed block straight back, so without clearing nearly all do."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    text = b"Keeps the spare key under the blue flowerpot. " * 2000
+    seen = 0
+    for size in sizes:
+        for _ in range(rounds):
+            freed = libc.malloc(size)
+            ctypes.memmove(freed, text, min(len(text), size))
+            libc.free(freed)
+            given = libc.malloc(size)
+            seen += b"spare key" in ctypes.string_at(given, size)
+            libc.free(given)
+    return seen
 
 
 def is_root() -> bool:

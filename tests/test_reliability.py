@@ -5,7 +5,6 @@ Real embedded Chroma in temp folders; docs/reliability.md maps each guarantee to
 
 from __future__ import annotations
 
-import ctypes
 import json
 import platform
 import threading
@@ -16,6 +15,7 @@ import pytest
 from _reliability_support import (
     RandomEmbedder,
     files_containing,
+    freed_text_handed_back,
     is_root,
     make_writable,
     read_only_view,
@@ -279,39 +279,14 @@ def test_a_kept_users_index_files_hold_none_of_the_text_the_process_freed(tmp_pa
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's allocator")
 def test_memory_freed_in_the_process_is_cleared_before_it_is_handed_out_again() -> None:
     assert scrub_freed_memory()  # as opening an embedded folder does
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    text = SECRETS[0].encode() * 200
-    for size in (4096, 65536):
-        for _ in range(5):
-            freed = libc.malloc(size)
-            ctypes.memmove(freed, text, min(len(text), size))
-            libc.free(freed)
-            given = libc.malloc(size)
-            try:
-                assert b"spare key" not in ctypes.string_at(given, size)
-            finally:
-                libc.free(given)
+    assert freed_text_handed_back() == 0
 
 
 _FREED_TEXT_CHECK = """
-import ctypes
 from headroom_memory_integrations import MemoryStore
-from _reliability_support import RandomEmbedder
+from _reliability_support import RandomEmbedder, freed_text_handed_back
 MemoryStore("alice", db_path=FOLDER, embedder=RandomEmbedder()).add("Opens the folder")
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-seen = 0
-for _ in range(20):
-    freed = libc.malloc(65536)
-    ctypes.memmove(freed, b"spare key" * 1000, 9000)
-    libc.free(freed)
-    given = libc.malloc(65536)
-    seen += b"spare key" in ctypes.string_at(given, 65536)
-    libc.free(given)
-print(seen)
+print(freed_text_handed_back())
 """
 
 
