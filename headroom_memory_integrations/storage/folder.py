@@ -156,9 +156,8 @@ def erase_deleted(folder: Path, collection_id: str, ids: Collection[str] | None)
     Blanks the records' entries in Chroma's write-ahead log (all of the collection's when
     ``ids`` is None; a vector becomes zeros of the same length), merges the full-text index
     (which keeps deleted documents' trigrams until merged) and rewrites the file (``VACUUM``)
-    so that freed pages keep nothing. Run it after
-    the delete, with no write in progress. It costs a rewrite of the file: about 0.3 s for a
-    6 MB database here.
+    so that freed pages keep nothing. Run it after the delete, with no write in progress. It
+    costs a rewrite of the file: about 0.3 s for a 6 MB database here.
 
     Raises:
         sqlite3.Error: The file could not be rewritten (e.g. no room for the copy).
