@@ -297,26 +297,28 @@ def _run_plain(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict
     return _run_sizes(ctx, result, real, facts, memory_cache(ctx.cache, real), sizes, "")
 
 
-def _run_keyed(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict[str, Any]:
-    """Facts and synthetic memories written with their model-written keys."""
-    pairs = load(PAIRS)
+def _run_keyed(
+    ctx: Context,
+    result: SectionResult,
+    real: LocalEmbedder,
+    files: tuple[Path, Path, Path] = (PAIRS, UNRELATED, FACT_KEYS),
+    store: str | None = None,
+) -> dict[str, Any]:
+    """Facts and synthetic memories written with their model-written keys. ``files``: the
+    pairs, the unrelated questions and the facts' keys (by default the first set's)."""
+    pairs_file, unrelated_file, keys_file = files
+    pairs, unrelated = load(pairs_file), load(unrelated_file)
     sizes = ctx.pick(KEYED_SIZES, (0, 1_000))
     facts: list[str | NewMemory] = [
-        NewMemory(row["fact"], keys=keys) for row, keys in zip(pairs, fact_keys(pairs))
+        NewMemory(row["fact"], keys=keys) for row, keys in zip(pairs, fact_keys(pairs, keys_file))
     ]
     cache = keyed_memory_cache(ctx.cache, real, max(sizes))
-    return _run_sizes(ctx, result, real, facts, cache, sizes, KEYED)
+    return _run_sizes(ctx, result, real, facts, cache, sizes, KEYED, (pairs, unrelated), store)
 
 
 def _run_fresh(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict[str, Any]:
     """The fresh set's facts, with their keys, among synthetic memories written with keys."""
-    pairs, unrelated = load(FRESH_PAIRS), load(FRESH_UNRELATED)
-    sizes = ctx.pick(KEYED_SIZES, (0, 1_000))
-    facts: list[str | NewMemory] = [
-        NewMemory(row["fact"], keys=keys) for row, keys in zip(pairs, fact_keys(pairs, FRESH_KEYS))
-    ]
-    cache = keyed_memory_cache(ctx.cache, real, max(sizes))
-    return _run_sizes(ctx, result, real, facts, cache, sizes, KEYED, (pairs, unrelated), "fresh")
+    return _run_keyed(ctx, result, real, (FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS), "fresh")
 
 
 def fact_keys(pairs: Sequence[dict[str, Any]], path: Path = FACT_KEYS) -> list[tuple[str, ...]]:
