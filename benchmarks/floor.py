@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from headroom_memory_integrations import LocalEmbedder
+from headroom_memory_integrations.embeddings.query_adapter import adapt_queries
 from headroom_memory_integrations.engine import (
     DEFAULT_MIN_SCORE,
     KEYED_FLOOR_RISE,
@@ -53,7 +54,9 @@ def main() -> None:
     real = LocalEmbedder()
     cache_dir = ROOT / "benchmarks" / "results" / "cache"
     pairs, unrelated = load(PAIRS), load(UNRELATED)
-    questions = real.embed([row["question"] for row in unrelated if row["split"] == "dev"])
+    questions = adapt_queries(
+        real.name, real.embed([row["question"] for row in unrelated if row["split"] == "dev"])
+    )
     keyed_facts = [
         index_text(row["fact"], clean_keys(k)) for row, k in zip(pairs, fact_keys(pairs))
     ]

@@ -76,6 +76,7 @@ from headroom_memory_integrations import (
     MemoryStore,
     NewMemory,
 )
+from headroom_memory_integrations.embeddings.query_adapter import adapt_queries
 from headroom_memory_integrations.engine import (
     DEFAULT_MIN_SCORE,
     KEYED_FLOOR_RISE,
@@ -242,7 +243,7 @@ def ask_all(
     targets: Sequence[str | None],
 ) -> list[Asked]:
     questions = [row["question"] for row in rows]
-    query_vectors = real.embed(questions)
+    query_vectors = adapt_queries(real.name, real.embed(questions))  # as a search does
     centroid = reader._open().centroid()  # private: the benchmark replays the engine's similarity
     asked = []
     for row, target, query_vector in zip(rows, targets, query_vectors):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.embeddings.query_adapter import adapt_queries
 from headroom_memory_integrations.engine import (
     CENTROID_PRIOR,
     LEXICAL_WEIGHT,
@@ -66,7 +67,8 @@ def test_search_scores_are_the_centred_similarity_plus_the_lexical_bonus(
     query = "Can I eat the tahini dip at the party?"
     results = store.search(query, top_k=10, min_score=-1.0)
     vectors = store.embedder.embed(texts)
-    centred = centred_query(store.embedder.embed([query])[0], (vectors.mean(axis=0), len(texts)))
+    asked = adapt_queries(store.embedder.name, store.embedder.embed([query]))[0]
+    centred = centred_query(asked, (vectors.mean(axis=0), len(texts)))
     lexical = lexical_scores(query, texts)
     expected = {
         text: float(centred.similarity_of(vector)) + LEXICAL_WEIGHT * overlap

@@ -81,7 +81,13 @@ def test_the_default_install_requires_no_torch_cuda_onnx_or_sentence_transformer
 def test_the_wheel_carries_the_model(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         shipped = {n.removeprefix(MODEL) for n in archive.namelist() if n.startswith(MODEL)}
-    assert shipped == {"config.json", "tokenizer.json", "model.safetensors", "NOTICE.md"}
+    assert shipped == {
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "NOTICE.md",
+        "query_adapter.npy",
+    }
     assert wheel.stat().st_size < 50_000_000
 
 

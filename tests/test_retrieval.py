@@ -21,7 +21,7 @@ def test_the_floor_rises_with_the_number_of_memories_and_then_stays() -> None:
     assert floors == sorted(floors) and len(set(floors)) == len(floors) - 1
     assert floors[-1] == round(DEFAULT_MIN_SCORE + FLOOR_RISE[-1][1], 3)
     assert relevance_floor(DEFAULT_MIN_SCORE, 10**7) == floors[-1]
-    assert relevance_floor(0.3, 100) == round(0.3 + 0.16, 3)  # min_score moves the whole curve
+    assert relevance_floor(0.3, 100) == round(0.3 + 0.145, 3)  # min_score moves the whole curve
     assert relevance_floor(-1.0, 10_000) == relevance_floor(-5.0, 1) == -1.0  # off
 
 
@@ -43,7 +43,7 @@ def test_the_readme_api_example_answers_unrelated_questions_with_nothing(store) 
         ["Works at a fintech startup", {"text": "Migrating auth to OAuth", "category": "context"}]
     )
     [(found, score)] = store.search("What language should I use?", top_k=5)
-    assert found.text == "Prefers Python for backend work" and score > 0.3
+    assert found.text == "Prefers Python for backend work" and score > 0.2
     assert store.search("What is 2+2?") == []
     assert store.search("Tell me a joke.") == []
 
@@ -59,7 +59,7 @@ def test_a_search_applies_the_floor_of_the_users_size(hash_store: MemoryStore, c
 
 def test_more_memories_raise_the_bar_for_a_weak_match(store) -> None:
     store.add("Prefers Python for backend work", category="preference")
-    assert store.search("which language?")  # 0.136 clears the floor of one memory (0.125)
+    assert store.search("which language?")  # 0.077 clears the floor of one memory (0.06)
     store.add("Has a rescue greyhound called Pretzel")
-    assert store.search("which language?") == []  # but not that of two (0.151)
+    assert store.search("which language?") == []  # but not that of two (0.079)
     assert store.search("Which programming language do I prefer for backend work?")

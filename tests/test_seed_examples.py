@@ -203,7 +203,11 @@ EXAMPLES = {
     "compression": (COMPRESSION, "402 True system\n"),
     # The response references the PostgreSQL memory, as the spec says ("User's team uses
     # PostgreSQL" is at cosine 0.17 from the question: over 0.166, the floor of 3 memories)
-    "multi-turn": (MULTI_TURN, "From what I remember: User's team uses PostgreSQL.\n"),
+    "multi-turn": (
+        MULTI_TURN,
+        "From what I remember: User's team uses PostgreSQL; Is a Python developer at a fintech "
+        "startup.\n",
+    ),
 }
 
 
