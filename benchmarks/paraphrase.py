@@ -179,12 +179,12 @@ def on_score(floor: float) -> Rule:
 
 def floor_rules() -> dict[str, Rule]:
     found: dict[str, Rule] = {}
-    for base in (0.075, 0.10, DEFAULT_MIN_SCORE, 0.15, 0.175):
+    for base in (0.03, 0.045, DEFAULT_MIN_SCORE, 0.075, 0.09):
         name = f"size-aware, {base:.3f} at 1 memory" + (" (default)" * (base == DEFAULT_MIN_SCORE))
         found[name] = size_aware(base)
     for rise in (0.0, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08):  # only memories with keys
         name = f"size-aware, {DEFAULT_MIN_SCORE:.3f}, memories with keys +{rise:.3f} at any size"
-        found[name + " (former default)" * (rise == 0.05)] = size_aware(DEFAULT_MIN_SCORE, rise)
+        found[name] = size_aware(DEFAULT_MIN_SCORE, rise)
     for weight in (0.1, 0.2):
         found[f"size-aware, {DEFAULT_MIN_SCORE:.3f}, lexical overlap x {weight} off"] = discounted(
             DEFAULT_MIN_SCORE, weight
