@@ -8,7 +8,8 @@ facts of ``benchmarks/paraphrase_pairs.jsonl``; from 132, the 132 facts, then wi
 synthetic memories of the same form (``corpus.memory_texts``, vectors from the benchmark
 cache; the first texts of the list, not merged as a store would merge a few), and 100k for
 memories without keys. Similarities
-are those a search computes (``engine.centred_query``, with the exact mean). Printed for
+are those a search computes (the question's vector moved by the query adapter, then
+``engine.centred_query`` with the exact mean). Printed for
 memories written as plain texts and with model-written keys; a keyed memory's floor is the
 plain one plus :data:`engine.KEYED_FLOOR_RISE` at that size, which must cover the difference.
 Nothing here reads the held-out half or the fresh set.
