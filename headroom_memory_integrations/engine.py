@@ -47,9 +47,11 @@ the query adapter moves it for the default model (:mod:`.embeddings.query_adapte
 for memories more typical of the user than the average one: :data:`QUERY_CENTERING`). The floor
 rises with the number of memories the user has (:data:`FLOOR_RISE`): the more memories, the
 closer the best of them comes to any question by chance. With all-MiniLM-L6-v2, "which
-language?" against "Prefers Python for backend work" scores 0.28 and "What is 2+2?" -0.14. The
-floor judges meaning alone: sharing a word ("2" with "Has 2 cats") never lets an unrelated
-memory through. It is calibrated for the default model: with another, pass your own."""
+language?" against "Prefers Python for backend work" scores 0.077 and "What is 2+2?" -0.078.
+The floor judges meaning alone: a shared word adds to the score, never to the similarity the
+floor judges. Calibrated so that about 5% of unrelated questions still get a memory, for
+example "What is 2+2?" against a lone "Has 2 cats" (0.12). It is calibrated for the default
+model: with another, pass your own."""
 
 FLOOR_RISE = (
     (1, 0.0),
