@@ -312,3 +312,36 @@ def test_a_new_memory_id_is_read_once_above_the_read_ahead_limit(
     assert hash_store.count() == 31
     assert [m.text for m in hash_store.get_all() if "canoe" in m.text] == []
     assert hash_store.add("Owns a red canoe").text == "Owns a red canoe"  # its id is free
+
+
+def test_the_read_ahead_waits_before_reading_and_stops_if_the_process_is_stopping(
+    hash_store: MemoryStore, monkeypatch
+) -> None:
+    """The first search's call goes first: the read waits READ_AHEAD_DELAY, and gives up
+    when the process stops meanwhile (nothing read, nothing kept)."""
+    waited: list[float] = []
+    reads: list[str] = []
+
+    class Stopping:
+        def __init__(self, stop: bool) -> None:
+            self.stop = stop
+
+        def wait(self, timeout: float) -> bool:
+            waited.append(timeout)
+            return self.stop
+
+        def is_set(self) -> bool:
+            return False
+
+    hash_store.add_many([f"note {i}" for i in range(5)])
+    collection = hash_store._open()
+    pages = collection._pages
+    monkeypatch.setattr(collection, "_pages", lambda *a: reads.append("page") or pages(*a))
+    monkeypatch.setattr(chroma, "_stopping", Stopping(stop=True))
+    collection._warm()
+    assert waited == [chroma.READ_AHEAD_DELAY] and reads == [] and collection._index is None
+
+    monkeypatch.setattr(chroma, "_stopping", Stopping(stop=False))
+    collection._warm()
+    assert waited[-1] == chroma.READ_AHEAD_DELAY > 0 and reads
+    assert collection._index is not None and len(collection._index) == 5

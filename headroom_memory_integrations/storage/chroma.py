@@ -87,6 +87,11 @@ when opened (before Chroma loads their index, which reads it)."""
 # A user's memories are read ahead into memory (a few KB each) up to this many; a sole writer
 # then searches them there. Larger collections are searched by Chroma.
 WARM_LIMIT = 20_000
+# Seconds a read-ahead waits after the search that starts it. The search is usually made for
+# a model call, whose own work (the request, parsing the answer) would otherwise share the
+# interpreter with the read: with a fast model, the first answer of a process came 17-34 ms
+# later (a 1k user, docs/benchmarks.md); searches meanwhile go to Chroma, as before the read.
+READ_AHEAD_DELAY = 0.25
 # Memories held read ahead in one process, over all users; past it, the users searched least
 # recently are let go (their searches go back to Chroma until they are read ahead again).
 READ_AHEAD_BUDGET = 100_000
@@ -913,6 +918,10 @@ class ChromaCollection:
         what was read, so a user who keeps writing still gets the read-ahead. Nothing is kept
         if a write failed or the collection was dropped meanwhile, and the index only if it
         then holds every memory (a page read while others were deleted can miss some)."""
+        # the search that started this was made for a call (a model's answer, usually): let
+        # that call's own Python work go first rather than share the interpreter with this read
+        if _stopping.wait(READ_AHEAD_DELAY) or self._retired:
+            return
         retry = False
         log: list[_Change] = []
         try:
