@@ -6,6 +6,7 @@ in an environment with torch's CPU build."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from headroom_memory_integrations import Embedder, LocalEmbedder
-from headroom_memory_integrations.embeddings.bert import float32_weights
+from headroom_memory_integrations.embeddings.bert import float32_weights, read_safetensors
 from headroom_memory_integrations.embeddings.local import (
     BUNDLED_TOLERANCE,
     bundled_model_dir,
@@ -84,6 +85,48 @@ def test_weights_stored_compactly_are_widened_to_float32() -> None:
     assert all(w.dtype == np.float32 for w in weights.values())
     np.testing.assert_array_equal(weights["half"], matrix)
     np.testing.assert_allclose(weights["rows"], matrix, atol=2.0 / 127)
+
+
+def test_the_model_file_is_read_as_safetensors_reads_it(tmp_path: Path) -> None:
+    """Our mapped reader gives safetensors' own arrays (names, dtypes, shapes, values), for
+    the bundled model and a file of other dtypes, and refuses what it cannot read."""
+    from safetensors.numpy import load_file, save_file
+
+    bundled = bundled_model_dir() / "model.safetensors"
+    others = tmp_path / "others.safetensors"
+    save_file(
+        {
+            "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
+            "scale": np.array([0.5, -2.0], dtype=np.float32),
+            "rows": np.array([[1, -1], [3, 7]], dtype=np.int8),
+            "empty": np.zeros((0, 4), dtype=np.float16),
+        },
+        str(others),
+    )
+    for path in (bundled, others):
+        ours, theirs = read_safetensors(path), load_file(str(path))
+        assert ours.keys() == theirs.keys()
+        for name, array in theirs.items():
+            assert ours[name].dtype == array.dtype and ours[name].shape == array.shape
+            np.testing.assert_array_equal(ours[name], array)
+    mapped = read_safetensors(others)["scale"]
+    mapped[0] = 9.0  # a copy-on-write map: the file is never changed
+    assert read_safetensors(others)["scale"][0] == 0.5
+
+    def written(header: dict[str, object], data: bytes) -> Path:
+        raw = json.dumps(header).encode()
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+        return path
+
+    with pytest.raises(ValueError, match="is BF16"):
+        read_safetensors(
+            written({"w": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]}}, b"\0\0")
+        )
+    with pytest.raises(ValueError, match="outside the file"):
+        read_safetensors(
+            written({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
+        )
 
 
 def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package() -> None:

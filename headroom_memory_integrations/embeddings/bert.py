@@ -10,6 +10,8 @@ weights, both forward passes give sentence-transformers' vectors (max difference
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,45 @@ TokenIds = npt.NDArray[np.int64]
 
 
 SCALE_SUFFIX = ":scale"
+_SAFETENSORS_TYPES = {
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I8": np.int8,
+    "I32": np.int32,
+    "I64": np.int64,
+}
+
+
+def read_safetensors(path: Path) -> dict[str, npt.NDArray[Any]]:
+    """The tensors of a ``.safetensors`` file (an 8-byte header length, a JSON header, the
+    raw data), as arrays over a copy-on-write map of the file rather than read into memory.
+
+    safetensors' own loader reads and copies the bundled model in ~30 ms with the GIL held, on
+    the first answer's path beside the import of Chroma; this takes ~0.4 ms, and the pages are
+    read when the forward pass's loader touches them (ONNX Runtime: outside the GIL).
+    """
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    (length,) = struct.unpack("<Q", mapped[:8])
+    header = json.loads(mapped[8 : 8 + length])
+    start_of_data = 8 + length
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        kind = _SAFETENSORS_TYPES.get(entry["dtype"])
+        if kind is None:
+            raise ValueError(f"{path.name}: tensor {name!r} is {entry['dtype']}, not read here")
+        start, end = entry["data_offsets"]
+        dtype = np.dtype(kind)
+        if not 0 <= start <= end <= len(mapped) - start_of_data:
+            raise ValueError(f"{path.name}: tensor {name!r} lies outside the file")
+        flat = np.frombuffer(
+            mapped, dtype, count=(end - start) // dtype.itemsize, offset=start_of_data + start
+        )
+        tensors[name] = flat.reshape(entry["shape"])
+    return tensors
 
 
 def float32_weights(
@@ -85,7 +126,6 @@ class BertEncoder(ABC):
     def __init__(
         self, model_dir: Path, max_tokens: int = 256, threads: int = 1, chunk_workers: int = 1
     ) -> None:
-        from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
         self.threads = threads
@@ -96,7 +136,7 @@ class BertEncoder(ABC):
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_tokens)
         weights = float32_weights(
-            load_file(str(model_dir / "model.safetensors")), keep_float16=self.widens_float16
+            read_safetensors(model_dir / "model.safetensors"), keep_float16=self.widens_float16
         )
         self._load({name.removeprefix("bert."): array for name, array in weights.items()})
 
