@@ -11,7 +11,7 @@ memories without keys. Similarities
 are those a search computes (the question's vector moved by the query adapter, then
 ``engine.centred_query`` with the exact mean). Printed for
 memories written as plain texts and with model-written keys; a keyed memory's floor is the
-plain one plus :data:`engine.KEYED_FLOOR_RISE` at that size, which must cover the difference.
+same as the plain one (the engine holds both to it), which must cover the difference.
 Nothing here reads the held-out half or the fresh set.
 """
 
@@ -23,10 +23,8 @@ from headroom_memory_integrations import LocalEmbedder
 from headroom_memory_integrations.embeddings.query_adapter import adapt_queries
 from headroom_memory_integrations.engine import (
     DEFAULT_MIN_SCORE,
-    KEYED_FLOOR_RISE,
     centred_query,
     relevance_floor,
-    rise_by_size,
 )
 from headroom_memory_integrations.keys import clean_keys, index_text
 
@@ -81,11 +79,7 @@ def main() -> None:
             best = best_similarities(memories, questions)
             row.append((len(memories), float(np.quantile(best, QUANTILE))))
         print(f"{name:6s} " + "  ".join(f"{n}: {v:.3f}" for n, v in row))
-        rises = KEYED_FLOOR_RISE if name == "keyed" else ((1, 0.0),)
-        floors = "  ".join(
-            f"{n}: {relevance_floor(DEFAULT_MIN_SCORE, n) + rise_by_size(rises, n):.3f}"
-            for n, _ in row
-        )
+        floors = "  ".join(f"{n}: {relevance_floor(DEFAULT_MIN_SCORE, n):.3f}" for n, _ in row)
         print(f"{'engine':6s} {floors}")
 
 

@@ -79,11 +79,9 @@ from headroom_memory_integrations import (
 from headroom_memory_integrations.embeddings.query_adapter import adapt_queries
 from headroom_memory_integrations.engine import (
     DEFAULT_MIN_SCORE,
-    KEYED_FLOOR_RISE,
     LEXICAL_WEIGHT,
     centred_query,
     relevance_floor,
-    rise_by_size,
 )
 from headroom_memory_integrations.keys import clean_keys, index_text
 
@@ -128,7 +126,7 @@ class Candidate:
     memory_id: str
     score: float
     similarity: float
-    keyed: bool = False  # the memory has keys (the engine's floor rises by KEYED_FLOOR_RISE)
+    keyed: bool = False  # the memory has keys (a replayed rule may hold it to a higher floor)
 
 
 @dataclass
@@ -152,15 +150,10 @@ def fixed(floor: float) -> Rule:
     return lambda c, n: c.similarity >= floor
 
 
-def size_aware(base: float, keyed_rise: float | None = None) -> Rule:
+def size_aware(base: float, keyed_rise: float = 0.0) -> Rule:
     """The engine's floor from ``base``; a memory with keys must reach it plus ``keyed_rise``
-    (by default the engine's rise at that size, :data:`engine.KEYED_FLOOR_RISE`)."""
-
-    def keeps(c: Candidate, n: int) -> bool:
-        rise = rise_by_size(KEYED_FLOOR_RISE, n) if keyed_rise is None else keyed_rise
-        return c.similarity >= relevance_floor(base, n) + rise * c.keyed
-
-    return keeps
+    (the engine holds both to the same floor)."""
+    return lambda c, n: c.similarity >= relevance_floor(base, n) + keyed_rise * c.keyed
 
 
 def discounted(base: float, weight: float) -> Rule:

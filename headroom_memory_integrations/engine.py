@@ -69,15 +69,10 @@ one. With the default floor: 0.06 for 1 memory, 0.115 for 10, 0.205 for 100, 0.2
 0.28 for 10,000, 0.285 from 100,000. Measured, not chosen: at each size, the best memory of the
 user is at least this close to an unrelated question (small talk, general knowledge, code) for
 at most 5% of the dev half of ``benchmarks/paraphrase_unrelated.jsonl``, rounded up
-(``python -m benchmarks.floor``; docs/benchmarks.md, "A query adapter")."""
-
-KEYED_FLOOR_RISE: tuple[tuple[int, float], ...] = ((1, 0.0),)
-"""How much closer than the floor a memory with keys must be to the query, by the number of
-memories (points like :data:`FLOOR_RISE`'s). Keys bring a memory nearer to questions of its
-topic, and could bring it a little nearer to every question; measured on the dev half like
-:data:`FLOOR_RISE` (``python -m benchmarks.floor``), the best memory with keys is no closer to
-unrelated questions than the best memory without (within 0.002 at every size), so with the
-query adapter there is no rise. Before it, a memory with keys needed 0.02-0.05 more."""
+(``python -m benchmarks.floor``; docs/benchmarks.md, "A query adapter"). Memories with keys
+(:mod:`.keys`) are held to the same floor: measured the same way, the best memory with keys is
+no closer to unrelated questions than the best memory without (within 0.002 at every size;
+before the query adapter they needed 0.02-0.05 more)."""
 
 LEXICAL_WEIGHT = 1.2
 """The score that orders search results is the similarity of query and memory (their cosine
@@ -520,10 +515,8 @@ class MemoryStore(WritePath):
                 for memory_id, found in collection.nearest(centred.vector, limit)[0]
             ]
             if floor is None:
-                memories = self._memories(collection, len(nearest), limit)
-                floor = relevance_floor(base, memories)
-                keyed_floor = floor + rise_by_size(KEYED_FLOOR_RISE, memories) * (floor > -1.0)
-            ranked = self._rank(query, nearest, collection, wanted, (floor, keyed_floor))
+                floor = relevance_floor(base, self._memories(collection, len(nearest), limit))
+            ranked = self._rank(query, nearest, collection, wanted, floor)
             deeper_can_pass = bool(nearest) and nearest[-1][1] >= floor
             if (
                 wanted is None
@@ -563,12 +556,11 @@ class MemoryStore(WritePath):
         nearest: Sequence[tuple[str, float]],
         collection: UserCollection,
         wanted: set[Category] | None,
-        floors: tuple[float, float],
+        floor: float,
     ) -> list[tuple[str, float]]:
         """Score the dense candidates (their similarity plus the lexical bonus, see
         :data:`LEXICAL_WEIGHT`); keep those of the wanted categories whose similarity reaches the
-        floor (``floors``: for a memory without keys, and with them; see
-        :data:`KEYED_FLOOR_RISE`), best first."""
+        floor, best first."""
         catalog = collection.catalog([memory_id for memory_id, _ in nearest])
         present = [(memory_id, close) for memory_id, close in nearest if memory_id in catalog]
         lexical = lexical_scores(
@@ -581,8 +573,7 @@ class MemoryStore(WritePath):
         ranked = [
             (memory_id, close + LEXICAL_WEIGHT * overlap)
             for (memory_id, close), overlap in zip(present, lexical.tolist())
-            if close >= floors[bool(catalog[memory_id].keys)]
-            and (wanted is None or catalog[memory_id].category in wanted)
+            if close >= floor and (wanted is None or catalog[memory_id].category in wanted)
         ]
         ranked.sort(key=lambda pair: pair[1], reverse=True)
         return ranked

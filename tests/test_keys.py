@@ -13,7 +13,7 @@ from conftest import block, instruction_nonce
 
 from headroom_memory_integrations import MemoryStore, NewMemory
 from headroom_memory_integrations.embeddings.query_adapter import adapt_queries
-from headroom_memory_integrations.engine import KEYED_FLOOR_RISE, rise_by_size
+from headroom_memory_integrations.engine import rise_by_size
 from headroom_memory_integrations.errors import InvalidInputError
 from headroom_memory_integrations.keys import (
     MAX_KEY_CHARS,
@@ -177,10 +177,9 @@ def test_keys_bring_a_reworded_question_to_its_memory(db_path, model) -> None:
     assert cosine_only[0].score > next(r.score for r in plain_cosine if r.memory.text == SHELLFISH)
 
 
-def test_a_memory_with_keys_must_clear_the_floor_plus_its_rise(db_path, model) -> None:
-    """One with keys is returned only if its similarity reaches the floor plus
-    KEYED_FLOOR_RISE at the store's size (measured in docs/benchmarks.md; 0 with the query
-    adapter), one without if it reaches the floor."""
+def test_a_memory_with_and_without_keys_must_clear_the_same_floor(db_path, model) -> None:
+    """Each is returned only if its similarity (with its keys, for the keyed one) reaches the
+    floor (measured in docs/benchmarks.md: memories with keys need no more)."""
     keyed = MemoryStore("keyed", db_path=db_path, embedder=model)
     plain = MemoryStore("plain", db_path=db_path, embedder=model)
     keyed.add(SHELLFISH, keys=SEAFOOD_KEYS)
@@ -190,15 +189,14 @@ def test_a_memory_with_keys_must_clear_the_floor_plus_its_rise(db_path, model) -
         model.embed([index_text(SHELLFISH, clean_keys(SEAFOOD_KEYS))])[0] @ question
     )
     plain_cosine = float(model.embed([SHELLFISH])[0] @ question)
-    rise = rise_by_size(KEYED_FLOOR_RISE, 1)  # one memory: the floor is min_score itself
-    step = 0.005
-    assert not keyed.search(SEAFOOD_QUESTION, min_score=keyed_cosine - rise + step)
-    assert keyed.search(SEAFOOD_QUESTION, min_score=keyed_cosine - rise - step)
+    step = 0.005  # one memory: the floor is min_score itself
+    assert not keyed.search(SEAFOOD_QUESTION, min_score=keyed_cosine + step)
+    assert keyed.search(SEAFOOD_QUESTION, min_score=keyed_cosine - step)
     assert not plain.search(SEAFOOD_QUESTION, min_score=plain_cosine + step)
     assert plain.search(SEAFOOD_QUESTION, min_score=plain_cosine - step)
 
 
-def test_the_rise_for_memories_with_keys_follows_the_number_of_memories() -> None:
+def test_a_rise_by_size_follows_the_number_of_memories() -> None:
     """Interpolated on the logarithm of the size between the measured points, flat past the
     last one."""
     points = ((1, 0.02), (100, 0.02), (1_000, 0.05), (10_000, 0.04))
