@@ -53,6 +53,15 @@ memories with keys, in a user of their own, at 0, 1k and 10k; its rows say "100 
 Nothing is tuned on it; every look at it is logged, with its rule, in
 ``benchmarks/paraphrase_fresh_log.md`` before it is run.
 
+**A second fresh set** (2026-12-03, later), written when the first fresh set had had three
+looks: ``benchmarks/paraphrase_fresh2_{pairs,unrelated,keys}.jsonl`` (140 pairs, 20 in each of
+the seven domains above; 80 messages that need no memory: small talk, general knowledge,
+coding, and everyday questions on the facts' broad topics that need no fact of this user), all
+of split ``fresh2``. Model instances that saw no file of the repository wrote it: one the pairs
+and messages, told not to steer toward or away from the facts' topics, another the keys from
+the facts alone. The sets run in users and folders of their own, in the ``paraphrase`` section
+and alone (``--only paraphrase-fresh``), under the same logged rule.
+
 The engine embeds and matches a memory with keys by its index text, "text (key, key, ...)";
 the vectors of the synthetic memories' index texts are cached like the texts' (see
 ``population.keyed_memory_cache``), and a candidate's cosine in the replay is computed from
@@ -102,12 +111,22 @@ KEYED = ", with model-written keys"  # ends the size in the keyed run's row name
 PAIRS = ROOT / "benchmarks" / "paraphrase_pairs.jsonl"
 UNRELATED = ROOT / "benchmarks" / "paraphrase_unrelated.jsonl"
 FACT_KEYS = ROOT / "benchmarks" / "paraphrase_keys.jsonl"
-FRESH_NAME = "paraphrase-fresh"  # the section of the fresh set alone
-FRESH_PAIRS = ROOT / "benchmarks" / "paraphrase_fresh_pairs.jsonl"
-FRESH_UNRELATED = ROOT / "benchmarks" / "paraphrase_fresh_unrelated.jsonl"
-FRESH_KEYS = ROOT / "benchmarks" / "paraphrase_fresh_keys.jsonl"
+FRESH_NAME = "paraphrase-fresh"  # the section of the fresh sets alone
+
+
+def _fresh_files(name: str) -> tuple[Path, Path, Path]:
+    """A fresh set's pairs, unrelated questions and facts' keys."""
+    return tuple(  # type: ignore[return-value]
+        ROOT / "benchmarks" / f"paraphrase_{name}_{part}.jsonl"
+        for part in ("pairs", "unrelated", "keys")
+    )
+
+
+FRESH_SETS = {"fresh": _fresh_files("fresh"), "fresh2": _fresh_files("fresh2")}
+"""Each fresh set's files, by split name (every row of a set is of that split)."""
+FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS = FRESH_SETS["fresh"]
 SPLITS = ("dev", "heldout")
-SPLIT_NAMES = {"dev": "dev", "heldout": "held-out", "fresh": "fresh"}
+SPLIT_NAMES = {"dev": "dev", "heldout": "held-out", "fresh": "fresh", "fresh2": "second fresh"}
 REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
 TARGET_SIZE = 10_000
 KEYED_SIZES = (0, 1_000, 10_000)  # embedding 100k index texts would take an hour
@@ -277,7 +296,7 @@ def run_keyed(ctx: Context) -> SectionResult:
 
 
 def run_fresh(ctx: Context) -> SectionResult:
-    """The fresh set alone (the ``paraphrase-fresh`` section)."""
+    """The fresh sets alone (the ``paraphrase-fresh`` section)."""
     result = SectionResult(FRESH_NAME)
     result.details = _run_fresh(ctx, result, LocalEmbedder())
     return result
@@ -311,8 +330,9 @@ def _run_keyed(
 
 
 def _run_fresh(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict[str, Any]:
-    """The fresh set's facts, with their keys, among synthetic memories written with keys."""
-    return _run_keyed(ctx, result, real, (FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS), "fresh")
+    """Each fresh set's facts, with their keys, among synthetic memories written with keys
+    (a user and a scratch folder of its own for each set)."""
+    return {name: _run_keyed(ctx, result, real, files, name) for name, files in FRESH_SETS.items()}
 
 
 def fact_keys(pairs: Sequence[dict[str, Any]], path: Path = FACT_KEYS) -> list[tuple[str, ...]]:

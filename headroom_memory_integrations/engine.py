@@ -56,12 +56,12 @@ model: with another, pass your own."""
 FLOOR_RISE = (
     (1, 0.0),
     (3, 0.03),
-    (10, 0.055),
+    (10, 0.06),
     (30, 0.09),
-    (100, 0.145),
-    (1_000, 0.19),
-    (10_000, 0.22),
-    (100_000, 0.225),
+    (100, 0.16),
+    (1_000, 0.195),
+    (10_000, 0.215),
+    (100_000, 0.235),
 )
 """How far the relevance floor rises above ``min_score`` with the number of memories: (memories,
 rise) points, joined by straight lines over the logarithm of the number, flat past the last

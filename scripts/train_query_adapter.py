@@ -15,7 +15,7 @@ saw no benchmark file; docs/benchmarks.md, "A query adapter"):
   ("[date] Name: ...") and an observation drawn from it.
 
 Any question or memory within cosine :data:`NEAR` of a question or fact of the paraphrase
-benchmark (both sets) is left out, so that no benchmark item is learned.
+benchmark (every set) is left out, so that no benchmark item is learned.
 
 Each question scores every memory of its kind and a "nothing" option whose score is learned (a
 softmax with temperature :data:`TEMPERATURE`): a question's memory must beat the others and
@@ -37,13 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.corpus import with_question  # noqa: E402
-from benchmarks.paraphrase import (  # noqa: E402
-    FRESH_PAIRS,
-    FRESH_UNRELATED,
-    PAIRS,
-    UNRELATED,
-    load,
-)
+from benchmarks.paraphrase import FRESH_SETS, PAIRS, UNRELATED, load  # noqa: E402
 from headroom_memory_integrations import LocalEmbedder  # noqa: E402
 from headroom_memory_integrations.embeddings.query_adapter import ADAPTERS  # noqa: E402
 from headroom_memory_integrations.keys import clean_keys, index_text  # noqa: E402
@@ -68,10 +62,13 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def training_tasks(model: LocalEmbedder) -> tuple[list[Task], dict[str, int]]:
     """The three tasks (queries, the index of each one's memory or -1 for none, the memory
     vectors in one or more forms, weight), and counts of what was kept and left out."""
-    benchmark_questions = [r["question"] for r in (*load(PAIRS), *load(FRESH_PAIRS))]
-    benchmark_questions += [r["question"] for r in (*load(UNRELATED), *load(FRESH_UNRELATED))]
+    pair_files = [PAIRS, *(pairs for pairs, _, _ in FRESH_SETS.values())]
+    unrelated_files = [UNRELATED, *(unrelated for _, unrelated, _ in FRESH_SETS.values())]
+    benchmark_pairs = [row for path in pair_files for row in load(path)]
+    benchmark_questions = [r["question"] for r in benchmark_pairs]
+    benchmark_questions += [r["question"] for path in unrelated_files for r in load(path)]
     questions_seen = model.embed(benchmark_questions)
-    facts_seen = model.embed([r["fact"] for r in (*load(PAIRS), *load(FRESH_PAIRS))])
+    facts_seen = model.embed([r["fact"] for r in benchmark_pairs])
 
     def near(vector: np.ndarray) -> bool:
         return bool(max((questions_seen @ vector).max(), (facts_seen @ vector).max()) > NEAR)

@@ -88,6 +88,22 @@ def test_the_fresh_set_is_complete_and_apart_from_the_first() -> None:
     assert len(set(fresh)) == len(fresh) and not seen & set(fresh)
 
 
+def test_the_second_fresh_set_is_complete() -> None:
+    """The second fresh set (never tuned on; written blind): 140 pairs, 20 in each of seven
+    domains, 80 messages that need no memory, one split, keys for every fact in order, and
+    no text twice."""
+    pairs_file, unrelated_file, keys_file = paraphrase.FRESH_SETS["fresh2"]
+    pairs, unrelated = paraphrase.load(pairs_file), paraphrase.load(unrelated_file)
+    assert len(pairs) == 140 and len(unrelated) == 80
+    assert {row["split"] for row in [*pairs, *unrelated]} == {"fresh2"}
+    domains = [row["domain"] for row in pairs]
+    assert {domains.count(domain) for domain in domains} == {20} and len(set(domains)) == 7
+    keys = paraphrase.fact_keys(pairs, keys_file)
+    assert all(2 <= len(k) <= MAX_KEYS and k[-1].endswith("?") for k in keys)
+    texts = [row["fact"] for row in pairs] + [row["question"] for row in [*pairs, *unrelated]]
+    assert len(set(texts)) == len(texts)
+
+
 def test_fact_keys_refuse_pairs_in_another_order() -> None:
     pairs = paraphrase.load(paraphrase.PAIRS)
     with pytest.raises(ValueError, match="ids"):
