@@ -412,10 +412,22 @@ def _run_sizes(
                 for a in unrelated
                 if a.injected
             ],
+            "false_injection_by_kind": _by_kind(unrelated, unrelated_rows),
         }
         _rows(result, where, size, memories, injected, raw)
     details["index_texts_embedded_while_writing"] = embedder.misses
     return details
+
+
+def _by_kind(unrelated: Sequence[Asked], rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """How many of each kind of unrelated question (small talk, general knowledge, ...) got a
+    memory, as "injected / asked"."""
+    counts: dict[str, list[int]] = {}
+    for asked, row in zip(unrelated, rows):
+        tally = counts.setdefault(row.get("kind", "?"), [0, 0])
+        tally[0] += bool(asked.injected)
+        tally[1] += 1
+    return {kind: f"{hit} / {total}" for kind, (hit, total) in counts.items()}
 
 
 def _index_text(item: str | NewMemory | Memory) -> str:

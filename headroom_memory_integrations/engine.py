@@ -65,13 +65,13 @@ FLOOR_RISE = (
 )
 """How far the relevance floor rises above ``min_score`` with the number of memories: (memories,
 rise) points, joined by straight lines over the logarithm of the number, flat past the last
-one. With the default floor: 0.06 for 1 memory, 0.115 for 10, 0.205 for 100, 0.25 for 1,000,
-0.28 for 10,000, 0.285 from 100,000. Measured, not chosen: at each size, the best memory of the
+one. With the default floor: 0.06 for 1 memory, 0.12 for 10, 0.22 for 100, 0.255 for 1,000,
+0.275 for 10,000, 0.295 from 100,000. Measured, not chosen: at each size, the best memory of the
 user is at least this close to an unrelated question (small talk, general knowledge, code) for
 at most 5% of the dev half of ``benchmarks/paraphrase_unrelated.jsonl``, rounded up
 (``python -m benchmarks.floor``; docs/benchmarks.md, "A query adapter"). Memories with keys
 (:mod:`.keys`) are held to the same floor: measured the same way, the best memory with keys is
-no closer to unrelated questions than the best memory without (within 0.002 at every size;
+no closer to unrelated questions than the best memory without (at every size measured;
 before the query adapter they needed 0.02-0.05 more)."""
 
 LEXICAL_WEIGHT = 1.2
@@ -140,7 +140,7 @@ def relevance_floor(min_score: float, memories: int) -> float:
     Example::
 
         >>> [relevance_floor(DEFAULT_MIN_SCORE, n) for n in (1, 100, 10_000, 100_000)]
-        [0.06, 0.205, 0.28, 0.285]
+        [0.06, 0.22, 0.275, 0.295]
     """
     if min_score <= -1.0:
         return -1.0

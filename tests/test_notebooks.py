@@ -136,7 +136,7 @@ def test_quickstart(fresh: Callable[[str], Run]) -> None:
     # session 2 recalled session 1's preference, in a new client
     assert "From what I remember: " in out and "Prefers Python for backend work;" in out
     assert "(preference, noted " in out and '): "Prefers Python for backend work"' in out
-    unrelated = "0 results for &#x27;What is 2+2?&#x27; (relevance floor: similarity ≥ 0.108)"
+    unrelated = "0 results for &#x27;What is 2+2?&#x27; (relevance floor: similarity ≥ 0.111)"
     assert unrelated in run.text
     assert "refused: unknown category 'hobby'" in out
     assert "history: ['Lives in Berlin']" in out
