@@ -60,7 +60,7 @@ FLOOR_RISE = (
     (30, 0.09),
     (100, 0.16),
     (1_000, 0.195),
-    (10_000, 0.225),
+    (10_000, 0.215),
     (100_000, 0.235),
 )
 """How far the relevance floor rises above ``min_score`` with the number of memories: (memories,

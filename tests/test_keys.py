@@ -182,7 +182,7 @@ def test_keys_bring_a_reworded_question_to_its_memory(db_path, model) -> None:
 
 def test_a_memory_vector_adds_each_key_question_to_its_index_text(model) -> None:
     """One call of the embedder for a batch; a memory without key questions keeps its index
-    text's vector, one with them gets the unit sum of that vector and theirs."""
+    text's vector, one with them gets that vector plus the mean of theirs, to unit length."""
     calls: list[list[str]] = []
 
     def embed(texts):
@@ -196,7 +196,7 @@ def test_a_memory_vector_adds_each_key_question_to_its_index_text(model) -> None
     assert len(calls) == 1 and key_questions(asked) == asked[1:]
     parts = model.embed(["Has a dog", index_text("Drives a Prius", asked), *asked[1:]])
     assert np.allclose(vectors[0], parts[0], atol=1e-6)
-    summed = parts[1] + parts[2] + parts[3]
+    summed = parts[1] + (parts[2] + parts[3]) / 2  # the text weighs as much as its questions
     assert np.allclose(vectors[1], summed / np.linalg.norm(summed), atol=1e-5)
     assert np.allclose(vectors[2], model.embed([f"{SHELLFISH} (seafood)"])[0], atol=1e-6)
     assert memory_vectors(embed, []).shape[0] == 0
