@@ -122,11 +122,17 @@ def _fresh_files(name: str) -> tuple[Path, Path, Path]:
     )
 
 
-FRESH_SETS = {"fresh": _fresh_files("fresh"), "fresh2": _fresh_files("fresh2")}
+FRESH_SETS = {name: _fresh_files(name) for name in ("fresh", "fresh2", "fresh3")}
 """Each fresh set's files, by split name (every row of a set is of that split)."""
 FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS = FRESH_SETS["fresh"]
 SPLITS = ("dev", "heldout")
-SPLIT_NAMES = {"dev": "dev", "heldout": "held-out", "fresh": "fresh", "fresh2": "second fresh"}
+SPLIT_NAMES = {
+    "dev": "dev",
+    "heldout": "held-out",
+    "fresh": "fresh",
+    "fresh2": "second fresh",
+    "fresh3": "third fresh",
+}
 REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
 TARGET_SIZE = 10_000
 KEYED_SIZES = (0, 1_000, 10_000)  # embedding 100k index texts would take an hour
