@@ -410,11 +410,18 @@ def with_question(topics: Sequence[str], question: str) -> tuple[str, ...]:
     """Keys as the model writes them: topic words, then one question the memory answers, at
     most :data:`~headroom_memory_integrations.keys.MAX_KEYS` phrases in all (the question is
     always kept)."""
-    return clean_keys([*lenient_keys(topics)[: MAX_KEYS - 1], question])
+    return with_questions(topics, [question])
 
 
-def question_of(drawn: Drawn) -> str:
-    """The question of a generated memory: its family's template with the values it drew."""
+def with_questions(topics: Sequence[str], questions: Sequence[str]) -> tuple[str, ...]:
+    """Keys as the model writes them: topic words, then questions (the one the memory answers,
+    then those about situations where it matters), at most
+    :data:`~headroom_memory_integrations.keys.MAX_KEYS` phrases in all (every question kept)."""
+    return clean_keys([*lenient_keys(topics)[: MAX_KEYS - len(questions)], *questions])
+
+
+def _slots(drawn: Drawn) -> dict[str, str]:
+    """The values a generated memory drew, by slot name (a repeated slot: ``city2``, ...)."""
     slots: dict[str, str] = {}
     for options, value in drawn.picks:
         base = SLOT_NAMES[id(options)]
@@ -422,8 +429,20 @@ def question_of(drawn: Drawn) -> str:
         while name in slots:
             name, n = f"{base}{n}", n + 1
         slots[name] = value
+    return slots
+
+
+def question_of(drawn: Drawn) -> str:
+    """The question of a generated memory: its family's template with the values it drew."""
     template: str = memory_keys()["asks"][str(drawn.family)]
-    return template.format(**slots)
+    return template.format(**_slots(drawn))
+
+
+def situations_of(drawn: Drawn) -> list[str]:
+    """The questions about situations where a generated memory matters: its family's
+    templates with the values it drew."""
+    templates: list[str] = memory_keys()["situations"][str(drawn.family)]
+    return [template.format(**_slots(drawn)) for template in templates]
 
 
 @functools.cache
@@ -436,9 +455,9 @@ def memory_keys() -> dict[str, Any]:
 def keys_of(drawn: Drawn) -> tuple[str, ...]:
     """The keys of a generated memory: its family's, then those of each value it drew from
     :data:`KEYED_LISTS` in the order drawn, tidied and without repeats
-    (:func:`~headroom_memory_integrations.keys.clean_keys`), the first
-    :data:`~headroom_memory_integrations.keys.MAX_KEYS` less one of them; then its question
-    (:func:`question_of`)."""
+    (:func:`~headroom_memory_integrations.keys.clean_keys`), as many as fit beside its
+    questions in :data:`~headroom_memory_integrations.keys.MAX_KEYS`; then its question
+    (:func:`question_of`) and those about situations where it matters (:func:`situations_of`)."""
     table = memory_keys()
     names = {id(options): name for name, options in KEYED_LISTS.items()}
     parts = [table["families"][str(drawn.family)]]
@@ -448,7 +467,7 @@ def keys_of(drawn: Drawn) -> tuple[str, ...]:
         if id(options) in names
     ]
     topics = [phrase for part in parts for phrase in clean_keys(part)]
-    return with_question(topics, question_of(drawn))
+    return with_questions(topics, [question_of(drawn), *situations_of(drawn)])
 
 
 def keyed_memory_texts(count: int, seed: int = 7) -> list[tuple[str, tuple[str, ...]]]:

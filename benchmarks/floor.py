@@ -17,20 +17,22 @@ Nothing here reads the held-out half or the fresh set.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from headroom_memory_integrations import LocalEmbedder
+from headroom_memory_integrations import LocalEmbedder, NewMemory
 from headroom_memory_integrations.embeddings.query_adapter import adapt_queries
 from headroom_memory_integrations.engine import (
     DEFAULT_MIN_SCORE,
     centred_query,
     relevance_floor,
 )
-from headroom_memory_integrations.keys import clean_keys, index_text
+from headroom_memory_integrations.keys import clean_keys, memory_vectors
 
 from .common import ROOT
 from .paraphrase import PAIRS, UNRELATED, fact_keys, load
-from .population import keyed_memory_cache, memory_cache
+from .population import VectorCache, keyed_memory_cache, memory_cache
 
 SMALL_SIZES = (1, 3, 10, 30, 100)
 DRAWS = 100
@@ -49,6 +51,22 @@ def best_similarities(memories: np.ndarray, questions: np.ndarray) -> np.ndarray
     return np.asarray(best)
 
 
+def _stored(cache: VectorCache, count: int, keyed: bool, real: LocalEmbedder) -> np.ndarray:
+    """The vectors the engine stores the first ``count`` memories of ``cache`` with (for
+    memories with keys, ``keys.memory_vectors``; their questions embedded on first need)."""
+    if not keyed:
+        return np.stack([cache.table[text] for text in cache.texts[:count]])
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        missing = [text for text in dict.fromkeys(texts) if text not in cache.table]
+        if missing:
+            cache.table.update(zip(missing, real.embed(missing)))
+        return np.stack([cache.table[text] for text in texts])
+
+    items = [item for item in cache.items[:count] if isinstance(item, NewMemory)]
+    return memory_vectors(embed, [(m.text, clean_keys(m.keys)) for m in items])
+
+
 def main() -> None:
     real = LocalEmbedder()
     cache_dir = ROOT / "benchmarks" / "results" / "cache"
@@ -56,26 +74,30 @@ def main() -> None:
     questions = adapt_queries(
         real.name, real.embed([row["question"] for row in unrelated if row["split"] == "dev"])
     )
-    keyed_facts = [
-        index_text(row["fact"], clean_keys(k)) for row, k in zip(pairs, fact_keys(pairs))
-    ]
+    keyed = [(row["fact"], clean_keys(k)) for row, k in zip(pairs, fact_keys(pairs))]
     variants = {
-        "plain": ([row["fact"] for row in pairs], memory_cache(cache_dir, real), PLAIN_ONLY),
-        "keyed": (keyed_facts, keyed_memory_cache(cache_dir, real, max(DISTRACTORS)), ()),
+        "plain": (None, memory_cache(cache_dir, real), PLAIN_ONLY),
+        "keyed": (keyed, keyed_memory_cache(cache_dir, real, max(DISTRACTORS)), ()),
     }
     draw = np.random.default_rng(0)
     print(f"the floor for false injection <= {1 - QUANTILE:.0%}, {len(questions)} dev questions")
-    for name, (facts, cache, larger) in variants.items():
-        fact_vectors = real.embed(facts)
+    for name, (with_keys, cache, larger) in variants.items():
         cache.ensure(max((*DISTRACTORS, *larger)))
+        fact_vectors = (
+            real.embed([row["fact"] for row in pairs])
+            if with_keys is None
+            else memory_vectors(real.embed, with_keys)
+        )
         row = []
         for size in SMALL_SIZES:
-            chosen = [draw.choice(len(facts), size, replace=False) for _ in range(DRAWS)]
+            chosen = [draw.choice(len(pairs), size, replace=False) for _ in range(DRAWS)]
             best = np.concatenate([best_similarities(fact_vectors[c], questions) for c in chosen])
             row.append((size, float(np.quantile(best, QUANTILE))))
         for extra in (*DISTRACTORS, *larger):
-            others = [cache.table[text] for text in cache.texts[:extra]]
-            memories = np.vstack([fact_vectors, *others]) if others else fact_vectors
+            memories = fact_vectors
+            if extra:
+                others = _stored(cache, extra, with_keys is not None, real)
+                memories = np.vstack([fact_vectors, others])
             best = best_similarities(memories, questions)
             row.append((len(memories), float(np.quantile(best, QUANTILE))))
         print(f"{name:6s} " + "  ".join(f"{n}: {v:.3f}" for n, v in row))

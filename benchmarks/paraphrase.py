@@ -92,10 +92,10 @@ from headroom_memory_integrations.engine import (
     centred_query,
     relevance_floor,
 )
-from headroom_memory_integrations.keys import clean_keys, index_text
+from headroom_memory_integrations.keys import clean_keys, index_text, memory_vectors
 
 from .common import ROOT, Context, Row, SectionResult, log, value_at_least, value_at_most
-from .corpus import with_question
+from .corpus import with_questions
 from .population import (
     PrecomputedEmbedder,
     VectorCache,
@@ -267,18 +267,11 @@ def ask_all(
     for row, target, query_vector in zip(rows, targets, query_vectors):
         injected = [r.memory.id for r in reader.search(row["question"], top_k=5)]
         found = reader.search(row["question"], top_k=REPLAY_DEPTH, min_score=-1.0)
-        missing = [_index_text(r.memory) for r in found if _index_text(r.memory) not in vectors]
-        if missing:
-            vectors.update(zip(missing, real.embed(missing)))
+        stored = _stored_vectors([r.memory for r in found], vectors, real)
         centred = centred_query(query_vector, centroid)
         candidates = [
-            Candidate(
-                r.memory.id,
-                r.score,
-                float(centred.similarity_of(vectors[_index_text(r.memory)])),
-                bool(r.memory.keys),
-            )
-            for r in found
+            Candidate(r.memory.id, r.score, float(centred.similarity_of(v)), bool(r.memory.keys))
+            for r, v in zip(found, stored)
         ]
         asked.append(Asked(row["question"], row["split"], injected, candidates, target))
     return asked
@@ -343,12 +336,16 @@ def _run_fresh(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict
 
 def fact_keys(pairs: Sequence[dict[str, Any]], path: Path = FACT_KEYS) -> list[tuple[str, ...]]:
     """The keys of each pair's fact, from ``path`` (which must list the same ids in the same
-    order): its topic words, then its question (``asks``)."""
+    order): its topic words, then its question (``asks``) and those about situations where it
+    matters (``situations``)."""
     rows = load(path)
     ids = [row["id"] for row in rows]
     if ids != [pair["id"] for pair in pairs]:
         raise ValueError(f"{path.name} does not list the ids of the pairs in order")
-    return [with_question(clean_keys(row["keys"]), row["asks"]) for row in rows]
+    return [
+        with_questions(clean_keys(row["keys"]), [row["asks"], *row.get("situations", ())])
+        for row in rows
+    ]
 
 
 def _run_sizes(
@@ -434,6 +431,21 @@ def _by_kind(unrelated: Sequence[Asked], rows: Sequence[dict[str, Any]]) -> dict
         tally[0] += bool(asked.injected)
         tally[1] += 1
     return {kind: f"{hit} / {total}" for kind, (hit, total) in counts.items()}
+
+
+def _stored_vectors(
+    memories: Sequence[Memory], vectors: dict[str, np.ndarray], real: LocalEmbedder
+) -> np.ndarray:
+    """The vectors the engine stored ``memories`` with (``keys.memory_vectors``), from the
+    table of texts' vectors (what it lacks embedded and added to it)."""
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        missing = [text for text in dict.fromkeys(texts) if text not in vectors]
+        if missing:
+            vectors.update(zip(missing, real.embed(missing)))
+        return np.stack([vectors[text] for text in texts])
+
+    return memory_vectors(embed, [(m.text, clean_keys(m.keys)) for m in memories])
 
 
 def _index_text(item: str | NewMemory | Memory) -> str:

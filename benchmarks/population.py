@@ -59,11 +59,11 @@ class PrecomputedEmbedder:
         self.misses = 0
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        known = [self.table.get(text) for text in texts]
-        missing = [text for text, row in zip(texts, known) if row is None]
-        fresh = iter(self.real.embed(missing) if missing else ())
+        missing = [text for text in dict.fromkeys(texts) if text not in self.table]
+        if missing:  # kept in the table: the next store of the run reuses them
+            self.table.update(zip(missing, self.real.embed(missing)))
         self.misses += len(missing)
-        rows = [row if row is not None else next(fresh) for row in known]
+        rows = [self.table[text] for text in texts]
         if not rows:
             return np.zeros((0, self.dimension), dtype=np.float32)
         return np.stack(rows).astype(np.float32, copy=False)

@@ -30,7 +30,7 @@ from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
 from .embeddings.query_adapter import adapt_queries
 from .errors import InvalidInputError, MemoryNotFoundError
-from .keys import clean_keys, index_text
+from .keys import clean_keys, index_text, memory_vectors
 from .lexical import lexical_scores
 from .storage.base import Storage, UserCollection
 from .storage.chroma import ChromaStorage
@@ -411,8 +411,9 @@ class MemoryStore(WritePath):
         return vectors
 
     def _vectors(self, memories: Sequence[Memory]) -> Vectors:
-        """The vectors memories are stored with: each one's text with its keys."""
-        return self._embed([index_text(m.text, m.keys) for m in memories])
+        """The vectors memories are stored with: each one's text with its keys
+        (:func:`~.keys.memory_vectors`)."""
+        return memory_vectors(self._embed, [(m.text, m.keys) for m in memories])
 
     def _query_vector(self, query: str) -> Vectors:
         with self._cache_lock:
@@ -761,12 +762,12 @@ class MemoryStore(WritePath):
         new_category = Category.parse(category) if category is not None else None
         new_metadata = clean_metadata(metadata) if metadata is not None else None
         new_keys = clean_keys(keys)
-        vector = self._embed([index_text(text, new_keys)])  # before the lock, as a rule
+        vector = memory_vectors(self._embed, [(text, new_keys)])  # before the lock, as a rule
         with self._write_lock:
             old = self.get(memory_id)
             if keys is None and text == old.text and old.keys:  # only category or metadata
                 new_keys = old.keys
-                vector = self._embed([index_text(text, new_keys)])
+                vector = memory_vectors(self._embed, [(text, new_keys)])
             return self._rewrite(old, text, new_category, new_metadata, new_keys, vector)
 
     def _rewrite(

@@ -1,24 +1,31 @@
-"""Memory keys: a few topic words, and a question, written with a memory and indexed with it.
+"""Memory keys: a few topic words and questions, written with a memory and indexed with it.
 
 A memory says what the user said ("Is allergic to shellfish"); a later question often names the
-topic in other words ("Any seafood dishes I should avoid?"). The model that writes a memory in
-the inline block (or the background extraction) may add keys: a few topic words and one short
-question in the user's voice that the memory answers, e.g. ``"diet, food allergy, seafood,
-What can't I eat at a fish restaurant?"``. The engine embeds a memory with its keys
-(:func:`index_text`) and scores the query's wording against both, so they count without being
-shown to anyone: the injected context and every listing show the text. The question matters
-most: the embedding model was trained largely on pairs of questions, and a user's later
-question is worded like one.
+topic in other words ("Any seafood dishes I should avoid?"), or only a situation the memory
+bears on ("We're flying to Thailand soon, how do I handle street food?"). The model that writes
+a memory in the inline block (or the background extraction) may add keys: a few topic words,
+one short question in the user's voice that the memory answers, and questions about situations
+where it matters, e.g. ``"diet, food allergy, seafood, What can't I eat?, Is the paella safe
+for me?"``. The engine embeds a memory with its keys (:func:`memory_vectors`) and scores the
+query's wording against both, so they count without being shown to anyone: the injected context
+and every listing show the text.
 
-On the paraphrase needles (``benchmarks/paraphrase.py``), keys written by a model that never
-saw the questions raise held-out hit@5 at 10k memories (docs/benchmarks.md). A memory without
-keys is indexed exactly as before.
+A memory's vector is the direction of its index text's vector ("text (key, key, ...)":
+:func:`index_text`) plus the mean of its key questions' own vectors. Written into the index text
+only, questions dilute it (a sentence embedding is a mean over tokens); summed as vectors, each
+question pulls the memory toward the questions like it. On 960 reworded questions that need a
+step of inference, written blind, with three situation questions per memory, hit@5 at 10k
+memories rose from 0.34 to 0.56 at the same false injection (docs/benchmarks.md). A memory
+without keys, or without questions among them, is indexed exactly as before.
 """
 
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
 
 from .errors import InvalidInputError
 
@@ -28,7 +35,15 @@ MAX_KEYS = 8
 MAX_KEY_CHARS = 120
 """Longest key phrase (a question fits)."""
 
-__all__ = ["MAX_KEYS", "MAX_KEY_CHARS", "clean_keys", "index_text", "lenient_keys"]
+__all__ = [
+    "MAX_KEYS",
+    "MAX_KEY_CHARS",
+    "clean_keys",
+    "index_text",
+    "key_questions",
+    "lenient_keys",
+    "memory_vectors",
+]
 
 
 def _phrases(keys: object) -> list[str]:
@@ -101,3 +116,34 @@ def lenient_keys(keys: object) -> tuple[str, ...]:
 def index_text(text: str, keys: tuple[str, ...]) -> str:
     """What is embedded and matched for a memory: its text, then its keys in parentheses."""
     return f"{text} ({', '.join(keys)})" if keys else text
+
+
+def key_questions(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The keys that are questions (end with "?"): each gets a vector of its own."""
+    return tuple(phrase for phrase in keys if phrase.endswith("?"))
+
+
+def memory_vectors(
+    embed: Callable[[Sequence[str]], npt.NDArray[np.float32]],
+    memories: Sequence[tuple[str, tuple[str, ...]]],
+) -> npt.NDArray[np.float32]:
+    """The vectors ``(text, keys)`` memories are stored with, from one call of ``embed``: each
+    one's index text's vector plus the mean of its key questions' vectors, to unit length (the
+    text weighs as much as all its questions). A memory without key questions gets its index
+    text's vector unchanged."""
+    texts = [index_text(text, keys) for text, keys in memories]
+    owners: list[int] = []
+    for position, (_, keys) in enumerate(memories):
+        questions = key_questions(keys)
+        texts.extend(questions)
+        owners.extend([position] * len(questions))
+    embedded = np.asarray(embed(texts), dtype=np.float32)
+    if not owners:
+        return embedded
+    vectors = embedded[: len(memories)].copy()
+    counts = np.bincount(owners, minlength=len(memories)).astype(np.float32)
+    vectors *= np.maximum(counts, 1.0)[:, None]  # the text weighs as much as its questions
+    np.add.at(vectors, owners, embedded[len(memories) :])
+    asked = np.unique(owners)
+    vectors[asked] /= np.linalg.norm(vectors[asked], axis=1, keepdims=True)
+    return vectors

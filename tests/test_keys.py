@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 from conftest import block, instruction_nonce
 
@@ -20,7 +21,9 @@ from headroom_memory_integrations.keys import (
     MAX_KEYS,
     clean_keys,
     index_text,
+    key_questions,
     lenient_keys,
+    memory_vectors,
 )
 from headroom_memory_integrations.openai import with_fast_memory, with_memory
 from headroom_memory_integrations.prompts import (
@@ -175,6 +178,48 @@ def test_keys_bring_a_reworded_question_to_its_memory(db_path, model) -> None:
     plain_cosine = plain.search("Which foods make me ill?", min_score=-1)
     assert cosine_only[0].memory.text == SHELLFISH
     assert cosine_only[0].score > next(r.score for r in plain_cosine if r.memory.text == SHELLFISH)
+
+
+def test_a_memory_vector_adds_each_key_question_to_its_index_text(model) -> None:
+    """One call of the embedder for a batch; a memory without key questions keeps its index
+    text's vector, one with them gets that vector plus the mean of theirs, to unit length."""
+    calls: list[list[str]] = []
+
+    def embed(texts):
+        calls.append(list(texts))
+        return model.embed(texts)
+
+    asked = ("car", "Which tyres save fuel?", "Where can I charge on a road trip?")
+    vectors = memory_vectors(
+        embed, [("Has a dog", ()), ("Drives a Prius", asked), (SHELLFISH, ("seafood",))]
+    )
+    assert len(calls) == 1 and key_questions(asked) == asked[1:]
+    parts = model.embed(["Has a dog", index_text("Drives a Prius", asked), *asked[1:]])
+    assert np.allclose(vectors[0], parts[0], atol=1e-6)
+    summed = parts[1] + (parts[2] + parts[3]) / 2  # the text weighs as much as its questions
+    assert np.allclose(vectors[1], summed / np.linalg.norm(summed), atol=1e-5)
+    assert np.allclose(vectors[2], model.embed([f"{SHELLFISH} (seafood)"])[0], atol=1e-6)
+    assert memory_vectors(embed, []).shape[0] == 0
+
+
+def test_situation_questions_in_the_keys_find_a_memory_a_question_only_implies(
+    db_path, model
+) -> None:
+    """ "How do I take a scrolling screenshot?" needs the user's phone, and names nothing of it:
+    with a question about a situation where the memory matters among its keys, the memory comes
+    first; with topic words alone, another memory does. (Written for this test; no benchmark
+    or training item.)"""
+    phone = "Uses a Google Pixel 8"
+    topics = "phone, Android, smartphone, What phone do I have?"
+    situations = "How do I record my screen?, Why does my battery drain so fast?"
+    question = "How do I capture a whole web page as an image?"
+    others = ["Works as a graphic designer at an agency", *OTHERS]
+    plain = MemoryStore("topics", db_path=db_path, embedder=model)
+    keyed = MemoryStore("situations", db_path=db_path, embedder=model)
+    plain.add_many([NewMemory(phone, keys=topics), *others])
+    keyed.add_many([NewMemory(phone, keys=f"{topics}, {situations}"), *others])
+    assert plain.search(question, top_k=1, min_score=-1)[0].memory.text != phone
+    assert keyed.search(question, top_k=1, min_score=-1)[0].memory.text == phone
 
 
 def test_a_memory_with_and_without_keys_must_clear_the_same_floor(db_path, model) -> None:
