@@ -33,7 +33,7 @@ from headroom_memory_integrations import (
     NewMemory,
     StorageError,
 )
-from headroom_memory_integrations.keys import index_text
+from headroom_memory_integrations.keys import clean_keys, index_text, key_questions
 from headroom_memory_integrations.storage import Storage
 
 from .common import clock, log, run_python
@@ -100,7 +100,18 @@ class VectorCache:
             chunk = self.texts[self._loaded : self._loaded + CHUNK]
             vectors = self._chunk_vectors(chunk)
             self.table.update(zip(chunk, vectors))
+            items = self.items[self._loaded : self._loaded + len(chunk)]
             self._loaded += len(chunk)
+            # a memory's key questions are embedded too (keys.memory_vectors), cached alike
+            asked = [
+                question
+                for item in items
+                if isinstance(item, NewMemory)
+                for question in key_questions(clean_keys(item.keys))
+            ]
+            asked = [question for question in dict.fromkeys(asked) if question not in self.table]
+            if asked:
+                self.table.update(zip(asked, self._chunk_vectors(asked)))
 
     def _chunk_vectors(self, chunk: list[str]) -> np.ndarray:
         key = hashlib.sha256("\n".join([self.real.name, *chunk]).encode()).hexdigest()[:32]

@@ -2,7 +2,7 @@
 
 A memory says what the user said ("Is allergic to shellfish"); a later question often names the
 topic in other words ("Any seafood dishes I should avoid?"), or only a situation the memory
-bears on ("We're flying to Thailand soon, how do I handle street food?"). The model that writes
+bears on ("Which tapas can I order tonight?"). The model that writes
 a memory in the inline block (or the background extraction) may add keys: a few topic words,
 one short question in the user's voice that the memory answers, and questions about situations
 where it matters, e.g. ``"diet, food allergy, seafood, What can't I eat?, Is the paella safe
@@ -11,12 +11,13 @@ query's wording against both, so they count without being shown to anyone: the i
 and every listing show the text.
 
 A memory's vector is the direction of its index text's vector ("text (key, key, ...)":
-:func:`index_text`) plus the mean of its key questions' own vectors. Written into the index text
-only, questions dilute it (a sentence embedding is a mean over tokens); summed as vectors, each
-question pulls the memory toward the questions like it. On 960 reworded questions that need a
-step of inference, written blind, with three situation questions per memory, hit@5 at 10k
-memories rose from 0.34 to 0.56 at the same false injection (docs/benchmarks.md). A memory
-without keys, or without questions among them, is indexed exactly as before.
+:func:`index_text`) plus the mean of its key questions' own vectors (the text weighs as much as
+all its questions). Written into the index text only, questions dilute it (a sentence vector is
+a mean over tokens); summed as vectors, they pull the memory toward questions like them. On a
+set of questions written blind, half naming the memory's topic in other words and half a
+situation it bears on, hit@5 at 10k memories rose from 0.31 to 0.62 (docs/benchmarks.md,
+"Situation questions in the keys"). A memory without keys, or without questions among them,
+is indexed exactly as before.
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@ This module is pure: no I/O, no framework imports. It owns five things.
 end its answer with a block like this (one line in practice)::
 
     <memory-3f9a1c2b7e>[{"text": "Prefers Python for backend work", "category": "preference",
-    "keys": "programming language, coding, server side"}, {"text": "Lives in San Francisco",
-    "category": "fact", "keys": "home, city, California", "replaces": "m2"}]</memory-3f9a1c2b7e>
+    "keys": "programming language, coding, Which language do I prefer?, How should I structure
+    my API?"}, {"text": "Lives in San Francisco", "category": "fact", "keys": "home, city,
+    Where do I live?, Do I need a coat tonight?", "replaces": "m2"}]</memory-3f9a1c2b7e>
 
 Each entry is ``{"text": str, "category": "preference" | "fact" | "context", "keys": str,
-"replaces": id}``, ``keys`` optional (a few topic words a later question might use, indexed
-with the memory: see :mod:`.keys`), ``replaces`` optional (the short id of an injected memory
+"replaces": id}``, ``keys`` optional (a few topic words, the question the memory answers and
+questions about situations where it matters, indexed with the memory: see :mod:`.keys`),
+``replaces`` optional (the short id of an injected memory
 this one supersedes); ``[]`` means nothing is worth remembering. Only the system instruction
 carries the nonce, so a block a user types (or makes the model echo) has no nonce or a stale one
 and is ordinary text: it cannot plant memories. A plain ``<memory>`` tag, e.g. in a code
@@ -257,10 +259,14 @@ def short_ids(n: int) -> list[str]:
 
 
 KEYS_HINT = (
-    '"keys": 3-6 topic words and one question in the user\'s voice that it answers '
-    '("programming language, coding, server side, Which language should I use for my API?")'
+    '"keys": 3-4 topic words, one question in the user\'s voice that it answers, and three '
+    "about situations where it matters without naming it "
+    '("coding, server side, Which language do I prefer?, How should I build my API?, Which '
+    'web framework should I learn?, How do I scrape a site?")'
 )
-"""How both instructions ask for a memory's keys (:mod:`.keys`)."""
+"""How both instructions ask for a memory's keys (:mod:`.keys`): at most 4 + 1 + 3 phrases,
+within :data:`~.keys.MAX_KEYS`. Each question gets a vector of its own, summed into the
+memory's (:func:`~.keys.memory_vectors`)."""
 
 
 def extraction_instruction(nonce: str, *, allow_replace: bool) -> str:
@@ -269,7 +275,8 @@ def extraction_instruction(nonce: str, *, allow_replace: bool) -> str:
     It changes with every request (the nonce), so put it in a system message near the latest user
     turn, next to the injected context, not into the first system message: a changed prefix would
     defeat the provider's prompt caching. Never put it in user content (the nonce must come only
-    from the system side). About 200 tokens in; the block costs ~20-100 tokens out.
+    from the system side). About 230 tokens in; the block costs ~30-150 tokens out (keys with
+    their questions are most of it).
 
     Args:
         nonce: From :func:`new_nonce`, fresh for this request.

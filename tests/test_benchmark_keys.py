@@ -31,7 +31,7 @@ def test_memory_texts_are_unchanged_by_the_recording() -> None:
     ]
 
 
-def test_a_memory_gets_its_familys_keys_then_its_values_keys_then_a_question() -> None:
+def test_a_memory_gets_its_familys_keys_then_its_values_keys_then_its_questions() -> None:
     families = corpus.memory_keys()["families"]
     draws = corpus._distinct_draws(7)
     for _ in range(2000):
@@ -41,19 +41,20 @@ def test_a_memory_gets_its_familys_keys_then_its_values_keys_then_a_question() -
         assert keys[: len(family)] == family
         assert len(family) < len(keys) <= MAX_KEYS
         assert clean_keys(keys) == keys
-        assert keys[-1] == corpus.question_of(drawn) and keys[-1].endswith("?")
-        assert "{" not in keys[-1]  # every slot of the template was filled
+        asked = [corpus.question_of(drawn), *corpus.situations_of(drawn)]
+        assert list(keys[-len(asked) :]) == asked and all(q.endswith("?") for q in asked)
+        assert not any("{" in q for q in asked)  # every slot of the templates was filled
     text, keys = corpus.keyed_memory_texts(4)[3]
     assert text.startswith("Is allergic to peanuts")
     assert keys == (
         "health",
         "allergy",
         "medication",
-        "family visit",  # family 7
-        "nuts",
-        "food allergy",  # peanuts
-        "South Korea",  # Seoul
+        "family visit",  # family 7's topics, as many as fit beside the questions
         "What should I pack for visiting my niece Youssef?",  # family 7's question
+        "Is this restaurant menu safe for me to order from?",  # and its situations
+        "What should I bring to a potluck this weekend?",
+        "Where's the nearest late-night pharmacy in Seoul?",
     )
 
 
@@ -62,10 +63,12 @@ def test_key_files_cover_every_fact_family_and_slot_value() -> None:
     keys = paraphrase.fact_keys(pairs)  # raises unless the ids match in order
     assert len(keys) == len(pairs) == 132
     assert all(2 <= len(k) <= MAX_KEYS for k in keys)
-    assert all(k[-1] == row["asks"] for k, row in zip(keys, paraphrase.load(paraphrase.FACT_KEYS)))
+    rows = paraphrase.load(paraphrase.FACT_KEYS)
+    assert all(k[-4:] == (row["asks"], *row["situations"]) for k, row in zip(keys, rows))
     table = corpus.memory_keys()
     assert sorted(table["families"], key=int) == [str(f) for f in range(16)]
     assert sorted(table["asks"], key=int) == [str(f) for f in range(16)]
+    assert sorted(table["situations"], key=int) == [str(f) for f in range(16)]
     assert set(table["values"]) == set(corpus.KEYED_LISTS)
     for name, options in corpus.KEYED_LISTS.items():
         assert set(table["values"][name]) == set(options), name

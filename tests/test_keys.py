@@ -89,7 +89,8 @@ def test_both_instructions_ask_for_keys() -> None:
     inline = extraction_instruction(new_nonce(), allow_replace=False)
     system = background_extraction_messages([{"role": "user", "content": "hi"}])[0]["content"]
     for instruction in (inline, system):
-        assert '"keys": 3-6 topic words and one question' in instruction
+        assert '"keys": 3-4 topic words, one question' in instruction
+        assert "situations where it matters" in instruction
 
 
 def test_the_parsers_read_keys_and_keep_a_memory_whose_keys_are_bad() -> None:

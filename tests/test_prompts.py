@@ -110,7 +110,8 @@ def test_instruction_names_the_tags_schema_and_rules() -> None:
 
 def test_instruction_is_compact() -> None:
     for allow in (True, False):
-        assert len(extraction_instruction(new_nonce(), allow_replace=allow)) < 900  # ~200 tokens
+        # ~230 tokens; the keys' situation questions cost ~25 of them
+        assert len(extraction_instruction(new_nonce(), allow_replace=allow)) < 1000
 
 
 # ------------------------------------------------------------------------------ parser: basics
