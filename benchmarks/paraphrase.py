@@ -92,7 +92,7 @@ from headroom_memory_integrations.engine import (
     centred_query,
     relevance_floor,
 )
-from headroom_memory_integrations.keys import clean_keys, index_text, memory_vectors
+from headroom_memory_integrations.keys import clean_keys, index_text, key_questions, memory_vectors
 
 from .common import ROOT, Context, Row, SectionResult, log, value_at_least, value_at_most
 from .corpus import with_questions
@@ -367,7 +367,14 @@ def _run_sizes(
     pairs, unrelated_rows = questions or (load(PAIRS), load(UNRELATED))
     vectors = cache.table  # every index text written, with its vector (grows as it fills)
     indexed = [_index_text(item) for item in facts]
-    vectors.update(zip(indexed, real.embed(indexed)))
+    indexed += [
+        question
+        for item in facts
+        if isinstance(item, NewMemory)
+        for question in key_questions(clean_keys(item.keys))
+    ]
+    indexed = list(dict.fromkeys(indexed))
+    vectors.update(zip(indexed, real.embed(indexed)))  # the facts' texts and key questions
     storage = ChromaStorage.at(
         ctx.scratch(store or ("paraphrase-keys" if variant else "paraphrase"))
     )

@@ -148,7 +148,7 @@ def test_the_keyed_run_reports_its_rows(tmp_path: Path, model: LocalEmbedder) ->
     at_zero = details["0"]
     assert at_zero["memories"] == 132 and at_zero["facts_changed_by_consolidation"] == 0
     assert details["index_texts_embedded_while_writing"] == 0
-    # the replay computes cosines from the index texts' vectors: it agrees with the engine
+    # the replay computes cosines from the stored vectors (keys.memory_vectors): it agrees
     assert at_zero["replay_agrees_with_engine"] == 1.0
     for split in paraphrase.SPLITS:
         assert at_zero["raw_ranking"][split]["hit@5"] >= 0.8
