@@ -39,8 +39,15 @@ use"), never a question of either file:
   (same ids, same order), e.g. "health, food allergy, allergic reaction, diet, sesame".
 - ``benchmarks/memory_keys.json``: keys for each of the 16 template families of
   ``corpus._template`` and for each value of its slot lists (``corpus.KEYED_LISTS``). A
-  synthetic memory's keys are its family's, then those of each value it drew, in order, the
-  first eight distinct phrases (``corpus.keyed_memory_texts``).
+  synthetic memory's keys are its family's, then those of each value it drew, in order, as
+  many distinct phrases as fit beside its questions in eight, then its family's question and
+  situation questions with its values (``corpus.keyed_memory_texts``).
+- **Situation questions** (2026-12-03, later; ``"situations"`` in every keys file and in
+  ``memory_keys.json``): three questions per fact, and three templates per family, about
+  situations where the memory matters without being named, written by instances that saw only
+  the facts (or the templates) and an instruction like the product's (``prompts.KEYS_HINT``).
+  The engine sums each question's vector into the memory's (``keys.memory_vectors``); the
+  replay uses the stored vectors, so it still agrees with the engine.
 
 **A fresh set** (2026-12-03), written when the first set's held-out half had been read many
 times: ``benchmarks/paraphrase_fresh_pairs.jsonl`` (100 pairs, ten in each of ten domains),
@@ -52,6 +59,11 @@ fresh facts and the production instruction. Its facts are planted among the same
 memories with keys, in a user of their own, at 0, 1k and 10k; its rows say "100 facts".
 Nothing is tuned on it; every look at it is logged, with its rule, in
 ``benchmarks/paraphrase_fresh_log.md`` before it is run.
+
+**A third fresh set** (2026-12-03, later still; split ``fresh3``, 138 pairs labelled ``kind``
+"topic" or "situation", 80 messages, keys with situation questions), written blind to judge
+the situation questions; its pairs near an item the query adapter was learned on are reported
+apart (``benchmarks/paraphrase_fresh_log.md``, look 6).
 
 **A second fresh set** (2026-12-03, later), written when the first fresh set had had three
 looks: ``benchmarks/paraphrase_fresh2_{pairs,unrelated,keys}.jsonl`` (140 pairs, 20 in each of
