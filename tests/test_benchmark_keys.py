@@ -11,7 +11,7 @@ from benchmarks import corpus, paraphrase
 from benchmarks.common import Context, SectionResult
 from benchmarks.population import CHUNK, VectorCache, fill, keyed_memory_cache
 from headroom_memory_integrations import LocalEmbedder, MemoryStore, NewMemory
-from headroom_memory_integrations.keys import MAX_KEYS, clean_keys, index_text
+from headroom_memory_integrations.keys import MAX_KEYS, clean_keys, index_text, key_questions
 
 
 def test_keyed_memories_are_the_memory_texts_with_keys() -> None:
@@ -103,6 +103,23 @@ def test_the_second_fresh_set_is_complete() -> None:
     assert {domains.count(domain) for domain in domains} == {20} and len(set(domains)) == 7
     keys = paraphrase.fact_keys(pairs, keys_file)
     assert all(2 <= len(k) <= MAX_KEYS and k[-1].endswith("?") for k in keys)
+    texts = [row["fact"] for row in pairs] + [row["question"] for row in [*pairs, *unrelated]]
+    assert len(set(texts)) == len(texts)
+
+
+def test_the_third_fresh_set_is_complete_with_both_kinds_of_question() -> None:
+    """The third fresh set (written blind to judge the situation questions): 138 pairs in seven
+    domains, each labelled "topic" or "situation", 80 messages that need no memory, and keys
+    with the fact's question and three situation questions, in order."""
+    pairs_file, unrelated_file, keys_file = paraphrase.FRESH_SETS["fresh3"]
+    pairs, unrelated = paraphrase.load(pairs_file), paraphrase.load(unrelated_file)
+    assert len(pairs) == 138 and len(unrelated) == 80
+    assert {row["split"] for row in [*pairs, *unrelated]} == {"fresh3"}
+    assert len({row["domain"] for row in pairs}) == 7
+    kinds = [row["kind"] for row in pairs]
+    assert set(kinds) == {"topic", "situation"} and kinds.count("topic") == 70
+    keys = paraphrase.fact_keys(pairs, keys_file)
+    assert all(len(key_questions(k)) == 4 and len(k) <= MAX_KEYS for k in keys)
     texts = [row["fact"] for row in pairs] + [row["question"] for row in [*pairs, *unrelated]]
     assert len(set(texts)) == len(texts)
 
