@@ -128,23 +128,24 @@ def memory_vectors(
     embed: Callable[[Sequence[str]], npt.NDArray[np.float32]],
     memories: Sequence[tuple[str, tuple[str, ...]]],
 ) -> npt.NDArray[np.float32]:
-    """The vectors ``(text, keys)`` memories are stored with, from one call of ``embed``: each
-    one's index text's vector plus the mean of its key questions' vectors, to unit length (the
-    text weighs as much as all its questions). A memory without key questions gets its index
-    text's vector unchanged."""
-    texts = [index_text(text, keys) for text, keys in memories]
+    """The vectors ``(text, keys)`` memories are stored with: each one's index text's vector
+    plus the mean of its key questions' vectors, to unit length (the text weighs as much as all
+    its questions). A memory without key questions gets its index text's vector unchanged.
+    ``embed`` is called once for the index texts and once for the questions, if any: short
+    questions batched with long index texts would be padded to their length (a keyed memory
+    alone: ~24 ms instead of ~52)."""
+    vectors = np.asarray(embed([index_text(text, keys) for text, keys in memories]), np.float32)
     owners: list[int] = []
+    questions: list[str] = []
     for position, (_, keys) in enumerate(memories):
-        questions = key_questions(keys)
-        texts.extend(questions)
-        owners.extend([position] * len(questions))
-    embedded = np.asarray(embed(texts), dtype=np.float32)
+        asked = key_questions(keys)
+        questions.extend(asked)
+        owners.extend([position] * len(asked))
     if not owners:
-        return embedded
-    vectors = embedded[: len(memories)].copy()
+        return vectors
     counts = np.bincount(owners, minlength=len(memories)).astype(np.float32)
-    vectors *= np.maximum(counts, 1.0)[:, None]  # the text weighs as much as its questions
-    np.add.at(vectors, owners, embedded[len(memories) :])
-    asked = np.unique(owners)
-    vectors[asked] /= np.linalg.norm(vectors[asked], axis=1, keepdims=True)
+    vectors = vectors * np.maximum(counts, 1.0)[:, None]  # the text weighs as much as them all
+    np.add.at(vectors, owners, np.asarray(embed(questions), dtype=np.float32))
+    with_questions = np.unique(owners)
+    vectors[with_questions] /= np.linalg.norm(vectors[with_questions], axis=1, keepdims=True)
     return vectors
