@@ -17,8 +17,6 @@ Nothing here reads the held-out half or the fresh set.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from headroom_memory_integrations import LocalEmbedder, NewMemory
@@ -51,20 +49,13 @@ def best_similarities(memories: np.ndarray, questions: np.ndarray) -> np.ndarray
     return np.asarray(best)
 
 
-def _stored(cache: VectorCache, count: int, keyed: bool, real: LocalEmbedder) -> np.ndarray:
+def _stored(cache: VectorCache, count: int, keyed: bool) -> np.ndarray:
     """The vectors the engine stores the first ``count`` memories of ``cache`` with (for
-    memories with keys, ``keys.memory_vectors``; their questions embedded on first need)."""
+    memories with keys, ``keys.memory_vectors``, from the cache's table)."""
     if not keyed:
         return np.stack([cache.table[text] for text in cache.texts[:count]])
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        missing = [text for text in dict.fromkeys(texts) if text not in cache.table]
-        if missing:
-            cache.table.update(zip(missing, real.embed(missing)))
-        return np.stack([cache.table[text] for text in texts])
-
     items = [item for item in cache.items[:count] if isinstance(item, NewMemory)]
-    return memory_vectors(embed, [(m.text, clean_keys(m.keys)) for m in items])
+    return memory_vectors(cache.embedder().embed, [(m.text, clean_keys(m.keys)) for m in items])
 
 
 def main() -> None:
@@ -96,7 +87,7 @@ def main() -> None:
         for extra in (*DISTRACTORS, *larger):
             memories = fact_vectors
             if extra:
-                others = _stored(cache, extra, with_keys is not None, real)
+                others = _stored(cache, extra, with_keys is not None)
                 memories = np.vstack([fact_vectors, others])
             best = best_similarities(memories, questions)
             row.append((len(memories), float(np.quantile(best, QUANTILE))))

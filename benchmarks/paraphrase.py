@@ -457,13 +457,7 @@ def _stored_vectors(
 ) -> np.ndarray:
     """The vectors the engine stored ``memories`` with (``keys.memory_vectors``), from the
     table of texts' vectors (what it lacks embedded and added to it)."""
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        missing = [text for text in dict.fromkeys(texts) if text not in vectors]
-        if missing:
-            vectors.update(zip(missing, real.embed(missing)))
-        return np.stack([vectors[text] for text in texts])
-
+    embed = PrecomputedEmbedder(real, vectors).embed
     return memory_vectors(embed, [(m.text, clean_keys(m.keys)) for m in memories])
 
 
