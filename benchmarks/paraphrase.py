@@ -342,8 +342,78 @@ def _run_keyed(
 
 def _run_fresh(ctx: Context, result: SectionResult, real: LocalEmbedder) -> dict[str, Any]:
     """Each fresh set's facts, with their keys, among synthetic memories written with keys
-    (a user and a scratch folder of its own for each set)."""
-    return {name: _run_keyed(ctx, result, real, files, name) for name, files in FRESH_SETS.items()}
+    (a user and a scratch folder of its own for each set). A set the query adapter was not
+    learned apart from is also reported on its pairs and messages that are not near a
+    training item (:func:`apart_from_training`)."""
+    details = {}
+    for name, files in FRESH_SETS.items():
+        details[name] = _run_keyed(ctx, result, real, files, name)
+        if name not in ADAPTER_LEARNED_APART:
+            _report_apart(result, real, files, name, details[name])
+    return details
+
+
+ADAPTER_TRAINING = ROOT / "benchmarks" / "adapter_train"
+ADAPTER_NEAR = 0.8
+"""Texts within this cosine of a benchmark text are left out of the adapter's training."""
+ADAPTER_LEARNED_APART = ("fresh", "fresh2")
+"""The fresh sets that existed when the shipped adapter was learned (their neighbours were left
+out of its training; ``scripts/train_query_adapter.py``)."""
+
+
+def apart_from_training(real: LocalEmbedder, texts: Sequence[str]) -> list[bool]:
+    """Whether each text is farther than :data:`ADAPTER_NEAR` from every memory and question of
+    the query adapter's pairs and unrelated messages (the items its training keeps apart from
+    the benchmark's)."""
+    learned: list[str] = []
+    for path in [
+        *sorted(ADAPTER_TRAINING.glob("pairs_*.jsonl")),
+        ADAPTER_TRAINING / "unrelated.jsonl",
+    ]:
+        for row in load(path):
+            learned += [row[k] for k in ("fact", "question") if k in row]
+    seen = real.embed(list(dict.fromkeys(learned)))
+    return [bool((seen @ vector).max() <= ADAPTER_NEAR) for vector in real.embed(list(texts))]
+
+
+def _report_apart(
+    result: SectionResult,
+    real: LocalEmbedder,
+    files: tuple[Path, Path, Path],
+    name: str,
+    details: dict[str, Any],
+) -> None:
+    """Rows for the pairs (fact and question) and messages of a fresh set that are apart from
+    the adapter's training; their ids go into ``details["apart"]``."""
+    pairs, unrelated = load(files[0]), load(files[1])
+    fact_ok = apart_from_training(real, [row["fact"] for row in pairs])
+    question_ok = apart_from_training(real, [row["question"] for row in pairs])
+    message_ok = apart_from_training(real, [row["question"] for row in unrelated])
+    pair_ids = {row["id"] for row, a, b in zip(pairs, fact_ok, question_ok) if a and b}
+    messages = {row["question"] for row, ok in zip(unrelated, message_ok) if ok}
+    details["apart"] = {"pairs": sorted(pair_ids), "messages": len(messages)}
+    for label in [key for key in ("0", "1k", "10k") if key in details]:
+        needles = [n for n in details[label]["needles"] if n["id"] in pair_ids]
+        hits = sum(n["injected_rank"] is not None and n["injected_rank"] <= 5 for n in needles)
+        empty = sum(n["injected"] == 0 for n in needles)
+        wrong = sum(f["question"] in messages for f in details[label]["false_injections"])
+        where = f"{len(pairs)} facts + {label} memories{KEYED}, {SPLIT_NAMES[name]}"
+        judged = label == "10k"
+        for measure, value, count, target in (
+            ("hit@5 injected", hits, len(needles), value_at_least(0.85)),
+            ("nothing returned", empty, len(needles), value_at_most(0.05)),
+            ("false injection (unrelated questions)", wrong, len(messages), value_at_most(0.05)),
+        ):
+            result.add(
+                Row(
+                    NAME,
+                    f"{where}, apart from the adapter's training: {measure}",
+                    round(value / count, 4) if count else float("nan"),
+                    "",
+                    n=count,
+                    target=target if judged else None,
+                )
+            )
 
 
 def fact_keys(pairs: Sequence[dict[str, Any]], path: Path = FACT_KEYS) -> list[tuple[str, ...]]:

@@ -37,16 +37,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.corpus import with_question  # noqa: E402
-from benchmarks.paraphrase import FRESH_SETS, PAIRS, UNRELATED, load  # noqa: E402
+from benchmarks.paraphrase import (  # noqa: E402
+    ADAPTER_LEARNED_APART,
+    ADAPTER_NEAR,
+    FRESH_SETS,
+    PAIRS,
+    UNRELATED,
+    load,
+)
 from headroom_memory_integrations import LocalEmbedder  # noqa: E402
 from headroom_memory_integrations.embeddings.query_adapter import ADAPTERS  # noqa: E402
 from headroom_memory_integrations.keys import clean_keys, index_text  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "adapter_train"
-NEAR = 0.8
-KEPT_APART = ("fresh", "fresh2")
-"""The fresh sets that existed when the shipped adapter was learned, besides the first set. A
-later one (``fresh3``) is judged on its pairs that are not near a training item."""
+NEAR = ADAPTER_NEAR
+KEPT_APART = ADAPTER_LEARNED_APART  # a later fresh set is judged on its items apart from these
 TEMPERATURE = 0.05
 SHRINK = 0.05
 STEPS = 300

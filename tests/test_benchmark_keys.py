@@ -124,6 +124,16 @@ def test_the_third_fresh_set_is_complete_with_both_kinds_of_question() -> None:
     assert len(set(texts)) == len(texts)
 
 
+def test_a_text_the_adapter_learned_is_not_apart_from_its_training(model: LocalEmbedder) -> None:
+    learned = paraphrase.load(paraphrase.ADAPTER_TRAINING / "pairs_1.jsonl")[0]
+    far = "The quarterly tax filing for the bakery's VAT is due on the ninth"
+    assert paraphrase.apart_from_training(model, [learned["fact"], learned["question"], far]) == [
+        False,
+        False,
+        True,
+    ]
+
+
 def test_fact_keys_refuse_pairs_in_another_order() -> None:
     pairs = paraphrase.load(paraphrase.PAIRS)
     with pytest.raises(ValueError, match="ids"):
