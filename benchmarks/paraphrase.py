@@ -104,7 +104,7 @@ from headroom_memory_integrations.engine import (
     centred_query,
     relevance_floor,
 )
-from headroom_memory_integrations.keys import clean_keys, index_text, key_questions, memory_vectors
+from headroom_memory_integrations.keys import clean_keys, index_text, memory_vectors
 
 from .common import ROOT, Context, Row, SectionResult, log, value_at_least, value_at_most
 from .corpus import with_questions
@@ -112,6 +112,7 @@ from .population import (
     PrecomputedEmbedder,
     VectorCache,
     fill,
+    key_questions_of,
     keyed_memory_cache,
     memory_cache,
     wait_for_read_ahead,
@@ -386,9 +387,10 @@ def _report_apart(
     """Rows for the pairs (fact and question) and messages of a fresh set that are apart from
     the adapter's training; their ids go into ``details["apart"]``."""
     pairs, unrelated = load(files[0]), load(files[1])
-    fact_ok = apart_from_training(real, [row["fact"] for row in pairs])
-    question_ok = apart_from_training(real, [row["question"] for row in pairs])
-    message_ok = apart_from_training(real, [row["question"] for row in unrelated])
+    texts = [row["fact"] for row in pairs] + [row["question"] for row in [*pairs, *unrelated]]
+    apart = apart_from_training(real, texts)  # the training texts embedded once
+    fact_ok, question_ok = apart[: len(pairs)], apart[len(pairs) : 2 * len(pairs)]
+    message_ok = apart[2 * len(pairs) :]
     pair_ids = {row["id"] for row, a, b in zip(pairs, fact_ok, question_ok) if a and b}
     messages = {row["question"] for row, ok in zip(unrelated, message_ok) if ok}
     details["apart"] = {"pairs": sorted(pair_ids), "messages": len(messages)}
@@ -448,14 +450,8 @@ def _run_sizes(
     details. ``store`` names the scratch folder."""
     pairs, unrelated_rows = questions or (load(PAIRS), load(UNRELATED))
     vectors = cache.table  # every index text written, with its vector (grows as it fills)
-    indexed = [_index_text(item) for item in facts]
-    indexed += [
-        question
-        for item in facts
-        if isinstance(item, NewMemory)
-        for question in key_questions(clean_keys(item.keys))
-    ]
-    indexed = list(dict.fromkeys(indexed))
+    indexed = list(dict.fromkeys([_index_text(item) for item in facts]))
+    indexed += [question for question in key_questions_of(facts) if question not in indexed]
     vectors.update(zip(indexed, real.embed(indexed)))  # the facts' texts and key questions
     storage = ChromaStorage.at(
         ctx.scratch(store or ("paraphrase-keys" if variant else "paraphrase"))

@@ -47,6 +47,18 @@ LARGEST = 100_000
 MAX_OTHER_USERS = 1_000
 
 
+def key_questions_of(items: Sequence[str | NewMemory]) -> list[str]:
+    """The distinct key questions of the memories with keys among ``items``: what
+    ``keys.memory_vectors`` embeds for them besides their index texts."""
+    asked = [
+        question
+        for item in items
+        if isinstance(item, NewMemory)
+        for question in key_questions(clean_keys(item.keys))
+    ]
+    return list(dict.fromkeys(asked))
+
+
 class PrecomputedEmbedder:
     """An embedder with the real model's name and dimension that answers texts it has
     vectors for from a table, and anything else with the real model."""
@@ -103,13 +115,7 @@ class VectorCache:
             items = self.items[self._loaded : self._loaded + len(chunk)]
             self._loaded += len(chunk)
             # a memory's key questions are embedded too (keys.memory_vectors), cached alike
-            asked = [
-                question
-                for item in items
-                if isinstance(item, NewMemory)
-                for question in key_questions(clean_keys(item.keys))
-            ]
-            asked = [question for question in dict.fromkeys(asked) if question not in self.table]
+            asked = [question for question in key_questions_of(items) if question not in self.table]
             if asked:
                 self.table.update(zip(asked, self._chunk_vectors(asked)))
 
