@@ -65,6 +65,11 @@ Nothing is tuned on it; every look at it is logged, with its rule, in
 the situation questions; its pairs near an item the query adapter was learned on are reported
 apart (``benchmarks/paraphrase_fresh_log.md``, look 6).
 
+**A fourth fresh set** (2026-12-03, a later session; split ``fresh4``, 140 pairs, ten "topic"
+and ten "situation" pairs in each of the seven domains, 80 messages in four kinds of 20), written
+blind like the third, its keys (with situation questions) by another instance from the facts
+alone: a measure of the engine on questions nobody had tuned anything on (look 7 of the log).
+
 **A second fresh set** (2026-12-03, later), written when the first fresh set had had three
 looks: ``benchmarks/paraphrase_fresh2_{pairs,unrelated,keys}.jsonl`` (140 pairs, 20 in each of
 the seven domains above; 80 messages that need no memory: small talk, general knowledge,
@@ -135,7 +140,7 @@ def _fresh_files(name: str) -> tuple[Path, Path, Path]:
     )
 
 
-FRESH_SETS = {name: _fresh_files(name) for name in ("fresh", "fresh2", "fresh3")}
+FRESH_SETS = {name: _fresh_files(name) for name in ("fresh", "fresh2", "fresh3", "fresh4")}
 """Each fresh set's files, by split name (every row of a set is of that split)."""
 FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS = FRESH_SETS["fresh"]
 SPLITS = ("dev", "heldout")
@@ -145,6 +150,7 @@ SPLIT_NAMES = {
     "fresh": "fresh",
     "fresh2": "second fresh",
     "fresh3": "third fresh",
+    "fresh4": "fourth fresh",
 }
 REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
 TARGET_SIZE = 10_000

@@ -107,14 +107,17 @@ def test_the_second_fresh_set_is_complete() -> None:
     assert len(set(texts)) == len(texts)
 
 
-def test_the_third_fresh_set_is_complete_with_both_kinds_of_question() -> None:
-    """The third fresh set (written blind to judge the situation questions): 138 pairs in seven
-    domains, each labelled "topic" or "situation", 80 messages that need no memory, and keys
+@pytest.mark.parametrize("name, count", [("fresh3", 138), ("fresh4", 140)])
+def test_the_later_fresh_sets_are_complete_with_both_kinds_of_question(
+    name: str, count: int
+) -> None:
+    """The third and fourth fresh sets (written blind): their pairs in seven domains, 70 of
+    them labelled "topic" and the rest "situation", 80 messages that need no memory, and keys
     with the fact's question and three situation questions, in order."""
-    pairs_file, unrelated_file, keys_file = paraphrase.FRESH_SETS["fresh3"]
+    pairs_file, unrelated_file, keys_file = paraphrase.FRESH_SETS[name]
     pairs, unrelated = paraphrase.load(pairs_file), paraphrase.load(unrelated_file)
-    assert len(pairs) == 138 and len(unrelated) == 80
-    assert {row["split"] for row in [*pairs, *unrelated]} == {"fresh3"}
+    assert len(pairs) == count and len(unrelated) == 80
+    assert {row["split"] for row in [*pairs, *unrelated]} == {name}
     assert len({row["domain"] for row in pairs}) == 7
     kinds = [row["kind"] for row in pairs]
     assert set(kinds) == {"topic", "situation"} and kinds.count("topic") == 70
