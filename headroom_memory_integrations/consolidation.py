@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 from enum import Enum
@@ -543,13 +543,23 @@ def _details(sequence: Sequence[Token]) -> Counter[str]:
     return Counter(t.text for t in sequence if t.is_detail)
 
 
-def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float) -> Relation:
+def relate(
+    old: str,
+    new: str,
+    similarity: float,
+    *,
+    duplicate_threshold: float,
+    text_similarity: Callable[[], float] | None = None,
+) -> Relation:
     """How memory text ``new`` relates to the existing ``old`` (see the module docstring).
 
     Args:
         old: The text of a memory already stored.
         new: The text about to be stored.
         similarity: Their cosine similarity (the engine has it from the vector search).
+        text_similarity: The two texts' own cosine similarity, when ``similarity`` is that of
+            vectors holding more than the texts (a memory's keys and questions, which two
+            conversations word differently): asked for only where a rewording is judged.
         duplicate_threshold: The similarity from which a rewording that changes no number,
             date, name, negation or tense counts as a duplicate.
     """
@@ -589,9 +599,12 @@ def relate(old: str, new: str, similarity: float, *, duplicate_threshold: float)
     announced = _announces_change(added, a)
     moved = {t.text for t in removed} & {t.text for t in added}
     if (
-        similarity >= duplicate_threshold
-        and _details(a) == _details(b)
+        _details(a) == _details(b)
         and not (announced or moved)
+        and (
+            similarity >= duplicate_threshold
+            or (text_similarity is not None and text_similarity() >= duplicate_threshold)
+        )
     ):
         return Relation.DUPLICATE  # words replaced by others of the same meaning
     if 2 * change.shared < UPDATE_MIN_SHARED * (len(a) + len(b)):

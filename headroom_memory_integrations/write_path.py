@@ -101,6 +101,9 @@ class WritePath:
     def _open(self, dimension: int | None = None) -> UserCollection:
         raise NotImplementedError
 
+    def _embed(self, texts: Sequence[str]) -> Vectors:
+        raise NotImplementedError
+
     def _vectors(self, memories: Sequence[Memory]) -> Vectors:
         raise NotImplementedError
 
@@ -243,11 +246,25 @@ class WritePath:
 
     def _relation(self, old: str, new: str, similarity: float) -> Relation:
         """How ``new`` relates to ``old`` under this store's consolidation setting (with it
-        off, only the same wording is a duplicate)."""
+        off, only the same wording is a duplicate). ``similarity`` is that of the stored
+        vectors, which hold a memory's keys too: where a rewording is judged, the texts' own
+        similarity is used (keys written in two conversations differ, and put "Deploys with
+        Docker" and "Deploys using Docker" only ~0.5 apart)."""
         if self.duplicate_threshold is None:
             same = same_wording_key(old) == same_wording_key(new)
             return Relation.DUPLICATE if same else Relation.DISTINCT
-        return relate(old, new, similarity, duplicate_threshold=self.duplicate_threshold)
+        return relate(
+            old,
+            new,
+            similarity,
+            duplicate_threshold=self.duplicate_threshold,
+            text_similarity=lambda: self._text_similarity(old, new),
+        )
+
+    def _text_similarity(self, old: str, new: str) -> float:
+        """The cosine similarity of two memory texts alone (without their keys)."""
+        vectors = self._embed([old, new])
+        return float(vectors[0] @ vectors[1])
 
     def _apply(
         self,

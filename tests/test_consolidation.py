@@ -77,6 +77,63 @@ def test_a_distinct_fact_is_kept_beside_the_other(store: MemoryStore, old: str, 
     assert [m.text for m in store.get_all()] == [old, new]
 
 
+# keys as two conversations would write them for the same fact: other words, other questions
+DOCKER_KEYS = (
+    "deployment, containers",
+    "How do I ship my apps?",
+    "How should I set up CI?",
+    "What should I put in my Dockerfile?",
+)
+DOCKER_KEYS_LATER = (
+    "devops, tooling",
+    "What deploy tool do I use?",
+    "How do I roll back a release?",
+    "How do I debug a crashing service?",
+)
+
+
+def test_a_rewording_with_other_keys_is_still_a_duplicate(store: MemoryStore) -> None:
+    """Stored vectors hold the keys, which put these two ~0.5 apart; the texts' own similarity
+    (0.99) decides the rewording."""
+    first = store.add("Deploys with Docker and Kubernetes", keys=DOCKER_KEYS)
+    done = store.remember("Deploys using Docker and Kubernetes", keys=DOCKER_KEYS_LATER)
+    assert done == Remembered(first, Outcome.DUPLICATE)
+    assert store.count() == 1
+
+
+def test_a_correction_with_other_keys_still_supersedes(store: MemoryStore) -> None:
+    first = store.add(
+        "Lives in Lisbon", keys=("home city", "Where do I live?", "Where can I find a pastry?")
+    )
+    done = store.remember(
+        "Lives in Porto", keys=("residence", "Which city am I based in?", "Which train to take?")
+    )
+    assert done.outcome is Outcome.SUPERSEDED and done.memory.id == first.id
+    assert [m.text for m in store.get_all()] == ["Lives in Porto"]
+
+
+def test_the_texts_similarity_is_asked_for_only_where_a_rewording_is_judged() -> None:
+    """The stored vectors' similarity stands for the texts' everywhere else; the texts' own
+    (an embedding of both) is computed only for a word replaced by another, with no value,
+    name or negation changed."""
+    alike = {"Deploys using Docker": 0.99, "Plays piano": 0.55}  # all-MiniLM-L6-v2
+    asked: list[str] = []
+
+    def judged(old: str, new: str, similarity: float) -> Relation:
+        def texts_alike() -> float:
+            asked.append(new)
+            return alike[new]
+
+        return relate(old, new, similarity, duplicate_threshold=0.95, text_similarity=texts_alike)
+
+    assert judged("Deploys with Docker", "Deploys using Docker", 0.5) is Relation.DUPLICATE
+    assert judged("Plays guitar", "Plays piano", 0.5) is Relation.DISTINCT
+    assert judged("Daughter is 7", "Daughter is 9", 0.5) is Relation.UPDATE  # a value changed
+    assert judged("Prefers tea", "prefers tea!", 0.5) is Relation.DUPLICATE  # same wording
+    assert judged("Deploys with Docker", "Deploys using Docker", 0.97) is Relation.DUPLICATE
+    assert asked == ["Deploys using Docker", "Plays piano"]
+
+
 def test_successive_updates_keep_every_earlier_text(store: MemoryStore) -> None:
     store.add("Has two cats")
     store.add("Has three cats")
