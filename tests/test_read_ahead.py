@@ -161,6 +161,21 @@ def test_a_failed_write_during_the_read_ahead_spoils_it(hash_store: MemoryStore)
     assert collection._index is not None and len(collection._index) == hash_store.count() == 30
 
 
+def test_closing_the_storage_under_a_read_ahead_warns_of_nothing(
+    hash_store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() tears the client down under a read-ahead in flight (its next page fails): the
+    read stops quietly, keeps nothing, and is not tried again."""
+    collection = hash_store._open()
+    collection._warm_after = None
+    hash_store.add_many([f"fact number {i}" for i in range(30)])
+    _writing_during_first_page(collection, hash_store.storage.close)
+    with caplog.at_level("WARNING"):
+        collection._warm()
+    assert collection._index is None and collection._warm_after is None
+    assert not [r for r in caplog.records if "ahead" in r.getMessage()]
+
+
 def test_large_collections_stay_on_chroma(hash_store: MemoryStore, monkeypatch) -> None:
     monkeypatch.setattr(chroma, "WARM_LIMIT", 10)
     collection = hash_store._open()

@@ -953,7 +953,10 @@ class ChromaCollection:
                         retry = True
             _read_aheads.add(self, len(records))
         except HeadroomMemoryError as exc:
-            logger.warning("reading memories ahead failed; Chroma serves searches: %s", exc)
+            if self._retired:  # the storage was closed under the read: nothing to warn of
+                logger.debug("reading memories ahead stopped by close(): %s", exc)
+            else:
+                logger.warning("reading memories ahead failed; Chroma serves searches: %s", exc)
             retry = not self._retired
         finally:
             with self._write_lock:
