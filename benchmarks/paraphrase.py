@@ -458,6 +458,9 @@ def _run_sizes(
     vectors = cache.table  # every index text written, with its vector (grows as it fills)
     indexed = list(dict.fromkeys([_index_text(item) for item in facts]))
     indexed += [question for question in key_questions_of(facts) if question not in indexed]
+    # and the plain texts, which consolidation embeds to judge a rewording of a keyed memory
+    texts = [item if isinstance(item, str) else item.text for item in facts]
+    indexed += [text for text in dict.fromkeys(texts) if text not in indexed]
     vectors.update(zip(indexed, real.embed(indexed)))  # the facts' texts and key questions
     storage = ChromaStorage.at(
         ctx.scratch(store or ("paraphrase-keys" if variant else "paraphrase"))
