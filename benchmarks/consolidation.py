@@ -195,56 +195,52 @@ def measure(workdir: Path, teammate_count: int) -> dict[str, Any]:
     return report
 
 
+def _pair_rows(
+    result: SectionResult, where: str, judged: dict[str, Any], notes: tuple[str, str]
+) -> None:
+    """The two rows of one half's pairs judged one way: new information discarded (must be
+    0) and the share whose outcome is the label."""
+    result.add(
+        Row(
+            NAME,
+            f"new information discarded, {where}",
+            judged["new_information_discarded"],
+            "pairs",
+            n=judged["pairs"],
+            target=value_at_most(0),
+            note=notes[0],
+        )
+    )
+    result.add(
+        Row(
+            NAME,
+            f"outcome = label, {where}",
+            judged["accuracy"],
+            "",
+            n=judged["pairs"],
+            note=notes[1],
+        )
+    )
+
+
 def run(ctx: Context) -> SectionResult:
     result = SectionResult(NAME)
     report = measure(ctx.scratch(NAME), ctx.pick(TEAMMATES, 200))
     for split in SPLITS:
         label = "held-out" if split == "heldout" else split
         now, before = report[split], report[f"{split}_old_rule"]
-        result.add(
-            Row(
-                NAME,
-                f"new information discarded, {label} pairs",
-                now["new_information_discarded"],
-                "pairs",
-                n=now["pairs"],
-                target=value_at_most(0),
-                note=f"old rule: {before['new_information_discarded']}",
-            )
-        )
-        result.add(
-            Row(
-                NAME,
-                f"outcome = label, {label} pairs",
-                now["accuracy"],
-                "",
-                n=now["pairs"],
-                note=f"old rule: {before['accuracy']:.3f}",
-            )
-        )
-        log(f"{NAME}, {label} half:\n{format_matrix(now['matrix'])}")
         keyed = report[f"{split}_with_keys"]
-        result.add(
-            Row(
-                NAME,
-                f"new information discarded, {label} pairs, with model-written keys",
-                keyed["new_information_discarded"],
-                "pairs",
-                n=keyed["pairs"],
-                target=value_at_most(0),
-                note=f"stale memory kept: {keyed['stale_memory_kept']} (without keys: "
-                f"{now['stale_memory_kept']})",
-            )
+        old_rule = (
+            f"old rule: {before['new_information_discarded']}",
+            f"old rule: {before['accuracy']:.3f}",
         )
-        result.add(
-            Row(
-                NAME,
-                f"outcome = label, {label} pairs, with model-written keys",
-                keyed["accuracy"],
-                "",
-                n=keyed["pairs"],
-            )
+        _pair_rows(result, f"{label} pairs", now, old_rule)
+        log(f"{NAME}, {label} half:\n{format_matrix(now['matrix'])}")
+        stale = (
+            f"stale memory kept: {keyed['stale_memory_kept']} "
+            f"(without keys: {now['stale_memory_kept']})"
         )
+        _pair_rows(result, f"{label} pairs, with model-written keys", keyed, (stale, ""))
     mates = report["teammates"]
     result.add(
         Row(
