@@ -88,6 +88,64 @@ def test_response_untouched_and_memories_extracted_in_the_background(client, fak
     assert "<memory-" not in injected["content"]  # context only, never an instruction
 
 
+def test_leaving_a_with_block_stores_the_turn_then_closes_the_client(
+    openai_server, fake_model, db_path, model
+) -> None:
+    """``with with_memory(OpenAI()) as client``: the block's turns are extracted and stored
+    before the client closes (the extraction answers 0.3 s late, after the block)."""
+    fake_model.extractions = [Reply.text(EXTRACTED).delayed(0.3)]
+    wrapped = with_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model, retry_backoff=FAST
+    )
+    with wrapped as client:
+        assert client is wrapped
+        ask(client, "I prefer Python for backend work")
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    assert client._wrapped.is_closed()
+
+
+def test_leaving_an_async_with_block_also_closes_the_background_twin(
+    openai_server, fake_model, db_path, model
+) -> None:
+    fake_model.extractions = [Reply.text(EXTRACTED).delayed(0.3)]
+
+    async def chat():
+        wrapped = with_memory(
+            openai_server.async_client(),
+            user_id="alice",
+            db_path=db_path,
+            embedder=model,
+            retry_backoff=FAST,
+        )
+        async with wrapped as client:
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python"}]
+            )
+        return client
+
+    client = asyncio.run(chat())
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    (twin,) = client._owned  # the synchronous client extraction ran on
+    assert client._wrapped.is_closed() and twin.is_closed()
+
+
+def test_a_client_is_entered_the_way_it_is_used(openai_server, db_path, model) -> None:
+    sync = with_memory(openai_server.client(), user_id="a", db_path=db_path, embedder=model)
+    asynchronous = with_memory(
+        openai_server.async_client(), user_id="a", db_path=db_path, embedder=model
+    )
+    with pytest.raises(TypeError, match="async with"):
+        with asynchronous:
+            pass
+
+    async def enter_sync():
+        async with sync:
+            pass
+
+    with pytest.raises(TypeError, match="'with'"):
+        asyncio.run(enter_sync())
+
+
 def test_the_extraction_sees_the_turn_as_quoted_data(client, fake_model, openai_server) -> None:
     ask(client, "I prefer Python for backend work")
     assert client.memory.flush(30)

@@ -105,13 +105,15 @@ def _wrap(
     untrusted_context: bool,
     extractor: BackgroundExtractor | None = None,
     backoff: Backoff | None = None,
+    owned: tuple[Any, ...] = (),
 ) -> MemoryClient:
     if embedder is None and memory is None:
-        embedder = (
-            LocalEmbedder(embedding_model)
-            if use_local_embeddings
-            else OpenAIEmbedder(sync_twin(client))
-        )
+        if use_local_embeddings:
+            embedder = LocalEmbedder(embedding_model)
+        else:
+            twin = sync_twin(client)
+            embedder = OpenAIEmbedder(twin)
+            owned += (twin,) if twin is not client else ()
     memory = open_memory(
         memory,
         user_id,
@@ -130,7 +132,9 @@ def _wrap(
         backoff=backoff,
         untrusted_context=untrusted_context,
     )
-    return MemoryClient(client, CompletionsFlow(flow, injection), asynchronous=_is_async(client))
+    return MemoryClient(
+        client, CompletionsFlow(flow, injection), asynchronous=_is_async(client), owned=owned
+    )
 
 
 def with_fast_memory(
@@ -237,9 +241,8 @@ def with_memory(
 
     The other arguments are those of :func:`with_fast_memory`.
     """
-    extractor = BackgroundExtractor(
-        openai_completer(extraction_client or sync_twin(client)), extraction_model
-    )
+    twin = extraction_client or sync_twin(client)
+    extractor = BackgroundExtractor(openai_completer(twin), extraction_model)
     return _wrap(
         client,
         user_id,
@@ -258,4 +261,5 @@ def with_memory(
         untrusted_context=untrusted_context,
         extractor=extractor,
         backoff=retry_backoff,
+        owned=(twin,) if twin is not client and extraction_client is None else (),
     )

@@ -31,6 +31,9 @@ from .unwrapped import UnwrappedCalls
 __all__ = ["AsyncMemoryStream", "MemoryClient", "MemoryStream"]
 
 _NOT_COMPLETIONS = ("create", "parse", "stream")
+CLOSE_FLUSH_SECONDS = 5.0
+"""How long closing a memory client waits for its user's memories to be stored (what is left
+stays queued for the next process, as at exit)."""
 
 
 def _whole_client_error(name: str) -> AttributeError:
@@ -208,10 +211,12 @@ class MemoryClient(_Passthrough):
         *,
         asynchronous: bool,
         unwrapped: UnwrappedCalls | None = None,
+        owned: tuple[Any, ...] = (),
     ) -> None:
         super().__init__(client)
         self._flow = flow
         self._asynchronous = asynchronous
+        self._owned = owned  # synchronous twins made for an async client's background work
         self._unwrapped = unwrapped or UnwrappedCalls(flow.memory.user_id)
         completions_type = _AsyncCompletions if asynchronous else _Completions
         self.chat = _Chat(
@@ -253,7 +258,51 @@ class MemoryClient(_Passthrough):
             self._flow,
             asynchronous=self._asynchronous,
             unwrapped=self._unwrapped,
+            owned=self._owned,
         )
+
+    def close(self) -> Any:
+        """Wait (up to :data:`CLOSE_FLUSH_SECONDS`) until what this user's calls left to
+        store is stored, then close the wrapped client and any synchronous twin made for an
+        async client's background work. Await it for an async client. ``with`` (``async
+        with``) does the same on leaving the block."""
+        if self._asynchronous:
+            return self._close_async()
+        self.memory.flush(CLOSE_FLUSH_SECONDS)
+        try:
+            self._wrapped.close()
+        finally:
+            self._close_owned()
+        return None
+
+    async def _close_async(self) -> None:
+        await asyncio.to_thread(self.memory.flush, CLOSE_FLUSH_SECONDS)
+        try:
+            await self._wrapped.close()
+        finally:
+            self._close_owned()
+
+    def _close_owned(self) -> None:
+        for twin in self._owned:
+            twin.close()
+
+    def __enter__(self) -> MemoryClient:
+        if self._asynchronous:
+            raise TypeError("an async memory client is used with 'async with'")
+        self._wrapped.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> MemoryClient:
+        if not self._asynchronous:
+            raise TypeError("a synchronous memory client is used with 'with'")
+        await self._wrapped.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._close_async()
 
     copy = with_options
 
