@@ -134,9 +134,8 @@ def test_a_client_is_entered_the_way_it_is_used(openai_server, db_path, model) -
     asynchronous = with_memory(
         openai_server.async_client(), user_id="a", db_path=db_path, embedder=model
     )
-    with pytest.raises(TypeError, match="async with"):
-        with asynchronous:
-            pass
+    with pytest.raises(TypeError, match="async with"), asynchronous:
+        pass
 
     async def enter_sync():
         async with sync:
