@@ -62,6 +62,17 @@ def client(openai_server, db_path, model):
     )
 
 
+@pytest.fixture
+def async_client(openai_server, db_path, model):
+    return with_memory(
+        openai_server.async_client(),
+        user_id="alice",
+        db_path=db_path,
+        embedder=model,
+        retry_backoff=FAST,
+    )
+
+
 def ask(client, text: str, **options):
     return client.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": text}], **options
@@ -105,19 +116,12 @@ def test_leaving_a_with_block_stores_the_turn_then_closes_the_client(
 
 
 def test_leaving_an_async_with_block_also_closes_the_background_twin(
-    openai_server, fake_model, db_path, model
+    async_client, fake_model
 ) -> None:
     fake_model.extractions = [Reply.text(EXTRACTED).delayed(0.3)]
 
     async def chat():
-        wrapped = with_memory(
-            openai_server.async_client(),
-            user_id="alice",
-            db_path=db_path,
-            embedder=model,
-            retry_backoff=FAST,
-        )
-        async with wrapped as client:
+        async with async_client as client:
             await client.chat.completions.create(
                 model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python"}]
             )
@@ -211,14 +215,8 @@ def test_streaming_is_untouched_and_queued_at_the_end(client, fake_model) -> Non
     assert fake_model.extraction_calls == 1 and client.memory.count() == 1
 
 
-def test_async_client(openai_server, db_path, model, fake_model) -> None:
-    client = with_memory(
-        openai_server.async_client(),
-        user_id="alice",
-        db_path=db_path,
-        embedder=model,
-        retry_backoff=FAST,
-    )
+def test_async_client(async_client, fake_model) -> None:
+    client = async_client
 
     async def scenario():
         answer = await client.chat.completions.create(
