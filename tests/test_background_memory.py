@@ -99,17 +99,12 @@ def test_response_untouched_and_memories_extracted_in_the_background(client, fak
     assert "<memory-" not in injected["content"]  # context only, never an instruction
 
 
-def test_leaving_a_with_block_stores_the_turn_then_closes_the_client(
-    openai_server, fake_model, db_path, model
-) -> None:
+def test_leaving_a_with_block_stores_the_turn_then_closes_the_client(client, fake_model) -> None:
     """``with with_memory(OpenAI()) as client``: the block's turns are extracted and stored
     before the client closes (the extraction answers 0.3 s late, after the block)."""
     fake_model.extractions = [Reply.text(EXTRACTED).delayed(0.3)]
-    wrapped = with_memory(
-        openai_server.client(), user_id="alice", db_path=db_path, embedder=model, retry_backoff=FAST
-    )
-    with wrapped as client:
-        assert client is wrapped
+    with client as entered:
+        assert entered is client
         ask(client, "I prefer Python for backend work")
     assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
     assert client._wrapped.is_closed()
