@@ -193,7 +193,7 @@ class WritePath:
                 decisions.append(None)
                 continue
             found = [
-                (cosine, memory_id, catalog[memory_id][0])
+                (cosine, memory_id, catalog[memory_id].text, catalog[memory_id].keys)
                 for memory_id, cosine in row
                 if memory_id not in texts and cosine >= floor and memory_id in catalog
             ]
@@ -203,7 +203,7 @@ class WritePath:
                 kept = zip(rows[current].tolist(), similar[current].tolist())
                 for position, cosine in list(kept)[:CONSOLIDATION_NEIGHBOURS]:
                     memory_id = owner_of[position]
-                    found.append((cosine, memory_id, texts[memory_id]))
+                    found.append((cosine, memory_id, texts[memory_id], drafts[position].keys))
             found.sort(key=lambda candidate: candidate[0], reverse=True)
             decision = self._judge(draft, found[:CONSOLIDATION_NEIGHBOURS], dated)
             if decision.outcome is Outcome.SUPERSEDED and decision.target in vector_of:
@@ -223,16 +223,16 @@ class WritePath:
     def _judge(
         self,
         draft: Memory,
-        candidates: Sequence[tuple[float, str, str]],
+        candidates: Sequence[tuple[float, str, str, tuple[str, ...]]],
         dated: Mapping[str, datetime] | None = None,
     ) -> _Decision:
-        """The draft's outcome against ``candidates`` (similarity, id, text), most similar
+        """The draft's outcome against ``candidates`` (similarity, id, text, keys), most similar
         first: a duplicate of any of them, else an update of the most similar one it updates,
         else stored. With ``dated`` (the candidates' ``updated_at``, for an import), an update
         of a memory newer than the draft is outdated: a duplicate."""
         update: _Decision | None = None
-        for similarity, memory_id, text in candidates:
-            relation = self._relation(text, draft.text, similarity)
+        for similarity, memory_id, text, keys in candidates:
+            relation = self._relation(text, draft.text, similarity, keyed=bool(keys or draft.keys))
             outdated = (
                 dated is not None and dated.get(memory_id, draft.updated_at) > draft.updated_at
             )
@@ -244,12 +244,13 @@ class WritePath:
                 update = _Decision(Outcome.SUPERSEDED, memory_id, text)
         return update or _Decision(Outcome.STORED, draft.id)
 
-    def _relation(self, old: str, new: str, similarity: float) -> Relation:
+    def _relation(self, old: str, new: str, similarity: float, *, keyed: bool) -> Relation:
         """How ``new`` relates to ``old`` under this store's consolidation setting (with it
         off, only the same wording is a duplicate). ``similarity`` is that of the stored
-        vectors, which hold a memory's keys too: where a rewording is judged, the texts' own
-        similarity is used (keys written in two conversations differ, and put "Deploys with
-        Docker" and "Deploys using Docker" only ~0.5 apart)."""
+        vectors, which hold a memory's keys too (``keyed``: either memory has keys): then,
+        where a rewording is judged, the texts' own similarity is used (keys written in two
+        conversations differ, and put "Deploys with Docker" and "Deploys using Docker" only
+        ~0.5 apart). Without keys, ``similarity`` already is the texts' own."""
         if self.duplicate_threshold is None:
             same = same_wording_key(old) == same_wording_key(new)
             return Relation.DUPLICATE if same else Relation.DISTINCT
@@ -258,7 +259,7 @@ class WritePath:
             new,
             similarity,
             duplicate_threshold=self.duplicate_threshold,
-            text_similarity=lambda: self._text_similarity(old, new),
+            text_similarity=(lambda: self._text_similarity(old, new)) if keyed else None,
         )
 
     def _text_similarity(self, old: str, new: str) -> float:
@@ -436,7 +437,8 @@ class WritePath:
         for memory_id, cosine in row:
             other = fresh.get(memory_id)
             if other is not None and (
-                self._relation(other.text, memory.text, cosine) is Relation.DUPLICATE
+                self._relation(other.text, memory.text, cosine, keyed=_keyed(other, memory))
+                is Relation.DUPLICATE
             ):
                 return Remembered(other, Outcome.DUPLICATE)
         return None
@@ -445,8 +447,12 @@ class WritePath:
         """Which of two memories (read back stored) may be deleted: one that adds nothing to
         the other (a duplicate of it), has no history, and, if each is a duplicate of the
         other, is not the :func:`.concurrency.survivor`. None if both are kept."""
-        mine_adds = self._relation(other.text, mine.text, cosine) is not Relation.DUPLICATE
-        other_adds = self._relation(mine.text, other.text, cosine) is not Relation.DUPLICATE
+        keyed = _keyed(mine, other)
+
+        def adds(old: Memory, new: Memory) -> bool:
+            return self._relation(old.text, new.text, cosine, keyed=keyed) is not Relation.DUPLICATE
+
+        mine_adds, other_adds = adds(other, mine), adds(mine, other)
         if mine_adds and other_adds:
             return None
         if mine_adds:
@@ -529,6 +535,11 @@ def _nearest_in_chunks(
     for start in range(0, len(vectors), _READ_CHUNK):
         found += collection.nearest(vectors[start : start + _READ_CHUNK], limit)
     return found
+
+
+def _keyed(*memories: Memory) -> bool:
+    """Whether any of these memories is stored with keys (its vector is not its text's)."""
+    return any(memory.keys for memory in memories)
 
 
 def _catalog_in_chunks(collection: UserCollection, ids: Sequence[str]) -> dict[str, Catalogued]:

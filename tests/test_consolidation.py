@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from headroom_memory_integrations import MemoryStore, NewMemory, Outcome, Remembered
+from headroom_memory_integrations import (
+    LocalEmbedder,
+    MemoryStore,
+    NewMemory,
+    Outcome,
+    Remembered,
+)
 from headroom_memory_integrations.cli import main
 from headroom_memory_integrations.consolidation import Relation, relate
+from headroom_memory_integrations.embeddings.base import Vectors
 
 CORRECTIONS = [
     (
@@ -110,6 +120,35 @@ def test_a_correction_with_other_keys_still_supersedes(store: MemoryStore) -> No
     )
     assert done.outcome is Outcome.SUPERSEDED and done.memory.id == first.id
     assert [m.text for m in store.get_all()] == ["Lives in Porto"]
+
+
+@pytest.mark.parametrize(
+    ("old_keys", "new_keys", "embedded"),
+    [
+        ((), (), [["Plays piano"]]),  # the stored vectors are the texts' own: nothing more
+        (("music",), (), [["Plays piano"], ["Plays guitar", "Plays piano"]]),
+        ((), ("music",), [["Plays piano (music)"], ["Plays guitar", "Plays piano"]]),
+    ],
+)
+def test_the_texts_are_embedded_again_only_when_a_memory_has_keys(
+    db_path: Path,
+    model: LocalEmbedder,
+    old_keys: tuple[str, ...],
+    new_keys: tuple[str, ...],
+    embedded: list[list[str]],
+) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    store.add("Plays guitar", keys=old_keys)
+    calls: list[list[str]] = []
+    embed = model.embed
+
+    def counting(texts: Sequence[str]) -> Vectors:
+        calls.append(list(texts))
+        return embed(texts)
+
+    store.embedder = SimpleNamespace(name=model.name, dimension=model.dimension, embed=counting)
+    assert store.remember("Plays piano", keys=new_keys).outcome is Outcome.STORED
+    assert calls == embedded
 
 
 def test_the_texts_similarity_is_asked_for_only_where_a_rewording_is_judged() -> None:
