@@ -1,20 +1,24 @@
 """Importing chromadb with ``overrides``' class-creation checks skipped
 (storage/chroma_import.py): in a fresh interpreter, none of those checks runs during the import,
 the decorator is the original again afterwards, chromadb's methods are still marked as overrides,
-and an embedded store opened that way works. The modules put off during the import are not
-loaded by it, and work in full when used afterwards."""
+and an embedded store opened that way works; the garbage collector waits out the import and is
+left as it was. The modules put off during the import are not loaded by it, and work in full
+when used afterwards."""
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+from headroom_memory_integrations.storage.chroma_import import _collection_paused
+
 CHILD = textwrap.dedent(
     """
-    import json, sys
+    import gc, json, sys
     import overrides
     checks = sys.modules["overrides.overrides"]
     original = overrides.override
@@ -26,7 +30,13 @@ CHILD = textwrap.dedent(
     checks._validate_method = counting
 
     from headroom_memory_integrations.storage.chroma_import import DEFERRED, import_chromadb
+    collections = []
+    def count(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+    gc.callbacks.append(count)
     chromadb = import_chromadb("chromadb.api.rust")
+    gc.callbacks.remove(count)
     from chromadb.api.rust import RustBindingsAPI
     during_import = len(validated)
 
@@ -55,6 +65,8 @@ CHILD = textwrap.dedent(
     found = [memory.text for memory, _ in store.search("tea or coffee?", min_score=-1)]
     print(json.dumps({
         "validated_during_import": during_import,
+        "collections_during_import": collections,
+        "collector_enabled_after": gc.isenabled(),
         "restored": overrides.override is original and checks.override is original,
         "marked": getattr(RustBindingsAPI._count, "__override__", False),
         "checked_after": checked_after,
@@ -69,6 +81,20 @@ CHILD = textwrap.dedent(
 )
 
 
+def test_the_collector_is_left_as_it_was() -> None:
+    assert gc.isenabled()
+    with _collection_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # an application that turned it off keeps it off
+    finally:
+        gc.enable()
+
+
 def test_chromadb_is_imported_without_the_checks_and_the_decorator_restored(
     tmp_path: Path,
 ) -> None:
@@ -81,6 +107,10 @@ def test_chromadb_is_imported_without_the_checks_and_the_decorator_restored(
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["validated_during_import"] == 0
+    # the cyclic collector waits out the import (~50 ms of the first answer): at most the one
+    # collection of the youngest objects as it is turned on again
+    assert result["collections_during_import"] in ([], [0])
+    assert result["collector_enabled_after"] is True
     assert result["restored"] is True
     assert result["marked"] is True
     assert result["checked_after"] is True  # other code's @override still checks

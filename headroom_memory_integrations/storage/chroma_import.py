@@ -13,6 +13,12 @@ the original back. Nothing else changes: chromadb's classes and methods are the 
 Where chromadb is already imported, or ``overrides`` is not laid out as expected, it is a plain
 import.
 
+The import also runs with Python's cyclic garbage collector paused (turned on again after,
+unless the application had turned it off): chromadb's modules create tens of thousands of
+objects that live as long as the process, and the collector scanned them again and again as
+they were made, a full collection among them (~45 ms of the first answer after ``import
+openai``; one collection of the new objects follows the import instead).
+
 Two modules chromadb imports but never uses in an embedded store are also put off until first
 used (:data:`DEFERRED`, ~115 ms together): httpx's command-line client (``httpx._main``, which
 loads click, rich and pygments for ``httpx.main``) and OpenTelemetry's OTLP span exporter (with
@@ -23,6 +29,7 @@ is a stand-in whose names import the real module when called; afterwards the sta
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 import threading
@@ -45,13 +52,25 @@ def import_chromadb(*submodules: str) -> ModuleType:
     what an embedded client loads, ``"chromadb.api.fastapi"`` a server client)."""
     wanted = ("chromadb", *submodules)
     if any(name not in sys.modules for name in wanted):
-        with _lock, _override_checks_skipped(), _modules_deferred():
+        with _lock, _collection_paused(), _override_checks_skipped(), _modules_deferred():
             importlib.import_module("chromadb")
             for name in submodules:
                 # in another layout, chromadb imports what it needs itself
                 with suppress(ImportError):
                     importlib.import_module(name)
     return sys.modules["chromadb"]
+
+
+@contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while chromadb imports (as it was, after)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _mark(method: Any = None, **options: Any) -> Any:
