@@ -2,11 +2,13 @@
 
 :class:`ScriptedOpenAIServer` listens on ``127.0.0.1`` (a free port) and answers the real
 ``openai`` client over real HTTP, so code under test runs unchanged: only ``base_url`` differs.
-It serves ``POST /v1/chat/completions`` (plain and ``stream=True``), ``POST /v1/embeddings`` and
-``GET /v1/models``; any other path gets a 404 in OpenAI's error shape. Azure OpenAI's deployment
-routes (``/openai/deployments/<name>/chat/completions`` and ``.../embeddings``) are served the
-same way, so ``openai.AzureOpenAI(azure_endpoint=server.azure_endpoint, ...)`` works too. The
-server itself uses the standard library only.
+It serves ``POST /v1/chat/completions`` and ``POST /v1/responses`` (each plain and
+``stream=True``; a Responses request is answered from the same queue and responder, which see it
+as chat messages), ``POST /v1/embeddings`` and ``GET /v1/models``; any other path gets a 404 in
+OpenAI's error shape. Azure OpenAI's deployment routes
+(``/openai/deployments/<name>/chat/completions`` and ``.../embeddings``) are served the same way,
+so ``openai.AzureOpenAI(azure_endpoint=server.azure_endpoint, ...)`` works too. The server
+itself uses the standard library only.
 
 Each chat request consumes the next :class:`Reply` from a FIFO queue; when the queue is empty
 the ``responder`` callable answers instead (by default it says ``"OK"``). Every request is
@@ -68,6 +70,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
+
+from .scripted_responses import ScriptedResponse, chat_messages
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
@@ -398,6 +402,7 @@ class _Response:
     payload: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     events: Iterator[dict[str, Any]] | None = None  # set for a server-sent-events stream
+    named_events: bool = False  # each event named by its type, no closing [DONE] (Responses)
 
 
 def _error(
@@ -575,11 +580,16 @@ class ScriptedOpenAIServer:
             )
         if method == "GET" and path.startswith("/v1/models/") and path[11:] in self.models:
             return _Response(payload=self._model(path[11:]))
-        if method != "POST" or path not in ("/v1/chat/completions", "/v1/embeddings"):
+        serve = {
+            "/v1/chat/completions": self._chat,
+            "/v1/responses": self._responses,
+            "/v1/embeddings": self._embeddings,
+        }
+        if method != "POST" or path not in serve:
             return _error(404, f"Unknown request URL: {method} {path}.", code="unknown_url")
         if body is None:
             return _error(400, "The request body must be a JSON object.")
-        return self._chat(body) if path == "/v1/chat/completions" else self._embeddings(body)
+        return serve[path](body)
 
     @staticmethod
     def _model(model_id: str) -> dict[str, Any]:
@@ -591,15 +601,50 @@ class ScriptedOpenAIServer:
         reply = queued if queued is not None else self.responder(body)
         return Reply.text(reply) if isinstance(reply, str) else reply
 
-    def _chat(self, body: dict[str, Any]) -> _Response:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return _error(400, "'messages' must be a non-empty array.", param="messages")
+    def _answer(self, body: dict[str, Any]) -> Reply | _Response:
+        """The next reply to a chat-shaped body, after its delay; an error reply as sent."""
         reply = self._next_reply(body)
         if reply.delay > 0:
             self._closing.wait(reply.delay)
         if reply.status >= 400:
             return _Response(reply.status, {"error": dict(reply.error_body or {})}, reply.headers)
+        return reply
+
+    def _pieces(self, reply: Reply) -> list[str]:
+        """The streamed pieces of a reply's text."""
+        if reply.chunks is not None:
+            return list(reply.chunks)
+        return _split(reply.content or "", reply.chunk_size or self.chunk_size)
+
+    def _responses(self, body: dict[str, Any]) -> _Response:
+        messages = chat_messages(body)
+        if not messages:
+            return _error(400, "'input' must be a string or a non-empty array.", param="input")
+        reply = self._answer({**body, "messages": messages})  # responders read chat messages
+        if isinstance(reply, _Response):
+            return reply
+        prompt, completion = reply.usage or (
+            _rough_tokens(_prompt_text(messages)),
+            _rough_tokens((reply.content or "") + "".join(c.arguments_json for c in reply.calls)),
+        )
+        scripted = ScriptedResponse(reply, body, (prompt, completion), self.chunk_size)
+        if not body.get("stream"):
+            return _Response(payload=scripted.final, headers=reply.headers)
+
+        def pause() -> None:
+            if reply.chunk_delay > 0:
+                self._closing.wait(reply.chunk_delay)
+
+        events = scripted.events(self._pieces(reply), pause)
+        return _Response(headers=reply.headers, events=events, named_events=True)
+
+    def _chat(self, body: dict[str, Any]) -> _Response:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "'messages' must be a non-empty array.", param="messages")
+        reply = self._answer(body)
+        if isinstance(reply, _Response):
+            return reply
         n = int(body.get("n") or 1)
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -659,7 +704,7 @@ class ScriptedOpenAIServer:
         usage: dict[str, int] | None,
     ) -> Iterator[dict[str, Any]]:
         size = reply.chunk_size or self.chunk_size
-        pieces = reply.chunks if reply.chunks is not None else _split(reply.content or "", size)
+        pieces = self._pieces(reply)
 
         def deltas(choice_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
             empty = None if reply.content is None and choice_calls else ""
@@ -787,8 +832,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for event in response.events:
-            self._write_chunk(f"data: {json.dumps(event)}\n\n".encode())
-        self._write_chunk(b"data: [DONE]\n\n")
+            name = f"event: {event['type']}\n" if response.named_events else ""
+            self._write_chunk(f"{name}data: {json.dumps(event)}\n\n".encode())
+        if not response.named_events:
+            self._write_chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
 
     def _write_chunk(self, data: bytes) -> None:

@@ -427,27 +427,29 @@ def unwrapped_warnings(caplog) -> list[str]:
 def test_unwrapped_apis_work_and_warn_once_per_client(clients, openai_server, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="headroom_memory_integrations.openai")
     client = clients["sync"]
-    for _ in range(2):  # the scripted server has no Responses API: the call itself 404s
-        with pytest.raises(openai.NotFoundError):
-            client.responses.create(model="gpt-4o", input="I like tea")
-        with pytest.raises(openai.NotFoundError):
-            client.with_raw_response.responses.create(model="gpt-4o", input="hi")
-        with pytest.raises(openai.NotFoundError):
-            client.with_options(timeout=5).responses.with_raw_response.create(
-                model="gpt-4o", input="hi"
-            )
+    for _ in range(2):  # the Responses API's raw views: answered, without memory
+        raw = client.with_raw_response.responses.create(model="gpt-4o", input="I like tea")
+        assert raw.parse().output_text == "OK"
+        assert openai_server.requests[-1].body["input"] == "I like tea"  # nothing injected
+        client.with_options(timeout=5).responses.with_raw_response.create(
+            model="gpt-4o", input="hi"
+        )
+        assert openai_server.requests[-1].body["input"] == "hi"
     [warning] = unwrapped_warnings(caplog)
-    assert "client.responses.create(...) is not wrapped" in warning and "alice" not in warning
+    assert "client.with_raw_response.responses.create(...) is not wrapped" in warning
+    assert "alice" not in warning
     with client.chat.completions.stream(model="gpt-4o", messages=QUESTION) as stream:
         assert stream.get_final_completion().choices[0].message.content == "OK"
     assert "client.chat.completions.stream(...)" in unwrapped_warnings(caplog)[1]
     assert len(unwrapped_warnings(caplog)) == 2
     assert openai_server.requests[-1].body["messages"] == QUESTION  # really no memory
 
+    legacy = clients["async"].completions.create(model="gpt-4o", prompt="hi")
     with pytest.raises(openai.NotFoundError):  # another memory client warns for itself
-        in_loop(clients["async"].responses.create(model="gpt-4o", input="hi"), clients["async"])
+        in_loop(legacy, clients["async"])
     assert len(unwrapped_warnings(caplog)) == 3
-    assert "alice" not in repr(client.responses) and "not wrapped" in repr(client.responses)
+    views = client.responses.with_raw_response
+    assert "alice" not in repr(views) and "not wrapped" in repr(views)
 
 
 def test_the_whole_client_used_as_completions_fails_clearly(clients) -> None:

@@ -1,13 +1,15 @@
 """Thin proxies that put a :class:`CompletionsFlow` around every way of sending a chat
-completion request through ``chat.completions``.
+completion request through ``chat.completions``, and a :class:`ResponsesFlow` around the
+Responses API's ``responses.create`` and ``responses.parse``.
 
-Covered, sync and async: ``create`` and ``parse``, directly, through ``with_raw_response`` and
-through ``with_streaming_response`` (also reached as ``client.with_raw_response.chat.completions``).
-The parts that send messages to a model without memory (the Responses API,
-``chat.completions.stream``, the beta and Realtime APIs, legacy completions) still work and log a
-warning once (see :mod:`.unwrapped`). Everything else (``models``, ``embeddings``, ``files``, ...)
-is the wrapped client's own, untouched. Sync and async proxies differ only in how they call the
-model; the logic is the flow's.
+Covered, sync and async: ``chat.completions.create`` and ``parse``, directly, through
+``with_raw_response`` and through ``with_streaming_response`` (also reached as
+``client.with_raw_response.chat.completions``); ``responses.create`` and ``parse``, plain and
+streamed. The parts that send messages to a model without memory (the ``stream`` helpers, the
+Responses API's raw and streaming-response views, the beta and Realtime APIs, legacy
+completions) still work and log a warning once (see :mod:`.unwrapped`). Everything else
+(``models``, ``embeddings``, ``files``, ...) is the wrapped client's own, untouched. Sync and
+async proxies differ only in how they call the model; the logic is the flows'.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from .responses import (
     MemoryResponseManager,
     ResponseEdits,
 )
+from .responses_flow import ResponsesFlow
 from .streams import AsyncMemoryStream, MemoryStream, _Passthrough
-from .unwrapped import UnwrappedCalls
+from .unwrapped import Unwrapped, UnwrappedCalls
 
 __all__ = ["AsyncMemoryStream", "MemoryClient", "MemoryStream"]
 
@@ -46,34 +49,69 @@ def _whole_client_error(name: str) -> AttributeError:
     )
 
 
-class _Completions(_Passthrough):
-    """``chat.completions`` of a sync client."""
+class _Calls(_Passthrough):
+    """``create`` and ``parse`` of a sync client's API, with memory through ``flow``; openai's
+    ``stream`` helper is not wrapped and warns."""
 
-    def __init__(self, completions: Any, flow: CompletionsFlow, unwrapped: UnwrappedCalls) -> None:
-        super().__init__(completions)
-        self._flow = flow
+    _helper = ""  # the stream helper's path, for the warning
+
+    def __init__(
+        self, wrapped: Any, flow: CompletionsFlow | ResponsesFlow, unwrapped: UnwrappedCalls
+    ) -> None:
+        super().__init__(wrapped)
+        self._memory_flow = flow
         self._unwrapped = unwrapped
 
     def create(self, **kwargs: Any) -> Any:
-        """``chat.completions.create`` with memory; same arguments, same result types."""
+        """``create`` with memory; same arguments, same result types."""
         return self._call(self._wrapped.create, kwargs)
 
     def parse(self, **kwargs: Any) -> Any:
-        """``chat.completions.parse`` (structured outputs) with memory: memories are injected;
-        a ``response_format`` leaves out the extraction instruction."""
+        """``parse`` (structured outputs) with memory: memories are injected; a structured
+        format leaves out the extraction instruction."""
         return self._call(self._wrapped.parse, kwargs)
 
     def _call(self, method: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
-        call = self._flow.before(kwargs)
+        call = self._memory_flow.before(kwargs)
         result = method(**call.request)
         if kwargs.get("stream"):
-            return MemoryStream(result, self._flow.editor(call))
-        return self._flow.after(call, result)
+            return MemoryStream(result, self._memory_flow.editor(call))
+        return self._memory_flow.after(call, result)
 
     def stream(self, **kwargs: Any) -> Any:
-        """openai's ``chat.completions.stream`` helper, NOT wrapped: logs a warning once."""
-        self._unwrapped.warn("chat.completions.stream", "chat.completions.stream")
+        """openai's ``stream`` helper, NOT wrapped: logs a warning once. Use
+        ``create(stream=True)``."""
+        self._unwrapped.warn(self._helper, self._helper)
         return self._wrapped.stream(**kwargs)
+
+
+class _AsyncCalls(_Calls):
+    """:class:`_Calls` of an async client: searching runs off the event loop."""
+
+    async def create(self, **kwargs: Any) -> Any:
+        """``await create(...)`` with memory; same arguments and results."""
+        return await self._call_async(self._wrapped.create, kwargs)
+
+    async def parse(self, **kwargs: Any) -> Any:
+        """``await parse(...)`` with memory (see the sync ``parse``)."""
+        return await self._call_async(self._wrapped.parse, kwargs)
+
+    async def _call_async(self, method: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
+        call = await asyncio.to_thread(self._memory_flow.before, kwargs)
+        result = await method(**call.request)
+        if kwargs.get("stream"):
+            return AsyncMemoryStream(result, self._memory_flow.editor(call))
+        return self._memory_flow.after(call, result)
+
+
+class _Completions(_Calls):
+    """``chat.completions`` of a sync client."""
+
+    _helper = "chat.completions.stream"
+
+    def __init__(self, completions: Any, flow: CompletionsFlow, unwrapped: UnwrappedCalls) -> None:
+        super().__init__(completions, flow, unwrapped)
+        self._flow = flow
 
     @property
     def with_raw_response(self) -> _RawCompletions:
@@ -84,23 +122,8 @@ class _Completions(_Passthrough):
         return _StreamingCompletions(self._wrapped.with_streaming_response, self._flow)
 
 
-class _AsyncCompletions(_Completions):
-    """``chat.completions`` of an async client: searching runs off the event loop."""
-
-    async def create(self, **kwargs: Any) -> Any:
-        """``await chat.completions.create(...)`` with memory; same arguments and results."""
-        return await self._call_async(self._wrapped.create, kwargs)
-
-    async def parse(self, **kwargs: Any) -> Any:
-        """``await chat.completions.parse(...)`` with memory (see the sync ``parse``)."""
-        return await self._call_async(self._wrapped.parse, kwargs)
-
-    async def _call_async(self, method: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
-        call = await asyncio.to_thread(self._flow.before, kwargs)
-        result = await method(**call.request)
-        if kwargs.get("stream"):
-            return AsyncMemoryStream(result, self._flow.editor(call))
-        return self._flow.after(call, result)
+class _AsyncCompletions(_Completions, _AsyncCalls):
+    """``chat.completions`` of an async client."""
 
     @property
     def with_raw_response(self) -> _RawCompletions:
@@ -109,6 +132,31 @@ class _AsyncCompletions(_Completions):
     @property
     def with_streaming_response(self) -> _StreamingCompletions:
         return _AsyncStreamingCompletions(self._wrapped.with_streaming_response, self._flow)
+
+
+class _Responses(_Calls):
+    """``responses`` of a sync client: ``create`` and ``parse`` with memory (plain and
+    ``stream=True``). ``stream``, ``with_raw_response`` and ``with_streaming_response`` reach
+    the model without memory and warn; ``retrieve``, ``delete``, ``input_items``, ... are the
+    client's own."""
+
+    _helper = "responses.stream"
+
+    @property
+    def with_raw_response(self) -> Unwrapped:
+        return self._view("with_raw_response")
+
+    @property
+    def with_streaming_response(self) -> Unwrapped:
+        return self._view("with_streaming_response")
+
+    def _view(self, name: str) -> Unwrapped:
+        value = getattr(self._wrapped, name)
+        return Unwrapped(value, self._unwrapped, api="responses", path=f"responses.{name}")
+
+
+class _AsyncResponses(_Responses, _AsyncCalls):
+    """``responses`` of an async client."""
 
 
 class _RawCompletions(_Passthrough):
@@ -222,6 +270,10 @@ class MemoryClient(_Passthrough):
         self.chat = _Chat(
             client.chat, completions_type(client.chat.completions, flow, self._unwrapped)
         )
+        responses = getattr(client, "responses", None)  # openai >= 1.66
+        if responses is not None:
+            responses_type = _AsyncResponses if asynchronous else _Responses
+            self.responses = responses_type(responses, ResponsesFlow(flow), self._unwrapped)
 
     def __getattr__(self, name: str) -> Any:
         if name in _NOT_COMPLETIONS:

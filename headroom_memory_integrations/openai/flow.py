@@ -44,11 +44,12 @@ def _is_tool_result(message: Any) -> bool:
     return isinstance(message, Mapping) and message.get("role") in ("tool", "function")
 
 
-def _prepend(message: Mapping[str, Any], text: str) -> dict[str, Any]:
+def prepend(message: Mapping[str, Any], text: str, part_type: str = "text") -> dict[str, Any]:
+    """A copy of a user message with ``text`` first (a part of ``part_type`` in a list)."""
     user = dict(message)
     content = user.get("content")
     if isinstance(content, list):
-        user["content"] = [{"type": "text", "text": text}, *content]
+        user["content"] = [{"type": part_type, "text": text}, *content]
     else:
         user["content"] = f"{text}\n\n{content or ''}"
     return user
@@ -96,7 +97,7 @@ class CompletionsFlow:
                 system = {"role": "system", "content": prompt}
                 call.request["messages"] = insert_before(messages, index, system)
             else:
-                user = _prepend(messages[index], prompt)
+                user = prepend(messages[index], prompt)
                 call.request["messages"] = [*messages[:index], user, *messages[index + 1 :]]
         return call
 
@@ -163,17 +164,17 @@ class StreamEditor:
             answer = self._answers[index] = self._flow.stream(self._turn, remember=index == 0)
         return answer
 
-    def edit(self, chunk: Any) -> Any | None:
-        """The chunk to show (edited in place), or None when nothing is left of it."""
+    def edit(self, chunk: Any) -> list[Any]:
+        """The chunk to show (edited in place), or none when nothing is left of it."""
         try:
             self._last_chunk = chunk
             keep = getattr(chunk, "usage", None) is not None or not getattr(chunk, "choices", None)
             for choice in chunk.choices:
                 keep = self._edit_choice(choice) or keep
-            return chunk if keep else None
+            return [chunk] if keep else []
         except Exception:
             self._flow.failed("store_failures", "could not filter a streamed chunk")
-            return chunk
+            return [chunk]
 
     def _edit_choice(self, choice: Any) -> bool:
         delta = choice.delta
@@ -195,11 +196,11 @@ class StreamEditor:
         )
         return bool(delta.content) or any(v is not None for v in other) or not had_content
 
-    def end(self) -> Any | None:
+    def end(self) -> list[Any]:
         """The stream is over: queue the memory work; return a last chunk carrying text that
-        was still held back (only when the stream ended without a finish reason), or None."""
+        was still held back (only when the stream ended without a finish reason), if any."""
         if self._done:
-            return None
+            return []
         self._done = True
         try:
             if not self._turn.nonce:
@@ -207,7 +208,7 @@ class StreamEditor:
             tails = {index: self._answers[index].finish() for index in sorted(self._answers)}
             tails = {i: t for i, t in tails.items() if t}
             if not tails or self._last_chunk is None or not self._last_chunk.choices:
-                return None
+                return []
             chunk = self._last_chunk.model_copy(deep=True)
             template = chunk.choices[0]
             chunk.choices = []
@@ -217,7 +218,7 @@ class StreamEditor:
                 choice.delta.content, choice.delta.tool_calls, choice.delta.role = tail, None, None
                 chunk.choices.append(choice)
             chunk.usage = None
-            return chunk
+            return [chunk]
         except Exception:
             self._flow.failed("store_failures", "could not finish a streamed answer")
-            return None
+            return []

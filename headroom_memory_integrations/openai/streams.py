@@ -1,12 +1,22 @@
-"""Streamed completions with the memory block filtered out, and the forwarding base class of
-every proxy in this package."""
+"""Streamed completions and responses with the memory block filtered out, and the forwarding
+base class of every proxy in this package."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Protocol
 
-from .flow import StreamEditor
+
+class ItemEditor(Protocol):
+    """Edits a stream's items (chat completion chunks or Responses events) one by one."""
+
+    def edit(self, item: Any) -> list[Any]:
+        """What to show for ``item``: itself (edited), nothing, or held-back text first."""
+        ...
+
+    def end(self) -> list[Any]:
+        """The stream is over (or closed): queue the memory work; any last items to show."""
+        ...
 
 
 class _Passthrough:
@@ -24,22 +34,18 @@ class _Passthrough:
 
 
 class MemoryStream(_Passthrough):
-    """A streamed completion with the memory block filtered out. Iterate it as the original;
-    ``close()``, ``response`` and the context manager work as before."""
+    """A streamed completion (or response) with the memory block filtered out. Iterate it as
+    the original; ``close()``, ``response`` and the context manager work as before."""
 
-    def __init__(self, stream: Any, editor: StreamEditor) -> None:
+    def __init__(self, stream: Any, editor: ItemEditor) -> None:
         super().__init__(stream)
         self._editor = editor
 
     def __iter__(self) -> Iterator[Any]:
         try:
             for chunk in self._wrapped:
-                edited = self._editor.edit(chunk)
-                if edited is not None:
-                    yield edited
-            last = self._editor.end()
-            if last is not None:
-                yield last
+                yield from self._editor.edit(chunk)
+            yield from self._editor.end()
         finally:
             self._editor.end()
 
@@ -53,18 +59,16 @@ class MemoryStream(_Passthrough):
 class AsyncMemoryStream(_Passthrough):
     """The async twin of :class:`MemoryStream`."""
 
-    def __init__(self, stream: Any, editor: StreamEditor) -> None:
+    def __init__(self, stream: Any, editor: ItemEditor) -> None:
         super().__init__(stream)
         self._editor = editor
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         try:
             async for chunk in self._wrapped:
-                edited = self._editor.edit(chunk)
-                if edited is not None:
+                for edited in self._editor.edit(chunk):
                     yield edited
-            last = self._editor.end()
-            if last is not None:
+            for last in self._editor.end():
                 yield last
         finally:
             self._editor.end()

@@ -1,0 +1,207 @@
+"""The core :class:`~..flow.MemoryFlow` translated to OpenAI's Responses API, with no I/O (as
+:mod:`.flow` does for chat completions). Shared by the sync and async ``responses`` proxies, for
+``create`` and ``parse``:
+
+1. :meth:`ResponsesFlow.before`: the flow's prompt goes in a system message item just before the
+   latest user message of ``input`` (a string ``input`` is that user message), or, with
+   ``injection="user"``, at the start of it. ``instructions`` and every earlier item are sent as
+   given, so the prompt's prefix stays byte-identical across turns.
+2. The proxy calls the model with :attr:`~.flow.Call.request`.
+3. :meth:`ResponsesFlow.after` (a whole response) or a :class:`ResponseEventEditor` (event by
+   event): the block is cut from every output text, and the last output text's memories (or,
+   in the background mode, the answer's text) go to the flow.
+
+With ``previous_response_id`` (or ``conversation``) OpenAI keeps the earlier items, the injected
+system items among them, and the model's answers as written, blocks included: an old block's
+nonce is not the new one's, so it can plant nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
+from ..prompts import inline_extraction_allowed, message_text
+from .flow import Call, CompletionsFlow, prepend
+
+TOOL_OUTPUTS = frozenset(
+    {
+        "function_call_output",
+        "custom_tool_call_output",
+        "computer_call_output",
+        "local_shell_call_output",
+        "shell_call_output",
+        "apply_patch_call_output",
+        "mcp_call",
+    }
+)
+"""Input item types that carry text the user did not write (tool results)."""
+
+FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def _field(item: Any, name: str) -> Any:
+    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
+
+
+def _is_user(item: Any) -> bool:
+    return _field(item, "role") == "user" and _field(item, "type") in (None, "message")
+
+
+def _output_texts(response: Any) -> list[Any]:
+    """The ``output_text`` parts of a response's messages, in order."""
+    return [
+        part
+        for item in _field(response, "output") or []
+        if _field(item, "type") == "message"
+        for part in _field(item, "content") or []
+        if _field(part, "type") == "output_text" and isinstance(_field(part, "text"), str)
+    ]
+
+
+class ResponsesFlow:
+    """Memory around ``responses.create`` for one user, with the settings of the client's
+    :class:`~.flow.CompletionsFlow` (its core flow and its ``injection``)."""
+
+    def __init__(self, completions: CompletionsFlow) -> None:
+        self.flow: MemoryFlow = completions.flow
+        self.injection = completions.injection
+
+    def before(self, kwargs: Mapping[str, Any]) -> Call:
+        """The request to send: never raises for memory's sake."""
+        call = Call(Turn(), dict(kwargs))
+        given = kwargs.get("input")
+        items = [{"role": "user", "content": given}] if isinstance(given, str) else given
+        if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+            return call  # let the API report its own error
+        index = latest_index(items, _is_user)
+        if index is None:
+            return call
+        model = kwargs.get("model")
+        call.turn = self.flow.start(
+            message_text(items[index]),
+            instruct=inline_extraction_allowed(kwargs),
+            model=model if isinstance(model, str) else None,
+            untrusted=any(_field(item, "type") in TOOL_OUTPUTS for item in items),
+        )
+        prompt = call.turn.prompt
+        if prompt:
+            if self.injection == "system":
+                system = {"role": "system", "content": prompt}
+                call.request["input"] = insert_before(items, index, system)
+            else:
+                user = prepend(items[index], prompt, part_type="input_text")
+                call.request["input"] = [*items[:index], user, *items[index + 1 :]]
+        return call
+
+    def after(self, call: Call, response: Any) -> Any:
+        """Cut the block from a whole response's output texts (edited in place); queue the
+        memory work: the last output text holds the block, the answer is all of them."""
+        try:
+            parts = _output_texts(response)
+        except Exception:
+            parts = []
+        turn = call.turn
+        if not turn.nonce:
+            self.flow.finish(turn, "".join(part.text for part in parts) or None)
+            return response
+        for part in parts[:-1]:
+            part.text = self.flow.strip(turn, part.text)
+        if parts:
+            parts[-1].text = self.flow.finish(turn, parts[-1].text)
+        else:
+            self.flow.finish(turn, None)  # function calls only: no text, no block
+        return response
+
+    def editor(self, call: Call) -> ResponseEventEditor:
+        return ResponseEventEditor(self, call)
+
+
+class ResponseEventEditor:
+    """Edits a streamed response event by event (for both sync and async streams).
+
+    No event it returns contains any part of the memory block: each output text's deltas go
+    through an :class:`~..flow.AnswerStream` (held back only where a tag may start), and the
+    events that repeat the text (``output_text.done``, ``content_part.done``,
+    ``output_item.done``, and the final ``response``) get it cut out. The memory work is queued
+    once, from the final response (or, if the stream stops before it, from the text received).
+    """
+
+    def __init__(self, flow: ResponsesFlow, call: Call) -> None:
+        self._flow = flow
+        self._call = call
+        self._texts: dict[tuple[Any, Any], AnswerStream] = {}  # (item id, part index) -> text
+        self._received: dict[tuple[Any, Any], list[str]] = {}
+        self._last_delta: dict[tuple[Any, Any], Any] = {}
+        self._done = False
+
+    def edit(self, event: Any) -> list[Any]:
+        """The events to show for ``event`` (edited in place)."""
+        try:
+            return self._edit(event)
+        except Exception:
+            self._flow.flow.failed("store_failures", "could not filter a streamed response event")
+            return [event]
+
+    def _edit(self, event: Any) -> list[Any]:
+        kind = _field(event, "type")
+        turn = self._call.turn
+        if kind == "response.output_text.delta":
+            key = (event.item_id, event.content_index)
+            text = self._texts.get(key)
+            if text is None:
+                text = self._texts[key] = self._flow.flow.stream(turn, remember=False)
+            self._received.setdefault(key, []).append(event.delta)
+            self._last_delta[key] = event
+            event.delta = text.feed(event.delta)
+            return [event] if event.delta else []
+        if kind == "response.output_text.done":
+            held = self._held_back((event.item_id, event.content_index))
+            event.text = self._flow.flow.strip(turn, event.text)
+            return [*held, event]
+        if kind == "response.content_part.done":
+            self._strip(event.part)
+        elif kind == "response.output_item.done":
+            for part in _field(event.item, "content") or []:
+                self._strip(part)
+        elif kind in FINAL_EVENTS and _field(event, "response") is not None:
+            held = [e for key in list(self._texts) for e in self._held_back(key)]
+            if not self._done:
+                self._done = True
+                self._flow.after(self._call, event.response)
+            return [*held, event]
+        return [event]
+
+    def _strip(self, part: Any) -> None:
+        if _field(part, "type") == "output_text" and isinstance(_field(part, "text"), str):
+            part.text = self._flow.flow.strip(self._call.turn, part.text)
+
+    def _held_back(self, key: tuple[Any, Any]) -> list[Any]:
+        """A delta event carrying the text one output text still held back (none if none)."""
+        text = self._texts.get(key)
+        tail = text.finish() if text is not None else ""
+        if not tail:
+            return []
+        event = self._last_delta[key].model_copy(deep=True)
+        event.delta = tail
+        return [event]
+
+    def end(self) -> list[Any]:
+        """The stream is over (or closed): if no final response came, queue the memory work
+        from the text received, and show what was held back."""
+        if self._done:
+            return []
+        self._done = True
+        turn, flow = self._call.turn, self._flow.flow
+        try:
+            held = [e for key in list(self._texts) for e in self._held_back(key)]
+            received = ["".join(pieces) for pieces in self._received.values()]
+            if turn.nonce:
+                flow.finish(turn, received[-1] if received else None)
+            else:
+                flow.finish(turn, "".join(received) or None)
+            return held
+        except Exception:
+            flow.failed("store_failures", "could not finish a streamed response")
+            return []
