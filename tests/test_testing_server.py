@@ -445,6 +445,124 @@ def test_unknown_path_is_an_openai_shaped_404(server: ScriptedOpenAIServer) -> N
         connection.close()
 
 
+# -- the Responses API ----------------------------------------------------------------------
+
+
+def responses(server: ScriptedOpenAIServer, mode: str, **kwargs: Any) -> list[Any]:
+    """One response (``[response]``) or every event of a streamed one, sync or async."""
+    kwargs = {"model": "gpt-test", "input": "Hello there", **kwargs}
+    if mode == "sync":
+        with server.client() as client:
+            answer = client.responses.create(**kwargs)
+            return list(answer) if kwargs.get("stream") else [answer]
+
+    async def run() -> list[Any]:
+        async with server.async_client() as client:
+            answer = await client.responses.create(**kwargs)
+            return [e async for e in answer] if kwargs.get("stream") else [answer]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_response_looks_like_openai(server: ScriptedOpenAIServer, mode: str) -> None:
+    server.script(Reply.text("Hi, I remember you like tea.", usage=Usage(12, 8)))
+    [answer] = responses(server, mode, instructions="Be kind.")
+    assert answer.object == "response" and answer.id.startswith("resp_")
+    assert answer.status == "completed" and answer.output_text == "Hi, I remember you like tea."
+    [message] = answer.output
+    assert (message.type, message.role, message.content[0].type) == (
+        "message",
+        "assistant",
+        "output_text",
+    )
+    assert (answer.usage.input_tokens, answer.usage.output_tokens) == (12, 8)
+    assert answer.instructions == "Be kind."
+    assert server.requests[-1].path == "/v1/responses"
+
+
+def test_the_responder_sees_a_response_request_as_chat_messages() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def responder(body: dict[str, Any]) -> str:
+        seen.append(body)
+        return "fine"
+
+    with ScriptedOpenAIServer(responder=responder) as server, server.client() as client:
+        client.responses.create(
+            model="gpt-test",
+            instructions="Be kind.",
+            input=[
+                {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+                {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+            ],
+        )
+    assert seen[0]["messages"] == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"role": "tool", "content": "Sunny"},
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_streamed_response_has_openai_s_events(server: ScriptedOpenAIServer, mode: str) -> None:
+    server.script(Reply.text(["Hel", "lo ", "there"]))
+    events = responses(server, mode, stream=True)
+    kinds = [e.type for e in events]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 3,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.delta for e in events if e.type == "response.output_text.delta"] == [
+        "Hel",
+        "lo ",
+        "there",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].response.output_text == "Hello there"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_function_calls_in_a_response(server: ScriptedOpenAIServer, mode: str) -> None:
+    server.script(Reply.tool_call("weather", {"city": "Lisbon"}, id="call_1"))
+    [answer] = responses(server, mode)
+    [call] = answer.output
+    assert (call.type, call.call_id, call.name) == ("function_call", "call_1", "weather")
+    assert json.loads(call.arguments) == {"city": "Lisbon"}
+    server.script(Reply.tool_call("weather", {"city": "Lisbon"}))
+    events = responses(server, mode, stream=True)
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and json.loads("".join(pieces)) == {"city": "Lisbon"}
+    assert events[-1].response.output[0].name == "weather"
+
+
+def test_a_cut_response_and_errors(server: ScriptedOpenAIServer) -> None:
+    server.script(Reply.text("Half an ans", finish_reason="length"), Reply.error(429, "slow"))
+    [answer] = responses(server, "sync")
+    assert answer.status == "incomplete"
+    assert answer.incomplete_details.reason == "max_output_tokens"
+    with pytest.raises(openai.RateLimitError):
+        responses(server, "sync")
+    with server.client() as client, pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="gpt-test", input=[])
+    assert caught.value.param == "input"
+
+
+def test_openai_s_stream_helper_reads_a_streamed_response(server: ScriptedOpenAIServer) -> None:
+    server.script(Reply.text("Helper at work"))
+    with server.client() as client, client.responses.stream(model="gpt-test", input="Hi") as s:
+        texts = [e.delta for e in s if e.type == "response.output_text.delta"]
+        assert s.get_final_response().output_text == "Helper at work" == "".join(texts)
+
+
 def test_concurrent_requests_from_threads() -> None:
     def echo(body: dict[str, Any]) -> Reply:
         return Reply.text(f"echo {body['messages'][-1]['content']}").delayed(0.1)
