@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
+from headroom_memory_integrations.scripted_responses import chat_messages
 from headroom_memory_integrations.testing import Reply
 
 ANSWER = "Paris is sunny, enjoy the walk."
@@ -345,19 +346,22 @@ def test_azure_chat_openai_invoke_and_stream(memory_clients, openai_server, scri
 # -- what is not covered, and a mistaken construction ----------------------------------------------
 
 
-def test_the_responses_api_warns_once(alice, openai_server, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="headroom_memory_integrations.openai")
+def test_the_responses_api_gets_memory(alice, openai_server, scripted) -> None:
+    """``use_responses_api=True``: invoke goes through ``responses.with_raw_response.create``,
+    stream through ``responses.create(stream=True)``, ainvoke through the async client's."""
     llm = chat_openai(*alice, use_responses_api=True)
-    for _ in range(3):  # the scripted server has no Responses API, so the call itself fails
-        with pytest.raises(openai.NotFoundError):
-            llm.invoke(QUESTION)
-    warnings = [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "headroom_memory_integrations.openai" and r.levelno == logging.WARNING
-    ]
-    assert len(warnings) == 1 and "client.responses" in warnings[0]
-    assert "not wrapped with memory" in warnings[0]
+    assert llm.invoke(QUESTION).text == ANSWER
+    chunks = [chunk.text for chunk in llm.stream(QUESTION)]
+    assert "".join(chunks) == ANSWER
+    assert_no_block(*chunks)
+    assert in_loop(llm.ainvoke(QUESTION), alice[1]).text == ANSWER
+    requests = [r.body for r in openai_server.requests if r.path == "/v1/responses"]
+    assert len(requests) == 3
+    for body in requests:
+        assert_memory_was_used({"messages": chat_messages(body)})
+    client = alice[0]
+    assert client.memory.flush(30)
+    assert NEW["text"] in [m.text for m in client.memory.get_all()]
 
 
 @pytest.mark.filterwarnings(  # langchain-openai dumps openai's parsed chunk; not ours

@@ -427,16 +427,17 @@ def unwrapped_warnings(caplog) -> list[str]:
 def test_unwrapped_apis_work_and_warn_once_per_client(clients, openai_server, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="headroom_memory_integrations.openai")
     client = clients["sync"]
-    for _ in range(2):  # the Responses API's raw views: answered, without memory
-        raw = client.with_raw_response.responses.create(model="gpt-4o", input="I like tea")
-        assert raw.parse().output_text == "OK"
-        assert openai_server.requests[-1].body["input"] == "I like tea"  # nothing injected
-        client.with_options(timeout=5).responses.with_raw_response.create(
-            model="gpt-4o", input="hi"
-        )
-        assert openai_server.requests[-1].body["input"] == "hi"
+    for _ in range(2):  # the legacy Completions API: the scripted server has none (404)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="gpt-4o", prompt="I like tea")
+        with pytest.raises(openai.NotFoundError):
+            client.with_raw_response.completions.create(model="gpt-4o", prompt="hi")
+        with pytest.raises(openai.NotFoundError):
+            client.with_options(timeout=5).completions.with_raw_response.create(
+                model="gpt-4o", prompt="hi"
+            )
     [warning] = unwrapped_warnings(caplog)
-    assert "client.with_raw_response.responses.create(...) is not wrapped" in warning
+    assert "client.completions.create(...) is not wrapped" in warning
     assert "alice" not in warning
     with client.chat.completions.stream(model="gpt-4o", messages=QUESTION) as stream:
         assert stream.get_final_completion().choices[0].message.content == "OK"
@@ -448,8 +449,7 @@ def test_unwrapped_apis_work_and_warn_once_per_client(clients, openai_server, ca
     with pytest.raises(openai.NotFoundError):  # another memory client warns for itself
         in_loop(legacy, clients["async"])
     assert len(unwrapped_warnings(caplog)) == 3
-    views = client.responses.with_raw_response
-    assert "alice" not in repr(views) and "not wrapped" in repr(views)
+    assert "alice" not in repr(client.completions) and "not wrapped" in repr(client.completions)
 
 
 def test_the_whole_client_used_as_completions_fails_clearly(clients) -> None:

@@ -1,16 +1,15 @@
 """Thin proxies that put a :class:`CompletionsFlow` around every way of sending a chat
-completion request through ``chat.completions``, and a :class:`ResponsesFlow` around the
-Responses API's ``responses.create`` and ``responses.parse``.
+completion request through ``chat.completions``, and a :class:`ResponsesFlow` around every way of
+sending one through ``responses``.
 
-Covered, sync and async: ``chat.completions.create`` and ``parse``, directly, through
-``with_raw_response`` and through ``with_streaming_response`` (also reached as
-``client.with_raw_response.chat.completions``); ``responses.create`` and ``parse``, plain and
-streamed. The parts that send messages to a model without memory (the ``stream`` helpers, the
-Responses API's raw and streaming-response views, the beta and Realtime APIs, legacy
-completions) still work and log a warning once (see :mod:`.unwrapped`). Everything else
-(``models``, ``embeddings``, ``files``, ...) is the wrapped client's own, untouched. Sync and
-async proxies differ only in how they call the model; the logic is the flows'.
-"""
+Covered, sync and async: ``create`` and ``parse`` of ``chat.completions`` and of ``responses``,
+plain and ``stream=True``, directly, through ``with_raw_response`` and through
+``with_streaming_response`` (also reached as ``client.with_raw_response.chat.completions`` and
+``client.with_raw_response.responses``). The parts that send messages to a model without memory
+(the ``stream`` helpers, the beta and Realtime APIs, legacy completions) still work and log a
+warning once (see :mod:`.unwrapped`). Everything else (``models``, ``embeddings``, ``files``,
+``responses.retrieve``, ...) is the wrapped client's own, untouched. Sync and async proxies
+differ only in how they call the model; the logic is the flows'."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from .responses import (
 )
 from .responses_flow import ResponsesFlow
 from .streams import AsyncMemoryStream, MemoryStream, _Passthrough
-from .unwrapped import Unwrapped, UnwrappedCalls
+from .unwrapped import UnwrappedCalls
 
 __all__ = ["AsyncMemoryStream", "MemoryClient", "MemoryStream"]
 
@@ -59,7 +58,7 @@ class _Calls(_Passthrough):
         self, wrapped: Any, flow: CompletionsFlow | ResponsesFlow, unwrapped: UnwrappedCalls
     ) -> None:
         super().__init__(wrapped)
-        self._memory_flow = flow
+        self._flow = flow
         self._unwrapped = unwrapped
 
     def create(self, **kwargs: Any) -> Any:
@@ -72,17 +71,25 @@ class _Calls(_Passthrough):
         return self._call(self._wrapped.parse, kwargs)
 
     def _call(self, method: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
-        call = self._memory_flow.before(kwargs)
+        call = self._flow.before(kwargs)
         result = method(**call.request)
         if kwargs.get("stream"):
-            return MemoryStream(result, self._memory_flow.editor(call))
-        return self._memory_flow.after(call, result)
+            return MemoryStream(result, self._flow.editor(call))
+        return self._flow.after(call, result)
 
     def stream(self, **kwargs: Any) -> Any:
         """openai's ``stream`` helper, NOT wrapped: logs a warning once. Use
         ``create(stream=True)``."""
         self._unwrapped.warn(self._helper, self._helper)
         return self._wrapped.stream(**kwargs)
+
+    @property
+    def with_raw_response(self) -> _RawCalls:
+        return _RawCalls(self._wrapped.with_raw_response, self._flow)
+
+    @property
+    def with_streaming_response(self) -> _StreamingCalls:
+        return _StreamingCalls(self._wrapped.with_streaming_response, self._flow)
 
 
 class _AsyncCalls(_Calls):
@@ -97,11 +104,19 @@ class _AsyncCalls(_Calls):
         return await self._call_async(self._wrapped.parse, kwargs)
 
     async def _call_async(self, method: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
-        call = await asyncio.to_thread(self._memory_flow.before, kwargs)
+        call = await asyncio.to_thread(self._flow.before, kwargs)
         result = await method(**call.request)
         if kwargs.get("stream"):
-            return AsyncMemoryStream(result, self._memory_flow.editor(call))
-        return self._memory_flow.after(call, result)
+            return AsyncMemoryStream(result, self._flow.editor(call))
+        return self._flow.after(call, result)
+
+    @property
+    def with_raw_response(self) -> _RawCalls:
+        return _AsyncRawCalls(self._wrapped.with_raw_response, self._flow)
+
+    @property
+    def with_streaming_response(self) -> _StreamingCalls:
+        return _AsyncStreamingCalls(self._wrapped.with_streaming_response, self._flow)
 
 
 class _Completions(_Calls):
@@ -109,60 +124,32 @@ class _Completions(_Calls):
 
     _helper = "chat.completions.stream"
 
-    def __init__(self, completions: Any, flow: CompletionsFlow, unwrapped: UnwrappedCalls) -> None:
-        super().__init__(completions, flow, unwrapped)
-        self._flow = flow
 
-    @property
-    def with_raw_response(self) -> _RawCompletions:
-        return _RawCompletions(self._wrapped.with_raw_response, self._flow)
-
-    @property
-    def with_streaming_response(self) -> _StreamingCompletions:
-        return _StreamingCompletions(self._wrapped.with_streaming_response, self._flow)
-
-
-class _AsyncCompletions(_Completions, _AsyncCalls):
+class _AsyncCompletions(_AsyncCalls):
     """``chat.completions`` of an async client."""
 
-    @property
-    def with_raw_response(self) -> _RawCompletions:
-        return _AsyncRawCompletions(self._wrapped.with_raw_response, self._flow)
-
-    @property
-    def with_streaming_response(self) -> _StreamingCompletions:
-        return _AsyncStreamingCompletions(self._wrapped.with_streaming_response, self._flow)
+    _helper = "chat.completions.stream"
 
 
 class _Responses(_Calls):
-    """``responses`` of a sync client: ``create`` and ``parse`` with memory (plain and
-    ``stream=True``). ``stream``, ``with_raw_response`` and ``with_streaming_response`` reach
-    the model without memory and warn; ``retrieve``, ``delete``, ``input_items``, ... are the
-    client's own."""
+    """``responses`` of a sync client: ``create`` and ``parse`` with memory, plain and
+    ``stream=True``, directly and through ``with_raw_response`` / ``with_streaming_response``.
+    The ``stream`` helper reaches the model without memory and warns; ``retrieve``,
+    ``delete``, ``input_items``, ... are the client's own."""
 
     _helper = "responses.stream"
 
-    @property
-    def with_raw_response(self) -> Unwrapped:
-        return self._view("with_raw_response")
 
-    @property
-    def with_streaming_response(self) -> Unwrapped:
-        return self._view("with_streaming_response")
-
-    def _view(self, name: str) -> Unwrapped:
-        value = getattr(self._wrapped, name)
-        return Unwrapped(value, self._unwrapped, api="responses", path=f"responses.{name}")
-
-
-class _AsyncResponses(_Responses, _AsyncCalls):
+class _AsyncResponses(_AsyncCalls):
     """``responses`` of an async client."""
 
+    _helper = "responses.stream"
 
-class _RawCompletions(_Passthrough):
-    """``chat.completions.with_raw_response`` of a sync client."""
 
-    def __init__(self, completions: Any, flow: CompletionsFlow) -> None:
+class _RawCalls(_Passthrough):
+    """``with_raw_response`` of a sync client's ``chat.completions`` or ``responses``."""
+
+    def __init__(self, completions: Any, flow: CompletionsFlow | ResponsesFlow) -> None:
         super().__init__(completions)
         self._flow = flow
 
@@ -180,8 +167,8 @@ class _RawCompletions(_Passthrough):
         return MemoryRawResponse(method(**call.request), edits)
 
 
-class _AsyncRawCompletions(_RawCompletions):
-    """``chat.completions.with_raw_response`` of an async client."""
+class _AsyncRawCalls(_RawCalls):
+    """``with_raw_response`` of an async client's ``chat.completions`` or ``responses``."""
 
     async def create(self, **kwargs: Any) -> Any:
         return await self._call_async(self._wrapped.create, kwargs)
@@ -199,10 +186,10 @@ class _AsyncRawCompletions(_RawCompletions):
         return MemoryRawResponse(await method(**call.request), edits)
 
 
-class _StreamingCompletions(_Passthrough):
-    """``chat.completions.with_streaming_response`` of a sync client."""
+class _StreamingCalls(_Passthrough):
+    """``with_streaming_response`` of a sync client's ``chat.completions`` or ``responses``."""
 
-    def __init__(self, completions: Any, flow: CompletionsFlow) -> None:
+    def __init__(self, completions: Any, flow: CompletionsFlow | ResponsesFlow) -> None:
         super().__init__(completions)
         self._flow = flow
 
@@ -213,8 +200,9 @@ class _StreamingCompletions(_Passthrough):
         return MemoryResponseManager(self._wrapped.parse, self._flow, kwargs)
 
 
-class _AsyncStreamingCompletions(_StreamingCompletions):
-    """``chat.completions.with_streaming_response`` of an async client."""
+class _AsyncStreamingCalls(_StreamingCalls):
+    """``with_streaming_response`` of an async client's ``chat.completions`` or
+    ``responses``."""
 
     def create(self, **kwargs: Any) -> Any:
         return AsyncMemoryResponseManager(self._wrapped.create, self._flow, kwargs)
@@ -231,12 +219,16 @@ class _Chat(_Passthrough):
 
 class _ClientView(_Passthrough):
     """``client.with_raw_response`` / ``client.with_streaming_response`` of a memory client:
-    ``.chat.completions`` is the memory one; unwrapped APIs warn."""
+    ``.chat.completions`` and ``.responses`` are the memory ones; unwrapped APIs warn."""
 
-    def __init__(self, view: Any, completions: Any, unwrapped: UnwrappedCalls, name: str) -> None:
+    def __init__(self, client: MemoryClient, name: str) -> None:
+        view = getattr(client._wrapped, name)
         super().__init__(view)
-        self.chat = _Chat(view.chat, completions)
-        self._unwrapped = unwrapped
+        self.chat = _Chat(view.chat, getattr(client.chat.completions, name))
+        responses = getattr(client, "responses", None)
+        if responses is not None:
+            self.responses = getattr(responses, name)
+        self._unwrapped = client._unwrapped
         self._name = name
 
     def __getattr__(self, name: str) -> Any:
@@ -286,22 +278,15 @@ class MemoryClient(_Passthrough):
 
     @property
     def with_raw_response(self) -> _ClientView:
-        """The client's ``with_raw_response``; ``.chat.completions`` has memory."""
-        completions = self.chat.completions.with_raw_response
-        return _ClientView(
-            self._wrapped.with_raw_response, completions, self._unwrapped, "with_raw_response"
-        )
+        """The client's ``with_raw_response``; ``.chat.completions`` and ``.responses`` have
+        memory."""
+        return _ClientView(self, "with_raw_response")
 
     @property
     def with_streaming_response(self) -> _ClientView:
-        """The client's ``with_streaming_response``; ``.chat.completions`` has memory."""
-        completions = self.chat.completions.with_streaming_response
-        return _ClientView(
-            self._wrapped.with_streaming_response,
-            completions,
-            self._unwrapped,
-            "with_streaming_response",
-        )
+        """The client's ``with_streaming_response``; ``.chat.completions`` and ``.responses``
+        have memory."""
+        return _ClientView(self, "with_streaming_response")
 
     def with_options(self, **options: Any) -> MemoryClient:
         """The wrapped client's ``with_options``, keeping the memory."""

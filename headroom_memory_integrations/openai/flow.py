@@ -65,6 +65,8 @@ class CompletionsFlow:
             that refuse a system message after the first turn.
     """
 
+    named_events = False  # a stream's server-sent events are unnamed, then "[DONE]"
+
     def __init__(self, flow: MemoryFlow, injection: Injection = "system") -> None:
         if injection not in ("system", "user"):
             raise ValueError(f"injection must be 'system' or 'user', got {injection!r}")

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from .flow import Call, CompletionsFlow
+from .responses_flow import ResponsesFlow
 from .streams import AsyncMemoryStream, MemoryStream, _Passthrough
 
 P = TypeVar("P", str, bytes)
@@ -44,7 +45,12 @@ class ResponseEdits:
     """
 
     def __init__(
-        self, flow: CompletionsFlow, call: Call, *, streamed: bool, asynchronous: bool
+        self,
+        flow: CompletionsFlow | ResponsesFlow,
+        call: Call,
+        *,
+        streamed: bool,
+        asynchronous: bool,
     ) -> None:
         self.flow = flow
         self.call = call
@@ -68,8 +74,22 @@ class ResponseEdits:
             self._stream = stream_type(parsed, self.flow.editor(self.call))
         return self._stream
 
+    def sse(self, chunk: Any) -> str:
+        """One server-sent event carrying ``chunk`` as the API sent it (the fields it set),
+        named by its type for the Responses API."""
+        to_json = getattr(chunk, "to_json", None)
+        data = to_json(indent=None) if callable(to_json) else json.dumps(chunk)
+        name = f"event: {chunk.type}\n" if self.flow.named_events else ""
+        return f"{name}data: {data}\n\n"
+
+    @property
+    def closing(self) -> str:
+        """What ends a re-rendered stream: ``[DONE]`` for chat completions, nothing for the
+        Responses API (its last event says it is done)."""
+        return "" if self.flow.named_events else DONE_EVENT
+
     def body(self, raw: bytes) -> bytes:
-        """A completion's JSON body with the block cut from every choice's text."""
+        """A completion's (or response's) JSON body with the block cut from every text."""
         try:
             decoded = json.loads(raw)
         except ValueError:  # not JSON (an odd server): cut the block from the text as it is
@@ -91,13 +111,6 @@ class ResponseEdits:
                 "parse(to=...) is not supported for a streamed completion on a memory client; "
                 "call parse() and iterate the stream it returns"
             )
-
-
-def sse_event(chunk: Any) -> str:
-    """One server-sent event carrying ``chunk`` as the API sent it (the fields it set)."""
-    to_json = getattr(chunk, "to_json", None)
-    data = to_json(indent=None) if callable(to_json) else json.dumps(chunk)
-    return f"data: {data}\n\n"
 
 
 class _Rechunker(Generic[P]):
@@ -177,7 +190,8 @@ class MemoryRawResponse(_SyncEditedResponse):
                 "the body of an async streamed response cannot be read synchronously; "
                 "iterate `async for chunk in raw.parse()`"
             )
-        return "".join([*map(sse_event, self.parse()), DONE_EVENT]).encode()
+        edits = self._edits
+        return "".join([*map(edits.sse, self.parse()), edits.closing]).encode()
 
     @property
     def text(self) -> str:
@@ -194,8 +208,8 @@ class MemoryStreamedResponse(_SyncEditedResponse):
 
     def _events(self) -> Iterator[str]:
         if self._edits.streamed:
-            yield from map(sse_event, self.parse())
-            yield DONE_EVENT
+            yield from map(self._edits.sse, self.parse())
+            yield self._edits.closing
         else:
             self.parse()
             yield self._edits.body(self._wrapped.read()).decode()
@@ -245,8 +259,8 @@ class AsyncMemoryStreamedResponse(_EditedResponse):
     async def _events(self) -> AsyncIterator[str]:
         if self._edits.streamed:
             async for chunk in await self.parse():
-                yield sse_event(chunk)
-            yield DONE_EVENT
+                yield self._edits.sse(chunk)
+            yield self._edits.closing
         else:
             await self.parse()
             yield self._edits.body(await self._wrapped.read()).decode()
@@ -288,7 +302,10 @@ class MemoryResponseManager:
     """
 
     def __init__(
-        self, method: Callable[..., Any], flow: CompletionsFlow, kwargs: Mapping[str, Any]
+        self,
+        method: Callable[..., Any],
+        flow: CompletionsFlow | ResponsesFlow,
+        kwargs: Mapping[str, Any],
     ) -> None:
         self._method = method
         self._flow = flow
@@ -312,7 +329,10 @@ class AsyncMemoryResponseManager:
     """The async twin of :class:`MemoryResponseManager` (``async with``)."""
 
     def __init__(
-        self, method: Callable[..., Any], flow: CompletionsFlow, kwargs: Mapping[str, Any]
+        self,
+        method: Callable[..., Any],
+        flow: CompletionsFlow | ResponsesFlow,
+        kwargs: Mapping[str, Any],
     ) -> None:
         self._method = method
         self._flow = flow

@@ -64,6 +64,8 @@ class ResponsesFlow:
     """Memory around ``responses.create`` for one user, with the settings of the client's
     :class:`~.flow.CompletionsFlow` (its core flow and its ``injection``)."""
 
+    named_events = True  # a stream's server-sent events are named by their type
+
     def __init__(self, completions: CompletionsFlow) -> None:
         self.flow: MemoryFlow = completions.flow
         self.injection = completions.injection
@@ -113,6 +115,21 @@ class ResponsesFlow:
         else:
             self.flow.finish(turn, None)  # function calls only: no text, no block
         return response
+
+    def strip(self, call: Call, response: Any) -> Any:
+        """Cut the block from the output texts of a response already finished (another
+        parsed form of the same answer); stores nothing."""
+        for part in _output_texts(response):
+            part.text = self.flow.strip(call.turn, part.text)
+        return response
+
+    def strip_json(self, call: Call, body: Any) -> Any:
+        """Cut the block from the output texts of a response's JSON body (as decoded, edited
+        in place; other shapes are returned as they are); stores nothing."""
+        if isinstance(body, dict):
+            for part in _output_texts(body):
+                part["text"] = self.flow.strip(call.turn, part["text"])
+        return body
 
     def editor(self, call: Call) -> ResponseEventEditor:
         return ResponseEventEditor(self, call)

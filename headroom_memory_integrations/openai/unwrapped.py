@@ -20,7 +20,6 @@ from .streams import _Passthrough
 log = logging.getLogger("headroom_memory_integrations.openai")
 
 UNWRAPPED = {
-    "responses": "the Responses API (its raw and streaming-response views)",
     "beta": "the beta APIs (Assistants threads, beta chat helpers, Realtime, ...)",
     "realtime": "the Realtime API",
     "completions": "the legacy Completions API",
@@ -53,9 +52,9 @@ class UnwrappedCalls:
         log.warning(
             "client.%s(...) is not wrapped with memory: calls through %s get no memories "
             "injected and none extracted (user %s). Memory covers chat.completions.create and "
-            "chat.completions.parse, also through with_raw_response and with_streaming_response, "
-            "and responses.create and responses.parse (plain and stream=True); see 'What the "
-            "wrappers cover' in docs/guide.md. Logged once per memory client.",
+            "chat.completions.parse, and responses.create and responses.parse, also through "
+            "with_raw_response and with_streaming_response; see 'What the wrappers cover' in "
+            "docs/guide.md. Logged once per memory client.",
             path,
             _WHAT.get(api, f"client.{api}"),
             self._user,
