@@ -5,15 +5,20 @@ The objects below stand in for openai's ``LegacyAPIResponse`` (``with_raw_respon
 define (``headers``, ``status_code``, ``request_id``, ``http_response``, ``retries_taken``,
 ``elapsed``, ``close()``, ...) is the original's. They change what carries the answer's text:
 
-- ``parse()`` returns the completion with the memory block cut from every choice (for
-  ``stream=True``, a stream whose chunks never contain any part of it). The memory work (storing,
-  or queueing background extraction) happens once per call, however often ``parse()`` is called.
+The same objects serve ``chat.completions`` and the Responses API's ``responses``; the flow
+(:class:`.flow.CompletionsFlow` or :class:`.responses_flow.ResponsesFlow`) knows the shapes.
+
+- ``parse()`` returns the completion (or response) with the memory block cut from every text
+  (for ``stream=True``, a stream whose chunks or events never contain any part of it). The memory
+  work (storing, or queueing background extraction) happens once per call, however often
+  ``parse()`` is called.
 - The body accessors (``content`` and ``text`` of a raw response; ``read()``, ``text()``,
   ``json()``, ``iter_bytes()``, ``iter_text()``, ``iter_lines()`` of a streaming response) return
   the body with the block cut out: a completion's JSON as received, except that each choice's
-  ``message.content`` is the visible text (re-serialized compactly); a streamed completion's
-  server-sent events re-rendered from the filtered chunks (``data: {chunk}`` events, then
-  ``data: [DONE]``). Reading the body does the memory work too.
+  ``message.content`` is the visible text (re-serialized compactly), or a response's with each
+  ``output_text`` edited; a stream's server-sent events re-rendered from the filtered chunks
+  (``data: {chunk}`` events, then ``data: [DONE]``; named ``event: {type}`` events for the
+  Responses API). Reading the body does the memory work too.
 - ``http_response`` is the httpx response as received: reading its body directly shows the
   model's raw output, block included. Hand it to nothing that shows text to the user.
 """
