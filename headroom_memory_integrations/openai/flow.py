@@ -16,7 +16,7 @@ the call to the model differs between them. For each request:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,11 +79,26 @@ class CompletionsFlow:
 
     def before(self, kwargs: Mapping[str, Any]) -> Call:
         """The request to send: never raises for memory's sake."""
+        return self.start_call(
+            kwargs, "messages", kwargs.get("messages"), _is_user, _is_tool_result
+        )
+
+    def start_call(
+        self,
+        kwargs: Mapping[str, Any],
+        field: str,
+        messages: Any,
+        is_user: Callable[[Any], bool],
+        is_tool_result: Callable[[Any], bool],
+        part_type: str = "text",
+    ) -> Call:
+        """The request ``kwargs`` with the flow's prompt put by the latest of ``messages`` for
+        which ``is_user`` holds, as ``kwargs[field]`` (chat ``messages``, or the Responses
+        API's ``input`` items, whose text parts are of ``part_type``)."""
         call = Call(Turn(), dict(kwargs))
-        messages = kwargs.get("messages")
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             return call  # let the API report its own error
-        index = latest_index(messages, _is_user)
+        index = latest_index(messages, is_user)
         if index is None:
             return call
         model = kwargs.get("model")
@@ -91,16 +106,16 @@ class CompletionsFlow:
             message_text(messages[index]),
             instruct=inline_extraction_allowed(kwargs),
             model=model if isinstance(model, str) else None,
-            untrusted=any(_is_tool_result(message) for message in messages),
+            untrusted=any(is_tool_result(message) for message in messages),
         )
         prompt = call.turn.prompt
         if prompt:
             if self.injection == "system":
                 system = {"role": "system", "content": prompt}
-                call.request["messages"] = insert_before(messages, index, system)
+                call.request[field] = insert_before(messages, index, system)
             else:
-                user = prepend(messages[index], prompt)
-                call.request["messages"] = [*messages[:index], user, *messages[index + 1 :]]
+                user = prepend(messages[index], prompt, part_type)
+                call.request[field] = [*messages[:index], user, *messages[index + 1 :]]
         return call
 
     def after(self, call: Call, completion: Any) -> Any:

@@ -18,12 +18,11 @@ nonce is not the new one's, so it can plant nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
-from ..prompts import inline_extraction_allowed, message_text
-from .flow import Call, CompletionsFlow, prepend
+from ..flow import AnswerStream, MemoryFlow
+from .flow import Call, CompletionsFlow
 
 TOOL_OUTPUTS = frozenset(
     {
@@ -49,6 +48,10 @@ def _is_user(item: Any) -> bool:
     return _field(item, "role") == "user" and _field(item, "type") in (None, "message")
 
 
+def _is_tool_output(item: Any) -> bool:
+    return _field(item, "type") in TOOL_OUTPUTS
+
+
 def _output_texts(response: Any) -> list[Any]:
     """The ``output_text`` parts of a response's messages, in order."""
     return [
@@ -67,35 +70,16 @@ class ResponsesFlow:
     named_events = True  # a stream's server-sent events are named by their type
 
     def __init__(self, completions: CompletionsFlow) -> None:
+        self.completions = completions
         self.flow: MemoryFlow = completions.flow
-        self.injection = completions.injection
 
     def before(self, kwargs: Mapping[str, Any]) -> Call:
         """The request to send: never raises for memory's sake."""
-        call = Call(Turn(), dict(kwargs))
         given = kwargs.get("input")
         items = [{"role": "user", "content": given}] if isinstance(given, str) else given
-        if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-            return call  # let the API report its own error
-        index = latest_index(items, _is_user)
-        if index is None:
-            return call
-        model = kwargs.get("model")
-        call.turn = self.flow.start(
-            message_text(items[index]),
-            instruct=inline_extraction_allowed(kwargs),
-            model=model if isinstance(model, str) else None,
-            untrusted=any(_field(item, "type") in TOOL_OUTPUTS for item in items),
+        return self.completions.start_call(
+            kwargs, "input", items, _is_user, _is_tool_output, part_type="input_text"
         )
-        prompt = call.turn.prompt
-        if prompt:
-            if self.injection == "system":
-                system = {"role": "system", "content": prompt}
-                call.request["input"] = insert_before(items, index, system)
-            else:
-                user = prepend(items[index], prompt, part_type="input_text")
-                call.request["input"] = [*items[:index], user, *items[index + 1 :]]
-        return call
 
     def after(self, call: Call, response: Any) -> Any:
         """Cut the block from a whole response's output texts (edited in place); queue the
