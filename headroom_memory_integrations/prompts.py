@@ -395,7 +395,7 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
 
     - ``response_format`` of any kind but ``{"type": "text"}`` (``json_object``, ``json_schema``,
       a pydantic class given to ``.parse()``), or Responses-API ``text={"format": {"type": ...}}``
-      of any type but ``text``;
+      of any type but ``text``, or its ``text_format`` (a class given to ``responses.parse()``);
     - ``tool_choice`` that forces a tool: ``"required"`` or a mapping or object naming a tool
       (an ``allowed_tools`` choice counts only with ``mode="required"``); legacy ``function_call``
       naming a function;
@@ -407,6 +407,8 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
     response_format = _given(request_kwargs.get("response_format"))
     if response_format is not None and _field(response_format, "type") != "text":
         return False
+    if _given(request_kwargs.get("text_format")) is not None:
+        return False  # responses.parse(text_format=...): the answer is parsed as JSON
     text_options = _given(request_kwargs.get("text"))
     if text_options is not None:
         text_format = _given(_field(text_options, "format"))

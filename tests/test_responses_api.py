@@ -11,6 +11,7 @@ import logging
 
 import pytest
 from conftest import instruction_nonce
+from pydantic import BaseModel
 
 from headroom_memory_integrations.openai import with_fast_memory, with_memory
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
@@ -185,6 +186,20 @@ def test_a_structured_format_gets_memories_but_no_instruction(
     body = sent(openai_server)
     assert f'"{PYTHON["text"]}"' in system_text(body)
     assert nonce_of(body) is None
+
+
+def test_parse_with_a_text_format_reads_the_json_and_gets_no_instruction(
+    client, openai_server
+) -> None:
+    class Pick(BaseModel):
+        language: str
+
+    client.memory.add(PYTHON["text"], category="preference")
+    openai_server.script('{"language": "Python"}')
+    parsed = client.responses.parse(model="gpt-4o", input="Which language?", text_format=Pick)
+    assert parsed.output_parsed == Pick(language="Python")
+    body = sent(openai_server)
+    assert f'"{PYTHON["text"]}"' in system_text(body) and nonce_of(body) is None
 
 
 def test_a_function_call_answer_passes_through(client, openai_server) -> None:
