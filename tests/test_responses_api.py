@@ -230,7 +230,8 @@ def test_user_injection_puts_the_prompt_in_the_user_message(
     assert "<memory-" in item["content"][0]["text"]
 
 
-def test_background_extraction_of_a_response(openai_server, db_path, model) -> None:
+@pytest.mark.parametrize("streamed", [False, True])
+def test_background_extraction_of_a_response(openai_server, db_path, model, streamed) -> None:
     answers = []
 
     def responder(body: dict) -> Reply:
@@ -241,11 +242,18 @@ def test_background_extraction_of_a_response(openai_server, db_path, model) -> N
 
     openai_server.responder = responder
     client = with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
-    response = client.responses.create(model="gpt-4o", input="I prefer Python for backend work")
-    assert response.output_text == ANSWER  # untouched
+    ask = {"model": "gpt-4o", "input": "I prefer Python for backend work", "stream": streamed}
+    response = client.responses.create(**ask)
+    if streamed:
+        events = list(response)
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert "".join(deltas) == ANSWER == events[-1].response.output_text  # untouched
+    else:
+        assert response.output_text == ANSWER  # untouched
     assert stored(client) == [PYTHON["text"]]
     extraction = [r for r in openai_server.requests if r.path == "/v1/chat/completions"]
-    assert "I prefer Python for backend work" in json.dumps(extraction[-1].body)
+    quoted = json.dumps(extraction[-1].body)
+    assert "I prefer Python for backend work" in quoted and ANSWER in quoted  # the whole turn
 
 
 def test_the_stream_helper_works_without_memory_and_warns(client, openai_server, caplog) -> None:
