@@ -107,6 +107,50 @@ def test_recalls_through_the_llms_own_memory_clients(kind, mode, memory_llm, bra
     assert "<memory-" in str(brain.requests[-1])  # the instruction went over HTTP
 
 
+@pytest.fixture
+def responses_llm(openai_server, brain, db_path, model):
+    """LlamaIndex's OpenAIResponses (it calls ``responses.create``) with memory."""
+    import httpx
+    from llama_index.llms.openai import OpenAIResponses
+
+    opened: list = []
+
+    def build(user: str = "alice"):
+        plain_http = {"http_client": httpx.Client(), "async_http_client": httpx.AsyncClient()}
+        opened.append(plain_http)
+        llm = OpenAIResponses(
+            **plain_http,
+            model="gpt-4o-mini",
+            api_base=openai_server.base_url,
+            api_key="test-key",
+            context_window=16000,
+        )
+        return openai_llm_with_memory(llm, user_id=user, db_path=db_path, embedder=model)
+
+    yield build
+    for clients in opened:
+        clients["http_client"].close()
+        with contextlib.suppress(RuntimeError):  # its connections' event loop may be gone
+            asyncio.run(clients["async_http_client"].aclose())
+
+
+@pytest.mark.parametrize(("kind", "mode"), CASES)
+def test_open_ai_responses_recalls_through_its_own_memory_clients(
+    kind, mode, responses_llm, openai_server
+) -> None:
+    first = responses_llm()
+    told = ask(kind, first, None, FACT, mode)
+    assert told.text.strip() == "Noted."
+    assert_no_block(told.all_text())
+    flush(llm_memory(first))
+    assert [m.text for m in llm_memory(first).get_all()] == [FACT]
+
+    seen = ask(kind, responses_llm(), None, QUESTION, mode)
+    assert f"{RECALLED} {FACT}" in seen.text
+    assert_no_block(seen.all_text())
+    assert openai_server.requests[-1].path == "/v1/responses"
+
+
 def test_one_store_for_the_sync_and_async_clients(memory_llm) -> None:
     llm = memory_llm()
     assert isinstance(llm._client, MemoryClient) and isinstance(llm._aclient, MemoryClient)

@@ -1,4 +1,5 @@
-"""LlamaIndex's own OpenAI LLMs (``OpenAI``, ``OpenAILike``, ...) on memory clients."""
+"""LlamaIndex's own OpenAI LLMs (``OpenAI``, ``OpenAILike``, ..., and ``OpenAIResponses``, on
+the Responses API) on memory clients."""
 
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ from ._wiring import PathLike
 log = logging.getLogger("headroom_memory_integrations")
 
 
+def _is_responses_llm(llm: Any) -> bool:
+    """Whether ``llm`` is LlamaIndex's ``OpenAIResponses`` (it always holds both clients)."""
+    try:
+        from llama_index.llms.openai import OpenAIResponses
+    except ImportError:  # llama-index-llms-openai before the Responses API
+        return False
+    return isinstance(llm, OpenAIResponses)
+
+
 def _check_openai_llm(llm: Any) -> None:
     try:
         from llama_index.llms.openai import OpenAI
@@ -22,10 +32,11 @@ def _check_openai_llm(llm: Any) -> None:
         openai_llm: type | None = None
     else:
         openai_llm = OpenAI
-    if openai_llm is None or not isinstance(llm, openai_llm):
+    if not (_is_responses_llm(llm) or (openai_llm is not None and isinstance(llm, openai_llm))):
         raise InvalidInputError(
             "openai_llm_with_memory takes a llama_index.llms.openai.OpenAI or a subclass "
-            f"(OpenAILike, ...), got {type(llm).__name__}; wrap any other LLM in MemoryLLM"
+            f"(OpenAILike, ...) or an OpenAIResponses, got {type(llm).__name__}; wrap any other "
+            "LLM in MemoryLLM"
         )
 
 
@@ -40,7 +51,8 @@ def openai_llm_with_memory(
     top_k: int = 5,
     queue_path: PathLike | None = None,
 ) -> Any:
-    """Give a LlamaIndex ``OpenAI`` / ``OpenAILike`` LLM memory through its own clients.
+    """Give a LlamaIndex ``OpenAI`` / ``OpenAILike`` / ``OpenAIResponses`` LLM memory through its
+    own clients.
 
     The LLM's sync and async clients (the ones it was given, or the ones it builds from its
     key and URL) are wrapped with :func:`~headroom_memory_integrations.openai.with_fast_memory`
@@ -67,7 +79,8 @@ def openai_llm_with_memory(
         llm.chat([ChatMessage(role="user", content="I prefer Python for backend work")])
 
     Args:
-        llm: A ``llama_index.llms.openai.OpenAI`` or subclass (``OpenAILike``, ...).
+        llm: A ``llama_index.llms.openai.OpenAI`` or subclass (``OpenAILike``, ...), or an
+            ``OpenAIResponses`` (which calls ``responses.create``).
         user_id, db_path, memory, storage, embedder, top_k, queue_path: As for
             :func:`~headroom_memory_integrations.openai.with_fast_memory`; none of the store
             options when ``llm`` already has memory clients.
@@ -76,14 +89,17 @@ def openai_llm_with_memory(
         ``llm`` itself; its memories are ``llm._client.memory`` (see :func:`llm_memory`).
     """
     _check_openai_llm(llm)
-    if not llm.reuse_client:
-        log.warning(
-            "%s(reuse_client=False) builds a new client for every call, which would bypass "
-            "memory; it now reuses its memory clients (reuse_client=True)",
-            type(llm).__name__,
-        )
-        llm.reuse_client = True
-    clients = [llm._get_client(), llm._get_aclient()]
+    if _is_responses_llm(llm):
+        clients = [llm._client, llm._aclient]
+    else:
+        if not llm.reuse_client:
+            log.warning(
+                "%s(reuse_client=False) builds a new client for every call, which would bypass "
+                "memory; it now reuses its memory clients (reuse_client=True)",
+                type(llm).__name__,
+            )
+            llm.reuse_client = True
+        clients = [llm._get_client(), llm._get_aclient()]
     stores = {id(c.memory): c.memory for c in clients if isinstance(c, MemoryClient)}
     if len(stores) > 1:
         raise InvalidInputError(
