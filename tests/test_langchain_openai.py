@@ -212,14 +212,21 @@ def test_ainvoke_and_astream_get_memory(alice, openai_server, scripted) -> None:
     assert NEW["text"] in [m.text for m in client.memory.get_all()]
 
 
-def test_structured_output_gets_memories_but_no_instruction(alice, openai_server) -> None:
+@pytest.mark.parametrize("responses_api", [False, True])
+def test_structured_output_gets_memories_but_no_instruction(
+    alice, openai_server, responses_api
+) -> None:
     class Plan(BaseModel):
         transport: str
 
     openai_server.responder = lambda body: json.dumps({"transport": "walk"})
-    llm = chat_openai(*alice)
+    llm = chat_openai(*alice, use_responses_api=responses_api)
     assert llm.with_structured_output(Plan).invoke(QUESTION) == Plan(transport="walk")
-    assert_memory_was_used(chat_requests(openai_server)[-1], instructed=False)
+    body = openai_server.requests[-1].body
+    if responses_api:  # through responses.with_raw_response.parse(text_format=...)
+        assert openai_server.requests[-1].path == "/v1/responses"
+        body = {"messages": chat_messages(body)}
+    assert_memory_was_used(body, instructed=False)
 
 
 # -- agents --------------------------------------------------------------------------------------

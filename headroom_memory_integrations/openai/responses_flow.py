@@ -148,8 +148,8 @@ class ResponseEventEditor:
     def _edit(self, event: Any) -> list[Any]:
         kind = _field(event, "type")
         turn = self._call.turn
+        key = (_field(event, "item_id"), _field(event, "content_index"))
         if kind == "response.output_text.delta":
-            key = (event.item_id, event.content_index)
             text = self._texts.get(key)
             if text is None:
                 text = self._texts[key] = self._flow.flow.stream(turn, remember=False)
@@ -158,7 +158,7 @@ class ResponseEventEditor:
             event.delta = text.feed(event.delta)
             return [event] if event.delta else []
         if kind == "response.output_text.done":
-            held = self._held_back((event.item_id, event.content_index))
+            held = self._held_back(key)
             event.text = self._flow.flow.strip(turn, event.text)
             return [*held, event]
         if kind == "response.content_part.done":
@@ -167,7 +167,7 @@ class ResponseEventEditor:
             for part in _field(event.item, "content") or []:
                 self._strip(part)
         elif kind in FINAL_EVENTS and _field(event, "response") is not None:
-            held = [e for key in list(self._texts) for e in self._held_back(key)]
+            held = [e for part in list(self._texts) for e in self._held_back(part)]
             if not self._done:
                 self._done = True
                 self._flow.after(self._call, event.response)
@@ -196,7 +196,7 @@ class ResponseEventEditor:
         self._done = True
         turn, flow = self._call.turn, self._flow.flow
         try:
-            held = [e for key in list(self._texts) for e in self._held_back(key)]
+            held = [e for part in list(self._texts) for e in self._held_back(part)]
             received = ["".join(pieces) for pieces in self._received.values()]
             if turn.nonce:
                 flow.finish(turn, received[-1] if received else None)
