@@ -46,20 +46,34 @@ def brain(openai_server) -> Brain:
 
 
 @pytest.fixture
-def plain_llm(openai_server, brain):
+def http_clients():
+    """Makes the sync and async httpx clients of an LLM (closed after the test)."""
     import httpx
-    from llama_index.llms.openai_like import OpenAILike
 
     opened: list = []
 
-    def build(**options):
+    def make() -> dict:
         plain_http = {  # the server is http://127.0.0.1: no certificates to load (~0.3 s each)
             "http_client": httpx.Client(verify=False),
             "async_http_client": httpx.AsyncClient(verify=False),
         }
         opened.append(plain_http)
+        return plain_http
+
+    yield make
+    for clients in opened:
+        clients["http_client"].close()
+        with contextlib.suppress(RuntimeError):  # its connections' event loop may be gone
+            asyncio.run(clients["async_http_client"].aclose())
+
+
+@pytest.fixture
+def plain_llm(openai_server, brain, http_clients):
+    from llama_index.llms.openai_like import OpenAILike
+
+    def build(**options):
         return OpenAILike(
-            **plain_http,
+            **http_clients(),
             model="gpt-4o-mini",
             api_base=openai_server.base_url,
             api_key="test-key",
@@ -69,11 +83,7 @@ def plain_llm(openai_server, brain):
             **options,
         )
 
-    yield build
-    for clients in opened:
-        clients["http_client"].close()
-        with contextlib.suppress(RuntimeError):  # its connections' event loop may be gone
-            asyncio.run(clients["async_http_client"].aclose())
+    return build
 
 
 @pytest.fixture
@@ -108,18 +118,13 @@ def test_recalls_through_the_llms_own_memory_clients(kind, mode, memory_llm, bra
 
 
 @pytest.fixture
-def responses_llm(openai_server, brain, db_path, model):
+def responses_llm(openai_server, brain, http_clients, db_path, model):
     """LlamaIndex's OpenAIResponses (it calls ``responses.create``) with memory."""
-    import httpx
     from llama_index.llms.openai import OpenAIResponses
 
-    opened: list = []
-
     def build(user: str = "alice"):
-        plain_http = {"http_client": httpx.Client(), "async_http_client": httpx.AsyncClient()}
-        opened.append(plain_http)
         llm = OpenAIResponses(
-            **plain_http,
+            **http_clients(),
             model="gpt-4o-mini",
             api_base=openai_server.base_url,
             api_key="test-key",
@@ -127,11 +132,7 @@ def responses_llm(openai_server, brain, db_path, model):
         )
         return openai_llm_with_memory(llm, user_id=user, db_path=db_path, embedder=model)
 
-    yield build
-    for clients in opened:
-        clients["http_client"].close()
-        with contextlib.suppress(RuntimeError):  # its connections' event loop may be gone
-            asyncio.run(clients["async_http_client"].aclose())
+    return build
 
 
 @pytest.mark.parametrize(("kind", "mode"), CASES)
