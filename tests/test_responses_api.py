@@ -8,6 +8,9 @@ import asyncio
 import copy
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from conftest import instruction_nonce
@@ -300,3 +303,27 @@ def test_a_memory_failure_never_fails_the_call(client, openai_server, model_says
     assert response.output_text == ANSWER
     assert client.memory.counters["inject_failures"] == 1
     assert "<memory-" not in response.output_text
+
+
+def test_wrapping_a_client_leaves_the_responses_api_unimported(tmp_path) -> None:
+    """openai imports ``client.responses`` on first use (~50-90 ms): not on the first answer."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from openai import OpenAI
+        from headroom_memory_integrations.openai import with_fast_memory
+
+        client = with_fast_memory(OpenAI(api_key="unused"), user_id="u", db_path=sys.argv[1])
+        print("openai.resources.responses" in sys.modules)
+        client.responses
+        print("openai.resources.responses" in sys.modules)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

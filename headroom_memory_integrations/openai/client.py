@@ -225,11 +225,14 @@ class _ClientView(_Passthrough):
         view = getattr(client._wrapped, name)
         super().__init__(view)
         self.chat = _Chat(view.chat, getattr(client.chat.completions, name))
-        responses = getattr(client, "responses", None)
-        if responses is not None:
-            self.responses = getattr(responses, name)
+        self._client = client
         self._unwrapped = client._unwrapped
         self._name = name
+
+    @property
+    def responses(self) -> _RawCalls | _StreamingCalls:
+        views: _RawCalls | _StreamingCalls = getattr(self._client.responses, self._name)
+        return views
 
     def __getattr__(self, name: str) -> Any:
         if name in _NOT_COMPLETIONS:
@@ -262,10 +265,7 @@ class MemoryClient(_Passthrough):
         self.chat = _Chat(
             client.chat, completions_type(client.chat.completions, flow, self._unwrapped)
         )
-        responses = getattr(client, "responses", None)  # openai >= 1.66
-        if responses is not None:
-            responses_type = _AsyncResponses if asynchronous else _Responses
-            self.responses = responses_type(responses, ResponsesFlow(flow), self._unwrapped)
+        self._responses: _Calls | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name in _NOT_COMPLETIONS:
@@ -275,6 +275,19 @@ class MemoryClient(_Passthrough):
     @property
     def memory(self) -> MemoryStore:
         return self._flow.memory
+
+    @property
+    def responses(self) -> _Calls:
+        """The Responses API with memory (made on first use: openai imports it lazily, and the
+        import costs ~50-90 ms)."""
+        if self._responses is None:
+            responses_type = _AsyncResponses if self._asynchronous else _Responses
+            flow = ResponsesFlow(self._flow)
+            self._responses = responses = responses_type(
+                self._wrapped.responses, flow, self._unwrapped
+            )
+            return responses
+        return self._responses
 
     @property
     def with_raw_response(self) -> _ClientView:
