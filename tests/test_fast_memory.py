@@ -406,3 +406,28 @@ def test_injection_into_the_user_message(openai_server, db_path, model, model_sa
     assert question == {"role": "user", "content": "What language should I use?"}
     with pytest.raises(ValueError, match="injection"):
         with_fast_memory(openai_server.client(), user_id="alice", db_path=db_path, injection="top")
+
+
+def test_openai_s_stream_helper_has_memory(client, aclient, openai_server, model_says) -> None:
+    """openai's ``chat.completions.stream`` builds each event's snapshot and the final
+    completion from the chunks: from the filtered ones here, so neither holds the block."""
+    model_says.answer, model_says.memories = "Python is a fine choice.", [PYTHON]
+    model_says.chunk_size = 3
+    told = [{"role": "user", "content": "I prefer Python for backend work"}]
+    with client.chat.completions.stream(model="gpt-4o", messages=told) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    snapshots = [e.snapshot for e in events if e.type == "content.delta"]
+    assert snapshots[-1] == final.choices[0].message.content == "Python is a fine choice."
+    assert not [s for s in snapshots if "<" in s]
+    assert instruction_nonce(openai_server.requests[-1].body)
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [PYTHON["text"]]
+
+    async def ask_async() -> str:
+        asked = [{"role": "user", "content": "Which language should I use?"}]
+        async with aclient.chat.completions.stream(model="gpt-4o", messages=asked) as stream:
+            return (await stream.get_final_completion()).choices[0].message.content
+
+    assert asyncio.run(ask_async()) == "Python is a fine choice."
+    assert f'"{PYTHON["text"]}"' in sent_messages(openai_server)[0]["content"]

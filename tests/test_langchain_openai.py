@@ -374,18 +374,25 @@ def test_the_responses_api_gets_memory(alice, openai_server, scripted) -> None:
 @pytest.mark.filterwarnings(  # langchain-openai dumps openai's parsed chunk; not ours
     "ignore:Pydantic serializer warnings:UserWarning"
 )
-def test_streamed_structured_output_warns_once(alice, openai_server, caplog) -> None:
+@pytest.mark.parametrize("responses_api", [False, True])
+def test_streamed_structured_output_gets_memories_but_no_instruction(
+    alice, openai_server, caplog, responses_api
+) -> None:
+    """Streamed, structured output goes through openai's ``beta.chat.completions.stream``
+    (or ``responses.stream``) helper."""
+
     class Plan(BaseModel):
         transport: str
 
     caplog.set_level(logging.WARNING, logger="headroom_memory_integrations.openai")
     openai_server.responder = lambda body: Reply.text('{"transport": "walk"}', chunk_size=4)
-    structured = chat_openai(*alice).with_structured_output(Plan)
-    for _ in range(2):
-        assert list(structured.stream(QUESTION))[-1] == Plan(transport="walk")
-    warnings = [r.getMessage() for r in caplog.records if "not wrapped" in r.getMessage()]
-    assert len(warnings) == 1 and "client.beta.chat.completions.stream" in warnings[0]
-    assert CONTEXT_OPEN not in json.dumps(chat_requests(openai_server)[-1])  # as warned
+    structured = chat_openai(*alice, use_responses_api=responses_api).with_structured_output(Plan)
+    assert list(structured.stream(QUESTION))[-1] == Plan(transport="walk")
+    body = openai_server.requests[-1].body
+    if responses_api:
+        body = {"messages": chat_messages(body)}
+    assert_memory_was_used(body, instructed=False)
+    assert not [r for r in caplog.records if "not wrapped" in r.getMessage()]
 
 
 def test_the_whole_client_as_chat_completions_fails_clearly(alice) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import logging
 import subprocess
 import sys
 import textwrap
@@ -259,14 +258,19 @@ def test_background_extraction_of_a_response(openai_server, db_path, model, stre
     assert "I prefer Python for backend work" in quoted and ANSWER in quoted  # the whole turn
 
 
-def test_the_stream_helper_works_without_memory_and_warns(client, openai_server, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="headroom_memory_integrations.openai")
-    for _ in range(2):
-        with client.responses.stream(model="gpt-4o", input="Hi") as stream:
-            assert stream.get_final_response().output_text == "OK"
-        assert sent(openai_server)["input"] == "Hi"  # nothing injected
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "client.responses.stream(...) is not wrapped" in warnings[0]
+def test_openai_s_stream_helper_has_memory(client, openai_server, model_says) -> None:
+    """openai's ``responses.stream`` accumulates a snapshot and a final response from the
+    events: built from the filtered events, neither holds any part of the block."""
+    model_says.answer, model_says.memories = ANSWER, [PYTHON]
+    model_says.chunk_size = 3
+    with client.responses.stream(model="gpt-4o", input="I prefer Python") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    snapshots = [e.snapshot for e in events if e.type == "response.output_text.delta"]
+    assert snapshots[-1] == final.output_text == ANSWER
+    assert not [s for s in snapshots if "<" in s]
+    assert nonce_of(sent(openai_server))
+    assert stored(client) == [PYTHON["text"]]
 
 
 @pytest.mark.parametrize("streamed", [False, True])

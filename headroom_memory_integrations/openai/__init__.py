@@ -6,7 +6,7 @@ Both return a client that works exactly like the one they wrap (``OpenAI``, ``As
 or ``parse`` and each Responses API ``responses.create`` or ``parse`` (also through
 ``with_raw_response`` and ``with_streaming_response``, which is how LangChain's ``ChatOpenAI``
 calls them) and a ``.memory`` attribute for direct access. The APIs they do not cover (the
-``stream(...)`` helpers, the beta and Realtime APIs, ...) still work and log a warning once.
+beta Assistants and Realtime APIs, legacy completions) still work and log a warning once.
 
 - ``with_fast_memory``: the model appends a memory block (with a per-request secret nonce) to its
   answer; the block is cut out of what you receive, streamed or not, and its memories are stored

@@ -5,9 +5,10 @@ sending one through ``responses``.
 Covered, sync and async: ``create`` and ``parse`` of ``chat.completions`` and of ``responses``,
 plain and ``stream=True``, directly, through ``with_raw_response`` and through
 ``with_streaming_response`` (also reached as ``client.with_raw_response.chat.completions`` and
-``client.with_raw_response.responses``). The parts that send messages to a model without memory
-(the ``stream`` helpers, the beta and Realtime APIs, legacy completions) still work and log a
-warning once (see :mod:`.unwrapped`). Everything else (``models``, ``embeddings``, ``files``,
+``client.with_raw_response.responses``), and openai's ``stream`` helpers (also
+``beta.chat.completions.stream``). The parts that send messages to a model without memory (the
+beta Assistants and Realtime APIs, legacy completions) still work and log a warning once (see
+:mod:`.unwrapped`). Everything else (``models``, ``embeddings``, ``files``,
 ``responses.retrieve``, ...) is the wrapped client's own, untouched. Sync and async proxies
 differ only in how they call the model; the logic is the flows'."""
 
@@ -28,7 +29,7 @@ from .responses import (
 )
 from .responses_flow import ResponsesFlow
 from .streams import AsyncMemoryStream, MemoryStream, _Passthrough
-from .unwrapped import UnwrappedCalls
+from .unwrapped import Unwrapped, UnwrappedCalls
 
 __all__ = ["AsyncMemoryStream", "MemoryClient", "MemoryStream"]
 
@@ -49,10 +50,10 @@ def _whole_client_error(name: str) -> AttributeError:
 
 
 class _Calls(_Passthrough):
-    """``create`` and ``parse`` of a sync client's API, with memory through ``flow``; openai's
-    ``stream`` helper is not wrapped and warns."""
-
-    _helper = ""  # the stream helper's path, for the warning
+    """``chat.completions`` or ``responses`` of a sync client, with memory through ``flow``:
+    ``create`` and ``parse`` (plain and ``stream=True``), directly, through ``with_raw_response``
+    and ``with_streaming_response``, and openai's ``stream`` helper. Everything else
+    (``responses.retrieve``, ``input_items``, ...) is the client's own."""
 
     def __init__(
         self, wrapped: Any, flow: CompletionsFlow | ResponsesFlow, unwrapped: UnwrappedCalls
@@ -78,10 +79,10 @@ class _Calls(_Passthrough):
         return self._flow.after(call, result)
 
     def stream(self, **kwargs: Any) -> Any:
-        """openai's ``stream`` helper, NOT wrapped: logs a warning once. Use
-        ``create(stream=True)``."""
-        self._unwrapped.warn(self._helper, self._helper)
-        return self._wrapped.stream(**kwargs)
+        """openai's ``stream`` helper with memory: openai's own helper, with this proxy as its
+        resource, so its request goes through :meth:`create` and everything it accumulates
+        (each event's snapshot, the final answer) is built from the filtered stream."""
+        return type(self._wrapped).stream(self, **kwargs)
 
     @property
     def with_raw_response(self) -> _RawCalls:
@@ -93,7 +94,8 @@ class _Calls(_Passthrough):
 
 
 class _AsyncCalls(_Calls):
-    """:class:`_Calls` of an async client: searching runs off the event loop."""
+    """:class:`_Calls` of an async client: searching runs off the event loop (openai's async
+    ``stream`` helper calls the async ``create``)."""
 
     async def create(self, **kwargs: Any) -> Any:
         """``await create(...)`` with memory; same arguments and results."""
@@ -117,33 +119,6 @@ class _AsyncCalls(_Calls):
     @property
     def with_streaming_response(self) -> _StreamingCalls:
         return _AsyncStreamingCalls(self._wrapped.with_streaming_response, self._flow)
-
-
-class _Completions(_Calls):
-    """``chat.completions`` of a sync client."""
-
-    _helper = "chat.completions.stream"
-
-
-class _AsyncCompletions(_AsyncCalls):
-    """``chat.completions`` of an async client."""
-
-    _helper = "chat.completions.stream"
-
-
-class _Responses(_Calls):
-    """``responses`` of a sync client: ``create`` and ``parse`` with memory, plain and
-    ``stream=True``, directly and through ``with_raw_response`` / ``with_streaming_response``.
-    The ``stream`` helper reaches the model without memory and warns; ``retrieve``,
-    ``delete``, ``input_items``, ... are the client's own."""
-
-    _helper = "responses.stream"
-
-
-class _AsyncResponses(_AsyncCalls):
-    """``responses`` of an async client."""
-
-    _helper = "responses.stream"
 
 
 class _RawCalls(_Passthrough):
@@ -217,6 +192,23 @@ class _Chat(_Passthrough):
         self.completions = completions
 
 
+class _Beta(_Passthrough):
+    """``client.beta`` of a memory client: ``beta.chat.completions`` (openai's alias of
+    ``chat.completions``, whose ``stream`` LangChain's structured output uses) is the memory
+    one; the other beta APIs (Assistants threads, Realtime, ...) reach the model without
+    memory and warn."""
+
+    def __init__(self, beta: Any, chat: _Chat, unwrapped: UnwrappedCalls) -> None:
+        super().__init__(beta)
+        self.chat = chat
+        self._unwrapped = unwrapped
+
+    def __getattr__(self, name: str) -> Any:
+        return Unwrapped(
+            getattr(self._wrapped, name), self._unwrapped, api="beta", path=f"beta.{name}"
+        )
+
+
 class _ClientView(_Passthrough):
     """``client.with_raw_response`` / ``client.with_streaming_response`` of a memory client:
     ``.chat.completions`` and ``.responses`` are the memory ones; unwrapped APIs warn."""
@@ -261,10 +253,8 @@ class MemoryClient(_Passthrough):
         self._asynchronous = asynchronous
         self._owned = owned  # synchronous twins made for an async client's background work
         self._unwrapped = unwrapped or UnwrappedCalls(flow.memory.user_id)
-        completions_type = _AsyncCompletions if asynchronous else _Completions
-        self.chat = _Chat(
-            client.chat, completions_type(client.chat.completions, flow, self._unwrapped)
-        )
+        calls_type = _AsyncCalls if asynchronous else _Calls
+        self.chat = _Chat(client.chat, calls_type(client.chat.completions, flow, self._unwrapped))
         self._responses: _Calls | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -277,15 +267,21 @@ class MemoryClient(_Passthrough):
         return self._flow.memory
 
     @property
+    def beta(self) -> Any:
+        """The client's ``beta``: ``beta.chat.completions`` has memory, the rest warns."""
+        beta = self._wrapped.beta
+        if not hasattr(beta, "chat"):
+            return self._unwrapped.guard("beta", beta)
+        return _Beta(beta, _Chat(beta.chat, self.chat.completions), self._unwrapped)
+
+    @property
     def responses(self) -> _Calls:
         """The Responses API with memory (made on first use: openai imports it lazily, and the
         import costs ~50-90 ms)."""
         if self._responses is None:
-            responses_type = _AsyncResponses if self._asynchronous else _Responses
+            calls_type = _AsyncCalls if self._asynchronous else _Calls
             flow = ResponsesFlow(self._flow)
-            self._responses = responses = responses_type(
-                self._wrapped.responses, flow, self._unwrapped
-            )
+            self._responses = responses = calls_type(self._wrapped.responses, flow, self._unwrapped)
             return responses
         return self._responses
 

@@ -20,17 +20,12 @@ from .streams import _Passthrough
 log = logging.getLogger("headroom_memory_integrations.openai")
 
 UNWRAPPED = {
-    "beta": "the beta APIs (Assistants threads, beta chat helpers, Realtime, ...)",
+    "beta": "the beta APIs (Assistants threads, Realtime, ...; beta.chat.completions has memory)",
     "realtime": "the Realtime API",
     "completions": "the legacy Completions API",
 }
 """Client attributes whose calls get no memory (attribute name -> what it is)."""
 
-_WHAT = {
-    **UNWRAPPED,
-    "chat.completions.stream": "the chat.completions.stream helper",
-    "responses.stream": "the responses.stream helper",
-}
 
 _PLAIN = (str, bytes, int, float, bool, type(None), type)
 
@@ -51,12 +46,12 @@ class UnwrappedCalls:
             self._warned.add(api)
         log.warning(
             "client.%s(...) is not wrapped with memory: calls through %s get no memories "
-            "injected and none extracted (user %s). Memory covers chat.completions.create and "
-            "chat.completions.parse, and responses.create and responses.parse, also through "
-            "with_raw_response and with_streaming_response; see 'What the wrappers cover' in "
-            "docs/guide.md. Logged once per memory client.",
+            "injected and none extracted (user %s). Memory covers chat.completions and "
+            "responses (create, parse and the stream helper, also through with_raw_response and "
+            "with_streaming_response); see 'What the wrappers cover' in docs/guide.md. Logged "
+            "once per memory client.",
             path,
-            _WHAT.get(api, f"client.{api}"),
+            UNWRAPPED.get(api, f"client.{api}"),
             self._user,
         )
 
