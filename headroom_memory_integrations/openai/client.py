@@ -55,12 +55,9 @@ class _Calls(_Passthrough):
     and ``with_streaming_response``, and openai's ``stream`` helper. Everything else
     (``responses.retrieve``, ``input_items``, ...) is the client's own."""
 
-    def __init__(
-        self, wrapped: Any, flow: CompletionsFlow | ResponsesFlow, unwrapped: UnwrappedCalls
-    ) -> None:
+    def __init__(self, wrapped: Any, flow: CompletionsFlow | ResponsesFlow) -> None:
         super().__init__(wrapped)
         self._flow = flow
-        self._unwrapped = unwrapped
 
     def create(self, **kwargs: Any) -> Any:
         """``create`` with memory; same arguments, same result types."""
@@ -254,7 +251,7 @@ class MemoryClient(_Passthrough):
         self._owned = owned  # synchronous twins made for an async client's background work
         self._unwrapped = unwrapped or UnwrappedCalls(flow.memory.user_id)
         calls_type = _AsyncCalls if asynchronous else _Calls
-        self.chat = _Chat(client.chat, calls_type(client.chat.completions, flow, self._unwrapped))
+        self.chat = _Chat(client.chat, calls_type(client.chat.completions, flow))
         self._responses: _Calls | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -281,7 +278,7 @@ class MemoryClient(_Passthrough):
         if self._responses is None:
             calls_type = _AsyncCalls if self._asynchronous else _Calls
             flow = ResponsesFlow(self._flow)
-            self._responses = responses = calls_type(self._wrapped.responses, flow, self._unwrapped)
+            self._responses = responses = calls_type(self._wrapped.responses, flow)
             return responses
         return self._responses
 
