@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -183,3 +184,22 @@ def model_says(openai_server: ScriptedOpenAIServer) -> RememberingModel:
     model = RememberingModel()
     openai_server.responder = model
     return model
+
+
+@pytest.fixture
+def client(openai_server: ScriptedOpenAIServer, db_path: Path, model: LocalEmbedder) -> Any:
+    """Alice's ``with_fast_memory`` client on the scripted server (a module may define its own)."""
+    from headroom_memory_integrations.openai import with_fast_memory
+
+    return with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+
+
+@pytest.fixture
+def aclient(openai_server: ScriptedOpenAIServer, db_path: Path, model: LocalEmbedder) -> Any:
+    """The async twin of :func:`client` (its own store handle, the same folder)."""
+    from headroom_memory_integrations.openai import with_fast_memory
+
+    async_client = openai_server.async_client()
+    return with_fast_memory(async_client, user_id="alice", db_path=db_path, embedder=model)

@@ -23,20 +23,6 @@ pytestmark = pytest.mark.openai_client
 PYTHON = {"text": "Prefers Python for backend work", "category": "preference"}
 
 
-@pytest.fixture
-def client(openai_server, db_path, model):
-    return with_fast_memory(
-        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
-    )
-
-
-@pytest.fixture
-def aclient(openai_server, db_path, model):
-    return with_fast_memory(
-        openai_server.async_client(), user_id="alice", db_path=db_path, embedder=model
-    )
-
-
 def ask(client, text: str, **options):
     return client.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": text}], **options

@@ -26,20 +26,6 @@ LISBON = {"text": "Lives in Lisbon", "category": "fact"}
 ANSWER = "Python is a fine choice."
 
 
-@pytest.fixture
-def client(openai_server, db_path, model):
-    return with_fast_memory(
-        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
-    )
-
-
-@pytest.fixture
-def aclient(openai_server, db_path, model):
-    return with_fast_memory(
-        openai_server.async_client(), user_id="alice", db_path=db_path, embedder=model
-    )
-
-
 def sent(server) -> dict:
     request = server.requests[-1]
     assert request.path == "/v1/responses"
