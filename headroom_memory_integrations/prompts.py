@@ -396,6 +396,8 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
     - ``response_format`` of any kind but ``{"type": "text"}`` (``json_object``, ``json_schema``,
       a pydantic class given to ``.parse()``), or Responses-API ``text={"format": {"type": ...}}``
       of any type but ``text``, or its ``text_format`` (a class given to ``responses.parse()``);
+    - a Responses-API ``background=True`` run, whose answer is read later through
+      ``responses.retrieve``, which the wrappers do not edit;
     - ``tool_choice`` that forces a tool: ``"required"`` or a mapping or object naming a tool
       (an ``allowed_tools`` choice counts only with ``mode="required"``); legacy ``function_call``
       naming a function;
@@ -409,6 +411,8 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
         return False
     if _given(request_kwargs.get("text_format")) is not None:
         return False  # responses.parse(text_format=...): the answer is parsed as JSON
+    if _given(request_kwargs.get("background")) is True:
+        return False  # a Responses background run: its answer is read later, unedited
     text_options = _given(request_kwargs.get("text"))
     if text_options is not None:
         text_format = _given(_field(text_options, "format"))

@@ -190,6 +190,17 @@ def test_parse_with_a_text_format_reads_the_json_and_gets_no_instruction(
     assert f'"{PYTHON["text"]}"' in system_text(body) and nonce_of(body) is None
 
 
+def test_a_background_run_gets_memories_but_no_instruction(client, openai_server) -> None:
+    """Its answer is read later through ``responses.retrieve``, which is not edited: a block
+    asked for would be shown there, and its memories never stored."""
+    client.memory.add(PYTHON["text"], category="preference")
+    client.responses.create(model="gpt-4o", input="Which language should I use?", background=True)
+    body = sent(openai_server)
+    assert f'"{PYTHON["text"]}"' in system_text(body) and nonce_of(body) is None
+    client.responses.create(model="gpt-4o", input="Which language?", background=False)
+    assert nonce_of(sent(openai_server))
+
+
 def test_a_function_call_answer_passes_through(client, openai_server) -> None:
     openai_server.script(Reply.tool_call("weather", {"city": "Lisbon"}))
     response = client.responses.create(model="gpt-4o", input="Weather in Lisbon?")
