@@ -348,10 +348,10 @@ def background_extraction_messages(
         parts.append("</known-memories>")
     parts.append("<conversation>")
     for message in conversation:
-        role = _field(message, "role")
+        role = field_value(message, "role")
         if role not in _ROLES_RENDERED:
             continue
-        content = _content_text(_field(message, "content"))
+        content = _content_text(field_value(message, "content"))
         if content:
             parts.append(f"- {role}: {escape_text(content)}")
     parts.append("</conversation>")
@@ -361,7 +361,8 @@ def background_extraction_messages(
     ]
 
 
-def _field(message: object, name: str) -> Any:
+def field_value(message: object, name: str) -> Any:
+    """``message[name]`` for a mapping, else its attribute ``name`` (None if absent)."""
     if isinstance(message, Mapping):
         return message.get(name)
     return getattr(message, name, None)
@@ -370,7 +371,7 @@ def _field(message: object, name: str) -> Any:
 def message_text(message: object) -> str:
     """The text of a chat message (a dict or an object): its string content, or its text parts
     joined by newlines; images and other parts are left out."""
-    return _content_text(_field(message, "content"))
+    return _content_text(field_value(message, "content"))
 
 
 def _content_text(content: object) -> str:
@@ -379,8 +380,8 @@ def _content_text(content: object) -> str:
     if isinstance(content, (list, tuple)):
         texts = []
         for part in content:
-            kind = _field(part, "type")
-            text = _field(part, "text")
+            kind = field_value(part, "type")
+            text = field_value(part, "text")
             if kind in ("text", "input_text", "output_text") and isinstance(text, str):
                 texts.append(text)
         return "\n".join(texts)
@@ -407,7 +408,7 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
     Such requests still get memories injected; use background extraction for them.
     """
     response_format = _given(request_kwargs.get("response_format"))
-    if response_format is not None and _field(response_format, "type") != "text":
+    if response_format is not None and field_value(response_format, "type") != "text":
         return False
     if _given(request_kwargs.get("text_format")) is not None:
         return False  # responses.parse(text_format=...): the answer is parsed as JSON
@@ -415,8 +416,8 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
         return False  # a Responses background run: its answer is read later, unedited
     text_options = _given(request_kwargs.get("text"))
     if text_options is not None:
-        text_format = _given(_field(text_options, "format"))
-        if text_format is not None and _field(text_format, "type") != "text":
+        text_format = _given(field_value(text_options, "format"))
+        if text_format is not None and field_value(text_format, "type") != "text":
             return False
     tool_choice = _given(request_kwargs.get("tool_choice"))
     if tool_choice is not None and _forces_tool(tool_choice):
@@ -439,12 +440,16 @@ def _given(value: object) -> object | None:
 def _forces_tool(tool_choice: object) -> bool:
     if isinstance(tool_choice, str):
         return tool_choice.strip().lower() == "required"
-    kind = _field(tool_choice, "type")
+    kind = field_value(tool_choice, "type")
     if kind in ("auto", "none"):
         return False
     if kind == "allowed_tools":
-        allowed = _field(tool_choice, "allowed_tools")
-        mode = _field(allowed, "mode") if allowed is not None else _field(tool_choice, "mode")
+        allowed = field_value(tool_choice, "allowed_tools")
+        mode = (
+            field_value(allowed, "mode")
+            if allowed is not None
+            else field_value(tool_choice, "mode")
+        )
         return mode == "required"
     return True
 

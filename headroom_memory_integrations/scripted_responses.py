@@ -9,15 +9,16 @@ as a ``response`` object (a ``message`` item with one ``output_text`` part, then
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .openai.responses_flow import TOOL_OUTPUTS
+
 if TYPE_CHECKING:
     from .testing import Reply
-
-_TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output", "computer_call_output")
 
 
 def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -33,7 +34,7 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     for item in items:
         if not isinstance(item, dict):
             continue
-        if item.get("type") in _TOOL_OUTPUTS:
+        if item.get("type") in TOOL_OUTPUTS:
             output = item.get("output")
             messages.append({"role": "tool", "content": output if isinstance(output, str) else ""})
         elif isinstance(item.get("role"), str):
@@ -54,6 +55,7 @@ class ScriptedResponse:
         self.reply = reply
         self.chunk_size = chunk_size
         self.message_id = f"msg_{_hex()}"
+        self.has_text = reply.content is not None or not reply.calls
         self.calls = [
             {
                 "type": "function_call",
@@ -110,12 +112,12 @@ class ScriptedResponse:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
     def output(self) -> list[dict[str, Any]]:
-        has_text = self.reply.content is not None or not self.calls
-        return [self.message(self.reply.content or "")] * has_text + self.calls
+        text = [self.message(self.reply.content or "")] if self.has_text else []
+        return text + self.calls
 
     def events(self, pieces: list[str], pause: Any) -> Iterator[dict[str, Any]]:
         """The streamed events, ``pause()`` called between text and argument pieces."""
-        sequence = iter(range(1_000_000))
+        sequence = itertools.count()
 
         def event(kind: str, **fields: Any) -> dict[str, Any]:
             return {"type": kind, "sequence_number": next(sequence), **fields}
@@ -124,7 +126,7 @@ class ScriptedResponse:
         yield event("response.created", response=opening)
         yield event("response.in_progress", response=opening)
         index = 0
-        if self.reply.content is not None or not self.calls:
+        if self.has_text:
             text = self.reply.content or ""
             where = {"item_id": self.message_id, "output_index": 0}
             yield event(

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..flow import AnswerStream, MemoryFlow
+from ..prompts import field_value
 from .flow import Call, CompletionsFlow
 
 TOOL_OUTPUTS = frozenset(
@@ -40,26 +41,22 @@ TOOL_OUTPUTS = frozenset(
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
-def _field(item: Any, name: str) -> Any:
-    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
-
-
 def _is_user(item: Any) -> bool:
-    return _field(item, "role") == "user" and _field(item, "type") in (None, "message")
+    return field_value(item, "role") == "user" and field_value(item, "type") in (None, "message")
 
 
 def _is_tool_output(item: Any) -> bool:
-    return _field(item, "type") in TOOL_OUTPUTS
+    return field_value(item, "type") in TOOL_OUTPUTS
 
 
 def _output_texts(response: Any) -> list[Any]:
     """The ``output_text`` parts of a response's messages, in order."""
     return [
         part
-        for item in _field(response, "output") or []
-        if _field(item, "type") == "message"
-        for part in _field(item, "content") or []
-        if _field(part, "type") == "output_text" and isinstance(_field(part, "text"), str)
+        for item in field_value(response, "output") or []
+        if field_value(item, "type") == "message"
+        for part in field_value(item, "content") or []
+        if field_value(part, "type") == "output_text" and isinstance(field_value(part, "text"), str)
     ]
 
 
@@ -146,9 +143,9 @@ class ResponseEventEditor:
             return [event]
 
     def _edit(self, event: Any) -> list[Any]:
-        kind = _field(event, "type")
+        kind = field_value(event, "type")
         turn = self._call.turn
-        key = (_field(event, "item_id"), _field(event, "content_index"))
+        key = (field_value(event, "item_id"), field_value(event, "content_index"))
         if kind == "response.output_text.delta":
             text = self._texts.get(key)
             if text is None:
@@ -164,9 +161,9 @@ class ResponseEventEditor:
         if kind == "response.content_part.done":
             self._strip(event.part)
         elif kind == "response.output_item.done":
-            for part in _field(event.item, "content") or []:
+            for part in field_value(event.item, "content") or []:
                 self._strip(part)
-        elif kind in FINAL_EVENTS and _field(event, "response") is not None:
+        elif kind in FINAL_EVENTS and field_value(event, "response") is not None:
             held = [e for part in list(self._texts) for e in self._held_back(part)]
             if not self._done:
                 self._done = True
@@ -175,8 +172,9 @@ class ResponseEventEditor:
         return [event]
 
     def _strip(self, part: Any) -> None:
-        if _field(part, "type") == "output_text" and isinstance(_field(part, "text"), str):
-            part.text = self._flow.flow.strip(self._call.turn, part.text)
+        text = field_value(part, "text")
+        if field_value(part, "type") == "output_text" and isinstance(text, str):
+            part.text = self._flow.flow.strip(self._call.turn, text)
 
     def _held_back(self, key: tuple[Any, Any]) -> list[Any]:
         """A delta event carrying the text one output text still held back (none if none)."""
