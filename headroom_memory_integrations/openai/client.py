@@ -189,21 +189,18 @@ class _Chat(_Passthrough):
         self.completions = completions
 
 
-class _Beta(_Passthrough):
+class _Beta(Unwrapped):
     """``client.beta`` of a memory client: ``beta.chat.completions`` (openai's alias of
     ``chat.completions``, whose ``stream`` LangChain's structured output uses) is the memory
     one; the other beta APIs (Assistants threads, Realtime, ...) reach the model without
-    memory and warn."""
+    memory and warn, as any unwrapped part does."""
 
     def __init__(self, beta: Any, chat: _Chat, unwrapped: UnwrappedCalls) -> None:
-        super().__init__(beta)
+        super().__init__(beta, unwrapped, api="beta", path="beta")
         self.chat = chat
-        self._unwrapped = unwrapped
 
-    def __getattr__(self, name: str) -> Any:
-        return Unwrapped(
-            getattr(self._wrapped, name), self._unwrapped, api="beta", path=f"beta.{name}"
-        )
+    def __repr__(self) -> str:
+        return "<beta of a memory client: beta.chat.completions has memory, the rest has not>"
 
 
 class _ClientView(_Passthrough):
