@@ -39,7 +39,7 @@ class UnwrappedCalls:
         self._lock = threading.Lock()
 
     def warn(self, api: str, path: str) -> None:
-        """Log that ``path`` (e.g. ``"responses.create"``) of ``api`` ran without memory."""
+        """Log that ``path`` (e.g. ``"completions.create"``) of ``api`` ran without memory."""
         with self._lock:
             if api in self._warned:
                 return
@@ -64,7 +64,7 @@ class UnwrappedCalls:
 
 class Unwrapped(_Passthrough):
     """A part of the client that memory does not cover: each call through it (at any depth,
-    e.g. ``responses.with_raw_response.create``) works as before after a warning."""
+    e.g. ``beta.threads.runs.create``) works as before after a warning."""
 
     def __init__(self, wrapped: Any, calls: UnwrappedCalls, *, api: str, path: str) -> None:
         super().__init__(wrapped)
