@@ -95,6 +95,7 @@ __all__ = [
     "block_tags",
     "escape_text",
     "extraction_instruction",
+    "fetches_outside_text",
     "format_memory_context",
     "inline_extraction_allowed",
     "message_text",
@@ -399,9 +400,9 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
       of any type but ``text``, or its ``text_format`` (a class given to ``responses.parse()``);
     - a Responses-API ``background=True`` run, whose answer is read later through
       ``responses.retrieve``, which the wrappers do not edit;
-    - ``tool_choice`` that forces a tool: ``"required"`` or a mapping or object naming a tool
-      (an ``allowed_tools`` choice counts only with ``mode="required"``); legacy ``function_call``
-      naming a function;
+    - ``tool_choice`` that forces a tool: ``"required"``, ``"any"``, a tool's name, or a mapping
+      or object naming a tool (an ``allowed_tools`` choice counts only with
+      ``mode="required"``); legacy ``function_call`` naming a function;
     - ``modalities`` including ``"audio"`` (the block would be spoken).
 
     Absent values, None and the openai client's ``NOT_GIVEN`` / ``omit`` sentinels mean "not set".
@@ -431,6 +432,30 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
     return not (isinstance(modalities, Iterable) and "audio" in list(modalities))
 
 
+CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
+"""Tool types the caller runs: their results come back as tool messages (or output items),
+which mark a call untrusted where they appear. Every other type (``web_search``,
+``file_search``, ``code_interpreter``, ``mcp``, ...) runs at the provider, inside the call."""
+
+
+def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the model may read text nobody in the conversation wrote while it answers: a
+    provider-run tool among ``tools`` (any type but ``function`` / ``custom``: web or file
+    search, code interpreter, MCP servers, ...), or Chat Completions' ``web_search_options``.
+    A page or file it reads can ask the model to "remember" something, so such a call is
+    untrusted: only memories grounded in the user's own words are kept (:mod:`.grounding`)."""
+    if _given(request_kwargs.get("web_search_options")) is not None:
+        return True
+    tools = _given(request_kwargs.get("tools"))
+    if not isinstance(tools, Iterable) or isinstance(tools, (str, bytes, Mapping)):
+        return False
+    for tool in tools:
+        kind = field_value(tool, "type")
+        if isinstance(kind, str) and kind not in CLIENT_TOOL_TYPES:
+            return True
+    return False
+
+
 def _given(value: object) -> object | None:
     if value is None or type(value).__name__ in ("NotGiven", "Omit"):
         return None
@@ -438,8 +463,8 @@ def _given(value: object) -> object | None:
 
 
 def _forces_tool(tool_choice: object) -> bool:
-    if isinstance(tool_choice, str):
-        return tool_choice.strip().lower() == "required"
+    if isinstance(tool_choice, str):  # "required", "any" (other providers) or a tool's name
+        return tool_choice.strip().lower() not in ("auto", "none", "")
     kind = field_value(tool_choice, "type")
     if kind in ("auto", "none"):
         return False

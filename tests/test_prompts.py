@@ -27,6 +27,7 @@ from headroom_memory_integrations.prompts import (
     block_tags,
     escape_text,
     extraction_instruction,
+    fetches_outside_text,
     format_memory_context,
     inline_extraction_allowed,
     new_nonce,
@@ -739,6 +740,9 @@ class NotGiven:  # stands in for openai.NOT_GIVEN
         ({"tool_choice": "auto", "tools": [{}]}, True),
         ({"tool_choice": "none"}, True),
         ({"tool_choice": "required"}, False),
+        ({"tool_choice": "any"}, False),  # what Anthropic and LangChain call "required"
+        ({"tool_choice": "get_weather"}, False),  # a tool's name, as some providers take it
+        ({"tool_choice": "Auto"}, True),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, False),
         ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}}, True),
         ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "required"}}}, False),
@@ -752,3 +756,21 @@ class NotGiven:  # stands in for openai.NOT_GIVEN
 )
 def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> None:
     assert inline_extraction_allowed(kwargs) is allowed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fetches"),
+    [
+        ({}, False),
+        ({"tools": NotGiven()}, False),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, False),
+        ({"tools": [{"type": "function", "name": "f"}, {"type": "custom", "name": "g"}]}, False),
+        ({"tools": [{"type": "web_search"}]}, True),
+        ({"tools": [{"type": "function", "name": "f"}, {"type": "file_search"}]}, True),
+        ({"tools": [{"type": "mcp", "server_url": "https://example.com"}]}, True),
+        ({"web_search_options": {}}, True),
+        ({"web_search_options": None}, False),
+    ],
+)
+def test_fetches_outside_text(kwargs: dict[str, object], fetches: bool) -> None:
+    assert fetches_outside_text(kwargs) is fetches

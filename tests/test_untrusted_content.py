@@ -120,6 +120,23 @@ def test_documents_in_the_prompt_are_untrusted_when_the_app_says_so(
     assert [m.text for m in client.memory.get_all()] == [OWN["text"]]
 
 
+def test_a_web_search_inside_the_call_is_untrusted(openai_server, db_path, model) -> None:
+    """Chat Completions' search models read web pages inside the call: nothing in the
+    messages shows it, so ``web_search_options`` makes the call untrusted."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    openai_server.responder = obedient_model([PLANTED, OWN])
+    client.chat.completions.create(
+        model="gpt-4o-search-preview",
+        messages=[{"role": "user", "content": "I have a dentist appointment on Friday"}],
+        web_search_options={},
+    )
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [OWN["text"]]
+    assert client.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
 def test_a_tool_result_cannot_plant_memories_in_the_background(
     openai_server, db_path, model
 ) -> None:

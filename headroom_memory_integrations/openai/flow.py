@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from ..engine import MemoryStore
 from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
-from ..prompts import inline_extraction_allowed, message_text
+from ..prompts import fetches_outside_text, inline_extraction_allowed, message_text
 
 Injection = Literal["system", "user"]
 
@@ -106,7 +106,8 @@ class CompletionsFlow:
             message_text(messages[index]),
             instruct=inline_extraction_allowed(kwargs),
             model=model if isinstance(model, str) else None,
-            untrusted=any(is_tool_result(message) for message in messages),
+            untrusted=fetches_outside_text(kwargs)
+            or any(is_tool_result(message) for message in messages),
         )
         prompt = call.turn.prompt
         if prompt:

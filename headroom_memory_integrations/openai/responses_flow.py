@@ -34,6 +34,10 @@ TOOL_OUTPUTS = frozenset(
         "shell_call_output",
         "apply_patch_call_output",
         "mcp_call",
+        # provider-run tools' calls, sent back in a later turn's input with what they found
+        "web_search_call",
+        "file_search_call",
+        "code_interpreter_call",
     }
 )
 """Input item types that carry text the user did not write (tool results)."""
