@@ -126,6 +126,7 @@ class MemoryWriter:
             log.warning("cannot create the folder of job queue %s yet", path, exc_info=True)
         self._stores: dict[str, MemoryStore] = {}
         self._extractors: dict[str, BackgroundExtractor] = {}
+        self._location: str | None = None  # the storage whose memories this queue holds
         self._lock = threading.Lock()
         self._unsettled: dict[str, set[int]] = {}  # user -> store jobs queued here, not yet run
         self._settled = threading.Condition()
@@ -139,8 +140,22 @@ class MemoryWriter:
 
     def register(self, memory: MemoryStore, extractor: BackgroundExtractor | None = None) -> None:
         """Serve ``memory``'s jobs (and, with ``extractor``, its background extraction), and
-        resume whatever an earlier process left in the queue."""
+        resume whatever an earlier process left in the queue.
+
+        Raises:
+            InvalidInputError: the queue already serves memories kept elsewhere. Its jobs name
+                users, not storages, so the same user id in two storages would get each
+                other's memories.
+        """
+        location = str(memory.storage.location)
         with self._lock:
+            if self._location is not None and location != self._location:
+                raise InvalidInputError(
+                    f"the job queue {self.worker.queue.path} already serves the memories in "
+                    f"{self._location}, not {location}: give each storage its own queue_path "
+                    "(the default, beside embedded memories, is)"
+                )
+            self._location = location
             self._stores[memory.user_id] = memory
             if extractor is not None:
                 self._extractors[memory.user_id] = extractor

@@ -70,3 +70,44 @@ def test_overlong_user_id_is_refused(db_path, user_id) -> None:
 
     with pytest.raises(InvalidInputError, match="maximum is 2048"):
         MemoryStore(user_id, db_path=db_path)
+
+
+def test_one_queue_file_serves_one_storage(openai_server, tmp_path, model, model_says) -> None:
+    """Queued jobs name a user, not a storage: two storages sharing a ``queue_path`` would
+    store one tenant's memories in the other's (the same user id in both). The second wrapper
+    is refused at once, and the first keeps its own memories."""
+    from headroom_memory_integrations.errors import InvalidInputError
+    from headroom_memory_integrations.openai import with_fast_memory
+
+    queue = tmp_path / "shared-jobs.sqlite3"
+    tenant_a = with_fast_memory(
+        openai_server.client(),
+        user_id="alice",
+        db_path=tmp_path / "tenant-a",
+        embedder=model,
+        queue_path=queue,
+    )
+    with pytest.raises(InvalidInputError, match="already serves the memories in"):
+        with_fast_memory(
+            openai_server.client(),
+            user_id="alice",
+            db_path=tmp_path / "tenant-b",
+            embedder=model,
+            queue_path=queue,
+        )
+    model_says.memories = [{"text": "Prefers Python for backend work", "category": "preference"}]
+    tenant_a.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python for backend work"}]
+    )
+    assert tenant_a.memory.flush(10)
+    assert [m.text for m in tenant_a.memory.get_all()] == ["Prefers Python for backend work"]
+    assert MemoryStore("alice", db_path=tmp_path / "tenant-b", embedder=model).count() == 0
+    # the same folder, opened again, is the same storage: it may share the queue
+    again = with_fast_memory(
+        openai_server.client(),
+        user_id="bob",
+        db_path=tmp_path / "tenant-a",
+        embedder=model,
+        queue_path=queue,
+    )
+    assert again.memory.count() == 0
