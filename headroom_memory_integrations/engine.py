@@ -719,11 +719,15 @@ class MemoryStore(WritePath):
         *,
         source: Source | str = Source.MANUAL,
         keys: Sequence[str] | str | None = None,
+        keep_history: bool = True,
     ) -> Memory:
         """Store ``text`` under an id the caller chose (a key-value store's key): create the
-        memory, or replace the one with that id (its old text kept in ``history``, its
-        metadata replaced). No consolidation: a key is kept even if another memory says the
-        same.
+        memory, or replace the one with that id (its old text kept in ``history`` unless
+        ``keep_history`` is False, its metadata replaced). No consolidation: a key is kept even
+        if another memory says the same. Without history the old text can no longer be read
+        (``get``, ``export``); it stays in an embedded folder's files until the memory is
+        deleted, which erases every version (rewriting the file on each put would cost a
+        ``VACUUM``).
 
         Raises:
             InvalidInputError: ``memory_id`` is not 1-256 printable characters, or the text,
@@ -740,7 +744,13 @@ class MemoryStore(WritePath):
             existing = collection.get([memory_id])
             if existing:
                 return self._rewrite(
-                    existing[0], draft.text, draft.category, draft.metadata, draft.keys, vector
+                    existing[0],
+                    draft.text,
+                    draft.category,
+                    draft.metadata,
+                    draft.keys,
+                    vector,
+                    keep_history=keep_history,
                 )
             collection.upsert([draft], vector)
             return draft
@@ -778,6 +788,8 @@ class MemoryStore(WritePath):
         metadata: Mapping[str, Any] | None,
         keys: tuple[str, ...],
         vector: Vectors,
+        *,
+        keep_history: bool = True,
     ) -> Memory:
         if (
             text == old.text
@@ -787,13 +799,18 @@ class MemoryStore(WritePath):
         ):
             return old  # nothing changes: replaying a supersede is harmless
         revision = Revision(old.text, old.category, utc_now())
+        history = old.history
+        if not keep_history:
+            history = ()
+        elif text != old.text:
+            history = (*old.history, revision)
         updated = replace(
             old,
             text=text,
             category=category or old.category,
             metadata=metadata if metadata is not None else old.metadata,
             updated_at=revision.replaced_at,
-            history=(*old.history, revision) if text != old.text else old.history,
+            history=history,
             keys=keys,
         )
         self._open().upsert([updated], vector.reshape(1, -1))

@@ -89,6 +89,21 @@ def test_get_update_delete_and_history(store: MemoryStore) -> None:
         store.update("no-such-id", "text")
 
 
+def test_put_replaces_a_key_with_or_without_history(hash_store: MemoryStore) -> None:
+    first = hash_store.put("card", "Card number 4111111111111111", metadata={"pin": "1234"})
+    kept = hash_store.put("card", "Card ends in 1111")
+    assert [r.text for r in kept.history] == ["Card number 4111111111111111"]
+    assert kept.created_at == first.created_at and kept.metadata == {}
+    replaced = hash_store.put("card", "Card ends in 0004", keep_history=False)
+    assert replaced.history == () and hash_store.get("card").history == ()
+    exported = hash_store.export(io.StringIO())
+    assert exported == 1
+    buffer = io.StringIO()
+    hash_store.export(buffer)
+    assert "4111111111111111" not in buffer.getvalue() and "1111" not in buffer.getvalue()
+    assert "Card ends in 0004" in buffer.getvalue()
+
+
 def test_get_all_clear_and_stats(store: MemoryStore) -> None:
     store.add("Prefers dark mode", category="preference")
     store.add("Is a senior engineer", category="fact")
