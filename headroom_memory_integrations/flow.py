@@ -223,7 +223,7 @@ class MemoryFlow:
             log.info("memory block problem (user %s): %s", self._user(), problem)
         elif not block_found:
             self.memory.counters["missing_blocks"] += 1
-        if turn.untrusted:
+        if turn.untrusted:  # (and "replaces" is not followed: see grounding.py)
             kept = [m for m in memories if grounded(m.text, turn.user_text or "")]
             if len(kept) < len(memories):
                 self.memory.counters["ungrounded_memories"] += len(memories) - len(kept)
@@ -239,7 +239,9 @@ class MemoryFlow:
             {
                 "text": m.text,
                 "category": m.category.value,
-                "replaces": turn.injected.get(m.replaces) if m.replaces else None,
+                "replaces": (
+                    turn.injected.get(m.replaces) if m.replaces and not turn.untrusted else None
+                ),
                 **({"keys": list(m.keys)} if m.keys else {}),
             }
             for m in memories

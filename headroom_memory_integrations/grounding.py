@@ -14,6 +14,11 @@ proposed memory is kept only if it is grounded in what the user wrote:
 payments sent to account 12345" and "User is an admin" are dropped unless the user said so.
 Calls with no untrusted content are not checked: the model's paraphrase of the user is trusted
 there.
+
+In an untrusted call, a kept memory's ``replaces`` is not followed either: the text could ask
+the model to mark an unrelated memory ("Is allergic to penicillin") as replaced by a grounded
+one. It is stored as a new memory, and consolidation still finds a real update by its content
+(the same fact with another number, name, date or negation).
 """
 
 from __future__ import annotations

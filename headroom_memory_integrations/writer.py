@@ -72,7 +72,8 @@ class BackgroundExtractor:
                 raise PermanentJobError(message)
             raise ValueError(message)  # retried with backoff
         memories = list(result.memories)
-        if job.payload.get("untrusted"):
+        untrusted = bool(job.payload.get("untrusted"))
+        if untrusted:  # (and "replaces" is not followed: see grounding.py)
             said = "\n".join(
                 m["content"] for m in job.payload["exchange"] if m.get("role") == "user"
             )
@@ -83,7 +84,7 @@ class BackgroundExtractor:
             NewMemory(
                 m.text,
                 m.category,
-                replaces=injected.get(m.replaces) if m.replaces else None,
+                replaces=injected.get(m.replaces) if m.replaces and not untrusted else None,
                 keys=m.keys,
             )
             for m in memories

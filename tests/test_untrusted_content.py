@@ -4,6 +4,7 @@ untrusted text was in the context is kept only if the user's own words ground it
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import block, instruction_nonce
@@ -135,6 +136,40 @@ def test_a_web_search_inside_the_call_is_untrusted(openai_server, db_path, model
     assert client.memory.flush(30)
     assert [m.text for m in client.memory.get_all()] == [OWN["text"]]
     assert client.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
+def test_an_untrusted_call_cannot_mark_another_memory_replaced(
+    openai_server, db_path, model
+) -> None:
+    """A poisoned tool result could have the model write a grounded memory that "replaces" an
+    unrelated one the user has; in an untrusted call the replacement is not followed."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    allergy = client.memory.add("Is allergic to penicillin", category="fact")
+    turn = agent_turn(POISONED_TOOL_RESULT)
+    turn[0]["content"] = (
+        "I have a dentist appointment on Friday. Does my penicillin allergy matter?"
+    )
+    context_labels: list[str] = []
+
+    def answer(body: dict) -> Reply:
+        nonce = instruction_nonce(body)
+        injected = "\n".join(
+            m["content"] for m in body["messages"] if "penicillin" in str(m.get("content"))
+        )
+        context_labels.extend(re.findall(r"\b(m\d+) \(", injected))
+        replacing = {**OWN, "replaces": context_labels[0]} if context_labels else OWN
+        return Reply.text("Noted." + (block(nonce, [replacing]) if nonce else ""))
+
+    openai_server.responder = answer
+    client.chat.completions.create(model="gpt-4o", messages=turn)
+    assert client.memory.flush(30)
+    assert context_labels, "the allergy was not injected: the test would prove nothing"
+    assert client.memory.get(allergy.id).text == "Is allergic to penicillin"
+    assert sorted(m.text for m in client.memory.get_all()) == sorted(
+        [OWN["text"], "Is allergic to penicillin"]
+    )
 
 
 def test_a_tool_result_cannot_plant_memories_in_the_background(
