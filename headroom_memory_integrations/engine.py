@@ -29,7 +29,7 @@ from .display import MemoryList, MemoryStats, SearchResults, store_html
 from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
 from .embeddings.query_adapter import adapt_queries
-from .errors import InvalidInputError, MemoryNotFoundError
+from .errors import InvalidInputError, MemoryNotFoundError, StorageError
 from .keys import clean_keys, index_text, memory_vectors
 from .lexical import lexical_scores
 from .storage.base import Storage, UserCollection
@@ -854,12 +854,22 @@ class MemoryStore(WritePath):
             StorageError: that work did not finish in time (nothing was deleted yet), or the
                 storage failed.
         """
-        with self._write_lock:
-            if self._pending is not None:
-                self._pending.forget(self, timeout)
-            with self._cache_lock:
-                self._query_cache.clear()
-            return self.storage.drop(self.user_id, erase=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pending = self._pending
+            if pending is not None:  # a running job stores under the write lock: wait outside it
+                pending.forget(self, None if deadline is None else deadline - time.monotonic())
+            with self._write_lock:
+                if pending is not None:
+                    try:  # what was queued meanwhile; a job that started meanwhile waits for us
+                        pending.forget(self, 0)
+                    except StorageError:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise
+                        continue  # let it finish (outside the lock), then forget again
+                with self._cache_lock:
+                    self._query_cache.clear()
+                return self.storage.drop(self.user_id, erase=True)
 
     def attach_writer(self, pending: PendingWrites) -> None:
         """Let :meth:`flush` wait for ``pending``'s background writes (the wrappers do this)."""

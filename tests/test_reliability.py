@@ -358,6 +358,34 @@ def test_forget_user_removes_queued_turns_too(openai_server, db_path, model) -> 
         time.sleep(0.1)
 
 
+def test_forget_user_while_the_users_extraction_runs(openai_server, db_path, model) -> None:
+    """The running job stores its memories under the user's write lock: forget_user waits for
+    it without holding that lock, then forgets what it stored too (it used to wait for the
+    job while holding the lock, and failed after its timeout)."""
+    extracting = threading.Event()
+
+    def responder(body: dict) -> Reply:
+        if "You maintain long-term memory" in body["messages"][0]["content"]:
+            extracting.set()
+            time.sleep(0.5)
+            return Reply.text(
+                json.dumps({"memories": [{"text": "Prefers Python", "category": "fact"}]})
+            )
+        return Reply.text("Noted.")
+
+    openai_server.responder = responder
+    client = with_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model, retry_backoff=FAST
+    )
+    client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python"}]
+    )
+    assert extracting.wait(10)
+    client.memory.forget_user(timeout=20)  # raised StorageError after 20 s
+    assert client.memory.flush(10)
+    assert client.memory.get_all() == []
+
+
 # -- 7: smaller failures -----------------------------------------------------------------------
 
 
