@@ -206,6 +206,29 @@ class TokenRecorder(BaseCallbackHandler):
         return "".join(self.tokens)
 
 
+class RunSettingsRecorder(BaseCallbackHandler):
+    """What a handler set on a chat model sees of its runs: the tags and metadata of each
+    start, and each final output."""
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[list[str], dict[str, Any]]] = []
+        self.ends: list[str] = []
+
+    def on_chat_model_start(
+        self,
+        serialized: Any,
+        messages: Any,
+        *,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.starts.append((tags or [], metadata or {}))
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        self.ends.append(response.model_dump_json())
+
+
 class RunRecorder(BaseTracer):
     """A tracer keeping every finished run (as LangSmith would receive it)."""
 

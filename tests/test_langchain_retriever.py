@@ -73,6 +73,17 @@ def test_k_in_the_constructor_and_per_call(alice) -> None:
         HeadroomRetriever(memory=alice, k=0)
 
 
+def test_unknown_arguments_are_refused(alice) -> None:
+    """A misspelt argument fails (pydantic's ValidationError, a ValueError) instead of being
+    ignored; LangChain's own retriever fields still work."""
+    with pytest.raises(ValueError, match=r"top_k\n  Extra inputs are not permitted"):
+        HeadroomRetriever(memory=alice, top_k=1)
+    with pytest.raises(ValueError, match=r"min_scor\n  Extra inputs are not permitted"):
+        HeadroomRetriever(memory=alice, min_scor=0.5)
+    tagged = HeadroomRetriever(memory=alice, k=1, tags=["memories"], metadata={"team": "a"})
+    assert tagged.tags == ["memories"] and len(tagged.invoke(QUERY)) == 1
+
+
 def test_the_relevance_floor_and_categories(alice) -> None:
     retriever = HeadroomRetriever(memory=alice, k=10)
     assert retriever.invoke("What is 2+2?") == []

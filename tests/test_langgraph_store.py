@@ -4,6 +4,7 @@ real LangGraph graphs and a real ChatOpenAI over HTTP to the scripted server."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from typing import TypedDict
 
@@ -17,7 +18,7 @@ from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore, PutOp
 
 from headroom_memory_integrations import InvalidInputError, MemoryStore
-from headroom_memory_integrations.langchain import HeadroomStore
+from headroom_memory_integrations.langchain import HeadroomStore, namespace_user
 from headroom_memory_integrations.langchain.store import InvalidNamespaceError
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.testing import Reply
@@ -63,6 +64,11 @@ def test_put_replaces_in_place_and_delete_removes(store) -> None:
     assert second.value == {"text": "Lives in Lisbon", "since": 2024}
     assert second.created_at == first.created_at and second.updated_at > first.updated_at
     assert [m.id for m in store.memory(("alice",)).get_all()] == ["home"]  # not a second memory
+    # put means replace: the old value is not kept as the memory's history, nor exported
+    assert store.memory(("alice",)).get("home").history == ()
+    exported = io.StringIO()
+    store.memory(("alice",)).export(exported)
+    assert "New York" not in exported.getvalue() and "Lisbon" in exported.getvalue()
     store.delete(("alice",), "home")
     assert store.get(("alice",), "home") is None
     store.put(("alice",), "again", {"text": "Has a cat"})
@@ -237,6 +243,49 @@ def test_a_namespace_never_reaches_another_users_memories(store) -> None:
         store.put((), "k", {"text": "x"})
 
 
+def test_a_dotted_wrapper_user_is_never_inside_a_namespace(
+    store, db_path, model, openai_server, model_says
+) -> None:
+    """Users "alice" and "alice.smith" (an id with a dot, as an e-mail has) of one app: the
+    namespace ("alice",) is alice's memories only, never the other user's."""
+    dotted = with_fast_memory(
+        openai_server.client(), user_id="alice.smith", db_path=db_path, embedder=model
+    )
+    model_says.answer = "Noted."
+    model_says.memories = [{"text": "Has a dentist appointment on Friday", "category": "context"}]
+    dotted.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "I have a dentist appointment"}]
+    )
+    assert dotted.memory.flush(30)
+    MemoryStore("alice.smith", db_path=db_path, embedder=model).add("Lives in Oslo")
+    MemoryStore("alice", db_path=db_path, embedder=model).add(
+        "Has a piano lesson on Friday", category="context"
+    )
+    found = store.search(("alice",), query="Do I have any appointments this week?", limit=10)
+    assert [(i.namespace, i.value["text"]) for i in found] == [
+        (("alice",), "Has a piano lesson on Friday")
+    ]
+    listed = store.search(("alice",), limit=10)
+    assert [(i.namespace, i.value["text"]) for i in listed] == [
+        (("alice",), "Has a piano lesson on Friday")
+    ]
+    assert store.list_namespaces() == [("alice",)]
+    assert store.list_namespaces(prefix=("alice",)) == [("alice",)]
+    # a multi-label namespace is not the dotted id either, and wrappers reach it by its user
+    store.put(("alice", "smith"), "k", {"text": "Plays chess"})
+    assert namespace_user(("alice", "smith")) == "alice\x1fsmith"
+    smith = MemoryStore("alice.smith", db_path=db_path, embedder=model)
+    assert sorted(m.text for m in smith.get_all()) == [
+        "Has a dentist appointment on Friday",
+        "Lives in Oslo",
+    ]
+    owner = MemoryStore(namespace_user(("alice", "smith")), db_path=db_path, embedder=model)
+    assert [m.text for m in owner.get_all()] == ["Plays chess"]
+    assert store.list_namespaces() == [("alice",), ("alice", "smith")]
+    with pytest.raises(InvalidNamespaceError, match="unit separator"):
+        store.put(("alice\x1fsmith",), "k", {"text": "x"})
+
+
 def test_memories_learned_by_a_wrapper_are_items_and_items_are_recalled(
     store, db_path, model, openai_server, model_says
 ) -> None:
@@ -272,7 +321,7 @@ def test_memories_learned_by_a_wrapper_are_items_and_items_are_recalled(
 def test_items_persist_across_processes(db_path, model) -> None:
     run_python(
         f"""
-        from headroom_memory_integrations.langchain import HeadroomStore
+        from headroom_memory_integrations.langchain import HeadroomStore, namespace_user
         store = HeadroomStore(db_path={str(db_path)!r})
         store.put(("alice",), "lang", {{"text": "Prefers Python for backend work", "n": [1, 2]}})
         store.put(("bob",), "lang", {{"text": "Prefers Haskell"}})

@@ -19,7 +19,7 @@ from ._extract import chat_model_completer  # noqa: E402
 from .chat_model import MemoryChatModel  # noqa: E402
 from .middleware import MemoryMiddleware  # noqa: E402
 from .retriever import HeadroomRetriever  # noqa: E402
-from .store import HeadroomStore  # noqa: E402
+from .store import HeadroomStore, namespace_user  # noqa: E402
 from .tools import (  # noqa: E402
     MemoryScope,
     create_manage_memory_tool,
@@ -41,6 +41,7 @@ __all__ = [
     "create_manage_memory_tool",
     "create_search_memory_tool",
     "memory_tools",
+    "namespace_user",
 ]
 
 

@@ -18,12 +18,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from ..engine import MemoryStore
 from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
-from ..prompts import inline_extraction_allowed, message_text
+from ..prompts import fetches_outside_text, inline_extraction_allowed, message_text
 
 Injection = Literal["system", "user"]
 """Where the memory prompt goes: a system message just before the latest user message, or the
@@ -38,12 +46,27 @@ class Call:
     messages: list[BaseMessage]
 
 
+def is_notification(message: BaseMessage) -> bool:
+    """Whether a ``HumanMessage`` was added by the agent harness, not typed by the user: it
+    carries ``additional_kwargs["lc_source"]``, as LangChain's ``add_notification_metadata``
+    sets it (``SummarizationMiddleware``'s summary of the conversation, which can hold
+    summarised tool output, has ``lc_source="summarization"``). Marking a message so only
+    makes it count as untrusted text: it never makes text trusted."""
+    kwargs = getattr(message, "additional_kwargs", None)
+    return isinstance(kwargs, Mapping) and isinstance(kwargs.get("lc_source"), str)
+
+
 def is_user(message: BaseMessage) -> bool:
-    return getattr(message, "type", None) == "human"
+    """A message the user wrote: a ``HumanMessage`` (or chunk) that is no notification."""
+    return isinstance(message, HumanMessage) and not is_notification(message)
 
 
 def is_tool_result(message: BaseMessage) -> bool:
-    return getattr(message, "type", None) in ("tool", "function")
+    """Text the user did not write in a conversation: a tool's or function's result (or
+    chunk), or a harness notification such as a conversation summary."""
+    return isinstance(message, (ToolMessage, FunctionMessage)) or (
+        isinstance(message, HumanMessage) and is_notification(message)
+    )
 
 
 def _prepend(message: BaseMessage, text: str) -> BaseMessage:
@@ -103,7 +126,8 @@ class MessagesFlow:
         call.turn = self.flow.start(
             message_text(call.messages[index]),
             instruct=inline_extraction_allowed(call_kwargs),
-            untrusted=any(is_tool_result(message) for message in call.messages),
+            untrusted=fetches_outside_text(call_kwargs)
+            or any(is_tool_result(message) for message in call.messages),
         )
         prompt = call.turn.prompt
         if prompt:

@@ -117,7 +117,10 @@ class MemoryChatModel(BaseChatModel):
 
     The wrapped model is called through its own ``_generate`` / ``_stream`` (and async twins)
     inside this model's run, so a call is traced once, as this model, with the caller's
-    messages and the visible answer. Its own callbacks, cache and tracing are not involved.
+    messages and the visible answer. This model takes the wrapped model's ``callbacks``,
+    ``tags``, ``metadata`` and ``verbose`` (those you do not set on it yourself), so its
+    handlers and tracing tags see every call, once, without the memory block. Its cache is
+    never used.
 
     Args:
         model: The chat model to wrap, or a name for ``init_chat_model`` (``"openai:gpt-4o"``).
@@ -137,6 +140,11 @@ class MemoryChatModel(BaseChatModel):
         stop: Default stop sequences of every call.
         model_options: More keyword arguments for the model built from a name.
         streaming: Stream the wrapped model's answer even on ``invoke`` (for callbacks).
+        untrusted_context: The prompts hold text the user did not write (retrieved documents,
+            as in a RAG chain), which could tell the model what to remember: keep only
+            memories grounded in the user's own words (``stats()["events"]
+            ["ungrounded_memories"]`` counts the others). Calls whose messages hold tool
+            results are always checked so.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
@@ -165,6 +173,10 @@ class MemoryChatModel(BaseChatModel):
     base_url: str | None = Field(default=None, exclude=True, repr=False)
     model_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
     streaming: bool = False
+    untrusted_context: bool = False
+    """Every call's messages may hold text the user did not write (retrieved documents in a RAG
+    prompt): keep only memories grounded in the user's own words. Calls holding tool results
+    are always checked so."""
     cache: Any = Field(default=False, exclude=True, repr=False)
     """Always False: a cached answer would skip memory, and could carry one user's memories
     to another user asking the same question."""
@@ -222,6 +234,11 @@ class MemoryChatModel(BaseChatModel):
             raise InvalidInputError("the model already has memory: wrap the model it wraps")
         if "output_version" not in self.model_fields_set:
             self.output_version = self.model.output_version
+        for name, value in _run_settings(self.model).items():
+            if name == "metadata":  # always set here (package versions): keys set here win
+                self.metadata = _merged_metadata(value, self.metadata)
+            elif name not in self.model_fields_set:
+                setattr(self, name, value)
         store_settings = {"min_score", "duplicate_threshold"} & self.model_fields_set
         if self.memory is not None and store_settings:
             raise InvalidInputError(
@@ -240,22 +257,38 @@ class MemoryChatModel(BaseChatModel):
         self.user_id = self.memory.user_id
         self.min_score = self.memory.min_score
         self.duplicate_threshold = self.memory.duplicate_threshold
-        flow = build_flow(self.memory, inline=True, top_k=self.top_k, queue_path=self.queue_path)
+        flow = build_flow(
+            self.memory,
+            inline=True,
+            top_k=self.top_k,
+            queue_path=self.queue_path,
+            untrusted_context=self.untrusted_context,
+        )
         self._memory_flow = MessagesFlow(flow, self.injection)
         return self
 
     @classmethod
-    def around(cls, model: BaseChatModel, flow: MessagesFlow) -> MemoryChatModel:
+    def around(
+        cls,
+        model: BaseChatModel,
+        flow: MessagesFlow,
+        *,
+        settings_of: BaseChatModel | None = None,
+    ) -> MemoryChatModel:
         """``model`` with the memory of an existing flow (no new store, no new queue): what
-        :class:`~.middleware.MemoryMiddleware` uses around each agent's model call."""
+        :class:`~.middleware.MemoryMiddleware` uses around each agent's model call. The
+        wrapper carries the callbacks, tags, metadata and verbosity of ``settings_of``
+        (default: ``model``)."""
         wrapper = cls.model_construct(
             model=model,
             memory=flow.memory,
             user_id=flow.memory.user_id,
             top_k=flow.flow.top_k,
             injection=flow.injection,
+            untrusted_context=flow.flow.untrusted_context,
             output_version=model.output_version,
             profile=model.profile,
+            **_run_settings(settings_of if settings_of is not None else model),
         )
         wrapper._memory_flow = flow
         return wrapper
@@ -512,6 +545,35 @@ class MemoryChatModel(BaseChatModel):
     async def _aacquire(self) -> None:
         if self.model.rate_limiter is not None:
             await self.model.rate_limiter.aacquire(blocking=True)
+
+
+_RUN_SETTINGS = ("callbacks", "tags", "metadata", "verbose")
+"""What a chat model adds to its runs (handlers, tracing tags and metadata): the wrapper's runs
+are the wrapped model's calls, so it carries them."""
+
+
+def _run_settings(model: BaseChatModel) -> dict[str, Any]:
+    """The wrapped model's run settings that it set (a default is not worth copying), the
+    lists and dicts copied."""
+    settings = {
+        name: getattr(model, name) for name in _RUN_SETTINGS if name in model.model_fields_set
+    }
+    for name, value in settings.items():
+        if isinstance(value, (list, dict)):
+            settings[name] = value.copy()
+    return settings
+
+
+def _merged_metadata(
+    wrapped: Mapping[str, Any] | None, own: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The wrapped model's metadata with this model's on top (``lc_versions`` merged)."""
+    wrapped, own = wrapped or {}, own or {}
+    merged = {**wrapped, **own}
+    versions = [m.get("lc_versions") for m in (wrapped, own)]
+    if all(isinstance(v, Mapping) for v in versions):
+        merged["lc_versions"] = {**versions[0], **versions[1]}  # type: ignore[dict-item]
+    return merged
 
 
 class _Named:

@@ -19,7 +19,7 @@ require("langchain_classic", extra="langchain-classic")
 
 from langchain_classic.base_memory import BaseMemory  # noqa: E402
 from langchain_core.messages import BaseMessage, SystemMessage  # noqa: E402
-from pydantic import Field, PrivateAttr, model_validator  # noqa: E402
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator  # noqa: E402
 
 from ..engine import MemoryStore  # noqa: E402
 from ..flow import MemoryFlow, Turn  # noqa: E402
@@ -29,6 +29,7 @@ from ..writer import BackgroundExtractor  # noqa: E402
 from ._extract import chat_model_completer, memory_field  # noqa: E402
 
 _PENDING_TURNS = 64  # loaded turns waiting for their save_context, per memory object
+_FORGET_TIMEOUT = 30.0  # seconds clear() waits for the user's running background work
 
 
 class HeadroomMemory(BaseMemory):
@@ -81,7 +82,13 @@ class HeadroomMemory(BaseMemory):
             one there is).
         return_messages: Return a list of messages instead of a string.
         top_k: Memories recalled at most.
+        untrusted_context: The chain's prompt holds text the user did not write (retrieved
+            documents), which the extraction sees in the exchange's answer: keep only memories
+            grounded in the user's own words (``stats()["events"]["ungrounded_memories"]``
+            counts the others).
     """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     memory: MemoryStore
     llm: Any = Field(default=None, exclude=True)
@@ -90,6 +97,7 @@ class HeadroomMemory(BaseMemory):
     output_key: str | None = None
     return_messages: bool = False
     top_k: int = Field(default=5, ge=1)
+    untrusted_context: bool = False
 
     _flow: MemoryFlow = PrivateAttr()
     _turns: OrderedDict[str, Turn] = PrivateAttr(default_factory=OrderedDict)
@@ -114,12 +122,21 @@ class HeadroomMemory(BaseMemory):
         if self.llm is not None:
             extractor = BackgroundExtractor(chat_model_completer(self.llm))
             self._flow = build_flow(
-                self.memory, inline=False, top_k=self.top_k, extractor=extractor
+                self.memory,
+                inline=False,
+                top_k=self.top_k,
+                extractor=extractor,
+                untrusted_context=self.untrusted_context,
             )
         else:
             # Recall only: the flow is asked for context without the instruction, and never
             # finished, so nothing is queued.
-            self._flow = build_flow(self.memory, inline=True, top_k=self.top_k)
+            self._flow = build_flow(
+                self.memory,
+                inline=True,
+                top_k=self.top_k,
+                untrusted_context=self.untrusted_context,
+            )
 
     @property
     def memory_variables(self) -> list[str]:
@@ -145,15 +162,24 @@ class HeadroomMemory(BaseMemory):
         user_text = self._text(inputs, self.input_key, "input").strip()
         answer = self._text(outputs, self.output_key, "output")
         with self._turns_lock:
-            turn = self._turns.pop(user_text, None) or Turn(user_text=user_text or None)
+            turn = self._turns.pop(user_text, None) or Turn(
+                user_text=user_text or None, untrusted=self.untrusted_context
+            )
         if self.llm is not None:
             self._flow.finish(turn, answer)
 
     def clear(self) -> None:
-        """Forget every memory of this user (in storage, not only in this object)."""
+        """Forget every memory of this user (in storage, not only in this object), and the
+        user's queued background work with it (the extraction of a run that just ended), so
+        nothing learned before the clear is stored after it (:meth:`MemoryStore.forget_user`).
+
+        Raises:
+            StorageError: background work of this user that was running did not finish
+                within 30 s (nothing was deleted), or the storage failed.
+        """
         with self._turns_lock:
             self._turns.clear()
-        self.memory.clear()
+        self.memory.forget_user(_FORGET_TIMEOUT)
 
     async def aload_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return await asyncio.to_thread(self.load_memory_variables, inputs)

@@ -31,7 +31,10 @@ class MemoryMiddleware(AgentMiddleware):
     Each model call goes through :class:`~.chat_model.MemoryChatModel` around the agent's own
     model (with its tools bound as usual), so the memory block is cut before any stream mode
     (``values``, ``updates``, ``messages``), callback or checkpoint sees it, and the memories
-    are queued for storing off the call's path.
+    are queued for storing off the call's path. The model's own callbacks, tags and metadata
+    go with it. An agent's model that is a ``MemoryChatModel`` of the run's user is left as it
+    is; one of another user is replaced, for the run, by the model it wraps with the run's
+    user's memory: a run never reads or writes another user's memories.
 
     Setup:
         .. code-block:: python
@@ -83,6 +86,9 @@ class MemoryMiddleware(AgentMiddleware):
         top_k: Memories injected at most per model call.
         injection: ``"system"`` or ``"user"`` (see :class:`~.chat_model.MemoryChatModel`).
         queue_path: The durable job queue's file (default: beside embedded memories).
+        untrusted_context: The agent's prompts hold text the user did not write besides tool
+            results (documents put in the system prompt or the state): keep only memories
+            grounded in the user's own words. Calls holding tool results are always checked so.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class MemoryMiddleware(AgentMiddleware):
         top_k: int = 5,
         injection: Injection = "system",
         queue_path: str | os.PathLike[str] | None = None,
+        untrusted_context: bool = False,
     ) -> None:
         super().__init__()
         if injection not in ("system", "user"):
@@ -103,6 +110,7 @@ class MemoryMiddleware(AgentMiddleware):
         self._top_k = top_k
         self._injection: Injection = injection
         self._queue_path = queue_path
+        self._untrusted_context = bool(untrusted_context)
         self._db_path = db_path
         self._storage = storage
         self._embedder = embedder
@@ -147,10 +155,15 @@ class MemoryMiddleware(AgentMiddleware):
     # -- helpers ------------------------------------------------------------------------------
 
     def _with_memory(self, request: ModelRequest[Any]) -> ModelRequest[Any]:
-        if isinstance(request.model, MemoryChatModel):
-            return request  # the agent's model has its own memory already
-        flow = self._flow_of(self._user_of(request))
-        return request.override(model=MemoryChatModel.around(request.model, flow))
+        user_id = self._user_of(request)
+        model = inner = request.model
+        if isinstance(model, MemoryChatModel):
+            if model.user_id == user_id:
+                return request  # the agent's model has this user's memory already
+            inner = model.model  # another user's memory: never used in this user's run
+        flow = self._flow_of(user_id)
+        wrapped = MemoryChatModel.around(inner, flow, settings_of=model)
+        return request.override(model=wrapped)
 
     def _user_of(self, request: ModelRequest[Any]) -> str:
         if self._fixed is not None:
@@ -192,7 +205,13 @@ class MemoryMiddleware(AgentMiddleware):
         return MemoryStore(user_id, storage=first.storage, embedder=first.embedder)
 
     def _flow_for(self, memory: MemoryStore) -> MessagesFlow:
-        flow = build_flow(memory, inline=True, top_k=self._top_k, queue_path=self._queue_path)
+        flow = build_flow(
+            memory,
+            inline=True,
+            top_k=self._top_k,
+            queue_path=self._queue_path,
+            untrusted_context=self._untrusted_context,
+        )
         return MessagesFlow(flow, self._injection)
 
 

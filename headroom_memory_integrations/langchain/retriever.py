@@ -11,7 +11,7 @@ from langchain_core.callbacks import (
 )
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
 from ..types import Category, Memory
@@ -53,6 +53,8 @@ class HeadroomRetriever(BaseRetriever):
         min_score: Overrides the store's relevance floor.
         categories: Only these categories (default all).
     """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     memory: MemoryStore
     k: int = Field(default=5, ge=1, le=MAX_TOP_K)

@@ -46,8 +46,12 @@ from ..storage import Storage
 from ..types import Category, Memory
 from ..wiring import UserStores
 
-SEPARATOR = "."
-"""A namespace's engine user is its labels joined by this (LangGraph forbids it in labels)."""
+SEPARATOR = "\x1f"
+"""A namespace's engine user is its labels joined by this (the ASCII unit separator, refused in
+labels here). Not ``"."``: a dotted user id of a wrapper (an e-mail, ``"alice.smith"``) must never
+be a descendant of a namespace (``("alice",)``)."""
+
+_FORBIDDEN_IN_LABELS = (".", "\x00", SEPARATOR)
 
 _VALUE_KEY = "langgraph_value_"  # metadata keys holding the value's JSON, in numbered pieces
 _TEXT_FIELD_KEY = "langgraph_text_field"  # "text" or "content": the field the text came from
@@ -65,15 +69,24 @@ class InvalidNamespaceError(_InvalidNamespaceError, InvalidInputError):
 
 
 def namespace_user(namespace: Sequence[str]) -> str:
-    """The engine user of ``namespace``: its labels joined by ``"."``.
+    """The engine user of ``namespace``: its labels joined by :data:`SEPARATOR` (``"\\x1f"``).
+
+    A one-label namespace ``("alice",)`` is user ``"alice"``; ``("acme", "bob")`` is user
+    ``"acme\\x1fbob"``, which a wrapper reaches with ``user_id=namespace_user(("acme", "bob"))``.
 
     Raises:
         InvalidNamespaceError: the namespace is empty, or a label is not a non-empty string
-            without ``"."``; or the joined id is too long for a user id.
+            without ``"."``, NUL or ``"\\x1f"``; or the joined id is too long for a user id.
     """
     if not namespace:
         raise InvalidNamespaceError("an empty namespace names no user")
     validate_op_namespace(GetOp(tuple(namespace), ""))
+    for label in namespace:
+        if SEPARATOR in label:
+            raise InvalidNamespaceError(
+                f"namespace {tuple(namespace)!r}: a label cannot contain the unit separator "
+                "'\\x1f' (it joins the labels into the user id)"
+            )
     try:
         return validate_user_id(SEPARATOR.join(namespace))
     except InvalidInputError as exc:
@@ -81,10 +94,11 @@ def namespace_user(namespace: Sequence[str]) -> str:
 
 
 def user_namespace(user_id: str) -> tuple[str, ...] | None:
-    """The namespace whose user is ``user_id``, or None if no namespace maps to it (an empty
-    label, as in ``"a..b"``, or a NUL character)."""
+    """The namespace whose user is ``user_id``, or None if no namespace maps to it: a label
+    would be empty, or contain ``"."`` or NUL (LangGraph forbids them). So a wrapper's dotted
+    user id (``"alice.smith"``, an e-mail) is never part of any namespace."""
     labels = tuple(user_id.split(SEPARATOR))
-    if any(not label or "\x00" in label for label in labels):
+    if any(not label or any(c in label for c in _FORBIDDEN_IN_LABELS) for label in labels):
         return None
     return labels
 
@@ -276,20 +290,27 @@ class HeadroomStore(BaseStore):
     """LangGraph's long-term memory store (``BaseStore``), kept by the memory engine: every
     item is a user's memory, searched by meaning.
 
-    **Namespaces are users.** The engine user of a namespace is its labels joined by ``"."``:
-    ``("alice",)`` is user ``"alice"``, ``("acme", "bob")`` is user ``"acme.bob"``. LangGraph
-    forbids ``"."`` and empty labels, so no two namespaces share a user. ``("alice",)`` holds
+    **Namespaces are users.** The engine user of a namespace is its labels joined by the unit
+    separator ``"\\x1f"`` (:data:`SEPARATOR`, refused in labels, as are ``"."``, NUL and empty
+    labels), so no two namespaces share a user. ``("alice",)`` is user ``"alice"`` and holds
     exactly the memories of ``MemoryStore("alice")`` and of the chat-model wrappers built with
     ``user_id="alice"`` on the same ``db_path``: a store sees what the wrappers learned, and the
-    wrappers recall what an agent put. A get, put or delete touches one namespace's user only.
-    A search covers the namespace and its descendants (LangGraph's prefix semantics):
-    ``("acme",)`` also finds the items of ``("acme", "bob")``, never those of ``("acmex",)``.
-    An empty prefix, which would cover every user, is refused with
-    :class:`InvalidNamespaceError`. Users whose id is no namespace (``"a..b"``) are reachable
-    only through :class:`~headroom_memory_integrations.MemoryStore`.
+    wrappers recall what an agent put. A multi-label namespace's user is
+    :func:`namespace_user` of it: wrappers reach the memories of ``("acme", "bob")`` with
+    ``user_id=namespace_user(("acme", "bob"))``. A get, put or delete touches one namespace's
+    user only. A search covers the namespace and its descendants (LangGraph's prefix
+    semantics): ``("acme",)`` also finds the items of ``("acme", "bob")``, never those of
+    ``("acmex",)``. An empty prefix, which would cover every user, is refused with
+    :class:`InvalidNamespaceError`. A user id with a ``"."`` (``"alice.smith"``, an e-mail) or
+    an empty label (``"a\\x1f\\x1fb"``) is never part of a namespace: no search or
+    ``list_namespaces`` reaches it (``("alice",)`` never finds ``"alice.smith"``'s memories);
+    such users are reachable only through :class:`~headroom_memory_integrations.MemoryStore`
+    and the wrappers.
 
     **Items are memories.** ``put(ns, key, value)`` stores a memory with the id ``key`` (1-256
-    printable characters): created, or replaced in place, never merged with a similar one.
+    printable characters): created, or replaced in place (the old value is not kept as the
+    memory's history; its text is erased from an embedded folder's files when the item is
+    deleted), never merged with a similar one.
     ``get`` returns a value equal to the one put (values are kept as JSON, up to
     :data:`MAX_VALUE_CHARS`; tuples come back as lists). The memory's text, which search and
     the wrappers see, is ``value["text"]``, else ``value["content"]`` when it is a string, else
@@ -421,7 +442,9 @@ class HeadroomStore(BaseStore):
         return _item(op.namespace, found[0]) if found else None
 
     def _put(self, item: _Encoded) -> None:
-        self.stores(item.user_id).put(item.key, item.text, item.category, item.metadata)
+        self.stores(item.user_id).put(
+            item.key, item.text, item.category, item.metadata, keep_history=False
+        )
         with self._known_lock:
             self._known.add(item.user_id)
 
