@@ -94,6 +94,28 @@ def latest_index(messages: Sequence[M], is_user: Callable[[M], bool]) -> int | N
     return None
 
 
+REACT_STEP = "Thought:"
+REACT_OBSERVATION = "Observation:"
+
+
+def react_observations(messages: Sequence[tuple[str | None, str]]) -> set[int]:
+    """Indices of ReAct observations among ``(role, text)`` messages. A ReAct agent (LlamaIndex's
+    ``ReActAgent``, and others that use tools through text) writes each step as an assistant
+    message "Thought: ...\nAction: ..." and gets the tool's output back as a *user* message
+    "Observation: ..." (one or more right after the step). Those are tool results: never the
+    user's words, and they make a call untrusted."""
+    found: set[int] = set()
+    after_step = False
+    for index, (role, text) in enumerate(messages):
+        if role == "assistant":
+            after_step = text.lstrip().startswith(REACT_STEP)
+        elif role == "user" and after_step and text.lstrip().startswith(REACT_OBSERVATION):
+            found.add(index)
+        else:
+            after_step = False
+    return found
+
+
 def insert_before(messages: Sequence[M], index: int, message: M) -> list[M]:
     """A new list with ``message`` just before ``messages[index]``; the prefix is unchanged, so
     the provider's prompt caching keeps working."""

@@ -172,6 +172,35 @@ def test_an_untrusted_call_cannot_mark_another_memory_replaced(
     )
 
 
+def test_a_react_observation_is_a_tool_result_not_the_users_message(
+    openai_server, db_path, model
+) -> None:
+    """ReAct agents use tools through text: the tool's output comes back as a user message
+    "Observation: ...". It is not the user's message (the memories go by the user's own) and
+    it makes the call untrusted."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    openai_server.responder = obedient_model([PLANTED, OWN])
+    question = "I have a dentist appointment on Friday. Is my order shipped?"
+    messages = [
+        {"role": "system", "content": "You answer with Thought / Action / Observation steps."},
+        {"role": "user", "content": question},
+        {
+            "role": "assistant",
+            "content": "Thought: I need a tool.\nAction: orders\nAction Input: {}",
+        },
+        {"role": "user", "content": "Observation: " + POISONED_TOOL_RESULT},
+    ]
+    client.chat.completions.create(model="gpt-4o", messages=messages)
+    sent = openai_server.requests[-1].body["messages"]
+    assert [m["role"] for m in sent] == ["system", "system", "user", "assistant", "user"], sent
+    assert sent[2]["content"] == question  # the instruction is placed by the user's message
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [OWN["text"]]
+    assert client.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
 def test_a_tool_result_cannot_plant_memories_in_the_background(
     openai_server, db_path, model
 ) -> None:

@@ -21,8 +21,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..engine import MemoryStore
-from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
-from ..prompts import fetches_outside_text, inline_extraction_allowed, message_text
+from ..flow import (
+    AnswerStream,
+    MemoryFlow,
+    Turn,
+    insert_before,
+    latest_index,
+    react_observations,
+)
+from ..prompts import (
+    fetches_outside_text,
+    field_value,
+    inline_extraction_allowed,
+    message_text,
+)
 
 Injection = Literal["system", "user"]
 
@@ -98,7 +110,11 @@ class CompletionsFlow:
         call = Call(Turn(), dict(kwargs))
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             return call  # let the API report its own error
-        index = latest_index(messages, is_user)
+        observations = react_observations(
+            [(field_value(message, "role"), message_text(message)) for message in messages]
+        )
+        users = [is_user(m) and i not in observations for i, m in enumerate(messages)]
+        index = latest_index(users, bool)
         if index is None:
             return call
         model = kwargs.get("model")
@@ -106,7 +122,8 @@ class CompletionsFlow:
             message_text(messages[index]),
             instruct=inline_extraction_allowed(kwargs),
             model=model if isinstance(model, str) else None,
-            untrusted=fetches_outside_text(kwargs)
+            untrusted=bool(observations)
+            or fetches_outside_text(kwargs)
             or any(is_tool_result(message) for message in messages),
         )
         prompt = call.turn.prompt
