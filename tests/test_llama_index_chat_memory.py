@@ -11,7 +11,7 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory import ChatMemoryBuffer
 from llama_index.core.storage.chat_store import SimpleChatStore
 
-from headroom_memory_integrations.llama_index import HeadroomChatMemoryBuffer
+from headroom_memory_integrations.llama_index import HeadroomChatMemoryBuffer, HeadroomMemoryBlock
 
 
 @pytest.fixture
@@ -227,3 +227,65 @@ def test_public_names() -> None:
         "llm_memory",
         "openai_llm_with_memory",
     ]
+
+
+def test_memories_are_left_out_rather_than_exceed_the_token_limit(new_buffer) -> None:
+    memory = new_buffer(token_limit=150)
+    memory.memory.add(FACT, category="preference")
+    question = QUESTION + " More details about the service and its requirements." * 9
+    memory.put(ChatMessage(role="user", content=question))
+    tokens = memory.tokenizer_fn
+    assert len(tokens(question)) <= 150  # it fits alone, not with the memories
+    got = memory.get()
+    assert [m.content for m in got] == [question]  # no room for the memories: none added
+    assert len(tokens(" ".join(str(m.content) for m in got))) <= 150
+
+
+def test_serializes_an_absolute_location_from_a_relative_db_path(
+    tmp_path, model, llm, monkeypatch
+) -> None:
+    app, worker = tmp_path / "app", tmp_path / "worker"
+    app.mkdir(), worker.mkdir()
+    monkeypatch.chdir(app)
+    memory = HeadroomChatMemoryBuffer.from_defaults(user_id="alice", db_path="./memories", llm=llm)
+    memory.memory.add(FACT, category="preference")
+    flush(memory.memory)
+    data = json.loads(json.dumps(memory.to_dict()))
+    assert data["db_path"] == str(app / "memories")
+    block = HeadroomMemoryBlock(user_id="alice", db_path="memories", llm=llm)
+    saved_block = block.model_dump()
+    assert saved_block["db_path"] == str(app / "memories")
+
+    monkeypatch.chdir(worker)  # e.g. a worker resuming a saved agent context
+    again = HeadroomChatMemoryBuffer.from_dict(data, llm=llm)
+    assert [m.text for m in again.memory.get_all()] == [FACT]
+    assert HeadroomMemoryBlock(**saved_block, llm=llm).memory.get_all()[0].text == FACT
+    assert not (worker / "memories").exists()
+
+
+def test_memories_that_cannot_be_reopened_are_refused_by_to_dict(db_path, llm) -> None:
+    from conftest import HashEmbedder
+    from llama_index.core.agent.workflow import FunctionAgent
+    from workflows.context.serializers import JsonSerializer
+    from workflows.context.state_store import UnserializableKeyWarning
+
+    from headroom_memory_integrations.errors import InvalidInputError
+
+    memory = HeadroomChatMemoryBuffer.from_defaults(
+        user_id="alice", db_path=db_path, embedder=HashEmbedder(), llm=llm
+    )
+    with pytest.raises(InvalidInputError, match="cannot serialize HeadroomChatMemoryBuffer"):
+        memory.to_dict()
+    with pytest.raises(Exception, match="would not find its memories"):
+        memory.to_string()
+
+    async def run() -> dict:  # an agent runs with it; its context is saved without it
+        handler = FunctionAgent(tools=[], llm=llm).run(user_msg="Hello there", memory=memory)
+        await handler
+        with pytest.warns(UnserializableKeyWarning, match="memory"):
+            return handler.ctx.to_dict(serializer=JsonSerializer())
+
+    assert "HeadroomChatMemoryBuffer" not in json.dumps(asyncio.run(run()))
+    block = HeadroomMemoryBlock(user_id="alice", db_path=db_path, embedder=HashEmbedder(), llm=llm)
+    with pytest.raises(Exception, match="would not find its memories"):
+        block.model_dump()

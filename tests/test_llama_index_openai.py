@@ -16,13 +16,18 @@ from _llama_index_support import (
     CASES,
     ENGINES,
     FACT,
+    PLANTED,
     QUESTION,
     RECALLED,
     Brain,
+    DocumentFollowingBrain,
+    PoisonedRetriever,
+    ReActBrain,
     ScriptedLLM,
     ask,
     flush,
     in_new_process,
+    lookup_tool,
 )
 
 from headroom_memory_integrations.errors import InvalidInputError
@@ -72,13 +77,13 @@ def plain_llm(openai_server, brain, http_clients):
     from llama_index.llms.openai_like import OpenAILike
 
     def build(**options):
+        options = {"is_function_calling_model": True, **options}
         return OpenAILike(
             **http_clients(),
             model="gpt-4o-mini",
             api_base=openai_server.base_url,
             api_key="test-key",
             is_chat_model=True,
-            is_function_calling_model=True,
             context_window=16000,
             **options,
         )
@@ -281,3 +286,61 @@ def test_tool_calls_pass_through_over_http(
     assert_no_block(seen.all_text())
     tool_turn = next(r for r in brain.requests if r[-1]["role"] == "tool")
     assert "<memory-" in str(tool_turn)  # the answer after the tool result had memory too
+
+
+# -- text the user did not write, over HTTP ----------------------------------------------------
+
+
+@pytest.mark.parametrize("untrusted", [False, True])
+def test_untrusted_context_reaches_the_memory_clients(
+    untrusted, openai_server, plain_llm, db_path, model
+) -> None:
+    from llama_index.core.chat_engine import ContextChatEngine
+
+    openai_server.responder = DocumentFollowingBrain().responder
+    llm = openai_llm_with_memory(
+        plain_llm(), user_id="alice", db_path=db_path, embedder=model, untrusted_context=untrusted
+    )
+    ContextChatEngine.from_defaults(retriever=PoisonedRetriever(), llm=llm).chat("Shipping?")
+    flush(llm_memory(llm))
+    assert [m.text for m in llm_memory(llm).get_all()] == ([] if untrusted else [PLANTED])
+
+
+def test_untrusted_context_must_match_clients_given(openai_server, plain_llm, db_path, model):
+    sync = with_fast_memory(
+        openai_server.client(), "alice", db_path, embedder=model, untrusted_context=True
+    )
+    llm = openai_llm_with_memory(plain_llm(openai_client=sync), untrusted_context=True)
+    assert llm._aclient.memory is sync.memory
+    assert llm._aclient._flow.flow.untrusted_context is True  # the added client follows
+    plain = with_fast_memory(openai_server.client(), "alice", db_path, embedder=model)
+    with pytest.raises(InvalidInputError, match="untrusted_context=True"):
+        openai_llm_with_memory(plain_llm(openai_client=plain), untrusted_context=True)
+
+
+@pytest.mark.parametrize("wrapper", ["MemoryLLM", "openai_llm_with_memory"])
+def test_memory_over_http_in_a_react_workflow(wrapper, openai_server, plain_llm, db_path, model):
+    from llama_index.core.agent.workflow import AgentWorkflow, ReActAgent
+
+    brain = ReActBrain()
+    openai_server.responder = brain.responder
+    plain = plain_llm(is_function_calling_model=False)  # AgentWorkflow gives it a ReActAgent
+    settings = {"user_id": "alice", "db_path": db_path, "embedder": model}
+    if wrapper == "MemoryLLM":
+        llm = MemoryLLM(llm=plain, **settings)
+        memory = llm.memory
+    else:  # the OpenAI memory clients recognise ReAct's observations too
+        llm = openai_llm_with_memory(plain, **settings)
+        memory = llm_memory(llm)
+    workflow = AgentWorkflow.from_tools_or_functions([lookup_tool()], llm=llm)
+    assert [type(a) for a in workflow.agents.values()] == [ReActAgent]
+
+    async def run() -> str:
+        return str(await workflow.run(user_msg=FACT))
+
+    assert "12345" in asyncio.run(run())
+    observed = brain.requests[-1]
+    assert observed[-1]["content"].startswith("Observation: ")
+    assert observed[-3]["content"] == FACT and observed[-4]["role"] == "system"
+    flush(memory)
+    assert [m.text for m in memory.get_all()] == [FACT]  # not the observation

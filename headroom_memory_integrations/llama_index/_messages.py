@@ -7,17 +7,60 @@ from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, TextBlock, ToolCallBlock
 
-from ..flow import latest_index
+from ..flow import REACT_OBSERVATION, REACT_STEP, react_observations
 from ..prompts import message_text
 
+# ReAct (``llama_index.core.agent.react``) uses tools through text: see
+# ``flow.react_observations``. Its formatter sends each tool output back as
+# ``ObservationReasoningStep.get_content()`` in a message of its ``observation_role`` (USER by
+# default), and at the end of a turn the whole scratchpad is stored as one assistant message, the
+# steps joined by newlines. Those observations are tool results, not the user's words.
 
-def is_user(message: ChatMessage) -> bool:
-    return message.role == MessageRole.USER
+
+def _observations(messages: Sequence[ChatMessage]) -> set[int]:
+    return react_observations([(m.role.value, text_of(m)) for m in messages])
+
+
+def is_react_observation(messages: Sequence[ChatMessage], index: int) -> bool:
+    """Whether ``messages[index]`` is a ReAct agent's tool observation sent as a user message:
+    "Observation: ..." right after the agent's own step (or another observation)."""
+    return index in _observations(messages[: index + 1])
+
+
+def is_react_transcript(message: ChatMessage) -> bool:
+    """Whether ``message`` is a ReAct agent's stored scratchpad that holds a tool observation."""
+    text = text_of(message)
+    return (
+        message.role == MessageRole.ASSISTANT
+        and text.lstrip().startswith(REACT_STEP)
+        and f"\n{REACT_OBSERVATION}" in text
+    )
+
+
+def is_tool_output(message: ChatMessage) -> bool:
+    """Whether ``message`` is a tool's output: a tool or function message, or an assistant
+    message that is one (an agent's ``return_direct`` answer carries the tool's call id) or
+    that holds one (a ReAct transcript)."""
+    if message.role in (MessageRole.TOOL, MessageRole.FUNCTION):
+        return True
+    return message.role == MessageRole.ASSISTANT and (
+        "tool_call_id" in message.additional_kwargs or is_react_transcript(message)
+    )
+
+
+def user_index(messages: Sequence[ChatMessage]) -> int | None:
+    """Index of the latest message the user wrote (a ReAct observation is not one), or None."""
+    observations = _observations(messages)
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].role == MessageRole.USER and index not in observations:
+            return index
+    return None
 
 
 def holds_tool_results(messages: Sequence[ChatMessage]) -> bool:
-    """Whether any message is a tool's result (text the user did not write: see grounding)."""
-    return any(m.role in (MessageRole.TOOL, MessageRole.FUNCTION) for m in messages)
+    """Whether any message is or holds a tool's result (text the user did not write: see
+    grounding), ReAct's observations included."""
+    return bool(_observations(messages)) or any(is_tool_output(m) for m in messages)
 
 
 def text_of(message: ChatMessage) -> str:
@@ -26,8 +69,8 @@ def text_of(message: ChatMessage) -> str:
 
 
 def latest_user_text(messages: Sequence[ChatMessage]) -> str | None:
-    """The text of the last user message, or None when there is none."""
-    index = latest_index(messages, is_user)
+    """The text of the user's latest message, or None when there is none."""
+    index = user_index(messages)
     return None if index is None else text_of(messages[index])
 
 

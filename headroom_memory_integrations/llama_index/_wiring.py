@@ -9,9 +9,10 @@ from llama_index.core.llms import LLM
 
 from ..embeddings import Embedder
 from ..engine import MemoryStore
+from ..errors import InvalidInputError
 from ..flow import MemoryFlow
 from ..storage import Storage
-from ..wiring import build_flow, open_memory
+from ..wiring import build_flow, open_memory, reopening_arguments
 from ..writer import BackgroundExtractor
 from ._extract import llm_completer
 
@@ -41,23 +42,55 @@ def background_flow(
     llm: LLM | None,
     queue_path: PathLike | None,
 ) -> MemoryFlow:
-    """The flow of ``owner`` (a memory class with ``user_id``, ``db_path`` and ``top_k``
-    fields): it injects the user's memories and learns in the background through ``llm``.
-    An owner built without ``db_path`` gets the location of its memories, so that what it
-    serializes opens the same memories again."""
+    """The flow of ``owner`` (a memory class with ``user_id``, ``db_path``, ``top_k`` and
+    ``untrusted_context`` fields, and an ``_unsaveable`` private attribute): it injects the
+    user's memories and learns in the background through ``llm``. ``owner.db_path`` becomes
+    the location that opens the same memories again from anywhere (an absolute folder, or a
+    server's URL), so that what it serializes finds them; when the memories cannot be opened
+    again from ``user_id`` and ``db_path`` alone, ``owner._unsaveable`` says why (see
+    :func:`check_saveable`)."""
     store = open_memory(memory, owner.user_id, owner.db_path, storage=storage, embedder=embedder)
     extractor = BackgroundExtractor(llm_completer(llm))
     flow = build_flow(
-        store, inline=False, top_k=owner.top_k, extractor=extractor, queue_path=queue_path
+        store,
+        inline=False,
+        top_k=owner.top_k,
+        extractor=extractor,
+        queue_path=queue_path,
+        untrusted_context=owner.untrusted_context,
     )
-    if owner.db_path is None:
-        owner.db_path = reopenable_location(store)
+    location, owner._unsaveable = reopening_location(store)
+    if location is not None:
+        owner.db_path = location
     return flow
 
 
-def reopenable_location(memory: MemoryStore) -> str | None:
-    """``memory``'s folder or server URL, when opening it by ``db_path`` finds it again."""
-    location = memory.storage.location
-    if os.path.isdir(location) or location.startswith(("http://", "https://")):
-        return location
-    return None
+def reopening_location(memory: MemoryStore) -> tuple[str | None, str | None]:
+    """``(db_path, None)``: the location that opens ``memory`` again by ``user_id`` and
+    ``db_path`` (absolute); or ``(None, why)`` when a store reopened so would not be the same
+    (see :func:`~headroom_memory_integrations.wiring.reopening_arguments`)."""
+    try:
+        arguments = reopening_arguments(memory)
+    except InvalidInputError as exc:
+        return None, str(exc)
+    others = sorted(set(arguments) - {"db_path"})
+    if others:
+        return arguments["db_path"], (
+            f"the memories of {memory.user_id!r} use a non-default {' and '.join(others)}, "
+            "which a memory class restored from its user_id and db_path would not have; "
+            "reopen the store yourself and pass it as memory=MemoryStore(...)"
+        )
+    return arguments["db_path"], None
+
+
+def check_saveable(owner: Any) -> None:
+    """Raise when ``owner``'s memories cannot be opened again from what it serializes.
+
+    Raises:
+        InvalidInputError: saved, ``owner`` would come back without its memories.
+    """
+    if owner._unsaveable:
+        raise InvalidInputError(
+            f"cannot serialize {type(owner).__name__}: restored, it would not find its "
+            f"memories: {owner._unsaveable}"
+        )

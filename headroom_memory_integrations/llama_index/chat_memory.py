@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer
 from llama_index.core.llms import LLM
 from llama_index.core.memory import ChatMemoryBuffer
@@ -18,17 +19,19 @@ from llama_index.core.utils import get_tokenizer
 
 from ..embeddings import Embedder
 from ..engine import MemoryStore
-from ..flow import MemoryFlow, Turn, insert_before, latest_index
+from ..flow import MemoryFlow, Turn, insert_before
 from ..storage import Storage
 from ._messages import (
     holds_tool_results,
     is_final_answer,
-    is_user,
+    is_react_observation,
+    is_tool_output,
     latest_user_text,
     system_message,
     text_of,
+    user_index,
 )
-from ._wiring import PathLike, background_flow, memory_fields
+from ._wiring import PathLike, background_flow, check_saveable, memory_fields
 
 
 class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
@@ -42,16 +45,23 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
     - ``get`` adds a system message with the user's memories relevant to ``input`` (or, without
       ``input``, to the latest user message): the escaped context of the core, placed just
       before that user message (or last, when ``input`` is not in the history yet), and
-      counted in ``token_limit``. Nothing is added when no memory is relevant.
+      counted in ``token_limit``. Nothing is added when no memory is relevant, or when the
+      window has no room left for them (its latest message alone nearly fills the limit).
     - every turn is learnt from: when the answer to a user message is put, the exchange goes to
       a durable queue and ``llm`` extracts memories from it in a background thread. Nothing on
-      the caller's path but a queue insert.
+      the caller's path but a queue insert. A turn in which any tool output was put (an
+      agent's tool results, even those it puts only when it finishes; a ``return_direct``
+      answer; a ReAct transcript with its observations) is learnt as untrusted: only memories
+      grounded in the user's own words are kept, and an answer that is a tool's output is not
+      given to the extraction.
 
     Serializing (``to_dict``, an agent's ``Context.to_dict``) writes ``user_id``, ``db_path``
-    (the folder or server URL of the memories), the chat store and the limits, never a client;
-    ``from_dict`` opens the same memories again, with the default embedder and, for
-    extraction, ``Settings.llm`` (pass ``embedder=`` or ``llm=`` to ``from_dict`` for others).
-    Give ``llm`` a plain LLM, not one with memory of its own.
+    (the absolute folder or server URL of the memories), the chat store and the limits, never
+    a client; ``from_dict`` opens the same memories again, from any working directory, with
+    the default embedder and, for extraction, ``Settings.llm`` (pass ``llm=`` to
+    ``from_dict`` for another). Memories that could not be opened again so (a custom embedder
+    or storage object) are refused by ``to_dict`` with an ``InvalidInputError``, rather than
+    restored without memory. Give ``llm`` a plain LLM, not one with memory of its own.
 
     Setup::
 
@@ -82,6 +92,9 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
         chat_store / chat_store_key: Where the short-term history lives.
         top_k: Memories added at most.
         queue_path: The SQLite file of pending extraction jobs.
+        untrusted_context: The application puts text the user did not write in the
+            conversation (retrieved documents in a ``ContextChatEngine``, web pages): keep only
+            memories grounded in the user's own words.
     """
 
     token_limit: int = Field(gt=0)
@@ -89,12 +102,16 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
     user_id: str
     db_path: str | None = None
     top_k: int = Field(default=5, gt=0)
+    untrusted_context: bool = False
 
     _flow: MemoryFlow = PrivateAttr()
+    _unsaveable: str | None = PrivateAttr(default=None)  # why to_dict cannot save the store
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _turn: Turn | None = PrivateAttr(default=None)  # the latest get's, for learning
     _asked: str | None = PrivateAttr(default=None)  # the latest user message put
     _awaiting: bool = PrivateAttr(default=False)  # it has no answer yet
+    _tools: bool = PrivateAttr(default=False)  # a tool's output was put since it was asked
+    _recent: list[ChatMessage] = PrivateAttr(default_factory=list)  # the last messages put
 
     def __init__(
         self,
@@ -134,6 +151,17 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
         data["class_name"] = chat_store.class_name()
         return data
 
+    @field_serializer("db_path")
+    def serialize_db_path(self, db_path: str | None) -> str | None:
+        """The memories' absolute folder or server URL; refused when a restored memory
+        would not find them (a custom embedder or storage: see :func:`check_saveable`)."""
+        check_saveable(self)
+        return db_path
+
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        check_saveable(self)
+        return super().to_dict(**kwargs)
+
     @classmethod
     def from_defaults(  # type: ignore[override]
         cls,
@@ -151,6 +179,7 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
         embedder: Embedder | None = None,
         top_k: int = 5,
         queue_path: PathLike | None = None,
+        untrusted_context: bool = False,
     ) -> HeadroomChatMemoryBuffer:
         """A memory with ``ChatMemoryBuffer.from_defaults``'s defaults (``token_limit`` from
         ``llm``'s context window, else 3000; a new ``SimpleChatStore``) for ``user_id``."""
@@ -175,6 +204,7 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
             llm=llm,
             top_k=top_k,
             queue_path=queue_path,
+            untrusted_context=untrusted_context,
         )
 
     @classmethod
@@ -223,6 +253,11 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
             chat_store_key=self.chat_store_key,
         )
         history = window.get(initial_token_count=initial_token_count + used)
+        if prompt and initial_token_count + used + self._tokens(history) > self.token_limit:
+            # the window could not make room (its latest message alone nearly fills the limit):
+            # leave the memories out rather than go over it
+            prompt = None
+            history = window.get(initial_token_count=initial_token_count)
         if turn.user_text:
             with self._lock:
                 self._turn = turn
@@ -230,11 +265,15 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
             return history
         return self._with_memories(history, system_message(prompt), asked)
 
+    def _tokens(self, messages: list[ChatMessage]) -> int:
+        """Tokens of ``messages``, counted as ``ChatMemoryBuffer`` counts them."""
+        return len(self.tokenizer_fn(" ".join(str(m.content) for m in messages)))
+
     @staticmethod
     def _with_memories(
         history: list[ChatMessage], memories: ChatMessage, asked: str | None
     ) -> list[ChatMessage]:
-        index = latest_index(history, is_user)
+        index = user_index(history)
         pending = asked is not None and (
             index is None or text_of(history[index]).strip() != asked.strip()
         )
@@ -253,28 +292,44 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
         """Replace the short-term history (nothing in it is learnt from)."""
         super().set(messages)
         with self._lock:
-            self._turn = None
-            self._awaiting = bool(messages) and is_user(messages[-1])
-            self._asked = text_of(messages[-1]) if self._awaiting else None
+            self._turn, self._tools, self._recent = None, False, list(messages[-8:])
+            self._awaiting = bool(messages) and user_index(messages) == len(messages) - 1
+            self._asked = text_of(messages[-1]).strip() if self._awaiting else None
 
     def reset(self) -> None:
         """Clear the short-term history. Long-term memories stay (``memory.clear()``)."""
         super().reset()
         with self._lock:
             self._turn, self._asked, self._awaiting = None, None, False
+            self._tools, self._recent = False, []
 
     def _observe(self, messages: list[ChatMessage]) -> None:
-        finished: list[tuple[Turn, str]] = []
+        """Follow the turns put: a user message opens one; the answer that ends it queues the
+        exchange for learning. An agent puts a turn's tool calls and results only when it
+        finishes (``finalize``), after ``get``: an exchange whose turn put any tool output is
+        learnt as untrusted (kept only if grounded in the user's words), and an answer that is
+        a tool's output (``return_direct``, a ReAct transcript) is not given as the answer."""
+        finished: list[tuple[Turn, str | None]] = []
         with self._lock:
             for message in messages:
-                if is_user(message):
+                self._recent = [*self._recent[-7:], message]
+                observation = is_react_observation(self._recent, len(self._recent) - 1)
+                if message.role == MessageRole.USER and not observation:
                     self._asked, self._awaiting = text_of(message).strip(), True
-                elif self._awaiting and self._asked and is_final_answer(message):
+                    self._tools = False
+                    continue
+                if not self._awaiting:
+                    continue
+                tool_output = observation or is_tool_output(message)
+                self._tools = self._tools or tool_output
+                if self._asked and is_final_answer(message):
                     turn = self._turn
                     if turn is None or turn.user_text != self._asked:
                         turn = Turn(user_text=self._asked)
-                    finished.append((turn, text_of(message)))
-                    self._turn, self._awaiting = None, False
+                    if self._tools:
+                        turn = dataclasses.replace(turn, untrusted=True)
+                    finished.append((turn, None if tool_output else text_of(message)))
+                    self._turn, self._awaiting, self._tools = None, False, False
         for turn, answer in finished:
             self._flow.finish(turn, answer)
 

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +36,56 @@ from llama_index.core.bridge.pydantic import BaseModel, PrivateAttr
 from llama_index.core.llms import LLM
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.prompts.base import BasePromptTemplate, PromptTemplate
+from llama_index.core.types import TokenAsyncGen, TokenGen
 
 from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..errors import InvalidInputError
-from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
+from ..flow import AnswerStream, MemoryFlow, Turn, insert_before
 from ..prompts import block_tags, inline_extraction_allowed
 from ..storage import Storage
 from ..wiring import build_flow, open_memory
-from ._messages import holds_tool_results, is_user, system_message, text_of, with_text
+from ._messages import holds_tool_results, system_message, text_of, user_index, with_text
 from ._wiring import PathLike
+
+_PROMPT_QUERIES: ContextVar[frozenset[str] | None] = ContextVar(
+    "headroom_llama_index_prompt_queries", default=None
+)
+"""While a prompt is sent (see MemoryLLM): the ``query_str`` it was filled with; else None."""
+
+
+@contextmanager
+def _prompted(queries: Iterable[str] = ()) -> Generator[None, None, None]:
+    """Mark the calls made inside as sending a prompt filled with the user's ``queries`` (the
+    outermost prompt decides: ``predict`` of a completion model calls ``complete``)."""
+    if _PROMPT_QUERIES.get() is not None:
+        yield
+        return
+    token = _PROMPT_QUERIES.set(frozenset(q.strip() for q in queries))
+    try:
+        yield
+    finally:
+        _PROMPT_QUERIES.reset(token)
+
+
+def _queries(prompt: Any, prompt_args: Mapping[str, Any]) -> list[str]:
+    """The ``query_str`` (LlamaIndex's name for the user's query) a prompt template is filled
+    with: given with ``prompt_args``, or bound before (a response synthesizer's
+    ``partial_format``), in any template a selector may pick."""
+    templates = [prompt, getattr(prompt, "default_template", None)]
+    templates += [t for _, t in getattr(prompt, "conditionals", None) or []]
+    bound = [getattr(t, "kwargs", None) for t in templates]
+    found = [kw.get("query_str") for kw in [*bound, prompt_args] if isinstance(kw, Mapping)]
+    return [query for query in found if isinstance(query, str)]
+
+
+def _user_wrote(text: str) -> bool:
+    """Whether the latest user message of the call being prepared is the user's own: any
+    call but a prompt's, or a prompt's whose user message is exactly its ``query_str`` (the
+    chat engines' final call: the user's message)."""
+    queries = _PROMPT_QUERIES.get()
+    return queries is None or text.strip() in queries
 
 
 @dataclass
@@ -59,8 +108,17 @@ class MemoryLLM(FunctionCallingLLM):
 
     A function-calling LLM stays one (``metadata`` is the wrapped LLM's, tool calls pass
     through), so ``FunctionAgent`` and ``AgentWorkflow`` work with it. Requests that force a
-    tool call get memories but no instruction. ``complete`` and ``stream_complete`` (and
-    their async forms) go through ``chat`` with the prompt as the user message.
+    tool call get memories but no instruction. Tool results (tool messages, and the
+    "Observation: ..." messages a ``ReActAgent`` sends as user messages) are never taken for
+    the user's words, and a call that holds any keeps only memories grounded in them.
+
+    Prompts are not the user's words. ``complete`` and ``stream_complete`` (and their async
+    forms) get the memories relevant to the prompt but no instruction: nothing is learnt from
+    them. So do ``predict`` / ``stream`` / ``structured_predict`` (and their async forms),
+    through which LlamaIndex sends its own templates (a condense prompt with the whole
+    conversation, a query engine's question-answering prompt with the retrieved documents),
+    unless the template's user message is exactly its ``{query_str}`` (as in the chat engines'
+    final call: the user's message), which is learnt from as in ``chat``.
 
     Setup::
 
@@ -93,6 +151,9 @@ class MemoryLLM(FunctionCallingLLM):
         memory: An existing :class:`MemoryStore` instead of the three above.
         top_k: Memories injected at most.
         queue_path: The SQLite file of pending writes.
+        untrusted_context: The application puts text the user did not write in the
+            conversation (retrieved documents in a ``ContextChatEngine``, web pages): keep only
+            memories grounded in the user's own words.
     """
 
     _llm: LLM = PrivateAttr()
@@ -109,6 +170,7 @@ class MemoryLLM(FunctionCallingLLM):
         embedder: Embedder | None = None,
         top_k: int = 5,
         queue_path: PathLike | None = None,
+        untrusted_context: bool = False,
     ) -> None:
         if not isinstance(llm, LLM):
             raise InvalidInputError(f"llm must be a LlamaIndex LLM, got {type(llm).__name__}")
@@ -125,7 +187,13 @@ class MemoryLLM(FunctionCallingLLM):
         )
         store = open_memory(memory, user_id, db_path, storage=storage, embedder=embedder)
         self._llm = llm
-        self._flow = build_flow(store, inline=True, top_k=top_k, queue_path=queue_path)
+        self._flow = build_flow(
+            store,
+            inline=True,
+            top_k=top_k,
+            queue_path=queue_path,
+            untrusted_context=untrusted_context,
+        )
 
     @classmethod
     def class_name(cls) -> str:
@@ -148,14 +216,16 @@ class MemoryLLM(FunctionCallingLLM):
     # -- the translation: messages in, responses out -------------------------------------------
 
     def _before(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Call:
-        """The messages to send, with the memory prompt before the latest user message."""
+        """The messages to send, with the memory prompt before the latest user message (one of
+        LlamaIndex's prompts gets no instruction: see the class)."""
         sent = list(messages)
-        index = latest_index(sent, is_user)
+        index = user_index(sent)
         if index is None:
             return _Call(Turn(), sent)
+        asked = text_of(sent[index])
         turn = self._flow.start(
-            text_of(sent[index]),
-            instruct=inline_extraction_allowed(kwargs),
+            asked,
+            instruct=inline_extraction_allowed(kwargs) and _user_wrote(asked),
             untrusted=holds_tool_results(sent),
         )
         if turn.prompt:
@@ -199,25 +269,65 @@ class MemoryLLM(FunctionCallingLLM):
         stream = await self._llm.astream_chat(call.messages, **kwargs)
         return self._stream(call).aedit(stream)
 
-    # -- completion: the prompt as the user message of a chat ------------------------------------
+    # -- LlamaIndex's prompts: memories injected, nothing learnt ------------------------------
 
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return chat_to_completion_decorator(self.chat)(prompt, **kwargs)
+        with _prompted():
+            return chat_to_completion_decorator(self.chat)(prompt, **kwargs)
 
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
-        return stream_chat_to_completion_decorator(self.stream_chat)(prompt, **kwargs)
+        with _prompted():
+            return stream_chat_to_completion_decorator(self.stream_chat)(prompt, **kwargs)
 
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        return await achat_to_completion_decorator(self.achat)(prompt, **kwargs)
+        with _prompted():
+            return await achat_to_completion_decorator(self.achat)(prompt, **kwargs)
 
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        return await astream_chat_to_completion_decorator(self.astream_chat)(prompt, **kwargs)
+        with _prompted():
+            return await astream_chat_to_completion_decorator(self.astream_chat)(prompt, **kwargs)
+
+    def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        with _prompted(_queries(prompt, prompt_args)):
+            return super().predict(prompt, **prompt_args)
+
+    def stream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenGen:
+        with _prompted(_queries(prompt, prompt_args)):
+            return super().stream(prompt, **prompt_args)
+
+    async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        with _prompted(_queries(prompt, prompt_args)):
+            return await super().apredict(prompt, **prompt_args)
+
+    async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenAsyncGen:
+        with _prompted(_queries(prompt, prompt_args)):
+            return await super().astream(prompt, **prompt_args)
+
+    def structured_predict(
+        self,
+        output_cls: Any,
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Any:
+        with _prompted(_queries(prompt, prompt_args)):
+            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+
+    async def astructured_predict(
+        self,
+        output_cls: Any,
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Any:
+        with _prompted(_queries(prompt, prompt_args)):
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
 
     # -- function calling: the wrapped LLM's own, around the chat calls above -------------------
 

@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer
 from llama_index.core.llms import LLM
 from llama_index.core.memory.memory import BaseMemoryBlock
 
@@ -16,7 +16,7 @@ from ..engine import MemoryStore
 from ..flow import MemoryFlow
 from ..storage import Storage
 from ._messages import latest_user_text
-from ._wiring import PathLike, background_flow, memory_fields
+from ._wiring import PathLike, background_flow, check_saveable, memory_fields
 
 
 class HeadroomMemoryBlock(BaseMemoryBlock[str]):
@@ -57,7 +57,14 @@ class HeadroomMemoryBlock(BaseMemoryBlock[str]):
         llm: The model for background extraction (default: ``Settings.llm``).
         top_k: Memories returned at most.
         queue_path: The SQLite file of pending extraction jobs.
+        untrusted_context: The application puts text the user did not write in the
+            conversation (retrieved documents, web pages): keep only memories grounded in the
+            user's own words.
         name / priority: As for every block (priority 0: never truncated).
+
+    Serialized (``Memory.to_dict``), the block writes ``user_id`` and ``db_path`` as the
+    absolute folder or server URL of the memories; it refuses to serialize memories that
+    could not be opened again from those (a custom embedder or storage object).
     """
 
     name: str = Field(default="user_memories", description="The name of the memory block.")
@@ -67,8 +74,10 @@ class HeadroomMemoryBlock(BaseMemoryBlock[str]):
     user_id: str
     db_path: str | None = None
     top_k: int = Field(default=5, gt=0)
+    untrusted_context: bool = False
 
     _flow: MemoryFlow = PrivateAttr()
+    _unsaveable: str | None = PrivateAttr(default=None)  # why it cannot be serialized
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _learnt: dict[str | None, str] = PrivateAttr(default_factory=dict)  # session -> message
 
@@ -86,6 +95,13 @@ class HeadroomMemoryBlock(BaseMemoryBlock[str]):
         self._flow = background_flow(
             self, memory, storage=storage, embedder=embedder, llm=llm, queue_path=queue_path
         )
+
+    @field_serializer("db_path")
+    def serialize_db_path(self, db_path: str | None) -> str | None:
+        """The memories' absolute folder or server URL; refused when a restored block would
+        not find them (a custom embedder or storage)."""
+        check_saveable(self)
+        return db_path
 
     @property
     def memory(self) -> MemoryStore:

@@ -40,6 +40,12 @@ def _check_openai_llm(llm: Any) -> None:
         )
 
 
+def _untrusted_context(client: MemoryClient) -> bool:
+    """Whether a memory client was built with ``untrusted_context=True``."""
+    flow = getattr(getattr(client, "_flow", None), "flow", None)
+    return bool(getattr(flow, "untrusted_context", False))
+
+
 def openai_llm_with_memory(
     llm: Any,
     user_id: str | None = None,
@@ -50,6 +56,7 @@ def openai_llm_with_memory(
     embedder: Embedder | None = None,
     top_k: int = 5,
     queue_path: PathLike | None = None,
+    untrusted_context: bool = False,
 ) -> Any:
     """Give a LlamaIndex ``OpenAI`` / ``OpenAILike`` / ``OpenAIResponses`` LLM memory through its
     own clients.
@@ -81,9 +88,10 @@ def openai_llm_with_memory(
     Args:
         llm: A ``llama_index.llms.openai.OpenAI`` or subclass (``OpenAILike``, ...), or an
             ``OpenAIResponses`` (which calls ``responses.create``).
-        user_id, db_path, memory, storage, embedder, top_k, queue_path: As for
-            :func:`~headroom_memory_integrations.openai.with_fast_memory`; none of the store
-            options when ``llm`` already has memory clients.
+        user_id, db_path, memory, storage, embedder, top_k, queue_path, untrusted_context: As
+            for :func:`~headroom_memory_integrations.openai.with_fast_memory`; none of the store
+            options when ``llm`` already has memory clients (build those with
+            ``untrusted_context=True`` themselves; a client added to them follows them).
 
     Returns:
         ``llm`` itself; its memories are ``llm._client.memory`` (see :func:`llm_memory`).
@@ -112,6 +120,13 @@ def openai_llm_with_memory(
         if any(o is not None for o in options) or memory not in (None, existing):
             raise InvalidInputError("the LLM has memory clients already: pass no store options")
         memory = existing
+        kept = [c for c in clients if isinstance(c, MemoryClient)]
+        if untrusted_context and not all(_untrusted_context(c) for c in kept):
+            raise InvalidInputError(
+                "the LLM has memory clients already: build them with "
+                "with_fast_memory(..., untrusted_context=True)"
+            )
+        untrusted_context = any(_untrusted_context(c) for c in kept)
     wrapped = []
     for client in clients:
         if not isinstance(client, MemoryClient):
@@ -124,6 +139,7 @@ def openai_llm_with_memory(
                 embedder=None if memory is not None else embedder,
                 top_k=top_k,
                 queue_path=queue_path,
+                untrusted_context=untrusted_context,
             )
             memory = client.memory
         wrapped.append(client)

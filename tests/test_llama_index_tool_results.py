@@ -1,0 +1,195 @@
+"""Text the user did not write (tool results, ReAct observations, retrieved documents) never
+becomes a memory about the user through the LlamaIndex adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from _llama_index_support import (
+    FACT,
+    PLANTED,
+    POISON,
+    DocumentFollowingBrain,
+    GullibleBrain,
+    PoisonedRetriever,
+    ReActBrain,
+    ScriptedLLM,
+    flush,
+    lookup,
+    lookup_tool,
+)
+from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent, ReActAgent
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, LLMMetadata
+from llama_index.core.chat_engine import ContextChatEngine
+
+from headroom_memory_integrations.llama_index import (
+    HeadroomChatMemoryBuffer,
+    HeadroomMemoryBlock,
+    MemoryLLM,
+)
+
+
+class ChatOnly(ScriptedLLM):
+    """A chat LLM without function calling (``AgentWorkflow`` gives it a ``ReActAgent``)."""
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=16000, is_chat_model=True)
+
+
+def texts(store: Any) -> list[str]:
+    flush(store)
+    return sorted(m.text for m in store.get_all())
+
+
+def run(agent: Any, text: str, memory: Any = None) -> str:
+    async def go() -> str:
+        return str(await agent.run(user_msg=text, **({"memory": memory} if memory else {})))
+
+    return asyncio.run(go())
+
+
+# -- HeadroomChatMemoryBuffer in agents: tool results arrive only at finalize -----------------
+
+
+@pytest.fixture
+def buffer(db_path, model):
+    def build(llm: Any, **options: Any) -> HeadroomChatMemoryBuffer:
+        return HeadroomChatMemoryBuffer.from_defaults(
+            user_id="alice", db_path=db_path, embedder=model, llm=llm, **options
+        )
+
+    return build
+
+
+@pytest.mark.parametrize("workflow", [False, True])
+def test_an_agent_turn_with_a_tool_result_is_learnt_as_untrusted(workflow, buffer) -> None:
+    brain = GullibleBrain()
+    llm = ScriptedLLM(brain=brain)
+    memory = buffer(llm)
+    brain.tool_calls.append(("lookup", {"order": "A1"}))
+    agent = (
+        AgentWorkflow.from_tools_or_functions([lookup_tool()], llm=llm)
+        if workflow
+        else FunctionAgent(tools=[lookup_tool()], llm=llm)
+    )
+    answer = run(agent, FACT, memory)
+    assert "12345" in answer  # the model repeated the tool's text in its answer
+    assert [m.role.value for m in memory.get_all()] == ["user", "assistant", "tool", "assistant"]
+    assert texts(memory.memory) == [FACT]  # the user's words kept, the planted one dropped
+    assert memory.memory.counters["ungrounded_memories"] == 1
+
+
+def test_a_return_direct_tool_output_is_not_taken_as_the_answer(buffer) -> None:
+    brain = GullibleBrain()
+    llm = ScriptedLLM(brain=brain)
+    memory = buffer(llm)
+    brain.tool_calls.append(("lookup", {"order": "A1"}))
+    answer = run(FunctionAgent(tools=[lookup_tool(return_direct=True)], llm=llm), FACT, memory)
+    assert answer == lookup()  # the tool's raw output is the agent's answer
+    assert texts(memory.memory) == [FACT]
+    (conversation,) = brain.conversations
+    assert FACT in conversation and "12345" not in conversation  # nor the extracted answer
+
+
+def test_react_transcripts_in_the_buffer_are_tool_results(buffer) -> None:
+    brain = ReActBrain()
+    llm = ScriptedLLM(brain=brain)
+    memory = buffer(llm)
+    for question in (FACT, "And where is order A1 now?"):
+        run(ReActAgent(tools=[lookup_tool()], llm=llm), question, memory)
+        flush(memory.memory)
+    stored = memory.get_all()
+    assert [m.role.value for m in stored] == ["user", "assistant"] * 2
+    assert "Observation: Order A1 shipped" in stored[1].content  # ReAct's stored scratchpad
+    assert texts(memory.memory) == [FACT]
+    assert len(brain.conversations) == 2  # each turn was learnt from ...
+    assert all("12345" not in c for c in brain.conversations)  # ... but not from the transcript
+
+
+# -- MemoryLLM in ReAct: observations come back as user messages -------------------------------
+
+
+@pytest.fixture
+def new_llm(db_path, model):
+    def build(base: ScriptedLLM, **options: Any) -> MemoryLLM:
+        return MemoryLLM(llm=base, user_id="alice", db_path=db_path, embedder=model, **options)
+
+    return build
+
+
+@pytest.mark.parametrize("workflow", [False, True])
+def test_a_react_observation_is_not_the_users_message(workflow, new_llm) -> None:
+    brain = ReActBrain()
+    llm = new_llm(ChatOnly(brain=brain))
+    if workflow:
+        agent: Any = AgentWorkflow.from_tools_or_functions([lookup_tool()], llm=llm)
+        assert [type(a) for a in agent.agents.values()] == [ReActAgent]
+    else:
+        agent = ReActAgent(tools=[lookup_tool()], llm=llm)
+    answer = run(agent, FACT)
+    assert "12345" in answer
+    observed = brain.requests[-1]
+    assert [m["role"] for m in observed][-4:] == ["system", "user", "assistant", "user"]
+    assert observed[-3]["content"] == FACT  # the memories sit before the user's own message
+    assert "<user-memories>" in observed[-4]["content"] or "<memory-" in observed[-4]["content"]
+    assert observed[-1]["content"].startswith("Observation: ")
+    assert texts(llm.memory) == [FACT]  # the observation, recorded as said, was dropped
+    assert llm.memory.counters["ungrounded_memories"] == 1
+
+
+def test_a_user_message_that_starts_like_an_observation_is_still_the_users(new_llm) -> None:
+    llm = new_llm(ScriptedLLM())
+    said = "Observation: I prefer Python for backend work"
+    llm.chat([ChatMessage(role="user", content=said)])  # no ReAct step before it
+    assert texts(llm.memory) == [said]
+
+
+# -- untrusted_context: documents the application puts in the prompt ------------------------
+
+
+@pytest.mark.parametrize("untrusted", [False, True])
+def test_untrusted_context_keeps_documents_out_of_memory_llm(untrusted, new_llm) -> None:
+    llm = new_llm(ScriptedLLM(brain=DocumentFollowingBrain()), untrusted_context=untrusted)
+    ContextChatEngine.from_defaults(retriever=PoisonedRetriever(), llm=llm).chat("Shipping?")
+    assert texts(llm.memory) == ([] if untrusted else [PLANTED])
+
+
+class DocumentEchoingLLM(ScriptedLLM):
+    """Answers by repeating the document in its context; its brain extracts."""
+
+    def chat(self, messages: Any, **kwargs: Any) -> ChatResponse:
+        system = "\n".join(m.content or "" for m in messages if m.role.value == "system")
+        if "Shipping FAQ" not in system or system.startswith("You maintain long-term memory"):
+            return super().chat(messages, **kwargs)
+        answer = ChatMessage(role="assistant", content=f"Per the FAQ: {POISON}")
+        return ChatResponse(message=answer)
+
+
+@pytest.mark.parametrize("untrusted", [False, True])
+def test_untrusted_context_keeps_documents_out_of_the_buffer(untrusted, buffer) -> None:
+    llm = DocumentEchoingLLM(brain=GullibleBrain())
+    memory = buffer(llm, untrusted_context=untrusted)
+    engine = ContextChatEngine.from_defaults(retriever=PoisonedRetriever(), llm=llm, memory=memory)
+    assert "12345" in str(engine.chat(FACT))
+    assert texts(memory.memory) == ([FACT] if untrusted else sorted([FACT, PLANTED]))
+
+    data = json.loads(json.dumps(memory.to_dict()))
+    assert data["untrusted_context"] is untrusted
+    again = HeadroomChatMemoryBuffer.from_dict(data, llm=llm)
+    assert again.untrusted_context is untrusted
+    again.memory.clear()
+    ContextChatEngine.from_defaults(retriever=PoisonedRetriever(), llm=llm, memory=again).chat(FACT)
+    assert texts(again.memory) == ([FACT] if untrusted else sorted([FACT, PLANTED]))
+
+
+def test_the_block_takes_and_keeps_untrusted_context(db_path, model) -> None:
+    block = HeadroomMemoryBlock(
+        user_id="alice", db_path=db_path, embedder=model, llm=ScriptedLLM(), untrusted_context=True
+    )
+    data = block.model_dump()
+    assert data["untrusted_context"] is True
+    assert HeadroomMemoryBlock(**data, llm=ScriptedLLM()).untrusted_context is True
