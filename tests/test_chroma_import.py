@@ -121,3 +121,32 @@ def test_chromadb_is_imported_without_the_checks_and_the_decorator_restored(
     assert result["cli_is_real"] is True and result["httpx_main_reaches_it"] is True
     assert result["stored"] == "Prefers tea to coffee"
     assert result["found"] == ["Prefers tea to coffee"]
+
+
+HTTP_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import openai
+    from headroom_memory_integrations import with_fast_memory
+    before = "httpx" in sys.modules
+    client = with_fast_memory(openai.OpenAI(api_key="sk-x"), user_id="alice", db_path=sys.argv[1])
+    httpx = sys.modules.get("httpx")
+    ready = httpx is not None and all(hasattr(httpx, n) for n in ("Timeout", "Client", "main"))
+    print(json.dumps({"before": before, "ready": ready, "chromadb": "chromadb" in sys.modules}))
+    """
+)
+
+
+def test_the_http_library_is_imported_where_the_storage_is_built(tmp_path: Path) -> None:
+    """chromadb (imported on a background thread) brings ``httpx``, which openai 3.x looks up
+    in ``sys.modules`` on every request: half imported, it failed the application's calls on
+    other threads. It is imported when the wrapper is built, before any background thread."""
+    done = subprocess.run(
+        [sys.executable, "-c", HTTP_CHILD, str(tmp_path / "db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ready"] is True and result["chromadb"] is False

@@ -39,7 +39,7 @@ from ..embeddings.base import Vectors
 from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import Catalogued, collection_name
-from .chroma_import import import_chromadb
+from .chroma_import import import_chromadb, import_http_client
 from .deferred import (
     MAX_DEFERRED_RECORDS,
     SETTLE_SECONDS,
@@ -1031,6 +1031,7 @@ class ChromaStorage:
     ) -> None:
         if (client is None) == (connect is None):
             raise TypeError("pass a chromadb client or a connect function, not both or neither")
+        import_http_client()  # here, not on the thread that opens Chroma: see the function
         self._client = client
         self._connect = connect
         self.location = location

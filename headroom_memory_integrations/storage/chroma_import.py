@@ -61,6 +61,21 @@ def import_chromadb(*submodules: str) -> ModuleType:
     return sys.modules["chromadb"]
 
 
+def import_http_client() -> None:
+    """Import the HTTP library chromadb uses (``httpx``) now, on the calling thread.
+
+    Chroma is opened, so chromadb imported, on a background thread (the first search's, the
+    writer's). openai 3.x looks ``httpx`` up in ``sys.modules`` on every request (to accept
+    that library's clients too), so while a background import of it was half done, the
+    application's openai calls on other threads failed with ``AttributeError`` (partially
+    initialized module). Importing it first, where the storage is built (~15 ms, its
+    command-line client put off as above), leaves no such window."""
+    if "httpx" in sys.modules:
+        return
+    with _lock, _modules_deferred(), suppress(ImportError):
+        importlib.import_module("httpx")
+
+
 @contextmanager
 def _collection_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while chromadb imports (as it was, after)."""
