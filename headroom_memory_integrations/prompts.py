@@ -403,7 +403,10 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
     - ``tool_choice`` that forces a tool: ``"required"``, ``"any"``, a tool's name, or a mapping
       or object naming a tool (an ``allowed_tools`` choice counts only with
       ``mode="required"``); legacy ``function_call`` naming a function;
-    - ``modalities`` including ``"audio"`` (the block would be spoken).
+    - ``modalities`` including ``"audio"`` (the block would be spoken);
+    - log probabilities asked for (``logprobs=True`` or ``top_logprobs``, or the Responses API's
+      ``include`` of ``"message.output_text.logprobs"``): they list the answer's tokens, the
+      block's among them, and are not edited.
 
     Absent values, None and the openai client's ``NOT_GIVEN`` / ``omit`` sentinels mean "not set".
     Such requests still get memories injected; use background extraction for them.
@@ -425,6 +428,13 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
         return False
     function_call = _given(request_kwargs.get("function_call"))
     if function_call is not None and not isinstance(function_call, str):
+        return False
+    if _given(request_kwargs.get("logprobs")) or _given(request_kwargs.get("top_logprobs")):
+        return False
+    include = _given(request_kwargs.get("include"))
+    if not isinstance(include, Iterable) or isinstance(include, (str, bytes)):
+        include = ()
+    if any(isinstance(item, str) and item.endswith("logprobs") for item in include):
         return False
     modalities = _given(request_kwargs.get("modalities"))
     if isinstance(modalities, str):

@@ -227,6 +227,10 @@ def test_machine_readable_requests_get_no_instruction(client, openai_server, mod
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     ask(client, "Which language should I use?", tools=tools, tool_choice="required")
     assert instruction_nonce(openai_server.requests[-1].body) is None
+    # log probabilities list every token of the answer, a block's too: none is asked for
+    ask(client, "Which language should I use?", logprobs=True, top_logprobs=2)
+    assert "Prefers Python" in sent_messages(openai_server)[0]["content"]
+    assert instruction_nonce(openai_server.requests[-1].body) is None
 
 
 def test_a_spoofed_block_plants_nothing(client, openai_server) -> None:

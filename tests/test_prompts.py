@@ -752,6 +752,11 @@ class NotGiven:  # stands in for openai.NOT_GIVEN
         ({"text": {"format": {"type": "text"}}}, True),
         ({"modalities": ["text", "audio"]}, False),
         ({"modalities": ["text"]}, True),
+        ({"logprobs": True}, False),  # the block's tokens would be listed in them
+        ({"logprobs": False}, True),
+        ({"top_logprobs": 3}, False),
+        ({"include": ["message.output_text.logprobs"]}, False),
+        ({"include": ["file_search_call.results"]}, True),
     ],
 )
 def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> None:
