@@ -128,6 +128,29 @@ def test_streaming_never_shows_the_block(client, model_says) -> None:
     assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
 
 
+def test_a_stream_read_with_next_is_filtered_too(client, aclient, model_says) -> None:
+    """openai's streams are iterators: ``next()`` / ``anext()`` work, and go through the same
+    filter as a ``for`` loop, however the two are mixed."""
+    model_says.answer, model_says.memories = "Sure, Python suits that well.", [PYTHON]
+    model_says.chunk_size = 3
+
+    def text(chunks) -> str:
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    stream = ask(client, "I prefer Python for backend work", stream=True)
+    first = [next(stream), stream.__next__()]
+    assert text([*first, *stream]) == "Sure, Python suits that well."
+
+    async def read_async() -> str:
+        stream = await aclient.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Say it"}], stream=True
+        )
+        first = [await anext(stream), await stream.__anext__()]
+        return text([*first, *[c async for c in stream]])
+
+    assert asyncio.run(read_async()) == "Sure, Python suits that well."
+
+
 def test_streaming_text_arrives_before_the_block_completes(
     client, openai_server, model_says
 ) -> None:

@@ -40,14 +40,21 @@ class MemoryStream(_Passthrough):
     def __init__(self, stream: Any, editor: ItemEditor) -> None:
         super().__init__(stream)
         self._editor = editor
+        self._items = self._edited()  # one iterator, as openai's own stream has
 
-    def __iter__(self) -> Iterator[Any]:
+    def _edited(self) -> Iterator[Any]:
         try:
             for chunk in self._wrapped:
                 yield from self._editor.edit(chunk)
             yield from self._editor.end()
         finally:
             self._editor.end()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items
+
+    def __next__(self) -> Any:
+        return next(self._items)
 
     def __enter__(self) -> MemoryStream:
         return self
@@ -62,8 +69,9 @@ class AsyncMemoryStream(_Passthrough):
     def __init__(self, stream: Any, editor: ItemEditor) -> None:
         super().__init__(stream)
         self._editor = editor
+        self._items = self._edited()
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    async def _edited(self) -> AsyncIterator[Any]:
         try:
             async for chunk in self._wrapped:
                 for edited in self._editor.edit(chunk):
@@ -72,6 +80,12 @@ class AsyncMemoryStream(_Passthrough):
                 yield last
         finally:
             self._editor.end()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._items
+
+    async def __anext__(self) -> Any:
+        return await self._items.__anext__()
 
     async def __aenter__(self) -> AsyncMemoryStream:
         return self
