@@ -10,28 +10,46 @@
 
 Every command takes ``--user`` (or ``$HEADROOM_MEMORY_USER``), ``--db`` (a folder or a Chroma
 server URL; default ``$HEADROOM_MEMORY_DB`` or ``~/.headroom-memory``) and ``--json``.
-Exit status: 0 on success, 1 when the memory layer refuses or fails, 2 on bad usage.
+Exit status: 0 on success, 1 when the memory layer refuses or fails, 2 on bad usage (a
+missing or invalid argument, checked before any store is opened, or an id too short or
+ambiguous for ``delete``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
-from .engine import MemoryStore
-from .errors import HeadroomMemoryError
+from .engine import (
+    MAX_MEMORY_ID_CHARS,
+    MAX_TOP_K,
+    MemoryStore,
+    clean_metadata,
+    clean_text,
+    validate_user_id,
+)
+from .errors import HeadroomMemoryError, InvalidInputError
+from .keys import clean_keys
 from .types import Category, Memory
 from .write_path import Outcome, Remembered
 
 _TEXT_WIDTH = 60
 _HOST_PORT = re.compile(r"[\w.-]+:\d{1,5}")
+_SHORT_ID = 12
+"""How many characters of an id the tables show: ``delete`` takes a prefix this long."""
+
+
+class _UsageError(Exception):
+    """Bad usage found after parsing (exit status 2, as for argparse's own errors)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add = commands.add_parser("add", parents=[common], help="remember a text")
-    add.add_argument("text")
+    add.add_argument("text", type=_checked(lambda text: clean_text(text, "the memory text")))
     add.add_argument("--category", choices=categories, default="fact")
     add.add_argument(
         "--meta",
@@ -69,22 +87,39 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--keys",
         metavar="WORDS",
+        type=_checked(clean_keys),
         help='topic words (and a question) to index with it, e.g. "diet, seafood"',
     )
 
     search = commands.add_parser("search", parents=[common], help="find relevant memories")
-    search.add_argument("query")
-    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("query", type=_checked(lambda query: clean_text(query, "the query")))
+    search.add_argument(
+        "--top-k",
+        type=_top_k,
+        default=5,
+        metavar="N",
+        help=f"at most N results, 1 to {MAX_TOP_K} (default 5)",
+    )
     search.add_argument(
         "--category", action="append", choices=categories, help="only this category (repeatable)"
     )
-    search.add_argument("--min-score", type=float, default=None, help="relevance floor")
+    search.add_argument(
+        "--min-score",
+        type=_score,
+        default=None,
+        metavar="SCORE",
+        help="relevance floor (-1 shows every candidate with its score)",
+    )
 
     listing = commands.add_parser("list", parents=[common], help="list memories, oldest first")
     listing.add_argument("--category", choices=categories)
 
     delete = commands.add_parser("delete", parents=[common], help="forget one memory")
-    delete.add_argument("id")
+    delete.add_argument(
+        "id",
+        type=_memory_id,
+        help=f"the full id, or its first {_SHORT_ID} characters as a table shows them",
+    )
 
     clear = commands.add_parser("clear", parents=[common], help="forget all of a user's memories")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -92,10 +127,16 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("stats", parents=[common], help="counts and configuration")
 
     export = commands.add_parser("export", parents=[common], help="write memories as JSON Lines")
-    export.add_argument("file", nargs="?", default="-", help="a file, or - for stdout (default)")
+    export.add_argument(
+        "file",
+        nargs="?",
+        default="-",
+        type=_file_name,
+        help="a file, or - for stdout (default)",
+    )
 
     load = commands.add_parser("import", parents=[common], help="read memories from JSON Lines")
-    load.add_argument("file", help="a file written by export, or - for stdin")
+    load.add_argument("file", type=_file_name, help="a file written by export, or - for stdin")
     return parser
 
 
@@ -121,10 +162,68 @@ def _shorten(text: str) -> str:
     return flat if len(flat) <= _TEXT_WIDTH else flat[: _TEXT_WIDTH - 1] + "…"
 
 
+def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse ``type``: the argument as given, once ``check`` (one of the library's own
+    validators) accepts it; its refusal is a usage error, with the library's message."""
+
+    def checked(value: str) -> str:
+        try:
+            check(value)
+        except InvalidInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return checked
+
+
+def _top_k(value: str) -> int:
+    try:
+        top_k = int(value)
+    except ValueError:
+        top_k = 0
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise argparse.ArgumentTypeError(
+            f"takes a whole number from 1 to {MAX_TOP_K}, got {value!r}"
+        )
+    return top_k
+
+
+def _score(value: str) -> float:
+    try:
+        score = float(value)
+    except ValueError:
+        score = math.nan
+    if not math.isfinite(score):
+        raise argparse.ArgumentTypeError(f"takes a number such as 0.1 or -1, got {value!r}")
+    return score
+
+
+def _memory_id(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError(
+            f"is empty: give a memory's full id, or its first {_SHORT_ID} characters"
+        )
+    if len(value) > MAX_MEMORY_ID_CHARS:
+        raise argparse.ArgumentTypeError(
+            f"is {len(value)} characters; no memory id is longer than {MAX_MEMORY_ID_CHARS}"
+        )
+    return value
+
+
+def _file_name(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("is empty: give a file name, or - for stdin/stdout")
+    return value
+
+
 def _meta_pair(pair: str) -> tuple[str, str]:
     key, sep, value = pair.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {pair!r}")
+    try:
+        clean_metadata({key: value})
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return key, value
 
 
@@ -136,18 +235,51 @@ _READS = ("search", "list", "stats", "export", "delete", "clear")
 """Commands that only read or remove: they never create a store."""
 
 
-def _check_db(args: argparse.Namespace) -> str | None:
-    """A usage error for a ``--db`` that is neither a folder nor a server URL (``host:port``
-    without ``http://``), else None. A read command on a folder that does not exist raises
-    instead of creating one."""
-    db = args.db if args.db is not None else os.environ.get("HEADROOM_MEMORY_DB")
-    if db is None or db.startswith(("http://", "https://")):
-        return None
+def _check_usage(args: argparse.Namespace) -> None:
+    """Raise :class:`_UsageError` for what argparse cannot check one argument at a time:
+    ``--user`` (which may come from the environment), the number of ``--meta`` pairs, and
+    ``--db``."""
+    if not args.user:
+        raise _UsageError("--user is required (or set HEADROOM_MEMORY_USER)")
+    try:
+        validate_user_id(args.user)
+    except InvalidInputError as exc:
+        raise _UsageError(f"--user: {exc}") from None
+    if args.command == "add":
+        try:
+            clean_metadata(_metadata(args.meta))
+        except InvalidInputError as exc:
+            raise _UsageError(f"--meta: {exc}") from None
+    _check_db(args)
+
+
+def _check_db(args: argparse.Namespace) -> None:
+    """Raise :class:`_UsageError` for a ``--db`` that is empty (Chroma would open the current
+    folder), a malformed server URL, or neither a folder nor a URL (``host:port`` without
+    ``http://``). A read command on a folder that does not exist raises
+    :class:`HeadroomMemoryError` instead of creating one."""
+    given = args.db is not None
+    db = args.db if given else os.environ.get("HEADROOM_MEMORY_DB")
+    where = "--db" if given else "$HEADROOM_MEMORY_DB"
+    if db is None:
+        return
+    if not db:
+        raise _UsageError(f"{where} is empty: name a folder or a Chroma server URL")
+    if db.startswith(("http://", "https://")):
+        try:
+            parts = urlsplit(db)
+            host, _ = parts.hostname, parts.port  # a bad port raises ValueError
+        except ValueError as exc:
+            raise _UsageError(f"{where} {db!r} is not a server URL: {exc}") from None
+        if not host:
+            raise _UsageError(f"{where} {db!r} is not a server URL (expected http://host:port)")
+        return
     if _HOST_PORT.fullmatch(db):
-        return f"--db {db!r} is neither a folder nor a URL: did you mean 'http://{db}'?"
+        raise _UsageError(
+            f"{where} {db!r} is neither a folder nor a URL: did you mean 'http://{db}'?"
+        )
     if args.command in _READS and not Path(db).expanduser().is_dir():
         raise HeadroomMemoryError(f"no memory store at {db} (check --db); nothing was created")
-    return None
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> Any:
@@ -236,31 +368,38 @@ def _outcome_line(done: Remembered) -> str:
 
 
 def _full_id(store: MemoryStore, given: str) -> str:
-    """Accept the 12-character ids the tables show, if they are unambiguous."""
-    if len(given) >= 32:
+    """The id of the memory ``given`` names: a memory's full id, or a prefix at least as long
+    as the ids the tables show (:data:`_SHORT_ID` characters) that only one memory of the user
+    starts with. A shorter prefix, or one several memories share, is a usage error; an id that
+    names no memory is returned as given, for :meth:`MemoryStore.delete` to refuse."""
+    if store.get_many([given]):
         return given
+    if len(given) < _SHORT_ID:
+        raise _UsageError(
+            f"id {given!r} is too short: give a memory's full id, or its first {_SHORT_ID} "
+            "characters as a table shows them"
+        )
     matches = [m.id for m in store.get_all() if m.id.startswith(given)]
     if len(matches) > 1:
-        raise HeadroomMemoryError(f"id prefix {given!r} matches {len(matches)} memories")
+        shown = ", ".join(repr(memory_id) for memory_id in matches[:3])
+        more = ", ..." if len(matches) > 3 else ""
+        raise _UsageError(
+            f"id {given!r} is ambiguous: {len(matches)} memories start with it ({shown}{more});"
+            " give more of the id"
+        )
     return matches[0] if matches else given
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``headroom-memory``; returns the exit status."""
-    args = _parser().parse_args(argv)
-    if not args.user:
-        print(
-            "headroom-memory: error: --user is required (or set HEADROOM_MEMORY_USER)",
-            file=sys.stderr,
-        )
-        return 2
+    args = _parser().parse_args(argv)  # exits with status 2 on a bad argument
     quiet_json = args.json and args.command == "export" and args.file == "-"
     try:
-        usage = _check_db(args)
-        if usage:
-            print(f"headroom-memory: error: {usage}", file=sys.stderr)
-            return 2
+        _check_usage(args)
         result = _run(args, sys.stdout)
+    except _UsageError as exc:
+        print(f"headroom-memory: error: {exc}", file=sys.stderr)
+        return 2
     except (HeadroomMemoryError, OSError) as exc:
         print(f"headroom-memory: error: {exc}", file=sys.stderr)
         return 1

@@ -13,10 +13,18 @@ import pytest
 from headroom_memory_integrations.cli import main
 
 
+def _exit_status(argv: list[str]) -> int | str | None:
+    """What ``main`` returns, or the status argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as exited:
+        return exited.code
+
+
 @pytest.fixture
 def run(db_path, capsys):
-    def invoke(*args: str, user: str = "alice") -> tuple[int, str, str]:
-        code = main([*args, "--user", user, "--db", str(db_path)])
+    def invoke(*args: str, user: str = "alice") -> tuple[int | str | None, str, str]:
+        code = _exit_status([*args, "--user", user, "--db", str(db_path)])
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
@@ -76,11 +84,8 @@ def test_delete_by_short_id_clear_export_import(run, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("add", ""), "memory text is empty"),
-        (("add", "x" * 3000), "maximum is 2000"),
-        (("add", "ok", "--keys", "x" * 200), "the maximum is 120"),
-        (("delete", "no-such-id"), "no memory with id"),
-        (("search", "q", "--top-k", "0"), "top_k"),
+        (("delete", "0" * 32), "no memory with id"),
+        (("delete", "f" * 12), "no memory with id"),
         (("import", "/no/such/file.jsonl"), "No such file"),
     ],
 )
@@ -90,17 +95,142 @@ def test_errors_exit_1_with_a_message(run, args, message) -> None:
     assert code == 1 and message in err and err.startswith("headroom-memory: error:")
 
 
-def test_usage_errors_exit_2(db_path, capsys) -> None:
-    with pytest.raises(SystemExit) as raised:
-        main(["add", "x", "--category", "hobby", "--user", "a", "--db", str(db_path)])
-    assert raised.value.code == 2 and "invalid choice" in capsys.readouterr().err
-    assert main(["list", "--db", str(db_path)]) == 2  # no --user
-    with pytest.raises(SystemExit) as raised:
-        main(["add", "ok", "--meta", "novalue", "--user", "a", "--db", str(db_path)])
-    assert raised.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
-    assert main(["list", "--user", "a", "--db", "127.0.0.1:8123"]) == 2
-    assert "did you mean 'http://127.0.0.1:8123'" in capsys.readouterr().err
-    assert not Path("127.0.0.1:8123").exists() and not db_path.exists()
+def _one_line_usage_error(err: str, message: str) -> None:
+    """A usage error: one ``...: error: ...`` line (argparse's usage line may precede it)."""
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], err
+    assert errors[0].startswith("headroom-memory") and errors[0] == err.splitlines()[-1]
+    assert "Traceback" not in err
+
+
+_METAS = [arg for i in range(33) for arg in ("--meta", f"key{i}=v")]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("add", "x", "--category", "hobby"), "invalid choice"),
+        (("add", "ok", "--meta", "novalue"), "KEY=VALUE"),
+        (("add", "ok", "--meta", "=value"), "KEY=VALUE"),
+        (("add", "ok", "--meta", "k=" + "v" * 1001), "the maximum is 1000"),
+        (("add", "ok", *_METAS), "metadata has 33 keys; the maximum is 32"),
+        (("add", ""), "argument text: the memory text is empty"),
+        (("add", " \t\n"), "the memory text is empty"),
+        (("add", "x" * 3000), "the maximum is 2000"),
+        (("add", "ok", "--keys", "x" * 200), "the maximum is 120"),
+        (("add", "ok", "--keys", "a,b,c,d,e,f,g,h,i"), "9 keys; the maximum is 8"),
+        (("search", ""), "argument query: the query is empty"),
+        (("search", "   "), "the query is empty"),
+        (("search", "q" * 2001), "the maximum is 2000"),
+        (("search", "q", "--top-k", "0"), "argument --top-k: takes a whole number from 1 to 1000"),
+        (("search", "q", "--top-k", "-3"), "from 1 to 1000, got '-3'"),
+        (("search", "q", "--top-k", "1001"), "from 1 to 1000, got '1001'"),
+        (("search", "q", "--top-k", "2.5"), "from 1 to 1000, got '2.5'"),
+        (("search", "q", "--top-k", "many"), "from 1 to 1000, got 'many'"),
+        (("search", "q", "--min-score", "nan"), "argument --min-score: takes a number"),
+        (("search", "q", "--min-score", "inf"), "got 'inf'"),
+        (("search", "q", "--min-score=-inf"), "got '-inf'"),
+        (("search", "q", "--min-score", "high"), "got 'high'"),
+        (("delete", ""), "argument id: is empty: give a memory's full id"),
+        (("delete", "x" * 300), "no memory id is longer than 256"),
+        (("export", ""), "argument file: is empty"),
+        (("import", ""), "argument file: is empty"),
+    ],
+)
+def test_invalid_argument_values_are_usage_errors(db_path, capsys, args, message) -> None:
+    code = _exit_status([*args, "--user", "alice", "--db", str(db_path)])
+    assert code == 2
+    _one_line_usage_error(capsys.readouterr().err, message)
+    assert not db_path.exists()  # refused before any store was opened
+
+
+@pytest.mark.parametrize(
+    ("user", "message"),
+    [
+        (None, "--user is required"),
+        ("", "--user is required"),
+        ("  ", "--user: user_id must be a non-empty string"),
+        ("u" * 3000, "--user: user_id is 3000 characters; the maximum is 2048"),
+    ],
+)
+def test_a_missing_or_invalid_user_is_a_usage_error(db_path, capsys, monkeypatch, user, message):
+    monkeypatch.delenv("HEADROOM_MEMORY_USER", raising=False)
+    for argv in (["add", "Prefers tea"], ["list"], ["delete", "0" * 32]):
+        user_args = ["--user", user] if user is not None else []
+        assert _exit_status([*argv, *user_args, "--db", str(db_path)]) == 2
+        _one_line_usage_error(capsys.readouterr().err, message)
+    if user:
+        monkeypatch.setenv("HEADROOM_MEMORY_USER", user)  # the same from the environment
+        assert _exit_status(["add", "Prefers tea", "--db", str(db_path)]) == 2
+        _one_line_usage_error(capsys.readouterr().err, message)
+    assert not db_path.exists()
+
+
+@pytest.mark.parametrize(
+    ("db", "message"),
+    [
+        ("127.0.0.1:8123", "did you mean 'http://127.0.0.1:8123'"),
+        ("", "--db is empty"),
+        ("http://", "is not a server URL (expected http://host:port)"),
+        ("http://:8000", "is not a server URL (expected http://host:port)"),
+        ("http://127.0.0.1:99999", "is not a server URL: Port out of range"),
+        ("https://localhost:port", "is not a server URL: Port could not be cast"),
+        ("http://[::1", "is not a server URL: Invalid IPv6 URL"),
+    ],
+)
+def test_a_bad_db_is_a_usage_error(tmp_path, capsys, monkeypatch, db, message) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty --db would have opened (created) a store here
+    monkeypatch.delenv("HEADROOM_MEMORY_DB", raising=False)
+    for argv in (["add", "Prefers tea"], ["list"]):
+        assert _exit_status([*argv, "--user", "a", "--db", db]) == 2
+        _one_line_usage_error(capsys.readouterr().err, message)
+    monkeypatch.setenv("HEADROOM_MEMORY_DB", db)  # the same from the environment
+    assert _exit_status(["add", "Prefers tea", "--user", "a"]) == 2
+    _one_line_usage_error(capsys.readouterr().err, message.replace("--db", "$HEADROOM_MEMORY_DB"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_delete_takes_a_full_id_or_a_unique_prefix_as_long_as_the_tables_show(
+    run, tmp_path: Path
+) -> None:
+    _, out, _ = run("add", "Prefers tea", "--json")
+    only = json.loads(out)["id"]
+
+    def ids() -> list[str]:
+        return [m["id"] for m in json.loads(run("list", "--json")[1])]
+
+    for too_short in ("", only[:1], only[:11]):  # an unset shell variable, a slip of the finger
+        code, out, err = run("delete", too_short)
+        assert code == 2 and out == "" and "Traceback" not in err
+        assert ("is empty" if not too_short else "is too short") in err.splitlines()[-1]
+        assert ids() == [only]  # nothing deleted, though only one memory starts with it
+    code, out, _ = run("delete", only[:12])  # the id a table shows
+    assert code == 0 and out == f"deleted {only[:12]}\n" and ids() == []
+
+    chosen = tmp_path / "chosen.jsonl"  # ids chosen by an application, kept by import
+    chosen.write_text(
+        "".join(
+            json.dumps({"id": memory_id, "text": text}) + "\n"
+            for memory_id, text in [
+                ("project-note-1", "The launch is on Friday"),
+                ("project-note-2", "Owns a red bicycle"),
+                ("a", "Speaks Portuguese"),
+            ]
+        )
+    )
+    assert run("import", str(chosen))[0] == 0
+    for ambiguous in ("project-note", "project-note-"):
+        code, out, err = run("delete", ambiguous)
+        assert code == 2 and out == ""
+        line = err.splitlines()[-1]
+        assert "is ambiguous: 2 memories start with it" in line
+        assert "'project-note-1', 'project-note-2'" in line
+    assert sorted(ids()) == ["a", "project-note-1", "project-note-2"]
+    assert run("delete", "a")[0] == 0  # a full id, however short
+    assert run("delete", "project-note-2")[0] == 0  # a full id, though a prefix of none
+    assert ids() == ["project-note-1"]
+    assert run("delete", "project-note")[0] == 0  # now unique
+    assert ids() == []
 
 
 def test_read_commands_on_a_missing_store_create_nothing(tmp_path: Path, capsys) -> None:
@@ -145,4 +275,12 @@ def test_installed_entry_point(db_path) -> None:
     )
     assert [m["text"] for m in json.loads(listed.stdout)] == ["Speaks Portuguese"]
     failed = subprocess.run([exe, "add", " ", *common], capture_output=True, text=True, timeout=120)
-    assert failed.returncode == 1 and "empty" in failed.stderr
+    assert failed.returncode == 2 and "empty" in failed.stderr and "Traceback" not in failed.stderr
+    failed = subprocess.run(
+        [exe, "delete", "", *common], capture_output=True, text=True, timeout=120
+    )
+    assert failed.returncode == 2 and "argument id: is empty" in failed.stderr
+    listed = subprocess.run(
+        [exe, "list", "--json", *common], capture_output=True, text=True, timeout=120
+    )
+    assert [m["text"] for m in json.loads(listed.stdout)] == ["Speaks Portuguese"]
