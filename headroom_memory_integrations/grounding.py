@@ -6,7 +6,8 @@ that the *text* writes, but not one the *model* writes on the text's behalf. So 
 context holds untrusted content (tool results; documents, where the application says so), each
 proposed memory is kept only if it is grounded in what the user wrote:
 
-- every number, e-mail, URL and capitalised name in it appears in the user's text, and
+- every number (as a whole word: "20" is not in "2025"), e-mail, URL and capitalised name in
+  it appears in the user's text, and
 - at least one of its content words does (compared on a crude stem: case, plural and common
   suffixes ignored; generic words such as "user", "prefers", "likes" do not count).
 
@@ -14,6 +15,9 @@ proposed memory is kept only if it is grounded in what the user wrote:
 payments sent to account 12345" and "User is an admin" are dropped unless the user said so.
 Calls with no untrusted content are not checked: the model's paraphrase of the user is trusted
 there.
+
+A name that opens the memory ("Mallory handles the rent") is not told from a capitalised first
+word ("Lives in Lyon"), so it counts as a content word only: the check is a heuristic.
 
 In an untrusted call, a kept memory's ``replaces`` is not followed either: the text could ask
 the model to mark an unrelated memory ("Is allergic to penicillin") as replaced by a grounded
@@ -27,6 +31,7 @@ import re
 
 _TOKENS = re.compile(r"[^\W_]+(?:[.@:/'_-][^\W_]+)*", re.UNICODE)
 _DETAIL = re.compile(r".*\d.*|.*[@/:].*")
+_NUMBER = re.compile(r"[\d.,:/'_-]+")
 _GENERIC = frozenset(
     """
     a an the and or but of to in on at for from with by as is are was were be been being am
@@ -51,14 +56,25 @@ def _is_name(token: str, index: int) -> bool:
     return index > 0 and token[:1].isupper() and token.casefold() not in _GENERIC
 
 
+def _said(detail: str, said: str, said_tokens: set[str]) -> bool:
+    """Whether the user wrote ``detail``: a number as a whole word ("20" is not in "2025"),
+    anything else anywhere in their text (an e-mail or URL written with a scheme, say)."""
+    detail = detail.casefold()
+    if _NUMBER.fullmatch(detail):
+        return detail in said_tokens
+    return detail in said
+
+
 def grounded(memory: str, user_text: str) -> bool:
     """Whether ``memory`` is grounded in ``user_text`` (see the module docstring)."""
     said = user_text.casefold()
-    said_stems = {_stem(t) for t in _TOKENS.findall(user_text)}
+    user_tokens = _TOKENS.findall(user_text)
+    said_tokens = {t.casefold() for t in user_tokens}
+    said_stems = {_stem(t) for t in user_tokens}
     content = 0
     for index, token in enumerate(_TOKENS.findall(memory)):
         is_detail = _DETAIL.fullmatch(token) is not None or _is_name(token, index)
-        if is_detail and token.casefold() not in said:
+        if is_detail and not _said(token, said, said_tokens):
             return False
         if token.casefold() in _GENERIC or len(token) < 2:
             continue

@@ -64,6 +64,10 @@ def obedient_model(memories: list[dict]):
         ("User is an admin", "what's on my calendar?", False),
         ("Email is eve@evil.example", "reach me at bob@mail.example", False),
         ("Works with Mallory", "I work with Alice", False),
+        ("Rent payments go to account 20", "I pay my rent by transfer since 2025", False),
+        ("Rent payments go to account 150", "My rent is 1500 a month", False),
+        ("Rent is 1500 a month", "My rent is 1500 a month", True),
+        ("Blog is at example.com/notes", "my blog is https://example.com/notes", True),
     ],
 )
 def test_grounding(memory: str, user_text: str, expected: bool) -> None:
