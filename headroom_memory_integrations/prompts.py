@@ -431,9 +431,7 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
         return False
     if _given(request_kwargs.get("logprobs")) or _given(request_kwargs.get("top_logprobs")):
         return False
-    include = _given(request_kwargs.get("include"))
-    if not isinstance(include, Iterable) or isinstance(include, (str, bytes)):
-        include = ()
+    include = _listed(request_kwargs.get("include"))
     if any(isinstance(item, str) and item.endswith("logprobs") for item in include):
         return False
     modalities = _given(request_kwargs.get("modalities"))
@@ -448,22 +446,40 @@ which mark a call untrusted where they appear. Every other type (``web_search``,
 ``file_search``, ``code_interpreter``, ``mcp``, ...) runs at the provider, inside the call."""
 
 
+ATTACHED_DOCUMENTS = frozenset({"file", "input_file"})
+"""Content part types that attach a document (a PDF, ...) to a message."""
+
+
 def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     """Whether the model may read text nobody in the conversation wrote while it answers: a
-    provider-run tool among ``tools`` (any type but ``function`` / ``custom``: web or file
-    search, code interpreter, MCP servers, ...), or Chat Completions' ``web_search_options``.
-    A page or file it reads can ask the model to "remember" something, so such a call is
-    untrusted: only memories grounded in the user's own words are kept (:mod:`.grounding`)."""
+    document attached to a message (a ``file`` / ``input_file`` part), a provider-run tool
+    among ``tools`` (any type but ``function`` / ``custom``: web or file search, code
+    interpreter, MCP servers, ...), or Chat Completions' ``web_search_options``. A document,
+    page or file can ask the model to "remember" something, so such a call is untrusted: only
+    memories grounded in the user's own words are kept (:mod:`.grounding`)."""
     if _given(request_kwargs.get("web_search_options")) is not None:
         return True
-    tools = _given(request_kwargs.get("tools"))
-    if not isinstance(tools, Iterable) or isinstance(tools, (str, bytes, Mapping)):
-        return False
-    for tool in tools:
+    for field in ("messages", "input"):
+        if any(_attaches_document(m) for m in _listed(request_kwargs.get(field))):
+            return True
+    for tool in _listed(request_kwargs.get("tools")):
         kind = field_value(tool, "type")
         if isinstance(kind, str) and kind not in CLIENT_TOOL_TYPES:
             return True
     return False
+
+
+def _attaches_document(message: object) -> bool:
+    parts = _listed(field_value(message, "content"))
+    return any(field_value(part, "type") in ATTACHED_DOCUMENTS for part in parts)
+
+
+def _listed(value: object) -> list[Any]:
+    """The items of a given list-like value (not a string or a mapping), else none."""
+    value = _given(value)
+    if not isinstance(value, Iterable) or isinstance(value, (str, bytes, Mapping)):
+        return []
+    return list(value)
 
 
 def _given(value: object) -> object | None:

@@ -775,6 +775,17 @@ def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> 
         ({"tools": [{"type": "mcp", "server_url": "https://example.com"}]}, True),
         ({"web_search_options": {}}, True),
         ({"web_search_options": None}, False),
+        ({"messages": [{"role": "user", "content": "hi"}]}, False),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}
+                ]
+            },
+            True,
+        ),
+        ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, True),
+        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}, False),
     ],
 )
 def test_fetches_outside_text(kwargs: dict[str, object], fetches: bool) -> None:

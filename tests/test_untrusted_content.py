@@ -176,6 +176,31 @@ def test_an_untrusted_call_cannot_mark_another_memory_replaced(
     )
 
 
+def test_an_attached_document_makes_the_call_untrusted(openai_server, db_path, model) -> None:
+    """A PDF attached to the user's message is not the user's words: it can ask the model to
+    remember something, as a tool result can."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    openai_server.responder = obedient_model([PLANTED, OWN])
+    pdf = "data:application/pdf;base64,JVBERi0xLjQK"
+    client.chat.completions.create(
+        model="gpt-4o",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "I have a dentist appointment on Friday. Summarise:"},
+                    {"type": "file", "file": {"filename": "invoice.pdf", "file_data": pdf}},
+                ],
+            }
+        ],
+    )
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [OWN["text"]]
+    assert client.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
 def test_a_react_observation_is_a_tool_result_not_the_users_message(
     openai_server, db_path, model
 ) -> None:

@@ -126,7 +126,7 @@ class MessagesFlow:
         call.turn = self.flow.start(
             message_text(call.messages[index]),
             instruct=inline_extraction_allowed(call_kwargs),
-            untrusted=fetches_outside_text(call_kwargs)
+            untrusted=fetches_outside_text({**call_kwargs, "messages": call.messages})
             or any(is_tool_result(message) for message in call.messages),
         )
         prompt = call.turn.prompt
