@@ -238,13 +238,33 @@ _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+")
 _CLOCK = re.compile(r"(\d{1,2})(?::(\d{2}))?")
 
 
+_SIGNS = (
+    (re.compile(r"(?<=\w)\+"), " signplus "),  # C++, A+, UTC+2
+    (re.compile(r"(?<=\w)#"), " signsharp "),  # C#, F#
+    (re.compile(r"(?<![\w.])-(?=\d)"), " signminus "),  # -18 degrees, a balance of -200
+    (re.compile(r"(?<=[^\W\d_])-(?=\d)"), " signminus "),  # UTC-2 (and COVID-19, both sides)
+    (re.compile(r"(?<=[^\W\d_])-(?!\w)"), " signminus "),  # A-, Rh-
+)
+"""Signs that change a value, made words before the punctuation goes ("Blood type is A+" and
+"Blood type is A-" say different things); as tokens they are values, like numbers."""
+_SIGN_WORDS = frozenset({"signplus", "signsharp", "signminus"})
+
+
+def _spelled_signs(text: str) -> str:
+    if "+" in text or "#" in text or "-" in text:
+        for pattern, word in _SIGNS:
+            text = pattern.sub(word, text)
+    return text
+
+
 # -- one text as tokens -----------------------------------------------------------------------
 
 
 @lru_cache(maxsize=4096)
 def same_wording_key(text: str) -> str:
-    """``text`` without case, punctuation and extra spacing: equal keys mean the same memory."""
-    return " ".join(_WORDS.findall(text.casefold()))
+    """``text`` without case, punctuation and extra spacing: equal keys mean the same memory
+    (signs that change a value, as in "A+" and "A-", are kept as words)."""
+    return " ".join(_WORDS.findall(_spelled_signs(text).casefold()))
 
 
 def _american(word: str) -> str:
@@ -285,7 +305,7 @@ class Token:
 @lru_cache(maxsize=16384)
 def tokens(text: str) -> tuple[Token, ...]:
     """The comparable tokens of ``text`` (see the module docstring for what is normalised)."""
-    text = text.replace("\u2019", "'")
+    text = _spelled_signs(text.replace("\u2019", "'"))
     for pattern, replacement in _CONTRACTIONS:
         text = pattern.sub(replacement, text)
     found: list[Token] = []
@@ -325,6 +345,8 @@ def _classify(word: str, sentence_start: bool) -> tuple[Token, ...]:
         return (Token(lower.replace(",", "") if _THOUSANDS.fullmatch(word) else lower, "number"),)
     if lower in _NUMBER_WORDS:
         return (Token(_NUMBER_WORDS[lower], "number"),)
+    if lower in _SIGN_WORDS:
+        return (Token(lower, "number"),)
     if lower in _ORDINALS:
         return (Token(_ORDINALS[lower], "number"),)
     if lower in _MULTIPLES:

@@ -53,6 +53,26 @@ def test_a_correction_supersedes_the_old_fact(
 @pytest.mark.parametrize(
     ("old", "new"),
     [
+        ("Blood type is A+", "Blood type is A-"),
+        ("Timezone is UTC+2", "Timezone is UTC-2"),
+        ("Account balance is -200 dollars", "Account balance is 200 dollars"),
+        ("Freezer is set to -18 degrees", "Freezer is set to 18 degrees"),
+        ("Main language at work is C++", "Main language at work is C#"),
+    ],
+)
+def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, new: str) -> None:
+    """Punctuation is ignored when wordings are compared, but not a sign that is part of the
+    value: these are corrections, not rewordings."""
+    store.remember(old)
+    done = store.remember(new)
+    assert done.outcome is Outcome.SUPERSEDED
+    assert [m.text for m in store.get_all()] == [new]
+    assert relate(new, old, 0.99, duplicate_threshold=0.95) is not Relation.DUPLICATE
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
         ("Prefers Python for backend work", "prefers python for backend work!"),
         ("Runs 5 km three times a week", "Runs 5 km 3 times a week"),
         ("Allergic to shellfish and peanuts", "Allergic to peanuts and shellfish"),
@@ -61,6 +81,7 @@ def test_a_correction_supersedes_the_old_fact(
         ("Deploys with Docker and Kubernetes", "Deploys using Docker and Kubernetes"),
         ("Dentist appointment on Tuesday at 3pm", "Dentist appointment on Tuesday at 3 pm"),
         ("Enjoys jazz music", "Enjoys jazz"),
+        ("Plans a follow-up visit in May", "Plans a follow up visit in May"),
     ],
 )
 def test_a_true_duplicate_is_merged(store: MemoryStore, old: str, new: str) -> None:
