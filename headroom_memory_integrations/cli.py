@@ -406,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json and not quiet_json:
         json.dump(result, sys.stdout, ensure_ascii=False, indent=2, default=str)
         print()
+    if args.command == "stats" and "error" in result:  # some figures could not be read
+        print(f"headroom-memory: error: {result['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,6 +30,7 @@ from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
 from .embeddings.query_adapter import adapt_queries
 from .errors import InvalidInputError, MemoryNotFoundError, StorageError
+from .jobs import user_tag
 from .keys import clean_keys, index_text, memory_vectors
 from .lexical import lexical_scores
 from .storage.base import Storage, UserCollection
@@ -210,7 +211,7 @@ class PendingWrites(Protocol):
 
     def retry_failed(self) -> int: ...
 
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, Any]: ...
 
     def detach(self, memory: MemoryStore, timeout: float | None) -> bool: ...
 
@@ -327,6 +328,27 @@ def _check_top_k(top_k: object) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
         raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
     return top_k
+
+
+def _check_timeout(timeout: object) -> float | None:
+    """A wait in seconds: None (no limit) or a number, 0 or more."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or math.isnan(timeout)
+        or timeout < 0
+    ):
+        raise InvalidInputError(
+            f"timeout must be None or a number of seconds, 0 or more; got {timeout!r}"
+        )
+    return float(timeout)
+
+
+def _failure(exc: BaseException) -> str:
+    """An exception as ``Type: message`` (one line, for logs and ``stats()["error"]``)."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
@@ -605,22 +627,49 @@ class MemoryStore(WritePath):
         """Counts and configuration: ``total_chunks`` (= ``total_memories``), ``by_category``,
         ``user_id``, ``embedding_model``, ``embedding_dimension``, ``storage``, ``min_score``,
         ``duplicate_threshold``, ``events`` (failures survived) and ``background`` (the write
-        queue). A ``dict`` (shown as a table in Jupyter)."""
-        memories = self._open().get()
-        by_category = Counter(m.category.value for m in memories)
+        queue). A ``dict`` (shown as a table in Jupyter).
+
+        It never raises: a figure that cannot be read now (the storage or the job queue file is
+        unavailable) is None, and an ``error`` entry, present only then, says which and why
+        (``"memories: StorageError: ..."``, ``"job queue: OperationalError: ..."``, joined by
+        ``"; "``). ``events`` and the configuration are always given, and ``background`` keeps
+        the counts of this process (``processed``, ``retried``, ``failed``) with ``pending``
+        and ``running`` None when the queue file cannot be read.
+        """
+        errors: list[str] = []
+        total: int | None = None
+        by_category: dict[str, int] | None = None
+        try:
+            counted = Counter(m.category.value for m in self._open().get())
+        except Exception as exc:  # a diagnostic must answer when the storage is down
+            errors.append(f"memories: {_failure(exc)}")
+            logger.info("stats(): could not read the memories (%s)", _failure(exc))
+        else:
+            total = sum(counted.values())
+            by_category = {c.value: counted.get(c.value, 0) for c in Category}
+        background: dict[str, Any] = {}
+        if self._pending is not None:
+            try:
+                background = dict(self._pending.stats())
+            except Exception as exc:
+                background = {"pending": None, "running": None, "error": _failure(exc)}
+            if "error" in background:  # the queue file could not be read (see JobWorker.stats)
+                errors.append(f"job queue: {background.pop('error')}")
         stats: dict[str, Any] = {
             "user_id": self.user_id,
-            "total_memories": len(memories),
-            "total_chunks": len(memories),
-            "by_category": {c.value: by_category.get(c.value, 0) for c in Category},
+            "total_memories": total,
+            "total_chunks": total,
+            "by_category": by_category,
             "embedding_model": self.embedder.name,
             "embedding_dimension": self.embedder.dimension,
             "storage": self.storage.location,
             "min_score": self.min_score,
             "duplicate_threshold": self.duplicate_threshold,
             "events": dict(self.counters),
-            "background": self._pending.stats() if self._pending is not None else {},
+            "background": background,
         }
+        if errors:
+            stats["error"] = "; ".join(errors)
         return MemoryStats(stats)
 
     # -- writing -----------------------------------------------------------------------------
@@ -879,20 +928,55 @@ class MemoryStore(WritePath):
         """Wait until background writes are done (with the wrappers, memories are stored off
         the caller's path) and in Chroma: an embedded folder stores small writes in Chroma
         just after they return (they are journaled first, see :mod:`.storage.deferred`).
-        Returns False if ``timeout`` seconds passed first."""
+
+        Returns:
+            True once everything is written; False if ``timeout`` seconds passed first, or if
+            the job queue or the storage failed (an unwritable folder, a server down): that is
+            logged at WARNING and counted in ``stats()["events"]["flush_failures"]``, and the
+            work stays queued.
+
+        Raises:
+            InvalidInputError: ``timeout`` is not None or a number of seconds, 0 or more.
+        """
+        timeout = _check_timeout(timeout)
         start = time.monotonic()
-        done = self._pending.flush(timeout) if self._pending is not None else True
-        if done:
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            done = self.storage.settle(left)
+        try:
+            done = self._pending.flush(timeout) if self._pending is not None else True
+            if done:
+                left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+                done = self.storage.settle(left)
+        except Exception:
+            self._survived("could not wait for the background writes")
+            return False
         return done
 
     def close(self, timeout: float | None = 5.0) -> bool:
         """Finish background writes (waiting up to ``timeout`` seconds) and stop serving this
         store's background work; what is left stays queued for the next process. Returns True
-        if everything was written. Searching and adding directly still work afterwards."""
+        if everything was written; False if not, also when the job queue failed (logged at
+        WARNING and counted in ``stats()["events"]["flush_failures"]``). Searching and adding
+        directly still work afterwards.
+
+        Raises:
+            InvalidInputError: ``timeout`` is not None or a number of seconds, 0 or more.
+        """
+        timeout = _check_timeout(timeout)
         pending, self._pending = self._pending, None
-        return pending.detach(self, timeout) if pending is not None else True
+        if pending is None:
+            return True
+        try:
+            return pending.detach(self, timeout)
+        except Exception:
+            self._survived("could not finish the background writes while closing")
+            return False
+
+    def _survived(self, message: str) -> None:
+        """Count and log a failure of the job queue or the storage that flush or close
+        survived (the work stays queued for a later flush or the next process)."""
+        self.counters["flush_failures"] += 1
+        logger.warning(
+            "%s (user %s); they stay queued", message, user_tag(self.user_id), exc_info=True
+        )
 
     def retry_failed(self) -> int:
         """Queue again the background jobs that failed for good (bad request, malformed

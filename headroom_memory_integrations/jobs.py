@@ -402,6 +402,11 @@ def user_tag(user_id: str) -> str:
     return hashlib.sha256(user_id.encode("utf-8", "replace")).hexdigest()[:10]
 
 
+def _describe(exc: BaseException) -> str:
+    """An exception as ``Type: message`` on one line (never a payload: queue errors hold none)."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def _close_at_exit(ref: weakref.ReferenceType[JobWorker]) -> Callable[[], None]:
     def hook() -> None:
         worker = ref()
@@ -552,11 +557,17 @@ class JobWorker:
         with self._lock:
             self._stats[key] += 1
 
-    def stats(self) -> dict[str, int]:
-        """This worker's processed/retried/failed counts, plus the file's pending/running."""
+    def stats(self) -> dict[str, Any]:
+        """This worker's processed/retried/failed counts, plus the file's pending/running.
+
+        Never raises: when the file cannot be read (a read-only folder, a closed queue),
+        pending and running are None and ``error`` says why."""
         with self._lock:
-            stats = dict(self._stats)
-        counts = self.queue.counts()
+            stats: dict[str, Any] = dict(self._stats)
+        try:
+            counts = self.queue.counts()
+        except Exception as exc:
+            return {**stats, "pending": None, "running": None, "error": _describe(exc)}
         return {**stats, "pending": counts["pending"], "running": counts["running"]}
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -598,8 +609,13 @@ class JobWorker:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             drained = self.flush(timeout)
-        except RuntimeError:  # e.g. no new threads at interpreter shutdown (Python >= 3.12)
-            logger.warning("job queue %s: could not drain; jobs kept for next run", self.queue.path)
+        except Exception as exc:  # no new threads at interpreter shutdown (Python >= 3.12), an
+            # unreadable file (a read-only folder): stop all the same, and say why in one line
+            logger.warning(
+                "job queue %s: could not drain (%s); jobs kept for next run",
+                self.queue.path,
+                _describe(exc),
+            )
             drained = False
         with self._lock:
             self.closed, thread = True, self._thread

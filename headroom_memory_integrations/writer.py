@@ -202,12 +202,13 @@ class MemoryWriter:
         stop the worker (unfinished jobs stay in the file for the next process)."""
         with self._lock:
             last = set(self._stores) <= {memory.user_id}
-        drained = self.worker.close(timeout) if last else self.worker.flush(timeout)
-        with self._lock:  # only now: pending jobs of this user needed its store
-            if self._stores.get(memory.user_id) is memory:
-                del self._stores[memory.user_id]
-                self._extractors.pop(memory.user_id, None)
-        return drained
+        try:
+            return self.worker.close(timeout) if last else self.worker.flush(timeout)
+        finally:  # only now (pending jobs of this user needed its store), even if flush raised
+            with self._lock:
+                if self._stores.get(memory.user_id) is memory:
+                    del self._stores[memory.user_id]
+                    self._extractors.pop(memory.user_id, None)
 
     def forget(self, memory: MemoryStore, timeout: float | None) -> int:
         """Delete every job of ``memory``'s user from the queue file (waiting up to
@@ -240,7 +241,7 @@ class MemoryWriter:
         self.worker.notify()
         return count
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return self.worker.stats()
 
     def _put(self, kind: str, memory: MemoryStore, payload: dict[str, Any]) -> None:

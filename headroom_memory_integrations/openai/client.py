@@ -15,11 +15,13 @@ differ only in how they call the model; the logic is the flows'."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..display import client_html
 from ..engine import MemoryStore
+from ..jobs import user_tag
 from .flow import CompletionsFlow
 from .responses import (
     AsyncMemoryResponseManager,
@@ -33,6 +35,7 @@ from .unwrapped import Unwrapped, UnwrappedCalls
 
 __all__ = ["AsyncMemoryStream", "MemoryClient", "MemoryStream"]
 
+log = logging.getLogger("headroom_memory_integrations.openai")
 _NOT_COMPLETIONS = ("create", "parse", "stream")
 CLOSE_FLUSH_SECONDS = 5.0
 """How long closing a memory client waits for its user's memories to be stored (what is left
@@ -305,22 +308,42 @@ class MemoryClient(_Passthrough):
         """Wait (up to :data:`CLOSE_FLUSH_SECONDS`) until what this user's calls left to
         store is stored, then close the wrapped client and any synchronous twin made for an
         async client's background work. Await it for an async client. ``with`` (``async
-        with``) does the same on leaving the block."""
+        with``) does the same on leaving the block. Memory never keeps the client open nor
+        makes this raise: a failure of the memory layer while waiting (an unwritable folder, a
+        server down) is logged and counted in ``memory.stats()["events"]["flush_failures"]``,
+        and the client is closed all the same; what was not stored stays queued."""
         if self._asynchronous:
             return self._close_async()
-        self.memory.flush(CLOSE_FLUSH_SECONDS)
         try:
-            self._wrapped.close()
+            self.memory.flush(CLOSE_FLUSH_SECONDS)  # returns False on a memory failure
+        except Exception:
+            self._flush_failed()
         finally:
-            self._close_owned()
+            try:
+                self._wrapped.close()
+            finally:
+                self._close_owned()
         return None
 
     async def _close_async(self) -> None:
-        await asyncio.to_thread(self.memory.flush, CLOSE_FLUSH_SECONDS)
         try:
-            await self._wrapped.close()
+            await asyncio.to_thread(self.memory.flush, CLOSE_FLUSH_SECONDS)
+        except Exception:  # e.g. no thread to wait in (the interpreter is shutting down)
+            self._flush_failed()
         finally:
-            self._close_owned()
+            try:
+                await self._wrapped.close()
+            finally:
+                self._close_owned()
+
+    def _flush_failed(self) -> None:
+        self.memory.counters["flush_failures"] += 1
+        log.warning(
+            "could not wait for the memories to be stored; closing the client all the same "
+            "(user %s)",
+            user_tag(self.memory.user_id),
+            exc_info=True,
+        )
 
     def _close_owned(self) -> None:
         for twin in self._owned:

@@ -1,0 +1,240 @@
+"""When the memory layer itself fails (a folder that cannot be written, a Chroma server that went
+down), the README's promise holds for flush, close and stats too: the failure is logged and
+counted in ``memory.stats()["events"]``, the call returns (no raw SQLite or Chroma error, no
+hang), the wrapped OpenAI client is closed all the same, and ``stats()`` still answers, with the
+figures it could not read as None and an ``error`` entry saying why. Real parts: a read-only
+bind mount (a chmod'ed folder when not root), a real ``chroma run`` server that is stopped, the
+real openai client against the scripted server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _reliability_support import is_root, read_only_view, run_python
+from conftest import ChromaServer, HashEmbedder, RememberingModel
+
+from headroom_memory_integrations import InvalidInputError, MemoryStore
+from headroom_memory_integrations.openai import with_fast_memory
+
+REQUEST: dict[str, Any] = {
+    "model": "gpt-4o",
+    "messages": [{"role": "user", "content": "I prefer tea"}],
+}
+TEA = [{"text": "Prefers tea", "category": "preference"}]
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path) -> Iterator[Path]:
+    """A folder this process cannot write in: a read-only bind mount as root (root writes
+    through a chmod'ed folder), else a folder chmod'ed read-only."""
+    source = tmp_path / "source"
+    source.mkdir()
+    if is_root():
+        with read_only_view(source, tmp_path / "view") as view:
+            yield view
+    else:
+        source.chmod(0o555)
+        try:
+            yield source
+        finally:
+            source.chmod(0o755)
+
+
+def assert_unwritable(folder: Path) -> None:
+    with pytest.raises(OSError):
+        (folder / "probe").mkdir()
+
+
+def queue_threads(name: str) -> list[threading.Thread]:
+    """The live worker threads of job queue files named ``name``."""
+    return [
+        t for t in threading.enumerate() if t.name == f"headroom-memory {name}" and t.is_alive()
+    ]
+
+
+# -- an unwritable folder: flush, close and stats answer ----------------------------------------
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_an_unwritable_folder_never_makes_flush_close_or_stats_raise(
+    openai_server, unwritable, caplog, asynchronous
+) -> None:
+    assert_unwritable(unwritable)
+    openai_server.responder = RememberingModel("Noted.", TEA)
+    raw = openai_server.async_client() if asynchronous else openai_server.client()
+    client = with_fast_memory(
+        raw, user_id="alice", db_path=unwritable / "memories", embedder=HashEmbedder()
+    )
+    memory = client.memory
+
+    def after_the_answer() -> tuple[bool, float, dict[str, Any]]:
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations"):
+            flushed = memory.flush(30)
+        return flushed, time.monotonic() - started, memory.stats()
+
+    if asynchronous:
+
+        async def scenario() -> tuple[Any, ...]:
+            answer = await client.chat.completions.create(**REQUEST)
+            flushed, seconds, stats = after_the_answer()
+            return answer, flushed, seconds, stats, await client.close()
+
+        answer, flushed, seconds, stats, closed = asyncio.run(scenario())
+    else:
+        answer = client.chat.completions.create(**REQUEST)
+        flushed, seconds, stats = after_the_answer()
+        closed = client.close()
+
+    assert answer.choices[0].message.content == "Noted."  # the chat call went on
+    assert flushed is False and seconds < 5  # not an exception, and not a wait for nothing
+    assert any(
+        "could not wait for the background writes" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )
+    assert stats["events"]["flush_failures"] == 1
+    assert stats["events"]["store_failures"] == 1  # the memory block could not be queued
+    assert stats["total_memories"] is None and stats["total_chunks"] is None
+    assert stats["by_category"] is None
+    assert stats["error"].startswith("memories: StorageError")
+    assert "job queue: OperationalError" in stats["error"]
+    assert stats["background"] == {
+        "processed": 0,
+        "retried": 0,
+        "failed": 0,
+        "pending": None,
+        "running": None,
+    }
+    assert stats["user_id"] == "alice" and stats["storage"] == str(unwritable / "memories")
+    json.dumps(stats)  # still plain data
+
+    assert closed is None  # close() did not raise for memory's sake...
+    assert raw.is_closed()  # ...and closed the wrapped client
+    assert memory.stats()["events"]["flush_failures"] == 2  # close() waited, failed, counted
+    started = time.monotonic()
+    assert memory.close() is False  # the store too, at once, without raising
+    assert time.monotonic() - started < 5
+
+
+def test_closing_the_stores_of_an_unwritable_folder_stops_its_queue(
+    openai_server, unwritable, tmp_path
+) -> None:
+    """Two users share the folder's job queue: closing each store detaches it even though the
+    queue cannot drain, so closing the last one stops the queue's worker thread."""
+    queue = unwritable / "memories" / f"jobs-{tmp_path.name}.sqlite3"
+    clients = [
+        with_fast_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=unwritable / "memories",
+            embedder=HashEmbedder(),
+            queue_path=queue,
+        )
+        for user in ("alice", "bob")
+    ]
+    assert queue_threads(queue.name)
+    assert [client.memory.close(0) for client in clients] == [False, False]
+    deadline = time.monotonic() + 10
+    while queue_threads(queue.name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not queue_threads(queue.name)
+    assert clients[0].memory.stats()["events"]["flush_failures"] == 1  # not the last: flushed
+    for client in clients:
+        client.close()
+
+
+def test_the_exit_drain_of_an_unwritable_folder_only_warns(unwritable) -> None:
+    """At interpreter exit the queue's drain fails at once: one warning, no traceback of an
+    exception in an atexit callback."""
+    run = run_python(
+        f"""
+        from conftest import HashEmbedder, RememberingModel
+        from headroom_memory_integrations.openai import with_fast_memory
+        from headroom_memory_integrations.testing import ScriptedOpenAIServer
+
+        server = ScriptedOpenAIServer(responder=RememberingModel("Noted.", {TEA!r})).start()
+        client = with_fast_memory(
+            server.client(), user_id="alice", db_path={str(unwritable / "memories")!r},
+            embedder=HashEmbedder(),
+        )
+        answer = client.chat.completions.create(**{REQUEST!r})
+        print(answer.choices[0].message.content)
+        server.close()
+        """,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "Noted."
+    assert "Exception ignored" not in run.stderr, run.stderr
+    assert "could not drain (OperationalError" in run.stderr, run.stderr
+
+
+# -- a Chroma server that went down: stats still answers ----------------------------------------
+
+
+def test_stats_answers_while_the_chroma_server_is_down(openai_server, tmp_path) -> None:
+    server = ChromaServer(tmp_path / "chroma")
+    openai_server.responder = RememberingModel("Noted.", TEA)
+    client = with_fast_memory(
+        openai_server.client(),
+        user_id="alice",
+        db_path=server.url,
+        embedder=HashEmbedder(),
+        queue_path=tmp_path / "jobs.sqlite3",
+    )
+    try:
+        client.chat.completions.create(**REQUEST)
+        assert client.memory.flush(30)
+        before = client.memory.stats()
+        assert before["total_memories"] == 1 and "error" not in before
+    finally:
+        server.stop()
+
+    answer = client.chat.completions.create(**REQUEST)
+    assert answer.choices[0].message.content == "Noted."  # the call goes on without memory
+    stats = client.memory.stats()
+    assert stats["total_memories"] is None and stats["total_chunks"] is None
+    assert stats["by_category"] is None
+    assert stats["error"].startswith("memories: StorageError")
+    assert "job queue" not in stats["error"]  # the queue file is fine: its figures are given
+    assert stats["background"]["processed"] == 1 and stats["background"]["running"] in (0, 1)
+    assert stats["background"]["pending"] + stats["background"]["running"] == 1  # the new turn
+    assert stats["events"]["inject_failures"] == 1
+    settings = ("user_id", "embedding_model", "embedding_dimension", "storage", "min_score")
+    assert [stats[key] for key in settings] == [before[key] for key in settings]
+    json.dumps(stats)
+    table = stats._repr_html_()
+    assert ">error<" in table and ">by_category<" in table and ">none<" in table
+
+    alone = MemoryStore("bob", db_path=server.url, embedder=HashEmbedder())
+    assert alone.stats()["background"] == {} and "error" in alone.stats()
+    from headroom_memory_integrations.cli import main
+
+    assert main(["stats", "--user", "alice", "--db", server.url]) == 1  # not every figure read
+
+    assert client.memory.close(0) is False  # the new turn stays queued in the file
+    client.close()
+    client.memory.storage.close()
+    alone.storage.close()
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", ["soon", -1, math.nan, True, [5]])
+def test_flush_and_close_refuse_a_bad_timeout(hash_store, timeout) -> None:
+    with pytest.raises(InvalidInputError, match="timeout must be None or a number"):
+        hash_store.flush(timeout)
+    with pytest.raises(InvalidInputError, match="timeout must be None or a number"):
+        hash_store.close(timeout)
+    assert hash_store.flush(0) is True and hash_store.flush(None) is True
