@@ -363,6 +363,25 @@ def test_untrusted_context_keeps_only_memories_grounded_in_the_users_words(
         assert stored == [LYON["text"], PLANTED["text"]]
 
 
+def test_a_model_that_asks_for_logprobs_gets_memories_but_no_instruction(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    """Log probabilities list every token of the answer, a block's too, and the wrapped
+    model asks for them on every call: the block is not asked for."""
+    chat = MemoryChatModel(
+        model=chat_openai(openai_server, logprobs=True),
+        user_id="alice",
+        db_path=db_path,
+        embedder=model,
+    )
+    chat.memory.add("Prefers green tea over coffee", category="preference")
+    chat.invoke("What should I drink this afternoon, tea or coffee?")
+    messages = sent(openai_server)
+    assert any("Prefers green tea" in str(m["content"]) for m in messages)
+    assert instruction_nonce(messages) is None
+    assert openai_server.requests[-1].body["logprobs"] is True
+
+
 def test_a_provider_run_tool_keeps_only_memories_grounded_in_the_users_words(
     openai_server: ScriptedOpenAIServer, chat: MemoryChatModel
 ) -> None:

@@ -428,6 +428,17 @@ class MemoryChatModel(BaseChatModel):
 
     # -- the calls ------------------------------------------------------------------------------
 
+    def _request(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What the wrapped model will ask for: its own request parameters (``logprobs``,
+        ``model_kwargs``' ``response_format``, ... where it exposes them, as LangChain's OpenAI
+        models do in ``_default_params``) overridden by this call's, for the flow to judge
+        whether the answer may carry a block."""
+        try:
+            defaults = getattr(self.model, "_default_params", None)
+        except Exception:  # a model's property that cannot answer: judge by the call alone
+            defaults = None
+        return {**defaults, **kwargs} if isinstance(defaults, Mapping) else kwargs
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -436,7 +447,7 @@ class MemoryChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         flow = self._memory_flow
-        call = flow.before(messages, kwargs)
+        call = flow.before(messages, self._request(kwargs))
         self._acquire()
         result = self.model._generate(call.messages, stop=self._stop(stop), **kwargs)
         return flow.after(call, result)
@@ -449,7 +460,7 @@ class MemoryChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         flow = self._memory_flow
-        call = await asyncio.to_thread(flow.before, messages, kwargs)
+        call = await asyncio.to_thread(flow.before, messages, self._request(kwargs))
         await self._aacquire()
         result = await self.model._agenerate(call.messages, stop=self._stop(stop), **kwargs)
         return await asyncio.to_thread(flow.after, call, result)
@@ -464,7 +475,7 @@ class MemoryChatModel(BaseChatModel):
         # run_manager is this model's run: the base class reports the chunks yielded here (the
         # filtered ones); the wrapped model gets none, so it reports nothing raw.
         flow = self._memory_flow
-        call = flow.before(messages, kwargs)
+        call = flow.before(messages, self._request(kwargs))
         self._acquire()
         stop = self._stop(stop)
         if not self._model_streams(kwargs, asynchronous=False):
@@ -495,7 +506,7 @@ class MemoryChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         flow = self._memory_flow
-        call = await asyncio.to_thread(flow.before, messages, kwargs)
+        call = await asyncio.to_thread(flow.before, messages, self._request(kwargs))
         await self._aacquire()
         stop = self._stop(stop)
         if not self._model_streams(kwargs, asynchronous=True):
