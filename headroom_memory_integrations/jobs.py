@@ -49,6 +49,7 @@ MAX_ERROR_CHARS = 2_000
 DEFAULT_LEASE_SECONDS = 300.0
 _HOST = socket.gethostname()
 _CHECKPOINT_EVERY = 0.5  # seconds, at most, between the worker's WAL checkpoints
+_QUIET_TRIES = 60  # while the queue keeps failing, one log line per this many tries
 _COLUMNS = "id, kind, user_id, payload, attempts, created_at, last_error"
 
 #: Schema migrations, applied in order; ``PRAGMA user_version`` is how many have run.
@@ -487,6 +488,7 @@ class JobWorker:
         # _CHECKPOINT_EVERY seconds, so SQLite's automatic checkpoint (an fsync of ~5-50 ms)
         # rarely lands on a put().
         dirty, checkpointed = False, time.monotonic()
+        failing = 0  # failed rounds in a row: the first is logged whole, then a line a minute
         try:
             while not self._stop.is_set():
                 self._wake.clear()  # before claiming, so a notify() during the claim is kept
@@ -503,8 +505,25 @@ class JobWorker:
                             checkpointed = time.monotonic()
                         else:
                             idle = min(idle, wait)
-                except Exception:  # locked beyond busy_timeout, disk full, ...: try again later
-                    logger.exception("job queue %s: claim or update failed", self.queue.path)
+                    if failing:
+                        logger.warning(
+                            "job queue %s: working again after %d failed tries",
+                            self.queue.path,
+                            failing,
+                        )
+                        failing = 0
+                except Exception as exc:  # locked, disk full, unwritable, ...: try again later
+                    failing += 1
+                    if failing == 1:
+                        logger.exception("job queue %s: claim or update failed", self.queue.path)
+                    elif failing % _QUIET_TRIES == 0:
+                        logger.warning(
+                            "job queue %s: still failing (%d tries): %s: %s",
+                            self.queue.path,
+                            failing,
+                            type(exc).__name__,
+                            exc,
+                        )
                     idle = self.poll_interval
                 with self._progress:
                     self._progress.notify_all()

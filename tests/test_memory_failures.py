@@ -238,3 +238,24 @@ def test_flush_and_close_refuse_a_bad_timeout(hash_store, timeout) -> None:
     with pytest.raises(InvalidInputError, match="timeout must be None or a number"):
         hash_store.close(timeout)
     assert hash_store.flush(0) is True and hash_store.flush(None) is True
+
+
+def test_a_queue_that_keeps_failing_is_logged_once_then_quietly(unwritable, caplog) -> None:
+    """The worker retries an unusable queue file every poll: the first failure is logged with
+    its traceback, then one line per 60 tries (it logged a traceback every second)."""
+    from headroom_memory_integrations.jobs import JobQueue, JobWorker
+
+    assert_unwritable(unwritable)
+    queue = JobQueue(unwritable / "jobs.sqlite3", open_later=True)
+    worker = JobWorker(queue, lambda job: None, poll_interval=0.005, name="failing-queue")
+    with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations.jobs"):
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not any("still failing" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+        worker.close(timeout=0)
+    failures = [r for r in caplog.records if "claim or update failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    quiet = [r for r in caplog.records if "still failing" in r.getMessage()]
+    assert all(r.exc_info is None and "(60 tries)" in quiet[0].getMessage() for r in quiet)
