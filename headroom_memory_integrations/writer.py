@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,16 @@ class MemoryWriter:
                     del self._stores[memory.user_id]
                     self._extractors.pop(memory.user_id, None)
 
+    @contextmanager
+    def _queue_file(self, doing: str) -> Iterator[None]:
+        """The queue file's own failures (unwritable, locked, corrupt) as :class:`StorageError`."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(
+                f"could not {doing} in the job queue {self.worker.queue.path}: {exc}"
+            ) from exc
+
     def forget(self, memory: MemoryStore, timeout: float | None) -> int:
         """Delete every job of ``memory``'s user from the queue file (waiting up to
         ``timeout`` seconds for one that runs now to end) and erase their text from the file
@@ -221,7 +233,8 @@ class MemoryWriter:
         deadline = None if timeout is None else time.monotonic() + timeout
         queue, deleted = self.worker.queue, 0
         while True:
-            removed, running = queue.forget_user(memory.user_id)
+            with self._queue_file("forget the user's jobs"):
+                removed, running = queue.forget_user(memory.user_id)
             deleted += removed
             if not running:
                 break
@@ -233,11 +246,13 @@ class MemoryWriter:
         with self._settled:
             self._unsettled.pop(memory.user_id, None)
             self._settled.notify_all()
-        queue.erase_wal()
+        with self._queue_file("erase the user's jobs"):
+            queue.erase_wal()
         return deleted
 
     def retry_failed(self) -> int:
-        count = self.worker.queue.retry_failed()
+        with self._queue_file("queue failed jobs again"):
+            count = self.worker.queue.retry_failed()
         self.worker.notify()
         return count
 

@@ -22,7 +22,7 @@ import pytest
 from _reliability_support import is_root, read_only_view, run_python
 from conftest import ChromaServer, HashEmbedder, RememberingModel
 
-from headroom_memory_integrations import InvalidInputError, MemoryStore
+from headroom_memory_integrations import InvalidInputError, MemoryStore, StorageError
 from headroom_memory_integrations.openai import with_fast_memory
 
 REQUEST: dict[str, Any] = {
@@ -120,6 +120,11 @@ def test_an_unwritable_folder_never_makes_flush_close_or_stats_raise(
 
     assert closed is None  # close() did not raise for memory's sake...
     assert raw.is_closed()  # ...and closed the wrapped client
+    # what only the queue file can do fails with the library's error, not a raw sqlite3 one
+    with pytest.raises(StorageError, match="job queue"):
+        memory.retry_failed()
+    with pytest.raises(StorageError, match="job queue"):
+        memory.forget_user(timeout=1)
     assert memory.stats()["events"]["flush_failures"] == 2  # close() waited, failed, counted
     started = time.monotonic()
     assert memory.close() is False  # the store too, at once, without raising
