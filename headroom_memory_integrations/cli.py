@@ -313,7 +313,10 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
         if not args.yes:
             if not sys.stdin.isatty():
                 raise HeadroomMemoryError("refusing to clear without --yes (no terminal to ask)")
-            answer = input(f"Forget every memory of user {args.user!r}? [y/N] ")
+            try:
+                answer = input(f"Forget every memory of user {args.user!r}? [y/N] ")
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the question
+                answer = ""
             if answer.strip().lower() not in ("y", "yes"):
                 raise HeadroomMemoryError("cancelled")
         removed = store.clear()

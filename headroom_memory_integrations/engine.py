@@ -354,11 +354,15 @@ def _failure(exc: BaseException) -> str:
 def resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
     """The storage ``db_path`` names: a Chroma server for an ``http(s)://`` URL, else an
     embedded folder (default ``$HEADROOM_MEMORY_DB`` or ``~/.headroom-memory``)."""
-    path = (
-        str(db_path)
-        if db_path is not None
-        else os.environ.get("HEADROOM_MEMORY_DB", DEFAULT_DB_PATH)
-    )
+    if db_path is None:  # an empty variable is an unset one, as in a shell
+        path = os.environ.get("HEADROOM_MEMORY_DB", "").strip() or str(DEFAULT_DB_PATH)
+    else:
+        path = os.fspath(db_path)
+        if not isinstance(path, str) or not path.strip():
+            raise InvalidInputError(
+                f"db_path must name a folder or a Chroma server's URL, got {db_path!r} "
+                "(None for the default)"
+            )
     if path.startswith(("http://", "https://")):
         return ChromaStorage.from_url(path)
     return ChromaStorage.at(path)

@@ -284,3 +284,30 @@ def test_installed_entry_point(db_path) -> None:
         [exe, "list", "--json", *common], capture_output=True, text=True, timeout=120
     )
     assert [m["text"] for m in json.loads(listed.stdout)] == ["Speaks Portuguese"]
+
+
+def test_ctrl_d_at_the_clear_question_cancels(tmp_path: Path, capsys) -> None:
+    """At a terminal, ``clear`` asks first; Ctrl-D (end of input) is a no, not a traceback."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    db = tmp_path / "db"
+    assert main(["add", "--user", "alice", "--db", str(db), "Plays the cello"]) == 0
+    leader, follower = pty.openpty()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "headroom_memory_integrations.cli", "clear", "--user", "alice"],
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HEADROOM_MEMORY_DB": str(db)},
+    )
+    os.close(follower)
+    os.write(leader, b"\x04")  # Ctrl-D
+    _, err = child.communicate(timeout=120)
+    os.close(leader)
+    assert child.returncode == 1 and b"cancelled" in err and b"Traceback" not in err
+    capsys.readouterr()
+    assert main(["list", "--user", "alice", "--db", str(db), "--json"]) == 0
+    assert [m["text"] for m in json.loads(capsys.readouterr().out)] == ["Plays the cello"]

@@ -111,3 +111,27 @@ def test_the_vector_index_is_saved_every_100_writes_in_new_and_older_collections
         + threshold
     )
     assert out.splitlines() == ['["Likes green tea"]', "2", "100"]
+
+
+def test_where_memories_are_kept_when_db_path_is_empty(tmp_path, monkeypatch) -> None:
+    """An empty ``$HEADROOM_MEMORY_DB`` is an unset one (the default folder), not the current
+    folder; an empty ``db_path`` is an error; credentials in a server URL, which are never
+    sent, are refused rather than dropped."""
+    from headroom_memory_integrations import InvalidInputError
+    from headroom_memory_integrations.engine import resolve_storage
+    from headroom_memory_integrations.storage import ChromaStorage
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HEADROOM_MEMORY_DB", " ")
+    storage = resolve_storage(None)
+    try:
+        assert storage.location == str(tmp_path / "home" / ".headroom-memory")
+    finally:
+        storage.close()
+    for empty in ("", " "):
+        with pytest.raises(InvalidInputError, match="db_path"):
+            MemoryStore("alice", db_path=empty)
+    with pytest.raises(InvalidInputError, match="credentials"):
+        ChromaStorage.from_url("http://admin:secret@127.0.0.1:8000")
+    assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == []  # nothing made here

@@ -36,7 +36,12 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from ..embeddings.base import Vectors
-from ..errors import EmbeddingMismatchError, HeadroomMemoryError, StorageError
+from ..errors import (
+    EmbeddingMismatchError,
+    HeadroomMemoryError,
+    InvalidInputError,
+    StorageError,
+)
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import Catalogued, collection_name
 from .chroma_import import import_chromadb, import_http_client
@@ -1107,6 +1112,12 @@ class ChromaStorage:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise StorageError(f"not a Chroma server URL: {url!r} (expected http://host:port)")
+        if parts.username is not None or parts.password is not None:
+            raise InvalidInputError(
+                f"the Chroma server URL {parts.hostname!r} carries credentials, which this "
+                "package does not send: remove them from the URL (the server must accept its "
+                "clients without them)"
+            )
         ssl = parts.scheme == "https"
         port = parts.port or (443 if ssl else 8000)
         return cls.connect(parts.hostname, port, ssl=ssl, timeout=timeout)
