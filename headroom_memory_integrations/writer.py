@@ -25,6 +25,7 @@ from .errors import EmbeddingMismatchError, InvalidInputError, StorageError
 from .grounding import grounded
 from .jobs import DEFAULT_BACKOFF, Backoff, Job, JobQueue, JobWorker, PermanentJobError
 from .prompts import background_extraction_messages, parse_extraction_json
+from .storage.base import Storage
 from .types import Source
 
 log = logging.getLogger("headroom_memory_integrations")
@@ -129,7 +130,7 @@ class MemoryWriter:
             log.warning("cannot create the folder of job queue %s yet", path, exc_info=True)
         self._stores: dict[str, MemoryStore] = {}
         self._extractors: dict[str, BackgroundExtractor] = {}
-        self._location: str | None = None  # the storage whose memories this queue holds
+        self._storage: Storage | None = None  # the storage whose memories this queue holds
         self._lock = threading.Lock()
         self._unsettled: dict[str, set[int]] = {}  # user -> store jobs queued here, not yet run
         self._settled = threading.Condition()
@@ -150,15 +151,15 @@ class MemoryWriter:
                 users, not storages, so the same user id in two storages would get each
                 other's memories.
         """
-        location = str(memory.storage.location)
         with self._lock:
-            if self._location is not None and location != self._location:
+            served = self._storage
+            if served is not None and not _same_place(served, memory.storage):
                 raise InvalidInputError(
                     f"the job queue {self.worker.queue.path} already serves the memories in "
-                    f"{self._location}, not {location}: give each storage its own queue_path "
-                    "(the default, beside embedded memories, is)"
+                    f"{served.location}, not those in {memory.storage.location}: give each "
+                    "storage its own queue_path (the default, beside embedded memories, is)"
                 )
-            self._location = location
+            self._storage = memory.storage
             self._stores[memory.user_id] = memory
             if extractor is not None:
                 self._extractors[memory.user_id] = extractor
@@ -311,6 +312,18 @@ class MemoryWriter:
                     user_id, storage=template.storage, embedder=template.embedder
                 )
             return memory
+
+
+def _same_place(one: Storage, other: Storage) -> bool:
+    """Whether two storage objects hold the same memories: the same object, or the same
+    embedded folder or server URL. Storages built on chromadb clients of the application's
+    (location ``"chroma client"``) cannot be told apart by location: only the same object."""
+    if one is other:
+        return True
+    named = getattr(one, "folder", None) is not None or one.location.startswith(
+        ("http://", "https://")
+    )
+    return named and one.location == other.location
 
 
 _writers: dict[str, MemoryWriter] = {}

@@ -111,3 +111,28 @@ def test_one_queue_file_serves_one_storage(openai_server, tmp_path, model, model
         queue_path=queue,
     )
     assert again.memory.count() == 0
+
+
+def test_storages_on_the_applications_own_clients_do_not_share_a_queue(
+    openai_server, tmp_path, model
+) -> None:
+    """Storages built on chromadb clients of the application all read "chroma client" as
+    their location, and so share the default job queue: only the same storage object may use
+    it; another is refused (before, one tenant's memories were stored in the other's)."""
+    import chromadb
+
+    from headroom_memory_integrations.errors import InvalidInputError
+    from headroom_memory_integrations.openai import with_fast_memory
+    from headroom_memory_integrations.storage import ChromaStorage
+
+    settings = chromadb.Settings(anonymized_telemetry=False)
+    tenant_a, tenant_b = (
+        ChromaStorage(chromadb.PersistentClient(path=str(tmp_path / name), settings=settings))
+        for name in ("a", "b")
+    )
+    queue = tmp_path / "jobs.sqlite3"
+    options = {"embedder": model, "queue_path": queue}
+    with_fast_memory(openai_server.client(), "alice", storage=tenant_a, **options)
+    with_fast_memory(openai_server.client(), "bob", storage=tenant_a, **options)  # the same
+    with pytest.raises(InvalidInputError, match="give each storage its own queue_path"):
+        with_fast_memory(openai_server.client(), "alice", storage=tenant_b, **options)
