@@ -239,21 +239,31 @@ _CLOCK = re.compile(r"(\d{1,2})(?::(\d{2}))?")
 
 
 _SIGNS = (
-    (re.compile(r"(?<=\w)\+"), " signplus "),  # C++, A+, UTC+2
+    (re.compile(r"(?<=\w)\+"), " signplus "),  # C++, A+, UTC+2, 5+ years
     (re.compile(r"(?<=\w)#"), " signsharp "),  # C#, F#
-    (re.compile(r"(?<![\w.])-(?=\d)"), " signminus "),  # -18 degrees, a balance of -200
-    (re.compile(r"(?<=[^\W\d_])-(?=\d)"), " signminus "),  # UTC-2 (and COVID-19, both sides)
-    (re.compile(r"(?<=[^\W\d_])-(?!\w)"), " signminus "),  # A-, Rh-
+    (re.compile(r"(?<![\w.-])-(?=\d)"), " signminus "),  # -18 degrees, a balance of -200
+    (re.compile(r"(?<=[^\W\d_])-(?=[\s,.;:!?)]|$)"), " signminus "),  # A-, Rh-
 )
 """Signs that change a value, made words before the punctuation goes ("Blood type is A+" and
-"Blood type is A-" say different things); as tokens they are values, like numbers."""
+"Blood type is A-" say different things); as tokens they are values, like numbers. Not inside
+an e-mail or web address, and not a hyphen between a word and a number ("COVID-19", "Model-3"
+read the same as "COVID 19"; "UTC+2" / "UTC-2" still differ by the "+")."""
 _SIGN_WORDS = frozenset({"signplus", "signsharp", "signminus"})
 
 
 def _spelled_signs(text: str) -> str:
-    if "+" in text or "#" in text or "-" in text:
-        for pattern, word in _SIGNS:
-            text = pattern.sub(word, text)
+    if "+" not in text and "#" not in text and "-" not in text:
+        return text
+    spelled, start = [], 0
+    for address in _IDENTIFIER.finditer(text):
+        spelled += [_spell(text[start : address.start()]), address.group()]
+        start = address.end()
+    return "".join([*spelled, _spell(text[start:])])
+
+
+def _spell(text: str) -> str:
+    for pattern, word in _SIGNS:
+        text = pattern.sub(word, text)
     return text
 
 
