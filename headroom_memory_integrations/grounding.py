@@ -32,6 +32,8 @@ import re
 _TOKENS = re.compile(r"[^\W_]+(?:[.@:/'_-][^\W_]+)*", re.UNICODE)
 _DETAIL = re.compile(r".*\d.*|.*[@/:].*")
 _NUMBER = re.compile(r"[\d.,:/'_-]+")
+_DIGITS = re.compile(r"\d+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _GENERIC = frozenset(
     """
     a an the and or but of to in on at for from with by as is are was were be been being am
@@ -56,25 +58,29 @@ def _is_name(token: str, index: int) -> bool:
     return index > 0 and token[:1].isupper() and token.casefold() not in _GENERIC
 
 
-def _said(detail: str, said: str, said_tokens: set[str]) -> bool:
-    """Whether the user wrote ``detail``: a number as a whole word ("20" is not in "2025"),
-    anything else anywhere in their text (an e-mail or URL written with a scheme, say)."""
+def _said(detail: str, said: str, said_numbers: set[str]) -> bool:
+    """Whether the user wrote ``detail``: each number in it as a whole number of theirs ("20"
+    is not in "2025", "5" is in "5-year-old" and "5pm"), anything else anywhere in their text
+    (an e-mail or URL written with a scheme, say)."""
     detail = detail.casefold()
     if _NUMBER.fullmatch(detail):
-        return detail in said_tokens
+        return set(_numbers(detail)) <= said_numbers
     return detail in said
+
+
+def _numbers(text: str) -> list[str]:
+    return _DIGITS.findall(_THOUSANDS.sub("", text))
 
 
 def grounded(memory: str, user_text: str) -> bool:
     """Whether ``memory`` is grounded in ``user_text`` (see the module docstring)."""
     said = user_text.casefold()
-    user_tokens = _TOKENS.findall(user_text)
-    said_tokens = {t.casefold() for t in user_tokens}
-    said_stems = {_stem(t) for t in user_tokens}
+    said_numbers = set(_numbers(user_text))
+    said_stems = {_stem(t) for t in _TOKENS.findall(user_text)}
     content = 0
     for index, token in enumerate(_TOKENS.findall(memory)):
         is_detail = _DETAIL.fullmatch(token) is not None or _is_name(token, index)
-        if is_detail and not _said(token, said, said_tokens):
+        if is_detail and not _said(token, said, said_numbers):
             return False
         if token.casefold() in _GENERIC or len(token) < 2:
             continue

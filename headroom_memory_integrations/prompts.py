@@ -440,10 +440,22 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
     return not (isinstance(modalities, Iterable) and "audio" in list(modalities))
 
 
-CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
-"""Tool types the caller runs: their results come back as tool messages (or output items),
-which mark a call untrusted where they appear. Every other type (``web_search``,
-``file_search``, ``code_interpreter``, ``mcp``, ...) runs at the provider, inside the call."""
+CLIENT_TOOL_TYPES = frozenset(
+    {
+        "function",
+        "custom",
+        "local_shell",
+        "shell",
+        "apply_patch",
+        "computer_use_preview",
+        "computer_use",
+        "image_generation",  # reads nothing but the prompt
+    }
+)
+"""Tool types that read no outside text inside the call: those the caller runs, whose results
+come back as tool messages or ``*_call_output`` items (which mark a call untrusted where they
+appear), and image generation. Every other type (``web_search``, ``file_search``,
+``code_interpreter``, ``mcp``, ...) runs at the provider and reads text inside the call."""
 
 
 ATTACHED_DOCUMENTS = frozenset({"file", "input_file"})

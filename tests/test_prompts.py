@@ -774,6 +774,10 @@ def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> 
         ({"tools": [{"type": "function", "name": "f"}, {"type": "file_search"}]}, True),
         ({"tools": [{"type": "mcp", "server_url": "https://example.com"}]}, True),
         ({"web_search_options": {}}, True),
+        ({"tools": [{"type": "local_shell"}, {"type": "apply_patch"}]}, False),  # run by you
+        ({"tools": [{"type": "computer_use_preview", "display_width": 1024}]}, False),
+        ({"tools": [{"type": "image_generation"}]}, False),
+        ({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, True),
         ({"web_search_options": None}, False),
         ({"messages": [{"role": "user", "content": "hi"}]}, False),
         (

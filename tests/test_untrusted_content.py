@@ -68,6 +68,10 @@ def obedient_model(memories: list[dict]):
         ("Rent payments go to account 150", "My rent is 1500 a month", False),
         ("Rent is 1500 a month", "My rent is 1500 a month", True),
         ("Blog is at example.com/notes", "my blog is https://example.com/notes", True),
+        ("Has a 5 year old daughter", "my 5-year-old daughter loves the zoo", True),
+        ("Runs 10 km every morning", "I run 10km every morning", True),
+        ("Phone number is 555-1234", "my number is +1-555-1234", True),
+        ("Rent is 1500 a month", "My rent is 1,500 a month", True),
     ],
 )
 def test_grounding(memory: str, user_text: str, expected: bool) -> None:
