@@ -254,16 +254,17 @@ def _check_usage(args: argparse.Namespace) -> None:
 
 
 def _check_db(args: argparse.Namespace) -> None:
-    """Raise :class:`_UsageError` for a ``--db`` that is empty (Chroma would open the current
-    folder), a malformed server URL, or neither a folder nor a URL (``host:port`` without
-    ``http://``). A read command on a folder that does not exist raises
-    :class:`HeadroomMemoryError` instead of creating one."""
+    """Raise :class:`_UsageError` for a ``--db`` that is empty or blank (Chroma would open the
+    current folder; an empty ``$HEADROOM_MEMORY_DB`` means the default), a malformed server
+    URL, or neither a folder nor a URL (``host:port`` without ``http://``). A read command on a
+    folder that does not exist raises :class:`HeadroomMemoryError` instead of creating one."""
     given = args.db is not None
-    db = args.db if given else os.environ.get("HEADROOM_MEMORY_DB")
+    # an empty variable is an unset one, as in a shell (and in the library): the default folder
+    db = args.db if given else (os.environ.get("HEADROOM_MEMORY_DB", "").strip() or None)
     where = "--db" if given else "$HEADROOM_MEMORY_DB"
     if db is None:
         return
-    if not db:
+    if not db.strip():
         raise _UsageError(f"{where} is empty: name a folder or a Chroma server URL")
     if db.startswith(("http://", "https://")):
         try:

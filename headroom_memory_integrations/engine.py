@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 import os
 import threading
 import time
@@ -336,7 +337,7 @@ def _check_timeout(timeout: object) -> float | None:
         return None
     if (
         isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
+        or not isinstance(timeout, numbers.Real)  # numpy's numbers too
         or math.isnan(timeout)
         or timeout < 0
     ):

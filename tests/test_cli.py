@@ -171,6 +171,7 @@ def test_a_missing_or_invalid_user_is_a_usage_error(db_path, capsys, monkeypatch
     [
         ("127.0.0.1:8123", "did you mean 'http://127.0.0.1:8123'"),
         ("", "--db is empty"),
+        ("  ", "--db is empty"),
         ("http://", "is not a server URL (expected http://host:port)"),
         ("http://:8000", "is not a server URL (expected http://host:port)"),
         ("http://127.0.0.1:99999", "is not a server URL: Port out of range"),
@@ -184,10 +185,23 @@ def test_a_bad_db_is_a_usage_error(tmp_path, capsys, monkeypatch, db, message) -
     for argv in (["add", "Prefers tea"], ["list"]):
         assert _exit_status([*argv, "--user", "a", "--db", db]) == 2
         _one_line_usage_error(capsys.readouterr().err, message)
-    monkeypatch.setenv("HEADROOM_MEMORY_DB", db)  # the same from the environment
-    assert _exit_status(["add", "Prefers tea", "--user", "a"]) == 2
-    _one_line_usage_error(capsys.readouterr().err, message.replace("--db", "$HEADROOM_MEMORY_DB"))
+    if db.strip():  # the same from the environment (where empty means unset: see below)
+        monkeypatch.setenv("HEADROOM_MEMORY_DB", db)
+        assert _exit_status(["add", "Prefers tea", "--user", "a"]) == 2
+        message = message.replace("--db", "$HEADROOM_MEMORY_DB")
+        _one_line_usage_error(capsys.readouterr().err, message)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_db_variable_means_the_default_folder(tmp_path, monkeypatch) -> None:
+    """As in the library (and a shell), ``HEADROOM_MEMORY_DB=`` is unset: memories go to
+    ``~/.headroom-memory``, not to the current folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HEADROOM_MEMORY_DB", "")
+    assert _exit_status(["add", "Prefers tea", "--user", "a"]) == 0
+    assert (tmp_path / "home" / ".headroom-memory" / "chroma.sqlite3").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
 
 
 def test_delete_takes_a_full_id_or_a_unique_prefix_as_long_as_the_tables_show(
