@@ -245,7 +245,7 @@ class MemoryFlow:
             log.info("memory block problem (user %s): %s", self._user(), problem)
         elif not block_found:
             self.memory.counters["missing_blocks"] += 1
-        if turn.untrusted:  # (and "replaces" is not followed: see grounding.py)
+        if turn.untrusted:  # (its "replaces" not followed, its keys not kept: grounding.py)
             kept = [m for m in memories if grounded(m.text, turn.user_text or "")]
             if len(kept) < len(memories):
                 self.memory.counters["ungrounded_memories"] += len(memories) - len(kept)
@@ -264,7 +264,7 @@ class MemoryFlow:
                 "replaces": (
                     turn.injected.get(m.replaces) if m.replaces and not turn.untrusted else None
                 ),
-                **({"keys": list(m.keys)} if m.keys else {}),
+                **({"keys": list(m.keys)} if m.keys and not turn.untrusted else {}),
             }
             for m in memories
         ]

@@ -22,7 +22,9 @@ word ("Lives in Lyon"), so it counts as a content word only: the check is a heur
 In an untrusted call, a kept memory's ``replaces`` is not followed either: the text could ask
 the model to mark an unrelated memory ("Is allergic to penicillin") as replaced by a grounded
 one. It is stored as a new memory, and consolidation still finds a real update by its content
-(the same fact with another number, name, date or negation).
+(the same fact with another number, name, date or negation). Nor are its keys kept (the topic
+words and questions the model writes for retrieval): the text could have them make the memory
+show for questions it has nothing to do with. It is found by its own text.
 """
 
 from __future__ import annotations

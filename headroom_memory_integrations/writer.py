@@ -76,7 +76,7 @@ class BackgroundExtractor:
             raise ValueError(message)  # retried with backoff
         memories = list(result.memories)
         untrusted = bool(job.payload.get("untrusted"))
-        if untrusted:  # (and "replaces" is not followed: see grounding.py)
+        if untrusted:  # (its "replaces" not followed, its keys not kept: grounding.py)
             said = "\n".join(
                 m["content"] for m in job.payload["exchange"] if m.get("role") == "user"
             )
@@ -88,7 +88,7 @@ class BackgroundExtractor:
                 m.text,
                 m.category,
                 replaces=injected.get(m.replaces) if m.replaces and not untrusted else None,
-                keys=m.keys,
+                keys=() if untrusted else m.keys,
             )
             for m in memories
         ]

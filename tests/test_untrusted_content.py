@@ -234,6 +234,27 @@ def test_a_react_observation_is_a_tool_result_not_the_users_message(
     assert client.memory.stats()["events"]["ungrounded_memories"] == 1
 
 
+def test_an_untrusted_call_keeps_no_keys(openai_server, db_path, model) -> None:
+    """Keys make a memory show for the questions they name: in an untrusted call the text
+    could choose them, so a kept memory is stored with none (it is found by its text)."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    keyed = {**OWN, "keys": ["bank account", "Where should payments go?"]}
+    openai_server.responder = obedient_model([keyed])
+    client.chat.completions.create(model="gpt-4o", messages=agent_turn(POISONED_TOOL_RESULT))
+    assert client.memory.flush(30)
+    [stored] = client.memory.get_all()
+    assert stored.text == OWN["text"] and stored.keys == ()
+    openai_server.responder = obedient_model([{**keyed, "text": "Plays the cello"}])
+    client.chat.completions.create(  # the same block in a trusted call keeps its keys
+        model="gpt-4o", messages=[{"role": "user", "content": "I play the cello"}]
+    )
+    assert client.memory.flush(30)
+    cello = [m for m in client.memory.get_all() if m.text == "Plays the cello"]
+    assert cello and cello[0].keys != ()
+
+
 def test_a_tool_result_cannot_plant_memories_in_the_background(
     openai_server, db_path, model
 ) -> None:
