@@ -46,6 +46,9 @@ _TEXT_WIDTH = 60
 _HOST_PORT = re.compile(r"[\w.-]+:\d{1,5}")
 _SHORT_ID = 12
 """How many characters of an id the tables show: ``delete`` takes a prefix this long."""
+_BROKEN_PIPE = 141
+"""The exit status when the reader of the output leaves (``| head``): 128 + SIGPIPE, as a shell
+shows for a tool that signal stopped."""
 
 
 class _UsageError(Exception):
@@ -397,6 +400,16 @@ def _full_id(store: MemoryStore, given: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``headroom-memory``; returns the exit status."""
     args = _parser().parse_args(argv)  # exits with status 2 on a bad argument
+    try:
+        return _main(args)
+    except BrokenPipeError:  # the reader left (``| head``): stop quietly, as a shell tool would
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
+        os.close(devnull)
+        return _BROKEN_PIPE
+
+
+def _main(args: argparse.Namespace) -> int:
     quiet_json = args.json and args.command == "export" and args.file == "-"
     try:
         _check_usage(args)
@@ -404,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"headroom-memory: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise
     except (HeadroomMemoryError, OSError) as exc:
         print(f"headroom-memory: error: {exc}", file=sys.stderr)
         return 1
@@ -413,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "stats" and "error" in result:  # some figures could not be read
         print(f"headroom-memory: error: {result['error']}", file=sys.stderr)
         return 1
+    sys.stdout.flush()  # a closed pipe shows here, not at exit
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -325,3 +326,22 @@ def test_ctrl_d_at_the_clear_question_cancels(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["list", "--user", "alice", "--db", str(db), "--json"]) == 0
     assert [m["text"] for m in json.loads(capsys.readouterr().out)] == ["Plays the cello"]
+
+
+@pytest.mark.parametrize("command", [["list"], ["list", "--json"], ["export"]])
+def test_a_reader_that_leaves_early_stops_the_output_quietly(tmp_path: Path, command) -> None:
+    """``headroom-memory list | head``: the pipe closes before the output is written; the
+    command stops with the shell's status for that (141), no traceback and no error line."""
+    db = tmp_path / "db"
+    assert main(["add", "--user", "alice", "--db", str(db), "Plays the cello"]) == 0
+    child = subprocess.Popen(
+        [sys.executable, "-m", "headroom_memory_integrations.cli", *command, "--user", "alice"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HEADROOM_MEMORY_DB": str(db)},
+    )
+    assert child.stdout is not None
+    child.stdout.close()  # the reader is gone before anything was written
+    err = child.stderr.read() if child.stderr else b""
+    assert child.wait(timeout=120) == 141, err
+    assert err == b""
