@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -39,17 +40,23 @@ from _docs_support import (
 from _notebooks_support import normalized
 from conftest import ChromaServer
 
-from headroom_memory_integrations import ChromaStorage, cli
+from headroom_memory_integrations import Category, ChromaStorage, Memory, cli
+from headroom_memory_integrations.prompts import extraction_instruction, format_memory_context
 
 DOCS = ROOT / "docs"
 PAGES_WITH_EXAMPLES = [
     "quickstart.md",
     "concepts.md",
+    "guide.md",
     "storage.md",
     "embeddings.md",
     "cli.md",
     "troubleshooting.md",
 ]
+PAGES_WITH_OWN_TESTS = {  # page: the test file that runs its examples
+    "langchain.md": "test_docs_langchain.py",
+    "llamaindex.md": "test_llama_index_docs.py",
+}
 DOCUMENTED_SERVER = "http://127.0.0.1:8000"
 SHOWN_PROJECT = "/home/you/project"
 _HEX_ID = re.compile(r"\b[0-9a-f]{32}\b|\b[0-9a-f]{12}\b")
@@ -193,6 +200,16 @@ def chroma_at_documented_address(
     server.stop()
 
 
+def test_every_page_with_examples_has_them_run() -> None:
+    """A page with a ``python`` or ``console`` block is run here, or by its own test."""
+    with_examples = {
+        page.name for page in DOCS.glob("*.md") if examples_in(page) or console_sessions(page)
+    }
+    assert with_examples == set(PAGES_WITH_EXAMPLES) | set(PAGES_WITH_OWN_TESTS)
+    for name, test in PAGES_WITH_OWN_TESTS.items():
+        assert f'"{name}"' in (ROOT / "tests" / test).read_text(encoding="utf-8"), test
+
+
 @pytest.mark.parametrize("name", PAGES_WITH_EXAMPLES)
 def test_the_page_examples_print_what_it_shows(
     name: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
@@ -219,3 +236,92 @@ def test_the_page_examples_print_what_it_shows(
                 Example(block.page, block.heading, block.line, code, block.prints), tmp_path, env
             )
             assert_prints(block, run.stdout.replace(url, DOCUMENTED_SERVER) if url else run.stdout)
+
+
+# -- the README's command lines -----------------------------------------------------------------
+
+README = ROOT / "README.md"
+
+
+def readme_command_lines() -> list[str]:
+    """The ``headroom-memory`` commands of the README's ``bash`` blocks, in order, without their
+    comments; ``a && b`` is two commands."""
+    found: list[str] = []
+    kind = None
+    for line in README.read_text(encoding="utf-8").splitlines():
+        fence = _FENCE.match(line)
+        if fence:
+            kind = fence.group(1) if kind is None else None
+            continue
+        if kind == "bash" and line.startswith("headroom-memory "):
+            command = line.partition("  #")[0]
+            found.extend(part.strip() for part in command.split("&&"))
+    return found
+
+
+def test_the_readme_command_lines_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each command the README shows succeeds, in its order, on a fresh folder of memories:
+    ``add`` prints one of the outcomes the README lists, ``search`` a table, and the
+    12-character id the README deletes stands for the id of the memory it added."""
+    commands = readme_command_lines()
+    assert [command.split()[1] for command in commands] == [
+        *("add", "search", "list", "delete", "stats", "export", "import", "clear"),
+    ]
+    shown_ids = [arg for c in commands for arg in shlex.split(c) if _HEX_ID.fullmatch(arg)]
+    assert shown_ids, "the README deletes a memory by its id"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HEADROOM_MEMORY_USER", raising=False)
+    monkeypatch.setenv("HEADROOM_MEMORY_DB", str(tmp_path / "memories"))
+    ids: dict[str, str] = {}
+    for command in commands:
+        argv = [ids.get(arg, arg) for arg in shlex.split(command)[1:]]
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            status = cli.main(argv)
+        _release_folder(argv)
+        printed = out.getvalue()
+        assert status == 0, f"README: $ {command}\n{err.getvalue()}"
+        if argv[0] == "add":
+            assert printed.startswith(("stored ", "duplicate of ", "superseded ")), printed
+            added = _HEX_ID.findall(printed)[0]
+            ids.update((shown, added[: len(shown)]) for shown in shown_ids)
+        elif argv[0] == "search":
+            assert printed.startswith("score  id"), printed  # a table
+            assert "Prefers Python for backend work" in printed, printed
+        elif argv[0] == "delete":
+            assert printed == f"deleted {argv[-1]}\n", printed
+    assert (tmp_path / "alice.jsonl").is_file()
+
+
+# -- the prompt the guide shows -------------------------------------------------------------------
+
+
+def test_the_guide_shows_the_system_message_the_wrappers_send() -> None:
+    """The sample of docs/guide.md ("The inline wrapper, step by step") is the system message
+    the flow builds (memories, then the instruction), line by line; a line the guide cuts short
+    with "..." begins the real one."""
+    lines = (DOCS / "guide.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("   <user-memories>")
+    end = lines.index("   ```", start)
+    shown = [line.removeprefix("   ") for line in lines[start:end]]
+
+    def noted(day: str, text: str, category: Category) -> Memory:
+        when = datetime.fromisoformat(day).replace(tzinfo=timezone.utc)
+        return Memory("0" * 32, "alice", text, category, when, when)
+
+    memories = [
+        ("m1", noted("2026-11-03", "Prefers Python for backend work", Category.PREFERENCE)),
+        ("m2", noted("2026-11-28", "Moved from New York to San Francisco", Category.FACT)),
+    ]
+    sent = "\n\n".join(
+        [
+            format_memory_context(memories, today=date(2026, 12, 1)),
+            extraction_instruction("3f9a1c2b7e", allow_replace=True),
+        ]
+    ).splitlines()
+    assert len(shown) == len(sent), "\n".join(sent)
+    for guide_line, real_line in zip(shown, sent):
+        if guide_line.endswith(" ..."):
+            assert real_line.startswith(guide_line.removesuffix("...")), real_line
+        else:
+            assert guide_line == real_line

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -22,6 +23,8 @@ from _notebooks_support import (
     notebook_path,
     output_texts,
 )
+
+from headroom_memory_integrations import MemoryStore
 
 NAMES = [
     "01-quickstart",
@@ -177,3 +180,25 @@ def test_memory_vs_history(fresh: Callable[[str], Run]) -> None:
     for word in ("Biscuit", "Porto", "marathon", "Dana"):
         assert had[word][1:] == ("✗", "✓"), word  # the window lost it, memory brought it back
     assert run.text.count("[image/png]") == 1
+
+
+def test_the_quickstart_plot_shows_the_similarity_a_search_judges(store: MemoryStore) -> None:
+    """The light bars of 01-quickstart's score plot are the similarities the relevance floor
+    judges, as a search computes them, also for memories with keys (which a real model writes
+    and the offline stand-in does not): the cell's computation, run on keyed memories none of
+    whose words the plotted question shares, gives each memory its score (no lexical part)."""
+    cell = next(s for s in code_sources(stored("01-quickstart")) if "similarity_of" in s)
+    computation = cell[: cell.index("fig, ax")]
+    store.add(
+        "Prefers Python for backend work",
+        category="preference",
+        keys=["coding", "Which programming tongue do I like?", "How do I build my API?"],
+    )
+    store.add("Has a dog named Biscuit", keys=["pets", "What is my pet called?"])
+    store.add("Lives in Berlin")
+    namespace: dict[str, Any] = {"memory": store}
+    exec(computation, namespace)
+    assert namespace["question"].startswith("Which language should I use")
+    assert len(namespace["scores"]) == 3
+    similarities = [float(s) for s in namespace["similarities"]]
+    assert similarities == pytest.approx(namespace["scores"], abs=1e-5)

@@ -32,6 +32,7 @@ def test_the_readme_says_how_to_install_and_where_memories_live() -> None:
     assert [e.heading for e in EXAMPLES if e.prints] == [
         "Add memory to an OpenAI-compatible client",
         "LangChain and LangGraph",
+        "The memory API",
     ]
 
 
