@@ -49,7 +49,7 @@ the query adapter moves it for the default model (:mod:`.embeddings.query_adapte
 for memories more typical of the user than the average one: :data:`QUERY_CENTERING`). The floor
 rises with the number of memories the user has (:data:`FLOOR_RISE`): the more memories, the
 closer the best of them comes to any question by chance. With all-MiniLM-L6-v2, "which
-language?" against "Prefers Python for backend work" scores 0.077 and "What is 2+2?" -0.078.
+language?" against "Prefers Python for backend work" scores 0.073 and "What is 2+2?" -0.084.
 The floor judges meaning alone: a shared word adds to the score, never to the similarity the
 floor judges. Calibrated so that about 5% of unrelated questions still get a memory, for
 example "What is 2+2?" against a lone "Has 2 cats" (0.12). It is calibrated for the default
@@ -920,6 +920,11 @@ class MemoryStore(WritePath):
                     except StorageError:
                         if deadline is not None and time.monotonic() >= deadline:
                             raise
+                        logger.debug(
+                            "a background job of user %s started while forgetting them; "
+                            "waiting for it, then forgetting again",
+                            user_tag(self.user_id),
+                        )
                         continue  # let it finish (outside the lock), then forget again
                 with self._cache_lock:
                     self._query_cache.clear()

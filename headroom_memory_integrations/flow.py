@@ -96,6 +96,27 @@ def latest_index(messages: Sequence[M], is_user: Callable[[M], bool]) -> int | N
 
 REACT_STEP = "Thought:"
 REACT_OBSERVATION = "Observation:"
+REACT_RETRIES = (
+    ("FAILURE: Your previous response was empty.", "You must output a thought and an action"),
+    ("Error while parsing the output:", "The output should be in one of the following formats:"),
+)
+"""The prompts (a beginning, and a phrase further on) with which LlamaIndex's ``ReActAgent``
+asks again, as a user message right after an answer it could not use."""
+
+
+def _react_retry(text: str) -> bool:
+    text = text.lstrip()
+    return any(text.startswith(start) and later in text for start, later in REACT_RETRIES)
+
+
+def _is_react_transcript(messages: Sequence[tuple[str | None, str]]) -> bool:
+    """A system prompt that teaches ReAct's format (it names both the step and the observation),
+    or an answer already written in it."""
+    return any(
+        (role in ("system", "developer") and REACT_STEP in text and REACT_OBSERVATION in text)
+        or (role == "assistant" and text.lstrip().startswith(REACT_STEP))
+        for role, text in messages
+    )
 
 
 def react_observations(messages: Sequence[tuple[str | None, str]]) -> set[int]:
@@ -103,16 +124,23 @@ def react_observations(messages: Sequence[tuple[str | None, str]]) -> set[int]:
     ``ReActAgent``, and others that use tools through text) writes each step as an assistant
     message "Thought: ...\nAction: ..." and gets the tool's output back as a *user* message
     "Observation: ..." (one or more right after the step). Those are tool results: never the
-    user's words, and they make a call untrusted."""
+    user's words, and they make a call untrusted. So are the agent's retry prompts
+    (:data:`REACT_RETRIES`, user messages right after an answer), which quote the model's
+    unusable answer, in a ReAct transcript only: a user who pastes such an error into an
+    ordinary chat is still the user."""
     found: set[int] = set()
-    after_step = False
+    after_step = after_answer = False
+    react = _is_react_transcript(messages)
     for index, (role, text) in enumerate(messages):
         if role == "assistant":
-            after_step = text.lstrip().startswith(REACT_STEP)
-        elif role == "user" and after_step and text.lstrip().startswith(REACT_OBSERVATION):
+            after_step, after_answer = text.lstrip().startswith(REACT_STEP), True
+        elif role == "user" and (
+            (after_step and text.lstrip().startswith(REACT_OBSERVATION))
+            or (react and after_answer and _react_retry(text))
+        ):
             found.add(index)
         else:
-            after_step = False
+            after_step = after_answer = False
     return found
 
 

@@ -458,17 +458,32 @@ appear), and image generation. Every other type (``web_search``, ``file_search``
 ``code_interpreter``, ``mcp``, ...) runs at the provider and reads text inside the call."""
 
 
-ATTACHED_DOCUMENTS = frozenset({"file", "input_file"})
-"""Content part types that attach a document (a PDF, ...) to a message."""
+ATTACHED_DOCUMENTS = frozenset(
+    {
+        "file",  # Chat Completions, LangChain's standard file block
+        "input_file",  # Responses
+        "text-plain",  # LangChain's standard plain-text document (.txt, .md)
+        "document",  # Anthropic's native document block
+        "image_url",  # Chat Completions
+        "input_image",  # Responses
+        "image",  # LangChain's standard image block, Anthropic's
+        "video",  # LangChain's standard video block
+        "media",  # LangChain's older media block (Gemini)
+    }
+)
+"""Content part types that attach something to a message that the user did not type: a
+document, an image or a video. Each can carry text that asks the model to remember something
+(a page's hidden line, a screenshot of a web page). Audio (``input_audio``, ``audio``) is not
+among them: it is mostly the user speaking, whose words are what memories come from."""
 
 
 def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     """Whether the model may read text nobody in the conversation wrote while it answers: a
-    document attached to a message (a ``file`` / ``input_file`` part), a provider-run tool
-    among ``tools`` (any type but ``function`` / ``custom``: web or file search, code
-    interpreter, MCP servers, ...), or Chat Completions' ``web_search_options``. A document,
-    page or file can ask the model to "remember" something, so such a call is untrusted: only
-    memories grounded in the user's own words are kept (:mod:`.grounding`)."""
+    document, image or video attached to a message (:data:`ATTACHED_DOCUMENTS`), a
+    provider-run tool among ``tools`` (any type but ``function`` / ``custom``: web or file
+    search, code interpreter, MCP servers, ...), or Chat Completions' ``web_search_options``.
+    Any of these can ask the model to "remember" something, so such a call is untrusted: only
+    memories grounded in the user's own typed words are kept (:mod:`.grounding`)."""
     if _given(request_kwargs.get("web_search_options")) is not None:
         return True
     for field in ("messages", "input"):

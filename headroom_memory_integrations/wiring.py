@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from .embeddings import DEFAULT_LOCAL_MODEL, Embedder, LocalEmbedder
 from .engine import (
@@ -102,14 +102,9 @@ def reopening_arguments(memory: MemoryStore) -> dict[str, Any]:
 
 
 def _reopening_location(storage: Storage) -> str:
-    if isinstance(storage, ChromaStorage):
-        if storage.folder is not None:
-            return str(storage.folder)
-        parts = urlsplit(storage.location)
-        if parts.scheme in ("http", "https") and parts.hostname:
-            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-            port = parts.port or (443 if parts.scheme == "https" else 8000)
-            return f"{parts.scheme}://{host}:{port}"
+    db_path = storage.db_path if isinstance(storage, ChromaStorage) else None
+    if db_path is not None:
+        return db_path
     raise InvalidInputError(
         f"the memories are in {storage!r}, which cannot be opened again from a db_path (only "
         "an embedded Chroma folder or a Chroma server's URL can). Build the store with "
@@ -162,8 +157,12 @@ def open_storage(
     return resolve_storage(db_path)
 
 
+OPEN_USERS = 256
+"""Users whose stores a :class:`UserStores` keeps at most."""
+
+
 class UserStores:
-    """The memory stores of many users on one storage, each opened on first use and kept, all
+    """The memory stores of many users on one storage, each opened on first use, all
     sharing one embedder. For adapters that pick the user per call (a LangGraph store whose
     namespaces are users, agent tools scoped by the run's configuration).
 
@@ -184,12 +183,14 @@ class UserStores:
         self.storage = open_storage(db_path, storage)
         self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
         self.min_score = float(min_score)
-        self._stores: dict[str, MemoryStore] = {}
+        self._stores: OrderedDict[str, MemoryStore] = OrderedDict()  # least recent first
         self._lock = threading.Lock()
 
     def __call__(self, user_id: str) -> MemoryStore:
         """The store of ``user_id`` (created on first use; the user's collection is created
-        only when the store first reads or writes)."""
+        only when the store first reads or writes). The :data:`OPEN_USERS` most recently used
+        are kept; another is built again when needed (what a store keeps is a cache of query
+        vectors, and writes of one user are serialised by the storage, whichever store)."""
         user_id = validate_user_id(user_id)
         with self._lock:
             memory = self._stores.get(user_id)
@@ -197,6 +198,10 @@ class UserStores:
                 memory = self._stores[user_id] = MemoryStore(
                     user_id, storage=self.storage, embedder=self.embedder, min_score=self.min_score
                 )
+                while len(self._stores) > OPEN_USERS:
+                    self._stores.popitem(last=False)
+            else:
+                self._stores.move_to_end(user_id)
             return memory
 
     def users(self) -> list[str]:

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,15 @@ from typing import Any
 from .engine import MemoryStore, NewMemory
 from .errors import EmbeddingMismatchError, InvalidInputError, StorageError
 from .grounding import grounded
-from .jobs import DEFAULT_BACKOFF, Backoff, Job, JobQueue, JobWorker, PermanentJobError
+from .jobs import (
+    DEFAULT_BACKOFF,
+    Backoff,
+    Job,
+    JobQueue,
+    JobWorker,
+    PermanentJobError,
+    user_tag,
+)
 from .prompts import background_extraction_messages, parse_extraction_json
 from .storage.base import Storage
 from .types import Source
@@ -105,14 +114,22 @@ def retryable(exc: BaseException) -> bool:
 
 def queue_path_for(memory: MemoryStore) -> Path:
     """Where a store's job queue lives: beside embedded memories (even before the folder is
-    created: it is opened on first use), else in the home folder."""
-    folder = getattr(memory.storage, "folder", None)
+    created: it is opened on first use), else in the home folder, named after the server, or
+    for a storage on a chromadb client of the application's, after the client's folder or
+    server (its ``place``; the application's folder is left alone). Storages with no place
+    (an in-memory client) share one file there: give each its own ``queue_path``."""
+    storage = memory.storage
+    folder = getattr(storage, "folder", None)
     if isinstance(folder, Path):
         return folder / "jobs.sqlite3"
-    location = memory.storage.location
+    location = storage.location
     if os.path.isdir(location):
         return Path(location) / "jobs.sqlite3"
-    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    # a server's file is named after its location, as before places; an application's
+    # client's after its place ("chroma client" told them apart from no other)
+    place = getattr(storage, "place", None) if getattr(storage, "db_path", None) is None else None
+    name = place if isinstance(place, str) else location
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     return Path("~/.headroom-memory").expanduser() / f"jobs-{digest}.sqlite3"
 
 
@@ -128,7 +145,11 @@ class MemoryWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError:  # a read-only folder: the queue opens once it can (JobQueue open_later)
             log.warning("cannot create the folder of job queue %s yet", path, exc_info=True)
-        self._stores: dict[str, MemoryStore] = {}
+        # the stores registered here, held weakly: a store its application let go of (a
+        # wrapper of a user no longer served) is not kept alive; its jobs still run, on a store
+        # built for each with the settings of the first store registered (the template)
+        self._stores: weakref.WeakValueDictionary[str, MemoryStore] = weakref.WeakValueDictionary()
+        self._template: dict[str, Any] | None = None  # MemoryStore's arguments but user_id
         self._extractors: dict[str, BackgroundExtractor] = {}
         self._storage: Storage | None = None  # the storage whose memories this queue holds
         self._lock = threading.Lock()
@@ -156,11 +177,18 @@ class MemoryWriter:
             if served is not None and not _same_place(served, memory.storage):
                 raise InvalidInputError(
                     f"the job queue {self.worker.queue.path} already serves the memories in "
-                    f"{served.location}, not those in {memory.storage.location}: give each "
-                    "storage its own queue_path (the default, beside embedded memories, is)"
+                    f"{_where(served)}, not those in {_where(memory.storage)}: give each "
+                    "storage its own queue_path (the default one is, except for in-memory clients)"
                 )
             self._storage = memory.storage
             self._stores[memory.user_id] = memory
+            if self._template is None:
+                self._template = {
+                    "storage": memory.storage,
+                    "embedder": memory.embedder,
+                    "min_score": memory.min_score,
+                    "duplicate_threshold": memory.duplicate_threshold,
+                }
             if extractor is not None:
                 self._extractors[memory.user_id] = extractor
         memory.attach_writer(self)
@@ -249,6 +277,12 @@ class MemoryWriter:
             self._settled.notify_all()
         with self._queue_file("erase the user's jobs"):
             queue.erase_wal()
+        log.debug(
+            "job queue %s: deleted %d jobs of user %s",
+            queue.path,
+            deleted,
+            user_tag(memory.user_id),
+        )
         return deleted
 
     def retry_failed(self) -> int:
@@ -300,30 +334,34 @@ class MemoryWriter:
         memory.add_many(items, source=source)
 
     def _store_for(self, user_id: str) -> MemoryStore:
-        """The registered store of ``user_id``, or (for work a previous process left) one on
-        the same storage with the same embedder as the stores registered here."""
+        """The registered store of ``user_id`` if its application still holds it, else (work
+        of a user let go of, or left by a previous process) a store built for this job on the
+        registered storage and embedder, not kept: writes of one user are serialised by the
+        storage's per-user lock, whichever store makes them."""
         with self._lock:
             memory = self._stores.get(user_id)
-            if memory is None:
-                if not self._stores:
-                    raise RuntimeError("no memory store registered yet")  # retried later
-                template = next(iter(self._stores.values()))
-                memory = self._stores[user_id] = MemoryStore(
-                    user_id, storage=template.storage, embedder=template.embedder
-                )
+            template = self._template
+        if memory is not None:
             return memory
+        if template is None:
+            raise RuntimeError("no memory store registered yet")  # retried later
+        return MemoryStore(user_id, **template)
+
+
+def _where(storage: Storage) -> str:
+    place = getattr(storage, "place", None)
+    return place if isinstance(place, str) else storage.location
 
 
 def _same_place(one: Storage, other: Storage) -> bool:
     """Whether two storage objects hold the same memories: the same object, or the same
-    embedded folder or server URL. Storages built on chromadb clients of the application's
-    (location ``"chroma client"``) cannot be told apart by location: only the same object."""
+    :attr:`~.storage.chroma.ChromaStorage.place` (an embedded folder, a server, the folder or
+    server of an application's chromadb client). Storages with no place (an in-memory
+    client, another backend) are told apart by object only."""
     if one is other:
         return True
-    named = getattr(one, "folder", None) is not None or one.location.startswith(
-        ("http://", "https://")
-    )
-    return named and one.location == other.location
+    place = getattr(one, "place", None)
+    return place is not None and place == getattr(other, "place", None)
 
 
 _writers: dict[str, MemoryWriter] = {}

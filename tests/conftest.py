@@ -103,6 +103,9 @@ class ChromaServer:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait(10)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
 
 
 @pytest.fixture(scope="session")
@@ -187,19 +190,27 @@ def model_says(openai_server: ScriptedOpenAIServer) -> RememberingModel:
 
 
 @pytest.fixture
-def client(openai_server: ScriptedOpenAIServer, db_path: Path, model: LocalEmbedder) -> Any:
+def client(
+    openai_server: ScriptedOpenAIServer, db_path: Path, model: LocalEmbedder
+) -> Iterator[Any]:
     """Alice's ``with_fast_memory`` client on the scripted server (a module may define its own)."""
     from headroom_memory_integrations.openai import with_fast_memory
 
-    return with_fast_memory(
+    memory_client = with_fast_memory(
         openai_server.client(), user_id="alice", db_path=db_path, embedder=model
     )
+    yield memory_client
+    memory_client.close()  # waits for what the test left to store, closes the connections
 
 
 @pytest.fixture
-def aclient(openai_server: ScriptedOpenAIServer, db_path: Path, model: LocalEmbedder) -> Any:
+def aclient(
+    openai_server: ScriptedOpenAIServer, db_path: Path, model: LocalEmbedder
+) -> Iterator[Any]:
     """The async twin of :func:`client` (its own store handle, the same folder)."""
     from headroom_memory_integrations.openai import with_fast_memory
 
     async_client = openai_server.async_client()
-    return with_fast_memory(async_client, user_id="alice", db_path=db_path, embedder=model)
+    memory_client = with_fast_memory(async_client, user_id="alice", db_path=db_path, embedder=model)
+    yield memory_client
+    memory_client.memory.flush(30)  # its connections belong to the test's loop, now closed

@@ -265,6 +265,7 @@ def test_a_killed_worker_resumes_and_loses_nothing(openai_server, db_path, model
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
+        process.stdout.close()
     hung.touch()
 
     client = with_memory(

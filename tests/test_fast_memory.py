@@ -142,11 +142,12 @@ def test_a_stream_read_with_next_is_filtered_too(client, aclient, model_says) ->
     assert text([*first, *stream]) == "Sure, Python suits that well."
 
     async def read_async() -> str:
-        stream = await aclient.chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "Say it"}], stream=True
-        )
-        first = [await anext(stream), await stream.__anext__()]
-        return text([*first, *[c async for c in stream]])
+        async with aclient:  # closed in the loop that opened its connection
+            stream = await aclient.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "Say it"}], stream=True
+            )
+            first = [await anext(stream), await stream.__anext__()]
+            return text([*first, *[c async for c in stream]])
 
     assert asyncio.run(read_async()) == "Sure, Python suits that well."
 
@@ -439,7 +440,10 @@ def test_openai_s_stream_helper_has_memory(client, aclient, openai_server, model
 
     async def ask_async() -> str:
         asked = [{"role": "user", "content": "Which language should I use?"}]
-        async with aclient.chat.completions.stream(model="gpt-4o", messages=asked) as stream:
+        async with (
+            aclient,  # closed in the loop that opened its connection
+            aclient.chat.completions.stream(model="gpt-4o", messages=asked) as stream,
+        ):
             return (await stream.get_final_completion()).choices[0].message.content
 
     assert asyncio.run(ask_async()) == "Python is a fine choice."

@@ -116,9 +116,9 @@ def test_one_queue_file_serves_one_storage(openai_server, tmp_path, model, model
 def test_storages_on_the_applications_own_clients_do_not_share_a_queue(
     openai_server, tmp_path, model
 ) -> None:
-    """Storages built on chromadb clients of the application all read "chroma client" as
-    their location, and so share the default job queue: only the same storage object may use
-    it; another is refused (before, one tenant's memories were stored in the other's)."""
+    """Storages that name the same queue file share it only when they hold the same
+    memories: another storage is refused (before, one tenant's memories were stored in the
+    other's)."""
     import chromadb
 
     from headroom_memory_integrations.errors import InvalidInputError
@@ -136,3 +136,72 @@ def test_storages_on_the_applications_own_clients_do_not_share_a_queue(
     with_fast_memory(openai_server.client(), "bob", storage=tenant_a, **options)  # the same
     with pytest.raises(InvalidInputError, match="give each storage its own queue_path"):
         with_fast_memory(openai_server.client(), "alice", storage=tenant_b, **options)
+
+
+def test_storages_on_two_persistent_clients_get_their_own_default_queues(
+    openai_server, tmp_path, model, model_says, monkeypatch
+) -> None:
+    """The default queue of a storage on an application's ``PersistentClient`` is named after
+    the client's folder, so two tenants need no ``queue_path`` (before, both storages read
+    "chroma client", got one default file, and the second wrapper was refused)."""
+    import chromadb
+
+    from headroom_memory_integrations.openai import with_fast_memory
+    from headroom_memory_integrations.storage import ChromaStorage
+    from headroom_memory_integrations.writer import queue_path_for
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    settings = chromadb.Settings(anonymized_telemetry=False)
+
+    def storage(name: str) -> ChromaStorage:
+        folder = str(tmp_path / name)
+        return ChromaStorage(chromadb.PersistentClient(path=folder, settings=settings))
+
+    tenant_a, tenant_b = storage("a"), storage("b")
+    a = with_fast_memory(openai_server.client(), "alice", storage=tenant_a, embedder=model)
+    b = with_fast_memory(openai_server.client(), "alice", storage=tenant_b, embedder=model)
+    for client, said in ((a, "Prefers Python for backend work"), (b, "Drinks green tea")):
+        model_says.memories = [{"text": said, "category": "preference"}]
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": said}])
+        assert client.memory.flush(10)
+    assert [m.text for m in a.memory.get_all()] == ["Prefers Python for backend work"]
+    assert [m.text for m in b.memory.get_all()] == ["Drinks green tea"]
+    queue_a, queue_b = queue_path_for(a.memory), queue_path_for(b.memory)
+    assert queue_a != queue_b
+    assert {queue_a.parent, queue_b.parent} == {home / ".headroom-memory"}  # not in their folders
+    assert queue_a.exists() and queue_b.exists()
+    # a storage on another client of folder "a" holds the same memories: it shares a's queue
+    again = with_fast_memory(openai_server.client(), "bob", storage=storage("a"), embedder=model)
+    assert queue_path_for(again.memory) == queue_a
+    assert again.memory.count() == 0
+
+
+def test_the_place_of_an_applications_client(tmp_path) -> None:
+    """What tells an application's chromadb client apart: a persistent client's real folder,
+    with a tenant or database that is not the default; nothing for an in-memory client."""
+    import chromadb
+
+    from headroom_memory_integrations.storage import ChromaStorage
+
+    def settings() -> chromadb.Settings:  # one each: chromadb's clients change the one given
+        return chromadb.Settings(anonymized_telemetry=False)
+
+    folder = tmp_path / "data"
+    persistent = ChromaStorage(chromadb.PersistentClient(path=str(folder), settings=settings()))
+    assert persistent.place == str(folder.resolve())
+    assert persistent.db_path is None  # reopening needs the application's client
+    assert ChromaStorage(chromadb.EphemeralClient(settings=settings())).place is None
+    assert ChromaStorage.at(folder).place == str(folder.resolve())
+
+
+@pytest.mark.server
+def test_the_place_of_an_applications_http_client(chroma_server) -> None:
+    import chromadb
+
+    from headroom_memory_integrations.storage import ChromaStorage
+
+    client = chromadb.HttpClient(host="127.0.0.1", port=chroma_server.port)
+    storage = ChromaStorage(client)
+    assert storage.place == chroma_server.url == ChromaStorage.from_url(chroma_server.url).place
+    assert storage.db_path is None

@@ -790,6 +790,27 @@ def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> 
         ),
         ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, True),
         ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}, False),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}
+                ]
+            },
+            True,
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
+            True,
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "url": "u"}]}]}, True),
+        *(
+            ({"messages": [{"role": "user", "content": [{"type": kind, "data": "d"}]}]}, True)
+            for kind in ("text-plain", "document", "video", "media")
+        ),
+        *(  # the user speaking: their own words
+            ({"messages": [{"role": "user", "content": [{"type": kind, "data": "d"}]}]}, False)
+            for kind in ("audio", "input_audio")
+        ),
     ],
 )
 def test_fetches_outside_text(kwargs: dict[str, object], fetches: bool) -> None:

@@ -6,6 +6,7 @@ Real embedded Chroma in temp folders; docs/reliability.md maps each guarantee to
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import threading
 import time
@@ -384,6 +385,112 @@ def test_forget_user_while_the_users_extraction_runs(openai_server, db_path, mod
     client.memory.forget_user(timeout=20)  # raised StorageError after 20 s
     assert client.memory.flush(10)
     assert client.memory.get_all() == []
+
+
+class _ForgetSignals(logging.Handler):
+    """Sets events as forget_user goes: its first pass over the queue is done (``forgot``);
+    its second pass found a job that started between the two and goes round again
+    (``retried``, which also ``moved``); it returned (``moved``, set by the test)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.forgot, self.retried, self.moved = (threading.Event() for _ in range(3))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "jobs of user" in message and "deleted" in message:
+            self.forgot.set()
+        if "started while forgetting them" in message:
+            self.retried.set()
+            self.moved.set()
+
+
+def test_forget_user_forgets_a_job_that_starts_between_its_two_passes(
+    openai_server, db_path, model, caplog
+) -> None:
+    """forget_user deletes the user's queued jobs (waiting for a running one), then takes the
+    user's write lock and looks again. A job claimed in between is running then: forget_user
+    lets go of the lock, waits for it, and forgets what it stored. Without the second look,
+    the job stored its memory after the user was forgotten.
+
+    The order is forced: the worker is held in Bob's extraction while the first pass runs;
+    the test holds Alice's write lock until Alice's new job runs (its extraction held too)."""
+    from headroom_memory_integrations.concurrency import user_write_lock
+
+    released = {"alice": threading.Event(), "bob": threading.Event()}
+    extracting = {"alice": threading.Event(), "bob": threading.Event()}
+    said = {"alice": "I prefer Python for backend work", "bob": "I drink green tea daily"}
+    stored = {"alice": "Prefers Python for backend work", "bob": "Drinks green tea daily"}
+
+    def responder(body: dict) -> Reply:
+        if "You maintain long-term memory" not in body["messages"][0]["content"]:
+            return Reply.text("Noted.")
+        user = "alice" if said["alice"] in json.dumps(body) else "bob"
+        extracting[user].set()
+        assert released[user].wait(30)
+        memories = [{"text": stored[user], "category": "preference"}]
+        return Reply.text(json.dumps({"memories": memories}))
+
+    openai_server.responder = responder
+    alice, bob = (
+        with_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=db_path,
+            embedder=model,
+            retry_backoff=FAST,
+        )
+        for user in ("alice", "bob")
+    )
+
+    def chat(client) -> None:
+        user = client.memory.user_id
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": said[user]}]
+        )
+
+    signals = _ForgetSignals()
+    caplog.set_level(logging.DEBUG, logger="headroom_memory_integrations")
+    logging.getLogger("headroom_memory_integrations").addHandler(signals)
+    forgotten: list[int] = []
+
+    def forget() -> None:
+        try:
+            forgotten.append(alice.memory.forget_user(timeout=30))
+        finally:
+            signals.moved.set()
+
+    forgetting = threading.Thread(target=forget)
+    try:
+        chat(bob)
+        assert extracting["bob"].wait(30)  # the worker is busy with Bob's job
+        chat(alice)  # queued behind it: the first pass deletes it
+        with user_write_lock(alice.memory.storage.location, "alice"):
+            forgetting.start()
+            assert signals.forgot.wait(30)  # the first pass is done; the second waits for us
+            chat(alice)  # queued after the first pass...
+            released["bob"].set()
+            assert extracting["alice"].wait(30)  # ...and running before the second
+        assert signals.moved.wait(30)  # the second pass ran (and went round again, or returned)
+        released["alice"].set()
+        forgetting.join(30)
+        assert not forgetting.is_alive()
+    finally:
+        for event in released.values():
+            event.set()
+        logging.getLogger("headroom_memory_integrations").removeHandler(signals)
+    assert alice.memory.flush(10) and bob.memory.flush(10)
+    assert alice.memory.get_all() == []  # the job's memory did not outlive forget_user
+    assert forgotten == [1]  # it was stored first, then forgotten
+    assert signals.retried.is_set()
+    assert [m.text for m in bob.memory.get_all()] == [stored["bob"]]
+    extractions = [
+        r
+        for r in openai_server.requests
+        if "You maintain long-term memory" in json.dumps(r.body)
+        and said["alice"] in json.dumps(r.body)
+    ]
+    assert len(extractions) == 1  # Alice's first job was deleted by the first pass, never run
 
 
 # -- 7: smaller failures -----------------------------------------------------------------------

@@ -132,13 +132,14 @@ def test_async_create_plain_and_streamed(aclient, openai_server, model_says) -> 
     model_says.answer, model_says.memories = ANSWER, [PYTHON]
 
     async def run() -> tuple[str, str]:
-        plain = await aclient.responses.create(model="gpt-4o", input="I prefer Python")
-        model_says.memories = [LISBON]
-        stream = await aclient.responses.create(
-            model="gpt-4o", input="I live in Lisbon", stream=True
-        )
-        deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
-        return plain.output_text, "".join(deltas)
+        async with aclient:  # closed in the loop that opened its connection
+            plain = await aclient.responses.create(model="gpt-4o", input="I prefer Python")
+            model_says.memories = [LISBON]
+            stream = await aclient.responses.create(
+                model="gpt-4o", input="I live in Lisbon", stream=True
+            )
+            deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+            return plain.output_text, "".join(deltas)
 
     assert asyncio.run(run()) == (ANSWER, ANSWER)
     assert sorted(stored(aclient)) == [LISBON["text"], PYTHON["text"]]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -114,3 +116,19 @@ def test_a_storage_dropped_unclosed_lets_go_of_its_client(chroma_server, model) 
     assert collected() is None
     assert client._closed
     assert not any(h._user_id == "srv-dropped" for h in chroma._read_aheads.held())
+
+
+def test_closing_a_server_storage_closes_its_connections(chroma_server) -> None:
+    """chromadb's client, closed, leaves its HTTP sessions (its own and its admin client's)
+    open: a socket per storage, reported as a ResourceWarning once collected. Closing the
+    storage closes them."""
+    from conftest import HashEmbedder
+
+    storage = ChromaStorage.from_url(chroma_server.url)
+    MemoryStore("closing-check", storage=storage, embedder=HashEmbedder()).add("Plays the cello")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        storage.close()
+        del storage
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -205,6 +205,53 @@ def test_an_attached_document_makes_the_call_untrusted(openai_server, db_path, m
     assert client.memory.stats()["events"]["ungrounded_memories"] == 1
 
 
+PNG = (  # a screenshot, as far as the wrappers can tell
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQ"
+    "GAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_an_attached_image_makes_the_call_untrusted(openai_server, db_path, model, api) -> None:
+    """A screenshot of a web page is outside text too: the text in it can ask the model to
+    remember something. Only what the user typed grounds a memory (before, an image left the
+    call trusted and the planted payment account was stored)."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    openai_server.responder = obedient_model([PLANTED, OWN])
+    typed = "I have a dentist appointment on Friday. What does this page say?"
+    if api == "chat":
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": typed},
+                        {"type": "image_url", "image_url": {"url": PNG}},
+                    ],
+                }
+            ],
+        )
+    else:
+        client.responses.create(
+            model="gpt-4o",
+            input=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": typed},
+                        {"type": "input_image", "image_url": PNG, "detail": "auto"},
+                    ],
+                }
+            ],
+        )
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [OWN["text"]]
+    assert client.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
 def test_a_react_observation_is_a_tool_result_not_the_users_message(
     openai_server, db_path, model
 ) -> None:
@@ -277,3 +324,28 @@ def test_a_tool_result_cannot_plant_memories_in_the_background(
     assert client.memory.flush(30)
     assert [m.text for m in client.memory.get_all()] == [OWN["text"]]
     assert client.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
+_RETRY = (
+    "Error while parsing the output: Could not parse output: Sure!\n\n"
+    "The output should be in one of the following formats: ..."
+)
+
+
+@pytest.mark.parametrize(
+    ("system", "expected"),
+    [
+        ("You are a helpful assistant.", set()),  # a user pasting the error: still the user
+        ("Use this format:\nThought: ...\nAction: ...\nObservation: tool response", {3}),
+    ],
+)
+def test_a_react_retry_prompt_counts_only_inside_a_react_transcript(system, expected) -> None:
+    from headroom_memory_integrations.flow import react_observations
+
+    messages = [
+        ("system", system),
+        ("user", "My agent keeps failing, look:"),
+        ("assistant", "Sure!"),
+        ("user", _RETRY),
+    ]
+    assert react_observations(messages) == expected

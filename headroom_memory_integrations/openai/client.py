@@ -21,7 +21,6 @@ from typing import Any
 
 from ..display import client_html
 from ..engine import MemoryStore
-from ..jobs import user_tag
 from .flow import CompletionsFlow
 from .responses import (
     AsyncMemoryResponseManager,
@@ -314,10 +313,8 @@ class MemoryClient(_Passthrough):
         and the client is closed all the same; what was not stored stays queued."""
         if self._asynchronous:
             return self._close_async()
-        try:
-            self.memory.flush(CLOSE_FLUSH_SECONDS)  # returns False on a memory failure
-        except Exception:
-            self._flush_failed()
+        try:  # flush never raises for memory's sake: it logs, counts and returns False
+            self.memory.flush(CLOSE_FLUSH_SECONDS)
         finally:
             try:
                 self._wrapped.close()
@@ -329,21 +326,12 @@ class MemoryClient(_Passthrough):
         try:
             await asyncio.to_thread(self.memory.flush, CLOSE_FLUSH_SECONDS)
         except Exception:  # e.g. no thread to wait in (the interpreter is shutting down)
-            self._flush_failed()
+            self.memory._survived("could not wait for the background writes while closing")
         finally:
             try:
                 await self._wrapped.close()
             finally:
                 self._close_owned()
-
-    def _flush_failed(self) -> None:
-        self.memory.counters["flush_failures"] += 1
-        log.warning(
-            "could not wait for the memories to be stored; closing the client all the same "
-            "(user %s)",
-            user_tag(self.memory.user_id),
-            exc_info=True,
-        )
 
     def _close_owned(self) -> None:
         for twin in self._owned:

@@ -301,10 +301,9 @@ class AsyncMemoryStreamedResponse(_EditedResponse):
                 yield line
 
 
-class MemoryResponseManager:
-    """The context manager ``with_streaming_response.create(...)`` returns on a sync memory
-    client: like openai's, the request is made on ``__enter__`` and the response closed on exit.
-    """
+class _ResponseManager:
+    """What the sync and async ``with_streaming_response.create(...)`` managers share: the
+    request with memory, and the edits of its answer."""
 
     def __init__(
         self,
@@ -317,40 +316,35 @@ class MemoryResponseManager:
         self._kwargs = kwargs
         self._manager: Any = None
 
+    def _edits(self, call: Any, *, asynchronous: bool) -> ResponseEdits:
+        streamed = bool(self._kwargs.get("stream"))
+        return ResponseEdits(self._flow, call, streamed=streamed, asynchronous=asynchronous)
+
+
+class MemoryResponseManager(_ResponseManager):
+    """The context manager ``with_streaming_response.create(...)`` returns on a sync memory
+    client: like openai's, the request is made on ``__enter__`` and the response closed on exit.
+    """
+
     def __enter__(self) -> MemoryStreamedResponse:
         call = self._flow.before(self._kwargs)
         self._manager = self._method(**call.request)
         response = self._manager.__enter__()
-        streamed = bool(self._kwargs.get("stream"))
-        edits = ResponseEdits(self._flow, call, streamed=streamed, asynchronous=False)
-        return MemoryStreamedResponse(response, edits)
+        return MemoryStreamedResponse(response, self._edits(call, asynchronous=False))
 
     def __exit__(self, *exc: Any) -> None:
         if self._manager is not None:
             self._manager.__exit__(*exc)
 
 
-class AsyncMemoryResponseManager:
+class AsyncMemoryResponseManager(_ResponseManager):
     """The async twin of :class:`MemoryResponseManager` (``async with``)."""
-
-    def __init__(
-        self,
-        method: Callable[..., Any],
-        flow: CompletionsFlow | ResponsesFlow,
-        kwargs: Mapping[str, Any],
-    ) -> None:
-        self._method = method
-        self._flow = flow
-        self._kwargs = kwargs
-        self._manager: Any = None
 
     async def __aenter__(self) -> AsyncMemoryStreamedResponse:
         call = await asyncio.to_thread(self._flow.before, self._kwargs)
         self._manager = self._method(**call.request)
         response = await self._manager.__aenter__()
-        streamed = bool(self._kwargs.get("stream"))
-        edits = ResponseEdits(self._flow, call, streamed=streamed, asynchronous=True)
-        return AsyncMemoryStreamedResponse(response, edits)
+        return AsyncMemoryStreamedResponse(response, self._edits(call, asynchronous=True))
 
     async def __aexit__(self, *exc: Any) -> None:
         if self._manager is not None:

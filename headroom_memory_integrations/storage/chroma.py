@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -32,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -190,9 +192,24 @@ _read_aheads = _ReadAheads()
 
 
 def _close_client(client: Any) -> None:
+    """Close a chromadb client this package made, and its HTTP connections: chromadb stops
+    the systems of a client (and of the admin client it makes inside) with their last
+    client, but leaves a server client's HTTP sessions (their pooled connections) open. Each
+    is closed once its system has stopped: no client uses it any more."""
     close = getattr(client, "close", None)
     if callable(close):
         close()
+    shared = sys.modules.get("chromadb.api.shared_system_client")
+    systems = getattr(getattr(shared, "SharedSystemClient", None), "_identifier_to_system", None)
+    if not isinstance(systems, dict):
+        return
+    for part in (client, getattr(client, "_admin_client", None)):
+        session = getattr(getattr(part, "_server", None), "_session", None)
+        identifier = getattr(part, "_identifier", None)
+        if identifier is not None and identifier not in systems:  # stopped
+            session_close = getattr(session, "close", None)
+            if callable(session_close):
+                session_close()
 
 
 class _EraseLock:
@@ -1006,6 +1023,48 @@ class ChromaCollection:
                 self._warm_log.append(change)
 
 
+def server_address(url: str) -> str | None:
+    """A Chroma server's URL as ``scheme://host:port`` (the host lowercased, an IPv6 host in
+    brackets, the port spelled out); None if ``url`` is not an http(s) URL with a host."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number, an unbracketed IPv6 host
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port or (443 if parts.scheme == 'https' else 8000)}"
+
+
+def client_place(client: Any) -> str | None:
+    """Where the memories of an application's chromadb ``client`` are, from its settings: the
+    real path of a ``PersistentClient``'s folder, or an ``HttpClient``'s server address, with
+    the tenant and database when they are not the defaults. None for an in-memory client, or
+    when the client does not say (not a chromadb client, settings of another version)."""
+    try:
+        settings = client.get_settings()
+        tenant, database = getattr(client, "tenant", None), getattr(client, "database", None)
+        where: str | None
+        if getattr(settings, "is_persistent", False) and settings.persist_directory:
+            where = os.path.realpath(os.path.expanduser(str(settings.persist_directory)))
+        elif getattr(settings, "chroma_server_host", None):
+            scheme = "https" if settings.chroma_server_ssl_enabled else "http"
+            port = settings.chroma_server_http_port or (443 if scheme == "https" else 8000)
+            where = server_address(f"{scheme}://{settings.chroma_server_host}:{port}")
+            if where is None and ":" in str(settings.chroma_server_host):  # a bare IPv6 host
+                where = server_address(f"{scheme}://[{settings.chroma_server_host}]:{port}")
+        else:
+            return None
+    except Exception:  # anything but a chromadb client of a known version: no place
+        return None
+    if where is None:
+        return None
+    if (tenant, database) not in ((None, None), ("default_tenant", "default_database")):
+        where += f" (tenant {tenant!r}, database {database!r})"
+    return where
+
+
 class ChromaStorage:
     """Users' memory collections in Chroma.
 
@@ -1056,6 +1115,8 @@ class ChromaStorage:
         self._closed = False
         self._release: weakref.finalize[Any, Any] | None = None
         self._deferred: DeferredWrites | None = None  # an embedded folder's (see at())
+        self._applications = client is not None  # a client the application made, not ours
+        self._client_place = client_place(client) if self._applications else None
         if client is not None and timeout is not None:
             bound_http_requests(client, timeout)
 
@@ -1107,8 +1168,6 @@ class ChromaStorage:
     @classmethod
     def from_url(cls, url: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> ChromaStorage:
         """Storage on the Chroma server at ``http://host:port`` (or https)."""
-        from urllib.parse import urlsplit
-
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise StorageError(f"not a Chroma server URL: {url!r} (expected http://host:port)")
@@ -1251,6 +1310,25 @@ class ChromaStorage:
     def folder(self) -> Path | None:
         """The embedded folder (:meth:`at`), whether or not it exists yet; None otherwise."""
         return self._folder
+
+    @property
+    def db_path(self) -> str | None:
+        """The ``db_path`` that opens these memories again: the embedded folder, or the
+        server's ``scheme://host:port`` (never credentials); None for a storage on a chromadb
+        client of the application's (it may need the client's own headers or settings)."""
+        if self._folder is not None:
+            return str(self._folder)
+        if self._applications:
+            return None
+        return server_address(self.location)
+
+    @property
+    def place(self) -> str | None:
+        """Where these memories are, as one string that two storages share only when they
+        hold the same memories: :attr:`db_path`, or for a storage on a chromadb client of the
+        application's, what the client's settings say (:func:`client_place`). None when
+        nothing tells it apart: an in-memory client, or one whose settings cannot be read."""
+        return self.db_path or self._client_place
 
     def _holds_folder(self) -> bool:
         """True unless this is an embedded folder whose lock another process holds."""

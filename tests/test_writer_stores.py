@@ -1,0 +1,82 @@
+"""Per-user state stays bounded: the job queue's writer serves the stores of wrappers without
+keeping them alive (a store let go of is collected; its queued writes still land), and
+UserStores keeps the most recently used users' stores."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.openai import with_fast_memory
+
+pytestmark = pytest.mark.openai_client
+
+BOB = {"text": "Plays the cello in an orchestra", "category": "fact"}
+ALICE = {"text": "Prefers Python for backend work", "category": "preference"}
+
+
+class GatedEmbedder:
+    """The real model, except that embedding ``text`` (storing it) waits for ``gate``."""
+
+    def __init__(self, inner: Any, text: str, gate: threading.Event) -> None:
+        self.inner, self.text, self.gate = inner, text, gate
+        self.name, self.dimension = inner.name, inner.dimension
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.text in texts:
+            assert self.gate.wait(60)
+        return self.inner.embed(texts)
+
+
+def test_a_store_let_go_is_collected_and_its_queued_write_still_lands(
+    openai_server, db_path, model, model_says
+) -> None:
+    gate = threading.Event()
+    embedder = GatedEmbedder(model, BOB["text"], gate)
+    bob = with_fast_memory(
+        openai_server.client(), user_id="bob", db_path=db_path, embedder=embedder
+    )
+    alice = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=embedder
+    )
+    model_says.memories = [BOB]
+    bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I play cello"}])
+    model_says.memories = [ALICE]
+    alice.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "I prefer Python for backend work"}]
+    )
+    # bob's write holds the worker at the gate; alice's waits in the queue behind it
+    held = weakref.ref(alice.memory)
+    del alice
+    gc.collect()
+    assert held() is None  # nothing of the writer's kept her store alive
+
+    gate.set()
+    assert bob.memory.flush(30)
+    stored = MemoryStore("alice", storage=bob.memory.storage, embedder=model).get_all()
+    assert [m.text for m in stored] == [ALICE["text"]]  # written on a store built for the job
+    bob.memory.close()
+
+
+def test_the_stores_of_many_users_are_bounded(db_path, model) -> None:
+    """A LangGraph store or memory tools serving many users keep the most recent ones' stores;
+    a user let go of comes back with their memories."""
+    from headroom_memory_integrations.wiring import OPEN_USERS, UserStores
+
+    stores = UserStores(db_path, embedder=model)
+    stores("user-0").add("Plays the cello in an orchestra")
+    first = weakref.ref(stores("user-0"))
+    for n in range(1, OPEN_USERS + 50):
+        stores(f"user-{n}")  # built, not read: no collection is created for them
+    assert len(stores._stores) == OPEN_USERS
+    gc.collect()
+    assert first() is None
+    assert [m.text for m in stores("user-0").get_all()] == ["Plays the cello in an orchestra"]
+    assert stores.users() == ["user-0"]
