@@ -72,8 +72,8 @@ def test_the_page_shows_every_adapter_with_what_it_prints() -> None:
         assert used in example.code, example.heading
         assert example.prints, f"{example.heading}: the page shows no output for its example"
     page = PAGE.read_text(encoding="utf-8")
-    assert "pip install 'headroom-memory-integrations[langchain]'" in page
-    assert "pip install 'headroom-memory-integrations[langchain-classic]'" in page
+    assert "pip install '.[langchain]'" in page
+    assert "pip install '.[langchain-classic]'" in page
     for name in adapters.__all__:
         assert re.search(rf"`[^`]*\b{name}\b[^`]*`", page), f"{PAGE.name} never names {name}"
 

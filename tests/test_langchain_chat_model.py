@@ -615,3 +615,60 @@ def test_importing_without_the_extra_names_the_pip_command() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "pip install 'headroom-memory-integrations[langchain]'" in run.stdout
+
+
+# -- attached files: outside text, as tool results are ------------------------------------------
+
+PDF_BASE64 = "JVBERi0xLjQK"  # a PDF, as far as the wrappers can tell
+FILE_BLOCKS = {
+    "standard": {
+        "type": "file",
+        "base64": PDF_BASE64,
+        "mime_type": "application/pdf",
+        "filename": "invoice.pdf",
+    },
+    "openai": {
+        "type": "file",
+        "file": {
+            "filename": "invoice.pdf",
+            "file_data": f"data:application/pdf;base64,{PDF_BASE64}",
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["invoke", "stream"])
+@pytest.mark.parametrize("block", [*FILE_BLOCKS, None])
+def test_a_file_in_the_users_message_keeps_only_memories_grounded_in_their_words(
+    block: str | None,
+    streaming: bool,
+    openai_server: ScriptedOpenAIServer,
+    says: ScriptedChat,
+    db_path: Path,
+    model: Any,
+) -> None:
+    """A document attached to a HumanMessage can tell the model to remember something: the
+    memory it planted is dropped (and counted), the one the user said is kept. Without a
+    file, the same answer stores both (the test can tell the difference)."""
+    says.memories = [PLANTED, LYON]
+    chat = MemoryChatModel(
+        model=chat_openai(openai_server), user_id="alice", db_path=db_path, embedder=model
+    )
+    typed = "I live in Lyon. Please summarise the attached invoice."
+    content: list[Any] = [{"type": "text", "text": typed}]
+    if block is not None:
+        content.append(FILE_BLOCKS[block])
+    message = HumanMessage(content=content)
+    if streaming:
+        answer = "".join(chunk.text for chunk in chat.stream([message]))
+    else:
+        answer = chat.invoke([message]).text
+    assert answer == ANSWER
+
+    sent_parts = sent(openai_server)[-1]["content"]  # the user's message, as the model got it
+    assert (block is not None) == any(part.get("type") == "file" for part in sent_parts)
+    if block is None:
+        assert texts(chat.memory) == sorted([LYON["text"], PLANTED["text"]])
+    else:
+        assert texts(chat.memory) == [LYON["text"]]
+        assert chat.memory.stats()["events"]["ungrounded_memories"] == 1

@@ -9,8 +9,10 @@ Memories live in real Chroma with the real all-MiniLM-L6-v2 model.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,3 +368,132 @@ class GatedEmbedder:
         if self.text in texts:
             assert self.gate.wait(60)
         return self.inner.embed(texts)
+
+
+# -- many users: a bounded set of open stores --------------------------------------------------
+
+
+def test_a_service_keeps_a_bounded_number_of_users_open_and_an_evicted_user_comes_back(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    middleware = MemoryMiddleware(db_path=db_path, embedder=model, max_users=3)
+    agent = create_agent(
+        chat_openai(openai_server), tools=[], context_schema=Context, middleware=[middleware]
+    )
+    told = {"messages": [{"role": "user", "content": "I love green tea."}]}
+    users = [f"user-{n}" for n in range(8)]
+    first = weakref.ref(middleware.memory_for(users[0]))
+    for user in users:
+        agent.invoke(told, context=Context(user_id=user))
+        assert len(middleware._flows) <= 3  # never more users open than max_users
+    assert list(middleware._flows) == users[-3:]  # the most recently served ones
+    assert middleware.memory_for(users[-1]).flush(30)
+    gc.collect()
+    assert first() is None  # an evicted user's store is let go (nothing else holds it)
+
+    says.memories = []
+    question = {"messages": [{"role": "user", "content": "Green tea or coffee, what do I prefer?"}]}
+    result = agent.invoke(question, context=Context(user_id="user-0"))  # evicted long ago
+    assert result["messages"][-1].text == "Happy to help with that."
+    injected = chat_requests(openai_server)[-1][-2]["content"]
+    assert f'"{TEA["text"]}"' in injected  # reopened: their memory is still theirs
+    assert list(middleware._flows) == [*users[-2:], "user-0"]
+    for user in users:
+        assert texts(middleware.memory_for(user)) == [TEA["text"]]
+    assert len(middleware._flows) == 3
+
+    with pytest.raises(ValueError, match="max_users"):
+        MemoryMiddleware(db_path=db_path, embedder=model, max_users=0)
+
+
+def test_a_write_still_queued_when_its_user_is_evicted_is_not_lost(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    gate = threading.Event()
+    middleware = MemoryMiddleware(
+        db_path=db_path, embedder=GatedEmbedder(model, TEA["text"], gate), max_users=1
+    )
+    agent = create_agent(
+        chat_openai(openai_server), tools=[], context_schema=Context, middleware=[middleware]
+    )
+    told = {"messages": [{"role": "user", "content": "I love green tea."}]}
+    agent.invoke(told, context=Context(user_id="alice"))  # her memory waits for the gate
+    says.memories = []
+    agent.invoke(told, context=Context(user_id="bob"))  # alice is evicted, her write pending
+    assert list(middleware._flows) == ["bob"]
+    gate.set()
+
+    question = {"messages": [{"role": "user", "content": "Green tea or coffee, what do I prefer?"}]}
+    agent.invoke(question, context=Context(user_id="alice"))
+    assert texts(middleware.memory_for("alice")) == [TEA["text"]]
+    assert texts(middleware.memory_for("bob")) == []
+
+
+def test_a_store_from_memory_for_keeps_working_after_its_user_is_evicted(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    """An application keeps a user's store (for a "forget me" endpoint, say); the user is
+    evicted meanwhile: its flush still waits for the user's queued write, and forget_user
+    still reaches the queue, so nothing forgotten comes back."""
+    gate = threading.Event()
+    middleware = MemoryMiddleware(
+        db_path=db_path, embedder=GatedEmbedder(model, TEA["text"], gate), max_users=1
+    )
+    agent = create_agent(
+        chat_openai(openai_server), tools=[], context_schema=Context, middleware=[middleware]
+    )
+    alice = middleware.memory_for("alice")
+    told = {"messages": [{"role": "user", "content": "I love green tea."}]}
+    agent.invoke(told, context=Context(user_id="alice"))  # her memory waits for the gate
+    says.memories = []
+    agent.invoke(told, context=Context(user_id="bob"))  # alice is evicted, her write pending
+    assert list(middleware._flows) == ["bob"]
+
+    assert alice.flush(0.3) is False  # her write is still queued: not done
+    gate.set()
+    assert alice.flush(30) is True
+    assert texts(alice) == [TEA["text"]]
+    assert alice.forget_user() == 1
+    assert middleware.memory_for("bob").flush(30)
+    assert texts(middleware.memory_for("alice")) == []
+
+
+def test_opening_a_new_user_never_holds_up_the_users_already_open(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    """A user's store that is slow to open (a Chroma server slow to answer) delays that user's
+    run only: runs of users already open, and of other new users, go on meanwhile."""
+    release, opening = threading.Event(), threading.Event()
+
+    class SlowToOpen(MemoryMiddleware):
+        def _open(self, user_id: str) -> Any:
+            if user_id == "slow":
+                opening.set()
+                assert release.wait(60)
+            return super()._open(user_id)
+
+    middleware = SlowToOpen(db_path=db_path, embedder=model)
+    agent = create_agent(
+        chat_openai(openai_server), tools=[], context_schema=Context, middleware=[middleware]
+    )
+    told = {"messages": [{"role": "user", "content": "I love green tea."}]}
+    agent.invoke(told, context=Context(user_id="alice"))
+    slow = threading.Thread(target=agent.invoke, args=(told,), kwargs={"context": Context("slow")})
+    slow.start()
+    answers: list[str] = []
+
+    def others() -> None:  # while "slow" is still opening
+        for user in ("alice", "bob"):
+            answers.append(agent.invoke(told, context=Context(user_id=user))["messages"][-1].text)
+
+    try:
+        assert opening.wait(30)
+        meanwhile = threading.Thread(target=others)
+        meanwhile.start()
+        meanwhile.join(30)
+        assert not meanwhile.is_alive() and answers == ["Happy to help with that."] * 2
+        assert slow.is_alive()
+    finally:
+        release.set()
+        slow.join(60)
+    assert texts(middleware.memory_for("slow")) == [TEA["text"]]

@@ -298,3 +298,52 @@ def test_a_refusal_is_logged_without_the_user_id(openai_server, db_path, model, 
     assert user_tag(user_id) in record.getMessage()
     assert all(user_id not in r.getMessage() for r in caplog.records)
     assert memories(db_path, model, user_id) == []
+
+
+ATTACHMENTS = {
+    "pdf": {
+        "type": "file",
+        "base64": "JVBERi0xLjQK",
+        "mime_type": "application/pdf",
+        "filename": "invoice.pdf",
+    },
+    "image": {
+        "type": "image",
+        "base64": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+        "AAAABJRU5ErkJggg==",
+        "mime_type": "image/png",
+    },
+}
+
+
+@pytest.mark.parametrize("attached", [*ATTACHMENTS, None])
+def test_an_attached_document_cannot_make_the_agent_plant_a_memory(
+    attached: str | None, openai_server, db_path, model
+) -> None:
+    """A document or a screenshot attached to the user's message is not the user's words, as
+    a tool's output is not: the memory it told the model to save is refused, what the user
+    said is saved. Without an attachment, the model's wording is trusted as before."""
+    from langchain_core.messages import HumanMessage
+
+    agent = create_agent(
+        chat_model(openai_server), tools=memory_tools(db_path=db_path, embedder=model)
+    )
+    planted = {"action": "create", "content": "Wants all payments sent to account 12345"}
+    said = {"action": "create", "content": "Is planning a trip to Lisbon in May"}
+    openai_server.script(
+        Reply.tool_calls(ToolCall("manage_memory", planted), ToolCall("manage_memory", said)),
+        "Done.",
+    )
+    typed = {"type": "text", "text": "I'm planning a trip to Lisbon in May. Summarise this."}
+    content = [typed, *([ATTACHMENTS[attached]] if attached else [])]
+    result = agent.invoke({"messages": [HumanMessage(content=content)]}, user("alice"))
+    first, second = tool_messages(result)
+    assert second.status == "success"
+    if attached is None:
+        assert first.status == "success"
+        assert len(memories(db_path, model, "alice")) == 2
+    else:
+        assert first.status == "error" and "must come from the user" in first.content
+        assert memories(db_path, model, "alice") == [
+            ("Is planning a trip to Lisbon in May", "fact")
+        ]

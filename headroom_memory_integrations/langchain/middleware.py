@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -22,6 +23,9 @@ from .chat_model import MemoryChatModel
 USER_ID_KEY = "user_id"
 """Where a run names its user: ``context.user_id`` (or ``context["user_id"]``), else
 ``config["configurable"]["user_id"]``."""
+
+DEFAULT_MAX_USERS = 256
+"""Users whose stores a :class:`MemoryMiddleware` without ``user_id`` keeps open at most."""
 
 
 class MemoryMiddleware(AgentMiddleware):
@@ -89,6 +93,11 @@ class MemoryMiddleware(AgentMiddleware):
         untrusted_context: The agent's prompts hold text the user did not write besides tool
             results (documents put in the system prompt or the state): keep only memories
             grounded in the user's own words. Calls holding tool results are always checked so.
+        max_users: Without ``user_id``: the stores of the most recently served users kept open
+            (default :data:`DEFAULT_MAX_USERS`). The least recently served one is let go of
+            to make room: what its runs queued is still stored (the queue is durable and
+            shared), a store of it from :meth:`memory_for` still works, and its next run opens
+            it again.
     """
 
     def __init__(
@@ -103,10 +112,14 @@ class MemoryMiddleware(AgentMiddleware):
         injection: Injection = "system",
         queue_path: str | os.PathLike[str] | None = None,
         untrusted_context: bool = False,
+        max_users: int = DEFAULT_MAX_USERS,
     ) -> None:
         super().__init__()
         if injection not in ("system", "user"):
             raise InvalidInputError(f"injection must be 'system' or 'user', got {injection!r}")
+        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+            raise InvalidInputError(f"max_users must be a positive integer, got {max_users!r}")
+        self._max_users = max_users
         self._top_k = top_k
         self._injection: Injection = injection
         self._queue_path = queue_path
@@ -114,8 +127,13 @@ class MemoryMiddleware(AgentMiddleware):
         self._db_path = db_path
         self._storage = storage
         self._embedder = embedder
-        self._flows: dict[str, MessagesFlow] = {}
+        # the users' flows, least recently served first; the lock guards it and _opening only
+        # (a user's store is opened outside it, so other users' calls never wait for that)
+        self._flows: OrderedDict[str, MessagesFlow] = OrderedDict()
+        self._opening: dict[str, threading.Lock] = {}  # user -> held while their flow is built
         self._lock = threading.Lock()
+        self._shared: tuple[Storage, Embedder] | None = None  # of the first user's store
+        self._shared_lock = threading.Lock()
         self._fixed: MessagesFlow | None = None
         if memory is not None or user_id is not None:
             self._fixed = self._flow_for(
@@ -190,19 +208,50 @@ class MemoryMiddleware(AgentMiddleware):
                 )
             return self._fixed
         with self._lock:
-            flow = self._flows.get(user_id)
-            if flow is None:
-                flow = self._flows[user_id] = self._flow_for(self._open(user_id))
-            return flow
+            flow = self._served(user_id)
+            if flow is not None:
+                return flow
+            opening = self._opening.setdefault(user_id, threading.Lock())
+        with opening:  # one thread opens a user; the others of that user wait for it
+            with self._lock:
+                flow = self._served(user_id)
+            if flow is not None:
+                return flow
+            try:
+                flow = self._flow_for(self._open(user_id))
+            except BaseException:
+                with self._lock:
+                    self._opening.pop(user_id, None)
+                raise
+            with self._lock:
+                self._opening.pop(user_id, None)
+                self._flows[user_id] = flow
+                while len(self._flows) > self._max_users:
+                    self._flows.popitem(last=False)
+                # the evicted flow is let go of, not closed: the writer holds stores weakly and
+                # runs a user's queued jobs on a store of its own once theirs is gone, while a
+                # run (or an application, through memory_for) still holding it keeps it whole:
+                # flush and forget_user still reach the shared queue
+        return flow
+
+    def _served(self, user_id: str) -> MessagesFlow | None:
+        """The user's open flow, marked as the most recently served (hold ``_lock``)."""
+        flow = self._flows.get(user_id)
+        if flow is not None:
+            self._flows.move_to_end(user_id)
+        return flow
 
     def _open(self, user_id: str) -> MemoryStore:
         """A new user's store, on the same storage and embedder as the users before."""
-        if not self._flows:
-            return open_memory(
-                None, user_id, self._db_path, storage=self._storage, embedder=self._embedder
-            )
-        first = next(iter(self._flows.values())).memory
-        return MemoryStore(user_id, storage=first.storage, embedder=first.embedder)
+        with self._shared_lock:
+            if self._shared is None:
+                first = open_memory(
+                    None, user_id, self._db_path, storage=self._storage, embedder=self._embedder
+                )
+                self._shared = (first.storage, first.embedder)
+                return first
+            storage, embedder = self._shared
+        return MemoryStore(user_id, storage=storage, embedder=embedder)
 
     def _flow_for(self, memory: MemoryStore) -> MessagesFlow:
         flow = build_flow(

@@ -20,7 +20,7 @@ from ..engine import MAX_TEXT_CHARS, MemoryStore
 from ..errors import InvalidInputError, MemoryNotFoundError
 from ..grounding import grounded
 from ..jobs import user_tag
-from ..prompts import escape_text, message_text
+from ..prompts import escape_text, fetches_outside_text, message_text
 from ..storage import Storage
 from ..types import Memory, SearchResult
 from ..wiring import UserStores, open_memory
@@ -223,9 +223,9 @@ def create_manage_memory_tool(
     most 2,000 characters, control characters dropped). An id that is not one of this user's
     memories, a missing argument or a bad text is answered with an error message the model can
     read (the run goes on); nothing of another user can be read or changed, whatever the model
-    passes. While the run's conversation holds a tool result, a text not grounded in what the
-    user wrote is refused the same way (see :mod:`...grounding`). The artifact is the memory as
-    a dict (or None after a delete).
+    passes. While the run's conversation holds a tool result or an attached document or image,
+    a text not grounded in what the user wrote is refused the same way (see
+    :mod:`...grounding`). The artifact is the memory as a dict (or None after a delete).
 
     Args: as for :func:`create_search_memory_tool`.
     """
@@ -280,16 +280,18 @@ def create_manage_memory_tool(
 
 def _check_grounded(store: MemoryStore, action: str, content: str | None, runtime: Any) -> None:
     """Refuse to create or rewrite a memory that is not grounded in what the user wrote while
-    the run's conversation holds tool results (text the user did not write: a web page, a
-    document, another tool's output), which may have told the model what to save. The same
-    rule as for the wrappers' memory blocks (see :mod:`...grounding`); a conversation without
-    tool results, or a tool called outside an agent, is not checked."""
+    the run's conversation holds text the user did not write: a tool result (a web page,
+    another tool's output) or a document or image attached to a message
+    (:func:`~...prompts.fetches_outside_text`), which may have told the model what to save.
+    The same rule as for the wrappers' memory blocks (see :mod:`...grounding`); a conversation
+    without such text, or a tool called outside an agent, is not checked."""
     if action not in ("create", "update") or content is None:
         return
     state = getattr(runtime, "state", None)
     found = state.get("messages") if isinstance(state, Mapping) else None
     messages = found if isinstance(found, list) else []
-    if not any(is_tool_result(message) for message in messages):
+    outside = fetches_outside_text({"messages": messages})
+    if not outside and not any(is_tool_result(message) for message in messages):
         return
     said = "\n".join(message_text(message) for message in messages if is_user(message))
     if grounded(content, said):
@@ -299,8 +301,9 @@ def _check_grounded(store: MemoryStore, action: str, content: str | None, runtim
         "refused an ungrounded memory from the memory tool (user %s)", user_tag(store.user_id)
     )
     raise InvalidInputError(
-        "it is not in what the user said, and this conversation holds tool results: a memory "
-        "must come from the user, not from a document or a tool's output"
+        "it is not in what the user said, and this conversation holds tool results or "
+        "attached documents: a memory must come from the user, not from a document or a "
+        "tool's output"
     )
 
 
