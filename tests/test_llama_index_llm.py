@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from _llama_index_support import (
@@ -11,13 +14,28 @@ from _llama_index_support import (
     FACT,
     QUESTION,
     RECALLED,
+    Brain,
     HandbookRetriever,
     ScriptedLLM,
     ask,
     flush,
     weather,
 )
-from llama_index.core.base.llms.types import ChatMessage, LLMMetadata
+from llama_index.core.base.llms.types import ChatMessage, CompletionResponse, LLMMetadata
+from llama_index.core.bridge.pydantic import BaseModel, Field
+from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
+from llama_index.core.callbacks.base_handler import BaseCallbackHandler
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.llm import (
+    LLMChatEndEvent,
+    LLMChatInProgressEvent,
+    LLMCompletionEndEvent,
+)
+from llama_index.core.instrumentation.span import SimpleSpan
+from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
+from llama_index.core.llms import CustomLLM
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 
@@ -197,12 +215,49 @@ def test_two_users_stay_isolated(new_llm) -> None:
     assert final == "Noted." and bob.memory.get_all() == []
 
 
-def test_serializes_without_its_clients(new_llm) -> None:
-    llm = new_llm()
-    data = json.loads(llm.to_json())
+class KeyedLLM(ScriptedLLM):
+    """A wrapped LLM holding an API key, as LlamaIndex's provider LLMs do."""
+
+    api_key: str = "sk-do-not-save"
+
+
+def test_a_round_trip_keeps_the_memory_settings_and_never_a_key(db_path, model) -> None:
+    base = KeyedLLM()
+    llm = MemoryLLM(
+        llm=base, user_id="alice", db_path=db_path, embedder=model, top_k=1, untrusted_context=True
+    )
+    saved = llm.to_json()
+    data = json.loads(saved)
     assert data["class_name"] == "MemoryLLM"
-    assert "alice" not in json.dumps(data) and "_flow" not in data
-    assert "ScriptedLLM" not in repr(llm)
+    assert {key: data[key] for key in ("user_id", "db_path", "top_k", "untrusted_context")} == {
+        "user_id": "alice",
+        "db_path": str(db_path.resolve()),
+        "top_k": 1,
+        "untrusted_context": True,
+    }
+    assert "sk-do-not-save" not in saved and "KeyedLLM" not in saved and "_flow" not in data
+    assert "sk-do-not-save" not in repr(llm)
+
+    llm.memory.add(FACT, category="preference")
+    llm.memory.add("I work at a fintech startup", category="fact")
+    flush(llm.memory)
+    again = MemoryLLM.from_json(saved, llm=base)
+    assert again.wrapped_llm is base
+    assert (again.user_id, again.top_k, again.untrusted_context) == ("alice", 1, True)
+    assert again.memory.storage.folder == db_path.resolve()  # the same memories
+    final, _, _ = call(again, "chat", QUESTION)
+    assert final == f"{RECALLED} {FACT}"  # top_k=1: one memory of the two
+    assert again.to_dict() == llm.to_dict()
+
+
+def test_memories_that_cannot_be_reopened_are_not_saved(db_path) -> None:
+    from conftest import HashEmbedder
+
+    llm = MemoryLLM(llm=ScriptedLLM(), user_id="alice", db_path=db_path, embedder=HashEmbedder())
+    with pytest.raises(InvalidInputError, match="cannot serialize MemoryLLM"):
+        llm.to_dict()
+    with pytest.raises(InvalidInputError, match="pass llm="):
+        MemoryLLM.from_dict({"user_id": "alice", "db_path": str(db_path)})
 
 
 def test_a_block_typed_by_the_user_plants_nothing(new_llm) -> None:
@@ -220,3 +275,231 @@ def test_a_stored_memory_cannot_break_out_of_the_context(new_llm) -> None:
     context = llm.wrapped_llm.brain.requests[-1][-2]["content"]
     assert context.count("</user-memories>") == 1  # only the real closing tag
     assert not any(line.startswith("SYSTEM:") for line in context.splitlines())
+
+
+# -- instrumentation: handlers see the wrapped LLM's events, never the block ----------------
+
+
+class InstrumentedLLM(ScriptedLLM):
+    """A chat LLM with LlamaIndex's own instrumentation, as provider LLMs have (its ``achat``
+    calls its ``chat``: each event comes twice, as in many LLMs)."""
+
+    @llm_chat_callback()
+    def chat(self, messages: Any, **kwargs: Any) -> Any:
+        return super().chat(messages, **kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Any, **kwargs: Any) -> Any:
+        return super().stream_chat(messages, **kwargs)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Any, **kwargs: Any) -> Any:
+        return await super().achat(messages, **kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Any, **kwargs: Any) -> Any:
+        return await super().astream_chat(messages, **kwargs)
+
+
+def _completion_answer(prompt: str) -> str:
+    nonce = re.search(r"<memory-([0-9a-f]{8,32})>", prompt)
+    if not nonce:
+        return "Noted."
+    tag, found = nonce.group(1), json.dumps([{"text": FACT, "category": "preference"}])
+    return f"Noted.\n<memory-{tag}>{found}</memory-{tag}>"
+
+
+class CompletionModel(CustomLLM):
+    """A completion model (LlamaIndex's ``CustomLLM``: its ``chat`` calls ``complete``)."""
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(is_chat_model=False)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        text = _completion_answer(prompt)
+        return CompletionResponse(text=text, raw={"choices": [{"text": text}]})
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        text = _completion_answer(prompt)
+
+        def pieces() -> Any:
+            for end in range(3, len(text) + 3, 3):
+                yield CompletionResponse(text=text[:end], delta=text[end - 3 : end])
+
+        return pieces()
+
+
+class Recorder(BaseEventHandler):
+    """An observability handler: keeps every event it is given."""
+
+    events: list[Any] = Field(default_factory=list)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "Recorder"
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        self.events.append(event)
+
+
+class ResultRecorder(BaseSpanHandler[Any]):
+    """A span handler that keeps what each span returned."""
+
+    results: list[Any] = Field(default_factory=list)
+
+    def new_span(self, id_: str, bound_args: Any, instance: Any = None, **kwargs: Any) -> Any:
+        return SimpleSpan(id_=id_)
+
+    def prepare_to_exit_span(
+        self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
+    ) -> Any:
+        self.results.append(result)
+        return None
+
+    def prepare_to_drop_span(
+        self, id_: str, bound_args: Any, instance: Any = None, **kwargs: Any
+    ) -> Any:
+        return None
+
+
+class AnswerSnapshots(BaseCallbackHandler):
+    """A handler of LlamaIndex's older callbacks that writes each answer out when given it."""
+
+    def __init__(self) -> None:
+        super().__init__(event_starts_to_ignore=[], event_ends_to_ignore=[])
+        self.answers: list[str] = []
+
+    def on_event_start(
+        self,
+        event_type: Any,
+        payload: Any = None,
+        event_id: str = "",
+        parent_id: str = "",
+        **kwargs: Any,
+    ) -> str:
+        return event_id
+
+    def on_event_end(
+        self, event_type: Any, payload: Any = None, event_id: str = "", **kwargs: Any
+    ) -> None:
+        if event_type == CBEventType.LLM and payload:
+            answer = payload.get(EventPayload.RESPONSE) or payload.get(EventPayload.COMPLETION)
+            self.answers.append(repr(answer))
+
+    def start_trace(self, trace_id: Any = None) -> None:
+        return None
+
+    def end_trace(self, trace_id: Any = None, trace_map: Any = None) -> None:
+        return None
+
+
+@pytest.fixture
+def observed():
+    """A handler of events and one of spans on LlamaIndex's root dispatcher (removed after)."""
+    root = get_dispatcher()
+    events, spans = Recorder(), ResultRecorder()
+    root.add_event_handler(events)
+    root.add_span_handler(spans)
+    yield events, spans
+    root.event_handlers.remove(events)
+    root.span_handlers.remove(spans)
+
+
+@pytest.mark.parametrize("method", CHATS)
+@pytest.mark.parametrize("inner", ["chat model", "completion model"])
+def test_event_handlers_see_the_wrapped_llms_events_without_the_block(
+    inner, method, observed, db_path, model
+) -> None:
+    events, spans = observed
+    older = AnswerSnapshots()  # a handler of LlamaIndex's older callbacks, on the LLM
+    callbacks = CallbackManager([older])
+    base: Any = (
+        InstrumentedLLM(callback_manager=callbacks)
+        if inner == "chat model"
+        else CompletionModel(callback_manager=callbacks)
+    )
+    llm = MemoryLLM(llm=base, user_id="alice", db_path=db_path, embedder=model)
+    final, deltas, _ = call(llm, method, FACT)
+    streamed = method.startswith(("stream", "astream"))
+    assert final == "Noted." and (not streamed or "".join(deltas) == final)
+    flush(llm.memory)
+    assert [m.text for m in llm.memory.get_all()] == [FACT]  # learnt, once
+    assert llm.memory.counters["missing_blocks"] == 0
+
+    answers = [e for e in events.events if not type(e).__name__.endswith("StartEvent")]
+    kinds = {type(e).__name__ for e in answers}
+    expected = {"LLMChatEndEvent"} | ({"LLMChatInProgressEvent"} if streamed else set())
+    if inner == "completion model":
+        expected |= {n.replace("Chat", "Completion") for n in expected}
+    assert expected <= kinds  # the wrapped LLM's own events are all there ...
+    for event in answers:  # ... none with the block in its answer (the request has the
+        shown = repr(event.response)  # instruction: handlers see what was sent)
+        assert "<memory-" not in shown and "</memory" not in shown and "category" not in shown
+    ends = [e.response for e in answers if isinstance(e, LLMChatEndEvent)]
+    assert [r.message.content for r in ends] == ["Noted."] * len(ends)
+    completed = [e.response for e in answers if isinstance(e, LLMCompletionEndEvent)]
+    assert [r.text for r in completed] == ["Noted."] * len(completed)
+    if streamed:
+        pieces = [e.response for e in answers if isinstance(e, LLMChatInProgressEvent)]
+        assert pieces[-1].message.content == "Noted."
+        assert all("<" not in (p.delta or "") for p in pieces)
+    shown = [repr(r) for r in spans.results]  # what each span returned (the wrapped LLM's too)
+    assert len(shown) >= 2 and not any("<memory-" in r for r in shown)
+    assert older.answers and all("Noted." in a and "<memory-" not in a for a in older.answers)
+
+    events.events.clear()
+    base.chat([ChatMessage(role="user", content="Tell me <memory-00ff00ff> as is")])
+    assert any("<memory-00ff00ff>" in repr(e) for e in events.events)  # other calls: untouched
+
+
+# -- structured streams are LlamaIndex's prompts too -----------------------------------------
+
+
+class Language(BaseModel):
+    """A language."""
+
+    name: str
+
+
+@dataclass
+class JsonBrain(Brain):
+    """Answers a structured prompt with JSON (and the block, when asked for one)."""
+
+    def answer(self, messages: Any, *, tools: bool = False) -> Any:
+        text = super().answer(messages, tools=tools)
+        return re.sub(r"^[^\n]*", '{"name": "Python"}', text, count=1)
+
+
+class ChatOnlyLLM(ScriptedLLM):
+    """Not a function-calling LLM: structured output goes through its plain chat."""
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=16000, is_chat_model=True)
+
+
+@pytest.mark.parametrize("streamed", ["stream_structured_predict", "astream_structured_predict"])
+def test_a_structured_stream_gets_memories_but_teaches_nothing(streamed, db_path, model) -> None:
+    brain = JsonBrain()
+    llm = MemoryLLM(llm=ChatOnlyLLM(brain=brain), user_id="alice", db_path=db_path, embedder=model)
+    llm.memory.add(FACT, category="preference")
+    flush(llm.memory)
+    prompt = PromptTemplate("I work at a fintech startup. Which backend language for {topic}?")
+
+    async def collect() -> list[Any]:
+        stream = await llm.astream_structured_predict(Language, prompt, topic="the service")
+        return [item async for item in stream]
+
+    if streamed == "stream_structured_predict":
+        outputs = list(llm.stream_structured_predict(Language, prompt, topic="the service"))
+    else:
+        outputs = asyncio.run(collect())
+    assert outputs[-1].name == "Python"
+    sent = brain.requests[-1]
+    assert "<user-memories>" in json.dumps(sent)  # the memories relevant to the prompt ...
+    assert "<memory-" not in json.dumps(sent)  # ... but no instruction: a prompt is not the user's
+    flush(llm.memory)
+    assert [m.text for m in llm.memory.get_all()] == [FACT]

@@ -344,3 +344,69 @@ def test_memory_over_http_in_a_react_workflow(wrapper, openai_server, plain_llm,
     assert observed[-3]["content"] == FACT and observed[-4]["role"] == "system"
     flush(memory)
     assert [m.text for m in memory.get_all()] == [FACT]  # not the observation
+
+
+@pytest.mark.parametrize("sloppy", ["", "Thought: Python?"])
+@pytest.mark.parametrize("wrapper", ["MemoryLLM", "openai_llm_with_memory"])
+def test_reacts_retry_prompts_over_http_are_not_the_users_words(
+    wrapper, sloppy, openai_server, plain_llm, db_path, model
+) -> None:
+    from llama_index.core.agent.workflow import ReActAgent
+    from test_llama_index_tool_results import RetriedReActBrain
+
+    brain = RetriedReActBrain(sloppy=sloppy)
+    openai_server.responder = brain.responder
+    plain = plain_llm(is_function_calling_model=False)
+    settings = {"user_id": "alice", "db_path": db_path, "embedder": model}
+    if wrapper == "MemoryLLM":
+        llm = MemoryLLM(llm=plain, **settings)
+        memory = llm.memory
+    else:
+        llm = openai_llm_with_memory(plain, **settings)
+        memory = llm_memory(llm)
+
+    async def run() -> str:
+        return str(await ReActAgent(tools=[lookup_tool()], llm=llm).run(user_msg=FACT))
+
+    assert "Python it is." in asyncio.run(run())
+    retried = brain.requests[-1]
+    assert retried[-1]["content"].startswith(("FAILURE:", "Error while parsing"))
+    flush(memory)
+    assert [m.text for m in memory.get_all()] == [FACT]  # not the retry prompt
+    assert retried[-3]["content"] == FACT and retried[-4]["role"] == "system"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
+def test_event_handlers_never_see_the_block_of_an_openai_llm(
+    mode, plain_llm, brain, db_path, model
+) -> None:
+    """LlamaIndex's OpenAILike emits its own events with the answer as received: a handler on
+    the root dispatcher sees them, with the memory block already cut out."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.events.llm import (
+        LLMChatEndEvent,
+        LLMChatInProgressEvent,
+    )
+    from test_llama_index_llm import Recorder
+
+    recorder = Recorder()
+    get_dispatcher().add_event_handler(recorder)
+    try:
+        llm = MemoryLLM(llm=plain_llm(), user_id="alice", db_path=db_path, embedder=model)
+        seen = ask("simple", llm, None, FACT, mode)
+        assert seen.text.strip() == "Noted."
+        flush(llm.memory)
+        assert [m.text for m in llm.memory.get_all()] == [FACT]
+        assert "<memory-" in str(brain.requests[-1])  # the model was asked for a block ...
+    finally:
+        get_dispatcher().event_handlers.remove(recorder)
+    answers = [
+        e for e in recorder.events if isinstance(e, (LLMChatEndEvent, LLMChatInProgressEvent))
+    ]
+    assert any(isinstance(e, LLMChatEndEvent) for e in answers)
+    if mode in ("stream", "astream"):
+        assert any(isinstance(e, LLMChatInProgressEvent) for e in answers)
+    for event in answers:  # ... and wrote one, which no handler saw
+        assert_no_block(repr(event.response))
+    ends = [e.response for e in answers if isinstance(e, LLMChatEndEvent)]
+    assert [r.message.content for r in ends] == ["Noted."] * len(ends)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -30,6 +32,8 @@ from headroom_memory_integrations.llama_index import (
     HeadroomMemoryBlock,
     MemoryLLM,
 )
+
+_NONCE = re.compile(r"<memory-([0-9a-f]{8,32})>")
 
 
 class ChatOnly(ScriptedLLM):
@@ -193,3 +197,92 @@ def test_the_block_takes_and_keeps_untrusted_context(db_path, model) -> None:
     data = block.model_dump()
     assert data["untrusted_context"] is True
     assert HeadroomMemoryBlock(**data, llm=ScriptedLLM()).untrusted_context is True
+
+
+# -- ReAct's retry prompts: the agent's words, sent as user messages ---------------------------
+
+
+@dataclass
+class RetriedReActBrain(ReActBrain):
+    """Its first answer is not in ReAct's format (``sloppy``: "" or some text), so ReAct asks
+    again in a user message ("FAILURE: ..." or "Error while parsing the output: ..."); then it
+    answers. Given the inline instruction, it records what the latest user message says, as
+    a model that takes the retry prompt for the user's words would."""
+
+    sloppy: str | None = None
+
+    def answer(self, messages: Any, *, tools: bool = False) -> Any:
+        said = [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages]
+        system = "\n".join(m["content"] for m in said if m["role"] == "system")
+        if system.startswith("You maintain long-term memory"):
+            return super().answer(messages, tools=tools)
+        self.requests.append(said)
+        latest = [m["content"] for m in said if m["role"] == "user"][-1]
+        if self.sloppy is not None:
+            text, self.sloppy = self.sloppy, None
+        else:
+            text = "Thought: I can answer.\nAnswer: Python it is."
+        nonce = _NONCE.search(system)
+        if nonce:
+            found = [{"text": latest, "category": "fact"}]
+            tag = nonce.group(1)
+            text += f"\n<memory-{tag}>{json.dumps(found)}</memory-{tag}>"
+        return text
+
+
+RETRIES = {
+    "": "FAILURE: Your previous response was empty.",
+    "Thought: Python?": "Error while parsing",
+}
+
+
+@pytest.mark.parametrize("sloppy", list(RETRIES))
+def test_reacts_retry_prompt_is_not_the_users_message(sloppy, new_llm) -> None:
+    brain = RetriedReActBrain(sloppy=sloppy)
+    llm = new_llm(ChatOnly(brain=brain))
+    assert "Python it is." in run(ReActAgent(tools=[lookup_tool()], llm=llm), FACT)
+    assert texts(llm.memory) == [FACT]  # the retry prompt, recorded as said, was dropped
+    retried = brain.requests[-1]
+    assert retried[-1]["role"] == "user" and retried[-1]["content"].startswith(RETRIES[sloppy])
+    assert retried[-4]["role"] == "system" and retried[-3]["content"] == FACT  # memory before it
+    assert llm.memory.counters["ungrounded_memories"] == 1
+
+
+# -- the buffer's trust follows what the model sees ----------------------------------------
+
+
+@dataclass
+class ParaphrasingBrain(GullibleBrain):
+    """Extracts "I'm vegan" as a paraphrase that shares no word with it (kept only when the
+    call is trusted: see grounding)."""
+
+    def _extract(self, conversation: str) -> str:
+        found = json.loads(super()._extract(conversation))["memories"]
+        if "vegan" in conversation:
+            found.append({"text": "Eats no meat or dairy", "category": "preference"})
+        return json.dumps({"memories": found})
+
+
+@pytest.mark.parametrize("fillers", [0, 6])
+def test_a_tool_result_out_of_the_buffers_window_no_longer_distrusts_the_user(
+    fillers, buffer
+) -> None:
+    from llama_index.core.chat_engine import SimpleChatEngine
+
+    brain = ParaphrasingBrain()
+    llm = ScriptedLLM(brain=brain)
+    memory = buffer(llm, token_limit=120)
+    brain.tool_calls.append(("lookup", {"order": "A1"}))
+    run(FunctionAgent(tools=[lookup_tool()], llm=llm), FACT, memory)
+    assert texts(memory.memory) == [FACT]  # the tool's turn: the planted memory was dropped
+    engine = SimpleChatEngine.from_defaults(llm=llm, memory=memory)
+    for number in range(fillers):
+        engine.chat(f"What should I look at next, item number {number} of my list?")
+    window = memory.get("I'm vegan")
+    assert any(m.role.value == "tool" for m in window) is (fillers == 0)
+    engine.chat("I'm vegan")
+    learnt = texts(memory.memory)
+    if fillers:  # the tool's output, and the answer written with it, are out of the window
+        assert learnt == sorted([FACT, "I'm vegan", "Eats no meat or dairy"])
+    else:  # the model still sees the tool's output: only what the user said is kept
+        assert learnt == sorted([FACT, "I'm vegan"])

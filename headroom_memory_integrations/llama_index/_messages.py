@@ -8,7 +8,7 @@ from typing import Any
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, TextBlock, ToolCallBlock
 
 from ..flow import REACT_OBSERVATION, REACT_STEP, react_observations
-from ..prompts import message_text
+from ..prompts import fetches_outside_text, message_text
 
 # ReAct (``llama_index.core.agent.react``) uses tools through text: see
 # ``flow.react_observations``. Its formatter sends each tool output back as
@@ -61,6 +61,51 @@ def holds_tool_results(messages: Sequence[ChatMessage]) -> bool:
     """Whether any message is or holds a tool's result (text the user did not write: see
     grounding), ReAct's observations included."""
     return bool(_observations(messages)) or any(is_tool_output(m) for m in messages)
+
+
+# LlamaIndex's blocks that attach something the user did not type, by ``block_type``, as the
+# core's part types (prompts.ATTACHED_DOCUMENTS). A ``CitableBlock`` is a source's content given
+# to the model to cite (text, images or documents): a document. Not counted: text, audio (mostly
+# the user speaking), thinking, tool calls (the model's own), citations (of earlier messages)
+# and cache points.
+_ATTACHED = {"image": "image", "document": "document", "video": "video", "citable": "document"}
+
+
+def attaches_outside_text(messages: Sequence[ChatMessage]) -> bool:
+    """Whether any message attaches a document, an image or a video (its blocks, as the core's
+    part types, checked by :func:`~headroom_memory_integrations.prompts.fetches_outside_text`):
+    text nobody in the conversation typed, so the call keeps only memories grounded in the
+    user's words."""
+    parts = [
+        {
+            "role": m.role.value,
+            "content": [
+                {"type": _ATTACHED[kind]}
+                for kind in (getattr(block, "block_type", None) for block in m.blocks)
+                if kind in _ATTACHED
+            ],
+        }
+        for m in messages
+    ]
+    return fetches_outside_text({"messages": parts})
+
+
+def after_outside_text(messages: Sequence[ChatMessage]) -> set[int]:
+    """Indices of the messages that are a tool's output or attach something the user did not
+    type (:func:`attaches_outside_text`), or that come after one in the same turn (the answers
+    written with it in view), up to the next message the user wrote."""
+    observations = _observations(messages)
+    found: set[int] = set()
+    seen = False
+    for index, message in enumerate(messages):
+        attached = attaches_outside_text([message])
+        if message.role == MessageRole.USER and index not in observations:
+            seen = attached  # a new turn: only its own attachments count
+        else:
+            seen = seen or attached or index in observations or is_tool_output(message)
+        if seen:
+            found.add(index)
+    return found
 
 
 def text_of(message: ChatMessage) -> str:

@@ -22,7 +22,8 @@ from ..engine import MemoryStore
 from ..flow import MemoryFlow, Turn, insert_before
 from ..storage import Storage
 from ._messages import (
-    holds_tool_results,
+    after_outside_text,
+    attaches_outside_text,
     is_final_answer,
     is_react_observation,
     is_tool_output,
@@ -51,9 +52,12 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
       a durable queue and ``llm`` extracts memories from it in a background thread. Nothing on
       the caller's path but a queue insert. A turn in which any tool output was put (an
       agent's tool results, even those it puts only when it finishes; a ``return_direct``
-      answer; a ReAct transcript with its observations) is learnt as untrusted: only memories
-      grounded in the user's own words are kept, and an answer that is a tool's output is not
-      given to the extraction.
+      answer; a ReAct transcript with its observations) or any document, image or video
+      (``DocumentBlock``, ``ImageBlock``, ``VideoBlock``, ``CitableBlock``), or whose window
+      (what ``get`` returns) still shows one, or an answer written with one in view, is learnt as
+      untrusted: only memories grounded in the user's own words are kept, and an answer that
+      is a tool's output is not given to the extraction. Once the window has moved past
+      them, the user's turns are trusted again.
 
     Serializing (``to_dict``, an agent's ``Context.to_dict``) writes ``user_id``, ``db_path``
     (the absolute folder or server URL of the memories), the chat store and the limits, never
@@ -110,7 +114,8 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
     _turn: Turn | None = PrivateAttr(default=None)  # the latest get's, for learning
     _asked: str | None = PrivateAttr(default=None)  # the latest user message put
     _awaiting: bool = PrivateAttr(default=False)  # it has no answer yet
-    _tools: bool = PrivateAttr(default=False)  # a tool's output was put since it was asked
+    # a tool's output, or a document, image or video, was put since the user asked
+    _tools: bool = PrivateAttr(default=False)
     _recent: list[ChatMessage] = PrivateAttr(default_factory=list)  # the last messages put
 
     def __init__(
@@ -241,7 +246,7 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
         asked = text_of(input) if isinstance(input, ChatMessage) else input
         stored = self.get_all()
         query = asked if asked and asked.strip() else latest_user_text(stored)
-        turn = self._flow.start(query, instruct=False, untrusted=holds_tool_results(stored))
+        turn = self._flow.start(query, instruct=False)
         prompt = turn.prompt
         used = len(self.tokenizer_fn(prompt)) if prompt else 0
         if initial_token_count + used > self.token_limit:
@@ -258,6 +263,12 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
             # leave the memories out rather than go over it
             prompt = None
             history = window.get(initial_token_count=initial_token_count)
+        # untrusted while the model sees a tool's output or an attached document, image or
+        # video, or an answer written with one in view (the window is the stored history's
+        # last messages)
+        turn.untrusted = turn.untrusted or any(
+            index >= len(stored) - len(history) for index in after_outside_text(stored)
+        )
         if turn.user_text:
             with self._lock:
                 self._turn = turn
@@ -306,22 +317,24 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
     def _observe(self, messages: list[ChatMessage]) -> None:
         """Follow the turns put: a user message opens one; the answer that ends it queues the
         exchange for learning. An agent puts a turn's tool calls and results only when it
-        finishes (``finalize``), after ``get``: an exchange whose turn put any tool output is
-        learnt as untrusted (kept only if grounded in the user's words), and an answer that is
-        a tool's output (``return_direct``, a ReAct transcript) is not given as the answer."""
+        finishes (``finalize``), after ``get``: an exchange whose turn put any tool output (or
+        a document, image or video) is learnt as untrusted (kept only if grounded in the
+        user's words), and an answer that is a tool's output (``return_direct``, a ReAct
+        transcript) is not given as the answer."""
         finished: list[tuple[Turn, str | None]] = []
         with self._lock:
             for message in messages:
                 self._recent = [*self._recent[-7:], message]
                 observation = is_react_observation(self._recent, len(self._recent) - 1)
+                attached = attaches_outside_text([message])
                 if message.role == MessageRole.USER and not observation:
                     self._asked, self._awaiting = text_of(message).strip(), True
-                    self._tools = False
+                    self._tools = attached
                     continue
                 if not self._awaiting:
                     continue
                 tool_output = observation or is_tool_output(message)
-                self._tools = self._tools or tool_output
+                self._tools = self._tools or tool_output or attached
                 if self._asked and is_final_answer(message):
                     turn = self._turn
                     if turn is None or turn.user_text != self._asked:

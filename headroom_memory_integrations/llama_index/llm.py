@@ -11,7 +11,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +32,15 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
 )
-from llama_index.core.bridge.pydantic import BaseModel, PrivateAttr
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
+from llama_index.core.callbacks import EventPayload
+from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.instrumentation.events.llm import (
+    LLMChatEndEvent,
+    LLMChatInProgressEvent,
+    LLMCompletionEndEvent,
+    LLMCompletionInProgressEvent,
+)
 from llama_index.core.llms import LLM
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
@@ -46,8 +54,16 @@ from ..flow import AnswerStream, MemoryFlow, Turn, insert_before
 from ..prompts import block_tags, inline_extraction_allowed
 from ..storage import Storage
 from ..wiring import build_flow, open_memory
-from ._messages import holds_tool_results, system_message, text_of, user_index, with_text
-from ._wiring import PathLike
+from ._instrumentation import astepped, stepped, viewed
+from ._messages import (
+    attaches_outside_text,
+    holds_tool_results,
+    system_message,
+    text_of,
+    user_index,
+    with_text,
+)
+from ._wiring import PathLike, check_saveable, reopening_location
 
 _PROMPT_QUERIES: ContextVar[frozenset[str] | None] = ContextVar(
     "headroom_llama_index_prompt_queries", default=None
@@ -88,12 +104,18 @@ def _user_wrote(text: str) -> bool:
     return queries is None or text.strip() in queries
 
 
+_SAVED = ("user_id", "db_path", "top_k", "untrusted_context")
+"""What :meth:`MemoryLLM.to_dict` saves that :meth:`MemoryLLM.from_dict` reads back."""
+
+
 @dataclass
 class _Call:
     """One chat call on its way through the flow: its turn and the messages to send."""
 
     turn: Turn
     messages: list[ChatMessage]
+    answered: tuple[ChatResponse, ChatResponse] | None = None  # (as received, as returned)
+    cut: bool = False  # the block was cut (and its memories queued) from the completion
 
 
 class MemoryLLM(FunctionCallingLLM):
@@ -109,13 +131,20 @@ class MemoryLLM(FunctionCallingLLM):
     A function-calling LLM stays one (``metadata`` is the wrapped LLM's, tool calls pass
     through), so ``FunctionAgent`` and ``AgentWorkflow`` work with it. Requests that force a
     tool call get memories but no instruction. Tool results (tool messages, and the
-    "Observation: ..." messages a ``ReActAgent`` sends as user messages) are never taken for
-    the user's words, and a call that holds any keeps only memories grounded in them.
+    "Observation: ..." messages a ``ReActAgent`` sends as user messages) and ReAct's retry
+    prompts are never taken for the user's words, and a call that holds any keeps only
+    memories grounded in them. So does a call whose messages attach a document, an image or
+    a video (``DocumentBlock``, ``ImageBlock``, ``VideoBlock``, ``CitableBlock``).
+
+    The wrapped LLM's instrumentation events and spans, and its ``callback_manager``'s
+    handlers, get what they got before, with the block cut from the answers in them (see
+    ``_instrumentation``).
 
     Prompts are not the user's words. ``complete`` and ``stream_complete`` (and their async
     forms) get the memories relevant to the prompt but no instruction: nothing is learnt from
-    them. So do ``predict`` / ``stream`` / ``structured_predict`` (and their async forms),
-    through which LlamaIndex sends its own templates (a condense prompt with the whole
+    them. So do ``predict`` / ``stream`` / ``structured_predict`` /
+    ``stream_structured_predict`` (and their async forms), through which LlamaIndex sends
+    its own templates (a condense prompt with the whole
     conversation, a query engine's question-answering prompt with the retrieved documents),
     unless the template's user message is exactly its ``{query_str}`` (as in the chat engines'
     final call: the user's message), which is learnt from as in ``chat``.
@@ -144,6 +173,11 @@ class MemoryLLM(FunctionCallingLLM):
         SimpleChatEngine.from_defaults(llm=llm).chat("...")
         await FunctionAgent(llm=llm, tools=[...]).run("...")
 
+    Serialized (``to_dict``, ``to_json``), it writes its memory settings (``user_id``,
+    ``db_path`` as the memories' absolute folder or server URL, ``top_k``,
+    ``untrusted_context``) and never the wrapped LLM, which may hold an API key: pass it again
+    to ``from_dict`` / ``from_json`` as ``llm=`` (default: ``Settings.llm``).
+
     Args:
         llm: The LLM to wrap.
         user_id: Whose memories (with ``db_path``, or ``storage`` and ``embedder``).
@@ -156,8 +190,18 @@ class MemoryLLM(FunctionCallingLLM):
             memories grounded in the user's own words.
     """
 
+    user_id: str = Field(description="Whose memories.")
+    db_path: str | None = Field(
+        default=None, description="The memories' absolute folder or Chroma server URL."
+    )
+    top_k: int = Field(default=5, description="Memories injected at most.")
+    untrusted_context: bool = Field(
+        default=False, description="Keep only memories grounded in the user's own words."
+    )
+
     _llm: LLM = PrivateAttr()
     _flow: MemoryFlow = PrivateAttr()
+    _unsaveable: str | None = PrivateAttr(default=None)  # why to_dict cannot save the store
 
     def __init__(
         self,
@@ -176,7 +220,20 @@ class MemoryLLM(FunctionCallingLLM):
             raise InvalidInputError(f"llm must be a LlamaIndex LLM, got {type(llm).__name__}")
         if isinstance(llm, MemoryLLM):
             raise InvalidInputError("this LLM already has memory")
+        store = open_memory(memory, user_id, db_path, storage=storage, embedder=embedder)
+        flow = build_flow(
+            store,
+            inline=True,
+            top_k=top_k,
+            queue_path=queue_path,
+            untrusted_context=untrusted_context,
+        )
+        location, unsaveable = reopening_location(store)
         super().__init__(
+            user_id=store.user_id,
+            db_path=location,
+            top_k=top_k,
+            untrusted_context=untrusted_context,
             callback_manager=llm.callback_manager,
             system_prompt=llm.system_prompt,
             messages_to_prompt=llm.messages_to_prompt,
@@ -185,19 +242,49 @@ class MemoryLLM(FunctionCallingLLM):
             pydantic_program_mode=llm.pydantic_program_mode,
             query_wrapper_prompt=llm.query_wrapper_prompt,
         )
-        store = open_memory(memory, user_id, db_path, storage=storage, embedder=embedder)
         self._llm = llm
-        self._flow = build_flow(
-            store,
-            inline=True,
-            top_k=top_k,
-            queue_path=queue_path,
-            untrusted_context=untrusted_context,
-        )
+        self._flow = flow
+        self._unsaveable = unsaveable
 
     @classmethod
     def class_name(cls) -> str:
         return "MemoryLLM"
+
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """The memory settings (``user_id``, ``db_path`` as the memories' absolute folder or
+        server URL, ``top_k``, ``untrusted_context``) and LlamaIndex's own LLM fields; never
+        the wrapped LLM (it may hold an API key) nor a client.
+
+        Raises:
+            InvalidInputError: restored, it would not find its memories (a custom embedder or
+                storage object, a store with non-default options: see :meth:`from_dict`).
+        """
+        check_saveable(self)
+        return super().to_dict(**kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> MemoryLLM:
+        """Rebuild from :meth:`to_dict`, wrapping ``llm=`` (default: ``Settings.llm``); the
+        other ``kwargs`` (``queue_path=``, ``embedder=``, ``memory=``, ...) are added.
+
+        Raises:
+            InvalidInputError: no ``llm=`` and no ``Settings.llm``.
+        """
+        settings: dict[str, Any] = {key: data[key] for key in _SAVED if key in data}
+        settings.update(kwargs)
+        if kwargs.get("memory") is not None or kwargs.get("storage") is not None:
+            settings.pop("db_path", None)
+        llm = settings.pop("llm", None)
+        if llm is None:
+            from llama_index.core import Settings
+
+            try:
+                llm = Settings.llm
+            except Exception as exc:  # no default LLM installed or configured
+                raise InvalidInputError(
+                    "MemoryLLM.from_dict needs the LLM to wrap: pass llm= (or set Settings.llm)"
+                ) from exc
+        return cls(llm=llm, **settings)
 
     @property
     def wrapped_llm(self) -> LLM:
@@ -226,7 +313,7 @@ class MemoryLLM(FunctionCallingLLM):
         turn = self._flow.start(
             asked,
             instruct=inline_extraction_allowed(kwargs) and _user_wrote(asked),
-            untrusted=holds_tool_results(sent),
+            untrusted=holds_tool_results(sent) or attaches_outside_text(sent),
         )
         if turn.prompt:
             sent = insert_before(sent, index, system_message(turn.prompt))
@@ -236,7 +323,9 @@ class MemoryLLM(FunctionCallingLLM):
         """``response`` without the memory block; its memories are queued."""
         if not call.turn.nonce:
             return response
-        visible = self._flow.finish(call.turn, response.message.content)
+        visible = response.message.content
+        if not call.cut:  # (else cut at its completion's event already: see _Events)
+            visible = self._flow.finish(call.turn, visible)
         return response.model_copy(
             update={
                 "message": with_text(response.message, visible),
@@ -245,29 +334,52 @@ class MemoryLLM(FunctionCallingLLM):
             }
         )
 
+    def _answer(self, call: _Call, response: ChatResponse) -> ChatResponse:
+        """:meth:`_after`, once per response (its event may have asked first: see _Events)."""
+        if call.answered is not None and call.answered[0] is response:
+            return call.answered[1]
+        edited = self._after(call, response)
+        call.answered = (response, edited)
+        return edited
+
     def _stream(self, call: _Call) -> _StreamEditor:
         return _StreamEditor(self._flow, call.turn)
 
+    def _viewed(self, events: _Events) -> AbstractContextManager[None]:
+        return viewed(events, self._llm.callback_manager)
+
     # -- chat -----------------------------------------------------------------------------------
+
+    # The wrapped LLM's calls run under an _Events view: the instrumentation events they emit
+    # show handlers the answer without its block (see _instrumentation).
 
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = self._before(messages, kwargs)
-        return self._after(call, self._llm.chat(call.messages, **kwargs))
+        with self._viewed(_Events(self, call)):
+            response = self._llm.chat(call.messages, **kwargs)
+        return self._answer(call, response)
 
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         call = self._before(messages, kwargs)
-        return self._stream(call).edit(self._llm.stream_chat(call.messages, **kwargs))
+        events = _Events(self, call)
+        with self._viewed(events):
+            stream = self._llm.stream_chat(call.messages, **kwargs)
+        return self._stream(call).edit(stepped(iter(stream), lambda: self._viewed(events)))
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = await asyncio.to_thread(self._before, messages, kwargs)
-        return self._after(call, await self._llm.achat(call.messages, **kwargs))
+        with self._viewed(_Events(self, call)):
+            response = await self._llm.achat(call.messages, **kwargs)
+        return self._answer(call, response)
 
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
         call = await asyncio.to_thread(self._before, messages, kwargs)
-        stream = await self._llm.astream_chat(call.messages, **kwargs)
-        return self._stream(call).aedit(stream)
+        events = _Events(self, call)
+        with self._viewed(events):
+            stream = await self._llm.astream_chat(call.messages, **kwargs)
+        return self._stream(call).aedit(astepped(stream, lambda: self._viewed(events)))
 
     # -- LlamaIndex's prompts: memories injected, nothing learnt ------------------------------
 
@@ -318,6 +430,32 @@ class MemoryLLM(FunctionCallingLLM):
     ) -> Any:
         with _prompted(_queries(prompt, prompt_args)):
             return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+
+    def stream_structured_predict(
+        self,
+        output_cls: Any,
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Generator[Any, None, None]:
+        # a generator: the calls are made while it is iterated, so each step is the prompt's
+        queries = _queries(prompt, prompt_args)
+        stream = super().stream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        return stepped(stream, lambda: _prompted(queries))
+
+    async def astream_structured_predict(
+        self,
+        output_cls: Any,
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncGenerator[Any, None]:
+        queries = _queries(prompt, prompt_args)
+        with _prompted(queries):
+            stream = await super().astream_structured_predict(
+                output_cls, prompt, llm_kwargs, **prompt_args
+            )
+        return astepped(stream, lambda: _prompted(queries))
 
     async def astructured_predict(
         self,
@@ -383,11 +521,24 @@ class _StreamEditor:
     back. Text held back to the end comes in one last response.
     """
 
-    def __init__(self, flow: MemoryFlow, turn: Turn) -> None:
-        self._answer: AnswerStream | None = flow.stream(turn) if turn.nonce else None
+    def __init__(self, flow: MemoryFlow, turn: Turn, *, remember: bool = True) -> None:
+        self._answer: AnswerStream | None = (
+            flow.stream(turn, remember=remember) if turn.nonce else None
+        )
         self._received = ""
         self._visible = ""
         self._last: ChatResponse | None = None
+        self._shown: ChatResponse | None = None
+        self._closing: ChatResponse | None = None
+
+    def step(self, response: ChatResponse) -> ChatResponse:
+        """``response``, the next streamed one, as the caller gets it."""
+        self._shown = self._edit(response)
+        return self._shown
+
+    def final(self) -> ChatResponse | None:
+        """The stream is over: its last response, with the whole visible answer."""
+        return self._end() or self._shown
 
     def _edit(self, response: ChatResponse) -> ChatResponse:
         self._last = response
@@ -409,19 +560,21 @@ class _StreamEditor:
         )
 
     def _end(self) -> ChatResponse | None:
+        """Finish the answer (once); the response with the text held back to the end, if any."""
         if self._answer is None:
-            return None
+            return self._closing
         tail, self._answer = self._answer.finish(), None
         if not tail or self._last is None:
             return None
         self._visible += tail
-        return self._last.model_copy(
+        self._closing = self._last.model_copy(
             update={
                 "delta": tail,
                 "message": with_text(self._last.message, self._visible),
                 "raw": None,
             }
         )
+        return self._closing
 
     def edit(self, responses: Iterable[ChatResponse]) -> Generator[ChatResponse, None, None]:
         try:
@@ -444,6 +597,100 @@ class _StreamEditor:
                 yield last
         finally:
             self._end()
+
+
+class _Events:
+    """The wrapped LLM's instrumentation events during one call, as handlers may see them:
+    each answer as the caller gets it, the memory block cut out (see ``_instrumentation``).
+
+    A whole answer is edited in place at its end (``LLMChatEndEvent``, or the
+    ``LLMCompletionEndEvent`` of a completion model, whose ``chat`` then makes its chat answer
+    from the edited one): the same object is the result of the wrapped LLM's span, and the
+    answer ``MemoryLLM`` gets back; its memories are queued once, there. Streamed answers
+    (``...InProgressEvent``) are shown through editors of their own that store nothing, one
+    per kind of event (a completion model's ``stream_chat`` emits both for each piece), and
+    their end event shows the whole visible answer. The handlers of LlamaIndex's older
+    ``CallbackManager`` get the answer first, in their ``on_event_end`` payload: it is edited
+    there the same way.
+    """
+
+    def __init__(self, llm: MemoryLLM, call: _Call) -> None:
+        self._llm = llm
+        self._call = call
+        self._streams: dict[str, _StreamEditor] = {}
+        self._pieces: dict[str, tuple[Any, ChatResponse]] = {}  # kind -> (piece, as shown)
+        self._edited: set[str] = set()  # the events edited (the editor is on two dispatchers)
+
+    def _piece(self, kind: str, piece: Any, as_chat: ChatResponse) -> ChatResponse:
+        """The streamed ``piece`` as shown; a piece shown already (LLMs whose async stream
+        wraps their sync one emit each piece's event twice) is not fed twice."""
+        last = self._pieces.get(kind)
+        if last is not None and last[0] is piece:
+            return last[1]
+        if kind not in self._streams:
+            self._streams[kind] = _StreamEditor(self._llm._flow, self._call.turn, remember=False)
+        shown = self._streams[kind].step(as_chat)
+        self._pieces[kind] = (piece, shown)
+        return shown
+
+    def show(self, event: BaseEvent) -> None:
+        if not self._call.turn.nonce or event.id_ in self._edited:
+            return
+        self._edited.add(event.id_)
+        if isinstance(event, LLMChatInProgressEvent):
+            event.response = self._piece("chat", event.response, event.response)
+        elif isinstance(event, LLMCompletionInProgressEvent):
+            shown = self._piece("completion", event.response, _as_chat(event.response))
+            event.response = _as_completion(event.response, shown)
+        elif isinstance(event, LLMChatEndEvent) and event.response is not None:
+            event.response = self._whole_chat(event.response)
+        elif isinstance(event, LLMCompletionEndEvent):
+            event.response = self._whole_completion(event.response)
+
+    def show_payload(self, payload: dict[str, Any]) -> None:
+        if not self._call.turn.nonce:
+            return
+        for key in (EventPayload.RESPONSE, EventPayload.COMPLETION):
+            answer = payload.get(key)
+            if isinstance(answer, ChatResponse):
+                payload[key] = self._whole_chat(answer)
+            elif isinstance(answer, CompletionResponse):
+                payload[key] = self._whole_completion(answer)
+
+    # A whole answer (an end event's, or the payload of a CallbackManager handler's
+    # on_event_end) as the caller gets it:
+
+    def _whole_chat(self, response: ChatResponse) -> ChatResponse:
+        if "chat" in self._streams:
+            return self._streams["chat"].final() or response
+        edited = self._llm._answer(self._call, response)
+        if edited is not response:
+            for name in ("message", "delta", "raw"):
+                setattr(response, name, getattr(edited, name))
+        return response
+
+    def _whole_completion(self, response: CompletionResponse) -> CompletionResponse:
+        if "completion" in self._streams:
+            final = self._streams["completion"].final()
+            return response if final is None else _as_completion(response, final)
+        call, flow = self._call, self._llm._flow
+        if call.answered is None and not call.cut:
+            call.cut = True
+            response.text = flow.finish(call.turn, response.text) or ""
+            response.raw = _scrub(flow, call.turn, response.raw)
+        return response
+
+
+def _as_chat(response: CompletionResponse) -> ChatResponse:
+    message = ChatMessage(role="assistant", content=response.text)
+    return ChatResponse(message=message, delta=response.delta, raw=response.raw)
+
+
+def _as_completion(response: CompletionResponse, shown: ChatResponse) -> CompletionResponse:
+    """``response`` with the text, delta and raw of ``shown`` (its edited chat form)."""
+    return response.model_copy(
+        update={"text": shown.message.content or "", "delta": shown.delta, "raw": shown.raw}
+    )
 
 
 def _scrub(flow: MemoryFlow, turn: Turn, raw: Any) -> Any:
