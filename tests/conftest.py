@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +66,19 @@ def store(db_path: Path, model: LocalEmbedder) -> MemoryStore:
 @pytest.fixture
 def hash_store(db_path: Path) -> MemoryStore:
     return MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+
+
+class GatedEmbedder:
+    """The real model, except that embedding ``text`` (storing it) waits for ``gate``."""
+
+    def __init__(self, inner: Any, text: str, gate: threading.Event) -> None:
+        self.inner, self.text, self.gate = inner, text, gate
+        self.name, self.dimension = inner.name, inner.dimension
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.text in texts:
+            assert self.gate.wait(60)
+        return self.inner.embed(texts)
 
 
 def _free_port() -> int:

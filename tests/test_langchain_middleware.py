@@ -13,12 +13,10 @@ import gc
 import json
 import threading
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from _langchain_support import (
     LYON,
@@ -32,6 +30,7 @@ from _langchain_support import (
     texts,
 )
 from _langchain_support import instruction_nonce as nonce_in
+from conftest import GatedEmbedder
 from langchain.agents import create_agent
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
@@ -355,19 +354,6 @@ def test_the_models_own_callbacks_tags_and_metadata_still_see_every_call(
         assert "billing:team-a" in tags and metadata.get("team") == "a"
     assert_clean(handler.ends, memories=[TEA["text"]])  # the visible answers only
     assert texts(middleware.memory) == [TEA["text"]]  # type: ignore[arg-type]
-
-
-class GatedEmbedder:
-    """The real model, except that embedding ``text`` (storing it) waits for ``gate``."""
-
-    def __init__(self, inner: Any, text: str, gate: threading.Event) -> None:
-        self.inner, self.text, self.gate = inner, text, gate
-        self.name, self.dimension = inner.name, inner.dimension
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if self.text in texts:
-            assert self.gate.wait(60)
-        return self.inner.embed(texts)
 
 
 # -- many users: a bounded set of open stores --------------------------------------------------

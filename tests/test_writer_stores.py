@@ -7,11 +7,9 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
 import pytest
+from conftest import GatedEmbedder
 
 from headroom_memory_integrations import MemoryStore
 from headroom_memory_integrations.openai import with_fast_memory
@@ -20,19 +18,6 @@ pytestmark = pytest.mark.openai_client
 
 BOB = {"text": "Plays the cello in an orchestra", "category": "fact"}
 ALICE = {"text": "Prefers Python for backend work", "category": "preference"}
-
-
-class GatedEmbedder:
-    """The real model, except that embedding ``text`` (storing it) waits for ``gate``."""
-
-    def __init__(self, inner: Any, text: str, gate: threading.Event) -> None:
-        self.inner, self.text, self.gate = inner, text, gate
-        self.name, self.dimension = inner.name, inner.dimension
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if self.text in texts:
-            assert self.gate.wait(60)
-        return self.inner.embed(texts)
 
 
 def test_a_store_let_go_is_collected_and_its_queued_write_still_lands(
