@@ -454,3 +454,18 @@ def in_new_process(code: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def scripted_openai_like(base_url: str, **options: Any) -> Any:
+    """LlamaIndex's OpenAILike (llama-index-llms-openai-like, in the openai 2.x venv) as a chat
+    model on the scripted server at ``base_url``; ``options`` are added (clients, flags)."""
+    from llama_index.llms.openai_like import OpenAILike
+
+    return OpenAILike(
+        model="gpt-4o-mini",
+        api_base=base_url,
+        api_key="test-key",
+        is_chat_model=True,
+        context_window=16000,
+        **options,
+    )

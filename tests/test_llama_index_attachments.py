@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from _llama_index_support import Brain, ScriptedLLM, flush
+from _llama_index_support import Brain, ScriptedLLM, flush, scripted_openai_like
 from llama_index.core.agent.workflow import FunctionAgent
 from llama_index.core.base.llms.types import (
     AudioBlock,
@@ -232,19 +232,11 @@ def test_an_attachment_out_of_the_buffers_window_no_longer_distrusts_the_user(
 def openai_like(openai_server):
     """LlamaIndex's OpenAILike over the scripted server, answered by an :class:`ObeyingBrain`."""
     import httpx
-    from llama_index.llms.openai_like import OpenAILike
 
     openai_server.responder = ObeyingBrain().responder
-    clients = {"http_client": httpx.Client(verify=False)}
-    yield OpenAILike(
-        **clients,
-        model="gpt-4o-mini",
-        api_base=openai_server.base_url,
-        api_key="test-key",
-        is_chat_model=True,
-        context_window=16000,
-    )
-    clients["http_client"].close()
+    http_client = httpx.Client(verify=False)
+    yield scripted_openai_like(openai_server.base_url, http_client=http_client)
+    http_client.close()
 
 
 @pytest.mark.openai2

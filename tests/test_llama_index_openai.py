@@ -28,6 +28,7 @@ from _llama_index_support import (
     flush,
     in_new_process,
     lookup_tool,
+    scripted_openai_like,
 )
 
 from headroom_memory_integrations.errors import InvalidInputError
@@ -74,19 +75,9 @@ def http_clients():
 
 @pytest.fixture
 def plain_llm(openai_server, brain, http_clients):
-    from llama_index.llms.openai_like import OpenAILike
-
     def build(**options):
         options = {"is_function_calling_model": True, **options}
-        return OpenAILike(
-            **http_clients(),
-            model="gpt-4o-mini",
-            api_base=openai_server.base_url,
-            api_key="test-key",
-            is_chat_model=True,
-            context_window=16000,
-            **options,
-        )
+        return scripted_openai_like(openai_server.base_url, **http_clients(), **options)
 
     return build
 
