@@ -413,6 +413,57 @@ def test_as_the_model_of_an_agent_through_a_tool_loop(
     assert texts(chat.memory) == [TEA["text"]]
 
 
+@tool
+def read_faq(topic: str) -> str:
+    """Read the shop's FAQ about a topic."""
+    return POISON
+
+
+SUMMARY_PROMPT = "Summarise this conversation for later:\n{messages}"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["invoke", "ainvoke"])
+def test_the_harness_own_calls_get_no_memory_and_teach_nothing(
+    asynchronous: bool, chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, says
+) -> None:
+    """The same model summarises the conversation for ``SummarizationMiddleware``: that call's
+    one "user" message is the harness's prompt holding the whole transcript, tool output
+    included. It is not a turn of the user: no memory goes in, no block is asked for, and a
+    tool's planted note cannot become a memory through it."""
+    from langchain.agents.middleware import SummarizationMiddleware
+
+    says.memories = [PLANTED]  # what the model would put in any block it is asked for
+    chat.memory.add("Asks about shipping to Lyon", category="context")
+    summarize = SummarizationMiddleware(
+        model=chat, trigger=("messages", 4), keep=("messages", 1), summary_prompt=SUMMARY_PROMPT
+    )
+    agent = create_agent(
+        chat, tools=[read_faq], middleware=[summarize], checkpointer=InMemorySaver()
+    )
+    config: Any = {"configurable": {"thread_id": "summarised"}}
+    turns = ["What does the FAQ say about 'shipping' to Lyon?", "And shipping to Paris?"]
+
+    async def run_async() -> None:
+        for text in turns:
+            await agent.ainvoke({"messages": [{"role": "user", "content": text}]}, config)
+
+    if asynchronous:
+        asyncio.run(run_async())
+    else:
+        for text in turns:
+            agent.invoke({"messages": [{"role": "user", "content": text}]}, config)
+
+    assert texts(chat.memory) == ["Asks about shipping to Lyon"]  # nothing planted
+    calls = [r for r in openai_server.requests if r.path == "/v1/chat/completions"]
+    requests = [sent(openai_server, index) for index in range(len(calls))]
+    summaries = [m for m in requests if "Summarise this conversation" in str(m[-1]["content"])]
+    assert summaries and POISON in str(summaries[0])  # the transcript, tool output included
+    for messages in summaries:
+        assert instruction_nonce(messages) is None
+        assert CONTEXT_OPEN not in json.dumps(messages)
+    assert any(instruction_nonce(m) for m in requests)  # the agent's own calls keep memory
+
+
 # -- memory across instances, processes and users ------------------------------------------------
 
 
@@ -599,6 +650,29 @@ def test_answers_are_never_cached(chat: MemoryChatModel, db_path: Path, model: A
         MemoryChatModel(model=chat.model, cache=True, user_id="bob", db_path=db_path)
     with pytest.raises(ValueError, match="already has memory"):
         MemoryChatModel(model=chat, user_id="bob", db_path=db_path, embedder=model)
+
+
+def test_per_call_fields_are_refused_at_once_and_alternatives_work(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
+) -> None:
+    """``configurable_fields`` would rebuild the model from its fields on every configured
+    call (which cannot work with its open store): refused where it is written, saying what to
+    do; ``configurable_alternatives`` (no rebuild) picks a model per call."""
+    from langchain_core.runnables import ConfigurableField
+
+    with pytest.raises(ValueError, match=r"cannot be configured per call \(user_id\).*Middleware"):
+        chat.configurable_fields(user_id=ConfigurableField(id="user_id"))
+    with pytest.raises(ValueError, match=r"cannot be configured per call \(top_k\)"):
+        chat.configurable_fields(top_k=ConfigurableField(id="top_k"))
+
+    chosen = chat.configurable_alternatives(
+        ConfigurableField(id="llm"), default_key="memory", plain=chat.model
+    )
+    assert chosen.invoke("I always drink green tea.").text == ANSWER
+    assert instruction_nonce(sent(openai_server)) is not None
+    chosen.invoke("Hello", {"configurable": {"llm": "plain"}})
+    assert instruction_nonce(sent(openai_server)) is None
+    assert texts(chat.memory) == [TEA["text"]]
 
 
 def test_importing_without_the_extra_names_the_pip_command() -> None:

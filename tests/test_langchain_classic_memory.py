@@ -123,6 +123,34 @@ def test_a_new_process_recalls_and_without_the_extra_names_the_install(
     assert '"Prefers Python for backend work"' in loaded["memories"]
 
 
+def test_an_extraction_through_another_users_memory_model_carries_none_of_it(
+    openai_server, scripted, make_memory, db_path, model
+) -> None:
+    """The extracting model is a ``MemoryChatModel`` (here another user's): the extraction of
+    alice's exchange is the harness's own call, so bob's memories never go into it, no memory
+    block is asked for, and bob learns nothing from alice's exchange."""
+    from _langchain_support import instruction_nonce
+
+    from headroom_memory_integrations.langchain import MemoryChatModel
+
+    bobs = MemoryChatModel(
+        model=chat_model(openai_server), user_id="bob", db_path=db_path, embedder=model
+    )
+    bobs.memory.add("Works on Python backend APIs at a bank", category="context")
+    memory = make_memory(llm=bobs)
+    said = {"input": "I prefer Python for my backend APIs"}
+    memory.load_memory_variables(said)
+    memory.save_context(said, {"response": "Noted."})
+    assert memory.memory.flush(30)
+    assert [m.text for m in memory.memory.get_all()] == [PYTHON["text"]]
+    extraction = next(r.body for r in openai_server.requests if is_extraction(r.body))
+    assert "at a bank" not in request_text(extraction)
+    assert CONTEXT_OPEN not in request_text(extraction)
+    assert instruction_nonce(extraction["messages"]) is None
+    assert bobs.memory.flush(30)
+    assert [m.text for m in bobs.memory.get_all()] == ["Works on Python backend APIs at a bank"]
+
+
 def test_save_context_returns_before_the_extraction(scripted, make_memory) -> None:
     scripted.delay = 1.0  # the extraction call takes a second
     memory = make_memory()

@@ -210,6 +210,44 @@ def test_each_run_names_its_user_in_its_context_or_config(
         agent_with(openai_server, middleware).invoke(ASK, thread("nobody"))
 
 
+def test_a_run_naming_two_users_is_refused_before_any_memory_is_touched(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    """A run whose context names one user and whose config names another (a context built
+    with a default user beside the real one in the config, say): serving either one could put
+    one user's memories in the other's run, so the run fails before the model is called, as
+    the memory tools fail for it."""
+    middleware = MemoryMiddleware(db_path=db_path, embedder=model)
+    agent = agent_with(openai_server, middleware, context_schema=Context)
+    with pytest.raises(ValueError, match="names two users"):
+        agent.invoke(ASK, thread("bob-1", user_id="bob"), context=Context(user_id="guest"))
+    assert chat_requests(openai_server) == []
+    assert texts(middleware.memory_for("guest")) == []
+
+    agent.invoke(ASK, thread("bob-2", user_id="bob"), context=Context(user_id="bob"))
+    assert texts(middleware.memory_for("bob")) == [TEA["text"]]  # the same user twice is fine
+
+
+def test_a_one_user_middleware_refuses_a_run_naming_another_user(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    """A middleware built for alice in an agent whose runs name their user: a run of bob's
+    would get alice's memories and teach them bob's facts, so it fails before the model is
+    called; runs naming alice, or no one, are served."""
+    middleware = MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    middleware.memory.add("Lives at 12 Rue de la Paix", category="fact")  # type: ignore[union-attr]
+    agent = agent_with(openai_server, middleware, context_schema=Context)
+    with pytest.raises(ValueError, match="serves user 'alice' only"):
+        agent.invoke(ASK, thread("bob-1"), context=Context(user_id="bob"))
+    with pytest.raises(ValueError, match="serves user 'alice' only"):
+        agent.invoke(ASK, thread("bob-2", user_id="bob"))
+    assert chat_requests(openai_server) == []
+
+    agent.invoke(ASK, thread("alice-1"), context=Context(user_id="alice"))
+    agent.invoke(ASK, thread("anyone"))
+    assert texts(middleware.memory) == sorted([TEA["text"], "Lives at 12 Rue de la Paix"])  # type: ignore[arg-type]
+
+
 def test_nothing_is_stored_on_the_callers_path(
     openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
 ) -> None:

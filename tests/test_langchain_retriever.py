@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,20 @@ def test_async_and_in_a_chain(alice) -> None:
     chain = {"memories": retriever | join, "question": RunnablePassthrough()} | prompt
     text = chain.invoke(query).to_string()
     assert "Dislikes mushrooms" in text and text.endswith(f"Q: {query}")
+
+
+def test_a_chains_whole_input_is_refused_rather_than_finding_nothing(alice) -> None:
+    """The usual LCEL slip: the chain's input dict reaches the retriever. It must not come
+    back empty (the model would answer as if the user had no memories): it says what to do."""
+    retriever = HeadroomRetriever(memory=alice)
+    prompt = ChatPromptTemplate.from_template("Known: {memories}\nQ: {question}")
+    chain = {"memories": retriever, "question": itemgetter("question")} | prompt
+    with pytest.raises(InvalidInputError, match=r"got dict.*itemgetter\('question'\)"):
+        chain.invoke({"question": QUERY})
+    with pytest.raises(InvalidInputError, match="got dict"):
+        asyncio.run(retriever.ainvoke({"question": QUERY}))  # type: ignore[arg-type]
+    fixed = {"memories": itemgetter("question") | retriever, "question": itemgetter("question")}
+    assert "Dislikes mushrooms" in (fixed | prompt).invoke({"question": QUERY}).to_string()
 
 
 # The suite's async test carries no marker and asyncio_mode is strict here: mark the class (the

@@ -11,15 +11,25 @@ from ..writer import Complete
 MEMORY_OPTIONS = ("user_id", "db_path", "storage", "embedder")
 """The constructor arguments that open a user's store, as for ``MemoryStore``."""
 
+EXTRACTION_RUN = "headroom_memory_extraction"
+"""The run name (and ``lc_source``) of a background extraction call."""
+
 
 def chat_model_completer(model: Any) -> Complete:
     """The :data:`~headroom_memory_integrations.writer.Complete` of background extraction,
     answered by ``model`` (any LangChain chat model; the model name a job carries is ignored:
     the model object decides). Called from the memory worker's thread, outside any run, so the
-    extraction call never shows in the caller's callbacks or streams."""
+    extraction call never shows in the caller's callbacks or streams. The call is marked as
+    the harness's own (``metadata["lc_source"]``): a
+    :class:`~.chat_model.MemoryChatModel` given as ``model`` passes it through untouched, so
+    its user's memories never go into another exchange's extraction, and it learns nothing
+    from the extraction prompt."""
 
     def complete(messages: list[dict[str, str]], model_name: str | None) -> str:
-        answer = model.invoke(messages, config={"run_name": "headroom_memory_extraction"})
+        answer = model.invoke(
+            messages,
+            config={"run_name": EXTRACTION_RUN, "metadata": {"lc_source": EXTRACTION_RUN}},
+        )
         return str(answer.text)
 
     return complete

@@ -56,6 +56,17 @@ def is_notification(message: BaseMessage) -> bool:
     return isinstance(kwargs, Mapping) and isinstance(kwargs.get("lc_source"), str)
 
 
+def is_harness_call(metadata: Mapping[str, Any] | None) -> bool:
+    """Whether a model call was made by the agent harness for its own work, not as a turn of
+    the user's conversation: its run's metadata carries a string ``lc_source``, as LangChain's
+    ``SummarizationMiddleware`` (``"summarization"``), ``LLMToolSelectorMiddleware``
+    (``"tool_selection"``) and ``LLMToolEmulator`` (``"tool_emulation"``) set it on their own
+    model calls. The "user" message of such a call is the harness's prompt (a transcript to
+    summarise, tool output included; a tool call to emulate), never the user's words: nothing
+    may be learned from it, and the user's memories have no business in it."""
+    return isinstance(metadata, Mapping) and isinstance(metadata.get("lc_source"), str)
+
+
 def is_user(message: BaseMessage) -> bool:
     """A message the user wrote: a ``HumanMessage`` (or chunk) that is no notification."""
     return isinstance(message, HumanMessage) and not is_notification(message)

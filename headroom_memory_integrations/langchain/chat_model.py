@@ -15,14 +15,16 @@ from langchain_core.load import dumpd
 from langchain_core.load.serializable import to_json_not_implemented
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableBinding
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableSerializable
+from langchain_core.runnables.utils import AnyConfigurableField
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from typing_extensions import Self
 
 from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
 from ..errors import InvalidInputError
+from ..flow import Turn
 from ..wiring import build_flow, open_memory, reopening_arguments
-from ._messages import Injection, MessagesFlow, as_chunk
+from ._messages import Call, Injection, MessagesFlow, as_chunk, is_harness_call
 
 _MODEL_SETTINGS = ("temperature", "max_tokens")
 """Settings the wrapped model reads on every call: set on a copy of a model instance."""
@@ -120,7 +122,9 @@ class MemoryChatModel(BaseChatModel):
     messages and the visible answer. This model takes the wrapped model's ``callbacks``,
     ``tags``, ``metadata`` and ``verbose`` (those you do not set on it yourself), so its
     handlers and tracing tags see every call, once, without the memory block. Its cache is
-    never used.
+    never used. A call the agent harness makes for its own work (its run's metadata has an
+    ``lc_source``: ``SummarizationMiddleware``'s summary, a tool selection, a background
+    extraction) goes to the wrapped model untouched: no memories, no block, nothing learned.
 
     Args:
         model: The chat model to wrap, or a name for ``init_chat_model`` (``"openai:gpt-4o"``).
@@ -391,6 +395,22 @@ class MemoryChatModel(BaseChatModel):
             ("injection", self.injection),
         ]
 
+    def configurable_fields(
+        self, **kwargs: AnyConfigurableField
+    ) -> RunnableSerializable[LanguageModelInput, AIMessage]:
+        """Not supported: LangChain would build a new ``MemoryChatModel`` from this one's fields
+        on every configured call, which fails (a store given, and its folder too) or, for a
+        new ``user_id``, would open a new store per call.
+
+        Raises:
+            InvalidInputError: always, saying what to do instead.
+        """
+        raise InvalidInputError(
+            f"MemoryChatModel fields cannot be configured per call ({', '.join(kwargs)}): for "
+            "a user per run, use MemoryMiddleware in an agent, or one MemoryChatModel per "
+            "user; choose between models with configurable_alternatives"
+        )
+
     # -- tools and structured output ------------------------------------------------------------
 
     def bind_tools(
@@ -439,6 +459,20 @@ class MemoryChatModel(BaseChatModel):
             defaults = None
         return {**defaults, **kwargs} if isinstance(defaults, Mapping) else kwargs
 
+    def _start(
+        self,
+        messages: list[BaseMessage],
+        kwargs: dict[str, Any],
+        run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+    ) -> Call:
+        """The call to make: with memory, or, for a call the agent harness makes for its own
+        work (a summary, a tool selection or emulation: see
+        :func:`~._messages.is_harness_call`), the caller's messages alone: nothing injected,
+        no block asked for, nothing learned."""
+        if run_manager is not None and is_harness_call(run_manager.metadata):
+            return Call(Turn(), list(messages))
+        return self._memory_flow.before(messages, self._request(kwargs))
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -447,7 +481,7 @@ class MemoryChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         flow = self._memory_flow
-        call = flow.before(messages, self._request(kwargs))
+        call = self._start(messages, kwargs, run_manager)
         self._acquire()
         result = self.model._generate(call.messages, stop=self._stop(stop), **kwargs)
         return flow.after(call, result)
@@ -460,7 +494,7 @@ class MemoryChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         flow = self._memory_flow
-        call = await asyncio.to_thread(flow.before, messages, self._request(kwargs))
+        call = await asyncio.to_thread(self._start, messages, kwargs, run_manager)
         await self._aacquire()
         result = await self.model._agenerate(call.messages, stop=self._stop(stop), **kwargs)
         return await asyncio.to_thread(flow.after, call, result)
@@ -475,7 +509,7 @@ class MemoryChatModel(BaseChatModel):
         # run_manager is this model's run: the base class reports the chunks yielded here (the
         # filtered ones); the wrapped model gets none, so it reports nothing raw.
         flow = self._memory_flow
-        call = flow.before(messages, self._request(kwargs))
+        call = self._start(messages, kwargs, run_manager)
         self._acquire()
         stop = self._stop(stop)
         if not self._model_streams(kwargs, asynchronous=False):
@@ -506,7 +540,7 @@ class MemoryChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         flow = self._memory_flow
-        call = await asyncio.to_thread(flow.before, messages, self._request(kwargs))
+        call = await asyncio.to_thread(self._start, messages, kwargs, run_manager)
         await self._aacquire()
         stop = self._stop(stop)
         if not self._model_streams(kwargs, asynchronous=True):

@@ -21,8 +21,8 @@ from ._messages import Injection, MessagesFlow
 from .chat_model import MemoryChatModel
 
 USER_ID_KEY = "user_id"
-"""Where a run names its user: ``context.user_id`` (or ``context["user_id"]``), else
-``config["configurable"]["user_id"]``."""
+"""Where a run names its user: ``context.user_id`` (or ``context["user_id"]``), or
+``config["configurable"]["user_id"]``; a run naming two different users there is refused."""
 
 DEFAULT_MAX_USERS = 256
 """Users whose stores a :class:`MemoryMiddleware` without ``user_id`` keeps open at most."""
@@ -57,7 +57,9 @@ class MemoryMiddleware(AgentMiddleware):
             agent.invoke({"messages": [{"role": "user", "content": "I live in Lyon."}]})
 
     Many users (a service): build it without ``user_id``; each run names its user in its
-    context or its config, never in anything the model writes:
+    context or its config, never in anything the model writes (a run whose context and
+    config name different users fails, as does a run naming a user other than the one a
+    middleware built with ``user_id`` serves, before the model is called):
         .. code-block:: python
 
             @dataclass
@@ -79,6 +81,10 @@ class MemoryMiddleware(AgentMiddleware):
             for token, meta in agent.stream(inputs, context=ctx, stream_mode="messages"):
                 print(token.text, end="")  # never any part of a memory block
             await agent.ainvoke(inputs, context=ctx)
+
+    Order: list it after middleware that replace the agent's model for a call
+    (``ModelFallbackMiddleware``, a model router): middleware wrap each other in list order,
+    and a model swapped in by one listed after this one is called without memory.
 
     Args:
         user_id: The one user of every run (with ``db_path``, ``storage``, ``embedder``); or
@@ -184,12 +190,32 @@ class MemoryMiddleware(AgentMiddleware):
         return request.override(model=wrapped)
 
     def _user_of(self, request: ModelRequest[Any]) -> str:
-        if self._fixed is not None:
-            return self._fixed.memory.user_id
+        """The run's user: the one user this middleware serves, or the user the run names.
+
+        Raises:
+            InvalidInputError: the run names two different users (its context and its
+                config), or a user other than the one this middleware serves; or, without a
+                fixed user, none.
+        """
         runtime = getattr(request, "runtime", None)
-        user = _get(getattr(runtime, "context", None), USER_ID_KEY)
-        if user is None:
-            user = _get(_run_config().get("configurable"), USER_ID_KEY)
+        from_context = _get(getattr(runtime, "context", None), USER_ID_KEY)
+        configured = _get(_run_config().get("configurable"), USER_ID_KEY)
+        if from_context is not None and configured is not None and from_context != configured:
+            # serving either one could put one user's memories in the other's run (the memory
+            # tools refuse such a run too)
+            raise InvalidInputError(
+                "the run names two users: its context's user_id and "
+                "config['configurable']['user_id'] differ; name the user in one of them"
+            )
+        user = from_context if from_context is not None else configured
+        if self._fixed is not None:
+            fixed = self._fixed.memory.user_id
+            if user is not None and user != fixed:
+                raise InvalidInputError(
+                    f"this MemoryMiddleware serves user {fixed!r} only, and the run names "
+                    "another user: build it without user_id to serve the user each run names"
+                )
+            return fixed
         if user is None:
             raise InvalidInputError(
                 "MemoryMiddleware needs the run's user: pass context with a user_id "

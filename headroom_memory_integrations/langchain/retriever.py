@@ -14,6 +14,7 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, model_validator
 
 from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
+from ..errors import InvalidInputError
 from ..types import Category, Memory
 from ._extract import memory_field
 
@@ -24,7 +25,9 @@ class HeadroomRetriever(BaseRetriever):
     Each document's ``page_content`` is a memory's text, its ``id`` the memory's id, and its
     ``metadata`` holds ``id``, ``category``, ``score`` (higher is more relevant), ``source``,
     ``created_at`` and ``updated_at`` (ISO 8601, UTC). Only memories above the relevance floor
-    come back, so an unrelated query returns ``[]``; at most ``k``, most relevant first.
+    come back, so an unrelated query (or a blank one) returns ``[]``; at most ``k``, most
+    relevant first. A query that is not a string (a chain's whole input dict) raises
+    :class:`~headroom_memory_integrations.InvalidInputError` rather than find nothing.
 
     Setup::
 
@@ -85,7 +88,15 @@ class HeadroomRetriever(BaseRetriever):
         return await asyncio.to_thread(self._search, query, k)
 
     def _search(self, query: str, k: int | None) -> list[Document]:
-        if not isinstance(query, str) or not query.strip():
+        if not isinstance(query, str):
+            # a chain's whole input (a dict) reaching the retriever would find nothing, and the
+            # model would answer as if the user had no memories: say what went wrong instead
+            raise InvalidInputError(
+                f"HeadroomRetriever searches with a text query, got {type(query).__name__}; "
+                "in a chain, give it the question's text (e.g. itemgetter('question') | "
+                "retriever)"
+            )
+        if not query.strip():
             return []
         found = self.memory.search(
             query[-MAX_TEXT_CHARS:],
