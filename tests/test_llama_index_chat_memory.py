@@ -263,6 +263,54 @@ def test_serializes_an_absolute_location_from_a_relative_db_path(
     assert not (worker / "memories").exists()
 
 
+@pytest.mark.parametrize("how", ["to_dict", "pickle"])
+def test_a_turn_in_progress_when_saved_is_learnt_after_restore(how, new_buffer, llm) -> None:
+    # an agent's Context saved while it waits for the human: the user's message is stored,
+    # the answer is put by the restored memory
+    import pickle
+
+    memory = new_buffer()
+    memory.put(ChatMessage(role="user", content=FACT))
+    if how == "to_dict":
+        again = HeadroomChatMemoryBuffer.from_dict(memory.to_dict(), llm=llm)
+    else:
+        again = pickle.loads(pickle.dumps(memory))
+    again.put(ChatMessage(role="assistant", content="Noted."))
+    flush(again.memory)
+    assert [m.text for m in again.memory.get_all()] == [FACT]
+    extractor = llm if how == "to_dict" else again._extraction_llm  # a pickle holds a copy
+    assert extractor.brain.extractions == 1
+
+
+def test_a_pickled_buffer_keeps_its_history_llm_and_memories(new_buffer, llm, db_path) -> None:
+    import pickle
+
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations.errors import InvalidInputError
+
+    memory = new_buffer(token_limit=500, chat_store_key="alice-chat")  # no Settings.llm
+    memory.memory.add(FACT, category="preference")
+    memory.put(ChatMessage(role="user", content="Hello"))
+    memory.put(ChatMessage(role="assistant", content="Hi!"))
+    flush(memory.memory)
+    again = pickle.loads(pickle.dumps(memory))
+    assert (again.token_limit, again.chat_store_key) == (500, "alice-chat")
+    assert contents(again.get_all()) == "Hello\nHi!"
+    assert FACT in contents(again.get(QUESTION))
+    again.put(ChatMessage(role="user", content="I work at a fintech startup"))
+    again.put(ChatMessage(role="assistant", content="Noted."))
+    flush(again.memory)
+    learnt = [m.text for m in memory.memory.get_all()]
+    assert "I work at a fintech startup" in learnt  # by the pickled LLM: no Settings.llm
+
+    custom = HeadroomChatMemoryBuffer.from_defaults(
+        user_id="bob", db_path=db_path, embedder=HashEmbedder(), llm=llm
+    )
+    with pytest.raises(InvalidInputError, match="would not find its memories"):
+        pickle.dumps(custom)  # it used to come back on a store that refused bob's memories
+
+
 def test_memories_that_cannot_be_reopened_are_refused_by_to_dict(db_path, llm) -> None:
     from conftest import HashEmbedder
     from llama_index.core.agent.workflow import FunctionAgent

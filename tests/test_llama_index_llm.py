@@ -250,6 +250,29 @@ def test_a_round_trip_keeps_the_memory_settings_and_never_a_key(db_path, model) 
     assert again.to_dict() == llm.to_dict()
 
 
+def test_a_pickled_memory_llm_comes_back_on_the_same_memories(db_path, model) -> None:
+    import pickle
+
+    from conftest import HashEmbedder
+
+    llm = MemoryLLM(llm=ScriptedLLM(), user_id="alice", db_path=db_path, embedder=model, top_k=1)
+    llm.memory.add(FACT, category="preference")
+    flush(llm.memory)
+    again = pickle.loads(pickle.dumps(llm))  # a process pool, a cache that pickles
+    assert isinstance(again.wrapped_llm, ScriptedLLM) and again.wrapped_llm is not llm.wrapped_llm
+    assert (again.user_id, again.db_path, again.top_k) == ("alice", str(db_path.resolve()), 1)
+    final, _, _ = call(again, "chat", QUESTION)
+    assert final == f"{RECALLED} {FACT}"
+    final, _, _ = call(again, "chat", "I work at a fintech startup")
+    assert_no_block(final)  # the block was cut: it still learns inline
+    flush(again.memory)
+    assert len(llm.memory.get_all()) == 2
+
+    custom = MemoryLLM(llm=ScriptedLLM(), user_id="bob", db_path=db_path, embedder=HashEmbedder())
+    with pytest.raises(InvalidInputError, match="cannot serialize MemoryLLM"):
+        pickle.dumps(custom)  # unpickled, it would open bob's memories with another embedder
+
+
 def test_memories_that_cannot_be_reopened_are_not_saved(db_path) -> None:
     from conftest import HashEmbedder
 

@@ -97,3 +97,16 @@ def test_memory_with_the_block_serializes_without_clients(new_memory) -> None:
     (block,) = data["memory_blocks"]
     assert block["name"] == "user_memories"
     assert "_flow" not in block and "memory" not in block
+
+
+def test_memory_with_the_block_pickles_and_recalls(new_memory, llm) -> None:
+    import pickle
+
+    memory = new_memory()
+    block_of(memory).memory.add(FACT, category="preference")
+    flush(block_of(memory).memory)
+    again = pickle.loads(pickle.dumps(memory))  # a process pool, a cache that pickles
+    block = block_of(again)
+    assert isinstance(block._extraction_llm, ScriptedLLM) and block.user_id == "alice"
+    seen = ask("simple", llm, again, QUESTION, "sync")
+    assert f"{RECALLED} {FACT}" in seen.text

@@ -401,3 +401,29 @@ def test_event_handlers_never_see_the_block_of_an_openai_llm(
         assert_no_block(repr(event.response))
     ends = [e.response for e in answers if isinstance(e, LLMChatEndEvent)]
     assert [r.message.content for r in ends] == ["Noted."] * len(ends)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"additional_kwargs": {"response_format": {"type": "json_object"}}},  # JSON mode
+        {"logprobs": True, "top_logprobs": 2},  # they would list the block's tokens, unedited
+    ],
+    ids=["json_mode", "logprobs"],
+)
+def test_memory_llm_sends_no_instruction_the_wrapped_llms_options_forbid(
+    options, plain_llm, openai_server, db_path, model
+) -> None:
+    # set on the LLM, not in the call: MemoryLLM sees only the call's kwargs otherwise
+    from llama_index.core.base.llms.types import ChatMessage
+
+    llm = MemoryLLM(llm=plain_llm(**options), user_id="alice", db_path=db_path, embedder=model)
+    llm.memory.add(FACT, category="preference")
+    flush(llm.memory)
+    answer = llm.chat([ChatMessage(role="user", content=QUESTION)])
+    sent = openai_server.requests[-1].body
+    assert {key: sent[key] for key in options.get("additional_kwargs", options)}  # sent as set
+    system = "\n".join(str(m["content"]) for m in sent["messages"] if m["role"] == "system")
+    assert FACT in system  # memories still injected
+    assert "<memory-" not in system  # no instruction: the model writes no block
+    assert answer.message.content == f"{RECALLED} {FACT}"

@@ -25,7 +25,11 @@ from _llama_index_support import (
 )
 from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent, ReActAgent
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, LLMMetadata
-from llama_index.core.chat_engine import ContextChatEngine
+from llama_index.core.chat_engine import (
+    CondensePlusContextChatEngine,
+    ContextChatEngine,
+    SimpleChatEngine,
+)
 
 from headroom_memory_integrations.llama_index import (
     HeadroomChatMemoryBuffer,
@@ -159,7 +163,38 @@ def test_a_user_message_that_starts_like_an_observation_is_still_the_users(new_l
 def test_untrusted_context_keeps_documents_out_of_memory_llm(untrusted, new_llm) -> None:
     llm = new_llm(ScriptedLLM(brain=DocumentFollowingBrain()), untrusted_context=untrusted)
     ContextChatEngine.from_defaults(retriever=PoisonedRetriever(), llm=llm).chat("Shipping?")
-    assert texts(llm.memory) == ([] if untrusted else [PLANTED])
+    assert texts(llm.memory) == []  # the engine's documents are distrusted without being told
+    SimpleChatEngine.from_defaults(llm=llm, system_prompt=f"Shipping FAQ. {POISON}").chat("Hi")
+    assert texts(llm.memory) == ([] if untrusted else [PLANTED])  # text it cannot tell apart
+
+
+@pytest.mark.parametrize("engine", [ContextChatEngine, CondensePlusContextChatEngine])
+@pytest.mark.parametrize("mode", ["sync", "async", "stream", "astream"])
+def test_memory_llm_distrusts_the_documents_a_chat_engine_retrieves(engine, mode, new_llm) -> None:
+    # a retrieved document asks the model to remember a payment account: the engine fills
+    # LlamaIndex's templates with it (context_str), so the call is untrusted by itself
+    llm = new_llm(ScriptedLLM(brain=DocumentFollowingBrain()))
+    seen = ask_engine(engine.from_defaults(retriever=PoisonedRetriever(), llm=llm), FACT, mode)
+    assert "<memory-" not in seen
+    assert texts(llm.memory) == []
+    told = new_llm(ScriptedLLM())  # what the user says of themselves is still learnt
+    ask_engine(engine.from_defaults(retriever=PoisonedRetriever(), llm=told), FACT, mode)
+    assert texts(told.memory) == [FACT]
+
+
+def ask_engine(engine: Any, text: str, mode: str) -> str:
+    if mode == "sync":
+        return str(engine.chat(text))
+    if mode == "async":
+        return str(asyncio.run(engine.achat(text)))
+    if mode == "stream":
+        return "".join(engine.stream_chat(text).response_gen)
+
+    async def consume() -> str:
+        response = await engine.astream_chat(text)
+        return "".join([piece async for piece in response.async_response_gen()])
+
+    return asyncio.run(consume())
 
 
 class DocumentEchoingLLM(ScriptedLLM):

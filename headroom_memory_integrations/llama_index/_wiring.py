@@ -43,12 +43,12 @@ def background_flow(
     queue_path: PathLike | None,
 ) -> MemoryFlow:
     """The flow of ``owner`` (a memory class with ``user_id``, ``db_path``, ``top_k`` and
-    ``untrusted_context`` fields, and an ``_unsaveable`` private attribute): it injects the
-    user's memories and learns in the background through ``llm``. ``owner.db_path`` becomes
-    the location that opens the same memories again from anywhere (an absolute folder, or a
-    server's URL), so that what it serializes finds them; when the memories cannot be opened
-    again from ``user_id`` and ``db_path`` alone, ``owner._unsaveable`` says why (see
-    :func:`check_saveable`)."""
+    ``untrusted_context`` fields, and ``_unsaveable``, ``_extraction_llm`` and ``_queue_path``
+    private attributes, which it sets): it injects the user's memories and learns in the
+    background through ``llm``. ``owner.db_path`` becomes the location that opens the same
+    memories again from anywhere (an absolute folder, or a server's URL), so that what it
+    serializes finds them; when the memories cannot be opened again from ``user_id`` and
+    ``db_path`` alone, ``owner._unsaveable`` says why (see :func:`check_saveable`)."""
     store = open_memory(memory, owner.user_id, owner.db_path, storage=storage, embedder=embedder)
     extractor = BackgroundExtractor(llm_completer(llm))
     flow = build_flow(
@@ -62,6 +62,7 @@ def background_flow(
     location, owner._unsaveable = reopening_location(store)
     if location is not None:
         owner.db_path = location
+    owner._extraction_llm, owner._queue_path = llm, queue_path
     return flow
 
 
@@ -94,3 +95,28 @@ def check_saveable(owner: Any) -> None:
             f"cannot serialize {type(owner).__name__}: restored, it would not find its "
             f"memories: {owner._unsaveable}"
         )
+
+
+class Pickled:
+    """Pickling for a memory class (``pickle``: a process pool, a cache that pickles its
+    values): its state is the arguments that open the same memories again (the class's
+    ``_reopening_arguments``: ``user_id``, ``db_path``, its settings, the LLM it was given,
+    ``queue_path``), never a client; unpickling calls ``__init__`` with them.
+
+    LlamaIndex's own pickling (``BaseComponent``) drops what does not pickle (the memory flow)
+    and calls ``__init__`` with the fields alone: without ``llm=``, so a ``MemoryLLM`` came
+    back without its flow, and a memory class with another embedder than the default one
+    came back on a store that refused its memories. Memories that cannot be opened again
+    from their ``user_id`` and ``db_path`` are refused, as by ``to_dict``.
+    """
+
+    def _reopening_arguments(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        check_saveable(self)
+        return {"arguments": self._reopening_arguments()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        reopen: Any = self
+        reopen.__init__(**state["arguments"])

@@ -32,10 +32,10 @@ from ._messages import (
     text_of,
     user_index,
 )
-from ._wiring import PathLike, background_flow, check_saveable, memory_fields
+from ._wiring import PathLike, Pickled, background_flow, check_saveable, memory_fields
 
 
-class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
+class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
     """``ChatMemoryBuffer`` plus the user's long-term memory, for any chat engine or agent.
 
     The recent conversation is kept within ``token_limit`` exactly as ``ChatMemoryBuffer``
@@ -110,6 +110,8 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
 
     _flow: MemoryFlow = PrivateAttr()
     _unsaveable: str | None = PrivateAttr(default=None)  # why to_dict cannot save the store
+    _extraction_llm: LLM | None = PrivateAttr(default=None)
+    _queue_path: PathLike | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _turn: Turn | None = PrivateAttr(default=None)  # the latest get's, for learning
     _asked: str | None = PrivateAttr(default=None)  # the latest user message put
@@ -132,10 +134,19 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
         self._flow = background_flow(
             self, memory, storage=storage, embedder=embedder, llm=llm, queue_path=queue_path
         )
+        # a turn in progress when the history was saved (an agent's Context saved while it
+        # waits for the human) is learnt from when its answer is put
+        self._follow(self.get_all())
 
     @classmethod
     def class_name(cls) -> str:
         return "HeadroomChatMemoryBuffer"
+
+    def _reopening_arguments(self) -> dict[str, Any]:
+        """What a pickle holds (see ``Pickled``): the fields (the short-term history's store
+        included), ``llm`` and ``queue_path``."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return {**fields, "llm": self._extraction_llm, "queue_path": self._queue_path}
 
     @field_serializer("chat_store")  # the base class's name: this replaces its serializer
     def serialize_courses_in_order(self, chat_store: BaseChatStore) -> dict:
@@ -302,6 +313,11 @@ class HeadroomChatMemoryBuffer(BaseChatStoreMemory):
     def set(self, messages: list[ChatMessage]) -> None:
         """Replace the short-term history (nothing in it is learnt from)."""
         super().set(messages)
+        self._follow(messages)
+
+    def _follow(self, messages: list[ChatMessage]) -> None:
+        """Follow the turns from ``messages``, the whole short-term history: a last message
+        the user wrote is a turn whose answer is still to come."""
         with self._lock:
             self._turn, self._tools, self._recent = None, False, list(messages[-8:])
             self._awaiting = bool(messages) and user_index(messages) == len(messages) - 1

@@ -63,45 +63,69 @@ from ._messages import (
     user_index,
     with_text,
 )
-from ._wiring import PathLike, check_saveable, reopening_location
+from ._wiring import PathLike, Pickled, check_saveable, reopening_location
 
-_PROMPT_QUERIES: ContextVar[frozenset[str] | None] = ContextVar(
-    "headroom_llama_index_prompt_queries", default=None
-)
-"""While a prompt is sent (see MemoryLLM): the ``query_str`` it was filled with; else None."""
+
+@dataclass(frozen=True)
+class _Prompt:
+    """One of LlamaIndex's prompt templates, as it is sent (see MemoryLLM)."""
+
+    queries: frozenset[str] = frozenset()  # the ``query_str`` it was filled with
+    retrieved: bool = False  # it was filled with retrieved documents
+
+
+_PROMPT: ContextVar[_Prompt | None] = ContextVar("headroom_llama_index_prompt", default=None)
+"""While a prompt is sent (see MemoryLLM): what it was filled with; else None."""
+
+_RETRIEVED = ("context_str", "context_msg")
+"""LlamaIndex's names for the retrieved text a template is filled with: a chat engine's or a
+query engine's documents (``context_str``), and the next ones its refine step adds
+(``context_msg``)."""
 
 
 @contextmanager
-def _prompted(queries: Iterable[str] = ()) -> Generator[None, None, None]:
-    """Mark the calls made inside as sending a prompt filled with the user's ``queries`` (the
-    outermost prompt decides: ``predict`` of a completion model calls ``complete``)."""
-    if _PROMPT_QUERIES.get() is not None:
+def _prompted(prompt: _Prompt | None = None) -> Generator[None, None, None]:
+    """Mark the calls made inside as sending ``prompt`` (the outermost prompt decides:
+    ``predict`` of a completion model calls ``complete``)."""
+    if _PROMPT.get() is not None:
         yield
         return
-    token = _PROMPT_QUERIES.set(frozenset(q.strip() for q in queries))
+    token = _PROMPT.set(prompt or _Prompt())
     try:
         yield
     finally:
-        _PROMPT_QUERIES.reset(token)
+        _PROMPT.reset(token)
 
 
-def _queries(prompt: Any, prompt_args: Mapping[str, Any]) -> list[str]:
-    """The ``query_str`` (LlamaIndex's name for the user's query) a prompt template is filled
-    with: given with ``prompt_args``, or bound before (a response synthesizer's
-    ``partial_format``), in any template a selector may pick."""
+def _filled(prompt: Any, prompt_args: Mapping[str, Any]) -> _Prompt:
+    """What a prompt template is filled with, given with ``prompt_args`` or bound before (a
+    response synthesizer's ``partial_format``), in any template a selector may pick: the
+    ``query_str`` (LlamaIndex's name for the user's query), and whether retrieved documents
+    (``context_str``, ``context_msg``)."""
     templates = [prompt, getattr(prompt, "default_template", None)]
     templates += [t for _, t in getattr(prompt, "conditionals", None) or []]
     bound = [getattr(t, "kwargs", None) for t in templates]
-    found = [kw.get("query_str") for kw in [*bound, prompt_args] if isinstance(kw, Mapping)]
-    return [query for query in found if isinstance(query, str)]
+    filled = [kw for kw in [*bound, prompt_args] if isinstance(kw, Mapping)]
+    queries = [kw.get("query_str") for kw in filled]
+    return _Prompt(
+        queries=frozenset(q.strip() for q in queries if isinstance(q, str)),
+        retrieved=any(kw.get(name) for kw in filled for name in _RETRIEVED),
+    )
 
 
 def _user_wrote(text: str) -> bool:
     """Whether the latest user message of the call being prepared is the user's own: any
     call but a prompt's, or a prompt's whose user message is exactly its ``query_str`` (the
     chat engines' final call: the user's message)."""
-    queries = _PROMPT_QUERIES.get()
-    return queries is None or text.strip() in queries
+    prompt = _PROMPT.get()
+    return prompt is None or text.strip() in prompt.queries
+
+
+def _retrieved() -> bool:
+    """Whether the call being prepared sends a prompt filled with retrieved documents (a
+    ``ContextChatEngine``'s or ``CondensePlusContextChatEngine``'s final call)."""
+    prompt = _PROMPT.get()
+    return prompt is not None and prompt.retrieved
 
 
 _SAVED = ("user_id", "db_path", "top_k", "untrusted_context")
@@ -118,7 +142,7 @@ class _Call:
     cut: bool = False  # the block was cut (and its memories queued) from the completion
 
 
-class MemoryLLM(FunctionCallingLLM):
+class MemoryLLM(Pickled, FunctionCallingLLM):
     """Wraps any LlamaIndex LLM with the user's long-term memory, extracted inline.
 
     Before each call, the memories relevant to the latest user message and an instruction
@@ -129,12 +153,17 @@ class MemoryLLM(FunctionCallingLLM):
     history, and its memories are stored off the caller's path. No extra model call.
 
     A function-calling LLM stays one (``metadata`` is the wrapped LLM's, tool calls pass
-    through), so ``FunctionAgent`` and ``AgentWorkflow`` work with it. Requests that force a
-    tool call get memories but no instruction. Tool results (tool messages, and the
-    "Observation: ..." messages a ``ReActAgent`` sends as user messages) and ReAct's retry
-    prompts are never taken for the user's words, and a call that holds any keeps only
-    memories grounded in them. So does a call whose messages attach a document, an image or
-    a video (``DocumentBlock``, ``ImageBlock``, ``VideoBlock``, ``CitableBlock``).
+    through), so ``FunctionAgent`` and ``AgentWorkflow`` work with it. Requests whose answer
+    must be machine-readable or is not plain text (a forced tool call, a JSON
+    ``response_format``, log probabilities: in the call's arguments or set on the wrapped LLM,
+    as its ``additional_kwargs`` or ``logprobs``) get memories but no instruction. Tool
+    results (tool messages, and the "Observation: ..." messages a ``ReActAgent`` sends as user
+    messages) and ReAct's retry prompts are never taken for the user's words, and a call that
+    holds any keeps only memories grounded in them. So does a call whose messages attach a
+    document, an image or a video (``DocumentBlock``, ``ImageBlock``, ``VideoBlock``,
+    ``CitableBlock``), and one that sends a LlamaIndex template filled with retrieved
+    documents (``context_str``, ``context_msg``: the final call of ``ContextChatEngine`` and
+    ``CondensePlusContextChatEngine``).
 
     The wrapped LLM's instrumentation events and spans, and its ``callback_manager``'s
     handlers, get what they got before, with the block cut from the answers in them (see
@@ -176,7 +205,9 @@ class MemoryLLM(FunctionCallingLLM):
     Serialized (``to_dict``, ``to_json``), it writes its memory settings (``user_id``,
     ``db_path`` as the memories' absolute folder or server URL, ``top_k``,
     ``untrusted_context``) and never the wrapped LLM, which may hold an API key: pass it again
-    to ``from_dict`` / ``from_json`` as ``llm=`` (default: ``Settings.llm``).
+    to ``from_dict`` / ``from_json`` as ``llm=`` (default: ``Settings.llm``). Pickled, it
+    holds the same settings, ``queue_path`` and the wrapped LLM (as LlamaIndex pickles it,
+    with any API key in it), and comes back on the same memories.
 
     Args:
         llm: The LLM to wrap.
@@ -186,8 +217,9 @@ class MemoryLLM(FunctionCallingLLM):
         top_k: Memories injected at most.
         queue_path: The SQLite file of pending writes.
         untrusted_context: The application puts text the user did not write in the
-            conversation (retrieved documents in a ``ContextChatEngine``, web pages): keep only
-            memories grounded in the user's own words.
+            conversation (web pages, documents in a system prompt of its own): keep only
+            memories grounded in the user's own words (a chat engine's retrieved documents are
+            recognised without it).
     """
 
     user_id: str = Field(description="Whose memories.")
@@ -202,6 +234,7 @@ class MemoryLLM(FunctionCallingLLM):
     _llm: LLM = PrivateAttr()
     _flow: MemoryFlow = PrivateAttr()
     _unsaveable: str | None = PrivateAttr(default=None)  # why to_dict cannot save the store
+    _queue_path: PathLike | None = PrivateAttr(default=None)
 
     def __init__(
         self,
@@ -245,6 +278,7 @@ class MemoryLLM(FunctionCallingLLM):
         self._llm = llm
         self._flow = flow
         self._unsaveable = unsaveable
+        self._queue_path = queue_path
 
     @classmethod
     def class_name(cls) -> str:
@@ -286,6 +320,12 @@ class MemoryLLM(FunctionCallingLLM):
                 ) from exc
         return cls(llm=llm, **settings)
 
+    def _reopening_arguments(self) -> dict[str, Any]:
+        """What a pickle holds (see ``Pickled``): the memory settings, ``queue_path`` and the
+        wrapped LLM, pickled as LlamaIndex pickles it (an API key it holds included)."""
+        settings = {key: getattr(self, key) for key in _SAVED}
+        return {**settings, "llm": self._llm, "queue_path": self._queue_path}
+
     @property
     def wrapped_llm(self) -> LLM:
         """The LLM this one wraps (calls made on it carry no memory)."""
@@ -312,12 +352,25 @@ class MemoryLLM(FunctionCallingLLM):
         asked = text_of(sent[index])
         turn = self._flow.start(
             asked,
-            instruct=inline_extraction_allowed(kwargs) and _user_wrote(asked),
-            untrusted=holds_tool_results(sent) or attaches_outside_text(sent),
+            instruct=inline_extraction_allowed(self._request_options(kwargs))
+            and _user_wrote(asked),
+            untrusted=holds_tool_results(sent) or attaches_outside_text(sent) or _retrieved(),
         )
         if turn.prompt:
             sent = insert_before(sent, index, system_message(turn.prompt))
         return _Call(turn, sent)
+
+    def _request_options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The options of the request the wrapped LLM sends for a call with ``kwargs``: its
+        own (LlamaIndex's ``additional_kwargs``, such as a JSON ``response_format``, and the
+        ``logprobs`` / ``top_logprobs`` of the OpenAI LLMs), then the call's."""
+        own = getattr(self._llm, "additional_kwargs", None)
+        options = dict(own) if isinstance(own, Mapping) else {}
+        for name in ("logprobs", "top_logprobs"):
+            value = getattr(self._llm, name, None)
+            if value is not None:
+                options[name] = value
+        return {**options, **kwargs}
 
     def _after(self, call: _Call, response: ChatResponse) -> ChatResponse:
         """``response`` without the memory block; its memories are queued."""
@@ -406,19 +459,19 @@ class MemoryLLM(FunctionCallingLLM):
             return await astream_chat_to_completion_decorator(self.astream_chat)(prompt, **kwargs)
 
     def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
-        with _prompted(_queries(prompt, prompt_args)):
+        with _prompted(_filled(prompt, prompt_args)):
             return super().predict(prompt, **prompt_args)
 
     def stream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenGen:
-        with _prompted(_queries(prompt, prompt_args)):
+        with _prompted(_filled(prompt, prompt_args)):
             return super().stream(prompt, **prompt_args)
 
     async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
-        with _prompted(_queries(prompt, prompt_args)):
+        with _prompted(_filled(prompt, prompt_args)):
             return await super().apredict(prompt, **prompt_args)
 
     async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenAsyncGen:
-        with _prompted(_queries(prompt, prompt_args)):
+        with _prompted(_filled(prompt, prompt_args)):
             return await super().astream(prompt, **prompt_args)
 
     def structured_predict(
@@ -428,7 +481,7 @@ class MemoryLLM(FunctionCallingLLM):
         llm_kwargs: dict[str, Any] | None = None,
         **prompt_args: Any,
     ) -> Any:
-        with _prompted(_queries(prompt, prompt_args)):
+        with _prompted(_filled(prompt, prompt_args)):
             return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
 
     def stream_structured_predict(
@@ -439,9 +492,9 @@ class MemoryLLM(FunctionCallingLLM):
         **prompt_args: Any,
     ) -> Generator[Any, None, None]:
         # a generator: the calls are made while it is iterated, so each step is the prompt's
-        queries = _queries(prompt, prompt_args)
+        filled = _filled(prompt, prompt_args)
         stream = super().stream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
-        return stepped(stream, lambda: _prompted(queries))
+        return stepped(stream, lambda: _prompted(filled))
 
     async def astream_structured_predict(
         self,
@@ -450,12 +503,12 @@ class MemoryLLM(FunctionCallingLLM):
         llm_kwargs: dict[str, Any] | None = None,
         **prompt_args: Any,
     ) -> AsyncGenerator[Any, None]:
-        queries = _queries(prompt, prompt_args)
-        with _prompted(queries):
+        filled = _filled(prompt, prompt_args)
+        with _prompted(filled):
             stream = await super().astream_structured_predict(
                 output_cls, prompt, llm_kwargs, **prompt_args
             )
-        return astepped(stream, lambda: _prompted(queries))
+        return astepped(stream, lambda: _prompted(filled))
 
     async def astructured_predict(
         self,
@@ -464,7 +517,7 @@ class MemoryLLM(FunctionCallingLLM):
         llm_kwargs: dict[str, Any] | None = None,
         **prompt_args: Any,
     ) -> Any:
-        with _prompted(_queries(prompt, prompt_args)):
+        with _prompted(_filled(prompt, prompt_args)):
             return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
 
     # -- function calling: the wrapped LLM's own, around the chat calls above -------------------

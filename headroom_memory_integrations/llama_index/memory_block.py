@@ -16,10 +16,10 @@ from ..engine import MemoryStore
 from ..flow import MemoryFlow
 from ..storage import Storage
 from ._messages import latest_user_text
-from ._wiring import PathLike, background_flow, check_saveable, memory_fields
+from ._wiring import PathLike, Pickled, background_flow, check_saveable, memory_fields
 
 
-class HeadroomMemoryBlock(BaseMemoryBlock[str]):
+class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
     """The user's long-term memory as a block of ``llama_index.core.memory.Memory``.
 
     ``Memory`` hands its blocks messages only when they are flushed out of its short-term
@@ -64,7 +64,8 @@ class HeadroomMemoryBlock(BaseMemoryBlock[str]):
 
     Serialized (``Memory.to_dict``), the block writes ``user_id`` and ``db_path`` as the
     absolute folder or server URL of the memories; it refuses to serialize memories that
-    could not be opened again from those (a custom embedder or storage object).
+    could not be opened again from those (a custom embedder or storage object). Pickled, it
+    holds the same, its ``llm`` and ``queue_path``, and is refused in the same cases.
     """
 
     name: str = Field(default="user_memories", description="The name of the memory block.")
@@ -78,6 +79,8 @@ class HeadroomMemoryBlock(BaseMemoryBlock[str]):
 
     _flow: MemoryFlow = PrivateAttr()
     _unsaveable: str | None = PrivateAttr(default=None)  # why it cannot be serialized
+    _extraction_llm: LLM | None = PrivateAttr(default=None)
+    _queue_path: PathLike | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _learnt: dict[str | None, str] = PrivateAttr(default_factory=dict)  # session -> message
 
@@ -95,6 +98,11 @@ class HeadroomMemoryBlock(BaseMemoryBlock[str]):
         self._flow = background_flow(
             self, memory, storage=storage, embedder=embedder, llm=llm, queue_path=queue_path
         )
+
+    def _reopening_arguments(self) -> dict[str, Any]:
+        """What a pickle holds (see ``Pickled``): the fields, ``llm`` and ``queue_path``."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return {**fields, "llm": self._extraction_llm, "queue_path": self._queue_path}
 
     @field_serializer("db_path")
     def serialize_db_path(self, db_path: str | None) -> str | None:
