@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,12 @@ READ_YOUR_WRITES_SECONDS = 1.0
 """A user's next call waits at most this long for the memories their previous calls queued in
 this process to be stored (usually a few milliseconds: embedding and one write), so what a
 user said is used in their very next call. The call that queued them never waits."""
+
+QUEUED_EXTRACTIONS = 10_000
+"""Extraction jobs queued by this process whose extractor it keeps, at most, until each is done
+(it runs with the extractor of the wrapper that queued it, even if that wrapper was let go of
+meanwhile). Past it, the oldest are let go of (a job another process ran is never reported
+here); such a job runs with its user's current extractor, or any other."""
 
 MAX_MALFORMED_ATTEMPTS = 5
 """An extraction answer that is not valid JSON is retried this many times, then the job is
@@ -150,7 +157,15 @@ class MemoryWriter:
         # built for each with the settings of the first store registered (the template)
         self._stores: weakref.WeakValueDictionary[str, MemoryStore] = weakref.WeakValueDictionary()
         self._template: dict[str, Any] | None = None  # MemoryStore's arguments but user_id
-        self._extractors: dict[str, BackgroundExtractor] = {}
+        # The extractor of each registered store, for as long as the store lives: held by the
+        # store, weakly, as the stores are (a dict by user kept the extractor, and with it a
+        # model client, of every user a long-running server ever served). An extraction queued
+        # here keeps the one it was queued with until it is done (see _queued_with).
+        self._extractors: weakref.WeakKeyDictionary[MemoryStore, BackgroundExtractor] = (
+            weakref.WeakKeyDictionary()
+        )
+        # extraction job id -> (user, extractor), oldest first, bounded by QUEUED_EXTRACTIONS
+        self._queued_with: OrderedDict[int, tuple[str, BackgroundExtractor]] = OrderedDict()
         self._storage: Storage | None = None  # the storage whose memories this queue holds
         self._lock = threading.Lock()
         self._unsettled: dict[str, set[int]] = {}  # user -> store jobs queued here, not yet run
@@ -190,7 +205,7 @@ class MemoryWriter:
                     "duplicate_threshold": memory.duplicate_threshold,
                 }
             if extractor is not None:
-                self._extractors[memory.user_id] = extractor
+                self._extractors[memory] = extractor
         memory.attach_writer(self)
         self.worker.start()
 
@@ -239,7 +254,7 @@ class MemoryWriter:
             with self._lock:
                 if self._stores.get(memory.user_id) is memory:
                     del self._stores[memory.user_id]
-                    self._extractors.pop(memory.user_id, None)
+                self._extractors.pop(memory, None)
 
     @contextmanager
     def _queue_file(self, doing: str) -> Iterator[None]:
@@ -274,6 +289,9 @@ class MemoryWriter:
             time.sleep(0.02)
         with self._settled:
             self._unsettled.pop(memory.user_id, None)
+            for job_id, (user_id, _) in list(self._queued_with.items()):
+                if user_id == memory.user_id:  # deleted (one running now holds its own)
+                    del self._queued_with[job_id]
             self._settled.notify_all()
         with self._queue_file("erase the user's jobs"):
             queue.erase_wal()
@@ -295,21 +313,34 @@ class MemoryWriter:
         return self.worker.stats()
 
     def _put(self, kind: str, memory: MemoryStore, payload: dict[str, Any]) -> None:
+        with self._lock:
+            extractor = self._extractors.get(memory) if kind == "extract" else None
         try:
             with self._settled:  # held until recorded, so the worker cannot finish it unseen
                 job_id = self.worker.queue.put(kind, memory.user_id, payload)
                 if kind == "store":
                     self._unsettled.setdefault(memory.user_id, set()).add(job_id)
+                if extractor is not None:
+                    self._queued_with[job_id] = (memory.user_id, extractor)
+                    while len(self._queued_with) > QUEUED_EXTRACTIONS:
+                        self._queued_with.popitem(last=False)
             self.worker.notify()
         except Exception:
             memory.counters["store_failures"] += 1
             log.warning("could not queue memory work (%s)", kind, exc_info=True)
 
     def _handle(self, job: Job) -> None:
+        done = False
         try:
             self._run(job)
+            done = True
+        except BaseException as exc:
+            done = not self._retried(exc)
+            raise
         finally:
             with self._settled:
+                if done:  # its extractor is not needed any more
+                    self._queued_with.pop(job.id, None)
                 waiting = self._unsettled.get(job.user_id)
                 if waiting is not None and job.id in waiting:
                     waiting.discard(job.id)
@@ -317,15 +348,32 @@ class MemoryWriter:
                         del self._unsettled[job.user_id]
                     self._settled.notify_all()
 
+    def _retried(self, exc: BaseException) -> bool:
+        """Whether the worker will run the job again after ``exc`` (as it decides)."""
+        try:
+            return not isinstance(exc, PermanentJobError) and self.worker.retryable(exc)
+        except Exception:  # the worker dead-letters it
+            return False
+
+    def _extractor_for(self, job: Job) -> BackgroundExtractor | None:
+        """The extractor the job was queued with in this process; else (a job of an earlier
+        process, or requeued after it failed) that of its user's store, or of any store."""
+        with self._settled:
+            queued = self._queued_with.get(job.id)
+        if queued is not None:
+            return queued[1]
+        with self._lock:
+            store = self._stores.get(job.user_id)
+            extractor = self._extractors.get(store) if store is not None else None
+            return extractor or next(iter(self._extractors.values()), None)
+
     def _run(self, job: Job) -> None:
         memory = self._store_for(job.user_id)
         if job.kind == "store":
             items = [NewMemory(**item) for item in job.payload["memories"]]
             source = Source.INLINE
         elif job.kind == "extract":
-            extractor = self._extractors.get(job.user_id) or next(
-                iter(self._extractors.values()), None
-            )
+            extractor = self._extractor_for(job)
             if extractor is None:
                 raise RuntimeError("no background extractor in this process yet")  # retried later
             items, source = extractor(memory, job), Source.BACKGROUND

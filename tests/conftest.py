@@ -4,6 +4,7 @@ whose outcome does not depend on meaning."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -221,10 +222,22 @@ def client(
 def aclient(
     openai_server: ScriptedOpenAIServer, db_path: Path, model: LocalEmbedder
 ) -> Iterator[Any]:
-    """The async twin of :func:`client` (its own store handle, the same folder)."""
+    """The async twin of :func:`client` (its own store handle, the same folder).
+
+    Its tests drive it with ``asyncio.run``, a loop of their own that has ended by teardown:
+    a pooled connection left open in it could only be closed there ("Event loop is closed",
+    or a ResourceWarning for an unclosed transport when it is collected). So it keeps no idle
+    connection: each is closed by the loop that opened it as its response ends, and teardown
+    closes the client (waiting for what the test left to store) in a loop of its own, with
+    nothing of an ended loop left to close."""
+    import openai
+
     from headroom_memory_integrations.openai import with_fast_memory
 
-    async_client = openai_server.async_client()
+    http = openai.DefaultAsyncHttpxClient.__mro__[1]  # httpx's AsyncClient (httpx2's: openai 3)
+    limits = sys.modules[http.__module__.partition(".")[0]].Limits(max_keepalive_connections=0)
+    pool = openai.DefaultAsyncHttpxClient(limits=limits)
+    async_client = openai_server.async_client(http_client=pool)
     memory_client = with_fast_memory(async_client, user_id="alice", db_path=db_path, embedder=model)
     yield memory_client
-    memory_client.memory.flush(30)  # its connections belong to the test's loop, now closed
+    asyncio.run(memory_client.close())

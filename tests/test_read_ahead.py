@@ -3,8 +3,10 @@ the in-memory index must answer exactly like Chroma and follow every write."""
 
 from __future__ import annotations
 
+import gc
 import json
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -360,3 +362,100 @@ def test_the_read_ahead_waits_before_reading_and_stops_if_the_process_is_stoppin
     collection._warm()
     assert waited[-1] == chroma.READ_AHEAD_DELAY > 0 and reads
     assert collection._index is not None and len(collection._index) == 5
+
+
+# -- the handles a storage keeps (OPEN_COLLECTIONS) ---------------------------------------------
+
+
+def _read_ahead(store: MemoryStore) -> chroma.ChromaCollection:
+    """The store's handle once its user is read ahead (when small writes are deferred)."""
+    collection = store._open()
+    deadline = time.monotonic() + 20
+    while collection._index is None:
+        assert time.monotonic() < deadline, "the read-ahead never finished"
+        store.search("anything", min_score=-1)
+        time.sleep(0.01)
+    return collection
+
+
+def test_the_handles_of_users_let_go_are_bounded_and_come_back_right(db_path, monkeypatch) -> None:
+    """A server opening many users keeps the most recently opened handles, not one per user
+    ever opened (each with its cache and read-ahead); a user let go of reads back right."""
+    from conftest import HashEmbedder
+
+    monkeypatch.setattr(chroma, "OPEN_COLLECTIONS", 3)
+    storage = chroma.ChromaStorage.at(db_path)
+    first = weakref.ref(MemoryStore("user-0", storage=storage, embedder=HashEmbedder())._open())
+    for n in range(8):
+        MemoryStore(f"user-{n}", storage=storage, embedder=HashEmbedder()).add(
+            f"Plays instrument number {n} in a band"
+        )
+    storage.settle()
+    for thread in list(chroma._warmers):  # a read-ahead holds its handle while it runs
+        thread.join(10)
+    gc.collect()
+    assert len(storage._recent) == 3 and len(storage._collections) == 3
+    assert first() is None  # collected, with what it held
+    again = MemoryStore("user-0", storage=storage, embedder=HashEmbedder())
+    assert [m.text for m in again.get_all()] == ["Plays instrument number 0 in a band"]
+    assert [r.memory.text for r in again.search("instrument number 0 band")] == [
+        "Plays instrument number 0 in a band"
+    ]
+
+
+def test_a_handle_still_held_stays_the_only_one_of_its_user(db_path) -> None:
+    """Past the bound, a handle a store (or a thread) still holds is the one every caller
+    gets: two would each keep a cache, an index and a user lock of their own."""
+    from conftest import HashEmbedder
+
+    storage = chroma.ChromaStorage.at(db_path)
+    alice = MemoryStore("alice", storage=storage, embedder=HashEmbedder())
+    alice.add("Keeps bees on the roof")
+    held = _read_ahead(alice)
+    for n in range(chroma.OPEN_COLLECTIONS + 5):
+        storage.open(f"user-{n}", "test-hash", 64)  # opened, not read: creates nothing
+    gc.collect()
+    assert "alice" not in {key[0] for key in storage._recent}  # let go of by the storage ...
+    assert storage.open("alice", "test-hash", 64) is held  # ... but not doubled
+    other = MemoryStore("alice", storage=storage, embedder=HashEmbedder())
+    other.add("Grows tomatoes on the balcony")
+    assert {r.memory.text for r in alice.search("tomatoes balcony bees roof", min_score=-1)} == {
+        "Keeps bees on the roof",
+        "Grows tomatoes on the balcony",
+    }
+    assert other.clear() == 2
+    assert alice.get_all() == [] and held._index is None  # told of the clear
+
+
+def test_a_handle_let_go_with_deferred_writes_loses_and_reorders_nothing(
+    db_path, model, monkeypatch
+) -> None:
+    """A handle collected while its writes wait in the journal: they are the storage's, not
+    the handle's; the user's next handle reads them, in order, once they are in Chroma."""
+    from headroom_memory_integrations.storage import deferred
+
+    monkeypatch.setattr(deferred, "GROUP_SECONDS", 60.0)  # the worker waits unless asked
+    monkeypatch.setattr(chroma, "_WARM_RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(chroma, "OPEN_COLLECTIONS", 1)
+    storage = chroma.ChromaStorage.at(db_path)
+    alice = MemoryStore("alice", storage=storage, embedder=model)
+    alice.add("Plays the cello in an orchestra")
+    handle = weakref.ref(_read_ahead(alice))
+    dentist = alice.add("Dentist appointment on Tuesday")
+    assert alice.remember("Dentist appointment on Thursday").outcome.value == "superseded"
+    assert storage._deferred.pending == 2  # both writes wait, in memory and the journal
+    del alice
+    storage.open("bob", model.name, model.dimension)  # alice's handle is let go of
+    for thread in list(chroma._warmers):
+        thread.join(10)
+    gc.collect()
+    assert handle() is None and storage._deferred.pending == 2
+    again = MemoryStore("alice", storage=storage, embedder=model)
+    assert sorted(m.text for m in again.get_all()) == [
+        "Dentist appointment on Thursday",  # the later write won
+        "Plays the cello in an orchestra",
+    ]
+    assert [r.text for r in again.get(dentist.id).history] == ["Dentist appointment on Tuesday"]
+    assert storage._deferred.pending == 0
+    found = again.search("When is the dentist appointment?")
+    assert [r.memory.text for r in found][:1] == ["Dentist appointment on Thursday"]

@@ -5,14 +5,18 @@ UserStores keeps the most recently used users' stores."""
 from __future__ import annotations
 
 import gc
+import json
 import threading
+import time
 import weakref
 
 import pytest
 from conftest import GatedEmbedder
 
 from headroom_memory_integrations import MemoryStore
-from headroom_memory_integrations.openai import with_fast_memory
+from headroom_memory_integrations.openai import with_fast_memory, with_memory
+from headroom_memory_integrations.testing import Reply
+from headroom_memory_integrations.writer import queue_path_for, writer_for
 
 pytestmark = pytest.mark.openai_client
 
@@ -65,3 +69,57 @@ def test_the_stores_of_many_users_are_bounded(db_path, model) -> None:
     assert first() is None
     assert [m.text for m in stores("user-0").get_all()] == ["Plays the cello in an orchestra"]
     assert stores.users() == ["user-0"]
+
+
+def test_a_wrapper_let_go_of_leaves_no_extractor_and_its_queued_extraction_still_runs(
+    openai_server, db_path, model
+) -> None:
+    """The writer held every with_memory user's extractor (and its model client) for good.
+    Now it holds it as long as the user's store, and a job queued before the store was let
+    go of keeps it until done: it runs with its own extractor, not another user's."""
+    gate = threading.Event()
+    extractions: list[str] = []  # the extraction model each call named
+
+    def respond(body: dict) -> Reply:
+        if "You maintain long-term memory" not in body["messages"][0]["content"]:
+            return Reply.text("Noted.")
+        extractions.append(body["model"])
+        if body["model"] == "alice-extractor":
+            gate.wait(60)  # holds the worker: bob's job waits in the queue meanwhile
+        said = BOB if body["model"] == "bob-extractor" else ALICE
+        return Reply.text(json.dumps({"memories": [said]}))
+
+    openai_server.responder = respond
+    alice, bob = (
+        with_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=db_path,
+            embedder=model,
+            extraction_model=f"{user}-extractor",
+        )
+        for user in ("alice", "bob")
+    )
+    writer = writer_for(queue_path_for(alice.memory))
+    alice.chat.completions.create(model="m", messages=[{"role": "user", "content": "I use Python"}])
+    deadline = time.monotonic() + 30
+    while not extractions:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I play cello"}])
+    [bobs] = [e for e in writer._extractors.values() if e.model == "bob-extractor"]
+    extractor = weakref.ref(bobs)
+    del bobs
+    store = weakref.ref(bob.memory)
+    del bob
+    gc.collect()
+    assert store() is None and extractor() is not None  # kept for the job still queued
+
+    gate.set()
+    assert alice.memory.flush(30)
+    assert extractions == ["alice-extractor", "bob-extractor"]  # each with its own
+    gc.collect()
+    assert extractor() is None and not writer._queued_with  # nothing of bob's is held
+    stored = MemoryStore("bob", storage=alice.memory.storage, embedder=model).get_all()
+    assert [m.text for m in stored] == [BOB["text"]]
+    alice.close()

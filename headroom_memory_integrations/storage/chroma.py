@@ -102,6 +102,13 @@ READ_AHEAD_DELAY = 0.25
 # Memories held read ahead in one process, over all users; past it, the users searched least
 # recently are let go (their searches go back to Chroma until they are read ahead again).
 READ_AHEAD_BUDGET = 100_000
+# Users' handles (ChromaCollection) a storage keeps open when nothing else holds them: the most
+# recently opened. Each holds what it read and wrote (up to CACHE_LIMIT records) and maybe a
+# read-ahead, so one handle kept for every user ever opened grew without bound in a long-running
+# server (~32 KB a user of one memory, more with a cache). A handle still held (by a store, a
+# thread using it) stays the one every caller gets; one let go of is collected and its user's
+# next call opens a fresh one, which reads from Chroma (with every deferred write in it).
+OPEN_COLLECTIONS = 1024
 # Records of one user held in memory, at most (those read ahead, written, or read on demand:
 # a user above WARM_LIMIT has each search's candidates read and kept); past it, the oldest
 # half is let go and read again from Chroma when needed.
@@ -1107,7 +1114,13 @@ class ChromaStorage:
         self._client_lock = threading.Lock()
         self._starting: PendingStart | None = None
         self._availability = Availability(location)
-        self._collections: dict[tuple[str, str, int], ChromaCollection] = {}
+        # Every handle alive in the process, held weakly, so that there is never more than one
+        # per user (two would each keep a cache, an index and a user lock of their own), and
+        # strong references to the OPEN_COLLECTIONS most recently opened (least recent first).
+        self._collections: weakref.WeakValueDictionary[tuple[str, str, int], ChromaCollection] = (
+            weakref.WeakValueDictionary()
+        )
+        self._recent: OrderedDict[tuple[str, str, int], ChromaCollection] = OrderedDict()
         self._collections_lock = threading.Lock()
         self._max_batch: int | None = None
         self._unerased: list[tuple[str, list[str] | None]] = []
@@ -1393,6 +1406,15 @@ class ChromaStorage:
                 handle = self._collections[key] = ChromaCollection(
                     self, user_id, (embedder, dimension)
                 )
+            # bounded: past OPEN_COLLECTIONS, the least recently opened handle is let go. It
+            # lives on while a store or a thread holds it (and open() returns it); otherwise it
+            # is collected with its cache and read-ahead. Nothing of it is lost: its deferred
+            # writes are the storage's (stored in order by its worker, which reopens the
+            # user), and a later handle reads Chroma only once they are in it (_call settles).
+            self._recent[key] = handle
+            self._recent.move_to_end(key)
+            while len(self._recent) > OPEN_COLLECTIONS:
+                self._recent.popitem(last=False)
             return handle
 
     def _check_owner(self, meta: Any, user_id: str, embedder: str, dimension: int) -> None:
@@ -1436,7 +1458,7 @@ class ChromaStorage:
         """
         name = collection_name(user_id)
         with self._collections_lock:
-            handles = [h for key, h in self._collections.items() if key[0] == name]
+            handles = [h for key, h in list(self._collections.items()) if key[0] == name]
         with ExitStack() as held:
             for handle in handles:
                 held.enter_context(handle.exclusive())
@@ -1485,9 +1507,10 @@ class ChromaStorage:
         with self._write_lock:
             self._closed = True
             with self._collections_lock:
-                for handle in self._collections.values():
+                for handle in list(self._collections.values()):
                     handle.retire()
                 self._collections.clear()
+                self._recent.clear()
         with self._embedded_lock:
             for folder, storage in list(self._embedded.items()):
                 if storage is self:
