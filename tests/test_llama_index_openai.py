@@ -427,3 +427,31 @@ def test_memory_llm_sends_no_instruction_the_wrapped_llms_options_forbid(
     assert FACT in system  # memories still injected
     assert "<memory-" not in system  # no instruction: the model writes no block
     assert answer.message.content == f"{RECALLED} {FACT}"
+
+
+def test_memory_llm_follows_what_the_wrapped_llm_really_sends(
+    plain_llm, openai_server, db_path, model
+) -> None:
+    # the OpenAI LLMs send top_logprobs only with logprobs=True, and their additional_kwargs
+    # over the call's own options: the instruction follows what goes out, not the settings
+    from llama_index.core.base.llms.types import ChatMessage
+
+    told = [ChatMessage(role="user", content=FACT)]
+    alone = MemoryLLM(
+        llm=plain_llm(top_logprobs=3), user_id="alice", db_path=db_path, embedder=model
+    )
+    assert alone.chat(told).message.content == "Noted."
+    sent = openai_server.requests[-1].body
+    assert "logprobs" not in sent and "top_logprobs" not in sent  # none asked for
+    assert any("<memory-" in str(m["content"]) for m in sent["messages"] if m["role"] == "system")
+    flush(alone.memory)
+    assert [m.text for m in alone.memory.get_all()] == [FACT]  # learnt inline
+
+    json_mode = {"response_format": {"type": "json_object"}}
+    bob = MemoryLLM(
+        llm=plain_llm(additional_kwargs=json_mode), user_id="bob", db_path=db_path, embedder=model
+    )
+    bob.chat(told, response_format={"type": "text"})
+    sent = openai_server.requests[-1].body
+    assert sent["response_format"] == {"type": "json_object"}  # the LLM's own option won
+    assert not any("<memory-" in str(m["content"]) for m in sent["messages"])

@@ -311,17 +311,20 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
         self._observe([message])
 
     def set(self, messages: list[ChatMessage]) -> None:
-        """Replace the short-term history (nothing in it is learnt from)."""
+        """Replace the short-term history. Nothing in it is learnt from, except a last message
+        the user wrote: a turn whose answer, when put, is learnt."""
         super().set(messages)
         self._follow(messages)
 
     def _follow(self, messages: list[ChatMessage]) -> None:
         """Follow the turns from ``messages``, the whole short-term history: a last message
-        the user wrote is a turn whose answer is still to come."""
+        the user wrote is a turn whose answer is still to come (learnt as untrusted when that
+        message attaches a document, an image or a video, as when it is put)."""
         with self._lock:
-            self._turn, self._tools, self._recent = None, False, list(messages[-8:])
+            self._turn, self._recent = None, list(messages[-8:])
             self._awaiting = bool(messages) and user_index(messages) == len(messages) - 1
             self._asked = text_of(messages[-1]).strip() if self._awaiting else None
+            self._tools = self._awaiting and attaches_outside_text(messages[-1:])
 
     def reset(self) -> None:
         """Clear the short-term history. Long-term memories stay (``memory.clear()``)."""

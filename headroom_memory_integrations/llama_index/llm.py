@@ -352,7 +352,8 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
         asked = text_of(sent[index])
         turn = self._flow.start(
             asked,
-            instruct=inline_extraction_allowed(self._request_options(kwargs))
+            instruct=inline_extraction_allowed(kwargs)
+            and inline_extraction_allowed(self._own_options())
             and _user_wrote(asked),
             untrusted=holds_tool_results(sent) or attaches_outside_text(sent) or _retrieved(),
         )
@@ -360,17 +361,17 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
             sent = insert_before(sent, index, system_message(turn.prompt))
         return _Call(turn, sent)
 
-    def _request_options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """The options of the request the wrapped LLM sends for a call with ``kwargs``: its
-        own (LlamaIndex's ``additional_kwargs``, such as a JSON ``response_format``, and the
-        ``logprobs`` / ``top_logprobs`` of the OpenAI LLMs), then the call's."""
+    def _own_options(self) -> dict[str, Any]:
+        """The request options the wrapped LLM adds to every call: LlamaIndex's
+        ``additional_kwargs`` (such as a JSON ``response_format``), and ``logprobs`` when its
+        switch is on (the OpenAI LLMs send ``top_logprobs`` only then). Checked apart from the
+        call's own: which of the two wins differs between LLMs (the OpenAI LLMs send their
+        ``additional_kwargs`` over the call's), so either may forbid the instruction."""
         own = getattr(self._llm, "additional_kwargs", None)
         options = dict(own) if isinstance(own, Mapping) else {}
-        for name in ("logprobs", "top_logprobs"):
-            value = getattr(self._llm, name, None)
-            if value is not None:
-                options[name] = value
-        return {**options, **kwargs}
+        if getattr(self._llm, "logprobs", None) is True:
+            options["logprobs"] = True
+        return options
 
     def _after(self, call: _Call, response: ChatResponse) -> ChatResponse:
         """``response`` without the memory block; its memories are queued."""
