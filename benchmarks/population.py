@@ -120,7 +120,10 @@ class VectorCache:
                 self.table.update(zip(asked, self._chunk_vectors(asked)))
 
     def _chunk_vectors(self, chunk: list[str]) -> np.ndarray:
-        key = hashlib.sha256("\n".join([self.real.name, *chunk]).encode()).hexdigest()[:32]
+        # the vectors' form (the name, with -int8 for the 8-bit form) keys the cache: the
+        # forms' vectors differ more than the float32 ones of different backends do
+        form = self.real.vector_form
+        key = hashlib.sha256("\n".join([form, *chunk]).encode()).hexdigest()[:32]
         path = self.directory / f"{key}.npy"
         if path.exists():
             return np.load(path)

@@ -206,7 +206,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the shipped adapter")
     args = parser.parse_args()
-    tasks, counts = training_tasks(LocalEmbedder())
+    # learned on the model's float32 vectors; the default 8-bit form's queries use it too
+    tasks, counts = training_tasks(LocalEmbedder(backend="onnx"))
     print(", ".join(f"{name}: {count}" for name, count in counts.items()))
     delta = learn(tasks, log=True)
     target = ADAPTERS["all-MiniLM-L6-v2"]

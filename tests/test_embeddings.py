@@ -1,6 +1,7 @@
 """The embedders. The shipped all-MiniLM-L6-v2 gives the original float32 model's vectors within
-BUNDLED_TOLERANCE, checked against reference vectors that sentence-transformers computed
-(tests/data/minilm_reference.npz, written by scripts/build_local_model.py). Tests marked
+BUNDLED_TOLERANCE (its 8-bit form, the default, within INT8_TOLERANCE), checked against reference
+vectors that sentence-transformers computed (tests/data/minilm_reference.npz, written by
+scripts/build_local_model.py). Tests marked
 ``sentence_transformers`` compare with sentence-transformers itself; `make test-torch` runs them
 in an environment with torch's CPU build."""
 
@@ -19,6 +20,8 @@ from headroom_memory_integrations import Embedder, LocalEmbedder
 from headroom_memory_integrations.embeddings.bert import float32_weights, read_safetensors
 from headroom_memory_integrations.embeddings.local import (
     BUNDLED_TOLERANCE,
+    INT8_MIN_COSINE,
+    INT8_TOLERANCE,
     bundled_model_dir,
     original_model_dir,
 )
@@ -40,7 +43,7 @@ def reference() -> tuple[list[str], np.ndarray]:
         return stored["texts"].tolist(), stored["vectors"]
 
 
-@pytest.mark.parametrize("backend", ["auto", "onnx", "numpy"])
+@pytest.mark.parametrize("backend", ["onnx", "numpy"])
 def test_the_shipped_model_gives_the_original_vectors_within_the_tolerance(
     backend: str, reference: tuple[list[str], np.ndarray]
 ) -> None:
@@ -52,6 +55,38 @@ def test_the_shipped_model_gives_the_original_vectors_within_the_tolerance(
     assert (ours * expected).sum(axis=1).min() >= 0.99999
     # similarity scores, what retrieval ranks by, move by at most twice the tolerance
     assert np.abs(ours @ ours.T - expected @ expected.T).max() <= 2 * BUNDLED_TOLERANCE
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnx-int8"])
+def test_the_8_bit_form_gives_the_original_vectors_within_its_tolerance(
+    backend: str, reference: tuple[list[str], np.ndarray]
+) -> None:
+    """The default: matrix products in 8-bit integers, ~3x faster, further from the original
+    vectors (docs/embeddings.md says how far, and what it changes for retrieval)."""
+    texts, expected = reference
+    embedder = LocalEmbedder(backend=backend)  # type: ignore[arg-type]
+    ours = embedder.embed(texts)
+    assert embedder.vector_form == "all-MiniLM-L6-v2-int8" and embedder.name == "all-MiniLM-L6-v2"
+    assert np.abs(ours - expected).max() <= INT8_TOLERANCE
+    assert (ours * expected).sum(axis=1).min() >= INT8_MIN_COSINE
+    assert np.abs(ours @ ours.T - expected @ expected.T).max() <= 2 * INT8_TOLERANCE
+    # and it is a form of its own: further than the float32 forms are from each other
+    assert np.abs(ours - expected).max() > BUNDLED_TOLERANCE
+
+
+def test_the_8_bit_form_gives_a_text_the_same_vector_in_any_batch() -> None:
+    """Its activations are quantized with one scale per forward pass, so each text is encoded
+    alone: a text's vector does not depend on the texts beside it, bit for bit, with one
+    thread or two."""
+    from headroom_memory_integrations.embeddings.bert_onnx import OnnxBertEncoder
+
+    texts = [f"{TEXTS[i % len(TEXTS)]} #{i} {'and more ' * (i % 7)}" for i in range(41)]
+    single = OnnxBertEncoder(bundled_model_dir(), int8=True)
+    alone = np.stack([single.encode([text])[0] for text in texts])
+    for workers in (1, 2):
+        batch = OnnxBertEncoder(bundled_model_dir(), int8=True, chunk_workers=workers)
+        assert np.array_equal(batch.encode(texts), alone)
+        assert np.array_equal(batch.encode(texts[::-1]), alone[::-1])
 
 
 def test_the_tolerance_tells_this_model_from_a_slightly_different_one(
@@ -129,7 +164,8 @@ def test_the_model_file_is_read_as_safetensors_reads_it(tmp_path: Path) -> None:
         )
 
 
-def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package() -> None:
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package(int8: bool) -> None:
     """onnx (a dev dependency) reads our bytes back and writes the very same bytes, and its
     checker accepts the graph once the in-memory weights are filled in."""
     import json
@@ -142,6 +178,7 @@ def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package() -> None
 
     folder = bundled_model_dir()
     encoder = OnnxBertEncoder.__new__(OnnxBertEncoder)  # the graph only, no session
+    encoder.int8 = int8
     encoder.config = json.loads((folder / "config.json").read_text())
     encoder.dimension = encoder.config["hidden_size"]
     graph = _Graph()
@@ -151,6 +188,11 @@ def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package() -> None
     model = onnx.load_from_string(written)
     assert model.SerializeToString() == written
     assert model.ir_version == 8 and model.opset_import[0].version == 17
+    microsoft = [n for n in model.graph.node if n.domain == "com.microsoft"]
+    assert len(microsoft) == (36 if int8 else 0)  # 6 matrix products in each of 6 layers
+    assert [(o.domain, o.version) for o in model.opset_import[1:]] == (
+        [("com.microsoft", 1)] if int8 else []
+    )
     assert len(model.graph.node) > 100 and model.graph.output[0].name == output
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -158,10 +200,12 @@ def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package() -> None
     onnx.checker.check_model(model, full_check=True)
 
 
-def test_the_default_backend_is_onnx_runtime(model: LocalEmbedder) -> None:
+def test_the_default_backend_is_onnx_runtime_in_8_bit_integers(model: LocalEmbedder) -> None:
     from headroom_memory_integrations.embeddings.bert_onnx import OnnxBertEncoder
 
-    assert isinstance(model._encoder(), OnnxBertEncoder)
+    encoder = model._encoder()
+    assert isinstance(encoder, OnnxBertEncoder) and encoder.int8
+    assert not LocalEmbedder(backend="onnx")._encoder().int8  # type: ignore[attr-defined]
 
 
 def test_threads_embed_at_once_and_each_gets_its_own_vectors(model: LocalEmbedder) -> None:

@@ -44,7 +44,7 @@ def test_the_readme_api_example_answers_unrelated_questions_with_nothing(store) 
     )
     (found, score), *weaker = store.search("What language should I use?", top_k=5)
     assert found.text == "Prefers Python for backend work" and score > 0.2
-    assert [(m.text, round(s, 2)) for m, s in weaker] == [("Works at a fintech startup", 0.09)]
+    assert weaker == []  # the other two stay under the floor of a user with 3 memories
     assert store.search("What is 2+2?") == []
     assert store.search("Tell me a joke.") == []
 

@@ -141,6 +141,7 @@ class BertEncoder(ABC):
         self._load({name.removeprefix("bert."): array for name, array in weights.items()})
 
     widens_float16 = False  # whether _load takes float16 tensors as they are
+    max_batch: int | None = None  # most texts one forward pass may take (None: batch_size)
 
     @abstractmethod
     def _load(self, weights: dict[str, Array]) -> None:
@@ -172,7 +173,7 @@ class BertEncoder(ABC):
                 mask[row, : len(row_ids)] = 1.0
             result[chunk] = self._forward(ids, mask)
 
-        chunks = balanced_chunks(order, batch_size)
+        chunks = balanced_chunks(order, min(batch_size, self.max_batch or batch_size))
         if self.chunk_workers > 1 and len(chunks) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -233,7 +234,7 @@ def balanced_chunks(items: list[int], most: int) -> list[list[int]]:
     while the other encodes 32 texts. The cut does not depend on the number of threads, so
     neither do the vectors."""
     count = -(-len(items) // most)
-    if count > 1:
+    if count > 1 and most > 1:
         count += count % 2
     size, extra = divmod(len(items), max(count, 1))
     chunks, start = [], 0

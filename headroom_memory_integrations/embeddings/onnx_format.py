@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 IR_VERSION = 8  # read by every ONNX Runtime since 1.10; enough for opset 17
-FLOAT, INT64, FLOAT16 = 1, 7, 10  # TensorProto.DataType
+FLOAT, INT8, INT64, FLOAT16 = 1, 3, 7, 10  # TensorProto.DataType
 _DATA_TYPES = {np.dtype(np.float32): FLOAT, np.dtype(np.int64): INT64}
 _ATTRIBUTE_FLOAT, _ATTRIBUTE_INT, _ATTRIBUTE_INTS = 1, 2, 7  # AttributeProto.AttributeType
 _EXTERNAL = 1  # TensorProto.DataLocation
@@ -73,14 +73,21 @@ def attribute(name: str, value: Attribute) -> bytes:
 
 
 def node(
-    op_type: str, inputs: Sequence[str], outputs: Sequence[str], **attributes: Attribute
+    op_type: str,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    domain: str = "",
+    **attributes: Attribute,
 ) -> bytes:
-    """A ``NodeProto`` of the default domain; attributes in name order, as ``onnx`` writes them."""
+    """A ``NodeProto``, of the default domain unless ``domain`` names another (ONNX Runtime's
+    own operators are in ``com.microsoft``); attributes in name order, as ``onnx`` writes
+    them."""
     return (
         b"".join(_text(1, name) for name in inputs)
         + b"".join(_text(2, name) for name in outputs)
         + _text(4, op_type)
         + _messages(5, (attribute(k, v) for k, v in sorted(attributes.items())))
+        + (_text(7, domain) if domain else b"")
     )
 
 
@@ -123,8 +130,10 @@ def model(
     inputs: Sequence[bytes],
     outputs: Sequence[bytes],
     opset: int,
+    domains: Sequence[tuple[str, int]] = (),
 ) -> bytes:
-    """A serialized ``ModelProto`` holding one graph, using the default operator set ``opset``."""
+    """A serialized ``ModelProto`` holding one graph, using the default operator set ``opset``
+    and the operator sets ``domains`` names, as (domain, version) pairs."""
     graph = (
         _messages(1, nodes)
         + _text(2, name)
@@ -132,5 +141,6 @@ def model(
         + _messages(11, inputs)
         + _messages(12, outputs)
     )
-    operator_set = _text(1, "") + _int(2, opset)
-    return _int(1, IR_VERSION) + _bytes(7, graph) + _bytes(8, operator_set)
+    operator_sets = [_text(1, "") + _int(2, opset)]
+    operator_sets += [_text(1, domain) + _int(2, version) for domain, version in domains]
+    return _int(1, IR_VERSION) + _bytes(7, graph) + _messages(8, operator_sets)
