@@ -48,7 +48,8 @@ user said is used in their very next call. The call that queued them never waits
 QUEUED_EXTRACTIONS = 10_000
 """Extraction jobs queued by this process whose extractor it keeps, at most, until each is done
 (it runs with the extractor of the wrapper that queued it, even if that wrapper was let go of
-meanwhile). Past it, the oldest are let go of (a job another process ran is never reported
+meanwhile; one dead-lettered keeps it until ``retry_failed()`` runs it or ``forget()``
+deletes it). Past it, the oldest are let go of (a job another process ran is never reported
 here); such a job runs with its user's current extractor, or any other."""
 
 MAX_MALFORMED_ATTEMPTS = 5
@@ -334,12 +335,11 @@ class MemoryWriter:
         try:
             self._run(job)
             done = True
-        except BaseException as exc:
-            done = not self._retried(exc)
-            raise
         finally:
             with self._settled:
-                if done:  # its extractor is not needed any more
+                # its extractor is not needed any more; one retried or dead-lettered keeps
+                # it (retry_failed() runs it again: with its own, not another user's)
+                if done:
                     self._queued_with.pop(job.id, None)
                 waiting = self._unsettled.get(job.user_id)
                 if waiting is not None and job.id in waiting:
@@ -348,16 +348,10 @@ class MemoryWriter:
                         del self._unsettled[job.user_id]
                     self._settled.notify_all()
 
-    def _retried(self, exc: BaseException) -> bool:
-        """Whether the worker will run the job again after ``exc`` (as it decides)."""
-        try:
-            return not isinstance(exc, PermanentJobError) and self.worker.retryable(exc)
-        except Exception:  # the worker dead-letters it
-            return False
-
     def _extractor_for(self, job: Job) -> BackgroundExtractor | None:
         """The extractor the job was queued with in this process; else (a job of an earlier
-        process, or requeued after it failed) that of its user's store, or of any store."""
+        process, or one let go of past QUEUED_EXTRACTIONS) that of its user's store, or of any
+        store."""
         with self._settled:
             queued = self._queued_with.get(job.id)
         if queued is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 import time
 import weakref
 
@@ -459,3 +460,42 @@ def test_a_handle_let_go_with_deferred_writes_loses_and_reorders_nothing(
     assert storage._deferred.pending == 0
     found = again.search("When is the dentist appointment?")
     assert [r.memory.text for r in found][:1] == ["Dentist appointment on Thursday"]
+
+
+def test_a_handle_opened_while_its_user_is_cleared_is_told_of_the_clear(
+    db_path, monkeypatch
+) -> None:
+    """A user whose handle was let go of is cleared while another thread opens them again: the
+    new handle (not there when the clear began) must not keep serving what was cleared."""
+    from conftest import HashEmbedder
+
+    monkeypatch.setattr(chroma, "OPEN_COLLECTIONS", 1)
+    storage = chroma.ChromaStorage.at(db_path)
+    bees = MemoryStore("alice", storage=storage, embedder=HashEmbedder()).add("Keeps bees")
+    storage.open("bob", "test-hash", 64)  # alice's handle is let go of
+    for thread in list(chroma._warmers):
+        thread.join(10)
+    gc.collect()
+    assert "alice" not in {key[0] for key in storage._collections}
+
+    clearing, go = threading.Event(), threading.Event()
+    settle = storage._settle
+
+    def held_in_clear() -> None:  # the clear, between listing the handles and deleting
+        if threading.current_thread().name == "clear":
+            clearing.set()
+            go.wait(30)
+        settle()
+
+    monkeypatch.setattr(storage, "_settle", held_in_clear)
+    counted: list[int] = []
+    clear = threading.Thread(target=lambda: counted.append(storage.drop("alice")), name="clear")
+    clear.start()
+    assert clearing.wait(30)
+    handle = storage.open("alice", "test-hash", 64)  # opened meanwhile, and read
+    assert [m.text for m in handle.get([bees.id])] == ["Keeps bees"]
+    go.set()
+    clear.join(30)
+    assert counted == [1]
+    assert handle.get([bees.id]) == []  # not served from what it read before the clear
+    assert MemoryStore("alice", storage=storage, embedder=HashEmbedder()).get_all() == []

@@ -123,3 +123,45 @@ def test_a_wrapper_let_go_of_leaves_no_extractor_and_its_queued_extraction_still
     stored = MemoryStore("bob", storage=alice.memory.storage, embedder=model).get_all()
     assert [m.text for m in stored] == [BOB["text"]]
     alice.close()
+
+
+def test_a_dead_lettered_extraction_retried_after_its_wrapper_went_keeps_its_own_extractor(
+    openai_server, db_path, model
+) -> None:
+    """An extraction dead-lettered (a bad request) and queued again with retry_failed() after
+    its wrapper was let go of runs with the extractor it was queued with, never with that of
+    another user's wrapper (its model client, its extraction model)."""
+    extractions: list[str] = []  # the extraction model each call named
+
+    def respond(body: dict) -> Reply:
+        if "You maintain long-term memory" not in body["messages"][0]["content"]:
+            return Reply.text("Noted.")
+        extractions.append(body["model"])
+        if len(extractions) == 1:
+            return Reply.error(400, "bad request")  # dead-lettered at once
+        return Reply.text(json.dumps({"memories": [ALICE]}))
+
+    openai_server.responder = respond
+    alice, bob = (
+        with_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=db_path,
+            embedder=model,
+            extraction_model=f"{user}-extractor",
+        )
+        for user in ("alice", "bob")
+    )
+    alice.chat.completions.create(model="m", messages=[{"role": "user", "content": "I use Python"}])
+    assert bob.memory.flush(30) and extractions == ["alice-extractor"]
+    store = weakref.ref(alice.memory)
+    del alice
+    gc.collect()
+    assert store() is None
+
+    assert bob.memory.retry_failed() == 1
+    assert bob.memory.flush(30)
+    assert extractions == ["alice-extractor", "alice-extractor"]  # not bob's
+    stored = MemoryStore("alice", storage=bob.memory.storage, embedder=model).get_all()
+    assert [m.text for m in stored] == [ALICE["text"]]
+    bob.close()

@@ -1481,7 +1481,11 @@ class ChromaStorage:
                     count = int(collection.count())
                     index_files = self._index_folder(str(collection.id)) if erase else None
                     client.delete_collection(name)
-            for handle in handles:
+            # and a handle opened meanwhile (its user's was let go of, or never opened): it
+            # may have read what was just deleted
+            with self._collections_lock:
+                opened = [h for key, h in list(self._collections.items()) if key[0] == name]
+            for handle in dict.fromkeys([*handles, *opened]):
                 handle.dropped()
             if collection is None:
                 return 0
