@@ -322,10 +322,11 @@ def machine_info() -> dict[str, Any]:
 
 def calibrate() -> dict[str, Any]:
     """Fixed work timed at the start and the end of a run, to show how busy the machine was:
-    embedding one fixed sentence with the local model, and a pure-Python loop (medians)."""
+    embedding one fixed sentence with the local model in float32 (as before the default became
+    the 8-bit form: runs stay comparable), and a pure-Python loop (medians)."""
     from headroom_memory_integrations import LocalEmbedder
 
-    model = LocalEmbedder()
+    model = LocalEmbedder(backend="onnx")
     sentence = ["How was the weekend trip to Lisbon with your sister?"]
     embed = sample(lambda: model.embed(sentence), 30, warmup=3)
     loop = sample(lambda: sum(i * i for i in range(100_000)), 10, warmup=1)
@@ -380,7 +381,7 @@ def table(rows: Sequence[Row], machine: dict[str, Any]) -> str:
         if f"calibration_{moment}" in machine:
             c = machine[f"calibration_{moment}"]
             about += (
-                f"\nat {moment}: load average {c['load_average']}, one query embedded in "
+                f"\nat {moment}: load average {c['load_average']}, one query embedded (float32) in "
                 f"{c['embed_one_sentence_p50_ms']} ms, Python loop {c['python_loop_p50_ms']} ms"
             )
     rule = "-" * len(render(header))

@@ -33,11 +33,12 @@ def int8_columns(matrix: Array) -> tuple[Array, Array]:
     """A checkpoint's ``(out, in)`` matrix as the ``(in, out)`` int8 matrix ``x @ W`` takes
     and one scale per output column (symmetric: the largest magnitude of each column maps to
     127)."""
-    columns = np.ascontiguousarray(matrix.astype(np.float32).T)
-    scales = np.abs(columns).max(axis=0) / 127.0
+    rows = matrix.astype(np.float32)  # a copy: scaled in place below
+    scales = np.abs(rows).max(axis=1) / np.float32(127.0)
     scales[scales == 0] = 1.0
-    quantized = np.clip(np.rint(columns / scales), -127, 127).astype(np.int8)
-    return quantized, scales.astype(np.float32)
+    np.divide(rows, scales[:, None], out=rows)  # now within [-127, 127]
+    quantized = np.rint(rows, out=rows).astype(np.int8)
+    return np.ascontiguousarray(quantized.T), scales.astype(np.float32)
 
 
 class _Graph:
