@@ -28,6 +28,7 @@ import traceback  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import ModuleType  # noqa: E402
+from typing import cast  # noqa: E402
 
 from . import (  # noqa: E402
     coldstart,
@@ -88,6 +89,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="leave BLAS/OpenMP thread counts at their defaults",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument(
+        "--backend",
+        choices=["onnx", "onnx-int8", "numpy"],
+        help="the default model's form for the sections run in this process (quality: "
+        "locomo, needle, paraphrase*, consolidation); default: the library's default",
+    )
     args = parser.parse_args(argv)
     args.only = [name.strip() for value in args.only for name in value.split(",") if name.strip()]
     unknown = [name for name in args.only if name not in SECTIONS]
@@ -112,8 +119,22 @@ def run_section(name: str, module: ModuleType, ctx: Context) -> SectionResult:
     return result
 
 
+def use_backend(backend: str) -> None:
+    """Make ``LocalEmbedder()`` (backend ``"auto"``) use ``backend`` in this process: to
+    measure one form of the model beside another on the same engine."""
+    from headroom_memory_integrations.embeddings import local
+
+    chosen = cast(local.Backend, backend)
+    original = local.resolved_backend
+    local.resolved_backend = lambda model, wanted: original(  # type: ignore[assignment]
+        model, chosen if wanted == "auto" else wanted
+    )
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.backend:
+        use_backend(args.backend)
     names = args.only or [name for name in SECTIONS if name not in PARTS]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     machine = machine_info()
@@ -133,6 +154,7 @@ def main(argv: list[str]) -> int:
         "started_at": stamp,
         "mode": "quick" if args.quick else "full",
         "argv": argv,
+        "backend": args.backend or "default",
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine,
         "sections": {result.name: result.to_dict() for result in results},

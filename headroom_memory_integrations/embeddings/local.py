@@ -55,10 +55,12 @@ class _Encoder(Protocol):
 BUNDLED_TOLERANCE = 3e-4
 """Largest difference of one vector component between the shipped all-MiniLM-L6-v2 and the
 original float32 model, on the same text (both vectors of unit length)."""
-INT8_TOLERANCE = 0.05
-"""The same for the shipped model's 8-bit form (``backend="onnx-int8"``, the default)."""
-INT8_MIN_COSINE = 0.96
-"""The least cosine similarity between a text's vector in the 8-bit form and in the original."""
+INT8_TOLERANCE = 0.08
+"""The same for the shipped model's 8-bit form (``backend="onnx-int8"``, the default; measured
+0.048 on the reference texts, on AVX-512 VNNI: ONNX Runtime's integer kernels differ by CPU)."""
+INT8_MIN_COSINE = 0.95
+"""The least cosine similarity between a text's vector in the 8-bit form and in the original
+(measured 0.970 at worst, on a two-letter text; 0.994 typically)."""
 
 _BUNDLED_DIR = Path(__file__).resolve().parent / "models" / DEFAULT_LOCAL_MODEL
 _encoders: dict[tuple[str, str], _Encoder] = {}
