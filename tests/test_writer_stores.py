@@ -71,6 +71,21 @@ def test_the_stores_of_many_users_are_bounded(db_path, model) -> None:
     assert stores.users() == ["user-0"]
 
 
+def alice_and_bob(openai_server, db_path, model):
+    """Two with_memory wrappers on one folder, each extracting with a model named after its
+    user ("alice-extractor", "bob-extractor")."""
+    return (
+        with_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=db_path,
+            embedder=model,
+            extraction_model=f"{user}-extractor",
+        )
+        for user in ("alice", "bob")
+    )
+
+
 def test_a_wrapper_let_go_of_leaves_no_extractor_and_its_queued_extraction_still_runs(
     openai_server, db_path, model
 ) -> None:
@@ -90,16 +105,7 @@ def test_a_wrapper_let_go_of_leaves_no_extractor_and_its_queued_extraction_still
         return Reply.text(json.dumps({"memories": [said]}))
 
     openai_server.responder = respond
-    alice, bob = (
-        with_memory(
-            openai_server.client(),
-            user_id=user,
-            db_path=db_path,
-            embedder=model,
-            extraction_model=f"{user}-extractor",
-        )
-        for user in ("alice", "bob")
-    )
+    alice, bob = alice_and_bob(openai_server, db_path, model)
     writer = writer_for(queue_path_for(alice.memory))
     alice.chat.completions.create(model="m", messages=[{"role": "user", "content": "I use Python"}])
     deadline = time.monotonic() + 30
@@ -142,16 +148,7 @@ def test_a_dead_lettered_extraction_retried_after_its_wrapper_went_keeps_its_own
         return Reply.text(json.dumps({"memories": [ALICE]}))
 
     openai_server.responder = respond
-    alice, bob = (
-        with_memory(
-            openai_server.client(),
-            user_id=user,
-            db_path=db_path,
-            embedder=model,
-            extraction_model=f"{user}-extractor",
-        )
-        for user in ("alice", "bob")
-    )
+    alice, bob = alice_and_bob(openai_server, db_path, model)
     alice.chat.completions.create(model="m", messages=[{"role": "user", "content": "I use Python"}])
     assert bob.memory.flush(30) and extractions == ["alice-extractor"]
     store = weakref.ref(alice.memory)
