@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -136,3 +138,15 @@ def run_python(
         timeout=timeout,
         env=env,
     )
+
+
+def read_ahead(store: Any) -> Any:
+    """The store's collection handle once its user is read ahead (the state in which small
+    writes are deferred): searches until the read-ahead has finished (20 s at most)."""
+    collection = store._open()
+    deadline = time.monotonic() + 20
+    while collection._index is None:
+        assert time.monotonic() < deadline, "the read-ahead never finished"
+        store.search("anything", min_score=-1)
+        time.sleep(0.01)
+    return collection

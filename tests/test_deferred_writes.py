@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from _reliability_support import files_containing, run_python
+from _reliability_support import files_containing, read_ahead, run_python
 from conftest import HashEmbedder
 
 from headroom_memory_integrations import MemoryStore
@@ -20,12 +20,7 @@ from headroom_memory_integrations.storage.deferred import JOURNAL_FILE, PendingW
 def _read_ahead(store: MemoryStore, monkeypatch) -> chroma.ChromaCollection:
     """The store once its user is read ahead (the state in which writes are deferred)."""
     monkeypatch.setattr(chroma, "_WARM_RETRY_SECONDS", 0.0)
-    collection = store._open()
-    deadline = time.monotonic() + 20
-    while collection._index is None:
-        assert time.monotonic() < deadline, "the read-ahead never finished"
-        store.search("anything", min_score=-1)
-        time.sleep(0.01)
+    collection: chroma.ChromaCollection = read_ahead(store)
     return collection
 
 

@@ -11,6 +11,7 @@ import weakref
 
 import numpy as np
 import pytest
+from _reliability_support import read_ahead
 
 from headroom_memory_integrations import MemoryStore, StorageError
 from headroom_memory_integrations.storage import chroma
@@ -368,17 +369,6 @@ def test_the_read_ahead_waits_before_reading_and_stops_if_the_process_is_stoppin
 # -- the handles a storage keeps (OPEN_COLLECTIONS) ---------------------------------------------
 
 
-def _read_ahead(store: MemoryStore) -> chroma.ChromaCollection:
-    """The store's handle once its user is read ahead (when small writes are deferred)."""
-    collection = store._open()
-    deadline = time.monotonic() + 20
-    while collection._index is None:
-        assert time.monotonic() < deadline, "the read-ahead never finished"
-        store.search("anything", min_score=-1)
-        time.sleep(0.01)
-    return collection
-
-
 def test_the_handles_of_users_let_go_are_bounded_and_come_back_right(db_path, monkeypatch) -> None:
     """A server opening many users keeps the most recently opened handles, not one per user
     ever opened (each with its cache and read-ahead); a user let go of reads back right."""
@@ -412,7 +402,7 @@ def test_a_handle_still_held_stays_the_only_one_of_its_user(db_path) -> None:
     storage = chroma.ChromaStorage.at(db_path)
     alice = MemoryStore("alice", storage=storage, embedder=HashEmbedder())
     alice.add("Keeps bees on the roof")
-    held = _read_ahead(alice)
+    held = read_ahead(alice)
     for n in range(chroma.OPEN_COLLECTIONS + 5):
         storage.open(f"user-{n}", "test-hash", 64)  # opened, not read: creates nothing
     gc.collect()
@@ -441,7 +431,7 @@ def test_a_handle_let_go_with_deferred_writes_loses_and_reorders_nothing(
     storage = chroma.ChromaStorage.at(db_path)
     alice = MemoryStore("alice", storage=storage, embedder=model)
     alice.add("Plays the cello in an orchestra")
-    handle = weakref.ref(_read_ahead(alice))
+    handle = weakref.ref(read_ahead(alice))
     dentist = alice.add("Dentist appointment on Tuesday")
     assert alice.remember("Dentist appointment on Thursday").outcome.value == "superseded"
     assert storage._deferred.pending == 2  # both writes wait, in memory and the journal
