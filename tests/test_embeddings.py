@@ -18,6 +18,12 @@ import pytest
 
 from headroom_memory_integrations import Embedder, LocalEmbedder
 from headroom_memory_integrations.embeddings.bert import float32_weights, read_safetensors
+from headroom_memory_integrations.embeddings.bert_onnx import (
+    COLUMN_SCALES,
+    INT8_FILE,
+    int8_columns,
+    int8_layer_matrices,
+)
 from headroom_memory_integrations.embeddings.local import (
     BUNDLED_TOLERANCE,
     INT8_MIN_COSINE,
@@ -87,6 +93,109 @@ def test_the_8_bit_form_gives_a_text_the_same_vector_in_any_batch() -> None:
         batch = OnnxBertEncoder(bundled_model_dir(), int8=True, chunk_workers=workers)
         assert np.array_equal(batch.encode(texts), alone)
         assert np.array_equal(batch.encode(texts[::-1]), alone[::-1])
+
+
+def _bundled_weights() -> dict[str, np.ndarray]:
+    """The shipped checkpoint's tensors as the 8-bit form receives them (float16 kept)."""
+    tensors = read_safetensors(bundled_model_dir() / "model.safetensors")
+    return float32_weights(tensors, keep_float16=True)
+
+
+def test_the_shipped_8_bit_matrices_are_those_the_shipped_weights_give() -> None:
+    """model.int8.safetensors holds, bit for bit, what quantizing model.safetensors gives
+    (int8_columns, as a folder without the file is loaded): it cannot go stale unnoticed.
+    safetensors' own reader and ours read the same int8 tensors."""
+    from safetensors.numpy import load_file
+
+    path = bundled_model_dir() / INT8_FILE
+    expected = int8_layer_matrices(_bundled_weights(), 6)
+    assert len(expected) == 2 * 36
+    query = "encoder.layer.0.attention.self.query.weight"
+    columns, scales = int8_columns(_bundled_weights()[query])
+    assert np.array_equal(expected[query], columns)
+    assert np.array_equal(expected[query + COLUMN_SCALES], scales)
+    for stored in (read_safetensors(path), load_file(str(path))):
+        assert stored.keys() == expected.keys()
+        for name, array in expected.items():
+            assert stored[name].dtype == array.dtype and stored[name].shape == array.shape
+            assert np.array_equal(stored[name], array), name
+    assert expected[query].dtype == np.int8 and expected[query].shape == (384, 384)
+    assert expected["encoder.layer.5.output.dense.weight"].shape == (1536, 384)
+
+
+def test_the_script_rewrites_the_8_bit_matrices_as_shipped(tmp_path: Path) -> None:
+    """scripts/quantize_model.py --check passes on the shipped folder, and the script writes
+    the very same bytes into another folder."""
+    script = ROOT / "scripts" / "quantize_model.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "up to date" in done.stdout, done.stdout + done.stderr
+    folder = _model_copy(tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script), str(folder)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert (folder / INT8_FILE).read_bytes() == (bundled_model_dir() / INT8_FILE).read_bytes()
+
+
+def _model_copy(tmp_path: Path) -> Path:
+    """The bundled model folder without its 8-bit matrices (the other files linked)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for path in bundled_model_dir().iterdir():
+        if path.name != INT8_FILE:
+            (folder / path.name).symlink_to(path)
+    return folder
+
+
+def test_the_8_bit_form_loads_the_shipped_matrices_without_quantizing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With model.int8.safetensors, loading does no quantizing: no numpy (~50 ms under the
+    GIL, ~250 ms on the first answer's path) and no quantizing operators for ONNX Runtime to
+    fold. A folder without the file has ONNX Runtime quantize as it loads the graph, with the
+    same vectors bit for bit (and the same as the graph's float32 form within tolerance)."""
+    from headroom_memory_integrations.embeddings import bert_onnx
+
+    operators: list[str] = []
+    op = bert_onnx._Graph.op
+
+    def recording(graph: object, kind: str, *inputs: str, **options: object) -> str:
+        operators.append(kind)
+        return op(graph, kind, *inputs, **options)  # type: ignore[arg-type]
+
+    def refuse(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise AssertionError("quantized with numpy as the model loads")
+
+    monkeypatch.setattr(bert_onnx._Graph, "op", recording)
+    monkeypatch.setattr(bert_onnx, "int8_columns", refuse)
+    texts = [*TEXTS, "x", ""]
+    shipped = bert_onnx.OnnxBertEncoder(bundled_model_dir(), int8=True)
+    assert operators.count("DynamicQuantizeMatMul") == 36 and "Round" not in operators
+    operators.clear()
+    without_file = bert_onnx.OnnxBertEncoder(_model_copy(tmp_path), int8=True)
+    assert operators.count("Round") == 36
+    assert np.array_equal(shipped.encode(texts), without_file.encode(texts))
+
+
+def test_8_bit_matrices_of_another_model_are_refused(tmp_path: Path) -> None:
+    """A file that does not fit the folder's weights is an error, not a different model."""
+    from safetensors.numpy import save_file
+
+    from headroom_memory_integrations.embeddings.bert_onnx import OnnxBertEncoder
+
+    folder = _model_copy(tmp_path)
+    stored = int8_layer_matrices(_bundled_weights(), 6)
+    name = "encoder.layer.3.intermediate.dense.weight"
+    stored[name] = np.ascontiguousarray(stored[name].T)  # (out, in): a checkpoint's layout
+    save_file(stored, str(folder / INT8_FILE))
+    with pytest.raises(ValueError, match=r"does not match model\.safetensors at .*layer\.3\."):
+        OnnxBertEncoder(folder, int8=True)
+    del stored[name]
+    save_file(stored, str(folder / INT8_FILE))
+    with pytest.raises(ValueError, match=r"remake it with scripts/quantize_model\.py"):
+        OnnxBertEncoder(folder, int8=True)
 
 
 def test_the_tolerance_tells_this_model_from_a_slightly_different_one(
@@ -164,8 +273,10 @@ def test_the_model_file_is_read_as_safetensors_reads_it(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package(int8: bool) -> None:
+@pytest.mark.parametrize(
+    "form", ["float32", "int8", "int8 quantized in the graph"], ids=["float32", "int8", "in-graph"]
+)
+def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package(form: str) -> None:
     """onnx (a dev dependency) reads our bytes back and writes the very same bytes, and its
     checker accepts the graph once the in-memory weights are filled in."""
     import json
@@ -178,11 +289,14 @@ def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package(int8: boo
 
     folder = bundled_model_dir()
     encoder = OnnxBertEncoder.__new__(OnnxBertEncoder)  # the graph only, no session
+    int8 = form != "float32"
     encoder.int8 = int8
     encoder.config = json.loads((folder / "config.json").read_text())
     encoder.dimension = encoder.config["hidden_size"]
     graph = _Graph()
-    output = encoder._build(graph, float32_weights(load_file(str(folder / "model.safetensors"))))
+    weights = float32_weights(load_file(str(folder / "model.safetensors")), keep_float16=True)
+    quantized = int8_layer_matrices(weights, encoder.layers) if form == "int8" else None
+    output = encoder._build(graph, weights, quantized)
     written = graph.model(output)
 
     model = onnx.load_from_string(written)
@@ -194,6 +308,14 @@ def test_the_onnx_graph_is_valid_onnx_written_without_the_onnx_package(int8: boo
         [("com.microsoft", 1)] if int8 else []
     )
     assert len(model.graph.node) > 100 and model.graph.output[0].name == output
+    # the float16 embedding tables are picked from, then widened: ONNX Runtime does not widen
+    # the whole of them (~47 MB of float32 made as the graph loads)
+    float16 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    picks = [n for n in model.graph.node if n.op_type in ("Gather", "Slice")]
+    assert len(picks) == 2 and all(n.input[0] in float16 for n in picks)
+    widened = {n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    assert {n.output[0] for n in picks} <= widened
+    assert not {n.input[0] for n in picks} & widened
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             tensor.CopyFrom(numpy_helper.from_array(graph.external[tensor.name], tensor.name))
@@ -303,8 +425,9 @@ def test_default_model_is_the_copy_shipped_in_the_package() -> None:
     package = ROOT / "headroom_memory_integrations"
     assert folder.is_relative_to(package)
     names = {"config.json", "tokenizer.json", "model.safetensors", "NOTICE.md", "query_adapter.npy"}
-    assert {p.name for p in folder.iterdir()} == names
+    assert {p.name for p in folder.iterdir()} == names | {INT8_FILE}
     assert (folder / "model.safetensors").stat().st_size < 50_000_000
+    assert (folder / INT8_FILE).stat().st_size < 11_000_000
     assert isinstance(LocalEmbedder(), Embedder)
     assert LocalEmbedder("sentence-transformers/all-MiniLM-L6-v2").name == "all-MiniLM-L6-v2"
     # the same name on every backend: stores built with the float32 weights stay searchable

@@ -27,6 +27,16 @@ TokenIds = npt.NDArray[np.int64]
 
 
 SCALE_SUFFIX = ":scale"
+LAYER_MATRICES = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "out": "attention.output.dense",
+    "up": "intermediate.dense",
+    "down": "output.dense",
+}
+"""The matrix products of each transformer layer: short name -> the checkpoint's name within
+``encoder.layer.<n>.`` (each has a ``.weight`` and a ``.bias``)."""
 _SAFETENSORS_TYPES = {
     "F16": np.float16,
     "F32": np.float32,
@@ -128,6 +138,7 @@ class BertEncoder(ABC):
     ) -> None:
         from tokenizers import Tokenizer
 
+        self.model_dir = model_dir
         self.threads = threads
         self.chunk_workers = chunk_workers
         self.config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
@@ -196,16 +207,8 @@ class BertEncoder(ABC):
         ``*_bias``. The matrices are laid out for ``x @ W`` (the checkpoint stores them
         transposed), or left as stored with ``transpose=False``."""
         prefix = f"encoder.layer.{layer}."
-        names = {
-            "query": "attention.self.query",
-            "key": "attention.self.key",
-            "value": "attention.self.value",
-            "out": "attention.output.dense",
-            "up": "intermediate.dense",
-            "down": "output.dense",
-        }
         tensors: dict[str, Array] = {}
-        for short, name in names.items():
+        for short, name in LAYER_MATRICES.items():
             matrix = weights[f"{prefix}{name}.weight"]
             tensors[short] = np.ascontiguousarray(matrix.T) if transpose else matrix
             tensors[f"{short}_bias"] = weights[f"{prefix}{name}.bias"]

@@ -9,7 +9,8 @@ query embeds in ~3.5-4.5 ms on one core (numpy: ~6-7 ms), a batch ~4x faster tha
 the same vectors. (Writing the graph with ONNX Runtime's fused attention and layer-norm
 operators was measured too: no faster.) With ``int8=True`` (the default embedder's form) the
 layers' matrix products run in 8-bit integers: ~3x faster again, the vectors a little further
-from the original's (see :class:`OnnxBertEncoder`).
+from the original's (see :class:`OnnxBertEncoder`); their 8-bit matrices ship ready-made
+(:data:`INT8_FILE`), so loading does no numpy arithmetic.
 
 Each ``run`` uses its own call's thread (``threads`` intra-op threads), so a foreground query
 and a background batch can embed at once without sharing a process-wide thread setting.
@@ -24,9 +25,16 @@ import numpy as np
 import onnxruntime as ort
 
 from . import onnx_format
-from .bert import Array, BertEncoder, TokenIds
+from .bert import LAYER_MATRICES, Array, BertEncoder, TokenIds, read_safetensors
 
 OPSET = 17  # LayerNormalization is a standard operator from 17 on
+INT8_FILE = "model.int8.safetensors"
+"""The file, beside ``model.safetensors``, of the layers' matrices already in 8-bit form
+(:func:`int8_layer_matrices`), written by ``scripts/quantize_model.py``. Read where present
+(mapped: no arithmetic at load). Otherwise ONNX Runtime quantizes the float matrices as it
+loads the graph: the same numbers, outside the GIL, ~0.15 s more."""
+COLUMN_SCALES = ":column_scales"
+_EXTERNAL_TYPES = {np.dtype(np.int8): onnx_format.INT8, np.dtype(np.float16): onnx_format.FLOAT16}
 
 
 def int8_columns(matrix: Array) -> tuple[Array, Array]:
@@ -39,6 +47,55 @@ def int8_columns(matrix: Array) -> tuple[Array, Array]:
     np.divide(rows, scales[:, None], out=rows)  # now within [-127, 127]
     quantized = np.rint(rows, out=rows).astype(np.int8)
     return np.ascontiguousarray(quantized.T), scales.astype(np.float32)
+
+
+def int8_matrix_names(layers: int) -> list[str]:
+    """The checkpoint's names (``bert.`` prefix removed) of the matrices the 8-bit form runs
+    in integers: the six of each layer."""
+    return [
+        f"encoder.layer.{index}.{name}.weight"
+        for index in range(layers)
+        for name in LAYER_MATRICES.values()
+    ]
+
+
+def int8_layer_matrices(weights: dict[str, Array], layers: int) -> dict[str, Array]:
+    """The layers' matrices as the 8-bit form takes them: for each name of
+    :func:`int8_matrix_names`, the :func:`int8_columns` matrix under the name and its scales
+    under the name + ``":column_scales"``. What :data:`INT8_FILE` holds."""
+    tensors: dict[str, Array] = {}
+    for name in int8_matrix_names(layers):
+        tensors[name], tensors[name + COLUMN_SCALES] = int8_columns(weights[name])
+    return tensors
+
+
+def read_int8_layer_matrices(
+    model_dir: Path, weights: dict[str, Array], layers: int
+) -> dict[str, Array] | None:
+    """The :func:`int8_layer_matrices` of ``model_dir``'s :data:`INT8_FILE` (mapped, not
+    read), or None where the folder has no such file. A file that lacks a matrix, or holds
+    one of another shape or type than ``weights`` imply, is an error rather than a model
+    silently built from other weights."""
+    path = model_dir / INT8_FILE
+    if not path.is_file():
+        return None
+    stored = {name.removeprefix("bert."): array for name, array in read_safetensors(path).items()}
+    for name in int8_matrix_names(layers):
+        columns, scales = stored.get(name), stored.get(name + COLUMN_SCALES)
+        rows, width = weights[name].shape
+        if (
+            columns is None
+            or scales is None
+            or columns.dtype != np.int8
+            or columns.shape != (width, rows)
+            or scales.dtype != np.float32
+            or scales.shape != (rows,)
+        ):
+            raise ValueError(
+                f"{path} does not match model.safetensors at {name!r}: remake it with "
+                "scripts/quantize_model.py, or delete it"
+            )
+    return stored
 
 
 class _Graph:
@@ -63,17 +120,18 @@ class _Graph:
         self.initializers.append(onnx_format.tensor(name, np.asarray(value, dtype=dtype)))
         return name
 
-    def weight(self, array: Array) -> str:
+    def weight(self, array: Array, widen: bool = True) -> str:
         """A model tensor, which ONNX Runtime will read from our memory, not from the graph.
-        A float16 one is widened by a Cast that ONNX Runtime folds as it loads the graph."""
+        A float16 one is widened by a Cast that ONNX Runtime folds as it loads the graph, or
+        left float16 with ``widen=False``."""
         name = f"weight_{len(self.external)}"
         self.external[name] = np.ascontiguousarray(array)
-        if array.dtype == np.float16:
+        if array.dtype == np.float16 and widen:
             self.initializers.append(
                 onnx_format.external_tensor(name, array.shape, onnx_format.FLOAT16)
             )
             return self.op("Cast", name, to=onnx_format.FLOAT)
-        kind = onnx_format.INT8 if array.dtype == np.int8 else onnx_format.FLOAT
+        kind = _EXTERNAL_TYPES.get(array.dtype, onnx_format.FLOAT)
         self.initializers.append(onnx_format.external_tensor(name, array.shape, kind))
         return name
 
@@ -94,7 +152,8 @@ class OnnxBertEncoder(BertEncoder):
 
     Args:
         int8: Run the matrix products of the layers in 8-bit integers
-            (:func:`int8_columns`; ONNX Runtime's ``DynamicQuantizeMatMul``), ~3x faster and
+            (:func:`int8_columns`, read from :data:`INT8_FILE` where the model folder has it;
+            ONNX Runtime's ``DynamicQuantizeMatMul``), ~3x faster and
             within :data:`.local.INT8_TOLERANCE` of the float32 vectors. Each text is then encoded
             alone: the activations are quantized with one scale per call, so a text in a
             batch would get a vector that depends on the other texts.
@@ -109,13 +168,17 @@ class OnnxBertEncoder(BertEncoder):
         super().__init__(model_dir, **options)
 
     # the checkpoint's float16 tensors are handed over as they are, widened and transposed by
-    # ONNX Runtime as it loads the graph (constant folding, outside the GIL): on the first
-    # answer, the model loads beside the Chroma import on another thread
+    # ONNX Runtime as it loads the graph (constant folding, outside the GIL; the embedding
+    # tables' rows are widened as they are picked, on each run): on the first answer, the
+    # model loads beside the Chroma import on another thread
     widens_float16 = True
 
     def _load(self, weights: dict[str, Array]) -> None:
+        quantized = None
+        if self.int8:
+            quantized = read_int8_layer_matrices(self.model_dir, weights, self.layers)
         graph = _Graph()
-        self._output = self._build(graph, weights)
+        self._output = self._build(graph, weights, quantized)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -134,22 +197,45 @@ class OnnxBertEncoder(BertEncoder):
         pooled: Array = self._session.run([self._output], {"input_ids": ids, "mask": mask})[0]
         return pooled
 
-    def _build(self, g: _Graph, weights: dict[str, Array]) -> str:
-        """The forward pass as ONNX operators; returns the pooled output's name."""
+    def _build(
+        self, g: _Graph, weights: dict[str, Array], quantized: dict[str, Array] | None = None
+    ) -> str:
+        """The forward pass as ONNX operators; returns the pooled output's name. The 8-bit
+        form takes the layers' matrices from ``quantized`` (:func:`int8_layer_matrices`), or
+        without it quantizes them in the graph."""
         hidden, heads, eps = self.dimension, self.heads, self.eps
         head_dim = hidden // heads
 
+        def int8_columns_in_graph(matrix: Array) -> tuple[str, str]:
+            """:func:`int8_columns` as operators on a constant, which ONNX Runtime computes
+            (folds) as it loads the graph, outside the GIL (numpy's ~50 ms took ~250 ms on
+            the first answer, beside the import of Chroma): the same numbers, as each step
+            is exact or correctly rounded in float32 and both round halves to even."""
+            rows = g.weight(matrix)  # float32 (a float16 matrix widened)
+            largest = g.op("ReduceMax", g.op("Abs", rows), axes=[1], keepdims=0)
+            scales = g.op("Div", largest, g.constant(127.0))
+            zero = g.op("Equal", scales, g.constant(0.0))
+            scales = g.op("Where", zero, g.constant(1.0), scales)
+            column = g.op("Unsqueeze", scales, g.constant([1], np.int64))
+            rounded = g.op("Round", g.op("Div", rows, column))
+            quantized = g.op("Cast", rounded, to=onnx_format.INT8)
+            return g.op("Transpose", quantized, perm=[1, 0]), scales
+
         def linear(x: str, w: dict[str, Array], name: str) -> str:
-            if self.int8:
-                columns, scales = int8_columns(w[name])
-                no_offsets = g.weight(np.zeros(scales.shape, dtype=np.int8))
+            if self.int8:  # ``index``: the layer the loop below is building
+                matrix_name = f"encoder.layer.{index}.{LAYER_MATRICES[name]}.weight"
+                if quantized is not None:
+                    columns = g.weight(quantized[matrix_name])
+                    scales = g.weight(quantized[matrix_name + COLUMN_SCALES])
+                else:
+                    columns, scales = int8_columns_in_graph(w[name])
                 return g.op(
                     "DynamicQuantizeMatMul",
                     x,
-                    g.weight(columns),
-                    g.weight(scales),
-                    no_offsets,
-                    g.weight(w[f"{name}_bias"].astype(np.float32)),
+                    columns,
+                    scales,
+                    "",  # no zero points: the quantization is symmetric
+                    g.weight(w[f"{name}_bias"].astype(np.float32, copy=False)),
                     domain="com.microsoft",
                 )
             # the checkpoint's (out, in) matrix, transposed as the graph loads
@@ -161,12 +247,21 @@ class OnnxBertEncoder(BertEncoder):
                 "LayerNormalization", x, g.weight(weight), g.weight(bias), axis=-1, epsilon=eps
             )
 
+        def rows(table: Array, kind: str, *inputs: str) -> str:
+            """The rows of a table that ``kind`` picks, widened to float32 once picked: the
+            whole table widened as the graph loads would cost more than the rest of the load
+            (the word embeddings are 30522 rows)."""
+            picked = g.op(kind, g.weight(table, widen=False), *inputs)
+            if table.dtype == np.float32:
+                return picked
+            return g.op("Cast", picked, to=onnx_format.FLOAT)
+
         # embeddings: word + position + token type 0, normalised
-        words = g.op("Gather", g.weight(weights["embeddings.word_embeddings.weight"]), "input_ids")
+        words = rows(weights["embeddings.word_embeddings.weight"], "Gather", "input_ids")
         length = g.op("Shape", "input_ids", start=1, end=2)
         zero = g.constant([0], np.int64)
         positions = weights["embeddings.position_embeddings.weight"]
-        positions_used = g.op("Slice", g.weight(positions), zero, length, zero)
+        positions_used = rows(positions, "Slice", zero, length, zero)
         token_type = g.weight(weights["embeddings.token_type_embeddings.weight"][0])
         x = g.op("Add", g.op("Add", words, positions_used), token_type)
         x = layer_norm(

@@ -1,10 +1,11 @@
 """The default local embedder: all-MiniLM-L6-v2 on the CPU, no network, no API key.
 
 The model ships inside this package (``models/all-MiniLM-L6-v2`` next to this file: the
-tokenizer, the config and the weights with float16 matrices, 45 MB), so nothing is downloaded
-and neither torch nor sentence-transformers is needed. It runs on ONNX Runtime (numpy where
-ONNX Runtime is missing), is loaded lazily, on the first ``embed``, once per process, and is
-shared by every :class:`LocalEmbedder` naming the same model.
+tokenizer, the config and the weights with float16 matrices, 45 MB, and the layers' matrices
+already quantized for the 8-bit form, 11 MB, ``scripts/quantize_model.py``), so nothing is
+downloaded and neither torch nor sentence-transformers is needed. It runs on ONNX Runtime
+(numpy where ONNX Runtime is missing), is loaded lazily, on the first ``embed``, once per
+process, and is shared by every :class:`LocalEmbedder` naming the same model.
 
 By default (``backend="onnx-int8"``) the layers' matrix products run in 8-bit integers, ~3x
 faster, with vectors within :data:`INT8_TOLERANCE` of the original's (see
