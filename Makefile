@@ -64,7 +64,8 @@ test: $(STAMP) $(STAMP2)
 	$(PY2) -m pytest -q -m "(openai2 or openai_client) and not sentence_transformers"
 
 test-torch: $(STAMP_TORCH)
-	$(PY_TORCH) -m pytest -q -m sentence_transformers
+	# only the files with such tests: the others import extras .venv-torch does not install
+	$(PY_TORCH) -m pytest -q -m sentence_transformers tests/test_embeddings.py tests/test_install.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
