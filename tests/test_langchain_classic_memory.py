@@ -320,3 +320,40 @@ def test_a_store_written_memory_is_recalled(make_memory, db_path, model) -> None
         recall_only = make_memory(llm=None)
     loaded = recall_only.load_memory_variables({"input": "Any food allergies?"})
     assert '"Is allergic to peanuts"' in loaded["memories"]
+
+
+def test_an_agent_executor_with_intermediate_steps_saves_its_answer(
+    openai_server, scripted, make_memory
+) -> None:
+    """An AgentExecutor that returns its intermediate steps has two outputs; the answer is
+    "output", as LangChain's own memories take it, and the run does not fail after the fact."""
+    from langchain_classic.agents import AgentExecutor, create_tool_calling_agent
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"It is sunny in {city}."
+
+    memory = make_memory()
+    prompt = ChatPromptTemplate.from_messages(
+        [
+            ("system", "{memories}"),
+            ("human", "{input}"),
+            MessagesPlaceholder("agent_scratchpad"),
+        ]
+    )
+    llm = chat_model(openai_server)
+    executor = AgentExecutor(
+        agent=create_tool_calling_agent(llm, [get_weather], prompt),
+        tools=[get_weather],
+        memory=memory,
+        return_intermediate_steps=True,
+    )
+    openai_server.script(Reply.tool_call("get_weather", {"city": "Lyon"}), "Sunny in Lyon today.")
+    result = executor.invoke({"input": "I prefer Python for APIs. Weather in Lyon?"})
+    assert result["output"] == "Sunny in Lyon today." and len(result["intermediate_steps"]) == 1
+    assert memory.memory.flush(30)
+    assert [m.text for m in memory.memory.get_all()] == ["Prefers Python for backend work"]
+    extraction = next(r.body for r in openai_server.requests if is_extraction(r.body))
+    assert "Sunny in Lyon today." in extraction["messages"][1]["content"]

@@ -79,7 +79,8 @@ class HeadroomMemory(BaseMemory):
         llm: The LangChain chat model that extracts memories in the background.
         memory_key: The prompt variable the memories fill (default ``"memories"``).
         input_key / output_key: Which input and output hold the exchange (default: the only
-            one there is).
+            one there is; among several outputs, ``"output"``, as LangChain's memories pick
+            it, e.g. an ``AgentExecutor``'s answer beside its ``intermediate_steps``).
         return_messages: Return a list of messages instead of a string.
         top_k: Memories recalled at most.
         untrusted_context: The chain's prompt holds text the user did not write (retrieved
@@ -193,6 +194,8 @@ class HeadroomMemory(BaseMemory):
     def _text(self, values: dict[str, Any], key: str | None, what: str) -> str:
         if key is None:
             keys = [k for k in values if k not in (self.memory_key, "stop")]
+            if what == "output" and len(keys) > 1 and "output" in keys:
+                keys = ["output"]  # an AgentExecutor's answer beside its intermediate_steps
             if len(keys) != 1:
                 raise ValueError(
                     f"HeadroomMemory cannot tell which {what} holds the exchange among "

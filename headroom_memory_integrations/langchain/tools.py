@@ -5,18 +5,20 @@ No ``from __future__ import annotations`` here: LangChain reads the tool functio
 at run time, and they refer to local values (the ``limit`` bound).
 """
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from langchain.tools import ToolRuntime
+from langchain_core.messages import BaseMessage, ToolMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import Field
 
 from ..embeddings import Embedder
-from ..engine import MAX_TEXT_CHARS, MemoryStore
+from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
 from ..errors import InvalidInputError, MemoryNotFoundError
 from ..grounding import grounded
 from ..jobs import user_tag
@@ -37,6 +39,7 @@ __all__ = [
 ]
 
 CategoryName = Literal["preference", "fact", "context"]
+_DEFAULT_LIMIT = 5  # memories search_memory returns when the model gives no limit
 
 _SEARCH_DESCRIPTION = (
     "Search the long-term memories about the current user (preferences, facts about them, "
@@ -171,8 +174,17 @@ def create_search_memory_tool(
             :class:`MemoryScope`); without ``user_id`` or ``memory``, each run's user.
         scope: A :class:`MemoryScope` shared with other tools, instead of the above.
         name: The tool's name.
-        max_results: The most results the model may ask for.
+        max_results: The most results the model may ask for (1 to 1,000); it also caps the
+            default ``limit`` of 5.
+
+    Raises:
+        InvalidInputError: ``max_results`` is not an integer from 1 to 1,000.
     """
+    if isinstance(max_results, bool) or not isinstance(max_results, int):
+        raise InvalidInputError(f"max_results must be an integer, got {max_results!r}")
+    if not 1 <= max_results <= MAX_TOP_K:
+        raise InvalidInputError(f"max_results must be from 1 to {MAX_TOP_K}, got {max_results}")
+    default_limit = min(_DEFAULT_LIMIT, max_results)
     users = _scope(
         scope, user_id=user_id, memory=memory, db_path=db_path, storage=storage, embedder=embedder
     )
@@ -181,7 +193,7 @@ def create_search_memory_tool(
         query: Annotated[str, Field(description="What to look for, in a few words.")],
         limit: Annotated[
             int, Field(ge=1, le=max_results, description="How many memories at most.")
-        ] = 5,
+        ] = default_limit,
         *,
         config: RunnableConfig,
         runtime: ToolRuntime[Any, Any] = None,  # type: ignore[assignment]  # injected in agents
@@ -287,9 +299,7 @@ def _check_grounded(store: MemoryStore, action: str, content: str | None, runtim
     without such text, or a tool called outside an agent, is not checked."""
     if action not in ("create", "update") or content is None:
         return
-    state = getattr(runtime, "state", None)
-    found = state.get("messages") if isinstance(state, Mapping) else None
-    messages = found if isinstance(found, list) else []
+    messages = _state_messages(getattr(runtime, "state", None))
     outside = fetches_outside_text({"messages": messages})
     if not outside and not any(is_tool_result(message) for message in messages):
         return
@@ -305,6 +315,40 @@ def _check_grounded(store: MemoryStore, action: str, content: str | None, runtim
         "attached documents: a memory must come from the user, not from a document or a "
         "tool's output"
     )
+
+
+def _state_messages(state: Any) -> list[BaseMessage]:
+    """The messages of a graph state, wherever the graph keeps them: ``create_agent``'s
+    ``state["messages"]``, a ``ToolNode(messages_key="chat_history")`` key, the fields of a
+    Pydantic or dataclass state, or a list of messages (a ``ToolNode`` run on a list). Every
+    list at the top of the state is read, and its messages kept (message dicts converted; one
+    LangChain cannot read counts as a tool result): a conversation kept under another name
+    must not pass for one without tool results."""
+    if isinstance(state, (list, tuple)):
+        values: list[Any] = [state]
+    elif isinstance(state, Mapping):
+        values = list(state.values())
+    elif dataclasses.is_dataclass(state) and not isinstance(state, type):
+        values = [getattr(state, f.name, None) for f in dataclasses.fields(state)]
+    else:
+        values = list(getattr(state, "__dict__", {}).values())  # a Pydantic model, an object
+    messages: list[BaseMessage] = []
+    for value in values:
+        if not isinstance(value, (list, tuple)):
+            continue
+        for item in value:
+            if isinstance(item, BaseMessage):
+                messages.append(item)
+            elif (
+                isinstance(item, Mapping)
+                and "content" in item
+                and ("role" in item or "type" in item)
+            ):
+                try:
+                    messages += convert_to_messages([dict(item)])
+                except Exception:  # a message LangChain cannot read: count it as untrusted
+                    messages.append(ToolMessage(content=message_text(item), tool_call_id=""))
+    return messages
 
 
 def _manage(
