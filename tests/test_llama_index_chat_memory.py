@@ -391,3 +391,75 @@ def test_memories_that_cannot_be_reopened_are_refused_by_to_dict(db_path, llm) -
     block = HeadroomMemoryBlock(user_id="alice", db_path=db_path, embedder=HashEmbedder(), llm=llm)
     with pytest.raises(Exception, match="would not find its memories"):
         block.model_dump()
+
+
+def test_pickles_with_a_tokenizer_that_does_not_pickle_as_chat_memory_buffer_does(
+    new_buffer,
+) -> None:
+    # ChatMemoryBuffer leaves out a tokenizer_fn that cannot be pickled (a lambda, a local
+    # function) and its copy counts with the default tokenizer, as one rebuilt by from_dict
+    import pickle
+
+    def by_words(text: str) -> list[str]:
+        return text.split()
+
+    plain = ChatMemoryBuffer.from_defaults(token_limit=500, tokenizer_fn=by_words)
+    memory = new_buffer(token_limit=500, tokenizer_fn=by_words, chat_store_key="alice-chat")
+    for each in (plain, memory):
+        each.put(ChatMessage(role="user", content="Hello"))
+        each.put(ChatMessage(role="assistant", content="Hi!"))
+    plain_copy = pickle.loads(pickle.dumps(plain))
+    copy = pickle.loads(pickle.dumps(memory))
+    assert isinstance(copy, HeadroomChatMemoryBuffer)
+    assert type(copy.tokenizer_fn) is type(plain_copy.tokenizer_fn)  # the default one
+    assert copy.tokenizer_fn("one two") == plain_copy.tokenizer_fn("one two")
+    assert (copy.token_limit, copy.chat_store_key) == (500, "alice-chat")
+    assert contents(copy.get()) == contents(plain_copy.get()) == "Hello\nHi!"
+
+    kept = new_buffer(tokenizer_fn=str.split)  # one that pickles is kept
+    assert pickle.loads(pickle.dumps(kept)).tokenizer_fn("one two") == ["one", "two"]
+
+
+def test_an_input_that_is_not_text_is_ignored_as_chat_memory_buffer_ignores_it(
+    new_buffer,
+) -> None:
+    # ChatMemoryBuffer never reads ``input``: get(500) (an initial token count passed by
+    # position, as LlamaIndex's own tests do) returns the history; the memories are then those
+    # of the latest user message
+    plain = ChatMemoryBuffer.from_defaults(token_limit=1000)
+    memory = new_buffer(token_limit=1000)
+    memory.memory.add(FACT, category="preference")
+    for each in (plain, memory):
+        each.put(ChatMessage(role="user", content=QUESTION))
+    for got, expected in [
+        (memory.get(500), plain.get(500)),
+        (asyncio.run(memory.aget(500)), asyncio.run(plain.aget(500))),
+    ]:
+        assert [m.content for m in got if m.role.value != "system"] == [QUESTION]
+        assert [m.content for m in expected] == [QUESTION]
+        assert got[0].role.value == "system" and FACT in got[0].content
+
+
+@pytest.mark.parametrize(
+    ("make", "typo", "meant"),
+    [
+        (lambda **kw: HeadroomMemoryBlock(user_id="alice", **kw), "dbpath", "db_path"),
+        (
+            lambda **kw: HeadroomChatMemoryBuffer(user_id="alice", token_limit=99, **kw),
+            "top_l",
+            "top_k",
+        ),
+    ],
+)
+def test_a_misspelt_keyword_is_refused_and_opens_nothing(
+    make, typo: str, meant: str, tmp_path, monkeypatch
+) -> None:
+    """pydantic drops unknown fields: ``dbpath=`` would keep the memories in the default
+    folder instead of where the user asked."""
+    default = tmp_path / "default-store"
+    monkeypatch.setenv("HEADROOM_MEMORY_DB", str(default))
+    with pytest.raises(
+        TypeError, match=f"unexpected keyword argument '{typo}'; did you mean '{meant}'"
+    ):
+        make(**{typo: str(tmp_path / "asked")})
+    assert not default.exists() and not (tmp_path / "asked").exists()

@@ -110,3 +110,43 @@ def test_memory_with_the_block_pickles_and_recalls(new_memory, llm) -> None:
     assert isinstance(block._extraction_llm, ScriptedLLM) and block.user_id == "alice"
     seen = ask("simple", llm, again, QUESTION, "sync")
     assert f"{RECALLED} {FACT}" in seen.text
+
+
+def test_an_agent_asking_again_in_the_same_turn_gets_the_same_memories(new_memory, llm) -> None:
+    # FunctionAgent asks Memory again after its tool calls (aget(input=the user's message)):
+    # by then the block has learnt that message, which must not come back as a memory "from
+    # an earlier conversation", nor change the prompt within the turn
+    memory = new_memory()
+    block = block_of(memory)
+    block.memory.add("I work at a fintech startup", category="fact")
+
+    async def turn(text: str) -> tuple[str, str]:
+        await memory.aput(ChatMessage(role="user", content=text))
+        first = await memory.aget()
+        flush(block.memory)  # the background extraction of the message is done
+        again = await memory.aget(input=text)
+        return contents_of_system(first), contents_of_system(again)
+
+    first, again = asyncio.run(turn(FACT))
+    assert again == first and FACT not in again
+    assert llm.brain.extractions == 1
+    assert [m.text for m in block.memory.get_all() if m.text == FACT] == [FACT]
+
+    # the next message is a new turn: what was learnt from the previous one is recalled
+    question = "Which language should I pick for backend services?"
+    first, again = asyncio.run(turn(question))
+    assert FACT in first and again == first
+
+    # a tool run in the turn changes or forgets memories: the turn's next call sees it
+    async def ask_again() -> str:
+        return contents_of_system(await memory.aget(input=question))
+
+    (python,) = [m for m in block.memory.get_all() if m.text == FACT]
+    block.memory.update(python.id, "I prefer Go for backend work")
+    assert "Go for backend" in asyncio.run(ask_again()) and FACT not in asyncio.run(ask_again())
+    block.memory.clear()
+    assert asyncio.run(ask_again()) == ""
+
+
+def contents_of_system(messages: list[ChatMessage]) -> str:
+    return "\n".join(str(m.content) for m in messages if m.role.value == "system")

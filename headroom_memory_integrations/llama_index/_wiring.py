@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any
 
 from llama_index.core.llms import LLM
+from pydantic import BaseModel
 
 from ..embeddings import Embedder
 from ..engine import MemoryStore
@@ -17,6 +19,7 @@ from ..writer import BackgroundExtractor
 from ._extract import llm_completer
 
 PathLike = str | os.PathLike[str]
+_NOT_FIELDS = ("memory", "storage", "embedder", "llm", "queue_path")  # the classes' other keywords
 
 
 def path_text(path: PathLike | None) -> str | None:
@@ -24,9 +27,20 @@ def path_text(path: PathLike | None) -> str | None:
     return None if path is None else os.fspath(path)
 
 
-def memory_fields(memory: MemoryStore | None, data: dict[str, Any]) -> dict[str, Any]:
-    """The pydantic fields of a memory class that learns in the background: ``user_id`` taken
-    from ``memory`` when given, ``db_path`` as text."""
+def memory_fields(
+    owner: type[BaseModel], memory: MemoryStore | None, data: dict[str, Any]
+) -> dict[str, Any]:
+    """The pydantic fields of ``owner``, a memory class that learns in the background:
+    ``user_id`` taken from ``memory`` when given, ``db_path`` as text. A name that is no field
+    of it is refused, as Python refuses an unknown keyword (pydantic would drop it silently,
+    and ``dbpath=`` would keep memories where the user did not ask)."""
+    unknown = sorted(set(data) - set(owner.model_fields))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], [*owner.model_fields, *_NOT_FIELDS], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(
+            f"{owner.__name__}() got an unexpected keyword argument {unknown[0]!r}{hint}"
+        )
     if memory is not None:
         data.setdefault("user_id", memory.user_id)
     data["db_path"] = path_text(data.get("db_path"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,8 @@ from ._messages import (
     user_index,
 )
 from ._wiring import PathLike, Pickled, background_flow, check_saveable, memory_fields
+
+log = logging.getLogger("headroom_memory_integrations")
 
 
 class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
@@ -130,7 +134,7 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
         queue_path: PathLike | None = None,
         **data: Any,
     ) -> None:
-        super().__init__(**memory_fields(memory, data))
+        super().__init__(**memory_fields(type(self), memory, data))
         self._flow = background_flow(
             self, memory, storage=storage, embedder=embedder, llm=llm, queue_path=queue_path
         )
@@ -146,6 +150,13 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
         """What a pickle holds (see ``Pickled``): the fields (the short-term history's store
         included), ``llm`` and ``queue_path``."""
         fields = {name: getattr(self, name) for name in type(self).model_fields}
+        try:
+            pickle.dumps(self.tokenizer_fn)
+        except Exception:
+            # as LlamaIndex pickles ChatMemoryBuffer (and as to_dict, which never writes it):
+            # the copy counts with the default tokenizer
+            log.warning("Removing unpickleable attribute tokenizer_fn")
+            del fields["tokenizer_fn"]
         return {**fields, "llm": self._extraction_llm, "queue_path": self._queue_path}
 
     @field_serializer("chat_store")  # the base class's name: this replaces its serializer
@@ -254,7 +265,10 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
         self, input: str | ChatMessage | None = None, initial_token_count: int = 0, **kwargs: Any
     ) -> list[ChatMessage]:
         """The recent history within ``token_limit``, with the relevant memories."""
+        # ChatMemoryBuffer never reads ``input``: anything but text or a message is ignored
         asked = text_of(input) if isinstance(input, ChatMessage) else input
+        if not isinstance(asked, str):
+            asked = None
         stored = self.get_all()
         query = asked if asked and asked.strip() else latest_user_text(stored)
         turn = self._flow.start(query, instruct=False)

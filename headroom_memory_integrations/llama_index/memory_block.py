@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage
@@ -18,6 +21,18 @@ from ..storage import Storage
 from ._messages import latest_user_text
 from ._wiring import PathLike, Pickled, background_flow, check_saveable, memory_fields
 
+_Shown = tuple[tuple[str, datetime, str], ...]  # memories as (id, last changed, text)
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """A session's latest user message, the memories recalled for it, and those memories as
+    they were then."""
+
+    text: str
+    prompt: str
+    shown: _Shown | None  # None: they could not be read
+
 
 class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
     """The user's long-term memory as a block of ``llama_index.core.memory.Memory``.
@@ -31,9 +46,13 @@ class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
     returns the memories relevant to it (the core's escaped context) for ``Memory`` to put in
     its system message. Each user message is learnt from once, as soon as it is asked, so the
     last turn of a session is not lost; the assistant's answers are not needed, since only
-    what users say about themselves is remembered. Messages ``Memory`` flushes later are
-    ignored (they were learnt from already), and so is history that was never the latest
-    message of an ``aget`` (``chat_history=``, ``set``).
+    what users say about themselves is remembered. Asked again for the same message (an agent
+    asks after each tool call), the block returns the memories it returned the first time, so
+    the prompt stays the same within a turn and what was just learnt from the message is not
+    shown back as if from an earlier conversation; when one of those memories was deleted or
+    changed meanwhile (a tool that forgets), it recalls anew. Messages ``Memory`` flushes
+    later are ignored (they were learnt from already), and so is history that was never the
+    latest message of an ``aget`` (``chat_history=``, ``set``).
 
     Setup::
 
@@ -62,10 +81,13 @@ class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
             user's own words.
         name / priority: As for every block (priority 0: never truncated).
 
-    Serialized (``Memory.to_dict``), the block writes ``user_id`` and ``db_path`` as the
-    absolute folder or server URL of the memories; it refuses to serialize memories that
-    could not be opened again from those (a custom embedder or storage object). Pickled, it
-    holds the same, its ``llm`` and ``queue_path``, and is refused in the same cases.
+    Serialized (``block.model_dump()``), the block writes ``user_id`` and ``db_path`` as the
+    absolute folder or server URL of the memories (``HeadroomMemoryBlock(**saved, llm=llm)``
+    opens them again); it refuses to serialize memories that could not be opened again from
+    those (a custom embedder or storage object). ``Memory.to_dict()`` writes only the fields
+    every block has (``name``, ``description``, ``priority``, ``accept_short_term_memory``),
+    for this block as for LlamaIndex's own. Pickled, the block holds what ``model_dump``
+    writes, its ``llm`` and ``queue_path``, and is refused in the same cases.
     """
 
     name: str = Field(default="user_memories", description="The name of the memory block.")
@@ -82,7 +104,7 @@ class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
     _extraction_llm: LLM | None = PrivateAttr(default=None)
     _queue_path: PathLike | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _learnt: dict[str | None, str] = PrivateAttr(default_factory=dict)  # session -> message
+    _asked: dict[str | None, _Asked] = PrivateAttr(default_factory=dict)  # session -> its latest
 
     def __init__(
         self,
@@ -94,7 +116,7 @@ class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
         queue_path: PathLike | None = None,
         **data: Any,
     ) -> None:
-        super().__init__(**memory_fields(memory, data))
+        super().__init__(**memory_fields(type(self), memory, data))
         self._flow = background_flow(
             self, memory, storage=storage, embedder=embedder, llm=llm, queue_path=queue_path
         )
@@ -124,14 +146,43 @@ class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
         return await asyncio.to_thread(self._recall, asked, block_kwargs.get("session_id"))
 
     def _recall(self, asked: str, session: str | None) -> str:
-        turn = self._flow.start(asked, instruct=False)
         with self._lock:
-            new = turn.user_text is not None and self._learnt.get(session) != turn.user_text
-            if new and turn.user_text is not None:
-                self._learnt[session] = turn.user_text
+            latest = self._asked.get(session)
+        if latest is not None and latest.text == asked.strip() and self._unchanged(latest):
+            # the same turn asks again (an agent after its tool calls): the same memories, not
+            # the ones learnt since from this very message, which the model would be shown as
+            # if from an earlier conversation (and a prompt that changes within a turn). Unless
+            # one of them was deleted or changed meanwhile (a tool that forgets): then anew.
+            return latest.prompt
+        turn = self._flow.start(asked, instruct=False)
+        if turn.user_text is None:
+            return ""
+        now = _Asked(turn.user_text, turn.prompt or "", self._as_now(turn.injected.values()))
+        with self._lock:
+            latest = self._asked.get(session)
+            new = latest is None or latest.text != now.text
+            self._asked[session] = now
         if new:
             self._flow.finish(turn, None)  # the user's message, extracted in the background
-        return turn.prompt or ""
+        return now.prompt
+
+    def _as_now(self, memory_ids: Iterable[str]) -> _Shown | None:
+        """The memories with these ids as they are now (None when one is gone or they cannot
+        be read)."""
+        ids = set(memory_ids)
+        try:
+            found = self.memory.get_many(sorted(ids)) if ids else []
+        except Exception:
+            return None
+        if {m.id for m in found} != ids:
+            return None
+        return tuple(sorted((m.id, m.updated_at, m.text) for m in found))
+
+    def _unchanged(self, asked: _Asked) -> bool:
+        """Whether the memories recalled for ``asked`` are all still there, unchanged."""
+        if asked.shown is None:
+            return False
+        return self._as_now(shown[0] for shown in asked.shown) == asked.shown
 
     async def _aput(self, messages: list[ChatMessage]) -> None:
         """Flushed messages: already learnt from when they were asked (see the class)."""
