@@ -271,6 +271,11 @@ def clean_text(text: object, what: str = "memory text") -> str:
         ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs")
     ).strip()
     if not cleaned:
+        if text.strip():  # e.g. a lone surrogate, which no encoding can store
+            raise InvalidInputError(
+                f"{what} holds only control characters or unpaired surrogates, which are "
+                "removed: nothing is left to store"
+            )
         raise InvalidInputError(f"{what} is empty")
     if len(cleaned) > MAX_TEXT_CHARS:
         raise InvalidInputError(
@@ -329,6 +334,17 @@ def _check_top_k(top_k: object) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
         raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
     return top_k
+
+
+def _check_min_score(min_score: object) -> float:
+    """A relevance floor: a finite number (NaN would let every memory through or none)."""
+    if (
+        isinstance(min_score, bool)
+        or not isinstance(min_score, numbers.Real)
+        or not math.isfinite(min_score)
+    ):
+        raise InvalidInputError(f"min_score must be a finite number, got {min_score!r}")
+    return float(min_score)
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -412,7 +428,7 @@ class MemoryStore(WritePath):
             raise InvalidInputError("pass db_path or storage, not both")
         self.storage = storage if storage is not None else resolve_storage(db_path)
         self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
-        self.min_score = float(min_score)
+        self.min_score = _check_min_score(min_score)
         self.duplicate_threshold = duplicate_threshold
         self._collection: UserCollection | None = None
         self._query_cache: OrderedDict[str, Vectors] = OrderedDict()
@@ -532,7 +548,7 @@ class MemoryStore(WritePath):
         query = clean_text(query, "query")
         top_k = _check_top_k(top_k)
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
-        base = self.min_score if min_score is None else float(min_score)
+        base = self.min_score if min_score is None else _check_min_score(min_score)
         vector, collection = self._embed_opening(lambda: self._query_vector(query), searching=True)
         centred = centred_query(vector, collection.centroid())
         limit = max(SEARCH_CANDIDATES, top_k * _CATEGORY_OVERFETCH)

@@ -154,6 +154,7 @@ def test_duplicate_check_can_be_turned_off(db_path, model) -> None:
     [
         (lambda s: s.add(""), "empty"),
         (lambda s: s.add("   \n\t "), "empty"),
+        (lambda s: s.add("\ud800 \x00"), "only control characters or unpaired surrogates"),
         (lambda s: s.add("x" * (MAX_TEXT_CHARS + 1)), f"maximum is {MAX_TEXT_CHARS}"),
         (lambda s: s.add(42), "must be a string"),
         (lambda s: s.add("ok", category="hobby"), "'preference', 'fact', 'context'"),
@@ -163,6 +164,8 @@ def test_duplicate_check_can_be_turned_off(db_path, model) -> None:
         (lambda s: s.add("ok", source="telepathy"), "unknown source"),
         (lambda s: s.search(""), "query is empty"),
         (lambda s: s.search("ok", top_k=0), "top_k"),
+        (lambda s: s.search("ok", min_score=float("nan")), "min_score must be a finite number"),
+        (lambda s: s.search("ok", min_score="0.3"), "min_score must be a finite number"),
         (lambda s: s.search("ok", categories=["nope"]), "valid categories"),
         (lambda s: s.add_many([{"txt": "typo"}]), "takes 'text'"),
     ],
@@ -187,6 +190,12 @@ def test_one_bad_item_in_a_batch_stores_nothing(hash_store: MemoryStore) -> None
     with pytest.raises(InvalidInputError):
         hash_store.add_many(["fine", "also fine", ""])
     assert hash_store.count() == 0
+
+
+@pytest.mark.parametrize("min_score", [float("nan"), float("inf"), True, None])
+def test_a_store_refuses_a_floor_that_is_not_a_number(db_path, min_score) -> None:
+    with pytest.raises(InvalidInputError, match="min_score must be a finite number"):
+        MemoryStore("alice", db_path=db_path, min_score=min_score)
 
 
 @pytest.mark.parametrize("user_id", ["", "   ", None, 7])
