@@ -47,7 +47,7 @@ def measure(mode: str, args: dict[str, Any]) -> dict[str, Any]:
     import headroom_memory_integrations as hmi
 
     imported = ms()
-    result: dict[str, Any] = {"import_ms": imported}
+    result: dict[str, Any] = {"import_ms": imported, "package": hmi.__file__}
     if mode == "search":
         store = hmi.MemoryStore(args["user"], db_path=args["db"])
         found = store.search(args["query"])

@@ -405,12 +405,15 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "ANONYMIZED_TELEMETRY": "False", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def run_python(arguments: list[str], show_log: bool = False) -> dict[str, Any]:
-    """Run this Python with ``arguments`` in the repository root; return the JSON object it
-    prints last, plus ``wall_ms`` (spawn to exit). ``show_log`` passes its stderr through."""
+def run_python(
+    arguments: list[str], show_log: bool = False, python: Path | None = None
+) -> dict[str, Any]:
+    """Run this Python (or ``python``) with ``arguments`` in the repository root; return the
+    JSON object it prints last, plus ``wall_ms`` (spawn to exit). ``show_log`` passes its
+    stderr through."""
     start = clock()
     done = subprocess.run(
-        [sys.executable, *arguments],
+        [str(python or sys.executable), *arguments],
         stdout=subprocess.PIPE,
         stderr=None if show_log else subprocess.PIPE,
         text=True,
@@ -426,9 +429,10 @@ def run_python(arguments: list[str], show_log: bool = False) -> dict[str, Any]:
     return result
 
 
-def run_child(mode: str, **arguments: Any) -> dict[str, Any]:
-    """One measurement of ``benchmarks/child.py`` in a fresh interpreter."""
-    return run_python([str(CHILD), mode, json.dumps(arguments)])
+def run_child(mode: str, python: Path | None = None, **arguments: Any) -> dict[str, Any]:
+    """One measurement of ``benchmarks/child.py`` in a fresh interpreter (of ``python``, default
+    this one)."""
+    return run_python([str(CHILD), mode, json.dumps(arguments)], python=python)
 
 
 def free_port() -> int:
