@@ -336,7 +336,7 @@ def _check_top_k(top_k: object) -> int:
     return top_k
 
 
-def _check_min_score(min_score: object) -> float:
+def check_min_score(min_score: object) -> float:
     """A relevance floor: a finite number (NaN would let every memory through or none)."""
     if (
         isinstance(min_score, bool)
@@ -428,7 +428,7 @@ class MemoryStore(WritePath):
             raise InvalidInputError("pass db_path or storage, not both")
         self.storage = storage if storage is not None else resolve_storage(db_path)
         self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
-        self.min_score = _check_min_score(min_score)
+        self.min_score = check_min_score(min_score)
         self.duplicate_threshold = duplicate_threshold
         self._collection: UserCollection | None = None
         self._query_cache: OrderedDict[str, Vectors] = OrderedDict()
@@ -548,7 +548,7 @@ class MemoryStore(WritePath):
         query = clean_text(query, "query")
         top_k = _check_top_k(top_k)
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
-        base = self.min_score if min_score is None else _check_min_score(min_score)
+        base = self.min_score if min_score is None else check_min_score(min_score)
         vector, collection = self._embed_opening(lambda: self._query_vector(query), searching=True)
         centred = centred_query(vector, collection.centroid())
         limit = max(SEARCH_CANDIDATES, top_k * _CATEGORY_OVERFETCH)

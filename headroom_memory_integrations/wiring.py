@@ -21,6 +21,7 @@ from .engine import (
     DEFAULT_DUPLICATE_THRESHOLD,
     DEFAULT_MIN_SCORE,
     MemoryStore,
+    check_min_score,
     resolve_storage,
     validate_user_id,
 )
@@ -180,9 +181,9 @@ class UserStores:
         embedder: Embedder | None = None,
         min_score: float = DEFAULT_MIN_SCORE,
     ) -> None:
+        self.min_score = check_min_score(min_score)
         self.storage = open_storage(db_path, storage)
         self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
-        self.min_score = float(min_score)
         self._stores: OrderedDict[str, MemoryStore] = OrderedDict()  # least recent first
         self._lock = threading.Lock()
 

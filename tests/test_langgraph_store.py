@@ -436,3 +436,11 @@ def test_a_state_graph_compiled_with_the_store(db_path, model) -> None:
         ("alice",),
         ("carol",),
     ]
+
+
+@pytest.mark.parametrize("min_score", [float("nan"), "0.3"])
+def test_a_floor_that_is_not_a_number_is_refused_at_once(db_path, model, min_score) -> None:
+    """Not at the first search of some user, later: the store is refused as it is made."""
+    with pytest.raises(InvalidInputError, match="min_score must be a finite number"):
+        HeadroomStore(db_path=db_path, embedder=model, min_score=min_score)
+    assert not db_path.exists() or not any(db_path.iterdir())
