@@ -13,15 +13,18 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   ("Works at Stripe as an engineer"), names spelled as one word or an acronym ("VS Code" =
   "VSCode", "New York City" = "NYC"), or fewer words ("Enjoys jazz" after "Enjoys jazz
   music"; but fewer numbers or dates is an update: "every week" after "every two weeks").
-  A reworded text counts only if it is at least ``duplicate_threshold`` similar and changes no
-  number, date, name, negation or tense.
+  A word replaced by another is never a duplicate, however similar the texts.
 - :attr:`Relation.UPDATE`: the same statement with a changed value, which makes the old one
   no longer current: a number, date or time ("daughter is 7" -> "9"), a negation or tense
   ("is allergic" -> "is not allergic", "likes" -> "dislikes", "is unpaid" -> "was paid"),
-  more detail ("Has a dog" -> "Has a dog named Max"), a word that announces a change ("now",
-  "moved", "finished", "cancelled", "married"), or a new value of something a person has one
-  of: where they live or work, their preference, their favourite, their manager, an
-  attribute stated as "<thing> is <value>" ("Bank is Chase" -> "Bank is Wells Fargo").
+  a word replaced by another in a text at least ``duplicate_threshold`` similar that keeps
+  every number, date, name, negation and tense ("Is left-handed" -> "Is right-handed", 0.958;
+  "Deploys with Docker" -> "Deploys using Docker", 0.988: the embedding cannot tell a
+  synonym from an opposite, so the newer wording supersedes and the older stays in
+  ``history``), more detail ("Has a dog" -> "Has a dog named Max"), a word that announces a
+  change ("now", "moved", "finished", "cancelled", "married"), or a new value of something a
+  person has one of: where they live or work, their preference, their favourite, their
+  manager, an attribute stated as "<thing> is <value>" ("Bank is Chase" -> "Bank is Wells Fargo").
 - :attr:`Relation.DISTINCT`: both can be true: a different subject, i.e. a change before the
   verb ("Teammate 59 ..." vs "Teammate 62 ...", "User's daughter ..." vs "User's son ...";
   a text with no verb or preposition, "fact number 3", is all subject); a second value of
@@ -592,8 +595,9 @@ def relate(
         text_similarity: The two texts' own cosine similarity, when ``similarity`` is that of
             vectors holding more than the texts (a memory's keys and questions, which two
             conversations word differently): asked for only where a rewording is judged.
-        duplicate_threshold: The similarity from which a rewording that changes no number,
-            date, name, negation or tense counts as a duplicate.
+        duplicate_threshold: The similarity from which a text with words replaced, but no
+            number, date, name, negation or tense changed, is the same statement reworded: an
+            update (never a duplicate: the similarity cannot tell a synonym from an opposite).
     """
     if same_wording_key(old) == same_wording_key(new):
         return Relation.DUPLICATE
@@ -638,7 +642,9 @@ def relate(
             or (text_similarity is not None and text_similarity() >= duplicate_threshold)
         )
     ):
-        return Relation.DUPLICATE  # words replaced by others of the same meaning
+        # words replaced by others: a synonym or an opposite, which the similarity cannot
+        # tell apart ("before" / "after" midnight, 0.96): the newer wording supersedes
+        return Relation.UPDATE
     if 2 * change.shared < UPDATE_MIN_SHARED * (len(a) + len(b)):
         return Relation.DISTINCT  # too different to be the same statement
     if announced:

@@ -330,7 +330,8 @@ def check_memory_id(memory_id: object) -> str:
     return memory_id
 
 
-def _check_top_k(top_k: object) -> int:
+def check_top_k(top_k: object) -> int:
+    """How many results a search may return: an integer from 1 to :data:`MAX_TOP_K`."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
         raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
     return top_k
@@ -546,7 +547,7 @@ class MemoryStore(WritePath):
             ``min_score`` is the floor that was applied).
         """
         query = clean_text(query, "query")
-        top_k = _check_top_k(top_k)
+        top_k = check_top_k(top_k)
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
         base = self.min_score if min_score is None else check_min_score(min_score)
         vector, collection = self._embed_opening(lambda: self._query_vector(query), searching=True)

@@ -250,7 +250,8 @@ class WritePath:
         vectors, which hold a memory's keys too (``keyed``: either memory has keys): then,
         where a rewording is judged, the texts' own similarity is used (keys written in two
         conversations differ, and put "Deploys with Docker" and "Deploys using Docker" only
-        ~0.5 apart). Without keys, ``similarity`` already is the texts' own."""
+        ~0.5 apart, where the texts are 0.99). Without keys, ``similarity`` already is the
+        texts' own."""
         if self.duplicate_threshold is None:
             same = same_wording_key(old) == same_wording_key(new)
             return Relation.DUPLICATE if same else Relation.DISTINCT

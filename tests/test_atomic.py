@@ -111,14 +111,14 @@ def test_a_rewording_written_meanwhile_by_another_process_is_reconciled(
 
     def decide_then_race(*args: Any, **kwargs: Any) -> Any:
         decisions = decide(*args, **kwargs)
-        other.add("Deploys using Docker and Kubernetes")
+        other.add("Deploys with Kubernetes and Docker")
         return decisions
 
     monkeypatch.setattr(first, "_consolidate", decide_then_race)
     done = first.remember("Deploys with Docker and Kubernetes")
     assert done.outcome is Outcome.DUPLICATE  # before: stored beside it
-    assert done.memory.text == "Deploys using Docker and Kubernetes"
-    assert [m.text for m in other.get_all()] == ["Deploys using Docker and Kubernetes"]
+    assert done.memory.text == "Deploys with Kubernetes and Docker"
+    assert [m.text for m in other.get_all()] == ["Deploys with Kubernetes and Docker"]
 
 
 @pytest.mark.server

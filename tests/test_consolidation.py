@@ -79,7 +79,7 @@ def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, 
         ("Allergic to shellfish and peanuts", "Allergic to peanuts and shellfish"),
         ("Works at Stripe as a software engineer", "Works as a software engineer at Stripe"),
         ("Lives in New York City", "Lives in NYC"),
-        ("Deploys with Docker and Kubernetes", "Deploys using Docker and Kubernetes"),
+        ("Deploys with Docker and Kubernetes", "Deploys with Kubernetes and Docker"),
         ("Dentist appointment on Tuesday at 3pm", "Dentist appointment on Tuesday at 3 pm"),
         ("Enjoys jazz music", "Enjoys jazz"),
         ("Plans a follow-up visit in May", "Plans a follow up visit in May"),
@@ -91,6 +91,35 @@ def test_a_true_duplicate_is_merged(store: MemoryStore, old: str, new: str) -> N
     done = store.remember(new)
     assert done == Remembered(first, Outcome.DUPLICATE)
     assert store.get_all() == [first]
+
+
+OPPOSITES = [
+    ("Is left-handed", "Is right-handed"),  # cosine 0.958
+    ("Goes to bed before midnight", "Goes to bed after midnight"),  # 0.960
+    ("Earns over 100k a year", "Earns under 100k a year"),  # 0.961
+    ("Keeps insulin below 25 degrees", "Keeps insulin above 25 degrees"),  # 0.981
+    ("Locker is on the top row", "Locker is on the bottom row"),  # 0.962
+    ("Deploys with Docker", "Deploys using Docker"),  # 0.988: a synonym, told the same way
+]
+
+
+@pytest.mark.parametrize(("old", "new"), OPPOSITES)
+def test_a_replaced_word_supersedes_and_is_never_dropped(
+    store: MemoryStore, old: str, new: str
+) -> None:
+    """The model puts an opposite as close as a synonym: a text with a word replaced by
+    another is the newer wording of the statement, never a duplicate."""
+    first = store.remember(old).memory
+    done = store.remember(new)
+    assert done.outcome is Outcome.SUPERSEDED and done.memory.id == first.id
+    assert [m.text for m in store.get_all()] == [new]
+    assert [r.text for r in done.memory.history] == [old]
+    # either way round, and in one batch
+    assert relate(new, old, 0.99, duplicate_threshold=0.95) is Relation.UPDATE
+    batch = MemoryStore(store.user_id + "-batch", storage=store.storage, embedder=store.embedder)
+    outcomes = [d.outcome for d in batch.remember_many([old, new])]
+    assert outcomes == [Outcome.STORED, Outcome.SUPERSEDED]
+    assert [m.text for m in batch.get_all()] == [new]
 
 
 @pytest.mark.parametrize(
@@ -125,13 +154,14 @@ DOCKER_KEYS_LATER = (
 )
 
 
-def test_a_rewording_with_other_keys_is_still_a_duplicate(store: MemoryStore) -> None:
+def test_a_rewording_with_other_keys_still_supersedes(store: MemoryStore) -> None:
     """Stored vectors hold the keys, which put these two ~0.5 apart; the texts' own similarity
-    (0.99) decides the rewording."""
+    (0.99) decides that the new text rewords the old: it supersedes, with its keys."""
     first = store.add("Deploys with Docker and Kubernetes", keys=DOCKER_KEYS)
     done = store.remember("Deploys using Docker and Kubernetes", keys=DOCKER_KEYS_LATER)
-    assert done == Remembered(first, Outcome.DUPLICATE)
-    assert store.count() == 1
+    assert done.outcome is Outcome.SUPERSEDED and done.memory.id == first.id
+    assert [m.text for m in store.get_all()] == ["Deploys using Docker and Kubernetes"]
+    assert [r.text for r in done.memory.history] == ["Deploys with Docker and Kubernetes"]
 
 
 def test_a_correction_with_other_keys_still_supersedes(store: MemoryStore) -> None:
@@ -188,11 +218,11 @@ def test_the_texts_similarity_is_asked_for_only_where_a_rewording_is_judged() ->
 
         return relate(old, new, similarity, duplicate_threshold=0.95, text_similarity=texts_alike)
 
-    assert judged("Deploys with Docker", "Deploys using Docker", 0.5) is Relation.DUPLICATE
+    assert judged("Deploys with Docker", "Deploys using Docker", 0.5) is Relation.UPDATE
     assert judged("Plays guitar", "Plays piano", 0.5) is Relation.DISTINCT
     assert judged("Daughter is 7", "Daughter is 9", 0.5) is Relation.UPDATE  # a value changed
     assert judged("Prefers tea", "prefers tea!", 0.5) is Relation.DUPLICATE  # same wording
-    assert judged("Deploys with Docker", "Deploys using Docker", 0.97) is Relation.DUPLICATE
+    assert judged("Deploys with Docker", "Deploys using Docker", 0.97) is Relation.UPDATE
     assert asked == ["Deploys using Docker", "Plays piano"]
 
 
