@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import unicodedata
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .engine import (
     DEFAULT_MIN_SCORE,
     MemoryStore,
     check_min_score,
+    check_top_k,
     resolve_storage,
     validate_user_id,
 )
@@ -30,6 +32,17 @@ from .flow import MemoryFlow
 from .jobs import Backoff
 from .storage import ChromaStorage, Storage
 from .writer import BackgroundExtractor, queue_path_for, writer_for
+
+
+def check_user_id(user_id: object) -> str:
+    """A user id an application hands an adapter or wrapper: as :class:`MemoryStore` accepts
+    it, and without control characters. LangGraph namespaces map to users joined with
+    ``"\x1f"`` (:class:`~.langchain.store.HeadroomStore`): a run's user holding one could
+    reach into another user's searches there."""
+    user_id = validate_user_id(user_id)
+    if any(unicodedata.category(ch) == "Cc" for ch in user_id):
+        raise InvalidInputError(f"user_id must not hold control characters, got {user_id!r}")
+    return user_id
 
 
 def open_memory(
@@ -64,7 +77,7 @@ def open_memory(
     if user_id is None:
         raise InvalidInputError("pass user_id= (with db_path=, storage= or embedder=) or memory=")
     return MemoryStore(
-        user_id,
+        check_user_id(user_id),
         db_path,
         storage=storage,
         embedder=embedder,
@@ -136,8 +149,7 @@ def build_flow(
     """
     if not inline and extractor is None:
         raise InvalidInputError("background extraction needs an extractor")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
+    top_k = check_top_k(top_k)  # as the searches will: refused now, not on every call
     path = Path(queue_path).expanduser() if queue_path else queue_path_for(memory)
     writer = writer_for(path, backoff=backoff)
     writer.register(memory, extractor)

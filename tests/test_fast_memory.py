@@ -448,3 +448,15 @@ def test_openai_s_stream_helper_has_memory(client, aclient, openai_server, model
 
     assert asyncio.run(ask_async()) == "Python is a fine choice."
     assert f'"{PYTHON["text"]}"' in sent_messages(openai_server)[0]["content"]
+
+
+@pytest.mark.parametrize("top_k", [0, 1001])
+def test_a_top_k_searches_cannot_take_is_refused_at_once(openai_server, db_path, model, top_k):
+    """Past the engine's 1,000 every search would fail inside the flow: memory silently off."""
+    from headroom_memory_integrations import InvalidInputError, with_memory
+
+    client = openai_server.client()
+    with pytest.raises(InvalidInputError, match="top_k must be an integer from 1 to 1000"):
+        with_fast_memory(client, "alice", db_path=db_path, embedder=model, top_k=top_k)
+    with pytest.raises(InvalidInputError, match="top_k must be an integer from 1 to 1000"):
+        with_memory(client, "alice", db_path=db_path, embedder=model, top_k=top_k)

@@ -45,6 +45,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
 from pydantic import BaseModel, Field
 
+from headroom_memory_integrations import InvalidInputError
 from headroom_memory_integrations.langchain import MemoryChatModel
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
 from headroom_memory_integrations.testing import ScriptedOpenAIServer
@@ -121,9 +122,18 @@ def answer_in(chat: Any, style: str, text: str, config: dict[str, Any]) -> tuple
 
 
 @pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("wrapped", ["plain", "streaming=True"])
 def test_every_call_style_hides_the_block_and_learns(
-    style: str, chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, says: ScriptedChat
+    style: str,
+    wrapped: str,
+    chat: MemoryChatModel,
+    openai_server: ScriptedOpenAIServer,
+    says: ScriptedChat,
 ) -> None:
+    """Also around a model that answers only by streaming (``streaming=True``), which
+    LangChain calls through its ``_stream`` even on ``invoke``."""
+    if wrapped == "streaming=True":
+        chat = MemoryChatModel(model=chat_openai(openai_server, streaming=True), memory=chat.memory)
     says.chunk_size = 3  # the block arrives in many small pieces
     tokens, tracer = TokenRecorder(), RunRecorder()
     answer, shown = answer_in(
@@ -746,3 +756,20 @@ def test_a_file_in_the_users_message_keeps_only_memories_grounded_in_their_words
     else:
         assert texts(chat.memory) == [LYON["text"]]
         assert chat.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
+def test_generate_keeps_the_wrapped_models_llm_output(chat: MemoryChatModel) -> None:
+    result = chat.generate([[HumanMessage("I always drink green tea.")]])
+    assert result.llm_output is not None
+    assert result.llm_output["model_name"] == "gpt-4o-mini"
+    assert result.llm_output["token_usage"]["total_tokens"] > 0
+
+
+def test_a_copy_cannot_change_whose_memory_it_uses(chat: MemoryChatModel) -> None:
+    """The memory is opened once, when the model is made: a copy naming another user would
+    still read and write this one's."""
+    for update in ({"user_id": "bob"}, {"top_k": 1}, {"db_path": "elsewhere"}):
+        with pytest.raises(InvalidInputError, match="a copy shares this model's memory"):
+            chat.model_copy(update=update)
+    quieter = chat.model_copy(update={"verbose": False})
+    assert quieter.memory is chat.memory and quieter.user_id == "alice"

@@ -521,3 +521,23 @@ def test_opening_a_new_user_never_holds_up_the_users_already_open(
         release.set()
         slow.join(60)
     assert texts(middleware.memory_for("slow")) == [TEA["text"]]
+
+
+@pytest.mark.parametrize("top_k", [0, 1001, "5", True])
+def test_a_bad_top_k_is_refused_when_built(db_path: Path, model: Any, top_k: Any) -> None:
+    """Not on every run later (or, past the engine's 1,000, memory silently never injected)."""
+    from headroom_memory_integrations import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="top_k must be an integer from 1 to 1000"):
+        MemoryMiddleware(db_path=db_path, embedder=model, top_k=top_k)
+    with pytest.raises(InvalidInputError, match="top_k must be an integer from 1 to 1000"):
+        MemoryMiddleware("alice", db_path=db_path, embedder=model, top_k=top_k)
+    if isinstance(top_k, int) and not isinstance(top_k, bool):  # pydantic takes "5" as 5
+        with pytest.raises(ValueError, match="top_k must be an integer from 1 to 1000"):
+            MemoryChatModel(
+                model=ChatOpenAI(model="gpt-4o-mini", api_key="sk-x"),
+                user_id="alice",
+                db_path=db_path,
+                embedder=model,
+                top_k=top_k,
+            )

@@ -171,3 +171,15 @@ class TestHeadroomRetrieverStandard(RetrieversIntegrationTests):
     @property
     def retriever_query_example(self) -> str:
         return QUERY
+
+
+def test_a_storage_failure_returns_no_documents_and_is_counted(model) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there
+    retriever = HeadroomRetriever(user_id="alice", db_path=down, embedder=model)
+    assert retriever.invoke(QUERY) == []
+    assert asyncio.run(retriever.ainvoke(QUERY)) == []
+    assert retriever.memory.counters["retrieve_failures"] == 2

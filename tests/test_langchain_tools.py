@@ -443,3 +443,46 @@ def test_max_results_caps_the_default_limit_too(db_path, model) -> None:
     for wrong in (0, -1, 1001, True, "5"):
         with pytest.raises(InvalidInputError, match="max_results"):
             create_search_memory_tool(memory=store, max_results=wrong)
+
+
+def closed_port_url() -> str:
+    """A Chroma server URL where nothing listens (the memory storage is down)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_a_storage_failure_is_a_tool_error_and_the_run_goes_on(openai_server, model) -> None:
+    down = closed_port_url()
+    agent = create_agent(
+        chat_model(openai_server), tools=memory_tools(db_path=down, embedder=model)
+    )
+    openai_server.script(
+        Reply.tool_call("search_memory", {"query": "where do I live"}),
+        Reply.tool_call("manage_memory", {"action": "create", "content": "Lives in Oslo"}),
+        "I cannot reach my memory just now.",
+    )
+    result = agent.invoke(ask("I live in Oslo. Where do I live?"), user("alice"))
+    assert result["messages"][-1].text == "I cannot reach my memory just now."
+    searched, created = tool_messages(result)
+    for message, action in ((searched, "search"), (created, "create")):
+        assert message.status == "error"
+        assert message.text == (
+            f"Memory is unavailable right now (could not {action}); go on without it."
+        )
+    assert request_text(openai_server.requests[-1].body).count("Memory is unavailable") == 2
+
+
+@pytest.mark.parametrize("user_id", ["alice\x1fmallory", "alice\nbob", "alice\x00"])
+def test_a_run_user_with_control_characters_is_refused(openai_server, db_path, model, user_id):
+    """HeadroomStore joins namespace labels with "\\x1f": a run's user holding one could be
+    found by another user's namespace searches."""
+    agent = create_agent(
+        chat_model(openai_server), tools=memory_tools(db_path=db_path, embedder=model)
+    )
+    openai_server.script(Reply.tool_call("search_memory", {"query": "anything"}), "done")
+    with pytest.raises(InvalidInputError, match="control characters"):
+        agent.invoke(ask("hi"), user(user_id))

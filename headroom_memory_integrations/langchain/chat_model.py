@@ -11,6 +11,7 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.load import dumpd
 from langchain_core.load.serializable import to_json_not_implemented
 from langchain_core.messages import AIMessage, BaseMessage
@@ -387,6 +388,18 @@ class MemoryChatModel(BaseChatModel):
     def get_token_ids(self, text: str) -> list[int]:
         return self.model.get_token_ids(text)
 
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy sharing this model's memory. Updating what the memory is opened with
+        (``user_id``, ``db_path``, ``top_k``, ...) is refused: the copy would still read and
+        write this model's user (build a new ``MemoryChatModel`` instead)."""
+        changed = sorted(_MEMORY_SETTINGS.intersection(update or ()))
+        if changed:
+            raise InvalidInputError(
+                f"{', '.join(changed)}: a copy shares this model's memory; build a new "
+                "MemoryChatModel(...) for other memory settings"
+            )
+        return super().model_copy(update=update, deep=deep)
+
     def __repr_args__(self) -> Any:  # never the wrapped model's fields: clients, keys
         return [
             ("model", _Named(type(self.model).__name__, self.model_name)),
@@ -480,6 +493,8 @@ class MemoryChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self._model_streams_only(kwargs, asynchronous=False):
+            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         flow = self._memory_flow
         call = self._start(messages, kwargs, run_manager)
         self._acquire()
@@ -493,6 +508,8 @@ class MemoryChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self._model_streams_only(kwargs, asynchronous=True):
+            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         flow = self._memory_flow
         call = await asyncio.to_thread(self._start, messages, kwargs, run_manager)
         await self._aacquire()
@@ -583,6 +600,20 @@ class MemoryChatModel(BaseChatModel):
             return not disabled(**kwargs)
         return model.disable_streaming is not True
 
+    def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None], /) -> dict[str, Any]:
+        """The wrapped model's own (its token usage and model name, for ``generate``)."""
+        return self.model._combine_llm_outputs(llm_outputs)
+
+    def _model_streams_only(self, kwargs: Mapping[str, Any], *, asynchronous: bool) -> bool:
+        """Whether the wrapped model answers this call only by streaming: ``streaming=True``
+        set on it, or ``stream=True`` in the call. LangChain sends its own such calls to the
+        model's ``_stream`` (``ChatOpenAI._generate`` would get a stream back); so does
+        ``invoke`` here."""
+        should_stream = getattr(self.model, "_should_stream", None)
+        if not callable(should_stream):
+            return False
+        return bool(should_stream(async_api=asynchronous, **kwargs))
+
     def _acquire(self) -> None:
         if self.model.rate_limiter is not None:
             self.model.rate_limiter.acquire(blocking=True)
@@ -591,6 +622,24 @@ class MemoryChatModel(BaseChatModel):
         if self.model.rate_limiter is not None:
             await self.model.rate_limiter.aacquire(blocking=True)
 
+
+_MEMORY_SETTINGS = frozenset(
+    {
+        "user_id",
+        "db_path",
+        "storage",
+        "embedder",
+        "memory",
+        "queue_path",
+        "top_k",
+        "min_score",
+        "duplicate_threshold",
+        "injection",
+        "untrusted_context",
+        "cache",
+    }
+)
+"""The fields the memory and its flow are built from, once, when the model is made."""
 
 _RUN_SETTINGS = ("callbacks", "tags", "metadata", "verbose")
 """What a chat model adds to its runs (handlers, tracing tags and metadata): the wrapper's runs

@@ -92,7 +92,7 @@ class HeadroomMemory(BaseMemory):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     memory: MemoryStore
-    llm: Any = Field(default=None, exclude=True)
+    llm: Any = Field(default=None, exclude=True, repr=False)  # its repr can show headers, keys
     memory_key: str = "memories"
     input_key: str | None = None
     output_key: str | None = None

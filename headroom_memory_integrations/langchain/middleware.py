@@ -13,10 +13,10 @@ from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResp
 from langchain_core.messages import AIMessage
 
 from ..embeddings import Embedder
-from ..engine import MemoryStore
+from ..engine import MemoryStore, check_top_k
 from ..errors import InvalidInputError
 from ..storage import Storage
-from ..wiring import build_flow, open_memory
+from ..wiring import build_flow, check_user_id, open_memory
 from ._messages import Injection, MessagesFlow
 from .chat_model import MemoryChatModel
 
@@ -126,7 +126,7 @@ class MemoryMiddleware(AgentMiddleware):
         if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
             raise InvalidInputError(f"max_users must be a positive integer, got {max_users!r}")
         self._max_users = max_users
-        self._top_k = top_k
+        self._top_k = check_top_k(top_k)  # the users' flows are built on their first call
         self._injection: Injection = injection
         self._queue_path = queue_path
         self._untrusted_context = bool(untrusted_context)
@@ -224,7 +224,7 @@ class MemoryMiddleware(AgentMiddleware):
             )
         if not isinstance(user, str):
             raise InvalidInputError(f"user_id must be a string, got {type(user).__name__}")
-        return user
+        return check_user_id(user)
 
     def _flow_of(self, user_id: str) -> MessagesFlow:
         if self._fixed is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -14,9 +15,12 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, model_validator
 
 from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, StorageError
+from ..jobs import user_tag
 from ..types import Category, Memory
 from ._extract import memory_field
+
+logger = logging.getLogger(__name__)
 
 
 class HeadroomRetriever(BaseRetriever):
@@ -27,7 +31,10 @@ class HeadroomRetriever(BaseRetriever):
     ``created_at`` and ``updated_at`` (ISO 8601, UTC). Only memories above the relevance floor
     come back, so an unrelated query (or a blank one) returns ``[]``; at most ``k``, most
     relevant first. A query that is not a string (a chain's whole input dict) raises
-    :class:`~headroom_memory_integrations.InvalidInputError` rather than find nothing.
+    :class:`~headroom_memory_integrations.InvalidInputError` rather than find nothing. When
+    the storage fails (a server down), the failure is logged and counted (``memory.stats()
+    ["events"]["retrieve_failures"]``) and no document comes back: the chain answers without
+    memories rather than fail.
 
     Setup::
 
@@ -98,12 +105,21 @@ class HeadroomRetriever(BaseRetriever):
             )
         if not query.strip():
             return []
-        found = self.memory.search(
-            query[-MAX_TEXT_CHARS:],
-            top_k=self.k if k is None else k,
-            categories=self.categories,
-            min_score=self.min_score,
-        )
+        try:
+            found = self.memory.search(
+                query[-MAX_TEXT_CHARS:],
+                top_k=self.k if k is None else k,
+                categories=self.categories,
+                min_score=self.min_score,
+            )
+        except StorageError:
+            self.memory.counters["retrieve_failures"] += 1
+            logger.warning(
+                "could not search memories; returning none (user %s)",
+                user_tag(self.memory.user_id),
+                exc_info=True,
+            )
+            return []
         return [memory_document(memory, score) for memory, score in found]
 
 

@@ -19,13 +19,13 @@ from pydantic import Field
 
 from ..embeddings import Embedder
 from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
-from ..errors import InvalidInputError, MemoryNotFoundError
+from ..errors import InvalidInputError, MemoryNotFoundError, StorageError
 from ..grounding import grounded
 from ..jobs import user_tag
 from ..prompts import escape_text, fetches_outside_text, message_text
 from ..storage import Storage
 from ..types import Memory, SearchResult
-from ..wiring import UserStores, open_memory
+from ..wiring import UserStores, check_user_id, open_memory
 from ._messages import is_tool_result, is_user
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def run_user_id(config: RunnableConfig | None, runtime: Any = None) -> str:
         )
     if not isinstance(user_id, str):
         raise InvalidInputError(f"user_id must be a string, got {type(user_id).__name__}")
-    return user_id
+    return check_user_id(user_id)
 
 
 def _scope(scope: MemoryScope | None, **options: Any) -> MemoryScope:
@@ -203,6 +203,8 @@ def create_search_memory_tool(
             found = store.search(query[-MAX_TEXT_CHARS:], top_k=limit)
         except InvalidInputError as exc:
             raise ToolException(f"Cannot search: {exc}") from exc
+        except StorageError as exc:
+            raise ToolException(_unavailable(store, "search", exc)) from exc
         return _listing(found), [_described(m, score) for m, score in found]
 
     return StructuredTool.from_function(
@@ -280,6 +282,8 @@ def create_manage_memory_tool(
             return _manage(store, action, content, id, category, keys)
         except (InvalidInputError, MemoryNotFoundError) as exc:
             raise ToolException(f"Cannot {action} the memory: {exc}") from exc
+        except StorageError as exc:
+            raise ToolException(_unavailable(store, action, exc)) from exc
 
     return StructuredTool.from_function(
         manage_memory,
@@ -288,6 +292,14 @@ def create_manage_memory_tool(
         response_format="content_and_artifact",
         handle_tool_error=True,
     )
+
+
+def _unavailable(store: MemoryStore, action: str, error: StorageError) -> str:
+    """The tool's answer when the storage failed: logged and counted (``stats()["events"]
+    ["tool_failures"]``), and told to the model, which can go on without memory."""
+    store.counters["tool_failures"] += 1
+    logger.warning("memory tool could not %s: %s (user %s)", action, error, user_tag(store.user_id))
+    return f"Memory is unavailable right now (could not {action}); go on without it."
 
 
 def _check_grounded(store: MemoryStore, action: str, content: str | None, runtime: Any) -> None:
