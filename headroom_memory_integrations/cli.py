@@ -35,6 +35,7 @@ from .engine import (
     MemoryStore,
     clean_metadata,
     clean_text,
+    server_url,
     validate_user_id,
 )
 from .errors import HeadroomMemoryError, InvalidInputError
@@ -269,9 +270,13 @@ def _check_db(args: argparse.Namespace) -> None:
         return
     if not db.strip():
         raise _UsageError(f"{where} is empty: name a folder or a Chroma server URL")
-    if db.startswith(("http://", "https://")):
+    try:
+        url = server_url(db, where)
+    except InvalidInputError as exc:
+        raise _UsageError(str(exc)) from None
+    if url:
         try:
-            parts = urlsplit(db)
+            parts = urlsplit(url)
             host, _ = parts.hostname, parts.port  # a bad port raises ValueError
         except ValueError as exc:
             raise _UsageError(f"{where} {db!r} is not a server URL: {exc}") from None

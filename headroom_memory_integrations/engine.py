@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import threading
 import time
 import unicodedata
@@ -105,14 +106,16 @@ SEARCH_CANDIDATES = 200
 texts from a per-process cache)."""
 
 DEFAULT_DUPLICATE_THRESHOLD = 0.95
-"""How close (cosine) a reworded memory must be to an existing one to count as its duplicate,
-when it also keeps every number, date, name, negation and tense ("Deploys with Docker" ~
-"Deploys using Docker" 0.997, merged). A new memory that changes any of those is never a
-duplicate, however similar: it updates the existing memory or is stored beside it (see
-:mod:`.consolidation`). Texts equal but for case, punctuation and spacing are duplicates
-whatever their similarity. On the labelled pairs of ``benchmarks/consolidation_pairs.jsonl``,
-0.93 is the lowest value that discards no new information on the dev half; 0.95 keeps a
-margin."""
+"""How close (cosine) a new memory that replaces words of an existing one, keeping every
+number, date, name, negation and tense, must be to count as the same statement reworded: it
+then supersedes the existing memory, whose text stays in ``history`` ("Deploys with Docker"
+-> "Deploys using Docker", 0.988). It is never dropped as a duplicate: the model cannot tell
+a synonym from an opposite ("Is left-handed" -> "Is right-handed", 0.958). Below it, the
+word-by-word rules of :mod:`.consolidation` decide between an update and a distinct fact. Only
+a text that says nothing new is a duplicate: the same words up to case, punctuation, spacing,
+word forms and order, or fewer words. Lower values retire more true memories to ``history``,
+higher ones keep more stale memories beside their correction (docs/benchmarks.md,
+"Consolidation")."""
 
 MAX_TEXT_CHARS = 2000
 """Longest memory text accepted."""
@@ -381,9 +384,28 @@ def resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
                 f"db_path must name a folder or a Chroma server's URL, got {db_path!r} "
                 "(None for the default)"
             )
-    if path.startswith(("http://", "https://")):
-        return ChromaStorage.from_url(path)
-    return ChromaStorage.at(path)
+    url = server_url(path, "db_path")
+    return ChromaStorage.from_url(url) if url else ChromaStorage.at(path)
+
+
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def server_url(path: str, what: str) -> str | None:
+    """``path`` as a Chroma server's URL (spaces around it dropped, its scheme in lower case),
+    or None for a folder. A URL is never taken for a folder: one of another scheme than
+    ``http`` or ``https`` ("chroma://...", "ftp://...") raises :class:`InvalidInputError`."""
+    url = path.strip()
+    scheme = _URL_SCHEME.match(url)
+    if not scheme:
+        return None
+    name = scheme.group(1).lower()
+    if name not in ("http", "https"):
+        raise InvalidInputError(
+            f"{what} {path!r} is a {name}:// URL: a Chroma server's is http:// or https://, "
+            "and a folder is a path"
+        )
+    return name + url[scheme.end(1) :]
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -403,8 +425,8 @@ class MemoryStore(WritePath):
         min_score: The relevance floor of :meth:`search` for a user with one memory; it
             rises with the number of memories (see :func:`relevance_floor`).
         duplicate_threshold: See :data:`DEFAULT_DUPLICATE_THRESHOLD`; ``None`` turns
-            consolidation off: texts worded the same are still stored once, but rewordings
-            are kept and nothing is superseded automatically.
+            consolidation off: texts worded the same are still stored once, but everything
+            else is kept beside and nothing is superseded automatically.
 
     Example::
 
@@ -772,6 +794,11 @@ class MemoryStore(WritePath):
             One :class:`Remembered` per item, in order.
         """
         default = Category.parse(category)
+        if isinstance(items, (str, bytes, Mapping, NewMemory)):  # one item: not a list of them
+            raise InvalidInputError(
+                f"remember_many and add_many take a list of memories, got one "
+                f"{type(items).__name__}: pass [item], or use remember / add"
+            )
         parsed = [self._parse_item(item, default) for item in items]
         drafts = [self._draft(item, Source.parse(source)) for item in parsed]
         if not drafts:

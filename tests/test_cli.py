@@ -178,6 +178,8 @@ def test_a_missing_or_invalid_user_is_a_usage_error(db_path, capsys, monkeypatch
         ("http://127.0.0.1:99999", "is not a server URL: Port out of range"),
         ("https://localhost:port", "is not a server URL: Port could not be cast"),
         ("http://[::1", "is not a server URL: Invalid IPv6 URL"),
+        ("chroma://127.0.0.1:8000", "is a chroma:// URL"),
+        ("ftp://example.com/memories", "is a ftp:// URL"),
     ],
 )
 def test_a_bad_db_is_a_usage_error(tmp_path, capsys, monkeypatch, db, message) -> None:

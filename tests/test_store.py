@@ -432,3 +432,32 @@ def test_memories_and_results_pickle_and_deepcopy(hash_store: MemoryStore) -> No
     again = pickle.loads(pickle.dumps(results))
     assert [(r.memory, r.score) for r in again] == [(r.memory, r.score) for r in results]
     assert again.min_score == results.min_score
+
+
+@pytest.mark.parametrize("one", ["Tea", "Likes rock", b"Tea", {"text": "Likes rock"}])
+def test_add_many_given_one_item_instead_of_a_list_says_so(store: MemoryStore, one) -> None:
+    """A string is iterable: it was stored one character at a time."""
+    for method in (store.add_many, store.remember_many):
+        with pytest.raises(InvalidInputError, match="take a list of memories"):
+            method(one)
+    with pytest.raises(InvalidInputError, match="take a list of memories"):
+        store.add_many(NewMemory("Likes rock"))
+    assert store.count() == 0
+
+
+@pytest.mark.parametrize("url", ["HTTP://127.0.0.1:8000", " http://127.0.0.1:8000 "])
+def test_a_server_url_in_another_case_or_with_spaces_is_a_server(url, tmp_path, monkeypatch):
+    """Not a folder named "HTTP:" in the current directory."""
+    from headroom_memory_integrations.engine import resolve_storage
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_storage(url).location == "http://127.0.0.1:8000"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["chroma://127.0.0.1:8000", "ftp://example.com/x"])
+def test_a_url_of_another_scheme_is_refused(url, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInputError, match=r"URL: a Chroma server's is http:// or https://"):
+        MemoryStore("alice", db_path=url)
+    assert list(tmp_path.iterdir()) == []
