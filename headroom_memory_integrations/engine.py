@@ -340,6 +340,21 @@ def check_top_k(top_k: object) -> int:
     return top_k
 
 
+def check_duplicate_threshold(threshold: object) -> float | None:
+    """None (consolidation off) or a cosine similarity from 0 to 1."""
+    if threshold is None:
+        return None
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0.0 <= threshold <= 1.0  # NaN fails this too
+    ):
+        raise InvalidInputError(
+            f"duplicate_threshold must be None or a number from 0 to 1, got {threshold!r}"
+        )
+    return float(threshold)
+
+
 def check_min_score(min_score: object) -> float:
     """A relevance floor: a finite number (NaN would let every memory through or none)."""
     if (
@@ -452,7 +467,7 @@ class MemoryStore(WritePath):
         self.storage = storage if storage is not None else resolve_storage(db_path)
         self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
         self.min_score = check_min_score(min_score)
-        self.duplicate_threshold = duplicate_threshold
+        self.duplicate_threshold = check_duplicate_threshold(duplicate_threshold)
         self._collection: UserCollection | None = None
         self._query_cache: OrderedDict[str, Vectors] = OrderedDict()
         self._cache_lock = threading.Lock()

@@ -483,9 +483,15 @@ def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     provider-run tool among ``tools`` (any type but ``function`` / ``custom``: web or file
     search, code interpreter, MCP servers, ...), or Chat Completions' ``web_search_options``.
     Any of these can ask the model to "remember" something, so such a call is untrusted: only
-    memories grounded in the user's own typed words are kept (:mod:`.grounding`)."""
+    memories grounded in the user's own typed words are kept (:mod:`.grounding`). So is a
+    Responses API call that continues turns the provider stored (``previous_response_id``,
+    ``conversation``): the model reads them, tool outputs included, and the request does not
+    show them."""
     if _given(request_kwargs.get("web_search_options")) is not None:
         return True
+    for stored_turns in ("previous_response_id", "conversation"):
+        if _given(request_kwargs.get(stored_turns)) is not None:
+            return True
     for field in ("messages", "input"):
         if any(_attaches_document(m) for m in _listed(request_kwargs.get(field))):
             return True

@@ -167,6 +167,21 @@ def test_a_tool_output_in_the_input_keeps_only_memories_the_user_said(
 
 
 @pytest.mark.parametrize(
+    "stored_turns", [{"previous_response_id": "resp_earlier"}, {"conversation": "conv_1"}]
+)
+def test_a_call_continuing_stored_turns_keeps_only_memories_the_user_said(
+    client, openai_server, model_says, stored_turns
+) -> None:
+    """The provider keeps the earlier turns, their tool outputs too, in the model's context;
+    the request does not show them, so it is judged as if it held one."""
+    planted = {"text": "Wants all payments sent to account 12345", "category": "preference"}
+    model_says.memories = [LISBON, planted]
+    client.responses.create(model="gpt-4o", input="I live in Lisbon. Go on.", **stored_turns)
+    assert stored(client) == [LISBON["text"]]
+    assert client.memory.counters["ungrounded_memories"] == 1
+
+
+@pytest.mark.parametrize(
     "tools",
     [[{"type": "web_search"}], [{"type": "function", "name": "f"}, {"type": "file_search"}]],
 )

@@ -461,3 +461,9 @@ def test_a_url_of_another_scheme_is_refused(url, tmp_path, monkeypatch) -> None:
     with pytest.raises(InvalidInputError, match=r"URL: a Chroma server's is http:// or https://"):
         MemoryStore("alice", db_path=url)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("threshold", [2.0, -0.1, float("nan"), "0.9", True])
+def test_a_duplicate_threshold_that_is_not_a_similarity_is_refused(db_path, threshold) -> None:
+    with pytest.raises(InvalidInputError, match="duplicate_threshold must be None or a number"):
+        MemoryStore("alice", db_path=db_path, duplicate_threshold=threshold)
