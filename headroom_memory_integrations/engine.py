@@ -17,7 +17,7 @@ import time
 import unicodedata
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
@@ -424,6 +424,24 @@ def server_url(path: str, what: str) -> str | None:
 
 
 # -- the store -------------------------------------------------------------------------------
+
+
+def _bounded_lines(stream: IO[str]) -> Iterator[str]:
+    """The lines of ``stream``, each read up to one character past
+    :data:`MAX_IMPORT_LINE_CHARS` (a longer line is cut there, and refused by its length)."""
+    while True:
+        line = stream.readline(MAX_IMPORT_LINE_CHARS + 1)
+        if not line:
+            return
+        yield line
+        if len(line) > MAX_IMPORT_LINE_CHARS:
+            return  # refused: the rest is not read
+
+
+def _imported_revision(data: Mapping[str, Any]) -> Revision:
+    """An exported memory's earlier text, checked as a memory's text is."""
+    revision = Revision.from_dict(data)
+    return replace(revision, text=clean_text(data["text"], "history text"))
 
 
 class MemoryStore(WritePath):
@@ -1120,6 +1138,8 @@ class MemoryStore(WritePath):
             lines: Iterable[str] = source  # type: ignore[assignment]
             if isinstance(source, (str, os.PathLike)):
                 lines = stack.enter_context(open(source, encoding="utf-8"))
+            if callable(getattr(lines, "readline", None)):  # read no more than a line's limit
+                lines = _bounded_lines(lines)  # type: ignore[arg-type]
             try:
                 for number, line in enumerate(lines, start=1):
                     if len(line) > MAX_IMPORT_LINE_CHARS:
@@ -1199,9 +1219,11 @@ class MemoryStore(WritePath):
                 ),
                 source=Source.parse(data.get("source", "manual")),
                 metadata=clean_metadata(data.get("metadata")),
-                history=tuple(Revision.from_dict(r) for r in data.get("history") or ()),
+                history=tuple(_imported_revision(r) for r in data.get("history") or ()),
                 keys=clean_keys(data.get("keys")),
             )
+        except RecursionError as exc:  # json.loads on deeply nested brackets
+            raise InvalidInputError(f"line {number}: nested too deeply") from exc
         except (InvalidInputError, KeyError, TypeError, ValueError) as exc:
             message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
             if isinstance(exc, KeyError):

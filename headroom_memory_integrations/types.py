@@ -178,10 +178,18 @@ class SearchResult(NamedTuple):
 
 
 def parse_time(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        parsed = value
-    elif isinstance(value, (int, float)):
-        parsed = datetime.fromtimestamp(float(value), timezone.utc)
-    else:
-        parsed = datetime.fromisoformat(str(value))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    """A timezone-aware time from a datetime, an ISO 8601 text or a POSIX timestamp (naive
+    times are UTC). Raises ValueError for one that is no time or that UTC cannot hold (a
+    timestamp of 1e20, "9999-12-31T23:59:59-12:00")."""
+    try:
+        if isinstance(value, datetime):
+            parsed = value
+        elif isinstance(value, (int, float)):
+            parsed = datetime.fromtimestamp(float(value), timezone.utc)
+        else:
+            parsed = datetime.fromisoformat(str(value))
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        parsed.astimezone(timezone.utc)  # what storing it does
+    except (OverflowError, OSError) as exc:
+        raise ValueError(f"time out of range: {value!r}") from exc
+    return parsed

@@ -245,6 +245,48 @@ def test_export_to_a_file_and_import_bad_lines(store: MemoryStore, tmp_path) -> 
     assert fresh.import_(path) == 1
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"id": "x", "text": "t", "created_at": 1e20}', "line 1: time out of range"),
+        ('{"id": "x", "text": "t", "created_at": Infinity}', "line 1: time out of range"),
+        ('{"id": "x", "text": "t", "updated_at": "9999-12-31T23:59:59-12:00"}', "out of range"),
+        ("[" * 100_000 + "]" * 100_000, "line 1: nested too deeply"),
+        (
+            '{"id": "x", "text": "t", "history": [{"text": "' + "h" * 3000 + '", '
+            '"category": "fact", "replaced_at": "2026-01-01T00:00:00+00:00"}]}',
+            "line 1: history text is 3000 characters",
+        ),
+    ],
+)
+def test_an_import_line_that_could_not_be_stored_or_read_back_is_refused(
+    store: MemoryStore, line: str, message: str
+) -> None:
+    """A time UTC cannot hold was stored, and then every read of the user failed."""
+    with pytest.raises(InvalidInputError, match=message):
+        store.import_([line])
+    assert store.count() == 0 and store.get_all() == []
+
+
+def test_an_import_reads_no_further_than_a_line_too_long(store: MemoryStore, tmp_path) -> None:
+    from headroom_memory_integrations.engine import MAX_IMPORT_LINE_CHARS
+
+    class Endless(io.StringIO):
+        """A stream of one endless line (as /dev/zero is): counts what was read."""
+
+        read_chars = 0
+
+        def readline(self, size: int | None = -1) -> str:
+            assert size is not None and 0 < size <= MAX_IMPORT_LINE_CHARS + 1
+            self.read_chars += size
+            return "x" * size
+
+    stream = Endless()
+    with pytest.raises(InvalidInputError, match="line 1 is longer than"):
+        store.import_(stream)
+    assert stream.read_chars == MAX_IMPORT_LINE_CHARS + 1
+
+
 def test_concurrent_readers_and_writers(db_path) -> None:
     from conftest import HashEmbedder
 
