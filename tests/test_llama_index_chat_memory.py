@@ -463,3 +463,20 @@ def test_a_misspelt_keyword_is_refused_and_opens_nothing(
     ):
         make(**{typo: str(tmp_path / "asked")})
     assert not default.exists() and not (tmp_path / "asked").exists()
+
+
+@pytest.mark.parametrize("llm", ["gpt-4o-mini", object()])
+def test_an_llm_that_is_not_a_llamaindex_llm_is_refused(llm, db_path, model) -> None:
+    """A model name or an openai client was accepted: every extraction then failed and was
+    retried for ever, and nothing was ever learnt."""
+    for make in (
+        lambda: HeadroomChatMemoryBuffer.from_defaults(
+            user_id="alice", db_path=db_path, embedder=model, token_limit=3000, llm=llm
+        ),
+        lambda: HeadroomChatMemoryBuffer(
+            user_id="alice", db_path=db_path, embedder=model, token_limit=3000, llm=llm
+        ),
+        lambda: HeadroomMemoryBlock(user_id="alice", db_path=db_path, embedder=model, llm=llm),
+    ):
+        with pytest.raises(ValueError, match="llm must be a LlamaIndex LLM"):
+            make()

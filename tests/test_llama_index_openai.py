@@ -455,3 +455,30 @@ def test_memory_llm_follows_what_the_wrapped_llm_really_sends(
     sent = openai_server.requests[-1].body
     assert sent["response_format"] == {"type": "json_object"}  # the LLM's own option won
     assert not any("<memory-" in str(m["content"]) for m in sent["messages"])
+
+
+def test_extraction_through_an_llm_with_memory_goes_around_its_memory(
+    memory_llm, plain_llm, brain, openai_server, db_path, model
+) -> None:
+    """Bob's buffer extracting with Alice's LLM (as ``llm=`` or ``Settings.llm``): the call
+    must not carry Alice's memories, and what it finds is Bob's."""
+    from llama_index.core.chat_engine import SimpleChatEngine
+
+    alice_llm = memory_llm("alice")
+    alice = llm_memory(alice_llm)
+    alice.add("Prefers Go for backend work", category="preference")
+    bob = HeadroomChatMemoryBuffer.from_defaults(
+        user_id="bob", db_path=db_path, embedder=model, token_limit=3000, llm=alice_llm
+    )
+    SimpleChatEngine.from_defaults(llm=plain_llm(), memory=bob).chat(FACT)
+    flush(bob.memory)
+    flush(alice)
+    extractions = [
+        r.body for r in openai_server.requests if "You maintain long-term memory" in str(r.body)
+    ]
+    assert len(extractions) == 1 and brain.extractions == 1
+    assert "Prefers Go" not in str(extractions[0])  # none of Alice's memories
+    assert "<memory-" not in str(extractions[0])  # nor the inline instruction
+    assert [m.text for m in bob.memory.get_all()] == [FACT]
+    assert [m.text for m in alice.get_all()] == ["Prefers Go for backend work"]
+    assert llm_memory(alice_llm) is alice  # the LLM itself keeps its memory

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from llama_index.core.llms import LLM
@@ -25,13 +26,19 @@ def _settings_llm() -> LLM:
 def llm_completer(llm: LLM | None) -> Complete:
     """The :data:`~headroom_memory_integrations.writer.Complete` of background extraction,
     answered by ``llm`` (any LlamaIndex LLM; ``None`` means ``Settings.llm`` at the time of
-    the call). A :class:`~.llm.MemoryLLM` is unwrapped: extraction calls carry no memory. The
-    model name a job carries is ignored: the LLM object decides. Called from the memory
-    worker's thread, never on the caller's path."""
+    the call). A :class:`~.llm.MemoryLLM`, or an LLM set up by
+    :func:`~.openai_llm.openai_llm_with_memory`, is unwrapped: extraction calls carry no
+    memory, and nothing they answer is stored for that LLM's user. The model name a job
+    carries is ignored: the LLM object decides. Called from the memory worker's thread, never
+    on the caller's path."""
 
     def complete(messages: list[dict[str, str]], model_name: str | None) -> str:
         model: Any = llm if llm is not None else _settings_llm()
         model = getattr(model, "wrapped_llm", model)  # a MemoryLLM: extract without memory
+        if "headroom_memory_integrations.openai.client" in sys.modules:  # memory clients exist
+            from .openai_llm import without_memory
+
+            model = without_memory(model)
         answer = model.chat(from_dicts(messages))
         return str(answer.message.content or "")
 

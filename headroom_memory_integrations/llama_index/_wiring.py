@@ -47,6 +47,16 @@ def memory_fields(
     return data
 
 
+def check_llm(llm: object) -> None:
+    """Refuse an extraction ``llm`` that is not a LlamaIndex LLM (a model name, an openai
+    client): every extraction would fail, be retried, and nothing would be learnt."""
+    if llm is not None and not isinstance(llm, LLM):
+        raise InvalidInputError(
+            f"llm must be a LlamaIndex LLM (e.g. llama_index.llms.openai.OpenAI), got "
+            f"{type(llm).__name__}: nothing could ever be learnt with it"
+        )
+
+
 def background_flow(
     owner: Any,
     memory: MemoryStore | None,
@@ -63,6 +73,7 @@ def background_flow(
     memories again from anywhere (an absolute folder, or a server's URL), so that what it
     serializes finds them; when the memories cannot be opened again from ``user_id`` and
     ``db_path`` alone, ``owner._unsaveable`` says why (see :func:`check_saveable`)."""
+    check_llm(llm)
     store = open_memory(memory, owner.user_id, owner.db_path, storage=storage, embedder=embedder)
     extractor = BackgroundExtractor(llm_completer(llm))
     flow = build_flow(

@@ -34,7 +34,14 @@ from ._messages import (
     text_of,
     user_index,
 )
-from ._wiring import PathLike, Pickled, background_flow, check_saveable, memory_fields
+from ._wiring import (
+    PathLike,
+    Pickled,
+    background_flow,
+    check_llm,
+    check_saveable,
+    memory_fields,
+)
 
 log = logging.getLogger("headroom_memory_integrations")
 
@@ -210,6 +217,7 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
     ) -> HeadroomChatMemoryBuffer:
         """A memory with ``ChatMemoryBuffer.from_defaults``'s defaults (``token_limit`` from
         ``llm``'s context window, else 3000; a new ``SimpleChatStore``) for ``user_id``."""
+        check_llm(llm)
         buffer = ChatMemoryBuffer.from_defaults(
             chat_history=chat_history,
             llm=llm,

@@ -147,6 +147,20 @@ def openai_llm_with_memory(
     return llm
 
 
+def without_memory(llm: Any) -> Any:
+    """``llm`` as background extraction must call it: for an LLM set up by
+    :func:`openai_llm_with_memory`, a copy whose clients are the ones it wrapped (no memories
+    injected, nothing stored for its user); any other LLM itself."""
+    clients = [getattr(llm, name, None) for name in ("_client", "_aclient")]
+    if not any(isinstance(client, MemoryClient) for client in clients):
+        return llm
+    plain = llm.model_copy()
+    plain._client, plain._aclient = [
+        client._wrapped if isinstance(client, MemoryClient) else client for client in clients
+    ]
+    return plain
+
+
 def llm_memory(llm: Any) -> MemoryStore:
     """The :class:`MemoryStore` of an LLM set up by :func:`openai_llm_with_memory`."""
     client = getattr(llm, "_client", None)
