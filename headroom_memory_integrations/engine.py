@@ -464,9 +464,9 @@ class MemoryStore(WritePath):
     Example::
 
         >>> store = MemoryStore("alice", db_path="/tmp/memories")
-        >>> store.add("Prefers Python for backend work", category="preference")
+        >>> added = store.add("Prefers Python for backend work", category="preference")
         >>> [(m.text, round(s, 2)) for m, s in store.search("Which language should I use?")]
-        [('Prefers Python for backend work', 0.41)]
+        [('Prefers Python for backend work', 0.26)]
     """
 
     def __init__(

@@ -49,6 +49,6 @@ class MissingDependencyError(HeadroomMemoryError, ImportError):
     @classmethod
     def for_extra(cls, module: str, extra: str) -> MissingDependencyError:
         return cls(
-            f"{module} is not installed. Install it with: "
-            f"pip install 'headroom-memory-integrations[{extra}]'"
+            f"{module} is not installed. Install the package's {extra!r} extra: in a clone of "
+            f"headroom-memory-integrations, pip install '.[{extra}]'"
         )

@@ -698,7 +698,7 @@ def test_importing_without_the_extra_names_the_pip_command() -> None:
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0, run.stderr
-    assert "pip install 'headroom-memory-integrations[langchain]'" in run.stdout
+    assert "pip install '.[langchain]'" in run.stdout
 
 
 # -- attached files: outside text, as tool results are ------------------------------------------

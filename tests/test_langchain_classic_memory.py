@@ -118,7 +118,7 @@ def test_a_new_process_recalls_and_without_the_extra_names_the_install(
     assert "HeadroomStore" in names and "HeadroomMemory" in names
     assert error == (
         "MissingDependencyError: langchain_classic is not installed. Install it with: "
-        "pip install 'headroom-memory-integrations[langchain-classic]'"
+        "pip install '.[langchain-classic]'"
     )
     assert '"Prefers Python for backend work"' in loaded["memories"]
 

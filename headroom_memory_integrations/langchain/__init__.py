@@ -2,9 +2,9 @@
 
 Every class here is a thin translation onto the core (:mod:`headroom_memory_integrations.flow`,
 the engine and the prompts): the same injection, extraction, escaping and storing as the OpenAI
-wrappers. Install with ``pip install 'headroom-memory-integrations[langchain]'``;
+wrappers. Install with ``pip install '.[langchain]'``;
 :class:`HeadroomMemory` (the classic chains' memory) also needs
-``pip install 'headroom-memory-integrations[langchain-classic]'`` and is imported on first use.
+``pip install '.[langchain-classic]'`` and is imported on first use.
 """
 
 from __future__ import annotations

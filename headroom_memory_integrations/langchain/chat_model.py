@@ -48,7 +48,7 @@ class MemoryChatModel(BaseChatModel):
     Setup:
         .. code-block:: bash
 
-            pip install 'headroom-memory-integrations[langchain]' langchain-openai
+            pip install '.[langchain]' langchain-openai
 
     Instantiate:
         .. code-block:: python

@@ -47,7 +47,7 @@ class HeadroomRetriever(BaseRetriever):
 
         docs = retriever.invoke("Which language should I use?")
         docs[0].page_content  # 'Prefers Python for backend work'
-        docs[0].metadata["category"], round(docs[0].metadata["score"], 2)  # ('preference', 0.35)
+        docs[0].metadata["category"], round(docs[0].metadata["score"], 2)  # ('preference', 0.26)
         retriever.invoke("Which language should I use?", k=1)  # one document at most
 
     In a chain::

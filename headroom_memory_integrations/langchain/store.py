@@ -356,7 +356,7 @@ class HeadroomStore(BaseStore):
         store.get(("alice",), "language").value
         # {'text': 'Prefers Python', 'category': 'preference'}
         found = store.search(("alice",), query="Which programming language should I use?")
-        [(i.key, round(i.score, 2)) for i in found]  # [('language', 0.61)]
+        [(i.key, round(i.score, 2)) for i in found]  # [('language', 0.46)]
 
     In an agent (tools reach it as ``runtime.store``)::
 

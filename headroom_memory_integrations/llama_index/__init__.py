@@ -2,7 +2,7 @@
 
 Every class here is a thin translation onto the core (:mod:`headroom_memory_integrations.flow`,
 the engine and the prompts): the same injection, escaping, extraction and storing as the OpenAI
-wrappers. Install with ``pip install 'headroom-memory-integrations[llama-index]'``.
+wrappers. Install with ``pip install '.[llama-index]'``.
 
 - :class:`HeadroomChatMemoryBuffer`: a drop-in for ``ChatMemoryBuffer`` (any engine or agent's
   ``memory=``); learns in the background through an LLM.
