@@ -2,7 +2,7 @@
 
 Two measures, both through ``MemoryStore`` with the real local model:
 
-- **Labelled pairs** (``benchmarks/consolidation_pairs.jsonl``, 318 pairs in 11 domains written
+- **Labelled pairs** (``benchmarks/consolidation_pairs.jsonl``, 338 pairs in 11 domains written
   for this: health, work, family, places, tools, tastes, schedules, ids, travel, pets,
   learning). Each pair is an existing memory and a new one, labelled ``duplicate`` (the new
   one says nothing new), ``update`` (it makes the old one no longer current) or ``distinct``
@@ -17,7 +17,7 @@ Two measures, both through ``MemoryStore`` with the real local model:
   wrappers store each memory with keys (topic words, the question it answers, situation
   questions; :mod:`headroom_memory_integrations.keys`), and two conversations word them
   differently, so the stored vectors of a pair are further apart than their texts (a median
-  of 0.82 for the updates). The keys were written for each of the 578 texts on its own by two
+  of 0.82 for the updates). The keys were written for each of the 616 texts on its own by three
   model instances that saw the texts shuffled, without their pairs or labels, and the
   product's keys instruction. Each pair is judged again with both memories stored with keys.
 - **Teammates**: 1,000 distinct facts in nearly the same words ("Teammate 59 is busy with
