@@ -4,8 +4,10 @@ A :class:`MemoryFlow` is the one implementation of "memory around a chat turn". 
 wrappers, the LangChain and the LlamaIndex adapters only translate their framework's messages and
 answers to and from plain text; they hold no memory logic. For each model call:
 
-1. :meth:`MemoryFlow.start` with the latest user message's text: wait (boundedly) for what the
-   user's previous calls queued in this process to be stored, search the user's memories and
+1. :meth:`MemoryFlow.start` with the latest user message's text: wait (boundedly) for the
+   memories the user's previous calls queued in this process to be stored (memories an inline
+   block carried; a background extraction, a model call of its own, is not waited for), search
+   the user's memories and
    build :attr:`Turn.prompt`, the text the caller puts in a system message just before that user
    message (the escaped context and, for inline extraction, the instruction with a fresh nonce).
 2. The caller calls the model with it.
@@ -48,7 +50,8 @@ class MemoryJobs(Protocol):
 
     def settle(self, memory: MemoryStore) -> bool:
         """Wait, briefly and boundedly, for the memories queued for ``memory``'s user in this
-        process to be stored, so a user's next call reads their previous call's writes."""
+        process to be stored, so a user's next call reads their previous call's writes (not
+        for background extractions: a model call of their own, seconds long)."""
         ...
 
     def store(self, memory: MemoryStore, memories: Sequence[Mapping[str, Any]]) -> None: ...

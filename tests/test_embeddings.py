@@ -523,3 +523,26 @@ def test_the_script_rebuilds_the_shipped_model_and_the_reference_vectors() -> No
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "up to date" in done.stdout
+
+
+@pytest.mark.openai_client
+def test_a_slow_embedding_endpoint_fails_in_the_embedders_time(openai_server) -> None:
+    """Not the client's 600 s: a search embeds its query on the chat call's path."""
+    import time
+
+    import openai
+
+    from headroom_memory_integrations import OpenAIEmbedder
+    from headroom_memory_integrations.embeddings.openai import DEFAULT_TIMEOUT
+    from headroom_memory_integrations.testing import hash_embedding
+
+    assert DEFAULT_TIMEOUT == 10.0
+
+    def slow(text: str, dimensions: int) -> list[float]:
+        time.sleep(3)
+        return hash_embedding(text, dimensions)
+
+    openai_server.embedder = slow
+    embedder = OpenAIEmbedder(openai_server.client(max_retries=0), timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):  # the client alone waits 30 s here
+        embedder.embed(["Which language do I like?"])

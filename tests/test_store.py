@@ -509,3 +509,12 @@ def test_a_url_of_another_scheme_is_refused(url, tmp_path, monkeypatch) -> None:
 def test_a_duplicate_threshold_that_is_not_a_similarity_is_refused(db_path, threshold) -> None:
     with pytest.raises(InvalidInputError, match="duplicate_threshold must be None or a number"):
         MemoryStore("alice", db_path=db_path, duplicate_threshold=threshold)
+
+
+def test_an_ipv6_server_url_keeps_its_brackets() -> None:
+    """``http://[::1]:8123`` was contacted as ``http://::1:8123``, which never connects."""
+    from headroom_memory_integrations import ChromaStorage
+
+    assert ChromaStorage.from_url("http://[::1]:8123").location == "http://[::1]:8123"
+    assert ChromaStorage.connect("::1", 8123).location == "http://[::1]:8123"
+    assert ChromaStorage.connect("127.0.0.1", 8123).location == "http://127.0.0.1:8123"

@@ -16,6 +16,10 @@ _KNOWN_DIMENSIONS = {
 }
 
 
+DEFAULT_TIMEOUT = 10.0
+"""Seconds an embedding request may take (a batch of 256 texts takes ~1-2 s)."""
+
+
 class OpenAIEmbedder:
     """Embeds with ``client.embeddings.create`` (default model ``text-embedding-3-small``).
 
@@ -25,6 +29,9 @@ class OpenAIEmbedder:
         model: The embedding model.
         dimensions: Ask the API for shorter vectors (text-embedding-3 models only).
         batch_size: Texts per request.
+        timeout: Seconds each request may take (the client's retries apply): a search embeds
+            its query on the chat call's path, which the client's own default (600 s) would
+            hold up for as long.
     """
 
     def __init__(
@@ -34,6 +41,7 @@ class OpenAIEmbedder:
         *,
         dimensions: int | None = None,
         batch_size: int = 256,
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         if client is None:
             from openai import OpenAI
@@ -43,6 +51,7 @@ class OpenAIEmbedder:
         self.model = model
         self._dimensions = dimensions
         self._batch_size = batch_size
+        self._timeout = timeout
         self.dimension = dimensions or _KNOWN_DIMENSIONS.get(model, 0)
         self.name = f"openai/{model}" + (f"@{dimensions}" if dimensions else "")
 
@@ -51,7 +60,9 @@ class OpenAIEmbedder:
         extra = {"dimensions": self._dimensions} if self._dimensions else {}
         for start in range(0, len(texts), self._batch_size):
             batch = list(texts[start : start + self._batch_size])
-            response = self._client.embeddings.create(model=self.model, input=batch, **extra)
+            response = self._client.embeddings.create(
+                model=self.model, input=batch, timeout=self._timeout, **extra
+            )
             ordered = sorted(response.data, key=lambda item: item.index)
             rows.extend(item.embedding for item in ordered)
         if not rows:

@@ -1161,7 +1161,10 @@ class ChromaStorage:
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> ChromaStorage:
         """Storage on a Chroma server (``chroma run --path DIR --host HOST --port PORT``),
-        contacted on first use. Each request fails after ``timeout`` seconds."""
+        contacted on first use. Each request fails after ``timeout`` seconds. An IPv6
+        ``host`` (``"::1"``) is written in brackets in URLs, as it must be."""
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
         url = f"{'https' if ssl else 'http'}://{host}:{port}"
 
         def make_client() -> Any:
