@@ -111,10 +111,18 @@ class BackgroundExtractor:
         ]
 
 
+_PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, NotImplementedError)
+"""Raised by code that cannot work (an extraction model of the wrong kind, a missing package):
+retrying changes nothing, and a worker retrying for ever made ``flush()`` wait for ever."""
+
+
 def retryable(exc: BaseException) -> bool:
     """Transient failures are retried: timeouts, connection errors, 408/409/429/5xx, malformed
-    answers, storage errors. Bad requests, bad credentials and bad data are not."""
-    if isinstance(exc, (PermanentJobError, InvalidInputError, EmbeddingMismatchError)):
+    answers, storage errors. Bad requests, bad credentials, bad data and programming errors
+    (:data:`_PROGRAMMING_ERRORS`) are not: the job is kept as failed (``retry_failed()``)."""
+    if isinstance(
+        exc, (PermanentJobError, InvalidInputError, EmbeddingMismatchError, *_PROGRAMMING_ERRORS)
+    ):
         return False
     status = getattr(exc, "status_code", None)
     return not isinstance(status, int) or status in (408, 409, 429) or status >= 500

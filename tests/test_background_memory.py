@@ -311,3 +311,19 @@ def test_pending_work_is_drained_at_exit(openai_server, db_path, model) -> None:
 
     stored = MemoryStore("alice", db_path=db_path, embedder=model).get_all()
     assert [m.text for m in stored] == ["Prefers Python for backend work"]
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (AttributeError("'str' object has no attribute 'chat'"), False),  # llm="gpt-4o-mini"
+        (TypeError("chat() missing 1 required positional argument"), False),
+        (ImportError("No module named 'llama_index.llms.openai'"), False),
+        (ConnectionError("connection refused"), True),
+        (TimeoutError("timed out"), True),
+    ],
+)
+def test_a_programming_error_fails_the_job_instead_of_retrying_for_ever(error, retried) -> None:
+    from headroom_memory_integrations.writer import retryable
+
+    assert retryable(error) is retried
