@@ -117,7 +117,8 @@ def test_a_new_process_recalls_and_without_the_extra_names_the_install(
     names, error, loaded = (json.loads(line) for line in out.splitlines())
     assert "HeadroomStore" in names and "HeadroomMemory" in names
     assert error == (
-        "MissingDependencyError: langchain_classic is not installed. Install it with: "
+        "MissingDependencyError: langchain_classic is not installed. Install the package's "
+        "'langchain-classic' extra: in a clone of headroom-memory-integrations, "
         "pip install '.[langchain-classic]'"
     )
     assert '"Prefers Python for backend work"' in loaded["memories"]
