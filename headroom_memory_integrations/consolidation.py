@@ -7,13 +7,16 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
 :func:`relate` compares the two texts word by word instead, and answers one of:
 
 - :attr:`Relation.DUPLICATE`: the new text says nothing the old one does not: the same words
-  up to case, punctuation and spacing, articles and a few filler words ("really", "has been"),
-  number words ("seven" = "7", "3pm" = "3 pm" = "15:00"), word forms ("Saturdays" =
-  "Saturday"), the order of an "A and B" list or of phrases that keep their prepositions
-  ("Works at Stripe as an engineer"), names spelled as one word or an acronym ("VS Code" =
-  "VSCode", "New York City" = "NYC"), or fewer words ("Enjoys jazz" after "Enjoys jazz
-  music"; but fewer numbers or dates is an update: "every week" after "every two weeks").
-  A word replaced by another is never a duplicate, however similar the texts.
+  up to case, punctuation and spacing, articles and a few empty words ("really", "has been"),
+  number words ("seven" = "7", "3pm" = "3 pm" = "15:00"), the order of an "A and B" list or
+  of phrases that keep their prepositions ("Works at Stripe as an engineer"), names spelled
+  as one word or an acronym ("VS Code" = "VSCode", "New York City" = "NYC"), or fewer words
+  that qualify nothing ("Enjoys jazz" after "Enjoys jazz music"; not "Eats fish" after "Eats
+  only fish", nor fewer numbers: "every week" after "every two weeks"). Symbols are words
+  ("$" and "€", ">" and "<", "%", emoji). Every duplicate passes :func:`says_nothing_new`,
+  which compares the words as written: a word replaced by another, even a word form
+  ("Lived" for "Lives", "daughters" for "daughter"), is never a duplicate, however similar
+  the texts.
 - :attr:`Relation.UPDATE`: the same statement with a changed value, which makes the old one
   no longer current: a number, date or time ("daughter is 7" -> "9"), a negation or tense
   ("is allergic" -> "is not allergic", "likes" -> "dislikes", "is unpaid" -> "was paid"),
@@ -47,6 +50,7 @@ storage, no framework.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -107,6 +111,30 @@ _LEADING_SUBJECTS = _POSSESSIVES | {"user"}
 """Dropped at the start of a text: "User's mother lives in Lisbon" = "Mother lives in Lisbon"."""
 
 _FILLER = _stems("been being really very also just actually originally always still currently")
+_EMPTY_WORDS = frozenset("been being really actually also".split())
+"""The words :func:`says_nothing_new` sets aside: their presence or absence changes nothing."""
+_QUALIFIERS = frozenset(
+    """
+    only just except but unless until till during while when whenever if otherwise instead
+    possibly probably maybe perhaps likely unlikely apparently reportedly allegedly supposedly
+    suspected suspects might may could would should will shall can
+    almost nearly mostly mainly largely partly partially half quarter somewhat slightly bit
+    little mildly barely hardly rarely seldom sometimes occasionally often usually frequently
+    always never generally typically normally ever still currently originally formerly
+    previously once already yet soon now temporarily temporary
+    plan plans planning planned want wants wanting wanted hope hopes hoping intend intends
+    intending going try tries trying tried consider considers considering thinking learning
+    quit quits quitting stop stops stopped finish finishes finished former ex non pre decaf
+    vice assistant deputy acting interim part time semi borderline free less low light zero
+    pseudo quasi mock faux fake imitation anti sub mini
+    summer winter spring autumn fall weekend weekends weekday weekdays morning mornings
+    afternoon afternoons evening evenings night nights daily weekly monthly yearly
+    hundred hundreds thousand thousands million millions billion billions dozen dozens
+    """.split()
+)
+"""Words that narrow, hedge, time or undo a statement: a text that leaves one out says
+something else ("Eats fish" after "Eats only fish", "Lives in Denver" after "... in the
+summer", "Is a smoker" after "Is a non-smoker")."""
 """Words whose presence or absence alone changes nothing ("Has been vegetarian" = "Vegetarian";
 "Really hates cilantro" = "Hates cilantro")."""
 
@@ -275,9 +303,129 @@ def _spell(text: str) -> str:
 
 @lru_cache(maxsize=4096)
 def same_wording_key(text: str) -> str:
-    """``text`` without case, punctuation and extra spacing: equal keys mean the same memory
-    (signs that change a value, as in "A+" and "A-", are kept as words)."""
-    return " ".join(_WORDS.findall(_spelled_signs(text).casefold()))
+    """``text`` without case, punctuation and extra spacing: equal keys mean the same memory.
+    Signs that change a value are kept as words ("A+" and "A-"), and so are symbols
+    ("$1500" and "€1500", ">100" and "<100", "20%", emoji) and the separators inside a number
+    ("2015-06-07", "120/80", "1.500" and "1,500")."""
+    return " ".join(_surface_words(_spelled_signs(text).casefold()))
+
+
+def _surface_words(text: str) -> list[str]:
+    """The words, numbers (with their inner separators) and symbols of ``text``, in order."""
+    return [
+        word.replace(",", "") if _THOUSANDS.fullmatch(word) else word
+        for word in _SURFACE.findall(text)
+        if word[0].isalnum() or word in _VALUE_MARKS or unicodedata.category(word)[0] == "S"
+    ]
+
+
+_SURFACE = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W_]+|[^\w\s]")
+_VALUE_MARKS = frozenset("%‰?")
+"""Punctuation that is part of a value (``20%``) or of what is stated ("Pregnant?"): kept as
+symbols are."""
+
+
+def says_nothing_new(old: str, new: str) -> bool:
+    """Whether ``new`` says nothing that ``old`` does not, judged on the words as written (no
+    stemming, no filler word dropped): the last check before :func:`relate` calls a text a
+    duplicate, which is the one verdict that loses information. It holds when, after case,
+    punctuation, articles, a leading "User"/"User's" and a few empty words ("really",
+    "actually", "also", "been") are set aside and number words are written as digits:
+
+    - the words are the same, in the same order; or
+    - the same words are reordered harmlessly: each preposition keeps the words it governs,
+      and the words outside those phrases keep their order, but for the two sides of an "A
+      and B" ("Plays
+      guitar and piano" = "Plays piano and guitar"; "Works at Stripe as an engineer" = "Works
+      as an engineer at Stripe"; not "Likes dogs but hates cats" -> "Likes cats but hates
+      dogs", "Tom is 7, Ann is 9" -> "Tom is 9, Ann is 7"); or
+    - ``new`` only leaves words out, keeping the others' order, and none of those is a number,
+      a symbol or a word that qualifies the statement (:data:`_QUALIFIERS`: "only", "except",
+      "possibly", "rarely", "plans", "non", "part-time", "in the summer", ...): "Enjoys jazz"
+      after "Enjoys jazz music", not "Eats fish" after "Eats only fish".
+
+    Anything else (a changed word form: "Lived" for "Lives", "daughters" for "daughter") says
+    something new."""
+    a, b = _plain_words(old), _plain_words(new)
+    if a == b:
+        return _values(*_with_acronyms(tokens(old), tokens(new))) is None
+    if Counter(a) == Counter(b):
+        return _harmless_order(old, new)
+    if not b or Counter(b) - Counter(a):
+        return False
+    left_out = list((Counter(a) - Counter(b)).elements())
+    if any(not word.isalpha() or word in _QUALIFIERS for word in left_out):
+        return False
+    kept = iter(a)
+    return all(word in kept for word in b)  # b is a in order, with words left out
+
+
+def _plain_words(text: str) -> tuple[str, ...]:
+    """The words of ``text`` as :func:`says_nothing_new` compares them (names left out:
+    :func:`relate` calls it only where its tokens, names included, agreed)."""
+    text = _spelled_signs(text.replace("\u2019", "'"))
+    for pattern, replacement in _CONTRACTIONS:
+        text = pattern.sub(replacement, text)
+    words: list[str] = []
+    for position, word in enumerate(_surface_words(text)):
+        if position and word[0].isupper():
+            continue  # a name: the tokens compared names already ("NYC" = "New York City")
+        lower = word.casefold()
+        if lower in _MULTIPLES:
+            words += [_MULTIPLES[lower], "times"]  # "twice" = "2 times"
+        else:
+            words.append(_NUMBER_WORDS.get(lower, _american(lower)))
+    while words and words[0] in ("user", *_ARTICLES):  # not "his" / "her": whose it is
+        words.pop(0)
+    return tuple(w for w in words if w not in _ARTICLES and w not in _EMPTY_WORDS)
+
+
+def _harmless_order(old: str, new: str) -> bool:
+    """Whether the same words of ``old`` and ``new`` are in orders that say the same thing
+    (see :func:`says_nothing_new`)."""
+    a, b = _with_acronyms(tokens(old), tokens(new))
+    return (  # each preposition keeps its words, the frame and the values their order
+        _reordered(a, b) and _frame(a) == _frame(b) and _values(a, b) is None
+    )
+
+
+def _values(old: tuple[Token, ...], new: tuple[Token, ...]) -> tuple[list[str], ...] | None:
+    """None if the names, numbers, dates and times of ``old`` and ``new`` come in the same
+    order, the two sides of each "A and B" sorted ("Python and TypeScript" = "TypeScript and
+    Python", "at 7am and 6pm" = "at 6pm and 7am"; not "from 9am till 5pm" = "from 5pm till
+    9am", "Wife drives the Tesla, user drives the Honda" = "... the Honda, ... the Tesla");
+    else both sequences."""
+    both = []
+    for sequence in (old, new):
+        values: list[str] = []
+        for index, token in enumerate(sequence):
+            if not token.is_detail:
+                continue
+            paired = index >= 2 and sequence[index - 1].text == "and" and values
+            if paired and sequence[index - 2].text == values[-1] and values[-1] > token.text:
+                values.insert(len(values) - 1, token.text)
+            else:
+                values.append(token.text)
+        both.append(values)
+    return None if both[0] == both[1] else (both[0], both[1])
+
+
+def _frame(sequence: tuple[Token, ...]) -> list[str]:
+    """The words outside every preposition's phrase, in order, the two sides of each "A and
+    B" sorted."""
+    outside: list[str] = []
+    governed = False
+    for token in sequence:
+        if token.text in _PREPOSITIONS:
+            governed = True
+        elif governed and _starts_predicate(token):
+            governed = False
+        if not governed:
+            outside.append(token.text)
+    for index in range(1, len(outside) - 1):
+        if outside[index] == "and" and outside[index - 1] > outside[index + 1]:
+            outside[index - 1], outside[index + 1] = outside[index + 1], outside[index - 1]
+    return outside
 
 
 def _american(word: str) -> str:
@@ -603,10 +751,10 @@ def relate(
         return Relation.DUPLICATE
     a, b = _with_acronyms(tokens(old), tokens(new))
     if not a or not b:
-        return Relation.DUPLICATE if a == b else Relation.DISTINCT
+        return _duplicate_unless_new(old, new) if a == b else Relation.DISTINCT
     words_a, words_b = Counter(t.text for t in a), Counter(t.text for t in b)
     if [t.text for t in a] == [t.text for t in b] or (words_a == words_b and _reordered(a, b)):
-        return Relation.DUPLICATE
+        return _duplicate_unless_new(old, new)
     common = words_a & words_b
     if (
         sum(common.values()) < MIN_SHARED_OF_SHORTER * min(len(a), len(b))
@@ -629,7 +777,9 @@ def relate(
     added = [t for t in change.after if t.text not in _FILLER]
     if not added:  # the new text says less
         fewer_values = any(t.kind in ("number", "date") for t in removed)
-        return Relation.UPDATE if fewer_values else Relation.DUPLICATE  # "every 2 weeks"
+        if fewer_values:
+            return Relation.UPDATE  # "every week" after "every 2 weeks"
+        return _duplicate_unless_new(old, new)
     if not removed:
         return Relation.UPDATE  # the same statement with more detail
     announced = _announces_change(added, a)
@@ -669,6 +819,13 @@ def relate(
     if context & _ONE_VALUE or {t.text for t in change.suffix} & _ONE_VALUE_ROLES:
         return Relation.UPDATE
     return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
+
+
+def _duplicate_unless_new(old: str, new: str) -> Relation:
+    """DUPLICATE where the comparison of stems found nothing new, if the words as written
+    agree (:func:`says_nothing_new`); else UPDATE: "Lived in Boston" after "Lives in Boston",
+    "Has daughters" after "Has a daughter", "Eats fish" after "Eats only fish" supersede."""
+    return Relation.DUPLICATE if says_nothing_new(old, new) else Relation.UPDATE
 
 
 def _content_words(changed: Sequence[Token]) -> int:

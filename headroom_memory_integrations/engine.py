@@ -344,15 +344,12 @@ def check_duplicate_threshold(threshold: object) -> float | None:
     """None (consolidation off) or a cosine similarity from 0 to 1."""
     if threshold is None:
         return None
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, numbers.Real)
-        or not 0.0 <= threshold <= 1.0  # NaN fails this too
-    ):
+    value = float(threshold) if isinstance(threshold, numbers.Real) else math.nan
+    if isinstance(threshold, bool) or not 0.0 <= value <= 1.0:  # NaN fails this too
         raise InvalidInputError(
             f"duplicate_threshold must be None or a number from 0 to 1, got {threshold!r}"
         )
-    return float(threshold)
+    return value
 
 
 def check_min_score(min_score: object) -> float:
