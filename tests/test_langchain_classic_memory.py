@@ -358,3 +358,14 @@ def test_an_agent_executor_with_intermediate_steps_saves_its_answer(
     assert [m.text for m in memory.memory.get_all()] == ["Prefers Python for backend work"]
     extraction = next(r.body for r in openai_server.requests if is_extraction(r.body))
     assert "Sunny in Lyon today." in extraction["messages"][1]["content"]
+
+
+def test_the_repr_never_shows_the_extraction_model(db_path, model) -> None:
+    """Its repr can show headers, where a gateway's key often is."""
+    from langchain_openai import ChatOpenAI
+
+    secret = "gw-SECRET-HEADER"
+    llm = ChatOpenAI(model="gpt-4o-mini", api_key="sk-x", default_headers={"X-Api-Key": secret})
+    memory = HeadroomMemory(user_id="alice", db_path=db_path, embedder=model, llm=llm)
+    assert secret not in repr(memory) and secret not in str(memory)
+    assert "alice" in repr(memory)
