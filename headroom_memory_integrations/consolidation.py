@@ -824,8 +824,14 @@ def relate(
 def _duplicate_unless_new(old: str, new: str) -> Relation:
     """DUPLICATE where the comparison of stems found nothing new, if the words as written
     agree (:func:`says_nothing_new`); else UPDATE: "Lived in Boston" after "Lives in Boston",
-    "Has daughters" after "Has a daughter", "Eats fish" after "Eats only fish" supersede."""
-    return Relation.DUPLICATE if says_nothing_new(old, new) else Relation.UPDATE
+    "Has daughters" after "Has a daughter", "Eats fish" after "Eats only fish" supersede.
+    Another owner ("His son is 7" / "Her son is 7") is another person's: DISTINCT."""
+    if says_nothing_new(old, new):
+        return Relation.DUPLICATE
+    a, b = _plain_words(old), _plain_words(new)
+    if a[1:] == b[1:] and a[:1] != b[:1] and {*a[:1], *b[:1]} <= _POSSESSIVES:
+        return Relation.DISTINCT
+    return Relation.UPDATE
 
 
 def _content_words(changed: Sequence[Token]) -> int:

@@ -264,6 +264,7 @@ def test_new_information_is_never_dropped_as_a_duplicate(db_path, model) -> None
     [
         ("Teammate 59 is busy with pottery work", "Teammate 62 is busy with pottery work"),
         ("User's daughter is 7 years old", "User's son is 7 years old"),
+        ("His son is 7", "Her son is 7"),  # another owner: another child
         ("Is allergic to peanuts", "Is allergic to shellfish"),
         ("Lives with their wife Carmen", "Lives with their stepfather Carmen"),
         ("Flight to Madrid leaves on June 12", "Flight to Lisbon leaves on June 12"),
