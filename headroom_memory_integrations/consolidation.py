@@ -130,6 +130,9 @@ _QUALIFIERS = frozenset(
     summer winter spring autumn fall weekend weekends weekday weekdays morning mornings
     afternoon afternoons evening evenings night nights daily weekly monthly yearly
     hundred hundreds thousand thousands million millions billion billions dozen dozens
+    more less fewer than least most up other few couple double triple alternate extra another
+    step late trainee intern junior replica future prospective potential possible alleged
+    supposed presumed apparent rumored rumoured socially needed
     """.split()
 )
 """Words that narrow, hedge, time or undo a statement: a text that leaves one out says
@@ -320,6 +323,12 @@ def _surface_words(text: str) -> list[str]:
 
 
 _SURFACE = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W_]+|[^\w\s]")
+_SENTENCE_ENDS = frozenset(".!?;:")
+_CLAUSE_WORDS = frozenset(stem(w) for w in "who whose which that named called with".split())
+"""Words that start a clause about the side of an "A and B" just before them."""
+_OWNERS = frozenset({"his", "her"})
+"""A leading owner that is someone else's, maybe ("Her son is 7"); "their" is the user's, in a
+third-person memory ("Lives with their wife")."""
 _VALUE_MARKS = frozenset("%‰?")
 """Punctuation that is part of a value (``20%``) or of what is stated ("Pregnant?"): kept as
 symbols are."""
@@ -347,17 +356,28 @@ def says_nothing_new(old: str, new: str) -> bool:
     Anything else (a changed word form: "Lived" for "Lives", "daughters" for "daughter") says
     something new."""
     a, b = _plain_words(old), _plain_words(new)
+    if _owner(a) != _owner(b):
+        return False
     if a == b:
         return _values(*_with_acronyms(tokens(old), tokens(new))) is None
     if Counter(a) == Counter(b):
         return _harmless_order(old, new)
+    left_out = _left_out(a, b)
+    return left_out is not None and not any(
+        not word.isalpha() or word in _QUALIFIERS or stem(word) in _PREPOSITIONS
+        for word in left_out
+    )  # not a phrase left out: "Drinks beer" after "Drinks beer after work"
+
+
+def _left_out(a: tuple[str, ...], b: tuple[str, ...]) -> list[str] | None:
+    """The words of ``a`` that ``b`` leaves out, if ``b`` is ``a`` in order with words left out
+    (none: an empty list); else None."""
     if not b or Counter(b) - Counter(a):
-        return False
-    left_out = list((Counter(a) - Counter(b)).elements())
-    if any(not word.isalpha() or word in _QUALIFIERS for word in left_out):
-        return False
+        return None
     kept = iter(a)
-    return all(word in kept for word in b)  # b is a in order, with words left out
+    if not all(word in kept for word in b):
+        return None
+    return list((Counter(a) - Counter(b)).elements())
 
 
 def _plain_words(text: str) -> tuple[str, ...]:
@@ -367,9 +387,20 @@ def _plain_words(text: str) -> tuple[str, ...]:
     for pattern, replacement in _CONTRACTIONS:
         text = pattern.sub(replacement, text)
     words: list[str] = []
-    for position, word in enumerate(_surface_words(text)):
-        if position and word[0].isupper():
+    sentence_start = True
+    for match in _SURFACE.finditer(text):
+        word = match.group()
+        if word in _SENTENCE_ENDS:
+            sentence_start = True
+            if word == "?":  # "Pregnant?" is not "Pregnant."
+                words.append(word)
+            continue
+        if not _surface_words(word):
+            continue  # punctuation
+        word = _surface_words(word)[0]
+        if word[0].isupper() and not sentence_start:
             continue  # a name: the tokens compared names already ("NYC" = "New York City")
+        sentence_start = False
         lower = word.casefold()
         if lower in _MULTIPLES:
             words += [_MULTIPLES[lower], "times"]  # "twice" = "2 times"
@@ -378,6 +409,11 @@ def _plain_words(text: str) -> tuple[str, ...]:
     while words and words[0] in ("user", *_ARTICLES):  # not "his" / "her": whose it is
         words.pop(0)
     return tuple(w for w in words if w not in _ARTICLES and w not in _EMPTY_WORDS)
+
+
+def _owner(words: tuple[str, ...]) -> str | None:
+    """Whose fact ``words`` state: "his" or "her" when they lead, else the user's (None)."""
+    return words[0] if words and words[0] in _OWNERS else None
 
 
 def _harmless_order(old: str, new: str) -> bool:
@@ -401,7 +437,8 @@ def _values(old: tuple[Token, ...], new: tuple[Token, ...]) -> tuple[list[str], 
         for index, token in enumerate(sequence):
             if not token.is_detail:
                 continue
-            paired = index >= 2 and sequence[index - 1].text == "and" and values
+            clause = index + 1 < len(sequence) and sequence[index + 1].text in _CLAUSE_WORDS
+            paired = index >= 2 and sequence[index - 1].text == "and" and values and not clause
             if paired and sequence[index - 2].text == values[-1] and values[-1] > token.text:
                 values.insert(len(values) - 1, token.text)
             else:
@@ -423,6 +460,8 @@ def _frame(sequence: tuple[Token, ...]) -> list[str]:
         if not governed:
             outside.append(token.text)
     for index in range(1, len(outside) - 1):
+        if outside[index + 2 : index + 3] and outside[index + 2] in _CLAUSE_WORDS:
+            continue  # "a son and a daughter who has asthma": the clause names one side
         if outside[index] == "and" and outside[index - 1] > outside[index + 1]:
             outside[index - 1], outside[index + 1] = outside[index + 1], outside[index - 1]
     return outside
@@ -829,8 +868,13 @@ def _duplicate_unless_new(old: str, new: str) -> Relation:
     if says_nothing_new(old, new):
         return Relation.DUPLICATE
     a, b = _plain_words(old), _plain_words(new)
-    if a[1:] == b[1:] and a[:1] != b[:1] and {*a[:1], *b[:1]} <= _POSSESSIVES:
-        return Relation.DISTINCT
+    if _owner(a) != _owner(b):
+        return Relation.DISTINCT  # another person's fact, maybe: keep both
+    left_out = _left_out(a, b)
+    if left_out is not None and not any(
+        not word.isalpha() or word in _QUALIFIERS for word in left_out
+    ):  # a phrase or a name left out, qualifying nothing: both can be true
+        return Relation.DISTINCT  # "Wears glasses" and "Wears glasses for reading"
     return Relation.UPDATE
 
 

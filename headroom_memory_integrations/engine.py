@@ -37,7 +37,7 @@ from .keys import clean_keys, index_text, memory_vectors
 from .lexical import lexical_scores
 from .storage.base import Storage, UserCollection
 from .storage.chroma import ChromaStorage
-from .types import Category, Memory, Revision, SearchResult, Source, parse_time, utc_now
+from .types import Category, Memory, Revision, SearchResult, Source, storable_time, utc_now
 from .write_path import Remembered, WritePath
 
 DEFAULT_DB_PATH = "~/.headroom-memory"
@@ -438,7 +438,11 @@ def _bounded_lines(stream: IO[str]) -> Iterator[str]:
 def _imported_revision(data: Mapping[str, Any]) -> Revision:
     """An exported memory's earlier text, checked as a memory's text is."""
     revision = Revision.from_dict(data)
-    return replace(revision, text=clean_text(data["text"], "history text"))
+    return replace(
+        revision,
+        text=clean_text(data["text"], "history text"),
+        replaced_at=storable_time(revision.replaced_at),
+    )
 
 
 class MemoryStore(WritePath):
@@ -1210,8 +1214,8 @@ class MemoryStore(WritePath):
                 user_id=self.user_id,
                 text=clean_text(data["text"]),
                 category=Category.parse(data.get("category", "fact")),
-                created_at=parse_time(data.get("created_at") or utc_now()),
-                updated_at=parse_time(
+                created_at=storable_time(data.get("created_at") or utc_now()),
+                updated_at=storable_time(
                     data.get("updated_at") or data.get("created_at") or utc_now()
                 ),
                 source=Source.parse(data.get("source", "manual")),

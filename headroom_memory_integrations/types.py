@@ -179,8 +179,7 @@ class SearchResult(NamedTuple):
 
 def parse_time(value: Any) -> datetime:
     """A timezone-aware time from a datetime, an ISO 8601 text or a POSIX timestamp (naive
-    times are UTC). Raises ValueError for one that is no time or that UTC cannot hold (a
-    timestamp of 1e20, "9999-12-31T23:59:59-12:00")."""
+    times are UTC). Raises ValueError for one that is no time (a timestamp of 1e20)."""
     try:
         if isinstance(value, datetime):
             parsed = value
@@ -188,8 +187,17 @@ def parse_time(value: Any) -> datetime:
             parsed = datetime.fromtimestamp(float(value), timezone.utc)
         else:
             parsed = datetime.fromisoformat(str(value))
-        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-        parsed.astimezone(timezone.utc)  # what storing it does
     except (OverflowError, OSError) as exc:
+        raise ValueError(f"time out of range: {value!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def storable_time(value: Any) -> datetime:
+    """:func:`parse_time`, refusing a time UTC cannot hold ("9999-12-31T23:59:59-12:00" is in
+    the year 10000 there), which a store could write but never read back as a timestamp."""
+    parsed = parse_time(value)
+    try:
+        parsed.astimezone(timezone.utc).timestamp()
+    except (OverflowError, OSError, ValueError) as exc:
         raise ValueError(f"time out of range: {value!r}") from exc
     return parsed

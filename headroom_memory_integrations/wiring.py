@@ -36,11 +36,13 @@ from .writer import BackgroundExtractor, queue_path_for, writer_for
 
 def check_user_id(user_id: object) -> str:
     """A user id an application hands an adapter or wrapper: as :class:`MemoryStore` accepts
-    it, and without control characters. LangGraph namespaces map to users joined with
-    ``"\x1f"`` (:class:`~.langchain.store.HeadroomStore`): a run's user holding one could
-    reach into another user's searches there."""
+    it, and without control characters (a newline or NUL is never part of a real id), but for
+    ``"\x1f"``, which joins the labels of a LangGraph namespace's user
+    (:func:`~.langchain.store.namespace_user`). An application that takes user ids from
+    untrusted input must refuse ``"\x1f"`` itself: ``"alice\x1fmallory"`` is the namespace
+    ``("alice", "mallory")``, inside ``("alice",)``'s searches."""
     user_id = validate_user_id(user_id)
-    if any(unicodedata.category(ch) == "Cc" for ch in user_id):
+    if any(unicodedata.category(ch) == "Cc" and ch != "\x1f" for ch in user_id):
         raise InvalidInputError(f"user_id must not hold control characters, got {user_id!r}")
     return user_id
 

@@ -93,6 +93,38 @@ def test_a_true_duplicate_is_merged(store: MemoryStore, old: str, new: str) -> N
     assert store.get_all() == [first]
 
 
+# a second adversarial review (stop 32): new information the first check still dropped, and
+# true memories it retired
+SECOND_REVIEW = [
+    ("Eats everything other than pork", "Eats everything", Outcome.SUPERSEDED),
+    ("Has more than 3 cats", "Has 3 cats", Outcome.SUPERSEDED),
+    (
+        "Visits his mother every other weekend",
+        "Visits his mother every weekend",
+        Outcome.SUPERSEDED,
+    ),
+    ("Has a step-daughter", "Has a daughter", Outcome.SUPERSEDED),
+    ("Is an alleged smoker", "Is a smoker", Outcome.SUPERSEDED),
+    ("Wears glasses for reading", "Wears glasses", Outcome.STORED),  # both can be true
+    ("Lives with his wife Carmen", "Lives with his wife", Outcome.STORED),
+    ("His son is 7 years old", "Her son is 7", Outcome.STORED),  # another owner
+    ("Her son is 7", "User's son is 7", Outcome.STORED),
+    ("Likes jazz. Lives in Boston", "Likes jazz. Lived in Boston", Outcome.SUPERSEDED),
+    (
+        "Has a son and a daughter who has asthma",
+        "Has a daughter and a son who has asthma",
+        Outcome.SUPERSEDED,
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "outcome"), SECOND_REVIEW)
+def test_what_a_second_review_found(store: MemoryStore, old: str, new: str, outcome) -> None:
+    store.remember(old)
+    assert store.remember(new).outcome is outcome
+    assert new in [m.text for m in store.get_all()]
+
+
 OPPOSITES = [
     ("Is left-handed", "Is right-handed"),  # cosine 0.958
     ("Goes to bed before midnight", "Goes to bed after midnight"),  # 0.960

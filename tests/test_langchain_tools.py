@@ -476,13 +476,26 @@ def test_a_storage_failure_is_a_tool_error_and_the_run_goes_on(openai_server, mo
     assert request_text(openai_server.requests[-1].body).count("Memory is unavailable") == 2
 
 
-@pytest.mark.parametrize("user_id", ["alice\x1fmallory", "alice\nbob", "alice\x00"])
+@pytest.mark.parametrize("user_id", ["alice\nbob", "alice\x00", "alice\rbob"])
 def test_a_run_user_with_control_characters_is_refused(openai_server, db_path, model, user_id):
-    """HeadroomStore joins namespace labels with "\\x1f": a run's user holding one could be
-    found by another user's namespace searches."""
+    """A newline or NUL is no part of a real id ("\\x1f" is: it joins a namespace's labels,
+    docs/langchain.md)."""
     agent = create_agent(
         chat_model(openai_server), tools=memory_tools(db_path=db_path, embedder=model)
     )
     openai_server.script(Reply.tool_call("search_memory", {"query": "anything"}), "done")
     with pytest.raises(InvalidInputError, match="control characters"):
         agent.invoke(ask("hi"), user(user_id))
+
+
+def test_a_namespace_user_reaches_its_memories_through_the_tools(openai_server, db_path, model):
+    """The documented way to reach ("acme", "bob"): user_id=namespace_user(...), "\\x1f" in it."""
+    from headroom_memory_integrations.langchain import HeadroomStore, namespace_user
+
+    store = HeadroomStore(db_path=db_path, embedder=model)
+    store.put(("acme", "bob"), "tea", {"text": "Prefers green tea"})
+    search = create_search_memory_tool(
+        user_id=namespace_user(("acme", "bob")), db_path=db_path, embedder=model
+    )
+    found = search.invoke({"query": "Which tea do I like?"})
+    assert "Prefers green tea" in found
