@@ -6,6 +6,7 @@ Every wrapper and adapter in this package is a thin layer over :class:`MemorySto
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -423,7 +424,7 @@ def server_url(path: str, what: str) -> str | None:
 # -- the store -------------------------------------------------------------------------------
 
 
-def _bounded_lines(stream: IO[str]) -> Iterator[str]:
+def _bounded_lines(stream: io.TextIOBase) -> Iterator[str]:
     """The lines of ``stream``, each read up to one character past
     :data:`MAX_IMPORT_LINE_CHARS` (a longer line is cut there, and refused by its length)."""
     while True:
@@ -1139,8 +1140,8 @@ class MemoryStore(WritePath):
             lines: Iterable[str] = source  # type: ignore[assignment]
             if isinstance(source, (str, os.PathLike)):
                 lines = stack.enter_context(open(source, encoding="utf-8"))
-            if callable(getattr(lines, "readline", None)):  # read no more than a line's limit
-                lines = _bounded_lines(lines)  # type: ignore[arg-type]
+            if isinstance(lines, io.TextIOBase):  # a file: read no more than a line's limit
+                lines = _bounded_lines(lines)
             try:
                 for number, line in enumerate(lines, start=1):
                     if len(line) > MAX_IMPORT_LINE_CHARS:

@@ -546,3 +546,18 @@ def test_a_slow_embedding_endpoint_fails_in_the_embedders_time(openai_server) ->
     embedder = OpenAIEmbedder(openai_server.client(max_retries=0), timeout=0.5)
     with pytest.raises(openai.APITimeoutError):  # the client alone waits 30 s here
         embedder.embed(["Which language do I like?"])
+
+
+def test_the_embedders_timeout_defers_to_a_client_that_set_its_own() -> None:
+    """openai's default (600 s) is cut to DEFAULT_TIMEOUT; a timeout the application chose
+    stands; a client of another kind is passed no timeout at all."""
+    import openai
+
+    from headroom_memory_integrations import OpenAIEmbedder
+    from headroom_memory_integrations.embeddings.openai import DEFAULT_TIMEOUT
+
+    plain = OpenAIEmbedder(openai.OpenAI(api_key="sk-x"))
+    assert plain._options == {"timeout": DEFAULT_TIMEOUT}
+    assert OpenAIEmbedder(openai.OpenAI(api_key="sk-x", timeout=60))._options == {}
+    assert OpenAIEmbedder(object())._options == {}
+    assert OpenAIEmbedder(object(), timeout=3)._options == {"timeout": 3}

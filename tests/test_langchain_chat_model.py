@@ -147,7 +147,7 @@ def test_every_call_style_hides_the_block_and_learns(
     calls = 2 if "batch" in style else 1
     assert len(tracer.llm_runs()) == calls  # one traced run per call: the wrapped model's is not
     assert tokens.chat_starts == calls
-    if "stream" in style:
+    if "stream" in style or (wrapped == "streaming=True" and style in ("invoke", "ainvoke")):
         assert tokens.streamed == ANSWER  # callbacks got every visible token, and only those
     messages = sent(openai_server)
     assert messages[-1] == {"role": "user", "content": "I always drink green tea."}

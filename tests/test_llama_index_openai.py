@@ -482,3 +482,37 @@ def test_extraction_through_an_llm_with_memory_goes_around_its_memory(
     assert [m.text for m in bob.memory.get_all()] == [FACT]
     assert [m.text for m in alice.get_all()] == ["Prefers Go for backend work"]
     assert llm_memory(alice_llm) is alice  # the LLM itself keeps its memory
+
+
+def test_extraction_does_not_continue_the_llms_stored_conversation(
+    openai_server, db_path, model
+) -> None:
+    """An OpenAIResponses LLM that tracks its previous response: the extraction call is no
+    turn of that conversation (it may be another user's), and leaves its chain as it was."""
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.openai import OpenAIResponses
+
+    from headroom_memory_integrations.testing import MemoryFollowingModel
+
+    openai_server.responder = MemoryFollowingModel()
+    llm = OpenAIResponses(
+        model="gpt-4o-mini",
+        api_base=openai_server.base_url,
+        api_key="sk-x",
+        track_previous_responses=True,
+    )
+    llm.chat([ChatMessage(role="user", content="Hello there")])
+    chain = llm._previous_response_id
+    assert chain
+    buffer = HeadroomChatMemoryBuffer.from_defaults(
+        user_id="bob", db_path=db_path, embedder=model, token_limit=3000, llm=llm
+    )
+    before = len(openai_server.requests)
+    buffer.put(ChatMessage(role="user", content=FACT))
+    buffer.put(ChatMessage(role="assistant", content="Noted."))
+    flush(buffer.memory)
+    extraction = [r.body for r in openai_server.requests[before:]]
+    assert len(extraction) == 1
+    assert extraction[0].get("previous_response_id") is None and not extraction[0].get("store")
+    assert llm._previous_response_id == chain
+    assert [m.text for m in buffer.memory.get_all()] == ["Prefers Python for backend work"]

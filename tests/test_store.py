@@ -268,6 +268,19 @@ def test_an_import_line_that_could_not_be_stored_or_read_back_is_refused(
     assert store.count() == 0 and store.get_all() == []
 
 
+def test_an_import_takes_any_iterable_of_lines(store: MemoryStore, tmp_path) -> None:
+    """fileinput.input() has a readline that takes no size: it is read as lines."""
+    import fileinput
+
+    store.add("Drinks oat milk")
+    path = tmp_path / "alice.jsonl"
+    store.export(path)
+    fresh = MemoryStore("carol", db_path=store.storage.location, embedder=store.embedder)
+    with fileinput.input(files=[str(path)]) as lines:
+        assert fresh.import_(lines) == 1
+    assert [m.text for m in fresh.get_all()] == ["Drinks oat milk"]
+
+
 def test_an_import_reads_no_further_than_a_line_too_long(store: MemoryStore, tmp_path) -> None:
     from headroom_memory_integrations.engine import MAX_IMPORT_LINE_CHARS
 

@@ -494,7 +494,8 @@ class MemoryChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         if self._model_streams_only(kwargs, asynchronous=False):
-            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+            chunks = self._stream(messages, stop, run_manager, **kwargs)
+            return generate_from_stream(_reported(chunks, run_manager))
         flow = self._memory_flow
         call = self._start(messages, kwargs, run_manager)
         self._acquire()
@@ -509,7 +510,8 @@ class MemoryChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         if self._model_streams_only(kwargs, asynchronous=True):
-            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+            chunks = self._astream(messages, stop, run_manager, **kwargs)
+            return await agenerate_from_stream(_areported(chunks, run_manager))
         flow = self._memory_flow
         call = await asyncio.to_thread(self._start, messages, kwargs, run_manager)
         await self._aacquire()
@@ -644,6 +646,26 @@ _MEMORY_SETTINGS = frozenset(
 _RUN_SETTINGS = ("callbacks", "tags", "metadata", "verbose")
 """What a chat model adds to its runs (handlers, tracing tags and metadata): the wrapper's runs
 are the wrapped model's calls, so it carries them."""
+
+
+def _reported(
+    chunks: Iterator[ChatGenerationChunk], run_manager: CallbackManagerForLLMRun | None
+) -> Iterator[ChatGenerationChunk]:
+    """``chunks``, each told to the run's token handlers first (as LangChain tells them when it
+    streams a call itself)."""
+    for chunk in chunks:
+        if run_manager is not None:
+            run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        yield chunk
+
+
+async def _areported(
+    chunks: AsyncIterator[ChatGenerationChunk], run_manager: AsyncCallbackManagerForLLMRun | None
+) -> AsyncIterator[ChatGenerationChunk]:
+    async for chunk in chunks:
+        if run_manager is not None:
+            await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        yield chunk
 
 
 def _run_settings(model: BaseChatModel) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def llm_completer(llm: LLM | None) -> Complete:
     def complete(messages: list[dict[str, str]], model_name: str | None) -> str:
         model: Any = llm if llm is not None else _settings_llm()
         model = getattr(model, "wrapped_llm", model)  # a MemoryLLM: extract without memory
-        if "headroom_memory_integrations.openai.client" in sys.modules:  # memory clients exist
+        if "llama_index.llms.openai" in sys.modules:  # an OpenAI LLM may hold memory clients
             from .openai_llm import without_memory
 
             model = without_memory(model)

@@ -148,16 +148,24 @@ def openai_llm_with_memory(
 
 
 def without_memory(llm: Any) -> Any:
-    """``llm`` as background extraction must call it: for an LLM set up by
-    :func:`openai_llm_with_memory`, a copy whose clients are the ones it wrapped (no memories
-    injected, nothing stored for its user); any other LLM itself."""
+    """``llm`` as background extraction must call it: a copy whose clients are the ones
+    :func:`openai_llm_with_memory` wrapped (no memories injected, nothing stored for its
+    user), and that does not continue or store a Responses API conversation
+    (``track_previous_responses``: an extraction call is no turn of the app's conversation,
+    and may be another user's); any other LLM itself."""
     clients = [getattr(llm, name, None) for name in ("_client", "_aclient")]
-    if not any(isinstance(client, MemoryClient) for client in clients):
+    wrapped = any(isinstance(client, MemoryClient) for client in clients)
+    tracking = getattr(llm, "track_previous_responses", False) is True
+    if not wrapped and not tracking:
         return llm
     plain = llm.model_copy()
-    plain._client, plain._aclient = [
-        client._wrapped if isinstance(client, MemoryClient) else client for client in clients
-    ]
+    if wrapped:
+        plain._client, plain._aclient = [
+            client._wrapped if isinstance(client, MemoryClient) else client for client in clients
+        ]
+    if tracking:
+        plain.track_previous_responses, plain.store = False, False
+        plain._previous_response_id = None
     return plain
 
 

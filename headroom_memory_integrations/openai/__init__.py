@@ -81,7 +81,9 @@ def openai_completer(client: Any) -> Complete:
         if not model:
             raise PermanentJobError("no extraction model: pass extraction_model=")
         response = client.chat.completions.create(model=model, messages=messages, temperature=0)
-        return response.choices[0].message.content or ""
+        choices = getattr(response, "choices", None)  # None: a gateway's error body, sent as 200
+        message = getattr(choices[0], "message", None) if choices else None
+        return getattr(message, "content", None) or ""  # "": a malformed answer, retried
 
     return complete
 
