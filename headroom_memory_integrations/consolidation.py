@@ -364,9 +364,14 @@ def says_nothing_new(old: str, new: str) -> bool:
         return _harmless_order(old, new)
     left_out = _left_out(a, b)
     return left_out is not None and not any(
-        not word.isalpha() or word in _QUALIFIERS or stem(word) in _PREPOSITIONS
-        for word in left_out
+        _qualifies(word) or stem(word) in _PREPOSITIONS for word in left_out
     )  # not a phrase left out: "Drinks beer" after "Drinks beer after work"
+
+
+def _qualifies(word: str) -> bool:
+    """Whether ``word``, left out, changes what a statement says: a number, a symbol or a word
+    of :data:`_QUALIFIERS`."""
+    return not word.isalpha() or word in _QUALIFIERS
 
 
 def _left_out(a: tuple[str, ...], b: tuple[str, ...]) -> list[str] | None:
@@ -380,6 +385,7 @@ def _left_out(a: tuple[str, ...], b: tuple[str, ...]) -> list[str] | None:
     return list((Counter(a) - Counter(b)).elements())
 
 
+@lru_cache(maxsize=16384)  # asked for again when the words do not agree
 def _plain_words(text: str) -> tuple[str, ...]:
     """The words of ``text`` as :func:`says_nothing_new` compares them (names left out:
     :func:`relate` calls it only where its tokens, names included, agreed)."""
@@ -395,9 +401,10 @@ def _plain_words(text: str) -> tuple[str, ...]:
             if word == "?":  # "Pregnant?" is not "Pregnant."
                 words.append(word)
             continue
-        if not _surface_words(word):
+        surface = _surface_words(word)
+        if not surface:
             continue  # punctuation
-        word = _surface_words(word)[0]
+        word = surface[0]
         if word[0].isupper() and not sentence_start:
             continue  # a name: the tokens compared names already ("NYC" = "New York City")
         sentence_start = False
@@ -871,9 +878,8 @@ def _duplicate_unless_new(old: str, new: str) -> Relation:
     if _owner(a) != _owner(b):
         return Relation.DISTINCT  # another person's fact, maybe: keep both
     left_out = _left_out(a, b)
-    if left_out is not None and not any(
-        not word.isalpha() or word in _QUALIFIERS for word in left_out
-    ):  # a phrase or a name left out, qualifying nothing: both can be true
+    if left_out is not None and not any(map(_qualifies, left_out)):
+        # a phrase or a name left out, qualifying nothing: both can be true
         return Relation.DISTINCT  # "Wears glasses" and "Wears glasses for reading"
     return Relation.UPDATE
 
