@@ -88,6 +88,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def closed_server_url() -> str:
+    """A Chroma server URL where nothing listens (the memory storage is down)."""
+    return f"http://127.0.0.1:{_free_port()}"
+
+
 class ChromaServer:
     def __init__(self, path: Path) -> None:
         self.path = path

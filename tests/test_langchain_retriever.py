@@ -174,11 +174,9 @@ class TestHeadroomRetrieverStandard(RetrieversIntegrationTests):
 
 
 def test_a_storage_failure_returns_no_documents_and_is_counted(model) -> None:
-    import socket
+    from conftest import closed_server_url
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there
+    down = closed_server_url()
     retriever = HeadroomRetriever(user_id="alice", db_path=down, embedder=model)
     assert retriever.invoke(QUERY) == []
     assert asyncio.run(retriever.ainvoke(QUERY)) == []

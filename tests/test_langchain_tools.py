@@ -445,18 +445,10 @@ def test_max_results_caps_the_default_limit_too(db_path, model) -> None:
             create_search_memory_tool(memory=store, max_results=wrong)
 
 
-def closed_port_url() -> str:
-    """A Chroma server URL where nothing listens (the memory storage is down)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 def test_a_storage_failure_is_a_tool_error_and_the_run_goes_on(openai_server, model) -> None:
-    down = closed_port_url()
+    from conftest import closed_server_url
+
+    down = closed_server_url()
     agent = create_agent(
         chat_model(openai_server), tools=memory_tools(db_path=down, embedder=model)
     )
