@@ -1,6 +1,6 @@
 """Consolidation quality: is a new memory merged, does it supersede, or is it kept beside?
 
-Two measures, both through ``MemoryStore`` with the real local model:
+Measured through ``MemoryStore`` with the real local model:
 
 - **Labelled pairs** (``benchmarks/consolidation_pairs.jsonl``, 338 pairs in 11 domains written
   for this: health, work, family, places, tools, tastes, schedules, ids, travel, pets,
@@ -20,6 +20,12 @@ Two measures, both through ``MemoryStore`` with the real local model:
   of 0.82 for the updates). The keys were written for each of the 616 texts on its own by three
   model instances that saw the texts shuffled, without their pairs or labels, and the
   product's keys instruction. Each pair is judged again with both memories stored with keys.
+- **A blind set** (``benchmarks/consolidation_blind_pairs.jsonl``, 220 pairs): written in stop
+  33 by a model instance that read no file of the repository, asked to trick a rule-based
+  consolidation into calling new information a duplicate (160 updates and distinct facts in 20
+  classes: modifiers left out, acronyms, units, signs, versions, ...) with 60 true rewordings
+  as a control. Looked at once before two fixes (a minus before a currency sign, dotted
+  abbreviations), so it is not held out any more; it is reported as one set.
 - **Teammates**: 1,000 distinct facts in nearly the same words ("Teammate 59 is busy with
   pottery work", "Teammate 62 ...") added with ``remember_many`` in batches of 100; all must be
   stored. The old rule's count is computed on the same vectors.
@@ -57,8 +63,10 @@ from .corpus import with_questions
 NAME = "consolidation"
 PAIRS = Path(__file__).with_name("consolidation_pairs.jsonl")
 KEYS = Path(__file__).with_name("consolidation_keys.jsonl")
+BLIND = Path(__file__).with_name("consolidation_blind_pairs.jsonl")
 LABELS = ("duplicate", "update", "distinct")
 SPLITS = ("dev", "heldout")
+BLIND_SPLIT = "blind"
 AS_LABEL = {
     Outcome.DUPLICATE: "duplicate",
     Outcome.SUPERSEDED: "update",
@@ -68,10 +76,12 @@ TEAMMATES = 1_000
 HOBBIES = "pottery chess garden carpentry painting knitting baking cycling sailing yoga".split()
 
 
-def load_pairs(path: Path = PAIRS) -> list[dict[str, str]]:
+def load_pairs(path: Path = PAIRS, split: str | None = None) -> list[dict[str, str]]:
+    """The labelled pairs of ``path``; ``split`` for a file that is one split only."""
     pairs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     for pair in pairs:
-        if pair["label"] not in LABELS or pair["split"] not in SPLITS:
+        pair.setdefault("split", split or "")
+        if pair["label"] not in LABELS or pair["split"] not in (*SPLITS, BLIND_SPLIT):
             raise ValueError(f"bad pair {pair['id']}: {pair['label']!r} / {pair['split']!r}")
     return pairs
 
@@ -186,9 +196,13 @@ def measure(workdir: Path, teammate_count: int) -> dict[str, Any]:
         report[split] = summary(half)
         report[f"{split}_old_rule"] = summary(half, "old_rule")
         report[f"{split}_with_keys"] = summary([j for j in keyed if j["split"] == split])
+    blind_storage = ChromaStorage.at(workdir / BLIND_SPLIT)  # its users are pair-0, ... too
+    blind = judge_pairs(load_pairs(BLIND, BLIND_SPLIT), blind_storage, model)
+    report[BLIND_SPLIT] = summary(blind)
+    report[f"{BLIND_SPLIT}_old_rule"] = summary(blind, "old_rule")
     report["errors"] = [
         {k: j[k] for k in ("id", "split", "label", "predicted", "similarity", "old", "new")}
-        for j in judged
+        for j in judged + blind
         if j["predicted"] != j["label"]
     ]
     report["teammates"] = teammates_stored(storage, model, teammate_count)
@@ -241,6 +255,13 @@ def run(ctx: Context) -> SectionResult:
             f"(without keys: {now['stale_memory_kept']})"
         )
         _pair_rows(result, f"{label} pairs, with model-written keys", keyed, (stale, ""))
+    blind, before = report[BLIND_SPLIT], report[f"{BLIND_SPLIT}_old_rule"]
+    old_rule = (
+        f"old rule: {before['new_information_discarded']}",
+        f"old rule: {before['accuracy']:.3f}",
+    )
+    _pair_rows(result, "blind pairs", blind, old_rule)
+    log(f"{NAME}, blind set:\n{format_matrix(blind['matrix'])}")
     mates = report["teammates"]
     result.add(
         Row(
@@ -276,6 +297,11 @@ def main() -> int:
                 f"retired: {part['true_memory_retired']}; stale memory kept: "
                 f"{part['stale_memory_kept']}"
             )
+    for key, title in ((BLIND_SPLIT, "this engine"), (f"{BLIND_SPLIT}_old_rule", "old rule")):
+        part = report[key]
+        print(f"\nblind set, {title} ({part['pairs']} pairs, accuracy {part['accuracy']}):")
+        print(format_matrix(part["matrix"]))
+        print(f"new information discarded: {part['new_information_discarded']}")
     mates = report["teammates"]
     print(
         f"\nteammates: {mates['stored']} of {mates['offered']} stored "

@@ -21,7 +21,7 @@ def test_every_text_of_the_pairs_has_keys_with_its_questions() -> None:
 def test_a_pair_is_judged_with_both_memories_stored_with_their_keys(
     tmp_path: Path, model: LocalEmbedder
 ) -> None:
-    wanted = {"family-dup-04", "family-upd-04", "places-dup-01"}
+    wanted = {"family-dup-04", "family-upd-04", "health-dup-01"}
     pairs = [pair for pair in consolidation.load_pairs() if pair["id"] in wanted]
     keys = consolidation.load_keys()
     storage = ChromaStorage.at(tmp_path)
@@ -29,7 +29,7 @@ def test_a_pair_is_judged_with_both_memories_stored_with_their_keys(
     assert {j["id"]: j["predicted"] for j in judged} == {
         "family-dup-04": "duplicate",
         "family-upd-04": "update",
-        "places-dup-01": "duplicate",
+        "health-dup-01": "duplicate",
     }
     for number, pair in enumerate(pairs):
         (stored,) = MemoryStore(f"keyed-pair-{number}", storage=storage, embedder=model).get_all()

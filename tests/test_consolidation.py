@@ -78,10 +78,12 @@ def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, 
         ("Runs 5 km three times a week", "Runs 5 km 3 times a week"),
         ("Allergic to shellfish and peanuts", "Allergic to peanuts and shellfish"),
         ("Works at Stripe as a software engineer", "Works as a software engineer at Stripe"),
-        ("Lives in New York City", "Lives in NYC"),
         ("Deploys with Docker and Kubernetes", "Deploys with Kubernetes and Docker"),
         ("Dentist appointment on Tuesday at 3pm", "Dentist appointment on Tuesday at 3 pm"),
-        ("Enjoys jazz music", "Enjoys jazz"),
+        ("Employee ID is 48213", "Employee ID: 48213"),
+        ("Has a Ph.D. in chemistry", "Has a PhD in chemistry"),
+        ("Goes to bed around 11 pm", "Goes to bed around 11 p.m."),
+        ("Saves 20% of income", "Saves 20 percent of income"),
         ("Plans a follow-up visit in May", "Plans a follow up visit in May"),
         ("Had COVID-19 in 2021", "Had COVID 19 in 2021"),  # a hyphen, not a minus
     ],
@@ -255,6 +257,7 @@ NEW_INFORMATION = [  # found by an adversarial review (stop 32), by class
     ("Owns 20% of the company", "Owns 20 of the company"),
     ("Takes 1/2 tablet daily", "Takes 1-2 tablets daily"),
     ("Loan is 1.500", "Loan is 1,500"),
+    ("Checking balance is -$300", "Checking balance is $300"),
     ("✅ Pay rent", "❌ Pay rent"),
     ("Feels 😀 about the new job", "Feels 😢 about the new job"),
     # 13 singular -> plural (one -> several; one-off -> recurring)
@@ -275,6 +278,26 @@ NEW_INFORMATION = [  # found by an adversarial review (stop 32), by class
     ("Her mother lives in Lisbon", "His mother lives in Lisbon"),
 ]
 
+# a third review (stop 32) found words that narrow a statement which no list named, and
+# acronyms that match another name's initials: since stop 33 no word left out is a duplicate
+WORDS_LEFT_OUT = [
+    ("Is allergic to raw apples", "Is allergic to apples"),
+    ("Has self-diagnosed ADHD", "Has ADHD"),
+    ("Avoids red meat", "Avoids meat"),
+    ("Has mild asthma", "Has asthma"),
+    ("Is a recovering alcoholic", "Is an alcoholic"),
+    ("Is kind of shy", "Is shy"),
+    ("Drinks coffee when tired", "Drinks coffee"),
+    ("Takes the bus on rainy days", "Takes the bus"),
+    ("Runs up to 5 km", "Runs 5 km"),
+    ("Is lactose intolerant", "Is intolerant"),
+    ("Has an older sister", "Has a sister"),
+    ("Enjoys jazz music", "Enjoys jazz"),
+    ("Lives in SF", "Lives in Santa Fe"),
+    ("Works in LA", "Works in Los Angeles"),
+    ("Lives in New York City", "Lives in NYC"),
+]
+
 
 def test_new_information_is_never_dropped_as_a_duplicate(db_path, model) -> None:
     """Each new text says something its old one does not (a tense, a plan done, a qualifier
@@ -282,7 +305,7 @@ def test_new_information_is_never_dropped_as_a_duplicate(db_path, model) -> None
     dropped while the old one stays current."""
     storage = MemoryStore("probe", db_path=db_path, embedder=model).storage
     dropped = []
-    for number, (old, new) in enumerate(NEW_INFORMATION):
+    for number, (old, new) in enumerate(NEW_INFORMATION + WORDS_LEFT_OUT):
         store = MemoryStore(f"pair-{number}", storage=storage, embedder=model)
         store.remember(old)
         done = store.remember(new)
@@ -511,6 +534,10 @@ def test_the_cli_says_what_happened(db_path, capsys: pytest.CaptureFixture[str])
         ("Uses VS Code as their editor", "Uses VSCode as their editor", Relation.DUPLICATE),
         ("Favourite colour is blue", "Favorite color is blue", Relation.DUPLICATE),
         ("Has been vegetarian since 2015", "Vegetarian since 2015", Relation.DUPLICATE),
+        ("Enjoys jazz music", "Enjoys jazz", Relation.DISTINCT),  # a word left out
+        ("Is allergic to raw apples", "Is allergic to apples", Relation.DISTINCT),
+        ("Eats only fish", "Eats fish", Relation.UPDATE),  # a qualifier left out
+        ("Lives in SF", "Lives in Santa Fe", Relation.UPDATE),  # an acronym: maybe another name
         ("Walks the dog twice a day", "Walks the dog 2 times a day", Relation.DUPLICATE),
         ("Likes spicy food", "Dislikes spicy food", Relation.UPDATE),
         ("Invoice 1042 is unpaid", "Invoice 1042 was paid", Relation.UPDATE),
