@@ -339,6 +339,7 @@ def _surface_words(text: str) -> list[str]:
 
 _SURFACE = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W_]+|[^\w\s]")
 _SENTENCE_ENDS = frozenset(".!?;:")
+_SENTENCE_MARKS = _SENTENCE_ENDS | {"\n"}
 _CLAUSE_WORDS = frozenset(stem(w) for w in "who whose which that named called with".split())
 """Words that start a clause about the side of an "A and B" just before them."""
 _OWNERS = frozenset({"his", "her"})
@@ -528,19 +529,19 @@ def tokens(text: str) -> tuple[Token, ...]:
     previous_end = 0
     for match in _TOKEN.finditer(text):
         gap = text[previous_end : match.start()]
-        title = (
-            bool(found)
-            and gap.strip() == "."
-            and found[-1].kind == "name"
-            and len(found[-1].text) <= 3
+        plain_gap = gap in ("", " ")  # most gaps: nothing to look at
+        mark = "" if plain_gap else gap.strip()
+        short_name = bool(found) and found[-1].kind == "name" and len(found[-1].text) <= 3
+        title = mark == "." and short_name  # "Dr. Patel"
+        sentence_start = not found or (
+            not plain_gap and not _SENTENCE_MARKS.isdisjoint(gap) and not title
         )
-        sentence_start = not found or (any(m in gap for m in ".!?:;\n") and not title)
         classified = list(_classify(match.group(), sentence_start))
         if (
             found
             and found[-1].kind == "name"
             and classified[0].kind == "name"
-            and (gap.strip() in ("", "-") or (gap.strip() == "." and len(found[-1].text) <= 3))
+            and (mark in ("", "-") or title)
         ):  # "New York", "Pre-Check", "Dr. Patel"; not "Lopez, the VP"
             classified[0] = replace(classified[0], continues_name=True)
         found.extend(classified)
