@@ -1035,7 +1035,9 @@ class MemoryStore(WritePath):
                 left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
                 done = self.storage.settle(left)
         except Exception:
-            self._survived("could not wait for the background writes")
+            self.survived(
+                "flush_failures", "could not wait for the background writes; they stay queued"
+            )
             return False
         return done
 
@@ -1056,16 +1058,19 @@ class MemoryStore(WritePath):
         try:
             return pending.detach(self, timeout)
         except Exception:
-            self._survived("could not finish the background writes while closing")
+            self.survived(
+                "flush_failures",
+                "could not finish the background writes while closing; they stay queued",
+            )
             return False
 
-    def _survived(self, message: str) -> None:
-        """Count and log a failure of the job queue or the storage that flush or close
-        survived (the work stays queued for a later flush or the next process)."""
-        self.counters["flush_failures"] += 1
-        logger.warning(
-            "%s (user %s); they stay queued", message, user_tag(self.user_id), exc_info=True
-        )
+    def survived(self, counter: str, message: str, *, exc_info: bool = True) -> None:
+        """Count (``stats()["events"][counter]``) and log a failure of memory that a call
+        survived: the wrappers' searches and stores, the adapters' tools and retriever, a
+        flush or close whose work stays queued. The log names the user by a tag, never by id;
+        ``exc_info`` adds the traceback of the exception being handled."""
+        self.counters[counter] += 1
+        logger.warning("%s (user %s)", message, user_tag(self.user_id), exc_info=exc_info)
 
     def retry_failed(self) -> int:
         """Queue again the background jobs that failed for good (bad request, malformed

@@ -311,8 +311,7 @@ class MemoryFlow:
 
     def failed(self, counter: str, message: str) -> None:
         """Count and log a failure the call survives."""
-        self.memory.counters[counter] += 1
-        log.warning("%s (user %s)", message, self._user(), exc_info=True)
+        self.memory.survived(counter, message)
 
     def _user(self) -> str:
         return user_tag(self.memory.user_id)

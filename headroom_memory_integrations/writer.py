@@ -335,8 +335,7 @@ class MemoryWriter:
                         self._queued_with.popitem(last=False)
             self.worker.notify()
         except Exception:
-            memory.counters["store_failures"] += 1
-            log.warning("could not queue memory work (%s)", kind, exc_info=True)
+            memory.survived("store_failures", f"could not queue memory work ({kind})")
 
     def _handle(self, job: Job) -> None:
         done = False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -16,11 +15,8 @@ from pydantic import ConfigDict, Field, model_validator
 
 from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
 from ..errors import InvalidInputError, StorageError
-from ..jobs import user_tag
 from ..types import Category, Memory
 from ._extract import memory_field
-
-logger = logging.getLogger(__name__)
 
 
 class HeadroomRetriever(BaseRetriever):
@@ -113,12 +109,7 @@ class HeadroomRetriever(BaseRetriever):
                 min_score=self.min_score,
             )
         except StorageError:
-            self.memory.counters["retrieve_failures"] += 1
-            logger.warning(
-                "could not search memories; returning none (user %s)",
-                user_tag(self.memory.user_id),
-                exc_info=True,
-            )
+            self.memory.survived("retrieve_failures", "could not search memories; returning none")
             return []
         return [memory_document(memory, score) for memory, score in found]
 

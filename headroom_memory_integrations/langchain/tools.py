@@ -297,8 +297,7 @@ def create_manage_memory_tool(
 def _unavailable(store: MemoryStore, action: str, error: StorageError) -> str:
     """The tool's answer when the storage failed: logged and counted (``stats()["events"]
     ["tool_failures"]``), and told to the model, which can go on without memory."""
-    store.counters["tool_failures"] += 1
-    logger.warning("memory tool could not %s: %s (user %s)", action, error, user_tag(store.user_id))
+    store.survived("tool_failures", f"memory tool could not {action}: {error}", exc_info=False)
     return f"Memory is unavailable right now (could not {action}); go on without it."
 
 

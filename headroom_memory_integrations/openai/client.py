@@ -326,7 +326,10 @@ class MemoryClient(_Passthrough):
         try:
             await asyncio.to_thread(self.memory.flush, CLOSE_FLUSH_SECONDS)
         except Exception:  # e.g. no thread to wait in (the interpreter is shutting down)
-            self.memory._survived("could not wait for the background writes while closing")
+            self.memory.survived(
+                "flush_failures",
+                "could not wait for the background writes while closing; they stay queued",
+            )
         finally:
             try:
                 await self._wrapped.close()
