@@ -33,11 +33,12 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   verb ("Teammate 59 ..." vs "Teammate 62 ...", "User's daughter ..." vs "User's son ...";
   a text with no verb or preposition, "fact number 3", is all subject); a second value of
   something a person can have several of ("allergic to peanuts" and "... to shellfish", "plays
-  guitar" and "... piano", "likes language number 3" and "... 5"); one more companion ("lives
-  with their wife Carmen" and "... stepfather Carmen"); a value changed together with another
-  word ("Lived in Paris from 2010" and "... Rome from 2015"); words left out that qualify
-  nothing ("Wears glasses" and "Wears glasses for reading", "Enjoys jazz" and "Enjoys jazz
-  music"); a different verb; or texts that share less than half of the shorter one's words.
+  guitar" and "... piano", "likes language number 3" and "... 5"), or another form of the
+  thing ("Likes fishing" and "Likes fish"); one more companion ("lives with their wife Carmen"
+  and "... stepfather Carmen"); a value changed together with another word ("Lived in Paris
+  from 2010" and "... Rome from 2015"); words left out that qualify nothing ("Wears glasses"
+  and "Wears glasses for reading", "Enjoys jazz" and "Enjoys jazz music"); a different verb;
+  or texts that share less than half of the shorter one's words.
 
 Mistakes are not equal. Calling an update or a distinct fact a duplicate discards new
 information, so the duplicate rule is the strictest. Calling a distinct fact an update retires
@@ -890,6 +891,8 @@ def _duplicate_unless_new(old: str, new: str) -> Relation:
     a, b = _plain_words(old), _plain_words(new)
     if _owner(a) != _owner(b):
         return Relation.DISTINCT  # another person's fact, maybe: keep both
+    if _another_of_several(a, b):
+        return Relation.DISTINCT  # "Likes fishing" and "Likes fish": two things liked
     left_out = _left_out(a, b)
     if left_out is None or any(map(_qualifies, left_out)):
         return Relation.UPDATE
@@ -897,6 +900,22 @@ def _duplicate_unless_new(old: str, new: str) -> Relation:
         # a phrase, a modifier or a name left out, qualifying nothing: both can be true
         return Relation.DISTINCT  # "Wears glasses" and "Wears glasses for reading"
     return Relation.UPDATE  # the same words, another name or value: "SF" / "Santa Fe"
+
+
+def _another_of_several(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether ``b`` is ``a`` with the form of words changed after a verb of something a
+    person can have several of (:data:`_MANY_VALUES`), and no tense changed: another thing,
+    not a correction ("Likes fishing" / "Likes fish", "Collects stamps" / "... a stamp")."""
+    if len(a) != len(b):
+        return False
+    changed = [index for index, (x, y) in enumerate(zip(a, b)) if x != y]
+    if not changed or any(_past_form(word) for i in changed for word in (a[i], b[i])):
+        return False
+    return any(stem(word) in _MANY_VALUES for word in a[: changed[0]])
+
+
+def _past_form(word: str) -> bool:
+    return word.endswith("ed") or word in _IRREGULAR_PAST
 
 
 def _content_words(changed: Sequence[Token]) -> int:

@@ -538,6 +538,9 @@ def test_the_cli_says_what_happened(db_path, capsys: pytest.CaptureFixture[str])
         ("Is allergic to raw apples", "Is allergic to apples", Relation.DISTINCT),
         ("Eats only fish", "Eats fish", Relation.UPDATE),  # a qualifier left out
         ("Lives in SF", "Lives in Santa Fe", Relation.UPDATE),  # an acronym: maybe another name
+        ("Likes fishing", "Likes fish", Relation.DISTINCT),  # a word form, another thing liked
+        ("Collects stamps", "Collects a stamp", Relation.DISTINCT),
+        ("Likes dogs", "Liked dogs", Relation.UPDATE),  # the verb's tense: a correction
         ("Walks the dog twice a day", "Walks the dog 2 times a day", Relation.DUPLICATE),
         ("Likes spicy food", "Dislikes spicy food", Relation.UPDATE),
         ("Invoice 1042 is unpaid", "Invoice 1042 was paid", Relation.UPDATE),
