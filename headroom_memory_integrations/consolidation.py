@@ -263,7 +263,11 @@ _BRITISH_OUR = re.compile(
 _BRITISH_TRE = re.compile(r"^(cen|thea|me|li|fib)tre")
 _BRITISH_ISE = re.compile(r"^(organ|real|recogn|special|apolog|optim|minim|summar|analy)is")
 _IDENTIFIER = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+|www\.\S+")
-_TOKEN = re.compile(rf"{_IDENTIFIER.pattern}|\d+(?:[.,:]\d+)*|[^\W\d_]+\d*[^\W_]*")
+_WORD_OR_NUMBER = r"\d+(?:[.,:]\d+)*|[^\W\d_]+\d*[^\W_]*"
+_TOKEN = re.compile(rf"{_IDENTIFIER.pattern}|{_WORD_OR_NUMBER}")
+_PLAIN_TOKEN = re.compile(_WORD_OR_NUMBER)
+"""For a text that holds no address: the address pattern, tried at every position, costs time
+that grows with the square of a long run of letters and dots."""
 _CONTRACTIONS = (
     (re.compile(r"\bcan't\b", re.IGNORECASE), "can not"),
     (re.compile(r"\bwon't\b", re.IGNORECASE), "will not"),
@@ -275,10 +279,17 @@ _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+")
 _CLOCK = re.compile(r"(\d{1,2})(?::(\d{2}))?")
 
 
+_CURRENCY = r"[A-Z]{0,3}[$€£¥₹₩₽¢₺₪₫₱₦₴₸₿฿]\s?|[A-Z]{3}\s"
+"""A currency sign, maybe after a country's letters ("C$", "US$"), or a currency's code
+("CHF "), between a minus and its number."""
 _SIGNS = (
     (re.compile(r"(?<=\w)\+"), " signplus "),  # C++, A+, UTC+2, 5+ years
     (re.compile(r"(?<=\w)#"), " signsharp "),  # C#, F#
-    (re.compile(r"(?<![\w.-])-(?=[$€£¥₹]?\d)"), " signminus "),  # -18 degrees, -200, -$300
+    # -18 degrees, -200, -.5, -$300, -C$300, -US$ 300, -CHF 300, "–" and "−" too
+    (
+        re.compile(rf"(?<![\w.\-\u2013\u2212])[-\u2013\u2212](?=(?:{_CURRENCY})?\.?\d)"),
+        " signminus ",
+    ),
     (re.compile(r"(?<=[^\W\d_])-(?=[\s,.;:!?)]|$)"), " signminus "),  # A-, Rh-
 )
 """Signs that change a value, made words before the punctuation goes ("Blood type is A+" and
@@ -292,8 +303,10 @@ def _spelled_out(text: str) -> str:
     """``text`` with its signs spelled as words (:data:`_SIGNS`, "20%" = "20 percent") and its
     dotted abbreviations written without dots ("Ph.D." = "PhD", "U.K." = "UK", "11 p.m." = "11
     pm"), outside e-mail and web addresses."""
-    if not any(mark in text for mark in "+#-.%"):
+    if not any(mark in text for mark in "+#-.%\u2013\u2212"):
         return text
+    if not _may_hold_address(text):
+        return _spell(text)
     spelled, start = [], 0
     for address in _IDENTIFIER.finditer(text):
         spelled += [_spell(text[start : address.start()]), address.group()]
@@ -305,6 +318,11 @@ _DOTTED = re.compile(r"\b(?:[^\W\d_]{1,2}\.){2,}")
 
 
 _PERCENT = re.compile(r"(?<=\d)\s*%")
+
+
+def _may_hold_address(text: str) -> bool:
+    """Whether ``text`` may hold an e-mail or web address (:data:`_IDENTIFIER`)."""
+    return "@" in text or "://" in text or "www." in text
 
 
 def _spell(text: str) -> str:
@@ -380,15 +398,15 @@ def says_nothing_new(old: str, new: str) -> bool:
 
 
 def _qualifies(word: str) -> bool:
-    """Whether ``word``, left out, changes what a statement says: a number, a symbol or a word
-    of :data:`_QUALIFIERS`."""
-    return not word.isalpha() or word in _QUALIFIERS
+    """Whether ``word``, left out, changes what a statement says: a number, a symbol, a unit
+    ("Budget is 20" after "Budget is 20%") or a word of :data:`_QUALIFIERS`."""
+    return not word.isalpha() or word in _QUALIFIERS or stem(word) in _UNITS
 
 
 def _left_out(a: tuple[str, ...], b: tuple[str, ...]) -> list[str] | None:
     """The words of ``a`` that ``b`` leaves out, if ``b`` is ``a`` in order with words left out
     (none: an empty list); else None."""
-    if not b or Counter(b) - Counter(a):
+    if Counter(b) - Counter(a):
         return None
     kept = iter(a)
     if not all(word in kept for word in b):
@@ -400,7 +418,7 @@ def _left_out(a: tuple[str, ...], b: tuple[str, ...]) -> list[str] | None:
 def _plain_words(text: str) -> tuple[str, ...]:
     """The words of ``text`` as :func:`says_nothing_new` compares them (names left out:
     :func:`relate` calls it only where its tokens, names included, agreed)."""
-    text = _spelled_out(text.replace("\u2019", "'"))
+    text = _spelled_out(text.replace("\u2019", "'").replace("\n", ".\n"))  # as tokens() reads it
     for pattern, replacement in _CONTRACTIONS:
         text = pattern.sub(replacement, text)
     words: list[str] = []
@@ -528,7 +546,7 @@ def tokens(text: str) -> tuple[Token, ...]:
         text = pattern.sub(replacement, text)
     found: list[Token] = []
     previous_end = 0
-    for match in _TOKEN.finditer(text):
+    for match in (_TOKEN if _may_hold_address(text) else _PLAIN_TOKEN).finditer(text):
         gap = text[previous_end : match.start()]
         plain_gap = gap in ("", " ")  # most gaps: nothing to look at
         mark = "" if plain_gap else gap.strip()
@@ -899,6 +917,8 @@ def _duplicate_unless_new(old: str, new: str) -> Relation:
     if left_out or _details(tokens(new)) < _details(tokens(old)):
         # a phrase, a modifier or a name left out, qualifying nothing: both can be true
         return Relation.DISTINCT  # "Wears glasses" and "Wears glasses for reading"
+    if any(stem(word) in _MANY_VALUES for word in a):
+        return Relation.DISTINCT  # "Visited SF" and "Visited Santa Fe": maybe two places
     return Relation.UPDATE  # the same words, another name or value: "SF" / "Santa Fe"
 
 

@@ -258,6 +258,11 @@ NEW_INFORMATION = [  # found by an adversarial review (stop 32), by class
     ("Takes 1/2 tablet daily", "Takes 1-2 tablets daily"),
     ("Loan is 1.500", "Loan is 1,500"),
     ("Checking balance is -$300", "Checking balance is $300"),
+    ("Balance is -C$300", "Balance is C$300"),
+    ("Balance is -CHF 300", "Balance is CHF 300"),
+    ("Balance is \u2013$ 300", "Balance is $ 300"),  # an en dash, a space
+    ("Temperature is -.5 C", "Temperature is .5 C"),
+    ("Budget is 20%", "Budget is 20"),
     ("✅ Pay rent", "❌ Pay rent"),
     ("Feels 😀 about the new job", "Feels 😢 about the new job"),
     # 13 singular -> plural (one -> several; one-off -> recurring)
@@ -296,6 +301,9 @@ WORDS_LEFT_OUT = [
     ("Lives in SF", "Lives in Santa Fe"),
     ("Works in LA", "Works in Los Angeles"),
     ("Lives in New York City", "Lives in NYC"),
+    # a fourth review (stop 33): a qualifier on a line of its own was read as a name
+    ("Is allergic to penicillin\nPossibly", "Is allergic to penicillin"),
+    ("Smokes\nOccasionally", "Smokes"),
 ]
 
 
@@ -539,6 +547,8 @@ def test_the_cli_says_what_happened(db_path, capsys: pytest.CaptureFixture[str])
         ("Eats only fish", "Eats fish", Relation.UPDATE),  # a qualifier left out
         ("Lives in SF", "Lives in Santa Fe", Relation.UPDATE),  # an acronym: maybe another name
         ("Likes fishing", "Likes fish", Relation.DISTINCT),  # a word form, another thing liked
+        ("Has PTSD from the army", "Has PTSD", Relation.DISTINCT),  # only a name is left
+        ("Visited SF last year", "Visited Santa Fe last year", Relation.DISTINCT),
         ("Collects stamps", "Collects a stamp", Relation.DISTINCT),
         ("Likes dogs", "Liked dogs", Relation.UPDATE),  # the verb's tense: a correction
         ("Walks the dog twice a day", "Walks the dog 2 times a day", Relation.DUPLICATE),
