@@ -37,8 +37,11 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   thing ("Likes fishing" and "Likes fish"); one more companion ("lives with their wife Carmen"
   and "... stepfather Carmen"); a value changed together with another word ("Lived in Paris
   from 2010" and "... Rome from 2015"); words left out that qualify nothing ("Wears glasses"
-  and "Wears glasses for reading", "Enjoys jazz" and "Enjoys jazz music"); a different verb;
-  or texts that share less than half of the shorter one's words.
+  and "Wears glasses for reading", "Enjoys jazz" and "Enjoys jazz music"), or added after a
+  verb of several things ("Likes board games" and "Likes cooperative board games"); one past
+  occasion of a habit ("Bikes to work" and "Biked to work yesterday"); a negation changed
+  together with the thing it is about ("Is not allergic to cats" and "Is allergic to dogs");
+  a different verb; or texts that share less than half of the shorter one's words.
 
 Mistakes are not equal. Calling an update or a distinct fact a duplicate discards new
 information, so the duplicate rule is the strictest. Calling a distinct fact an update retires
@@ -845,17 +848,26 @@ def relate(
         return Relation.DISTINCT  # "Teammate 59 ..." / "Teammate 62 ..."
     if max(_content_words(change.before), _content_words(change.after)) > MAX_CHANGED_WORDS:
         return Relation.DISTINCT  # another statement in the same frame ("[date] Name ...")
-    if _polarity(a) != _polarity(b) or _antonyms(change):
-        covered = change.shared >= MIN_SHARED_OF_SHORTER * min(len(a), len(b))
-        return Relation.UPDATE if covered else Relation.DISTINCT
     removed = [t for t in change.before if t.text not in _FILLER]
     added = [t for t in change.after if t.text not in _FILLER]
+    if _one_off_after_habit(a, b, added):
+        return Relation.DISTINCT  # "Bikes to work" and "Biked to work yesterday"
+    antonyms = _antonyms(change)
+    if _polarity(a) != _polarity(b) or antonyms:
+        covered = change.shared >= MIN_SHARED_OF_SHORTER * min(len(a), len(b))
+        another = not antonyms and _replaces_content(removed, added)
+        if not covered or (another and not _announces_change(added, a)):
+            return Relation.DISTINCT  # "Is not allergic to cats" and "Is allergic to dogs"
+        return Relation.UPDATE
     if not added:  # the new text says less
         fewer_values = any(t.kind in ("number", "date") for t in removed)
         if fewer_values:
             return Relation.UPDATE  # "every week" after "every 2 weeks"
         return _duplicate_unless_new(old, new)
     if not removed:
+        narrows = not any(_is_value(t) or t.text in _QUALIFIERS for t in added)
+        if narrows and {t.text for t in change.prefix} & _MANY_VALUES:
+            return Relation.DISTINCT  # "Likes board games" and "Likes cooperative board games"
         return Relation.UPDATE  # the same statement with more detail
     announced = _announces_change(added, a)
     moved = {t.text for t in removed} & {t.text for t in added}
@@ -936,6 +948,39 @@ def _another_of_several(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
 
 def _past_form(word: str) -> bool:
     return word.endswith("ed") or word in _IRREGULAR_PAST
+
+
+def _one_off_after_habit(
+    old: tuple[Token, ...], new: tuple[Token, ...], added: Sequence[Token]
+) -> bool:
+    """Whether ``new`` tells of one past occasion of what ``old`` says is usual: a verb in
+    the past and a word that dates it ("yesterday", "last", "ago", "this"), where ``old`` has
+    neither and nothing announces a change ("Calls mom on Sundays" / "Called mom this Sunday";
+    not "Stopped taking metformin last week")."""
+    if any(t.past for t in old) or not any(t.past for t in new):
+        return False
+    had = {t.text for t in old}
+    dated = any(t.text in _ONE_OFF and t.text not in had for t in new)
+    return dated and not _announces_change(added, old)
+
+
+_ONE_OFF = _stems("yesterday last ago this today tonight")
+"""Words that date one occasion ("Biked to work yesterday", "... last Friday")."""
+
+
+def _replaces_content(removed: Sequence[Token], added: Sequence[Token]) -> bool:
+    """Whether a word was taken out and another put in (negations, tense, helper words, values
+    and units aside): with a negation changed too, another thing is meant ("Is not allergic
+    to cats" and "Is allergic to dogs"; not "Owes Alex 50 dollars" -> "No longer owes Alex
+    money")."""
+
+    def words(changed: Sequence[Token]) -> bool:
+        return any(
+            t.kind == "word" and t.text not in _NOT_CONTENT and t.text not in _UNITS
+            for t in changed
+        )
+
+    return words(removed) and words(added)
 
 
 def _content_words(changed: Sequence[Token]) -> int:

@@ -548,6 +548,15 @@ def test_the_cli_says_what_happened(db_path, capsys: pytest.CaptureFixture[str])
         ("Lives in SF", "Lives in Santa Fe", Relation.UPDATE),  # an acronym: maybe another name
         ("Likes fishing", "Likes fish", Relation.DISTINCT),  # a word form, another thing liked
         ("Has PTSD from the army", "Has PTSD", Relation.DISTINCT),  # only a name is left
+        # a second blind set (stop 33): true memories that a near statement retired
+        ("Bikes to work", "Biked to work yesterday", Relation.DISTINCT),  # a one-off, a habit
+        ("Likes board games", "Likes cooperative board games", Relation.DISTINCT),
+        ("Enjoys hiking", "Enjoys hiking in the Dolomites", Relation.DISTINCT),
+        ("Visits parents every weekend", "Visits parents every other weekend", Relation.UPDATE),
+        ("Is not allergic to cats", "Is allergic to dogs", Relation.DISTINCT),  # another thing
+        ("Doesn't own a car", "Owns a motorcycle", Relation.DISTINCT),
+        ("Owes Alex 50 dollars", "No longer owes Alex money", Relation.UPDATE),
+        ("Conference talk is on May 20", "Conference talk was moved to May 27", Relation.UPDATE),
         ("Visited SF last year", "Visited Santa Fe last year", Relation.DISTINCT),
         ("Collects stamps", "Collects a stamp", Relation.DISTINCT),
         ("Likes dogs", "Liked dogs", Relation.UPDATE),  # the verb's tense: a correction
