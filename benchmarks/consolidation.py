@@ -294,29 +294,28 @@ def main() -> int:
         report = measure(workdir, TEAMMATES)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    for split in SPLITS:
+    printed = [
+        (f"{split} half, {title}", key)
+        for split in SPLITS
         for key, title in (
             (split, "this engine"),
             (f"{split}_with_keys", "this engine, memories with model-written keys"),
             (f"{split}_old_rule", "old rule"),
-        ):
-            part = report[key]
-            print(f"\n{split} half, {title} ({part['pairs']} pairs, accuracy {part['accuracy']}):")
-            print(format_matrix(part["matrix"]))
-            print(
-                f"new information discarded: {part['new_information_discarded']}; true memory "
-                f"retired: {part['true_memory_retired']}; stale memory kept: "
-                f"{part['stale_memory_kept']}"
-            )
-    for name in BLIND_SETS:
-        for key, title in ((name, "this engine"), (f"{name}_old_rule", "old rule")):
-            part = report[key]
-            print(f"\n{name} set, {title} ({part['pairs']} pairs, accuracy {part['accuracy']}):")
-            print(format_matrix(part["matrix"]))
-            print(
-                f"new information discarded: {part['new_information_discarded']}; true memory "
-                f"retired: {part['true_memory_retired']}"
-            )
+        )
+    ] + [
+        (f"{name} set, {title}", key)
+        for name in BLIND_SETS
+        for key, title in ((name, "this engine"), (f"{name}_old_rule", "old rule"))
+    ]
+    for heading, key in printed:
+        part = report[key]
+        print(f"\n{heading} ({part['pairs']} pairs, accuracy {part['accuracy']}):")
+        print(format_matrix(part["matrix"]))
+        print(
+            f"new information discarded: {part['new_information_discarded']}; true memory "
+            f"retired: {part['true_memory_retired']}; stale memory kept: "
+            f"{part['stale_memory_kept']}"
+        )
     mates = report["teammates"]
     print(
         f"\nteammates: {mates['stored']} of {mates['offered']} stored "
