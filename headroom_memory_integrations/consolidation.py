@@ -377,8 +377,8 @@ def says_nothing_new(old: str, new: str) -> bool:
     stemming, no filler word dropped, no acronym read as a name): the last check before
     :func:`relate` calls a text a duplicate, which is the one verdict that loses information.
     It holds when, after case, punctuation, articles, a leading "User"/"User's" and a few
-    empty words ("really", "actually", "also", "been") are set aside and number words are
-    written as digits:
+    empty words (:data:`_EMPTY_WORDS`: "really", "is", "has been", ...) are set aside and
+    number words are written as digits:
 
     - the words are the same, in the same order; or
     - the same words are reordered harmlessly: each preposition keeps the words it governs,
@@ -605,7 +605,7 @@ def _classify(word: str, sentence_start: bool) -> tuple[Token, ...]:
     acronym = len(word) >= 2 and word.isupper()
     if capitalised and (not sentence_start or acronym):
         return (Token(lower, "name", lower if acronym else lower[0]),)
-    return (Token(stemmed, "word", past=lower.endswith("ed") or lower in _IRREGULAR_PAST),)
+    return (Token(stemmed, "word", past=_past_form(lower)),)
 
 
 def _times_and_ordinals(found: list[Token]) -> list[Token]:
@@ -947,6 +947,7 @@ def _another_of_several(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
 
 
 def _past_form(word: str) -> bool:
+    """Whether ``word`` (lower case) is a verb's past form ("lived", "took")."""
     return word.endswith("ed") or word in _IRREGULAR_PAST
 
 
