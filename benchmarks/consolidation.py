@@ -30,7 +30,10 @@ Measured through ``MemoryStore`` with the real local model:
   rewordings), written the same way later in stop 33 and asked to trick the rules both ways
   (new information dropped, a true memory retired), was looked at once before three rules
   (a narrower statement after a verb of several things, a one-off after a habit, a negation
-  changed with its object), so it is not held out either.
+  changed with its object), so it is not held out either. A third (``..._blind3_pairs.jsonl``,
+  220 pairs: 90 updates, 70 distinct facts, 60 rewordings of the kind a model writes over
+  months), written the same way at the end of stop 33, was looked at once and changed
+  nothing: it is held out.
 - **Teammates**: 1,000 distinct facts in nearly the same words ("Teammate 59 is busy with
   pottery work", "Teammate 62 ...") added with ``remember_many`` in batches of 100; all must be
   stored. The old rule's count is computed on the same vectors.
@@ -71,6 +74,7 @@ KEYS = Path(__file__).with_name("consolidation_keys.jsonl")
 BLIND_SETS = {
     "blind": Path(__file__).with_name("consolidation_blind_pairs.jsonl"),
     "blind2": Path(__file__).with_name("consolidation_blind2_pairs.jsonl"),
+    "blind3": Path(__file__).with_name("consolidation_blind3_pairs.jsonl"),
 }
 LABELS = ("duplicate", "update", "distinct")
 SPLITS = ("dev", "heldout")
