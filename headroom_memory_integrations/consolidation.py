@@ -850,13 +850,14 @@ def relate(
         return Relation.DISTINCT  # another statement in the same frame ("[date] Name ...")
     removed = [t for t in change.before if t.text not in _FILLER]
     added = [t for t in change.after if t.text not in _FILLER]
-    if _one_off_after_habit(a, b, added):
+    announced = _announces_change(added, a)
+    if _one_off_after_habit(a, b) and not announced:
         return Relation.DISTINCT  # "Bikes to work" and "Biked to work yesterday"
     antonyms = _antonyms(change)
     if _polarity(a) != _polarity(b) or antonyms:
         covered = change.shared >= MIN_SHARED_OF_SHORTER * min(len(a), len(b))
         another = not antonyms and _replaces_content(removed, added)
-        if not covered or (another and not _announces_change(added, a)):
+        if not covered or (another and not announced):
             return Relation.DISTINCT  # "Is not allergic to cats" and "Is allergic to dogs"
         return Relation.UPDATE
     if not added:  # the new text says less
@@ -869,7 +870,6 @@ def relate(
         if narrows and {t.text for t in change.prefix} & _MANY_VALUES:
             return Relation.DISTINCT  # "Likes board games" and "Likes cooperative board games"
         return Relation.UPDATE  # the same statement with more detail
-    announced = _announces_change(added, a)
     moved = {t.text for t in removed} & {t.text for t in added}
     if (
         _details(a) == _details(b)
@@ -929,7 +929,7 @@ def _duplicate_unless_new(old: str, new: str) -> Relation:
     if left_out or _details(tokens(new)) < _details(tokens(old)):
         # a phrase, a modifier or a name left out, qualifying nothing: both can be true
         return Relation.DISTINCT  # "Wears glasses" and "Wears glasses for reading"
-    if any(stem(word) in _MANY_VALUES for word in a):
+    if _of_several(a):
         return Relation.DISTINCT  # "Visited SF" and "Visited Santa Fe": maybe two places
     return Relation.UPDATE  # the same words, another name or value: "SF" / "Santa Fe"
 
@@ -943,7 +943,13 @@ def _another_of_several(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     changed = [index for index, (x, y) in enumerate(zip(a, b)) if x != y]
     if not changed or any(_past_form(word) for i in changed for word in (a[i], b[i])):
         return False
-    return any(stem(word) in _MANY_VALUES for word in a[: changed[0]])
+    return _of_several(a[: changed[0]])
+
+
+def _of_several(words: Sequence[str]) -> bool:
+    """Whether ``words`` (as written) name something a person can have several of
+    (:data:`_MANY_VALUES`: "likes", "visited", "collects", ...)."""
+    return any(stem(word) in _MANY_VALUES for word in words)
 
 
 def _past_form(word: str) -> bool:
@@ -951,18 +957,15 @@ def _past_form(word: str) -> bool:
     return word.endswith("ed") or word in _IRREGULAR_PAST
 
 
-def _one_off_after_habit(
-    old: tuple[Token, ...], new: tuple[Token, ...], added: Sequence[Token]
-) -> bool:
+def _one_off_after_habit(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
     """Whether ``new`` tells of one past occasion of what ``old`` says is usual: a verb in
     the past and a word that dates it ("yesterday", "last", "ago", "this"), where ``old`` has
-    neither and nothing announces a change ("Calls mom on Sundays" / "Called mom this Sunday";
-    not "Stopped taking metformin last week")."""
+    neither ("Calls mom on Sundays" / "Called mom this Sunday"). :func:`relate` asks it only
+    where no word announces a change ("Stopped taking metformin last week")."""
     if any(t.past for t in old) or not any(t.past for t in new):
         return False
     had = {t.text for t in old}
-    dated = any(t.text in _ONE_OFF and t.text not in had for t in new)
-    return dated and not _announces_change(added, old)
+    return any(t.text in _ONE_OFF and t.text not in had for t in new)
 
 
 _ONE_OFF = _stems("yesterday last ago this today tonight")
