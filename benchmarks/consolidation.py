@@ -33,7 +33,14 @@ Measured through ``MemoryStore`` with the real local model:
   changed with its object), so it is not held out either. A third (``..._blind3_pairs.jsonl``,
   220 pairs: 90 updates, 70 distinct facts, 60 rewordings of the kind a model writes over
   months), written the same way at the end of stop 33, was looked at once and changed
-  nothing: it is held out.
+  nothing then; in stop 34 its error list was seen after the rule for changes told in other
+  words was written, so it is not held out any more.
+- **Changes told in other words** (stop 34), both written blind the same way: a development
+  set (``consolidation_reworded_pairs.jsonl``, 260 pairs: 140 corrections worded anew in seven
+  forms, 80 distinct facts written to look like changes, 40 rewordings), on which the rule
+  was written, and a held-out set (``consolidation_blind4_pairs.jsonl``, 240 pairs: 120
+  updates, 90 of them worded anew, 70 distinct facts, 50 rewordings), measured before and
+  once after.
 - **Teammates**: 1,000 distinct facts in nearly the same words ("Teammate 59 is busy with
   pottery work", "Teammate 62 ...") added with ``remember_many`` in batches of 100; all must be
   stored. The old rule's count is computed on the same vectors.
@@ -75,7 +82,12 @@ BLIND_SETS = {
     "blind": Path(__file__).with_name("consolidation_blind_pairs.jsonl"),
     "blind2": Path(__file__).with_name("consolidation_blind2_pairs.jsonl"),
     "blind3": Path(__file__).with_name("consolidation_blind3_pairs.jsonl"),
+    "reworded": Path(__file__).with_name("consolidation_reworded_pairs.jsonl"),
+    "blind4": Path(__file__).with_name("consolidation_blind4_pairs.jsonl"),
 }
+HELD_OUT = frozenset({"blind4"})
+"""Sets whose pairs are counted, never listed: their errors are not printed or kept, so that a
+run does not show what a later rule could be written for."""
 LABELS = ("duplicate", "update", "distinct")
 SPLITS = ("dev", "heldout")
 AS_LABEL = {
@@ -214,13 +226,18 @@ def measure(workdir: Path, teammate_count: int) -> dict[str, Any]:
         report[name] = summary(judged_set)
         report[f"{name}_old_rule"] = summary(judged_set, "old_rule")
         blind += judged_set
-    report["errors"] = [
-        {k: j[k] for k in ("id", "split", "label", "predicted", "similarity", "old", "new")}
-        for j in judged + blind
-        if j["predicted"] != j["label"]
-    ]
+    report["errors"] = listed_errors(judged + blind)
     report["teammates"] = teammates_stored(storage, model, teammate_count)
     return report
+
+
+def listed_errors(judged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pairs whose outcome is not their label, but those of the :data:`HELD_OUT` sets."""
+    return [
+        {k: j[k] for k in ("id", "split", "label", "predicted", "similarity", "old", "new")}
+        for j in judged
+        if j["predicted"] != j["label"] and j["split"] not in HELD_OUT
+    ]
 
 
 def _pair_rows(
@@ -325,7 +342,7 @@ def main() -> int:
         f"\nteammates: {mates['stored']} of {mates['offered']} stored "
         f"(old rule: {mates['old_rule_stored']})"
     )
-    print("\nmismatches:")
+    print(f"\nmismatches (not of the held-out {', '.join(sorted(HELD_OUT))}):")
     for error in report["errors"]:
         print(
             f"  {error['split']:<7} {error['label']:>9} -> {error['predicted']:<9} "

@@ -107,6 +107,8 @@ def _verb_forms(bases: str, irregular: str) -> frozenset[str]:
     for base in bases.split():
         root = base[:-1] if base.endswith("e") else base
         forms += [base, base + "s", base + "es", root + "ed", root + "ing"]
+        if base.endswith("y") and base[-2:-1] not in ("a", "e", "o", "u"):
+            forms += [base[:-1] + "ies", base[:-1] + "ied"]  # studies, studied
         forms += [base + base[-1] + "ed", base + base[-1] + "ing"]  # planned, quitting
     return frozenset(stem(form) for form in forms)
 
@@ -161,6 +163,49 @@ _CHANGE_WORDS = _stems(
     "graduated rescheduled postponed sold paid"
 )
 """A word of the new text, not in the old one, that announces a change of state."""
+
+_ENDINGS = _verb_forms(
+    "quit stop cancel end leave resign retire divorce separate unsubscribe delete close sell "
+    "drop ditch die finalize",
+    irregular="left sold gave broke longer anymore",
+)
+"""Verbs that end what the old memory says, when the new one names the same thing ("Cancelled
+the Netflix subscription" after "Subscribes to Netflix")."""
+
+_SWITCHES = _verb_forms(
+    "move relocate switch transfer migrate upgrade downgrade replace trade change promote",
+    irregular="became",
+) | _stems("now currently these since instead actually correction turns")
+"""Words that put a new value in the old one's place, or correct it ("Switched from Spotify to
+Apple Music", "Rent budget is now $2,600", "Correction: the cat's name is Paprika")."""
+
+_OUTCOMES = _verb_forms(
+    "accept approve receive complete pass finish recover return marry adopt graduate earn "
+    "defend close",
+    irregular="got won",
+)
+"""Verbs that end something under way ("Passed the bar exam" after "Is studying for the bar
+exam"), told only after a memory of something under way (:data:`_UNDER_WAY`)."""
+
+_TELLING = _ENDINGS | _SWITCHES | _OUTCOMES
+
+_NOT_YET = _stems(
+    "plan plans planning planned want wants wanted wish hope hoping consider considering "
+    "thinking think might may maybe will would soon next someday eventually interested "
+    "dream dreams if debating whether deciding"
+)
+"""Words of a plan, a wish or a condition: nothing has changed yet ("Plans to move to
+Lisbon")."""
+
+_ADDED_TO = _stems("also another second third additionally addition well too both extra")
+"""Words of one more thing beside the old ("Also contributes to a 401(k)")."""
+
+_PEOPLE = _stems(
+    "sister brother mother father mom dad son daughter wife husband partner friend coworker "
+    "colleague boss manager roommate neighbor neighbour kid kids child children parent parents "
+    "grandmother grandfather grandma grandpa aunt uncle cousin niece nephew teammate spouse "
+    "fiance fiancee girlfriend boyfriend family"
+)
 
 _AUXILIARIES = _stems(
     "is are am be been has have had does do did will would can could should must might shall "
@@ -833,6 +878,8 @@ def relate(
     words_a, words_b = Counter(t.text for t in a), Counter(t.text for t in b)
     if [t.text for t in a] == [t.text for t in b] or (words_a == words_b and _reordered(a, b)):
         return _duplicate_unless_new(old, new)
+    if _change_told_of_the_same(a, b, under_way=lambda: bool(_UNDER_WAY.search(old))):
+        return Relation.UPDATE  # "Cancelled the Netflix subscription" / "Subscribes to Netflix"
     common = words_a & words_b
     if (
         sum(common.values()) < MIN_SHARED_OF_SHORTER * min(len(a), len(b))
@@ -906,6 +953,85 @@ def relate(
     if context & _ONE_VALUE or {t.text for t in change.suffix} & _ONE_VALUE_ROLES:
         return Relation.UPDATE
     return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
+
+
+def _change_told_of_the_same(
+    old: tuple[Token, ...], new: tuple[Token, ...], *, under_way: Callable[[], bool]
+) -> bool:
+    """Whether ``new`` tells that what ``old`` says has ended, changed or was wrong, in words
+    of its own: an ending or switching word that ``old`` lacks, and in its clause a word of
+    what ``old`` is about (by its root; one of ``old``'s names, where it has any). Not a plan
+    or a wish ("Plans to move"), one more thing ("Also speaks Spanish"), another person's
+    change ("Sister moved to Denver"), a change in a clause of its own ("Quit a side gig to
+    focus on the Shopify job"), or a change after a memory of the past ("Grew up in Ohio" /
+    "Moved to Boston")."""
+    had = {t.text for t in old}
+    said = {t.text for t in new if t.kind != "date"}  # not "May", the month
+    if not (said - had) & _TELLING:  # most pairs: nothing told
+        return False
+    if said & (_NOT_YET | _ADDED_TO) or (_in_the_past(old) and not had & (_ENDINGS | _SWITCHES)):
+        return False
+    if any(t.text in _PEOPLE and t.text not in had for t in new[: _predicate_start(new)]):
+        return False
+    telling = _ENDINGS | _SWITCHES | (_OUTCOMES if under_way() else frozenset())
+    told = next(
+        (
+            index
+            for index, t in enumerate(new)
+            if t.text not in had
+            and t.text in telling
+            and (index == 0 or new[index - 1].text not in _CLAUSE_BREAKS)
+        ),
+        None,
+    )
+    if told is None:
+        return False
+    # "to" after an ending starts a purpose ("Quit the gig to focus on ..."); after a switch,
+    # the new value ("Switched to Neovim")
+    breaks = _CLAUSE_BREAKS if new[told].text in _ENDINGS else _CLAUSE_BREAKS - {"to"}
+    end = next((i for i in range(told + 1, len(new)) if new[i].text in breaks), len(new))
+    clause = new[:end]
+    names = [t.text for t in old if t.kind == "name"]
+    if names:  # tokens of any kind: "Biscuit the retriever ...", capitalised as the first word
+        named = {x for x in names if any(_same_name(x, t.text) for t in clause)}
+        if any(_same_name(x, t.text) for x in set(names) - named for t in new[end:]):
+            return False  # "Dropped the Duolingo course to focus on Japanese": that goes on
+        return bool(named)
+    ignored = _NOT_CONTENT | _ENDINGS | _SWITCHES
+    mine = [t.text for t in old if t.kind in ("word", "name") and t.text not in ignored]
+    theirs = [t.text for t in clause if t.kind in ("word", "name") and t.text not in ignored]
+    return any(_same_root(x, y) for x in mine for y in theirs)
+
+
+_UNDER_WAY = re.compile(
+    r"\b(?:(?:is|are|am)\s+(?:\w+\s+)?\w+ing|pending|waitlist|candidate|in the middle of|"
+    r"in progress|engaged)\b",
+    re.IGNORECASE,
+)
+"""A memory of something under way: "Is studying for ...", "Is on the waitlist for ...",
+"Visa application is pending", "Is engaged to ..."."""
+
+
+_CLAUSE_BREAKS = _stems("and after because before but so while then when to")
+"""Words that start another clause: a change told after them is another change."""
+
+
+def _same_name(x: str, y: str) -> bool:
+    """Whether two names are one thing's ("hondacivic" / "civic")."""
+    return x == y or (min(len(x), len(y)) >= 4 and (x in y or y in x))
+
+
+def _same_root(x: str, y: str) -> bool:
+    """Whether two stems are one word's ("subscrib" / "subscription", "vegan" / "veganism")."""
+    if x == y:
+        return True
+    shorter = min(len(x), len(y))
+    if shorter < 4:
+        return False
+    common = 0
+    while common < shorter and x[common] == y[common]:
+        common += 1
+    return common >= max(4, shorter - 1)
 
 
 def _duplicate_unless_new(old: str, new: str) -> Relation:

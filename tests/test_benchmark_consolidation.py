@@ -34,3 +34,19 @@ def test_a_pair_is_judged_with_both_memories_stored_with_their_keys(
     for number, pair in enumerate(pairs):
         (stored,) = MemoryStore(f"keyed-pair-{number}", storage=storage, embedder=model).get_all()
         assert stored.keys == keys[pair["new"] if pair["label"] == "update" else pair["old"]]
+
+
+def test_a_held_out_set_is_judged_but_its_errors_are_never_listed(
+    tmp_path: Path, model: LocalEmbedder
+) -> None:
+    """The held-out pairs are judged like the others, and no error of theirs reaches the
+    report (which the benchmark prints and saves)."""
+    (held_out,) = consolidation.HELD_OUT
+    pairs = consolidation.load_pairs(consolidation.BLIND_SETS[held_out], held_out)[:4]
+    other = consolidation.load_pairs(consolidation.BLIND_SETS["blind3"], "blind3")[:4]
+    judged = consolidation.judge_pairs(pairs + other, ChromaStorage.at(tmp_path), model)
+    assert [j["split"] for j in judged] == [held_out] * 4 + ["blind3"] * 4
+    for j in judged:  # every pair wrong
+        j["predicted"] = "update" if j["label"] == "duplicate" else "duplicate"
+    listed = consolidation.listed_errors(judged)
+    assert [e["id"] for e in listed] == [j["id"] for j in judged[4:]]

@@ -340,6 +340,56 @@ def test_a_distinct_fact_is_kept_beside_the_other(store: MemoryStore, old: str, 
     assert [m.text for m in store.get_all()] == [old, new]
 
 
+# stop 34: a change told in words of its own (an ending, a switch, a correction, an outcome of
+# something under way) supersedes; a plan, one more thing, another person's change, a change in
+# a clause of its own or after a memory of the past does not
+TOLD_CHANGES = [
+    ("Subscribes to Hulu", "Cancelled the Hulu subscription"),
+    ("Smokes a few cigarettes a day", "Quit smoking for good in the spring"),
+    ("Uses Dropbox for backups", "Moved every backup from Dropbox to Backblaze"),
+    ("Is married to Dana", "Finalized the divorce from Dana"),
+    ("Is studying for the CPA exam", "Passed the CPA exam in May"),
+    ("Cat is named Mochi", "Correction: the cat's name is Miso, not Mochi"),
+    ("Has a monthly grocery budget of $500", "Grocery budget is now $650 a month"),
+    ("Is engaged to Ravi", "Married Ravi last weekend"),
+]
+TOLD_BESIDE = [
+    ("Lives in Denver", "Plans to move to Seattle next spring"),
+    ("Lives in Denver", "Sister moved to Seattle"),
+    ("Works at Figma as a designer", "Quit a weekend tutoring gig to focus on the Figma job"),
+    ("Speaks Portuguese", "Also started learning Italian"),
+    ("Grew up in Ohio", "Moved to Boston for college"),
+    ("Is learning German on Babbel", "Dropped the Babbel French course to focus on German"),
+    ("Speaks French", "Passed a French exam at school"),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), TOLD_CHANGES)
+def test_a_change_told_in_other_words_supersedes(store: MemoryStore, old: str, new: str) -> None:
+    store.add(old)
+    done = store.remember(new)
+    assert done.outcome is Outcome.SUPERSEDED
+    assert [m.text for m in store.get_all()] == [new]
+    assert [r.text for r in done.memory.history] == [old]
+
+
+@pytest.mark.parametrize(("old", "new"), TOLD_BESIDE)
+def test_a_plan_an_addition_or_another_change_is_kept_beside(
+    store: MemoryStore, old: str, new: str
+) -> None:
+    store.add(old)
+    assert store.remember(new).outcome is Outcome.STORED
+    assert [m.text for m in store.get_all()] == [old, new]
+
+
+@pytest.mark.parametrize(("old", "new"), TOLD_CHANGES + TOLD_BESIDE)
+def test_a_told_change_does_not_depend_on_the_similarity(old: str, new: str) -> None:
+    """The rule reads the words: the same answer at any similarity the store compares."""
+    expected = Relation.UPDATE if (old, new) in TOLD_CHANGES else Relation.DISTINCT
+    for similarity in (0.4, 0.7, 0.94):
+        assert relate(old, new, similarity, duplicate_threshold=0.95) is expected
+
+
 # keys as two conversations would write them for the same fact: other words, other questions
 DOCKER_KEYS = (
     "deployment, containers",
