@@ -165,29 +165,65 @@ _CHANGE_WORDS = _stems(
 """A word of the new text, not in the old one, that announces a change of state."""
 
 _ENDINGS = _verb_forms(
-    "quit stop cancel end leave resign retire divorce separate unsubscribe delete close sell "
-    "drop ditch die finalize",
-    irregular="left sold gave broke longer anymore",
+    "quit stop cancel end resign retire divorce unsubscribe delete close sell drop ditch finalize",
+    irregular="sold",
 )
-"""Verbs that end what the old memory says, when the new one names the same thing ("Cancelled
-the Netflix subscription" after "Subscribes to Netflix")."""
+"""Verbs that end the thing they name ("Cancelled the Netflix subscription" after "Subscribes
+to Netflix"; not "left", which also tells of a trip)."""
 
-_SWITCHES = _verb_forms(
-    "move relocate switch transfer migrate upgrade downgrade replace trade change promote",
-    irregular="became",
-) | _stems("now currently these since instead actually correction turns")
-"""Words that put a new value in the old one's place, or correct it ("Switched from Spotify to
-Apple Music", "Rent budget is now $2,600", "Correction: the cat's name is Paprika")."""
+_ENDING_PHRASES = {
+    (stem(verb), stem(particle))
+    for verb, particle in (
+        ("give", "up"),
+        ("gave", "up"),
+        ("cut", "out"),
+        ("broke", "up"),
+        ("traded", "in"),
+        ("passed", "away"),
+    )
+}
+"""Two words that end the thing after them ("Gave up veganism"; not "Gave the dog a bath")."""
+
+_SWITCHES = _verb_forms("move relocate switch transfer migrate replace trade change", irregular="")
+"""Verbs that put another in the place of the thing they name ("Switched from Spotify to
+Apple Music", "Moved every backup from Dropbox to Backblaze")."""
+
+_RESIDENCE = _stems("live lives lived based resides reside home rent rents apartment")
+"""Where a memory says the user lives: "Moved to" or "Relocated to" somewhere else replaces
+it ("Lives in Atlanta" / "Relocated to Asheville")."""
+
+_CORRECTIONS = _stems("actually correction")
+"""Words that correct the memory: "Correction: the cat's name is Miso, not Mochi"."""
 
 _OUTCOMES = _verb_forms(
-    "accept approve receive complete pass finish recover return marry adopt graduate earn "
-    "defend close",
+    "accept approve receive complete pass finish marry adopt graduate earn defend",
     irregular="got won",
 )
 """Verbs that end something under way ("Passed the bar exam" after "Is studying for the bar
 exam"), told only after a memory of something under way (:data:`_UNDER_WAY`)."""
 
-_TELLING = _ENDINGS | _SWITCHES | _OUTCOMES
+_TELLING = (
+    _ENDINGS
+    | _SWITCHES
+    | _CORRECTIONS
+    | _OUTCOMES
+    | {p for p, _ in _ENDING_PHRASES}
+    | _stems("left leave")
+)
+
+_LEADING = _stems("just finally officially fully completely recently formally")
+"""Words that may come before the verb that tells the change ("Finally quit smoking")."""
+
+_ATTEMPTS = _stems("tried trying attempt attempted fail failed need needs")
+
+_GOES_ON = _stems("still continue continues continuing keeps")
+"""Words that say the old memory holds on ("Stopped the lessons but still plays")."""
+
+_REPLACING = _verb_forms("replace trade", irregular="")
+"""Switches whose object is the thing put away ("Replaced the Dell with a MacBook"); after the
+others, what "from" names is ("Switched from Spotify to ..."), and their object is the thing
+changed, which stays ("Switched the daily Wordle to hard mode")."""
+"""Words of a change tried, needed or coming, not made ("Tried to quit smoking")."""
 
 _NOT_YET = _stems(
     "plan plans planning planned want wants wanted wish hope hoping consider considering "
@@ -897,7 +933,7 @@ def relate(
         return Relation.DISTINCT  # another statement in the same frame ("[date] Name ...")
     removed = [t for t in change.before if t.text not in _FILLER]
     added = [t for t in change.after if t.text not in _FILLER]
-    announced = _announces_change(added, a)
+    announced = _announces_change(added, a) and not _is_origin(a)
     if _one_off_after_habit(a, b) and not announced:
         return Relation.DISTINCT  # "Bikes to work" and "Biked to work yesterday"
     antonyms = _antonyms(change)
@@ -958,53 +994,178 @@ def relate(
 def _change_told_of_the_same(
     old: tuple[Token, ...], new: tuple[Token, ...], *, under_way: Callable[[], bool]
 ) -> bool:
-    """Whether ``new`` tells that what ``old`` says has ended, changed or was wrong, in words
-    of its own: an ending or switching word that ``old`` lacks, and in its clause a word of
-    what ``old`` is about (by its root; one of ``old``'s names, where it has any). Not a plan
-    or a wish ("Plans to move"), one more thing ("Also speaks Spanish"), another person's
-    change ("Sister moved to Denver"), a change in a clause of its own ("Quit a side gig to
-    focus on the Shopify job"), or a change after a memory of the past ("Grew up in Ohio" /
-    "Moved to Boston")."""
+    """Whether ``new`` says, in words of its own, that what ``old`` says has ended, was
+    replaced or was wrong. Only the main verb counts, with the user (or the subject of
+    ``old``) as its subject ("Cancelled the Netflix subscription", "Switched from Spotify to
+    Apple Music", "Passed the CPA exam" after "Is studying for the CPA exam"), and only where
+    the thing it names is what ``old`` is about: the head of its object or what "from" names,
+    not a part or a side thing ("Changed the oil in the Camry", "Quit the tennis club but
+    still plays"). A correction must name the old value it corrects ("..., not Mochi") or
+    keep the old memory's subject ("Correction: favorite band is ..."). Not a plan or an
+    attempt ("Tried to quit"), one more thing, a restriction ("Stopped drinking coffee after
+    2pm"), an origin ("Is from Seoul" / "Moved from Seoul to Toronto"), or another person's
+    or thing's change ("Anna moved to Denver", "Leo is now 5")."""
     had = {t.text for t in old}
     said = {t.text for t in new if t.kind != "date"}  # not "May", the month
-    if not (said - had) & _TELLING:  # most pairs: nothing told
+    if not said & _TELLING or said & (_NOT_YET | _ADDED_TO | _ATTEMPTS | _GOES_ON):
         return False
-    if said & (_NOT_YET | _ADDED_TO) or (_in_the_past(old) and not had & (_ENDINGS | _SWITCHES)):
-        return False
-    if any(t.text in _PEOPLE and t.text not in had for t in new[: _predicate_start(new)]):
-        return False
-    telling = _ENDINGS | _SWITCHES | (_OUTCOMES if under_way() else frozenset())
-    told = next(
-        (
-            index
-            for index, t in enumerate(new)
-            if t.text not in had
-            and t.text in telling
-            and (index == 0 or new[index - 1].text not in _CLAUSE_BREAKS)
-        ),
-        None,
+    verbs = _TELLING - _CORRECTIONS
+    start = next(
+        (i for i, t in enumerate(new) if _starts_predicate(t) or t.text in verbs), len(new)
     )
-    if told is None:
+    own = [t.text for t in new[:start] if t.text not in _FILLER | _CORRECTIONS | _LEADING]
+    died = any(
+        t.text == _DIED or (t.text, u.text) == _PASSED_AWAY
+        for t, u in zip(new[start:], (*new[start + 1 :], Token("", "word")))
+    )
+    if own and not (died and _named_in(own, old)) and not _about_the_same_subject(own, old):
+        return False  # "Anna moved to Denver", "Leo is now 5 years old"
+    if said & _CORRECTIONS:
+        return _corrects(old, new, bool(own))
+    if _in_the_past(old) or _is_origin(old):
+        return False  # "Grew up in Ohio" / "Moved to Boston"; "Is from Seoul"
+    if died:
+        return bool(own)  # "Biscuit the golden retriever passed away"
+    index = start
+    while index < len(new) and (
+        new[index].text in _LEADING
+        or (_starts_predicate(new[index]) and new[index].text not in verbs)
+    ):
+        index += 1  # "Finally quit ...", "Was accepted into ..."
+    if index >= len(new) or new[index].text in had:
         return False
-    # "to" after an ending starts a purpose ("Quit the gig to focus on ..."); after a switch,
-    # the new value ("Switched to Neovim")
-    breaks = _CLAUSE_BREAKS if new[told].text in _ENDINGS else _CLAUSE_BREAKS - {"to"}
-    end = next((i for i in range(told + 1, len(new)) if new[i].text in breaks), len(new))
-    clause = new[:end]
+    verb = new[index].text
+    following = new[index + 1].text if index + 1 < len(new) else ""
+    if (verb, following) in _ENDING_PHRASES:
+        index += 1
+    elif not (
+        verb in _ENDINGS
+        or verb in _SWITCHES
+        or (verb in _OUTCOMES and under_way())
+        or (verb in _LEAVING and had & _WORK)  # "Left Deloitte": not "Left Boston for a week"
+    ):
+        return False  # no change told by the main verb ("Closed a big deal at Stripe": no)
+    thing, after = _object_head(new, index + 1)
+    if verb in _SWITCHES and verb not in _REPLACING and after != "from" and thing is not None:
+        return False  # "Moved the evening dog walk to the river trail": it changed, stays
+    if after is not None and after in _RESTRICTIONS:
+        return False  # "Stopped drinking coffee after 2pm"
     names = [t.text for t in old if t.kind == "name"]
-    if names:  # tokens of any kind: "Biscuit the retriever ...", capitalised as the first word
-        named = {x for x in names if any(_same_name(x, t.text) for t in clause)}
-        if any(_same_name(x, t.text) for x in set(names) - named for t in new[end:]):
-            return False  # "Dropped the Duolingo course to focus on Japanese": that goes on
-        return bool(named)
-    ignored = _NOT_CONTENT | _ENDINGS | _SWITCHES
-    mine = [t.text for t in old if t.kind in ("word", "name") and t.text not in ignored]
-    theirs = [t.text for t in clause if t.kind in ("word", "name") and t.text not in ignored]
-    return any(_same_root(x, y) for x in mine for y in theirs)
+    if thing is not None and any(
+        _same_name(name, t.text) and not _same_name(name, thing)
+        for name in names
+        for t in new[index + 2 :]
+    ):
+        return False  # "Dropped the Babbel French course to focus on German": that goes on
+    if thing is None and verb not in _SWITCHES and after in _PREPOSITIONS:
+        position = next(i for i in range(index + 1, len(new)) if new[i].text == after)
+        thing, after = _object_head(new, position + 1)  # "Was accepted into the program"
+    if thing is None:
+        if own:  # the subject is the thing: "Visa was approved"
+            return True
+        return verb in _SWITCHES and bool(had & _RESIDENCE)  # "Relocated to Minneapolis"
+    return any(_same_root(word, thing) or _same_name(word, thing) for word in had)
+
+
+_DIED = stem("died")
+_PASSED_AWAY = (stem("passed"), stem("away"))
+_ORIGINS = _stems("hometown native born raised grew")
+_LEAVING = _stems("left leave")
+_WORK = _stems("work works worked job employer employed company firm")
+_RESTRICTIONS = _stems("after before during except")
+
+
+def _is_origin(sequence: tuple[Token, ...]) -> bool:
+    """Whether a memory tells where the user is from, which no move changes ("Is from Seoul",
+    "Hometown is Dayton", "Native language is Portuguese")."""
+    start = _predicate_start(sequence)
+    is_from = [t.text for t in sequence[start + 1 : start + 2]] == ["from"]
+    return is_from or any(t.text in _ORIGINS for t in sequence)
+
+
+def _named_in(words: Sequence[str], old: tuple[Token, ...]) -> bool:
+    """Whether ``old`` names each of ``words`` ("Has a dog named Biscuit": "biscuit")."""
+    return all(any(_same_root(w, t.text) or _same_name(w, t.text) for t in old) for w in words)
+
+
+def _about_the_same_subject(words: Sequence[str], old: tuple[Token, ...]) -> bool:
+    """Whether the words before ``new``'s verb name what ``old``'s subject names (a memory
+    whose subject is the user has none: "Has a son named Leo" / "Leo is now 5" is about
+    Leo)."""
+    subject = {t.text for t in old[: _predicate_start(old)]}
+    return bool(subject) and all(
+        word in subject or any(_same_name(word, t.text) for t in old) for word in words
+    )
+
+
+def _corrects(old: tuple[Token, ...], new: tuple[Token, ...], own_subject: bool) -> bool:
+    """Whether a text with a correction word ("actually", "correction") corrects ``old``:
+    it names an old value after "not" ("The car is a Corolla, not a Camry"), or keeps
+    ``old``'s subject ("Correction: favorite band is Portishead")."""
+    values = {t.text for t in old if t.text not in _NOT_CONTENT}
+    for index, token in enumerate(new):
+        if token.text == "not":
+            after = [t.text for t in new[index + 1 : index + 4] if t.text not in _ARTICLES]
+            if any(_same_root(v, w) or _same_name(v, w) for v in values for w in after):
+                return True
+    return own_subject
+
+
+def _object_head(sequence: tuple[Token, ...], start: int) -> tuple[str | None, str | None]:
+    """What a verb acts on, and the word after its phrase ("from" or "with" where the thing
+    is what they name). The phrase runs from ``start`` up
+    to a preposition, a clause, a time ("a few months ago") or another noun phrase (an
+    article after a word); its head is its last word, articles, possessives and "-ly" words
+    left out ("the Netflix subscription" -> "subscription"), or where the phrase is a
+    container of something ("the CrossFit membership", "violin lessons"), what it contains.
+    What "from" names instead, right after the verb or its phrase, is the thing left or ended
+    ("Switched from Spotify to ...", "Finalized the divorce from Dana"), as is what "with"
+    names right after the verb ("Broke up with Jordan")."""
+    words: list[str] = []
+    index = start
+    if index < len(sequence) and sequence[index].text in _PARTICLES:
+        index += 1  # "Moved out of ...", "Migrated off Jira"
+        if index < len(sequence) and sequence[index].text == "of":
+            index += 1
+        after = sequence[index].text if index < len(sequence) else None
+        if after is not None and after not in _PHRASE_ENDS:
+            return _first_named(sequence, index), "from"
+    while index < len(sequence):
+        token = sequence[index]
+        text = token.text
+        if text in _PHRASE_ENDS or text in _CLAUSE_BREAKS or text in _TIMES:
+            break
+        if text in _ARTICLES and words:
+            break
+        if token.kind in ("word", "name", "number") and not (
+            text in _POSSESSIVES or text in _FILLER or text.endswith("ly") or text in _ARTICLES
+        ):
+            words.append(text)
+        index += 1
+    after = sequence[index].text if index < len(sequence) else None
+    if after == "from" or (after == "with" and not words):
+        return _first_named(sequence, index + 1), after
+    if len(words) > 1 and words[-1] in _CONTAINERS:
+        return words[-2], after
+    return (words[-1] if words else None), after
+
+
+def _first_named(sequence: tuple[Token, ...], start: int) -> str | None:
+    """The first word from ``start`` that is not an article or a possessive: what "from",
+    "with" or "out of" names ("Moved out of parents' house": "parent")."""
+    return next((t.text for t in sequence[start:] if t.text not in _ARTICLES | _POSSESSIVES), None)
+
+
+_PHRASE_ENDS = _PREPOSITIONS | _stems("of toward towards")
+_PARTICLES = _stems("out off away")
+_TIMES = _stems("ago last yesterday today few several month months year years week weeks")
+_CONTAINERS = _stems("membership subscription account plan contract policy service")
+"""Things that hold what they name: ending one ends that ("Cancelled the CrossFit
+membership"); not lessons or a class, which end while the skill goes on."""
 
 
 _UNDER_WAY = re.compile(
-    r"\b(?:(?:is|are|am)\s+(?:\w+\s+)?\w+ing|pending|waitlist|candidate|in the middle of|"
+    r"\b(?:(?:is|are|am)\s+(?:\w+\s+)?\w+ing|pending|waitlist|candidate|in the middle of|applied|"
     r"in progress|engaged)\b",
     re.IGNORECASE,
 )
@@ -1013,7 +1174,7 @@ _UNDER_WAY = re.compile(
 
 
 _CLAUSE_BREAKS = _stems("and after because before but so while then when to")
-"""Words that start another clause: a change told after them is another change."""
+"""Words that start another clause."""
 
 
 def _same_name(x: str, y: str) -> bool:

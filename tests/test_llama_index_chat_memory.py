@@ -414,7 +414,10 @@ def test_pickles_with_a_tokenizer_that_does_not_pickle_as_chat_memory_buffer_doe
     assert type(copy.tokenizer_fn) is type(plain_copy.tokenizer_fn)  # the default one
     assert copy.tokenizer_fn("one two") == plain_copy.tokenizer_fn("one two")
     assert (copy.token_limit, copy.chat_store_key) == (500, "alice-chat")
-    assert contents(copy.get()) == contents(plain_copy.get()) == "Hello\nHi!"
+    assert contents(copy.get_all()) == contents(plain_copy.get()) == "Hello\nHi!"
+    # get() also injects what memory has learnt by then: "Hello" may have been extracted in
+    # the background meanwhile (a race, seen once in a full run)
+    assert contents(copy.get()).endswith("Hello\nHi!")
 
     kept = new_buffer(tokenizer_fn=str.split)  # one that pickles is kept
     assert pickle.loads(pickle.dumps(kept)).tokenizer_fn("one two") == ["one", "two"]
