@@ -35,12 +35,14 @@ Measured through ``MemoryStore`` with the real local model:
   months), written the same way at the end of stop 33, was looked at once and changed
   nothing then; in stop 34 its error list was seen after the rule for changes told in other
   words was written, so it is not held out any more.
-- **Changes told in other words** (stop 34), both written blind the same way: a development
-  set (``consolidation_reworded_pairs.jsonl``, 260 pairs: 140 corrections worded anew in seven
-  forms, 80 distinct facts written to look like changes, 40 rewordings), on which the rule
-  was written, and a held-out set (``consolidation_blind4_pairs.jsonl``, 240 pairs: 120
-  updates, 90 of them worded anew, 70 distinct facts, 50 rewordings), measured before and
-  once after.
+- **Changes told in other words** (stop 34), written blind the same way: a development set
+  (``consolidation_reworded_pairs.jsonl``, 260 pairs: 140 corrections worded anew in seven
+  forms, 80 distinct facts written to look like changes, 40 rewordings); a set of related
+  facts that use change words but leave the old memory true
+  (``consolidation_related_pairs.jsonl``, 200 pairs: 150 distinct in 11 classes, 50
+  updates), both looked at while the rule was written; and a held-out set
+  (``consolidation_blind4_pairs.jsonl``, 240 pairs: 120 updates, 90 of them worded anew, 70
+  distinct facts, 50 rewordings), whose errors are never listed (:data:`HELD_OUT`).
 - **Teammates**: 1,000 distinct facts in nearly the same words ("Teammate 59 is busy with
   pottery work", "Teammate 62 ...") added with ``remember_many`` in batches of 100; all must be
   stored. The old rule's count is computed on the same vectors.
@@ -83,6 +85,7 @@ BLIND_SETS = {
     "blind2": Path(__file__).with_name("consolidation_blind2_pairs.jsonl"),
     "blind3": Path(__file__).with_name("consolidation_blind3_pairs.jsonl"),
     "reworded": Path(__file__).with_name("consolidation_reworded_pairs.jsonl"),
+    "related": Path(__file__).with_name("consolidation_related_pairs.jsonl"),
     "blind4": Path(__file__).with_name("consolidation_blind4_pairs.jsonl"),
 }
 HELD_OUT = frozenset({"blind4"})

@@ -162,50 +162,6 @@ _CHANGE_WORDS = _stems(
 )
 """A word of the new text, not in the old one, that announces a change of state."""
 
-_ENDINGS = _verb_forms(
-    "quit stop cancel end resign retire unsubscribe close sell drop ditch", irregular="sold"
-)
-"""Verbs that end what they name ("Cancelled the Netflix subscription")."""
-
-_OUTCOMES = _verb_forms(
-    "accept approve receive complete pass finish adopt graduate earn defend",
-    irregular="got won married",
-)
-"""Verbs that end something under way ("Passed the bar exam" after "Is studying for the bar
-exam"): counted only after a memory of something under way (:data:`_UNDER_WAY`)."""
-
-_UNDER_WAY = re.compile(
-    r"\b(?:(?:is|are|am)\s+(?:currently\s+|still\s+|now\s+)?\w+ing\b|pending|waitlist|"
-    r"engaged|applied|candidate)",
-    re.IGNORECASE,
-)
-"""A memory of something under way: "Is studying for ...", "Is on the waitlist for ...",
-"Visa application is pending", "Is engaged to ..."."""
-
-_CORRECTIONS = _stems("actually correction")
-_LEADING = _stems("just finally officially recently formally")
-_VISITS = _stems("by at in off over for to into on around")
-"""Words after an ending verb that make it a visit or an errand ("Stopped by", "Dropped
-off")."""
-_NOT_CHANGED = _stems(
-    "not never tried trying attempt fail failed need needs still continue continues keeps "
-    "plan plans planning want wants will would might may maybe going soon also another"
-)
-"""Words that say the change was not made, or not only it ("Did not cancel", "Tried to
-quit", "... but still plays", "Plans to cancel")."""
-_TIME_WORDS = _stems(
-    "ago last yesterday today this week weeks month months year years spring summer autumn "
-    "fall winter good completely entirely altogether earlier"
-)
-"""Words of when (and "for good"), which an ending may add to the old memory's words."""
-_ORIGINS = _stems("hometown native born raised grew")
-_PEOPLE = _stems(
-    "sister brother mother father mom dad son daughter wife husband partner friend coworker "
-    "colleague boss manager roommate neighbor neighbour kid kids child children parent parents "
-    "grandmother grandfather grandma grandpa aunt uncle cousin niece nephew teammate spouse"
-)
-"""People a memory may be about instead of the user ("Sister lives in Denver")."""
-
 _AUXILIARIES = _stems(
     "is are am be been has have had does do did will would can could should must might shall "
     "gets got"
@@ -877,8 +833,6 @@ def relate(
     words_a, words_b = Counter(t.text for t in a), Counter(t.text for t in b)
     if [t.text for t in a] == [t.text for t in b] or (words_a == words_b and _reordered(a, b)):
         return _duplicate_unless_new(old, new)
-    if _ends_or_corrects(old, new, a, b):
-        return Relation.UPDATE  # "Cancelled the Hulu subscription" after "Subscribes to Hulu"
     common = words_a & words_b
     if (
         sum(common.values()) < MIN_SHARED_OF_SHORTER * min(len(a), len(b))
@@ -954,125 +908,19 @@ def relate(
     return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
 
 
-def _ends_or_corrects(
-    old_text: str, new_text: str, old: tuple[Token, ...], new: tuple[Token, ...]
-) -> bool:
-    """Whether ``new`` only says that ``old`` ended, or corrects it by name. Two forms, both
-    narrow on purpose (two reviews of a broader rule found true memories retired by visits,
-    upkeep, parts ended, other people's changes and one-off occasions; see
-    docs/benchmarks.md, stop 34):
-
-    - an ending verb (or, after a memory of something under way, an outcome: "Passed",
-      "Married") first, then nothing but words of ``old`` and of time: "Cancelled the Hulu
-      subscription" after "Subscribes to Hulu", "Quit smoking for good" after "Smokes a pack a
-      day", "Married Ravi last weekend" after "Is engaged to Ravi". Not "Stopped by Blue
-      Bottle" (a visit), "Sold the old acoustic guitar" (a word of its own);
-    - a correction ("actually", "correction") that names a value of ``old`` after "not":
-      "Correction: the cat's name is Miso, not Mochi"."""
-    said = {t.text for t in new if t.kind != "date"}  # not "May", the month
-    if said & _CORRECTIONS:
-        return _corrects_by_name(old, new)
-    if not said & (_ENDINGS | _OUTCOMES) or said & _NOT_CHANGED or _for_a_time(new_text, new):
-        return False
-    index = 0
-    while index < len(new) and new[index].text in _LEADING:
-        index += 1
-    if index + 1 >= len(new) or new[index + 1].text in _VISITS:
-        return False  # "Stopped by Blue Bottle", "Dropped off the kids"
-    verb = new[index].text
-    if not (verb in _ENDINGS or (verb in _OUTCOMES and _UNDER_WAY.search(old_text))):
-        return False
-    if (
-        _in_the_past(old)
-        or _is_origin(old)
-        or any(t.text in _PEOPLE for t in old[: _predicate_start(old)])
-    ):
-        return False  # "Grew up in Ohio"; "Is from Seoul"; "Sister lives in ..."
-    own = [t for t in new[index + 1 :] if t.kind in ("word", "name") and not _is_time(t)]
-    content = [t for t in own if t.text not in _NOT_CONTENT]
-    return bool(content) and all(_said_in(t, old) for t in content)
-
-
-def _corrects_by_name(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
-    """Whether ``new`` names, after "not", a value that ``old`` has and ``new`` has nowhere
-    else ("..., not Mochi", "Actually has three children, not two")."""
-    values = [t for t in old if t.kind in ("name", "number") or t.text not in _NOT_CONTENT]
-    for index, token in enumerate(new[:-1]):
-        if token.text != "not":
-            continue
-        position = index + 1
-        while position < len(new) - 1 and new[position].text in _ARTICLES:
-            position += 1
-        target = new[position]
-        once = sum(t.text == target.text for t in new) == 1
-        if once and any(_same_token(v, target) for v in values):
-            return True
-    return False
-
-
-def _said_in(token: Token, old: tuple[Token, ...]) -> bool:
-    """Whether ``old`` has ``token``'s word (by its root), or its name, or a longer name that
-    holds it ("Civic" of "Honda Civic"; not "YouTube TV" of "YouTube", another product)."""
-    return any(_same_token(t, token) for t in old)
-
-
-def _same_token(old: Token, new: Token) -> bool:
-    if old.kind == "name" and new.kind == "name":
-        return old.text == new.text or (len(new.text) >= 4 and new.text in old.text)
-    if old.kind == "name" or new.kind == "name":
-        return old.text == new.text
-    return _same_root(old.text, new.text)
-
-
-def _same_root(x: str, y: str) -> bool:
-    """Whether two stems are one word's ("subscrib" / "subscription", "vegan" / "veganism")."""
-    if x == y:
-        return True
-    shorter = min(len(x), len(y))
-    if shorter < 4:
-        return False
-    common = 0
-    while common < shorter and x[common] == y[common]:
-        common += 1
-    return common >= max(4, shorter - 1)
-
-
-def _for_a_time(text: str, new: tuple[Token, ...]) -> bool:
-    """Whether ``new`` limits what it tells to a time ("Quit Slack for the weekend", "Stopped
-    drinking coffee after 2pm", "Cancelled therapy on Friday", "Cancelled Tuesday's piano
-    lesson"), rather than dating it ("in March", "last week")."""
-    if _ONE_DAYS.search(text):
-        return True
-    for index, token in enumerate(new[:-1]):
-        if token.text in _SCOPES:
-            following = [t for t in new[index + 1 : index + 4] if t.text not in _ARTICLES]
-            first = following[0] if following else None
-            if (
-                first is not None
-                and first.text != "good"
-                and (_is_time(first) or first.text in _OCCASIONS)
-            ):
-                return True
-    return False
-
-
-_ONE_DAYS = re.compile(r"\b(?:mon|tues|wednes|thurs|fri|satur|sun)day's\b", re.IGNORECASE)
-_SCOPES = _stems("for on after before until till during except over")
-_OCCASIONS = _stems("weekend weekends holiday holidays night nights morning evening trip")
-
-
-def _is_time(token: Token) -> bool:
-    return token.kind in ("date", "number") or token.text in _TIME_WORDS
-
-
 def _is_origin(sequence: tuple[Token, ...]) -> bool:
-    """Whether a memory tells where the user is from, which no move changes ("Is from Seoul",
-    "Hometown is Dayton", "Native language is Portuguese"; not "Works from home")."""
+    """Whether a memory tells where the user is from, which no move changes ("Is from Seoul"
+    and "Moved from Seoul to Toronto" are both true; "Hometown is Dayton"; not "Works from
+    home")."""
     start = _predicate_start(sequence)
     words = [t.text for t in sequence[start : start + 2]]
     return words in (["is", "from"], ["are", "from"], ["come", "from"]) or any(
         t.text in _ORIGINS for t in sequence
     )
+
+
+_ORIGINS = _stems("hometown native born raised grew")
+"""Words of where a person comes from."""
 
 
 def _duplicate_unless_new(old: str, new: str) -> Relation:

@@ -340,21 +340,11 @@ def test_a_distinct_fact_is_kept_beside_the_other(store: MemoryStore, old: str, 
     assert [m.text for m in store.get_all()] == [old, new]
 
 
-# stop 34: a text that only says the old memory ended (an ending verb, then nothing but the
-# old memory's words and when), or corrects it by naming its value after "not", supersedes;
-# two reviews of a broader rule found these, among many, retired true memories: they stay
-# beside (visits, upkeep, parts ended, other people's changes, attempts, one occasion)
-TOLD_CHANGES = [
-    ("Subscribes to Hulu", "Cancelled the Hulu subscription"),
-    ("Smokes a few cigarettes a day", "Quit smoking for good in the spring"),
-    ("Is studying for the CPA exam", "Passed the CPA exam in May"),
-    ("Cat is named Mochi", "Correction: the cat's name is Miso, not Mochi"),
-    ("Is engaged to Ravi", "Married Ravi last weekend"),
-    ("Has a checking account at Chase", "Closed the Chase account"),
-    ("Drives a 2012 Honda Civic", "Sold the Civic last month"),
-    ("Has two cats", "Actually has three cats, not two"),
-]
-TOLD_BESIDE = [
+# stop 34: texts that tell of a change with a word of the old memory, while the old memory
+# stays true. Rules that superseded on change words ("quit", "moved", "cancelled", "now",
+# "actually") retired true memories like these by the dozen in three reviews (docs/benchmarks.md,
+# stop 34); each stays beside, and a move never changes where the user is from
+KEPT_BESIDE = [
     ("Lives in Denver", "Plans to move to Seattle next spring"),
     ("Lives in Denver", "Sister moved to Seattle"),
     ("Works at Figma as a designer", "Quit a weekend tutoring gig to focus on the Figma job"),
@@ -367,34 +357,21 @@ TOLD_BESIDE = [
     ("Drives a Toyota Camry", "Changed the oil in the Camry last week"),
     ("Plays tennis", "Quit the tennis club but still plays on public courts"),
     ("Is from Seoul", "Moved from Seoul to Toronto"),
+    ("Hometown is Dayton", "Moved away from Dayton after college"),
     ("Subscribes to Netflix", "Did not cancel Netflix after the price increase"),
     ("Smokes a pack a day", "Tried to quit smoking but relapsed"),
     ("Works at Stripe", "Closed a big deal at Stripe"),
-    ("Is training for a half marathon", "Completed a 10-mile training run for the marathon"),
     ("Lives in Boston", "Left Boston for a week-long trip to Paris"),
     ("Favorite coffee shop is Blue Bottle", "Stopped by Blue Bottle on the way to work"),
-    ("Watches YouTube every day", "Cancelled YouTube TV"),
     ("Has a backyard pool", "Closed the pool for the winter"),
     ("Takes piano lessons on Tuesdays", "Cancelled Tuesday's piano lesson"),
-    ("Drinks coffee every morning", "Stopped drinking coffee after 2pm"),
-    ("Plays guitar", "Sold the old acoustic guitar"),
-    ("Uses Slack at work", "Quit Slack for the weekend"),
-    ("Car is a 2019 Toyota RAV4", "Correction: the RAV4 is blue, not silver"),
-    ("Works from home on Fridays", "Moved to Austin"),
+    ("Has a black belt in karate", "Quit karate"),
+    ("Owns two bikes, a Trek hybrid and a Specialized road bike", "Sold the Trek"),
 ]
 
 
-@pytest.mark.parametrize(("old", "new"), TOLD_CHANGES)
-def test_a_change_told_in_other_words_supersedes(store: MemoryStore, old: str, new: str) -> None:
-    store.add(old)
-    done = store.remember(new)
-    assert done.outcome is Outcome.SUPERSEDED
-    assert [m.text for m in store.get_all()] == [new]
-    assert [r.text for r in done.memory.history] == [old]
-
-
-@pytest.mark.parametrize(("old", "new"), TOLD_BESIDE)
-def test_a_plan_an_addition_or_another_change_is_kept_beside(
+@pytest.mark.parametrize(("old", "new"), KEPT_BESIDE)
+def test_a_change_of_something_else_keeps_the_memory_beside(
     store: MemoryStore, old: str, new: str
 ) -> None:
     store.add(old)
@@ -402,12 +379,17 @@ def test_a_plan_an_addition_or_another_change_is_kept_beside(
     assert [m.text for m in store.get_all()] == [old, new]
 
 
-@pytest.mark.parametrize(("old", "new"), TOLD_CHANGES + TOLD_BESIDE)
-def test_a_told_change_does_not_depend_on_the_similarity(old: str, new: str) -> None:
-    """The rule reads the words: the same answer at any similarity the store compares."""
-    expected = Relation.UPDATE if (old, new) in TOLD_CHANGES else Relation.DISTINCT
+@pytest.mark.parametrize(("old", "new"), KEPT_BESIDE)
+def test_the_rules_keep_it_beside_at_any_similarity(old: str, new: str) -> None:
+    """What the store compares (>= 0.4) up to a near rewording: never superseded."""
     for similarity in (0.4, 0.7, 0.94):
-        assert relate(old, new, similarity, duplicate_threshold=0.95) is expected
+        assert relate(old, new, similarity, duplicate_threshold=0.95) is Relation.DISTINCT
+
+
+def test_a_move_after_a_memory_of_where_the_user_works_from_still_supersedes() -> None:
+    """Only "is from" is an origin: "Works from home" is not."""
+    old, new = "Works from home on Fridays", "Switched to working from home on Mondays instead"
+    assert relate(old, new, 0.8, duplicate_threshold=0.95) is Relation.UPDATE
 
 
 # keys as two conversations would write them for the same fact: other words, other questions
