@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import MemoryStore, NewMemory
-from .errors import EmbeddingMismatchError, InvalidInputError, StorageError
+from .errors import EmbeddingMismatchError, HeadroomMemoryError, InvalidInputError, StorageError
 from .grounding import grounded
 from .jobs import (
     DEFAULT_BACKOFF,
@@ -34,9 +34,15 @@ from .jobs import (
     PermanentJobError,
     user_tag,
 )
-from .prompts import background_extraction_messages, parse_extraction_json
+from .prompts import (
+    background_extraction_messages,
+    field_value,
+    message_text,
+    parse_extraction_json,
+    short_ids,
+)
 from .storage.base import Storage
-from .types import Source
+from .types import Memory, Source
 
 log = logging.getLogger("headroom_memory_integrations")
 
@@ -78,8 +84,15 @@ class BackgroundExtractor:
 
     def __call__(self, memory: MemoryStore, job: Job) -> list[NewMemory]:
         injected: Mapping[str, str] = job.payload.get("injected") or {}
+        untrusted = bool(job.payload.get("untrusted"))
         known = {m.id: m for m in memory.get_many(list(injected.values()))}
         existing = [(label, known[i]) for label, i in injected.items() if i in known]
+        labels = dict(injected)
+        if not untrusted:  # (its "replaces" is not followed: nothing to show it for)
+            nearby = _nearby(memory, job.payload["exchange"], exclude=known)
+            for label, found in zip(short_ids(len(labels) + len(nearby))[len(labels) :], nearby):
+                labels[label] = found.id
+                existing.append((label, found))
         messages = background_extraction_messages(job.payload["exchange"], existing)
         answer = self.complete(messages, self.model or job.payload.get("model"))
         result = parse_extraction_json(answer or "")
@@ -92,7 +105,6 @@ class BackgroundExtractor:
                 raise PermanentJobError(message)
             raise ValueError(message)  # retried with backoff
         memories = list(result.memories)
-        untrusted = bool(job.payload.get("untrusted"))
         if untrusted:  # (its "replaces" not followed, its keys not kept: grounding.py)
             said = "\n".join(
                 m["content"] for m in job.payload["exchange"] if m.get("role") == "user"
@@ -104,11 +116,42 @@ class BackgroundExtractor:
             NewMemory(
                 m.text,
                 m.category,
-                replaces=injected.get(m.replaces) if m.replaces and not untrusted else None,
+                replaces=labels.get(m.replaces) if m.replaces and not untrusted else None,
                 keys=() if untrusted else m.keys,
             )
             for m in memories
         ]
+
+
+KNOWN_NEARBY = 5
+"""Memories nearest to what the user said in the turn, besides those injected into its
+request, that the extraction call is shown as known: it then skips what they already say, and
+supersedes one the user corrected ("replaces") though the request did not need it ("I moved
+to Denver last month, any hikes nearby?" and "Lives in Boston")."""
+NEARBY_FLOOR = 0.15
+"""Their relevance floor: under the injection floor (~0.25-0.3), as the model judges them and
+one too many costs ~15 tokens of the extraction call, not a wrong memory in a prompt."""
+
+
+def _nearby(
+    memory: MemoryStore, exchange: Sequence[Mapping[str, Any]], *, exclude: Mapping[str, Any]
+) -> list[Memory]:
+    """The :data:`KNOWN_NEARBY` memories nearest to the turn's user messages that are not in
+    ``exclude``; none where that search fails (the extraction goes on without them)."""
+    said = "\n".join(message_text(m) for m in exchange if field_value(m, "role") == "user")
+    if not said.strip():
+        return []
+    try:
+        found = memory.search(
+            said[:MAX_NEARBY_QUERY], top_k=KNOWN_NEARBY + len(exclude), min_score=NEARBY_FLOOR
+        )
+    except HeadroomMemoryError as exc:
+        memory.survived("nearby_search_failures", f"could not search for known memories: {exc}")
+        return []
+    return [m for m, _ in found if m.id not in exclude][:KNOWN_NEARBY]
+
+
+MAX_NEARBY_QUERY = 2_000  # characters of the user's messages searched for them
 
 
 _PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, NotImplementedError)

@@ -327,3 +327,57 @@ def test_a_programming_error_fails_the_job_instead_of_retrying_for_ever(error, r
     from headroom_memory_integrations.writer import retryable
 
     assert retryable(error) is retried
+
+
+HIKER = [
+    "Enjoys hiking on weekends",
+    "Prefers trails with mountain views",
+    "Owns trail running shoes",
+    "Hikes with a dog named Juno",
+    "Likes long hikes in autumn",
+    "Uses AllTrails to find hikes",
+    "Lives in Boston",
+    "Favorite ice cream is pistachio",
+]
+
+
+def test_the_extraction_may_replace_a_near_memory_the_request_did_not_need(
+    client, fake_model, openai_server
+) -> None:
+    """The extraction call is shown, as known, the memories nearest to what the user said
+    besides those injected (here: past the request's top 5), and supersedes one with
+    "replaces"."""
+    client.memory.add_many(HIKER)
+    fake_model.extractions = [
+        Reply.text(
+            json.dumps(
+                {"memories": [{"text": "Lives in Denver", "category": "fact", "replaces": "m7"}]}
+            )
+        )
+    ]
+    ask(client, "Just moved to Denver. Any good hiking trails nearby?")
+    assert client.memory.flush(30)
+    injected = fake_model.chat_bodies[-1]["messages"][0]["content"]
+    extraction = next(r.body for r in openai_server.requests if is_extraction(r.body))
+    known = extraction["messages"][1]["content"]
+    assert "Lives in Boston" not in injected and injected.count("- m") == 5
+    assert "- m7 (fact, noted " in known and '"Lives in Boston"' in known.split("- m7")[1]
+    assert "pistachio" not in known  # under the floor even for the extraction
+    texts = {m.text: m for m in client.memory.get_all()}
+    assert "Lives in Boston" not in texts and "Lives in Denver" in texts
+    assert [r.text for r in texts["Lives in Denver"].history] == ["Lives in Boston"]
+
+
+def test_the_extraction_goes_on_when_the_search_for_near_memories_fails(
+    client, fake_model, monkeypatch
+) -> None:
+    from headroom_memory_integrations import StorageError
+
+    def down(*args, **kwargs):
+        raise StorageError("the store is down")
+
+    monkeypatch.setattr(client.memory, "search", down)
+    ask(client, "I prefer Python for backend work")
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    assert client.memory.stats()["events"]["nearby_search_failures"] == 1

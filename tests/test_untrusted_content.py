@@ -349,3 +349,32 @@ def test_a_react_retry_prompt_counts_only_inside_a_react_transcript(system, expe
         ("user", _RETRY),
     ]
     assert react_observations(messages) == expected
+
+
+def test_an_untrusted_turn_is_shown_only_the_memories_of_its_request(
+    openai_server, db_path, model
+) -> None:
+    """A turn with a tool result cannot make the extraction replace anything, so its
+    extraction is not shown the nearby memories a trusted turn's is (see
+    test_the_extraction_may_replace_a_near_memory_the_request_did_not_need)."""
+    from tests.test_background_memory import HIKER
+
+    def responder(body: dict) -> Reply:
+        if "You maintain long-term memory" in body["messages"][0]["content"]:
+            return Reply.text('{"memories": []}')
+        return Reply.text("Try the Mesa Trail.")
+
+    openai_server.responder = responder
+    client = with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
+    client.memory.add_many(HIKER)
+    question = {"role": "user", "content": "Just moved to Denver. Any good hiking trails nearby?"}
+    for messages in ([question], [question, *agent_turn("Trails: Mesa Trail, 3 miles.")[1:]]):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+        assert client.memory.flush(30)
+    known = [
+        r.body["messages"][1]["content"].count("\n- m")
+        for r in openai_server.requests
+        if "You maintain long-term memory" in r.body["messages"][0]["content"]
+    ]
+    assert known == [7, 5]  # trusted: the 5 injected and 2 nearby; with a tool result: 5
+    client.close()
