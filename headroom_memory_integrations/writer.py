@@ -106,9 +106,7 @@ class BackgroundExtractor:
             raise ValueError(message)  # retried with backoff
         memories = list(result.memories)
         if untrusted:  # (its "replaces" not followed, its keys not kept: grounding.py)
-            said = "\n".join(
-                m["content"] for m in job.payload["exchange"] if m.get("role") == "user"
-            )
+            said = _user_said(job.payload["exchange"])
             kept = [m for m in memories if grounded(m.text, said)]
             memory.counters["ungrounded_memories"] += len(memories) - len(kept)
             memories = kept
@@ -123,6 +121,11 @@ class BackgroundExtractor:
         ]
 
 
+def _user_said(exchange: Sequence[Mapping[str, Any]]) -> str:
+    """The text of the turn's user messages (of their text parts, where content is a list)."""
+    return "\n".join(message_text(m) for m in exchange if field_value(m, "role") == "user")
+
+
 KNOWN_NEARBY = 5
 """Memories nearest to what the user said in the turn, besides those injected into its
 request, that the extraction call is shown as known: it then skips what they already say, and
@@ -131,6 +134,8 @@ to Denver last month, any hikes nearby?" and "Lives in Boston")."""
 NEARBY_FLOOR = 0.15
 """Their relevance floor: under the injection floor (~0.25-0.3), as the model judges them and
 one too many costs ~15 tokens of the extraction call, not a wrong memory in a prompt."""
+MAX_NEARBY_QUERY = 2_000
+"""Characters of the user's messages searched for them."""
 
 
 def _nearby(
@@ -138,7 +143,7 @@ def _nearby(
 ) -> list[Memory]:
     """The :data:`KNOWN_NEARBY` memories nearest to the turn's user messages that are not in
     ``exclude``; none where that search fails (the extraction goes on without them)."""
-    said = "\n".join(message_text(m) for m in exchange if field_value(m, "role") == "user")
+    said = _user_said(exchange)
     if not said.strip():
         return []
     try:
@@ -149,9 +154,6 @@ def _nearby(
         memory.survived("nearby_search_failures", f"could not search for known memories: {exc}")
         return []
     return [m for m, _ in found if m.id not in exclude][:KNOWN_NEARBY]
-
-
-MAX_NEARBY_QUERY = 2_000  # characters of the user's messages searched for them
 
 
 _PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, NotImplementedError)
