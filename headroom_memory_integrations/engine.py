@@ -980,6 +980,11 @@ class MemoryStore(WritePath):
         memory, with the text erased from the files of an embedded folder and of the job queue.
         Returns how many memories there were.
 
+        A store without a wrapper clears the job queue the wrappers use by default for its
+        storage (beside an embedded folder's memories, else in ``~/.headroom-memory``): turns
+        left there by a wrapper, maybe of a process that has exited. A queue given its own
+        ``queue_path`` is cleared through a wrapper using it.
+
         Args:
             timeout: Seconds to wait for background work of this user that is running now.
 
@@ -988,6 +993,10 @@ class MemoryStore(WritePath):
                 storage failed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._pending is None:  # a plain store: turns a wrapper left queued for this user
+            from .writer import forget_queued
+
+            forget_queued(self, timeout)
         while True:
             pending = self._pending
             if pending is not None:  # a running job stores under the write lock: wait outside it

@@ -316,14 +316,23 @@ class JobQueue:
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def forget_user(self, user_id: str) -> tuple[int, int]:
-        """Delete the user's jobs that are not running now (pending and dead-lettered).
+        """Delete the user's jobs that are not running now: pending, dead-lettered, and those
+        a process left running when it died or whose claim expired (as :meth:`claim` sees them).
 
         Returns:
             (deleted, still running): running jobs are left to their worker.
         """
+        now = time.time()
         with self._write() as conn:
+            owners = conn.execute(
+                "SELECT DISTINCT owner FROM jobs WHERE user_id = ? AND status = 'running'",
+                (user_id,),
+            )
+            dead = [row[0] for row in owners if row[0] and _owner_is_dead(row[0])]
             deleted = conn.execute(
-                "DELETE FROM jobs WHERE user_id = ? AND status != 'running'", (user_id,)
+                "DELETE FROM jobs WHERE user_id = ? AND (status != 'running' OR lease_until <= ?"
+                f" OR owner IN ({','.join('?' * len(dead))}))",
+                (user_id, now, *dead),
             ).rowcount
             running = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE user_id = ? AND status = 'running'", (user_id,)

@@ -310,16 +310,6 @@ class MemoryWriter:
                     del self._stores[memory.user_id]
                 self._extractors.pop(memory, None)
 
-    @contextmanager
-    def _queue_file(self, doing: str) -> Iterator[None]:
-        """The queue file's own failures (unwritable, locked, corrupt) as :class:`StorageError`."""
-        try:
-            yield
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageError(
-                f"could not {doing} in the job queue {self.worker.queue.path}: {exc}"
-            ) from exc
-
     def forget(self, memory: MemoryStore, timeout: float | None) -> int:
         """Delete every job of ``memory``'s user from the queue file (waiting up to
         ``timeout`` seconds for one that runs now to end) and erase their text from the file
@@ -328,27 +318,15 @@ class MemoryWriter:
         Raises:
             StorageError: a job of the user was still running after ``timeout`` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        queue, deleted = self.worker.queue, 0
-        while True:
-            with self._queue_file("forget the user's jobs"):
-                removed, running = queue.forget_user(memory.user_id)
-            deleted += removed
-            if not running:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise StorageError(
-                    f"background work of this user still ran after {timeout} s; try again"
-                )
-            time.sleep(0.02)
+        queue = self.worker.queue
+        deleted = _forget_jobs(queue, memory.user_id, timeout)
         with self._settled:
             self._unsettled.pop(memory.user_id, None)
             for job_id, (user_id, _) in list(self._queued_with.items()):
                 if user_id == memory.user_id:  # deleted (one running now holds its own)
                     del self._queued_with[job_id]
             self._settled.notify_all()
-        with self._queue_file("erase the user's jobs"):
-            queue.erase_wal()
+        _erase_wal(queue)
         log.debug(
             "job queue %s: deleted %d jobs of user %s",
             queue.path,
@@ -358,7 +336,7 @@ class MemoryWriter:
         return deleted
 
     def retry_failed(self) -> int:
-        with self._queue_file("queue failed jobs again"):
+        with _queue_file(self.worker.queue, "queue failed jobs again"):
             count = self.worker.queue.retry_failed()
         self.worker.notify()
         return count
@@ -456,6 +434,71 @@ def _same_place(one: Storage, other: Storage) -> bool:
         return True
     place = getattr(one, "place", None)
     return place is not None and place == getattr(other, "place", None)
+
+
+@contextmanager
+def _queue_file(queue: JobQueue, doing: str) -> Iterator[None]:
+    """The queue file's own failures (unwritable, locked, corrupt) as :class:`StorageError`."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise StorageError(f"could not {doing} in the job queue {queue.path}: {exc}") from exc
+
+
+def _forget_jobs(queue: JobQueue, user_id: str, timeout: float | None) -> int:
+    """Delete every job of ``user_id`` from ``queue``, waiting up to ``timeout`` seconds for
+    one that runs now (in any process) to end. Returns how many were deleted.
+
+    Raises:
+        StorageError: a job of the user still ran after ``timeout`` seconds, or the file failed.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    deleted = 0
+    while True:
+        with _queue_file(queue, "forget the user's jobs"):
+            removed, running = queue.forget_user(user_id)
+        deleted += removed
+        if not running:
+            return deleted
+        if deadline is not None and time.monotonic() >= deadline:
+            raise StorageError(
+                f"background work of this user still ran after {timeout} s; try again"
+            )
+        time.sleep(0.02)
+
+
+def _erase_wal(queue: JobQueue) -> None:
+    with _queue_file(queue, "erase the user's jobs"):
+        queue.erase_wal()
+
+
+def forget_queued(memory: MemoryStore, timeout: float | None) -> int:
+    """Delete the queued turns of ``memory``'s user from the job queue its storage's wrappers
+    use (:func:`queue_path_for`), for a store with no writer attached: a plain
+    :class:`~.engine.MemoryStore` forgetting a user whose turns a wrapper, maybe in a process
+    that has exited, left queued. Through this process's writer of that file if it has one.
+    Returns how many were deleted (0 if the file does not exist).
+
+    Raises:
+        StorageError: a job of the user still ran after ``timeout`` seconds, or the file failed.
+    """
+    path = queue_path_for(memory)
+    with _writers_lock:
+        writer = _writers.get(os.path.realpath(path))
+    if writer is not None and not writer.worker.closed:
+        return writer.forget(memory, timeout)
+    if not path.exists():
+        return 0
+    try:
+        queue = JobQueue(path)
+    except (sqlite3.Error, OSError) as exc:
+        raise StorageError(f"could not open the job queue {path}: {exc}") from exc
+    try:
+        deleted = _forget_jobs(queue, memory.user_id, timeout)
+        _erase_wal(queue)
+        return deleted
+    finally:
+        queue.close()
 
 
 _writers: dict[str, MemoryWriter] = {}

@@ -359,6 +359,52 @@ def test_forget_user_removes_queued_turns_too(openai_server, db_path, model) -> 
         time.sleep(0.1)
 
 
+_QUEUE_AND_DIE = """
+import os, signal
+from headroom_memory_integrations.jobs import Backoff
+from headroom_memory_integrations.openai import with_memory
+from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer
+
+def answer(body):
+    extraction = "You maintain long-term memory" in body["messages"][0]["content"]
+    return Reply.error(503) if extraction else Reply.text("Noted.")
+
+with ScriptedOpenAIServer(responder=answer) as server:
+    client = with_memory(
+        server.client(), user_id="alice", db_path={db!r},
+        retry_backoff=Backoff(initial=60.0, maximum=60.0, jitter=0.0),
+    )
+    turn = "I live in Zanzibarville; my locker code is ZEBRA-7712"
+    client.chat.completions.create(model="gpt-4o", messages=[{{"role": "user", "content": turn}}])
+    background = client.memory.stats()["background"]
+    print(background["pending"] + background["running"], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the turn stays queued in the folder
+"""
+
+
+def test_a_plain_store_forgets_the_turns_a_wrapper_left_queued(openai_server, db_path, model):
+    """A wrapper's process dies with a turn queued; a plain MemoryStore (a deletion script,
+    no wrapper) forgets the user: the queued turn goes too, so no later wrapper stores it."""
+    run = run_python(_QUEUE_AND_DIE.format(db=str(db_path)))
+    assert run.stdout.strip() == "1", run.stderr[-2000:]
+    assert files_containing(db_path, ["ZEBRA-7712"])  # queued durably
+
+    assert MemoryStore("alice", db_path=db_path, embedder=model).forget_user() == 0
+    assert not files_containing(db_path, ["ZEBRA-7712", "Zanzibarville"])
+
+    openai_server.responder = lambda body: Reply.text(
+        json.dumps({"memories": [{"text": "Lives in Zanzibarville", "category": "fact"}]})
+        if "You maintain long-term memory" in body["messages"][0]["content"]
+        else "Noted."
+    )
+    client = with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
+    client.memory.add("Plays the cello")
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ["Plays the cello"]
+    assert not any("Zanzibarville" in json.dumps(r.body) for r in openai_server.requests)
+    client.close()
+
+
 def test_forget_user_while_the_users_extraction_runs(openai_server, db_path, model) -> None:
     """The running job stores its memories under the user's write lock: forget_user waits for
     it without holding that lock, then forgets what it stored too (it used to wait for the
