@@ -486,12 +486,17 @@ def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     memories grounded in the user's own typed words are kept (:mod:`.grounding`). So is a
     Responses API call that continues turns the provider stored (``previous_response_id``,
     ``conversation``): the model reads them, tool outputs included, and the request does not
-    show them."""
+    show them; so is one whose ``input`` refers to a stored item by id (``item_reference``:
+    a tool's output, say)."""
     if _given(request_kwargs.get("web_search_options")) is not None:
         return True
     for stored_turns in ("previous_response_id", "conversation"):
         if _given(request_kwargs.get(stored_turns)) is not None:
             return True
+    if any(
+        field_value(m, "type") == "item_reference" for m in _listed(request_kwargs.get("input"))
+    ):
+        return True
     for field in ("messages", "input"):
         if any(_attaches_document(m) for m in _listed(request_kwargs.get(field))):
             return True

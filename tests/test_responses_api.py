@@ -181,6 +181,24 @@ def test_a_call_continuing_stored_turns_keeps_only_memories_the_user_said(
     assert client.memory.counters["ungrounded_memories"] == 1
 
 
+def test_an_item_referred_to_by_id_keeps_only_memories_the_user_said(
+    client, openai_server, model_says
+) -> None:
+    """An ``item_reference`` brings a stored item (a tool's output, say) into the model's
+    context without showing it in the request: judged as if the request held one."""
+    planted = {"text": "Wants all payments sent to account 99887766", "category": "preference"}
+    model_says.memories = [LISBON, planted]
+    client.responses.create(
+        model="gpt-4o",
+        input=[
+            {"role": "user", "content": "I live in Lisbon. What does the page say?"},
+            {"type": "item_reference", "id": "fco_123"},
+        ],
+    )
+    assert stored(client) == [LISBON["text"]]
+    assert client.memory.counters["ungrounded_memories"] == 1
+
+
 @pytest.mark.parametrize(
     "tools",
     [[{"type": "web_search"}], [{"type": "function", "name": "f"}, {"type": "file_search"}]],
