@@ -30,6 +30,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from .engine import (
+    DEFAULT_DB_PATH,
     MAX_MEMORY_ID_CHARS,
     MAX_TOP_K,
     MemoryStore,
@@ -267,6 +268,7 @@ def _check_db(args: argparse.Namespace) -> None:
     db = args.db if given else (os.environ.get("HEADROOM_MEMORY_DB", "").strip() or None)
     where = "--db" if given else "$HEADROOM_MEMORY_DB"
     if db is None:
+        _check_store_exists(args, DEFAULT_DB_PATH, "the default; name another with --db")
         return
     if not db.strip():
         raise _UsageError(f"{where} is empty: name a folder or a Chroma server URL")
@@ -287,8 +289,14 @@ def _check_db(args: argparse.Namespace) -> None:
         raise _UsageError(
             f"{where} {db!r} is neither a folder nor a URL: did you mean 'http://{db}'?"
         )
-    if args.command in _READS and not Path(db).expanduser().is_dir():
-        raise HeadroomMemoryError(f"no memory store at {db} (check --db); nothing was created")
+    _check_store_exists(args, db, f"check {where}")
+
+
+def _check_store_exists(args: argparse.Namespace, folder: str, hint: str) -> None:
+    """A read command never creates a store: raise :class:`HeadroomMemoryError` where
+    ``folder`` holds none (it is missing, or holds no Chroma database)."""
+    if args.command in _READS and not (Path(folder).expanduser() / "chroma.sqlite3").is_file():
+        raise HeadroomMemoryError(f"no memory store at {folder} ({hint}); nothing was created")
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> Any:

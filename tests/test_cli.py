@@ -258,6 +258,23 @@ def test_read_commands_on_a_missing_store_create_nothing(tmp_path: Path, capsys)
     assert not (tmp_path / "does").exists()
 
 
+def test_read_commands_create_no_default_store_nor_one_in_an_empty_folder(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HEADROOM_MEMORY_DB", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for where in ([], ["--db", str(empty)]):
+        for command in (["list"], ["search", "tea"], ["stats"], ["export"], ["delete", "abc"]):
+            assert main([*command, "--user", "a", *where]) == 1
+            assert "no memory store at" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists() and list(empty.iterdir()) == []
+    assert main(["add", "Prefers tea", "--user", "a"]) == 0  # a write creates the default
+    capsys.readouterr()
+    assert main(["list", "--user", "a"]) == 0 and "Prefers tea" in capsys.readouterr().out
+
+
 def test_import_of_a_binary_or_huge_file_is_a_clear_error(run, tmp_path: Path) -> None:
     binary = tmp_path / "photo.jsonl"
     binary.write_bytes(bytes(range(256)) * 64)
