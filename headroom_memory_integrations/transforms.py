@@ -208,9 +208,12 @@ class RollingWindowTransform:
         if message.get("function_call"):
             calls.append({"function": message["function_call"]})
         for call in calls:
-            function = (call.get("function") or {}) if isinstance(call, Mapping) else {}
-            total += TOOL_CALL_OVERHEAD + count(str(function.get("name") or ""))
-            total += count(str(function.get("arguments") or ""))
+            total += TOOL_CALL_OVERHEAD
+            # a function call's arguments, or a custom tool call's free-form input
+            for kind, field in (("function", "arguments"), ("custom", "input")):
+                body = call.get(kind) if isinstance(call, Mapping) else None
+                if isinstance(body, Mapping):
+                    total += count(str(body.get("name") or "")) + count(str(body.get(field) or ""))
         return total
 
     def _content_cost(self, content: Any) -> int:

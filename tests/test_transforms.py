@@ -229,6 +229,22 @@ def test_tool_call_group_is_kept_or_dropped_whole() -> None:
     assert cut.apply(first_turn) == [msgs[0], msgs[4]]
 
 
+def test_a_custom_tool_calls_input_costs_what_function_arguments_do() -> None:
+    """Chat Completions' custom tools send free-form ``input`` instead of JSON ``arguments``:
+    a long input counts, so the window drops it when it does not fit."""
+    text = "print(1) " * 300
+    custom = {"id": "c1", "type": "custom", "custom": {"name": "run", "input": text}}
+    function = {"id": "c1", "type": "function", "function": {"name": "run", "arguments": text}}
+    transform = RollingWindowTransform(100, token_counter=words)
+    calls = [
+        {"role": "assistant", "content": None, "tool_calls": [call]} for call in (custom, function)
+    ]
+    assert transform.count([calls[0]]) == transform.count([calls[1]]) > 300
+    msgs = [user("q1"), calls[0], {"role": "tool", "tool_call_id": "c1", "content": "1"}]
+    msgs += [assistant("done"), user("q2")]
+    assert transform.apply(msgs) == msgs[4:]  # the call, its result and the reply dangle
+
+
 def test_latest_user_message_is_kept_even_over_budget() -> None:
     msgs = [{"role": "system", "content": "rules"}, user("old"), user("huge " * 50)]
     transform = RollingWindowTransform(10, token_counter=words)
