@@ -391,7 +391,7 @@ def resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
     if db_path is None:  # an empty variable is an unset one, as in a shell
         path = os.environ.get("HEADROOM_MEMORY_DB", "").strip() or str(DEFAULT_DB_PATH)
     else:
-        path = os.fspath(db_path)
+        path = os.fspath(db_path) if isinstance(db_path, str | os.PathLike) else None
         if not isinstance(path, str) or not path.strip():
             raise InvalidInputError(
                 f"db_path must name a folder or a Chroma server's URL, got {db_path!r} "
@@ -605,6 +605,9 @@ class MemoryStore(WritePath):
         """
         query = clean_text(query, "query")
         top_k = check_top_k(top_k)
+        if isinstance(categories, str | Category):
+            one = categories.value if isinstance(categories, Category) else categories
+            raise InvalidInputError(f"categories must be a list, such as [{one!r}], not one")
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
         base = self.min_score if min_score is None else check_min_score(min_score)
         vector, collection = self._embed_opening(lambda: self._query_vector(query), searching=True)
@@ -688,7 +691,13 @@ class MemoryStore(WritePath):
         return found[0]
 
     def get_many(self, memory_ids: Sequence[str]) -> list[Memory]:
-        """The memories with these ids; ids that do not exist are skipped."""
+        """The memories with these ids; ids that do not exist are skipped.
+
+        Raises:
+            InvalidInputError: ``memory_ids`` is one id (a ``str``), not a list of them.
+        """
+        if isinstance(memory_ids, str):
+            raise InvalidInputError("memory_ids must be a list of ids, not one: use get(id)")
         ids = [i for i in memory_ids if isinstance(i, str)]
         return self._open().get(ids) if ids else []
 

@@ -167,6 +167,9 @@ def test_duplicate_check_can_be_turned_off(db_path, model) -> None:
         (lambda s: s.search("ok", min_score=float("nan")), "min_score must be a finite number"),
         (lambda s: s.search("ok", min_score="0.3"), "min_score must be a finite number"),
         (lambda s: s.search("ok", categories=["nope"]), "valid categories"),
+        (lambda s: s.search("ok", categories="fact"), "must be a list, such as ['fact']"),
+        (lambda s: s.search("ok", categories=Category.FACT), "such as ['fact'], not one"),
+        (lambda s: s.get_many("some-id"), "a list of ids, not one: use get"),
         (lambda s: s.add_many([{"txt": "typo"}]), "takes 'text'"),
     ],
 )
@@ -196,6 +199,12 @@ def test_one_bad_item_in_a_batch_stores_nothing(hash_store: MemoryStore) -> None
 def test_a_store_refuses_a_floor_that_is_not_a_number(db_path, min_score) -> None:
     with pytest.raises(InvalidInputError, match="min_score must be a finite number"):
         MemoryStore("alice", db_path=db_path, min_score=min_score)
+
+
+@pytest.mark.parametrize("db_path", [5, b"/tmp/x", ""])
+def test_a_db_path_that_is_not_a_folder_or_url_is_refused(db_path) -> None:
+    with pytest.raises(InvalidInputError, match="db_path must name a folder"):
+        MemoryStore("alice", db_path=db_path)
 
 
 @pytest.mark.parametrize("user_id", ["", "   ", None, 7])
