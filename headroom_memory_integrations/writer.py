@@ -42,6 +42,7 @@ from .prompts import (
     short_ids,
 )
 from .storage.base import Storage
+from .storage.folder import make_private_folder
 from .types import Memory, Source
 
 log = logging.getLogger("headroom_memory_integrations")
@@ -203,7 +204,7 @@ class MemoryWriter:
 
     def __init__(self, path: Path, *, backoff: Backoff | None = None) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_folder(path.parent)
         except OSError:  # a read-only folder: the queue opens once it can (JobQueue open_later)
             log.warning("cannot create the folder of job queue %s yet", path, exc_info=True)
         # the stores registered here, held weakly: a store its application let go of (a

@@ -135,3 +135,39 @@ def test_where_memories_are_kept_when_db_path_is_empty(tmp_path, monkeypatch) ->
     with pytest.raises(InvalidInputError, match="credentials"):
         ChromaStorage.from_url("http://admin:secret@127.0.0.1:8000")
     assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == []  # nothing made here
+
+
+def test_a_folder_the_library_creates_is_its_owners_alone(tmp_path, monkeypatch) -> None:
+    """Memories and queued turns are personal: the folders made for them (the memories', and
+    the home folder's for a server's job queue) are 0700; a folder that exists keeps its mode."""
+    import stat
+
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations.storage import ChromaStorage
+    from headroom_memory_integrations.writer import queue_path_for, writer_for
+
+    def mode(path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    made = tmp_path / "new" / "memories"
+    store = MemoryStore("alice", db_path=made, embedder=HashEmbedder())
+    store.add("Takes medication for migraines")
+    assert mode(made) == 0o700 and (made / "chroma.sqlite3").exists()
+    store.close()
+
+    existing = tmp_path / "shared"
+    existing.mkdir(mode=0o755)
+    existing.chmod(0o755)
+    store = MemoryStore("alice", db_path=existing, embedder=HashEmbedder())
+    store.add("Takes medication for migraines")
+    assert mode(existing) == 0o755
+    store.close()
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    server = MemoryStore(
+        "bob", storage=ChromaStorage.connect("127.0.0.1", 9), embedder=HashEmbedder()
+    )
+    queue = queue_path_for(server)
+    writer_for(queue).worker.close(0)
+    assert queue.parent == tmp_path / "home" / ".headroom-memory" and mode(queue.parent) == 0o700

@@ -61,6 +61,7 @@ from .folder import (
     check_free_space,
     directory_bytes,
     erase_deleted,
+    make_private_folder,
     remove_folder,
     scrub_freed_memory,
     vector_segment,
@@ -1206,7 +1207,7 @@ class ChromaStorage:
 
         assert self._folder is not None and self._folder_lock is not None
         folder = str(self._folder)
-        self._folder.mkdir(parents=True, exist_ok=True)
+        make_private_folder(self._folder)
         scrub_freed_memory()  # before Chroma allocates an index it writes out uncleared
         writer = self._folder_lock.acquire()
         try:

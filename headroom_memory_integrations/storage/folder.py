@@ -6,6 +6,8 @@ and erasing deleted text from the files.
   crash never leaves it stuck). A second process can read, but its writes fail with a clear
   :class:`StorageError`: two processes writing one embedded folder would each keep their own
   search index and miss the other's memories.
+- :func:`make_private_folder`: a folder the library creates is its owner's alone (0700): the
+  memories and queued turns in it are personal.
 - :func:`check_free_space`: a write starts only if the disk keeps :data:`MIN_FREE_BYTES` free
   after it, so Chroma never meets a full disk halfway through a write (which can empty its index
   files and lose acknowledged writes).
@@ -89,6 +91,14 @@ class FolderLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+def make_private_folder(folder: Path) -> None:
+    """Create ``folder`` (and its missing parents) if it does not exist, readable and writable
+    by its owner only (0700), so another account on the machine cannot read the memories and
+    queued turns its files hold. An existing folder keeps the permissions it has."""
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def free_bytes(folder: Path) -> int:
