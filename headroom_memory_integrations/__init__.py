@@ -28,6 +28,7 @@ from .engine import (
     NewMemory,
 )
 from .errors import (
+    EmbeddingError,
     EmbeddingMismatchError,
     HeadroomMemoryError,
     InvalidCategoryError,
@@ -73,6 +74,7 @@ __all__ = [
     "Category",
     "ChromaStorage",
     "Embedder",
+    "EmbeddingError",
     "EmbeddingMismatchError",
     "HeadroomMemoryError",
     "InvalidCategoryError",

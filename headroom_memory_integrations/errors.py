@@ -43,6 +43,10 @@ class StorageError(HeadroomMemoryError):
     """The storage backend failed to read or write."""
 
 
+class EmbeddingError(HeadroomMemoryError):
+    """The embedding backend (an API) did not answer and is held to be down for a while."""
+
+
 class MissingDependencyError(HeadroomMemoryError, ImportError):
     """An optional dependency is missing; the message gives the install command."""
 

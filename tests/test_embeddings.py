@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -548,6 +549,55 @@ def test_a_slow_embedding_endpoint_fails_in_the_embedders_time(openai_server) ->
         embedder.embed(["Which language do I like?"])
 
 
+def test_an_embedding_endpoint_that_does_not_answer_is_not_waited_for_again_at_once(
+    openai_server, db_path
+) -> None:
+    """After a timeout, the next calls fail at once for a while (a chat call pays the timeout
+    once per pause, not on every request), and go on without memories; once the endpoint
+    answers again, so does the embedder."""
+    import time
+
+    import openai
+
+    from headroom_memory_integrations import EmbeddingError, OpenAIEmbedder
+    from headroom_memory_integrations.openai import with_fast_memory
+    from headroom_memory_integrations.storage import guard
+    from headroom_memory_integrations.testing import hash_embedding
+
+    hung = threading.Event()
+
+    def embed(text: str, dimensions: int) -> list[float]:
+        if hung.is_set():
+            time.sleep(1.5)
+        return hash_embedding(text, dimensions)
+
+    openai_server.embedder = embed
+    embedder = OpenAIEmbedder(openai_server.client(max_retries=0), timeout=0.5)
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=embedder
+    )
+    client.memory.add("Lives in Lyon")
+    hung.set()
+    asked = [r for r in openai_server.requests if r.path == "/v1/embeddings"]
+    with pytest.raises(openai.APITimeoutError):
+        embedder.embed(["Where do I live?"])
+    for question in ("Where do I live?", "And my city?"):
+        started = time.monotonic()
+        answer = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": question}]
+        )
+        assert answer.choices[0].message.content and time.monotonic() - started < 0.5
+    with pytest.raises(EmbeddingError, match="unavailable"):
+        embedder.embed(["x"])
+    tried = [r for r in openai_server.requests if r.path == "/v1/embeddings"]
+    assert len(tried) == len(asked) + 1  # only the first call reached the endpoint
+    assert client.memory.stats()["events"]["inject_failures"] == 2
+    hung.clear()
+    time.sleep(guard.FIRST_RETRY_SECONDS + 0.1)
+    assert embedder.embed(["Where do I live?"]).shape == (1, 1536)
+    client.close()
+
+
 def test_the_embedders_timeout_defers_to_a_client_that_set_its_own() -> None:
     """openai's default (600 s) is cut to DEFAULT_TIMEOUT; a timeout the application chose
     stands; a client of another kind is passed no timeout at all."""
@@ -558,6 +608,8 @@ def test_the_embedders_timeout_defers_to_a_client_that_set_its_own() -> None:
 
     plain = OpenAIEmbedder(openai.OpenAI(api_key="sk-x"))
     assert plain._options == {"timeout": DEFAULT_TIMEOUT}
+    assert plain._client.max_retries == 0  # not three tries of 10 s on a chat call's path
+    assert OpenAIEmbedder(openai.OpenAI(api_key="sk-x", timeout=60))._client.max_retries == 2
     assert OpenAIEmbedder(openai.OpenAI(api_key="sk-x", timeout=60))._options == {}
     assert OpenAIEmbedder(object())._options == {}
     assert OpenAIEmbedder(object(), timeout=3)._options == {"timeout": 3}

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import EmbeddingError
+from ..storage.guard import Availability, is_unreachable
 from .base import Vectors, normalize_rows
 
 _KNOWN_DIMENSIONS = {
@@ -20,17 +22,26 @@ DEFAULT_TIMEOUT = 10.0
 """Seconds an embedding request may take (a batch of 256 texts takes ~1-2 s)."""
 
 
-def _shorter_timeout(client: Any) -> dict[str, Any]:
-    """``{"timeout": DEFAULT_TIMEOUT}`` for an openai client left at openai's own default
-    timeout; nothing for any other client (its own timeout stands; a client of another kind
-    may not take the argument)."""
+def _at_openai_defaults(client: Any) -> bool:
+    """Whether ``client`` is an openai client left at openai's own timeout (600 s)."""
     try:
         import openai
 
-        left_at_default = getattr(client, "timeout", None) == openai.DEFAULT_TIMEOUT
+        return bool(getattr(client, "timeout", None) == openai.DEFAULT_TIMEOUT)
     except Exception:  # no openai, or a timeout that cannot be compared
-        left_at_default = False
-    return {"timeout": DEFAULT_TIMEOUT} if left_at_default else {}
+        return False
+
+
+def _did_not_answer(exc: BaseException) -> bool:
+    """A timeout or a failed connection (not an answer with an error status)."""
+    try:
+        import openai
+
+        if isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one too
+            return True
+    except ImportError:
+        pass
+    return is_unreachable(exc)
 
 
 class OpenAIEmbedder:
@@ -44,8 +55,13 @@ class OpenAIEmbedder:
         batch_size: Texts per request.
         timeout: Seconds each request may take (the client's retries apply). By default, the
             client's own timeout, unless it is openai's default of 600 s: then
-            :data:`DEFAULT_TIMEOUT`, since a search embeds its query on the chat call's path,
-            which 600 s would hold up for as long.
+            :data:`DEFAULT_TIMEOUT` and no retry, since a search embeds its query on the chat
+            call's path, which 600 s (or three tries of 10 s) would hold up for as long.
+
+    When the endpoint does not answer (a timeout, a failed connection), calls fail at once with
+    :class:`~headroom_memory_integrations.errors.EmbeddingError` for a while (1 s, doubling to
+    16 s while it stays down), so a chat call waits for it at most once per pause; the chat
+    call itself goes on without memories (a write waits in the job queue and is retried).
     """
 
     def __init__(
@@ -61,11 +77,16 @@ class OpenAIEmbedder:
             from openai import OpenAI
 
             client = OpenAI()
+        if timeout is None and _at_openai_defaults(client):
+            timeout = DEFAULT_TIMEOUT
+            if hasattr(client, "with_options"):
+                client = client.with_options(max_retries=0)
         self._client = client
         self.model = model
         self._dimensions = dimensions
         self._batch_size = batch_size
-        self._options = {"timeout": timeout} if timeout is not None else _shorter_timeout(client)
+        self._options = {"timeout": timeout} if timeout is not None else {}
+        self._availability = Availability(f"the embedding endpoint ({model})", EmbeddingError)
         self.dimension = dimensions or _KNOWN_DIMENSIONS.get(model, 0)
         self.name = f"openai/{model}" + (f"@{dimensions}" if dimensions else "")
 
@@ -74,9 +95,16 @@ class OpenAIEmbedder:
         extra = {"dimensions": self._dimensions} if self._dimensions else {}
         for start in range(0, len(texts), self._batch_size):
             batch = list(texts[start : start + self._batch_size])
-            response = self._client.embeddings.create(
-                model=self.model, input=batch, **self._options, **extra
-            )
+            self._availability.check()
+            try:
+                response = self._client.embeddings.create(
+                    model=self.model, input=batch, **self._options, **extra
+                )
+            except Exception as exc:
+                if _did_not_answer(exc):
+                    self._availability.failed(type(exc).__name__)
+                raise
+            self._availability.succeeded()
             ordered = sorted(response.data, key=lambda item: item.index)
             rows.extend(item.embedding for item in ordered)
         if not rows:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import StorageError
+from ..errors import HeadroomMemoryError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +44,22 @@ class Availability:
 
     Args:
         location: Named in the error raised while calls are held back.
+        error: The error raised then (storage's by default).
     """
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, error: type[HeadroomMemoryError] = StorageError) -> None:
         self.location = location
+        self.error = error
         self._lock = threading.Lock()
         self._until = 0.0  # monotonic time before which calls fail at once
         self._pause = 0.0
         self._reason = ""
 
     def check(self) -> None:
-        """Raise :class:`StorageError` at once while the backend is held to be down."""
+        """Raise :attr:`error` at once while the backend is held to be down."""
         until = self._until
         if until and time.monotonic() < until:
-            raise StorageError(
+            raise self.error(
                 f"{self.location} is unavailable; not trying again for "
                 f"{until - time.monotonic():.1f} s. Last error: {self._reason}"
             )
@@ -70,7 +72,7 @@ class Availability:
             self._until = time.monotonic() + self._pause
             self._reason = reason
         logger.warning(
-            "%s failed (%s); storage calls fail at once for %.0f s",
+            "%s failed (%s); calls to it fail at once for %.0f s",
             self.location,
             reason,
             self._pause,
