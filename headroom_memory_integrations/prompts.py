@@ -161,7 +161,8 @@ class ParsedAnswer:
     """A model's answer split into what the user sees and what gets remembered.
 
     Attributes:
-        visible: The answer without the memory block(s), trailing whitespace removed.
+        visible: The answer without the memory block(s) and the whitespace before a cut one
+            at its end; an answer with no block is left as it is.
         memories: Valid entries of the last block (empty if none, if it is unclosed or malformed).
         problem: None, or a short description of what was wrong, for logging.
         block_found: Whether an opening tag with this nonce occurred at all (False means the model
@@ -740,11 +741,12 @@ def parse_memory_block(text: str, nonce: str) -> ParsedAnswer:
     if not isinstance(text, str):
         return ParsedAnswer("", (), "answer is not a string")
     if not _valid_nonce(nonce):
-        return ParsedAnswer(text.rstrip(), (), "invalid nonce: no memory block can match")
+        return ParsedAnswer(text, (), "invalid nonce: no memory block can match")
     open_tag, close_tag = f"<memory-{nonce}>", f"</memory-{nonce}>"
     visible, blocks, unclosed = _split(text, open_tag, close_tag)
-    visible = visible.rstrip()
     found = unclosed or bool(blocks)
+    if found:  # the whitespace that set a cut block apart; an answer without one is unchanged
+        visible = visible.rstrip()
     notes: list[str] = []
     if len(blocks) + unclosed > 1:
         notes.append(f"{len(blocks) + unclosed} memory blocks; only the last counts")
@@ -824,6 +826,7 @@ class MemoryStreamFilter:
         self._open, self._close = block_tags(nonce)
         self._raw: list[str] = []
         self._inside = False
+        self._cut = False  # a block was cut: the answer's trailing whitespace goes with it
         # Outside a block, the text not shown yet: whitespace (self._pending[: self._scan_from])
         # then a possible start of the opening tag. Inside: the last few characters, enough to find
         # a closing tag split across deltas.
@@ -860,7 +863,7 @@ class MemoryStreamFilter:
         if start >= 0:
             self._show(buffer[:start], shown)
             self._whitespace, self._pending = self._pending, ""
-            self._inside = True
+            self._inside = self._cut = True
             return buffer[start + len(self._open) :]
         cut = self._tag_prefix_start(buffer)
         self._show(buffer[:cut], shown)
@@ -903,7 +906,7 @@ class MemoryStreamFilter:
         Calling it again returns the same result.
         """
         if self._result is None:
-            tail = "" if self._inside else self._pending.rstrip()
+            tail = "" if self._inside else self._pending.rstrip() if self._cut else self._pending
             answer = parse_memory_block("".join(self._raw), self._nonce)
             self._raw, self._pending, self._whitespace = [], "", ""
             self._result = StreamResult(tail, answer)

@@ -142,8 +142,15 @@ def test_empty_array_and_empty_block_store_nothing_without_problem() -> None:
 
 
 def test_no_block() -> None:
-    parsed = parse_memory_block("Just an answer.  \n", NONCE)
-    assert parsed == ParsedAnswer("Just an answer.", (), None, False)
+    """Nothing to cut: the answer is left as the model wrote it, trailing newlines too (a code
+    fence's, say), whole or streamed; a cut block takes the whitespace before it."""
+    for answer in ("Just an answer.  \n", "```python\nprint(1)\n```\n\n"):
+        assert parse_memory_block(answer, NONCE) == ParsedAnswer(answer, (), None, False)
+        stream = MemoryStreamFilter(NONCE)
+        shown = [stream.feed(piece) for piece in (answer[:5], answer[5:-1], answer[-1:])]
+        assert "".join(shown) + stream.finish().tail == answer
+    cut = parse_memory_block(f"Sure.  \n{OPEN}[]{CLOSE}", NONCE)
+    assert cut.visible == "Sure." and cut.block_found
 
 
 def test_json_fence_inside_block_is_tolerated() -> None:
