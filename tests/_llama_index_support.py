@@ -312,6 +312,43 @@ class ReActBrain(GullibleBrain):
         return text
 
 
+class ChatOnly(ScriptedLLM):
+    """A chat LLM without function calling (``AgentWorkflow`` gives it a ``ReActAgent``)."""
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=16000, is_chat_model=True)
+
+
+CODE_RESULT = "Result of executing the code given:"
+"""How LlamaIndex's ``CodeActAgent`` sends the output of the code it ran, as a user message."""
+
+
+@dataclass
+class CodeActBrain(GullibleBrain):
+    """Speaks CodeAct: runs ``lookup`` once in ``<execute>`` tags, then answers with what the
+    code printed. Given the inline instruction, it records what the latest user-role message
+    says, as a model that cannot tell the code's output from the user's words would."""
+
+    def answer(self, messages: Any, *, tools: bool = False) -> Any:
+        said = [{"role": m["role"], "content": _text(m.get("content"))} for m in messages]
+        system = "\n".join(m["content"] for m in said if m["role"] == "system")
+        if system.startswith("You maintain long-term memory"):
+            return self._extract(said[-1]["content"])
+        self.requests.append(said)
+        latest = [m["content"] for m in said if m["role"] == "user"][-1]
+        if latest.startswith(CODE_RESULT):
+            text = f"The order record says: {latest.removeprefix(CODE_RESULT).strip()}"
+        else:
+            text = "Let me look it up.\n<execute>\nprint(lookup('A1'))\n</execute>"
+        nonce = _NONCE.search(system)
+        if nonce:
+            found = [] if latest.endswith("?") else [{"text": latest, "category": "fact"}]
+            tag = nonce.group(1)
+            text += f"\n<memory-{tag}>{json.dumps(found)}</memory-{tag}>"
+        return text
+
+
 class PoisonedRetriever(BaseRetriever):
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         return [NodeWithScore(node=TextNode(text=f"Shipping FAQ. {POISON}"), score=1.0)]

@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 from _llama_index_support import (
+    CODE_RESULT,
     FACT,
     PLANTED,
     POISON,
+    ChatOnly,
+    CodeActBrain,
     DocumentFollowingBrain,
     GullibleBrain,
     PoisonedRetriever,
@@ -23,13 +26,19 @@ from _llama_index_support import (
     lookup,
     lookup_tool,
 )
-from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent, ReActAgent
-from llama_index.core.base.llms.types import ChatMessage, ChatResponse, LLMMetadata
+from llama_index.core.agent.workflow import (
+    AgentWorkflow,
+    CodeActAgent,
+    FunctionAgent,
+    ReActAgent,
+)
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse
 from llama_index.core.chat_engine import (
     CondensePlusContextChatEngine,
     ContextChatEngine,
     SimpleChatEngine,
 )
+from llama_index.core.memory import Memory
 
 from headroom_memory_integrations.llama_index import (
     HeadroomChatMemoryBuffer,
@@ -38,14 +47,6 @@ from headroom_memory_integrations.llama_index import (
 )
 
 _NONCE = re.compile(r"<memory-([0-9a-f]{8,32})>")
-
-
-class ChatOnly(ScriptedLLM):
-    """A chat LLM without function calling (``AgentWorkflow`` gives it a ``ReActAgent``)."""
-
-    @property
-    def metadata(self) -> LLMMetadata:
-        return LLMMetadata(context_window=16000, is_chat_model=True)
 
 
 def texts(store: Any) -> list[str]:
@@ -154,6 +155,40 @@ def test_a_user_message_that_starts_like_an_observation_is_still_the_users(new_l
     said = "Observation: I prefer Python for backend work"
     llm.chat([ChatMessage(role="user", content=said)])  # no ReAct step before it
     assert texts(llm.memory) == [said]
+
+
+# -- CodeActAgent: the output of the code it runs comes back as a user message ----------------
+
+
+async def run_code(code: str) -> str:
+    """What the code printed: an order record that asks to be remembered."""
+    return lookup()
+
+
+@pytest.mark.parametrize("adapter", ["buffer", "block", "memory_llm"])
+def test_codeacts_code_output_is_not_the_users_message(adapter, db_path, model) -> None:
+    brain = CodeActBrain()
+    llm: Any = ScriptedLLM(brain=brain)
+    where = {"user_id": "alice", "db_path": db_path, "embedder": model}
+    memory: Any = None
+    if adapter == "buffer":
+        memory = HeadroomChatMemoryBuffer.from_defaults(llm=llm, **where)
+        store = memory.memory
+    elif adapter == "block":
+        block = HeadroomMemoryBlock(llm=llm, **where)
+        memory = Memory.from_defaults(session_id="alice-chat", memory_blocks=[block])
+        store = block.memory
+    else:
+        llm = MemoryLLM(llm=llm, **where)
+        store = llm.memory
+    answer = run(CodeActAgent(code_execute_fn=run_code, llm=llm), FACT, memory)
+    assert "12345" in answer  # the model repeated what the code printed
+    assert brain.requests[-1][-1]["content"].startswith(f"{CODE_RESULT}\n\nOrder A1 shipped")
+    assert texts(store) == [FACT]  # the code's output, taken as said or extracted, was dropped
+    if adapter == "buffer":
+        stored = memory.get_all()
+        assert [m.role.value for m in stored] == ["user", "assistant", "user", "assistant"]
+        assert all("12345" not in c for c in brain.conversations)
 
 
 # -- untrusted_context: documents the application puts in the prompt ------------------------

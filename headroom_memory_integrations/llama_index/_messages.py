@@ -15,15 +15,43 @@ from ..prompts import fetches_outside_text, message_text
 # ``ObservationReasoningStep.get_content()`` in a message of its ``observation_role`` (USER by
 # default), and at the end of a turn the whole scratchpad is stored as one assistant message, the
 # steps joined by newlines. Those observations are tool results, not the user's words.
+#
+# CodeActAgent (``llama_index.core.agent.workflow.codeact_agent``) runs the code the model writes
+# between ``<execute>`` tags and sends its output back as a USER message that starts with
+# ``CODEACT_RESULT``, right after that step; at the end of a turn both are stored as they were
+# sent. Such a message is the code's output (a fetched page, a file), not the user's words.
+CODEACT_CODE = "<execute>"
+CODEACT_RESULT = "Result of executing the code given:"
+
+
+def _code_results(messages: Sequence[ChatMessage]) -> set[int]:
+    """Indices of CodeActAgent's code outputs: a user message that starts with
+    :data:`CODEACT_RESULT` right after an assistant message with code to execute."""
+    found: set[int] = set()
+    for index in range(1, len(messages)):
+        step, sent = messages[index - 1], messages[index]
+        if (
+            sent.role == MessageRole.USER
+            and step.role == MessageRole.ASSISTANT
+            and CODEACT_CODE in text_of(step)
+            and text_of(sent).lstrip().startswith(CODEACT_RESULT)
+        ):
+            found.add(index)
+    return found
 
 
 def _observations(messages: Sequence[ChatMessage]) -> set[int]:
-    return react_observations([(m.role.value, text_of(m)) for m in messages])
+    """Indices of the user messages that are an agent's tool output sent back as if the user
+    wrote it (ReAct's observations and retry prompts, CodeAct's code output): the one place
+    that decides which user messages are not the user's words."""
+    react = react_observations([(m.role.value, text_of(m)) for m in messages])
+    return react | _code_results(messages)
 
 
-def is_react_observation(messages: Sequence[ChatMessage], index: int) -> bool:
-    """Whether ``messages[index]`` is a ReAct agent's tool observation sent as a user message:
-    "Observation: ..." right after the agent's own step (or another observation)."""
+def is_observation(messages: Sequence[ChatMessage], index: int) -> bool:
+    """Whether ``messages[index]`` is an agent's tool output sent as a user message: a ReAct
+    "Observation: ..." right after the agent's own step (or another observation), or the
+    output of code a CodeActAgent ran."""
     return index in _observations(messages[: index + 1])
 
 
@@ -49,7 +77,8 @@ def is_tool_output(message: ChatMessage) -> bool:
 
 
 def user_index(messages: Sequence[ChatMessage]) -> int | None:
-    """Index of the latest message the user wrote (a ReAct observation is not one), or None."""
+    """Index of the latest message the user wrote (an agent's observation, see
+    :func:`is_observation`, is not one), or None."""
     observations = _observations(messages)
     for index in range(len(messages) - 1, -1, -1):
         if messages[index].role == MessageRole.USER and index not in observations:
@@ -59,7 +88,7 @@ def user_index(messages: Sequence[ChatMessage]) -> int | None:
 
 def holds_tool_results(messages: Sequence[ChatMessage]) -> bool:
     """Whether any message is or holds a tool's result (text the user did not write: see
-    grounding), ReAct's observations included."""
+    grounding), ReAct's observations and CodeAct's code output included."""
     return bool(_observations(messages)) or any(is_tool_output(m) for m in messages)
 
 

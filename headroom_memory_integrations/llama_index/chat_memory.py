@@ -27,7 +27,7 @@ from ._messages import (
     after_outside_text,
     attaches_outside_text,
     is_final_answer,
-    is_react_observation,
+    is_observation,
     is_tool_output,
     latest_user_text,
     system_message,
@@ -63,7 +63,8 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
       a durable queue and ``llm`` extracts memories from it in a background thread. Nothing on
       the caller's path but a queue insert. A turn in which any tool output was put (an
       agent's tool results, even those it puts only when it finishes; a ``return_direct``
-      answer; a ReAct transcript with its observations) or any document, image or video
+      answer; a ReAct transcript with its observations; a ``CodeActAgent``'s code output, sent
+      as a user message) or any document, image or video
       (``DocumentBlock``, ``ImageBlock``, ``VideoBlock``, ``CitableBlock``), or whose window
       (what ``get`` returns) still shows one, or an answer written with one in view, is learnt as
       untrusted: only memories grounded in the user's own words are kept, and an answer that
@@ -366,7 +367,7 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
         with self._lock:
             for message in messages:
                 self._recent = [*self._recent[-7:], message]
-                observation = is_react_observation(self._recent, len(self._recent) - 1)
+                observation = is_observation(self._recent, len(self._recent) - 1)
                 attached = attaches_outside_text([message])
                 if message.role == MessageRole.USER and not observation:
                     self._asked, self._awaiting = text_of(message).strip(), True

@@ -157,8 +157,9 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
     must be machine-readable or is not plain text (a forced tool call, a JSON
     ``response_format``, log probabilities: in the call's arguments or set on the wrapped LLM,
     as its ``additional_kwargs`` or ``logprobs``) get memories but no instruction. Tool
-    results (tool messages, and the "Observation: ..." messages a ``ReActAgent`` sends as user
-    messages) and ReAct's retry prompts are never taken for the user's words, and a call that
+    results (tool messages, the "Observation: ..." messages a ``ReActAgent`` sends as user
+    messages, and the output of the code a ``CodeActAgent`` runs, sent so too) and ReAct's
+    retry prompts are never taken for the user's words, and a call that
     holds any keeps only memories grounded in them. So does a call whose messages attach a
     document, an image or a video (``DocumentBlock``, ``ImageBlock``, ``VideoBlock``,
     ``CitableBlock``), and one that sends a LlamaIndex template filled with retrieved
