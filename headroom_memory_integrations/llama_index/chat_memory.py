@@ -56,9 +56,13 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
 
     - ``get`` adds a system message with the user's memories relevant to ``input`` (or, without
       ``input``, to the latest user message): the escaped context of the core, placed just
-      before that user message (or last, when ``input`` is not in the history yet), and
-      counted in ``token_limit``. Nothing is added when no memory is relevant, or when the
-      window has no room left for them (its latest message alone nearly fills the limit).
+      before that user message (or last, when ``input`` is not in the history yet; never
+      first, where a ``ReActAgent`` takes a system message for its own prompt and drops it:
+      right after that message when it is the first of the window), and counted in
+      ``token_limit``. A ``CodeActAgent`` replaces the first system message it is given with
+      its own: give it a ``system_prompt`` so that the memories are not that one. Nothing is
+      added when no memory is relevant, or when the window has no room left for them (its
+      latest message alone nearly fills the limit).
     - every turn is learnt from: when the answer to a user message is put, the exchange goes to
       a durable queue and ``llm`` extracts memories from it in a background thread. Nothing on
       the caller's path but a queue insert. A turn in which any tool output was put (an
@@ -324,6 +328,10 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
         )
         if pending or index is None:  # the question is not stored yet: it will come last
             return [*history, memories]
+        if index == 0:
+            # never first: a ReActAgent takes a first system message for its system prompt
+            # and drops it (it has its own), so the memories come right after the question
+            return insert_before(history, 1, memories)
         return insert_before(history, index, memories)
 
     # -- writing -------------------------------------------------------------------------

@@ -44,15 +44,18 @@ class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
     this block learns there: on each ``aget`` whose latest user message it has not seen yet
     (per ``session_id``), it queues that message for background extraction by ``llm``, and
     returns the memories relevant to it (the core's escaped context) for ``Memory`` to put in
-    its system message. Each user message is learnt from once, as soon as it is asked, so the
-    last turn of a session is not lost; the assistant's answers are not needed, since only
-    what users say about themselves is remembered. Asked again for the same message (an agent
-    asks after each tool call), the block returns the memories it returned the first time, so
-    the prompt stays the same within a turn and what was just learnt from the message is not
-    shown back as if from an earlier conversation; when one of those memories was deleted or
-    changed meanwhile (a tool that forgets), it recalls anew. Messages ``Memory`` flushes
-    later are ignored (they were learnt from already), and so is history that was never the
-    latest message of an ``aget`` (``chat_history=``, ``set``).
+    its system message (the first one; a new one first when there is none, which a
+    ``ReActAgent`` or ``CodeActAgent`` without a ``system_prompt`` takes for its own prompt and
+    drops or replaces: give the agent a ``system_prompt``, or give ``Memory``
+    ``insert_method=InsertMethod.USER``). Each user message is learnt from once, as soon as it
+    is asked, so the last turn of a session is not lost; the assistant's answers are not
+    needed, since only what users say about themselves is remembered. Asked again for the
+    same message (an agent asks after each tool call), the block returns the memories it
+    returned the first time, so the prompt stays the same within a turn and what was just
+    learnt from the message is not shown back as if from an earlier conversation; when one of
+    those memories was deleted or changed meanwhile (a tool that forgets), it recalls anew.
+    Messages ``Memory`` flushes later are ignored (they were learnt from already), and so is
+    history that was never the latest message of an ``aget`` (``chat_history=``, ``set``).
 
     Setup::
 
