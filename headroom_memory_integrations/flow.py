@@ -122,28 +122,42 @@ def _is_react_transcript(messages: Sequence[tuple[str | None, str]]) -> bool:
     )
 
 
-def react_observations(messages: Sequence[tuple[str | None, str]]) -> set[int]:
-    """Indices of ReAct observations among ``(role, text)`` messages. A ReAct agent (LlamaIndex's
-    ``ReActAgent``, and others that use tools through text) writes each step as an assistant
-    message "Thought: ...\nAction: ..." and gets the tool's output back as a *user* message
-    "Observation: ..." (one or more right after the step). Those are tool results: never the
-    user's words, and they make a call untrusted. So are the agent's retry prompts
-    (:data:`REACT_RETRIES`, user messages right after an answer), which quote the model's
-    unusable answer, in a ReAct transcript only: a user who pastes such an error into an
-    ordinary chat is still the user."""
+CODEACT_CODE = "<execute>"
+CODEACT_RESULT = "Result of executing the code given:"
+"""A code-acting agent (LlamaIndex's ``CodeActAgent``) has the model write code between
+``<execute>`` tags, runs it, and sends its output back as a user message that starts so."""
+
+
+def agent_observations(messages: Sequence[tuple[str | None, str]]) -> set[int]:
+    """Indices, among ``(role, text)`` messages, of the user messages an agent wrote: tool
+    output it sends back as if the user had. Those are never the user's words, and they make a
+    call untrusted. They are:
+
+    - ReAct observations: a ReAct agent (LlamaIndex's ``ReActAgent``, and others that use tools
+      through text) writes each step as an assistant message "Thought: ...\nAction: ..." and
+      gets the tool's output back as a user message "Observation: ..." (one or more right
+      after the step);
+    - the ReAct agent's retry prompts (:data:`REACT_RETRIES`, user messages right after an
+      answer), which quote the model's unusable answer, in a ReAct transcript only: a user who
+      pastes such an error into an ordinary chat is still the user;
+    - a code-acting agent's code output (:data:`CODEACT_RESULT`) right after the assistant
+      message with the code (:data:`CODEACT_CODE`): a fetched page, a file."""
     found: set[int] = set()
-    after_step = after_answer = False
+    after_step = after_answer = after_code = False
     react = _is_react_transcript(messages)
     for index, (role, text) in enumerate(messages):
         if role == "assistant":
             after_step, after_answer = text.lstrip().startswith(REACT_STEP), True
+            after_code = CODEACT_CODE in text
         elif role == "user" and (
             (after_step and text.lstrip().startswith(REACT_OBSERVATION))
             or (react and after_answer and _react_retry(text))
+            or (after_code and text.lstrip().startswith(CODEACT_RESULT))
         ):
             found.add(index)
+            after_code = False
         else:
-            after_step = after_answer = False
+            after_step = after_answer = after_code = False
     return found
 
 

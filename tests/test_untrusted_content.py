@@ -281,6 +281,34 @@ def test_a_react_observation_is_a_tool_result_not_the_users_message(
     assert client.memory.stats()["events"]["ungrounded_memories"] == 1
 
 
+def test_a_code_acting_agents_code_output_is_not_the_users_message(
+    openai_server, db_path, model
+) -> None:
+    """A code-acting agent (LlamaIndex's CodeActAgent, through openai_llm_with_memory too)
+    sends the output of the code it ran back as a user message "Result of executing the code
+    given: ..." right after the model's <execute> step: a tool result, not the user's words."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    openai_server.responder = obedient_model([PLANTED, OWN])
+    question = "I have a dentist appointment on Friday. Is my order shipped?"
+    messages = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "Let me look.\n<execute>\nprint(orders())\n</execute>"},
+        {
+            "role": "user",
+            "content": "Result of executing the code given:\n" + POISONED_TOOL_RESULT,
+        },
+    ]
+    client.chat.completions.create(model="gpt-4o", messages=messages)
+    sent = openai_server.requests[-1].body["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"], sent
+    assert sent[1]["content"] == question  # the instruction is placed by the user's message
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [OWN["text"]]
+    assert client.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
 def test_an_untrusted_call_keeps_no_keys(openai_server, db_path, model) -> None:
     """Keys make a memory show for the questions they name: in an untrusted call the text
     could choose them, so a kept memory is stored with none (it is found by its text)."""
@@ -340,7 +368,7 @@ _RETRY = (
     ],
 )
 def test_a_react_retry_prompt_counts_only_inside_a_react_transcript(system, expected) -> None:
-    from headroom_memory_integrations.flow import react_observations
+    from headroom_memory_integrations.flow import agent_observations
 
     messages = [
         ("system", system),
@@ -348,7 +376,7 @@ def test_a_react_retry_prompt_counts_only_inside_a_react_transcript(system, expe
         ("assistant", "Sure!"),
         ("user", _RETRY),
     ]
-    assert react_observations(messages) == expected
+    assert agent_observations(messages) == expected
 
 
 def test_an_untrusted_turn_is_shown_only_the_memories_of_its_request(

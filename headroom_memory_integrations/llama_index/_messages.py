@@ -7,45 +7,21 @@ from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, TextBlock, ToolCallBlock
 
-from ..flow import REACT_OBSERVATION, REACT_STEP, react_observations
+from ..flow import REACT_OBSERVATION, REACT_STEP, agent_observations
 from ..prompts import fetches_outside_text, message_text
 
-# ReAct (``llama_index.core.agent.react``) uses tools through text: see
-# ``flow.react_observations``. Its formatter sends each tool output back as
-# ``ObservationReasoningStep.get_content()`` in a message of its ``observation_role`` (USER by
-# default), and at the end of a turn the whole scratchpad is stored as one assistant message, the
-# steps joined by newlines. Those observations are tool results, not the user's words.
-#
-# CodeActAgent (``llama_index.core.agent.workflow.codeact_agent``) runs the code the model writes
-# between ``<execute>`` tags and sends its output back as a USER message that starts with
-# ``CODEACT_RESULT``, right after that step; at the end of a turn both are stored as they were
-# sent. Such a message is the code's output (a fetched page, a file), not the user's words.
-CODEACT_CODE = "<execute>"
-CODEACT_RESULT = "Result of executing the code given:"
-
-
-def _code_results(messages: Sequence[ChatMessage]) -> set[int]:
-    """Indices of CodeActAgent's code outputs: a user message that starts with
-    :data:`CODEACT_RESULT` right after an assistant message with code to execute."""
-    found: set[int] = set()
-    for index in range(1, len(messages)):
-        step, sent = messages[index - 1], messages[index]
-        if (
-            sent.role == MessageRole.USER
-            and step.role == MessageRole.ASSISTANT
-            and CODEACT_CODE in text_of(step)
-            and text_of(sent).lstrip().startswith(CODEACT_RESULT)
-        ):
-            found.add(index)
-    return found
+# ReAct (``llama_index.core.agent.react``) uses tools through text: its formatter sends each
+# tool output back as ``ObservationReasoningStep.get_content()`` in a message of its
+# ``observation_role`` (USER by default), and at the end of a turn the whole scratchpad is stored
+# as one assistant message, the steps joined by newlines. CodeActAgent
+# (``llama_index.core.agent.workflow.codeact_agent``) sends the output of the code it runs back
+# as a USER message too, and stores both as they were sent. See ``flow.agent_observations``.
 
 
 def _observations(messages: Sequence[ChatMessage]) -> set[int]:
     """Indices of the user messages that are an agent's tool output sent back as if the user
-    wrote it (ReAct's observations and retry prompts, CodeAct's code output): the one place
-    that decides which user messages are not the user's words."""
-    react = react_observations([(m.role.value, text_of(m)) for m in messages])
-    return react | _code_results(messages)
+    wrote it (ReAct's observations and retry prompts, CodeAct's code output)."""
+    return agent_observations([(m.role.value, text_of(m)) for m in messages])
 
 
 def is_observation(messages: Sequence[ChatMessage], index: int) -> bool:

@@ -25,9 +25,9 @@ from ..flow import (
     AnswerStream,
     MemoryFlow,
     Turn,
+    agent_observations,
     insert_before,
     latest_index,
-    react_observations,
 )
 from ..prompts import (
     fetches_outside_text,
@@ -110,7 +110,7 @@ class CompletionsFlow:
         call = Call(Turn(), dict(kwargs))
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             return call  # let the API report its own error
-        observations = react_observations(
+        observations = agent_observations(
             [(field_value(message, "role"), message_text(message)) for message in messages]
         )
         users = [is_user(m) and i not in observations for i, m in enumerate(messages)]
