@@ -151,6 +151,42 @@ def test_a_model_cannot_reach_another_users_memories(agent, openai_server, db_pa
     assert "2468" not in request_text(openai_server.requests[-1].body)
 
 
+def test_tools_for_a_fixed_user_refuse_a_run_naming_another_user(
+    openai_server, db_path, model
+) -> None:
+    """memory_tools(user_id="alice") in an agent whose runs name their user: a run of bob's
+    would read alice's memories and store bob's facts as hers, so it fails as
+    MemoryMiddleware(user_id="alice") fails; runs naming alice, or no one, are served."""
+
+    @dataclass
+    class Context:
+        user_id: str
+
+    alice = MemoryStore("alice", db_path=db_path, embedder=model)
+    alice.add("Her cat is called Felix")
+    tools = memory_tools(user_id="alice", db_path=db_path, embedder=model)
+    agent = create_agent(chat_model(openai_server), tools=tools, context_schema=Context)
+    create = {"action": "create", "content": "Has a dog named Rex"}
+    search = {"query": "cat name"}
+    for name, args in [("manage_memory", create), ("search_memory", search)]:
+        openai_server.script(Reply.tool_call(name, args))  # the run stops at the tool
+        with pytest.raises(InvalidInputError, match="serves user 'alice' only"):
+            agent.invoke(ask("I have a dog named Rex. My cat's name?"), context=Context("bob"))
+        openai_server.script(Reply.tool_call(name, args))
+        with pytest.raises(InvalidInputError, match="serves user 'alice' only"):
+            agent.invoke(ask("I have a dog named Rex. My cat's name?"), user("bob"))
+    assert memories(db_path, model, "alice") == [("Her cat is called Felix", "fact")]
+    assert "Felix" not in request_text(openai_server.requests[-1].body)
+
+    openai_server.script(Reply.tool_call("search_memory", search), "Felix.")
+    (found,) = tool_messages(agent.invoke(ask("My cat's name?"), context=Context("alice")))
+    assert '"Her cat is called Felix"' in found.content
+    openai_server.script(Reply.tool_call("search_memory", search), "Felix.")
+    (found,) = tool_messages(create_agent(chat_model(openai_server), tools=tools).invoke(ask("?")))
+    assert '"Her cat is called Felix"' in found.content
+    assert openai_server.pending == 0
+
+
 def test_bad_arguments_are_tool_errors_and_store_nothing(
     agent, openai_server, db_path, model
 ) -> None:
@@ -180,8 +216,10 @@ def test_tools_for_a_fixed_user_work_outside_an_agent(db_path, model) -> None:
     manage = create_manage_memory_tool(memory=store)
     added = manage.invoke({"action": "create", "content": "Is training for a marathon"})
     assert added.startswith("Saved as memory ")
-    found = search.invoke({"query": "my marathon training"}, user("mallory"))  # ignored
+    found = search.invoke({"query": "my marathon training"}, user("erin"))
     assert '"Is training for a marathon"' in found
+    with pytest.raises(InvalidInputError, match="serves user 'erin' only"):
+        search.invoke({"query": "my marathon training"}, user("mallory"))
     call = {"type": "tool_call", "id": "c1", "name": "search_memory", "args": {"query": "marathon"}}
     message = search.invoke(call)
     assert message.artifact[0]["text"] == "Is training for a marathon"

@@ -16,13 +16,13 @@ from ..embeddings import Embedder
 from ..engine import MemoryStore, check_top_k
 from ..errors import InvalidInputError
 from ..storage import Storage
-from ..wiring import build_flow, check_user_id, open_memory
+from ..wiring import build_flow, open_memory
 from ._messages import Injection, MessagesFlow
+from ._users import USER_ID_KEY as USER_ID_KEY  # where a run names its user
+from ._users import run_user
 from .chat_model import MemoryChatModel
 
-USER_ID_KEY = "user_id"
-"""Where a run names its user: ``context.user_id`` (or ``context["user_id"]``), or
-``config["configurable"]["user_id"]``; a run naming two different users there is refused."""
+_WHO = "this MemoryMiddleware"
 
 DEFAULT_MAX_USERS = 256
 """Users whose stores a :class:`MemoryMiddleware` without ``user_id`` keeps open at most."""
@@ -198,33 +198,15 @@ class MemoryMiddleware(AgentMiddleware):
                 fixed user, none.
         """
         runtime = getattr(request, "runtime", None)
-        from_context = _get(getattr(runtime, "context", None), USER_ID_KEY)
-        configured = _get(_run_config().get("configurable"), USER_ID_KEY)
-        if from_context is not None and configured is not None and from_context != configured:
-            # serving either one could put one user's memories in the other's run (the memory
-            # tools refuse such a run too)
-            raise InvalidInputError(
-                "the run names two users: its context's user_id and "
-                "config['configurable']['user_id'] differ; name the user in one of them"
-            )
-        user = from_context if from_context is not None else configured
-        if self._fixed is not None:
-            fixed = self._fixed.memory.user_id
-            if user is not None and user != fixed:
-                raise InvalidInputError(
-                    f"this MemoryMiddleware serves user {fixed!r} only, and the run names "
-                    "another user: build it without user_id to serve the user each run names"
-                )
-            return fixed
+        fixed = self._fixed.memory.user_id if self._fixed is not None else None
+        user = run_user(_run_config(), getattr(runtime, "context", None), fixed, _WHO)
         if user is None:
             raise InvalidInputError(
                 "MemoryMiddleware needs the run's user: pass context with a user_id "
                 "(create_agent(..., context_schema=...) and invoke(..., context=...)) or "
                 "config={'configurable': {'user_id': ...}}, or build it with user_id="
             )
-        if not isinstance(user, str):
-            raise InvalidInputError(f"user_id must be a string, got {type(user).__name__}")
-        return check_user_id(user)
+        return user
 
     def _flow_of(self, user_id: str) -> MessagesFlow:
         if self._fixed is not None:
@@ -288,14 +270,6 @@ class MemoryMiddleware(AgentMiddleware):
             untrusted_context=self._untrusted_context,
         )
         return MessagesFlow(flow, self._injection)
-
-
-def _get(source: Any, key: str) -> Any:
-    if source is None:
-        return None
-    if isinstance(source, Mapping):
-        return source.get(key)
-    return getattr(source, key, None)
 
 
 def _run_config() -> Mapping[str, Any]:

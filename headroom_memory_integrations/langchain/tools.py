@@ -25,8 +25,9 @@ from ..jobs import user_tag
 from ..prompts import escape_text, fetches_outside_text, message_text
 from ..storage import Storage
 from ..types import Memory, SearchResult
-from ..wiring import UserStores, check_user_id, open_memory
+from ..wiring import UserStores, open_memory
 from ._messages import is_tool_result, is_user
+from ._users import run_user
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ __all__ = [
     "run_user_id",
 ]
 
+_WHO = "this memory tool"
 CategoryName = Literal["preference", "fact", "context"]
 _DEFAULT_LIMIT = 5  # memories search_memory returns when the model gives no limit
 
@@ -64,6 +66,8 @@ class MemoryScope:
     (no ``user_id`` and no ``memory``): the run's ``config["configurable"]["user_id"]`` or its
     runtime context's ``user_id`` (a dict key or an attribute); a run that names neither, or
     names two different users, fails with :class:`~headroom_memory_integrations.InvalidInputError`.
+    A fixed scope serves a run that names its user or no one, and fails the same way for a run
+    naming another user (as :class:`~.middleware.MemoryMiddleware` built with ``user_id`` does).
     """
 
     def __init__(
@@ -83,8 +87,14 @@ class MemoryScope:
             self.stores = UserStores(db_path, storage=storage, embedder=embedder)
 
     def memory_for(self, config: RunnableConfig | None, runtime: Any = None) -> MemoryStore:
-        """The memory store of the user this call runs for."""
+        """The memory store of the user this call runs for.
+
+        Raises:
+            InvalidInputError: the run names a user other than the fixed one, or two users;
+                or, per run, none.
+        """
         if self.fixed is not None:
+            run_user(config, getattr(runtime, "context", None), self.fixed.user_id, _WHO)
             return self.fixed
         assert self.stores is not None
         return self.stores(run_user_id(config, runtime))
@@ -97,28 +107,14 @@ def run_user_id(config: RunnableConfig | None, runtime: Any = None) -> str:
     Raises:
         InvalidInputError: neither is set, or they differ.
     """
-    configurable = (config or {}).get("configurable") or {}
-    configured = configurable.get("user_id")
-    context = getattr(runtime, "context", None)
-    if isinstance(context, Mapping):
-        from_context = context.get("user_id")
-    else:
-        from_context = getattr(context, "user_id", None)
-    if configured is not None and from_context is not None and configured != from_context:
-        raise InvalidInputError(
-            "the run names two users: config['configurable']['user_id'] and the runtime "
-            "context's user_id differ"
-        )
-    user_id = configured if configured is not None else from_context
+    user_id = run_user(config, getattr(runtime, "context", None), None, _WHO)
     if user_id is None:
         raise InvalidInputError(
             "the memory tools do not know whose memories to use: build them with user_id= "
             "(or memory=), or run the agent with config={'configurable': {'user_id': ...}} "
             "or a context that has user_id"
         )
-    if not isinstance(user_id, str):
-        raise InvalidInputError(f"user_id must be a string, got {type(user_id).__name__}")
-    return check_user_id(user_id)
+    return user_id
 
 
 def _scope(scope: MemoryScope | None, **options: Any) -> MemoryScope:
