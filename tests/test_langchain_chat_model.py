@@ -155,6 +155,36 @@ def test_every_call_style_hides_the_block_and_learns(
     assert texts(chat.memory) == [TEA["text"]]
 
 
+@pytest.mark.parametrize("style", ["stream", "astream", "invoke(stream=True)"])
+@pytest.mark.parametrize("asked", ["by the model", "by the call"])
+def test_a_stream_of_several_choices_never_shows_the_block(
+    style: str,
+    asked: str,
+    chat: MemoryChatModel,
+    openai_server: ScriptedOpenAIServer,
+    says: ScriptedChat,
+) -> None:
+    """A call asking for two answers (``n=2``): LangChain's chunks do not say which answer
+    they are of, so the answers' pieces would come interleaved, where no filter finds the
+    block. The answers are asked for whole instead: the block cut from each, the first one
+    streamed, its memories stored."""
+    says.chunk_size = 3
+    if asked == "by the model":
+        wrapped: Any = MemoryChatModel(model=chat_openai(openai_server, n=2), memory=chat.memory)
+    else:
+        wrapped = chat.bind(n=2)
+    tokens = TokenRecorder()
+    config = {"callbacks": [tokens]}
+    if style == "invoke(stream=True)":
+        answer, shown = wrapped.invoke("I always drink green tea.", config, stream=True).text, []
+    else:
+        answer, shown = answer_in(wrapped, style, "I always drink green tea.", config)
+    assert answer == ANSWER
+    assert_clean(answer, shown, tokens.tokens, tokens.outputs, memories=[TEA["text"]])
+    assert openai_server.requests[-1].body["n"] == 2
+    assert texts(chat.memory) == [TEA["text"]]
+
+
 def test_memories_are_injected_before_the_latest_user_message(
     chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
 ) -> None:

@@ -532,6 +532,7 @@ class MemoryChatModel(BaseChatModel):
         self._acquire()
         stop = self._stop(stop)
         if not self._model_streams(kwargs, asynchronous=False):
+            kwargs.pop("stream", None)  # asked of this model: the wrapped one answers whole
             result = flow.after(call, self.model._generate(call.messages, stop=stop, **kwargs))
             yield as_chunk(result.generations[0])
             return
@@ -563,6 +564,7 @@ class MemoryChatModel(BaseChatModel):
         await self._aacquire()
         stop = self._stop(stop)
         if not self._model_streams(kwargs, asynchronous=True):
+            kwargs.pop("stream", None)
             result = await self.model._agenerate(call.messages, stop=stop, **kwargs)
             result = await asyncio.to_thread(flow.after, call, result)
             yield as_chunk(result.generations[0])
@@ -590,7 +592,15 @@ class MemoryChatModel(BaseChatModel):
         return list(chosen) if chosen else None
 
     def _model_streams(self, kwargs: Mapping[str, Any], *, asynchronous: bool) -> bool:
-        """Whether the wrapped model streams this call (else one chunk from ``_generate``)."""
+        """Whether the wrapped model streams this call (else one chunk from ``_generate``).
+
+        Not a call asking for several answers (``n`` above 1): LangChain's chunks do not say
+        which answer they are of (it drops the choice's index), so the answers come
+        interleaved and the block could not be cut from each; the whole answers are asked for,
+        the block cut from every one, and the first one streamed as one chunk."""
+        choices = self._request(dict(kwargs)).get("n", getattr(self.model, "n", None))
+        if isinstance(choices, int) and choices > 1:
+            return False
         model = self.model
         streams = type(model)._stream is not BaseChatModel._stream
         if asynchronous:
