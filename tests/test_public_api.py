@@ -15,6 +15,7 @@ PUBLIC = [
     "Category",
     "ChromaStorage",
     "Embedder",
+    "EmbeddingError",
     "EmbeddingMismatchError",
     "HeadroomMemoryError",
     "InvalidCategoryError",
