@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -208,6 +209,21 @@ def test_streaming_is_untouched_and_queued_at_the_end(client, fake_model) -> Non
     assert "".join(c or "" for c in chunks) == "Python is a good fit."
     assert client.memory.flush(30)
     assert fake_model.extraction_calls == 1 and client.memory.count() == 1
+
+
+def test_a_stream_not_read_to_its_end_is_not_extracted(client, fake_model) -> None:
+    """A stream the caller stops reading (or that fails midway, raising the API's error) did
+    not complete, as a call that failed did not: its turn is not extracted (an application
+    that asks again would have it extracted twice)."""
+    stream = ask(client, "I prefer Python for backend work", stream=True)
+    for _ in stream:
+        break
+    stream.close()
+    del stream
+    gc.collect()  # the stream is let go of: the end of its iteration runs now
+    assert client.memory.flush(30)
+    assert fake_model.extraction_calls == 0 and client.memory.count() == 0
+    assert client.memory.stats()["background"]["processed"] == 0
 
 
 def test_async_client(async_client, fake_model) -> None:

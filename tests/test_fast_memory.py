@@ -128,6 +128,35 @@ def test_streaming_never_shows_the_block(client, model_says) -> None:
     assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
 
 
+def test_a_stream_left_early_stores_nothing_and_counts_no_fault(client, aclient, model_says):
+    """Leaving a stream before its block came is the caller's doing, not a model that
+    ignored the instruction or wrote a broken block: nothing is stored, nothing is counted."""
+    model_says.answer, model_says.memories = "Sure, Python suits that well.", [PYTHON]
+    model_says.chunk_size = 3
+    for enough in ("Sure", "Sure, Python suits that well."):  # the block comes after
+        shown = ""
+        for chunk in ask(client, "I prefer Python for backend work", stream=True):
+            shown += "".join(c.delta.content or "" for c in chunk.choices)
+            if shown.startswith(enough):
+                break
+
+    async def leave_early() -> None:
+        stream = await aclient.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "I prefer Python for backend work"}],
+            stream=True,
+        )
+        async for _ in stream:
+            break
+        await stream.close()
+
+    asyncio.run(leave_early())
+    assert client.memory.flush(30) and aclient.memory.flush(30)
+    assert client.memory.get_all() == []
+    events = client.memory.stats()["events"]
+    assert events.get("missing_blocks", 0) == 0 and events.get("malformed_blocks", 0) == 0
+
+
 def test_a_stream_read_with_next_is_filtered_too(client, aclient, model_says) -> None:
     """openai's streams are iterators: ``next()`` / ``anext()`` work, and go through the same
     filter as a ``for`` loop, however the two are mixed."""

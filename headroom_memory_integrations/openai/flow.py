@@ -231,6 +231,10 @@ class StreamEditor:
         )
         return bool(delta.content) or any(v is not None for v in other) or not had_content
 
+    def abandon(self) -> None:
+        """The stream stopped before its end: the answers that did not finish queue nothing."""
+        self._done = True
+
     def end(self) -> list[Any]:
         """The stream is over: queue the memory work; return a last chunk carrying text that
         was still held back (only when the stream ended without a finish reason), if any."""

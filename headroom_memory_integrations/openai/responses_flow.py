@@ -190,9 +190,13 @@ class ResponseEventEditor:
         event.delta = tail
         return [event]
 
+    def abandon(self) -> None:
+        """The stream stopped before its end: unless its final response came, nothing is queued."""
+        self._done = True
+
     def end(self) -> list[Any]:
-        """The stream is over (or closed): if no final response came, queue the memory work
-        from the text received, and show what was held back."""
+        """The stream is over: if no final response came, queue the memory work from the text
+        received, and show what was held back."""
         if self._done:
             return []
         self._done = True

@@ -15,7 +15,12 @@ class ItemEditor(Protocol):
         ...
 
     def end(self) -> list[Any]:
-        """The stream is over (or closed): queue the memory work; any last items to show."""
+        """The stream is over: queue the memory work; any last items to show."""
+        ...
+
+    def abandon(self) -> None:
+        """The stream did not come to its end (the caller stopped reading it, or it failed):
+        queue nothing more and count nothing, as for a call that failed."""
         ...
 
 
@@ -43,12 +48,15 @@ class MemoryStream(_Passthrough):
         self._items = self._edited()  # one iterator, as openai's own stream has
 
     def _edited(self) -> Iterator[Any]:
+        ended = False
         try:
             for chunk in self._wrapped:
                 yield from self._editor.edit(chunk)
+            ended = True
             yield from self._editor.end()
         finally:
-            self._editor.end()
+            if not ended:
+                self._editor.abandon()
 
     def __iter__(self) -> Iterator[Any]:
         return self._items
@@ -72,14 +80,17 @@ class AsyncMemoryStream(_Passthrough):
         self._items = self._edited()
 
     async def _edited(self) -> AsyncIterator[Any]:
+        ended = False
         try:
             async for chunk in self._wrapped:
                 for edited in self._editor.edit(chunk):
                     yield edited
+            ended = True
             for last in self._editor.end():
                 yield last
         finally:
-            self._editor.end()
+            if not ended:
+                self._editor.abandon()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._items
