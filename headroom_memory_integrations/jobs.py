@@ -417,13 +417,28 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def _close_at_exit(ref: weakref.ReferenceType[JobWorker]) -> Callable[[], None]:
-    def hook() -> None:
-        worker = ref()
-        if worker is not None:
-            worker.close(worker.exit_timeout)
+_OPEN_WORKERS: weakref.WeakSet[JobWorker] = weakref.WeakSet()
+_EXIT_HOOK_REGISTERED = False
+_EXIT_LOCK = threading.Lock()
 
-    return hook
+
+def _drain_at_exit(worker: JobWorker) -> None:
+    """Have ``worker`` drained at interpreter exit, with the process's other open workers."""
+    global _EXIT_HOOK_REGISTERED
+    with _EXIT_LOCK:
+        _OPEN_WORKERS.add(worker)
+        if not _EXIT_HOOK_REGISTERED:  # once, after the storage's own hooks: it runs first
+            atexit.register(_close_open_workers)
+            _EXIT_HOOK_REGISTERED = True
+
+
+def _close_open_workers() -> None:
+    """At exit, close every worker still open, each waiting at most its ``exit_timeout`` from
+    the start of the exit: they drain side by side (their threads run meanwhile), so a
+    process with many queue files waits about one timeout, not one per file."""
+    started = time.monotonic()
+    for worker in list(_OPEN_WORKERS):
+        worker.close(max(0.0, worker.exit_timeout - (time.monotonic() - started)))
 
 
 class JobWorker:
@@ -474,8 +489,7 @@ class JobWorker:
         self._thread: threading.Thread | None = None
         self._closing = self.closed = False
         self._stats = {"processed": 0, "retried": 0, "failed": 0}
-        self._exit_hook = _close_at_exit(weakref.ref(self))
-        atexit.register(self._exit_hook)
+        _drain_at_exit(self)
 
     def start(self) -> None:
         """Start the thread if it is not running yet."""
@@ -633,7 +647,7 @@ class JobWorker:
             if self._closing:
                 return False
             self._closing = True
-        atexit.unregister(self._exit_hook)
+        _OPEN_WORKERS.discard(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             drained = self.flush(timeout)

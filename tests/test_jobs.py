@@ -356,6 +356,34 @@ def test_atexit_drains_before_the_process_exits(path: Path, tmp_path: Path) -> N
     queue.close()
 
 
+def test_at_exit_workers_of_many_files_drain_side_by_side(tmp_path: Path) -> None:
+    """Each worker waits at most its exit_timeout from the start of the exit, not one after
+    the other: a process with work stuck in four queue files exits in about one timeout."""
+    code = f"""
+import time
+from pathlib import Path
+from headroom_memory_integrations.jobs import JobQueue, JobWorker
+for n in range(4):
+    path = Path({str(tmp_path)!r}) / f"jobs-{{n}}.sqlite3"
+    worker = JobWorker(JobQueue(path), lambda job: time.sleep(60), exit_timeout=1.0)
+    worker.queue.put("store", "alice", {{"n": n}})
+    worker.notify()
+time.sleep(0.3)  # every handler is running
+print(time.monotonic(), flush=True)
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    exited = time.monotonic()
+    assert run.returncode == 0, run.stderr
+    waited = exited - float(run.stdout.strip())
+    assert 1.0 <= waited < 3.2, waited  # one after the other: over 4 s
+
+
 def test_schema_version_and_reopening(path: Path) -> None:
     queue = JobQueue(path)
     job_id = queue.put("store", "alice", {"n": 1})
