@@ -212,7 +212,7 @@ def centred_query(vector: Vectors, centroid: tuple[Vectors, int] | None) -> Cent
 class PendingWrites(Protocol):
     """Background work on a store's memories (the wrappers' durable job queue)."""
 
-    def flush(self, timeout: float | None = None) -> bool: ...
+    def flush(self, timeout: float | None = None, *, user_id: str | None = None) -> bool: ...
 
     def retry_failed(self) -> int: ...
 
@@ -1032,9 +1032,10 @@ class MemoryStore(WritePath):
         self._pending = pending
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until background writes are done (with the wrappers, memories are stored off
-        the caller's path) and in Chroma: an embedded folder stores small writes in Chroma
-        just after they return (they are journaled first, see :mod:`.storage.deferred`).
+        """Wait until this user's background work is done (with the wrappers, memories are
+        stored and extracted off the caller's path) and in Chroma: an embedded folder stores
+        small writes in Chroma just after they return (they are journaled first, see
+        :mod:`.storage.deferred`). Other users' work in the same job queue is not waited for.
 
         Returns:
             True once everything is written; False if ``timeout`` seconds passed first, or if
@@ -1048,7 +1049,8 @@ class MemoryStore(WritePath):
         timeout = _check_timeout(timeout)
         start = time.monotonic()
         try:
-            done = self._pending.flush(timeout) if self._pending is not None else True
+            pending = self._pending
+            done = pending.flush(timeout, user_id=self.user_id) if pending is not None else True
             if done:
                 left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
                 done = self.storage.settle(left)

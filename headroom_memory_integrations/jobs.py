@@ -612,8 +612,9 @@ class JobWorker:
             return {**stats, "pending": None, "running": None, "error": _describe(exc)}
         return {**stats, "pending": counts["pending"], "running": counts["running"]}
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every job (of ``kinds``) queued before this call is done or dead-lettered.
+    def flush(self, timeout: float | None = None, *, user_id: str | None = None) -> bool:
+        """Wait until every job (of ``kinds``, and of ``user_id`` if given) queued before this
+        call is done or dead-lettered.
 
         Jobs waiting out a backoff are waited for too, so pass a ``timeout`` to bound it.
 
@@ -624,12 +625,13 @@ class JobWorker:
             raise RuntimeError("flush() from the worker's own handler would wait for itself")
         deadline = None if timeout is None else time.monotonic() + timeout
         mark = self.queue._scalar("SELECT COALESCE(MAX(id), 0) FROM jobs")
+        whose, users = ("", ()) if user_id is None else (" AND user_id = ?", (user_id,))
         unfinished = (
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE id <= ? AND status != 'failed'"
-            f"{self._kind_sql})"
+            f"{self._kind_sql}{whose})"
         )
         with self._progress:
-            while self.queue._scalar(unfinished, mark, *self._kind_args):
+            while self.queue._scalar(unfinished, mark, *self._kind_args, *users):
                 self.start()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:

@@ -79,9 +79,24 @@ class BackgroundExtractor:
         model: The extraction model's name, if the caller chose one.
     """
 
-    def __init__(self, complete: Complete, model: str | None = None) -> None:
+    def __init__(
+        self,
+        complete: Complete,
+        model: str | None = None,
+        *,
+        usable: Callable[[], bool] | None = None,
+    ) -> None:
         self.complete = complete
         self.model = model
+        self._usable = usable
+
+    @property
+    def usable(self) -> bool:
+        """Whether it can still make calls (False once the client it calls is closed)."""
+        try:
+            return self._usable is None or bool(self._usable())
+        except Exception:
+            return True
 
     def __call__(self, memory: MemoryStore, job: Job) -> list[NewMemory]:
         injected: Mapping[str, str] = job.payload.get("injected") or {}
@@ -216,21 +231,29 @@ class MemoryWriter:
         # store, weakly, as the stores are (a dict by user kept the extractor, and with it a
         # model client, of every user a long-running server ever served). An extraction queued
         # here keeps the one it was queued with until it is done (see _queued_with).
-        self._extractors: weakref.WeakKeyDictionary[MemoryStore, BackgroundExtractor] = (
+        self._extractors: weakref.WeakKeyDictionary[MemoryStore, list[BackgroundExtractor]] = (
             weakref.WeakKeyDictionary()
-        )
+        )  # several wrappers may share one store: the newest usable one is used
         # extraction job id -> (user, extractor), oldest first, bounded by QUEUED_EXTRACTIONS
         self._queued_with: OrderedDict[int, tuple[str, BackgroundExtractor]] = OrderedDict()
         self._storage: Storage | None = None  # the storage whose memories this queue holds
         self._lock = threading.Lock()
         self._unsettled: dict[str, set[int]] = {}  # user -> store jobs queued here, not yet run
         self._settled = threading.Condition()
-        self.worker = JobWorker(
-            JobQueue(path, open_later=True),
-            self._handle,
-            retryable=retryable,
-            backoff=backoff or DEFAULT_BACKOFF,
-            name=f"headroom-memory {path.name}",
+        # Two threads: one stores the memories the wrappers' calls left (each a quick write),
+        # the other runs background extractions (each a model call, which may take seconds or
+        # be retried for minutes): a slow model never holds up storing, nor what a user's next
+        # call waits for (settle).
+        self.worker, self.extractions = (
+            JobWorker(
+                JobQueue(path, open_later=True),
+                self._handle,
+                kinds=(kind,),
+                retryable=retryable,
+                backoff=backoff or DEFAULT_BACKOFF,
+                name=f"headroom-memory {kind} {path.name}",
+            )
+            for kind in ("store", "extract")
         )
 
     def register(self, memory: MemoryStore, extractor: BackgroundExtractor | None = None) -> None:
@@ -260,9 +283,13 @@ class MemoryWriter:
                     "duplicate_threshold": memory.duplicate_threshold,
                 }
             if extractor is not None:
-                self._extractors[memory] = extractor
+                known = self._extractors.setdefault(memory, [])
+                if extractor in known:
+                    known.remove(extractor)
+                known.append(extractor)
         memory.attach_writer(self)
-        self.worker.start()
+        for worker in self._workers:
+            worker.start()
 
     def store(self, memory: MemoryStore, memories: Sequence[Mapping[str, Any]]) -> None:
         self._put("store", memory, {"memories": list(memories)})
@@ -283,8 +310,19 @@ class MemoryWriter:
         }
         self._put("extract", memory, payload)
 
-    def flush(self, timeout: float | None = None) -> bool:
-        return self.worker.flush(timeout)
+    @property
+    def _workers(self) -> tuple[JobWorker, JobWorker]:
+        return self.worker, self.extractions
+
+    def flush(self, timeout: float | None = None, *, user_id: str | None = None) -> bool:
+        """Wait (up to ``timeout`` seconds) until the jobs queued so far (of ``user_id``, if
+        given) are done. Returns False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not worker.flush(left, user_id=user_id):
+                return False
+        return True
 
     def settle(self, memory: MemoryStore, timeout: float = READ_YOUR_WRITES_SECONDS) -> bool:
         """Wait (up to ``timeout`` seconds) until the memories this process queued for
@@ -299,12 +337,19 @@ class MemoryWriter:
         return True
 
     def detach(self, memory: MemoryStore, timeout: float | None) -> bool:
-        """``memory`` is closing: drain the queue (up to ``timeout``); once no store is left,
-        stop the worker (unfinished jobs stay in the file for the next process)."""
+        """``memory`` is closing: drain its user's jobs (up to ``timeout``); once no store is
+        left, stop the workers (unfinished jobs stay in the file for the next process)."""
         with self._lock:
             last = set(self._stores) <= {memory.user_id}
         try:
-            return self.worker.close(timeout) if last else self.worker.flush(timeout)
+            if not last:
+                return self.flush(timeout, user_id=memory.user_id)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            drained = True
+            for worker in self._workers:  # each drains (up to the deadline), then stops
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                drained = worker.close(left) and drained
+            return drained
         finally:  # only now (pending jobs of this user needed its store), even if flush raised
             with self._lock:
                 if self._stores.get(memory.user_id) is memory:
@@ -339,15 +384,21 @@ class MemoryWriter:
     def retry_failed(self) -> int:
         with _queue_file(self.worker.queue, "queue failed jobs again"):
             count = self.worker.queue.retry_failed()
-        self.worker.notify()
+        for worker in self._workers:
+            worker.notify()
         return count
 
     def stats(self) -> dict[str, Any]:
-        return self.worker.stats()
+        """The workers' processed/retried/failed counts, and the file's pending/running."""
+        stats = self.worker.stats()
+        for key, value in self.extractions.stats().items():
+            if key in ("processed", "retried", "failed"):
+                stats[key] += value
+        return stats
 
     def _put(self, kind: str, memory: MemoryStore, payload: dict[str, Any]) -> None:
         with self._lock:
-            extractor = self._extractors.get(memory) if kind == "extract" else None
+            extractor = _newest_usable(self._extractors.get(memory)) if kind == "extract" else None
         try:
             with self._settled:  # held until recorded, so the worker cannot finish it unseen
                 job_id = self.worker.queue.put(kind, memory.user_id, payload)
@@ -357,7 +408,7 @@ class MemoryWriter:
                     self._queued_with[job_id] = (memory.user_id, extractor)
                     while len(self._queued_with) > QUEUED_EXTRACTIONS:
                         self._queued_with.popitem(last=False)
-            self.worker.notify()
+            (self.worker if kind == "store" else self.extractions).notify()
         except Exception:
             memory.survived("store_failures", f"could not queue memory work ({kind})")
 
@@ -380,17 +431,19 @@ class MemoryWriter:
                     self._settled.notify_all()
 
     def _extractor_for(self, job: Job) -> BackgroundExtractor | None:
-        """The extractor the job was queued with in this process; else (a job of an earlier
-        process, or one let go of past QUEUED_EXTRACTIONS) that of its user's store, or of any
-        store."""
+        """The extractor the job was queued with in this process, while it can still make
+        calls; else (its client was closed, a job of an earlier process, or one let go of
+        past QUEUED_EXTRACTIONS) the newest usable one of its user's store, or of any store."""
         with self._settled:
             queued = self._queued_with.get(job.id)
-        if queued is not None:
+        if queued is not None and queued[1].usable:
             return queued[1]
         with self._lock:
             store = self._stores.get(job.user_id)
-            extractor = self._extractors.get(store) if store is not None else None
-            return extractor or next(iter(self._extractors.values()), None)
+            own = _newest_usable(self._extractors.get(store)) if store is not None else None
+            return own or next(
+                filter(None, map(_newest_usable, list(self._extractors.values()))), None
+            )
 
     def _run(self, job: Job) -> None:
         memory = self._store_for(job.user_id)
@@ -435,6 +488,10 @@ def _same_place(one: Storage, other: Storage) -> bool:
         return True
     place = getattr(one, "place", None)
     return place is not None and place == getattr(other, "place", None)
+
+
+def _newest_usable(extractors: Sequence[BackgroundExtractor] | None) -> BackgroundExtractor | None:
+    return next((e for e in reversed(extractors or ()) if e.usable), None)
 
 
 @contextmanager

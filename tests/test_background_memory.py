@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -224,6 +225,101 @@ def test_a_stream_not_read_to_its_end_is_not_extracted(client, fake_model) -> No
     assert client.memory.flush(30)
     assert fake_model.extraction_calls == 0 and client.memory.count() == 0
     assert client.memory.stats()["background"]["processed"] == 0
+
+
+def test_a_slow_extraction_holds_up_no_other_users_memories(openai_server, db_path, model):
+    """Extractions (model calls) run beside the storing of inline memories, not before it:
+    while bob's extraction takes seconds, alice's memory from with_fast_memory is stored at
+    once and used by her next call, and her flush and close do not wait for bob."""
+    from headroom_memory_integrations.openai import with_fast_memory
+    from headroom_memory_integrations.testing import MemoryFollowingModel
+
+    follow = MemoryFollowingModel()
+    bobs_extraction = threading.Event()
+
+    def respond(body: dict):
+        if is_extraction(body) and "jazz" in json.dumps(body):
+            bobs_extraction.set()
+            return follow(body).delayed(6.0)
+        return follow(body)
+
+    openai_server.responder = respond
+    bob = with_memory(openai_server.client(), user_id="bob", db_path=db_path, embedder=model)
+    alice = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    ask(bob, "I like jazz")
+    assert bobs_extraction.wait(10)
+    started = time.monotonic()
+    ask(alice, "I have 2 cats")
+    answer = ask(alice, "How many cats do I have?").choices[0].message.content
+    assert answer == "From what I remember: Has 2 cats."
+    assert alice.memory.flush(5)
+    alice.close()
+    assert time.monotonic() - started < 3.0  # not the 6 s bob's extraction takes
+    assert bob.memory.flush(30) and "Likes jazz" in [m.text for m in bob.memory.get_all()]
+    bob.close()
+
+
+def test_closing_one_of_two_wrappers_of_a_store_leaves_the_other_extracting(
+    openai_server, db_path, model
+) -> None:
+    """A sync and an async client over one store (the guide's pattern): leaving the async
+    one's ``async with`` closes the client it extracts with; the sync one, still open, goes
+    on extracting its turns with its own."""
+    from headroom_memory_integrations.testing import MemoryFollowingModel
+
+    openai_server.responder = MemoryFollowingModel()
+    client = with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
+
+    async def use_async_once() -> None:
+        async with with_memory(openai_server.async_client(), memory=client.memory) as aclient:
+            await aclient.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "I play the violin"}]
+            )
+
+    asyncio.run(use_async_once())
+    ask(client, "I am allergic to peanuts")
+    assert client.memory.flush(10)
+    assert sorted(m.text for m in client.memory.get_all()) == [
+        "Is allergic to peanuts",
+        "Plays the violin",
+    ]
+    client.close()
+
+
+def test_a_turn_left_queued_by_a_closed_client_is_extracted_by_a_new_one(
+    openai_server, db_path, model
+) -> None:
+    """An extraction still failing when its client is closed is not retried for ever with
+    the closed client: the user's next wrapper extracts it."""
+    from headroom_memory_integrations.testing import MemoryFollowingModel
+
+    follow, down = MemoryFollowingModel(), threading.Event()
+    down.set()
+    openai_server.responder = lambda body: (
+        Reply.error(503) if down.is_set() and is_extraction(body) else follow(body)
+    )
+    first = with_memory(
+        openai_server.client(),
+        user_id="carol",
+        db_path=db_path,
+        embedder=model,
+        retry_backoff=FAST,
+    )
+    ask(first, "I am allergic to shellfish")
+    first.close()  # its turn is still queued: the model was down
+    down.clear()
+    second = with_memory(
+        openai_server.client(),
+        user_id="carol",
+        db_path=db_path,
+        embedder=model,
+        retry_backoff=FAST,
+    )
+    assert second.memory.flush(10)
+    assert [m.text for m in second.memory.get_all()] == ["Is allergic to shellfish"]
+    second.close()
 
 
 def test_async_client(async_client, fake_model) -> None:

@@ -57,7 +57,10 @@ def assert_unwritable(folder: Path) -> None:
 def queue_threads(name: str) -> list[threading.Thread]:
     """The live worker threads of job queue files named ``name``."""
     return [
-        t for t in threading.enumerate() if t.name == f"headroom-memory {name}" and t.is_alive()
+        t
+        for t in threading.enumerate()
+        if t.name in (f"headroom-memory store {name}", f"headroom-memory extract {name}")
+        and t.is_alive()
     ]
 
 

@@ -244,7 +244,9 @@ def with_memory(
     The other arguments are those of :func:`with_fast_memory`.
     """
     twin = extraction_client or sync_twin(client)
-    extractor = BackgroundExtractor(openai_completer(twin), extraction_model)
+    closed = getattr(twin, "is_closed", None)  # openai's clients say when they are closed
+    usable = (lambda: not closed()) if callable(closed) else None
+    extractor = BackgroundExtractor(openai_completer(twin), extraction_model, usable=usable)
     return _wrap(
         client,
         user_id,
