@@ -48,7 +48,7 @@ def test_a_store_let_go_is_collected_and_its_queued_write_still_lands(
     assert held() is None  # nothing of the writer's kept her store alive
 
     gate.set()
-    assert bob.memory.flush(30)
+    assert writer_for(queue_path_for(bob.memory)).flush(30)  # every user's jobs
     stored = MemoryStore("alice", storage=bob.memory.storage, embedder=model).get_all()
     assert [m.text for m in stored] == [ALICE["text"]]  # written on a store built for the job
     bob.memory.close()
@@ -113,7 +113,7 @@ def test_a_wrapper_let_go_of_leaves_no_extractor_and_its_queued_extraction_still
         assert time.monotonic() < deadline
         time.sleep(0.01)
     bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I play cello"}])
-    [bobs] = [e for e in writer._extractors.values() if e.model == "bob-extractor"]
+    [bobs] = [e for es in writer._extractors.values() for e in es if e.model == "bob-extractor"]
     extractor = weakref.ref(bobs)
     del bobs
     store = weakref.ref(bob.memory)
@@ -122,7 +122,7 @@ def test_a_wrapper_let_go_of_leaves_no_extractor_and_its_queued_extraction_still
     assert store() is None and extractor() is not None  # kept for the job still queued
 
     gate.set()
-    assert alice.memory.flush(30)
+    assert writer.flush(30)  # every user's jobs
     assert extractions == ["alice-extractor", "bob-extractor"]  # each with its own
     gc.collect()
     assert extractor() is None and not writer._queued_with  # nothing of bob's is held
@@ -150,14 +150,15 @@ def test_a_dead_lettered_extraction_retried_after_its_wrapper_went_keeps_its_own
     openai_server.responder = respond
     alice, bob = alice_and_bob(openai_server, db_path, model)
     alice.chat.completions.create(model="m", messages=[{"role": "user", "content": "I use Python"}])
-    assert bob.memory.flush(30) and extractions == ["alice-extractor"]
+    writer = writer_for(queue_path_for(bob.memory))
+    assert writer.flush(30) and extractions == ["alice-extractor"]
     store = weakref.ref(alice.memory)
     del alice
     gc.collect()
     assert store() is None
 
     assert bob.memory.retry_failed() == 1
-    assert bob.memory.flush(30)
+    assert writer.flush(30)
     assert extractions == ["alice-extractor", "alice-extractor"]  # not bob's
     stored = MemoryStore("alice", storage=bob.memory.storage, embedder=model).get_all()
     assert [m.text for m in stored] == [ALICE["text"]]
