@@ -41,6 +41,7 @@ from .engine import (
 )
 from .errors import HeadroomMemoryError, InvalidInputError
 from .keys import clean_keys
+from .storage.folder import DATABASE_FILE
 from .types import Category, Memory
 from .write_path import Outcome, Remembered
 
@@ -295,7 +296,7 @@ def _check_db(args: argparse.Namespace) -> None:
 def _check_store_exists(args: argparse.Namespace, folder: str, hint: str) -> None:
     """A read command never creates a store: raise :class:`HeadroomMemoryError` where
     ``folder`` holds none (it is missing, or holds no Chroma database)."""
-    if args.command in _READS and not (Path(folder).expanduser() / "chroma.sqlite3").is_file():
+    if args.command in _READS and not (Path(folder).expanduser() / DATABASE_FILE).is_file():
         raise HeadroomMemoryError(f"no memory store at {folder} ({hint}); nothing was created")
 
 

@@ -382,7 +382,7 @@ class MemoryWriter:
         return deleted
 
     def retry_failed(self) -> int:
-        with _queue_file(self.worker.queue, "queue failed jobs again"):
+        with _queue_file(self.worker.queue.path, "queue failed jobs again"):
             count = self.worker.queue.retry_failed()
         for worker in self._workers:
             worker.notify()
@@ -495,12 +495,12 @@ def _newest_usable(extractors: Sequence[BackgroundExtractor] | None) -> Backgrou
 
 
 @contextmanager
-def _queue_file(queue: JobQueue, doing: str) -> Iterator[None]:
+def _queue_file(path: str | os.PathLike[str], doing: str) -> Iterator[None]:
     """The queue file's own failures (unwritable, locked, corrupt) as :class:`StorageError`."""
     try:
         yield
     except (sqlite3.Error, OSError) as exc:
-        raise StorageError(f"could not {doing} in the job queue {queue.path}: {exc}") from exc
+        raise StorageError(f"could not {doing} in the job queue {path}: {exc}") from exc
 
 
 def _forget_jobs(queue: JobQueue, user_id: str, timeout: float | None) -> int:
@@ -513,7 +513,7 @@ def _forget_jobs(queue: JobQueue, user_id: str, timeout: float | None) -> int:
     deadline = None if timeout is None else time.monotonic() + timeout
     deleted = 0
     while True:
-        with _queue_file(queue, "forget the user's jobs"):
+        with _queue_file(queue.path, "forget the user's jobs"):
             removed, running = queue.forget_user(user_id)
         deleted += removed
         if not running:
@@ -526,7 +526,7 @@ def _forget_jobs(queue: JobQueue, user_id: str, timeout: float | None) -> int:
 
 
 def _erase_wal(queue: JobQueue) -> None:
-    with _queue_file(queue, "erase the user's jobs"):
+    with _queue_file(queue.path, "erase the user's jobs"):
         queue.erase_wal()
 
 
@@ -547,10 +547,8 @@ def forget_queued(memory: MemoryStore, timeout: float | None) -> int:
         return writer.forget(memory, timeout)
     if not path.exists():
         return 0
-    try:
+    with _queue_file(path, "open the user's jobs"):
         queue = JobQueue(path)
-    except (sqlite3.Error, OSError) as exc:
-        raise StorageError(f"could not open the job queue {path}: {exc}") from exc
     try:
         deleted = _forget_jobs(queue, memory.user_id, timeout)
         _erase_wal(queue)

@@ -35,6 +35,8 @@ from ..errors import StorageError
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".headroom-memory.lock"
+DATABASE_FILE = "chroma.sqlite3"
+"""Chroma's database in an embedded folder: a folder without it holds no store."""
 MIN_FREE_BYTES = 64 * 2**20
 """An embedded write starts only if at least this much disk space (plus twice the size of the
 user's index files and four times the size of the write) stays free."""
@@ -141,7 +143,7 @@ def check_free_space(folder: Path, index_bytes: int, write_bytes: int) -> None:
 def vector_segment(folder: Path, collection_id: str) -> Path | None:
     """The folder of a collection's vector index files, looked up in Chroma's catalog."""
     try:
-        uri = f"file:{folder / 'chroma.sqlite3'}?mode=ro"
+        uri = f"file:{folder / DATABASE_FILE}?mode=ro"
         with closing(sqlite3.connect(uri, uri=True)) as db:
             row = db.execute(
                 "SELECT id FROM segments WHERE collection = ? AND scope = 'VECTOR'",
@@ -172,7 +174,7 @@ def erase_deleted(folder: Path, collection_id: str, ids: Collection[str] | None)
     Raises:
         sqlite3.Error: The file could not be rewritten (e.g. no room for the copy).
     """
-    path = folder / "chroma.sqlite3"
+    path = folder / DATABASE_FILE
     db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
     try:
         db.execute("PRAGMA secure_delete = ON")  # rows this connection changes are zeroed
