@@ -28,6 +28,7 @@ import atexit
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -135,6 +136,13 @@ def _kind_filter(kinds: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
     if kinds is None:
         return "", ()
     return f" AND kind IN ({','.join('?' * len(kinds))})", tuple(kinds)
+
+
+def _not_running_users(kind_sql: str, kind_args: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """An SQL condition (and its parameters) leaving out the jobs of users who have a job (of
+    the kinds ``kind_sql`` selects) running."""
+    sql = f" AND user_id NOT IN (SELECT user_id FROM jobs WHERE status = 'running'{kind_sql})"
+    return sql, kind_args
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -281,26 +289,30 @@ class JobQueue:
         *,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         kinds: Collection[str] | None = None,
+        one_per_user: bool = False,
     ) -> list[Job]:
         """Atomically take up to ``limit`` jobs (of ``kinds``, if given), oldest first.
 
         Takes due pending jobs, running jobs whose lease expired, and running jobs whose owner
         ("host:pid") is a dead process on this host, so a restart resumes a killed process's
         jobs at once. A claim lasts ``lease_seconds``; a recycled pid looks alive, and jobs
-        of another host's process wait for the lease.
+        of another host's process wait for the lease. With ``one_per_user``, a pending job
+        waits while another job of its user (of ``kinds``) runs, so that several threads run
+        the jobs of different users side by side and each user's in order.
         """
         owner, now = f"{_HOST}:{os.getpid()}", time.time()
         kind_sql, kind_args = _kind_filter(kinds)
+        busy_sql, busy_args = _not_running_users(kind_sql, kind_args) if one_per_user else ("", ())
         with self._write() as conn:
             owners = conn.execute("SELECT DISTINCT owner FROM jobs WHERE status = 'running'")
             dead = [row[0] for row in owners if row[0] and _owner_is_dead(row[0])]
             rows = conn.execute(  # two index walks in id order, not a sort of the backlog
                 f"SELECT * FROM (SELECT {_COLUMNS} FROM jobs WHERE status = 'pending'"
-                f" AND not_before <= ?{kind_sql} ORDER BY id LIMIT ?) UNION ALL"
+                f" AND not_before <= ?{kind_sql}{busy_sql} ORDER BY id LIMIT ?) UNION ALL"
                 f" SELECT * FROM (SELECT {_COLUMNS} FROM jobs WHERE status = 'running'{kind_sql}"
                 f" AND (lease_until <= ? OR owner IN ({','.join('?' * len(dead))}))"
                 " ORDER BY id LIMIT ?) ORDER BY id LIMIT ?",
-                (now, *kind_args, limit, *kind_args, now, *dead, limit, limit),
+                (now, *kind_args, *busy_args, limit, *kind_args, now, *dead, limit, limit),
             ).fetchall()
             conn.executemany(
                 "UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
@@ -442,7 +454,8 @@ def _close_open_workers() -> None:
 
 
 class JobWorker:
-    """A daemon thread that claims jobs from a :class:`JobQueue` and runs ``handler(job)``.
+    """A daemon thread (or a few) that claims jobs from a :class:`JobQueue` and runs
+    ``handler(job)``.
 
     Outcomes: the handler returns -> the job is deleted; it raises an exception that
     ``retryable(exc)`` accepts -> retried after ``backoff.delay(attempts)``, with no limit on
@@ -453,10 +466,17 @@ class JobWorker:
     once), sleeps until notified or for ``poll_interval`` (other processes may enqueue), and at
     interpreter exit drains for up to ``exit_timeout`` seconds; the rest stays in the file.
 
+    With ``threads`` > 1, the jobs of different users run side by side and each user's one at
+    a time, in order (:meth:`JobQueue.claim`'s ``one_per_user``). The one thread above is the
+    only one that waits for work: another starts only while every thread runs a job and a job
+    of another user is due, and leaves once it has found nothing to claim for
+    ``poll_interval`` seconds.
+
     Args:
         queue: The queue to drain; the worker owns it and closes it in :meth:`close`.
         handler: Called with each :class:`Job`; must be idempotent.
         kinds: The job kinds this worker takes (and flushes); None means all.
+        threads: How many jobs (of different users) may run at once.
         retryable: Decides whether an exception is transient.
         backoff: Retry delays.
         name: The thread's name.
@@ -471,6 +491,7 @@ class JobWorker:
         handler: Callable[[Job], object],
         *,
         kinds: Collection[str] | None = None,
+        threads: int = 1,
         retryable: Callable[[BaseException], bool] = default_retryable,
         backoff: Backoff = DEFAULT_BACKOFF,
         name: str = "headroom-memory-jobs",
@@ -481,12 +502,14 @@ class JobWorker:
         self.queue, self.handler, self.retryable, self.backoff = queue, handler, retryable, backoff
         self.name, self.poll_interval = name, poll_interval
         self.kinds = None if kinds is None else tuple(kinds)
+        self.threads = threads
         self._kind_sql, self._kind_args = _kind_filter(self.kinds)
         self.lease_seconds, self.exit_timeout = lease_seconds, exit_timeout
         self._wake, self._stop = threading.Event(), threading.Event()
         self._progress = threading.Condition()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []  # the first one waits for work; see _spread
+        self._busy = 0  # of them running a job
         self._closing = self.closed = False
         self._stats = {"processed": 0, "retried": 0, "failed": 0}
         _drain_at_exit(self)
@@ -496,27 +519,69 @@ class JobWorker:
         with self._lock:
             if self.closed:
                 raise RuntimeError("the job worker is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
+            if not self._threads:
+                self._add_thread()
 
     def notify(self) -> None:
         """Wake the thread now (call after ``put``); starts it on first use."""
-        self.start()
         self._wake.set()
+        self.start()
+        self._spread()
 
-    def _run(self) -> None:
+    def _add_thread(self) -> None:
+        """Start a thread, with the lock held (so that it is listed before it can leave)."""
+        thread = threading.Thread(
+            target=self._run, args=(bool(self._threads),), name=self.name, daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def _spread(self) -> None:
+        """With ``threads`` to spare and a job of another user due: wake the idle threads, or
+        start one more if every thread runs a job. Never raises (the running threads go on)."""
+        with self._lock:
+            if self.closed or self.threads == 1 or self._busy == self.threads:
+                return
+        try:
+            if self._due() > time.time():
+                return
+            self._wake.set()
+            with self._lock:
+                if not self.closed and self._busy == len(self._threads) < self.threads:
+                    self._add_thread()
+        except Exception as exc:  # a failing file, no new threads at interpreter exit
+            logger.debug("job queue %s: no thread added (%s)", self.queue.path, _describe(exc))
+
+    def _leave(self, since: float) -> bool:
+        """Whether an extra thread, idle since ``since``, leaves now (unless woken meanwhile:
+        a notify() or _spread() counted on it)."""
+        if time.monotonic() - since < self.poll_interval:
+            return False
+        with self._lock:
+            if self._wake.is_set():
+                return False
+            self._threads.remove(threading.current_thread())
+            return True
+
+    def _run(self, extra: bool = False) -> None:
         # Whenever the worker goes idle after finishing jobs, it checkpoints the WAL and
         # truncates it (finished jobs' payloads must not linger there), at most every
         # _CHECKPOINT_EVERY seconds, so SQLite's automatic checkpoint (an fsync of ~5-50 ms)
         # rarely lands on a put().
         dirty, checkpointed = False, time.monotonic()
         failing = 0  # failed rounds in a row: the first is logged whole, then a line a minute
+        idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
                 self._wake.clear()  # before claiming, so a notify() during the claim is kept
+                jobs: list[Job] = []
                 try:
-                    jobs = self.queue.claim(1, lease_seconds=self.lease_seconds, kinds=self.kinds)
+                    jobs = self.queue.claim(
+                        1,
+                        lease_seconds=self.lease_seconds,
+                        kinds=self.kinds,
+                        one_per_user=self.threads > 1,
+                    )
                     for job in jobs:
                         self._process(job)
                     dirty = dirty or bool(jobs)
@@ -550,31 +615,54 @@ class JobWorker:
                     idle = self.poll_interval
                 with self._progress:
                     self._progress.notify_all()
+                if jobs:
+                    idle_since = time.monotonic()
+                elif extra and not dirty and self._leave(idle_since):
+                    return
                 if idle:
                     self._wake.wait(idle)
         finally:
+            with self._lock:  # the last thread to stop closes the queue
+                if threading.current_thread() in self._threads:
+                    self._threads.remove(threading.current_thread())
+                last = not self._threads
             with self._progress:
                 self._progress.notify_all()
-            if self._stop.is_set():
+            if self._stop.is_set() and last:
                 self.queue.close()
 
-    def _idle_seconds(self) -> float:
-        due = self.queue._scalar(
-            f"SELECT MIN(not_before) FROM jobs WHERE status = 'pending'{self._kind_sql}",
-            *self._kind_args,
+    def _due(self) -> float:
+        """When the next job this worker may claim is due (inf if none is pending). With
+        ``threads``, a user's jobs are not while one of theirs runs (its thread looks again)."""
+        busy, busy_args = (
+            _not_running_users(self._kind_sql, self._kind_args) if self.threads > 1 else ("", ())
         )
-        wait = self.poll_interval if due is None else due - time.time()
-        return min(self.poll_interval, max(wait, 0.005))
+        due = self.queue._scalar(
+            f"SELECT MIN(not_before) FROM jobs WHERE status = 'pending'{self._kind_sql}{busy}",
+            *self._kind_args,
+            *busy_args,
+        )
+        return math.inf if due is None else float(due)
+
+    def _idle_seconds(self) -> float:
+        return min(self.poll_interval, max(self._due() - time.time(), 0.005))
 
     def _process(self, job: Job) -> None:
         # Count and log before the write that flush() watches, so both are current when it returns.
+        with self._lock:
+            self._busy += 1
         try:
-            self.handler(job)
-        except BaseException as exc:  # even a handler's SystemExit must not kill the thread
-            self._handle_failure(job, exc)
-        else:
-            self._count("processed")
-            self.queue.complete(job.id)
+            self._spread()  # a job of another user may start beside this one
+            try:
+                self.handler(job)
+            except BaseException as exc:  # even a handler's SystemExit must not kill the thread
+                self._handle_failure(job, exc)
+            else:
+                self._count("processed")
+                self.queue.complete(job.id)
+        finally:
+            with self._lock:
+                self._busy -= 1
 
     def _handle_failure(self, job: Job, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"
@@ -621,7 +709,7 @@ class JobWorker:
         Returns:
             True if drained, False if ``timeout`` seconds passed first.
         """
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() in self._threads:
             raise RuntimeError("flush() from the worker's own handler would wait for itself")
         deadline = None if timeout is None else time.monotonic() + timeout
         mark = self.queue._scalar("SELECT COALESCE(MAX(id), 0) FROM jobs")
@@ -662,12 +750,12 @@ class JobWorker:
             )
             drained = False
         with self._lock:
-            self.closed, thread = True, self._thread
-        self._stop.set()
+            self.closed, threads = True, list(self._threads)
+            self._stop.set()
         self._wake.set()
-        if thread is None:
+        if not threads:
             self.queue.close()
-        else:  # the thread closes the queue when it stops; a handler may still be running
+        for thread in threads:  # the last one closes the queue; a handler may still be running
             thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.1))
         return drained
 

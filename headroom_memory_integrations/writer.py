@@ -70,6 +70,12 @@ Complete = Callable[[list[dict[str, str]], str | None], str]
 request named one (a framework's model object may ignore it)."""
 
 
+EXTRACTION_THREADS = 4
+"""Background extractions of different users run side by side on up to this many threads per
+job queue (each mostly waits for the model's answer); one user's run one at a time, in order.
+The threads beyond the first start only while another user's extraction waits."""
+
+
 class BackgroundExtractor:
     """Makes the separate extraction call of the background mode, with any chat model.
 
@@ -240,25 +246,28 @@ class MemoryWriter:
         self._lock = threading.Lock()
         self._unsettled: dict[str, set[int]] = {}  # user -> store jobs queued here, not yet run
         self._settled = threading.Condition()
-        # Two threads: one stores the memories the wrappers' calls left (each a quick write),
-        # the other runs background extractions (each a model call, which may take seconds or
-        # be retried for minutes): a slow model never holds up storing, nor what a user's next
-        # call waits for (settle).
+        # One thread stores the memories the wrappers' calls left (each a quick write); others
+        # run background extractions (each a model call, which may take seconds or be retried
+        # for minutes), different users' side by side: a slow model never holds up storing,
+        # nor what a user's next call waits for (settle), nor other users' extractions while
+        # there are threads to spare.
         self.worker, self.extractions = (
             JobWorker(
                 JobQueue(path, open_later=True),
                 self._handle,
                 kinds=(kind,),
+                threads=threads,
                 retryable=retryable,
                 backoff=backoff or DEFAULT_BACKOFF,
                 name=f"headroom-memory {kind} {path.name}",
             )
-            for kind in ("store", "extract")
+            for kind, threads in (("store", 1), ("extract", EXTRACTION_THREADS))
         )
 
     def register(self, memory: MemoryStore, extractor: BackgroundExtractor | None = None) -> None:
         """Serve ``memory``'s jobs (and, with ``extractor``, its background extraction), and
-        resume whatever an earlier process left in the queue.
+        resume whatever an earlier process left in the queue (its extractions once an
+        extractor is registered: only then does the extraction thread start).
 
         Raises:
             InvalidInputError: the queue already serves memories kept elsewhere. Its jobs name
@@ -288,8 +297,9 @@ class MemoryWriter:
                     known.remove(extractor)
                 known.append(extractor)
         memory.attach_writer(self)
-        for worker in self._workers:
-            worker.start()
+        self.worker.start()
+        if extractor is not None:
+            self.extractions.start()
 
     def store(self, memory: MemoryStore, memories: Sequence[Mapping[str, Any]]) -> None:
         self._put("store", memory, {"memories": list(memories)})

@@ -261,6 +261,113 @@ def test_a_slow_extraction_holds_up_no_other_users_memories(openai_server, db_pa
     bob.close()
 
 
+def prompt_text(body: dict) -> str:
+    return "\n".join(str(m.get("content")) for m in body["messages"])
+
+
+def extraction_threads(queue) -> int:
+    """The live extraction threads of the job queue file ``queue``."""
+    name = f"headroom-memory extract {queue.name}"
+    return sum(t.name == name and t.is_alive() for t in threading.enumerate())
+
+
+def test_extractions_of_different_users_run_side_by_side_and_each_users_in_order(
+    openai_server, db_path, model, tmp_path
+) -> None:
+    """While alice's extraction waits for the model, bob's runs too, on a second thread that
+    starts then (not for alice's next turn: it is extracted only once her first is done, as a
+    correction must not be stored before the fact it corrects) and leaves once idle."""
+    from headroom_memory_integrations.testing import MemoryFollowingModel
+
+    follow = MemoryFollowingModel()
+    started: list[str] = []
+    release = {"jazz": threading.Event(), "tea": threading.Event(), "blues": threading.Event()}
+
+    def respond(body: dict):
+        if not is_extraction(body):
+            return follow(body)
+        turns = {"jazz": "I like jazz", "tea": "I like tea", "blues": "I now like blues more"}
+        said = next(word for word, turn in turns.items() if f'user: "{turn}"' in prompt_text(body))
+        started.append(said)
+        assert release[said].wait(30)
+        return follow(body)
+
+    openai_server.responder = respond
+    queue = tmp_path / f"jobs-{tmp_path.name}.sqlite3"
+    alice, bob = (
+        with_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=db_path,
+            embedder=model,
+            queue_path=queue,
+        )
+        for user in ("alice", "bob")
+    )
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(started) < count:
+            assert time.monotonic() < deadline, started
+            time.sleep(0.01)
+
+    ask(alice, "I like jazz")
+    wait_for(1)
+    ask(alice, "I now like blues more")
+    time.sleep(0.3)
+    assert started == ["jazz"] and extraction_threads(queue) == 1  # no thread for her second
+    ask(bob, "I like tea")
+    wait_for(2)
+    time.sleep(0.3)
+    assert started == ["jazz", "tea"]  # bob's beside alice's; alice's second waits
+    assert extraction_threads(queue) == 2
+    release["tea"].set()
+    release["jazz"].set()
+    wait_for(3)
+    assert started == ["jazz", "tea", "blues"]
+    release["blues"].set()
+    assert alice.memory.flush(10) and bob.memory.flush(10)
+    assert [m.text for m in bob.memory.get_all()] == ["Likes tea"]
+    deadline = time.monotonic() + 10
+    while extraction_threads(queue) > 1:  # the second leaves within seconds of idling
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert alice.memory.close(5) and bob.memory.close(5)  # the last one stops the threads
+    assert extraction_threads(queue) == 0
+    alice.close()
+    bob.close()
+
+
+def test_a_writer_that_never_extracts_starts_no_extraction_thread(
+    openai_server, db_path, model, tmp_path
+) -> None:
+    """Wrappers that store inline memories (no extractor) have the storing thread only."""
+    from headroom_memory_integrations.openai import with_fast_memory
+    from headroom_memory_integrations.testing import MemoryFollowingModel
+
+    openai_server.responder = MemoryFollowingModel()
+    queue = tmp_path / f"jobs-{tmp_path.name}.sqlite3"
+    clients = [
+        with_fast_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=db_path,
+            embedder=model,
+            queue_path=queue,
+        )
+        for user in ("alice", "bob")
+    ]
+    for client in clients:
+        ask(client, "I have 2 cats")
+    assert all(client.memory.flush(10) for client in clients)
+    assert [m.text for m in clients[1].memory.get_all()] == ["Has 2 cats"]
+    store = f"headroom-memory store {queue.name}"
+    assert sum(t.name == store for t in threading.enumerate()) == 1
+    assert extraction_threads(queue) == 0
+    for client in clients:
+        client.close()
+
+
 def test_closing_one_of_two_wrappers_of_a_store_leaves_the_other_extracting(
     openai_server, db_path, model
 ) -> None:

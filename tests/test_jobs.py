@@ -281,6 +281,60 @@ def test_workers_take_only_their_kinds(queue: JobQueue, make_worker: MakeWorker)
     assert extracted == ["extract"]
 
 
+def test_one_per_user_claims_leave_a_users_jobs_while_one_of_theirs_runs(
+    queue: JobQueue,
+) -> None:
+    first, second = (queue.put("work", "alice", {"n": n}) for n in range(2))
+    bobs = queue.put("work", "bob", {})
+    assert [job.id for job in queue.claim(one_per_user=True)] == [first]
+    assert [job.id for job in queue.claim(one_per_user=True)] == [bobs]  # not alice's second
+    assert queue.claim(one_per_user=True) == []
+    queue.complete(first)
+    assert [job.id for job in queue.claim(one_per_user=True)] == [second]
+
+
+def test_threads_run_users_side_by_side_each_in_order_and_the_extra_ones_leave(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    """With threads=3, three users' jobs run at once and alice's second only after her first.
+    A thread is added only when another user's job is due while every thread runs one (not
+    for alice's second), and the added ones leave once idle: only the first one stays."""
+    release = {user: threading.Event() for user in ("alice", "bob", "carol")}
+    started: list[str] = []
+    done: list[str] = []
+
+    def handle(job: Job) -> None:
+        started.append(f"{job.user_id} {job.payload['n']}")
+        assert release[job.user_id].wait(10)
+        done.append(f"{job.user_id} {job.payload['n']}")
+
+    worker = make_worker(handle, threads=3, name="side-by-side")
+
+    def threads() -> int:
+        return sum(t.name == "side-by-side" and t.is_alive() for t in threading.enumerate())
+
+    for n in range(2):
+        queue.put("work", "alice", {"n": n})
+        worker.notify()
+    wait_for(lambda: started == ["alice 0"])
+    time.sleep(0.2)
+    assert started == ["alice 0"] and threads() == 1
+    for user in ("bob", "carol"):
+        queue.put("work", user, {"n": 0})
+        worker.notify()
+    wait_for(lambda: len(started) == 3)
+    assert sorted(started) == ["alice 0", "bob 0", "carol 0"] and threads() == 3
+    release["bob"].set()
+    release["carol"].set()
+    time.sleep(0.2)
+    assert "alice 1" not in started
+    release["alice"].set()
+    assert worker.flush(timeout=5)
+    assert done.index("alice 0") < done.index("alice 1") and len(done) == 4
+    wait_for(lambda: threads() == 1, timeout=5)
+    assert worker.close(timeout=5) and threads() == 0
+
+
 def test_processes_opening_a_new_file_at_once(path: Path) -> None:
     script = (
         "import sys; from headroom_memory_integrations.jobs import JobQueue; "
@@ -324,8 +378,9 @@ def run_child(path: Path, tmp_path: Path, mode: str) -> tuple[subprocess.Popen[b
     return subprocess.Popen(args), log
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 def test_jobs_of_a_killed_process_are_resumed(
-    path: Path, tmp_path: Path, make_worker: MakeWorker
+    path: Path, tmp_path: Path, make_worker: MakeWorker, threads: int
 ) -> None:
     child, log = run_child(path, tmp_path, "block")
     try:
@@ -337,7 +392,9 @@ def test_jobs_of_a_killed_process_are_resumed(
     blocked_id = int((tmp_path / "started").read_text())
 
     resumed: list[tuple[int, int]] = []
-    worker = make_worker(lambda job: resumed.append((job.payload["n"], job.attempts)))
+    worker = make_worker(
+        lambda job: resumed.append((job.payload["n"], job.attempts)), threads=threads
+    )
     assert worker.queue.counts() == {"pending": 3, "running": 1, "failed": 0}
     worker.start()  # the dead owner is noticed at once, though its lease has an hour to run
     assert worker.flush(timeout=5)

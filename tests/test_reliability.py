@@ -452,16 +452,20 @@ class _ForgetSignals(logging.Handler):
 
 
 def test_forget_user_forgets_a_job_that_starts_between_its_two_passes(
-    openai_server, db_path, model, caplog
+    openai_server, db_path, model, caplog, monkeypatch
 ) -> None:
     """forget_user deletes the user's queued jobs (waiting for a running one), then takes the
     user's write lock and looks again. A job claimed in between is running then: forget_user
     lets go of the lock, waits for it, and forgets what it stored. Without the second look,
     the job stored its memory after the user was forgotten.
 
-    The order is forced: the worker is held in Bob's extraction while the first pass runs;
-    the test holds Alice's write lock until Alice's new job runs (its extraction held too)."""
+    The order is forced: the worker is held in Bob's extraction while the first pass runs (one
+    extraction thread, so that Alice's job waits behind Bob's); the test holds Alice's write
+    lock until Alice's new job runs (its extraction held too)."""
+    from headroom_memory_integrations import writer
     from headroom_memory_integrations.concurrency import user_write_lock
+
+    monkeypatch.setattr(writer, "EXTRACTION_THREADS", 1)
 
     released = {"alice": threading.Event(), "bob": threading.Event()}
     extracting = {"alice": threading.Event(), "bob": threading.Event()}
