@@ -70,6 +70,10 @@ and ten "situation" pairs in each of the seven domains, 80 messages in four kind
 blind like the third, its keys (with situation questions) by another instance from the facts
 alone: a measure of the engine on questions nobody had tuned anything on (look 7 of the log).
 
+**A fifth fresh set** (2026-12-05; split ``fresh5``), written blind the same way by two other
+instances, the pairs' writer told to avoid the clichés of such sets: the fourth set's measure
+of the engine repeated on new questions (look 8 of the log).
+
 **A second fresh set** (2026-12-03, later), written when the first fresh set had had three
 looks: ``benchmarks/paraphrase_fresh2_{pairs,unrelated,keys}.jsonl`` (140 pairs, 20 in each of
 the seven domains above; 80 messages that need no memory: small talk, general knowledge,
@@ -140,7 +144,9 @@ def _fresh_files(name: str) -> tuple[Path, Path, Path]:
     )
 
 
-FRESH_SETS = {name: _fresh_files(name) for name in ("fresh", "fresh2", "fresh3", "fresh4")}
+FRESH_SETS = {
+    name: _fresh_files(name) for name in ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")
+}
 """Each fresh set's files, by split name (every row of a set is of that split)."""
 FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS = FRESH_SETS["fresh"]
 SPLITS = ("dev", "heldout")
@@ -151,6 +157,7 @@ SPLIT_NAMES = {
     "fresh2": "second fresh",
     "fresh3": "third fresh",
     "fresh4": "fourth fresh",
+    "fresh5": "fifth fresh",
 }
 REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
 TARGET_SIZE = 10_000
