@@ -101,6 +101,11 @@ class Revision:
         )
 
 
+MAX_HISTORY = 20
+"""How many earlier texts a memory keeps in ``history`` (the newest): a memory rewritten on
+every turn (a "current context") must not grow without bound in storage."""
+
+
 @dataclass(frozen=True)
 class Memory:
     """One remembered statement about one user.
@@ -113,7 +118,8 @@ class Memory:
         created_at / updated_at: Timezone-aware UTC times.
         source: inline, background or manual.
         metadata: The caller's own scalar key/values (read-only).
-        history: Earlier texts this memory replaced, oldest first.
+        history: Earlier texts this memory replaced, oldest first: the :data:`MAX_HISTORY`
+            newest.
         keys: Topic words, then a question the memory answers, indexed with the text and never
             shown in the injected context (``("diet", "seafood", "What can't I eat?")``; see
             :mod:`.keys`).
@@ -129,6 +135,10 @@ class Memory:
     metadata: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     history: tuple[Revision, ...] = ()
     keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.history) > MAX_HISTORY:
+            object.__setattr__(self, "history", tuple(self.history[-MAX_HISTORY:]))
 
     def __getstate__(self) -> dict[str, Any]:
         """For pickle and deepcopy, which refuse the read-only view of ``metadata``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from headroom_memory_integrations import (
     Category,
     InvalidCategoryError,
     InvalidInputError,
+    LocalEmbedder,
     MemoryNotFoundError,
     MemoryStore,
     NewMemory,
@@ -19,6 +21,7 @@ from headroom_memory_integrations import (
 )
 from headroom_memory_integrations.engine import MAX_TEXT_CHARS
 from headroom_memory_integrations.storage.chroma import CENTROID_SAMPLE
+from headroom_memory_integrations.types import MAX_HISTORY
 
 
 def test_search_finds_the_relevant_memory_first(store: MemoryStore) -> None:
@@ -87,6 +90,21 @@ def test_get_update_delete_and_history(store: MemoryStore) -> None:
         store.delete(memory.id)
     with pytest.raises(MemoryNotFoundError):
         store.update("no-such-id", "text")
+
+
+def test_a_memory_rewritten_on_every_turn_keeps_only_its_newest_earlier_texts(
+    store: MemoryStore, db_path: Path, model: LocalEmbedder
+) -> None:
+    """History is bounded: a "current context" memory rewritten turn after turn keeps the
+    MAX_HISTORY newest texts it replaced, in storage too, oldest first."""
+    memory = store.add("Is working on step 0 of the migration", category="context")
+    for step in range(1, MAX_HISTORY + 6):
+        memory = store.update(memory.id, f"Is working on step {step} of the migration")
+    expected = [f"Is working on step {n} of the migration" for n in range(5, MAX_HISTORY + 5)]
+    assert [r.text for r in memory.history] == expected
+    reopened = MemoryStore("alice", db_path=db_path, embedder=model)
+    assert [r.text for r in reopened.get(memory.id).history] == expected
+    assert reopened.get(memory.id).text == f"Is working on step {MAX_HISTORY + 5} of the migration"
 
 
 def test_put_replaces_a_key_with_or_without_history(hash_store: MemoryStore) -> None:
