@@ -290,15 +290,18 @@ class JobQueue:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         kinds: Collection[str] | None = None,
         one_per_user: bool = False,
+        held: Collection[int] = (),
     ) -> list[Job]:
         """Atomically take up to ``limit`` jobs (of ``kinds``, if given), oldest first.
 
         Takes due pending jobs, running jobs whose lease expired, and running jobs whose owner
         ("host:pid") is a dead process on this host, so a restart resumes a killed process's
         jobs at once. A claim lasts ``lease_seconds``; a recycled pid looks alive, and jobs
-        of another host's process wait for the lease. With ``one_per_user``, a pending job
-        waits while another job of its user (of ``kinds``) runs, so that several threads run
-        the jobs of different users side by side and each user's in order.
+        of another host's process wait for the lease. ``held``: ids of jobs the caller is
+        running itself, never taken back here even once their lease has expired. With
+        ``one_per_user``, a pending job waits while another job of its user (of ``kinds``)
+        runs, and one claim takes at most one job of each user, so that several threads run
+        the jobs of different users side by side and each user's one at a time.
         """
         owner, now = f"{_HOST}:{os.getpid()}", time.time()
         kind_sql, kind_args = _kind_filter(kinds)
@@ -311,9 +314,12 @@ class JobQueue:
                 f" AND not_before <= ?{kind_sql}{busy_sql} ORDER BY id LIMIT ?) UNION ALL"
                 f" SELECT * FROM (SELECT {_COLUMNS} FROM jobs WHERE status = 'running'{kind_sql}"
                 f" AND (lease_until <= ? OR owner IN ({','.join('?' * len(dead))}))"
+                f" AND id NOT IN ({','.join('?' * len(held))})"
                 " ORDER BY id LIMIT ?) ORDER BY id LIMIT ?",
-                (now, *kind_args, *busy_args, limit, *kind_args, now, *dead, limit, limit),
+                (now, *kind_args, *busy_args, limit, *kind_args, now, *dead, *held, limit, limit),
             ).fetchall()
+            if one_per_user:  # the oldest of each user's
+                rows = [row for i, row in enumerate(rows) if row[2] not in {r[2] for r in rows[:i]}]
             conn.executemany(
                 "UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
                 " attempts = attempts + 1 WHERE id = ?",
@@ -509,7 +515,7 @@ class JobWorker:
         self._progress = threading.Condition()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []  # the first one waits for work; see _spread
-        self._busy = 0  # of them running a job
+        self._running: dict[int, str] = {}  # the jobs the threads run: id -> user
         self._closing = self.closed = False
         self._stats = {"processed": 0, "retried": 0, "failed": 0}
         _drain_at_exit(self)
@@ -522,11 +528,20 @@ class JobWorker:
             if not self._threads:
                 self._add_thread()
 
-    def notify(self) -> None:
-        """Wake the thread now (call after ``put``); starts it on first use."""
+    def notify(self, user_id: str | None = None) -> None:
+        """Wake the thread now (call after ``put``, with the job's user); starts it on first
+        use, and another thread if every one runs a job and ``user_id`` has none running.
+        No query of the file: this is on the caller's path."""
         self._wake.set()
         self.start()
-        self._spread()
+        with self._lock:
+            if (
+                not self.closed
+                and user_id is not None
+                and user_id not in self._running.values()
+                and len(self._running) == len(self._threads) < self.threads
+            ):
+                self._add_thread()
 
     def _add_thread(self) -> None:
         """Start a thread, with the lock held (so that it is listed before it can leave)."""
@@ -538,16 +553,17 @@ class JobWorker:
 
     def _spread(self) -> None:
         """With ``threads`` to spare and a job of another user due: wake the idle threads, or
-        start one more if every thread runs a job. Never raises (the running threads go on)."""
+        start one more if every thread runs a job. Never raises (the running threads go on).
+        Called as a job starts, on its worker thread."""
         with self._lock:
-            if self.closed or self.threads == 1 or self._busy == self.threads:
+            if self.closed or self.threads == 1 or len(self._running) == self.threads:
                 return
         try:
             if self._due() > time.time():
                 return
             self._wake.set()
             with self._lock:
-                if not self.closed and self._busy == len(self._threads) < self.threads:
+                if not self.closed and len(self._running) == len(self._threads) < self.threads:
                     self._add_thread()
         except Exception as exc:  # a failing file, no new threads at interpreter exit
             logger.debug("job queue %s: no thread added (%s)", self.queue.path, _describe(exc))
@@ -576,11 +592,14 @@ class JobWorker:
                 self._wake.clear()  # before claiming, so a notify() during the claim is kept
                 jobs: list[Job] = []
                 try:
+                    with self._lock:
+                        held = list(self._running)
                     jobs = self.queue.claim(
                         1,
                         lease_seconds=self.lease_seconds,
                         kinds=self.kinds,
                         one_per_user=self.threads > 1,
+                        held=held,  # a sibling's job outliving its lease is still its
                     )
                     for job in jobs:
                         self._process(job)
@@ -650,7 +669,7 @@ class JobWorker:
     def _process(self, job: Job) -> None:
         # Count and log before the write that flush() watches, so both are current when it returns.
         with self._lock:
-            self._busy += 1
+            self._running[job.id] = job.user_id
         try:
             self._spread()  # a job of another user may start beside this one
             try:
@@ -662,7 +681,7 @@ class JobWorker:
                 self.queue.complete(job.id)
         finally:
             with self._lock:
-                self._busy -= 1
+                del self._running[job.id]
 
     def _handle_failure(self, job: Job, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"

@@ -418,7 +418,7 @@ class MemoryWriter:
                     self._queued_with[job_id] = (memory.user_id, extractor)
                     while len(self._queued_with) > QUEUED_EXTRACTIONS:
                         self._queued_with.popitem(last=False)
-            (self.worker if kind == "store" else self.extractions).notify()
+            (self.worker if kind == "store" else self.extractions).notify(memory.user_id)
         except Exception:
             memory.survived("store_failures", f"could not queue memory work ({kind})")
 

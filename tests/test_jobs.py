@@ -293,6 +293,43 @@ def test_one_per_user_claims_leave_a_users_jobs_while_one_of_theirs_runs(
     assert [job.id for job in queue.claim(one_per_user=True)] == [second]
 
 
+def test_one_per_user_claims_take_one_job_of_each_user_at_a_time(queue: JobQueue) -> None:
+    alices = [queue.put("work", "alice", {"n": n}) for n in range(3)]
+    bobs = queue.put("work", "bob", {})
+    assert [job.id for job in queue.claim(limit=4, one_per_user=True)] == [alices[0], bobs]
+
+
+def test_a_job_outliving_its_lease_is_not_taken_back_by_another_thread_of_its_worker(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    """A handler slower than the lease (a stalled model call): the worker's other threads leave
+    the job to it, so it runs once, and the user's next job waits for it to end."""
+    running: list[str] = []
+    overlaps: list[list[str]] = []
+    runs: list[str] = []
+
+    def handle(job: Job) -> None:
+        if job.user_id in running:
+            overlaps.append([*running, job.user_id])
+        running.append(job.user_id)
+        runs.append(f"{job.user_id} {job.payload['n']}")
+        time.sleep(0.8 if job.user_id == "alice" and job.payload["n"] == 0 else 0.05)
+        running.remove(job.user_id)
+
+    worker = make_worker(handle, threads=3, lease_seconds=0.2, name="outlived")
+    for n in range(2):
+        queue.put("work", "alice", {"n": n})
+        worker.notify("alice")
+    wait_for(lambda: runs == ["alice 0"])
+    time.sleep(0.3)  # alice's lease has expired; bob's job brings in a second thread
+    queue.put("work", "bob", {"n": 0})
+    worker.notify("bob")
+    assert worker.flush(timeout=10)
+    assert overlaps == []
+    assert sorted(runs) == ["alice 0", "alice 1", "bob 0"]
+    assert runs.index("alice 0") < runs.index("alice 1")
+
+
 def test_threads_run_users_side_by_side_each_in_order_and_the_extra_ones_leave(
     queue: JobQueue, make_worker: MakeWorker
 ) -> None:
@@ -315,13 +352,13 @@ def test_threads_run_users_side_by_side_each_in_order_and_the_extra_ones_leave(
 
     for n in range(2):
         queue.put("work", "alice", {"n": n})
-        worker.notify()
+        worker.notify("alice")
     wait_for(lambda: started == ["alice 0"])
     time.sleep(0.2)
     assert started == ["alice 0"] and threads() == 1
     for user in ("bob", "carol"):
         queue.put("work", user, {"n": 0})
-        worker.notify()
+        worker.notify(user)
     wait_for(lambda: len(started) == 3)
     assert sorted(started) == ["alice 0", "bob 0", "carol 0"] and threads() == 3
     release["bob"].set()
