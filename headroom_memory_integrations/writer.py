@@ -60,8 +60,9 @@ deletes it). Past it, the oldest are let go of (a job another process ran is nev
 here); such a job runs with its user's current extractor, or any other."""
 
 MAX_MALFORMED_ATTEMPTS = 5
-"""An extraction answer that is not valid JSON is retried this many times, then the job is
-dead-lettered (kept in the queue file; ``memory.retry_failed()`` runs it again)."""
+"""How many tries an extraction gets while its answers are not valid JSON (the first and
+four retries), then the job is dead-lettered (kept in the queue file;
+``memory.retry_failed()`` runs it again)."""
 
 
 Complete = Callable[[list[dict[str, str]], str | None], str]

@@ -261,6 +261,36 @@ def test_a_slow_extraction_holds_up_no_other_users_memories(openai_server, db_pa
     bob.close()
 
 
+def test_a_stalled_extraction_call_is_given_up_and_retried(
+    openai_server, db_path, model, monkeypatch
+):
+    """Each try of the extraction call is bounded (EXTRACTION_TIMEOUT, here 1 s, against the
+    client's 10-minute default): a model that stalls is given up on, counted as a retry, and
+    the next try stores the memory."""
+    import headroom_memory_integrations.openai as wrappers
+    from headroom_memory_integrations.testing import MemoryFollowingModel
+
+    monkeypatch.setattr(wrappers, "EXTRACTION_TIMEOUT", 1.0)
+    follow = MemoryFollowingModel()
+    tries = []
+
+    def respond(body: dict):
+        if is_extraction(body):
+            tries.append(time.monotonic())
+            return follow(body).delayed(30.0) if len(tries) == 1 else follow(body)
+        return follow(body)
+
+    openai_server.responder = respond
+    client = openai_server.client(max_retries=0)
+    bob = with_memory(client, user_id="bob", db_path=db_path, embedder=model, retry_backoff=FAST)
+    ask(bob, "I like jazz")
+    assert bob.memory.flush(15)
+    assert [m.text for m in bob.memory.get_all()] == ["Likes jazz"]
+    assert len(tries) == 2 and tries[1] - tries[0] < 10
+    assert bob.memory.stats()["background"]["retried"] == 1
+    bob.close()
+
+
 def prompt_text(body: dict) -> str:
     return "\n".join(str(m.get("content")) for m in body["messages"])
 

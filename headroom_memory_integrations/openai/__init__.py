@@ -74,13 +74,22 @@ def sync_twin(client: Any) -> Any:
     )
 
 
+EXTRACTION_TIMEOUT = 60.0
+"""Seconds one try of a background extraction call may take (the client's own default is 10
+minutes): a stalled call is given up and retried with backoff, well within the job's lease
+(``jobs.DEFAULT_LEASE_SECONDS``), after which another process could take the job over."""
+
+
 def openai_completer(client: Any) -> Complete:
-    """Background extraction's call through a synchronous OpenAI-compatible ``client``."""
+    """Background extraction's call through a synchronous OpenAI-compatible ``client``, each
+    try bounded by :data:`EXTRACTION_TIMEOUT`."""
 
     def complete(messages: list[dict[str, str]], model: str | None) -> str:
         if not model:
             raise PermanentJobError("no extraction model: pass extraction_model=")
-        response = client.chat.completions.create(model=model, messages=messages, temperature=0)
+        response = client.chat.completions.create(
+            model=model, messages=messages, temperature=0, timeout=EXTRACTION_TIMEOUT
+        )
         choices = getattr(response, "choices", None)  # None: a gateway's error body, sent as 200
         message = getattr(choices[0], "message", None) if choices else None
         return getattr(message, "content", None) or ""  # "": a malformed answer, retried
