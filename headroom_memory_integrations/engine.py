@@ -114,7 +114,8 @@ then supersedes the existing memory, whose text stays in ``history`` ("Deploys w
 a synonym from an opposite ("Is left-handed" -> "Is right-handed", 0.958). Below it, the
 word-by-word rules of :mod:`.consolidation` decide between an update and a distinct fact. Only
 a text that says nothing new is a duplicate: the same words up to case, punctuation, spacing,
-word forms and order, or fewer words. Lower values retire more true memories to ``history``,
+articles, a few empty words ("really") and the order of an "A and B" (a changed word form or a
+word left out is not). Lower values retire more true memories to ``history``,
 higher ones keep more stale memories beside their correction (docs/benchmarks.md,
 "Consolidation")."""
 

@@ -113,8 +113,9 @@ class _SentenceTransformerEncoder:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:
             raise MissingDependencyError(
-                "sentence-transformers is not installed. Install it with: pip install "
-                "'headroom-memory-integrations[sentence-transformers]' (on Linux, install "
+                "sentence-transformers is not installed. Install the package's "
+                "'sentence-transformers' extra: in a clone of headroom-memory-integrations, "
+                "pip install '.[sentence-transformers]' (on Linux, install "
                 "torch's CPU build first, or pip installs the CUDA one, ~5 GB: pip install "
                 "torch --index-url https://download.pytorch.org/whl/cpu)"
             ) from exc

@@ -1,7 +1,7 @@
 """Long-term memory for classic LangChain chains: :class:`HeadroomMemory`.
 
-Needs the ``langchain-classic`` extra (``pip install
-'headroom-memory-integrations[langchain-classic]'``); the rest of
+Needs the ``langchain-classic`` extra (in a clone of the repository, ``pip install
+'.[langchain-classic]'``); the rest of
 :mod:`headroom_memory_integrations.langchain` imports without it.
 """
 

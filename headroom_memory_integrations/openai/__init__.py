@@ -178,7 +178,10 @@ def with_fast_memory(
         embedder: Any :class:`Embedder`; overrides the two options above.
         storage: A storage object instead of ``db_path``.
         min_score: The relevance floor for injection.
-        duplicate_threshold: Similarity at which a new memory counts as a duplicate.
+        duplicate_threshold: Similarity from which a new memory that only replaces words of
+            an existing one (every number, date, name, negation and tense kept) supersedes it
+            as the same statement reworded (``engine.DEFAULT_DUPLICATE_THRESHOLD``); never a
+            duplicate.
         injection: ``"system"`` (a system message just before the latest user message) or
             ``"user"`` (prepended to it, for chat templates that refuse a late system message).
         queue_path: The SQLite file of pending writes (default: beside embedded memories, or in
