@@ -150,3 +150,9 @@ def read_ahead(store: Any) -> Any:
         store.search("anything", min_score=-1)
         time.sleep(0.01)
     return collection
+
+
+def wrapped_for(wrap: Any, server: Any, users: Sequence[str], **options: Any) -> tuple[Any, ...]:
+    """One client of the scripted ``server`` wrapped by ``wrap`` (``with_memory``, ...) for
+    each of ``users``, with the same ``options``."""
+    return tuple(wrap(server.client(), user_id=user, **options) for user in users)

@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from _reliability_support import wrapped_for
 
 from headroom_memory_integrations.jobs import Backoff
 from headroom_memory_integrations.openai import with_memory
@@ -324,15 +325,13 @@ def test_extractions_of_different_users_run_side_by_side_and_each_users_in_order
 
     openai_server.responder = respond
     queue = tmp_path / f"jobs-{tmp_path.name}.sqlite3"
-    alice, bob = (
-        with_memory(
-            openai_server.client(),
-            user_id=user,
-            db_path=db_path,
-            embedder=model,
-            queue_path=queue,
-        )
-        for user in ("alice", "bob")
+    alice, bob = wrapped_for(
+        with_memory,
+        openai_server,
+        ("alice", "bob"),
+        db_path=db_path,
+        embedder=model,
+        queue_path=queue,
     )
 
     def wait_for(count: int) -> None:
@@ -377,16 +376,14 @@ def test_a_writer_that_never_extracts_starts_no_extraction_thread(
 
     openai_server.responder = MemoryFollowingModel()
     queue = tmp_path / f"jobs-{tmp_path.name}.sqlite3"
-    clients = [
-        with_fast_memory(
-            openai_server.client(),
-            user_id=user,
-            db_path=db_path,
-            embedder=model,
-            queue_path=queue,
-        )
-        for user in ("alice", "bob")
-    ]
+    clients = wrapped_for(
+        with_fast_memory,
+        openai_server,
+        ("alice", "bob"),
+        db_path=db_path,
+        embedder=model,
+        queue_path=queue,
+    )
     for client in clients:
         ask(client, "I have 2 cats")
     assert all(client.memory.flush(10) for client in clients)

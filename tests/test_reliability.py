@@ -21,6 +21,7 @@ from _reliability_support import (
     make_writable,
     read_only_view,
     run_python,
+    wrapped_for,
 )
 from conftest import HashEmbedder, RememberingModel
 
@@ -482,15 +483,13 @@ def test_forget_user_forgets_a_job_that_starts_between_its_two_passes(
         return Reply.text(json.dumps({"memories": memories}))
 
     openai_server.responder = responder
-    alice, bob = (
-        with_memory(
-            openai_server.client(),
-            user_id=user,
-            db_path=db_path,
-            embedder=model,
-            retry_backoff=FAST,
-        )
-        for user in ("alice", "bob")
+    alice, bob = wrapped_for(
+        with_memory,
+        openai_server,
+        ("alice", "bob"),
+        db_path=db_path,
+        embedder=model,
+        retry_backoff=FAST,
     )
 
     def chat(client) -> None:
