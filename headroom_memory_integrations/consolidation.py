@@ -714,13 +714,28 @@ def _diff(old: Sequence[Token], new: Sequence[Token]) -> Change:
     )
 
 
+_VERB_ADVERBS = frozenset(
+    """
+    only just rarely seldom sometimes occasionally often usually frequently always never
+    generally typically normally ever still currently originally formerly previously once
+    already now soon mostly mainly largely partly barely hardly almost nearly probably possibly
+    maybe perhaps apparently reportedly allegedly supposedly likely temporarily also
+    """.split()
+)
+"""Adverbs that, just before a verb, belong to the predicate: "Rarely drinks alcohol" is about
+the same person as "Drinks alcohol" (a qualifier of the statement, not a subject)."""
+
+
 @lru_cache(maxsize=4096)
 def _predicate_start(sequence: tuple[Token, ...]) -> int:
-    """Index where the predicate begins: the first auxiliary, verb or negation ("Sister Anna |
-    lives in Berlin"; "| Prefers dark mode"), else the first preposition ("Dentist appointment
-    | on Tuesday"). A text with neither only names something ("fact number 3"): all subject."""
+    """Index where the predicate begins: the first auxiliary, verb or negation, with the
+    adverbs just before it ("Sister Anna | lives in Berlin"; "| Prefers dark mode"; "| Rarely
+    drinks alcohol"), else the first preposition ("Dentist appointment | on Tuesday"). A text
+    with neither only names something ("fact number 3"): all subject."""
     for index, token in enumerate(sequence):
         if _starts_predicate(token):
+            while index > 0 and sequence[index - 1].text in _VERB_ADVERBS:
+                index -= 1
             return index
     for index, token in enumerate(sequence):
         if token.text in _PREPOSITIONS:

@@ -597,6 +597,15 @@ def test_the_cli_says_what_happened(db_path, capsys: pytest.CaptureFixture[str])
         ("Enjoys jazz music", "Enjoys jazz", Relation.DISTINCT),  # a word left out
         ("Is allergic to raw apples", "Is allergic to apples", Relation.DISTINCT),
         ("Eats only fish", "Eats fish", Relation.UPDATE),  # a qualifier left out
+        # ... or opening the text: the adverb is the predicate's, not another subject
+        ("Rarely drinks alcohol", "Drinks alcohol", Relation.UPDATE),
+        ("Only drinks tea", "Drinks tea", Relation.UPDATE),
+        ("Never eats sugar", "Rarely eats sugar", Relation.UPDATE),
+        (
+            "Sister Anna usually lives in Rome",
+            "Sister Maria usually lives in Rome",
+            Relation.DISTINCT,
+        ),
         ("Lives in SF", "Lives in Santa Fe", Relation.UPDATE),  # an acronym: maybe another name
         ("Likes fishing", "Likes fish", Relation.DISTINCT),  # a word form, another thing liked
         ("Has PTSD from the army", "Has PTSD", Relation.DISTINCT),  # only a name is left
