@@ -211,6 +211,10 @@ EXAMPLES = {
 }
 
 
+@pytest.mark.skipif(
+    not SPEC.exists(),
+    reason="the API spec is kept beside the repository (../shared/spec), not in a clone of it",
+)
 def test_the_spec_is_where_the_examples_come_from() -> None:
     spec = SPEC.read_text(encoding="utf-8")
     for phrase in (
