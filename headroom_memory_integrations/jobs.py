@@ -535,13 +535,14 @@ class JobWorker:
         self._wake.set()
         self.start()
         with self._lock:
-            if (
-                not self.closed
-                and user_id is not None
-                and user_id not in self._running.values()
-                and len(self._running) == len(self._threads) < self.threads
-            ):
-                self._add_thread()
+            if user_id is not None and user_id not in self._running.values():
+                self._grow()
+
+    def _grow(self) -> None:
+        """With the lock held: one more thread, if every thread runs a job and ``threads``
+        allows another (and the worker is open)."""
+        if not self.closed and len(self._running) == len(self._threads) < self.threads:
+            self._add_thread()
 
     def _add_thread(self) -> None:
         """Start a thread, with the lock held (so that it is listed before it can leave)."""
@@ -563,8 +564,7 @@ class JobWorker:
                 return
             self._wake.set()
             with self._lock:
-                if not self.closed and len(self._running) == len(self._threads) < self.threads:
-                    self._add_thread()
+                self._grow()
         except Exception as exc:  # a failing file, no new threads at interpreter exit
             logger.debug("job queue %s: no thread added (%s)", self.queue.path, _describe(exc))
 
