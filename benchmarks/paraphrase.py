@@ -74,6 +74,10 @@ alone: a measure of the engine on questions nobody had tuned anything on (look 7
 instances, the pairs' writer told to avoid the clichés of such sets: the fourth set's measure
 of the engine repeated on new questions (look 8 of the log).
 
+**A sixth fresh set** (2026-12-05, later; split ``fresh6``, 140 pairs as in the fourth and 120
+messages, 30 of each kind, some on the facts' subjects), written blind the same way, to judge
+the message gate (``embeddings/message_gate.py``) on messages nobody had seen (look 9).
+
 **A second fresh set** (2026-12-03, later), written when the first fresh set had had three
 looks: ``benchmarks/paraphrase_fresh2_{pairs,unrelated,keys}.jsonl`` (140 pairs, 20 in each of
 the seven domains above; 80 messages that need no memory: small talk, general knowledge,
@@ -145,7 +149,7 @@ def _fresh_files(name: str) -> tuple[Path, Path, Path]:
 
 
 FRESH_SETS = {
-    name: _fresh_files(name) for name in ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")
+    name: _fresh_files(name) for name in ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6")
 }
 """Each fresh set's files, by split name (every row of a set is of that split)."""
 FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS = FRESH_SETS["fresh"]
@@ -158,6 +162,7 @@ SPLIT_NAMES = {
     "fresh3": "third fresh",
     "fresh4": "fourth fresh",
     "fresh5": "fifth fresh",
+    "fresh6": "sixth fresh",
 }
 REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
 TARGET_SIZE = 10_000

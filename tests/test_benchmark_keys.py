@@ -107,16 +107,19 @@ def test_the_second_fresh_set_is_complete() -> None:
     assert len(set(texts)) == len(texts)
 
 
-@pytest.mark.parametrize("name, count", [("fresh3", 138), ("fresh4", 140), ("fresh5", 140)])
+@pytest.mark.parametrize(
+    "name, count, messages",
+    [("fresh3", 138, 80), ("fresh4", 140, 80), ("fresh5", 140, 80), ("fresh6", 140, 120)],
+)
 def test_the_later_fresh_sets_are_complete_with_both_kinds_of_question(
-    name: str, count: int
+    name: str, count: int, messages: int
 ) -> None:
-    """The third, fourth and fifth fresh sets (written blind): their pairs in seven domains, 70 of
-    them labelled "topic" and the rest "situation", 80 messages that need no memory, and keys
+    """The third to sixth fresh sets (written blind): their pairs in seven domains, 70 of them
+    labelled "topic" and the rest "situation", messages that need no memory, and keys
     with the fact's question and three situation questions, in order."""
     pairs_file, unrelated_file, keys_file = paraphrase.FRESH_SETS[name]
     pairs, unrelated = paraphrase.load(pairs_file), paraphrase.load(unrelated_file)
-    assert len(pairs) == count and len(unrelated) == 80
+    assert len(pairs) == count and len(unrelated) == messages
     assert {row["split"] for row in [*pairs, *unrelated]} == {name}
     assert len({row["domain"] for row in pairs}) == 7
     kinds = [row["kind"] for row in pairs]
