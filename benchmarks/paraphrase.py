@@ -78,6 +78,10 @@ of the engine repeated on new questions (look 8 of the log).
 messages, 30 of each kind, some on the facts' subjects), written blind the same way, to judge
 the message gate (``embeddings/message_gate.py``) on messages nobody had seen (look 9).
 
+**A seventh fresh set** (2026-12-05, later; split ``fresh7``, as the sixth, its messages
+written as people type them), written blind to judge the gate relearned with more messages
+after the sixth set's look (look 10).
+
 **A second fresh set** (2026-12-03, later), written when the first fresh set had had three
 looks: ``benchmarks/paraphrase_fresh2_{pairs,unrelated,keys}.jsonl`` (140 pairs, 20 in each of
 the seven domains above; 80 messages that need no memory: small talk, general knowledge,
@@ -149,7 +153,8 @@ def _fresh_files(name: str) -> tuple[Path, Path, Path]:
 
 
 FRESH_SETS = {
-    name: _fresh_files(name) for name in ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6")
+    name: _fresh_files(name)
+    for name in ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7")
 }
 """Each fresh set's files, by split name (every row of a set is of that split)."""
 FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS = FRESH_SETS["fresh"]
@@ -163,7 +168,10 @@ SPLIT_NAMES = {
     "fresh4": "fourth fresh",
     "fresh5": "fifth fresh",
     "fresh6": "sixth fresh",
+    "fresh7": "seventh fresh",
 }
+WITHOUT_GATE = "size-aware default, without the message gate"
+"""The curve's entry for the default floor alone, every message let through."""
 REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
 TARGET_SIZE = 10_000
 KEYED_SIZES = (0, 1_000, 10_000)  # embedding 100k index texts would take an hour
@@ -195,6 +203,7 @@ class Asked:
     candidates: list[Candidate]
     target: str | None = None  # the needle's memory id (None for unrelated questions)
     extra: dict[str, Any] = field(default_factory=dict)
+    could_need_memory: bool = True  # the message gate's verdict (False: nothing is injected)
 
 
 # -- floor rules replayed on the candidates ----------------------------------------------------
@@ -245,9 +254,12 @@ def floor_rules() -> dict[str, Rule]:
     return found
 
 
-def _replayer(rule: Rule, memories: int) -> Callable[[Asked], list[str]]:
-    """What ``rule`` keeps of a question's candidates in a store of ``memories``."""
-    return lambda asked: replay(asked.candidates, rule, memories)
+def _replayer(rule: Rule, memories: int, gated: bool = True) -> Callable[[Asked], list[str]]:
+    """What ``rule`` keeps of a question's candidates in a store of ``memories``: nothing for a
+    message the gate turns away (unless not ``gated``), as a wrapper's injection does."""
+    return lambda asked: (
+        replay(asked.candidates, rule, memories) if asked.could_need_memory or not gated else []
+    )
 
 
 def replay(candidates: Sequence[Candidate], rule: Rule, memories: int, top_k: int = 5) -> list[str]:
@@ -296,7 +308,8 @@ def ask_all(
     centroid = reader._open().centroid()  # private: the benchmark replays the engine's similarity
     asked = []
     for row, target, query_vector in zip(rows, targets, query_vectors):
-        injected = [r.memory.id for r in reader.search(row["question"], top_k=5)]
+        found_for_chat = reader.search(row["question"], top_k=5, chat_message=True)
+        injected = [r.memory.id for r in found_for_chat]
         found = reader.search(row["question"], top_k=REPLAY_DEPTH, min_score=-1.0)
         stored = _stored_vectors([r.memory for r in found], vectors, real)
         centred = centred_query(query_vector, centroid)
@@ -304,7 +317,8 @@ def ask_all(
             Candidate(r.memory.id, r.score, float(centred.similarity_of(v)), bool(r.memory.keys))
             for r, v in zip(found, stored)
         ]
-        asked.append(Asked(row["question"], row["split"], injected, candidates, target))
+        passes = reader._query(row["question"]).could_need_memory  # private: the gate's verdict
+        asked.append(Asked(row["question"], row["split"], injected, candidates, target, {}, passes))
     return asked
 
 
@@ -500,12 +514,13 @@ def _run_sizes(
         raw = measure(needles, unrelated, lambda a: [c.memory_id for c in a.candidates])
         default = all_rules[next(n for n in all_rules if n.endswith("(default)"))]
         agreement = sum(
-            replay(a.candidates, default, memories) == a.injected for a in [*needles, *unrelated]
+            _replayer(default, memories)(a) == a.injected for a in [*needles, *unrelated]
         ) / (len(needles) + len(unrelated))
         curve = {
             name: measure(needles, unrelated, _replayer(rule, memories))
             for name, rule in all_rules.items()
         }
+        curve[WITHOUT_GATE] = measure(needles, unrelated, _replayer(default, memories, False))
         details[label] = {
             "memories": memories,
             "floor": relevance_floor(DEFAULT_MIN_SCORE, memories),
@@ -523,7 +538,7 @@ def _run_sizes(
             ],
             "false_injection_by_kind": _by_kind(unrelated, unrelated_rows),
         }
-        _rows(result, where, size, memories, injected, raw)
+        _rows(result, where, size, memories, injected, raw, curve[WITHOUT_GATE])
     details["index_texts_embedded_while_writing"] = embedder.misses
     return details
 
@@ -579,14 +594,18 @@ def _rows(
     memories: int,
     injected: dict[str, dict[str, float]],
     raw: dict[str, dict[str, float]],
+    ungated: dict[str, dict[str, float]],
 ) -> None:
     at_target = size == TARGET_SIZE
     floor = relevance_floor(DEFAULT_MIN_SCORE, memories)
     for split in injected:
-        part, bare = injected[split], raw[split]
+        part, bare, open_ = injected[split], raw[split], ungated[split]
         name = SPLIT_NAMES[split]
         judged = at_target and split != "dev"  # the targets are for questions not tuned on
-        note = f"floor {floor:.3f}; raw ranking (no floor) hit@5 {bare['hit@5']:.3f}"
+        note = (
+            f"floor {floor:.3f}; raw ranking (no floor) hit@5 {bare['hit@5']:.3f}; "
+            f"without the message gate {open_['hit@5']:.3f}"
+        )
         result.add(
             Row(NAME, f"{where}, {name}: hit@1 injected", part["hit@1"], "", n=int(part["needles"]))
         )
@@ -619,5 +638,6 @@ def _rows(
                 "",
                 n=int(part["unrelated"]),
                 target=value_at_most(0.05) if at_target else None,
+                note=f"without the message gate {open_['false_injection']:.3f}",
             )
         )
