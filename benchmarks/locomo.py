@@ -15,16 +15,18 @@ the top k (for observations, an evidence id is found when a retrieved observatio
 it); MRR uses the rank of the first result that hits any evidence id (0 if none in the top 20).
 Categories 1-4 make "overall"; category 5 (adversarial) is reported apart.
 
-Injected recall: what a wrapper puts in the prompt is ``search(question, top_k=5)`` with the
-default relevance floor; its recall is the fraction of the question's evidence ids that the
-injected memories carry (0 when nothing is injected). Other floor rules (the old fixed cosine
-0.25, ...) are replayed on the 20 best results of the no-floor search, with each result's
-cosine similarity computed from the vectors the store was written with (see
-``paraphrase.replay``); the replay of the default rule is checked against the engine.
+Injected recall: what a wrapper puts in the prompt is ``search(question, top_k=5,
+chat_message=True)``: the default relevance floor, and the message gate
+(``embeddings/message_gate.py``), which replayed rules apply too. Its recall is the fraction of
+the question's evidence ids that the injected memories carry (0 when nothing is injected).
+Other floor rules (the old fixed cosine 0.25, ...) are replayed on the 20 best results of the
+no-floor search, with each result's cosine similarity computed from the vectors the store was
+written with (see ``paraphrase.replay``); the replay of the default rule is checked against
+the engine.
 
 Compression: tokens of the whole conversation (every turn as "speaker: text") against tokens of
 what the wrapper would inject for the question: ``format_memory_context`` of
-``search(question, top_k=5)`` with the default relevance floor.
+``search(question, top_k=5, chat_message=True)``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, Memory, MemoryStore
+from headroom_memory_integrations.embeddings.message_gate import could_need_memory
 from headroom_memory_integrations.engine import centred_query
 from headroom_memory_integrations.prompts import format_memory_context, short_ids
 from headroom_memory_integrations.transforms import RollingWindowTransform
@@ -275,7 +278,7 @@ def run(ctx: Context) -> SectionResult:
                 recall, rr = score(evidence, [index.ids_of(m) for m, _ in found])
                 ceiling = len(evidence & reachable) / len(evidence)
                 scores[index.kind].append(Scores(category, recall, rr, ceiling))
-                injected = store.search(question, top_k=5)
+                injected = store.search(question, top_k=5, chat_message=True)
                 if category in OVERALL:
                     centred = centred_query(embedder.vector(question), centroid)
                     candidates = [
@@ -288,8 +291,9 @@ def run(ctx: Context) -> SectionResult:
                     ]
                     ids_of = {m.id: index.ids_of(m) for m, _ in found}
                     actual = [m.id for m, _ in injected]
+                    asked = could_need_memory(embedder.name, embedder.vector(question))
                     for name, rule in rules.items():
-                        kept = replay(candidates, rule, memories)
+                        kept = replay(candidates, rule, memories) if asked else []
                         if name.endswith("(default)"):
                             agreement[index.kind].append(kept == actual)
                         carried = set().union(*(ids_of[i] for i in kept)) if kept else set()

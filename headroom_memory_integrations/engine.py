@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from .concurrency import user_write_lock, wording_id
 from .display import MemoryList, MemoryStats, SearchResults, store_html
 from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
+from .embeddings.message_gate import could_need_memory
 from .embeddings.query_adapter import adapt_queries
 from .errors import InvalidInputError, MemoryNotFoundError, StorageError
 from .jobs import user_tag
@@ -134,6 +135,25 @@ MAX_MEMORY_ID_CHARS = 256
 """Longest id a caller may choose (:meth:`MemoryStore.put`)."""
 logger = logging.getLogger(__name__)
 _QUERY_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class _Query:
+    """A search's text as the store compares it: its vector (adapted, see
+    :mod:`.embeddings.query_adapter`) and whether, as a chat message, it could need a memory
+    (:mod:`.embeddings.message_gate`)."""
+
+    vector: Vectors
+    could_need_memory: bool
+
+
+_Embedded = TypeVar("_Embedded", Vectors, _Query)
+
+
+def _dimension_of(embedded: Vectors | _Query) -> int:
+    return int((embedded.vector if isinstance(embedded, _Query) else embedded).shape[-1])
+
+
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
 _COUNT_SECONDS = 30.0  # how long a store trusts the memory count its floor was set with
 
@@ -490,7 +510,7 @@ class MemoryStore(WritePath):
         self.min_score = check_min_score(min_score)
         self.duplicate_threshold = check_duplicate_threshold(duplicate_threshold)
         self._collection: UserCollection | None = None
-        self._query_cache: OrderedDict[str, Vectors] = OrderedDict()
+        self._query_cache: OrderedDict[str, _Query] = OrderedDict()
         self._cache_lock = threading.Lock()
         # consolidation reads, decides, then writes: one writer of the user at a time in this
         # process, whichever store object it goes through (see .concurrency)
@@ -517,22 +537,25 @@ class MemoryStore(WritePath):
         (:func:`~.keys.memory_vectors`)."""
         return memory_vectors(self._embed, [(m.text, m.keys) for m in memories])
 
-    def _query_vector(self, query: str) -> Vectors:
+    def _query(self, query: str) -> _Query:
         with self._cache_lock:
             cached = self._query_cache.get(query)
             if cached is not None:
                 self._query_cache.move_to_end(query)
                 return cached
-        vector = adapt_queries(self.embedder.name, self._embed([query]))[0]
+        raw = self._embed([query])[0]
+        found = _Query(
+            adapt_queries(self.embedder.name, raw), could_need_memory(self.embedder.name, raw)
+        )
         with self._cache_lock:
-            self._query_cache[query] = vector
+            self._query_cache[query] = found
             while len(self._query_cache) > _QUERY_CACHE_SIZE:
                 self._query_cache.popitem(last=False)
-        return vector
+        return found
 
     def _embed_opening(
-        self, embed: Callable[[], Vectors], *, searching: bool = False
-    ) -> tuple[Vectors, UserCollection]:
+        self, embed: Callable[[], _Embedded], *, searching: bool = False
+    ) -> tuple[_Embedded, UserCollection]:
         """``embed()``, and the user's collection. The first time (when the embedder knows its
         dimension beforehand), the storage is opened and asked for a count on another thread
         meanwhile: importing Chroma and opening it (~0.5-0.8 s) then overlaps loading the model
@@ -561,15 +584,15 @@ class MemoryStore(WritePath):
             except RuntimeError:  # no new threads (the interpreter is shutting down)
                 opening = None
         if opening is None:
-            vectors = embed()
-            return vectors, self._open(vectors.shape[-1])
+            embedded = embed()
+            return embedded, self._open(_dimension_of(embedded))
         try:
-            vectors = embed()
+            embedded = embed()
         finally:
             opening.join()
         if failed:
             raise failed[0]
-        return vectors, opened[0]
+        return embedded, opened[0]
 
     def _open(self, dimension: int | None = None) -> UserCollection:
         if self._collection is None:
@@ -587,6 +610,7 @@ class MemoryStore(WritePath):
         categories: Iterable[Category | str] | None = None,
         *,
         min_score: float | None = None,
+        chat_message: bool = False,
     ) -> list[SearchResult]:
         """The memories most relevant to ``query``, most relevant first.
 
@@ -597,6 +621,11 @@ class MemoryStore(WritePath):
             min_score: Override the store's relevance floor for this call (the floor for one
                 memory; it rises with the number of memories, see :func:`relevance_floor`).
                 ``-1`` returns the nearest memories whatever their score.
+            chat_message: ``query`` is a user's chat message, whose memories will be injected
+                (as the wrappers do), not a search: a message that the default model's gate
+                reads as needing nothing about the user (small talk, general knowledge, a
+                coding question: :mod:`.embeddings.message_gate`) gets no memories, unless
+                ``min_score`` is ``-1`` or less (no floor at all).
 
         Returns:
             ``(memory, score)`` pairs; higher scores are more relevant, and every memory's
@@ -611,8 +640,10 @@ class MemoryStore(WritePath):
             raise InvalidInputError(f"categories must be a list, such as [{one!r}], not one")
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
         base = self.min_score if min_score is None else check_min_score(min_score)
-        vector, collection = self._embed_opening(lambda: self._query_vector(query), searching=True)
-        centred = centred_query(vector, collection.centroid())
+        asked, collection = self._embed_opening(lambda: self._query(query), searching=True)
+        if chat_message and not asked.could_need_memory and base > -1.0:
+            return SearchResults((), query=query, min_score=None)
+        centred = centred_query(asked.vector, collection.centroid())
         limit = max(SEARCH_CANDIDATES, top_k * _CATEGORY_OVERFETCH)
         floor: float | None = None
         while True:

@@ -236,7 +236,7 @@ class MemoryFlow:
     def _recall(self, turn: Turn, query: str) -> str:
         """The context block of the memories relevant to ``query`` ("" if none or on failure)."""
         try:
-            found = self.memory.search(query[-MAX_TEXT_CHARS:], top_k=self.top_k)
+            found = self.memory.search(query[-MAX_TEXT_CHARS:], top_k=self.top_k, chat_message=True)
         except Exception:
             self.failed("inject_failures", "could not search memories; answering without them")
             return ""

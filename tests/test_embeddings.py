@@ -425,7 +425,8 @@ def test_default_model_is_the_copy_shipped_in_the_package() -> None:
     folder = bundled_model_dir()
     package = ROOT / "headroom_memory_integrations"
     assert folder.is_relative_to(package)
-    names = {"config.json", "tokenizer.json", "model.safetensors", "NOTICE.md", "query_adapter.npy"}
+    names = {"config.json", "tokenizer.json", "model.safetensors", "NOTICE.md"}
+    names |= {"query_adapter.npy", "message_gate.npy"}
     assert {p.name for p in folder.iterdir()} == names | {INT8_FILE}
     assert (folder / "model.safetensors").stat().st_size < 50_000_000
     assert (folder / INT8_FILE).stat().st_size < 11_000_000

@@ -88,6 +88,7 @@ def test_the_wheel_carries_the_model(wheel: Path) -> None:
         "model.int8.safetensors",
         "NOTICE.md",
         "query_adapter.npy",
+        "message_gate.npy",
     }
     assert wheel.stat().st_size < 60_000_000
 

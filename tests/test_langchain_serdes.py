@@ -318,7 +318,7 @@ WAV = base64.b64encode(b"RIFF$\x00\x00\x00WAVEfmt " + bytes(28)).decode()
 MULTIMODAL = [
     HumanMessage(
         [
-            {"type": "text", "text": "I always drink green tea. Describe these:"},
+            {"type": "text", "text": "What should I drink this afternoon? Describe these:"},
             {"type": "image", "base64": PNG, "mime_type": "image/png"},
             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
             {"type": "file", "base64": PDF, "mime_type": "application/pdf", "filename": "a.pdf"},

@@ -436,8 +436,8 @@ def test_pickles_with_a_tokenizer_that_does_not_pickle_as_chat_memory_buffer_doe
     plain = ChatMemoryBuffer.from_defaults(token_limit=500, tokenizer_fn=by_words)
     memory = new_buffer(token_limit=500, tokenizer_fn=by_words, chat_store_key="alice-chat")
     for each in (plain, memory):
-        each.put(ChatMessage(role="user", content="Hello"))
-        each.put(ChatMessage(role="assistant", content="Hi!"))
+        each.put(ChatMessage(role="user", content="I keep bees in my garden"))
+        each.put(ChatMessage(role="assistant", content="Nice!"))
     flush(memory.memory)  # what the background extraction learns from the turn is stored
     plain_copy = pickle.loads(pickle.dumps(plain))
     copy = pickle.loads(pickle.dumps(memory))
@@ -445,11 +445,12 @@ def test_pickles_with_a_tokenizer_that_does_not_pickle_as_chat_memory_buffer_doe
     assert type(copy.tokenizer_fn) is type(plain_copy.tokenizer_fn)  # the default one
     assert copy.tokenizer_fn("one two") == plain_copy.tokenizer_fn("one two")
     assert (copy.token_limit, copy.chat_store_key) == (500, "alice-chat")
-    assert contents(copy.get_all()) == contents(plain_copy.get()) == "Hello\nHi!"
-    # get() also injects what memory has learnt ("Hello"), after the first user message
-    said, injected, answered = (str(m.content) for m in copy.get())
-    assert (said, answered) == ("Hello", "Hi!")
-    assert injected.startswith("<user-memories>") and '"Hello"' in injected
+    said = "I keep bees in my garden"
+    assert contents(copy.get_all()) == contents(plain_copy.get()) == f"{said}\nNice!"
+    # get() also injects what memory has learnt (the user's words), after the first user message
+    asked, injected, answered = (str(m.content) for m in copy.get())
+    assert (asked, answered) == (said, "Nice!")
+    assert injected.startswith("<user-memories>") and f'"{said}"' in injected
 
     kept = new_buffer(tokenizer_fn=str.split)  # one that pickles is kept
     assert pickle.loads(pickle.dumps(kept)).tokenizer_fn("one two") == ["one", "two"]

@@ -62,7 +62,10 @@ def test_memories_go_just_before_the_latest_user_message(client, openai_server, 
         {"role": "developer", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello! How can I help?"},
-        {"role": "user", "content": [{"type": "input_text", "text": "Which language for it?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "input_text", "text": "Which language should I use for it?"}],
+        },
     ]
     original = copy.deepcopy(history)
     client.responses.create(model="gpt-4o", input=history, instructions="Be brief.")

@@ -1,0 +1,113 @@
+"""Learn the message gate of the bundled all-MiniLM-L6-v2 (``embeddings/message_gate.py``).
+
+    python scripts/train_message_gate.py          # writes the package's message_gate.npy
+    python scripts/train_message_gate.py --check  # exit 1 unless the shipped one is what it learns
+
+The gate is a logistic regression on a message's vector: the log-odds that the message needs a
+memory. It is learned, with numpy alone, from messages that need one (the questions of
+``benchmarks/adapter_train/pairs_*.jsonl`` and ``turns.jsonl``, and of
+``benchmarks/gate_train/pairs_*.jsonl`` and ``needs_*.jsonl``) and messages that need none
+(their ``unrelated*.jsonl`` and ``needless_*.jsonl`` files), all written by model instances
+that saw no benchmark file. Any of them within cosine
+:data:`NEAR` of a question or message of a paraphrase benchmark set (every set) is left out.
+Both classes weigh the same in all; :data:`RIDGE` keeps the weights small. Its settings and
+``message_gate.THRESHOLD`` were chosen on the development sets of the paraphrase benchmark
+(docs/benchmarks.md, "A gate for messages that need no memory").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.paraphrase import ADAPTER_NEAR, FRESH_SETS, PAIRS, UNRELATED, load  # noqa: E402
+from headroom_memory_integrations import LocalEmbedder  # noqa: E402
+from headroom_memory_integrations.embeddings.message_gate import GATES  # noqa: E402
+
+DATA = (ROOT / "benchmarks" / "adapter_train", ROOT / "benchmarks" / "gate_train")
+NEAR = ADAPTER_NEAR
+RIDGE = 1.0
+NEWTON_STEPS = 30
+TOLERANCE = 1e-3  # --check: largest difference from the shipped parameters (BLAS order)
+
+
+def _messages(pattern: str) -> list[str]:
+    """The messages of the training files matching ``pattern`` (``question`` or ``message``)."""
+    rows = [
+        json.loads(line)
+        for folder in DATA
+        for path in sorted(folder.glob(pattern))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line
+    ]
+    return [row.get("question") or row["message"] for row in rows]
+
+
+def training_set(model: LocalEmbedder) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The messages' vectors, their labels (1: needs a memory) and counts."""
+    benchmark = [
+        row["question"]
+        for pairs, unrelated in [(PAIRS, UNRELATED), *((p, u) for p, u, _ in FRESH_SETS.values())]
+        for path in (pairs, unrelated)
+        for row in load(path)
+    ]
+    seen = model.embed(benchmark)
+    needing = model.embed(
+        _messages("pairs_*.jsonl") + _messages("turns.jsonl") + _messages("needs_*.jsonl")
+    )
+    needless = model.embed(_messages("unrelated*.jsonl") + _messages("needless_*.jsonl"))
+    keep_needing = (needing @ seen.T).max(axis=1) <= NEAR
+    keep_needless = (needless @ seen.T).max(axis=1) <= NEAR
+    vectors = np.concatenate([needing[keep_needing], needless[keep_needless]]).astype(np.float64)
+    labels = np.concatenate([np.ones(keep_needing.sum()), np.zeros(keep_needless.sum())])
+    counts = {
+        "messages that need a memory": int(keep_needing.sum()),
+        "left out (near a benchmark message)": int((~keep_needing).sum()),
+        "messages that need none": int(keep_needless.sum()),
+        "left out of those": int((~keep_needless).sum()),
+    }
+    return vectors, labels, counts
+
+
+def learn(vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The weights and bias, by Newton's method on the weighted log-loss plus
+    :data:`RIDGE` x ``|weights|^2 / 2``."""
+    rows = np.hstack([vectors, np.ones((len(vectors), 1))])
+    weight = np.where(labels == 1, 1.0, labels.sum() / (len(labels) - labels.sum()))
+    penalty = RIDGE * np.diag(np.r_[np.ones(vectors.shape[1]), 0.0])  # the bias is free
+    parameters = np.zeros(rows.shape[1])
+    for _ in range(NEWTON_STEPS):
+        chance = 1 / (1 + np.exp(-rows @ parameters))
+        gradient = rows.T @ (weight * (chance - labels)) + penalty @ parameters
+        curvature = (rows * (weight * chance * (1 - chance))[:, None]).T @ rows + penalty
+        parameters -= np.linalg.solve(curvature, gradient)
+    return parameters
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the shipped gate")
+    args = parser.parse_args()
+    # learned on the model's float32 vectors; the default 8-bit form's messages use it too
+    vectors, labels, counts = training_set(LocalEmbedder(backend="onnx"))
+    print(", ".join(f"{name}: {count}" for name, count in counts.items()))
+    parameters = learn(vectors, labels)
+    target = GATES["all-MiniLM-L6-v2"]
+    if args.check:
+        difference = float(np.abs(np.load(target).astype(np.float64) - parameters).max())
+        print(f"largest difference from {target.name}: {difference:.2e}")
+        return 0 if difference <= TOLERANCE else 1
+    np.save(target, parameters.astype(np.float32))
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The message gate of the default model (embeddings/message_gate.py): what it is learned from,
+where it applies, and what it changes in what a wrapper injects."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.embeddings.message_gate import (
+    GATES,
+    THRESHOLD,
+    MessageGate,
+    could_need_memory,
+    message_gate,
+)
+from headroom_memory_integrations.prompts import CONTEXT_OPEN
+
+ROOT = GATES["all-MiniLM-L6-v2"].parents[4]
+
+# written for this test (none is in a training file or a benchmark)
+MEMORIES = [
+    "Debugs flaky Rust tests on the payments team",
+    "Bakes sourdough every Sunday morning",
+    "Sings baritone in a community choir",
+    "Keeps a saltwater aquarium with two clownfish",
+]
+# each draws one memory past the relevance floor, and needs nothing about the user
+NEEDLESS = {
+    "How do I fix 'borrowed value does not live long enough' in Rust?": MEMORIES[0],
+    "Why does bread dough need to rest?": MEMORIES[1],
+    "What is the salinity of seawater?": MEMORIES[3],
+    "Tell me a fun fact about clownfish.": MEMORIES[3],
+}
+NEEDING = {
+    "when's my choir rehearsal?": MEMORIES[2],
+    "Should I bring a loaf to the potluck on Sunday?": MEMORIES[1],
+}
+
+
+def test_the_shipped_gate_is_what_the_script_learns_from_the_committed_data() -> None:
+    done = subprocess.run(
+        [sys.executable, "scripts/train_message_gate.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "left out (near a benchmark message)" in done.stdout
+
+
+def test_only_the_model_it_was_learned_for_is_gated() -> None:
+    gate = message_gate("all-MiniLM-L6-v2")
+    assert gate is not None and gate.dimension == 384
+    assert message_gate("text-embedding-3-small") is None
+    assert could_need_memory("text-embedding-3-small", np.zeros(1536, dtype=np.float32))
+    assert could_need_memory("all-MiniLM-L6-v2", np.zeros(1536, dtype=np.float32))
+    with pytest.raises(ValueError, match="weights and a bias"):
+        MessageGate(np.zeros((3, 4)))
+
+
+def test_the_gate_scores_a_row_alone_as_in_a_batch(model) -> None:
+    gate = message_gate(model.name)
+    assert gate is not None
+    vectors = model.embed([*NEEDLESS, *NEEDING])
+    scores = gate.score(vectors)
+    assert scores.shape == (len(vectors),)
+    assert float(gate.score(vectors[0])) == pytest.approx(float(scores[0]), abs=1e-5)
+    assert (scores[: len(NEEDLESS)] < THRESHOLD).all()
+    assert (scores[len(NEEDLESS) :] >= THRESHOLD).all()
+
+
+def test_a_chat_message_that_needs_nothing_gets_nothing_a_search_still_finds(
+    db_path, model
+) -> None:
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    store.add_many(MEMORIES)
+    for message, drawn in NEEDLESS.items():
+        assert drawn in [m.text for m, _ in store.search(message)]  # the floor lets it through
+        gated = store.search(message, chat_message=True)
+        assert gated == [] and gated.min_score is None
+        # no floor at all: no gate either
+        assert store.search(message, chat_message=True, min_score=-1)
+    for message, needed in NEEDING.items():
+        found = [m.text for m, _ in store.search(message, chat_message=True)]
+        assert found and found[0] == needed
+
+
+@pytest.mark.openai_client
+def test_a_wrapper_injects_nothing_for_a_message_that_needs_nothing(
+    client, openai_server, model_says
+) -> None:
+    client.memory.add_many(MEMORIES)
+    client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Why does bread dough need to rest?"}]
+    )
+    assert CONTEXT_OPEN not in openai_server.requests[-1].body["messages"][0]["content"]
+    client.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Should I bring a loaf to the potluck on Sunday?"}],
+    )
+    sent = openai_server.requests[-1].body["messages"][0]["content"]
+    assert CONTEXT_OPEN in sent and MEMORIES[1] in sent
