@@ -49,7 +49,7 @@ from headroom_memory_integrations.prompts import format_memory_context, short_id
 from headroom_memory_integrations.transforms import RollingWindowTransform
 
 from .common import ROOT, Context, Row, SectionResult, SectionSkipped, log, value_at_least
-from .paraphrase import Candidate, floor_rules, replay
+from .paraphrase import WITHOUT_GATE, Candidate, floor_rules, replay
 from .population import add_batch
 
 NAME = "locomo"
@@ -296,6 +296,14 @@ def run(ctx: Context) -> SectionResult:
                         kept = replay(candidates, rule, memories) if asked else []
                         if name.endswith("(default)"):
                             agreement[index.kind].append(kept == actual)
+                            ungated = replay(candidates, rule, memories)
+                            carried = set().union(*(ids_of[i] for i in ungated), set())
+                            injected_recall[index.kind][WITHOUT_GATE].append(
+                                len(carried & evidence) / len(evidence)
+                            )
+                            injected_recall[index.kind]["turned away by the gate"].append(
+                                float(not asked)
+                            )
                         carried = set().union(*(ids_of[i] for i in kept)) if kept else set()
                         injected_recall[index.kind][name].append(
                             len(carried & evidence) / len(evidence)
