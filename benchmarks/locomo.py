@@ -291,7 +291,8 @@ def run(ctx: Context) -> SectionResult:
                     ]
                     ids_of = {m.id: index.ids_of(m) for m, _ in found}
                     actual = [m.id for m, _ in injected]
-                    asked = could_need_memory(embedder.name, embedder.vector(question))
+                    vector = embedder.vector(question)
+                    asked = could_need_memory(embedder.name, vector, len(question))
                     for name, rule in rules.items():
                         kept = replay(candidates, rule, memories) if asked else []
                         if name.endswith("(default)"):

@@ -545,7 +545,8 @@ class MemoryStore(WritePath):
                 return cached
         raw = self._embed([query])[0]
         found = _Query(
-            adapt_queries(self.embedder.name, raw), could_need_memory(self.embedder.name, raw)
+            adapt_queries(self.embedder.name, raw),
+            could_need_memory(self.embedder.name, raw, len(query)),
         )
         with self._cache_lock:
             self._query_cache[query] = found
@@ -624,8 +625,9 @@ class MemoryStore(WritePath):
             chat_message: ``query`` is a user's chat message, whose memories will be injected
                 (as the wrappers do), not a search: a message that the default model's gate
                 reads as needing nothing about the user (small talk, general knowledge, a
-                coding question: :mod:`.embeddings.message_gate`) gets no memories, unless
-                ``min_score`` is ``-1`` or less (no floor at all).
+                coding question; one of at most 300 characters:
+                :mod:`.embeddings.message_gate`) gets no memories, unless ``min_score`` is
+                ``-1`` or less (no floor at all).
 
         Returns:
             ``(memory, score)`` pairs; higher scores are more relevant, and every memory's

@@ -77,6 +77,45 @@ job queue (each mostly waits for the model's answer); one user's run one at a ti
 The threads beyond the first start only while another user's extraction waits."""
 
 
+EXTRACTION_CALL_TIMEOUT = 120.0
+"""Longest wait, in seconds, for one extraction call's answer, whatever the model object: a
+LangChain or LlamaIndex model may have no timeout of its own, and a stalled call would hold its
+user's extractions (and ``flush()``) for ever. Past it the try is given up and retried with
+backoff; the call is left to finish on a thread of its own, its answer unused. The OpenAI
+wrappers bound each try sooner (``openai.EXTRACTION_TIMEOUT``)."""
+
+
+class ExtractionTimeout(TimeoutError):
+    """An extraction call gave no answer within :data:`EXTRACTION_CALL_TIMEOUT` (retried)."""
+
+
+def _answer_within(complete: Complete, messages: list[dict[str, str]], model: str | None) -> str:
+    """``complete(messages, model)``, or :class:`ExtractionTimeout` once
+    :data:`EXTRACTION_CALL_TIMEOUT` has passed (the call goes on, abandoned, on a daemon
+    thread: Python cannot stop it). The call runs outside any context of the caller's, as it
+    did on the worker's thread."""
+    outcome: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, complete(messages, model)))
+        except BaseException as exc:  # re-raised on the worker's thread
+            outcome.append((False, exc))
+
+    caller = threading.Thread(target=call, name="headroom-memory extraction call", daemon=True)
+    caller.start()
+    caller.join(EXTRACTION_CALL_TIMEOUT)
+    if not outcome:
+        raise ExtractionTimeout(
+            f"the extraction call gave no answer in {EXTRACTION_CALL_TIMEOUT:g} s; "
+            "it will be tried again"
+        )
+    answered, value = outcome[0]
+    if not answered:
+        raise value
+    return str(value) if value is not None else ""
+
+
 class BackgroundExtractor:
     """Makes the separate extraction call of the background mode, with any chat model.
 
@@ -117,7 +156,7 @@ class BackgroundExtractor:
                 labels[label] = found.id
                 existing.append((label, found))
         messages = background_extraction_messages(job.payload["exchange"], existing)
-        answer = self.complete(messages, self.model or job.payload.get("model"))
+        answer = _answer_within(self.complete, messages, self.model or job.payload.get("model"))
         result = parse_extraction_json(answer or "")
         if result.dropped:
             memory.counters["dropped_entries"] += result.dropped

@@ -12,6 +12,7 @@ import pytest
 from headroom_memory_integrations import MemoryStore
 from headroom_memory_integrations.embeddings.message_gate import (
     GATES,
+    MAX_CHARS,
     THRESHOLD,
     MessageGate,
     could_need_memory,
@@ -57,8 +58,8 @@ def test_only_the_model_it_was_learned_for_is_gated() -> None:
     gate = message_gate("all-MiniLM-L6-v2")
     assert gate is not None and gate.dimension == 384
     assert message_gate("text-embedding-3-small") is None
-    assert could_need_memory("text-embedding-3-small", np.zeros(1536, dtype=np.float32))
-    assert could_need_memory("all-MiniLM-L6-v2", np.zeros(1536, dtype=np.float32))
+    assert could_need_memory("text-embedding-3-small", np.zeros(1536, dtype=np.float32), 10)
+    assert could_need_memory("all-MiniLM-L6-v2", np.zeros(1536, dtype=np.float32), 10)
     with pytest.raises(ValueError, match="weights and a bias"):
         MessageGate(np.zeros((3, 4)))
 
@@ -72,6 +73,9 @@ def test_the_gate_scores_a_row_alone_as_in_a_batch(model) -> None:
     assert float(gate.score(vectors[0])) == pytest.approx(float(scores[0]), abs=1e-5)
     assert (scores[: len(NEEDLESS)] < THRESHOLD).all()
     assert (scores[len(NEEDLESS) :] >= THRESHOLD).all()
+    # a message longer than any it learned from is let through, whatever its score
+    assert not could_need_memory(model.name, vectors[0], MAX_CHARS)
+    assert could_need_memory(model.name, vectors[0], MAX_CHARS + 1)
 
 
 def test_a_chat_message_that_needs_nothing_gets_nothing_a_search_still_finds(

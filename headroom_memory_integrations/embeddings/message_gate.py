@@ -44,6 +44,11 @@ false injection 10.8% -> 6.3% on their mean, hit@5 0.782 -> 0.776. A terse follo
 subject is in an earlier turn ("Which language for it?") can be turned away: the gate reads
 the latest message alone."""
 
+MAX_CHARS = 300
+"""Longer messages are never turned away: every message the gate learned from was shorter
+(nearly all under 260 characters), and a long one is often a question with text appended (a
+pasted document, a framework's output schema) that the gate was not taught to read."""
+
 _loaded: dict[str, MessageGate | None] = {}
 _lock = threading.Lock()
 
@@ -87,10 +92,11 @@ def message_gate(model: str) -> MessageGate | None:
         return _loaded[model]
 
 
-def could_need_memory(model: str, vector: Vectors) -> bool:
-    """Whether a chat message with this ``vector`` (of ``model``) could need a memory: the gate's
-    verdict where one applies (:func:`message_gate`), else True."""
+def could_need_memory(model: str, vector: Vectors, length: int) -> bool:
+    """Whether a chat message of ``length`` characters with this ``vector`` (of ``model``) could
+    need a memory: the gate's verdict where one applies (:func:`message_gate`, a message of at
+    most :data:`MAX_CHARS`), else True."""
     gate = message_gate(model)
-    if gate is None or np.shape(vector)[-1] != gate.dimension:
+    if gate is None or np.shape(vector)[-1] != gate.dimension or length > MAX_CHARS:
         return True
     return gate.needs_memory(vector)

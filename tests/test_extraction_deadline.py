@@ -1,0 +1,49 @@
+"""Every background extraction call is bounded (writer.EXTRACTION_CALL_TIMEOUT), whatever the
+model object: here a real ChatOpenAI with a long timeout of its own, over HTTP to the scripted
+server, whose first extraction answer stalls."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from _langgraph_support import chat_model, is_extraction
+
+import headroom_memory_integrations.writer as writer
+from headroom_memory_integrations.langchain import HeadroomMemory
+from headroom_memory_integrations.testing import Reply
+
+JAZZ = {"text": "Likes jazz", "category": "preference"}
+
+
+def test_a_stalled_extraction_call_is_given_up_and_retried(
+    openai_server, db_path, model, monkeypatch
+) -> None:
+    monkeypatch.setattr(writer, "EXTRACTION_CALL_TIMEOUT", 1.0)
+    tries: list[float] = []
+
+    def respond(body: dict) -> Reply:
+        if is_extraction(body):
+            tries.append(time.monotonic())
+            reply = Reply.text(json.dumps({"memories": [JAZZ]}))
+            return reply.delayed(20.0) if len(tries) == 1 else reply
+        return Reply.text("Noted.")
+
+    openai_server.responder = respond
+    memory = HeadroomMemory(
+        user_id="bob",
+        db_path=db_path,
+        embedder=model,
+        llm=chat_model(openai_server, timeout=120),  # its own timeout would come too late
+    )
+    memory.save_context({"input": "I like jazz"}, {"output": "Noted."})
+    started = time.monotonic()
+    assert memory.memory.flush(15)
+    assert time.monotonic() - started < 10  # not the 20 s the first answer takes
+    assert [m.text for m in memory.memory.get_all()] == ["Likes jazz"]
+    assert len(tries) == 2 and tries[1] - tries[0] < 5
+    assert memory.memory.stats()["background"]["retried"] == 1
+    # the abandoned call still waits for its answer on a thread of its own
+    abandoned = [t for t in threading.enumerate() if t.name == "headroom-memory extraction call"]
+    assert abandoned and all(t.daemon for t in abandoned)
