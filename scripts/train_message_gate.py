@@ -27,6 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _shipped_file import write_or_check  # noqa: E402
+
 from benchmarks.paraphrase import ADAPTER_NEAR, FRESH_SETS, PAIRS, UNRELATED, load  # noqa: E402
 from headroom_memory_integrations import LocalEmbedder  # noqa: E402
 from headroom_memory_integrations.embeddings.message_gate import GATES  # noqa: E402
@@ -100,13 +102,7 @@ def main() -> int:
     print(", ".join(f"{name}: {count}" for name, count in counts.items()))
     parameters = learn(vectors, labels)
     target = GATES["all-MiniLM-L6-v2"]
-    if args.check:
-        difference = float(np.abs(np.load(target).astype(np.float64) - parameters).max())
-        print(f"largest difference from {target.name}: {difference:.2e}")
-        return 0 if difference <= TOLERANCE else 1
-    np.save(target, parameters.astype(np.float32))
-    print(f"wrote {target}")
-    return 0
+    return write_or_check(target, parameters, np.float32, TOLERANCE, args.check)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _shipped_file import write_or_check  # noqa: E402
+
 from benchmarks.corpus import with_question  # noqa: E402
 from benchmarks.paraphrase import (  # noqa: E402
     ADAPTER_LEARNED_APART,
@@ -210,14 +212,7 @@ def main() -> int:
     tasks, counts = training_tasks(LocalEmbedder(backend="onnx"))
     print(", ".join(f"{name}: {count}" for name, count in counts.items()))
     delta = learn(tasks, log=True)
-    target = ADAPTERS["all-MiniLM-L6-v2"]
-    if args.check:
-        difference = float(np.abs(np.load(target).astype(np.float64) - delta).max())
-        print(f"largest difference from {target.name}: {difference:.2e}")
-        return 0 if difference <= TOLERANCE else 1
-    np.save(target, delta.astype(np.float16))
-    print(f"wrote {target}")
-    return 0
+    return write_or_check(ADAPTERS["all-MiniLM-L6-v2"], delta, np.float16, TOLERANCE, args.check)
 
 
 if __name__ == "__main__":

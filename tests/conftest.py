@@ -246,3 +246,17 @@ def aclient(
     memory_client = with_fast_memory(async_client, user_id="alice", db_path=db_path, embedder=model)
     yield memory_client
     asyncio.run(memory_client.close())
+
+
+def check_shipped_file(script: str, printed: str) -> None:
+    """Run ``scripts/<script> --check`` (a learned file shipped beside the model must be what
+    the script learns from the committed data), and expect ``printed`` in what it prints."""
+    done = subprocess.run(
+        [sys.executable, f"scripts/{script}", "--check"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert printed in done.stdout

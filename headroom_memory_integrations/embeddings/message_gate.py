@@ -21,12 +21,12 @@ it was learned for has one (:data:`GATES`). It costs one dot product per message
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from .base import Vectors
+from .shipped import PerModel
 
 GATES = {
     "all-MiniLM-L6-v2": Path(__file__).resolve().parent
@@ -48,9 +48,6 @@ MAX_CHARS = 300
 """Longer messages are never turned away: every message the gate learned from was shorter
 (nearly all under 260 characters), and a long one is often a question with text appended (a
 pasted document, a framework's output schema) that the gate was not taught to read."""
-
-_loaded: dict[str, MessageGate | None] = {}
-_lock = threading.Lock()
 
 
 class MessageGate:
@@ -80,16 +77,13 @@ class MessageGate:
         return bool(self.score(vector) >= THRESHOLD)
 
 
+_gates = PerModel(GATES, MessageGate)
+
+
 def message_gate(model: str) -> MessageGate | None:
     """The gate for messages embedded by ``model`` (an embedder's ``name``), or None where none
     was learned for it. Loaded once."""
-    path = GATES.get(model)
-    if path is None:
-        return None
-    with _lock:
-        if model not in _loaded:
-            _loaded[model] = MessageGate(np.load(path)) if path.exists() else None
-        return _loaded[model]
+    return _gates(model)
 
 
 def could_need_memory(model: str, vector: Vectors, length: int) -> bool:

@@ -21,12 +21,12 @@ query (~0.05 ms).
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from .base import Vectors, normalize_rows
+from .shipped import PerModel
 
 ADAPTERS = {
     "all-MiniLM-L6-v2": Path(__file__).resolve().parent
@@ -35,9 +35,6 @@ ADAPTERS = {
     / "query_adapter.npy",
 }
 """The model name -> the file of its adapter's ``D`` (float16, ``dimension x dimension``)."""
-
-_loaded: dict[str, QueryAdapter | None] = {}
-_lock = threading.Lock()
 
 
 class QueryAdapter:
@@ -60,16 +57,13 @@ class QueryAdapter:
         return normalize_rows(moved).reshape(np.shape(vectors))
 
 
+_adapters = PerModel(ADAPTERS, QueryAdapter)
+
+
 def query_adapter(model: str) -> QueryAdapter | None:
     """The adapter for query vectors of ``model`` (an embedder's ``name``), or None where none
     was learned for it. Loaded once."""
-    path = ADAPTERS.get(model)
-    if path is None:
-        return None
-    with _lock:
-        if model not in _loaded:
-            _loaded[model] = QueryAdapter(np.load(path)) if path.exists() else None
-        return _loaded[model]
+    return _adapters(model)
 
 
 def adapt_queries(model: str, vectors: Vectors) -> Vectors:
