@@ -626,8 +626,9 @@ class MemoryStore(WritePath):
                 (as the wrappers do), not a search: a message that the default model's gate
                 reads as needing nothing about the user (small talk, general knowledge, a
                 coding question; one of at most 300 characters:
-                :mod:`.embeddings.message_gate`) gets no memories, unless ``min_score`` is
-                ``-1`` or less (no floor at all).
+                :mod:`.embeddings.message_gate`) gets no memories (counted in
+                ``stats()["events"]["gated_messages"]``), unless ``min_score`` is ``-1`` or
+                less (no floor at all).
 
         Returns:
             ``(memory, score)`` pairs; higher scores are more relevant, and every memory's
@@ -644,6 +645,7 @@ class MemoryStore(WritePath):
         base = self.min_score if min_score is None else check_min_score(min_score)
         asked, collection = self._embed_opening(lambda: self._query(query), searching=True)
         if chat_message and not asked.could_need_memory and base > -1.0:
+            self.counters["gated_messages"] += 1
             return SearchResults((), query=query, min_score=None)
         centred = centred_query(asked.vector, collection.centroid())
         limit = max(SEARCH_CANDIDATES, top_k * _CATEGORY_OVERFETCH)

@@ -156,7 +156,11 @@ class BackgroundExtractor:
                 labels[label] = found.id
                 existing.append((label, found))
         messages = background_extraction_messages(job.payload["exchange"], existing)
-        answer = _answer_within(self.complete, messages, self.model or job.payload.get("model"))
+        try:
+            answer = _answer_within(self.complete, messages, self.model or job.payload.get("model"))
+        except ExtractionTimeout:
+            memory.counters["extraction_timeouts"] += 1
+            raise  # retried with backoff
         result = parse_extraction_json(answer or "")
         if result.dropped:
             memory.counters["dropped_entries"] += result.dropped

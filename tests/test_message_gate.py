@@ -82,6 +82,7 @@ def test_a_chat_message_that_needs_nothing_gets_nothing_a_search_still_finds(
     for message, needed in NEEDING.items():
         found = [m.text for m, _ in store.search(message, chat_message=True)]
         assert found and found[0] == needed
+    assert store.stats()["events"]["gated_messages"] == len(NEEDLESS)
 
 
 @pytest.mark.openai_client
