@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, Memory, MemoryStore
-from headroom_memory_integrations.embeddings.message_gate import could_need_memory
 from headroom_memory_integrations.engine import centred_query
 from headroom_memory_integrations.prompts import format_memory_context, short_ids
 from headroom_memory_integrations.transforms import RollingWindowTransform
@@ -291,8 +290,7 @@ def run(ctx: Context) -> SectionResult:
                     ]
                     ids_of = {m.id: index.ids_of(m) for m, _ in found}
                     actual = [m.id for m, _ in injected]
-                    vector = embedder.vector(question)
-                    asked = could_need_memory(embedder.name, vector, len(question))
+                    asked = store._query(question).could_need_memory  # private: the gate's verdict
                     for name, rule in rules.items():
                         kept = replay(candidates, rule, memories) if asked else []
                         if name.endswith("(default)"):

@@ -43,6 +43,7 @@ from .prompts import (
 )
 from .storage.base import Storage
 from .storage.folder import make_private_folder
+from .storage.guard import run_for_at_most
 from .types import Memory, Source
 
 log = logging.getLogger("headroom_memory_integrations")
@@ -94,26 +95,20 @@ def _answer_within(complete: Complete, messages: list[dict[str, str]], model: st
     :data:`EXTRACTION_CALL_TIMEOUT` has passed (the call goes on, abandoned, on a daemon
     thread: Python cannot stop it). The call runs outside any context of the caller's, as it
     did on the worker's thread."""
-    outcome: list[Any] = []
-
-    def call() -> None:
-        try:
-            outcome.append((True, complete(messages, model)))
-        except BaseException as exc:  # re-raised on the worker's thread
-            outcome.append((False, exc))
-
-    caller = threading.Thread(target=call, name="headroom-memory extraction call", daemon=True)
-    caller.start()
-    caller.join(EXTRACTION_CALL_TIMEOUT)
-    if not outcome:
+    answers: list[str | None] = []
+    caller, failure = run_for_at_most(
+        lambda: answers.append(complete(messages, model)),
+        EXTRACTION_CALL_TIMEOUT,
+        "headroom-memory extraction call",
+    )
+    if caller.is_alive():
         raise ExtractionTimeout(
             f"the extraction call gave no answer in {EXTRACTION_CALL_TIMEOUT:g} s; "
             "it will be tried again"
         )
-    answered, value = outcome[0]
-    if not answered:
-        raise value
-    return str(value) if value is not None else ""
+    if failure:
+        raise failure[0]
+    return str(answers[0]) if answers[0] is not None else ""
 
 
 class BackgroundExtractor:

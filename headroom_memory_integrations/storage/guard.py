@@ -3,6 +3,8 @@
 - :class:`Availability` remembers that a backend did not answer and fails calls at once for a
   while (1 s, doubling to :data:`MAX_RETRY_SECONDS` while it stays down), so a chat call pays a
   storage timeout at most once per pause instead of on every request.
+- :func:`run_for_at_most` runs work on a daemon thread and stops waiting after a deadline
+  (the extraction call of background memory uses it too).
 - :func:`start_with_deadline` builds a client in a helper thread and stops waiting after a
   deadline (chromadb's ``HttpClient`` talks to the server while it is constructed, with no
   timeout); at most one such thread is ever waiting, and a client it completes later is kept.
@@ -96,6 +98,27 @@ class PendingStart:
         return self.thread.is_alive()
 
 
+def run_for_at_most(
+    work: Callable[[], None], seconds: float, name: str
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Run ``work()`` on a daemon thread called ``name`` and wait up to ``seconds`` for it.
+
+    Returns the thread (still alive if the deadline passed: Python cannot stop it, so it is
+    left to finish on its own) and a list that holds what ``work`` raised, if it raised."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # re-raised by the caller, on its own thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return thread, failure
+
+
 def start_with_deadline(
     make: Callable[[], Any],
     adopt: Callable[[Any], None],
@@ -115,17 +138,7 @@ def start_with_deadline(
     Raises:
         StorageError: ``make`` failed within the deadline.
     """
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            adopt(make())
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="headroom-memory-connect", daemon=True)
-    thread.start()
-    thread.join(seconds)
+    thread, failure = run_for_at_most(lambda: adopt(make()), seconds, "headroom-memory-connect")
     if thread.is_alive():
         return PendingStart(thread)
     if failure:
