@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, Memory, MemoryStore
+from headroom_memory_integrations.embeddings.query_adapter import adapt_queries
 from headroom_memory_integrations.engine import centred_query
 from headroom_memory_integrations.prompts import format_memory_context, short_ids
 from headroom_memory_integrations.transforms import RollingWindowTransform
@@ -279,7 +280,8 @@ def run(ctx: Context) -> SectionResult:
                 scores[index.kind].append(Scores(category, recall, rr, ceiling))
                 injected = store.search(question, top_k=5, chat_message=True)
                 if category in OVERALL:
-                    centred = centred_query(embedder.vector(question), centroid)
+                    query = adapt_queries(embedder.name, embedder.vector(question))  # as a search
+                    centred = centred_query(query, centroid)
                     candidates = [
                         Candidate(
                             m.id,
