@@ -82,6 +82,10 @@ the message gate (``embeddings/message_gate.py``) on messages nobody had seen (l
 written as people type them), written blind to judge the gate relearned with more messages
 after the sixth set's look (look 10).
 
+**An eighth fresh set** (2026-12-05, a later session; split ``fresh8``, as the seventh),
+written blind to judge the gate that reads the message's text as well as its vector, relearned
+with more messages after the seventh set's look (look 11).
+
 **A second fresh set** (2026-12-03, later), written when the first fresh set had had three
 looks: ``benchmarks/paraphrase_fresh2_{pairs,unrelated,keys}.jsonl`` (140 pairs, 20 in each of
 the seven domains above; 80 messages that need no memory: small talk, general knowledge,
@@ -154,7 +158,7 @@ def _fresh_files(name: str) -> tuple[Path, Path, Path]:
 
 FRESH_SETS = {
     name: _fresh_files(name)
-    for name in ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7")
+    for name in ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8")
 }
 """Each fresh set's files, by split name (every row of a set is of that split)."""
 FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS = FRESH_SETS["fresh"]
@@ -169,6 +173,7 @@ SPLIT_NAMES = {
     "fresh5": "fifth fresh",
     "fresh6": "sixth fresh",
     "fresh7": "seventh fresh",
+    "fresh8": "eighth fresh",
 }
 WITHOUT_GATE = "size-aware default, without the message gate"
 """The curve's entry for the default floor alone, every message let through."""

@@ -546,7 +546,7 @@ class MemoryStore(WritePath):
         raw = self._embed([query])[0]
         found = _Query(
             adapt_queries(self.embedder.name, raw),
-            could_need_memory(self.embedder.name, raw, len(query)),
+            could_need_memory(self.embedder.name, raw, query),
         )
         with self._cache_lock:
             self._query_cache[query] = found

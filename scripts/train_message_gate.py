@@ -3,16 +3,17 @@
     python scripts/train_message_gate.py          # writes the package's message_gate.npy
     python scripts/train_message_gate.py --check  # exit 1 unless the shipped one is what it learns
 
-The gate is a logistic regression on a message's vector: the log-odds that the message needs a
-memory. It is learned, with numpy alone, from messages that need one (the questions of
+The gate is a logistic regression on a message's vector and its text's features
+(``message_gate.text_features``): the log-odds that the message needs a memory. It is learned,
+with numpy alone, from messages that need one (the questions of
 ``benchmarks/adapter_train/pairs_*.jsonl`` and ``turns.jsonl``, and of
 ``benchmarks/gate_train/pairs_*.jsonl`` and ``needs_*.jsonl``) and messages that need none
 (their ``unrelated*.jsonl`` and ``needless_*.jsonl`` files), all written by model instances
-that saw no benchmark file. Any of them within cosine
-:data:`NEAR` of a question or message of a paraphrase benchmark set (every set) is left out.
-Both classes weigh the same in all; :data:`RIDGE` keeps the weights small. Its settings and
-``message_gate.THRESHOLD`` were chosen on the development sets of the paraphrase benchmark
-(docs/benchmarks.md, "A gate for messages that need no memory").
+that saw no benchmark file. Any of them within cosine :data:`NEAR` of a question or message of
+a paraphrase benchmark set (every set) is left out. Both classes weigh the same in all;
+:data:`RIDGE` keeps the weights small. Its settings and ``message_gate.THRESHOLD`` were chosen
+on the development sets of the paraphrase benchmark (docs/benchmarks.md, "A gate for messages
+that need no memory" and "The gate reads the text too").
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from _shipped_file import write_or_check  # noqa: E402
 
 from benchmarks.paraphrase import ADAPTER_NEAR, FRESH_SETS, PAIRS, UNRELATED, load  # noqa: E402
 from headroom_memory_integrations import LocalEmbedder  # noqa: E402
-from headroom_memory_integrations.embeddings.message_gate import GATES  # noqa: E402
+from headroom_memory_integrations.embeddings.message_gate import (  # noqa: E402
+    GATES,
+    text_features,
+)
 
 DATA = (ROOT / "benchmarks" / "adapter_train", ROOT / "benchmarks" / "gate_train")
 NEAR = ADAPTER_NEAR
@@ -52,8 +56,16 @@ def _messages(pattern: str) -> list[str]:
     return [row.get("question") or row["message"] for row in rows]
 
 
+def _features(model: LocalEmbedder, texts: list[str]) -> np.ndarray:
+    """What the gate reads of each message: its vector, then its text's features."""
+    return np.hstack(
+        [model.embed(texts), np.array([text_features(text) for text in texts])]
+    ).astype(np.float64)
+
+
 def training_set(model: LocalEmbedder) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """The messages' vectors, their labels (1: needs a memory) and counts."""
+    """What the gate reads of each message (its vector and its text's features), their labels
+    (1: needs a memory) and counts."""
     benchmark = [
         row["question"]
         for pairs, unrelated in [(PAIRS, UNRELATED), *((p, u) for p, u, _ in FRESH_SETS.values())]
@@ -61,13 +73,14 @@ def training_set(model: LocalEmbedder) -> tuple[np.ndarray, np.ndarray, dict[str
         for row in load(path)
     ]
     seen = model.embed(benchmark)
-    needing = model.embed(
-        _messages("pairs_*.jsonl") + _messages("turns.jsonl") + _messages("needs_*.jsonl")
-    )
-    needless = model.embed(_messages("unrelated*.jsonl") + _messages("needless_*.jsonl"))
-    keep_needing = (needing @ seen.T).max(axis=1) <= NEAR
-    keep_needless = (needless @ seen.T).max(axis=1) <= NEAR
-    vectors = np.concatenate([needing[keep_needing], needless[keep_needless]]).astype(np.float64)
+    texts = [
+        _messages("pairs_*.jsonl") + _messages("turns.jsonl") + _messages("needs_*.jsonl"),
+        _messages("unrelated*.jsonl") + _messages("needless_*.jsonl"),
+    ]
+    needing, needless = (_features(model, these) for these in texts)
+    keep_needing = (needing[:, : seen.shape[1]] @ seen.T).max(axis=1) <= NEAR
+    keep_needless = (needless[:, : seen.shape[1]] @ seen.T).max(axis=1) <= NEAR
+    vectors = np.concatenate([needing[keep_needing], needless[keep_needless]])
     labels = np.concatenate([np.ones(keep_needing.sum()), np.zeros(keep_needless.sum())])
     counts = {
         "messages that need a memory": int(keep_needing.sum()),
@@ -79,8 +92,8 @@ def training_set(model: LocalEmbedder) -> tuple[np.ndarray, np.ndarray, dict[str
 
 
 def learn(vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The weights and bias, by Newton's method on the weighted log-loss plus
-    :data:`RIDGE` x ``|weights|^2 / 2``."""
+    """The weights (of the vector and the text's features) and bias, by Newton's method on the
+    weighted log-loss plus :data:`RIDGE` x ``|weights|^2 / 2``."""
     rows = np.hstack([vectors, np.ones((len(vectors), 1))])
     weight = np.where(labels == 1, 1.0, labels.sum() / (len(labels) - labels.sum()))
     penalty = RIDGE * np.diag(np.r_[np.ones(vectors.shape[1]), 0.0])  # the bias is free

@@ -15,6 +15,7 @@ from headroom_memory_integrations.embeddings.message_gate import (
     MessageGate,
     could_need_memory,
     message_gate,
+    text_features,
 )
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
 
@@ -38,6 +39,12 @@ NEEDING = {
     "when's my choir rehearsal?": MEMORIES[2],
     "Should I bring a loaf to the potluck on Sunday?": MEMORIES[1],
 }
+SHORT = "which language?"  # the short question that must find "Prefers Python for ..."
+# one subject asked in general and about the writer: the vector alone reads them as alike
+GENERAL_AND_PERSONAL = [
+    ("How many hours of sleep do adults need?", "How many hours of sleep do I need?"),
+    ("how often should a saltwater tank be cleaned", "when did I last clean my tank?"),
+]
 
 
 def test_the_shipped_gate_is_what_the_script_learns_from_the_committed_data() -> None:
@@ -48,24 +55,42 @@ def test_only_the_model_it_was_learned_for_is_gated() -> None:
     gate = message_gate("all-MiniLM-L6-v2")
     assert gate is not None and gate.dimension == 384
     assert message_gate("text-embedding-3-small") is None
-    assert could_need_memory("text-embedding-3-small", np.zeros(1536, dtype=np.float32), 10)
-    assert could_need_memory("all-MiniLM-L6-v2", np.zeros(1536, dtype=np.float32), 10)
-    with pytest.raises(ValueError, match="weights and a bias"):
+    assert could_need_memory("text-embedding-3-small", np.zeros(1536, dtype=np.float32), "hi")
+    assert could_need_memory("all-MiniLM-L6-v2", np.zeros(1536, dtype=np.float32), "hi")
+    with pytest.raises(ValueError, match="and a bias in one row"):
         MessageGate(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="and a bias in one row"):
+        MessageGate(np.zeros(4))  # no room for the text's weights
 
 
 def test_the_gate_scores_a_row_alone_as_in_a_batch(model) -> None:
     gate = message_gate(model.name)
     assert gate is not None
-    vectors = model.embed([*NEEDLESS, *NEEDING])
-    scores = gate.score(vectors)
+    texts = [*NEEDLESS, *NEEDING, SHORT]
+    vectors = model.embed(texts)
+    scores = gate.score(vectors, texts)
     assert scores.shape == (len(vectors),)
-    assert float(gate.score(vectors[0])) == pytest.approx(float(scores[0]), abs=1e-5)
-    assert (scores[: len(NEEDLESS)] < THRESHOLD).all()
-    assert (scores[len(NEEDLESS) :] >= THRESHOLD).all()
+    assert float(gate.score(vectors[0], texts[0])) == pytest.approx(float(scores[0]), abs=1e-5)
+    assert (scores[: len(NEEDLESS)] < THRESHOLD).all(), scores
+    assert (scores[len(NEEDLESS) :] >= THRESHOLD).all(), scores
     # a message longer than any it learned from is let through, whatever its score
-    assert not could_need_memory(model.name, vectors[0], MAX_CHARS)
-    assert could_need_memory(model.name, vectors[0], MAX_CHARS + 1)
+    assert not could_need_memory(model.name, vectors[0], texts[0].ljust(MAX_CHARS))
+    assert could_need_memory(model.name, vectors[0], texts[0].ljust(MAX_CHARS + 1))
+
+
+def test_the_gate_reads_whether_the_writer_asks_about_themself(model) -> None:
+    assert text_features("How do I fix my bike?").tolist() == pytest.approx([1.0, np.log1p(6), 1.0])
+    assert text_features("tell me a joke").tolist()[0] == 1.0  # "me"
+    assert text_features("Summarise this: Imagine it").tolist()[::2] == [0.0, 0.0]  # no "i"
+    gate = message_gate(model.name)
+    assert gate is not None
+    for general, personal in GENERAL_AND_PERSONAL:
+        vectors = model.embed([general, personal])
+        assert (
+            float(gate.score(vectors[0], general))
+            < THRESHOLD
+            <= float(gate.score(vectors[1], personal))
+        ), (general, personal)
 
 
 def test_a_chat_message_that_needs_nothing_gets_nothing_a_search_still_finds(
@@ -82,7 +107,10 @@ def test_a_chat_message_that_needs_nothing_gets_nothing_a_search_still_finds(
     for message, needed in NEEDING.items():
         found = [m.text for m, _ in store.search(message, chat_message=True)]
         assert found and found[0] == needed
-    assert store.stats()["events"]["gated_messages"] == len(NEEDLESS)
+    for general, _ in GENERAL_AND_PERSONAL:
+        assert store.search(general, chat_message=True) == []
+    gated = len(NEEDLESS) + len(GENERAL_AND_PERSONAL)
+    assert store.stats()["events"]["gated_messages"] == gated
 
 
 @pytest.mark.openai_client

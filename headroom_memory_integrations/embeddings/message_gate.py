@@ -9,18 +9,23 @@ messages themselves are easy to tell apart: a linear score on the message's own 
 "Tell me a joke." and "Fix this bug: TypeError ..." (area under the curve 0.97-0.995 on every
 blind set).
 
-The gate is that score, ``vector . w + b`` (logistic regression on the model's vectors), learned
-from about 4,400 messages that need a memory and 1,200 that need none, written for this by
-model instances that saw no benchmark file, and kept apart from every benchmark question
+The gate is that score: a logistic regression on the model's vector and three things read off
+the text (:func:`text_features`: whether the writer speaks of themself, how many words, whether
+it asks), learned from about 5,000 messages that need a memory and 1,900 that need none,
+written for this by model instances that saw no benchmark file, and kept apart from every
+benchmark question
 (``scripts/train_message_gate.py``; ``benchmarks/adapter_train/`` and
 ``benchmarks/gate_train/``). A message scoring below :data:`THRESHOLD` gets no memories when it
 is injected as a chat message (``MemoryStore.search(..., chat_message=True)``, which the
 wrappers use); an explicit search (a retriever, a tool, the CLI) is never gated. Only the model
-it was learned for has one (:data:`GATES`). It costs one dot product per message.
+it was learned for has one (:data:`GATES`). It costs a dot product and a regular expression
+per message.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,47 +39,84 @@ GATES = {
     / "all-MiniLM-L6-v2"
     / "message_gate.npy",
 }
-"""The model name -> the file of its gate (float32: the ``dimension`` weights, then the bias)."""
+"""The model name -> the file of its gate (float32: the ``dimension`` weights of the vector, the
+weights of :func:`text_features`, then the bias)."""
 
-THRESHOLD = -2.0
+THRESHOLD = -1.5
 """A message whose score (log-odds that it needs a memory) is below this gets none: one the gate
-is fairly sure of (a chance below 12%). Chosen on the development sets of the paraphrase
-benchmark at 10k memories (docs/benchmarks.md, "A gate for messages that need no memory"):
-false injection 10.8% -> 6.3% on their mean, hit@5 0.782 -> 0.776. A terse follow-up whose
-subject is in an earlier turn ("Which language for it?") can be turned away: the gate reads
-the latest message alone."""
+is fairly sure of (a chance below 18%). Chosen on the development sets of the paraphrase
+benchmark at 10k memories (docs/benchmarks.md, "The gate reads the text too"): false injection
+10.8% -> 4.9% on their mean, hit@5 0.778 -> 0.765, with "which language?" still let through. A
+terse follow-up whose subject is in an earlier turn ("Which language for it?") can be turned
+away: the gate reads the latest message alone."""
 
 MAX_CHARS = 300
 """Longer messages are never turned away: every message the gate learned from was shorter
 (nearly all under 260 characters), and a long one is often a question with text appended (a
 pasted document, a framework's output schema) that the gate was not taught to read."""
 
+_SPEAKS_OF_SELF = re.compile(
+    r"\b(?:i|i'm|im|i've|ive|i'd|i'll|my|me|mine|myself|we|our|us)\b", re.IGNORECASE
+)
+
+
+def text_features(text: str) -> np.ndarray:
+    """What the gate reads off a message besides its vector: whether the writer speaks of
+    themself (I, my, me, we, our...; 1 or 0), the logarithm of 1 + its number of words, and
+    whether it has a question mark. The vector alone reads "how much sleep do adults need?" as
+    near "how much sleep do I get?" as any two questions on one subject."""
+    return np.array(
+        [
+            float(_SPEAKS_OF_SELF.search(text) is not None),
+            math.log1p(len(text.split())),
+            float("?" in text),
+        ],
+        dtype=np.float32,
+    )
+
+
+TEXT_FEATURES = len(text_features(""))
+
 
 class MessageGate:
-    """``vector . weights + bias``: the log-odds that a message needs a memory."""
+    """``vector . weights + text_features(text) . text_weights + bias``: the log-odds that a
+    message needs a memory."""
 
     def __init__(self, parameters: np.ndarray) -> None:
-        if parameters.ndim != 1 or len(parameters) < 2:
+        if parameters.ndim != 1 or len(parameters) < TEXT_FEATURES + 2:
             raise ValueError(
-                f"a message gate is weights and a bias in one row, not {parameters.shape}"
+                "a message gate is the vector's weights, the text's weights and a bias in one "
+                f"row, not {parameters.shape}"
             )
-        self.weights = np.ascontiguousarray(parameters[:-1], dtype=np.float32)
+        dimension = len(parameters) - TEXT_FEATURES - 1
+        self.weights = np.ascontiguousarray(parameters[:dimension], dtype=np.float32)
+        self.text_weights = np.asarray(parameters[dimension:-1], dtype=np.float32)
         self.bias = float(parameters[-1])
 
     @property
     def dimension(self) -> int:
         return len(self.weights)
 
-    def score(self, vectors: Vectors) -> np.ndarray:
-        """The score of each message vector (rows); a single vector gives a 0-d array."""
+    def score(self, vectors: Vectors, texts: str | list[str]) -> np.ndarray:
+        """The score of each message (``vectors``' rows, ``texts`` in the same order); a single
+        vector and text give a 0-d array."""
         rows = np.asarray(vectors, dtype=np.float32)
+        read = (
+            text_features(texts)
+            if isinstance(texts, str)
+            else np.array([text_features(text) for text in texts]).reshape(-1, TEXT_FEATURES)
+        )
         # einsum's own loop, not BLAS, as in storage/vectors.py: no BLAS threads on the search
-        return np.einsum("...j,j->...", rows, self.weights) + self.bias
+        return (
+            np.einsum("...j,j->...", rows, self.weights)
+            + np.einsum("...j,j->...", read, self.text_weights)
+            + self.bias
+        )
 
-    def needs_memory(self, vector: Vectors) -> bool:
-        """Whether the message with this vector could need a memory (its score reaches
-        :data:`THRESHOLD`)."""
-        return bool(self.score(vector) >= THRESHOLD)
+    def needs_memory(self, vector: Vectors, text: str) -> bool:
+        """Whether the message ``text``, whose vector this is, could need a memory (its score
+        reaches :data:`THRESHOLD`)."""
+        return bool(self.score(vector, text) >= THRESHOLD)
 
 
 _gates = PerModel(GATES, MessageGate)
@@ -86,11 +128,11 @@ def message_gate(model: str) -> MessageGate | None:
     return _gates(model)
 
 
-def could_need_memory(model: str, vector: Vectors, length: int) -> bool:
-    """Whether a chat message of ``length`` characters with this ``vector`` (of ``model``) could
-    need a memory: the gate's verdict where one applies (:func:`message_gate`, a message of at
-    most :data:`MAX_CHARS`), else True."""
+def could_need_memory(model: str, vector: Vectors, text: str) -> bool:
+    """Whether the chat message ``text``, whose ``vector`` (of ``model``) this is, could need a
+    memory: the gate's verdict where one applies (:func:`message_gate`, a message of at most
+    :data:`MAX_CHARS`), else True."""
     gate = message_gate(model)
-    if gate is None or np.shape(vector)[-1] != gate.dimension or length > MAX_CHARS:
+    if gate is None or np.shape(vector)[-1] != gate.dimension or len(text) > MAX_CHARS:
         return True
-    return gate.needs_memory(vector)
+    return gate.needs_memory(vector, text)
