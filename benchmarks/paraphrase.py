@@ -497,8 +497,15 @@ def _run_sizes(
         ctx.scratch(store or ("paraphrase-keys" if variant else "paraphrase"))
     )
     embedder = PrecomputedEmbedder(real, vectors)
+    # the pairs' facts stand for many users' (two homes, two employers): they are planted in one
+    # store with consolidation off, so that none supersedes another ("Lives in Reykjavik,
+    # Iceland" would update "Lives in Anchorage, Alaska", as it should for one user); the
+    # distractors are added as usual
+    planter = MemoryStore(
+        "paraphrase-user", storage=storage, embedder=embedder, duplicate_threshold=None
+    )
+    planted = planter.add_many(facts)
     writer = MemoryStore("paraphrase-user", storage=storage, embedder=embedder)
-    planted = writer.add_many(facts)
     if len({m.id for m in planted}) != len(facts):
         raise RuntimeError("the engine merged two facts of the pairs file")
     details: dict[str, Any] = {"pairs": len(pairs), "unrelated": len(unrelated_rows)}
