@@ -34,6 +34,7 @@ from . import (  # noqa: E402
     coldstart,
     consolidation,
     e2e,
+    followups,
     injection,
     load,
     locomo,
@@ -67,6 +68,7 @@ SECTIONS: dict[str, ModuleType] = {
     "paraphrase-keys": paraphrase_keys,
     "paraphrase-fresh": paraphrase_fresh,
     "consolidation": consolidation,
+    "followups": followups,
     "load": load,
 }
 # runnable alone, and run by the section named

@@ -1,0 +1,110 @@
+"""Follow-ups: terse messages whose subject is in the user's previous message.
+
+``benchmarks/followups.jsonl`` holds 120 items written blind for this (2026-12-05, stop 38) by a
+model instance that read no file of the repository: a fact about the user; an earlier message
+that sets up a topic where the fact matters without naming it ("I'm starting a new billing
+service at work this week"); a ``follow_up`` of 2-6 words that needs the fact and whose subject
+is only clear from the earlier message ("which language for it?"); and an ``aside``, another
+possible next message that needs no fact ("ok thanks", "btw what's 15% of 80"). Items with an
+odd number are the development half, even ones the held-out half.
+
+The user holds the 120 facts (planted with consolidation off: they stand for many users) and
+0 or 10k synthetic memories besides (``population``). Each follow-up and aside is searched as a
+wrapper searches the latest message (``chat_message=True``), alone and joined to the earlier
+message (the two searched as one text: a candidate rule that read a short message the gate
+turns away with the previous one was judged so, and not adopted: look 12 of
+``benchmarks/paraphrase_fresh_log.md``): hit@5 of the follow-ups (the fact among what is
+injected), how often they get nothing, and how often an aside gets anything. The earlier
+messages are asked alone too, as a reference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
+
+from .common import ROOT, Context, Row, SectionResult, log
+from .population import fill, memory_cache
+
+NAME = "followups"
+ITEMS = ROOT / "benchmarks" / "followups.jsonl"
+SIZES = (0, 10_000)
+HALVES = {"dev": 1, "held-out": 0}  # the id's number modulo 2
+
+
+def load() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in ITEMS.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _half(item: dict[str, Any]) -> str:
+    number = int(item["id"].rsplit("-", 1)[1])
+    return next(name for name, rest in HALVES.items() if number % 2 == rest)
+
+
+def _injected(reader: MemoryStore, message: str, earlier: str | None) -> list[str]:
+    """What a wrapper injects for ``message`` (joined to ``earlier``, if given)."""
+    asked = message if earlier is None else f"{earlier}\n{message}"
+    return [result.memory.id for result in reader.search(asked, top_k=5, chat_message=True)]
+
+
+def _measure(
+    reader: MemoryStore, items: Sequence[dict[str, Any]], targets: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """For each way of asking: hit@5 and nothing returned of the follow-ups, and false
+    injection of the asides."""
+    ways = {
+        "earlier message alone": lambda item: (item["earlier"], None),
+        "follow-up alone": lambda item: (item["follow_up"], None),
+        "follow-up joined to the earlier message": lambda item: (
+            item["follow_up"],
+            item["earlier"],
+        ),
+    }
+    measured: dict[str, dict[str, float]] = {}
+    for way, ask in ways.items():
+        found = [_injected(reader, *ask(item)) for item in items]
+        measured[way] = {
+            "hit@5": sum(t in ids for t, ids in zip(targets, found)) / len(items),
+            "nothing": sum(not ids for ids in found) / len(items),
+        }
+    for way, previous in (("aside alone", False), ("aside joined to the earlier message", True)):
+        injected = [
+            _injected(reader, item["aside"], item["earlier"] if previous else None)
+            for item in items
+        ]
+        measured[way] = {"false injection": sum(bool(ids) for ids in injected) / len(items)}
+    return measured
+
+
+def run(ctx: Context) -> SectionResult:
+    result = SectionResult(NAME)
+    items = load()
+    real = LocalEmbedder()
+    cache = memory_cache(ctx.cache, real)
+    storage = ChromaStorage.at(ctx.scratch(NAME))
+    facts = [item["fact"] for item in items]
+    planted = MemoryStore(
+        "followups-user", storage=storage, embedder=real, duplicate_threshold=None
+    ).add_many(facts)
+    if len({memory.id for memory in planted}) != len(items):
+        raise RuntimeError("two facts of the follow-ups file are the same wording")
+    writer = MemoryStore("followups-user", storage=storage, embedder=cache.embedder())
+    targets = [memory.id for memory in planted]
+    for size in ctx.pick(SIZES, (0,)):
+        if size:
+            fill(writer, cache, size + len(items))
+        reader = MemoryStore("followups-user", storage=storage, embedder=real)
+        label = f"{size // 1000}k" if size else "0"
+        log(f"followups: {len(items)} facts + {label} memories ({reader.count()} stored); asking")
+        for half in HALVES:
+            chosen = [i for i, item in enumerate(items) if _half(item) == half]
+            measured = _measure(reader, [items[i] for i in chosen], [targets[i] for i in chosen])
+            result.details.setdefault(label, {})[half] = measured
+            for way, values in measured.items():
+                for measure, value in values.items():
+                    name = f"{len(items)} facts + {label} memories, {half}: {way}: {measure}"
+                    result.add(Row(NAME, name, round(value, 4), "", n=len(chosen)))
+    return result
