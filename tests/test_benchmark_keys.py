@@ -199,3 +199,41 @@ def test_the_keyed_run_reports_its_rows(tmp_path: Path, model: LocalEmbedder) ->
     assert {m.text: m.keys for m in stored} == {
         row["fact"]: keys for row, keys in zip(pairs, paraphrase.fact_keys(pairs))
     }
+
+
+def test_the_pairs_facts_are_planted_apart_though_one_would_update_another(
+    tmp_path: Path, model: LocalEmbedder
+) -> None:
+    """The pairs' facts stand for many users: two homes are both kept (for one user the engine
+    makes the later an update of the earlier, as the eighth fresh set's first run found)."""
+    homes = ["Lives in Anchorage, Alaska", "Lives in Reykjavík, Iceland"]
+    alone = MemoryStore("one-user", db_path=tmp_path / "one", embedder=model)
+    assert [done.outcome.value for done in alone.remember_many(homes)] == ["stored", "superseded"]
+
+    ctx = Context(quick=True, workdir=tmp_path, cache=tmp_path / "cache")
+    rows = [
+        {"id": f"h-{i}", "split": "dev", "fact": fact, "question": question}
+        for i, (fact, question) in enumerate(
+            zip(homes, ["Do I need snow tyres?", "Can I see the northern lights from home?"])
+        )
+    ]
+    unrelated = [{"id": "u-1", "split": "dev", "question": "What is 2 + 2?"}]
+    result = SectionResult("paraphrase")
+    details = paraphrase._run_sizes(
+        ctx,
+        result,
+        model,
+        homes,
+        keyed_memory_cache(ctx.cache, model, 0),
+        (0,),
+        "",
+        (rows, unrelated),
+        "homes",
+    )
+    assert details["0"]["memories"] == 2
+    assert {
+        m.text
+        for m in MemoryStore(
+            "paraphrase-user", db_path=tmp_path / "homes", embedder=model
+        ).get_all()
+    } == set(homes)

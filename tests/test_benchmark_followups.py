@@ -1,0 +1,43 @@
+"""The follow-ups benchmark (benchmarks/followups.py): its blind set is whole, and a run at
+0 memories besides reports each way of asking, on both halves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import followups
+from benchmarks.common import Context
+
+
+def test_the_followups_set_is_whole_with_two_halves() -> None:
+    items = followups.load()
+    assert len(items) == 120 and len({item["id"] for item in items}) == 120
+    fields = {"id", "domain", "fact", "earlier", "follow_up", "aside"}
+    assert all(set(item) == fields and all(item.values()) for item in items)
+    assert all(2 <= len(item["follow_up"].split()) <= 6 for item in items)
+    halves = [followups._half(item) for item in items]
+    assert halves.count("dev") == halves.count("held-out") == 60
+    assert len({item["fact"] for item in items}) == 120
+
+
+def test_a_quick_run_reports_every_way_of_asking_on_both_halves(tmp_path: Path) -> None:
+    ctx = Context(quick=True, workdir=tmp_path, cache=tmp_path / "cache")
+    result = followups.run(ctx)
+    at_zero = result.details["0"]
+    assert set(at_zero) == {"dev", "held-out"}
+    for measured in at_zero.values():
+        assert set(measured) == {
+            "earlier message alone",
+            "follow-up alone",
+            "follow-up joined to the earlier message",
+            "aside alone",
+            "aside joined to the earlier message",
+        }
+        for way, values in measured.items():
+            assert all(0.0 <= value <= 1.0 for value in values.values()), way
+        # joined to a message about the user, an aside draws that message's memories
+        assert (
+            measured["aside joined to the earlier message"]["false injection"]
+            > measured["aside alone"]["false injection"]
+        )
+    assert len(result.rows) == 2 * (3 * 2 + 2)
