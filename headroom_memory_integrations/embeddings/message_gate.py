@@ -46,7 +46,7 @@ THRESHOLD = -1.5
 """A message whose score (log-odds that it needs a memory) is below this gets none: one the gate
 is fairly sure of (a chance below 18%). Chosen on the development sets of the paraphrase
 benchmark at 10k memories (docs/benchmarks.md, "The gate reads the text too"): false injection
-10.8% -> 4.9% on their mean, hit@5 0.778 -> 0.765, with "which language?" still let through. A
+12.8% -> 4.9% on their mean, hit@5 0.778 -> 0.765, with "which language?" still let through. A
 terse follow-up whose subject is in an earlier turn ("Which language for it?") can be turned
 away: the gate reads the latest message alone."""
 
