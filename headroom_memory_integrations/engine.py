@@ -20,6 +20,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
@@ -383,6 +384,21 @@ def check_min_score(min_score: object) -> float:
     ):
         raise InvalidInputError(f"min_score must be a finite number, got {min_score!r}")
     return float(min_score)
+
+
+def check_said_at(said_at: object) -> datetime | None:
+    """When memories were said: None (now), a datetime (naive is UTC), an ISO 8601 text or a
+    POSIX timestamp; a time later than now is now."""
+    if said_at is None:
+        return None
+    try:
+        if isinstance(said_at, bool):
+            raise ValueError("a bool is no time")
+        return min(storable_time(said_at), utc_now())
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(
+            f"said_at must be a datetime, an ISO 8601 text or a POSIX timestamp, got {said_at!r}"
+        ) from exc
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -818,9 +834,11 @@ class MemoryStore(WritePath):
         *,
         category: Category | str = Category.FACT,
         source: Source | str = Source.MANUAL,
+        said_at: datetime | float | str | None = None,
     ) -> list[Memory]:
         """:meth:`remember_many`, returning only the memories (one per item, in order)."""
-        return [done.memory for done in self.remember_many(items, category=category, source=source)]
+        done = self.remember_many(items, category=category, source=source, said_at=said_at)
+        return [one.memory for one in done]
 
     def remember(
         self,
@@ -858,6 +876,7 @@ class MemoryStore(WritePath):
         *,
         category: Category | str = Category.FACT,
         source: Source | str = Source.MANUAL,
+        said_at: datetime | float | str | None = None,
     ) -> list[Remembered]:
         """Remember several memories with one embedding batch and one write.
 
@@ -870,23 +889,32 @@ class MemoryStore(WritePath):
         user in the process waits for the others, and processes sharing a Chroma server settle
         what they wrote at the same moment (docs/reliability.md, section 5).
 
+        ``said_at`` (a datetime, ISO 8601 text or POSIX timestamp) is when the items were said, for
+        memories written later than that (a background extraction retried after the user's
+        next turn was stored): they are dated then, and one that would update a memory changed
+        since is outdated, a :attr:`~Outcome.DUPLICATE` ("Lives in Boston", said before "I
+        moved to Denver", never replaces "Lives in Denver").
+
         Returns:
             One :class:`Remembered` per item, in order.
         """
         default = Category.parse(category)
+        said = check_said_at(said_at)
         if isinstance(items, (str, bytes, Mapping, NewMemory)):  # one item: not a list of them
             raise InvalidInputError(
                 f"remember_many and add_many take a list of memories, got one "
                 f"{type(items).__name__}: pass [item], or use remember / add"
             )
         parsed = [self._parse_item(item, default) for item in items]
-        drafts = [self._draft(item, Source.parse(source)) for item in parsed]
+        drafts = [self._draft(item, Source.parse(source), said) for item in parsed]
         if not drafts:
             return []
         vectors, _ = self._embed_opening(lambda: self._vectors(drafts))
         wanted = [wording_id(self.user_id, d.text) for d in drafts]
         replaces = {index: item.replaces for index, item in enumerate(parsed) if item.replaces}
-        return self._remember(drafts, vectors, wanted, replaces, imported=False)
+        return self._remember(
+            drafts, vectors, wanted, replaces, imported=False, dated=said is not None
+        )
 
     def put(
         self,
@@ -968,6 +996,7 @@ class MemoryStore(WritePath):
         vector: Vectors,
         *,
         keep_history: bool = True,
+        at: datetime | None = None,
     ) -> Memory:
         if (
             text == old.text
@@ -976,7 +1005,7 @@ class MemoryStore(WritePath):
             and keys == old.keys
         ):
             return old  # nothing changes: replaying a supersede is harmless
-        revision = Revision(old.text, old.category, utc_now())
+        revision = Revision(old.text, old.category, at or utc_now())
         history = old.history
         if not keep_history:
             history = ()
@@ -1242,15 +1271,16 @@ class MemoryStore(WritePath):
         return item
 
     def _supersede_if_present(
-        self, memory_id: str, draft: Memory, vector: Vectors
+        self, memory_id: str, draft: Memory, vector: Vectors, dated: bool
     ) -> Memory | None:
         found = self.get_many([memory_id])
-        if not found:
-            return None
-        return self._rewrite(found[0], draft.text, draft.category, None, draft.keys, vector)
+        if not found or (dated and found[0].updated_at > draft.updated_at):
+            return None  # (outdated: consolidation finds the newer memory and keeps it)
+        at = draft.updated_at if dated else None
+        return self._rewrite(found[0], draft.text, draft.category, None, draft.keys, vector, at=at)
 
-    def _draft(self, item: NewMemory, source: Source) -> Memory:
-        now = utc_now()
+    def _draft(self, item: NewMemory, source: Source, said_at: datetime | None = None) -> Memory:
+        now = said_at or utc_now()
         return Memory(
             id=uuid.uuid4().hex,
             user_id=self.user_id,

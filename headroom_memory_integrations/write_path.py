@@ -52,8 +52,9 @@ class Outcome(str, Enum):
     STORED = "stored"
     """It was new: stored as a memory of its own."""
     DUPLICATE = "duplicate"
-    """It said nothing new: nothing was written, and the existing memory is returned. (An
-    imported memory older than the stored one it would update is a duplicate too.)"""
+    """It said nothing new: nothing was written, and the existing memory is returned. (A
+    memory that would update a stored one changed after it was said, or, imported, after it
+    was last changed, is a duplicate too: it is outdated.)"""
     SUPERSEDED = "superseded"
     """It changed an existing memory ("daughter is 7" -> "9"): that memory now has the new
     text, and its old text is the last entry of its ``history``."""
@@ -108,7 +109,7 @@ class WritePath:
         raise NotImplementedError
 
     def _supersede_if_present(
-        self, memory_id: str, draft: Memory, vector: Vectors
+        self, memory_id: str, draft: Memory, vector: Vectors, dated: bool
     ) -> Memory | None:
         raise NotImplementedError
 
@@ -120,6 +121,7 @@ class WritePath:
         replaces: Mapping[int, str],
         *,
         imported: bool,
+        dated: bool = False,
     ) -> list[Remembered]:
         """Consolidate ``drafts`` (each with a placeholder id of its own) with the stored
         memories and write the outcome, holding the user's write lock: the write path of
@@ -131,16 +133,19 @@ class WritePath:
             imported: The drafts are exported memories: their times and history are kept,
                 and one that updates a newer memory is outdated (see
                 :meth:`~.engine.MemoryStore.import_`).
+            dated: The drafts carry the time they were said (``remember_many``'s
+                ``said_at``): it is kept, and one that updates a newer memory is outdated.
         """
+        dated = dated or imported
         collection = self._open(vectors.shape[1])
         with self._write_lock:
             explicit = {
-                index: self._supersede_if_present(memory_id, drafts[index], vectors[index])
+                index: self._supersede_if_present(memory_id, drafts[index], vectors[index], dated)
                 for index, memory_id in replaces.items()
             }
-            decisions, seen = self._consolidate(collection, drafts, vectors, explicit, imported)
+            decisions, seen = self._consolidate(collection, drafts, vectors, explicit, dated)
             results = self._apply(
-                collection, drafts, vectors, wanted, explicit, decisions, imported
+                collection, drafts, vectors, wanted, explicit, decisions, imported, dated
             )
             if self._shared_with_other_processes():
                 try:
@@ -162,12 +167,13 @@ class WritePath:
         drafts: Sequence[Memory],
         vectors: Vectors,
         explicit: Mapping[int, Memory | None],
-        imported: bool = False,
+        dated: bool = False,
     ) -> tuple[list[_Decision | None], dict[str, str]]:
         """Decide, item by item, what each draft does (``None`` for an explicit supersede),
         comparing it with its nearest stored memories and the batch's earlier items. Reads
-        texts only (whole records for an import, whose times count): one nearest-neighbour
-        query and one read per :data:`_READ_CHUNK` items.
+        texts only (whole records for ``dated`` drafts, whose times count: see
+        :meth:`_remember`): one nearest-neighbour query and one read per :data:`_READ_CHUNK`
+        items.
 
         Returns:
             The decisions, and the text of every stored memory they were made against (by id).
@@ -175,11 +181,11 @@ class WritePath:
         neighbours = _nearest_in_chunks(collection, vectors, CONSOLIDATION_NEIGHBOURS)
         floor = CONSOLIDATION_MIN_SIMILARITY
         close = [i for row in neighbours for i, cosine in row if cosine >= floor]
-        dated: dict[str, datetime] | None = None  # id -> updated_at, for an import
-        if imported:
+        changed: dict[str, datetime] | None = None  # id -> updated_at, for dated drafts
+        if dated:
             records = _get_in_chunks(collection, close)
             catalog = {m.id: Catalogued(m.text, m.category, m.keys) for m in records}
-            dated = {m.id: m.updated_at for m in records}
+            changed = {m.id: m.updated_at for m in records}
         else:
             catalog = _catalog_in_chunks(collection, close)
         texts: dict[str, str] = {}  # id -> text, for memories this batch creates or rewrites
@@ -205,7 +211,7 @@ class WritePath:
                     memory_id = owner_of[position]
                     found.append((cosine, memory_id, texts[memory_id], drafts[position].keys))
             found.sort(key=lambda candidate: candidate[0], reverse=True)
-            decision = self._judge(draft, found[:CONSOLIDATION_NEIGHBOURS], dated)
+            decision = self._judge(draft, found[:CONSOLIDATION_NEIGHBOURS], changed)
             if decision.outcome is Outcome.SUPERSEDED and decision.target in vector_of:
                 replaced = vector_of[decision.target]
                 owner_of.pop(replaced, None)
@@ -215,8 +221,8 @@ class WritePath:
                 vector_of[decision.target] = index
                 owner_of[index] = decision.target
                 owns[index] = True
-                if dated is not None:
-                    dated[decision.target] = draft.updated_at
+                if changed is not None:
+                    changed[decision.target] = draft.updated_at
             decisions.append(decision)
         return decisions, {memory_id: entry.text for memory_id, entry in catalog.items()}
 
@@ -224,17 +230,17 @@ class WritePath:
         self,
         draft: Memory,
         candidates: Sequence[tuple[float, str, str, tuple[str, ...]]],
-        dated: Mapping[str, datetime] | None = None,
+        changed: Mapping[str, datetime] | None = None,
     ) -> _Decision:
         """The draft's outcome against ``candidates`` (similarity, id, text, keys), most similar
         first: a duplicate of any of them, else an update of the most similar one it updates,
-        else stored. With ``dated`` (the candidates' ``updated_at``, for an import), an update
-        of a memory newer than the draft is outdated: a duplicate."""
+        else stored. With ``changed`` (the candidates' ``updated_at``, for dated drafts), an
+        update of a memory changed after the draft is outdated: a duplicate."""
         update: _Decision | None = None
         for similarity, memory_id, text, keys in candidates:
             relation = self._relation(text, draft.text, similarity, keyed=bool(keys or draft.keys))
             outdated = (
-                dated is not None and dated.get(memory_id, draft.updated_at) > draft.updated_at
+                changed is not None and changed.get(memory_id, draft.updated_at) > draft.updated_at
             )
             if relation is Relation.UPDATE and outdated:
                 relation = Relation.DUPLICATE  # the store already knows better
@@ -277,6 +283,7 @@ class WritePath:
         explicit: Mapping[int, Memory | None],
         decisions: Sequence[_Decision | None],
         imported: bool,
+        dated: bool,
     ) -> list[Remembered]:
         """Carry out the decisions: read afresh the stored memories they concern and the ids
         the new ones want (one read), build the new and rewritten memories, and write them all
@@ -312,7 +319,7 @@ class WritePath:
                 decision = _Decision(Outcome.STORED, draft.id)  # it changed meanwhile
             if decision.outcome is Outcome.SUPERSEDED:
                 assert existing is not None
-                if imported and draft.updated_at < existing.updated_at:
+                if dated and draft.updated_at < existing.updated_at:
                     decision = _Decision(Outcome.DUPLICATE, target)  # outdated: known better
             memory_id = draft.id
             if decision.outcome is Outcome.STORED:
@@ -332,10 +339,10 @@ class WritePath:
                 continue
             if decision.outcome is Outcome.SUPERSEDED:
                 assert existing is not None
-                memory = _revised(existing, draft, at=draft.updated_at if imported else None)
+                memory = _revised(existing, draft, at=draft.updated_at if dated else None)
             else:
                 memory = replace(draft, id=memory_id)
-                if not imported:  # a new memory is dated when it is written
+                if not dated:  # a new memory is dated when it is written
                     now = utc_now()
                     memory = replace(memory, created_at=now, updated_at=now)
                 final[draft.id] = memory_id

@@ -506,7 +506,9 @@ class MemoryWriter:
             items, source = extractor(memory, job), Source.BACKGROUND
         else:
             raise PermanentJobError(f"unknown job kind {job.kind!r}")
-        memory.add_many(items, source=source)
+        # dated when the turn was queued: a turn whose try failed, run after the user's next
+        # one, does not undo what that one corrected
+        memory.add_many(items, source=source, said_at=job.created_at)
 
     def _store_for(self, user_id: str) -> MemoryStore:
         """The registered store of ``user_id`` if its application still holds it, else (work

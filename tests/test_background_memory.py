@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 from _reliability_support import wrapped_for
@@ -627,3 +628,53 @@ def test_the_extraction_goes_on_when_the_search_for_near_memories_fails(
     assert client.memory.flush(30)
     assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
     assert client.memory.stats()["events"]["nearby_search_failures"] == 1
+
+
+def test_a_turn_retried_after_a_later_one_does_not_bring_back_what_it_corrected(
+    openai_server, db_path, model
+) -> None:
+    """The first turn's extraction fails once and waits for its retry while the second turn's
+    runs: the move to Denver is stored first, then "Lives in Boston", which was said before it
+    and would update it. Dated by when it was said, it is outdated: Denver stays current."""
+    tries = {"Boston": 0}
+    second_done = threading.Event()
+
+    def respond(body: dict):
+        if not is_extraction(body):
+            return Reply.text("Noted.")
+        if 'user: "I live in Boston"' in prompt_text(body):
+            tries["Boston"] += 1
+            if tries["Boston"] == 1:
+                return Reply.error(503, "overloaded")
+            assert second_done.wait(30)
+            extracted = [{"text": "Lives in Boston", "category": "fact"}]
+        else:
+            extracted = [{"text": "Lives in Denver", "category": "fact"}]
+        return Reply.text(json.dumps({"memories": extracted}))
+
+    openai_server.responder = respond
+    slow_retry = Backoff(initial=1.0, factor=2.0, maximum=1.0, jitter=0.0)
+    client = with_memory(
+        openai_server.client(),
+        user_id="alice",
+        db_path=db_path,
+        embedder=model,
+        retry_backoff=slow_retry,
+    )
+    ask(client, "I live in Boston")
+    deadline = time.monotonic() + 10
+    while tries["Boston"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ask(client, "I moved to Denver last month")
+    deadline = time.monotonic() + 10
+    while "Lives in Denver" not in [m.text for m in client.memory.get_all()]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second_done.set()
+    assert client.memory.flush(30)
+    assert tries["Boston"] == 2  # the first turn was extracted after the second
+    [current] = client.memory.get_all()
+    assert current.text == "Lives in Denver"
+    assert current.created_at < datetime.now(timezone.utc)
+    client.close()

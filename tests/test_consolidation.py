@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from headroom_memory_integrations import (
+    InvalidInputError,
     LocalEmbedder,
     MemoryStore,
     NewMemory,
@@ -684,3 +686,37 @@ def test_a_batch_compares_each_item_with_its_nearest_earlier_ones() -> None:
     assert capped >= 3  # late rows have more similar earlier ones than are kept
     assert found[600][0][0] == 100  # its planted near-duplicate comes first
     assert write_path._earlier_neighbours(vectors[:1], 0.4)[0][0].size == 0
+
+
+def test_a_memory_said_before_the_one_it_would_update_changed_is_outdated(
+    store: MemoryStore,
+) -> None:
+    """``said_at``: memories written later than they were said (a background extraction
+    retried after the user's next turn) are dated then, and never undo a later correction."""
+    now = datetime.now(timezone.utc)
+    denver = store.remember("Lives in Denver").memory
+    hour_ago = now - timedelta(hours=1)
+    older = store.remember_many(["Lives in Boston"], said_at=hour_ago)
+    assert [(d.outcome, d.memory.id) for d in older] == [(Outcome.DUPLICATE, denver.id)]
+    # the model named the memory it replaces: outdated all the same
+    named = store.remember_many(
+        [NewMemory("Lives in Boston", replaces=denver.id)], said_at=hour_ago
+    )
+    assert named[0].outcome is Outcome.DUPLICATE
+    assert [m.text for m in store.get_all()] == ["Lives in Denver"]
+    # said after the memory last changed: an update, dated when it was said
+    later = datetime.now(timezone.utc)
+    [moved] = store.remember_many([NewMemory("Lives in Austin", replaces=denver.id)], said_at=later)
+    assert moved.outcome is Outcome.SUPERSEDED and moved.memory.updated_at == later
+    assert moved.memory.history[-1].text == "Lives in Denver"
+    [again] = store.remember_many(["Lives in Seattle"], said_at=later + timedelta(seconds=0.001))
+    assert again.outcome is Outcome.SUPERSEDED and again.memory.text == "Lives in Seattle"
+    # a new memory is dated when it was said; a time to come is now; a POSIX timestamp works
+    [new] = store.remember_many(["Plays the cello"], said_at=hour_ago.timestamp())
+    assert new.outcome is Outcome.STORED and new.memory.created_at == hour_ago
+    [soon] = store.remember_many(["Keeps bees"], said_at=now + timedelta(days=1))
+    assert soon.memory.created_at <= datetime.now(timezone.utc)
+    for bad in (True, "last Tuesday", [1]):
+        with pytest.raises(InvalidInputError, match="said_at must be"):
+            store.remember_many(["Speaks Welsh"], said_at=bad)
+    assert "Speaks Welsh" not in [m.text for m in store.get_all()]
