@@ -20,7 +20,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
@@ -906,7 +906,11 @@ class MemoryStore(WritePath):
                 f"{type(items).__name__}: pass [item], or use remember / add"
             )
         parsed = [self._parse_item(item, default) for item in items]
-        drafts = [self._draft(item, Source.parse(source), said) for item in parsed]
+        drafts = [
+            # a microsecond apart: one batch's memories keep their order (get_all: oldest first)
+            self._draft(item, Source.parse(source), said and said + timedelta(microseconds=index))
+            for index, item in enumerate(parsed)
+        ]
         if not drafts:
             return []
         vectors, _ = self._embed_opening(lambda: self._vectors(drafts))
