@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -156,3 +156,11 @@ def wrapped_for(wrap: Any, server: Any, users: Sequence[str], **options: Any) ->
     """One client of the scripted ``server`` wrapped by ``wrap`` (``with_memory``, ...) for
     each of ``users``, with the same ``options``."""
     return tuple(wrap(server.client(), user_id=user, **options) for user in users)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

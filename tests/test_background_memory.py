@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from _reliability_support import wrapped_for
+from _reliability_support import wait_for, wrapped_for
 
 from headroom_memory_integrations.jobs import Backoff
 from headroom_memory_integrations.openai import with_memory
@@ -335,25 +335,25 @@ def test_extractions_of_different_users_run_side_by_side_and_each_users_in_order
         queue_path=queue,
     )
 
-    def wait_for(count: int) -> None:
+    def wait_for_started(count: int) -> None:
         deadline = time.monotonic() + 10
         while len(started) < count:
             assert time.monotonic() < deadline, started
             time.sleep(0.01)
 
     ask(alice, "I like jazz")
-    wait_for(1)
+    wait_for_started(1)
     ask(alice, "I now like blues more")
     time.sleep(0.3)
     assert started == ["jazz"] and extraction_threads(queue) == 1  # no thread for her second
     ask(bob, "I like tea")
-    wait_for(2)
+    wait_for_started(2)
     time.sleep(0.3)
     assert started == ["jazz", "tea"]  # bob's beside alice's; alice's second waits
     assert extraction_threads(queue) == 2
     release["tea"].set()
     release["jazz"].set()
-    wait_for(3)
+    wait_for_started(3)
     assert started == ["jazz", "tea", "blues"]
     release["blues"].set()
     assert alice.memory.flush(10) and bob.memory.flush(10)
@@ -662,15 +662,9 @@ def test_a_turn_retried_after_a_later_one_does_not_bring_back_what_it_corrected(
         retry_backoff=slow_retry,
     )
     ask(client, "I live in Boston")
-    deadline = time.monotonic() + 10
-    while tries["Boston"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: tries["Boston"] == 1)  # failed; its retry waits a second
     ask(client, "I moved to Denver last month")
-    deadline = time.monotonic() + 10
-    while "Lives in Denver" not in [m.text for m in client.memory.get_all()]:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: [m.text for m in client.memory.get_all()] == ["Lives in Denver"])
     second_done.set()
     assert client.memory.flush(30)
     assert tries["Boston"] == 2  # the first turn was extracted after the second

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _reliability_support import wait_for
 
 from headroom_memory_integrations.errors import HeadroomMemoryError, InvalidInputError
 from headroom_memory_integrations.jobs import (
@@ -58,13 +59,6 @@ def make_worker(path: Path) -> Iterator[MakeWorker]:
     yield make
     for worker in workers:
         worker.close(timeout=0)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_put_claim_complete_in_fifo_order(queue: JobQueue) -> None:
