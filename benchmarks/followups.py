@@ -9,10 +9,13 @@ possible next message that needs no fact ("ok thanks", "btw what's 15% of 80"). 
 odd number are the development half, even ones the held-out half.
 
 The user holds the 120 facts (planted with consolidation off: they stand for many users) and
-0 or 10k synthetic memories besides (``population``). Each follow-up and aside is searched as a
-wrapper searches the latest message (``chat_message=True``), alone and joined to the earlier
-message (the two searched as one text: a candidate rule that read a short message the gate
-turns away with the previous one was judged so, and not adopted: look 12 of
+0 or 10k synthetic memories besides (``population``); then again with the keys a model writes
+with each memory (``benchmarks/followups_keys.jsonl``: topic words, the question the memory
+answers and three situation questions, written by another instance from the facts alone),
+among synthetic memories with keys, as the wrappers store them. Each follow-up and aside is
+searched as a wrapper searches the latest message (``chat_message=True``), alone and joined to
+the earlier message (the two searched as one text: a candidate rule that read a short message
+the gate turns away with the previous one was judged so, and not adopted: look 12 of
 ``benchmarks/paraphrase_fresh_log.md``): hit@5 of the follow-ups (the fact among what is
 injected), how often they get nothing, and how often an aside gets anything. The earlier
 messages are asked alone too, as a reference.
@@ -24,13 +27,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
+from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore, NewMemory
 
 from .common import ROOT, Context, Row, SectionResult, log
-from .population import fill, memory_cache
+from .paraphrase import KEYED, fact_keys
+from .population import VectorCache, fill, keyed_memory_cache, memory_cache
 
 NAME = "followups"
 ITEMS = ROOT / "benchmarks" / "followups.jsonl"
+KEYS = ROOT / "benchmarks" / "followups_keys.jsonl"
 SIZES = (0, 10_000)
 HALVES = {"dev": 1, "held-out": 0}  # the id's number modulo 2
 
@@ -83,9 +88,30 @@ def run(ctx: Context) -> SectionResult:
     result = SectionResult(NAME)
     items = load()
     real = LocalEmbedder()
-    cache = memory_cache(ctx.cache, real)
-    storage = ChromaStorage.at(ctx.scratch(NAME))
-    facts = [item["fact"] for item in items]
+    sizes = ctx.pick(SIZES, (0,))
+    plain: list[str | NewMemory] = [item["fact"] for item in items]
+    _run_variant(ctx, result, real, items, plain, memory_cache(ctx.cache, real), sizes, "")
+    keyed: list[str | NewMemory] = [
+        NewMemory(item["fact"], keys=keys) for item, keys in zip(items, fact_keys(items, KEYS))
+    ]
+    cache = keyed_memory_cache(ctx.cache, real, max(sizes))
+    _run_variant(ctx, result, real, items, keyed, cache, sizes, KEYED)
+    return result
+
+
+def _run_variant(
+    ctx: Context,
+    result: SectionResult,
+    real: LocalEmbedder,
+    items: Sequence[dict[str, Any]],
+    facts: Sequence[str | NewMemory],
+    cache: VectorCache,
+    sizes: Sequence[int],
+    variant: str,
+) -> None:
+    """The items asked with ``facts`` planted among each of ``sizes`` memories of ``cache``;
+    the rows' names end the size with ``variant``."""
+    storage = ChromaStorage.at(ctx.scratch(NAME + ("-keyed" if variant else "")))
     planted = MemoryStore(
         "followups-user", storage=storage, embedder=real, duplicate_threshold=None
     ).add_many(facts)
@@ -93,18 +119,18 @@ def run(ctx: Context) -> SectionResult:
         raise RuntimeError("two facts of the follow-ups file are the same wording")
     writer = MemoryStore("followups-user", storage=storage, embedder=cache.embedder())
     targets = [memory.id for memory in planted]
-    for size in ctx.pick(SIZES, (0,)):
+    for size in sizes:
         if size:
             fill(writer, cache, size + len(items))
         reader = MemoryStore("followups-user", storage=storage, embedder=real)
-        label = f"{size // 1000}k" if size else "0"
-        log(f"followups: {len(items)} facts + {label} memories ({reader.count()} stored); asking")
+        where = f"{len(items)} facts + {f'{size // 1000}k' if size else '0'} memories{variant}"
+        label = where.split(" + ")[1].replace(" memories", "")  # "10k", "10k, with ... keys"
+        log(f"followups: {where} ({reader.count()} stored); asking")
         for half in HALVES:
             chosen = [i for i, item in enumerate(items) if _half(item) == half]
             measured = _measure(reader, [items[i] for i in chosen], [targets[i] for i in chosen])
             result.details.setdefault(label, {})[half] = measured
             for way, values in measured.items():
                 for measure, value in values.items():
-                    name = f"{len(items)} facts + {label} memories, {half}: {way}: {measure}"
+                    name = f"{where}, {half}: {way}: {measure}"
                     result.add(Row(NAME, name, round(value, 4), "", n=len(chosen)))
-    return result

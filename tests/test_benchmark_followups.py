@@ -1,5 +1,6 @@
-"""The follow-ups benchmark (benchmarks/followups.py): its blind set is whole, and a run at
-0 memories besides reports each way of asking, on both halves."""
+"""The follow-ups benchmark (benchmarks/followups.py): its blind set is whole, with keys for
+every fact, and a run at 0 memories besides reports each way of asking, on both halves, with
+and without the keys."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 from benchmarks import followups
 from benchmarks.common import Context
+from benchmarks.paraphrase import KEYED, fact_keys
+from headroom_memory_integrations.keys import key_questions
 
 
 def test_the_followups_set_is_whole_with_two_halves() -> None:
@@ -18,14 +21,16 @@ def test_the_followups_set_is_whole_with_two_halves() -> None:
     halves = [followups._half(item) for item in items]
     assert halves.count("dev") == halves.count("held-out") == 60
     assert len({item["fact"] for item in items}) == 120
+    keys = fact_keys(items, followups.KEYS)  # the same ids in the same order
+    assert all(len(key_questions(k)) == 4 for k in keys)
 
 
 def test_a_quick_run_reports_every_way_of_asking_on_both_halves(tmp_path: Path) -> None:
     ctx = Context(quick=True, workdir=tmp_path, cache=tmp_path / "cache")
     result = followups.run(ctx)
-    at_zero = result.details["0"]
-    assert set(at_zero) == {"dev", "held-out"}
-    for measured in at_zero.values():
+    assert set(result.details) == {"0", "0" + KEYED}
+    runs = [result.details["0"], result.details["0" + KEYED]]
+    for measured in [half for run in runs for half in run.values()]:
         assert set(measured) == {
             "earlier message alone",
             "follow-up alone",
@@ -40,4 +45,5 @@ def test_a_quick_run_reports_every_way_of_asking_on_both_halves(tmp_path: Path) 
             measured["aside joined to the earlier message"]["false injection"]
             > measured["aside alone"]["false injection"]
         )
-    assert len(result.rows) == 2 * (3 * 2 + 2)
+    assert all(set(run) == {"dev", "held-out"} for run in runs)
+    assert len(result.rows) == 2 * 2 * (3 * 2 + 2)
