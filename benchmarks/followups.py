@@ -123,8 +123,9 @@ def _run_variant(
         if size:
             fill(writer, cache, size + len(items))
         reader = MemoryStore("followups-user", storage=storage, embedder=real)
-        where = f"{len(items)} facts + {f'{size // 1000}k' if size else '0'} memories{variant}"
-        label = where.split(" + ")[1].replace(" memories", "")  # "10k", "10k, with ... keys"
+        size_label = f"{size // 1000}k" if size else "0"
+        label = size_label + variant  # the details' key: "10k", "10k, with model-written keys"
+        where = f"{len(items)} facts + {size_label} memories{variant}"
         log(f"followups: {where} ({reader.count()} stored); asking")
         for half in HALVES:
             chosen = [i for i, item in enumerate(items) if _half(item) == half]
