@@ -86,6 +86,10 @@ after the sixth set's look (look 10).
 written blind to judge the gate that reads the message's text as well as its vector, relearned
 with more messages after the seventh set's look (look 11).
 
+**A ninth fresh set** (2026-12-05, a later session; split ``fresh9``, as the eighth), written
+blind to judge one decision for a chat message that weighed the gate's score against its
+nearest memory's similarity, chosen on the eight sets before it (look 13; not adopted).
+
 **A second fresh set** (2026-12-03, later), written when the first fresh set had had three
 looks: ``benchmarks/paraphrase_fresh2_{pairs,unrelated,keys}.jsonl`` (140 pairs, 20 in each of
 the seven domains above; 80 messages that need no memory: small talk, general knowledge,
@@ -118,6 +122,7 @@ from headroom_memory_integrations import (
     MemoryStore,
     NewMemory,
 )
+from headroom_memory_integrations.embeddings.message_gate import THRESHOLD as GATE_THRESHOLD
 from headroom_memory_integrations.embeddings.query_adapter import adapt_queries
 from headroom_memory_integrations.engine import (
     DEFAULT_MIN_SCORE,
@@ -158,7 +163,17 @@ def _fresh_files(name: str) -> tuple[Path, Path, Path]:
 
 FRESH_SETS = {
     name: _fresh_files(name)
-    for name in ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8")
+    for name in (
+        "fresh",
+        "fresh2",
+        "fresh3",
+        "fresh4",
+        "fresh5",
+        "fresh6",
+        "fresh7",
+        "fresh8",
+        "fresh9",
+    )
 }
 """Each fresh set's files, by split name (every row of a set is of that split)."""
 FRESH_PAIRS, FRESH_UNRELATED, FRESH_KEYS = FRESH_SETS["fresh"]
@@ -174,9 +189,12 @@ SPLIT_NAMES = {
     "fresh6": "sixth fresh",
     "fresh7": "seventh fresh",
     "fresh8": "eighth fresh",
+    "fresh9": "ninth fresh",
 }
 WITHOUT_GATE = "size-aware default, without the message gate"
 """The curve's entry for the default floor alone, every message let through."""
+GATE_THRESHOLDS = (-0.5, -1.0, -2.0, -2.5, -3.0)
+"""Other thresholds of the message gate replayed with the default floor (the gate's curve)."""
 REPLAY_DEPTH = 50  # top_k of the no-floor read: 50 keeps the engine's 200 candidates
 TARGET_SIZE = 10_000
 KEYED_SIZES = (0, 1_000, 10_000)  # embedding 100k index texts would take an hour
@@ -208,7 +226,7 @@ class Asked:
     candidates: list[Candidate]
     target: str | None = None  # the needle's memory id (None for unrelated questions)
     extra: dict[str, Any] = field(default_factory=dict)
-    could_need_memory: bool = True  # the message gate's verdict (False: nothing is injected)
+    need: float | None = None  # the message gate's score (None: no gate applies)
 
 
 # -- floor rules replayed on the candidates ----------------------------------------------------
@@ -259,11 +277,16 @@ def floor_rules() -> dict[str, Rule]:
     return found
 
 
-def _replayer(rule: Rule, memories: int, gated: bool = True) -> Callable[[Asked], list[str]]:
+def _replayer(
+    rule: Rule, memories: int, threshold: float | None = GATE_THRESHOLD
+) -> Callable[[Asked], list[str]]:
     """What ``rule`` keeps of a question's candidates in a store of ``memories``: nothing for a
-    message the gate turns away (unless not ``gated``), as a wrapper's injection does."""
+    message whose gate score is under ``threshold`` (by default the engine's; None: no gate),
+    as a wrapper's injection does."""
     return lambda asked: (
-        replay(asked.candidates, rule, memories) if asked.could_need_memory or not gated else []
+        []
+        if threshold is not None and asked.need is not None and asked.need < threshold
+        else replay(asked.candidates, rule, memories)
     )
 
 
@@ -322,8 +345,8 @@ def ask_all(
             Candidate(r.memory.id, r.score, float(centred.similarity_of(v)), bool(r.memory.keys))
             for r, v in zip(found, stored)
         ]
-        passes = reader._query(row["question"]).could_need_memory  # private: the gate's verdict
-        asked.append(Asked(row["question"], row["split"], injected, candidates, target, {}, passes))
+        need = reader._query(row["question"]).need  # private: the gate's score
+        asked.append(Asked(row["question"], row["split"], injected, candidates, target, {}, need))
     return asked
 
 
@@ -532,7 +555,11 @@ def _run_sizes(
             name: measure(needles, unrelated, _replayer(rule, memories))
             for name, rule in all_rules.items()
         }
-        curve[WITHOUT_GATE] = measure(needles, unrelated, _replayer(default, memories, False))
+        curve[WITHOUT_GATE] = measure(needles, unrelated, _replayer(default, memories, None))
+        for threshold in GATE_THRESHOLDS:
+            curve[f"size-aware default, the gate at {threshold}"] = measure(
+                needles, unrelated, _replayer(default, memories, threshold)
+            )
         details[label] = {
             "memories": memories,
             "floor": relevance_floor(DEFAULT_MIN_SCORE, memories),
@@ -596,6 +623,7 @@ def _needle_detail(asked: Asked, pair: dict[str, Any]) -> dict[str, Any]:
         if asked.target in asked.injected
         else None,
         "injected": len(asked.injected),
+        "gate": None if asked.need is None else round(asked.need, 2),
     }
 
 

@@ -32,7 +32,8 @@ from .concurrency import user_write_lock, wording_id
 from .display import MemoryList, MemoryStats, SearchResults, store_html
 from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
-from .embeddings.message_gate import could_need_memory
+from .embeddings.message_gate import THRESHOLD as GATE_THRESHOLD
+from .embeddings.message_gate import need_for_memory
 from .embeddings.query_adapter import adapt_queries
 from .errors import InvalidInputError, MemoryNotFoundError, StorageError
 from .jobs import user_tag
@@ -141,11 +142,16 @@ _QUERY_CACHE_SIZE = 1024
 @dataclass(frozen=True)
 class _Query:
     """A search's text as the store compares it: its vector (adapted, see
-    :mod:`.embeddings.query_adapter`) and whether, as a chat message, it could need a memory
-    (:mod:`.embeddings.message_gate`)."""
+    :mod:`.embeddings.query_adapter`) and, as a chat message, the gate's log-odds that it needs
+    a memory (:mod:`.embeddings.message_gate`; None where no gate applies)."""
 
     vector: Vectors
-    could_need_memory: bool
+    need: float | None
+
+    @property
+    def could_need_memory(self) -> bool:
+        """Whether, as a chat message, it could need a memory (the gate lets it through)."""
+        return self.need is None or self.need >= GATE_THRESHOLD
 
 
 _Embedded = TypeVar("_Embedded", Vectors, _Query)
@@ -562,7 +568,7 @@ class MemoryStore(WritePath):
         raw = self._embed([query])[0]
         found = _Query(
             adapt_queries(self.embedder.name, raw),
-            could_need_memory(self.embedder.name, raw, query),
+            need_for_memory(self.embedder.name, raw, query),
         )
         with self._cache_lock:
             self._query_cache[query] = found

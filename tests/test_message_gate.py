@@ -13,8 +13,8 @@ from headroom_memory_integrations.embeddings.message_gate import (
     MAX_CHARS,
     THRESHOLD,
     MessageGate,
-    could_need_memory,
     message_gate,
+    need_for_memory,
     text_features,
 )
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
@@ -55,8 +55,8 @@ def test_only_the_model_it_was_learned_for_is_gated() -> None:
     gate = message_gate("all-MiniLM-L6-v2")
     assert gate is not None and gate.dimension == 384
     assert message_gate("text-embedding-3-small") is None
-    assert could_need_memory("text-embedding-3-small", np.zeros(1536, dtype=np.float32), "hi")
-    assert could_need_memory("all-MiniLM-L6-v2", np.zeros(1536, dtype=np.float32), "hi")
+    assert need_for_memory("text-embedding-3-small", np.zeros(1536, dtype=np.float32), "hi") is None
+    assert need_for_memory("all-MiniLM-L6-v2", np.zeros(1536, dtype=np.float32), "hi") is None
     with pytest.raises(ValueError, match="and a bias in one row"):
         MessageGate(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="and a bias in one row"):
@@ -73,9 +73,10 @@ def test_the_gate_scores_a_row_alone_as_in_a_batch(model) -> None:
     assert float(gate.score(vectors[0], texts[0])) == pytest.approx(float(scores[0]), abs=1e-5)
     assert (scores[: len(NEEDLESS)] < THRESHOLD).all(), scores
     assert (scores[len(NEEDLESS) :] >= THRESHOLD).all(), scores
-    # a message longer than any it learned from is let through, whatever its score
-    assert not could_need_memory(model.name, vectors[0], texts[0].ljust(MAX_CHARS))
-    assert could_need_memory(model.name, vectors[0], texts[0].ljust(MAX_CHARS + 1))
+    # a message longer than any it learned from has no score: it is let through, whatever it says
+    at_most = need_for_memory(model.name, vectors[0], texts[0].ljust(MAX_CHARS))
+    assert at_most is not None and at_most < THRESHOLD
+    assert need_for_memory(model.name, vectors[0], texts[0].ljust(MAX_CHARS + 1)) is None
 
 
 def test_the_gate_reads_whether_the_writer_asks_about_themself(model) -> None:

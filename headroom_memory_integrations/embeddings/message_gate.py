@@ -48,7 +48,9 @@ is fairly sure of (a chance below 18%). Chosen on the development sets of the pa
 benchmark at 10k memories (docs/benchmarks.md, "The gate reads the text too"): false injection
 12.8% -> 4.9% on their mean, hit@5 0.778 -> 0.765, with "which language?" still let through. A
 terse follow-up whose subject is in an earlier turn ("Which language for it?") can be turned
-away: the gate reads the latest message alone."""
+away: the gate reads the latest message alone. The curve of other thresholds is in the
+paraphrase benchmark's details; weighing the score against the nearest memory's similarity
+instead was tried and not adopted (docs/benchmarks.md, "One decision for a chat message")."""
 
 MAX_CHARS = 300
 """Longer messages are never turned away: every message the gate learned from was shorter
@@ -113,11 +115,6 @@ class MessageGate:
             + self.bias
         )
 
-    def needs_memory(self, vector: Vectors, text: str) -> bool:
-        """Whether the message ``text``, whose vector this is, could need a memory (its score
-        reaches :data:`THRESHOLD`)."""
-        return bool(self.score(vector, text) >= THRESHOLD)
-
 
 _gates = PerModel(GATES, MessageGate)
 
@@ -128,11 +125,11 @@ def message_gate(model: str) -> MessageGate | None:
     return _gates(model)
 
 
-def could_need_memory(model: str, vector: Vectors, text: str) -> bool:
-    """Whether the chat message ``text``, whose ``vector`` (of ``model``) this is, could need a
-    memory: the gate's verdict where one applies (:func:`message_gate`, a message of at most
-    :data:`MAX_CHARS`), else True."""
+def need_for_memory(model: str, vector: Vectors, text: str) -> float | None:
+    """The gate's score of the chat message ``text``, whose ``vector`` (of ``model``) this is:
+    the log-odds that it needs a memory (under :data:`THRESHOLD`: it gets none), or None where
+    no gate applies (another model, or a message longer than :data:`MAX_CHARS`)."""
     gate = message_gate(model)
     if gate is None or np.shape(vector)[-1] != gate.dimension or len(text) > MAX_CHARS:
-        return True
-    return gate.needs_memory(vector, text)
+        return None
+    return float(gate.score(vector, text))
