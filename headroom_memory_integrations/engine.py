@@ -161,6 +161,13 @@ def _dimension_of(embedded: Vectors | _Query) -> int:
     return int((embedded.vector if isinstance(embedded, _Query) else embedded).shape[-1])
 
 
+FOLLOW_UP_WORDS = 6
+"""A chat message of at most this many words may be a follow-up of the user's previous message
+("which one for it?"), and is searched joined to it when that brings a memory nearer
+(``search(..., previous_message=...)``). On follow-ups written blind, with memories stored with
+keys among 10k others, hit@5 rose from 0.100 to 0.300 while 4.2% of asides ("ok thanks") drew
+a memory instead of 1.7% (docs/benchmarks.md, "Follow-ups")."""
+
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
 _COUNT_SECONDS = 30.0  # how long a store trusts the memory count its floor was set with
 
@@ -634,6 +641,7 @@ class MemoryStore(WritePath):
         *,
         min_score: float | None = None,
         chat_message: bool = False,
+        previous_message: str | None = None,
     ) -> list[SearchResult]:
         """The memories most relevant to ``query``, most relevant first.
 
@@ -652,6 +660,13 @@ class MemoryStore(WritePath):
                 ``stats()["events"]["gated_messages"]``), unless ``min_score`` is ``-1`` or
                 less (no floor at all).
 
+            previous_message: With ``chat_message``, the user's message before ``query``. A
+                ``query`` of at most :data:`FOLLOW_UP_WORDS` words is then searched joined to
+                it when that brings a memory nearer than the previous message alone does: a
+                follow-up ("what can I take for it?" after "the doctor thinks I have strep
+                throat") finds what the two say together, and an aside ("ok thanks") is
+                searched alone (see :meth:`_follow_up`).
+
         Returns:
             ``(memory, score)`` pairs; higher scores are more relevant, and every memory's
             similarity to the query (see :func:`centred_query`) reaches the floor, so an
@@ -660,6 +675,12 @@ class MemoryStore(WritePath):
         """
         query = clean_text(query, "query")
         top_k = check_top_k(top_k)
+        if chat_message and previous_message is not None:
+            joined = self._follow_up(query, previous_message, min_score)
+            if joined is not None:
+                return self.search(
+                    joined, top_k, categories, min_score=min_score, chat_message=True
+                )
         if isinstance(categories, str | Category):
             one = categories.value if isinstance(categories, Category) else categories
             raise InvalidInputError(f"categories must be a list, such as [{one!r}], not one")
@@ -700,6 +721,28 @@ class MemoryStore(WritePath):
             query=query,
             min_score=floor,
         )
+
+    def _follow_up(self, query: str, previous: object, min_score: float | None) -> str | None:
+        """``query`` joined to the user's ``previous`` message, when ``query`` reads as a
+        follow-up of it: at most :data:`FOLLOW_UP_WORDS` words, and the joined text's best
+        memory scores higher than ``previous``'s own best. Else None (``query`` is searched
+        alone). The previous message was searched for its own turn, so its vector is usually
+        cached; the joined text costs one more embedding."""
+        if len(query.split()) > FOLLOW_UP_WORDS:
+            return None
+        if min_score is not None and check_min_score(min_score) <= -1.0:
+            return None  # no floor, no gate: the caller asked for the plain nearest memories
+        try:
+            earlier = clean_text(previous, "previous message")[-MAX_TEXT_CHARS // 2 :]
+        except InvalidInputError:  # none, blank or unusable: the message is searched alone
+            return None
+        joined = f"{earlier}\n{query}"[-MAX_TEXT_CHARS:]
+
+        def best(text: str) -> float:
+            found = self.search(text, top_k=1, min_score=-1.0)
+            return found[0].score if found else -math.inf
+
+        return joined if best(joined) > best(earlier) else None
 
     def _memories(self, collection: UserCollection, found: int, limit: int) -> int:
         """How many memories the user has, for the floor: ``found`` when the nearest-neighbour

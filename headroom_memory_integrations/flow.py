@@ -202,11 +202,14 @@ class MemoryFlow:
         instruct: bool = True,
         model: str | None = None,
         untrusted: bool = False,
+        previous_text: str | None = None,
     ) -> Turn:
         """Prepare a call whose latest user message says ``user_text``. Never raises.
 
         Args:
             user_text: The latest user message's text (None or blank: nothing to search with).
+            previous_text: The user message before it, if any: a short follow-up is searched
+                with it ("which one for it?"; ``MemoryStore.search``'s ``previous_message``).
             instruct: False when the answer must stay machine-readable (JSON, a forced tool
                 call): memories are injected but the inline instruction is not added.
             model: The model's name, for background extraction.
@@ -222,7 +225,7 @@ class MemoryFlow:
             parts = []
             if turn.user_text:
                 self.jobs.settle(self.memory)
-                context = self._recall(turn, turn.user_text)
+                context = self._recall(turn, turn.user_text, previous_text)
                 parts += [context] if context else []
             if self.inline and instruct:
                 turn.nonce = new_nonce()
@@ -233,10 +236,16 @@ class MemoryFlow:
             turn.prompt, turn.nonce, turn.injected = None, None, {}
         return turn
 
-    def _recall(self, turn: Turn, query: str) -> str:
-        """The context block of the memories relevant to ``query`` ("" if none or on failure)."""
+    def _recall(self, turn: Turn, query: str, previous: str | None = None) -> str:
+        """The context block of the memories relevant to ``query``, the user's message after
+        ``previous`` ("" if none or on failure)."""
         try:
-            found = self.memory.search(query[-MAX_TEXT_CHARS:], top_k=self.top_k, chat_message=True)
+            found = self.memory.search(
+                query[-MAX_TEXT_CHARS:],
+                top_k=self.top_k,
+                chat_message=True,
+                previous_message=previous,
+            )
         except Exception:
             self.failed("inject_failures", "could not search memories; answering without them")
             return ""

@@ -48,9 +48,11 @@ is fairly sure of (a chance below 18%). Chosen on the development sets of the pa
 benchmark at 10k memories (docs/benchmarks.md, "The gate reads the text too"): false injection
 12.8% -> 4.9% on their mean, hit@5 0.778 -> 0.765, with "which language?" still let through. A
 terse follow-up whose subject is in an earlier turn ("Which language for it?") can be turned
-away: the gate reads the latest message alone. The curve of other thresholds is in the
-paraphrase benchmark's details; weighing the score against the nearest memory's similarity
-instead was tried and not adopted (docs/benchmarks.md, "One decision for a chat message")."""
+away when it is searched alone (the engine searches it with the previous message when that
+brings a memory nearer: ``MemoryStore.search``'s ``previous_message``). The curve of other
+thresholds is in the paraphrase benchmark's details; weighing the score against the nearest
+memory's similarity instead was tried and not adopted (docs/benchmarks.md, "One decision for a
+chat message")."""
 
 MAX_CHARS = 300
 """Longer messages are never turned away: every message the gate learned from was shorter

@@ -134,8 +134,10 @@ class MessagesFlow:
         index = latest_index(call.messages, is_user)
         if index is None:
             return call
+        previous = latest_index(call.messages[:index], is_user)
         call.turn = self.flow.start(
             message_text(call.messages[index]),
+            previous_text=None if previous is None else message_text(call.messages[previous]),
             instruct=inline_extraction_allowed(call_kwargs),
             untrusted=fetches_outside_text({**call_kwargs, "messages": call.messages})
             or any(is_tool_result(message) for message in call.messages),

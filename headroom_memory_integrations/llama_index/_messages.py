@@ -124,6 +124,12 @@ def latest_user_text(messages: Sequence[ChatMessage]) -> str | None:
     return None if index is None else text_of(messages[index])
 
 
+def previous_user_text(messages: Sequence[ChatMessage]) -> str | None:
+    """The text of the user's message before their latest one, or None when there is none."""
+    index = user_index(messages)
+    return None if index is None else latest_user_text(messages[:index])
+
+
 def calls_tools(message: ChatMessage) -> bool:
     """Whether an assistant message asks for tool calls (so it is not the final answer)."""
     return bool(message.additional_kwargs.get("tool_calls")) or any(

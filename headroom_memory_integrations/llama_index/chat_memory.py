@@ -30,6 +30,7 @@ from ._messages import (
     is_observation,
     is_tool_output,
     latest_user_text,
+    previous_user_text,
     system_message,
     text_of,
     user_index,
@@ -284,7 +285,10 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
             asked = None
         stored = self.get_all()
         query = asked if asked and asked.strip() else latest_user_text(stored)
-        turn = self._flow.start(query, instruct=False)
+        previous = latest_user_text(stored)
+        if query is None or previous is None or previous.strip() == query.strip():
+            previous = previous_user_text(stored)  # the query is the latest stored message
+        turn = self._flow.start(query, instruct=False, previous_text=previous)
         prompt = turn.prompt
         used = len(self.tokenizer_fn(prompt)) if prompt else 0
         if initial_token_count + used > self.token_limit:

@@ -58,6 +58,7 @@ from ._instrumentation import astepped, stepped, viewed
 from ._messages import (
     attaches_outside_text,
     holds_tool_results,
+    latest_user_text,
     system_message,
     text_of,
     user_index,
@@ -353,6 +354,7 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
         asked = text_of(sent[index])
         turn = self._flow.start(
             asked,
+            previous_text=latest_user_text(sent[:index]),
             instruct=inline_extraction_allowed(kwargs)
             and inline_extraction_allowed(self._own_options())
             and _user_wrote(asked),

@@ -18,7 +18,7 @@ from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..flow import MemoryFlow
 from ..storage import Storage
-from ._messages import latest_user_text
+from ._messages import latest_user_text, previous_user_text
 from ._wiring import PathLike, Pickled, background_flow, check_saveable, memory_fields
 
 _Shown = tuple[tuple[str, datetime, str], ...]  # memories as (id, last changed, text)
@@ -146,9 +146,12 @@ class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
         asked = latest_user_text(messages or [])
         if not asked or not asked.strip():
             return ""
-        return await asyncio.to_thread(self._recall, asked, block_kwargs.get("session_id"))
+        previous = previous_user_text(messages or [])
+        return await asyncio.to_thread(
+            self._recall, asked, block_kwargs.get("session_id"), previous
+        )
 
-    def _recall(self, asked: str, session: str | None) -> str:
+    def _recall(self, asked: str, session: str | None, previous: str | None = None) -> str:
         with self._lock:
             latest = self._asked.get(session)
         if latest is not None and latest.text == asked.strip() and self._unchanged(latest):
@@ -157,7 +160,7 @@ class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
             # if from an earlier conversation (and a prompt that changes within a turn). Unless
             # one of them was deleted or changed meanwhile (a tool that forgets): then anew.
             return latest.prompt
-        turn = self._flow.start(asked, instruct=False)
+        turn = self._flow.start(asked, instruct=False, previous_text=previous)
         if turn.user_text is None:
             return ""
         now = _Asked(turn.user_text, turn.prompt or "", self._as_now(turn.injected.values()))

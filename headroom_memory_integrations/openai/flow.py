@@ -118,8 +118,10 @@ class CompletionsFlow:
         if index is None:
             return call
         model = kwargs.get("model")
+        previous = latest_index(users[:index], bool)
         call.turn = self.flow.start(
             message_text(messages[index]),
+            previous_text=None if previous is None else message_text(messages[previous]),
             instruct=inline_extraction_allowed(kwargs),
             model=model if isinstance(model, str) else None,
             untrusted=bool(observations)

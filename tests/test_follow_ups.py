@@ -1,0 +1,157 @@
+"""A short chat message searched with the user's previous one (``search(...,
+previous_message=...)``): a follow-up finds what the two say together, an aside stays alone; every
+wrapper passes the previous user message."""
+
+from __future__ import annotations
+
+import pytest
+
+from headroom_memory_integrations import MemoryStore, NewMemory
+from headroom_memory_integrations.engine import FOLLOW_UP_WORDS
+
+# written for this test (none is in a benchmark file)
+KNEE = NewMemory(
+    "Recovering from knee surgery in March",
+    keys="health, knee, recovery, How is my knee doing?, Can I go skiing this winter?, "
+    "Which exercises are safe for me?, Should I join a long hike?",
+)
+MEMORIES = [
+    KNEE,
+    NewMemory(
+        "Plays cello in a community orchestra",
+        keys="music, cello, orchestra, Which instrument do I play?, What gift would suit me?, "
+        "Should I join the summer music camp?, Which concerts should I see?",
+    ),
+    NewMemory(
+        "Works night shifts as an ICU nurse",
+        keys="work, nursing, night shift, What is my job?, When should I book appointments?, "
+        "Should I take the weekend shift?, When can I meet friends?",
+    ),
+    NewMemory(
+        "Lives in Lisbon",
+        keys="home, Portugal, Lisbon, Where do I live?, Should I go to the beach this weekend?, "
+        "What is the weather like near me?, Which time zone am I in?",
+    ),
+    NewMemory(
+        "Saving for a deposit on a flat",
+        keys="money, savings, housing, What am I saving for?, Should I buy the new phone?, "
+        "Can I afford a holiday?, How much should I spend on gifts?",
+    ),
+]
+EARLIER = "my friends invited me on a ski trip to the Alps next month"
+FOLLOW_UP = "should I go?"
+ASIDE = "lol ok"
+
+
+@pytest.fixture
+def alice(db_path, model) -> MemoryStore:
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    store.add_many(MEMORIES)
+    return store
+
+
+def texts(found) -> list[str]:
+    return [memory.text for memory, _ in found]
+
+
+def first_listed(context: str) -> str:
+    """The memory an injected context lists first (alone, "should I go?" lists Lisbon first)."""
+    shown = [m.text for m in MEMORIES if m.text in context]
+    return min(shown, key=context.index) if shown else ""
+
+
+def test_a_follow_up_is_searched_with_the_message_before_it(alice: MemoryStore) -> None:
+    alone = texts(alice.search(FOLLOW_UP, chat_message=True))
+    assert alone[:1] != [KNEE.text]  # alone, "should I go?" is nearer other memories' keys
+    followed = alice.search(FOLLOW_UP, chat_message=True, previous_message=EARLIER)
+    assert texts(followed)[:1] == [KNEE.text]
+    assert followed.query == f"{EARLIER}\n{FOLLOW_UP}"  # what was searched
+
+
+def test_an_aside_and_a_longer_message_are_searched_alone(alice: MemoryStore) -> None:
+    # joined, the aside pulls the text away from the memory the earlier message found
+    aside = alice.search(ASIDE, chat_message=True, previous_message=EARLIER)
+    assert aside == alice.search(ASIDE, chat_message=True) and aside.query == ASIDE
+    longer = f"{FOLLOW_UP} it would be my first time skiing in years"
+    assert len(longer.split()) > FOLLOW_UP_WORDS
+    found = alice.search(longer, chat_message=True, previous_message=EARLIER)
+    assert found.query == longer
+    # not a chat message, or no floor at all: the message alone, as asked
+    assert alice.search(FOLLOW_UP, previous_message=EARLIER).query == FOLLOW_UP
+    kept = alice.search(FOLLOW_UP, chat_message=True, previous_message=EARLIER, min_score=-1)
+    assert kept.query == FOLLOW_UP
+
+
+@pytest.mark.parametrize("previous", [None, "", "   ", "\x00\x01", 42])
+def test_no_usable_previous_message_leaves_the_message_alone(alice: MemoryStore, previous) -> None:
+    found = alice.search(FOLLOW_UP, chat_message=True, previous_message=previous)
+    assert found.query == FOLLOW_UP
+    assert found == alice.search(FOLLOW_UP, chat_message=True)
+
+
+def test_a_previous_message_is_cleaned_as_a_query_is(alice: MemoryStore) -> None:
+    found = alice.search(FOLLOW_UP, chat_message=True, previous_message=f"{EARLIER}\ud800")
+    assert texts(found)[:1] == [KNEE.text] and "\ud800" not in found.query
+
+
+@pytest.mark.openai_client
+def test_the_openai_wrapper_passes_the_previous_user_message(client, openai_server) -> None:
+    client.memory.add_many(MEMORIES)
+    client.chat.completions.create(
+        model="gpt-4o",
+        messages=[
+            {"role": "user", "content": EARLIER},
+            {"role": "assistant", "content": "Sounds fun! When do you leave?"},
+            {"role": "user", "content": FOLLOW_UP},
+        ],
+    )
+    sent = openai_server.requests[-1].body["messages"]
+    context = next(m["content"] for m in sent if m["role"] == "system")
+    assert first_listed(context) == KNEE.text
+
+
+def test_the_langchain_chat_model_passes_the_previous_user_message(
+    openai_server, db_path, model
+) -> None:
+    from _langchain_support import sent
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    from headroom_memory_integrations.langchain import MemoryChatModel
+
+    base = ChatOpenAI(
+        model="gpt-4o-mini", base_url=openai_server.base_url, api_key="sk-scripted", max_retries=0
+    )
+    chat = MemoryChatModel(model=base, user_id="alice", db_path=db_path, embedder=model)
+    chat.memory.add_many(MEMORIES)
+    chat.invoke([HumanMessage(EARLIER), AIMessage("Sounds fun!"), HumanMessage(FOLLOW_UP)])
+    context = next(m["content"] for m in sent(openai_server) if m["role"] == "system")
+    assert first_listed(context) == KNEE.text
+
+
+def test_the_llama_index_llm_and_buffer_pass_the_previous_user_message(db_path, model) -> None:
+    from _llama_index_support import ScriptedLLM
+    from llama_index.core.base.llms.types import ChatMessage
+
+    from headroom_memory_integrations.llama_index import HeadroomChatMemoryBuffer, MemoryLLM
+
+    conversation = [
+        ChatMessage(role="user", content=EARLIER),
+        ChatMessage(role="assistant", content="Sounds fun!"),
+        ChatMessage(role="user", content=FOLLOW_UP),
+    ]
+    base = ScriptedLLM()
+    llm = MemoryLLM(llm=base, user_id="alice", db_path=db_path, embedder=model)
+    llm.memory.add_many(MEMORIES)
+    llm.chat(conversation)
+    system = [m["content"] for m in base.brain.requests[-1] if m["role"] == "system"]
+    assert system and first_listed(system[-1]) == KNEE.text
+    llm.memory.close()
+
+    buffer = HeadroomChatMemoryBuffer.from_defaults(
+        user_id="alice", db_path=db_path, embedder=model, llm=ScriptedLLM()
+    )
+    for message in conversation:
+        buffer.put(message)
+    memories = [m for m in buffer.get() if m.role == "system"]  # placed by the latest message
+    assert memories and first_listed(str(memories[0].content)) == KNEE.text
