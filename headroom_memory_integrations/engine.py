@@ -32,6 +32,7 @@ from .concurrency import user_write_lock, wording_id
 from .display import MemoryList, MemoryStats, SearchResults, store_html
 from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
+from .embeddings.message_gate import MAX_CHARS as GATE_MAX_CHARS
 from .embeddings.message_gate import THRESHOLD as GATE_THRESHOLD
 from .embeddings.message_gate import need_for_memory
 from .embeddings.query_adapter import adapt_queries
@@ -724,19 +725,23 @@ class MemoryStore(WritePath):
 
     def _follow_up(self, query: str, previous: object, min_score: float | None) -> str | None:
         """``query`` joined to the user's ``previous`` message, when ``query`` reads as a
-        follow-up of it: at most :data:`FOLLOW_UP_WORDS` words, and the joined text's best
-        memory scores higher than ``previous``'s own best. Else None (``query`` is searched
-        alone). The previous message was searched for its own turn, so its vector is usually
-        cached; the joined text costs one more embedding."""
+        follow-up of it: at most :data:`FOLLOW_UP_WORDS` words, after a conversational message
+        (at most ``message_gate.MAX_CHARS`` characters: a longer one is usually a document or
+        pasted text, which would drown the follow-up), and the joined text's best memory
+        scores higher than ``previous``'s own best. Else None (``query`` is searched alone).
+        The previous message was searched for its own turn, so its vector is usually cached;
+        the joined text costs one more embedding."""
         if len(query.split()) > FOLLOW_UP_WORDS:
             return None
         if min_score is not None and check_min_score(min_score) <= -1.0:
             return None  # no floor, no gate: the caller asked for the plain nearest memories
         try:
-            earlier = clean_text(previous, "previous message")[-MAX_TEXT_CHARS // 2 :]
+            earlier = clean_text(previous, "previous message")
         except InvalidInputError:  # none, blank or unusable: the message is searched alone
             return None
-        joined = f"{earlier}\n{query}"[-MAX_TEXT_CHARS:]
+        if len(earlier) > GATE_MAX_CHARS:
+            return None
+        joined = f"{earlier}\n{query}"
 
         def best(text: str) -> float:
             found = self.search(text, top_k=1, min_score=-1.0)

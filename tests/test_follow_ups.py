@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from headroom_memory_integrations import MemoryStore, NewMemory
+from headroom_memory_integrations.embeddings.message_gate import MAX_CHARS
 from headroom_memory_integrations.engine import FOLLOW_UP_WORDS
 
 # written for this test (none is in a benchmark file)
@@ -80,6 +81,12 @@ def test_an_aside_and_a_longer_message_are_searched_alone(alice: MemoryStore) ->
     assert alice.search(FOLLOW_UP, previous_message=EARLIER).query == FOLLOW_UP
     kept = alice.search(FOLLOW_UP, chat_message=True, previous_message=EARLIER, min_score=-1)
     assert kept.query == FOLLOW_UP
+
+
+def test_a_follow_up_of_pasted_text_is_searched_alone(alice: MemoryStore) -> None:
+    pasted = f"{EARLIER}. Here is the itinerary they sent: " + "day one, cable cars; " * 20
+    assert len(pasted) > MAX_CHARS
+    assert alice.search(FOLLOW_UP, chat_message=True, previous_message=pasted).query == FOLLOW_UP
 
 
 @pytest.mark.parametrize("previous", [None, "", "   ", "\x00\x01", 42])
