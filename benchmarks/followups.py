@@ -38,6 +38,10 @@ ITEMS = ROOT / "benchmarks" / "followups.jsonl"
 KEYS = ROOT / "benchmarks" / "followups_keys.jsonl"
 SIZES = (0, 10_000)
 HALVES = {"dev": 1, "held-out": 0}  # the id's number modulo 2
+ENGINE_FOLLOW_UP = "follow-up after the earlier message (the engine)"
+ENGINE_ASIDE = "aside after the earlier message (the engine)"
+"""The ways the wrappers ask now: the earlier message passed as the previous one
+(``search(..., previous_message=...)``)."""
 
 
 def load() -> list[dict[str, Any]]:
@@ -49,10 +53,18 @@ def _half(item: dict[str, Any]) -> str:
     return next(name for name, rest in HALVES.items() if number % 2 == rest)
 
 
-def _injected(reader: MemoryStore, message: str, earlier: str | None) -> list[str]:
-    """What a wrapper injects for ``message`` (joined to ``earlier``, if given)."""
-    asked = message if earlier is None else f"{earlier}\n{message}"
-    return [result.memory.id for result in reader.search(asked, top_k=5, chat_message=True)]
+def _injected(
+    reader: MemoryStore, message: str, earlier: str | None, *, engine: bool = False
+) -> list[str]:
+    """What is injected for ``message`` searched alone, joined to ``earlier`` (if given), or,
+    with ``engine``, as the wrappers search it now: with ``earlier`` as the previous message
+    (joined only when that brings a memory nearer: look 15)."""
+    if engine:
+        found = reader.search(message, top_k=5, chat_message=True, previous_message=earlier)
+    else:
+        asked = message if earlier is None else f"{earlier}\n{message}"
+        found = reader.search(asked, top_k=5, chat_message=True)
+    return [result.memory.id for result in found]
 
 
 def _measure(
@@ -61,23 +73,30 @@ def _measure(
     """For each way of asking: hit@5 and nothing returned of the follow-ups, and false
     injection of the asides."""
     ways = {
-        "earlier message alone": lambda item: (item["earlier"], None),
-        "follow-up alone": lambda item: (item["follow_up"], None),
+        "earlier message alone": lambda item: (item["earlier"], None, False),
+        "follow-up alone": lambda item: (item["follow_up"], None, False),
         "follow-up joined to the earlier message": lambda item: (
             item["follow_up"],
             item["earlier"],
+            False,
         ),
+        ENGINE_FOLLOW_UP: lambda item: (item["follow_up"], item["earlier"], True),
     }
     measured: dict[str, dict[str, float]] = {}
     for way, ask in ways.items():
-        found = [_injected(reader, *ask(item)) for item in items]
+        found = [_injected(reader, *ask(item)[:2], engine=ask(item)[2]) for item in items]
         measured[way] = {
             "hit@5": sum(t in ids for t, ids in zip(targets, found)) / len(items),
             "nothing": sum(not ids for ids in found) / len(items),
         }
-    for way, previous in (("aside alone", False), ("aside joined to the earlier message", True)):
+    asides = (
+        ("aside alone", False, False),
+        ("aside joined to the earlier message", True, False),
+        (ENGINE_ASIDE, True, True),
+    )
+    for way, previous, engine in asides:
         injected = [
-            _injected(reader, item["aside"], item["earlier"] if previous else None)
+            _injected(reader, item["aside"], item["earlier"] if previous else None, engine=engine)
             for item in items
         ]
         measured[way] = {"false injection": sum(bool(ids) for ids in injected) / len(items)}

@@ -37,6 +37,8 @@ def test_a_quick_run_reports_every_way_of_asking_on_both_halves(tmp_path: Path) 
             "follow-up joined to the earlier message",
             "aside alone",
             "aside joined to the earlier message",
+            followups.ENGINE_FOLLOW_UP,
+            followups.ENGINE_ASIDE,
         }
         for way, values in measured.items():
             assert all(0.0 <= value <= 1.0 for value in values.values()), way
@@ -45,5 +47,10 @@ def test_a_quick_run_reports_every_way_of_asking_on_both_halves(tmp_path: Path) 
             measured["aside joined to the earlier message"]["false injection"]
             > measured["aside alone"]["false injection"]
         )
+        # the engine joins an aside only when that brings a memory nearer
+        assert (
+            measured[followups.ENGINE_ASIDE]["false injection"]
+            < measured["aside joined to the earlier message"]["false injection"]
+        )
     assert all(set(run) == {"dev", "held-out"} for run in runs)
-    assert len(result.rows) == 2 * 2 * (3 * 2 + 2)
+    assert len(result.rows) == 2 * 2 * (4 * 2 + 3)
