@@ -72,34 +72,29 @@ def _measure(
 ) -> dict[str, dict[str, float]]:
     """For each way of asking: hit@5 and nothing returned of the follow-ups, and false
     injection of the asides."""
-    ways = {
-        "earlier message alone": lambda item: (item["earlier"], None, False),
-        "follow-up alone": lambda item: (item["follow_up"], None, False),
-        "follow-up joined to the earlier message": lambda item: (
-            item["follow_up"],
-            item["earlier"],
-            False,
-        ),
-        ENGINE_FOLLOW_UP: lambda item: (item["follow_up"], item["earlier"], True),
-    }
+    # (way, the message asked, after the earlier message?, as the engine does it?)
+    ways = (
+        ("earlier message alone", "earlier", False, False),
+        ("follow-up alone", "follow_up", False, False),
+        ("follow-up joined to the earlier message", "follow_up", True, False),
+        (ENGINE_FOLLOW_UP, "follow_up", True, True),
+        ("aside alone", "aside", False, False),
+        ("aside joined to the earlier message", "aside", True, False),
+        (ENGINE_ASIDE, "aside", True, True),
+    )
     measured: dict[str, dict[str, float]] = {}
-    for way, ask in ways.items():
-        found = [_injected(reader, *ask(item)[:2], engine=ask(item)[2]) for item in items]
+    for way, asked, after, engine in ways:
+        found = [
+            _injected(reader, item[asked], item["earlier"] if after else None, engine=engine)
+            for item in items
+        ]
+        if asked == "aside":
+            measured[way] = {"false injection": sum(bool(ids) for ids in found) / len(items)}
+            continue
         measured[way] = {
             "hit@5": sum(t in ids for t, ids in zip(targets, found)) / len(items),
             "nothing": sum(not ids for ids in found) / len(items),
         }
-    asides = (
-        ("aside alone", False, False),
-        ("aside joined to the earlier message", True, False),
-        (ENGINE_ASIDE, True, True),
-    )
-    for way, previous, engine in asides:
-        injected = [
-            _injected(reader, item["aside"], item["earlier"] if previous else None, engine=engine)
-            for item in items
-        ]
-        measured[way] = {"false injection": sum(bool(ids) for ids in injected) / len(items)}
     return measured
 
 

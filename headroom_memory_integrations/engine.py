@@ -676,17 +676,17 @@ class MemoryStore(WritePath):
         """
         query = clean_text(query, "query")
         top_k = check_top_k(top_k)
-        if chat_message and previous_message is not None:
-            joined = self._follow_up(query, previous_message, min_score)
-            if joined is not None:
-                return self.search(
-                    joined, top_k, categories, min_score=min_score, chat_message=True
-                )
         if isinstance(categories, str | Category):
             one = categories.value if isinstance(categories, Category) else categories
             raise InvalidInputError(f"categories must be a list, such as [{one!r}], not one")
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
         base = self.min_score if min_score is None else check_min_score(min_score)
+        if chat_message and previous_message is not None and base > -1.0:
+            joined = self._follow_up(query, previous_message)
+            if joined is not None:
+                return self.search(
+                    joined, top_k, categories, min_score=min_score, chat_message=True
+                )
         asked, collection = self._embed_opening(lambda: self._query(query), searching=True)
         if chat_message and not asked.could_need_memory and base > -1.0:
             self.counters["gated_messages"] += 1
@@ -723,7 +723,7 @@ class MemoryStore(WritePath):
             min_score=floor,
         )
 
-    def _follow_up(self, query: str, previous: object, min_score: float | None) -> str | None:
+    def _follow_up(self, query: str, previous: object) -> str | None:
         """``query`` joined to the user's ``previous`` message, when ``query`` reads as a
         follow-up of it: at most :data:`FOLLOW_UP_WORDS` words, after a conversational message
         (at most ``message_gate.MAX_CHARS`` characters: a longer one is usually a document or
@@ -733,8 +733,6 @@ class MemoryStore(WritePath):
         the joined text costs one more embedding."""
         if len(query.split()) > FOLLOW_UP_WORDS:
             return None
-        if min_score is not None and check_min_score(min_score) <= -1.0:
-            return None  # no floor, no gate: the caller asked for the plain nearest memories
         try:
             earlier = clean_text(previous, "previous message")
         except InvalidInputError:  # none, blank or unusable: the message is searched alone

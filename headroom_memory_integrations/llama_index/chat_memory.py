@@ -284,9 +284,10 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
         if not isinstance(asked, str):
             asked = None
         stored = self.get_all()
-        query = asked if asked and asked.strip() else latest_user_text(stored)
-        previous = latest_user_text(stored)
-        if query is None or previous is None or previous.strip() == query.strip():
+        latest = latest_user_text(stored)
+        query = asked if asked and asked.strip() else latest
+        previous = latest
+        if query is None or latest is None or latest.strip() == query.strip():
             previous = previous_user_text(stored)  # the query is the latest stored message
         turn = self._flow.start(query, instruct=False, previous_text=previous)
         prompt = turn.prompt
