@@ -19,23 +19,39 @@ the gate turns away with the previous one was judged so, and not adopted: look 1
 ``benchmarks/paraphrase_fresh_log.md``): hit@5 of the follow-ups (the fact among what is
 injected), how often they get nothing, and how often an aside gets anything. The earlier
 messages are asked alone too, as a reference.
+
+``benchmarks/followups2.jsonl`` (keys in ``followups2_keys.jsonl``) is a second set of 120
+written the same way (stop 39), on which the engine's way was judged before it was adopted
+(look 15); its rows say "second set". At the largest size, with keys, each set also times what
+a short message costs: searched alone, and after its earlier message searched for its own turn
+(whose vector is then cached, as in a chat), as the engine searches it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore, NewMemory
 
-from .common import ROOT, Context, Row, SectionResult, log
+from .common import ROOT, Context, Row, SectionResult, clock, latency, log, ms_since
 from .paraphrase import KEYED, fact_keys
 from .population import VectorCache, fill, keyed_memory_cache, memory_cache
 
 NAME = "followups"
 ITEMS = ROOT / "benchmarks" / "followups.jsonl"
 KEYS = ROOT / "benchmarks" / "followups_keys.jsonl"
+SETS = {
+    "": (ITEMS, KEYS),
+    ", second set": (
+        ROOT / "benchmarks" / "followups2.jsonl",
+        ROOT / "benchmarks" / "followups2_keys.jsonl",
+    ),
+}
+"""The sets, by the words their rows' sizes end with: items and their keys."""
 SIZES = (0, 10_000)
 HALVES = {"dev": 1, "held-out": 0}  # the id's number modulo 2
 ENGINE_FOLLOW_UP = "follow-up after the earlier message (the engine)"
@@ -44,8 +60,8 @@ ENGINE_ASIDE = "aside after the earlier message (the engine)"
 (``search(..., previous_message=...)``)."""
 
 
-def load() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in ITEMS.read_text(encoding="utf-8").splitlines() if line]
+def load(path: Path = ITEMS) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _half(item: dict[str, Any]) -> str:
@@ -100,17 +116,62 @@ def _measure(
 
 def run(ctx: Context) -> SectionResult:
     result = SectionResult(NAME)
-    items = load()
     real = LocalEmbedder()
     sizes = ctx.pick(SIZES, (0,))
-    plain: list[str | NewMemory] = [item["fact"] for item in items]
-    _run_variant(ctx, result, real, items, plain, memory_cache(ctx.cache, real), sizes, "")
-    keyed: list[str | NewMemory] = [
-        NewMemory(item["fact"], keys=keys) for item, keys in zip(items, fact_keys(items, KEYS))
-    ]
-    cache = keyed_memory_cache(ctx.cache, real, max(sizes))
-    _run_variant(ctx, result, real, items, keyed, cache, sizes, KEYED)
+    plain_cache = memory_cache(ctx.cache, real)
+    keyed_cache = keyed_memory_cache(ctx.cache, real, max(sizes))
+    for which, (path, keys_path) in SETS.items():
+        items = load(path)
+        plain: list[str | NewMemory] = [item["fact"] for item in items]
+        _run_variant(ctx, result, real, items, plain, plain_cache, sizes, which)
+        keyed: list[str | NewMemory] = [
+            NewMemory(item["fact"], keys=keys)
+            for item, keys in zip(items, fact_keys(items, keys_path))
+        ]
+        reader = _run_variant(ctx, result, real, items, keyed, keyed_cache, sizes, KEYED + which)
+        _time(
+            result,
+            reader,
+            items,
+            f"{len(items)} facts + {_size_label(max(sizes))} memories{KEYED}{which}",
+        )
     return result
+
+
+def _size_label(size: int) -> str:
+    return f"{size // 1000}k" if size else "0"
+
+
+def _time(
+    result: SectionResult, store: MemoryStore, items: Sequence[dict[str, Any]], where: str
+) -> None:
+    """Each follow-up and aside timed as a chat message: alone, on a store that has not seen
+    it, and after its earlier message, searched first for its own turn (its vector cached, as
+    in a chat), as the engine searches it."""
+    alone = MemoryStore(store.user_id, storage=store.storage, embedder=store.embedder)
+    after = MemoryStore(store.user_id, storage=store.storage, embedder=store.embedder)
+    for warm in (alone, after):
+        warm.search("a first message opens the store", chat_message=True)
+    spent: dict[str, list[float]] = {"alone": [], "after": []}
+    for item in items:
+        for message in (item["follow_up"], item["aside"]):
+            start = clock()
+            alone.search(message, chat_message=True)
+            spent["alone"].append(ms_since(start))
+            after.search(item["earlier"], chat_message=True)  # the earlier turn
+            start = clock()
+            after.search(message, chat_message=True, previous_message=item["earlier"])
+            spent["after"].append(ms_since(start))
+    note = "follow-ups and asides, one thread"
+    result.add(latency(NAME, f"{where}: a short message alone", spent["alone"], note=note))
+    result.add(
+        latency(
+            NAME,
+            f"{where}: a short message after the earlier one (the engine)",
+            spent["after"],
+            note=note,
+        )
+    )
 
 
 def _run_variant(
@@ -122,10 +183,10 @@ def _run_variant(
     cache: VectorCache,
     sizes: Sequence[int],
     variant: str,
-) -> None:
+) -> MemoryStore:
     """The items asked with ``facts`` planted among each of ``sizes`` memories of ``cache``;
-    the rows' names end the size with ``variant``."""
-    storage = ChromaStorage.at(ctx.scratch(NAME + ("-keyed" if variant else "")))
+    the rows' names end the size with ``variant``. Returns the store at the last size."""
+    storage = ChromaStorage.at(ctx.scratch(NAME + re.sub(r"\W+", "-", variant).rstrip("-")))
     planted = MemoryStore(
         "followups-user", storage=storage, embedder=real, duplicate_threshold=None
     ).add_many(facts)
@@ -137,7 +198,7 @@ def _run_variant(
         if size:
             fill(writer, cache, size + len(items))
         reader = MemoryStore("followups-user", storage=storage, embedder=real)
-        size_label = f"{size // 1000}k" if size else "0"
+        size_label = _size_label(size)
         label = size_label + variant  # the details' key: "10k", "10k, with model-written keys"
         where = f"{len(items)} facts + {size_label} memories{variant}"
         log(f"followups: {where} ({reader.count()} stored); asking")
@@ -149,3 +210,4 @@ def _run_variant(
                 for measure, value in values.items():
                     name = f"{where}, {half}: {way}: {measure}"
                     result.add(Row(NAME, name, round(value, 4), "", n=len(chosen)))
+    return reader

@@ -681,24 +681,22 @@ class MemoryStore(WritePath):
             raise InvalidInputError(f"categories must be a list, such as [{one!r}], not one")
         wanted = {Category.parse(c) for c in categories} if categories is not None else None
         base = self.min_score if min_score is None else check_min_score(min_score)
+        limit = max(SEARCH_CANDIDATES, top_k * _CATEGORY_OVERFETCH)
+        followed = None
         if chat_message and previous_message is not None and base > -1.0:
-            joined = self._follow_up(query, previous_message)
-            if joined is not None:
-                return self.search(
-                    joined, top_k, categories, min_score=min_score, chat_message=True
-                )
-        asked, collection = self._embed_opening(lambda: self._query(query), searching=True)
+            followed = self._follow_up(query, previous_message, limit)
+        if followed is not None:
+            query, asked, collection, nearest = followed
+        else:
+            asked, collection = self._embed_opening(lambda: self._query(query), searching=True)
+            nearest = None
         if chat_message and not asked.could_need_memory and base > -1.0:
             self.counters["gated_messages"] += 1
             return SearchResults((), query=query, min_score=None)
-        centred = centred_query(asked.vector, collection.centroid())
-        limit = max(SEARCH_CANDIDATES, top_k * _CATEGORY_OVERFETCH)
         floor: float | None = None
         while True:
-            nearest = [
-                (memory_id, centred.similarity(found))
-                for memory_id, found in collection.nearest(centred.vector, limit)[0]
-            ]
+            if nearest is None:
+                nearest = self._nearest(collection, [asked], limit)[0]
             if floor is None:
                 floor = relevance_floor(base, self._memories(collection, len(nearest), limit))
             ranked = self._rank(query, nearest, collection, wanted, floor)
@@ -711,6 +709,7 @@ class MemoryStore(WritePath):
             ):
                 break
             limit *= 4  # a rare category: widen the net rather than ask Chroma to filter
+            nearest = None
         best = ranked[:top_k]
         fresh = {m.id: m for m in collection.get([memory_id for memory_id, _ in best])}
         return SearchResults(
@@ -723,14 +722,33 @@ class MemoryStore(WritePath):
             min_score=floor,
         )
 
-    def _follow_up(self, query: str, previous: object) -> str | None:
+    def _nearest(
+        self, collection: UserCollection, asked: Sequence[_Query], limit: int
+    ) -> list[list[tuple[str, float]]]:
+        """The ``limit`` memories nearest each query, with their similarity (see
+        :func:`centred_query`), most similar first: the stored vectors read once for all."""
+        centroid = collection.centroid()
+        centred = [centred_query(one.vector, centroid) for one in asked]
+        found = collection.nearest(np.stack([one.vector for one in centred]), limit)
+        return [
+            [(memory_id, one.similarity(cosine)) for memory_id, cosine in row]
+            for one, row in zip(centred, found)
+        ]
+
+    def _follow_up(
+        self, query: str, previous: object, limit: int
+    ) -> tuple[str, _Query, UserCollection, list[tuple[str, float]]] | None:
         """``query`` joined to the user's ``previous`` message, when ``query`` reads as a
         follow-up of it: at most :data:`FOLLOW_UP_WORDS` words, after a conversational message
         (at most ``message_gate.MAX_CHARS`` characters: a longer one is usually a document or
         pasted text, which would drown the follow-up), and the joined text's best memory
-        scores higher than ``previous``'s own best. Else None (``query`` is searched alone).
+        scores higher than ``previous``'s own best, whatever the floor. Then the joined text,
+        its embedding, the user's collection and the joined text's ``limit`` nearest memories
+        (the search goes on with them); else None (``query`` is searched alone).
+
         The previous message was searched for its own turn, so its vector is usually cached;
-        the joined text costs one more embedding."""
+        the joined text costs one more embedding, and both are compared with the stored
+        vectors in one pass."""
         if len(query.split()) > FOLLOW_UP_WORDS:
             return None
         try:
@@ -740,12 +758,17 @@ class MemoryStore(WritePath):
         if len(earlier) > GATE_MAX_CHARS:
             return None
         joined = f"{earlier}\n{query}"
+        asked, collection = self._embed_opening(lambda: self._query(joined), searching=True)
+        before = self._query(earlier)
+        nearest = self._nearest(collection, [asked, before], limit)
 
-        def best(text: str) -> float:
-            found = self.search(text, top_k=1, min_score=-1.0)
-            return found[0].score if found else -math.inf
+        def best(text: str, found: list[tuple[str, float]]) -> float:
+            ranked = self._rank(text, found, collection, None, relevance_floor(-1.0, 0))
+            return ranked[0][1] if ranked else -math.inf
 
-        return joined if best(joined) > best(earlier) else None
+        if best(joined, nearest[0]) > best(earlier, nearest[1]):
+            return joined, asked, collection, nearest[0]
+        return None
 
     def _memories(self, collection: UserCollection, found: int, limit: int) -> int:
         """How many memories the user has, for the floor: ``found`` when the nearest-neighbour

@@ -1,10 +1,12 @@
-"""The follow-ups benchmark (benchmarks/followups.py): its blind set is whole, with keys for
-every fact, and a run at 0 memories besides reports each way of asking, on both halves, with
-and without the keys."""
+"""The follow-ups benchmark (benchmarks/followups.py): its two blind sets are whole, with keys
+for every fact, and a run at 0 memories besides reports each way of asking, on both halves of
+each set, with and without the keys, and what a short message costs."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from benchmarks import followups
 from benchmarks.common import Context
@@ -12,8 +14,10 @@ from benchmarks.paraphrase import KEYED, fact_keys
 from headroom_memory_integrations.keys import key_questions
 
 
-def test_the_followups_set_is_whole_with_two_halves() -> None:
-    items = followups.load()
+@pytest.mark.parametrize("which", list(followups.SETS))
+def test_each_followups_set_is_whole_with_two_halves(which: str) -> None:
+    path, keys_path = followups.SETS[which]
+    items = followups.load(path)
     assert len(items) == 120 and len({item["id"] for item in items}) == 120
     fields = {"id", "domain", "fact", "earlier", "follow_up", "aside"}
     assert all(set(item) == fields and all(item.values()) for item in items)
@@ -21,15 +25,18 @@ def test_the_followups_set_is_whole_with_two_halves() -> None:
     halves = [followups._half(item) for item in items]
     assert halves.count("dev") == halves.count("held-out") == 60
     assert len({item["fact"] for item in items}) == 120
-    keys = fact_keys(items, followups.KEYS)  # the same ids in the same order
+    keys = fact_keys(items, keys_path)  # the same ids in the same order
     assert all(len(key_questions(k)) == 4 for k in keys)
 
 
 def test_a_quick_run_reports_every_way_of_asking_on_both_halves(tmp_path: Path) -> None:
     ctx = Context(quick=True, workdir=tmp_path, cache=tmp_path / "cache")
     result = followups.run(ctx)
-    assert set(result.details) == {"0", "0" + KEYED}
-    runs = [result.details["0"], result.details["0" + KEYED]]
+    sets = list(followups.SETS)
+    assert sets == ["", ", second set"]
+    variants = [size + which for which in sets for size in ("0", "0" + KEYED)]
+    assert set(result.details) == set(variants)
+    runs = [result.details[variant] for variant in variants]
     for measured in [half for run in runs for half in run.values()]:
         assert set(measured) == {
             "earlier message alone",
@@ -53,4 +60,11 @@ def test_a_quick_run_reports_every_way_of_asking_on_both_halves(tmp_path: Path) 
             < measured["aside joined to the earlier message"]["false injection"]
         )
     assert all(set(run) == {"dev", "held-out"} for run in runs)
-    assert len(result.rows) == 2 * 2 * (4 * 2 + 3)
+    timings = [row for row in result.rows if row.unit == "ms"]
+    assert [row.name for row in timings] == [
+        f"120 facts + 0 memories{KEYED}{which}: {what}"
+        for which in sets
+        for what in ("a short message alone", "a short message after the earlier one (the engine)")
+    ]
+    assert all(row.n == 240 and 0 < row.value <= row.p95 for row in timings)
+    assert len(result.rows) == len(sets) * (2 * 2 * (4 * 2 + 3) + 2)
