@@ -162,3 +162,31 @@ def test_the_llama_index_llm_and_buffer_pass_the_previous_user_message(db_path, 
         buffer.put(message)
     memories = [m for m in buffer.get() if m.role == "system"]  # placed by the latest message
     assert memories and first_listed(str(memories[0].content)) == KNEE.text
+    buffer.memory.close()
+
+
+def test_the_llama_index_memory_block_passes_the_previous_user_message(db_path, model) -> None:
+    from _llama_index_support import ScriptedLLM
+    from llama_index.core.base.llms.types import ChatMessage
+    from llama_index.core.memory import Memory
+
+    from headroom_memory_integrations.llama_index import HeadroomMemoryBlock
+
+    block = HeadroomMemoryBlock(user_id="alice", db_path=db_path, embedder=model, llm=ScriptedLLM())
+    block.memory.add_many(MEMORIES)
+    memory = Memory.from_defaults(session_id="alice-ski", memory_blocks=[block])
+    memory.put_messages(
+        [
+            ChatMessage(role="user", content=EARLIER),
+            ChatMessage(role="assistant", content="Sounds fun!"),
+            ChatMessage(role="user", content=FOLLOW_UP),
+        ]
+    )
+    system = [str(m.content) for m in memory.get() if m.role == "system"]
+    assert system and first_listed(system[0]) == KNEE.text
+    # the same block, asked "should I go?" with nothing before it, lists another memory first
+    alone = Memory.from_defaults(session_id="alice-alone", memory_blocks=[block])
+    alone.put(ChatMessage(role="user", content=FOLLOW_UP))
+    system = [str(m.content) for m in alone.get() if m.role == "system"]
+    assert not system or first_listed(system[0]) != KNEE.text
+    block.memory.close()
