@@ -20,11 +20,13 @@ the gate turns away with the previous one was judged so, and not adopted: look 1
 injected), how often they get nothing, and how often an aside gets anything. The earlier
 messages are asked alone too, as a reference.
 
-``benchmarks/followups2.jsonl`` (keys in ``followups2_keys.jsonl``) is a second set of 120
-written the same way (stop 39), on which the engine's way was judged before it was adopted
-(look 15); its rows say "second set". At the largest size, with keys, each set also times what
-a short message costs: searched alone, and after its earlier message searched for its own turn
-(whose vector is then cached, as in a chat), as the engine searches it.
+``benchmarks/followups2.jsonl`` and ``followups3.jsonl`` (keys in ``followups2_keys.jsonl``,
+``followups3_keys.jsonl``) are a second and a third set of 120 written the same way (stops 39
+and 40): the engine's way was judged on the second before it was adopted (look 15), and a
+refinement on the third (look 16, not adopted); their rows say "second set", "third set".
+At the largest size, with keys, each set also times what a short message costs: searched
+alone, and after its earlier message searched for its own turn (whose vector is then cached,
+as in a chat), as the engine searches it.
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ ITEMS = ROOT / "benchmarks" / "followups.jsonl"
 KEYS = ROOT / "benchmarks" / "followups_keys.jsonl"
 SETS = {
     "": (ITEMS, KEYS),
-    ", second set": (
-        ROOT / "benchmarks" / "followups2.jsonl",
-        ROOT / "benchmarks" / "followups2_keys.jsonl",
-    ),
+    **{
+        f", {which} set": (
+            ROOT / "benchmarks" / f"followups{number}.jsonl",
+            ROOT / "benchmarks" / f"followups{number}_keys.jsonl",
+        )
+        for number, which in ((2, "second"), (3, "third"))
+    },
 }
 """The sets, by the words their rows' sizes end with: items and their keys."""
 SIZES = (0, 10_000)
