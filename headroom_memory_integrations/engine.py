@@ -34,7 +34,7 @@ from .embeddings.base import Embedder, Vectors
 from .embeddings.local import LocalEmbedder
 from .embeddings.message_gate import MAX_CHARS as GATE_MAX_CHARS
 from .embeddings.message_gate import THRESHOLD as GATE_THRESHOLD
-from .embeddings.message_gate import need_for_memory
+from .embeddings.message_gate import need_for_memory, reads_as_question
 from .embeddings.query_adapter import adapt_queries
 from .errors import InvalidInputError, MemoryNotFoundError, StorageError
 from .jobs import user_tag
@@ -164,10 +164,21 @@ def _dimension_of(embedded: Vectors | _Query) -> int:
 
 FOLLOW_UP_WORDS = 6
 """A chat message of at most this many words may be a follow-up of the user's previous message
-("which one for it?"), and is searched joined to it when that brings a memory nearer
+("which one for it?"), and is searched joined to it when it is a question that needs a memory
+(see :data:`FOLLOW_UP_NEED`) or when joining brings a memory nearer
 (``search(..., previous_message=...)``). On follow-ups written blind, with memories stored with
-keys among 10k others, hit@5 rose from 0.100 to 0.300 while 4.2% of asides ("ok thanks") drew
-a memory instead of 1.7% (docs/benchmarks.md, "Follow-ups")."""
+keys among 10k others, the second rule raised hit@5 from 0.100 to 0.300 while 4.2% of asides
+("ok thanks") drew a memory instead of 1.7%; on a fourth set the first took it from 0.358 to
+0.467, with asides unchanged at 13.3% (docs/benchmarks.md, "Follow-ups")."""
+
+FOLLOW_UP_NEED = 0.0
+"""A short chat message (see :data:`FOLLOW_UP_WORDS`) that reads as a question
+(:func:`~.embeddings.message_gate.reads_as_question`) and that the message gate, reading it
+alone, scores at least this likely to need a memory (log-odds; 0 is even odds) is searched
+joined to the previous message whatever the scores. When the previous message already finds
+the memory, the joined text scores a little lower than it, diluted by the short message's
+words, and the short message alone misses (looks 16 and 17 of
+``benchmarks/paraphrase_fresh_log.md``)."""
 
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
 _COUNT_SECONDS = 30.0  # how long a store trusts the memory count its floor was set with
@@ -663,10 +674,11 @@ class MemoryStore(WritePath):
 
             previous_message: With ``chat_message``, the user's message before ``query``. A
                 ``query`` of at most :data:`FOLLOW_UP_WORDS` words is then searched joined to
-                it when that brings a memory nearer than the previous message alone does: a
-                follow-up ("what can I take for it?" after "the doctor thinks I have strep
-                throat") finds what the two say together, and an aside ("ok thanks") is
-                searched alone (see :meth:`_follow_up`).
+                it when it is a question that needs a memory, or when joining brings a memory
+                nearer than the previous message alone does: a follow-up ("what can I take
+                for it?" after "the doctor thinks I have strep throat") finds what the two say
+                together, and an aside ("ok thanks", "wish me luck") is searched alone (see
+                :meth:`_follow_up`).
 
         Returns:
             ``(memory, score)`` pairs; higher scores are more relevant, and every memory's
@@ -741,14 +753,16 @@ class MemoryStore(WritePath):
         """``query`` joined to the user's ``previous`` message, when ``query`` reads as a
         follow-up of it: at most :data:`FOLLOW_UP_WORDS` words, after a conversational message
         (at most ``message_gate.MAX_CHARS`` characters: a longer one is usually a document or
-        pasted text, which would drown the follow-up), and the joined text's best memory
+        pasted text, which would drown the follow-up), when either ``query`` is a question
+        that the gate, reading it alone, scores at :data:`FOLLOW_UP_NEED` or more ("good
+        idea?", not "wish me luck" nor "shorter please"), or the joined text's best memory
         scores higher than ``previous``'s own best, whatever the floor. Then the joined text,
         its embedding, the user's collection and the joined text's ``limit`` nearest memories
         (the search goes on with them); else None (``query`` is searched alone).
 
         The previous message was searched for its own turn, so its vector is usually cached;
-        the joined text costs one more embedding, and both are compared with the stored
-        vectors in one pass."""
+        the joined text costs one more embedding, and ``query``'s own is needed for the gate
+        (and for its search when it is searched alone)."""
         if len(query.split()) > FOLLOW_UP_WORDS:
             return None
         try:
@@ -759,6 +773,9 @@ class MemoryStore(WritePath):
             return None
         joined = f"{earlier}\n{query}"
         asked, collection = self._embed_opening(lambda: self._query(joined), searching=True)
+        need = self._query(query).need
+        if need is not None and need >= FOLLOW_UP_NEED and reads_as_question(query):
+            return joined, asked, collection, self._nearest(collection, [asked], limit)[0]
         before = self._query(earlier)
         nearest = self._nearest(collection, [asked, before], limit)
 

@@ -8,7 +8,7 @@ import pytest
 
 from headroom_memory_integrations import MemoryStore, NewMemory
 from headroom_memory_integrations.embeddings.message_gate import MAX_CHARS
-from headroom_memory_integrations.engine import FOLLOW_UP_WORDS
+from headroom_memory_integrations.engine import FOLLOW_UP_NEED, FOLLOW_UP_WORDS
 
 # written for this test (none is in a benchmark file)
 KNEE = NewMemory(
@@ -67,6 +67,28 @@ def test_a_follow_up_is_searched_with_the_message_before_it(alice: MemoryStore) 
     followed = alice.search(FOLLOW_UP, chat_message=True, previous_message=EARLIER)
     assert texts(followed)[:1] == [KNEE.text]
     assert followed.query == f"{EARLIER}\n{FOLLOW_UP}"  # what was searched
+
+
+def test_a_short_question_that_needs_a_memory_is_joined_even_if_that_scores_lower(
+    alice: MemoryStore,
+) -> None:
+    earlier = "thinking about joining a ski trip to the Alps with friends next month"
+    joined = f"{earlier}\ngood idea?"
+
+    def best(text: str) -> float:
+        return alice.search(text, top_k=1, min_score=-1)[0].score
+
+    assert best(joined) < best(earlier)  # the earlier message alone is nearer the knee
+    assert alice._query("good idea?").need >= FOLLOW_UP_NEED
+    found = alice.search("good idea?", chat_message=True, previous_message=earlier)
+    assert found.query == joined and texts(found)[:1] == [KNEE.text]
+    assert KNEE.text not in texts(alice.search("good idea?", chat_message=True))
+    # a remark the gate reads as about the user is not a question: searched alone
+    remark = "I'm so nervous lol"
+    assert alice._query(remark).need >= FOLLOW_UP_NEED and best(f"{earlier}\n{remark}") < best(
+        earlier
+    )
+    assert alice.search(remark, chat_message=True, previous_message=earlier).query == remark
 
 
 def test_an_aside_and_a_longer_message_are_searched_alone(alice: MemoryStore) -> None:

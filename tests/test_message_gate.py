@@ -15,6 +15,7 @@ from headroom_memory_integrations.embeddings.message_gate import (
     MessageGate,
     message_gate,
     need_for_memory,
+    reads_as_question,
     text_features,
 )
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
@@ -92,6 +93,25 @@ def test_the_gate_reads_whether_the_writer_asks_about_themself(model) -> None:
             < THRESHOLD
             <= float(gate.score(vectors[1], personal))
         ), (general, personal)
+
+
+@pytest.mark.parametrize(
+    ("message", "asks"),
+    [
+        ("good idea?", True),
+        ("which one for me", True),
+        ("Is that OK", True),
+        ("  any tips for the flight  ", True),
+        ("what's 2 to the 10th", True),
+        ("wish me luck", False),
+        ("so happy for her", False),
+        ("shorter please", False),
+        ("whatever works", False),  # "what" only as a word of its own
+        ("", False),
+    ],
+)
+def test_a_message_reads_as_a_question_by_its_mark_or_its_first_word(message, asks) -> None:
+    assert reads_as_question(message) is asks
 
 
 def test_a_chat_message_that_needs_nothing_gets_nothing_a_search_still_finds(
