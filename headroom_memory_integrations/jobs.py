@@ -518,6 +518,10 @@ class JobWorker:
         self._running: dict[int, str] = {}  # the jobs the threads run: id -> user
         self._closing = self.closed = False
         self._stats = {"processed": 0, "retried": 0, "failed": 0}
+        # rounds of finished jobs, and how many of them the WAL was last erased after: the
+        # WAL may hold their payloads until then (any thread erases it; see _erase_wal_when_due)
+        self._finished_rounds = self._erased_after = 0
+        self._erase_tried = time.monotonic()
         _drain_at_exit(self)
 
     def start(self) -> None:
@@ -580,11 +584,6 @@ class JobWorker:
             return True
 
     def _run(self, extra: bool = False) -> None:
-        # Whenever the worker goes idle after finishing jobs, it checkpoints the WAL and
-        # truncates it (finished jobs' payloads must not linger there), at most every
-        # _CHECKPOINT_EVERY seconds, so SQLite's automatic checkpoint (an fsync of ~5-50 ms)
-        # rarely lands on a put().
-        dirty, checkpointed = False, time.monotonic()
         failing = 0  # failed rounds in a row: the first is logged whole, then a line a minute
         idle_since = time.monotonic()
         try:
@@ -603,15 +602,10 @@ class JobWorker:
                     )
                     for job in jobs:
                         self._process(job)
-                    dirty = dirty or bool(jobs)
-                    idle = 0.0 if jobs else self._idle_seconds()
-                    if not jobs and dirty:
-                        wait = _CHECKPOINT_EVERY - (time.monotonic() - checkpointed)
-                        if wait <= 0:
-                            dirty = not self.queue.erase_wal()
-                            checkpointed = time.monotonic()
-                        else:
-                            idle = min(idle, wait)
+                    if jobs:
+                        with self._lock:
+                            self._finished_rounds += 1
+                    idle = 0.0 if jobs else min(self._idle_seconds(), self._erase_wal_when_due())
                     if failing:
                         logger.warning(
                             "job queue %s: working again after %d failed tries",
@@ -636,7 +630,7 @@ class JobWorker:
                     self._progress.notify_all()
                 if jobs:
                     idle_since = time.monotonic()
-                elif extra and not dirty and self._leave(idle_since):
+                elif extra and self._leave(idle_since):  # the first thread erases the WAL
                     return
                 if idle:
                     self._wake.wait(idle)
@@ -649,6 +643,26 @@ class JobWorker:
                 self._progress.notify_all()
             if self._stop.is_set() and last:
                 self.queue.close()
+
+    def _erase_wal_when_due(self) -> float:
+        """After jobs finished, checkpoint the WAL and truncate it (their payloads must not
+        linger there) once the worker is idle, at most every :data:`_CHECKPOINT_EVERY`
+        seconds, so SQLite's automatic checkpoint (an fsync of ~5-50 ms) rarely lands on a
+        put(). Any idle thread does it; the first thread, which never leaves, tries again
+        while another connection keeps part of the WAL. Returns the seconds until the next
+        try (inf when nothing is left to erase)."""
+        with self._lock:
+            finished = self._finished_rounds
+            if finished == self._erased_after:
+                return math.inf
+            wait = _CHECKPOINT_EVERY - (time.monotonic() - self._erase_tried)
+            if wait > 0:
+                return wait
+            self._erase_tried = time.monotonic()
+        if self.queue.erase_wal():
+            with self._lock:  # rounds finished meanwhile may have written after the checkpoint
+                self._erased_after = max(self._erased_after, finished)
+        return _CHECKPOINT_EVERY
 
     def _due(self) -> float:
         """When the next job this worker may claim is due (inf if none is pending). With

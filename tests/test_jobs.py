@@ -366,6 +366,41 @@ def test_threads_run_users_side_by_side_each_in_order_and_the_extra_ones_leave(
     assert worker.close(timeout=5) and threads() == 0
 
 
+def test_extra_threads_leave_while_the_wal_is_held_and_the_first_one_erases_it_after(
+    path: Path, queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    """Another connection reading the file keeps the WAL (it cannot be truncated under a
+    reader): the finished jobs' payloads stay in it meanwhile. The threads added for other
+    users' jobs still leave once idle, and the first one erases the WAL once it can."""
+    release = threading.Event()
+
+    def handle(job: Job) -> None:
+        assert release.wait(10)
+
+    worker = make_worker(handle, threads=3, name="held-wal")
+
+    def threads() -> int:
+        return sum(t.name == "held-wal" and t.is_alive() for t in threading.enumerate())
+
+    wal = Path(f"{path}-wal")
+    for user in ("alice", "bob", "carol"):
+        queue.put("work", user, {"note": f"private note of {user}"})
+        worker.notify(user)
+    wait_for(lambda: threads() == 3)
+    reader = sqlite3.connect(path)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a read snapshot: WAL kept
+        release.set()
+        assert worker.flush(timeout=5)
+        wait_for(lambda: threads() == 1, timeout=5)  # the extra ones left, WAL or not
+        assert b"private note of" in wal.read_bytes()
+    finally:
+        reader.close()
+    wait_for(lambda: wal.stat().st_size == 0, timeout=5)
+    assert threads() == 1 and worker.close(timeout=5)
+
+
 def test_processes_opening_a_new_file_at_once(path: Path) -> None:
     script = (
         "import sys; from headroom_memory_integrations.jobs import JobQueue; "
