@@ -139,6 +139,27 @@ def test_the_openai_wrapper_passes_the_previous_user_message(client, openai_serv
     assert first_listed(context) == KNEE.text
 
 
+@pytest.mark.openai_client
+@pytest.mark.parametrize("continued_by", ["previous_response_id", "conversation"])
+def test_the_responses_api_remembers_the_previous_user_message_of_stored_turns(
+    client, openai_server, continued_by
+) -> None:
+    """With ``previous_response_id`` or ``conversation`` the request holds only the new
+    message: the wrapper remembers the earlier turn's, and searches the follow-up with it."""
+    client.memory.add_many(MEMORIES)
+    first = client.responses.create(model="gpt-4o", input=EARLIER, conversation="conv_ski")
+    continued = {"previous_response_id": first.id, "conversation": "conv_ski"}[continued_by]
+    client.responses.create(model="gpt-4o", input=FOLLOW_UP, **{continued_by: continued})
+    items = openai_server.requests[-1].body["input"]
+    context = "\n".join(i["content"] for i in items if i.get("role") == "system")
+    assert first_listed(context) == KNEE.text
+    # another thread of turns (or none) leaves the message alone
+    client.responses.create(model="gpt-4o", input=FOLLOW_UP, previous_response_id="resp_other")
+    items = openai_server.requests[-1].body["input"]
+    context = "\n".join(i["content"] for i in items if i.get("role") == "system")
+    assert first_listed(context) != KNEE.text
+
+
 def test_the_langchain_chat_model_passes_the_previous_user_message(
     openai_server, db_path, model
 ) -> None:

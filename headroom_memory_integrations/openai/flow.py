@@ -103,10 +103,13 @@ class CompletionsFlow:
         is_user: Callable[[Any], bool],
         is_tool_result: Callable[[Any], bool],
         part_type: str = "text",
+        earlier: str | None = None,
     ) -> Call:
         """The request ``kwargs`` with the flow's prompt put by the latest of ``messages`` for
         which ``is_user`` holds, as ``kwargs[field]`` (chat ``messages``, or the Responses
-        API's ``input`` items, whose text parts are of ``part_type``)."""
+        API's ``input`` items, whose text parts are of ``part_type``). The user message before
+        it is searched with it (a follow-up); ``earlier`` stands for it when ``messages`` holds
+        none (the provider keeps the earlier turns)."""
         call = Call(Turn(), dict(kwargs))
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             return call  # let the API report its own error
@@ -121,7 +124,7 @@ class CompletionsFlow:
         previous = latest_index(users[:index], bool)
         call.turn = self.flow.start(
             message_text(messages[index]),
-            previous_text=None if previous is None else message_text(messages[previous]),
+            previous_text=earlier if previous is None else message_text(messages[previous]),
             instruct=inline_extraction_allowed(kwargs),
             model=model if isinstance(model, str) else None,
             untrusted=bool(observations)

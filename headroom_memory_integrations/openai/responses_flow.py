@@ -13,11 +13,15 @@
 
 With ``previous_response_id`` (or ``conversation``) OpenAI keeps the earlier items, the injected
 system items among them, and the model's answers as written, blocks included: an old block's
-nonce is not the new one's, so it can plant nothing.
+nonce is not the new one's, so it can plant nothing. The request then holds no earlier user
+message to search a follow-up with, so the flow remembers the user message of each response
+it saw (and of each conversation's latest turn), and passes it as the previous one.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +48,8 @@ TOOL_OUTPUTS = frozenset(
 
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
+_REMEMBERED_TURNS = 256  # responses and conversations whose user message a flow remembers
+
 
 def _is_user(item: Any) -> bool:
     return field_value(item, "role") == "user" and field_value(item, "type") in (None, "message")
@@ -64,6 +70,17 @@ def _output_texts(response: Any) -> list[Any]:
     ]
 
 
+def _continued(kwargs: Mapping[str, Any]) -> str | None:
+    """The stored turns a request continues: its ``previous_response_id``, else its
+    ``conversation``'s id (a string, or an object with an ``id``)."""
+    previous = kwargs.get("previous_response_id")
+    if isinstance(previous, str) and previous:
+        return previous
+    conversation = kwargs.get("conversation")
+    found = conversation if isinstance(conversation, str) else field_value(conversation, "id")
+    return found if isinstance(found, str) and found else None
+
+
 class ResponsesFlow:
     """Memory around ``responses.create`` for one user, with the settings of the client's
     :class:`~.flow.CompletionsFlow` (its core flow and its ``injection``)."""
@@ -73,14 +90,44 @@ class ResponsesFlow:
     def __init__(self, completions: CompletionsFlow) -> None:
         self.completions = completions
         self.flow: MemoryFlow = completions.flow
+        # a response's id, or a conversation's -> the user message of that turn (the latest)
+        self._asked: OrderedDict[str, str] = OrderedDict()
+        self._asked_lock = threading.Lock()
 
     def before(self, kwargs: Mapping[str, Any]) -> Call:
         """The request to send: never raises for memory's sake."""
         given = kwargs.get("input")
         items = [{"role": "user", "content": given}] if isinstance(given, str) else given
+        earlier = None
+        key = _continued(kwargs)
+        if key is not None:
+            with self._asked_lock:
+                earlier = self._asked.get(key)
         return self.completions.start_call(
-            kwargs, "input", items, _is_user, _is_tool_output, part_type="input_text"
+            kwargs,
+            "input",
+            items,
+            _is_user,
+            _is_tool_output,
+            part_type="input_text",
+            earlier=earlier,
         )
+
+    def _remember_asked(self, call: Call, response: Any) -> None:
+        """Note the turn's user message under the response's id and its conversation's, for
+        a later call that continues either (see :func:`_continued`)."""
+        asked = call.turn.user_text
+        if not asked:
+            return
+        conversation = _continued({"conversation": call.request.get("conversation")})
+        keys = [field_value(response, "id"), conversation]
+        with self._asked_lock:
+            for key in keys:
+                if isinstance(key, str) and key:
+                    self._asked[key] = asked
+                    self._asked.move_to_end(key)
+            while len(self._asked) > _REMEMBERED_TURNS:
+                self._asked.popitem(last=False)
 
     def after(self, call: Call, response: Any) -> Any:
         """Cut the block from a whole response's output texts (edited in place); queue the
@@ -89,6 +136,10 @@ class ResponsesFlow:
             parts = _output_texts(response)
         except Exception:
             parts = []
+        try:
+            self._remember_asked(call, response)
+        except Exception:  # a follow-up next turn is searched alone
+            self.flow.failed("inject_failures", "could not note a response's user message")
         turn = call.turn
         if not turn.nonce:
             self.flow.finish(turn, "".join(part.text for part in parts) or None)
