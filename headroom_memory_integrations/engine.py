@@ -738,7 +738,8 @@ class MemoryStore(WritePath):
         self, collection: UserCollection, asked: Sequence[_Query], limit: int
     ) -> list[list[tuple[str, float]]]:
         """The ``limit`` memories nearest each query, with their similarity (see
-        :func:`centred_query`), most similar first: the stored vectors read once for all."""
+        :func:`centred_query`), most similar first, in one call of the storage (one round
+        trip to a Chroma server)."""
         centroid = collection.centroid()
         centred = [centred_query(one.vector, centroid) for one in asked]
         found = collection.nearest(np.stack([one.vector for one in centred]), limit)
