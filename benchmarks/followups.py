@@ -25,6 +25,7 @@ messages are asked alone too, as a reference.
 each of which judged a rule of the engine's before it was adopted or not: the second look 15
 (adopted), the third look 16 (not), the fourth look 17 (adopted); their rows say "second set",
 "third set", "fourth set".
+
 At the largest size, with keys, each set also times what a short message costs: searched
 alone, and after its earlier message searched for its own turn (whose vector is then cached,
 as in a chat), as the engine searches it.
