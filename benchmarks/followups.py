@@ -20,11 +20,11 @@ the gate turns away with the previous one was judged so, and not adopted: look 1
 injected), how often they get nothing, and how often an aside gets anything. The earlier
 messages are asked alone too, as a reference.
 
-``benchmarks/followups2.jsonl`` to ``followups4.jsonl`` (keys in ``followups2_keys.jsonl`` to
-``followups4_keys.jsonl``) are three more sets of 120 written the same way (stops 39 and 40),
+``benchmarks/followups2.jsonl`` to ``followups5.jsonl`` (keys in ``followups2_keys.jsonl`` to
+``followups5_keys.jsonl``) are four more sets of 120 written the same way (stops 39 and 40),
 each of which judged a rule of the engine's before it was adopted or not: the second look 15
-(adopted), the third look 16 (not), the fourth look 17 (adopted); their rows say "second set",
-"third set", "fourth set".
+(adopted), the third look 16 (not), the fourth look 17 (adopted), the fifth look 18 (adopted);
+their rows say "second set" to "fifth set".
 
 At the largest size, with keys, each set also times what a short message costs: searched
 alone, and after its earlier message searched for its own turn (whose vector is then cached,
@@ -55,7 +55,7 @@ SETS = {
             ROOT / "benchmarks" / f"followups{number}.jsonl",
             ROOT / "benchmarks" / f"followups{number}_keys.jsonl",
         )
-        for number, which in ((2, "second"), (3, "third"), (4, "fourth"))
+        for number, which in ((2, "second"), (3, "third"), (4, "fourth"), (5, "fifth"))
     },
 }
 """The sets, by the words their rows' sizes end with: items and their keys."""

@@ -163,22 +163,20 @@ def _dimension_of(embedded: Vectors | _Query) -> int:
 
 
 FOLLOW_UP_WORDS = 6
-"""A chat message of at most this many words may be a follow-up of the user's previous message
-("which one for it?"), and is searched joined to it when it is a question that needs a memory
-(see :data:`FOLLOW_UP_NEED`) or when joining brings a memory nearer
-(``search(..., previous_message=...)``). On follow-ups written blind, with memories stored with
-keys among 10k others, the second rule raised hit@5 from 0.100 to 0.300 while 4.2% of asides
-("ok thanks") drew a memory instead of 1.7%; on a fourth set the first took it from 0.358 to
-0.467, with asides unchanged at 13.3% (docs/benchmarks.md, "Follow-ups")."""
+"""A chat message of at most this many words that reads as a question may be a follow-up of the
+user's previous message ("which one for it?"), and is searched joined to it when it needs a
+memory (see :data:`FOLLOW_UP_NEED`) or when joining brings a memory nearer
+(``search(..., previous_message=...)``). On five sets of follow-ups written blind, with
+memories stored with keys among 10k others, follow-up hit@5 is 0.40-0.47 (0.06-0.19 searched
+alone), and asides ("ok thanks", "wish me luck") draw a memory about as often as alone
+(docs/benchmarks.md, "Follow-ups")."""
 
 FOLLOW_UP_NEED = 0.0
-"""A short chat message (see :data:`FOLLOW_UP_WORDS`) that reads as a question
-(:func:`~.embeddings.message_gate.reads_as_question`) and that the message gate, reading it
-alone, scores at least this likely to need a memory (log-odds; 0 is even odds) is searched
-joined to the previous message whatever the scores. When the previous message already finds
-the memory, the joined text scores a little lower than it, diluted by the short message's
-words, and the short message alone misses (looks 16 and 17 of
-``benchmarks/paraphrase_fresh_log.md``)."""
+"""A short question (see :data:`FOLLOW_UP_WORDS`) that the message gate, reading it alone,
+scores at least this likely to need a memory (log-odds; 0 is even odds) is searched joined to
+the previous message whatever the scores. When the previous message already finds the memory,
+the joined text scores a little lower than it, diluted by the short message's words, and the
+short message alone misses (looks 16 to 18 of ``benchmarks/paraphrase_fresh_log.md``)."""
 
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
 _COUNT_SECONDS = 30.0  # how long a store trusts the memory count its floor was set with
@@ -674,11 +672,11 @@ class MemoryStore(WritePath):
 
             previous_message: With ``chat_message``, the user's message before ``query``. A
                 ``query`` of at most :data:`FOLLOW_UP_WORDS` words is then searched joined to
-                it when it is a question that needs a memory, or when joining brings a memory
-                nearer than the previous message alone does: a follow-up ("what can I take
-                for it?" after "the doctor thinks I have strep throat") finds what the two say
-                together, and an aside ("ok thanks", "wish me luck") is searched alone (see
-                :meth:`_follow_up`).
+                it when it is a question that needs a memory, or a question for which joining
+                brings a memory nearer than the previous message alone does: a follow-up
+                ("what can I take for it?" after "the doctor thinks I have strep throat")
+                finds what the two say together, and an aside ("ok thanks", "wish me luck") is
+                searched alone (see :meth:`_follow_up`).
 
         Returns:
             ``(memory, score)`` pairs; higher scores are more relevant, and every memory's
@@ -752,19 +750,20 @@ class MemoryStore(WritePath):
         self, query: str, previous: object, limit: int
     ) -> tuple[str, _Query, UserCollection, list[tuple[str, float]]] | None:
         """``query`` joined to the user's ``previous`` message, when ``query`` reads as a
-        follow-up of it: at most :data:`FOLLOW_UP_WORDS` words, after a conversational message
-        (at most ``message_gate.MAX_CHARS`` characters: a longer one is usually a document or
-        pasted text, which would drown the follow-up), when either ``query`` is a question
-        that the gate, reading it alone, scores at :data:`FOLLOW_UP_NEED` or more ("good
-        idea?", not "wish me luck" nor "shorter please"), or the joined text's best memory
-        scores higher than ``previous``'s own best, whatever the floor. Then the joined text,
+        follow-up of it: a question (:func:`~.embeddings.message_gate.reads_as_question`: "good
+        idea?", not "wish me luck") of at most :data:`FOLLOW_UP_WORDS` words, after a
+        conversational message (at most ``message_gate.MAX_CHARS`` characters: a longer one is
+        usually a document or pasted text, which would drown the follow-up), when either the
+        gate, reading ``query`` alone, scores it at :data:`FOLLOW_UP_NEED` or more (not
+        "what's 2 to the 10th?"), or the joined text's best memory scores higher than
+        ``previous``'s own best, whatever the floor. Then the joined text,
         its embedding, the user's collection and the joined text's ``limit`` nearest memories
         (the search goes on with them); else None (``query`` is searched alone).
 
         The previous message was searched for its own turn, so its vector is usually cached;
         the joined text costs one more embedding, and ``query``'s own is needed for the gate
         (and for its search when it is searched alone)."""
-        if len(query.split()) > FOLLOW_UP_WORDS:
+        if len(query.split()) > FOLLOW_UP_WORDS or not reads_as_question(query):
             return None
         try:
             earlier = clean_text(previous, "previous message")
@@ -775,7 +774,7 @@ class MemoryStore(WritePath):
         joined = f"{earlier}\n{query}"
         asked, collection = self._embed_opening(lambda: self._query(joined), searching=True)
         need = self._query(query).need
-        if need is not None and need >= FOLLOW_UP_NEED and reads_as_question(query):
+        if need is not None and need >= FOLLOW_UP_NEED:
             return joined, asked, collection, self._nearest(collection, [asked], limit)[0]
         before = self._query(earlier)
         nearest = self._nearest(collection, [asked, before], limit)

@@ -33,7 +33,7 @@ def test_a_quick_run_reports_every_way_of_asking_on_both_halves(tmp_path: Path) 
     ctx = Context(quick=True, workdir=tmp_path, cache=tmp_path / "cache")
     result = followups.run(ctx)
     sets = list(followups.SETS)
-    assert sets == ["", ", second set", ", third set", ", fourth set"]
+    assert sets == ["", ", second set", ", third set", ", fourth set", ", fifth set"]
     variants = [size + which for which in sets for size in ("0", "0" + KEYED)]
     assert set(result.details) == set(variants)
     runs = [result.details[variant] for variant in variants]

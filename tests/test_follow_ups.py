@@ -91,6 +91,16 @@ def test_a_short_question_that_needs_a_memory_is_joined_even_if_that_scores_lowe
     assert alice.search(remark, chat_message=True, previous_message=earlier).query == remark
 
 
+def test_a_remark_is_searched_alone_even_when_joining_scores_higher(alice: MemoryStore) -> None:
+    remark = "skiing is the best"  # not a question: no follow-up, whatever the scores
+
+    def best(text: str) -> float:
+        return alice.search(text, top_k=1, min_score=-1)[0].score
+
+    assert best(f"{EARLIER}\n{remark}") > best(EARLIER)
+    assert alice.search(remark, chat_message=True, previous_message=EARLIER).query == remark
+
+
 def test_an_aside_and_a_longer_message_are_searched_alone(alice: MemoryStore) -> None:
     # joined, the aside pulls the text away from the memory the earlier message found
     aside = alice.search(ASIDE, chat_message=True, previous_message=EARLIER)

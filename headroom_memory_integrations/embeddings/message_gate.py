@@ -48,8 +48,8 @@ is fairly sure of (a chance below 18%). Chosen on the development sets of the pa
 benchmark at 10k memories (docs/benchmarks.md, "The gate reads the text too"): false injection
 12.8% -> 4.9% on their mean, hit@5 0.778 -> 0.765, with "which language?" still let through. A
 terse follow-up whose subject is in an earlier turn ("Which language for it?") can be turned
-away when it is searched alone (the engine searches it with the previous message when it is a
-question scoring at least 0 here, or when that brings a memory nearer: ``MemoryStore.search``'s
+away when it is searched alone (the engine searches a short question with the previous message
+when it scores at least 0 here, or when that brings a memory nearer: ``MemoryStore.search``'s
 ``previous_message``). The curve of other
 thresholds is in the paraphrase benchmark's details; weighing the score against the nearest
 memory's similarity instead was tried and not adopted (docs/benchmarks.md, "One decision for a
@@ -93,8 +93,10 @@ def reads_as_question(text: str) -> bool:
     """Whether a chat message reads as a question: it ends with "?", or it begins with a
     question word or an auxiliary verb, as people type questions without one ("which one for
     me", "is that ok"). "wish me luck" and "so happy for her" do not. On the follow-up sets
-    (``benchmarks/followups*.jsonl``), 97-100% of the follow-ups read as questions, and 8-35%
-    of the asides (mostly unrelated quick questions, which the gate turns away)."""
+    (``benchmarks/followups*.jsonl``), 96-100% of the follow-ups read as questions, and 8-35%
+    of the asides (mostly unrelated quick questions, which the gate turns away). Only a short
+    message that reads as a question is searched with the previous one
+    (``MemoryStore.search``'s ``previous_message``)."""
     stripped = text.strip()
     return stripped.endswith("?") or _ASKS.match(stripped) is not None
 
