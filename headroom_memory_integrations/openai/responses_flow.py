@@ -72,11 +72,15 @@ def _output_texts(response: Any) -> list[Any]:
 
 def _continued(kwargs: Mapping[str, Any]) -> str | None:
     """The stored turns a request continues: its ``previous_response_id``, else its
-    ``conversation``'s id (a string, or an object with an ``id``)."""
+    conversation's id."""
     previous = kwargs.get("previous_response_id")
     if isinstance(previous, str) and previous:
         return previous
-    conversation = kwargs.get("conversation")
+    return _conversation_id(kwargs.get("conversation"))
+
+
+def _conversation_id(conversation: Any) -> str | None:
+    """A request's ``conversation``: its id (given as a string, or an object with an ``id``)."""
     found = conversation if isinstance(conversation, str) else field_value(conversation, "id")
     return found if isinstance(found, str) and found else None
 
@@ -119,8 +123,7 @@ class ResponsesFlow:
         asked = call.turn.user_text
         if not asked:
             return
-        conversation = _continued({"conversation": call.request.get("conversation")})
-        keys = [field_value(response, "id"), conversation]
+        keys = [field_value(response, "id"), _conversation_id(call.request.get("conversation"))]
         with self._asked_lock:
             for key in keys:
                 if isinstance(key, str) and key:
