@@ -243,3 +243,29 @@ def test_the_llama_index_memory_block_passes_the_previous_user_message(db_path, 
     system = [str(m.content) for m in alone.get() if m.role == "system"]
     assert not system or first_listed(system[0]) != KNEE.text
     block.memory.close()
+
+
+def test_the_classic_langchain_memory_passes_the_previous_user_message(db_path, model) -> None:
+    """``HeadroomMemory`` sees only the run's input: the previous message is the input of the
+    last exchange it saved, or the user message before the latest one in a list of messages."""
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from headroom_memory_integrations.langchain import HeadroomMemory
+
+    with pytest.warns(UserWarning, match="no llm"):  # recall only: nothing is extracted
+        memory = HeadroomMemory(user_id="alice", db_path=db_path, embedder=model)
+    memory.memory.add_many(MEMORIES)
+
+    def recalled(value) -> str:
+        return memory.load_memory_variables({"input": value})["memories"]
+
+    assert first_listed(recalled(FOLLOW_UP)) != KNEE.text  # nothing saved before it
+    memory.save_context({"input": EARLIER}, {"output": "Sounds fun!"})
+    assert first_listed(recalled(FOLLOW_UP)) == KNEE.text
+    memory.clear()  # forgets the conversation too
+    memory.memory.add_many(MEMORIES)
+    assert first_listed(recalled(FOLLOW_UP)) != KNEE.text
+
+    history = [HumanMessage(EARLIER), AIMessage("Sounds fun!"), HumanMessage(FOLLOW_UP)]
+    assert first_listed(recalled(history)) == KNEE.text
+    memory.memory.close()

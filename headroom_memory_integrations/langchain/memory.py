@@ -27,6 +27,7 @@ from ..prompts import message_text  # noqa: E402
 from ..wiring import build_flow  # noqa: E402
 from ..writer import BackgroundExtractor  # noqa: E402
 from ._extract import chat_model_completer, memory_field  # noqa: E402
+from ._messages import is_user  # noqa: E402
 
 _PENDING_TURNS = 64  # loaded turns waiting for their save_context, per memory object
 _FORGET_TIMEOUT = 30.0  # seconds clear() waits for the user's running background work
@@ -39,7 +40,10 @@ class HeadroomMemory(BaseMemory):
     run's input and returns the relevant ones under ``memory_key``: the escaped context block
     that every adapter of this package injects (marked as data, not instructions), or ``""``
     when nothing is relevant; with ``return_messages=True``, a list holding one
-    ``SystemMessage`` with that block (or an empty list). After each run,
+    ``SystemMessage`` with that block (or an empty list). A short follow-up question is
+    searched with the user's previous message: the user message before the latest one when the
+    input is a list of messages, or else the input of the last exchange this object saved (so
+    keep one object per conversation). After each run,
     :meth:`save_context` queues the exchange durably and returns at once; a background worker
     asks ``llm`` to extract memories and stores them (``memory.flush()`` waits for it).
     Without ``llm`` it still recalls but never learns (a warning says so at construction).
@@ -103,6 +107,7 @@ class HeadroomMemory(BaseMemory):
     _flow: MemoryFlow = PrivateAttr()
     _turns: OrderedDict[str, Turn] = PrivateAttr(default_factory=OrderedDict)
     _turns_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _previous: str | None = PrivateAttr(default=None)  # the last exchange's user text
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
@@ -146,7 +151,7 @@ class HeadroomMemory(BaseMemory):
     def load_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The user's memories relevant to the run's input, under ``memory_key``."""
         text = self._text(inputs, self.input_key, "input")
-        turn = self._flow.start(text, instruct=False)
+        turn = self._flow.start(text, instruct=False, previous_text=self._previous_text(inputs))
         if turn.user_text is not None:
             with self._turns_lock:
                 self._turns[turn.user_text] = turn
@@ -166,6 +171,7 @@ class HeadroomMemory(BaseMemory):
             turn = self._turns.pop(user_text, None) or Turn(
                 user_text=user_text or None, untrusted=self.untrusted_context
             )
+            self._previous = user_text or self._previous
         if self.llm is not None:
             self._flow.finish(turn, answer)
 
@@ -180,6 +186,7 @@ class HeadroomMemory(BaseMemory):
         """
         with self._turns_lock:
             self._turns.clear()
+            self._previous = None
         self.memory.forget_user(_FORGET_TIMEOUT)
 
     async def aload_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +198,28 @@ class HeadroomMemory(BaseMemory):
     async def aclear(self) -> None:
         await asyncio.to_thread(self.clear)
 
+    def _previous_text(self, inputs: dict[str, Any]) -> str | None:
+        """The user's message before the run's input: in a chat history given as the input,
+        the user message before the latest one; otherwise the last exchange saved."""
+        value = self._value(inputs, self.input_key, "input")
+        if isinstance(value, list):
+            earlier = [m for m in value[:-1] if isinstance(m, BaseMessage) and is_user(m)]
+            return message_text(earlier[-1]) if earlier else None
+        with self._turns_lock:
+            return self._previous
+
     def _text(self, values: dict[str, Any], key: str | None, what: str) -> str:
+        value = self._value(values, key, what)
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):  # a chat history: the latest message
+            return message_text(value[-1]) if value else ""
+        return message_text(value) or str(value)
+
+    def _value(self, values: dict[str, Any], key: str | None, what: str) -> Any:
+        """The input (or output) that holds the exchange: ``key``, or the only one there is."""
         if key is None:
             keys = [k for k in values if k not in (self.memory_key, "stop")]
             if what == "output" and len(keys) > 1 and "output" in keys:
@@ -202,11 +230,4 @@ class HeadroomMemory(BaseMemory):
                     f"{sorted(keys)}; pass {what}_key="
                 )
             key = keys[0]
-        value = values.get(key)
-        if value is None:
-            return ""
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list):  # a chat history: the latest message
-            return message_text(value[-1]) if value else ""
-        return message_text(value) or str(value)
+        return values.get(key)
