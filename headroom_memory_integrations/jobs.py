@@ -542,6 +542,16 @@ class JobWorker:
             if user_id is not None and user_id not in self._running.values():
                 self._grow()
 
+    def erase_wal_later(self) -> None:
+        """The queue's WAL could not be erased just now (another connection kept part of it,
+        e.g. a reader in another process): the worker's first thread, started if need be, tries
+        again while idle, every :data:`_CHECKPOINT_EVERY` seconds, until it succeeds."""
+        with self._lock:
+            if self.closed:
+                return
+            self._finished_rounds += 1
+        self.notify()
+
     def _grow(self) -> None:
         """With the lock held: one more thread, if every thread runs a job and ``threads``
         allows another (and the worker is open)."""

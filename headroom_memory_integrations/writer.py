@@ -85,6 +85,10 @@ user's extractions (and ``flush()``) for ever. Past it the try is given up and r
 backoff; the call is left to finish on a thread of its own, its answer unused. The OpenAI
 wrappers bound each try sooner (``openai.EXTRACTION_TIMEOUT``)."""
 
+_ERASE_PATIENCE = 2.0
+"""Seconds a plain store's ``forget_user`` (no writer in this process, so no worker to try again
+later) keeps trying to erase the queue's WAL while another connection keeps part of it."""
+
 
 class ExtractionTimeout(TimeoutError):
     """An extraction call gave no answer within :data:`EXTRACTION_CALL_TIMEOUT` (retried)."""
@@ -421,7 +425,8 @@ class MemoryWriter:
                 if user_id == memory.user_id:  # deleted (one running now holds its own)
                     del self._queued_with[job_id]
             self._settled.notify_all()
-        _erase_wal(queue)
+        if not _erase_wal(queue):  # the worker erases it as soon as it can
+            self.worker.erase_wal_later()
         log.debug(
             "job queue %s: deleted %d jobs of user %s",
             queue.path,
@@ -576,9 +581,17 @@ def _forget_jobs(queue: JobQueue, user_id: str, timeout: float | None) -> int:
         time.sleep(0.02)
 
 
-def _erase_wal(queue: JobQueue) -> None:
-    with _queue_file(queue.path, "erase the user's jobs"):
-        queue.erase_wal()
+def _erase_wal(queue: JobQueue, patience: float = 0.0) -> bool:
+    """Erase ``queue``'s WAL, trying again for up to ``patience`` seconds while another
+    connection keeps part of it. Returns whether it was erased."""
+    deadline = time.monotonic() + patience
+    while True:
+        with _queue_file(queue.path, "erase the user's jobs"):
+            if queue.erase_wal():
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def forget_queued(memory: MemoryStore, timeout: float | None) -> int:
@@ -602,7 +615,13 @@ def forget_queued(memory: MemoryStore, timeout: float | None) -> int:
         queue = JobQueue(path)
     try:
         deleted = _forget_jobs(queue, memory.user_id, timeout)
-        _erase_wal(queue)
+        if not _erase_wal(queue, _ERASE_PATIENCE):  # no worker here to try again later
+            log.warning(
+                "job queue %s: another connection kept the WAL for %.0f s; the deleted jobs'"
+                " text leaves it at that connection's next checkpoint",
+                queue.path,
+                _ERASE_PATIENCE,
+            )
         return deleted
     finally:
         queue.close()

@@ -10,6 +10,7 @@ import logging
 import platform
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from _reliability_support import (
     make_writable,
     read_only_view,
     run_python,
+    wait_for,
     wrapped_for,
 )
 from conftest import HashEmbedder, RememberingModel
@@ -358,6 +360,40 @@ def test_forget_user_removes_queued_turns_too(openai_server, db_path, model) -> 
     while files_containing(db_path, ["ZEBRA-9031", "Plays the cello"]):
         assert time.monotonic() < deadline, files_containing(db_path, ["ZEBRA-9031"])
         time.sleep(0.1)
+
+
+def test_forget_user_erases_queued_text_once_another_reader_lets_go(
+    openai_server, db_path, model
+) -> None:
+    """Another connection (a reader in another process) holds the queue's WAL while
+    forget_user runs: the worker erases the deleted turn's text as soon as the reader is gone,
+    without needing a job of its own to finish."""
+    import sqlite3
+
+    openai_server.responder = lambda body: (
+        Reply.error(400, "bad request")  # the extraction fails for good: dead-lettered
+        if "You maintain long-term memory" in body["messages"][0]["content"]
+        else Reply.text("Noted.")
+    )
+    client = with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
+    turn = "Remember that my locker code is ZEBRA-5820"
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": turn}])
+    client.memory.flush(30)
+    queue = db_path / "jobs.sqlite3"
+    wait_for(lambda: Path(f"{queue}-wal").stat().st_size == 0, timeout=10)  # text in the file
+    assert files_containing(db_path, ["ZEBRA-5820"])  # the dead-lettered turn
+    reader = sqlite3.connect(queue)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a read snapshot, held
+        client.memory.forget_user()
+    finally:
+        reader.close()
+    deadline = time.monotonic() + 10
+    while files_containing(db_path, ["ZEBRA-5820"]):
+        assert time.monotonic() < deadline, files_containing(db_path, ["ZEBRA-5820"])
+        time.sleep(0.1)
+    client.close()
 
 
 _QUEUE_AND_DIE = """
