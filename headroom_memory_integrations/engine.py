@@ -171,6 +171,10 @@ memories stored with keys among 10k others, follow-up hit@5 is 0.40-0.47 (0.06-0
 alone), and asides ("ok thanks", "wish me luck") draw a memory about as often as alone
 (docs/benchmarks.md, "Follow-ups")."""
 
+FOLLOW_UP_EARLIER_CHARS = GATE_MAX_CHARS
+"""A previous message longer than this (in characters, once cleaned) is never joined to a
+follow-up: it is usually a document or pasted text, which would drown the follow-up."""
+
 FOLLOW_UP_NEED = 0.0
 """A short question (see :data:`FOLLOW_UP_WORDS`) that the message gate, reading it alone,
 scores at least this likely to need a memory (log-odds; 0 is even odds) is searched joined to
@@ -752,13 +756,12 @@ class MemoryStore(WritePath):
         """``query`` joined to the user's ``previous`` message, when ``query`` reads as a
         follow-up of it: a question (:func:`~.embeddings.message_gate.reads_as_question`: "good
         idea?", not "wish me luck") of at most :data:`FOLLOW_UP_WORDS` words, after a
-        conversational message (at most ``message_gate.MAX_CHARS`` characters: a longer one is
-        usually a document or pasted text, which would drown the follow-up), when either the
-        gate, reading ``query`` alone, scores it at :data:`FOLLOW_UP_NEED` or more (not
-        "what's 2 to the 10th?"), or the joined text's best memory scores higher than
-        ``previous``'s own best, whatever the floor. Then the joined text,
-        its embedding, the user's collection and the joined text's ``limit`` nearest memories
-        (the search goes on with them); else None (``query`` is searched alone).
+        conversational message (at most :data:`FOLLOW_UP_EARLIER_CHARS` characters), when
+        either the gate, reading ``query`` alone, scores it at :data:`FOLLOW_UP_NEED` or more
+        (not "what's 2 to the 10th?"), or the joined text's best memory scores higher than
+        ``previous``'s own best, whatever the floor. Then the joined text, its embedding, the
+        user's collection and the joined text's ``limit`` nearest memories (the search goes on
+        with them); else None (``query`` is searched alone).
 
         The previous message was searched for its own turn, so its vector is usually cached;
         the joined text costs one more embedding, and ``query``'s own is needed for the gate
@@ -769,7 +772,7 @@ class MemoryStore(WritePath):
             earlier = clean_text(previous, "previous message")
         except InvalidInputError:  # none, blank or unusable: the message is searched alone
             return None
-        if len(earlier) > GATE_MAX_CHARS:
+        if len(earlier) > FOLLOW_UP_EARLIER_CHARS:
             return None
         joined = f"{earlier}\n{query}"
         asked, collection = self._embed_opening(lambda: self._query(joined), searching=True)

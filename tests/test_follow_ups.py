@@ -170,6 +170,54 @@ def test_the_responses_api_remembers_the_previous_user_message_of_stored_turns(
     assert first_listed(context) != KNEE.text
 
 
+def responses_context(openai_server) -> str:
+    items = openai_server.requests[-1].body["input"]
+    return "\n".join(i["content"] for i in items if i.get("role") == "system")
+
+
+@pytest.mark.openai_client
+def test_the_responses_api_carries_the_previous_message_over_tool_rounds_and_client_copies(
+    client, openai_server
+) -> None:
+    """A tool's output sent back (a turn with no user message) passes the user's message on to
+    the turn after it; a copy made by ``with_options`` continues the same stored turns."""
+    from headroom_memory_integrations.testing import Reply
+
+    client.memory.add_many(MEMORIES)
+    tools = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }
+    ]
+    openai_server.script(Reply.tool_call("get_weather", {"city": "Chamonix"}, id="call_1"))
+    asked = client.responses.create(model="gpt-4o", input=EARLIER, tools=tools)
+    output = [{"type": "function_call_output", "call_id": "call_1", "output": "Sunny, -3C"}]
+    answered = client.responses.create(
+        model="gpt-4o", input=output, previous_response_id=asked.id, tools=tools
+    )
+    client.responses.create(model="gpt-4o", input=FOLLOW_UP, previous_response_id=answered.id)
+    assert first_listed(responses_context(openai_server)) == KNEE.text
+    copy = client.with_options(timeout=20)
+    copy.responses.create(model="gpt-4o", input=FOLLOW_UP, previous_response_id=asked.id)
+    assert first_listed(responses_context(openai_server)) == KNEE.text
+
+
+@pytest.mark.openai_client
+def test_the_responses_api_keeps_no_long_message_to_search_a_follow_up_with(
+    client, openai_server
+) -> None:
+    """A message too long to be joined to a follow-up (pasted text) is not kept: the next
+    follow-up is searched alone, as it would be with the message in the request."""
+    client.memory.add_many(MEMORIES)
+    pasted = EARLIER + "\n" + "Itinerary: day one, cable car and lunch. " * 2000
+    first = client.responses.create(model="gpt-4o", input=pasted)
+    assert all(len(text) <= 300 for text in client.responses._flow._asked.values())
+    client.responses.create(model="gpt-4o", input=FOLLOW_UP, previous_response_id=first.id)
+    assert first_listed(responses_context(openai_server)) != KNEE.text
+
+
 def test_the_langchain_chat_model_passes_the_previous_user_message(
     openai_server, db_path, model
 ) -> None:

@@ -243,9 +243,12 @@ class MemoryClient(_Passthrough):
         asynchronous: bool,
         unwrapped: UnwrappedCalls | None = None,
         owned: tuple[Any, ...] = (),
+        responses_flow: ResponsesFlow | None = None,
     ) -> None:
         super().__init__(client)
         self._flow = flow
+        # shared with the copies with_options makes: they continue the same stored turns
+        self._responses_flow = responses_flow or ResponsesFlow(flow)
         self._asynchronous = asynchronous
         self._owned = owned  # synchronous twins made for an async client's background work
         self._unwrapped = unwrapped or UnwrappedCalls(flow.memory.user_id)
@@ -276,8 +279,8 @@ class MemoryClient(_Passthrough):
         import costs ~50-90 ms)."""
         if self._responses is None:
             calls_type = _AsyncCalls if self._asynchronous else _Calls
-            flow = ResponsesFlow(self._flow)
-            self._responses = responses = calls_type(self._wrapped.responses, flow)
+            responses = calls_type(self._wrapped.responses, self._responses_flow)
+            self._responses = responses
             return responses
         return self._responses
 
@@ -301,6 +304,7 @@ class MemoryClient(_Passthrough):
             asynchronous=self._asynchronous,
             unwrapped=self._unwrapped,
             owned=self._owned,
+            responses_flow=self._responses_flow,
         )
 
     def close(self) -> Any:

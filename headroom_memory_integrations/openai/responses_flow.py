@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from ..engine import FOLLOW_UP_EARLIER_CHARS
 from ..flow import AnswerStream, MemoryFlow
 from ..prompts import field_value
 from .flow import Call, CompletionsFlow
@@ -119,12 +120,18 @@ class ResponsesFlow:
 
     def _remember_asked(self, call: Call, response: Any) -> None:
         """Note the turn's user message under the response's id and its conversation's, for
-        a later call that continues either (see :func:`_continued`)."""
+        a later call that continues either (see :func:`_continued`). A turn with no user
+        message (a tool's output sent back) passes on the one it continues. A message too
+        long to be searched with a follow-up is noted as "" (none), not kept."""
         asked = call.turn.user_text
-        if not asked:
-            return
         keys = [field_value(response, "id"), _conversation_id(call.request.get("conversation"))]
         with self._asked_lock:
+            if not asked:
+                continued = _continued(call.request)
+                asked = self._asked.get(continued) if continued is not None else None
+                if asked is None:
+                    return
+            asked = asked if len(asked) <= FOLLOW_UP_EARLIER_CHARS else ""
             for key in keys:
                 if isinstance(key, str) and key:
                     self._asked[key] = asked
