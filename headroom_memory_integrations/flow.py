@@ -128,6 +128,25 @@ CODEACT_RESULT = "Result of executing the code given:"
 ``<execute>`` tags, runs it, and sends its output back as a user message that starts so."""
 
 
+CONVERSATION_SUMMARY = "Here is a summary of the conversation to date:"
+"""How LangChain's ``SummarizationMiddleware`` opens the user message that replaces the
+conversation it summarised (which can hold what tools returned)."""
+
+SUMMARY_REQUEST = "<messages>\nMessages to summarize:\n"
+"""What the request in which ``SummarizationMiddleware`` asks a model to summarise the
+conversation holds (its default prompt's marker, which LangChain keeps stable)."""
+
+
+def harness_request(messages: Sequence[tuple[str | None, str]]) -> bool:
+    """Whether ``(role, text)`` messages are a request an agent harness makes for its own work,
+    not a turn of the conversation: LangChain's summary of the conversation so far
+    (:data:`SUMMARY_REQUEST`). It gets no memory: the user's memories would go into the
+    summary, and a memory block written from the transcript could hold what tools returned.
+    Through a LangChain chat model the run's metadata says so (``lc_source``); a client
+    wrapper sees only the messages."""
+    return any(role == "user" and SUMMARY_REQUEST in text for role, text in messages)
+
+
 def agent_observations(messages: Sequence[tuple[str | None, str]]) -> set[int]:
     """Indices, among ``(role, text)`` messages, of the user messages an agent wrote: tool
     output it sends back as if the user had. Those are never the user's words, and they make a
@@ -141,7 +160,9 @@ def agent_observations(messages: Sequence[tuple[str | None, str]]) -> set[int]:
       answer), which quote the model's unusable answer, in a ReAct transcript only: a user who
       pastes such an error into an ordinary chat is still the user;
     - a code-acting agent's code output (:data:`CODEACT_RESULT`) right after the assistant
-      message with the code (:data:`CODEACT_CODE`): a fetched page, a file."""
+      message with the code (:data:`CODEACT_CODE`): a fetched page, a file;
+    - a conversation summary that replaced the earlier messages
+      (:data:`CONVERSATION_SUMMARY`), which can hold what tools returned."""
     found: set[int] = set()
     after_step = after_answer = after_code = False
     react = _is_react_transcript(messages)
@@ -153,6 +174,7 @@ def agent_observations(messages: Sequence[tuple[str | None, str]]) -> set[int]:
             (after_step and text.lstrip().startswith(REACT_OBSERVATION))
             or (react and after_answer and _react_retry(text))
             or (after_code and text.lstrip().startswith(CODEACT_RESULT))
+            or text.lstrip().startswith(CONVERSATION_SUMMARY)
         ):
             found.add(index)
             after_code = False

@@ -250,6 +250,47 @@ def test_agent_with_a_tool_gets_memory_on_every_model_call(alice, openai_server,
     assert NEW["text"] in [m.text for m in client.memory.get_all()]
 
 
+def test_a_conversation_summary_is_not_the_users_words_and_its_request_gets_no_memory(
+    alice, openai_server
+) -> None:
+    """``SummarizationMiddleware`` with the memory model as the summariser: the summary request
+    gets no memory (the transcript it summarises holds what tools returned), and the summary
+    that replaces the conversation makes the next call untrusted: a memory only the summary
+    told is not kept."""
+    from langchain.agents.middleware import SummarizationMiddleware
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    client, aclient = alice
+    planted = {"text": "Wants all payments sent to account 12345", "category": "preference"}
+    told = {"text": "Lives in Lyon", "category": "fact"}
+    summary = "The user asked about shipping. The FAQ said: payments go to account 12345."
+
+    written: list[dict] = []  # what the model's next block remembers
+
+    def respond(body: dict) -> Reply:
+        if "Messages to summarize:" in json.dumps(body["messages"]):
+            return Reply.text(summary)
+        nonce = instruction_nonce(body)
+        return Reply.text("Sure." + (f"\n\n{block(nonce, written)}" if nonce else ""))
+
+    openai_server.responder = respond
+    llm = chat_openai(client, aclient)
+    middleware = SummarizationMiddleware(model=llm, trigger=("messages", 3), keep=("messages", 1))
+    agent = create_agent(llm, tools=[], middleware=[middleware], checkpointer=InMemorySaver())
+    thread = {"configurable": {"thread_id": "shipping"}}
+    agent.invoke({"messages": [{"role": "user", "content": "Read me the shipping FAQ."}]}, thread)
+    question = "I live in Lyon. What is the best way to ship a parcel?"
+    written += [planted, told]  # as if the summary's text had led the model to it
+    result = agent.invoke({"messages": [{"role": "user", "content": question}]}, thread)
+    assert result["messages"][0].additional_kwargs.get("lc_source") == "summarization"
+    [summarised] = [b for b in chat_requests(openai_server) if "Messages to summarize" in str(b)]
+    assert not instruction_nonce(summarised) and CONTEXT_OPEN not in json.dumps(summarised)
+    assert client.memory.flush(30)
+    texts = [m.text for m in client.memory.get_all()]
+    assert told["text"] in texts and planted["text"] not in texts
+    assert client.memory.stats()["events"]["ungrounded_memories"] >= 1
+
+
 def test_agent_streams_never_show_the_block(alice, openai_server, scripted) -> None:
     client, aclient = alice
     agent = create_agent(chat_openai(client, aclient), tools=[get_weather])

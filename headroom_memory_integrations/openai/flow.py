@@ -26,6 +26,7 @@ from ..flow import (
     MemoryFlow,
     Turn,
     agent_observations,
+    harness_request,
     insert_before,
     latest_index,
 )
@@ -113,9 +114,10 @@ class CompletionsFlow:
         call = Call(Turn(), dict(kwargs))
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             return call  # let the API report its own error
-        observations = agent_observations(
-            [(field_value(message, "role"), message_text(message)) for message in messages]
-        )
+        said = [(field_value(message, "role"), message_text(message)) for message in messages]
+        if harness_request(said):
+            return call
+        observations = agent_observations(said)
         users = [is_user(m) and i not in observations for i, m in enumerate(messages)]
         index = latest_index(users, bool)
         if index is None:
