@@ -147,9 +147,10 @@ class MemoryChatModel(BaseChatModel):
         streaming: Stream the wrapped model's answer even on ``invoke`` (for callbacks).
         untrusted_context: The prompts hold text the user did not write (retrieved documents,
             as in a RAG chain), which could tell the model what to remember: keep only
-            memories grounded in the user's own words (``stats()["events"]
-            ["ungrounded_memories"]`` counts the others). Calls whose messages hold tool
-            results are always checked so.
+            memories grounded in the user's own words, the latest human message
+            (``stats()["events"]["ungrounded_memories"]`` counts the others): keep the
+            documents out of it, in a system message. Calls whose messages hold tool results
+            are always checked so.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
