@@ -379,10 +379,12 @@ class AnswerStream:
         self._filter = MemoryStreamFilter(turn.nonce) if turn.nonce else None
         self._answer: list[str] = []
         self._tail: str | None = None
+        self._fed = False  # any text at all
 
     def feed(self, delta: str | None) -> str:
         if not delta:
             return ""
+        self._fed = True
         if self._filter is None:
             self._answer.append(delta)
             return delta
@@ -393,8 +395,13 @@ class AnswerStream:
             self._filter = None  # fail open: the rest streams unfiltered rather than not at all
             return delta
 
-    def finish(self) -> str:
-        """The text still held back ("" if none). Calling it again returns ""."""
+    def finish(self, *, tool_call: bool = False) -> str:
+        """The text still held back ("" if none). Calling it again returns "".
+
+        Args:
+            tool_call: The answer called a tool. With no text besides, it has no block to
+                miss (as :meth:`MemoryFlow.finish` treats a whole one).
+        """
         if self._tail is not None:
             return ""
         self._tail = ""
@@ -402,7 +409,7 @@ class AnswerStream:
             if self._filter is not None:
                 result = self._filter.finish()
                 self._tail = result.tail
-                if self._remember:
+                if self._remember and (self._fed or not tool_call):
                     self._flow.finish_inline(
                         self._turn,
                         result.memories,

@@ -282,6 +282,8 @@ def test_tools_and_memory_work_together(
         streamed += chunk
     assert streamed.tool_calls[0]["name"] == "get_weather"
     assert streamed.usage_metadata and streamed.usage_metadata["output_tokens"] > 0
+    # a tool call has no text, so no block to miss, invoked or streamed
+    assert chat.memory.stats()["events"].get("missing_blocks", 0) == 0
 
 
 def test_a_forced_tool_call_gets_memories_but_no_instruction(

@@ -181,6 +181,13 @@ def test_a_function_calling_llm_stays_one_and_tool_calls_pass_through(new_llm) -
     streamed = list(llm.stream_chat_with_tools([tool], user_msg=FACT))
     assert streamed[-1].message.content == "Noted."
 
+    base.brain.tool_calls.append(("weather", {"city": "Oslo"}))
+    streamed = list(llm.stream_chat_with_tools([tool], user_msg="Weather in Oslo?"))
+    [selection] = llm.get_tool_calls_from_response(streamed[-1])
+    assert selection.tool_name == "weather"
+    # a tool call has no text, so no block to miss, whole or streamed
+    assert llm.memory.counters["missing_blocks"] == 0
+
 
 def test_function_agent_calls_a_tool_and_recalls(new_llm) -> None:
     first = new_llm()

@@ -253,11 +253,13 @@ class ChunkEditor:
         self._answer = flow.stream(turn)
         self._done = False
         self._last: ChatGenerationChunk | None = None
+        self._tool_call = False  # the answer calls a tool
 
     def edit(self, chunk: ChatGenerationChunk) -> ChatGenerationChunk | None:
         """The chunk to show (a new object), or None when nothing is left of it."""
         try:
             self._last = chunk
+            self._tool_call |= bool(getattr(chunk.message, "tool_call_chunks", None))
             content = chunk.message.content
             if isinstance(content, str):
                 visible: Any = self._answer.feed(content)
@@ -266,7 +268,7 @@ class ChunkEditor:
                 visible, _ = _feed_blocks(self._answer, content)
                 had_text = any(_text_of(block) for block in content)
             if _ends_answer(chunk):
-                tail = self._answer.finish()
+                tail = self._answer.finish(tool_call=self._tool_call)
                 # anything after the end (no provider sends text there) is still filtered
                 self._answer = self._flow.stream(self._turn, remember=False)
                 if tail:
@@ -288,7 +290,7 @@ class ChunkEditor:
         if self._done:
             return None
         self._done = True
-        tail = self._answer.finish()
+        tail = self._answer.finish(tool_call=self._tool_call)
         if not tail:
             return None
         last = self._last.message if self._last is not None else None

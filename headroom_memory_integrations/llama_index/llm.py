@@ -57,6 +57,7 @@ from ..wiring import build_flow, open_memory
 from ._instrumentation import astepped, stepped, viewed
 from ._messages import (
     attaches_outside_text,
+    calls_tools,
     holds_tool_results,
     latest_user_text,
     system_message,
@@ -620,7 +621,8 @@ class _StreamEditor:
         """Finish the answer (once); the response with the text held back to the end, if any."""
         if self._answer is None:
             return self._closing
-        tail, self._answer = self._answer.finish(), None
+        tool_call = self._last is not None and calls_tools(self._last.message)
+        tail, self._answer = self._answer.finish(tool_call=tool_call), None
         if not tail or self._last is None:
             return None
         self._visible += tail
