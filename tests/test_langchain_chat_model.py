@@ -32,7 +32,7 @@ from _langchain_support import (
     texts,
 )
 from langchain.agents import create_agent
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, FakeListChatModel
 from langchain_core.load import dumpd
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
@@ -805,3 +805,31 @@ def test_a_copy_cannot_change_whose_memory_it_uses(chat: MemoryChatModel) -> Non
             chat.model_copy(update=update)
     quieter = chat.model_copy(update={"verbose": False})
     assert quieter.memory is chat.memory and quieter.user_id == "alice"
+
+
+@pytest.mark.parametrize("user_id", [b"alice", 7, "  "])
+def test_a_user_id_that_is_not_a_non_empty_string_is_refused(db_path, model, user_id) -> None:
+    """As every other class refuses it: pydantic would turn ``b"alice"`` into ``"alice"``."""
+    with pytest.raises(ValueError, match="user_id must be a non-empty string"):
+        MemoryChatModel(model=FakeListChatModel(responses=["ok"]), user_id=user_id, db_path=db_path)
+    assert not db_path.exists()  # nothing created
+
+
+def test_a_chat_message_with_the_user_role_is_the_users_message(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
+) -> None:
+    """``ChatMessage(role="user")`` goes to the provider as a user message: it is searched and
+    the memories go just before it, as for a ``HumanMessage`` (not before an older one)."""
+    from langchain_core.messages import ChatMessage, HumanMessage
+
+    chat.memory.add("Lives in Lyon", category="fact")
+    chat.invoke(
+        [
+            HumanMessage("Hi there"),
+            AIMessage("Hello!"),
+            ChatMessage(role="user", content="Where do I live?"),
+        ]
+    )
+    roles = [(m["role"], m["content"]) for m in sent(openai_server)]
+    assert roles[-1] == ("user", "Where do I live?")
+    assert roles[-2][0] == "system" and '"Lives in Lyon"' in roles[-2][1]

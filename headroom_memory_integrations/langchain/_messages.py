@@ -22,6 +22,7 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
+    ChatMessage,
     FunctionMessage,
     HumanMessage,
     SystemMessage,
@@ -68,8 +69,12 @@ def is_harness_call(metadata: Mapping[str, Any] | None) -> bool:
 
 
 def is_user(message: BaseMessage) -> bool:
-    """A message the user wrote: a ``HumanMessage`` (or chunk) that is no notification."""
-    return isinstance(message, HumanMessage) and not is_notification(message)
+    """A message the user wrote: a ``HumanMessage`` (or chunk), or a ``ChatMessage`` whose
+    role is ``"user"`` (sent as one), that is no notification."""
+    said = isinstance(message, HumanMessage) or (
+        isinstance(message, ChatMessage) and message.role in ("user", "human")
+    )
+    return said and not is_notification(message)
 
 
 def is_tool_result(message: BaseMessage) -> bool:

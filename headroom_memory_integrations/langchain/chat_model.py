@@ -21,7 +21,7 @@ from langchain_core.runnables.utils import AnyConfigurableField
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from typing_extensions import Self
 
-from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
+from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore, validate_user_id
 from ..errors import InvalidInputError
 from ..flow import Turn
 from ..wiring import build_flow, open_memory, reopening_arguments
@@ -200,6 +200,8 @@ class MemoryChatModel(BaseChatModel):
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
+        if data.get("user_id") is not None:  # before pydantic would turn b"alice" into "alice"
+            validate_user_id(data["user_id"])
         model = data.get("model")
         if isinstance(model, str):
             from langchain.chat_models import init_chat_model
