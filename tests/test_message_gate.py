@@ -107,6 +107,14 @@ def test_the_gate_reads_whether_the_writer_asks_about_themself(model) -> None:
         ("so happy for her", False),
         ("shorter please", False),
         ("whatever works", False),  # "what" only as a word of its own
+        ("how exciting!", False),  # exclamations, remarks with no subject
+        ("what a great idea", False),
+        ("could be worse", False),
+        ("can't wait", False),
+        ("will do", False),
+        ("could it be worse?", True),
+        ("should I go", True),
+        ("wait, is it safe?!", True),
         ("", False),
     ],
 )

@@ -82,9 +82,14 @@ def text_features(text: str) -> np.ndarray:
 
 TEXT_FEATURES = len(text_features(""))
 
+_AUXILIARIES = r"should|shall|can|could|is|are|am|do|does|did|will|would|was|were|has|have"
 _ASKS = re.compile(
-    r"^(?:what|which|how|should|shall|can|could|is|are|am|do|does|did|any|where|when|who|whom"
-    r"|whose|why|will|would|was|were|has|have)\b",
+    rf"^(?:what|which|how|any|where|when|who|whom|whose|why|{_AUXILIARIES})\b", re.IGNORECASE
+)
+_EXCLAIMS = re.compile(r"^what\s+an?\b", re.IGNORECASE)  # "what a great idea"
+_SUBJECTLESS = re.compile(  # an auxiliary with no subject after it: "could be worse"
+    rf"^(?:{_AUXILIARIES})(?:n?['’]t)?\s+(?:be|been|have|do|not|never|go|get|wait|happen|work"
+    r"|help|fun|really|definitely|always|probably|totally|so|also|just|still)\b",
     re.IGNORECASE,
 )
 
@@ -96,9 +101,16 @@ def reads_as_question(text: str) -> bool:
     (``benchmarks/followups*.jsonl``), 96-100% of the follow-ups read as questions, and 8-35%
     of the asides (mostly unrelated quick questions, which the gate turns away). Only a short
     message that reads as a question is searched with the previous one
-    (``MemoryStore.search``'s ``previous_message``)."""
+    (``MemoryStore.search``'s ``previous_message``).
+
+    Without a "?", an exclamation is no question ("how exciting!", "what a great idea"), nor
+    is an auxiliary with no subject after it ("could be worse", "can't wait", "will do")."""
     stripped = text.strip()
-    return stripped.endswith("?") or _ASKS.match(stripped) is not None
+    if stripped.rstrip("!").endswith("?"):  # "?" or "?!"
+        return True
+    if stripped.endswith("!") or _EXCLAIMS.match(stripped) or _SUBJECTLESS.match(stripped):
+        return False
+    return _ASKS.match(stripped) is not None
 
 
 class MessageGate:
