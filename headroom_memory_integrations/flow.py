@@ -183,6 +183,22 @@ def agent_observations(messages: Sequence[tuple[str | None, str]]) -> set[int]:
     return found
 
 
+MAX_EXTRACTED_CHARS = 60_000
+"""The longest text of a turn's message (the user's, the answer) queued for background
+extraction: a longer one keeps its start and its end, with a note of how much was left out
+between them. At most ~15k tokens each for the extraction call (a whole pasted file could
+overflow the model's context), and always within the queue's size limit for a job."""
+
+
+def clipped(text: str, limit: int = MAX_EXTRACTED_CHARS) -> str:
+    """``text``, or its first and last ``limit // 2`` characters around a note of what was
+    left out when it is longer than ``limit``."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters left out ...]\n{text[-half:]}"
+
+
 def insert_before(messages: Sequence[M], index: int, message: M) -> list[M]:
     """A new list with ``message`` just before ``messages[index]``; the prefix is unchanged, so
     the provider's prompt caching keeps working."""
@@ -349,9 +365,9 @@ class MemoryFlow:
     def finish_background(self, turn: Turn, answer: str | None) -> None:
         if self.inline or not turn.user_text:
             return
-        exchange = [{"role": "user", "content": turn.user_text}]
+        exchange = [{"role": "user", "content": clipped(turn.user_text)}]
         if answer:
-            exchange.append({"role": "assistant", "content": answer})
+            exchange.append({"role": "assistant", "content": clipped(answer)})
         self.jobs.extract(self.memory, exchange, turn.injected, turn.model, turn.untrusted)
 
     def failed(self, counter: str, message: str) -> None:

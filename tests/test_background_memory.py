@@ -156,6 +156,22 @@ def test_the_extraction_sees_the_turn_as_quoted_data(client, fake_model, openai_
     assert extraction["model"] == "gpt-4o"
 
 
+def test_a_turn_with_a_pasted_file_is_extracted_from_its_start_and_end(
+    client, fake_model, openai_server
+) -> None:
+    """A message over a megabyte (a pasted file) would not fit a queued job, nor the extraction
+    model's context: its start and end are extracted, with a note of what was left out."""
+    pasted = "I prefer Python for backend work. Here is my log:\n" + "GET /health 200\n" * 70_000
+    ask(client, pasted + "Why is it slow?")
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    [extraction] = [r.body for r in openai_server.requests if is_extraction(r.body)]
+    sent = extraction["messages"][1]["content"]
+    assert "I prefer Python for backend work" in sent and "Why is it slow?" in sent
+    assert "characters left out" in sent and len(sent) < 70_000
+    assert client.memory.stats()["events"].get("store_failures", 0) == 0
+
+
 def test_transient_errors_and_malformed_answers_are_retried(client, fake_model) -> None:
     fake_model.extractions = [
         Reply.error(429, "slow down"),
