@@ -15,7 +15,7 @@ from langchain.tools import ToolRuntime
 from langchain_core.tools import tool
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
-from langgraph.store.base import BaseStore, PutOp
+from langgraph.store.base import BaseStore, ListNamespacesOp, MatchCondition, PutOp, SearchOp
 
 from headroom_memory_integrations import InvalidInputError, MemoryStore
 from headroom_memory_integrations.langchain import HeadroomStore, namespace_user
@@ -119,6 +119,41 @@ def test_bad_items_raise_naming_the_limit_and_a_batch_writes_nothing(store) -> N
         )
     assert store.get(("alice",), "good") is None
     assert store.search(("alice",)) == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (SearchOp(("alice",), filter={"n": {"$in": [1]}}), "unknown filter operator '\\$in'"),
+        (SearchOp(("alice",), filter=["n"]), "filter must be a dict"),  # type: ignore[arg-type]
+        (SearchOp(("alice",), query=5), "query must be a string"),  # type: ignore[arg-type]
+        (ListNamespacesOp((MatchCondition("infix", ("a",)),)), "unknown match type"),  # type: ignore[arg-type]
+        (ListNamespacesOp(max_depth="2"), "max_depth must be"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_batch_with_a_bad_read_writes_nothing(store, bad, error) -> None:
+    """Every op is checked before anything is written, reads too."""
+    with pytest.raises(InvalidInputError, match=error):
+        store.batch([PutOp(("alice",), "good", {"text": "Has two cats"}), bad])
+    assert store.get(("alice",), "good") is None
+
+
+def test_odd_values_keys_and_labels_are_no_storage_failure(store) -> None:
+    """A number beyond a float's range fails a comparison (no crash of every search under
+    the prefix); a key no item can have finds and deletes nothing; a blank label is refused
+    wherever it is, so ``list_namespaces`` never lists a namespace the store then refuses."""
+    store.put(("acme", "mallory"), "m", {"text": "Pays invoices", "amount": 10**400})
+    store.put(("acme", "alice"), "a", {"text": "Pays rent", "amount": 5})
+    found = store.search(("acme",), filter={"amount": {"$gt": 1}})
+    assert [item.key for item in found] == ["a"]
+    surrogate = json.loads('"\\ud800"')
+    assert store.get(("acme", "alice"), surrogate) is None
+    store.delete(("acme", "alice"), surrogate)
+    assert store.get(("acme", "alice"), "a") is not None
+    for namespace in ((" ", "team"), ("team", "  ")):
+        with pytest.raises(InvalidNamespaceError, match="blank"):
+            store.put(namespace, "k", {"text": "Has a dog"})
+    assert all(label.strip() for ns in store.list_namespaces() for label in ns)
 
 
 def test_ttl_is_not_supported(store) -> None:

@@ -87,6 +87,10 @@ def namespace_user(namespace: Sequence[str]) -> str:
         raise InvalidNamespaceError("an empty namespace names no user")
     validate_op_namespace(GetOp(tuple(namespace), ""))
     for label in namespace:
+        if isinstance(label, str) and not label.strip():
+            raise InvalidNamespaceError(
+                f"namespace {tuple(namespace)!r}: a label cannot be blank (only spaces)"
+            )
         if SEPARATOR in label:
             raise InvalidNamespaceError(
                 f"namespace {tuple(namespace)!r}: a label cannot contain the unit separator "
@@ -252,7 +256,7 @@ def _apply(actual: Any, operator: str, operand: Any) -> bool:
         return bool(actual != operand)
     try:
         left, right = float(actual), float(operand)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # an int beyond a float's range too
         return False  # a missing or non-numeric field does not match a comparison
     return {
         "$gt": left > right,
@@ -282,10 +286,54 @@ def _namespace_matches(condition: MatchCondition, namespace: tuple[str, ...]) ->
     return all(p in ("*", n) for p, n in zip(path, part))
 
 
+def _check_filter(filter: Any) -> None:
+    """A search filter this store can apply (see :func:`matches`), or ``InvalidInputError``."""
+    if filter is None:
+        return
+    if not isinstance(filter, Mapping):
+        raise InvalidInputError(f"filter must be a dict, got {type(filter).__name__}")
+    for wanted in filter.values():
+        _check_wanted(wanted)
+
+
+def _check_wanted(wanted: Any) -> None:
+    if isinstance(wanted, Mapping):
+        for key, value in wanted.items():
+            if isinstance(key, str) and key.startswith("$") and key not in _OPERATORS:
+                raise InvalidInputError(f"unknown filter operator {key!r}; use one of {_OPERATORS}")
+            _check_wanted(value)
+    elif isinstance(wanted, (list, tuple)):
+        for value in wanted:
+            _check_wanted(value)
+
+
+def _check_listing(op: ListNamespacesOp) -> None:
+    for condition in op.match_conditions or ():
+        if condition.match_type not in ("prefix", "suffix"):
+            raise InvalidInputError(
+                f"unknown match type {condition.match_type!r}; use 'prefix' or 'suffix'"
+            )
+        if not all(isinstance(label, str) for label in condition.path):
+            raise InvalidInputError(f"a match path holds labels (strings), got {condition.path!r}")
+    depth = op.max_depth
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise InvalidInputError(f"max_depth must be a positive integer or None, got {depth!r}")
+
+
 def _check_page(limit: int, offset: int) -> None:
     for name, number in (("limit", limit), ("offset", offset)):
         if isinstance(number, bool) or not isinstance(number, int) or number < 0:
             raise InvalidInputError(f"{name} must be a non-negative integer, got {number!r}")
+
+
+def _possible_key(key: object) -> bool:
+    """Whether an item could have ``key`` (``put`` refuses any other): a ``get`` of another
+    finds nothing and a ``delete`` deletes nothing, as for a key never written."""
+    try:
+        check_memory_id(key)
+    except InvalidInputError:
+        return False
+    return True
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -434,8 +482,12 @@ class HeadroomStore(BaseStore):
                 )
             namespace_user(op.namespace_prefix)
             _check_page(op.limit, op.offset)
+            if op.query is not None and not isinstance(op.query, str):
+                raise InvalidInputError(f"query must be a string, got {type(op.query).__name__}")
+            _check_filter(op.filter)
         elif isinstance(op, ListNamespacesOp):
             _check_page(op.limit, op.offset)
+            _check_listing(op)
         else:
             raise InvalidInputError(f"unknown store operation {type(op).__name__}")
         return None
@@ -457,7 +509,7 @@ class HeadroomStore(BaseStore):
 
     def _get(self, op: GetOp) -> Item | None:
         user_id = namespace_user(op.namespace)
-        if not isinstance(op.key, str):
+        if not _possible_key(op.key):
             return None
         # reading a user who has no collection (never written, or forgotten) creates none
         found = self.stores(user_id).get_many([op.key])
@@ -470,6 +522,8 @@ class HeadroomStore(BaseStore):
         self._users.add(item.user_id)
 
     def _delete(self, user_id: str, key: str) -> None:
+        if not _possible_key(key):
+            return  # no item has it: nothing to delete
         with contextlib.suppress(MemoryNotFoundError):
             self.stores(user_id).delete(key)
 
