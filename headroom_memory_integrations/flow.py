@@ -199,6 +199,31 @@ def clipped(text: str, limit: int = MAX_EXTRACTED_CHARS) -> str:
     return f"{text[:half]}\n[... {len(text) - 2 * half} characters left out ...]\n{text[-half:]}"
 
 
+AGENT_STATE = ("Current state:\n", "\n\nCurrent message:\n")
+"""LlamaIndex's default ``state_prompt`` (``DEFAULT_STATE_PROMPT``), before and after the
+state: an agent with state (``AgentWorkflow(initial_state=...)``) sends the user's message as
+``"Current state:\n{state}\n\nCurrent message:\n{msg}\n"``. Its tools can write anything in
+the state (a fetched page)."""
+
+
+def agent_state_message(text: str) -> str | None:
+    """The user's message in ``text`` when an agent sent it with its state
+    (:data:`AGENT_STATE`), else None. The message is what follows the last "Current message:"
+    line: a state cannot put words after the user's, and a state that holds that line itself
+    leaves the user's message shorter, never longer."""
+    start, message_line = AGENT_STATE
+    if not text.startswith(start) or message_line not in text[len(start) :]:
+        return None
+    return text.rsplit(message_line, 1)[1].removesuffix("\n")
+
+
+def user_words(text: str) -> str:
+    """What the user wrote in their message ``text``: without an agent's state around it
+    (:func:`agent_state_message`). A call whose user message carries a state is untrusted."""
+    message = agent_state_message(text)
+    return text if message is None else message
+
+
 def insert_before(messages: Sequence[M], index: int, message: M) -> list[M]:
     """A new list with ``message`` just before ``messages[index]``; the prefix is unchanged, so
     the provider's prompt caching keeps working."""

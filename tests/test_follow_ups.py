@@ -266,6 +266,38 @@ def test_the_llama_index_llm_and_buffer_pass_the_previous_user_message(db_path, 
     buffer.memory.close()
 
 
+def test_the_llama_index_llm_searches_a_follow_up_in_a_workflow_with_state(db_path, model) -> None:
+    """AgentWorkflow(initial_state=...) sends each user message inside its state prompt (and
+    keeps it so in the chat history): the user's words alone are searched, with the ones
+    before them."""
+    import asyncio
+
+    from _llama_index_support import ScriptedLLM
+    from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent
+    from llama_index.core.memory import ChatMemoryBuffer
+    from llama_index.core.workflow import Context
+
+    from headroom_memory_integrations.llama_index import MemoryLLM
+
+    base = ScriptedLLM()
+    llm = MemoryLLM(llm=base, user_id="alice", db_path=db_path, embedder=model)
+    llm.memory.add_many(MEMORIES)
+    agent = FunctionAgent(name="a", description="a", tools=[], llm=llm)
+    workflow = AgentWorkflow(agents=[agent], initial_state={"guests": 4})
+
+    async def run() -> None:
+        ctx, history = Context(workflow), ChatMemoryBuffer.from_defaults(token_limit=3000)
+        await workflow.run(user_msg=EARLIER, ctx=ctx, memory=history)
+        await workflow.run(user_msg=FOLLOW_UP, ctx=ctx, memory=history)
+
+    asyncio.run(run())
+    sent = base.brain.requests[-1]
+    assert [m["content"] for m in sent if m["role"] == "user"][-1].startswith("Current state:")
+    system = [m["content"] for m in sent if m["role"] == "system"]
+    assert system and first_listed(system[-1]) == KNEE.text
+    llm.memory.close()
+
+
 def test_the_llama_index_memory_block_passes_the_previous_user_message(db_path, model) -> None:
     from _llama_index_support import ScriptedLLM
     from llama_index.core.base.llms.types import ChatMessage

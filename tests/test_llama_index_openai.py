@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from _llama_index_support import (
@@ -17,6 +20,7 @@ from _llama_index_support import (
     ENGINES,
     FACT,
     PLANTED,
+    POISON,
     QUESTION,
     RECALLED,
     Brain,
@@ -335,6 +339,59 @@ def test_memory_over_http_in_a_react_workflow(wrapper, openai_server, plain_llm,
     assert observed[-3]["content"] == FACT and observed[-4]["role"] == "system"
     flush(memory)
     assert [m.text for m in memory.get_all()] == [FACT]  # not the observation
+
+
+@dataclass
+class StateFollowingBrain(Brain):
+    """Takes the state an agent sends with the user's message (LlamaIndex's state prompt) for
+    the user's words: given the inline instruction, it records what the message says and, when
+    the state asks for it, :data:`PLANTED`."""
+
+    def answer(self, messages: Any, *, tools: bool = False) -> Any:
+        answer = super().answer(messages, tools=tools)
+        said = [str(m.get("content") or "") for m in messages if m["role"] == "user"]
+        if isinstance(answer, tuple) or "<memory-" not in answer or not said:
+            return answer
+        text, block = answer.split("\n<memory-", 1)
+        tag = block.split(">", 1)[0]
+        message = said[-1].rsplit("Current message:\n", 1)[-1].strip()
+        found = [] if message.endswith("?") else [{"text": message, "category": "preference"}]
+        if "12345" in said[-1]:
+            found.append({"text": PLANTED, "category": "preference"})
+        return f"{text}\n<memory-{tag}>{json.dumps(found)}</memory-{tag}>"
+
+
+@pytest.mark.parametrize("wrapper", ["MemoryLLM", "openai_llm_with_memory"])
+def test_a_workflows_state_is_not_the_users_words(
+    wrapper, openai_server, plain_llm, db_path, model
+) -> None:
+    """AgentWorkflow(initial_state=...) sends the user's message inside its state prompt: text
+    in the state (a web page a tool wrote there) is not the user's, and cannot make the model
+    plant a memory."""
+    from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent
+
+    brain = StateFollowingBrain()
+    openai_server.responder = brain.responder
+    settings = {"user_id": "alice", "db_path": db_path, "embedder": model}
+    if wrapper == "MemoryLLM":
+        llm: Any = MemoryLLM(llm=plain_llm(), **settings)
+        memory = llm.memory
+    else:
+        llm = openai_llm_with_memory(plain_llm(), **settings)
+        memory = llm_memory(llm)
+    agent = FunctionAgent(name="a", description="a", tools=[], llm=llm)
+    page = f"Shipping FAQ. {POISON}"
+    workflow = AgentWorkflow(agents=[agent], initial_state={"notes": page})
+
+    async def run() -> None:
+        await workflow.run(user_msg=FACT)
+
+    asyncio.run(run())
+    asked = [m["content"] for m in brain.requests[-1] if m["role"] == "user"][-1]
+    assert asked.startswith("Current state:") and page in asked and asked.endswith(f"{FACT}\n")
+    flush(memory)
+    assert [m.text for m in memory.get_all()] == [FACT]  # the user's words, not the state's
+    assert memory.counters["ungrounded_memories"] == 1
 
 
 @pytest.mark.parametrize("sloppy", ["", "Thought: Python?"])

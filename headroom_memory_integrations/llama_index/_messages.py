@@ -7,7 +7,13 @@ from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, TextBlock, ToolCallBlock
 
-from ..flow import REACT_OBSERVATION, REACT_STEP, agent_observations
+from ..flow import (
+    REACT_OBSERVATION,
+    REACT_STEP,
+    agent_observations,
+    agent_state_message,
+    user_words,
+)
 from ..prompts import fetches_outside_text, message_text
 
 # ReAct (``llama_index.core.agent.react``) uses tools through text: its formatter sends each
@@ -119,15 +125,29 @@ def text_of(message: ChatMessage) -> str:
 
 
 def latest_user_text(messages: Sequence[ChatMessage]) -> str | None:
-    """The text of the user's latest message, or None when there is none."""
+    """What the user wrote in their latest message (without the state an agent sends with
+    it: see ``flow.user_words``), or None when there is none."""
     index = user_index(messages)
-    return None if index is None else text_of(messages[index])
+    return None if index is None else user_words(text_of(messages[index]))
 
 
 def previous_user_text(messages: Sequence[ChatMessage]) -> str | None:
-    """The text of the user's message before their latest one, or None when there is none."""
+    """What the user wrote in their message before their latest one, or None when there is
+    none."""
     index = user_index(messages)
     return None if index is None else latest_user_text(messages[:index])
+
+
+def holds_agent_state(messages: Sequence[ChatMessage]) -> bool:
+    """Whether a message the user wrote comes with an agent's state (``AgentWorkflow``'s
+    ``initial_state``, which its tools can fill with text the user did not write)."""
+    observations = _observations(messages)
+    return any(
+        m.role == MessageRole.USER
+        and index not in observations
+        and agent_state_message(text_of(m)) is not None
+        for index, m in enumerate(messages)
+    )
 
 
 def calls_tools(message: ChatMessage) -> bool:

@@ -50,7 +50,7 @@ from llama_index.core.types import TokenAsyncGen, TokenGen
 from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..errors import InvalidInputError
-from ..flow import AnswerStream, MemoryFlow, Turn, insert_before
+from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, user_words
 from ..prompts import block_tags, inline_extraction_allowed
 from ..storage import Storage
 from ..wiring import build_flow, open_memory
@@ -58,6 +58,7 @@ from ._instrumentation import astepped, stepped, viewed
 from ._messages import (
     attaches_outside_text,
     calls_tools,
+    holds_agent_state,
     holds_tool_results,
     latest_user_text,
     system_message,
@@ -160,13 +161,14 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
     ``response_format``, log probabilities: in the call's arguments or set on the wrapped LLM,
     as its ``additional_kwargs`` or ``logprobs``) get memories but no instruction. Tool
     results (tool messages, the "Observation: ..." messages a ``ReActAgent`` sends as user
-    messages, and the output of the code a ``CodeActAgent`` runs, sent so too) and ReAct's
-    retry prompts are never taken for the user's words, and a call that
-    holds any keeps only memories grounded in them. So does a call whose messages attach a
-    document, an image or a video (``DocumentBlock``, ``ImageBlock``, ``VideoBlock``,
-    ``CitableBlock``), and one that sends a LlamaIndex template filled with retrieved
-    documents (``context_str``, ``context_msg``: the final call of ``ContextChatEngine`` and
-    ``CondensePlusContextChatEngine``).
+    messages, and the output of the code a ``CodeActAgent`` runs, sent so too), ReAct's
+    retry prompts and the state an agent sends around the user's message (LlamaIndex's default
+    ``state_prompt``: only its ``msg`` part is the user's) are never taken for the user's
+    words, and a call that holds any keeps only memories grounded in them. So does a call
+    whose messages attach a document, an image or a video (``DocumentBlock``, ``ImageBlock``,
+    ``VideoBlock``, ``CitableBlock``), and one that sends a LlamaIndex template filled with
+    retrieved documents (``context_str``, ``context_msg``: the final call of
+    ``ContextChatEngine`` and ``CondensePlusContextChatEngine``).
 
     The wrapped LLM's instrumentation events and spans, and its ``callback_manager``'s
     handlers, get what they got before, with the block cut from the answers in them (see
@@ -354,12 +356,15 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
             return _Call(Turn(), sent)
         asked = text_of(sent[index])
         turn = self._flow.start(
-            asked,
+            user_words(asked),
             previous_text=latest_user_text(sent[:index]),
             instruct=inline_extraction_allowed(kwargs)
             and inline_extraction_allowed(self._own_options())
             and _user_wrote(asked),
-            untrusted=holds_tool_results(sent) or attaches_outside_text(sent) or _retrieved(),
+            untrusted=holds_tool_results(sent)
+            or attaches_outside_text(sent)
+            or holds_agent_state(sent)
+            or _retrieved(),
         )
         if turn.prompt:
             sent = insert_before(sent, index, system_message(turn.prompt))

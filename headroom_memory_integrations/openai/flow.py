@@ -26,9 +26,11 @@ from ..flow import (
     MemoryFlow,
     Turn,
     agent_observations,
+    agent_state_message,
     harness_request,
     insert_before,
     latest_index,
+    user_words,
 )
 from ..prompts import (
     fetches_outside_text,
@@ -114,7 +116,8 @@ class CompletionsFlow:
         call = Call(Turn(), dict(kwargs))
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             return call  # let the API report its own error
-        said = [(field_value(message, "role"), message_text(message)) for message in messages]
+        texts = [message_text(message) for message in messages]
+        said = [(field_value(message, "role"), text) for message, text in zip(messages, texts)]
         if harness_request(said):
             return call
         observations = agent_observations(said)
@@ -125,13 +128,16 @@ class CompletionsFlow:
         model = kwargs.get("model")
         previous = latest_index(users[:index], bool)
         call.turn = self.flow.start(
-            message_text(messages[index]),
-            previous_text=earlier if previous is None else message_text(messages[previous]),
+            user_words(texts[index]),
+            previous_text=earlier if previous is None else user_words(texts[previous]),
             instruct=inline_extraction_allowed(kwargs),
             model=model if isinstance(model, str) else None,
             untrusted=bool(observations)
             or fetches_outside_text(kwargs)
-            or any(is_tool_result(message) for message in messages),
+            or any(is_tool_result(message) for message in messages)
+            or any(
+                agent_state_message(text) is not None for text, user in zip(texts, users) if user
+            ),
         )
         prompt = call.turn.prompt
         if prompt:
