@@ -152,6 +152,10 @@ def build_flow(
     if not inline and extractor is None:
         raise InvalidInputError("background extraction needs an extractor")
     top_k = check_top_k(top_k)  # as the searches will: refused now, not on every call
+    if not isinstance(untrusted_context, bool):  # "false" would be truthy: silently untrusted
+        raise InvalidInputError(
+            f"untrusted_context must be True or False, got {untrusted_context!r}"
+        )
     path = Path(queue_path).expanduser() if queue_path else queue_path_for(memory)
     writer = writer_for(path, backoff=backoff)
     writer.register(memory, extractor)

@@ -301,6 +301,13 @@ def test_untrusted_context_reaches_the_memory_clients(
     assert [m.text for m in llm_memory(llm).get_all()] == ([] if untrusted else [PLANTED])
 
 
+def test_untrusted_context_of_the_memory_clients_is_true_or_false(plain_llm, db_path, model):
+    with pytest.raises(InvalidInputError, match="True or False, got 'false'"):
+        openai_llm_with_memory(
+            plain_llm(), user_id="alice", db_path=db_path, embedder=model, untrusted_context="false"
+        )
+
+
 def test_untrusted_context_must_match_clients_given(openai_server, plain_llm, db_path, model):
     sync = with_fast_memory(
         openai_server.client(), "alice", db_path, embedder=model, untrusted_context=True

@@ -194,6 +194,20 @@ def test_codeacts_code_output_is_not_the_users_message(adapter, db_path, model) 
 # -- untrusted_context: documents the application puts in the prompt ------------------------
 
 
+@pytest.mark.parametrize("adapter", [MemoryLLM, HeadroomChatMemoryBuffer, HeadroomMemoryBlock])
+def test_untrusted_context_is_true_or_false(adapter, db_path, model) -> None:
+    # "false" is truthy: taken as given it would make every call untrusted while the field,
+    # and what the object serializes, said False
+    where = {"user_id": "alice", "db_path": db_path, "embedder": model}
+    build = (
+        HeadroomChatMemoryBuffer.from_defaults if adapter is HeadroomChatMemoryBuffer else adapter
+    )
+    with pytest.raises(ValueError, match="valid boolean"):
+        build(llm=ScriptedLLM(), untrusted_context="false", **where)
+    built = build(llm=ScriptedLLM(), untrusted_context=True, **where)
+    assert built.untrusted_context is True and built._flow.untrusted_context is True
+
+
 @pytest.mark.parametrize("untrusted", [False, True])
 def test_untrusted_context_keeps_documents_out_of_memory_llm(untrusted, new_llm) -> None:
     llm = new_llm(ScriptedLLM(brain=DocumentFollowingBrain()), untrusted_context=untrusted)

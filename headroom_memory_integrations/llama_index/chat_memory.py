@@ -123,7 +123,7 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
     user_id: str
     db_path: str | None = None
     top_k: int = Field(default=5, gt=0)
-    untrusted_context: bool = False
+    untrusted_context: bool = Field(default=False, strict=True)  # never guessed from "false"
 
     _flow: MemoryFlow = PrivateAttr()
     _unsaveable: str | None = PrivateAttr(default=None)  # why to_dict cannot save the store

@@ -233,7 +233,9 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
     )
     top_k: int = Field(default=5, description="Memories injected at most.")
     untrusted_context: bool = Field(
-        default=False, description="Keep only memories grounded in the user's own words."
+        default=False,
+        strict=True,  # a security setting is True or False, never guessed from "false"
+        description="Keep only memories grounded in the user's own words.",
     )
 
     _llm: LLM = PrivateAttr()
@@ -259,13 +261,6 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
         if isinstance(llm, MemoryLLM):
             raise InvalidInputError("this LLM already has memory")
         store = open_memory(memory, user_id, db_path, storage=storage, embedder=embedder)
-        flow = build_flow(
-            store,
-            inline=True,
-            top_k=top_k,
-            queue_path=queue_path,
-            untrusted_context=untrusted_context,
-        )
         location, unsaveable = reopening_location(store)
         super().__init__(
             user_id=store.user_id,
@@ -281,7 +276,13 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
             query_wrapper_prompt=llm.query_wrapper_prompt,
         )
         self._llm = llm
-        self._flow = flow
+        self._flow = build_flow(  # untrusted_context as validated (top_k: the core's check)
+            store,
+            inline=True,
+            top_k=top_k,
+            queue_path=queue_path,
+            untrusted_context=self.untrusted_context,
+        )
         self._unsaveable = unsaveable
         self._queue_path = queue_path
 
