@@ -246,6 +246,47 @@ def test_an_agent_context_with_the_memory_serializes_and_resumes(
     assert "I work at a fintech startup" in [m.text for m in memory.memory.get_all()]
 
 
+def test_an_agent_context_reused_for_another_run_learns_it_with_the_buffers_llm(
+    new_buffer, llm
+) -> None:
+    # between two runs on one Context, LlamaIndex serializes the memory and rebuilds it with
+    # from_dict (no llm=, and no Settings.llm here): the copy extracts with the buffer's llm
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.workflow import Context
+
+    memory = new_buffer()
+    agent = FunctionAgent(tools=[], llm=llm, system_prompt="You are helpful.")
+
+    async def run() -> Any:
+        ctx = Context(agent)
+        await agent.run(user_msg=FACT, memory=memory, ctx=ctx)
+        await agent.run(user_msg="I work at a fintech startup", memory=memory, ctx=ctx)
+        return await ctx.store.get("memory")
+
+    used = asyncio.run(run())
+    assert used is not memory  # the rebuilt copy
+    flush(memory.memory)
+    assert sorted(m.text for m in memory.memory.get_all()) == [FACT, "I work at a fintech startup"]
+    assert llm.brain.extractions == 2
+
+
+def test_a_copy_for_another_user_or_memories_never_gets_the_buffers_llm(
+    new_buffer, db_path, tmp_path
+) -> None:
+    memory = new_buffer()
+    saved = memory.to_dict()
+    again = HeadroomChatMemoryBuffer.from_dict(saved, embedder=memory.memory.embedder)
+    assert again._extraction_llm is memory._extraction_llm  # the same user and memories
+    for changed in ({"user_id": "mallory"}, {"db_path": str(tmp_path / "elsewhere")}):
+        other = HeadroomChatMemoryBuffer.from_dict(
+            {**saved, **changed}, embedder=memory.memory.embedder
+        )
+        assert other._extraction_llm is None  # Settings.llm at extraction time
+        assert other.extraction_llm_key != memory.extraction_llm_key
+    given = ScriptedLLM()
+    assert HeadroomChatMemoryBuffer.from_dict(saved, llm=given)._extraction_llm is given
+
+
 def test_the_short_term_history_lives_in_the_chat_store_given(new_buffer, llm) -> None:
     store = SimpleChatStore()
     ask("simple", llm, new_buffer(chat_store=store, chat_store_key="alice-1"), FACT, "sync")

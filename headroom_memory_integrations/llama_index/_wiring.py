@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import secrets
+import threading
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from llama_index.core.llms import LLM
@@ -89,6 +93,42 @@ def background_flow(
         owner.db_path = location
     owner._extraction_llm, owner._queue_path = llm, queue_path
     return flow
+
+
+@dataclass(eq=False)
+class LiveLLM:
+    """The extraction LLM of a memory object, shared with the copies restored from what it
+    serialized in this process (an agent's ``Context`` is serialized and rebuilt between two
+    runs): registered under a random key that the copies carry, for the same user and
+    memories only. It lives as long as one of them does."""
+
+    llm: LLM | None
+    user_id: str
+    db_path: str | None
+
+
+_LIVE_LLMS: weakref.WeakValueDictionary[str, LiveLLM] = weakref.WeakValueDictionary()
+_LIVE_LLMS_LOCK = threading.Lock()
+
+
+def register_llm(llm: LLM | None, user_id: str, db_path: str | None) -> tuple[str, LiveLLM]:
+    """A new key for ``llm``, the extraction LLM of ``user_id``'s memories at ``db_path``, and
+    its registration (which the memory object keeps alive)."""
+    key, live = secrets.token_hex(16), LiveLLM(llm, user_id, db_path)
+    with _LIVE_LLMS_LOCK:
+        _LIVE_LLMS[key] = live
+    return key, live
+
+
+def live_llm(key: str | None, user_id: str, db_path: str | None) -> LiveLLM | None:
+    """The registration of ``key`` in this process when it is for ``user_id``'s memories at
+    ``db_path``, else None: a copy made for another user, or for other memories, never gets
+    the LLM (nor does one restored in another process)."""
+    with _LIVE_LLMS_LOCK:
+        live = _LIVE_LLMS.get(key) if key else None
+    if live is None or (live.user_id, live.db_path) != (user_id, db_path):
+        return None
+    return live
 
 
 def reopening_location(memory: MemoryStore) -> tuple[str | None, str | None]:

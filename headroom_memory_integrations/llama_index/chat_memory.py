@@ -36,12 +36,15 @@ from ._messages import (
     user_index,
 )
 from ._wiring import (
+    LiveLLM,
     PathLike,
     Pickled,
     background_flow,
     check_llm,
     check_saveable,
+    live_llm,
     memory_fields,
+    register_llm,
 )
 
 log = logging.getLogger("headroom_memory_integrations")
@@ -79,10 +82,14 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
     Serializing (``to_dict``, an agent's ``Context.to_dict``) writes ``user_id``, ``db_path``
     (the absolute folder or server URL of the memories), the chat store and the limits, never
     a client; ``from_dict`` opens the same memories again, from any working directory, with
-    the default embedder and, for extraction, ``Settings.llm`` (pass ``llm=`` to
-    ``from_dict`` for another). Memories that could not be opened again so (a custom embedder
-    or storage object) are refused by ``to_dict`` with an ``InvalidInputError``, rather than
-    restored without memory. Give ``llm`` a plain LLM, not one with memory of its own.
+    the default embedder and, for extraction, the ``llm`` of the memory it was saved from,
+    when that memory (or another copy of it) lives in this process: an agent's ``Context``
+    reused for another run is serialized and rebuilt by LlamaIndex in between. It finds it by
+    ``extraction_llm_key``, a random key, and only for the same ``user_id`` and ``db_path``.
+    Elsewhere, ``Settings.llm`` (pass ``llm=`` to ``from_dict`` for another). Memories that
+    could not be opened again so (a custom embedder or storage object) are refused by
+    ``to_dict`` with an ``InvalidInputError``, rather than restored without memory. Give
+    ``llm`` a plain LLM, not one with memory of its own.
 
     Setup::
 
@@ -124,8 +131,13 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
     db_path: str | None = None
     top_k: int = Field(default=5, gt=0)
     untrusted_context: bool = Field(default=False, strict=True)  # never guessed from "false"
+    extraction_llm_key: str | None = Field(
+        default=None,
+        description="Names the llm= of the memory a copy was restored from, in this process.",
+    )
 
     _flow: MemoryFlow = PrivateAttr()
+    _live_llm: LiveLLM | None = PrivateAttr(default=None)  # keeps extraction_llm_key's LLM
     _unsaveable: str | None = PrivateAttr(default=None)  # why to_dict cannot save the store
     _extraction_llm: LLM | None = PrivateAttr(default=None)
     _queue_path: PathLike | None = PrivateAttr(default=None)
@@ -148,9 +160,20 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
         **data: Any,
     ) -> None:
         super().__init__(**memory_fields(type(self), memory, data))
+        # a copy restored without llm= in this process (an agent's Context between two runs)
+        # extracts with the llm= of the memory it was saved from
+        live = None if llm is not None else live_llm(self.extraction_llm_key, *self._owner())
         self._flow = background_flow(
-            self, memory, storage=storage, embedder=embedder, llm=llm, queue_path=queue_path
+            self,
+            memory,
+            storage=storage,
+            embedder=embedder,
+            llm=llm if live is None else live.llm,
+            queue_path=queue_path,
         )
+        if live is None:
+            self.extraction_llm_key, live = register_llm(self._extraction_llm, *self._owner())
+        self._live_llm = live
         # a turn in progress when the history was saved (an agent's Context saved while it
         # waits for the human) is learnt from when its answer is put
         self._follow(self.get_all())
@@ -158,6 +181,10 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
     @classmethod
     def class_name(cls) -> str:
         return "HeadroomChatMemoryBuffer"
+
+    def _owner(self) -> tuple[str, str | None]:
+        """Whose memories, and where: a restored copy gets an extraction LLM for these only."""
+        return self.user_id, self.db_path
 
     def _reopening_arguments(self) -> dict[str, Any]:
         """What a pickle holds (see ``Pickled``): the fields (the short-term history's store
