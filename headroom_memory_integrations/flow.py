@@ -208,13 +208,15 @@ the state (a fetched page)."""
 
 def agent_state_message(text: str) -> str | None:
     """The user's message in ``text`` when an agent sent it with its state
-    (:data:`AGENT_STATE`), else None. The message is what follows the last "Current message:"
-    line: a state cannot put words after the user's, and a state that holds that line itself
-    leaves the user's message shorter, never longer."""
+    (:data:`AGENT_STATE`), else None. LlamaIndex wraps the message's last text block, so the
+    state may follow earlier blocks: the message is the text before "Current state:" and what
+    follows the last "Current message:" line. A state cannot put words after the user's, and
+    one that holds that line itself leaves the user's message shorter, never longer."""
     start, message_line = AGENT_STATE
-    if not text.startswith(start) or message_line not in text[len(start) :]:
+    at = text.find(start)
+    if at < 0 or message_line not in text[at + len(start) :]:
         return None
-    return text.rsplit(message_line, 1)[1].removesuffix("\n")
+    return text[:at] + text.rsplit(message_line, 1)[1].removesuffix("\n")
 
 
 def user_words(text: str) -> str:

@@ -19,7 +19,7 @@ from langgraph.store.base import BaseStore, ListNamespacesOp, MatchCondition, Pu
 
 from headroom_memory_integrations import InvalidInputError, MemoryStore
 from headroom_memory_integrations.langchain import HeadroomStore, namespace_user
-from headroom_memory_integrations.langchain.store import InvalidNamespaceError
+from headroom_memory_integrations.langchain.store import SEPARATOR, InvalidNamespaceError
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.testing import Reply
 
@@ -138,7 +138,7 @@ def test_a_batch_with_a_bad_read_writes_nothing(store, bad, error) -> None:
     assert store.get(("alice",), "good") is None
 
 
-def test_odd_values_keys_and_labels_are_no_storage_failure(store) -> None:
+def test_odd_values_keys_and_labels_are_no_storage_failure(store, db_path, model) -> None:
     """A number beyond a float's range fails a comparison (no crash of every search under
     the prefix); a key no item can have finds and deletes nothing; a blank label is refused
     wherever it is, so ``list_namespaces`` never lists a namespace the store then refuses."""
@@ -153,7 +153,24 @@ def test_odd_values_keys_and_labels_are_no_storage_failure(store) -> None:
     for namespace in ((" ", "team"), ("team", "  ")):
         with pytest.raises(InvalidNamespaceError, match="blank"):
             store.put(namespace, "k", {"text": "Has a dog"})
-    assert all(label.strip() for ns in store.list_namespaces() for label in ns)
+    # a user a wrapper made with a blank label is no namespace: never listed nor searched
+    MemoryStore(f"acme{SEPARATOR} ", db_path=db_path, embedder=model).add("Has a cat")
+    assert ("acme", " ") not in store.list_namespaces()
+    assert ("acme", " ") not in [item.namespace for item in store.search(("acme",))]
+
+
+def test_a_key_imported_from_elsewhere_is_read_and_deleted(store, db_path, model) -> None:
+    """An export's ids are kept by ``import_``, even ones ``put`` would refuse (a tab)."""
+    source = MemoryStore("alice", db_path=db_path / "elsewhere", embedder=model)
+    source.add("Prefers Python for backend work", "preference")
+    exported = io.StringIO()
+    source.export(exported)
+    line = {**json.loads(exported.getvalue().splitlines()[0]), "id": "note\t1"}
+    MemoryStore("alice", db_path=db_path, embedder=model).import_([json.dumps(line)])
+    [item] = store.search(("alice",))
+    assert item.key == "note\t1" and store.get(("alice",), item.key) is not None
+    store.delete(("alice",), item.key)
+    assert store.search(("alice",)) == []
 
 
 def test_ttl_is_not_supported(store) -> None:

@@ -25,6 +25,7 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory import ChatMemoryBuffer
 from llama_index.core.storage.chat_store import SimpleChatStore
 
+from headroom_memory_integrations.errors import InvalidInputError
 from headroom_memory_integrations.llama_index import HeadroomChatMemoryBuffer, HeadroomMemoryBlock
 
 
@@ -557,3 +558,15 @@ def test_an_llm_that_is_not_a_llamaindex_llm_is_refused(llm, db_path, model) -> 
     ):
         with pytest.raises(ValueError, match="llm must be a LlamaIndex LLM"):
             make()
+
+
+@pytest.mark.parametrize("user_id", [b"alice", 7])
+def test_a_user_id_that_is_not_a_string_is_refused_by_the_buffer_and_the_block(
+    user_id, db_path, model
+) -> None:
+    """As every other class refuses it: pydantic would turn ``b"alice"`` into ``"alice"``."""
+    with pytest.raises(InvalidInputError, match="user_id must be a non-empty string"):
+        HeadroomChatMemoryBuffer.from_defaults(user_id=user_id, db_path=db_path, embedder=model)
+    with pytest.raises(InvalidInputError, match="user_id must be a non-empty string"):
+        HeadroomMemoryBlock(user_id=user_id, db_path=db_path, embedder=model)
+    assert not db_path.exists()

@@ -401,6 +401,23 @@ def test_a_workflows_state_is_not_the_users_words(
     assert memory.counters["ungrounded_memories"] == 1
 
 
+@pytest.mark.parametrize("joiner", ["", "\n"])  # LlamaIndex's text_of, the openai parts'
+def test_a_state_around_the_last_of_several_text_blocks_is_found(joiner) -> None:
+    """LlamaIndex wraps only the message's last text block in the state prompt: the state is
+    still not the user's words, and still makes the call untrusted."""
+    from llama_index.core.agent.workflow.prompts import DEFAULT_STATE_PROMPT
+    from llama_index.core.base.llms.types import ChatMessage, TextBlock
+    from llama_index.core.prompts import PromptTemplate
+
+    from headroom_memory_integrations.flow import user_words
+    from headroom_memory_integrations.llama_index._messages import holds_agent_state
+
+    stated = PromptTemplate(DEFAULT_STATE_PROMPT).format(state={"notes": POISON}, msg=FACT)
+    blocks = [TextBlock(text="Hello there,"), TextBlock(text=stated)]
+    assert user_words(joiner.join(block.text for block in blocks)) == f"Hello there,{joiner}{FACT}"
+    assert holds_agent_state([ChatMessage(role="user", blocks=blocks)])
+
+
 @pytest.mark.parametrize("sloppy", ["", "Thought: Python?"])
 @pytest.mark.parametrize("wrapper", ["MemoryLLM", "openai_llm_with_memory"])
 def test_reacts_retry_prompts_over_http_are_not_the_users_words(

@@ -115,6 +115,8 @@ def test_the_gate_reads_whether_the_writer_asks_about_themself(model) -> None:
         ("could it be worse?", True),
         ("should I go", True),
         ("wait, is it safe?!", True),
+        ("Any restrictions? Thanks!", True),  # a question, then thanks
+        ("which one? help!", True),
         ("", False),
     ],
 )

@@ -108,7 +108,8 @@ def reads_as_question(text: str) -> bool:
     stripped = text.strip()
     if stripped.rstrip("!").endswith("?"):  # "?" or "?!"
         return True
-    if stripped.endswith("!") or _EXCLAIMS.match(stripped) or _SUBJECTLESS.match(stripped):
+    remark = stripped.endswith("!") or _EXCLAIMS.match(stripped) or _SUBJECTLESS.match(stripped)
+    if remark and "?" not in stripped:  # not "any restrictions? thanks!"
         return False
     return _ASKS.match(stripped) is not None
 

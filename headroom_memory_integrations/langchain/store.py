@@ -107,7 +107,7 @@ def user_namespace(user_id: str) -> tuple[str, ...] | None:
     would be empty, or contain ``"."`` or NUL (LangGraph forbids them). So a wrapper's dotted
     user id (``"alice.smith"``, an e-mail) is never part of any namespace."""
     labels = tuple(user_id.split(SEPARATOR))
-    if any(not label or any(c in label for c in _FORBIDDEN_IN_LABELS) for label in labels):
+    if any(not label.strip() or any(c in label for c in _FORBIDDEN_IN_LABELS) for label in labels):
         return None
     return labels
 
@@ -327,11 +327,14 @@ def _check_page(limit: int, offset: int) -> None:
 
 
 def _possible_key(key: object) -> bool:
-    """Whether an item could have ``key`` (``put`` refuses any other): a ``get`` of another
-    finds nothing and a ``delete`` deletes nothing, as for a key never written."""
+    """Whether a memory could have ``key`` (one imported may have an id ``put`` refuses, with a
+    tab, say): a ``get`` of another finds nothing and a ``delete`` deletes nothing, as for a
+    key never written, rather than fail in the storage."""
+    if not isinstance(key, str) or not key:
+        return False
     try:
-        check_memory_id(key)
-    except InvalidInputError:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a model's tool arguments
         return False
     return True
 

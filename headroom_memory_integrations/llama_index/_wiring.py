@@ -14,7 +14,7 @@ from llama_index.core.llms import LLM
 from pydantic import BaseModel
 
 from ..embeddings import Embedder
-from ..engine import MemoryStore
+from ..engine import MemoryStore, validate_user_id
 from ..errors import InvalidInputError
 from ..flow import MemoryFlow
 from ..storage import Storage
@@ -47,6 +47,8 @@ def memory_fields(
         )
     if memory is not None:
         data.setdefault("user_id", memory.user_id)
+    if data.get("user_id") is not None:  # before pydantic would turn b"alice" into "alice"
+        validate_user_id(data["user_id"])
     data["db_path"] = path_text(data.get("db_path"))
     return data
 
