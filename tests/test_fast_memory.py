@@ -244,6 +244,15 @@ def test_tool_calls_pass_through(client, openai_server, model_says) -> None:
                 arguments += delta.function.arguments or ""
                 names += [delta.function.name] if delta.function.name else []
     assert names == ["get_weather"] and json.loads(arguments) == {"city": "Porto"}
+    # a tool call has no text, so no block to miss, whether its content is null or ""
+    for stream in (False, True):
+        openai_server.script(
+            Reply.tool_calls(ToolCall("get_weather", {"city": "Oslo"}), content="")
+        )
+        answer = ask(client, "Weather in Oslo?", tools=tools, stream=stream)
+        if stream:
+            list(answer)
+    assert client.memory.stats()["events"].get("missing_blocks", 0) == 0
 
     follow_up = [
         {"role": "user", "content": "Weather in Porto?"},

@@ -161,7 +161,10 @@ class CompletionsFlow:
             if message is None:
                 continue
             if getattr(choice, "index", 0) == 0 and first:
-                message.content = self.flow.finish(call.turn, message.content)
+                if not message.content and getattr(message, "tool_calls", None):
+                    self.flow.finish(call.turn, None)  # a tool call ("" or no text): no block
+                else:
+                    message.content = self.flow.finish(call.turn, message.content)
                 first = False
             elif isinstance(message.content, str):
                 message.content = self.flow.strip(call.turn, message.content)
@@ -203,6 +206,7 @@ class StreamEditor:
         self._flow = flow
         self._turn = turn
         self._answers: dict[int, AnswerStream] = {}
+        self._tool_calls: set[int] = set()  # the choices that call a tool
         self._last_chunk: Any = None
         self._done = False
 
@@ -230,8 +234,10 @@ class StreamEditor:
         had_content = isinstance(content, str) and content != ""
         if isinstance(content, str):
             delta.content = self._answer(choice.index).feed(content)
+        if getattr(delta, "tool_calls", None):
+            self._tool_calls.add(choice.index)
         if choice.finish_reason is not None and choice.index in self._answers:
-            tail = self._answers[choice.index].finish()
+            tail = self._finish(choice.index)
             if tail:
                 delta.content = (delta.content or "") + tail
         other = (
@@ -243,6 +249,9 @@ class StreamEditor:
             getattr(choice, "logprobs", None),
         )
         return bool(delta.content) or any(v is not None for v in other) or not had_content
+
+    def _finish(self, index: int) -> str:
+        return self._answers[index].finish(tool_call=index in self._tool_calls)
 
     def abandon(self) -> None:
         """The stream stopped before its end: the answers that did not finish queue nothing."""
@@ -257,7 +266,7 @@ class StreamEditor:
         try:
             if not self._turn.nonce:
                 self._answer(0)  # a turn with no text is still extracted (the user's message)
-            tails = {index: self._answers[index].finish() for index in sorted(self._answers)}
+            tails = {index: self._finish(index) for index in sorted(self._answers)}
             tails = {i: t for i, t in tails.items() if t}
             if not tails or self._last_chunk is None or not self._last_chunk.choices:
                 return []
