@@ -151,17 +151,49 @@ def build_flow(
     """
     if not inline and extractor is None:
         raise InvalidInputError("background extraction needs an extractor")
-    top_k = check_top_k(top_k)  # as the searches will: refused now, not on every call
-    if not isinstance(untrusted_context, bool):  # "false" would be truthy: silently untrusted
-        raise InvalidInputError(
-            f"untrusted_context must be True or False, got {untrusted_context!r}"
-        )
+    top_k = checked_setting("top_k", top_k)  # as the searches will: refused now, not each call
+    untrusted_context = checked_setting("untrusted_context", untrusted_context)
     path = Path(queue_path).expanduser() if queue_path else queue_path_for(memory)
     writer = writer_for(path, backoff=backoff)
     writer.register(memory, extractor)
     return MemoryFlow(
         memory, writer, inline=inline, top_k=top_k, untrusted_context=untrusted_context
     )
+
+
+FLOW_SETTINGS = ("top_k", "untrusted_context")
+"""The settings of a :class:`MemoryFlow` that the adapters' classes have as fields."""
+
+
+def checked_setting(name: str, value: object) -> Any:
+    """``value`` for the flow setting ``name``, refused as :func:`build_flow` refuses it."""
+    if name == "top_k":
+        return check_top_k(value)
+    if not isinstance(value, bool):  # "false" would be truthy: silently untrusted
+        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+class FlowSettings:
+    """For a pydantic model that holds a :class:`MemoryFlow` built from its fields ``top_k``
+    and ``untrusted_context``: assigning either later is checked as at construction and
+    reaches the flow too, so a field never says what the flow does not do (``untrusted_context
+    = True`` set after construction would otherwise protect nothing). Pydantic's own
+    construction does not go through here."""
+
+    def _settings_flow(self) -> MemoryFlow | None:
+        """The flow the settings belong to (None while it is being built)."""
+        raise NotImplementedError
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in FLOW_SETTINGS:
+            super().__setattr__(name, value)
+            return
+        value = checked_setting(name, value)
+        super().__setattr__(name, value)
+        flow = self._settings_flow()
+        if flow is not None:
+            setattr(flow, name, value)
 
 
 def open_storage(

@@ -833,3 +833,26 @@ def test_a_chat_message_with_the_user_role_is_the_users_message(
     roles = [(m["role"], m["content"]) for m in sent(openai_server)]
     assert roles[-1] == ("user", "Where do I live?")
     assert roles[-2][0] == "system" and '"Lives in Lyon"' in roles[-2][1]
+
+
+def test_settings_assigned_later_are_checked_and_used(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, db_path: Path, model: Any
+) -> None:
+    """``top_k`` and ``untrusted_context`` set after construction reach the memory flow, and a
+    bad value is refused as at construction (the field never says what the calls do not do)."""
+    chat.memory.add_many(["Lives in Lyon", "Works in Lyon as a baker", "Grew up near Lyon"])
+    chat.top_k = 1
+    chat.invoke("Where do I live, work and come from?")
+    context = next(m["content"] for m in sent(openai_server) if m["role"] == "system")
+    assert sum(text in context for text in ("Lives in", "Works in", "Grew up")) == 1
+    chat.untrusted_context = True
+    assert chat._settings_flow().untrusted_context is True
+    with pytest.raises(InvalidInputError, match="untrusted_context must be True or False"):
+        chat.untrusted_context = "false"  # type: ignore[assignment]
+    assert chat.untrusted_context is True
+    from headroom_memory_integrations.langchain import HeadroomMemory
+
+    with pytest.warns(UserWarning, match="no llm"):
+        classic = HeadroomMemory(user_id="bob", db_path=db_path, embedder=model)
+    classic.untrusted_context = True
+    assert classic._settings_flow().untrusted_context is True

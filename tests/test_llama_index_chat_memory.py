@@ -570,3 +570,27 @@ def test_a_user_id_that_is_not_a_string_is_refused_by_the_buffer_and_the_block(
     with pytest.raises(InvalidInputError, match="user_id must be a non-empty string"):
         HeadroomMemoryBlock(user_id=user_id, db_path=db_path, embedder=model)
     assert not db_path.exists()
+
+
+def test_settings_assigned_later_reach_the_flow_of_every_llama_index_class(db_path, model) -> None:
+    """``top_k`` and ``untrusted_context`` set after construction are checked as at
+    construction and reach the memory flow: a field never says what the calls do not do."""
+    from _llama_index_support import ScriptedLLM
+
+    from headroom_memory_integrations.llama_index import MemoryLLM
+
+    settings = {"user_id": "alice", "db_path": db_path, "embedder": model}
+    for owner in (
+        MemoryLLM(llm=ScriptedLLM(), **settings),
+        HeadroomChatMemoryBuffer.from_defaults(llm=ScriptedLLM(), **settings),
+        HeadroomMemoryBlock(llm=ScriptedLLM(), **settings),
+    ):
+        owner.untrusted_context = True
+        owner.top_k = 2
+        flow = owner._settings_flow()
+        assert (flow.untrusted_context, flow.top_k) == (True, 2), type(owner).__name__
+        with pytest.raises(InvalidInputError, match="must be True or False"):
+            owner.untrusted_context = "false"
+        with pytest.raises(InvalidInputError):
+            owner.top_k = 0
+        assert (owner.untrusted_context, owner.top_k) == (True, 2)

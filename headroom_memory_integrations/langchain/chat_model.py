@@ -23,8 +23,8 @@ from typing_extensions import Self
 
 from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore, validate_user_id
 from ..errors import InvalidInputError
-from ..flow import Turn
-from ..wiring import build_flow, open_memory, reopening_arguments
+from ..flow import MemoryFlow, Turn
+from ..wiring import FlowSettings, build_flow, open_memory, reopening_arguments
 from ._messages import Call, Injection, MessagesFlow, as_chunk, is_harness_call
 
 _MODEL_SETTINGS = ("temperature", "max_tokens")
@@ -34,7 +34,7 @@ _CLIENT_SETTINGS = ("timeout", "max_retries", "api_key", "base_url")
 """Settings built into a model's client: only for a model built from its name."""
 
 
-class MemoryChatModel(BaseChatModel):
+class MemoryChatModel(FlowSettings, BaseChatModel):
     """A LangChain chat model with one user's long-term memory.
 
     It wraps any chat model (``ChatOpenAI``, ``ChatAnthropic``, ``ChatOllama``, a fake, ...).
@@ -192,6 +192,10 @@ class MemoryChatModel(BaseChatModel):
     """The store was opened from ``db_path`` (or the default location), not given."""
 
     # -- construction -----------------------------------------------------------------------
+
+    def _settings_flow(self) -> MemoryFlow | None:
+        messages_flow = getattr(self, "_memory_flow", None)
+        return None if messages_flow is None else messages_flow.flow
 
     @model_validator(mode="before")
     @classmethod

@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator  # noqa: E4
 from ..engine import MemoryStore  # noqa: E402
 from ..flow import MemoryFlow, Turn  # noqa: E402
 from ..prompts import message_text  # noqa: E402
-from ..wiring import build_flow  # noqa: E402
+from ..wiring import FlowSettings, build_flow  # noqa: E402
 from ..writer import BackgroundExtractor  # noqa: E402
 from ._extract import chat_model_completer, memory_field  # noqa: E402
 from ._messages import is_user  # noqa: E402
@@ -33,7 +33,7 @@ _PENDING_TURNS = 64  # loaded turns waiting for their save_context, per memory o
 _FORGET_TIMEOUT = 30.0  # seconds clear() waits for the user's running background work
 
 
-class HeadroomMemory(BaseMemory):
+class HeadroomMemory(FlowSettings, BaseMemory):
     """A user's long-term memories for classic chains (``langchain_classic`` memory API).
 
     Before each run, :meth:`load_memory_variables` searches the user's memories with the
@@ -108,6 +108,9 @@ class HeadroomMemory(BaseMemory):
     _turns: OrderedDict[str, Turn] = PrivateAttr(default_factory=OrderedDict)
     _turns_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _previous: str | None = PrivateAttr(default=None)  # the last exchange's user text
+
+    def _settings_flow(self) -> MemoryFlow | None:
+        return getattr(self, "_flow", None)
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)

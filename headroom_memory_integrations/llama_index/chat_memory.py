@@ -23,6 +23,7 @@ from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..flow import MemoryFlow, Turn, insert_before
 from ..storage import Storage
+from ..wiring import FlowSettings
 from ._messages import (
     after_outside_text,
     attaches_outside_text,
@@ -50,7 +51,7 @@ from ._wiring import (
 log = logging.getLogger("headroom_memory_integrations")
 
 
-class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
+class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
     """``ChatMemoryBuffer`` plus the user's long-term memory, for any chat engine or agent.
 
     The recent conversation is kept within ``token_limit`` exactly as ``ChatMemoryBuffer``
@@ -148,6 +149,9 @@ class HeadroomChatMemoryBuffer(Pickled, BaseChatStoreMemory):
     # a tool's output, or a document, image or video, was put since the user asked
     _tools: bool = PrivateAttr(default=False)
     _recent: list[ChatMessage] = PrivateAttr(default_factory=list)  # the last messages put
+
+    def _settings_flow(self) -> MemoryFlow | None:
+        return getattr(self, "_flow", None)
 
     def __init__(
         self,

@@ -53,7 +53,7 @@ from ..errors import InvalidInputError
 from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, user_words
 from ..prompts import block_tags, inline_extraction_allowed
 from ..storage import Storage
-from ..wiring import build_flow, open_memory
+from ..wiring import FlowSettings, build_flow, open_memory
 from ._instrumentation import astepped, stepped, viewed
 from ._messages import (
     attaches_outside_text,
@@ -145,7 +145,7 @@ class _Call:
     cut: bool = False  # the block was cut (and its memories queued) from the completion
 
 
-class MemoryLLM(Pickled, FunctionCallingLLM):
+class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
     """Wraps any LlamaIndex LLM with the user's long-term memory, extracted inline.
 
     Before each call, the memories relevant to the latest user message and an instruction
@@ -242,6 +242,9 @@ class MemoryLLM(Pickled, FunctionCallingLLM):
     _flow: MemoryFlow = PrivateAttr()
     _unsaveable: str | None = PrivateAttr(default=None)  # why to_dict cannot save the store
     _queue_path: PathLike | None = PrivateAttr(default=None)
+
+    def _settings_flow(self) -> MemoryFlow | None:
+        return getattr(self, "_flow", None)
 
     def __init__(
         self,

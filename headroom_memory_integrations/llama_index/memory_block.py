@@ -18,6 +18,7 @@ from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..flow import MemoryFlow
 from ..storage import Storage
+from ..wiring import FlowSettings
 from ._messages import latest_user_text, previous_user_text
 from ._wiring import PathLike, Pickled, background_flow, check_saveable, memory_fields
 
@@ -34,7 +35,7 @@ class _Asked:
     shown: _Shown | None  # None: they could not be read
 
 
-class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
+class HeadroomMemoryBlock(FlowSettings, Pickled, BaseMemoryBlock[str]):
     """The user's long-term memory as a block of ``llama_index.core.memory.Memory``.
 
     ``Memory`` hands its blocks messages only when they are flushed out of its short-term
@@ -108,6 +109,9 @@ class HeadroomMemoryBlock(Pickled, BaseMemoryBlock[str]):
     _queue_path: PathLike | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _asked: dict[str | None, _Asked] = PrivateAttr(default_factory=dict)  # session -> its latest
+
+    def _settings_flow(self) -> MemoryFlow | None:
+        return getattr(self, "_flow", None)
 
     def __init__(
         self,
