@@ -1156,7 +1156,10 @@ class MemoryStore(WritePath):
         A store without a wrapper clears the job queue the wrappers use by default for its
         storage (beside an embedded folder's memories, else in ``~/.headroom-memory``): turns
         left there by a wrapper, maybe of a process that has exited. A queue given its own
-        ``queue_path`` is cleared through a wrapper using it.
+        ``queue_path`` is cleared through a wrapper using it. While another connection keeps
+        the queue's write-ahead log, the jobs' text stays in it until it can be erased: by the
+        wrapper's worker as soon as it can, or, with no wrapper here, at the next checkpoint
+        (after 2 s of trying, a warning is logged; docs/reliability.md, section 6).
 
         Args:
             timeout: Seconds to wait for background work of this user that is running now.

@@ -14,6 +14,7 @@ import os
 import threading
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,24 +177,31 @@ def checked_setting(name: str, value: object) -> Any:
 
 class FlowSettings:
     """For a pydantic model that holds a :class:`MemoryFlow` built from its fields ``top_k``
-    and ``untrusted_context``: assigning either later is checked as at construction and
-    reaches the flow too, so a field never says what the flow does not do (``untrusted_context
-    = True`` set after construction would otherwise protect nothing). Pydantic's own
-    construction does not go through here."""
+    and ``untrusted_context``: once the flow is built, neither can change, by assignment or by
+    ``model_copy(update=...)``. Either would leave the field saying what the flow does not do
+    (``untrusted_context = True`` set later would protect nothing), and changing the flow
+    instead would change every copy's, which shares it. Build a new object instead."""
 
     def _settings_flow(self) -> MemoryFlow | None:
         """The flow the settings belong to (None while it is being built)."""
         raise NotImplementedError
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name not in FLOW_SETTINGS:
-            super().__setattr__(name, value)
-            return
-        value = checked_setting(name, value)
+        if name in FLOW_SETTINGS and self._settings_flow() is not None:
+            raise InvalidInputError(self._fixed(name))
         super().__setattr__(name, value)
-        flow = self._settings_flow()
-        if flow is not None:
-            setattr(flow, name, value)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
+        changed = sorted(set(update or ()) & set(FLOW_SETTINGS))
+        if changed:
+            raise InvalidInputError(self._fixed(changed[0]))
+        return super().model_copy(update=update, deep=deep)  # type: ignore[misc]
+
+    def _fixed(self, name: str) -> str:
+        return (
+            f"{name} is fixed when {type(self).__name__} is built (its memory flow, which "
+            "copies share, is built from it): build a new one with the setting you want"
+        )
 
 
 def open_storage(

@@ -835,24 +835,39 @@ def test_a_chat_message_with_the_user_role_is_the_users_message(
     assert roles[-2][0] == "system" and '"Lives in Lyon"' in roles[-2][1]
 
 
-def test_settings_assigned_later_are_checked_and_used(
-    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, db_path: Path, model: Any
+def test_settings_that_build_the_memory_flow_cannot_change_later(
+    chat: MemoryChatModel, db_path: Path, model: Any
 ) -> None:
-    """``top_k`` and ``untrusted_context`` set after construction reach the memory flow, and a
-    bad value is refused as at construction (the field never says what the calls do not do)."""
-    chat.memory.add_many(["Lives in Lyon", "Works in Lyon as a baker", "Grew up near Lyon"])
-    chat.top_k = 1
-    chat.invoke("Where do I live, work and come from?")
-    context = next(m["content"] for m in sent(openai_server) if m["role"] == "system")
-    assert sum(text in context for text in ("Lives in", "Works in", "Grew up")) == 1
-    chat.untrusted_context = True
-    assert chat._settings_flow().untrusted_context is True
-    with pytest.raises(InvalidInputError, match="untrusted_context must be True or False"):
-        chat.untrusted_context = "false"  # type: ignore[assignment]
-    assert chat.untrusted_context is True
+    """``top_k`` and ``untrusted_context`` build the memory flow, which copies share: changing
+    one later (by assignment or ``model_copy``) is refused, so the field never says what the
+    calls do not do, and a copy never changes its original's calls."""
     from headroom_memory_integrations.langchain import HeadroomMemory
 
     with pytest.warns(UserWarning, match="no llm"):
         classic = HeadroomMemory(user_id="bob", db_path=db_path, embedder=model)
-    classic.untrusted_context = True
-    assert classic._settings_flow().untrusted_context is True
+    for owner in (chat, classic):
+        for name, value in (("top_k", 1), ("untrusted_context", True)):
+            with pytest.raises(InvalidInputError, match=f"{name} is fixed"):
+                setattr(owner, name, value)
+            with pytest.raises(InvalidInputError, match=f"{name} is fixed|a copy shares"):
+                owner.model_copy(update={name: value})
+        assert (owner.top_k, owner.untrusted_context) == (5, False)
+        assert owner._settings_flow().untrusted_context is False
+    copy = classic.model_copy()
+    with pytest.raises(InvalidInputError, match="untrusted_context is fixed"):
+        copy.untrusted_context = False
+
+
+def test_untrusted_context_is_true_or_false_in_every_langchain_class(db_path, model) -> None:
+    """A security setting is never guessed: ``"false"`` would be truthy in one class and false
+    in another."""
+    from headroom_memory_integrations.langchain import HeadroomMemory, MemoryMiddleware
+
+    settings = {"user_id": "alice", "db_path": db_path, "embedder": model}
+    base = FakeListChatModel(responses=["ok"])
+    with pytest.raises(ValueError, match="untrusted_context"):
+        MemoryChatModel(model=base, untrusted_context="false", **settings)
+    with pytest.raises(ValueError, match="untrusted_context"):
+        HeadroomMemory(llm=base, untrusted_context="false", **settings)
+    with pytest.raises(ValueError, match="untrusted_context"):
+        MemoryMiddleware(untrusted_context="false", **settings)

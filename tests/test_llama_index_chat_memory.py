@@ -572,25 +572,27 @@ def test_a_user_id_that_is_not_a_string_is_refused_by_the_buffer_and_the_block(
     assert not db_path.exists()
 
 
-def test_settings_assigned_later_reach_the_flow_of_every_llama_index_class(db_path, model) -> None:
-    """``top_k`` and ``untrusted_context`` set after construction are checked as at
-    construction and reach the memory flow: a field never says what the calls do not do."""
+def test_settings_that_build_the_memory_flow_cannot_change_later(db_path, model) -> None:
+    """``top_k`` and ``untrusted_context`` build the memory flow, which copies share: changing
+    one later (by assignment or ``model_copy``) is refused, so a field never says what the
+    calls do not do, and a copy never changes its original's calls."""
     from _llama_index_support import ScriptedLLM
 
     from headroom_memory_integrations.llama_index import MemoryLLM
 
     settings = {"user_id": "alice", "db_path": db_path, "embedder": model}
     for owner in (
-        MemoryLLM(llm=ScriptedLLM(), **settings),
-        HeadroomChatMemoryBuffer.from_defaults(llm=ScriptedLLM(), **settings),
-        HeadroomMemoryBlock(llm=ScriptedLLM(), **settings),
+        MemoryLLM(llm=ScriptedLLM(), untrusted_context=True, **settings),
+        HeadroomChatMemoryBuffer.from_defaults(
+            llm=ScriptedLLM(), untrusted_context=True, **settings
+        ),
+        HeadroomMemoryBlock(llm=ScriptedLLM(), untrusted_context=True, **settings),
     ):
-        owner.untrusted_context = True
-        owner.top_k = 2
+        for target in (owner, owner.model_copy()):
+            for name, value in (("top_k", 2), ("untrusted_context", False)):
+                with pytest.raises(InvalidInputError, match=f"{name} is fixed"):
+                    setattr(target, name, value)
+                with pytest.raises(InvalidInputError, match=f"{name} is fixed"):
+                    target.model_copy(update={name: value})
         flow = owner._settings_flow()
-        assert (flow.untrusted_context, flow.top_k) == (True, 2), type(owner).__name__
-        with pytest.raises(InvalidInputError, match="must be True or False"):
-            owner.untrusted_context = "false"
-        with pytest.raises(InvalidInputError):
-            owner.top_k = 0
-        assert (owner.untrusted_context, owner.top_k) == (True, 2)
+        assert (flow.untrusted_context, flow.top_k) == (True, 5), type(owner).__name__

@@ -117,6 +117,7 @@ def test_the_gate_reads_whether_the_writer_asks_about_themself(model) -> None:
         ("wait, is it safe?!", True),
         ("Any restrictions? Thanks!", True),  # a question, then thanks
         ("which one? help!", True),
+        ("vegan options? thanks!", True),
         ("", False),
     ],
 )

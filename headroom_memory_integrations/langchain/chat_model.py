@@ -179,7 +179,7 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
     base_url: str | None = Field(default=None, exclude=True, repr=False)
     model_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
     streaming: bool = False
-    untrusted_context: bool = False
+    untrusted_context: bool = Field(default=False, strict=True)  # never guessed from "false"
     """Every call's messages may hold text the user did not write (retrieved documents in a RAG
     prompt): keep only memories grounded in the user's own words. Calls holding tool results
     are always checked so."""

@@ -102,7 +102,7 @@ class HeadroomMemory(FlowSettings, BaseMemory):
     output_key: str | None = None
     return_messages: bool = False
     top_k: int = Field(default=5, ge=1)
-    untrusted_context: bool = False
+    untrusted_context: bool = Field(default=False, strict=True)  # never guessed from "false"
 
     _flow: MemoryFlow = PrivateAttr()
     _turns: OrderedDict[str, Turn] = PrivateAttr(default_factory=OrderedDict)

@@ -16,7 +16,7 @@ from ..embeddings import Embedder
 from ..engine import MemoryStore, check_top_k
 from ..errors import InvalidInputError
 from ..storage import Storage
-from ..wiring import build_flow, open_memory
+from ..wiring import build_flow, checked_setting, open_memory
 from ._messages import Injection, MessagesFlow
 from ._users import USER_ID_KEY as USER_ID_KEY  # where a run names its user
 from ._users import run_user
@@ -129,7 +129,7 @@ class MemoryMiddleware(AgentMiddleware):
         self._top_k = check_top_k(top_k)  # the users' flows are built on their first call
         self._injection: Injection = injection
         self._queue_path = queue_path
-        self._untrusted_context = bool(untrusted_context)
+        self._untrusted_context = checked_setting("untrusted_context", untrusted_context)
         self._db_path = db_path
         self._storage = storage
         self._embedder = embedder
