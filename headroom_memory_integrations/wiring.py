@@ -197,6 +197,12 @@ class FlowSettings:
             raise InvalidInputError(self._fixed(changed[0]))
         return super().model_copy(update=update, deep=deep)  # type: ignore[misc]
 
+    def copy(self, *args: Any, **kwargs: Any) -> Any:  # pydantic's deprecated copy(update=...)
+        changed = sorted(set(kwargs.get("update") or ()) & set(FLOW_SETTINGS))
+        if changed:
+            raise InvalidInputError(self._fixed(changed[0]))
+        return super().copy(*args, **kwargs)  # type: ignore[misc]
+
     def _fixed(self, name: str) -> str:
         return (
             f"{name} is fixed when {type(self).__name__} is built (its memory flow, which "

@@ -594,5 +594,7 @@ def test_settings_that_build_the_memory_flow_cannot_change_later(db_path, model)
                     setattr(target, name, value)
                 with pytest.raises(InvalidInputError, match=f"{name} is fixed"):
                     target.model_copy(update={name: value})
+                with pytest.raises(InvalidInputError, match=f"{name} is fixed"):
+                    target.copy(update={name: value})  # pydantic's deprecated form
         flow = owner._settings_flow()
         assert (flow.untrusted_context, flow.top_k) == (True, 5), type(owner).__name__

@@ -118,6 +118,8 @@ def test_the_gate_reads_whether_the_writer_asks_about_themself(model) -> None:
         ("Any restrictions? Thanks!", True),  # a question, then thanks
         ("which one? help!", True),
         ("vegan options? thanks!", True),
+        ("here: youtube.com/watch?v=dQw4w9", False),  # a link's "?" ends no sentence
+        ('she literally said "why?" lol', False),
         ("", False),
     ],
 )

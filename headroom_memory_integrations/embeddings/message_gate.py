@@ -86,6 +86,7 @@ _AUXILIARIES = r"should|shall|can|could|is|are|am|do|does|did|will|would|was|wer
 _ASKS = re.compile(
     rf"^(?:what|which|how|any|where|when|who|whom|whose|why|{_AUXILIARIES})\b", re.IGNORECASE
 )
+_QUESTION_MARK = re.compile(r"\?+!*(?=\s|$)")  # ending a sentence, not in a link's "?v="
 _EXCLAIMS = re.compile(r"^what\s+an?\b", re.IGNORECASE)  # "what a great idea"
 _SUBJECTLESS = re.compile(  # an auxiliary with no subject after it: "could be worse"
     rf"^(?:{_AUXILIARIES})(?:n?['’]t)?\s+(?:be|been|have|do|not|never|go|get|wait|happen|work"
@@ -95,18 +96,18 @@ _SUBJECTLESS = re.compile(  # an auxiliary with no subject after it: "could be w
 
 
 def reads_as_question(text: str) -> bool:
-    """Whether a chat message reads as a question: it holds a "?", or it begins with a
-    question word or an auxiliary verb, as people type questions without one ("which one for
-    me", "is that ok"). "wish me luck" and "so happy for her" do not. On the follow-up sets
-    (``benchmarks/followups*.jsonl``), 96-100% of the follow-ups read as questions, and 8-36%
-    of the asides (mostly unrelated quick questions, which the gate turns away). Only a short
-    message that reads as a question is searched with the previous one
+    """Whether a chat message reads as a question: a "?" ends one of its sentences, or it
+    begins with a question word or an auxiliary verb, as people type questions without one
+    ("which one for me", "is that ok"). "wish me luck" and "so happy for her" do not. On the
+    follow-up sets (``benchmarks/followups*.jsonl``), 96-100% of the follow-ups read as
+    questions, and 8-36% of the asides (mostly unrelated quick questions, which the gate turns
+    away). Only a short message that reads as a question is searched with the previous one
     (``MemoryStore.search``'s ``previous_message``).
 
     Without a "?", an exclamation is no question ("how exciting!", "what a great idea"), nor
     is an auxiliary with no subject after it ("could be worse", "can't wait", "will do")."""
     stripped = text.strip()
-    if "?" in stripped:  # "?", "?!", "vegan options? thanks!"
+    if _QUESTION_MARK.search(stripped):  # "?", "?!", "vegan options? thanks!"
         return True
     if stripped.endswith("!") or _EXCLAIMS.match(stripped) or _SUBJECTLESS.match(stripped):
         return False
