@@ -126,6 +126,13 @@ higher ones keep more stale memories beside their correction (docs/benchmarks.md
 MAX_TEXT_CHARS = 2000
 """Longest memory text accepted."""
 
+
+def query_tail(text: str) -> str:
+    """What a search of a long message takes: its last :data:`MAX_TEXT_CHARS` characters once
+    stripped (the question usually comes last; trailing blank lines are no part of it)."""
+    return text.strip()[-MAX_TEXT_CHARS:]
+
+
 MAX_IMPORT_LINE_CHARS = 1_000_000
 """Longest line :meth:`MemoryStore.import_` reads (an exported memory is far shorter)."""
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from .engine import MAX_TEXT_CHARS, MemoryStore
+from .engine import MemoryStore, query_tail
 from .grounding import grounded
 from .jobs import user_tag
 from .prompts import (
@@ -306,7 +306,7 @@ class MemoryFlow:
         ``previous`` ("" if none or on failure)."""
         try:
             found = self.memory.search(
-                query[-MAX_TEXT_CHARS:],
+                query_tail(query),
                 top_k=self.top_k,
                 chat_message=True,
                 previous_message=previous,

@@ -13,7 +13,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, model_validator
 
-from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
+from ..engine import MAX_TOP_K, MemoryStore, query_tail
 from ..errors import InvalidInputError, StorageError
 from ..types import Category, Memory
 from ._extract import memory_field
@@ -103,7 +103,7 @@ class HeadroomRetriever(BaseRetriever):
             return []
         try:
             found = self.memory.search(
-                query[-MAX_TEXT_CHARS:],
+                query_tail(query),
                 top_k=self.k if k is None else k,
                 categories=self.categories,
                 min_score=self.min_score,

@@ -34,12 +34,12 @@ from ..engine import (
     DEFAULT_MIN_SCORE,
     MAX_METADATA_KEYS,
     MAX_METADATA_VALUE_CHARS,
-    MAX_TEXT_CHARS,
     MAX_TOP_K,
     MemoryStore,
     check_memory_id,
     clean_metadata,
     clean_text,
+    query_tail,
     validate_user_id,
 )
 from ..errors import InvalidInputError, MemoryNotFoundError
@@ -566,7 +566,7 @@ class HeadroomStore(BaseStore):
             hits: list[tuple[float, str, Memory]] = []
             exhausted = True
             for user in users:
-                found = self.stores(user).search(query[-MAX_TEXT_CHARS:], top_k=depth)
+                found = self.stores(user).search(query_tail(query), top_k=depth)
                 exhausted = exhausted and len(found) < depth
                 hits += [
                     (score, user, memory)

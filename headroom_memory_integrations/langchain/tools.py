@@ -8,6 +8,8 @@ at run time, and they refer to local values (the ``limit`` bound).
 import dataclasses
 import logging
 import os
+import threading
+import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -18,7 +20,7 @@ from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import Field
 
 from ..embeddings import Embedder
-from ..engine import MAX_TEXT_CHARS, MAX_TOP_K, MemoryStore
+from ..engine import MAX_TOP_K, MemoryStore, query_tail
 from ..errors import InvalidInputError, MemoryNotFoundError, StorageError
 from ..grounding import grounded
 from ..jobs import user_tag
@@ -26,6 +28,7 @@ from ..prompts import escape_text, fetches_outside_text, message_text
 from ..storage import Storage
 from ..types import Memory, SearchResult
 from ..wiring import UserStores, open_memory
+from ..write_path import Outcome
 from ._messages import is_tool_result, is_user
 from ._users import run_user
 
@@ -196,7 +199,7 @@ def create_search_memory_tool(
     ) -> tuple[str, list[dict[str, Any]]]:
         store = users.memory_for(config, runtime)
         try:
-            found = store.search(query[-MAX_TEXT_CHARS:], top_k=limit)
+            found = store.search(query_tail(query), top_k=limit)
         except InvalidInputError as exc:
             raise ToolException(f"Cannot search: {exc}") from exc
         except StorageError as exc:
@@ -226,8 +229,11 @@ def create_manage_memory_tool(
     category=None, keys=None)`` to create, update or delete one of the user's memories
     (``keys``: topic words indexed with the text, see :mod:`...keys`).
 
-    ``create`` stores ``content`` and answers with the id and text of the memory kept (a
-    near-duplicate of an existing memory is not stored again: the answer shows that one);
+    ``create`` stores ``content`` and answers with the id and text of the memory kept: a
+    near-duplicate of an existing memory is not stored again ("Already known as ..."), and a
+    new value of one supersedes it and takes its id ("Saved by updating memory ..., which
+    said ..."; a delete of that id within a minute is refused once, since it now holds the
+    new fact);
     ``update`` replaces the text (and category) of the memory ``id``, keeping the old text in
     its history; ``delete`` forgets memory ``id``. Text goes through the engine's checks (at
     most 2,000 characters, control characters dropped). An id that is not one of this user's
@@ -235,13 +241,14 @@ def create_manage_memory_tool(
     read (the run goes on); nothing of another user can be read or changed, whatever the model
     passes. While the run's conversation holds a tool result or an attached document or image,
     a text not grounded in what the user wrote is refused the same way (see
-    :mod:`...grounding`). The artifact is the memory as a dict (or None after a delete).
+    :mod:`...grounding`), and the model's ``keys`` are not kept. The artifact is the memory as a dict (or None after a delete).
 
     Args: as for :func:`create_search_memory_tool`.
     """
     users = _scope(
         scope, user_id=user_id, memory=memory, db_path=db_path, storage=storage, embedder=embedder
     )
+    rewritten = _JustRewritten()
 
     def manage_memory(
         action: Annotated[Literal["create", "update", "delete"], Field(description="What to do.")],
@@ -274,8 +281,12 @@ def create_manage_memory_tool(
     ) -> tuple[str, dict[str, Any] | None]:
         store = users.memory_for(config, runtime)
         try:
-            _check_grounded(store, action, content, runtime)
-            return _manage(store, action, content, id, category, keys)
+            untrusted = _check_grounded(store, action, content, runtime)
+            # a tool's output may have chosen the keys, the questions a memory shows up for
+            with rewritten.changing:  # a create and a delete sent together: one after the other
+                return _manage(
+                    store, action, content, id, category, None if untrusted else keys, rewritten
+                )
         except (InvalidInputError, MemoryNotFoundError) as exc:
             raise ToolException(f"Cannot {action} the memory: {exc}") from exc
         except StorageError as exc:
@@ -297,22 +308,23 @@ def _unavailable(store: MemoryStore, action: str, error: StorageError) -> str:
     return f"Memory is unavailable right now (could not {action}); go on without it."
 
 
-def _check_grounded(store: MemoryStore, action: str, content: str | None, runtime: Any) -> None:
+def _check_grounded(store: MemoryStore, action: str, content: str | None, runtime: Any) -> bool:
     """Refuse to create or rewrite a memory that is not grounded in what the user wrote while
     the run's conversation holds text the user did not write: a tool result (a web page,
     another tool's output) or a document or image attached to a message
     (:func:`~...prompts.fetches_outside_text`), which may have told the model what to save.
     The same rule as for the wrappers' memory blocks (see :mod:`...grounding`); a conversation
-    without such text, or a tool called outside an agent, is not checked."""
+    without such text, or a tool called outside an agent, is not checked. Returns whether the
+    conversation holds such text (then, as in the wrappers, the model's keys are not kept)."""
     if action not in ("create", "update") or content is None:
-        return
+        return False
     messages = _state_messages(getattr(runtime, "state", None))
     outside = fetches_outside_text({"messages": messages})
     if not outside and not any(is_tool_result(message) for message in messages):
-        return
+        return False
     said = "\n".join(message_text(message) for message in messages if is_user(message))
     if grounded(content, said):
-        return
+        return True
     store.counters["ungrounded_memories"] += 1
     logger.warning(
         "refused an ungrounded memory from the memory tool (user %s)", user_tag(store.user_id)
@@ -358,21 +370,63 @@ def _state_messages(state: Any) -> list[BaseMessage]:
     return messages
 
 
+class _JustRewritten:
+    """The memories a create just rewrote: a new fact that supersedes an old one takes the old
+    one's id (the old text goes to its history). A model that replaces "Lives in Lyon" may
+    send, beside the create of "Lives in Berlin", a delete of Lyon's id, which now holds
+    Berlin: for :data:`_REWRITTEN_SECONDS`, the first delete of such an id is refused with the
+    reason, and a second one deletes. The tool's changes run one at a time (``changing``), so
+    a delete sent beside the create sees it whichever starts first."""
+
+    def __init__(self) -> None:
+        self.changing = threading.Lock()
+        self._ids: dict[tuple[str, str], float] = {}  # (user, memory id) -> when
+
+    def note(self, user_id: str, memory_id: str) -> None:
+        """A create rewrote this memory (call while holding ``changing``)."""
+        now = time.monotonic()
+        self._ids = {k: t for k, t in self._ids.items() if now - t < _REWRITTEN_SECONDS}
+        self._ids[(user_id, memory_id)] = now
+
+    def take(self, user_id: str, memory_id: str) -> bool:
+        """Whether a create just rewrote this memory, forgotten once asked (call while holding
+        ``changing``)."""
+        when = self._ids.pop((user_id, memory_id), None)
+        return when is not None and time.monotonic() - when < _REWRITTEN_SECONDS
+
+
+_REWRITTEN_SECONDS = 60.0
+
+
 def _manage(
     store: MemoryStore,
     action: str,
     content: str | None,
     memory_id: str | None,
     category: str | None,
-    keys: str | None = None,
+    keys: str | None,
+    rewritten: _JustRewritten,
 ) -> tuple[str, dict[str, Any] | None]:
     if action == "create":
         if content is None:
             raise InvalidInputError("create needs content")
-        # a near-duplicate of a memory the user has is not stored again: the text shown is
-        # the one kept, so the model sees what it merged into
-        saved = store.add(content, category or "fact", keys=keys)
-        return f"Saved as memory {saved.id}: {escape_text(saved.text)}", _described(saved)
+        # a near-duplicate of a memory the user has is not stored again, and a new value of
+        # one supersedes it: the answer says which, so the model sees what it merged into
+        done = store.remember(content, category or "fact", keys=keys)
+        saved = done.memory
+        text = escape_text(saved.text)
+        if done.outcome is Outcome.SUPERSEDED:
+            rewritten.note(store.user_id, saved.id)
+            before = escape_text(saved.history[-1].text) if saved.history else ""
+            return (
+                f"Saved by updating memory {saved.id}, which said: {before}. It now says: "
+                f"{text} (the old text is kept in its history; do not delete {saved.id} to "
+                "drop the old fact: it holds the new one).",
+                _described(saved),
+            )
+        if done.outcome is Outcome.DUPLICATE:
+            return f"Already known as memory {saved.id}: {text}", _described(saved)
+        return f"Saved as memory {saved.id}: {text}", _described(saved)
     if action not in ("update", "delete"):
         raise InvalidInputError(f"unknown action {action!r}; use create, update or delete")
     if not memory_id:
@@ -380,6 +434,12 @@ def _manage(
     if not store.get_many([memory_id]):
         raise MemoryNotFoundError(f"no memory of this user has the id {memory_id!r}")
     if action == "delete":
+        if rewritten.take(store.user_id, memory_id):
+            raise InvalidInputError(
+                f"memory {memory_id} was just rewritten by a create (it superseded the old "
+                "fact and holds the new one), so it was not deleted; call delete again to "
+                "delete the new fact too"
+            )
         store.delete(memory_id)
         return f"Deleted memory {memory_id}.", None
     if content is None:
