@@ -241,7 +241,8 @@ def create_manage_memory_tool(
     read (the run goes on); nothing of another user can be read or changed, whatever the model
     passes. While the run's conversation holds a tool result or an attached document or image,
     a text not grounded in what the user wrote is refused the same way (see
-    :mod:`...grounding`), and the model's ``keys`` are not kept. The artifact is the memory as a dict (or None after a delete).
+    :mod:`...grounding`), and the model's ``keys`` are not kept. The artifact is the memory as
+    a dict (or None after a delete).
 
     Args: as for :func:`create_search_memory_tool`.
     """
