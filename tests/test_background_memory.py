@@ -687,3 +687,23 @@ def test_a_turn_retried_after_a_later_one_does_not_bring_back_what_it_corrected(
     assert current.text == "Lives in Denver"
     assert current.history == ()  # Boston never superseded it, even for a moment
     client.close()
+
+
+def test_an_async_clients_twin_for_extraction_keeps_its_query_and_headers(openai_server) -> None:
+    """The synchronous client made for an async client's background extraction sends what the
+    async one sends: a gateway's query parameter (an api-version) and headers too."""
+    import openai
+
+    from headroom_memory_integrations.openai import sync_twin
+
+    client = openai.AsyncOpenAI(
+        base_url=openai_server.base_url,
+        api_key="sk-twin",
+        default_query={"api-version": "2024-10-21"},
+        default_headers={"x-gateway": "team-a"},
+    )
+    twin = sync_twin(client)
+    assert twin.default_query["api-version"] == "2024-10-21"
+    assert twin.default_headers["x-gateway"] == "team-a"
+    assert (twin.api_key, str(twin.base_url)) == ("sk-twin", str(client.base_url))
+    twin.close()

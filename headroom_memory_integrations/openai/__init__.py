@@ -52,7 +52,9 @@ def _is_async(client: Any) -> bool:
 
 def sync_twin(client: Any) -> Any:
     """A synchronous client for work done in a thread: the client itself if it is synchronous;
-    for ``openai.AsyncOpenAI``, an ``openai.OpenAI`` with the same key, URL and options."""
+    for ``openai.AsyncOpenAI``, an ``openai.OpenAI`` with the same key, URL, headers, query
+    parameters, timeout and retries. A custom ``http_client`` (a proxy, mTLS) cannot carry
+    over to a synchronous client: pass ``extraction_client=`` (or ``embedder=``) then."""
     if not _is_async(client):
         return client
     import openai
@@ -71,6 +73,7 @@ def sync_twin(client: Any) -> Any:
         timeout=client.timeout,
         max_retries=client.max_retries,
         default_headers=getattr(client, "_custom_headers", None),
+        default_query=getattr(client, "_custom_query", None),  # a gateway's api-version, say
     )
 
 
