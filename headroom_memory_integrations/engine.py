@@ -128,9 +128,21 @@ MAX_TEXT_CHARS = 2000
 
 
 def query_tail(text: str) -> str:
-    """What a search of a long message takes: its last :data:`MAX_TEXT_CHARS` characters once
-    stripped (the question usually comes last; trailing blank lines are no part of it)."""
-    return text.strip()[-MAX_TEXT_CHARS:]
+    """What a search of a long message takes: its last :data:`MAX_TEXT_CHARS` characters of
+    text (the question usually comes last). Trailing padding is no part of it: blank lines,
+    control characters, zero-width characters."""
+    stripped = text.strip()
+    if len(stripped) <= MAX_TEXT_CHARS:
+        return stripped  # the search drops its control characters itself
+    kept: list[str] = []
+    for ch in reversed(stripped):  # from the end: only the tail is read
+        if (ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs", "Cf")) and (
+            kept or not ch.isspace()
+        ):
+            kept.append(ch)
+            if len(kept) == MAX_TEXT_CHARS:
+                break
+    return "".join(reversed(kept)).strip()
 
 
 MAX_IMPORT_LINE_CHARS = 1_000_000

@@ -374,6 +374,21 @@ def test_a_delete_sent_beside_a_create_that_superseded_its_memory_is_refused_onc
     assert deleted.status == "success" and memories(db_path, model, "alice") == []
 
 
+def test_a_delete_in_a_later_turn_deletes_the_memory_a_create_rewrote(
+    agent, openai_server, db_path, model
+) -> None:
+    """The user asks to forget the new fact right after it was saved: the model read the
+    create's answer, and its delete goes through at once."""
+    MemoryStore("alice", db_path=db_path, embedder=model).add("Lives in Lyon")
+    create = {"action": "create", "content": "Lives in Berlin"}
+    openai_server.script(Reply.tool_call("manage_memory", create), "Noted.")
+    (created,) = tool_messages(agent.invoke(ask("I moved to Berlin"), user("alice")))
+    delete = {"action": "delete", "id": created.artifact["id"]}
+    openai_server.script(Reply.tool_call("manage_memory", delete), "Forgotten.")
+    (deleted,) = tool_messages(agent.invoke(ask("Forget that I live in Berlin"), user("alice")))
+    assert deleted.status == "success" and memories(db_path, model, "alice") == []
+
+
 def test_a_long_query_ending_in_blank_lines_is_searched(db_path, model) -> None:
     """A search keeps the end of a long query, once stripped: trailing blank lines are no part
     of the question (the retriever raised, the tool said the query was empty)."""
@@ -381,10 +396,11 @@ def test_a_long_query_ending_in_blank_lines_is_searched(db_path, model) -> None:
 
     store = MemoryStore("alice", db_path=db_path, embedder=model)
     store.add("Is vegetarian")
-    query = "What should I cook for dinner? I am vegetarian." + "\n" * 2500
-    assert "Is vegetarian" in create_search_memory_tool(memory=store).invoke({"query": query})
-    found = HeadroomRetriever(memory=store).invoke(query)
-    assert [document.page_content for document in found] == ["Is vegetarian"]
+    for padding in ("\n" * 2500, "\n\x00" * 1500, "\u200b" * 2500):
+        query = "What should I cook for dinner? I am vegetarian." + padding
+        assert "Is vegetarian" in create_search_memory_tool(memory=store).invoke({"query": query})
+        found = HeadroomRetriever(memory=store).invoke(query)
+        assert [document.page_content for document in found] == ["Is vegetarian"]
 
 
 def test_a_refusal_is_logged_without_the_user_id(openai_server, db_path, model, caplog) -> None:

@@ -232,8 +232,8 @@ def create_manage_memory_tool(
     ``create`` stores ``content`` and answers with the id and text of the memory kept: a
     near-duplicate of an existing memory is not stored again ("Already known as ..."), and a
     new value of one supersedes it and takes its id ("Saved by updating memory ..., which
-    said ..."; a delete of that id within a minute is refused once, since it now holds the
-    new fact);
+    said ..."; a delete of that id sent in the same model turn is refused, since it now holds
+    the new fact);
     ``update`` replaces the text (and category) of the memory ``id``, keeping the old text in
     its history; ``delete`` forgets memory ``id``. Text goes through the engine's checks (at
     most 2,000 characters, control characters dropped). An id that is not one of this user's
@@ -284,9 +284,17 @@ def create_manage_memory_tool(
         try:
             untrusted = _check_grounded(store, action, content, runtime)
             # a tool's output may have chosen the keys, the questions a memory shows up for
-            with rewritten.changing:  # a create and a delete sent together: one after the other
+            # a create notes what it rewrote; a delete sent in its turn is checked against it
+            guarded = action == "create" or _sent_beside_a_create(runtime, name)
+            with rewritten.changing(store.user_id):
                 return _manage(
-                    store, action, content, id, category, None if untrusted else keys, rewritten
+                    store,
+                    action,
+                    content,
+                    id,
+                    category,
+                    None if untrusted else keys,
+                    rewritten if guarded else None,
                 )
         except (InvalidInputError, MemoryNotFoundError) as exc:
             raise ToolException(f"Cannot {action} the memory: {exc}") from exc
@@ -374,14 +382,19 @@ def _state_messages(state: Any) -> list[BaseMessage]:
 class _JustRewritten:
     """The memories a create just rewrote: a new fact that supersedes an old one takes the old
     one's id (the old text goes to its history). A model that replaces "Lives in Lyon" may
-    send, beside the create of "Lives in Berlin", a delete of Lyon's id, which now holds
-    Berlin: for :data:`_REWRITTEN_SECONDS`, the first delete of such an id is refused with the
-    reason, and a second one deletes. The tool's changes run one at a time (``changing``), so
-    a delete sent beside the create sees it whichever starts first."""
+    send, in the same turn as the create of "Lives in Berlin", a delete of Lyon's id, which
+    now holds Berlin: that delete is refused with the reason (a delete in a later turn, after
+    the model read the create's answer, deletes). A user's changes run one at a time
+    (``changing``), so the delete sees the create whichever starts first; other users' do not
+    wait (the locks are striped by user)."""
 
     def __init__(self) -> None:
-        self.changing = threading.Lock()
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._ids: dict[tuple[str, str], float] = {}  # (user, memory id) -> when
+
+    def changing(self, user_id: str) -> threading.Lock:
+        """The lock this user's changes are made under."""
+        return self._locks[hash(user_id) % _LOCK_STRIPES]
 
     def note(self, user_id: str, memory_id: str) -> None:
         """A create rewrote this memory (call while holding ``changing``)."""
@@ -397,6 +410,25 @@ class _JustRewritten:
 
 
 _REWRITTEN_SECONDS = 60.0
+_LOCK_STRIPES = 64
+
+
+def _sent_beside_a_create(runtime: Any, name: str) -> bool:
+    """Whether this tool call came in one model turn with a ``create`` of the same tool (the
+    model's message holding this call's id also holds the create)."""
+    call_id = getattr(runtime, "tool_call_id", None)
+    if not call_id:
+        return False
+    for message in reversed(_state_messages(getattr(runtime, "state", None))):
+        calls = getattr(message, "tool_calls", None) or []
+        if any(call.get("id") == call_id for call in calls):
+            return any(
+                call.get("name") == name
+                and call.get("id") != call_id
+                and (call.get("args") or {}).get("action") == "create"
+                for call in calls
+            )
+    return False
 
 
 def _manage(
@@ -406,8 +438,10 @@ def _manage(
     memory_id: str | None,
     category: str | None,
     keys: str | None,
-    rewritten: _JustRewritten,
+    rewritten: _JustRewritten | None,
 ) -> tuple[str, dict[str, Any] | None]:
+    """One change; ``rewritten`` for a create, and for a delete sent in one turn with a create
+    (see :class:`_JustRewritten`), else None."""
     if action == "create":
         if content is None:
             raise InvalidInputError("create needs content")
@@ -417,7 +451,8 @@ def _manage(
         saved = done.memory
         text = escape_text(saved.text)
         if done.outcome is Outcome.SUPERSEDED:
-            rewritten.note(store.user_id, saved.id)
+            if rewritten is not None:
+                rewritten.note(store.user_id, saved.id)
             before = escape_text(saved.history[-1].text) if saved.history else ""
             return (
                 f"Saved by updating memory {saved.id}, which said: {before}. It now says: "
@@ -435,7 +470,7 @@ def _manage(
     if not store.get_many([memory_id]):
         raise MemoryNotFoundError(f"no memory of this user has the id {memory_id!r}")
     if action == "delete":
-        if rewritten.take(store.user_id, memory_id):
+        if rewritten is not None and rewritten.take(store.user_id, memory_id):
             raise InvalidInputError(
                 f"memory {memory_id} was just rewritten by a create (it superseded the old "
                 "fact and holds the new one), so it was not deleted; call delete again to "
