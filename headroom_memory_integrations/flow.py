@@ -324,13 +324,17 @@ class MemoryFlow:
             return answer
         return parse_memory_block(answer, turn.nonce).visible
 
-    def finish(self, turn: Turn, answer: str | None) -> str | None:
+    def finish(self, turn: Turn, answer: str | None, *, tool_call: bool = False) -> str | None:
         """A whole answer came back: return what the caller may see (the block cut out) and
         queue the memory work. Never raises; on failure the answer is returned stripped or as is.
+
+        Args:
+            tool_call: The answer called a tool. With no text besides (``None`` or ``""``), it
+                has no block to miss (as :meth:`AnswerStream.finish` treats a streamed one).
         """
         try:
             if turn.nonce:
-                if not isinstance(answer, str):
+                if not isinstance(answer, str) or (tool_call and not answer):
                     return answer  # a tool call: no text, no block
                 parsed = parse_memory_block(answer, turn.nonce)
                 self.finish_inline(

@@ -14,7 +14,7 @@ import os
 import threading
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,26 +188,24 @@ class FlowSettings:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in FLOW_SETTINGS and self._settings_flow() is not None:
-            raise InvalidInputError(self._fixed(name))
+            self._refuse([name])
         super().__setattr__(name, value)
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
-        changed = sorted(set(update or ()) & set(FLOW_SETTINGS))
-        if changed:
-            raise InvalidInputError(self._fixed(changed[0]))
+        self._refuse(update or ())
         return super().model_copy(update=update, deep=deep)  # type: ignore[misc]
 
     def copy(self, *args: Any, **kwargs: Any) -> Any:  # pydantic's deprecated copy(update=...)
-        changed = sorted(set(kwargs.get("update") or ()) & set(FLOW_SETTINGS))
-        if changed:
-            raise InvalidInputError(self._fixed(changed[0]))
+        self._refuse(kwargs.get("update") or ())
         return super().copy(*args, **kwargs)  # type: ignore[misc]
 
-    def _fixed(self, name: str) -> str:
-        return (
-            f"{name} is fixed when {type(self).__name__} is built (its memory flow, which "
-            "copies share, is built from it): build a new one with the setting you want"
-        )
+    def _refuse(self, names: Iterable[str]) -> None:
+        """Raise if ``names`` holds a flow setting."""
+        for name in sorted(set(names) & set(FLOW_SETTINGS)):
+            raise InvalidInputError(
+                f"{name} is fixed when {type(self).__name__} is built (its memory flow, which "
+                "copies share, is built from it): build a new one with the setting you want"
+            )
 
 
 def open_storage(

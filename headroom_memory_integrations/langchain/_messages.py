@@ -181,8 +181,8 @@ class MessagesFlow:
         if isinstance(content, str):
             if not remember:
                 return self.flow.strip(turn, content)
-            tool_call = not content and getattr(message, "tool_calls", None)
-            visible = self.flow.finish(turn, None if tool_call else content)
+            tool_call = bool(getattr(message, "tool_calls", None))
+            visible = self.flow.finish(turn, content, tool_call=tool_call)
             return content if visible is None or visible == content else visible
         stream = self.flow.stream(turn, remember=remember)
         blocks, changed = _feed_blocks(stream, content)

@@ -161,10 +161,8 @@ class CompletionsFlow:
             if message is None:
                 continue
             if getattr(choice, "index", 0) == 0 and first:
-                if not message.content and getattr(message, "tool_calls", None):
-                    self.flow.finish(call.turn, None)  # a tool call ("" or no text): no block
-                else:
-                    message.content = self.flow.finish(call.turn, message.content)
+                tool_call = bool(getattr(message, "tool_calls", None))
+                message.content = self.flow.finish(call.turn, message.content, tool_call=tool_call)
                 first = False
             elif isinstance(message.content, str):
                 message.content = self.flow.strip(call.turn, message.content)
