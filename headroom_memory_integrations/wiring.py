@@ -16,7 +16,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .embeddings import DEFAULT_LOCAL_MODEL, Embedder, LocalEmbedder
 from .engine import (
@@ -165,6 +165,10 @@ def build_flow(
 FLOW_SETTINGS = ("top_k", "untrusted_context")
 """The settings of a :class:`MemoryFlow` that the adapters' classes have as fields."""
 
+BUILT_FROM = frozenset({"user_id", "db_path", "memory", *FLOW_SETTINGS})
+"""The fields an adapter's memory and flow are built from, once: whose memories
+(``user_id``, ``db_path``, ``memory``) and how the flow reads them."""
+
 
 def checked_setting(name: str, value: object) -> Any:
     """``value`` for the flow setting ``name``, refused as :func:`build_flow` refuses it."""
@@ -176,18 +180,21 @@ def checked_setting(name: str, value: object) -> Any:
 
 
 class FlowSettings:
-    """For a pydantic model that holds a :class:`MemoryFlow` built from its fields ``top_k``
-    and ``untrusted_context``: once the flow is built, neither can change, by assignment or by
-    ``model_copy(update=...)``. Either would leave the field saying what the flow does not do
-    (``untrusted_context = True`` set later would protect nothing), and changing the flow
-    instead would change every copy's, which shares it. Build a new object instead."""
+    """For a pydantic model that holds a :class:`MemoryFlow` built from its fields: once the
+    flow is built, none of :attr:`built_from` can change, by assignment or by
+    ``model_copy(update=...)``. A change would leave the field saying what the memory does
+    not do (``user_id = "bob"`` set later would still read and write alice's memories;
+    ``untrusted_context = True`` would protect nothing), and changing the flow instead would
+    change every copy's, which shares it. Build a new object instead."""
+
+    built_from: ClassVar[frozenset[str]] = BUILT_FROM
 
     def _settings_flow(self) -> MemoryFlow | None:
         """The flow the settings belong to (None while it is being built)."""
         raise NotImplementedError
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in FLOW_SETTINGS and self._settings_flow() is not None:
+        if name in self.built_from and self._settings_flow() is not None:
             self._refuse([name])
         super().__setattr__(name, value)
 
@@ -200,11 +207,12 @@ class FlowSettings:
         return super().copy(*args, **kwargs)  # type: ignore[misc]
 
     def _refuse(self, names: Iterable[str]) -> None:
-        """Raise if ``names`` holds a flow setting."""
-        for name in sorted(set(names) & set(FLOW_SETTINGS)):
+        """Raise if ``names`` holds a setting the memory or its flow is built from."""
+        for name in sorted(set(names) & self.built_from):
             raise InvalidInputError(
-                f"{name} is fixed when {type(self).__name__} is built (its memory flow, which "
-                "copies share, is built from it): build a new one with the setting you want"
+                f"{name} is fixed when {type(self).__name__} is built (its memory and memory "
+                "flow, which copies share, are built from it): build a new one with the "
+                "setting you want"
             )
 
 

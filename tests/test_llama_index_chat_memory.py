@@ -573,9 +573,11 @@ def test_a_user_id_that_is_not_a_string_is_refused_by_the_buffer_and_the_block(
 
 
 def test_settings_that_build_the_memory_flow_cannot_change_later(db_path, model) -> None:
-    """``top_k`` and ``untrusted_context`` build the memory flow, which copies share: changing
-    one later (by assignment or ``model_copy``) is refused, so a field never says what the
-    calls do not do, and a copy never changes its original's calls."""
+    """Whose memories (``user_id``, ``db_path``), ``top_k`` and ``untrusted_context`` build the
+    memory and its flow, which copies share: changing one later (by assignment or
+    ``model_copy``) is refused, so a field never says what the calls do not do (a copy for
+    "bob" would still read and write alice's memories), and a copy never changes its
+    original's calls."""
     from _llama_index_support import ScriptedLLM
 
     from headroom_memory_integrations.llama_index import MemoryLLM
@@ -589,7 +591,12 @@ def test_settings_that_build_the_memory_flow_cannot_change_later(db_path, model)
         HeadroomMemoryBlock(llm=ScriptedLLM(), untrusted_context=True, **settings),
     ):
         for target in (owner, owner.model_copy()):
-            for name, value in (("top_k", 2), ("untrusted_context", False)):
+            for name, value in (
+                ("top_k", 2),
+                ("untrusted_context", False),
+                ("user_id", "bob"),
+                ("db_path", str(db_path / "elsewhere")),
+            ):
                 with pytest.raises(InvalidInputError, match=f"{name} is fixed"):
                     setattr(target, name, value)
                 with pytest.raises(InvalidInputError, match=f"{name} is fixed"):
@@ -598,3 +605,4 @@ def test_settings_that_build_the_memory_flow_cannot_change_later(db_path, model)
                     target.copy(update={name: value})  # pydantic's deprecated form
         flow = owner._settings_flow()
         assert (flow.untrusted_context, flow.top_k) == (True, 5), type(owner).__name__
+        assert owner.user_id == owner.memory.user_id == "alice"

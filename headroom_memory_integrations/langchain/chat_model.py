@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -32,6 +32,25 @@ _MODEL_SETTINGS = ("temperature", "max_tokens")
 
 _CLIENT_SETTINGS = ("timeout", "max_retries", "api_key", "base_url")
 """Settings built into a model's client: only for a model built from its name."""
+
+
+_MEMORY_SETTINGS = frozenset(
+    {
+        "user_id",
+        "db_path",
+        "storage",
+        "embedder",
+        "memory",
+        "queue_path",
+        "top_k",
+        "min_score",
+        "duplicate_threshold",
+        "injection",
+        "untrusted_context",
+        "cache",
+    }
+)
+"""The fields the memory and its flow are built from, once, when the model is made."""
 
 
 class MemoryChatModel(FlowSettings, BaseChatModel):
@@ -154,6 +173,7 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    built_from: ClassVar[frozenset[str]] = _MEMORY_SETTINGS
 
     model: BaseChatModel
     """The wrapped chat model."""
@@ -395,18 +415,6 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
     def get_token_ids(self, text: str) -> list[int]:
         return self.model.get_token_ids(text)
 
-    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        """A copy sharing this model's memory. Updating what the memory is opened with
-        (``user_id``, ``db_path``, ``top_k``, ...) is refused: the copy would still read and
-        write this model's user (build a new ``MemoryChatModel`` instead)."""
-        changed = sorted(_MEMORY_SETTINGS.intersection(update or ()))
-        if changed:
-            raise InvalidInputError(
-                f"{', '.join(changed)}: a copy shares this model's memory; build a new "
-                "MemoryChatModel(...) for other memory settings"
-            )
-        return super().model_copy(update=update, deep=deep)
-
     def __repr_args__(self) -> Any:  # never the wrapped model's fields: clients, keys
         return [
             ("model", _Named(type(self.model).__name__, self.model_name)),
@@ -641,24 +649,6 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
         if self.model.rate_limiter is not None:
             await self.model.rate_limiter.aacquire(blocking=True)
 
-
-_MEMORY_SETTINGS = frozenset(
-    {
-        "user_id",
-        "db_path",
-        "storage",
-        "embedder",
-        "memory",
-        "queue_path",
-        "top_k",
-        "min_score",
-        "duplicate_threshold",
-        "injection",
-        "untrusted_context",
-        "cache",
-    }
-)
-"""The fields the memory and its flow are built from, once, when the model is made."""
 
 _RUN_SETTINGS = ("callbacks", "tags", "metadata", "verbose")
 """What a chat model adds to its runs (handlers, tracing tags and metadata): the wrapper's runs

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar
 
 from .._optional import require
 
@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator  # noqa: E4
 from ..engine import MemoryStore  # noqa: E402
 from ..flow import MemoryFlow, Turn  # noqa: E402
 from ..prompts import message_text  # noqa: E402
-from ..wiring import FlowSettings, build_flow  # noqa: E402
+from ..wiring import BUILT_FROM, FlowSettings, build_flow  # noqa: E402
 from ..writer import BackgroundExtractor  # noqa: E402
 from ._extract import chat_model_completer, memory_field  # noqa: E402
 from ._messages import is_user  # noqa: E402
@@ -94,6 +94,7 @@ class HeadroomMemory(FlowSettings, BaseMemory):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    built_from: ClassVar[frozenset[str]] = BUILT_FROM | {"llm"}
 
     memory: MemoryStore
     llm: Any = Field(default=None, exclude=True, repr=False)  # its repr can show headers, keys
