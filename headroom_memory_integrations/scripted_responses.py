@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .openai.responses_flow import TOOL_OUTPUTS
+from .openai.responses_flow import OWN_ITEMS
 
 if TYPE_CHECKING:
     from .testing import Reply
@@ -34,7 +34,7 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     for item in items:
         if not isinstance(item, dict):
             continue
-        if item.get("type") in TOOL_OUTPUTS:
+        if item.get("type") not in OWN_ITEMS:
             output = item.get("output")
             messages.append({"role": "tool", "content": output if isinstance(output, str) else ""})
         elif isinstance(item.get("role"), str):

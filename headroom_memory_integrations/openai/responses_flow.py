@@ -30,22 +30,29 @@ from ..flow import AnswerStream, MemoryFlow
 from ..prompts import field_value
 from .flow import Call, CompletionsFlow
 
-TOOL_OUTPUTS = frozenset(
+OWN_ITEMS = frozenset(
     {
-        "function_call_output",
-        "custom_tool_call_output",
-        "computer_call_output",
-        "local_shell_call_output",
-        "shell_call_output",
-        "apply_patch_call_output",
-        "mcp_call",
-        # provider-run tools' calls, sent back in a later turn's input with what they found
-        "web_search_call",
-        "file_search_call",
-        "code_interpreter_call",
+        None,  # a message given as {"role": ..., "content": ...}
+        "message",
+        "reasoning",
+        # the model's own calls: what it asked a tool to do, not what came back
+        "function_call",
+        "custom_tool_call",
+        "computer_call",
+        "local_shell_call",
+        "shell_call",
+        "apply_patch_call",
+        "tool_search_call",
+        "program",
+        "mcp_approval_request",
+        "mcp_approval_response",
     }
 )
-"""Input item types that carry text the user did not write (tool results)."""
+"""Input item types that hold only the words of the user, the application or the model. Every
+other type carries text from elsewhere: a tool's output (``function_call_output``,
+``program_output``, ``mcp_call``, a provider-run search's ``web_search_call``), descriptions
+a server wrote (``mcp_list_tools``, ``tool_search_output``), earlier turns the request cannot
+show (``compaction``, ``item_reference``), and any type added to the API later."""
 
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
@@ -57,7 +64,9 @@ def _is_user(item: Any) -> bool:
 
 
 def _is_tool_output(item: Any) -> bool:
-    return field_value(item, "type") in TOOL_OUTPUTS
+    """The item carries text from outside the conversation (see :data:`OWN_ITEMS`)."""
+    kind = field_value(item, "type")
+    return not (isinstance(kind, str) or kind is None) or kind not in OWN_ITEMS
 
 
 def _output_texts(response: Any) -> list[Any]:
