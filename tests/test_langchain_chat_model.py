@@ -797,6 +797,51 @@ def test_generate_keeps_the_wrapped_models_llm_output(chat: MemoryChatModel) -> 
     assert result.llm_output["token_usage"]["total_tokens"] > 0
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_a_run_naming_another_user_is_refused_in_every_call_style(
+    style: str, chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
+) -> None:
+    """``MemoryChatModel(user_id="alice")`` run with ``configurable.user_id = "bob"`` (a per-
+    request user, as ``with_config`` sets it) would put alice's memories in bob's prompt and
+    store bob's facts as alice's: it is refused before anything is sent, as MemoryMiddleware
+    and the memory tools built for one user refuse it. A run naming alice is served."""
+    chat.memory.add("Has a secret medical condition", category="fact")
+    bob = {"configurable": {"user_id": "bob"}}
+    with pytest.raises(InvalidInputError, match="serves user 'alice' only"):
+        answer_in(chat, style, "I live in Oslo. Any advice for my condition?", bob)
+    with pytest.raises(InvalidInputError, match="serves user 'alice' only"):
+        chat.with_config(bob).bind(temperature=0).invoke("I live in Oslo.")
+    assert openai_server.requests == []
+    chat.memory.flush()
+    assert [m.text for m in chat.memory.get_all()] == ["Has a secret medical condition"]
+    answer, _ = answer_in(
+        chat, style, "I always drink green tea.", {"configurable": {"user_id": "alice"}}
+    )
+    assert answer == ANSWER
+
+
+def test_an_agent_run_naming_another_user_is_refused(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, db_path: Path, model: Any
+) -> None:
+    """In a LangGraph agent too, whether the run names its user in the config or in the
+    runtime context (where per-run memory tools would serve bob while the model showed alice's
+    memories)."""
+    from langchain.agents import create_agent
+
+    from headroom_memory_integrations.langchain import memory_tools
+
+    question = {"messages": [{"role": "user", "content": "Any advice for my condition?"}]}
+    agent = create_agent(chat, tools=memory_tools(db_path=db_path, embedder=model))
+    with pytest.raises(InvalidInputError, match="serves user 'alice' only"):
+        agent.invoke(question, {"configurable": {"user_id": "bob"}})
+    with_context = create_agent(chat, tools=[], context_schema=dict)
+    with pytest.raises(InvalidInputError, match="serves user 'alice' only"):
+        with_context.invoke(question, context={"user_id": "bob"})
+    assert openai_server.requests == []
+    answer = with_context.invoke(question, context={"user_id": "alice"})
+    assert answer["messages"][-1].text == ANSWER
+
+
 def test_a_copy_cannot_change_whose_memory_it_uses(chat: MemoryChatModel) -> None:
     """The memory is opened once, when the model is made: a copy naming another user would
     still read and write this one's."""

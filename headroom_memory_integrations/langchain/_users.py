@@ -15,11 +15,16 @@ USER_ID_KEY = "user_id"
 
 
 def run_user(
-    config: Mapping[str, Any] | None, context: Any, serves: str | None, who: str
+    config: Mapping[str, Any] | None,
+    context: Any,
+    serves: str | None,
+    who: str,
+    instead: str = "build it without user_id (and memory) to serve the user each run names",
 ) -> str | None:
     """The user a run is for: ``serves`` (the one user of a middleware or tool built for one
     user), else the user the run names in its context or its config (None if it names none).
-    ``who`` names the caller in the error messages (``"this MemoryMiddleware"``).
+    ``who`` names the caller in the error messages (``"this MemoryMiddleware"``), and
+    ``instead`` says what to do for a run of another user.
 
     Raises:
         InvalidInputError: the run names two different users (its context and its config); or
@@ -39,8 +44,7 @@ def run_user(
             # serving it would show the one user's memories in the other's run, and store the
             # other's facts as the one user's
             raise InvalidInputError(
-                f"{who} serves user {serves!r} only, and the run names another user: build it "
-                "without user_id (and memory) to serve the user each run names"
+                f"{who} serves user {serves!r} only, and the run names another user: {instead}"
             )
         return serves
     if user is None:

@@ -14,9 +14,15 @@ from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.load import dumpd
 from langchain_core.load.serializable import to_json_not_implemented
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableSerializable
+from langchain_core.runnables import (
+    Runnable,
+    RunnableBinding,
+    RunnableConfig,
+    RunnableSerializable,
+    ensure_config,
+)
 from langchain_core.runnables.utils import AnyConfigurableField
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from typing_extensions import Self
@@ -26,6 +32,7 @@ from ..errors import InvalidInputError
 from ..flow import MemoryFlow, Turn
 from ..wiring import FlowSettings, build_flow, open_memory, reopening_arguments
 from ._messages import Call, Injection, MessagesFlow, as_chunk, is_harness_call
+from ._users import run_user
 
 _MODEL_SETTINGS = ("temperature", "max_tokens")
 """Settings the wrapped model reads on every call: set on a copy of a model instance."""
@@ -474,6 +481,71 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
         object.__setattr__(recipe, "bind_tools", self.bind_tools)
         return recipe.with_structured_output(schema, include_raw=include_raw, **kwargs)
 
+    # -- whose run ------------------------------------------------------------------------------
+    # A run that names another user (``config["configurable"]["user_id"]``, or a LangGraph
+    # context's ``user_id``) is refused, as MemoryMiddleware and the memory tools built for one
+    # user refuse it: serving it would put this user's memories in the other's prompt and store
+    # the other's facts as this user's. Checked where a run's config is given (the four entry
+    # points) and, for calls inside a chain or graph, where LangChain keeps the step's config.
+
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        self._check_run(config)
+        return super().invoke(input, config, stop=stop, **kwargs)
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        self._check_run(config)
+        return await super().ainvoke(input, config, stop=stop, **kwargs)
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        self._check_run(config)
+        return super().stream(input, config, stop=stop, **kwargs)
+
+    def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        self._check_run(config)
+        return super().astream(input, config, stop=stop, **kwargs)
+
+    def _check_run(self, config: RunnableConfig | None) -> None:
+        """Refuse ``config`` (with the config of the chain or graph step this call runs in) if
+        it names a user other than this model's."""
+        merged = ensure_config(config)
+        runtime = (merged.get("configurable") or {}).get("__pregel_runtime")  # LangGraph's
+        run_user(
+            merged,
+            getattr(runtime, "context", None),
+            self.user_id,
+            "this MemoryChatModel",
+            "build a MemoryChatModel for each user, or wrap the model with MemoryMiddleware, "
+            "which serves the user each run names",
+        )
+
     # -- the calls ------------------------------------------------------------------------------
 
     def _request(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -499,6 +571,7 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
         no block asked for, nothing learned."""
         if run_manager is not None and is_harness_call(run_manager.metadata):
             return Call(Turn(), list(messages))
+        self._check_run(None)  # the step's config, in a chain or graph
         return self._memory_flow.before(messages, self._request(kwargs))
 
     def _generate(
