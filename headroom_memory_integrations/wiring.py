@@ -210,9 +210,9 @@ class FlowSettings:
         """Raise if ``names`` holds a setting the memory or its flow is built from."""
         for name in sorted(set(names) & self.built_from):
             raise InvalidInputError(
-                f"{name} is fixed when {type(self).__name__} is built (its memory and memory "
-                "flow, which copies share, are built from it): build a new one with the "
-                "setting you want"
+                f"{name} is fixed when {type(self).__name__} is built (what it wraps, its "
+                "memory and memory flow, which copies share, are built from it): build a new "
+                "one with the setting you want"
             )
 
 

@@ -856,6 +856,24 @@ def test_a_copy_cannot_change_whose_memory_it_uses(chat: MemoryChatModel) -> Non
     assert quieter.user_id == quieter.memory.user_id == "alice"
 
 
+def test_the_wrapped_models_settings_cannot_change_later(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
+) -> None:
+    """``temperature`` and ``max_tokens`` are set on a copy of the wrapped model when the
+    ``MemoryChatModel`` is built: changed later, the field would say what no call sends, so
+    the change is refused. A call's own settings go through ``bind`` (or the call)."""
+    for name, value in (("temperature", 0.1), ("max_tokens", 12), ("timeout", 5)):
+        with pytest.raises(InvalidInputError, match=f"{name} is fixed"):
+            chat.model_copy(update={name: value})
+        with pytest.raises(InvalidInputError, match=f"{name} is fixed"):
+            setattr(chat, name, value)
+    assert (chat.temperature, chat.max_tokens) == (None, None)
+    chat.bind(temperature=0.1, max_tokens=12).invoke("Hello")
+    sent_body = openai_server.requests[-1].body
+    limit = sent_body.get("max_completion_tokens", sent_body.get("max_tokens"))
+    assert (sent_body["temperature"], limit) == (0.1, 12)
+
+
 @pytest.mark.parametrize("user_id", [b"alice", 7, "  "])
 def test_a_user_id_that_is_not_a_non_empty_string_is_refused(db_path, model, user_id) -> None:
     """As every other class refuses it: pydantic would turn ``b"alice"`` into ``"alice"``."""

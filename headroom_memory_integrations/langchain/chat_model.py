@@ -180,7 +180,11 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
-    built_from: ClassVar[frozenset[str]] = _MEMORY_SETTINGS
+    # the wrapped model is built (or copied) from its settings too: a later change would reach
+    # no call (use .bind(temperature=...) for a call's own)
+    built_from: ClassVar[frozenset[str]] = _MEMORY_SETTINGS.union(
+        _MODEL_SETTINGS, _CLIENT_SETTINGS, ["model_options"]
+    )
 
     model: BaseChatModel
     """The wrapped chat model."""
