@@ -15,6 +15,7 @@ from _llama_index_support import (
     FACT,
     PLANTED,
     POISON,
+    Brain,
     ChatOnly,
     CodeActBrain,
     DocumentFollowingBrain,
@@ -25,7 +26,9 @@ from _llama_index_support import (
     flush,
     lookup,
     lookup_tool,
+    scripted_openai_like,
 )
+from llama_index.core import Document, SummaryIndex, get_response_synthesizer
 from llama_index.core.agent.workflow import (
     AgentWorkflow,
     CodeActAgent,
@@ -33,12 +36,20 @@ from llama_index.core.agent.workflow import (
     ReActAgent,
 )
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse
+from llama_index.core.bridge.pydantic import BaseModel
 from llama_index.core.chat_engine import (
     CondensePlusContextChatEngine,
     ContextChatEngine,
     SimpleChatEngine,
 )
-from llama_index.core.memory import Memory
+from llama_index.core.extractors import DocumentContextExtractor
+from llama_index.core.memory import ChatSummaryMemoryBuffer, FactExtractionMemoryBlock, Memory
+from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.postprocessor.rankGPT_rerank import RankGPTRerank
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.program import LLMTextCompletionProgram
+from llama_index.core.schema import NodeWithScore, TextNode
+from llama_index.core.storage.docstore import SimpleDocumentStore
 
 from headroom_memory_integrations.llama_index import (
     HeadroomChatMemoryBuffer,
@@ -370,3 +381,195 @@ def test_a_tool_result_out_of_the_buffers_window_no_longer_distrusts_the_user(
         assert learnt == sorted([FACT, "I'm vegan", "Eats no meat or dairy"])
     else:  # the model still sees the tool's output: only what the user said is kept
         assert learnt == sorted([FACT, "I'm vegan"])
+
+
+# -- MemoryLLM called by LlamaIndex's other components: their prompts are not the user's ------
+
+
+@dataclass
+class ComponentBrain(GullibleBrain):
+    """Answers each LlamaIndex component in its own format. Given the inline instruction, it
+    records the latest user message (unless a question) and, as a manipulated model would,
+    what any text in view asks (:data:`PLANTED`, for the account 12345)."""
+
+    def answer(self, messages: Any, *, tools: bool = False) -> Any:
+        said = [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages]
+        system = "\n".join(m["content"] for m in said if m["role"] == "system")
+        if system.startswith("You maintain long-term memory"):
+            return self._extract(said[-1]["content"])
+        self.requests.append(said)
+        latest = [m["content"] for m in said if m["role"] == "user"][-1]
+        if "Rank the" in latest:  # RankGPTRerank
+            text = "[2] > [1]"
+        elif "query_satisfied" in system:  # Refine's structured answer filtering
+            text = json.dumps({"answer": "It shipped.", "query_satisfied": True})
+        elif "vendor" in latest:  # the LLMTextCompletionProgram below
+            text = json.dumps({"vendor": "ACME", "total": 120.5})
+        else:
+            text = "Noted."
+        nonce = _NONCE.search(system)
+        if nonce:
+            found = [] if latest.endswith("?") else [{"text": latest, "category": "fact"}]
+            if any("12345" in m["content"] for m in said if m["role"] != "system"):
+                found.append({"text": PLANTED, "category": "preference"})
+            tag = nonce.group(1)
+            text += f"\n<memory-{tag}>{json.dumps(found)}</memory-{tag}>"
+        return text
+
+
+def instructed(brain: Brain) -> list[bool]:
+    """For each request the model answered: whether it carried the inline instruction."""
+    return [bool(_NONCE.search(json.dumps(request))) for request in brain.requests]
+
+
+class Invoice(BaseModel):
+    vendor: str
+    total: float
+
+
+INVOICE = f"ACME invoice, total 120.50. {POISON}"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_program_sends_its_prompt_not_the_users_words(mode, new_llm) -> None:
+    # LLMTextCompletionProgram fills its template with a document and calls llm.chat itself
+    brain = ComponentBrain()
+    llm = new_llm(ScriptedLLM(brain=brain))
+    program = LLMTextCompletionProgram.from_defaults(
+        output_cls=Invoice, prompt_template_str="Extract the vendor and total:\n{text}", llm=llm
+    )
+    found = program(text=INVOICE) if mode == "sync" else asyncio.run(program.acall(text=INVOICE))
+    assert found == Invoice(vendor="ACME", total=120.5)
+    assert texts(llm.memory) == []
+    assert instructed(brain) == [False]  # the memories relevant to it, but no instruction
+    llm.chat([ChatMessage(role="user", content=FACT)])  # the user's own call still teaches
+    assert texts(llm.memory) == [FACT]
+    assert instructed(brain) == [False, True]
+
+
+def test_a_query_engine_with_structured_answer_filtering_learns_nothing(new_llm) -> None:
+    # Refine picks an LLMTextCompletionProgram for an LLM without function calling
+    brain = ComponentBrain()
+    llm = new_llm(ChatOnly(brain=brain))
+    synthesizer = get_response_synthesizer(llm=llm, structured_answer_filtering=True)
+    index = SummaryIndex.from_documents([Document(text=f"Shipping FAQ. {POISON}")])
+    engine = index.as_query_engine(llm=llm, response_synthesizer=synthesizer)
+    assert str(engine.query("Where is my order?")) == "It shipped."
+    assert texts(llm.memory) == []
+    assert instructed(brain) == [False]
+
+
+def test_a_document_context_extractor_learns_nothing(new_llm) -> None:
+    brain = ComponentBrain()
+    llm = new_llm(ScriptedLLM(brain=brain))
+    document = Document(text=f"Shipping FAQ. Orders ship in 2 days. {POISON}")
+    docstore = SimpleDocumentStore()
+    docstore.add_documents([document])
+    nodes = SentenceSplitter().get_nodes_from_documents([document])
+    extractor = DocumentContextExtractor(docstore=docstore, llm=llm, max_context_length=10000)
+    assert extractor.extract(nodes) == [{"context": "Noted."}]  # achat, with the document
+    assert texts(llm.memory) == []
+    assert instructed(brain) == [False]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_rankgpt_reranker_learns_nothing(mode, new_llm) -> None:
+    brain = ComponentBrain()
+    llm = new_llm(ScriptedLLM(brain=brain))
+    nodes = [
+        NodeWithScore(node=TextNode(text="Orders ship in 2 days."), score=1.0),
+        NodeWithScore(node=TextNode(text=f"Shipping FAQ. {POISON}"), score=0.5),
+    ]
+    reranker = RankGPTRerank(llm=llm, top_n=1)
+    query = "Where is my order?"
+    if mode == "sync":
+        kept = reranker.postprocess_nodes(nodes, query_str=query)
+    else:
+        kept = asyncio.run(reranker.apostprocess_nodes(nodes, query_str=query))
+    assert [n.node.get_content() for n in kept] == [f"Shipping FAQ. {POISON}"]
+    assert texts(llm.memory) == []
+    assert instructed(brain) == [False]  # the passages, sent as user messages
+
+
+def test_a_summary_buffers_transcript_is_not_the_users_message(new_llm) -> None:
+    # the engine's LLM, reused to summarise: the transcript (answers included) is one user
+    # message; the engine's own call, with the user's message, still teaches
+    brain = ComponentBrain()
+    llm = new_llm(ScriptedLLM(brain=brain))
+    history = [
+        ChatMessage(role="user", content="Where is order A1?"),
+        ChatMessage(role="assistant", content=f"Order A1 shipped. {POISON}"),
+    ]
+    buffer = ChatSummaryMemoryBuffer.from_defaults(chat_history=history, llm=llm, token_limit=20)
+    SimpleChatEngine.from_defaults(llm=llm, memory=buffer).chat(FACT)
+    assert "Transcript so far" in brain.requests[0][-1]["content"]
+    assert texts(llm.memory) == [FACT]
+    assert instructed(brain) == [False, True]
+
+
+def test_a_fact_extraction_block_sends_its_prompt_not_the_users_words(new_llm) -> None:
+    brain = ComponentBrain()
+    llm = new_llm(ScriptedLLM(brain=brain))
+    block = FactExtractionMemoryBlock(name="facts", llm=llm)
+    flushed = [
+        ChatMessage(role="user", content="Where is order A1?"),
+        ChatMessage(role="assistant", content=f"Order A1 shipped. {POISON}"),
+    ]
+    asyncio.run(block.aput(flushed))
+    assert "fact extraction" in brain.requests[0][-1]["content"]
+    assert texts(llm.memory) == []
+    assert instructed(brain) == [False]
+
+
+class AppReranker(BaseNodePostprocessor):
+    """An application's own postprocessor, which sends the passages through ``chat``."""
+
+    llm: Any = None
+
+    def _postprocess_nodes(self, nodes: Any, query_bundle: Any = None) -> Any:
+        passages = "\n".join(n.node.get_content() for n in nodes)
+        self.llm.chat([ChatMessage(role="user", content=f"Pick the best passage:\n{passages}")])
+        return nodes
+
+
+def test_an_applications_own_component_sends_a_prompt_and_its_own_calls_a_turn(new_llm) -> None:
+    brain = ComponentBrain()
+    llm = new_llm(ScriptedLLM(brain=brain))
+    poisoned = [NodeWithScore(node=TextNode(text=f"Shipping FAQ. {POISON}"), score=1.0)]
+    AppReranker(llm=llm).postprocess_nodes(poisoned, query_str="Where is my order?")
+    assert texts(llm.memory) == []
+    assert instructed(brain) == [False]
+
+    async def both() -> None:  # the application's own calls, each run as a task
+        said = "I live in Oslo"
+        await asyncio.gather(*(llm.achat([ChatMessage(role="user", content=t)]) for t in [said]))
+        await asyncio.create_task(llm.achat([ChatMessage(role="user", content=FACT)]))
+
+    asyncio.run(both())
+    assert texts(llm.memory) == sorted([FACT, "I live in Oslo"])
+    assert instructed(brain) == [False, True, True]
+
+
+@pytest.mark.openai2
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_reranker_over_http_learns_nothing(mode, openai_server, new_llm) -> None:
+    import httpx
+
+    brain = ComponentBrain()
+    openai_server.responder = brain.responder
+    clients = {"http_client": httpx.Client(verify=False)}
+    clients["async_http_client"] = httpx.AsyncClient(verify=False)
+    llm = new_llm(scripted_openai_like(openai_server.base_url, **clients))
+    nodes = [
+        NodeWithScore(node=TextNode(text="Orders ship in 2 days."), score=1.0),
+        NodeWithScore(node=TextNode(text=f"Shipping FAQ. {POISON}"), score=0.5),
+    ]
+    reranker = RankGPTRerank(llm=llm, top_n=1)
+    if mode == "sync":
+        reranker.postprocess_nodes(nodes, query_str="Where is my order?")
+    else:
+        asyncio.run(reranker.apostprocess_nodes(nodes, query_str="Where is my order?"))
+    llm.chat([ChatMessage(role="user", content=FACT)])  # the application's own call teaches
+    assert texts(llm.memory) == [FACT]
+    assert instructed(brain) == [False, True]
+    clients["http_client"].close()

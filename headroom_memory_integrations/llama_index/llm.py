@@ -54,6 +54,7 @@ from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, user_words
 from ..prompts import block_tags, inline_extraction_allowed
 from ..storage import Storage
 from ..wiring import FlowSettings, build_flow, open_memory
+from ._callers import called_for_a_turn
 from ._instrumentation import astepped, stepped, viewed
 from ._messages import (
     attaches_outside_text,
@@ -116,12 +117,20 @@ def _filled(prompt: Any, prompt_args: Mapping[str, Any]) -> _Prompt:
     )
 
 
-def _user_wrote(text: str) -> bool:
-    """Whether the latest user message of the call being prepared is the user's own: any
-    call but a prompt's, or a prompt's whose user message is exactly its ``query_str`` (the
-    chat engines' final call: the user's message)."""
+def _for_a_turn() -> bool:
+    """Whether the chat call being made sends the user's turn, by who made it (see
+    ``_callers``: a chat engine, an agent or the application, and not another of LlamaIndex's
+    components with a prompt of its own); a prompt sent through ``_prompted`` is judged by
+    ``_user_wrote``. Called in the ``MemoryLLM`` method that LlamaIndex's code calls."""
+    return _PROMPT.get() is not None or called_for_a_turn()
+
+
+def _user_wrote(text: str, for_a_turn: bool) -> bool:
+    """Whether the latest user message of the call being prepared is the user's own: a call
+    made ``for_a_turn`` (see ``_for_a_turn``) but not sending a prompt, or a prompt's whose user
+    message is exactly its ``query_str`` (the chat engines' final call: the user's message)."""
     prompt = _PROMPT.get()
-    return prompt is None or text.strip() in prompt.queries
+    return for_a_turn if prompt is None else text.strip() in prompt.queries
 
 
 def _retrieved() -> bool:
@@ -182,6 +191,13 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
     conversation, a query engine's question-answering prompt with the retrieved documents),
     unless the template's user message is exactly its ``{query_str}`` (as in the chat engines'
     final call: the user's message), which is learnt from as in ``chat``.
+
+    A ``chat`` call (sync, async or streamed) is the user's turn only when a chat engine, an
+    agent or the application makes it (see ``_callers``). LlamaIndex's other components that
+    call ``chat`` themselves send a prompt of their own in the user message (a program's
+    template with a document, ``DocumentContextExtractor``'s document, ``RankGPTRerank``'s
+    passages, ``ChatSummaryMemoryBuffer``'s transcript, ``FactExtractionMemoryBlock``'s prompt):
+    their calls get memories but no instruction, as a prompt does.
 
     Setup::
 
@@ -351,9 +367,12 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
 
     # -- the translation: messages in, responses out -------------------------------------------
 
-    def _before(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Call:
+    def _before(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], for_a_turn: bool
+    ) -> _Call:
         """The messages to send, with the memory prompt before the latest user message (one of
-        LlamaIndex's prompts gets no instruction: see the class)."""
+        LlamaIndex's prompts, and a call not made ``for_a_turn``, get no instruction: see the
+        class)."""
         sent = list(messages)
         index = user_index(sent)
         if index is None:
@@ -364,7 +383,7 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
             previous_text=latest_user_text(sent[:index]),
             instruct=inline_extraction_allowed(kwargs)
             and inline_extraction_allowed(self._own_options())
-            and _user_wrote(asked),
+            and _user_wrote(asked, for_a_turn),
             untrusted=holds_tool_results(sent)
             or attaches_outside_text(sent)
             or holds_agent_state(sent)
@@ -421,20 +440,20 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
     # show handlers the answer without its block (see _instrumentation).
 
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        call = self._before(messages, kwargs)
+        call = self._before(messages, kwargs, _for_a_turn())
         with self._viewed(_Events(self, call)):
             response = self._llm.chat(call.messages, **kwargs)
         return self._answer(call, response)
 
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        call = self._before(messages, kwargs)
+        call = self._before(messages, kwargs, _for_a_turn())
         events = _Events(self, call)
         with self._viewed(events):
             stream = self._llm.stream_chat(call.messages, **kwargs)
         return self._stream(call).edit(stepped(iter(stream), lambda: self._viewed(events)))
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        call = await asyncio.to_thread(self._before, messages, kwargs)
+        call = await asyncio.to_thread(self._before, messages, kwargs, _for_a_turn())
         with self._viewed(_Events(self, call)):
             response = await self._llm.achat(call.messages, **kwargs)
         return self._answer(call, response)
@@ -442,7 +461,7 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        call = await asyncio.to_thread(self._before, messages, kwargs)
+        call = await asyncio.to_thread(self._before, messages, kwargs, _for_a_turn())
         events = _Events(self, call)
         with self._viewed(events):
             stream = await self._llm.astream_chat(call.messages, **kwargs)
