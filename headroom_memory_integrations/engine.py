@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -335,6 +335,30 @@ def validate_user_id(user_id: object) -> str:
     return user_id
 
 
+def check_embedder(embedder: object) -> Embedder:
+    """``embedder``, if it is one: a ``name`` (text), a ``dimension`` (a whole number; 0 while
+    a model is not loaded yet) and an ``embed`` method. A model's name given instead would
+    otherwise be taken, and every memory operation would fail later."""
+    name = getattr(embedder, "name", None)
+    dimension = getattr(embedder, "dimension", None)
+    if (
+        not callable(getattr(embedder, "embed", None))
+        or not isinstance(name, str)
+        or not name
+        or not isinstance(dimension, int)
+        or isinstance(dimension, bool)
+        or dimension < 0
+    ):
+        hint = (
+            " (for a model by its name: LocalEmbedder(name))" if isinstance(embedder, str) else ""
+        )
+        raise InvalidInputError(
+            "embedder must have a name, a dimension and an embed(texts) method, got "
+            f"{type(embedder).__name__}{hint}"
+        )
+    return cast(Embedder, embedder)
+
+
 def clean_text(text: object, what: str = "memory text") -> str:
     """Strip, drop control characters, and check the length of a text."""
     if not isinstance(text, str):
@@ -567,8 +591,10 @@ class MemoryStore(WritePath):
         self.user_id = validate_user_id(user_id)
         if storage is not None and db_path is not None:
             raise InvalidInputError("pass db_path or storage, not both")
+        self.embedder: Embedder = (
+            check_embedder(embedder) if embedder is not None else LocalEmbedder()
+        )
         self.storage = storage if storage is not None else resolve_storage(db_path)
-        self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
         self.min_score = check_min_score(min_score)
         self.duplicate_threshold = check_duplicate_threshold(duplicate_threshold)
         self._collection: UserCollection | None = None
@@ -587,10 +613,16 @@ class MemoryStore(WritePath):
 
     def _embed(self, texts: Sequence[str]) -> Vectors:
         vectors = np.asarray(self.embedder.embed(list(texts)), dtype=np.float32)
-        if vectors.shape[0] != len(texts):
+        dimension = self.embedder.dimension
+        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
             raise InvalidInputError(
-                f"embedder {self.embedder.name!r} returned {vectors.shape[0]} vectors "
+                f"embedder {self.embedder.name!r} returned an array of shape {vectors.shape} "
                 f"for {len(texts)} texts"
+            )
+        if dimension and vectors.shape[1] != dimension:
+            raise InvalidInputError(
+                f"embedder {self.embedder.name!r} returned vectors of {vectors.shape[1]} "
+                f"numbers; its dimension is {dimension}"
             )
         return vectors
 

@@ -23,6 +23,7 @@ from .engine import (
     DEFAULT_DUPLICATE_THRESHOLD,
     DEFAULT_MIN_SCORE,
     MemoryStore,
+    check_embedder,
     check_min_score,
     check_top_k,
     resolve_storage,
@@ -252,8 +253,10 @@ class UserStores:
         min_score: float = DEFAULT_MIN_SCORE,
     ) -> None:
         self.min_score = check_min_score(min_score)
+        self.embedder: Embedder = (
+            check_embedder(embedder) if embedder is not None else LocalEmbedder()
+        )
         self.storage = open_storage(db_path, storage)
-        self.embedder: Embedder = embedder if embedder is not None else LocalEmbedder()
         self._stores: OrderedDict[str, MemoryStore] = OrderedDict()  # least recent first
         self._lock = threading.Lock()
 

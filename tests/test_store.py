@@ -225,6 +225,48 @@ def test_a_db_path_that_is_not_a_folder_or_url_is_refused(db_path) -> None:
         MemoryStore("alice", db_path=db_path)
 
 
+@pytest.mark.parametrize("embedder", ["all-MiniLM-L6-v2", object(), LocalEmbedder])
+def test_a_thing_that_is_no_embedder_is_refused_before_anything_is_written(
+    db_path, embedder
+) -> None:
+    """A model's name (or a class) passed as ``embedder=`` was taken: every memory operation
+    then failed, and ``stats()`` raised. It is refused where it is given, in the store and the
+    wrappers, before the folder is created."""
+    from headroom_memory_integrations import with_fast_memory
+    from headroom_memory_integrations.testing import ScriptedOpenAIServer
+    from headroom_memory_integrations.wiring import UserStores
+
+    with pytest.raises(InvalidInputError, match="embedder must have a name, a dimension"):
+        MemoryStore("alice", db_path=db_path, embedder=embedder)
+    with pytest.raises(InvalidInputError, match="embedder must have a name, a dimension"):
+        UserStores(db_path, embedder=embedder)
+    with (
+        ScriptedOpenAIServer() as server,
+        pytest.raises(InvalidInputError, match="embedder must have a name, a dimension"),
+    ):
+        with_fast_memory(server.client(), user_id="alice", db_path=db_path, embedder=embedder)
+    assert not db_path.exists()
+
+
+def test_vectors_of_another_length_than_the_embedders_dimension_are_refused(db_path) -> None:
+    """An embedder whose vectors do not have its declared length would store vectors that
+    cannot be compared with the others: the write is refused, and nothing is stored."""
+    from conftest import HashEmbedder
+
+    class Misdeclared(HashEmbedder):
+        def embed(self, texts):  # 64 numbers each
+            return HashEmbedder(dimension=64).embed(texts)
+
+    misdeclared = Misdeclared(dimension=32)
+
+    store = MemoryStore("alice", db_path=db_path, embedder=misdeclared)
+    with pytest.raises(
+        InvalidInputError, match="returned vectors of 64 numbers; its dimension is 32"
+    ):
+        store.add("Lives in Lisbon", category="fact")
+    assert store.get_all() == []
+
+
 @pytest.mark.parametrize("user_id", ["", "   ", None, 7])
 def test_user_id_is_required(db_path, user_id) -> None:
     with pytest.raises(InvalidInputError, match="user_id"):
