@@ -127,7 +127,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"the full id, or its first {_SHORT_ID} characters as a table shows them",
     )
 
-    clear = commands.add_parser("clear", parents=[common], help="forget all of a user's memories")
+    clear = commands.add_parser(
+        "clear",
+        parents=[common],
+        help="forget all of a user's memories, and their turns queued for extraction",
+    )
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     commands.add_parser("stats", parents=[common], help="counts and configuration")
@@ -337,7 +341,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
                 answer = ""
             if answer.strip().lower() not in ("y", "yes"):
                 raise HeadroomMemoryError("cancelled")
-        removed = store.clear()
+        removed = store.forget_user()  # the user's queued turns too, not only the memories
         if not args.json:
             print(f"cleared {removed} memories of user {args.user!r}", file=out)
         return {"cleared": removed}

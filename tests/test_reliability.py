@@ -442,6 +442,20 @@ def test_a_plain_store_forgets_the_turns_a_wrapper_left_queued(openai_server, db
     client.close()
 
 
+def test_the_clis_clear_forgets_the_turns_a_wrapper_left_queued(db_path, capsys) -> None:
+    """``headroom-memory clear``, an operator's way to forget a user, removes the user's
+    queued turns too (their messages, in the folder's job queue), as ``forget_user`` does."""
+    from headroom_memory_integrations.cli import main
+
+    run = run_python(_QUEUE_AND_DIE.format(db=str(db_path)))
+    assert run.stdout.strip() == "1", run.stderr[-2000:]
+    assert files_containing(db_path, ["ZEBRA-7712"])  # queued durably
+
+    assert main(["clear", "--user", "alice", "--db", str(db_path), "--yes"]) == 0
+    assert "cleared 0 memories of user 'alice'" in capsys.readouterr().out
+    assert not files_containing(db_path, ["ZEBRA-7712", "Zanzibarville"])
+
+
 def test_forget_user_while_the_users_extraction_runs(openai_server, db_path, model) -> None:
     """The running job stores its memories under the user's write lock: forget_user waits for
     it without holding that lock, then forgets what it stored too (it used to wait for the
