@@ -267,6 +267,25 @@ def test_vectors_of_another_length_than_the_embedders_dimension_are_refused(db_p
     assert store.get_all() == []
 
 
+def test_a_db_path_that_is_a_file_is_refused_and_left_as_it_is(tmp_path) -> None:
+    """``db_path="memory.db"`` names a folder here; an existing file of that name (an SQLite
+    file of another library, say) is refused where it is given: before, the wrappers were built
+    and every memory operation failed, counted but unseen."""
+    from headroom_memory_integrations import with_fast_memory
+    from headroom_memory_integrations.testing import ScriptedOpenAIServer
+
+    existing = tmp_path / "memory.db"
+    existing.write_bytes(b"SQLite format 3\x00 and more")
+    with pytest.raises(InvalidInputError, match="is a file: it names a folder"):
+        MemoryStore("alice", db_path=existing)
+    with (
+        ScriptedOpenAIServer() as server,
+        pytest.raises(InvalidInputError, match="is a file: it names a folder"),
+    ):
+        with_fast_memory(server.client(), user_id="alice", db_path=str(existing))
+    assert existing.read_bytes() == b"SQLite format 3\x00 and more"
+
+
 @pytest.mark.parametrize("user_id", ["", "   ", None, 7])
 def test_user_id_is_required(db_path, user_id) -> None:
     with pytest.raises(InvalidInputError, match="user_id"):

@@ -1140,6 +1140,11 @@ class ChromaStorage:
         process. Opened on first use; the process that writes first holds the folder's lock
         until it closes the storage or exits, and writes from other processes are refused."""
         folder = str(Path(path).expanduser().resolve())
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise InvalidInputError(
+                f"db_path {os.fspath(path)!r} is a file: it names a folder, where the memories "
+                "are kept (chroma.sqlite3 and the job queue inside it); name another path"
+            )
         with cls._embedded_lock:
             storage = cls._embedded.get(folder)
             if storage is None:
