@@ -702,8 +702,46 @@ def test_an_async_clients_twin_for_extraction_keeps_its_query_and_headers(openai
         default_query={"api-version": "2024-10-21"},
         default_headers={"x-gateway": "team-a"},
     )
-    twin = sync_twin(client)
+    twin = sync_twin(client, "extraction_client=")
     assert twin.default_query["api-version"] == "2024-10-21"
     assert twin.default_headers["x-gateway"] == "team-a"
     assert (twin.api_key, str(twin.base_url)) == ("sk-twin", str(client.base_url))
     twin.close()
+
+
+def test_an_async_client_with_no_twin_says_what_to_pass(openai_server, db_path) -> None:
+    """An async client a synchronous twin cannot be made from (Azure's, another SDK's) is
+    refused with what to pass for the work the twin would do: the extraction client for
+    ``with_memory``, an embedder for OpenAI embeddings."""
+    import openai
+
+    from headroom_memory_integrations import with_fast_memory
+
+    azure = openai.AsyncAzureOpenAI(
+        azure_endpoint=openai_server.azure_endpoint, api_key="sk-azure", api_version="2024-10-21"
+    )
+    with pytest.raises(TypeError, match=r"AsyncAzureOpenAI .*pass extraction_client="):
+        with_memory(azure, user_id="alice", db_path=db_path)
+    with pytest.raises(TypeError, match=r"pass embedder=OpenAIEmbedder\(<a synchronous client>\)"):
+        with_fast_memory(azure, user_id="alice", db_path=db_path, use_local_embeddings=False)
+    assert not db_path.exists()
+
+
+def test_two_users_stay_isolated(client, fake_model, openai_server, db_path, model) -> None:
+    """Two users' wrappers on one folder share its job queue and worker: each turn is
+    extracted and stored under its own user, and one user's memories never reach the other's
+    prompt."""
+    bob = with_memory(
+        openai_server.client(), user_id="bob", db_path=db_path, embedder=model, retry_backoff=FAST
+    )
+    ask(client, "I prefer Python for backend work")
+    assert client.memory.flush(30)
+    fake_model.extractions = [Reply.text(json.dumps({"memories": []}))]
+    ask(bob, "Which language should I use for backend work?")
+    assert bob.memory.flush(30)
+    assert len(fake_model.chat_bodies[-1]["messages"]) == 1  # nothing of alice's injected
+    assert bob.memory.get_all() == []
+    ask(client, "Which language should I use for backend work?")
+    assert "Prefers Python for backend work" in fake_model.chat_bodies[-1]["messages"][0]["content"]
+    assert [m.user_id for m in client.memory.get_all()] == ["alice"]
+    bob.close()

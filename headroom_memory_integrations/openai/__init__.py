@@ -50,11 +50,13 @@ def _is_async(client: Any) -> bool:
     return inspect.iscoroutinefunction(create)
 
 
-def sync_twin(client: Any) -> Any:
+def sync_twin(client: Any, instead: str) -> Any:
     """A synchronous client for work done in a thread: the client itself if it is synchronous;
     for ``openai.AsyncOpenAI``, an ``openai.OpenAI`` with the same key, URL, headers, query
     parameters, timeout and retries. A custom ``http_client`` (a proxy, mTLS) cannot carry
-    over to a synchronous client: pass ``extraction_client=`` (or ``embedder=``) then."""
+    over to a synchronous client: pass ``extraction_client=`` (or ``embedder=``) then.
+    ``instead`` says what to pass for an async client that has no twin (Azure's, another
+    SDK's)."""
     if not _is_async(client):
         return client
     import openai
@@ -62,8 +64,8 @@ def sync_twin(client: Any) -> Any:
     # an Azure client's deployment, API version and key header do not carry over
     if not isinstance(client, openai.AsyncOpenAI) or isinstance(client, openai.AsyncAzureOpenAI):
         raise TypeError(
-            f"cannot derive a synchronous client from {type(client).__name__}; "
-            "pass extraction_client= (or embedder=) explicitly"
+            f"cannot derive a synchronous client from {type(client).__name__} (only from "
+            f"openai.AsyncOpenAI); pass {instead}"
         )
     return openai.OpenAI(
         api_key=client.api_key,
@@ -125,7 +127,9 @@ def _wrap(
         if use_local_embeddings:
             embedder = LocalEmbedder(embedding_model)
         else:
-            twin = sync_twin(client)
+            twin = sync_twin(
+                client, "embedder=OpenAIEmbedder(<a synchronous client>), or use the local model"
+            )
             embedder = OpenAIEmbedder(twin)
             owned += (twin,) if twin is not client else ()
     memory = open_memory(
@@ -258,7 +262,9 @@ def with_memory(
 
     The other arguments are those of :func:`with_fast_memory`.
     """
-    twin = extraction_client or sync_twin(client)
+    twin = extraction_client or sync_twin(
+        client, "extraction_client=<the synchronous client of the same service>"
+    )
     closed = getattr(twin, "is_closed", None)  # openai's clients say when they are closed
     usable = (lambda: not closed()) if callable(closed) else None
     extractor = BackgroundExtractor(openai_completer(twin), extraction_model, usable=usable)
