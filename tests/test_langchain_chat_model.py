@@ -48,7 +48,8 @@ from pydantic import BaseModel, Field
 from headroom_memory_integrations import InvalidInputError
 from headroom_memory_integrations.langchain import MemoryChatModel
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
-from headroom_memory_integrations.testing import ScriptedOpenAIServer
+from headroom_memory_integrations.scripted_responses import chat_messages
+from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer
 
 TEA = {"text": "Prefers green tea over coffee", "category": "preference"}
 ANSWER = "Noted, green tea it is!"
@@ -283,6 +284,38 @@ def test_tools_and_memory_work_together(
     assert streamed.tool_calls[0]["name"] == "get_weather"
     assert streamed.usage_metadata and streamed.usage_metadata["output_tokens"] > 0
     # a tool call has no text, so no block to miss, invoked or streamed
+    assert chat.memory.stats()["events"].get("missing_blocks", 0) == 0
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["invoke", "stream"])
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_tool_call_has_no_block_to_miss_whatever_the_shape_of_its_content(
+    api: str, streaming: bool, openai_server: ScriptedOpenAIServer, db_path: Path, model: Any
+) -> None:
+    """An answer that only calls a tool has no text, so no memory block is missing from it:
+    ``missing_blocks`` stays 0 whether its content is a string (Chat Completions) or a list of
+    blocks (the Responses API: a ``function_call`` block), invoked or streamed."""
+    chat = MemoryChatModel(
+        model=chat_openai(openai_server, use_responses_api=api == "responses"),
+        user_id="alice",
+        db_path=db_path,
+        embedder=model,
+    )
+    openai_server.script(Reply.tool_call("get_weather", {"city": "Lyon"}))
+    question = "What is the weather in Lyon?"
+    if streaming:
+        chunks = list(chat.stream(question))
+        message = chunks[0]
+        for chunk in chunks[1:]:
+            message += chunk
+    else:
+        message = chat.invoke(question)
+    assert message.tool_calls[0]["name"] == "get_weather"
+    assert isinstance(message.content, list if api == "responses" else str)
+    body = openai_server.requests[-1].body
+    assert body is not None
+    request = body["messages"] if api == "chat" else chat_messages(body)
+    assert instruction_nonce(request)  # the model was asked for a block
     assert chat.memory.stats()["events"].get("missing_blocks", 0) == 0
 
 
@@ -584,8 +617,6 @@ def test_a_memory_failure_never_fails_the_call(
 
 def test_model_errors_reach_the_caller(chat: MemoryChatModel, openai_server) -> None:
     from openai import RateLimitError
-
-    from headroom_memory_integrations.testing import Reply
 
     openai_server.script(Reply.error(429, "slow down"))
     with pytest.raises(RateLimitError):

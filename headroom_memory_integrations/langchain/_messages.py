@@ -177,36 +177,46 @@ class MessagesFlow:
         return ChunkEditor(self.flow, call.turn)
 
     def _visible(self, turn: Turn, message: BaseMessage, *, remember: bool) -> Any:
+        """``message``'s content without the block (the same object when nothing was cut): a
+        string or a list of blocks, through one :class:`~..flow.AnswerStream` as a streamed
+        answer is, so both shapes treat an answer alike (a tool call with no text has no block
+        to miss, whichever shape its content has)."""
         content = message.content
-        if isinstance(content, str):
-            if not remember:
-                return self.flow.strip(turn, content)
-            tool_call = bool(getattr(message, "tool_calls", None))
-            visible = self.flow.finish(turn, content, tool_call=tool_call)
-            return content if visible is None or visible == content else visible
         stream = self.flow.stream(turn, remember=remember)
-        blocks, changed = _feed_blocks(stream, content)
-        tail = stream.finish()
-        if tail:
-            blocks, changed = _append_tail(blocks, tail), True
-        return blocks if changed else content
+        visible = _with_tail(
+            _feed_content(stream, content),
+            stream.finish(tool_call=bool(getattr(message, "tool_calls", None))),
+        )
+        return content if visible == content else visible
 
 
-def _feed_blocks(stream: AnswerStream, content: list[Any]) -> tuple[list[Any], bool]:
+def _feed_content(stream: AnswerStream, content: str | list[Any]) -> Any:
+    """``content`` with its text fed through ``stream``: a string, or the blocks with each
+    text block's text fed (see :func:`_feed_blocks`)."""
+    if isinstance(content, str):
+        return stream.feed(content)
+    return _feed_blocks(stream, content)
+
+
+def _with_tail(visible: Any, tail: str) -> Any:
+    """``visible`` content (a string or blocks) with the text a stream held back at its end."""
+    if not tail:
+        return visible
+    return visible + tail if isinstance(visible, str) else _append_tail(visible, tail)
+
+
+def _feed_blocks(stream: AnswerStream, content: list[Any]) -> list[Any]:
     """``content`` with each text block fed through ``stream``; emptied text blocks dropped."""
     blocks: list[Any] = []
-    changed = False
     for block in content:
         text = _text_of(block)
         if text is None:
             blocks.append(block)
             continue
         visible = stream.feed(text)
-        if visible != text:
-            changed = True
         if visible:
             blocks.append(_with_text(block, visible))
-    return blocks, changed
+    return blocks
 
 
 def _append_tail(blocks: list[Any], tail: str) -> list[Any]:
@@ -266,20 +276,13 @@ class ChunkEditor:
             self._last = chunk
             self._tool_call |= bool(getattr(chunk.message, "tool_call_chunks", None))
             content = chunk.message.content
-            if isinstance(content, str):
-                visible: Any = self._answer.feed(content)
-                had_text = bool(content)
-            else:
-                visible, _ = _feed_blocks(self._answer, content)
-                had_text = any(_text_of(block) for block in content)
+            visible = _feed_content(self._answer, content)
+            had_text = bool(content) if isinstance(content, str) else any(map(_text_of, content))
             if _ends_answer(chunk):
                 tail = self._answer.finish(tool_call=self._tool_call)
                 # anything after the end (no provider sends text there) is still filtered
                 self._answer = self._flow.stream(self._turn, remember=False)
-                if tail:
-                    visible = (
-                        visible + tail if isinstance(visible, str) else _append_tail(visible, tail)
-                    )
+                visible = _with_tail(visible, tail)
             if visible == content:
                 return chunk
             if had_text and not visible and not _carries_more(chunk):
