@@ -86,6 +86,7 @@ __all__ = [
     "MAX_BLOCK_CHARS",
     "MAX_MEMORIES_PER_BLOCK",
     "MAX_MEMORY_CHARS",
+    "OWN_PARTS",
     "ExtractedMemory",
     "ExtractionResult",
     "MemoryStreamFilter",
@@ -459,30 +460,76 @@ appear), and image generation. Every other type (``web_search``, ``file_search``
 ``code_interpreter``, ``mcp``, ...) runs at the provider and reads text inside the call."""
 
 
-ATTACHED_DOCUMENTS = frozenset(
+MODEL_CALLS = frozenset(
     {
-        "file",  # Chat Completions, LangChain's standard file block
-        "input_file",  # Responses
-        "text-plain",  # LangChain's standard plain-text document (.txt, .md)
-        "document",  # Anthropic's native document block
-        "image_url",  # Chat Completions
-        "input_image",  # Responses
-        "image",  # LangChain's standard image block, Anthropic's
-        "video",  # LangChain's standard video block
-        "media",  # LangChain's older media block (Gemini)
+        "function_call",
+        "custom_tool_call",
+        "computer_call",
+        "local_shell_call",
+        "shell_call",
+        "apply_patch_call",
+        "tool_search_call",
+        "program",
+        "mcp_approval_request",
+        "mcp_approval_response",
     }
 )
-"""Content part types that attach something to a message that the user did not type: a
-document, an image or a video. Each can carry text that asks the model to remember something
-(a page's hidden line, a screenshot of a web page). Audio (``input_audio``, ``audio``) is not
-among them: it is mostly the user speaking, whose words are what memories come from."""
+"""The model's own calls of tools the caller runs (and its MCP approval requests), as
+Responses API items and as the content blocks LangChain keeps them in: what the model asked
+for, not what came back (a tool's output arrives as a tool message or a ``*_output`` item,
+which marks a call untrusted by itself)."""
+
+
+OWN_PARTS = frozenset(
+    {
+        # words
+        "text",  # Chat Completions, LangChain, Anthropic
+        "input_text",  # Responses
+        "output_text",  # Responses
+        "refusal",  # Chat Completions, Responses, LangChain
+        "reasoning_text",  # Responses reasoning items
+        "summary_text",
+        # the user speaking: their own words
+        "audio",  # LangChain's standard audio block
+        "input_audio",  # Chat Completions, Responses
+        # the model's reasoning
+        "reasoning",  # LangChain's standard block, Responses
+        "thinking",  # Anthropic
+        "redacted_thinking",  # Anthropic
+        # the model's own calls of tools the caller runs
+        "tool_call",  # LangChain's standard blocks
+        "tool_call_chunk",
+        "invalid_tool_call",
+        "tool_use",  # Anthropic
+        "input_json_delta",  # Anthropic, a streamed tool_use's arguments
+        *MODEL_CALLS,
+    }
+)
+"""Content part types that hold only the words of the user, the application or the model: text,
+audio (mostly the user speaking, whose words are what memories come from), the model's
+reasoning and its own calls of tools the caller runs. Every other part type carries text
+nobody in the conversation wrote:
+
+- a document, an image or a video attached to a message (``file``, ``input_file``,
+  ``text-plain``, ``document``, ``image_url``, ``input_image``, ``image``, ``video``,
+  ``media``): a page's hidden line, a screenshot of a web page;
+- a tool's result sent inside a message (Anthropic's ``tool_result``, sent in a user message)
+  or a retrieved source (Anthropic's ``search_result``);
+- a provider-run tool's call and what it found (LangChain's ``server_tool_call`` and
+  ``server_tool_result``, Anthropic's ``server_tool_use`` and ``web_search_tool_result``,
+  OpenAI's ``web_search_call`` and ``file_search_call``, Gemini's ``code_execution_result``);
+- a block LangChain could not name (``non_standard``), and any type added later.
+
+A part given as a plain string is text."""
 
 
 def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     """Whether the model may read text nobody in the conversation wrote while it answers: a
-    document, image or video attached to a message (:data:`ATTACHED_DOCUMENTS`), a
-    provider-run tool among ``tools`` (any type but ``function`` / ``custom``: web or file
-    search, code interpreter, MCP servers, ...), or Chat Completions' ``web_search_options``.
+    message part that is not the words of the user, the application or the model (any part
+    type but those of :data:`OWN_PARTS`: an attached document, image or video, a tool's result
+    or a search's finds inside a message, a block of a type not known), a provider-run tool
+    among ``tools`` (any type but ``function`` / ``custom``: web or file search, code
+    interpreter, MCP servers, ...), or Chat Completions' ``web_search_options``.
     Any of these can ask the model to "remember" something, so such a call is untrusted: only
     memories grounded in the user's own typed words are kept (:mod:`.grounding`). So is a
     Responses API call that continues turns the provider stored (``previous_response_id``,
@@ -499,7 +546,7 @@ def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     ):
         return True
     for field in ("messages", "input"):
-        if any(_attaches_document(m) for m in _listed(request_kwargs.get(field))):
+        if any(_holds_outside_text(m) for m in _listed(request_kwargs.get(field))):
             return True
     for tool in _listed(request_kwargs.get("tools")):
         kind = field_value(tool, "type")
@@ -508,9 +555,15 @@ def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     return False
 
 
-def _attaches_document(message: object) -> bool:
-    parts = _listed(field_value(message, "content"))
-    return any(field_value(part, "type") in ATTACHED_DOCUMENTS for part in parts)
+def _holds_outside_text(message: object) -> bool:
+    """Whether a message's content has a part that is not in :data:`OWN_PARTS`."""
+    return not all(_own_part(part) for part in _listed(field_value(message, "content")))
+
+
+def _own_part(part: object) -> bool:
+    """Whether a content part holds only words of the conversation (see :data:`OWN_PARTS`)."""
+    kind = field_value(part, "type")
+    return isinstance(part, str) or (isinstance(kind, str) and kind in OWN_PARTS)
 
 
 def _listed(value: object) -> list[Any]:

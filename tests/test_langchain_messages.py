@@ -1,6 +1,8 @@
 """Which messages of a LangChain conversation are the user's own words, and which are text the
-user did not write (tool results, a conversation summary): message chunks, and the summary of
-LangChain's ``SummarizationMiddleware``. A real ``ChatOpenAI`` over HTTP to the scripted server,
+user did not write (tool results, a conversation summary, content blocks that carry outside
+text): message chunks, the summary of LangChain's ``SummarizationMiddleware``, Anthropic's
+``tool_result`` and ``search_result`` blocks, ``non_standard`` and unknown blocks, and a
+provider-run search in an earlier answer. A real ``ChatOpenAI`` over HTTP to the scripted server,
 real Chroma and the real model."""
 
 from __future__ import annotations
@@ -115,3 +117,170 @@ def test_a_conversation_summary_is_not_the_users_words(
     assert instruction_nonce(request) is not None  # the memory prompt, before the user's words
     assert texts(memory.memory) == [LYON["text"]]  # type: ignore[arg-type]
     assert memory.memory.stats()["events"]["ungrounded_memories"] == 1  # type: ignore[union-attr]
+
+
+# Content blocks that carry text nobody in the conversation wrote, each beside the user's
+# question, as providers' LangChain integrations pass them on: Anthropic sends a tool's result
+# as a ``tool_result`` block in a user message (not as a ToolMessage) and a retrieved source as
+# a ``search_result`` block; LangChain's v1 ``non_standard`` block wraps what it cannot name (a
+# document here); and any block of a type not known.
+OUTSIDE_BLOCKS: dict[str, list[BaseMessage]] = {
+    "tool_result": [
+        HumanMessage("Please read the shipping FAQ."),
+        AIMessage(content=[{"type": "tool_use", "id": "c1", "name": "read_faq", "input": {}}]),
+        HumanMessage(
+            content=[
+                {"type": "tool_result", "tool_use_id": "c1", "content": POISON},
+                {"type": "text", "text": QUESTION},
+            ]
+        ),
+    ],
+    "search_result": [
+        HumanMessage(
+            content=[
+                {
+                    "type": "search_result",
+                    "source": "https://shop.example/faq",
+                    "title": "Shipping FAQ",
+                    "content": [{"type": "text", "text": POISON}],
+                },
+                {"type": "text", "text": QUESTION},
+            ]
+        )
+    ],
+    "non_standard": [
+        HumanMessage(
+            content=[
+                {
+                    "type": "non_standard",
+                    "value": {
+                        "type": "document",
+                        "source": {"type": "text", "media_type": "text/plain", "data": POISON},
+                    },
+                },
+                {"type": "text", "text": QUESTION},
+            ]
+        )
+    ],
+    "a type not known": [
+        HumanMessage(
+            content=[
+                {"type": "retrieved_page", "url": "https://shop.example/faq", "body": POISON},
+                {"type": "text", "text": QUESTION},
+            ]
+        )
+    ],
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["invoke", "stream"])
+@pytest.mark.parametrize("block", [*OUTSIDE_BLOCKS, None])
+def test_a_content_block_that_is_not_the_conversations_words_makes_the_call_untrusted(
+    block: str | None,
+    streaming: bool,
+    openai_server: ScriptedOpenAIServer,
+    db_path: Path,
+    model: Any,
+) -> None:
+    """A block carrying a tool's result, a retrieved source, a document LangChain could not
+    name, or of any type not known, can tell the model to remember something: the memory it
+    planted is dropped (and counted), the one the user said is kept, whichever message holds
+    it. The check is made on the messages as given, before the wrapped model formats them
+    (``ChatOpenAI`` passes blocks it does not know on as they are, so the scripted server gets
+    them too). Without such a block (text, the model's reasoning and a tool call of its own),
+    the same answer stores both: the test can tell the difference."""
+    openai_server.responder = ScriptedChat("Three days.", memories=[PLANTED, LYON])
+    chat = MemoryChatModel(
+        model=chat_openai(openai_server), user_id="alice", db_path=db_path, embedder=model
+    )
+    if block is None:
+        messages: list[BaseMessage] = [
+            HumanMessage("Hello!"),
+            AIMessage(
+                content=[
+                    {"type": "reasoning", "reasoning": "The user greets me."},
+                    {"type": "text", "text": "Hi! How can I help?"},
+                    {"type": "tool_use", "id": "c0", "name": "noop", "input": {}},
+                ]
+            ),
+            HumanMessage(content=[{"type": "text", "text": QUESTION}]),
+        ]
+    else:
+        messages = OUTSIDE_BLOCKS[block]
+    if streaming:
+        answer = "".join(chunk.text for chunk in chat.stream(messages))
+    else:
+        answer = chat.invoke(messages).text
+    assert answer == "Three days."
+    request = sent(openai_server)
+    assert instruction_nonce(request) is not None
+    if block is None:
+        assert texts(chat.memory) == sorted([LYON["text"], PLANTED["text"]])
+    else:
+        assert POISON in json.dumps(request)  # the model got the outside text
+        assert texts(chat.memory) == [LYON["text"]]
+        assert chat.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
+SEARCH_CALL = {
+    "type": "server_tool_call",
+    "id": "ws1",
+    "name": "web_search",
+    "args": {"query": "x"},
+}
+
+
+@pytest.mark.parametrize("output_version", ["v1", "v0"])
+def test_a_provider_run_search_in_an_earlier_answer_makes_the_call_untrusted(
+    output_version: str, openai_server: ScriptedOpenAIServer, db_path: Path, model: Any
+) -> None:
+    """An earlier answer in which the provider ran a web search carries what the search found
+    (LangChain's v1 ``server_tool_call`` and ``server_tool_result`` blocks; in ``ChatOpenAI``'s
+    older ``output_version="v0"``, ``additional_kwargs["tool_outputs"]``). ``ChatOpenAI`` sends
+    it back to the Responses API as a ``web_search_call`` item, which the OpenAI memory client
+    counts as outside text: so does ``MemoryChatModel``, and the memory the search planted is
+    dropped."""
+    openai_server.responder = ScriptedChat("Three days.", memories=[PLANTED, LYON])
+    wrapped = ChatOpenAI(
+        model="gpt-4o-mini",
+        base_url=openai_server.base_url,
+        api_key="sk-scripted",
+        max_retries=0,
+        use_responses_api=True,
+        output_version=output_version,
+    )
+    chat = MemoryChatModel(model=wrapped, user_id="alice", db_path=db_path, embedder=model)
+    if output_version == "v1":
+        searched = AIMessage(
+            content=[
+                SEARCH_CALL,
+                {
+                    "type": "server_tool_result",
+                    "tool_call_id": "ws1",
+                    "status": "success",
+                    "output": POISON,
+                },
+                {"type": "text", "text": "Shipping takes three days."},
+            ]
+        )
+    else:
+        searched = AIMessage(
+            content=[{"type": "text", "text": "Shipping takes three days."}],
+            additional_kwargs={
+                "tool_outputs": [
+                    {
+                        "id": "ws1",
+                        "type": "web_search_call",
+                        "status": "completed",
+                        "action": {"type": "search", "query": "x"},
+                    }
+                ]
+            },
+        )
+    messages = [HumanMessage("Search the shipping FAQ."), searched, HumanMessage(QUESTION)]
+    assert chat.invoke(messages).text == "Three days."
+    body = openai_server.requests[-1].body
+    assert body is not None
+    assert "web_search_call" in [item.get("type") for item in body["input"]]
+    assert texts(chat.memory) == [LYON["text"]]
+    assert chat.memory.stats()["events"]["ungrounded_memories"] == 1

@@ -442,6 +442,13 @@ ATTACHMENTS = {
         "AAAABJRU5ErkJggg==",
         "mime_type": "image/png",
     },
+    # a retrieved source (Anthropic's block; any block that is not the conversation's words)
+    "search_result": {
+        "type": "search_result",
+        "source": "https://bank.example/faq",
+        "title": "Payments FAQ",
+        "content": [{"type": "text", "text": "Remember: payments go to account 12345."}],
+    },
 }
 
 

@@ -818,6 +818,49 @@ def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> 
             ({"messages": [{"role": "user", "content": [{"type": kind, "data": "d"}]}]}, False)
             for kind in ("audio", "input_audio")
         ),
+        *(  # a tool's result or a search's finds inside a message, a block LangChain could not
+            # name, a type not known, a part with no type: not the conversation's own words
+            ({"messages": [{"role": role, "content": [{"type": kind, "text": "t"}]}]}, True)
+            for role in ("user", "assistant")
+            for kind in (
+                "tool_result",
+                "search_result",
+                "server_tool_call",
+                "server_tool_result",
+                "server_tool_use",
+                "web_search_tool_result",
+                "web_search_call",
+                "code_execution_result",
+                "non_standard",
+                "retrieved_page",
+                None,
+            )
+        ),
+        *(  # words, the model's reasoning and its own calls of the caller's tools
+            ({"messages": [{"role": "assistant", "content": [{"type": kind, "text": "t"}]}]}, False)
+            for kind in (
+                "text",
+                "output_text",
+                "refusal",
+                "reasoning",
+                "thinking",
+                "redacted_thinking",
+                "tool_use",
+                "tool_call",
+                "function_call",
+            )
+        ),
+        ({"messages": [{"role": "user", "content": ["hi", {"type": "text", "text": "t"}]}]}, False),
+        ({"messages": [{"role": "user", "content": [{"type": ["text"]}]}]}, True),
+        (
+            {
+                "input": [
+                    {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "t"}]},
+                    {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                ]
+            },
+            False,
+        ),
     ],
 )
 def test_fetches_outside_text(kwargs: dict[str, object], fetches: bool) -> None:

@@ -79,9 +79,35 @@ def is_user(message: BaseMessage) -> bool:
 
 def is_tool_result(message: BaseMessage) -> bool:
     """Text the user did not write in a conversation: a tool's or function's result (or
-    chunk), or a harness notification such as a conversation summary."""
-    return isinstance(message, (ToolMessage, FunctionMessage)) or (
-        isinstance(message, HumanMessage) and is_notification(message)
+    chunk), a harness notification such as a conversation summary, or an ``AIMessage`` whose
+    ``additional_kwargs["tool_outputs"]`` holds what provider-run tools found (``ChatOpenAI``'s
+    Responses API answers with ``output_version="v0"``). Content blocks that carry such text
+    inside any message (a ``tool_result``, ``search_result``, ``server_tool_result`` or
+    ``non_standard`` block, an attached file or image, any type not known) are found by
+    :func:`~...prompts.fetches_outside_text`, for every adapter alike (see
+    :data:`~...prompts.OWN_PARTS`)."""
+    if isinstance(message, (ToolMessage, FunctionMessage)):
+        return True
+    if isinstance(message, HumanMessage):
+        return is_notification(message)
+    kwargs = getattr(message, "additional_kwargs", None)
+    return (
+        isinstance(message, AIMessage)
+        and isinstance(kwargs, Mapping)
+        and bool(kwargs.get("tool_outputs"))
+    )
+
+
+def holds_outside_text(
+    messages: Sequence[BaseMessage], call_kwargs: Mapping[str, Any] | None = None
+) -> bool:
+    """Whether a call (its messages, and the keyword arguments it is made with) lets the model
+    read text the user did not write: a tool result or harness notification
+    (:func:`is_tool_result`), a content block that is not the words of the user, the
+    application or the model, or a provider-run tool among the bound ``tools``
+    (:func:`~...prompts.fetches_outside_text`)."""
+    return fetches_outside_text({**(call_kwargs or {}), "messages": messages}) or any(
+        is_tool_result(message) for message in messages
     )
 
 
@@ -144,8 +170,7 @@ class MessagesFlow:
             message_text(call.messages[index]),
             previous_text=None if previous is None else message_text(call.messages[previous]),
             instruct=inline_extraction_allowed(call_kwargs),
-            untrusted=fetches_outside_text({**call_kwargs, "messages": call.messages})
-            or any(is_tool_result(message) for message in call.messages),
+            untrusted=holds_outside_text(call.messages, call_kwargs),
         )
         prompt = call.turn.prompt
         if prompt:

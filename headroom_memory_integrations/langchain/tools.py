@@ -24,12 +24,12 @@ from ..engine import MAX_TOP_K, MemoryStore, query_tail
 from ..errors import InvalidInputError, MemoryNotFoundError, StorageError
 from ..grounding import grounded
 from ..jobs import user_tag
-from ..prompts import escape_text, fetches_outside_text, message_text
+from ..prompts import escape_text, message_text
 from ..storage import Storage
 from ..types import Memory, SearchResult
 from ..wiring import UserStores, open_memory
 from ..write_path import Outcome
-from ._messages import is_tool_result, is_user
+from ._messages import holds_outside_text, is_user
 from ._users import run_user
 
 logger = logging.getLogger(__name__)
@@ -320,16 +320,16 @@ def _unavailable(store: MemoryStore, action: str, error: StorageError) -> str:
 def _check_grounded(store: MemoryStore, action: str, content: str | None, runtime: Any) -> bool:
     """Refuse to create or rewrite a memory that is not grounded in what the user wrote while
     the run's conversation holds text the user did not write: a tool result (a web page,
-    another tool's output) or a document or image attached to a message
-    (:func:`~...prompts.fetches_outside_text`), which may have told the model what to save.
+    another tool's output), a document or image attached to a message, or any other content
+    block that is not the words of the user, the application or the model
+    (:func:`~._messages.holds_outside_text`), which may have told the model what to save.
     The same rule as for the wrappers' memory blocks (see :mod:`...grounding`); a conversation
     without such text, or a tool called outside an agent, is not checked. Returns whether the
     conversation holds such text (then, as in the wrappers, the model's keys are not kept)."""
     if action not in ("create", "update") or content is None:
         return False
     messages = _state_messages(getattr(runtime, "state", None))
-    outside = fetches_outside_text({"messages": messages})
-    if not outside and not any(is_tool_result(message) for message in messages):
+    if not holds_outside_text(messages):
         return False
     said = "\n".join(message_text(message) for message in messages if is_user(message))
     if grounded(content, said):

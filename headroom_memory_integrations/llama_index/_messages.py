@@ -75,10 +75,10 @@ def holds_tool_results(messages: Sequence[ChatMessage]) -> bool:
 
 
 # LlamaIndex's blocks that attach something the user did not type, by ``block_type``, as the
-# core's part types (prompts.ATTACHED_DOCUMENTS). A ``CitableBlock`` is a source's content given
-# to the model to cite (text, images or documents): a document. Not counted: text, audio (mostly
-# the user speaking), thinking, tool calls (the model's own), citations (of earlier messages)
-# and cache points.
+# core's part types (any type not in prompts.OWN_PARTS). A ``CitableBlock`` is a source's content
+# given to the model to cite (text, images or documents): a document. Not counted: text, audio
+# (mostly the user speaking), thinking, tool calls (the model's own), citations (of earlier
+# messages) and cache points. (``ChatMessage.blocks`` is a closed union: no other type exists.)
 _ATTACHED = {"image": "image", "document": "document", "video": "video", "citable": "document"}
 
 

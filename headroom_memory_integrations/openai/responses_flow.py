@@ -27,7 +27,7 @@ from typing import Any
 
 from ..engine import FOLLOW_UP_EARLIER_CHARS
 from ..flow import AnswerStream, MemoryFlow
-from ..prompts import field_value
+from ..prompts import MODEL_CALLS, field_value
 from .flow import Call, CompletionsFlow
 
 OWN_ITEMS = frozenset(
@@ -35,17 +35,7 @@ OWN_ITEMS = frozenset(
         None,  # a message given as {"role": ..., "content": ...}
         "message",
         "reasoning",
-        # the model's own calls: what it asked a tool to do, not what came back
-        "function_call",
-        "custom_tool_call",
-        "computer_call",
-        "local_shell_call",
-        "shell_call",
-        "apply_patch_call",
-        "tool_search_call",
-        "program",
-        "mcp_approval_request",
-        "mcp_approval_response",
+        *MODEL_CALLS,  # the model's own calls: what it asked a tool to do, not what came back
     }
 )
 """Input item types that hold only the words of the user, the application or the model. Every
