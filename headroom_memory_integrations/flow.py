@@ -14,7 +14,8 @@ answers to and from plain text; they hold no memory logic. For each model call:
 3. :meth:`MemoryFlow.finish` (a whole answer) or an :class:`AnswerStream` (delta by delta): inline,
    the memory block is cut from the answer and its memories are queued for storing; in the
    background mode, the turn is queued for a separate extraction call. Nothing is stored on the
-   caller's path.
+   caller's path. A streamed answer goes through :func:`edited` / :func:`aedited`, which tell a
+   stream that came to its end from one the caller left (see :class:`ItemEditor`).
 
 Memory never fails a model call: any error here is logged, counted in ``memory.stats()``, and the
 call goes on without memory.
@@ -22,8 +23,17 @@ call goes on without memory.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -469,3 +479,97 @@ class AnswerStream:
         except Exception:
             self._flow.failed("store_failures", "could not finish a streamed answer")
         return self._tail
+
+
+class ItemEditor(Protocol):
+    """Edits a stream's items (chat completion chunks, Responses events, LangChain chunks,
+    LlamaIndex responses) one by one, for :func:`edited` and :func:`aedited`."""
+
+    def edit(self, item: Any) -> list[Any]:
+        """What to show for ``item``: itself (edited), nothing, or held-back text first."""
+        ...
+
+    def end(self) -> list[Any]:
+        """The stream is over: queue the memory work; any last items to show."""
+        ...
+
+    def abandon(self) -> None:
+        """The stream did not come to its end (the caller stopped reading it, or it failed):
+        queue nothing more and count nothing, as for a call that failed."""
+        ...
+
+
+def edited(
+    items: Iterable[Any], editor: ItemEditor, *, finish_on_error: bool = False
+) -> Generator[Any, None, None]:
+    """``items`` as ``editor`` shows them; the one rule, for every wrapper and adapter, of how
+    a stream ends.
+
+    Read to its end, the stream is finished (:meth:`ItemEditor.end`: its memory work queued).
+    Left before its end, it is abandoned (:meth:`ItemEditor.abandon`): the caller stopped
+    reading (``break``, ``close()``, the generator let go of), or raised into it. That is not
+    the model's doing: an answer whose end had not come stores nothing, is not extracted and
+    is not counted as a missing or malformed block.
+
+    Args:
+        finish_on_error: What an error (an ``Exception``) raised by ``items`` themselves, the
+            model's own stream failing midway, does: False, the stream is abandoned (the OpenAI
+            wrappers); True, the answer is finished as far as it came before the error goes on
+            to the caller (the LangChain and LlamaIndex adapters).
+    """
+    ended = False
+    try:
+        source = iter(items)
+        while True:
+            try:
+                item = next(source)
+            except StopIteration:
+                break
+            except Exception:
+                if finish_on_error:
+                    ended = True
+                    editor.end()
+                raise
+            yield from editor.edit(item)  # the caller's leaving is raised here
+        ended = True
+        yield from editor.end()
+    finally:
+        if not ended:
+            editor.abandon()
+
+
+async def aedited(
+    items: AsyncIterable[Any],
+    editor: ItemEditor,
+    *,
+    finish_on_error: bool = False,
+    end_in_thread: bool = False,
+) -> AsyncGenerator[Any, None]:
+    """The async form of :func:`edited` (``aclose()``, a cancelled task and a loop shutting
+    down leave the stream as ``close()`` does).
+
+    Args:
+        end_in_thread: Finish the stream in a worker thread, off the event loop.
+    """
+    ended = False
+    try:
+        source = aiter(items)
+        while True:
+            try:
+                item = await anext(source)
+            except StopAsyncIteration:
+                break
+            except Exception:
+                if finish_on_error:
+                    ended = True
+                    editor.end()
+                raise
+            for shown in editor.edit(item):
+                yield shown  # the caller's leaving is raised here
+        ended = True
+        last = await asyncio.to_thread(editor.end) if end_in_thread else editor.end()
+        for shown in last:
+            yield shown
+    finally:
+        if not ended:
+            editor.abandon()

@@ -466,6 +466,40 @@ async def _run_agent(agent: Any, memory: Any, text: str, *, streaming: bool) -> 
     return seen
 
 
+def leave_stream_early(llm: Any, method: str, text: str, enough: str, how: str) -> None:
+    """Read ``llm``'s ``method`` stream ("stream_chat" or "astream_chat") of an answer to
+    ``text`` until its visible text starts with ``enough``, then leave it: ``break``, ``break``
+    and ``close()`` / ``aclose()`` it ("close"), or raise from the loop ("raise", a
+    ``RuntimeError``)."""
+    messages = [ChatMessage(role="user", content=text)]
+
+    def enough_shown(response: ChatResponse) -> bool:
+        if (response.message.content or "").startswith(enough):
+            if how == "raise":
+                raise RuntimeError("the caller's own error")
+            return True
+        return False
+
+    if method == "stream_chat":
+        stream = llm.stream_chat(messages)
+        for response in stream:
+            if enough_shown(response):
+                break
+        if how == "close":
+            stream.close()
+        return
+
+    async def read() -> None:
+        stream = await llm.astream_chat(messages)
+        async for response in stream:
+            if enough_shown(response):
+                break
+        if how == "close":
+            await stream.aclose()
+
+    asyncio.run(read())
+
+
 def flush(store: Any) -> None:
     """Wait until the memory work queued so far is done."""
     assert store.flush(30), "memory work did not finish in 30 s"

@@ -186,6 +186,59 @@ def test_a_stream_of_several_choices_never_shows_the_block(
     assert texts(chat.memory) == [TEA["text"]]
 
 
+@pytest.mark.parametrize("style", ["stream", "astream"])
+def test_a_stream_left_early_stores_nothing_and_counts_no_fault(
+    style: str, chat: MemoryChatModel, says: ScriptedChat
+) -> None:
+    """Leaving a stream before its block came (``break``, ``close()`` / ``aclose()``, an error
+    in the caller's loop) is the caller's doing, not a model that ignored the instruction: as
+    with the OpenAI wrapper, nothing is stored and nothing is counted. Read to its end, the
+    same answer stores its memories."""
+    says.chunk_size = 3  # the block comes after the visible text, in pieces
+    said = "I always drink green tea."
+
+    def leave(enough: str, how: str) -> None:
+        shown = ""
+        if style == "stream":
+            stream = chat.stream(said)
+            for chunk in stream:
+                shown += chunk.text
+                if shown.startswith(enough):
+                    if how == "raise":
+                        raise RuntimeError("the caller's own error")
+                    break
+            if how == "close":
+                stream.close()
+            return
+
+        async def read() -> None:
+            nonlocal shown
+            stream = chat.astream(said)
+            async for chunk in stream:
+                shown += chunk.text
+                if shown.startswith(enough):
+                    if how == "raise":
+                        raise RuntimeError("the caller's own error")
+                    break
+            if how == "close":
+                await stream.aclose()
+
+        asyncio.run(read())
+
+    for enough in ("Noted", ANSWER):
+        for how in ("break", "close", "raise"):
+            try:
+                leave(enough, how)
+            except RuntimeError:
+                assert how == "raise"
+    assert texts(chat.memory) == []
+    events = chat.memory.stats()["events"]
+    assert events.get("missing_blocks", 0) == 0 and events.get("malformed_blocks", 0) == 0
+
+    answer, _ = answer_in(chat, style, said, {})
+    assert answer == ANSWER and texts(chat.memory) == [TEA["text"]]
+
+
 def test_memories_are_injected_before_the_latest_user_message(
     chat: MemoryChatModel, openai_server: ScriptedOpenAIServer
 ) -> None:

@@ -19,6 +19,7 @@ from _llama_index_support import (
     ScriptedLLM,
     ask,
     flush,
+    leave_stream_early,
     weather,
 )
 from llama_index.core.base.llms.types import ChatMessage, CompletionResponse, LLMMetadata
@@ -121,6 +122,30 @@ def test_every_chat_call_injects_strips_and_stores(method, new_llm) -> None:
     assert "<memory-" in sent[-2]["content"]  # the instruction, with its nonce
     final, _, _ = call(llm, method, QUESTION)
     assert final == f"{RECALLED} {FACT}"
+
+
+@pytest.mark.parametrize("method", ["stream_chat", "astream_chat"])
+def test_a_stream_left_early_stores_nothing_and_counts_no_fault(method, new_llm) -> None:
+    """Leaving a stream before its end (``break``, ``close()`` / ``aclose()``, an error in the
+    caller's loop) is the caller's doing, not a model that ignored the instruction: as with the
+    OpenAI wrapper, nothing is stored and nothing is counted. Read to its end, the same answer
+    stores its memory."""
+    llm = new_llm()
+    for enough in ("Not", "Noted."):  # the block comes after "Noted."
+        for how in ("break", "close", "raise"):
+            try:
+                leave_stream_early(llm, method, FACT, enough, how)
+            except RuntimeError:
+                assert how == "raise"
+    flush(llm.memory)
+    assert llm.memory.get_all() == []
+    events = llm.memory.stats()["events"]
+    assert events.get("missing_blocks", 0) == 0 and events.get("malformed_blocks", 0) == 0
+
+    final, _, _ = call(llm, method, FACT)
+    assert final == "Noted."
+    flush(llm.memory)
+    assert [m.text for m in llm.memory.get_all()] == [FACT]
 
 
 @pytest.mark.parametrize("method", COMPLETIONS)

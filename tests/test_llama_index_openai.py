@@ -31,6 +31,7 @@ from _llama_index_support import (
     ask,
     flush,
     in_new_process,
+    leave_stream_early,
     lookup_tool,
     scripted_openai_like,
 )
@@ -259,6 +260,36 @@ def test_a_new_process_recalls_through_the_openai_llm(memory_llm, openai_server,
         """
     )
     assert out.splitlines()[-1] == f"{RECALLED} {FACT}"
+
+
+@pytest.mark.parametrize("method", ["stream_chat", "astream_chat"])
+@pytest.mark.parametrize("path", ["openai_clients", "memory_llm"])
+def test_a_stream_left_early_over_http_stores_nothing_and_counts_no_fault(
+    path, method, memory_llm, plain_llm, db_path, model
+) -> None:
+    """A stream the caller leaves before its end (``break``, ``close()`` / ``aclose()``, an
+    error in its loop) stores nothing and counts no model fault, whether the memory is in the
+    LLM's own clients or in MemoryLLM around it; read to its end, the same answer stores."""
+    if path == "openai_clients":
+        llm = memory_llm()
+        memory = llm_memory(llm)
+    else:
+        llm = MemoryLLM(llm=plain_llm(), user_id="alice", db_path=db_path, embedder=model)
+        memory = llm.memory
+    for enough in ("Not", "Noted."):  # the block comes after "Noted."
+        for how in ("break", "close", "raise"):
+            try:
+                leave_stream_early(llm, method, FACT, enough, how)
+            except RuntimeError:
+                assert how == "raise"
+    flush(memory)
+    assert memory.get_all() == []
+    events = memory.stats()["events"]
+    assert events.get("missing_blocks", 0) == 0 and events.get("malformed_blocks", 0) == 0
+
+    ask("simple", llm, None, FACT, "stream" if method == "stream_chat" else "astream")
+    flush(memory)
+    assert [m.text for m in memory.get_all()] == [FACT]
 
 
 @pytest.mark.parametrize("mode", ["async", "stream"])

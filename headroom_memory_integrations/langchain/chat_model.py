@@ -29,9 +29,9 @@ from typing_extensions import Self
 
 from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore, validate_user_id
 from ..errors import InvalidInputError
-from ..flow import MemoryFlow, Turn
+from ..flow import MemoryFlow, Turn, aedited, edited
 from ..wiring import FlowSettings, build_flow, open_memory, reopening_arguments
-from ._messages import Call, Injection, MessagesFlow, as_chunk, is_harness_call
+from ._messages import Call, ChunkEditor, Injection, MessagesFlow, as_chunk, is_harness_call
 from ._users import run_user
 
 _MODEL_SETTINGS = ("temperature", "max_tokens")
@@ -628,18 +628,10 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
             result = flow.after(call, self.model._generate(call.messages, stop=stop, **kwargs))
             yield as_chunk(result.generations[0])
             return
-        editor = flow.editor(call)
         chunks = self.model._stream(call.messages, stop=stop, **kwargs)
         try:
-            for chunk in chunks:
-                edited = editor.edit(chunk)
-                if edited is not None:
-                    yield edited
-            last = editor.end()
-            if last is not None:
-                yield last
+            yield from edited(chunks, _Chunks(flow.editor(call)), finish_on_error=True)
         finally:
-            editor.end()
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
@@ -661,18 +653,15 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
             result = await asyncio.to_thread(flow.after, call, result)
             yield as_chunk(result.generations[0])
             return
-        editor = flow.editor(call)
         chunks = self.model._astream(call.messages, stop=stop, **kwargs)
+        shown = aedited(
+            chunks, _Chunks(flow.editor(call)), finish_on_error=True, end_in_thread=True
+        )
         try:
-            async for chunk in chunks:
-                edited = editor.edit(chunk)
-                if edited is not None:
-                    yield edited
-            last = await asyncio.to_thread(editor.end)
-            if last is not None:
-                yield last
+            async for chunk in shown:
+                yield chunk
         finally:
-            editor.end()
+            await shown.aclose()  # left early: abandoned now, before the model's stream closes
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -725,6 +714,26 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
     async def _aacquire(self) -> None:
         if self.model.rate_limiter is not None:
             await self.model.rate_limiter.aacquire(blocking=True)
+
+
+class _Chunks:
+    """A :class:`~._messages.ChunkEditor` as the core's :class:`~..flow.ItemEditor`: a stream
+    the caller leaves before its end is abandoned (the editor's ``end`` is never called, so
+    nothing more is queued or counted), as the OpenAI wrappers' streams are."""
+
+    def __init__(self, editor: ChunkEditor) -> None:
+        self._editor = editor
+
+    def edit(self, chunk: ChatGenerationChunk) -> list[ChatGenerationChunk]:
+        shown = self._editor.edit(chunk)
+        return [] if shown is None else [shown]
+
+    def end(self) -> list[ChatGenerationChunk]:
+        last = self._editor.end()
+        return [] if last is None else [last]
+
+    def abandon(self) -> None:
+        pass
 
 
 _RUN_SETTINGS = ("callbacks", "tags", "metadata", "verbose")

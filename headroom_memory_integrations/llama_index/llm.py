@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterator,
     Generator,
-    Iterable,
     Mapping,
     Sequence,
 )
@@ -50,7 +48,7 @@ from llama_index.core.types import TokenAsyncGen, TokenGen
 from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..errors import InvalidInputError
-from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, user_words
+from ..flow import AnswerStream, MemoryFlow, Turn, aedited, edited, insert_before, user_words
 from ..prompts import block_tags, inline_extraction_allowed
 from ..storage import Storage
 from ..wiring import FlowSettings, build_flow, open_memory
@@ -450,7 +448,8 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
         events = _Events(self, call)
         with self._viewed(events):
             stream = self._llm.stream_chat(call.messages, **kwargs)
-        return self._stream(call).edit(stepped(iter(stream), lambda: self._viewed(events)))
+        responses = stepped(iter(stream), lambda: self._viewed(events))
+        return edited(responses, self._stream(call), finish_on_error=True)
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = await asyncio.to_thread(self._before, messages, kwargs, _for_a_turn())
@@ -465,7 +464,8 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
         events = _Events(self, call)
         with self._viewed(events):
             stream = await self._llm.astream_chat(call.messages, **kwargs)
-        return self._stream(call).aedit(astepped(stream, lambda: self._viewed(events)))
+        responses = astepped(stream, lambda: self._viewed(events))
+        return aedited(responses, self._stream(call), finish_on_error=True)
 
     # -- LlamaIndex's prompts: memories injected, nothing learnt ------------------------------
 
@@ -663,27 +663,18 @@ class _StreamEditor:
         )
         return self._closing
 
-    def edit(self, responses: Iterable[ChatResponse]) -> Generator[ChatResponse, None, None]:
-        try:
-            for response in responses:
-                yield self._edit(response)
-            last = self._end()
-            if last is not None:
-                yield last
-        finally:
-            self._end()
+    # As the core's ItemEditor, for the caller's stream (see flow.edited):
 
-    async def aedit(
-        self, responses: AsyncIterator[ChatResponse]
-    ) -> AsyncGenerator[ChatResponse, None]:
-        try:
-            async for response in responses:
-                yield self._edit(response)
-            last = self._end()
-            if last is not None:
-                yield last
-        finally:
-            self._end()
+    def edit(self, response: ChatResponse) -> list[ChatResponse]:
+        return [self._edit(response)]
+
+    def end(self) -> list[ChatResponse]:
+        last = self._end()
+        return [] if last is None else [last]
+
+    def abandon(self) -> None:
+        """The caller left the stream before its end: :meth:`end` is never called, so the
+        answer is not finished (nothing queued, nothing counted)."""
 
 
 class _Events:

@@ -4,24 +4,9 @@ base class of every proxy in this package."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Protocol
+from typing import Any
 
-
-class ItemEditor(Protocol):
-    """Edits a stream's items (chat completion chunks or Responses events) one by one."""
-
-    def edit(self, item: Any) -> list[Any]:
-        """What to show for ``item``: itself (edited), nothing, or held-back text first."""
-        ...
-
-    def end(self) -> list[Any]:
-        """The stream is over: queue the memory work; any last items to show."""
-        ...
-
-    def abandon(self) -> None:
-        """The stream did not come to its end (the caller stopped reading it, or it failed):
-        queue nothing more and count nothing, as for a call that failed."""
-        ...
+from ..flow import ItemEditor, aedited, edited
 
 
 class _Passthrough:
@@ -45,18 +30,7 @@ class MemoryStream(_Passthrough):
     def __init__(self, stream: Any, editor: ItemEditor) -> None:
         super().__init__(stream)
         self._editor = editor
-        self._items = self._edited()  # one iterator, as openai's own stream has
-
-    def _edited(self) -> Iterator[Any]:
-        ended = False
-        try:
-            for chunk in self._wrapped:
-                yield from self._editor.edit(chunk)
-            ended = True
-            yield from self._editor.end()
-        finally:
-            if not ended:
-                self._editor.abandon()
+        self._items = edited(stream, editor)  # one iterator, as openai's own stream has
 
     def __iter__(self) -> Iterator[Any]:
         return self._items
@@ -77,20 +51,7 @@ class AsyncMemoryStream(_Passthrough):
     def __init__(self, stream: Any, editor: ItemEditor) -> None:
         super().__init__(stream)
         self._editor = editor
-        self._items = self._edited()
-
-    async def _edited(self) -> AsyncIterator[Any]:
-        ended = False
-        try:
-            async for chunk in self._wrapped:
-                for edited in self._editor.edit(chunk):
-                    yield edited
-            ended = True
-            for last in self._editor.end():
-                yield last
-        finally:
-            if not ended:
-                self._editor.abandon()
+        self._items = aedited(stream, editor)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._items
