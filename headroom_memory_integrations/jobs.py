@@ -80,6 +80,10 @@ class PermanentJobError(HeadroomMemoryError):
     """Raised by a handler when retrying cannot help; the job is dead-lettered."""
 
 
+class QueueBusy(TimeoutError):
+    """:meth:`JobQueue.put` with a ``wait`` found the queue busy that long: nothing written."""
+
+
 @dataclass(frozen=True)
 class Job:
     """A queued job as handed to a handler. ``attempts`` counts starts, this one included."""
@@ -255,8 +259,9 @@ class JobQueue:
                 raise
             conn.execute("COMMIT")
 
-    def put(self, kind: str, user_id: str, payload: dict[str, Any]) -> int:
-        """Queue a job and return its id. Nothing is written if the input is invalid.
+    @staticmethod
+    def encode(kind: str, user_id: str, payload: dict[str, Any]) -> str:
+        """The text :meth:`put` stores for a job: the checks of its input, without the file.
 
         Raises:
             InvalidInputError: Empty ``kind``/``user_id``, a payload that is not a dict, not
@@ -274,14 +279,74 @@ class JobQueue:
             raise InvalidInputError(f"payload is not JSON-serialisable: {exc}") from exc
         if size > MAX_PAYLOAD_BYTES:
             raise InvalidInputError(f"payload is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+        return text
+
+    def put(
+        self,
+        kind: str,
+        user_id: str,
+        payload: dict[str, Any],
+        *,
+        wait: float | None = None,
+        created_at: float | None = None,
+        on_queued: Callable[[int], None] | None = None,
+    ) -> int:
+        """Queue a job and return its id. Nothing is written if the input is invalid.
+
+        Args:
+            wait: Seconds to wait, at most, for this queue (another thread's statement) and
+                for another process's write lock; None waits up to ``busy_timeout``. A queue
+                not opened yet is not opened with a ``wait``: :class:`QueueBusy` at once.
+            created_at: When the job was made (``time.time()``), if not now.
+            on_queued: Called with the new job's id before any thread of this process can
+                claim the job (with the queue's lock held: it must not use the queue).
+
+        Raises:
+            InvalidInputError: Empty ``kind``/``user_id``, a payload that is not a dict, not
+                JSON-serialisable, or larger than ``MAX_PAYLOAD_BYTES`` once encoded.
+            QueueBusy: With ``wait``, the queue or the file stayed busy that long (nothing
+                was written).
+        """
+        text = self.encode(kind, user_id, payload)
         now = time.time()
-        with self._locked() as conn:
-            cursor = conn.execute(
-                "INSERT INTO jobs (kind, user_id, payload, created_at, not_before)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (kind, user_id, text, now, now),
-            )
-        return int(cursor.lastrowid or 0)
+        stamp = now if created_at is None else created_at
+        row = (kind, user_id, text, stamp, now)
+        insert = (
+            "INSERT INTO jobs (kind, user_id, payload, created_at, not_before)"
+            " VALUES (?, ?, ?, ?, ?)"
+        )
+        if wait is None:
+            with self._locked() as conn:
+                job_id = int(conn.execute(insert, row).lastrowid or 0)
+                if on_queued is not None:
+                    on_queued(job_id)
+            return job_id
+        deadline = time.monotonic() + wait
+        if not self._lock.acquire(timeout=max(wait, 0.0)):
+            raise QueueBusy(f"job queue {self.path} stayed busy in this process for {wait} s")
+        try:
+            if self._closed:
+                raise RuntimeError(f"job queue {self.path} is closed")
+            opened = self._conn
+            if opened is None:
+                raise QueueBusy(f"job queue {self.path} is not open yet")
+            left = max(deadline - time.monotonic(), 0.0)
+            opened.execute(f"PRAGMA busy_timeout = {int(left * 1000)}")
+            try:
+                job_id = int(opened.execute(insert, row).lastrowid or 0)
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise QueueBusy(
+                        f"job queue {self.path} stayed locked by another connection for {wait} s"
+                    ) from exc
+                raise
+            finally:
+                opened.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            if on_queued is not None:
+                on_queued(job_id)
+            return job_id
+        finally:
+            self._lock.release()
 
     def claim(
         self,

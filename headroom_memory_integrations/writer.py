@@ -9,6 +9,7 @@ and run again has its effect exactly once.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -16,9 +17,10 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,24 @@ log = logging.getLogger("headroom_memory_integrations")
 READ_YOUR_WRITES_SECONDS = 1.0
 """A user's next call waits at most this long for the memories their previous calls queued in
 this process to be stored (usually a few milliseconds: embedding and one write), so what a
-user said is used in their very next call. The call that queued them never waits."""
+user said is used in their very next call. The call that queued them waits only to put them in
+the queue file, at most :data:`QUEUE_WAIT_SECONDS`."""
+
+QUEUE_WAIT_SECONDS = 0.25
+"""The longest a chat call waits to put its memory work (an inline block's memories, a turn
+to extract from) into the job queue file, usually well under a millisecond. When the file
+stays busy longer (another process holds its write lock: one frozen mid-transaction), the
+work is handed to a thread that puts it there as soon as it can (:data:`HANDED_OVER`), in
+order, and the call goes on at once."""
+
+HANDED_OVER = 1_000
+"""Pieces of memory work held in this process, at most, while the job queue file cannot be
+written; past it, new work is dropped (counted as ``store_failures`` and logged). Work held
+here is lost if the process is killed before the file can be written again; at exit it is
+waited for up to :data:`HAND_OVER_AT_EXIT` seconds."""
+
+HAND_OVER_AT_EXIT = 5.0
+"""Seconds the exit waits for work held by :data:`HANDED_OVER` to reach the file."""
 
 QUEUED_EXTRACTIONS = 10_000
 """Extraction jobs queued by this process whose extractor it keeps, at most, until each is done
@@ -88,6 +107,20 @@ wrappers bound each try sooner (``openai.EXTRACTION_TIMEOUT``)."""
 _ERASE_PATIENCE = 2.0
 """Seconds a plain store's ``forget_user`` (no writer in this process, so no worker to try again
 later) keeps trying to erase the queue's WAL while another connection keeps part of it."""
+
+
+@dataclass(eq=False)
+class _Handed:
+    """Memory work the caller could not put into the queue file in time: held in memory,
+    in order, until the writer's hand-over thread has put it there. While it is held, it is
+    its user's unsettled work (``settle`` waits for it, boundedly)."""
+
+    kind: str
+    memory: MemoryStore
+    payload: dict[str, Any]
+    created_at: float
+    extractor: BackgroundExtractor | None
+    forgotten: bool = field(default=False)
 
 
 class ExtractionTimeout(TimeoutError):
@@ -287,8 +320,14 @@ class MemoryWriter:
         self._queued_with: OrderedDict[int, tuple[str, BackgroundExtractor]] = OrderedDict()
         self._storage: Storage | None = None  # the storage whose memories this queue holds
         self._lock = threading.Lock()
-        self._unsettled: dict[str, set[int]] = {}  # user -> store jobs queued here, not yet run
-        self._settled = threading.Condition()
+        # user -> store jobs queued here, not yet run: job ids, or work still held in memory
+        self._unsettled: dict[str, set[int | _Handed]] = {}
+        self._settled = threading.Condition()  # held briefly, never around the queue's I/O
+        # work the callers could not put into the file in time, oldest first, and the piece
+        # the hand-over thread is putting there now (see _hand_over)
+        self._held: deque[_Handed] = deque()
+        self._handing: _Handed | None = None
+        self._hand_over_thread: threading.Thread | None = None
         # One thread stores the memories the wrappers' calls left (each a quick write); others
         # run background extractions (each a model call, which may take seconds or be retried
         # for minutes), different users' side by side: a slow model never holds up storing,
@@ -371,10 +410,26 @@ class MemoryWriter:
         """Wait (up to ``timeout`` seconds) until the jobs queued so far (of ``user_id``, if
         given) are done. Returns False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wait_handed_over(deadline, user_id):
+            return False
         for worker in self._workers:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not worker.flush(left, user_id=user_id):
                 return False
+        return True
+
+    def _wait_handed_over(self, deadline: float | None, user_id: str | None = None) -> bool:
+        """Wait until the work held in memory (of ``user_id``, if given) is in the file."""
+
+        def mine(handed: _Handed | None) -> bool:
+            return handed is not None and (user_id is None or handed.memory.user_id == user_id)
+
+        with self._settled:
+            while mine(self._handing) or any(mine(h) for h in self._held):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._settled.wait(0.2 if remaining is None else min(remaining, 0.2))
         return True
 
     def settle(self, memory: MemoryStore, timeout: float = READ_YOUR_WRITES_SECONDS) -> bool:
@@ -398,7 +453,8 @@ class MemoryWriter:
             if not last:
                 return self.flush(timeout, user_id=memory.user_id)
             deadline = None if timeout is None else time.monotonic() + timeout
-            drained = True
+            drained = self._wait_handed_over(deadline)
+            self._drop_held("the job queue is closing")
             for worker in self._workers:  # each drains (up to the deadline), then stops
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 drained = worker.close(left) and drained
@@ -418,7 +474,19 @@ class MemoryWriter:
             StorageError: a job of the user was still running after ``timeout`` seconds.
         """
         queue = self.worker.queue
-        deleted = _forget_jobs(queue, memory.user_id, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._settled:  # work held in memory is forgotten there; one being put, below
+            for handed in [h for h in self._held if h.memory.user_id == memory.user_id]:
+                handed.forgotten = True
+                self._held.remove(handed)
+            while self._handing is not None and self._handing.memory.user_id == memory.user_id:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._handing.forgotten = True  # deleted again once it is in the file
+                    break
+                self._settled.wait(0.2 if remaining is None else min(remaining, 0.2))
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        deleted = _forget_jobs(queue, memory.user_id, left)
         with self._settled:
             self._unsettled.pop(memory.user_id, None)
             for job_id, (user_id, _) in list(self._queued_with.items()):
@@ -451,20 +519,162 @@ class MemoryWriter:
         return stats
 
     def _put(self, kind: str, memory: MemoryStore, payload: dict[str, Any]) -> None:
+        """Put memory work into the queue file, on the caller's path: waiting at most
+        :data:`QUEUE_WAIT_SECONDS` for it (never holding a lock another user's call needs),
+        else handing it to the hand-over thread (nothing is lost while the process lives)."""
         with self._lock:
             extractor = _newest_usable(self._extractors.get(memory)) if kind == "extract" else None
         try:
-            with self._settled:  # held until recorded, so the worker cannot finish it unseen
-                job_id = self.worker.queue.put(kind, memory.user_id, payload)
-                if kind == "store":
-                    self._unsettled.setdefault(memory.user_id, set()).add(job_id)
-                if extractor is not None:
-                    self._queued_with[job_id] = (memory.user_id, extractor)
-                    while len(self._queued_with) > QUEUED_EXTRACTIONS:
-                        self._queued_with.popitem(last=False)
-            (self.worker if kind == "store" else self.extractions).notify(memory.user_id)
+            JobQueue.encode(kind, memory.user_id, payload)  # invalid work fails here, not later
         except Exception:
             memory.survived("store_failures", f"could not queue memory work ({kind})")
+            return
+        handed = _Handed(kind, memory, payload, time.time(), extractor)
+        with self._settled:
+            if kind == "store":  # unsettled from now on, whether in the file or held here
+                self._unsettled.setdefault(memory.user_id, set()).add(handed)
+            behind = bool(self._held) or self._handing is not None
+            if behind:  # held work goes first: jobs reach the file in the order they came
+                self._hold(handed)
+        if behind:
+            return
+        try:
+            self.worker.queue.put(
+                kind,
+                memory.user_id,
+                payload,
+                wait=QUEUE_WAIT_SECONDS,
+                created_at=handed.created_at,
+                on_queued=lambda job_id: self._queued(handed, job_id),
+            )
+        except Exception as exc:
+            log.warning(
+                "could not queue memory work (%s) of user %s within %.2f s (%s); "
+                "it is kept in memory and queued as soon as the queue file can be written",
+                kind,
+                user_tag(memory.user_id),
+                QUEUE_WAIT_SECONDS,
+                f"{type(exc).__name__}: {exc}".splitlines()[0],
+            )
+            memory.counters["queue_delays"] += 1
+            with self._settled:
+                self._hold(handed)
+            return
+        self._notify(kind, memory.user_id)
+
+    def _notify(self, kind: str, user_id: str) -> None:
+        try:
+            (self.worker if kind == "store" else self.extractions).notify(user_id)
+        except Exception:  # a closed worker: the job stays in the file for the next process
+            log.debug("job queue %s: worker not notified", self.worker.queue.path, exc_info=True)
+
+    def _queued(self, handed: _Handed, job_id: int) -> None:
+        """``handed`` is in the file as job ``job_id`` (called before any thread of this
+        process can claim it)."""
+        with self._settled:
+            user_id = handed.memory.user_id
+            waiting = self._unsettled.get(user_id)
+            if waiting is not None and handed in waiting:
+                waiting.discard(handed)
+                waiting.add(job_id)
+            if handed.extractor is not None:
+                self._queued_with[job_id] = (user_id, handed.extractor)
+                while len(self._queued_with) > QUEUED_EXTRACTIONS:
+                    self._queued_with.popitem(last=False)
+
+    def _hold(self, handed: _Handed) -> None:
+        """With ``_settled`` held: keep ``handed`` until the hand-over thread has put it in
+        the file (started if need be); past :data:`HANDED_OVER`, drop it (counted)."""
+        if len(self._held) >= HANDED_OVER:
+            self._unsettle(handed)
+            handed.memory.survived(
+                "store_failures",
+                f"could not queue memory work ({handed.kind}): the job queue file cannot be "
+                f"written and {HANDED_OVER} pieces of work wait already",
+                exc_info=False,
+            )
+            return
+        self._held.append(handed)
+        thread = self._hand_over_thread
+        if thread is None or not thread.is_alive():
+            thread = threading.Thread(
+                target=self._hand_over, name="headroom-memory hand-over", daemon=True
+            )
+            self._hand_over_thread = thread
+            thread.start()
+
+    def _unsettle(self, handed: _Handed) -> None:
+        """With ``_settled`` held: ``handed`` will not be stored; its user need not wait."""
+        waiting = self._unsettled.get(handed.memory.user_id)
+        if waiting is not None and handed in waiting:
+            waiting.discard(handed)
+            if not waiting:
+                del self._unsettled[handed.memory.user_id]
+        self._settled.notify_all()
+
+    def _hand_over(self) -> None:
+        """Put the held work into the queue file, oldest first, waiting for the file as long
+        as it takes (each try up to the queue's busy timeout, then a growing pause)."""
+        pause, failing = 0.05, 0
+        while True:
+            with self._settled:
+                if not self._held:
+                    if self._hand_over_thread is threading.current_thread():
+                        self._hand_over_thread = None
+                    self._settled.notify_all()
+                    return
+                handed = self._handing = self._held.popleft()
+            queued = False
+            try:
+                job_id = self.worker.queue.put(
+                    handed.kind,
+                    handed.memory.user_id,
+                    handed.payload,
+                    created_at=handed.created_at,
+                    on_queued=lambda job_id: self._queued(handed, job_id),  # noqa: B023
+                )
+                queued = True
+                if handed.forgotten:  # forget() gave up waiting for it: delete it again
+                    self.worker.queue.complete(job_id)
+            except Exception as exc:
+                failing += 1
+                if failing == 1 or failing % 60 == 0:
+                    log.warning(
+                        "job queue %s: still cannot queue held memory work (%d tries): %s",
+                        self.worker.queue.path,
+                        failing,
+                        f"{type(exc).__name__}: {exc}".splitlines()[0],
+                    )
+            with self._settled:
+                self._handing = None
+                if not queued and not handed.forgotten:
+                    self._held.appendleft(handed)  # first again: the order is kept
+                self._settled.notify_all()
+            if queued:
+                if failing:
+                    log.warning("job queue %s: held memory work queued", self.worker.queue.path)
+                pause, failing = 0.05, 0
+                self._notify(handed.kind, handed.memory.user_id)
+            elif self.worker.closed:
+                self._drop_held("the job queue is closed")
+                return
+            else:
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+    def _drop_held(self, why: str) -> None:
+        """Give up the work held in memory (counted as ``store_failures`` and logged)."""
+        with self._settled:
+            dropped = list(self._held)
+            self._held.clear()
+            for handed in dropped:
+                self._unsettle(handed)
+        for handed in dropped:
+            handed.memory.survived(
+                "store_failures",
+                f"memory work ({handed.kind}) that could not be queued is lost: {why}",
+                exc_info=False,
+            )
 
     def _handle(self, job: Job) -> None:
         done = False
@@ -638,4 +848,22 @@ def writer_for(path: Path, *, backoff: Backoff | None = None) -> MemoryWriter:
         writer = _writers.get(key)
         if writer is None or writer.worker.closed:
             writer = _writers[key] = MemoryWriter(Path(key), backoff=backoff)
+            global _exit_hook
+            if not _exit_hook:  # after the job workers' own: runs before them, at exit
+                atexit.register(_hand_over_at_exit)
+                _exit_hook = True
         return writer
+
+
+_exit_hook = False
+
+
+def _hand_over_at_exit() -> None:
+    """At exit, wait (up to :data:`HAND_OVER_AT_EXIT` s in all) for the work held in memory
+    to reach the queue files, before their workers drain and close; say what is lost."""
+    deadline = time.monotonic() + HAND_OVER_AT_EXIT
+    with _writers_lock:
+        writers = list(_writers.values())
+    for writer in writers:
+        if not writer._wait_handed_over(deadline):
+            writer._drop_held("the process exited before the queue file could be written")
