@@ -6,6 +6,7 @@ Every wrapper and adapter in this package is a thin layer over :class:`MemorySto
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import json
 import logging
@@ -673,7 +674,12 @@ class MemoryStore(WritePath):
 
         opening: threading.Thread | None = None
         if self._collection is None and dimension:
-            opening = threading.Thread(target=open_and_count, name="headroom-memory-open")
+            # with the caller's context: its requests charge the chat call's deadline
+            opening = threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(open_and_count,),
+                name="headroom-memory-open",
+            )
             try:
                 opening.start()
             except RuntimeError:  # no new threads (the interpreter is shutting down)

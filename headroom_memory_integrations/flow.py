@@ -49,10 +49,28 @@ from .prompts import (
     parse_memory_block,
     short_ids,
 )
+from .storage.guard import memory_deadline
 
 log = logging.getLogger("headroom_memory_integrations")
 
 M = TypeVar("M")
+
+READ_YOUR_WRITES_SECONDS = 1.0
+"""A user's next call waits at most this long for the memories their previous calls queued in
+this process to be stored (usually a few milliseconds: embedding and one write), so what a
+user said is used in their very next call. The call that queued them waits only to put them in
+the queue file, at most :data:`~.writer.QUEUE_WAIT_SECONDS`."""
+
+
+def recall_seconds(memory: MemoryStore) -> float | None:
+    """The time the memory work before a chat call's model call may take, in all, for a store
+    whose storage has a request timeout (a Chroma server: :data:`~.storage.chroma.DEFAULT_TIMEOUT`):
+    :data:`READ_YOUR_WRITES_SECONDS` plus that timeout. Waiting for the user's queued writes,
+    connecting, opening the collection, searching and reading the memories all charge against
+    it (:func:`~.storage.guard.memory_deadline`); once it is up the call goes on without
+    memories. None (no deadline) for storage without a timeout (an embedded folder)."""
+    timeout = getattr(memory.storage, "timeout", None)
+    return None if timeout is None else READ_YOUR_WRITES_SECONDS + float(timeout)
 
 
 class MemoryJobs(Protocol):
@@ -299,8 +317,9 @@ class MemoryFlow:
         try:
             parts = []
             if turn.user_text:
-                self.jobs.settle(self.memory)
-                context = self._recall(turn, turn.user_text, previous_text)
+                with memory_deadline(recall_seconds(self.memory)):
+                    self.jobs.settle(self.memory)
+                    context = self._recall(turn, turn.user_text, previous_text)
                 parts += [context] if context else []
             if self.inline and instruct:
                 turn.nonce = new_nonce()

@@ -26,6 +26,7 @@ from typing import Any
 
 from .engine import MemoryStore, NewMemory
 from .errors import EmbeddingMismatchError, HeadroomMemoryError, InvalidInputError, StorageError
+from .flow import READ_YOUR_WRITES_SECONDS
 from .grounding import grounded
 from .jobs import (
     DEFAULT_BACKOFF,
@@ -50,11 +51,6 @@ from .types import Memory, Source
 
 log = logging.getLogger("headroom_memory_integrations")
 
-READ_YOUR_WRITES_SECONDS = 1.0
-"""A user's next call waits at most this long for the memories their previous calls queued in
-this process to be stored (usually a few milliseconds: embedding and one write), so what a
-user said is used in their very next call. The call that queued them waits only to put them in
-the queue file, at most :data:`QUEUE_WAIT_SECONDS`."""
 
 QUEUE_WAIT_SECONDS = 0.25
 """The longest a chat call waits to put its memory work (an inline block's memories, a turn

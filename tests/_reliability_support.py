@@ -6,12 +6,14 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +166,50 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+class SlowProxy:
+    """A TCP proxy on 127.0.0.1 to ``target_port`` that holds back each response ``delay``
+    seconds: a server that answers every request, but slowly. Counts the requests."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.delay, self.target, self.requests = delay, target_port, 0
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(100)
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._socket.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            state = {"pending": False}
+            for source, sink, up in ((client, server, True), (server, client, False)):
+                threading.Thread(
+                    target=self._pipe, args=(source, sink, state, up), daemon=True
+                ).start()
+
+    def _pipe(self, source: Any, sink: Any, state: dict[str, bool], up: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if up:
+                    if not state["pending"]:
+                        self.requests += 1
+                    state["pending"] = True
+                elif state["pending"]:
+                    time.sleep(self.delay)
+                    state["pending"] = False
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)

@@ -143,3 +143,51 @@ def test_a_killed_server_fails_fast_and_a_restarted_one_is_used_again(
             time.sleep(0.2)
     finally:
         restarted.stop()
+
+
+SLOW = 0.8  # seconds the slow server takes for every request, within its timeout
+SLOW_TIMEOUT = 1.5  # seconds per request: every one of them answers in time
+
+
+def test_a_slow_server_costs_a_chat_call_one_deadline_not_a_timeout_per_request(
+    chroma_server, openai_server, model
+) -> None:
+    from _reliability_support import SlowProxy
+
+    openai_server.responder = RememberingModel("Noted.", [CELLO])
+    seed = with_fast_memory(
+        openai_server.client(), user_id="slow-alice", db_path=chroma_server.url, embedder=model
+    )
+    ask(seed, "I play the cello in an orchestra")
+    assert seed.memory.flush(30)
+    openai_server.responder = RememberingModel("Noted.", [])
+
+    proxy = SlowProxy(chroma_server.port, SLOW)
+    storage = ChromaStorage.from_url(proxy.url, timeout=SLOW_TIMEOUT)
+    try:
+        client = with_fast_memory(
+            openai_server.client(), user_id="slow-alice", storage=storage, embedder=model
+        )
+        bound = READ_YOUR_WRITES_SECONDS + SLOW_TIMEOUT  # flow.recall_seconds, documented
+        # the first call makes a dozen requests (connecting, opening, searching, reading),
+        # each answered in SLOW s: before, it waited for all of them (~12 s); now it goes on
+        # without memories once its one deadline has passed
+        answer, first = ask(client, "Which instrument do I play?")
+        assert answer == "Noted." and first < bound + 2.5, first
+        # later calls keep to the bound, and memories come back once what was cut short (the
+        # client, made on its own thread) is done: nothing was left half-done to block them
+        deadline = time.monotonic() + 30
+        while True:
+            answer, took = ask(client, "Which instrument do I play?")
+            assert answer == "Noted." and took < bound + 2.5, took
+            if injected(openai_server):
+                break
+            assert time.monotonic() < deadline, "memories never came back from the slow server"
+            time.sleep(0.3)
+        assert client.memory.counters["inject_failures"] >= 1  # the cut call was counted
+        from headroom_memory_integrations.flow import recall_seconds
+
+        assert recall_seconds(client.memory) == bound
+    finally:
+        storage.close()
+        proxy.close()

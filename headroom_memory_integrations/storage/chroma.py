@@ -68,11 +68,15 @@ from .folder import (
 )
 from .guard import (
     Availability,
+    DeadlineExceeded,
     PendingStart,
     bound_http_requests,
+    check_deadline,
     forget_broken_system,
     is_unreachable,
     start_with_deadline,
+    time_left,
+    within_deadline,
 )
 from .vectors import VectorIndex
 
@@ -124,9 +128,11 @@ _ABSENT_LIMIT = 4096  # ids known not to exist, kept at most (see ChromaCollecti
 _WARM_RETRY_SECONDS = 5.0  # after a write overlapped a read-ahead, wait this long to retry
 DEFAULT_TIMEOUT = 5.0
 """Seconds a request to a Chroma server may take before it fails (chromadb's own client waits
-forever). A chat call whose storage does not answer goes on without memories after at most
-this long (plus :data:`~headroom_memory_integrations.writer.READ_YOUR_WRITES_SECONDS`); later
-calls fail at once until the server answers again (see :class:`.guard.Availability`)."""
+forever). The memory work before a chat call's model call, however many requests it makes,
+ends within this plus :data:`~headroom_memory_integrations.flow.READ_YOUR_WRITES_SECONDS` in
+all (:func:`~headroom_memory_integrations.flow.recall_seconds`, :func:`.guard.memory_deadline`);
+the call then goes on without memories. After a request took this whole timeout, later calls
+fail at once until the server answers again (see :class:`.guard.Availability`)."""
 # Chroma (1.5) fails reads that race a write or a drop of the same collection with these (and,
 # in another process, reads that race the rewrite that erases deleted text); they pass on their
 # own: wait a little and try again (5 ms doubling, ~0.3 s in all).
@@ -1252,8 +1258,14 @@ class ChromaStorage:
         client = self._client
         if client is not None:
             return client
-        if not self._client_lock.acquire(timeout=-1 if self.timeout is None else self.timeout):
-            raise StorageError(f"still connecting to {self.location}")
+        cut = False
+        if self.timeout is None:
+            wait = -1.0
+        else:
+            wait, cut = within_deadline(self.timeout)
+        if not self._client_lock.acquire(timeout=wait):
+            error = DeadlineExceeded if cut else StorageError
+            raise error(f"still connecting to {self.location}")
         try:
             if self._client is not None:
                 return self._client
@@ -1272,10 +1284,17 @@ class ChromaStorage:
                     self._adopt(self._connect())
                 else:
                     _import_clients()  # slow the first time, and not the server's fault
-                    deadline = self.timeout + _CLIENT_SETUP_SECONDS
+                    check_deadline(what)
+                    # the client is made on a helper thread, waited for at most its own
+                    # bound or the chat call's time left; it is kept if it comes later
+                    deadline, cut = within_deadline(self.timeout + _CLIENT_SETUP_SECONDS)
                     self._starting = start_with_deadline(self._connect, self._adopt, deadline, what)
                     if self._starting is not None:
+                        if cut:  # the call's time is up, not the server's: no pause
+                            raise DeadlineExceeded(f"could not {what} in the chat call's time")
                         raise StorageError(f"could not {what}: no answer in {deadline:.0f} s")
+            except DeadlineExceeded:
+                raise
             except Exception as exc:
                 if isinstance(exc, StorageError):
                     self._availability.failed(str(exc))
@@ -1308,15 +1327,28 @@ class ChromaStorage:
         """Fail at once while the backend is known to be down; raise Chroma's and the
         network's errors as :class:`StorageError`, noting when the backend did not answer."""
         self._availability.check()
+        check_deadline(action)  # the chat call's time for memory is up: no more requests
+        started = time.monotonic()
         try:
             yield
         except HeadroomMemoryError:
             raise
         except Exception as exc:  # chromadb raises many unrelated types
             if is_unreachable(exc):
+                left = time_left()
+                if left is not None and left <= 0 and not self._waited_out(started):
+                    # cut short by the chat call's deadline, not by its own timeout: the
+                    # backend may be merely slow, so later calls are not held back
+                    raise DeadlineExceeded(
+                        f"could not {action} in the chat call's time: {type(exc).__name__}"
+                    ) from exc
                 self._availability.failed(f"{type(exc).__name__}: {exc}")
             raise StorageError(f"could not {action}: {type(exc).__name__}: {exc}") from exc
         self._availability.succeeded()
+
+    def _waited_out(self, started: float) -> bool:
+        """Whether a request started at ``started`` has had its whole own timeout."""
+        return self.timeout is not None and time.monotonic() - started >= self.timeout
 
     def _batch_size(self) -> int:
         """The most records Chroma takes in one write (5,461 in Chroma 1.5)."""

@@ -11,14 +11,20 @@
 - :func:`bound_http_requests` gives an ``HttpClient``'s every later request a timeout.
 - :func:`forget_broken_system` drops what a failed ``PersistentClient`` left in chromadb's
   process-wide cache, so the next attempt to open the folder starts clean.
+- :func:`memory_deadline` gives the memory work of one chat call one deadline, which every
+  storage request made in its context charges against (:func:`time_left`,
+  :func:`check_deadline`; a server's requests get at most the time left): a server that
+  answers every request, but slowly, cannot hold a call for its many requests' timeouts.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..errors import HeadroomMemoryError, StorageError
@@ -39,6 +45,70 @@ def is_unreachable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - chromadb depends on httpx
         return isinstance(exc, (ConnectionError, TimeoutError))
     return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "headroom_memory_deadline", default=None
+)
+
+
+class DeadlineExceeded(StorageError):
+    """The memory work of a chat call ran out of its time (:func:`memory_deadline`): the call
+    goes on without memories. Not a sign that the backend is down."""
+
+
+@contextmanager
+def memory_deadline(seconds: float | None) -> Iterator[None]:
+    """Storage requests made in this context (on this thread, and on threads started with a
+    copy of its context) must end within ``seconds`` from now, or within an enclosing
+    deadline if that is sooner: each request gets at most the time left, and none starts
+    once it is gone (:class:`DeadlineExceeded`). None sets no deadline of its own."""
+    if seconds is None:
+        yield
+        return
+    end = time.monotonic() + seconds
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(end if outer is None else min(outer, end))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def time_left() -> float | None:
+    """Seconds left before this context's deadline (<= 0 once passed), or None if none."""
+    end = _DEADLINE.get()
+    return None if end is None else end - time.monotonic()
+
+
+def check_deadline(action: str) -> None:
+    """Raise :class:`DeadlineExceeded` if this context's deadline has passed."""
+    left = time_left()
+    if left is not None and left <= 0:
+        raise DeadlineExceeded(f"could not {action}: the chat call's time for memory is up")
+
+
+def within_deadline(seconds: float) -> tuple[float, bool]:
+    """``seconds``, or the time left before this context's deadline if that is less, and
+    whether the deadline cut it short."""
+    left = time_left()
+    if left is not None and left < seconds:
+        return max(left, 0.0), True
+    return seconds, False
+
+
+def _charge_deadline(request: Any) -> None:
+    """An httpx request hook: a request made in a context with a deadline waits at most the
+    time left (for connecting, sending, each read and a pooled connection)."""
+    left = time_left()
+    if left is None:
+        return
+    if left <= 0:
+        raise DeadlineExceeded("the chat call's time for memory is up")
+    timeout = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {
+        key: left if value is None else min(value, left) for key, value in timeout.items()
+    } or dict.fromkeys(("connect", "read", "write", "pool"), left)
 
 
 class Availability:
@@ -149,7 +219,8 @@ def start_with_deadline(
 
 def bound_http_requests(client: Any, seconds: float) -> bool:
     """Give every later request of a chromadb ``HttpClient`` a timeout of ``seconds`` (it has
-    none by default). Returns False if this chromadb keeps its HTTP session elsewhere."""
+    none by default), cut to the time left when made under a :func:`memory_deadline`.
+    Returns False if this chromadb keeps its HTTP session elsewhere."""
     session = getattr(getattr(client, "_server", None), "_session", None)
     if session is None or not hasattr(session, "timeout"):
         logger.warning("cannot bound this chromadb client's request time; calls may hang")
@@ -157,6 +228,9 @@ def bound_http_requests(client: Any, seconds: float) -> bool:
     import httpx
 
     session.timeout = httpx.Timeout(seconds)
+    hooks = session.event_hooks
+    if _charge_deadline not in hooks["request"]:
+        session.event_hooks = {**hooks, "request": [*hooks["request"], _charge_deadline]}
     return True
 
 
