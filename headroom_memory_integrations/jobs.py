@@ -206,18 +206,21 @@ class JobQueue:
                 raise
             logger.warning("job queue %s cannot be opened yet; retrying on use", self.path)
 
-    def _open(self) -> sqlite3.Connection:
-        """Connect, with the lock held (on first use, if the constructor could not)."""
+    def _open(self, busy_timeout: float | None = None) -> sqlite3.Connection:
+        """Connect, with the lock held (on first use, if the constructor could not), waiting
+        up to ``busy_timeout`` (the queue's, if None) for another process's write lock."""
         if self._conn is not None:
             return self._conn
+        wait = self._busy_timeout if busy_timeout is None else busy_timeout
         conn = sqlite3.connect(
-            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            self.path, timeout=wait, isolation_level=None, check_same_thread=False
         )
         try:
-            _use_wal(conn, self._busy_timeout)
+            _use_wal(conn, wait)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA secure_delete=ON")  # deleted payloads are zeroed, not left
             self._migrate(conn)
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         except BaseException:
             conn.close()
             raise
@@ -295,8 +298,8 @@ class JobQueue:
 
         Args:
             wait: Seconds to wait, at most, for this queue (another thread's statement) and
-                for another process's write lock; None waits up to ``busy_timeout``. A queue
-                not opened yet is not opened with a ``wait``: :class:`QueueBusy` at once.
+                for another process's write lock (also to open a queue not opened yet);
+                None waits up to ``busy_timeout``.
             created_at: When the job was made (``time.time()``), if not now.
             on_queued: Called with the new job's id before any thread of this process can
                 claim the job (with the queue's lock held: it must not use the queue).
@@ -306,6 +309,7 @@ class JobQueue:
                 JSON-serialisable, or larger than ``MAX_PAYLOAD_BYTES`` once encoded.
             QueueBusy: With ``wait``, the queue or the file stayed busy that long (nothing
                 was written).
+            sqlite3.Error, OSError: The file cannot be opened or written (nothing was).
         """
         text = self.encode(kind, user_id, payload)
         now = time.time()
@@ -327,21 +331,21 @@ class JobQueue:
         try:
             if self._closed:
                 raise RuntimeError(f"job queue {self.path} is closed")
-            opened = self._conn
-            if opened is None:
-                raise QueueBusy(f"job queue {self.path} is not open yet")
-            left = max(deadline - time.monotonic(), 0.0)
-            opened.execute(f"PRAGMA busy_timeout = {int(left * 1000)}")
             try:
-                job_id = int(opened.execute(insert, row).lastrowid or 0)
+                opened = self._open(max(deadline - time.monotonic(), 0.0))
+                opened.execute(
+                    f"PRAGMA busy_timeout = {int(max(deadline - time.monotonic(), 0.0) * 1000)}"
+                )
+                try:
+                    job_id = int(opened.execute(insert, row).lastrowid or 0)
+                finally:
+                    opened.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
                     raise QueueBusy(
                         f"job queue {self.path} stayed locked by another connection for {wait} s"
                     ) from exc
                 raise
-            finally:
-                opened.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             if on_queued is not None:
                 on_queued(job_id)
             return job_id

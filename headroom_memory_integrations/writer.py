@@ -35,6 +35,7 @@ from .jobs import (
     JobQueue,
     JobWorker,
     PermanentJobError,
+    QueueBusy,
     user_tag,
 )
 from .prompts import (
@@ -543,7 +544,7 @@ class MemoryWriter:
                 created_at=handed.created_at,
                 on_queued=lambda job_id: self._queued(handed, job_id),
             )
-        except Exception as exc:
+        except QueueBusy as exc:
             log.warning(
                 "could not queue memory work (%s) of user %s within %.2f s (%s); "
                 "it is kept in memory and queued as soon as the queue file can be written",
@@ -555,6 +556,12 @@ class MemoryWriter:
             memory.counters["queue_delays"] += 1
             with self._settled:
                 self._hold(handed)
+            return
+        except Exception:  # the file cannot be opened or written (a read-only folder): the
+            # work is lost, as waiting would not help (counted and logged)
+            with self._settled:
+                self._unsettle(handed)
+            memory.survived("store_failures", f"could not queue memory work ({kind})")
             return
         self._notify(kind, memory.user_id)
 
