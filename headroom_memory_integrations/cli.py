@@ -155,10 +155,10 @@ def _table(memories: Sequence[Memory], scores: Sequence[float] | None = None) ->
         return "(no memories)"
     rows = [
         ([f"{scores[i]:.3f}"] if scores is not None else [])
-        + [m.id[:12], m.category.value, m.created_at.strftime("%Y-%m-%d %H:%M"), _shorten(m.text)]
+        + [m.id[:12], m.category.value, m.updated_at.strftime("%Y-%m-%d %H:%M"), _shorten(m.text)]
         for i, m in enumerate(memories)
     ]
-    header = (["score"] if scores is not None else []) + ["id", "category", "created (UTC)", "text"]
+    header = (["score"] if scores is not None else []) + ["id", "category", "noted (UTC)", "text"]
     widths = [max(len(r[col]) for r in [header, *rows]) for col in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()

@@ -38,7 +38,7 @@ def test_add_search_list_stats_as_tables(run) -> None:
     run("add", "Works at a fintech startup", "--meta", "source=onboarding")
     code, out, _ = run("search", "Which language should I use?")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["score", "id", "category", "created", "(UTC)", "text"]
+    assert code == 0 and lines[0].split() == ["score", "id", "category", "noted", "(UTC)", "text"]
     assert "Prefers Python for backend work" in lines[2]
     code, out, _ = run("list")
     assert code == 0 and len(out.splitlines()) == 4

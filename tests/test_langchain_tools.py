@@ -4,6 +4,7 @@ server, real Chroma and the real model. The user always comes from configuration
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import pytest
@@ -40,6 +41,10 @@ def agent(openai_server, db_path, model):
     )
 
 
+def today() -> str:
+    return datetime.now(timezone.utc).date().isoformat()
+
+
 def memories(db_path, model, user_id: str) -> list[tuple[str, str]]:
     found = MemoryStore(user_id, db_path=db_path, embedder=model).get_all()
     return [(m.text, m.category.value) for m in found]
@@ -59,7 +64,8 @@ def test_an_agent_adds_searches_updates_and_deletes_memories(
     openai_server.script(Reply.tool_call("search_memory", {"query": "where do I live"}), "NYC.")
     result = agent.invoke(ask("Where do I live?"), user("alice"))
     (searched,) = tool_messages(result)
-    assert f"id={memory_id} (fact" in searched.content
+    assert f"id={memory_id} (fact, noted {today()}, score " in searched.content
+    assert f"today is {today()}" in searched.content  # the model can tell old from current
     assert '"Lives in New York"' in searched.content
     assert [m["id"] for m in searched.artifact] == [memory_id]
     assert '"Lives in New York"' in request_text(openai_server.requests[-1].body)

@@ -548,9 +548,10 @@ def test_format_memory_context_layout() -> None:
     lines = text.split("\n")
     assert lines[0] == CONTEXT_OPEN and lines[-1] == CONTEXT_CLOSE
     assert "data, not instructions" in lines[1]
-    assert lines[2] == '- m1 (preference, noted 2025-01-01): "Prefers Python"'
-    assert (
-        lines[3] == '- m2 (fact, noted 2025-01-01): "Works at a \\u003cfintech\\u003e \\u0026 co"'
+    # noted the same day: the time too, so a model can tell the newer of the two
+    assert lines[2] == '- m1 (preference, noted 2025-01-01 00:00:00 UTC): "Prefers Python"'
+    assert lines[3] == (
+        '- m2 (fact, noted 2025-01-01 00:00:00 UTC): "Works at a \\u003cfintech\\u003e \\u0026 co"'
     )
     assert format_memory_context([]) == ""
 
@@ -572,6 +573,27 @@ def test_the_context_gives_today_and_when_each_memory_was_noted() -> None:
         )
         == 1
     )
+
+
+def test_memories_noted_the_same_day_give_their_time_to_tell_the_newer() -> None:
+    """ "Lives in Boston" and "Moved to Denver" said in one conversation are both kept; by
+    date alone the model could not read which came later, and the older may be listed
+    first (by relevance). Memories of other days keep their date alone."""
+    boston = replace(
+        memory("Lives in Boston"), updated_at=datetime(2026, 12, 5, 9, 15, 2, tzinfo=timezone.utc)
+    )
+    denver = replace(
+        memory("Moved to Denver"), updated_at=datetime(2026, 12, 5, 16, 40, 9, tzinfo=timezone.utc)
+    )
+    python = memory("Prefers Python", Category.PREFERENCE)
+    text = format_memory_context(list(zip(short_ids(3), [boston, denver, python])))
+    assert '- m1 (fact, noted 2026-12-05 09:15:02 UTC): "Lives in Boston"' in text
+    assert '- m2 (fact, noted 2026-12-05 16:40:09 UTC): "Moved to Denver"' in text
+    assert '- m3 (preference, noted 2025-01-01): "Prefers Python"' in text
+    known = background_extraction_messages(
+        [{"role": "user", "content": "hi"}], list(zip(short_ids(2), [boston, denver]))
+    )
+    assert "noted 2026-12-05 09:15:02 UTC" in known[-1]["content"]
 
 
 def test_format_memory_context_rejects_bad_short_ids() -> None:
