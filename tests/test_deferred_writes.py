@@ -5,11 +5,15 @@ first, searchable in the process at once, stored by a worker thread, never lost 
 from __future__ import annotations
 
 import json
+import os
+import select
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
-from _reliability_support import files_containing, read_ahead, run_python
+from _reliability_support import ROOT, files_containing, read_ahead, run_python
 from conftest import HashEmbedder
 
 from headroom_memory_integrations import MemoryStore
@@ -243,3 +247,120 @@ def test_the_journal_keeps_only_pending_writes_when_writes_never_pause(
     assert (tmp_path / JOURNAL_FILE).read_bytes() == b""
     assert not (tmp_path / (JOURNAL_FILE + ".new")).exists()
     queue.stop()
+
+
+_OWNER = """
+import sys, time
+from conftest import HashEmbedder
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.storage import chroma, deferred
+deferred.GROUP_SECONDS = 600.0  # the worker gathers until the process is killed
+chroma._WARM_RETRY_SECONDS = 0.0
+store = MemoryStore("alice", db_path={db!r}, embedder=HashEmbedder())
+store.add("Plays the cello")
+while store._open()._index is None:
+    store.search("anything", min_score=-1)
+    time.sleep(0.01)
+pending = store.add({pending!r})
+assert store.storage._deferred.pending == 1
+print("ready", pending.id, flush=True)
+time.sleep(600)
+"""
+
+
+def _reader_of_a_killed_owner(db_path, pending: str) -> tuple[MemoryStore, str]:
+    """A process (this one) that opened the folder as a reader while another owned it; the
+    owner added ``pending``, which is journaled, not yet in Chroma, and was then killed.
+    Returns this process's store and the id of the pending memory."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER.format(db=str(db_path), pending=pending)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        ready, _, _ = select.select([owner.stdout], [], [], 120)
+        line = owner.stdout.readline().strip() if ready else ""
+        if not line.startswith("ready "):
+            owner.kill()
+            raise AssertionError(f"the owner never got ready: {owner.communicate(timeout=30)}")
+        reader = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+        assert [m.text for m in reader.get_all()] == ["Plays the cello"]  # opened: a reader
+        assert not reader.storage._folder_lock.held
+    finally:
+        owner.kill()
+        owner.wait(30)
+        owner.stdout.close()
+        owner.stderr.close()
+    assert b"Plays" not in (db_path / JOURNAL_FILE).read_bytes()  # only the pending write
+    return reader, line.split()[1]
+
+
+def test_a_reader_that_becomes_the_writer_stores_the_killed_writers_journal_first(
+    db_path, monkeypatch
+) -> None:
+    reader, _ = _reader_of_a_killed_owner(db_path, "Said just before the crash")
+    assert b"Said just before the crash" in (db_path / JOURNAL_FILE).read_bytes()
+    reader.add("Written by the process that took over")  # takes the lock: replays first
+    collection = _read_ahead(reader, monkeypatch)
+    assert collection._sole_writer
+    reader.add("A second write, stored behind the caller")  # its worker empties the journal
+    assert reader.flush(10)
+    assert (db_path / JOURNAL_FILE).read_bytes() == b""
+    expected = [
+        "A second write, stored behind the caller",
+        "Plays the cello",
+        "Said just before the crash",  # before: gone for good, with no error anywhere
+        "Written by the process that took over",
+    ]
+    assert sorted(m.text for m in reader.get_all()) == expected
+    reader.storage.close()
+    fresh = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    assert sorted(m.text for m in fresh.get_all()) == expected
+
+
+def test_forget_user_by_a_reader_that_becomes_the_writer_leaves_nothing_to_replay(
+    db_path,
+) -> None:
+    reader, _ = _reader_of_a_killed_owner(db_path, "Said just before the crash")
+    assert reader.forget_user() == 2  # the journaled write is stored, then forgotten with all
+    assert reader.get_all() == []
+    assert (db_path / JOURNAL_FILE).read_bytes() == b""
+    reader.storage.close()
+    fresh = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    assert fresh.get_all() == []  # before: the forgotten memory came back from the journal
+    assert files_containing(db_path, ["Said just before the crash"]) == {}
+
+
+def test_a_killed_writers_journal_never_replays_an_old_version_over_a_newer_one(
+    db_path,
+) -> None:
+    reader, pending = _reader_of_a_killed_owner(db_path, "Dentist appointment on Tuesday")
+    reader.put(pending, "Dentist appointment on Thursday")  # a newer version, written at once
+    assert reader.get(pending).text == "Dentist appointment on Thursday"
+    reader.storage.close()
+    fresh = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    # before: the journal, never replayed by the reader, put Tuesday back at this open
+    assert fresh.get(pending).text == "Dentist appointment on Thursday"
+
+
+def test_a_journal_the_worker_could_not_empty_is_emptied_before_a_delete(
+    hash_store: MemoryStore, monkeypatch, held
+) -> None:
+    hash_store.add("Plays the cello")
+    _read_ahead(hash_store, monkeypatch)
+    monkeypatch.setattr(deferred.DeferredWrites, "_empty_journal", lambda self: None)  # failed
+    secret = hash_store.add("Keeps the spare key under the red flowerpot")
+    assert hash_store.flush(10)
+    assert b"spare key" in _journal(hash_store)  # stored, but still journaled
+    hash_store.delete(secret.id)
+    assert _journal(hash_store) == b""  # before: replayed at the next open, the memory back
+    hash_store.add("Keeps bees on the roof")
+    assert hash_store.flush(10)
+    assert hash_store.forget_user() == 2
+    assert _journal(hash_store) == b""
+    hash_store.storage.close()
+    fresh = MemoryStore("alice", db_path=hash_store.storage.folder, embedder=HashEmbedder())
+    assert fresh.get_all() == []

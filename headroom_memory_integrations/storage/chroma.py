@@ -763,6 +763,7 @@ class ChromaCollection:
                 batch = unique[start : start + _BATCH]
                 with self._writing(batch):
                     self._storage._ready_to_write(self, 0)
+                    self._storage._settle_journal()
                     self._call("delete memories", lambda c: c.delete(ids=batch))  # noqa: B023
             if erase and self._collection is not None:
                 self._storage._erase(str(self._collection.id), unique)
@@ -911,6 +912,19 @@ class ChromaCollection:
         self._index = None
         self._cache.clear()
         self._absent.clear()
+        _read_aheads.remove(self)
+        self._warm_after = 0.0
+
+    def written_elsewhere(self) -> None:
+        """Another process wrote the collection until now (this one just became the folder's
+        writer; held with the write lock): forget every record, vector and id held, and any
+        read under way, as :meth:`dropped` does; the chromadb collection stays open."""
+        self._write_stamp += 2  # a read that overlapped keeps nothing
+        self._warm_log = None  # nor does a read-ahead under way
+        self._index = None
+        self._cache.clear()
+        self._absent.clear()
+        self._sampled_centroid = None
         _read_aheads.remove(self)
         self._warm_after = 0.0
 
@@ -1241,6 +1255,14 @@ class ChromaStorage:
         if self._deferred is not None:
             self._deferred.settle()
 
+    def _settle_journal(self) -> None:
+        """Before a delete (with the write lock held): every deferred write in Chroma and the
+        journal empty, so that no process replays a deleted record from it (see
+        :meth:`.DeferredWrites.empty_stored`)."""
+        if self._deferred is not None:
+            self._deferred.settle()
+            self._deferred.empty_stored()
+
     def settle(self, timeout: float | None = None) -> bool:
         """Wait until the writes an embedded folder stores behind its callers are in Chroma
         (they are journaled and searchable in this process already; see :mod:`.deferred`).
@@ -1408,11 +1430,34 @@ class ChromaStorage:
                     "one can read it. To share memories between processes, run a Chroma "
                     "server (chroma run --path DIR) and pass db_path='http://host:port'."
                 )
+            self._take_over()
+        check_free_space(folder, handle._index_bytes() if handle is not None else 0, write_bytes)
+
+    def _take_over(self) -> None:
+        """This process has just taken the lock of a folder it opened while another process
+        wrote it (that process closed its storage, exited or was killed). With the write lock
+        held, before this process writes anything: store what the last writer left journaled
+        (its deferred writes, acknowledged to its callers; see :mod:`.deferred`), as opening
+        the folder would have, then forget what this process holds of any user (another
+        process wrote until now, and the replay may have changed records). If the replay
+        fails, the lock is given back and the write refused: the journal is kept, and the
+        next write (of this process or another) tries again.
+
+        Raises:
+            StorageError: Chroma refused a journaled write; nothing was written."""
+        assert self._folder is not None and self._folder_lock is not None
+        action = f"store the writes left pending in {self._folder}"
+        try:
+            with self._guard(action), self._erase_lock.shared():
+                _store_journaled(self._client_now(), self._folder)
+        except BaseException:
+            self._folder_lock.release()
+            raise
+        finally:
             with self._collections_lock:  # another process wrote until now: read afresh
                 handles = list(self._collections.values())
             for other in handles:
-                other.forget_read_ahead()
-        check_free_space(folder, handle._index_bytes() if handle is not None else 0, write_bytes)
+                other.written_elsewhere()
 
     def _erase(self, collection_id: str, ids: list[str] | None) -> None:
         """Remove deleted records' text from an embedded folder's files (see
@@ -1506,6 +1551,7 @@ class ChromaStorage:
             held.enter_context(self._write_lock)
             self._settle()
             self._ready_to_write(None, 0)
+            self._settle_journal()  # no journaled line of the user outlives the drop
             with self._guard(f"clear the memories of user {user_id!r}"):
                 client = self._client_now()
                 try:

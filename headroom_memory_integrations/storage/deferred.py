@@ -18,8 +18,9 @@ it:
 A write the worker could not store (Chroma failed) stays in the journal and is tried again,
 with a growing pause; meanwhile new writes are not deferred, so their callers get Chroma's
 error. A process that exits or is killed with writes pending leaves them in the journal, and
-the next process to open the folder stores them before anything else. A full disk is refused
-before anything is written.
+the next process to write the folder stores them before anything else (one that opens it, or
+one that had it open as a reader and takes its lock: ``ChromaStorage._take_over``). A full disk
+is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -236,6 +237,35 @@ class DeferredWrites:
         if fd is not None:
             os.close(fd)
         _open_queues.discard(self)
+
+    def empty_stored(self) -> None:
+        """With nothing pending (after :meth:`settle`): make sure the journal holds nothing,
+        before a delete. The worker empties it once the queue is empty, but only logs a
+        failure (replaying stored writes is harmless, until one of them is deleted: it would
+        come back at the next open).
+
+        Raises:
+            StorageError: The journal could not be emptied; the delete must not go on.
+        """
+        with self._lock:
+            if self._queue:
+                return  # (settle raised, or a write came in since: the caller holds its locks)
+            try:
+                if self._fd is not None:
+                    empty = os.fstat(self._fd).st_size == 0
+                else:
+                    empty = not self.path.exists() or self.path.stat().st_size == 0
+                if not empty:
+                    if self._fd is None:
+                        clear_journal(self.path.parent)
+                    else:
+                        os.ftruncate(self._fd, 0)
+                        os.fsync(self._fd)
+                    self._journal_bytes = 0
+            except OSError as exc:
+                raise StorageError(
+                    f"could not empty {self.path} before a delete ({exc}); nothing was deleted"
+                ) from exc
 
     def _run(self) -> None:
         tries = 0
