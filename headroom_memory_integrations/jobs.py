@@ -198,6 +198,7 @@ class JobQueue:
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        _QUEUES.add(self)
         try:
             with self._lock:
                 self._open()
@@ -593,6 +594,17 @@ class JobWorker:
         self._erase_tried = time.monotonic()
         _drain_at_exit(self)
 
+    def _forked(self) -> None:
+        """In a child forked from the process that made this worker: its threads are not
+        here (nor the jobs they ran) and its locks may be held by them. Start afresh: the
+        child's first use starts threads of its own; the parent's keep running the file's
+        other jobs."""
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._progress = threading.Condition()
+        self._lock = threading.Lock()
+        self._threads = []
+        self._running = {}
+
     def start(self) -> None:
         """Start the thread if it is not running yet."""
         with self._lock:
@@ -634,6 +646,7 @@ class JobWorker:
         )
         thread.start()
         self._threads.append(thread)
+        _drain_at_exit(self)  # (again in a forked child that starts it: see _forked)
 
     def _spread(self) -> None:
         """With ``threads`` to spare and a job of another user due: wake the idle threads, or
@@ -874,6 +887,24 @@ class JobWorker:
 
 _SHARED: dict[tuple[str, str], JobWorker] = {}
 _SHARED_LOCK = threading.Lock()
+_QUEUES: weakref.WeakSet[JobQueue] = weakref.WeakSet()
+_inherited: list[sqlite3.Connection] = []  # a forked child's: never used, closed or collected
+
+
+def _after_fork_in_child() -> None:
+    """A forked child uses none of the parent's SQLite connections (SQLite forbids it: it
+    can corrupt the file) nor its worker threads: each queue opens a connection of its own on
+    first use, each worker starts threads of its own, and :func:`shared_worker` makes new ones."""
+    global _SHARED_LOCK, _EXIT_LOCK
+    for queue in list(_QUEUES):
+        if queue._conn is not None:
+            _inherited.append(queue._conn)
+        queue._conn, queue._lock = None, threading.Lock()
+    for worker in list(_OPEN_WORKERS):
+        worker._forked()
+    _OPEN_WORKERS.clear()  # drained at the child's exit only if the child starts them
+    _SHARED.clear()
+    _SHARED_LOCK, _EXIT_LOCK = threading.Lock(), threading.Lock()
 
 
 def shared_worker(
@@ -890,3 +921,7 @@ def shared_worker(
         if worker is None or worker.closed:
             worker = _SHARED[ident] = JobWorker(JobQueue(path), handler, **options)
         return worker
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

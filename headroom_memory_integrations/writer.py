@@ -870,3 +870,14 @@ def _hand_over_at_exit() -> None:
     for writer in writers:
         if not writer._wait_handed_over(deadline):
             writer._drop_held("the process exited before the queue file could be written")
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets writers of its own (the parent's threads are not in it)."""
+    global _writers_lock
+    _writers.clear()
+    _writers_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

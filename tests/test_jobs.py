@@ -564,3 +564,41 @@ def test_a_new_file_locked_while_another_process_switches_it_to_wal_is_waited_fo
     refusals["left"] = 10**6  # refused for good: the open fails after the timeout
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         JobQueue(path, busy_timeout=0.2)
+
+
+_FORKED: dict[str, Any] = {}
+
+
+def _forked_child_uses_the_queue(_: int) -> dict[str, Any]:
+    """In a child forked by multiprocessing: the parent's shared worker and its queue."""
+    worker: JobWorker = _FORKED["worker"]
+    handled: list[str] = []
+    outcome = {
+        "connection": worker.queue._conn is None,  # the parent's is never used here
+        "fresh": shared_worker(_FORKED["path"], "k", handled.append) is not worker,
+    }
+    worker.queue.put("store", "alice", {"text": "queued by the child"})
+    worker.notify("alice")  # the inherited worker starts a thread of its own
+    # run by the child's thread or the parent's, whichever claims it first
+    wait_for(lambda: worker.queue.counts() == {"pending": 0, "running": 0, "failed": 0}, 20)
+    outcome["ran"] = True
+    return outcome
+
+
+def test_a_forked_child_uses_no_sqlite_connection_or_thread_of_its_parent(path: Path) -> None:
+    import multiprocessing
+
+    done: list[int] = []
+    worker = shared_worker(path, "k", lambda job: done.append(job.id))
+    worker.queue.put("store", "alice", {"text": "queued by the parent"})
+    worker.notify("alice")
+    wait_for(lambda: len(done) == 1, timeout=20)
+    _FORKED.update(worker=worker, path=str(path), done=done)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.map_async(_forked_child_uses_the_queue, [0]).get(60)[0]
+    # before: the child used the parent's SQLite connection (which SQLite forbids: it can
+    # corrupt the file), kept the parent's worker in the registry and waited for its threads
+    assert child == {"connection": True, "fresh": True, "ran": True}
+    worker.queue.put("store", "alice", {"text": "queued by the parent after the fork"})
+    worker.notify("alice")
+    wait_for(lambda: len(done) >= 2 and worker.queue.counts()["pending"] == 0, 20)  # goes on

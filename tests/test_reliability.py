@@ -11,6 +11,7 @@ import platform
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from _reliability_support import (
     freed_text_handed_back,
     is_root,
     make_writable,
+    read_ahead,
     read_only_view,
     run_python,
     wait_for,
@@ -734,3 +736,73 @@ def test_a_killed_writer_does_not_leave_the_folder_locked(db_path) -> None:
     store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
     store.add("Written after the kill")
     assert sorted(m.text for m in store.get_all()) == ["Mine", "Written after the kill"]
+
+
+_FORKED: dict[str, Any] = {}  # what a forked child of the test finds (set before the fork)
+
+
+def _in_forked_child(_: int) -> dict[str, Any]:
+    """Runs in a child forked by multiprocessing (the fork start method): the parent's store."""
+    import faulthandler
+    import os
+
+    from headroom_memory_integrations import StorageError
+
+    faulthandler.dump_traceback_later(60, exit=True)  # (before the fix: hung in chromadb)
+    store = _FORKED["store"]
+    outcome: dict[str, Any] = {"pid": os.getpid(), "held": store.storage._folder_lock.held}
+    started = time.monotonic()
+    for name, call in (
+        ("add", lambda: store.add("Written by the forked child")),
+        ("search", lambda: store.search("Written by the forked child", min_score=-1)),
+        (
+            "reopened",
+            lambda: MemoryStore("bob", db_path=_FORKED["db"], embedder=HashEmbedder()).add("x"),
+        ),
+    ):
+        try:
+            call()
+            outcome[name] = "ok"
+        except StorageError as exc:
+            outcome[name] = str(exc)
+    outcome["seconds"] = time.monotonic() - started
+    journal = Path(_FORKED["db"]) / ".headroom-memory.pending"
+    outcome["journaled"] = journal.exists() and b"forked child" in journal.read_bytes()
+    return outcome
+
+
+def test_a_forked_child_refuses_its_parents_folder_clearly_and_holds_nothing_of_it(
+    db_path, monkeypatch
+) -> None:
+    import multiprocessing
+
+    monkeypatch.setattr(chroma, "_WARM_RETRY_SECONDS", 0.0)
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    store.add("Written by the parent")
+    read_ahead(store)  # small writes are deferred from now on
+    store.add("Written by the parent, stored behind it")  # (maybe still pending at the fork)
+    _FORKED.update(store=store, db=str(db_path))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.map_async(_in_forked_child, [0]).get(90)[0]
+        # before: the child took itself for the folder's writer, its add returned and its
+        # memory sat in the journal until the parent's worker emptied it (lost, no error),
+        # or its first Chroma call hung for good
+        assert not child["held"]
+        for name in ("add", "search", "reopened"):
+            assert "forked" in child[name] and "spawn" in child[name], child
+        assert child["seconds"] < 30 and not child["journaled"]
+        # the parent goes on as before
+        store.add("Written by the parent after the fork")
+        assert store.flush(10)
+        texts = sorted(m.text for m in store.get_all())
+        assert texts == [
+            "Written by the parent",
+            "Written by the parent after the fork",
+            "Written by the parent, stored behind it",
+        ]
+        # the child (still alive in the pool) keeps no hold on the folder's lock: once the
+        # parent lets go of the folder, another process may write it
+        store.storage.close()
+        run = run_python(_CHILD.format(db=str(db_path)))
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout.splitlines()[-1])["wrote"] == "ok"

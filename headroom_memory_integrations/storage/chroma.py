@@ -148,6 +148,13 @@ logger = logging.getLogger(__name__)
 
 _stopping = threading.Event()
 _warmers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+# Whether this process (or the one it was forked from) has opened an embedded folder: chromadb's
+# embedded client starts threads of its own, and in a child forked after that every call of a
+# chromadb embedded client, even one made in the child, waits forever (chromadb 1.5, measured).
+_embedded_opened = False
+_forked_after_embedded = False  # this process was forked after that: embedded use is refused
+_storages: weakref.WeakSet[ChromaStorage] = weakref.WeakSet()
+_inherited: list[Any] = []  # clients a forked child inherited: never used, closed or collected
 
 
 class _ReadAheads:
@@ -928,6 +935,17 @@ class ChromaCollection:
         _read_aheads.remove(self)
         self._warm_after = 0.0
 
+    def _forked(self) -> None:
+        """In a child forked from the process that made this handle: its locks may be held by
+        threads that do not exist here, and its chromadb collection belongs to the parent's
+        client. Forget them and everything held, as :meth:`written_elsewhere` does."""
+        self._write_lock = self._storage._write_lock
+        self._user_lock = threading.RLock()
+        self._warm_lock = threading.Lock()
+        self._collection = self._segment = None
+        self._write_stamp = self._write_stamp // 2 * 2  # (a parent's write under way: over)
+        self.written_elsewhere()
+
     def retire(self) -> None:
         """The storage was closed: stop reading ahead and trusting the cache."""
         self._retired = True
@@ -1153,6 +1171,29 @@ class ChromaStorage:
         self._client_place = client_place(client) if self._applications else None
         if client is not None and timeout is not None:
             bound_http_requests(client, timeout)
+        _storages.add(self)
+
+    def _forked(self) -> None:
+        """In a child forked from the process that made this storage: let go of what belongs
+        to the parent (the client this package made, locks that a parent's thread may hold,
+        every handle's state; the folder lock and the deferred writes reset themselves), so the
+        child opens the backend afresh, as a process of its own would. A client of the
+        application's is left as it is (the application forked with it)."""
+        if not self._applications:
+            _inherited.append(self._client)  # closing it here would touch the parent's threads
+            self._client = None
+            if self._release is not None:
+                self._release.detach()
+                self._release = None
+        self._starting = None
+        self._write_lock = threading.RLock()
+        self._client_lock = threading.Lock()
+        self._collections_lock = threading.Lock()
+        self._erase_lock = _EraseLock()
+        self._availability = Availability(self.location)
+        self._unerased = []
+        for handle in list(self._collections.values()):
+            handle._forked()
 
     @classmethod
     def at(cls, path: str | os.PathLike[str]) -> ChromaStorage:
@@ -1236,6 +1277,8 @@ class ChromaStorage:
         scrub_freed_memory()  # before Chroma allocates an index it writes out uncleared
         writer = self._folder_lock.acquire()
         try:
+            global _embedded_opened
+            _embedded_opened = True  # (before: the client starts chromadb's threads)
             client = chromadb.PersistentClient(path=folder, settings=_settings())
             if writer:
                 _store_journaled(client, self._folder)
@@ -1280,6 +1323,17 @@ class ChromaStorage:
         client = self._client
         if client is not None:
             return client
+        if self._folder is not None and _forked_after_embedded:
+            raise StorageError(
+                f"the memory folder {self._folder} cannot be opened in this process (pid "
+                f"{os.getpid()}): it was forked from a process that had opened an embedded "
+                "memory folder, and Chroma's embedded client hangs in a child forked after it "
+                "was used (nothing was read or written). Open memory stores in processes "
+                "started with multiprocessing's 'spawn' or 'forkserver' method "
+                "(multiprocessing.get_context('spawn')), or fork before the first use of a "
+                "store; to share memories between processes, run a Chroma server (chroma run "
+                "--path DIR) and pass db_path='http://host:port'."
+            )
         cut = False
         if self.timeout is None:
             wait = -1.0
@@ -1615,3 +1669,32 @@ class ChromaStorage:
 
     def __repr__(self) -> str:
         return f"ChromaStorage(location={self.location!r})"
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with none of the parent's Chroma state (see
+    ``ChromaStorage._forked``); embedded folders are refused in it if the parent had opened
+    one (see :data:`_embedded_opened`)."""
+    global _forked_after_embedded
+    _forked_after_embedded = _forked_after_embedded or _embedded_opened
+    ChromaStorage._embedded_lock = threading.Lock()
+    _read_aheads._lock = threading.Lock()
+    _read_aheads._sizes.clear()
+    _read_aheads._dead.clear()
+    for storage in list(_storages):
+        storage._forked()
+    # chromadb shares one system per folder or server in a process: the parent's are not to
+    # be used here (a server client's pooled connections are the parent's sockets)
+    shared = sys.modules.get("chromadb.api.shared_system_client")
+    client_class = getattr(shared, "SharedSystemClient", None)
+    for name in ("_identifier_to_system", "_identifier_to_refcount"):
+        registry = getattr(client_class, name, None)
+        if isinstance(registry, dict):
+            _inherited.append(dict(registry))
+            registry.clear()
+    if client_class is not None and hasattr(client_class, "_refcount_lock"):
+        client_class._refcount_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

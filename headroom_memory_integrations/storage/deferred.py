@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -167,6 +168,22 @@ class DeferredWrites:
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    def _forked(self) -> None:
+        """In a child forked from the process that made this queue: the pending writes are
+        the parent's (its worker stores them; the child has no worker), and so are the lock
+        and the journal's descriptor. Start empty."""
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._queue = deque()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._journal_bytes = 0
+        self._thread = None
+        self._urgent = False
+        self.last_error = None
 
     def in_worker(self) -> bool:
         return threading.current_thread() is self._thread
@@ -360,6 +377,15 @@ class DeferredWrites:
 
 
 _open_queues: weakref.WeakSet[DeferredWrites] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for queue in list(_open_queues):
+        queue._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

@@ -20,12 +20,14 @@ and erasing deleted text from the files.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import shutil
 import sqlite3
 import sys
+import weakref
 from collections.abc import Collection
 from contextlib import closing
 from pathlib import Path
@@ -58,13 +60,19 @@ class FolderLock:
     def __init__(self, folder: Path) -> None:
         self.path = folder / LOCK_FILE
         self._fd: int | None = None
+        self._pid = os.getpid()  # the process _fd belongs to
+        _locks.add(self)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        """True if this process holds the lock (never in a child forked from its holder: the
+        lock is the parent's)."""
+        return self._fd is not None and self._pid == os.getpid()
 
     def acquire(self) -> bool:
         """Take the lock if no other process holds it; True if this process holds it now."""
+        if self._pid != os.getpid():
+            self._forked()
         if self._fd is not None:
             return True
         try:
@@ -79,7 +87,7 @@ class FolderLock:
             return False
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+        self._fd, self._pid = fd, os.getpid()
         return True
 
     def holder(self) -> str:
@@ -90,9 +98,32 @@ class FolderLock:
             return "unknown"
 
     def release(self) -> None:
+        if self._pid != os.getpid():
+            self._forked()
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+    def _forked(self) -> None:
+        """In a child forked from this lock's holder: close the inherited descriptor without
+        unlocking (``flock(LOCK_UN)`` would release the parent's lock; closing the child's copy
+        does not, and lets the parent's own close release it). The child holds nothing."""
+        fd, self._fd, self._pid = self._fd, None, os.getpid()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+_locks: weakref.WeakSet[FolderLock] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for lock in list(_locks):
+        lock._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def make_private_folder(folder: Path) -> None:
