@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import selectors
 import subprocess
 import sys
 import time
@@ -281,7 +281,9 @@ def _reader_of_a_killed_owner(db_path, pending: str) -> tuple[MemoryStore, str]:
         env=env,
     )
     try:
-        ready, _, _ = select.select([owner.stdout], [], [], 120)
+        with selectors.DefaultSelector() as waiting:  # epoll: any descriptor number (a long
+            waiting.register(owner.stdout, selectors.EVENT_READ)  # run opens over 1,024)
+            ready = waiting.select(120)
         line = owner.stdout.readline().strip() if ready else ""
         if not line.startswith("ready "):
             owner.kill()
