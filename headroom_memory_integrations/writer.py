@@ -118,6 +118,9 @@ class _Handed:
     created_at: float
     extractor: BackgroundExtractor | None
     forgotten: bool = field(default=False)
+    # whether one try of QUEUE_WAIT_SECONDS found the file locked: from then on it waits for
+    # the file; until then, a file that cannot be written at all drops it (as a caller's try)
+    tried: bool = field(default=False)
 
 
 class ExtractionTimeout(TimeoutError):
@@ -434,24 +437,34 @@ class MemoryWriter:
         ``memory``'s user have been stored, or tried once. Returns False on timeout."""
         deadline = time.monotonic() + timeout
         with self._settled:
-            while self._unsettled.get(memory.user_id):
+            while self._unsettled_of(memory.user_id):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._settled.wait(remaining)
         return True
 
+    def _unsettled_of(self, user_id: str) -> bool:
+        """With ``_settled`` held: whether ``user_id`` has store work to wait for: once the
+        workers are closed, only work still held (the jobs in the file wait for the next
+        writer of the file)."""
+        waiting = self._unsettled.get(user_id)
+        if not waiting:
+            return False
+        return not self.worker.closed or any(isinstance(w, _Handed) for w in waiting)
+
     def detach(self, memory: MemoryStore, timeout: float | None) -> bool:
         """``memory`` is closing: drain its user's jobs (up to ``timeout``); once no store is
-        left, stop the workers (unfinished jobs stay in the file for the next process)."""
+        left, stop the workers (unfinished jobs stay in the file for the next process, and
+        work that comes later, from a call under way, is put there too: see :meth:`_put`)."""
         with self._lock:
             last = set(self._stores) <= {memory.user_id}
         try:
             if not last:
                 return self.flush(timeout, user_id=memory.user_id)
             deadline = None if timeout is None else time.monotonic() + timeout
+            # work still held goes on to the file after the deadline (the hand-over thread)
             drained = self._wait_handed_over(deadline)
-            self._drop_held("the job queue is closing")
             for worker in self._workers:  # each drains (up to the deadline), then stops
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 drained = worker.close(left) and drained
@@ -518,7 +531,12 @@ class MemoryWriter:
     def _put(self, kind: str, memory: MemoryStore, payload: dict[str, Any]) -> None:
         """Put memory work into the queue file, on the caller's path: waiting at most
         :data:`QUEUE_WAIT_SECONDS` for it (never holding a lock another user's call needs),
-        else handing it to the hand-over thread (nothing is lost while the process lives)."""
+        else handing it to the hand-over thread (nothing is lost while the process lives).
+
+        Behind work held already, the work is handed over at once. Once this writer is
+        closed (``close()`` of the last store on the file, while a call was under way), the
+        work goes to the writer made for the file since, if any, else into the file for the
+        next one (a later wrapper in this process, or the next process)."""
         with self._lock:
             extractor = _newest_usable(self._extractors.get(memory)) if kind == "extract" else None
         try:
@@ -526,23 +544,44 @@ class MemoryWriter:
         except Exception:
             memory.survived("store_failures", f"could not queue memory work ({kind})")
             return
-        handed = _Handed(kind, memory, payload, time.time(), extractor)
+        self._offer(_Handed(kind, memory, payload, time.time(), extractor))
+
+    def _offer(self, handed: _Handed) -> None:
+        """:meth:`_put` of work already made (also by a closed writer of the same file).
+        Work offered to a closed writer goes to the file's writer made since, if any, else
+        it is handed over (the hand-over thread puts it in the file)."""
+        if self.worker.closed:
+            serving = _serving(self.worker.queue.path, self)
+            if serving is not None:
+                serving._offer(handed)
+                return
         with self._settled:
-            if kind == "store":  # unsettled from now on, whether in the file or held here
-                self._unsettled.setdefault(memory.user_id, set()).add(handed)
-            behind = bool(self._held) or self._handing is not None
-            if behind:  # held work goes first: jobs reach the file in the order they came
+            if handed.kind == "store":  # unsettled from now on, whether in the file or held
+                self._unsettled.setdefault(handed.memory.user_id, set()).add(handed)
+            # held work goes first: jobs reach the file in the order they came
+            hand_over = bool(self._held) or self._handing is not None
+            if hand_over or self.worker.closed:
                 self._hold(handed)
-        if behind:
-            return
+                return
+        if not self._first_try(handed, self.worker.queue, late=False):
+            with self._settled:
+                self._hold(handed)
+
+    def _first_try(self, handed: _Handed, queue: JobQueue, *, late: bool) -> bool:
+        """Put ``handed`` into ``queue``, waiting at most :data:`QUEUE_WAIT_SECONDS`. Returns
+        whether it is done with: queued, or dropped because the file cannot be opened or
+        written at all (counted and logged). False: it is to be held (the file stayed locked,
+        or this writer's queue was closed meanwhile). ``late``: ``queue`` is not the worker's
+        (this writer is closed): nothing here runs the job, so nobody waits for it."""
+        kind, memory = handed.kind, handed.memory
         try:
-            self.worker.queue.put(
+            job_id = queue.put(
                 kind,
                 memory.user_id,
-                payload,
+                handed.payload,
                 wait=QUEUE_WAIT_SECONDS,
                 created_at=handed.created_at,
-                on_queued=lambda job_id: self._queued(handed, job_id),
+                on_queued=lambda job_id: self._queued(handed, job_id, late=late),
             )
         except QueueBusy as exc:
             log.warning(
@@ -554,16 +593,22 @@ class MemoryWriter:
                 f"{type(exc).__name__}: {exc}".splitlines()[0],
             )
             memory.counters["queue_delays"] += 1
-            with self._settled:
-                self._hold(handed)
-            return
-        except Exception:  # the file cannot be opened or written (a read-only folder): the
-            # work is lost, as waiting would not help (counted and logged)
+            handed.tried = True
+            return False
+        except Exception:
+            if not late and self.worker.closed:  # closed meanwhile: queued another way
+                return False
+            # the file cannot be opened or written (a read-only folder): the work is lost,
+            # as waiting would not help (counted and logged)
             with self._settled:
                 self._unsettle(handed)
             memory.survived("store_failures", f"could not queue memory work ({kind})")
-            return
-        self._notify(kind, memory.user_id)
+            return True
+        if handed.forgotten:  # forget() gave up waiting for it: delete it again
+            queue.complete(job_id)
+        elif not late:
+            self._notify(kind, memory.user_id)
+        return True
 
     def _notify(self, kind: str, user_id: str) -> None:
         try:
@@ -571,16 +616,19 @@ class MemoryWriter:
         except Exception:  # a closed worker: the job stays in the file for the next process
             log.debug("job queue %s: worker not notified", self.worker.queue.path, exc_info=True)
 
-    def _queued(self, handed: _Handed, job_id: int) -> None:
+    def _queued(self, handed: _Handed, job_id: int, *, late: bool = False) -> None:
         """``handed`` is in the file as job ``job_id`` (called before any thread of this
-        process can claim it)."""
+        process can claim it). ``late``: put there after this writer was closed, for the
+        next writer of the file; its user's calls need not wait for it here."""
         with self._settled:
             user_id = handed.memory.user_id
             waiting = self._unsettled.get(user_id)
-            if waiting is not None and handed in waiting:
+            if late:
+                self._unsettle(handed)
+            elif waiting is not None and handed in waiting:
                 waiting.discard(handed)
                 waiting.add(job_id)
-            if handed.extractor is not None:
+            if handed.extractor is not None and not late:
                 self._queued_with[job_id] = (user_id, handed.extractor)
                 while len(self._queued_with) > QUEUED_EXTRACTIONS:
                     self._queued_with.popitem(last=False)
@@ -598,6 +646,7 @@ class MemoryWriter:
             )
             return
         self._held.append(handed)
+        self._settled.notify_all()
         thread = self._hand_over_thread
         if thread is None or not thread.is_alive():
             thread = threading.Thread(
@@ -616,54 +665,85 @@ class MemoryWriter:
         self._settled.notify_all()
 
     def _hand_over(self) -> None:
-        """Put the held work into the queue file, oldest first, waiting for the file as long
-        as it takes (each try up to the queue's busy timeout, then a growing pause)."""
+        """Put the held work into the queue file, oldest first: each piece not tried yet
+        as a caller would (:meth:`_first_try`), then waiting for the file as long as it takes
+        (each try up to the queue's busy timeout, then a growing pause). Once this writer is
+        closed, through the writer made for the file since, else a connection of its own."""
         pause, failing = 0.05, 0
-        while True:
-            with self._settled:
-                if not self._held:
-                    if self._hand_over_thread is threading.current_thread():
-                        self._hand_over_thread = None
-                    self._settled.notify_all()
-                    return
-                handed = self._handing = self._held.popleft()
-            queued = False
-            try:
-                job_id = self.worker.queue.put(
-                    handed.kind,
-                    handed.memory.user_id,
-                    handed.payload,
-                    created_at=handed.created_at,
-                    on_queued=lambda job_id: self._queued(handed, job_id),  # noqa: B023
-                )
-                queued = True
-                if handed.forgotten:  # forget() gave up waiting for it: delete it again
-                    self.worker.queue.complete(job_id)
-            except Exception as exc:
-                failing += 1
-                if failing == 1 or failing % 60 == 0:
-                    log.warning(
-                        "job queue %s: still cannot queue held memory work (%d tries): %s",
-                        self.worker.queue.path,
-                        failing,
-                        f"{type(exc).__name__}: {exc}".splitlines()[0],
+        late: JobQueue | None = None  # the file, opened here once the worker's queue is closed
+        try:
+            while True:
+                with self._settled:
+                    if not self._held:
+                        if self._hand_over_thread is threading.current_thread():
+                            self._hand_over_thread = None
+                        self._settled.notify_all()
+                        return
+                    handed = self._handing = self._held.popleft()
+                queue = self.worker.queue
+                if self.worker.closed:
+                    serving = _serving(queue.path, self)
+                    if serving is not None:  # a writer made for the file since takes it
+                        with self._settled:
+                            self._handing = None
+                            self._unsettle(handed)
+                        if not handed.forgotten:
+                            serving._offer(handed)
+                        continue
+                    if late is None:
+                        late = JobQueue(queue.path, open_later=True)
+                    queue = late
+                if not handed.tried:
+                    done = self._first_try(handed, queue, late=queue is late)
+                    with self._settled:
+                        self._handing = None
+                        if not done and not handed.forgotten:
+                            self._held.appendleft(handed)  # first again: the order is kept
+                        self._settled.notify_all()
+                    continue
+                queued = False
+                try:
+                    job_id = queue.put(
+                        handed.kind,
+                        handed.memory.user_id,
+                        handed.payload,
+                        created_at=handed.created_at,
+                        on_queued=lambda job_id: self._queued(
+                            handed,  # noqa: B023
+                            job_id,
+                            late=queue is late,  # noqa: B023
+                        ),
                     )
-            with self._settled:
-                self._handing = None
-                if not queued and not handed.forgotten:
-                    self._held.appendleft(handed)  # first again: the order is kept
-                self._settled.notify_all()
-            if queued:
-                if failing:
-                    log.warning("job queue %s: held memory work queued", self.worker.queue.path)
-                pause, failing = 0.05, 0
-                self._notify(handed.kind, handed.memory.user_id)
-            elif self.worker.closed:
-                self._drop_held("the job queue is closed")
-                return
-            else:
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
+                    queued = True
+                    if handed.forgotten:  # forget() gave up waiting for it: delete it again
+                        queue.complete(job_id)
+                except Exception as exc:
+                    if queue is late or not self.worker.closed:  # (else: closed meanwhile)
+                        failing += 1
+                        if failing == 1 or failing % 60 == 0:
+                            log.warning(
+                                "job queue %s: still cannot queue held memory work (%d tries): %s",
+                                queue.path,
+                                failing,
+                                f"{type(exc).__name__}: {exc}".splitlines()[0],
+                            )
+                with self._settled:
+                    self._handing = None
+                    if not queued and not handed.forgotten:
+                        self._held.appendleft(handed)  # first again: the order is kept
+                    self._settled.notify_all()
+                if queued:
+                    if failing:
+                        log.warning("job queue %s: held memory work queued", queue.path)
+                    pause, failing = 0.05, 0
+                    if queue is not late:
+                        self._notify(handed.kind, handed.memory.user_id)
+                elif failing:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 2.0)
+        finally:
+            if late is not None:
+                late.close()
 
     def _drop_held(self, why: str) -> None:
         """Give up the work held in memory (counted as ``store_failures`` and logged)."""
@@ -842,6 +922,17 @@ def forget_queued(memory: MemoryStore, timeout: float | None) -> int:
 
 _writers: dict[str, MemoryWriter] = {}
 _writers_lock = threading.Lock()
+_every_writer: weakref.WeakSet[MemoryWriter] = weakref.WeakSet()  # also those closed since
+
+
+def _serving(path: str, closed: MemoryWriter) -> MemoryWriter | None:
+    """The open writer of the queue file at ``path`` made after ``closed`` was closed. Read
+    without ``_writers_lock``, held while a writer is made (which opens its file): this is
+    on a chat call's path (one dictionary read is atomic)."""
+    writer = _writers.get(path)
+    if writer is None or writer is closed or writer.worker.closed:
+        return None
+    return writer
 
 
 def writer_for(path: Path, *, backoff: Backoff | None = None) -> MemoryWriter:
@@ -851,6 +942,7 @@ def writer_for(path: Path, *, backoff: Backoff | None = None) -> MemoryWriter:
         writer = _writers.get(key)
         if writer is None or writer.worker.closed:
             writer = _writers[key] = MemoryWriter(Path(key), backoff=backoff)
+            _every_writer.add(writer)
             global _exit_hook
             if not _exit_hook:  # after the job workers' own: runs before them, at exit
                 atexit.register(_hand_over_at_exit)
@@ -866,7 +958,7 @@ def _hand_over_at_exit() -> None:
     to reach the queue files, before their workers drain and close; say what is lost."""
     deadline = time.monotonic() + HAND_OVER_AT_EXIT
     with _writers_lock:
-        writers = list(_writers.values())
+        writers = list(_every_writer)
     for writer in writers:
         if not writer._wait_handed_over(deadline):
             writer._drop_held("the process exited before the queue file could be written")

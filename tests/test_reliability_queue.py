@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import HashEmbedder, RememberingModel
 
 from headroom_memory_integrations import writer
@@ -126,3 +127,119 @@ def test_work_held_for_a_locked_file_is_all_queued_and_forget_user_drops_it(
     for name in ("jobs.sqlite3", "jobs.sqlite3-wal"):
         if (tmp_path / name).exists():
             assert b"Keeps bees" not in (tmp_path / name).read_bytes()
+
+
+# -- a store closed while one of its calls waits for the model -------------------------------------
+
+EXTRACTED = '{"memories": [{"text": "Has a dog named Rex", "category": "fact"}]}'
+
+
+class HeldModel:
+    """Answers "Noted." with the block of "Has a dog named Rex" (inline), or that memory as an
+    extraction answer; the first chat answer waits until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.asked, self.release = threading.Event(), threading.Event()
+        self.inline = RememberingModel(
+            "Noted.", [{"text": "Has a dog named Rex", "category": "fact"}]
+        )
+
+    def __call__(self, body: dict):
+        if "You maintain long-term memory" in str(body["messages"][0].get("content")):
+            return EXTRACTED
+        self.asked.set()
+        assert self.release.wait(30)
+        return self.inline(body)
+
+
+def call_while_closing(client, model: HeldModel, between=lambda: None) -> threading.Thread:
+    """Start a call, close the client's store while the model has not answered yet (as an
+    application shutting it down from another thread), run ``between``, let the model
+    answer; returns the call's thread, joined."""
+    answered: list[str] = []
+    call = threading.Thread(
+        target=lambda: answered.append(
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "I have a dog named Rex."}]
+            )
+            .choices[0]
+            .message.content
+        )
+    )
+    call.start()
+    assert model.asked.wait(30)
+    assert client.memory.close(5)  # the last store on the file: its workers and queue close
+    between()
+    model.release.set()
+    call.join(30)
+    assert answered and "Rex" not in answered[0] and "memory" not in answered[0]
+    return call
+
+
+def queued_jobs(path: Path, deadline: float = 10.0) -> list[tuple[str, str]]:
+    """The jobs in the queue file, once there are some (or after ``deadline`` seconds)."""
+    import sqlite3
+
+    ends = time.monotonic() + deadline
+    while True:
+        with sqlite3.connect(path) as connection:
+            jobs = connection.execute("SELECT kind, payload FROM jobs").fetchall()
+        if jobs or time.monotonic() > ends:
+            return jobs
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["fast", "background"])
+def test_a_call_under_way_when_its_store_is_closed_leaves_its_memory_queued(
+    openai_server, tmp_path, mode
+) -> None:
+    """close() stops serving the store's work, "what is left stays queued": that includes the
+    work of a call still waiting for its answer (before: "job queue ... is closed", counted as
+    a store failure, and the memory lost)."""
+    from headroom_memory_integrations.openai import with_memory
+
+    model = HeldModel()
+    openai_server.responder = model
+    wrap = with_fast_memory if mode == "fast" else with_memory
+    embedder = HashEmbedder()
+    client = wrap(openai_server.client(), user_id="alice", db_path=tmp_path, embedder=embedder)
+    client.memory.add("Plays the cello")
+    call_while_closing(client, model)
+    assert client.memory.counters["store_failures"] == 0
+    jobs = queued_jobs(tmp_path / "jobs.sqlite3")
+    assert [kind for kind, _ in jobs] == ["store" if mode == "fast" else "extract"], jobs
+    assert "Rex" in jobs[0][1]
+    # a later wrapper (here, or the next process) runs it
+    later = wrap(openai_server.client(), user_id="alice", db_path=tmp_path, embedder=embedder)
+    assert later.memory.flush(30)
+    texts = sorted(m.text for m in later.memory.get_all())
+    assert texts == ["Has a dog named Rex", "Plays the cello"], texts
+    later.close()
+
+
+def test_a_call_under_way_when_its_store_is_closed_goes_to_the_wrapper_made_since(
+    openai_server, tmp_path
+) -> None:
+    """A wrapper made for the same folder after the close serves the late work at once: its
+    user's next call through it finds the memory (read-your-writes)."""
+    model = HeldModel()
+    openai_server.responder = model
+    embedder = HashEmbedder()
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=tmp_path, embedder=embedder
+    )
+    made: list = []
+
+    def make_another():
+        made.append(
+            with_fast_memory(
+                openai_server.client(), user_id="alice", db_path=tmp_path, embedder=embedder
+            )
+        )
+
+    call_while_closing(client, model, between=make_another)
+    later = made[0]
+    assert later.memory.flush(30)
+    assert [m.text for m in later.memory.get_all()] == ["Has a dog named Rex"]
+    assert client.memory.counters["store_failures"] == 0
+    later.close()
