@@ -24,6 +24,7 @@ call goes on without memory.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import (
     AsyncGenerator,
@@ -31,9 +32,11 @@ from collections.abc import (
     Callable,
     Generator,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -420,7 +423,7 @@ class MemoryFlow:
             }
             for m in memories
         ]
-        self.jobs.store(self.memory, items)
+        self._queue(lambda: self.jobs.store(self.memory, items))
 
     def finish_background(self, turn: Turn, answer: str | None) -> None:
         if self.inline or not turn.user_text:
@@ -428,7 +431,26 @@ class MemoryFlow:
         exchange = [{"role": "user", "content": clipped(turn.user_text)}]
         if answer:
             exchange.append({"role": "assistant", "content": clipped(answer)})
-        self.jobs.extract(self.memory, exchange, turn.injected, turn.model, turn.untrusted)
+        self._queue(
+            lambda: self.jobs.extract(
+                self.memory, exchange, turn.injected, turn.model, turn.untrusted
+            )
+        )
+
+    def _queue(self, work: Callable[[], None]) -> None:
+        """Queue memory work now, or, inside :func:`queued_later`, keep it for later."""
+        later = _later.get()
+        if later is None or later.closed:  # (a task started in the block, ending after it)
+            work()
+            return
+
+        def guarded() -> None:
+            try:
+                work()
+            except Exception:
+                self.failed("store_failures", "could not queue the answer's memories")
+
+        later.append(guarded)
 
     def failed(self, counter: str, message: str) -> None:
         """Count and log a failure the call survives."""
@@ -436,6 +458,40 @@ class MemoryFlow:
 
     def _user(self) -> str:
         return user_tag(self.memory.user_id)
+
+
+class _Later(list[Callable[[], None]]):
+    """Memory work kept by :func:`queued_later`; ``closed`` once its block has ended."""
+
+    closed = False
+
+
+_later: contextvars.ContextVar[_Later | None] = contextvars.ContextVar(
+    "headroom_memory_queued_later", default=None
+)
+
+
+@contextmanager
+def queued_later() -> Iterator[list[Callable[[], None]]]:
+    """The memory work the flows queue inside the block (a finished answer's: a write to the
+    job queue file) is kept in the list this yields instead: an async caller on the event
+    loop's thread runs it off the loop with :func:`run_queued`. Work of a thread or task
+    started inside the block (which copies the context) is kept there too."""
+    later = _Later()
+    token = _later.set(later)
+    try:
+        yield later
+    finally:
+        _later.reset(token)
+        later.closed = True
+
+
+async def run_queued(later: list[Callable[[], None]]) -> None:
+    """Run the work :func:`queued_later` kept, in a thread, off the event loop."""
+    if later:
+        work = list(later)
+        later.clear()
+        await asyncio.to_thread(lambda: [each() for each in work])
 
 
 class AnswerStream:
@@ -568,7 +624,11 @@ async def aedited(
     down leave the stream as ``close()`` does).
 
     Args:
-        end_in_thread: Finish the stream in a worker thread, off the event loop.
+        end_in_thread: Finish the stream (:meth:`ItemEditor.end`: its memory work, a write
+            to the job queue file) in a worker thread, off the event loop. An item that
+            finishes the answer (a chunk with a finish reason, the Responses API's final
+            event) has its memory work queued in a thread too (:func:`queued_later`), before
+            the item is shown.
     """
     ended = False
     try:
@@ -581,9 +641,13 @@ async def aedited(
             except Exception:
                 if finish_on_error:
                     ended = True
-                    editor.end()
+                    await asyncio.to_thread(editor.end) if end_in_thread else editor.end()
                 raise
-            for shown in editor.edit(item):
+            with queued_later() as later:  # an item may finish the answer (a last chunk)
+                edited_items = editor.edit(item)
+            if later:
+                await run_queued(later)
+            for shown in edited_items:
                 yield shown  # the caller's leaving is raised here
         ended = True
         last = await asyncio.to_thread(editor.end) if end_in_thread else editor.end()

@@ -9,6 +9,7 @@ and run again has its effect exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import hashlib
 import logging
@@ -121,6 +122,15 @@ class _Handed:
     # whether one try of QUEUE_WAIT_SECONDS found the file locked: from then on it waits for
     # the file; until then, a file that cannot be written at all drops it (as a caller's try)
     tried: bool = field(default=False)
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread runs an asyncio event loop (file I/O here would freeze it)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class ExtractionTimeout(TimeoutError):
@@ -533,10 +543,11 @@ class MemoryWriter:
         :data:`QUEUE_WAIT_SECONDS` for it (never holding a lock another user's call needs),
         else handing it to the hand-over thread (nothing is lost while the process lives).
 
-        Behind work held already, the work is handed over at once. Once this writer is
-        closed (``close()`` of the last store on the file, while a call was under way), the
-        work goes to the writer made for the file since, if any, else into the file for the
-        next one (a later wrapper in this process, or the next process)."""
+        The caller never touches the file on an event loop's thread (the whole loop would wait
+        for it): there, and behind work held already, the work is handed over at once. Once
+        this writer is closed (``close()`` of the last store on the file, while a call was
+        under way), the work goes to the writer made for the file since, if any, else into
+        the file for the next one (a later wrapper in this process, or the next process)."""
         with self._lock:
             extractor = _newest_usable(self._extractors.get(memory)) if kind == "extract" else None
         try:
@@ -560,7 +571,7 @@ class MemoryWriter:
                 self._unsettled.setdefault(handed.memory.user_id, set()).add(handed)
             # held work goes first: jobs reach the file in the order they came
             hand_over = bool(self._held) or self._handing is not None
-            if hand_over or self.worker.closed:
+            if hand_over or self.worker.closed or _on_event_loop():
                 self._hold(handed)
                 return
         if not self._first_try(handed, self.worker.queue, late=False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -556,5 +557,39 @@ def test_a_structured_stream_gets_memories_but_teaches_nothing(streamed, db_path
     sent = brain.requests[-1]
     assert "<user-memories>" in json.dumps(sent)  # the memories relevant to the prompt ...
     assert "<memory-" not in json.dumps(sent)  # ... but no instruction: a prompt is not the user's
+    flush(llm.memory)
+    assert [m.text for m in llm.memory.get_all()] == [FACT]
+
+
+@pytest.mark.parametrize("method", ["achat", "astream_chat"])
+@pytest.mark.parametrize("base", [ScriptedLLM, InstrumentedLLM])
+def test_async_calls_queue_their_memory_work_off_the_event_loop(
+    method, base, new_llm, monkeypatch
+) -> None:
+    """The memory work of an async call (a write to the job queue file), also the one an
+    instrumented LLM's end event does, runs in a thread, never on the event loop's thread,
+    and is in the file when the call (the stream) ends."""
+    from headroom_memory_integrations.jobs import JobQueue
+
+    threads: list[int] = []
+    original = JobQueue.put
+
+    def put(queue, *args, **kwargs):
+        threads.append(threading.get_ident())
+        return original(queue, *args, **kwargs)
+
+    monkeypatch.setattr(JobQueue, "put", put)
+    llm = new_llm(base=base())
+
+    async def main() -> int:
+        if method == "astream_chat":
+            async for _ in await llm.astream_chat(messages(FACT)):
+                pass
+        else:
+            await llm.achat(messages(FACT))
+        assert len(threads) == 1  # in the file already
+        return threading.get_ident()
+
+    assert asyncio.run(main()) not in threads
     flush(llm.memory)
     assert [m.text for m in llm.memory.get_all()] == [FACT]

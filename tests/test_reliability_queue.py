@@ -5,6 +5,7 @@ the file can be written."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 from conftest import HashEmbedder, RememberingModel
 
 from headroom_memory_integrations import writer
+from headroom_memory_integrations.jobs import JobQueue
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.writer import READ_YOUR_WRITES_SECONDS
 
@@ -243,3 +245,146 @@ def test_a_call_under_way_when_its_store_is_closed_goes_to_the_wrapper_made_sinc
     assert [m.text for m in later.memory.get_all()] == ["Has a dog named Rex"]
     assert client.memory.counters["store_failures"] == 0
     later.close()
+
+
+# -- async calls never write the queue file on the event loop's thread -----------------------------
+
+
+class PutThreads:
+    """Records the thread of every ``JobQueue.put`` (the write to the queue file)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.threads: list[int] = []
+        original = JobQueue.put
+
+        def put(queue, *args, **kwargs):
+            self.threads.append(threading.get_ident())
+            return original(queue, *args, **kwargs)
+
+        monkeypatch.setattr(JobQueue, "put", put)
+
+
+def test_an_async_call_under_a_locked_queue_file_does_not_freeze_the_event_loop(
+    openai_server, tmp_path, monkeypatch
+) -> None:
+    """The queue file locked by another process: an async call's memory work waits for it
+    (QUEUE_WAIT_SECONDS, then held) in a thread, never on the event loop's thread, which
+    every other task of the application shares (before: the whole loop stood still 0.25 s
+    per call), and the memory is stored once the lock goes."""
+    model = RememberingModel("Noted.", [])
+    openai_server.responder = model
+    embedder = HashEmbedder()
+    client = with_fast_memory(
+        openai_server.async_client(), user_id="alice", db_path=tmp_path, embedder=embedder
+    )
+    puts = PutThreads(monkeypatch)
+
+    async def main():
+        messages = [{"role": "user", "content": "Hello"}]
+        await client.chat.completions.create(model="gpt-4o", messages=messages)
+        await asyncio.to_thread(client.memory.flush, 30)
+        holder = hold_queue_lock(tmp_path / "jobs.sqlite3", 3.0)
+        try:
+            model.memories = [{"text": "Lives in Lyon", "category": "fact"}]
+            messages = [{"role": "user", "content": "I live in Lyon"}]
+            await client.chat.completions.create(model="gpt-4o", messages=messages)
+            assert holder.poll() is None, "the lock was let go too early for this test to say"
+        finally:
+            await asyncio.to_thread(holder.wait, 30)
+        assert await asyncio.to_thread(client.memory.flush, 30)
+        await client.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert len(puts.threads) == 2  # the try that found the file locked, the held work's
+    assert loop_thread not in puts.threads
+    assert client.memory.counters["queue_delays"] == 1
+    assert sorted(m.text for m in client.memory.get_all()) == ["Lives in Lyon"]
+
+
+def test_no_async_path_writes_the_queue_file_on_the_event_loop(
+    openai_server, tmp_path, monkeypatch
+) -> None:
+    """Every async way of calling the model (create, a stream, with_raw_response plain and
+    streamed, with_streaming_response, the Responses API) queues its memory work off the event
+    loop's thread; a whole answer's, or a finished stream's, before the call (the stream)
+    returns: a crash right after it loses nothing."""
+    model = RememberingModel("Noted.", [{"text": "Likes tea", "category": "fact"}])
+    model.chunk_size = 4
+    openai_server.responder = model
+    client = with_fast_memory(
+        openai_server.async_client(), user_id="alice", db_path=tmp_path, embedder=HashEmbedder()
+    )
+    puts = PutThreads(monkeypatch)
+    request = {"model": "gpt-4o", "messages": [{"role": "user", "content": "I like tea"}]}
+    completions = client.chat.completions
+
+    async def main():
+        async def create():
+            await completions.create(**request)
+
+        async def stream():
+            async for _ in await completions.create(**request, stream=True):
+                pass
+
+        async def raw():
+            raw = await completions.with_raw_response.create(**request)
+            raw.parse()  # openai's parse() is synchronous: the work was done before it
+
+        async def raw_stream():
+            raw = await completions.with_raw_response.create(**request, stream=True)
+            async for _ in raw.parse():
+                pass
+
+        async def streaming_response():
+            async with completions.with_streaming_response.create(**request) as response:
+                await response.parse()
+
+        async def responses():
+            await client.responses.create(model="gpt-4o", input="I like tea")
+
+        for way in (create, stream, raw, raw_stream, streaming_response, responses):
+            before = len(puts.threads)
+            await way()
+            assert len(puts.threads) == before + 1, way.__name__  # in the file already
+        assert await asyncio.to_thread(client.memory.flush, 30)
+        await client.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert loop_thread not in puts.threads
+
+
+def test_memory_work_queued_on_an_event_loops_thread_is_handed_to_a_thread(
+    openai_server, tmp_path, monkeypatch
+) -> None:
+    """Work queued on the event loop's thread anyway (a Responses API stream finishes its
+    answer at its final event; a synchronous client called in a coroutine) is handed to the
+    queue's hand-over thread at once, never written there, and is stored all the same."""
+    model = RememberingModel("Noted.", [{"text": "Likes tea", "category": "fact"}])
+    model.chunk_size = 4
+    openai_server.responder = model
+    embedder = HashEmbedder()
+    aclient = with_fast_memory(
+        openai_server.async_client(), user_id="alice", db_path=tmp_path, embedder=embedder
+    )
+    client = with_fast_memory(openai_server.client(), memory=aclient.memory)
+    puts = PutThreads(monkeypatch)
+
+    async def main():
+        async for _ in await aclient.responses.create(
+            model="gpt-4o", input="I like tea", stream=True
+        ):
+            pass
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "I like tea"}]
+        )
+        assert await asyncio.to_thread(aclient.memory.flush, 30)
+        await aclient.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert len(puts.threads) == 2
+    assert loop_thread not in puts.threads
+    assert [m.text for m in aclient.memory.get_all()] == ["Likes tea"]
+    assert aclient.memory.counters["store_failures"] == 0

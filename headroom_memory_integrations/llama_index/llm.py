@@ -48,7 +48,17 @@ from llama_index.core.types import TokenAsyncGen, TokenGen
 from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..errors import InvalidInputError
-from ..flow import AnswerStream, MemoryFlow, Turn, aedited, edited, insert_before, user_words
+from ..flow import (
+    AnswerStream,
+    MemoryFlow,
+    Turn,
+    aedited,
+    edited,
+    insert_before,
+    queued_later,
+    run_queued,
+    user_words,
+)
 from ..prompts import block_tags, inline_extraction_allowed
 from ..storage import Storage
 from ..wiring import FlowSettings, build_flow, open_memory
@@ -453,9 +463,11 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = await asyncio.to_thread(self._before, messages, kwargs, _for_a_turn())
-        with self._viewed(_Events(self, call)):
+        # its end event may finish the answer (see _Events): its memory work waits for below
+        with self._viewed(_Events(self, call)), queued_later() as later:
             response = await self._llm.achat(call.messages, **kwargs)
-        return self._answer(call, response)
+        await run_queued(later)
+        return await asyncio.to_thread(self._answer, call, response)
 
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
@@ -465,7 +477,7 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
         with self._viewed(events):
             stream = await self._llm.astream_chat(call.messages, **kwargs)
         responses = astepped(stream, lambda: self._viewed(events))
-        return aedited(responses, self._stream(call), finish_on_error=True)
+        return aedited(responses, self._stream(call), finish_on_error=True, end_in_thread=True)
 
     # -- LlamaIndex's prompts: memories injected, nothing learnt ------------------------------
 

@@ -93,8 +93,9 @@ class _Calls(_Passthrough):
 
 
 class _AsyncCalls(_Calls):
-    """:class:`_Calls` of an async client: searching runs off the event loop (openai's async
-    ``stream`` helper calls the async ``create``)."""
+    """:class:`_Calls` of an async client: the memory work before and after the model call
+    (searching; queueing what the answer left, a write to the job queue file) runs off the
+    event loop, in a thread (openai's async ``stream`` helper calls the async ``create``)."""
 
     async def create(self, **kwargs: Any) -> Any:
         """``await create(...)`` with memory; same arguments and results."""
@@ -109,7 +110,7 @@ class _AsyncCalls(_Calls):
         result = await method(**call.request)
         if kwargs.get("stream"):
             return AsyncMemoryStream(result, self._flow.editor(call))
-        return self._flow.after(call, result)
+        return await asyncio.to_thread(self._flow.after, call, result)
 
     @property
     def with_raw_response(self) -> _RawCalls:
@@ -142,7 +143,9 @@ class _RawCalls(_Passthrough):
 
 
 class _AsyncRawCalls(_RawCalls):
-    """``with_raw_response`` of an async client's ``chat.completions`` or ``responses``."""
+    """``with_raw_response`` of an async client's ``chat.completions`` or ``responses``: the
+    memory work of a whole answer is done before the call returns, in a thread (openai's
+    ``parse()`` of it is synchronous, so it would do it on the event loop)."""
 
     async def create(self, **kwargs: Any) -> Any:
         return await self._call_async(self._wrapped.create, kwargs)
@@ -157,7 +160,10 @@ class _AsyncRawCalls(_RawCalls):
         edits = ResponseEdits(
             self._flow, call, streamed=bool(kwargs.get("stream")), asynchronous=True
         )
-        return MemoryRawResponse(await method(**call.request), edits)
+        raw = MemoryRawResponse(await method(**call.request), edits)
+        if not edits.streamed:
+            await asyncio.to_thread(raw.finish)
+        return raw
 
 
 class _StreamingCalls(_Passthrough):

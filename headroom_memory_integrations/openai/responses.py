@@ -26,6 +26,7 @@ The same objects serve ``chat.completions`` and the Responses API's ``responses`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
@@ -71,6 +72,13 @@ class ResponseEdits:
             self._finished = True
             return self.flow.after(self.call, parsed)
         return parsed
+
+    async def acompletion(self, parsed: Any) -> Any:
+        """:meth:`completion`, its memory work (a write to the job queue file) done off the
+        event loop."""
+        if self._finished:
+            return parsed
+        return await asyncio.to_thread(self.completion, parsed)
 
     def stream(self, parsed: Any) -> Any:
         """The filtered stream around openai's parsed one (the same one on every call)."""
@@ -170,6 +178,12 @@ class _SyncEditedResponse(_EditedResponse):
             return completion
         return edits.other_form(to, self._body, lambda: self._wrapped.parse(to=to))
 
+    def finish(self) -> None:
+        """Do a whole answer's memory work now (an async client's call does, in a thread);
+        an answer that cannot be parsed is left for :meth:`parse` to report."""
+        with contextlib.suppress(Exception):
+            self.parse()
+
 
 class MemoryRawResponse(_SyncEditedResponse):
     """What ``chat.completions.with_raw_response.create`` / ``.parse`` return on a memory
@@ -254,7 +268,7 @@ class AsyncMemoryStreamedResponse(_EditedResponse):
         if edits.streamed:
             edits.refuse_other_stream_form(to)
             return edits.stream(await self._wrapped.parse())
-        completion = edits.completion(await self._wrapped.parse())
+        completion = await edits.acompletion(await self._wrapped.parse())
         if to is None:
             return completion
         body = self._edits.body(await self._wrapped.read())

@@ -46,12 +46,13 @@ class MemoryStream(_Passthrough):
 
 
 class AsyncMemoryStream(_Passthrough):
-    """The async twin of :class:`MemoryStream`."""
+    """The async twin of :class:`MemoryStream`: the memory work at the stream's end is done
+    off the event loop."""
 
     def __init__(self, stream: Any, editor: ItemEditor) -> None:
         super().__init__(stream)
         self._editor = editor
-        self._items = aedited(stream, editor)
+        self._items = aedited(stream, editor, end_in_thread=True)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._items
