@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import pytest
 from _langgraph_support import chat_model, request_text, run_async, tool_messages
 from langchain.agents import create_agent
+from langchain.tools import ToolRuntime
 from langchain_core.messages import AnyMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
@@ -613,3 +616,22 @@ def test_a_namespace_user_reaches_its_memories_through_the_tools(openai_server, 
     )
     found = search.invoke({"query": "Which tea do I like?"})
     assert "Prefers green tea" in found
+
+
+def test_the_runtime_argument_is_injected_whatever_python_makes_of_its_default() -> None:
+    """Python 3.10 reads ``runtime: ToolRuntime = None`` as ``Optional[ToolRuntime]``, which
+    LangChain took for an argument of the model's: no JSON schema could describe it, and every
+    agent given the memory tools failed. Written here as 3.10 reads it, on any Python."""
+    from headroom_memory_integrations.langchain.tools import _tool
+
+    def look_up(
+        query: str,
+        *,
+        config: RunnableConfig,
+        runtime: Optional[ToolRuntime[Any, Any]] = None,  # noqa: UP045  # as 3.10 reads it
+    ) -> str:
+        return f"{query}: {runtime is None}"
+
+    tool = _tool(look_up, name="look_up", description="Looks a query up.")
+    assert list(convert_to_openai_tool(tool)["function"]["parameters"]["properties"]) == ["query"]
+    assert tool.invoke({"query": "tea"}) == "tea: True"  # called outside an agent

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -18,7 +18,7 @@ from langchain.tools import ToolRuntime
 from langchain_core.messages import BaseMessage, ToolMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool, StructuredTool, ToolException
-from pydantic import Field
+from pydantic import BaseModel, Field, create_model
 
 from ..embeddings import Embedder
 from ..engine import MAX_TOP_K, MemoryStore, query_tail
@@ -213,7 +213,7 @@ def create_search_memory_tool(
             raise ToolException(_unavailable(store, "search", exc)) from exc
         return _listing(found), [_described(m, score) for m, score in found]
 
-    return StructuredTool.from_function(
+    return _tool(
         search_memory,
         name=name,
         description=_SEARCH_DESCRIPTION,
@@ -308,13 +308,32 @@ def create_manage_memory_tool(
         except StorageError as exc:
             raise ToolException(_unavailable(store, action, exc)) from exc
 
-    return StructuredTool.from_function(
+    return _tool(
         manage_memory,
         name=name,
         description=_MANAGE_DESCRIPTION,
         response_format="content_and_artifact",
         handle_tool_error=True,
     )
+
+
+_RUNTIME = ToolRuntime[Any, Any]
+
+
+def _tool(function: Callable[..., Any], **options: Any) -> StructuredTool:
+    """``StructuredTool.from_function(function, **options)``, whose ``runtime`` argument
+    LangChain injects on every Python: Python 3.10 reads ``runtime: ToolRuntime = None`` as
+    ``Optional[ToolRuntime]``, which LangChain then takes for an argument the model fills (and
+    cannot describe to it: every agent given the tool failed)."""
+    tool = StructuredTool.from_function(function, **options)
+    schema = tool.args_schema
+    assert isinstance(schema, type) and issubclass(schema, BaseModel)
+    runtime = schema.model_fields.get("runtime")
+    if runtime is not None and runtime.annotation != _RUNTIME:
+        fields: dict[str, Any] = {n: (f.annotation, f) for n, f in schema.model_fields.items()}
+        fields["runtime"] = (_RUNTIME, None)
+        tool.args_schema = create_model(schema.__name__, __config__=schema.model_config, **fields)
+    return tool
 
 
 def _unavailable(store: MemoryStore, action: str, error: StorageError) -> str:
