@@ -11,7 +11,9 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   been"), number words ("seven" = "7", "3pm" = "3 pm" = "15:00"), British spellings, the
   order of an "A and B" list or of phrases that keep their prepositions ("Works at Stripe as
   an engineer"), and names spelled as one word ("VS Code" = "VSCode"). Symbols are words ("$"
-  and "€", ">" and "<", "%", emoji). Every duplicate passes :func:`says_nothing_new`, which
+  and "€", ">" and "<", "%", emoji), and so are quote marks right after a number, units there
+  ("6'" and '6"': feet and inches); a number written without its leading zero is that number
+  (".5" = "0.5", never "5"). Every duplicate passes :func:`says_nothing_new`, which
   compares the words as written: a word replaced by another, even a word form ("Lived" for
   "Lives", "daughters" for "daughter"), a word left out ("Is allergic to apples" after "... to
   raw apples") or an acronym for a name ("SF" may be San Francisco or Santa Fe) is never a
@@ -299,14 +301,27 @@ _SIGNS = (
 "Blood type is A-" say different things); as tokens they are values, like numbers. Not inside
 an e-mail or web address, and not a hyphen between a word and a number ("COVID-19", "Model-3"
 read the same as "COVID 19"; "UTC+2" / "UTC-2" still differ by the "+")."""
-_SIGN_WORDS = frozenset({"signplus", "signsharp", "signminus"})
+_SIGN_WORDS = frozenset({"signplus", "signsharp", "signminus", "signprime", "signdoubleprime"})
+_LEADING_POINT = re.compile(r"(?<![\w.,])[.,](?=\d)")
+"""The point of a number written without its leading zero (".5", "$.50", "-.5", ",5"): a zero
+is put before it (".5" = "0.5"), so that the point is kept with the number and ".5" never reads
+as "5"."""
+_PRIMES = (
+    ('"\u201d\u2033', '"\u201c\u201d', " signdoubleprime "),
+    ("'\u2019\u2032", "'\u2018\u2019", " signprime "),
+)
+"""Quote marks (and primes) right after a number are units (6' = 6 feet, 6" = 6 inches; minutes
+and seconds of arc or time): made words as signs are, unless they close a quotation opened
+before them ('Favourite song is "Take 5"'), or start a word ("1990's"). Each with the quote
+marks of its kind, which open and close quotations."""
 
 
 def _spelled_out(text: str) -> str:
-    """``text`` with its signs spelled as words (:data:`_SIGNS`, "20%" = "20 percent") and its
-    dotted abbreviations written without dots ("Ph.D." = "PhD", "U.K." = "UK", "11 p.m." = "11
-    pm"), outside e-mail and web addresses."""
-    if not any(mark in text for mark in "+#-.%\u2013\u2212"):
+    """``text`` with its signs spelled as words (:data:`_SIGNS`, "20%" = "20 percent", quote
+    marks that are units: :data:`_PRIMES`), a zero before a number's leading point (".5" =
+    "0.5") and its dotted abbreviations written without dots ("Ph.D." = "PhD", "U.K." = "UK",
+    "11 p.m." = "11 pm"), outside e-mail and web addresses."""
+    if not any(mark in text for mark in "+#-.,%'\"\u2013\u2212\u2019\u201d\u2032\u2033"):
         return text
     if not _may_hold_address(text):
         return _spell(text)
@@ -323,6 +338,28 @@ _DOTTED = re.compile(r"\b(?:[^\W\d_]{1,2}\.){2,}")
 _PERCENT = re.compile(r"(?<=\d)\s*%")
 
 
+_UNIT_MARK = re.compile(rf"(?<=\d)[{''.join(units for units, _, _ in _PRIMES)}](?![^\W\d_])")
+_QUOTES = {
+    unit: (
+        re.compile(rf"(?:^|(?<=[\s(\[{{]))[{marks}](?=\S)"),  # opens a quotation
+        re.compile(rf"(?<=\S)[{marks}](?![^\W\d_])"),  # closes one
+        word,
+    )
+    for units, marks, word in _PRIMES
+    for unit in units
+}
+
+
+def _unit_mark(mark: re.Match[str]) -> str:
+    """The word for a quote mark after a number (:data:`_PRIMES`), or the mark itself where it
+    closes a quotation opened before it and not closed since."""
+    opening, closing, word = _QUOTES[mark.group()]
+    opened = [found.end() for found in opening.finditer(mark.string, 0, mark.start())]
+    if opened and not closing.search(mark.string, opened[-1], mark.start()):
+        return mark.group()
+    return word
+
+
 def _may_hold_address(text: str) -> bool:
     """Whether ``text`` may hold an e-mail or web address (:data:`_IDENTIFIER`)."""
     return "@" in text or "://" in text or "www." in text
@@ -331,8 +368,12 @@ def _may_hold_address(text: str) -> bool:
 def _spell(text: str) -> str:
     if "." in text:
         text = _DOTTED.sub(lambda dotted: dotted.group().replace(".", ""), text)
+    if "." in text or "," in text:
+        text = _LEADING_POINT.sub(lambda point: "0" + point.group(), text)  # ".5" = "0.5"
     if "%" in text:
         text = _PERCENT.sub(" percent", text)  # "20%" = "20 percent"
+    if _UNIT_MARK.search(text):
+        text = _UNIT_MARK.sub(_unit_mark, text)  # 6' = 6 feet, 6" = 6 inches
     for pattern, word in _SIGNS:
         text = pattern.sub(word, text)
     return text
@@ -345,8 +386,9 @@ def _spell(text: str) -> str:
 def same_wording_key(text: str) -> str:
     """``text`` without case, punctuation and extra spacing: equal keys mean the same memory.
     Signs that change a value are kept as words ("A+" and "A-"), and so are symbols
-    ("$1500" and "€1500", ">100" and "<100", "20%", emoji) and the separators inside a number
-    ("2015-06-07", "120/80", "1.500" and "1,500")."""
+    ("$1500" and "€1500", ">100" and "<100", "20%", emoji), quote marks that are units ("6'"
+    and '6"') and the separators inside a number ("2015-06-07", "120/80", "1.500" and "1,500",
+    ".5" written "0.5")."""
     return " ".join(_surface_words(_spelled_out(text).casefold()))
 
 

@@ -88,6 +88,10 @@ def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, 
         ("Saves 20% of income", "Saves 20 percent of income"),
         ("Plans a follow-up visit in May", "Plans a follow up visit in May"),
         ("Had COVID-19 in 2021", "Had COVID 19 in 2021"),  # a hyphen, not a minus
+        ("Takes 0.5 mg of lorazepam", "Takes .5 mg of lorazepam"),  # the same number
+        ('Favourite song is "Take 5"', "Favourite song is Take 5"),  # a quote, not inches
+        ("Favourite album is 1989", "Favourite album is '1989'"),
+        ("Loves the music of the 90's", "Loves the music of the 90's!"),
     ],
 )
 def test_a_true_duplicate_is_merged(store: MemoryStore, old: str, new: str) -> None:
@@ -265,6 +269,22 @@ NEW_INFORMATION = [  # found by an adversarial review (stop 32), by class
     ("Balance is \u2013$ 300", "Balance is $ 300"),  # an en dash, a space
     ("Temperature is -.5 C", "Temperature is .5 C"),
     ("Budget is 20%", "Budget is 20"),
+    # 12 a number written without its leading zero read as the whole number, quote marks as
+    # units (feet and inches, minutes and seconds) stripped (a fifth review, stop 35)
+    ("Takes 5 mg of melatonin at night", "Takes .5 mg of melatonin at night"),
+    ("Takes .5 mg of melatonin at night", "Takes 5 mg of melatonin at night"),
+    ("Interest rate on the mortgage is 5%", "Interest rate on the mortgage is .5%"),
+    ("Takes 25 mg of Zoloft daily", "Takes .25 mg of Zoloft daily"),
+    ("Blood alcohol limit at work is 08", "Blood alcohol limit at work is .08"),
+    ("Coffee costs $50", "Coffee costs $.50"),
+    ("Temperature is -5 C", "Temperature is -.5 C"),
+    ("Takes ,5 mg of melatonin", "Takes 5 mg of melatonin"),  # a decimal comma
+    ("Is 6' tall", 'Is 6" tall'),
+    ('Is 6" tall', "Is 6' tall"),
+    ("Is 6' tall", "Is 6 tall"),
+    ("Is 6\u2032 tall", "Is 6\u2033 tall"),  # primes
+    ("Is 6\u2019 tall", "Is 6\u201d tall"),  # typographic quotes
+    ("Runs a mile in 6'30\"", "Runs a mile in 6\"30'"),
     ("✅ Pay rent", "❌ Pay rent"),
     ("Feels 😀 about the new job", "Feels 😢 about the new job"),
     # 13 singular -> plural (one -> several; one-off -> recurring)
