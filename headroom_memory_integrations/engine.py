@@ -44,7 +44,7 @@ from .lexical import lexical_scores
 from .storage.base import Storage, UserCollection
 from .storage.chroma import ChromaStorage
 from .types import Category, Memory, Revision, SearchResult, Source, storable_time, utc_now
-from .write_path import Remembered, WritePath
+from .write_path import Remembered, WritePath, rewritten
 
 DEFAULT_DB_PATH = "~/.headroom-memory"
 """Where memories are kept when no ``db_path`` is given (``$HEADROOM_MEMORY_DB`` overrides)."""
@@ -1037,7 +1037,9 @@ class MemoryStore(WritePath):
         ``replaces`` and ``keys``. Every item is
         checked before anything is written: one bad item raises and nothing is stored. Items
         are consolidated in order, with the stored memories and with the earlier items of
-        the batch (see :meth:`remember`), as if no one else wrote meanwhile: every store of the
+        the batch (see :meth:`remember`); an item that ``replaces`` a memory supersedes it in
+        its place too (the items before it are judged against the memory's old text, those
+        after it against its new one), as if no one else wrote meanwhile: every store of the
         user in the process waits for the others, and processes sharing a Chroma server settle
         what they wrote at the same moment (docs/reliability.md, section 5).
 
@@ -1154,28 +1156,9 @@ class MemoryStore(WritePath):
         keep_history: bool = True,
         at: datetime | None = None,
     ) -> Memory:
-        if (
-            text == old.text
-            and category in (None, old.category)
-            and metadata is None
-            and keys == old.keys
-        ):
+        updated = rewritten(old, text, category, metadata, keys, keep_history=keep_history, at=at)
+        if updated is old:
             return old  # nothing changes: replaying a supersede is harmless
-        revision = Revision(old.text, old.category, at or utc_now())
-        history = old.history
-        if not keep_history:
-            history = ()
-        elif text != old.text:
-            history = (*old.history, revision)
-        updated = replace(
-            old,
-            text=text,
-            category=category or old.category,
-            metadata=metadata if metadata is not None else old.metadata,
-            updated_at=revision.replaced_at,
-            history=history,
-            keys=keys,
-        )
         self._open().upsert([updated], vector.reshape(1, -1))
         return updated
 
@@ -1428,15 +1411,6 @@ class MemoryStore(WritePath):
         if item.replaces is not None and not isinstance(item.replaces, str):
             raise InvalidInputError(f"replaces must be a memory id string, got {item.replaces!r}")
         return item
-
-    def _supersede_if_present(
-        self, memory_id: str, draft: Memory, vector: Vectors, dated: bool
-    ) -> Memory | None:
-        found = self.get_many([memory_id])
-        if not found or (dated and found[0].updated_at > draft.updated_at):
-            return None  # (outdated: consolidation finds the newer memory and keeps it)
-        at = draft.updated_at if dated else None
-        return self._rewrite(found[0], draft.text, draft.category, None, draft.keys, vector, at=at)
 
     def _draft(self, item: NewMemory, source: Source, said_at: datetime | None = None) -> Memory:
         now = said_at or utc_now()

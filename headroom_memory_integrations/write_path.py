@@ -4,8 +4,10 @@ stored ones and written, holding the user's write lock.
 Each new memory is compared with its nearest stored memories and the batch's earlier items, word
 by word (:func:`.consolidation.relate`): it says nothing new (a duplicate: nothing is written),
 it changes one of them (it supersedes it, whose old text goes to ``history``), or it is stored
-beside them. With storage that other processes write too (a Chroma server), what they wrote
-meanwhile is settled after the write (:meth:`WritePath._reconcile`).
+beside them. One that names the memory it ``replaces`` supersedes that memory. Every item takes
+effect in its place in the batch: an earlier item never undoes a later one. With storage that
+other processes write too (a Chroma server), what they wrote meanwhile is settled after the
+write (:meth:`WritePath._reconcile`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +28,7 @@ from .embeddings.base import Vectors
 from .errors import HeadroomMemoryError
 from .storage.base import Catalogued, Storage, UserCollection
 from .storage.vectors import most_similar, one_blas_thread
-from .types import Memory, Revision, utc_now
+from .types import Category, Memory, Revision, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ class _Decision:
     outcome: Outcome
     target: str
     checked_text: str | None = None  # the stored text it was judged against (catalog copy)
+    named: bool = False  # the item named the memory it supersedes (``replaces``)
 
 
 class WritePath:
@@ -108,11 +112,6 @@ class WritePath:
     def _vectors(self, memories: Sequence[Memory]) -> Vectors:
         raise NotImplementedError
 
-    def _supersede_if_present(
-        self, memory_id: str, draft: Memory, vector: Vectors, dated: bool
-    ) -> Memory | None:
-        raise NotImplementedError
-
     def _remember(
         self,
         drafts: Sequence[Memory],
@@ -129,7 +128,9 @@ class WritePath:
 
         Args:
             wanted: The id each draft is stored under if it is new (see :meth:`_apply`).
-            replaces: Draft index -> the id of the memory it explicitly supersedes.
+            replaces: Draft index -> the id of the memory it explicitly supersedes. It does
+                so in its place in the batch, like every other item: the earlier items are
+                judged against the memory's text before, the later ones after.
             imported: The drafts are exported memories: their times and history are kept,
                 and one that updates a newer memory is outdated (see
                 :meth:`~.engine.MemoryStore.import_`).
@@ -139,14 +140,9 @@ class WritePath:
         dated = dated or imported
         collection = self._open(vectors.shape[1])
         with self._write_lock:
-            explicit = {
-                index: self._supersede_if_present(memory_id, drafts[index], vectors[index], dated)
-                for index, memory_id in replaces.items()
-            }
-            decisions, seen = self._consolidate(collection, drafts, vectors, explicit, dated)
-            results = self._apply(
-                collection, drafts, vectors, wanted, explicit, decisions, imported, dated
-            )
+            named = {m.id: m for m in _get_in_chunks(collection, list(replaces.values()))}
+            decisions, seen = self._consolidate(collection, drafts, vectors, replaces, named, dated)
+            results = self._apply(collection, drafts, vectors, wanted, decisions, imported, dated)
             if self._shared_with_other_processes():
                 try:
                     results = self._reconcile(collection, drafts, vectors, decisions, results, seen)
@@ -166,14 +162,20 @@ class WritePath:
         collection: UserCollection,
         drafts: Sequence[Memory],
         vectors: Vectors,
-        explicit: Mapping[int, Memory | None],
+        replaces: Mapping[int, str],
+        named: Mapping[str, Memory],
         dated: bool = False,
-    ) -> tuple[list[_Decision | None], dict[str, str]]:
-        """Decide, item by item, what each draft does (``None`` for an explicit supersede),
-        comparing it with its nearest stored memories and the batch's earlier items. Reads
-        texts only (whole records for ``dated`` drafts, whose times count: see
-        :meth:`_remember`): one nearest-neighbour query and one read per :data:`_READ_CHUNK`
-        items.
+    ) -> tuple[list[_Decision], dict[str, str]]:
+        """Decide, item by item, what each draft does, comparing it with its nearest stored
+        memories and the batch's earlier items. Reads texts only (whole records for ``dated``
+        drafts, whose times count: see :meth:`_remember`): one nearest-neighbour query and one
+        read per :data:`_READ_CHUNK` items.
+
+        An item that ``replaces`` a memory (one of ``named``, read already) supersedes it in
+        its place in the batch: the items before it are judged against the memory's old text,
+        the items after it against its new one. Unless the memory is not there, or the draft
+        is ``dated`` and the memory changed after it was said: the draft is then judged as
+        any other.
 
         Returns:
             The decisions, and the text of every stored memory they were made against (by id).
@@ -185,7 +187,7 @@ class WritePath:
         if dated:
             records = _get_in_chunks(collection, close)
             catalog = {m.id: Catalogued(m.text, m.category, m.keys) for m in records}
-            changed = {m.id: m.updated_at for m in records}
+            changed = {m.id: m.updated_at for m in [*named.values(), *records]}
         else:
             catalog = _catalog_in_chunks(collection, close)
         texts: dict[str, str] = {}  # id -> text, for memories this batch creates or rewrites
@@ -193,25 +195,30 @@ class WritePath:
         owner_of: dict[int, str] = {}  # batch row -> the id whose vector it is
         owns = np.zeros(len(drafts), dtype=bool)  # the rows in owner_of
         earlier = _earlier_neighbours(vectors, floor)
-        decisions: list[_Decision | None] = []
+        decisions: list[_Decision] = []
         for index, (draft, row) in enumerate(zip(drafts, neighbours)):
-            if explicit.get(index) is not None:
-                decisions.append(None)
-                continue
-            found = [
-                (cosine, memory_id, catalog[memory_id].text, catalog[memory_id].keys)
-                for memory_id, cosine in row
-                if memory_id not in texts and cosine >= floor and memory_id in catalog
-            ]
-            if owner_of:  # the nearest earlier items still current (stored or superseding)
-                rows, similar = earlier[index]
-                current = owns[rows]
-                kept = zip(rows[current].tolist(), similar[current].tolist())
-                for position, cosine in list(kept)[:CONSOLIDATION_NEIGHBOURS]:
-                    memory_id = owner_of[position]
-                    found.append((cosine, memory_id, texts[memory_id], drafts[position].keys))
-            found.sort(key=lambda candidate: candidate[0], reverse=True)
-            decision = self._judge(draft, found[:CONSOLIDATION_NEIGHBOURS], changed)
+            target = replaces.get(index)
+            if (
+                target is not None
+                and target in named
+                and (changed is None or changed.get(target, draft.updated_at) <= draft.updated_at)
+            ):
+                decision = _Decision(Outcome.SUPERSEDED, target, named=True)
+            else:
+                found = [
+                    (cosine, memory_id, catalog[memory_id].text, catalog[memory_id].keys)
+                    for memory_id, cosine in row
+                    if memory_id not in texts and cosine >= floor and memory_id in catalog
+                ]
+                if owner_of:  # the nearest earlier items still current (stored or superseding)
+                    rows, similar = earlier[index]
+                    current = owns[rows]
+                    kept = zip(rows[current].tolist(), similar[current].tolist())
+                    for position, cosine in list(kept)[:CONSOLIDATION_NEIGHBOURS]:
+                        memory_id = owner_of[position]
+                        found.append((cosine, memory_id, texts[memory_id], drafts[position].keys))
+                found.sort(key=lambda candidate: candidate[0], reverse=True)
+                decision = self._judge(draft, found[:CONSOLIDATION_NEIGHBOURS], changed)
             if decision.outcome is Outcome.SUPERSEDED and decision.target in vector_of:
                 replaced = vector_of[decision.target]
                 owner_of.pop(replaced, None)
@@ -280,8 +287,7 @@ class WritePath:
         drafts: Sequence[Memory],
         vectors: Vectors,
         wanted: Sequence[str],
-        explicit: Mapping[int, Memory | None],
-        decisions: Sequence[_Decision | None],
+        decisions: Sequence[_Decision],
         imported: bool,
         dated: bool,
     ) -> list[Remembered]:
@@ -295,22 +301,17 @@ class WritePath:
         (it was updated since) keeps it, and the new memory gets its placeholder id (a fresh
         id, for an imported one). A memory is never overwritten by a different one."""
         final: dict[str, str] = {}  # placeholder id of a draft -> the id it is stored under
-        targets = {d.target for d in decisions if d is not None} - {d.id for d in drafts}
+        targets = {d.target for d in decisions} - {d.id for d in drafts}
         probes = {
             wanted[index]
             for index, decision in enumerate(decisions)
-            if decision is not None and decision.outcome is Outcome.STORED
+            if decision.outcome is Outcome.STORED
         }
         stored = {m.id: m for m in _get_in_chunks(collection, list(targets | probes))}
         current: dict[str, Memory] = {}  # what this batch writes, by id
         row_of: dict[str, int] = {}
         results: list[Remembered] = []
         for index, (draft, decision) in enumerate(zip(drafts, decisions)):
-            if decision is None:
-                done = explicit[index]
-                assert done is not None  # an explicit supersede that found its target
-                results.append(Remembered(done, Outcome.SUPERSEDED))
-                continue
             target = final.get(decision.target, decision.target)
             existing = current.get(target) or stored.get(target)
             if decision.outcome is not Outcome.STORED and not _still_applies(
@@ -337,7 +338,20 @@ class WritePath:
                     row_of[existing.id] = index  # indexed as the restatement with its keys
                 results.append(Remembered(existing, Outcome.DUPLICATE))
                 continue
-            if decision.outcome is Outcome.SUPERSEDED:
+            if decision.outcome is Outcome.SUPERSEDED and decision.named:
+                assert existing is not None  # as MemoryStore.update would rewrite it
+                memory = rewritten(
+                    existing,
+                    draft.text,
+                    draft.category,
+                    None,
+                    draft.keys,
+                    at=draft.updated_at if dated else None,
+                )
+                if memory is existing:  # the same again: nothing to write
+                    results.append(Remembered(existing, Outcome.SUPERSEDED))
+                    continue
+            elif decision.outcome is Outcome.SUPERSEDED:
                 assert existing is not None
                 memory = _revised(existing, draft, at=draft.updated_at if dated else None)
             else:
@@ -359,7 +373,7 @@ class WritePath:
         collection: UserCollection,
         drafts: Sequence[Memory],
         vectors: Vectors,
-        decisions: Sequence[_Decision | None],
+        decisions: Sequence[_Decision],
         results: list[Remembered],
         seen: Mapping[str, str],
     ) -> list[Remembered]:
@@ -381,12 +395,8 @@ class WritePath:
         """
         written = {done.memory.id for done in results if done.outcome is not Outcome.DUPLICATE}
         new = [i for i, done in enumerate(results) if done.outcome is Outcome.STORED]
-        rewritten = [
-            i
-            for i, (done, decision) in enumerate(zip(results, decisions))
-            if done.outcome is Outcome.SUPERSEDED and decision is not None
-        ]
-        if not new and not rewritten:
+        superseding = [i for i, done in enumerate(results) if done.outcome is Outcome.SUPERSEDED]
+        if not new and not superseding:
             return results
         floor = CONSOLIDATION_MIN_SIMILARITY
         limit = CONSOLIDATION_NEIGHBOURS + 1  # the new memory itself is one of them
@@ -394,11 +404,7 @@ class WritePath:
         # A memory that was there when a draft was judged is settled, unless that judgement
         # fell through (the memory it duplicated was gone when written, so it was stored).
         judged = written | seen.keys()
-        fell_through = {
-            i
-            for i in new
-            if (decision := decisions[i]) is not None and decision.outcome is not Outcome.STORED
-        }
+        fell_through = {i for i in new if decisions[i].outcome is not Outcome.STORED}
         meanwhile = [  # near a new memory, and not judged with it
             [
                 (i, cosine)
@@ -408,10 +414,10 @@ class WritePath:
             for index, row in zip(new, rows)
         ]
         others = {memory_id for row in meanwhile for memory_id, _ in row}
-        if not others and not rewritten:
+        if not others and not superseding:
             return results  # the common case: nobody else wrote near these memories
         mine = {results[i].memory.id for i, row in zip(new, meanwhile) if row}
-        mine |= {results[i].memory.id for i in rewritten}
+        mine |= {results[i].memory.id for i in superseding}
         fresh = {m.id: m for m in _get_in_chunks(collection, list(others | mine))}
         results = list(results)
         gone: set[str] = set()
@@ -434,7 +440,7 @@ class WritePath:
                 if loser is stored:
                     results[index] = Remembered(other, Outcome.DUPLICATE)
                     break
-        for index in rewritten:
+        for index in superseding:
             self._keep_overwritten_text(collection, drafts[index], results, index, fresh)
         return results
 
@@ -490,6 +496,44 @@ class WritePath:
         )
         collection.upsert([kept], self._vectors([kept]))
         results[index] = Remembered(kept, Outcome.SUPERSEDED)
+
+
+def rewritten(
+    old: Memory,
+    text: str,
+    category: Category | None,
+    metadata: Mapping[str, Any] | None,
+    keys: tuple[str, ...],
+    *,
+    keep_history: bool = True,
+    at: datetime | None = None,
+) -> Memory:
+    """``old`` given ``text`` (and ``category``, ``metadata`` and ``keys``, where not None) at
+    time ``at`` (default now), its old text kept in ``history`` unless ``keep_history`` is
+    False: what :meth:`~.engine.MemoryStore.update` writes, and an item that ``replaces`` a
+    memory. ``old`` itself if nothing changes (replaying a supersede is harmless)."""
+    if (
+        text == old.text
+        and category in (None, old.category)
+        and metadata is None
+        and keys == old.keys
+    ):
+        return old
+    revision = Revision(old.text, old.category, at or utc_now())
+    history = old.history
+    if not keep_history:
+        history = ()
+    elif text != old.text:
+        history = (*old.history, revision)
+    return replace(
+        old,
+        text=text,
+        category=category or old.category,
+        metadata=metadata if metadata is not None else old.metadata,
+        updated_at=revision.replaced_at,
+        history=history,
+        keys=keys,
+    )
 
 
 def _revised(old: Memory, new: Memory, *, at: datetime | None = None) -> Memory:

@@ -575,6 +575,49 @@ def test_an_explicit_replacement_reports_superseded(store: MemoryStore) -> None:
     assert [r.text for r in done.memory.history] == ["Lives in New York"]
 
 
+@pytest.mark.parametrize("said", [False, True])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("Lives in Boston", "Lives in Denver"),
+        ("User's daughter is 7", "User's daughter is 9"),
+        ("Dentist appointment on Tuesday at 3pm", "Dentist appointment on Thursday at 3pm"),
+    ],
+)
+def test_an_explicit_replacement_takes_effect_in_its_place_in_the_batch(
+    store: MemoryStore, old: str, new: str, said: bool
+) -> None:
+    """An item that ``replaces`` a memory supersedes it after the batch's earlier items, which
+    never undo it: undated too (the microsecond between dated items hid it)."""
+
+    def at() -> dict[str, datetime]:
+        return {"said_at": datetime.now(timezone.utc)} if said else {}
+
+    first = store.add(old)
+    done = store.remember_many([{"text": old}, {"text": new, "replaces": first.id}], **at())
+    assert [d.outcome for d in done] == [Outcome.DUPLICATE, Outcome.SUPERSEDED]
+    assert done[1].memory == store.get(first.id)  # what is returned is what is stored
+    assert [(m.text, [r.text for r in m.history]) for m in store.get_all()] == [(new, [old])]
+    # a later item of the batch is judged against the new text: it changes it again
+    again = store.remember_many(
+        [{"text": old, "replaces": first.id}, {"text": new}, {"text": new + " now"}], **at()
+    )
+    assert [d.outcome for d in again] == [Outcome.SUPERSEDED] * 3
+    assert [r.text for r in store.get(first.id).history] == [old, new, old, new]
+    assert [m.text for m in store.get_all()] == [new + " now"]
+
+
+def test_an_explicit_replacement_replayed_in_a_batch_changes_nothing(store: MemoryStore) -> None:
+    home = store.add("Lives in Boston")
+    [done] = store.remember_many([NewMemory("Lives in Denver", replaces=home.id)])
+    moved = done.memory
+    batch = store.remember_many(
+        [NewMemory("Lives in Denver", replaces=home.id), NewMemory("Lives in Denver")]
+    )
+    assert [d.outcome for d in batch] == [Outcome.SUPERSEDED, Outcome.DUPLICATE]
+    assert [d.memory for d in batch] == [moved, moved] and store.get_all() == [moved]
+
+
 def test_new_metadata_and_category_come_with_the_update(store: MemoryStore) -> None:
     old = store.add("Prefers tabs over spaces", category="fact", metadata={"origin": "chat"})
     kept = store.remember("Prefers spaces over tabs", category="preference").memory
