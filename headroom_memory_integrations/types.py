@@ -11,6 +11,7 @@ results render as HTML tables (:mod:`.display`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -187,6 +188,19 @@ class SearchResult(NamedTuple):
         return search_result_html(self)
 
 
+_FRACTION = re.compile(r"(T\d\d:\d\d:\d\d)[.,](\d+)")
+
+
+def _iso_text(text: str) -> str:
+    """``text`` as ``fromisoformat`` reads it on every Python (3.10 reads only what
+    ``isoformat`` writes): "Z" for UTC as "+00:00", and a fraction of a second of any length
+    as six digits (nanoseconds, which other systems write, cut to microseconds)."""
+    text = text.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    return _FRACTION.sub(lambda m: f"{m.group(1)}.{m.group(2)[:6].ljust(6, '0')}", text)
+
+
 def parse_time(value: Any) -> datetime:
     """A timezone-aware time from a datetime, an ISO 8601 text or a POSIX timestamp (naive
     times are UTC). Raises ValueError for one that is no time (a timestamp of 1e20)."""
@@ -196,7 +210,7 @@ def parse_time(value: Any) -> datetime:
         elif isinstance(value, (int, float)):
             parsed = datetime.fromtimestamp(float(value), timezone.utc)
         else:
-            parsed = datetime.fromisoformat(str(value))
+            parsed = datetime.fromisoformat(_iso_text(str(value)))
     except (OverflowError, OSError) as exc:
         raise ValueError(f"time out of range: {value!r}") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -619,3 +620,28 @@ def test_an_ipv6_server_url_keeps_its_brackets() -> None:
     assert ChromaStorage.from_url("http://[::1]:8123").location == "http://[::1]:8123"
     assert ChromaStorage.connect("::1", 8123).location == "http://[::1]:8123"
     assert ChromaStorage.connect("127.0.0.1", 8123).location == "http://127.0.0.1:8123"
+
+
+@pytest.mark.parametrize(
+    "written", ["2024-05-01T10:00:00Z", "2024-05-01T10:00:00.5Z", "2024-05-01T10:00:00.123456789z"]
+)
+def test_a_time_in_utc_written_with_z_is_read_on_every_python(hash_store, written) -> None:
+    """ISO 8601's "Z" (and a fraction of any length), as other systems write times: Python
+    3.10's fromisoformat refused them, so said_at and imported files failed there alone."""
+    [result] = hash_store.remember_many(["Lives in Lisbon"], said_at=written)
+    assert result.memory.created_at.replace(microsecond=0) == datetime(
+        2024, 5, 1, 10, 0, tzinfo=timezone.utc
+    )
+    line = json.dumps(
+        {
+            "id": "c" * 32,
+            "user_id": "alice",
+            "text": "Plays the cello",
+            "category": "fact",
+            "created_at": written,
+            "updated_at": written,
+        }
+    )
+    assert hash_store.import_([line]) == 1
+    [imported] = [m for m in hash_store.get_all() if m.text == "Plays the cello"]
+    assert imported.updated_at.year == 2024
