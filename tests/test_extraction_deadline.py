@@ -48,3 +48,21 @@ def test_a_stalled_extraction_call_is_given_up_and_retried(
     # the abandoned call still waits for its answer on a thread of its own
     abandoned = [t for t in threading.enumerate() if t.name == "headroom-memory extraction call"]
     assert abandoned and all(t.daemon for t in abandoned)
+
+
+def test_work_whose_thread_cannot_start_runs_on_the_callers(monkeypatch) -> None:
+    """Python 3.12.0 to 3.12.2 refuse a new thread while the exit drains the job queue
+    ("can't create new thread at interpreter shutdown"): the extraction then runs on the
+    draining thread, without its deadline, instead of failing until the turn is lost."""
+    from headroom_memory_integrations.storage.guard import run_for_at_most
+
+    def refuse(self) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ran: list[str] = []
+    thread, failure = run_for_at_most(lambda: ran.append(threading.current_thread().name), 5, "x")
+    assert ran == [threading.current_thread().name] and failure == []
+    assert not thread.is_alive()
+    _, failure = run_for_at_most(lambda: 1 / 0, 5, "x")
+    assert [type(exc) for exc in failure] == [ZeroDivisionError]  # re-raised by the caller

@@ -184,7 +184,13 @@ def run_for_at_most(
             failure.append(exc)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown" (Python 3.12.0 to
+        # 3.12.2 while the exit drains the job queue): the work runs here, with no deadline,
+        # rather than not at all (the turn would be lost)
+        run()
+        return thread, failure
     thread.join(seconds)
     return thread, failure
 
