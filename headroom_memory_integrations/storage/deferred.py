@@ -273,12 +273,7 @@ class DeferredWrites:
                 else:
                     empty = not self.path.exists() or self.path.stat().st_size == 0
                 if not empty:
-                    if self._fd is None:
-                        clear_journal(self.path.parent)
-                    else:
-                        os.ftruncate(self._fd, 0)
-                        os.fsync(self._fd)
-                    self._journal_bytes = 0
+                    self._truncate_journal()
             except OSError as exc:
                 raise StorageError(
                     f"could not empty {self.path} before a delete ({exc}); nothing was deleted"
@@ -345,14 +340,18 @@ class DeferredWrites:
     def _empty_journal(self) -> None:
         """With the lock held and nothing pending: empty the journal file."""
         try:
-            if self._fd is None:
-                clear_journal(self.path.parent)
-            else:
-                os.ftruncate(self._fd, 0)
-                os.fsync(self._fd)
-            self._journal_bytes = 0
+            self._truncate_journal()
         except OSError as exc:  # what it holds is stored: replaying it is harmless
             logger.warning("could not empty %s: %s", self.path, exc)
+
+    def _truncate_journal(self) -> None:
+        """With the lock held: empty the journal file, durably (raises OSError)."""
+        if self._fd is None:
+            clear_journal(self.path.parent)
+        else:
+            os.ftruncate(self._fd, 0)
+            os.fsync(self._fd)
+        self._journal_bytes = 0
 
     def _compact_journal(self) -> None:
         """With the lock held: replace the journal by one holding only the pending writes
