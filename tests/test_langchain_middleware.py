@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -152,7 +153,9 @@ def test_no_stream_mode_shows_any_part_of_the_block(
     assert "".join(t.text for t in tokens if t.id == final_id) == FINAL
     assert {mode for mode, _ in parts} >= {"values", "updates", "messages"}
     assert_clean(parts, events, memories=[TEA["text"]])
-    if asynchronous:
+    # an agent's astream_events shows no model stream events on Python 3.10, with or without
+    # memory (LangChain passes the run's callbacks to the model through asyncio contexts)
+    if asynchronous and sys.version_info >= (3, 11):
         streamed = [e for e in events if e["event"] == "on_chat_model_stream"]
         assert streamed and "".join(e["data"]["chunk"].text for e in streamed) == FINAL
 
