@@ -203,9 +203,7 @@ def memory_value(memory: Memory) -> dict[str, Any]:
     """The value of the item a memory shows as: what was put, or ``{"text", "category"}`` for a
     memory written otherwise (learned by a wrapper, added through the API). If the memory's
     text was rewritten since it was put (updated by a tool, superseded by a wrapper), the put
-    value's other fields described the old text ("floor": 3 of the flat left behind), so only
-    the field that held the text shows, with the new text, beside the category if the value had
-    one; without such a field, the plain form shows."""
+    field that held its text shows the new text; without such a field, the plain form shows."""
     plain = {"text": memory.text, "category": memory.category.value}
     meta = memory.metadata
     pieces: list[str] = []
@@ -223,10 +221,7 @@ def memory_value(memory: Memory) -> dict[str, Any]:
         field = meta.get(_TEXT_FIELD_KEY)
         if field not in _TEXT_FIELDS or not isinstance(value.get(field), str):
             return plain
-        value = {
-            field: memory.text,
-            **({"category": value["category"]} if "category" in value else {}),
-        }
+        value[field] = memory.text
     put_category = _category_of(value)
     if put_category is not None and put_category != memory.category:
         value["category"] = memory.category.value
