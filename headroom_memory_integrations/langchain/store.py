@@ -203,7 +203,10 @@ def memory_value(memory: Memory) -> dict[str, Any]:
     """The value of the item a memory shows as: what was put, or ``{"text", "category"}`` for a
     memory written otherwise (learned by a wrapper, added through the API). If the memory's
     text was rewritten since it was put (updated by a tool, superseded by a wrapper), the put
-    field that held its text shows the new text; without such a field, the plain form shows."""
+    field that held its text shows the new text; without such a field, the plain form shows.
+    The other fields keep the values put: they are the application's, and which of them
+    described the old text only it can tell (the item's ``updated_at`` says when the text
+    changed)."""
     plain = {"text": memory.text, "category": memory.category.value}
     meta = memory.metadata
     pieces: list[str] = []
