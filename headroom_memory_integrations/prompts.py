@@ -472,9 +472,11 @@ MODEL_CALLS = frozenset(
         "program",
         "mcp_approval_request",
         "mcp_approval_response",
+        "image_generation_call",  # an image the model drew: it reads nothing but the prompt
     }
 )
-"""The model's own calls of tools the caller runs (and its MCP approval requests), as
+"""The model's own calls of tools the caller runs (and its MCP approval requests, and the
+images it generated), as
 Responses API items and as the content blocks LangChain keeps them in: what the model asked
 for, not what came back (a tool's output arrives as a tool message or a ``*_output`` item,
 which marks a call untrusted by itself)."""
@@ -496,6 +498,10 @@ OWN_PARTS = frozenset(
         "reasoning",  # LangChain's standard block, Responses
         "thinking",  # Anthropic
         "redacted_thinking",  # Anthropic
+        "reasoning_content",  # Bedrock (langchain-aws)
+        # no words: where a provider's prompt cache ends
+        "cache_point",
+        "cachePoint",
         # the model's own calls of tools the caller runs
         "tool_call",  # LangChain's standard blocks
         "tool_call_chunk",
@@ -520,7 +526,13 @@ nobody in the conversation wrote:
   OpenAI's ``web_search_call`` and ``file_search_call``, Gemini's ``code_execution_result``);
 - a block LangChain could not name (``non_standard``), and any type added later.
 
-A part given as a plain string is text."""
+A part given as a plain string is text, and so is one with no ``type`` whose keys are all
+among :data:`OWN_PART_KEYS` (Bedrock's ``{"text": ...}``, ``{"reasoningContent": ...}``)."""
+
+OWN_PART_KEYS = frozenset({"text", "reasoningContent", "cachePoint", "toolUse"})
+"""The keys of a part with no ``type`` (Bedrock's Converse format, named by its one key) that
+hold only the conversation's words; a ``toolResult``, ``image``, ``document`` or ``video``
+part carries outside text, as the typed parts above."""
 
 
 def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
@@ -563,6 +575,8 @@ def _holds_outside_text(message: object) -> bool:
 def _own_part(part: object) -> bool:
     """Whether a content part holds only words of the conversation (see :data:`OWN_PARTS`)."""
     kind = field_value(part, "type")
+    if kind is None and isinstance(part, Mapping):
+        return bool(part) and set(part) <= OWN_PART_KEYS
     return isinstance(part, str) or (isinstance(kind, str) and kind in OWN_PARTS)
 
 

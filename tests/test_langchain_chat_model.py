@@ -904,6 +904,23 @@ def test_a_run_naming_another_user_is_refused_in_every_call_style(
     assert answer == ANSWER
 
 
+def test_a_run_naming_its_user_by_a_number_or_uuid_is_served(
+    openai_server: ScriptedOpenAIServer, db_path: Path, model: Any, says: ScriptedChat
+) -> None:
+    """A config or context that names the model's own user by a number or a UUID (an id
+    column's type) is that user, not another: served, as before the check."""
+    import uuid
+
+    user = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    for named, user_id in ((42, "42"), (user, str(user))):
+        chat = MemoryChatModel(
+            model=chat_openai(openai_server), user_id=user_id, db_path=db_path, embedder=model
+        )
+        assert chat.invoke("Hello", {"configurable": {"user_id": named}}).text == ANSWER
+        with pytest.raises(InvalidInputError, match="serves user"):
+            chat.invoke("Hello", {"configurable": {"user_id": 43}})
+
+
 def test_an_agent_run_naming_another_user_is_refused(
     chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, db_path: Path, model: Any
 ) -> None:

@@ -284,3 +284,21 @@ def test_a_provider_run_search_in_an_earlier_answer_makes_the_call_untrusted(
     assert "web_search_call" in [item.get("type") for item in body["input"]]
     assert texts(chat.memory) == [LYON["text"]]
     assert chat.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
+def test_an_image_the_model_drew_earlier_is_no_outside_text() -> None:
+    """ChatOpenAI keeps a Responses answer's provider-run tool items in ``tool_outputs``: a web
+    search's finds are outside text, an image the model generated is not (it reads nothing but
+    the prompt), so a conversation that once drew an image keeps its later turns trusted."""
+    from headroom_memory_integrations.langchain._messages import is_tool_result
+
+    drew = AIMessage(
+        "Here it is.", additional_kwargs={"tool_outputs": [{"type": "image_generation_call"}]}
+    )
+    searched = AIMessage(
+        "Found it.", additional_kwargs={"tool_outputs": [{"type": "web_search_call"}]}
+    )
+    assert not is_tool_result(drew)
+    assert is_tool_result(searched)
+    both = {"type": "image_generation_call"}, {"type": "web_search_call"}
+    assert is_tool_result(AIMessage("x", additional_kwargs={"tool_outputs": list(both)}))

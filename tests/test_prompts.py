@@ -870,6 +870,21 @@ def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> 
                 "tool_use",
                 "tool_call",
                 "function_call",
+                "reasoning_content",  # Bedrock's reasoning
+                "image_generation_call",  # an image the model drew
+                "cache_point",
+            )
+        ),
+        *(  # Bedrock's parts, named by their one key
+            ({"messages": [{"role": "assistant", "content": [part]}]}, fetches)
+            for part, fetches in (
+                ({"text": "t"}, False),
+                ({"reasoningContent": {"reasoningText": {"text": "t"}}}, False),
+                ({"cachePoint": {"type": "default"}}, False),
+                ({"toolUse": {"toolUseId": "1", "name": "f", "input": {}}}, False),
+                ({"toolResult": {"toolUseId": "1", "content": [{"text": "t"}]}}, True),
+                ({"document": {"name": "d", "source": {"bytes": b""}}}, True),
+                ({}, True),
             )
         ),
         ({"messages": [{"role": "user", "content": ["hi", {"type": "text", "text": "t"}]}]}, False),

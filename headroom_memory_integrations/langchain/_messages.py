@@ -32,7 +32,13 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 
 from ..engine import MemoryStore
 from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
-from ..prompts import fetches_outside_text, inline_extraction_allowed, message_text
+from ..prompts import (
+    MODEL_CALLS,
+    fetches_outside_text,
+    field_value,
+    inline_extraction_allowed,
+    message_text,
+)
 
 Injection = Literal["system", "user"]
 """Where the memory prompt goes: a system message just before the latest user message, or the
@@ -91,10 +97,12 @@ def is_tool_result(message: BaseMessage) -> bool:
     if isinstance(message, HumanMessage):
         return is_notification(message)
     kwargs = getattr(message, "additional_kwargs", None)
-    return (
-        isinstance(message, AIMessage)
-        and isinstance(kwargs, Mapping)
-        and bool(kwargs.get("tool_outputs"))
+    if not isinstance(message, AIMessage) or not isinstance(kwargs, Mapping):
+        return False
+    outputs = kwargs.get("tool_outputs")  # an image the model drew is no outside text
+    listed = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return bool(outputs) and not all(
+        field_value(output, "type") in MODEL_CALLS for output in listed
     )
 
 

@@ -40,7 +40,7 @@ def run_user(
         )
     user = from_context if from_context is not None else configured
     if serves is not None:
-        if user is not None and user != serves:
+        if user is not None and str(user) != serves:  # 42 and UUID(...) name "42" and str(...)
             # serving it would show the one user's memories in the other's run, and store the
             # other's facts as the one user's
             raise InvalidInputError(
