@@ -339,15 +339,20 @@ _PERCENT = re.compile(r"(?<=\d)\s*%")
 
 
 _UNIT_MARK = re.compile(rf"(?<=\d)[{''.join(units for units, _, _ in _PRIMES)}](?![^\W\d_])")
+_ELISION = r"(?!\d+[^\W\d_])"  # a single mark before a decade is no quotation: "the '80s"
 _QUOTES = {
     unit: (
-        re.compile(rf"(?:^|(?<=[\s(\[{{]))[{marks}](?=\S)"),  # opens a quotation
+        re.compile(  # opens a quotation
+            rf"(?:^|(?<=[\s(\[{{]))[{marks}](?=\S)" + (_ELISION if "'" in marks else "")
+        ),
         re.compile(rf"(?<=\S)[{marks}](?![^\W\d_])"),  # closes one
         word,
     )
     for units, marks, word in _PRIMES
     for unit in units
 }
+_TWO_PRIMES = re.compile("(?<=\\d)(?:''|\u2032\u2032|\u2019\u2019)")
+"""Two single marks after a number, as inches are often typed (27'' = 27")."""
 
 
 def _unit_mark(mark: re.Match[str]) -> str:
@@ -373,6 +378,7 @@ def _spell(text: str) -> str:
     if "%" in text:
         text = _PERCENT.sub(" percent", text)  # "20%" = "20 percent"
     if _UNIT_MARK.search(text):
+        text = _TWO_PRIMES.sub('"', text)  # 27'' = 27"
         text = _UNIT_MARK.sub(_unit_mark, text)  # 6' = 6 feet, 6" = 6 inches
     for pattern, word in _SIGNS:
         text = pattern.sub(word, text)

@@ -92,6 +92,9 @@ def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, 
         ('Favourite song is "Take 5"', "Favourite song is Take 5"),  # a quote, not inches
         ("Favourite album is 1989", "Favourite album is '1989'"),
         ("Loves the music of the 90's", "Loves the music of the 90's!"),
+        ("Bought a 27'' monitor", "Bought a 27\u2033 monitor"),  # inches typed as two marks
+        ("Is 5'10\" tall", "Is 5'10'' tall"),
+        ("Grew up in the '80s and is 6'2\" tall", "Grew up in the 80s and is 6'2\" tall"),
     ],
 )
 def test_a_true_duplicate_is_merged(store: MemoryStore, old: str, new: str) -> None:
