@@ -67,6 +67,10 @@ written; past it, new work is dropped (counted as ``store_failures`` and logged)
 here is lost if the process is killed before the file can be written again; at exit it is
 waited for up to :data:`HAND_OVER_AT_EXIT` seconds."""
 
+HAND_OVER_TRY_SECONDS = 1.0
+"""The longest one try of the hand-over thread waits for the queue file (then it pauses and
+tries again): it never holds the queue for a whole busy timeout, which closing it waits for."""
+
 HAND_OVER_AT_EXIT = 5.0
 """Seconds the exit waits for work held by :data:`HANDED_OVER` to reach the file."""
 
@@ -718,6 +722,7 @@ class MemoryWriter:
                         handed.kind,
                         handed.memory.user_id,
                         handed.payload,
+                        wait=HAND_OVER_TRY_SECONDS,  # the queue is not held for a busy timeout
                         created_at=handed.created_at,
                         on_queued=lambda job_id: self._queued(
                             handed,  # noqa: B023
@@ -757,12 +762,15 @@ class MemoryWriter:
                 late.close()
 
     def _drop_held(self, why: str) -> None:
-        """Give up the work held in memory (counted as ``store_failures`` and logged)."""
+        """Give up the work held in memory (counted as ``store_failures`` and logged), the
+        piece being put into the file now too: it is not waited for."""
         with self._settled:
             dropped = list(self._held)
             self._held.clear()
             for handed in dropped:
                 self._unsettle(handed)
+            if self._handing is not None:
+                dropped.append(self._handing)
         for handed in dropped:
             handed.memory.survived(
                 "store_failures",
@@ -976,10 +984,21 @@ def _hand_over_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """A forked child gets writers of its own (the parent's threads are not in it)."""
+    """A forked child gets writers of its own (the parent's threads are not in it), and the
+    parent's writers that its stores still hold forget the parent's work: its held pieces
+    (the parent queues them), its unsettled jobs (the parent's worker runs them) and its locks
+    (maybe held by a parent's thread at the fork)."""
     global _writers_lock
     _writers.clear()
     _writers_lock = threading.Lock()
+    for writer in list(_every_writer):
+        writer._lock = threading.Lock()
+        writer._settled = threading.Condition()
+        writer._unsettled = {}
+        writer._queued_with = OrderedDict()
+        writer._held = deque()
+        writer._handing = None
+        writer._hand_over_thread = None
 
 
 if hasattr(os, "register_at_fork"):

@@ -602,3 +602,35 @@ def test_a_forked_child_uses_no_sqlite_connection_or_thread_of_its_parent(path: 
     worker.queue.put("store", "alice", {"text": "queued by the parent after the fork"})
     worker.notify("alice")
     wait_for(lambda: len(done) >= 2 and worker.queue.counts()["pending"] == 0, 20)  # goes on
+
+
+def test_a_forked_child_holds_none_of_its_parents_memory_work(tmp_path) -> None:
+    """The parent's writer, which the child's stores still hold, forgets the parent's held
+    work and unsettled jobs in the child: the parent's threads put and run them, and a child
+    that waited for them would wait on every call, or queue them a second time."""
+    import os
+    import pickle
+
+    from headroom_memory_integrations import writer as writers
+
+    held = writers._Handed("store", None, {"memories": []}, 0.0, None)  # type: ignore[arg-type]
+    parent = writers.MemoryWriter.__new__(writers.MemoryWriter)
+    parent._held, parent._handing = writers.deque([held]), held
+    parent._unsettled, parent._queued_with = {"alice": {7}}, writers.OrderedDict({7: ("a", None)})
+    writers._every_writer.add(parent)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            state = (
+                len(parent._held),
+                parent._handing,
+                parent._unsettled,
+                len(parent._queued_with),
+            )
+            os.write(write, pickle.dumps(state))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert pickle.loads(os.read(read, 4096)) == (0, None, {}, 0)
+    assert len(parent._held) == 1 and parent._unsettled == {"alice": {7}}  # the parent's own

@@ -296,7 +296,7 @@ def test_an_async_call_under_a_locked_queue_file_does_not_freeze_the_event_loop(
         return threading.get_ident()
 
     loop_thread = asyncio.run(main())
-    assert len(puts.threads) == 2  # the try that found the file locked, the held work's
+    assert len(puts.threads) >= 2  # the try that found the file locked, the held work's
     assert loop_thread not in puts.threads
     assert client.memory.counters["queue_delays"] == 1
     assert sorted(m.text for m in client.memory.get_all()) == ["Lives in Lyon"]

@@ -191,3 +191,33 @@ def test_a_slow_server_costs_a_chat_call_one_deadline_not_a_timeout_per_request(
     finally:
         storage.close()
         proxy.close()
+
+
+def test_a_request_the_deadline_cut_short_says_nothing_of_the_server() -> None:
+    """A request whose own timeout was cut to the chat call's time left, and failed, may have
+    met a slow server, not a dead one: it is told apart (the storage then raises
+    DeadlineExceeded and does not hold the server back), whatever requests came before it in
+    the same guarded step. One given its whole timeout is not."""
+    import httpx
+
+    from headroom_memory_integrations.storage.guard import (
+        _charge_deadline,
+        memory_deadline,
+        request_starts,
+        request_was_cut,
+    )
+
+    def request() -> httpx.Request:
+        timeouts = {"connect": 1.5, "read": 1.5, "write": 1.5, "pool": 1.5}
+        return httpx.Request("GET", "http://127.0.0.1:9/", extensions={"timeout": timeouts})
+
+    with memory_deadline(0.5):
+        request_starts()
+        first = request()
+        _charge_deadline(first)
+        assert request_was_cut() and first.extensions["timeout"]["read"] <= 0.5
+    with memory_deadline(30):
+        request_starts()
+        _charge_deadline(request())
+        assert not request_was_cut()  # its whole own timeout: a failure is the server's
+    assert not request_was_cut()  # no deadline, nothing cut

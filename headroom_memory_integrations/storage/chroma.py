@@ -74,6 +74,8 @@ from .guard import (
     check_deadline,
     forget_broken_system,
     is_unreachable,
+    request_starts,
+    request_was_cut,
     start_with_deadline,
     time_left,
     within_deadline,
@@ -1404,7 +1406,7 @@ class ChromaStorage:
         network's errors as :class:`StorageError`, noting when the backend did not answer."""
         self._availability.check()
         check_deadline(action)  # the chat call's time for memory is up: no more requests
-        started = time.monotonic()
+        request_starts()
         try:
             yield
         except HeadroomMemoryError:
@@ -1412,7 +1414,7 @@ class ChromaStorage:
         except Exception as exc:  # chromadb raises many unrelated types
             if is_unreachable(exc):
                 left = time_left()
-                if left is not None and left <= 0 and not self._waited_out(started):
+                if left is not None and (left <= 0 or request_was_cut()):
                     # cut short by the chat call's deadline, not by its own timeout: the
                     # backend may be merely slow, so later calls are not held back
                     raise DeadlineExceeded(
@@ -1421,10 +1423,6 @@ class ChromaStorage:
                 self._availability.failed(f"{type(exc).__name__}: {exc}")
             raise StorageError(f"could not {action}: {type(exc).__name__}: {exc}") from exc
         self._availability.succeeded()
-
-    def _waited_out(self, started: float) -> bool:
-        """Whether a request started at ``started`` has had its whole own timeout."""
-        return self.timeout is not None and time.monotonic() - started >= self.timeout
 
     def _batch_size(self) -> int:
         """The most records Chroma takes in one write (5,461 in Chroma 1.5)."""

@@ -52,6 +52,13 @@ _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 
 
+_CUT: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "headroom_memory_deadline_cut", default=None
+)
+"""Within a deadline: whether the latest request had its own timeout cut to the time left
+(one list per deadline, so a thread started with a copy of the context sets it too)."""
+
+
 class DeadlineExceeded(StorageError):
     """The memory work of a chat call ran out of its time (:func:`memory_deadline`): the call
     goes on without memories. Not a sign that the backend is down."""
@@ -69,10 +76,26 @@ def memory_deadline(seconds: float | None) -> Iterator[None]:
     end = time.monotonic() + seconds
     outer = _DEADLINE.get()
     token = _DEADLINE.set(end if outer is None else min(outer, end))
+    cut = _CUT.set([False])
     try:
         yield
     finally:
+        _CUT.reset(cut)
         _DEADLINE.reset(token)
+
+
+def request_starts() -> None:
+    """A request is about to be made: what :func:`request_was_cut` says is about it alone."""
+    flag = _CUT.get()
+    if flag is not None:
+        flag[0] = False
+
+
+def request_was_cut() -> bool:
+    """Whether the request made since :func:`request_starts` waited less than its own timeout
+    because this context's deadline was nearer (a failure then says nothing of the backend)."""
+    flag = _CUT.get()
+    return flag is not None and flag[0]
 
 
 def time_left() -> float | None:
@@ -109,6 +132,9 @@ def _charge_deadline(request: Any) -> None:
     request.extensions["timeout"] = {
         key: left if value is None else min(value, left) for key, value in timeout.items()
     } or dict.fromkeys(("connect", "read", "write", "pool"), left)
+    flag = _CUT.get()
+    if flag is not None:  # a failure of a request cut short is the deadline's, not the backend's
+        flag[0] = not timeout or any(value is None or value > left for value in timeout.values())
 
 
 class Availability:
