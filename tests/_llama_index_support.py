@@ -288,10 +288,10 @@ class GullibleBrain(Brain):
 
 
 @dataclass
-class ReActBrain(GullibleBrain):
-    """Speaks ReAct as text: calls ``lookup`` once, then answers with what it observed. Given
-    the inline instruction, it records what the latest user-role message says, as a model
-    that cannot tell ReAct's "Observation: ..." messages from the user's would."""
+class ScriptedTextBrain(GullibleBrain):
+    """A :class:`GullibleBrain` that answers in text chosen by :meth:`reply`. Given the inline
+    instruction, it records the latest user-role message (unless a question), and what
+    :meth:`planted` adds."""
 
     def answer(self, messages: Any, *, tools: bool = False) -> Any:
         said = [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages]
@@ -300,16 +300,32 @@ class ReActBrain(GullibleBrain):
             return self._extract(said[-1]["content"])
         self.requests.append(said)
         latest = [m["content"] for m in said if m["role"] == "user"][-1]
-        if latest.startswith("Observation: "):
-            text = f"Thought: I can answer.\nAnswer: {latest.removeprefix('Observation: ')}"
-        else:
-            text = 'Thought: I need to use a tool.\nAction: lookup\nAction Input: {"order": "A1"}'
+        text = self.reply(latest, system)
         nonce = _NONCE.search(system)
         if nonce:
             found = [] if latest.endswith("?") else [{"text": latest, "category": "fact"}]
+            found += self.planted(said)
             tag = nonce.group(1)
             text += f"\n<memory-{tag}>{json.dumps(found)}</memory-{tag}>"
         return text
+
+    def reply(self, latest: str, system: str) -> str:
+        raise NotImplementedError
+
+    def planted(self, said: list[dict[str, str]]) -> list[dict[str, str]]:
+        return []
+
+
+@dataclass
+class ReActBrain(ScriptedTextBrain):
+    """Speaks ReAct as text: calls ``lookup`` once, then answers with what it observed. Given
+    the inline instruction, it records what the latest user-role message says, as a model
+    that cannot tell ReAct's "Observation: ..." messages from the user's would."""
+
+    def reply(self, latest: str, system: str) -> str:
+        if latest.startswith("Observation: "):
+            return f"Thought: I can answer.\nAnswer: {latest.removeprefix('Observation: ')}"
+        return 'Thought: I need to use a tool.\nAction: lookup\nAction Input: {"order": "A1"}'
 
 
 class ChatOnly(ScriptedLLM):

@@ -23,6 +23,7 @@ from _llama_index_support import (
     PoisonedRetriever,
     ReActBrain,
     ScriptedLLM,
+    ScriptedTextBrain,
     flush,
     lookup,
     lookup_tool,
@@ -387,34 +388,24 @@ def test_a_tool_result_out_of_the_buffers_window_no_longer_distrusts_the_user(
 
 
 @dataclass
-class ComponentBrain(GullibleBrain):
+class ComponentBrain(ScriptedTextBrain):
     """Answers each LlamaIndex component in its own format. Given the inline instruction, it
     records the latest user message (unless a question) and, as a manipulated model would,
     what any text in view asks (:data:`PLANTED`, for the account 12345)."""
 
-    def answer(self, messages: Any, *, tools: bool = False) -> Any:
-        said = [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages]
-        system = "\n".join(m["content"] for m in said if m["role"] == "system")
-        if system.startswith("You maintain long-term memory"):
-            return self._extract(said[-1]["content"])
-        self.requests.append(said)
-        latest = [m["content"] for m in said if m["role"] == "user"][-1]
+    def reply(self, latest: str, system: str) -> str:
         if "Rank the" in latest:  # RankGPTRerank
-            text = "[2] > [1]"
-        elif "query_satisfied" in system:  # Refine's structured answer filtering
-            text = json.dumps({"answer": "It shipped.", "query_satisfied": True})
-        elif "vendor" in latest:  # the LLMTextCompletionProgram below
-            text = json.dumps({"vendor": "ACME", "total": 120.5})
-        else:
-            text = "Noted."
-        nonce = _NONCE.search(system)
-        if nonce:
-            found = [] if latest.endswith("?") else [{"text": latest, "category": "fact"}]
-            if any("12345" in m["content"] for m in said if m["role"] != "system"):
-                found.append({"text": PLANTED, "category": "preference"})
-            tag = nonce.group(1)
-            text += f"\n<memory-{tag}>{json.dumps(found)}</memory-{tag}>"
-        return text
+            return "[2] > [1]"
+        if "query_satisfied" in system:  # Refine's structured answer filtering
+            return json.dumps({"answer": "It shipped.", "query_satisfied": True})
+        if "vendor" in latest:  # the LLMTextCompletionProgram below
+            return json.dumps({"vendor": "ACME", "total": 120.5})
+        return "Noted."
+
+    def planted(self, said: list[dict[str, str]]) -> list[dict[str, str]]:
+        if any("12345" in m["content"] for m in said if m["role"] != "system"):
+            return [{"text": PLANTED, "category": "preference"}]
+        return []
 
 
 def instructed(brain: Brain) -> list[bool]:

@@ -52,19 +52,24 @@ def say(client, text: str) -> float:
     return time.monotonic() - started
 
 
+def users_who_said(openai_server, tmp_path: Path, text: str, *names: str) -> list:
+    """A wrapped client for each of ``names`` on one folder, each having said ``text`` (its
+    memories stored)."""
+    embedder = HashEmbedder()
+    clients = [
+        with_fast_memory(openai_server.client(), user_id=name, db_path=tmp_path, embedder=embedder)
+        for name in names
+    ]
+    for client in clients:
+        say(client, text)
+        assert client.memory.flush(30)
+    return clients
+
+
 def test_a_locked_queue_file_holds_no_call_and_loses_no_memory(openai_server, tmp_path) -> None:
     model = RememberingModel("Noted.", [{"text": "Plays the cello", "category": "fact"}])
     openai_server.responder = model
-    embedder = HashEmbedder()
-    alice = with_fast_memory(
-        openai_server.client(), user_id="alice", db_path=tmp_path, embedder=embedder
-    )
-    bob = with_fast_memory(
-        openai_server.client(), user_id="bob", db_path=tmp_path, embedder=embedder
-    )
-    for client in (alice, bob):
-        say(client, "I play the cello")
-        assert client.memory.flush(30)
+    alice, bob = users_who_said(openai_server, tmp_path, "I play the cello", "alice", "bob")
     model.memories = [{"text": "Lives in Lyon", "category": "fact"}]
 
     holder = hold_queue_lock(tmp_path / "jobs.sqlite3", HOLD_SECONDS)
@@ -100,16 +105,7 @@ def test_work_held_for_a_locked_file_is_all_queued_and_forget_user_drops_it(
 ) -> None:
     model = RememberingModel("Noted.", [])
     openai_server.responder = model
-    embedder = HashEmbedder()
-    alice = with_fast_memory(
-        openai_server.client(), user_id="alice", db_path=tmp_path, embedder=embedder
-    )
-    carol = with_fast_memory(
-        openai_server.client(), user_id="carol", db_path=tmp_path, embedder=embedder
-    )
-    for client in (alice, carol):
-        say(client, "Hello")
-        assert client.memory.flush(30)
+    alice, carol = users_who_said(openai_server, tmp_path, "Hello", "alice", "carol")
 
     holder = hold_queue_lock(tmp_path / "jobs.sqlite3", 3.0)
     try:
