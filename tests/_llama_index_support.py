@@ -482,6 +482,17 @@ async def _run_agent(agent: Any, memory: Any, text: str, *, streaming: bool) -> 
     return seen
 
 
+def leave_stream_early_every_way(llm: Any, method: str, text: str, points: Sequence[str]) -> None:
+    """:func:`leave_stream_early` at each of ``points`` (texts shown before leaving), in each
+    way: ``break``, ``close()`` and an error raised from the loop (caught here)."""
+    for enough in points:
+        for how in ("break", "close", "raise"):
+            try:
+                leave_stream_early(llm, method, text, enough, how)
+            except RuntimeError:
+                assert how == "raise"
+
+
 def leave_stream_early(llm: Any, method: str, text: str, enough: str, how: str) -> None:
     """Read ``llm``'s ``method`` stream ("stream_chat" or "astream_chat") of an answer to
     ``text`` until its visible text starts with ``enough``, then leave it: ``break``, ``break``
