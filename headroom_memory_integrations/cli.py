@@ -155,7 +155,12 @@ def _table(memories: Sequence[Memory], scores: Sequence[float] | None = None) ->
         return "(no memories)"
     rows = [
         ([f"{scores[i]:.3f}"] if scores is not None else [])
-        + [m.id[:12], m.category.value, m.updated_at.strftime("%Y-%m-%d %H:%M"), _shorten(m.text)]
+        + [
+            _visible(m.id[:12]),
+            m.category.value,
+            m.updated_at.strftime("%Y-%m-%d %H:%M"),
+            _shorten(m.text),
+        ]
         for i, m in enumerate(memories)
     ]
     header = (["score"] if scores is not None else []) + ["id", "category", "noted (UTC)", "text"]
@@ -168,8 +173,18 @@ def _table(memories: Sequence[Memory], scores: Sequence[float] | None = None) ->
 
 
 def _shorten(text: str) -> str:
-    flat = " ".join(text.split())
+    flat = _visible(text)
     return flat if len(flat) <= _TEXT_WIDTH else flat[: _TEXT_WIDTH - 1] + "…"
+
+
+def _visible(text: str) -> str:
+    """``text`` on one line, safe to print on a terminal: runs of whitespace become one space,
+    and any other character that does not print (an escape sequence's ESC, a bidi override, a
+    zero-width joiner) is shown as ``\\uXXXX``. A memory, its id (an import file chooses it) or
+    its history is data: it must not move the cursor, retitle the window, reverse the line or
+    start a line of its own that reads like the tool's output."""
+    flat = " ".join(text.split())
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in flat)
 
 
 def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
@@ -384,11 +399,11 @@ def _import_summary(counts: Counter[Outcome]) -> str:
 def _outcome_line(done: Remembered) -> str:
     """``stored <id> ...``, ``duplicate of <id> ...`` or ``superseded <id> ... (was: ...)``."""
     memory = done.memory
-    about = f"{memory.id} ({memory.category.value}): {memory.text}"
+    about = f"{_visible(memory.id)} ({memory.category.value}): {_visible(memory.text)}"
     if done.outcome is Outcome.DUPLICATE:
         return f"duplicate of {about} (nothing stored)"
     if done.outcome is Outcome.SUPERSEDED:
-        return f"superseded {about} (was: {memory.history[-1].text})"
+        return f"superseded {about} (was: {_visible(memory.history[-1].text)})"
     return f"stored {about}"
 
 

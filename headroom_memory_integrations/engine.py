@@ -1431,11 +1431,8 @@ class MemoryStore(WritePath):
             data = json.loads(line)
             if not isinstance(data, dict):
                 raise InvalidInputError("not a JSON object")
-            memory_id = data["id"]
-            if not isinstance(memory_id, str) or not 1 <= len(memory_id) <= 128:
-                raise InvalidInputError(f"bad id {memory_id!r}")
             return Memory(
-                id=memory_id,
+                id=check_memory_id(data["id"]),
                 user_id=self.user_id,
                 text=clean_text(data["text"]),
                 category=Category.parse(data.get("category", "fact")),

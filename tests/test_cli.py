@@ -296,6 +296,17 @@ def test_import_of_a_bad_file_writes_nothing(run, tmp_path: Path) -> None:
     assert json.loads(run("stats", "--json")[1])["total_chunks"] == 1
 
 
+def test_what_does_not_print_is_shown_escaped(run) -> None:
+    """A memory is data: printed raw, a bidi override reversed the rest of its line on the
+    terminal, and a newline in an added text printed a second line that read like an outcome."""
+    code, out, _ = run("add", "Pays rent to \u202e4321-99 tnuocca\u202c monthly")
+    assert code == 0 and "\u202e" not in out and "\\u202e4321-99 tnuocca\\u202c" in out
+    code, out, _ = run("add", "Likes tea\nstored 0000 (fact): Is an admin")
+    assert code == 0 and len(out.splitlines()) == 1
+    code, out, _ = run("list")
+    assert "\u202e" not in out and "\\u202e" in out and len(out.splitlines()) == 4
+
+
 def test_installed_entry_point(db_path) -> None:
     exe = shutil.which("headroom-memory", path=str(Path(sys.executable).parent))
     assert exe, "the console script is installed with the package"

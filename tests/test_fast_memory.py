@@ -426,6 +426,16 @@ def test_everything_else_passes_through(client, openai_server) -> None:
     assert text == "with_fast_memory(OpenAI, user_id='alice')" and "sk-" not in text
 
 
+def test_a_copy_is_the_same_memory_client(client, openai_server) -> None:
+    """copy.copy() asked the half-made copy for __setstate__, which the proxy forwarded to
+    an attribute not set yet: every use of the copy recursed without end."""
+    twin = copy.copy(client)
+    assert twin.memory is client.memory and twin.chat.completions is client.chat.completions
+    assert ask(twin, "hi").choices[0].message.content == "OK"
+    with pytest.raises(AttributeError):  # never the wrapped client's own special methods
+        twin.__not_a_method__  # noqa: B018
+
+
 def test_two_users_stay_isolated(openai_server, db_path, model) -> None:
     alice = with_fast_memory(
         openai_server.client(), user_id="alice", db_path=db_path, embedder=model

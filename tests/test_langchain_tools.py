@@ -374,7 +374,10 @@ def test_a_delete_sent_beside_a_create_that_superseded_its_memory_is_refused_onc
         Reply.tool_calls(ToolCall("manage_memory", create), ToolCall("manage_memory", delete)),
         "Updated.",
     )
-    created, refused = tool_messages(agent.invoke(ask("I moved to Berlin"), user("alice")))
+    # the agent runs a turn's tool calls in threads: one at a time, the create goes first (a
+    # delete that happens to start first deletes Lyon, and the create then stores Berlin)
+    in_order = {**user("alice"), "max_concurrency": 1}
+    created, refused = tool_messages(agent.invoke(ask("I moved to Berlin"), in_order))
     assert created.content.startswith(f"Saved by updating memory {lyon.id}, which said:")
     assert refused.status == "error" and "call delete again" in refused.content
     assert memories(db_path, model, "alice") == [("Lives in Berlin", "fact")]

@@ -806,3 +806,48 @@ def test_a_forked_child_refuses_its_parents_folder_clearly_and_holds_nothing_of_
         run = run_python(_CHILD.format(db=str(db_path)))
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout.splitlines()[-1])["wrote"] == "ok"
+
+
+class PanicException(BaseException):
+    """What a panic in chromadb's Rust core raises (pyo3's class: not an ``Exception``)."""
+
+
+PanicException.__module__ = "pyo3_runtime"
+
+
+def test_a_panic_in_chromas_core_is_a_storage_failure(
+    openai_server, db_path, monkeypatch
+) -> None:
+    """chromadb 1.0 opening a folder that chromadb 1.5 wrote panics in its Rust core (both
+    within the package's pin); the panic, a BaseException, went through every ``except
+    Exception``: the store's calls, the CLI and a wrapped chat call all crashed with it."""
+    import chromadb
+
+    def panics(*args: Any, **kwargs: Any) -> Any:
+        raise PanicException("range start index 10 out of range for slice of length 9")
+
+    monkeypatch.setattr(chromadb, "PersistentClient", panics)
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=HashEmbedder()
+    )
+    openai_server.script("Hello!")
+    answer = client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content == "Hello!"
+    assert client.memory.counters["inject_failures"] == 1
+    time.sleep(1.1)  # calls fail at once for 1 s after a failure
+    with pytest.raises(StorageError, match="newer chromadb"):
+        client.memory.get_all()
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chromadb, "PersistentClient", interrupted)
+    time.sleep(1.1)
+    with pytest.raises(KeyboardInterrupt):  # an interrupt is never taken for a failure
+        client.memory.get_all()
+    monkeypatch.undo()
+    time.sleep(1.1)
+    client.memory.add("Plays the cello")
+    assert [m.text for m in client.memory.get_all()] == ["Plays the cello"]

@@ -142,6 +142,12 @@ def _described(memory: Memory, score: float | None = None) -> dict[str, Any]:
     return found
 
 
+def _shown_id(memory_id: str) -> str:
+    """An id as the listing gives it: as it is, or escaped as the texts are where it holds a
+    character that does not print (an id written before imports checked them)."""
+    return memory_id if memory_id.isprintable() else escape_text(memory_id)
+
+
 def _listing(found: list[SearchResult]) -> str:
     if not found:
         return "No memory of this user matches the query."
@@ -152,7 +158,7 @@ def _listing(found: list[SearchResult]) -> str:
     ]
     noted = noted_dates([memory for memory, _ in found])
     lines += [
-        f"- id={memory.id} ({memory.category.value}, noted {when}, score {score:.2f}): "
+        f"- id={_shown_id(memory.id)} ({memory.category.value}, noted {when}, score {score:.2f}): "
         f"{escape_text(memory.text)}"
         for (memory, score), when in zip(found, noted)
     ]

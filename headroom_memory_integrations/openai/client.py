@@ -228,7 +228,7 @@ class _ClientView(_Passthrough):
         views: _RawCalls | _StreamingCalls = getattr(self._client.responses, self._name)
         return views
 
-    def __getattr__(self, name: str) -> Any:
+    def _forward(self, name: str) -> Any:
         if name in _NOT_COMPLETIONS:
             raise _whole_client_error(f"{self._name}.{name}")
         return self._unwrapped.guard(name, getattr(self._wrapped, name), f"{self._name}.")
@@ -262,7 +262,7 @@ class MemoryClient(_Passthrough):
         self.chat = _Chat(client.chat, calls_type(client.chat.completions, flow))
         self._responses: _Calls | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def _forward(self, name: str) -> Any:
         if name in _NOT_COMPLETIONS:
             raise _whole_client_error(name)
         return self._unwrapped.guard(name, getattr(self._wrapped, name))

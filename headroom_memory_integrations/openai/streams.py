@@ -20,6 +20,15 @@ class _Passthrough:
             raise AttributeError(  # back to the wrapped object's (unedited, memory-less) one
                 f"{type(self).__name__}.{name} failed"
             )
+        if name.startswith("__") or "_wrapped" not in vars(self):
+            # never the wrapped object's special methods (its __copy__ would copy the client
+            # without memory), nor anything of a proxy not set up yet (copy.copy() asks for
+            # __setstate__ before the attributes are back: it would recurse without end)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self._forward(name)
+
+    def _forward(self, name: str) -> Any:
+        """The wrapped object's attribute ``name``, as this proxy gives it."""
         return getattr(self._wrapped, name)
 
 

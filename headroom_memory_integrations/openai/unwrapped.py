@@ -72,7 +72,7 @@ class Unwrapped(_Passthrough):
         self._api = api
         self._path = path
 
-    def __getattr__(self, name: str) -> Any:
+    def _forward(self, name: str) -> Any:
         value = getattr(self._wrapped, name)
         path = f"{self._path}.{name}"
         if isinstance(value, _PLAIN):

@@ -73,6 +73,7 @@ from .guard import (
     bound_http_requests,
     check_deadline,
     forget_broken_system,
+    is_rust_panic,
     is_unreachable,
     request_starts,
     request_was_cut,
@@ -1422,6 +1423,13 @@ class ChromaStorage:
                     ) from exc
                 self._availability.failed(f"{type(exc).__name__}: {exc}")
             raise StorageError(f"could not {action}: {type(exc).__name__}: {exc}") from exc
+        except BaseException as exc:
+            if not is_rust_panic(exc):
+                raise  # an interrupt, an exit or a cancellation: never turned into a failure
+            raise StorageError(
+                f"could not {action}: chromadb failed inside ({exc}); a folder written by a "
+                "newer chromadb than the one installed does this"
+            ) from exc
         self._availability.succeeded()
 
     def _batch_size(self) -> int:

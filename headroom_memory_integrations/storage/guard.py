@@ -47,6 +47,14 @@ def is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
 
 
+def is_rust_panic(exc: BaseException) -> bool:
+    """True for a panic in chromadb's Rust core, which reaches Python as pyo3's
+    ``PanicException``: a ``BaseException``, so ``except Exception`` lets it through, but a
+    failure of the storage (an embedded folder written by a newer chromadb panics on open),
+    not an interrupt."""
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
+
+
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "headroom_memory_deadline", default=None
 )
