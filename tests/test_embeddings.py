@@ -436,6 +436,24 @@ def test_default_model_is_the_copy_shipped_in_the_package() -> None:
     assert LocalEmbedder(backend="sentence-transformers").name == LocalEmbedder().name
 
 
+def test_the_local_model_leaves_no_usage_data_and_calls_nobody(tmp_path) -> None:
+    """onnxruntime's Linux wheels collect usage events unless told not to: the local model,
+    sold as private, left a device id and an event cache in ~/.cache/Microsoft and started an
+    uploader to Microsoft's servers."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = (
+        "from headroom_memory_integrations import MemoryStore\n"
+        "store = MemoryStore('alice', db_path='memories')\n"
+        "store.add('Prefers tea'); assert store.search('What do I drink?')\n"
+        "import time; time.sleep(1)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env["HOME"] = str(home)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
+    assert not (home / ".cache" / "Microsoft").exists()
+
+
 def test_a_missing_model_folder_is_a_clear_error(tmp_path) -> None:
     from headroom_memory_integrations import MissingDependencyError
 

@@ -18,10 +18,18 @@ and a background batch can embed at once without sharing a process-wide thread s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# onnxruntime's Linux wheels (1.24 on) collect usage events by default: a device id and an
+# event cache under ~/.cache/Microsoft, and an uploader that calls Microsoft's servers. The
+# local model is sold as private and offline, so they are off unless the application set the
+# variable itself; it is read when onnxruntime starts, so it must be set before the import.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 import onnxruntime as ort
 
 from . import onnx_format
