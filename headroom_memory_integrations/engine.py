@@ -689,8 +689,11 @@ class MemoryStore(WritePath):
             return embedded, self._open(_dimension_of(embedded))
         try:
             embedded = embed()
-        finally:
+        except Exception:
             opening.join()
+            raise
+        # (an interrupt raised while embedding is not held back until the open is done)
+        opening.join()
         if failed:
             raise failed[0]
         return embedded, opened[0]

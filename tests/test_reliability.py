@@ -168,7 +168,16 @@ def test_an_export_larger_than_one_chroma_batch_round_trips(db_path) -> None:
     assert texts_found(store, "Imported fact number 5599", top_k=1) == ["Imported fact number 5599"]
 
 
-def test_a_write_that_fails_halfway_is_undone(db_path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("failure", "raised"),
+    [(RuntimeError("the disk went away"), StorageError), (KeyboardInterrupt(), KeyboardInterrupt)],
+    ids=["failure", "ctrl-c"],
+)
+def test_a_write_that_fails_halfway_is_undone(
+    db_path, monkeypatch, failure: BaseException, raised: type[BaseException]
+) -> None:
+    """Also when the user presses Ctrl-C during it: the undo ran for StorageError alone, so an
+    interrupted import kept the batches written before it."""
     store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
     kept = store.add("Plays the cello")
     collection = store._open()
@@ -179,17 +188,56 @@ def test_a_write_that_fails_halfway_is_undone(db_path, monkeypatch) -> None:
     def third_batch_fails(**request):
         calls.append(len(request["ids"]))
         if len(calls) == 3:
-            raise RuntimeError("the disk went away")
+            raise failure
         return upsert(**request)
 
     monkeypatch.setattr(collection._collection, "upsert", third_batch_fails)
     rewrite = json.dumps({"id": kept.id, "text": "Plays the viola", "category": "fact"})
     lines = [rewrite] + [_export_line(n) for n in range(34)]
-    with pytest.raises(StorageError, match="the disk went away"):
+    with pytest.raises(raised):
         store.import_(lines)
     assert calls[:3] == [10, 10, 10]  # split to the limit; the third batch failed
     assert [(m.id, m.text) for m in store.get_all()] == [(kept.id, "Plays the cello")]
     assert texts_found(store, "Imported fact number 3") == ["Plays the cello"]
+
+
+def test_ctrl_c_while_a_delete_waits_leaves_the_storage_usable(db_path, monkeypatch) -> None:
+    """A delete waits for the Chroma calls of other threads before it erases the text; a
+    Ctrl-C during that wait left the storage marked as erasing, and every later call of the
+    process (every user's) waited forever."""
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    doomed = store.add("Keeps the spare key under the blue flowerpot")
+    lock = store.storage._erase_lock
+    inside, leave = threading.Event(), threading.Event()
+
+    def another_threads_call() -> None:
+        with lock.shared():
+            inside.set()
+            leave.wait(10)
+
+    reader = threading.Thread(target=another_threads_call)
+    reader.start()
+    inside.wait(10)
+    wait = lock._condition.wait
+
+    def interrupted_wait(timeout: float | None = None) -> bool:
+        if threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt
+        return wait(timeout)
+
+    monkeypatch.setattr(lock._condition, "wait", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        store.delete(doomed.id)
+    monkeypatch.undo()
+    leave.set()
+    reader.join(10)
+    found: list[list[str]] = []
+    later = threading.Thread(target=lambda: found.append([m.text for m in store.get_all()]))
+    later.start()
+    later.join(10)
+    assert found == [[]]  # answered (the memory was deleted before the wait for the erase)
+    store.add("Plays the cello")
+    assert [m.text for m in store.get_all()] == ["Plays the cello"]
 
 
 # -- 6: deleted text leaves every file ---------------------------------------------------------
@@ -815,9 +863,7 @@ class PanicException(BaseException):
 PanicException.__module__ = "pyo3_runtime"
 
 
-def test_a_panic_in_chromas_core_is_a_storage_failure(
-    openai_server, db_path, monkeypatch
-) -> None:
+def test_a_panic_in_chromas_core_is_a_storage_failure(openai_server, db_path, monkeypatch) -> None:
     """chromadb 1.0 opening a folder that chromadb 1.5 wrote panics in its Rust core (both
     within the package's pin); the panic, a BaseException, went through every ``except
     Exception``: the store's calls, the CLI and a wrapped chat call all crashed with it."""
@@ -851,3 +897,37 @@ def test_a_panic_in_chromas_core_is_a_storage_failure(
     time.sleep(1.1)
     client.memory.add("Plays the cello")
     assert [m.text for m in client.memory.get_all()] == ["Plays the cello"]
+
+
+def test_ctrl_c_during_a_users_first_call_is_not_held_until_the_storage_opens(
+    db_path, monkeypatch
+) -> None:
+    """The first call embeds while another thread opens the storage; an interrupt raised
+    while embedding waited for the open (seconds, on a server that does not answer)."""
+    opened_late = threading.Event()
+
+    class InterruptedEmbedder(HashEmbedder):
+        def embed(self, texts: Any) -> Any:
+            raise KeyboardInterrupt
+
+    store = MemoryStore("alice", db_path=db_path, embedder=InterruptedEmbedder())
+    real_open = store._open
+
+    def slow_open(dimension: int | None = None) -> Any:
+        opened_late.wait(30)  # a storage that takes its time to open
+        return real_open(dimension)
+
+    monkeypatch.setattr(store, "_open", slow_open)
+    returned = threading.Event()
+
+    def first_call() -> None:
+        try:
+            store.search("Which instrument do I play?")
+        except KeyboardInterrupt:
+            returned.set()
+
+    caller = threading.Thread(target=first_call)
+    caller.start()
+    assert returned.wait(10)  # before the storage has opened
+    opened_late.set()
+    caller.join(30)

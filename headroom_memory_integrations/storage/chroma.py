@@ -250,18 +250,21 @@ class _EraseLock:
     @contextmanager
     def shared(self) -> Iterator[None]:
         held = getattr(self._mine, "count", 0)
-        with self._condition:
-            while self._erasing and not held:
-                self._condition.wait()
-            self._sharers += 1
-        self._mine.count = held + 1
-        try:
+        counted = False
+        try:  # (an interrupt anywhere in here must not leave a sharer counted: erasing waits)
+            with self._condition:
+                while self._erasing and not held:
+                    self._condition.wait()
+                self._sharers += 1
+                counted = True
+            self._mine.count = held + 1
             yield
         finally:
             self._mine.count = held
-            with self._condition:
-                self._sharers -= 1
-                self._condition.notify_all()
+            if counted:
+                with self._condition:
+                    self._sharers -= 1
+                    self._condition.notify_all()
 
     @contextmanager
     def alone(self) -> Iterator[None]:
@@ -270,8 +273,13 @@ class _EraseLock:
             while self._erasing:
                 self._condition.wait()
             self._erasing = True
-            while self._sharers > own:
-                self._condition.wait()
+            try:
+                while self._sharers > own:
+                    self._condition.wait()
+            except BaseException:  # Ctrl-C while waiting: every later call would wait forever
+                self._erasing = False
+                self._condition.notify_all()
+                raise
         try:
             yield
         finally:
@@ -699,7 +707,7 @@ class ChromaCollection:
                 part = slice(start, start + batch)
                 columns = _upsert_columns(ids[part], vectors[part], metas[part], legacy)
                 self._call("write memories", lambda c: c.upsert(**columns), write=True)  # noqa: B023
-        except StorageError as error:
+        except BaseException as error:
             self._undo(ids, prior, error)
             raise
 
@@ -732,7 +740,7 @@ class ChromaCollection:
                 }
         return found
 
-    def _undo(self, ids: list[str], prior: dict[str, dict[str, Any]], error: Exception) -> None:
+    def _undo(self, ids: list[str], prior: dict[str, dict[str, Any]], error: BaseException) -> None:
         """Delete what a failed write added and restore what it replaced."""
         added = [i for i in ids if i not in prior]
         try:
