@@ -57,6 +57,7 @@ from .storage.guard import memory_deadline
 log = logging.getLogger("headroom_memory_integrations")
 
 M = TypeVar("M")
+R = TypeVar("R")
 
 READ_YOUR_WRITES_SECONDS = 1.0
 """A user's next call waits at most this long for the memories their previous calls queued in
@@ -491,7 +492,35 @@ async def run_queued(later: list[Callable[[], None]]) -> None:
     if later:
         work = list(later)
         later.clear()
-        await asyncio.to_thread(lambda: [each() for each in work])
+        await finished_in_thread(lambda: [each() for each in work])
+
+
+FINISH_WAIT_SECONDS = 2.0
+"""How long a cancelled async call waits for its answer's memory work (section 12 of the
+reliability page: it takes at most ``QUEUE_WAIT_SECONDS`` to reach the writer)."""
+
+
+async def finished_in_thread(work: Callable[..., R], *args: Any) -> R:
+    """``await asyncio.to_thread(work, *args)`` for a finished answer's memory work, which a
+    cancellation does not leave running behind the caller's back: the caller's
+    ``CancelledError`` waits for it (at most :data:`FINISH_WAIT_SECONDS`). Cancelling an await
+    does not stop its thread, so a ``forget_user()`` the application makes once the cancelled
+    call is over missed a turn still on its way to the writer, and the turn was learned after
+    the user was forgotten."""
+    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait({running}, timeout=FINISH_WAIT_SECONDS)
+        running.add_done_callback(_retrieved)
+        raise
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """Take a finished future's error, so that asyncio does not log it as never retrieved
+    (the work's own failures are counted and logged where they happen)."""
+    if not done.cancelled():
+        done.exception()
 
 
 class AnswerStream:
@@ -641,7 +670,7 @@ async def aedited(
             except Exception:
                 if finish_on_error:
                     ended = True
-                    await asyncio.to_thread(editor.end) if end_in_thread else editor.end()
+                    await finished_in_thread(editor.end) if end_in_thread else editor.end()
                 raise
             with queued_later() as later:  # an item may finish the answer (a last chunk)
                 edited_items = editor.edit(item)
@@ -650,7 +679,7 @@ async def aedited(
             for shown in edited_items:
                 yield shown  # the caller's leaving is raised here
         ended = True
-        last = await asyncio.to_thread(editor.end) if end_in_thread else editor.end()
+        last = await finished_in_thread(editor.end) if end_in_thread else editor.end()
         for shown in last:
             yield shown
     finally:

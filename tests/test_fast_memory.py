@@ -9,12 +9,15 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
+from typing import Any
 
 import openai
 import pytest
 from conftest import RememberingModel, block, instruction_nonce
 
 from headroom_memory_integrations.openai import with_fast_memory
+from headroom_memory_integrations.openai.flow import CompletionsFlow
 from headroom_memory_integrations.prompts import CONTEXT_CLOSE, CONTEXT_OPEN
 from headroom_memory_integrations.testing import Reply, ToolCall
 
@@ -374,6 +377,44 @@ def test_async_client_plain_and_streaming(aclient, model_says) -> None:
     assert asyncio.run(scenario()) == ("Async works.", "Async works.")
     assert aclient.memory.flush(30)
     assert [m.text for m in aclient.memory.get_all()] == ["Prefers Python for backend work"]
+
+
+def test_a_call_cancelled_after_the_answer_is_not_learned_after_forget_user(
+    aclient, openai_server, model_says, monkeypatch
+) -> None:
+    """Cancelling an await does not stop its thread: the answer's memory work went on after
+    the caller's CancelledError, so a forget_user() made next ("delete my data", once the
+    request was cancelled) missed it, and the turn was learned after the user was forgotten.
+    The post-answer step is slowed here, as on a busy machine."""
+    model_says.answer, model_says.memories = "Noted.", [PYTHON]
+    after = CompletionsFlow.after
+
+    def slow_after(self: CompletionsFlow, call: Any, completion: Any) -> Any:
+        time.sleep(0.5)
+        return after(self, call, completion)
+
+    monkeypatch.setattr(CompletionsFlow, "after", slow_after)
+
+    async def cancelled_then_forgotten() -> None:
+        asked = len(openai_server.requests)
+        task = asyncio.ensure_future(
+            aclient.chat.completions.create(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": "I prefer Python for backend work"}],
+            )
+        )
+        while len(openai_server.requests) == asked:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)  # the model has answered: the client disconnects
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(aclient.memory.forget_user)
+
+    asyncio.run(cancelled_then_forgotten())
+    time.sleep(1.0)
+    assert aclient.memory.flush(30)
+    assert aclient.memory.get_all() == []
 
 
 def test_sync_client_inside_a_running_event_loop(client, model_says) -> None:

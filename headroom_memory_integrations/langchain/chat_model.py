@@ -29,7 +29,7 @@ from typing_extensions import Self
 
 from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore, validate_user_id
 from ..errors import InvalidInputError
-from ..flow import MemoryFlow, Turn, aedited, edited
+from ..flow import MemoryFlow, Turn, aedited, edited, finished_in_thread
 from ..wiring import FlowSettings, build_flow, open_memory, reopening_arguments
 from ._messages import Call, ChunkEditor, Injection, MessagesFlow, as_chunk, is_harness_call
 from ._users import run_user
@@ -608,7 +608,7 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
         call = await asyncio.to_thread(self._start, messages, kwargs, run_manager)
         await self._aacquire()
         result = await self.model._agenerate(call.messages, stop=self._stop(stop), **kwargs)
-        return await asyncio.to_thread(flow.after, call, result)
+        return await finished_in_thread(flow.after, call, result)
 
     def _stream(
         self,
@@ -650,7 +650,7 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
         if not self._model_streams(kwargs, asynchronous=True):
             kwargs.pop("stream", None)
             result = await self.model._agenerate(call.messages, stop=stop, **kwargs)
-            result = await asyncio.to_thread(flow.after, call, result)
+            result = await finished_in_thread(flow.after, call, result)
             yield as_chunk(result.generations[0])
             return
         chunks = self.model._astream(call.messages, stop=stop, **kwargs)

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..display import client_html
 from ..engine import MemoryStore
+from ..flow import finished_in_thread
 from .flow import CompletionsFlow
 from .responses import (
     AsyncMemoryResponseManager,
@@ -110,7 +111,7 @@ class _AsyncCalls(_Calls):
         result = await method(**call.request)
         if kwargs.get("stream"):
             return AsyncMemoryStream(result, self._flow.editor(call))
-        return await asyncio.to_thread(self._flow.after, call, result)
+        return await finished_in_thread(self._flow.after, call, result)
 
     @property
     def with_raw_response(self) -> _RawCalls:
@@ -162,7 +163,7 @@ class _AsyncRawCalls(_RawCalls):
         )
         raw = MemoryRawResponse(await method(**call.request), edits)
         if not edits.streamed:
-            await asyncio.to_thread(raw.finish)
+            await finished_in_thread(raw.finish)
         return raw
 
 
