@@ -160,15 +160,19 @@ def test_odd_values_keys_and_labels_are_no_storage_failure(store, db_path, model
 
 
 def test_a_key_imported_from_elsewhere_is_read_and_deleted(store, db_path, model) -> None:
-    """An export's ids are kept by ``import_``, even ones ``put`` would refuse (a tab)."""
+    """An export's ids are kept by ``import_``, and held to the rule ``put`` keys are: one
+    with a tab or a newline is refused (the search tool and the CLI print ids)."""
     source = MemoryStore("alice", db_path=db_path / "elsewhere", embedder=model)
     source.add("Prefers Python for backend work", "preference")
     exported = io.StringIO()
     source.export(exported)
-    line = {**json.loads(exported.getvalue().splitlines()[0]), "id": "note\t1"}
-    MemoryStore("alice", db_path=db_path, embedder=model).import_([json.dumps(line)])
+    line = json.loads(exported.getvalue().splitlines()[0])
+    target = MemoryStore("alice", db_path=db_path, embedder=model)
+    with pytest.raises(InvalidInputError, match="printable"):
+        target.import_([json.dumps({**line, "id": "note\t1"})])
+    target.import_([json.dumps({**line, "id": "notes/1 é"})])
     [item] = store.search(("alice",))
-    assert item.key == "note\t1" and store.get(("alice",), item.key) is not None
+    assert item.key == "notes/1 é" and store.get(("alice",), item.key) is not None
     store.delete(("alice",), item.key)
     assert store.search(("alice",)) == []
 
