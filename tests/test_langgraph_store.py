@@ -125,6 +125,11 @@ def test_bad_items_raise_naming_the_limit_and_a_batch_writes_nothing(store) -> N
     ("bad", "error"),
     [
         (SearchOp(("alice",), filter={"n": {"$in": [1]}}), "unknown filter operator '\\$in'"),
+        (
+            SearchOp(("alice",), filter={"n": {"$gt": 0, "x": 1}}),
+            "mixes operators with the field 'x'",
+        ),
+        (SearchOp(("alice",), filter={"m": {"a": {"$eq": 1, "b": 2}}}), "mixes operators"),
         (SearchOp(("alice",), filter=["n"]), "filter must be a dict"),  # type: ignore[arg-type]
         (SearchOp(("alice",), query=5), "query must be a string"),  # type: ignore[arg-type]
         (ListNamespacesOp((MatchCondition("infix", ("a",)),)), "unknown match type"),  # type: ignore[arg-type]
@@ -136,6 +141,41 @@ def test_a_batch_with_a_bad_read_writes_nothing(store, bad, error) -> None:
     with pytest.raises(InvalidInputError, match=error):
         store.batch([PutOp(("alice",), "good", {"text": "Has two cats"}), bad])
     assert store.get(("alice",), "good") is None
+
+
+def test_a_query_of_control_characters_only_is_no_query(store) -> None:
+    """Nothing is left to search by once they are dropped: the search lists the items, as
+    for a blank query (InMemoryStore returns items for any query), in a batch too."""
+    results = store.batch(
+        [
+            PutOp(("alice",), "tea", {"text": "Likes green tea"}),
+            SearchOp(("alice",), query="\x00\x01"),
+        ]
+    )
+    assert [(i.key, i.score) for i in results[1]] == [("tea", None)]
+    lone_surrogate = json.loads('"\\ud800"')
+    assert [i.key for i in store.search(("alice",), query=lone_surrogate)] == ["tea"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.put("alice", "k", {"text": "Prefers Python"}),  # type: ignore[arg-type]
+        lambda s: s.get("alice", "k"),  # type: ignore[arg-type]
+        lambda s: s.delete("alice", "k"),  # type: ignore[arg-type]
+        lambda s: s.search("alice", query="Python"),  # type: ignore[arg-type]
+        lambda s: s.list_namespaces(prefix="alice"),  # type: ignore[arg-type]
+        lambda s: s.list_namespaces(suffix="alice"),  # type: ignore[arg-type]
+        lambda s: s.batch([PutOp("alice", "k", {"text": "Prefers Python"})]),  # type: ignore[arg-type]
+        lambda s: s.memory("alice"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_string_namespace_is_refused_not_split_into_letters(store, call) -> None:
+    """``"alice"`` is not ``("a", "l", "i", "c", "e")``: every op refuses it."""
+    store.put(("bob",), "k", {"text": "Has a dog"})
+    with pytest.raises(InvalidNamespaceError, match=r"pass \('alice',\), not 'alice'"):
+        call(store)
+    assert store.list_namespaces() == [("bob",)]
 
 
 def test_odd_values_keys_and_labels_are_no_storage_failure(store, db_path, model) -> None:
@@ -231,6 +271,49 @@ def test_filters_limit_offset_and_listing(store) -> None:
     assert len(store.search(("alice",), query="playing the piano", limit=2, offset=1)) == 2
     with pytest.raises(InvalidInputError, match="unknown filter operator"):
         store.search(("alice",), filter={"day": {"$regex": "1"}})
+
+
+def test_a_filtered_search_over_several_namespaces_merges_their_best_matches(
+    db_path, model, monkeypatch
+) -> None:
+    """Enough matches in one namespace do not end the search while another namespace's
+    unread memories could score higher: the result is each namespace's own search merged by
+    score. Without a filter, one search per namespace suffices."""
+    store = HeadroomStore(db_path=db_path, embedder=model, min_score=-1.0)
+    for n in range(12):  # fill ("team", "b")'s first page with items the filter drops
+        store.put(("team", "b"), f"x{n}", {"text": "Loves eating fresh fruit", "tag": "x"})
+    store.put(
+        ("team", "b"), "wanted", {"text": "Eats apples and bananas every morning", "tag": "y"}
+    )
+    for n in range(20):
+        store.put(
+            ("team", "a"), f"a{n}", {"text": f"Works as an accountant in office {n}", "tag": "y"}
+        )
+
+    def merged(limit: int) -> list[tuple[tuple[str, ...], str, float]]:
+        found = [
+            (item.namespace, item.key, item.score)
+            for namespace in (("team", "a"), ("team", "b"))
+            for item in store.search(namespace, query="fresh fruit", filter={"tag": "y"}, limit=100)
+        ]
+        return sorted(found, key=lambda hit: -hit[2])[:limit]
+
+    found = store.search(("team",), query="fresh fruit", filter={"tag": "y"}, limit=10)
+    assert (found[0].namespace, found[0].key) == (("team", "b"), "wanted")
+    expected = merged(10)
+    assert [(i.namespace, i.key) for i in found] == [hit[:2] for hit in expected]
+    assert [i.score for i in found] == pytest.approx([hit[2] for hit in expected], abs=1e-5)
+
+    searches: list[int] = []
+    real_search = MemoryStore.search
+
+    def counted(self, query, top_k=5, *args, **kwargs):  # the real search, counted
+        searches.append(top_k)
+        return real_search(self, query, top_k, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryStore, "search", counted)
+    assert len(store.search(("team",), query="fresh fruit", limit=10)) == 10
+    assert searches == [10, 10, 10]  # ("team",) itself and its two: one page each, none deeper
 
 
 def test_list_namespaces(store, db_path, model) -> None:
@@ -371,6 +454,26 @@ def test_memories_learned_by_a_wrapper_are_items_and_items_are_recalled(
     assert store.get(("alice",), "home").value == {
         "text": "Moved from New York to Lisbon",
         "floor": 3,
+    }
+
+
+def test_a_rewritten_item_indexed_by_one_field_keeps_its_other_fields(store) -> None:
+    """``index`` naming one top-level string field makes it the item's text field, as
+    ``text`` is without ``index``; the text of a nested path has no field to show it in."""
+    store.put(("alice",), "a", {"text": "Lives in New York", "floor": 3}, index=["text"])
+    store.put(("alice",), "b", {"where": "Lives in New York", "floor": 3}, index=["where"])
+    store.put(("alice",), "c", {"home": {"city": "Lives in New York"}}, index=["home.city"])
+    memory = store.memory(("alice",))  # what a wrapper or a memory tool does
+    for key in ("a", "b", "c"):
+        memory.supersede(key, "Moved from New York to Lisbon")
+    assert store.get(("alice",), "a").value == {"text": "Moved from New York to Lisbon", "floor": 3}
+    assert store.get(("alice",), "b").value == {
+        "where": "Moved from New York to Lisbon",
+        "floor": 3,
+    }
+    assert store.get(("alice",), "c").value == {
+        "text": "Moved from New York to Lisbon",
+        "category": "fact",
     }
 
 

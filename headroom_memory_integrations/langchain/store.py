@@ -25,6 +25,7 @@ from langgraph.store.base import (
     SearchItem,
     SearchOp,
     get_text_at_path,
+    tokenize_path,
     validate_op_namespace,
 )
 from langgraph.store.base import InvalidNamespaceError as _InvalidNamespaceError
@@ -55,7 +56,7 @@ be a descendant of a namespace (``("alice",)``)."""
 _FORBIDDEN_IN_LABELS = (".", "\x00", SEPARATOR)
 
 _VALUE_KEY = "langgraph_value_"  # metadata keys holding the value's JSON, in numbered pieces
-_TEXT_FIELD_KEY = "langgraph_text_field"  # "text" or "content": the field the text came from
+_TEXT_FIELD_KEY = "langgraph_text_field"  # the top-level field the text came from, or ""
 _INDEXED_KEY = "langgraph_indexed"  # digest of the indexed text, to notice rewrites elsewhere
 MAX_VALUE_CHARS = (MAX_METADATA_KEYS - 2) * MAX_METADATA_VALUE_CHARS
 """Longest value an item holds, measured as its JSON (non-ASCII characters count as their
@@ -80,9 +81,11 @@ def namespace_user(namespace: Sequence[str]) -> str:
     ``"acme\\x1fbob"``, which a wrapper reaches with ``user_id=namespace_user(("acme", "bob"))``.
 
     Raises:
-        InvalidNamespaceError: the namespace is empty, or a label is not a non-empty string
-            without ``"."``, NUL or ``"\\x1f"``; or the joined id is too long for a user id.
+        InvalidNamespaceError: the namespace is not a tuple (or list) of labels, is empty, or
+            a label is not a non-empty string without ``"."``, NUL or ``"\\x1f"``; or the
+            joined id is too long for a user id.
     """
+    _check_labels_type(namespace, "namespace")
     if not namespace:
         raise InvalidNamespaceError("an empty namespace names no user")
     validate_op_namespace(GetOp(tuple(namespace), ""))
@@ -100,6 +103,20 @@ def namespace_user(namespace: Sequence[str]) -> str:
         return validate_user_id(SEPARATOR.join(namespace))
     except InvalidInputError as exc:
         raise InvalidNamespaceError(f"namespace {tuple(namespace)!r}: {exc}") from exc
+
+
+def _check_labels_type(labels: object, what: str) -> None:
+    """Refuse a namespace (or match path) that is not a tuple or list of labels: a string
+    would be read as one label per character (``"alice"`` as ``("a", "l", "i", "c", "e")``)."""
+    if isinstance(labels, (tuple, list)):
+        return
+    if isinstance(labels, str):
+        raise InvalidNamespaceError(
+            f"a {what} is a tuple of labels, not a string: pass ({labels!r},), not {labels!r}"
+        )
+    raise InvalidNamespaceError(
+        f"a {what} is a tuple of labels (strings), got {type(labels).__name__}"
+    )
 
 
 def user_namespace(user_id: str) -> tuple[str, ...] | None:
@@ -151,13 +168,23 @@ def _category_of(value: Mapping[str, Any]) -> Category | None:
         return None
 
 
+def _one_field(value: Mapping[str, Any], index: list[Any]) -> str | None:
+    """The field ``index`` names when it is one top-level string field (``["title"]``, not
+    ``["a.b"]``, ``["tags[*]"]`` or two fields), else None."""
+    if len(index) != 1 or not isinstance(path := index[0], str):
+        return None
+    if tokenize_path(path) != [path] or path == "*" or path[0] in "[{":
+        return None
+    return path if isinstance(value.get(path), str) else None
+
+
 def _indexed_text(value: Mapping[str, Any], index: Any) -> tuple[str | None, str, str]:
     """``(field, text, what)``: the text to embed, the top-level field it is (or None), and how
     to name it in an error."""
     if isinstance(index, list) and index:
         texts = [text for path in index for text in get_text_at_path(value, path)]
         if any(text.strip() for text in texts):
-            return None, "\n".join(texts), f"the text of the fields {index!r}"
+            return _one_field(value, index), "\n".join(texts), f"the text of the fields {index!r}"
     for field in _TEXT_FIELDS:
         text = value.get(field)
         if isinstance(text, str) and text.strip():
@@ -203,7 +230,8 @@ def memory_value(memory: Memory) -> dict[str, Any]:
     """The value of the item a memory shows as: what was put, or ``{"text", "category"}`` for a
     memory written otherwise (learned by a wrapper, added through the API). If the memory's
     text was rewritten since it was put (updated by a tool, superseded by a wrapper), the put
-    field that held its text shows the new text; without such a field, the plain form shows.
+    field that held its text (``text``, ``content``, or the one top-level field ``index``
+    named) shows the new text; without such a field, the plain form shows.
     The other fields keep the values put: they are the application's, and which of them
     described the old text only it can tell (the item's ``updated_at`` says when the text
     changed)."""
@@ -222,7 +250,7 @@ def memory_value(memory: Memory) -> dict[str, Any]:
         return plain
     if meta.get(_INDEXED_KEY) != _digest(memory.text):
         field = meta.get(_TEXT_FIELD_KEY)
-        if field not in _TEXT_FIELDS or not isinstance(value.get(field), str):
+        if not field or not isinstance(field, str) or not isinstance(value.get(field), str):
             return plain
         value[field] = memory.text
     put_category = _category_of(value)
@@ -301,9 +329,20 @@ def _check_filter(filter: Any) -> None:
 
 def _check_wanted(wanted: Any) -> None:
     if isinstance(wanted, Mapping):
-        for key, value in wanted.items():
-            if isinstance(key, str) and key.startswith("$") and key not in _OPERATORS:
-                raise InvalidInputError(f"unknown filter operator {key!r}; use one of {_OPERATORS}")
+        operators = [key for key in wanted if isinstance(key, str) and key.startswith("$")]
+        if operators:  # every key is then an operator, its operand a plain value
+            for key in wanted:
+                if key in operators and key not in _OPERATORS:
+                    raise InvalidInputError(
+                        f"unknown filter operator {key!r}; use one of {_OPERATORS}"
+                    )
+                if key not in operators:
+                    raise InvalidInputError(
+                        f"a filter condition mixes operators with the field {key!r}: "
+                        f"{dict(wanted)!r}; put a field's conditions under its own key"
+                    )
+            return
+        for value in wanted.values():
             _check_wanted(value)
     elif isinstance(wanted, (list, tuple)):
         for value in wanted:
@@ -321,6 +360,19 @@ def _check_listing(op: ListNamespacesOp) -> None:
     depth = op.max_depth
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
         raise InvalidInputError(f"max_depth must be a positive integer or None, got {depth!r}")
+
+
+def _query_text(query: str | None) -> str | None:
+    """The text a search looks for (see :func:`~..engine.query_tail`), or None when nothing
+    is left of ``query`` once blanks and control characters are dropped: the search then
+    has no query (as for ``None``)."""
+    if not query:
+        return None
+    text = query_tail(query)
+    try:
+        return clean_text(text, "query")
+    except InvalidInputError:  # blank, or control characters only
+        return None
 
 
 def _check_page(limit: int, offset: int) -> None:
@@ -351,7 +403,9 @@ class HeadroomStore(BaseStore):
 
     **Namespaces are users.** The engine user of a namespace is its labels joined by the unit
     separator ``"\\x1f"`` (:data:`SEPARATOR`, refused in labels, as are ``"."``, NUL and empty
-    labels), so no two namespaces share a user. ``("alice",)`` is user ``"alice"`` and holds
+    labels), so no two namespaces share a user. A namespace is a tuple (or list) of labels: a
+    string (``"alice"``) is refused with :class:`InvalidNamespaceError`, not read as
+    ``("a", "l", "i", "c", "e")``. ``("alice",)`` is user ``"alice"`` and holds
     exactly the memories of ``MemoryStore("alice")`` and of the chat-model wrappers built with
     ``user_id="alice"`` on the same ``db_path``: a store sees what the wrappers learned, and the
     wrappers recall what an agent put. A multi-label namespace's user is
@@ -374,11 +428,15 @@ class HeadroomStore(BaseStore):
     :data:`MAX_VALUE_CHARS`; tuples come back as lists). The memory's text, which search and
     the wrappers see, is ``value["text"]``, else ``value["content"]`` when it is a string, else
     the value as JSON; ``put(..., index=["a.b", "c[*]"])`` uses the text at those fields
-    instead. ``index=False`` is treated like ``None``: every memory is searchable. The text may
-    have up to 2,000 characters. A valid ``value["category"]`` (``preference``, ``fact``,
-    ``context``) becomes the memory's category, else ``fact``. A memory not written through a
-    store (learned by a wrapper) shows as ``{"text": ..., "category": ...}`` with its id as
-    key. ``put(ns, key, None)`` and ``delete`` remove the item. Bad input raises
+    instead. When the memory's text is rewritten (a tool's update, a wrapper's supersede),
+    ``get`` shows the new text in the field it came from (``text``, ``content``, or the one
+    top-level string field ``index`` named), other fields as put; with no such field, as
+    ``{"text": ..., "category": ...}``. ``index=False`` is treated like ``None``: every
+    memory is searchable. The text may have up to 2,000 characters. A valid
+    ``value["category"]`` (``preference``, ``fact``, ``context``) becomes the memory's
+    category, else ``fact``. A memory not written through a store (learned by a wrapper)
+    shows as ``{"text": ..., "category": ...}`` with its id as key. ``put(ns, key, None)``
+    and ``delete`` remove the item. Bad input raises
     :class:`~headroom_memory_integrations.InvalidInputError` (a ``ValueError``) naming the
     limit; a batch is checked whole before anything is written.
 
@@ -386,8 +444,10 @@ class HeadroomStore(BaseStore):
     similarity of meaning, :func:`~headroom_memory_integrations.engine.centred_query`, plus a
     bonus for shared words; higher is more relevant); only items above the
     relevance floor ``min_score`` come back, so an unrelated query finds nothing
-    (``min_score=-1`` ranks everything), at most 1,000 deep. Without ``query``, items come
-    oldest first, namespace by namespace. ``filter`` matches value fields exactly or with
+    (``min_score=-1`` ranks everything), at most 1,000 deep per namespace; over several
+    namespaces, each one's matches merged by score. A query with nothing left once blanks and
+    control characters are dropped is no query. Without ``query``, items come oldest first,
+    namespace by namespace. ``filter`` matches value fields exactly or with
     ``$eq``, ``$ne``, ``$gt``, ``$gte``, ``$lt``, ``$lte``; ``limit`` and ``offset`` page.
     ``list_namespaces`` lists users' namespaces (one whose items were all deleted may still
     be listed). A search reads the prefix's own namespace directly; its descendants come from
@@ -471,6 +531,13 @@ class HeadroomStore(BaseStore):
         return await asyncio.to_thread(self.batch, list(ops))
 
     def _check(self, op: Op) -> _Encoded | None:
+        if isinstance(op, (GetOp, PutOp)):
+            _check_labels_type(op.namespace, "namespace")
+        elif isinstance(op, SearchOp):
+            _check_labels_type(op.namespace_prefix, "namespace prefix")
+        elif isinstance(op, ListNamespacesOp):
+            for condition in op.match_conditions or ():
+                _check_labels_type(condition.path, f"{condition.match_type} path")
         validate_op_namespace(op)
         if isinstance(op, PutOp):
             if op.ttl is not None:
@@ -545,8 +612,9 @@ class HeadroomStore(BaseStore):
         if not users or wanted == 0:
             return []
         found: list[tuple[float | None, str, Memory]]
-        if op.query and op.query.strip():
-            found = [*self._ranked(users, op.query, op.filter, wanted)]
+        query = _query_text(op.query)
+        if query is not None:
+            found = [*self._ranked(users, query, op.filter, wanted)]
         else:
             found = [
                 (None, user, memory)
@@ -562,24 +630,45 @@ class HeadroomStore(BaseStore):
     def _ranked(
         self, users: list[str], query: str, filter: Mapping[str, Any] | None, wanted: int
     ) -> list[tuple[float, str, Memory]]:
-        """The best ``wanted`` matches across ``users``: with a filter, search deeper until
-        enough pass it or the users' relevant memories run out."""
-        depth = min(MAX_TOP_K, max(wanted, _FIRST_SEARCH_DEPTH))
+        """The best ``wanted`` matches across ``users`` that pass ``filter``, best first (with
+        more after them), as merging each user's own search would give.
+
+        Each user is searched ``depth`` deep. A user whose page came back full (its memories
+        did not run out) may hold more matches below it, all scoring at most the page's last
+        score: it is searched deeper while fewer than ``wanted`` matches are found, or while
+        its last score is above the ``wanted``-th match's (a deeper match could rank before
+        that one). Without a filter, or with one namespace and enough matches, one search
+        each suffices."""
+        first = min(MAX_TOP_K, max(wanted, _FIRST_SEARCH_DEPTH))
+        depth = dict.fromkeys(users, first)
+        # per user: whether its page was full, the page's last score, the matches in it
+        pages: dict[str, tuple[bool, float, list[tuple[float, str, Memory]]]] = {}
+        deeper = users
         while True:
-            hits: list[tuple[float, str, Memory]] = []
-            exhausted = True
-            for user in users:
-                found = self.stores(user).search(query_tail(query), top_k=depth)
-                exhausted = exhausted and len(found) < depth
-                hits += [
+            for user in deeper:
+                found = self.stores(user).search(query, top_k=depth[user])
+                passing = [
                     (score, user, memory)
                     for memory, score in found
                     if matches(memory_value(memory), filter)
                 ]
-            hits.sort(key=lambda hit: hit[0], reverse=True)
-            if len(hits) >= wanted or exhausted or depth == MAX_TOP_K:
+                full = len(found) == depth[user] < MAX_TOP_K
+                pages[user] = (full, found[-1][1] if found else 0.0, passing)
+            hits = sorted(
+                (hit for _, _, passing in pages.values() for hit in passing),
+                key=lambda hit: hit[0],
+                reverse=True,
+            )
+            bar = hits[wanted - 1][0] if len(hits) >= wanted else None
+            deeper = [
+                user
+                for user, (full, last, _) in pages.items()
+                if full and (bar is None or last > bar)
+            ]
+            if not deeper:
                 return hits
-            depth = min(MAX_TOP_K, depth * 4)
+            for user in deeper:
+                depth[user] = min(MAX_TOP_K, depth[user] * 4)
 
     def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
         namespaces = {
