@@ -6,18 +6,35 @@ that the *text* writes, but not one the *model* writes on the text's behalf. So 
 context holds untrusted content (tool results; documents, where the application says so), each
 proposed memory is kept only if it is grounded in what the user wrote:
 
-- every number (as a whole word: "20" is not in "2025"), e-mail, URL and capitalised name in
-  it appears in the user's text, and
-- at least one of its content words does (compared on a crude stem: case, plural and common
-  suffixes ignored; generic words such as "user", "prefers", "likes" do not count).
+- every detail in it appears in the user's text: a number (digits as a whole number: "20" is
+  not in "2025"; any other numeral, such as "①②③", as written; a number word from "zero" to
+  "billion", ordinals too, as the same word or the same number in digits: "nine" or "9"), an
+  e-mail, a URL, a domain ("billing.example.org") and a capitalised name;
+- if it holds a negation ("not", "no", "never", "none", "without", "cannot", a "n't" form), the
+  user's text holds one too (any: "Is not allergic to penicillin" is not grounded in "I'm
+  allergic to penicillin"), and
+- more than half of its content words are the user's (compared on a crude stem: case, plural
+  and common suffixes ignored; a detail counts as two words, as it was checked as written;
+  words that frame a fact, such as "user", "prefers", "lives", "years", and negations do not
+  count).
 
 "Prefers Python for backend work" after "I prefer Python for backend work" is kept; "Wants all
 payments sent to account 12345" and "User is an admin" are dropped unless the user said so.
 Calls with no untrusted content are not checked: the model's paraphrase of the user is trusted
 there.
 
-A name that opens the memory ("Mallory handles the rent") is not told from a capitalised first
-word ("Lives in Lyon"), so it counts as a content word only: the check is a heuristic.
+The check is a heuristic, and the half is a trade-off. A lower-case name ("Works with
+mallory") cannot be told from a word, so it must be outweighed by the user's words; a text that
+has the model repeat more of the user's words than it adds ("Shares the calendar with mallory"
+after "Share my calendar") still passes. A paraphrase that changes more words than it keeps is
+dropped: "Lives in Denver" after "I moved to Denver" and "Daughter is 9 years old" after "my
+daughter turned 9" are kept, "Works as a nurse" after "I'm a nurse" and "Mother is in the
+hospital" after "my mom is in the hospital" are not. Of the 64 everyday paraphrases in
+``tests/_grounding_examples.py``, 59 are kept; when one grounded word was enough, 63 were, and
+so were 8 of its 15 planted memories, where now 1 is. Only calls with untrusted content drop
+them: a call without it is not checked. A name that opens the memory ("Mallory handles the
+rent") is not told from a capitalised first word ("Lives in Lyon"), so it counts as a content
+word only.
 
 In an untrusted call, a kept memory's ``replaces`` is not followed either: the text could ask
 the model to mark an unrelated memory ("Is allergic to penicillin") as replaced by a grounded
@@ -32,19 +49,43 @@ from __future__ import annotations
 import re
 
 _TOKENS = re.compile(r"[^\W_]+(?:[.@:/'_-][^\W_]+)*", re.UNICODE)
-_DETAIL = re.compile(r".*\d.*|.*[@/:].*")
-_NUMBER = re.compile(r"[\d.,:/'_-]+")
+_ADDRESS = re.compile(r".*[@/:].*|.*[^\W\d_]\.[^\W\d_]{2}.*")  # e-mail, URL, path, domain
+_LETTERS = re.compile(r"[^\W\d_]+")
 _DIGITS = re.compile(r"\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
-_GENERIC = frozenset(
+_GENERIC = frozenset(  # words that frame a fact rather than state it
     """
     a an the and or but of to in on at for from with by as is are was were be been being am
-    has have had do does did not no yes this that these those it its their they them he she
+    has have had do does did yes this that these those it its their they them he she
     his her him i me my we our you your user users user's person someone
     prefer prefers preferred preference like likes liked love loves want wants wanted need needs
     use uses used usually often always currently now also very really just some any all
+    about after before over into than per every live lives lived living year years old age aged
+    named called
     """.split()
 )
+_NEGATIONS = frozenset(
+    """
+    not no never none without nothing nobody neither nor cannot
+    dont doesnt didnt isnt arent wasnt werent cant couldnt wouldnt shouldnt wont havent hasnt
+    hadnt aint
+    """.split()
+)
+_UNITS = """zero one two three four five six seven eight nine ten eleven twelve thirteen
+    fourteen fifteen sixteen seventeen eighteen nineteen twenty""".split()
+_ORDINALS = """zeroth first second third fourth fifth sixth seventh eighth ninth tenth eleventh
+    twelfth thirteenth fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth
+    twentieth""".split()
+_TENS = "thirty forty fifty sixty seventy eighty ninety".split()
+_LARGE = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9}
+_NUMBER_WORDS = {  # word -> its value in digits
+    **{word: str(value) for value, word in enumerate(_UNITS)},
+    **{word: str(value) for value, word in enumerate(_ORDINALS)},
+    **{word: str(30 + 10 * i) for i, word in enumerate(_TENS)},
+    **{word[:-1] + "ieth": str(30 + 10 * i) for i, word in enumerate(_TENS)},
+    **{word: str(value) for word, value in _LARGE.items()},
+    **{word + "th": str(value) for word, value in _LARGE.items()},
+}
 _SUFFIXES = ("ations", "ation", "ings", "ing", "ies", "ied", "ers", "er", "es", "ed", "s", "ly")
 
 
@@ -52,22 +93,38 @@ def _stem(word: str) -> str:
     word = word.casefold().removesuffix("'s")
     for suffix in _SUFFIXES:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            return word[: -len(suffix)]
-    return word
+            word = word[: -len(suffix)]
+            break
+    return word.removesuffix("e") if len(word) > 3 else word  # "lives", "live": "liv"
 
 
-def _is_name(token: str, index: int) -> bool:
-    return index > 0 and token[:1].isupper() and token.casefold() not in _GENERIC
+def _is_detail(token: str, index: int) -> bool:
+    """A number (digits, any other numeral, a number word), an address or a capitalised name."""
+    return (
+        _ADDRESS.fullmatch(token) is not None
+        or any(c.isnumeric() for c in token)
+        or any(word in _NUMBER_WORDS for word in _LETTERS.findall(token.casefold()))
+        or (index > 0 and token[:1].isupper() and token.casefold() not in _GENERIC)
+    )
 
 
-def _said(detail: str, said: str, said_numbers: set[str]) -> bool:
-    """Whether the user wrote ``detail``: each number in it as a whole number of theirs ("20"
-    is not in "2025", "5" is in "5-year-old" and "5pm"), anything else anywhere in their text
-    (an e-mail or URL written with a scheme, say)."""
-    detail = detail.casefold()
-    if _NUMBER.fullmatch(detail):
-        return set(_numbers(detail)) <= said_numbers
-    return detail in said
+def _is_negation(token: str) -> bool:
+    token = token.casefold()
+    return token in _NEGATIONS or token.endswith("n't")
+
+
+def _said(detail: str, said: str, said_numbers: set[str], said_words: set[str]) -> bool:
+    """Whether the user wrote ``detail``. An address, or a token with numerals other than
+    digits ("①②③"), anywhere in their text as written; otherwise each number in it as a whole
+    number of theirs ("20" is not in "2025", "5" is in "5-year-old" and "5pm"), and each word in
+    it as a word of theirs, a number word also as the same number in digits ("nine" or "9")."""
+    detail = detail.casefold().removesuffix("'s")
+    if _ADDRESS.fullmatch(detail) or any(c.isnumeric() and not c.isdecimal() for c in detail):
+        return detail in said
+    return set(_numbers(detail)) <= said_numbers and all(
+        word in said_words or _NUMBER_WORDS.get(word) in said_numbers
+        for word in _LETTERS.findall(detail)
+    )
 
 
 def _numbers(text: str) -> list[str]:
@@ -76,16 +133,22 @@ def _numbers(text: str) -> list[str]:
 
 def grounded(memory: str, user_text: str) -> bool:
     """Whether ``memory`` is grounded in ``user_text`` (see the module docstring)."""
+    memory, user_text = memory.replace("\u2019", "'"), user_text.replace("\u2019", "'")
     said = user_text.casefold()
     said_numbers = set(_numbers(user_text))
-    said_stems = {_stem(t) for t in _TOKENS.findall(user_text)}
-    content = 0
-    for index, token in enumerate(_TOKENS.findall(memory)):
-        is_detail = _DETAIL.fullmatch(token) is not None or _is_name(token, index)
-        if is_detail and not _said(token, said, said_numbers):
-            return False
-        if token.casefold() in _GENERIC or len(token) < 2:
-            continue
-        if _stem(token) in said_stems:
-            content += 1
-    return content > 0
+    said_words = set(_LETTERS.findall(said))
+    user_tokens = _TOKENS.findall(user_text)
+    said_stems = {_stem(t) for t in user_tokens}
+    tokens = _TOKENS.findall(memory)
+    if any(map(_is_negation, tokens)) and not any(map(_is_negation, user_tokens)):
+        return False
+    words = found = 0  # a detail the user wrote counts as two words: it is checked as written
+    for index, token in enumerate(tokens):
+        if _is_detail(token, index):
+            if not _said(token, said, said_numbers, said_words):
+                return False
+            words, found = words + 2, found + 2
+        elif token.casefold() not in _GENERIC and not _is_negation(token) and len(token) >= 2:
+            words += 1
+            found += _stem(token) in said_stems
+    return found * 2 > words
