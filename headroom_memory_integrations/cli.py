@@ -358,7 +358,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
                 raise HeadroomMemoryError("cancelled")
         removed = store.forget_user()  # the user's queued turns too, not only the memories
         if not args.json:
-            print(f"cleared {removed} memories of user {args.user!r}", file=out)
+            print(f"cleared {_memories(removed)} of user {args.user!r}", file=out)
         return {"cleared": removed}
     if args.command == "stats":
         stats = store.stats()
@@ -372,15 +372,20 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
         else:
             count = store.export(args.file)
             if not args.json:
-                print(f"exported {count} memories to {args.file}", file=out)
+                print(f"exported {_memories(count)} to {args.file}", file=out)
         return {"exported": count}
     if args.command == "import":
         imported = store.import_with_outcomes(sys.stdin if args.file == "-" else args.file)
         counts = Counter(each.outcome for each in imported)
         if not args.json:
-            print(f"imported {len(imported)} memories{_import_summary(counts)}", file=out)
+            print(f"imported {_memories(len(imported))}{_import_summary(counts)}", file=out)
         return {"imported": len(imported), **{str(o): counts[o] for o in Outcome}}
     raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def _memories(count: int) -> str:
+    """``1 memory``, ``2 memories``."""
+    return f"{count} memory" if count == 1 else f"{count} memories"
 
 
 def _import_summary(counts: Counter[Outcome]) -> str:

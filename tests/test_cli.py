@@ -72,12 +72,15 @@ def test_delete_by_short_id_clear_export_import(run, tmp_path: Path) -> None:
     code, out, _ = run("delete", memory_id[:12])
     assert code == 0 and "deleted" in out
     assert len(json.loads(run("list", "--json")[1])) == 1
+    one = tmp_path / "one.jsonl"
+    assert run("export", str(one))[1] == f"exported 1 memory to {one}\n"
     code, _, err = run("clear")  # no terminal to confirm on: refused
     assert code == 1 and "--yes" in err
     code, out, _ = run("clear", "--yes")
-    assert code == 0 and "cleared 1" in out
+    assert code == 0 and out == "cleared 1 memory of user 'alice'\n"
     code, out, _ = run("import", str(export), user="bob")
-    assert code == 0 and "imported 2" in out
+    assert code == 0 and out == "imported 2 memories: 2 stored\n"
+    assert run("import", str(one), user="carol")[1] == "imported 1 memory: 1 stored\n"
     _, out, _ = run("export", user="bob")  # to stdout
     assert {json.loads(line)["user_id"] for line in out.splitlines()} == {"bob"}
 
