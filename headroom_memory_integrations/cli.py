@@ -371,6 +371,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
             count = store.export(out)
         else:
             count = store.export(args.file)
+            assert isinstance(count, int)  # the number written, for a file
             if not args.json:
                 print(f"exported {_memories(count)} to {args.file}", file=out)
         return {"exported": count}
