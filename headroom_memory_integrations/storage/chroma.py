@@ -29,7 +29,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
@@ -146,6 +146,15 @@ _TRANSIENT = (
     "Error finding id",  # a server's read by id racing another client's delete of that id
 )
 _TRANSIENT_TRIES = 7
+# Chroma (1.5, embedded or a server) keeps the vector indexes of at most (the soft open-file
+# limit) / 5 collections in memory (204 at the usual 1,024), and saves an index to disk only
+# every HNSW_SYNC_THRESHOLD writes. It rebuilds an index from its log the first time the
+# process reads the collection, and when it writes it; a later read of a collection whose
+# index it let go of, before any save, finds no index on disk and fails with _UNLOADED, every
+# time, until the collection is written or the process restarts. A write that changes nothing
+# (the delete of an id no memory has: memory ids are printable) makes Chroma rebuild it.
+_UNLOADED = "Nothing found on disk"
+_RELOAD_ID = "\x00headroom-memory-reload-index"
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -626,13 +635,20 @@ class ChromaCollection:
         A collection dropped meanwhile is opened afresh; transient Chroma errors are retried."""
         storage = self._storage
         storage._settle()  # Chroma is read and written with every deferred write in it
+        reload = False  # the last try failed with _UNLOADED: rebuild the index, then read
         for attempt in range(_TRANSIENT_TRIES):
             last = attempt == _TRANSIENT_TRIES - 1
-            with storage._guard(action), storage._erase_lock.shared():
+            with (
+                storage._guard(action),
+                storage._erase_lock.shared(),
+                storage._reload_lock if reload else nullcontext(),
+            ):
                 try:
                     collection = self._chroma(create=write)
                     if collection is None:
                         return None
+                    if reload:
+                        self._reload_index()
                     return run(collection)
                 except Exception as exc:
                     if _is_missing(exc) and not last:
@@ -640,8 +656,22 @@ class ChromaCollection:
                         continue
                     if not _is_transient(exc) or last:
                         raise
+                    reload = _UNLOADED in str(exc) and storage._holds_folder()
             time.sleep(0.005 * 2**attempt)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _reload_index(self) -> None:
+        """Make Chroma rebuild the collection's vector index from its log, which a read does
+        not do once the index has left Chroma's cache unsaved (see ``_UNLOADED``): a write
+        that changes nothing. Only by the process that may write (the folder's holder, or
+        any client of a server); if it fails, the read is retried and fails as before."""
+        collection = self._collection
+        if collection is None:
+            return
+        try:
+            collection.delete(ids=[_RELOAD_ID])
+        except Exception as exc:
+            logger.debug("could not make Chroma reload the index of %s: %s", self._name, exc)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -1175,6 +1205,9 @@ class ChromaStorage:
         self._max_batch: int | None = None
         self._unerased: list[tuple[str, list[str] | None]] = []
         self._erase_lock = _EraseLock()
+        # Held by a read while it makes Chroma rebuild an index and reads it (see _UNLOADED),
+        # so that two such reads do not let each other's index go in between.
+        self._reload_lock = threading.RLock()
         self._closed = False
         self._release: weakref.finalize[Any, Any] | None = None
         self._deferred: DeferredWrites | None = None  # an embedded folder's (see at())
@@ -1201,6 +1234,7 @@ class ChromaStorage:
         self._client_lock = threading.Lock()
         self._collections_lock = threading.Lock()
         self._erase_lock = _EraseLock()
+        self._reload_lock = threading.RLock()
         self._availability = Availability(self.location)
         self._unerased = []
         for handle in list(self._collections.values()):
