@@ -931,3 +931,40 @@ def test_ctrl_c_during_a_users_first_call_is_not_held_until_the_storage_opens(
     assert returned.wait(10)  # before the storage has opened
     opened_late.set()
     caller.join(30)
+
+
+_MANY_USERS = """
+import json, resource, tempfile
+# chromadb keeps the indexes of (soft open-file limit) / 5 collections, and lets them go well
+# before that many (51 here): a user's index is let go of before it was ever saved to disk
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from conftest import HashEmbedder
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.storage import chroma
+chroma.OPEN_COLLECTIONS = 4  # as in a server of thousands: handles let go of, read afresh
+folder, embedder = tempfile.mkdtemp(), HashEmbedder(8)
+for user in range(60):
+    store = MemoryStore(f"user-{user}", db_path=folder, embedder=embedder)
+    store.add(f"My locker number is {user}")
+    store.search("locker number")  # Chroma builds the index from its log: the first read
+del store
+failed = {}
+for user in range(60):
+    try:
+        hits = MemoryStore(f"user-{user}", db_path=folder, embedder=embedder).search("locker")
+        if [hit.memory.text for hit in hits] != [f"My locker number is {user}"]:
+            failed[user] = [hit.memory.text for hit in hits]
+    except Exception as exc:
+        failed[user] = str(exc)
+print(json.dumps(failed))
+"""
+
+
+def test_a_user_whose_index_chroma_let_go_of_unsaved_still_finds_their_memories() -> None:
+    """chromadb 1.5 rebuilds an index from its log on a collection's first read in a process
+    and on writes only: a later read of an index evicted from its cache before it was ever
+    saved (fewer than HNSW_SYNC_THRESHOLD writes) failed with "Nothing found on disk" until the
+    process restarted. The storage makes Chroma rebuild it and reads again."""
+    run = run_python(_MANY_USERS, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1]) == {}
