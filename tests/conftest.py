@@ -23,8 +23,29 @@ import pytest
 
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
+
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
 from headroom_memory_integrations.embeddings import normalize_rows
+
+
+def _allow_the_suites_open_files() -> None:
+    """The suite opens a new embedded folder in most tests and keeps each open (a folder is
+    shared in a process until its storage is closed: chroma.sqlite3, the job queue, an index
+    per user), over 1,024 files in all: Linux's usual soft limit, which `make test` must not
+    depend on. Raise it to the hard limit (an application that cycles through folders closes
+    their storages, docs/reliability.md section 11)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _allow_the_suites_open_files()
 
 
 class HashEmbedder:
