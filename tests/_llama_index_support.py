@@ -39,6 +39,7 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field
+from llama_index.core.llms import LLM
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.retrievers import BaseRetriever
@@ -91,7 +92,8 @@ class Brain:
             return self.tool_calls.pop(0)
         users = [m["content"] for m in messages if m["role"] == "user"]
         said = users[-1] if users else ""
-        recalled = [json.loads(q) for q in _MEMORY_LINE.findall(system)]
+        shown = f"{system}\n{said}"  # memories before a prompt: a completion's only message
+        recalled = [json.loads(q) for q in _MEMORY_LINE.findall(shown)]
         text = f"{RECALLED} {' | '.join(recalled)}" if recalled else "Noted."
         tool_results = [m["content"] for m in messages if m["role"] == "tool"]
         if tool_results and messages[-1]["role"] == "tool":
@@ -120,24 +122,21 @@ class Brain:
         return Reply.text(answer, chunk_size=3)
 
 
-class ScriptedLLM(FunctionCallingLLM):
-    """A function-calling chat LLM answered by a :class:`Brain`; streams in 3-char pieces
-    with a cumulative ``message.content``, like real LLMs."""
+class ScriptedChatLLM(LLM):
+    """A chat LLM without function calling (most local models), answered by a
+    :class:`Brain`; streams in 3-char pieces with a cumulative ``message.content``, like real
+    LLMs."""
 
     brain: Brain = Field(default_factory=Brain, exclude=True)
 
     @classmethod
     def class_name(cls) -> str:
-        return "ScriptedLLM"
+        return "ScriptedChatLLM"
 
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=16000,
-            num_output=256,
-            is_chat_model=True,
-            is_function_calling_model=True,
-            model_name="scripted",
+            context_window=16000, num_output=256, is_chat_model=True, model_name="scripted"
         )
 
     def _message(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatMessage:
@@ -209,6 +208,18 @@ class ScriptedLLM(FunctionCallingLLM):
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
         return await astream_chat_to_completion_decorator(self.astream_chat)(prompt, **kwargs)
+
+
+class ScriptedLLM(ScriptedChatLLM, FunctionCallingLLM):
+    """A function-calling :class:`ScriptedChatLLM`."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ScriptedLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return super().metadata.model_copy(update={"is_function_calling_model": True})
 
     def _prepare_chat_with_tools(
         self,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import itertools
 import json
 import re
 import threading
@@ -16,7 +18,9 @@ from _llama_index_support import (
     QUESTION,
     RECALLED,
     Brain,
+    CodeActBrain,
     HandbookRetriever,
+    ScriptedChatLLM,
     ScriptedLLM,
     ask,
     flush,
@@ -38,11 +42,13 @@ from llama_index.core.instrumentation.span import SimpleSpan
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 
 from headroom_memory_integrations.errors import InvalidInputError
 from headroom_memory_integrations.llama_index import MemoryLLM
+from headroom_memory_integrations.llama_index.llm import FunctionCallingMemoryLLM
 
 
 @pytest.fixture
@@ -154,8 +160,9 @@ def test_a_completion_prompt_gets_memories_but_teaches_nothing(method, new_llm) 
     assert final == f"{RECALLED} {FACT}"  # the memories relevant to the prompt were injected
     if method.startswith(("stream", "astream")):
         assert "".join(deltas) == final and len(deltas) > 1
-    sent = llm.wrapped_llm.brain.requests[-1]
-    assert [m["role"] for m in sent][-2:] == ["system", "user"]
+    [sent] = llm.wrapped_llm.brain.requests[-1]  # the wrapped LLM's complete: one message
+    assert sent["role"] == "user" and sent["content"].endswith(f"</user-memories>\n\n{prompt}")
+    assert sent["content"].startswith("<user-memories>") and FACT in sent["content"]
     assert "<memory-" not in json.dumps(sent)  # but no instruction: a prompt is not the user's
     flush(llm.memory)
     assert [m.text for m in llm.memory.get_all()] == [FACT]
@@ -234,6 +241,120 @@ def test_a_plain_chat_llm_is_not_made_a_function_calling_one(new_llm) -> None:
         MemoryLLM(llm=llm, memory=llm.memory)
 
 
+async def run_code(code: str) -> str:
+    return "sunny in Oslo"
+
+
+def code_act(llm: Any) -> str:
+    from llama_index.core.agent.workflow import CodeActAgent
+
+    async def run() -> str:
+        return str(await CodeActAgent(code_execute_fn=run_code, llm=llm).run(user_msg=FACT))
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("base", [ScriptedChatLLM, ScriptedLLM])
+def test_code_act_works_with_an_llm_of_either_kind_as_with_the_llm_itself(base, new_llm) -> None:
+    """``CodeActAgent`` asks a ``FunctionCallingLLM`` for tool calls: an LLM without function
+    calling is not made one (it was, and the agent failed with a TypeError)."""
+    bare = code_act(base(brain=CodeActBrain()))
+    llm = new_llm(base=base(brain=CodeActBrain()))
+    assert isinstance(llm, FunctionCallingLLM) is issubclass(base, FunctionCallingLLM)
+    assert code_act(llm) == bare == "The order record says: sunny in Oslo"
+    flush(llm.memory)
+    assert [m.text for m in llm.memory.get_all()] == [FACT]  # and the user's turn was learnt
+
+
+@pytest.mark.parametrize("base", [ScriptedChatLLM, ScriptedLLM])
+def test_either_kind_saves_pickles_and_copies_as_itself(base, new_llm) -> None:
+    import pickle
+
+    llm = new_llm(base=base())
+    kind = type(llm)
+    saved = llm.to_json()
+    assert json.loads(saved)["class_name"] == "MemoryLLM"
+    restored = [
+        MemoryLLM.from_json(saved, llm=base()),
+        FunctionCallingMemoryLLM.from_json(saved, llm=base()),
+    ]
+    for again in [*restored, pickle.loads(pickle.dumps(llm)), llm.model_copy(), copy.copy(llm)]:
+        assert type(again) is kind and isinstance(again.wrapped_llm, base)
+        assert_no_block(call(again, "chat", FACT)[0])
+    if kind is FunctionCallingMemoryLLM:  # built directly, it wraps only a function-calling LLM
+        with pytest.raises(InvalidInputError, match="not a function-calling LLM"):
+            FunctionCallingMemoryLLM(llm=ScriptedChatLLM(), memory=llm.memory)
+
+
+def llama_format(prompt: str) -> str:
+    return f"<s>[INST] {prompt} [/INST]"
+
+
+PROMPTS = [*COMPLETIONS, "predict", "stream", "apredict", "astream"]
+
+
+def prompted(llm: Any, method: str, text: str, template: str = "Question: {query_str}") -> str:
+    """Send ``text`` with ``method``: a completion, or LlamaIndex's ``template`` filled with it
+    (``predict``, ``stream``, ... as a query engine does); the answer."""
+    if method in COMPLETIONS:
+        return call(llm, method, text)[0]
+    prompt, args = PromptTemplate(template), {"query_str": text}
+    if method == "predict":
+        return llm.predict(prompt, **args)
+    if method == "stream":
+        return "".join(llm.stream(prompt, **args))
+    if method == "apredict":
+        return asyncio.run(llm.apredict(prompt, **args))
+
+    async def tokens() -> str:
+        return "".join([token async for token in await llm.astream(prompt, **args)])
+
+    return asyncio.run(tokens())
+
+
+@pytest.mark.parametrize("method", PROMPTS)
+def test_a_completion_model_gets_its_own_prompt_with_the_memories_before_it(
+    method, db_path, model
+) -> None:
+    """A completion model's prompt is the one it would get without memory: formatted once, by
+    itself (a completion) or by ``predict`` (which says ``formatted=True``), never passed
+    through ``messages_to_prompt``; the memories come before it."""
+    bare = CompletionModel(completion_to_prompt=llama_format)
+    prompted(bare, method, QUESTION)
+    [expected] = bare.prompts
+    base = CompletionModel(completion_to_prompt=llama_format)
+    llm = MemoryLLM(llm=base, user_id="alice", db_path=db_path, embedder=model)
+    assert prompted(llm, method, QUESTION) == "Noted."
+    assert base.prompts == [expected]  # nothing to inject: the very same prompt
+
+    llm.memory.add(FACT, category="preference")
+    flush(llm.memory)
+    assert prompted(llm, method, QUESTION) == "Noted."
+    sent = base.prompts[-1]
+    [context] = re.findall(r"<user-memories>\n.*?\n</user-memories>", sent, flags=re.S)
+    assert FACT in context and "<memory-" not in sent  # a prompt: memories, no instruction
+    if method in COMPLETIONS:  # the memories, then the prompt, in the model's format
+        assert sent == llama_format(f"{context}\n\n{QUESTION}")
+    else:  # formatted by predict already: the memories before it
+        assert sent == f"{context}\n\n{expected}"
+    flush(llm.memory)
+    assert [m.text for m in llm.memory.get_all()] == [FACT]
+
+
+@pytest.mark.parametrize("method", ["predict", "stream", "apredict", "astream"])
+def test_a_template_of_the_users_message_alone_is_learnt_on_a_completion_model(
+    method, db_path, model
+) -> None:
+    """As on a chat model, a template whose text is the user's message alone (``{query_str}``)
+    is the user's turn: the completion model gets the instruction, its block is cut."""
+    llm = MemoryLLM(llm=CompletionModel(), user_id="alice", db_path=db_path, embedder=model)
+    assert prompted(llm, method, FACT, template="{query_str}") == "Noted."
+    assert "<memory-" in llm.wrapped_llm.prompts[-1]
+    flush(llm.memory)
+    assert [m.text for m in llm.memory.get_all()] == [FACT]
+    assert llm.memory.counters["missing_blocks"] == 0
+
+
 def test_two_users_stay_isolated(new_llm) -> None:
     alice = new_llm("alice")
     call(alice, "chat", FACT)
@@ -297,7 +418,7 @@ def test_a_pickled_memory_llm_comes_back_on_the_same_memories(db_path, model) ->
     assert len(llm.memory.get_all()) == 2
 
     custom = MemoryLLM(llm=ScriptedLLM(), user_id="bob", db_path=db_path, embedder=HashEmbedder())
-    with pytest.raises(InvalidInputError, match="cannot serialize MemoryLLM"):
+    with pytest.raises(InvalidInputError, match="cannot serialize FunctionCallingMemoryLLM"):
         pickle.dumps(custom)  # unpickled, it would open bob's memories with another embedder
 
 
@@ -305,7 +426,7 @@ def test_memories_that_cannot_be_reopened_are_not_saved(db_path) -> None:
     from conftest import HashEmbedder
 
     llm = MemoryLLM(llm=ScriptedLLM(), user_id="alice", db_path=db_path, embedder=HashEmbedder())
-    with pytest.raises(InvalidInputError, match="cannot serialize MemoryLLM"):
+    with pytest.raises(InvalidInputError, match="cannot serialize FunctionCallingMemoryLLM"):
         llm.to_dict()
     with pytest.raises(InvalidInputError, match="pass llm="):
         MemoryLLM.from_dict({"user_id": "alice", "db_path": str(db_path)})
@@ -361,20 +482,28 @@ def _completion_answer(prompt: str) -> str:
 
 
 class CompletionModel(CustomLLM):
-    """A completion model (LlamaIndex's ``CustomLLM``: its ``chat`` calls ``complete``)."""
+    """A completion model (LlamaIndex's ``CustomLLM``: its ``chat`` calls ``complete``). As
+    LlamaIndex's local models do (``LlamaCPP``, ``HuggingFaceLLM``), it puts a prompt given
+    unformatted in its own format (its ``completion_to_prompt``); keeps each prompt it sent."""
+
+    prompts: list[str] = Field(default_factory=list, exclude=True)
 
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(is_chat_model=False)
 
+    def _sent(self, prompt: str, formatted: bool) -> str:
+        self.prompts.append(prompt if formatted else self.completion_to_prompt(prompt))
+        return self.prompts[-1]
+
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        text = _completion_answer(prompt)
+        text = _completion_answer(self._sent(prompt, formatted))
         return CompletionResponse(text=text, raw={"choices": [{"text": text}]})
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
-        text = _completion_answer(prompt)
+        text = _completion_answer(self._sent(prompt, formatted))
 
         def pieces() -> Any:
             for end in range(3, len(text) + 3, 3):
@@ -457,6 +586,90 @@ def observed():
     yield events, spans
     root.event_handlers.remove(events)
     root.span_handlers.remove(spans)
+
+
+class CompletionCallbacksLLM(ScriptedLLM):
+    """A chat model whose completion calls are instrumented as completions, as LlamaIndex's
+    ``OpenAI`` LLMs are (they answer through their chat, which emits no event then)."""
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        return super().complete(prompt, formatted, **kwargs)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        return super().stream_complete(prompt, formatted, **kwargs)
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        return await super().acomplete(prompt, formatted, **kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        return await super().astream_complete(prompt, formatted, **kwargs)
+
+
+@pytest.mark.parametrize("method", COMPLETIONS)
+@pytest.mark.parametrize("base", [CompletionCallbacksLLM, CompletionModel])
+def test_a_completion_emits_the_wrapped_llms_own_events(
+    base, method, observed, db_path, model
+) -> None:
+    """A completion is the wrapped LLM's: its completion events, never chat events a chat
+    model's completion does not emit."""
+    events, _ = observed
+
+    def kinds() -> list[str]:  # one for each run of events of a kind (a stream: its pieces)
+        return [kind for kind, _ in itertools.groupby(type(e).__name__ for e in events.events)]
+
+    call(base(), method, FACT)
+    expected = kinds()
+    assert "LLMCompletionEndEvent" in expected
+    events.events.clear()
+    llm = MemoryLLM(llm=base(), user_id="alice", db_path=db_path, embedder=model)
+    llm.memory.add(FACT, category="preference")
+    flush(llm.memory)
+    final, _, _ = call(llm, method, QUESTION)
+    assert kinds() == expected
+    assert final == ("Noted." if base is CompletionModel else f"{RECALLED} {FACT}")
+
+
+@pytest.fixture
+def settings():
+    """LlamaIndex's global ``Settings``, reset after the test."""
+    from llama_index.core import Settings
+
+    yield Settings
+    Settings._llm, Settings._callback_manager = None, None
+
+
+def counted_tokens(settings: Any, llm: Any) -> Any:
+    """``TokenCountingHandler`` set up after the LLM (a later cell of a notebook), as
+    LlamaIndex's docs show: on ``Settings``, which gives it to ``Settings.llm``."""
+    from llama_index.core.callbacks import TokenCountingHandler
+    from llama_index.core.chat_engine import SimpleChatEngine
+
+    settings.llm = llm
+    counter = TokenCountingHandler(tokenizer=str.split)
+    settings.callback_manager = CallbackManager([counter])
+    SimpleChatEngine.from_defaults().chat(FACT)
+    return counter
+
+
+def test_a_callback_manager_given_later_reaches_the_wrapped_llm(settings, new_llm) -> None:
+    """LlamaIndex sets a callback manager on the LLM it uses (``Settings.llm``, a query
+    engine's synthesizer); the wrapped LLM, which emits the LLM's callbacks, gets it too."""
+    bare = counted_tokens(settings, InstrumentedLLM())
+    llm = new_llm(base=InstrumentedLLM())
+    counter = counted_tokens(settings, llm)
+    assert llm.wrapped_llm.callback_manager is settings.callback_manager
+    [count] = counter.llm_token_counts  # was none: the handler never saw the call
+    assert count.completion == "assistant: Noted."  # the answer, its block cut
+    assert count.completion_token_count == bare.completion_llm_token_count > 0
+
+    older = AnswerSnapshots()
+    llm.callback_manager = CallbackManager([older])
+    call(llm, "chat", QUESTION)
+    assert older.answers and "<memory-" not in older.answers[-1]
 
 
 @pytest.mark.parametrize("method", CHATS)

@@ -14,12 +14,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from llama_index.core.base.llms.generic_utils import (
-    achat_to_completion_decorator,
-    astream_chat_to_completion_decorator,
-    chat_to_completion_decorator,
-    stream_chat_to_completion_decorator,
-)
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -162,7 +156,7 @@ class _Call:
     cut: bool = False  # the block was cut (and its memories queued) from the completion
 
 
-class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
+class MemoryLLM(FlowSettings, Pickled, LLM):
     """Wraps any LlamaIndex LLM with the user's long-term memory, extracted inline.
 
     Before each call, the memories relevant to the latest user message and an instruction
@@ -173,8 +167,10 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
     history, and its memories are stored off the caller's path. No extra model call.
 
     A function-calling LLM stays one (``metadata`` is the wrapped LLM's, tool calls pass
-    through), so ``FunctionAgent`` and ``AgentWorkflow`` work with it. Requests whose answer
-    must be machine-readable or is not plain text (a forced tool call, a JSON
+    through), so ``FunctionAgent`` and ``AgentWorkflow`` work with it: ``MemoryLLM(llm=...)``
+    is then a :class:`FunctionCallingMemoryLLM`. Any other LLM does not become one
+    (``CodeActAgent`` and LlamaIndex's programs treat it as they treat the LLM). Requests whose
+    answer must be machine-readable or is not plain text (a forced tool call, a JSON
     ``response_format``, log probabilities: in the call's arguments or set on the wrapped LLM,
     as its ``additional_kwargs`` or ``logprobs``) get memories but no instruction. Tool
     results (tool messages, the "Observation: ..." messages a ``ReActAgent`` sends as user
@@ -189,7 +185,8 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
 
     The wrapped LLM's instrumentation events and spans, and its ``callback_manager``'s
     handlers, get what they got before, with the block cut from the answers in them (see
-    ``_instrumentation``).
+    ``_instrumentation``). A ``callback_manager`` set on it later (LlamaIndex sets
+    ``Settings.callback_manager`` on ``Settings.llm``) is set on the wrapped LLM too.
 
     Prompts are not the user's words. ``complete`` and ``stream_complete`` (and their async
     forms) get the memories relevant to the prompt but no instruction: nothing is learnt from
@@ -198,7 +195,9 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
     its own templates (a condense prompt with the whole
     conversation, a query engine's question-answering prompt with the retrieved documents),
     unless the template's user message is exactly its ``{query_str}`` (as in the chat engines'
-    final call: the user's message), which is learnt from as in ``chat``.
+    final call: the user's message), which is learnt from as in ``chat``. A completion is the
+    wrapped LLM's own, with the memories before the prompt: it formats the prompt as it would
+    (unless ``formatted``) and emits its own completion events.
 
     A ``chat`` call (sync, async or streamed) is the user's turn only when a chat engine, an
     agent or the application makes it (see ``_callers``). LlamaIndex's other components that
@@ -287,13 +286,18 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
             raise InvalidInputError(f"llm must be a LlamaIndex LLM, got {type(llm).__name__}")
         if isinstance(llm, MemoryLLM):
             raise InvalidInputError("this LLM already has memory")
+        if isinstance(self, FunctionCallingLLM) and not isinstance(llm, FunctionCallingLLM):
+            raise InvalidInputError(f"{type(llm).__name__} is not a function-calling LLM")
         store = open_memory(memory, user_id, db_path, storage=storage, embedder=embedder)
         location, unsaveable = reopening_location(store)
+        own: dict[str, Any] = {  # this class's fields (LLM's are typed for static checkers)
+            "user_id": store.user_id,
+            "db_path": location,
+            "top_k": top_k,
+            "untrusted_context": untrusted_context,
+        }
         super().__init__(
-            user_id=store.user_id,
-            db_path=location,
-            top_k=top_k,
-            untrusted_context=untrusted_context,
+            **own,
             callback_manager=llm.callback_manager,
             system_prompt=llm.system_prompt,
             messages_to_prompt=llm.messages_to_prompt,
@@ -312,6 +316,12 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
         )
         self._unsaveable = unsaveable
         self._queue_path = queue_path
+
+    def __new__(cls, llm: Any = None, *args: Any, **kwargs: Any) -> MemoryLLM:
+        # a function-calling LLM stays one, and another does not become one (see the class)
+        if cls is MemoryLLM and isinstance(llm, FunctionCallingLLM):
+            cls = FunctionCallingMemoryLLM
+        return super().__new__(cls)
 
     @classmethod
     def class_name(cls) -> str:
@@ -351,13 +361,22 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
                 raise InvalidInputError(
                     "MemoryLLM.from_dict needs the LLM to wrap: pass llm= (or set Settings.llm)"
                 ) from exc
-        return cls(llm=llm, **settings)
+        owner = MemoryLLM if cls is FunctionCallingMemoryLLM else cls  # it picks (see __new__)
+        return owner(llm=llm, **settings)
 
     def _reopening_arguments(self) -> dict[str, Any]:
         """What a pickle holds (see ``Pickled``): the memory settings, ``queue_path`` and the
         wrapped LLM, pickled as LlamaIndex pickles it (an API key it holds included)."""
         settings = {key: getattr(self, key) for key in _SAVED}
         return {**settings, "llm": self._llm, "queue_path": self._queue_path}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        wrapped = getattr(self, "_llm", None)
+        if name == "callback_manager" and wrapped is not None:
+            # LlamaIndex gives its LLM a callback manager (Settings.llm, a query engine's
+            # synthesizer): the wrapped LLM is the one that emits the LLM's callbacks
+            wrapped.callback_manager = value
 
     @property
     def wrapped_llm(self) -> LLM:
@@ -481,27 +500,60 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
 
     # -- LlamaIndex's prompts: memories injected, nothing learnt ------------------------------
 
-    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+    # The wrapped LLM's own completion calls, with the memories before the prompt: it formats
+    # the prompt as it always does (unless ``formatted``) and emits its completion events.
+
+    def _before_prompt(self, prompt: str, kwargs: dict[str, Any]) -> tuple[_Call, str]:
+        """The call for ``prompt``, one of LlamaIndex's prompts (as a user message: see
+        :meth:`_before`), and the prompt to send: ``prompt``, after what a chat call would get
+        in its system message, if anything."""
         with _prompted():
-            return chat_to_completion_decorator(self.chat)(prompt, **kwargs)
+            call = self._before([ChatMessage(role="user", content=prompt)], kwargs, _for_a_turn())
+        return call, prompt if call.turn.prompt is None else f"{call.turn.prompt}\n\n{prompt}"
+
+    def _completed(self, call: _Call, response: CompletionResponse) -> CompletionResponse:
+        """``response`` without the memory block, cut once: its end event may have cut it in
+        place already (a completion's, or the chat's of an LLM whose ``complete`` calls its
+        ``chat``: see _Events)."""
+        if not call.turn.nonce or call.cut or call.answered is not None:
+            return response
+        return _as_completion(response, self._answer(call, _as_chat(response)))
+
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        call, text = self._before_prompt(prompt, kwargs)
+        with self._viewed(_Events(self, call)):
+            response = self._llm.complete(text, formatted=formatted, **kwargs)
+        return self._completed(call, response)
 
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
-        with _prompted():
-            return stream_chat_to_completion_decorator(self.stream_chat)(prompt, **kwargs)
+        call, text = self._before_prompt(prompt, kwargs)
+        events = _Events(self, call)
+        with self._viewed(events):
+            stream = self._llm.stream_complete(text, formatted=formatted, **kwargs)
+        responses = stepped(iter(stream), lambda: self._viewed(events))
+        return edited(responses, _CompletionStream(self._stream(call)), finish_on_error=True)
 
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        with _prompted():
-            return await achat_to_completion_decorator(self.achat)(prompt, **kwargs)
+        call, text = await asyncio.to_thread(self._before_prompt, prompt, kwargs)
+        with self._viewed(_Events(self, call)), queued_later() as later:
+            response = await self._llm.acomplete(text, formatted=formatted, **kwargs)
+        await run_queued(later)
+        return await asyncio.to_thread(self._completed, call, response)
 
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        with _prompted():
-            return await astream_chat_to_completion_decorator(self.astream_chat)(prompt, **kwargs)
+        call, text = await asyncio.to_thread(self._before_prompt, prompt, kwargs)
+        events = _Events(self, call)
+        with self._viewed(events):
+            stream = await self._llm.astream_complete(text, formatted=formatted, **kwargs)
+        responses = astepped(stream, lambda: self._viewed(events))
+        editor = _CompletionStream(self._stream(call))
+        return aedited(responses, editor, finish_on_error=True, end_in_thread=True)
 
     def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
         with _prompted(_filled(prompt, prompt_args)):
@@ -565,11 +617,14 @@ class MemoryLLM(FlowSettings, Pickled, FunctionCallingLLM):
         with _prompted(_filled(prompt, prompt_args)):
             return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
 
-    # -- function calling: the wrapped LLM's own, around the chat calls above -------------------
+
+class FunctionCallingMemoryLLM(MemoryLLM, FunctionCallingLLM):
+    """The :class:`MemoryLLM` of a function-calling LLM: ``MemoryLLM(llm=...)`` is one when
+    the LLM it wraps is a ``FunctionCallingLLM``. Its function calling is the wrapped LLM's
+    own, around the chat calls of :class:`MemoryLLM`."""
 
     def _function_llm(self) -> FunctionCallingLLM:
-        if not isinstance(self._llm, FunctionCallingLLM):
-            raise TypeError(f"{type(self._llm).__name__} is not a function-calling LLM")
+        assert isinstance(self._llm, FunctionCallingLLM)  # checked in MemoryLLM.__init__
         return self._llm
 
     def _prepare_chat_with_tools(
@@ -687,6 +742,27 @@ class _StreamEditor:
     def abandon(self) -> None:
         """The caller left the stream before its end: :meth:`end` is never called, so the
         answer is not finished (nothing queued, nothing counted)."""
+
+
+class _CompletionStream:
+    """A stream of completions with the block cut out, through a :class:`_StreamEditor` of
+    their chat form (as the core's ItemEditor, for the caller's stream: see flow.edited)."""
+
+    def __init__(self, chats: _StreamEditor) -> None:
+        self._chats = chats
+        self._last: CompletionResponse | None = None
+
+    def edit(self, response: CompletionResponse) -> list[CompletionResponse]:
+        self._last, chat = response, _as_chat(response)
+        shown = self._chats.edit(chat)
+        return [response if one is chat else _as_completion(response, one) for one in shown]
+
+    def end(self) -> list[CompletionResponse]:
+        last, tail = self._last, self._chats.end()
+        return [_as_completion(last, shown) for shown in tail] if last is not None else []
+
+    def abandon(self) -> None:
+        self._chats.abandon()
 
 
 class _Events:
