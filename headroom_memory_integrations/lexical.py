@@ -35,7 +35,6 @@ STOPWORDS = frozenset(
 )
 
 
-@lru_cache(maxsize=50_000)
 def terms(text: str) -> Counter[str]:
     """The counted terms of ``text``: lower-cased words without stop words, each cut to a
     rough stem so that word forms meet ("hike", "hikes", "hiked", "hiking" -> "hik")."""
@@ -53,7 +52,9 @@ def stem(word: str) -> str:
 
 @lru_cache(maxsize=50_000)
 def _document(text: str) -> tuple[Counter[str], int]:
-    """A document's counted terms and its length in terms."""
+    """A document's counted terms and its length in terms: memories are scored again and
+    again, so they are cached (a query is not: a chat message is seldom asked twice, and
+    caching each filled 50,000 entries that were never read)."""
     counted = terms(text)
     return counted, sum(counted.values())
 

@@ -60,3 +60,15 @@ def test_a_memory_updated_elsewhere_is_ranked_by_its_new_text(db_path, model) ->
     first.update(memory.id, "Sold the Toyota and now cycles everywhere")
     [hit] = second.search("Does she cycle?")
     assert hit.memory.text == "Sold the Toyota and now cycles everywhere"
+
+
+def test_a_search_keeps_its_memories_terms_not_its_questions() -> None:
+    """Every chat message is a new question: cached, 50,000 of them filled the process's
+    memory (~78 MB with the documents) and none was read again."""
+    from headroom_memory_integrations import lexical
+
+    before = lexical._document.cache_info().currsize
+    for number in range(500):
+        lexical.lexical_scores(f"question {number} about green tea", ["Drinks green tea daily"])
+    assert lexical._document.cache_info().currsize - before <= 1
+    assert not hasattr(lexical.terms, "cache_info")

@@ -48,6 +48,7 @@ from ..flow import (
     Turn,
     aedited,
     edited,
+    finished_in_thread,
     insert_before,
     queued_later,
     run_queued,
@@ -486,7 +487,7 @@ class MemoryLLM(FlowSettings, Pickled, LLM):
         with self._viewed(_Events(self, call)), queued_later() as later:
             response = await self._llm.achat(call.messages, **kwargs)
         await run_queued(later)
-        return await asyncio.to_thread(self._answer, call, response)
+        return await finished_in_thread(self._answer, call, response)
 
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
@@ -542,7 +543,7 @@ class MemoryLLM(FlowSettings, Pickled, LLM):
         with self._viewed(_Events(self, call)), queued_later() as later:
             response = await self._llm.acomplete(text, formatted=formatted, **kwargs)
         await run_queued(later)
-        return await asyncio.to_thread(self._completed, call, response)
+        return await finished_in_thread(self._completed, call, response)
 
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
