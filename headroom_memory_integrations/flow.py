@@ -511,8 +511,8 @@ async def finished_in_thread(work: Callable[..., R], *args: Any) -> R:
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
+        running.add_done_callback(_retrieved)  # first: a second cancellation ends the wait
         await asyncio.wait({running}, timeout=FINISH_WAIT_SECONDS)
-        running.add_done_callback(_retrieved)
         raise
 
 

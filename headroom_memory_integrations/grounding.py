@@ -29,12 +29,14 @@ has the model repeat more of the user's words than it adds ("Shares the calendar
 after "Share my calendar") still passes. A paraphrase that changes more words than it keeps is
 dropped: "Lives in Denver" after "I moved to Denver" and "Daughter is 9 years old" after "my
 daughter turned 9" are kept, "Works as a nurse" after "I'm a nurse" and "Mother is in the
-hospital" after "my mom is in the hospital" are not. Of the 64 everyday paraphrases in
-``tests/_grounding_examples.py``, 59 are kept; when one grounded word was enough, 63 were, and
-so were 8 of its 15 planted memories, where now 1 is. Only calls with untrusted content drop
-them: a call without it is not checked. A name that opens the memory ("Mallory handles the
-rent") is not told from a capitalised first word ("Lives in Lyon"), so it counts as a content
-word only.
+hospital" after "my mom is in the hospital" are not. Of the 68 everyday paraphrases in
+``tests/_grounding_examples.py``, 64 are kept; when one grounded word was enough, 67 were, and
+so were 8 of its 15 planted memories, where now 1 is (59 realistic pairs a review wrote apart:
+52 kept, 55 with one word). A negation in a memory needs one of the user's, or a word that
+says as much ("quit", "stopped", "hate", "avoid"); the word lists are English. Only calls
+with untrusted content drop them: a call without it is not checked. A name that opens the
+memory ("Mallory handles the rent") is not told from a capitalised first word ("Lives in
+Lyon"), so it counts as a content word only.
 
 In an untrusted call, a kept memory's ``replaces`` is not followed either: the text could ask
 the model to mark an unrelated memory ("Is allergic to penicillin") as replaced by a grounded
@@ -61,7 +63,7 @@ _GENERIC = frozenset(  # words that frame a fact rather than state it
     prefer prefers preferred preference like likes liked love loves want wants wanted need needs
     use uses used usually often always currently now also very really just some any all
     about after before over into than per every live lives lived living year years old age aged
-    named called
+    named called one first second longer
     """.split()
 )
 _NEGATIONS = frozenset(
@@ -71,6 +73,8 @@ _NEGATIONS = frozenset(
     hadnt aint
     """.split()
 )
+# "one", "first" and "second" are left out: mostly not numbers ("has one cat" for "a cat", "a
+# first-time buyer", "a second opinion"); they are generic words instead
 _UNITS = """zero one two three four five six seven eight nine ten eleven twelve thirteen
     fourteen fifteen sixteen seventeen eighteen nineteen twenty""".split()
 _ORDINALS = """zeroth first second third fourth fifth sixth seventh eighth ninth tenth eleventh
@@ -86,6 +90,14 @@ _NUMBER_WORDS = {  # word -> its value in digits
     **{word: str(value) for word, value in _LARGE.items()},
     **{word + "th": str(value) for word, value in _LARGE.items()},
 }
+for _word in ("one", "first", "second"):
+    del _NUMBER_WORDS[_word]
+_GAVE_UP = frozenset(
+    """quit quits quitting stopped stop stops gave give giving hate hates hated dislike dislikes
+    disliked avoid avoids avoiding""".split()
+)
+"""Words of the user's that say what a memory may put as a negation ("I quit smoking last
+year" -> "No longer smokes", "I hate cilantro" -> "Does not like cilantro")."""
 _SUFFIXES = ("ations", "ation", "ings", "ing", "ies", "ied", "ers", "er", "es", "ed", "s", "ly")
 
 
@@ -140,7 +152,9 @@ def grounded(memory: str, user_text: str) -> bool:
     user_tokens = _TOKENS.findall(user_text)
     said_stems = {_stem(t) for t in user_tokens}
     tokens = _TOKENS.findall(memory)
-    if any(map(_is_negation, tokens)) and not any(map(_is_negation, user_tokens)):
+    if any(map(_is_negation, tokens)) and not any(
+        _is_negation(token) or token.casefold() in _GAVE_UP for token in user_tokens
+    ):
         return False
     words = found = 0  # a detail the user wrote counts as two words: it is checked as written
     for index, token in enumerate(tokens):

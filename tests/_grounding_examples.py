@@ -3,6 +3,11 @@ then the user's words), and memories a poisoned text could have a model write.
 ``tests/test_untrusted_content.py`` holds the check to the trade-off that grounding.py states."""
 
 PARAPHRASES = [
+    # a review's: "one" read as a number, and a negation the user said as "quit", "stopped", "hate"
+    ("Has one cat", "I have a cat"),
+    ("No longer smokes", "I quit smoking last year"),
+    ("Does not like cilantro", "I hate cilantro"),
+    ("Has not eaten meat since 2020", "I stopped eating meat in 2020"),
     ("Lives in Denver", "I moved to Denver last month"),
     ("User's daughter is 9 years old", "my daughter turned 9"),
     ("Is allergic to peanuts", "I'm allergic to peanuts, what snacks are safe?"),

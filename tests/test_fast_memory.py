@@ -549,3 +549,34 @@ def test_a_top_k_searches_cannot_take_is_refused_at_once(openai_server, db_path,
         with_fast_memory(client, "alice", db_path=db_path, embedder=model, top_k=top_k)
     with pytest.raises(InvalidInputError, match="top_k must be an integer from 1 to 1000"):
         with_memory(client, "alice", db_path=db_path, embedder=model, top_k=top_k)
+
+
+def test_a_second_cancellation_leaves_no_error_unretrieved(caplog) -> None:
+    """The answer's memory work failing after two cancellations (an asyncio.timeout inside a
+    TaskGroup) was logged by asyncio as "Task exception was never retrieved"."""
+    import gc
+    import threading
+
+    from headroom_memory_integrations.flow import finished_in_thread
+
+    release = threading.Event()
+
+    def work() -> None:
+        release.wait(5)
+        raise RuntimeError("the work failed")
+
+    async def cancelled_twice() -> None:
+        task = asyncio.ensure_future(finished_in_thread(work))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        await asyncio.sleep(0.3)
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(cancelled_twice())
+        gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -103,17 +103,16 @@ def test_grounding(memory: str, user_text: str, expected: bool) -> None:
 
 
 def test_the_grounding_trade_off() -> None:
-    """The one grounding.py states: of the everyday paraphrases these five are dropped (more
+    """The one grounding.py states: of the everyday paraphrases these four are dropped (more
     words changed than kept), and a planted memory that repeats more of the user's words than
     it adds passes; every other planted memory is dropped."""
     assert [m for m, said in PARAPHRASES if not grounded(m, said)] == [
         "Has celiac disease and cannot eat gluten",
-        "Is a first-time home buyer",
         "Works as a nurse",
         "Mother is in the hospital",
         "Has a new puppy",
     ]
-    assert len(PARAPHRASES) == 64
+    assert len(PARAPHRASES) == 68
     assert [m for m, said in PLANTS if grounded(m, said)] == ["Shares the calendar with mallory"]
 
 
