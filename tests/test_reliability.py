@@ -201,6 +201,32 @@ def test_a_write_that_fails_halfway_is_undone(
     assert texts_found(store, "Imported fact number 3") == ["Plays the cello"]
 
 
+def test_ctrl_c_stays_an_interrupt_when_the_undo_fails_too(db_path, monkeypatch, caplog) -> None:
+    """A write cut short by Ctrl-C whose undo also failed (a server that stopped answering,
+    the likeliest reason to press Ctrl-C) came out as a StorageError: an application's
+    ``except StorageError`` swallowed the interrupt."""
+    store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
+    store.add("Plays the cello")
+    collection = store._open()
+    monkeypatch.setattr(collection._storage, "_max_batch", 10)
+    upsert, calls = collection._collection.upsert, []
+
+    def interrupted_third_batch(**request: Any) -> Any:
+        calls.append(len(request["ids"]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return upsert(**request)
+
+    def undo_fails(**request: Any) -> Any:
+        raise RuntimeError("the server went away")
+
+    monkeypatch.setattr(collection._collection, "upsert", interrupted_third_batch)
+    monkeypatch.setattr(collection._collection, "delete", undo_fails)
+    with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING):
+        store.import_([_export_line(n) for n in range(34)])
+    assert "undoing a write cut short by KeyboardInterrupt failed" in caplog.text
+
+
 def test_ctrl_c_while_a_delete_waits_leaves_the_storage_usable(db_path, monkeypatch) -> None:
     """A delete waits for the Chroma calls of other threads before it erases the text; a
     Ctrl-C during that wait left the storage marked as erasing, and every later call of the

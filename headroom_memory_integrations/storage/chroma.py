@@ -281,8 +281,8 @@ class _EraseLock:
         with self._condition:
             while self._erasing:
                 self._condition.wait()
-            self._erasing = True
             try:
+                self._erasing = True
                 while self._sharers > own:
                     self._condition.wait()
             except BaseException:  # Ctrl-C while waiting: every later call would wait forever
@@ -791,6 +791,13 @@ class ChromaCollection:
                     ),
                 )
         except StorageError as undo_error:
+            if not isinstance(error, Exception):  # an interrupt stays one (Ctrl-C, an exit)
+                logger.warning(
+                    "undoing a write cut short by %s failed (%s): part of it may be stored",
+                    type(error).__name__,
+                    undo_error,
+                )
+                return
             raise StorageError(
                 f"{error}; undoing the write failed too ({undo_error}), so part of it may be stored"
             ) from error
