@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import Any
 
 import pytest
 from _reliability_support import wait_for, wrapped_for
@@ -745,3 +746,36 @@ def test_two_users_stay_isolated(client, fake_model, openai_server, db_path, mod
     assert "Prefers Python for backend work" in fake_model.chat_bodies[-1]["messages"][0]["content"]
     assert [m.user_id for m in client.memory.get_all()] == ["alice"]
     bob.close()
+
+
+def test_a_model_that_takes_no_temperature_still_extracts(openai_server, db_path, model) -> None:
+    """Extraction asked for temperature=0, which OpenAI's reasoning models (gpt-5, o1, o3,
+    o4-mini) refuse with a 400: every turn of a user chatting with one was dead-lettered."""
+    refused: list[str] = []
+
+    def reasoning_model(body: dict) -> Any:
+        if "temperature" in body and body["temperature"] != 1:
+            refused.append(body["messages"][0]["content"][:30])
+            return Reply.error(
+                400,
+                "Unsupported value: 'temperature' does not support 0 with this model. Only "
+                "the default (1) value is supported.",
+                code="unsupported_value",
+                param="temperature",
+            )
+        if "long-term memory" in body["messages"][0]["content"]:
+            memories = [{"text": "Prefers Python for backend work", "category": "preference"}]
+            return Reply.text(json.dumps({"memories": memories}))
+        return Reply.text("Python is a good fit.")
+
+    openai_server.responder = reasoning_model
+    client = with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
+    for said in ("I prefer Python for backend work", "I also like short answers"):
+        client.chat.completions.create(
+            model="o4-mini", messages=[{"role": "user", "content": said}]
+        )
+        assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    assert client.memory.stats()["background"]["failed"] == 0
+    assert len(refused) == 1  # asked without a temperature from then on
+    client.close()

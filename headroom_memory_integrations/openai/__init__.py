@@ -87,19 +87,38 @@ minutes): a stalled call is given up and retried with backoff, well within the j
 
 def openai_completer(client: Any) -> Complete:
     """Background extraction's call through a synchronous OpenAI-compatible ``client``, each
-    try bounded by :data:`EXTRACTION_TIMEOUT`."""
+    try bounded by :data:`EXTRACTION_TIMEOUT`. It asks for ``temperature=0``; a model that
+    refuses any temperature but its default (OpenAI's reasoning models: gpt-5, o1, o3, o4-mini
+    answer 400) is asked again without one, and is not asked for one again."""
+    default_only: set[str] = set()  # models that refused temperature=0
 
     def complete(messages: list[dict[str, str]], model: str | None) -> str:
         if not model:
             raise PermanentJobError("no extraction model: pass extraction_model=")
-        response = client.chat.completions.create(
-            model=model, messages=messages, temperature=0, timeout=EXTRACTION_TIMEOUT
-        )
+        ask = {"model": model, "messages": messages, "timeout": EXTRACTION_TIMEOUT}
+        try:
+            if model in default_only:
+                response = client.chat.completions.create(**ask)
+            else:
+                response = client.chat.completions.create(**ask, temperature=0)
+        except Exception as exc:
+            if not _refuses_temperature(exc):
+                raise
+            default_only.add(model)
+            response = client.chat.completions.create(**ask)
         choices = getattr(response, "choices", None)  # None: a gateway's error body, sent as 200
         message = getattr(choices[0], "message", None) if choices else None
         return getattr(message, "content", None) or ""  # "": a malformed answer, retried
 
     return complete
+
+
+def _refuses_temperature(exc: Exception) -> bool:
+    """Whether a request failed because the model takes no ``temperature`` but its default
+    (a 400 whose error names the parameter)."""
+    if getattr(exc, "status_code", None) != 400:
+        return False
+    return getattr(exc, "param", None) == "temperature" or "temperature" in str(exc).lower()
 
 
 def _wrap(
