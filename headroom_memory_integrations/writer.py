@@ -14,6 +14,7 @@ import atexit
 import hashlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -82,9 +83,17 @@ deletes it). Past it, the oldest are let go of (a job another process ran is nev
 here); such a job runs with its user's current extractor, or any other."""
 
 MAX_MALFORMED_ATTEMPTS = 5
-"""How many tries an extraction gets while its answers are not valid JSON (the first and
-four retries), then the job is dead-lettered (kept in the queue file;
-``memory.retry_failed()`` runs it again)."""
+"""How many malformed answers (not valid JSON) an extraction gets: the fifth dead-letters the
+job (kept in the queue file; ``memory.retry_failed()`` runs it again, with a count of its own).
+Transient errors (429, 5xx, timeouts) are not counted, and one between two malformed answers
+does not restart the count, so a model that keeps answering badly stops after 5 of them however
+its errors interleave. The count is kept in the job's ``last_error`` (the queue file has no
+column for it, and older processes share the file): each malformed answer's error is numbered,
+"malformed extraction answer (2 of 5): ...", and a transient error after one is raised as
+:class:`AfterMalformed`, whose message starts with the number so far. Any other failure (no
+extractor in this process yet) starts the count again."""
+
+_MALFORMED_COUNT = re.compile(r"\w+: malformed extraction answer \((\d+) of \d+\)")
 
 
 Complete = Callable[[list[dict[str, str]], str | None], str]
@@ -162,6 +171,29 @@ def _answer_within(complete: Complete, messages: list[dict[str, str]], model: st
     return str(answers[0]) if answers[0] is not None else ""
 
 
+class AfterMalformed(Exception):
+    """A transient error of an extraction whose last answer was malformed: retried as that
+    error is, with a message that keeps the count of malformed answers
+    (:data:`MAX_MALFORMED_ATTEMPTS`)."""
+
+    def __init__(self, malformed: int, error: BaseException) -> None:
+        super().__init__(
+            f"{_malformed(malformed)} before this; then {type(error).__name__}: {error}"
+        )
+        self.status_code = getattr(error, "status_code", None)  # as retryable() reads it
+
+
+def _malformed(count: int) -> str:
+    return f"malformed extraction answer ({count} of {MAX_MALFORMED_ATTEMPTS})"
+
+
+def _malformed_so_far(job: Job) -> int:
+    """Malformed answers the job has had (see :data:`MAX_MALFORMED_ATTEMPTS`): 0 on its first
+    start, or the first after ``retry_failed()`` (which resets ``attempts``)."""
+    found = _MALFORMED_COUNT.match(job.last_error or "") if job.attempts > 1 else None
+    return int(found.group(1)) if found else 0
+
+
 class BackgroundExtractor:
     """Makes the separate extraction call of the background mode, with any chat model.
 
@@ -202,18 +234,22 @@ class BackgroundExtractor:
                 labels[label] = found.id
                 existing.append((label, found))
         messages = background_extraction_messages(job.payload["exchange"], existing)
+        malformed = _malformed_so_far(job)
         try:
             answer = _answer_within(self.complete, messages, self.model or job.payload.get("model"))
-        except ExtractionTimeout:
-            memory.counters["extraction_timeouts"] += 1
-            raise  # retried with backoff
+        except Exception as exc:
+            if isinstance(exc, ExtractionTimeout):
+                memory.counters["extraction_timeouts"] += 1
+            if malformed and retryable(exc):  # retried with backoff, the count kept
+                raise AfterMalformed(malformed, exc) from exc
+            raise
         result = parse_extraction_json(answer or "")
         if result.dropped:
             memory.counters["dropped_entries"] += result.dropped
         if result.malformed:
             memory.counters["malformed_extractions"] += 1
-            message = f"malformed extraction answer: {result.problem}"
-            if job.attempts >= MAX_MALFORMED_ATTEMPTS:
+            message = f"{_malformed(malformed + 1)}: {result.problem}"
+            if malformed + 1 >= MAX_MALFORMED_ATTEMPTS:
                 raise PermanentJobError(message)
             raise ValueError(message)  # retried with backoff
         memories = list(result.memories)
@@ -222,15 +258,21 @@ class BackgroundExtractor:
             kept = [m for m in memories if grounded(m.text, said)]
             memory.counters["ungrounded_memories"] += len(memories) - len(kept)
             memories = kept
-        return [
-            NewMemory(
-                m.text,
-                m.category,
-                replaces=labels.get(m.replaces) if m.replaces and not untrusted else None,
-                keys=() if untrusted else m.keys,
+        # a memory is replaced at most once per answer: a later entry naming the same one is
+        # stored as a new memory (two entries replacing one would otherwise chain, the second
+        # superseding the first entry's new text)
+        followed: set[str] = set()
+        new: list[NewMemory] = []
+        for m in memories:
+            replaces = labels.get(m.replaces) if m.replaces and not untrusted else None
+            if replaces in followed:
+                replaces = None
+            elif replaces:
+                followed.add(replaces)
+            new.append(
+                NewMemory(m.text, m.category, replaces=replaces, keys=() if untrusted else m.keys)
             )
-            for m in memories
-        ]
+        return new
 
 
 def _user_said(exchange: Sequence[Mapping[str, Any]]) -> str:

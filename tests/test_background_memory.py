@@ -190,6 +190,47 @@ def test_transient_errors_and_malformed_answers_are_retried(client, fake_model) 
     assert stats["background"]["retried"] >= 3 and stats["events"]["malformed_extractions"] == 1
 
 
+MALFORMED = Reply.text("Sure! Here are the memories: none")
+
+
+def test_transient_errors_do_not_use_up_a_malformed_answers_tries(client, fake_model) -> None:
+    """Four 429s, then a malformed answer: the malformed answer is the first of its 5 tries."""
+    fake_model.extractions = [Reply.error(429, "slow down")] * 4 + [MALFORMED]
+    ask(client, "I prefer Python for backend work")
+    assert client.memory.flush(30)
+    assert fake_model.extraction_calls == 6
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    assert client.memory.stats()["background"]["failed"] == 0
+
+
+def test_the_fifth_malformed_answer_fails_the_job_whatever_errors_came_between(
+    client, fake_model
+) -> None:
+    """Transient errors between malformed answers neither count nor restart the count; after
+    ``retry_failed()`` the job has 5 malformed answers again."""
+    fake_model.extractions = [
+        MALFORMED,
+        Reply.error(503, "overloaded"),
+        MALFORMED,
+        Reply.error(429, "slow down"),
+        MALFORMED,
+        Reply.error(503, "overloaded"),
+        Reply.error(503, "overloaded"),
+        MALFORMED,
+        MALFORMED,  # the fifth: dead-lettered
+        MALFORMED,  # after retry_failed(): the first of 5 again
+    ]
+    ask(client, "I prefer Python for backend work")
+    assert client.memory.flush(30)
+    assert fake_model.extraction_calls == 9 and client.memory.get_all() == []
+    stats = client.memory.stats()
+    assert stats["background"]["failed"] == 1 and stats["events"]["malformed_extractions"] == 5
+    assert client.memory.retry_failed() == 1
+    assert client.memory.flush(30)
+    assert fake_model.extraction_calls == 11
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+
+
 def test_a_bad_request_is_kept_as_failed_and_can_be_retried(client, fake_model) -> None:
     fake_model.extractions = [Reply.error(400, "model not found")]
     ask(client, "I prefer Python for backend work")
@@ -629,6 +670,37 @@ def test_the_extraction_may_replace_a_near_memory_the_request_did_not_need(
     texts = {m.text: m for m in client.memory.get_all()}
     assert "Lives in Boston" not in texts and "Lives in Denver" in texts
     assert [r.text for r in texts["Lives in Denver"].history] == ["Lives in Boston"]
+
+
+def test_two_entries_replacing_one_memory_keep_both_facts(client, fake_model, openai_server):
+    """Two entries of one answer name the same memory in "replaces": the first replaces it,
+    the second is stored beside it (not superseding the first entry's new text)."""
+    client.memory.add("Subscribes to Netflix", category="fact")
+    fake_model.extractions = [
+        Reply.text(
+            json.dumps(
+                {
+                    "memories": [
+                        {
+                            "text": "Cancelled the Netflix subscription",
+                            "category": "fact",
+                            "replaces": "m1",
+                        },
+                        {"text": "Subscribes to Disney Plus", "category": "fact", "replaces": "m1"},
+                    ]
+                }
+            )
+        )
+    ]
+    ask(client, "I cancelled my Netflix subscription and signed up for Disney Plus.")
+    assert client.memory.flush(30)
+    extraction = next(r.body for r in openai_server.requests if is_extraction(r.body))
+    assert "- m1 (fact, noted " in extraction["messages"][1]["content"]
+    texts = {m.text: m for m in client.memory.get_all()}
+    assert set(texts) == {"Cancelled the Netflix subscription", "Subscribes to Disney Plus"}
+    assert [r.text for r in texts["Cancelled the Netflix subscription"].history] == [
+        "Subscribes to Netflix"
+    ]
 
 
 def test_the_extraction_goes_on_when_the_search_for_near_memories_fails(
