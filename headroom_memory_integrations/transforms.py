@@ -123,6 +123,10 @@ class RollingWindowTransform:
       not fit, it is kept whole anyway, with the newest later units that still fit; only then
       can the result exceed ``max_tokens``. Text is never truncated.
 
+    Messages are dicts, or an SDK's message objects with ``model_dump`` (the OpenAI SDK's
+    ``ChatCompletionMessage``, appended to the history as in OpenAI's function-calling guide):
+    such an object is read, and kept, as its ``model_dump(exclude_none=True)``.
+
     The input is never mutated. The result is a new list of shallow copies of the kept
     messages: new dicts, but nested values (content parts, ``tool_calls``) are shared.
 
@@ -173,7 +177,8 @@ class RollingWindowTransform:
         """Return the newest part of ``messages`` that fits the budget (see class docs).
 
         Raises:
-            InvalidInputError: If ``messages`` is not a list/tuple of dicts with a ``role``.
+            InvalidInputError: If ``messages`` is not a list/tuple of dicts (or message
+                objects with ``model_dump``) with a ``role``.
         """
         msgs = _validate(messages)
         pinned_n = 0
@@ -237,14 +242,21 @@ class RollingWindowTransform:
 
 
 def _validate(messages: Any) -> list[Mapping[str, Any]]:
+    """The messages as mappings: an SDK's message object (the OpenAI SDK's
+    ``ChatCompletionMessage``, appended to the history as in OpenAI's function-calling guide)
+    becomes its ``model_dump(exclude_none=True)``."""
     if not isinstance(messages, list | tuple):
         raise InvalidInputError(f"messages must be a list of dicts, not {type(messages)}")
+    valid: list[Mapping[str, Any]] = []
     for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) and callable(getattr(message, "model_dump", None)):
+            message = message.model_dump(exclude_none=True)
         if not isinstance(message, Mapping):
             raise InvalidInputError(f"messages[{i}] must be a dict, not {type(message)}")
         if not isinstance(message.get("role"), str) or not message["role"]:
             raise InvalidInputError(f"messages[{i}] has no 'role'")
-    return list(messages)
+        valid.append(message)
+    return valid
 
 
 def _role(message: Mapping[str, Any]) -> str:

@@ -406,3 +406,26 @@ def test_bad_options() -> None:
         RollingWindowTransform(10, token_counter="not callable")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError):
         RollingWindowTransform(10, media_tokens=-1)
+
+
+@pytest.mark.openai_client
+def test_the_openai_sdks_message_objects_are_read_as_dicts(openai_server) -> None:
+    """OpenAI's function-calling guide appends the answer's message object to the history."""
+    from headroom_memory_integrations.testing import Reply
+
+    openai_server.script(Reply.tool_call("get_weather", {"city": "Oslo"}), Reply.text("Sunny."))
+    client = openai_server.client()
+    messages: list[Any] = [user("Weather in Oslo?")]
+    call = client.chat.completions.create(model="gpt-4o", messages=messages).choices[0].message
+    messages += [call, {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "sunny"}]
+    client.chat.completions.create(model="gpt-4o", messages=messages)  # the SDK takes it too
+    transform = RollingWindowTransform(4000, token_counter=words)
+    kept = transform.apply(messages)
+    assert kept == [messages[0], call.model_dump(exclude_none=True), messages[2]]
+    assert kept[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert transform.count(messages) == transform.count(kept)
+    # the call and its result are one unit: kept or dropped whole
+    small = RollingWindowTransform(transform.count(messages[:1]), token_counter=words)
+    assert small.apply([*messages, user("And tomorrow?")]) == [user("And tomorrow?")]
+    with pytest.raises(InvalidInputError, match=r"messages\[0\] must be a dict"):
+        transform.apply([object()])
