@@ -847,6 +847,25 @@ def parse_memory_block(text: str, nonce: str) -> ParsedAnswer:
     return ParsedAnswer(visible, memories, _join(notes + block_notes), found, dropped)
 
 
+_REASONING_RE = re.compile(r"<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
+"""A reasoning model's thinking, which servers without a reasoning parser (Ollama, vLLM, LM
+Studio) leave in the answer: it may restate the format asked for ({"memories": [...]})."""
+
+_MEMORIES_OBJECT_RE = re.compile(r'\{\s*"memories"\s*:')
+
+
+def _last_memories_object(text: str) -> tuple[bool, Any]:
+    """The last ``{"memories": ...}`` object in ``text`` that parses: an answer that gives the
+    format twice (an example, then the answer; two fenced blocks) is read by its last one."""
+    decoder = json.JSONDecoder()
+    for start in reversed([m.start() for m in _MEMORIES_OBJECT_RE.finditer(text)][-8:]):
+        try:
+            return True, decoder.raw_decode(text, start)[0]
+        except Exception:  # ValueError, RecursionError on deep nesting, ...
+            continue
+    return False, None
+
+
 def parse_extraction_json(text: str) -> ExtractionResult:
     """Read the answer of a background extraction call. Never raises.
 
@@ -860,7 +879,10 @@ def parse_extraction_json(text: str) -> ExtractionResult:
             return ExtractionResult((), "answer is not a string", True)
         if len(text) > MAX_BLOCK_CHARS:
             return ExtractionResult((), f"answer longer than {MAX_BLOCK_CHARS} characters", True)
+        text = _REASONING_RE.sub("", text)  # a reasoning model's thinking, shown in its answer
         ok, payload = _loads(text, "{", "}")
+        if not ok:
+            ok, payload = _last_memories_object(text)
         if not ok:
             ok, payload = _loads(text, "[", "]")
         if not ok:

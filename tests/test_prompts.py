@@ -902,3 +902,23 @@ def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> 
 )
 def test_fetches_outside_text(kwargs: dict[str, object], fetches: bool) -> None:
     assert fetches_outside_text(kwargs) is fetches
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # a reasoning model on a server without a reasoning parser (Ollama, vLLM, LM Studio)
+        '<think>The format is {"memories": [{"text": ..., "category": ...}]}; the user likes '
+        'tea.</think>\n{"memories": [{"text": "Likes tea", "category": "preference"}]}',
+        '<THINKING>{"memories": [ ... ]} is asked</THINKING>{"memories": [{"text": "Likes tea", '
+        '"category": "preference"}]}',
+        # the format twice: an example, then the answer
+        '```json\n{"memories": []}\n```\nActually:\n```json\n{"memories": [{"text": "Likes tea",'
+        ' "category": "preference"}]}\n```',
+    ],
+)
+def test_an_extraction_answer_is_read_past_its_thinking_and_examples(answer: str) -> None:
+    """Such answers were malformed: retried five times, then the turn dead-lettered."""
+    result = parse_extraction_json(answer)
+    assert not result.malformed
+    assert [m.text for m in result.memories] == ["Likes tea"]
