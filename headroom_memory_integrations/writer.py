@@ -48,7 +48,7 @@ from .prompts import (
     short_ids,
 )
 from .storage.base import Storage
-from .storage.folder import make_private_folder
+from .storage.folder import folder_identity, make_private_folder
 from .storage.guard import run_for_at_most
 from .types import Memory, Source
 
@@ -360,6 +360,7 @@ class MemoryWriter:
             make_private_folder(path.parent)
         except OSError:  # a read-only folder: the queue opens once it can (JobQueue open_later)
             log.warning("cannot create the folder of job queue %s yet", path, exc_info=True)
+        self._folder_identity = folder_identity(path.parent)  # the folder its file is in
         # the stores registered here, held weakly: a store its application let go of (a
         # wrapper of a user no longer served) is not kept alive; its jobs still run, on a store
         # built for each with the settings of the first store registered (the template)
@@ -508,6 +509,12 @@ class MemoryWriter:
         if not waiting:
             return False
         return not self.worker.closed or any(isinstance(w, _Handed) for w in waiting)
+
+    def folder_removed(self) -> bool:
+        """Whether the folder of this writer's queue file was removed (or replaced by another
+        folder at the same path) since the writer was made."""
+        made = self._folder_identity
+        return made is not None and folder_identity(Path(self.worker.queue.path).parent) != made
 
     def detach(self, memory: MemoryStore, timeout: float | None) -> bool:
         """``memory`` is closing: drain its user's jobs (up to ``timeout``); once no store is
@@ -997,10 +1004,15 @@ def _serving(path: str, closed: MemoryWriter) -> MemoryWriter | None:
 
 
 def writer_for(path: Path, *, backoff: Backoff | None = None) -> MemoryWriter:
-    """The process's one :class:`MemoryWriter` for the queue file at ``path``."""
+    """The process's one :class:`MemoryWriter` for the queue file at ``path``. A writer whose
+    folder was removed since (or replaced by another at the same path) is closed, and a new
+    one opens the file in the folder there now: the old one's file is gone with its folder."""
     key = os.path.realpath(path)
+    stale: MemoryWriter | None = None
     with _writers_lock:
         writer = _writers.get(key)
+        if writer is not None and not writer.worker.closed and writer.folder_removed():
+            stale, writer = writer, None
         if writer is None or writer.worker.closed:
             writer = _writers[key] = MemoryWriter(Path(key), backoff=backoff)
             _every_writer.add(writer)
@@ -1008,7 +1020,11 @@ def writer_for(path: Path, *, backoff: Backoff | None = None) -> MemoryWriter:
             if not _exit_hook:  # after the job workers' own: runs before them, at exit
                 atexit.register(_hand_over_at_exit)
                 _exit_hook = True
-        return writer
+    if stale is not None:
+        log.warning("the folder of job queue %s was removed: opening the queue afresh", key)
+        for worker in stale._workers:
+            worker.close(0)  # its jobs were in the removed file
+    return writer
 
 
 _exit_hook = False

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -171,3 +173,44 @@ def test_a_folder_the_library_creates_is_its_owners_alone(tmp_path, monkeypatch)
     queue = queue_path_for(server)
     writer_for(queue).worker.close(0)
     assert queue.parent == tmp_path / "home" / ".headroom-memory" and mode(queue.parent) == 0o700
+
+
+def test_a_folder_removed_and_used_again_in_the_process_starts_afresh(
+    openai_server, db_path, model
+) -> None:
+    """A notebook's "start afresh" cell (remove the folder, wrap the client again): the
+    process kept the removed folder's open files, so the removed memories were still recalled,
+    new ones were written only to the removed files (lost at exit), and flush() never ended."""
+    from conftest import RememberingModel
+
+    from headroom_memory_integrations.openai import with_fast_memory
+
+    def chat(said: str, memories: list[dict]) -> Any:
+        openai_server.responder = RememberingModel("ok", memories)
+        client = with_fast_memory(
+            openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+        )
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": said}])
+        assert client.memory.flush(30)
+        return client
+
+    chat("I have a cat named Miso", [{"text": "Has a cat named Miso", "category": "fact"}])
+    shutil.rmtree(db_path)
+    client = chat("I drive a red Volvo", [{"text": "Drives a red Volvo", "category": "fact"}])
+    assert [m.text for m in client.memory.get_all()] == ["Drives a red Volvo"]
+    assert (db_path / "chroma.sqlite3").is_file() and (db_path / "jobs.sqlite3").is_file()
+    seen = subprocess.run(
+        [sys.executable, "-c", _READ_ALICE, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert seen.stdout.strip() == "['Drives a red Volvo']"
+
+
+_READ_ALICE = (
+    "import sys\n"
+    "from headroom_memory_integrations import MemoryStore\n"
+    "print([m.text for m in MemoryStore('alice', db_path=sys.argv[1]).get_all()])\n"
+)

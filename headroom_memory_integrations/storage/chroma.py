@@ -61,6 +61,7 @@ from .folder import (
     check_free_space,
     directory_bytes,
     erase_deleted,
+    folder_identity,
     make_private_folder,
     remove_folder,
     scrub_freed_memory,
@@ -1197,6 +1198,7 @@ class ChromaStorage:
         self._sole_writer = sole_writer
         self._folder: Path | None = None
         self._folder_lock: FolderLock | None = None
+        self._opened_identity: tuple[int, int] | None = None  # the folder it opened
         self._write_lock = threading.RLock()
         self._client_lock = threading.Lock()
         self._starting: PendingStart | None = None
@@ -1258,8 +1260,11 @@ class ChromaStorage:
                 f"db_path {os.fspath(path)!r} is a file: it names a folder, where the memories "
                 "are kept (chroma.sqlite3 and the job queue inside it); name another path"
             )
+        stale: ChromaStorage | None = None
         with cls._embedded_lock:
             storage = cls._embedded.get(folder)
+            if storage is not None and storage._removed():
+                stale, storage = cls._embedded.pop(folder), None
             if storage is None:
                 storage = cls(connect=lambda: None, location=folder, sole_writer=True)
                 storage._folder = Path(folder)
@@ -1267,7 +1272,24 @@ class ChromaStorage:
                 storage._connect = storage._open_folder
                 storage._deferred = DeferredWrites(Path(folder), storage._store_pending)
                 cls._embedded[folder] = storage
-            return storage
+        if stale is not None:
+            logger.warning(
+                "the memory folder %s was removed since this process opened it: opening it "
+                "afresh (what was stored in the removed one stays there)",
+                folder,
+            )
+            stale.close()
+        return storage
+
+    def _removed(self) -> bool:
+        """Whether the embedded folder this storage opened was removed (or replaced by
+        another folder at the same path) since: its open files are no longer the folder's."""
+        opened = self._opened_identity
+        return (
+            opened is not None
+            and self._folder is not None
+            and (folder_identity(self._folder) != opened)
+        )
 
     @classmethod
     def connect(
@@ -1326,6 +1348,7 @@ class ChromaStorage:
         assert self._folder is not None and self._folder_lock is not None
         folder = str(self._folder)
         make_private_folder(self._folder)
+        self._opened_identity = folder_identity(self._folder)
         scrub_freed_memory()  # before Chroma allocates an index it writes out uncleared
         writer = self._folder_lock.acquire()
         try:

@@ -126,6 +126,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def folder_identity(folder: Path) -> tuple[int, int] | None:
+    """Which folder is at ``folder`` now (device and inode), or None if none is: a folder
+    removed and made again at the same path is another folder. What a process keeps open of
+    the first one (Chroma's files, the job queue) is not the second one's."""
+    try:
+        found = os.stat(folder)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
+
+
 def make_private_folder(folder: Path) -> None:
     """Create ``folder`` (and its missing parents) if it does not exist, readable and writable
     by its owner only (0700), so another account on the machine cannot read the memories and
