@@ -22,6 +22,7 @@ shows), from the repository root::
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -73,10 +74,12 @@ def kernel_env() -> dict[str, str]:
     return env
 
 
-def execute(path: Path, workdir: Path) -> nbformat.NotebookNode:
-    """Run the notebook at ``path`` in a fresh kernel with ``workdir`` as its working folder;
-    return it with the new outputs. A cell that raises fails the run (``CellExecutionError``)."""
+def execute(path: Path, workdir: Path, *, times: int = 1) -> nbformat.NotebookNode:
+    """Run the notebook at ``path`` in a fresh kernel with ``workdir`` as its working folder
+    (``times`` times over, as "Run All" again in the same kernel); return it with the new
+    outputs. A cell that raises fails the run (``CellExecutionError``)."""
     notebook = nbformat.read(path, as_version=4)
+    notebook.cells = [copy.deepcopy(cell) for _ in range(times) for cell in notebook.cells]
     client = NotebookClient(
         notebook,
         timeout=CELL_TIMEOUT,

@@ -33,7 +33,7 @@ NAMES = [
     pytest.param("03-llamaindex", marks=pytest.mark.openai2),
     "04-memory-vs-history",
 ]
-SWITCH = 'if os.environ.get("OPENAI_API_KEY"):'
+SWITCH = 'if os.environ.get("OPENAI_API_KEY", "offline") != "offline":'
 ANSWERS = ("From what I remember:", "I will keep that in mind", "I don't know anything")
 
 
@@ -105,6 +105,17 @@ def test_fresh_run_matches_the_stored_outputs(name: str, fresh: Callable[[str], 
         f"{name}: the stored outputs are stale (`python tests/_notebooks_support.py {name}` "
         "stores a fresh run):\n\n" + "\n\n".join(found)
     )
+
+
+@pytest.mark.parametrize("name", ["01-quickstart", "04-memory-vs-history"])
+def test_run_all_twice_in_one_kernel(name: str, tmp_path: Path) -> None:
+    """The first run left the offline stand-in's address and key in os.environ after closing
+    it: the second "Run All" took them for a real key ("Using OpenAI's gpt-4o-mini.") and
+    every chat cell failed with a connection error."""
+    notebook = execute(notebook_path(name), tmp_path, times=2)
+    text = all_output_text(notebook)
+    assert text.count("No OPENAI_API_KEY: using the offline stand-in.") == 2
+    assert "Using OpenAI's" not in text
 
 
 @pytest.mark.parametrize("name", NAMES)
