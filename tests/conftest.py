@@ -4,6 +4,7 @@ whose outcome does not depend on meaning."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import os
@@ -44,8 +45,44 @@ def _allow_the_suites_open_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+_PARSING = threading.RLock()
+
+
+def _parse_one_thread_at_a_time() -> None:
+    """CPython 3.11 keeps the AST builder's recursion depth in state that all threads share
+    (python/cpython#106905): two threads in ``ast.parse`` at once make one of them raise
+    ``SystemError: AST constructor recursion depth mismatch``. pytest parses a test's source to
+    show its failure while the suite's background threads log tracebacks, which 3.11 also
+    parses, to underline the failing expression. One such collision turned a CI run's single
+    failure into an INTERNALERROR that ended the session without naming the failing test.
+    Parsing under one lock keeps the two apart."""
+    parse = ast.parse
+
+    def parse_alone(*args: Any, **kwargs: Any) -> Any:
+        with _PARSING:
+            return parse(*args, **kwargs)
+
+    ast.parse = parse_alone  # type: ignore[assignment]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _allow_the_suites_open_files()
+    _parse_one_thread_at_a_time()
+
+
+@pytest.fixture(autouse=True)
+def _no_http_client_outlives_its_test() -> Iterator[None]:
+    """langchain-openai shares one async HTTP client per base URL across all ChatOpenAI
+    instances. Its pooled connections belong to the event loop of the test that opened them,
+    and when a later test's scripted server got the same port, the pool closed a connection
+    the old server had dropped on that closed loop: "RuntimeError: Event loop is closed", a
+    test failing by chance. Every test starts without the shared clients."""
+    yield
+    shared = sys.modules.get("langchain_openai.chat_models._client_utils")
+    for name in ("_cached_async_httpx_client", "_cached_sync_httpx_client"):
+        cache = getattr(shared, name, None)
+        if cache is not None:
+            cache.cache_clear()
 
 
 class HashEmbedder:

@@ -1,0 +1,104 @@
+"""What the suite's own set-up in conftest.py promises."""
+
+from __future__ import annotations
+
+import ast
+import gc
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+
+class _Finalized:
+    """Garbage whose finalizer runs Python code: a collection inside ``ast.parse`` then lets
+    another thread run, as the suite's background threads do."""
+
+    def __init__(self) -> None:
+        self.cycle = self
+
+    def __del__(self) -> None:
+        sum(range(200))
+
+
+def test_threads_parsing_at_once_do_not_break_each_others_parse() -> None:
+    """Without conftest's lock, Python 3.11 raised SystemError (AST constructor recursion depth
+    mismatch) in about one parse in five here: pytest showing a failure while a worker thread
+    logs a traceback is such a pair, and it ended a CI run with an INTERNALERROR."""
+    switch_interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    source = Path(ast.__file__).read_text(encoding="utf-8")
+    errors: list[BaseException] = []
+
+    def parse_at_depth(depth: int) -> None:
+        if depth:
+            return parse_at_depth(depth - 1)
+        for _ in range(15):
+            for _ in range(50):
+                _Finalized()
+            try:
+                ast.parse(source)
+            except SystemError as exc:
+                errors.append(exc)
+
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(50, 1, 1)
+    try:
+        threads = [threading.Thread(target=parse_at_depth, args=(d,)) for d in (0, 60, 120)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        sys.setswitchinterval(switch_interval)
+        gc.set_threshold(*thresholds)
+    assert errors == []
+
+
+_TWO_TESTS_ON_ONE_ADDRESS = """
+import asyncio
+from langchain_openai import ChatOpenAI
+from headroom_memory_integrations.testing import ScriptedOpenAIServer
+
+SERVER = ScriptedOpenAIServer().start()  # one address for both tests, as a reused port gives
+
+
+def ask() -> str:
+    model = ChatOpenAI(model="m", base_url=SERVER.base_url, api_key="sk-x", max_retries=0)
+    return asyncio.run(model.ainvoke("hi")).text
+
+
+def test_first():
+    assert ask() == "OK"
+    SERVER._httpd.drop_connections()  # as the server of a finished test does
+
+
+def test_second():
+    assert ask() == "OK"
+"""
+
+
+def test_a_test_never_gets_a_connection_left_on_an_earlier_tests_closed_loop(tmp_path) -> None:
+    """conftest's autouse fixture, run as a plugin of a pytest of two tests: the second failed
+    with "Event loop is closed" when langchain-openai's shared client outlived the first."""
+    (tmp_path / "test_two.py").write_text(_TWO_TESTS_ON_ONE_ADDRESS)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "conftest",
+            "-p",
+            "no:cacheprovider",
+            "test_two.py",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 passed" in run.stdout
