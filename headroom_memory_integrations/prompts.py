@@ -83,6 +83,7 @@ from .types import Category, Memory
 __all__ = [
     "CONTEXT_CLOSE",
     "CONTEXT_OPEN",
+    "MAX_ANSWER_CHARS",
     "MAX_BLOCK_CHARS",
     "MAX_MEMORIES_PER_BLOCK",
     "MAX_MEMORY_CHARS",
@@ -113,7 +114,8 @@ MAX_MEMORY_CHARS = 500
 """An entry whose cleaned text is longer than this is dropped (not cut: a cut fact can lie)."""
 
 MAX_BLOCK_CHARS = 50_000
-"""A block (or extraction answer) longer than this is not parsed at all: it stores nothing."""
+"""A block (or an extraction answer, its thinking left out) longer than this is not parsed at
+all: it stores nothing."""
 
 CONTEXT_OPEN = "<user-memories>"
 """First line of the injected context block."""
@@ -847,9 +849,37 @@ def parse_memory_block(text: str, nonce: str) -> ParsedAnswer:
     return ParsedAnswer(visible, memories, _join(notes + block_notes), found, dropped)
 
 
-_REASONING_RE = re.compile(r"<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
-"""A reasoning model's thinking, which servers without a reasoning parser (Ollama, vLLM, LM
-Studio) leave in the answer: it may restate the format asked for ({"memories": [...]})."""
+_REASONING_OPEN_RE = re.compile(r"<(think|thinking|reasoning)>", re.IGNORECASE)
+_REASONING_CLOSE_RE = {
+    name: re.compile(f"</{name}>", re.IGNORECASE) for name in ("think", "thinking", "reasoning")
+}
+
+MAX_ANSWER_CHARS = 1_000_000
+"""An extraction answer longer than this is not read at all; within it, a reasoning model's
+thinking does not count towards :data:`MAX_BLOCK_CHARS`."""
+
+
+def _without_reasoning(text: str) -> str:
+    """``text`` without a reasoning model's thinking (``<think>...</think>``, also ``thinking``
+    and ``reasoning``), which servers without a reasoning parser (Ollama, vLLM, LM Studio) leave
+    in the answer: it may restate the format asked for ({"memories": [...]}), and it can be far
+    longer than the answer. An unclosed tag is kept as text. Linear in ``text``: a tag with no
+    closing tag after it is not looked for again."""
+    kept: list[str] = []
+    position, unclosed = 0, set()
+    for opening in _REASONING_OPEN_RE.finditer(text):
+        name = opening.group(1).lower()
+        if opening.start() < position or name in unclosed:
+            continue
+        close = _REASONING_CLOSE_RE[name].search(text, opening.end())
+        if close is None:
+            unclosed.add(name)
+            continue
+        kept.append(text[position : opening.start()])
+        position = close.end()
+    kept.append(text[position:])
+    return "".join(kept)
+
 
 _MEMORIES_OBJECT_RE = re.compile(r'\{\s*"memories"\s*:')
 
@@ -877,9 +907,13 @@ def parse_extraction_json(text: str) -> ExtractionResult:
     try:
         if not isinstance(text, str):
             return ExtractionResult((), "answer is not a string", True)
+        if len(text) > MAX_ANSWER_CHARS:
+            return ExtractionResult((), f"answer longer than {MAX_ANSWER_CHARS} characters", True)
+        text = _without_reasoning(text)
         if len(text) > MAX_BLOCK_CHARS:
-            return ExtractionResult((), f"answer longer than {MAX_BLOCK_CHARS} characters", True)
-        text = _REASONING_RE.sub("", text)  # a reasoning model's thinking, shown in its answer
+            return ExtractionResult(
+                (), f"answer longer than {MAX_BLOCK_CHARS} characters besides its thinking", True
+            )
         ok, payload = _loads(text, "{", "}")
         if not ok:
             ok, payload = _last_memories_object(text)

@@ -17,6 +17,7 @@ from headroom_memory_integrations.errors import InvalidInputError
 from headroom_memory_integrations.prompts import (
     CONTEXT_CLOSE,
     CONTEXT_OPEN,
+    MAX_ANSWER_CHARS,
     MAX_BLOCK_CHARS,
     MAX_MEMORIES_PER_BLOCK,
     MAX_MEMORY_CHARS,
@@ -733,6 +734,8 @@ def test_parse_extraction_json_dropped_entries_are_not_malformed() -> None:
         "42",
         "[" * 100_000,
         "x" * (MAX_BLOCK_CHARS + 1),
+        "<think>" * 140_000,  # unclosed: kept, and too long (read in linear time)
+        "<think>" + "x" * MAX_ANSWER_CHARS + '</think>{"memories": []}',
         None,
     ],
 )
@@ -912,6 +915,9 @@ def test_fetches_outside_text(kwargs: dict[str, object], fetches: bool) -> None:
         'tea.</think>\n{"memories": [{"text": "Likes tea", "category": "preference"}]}',
         '<THINKING>{"memories": [ ... ]} is asked</THINKING>{"memories": [{"text": "Likes tea", '
         '"category": "preference"}]}',
+        # thinking longer than an answer may be, and an unclosed tag in it
+        "<think>" + "Hmm, <reasoning> maybe. " * 5_000 + '</think>{"memories": [{"text": '
+        '"Likes tea", "category": "preference"}]}',
         # the format twice: an example, then the answer
         '```json\n{"memories": []}\n```\nActually:\n```json\n{"memories": [{"text": "Likes tea",'
         ' "category": "preference"}]}\n```',
