@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -111,6 +112,8 @@ class Turn:
         model: The model's name, for background extraction with the same model.
         untrusted: The call's context holds untrusted content (tool results, documents): its
             memories are kept only if grounded in the user's text (see :mod:`.grounding`).
+        tool_loop_step: Tool results follow the latest user message: a later step of a tool
+            loop, whose first step may have queued the background extraction of that message.
     """
 
     user_text: str | None = None
@@ -119,6 +122,7 @@ class Turn:
     injected: dict[str, str] = field(default_factory=dict)
     model: str | None = None
     untrusted: bool = False
+    tool_loop_step: bool = False
 
 
 def latest_index(messages: Sequence[M], is_user: Callable[[M], bool]) -> int | None:
@@ -291,6 +295,8 @@ class MemoryFlow:
         self.inline = inline
         self.top_k = top_k
         self.untrusted_context = untrusted_context
+        self._last_extracted: str | None = None  # the user message last queued for extraction
+        self._last_extracted_lock = threading.Lock()
 
     def start(
         self,
@@ -300,6 +306,7 @@ class MemoryFlow:
         model: str | None = None,
         untrusted: bool = False,
         previous_text: str | None = None,
+        tool_loop_step: bool = False,
     ) -> Turn:
         """Prepare a call whose latest user message says ``user_text``. Never raises.
 
@@ -312,11 +319,15 @@ class MemoryFlow:
             model: The model's name, for background extraction.
             untrusted: The call's messages hold tool results or documents (text the user did
                 not write): only memories grounded in the user's text are kept.
+            tool_loop_step: Tool results follow the latest user message (a tool loop's later
+                step): background extraction does not queue it again when the extraction this
+                flow queued last was of the same message (its first step).
         """
         turn = Turn(
             user_text=(user_text or "").strip() or None,
             model=model,
             untrusted=untrusted or self.untrusted_context,
+            tool_loop_step=tool_loop_step,
         )
         try:
             parts = []
@@ -428,6 +439,10 @@ class MemoryFlow:
 
     def finish_background(self, turn: Turn, answer: str | None) -> None:
         if self.inline or not turn.user_text:
+            return
+        with self._last_extracted_lock:  # a tool loop's steps: its first queues the message
+            extracted, self._last_extracted = self._last_extracted, turn.user_text
+        if turn.tool_loop_step and extracted == turn.user_text:
             return
         exchange = [{"role": "user", "content": clipped(turn.user_text)}]
         if answer:

@@ -535,6 +535,25 @@ def test_each_turn_is_extracted_once(client, fake_model) -> None:
     assert fake_model.extraction_calls == 5
 
 
+def test_a_tool_loop_extracts_its_user_message_once(client, fake_model) -> None:
+    """Every step of a tool loop ends with the same user message: each queued an extraction of
+    it, one extraction call per step for the same memories. The first step queues it; a new
+    user message after the loop is extracted, and so is the first one said again."""
+    asked = {"role": "user", "content": "I prefer Python for backend work. Weather in Porto?"}
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    step = {"role": "assistant", "content": None, "tool_calls": [call]}
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}
+    for messages in ([asked], [asked, step, result], [asked, step, result, step, result]):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    assert client.memory.flush(30)
+    assert fake_model.extraction_calls == 1
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    ask(client, "And in Lisbon?")
+    assert client.memory.flush(30) and fake_model.extraction_calls == 2
+    client.chat.completions.create(model="gpt-4o", messages=[asked, step, result])
+    assert client.memory.flush(30) and fake_model.extraction_calls == 3
+
+
 def test_a_killed_worker_resumes_and_loses_nothing(openai_server, db_path, model, tmp_path) -> None:
     """A process queues turns whose extraction hangs, is killed with SIGKILL, and the next
     process extracts and stores every one of them."""

@@ -455,10 +455,16 @@ def test_an_untrusted_turn_is_shown_only_the_memories_of_its_request(
         return Reply.text("Try the Mesa Trail.")
 
     openai_server.responder = responder
-    client = with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
+    clients = [  # two: one client's tool-loop step would not extract the message it just did
+        with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
+        for _ in range(2)
+    ]
+    client = clients[0]
     client.memory.add_many(HIKER)
     question = {"role": "user", "content": "Just moved to Denver. Any good hiking trails nearby?"}
-    for messages in ([question], [question, *agent_turn("Trails: Mesa Trail, 3 miles.")[1:]]):
+    for messages, client in zip(
+        ([question], [question, *agent_turn("Trails: Mesa Trail, 3 miles.")[1:]]), clients
+    ):
         client.chat.completions.create(model="gpt-4o", messages=messages)
         assert client.memory.flush(30)
     known = [
@@ -467,4 +473,5 @@ def test_an_untrusted_turn_is_shown_only_the_memories_of_its_request(
         if "You maintain long-term memory" in r.body["messages"][0]["content"]
     ]
     assert known == [7, 5]  # trusted: the 5 injected and 2 nearby; with a tool result: 5
-    client.close()
+    for client in clients:
+        client.close()

@@ -138,6 +138,8 @@ class CompletionsFlow:
             or any(
                 agent_state_message(text) is not None for text, user in zip(texts, users) if user
             ),
+            tool_loop_step=any(i > index for i in observations)
+            or any(is_tool_result(message) for message in messages[index + 1 :]),
         )
         prompt = call.turn.prompt
         if prompt:
