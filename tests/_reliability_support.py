@@ -160,7 +160,7 @@ def wrapped_for(wrap: Any, server: Any, users: Sequence[str], **options: Any) ->
     return tuple(wrap(server.client(), user_id=user, **options) for user in users)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():

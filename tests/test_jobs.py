@@ -135,7 +135,7 @@ def test_retryable_failures_are_retried_until_success(
     worker = make_worker(flaky)
     queue.put("extract", "alice", {"turn": "hi"})
     worker.notify()
-    assert worker.flush(timeout=5)
+    assert worker.flush(timeout=30)
     assert attempts == [1, 2, 3]
     assert worker.stats() == {"processed": 1, "retried": 2, "failed": 0, "pending": 0, "running": 0}
 
@@ -153,7 +153,7 @@ def test_permanent_failure_is_dead_lettered_then_requeued(
     job_id = queue.put("extract", "alice", {"turn": "my secret diary entry"})
     with caplog.at_level(logging.INFO, logger="headroom_memory_integrations.jobs"):
         worker.notify()
-        assert worker.flush(timeout=5)  # dead-lettered counts as finished
+        assert worker.flush(timeout=30)  # dead-lettered counts as finished
     assert queue.counts() == {"pending": 0, "running": 0, "failed": 1}
     [dead] = queue.failed()
     assert dead.id == job_id
@@ -168,7 +168,7 @@ def test_permanent_failure_is_dead_lettered_then_requeued(
     healthy.set()
     assert queue.retry_failed() == 1
     worker.notify()
-    assert worker.flush(timeout=5)
+    assert worker.flush(timeout=30)
     assert queue.counts() == {"pending": 0, "running": 0, "failed": 0}
     assert worker.stats()["processed"] == 1
 
@@ -201,10 +201,10 @@ def test_handler_errors_do_not_kill_the_worker_and_flush_times_out(
     for n in range(3):
         queue.put("store", "alice", {"n": n})
     worker.notify()
+    wait_for(lambda: done == [1, 2])  # job 0 holds up no other
     started = time.monotonic()
     assert worker.flush(timeout=0.5) is False  # job 0 keeps failing and backing off
-    assert 0.45 <= time.monotonic() - started < 2
-    assert done == [1, 2]
+    assert 0.45 <= time.monotonic() - started < 10  # (a busy host may come back late)
     assert worker.stats()["retried"] >= 3
     queue.put("store", "alice", {"n": 3})
     worker.notify()
@@ -232,7 +232,7 @@ def test_concurrent_producers_every_job_processed_exactly_once(make_worker: Make
         thread.start()
     for thread in threads:
         thread.join()
-    assert worker.flush(timeout=10)
+    assert worker.flush(timeout=30)
     assert len(seen) == len(set(seen)) == 200
     assert sorted(seen) == sorted(put)
     assert worker.stats()["processed"] == 200
@@ -254,7 +254,7 @@ def test_two_workers_on_one_file_never_share_a_job(
     workers = [make_worker(recorder(name), name=name) for name in seen]
     for worker in workers:
         worker.start()
-    assert all(worker.flush(timeout=10) for worker in workers)
+    assert all(worker.flush(timeout=30) for worker in workers)
     every = seen["a"] + seen["b"]
     assert len(every) == len(set(every)) and sorted(every) == ids
     assert seen["a"] and seen["b"]
@@ -266,12 +266,12 @@ def test_workers_take_only_their_kinds(queue: JobQueue, make_worker: MakeWorker)
     queue.put("extract", "alice", {})
     queue.put("store", "alice", {})
     store.notify()
-    assert store.flush(timeout=5)  # does not wait for the extract job it will never take
+    assert store.flush(timeout=30)  # does not wait for the extract job it will never take
     assert stored == ["store"]
     assert queue.counts()["pending"] == 1
     extracted: list[str] = []
     extract = make_worker(lambda job: extracted.append(job.kind), kinds=("extract",))
-    assert extract.flush(timeout=5)  # starts the thread: leftovers are resumed
+    assert extract.flush(timeout=30)  # starts the thread: leftovers are resumed
     assert extracted == ["extract"]
 
 
@@ -318,7 +318,7 @@ def test_a_job_outliving_its_lease_is_not_taken_back_by_another_thread_of_its_wo
     time.sleep(0.3)  # alice's lease has expired; bob's job brings in a second thread
     queue.put("work", "bob", {"n": 0})
     worker.notify("bob")
-    assert worker.flush(timeout=10)
+    assert worker.flush(timeout=30)
     assert overlaps == []
     assert sorted(runs) == ["alice 0", "alice 1", "bob 0"]
     assert runs.index("alice 0") < runs.index("alice 1")
@@ -360,10 +360,10 @@ def test_threads_run_users_side_by_side_each_in_order_and_the_extra_ones_leave(
     time.sleep(0.2)
     assert "alice 1" not in started
     release["alice"].set()
-    assert worker.flush(timeout=5)
+    assert worker.flush(timeout=30)
     assert done.index("alice 0") < done.index("alice 1") and len(done) == 4
-    wait_for(lambda: threads() == 1, timeout=5)
-    assert worker.close(timeout=5) and threads() == 0
+    wait_for(lambda: threads() == 1, timeout=30)
+    assert worker.close(timeout=30) and threads() == 0
 
 
 def test_extra_threads_leave_while_the_wal_is_held_and_the_first_one_erases_it_after(
@@ -392,13 +392,13 @@ def test_extra_threads_leave_while_the_wal_is_held_and_the_first_one_erases_it_a
         reader.execute("BEGIN")
         reader.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a read snapshot: WAL kept
         release.set()
-        assert worker.flush(timeout=5)
-        wait_for(lambda: threads() == 1, timeout=5)  # the extra ones left, WAL or not
+        assert worker.flush(timeout=30)
+        wait_for(lambda: threads() == 1, timeout=30)  # the extra ones left, WAL or not
         assert b"private note of" in wal.read_bytes()
     finally:
         reader.close()
-    wait_for(lambda: wal.stat().st_size == 0, timeout=5)
-    assert threads() == 1 and worker.close(timeout=5)
+    wait_for(lambda: wal.stat().st_size == 0, timeout=30)
+    assert threads() == 1 and worker.close(timeout=30)
 
 
 def test_processes_opening_a_new_file_at_once(path: Path) -> None:
@@ -463,7 +463,7 @@ def test_jobs_of_a_killed_process_are_resumed(
     )
     assert worker.queue.counts() == {"pending": 3, "running": 1, "failed": 0}
     worker.start()  # the dead owner is noticed at once, though its lease has an hour to run
-    assert worker.flush(timeout=5)
+    assert worker.flush(timeout=30)
     assert resumed == [(2, 2), (3, 1), (4, 1), (5, 1)]
     assert log.read_text().split() == ["0", "1"]  # the killed job never completed there
     assert worker.queue.counts() == {"pending": 0, "running": 0, "failed": 0}

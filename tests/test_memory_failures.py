@@ -99,7 +99,7 @@ def test_an_unwritable_folder_never_makes_flush_close_or_stats_raise(
         closed = client.close()
 
     assert answer.choices[0].message.content == "Noted."  # the chat call went on
-    assert flushed is False and seconds < 5  # not an exception, and not a wait for nothing
+    assert flushed is False and seconds < 15  # not an exception, nor the 30 s wait for nothing
     assert any(
         "could not wait for the background writes" in r.getMessage()
         for r in caplog.records

@@ -19,7 +19,7 @@ from headroom_memory_integrations.writer import READ_YOUR_WRITES_SECONDS
 
 pytestmark = pytest.mark.server
 
-TIMEOUT = 1.0  # seconds per storage request in these tests (the default is 5)
+TIMEOUT = 2.0  # seconds per storage request in these tests (the default is 5)
 CELLO = {"text": "Plays the cello in an orchestra", "category": "fact"}
 
 
@@ -68,14 +68,14 @@ def test_a_frozen_server_costs_a_chat_call_at_most_the_bound(own_server, openai_
     assert answer == "Noted." and not injected(openai_server)  # answered, without memories
     assert frozen < TIMEOUT + READ_YOUR_WRITES_SECONDS + 3.0  # the documented bound, loosely
     answer, again = ask(client, "Which instrument do I play?")
-    assert answer == "Noted." and again < 1.0  # storage calls now fail at once
+    assert answer == "Noted." and again < TIMEOUT  # storage calls now fail at once
     assert client.memory.counters["inject_failures"] >= 2  # counted (stats() needs storage)
 
     built_started = time.monotonic()
     later = with_fast_memory(
         openai_server.client(), user_id="alice", db_path=own_server.url, embedder=model
     )  # built while the server is frozen: nothing is contacted yet
-    assert time.monotonic() - built_started < 1.0
+    assert time.monotonic() - built_started < TIMEOUT
     bob = with_fast_memory(
         openai_server.client(),
         user_id="bob",

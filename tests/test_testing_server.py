@@ -565,7 +565,7 @@ def test_openai_s_stream_helper_reads_a_streamed_response(server: ScriptedOpenAI
 
 def test_concurrent_requests_from_threads() -> None:
     def echo(body: dict[str, Any]) -> Reply:
-        return Reply.text(f"echo {body['messages'][-1]['content']}").delayed(0.1)
+        return Reply.text(f"echo {body['messages'][-1]['content']}").delayed(1.0)
 
     with ScriptedOpenAIServer(responder=echo) as server, server.client() as client:
 
@@ -581,7 +581,7 @@ def test_concurrent_requests_from_threads() -> None:
 
         assert answers == [f"echo {i}" for i in range(20)]
         assert len(server.requests) == 20
-        assert elapsed < 1.5  # 20 x 0.1 s delays overlapped
+        assert elapsed < 10.0  # 20 x 1 s delays overlapped (20 s one after another)
 
 
 def test_concurrent_async_streams(server: ScriptedOpenAIServer) -> None:
