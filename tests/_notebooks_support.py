@@ -74,12 +74,17 @@ def kernel_env() -> dict[str, str]:
     return env
 
 
-def execute(path: Path, workdir: Path, *, times: int = 1) -> nbformat.NotebookNode:
+def execute(
+    path: Path, workdir: Path, *, times: int = 1, then: str | None = None
+) -> nbformat.NotebookNode:
     """Run the notebook at ``path`` in a fresh kernel with ``workdir`` as its working folder
-    (``times`` times over, as "Run All" again in the same kernel); return it with the new
-    outputs. A cell that raises fails the run (``CellExecutionError``)."""
+    (``times`` times over, as "Run All" again in the same kernel; then the code ``then`` in a
+    cell of its own, last); return it with the new outputs. A cell that raises fails the run
+    (``CellExecutionError``)."""
     notebook = nbformat.read(path, as_version=4)
     notebook.cells = [copy.deepcopy(cell) for _ in range(times) for cell in notebook.cells]
+    if then is not None:
+        notebook.cells.append(nbformat.v4.new_code_cell(then))
     client = NotebookClient(
         notebook,
         timeout=CELL_TIMEOUT,
