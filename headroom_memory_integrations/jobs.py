@@ -121,6 +121,14 @@ def default_retryable(exc: BaseException) -> bool:
     return not isinstance(exc, PermanentJobError)
 
 
+def _is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (or busy): another connection kept the
+    file's write lock longer than the busy timeout, a passing state worth no traceback."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
 def _owner_is_dead(owner: str) -> bool:
     """True only if ``owner`` ("host:pid") is a process on this host that no longer exists."""
     host, _, pid = owner.rpartition(":")
@@ -342,7 +350,7 @@ class JobQueue:
                 finally:
                     opened.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
+                if _is_locked(exc):
                     raise QueueBusy(
                         f"job queue {self.path} stayed locked by another connection for {wait} s"
                     ) from exc
@@ -707,7 +715,14 @@ class JobWorker:
                         failing = 0
                 except Exception as exc:  # locked, disk full, unwritable, ...: try again later
                     failing += 1
-                    if failing == 1:
+                    if failing == 1 and _is_locked(exc):
+                        logger.warning(
+                            "job queue %s: another connection kept it locked past the busy "
+                            "timeout (%s); trying again",
+                            self.queue.path,
+                            exc,
+                        )
+                    elif failing == 1:
                         logger.exception("job queue %s: claim or update failed", self.queue.path)
                     elif failing % _QUIET_TRIES == 0:
                         logger.warning(

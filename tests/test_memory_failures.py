@@ -267,3 +267,36 @@ def test_a_queue_that_keeps_failing_is_logged_once_then_quietly(unwritable, capl
     assert len(failures) == 1 and failures[0].exc_info is not None
     quiet = [r for r in caplog.records if "still failing" in r.getMessage()]
     assert all(r.exc_info is None and "(60 tries)" in quiet[0].getMessage() for r in quiet)
+
+
+def test_a_queue_locked_by_another_connection_is_logged_in_one_line(tmp_path, caplog) -> None:
+    """Another connection holding the queue's write lock past the busy timeout is a passing
+    state: a line, not a traceback (a busy host's CI log had one per test), and the worker goes
+    on once the lock is let go of."""
+    import sqlite3
+
+    from headroom_memory_integrations.jobs import JobQueue, JobWorker
+
+    path = tmp_path / "jobs.sqlite3"
+    queue = JobQueue(path, busy_timeout=0.05)
+    queue.put("store", "alice", {"n": 1})
+    done: list[int] = []
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, as a process stuck in a write holds it
+    worker = JobWorker(queue, lambda job: done.append(job.payload["n"]), poll_interval=0.01)
+    with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations.jobs"):
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not any("locked past the busy" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.02)
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert worker.flush(30) and done == [1]
+        while not any("working again" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline + 30, [r.getMessage() for r in caplog.records]
+            time.sleep(0.02)
+        worker.close(timeout=5)
+    failures = [r for r in caplog.records if r.name == "headroom_memory_integrations.jobs"]
+    assert failures and all(r.exc_info is None for r in failures)
+    assert "database is locked" in failures[0].getMessage()
