@@ -173,11 +173,39 @@ class TestHeadroomRetrieverStandard(RetrieversIntegrationTests):
         return QUERY
 
 
-def test_a_storage_failure_returns_no_documents_and_is_counted(model) -> None:
+@pytest.mark.parametrize("failing", ["storage", "embedder"])
+def test_a_storage_failure_returns_no_documents_and_is_counted(failing, db_path, model) -> None:
+    """Also when the embedding API is down (``OpenAIEmbedder``): its error failed the chain."""
     from conftest import closed_server_url
+    from openai import OpenAI
+
+    from headroom_memory_integrations import OpenAIEmbedder
 
     down = closed_server_url()
-    retriever = HeadroomRetriever(user_id="alice", db_path=down, embedder=model)
+    if failing == "storage":
+        retriever = HeadroomRetriever(user_id="alice", db_path=down, embedder=model)
+    else:
+        client = OpenAI(base_url=f"{down}/v1", api_key="sk-x", max_retries=0)
+        embedder = OpenAIEmbedder(client)
+        retriever = HeadroomRetriever(user_id="alice", db_path=db_path, embedder=embedder)
     assert retriever.invoke(QUERY) == []
     assert asyncio.run(retriever.ainvoke(QUERY)) == []
     assert retriever.memory.counters["retrieve_failures"] == 2
+
+
+def test_a_retriever_for_one_user_refuses_a_run_of_another(db_path, model) -> None:
+    """As the other adapters built for one user do: it served alice's memories to bob's run."""
+    from langchain_core.runnables import RunnableLambda
+
+    alice = MemoryStore("alice", db_path=db_path, embedder=model)
+    alice.add("Loves spicy Thai curries", category="preference")
+    retriever = HeadroomRetriever(memory=alice)
+    chain = RunnableLambda(lambda question: question) | retriever
+    for user, call in (("bob", retriever.invoke), ("bob", chain.invoke)):
+        with pytest.raises(InvalidInputError, match="serves user 'alice' only"):
+            call(QUERY, {"configurable": {"user_id": user}})
+    with pytest.raises(InvalidInputError, match="serves user 'alice' only"):
+        asyncio.run(retriever.ainvoke(QUERY, {"configurable": {"user_id": "bob"}}))
+    found = chain.invoke(QUERY, {"configurable": {"user_id": "alice"}})
+    assert [d.page_content for d in found] == ["Loves spicy Thai curries"]
+    assert [d.page_content for d in retriever.invoke(QUERY)] == ["Loves spicy Thai curries"]

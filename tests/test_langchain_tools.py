@@ -573,13 +573,23 @@ def test_max_results_caps_the_default_limit_too(db_path, model) -> None:
             create_search_memory_tool(memory=store, max_results=wrong)
 
 
-def test_a_storage_failure_is_a_tool_error_and_the_run_goes_on(openai_server, model) -> None:
+@pytest.mark.parametrize("failing", ["storage", "embedder"])
+def test_a_storage_failure_is_a_tool_error_and_the_run_goes_on(
+    failing, openai_server, db_path, model
+) -> None:
+    """Also when the embedding API is down (``OpenAIEmbedder``): its error crashed the run."""
     from conftest import closed_server_url
+    from openai import OpenAI
+
+    from headroom_memory_integrations import OpenAIEmbedder
 
     down = closed_server_url()
-    agent = create_agent(
-        chat_model(openai_server), tools=memory_tools(db_path=down, embedder=model)
-    )
+    if failing == "storage":
+        tools = memory_tools(db_path=down, embedder=model)
+    else:
+        client = OpenAI(base_url=f"{down}/v1", api_key="sk-x", max_retries=0)
+        tools = memory_tools(db_path=db_path, embedder=OpenAIEmbedder(client))
+    agent = create_agent(chat_model(openai_server), tools=tools)
     openai_server.script(
         Reply.tool_call("search_memory", {"query": "where do I live"}),
         Reply.tool_call("manage_memory", {"action": "create", "content": "Lives in Oslo"}),

@@ -54,6 +54,19 @@ def run_user(
     return check_user_id(user)
 
 
+def check_call_user(
+    config: Mapping[str, Any] | None, serves: str | None, who: str, instead: str
+) -> None:
+    """Refuse a call of a one-user object (``who``, serving ``serves``) whose ``config``, or
+    the config of the chain or graph step it runs in, names another user (see
+    :func:`run_user`)."""
+    from langchain_core.runnables import ensure_config
+
+    merged = ensure_config(config)  # type: ignore[arg-type]
+    runtime = (merged.get("configurable") or {}).get("__pregel_runtime")  # LangGraph's
+    run_user(merged, getattr(runtime, "context", None), serves, who, instead)
+
+
 def _get(source: Any, key: str) -> Any:
     if source is None:
         return None

@@ -21,7 +21,6 @@ from langchain_core.runnables import (
     RunnableBinding,
     RunnableConfig,
     RunnableSerializable,
-    ensure_config,
 )
 from langchain_core.runnables.utils import AnyConfigurableField
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
@@ -32,7 +31,7 @@ from ..errors import InvalidInputError
 from ..flow import MemoryFlow, Turn, aedited, edited, finished_in_thread
 from ..wiring import FlowSettings, build_flow, open_memory, reopening_arguments
 from ._messages import Call, ChunkEditor, Injection, MessagesFlow, as_chunk, is_harness_call
-from ._users import run_user
+from ._users import check_call_user
 
 _MODEL_SETTINGS = ("temperature", "max_tokens")
 """Settings the wrapped model reads on every call: set on a copy of a model instance."""
@@ -539,11 +538,8 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
     def _check_run(self, config: RunnableConfig | None) -> None:
         """Refuse ``config`` (with the config of the chain or graph step this call runs in) if
         it names a user other than this model's."""
-        merged = ensure_config(config)
-        runtime = (merged.get("configurable") or {}).get("__pregel_runtime")  # LangGraph's
-        run_user(
-            merged,
-            getattr(runtime, "context", None),
+        check_call_user(
+            config,
             self.user_id,
             "this MemoryChatModel",
             "build a MemoryChatModel for each user, or wrap the model with MemoryMiddleware, "

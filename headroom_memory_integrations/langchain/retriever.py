@@ -11,12 +11,14 @@ from langchain_core.callbacks import (
 )
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables import RunnableConfig
 from pydantic import ConfigDict, Field, model_validator
 
 from ..engine import MAX_TOP_K, MemoryStore, query_tail
-from ..errors import InvalidInputError, StorageError
+from ..errors import EmbeddingError, InvalidInputError, StorageError
 from ..types import Category, Memory
 from ._extract import memory_field
+from ._users import check_call_user
 
 
 class HeadroomRetriever(BaseRetriever):
@@ -28,9 +30,11 @@ class HeadroomRetriever(BaseRetriever):
     come back, so an unrelated query (or a blank one) returns ``[]``; at most ``k``, most
     relevant first. A query that is not a string (a chain's whole input dict) raises
     :class:`~headroom_memory_integrations.InvalidInputError` rather than find nothing. When
-    the storage fails (a server down), the failure is logged and counted (``memory.stats()
-    ["events"]["retrieve_failures"]``) and no document comes back: the chain answers without
-    memories rather than fail.
+    the storage or the embedder fails (a server or an embedding API down), the failure is logged
+    and counted (``memory.stats()["events"]["retrieve_failures"]``) and no document comes back:
+    the chain answers without memories rather than fail. It serves one user: a run whose config
+    (or context) names another is refused with ``InvalidInputError``, as by the other adapters
+    built for one user.
 
     Setup::
 
@@ -76,6 +80,26 @@ class HeadroomRetriever(BaseRetriever):
     def user_id(self) -> str:
         return self.memory.user_id
 
+    def invoke(
+        self, input: str, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> list[Document]:
+        self._check_run(config)
+        return super().invoke(input, config, **kwargs)
+
+    async def ainvoke(
+        self, input: str, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> list[Document]:
+        self._check_run(config)
+        return await super().ainvoke(input, config, **kwargs)
+
+    def _check_run(self, config: RunnableConfig | None) -> None:
+        check_call_user(
+            config,
+            self.memory.user_id,
+            "this HeadroomRetriever",
+            "build a HeadroomRetriever for each user (or give each run its own)",
+        )
+
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None
     ) -> list[Document]:
@@ -108,8 +132,14 @@ class HeadroomRetriever(BaseRetriever):
                 categories=self.categories,
                 min_score=self.min_score,
             )
-        except StorageError:
-            self.memory.survived("retrieve_failures", "could not search memories; returning none")
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # the storage or the embedder (an embedding API down) failed
+            self.memory.survived(
+                "retrieve_failures",
+                f"could not search memories ({type(exc).__name__}); returning none",
+                exc_info=not isinstance(exc, (StorageError, EmbeddingError)),
+            )
             return []
         return [memory_document(memory, score) for memory, score in found]
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, create_model
 
 from ..embeddings import Embedder
 from ..engine import MAX_TOP_K, MemoryStore, query_tail
-from ..errors import InvalidInputError, MemoryNotFoundError, StorageError
+from ..errors import EmbeddingError, InvalidInputError, MemoryNotFoundError, StorageError
 from ..grounding import grounded
 from ..jobs import user_tag
 from ..prompts import escape_text, message_text, noted_dates
@@ -215,7 +215,7 @@ def create_search_memory_tool(
             found = store.search(query_tail(query), top_k=limit)
         except InvalidInputError as exc:
             raise ToolException(f"Cannot search: {exc}") from exc
-        except StorageError as exc:
+        except Exception as exc:  # the storage or the embedder failed: the run goes on
             raise ToolException(_unavailable(store, "search", exc)) from exc
         return _listing(found), [_described(m, score) for m, score in found]
 
@@ -311,7 +311,7 @@ def create_manage_memory_tool(
                 )
         except (InvalidInputError, MemoryNotFoundError) as exc:
             raise ToolException(f"Cannot {action} the memory: {exc}") from exc
-        except StorageError as exc:
+        except Exception as exc:  # the storage or the embedder failed: the run goes on
             raise ToolException(_unavailable(store, action, exc)) from exc
 
     return _tool(
@@ -342,10 +342,16 @@ def _tool(function: Callable[..., Any], **options: Any) -> StructuredTool:
     return tool
 
 
-def _unavailable(store: MemoryStore, action: str, error: StorageError) -> str:
-    """The tool's answer when the storage failed: logged and counted (``stats()["events"]
-    ["tool_failures"]``), and told to the model, which can go on without memory."""
-    store.survived("tool_failures", f"memory tool could not {action}: {error}", exc_info=False)
+def _unavailable(store: MemoryStore, action: str, error: Exception) -> str:
+    """The tool's answer when the storage or the embedder failed (an embedding API down, say,
+    which raised the client's own error and crashed the agent's run): logged and counted
+    (``stats()["events"]["tool_failures"]``), and told to the model, which can go on without
+    memory. A failure that is not one of the library's is logged with its traceback."""
+    store.survived(
+        "tool_failures",
+        f"memory tool could not {action}: {type(error).__name__}: {error}",
+        exc_info=not isinstance(error, (StorageError, EmbeddingError)),
+    )
     return f"Memory is unavailable right now (could not {action}); go on without it."
 
 
