@@ -41,7 +41,7 @@ class _NoJobs:
     def store(self, *args: Any) -> None:
         raise AssertionError("before() stored something")
 
-    def extract(self, *args: Any) -> None:
+    def extract(self, *args: Any) -> bool:
         raise AssertionError("before() extracted something")
 
     def settle(self, memory: MemoryStore) -> bool:

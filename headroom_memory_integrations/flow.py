@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import threading
+import re
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -96,7 +96,10 @@ class MemoryJobs(Protocol):
         injected: Mapping[str, str],
         model: str | None,
         untrusted: bool = False,
-    ) -> None: ...
+    ) -> bool:
+        """Queue a turn's background extraction; False if the work was refused (logged and
+        counted), True once it is in the queue or held for it."""
+        ...
 
 
 @dataclass
@@ -226,9 +229,14 @@ between them. At most ~15k tokens each for the extraction call (a whole pasted f
 overflow the model's context), and always within the queue's size limit for a job."""
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def clipped(text: str, limit: int = MAX_EXTRACTED_CHARS) -> str:
     """``text``, or its first and last ``limit // 2`` characters around a note of what was
-    left out when it is longer than ``limit``."""
+    left out when it is longer than ``limit``; a lone surrogate (half an emoji, which some
+    servers send) becomes U+FFFD, since the queue file holds UTF-8 and refused the turn."""
+    text = _LONE_SURROGATE.sub("\ufffd", text)
     if len(text) <= limit:
         return text
     half = limit // 2
@@ -296,7 +304,6 @@ class MemoryFlow:
         self.top_k = top_k
         self.untrusted_context = untrusted_context
         self._last_extracted: str | None = None  # the user message last queued for extraction
-        self._last_extracted_lock = threading.Lock()
 
     def start(
         self,
@@ -440,18 +447,20 @@ class MemoryFlow:
     def finish_background(self, turn: Turn, answer: str | None) -> None:
         if self.inline or not turn.user_text:
             return
-        with self._last_extracted_lock:  # a tool loop's steps: its first queues the message
-            extracted, self._last_extracted = self._last_extracted, turn.user_text
-        if turn.tool_loop_step and extracted == turn.user_text:
-            return
-        exchange = [{"role": "user", "content": clipped(turn.user_text)}]
+        user_text = turn.user_text
+        if turn.tool_loop_step and self._last_extracted == user_text:
+            return  # a tool loop's later step: its first queued the message
+        exchange = [{"role": "user", "content": clipped(user_text)}]
         if answer:
             exchange.append({"role": "assistant", "content": clipped(answer)})
-        self._queue(
-            lambda: self.jobs.extract(
+
+        def extract() -> None:
+            queued = self.jobs.extract(
                 self.memory, exchange, turn.injected, turn.model, turn.untrusted
             )
-        )
+            self._last_extracted = user_text if queued else None
+
+        self._queue(extract)
 
     def _queue(self, work: Callable[[], None]) -> None:
         """Queue memory work now, or, inside :func:`queued_later`, keep it for later."""

@@ -849,9 +849,11 @@ def parse_memory_block(text: str, nonce: str) -> ParsedAnswer:
     return ParsedAnswer(visible, memories, _join(notes + block_notes), found, dropped)
 
 
-_REASONING_OPEN_RE = re.compile(r"<(think|thinking|reasoning)>", re.IGNORECASE)
+# ASCII only: without it, "<thınk>" (a dotless i) matched and named no closing tag
+_REASONING_OPEN_RE = re.compile(r"<(think|thinking|reasoning)>", re.IGNORECASE | re.ASCII)
 _REASONING_CLOSE_RE = {
-    name: re.compile(f"</{name}>", re.IGNORECASE) for name in ("think", "thinking", "reasoning")
+    name: re.compile(f"</{name}>", re.IGNORECASE | re.ASCII)
+    for name in ("think", "thinking", "reasoning")
 }
 
 MAX_ANSWER_CHARS = 1_000_000

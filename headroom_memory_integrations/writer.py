@@ -450,14 +450,14 @@ class MemoryWriter:
         injected: Mapping[str, str],
         model: str | None,
         untrusted: bool = False,
-    ) -> None:
+    ) -> bool:
         payload = {
             "exchange": list(exchange),
             "injected": dict(injected),
             "model": model,
             "untrusted": untrusted,
         }
-        self._put("extract", memory, payload)
+        return self._put("extract", memory, payload)
 
     @property
     def _workers(self) -> tuple[JobWorker, JobWorker]:
@@ -591,7 +591,7 @@ class MemoryWriter:
                 stats[key] += value
         return stats
 
-    def _put(self, kind: str, memory: MemoryStore, payload: dict[str, Any]) -> None:
+    def _put(self, kind: str, memory: MemoryStore, payload: dict[str, Any]) -> bool:
         """Put memory work into the queue file, on the caller's path: waiting at most
         :data:`QUEUE_WAIT_SECONDS` for it (never holding a lock another user's call needs),
         else handing it to the hand-over thread (nothing is lost while the process lives).
@@ -607,8 +607,9 @@ class MemoryWriter:
             JobQueue.encode(kind, memory.user_id, payload)  # invalid work fails here, not later
         except Exception:
             memory.survived("store_failures", f"could not queue memory work ({kind})")
-            return
+            return False
         self._offer(_Handed(kind, memory, payload, time.time(), extractor))
+        return True
 
     def _offer(self, handed: _Handed) -> None:
         """:meth:`_put` of work already made (also by a closed writer of the same file).

@@ -556,6 +556,48 @@ def test_a_tool_loop_extracts_its_user_message_once(client, fake_model) -> None:
     assert client.memory.flush(30) and fake_model.extraction_calls == 3
 
 
+def test_a_tool_loop_step_extracts_the_message_its_first_step_could_not_queue(
+    client, fake_model, monkeypatch
+) -> None:
+    """The first step's turn refused by the queue (counted in store_failures): the later step
+    queues the message, rather than take it for queued."""
+    from headroom_memory_integrations.jobs import JobQueue
+
+    encode, refused = JobQueue.encode, []
+
+    def refuse_the_first_extraction(kind, user_id, payload):
+        if kind == "extract" and not refused:
+            refused.append(kind)
+            raise ValueError("refused")
+        return encode(kind, user_id, payload)
+
+    monkeypatch.setattr(JobQueue, "encode", staticmethod(refuse_the_first_extraction))
+    asked = {"role": "user", "content": "I prefer Python for backend work. Weather in Porto?"}
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    step = {"role": "assistant", "content": None, "tool_calls": [call]}
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}
+    for messages in ([asked], [asked, step, result]):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    assert client.memory.flush(30)
+    assert refused and client.memory.stats()["events"]["store_failures"] == 1
+    assert fake_model.extraction_calls == 1
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+
+
+def test_half_an_emoji_in_the_answer_does_not_lose_the_turn(client, fake_model) -> None:
+    """A lone surrogate (half an emoji, as some servers send) made the queue refuse the turn:
+    nothing extracted, the user's words lost with it."""
+    fake_model.answer = "Python fits \ud83d"
+    assert (
+        ask(client, "I prefer Python for backend work")
+        .choices[0]
+        .message.content.endswith("\ud83d")
+    )
+    assert client.memory.flush(30)
+    assert client.memory.stats()["events"].get("store_failures", 0) == 0
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+
+
 def test_a_killed_worker_resumes_and_loses_nothing(openai_server, db_path, model, tmp_path) -> None:
     """A process queues turns whose extraction hangs, is killed with SIGKILL, and the next
     process extracts and stores every one of them."""

@@ -915,6 +915,9 @@ def test_fetches_outside_text(kwargs: dict[str, object], fetches: bool) -> None:
         'tea.</think>\n{"memories": [{"text": "Likes tea", "category": "preference"}]}',
         '<THINKING>{"memories": [ ... ]} is asked</THINKING>{"memories": [{"text": "Likes tea", '
         '"category": "preference"}]}',
+        # a tag of look-alike letters ("ı", "ſ") is text, kept as it is
+        '<thınk>x</thınk>{"memories": [{"text": "Likes tea", "category": "preference"}]}',
+        '{"memories": [{"text": "Likes tea", "category": "preference"}]} <reaſoning>',
         # thinking longer than an answer may be, and an unclosed tag in it
         "<think>" + "Hmm, <reasoning> maybe. " * 5_000 + '</think>{"memories": [{"text": '
         '"Likes tea", "category": "preference"}]}',
