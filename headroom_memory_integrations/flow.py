@@ -664,6 +664,20 @@ def edited(
     finally:
         if not ended:
             editor.abandon()
+            close_quietly(items)
+
+
+def close_quietly(items: object) -> None:
+    """Close a stream left before its end, now: openai's ``Stream`` holds itself in a cycle, so
+    left to the garbage collector its HTTP response was closed whenever a collection ran, even
+    inside the same client's next request, which holds the connection pool's lock that the
+    close takes (a hang)."""
+    close = getattr(items, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # never in the way of how the stream was left
+            log.debug("closing a stream left early failed", exc_info=True)
 
 
 async def aedited(

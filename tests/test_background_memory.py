@@ -286,6 +286,24 @@ def test_a_stream_not_read_to_its_end_is_not_extracted(client, fake_model) -> No
     assert client.memory.stats()["background"]["processed"] == 0
 
 
+def test_a_stream_left_by_break_closes_its_http_response_at_once(client, fake_model) -> None:
+    """openai's Stream holds itself in a cycle: a stream left by ``break`` and let go of kept its
+    response (and connection) open until a garbage collection, which could run inside the same
+    client's next request, holding the pool lock the close needs (seen: a hung test run)."""
+    stream = ask(client, "I prefer Python for backend work", stream=True)
+    raw = stream._wrapped
+    gc.disable()  # no collection in between: only the wrapper can have closed it
+    try:
+        for _ in stream:
+            break
+        assert not raw.response.is_closed
+        del stream, _
+        assert raw.response.is_closed
+    finally:
+        gc.enable()
+    assert ask(client, "And a second question?").choices[0].message.content
+
+
 def test_a_slow_extraction_holds_up_no_other_users_memories(openai_server, db_path, model):
     """Extractions (model calls) run beside the storing of inline memories, not before it:
     while bob's extraction is held, alice's memory from with_fast_memory is stored at once and

@@ -26,6 +26,8 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 
+from ..flow import close_quietly
+
 T = TypeVar("T")
 log = logging.getLogger("headroom_memory_integrations")
 
@@ -139,13 +141,19 @@ def stepped(
     items: Iterator[T], scope: Callable[[], AbstractContextManager[Any]]
 ) -> Generator[T, None, None]:
     """``items``, each produced inside a fresh ``scope()`` (never held across a ``yield``: the
-    caller's own code between two items stays out of it)."""
-    while True:
-        with scope():
-            item = next(items, _DONE)
-        if item is _DONE:
-            return
-        yield item
+    caller's own code between two items stays out of it). Left early, it closes ``items``."""
+    ended = False
+    try:
+        while True:
+            with scope():
+                item = next(items, _DONE)
+            if item is _DONE:
+                ended = True
+                return
+            yield item
+    finally:
+        if not ended:
+            close_quietly(items)
 
 
 async def astepped(
