@@ -55,12 +55,18 @@ def _parse_one_thread_at_a_time() -> None:
     show its failure while the suite's background threads log tracebacks, which 3.11 also
     parses, to underline the failing expression. One such collision turned a CI run's single
     failure into an INTERNALERROR that ended the session without naming the failing test.
-    Parsing under one lock keeps the two apart."""
+    Parsing under one lock keeps the two apart; a parse that waits for it more than 10 s goes
+    on without it (a garbage collection inside a parse can run code that waits for the thread
+    that waits here: a hang would be worse than the race)."""
     parse = ast.parse
 
     def parse_alone(*args: Any, **kwargs: Any) -> Any:
-        with _PARSING:
+        if not _PARSING.acquire(timeout=10):
             return parse(*args, **kwargs)
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            _PARSING.release()
 
     ast.parse = parse_alone  # type: ignore[assignment]
 
