@@ -248,6 +248,14 @@ def test_flush_and_close_refuse_a_bad_timeout(hash_store, timeout) -> None:
     assert hash_store.flush(0) is True and hash_store.flush(None) is True
 
 
+def wait_for_log(caplog: pytest.LogCaptureFixture, text: str, seconds: float = 30) -> None:
+    """Wait until a captured record's message holds ``text``; fail the test after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not any(text in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        time.sleep(0.02)
+
+
 def test_a_queue_that_keeps_failing_is_logged_once_then_quietly(unwritable, caplog) -> None:
     """The worker retries an unusable queue file every poll: the first failure is logged with
     its traceback, then one line per 60 tries (it logged a traceback every second)."""
@@ -258,10 +266,7 @@ def test_a_queue_that_keeps_failing_is_logged_once_then_quietly(unwritable, capl
     worker = JobWorker(queue, lambda job: None, poll_interval=0.005, name="failing-queue")
     with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations.jobs"):
         worker.start()
-        deadline = time.monotonic() + 30
-        while not any("still failing" in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
-            time.sleep(0.05)
+        wait_for_log(caplog, "still failing")
         worker.close(timeout=0)
     failures = [r for r in caplog.records if "claim or update failed" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info is not None
@@ -286,16 +291,11 @@ def test_a_queue_locked_by_another_connection_is_logged_in_one_line(tmp_path, ca
     worker = JobWorker(queue, lambda job: done.append(job.payload["n"]), poll_interval=0.01)
     with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations.jobs"):
         worker.start()
-        deadline = time.monotonic() + 30
-        while not any("locked past the busy" in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
-            time.sleep(0.02)
+        wait_for_log(caplog, "locked past the busy")
         holder.execute("ROLLBACK")
         holder.close()
         assert worker.flush(30) and done == [1]
-        while not any("working again" in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline + 30, [r.getMessage() for r in caplog.records]
-            time.sleep(0.02)
+        wait_for_log(caplog, "working again")
         worker.close(timeout=5)
     failures = [r for r in caplog.records if r.name == "headroom_memory_integrations.jobs"]
     assert failures and all(r.exc_info is None for r in failures)
