@@ -10,6 +10,11 @@ OpenAI's error shape. Azure OpenAI's deployment routes
 so ``openai.AzureOpenAI(azure_endpoint=server.azure_endpoint, ...)`` works too. The server
 itself uses the standard library only.
 
+Each run of a server has its own path prefix in :attr:`~ScriptedOpenAIServer.base_url`
+(``http://127.0.0.1:PORT/run-<id>/v1``). A client left over from an earlier server that had the
+same port (a retrying background job, say) sends the earlier prefix and gets a 421, so it never
+takes this server's scripted replies. Paths without a prefix (``/v1/...``) are served too.
+
 Each chat request consumes the next :class:`Reply` from a FIFO queue; when the queue is empty
 the ``responder`` callable answers instead (by default it says ``"OK"``). Every request is
 recorded in :attr:`ScriptedOpenAIServer.requests`, so a test can check what the model was sent::
@@ -93,6 +98,9 @@ DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
 
 _AZURE_DEPLOYMENT = re.compile(r"^/openai/deployments/[^/]+(?=/chat/completions$|/embeddings$)")
 """The prefix of Azure OpenAI's deployment routes, served as the ``/v1`` ones."""
+
+_RUN_PREFIX = re.compile(r"^/run-[0-9a-f]{12}(?=/)")
+"""The path prefix that tells one run of a server from another on the same port."""
 
 _ERROR_KINDS = {  # status -> (error type, error code), as OpenAI reports them
     400: ("invalid_request_error", None),
@@ -449,6 +457,7 @@ class ScriptedOpenAIServer:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._run_prefix = ""
         self.script(*replies)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -457,6 +466,7 @@ class ScriptedOpenAIServer:
         """Bind a free port on 127.0.0.1 and serve in a daemon thread (no-op if running)."""
         if self._httpd is None:
             self._closing = threading.Event()
+            self._run_prefix = f"/run-{uuid.uuid4().hex[:12]}"
             self._httpd = _HTTPServer(self)
             self._thread = threading.Thread(
                 target=self._httpd.serve_forever,
@@ -503,13 +513,16 @@ class ScriptedOpenAIServer:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT/v1``, the ``base_url`` for an openai client."""
-        return f"http://127.0.0.1:{self.port}/v1"
+        """``http://127.0.0.1:PORT/run-<id>/v1``, the ``base_url`` for an openai client.
+
+        The ``run-<id>`` prefix is new each time the server starts (see the module's docs).
+        """
+        return f"{self.azure_endpoint}/v1"
 
     @property
     def azure_endpoint(self) -> str:
-        """``http://127.0.0.1:PORT``, the ``azure_endpoint`` for an ``openai.AzureOpenAI``."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://127.0.0.1:PORT/run-<id>``: the ``azure_endpoint`` of ``openai.AzureOpenAI``."""
+        return f"http://127.0.0.1:{self.port}{self._run_prefix}"
 
     def client(self, **options: Any) -> OpenAI:
         """An ``openai.OpenAI`` for this server.
@@ -564,6 +577,14 @@ class ScriptedOpenAIServer:
     # -- request handling (runs in the connection's thread) -----------------------------------
 
     def _handle(self, method: str, path: str, raw: bytes, headers: Mapping[str, str]) -> _Response:
+        run = _RUN_PREFIX.match(path)
+        if run and run.group() != self._run_prefix:
+            return _error(
+                421,
+                f"{path} was meant for an earlier server on this port, not this one.",
+                code="misdirected_request",
+            )
+        path = path[run.end() :] if run else path
         try:
             parsed = json.loads(raw) if raw else None
         except ValueError:

@@ -259,22 +259,9 @@ class RememberingModel:
         return Reply.text(text, chunk_size=self.chunk_size)
 
 
-_SERVED_PORTS: set[int] = set()
-
-
 @pytest.fixture
 def openai_server() -> Iterator[ScriptedOpenAIServer]:
-    """A scripted server on a port no earlier test's server had: what an earlier test left
-    running (a background extraction retrying, a pooled connection) reached a later server that
-    got its port, and took its scripted replies or failed on its closed event loop."""
-    servers = [ScriptedOpenAIServer().start()]
-    while servers[-1].port in _SERVED_PORTS:
-        servers.append(ScriptedOpenAIServer().start())  # the used one stays bound meanwhile
-    for used in servers[:-1]:
-        used.close()
-    server = servers[-1]
-    _SERVED_PORTS.add(server.port)
-    with server:
+    with ScriptedOpenAIServer() as server:
         yield server
 
 

@@ -14,6 +14,7 @@ suite may connect to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from importlib import import_module
 from pathlib import Path
@@ -43,13 +44,20 @@ def class_memory(tmp_path_factory: pytest.TempPathFactory) -> MemoryStore:
 def vcr_config() -> dict[str, Any]:
     """How test_stream_time replays its cassette (tests/cassettes/test_langchain_standard/):
     a stream recorded from the scripted server (``--record-mode=rewrite`` records it again).
-    Requests match on method and path only: the server's port and the nonce in the body
-    change every run. No network is used otherwise: pytest-recording replays only."""
+    Requests match on method and path only, the path without the server's run prefix: the
+    server's port and run prefix and the nonce in the body change every run. No network is
+    used otherwise: pytest-recording replays only."""
     return {
         "match_on": ["method", "path"],
+        "before_record_request": _without_run_prefix,
         "filter_headers": ["authorization"],
         "allow_playback_repeats": True,
     }
+
+
+def _without_run_prefix(request: Any) -> Any:
+    request.uri = re.sub(r"^(\w+://[^/]+)/run-[0-9a-f]+/", r"\1/", request.uri)
+    return request
 
 
 @pytest.mark.allow_hosts([])

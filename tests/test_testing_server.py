@@ -6,15 +6,18 @@ import asyncio
 import http.client
 import json
 import math
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 import pytest
+from openai import OpenAI
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
@@ -635,10 +638,32 @@ def test_close_is_prompt_frees_the_port_and_cuts_delays() -> None:
 
 
 def test_base_url_and_clients_point_at_the_server(server: ScriptedOpenAIServer) -> None:
-    assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
+    assert re.fullmatch(
+        rf"http://127\.0\.0\.1:{server.port}/run-[0-9a-f]{{12}}/v1", server.base_url
+    )
     with server.client() as client:
         assert str(client.base_url).rstrip("/") == server.base_url
         assert client.max_retries == 0
+    server.script("unprefixed")
+    with OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="k") as bare:
+        answer = bare.chat.completions.create(model="m", messages=USER)
+    assert answer.choices[0].message.content == "unprefixed"
+    assert server.requests[-1].path == "/v1/chat/completions"
+
+
+def test_a_client_left_from_an_earlier_server_on_the_port_takes_no_scripted_reply() -> None:
+    with ScriptedOpenAIServer() as earlier:
+        earlier_url = earlier.base_url
+    with ScriptedOpenAIServer(["for this server's own client"]) as server:
+        # The OS may or may not give the port again; send the earlier run's path here either way.
+        stale_url = earlier_url.replace(f":{urlsplit(earlier_url).port}/", f":{server.port}/")
+        stale = OpenAI(base_url=stale_url, api_key="k", max_retries=0)
+        with stale, pytest.raises(openai.APIStatusError) as refused:
+            stale.chat.completions.create(model="m", messages=USER)
+        assert refused.value.status_code == 421
+        assert "earlier server" in refused.value.message
+        assert server.pending == 1 and server.requests == []
+        assert chat(server, "sync").choices[0].message.content == "for this server's own client"
 
 
 def test_azure_deployment_routes_are_served(server: ScriptedOpenAIServer) -> None:
