@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import re
 from collections.abc import (
@@ -680,6 +681,18 @@ def close_quietly(items: object) -> None:
             log.debug("closing a stream left early failed", exc_info=True)
 
 
+async def aclose_quietly(items: object) -> None:
+    """The async form of :func:`close_quietly` (``aclose()`` or an async ``close()``)."""
+    close = getattr(items, "aclose", None) or getattr(items, "close", None)
+    if callable(close):
+        try:
+            closing = close()
+            if inspect.isawaitable(closing):
+                await closing
+        except Exception:  # never in the way of how the stream was left
+            log.debug("closing a stream left early failed", exc_info=True)
+
+
 async def aedited(
     items: AsyncIterable[Any],
     editor: ItemEditor,
@@ -688,7 +701,7 @@ async def aedited(
     end_in_thread: bool = False,
 ) -> AsyncGenerator[Any, None]:
     """The async form of :func:`edited` (``aclose()``, a cancelled task and a loop shutting
-    down leave the stream as ``close()`` does).
+    down leave the stream as ``close()`` does, and a stream left early is closed at once).
 
     Args:
         end_in_thread: Finish the stream (:meth:`ItemEditor.end`: its memory work, a write
@@ -723,3 +736,4 @@ async def aedited(
     finally:
         if not ended:
             editor.abandon()
+            await aclose_quietly(items)

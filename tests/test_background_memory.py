@@ -304,6 +304,34 @@ def test_a_stream_left_by_break_closes_its_http_response_at_once(client, fake_mo
     assert ask(client, "And a second question?").choices[0].message.content
 
 
+def test_an_async_stream_left_by_break_closes_its_http_response(async_client, fake_model) -> None:
+    """The async twin: an async stream left by ``break`` and let go of is closed by the loop's
+    finalizer of async generators (no garbage collection needed), its response with it."""
+
+    async def chat() -> None:
+        stream = await async_client.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "I prefer Python for backend work"}],
+            stream=True,
+        )
+        raw = stream._wrapped
+        async for _ in stream:
+            break
+        assert not raw.response.is_closed
+        del stream, _
+        for _ in range(20):  # the loop runs the finalizer's aclose() as a task
+            await asyncio.sleep(0)
+        assert raw.response.is_closed
+        await async_client.close()
+
+    gc.disable()  # no collection in between: only the wrapper can have closed it
+    try:
+        asyncio.run(chat())
+    finally:
+        gc.enable()
+    assert async_client.memory.stats()["background"]["processed"] == 0
+
+
 def test_a_slow_extraction_holds_up_no_other_users_memories(openai_server, db_path, model):
     """Extractions (model calls) run beside the storing of inline memories, not before it:
     while bob's extraction is held, alice's memory from with_fast_memory is stored at once and

@@ -625,12 +625,7 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
             yield as_chunk(result.generations[0])
             return
         chunks = self.model._stream(call.messages, stop=stop, **kwargs)
-        try:
-            yield from edited(chunks, _Chunks(flow.editor(call)), finish_on_error=True)
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+        yield from edited(chunks, _Chunks(flow.editor(call)), finish_on_error=True)
 
     async def _astream(
         self,
@@ -657,10 +652,7 @@ class MemoryChatModel(FlowSettings, BaseChatModel):
             async for chunk in shown:
                 yield chunk
         finally:
-            await shown.aclose()  # left early: abandoned now, before the model's stream closes
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await shown.aclose()  # left early: abandoned and the model's stream closed, now
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 
-from ..flow import close_quietly
+from ..flow import aclose_quietly, close_quietly
 
 T = TypeVar("T")
 log = logging.getLogger("headroom_memory_integrations")
@@ -160,9 +160,15 @@ async def astepped(
     items: AsyncIterator[T], scope: Callable[[], AbstractContextManager[Any]]
 ) -> AsyncGenerator[T, None]:
     """The async form of :func:`stepped`."""
-    while True:
-        with scope():
-            item = await anext(items, _DONE)
-        if item is _DONE:
-            return
-        yield item
+    ended = False
+    try:
+        while True:
+            with scope():
+                item = await anext(items, _DONE)
+            if item is _DONE:
+                ended = True
+                return
+            yield item
+    finally:
+        if not ended:
+            await aclose_quietly(items)
