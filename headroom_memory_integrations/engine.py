@@ -613,7 +613,13 @@ class MemoryStore(WritePath):
     # -- plumbing ----------------------------------------------------------------------------
 
     def _embed(self, texts: Sequence[str]) -> Vectors:
-        vectors = np.asarray(self.embedder.embed(list(texts)), dtype=np.float32)
+        embedded = self.embedder.embed(list(texts))
+        try:
+            vectors = np.asarray(embedded, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(
+                f"embedder {self.embedder.name!r} returned something other than numbers: {exc}"
+            ) from None
         dimension = self.embedder.dimension
         if vectors.ndim != 2 or vectors.shape[0] != len(texts):
             raise InvalidInputError(
@@ -624,6 +630,10 @@ class MemoryStore(WritePath):
             raise InvalidInputError(
                 f"embedder {self.embedder.name!r} returned vectors of {vectors.shape[1]} "
                 f"numbers; its dimension is {dimension}"
+            )
+        if not np.isfinite(vectors).all():  # Chroma refuses them: a write would never land
+            raise InvalidInputError(
+                f"embedder {self.embedder.name!r} returned NaN or infinite numbers"
             )
         return vectors
 
@@ -894,7 +904,9 @@ class MemoryStore(WritePath):
         """The memory with this id. Raises :class:`MemoryNotFoundError` if there is none."""
         found = self.get_many([memory_id])
         if not found:
-            raise MemoryNotFoundError(f"user {self.user_id!r} has no memory with id {memory_id!r}")
+            raise MemoryNotFoundError(
+                f"user {user_tag(self.user_id)} has no memory with id {memory_id!r}"
+            )
         return found[0]
 
     def get_many(self, memory_ids: Sequence[str]) -> list[Memory]:

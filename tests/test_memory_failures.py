@@ -22,7 +22,13 @@ import pytest
 from _reliability_support import is_root, read_only_view, run_python
 from conftest import ChromaServer, HashEmbedder, RememberingModel
 
-from headroom_memory_integrations import InvalidInputError, MemoryStore, StorageError
+from headroom_memory_integrations import (
+    EmbeddingMismatchError,
+    InvalidInputError,
+    MemoryStore,
+    StorageError,
+)
+from headroom_memory_integrations.jobs import user_tag
 from headroom_memory_integrations.openai import with_fast_memory
 
 REQUEST: dict[str, Any] = {
@@ -300,3 +306,29 @@ def test_a_queue_locked_by_another_connection_is_logged_in_one_line(tmp_path, ca
     failures = [r for r in caplog.records if r.name == "headroom_memory_integrations.jobs"]
     assert failures and all(r.exc_info is None for r in failures)
     assert "database is locked" in failures[0].getMessage()
+
+
+def test_a_store_of_another_embedder_is_logged_without_the_user_id(
+    openai_server, db_path, caplog
+) -> None:
+    """An app that switched embedders gets a warning on every chat call, with the traceback of
+    the mismatch: its message named the user by id (an e-mail address here), which logs must
+    never show (docs/security.md). The warning, traceback included, names a tag."""
+    user = "alice.secret@example.com"
+    MemoryStore(user, db_path=db_path, embedder=HashEmbedder(name="model-a")).add(
+        "Likes green tea", category="preference"
+    )
+    client = with_fast_memory(
+        openai_server.client(), user_id=user, db_path=db_path, embedder=HashEmbedder(name="model-b")
+    )
+    with caplog.at_level(logging.WARNING):
+        answer = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "What do I like to drink?"}]
+        )
+        with pytest.raises(EmbeddingMismatchError) as refused:  # the caller's call says why
+            client.memory.get("no-such-id")
+    client.close()
+    assert answer.choices[0].message.content
+    assert "EmbeddingMismatchError" in caplog.text and "model-a" in caplog.text
+    assert user not in caplog.text and user_tag(user) in caplog.text
+    assert "model-a" in str(refused.value)

@@ -268,6 +268,39 @@ def test_vectors_of_another_length_than_the_embedders_dimension_are_refused(db_p
     assert store.get_all() == []
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x"])
+def test_vectors_with_nan_infinity_or_no_numbers_are_refused_and_nothing_is_written(
+    db_path, bad
+) -> None:
+    """An embedder that returns NaN (a float16 overflow, an API's glitch) had its vector
+    journaled, which Chroma then refused for ever: every user's calls on the folder failed,
+    in later processes too, and forget_user() could not run. Now the call that embeds is
+    refused, for a memory or a query, and the folder serves every user as before."""
+    from conftest import HashEmbedder
+
+    class Glitching(HashEmbedder):
+        def embed(self, texts):
+            vectors = [list(v) for v in super().embed(texts)]
+            for text, vector in zip(texts, vectors, strict=True):
+                if "poison" in text:
+                    vector[0] = bad
+            return vectors
+
+    alice = MemoryStore("alice", db_path=db_path, embedder=Glitching())
+    alice.add("Alice likes jazz", category="preference")
+    alice.search("jazz")
+    with pytest.raises(InvalidInputError, match=r"NaN or infinite|other than numbers"):
+        alice.add("poison memory here", category="fact")
+    with pytest.raises(InvalidInputError, match=r"NaN or infinite|other than numbers"):
+        alice.search("poison question")
+    bob = MemoryStore("bob", db_path=db_path, embedder=HashEmbedder())
+    bob.add("Bob plays cello", category="fact")
+    assert [m.text for m in alice.get_all()] == ["Alice likes jazz"]
+    assert bob.count() == 1
+    alice.forget_user()
+    assert alice.count() == 0
+
+
 def test_a_db_path_that_is_a_file_is_refused_and_left_as_it_is(tmp_path) -> None:
     """``db_path="memory.db"`` names a folder here; an existing file of that name (an SQLite
     file of another library, say) is refused where it is given: before, the wrappers were built

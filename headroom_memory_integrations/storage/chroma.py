@@ -44,6 +44,7 @@ from ..errors import (
     InvalidInputError,
     StorageError,
 )
+from ..jobs import user_tag
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import Catalogued, collection_name
 from .chroma_import import import_chromadb, import_http_client
@@ -1640,7 +1641,7 @@ class ChromaStorage:
             raise StorageError("a collection named for this user belongs to another; refusing it")
         if meta.get("embedder") != embedder or int(meta.get("dimension", dimension)) != dimension:
             raise EmbeddingMismatchError(
-                f"the memories of user {user_id!r} in {self.location} were embedded with "
+                f"the memories of user {user_tag(user_id)} in {self.location} were embedded with "
                 f"{meta.get('embedder')!r} ({meta.get('dimension')} dimensions), but this store "
                 f"uses {embedder!r} ({dimension} dimensions). Use the original embedder, another "
                 "db_path, or export the memories, clear() them and import them again."
@@ -1684,7 +1685,7 @@ class ChromaStorage:
             self._settle()
             self._ready_to_write(None, 0)
             self._settle_journal()  # no journaled line of the user outlives the drop
-            with self._guard(f"clear the memories of user {user_id!r}"):
+            with self._guard(f"clear the memories of user {user_tag(user_id)}"):
                 client = self._client_now()
                 try:
                     collection = client.get_collection(name, embedding_function=None)
