@@ -398,6 +398,26 @@ def same_wording_key(text: str) -> str:
     return " ".join(_surface_words(_spelled_out(text).casefold()))
 
 
+def same_wording(old: str, new: str) -> bool:
+    """Whether two texts have the same wording (:func:`same_wording_key`) and write alike each
+    word whose case is part of its value: one with a digit or a capital past its first letter
+    ("Wi-Fi password is Tr0ub4dor" / "... tr0ub4dor", "Username is JohnDoe" / "johndoe" are a
+    correction, never a duplicate; "Likes Python" / "likes python" are the same)."""
+    if same_wording_key(old) != same_wording_key(new):
+        return False
+    a, b = _CASED_WORD.findall(old), _CASED_WORD.findall(new)
+    return len(a) != len(b) or all(
+        x == y or not (_case_matters(x) or _case_matters(y)) for x, y in zip(a, b, strict=True)
+    )
+
+
+def _case_matters(word: str) -> bool:
+    return any(c.isdigit() for c in word) or any(c.isupper() for c in word[1:])
+
+
+_CASED_WORD = re.compile(r"[^\W_]+")
+
+
 def _surface_words(text: str) -> list[str]:
     """The words, numbers (with their inner separators) and symbols of ``text``, in order."""
     return [
@@ -889,7 +909,7 @@ def relate(
             update (never a duplicate: the similarity cannot tell a synonym from an opposite).
     """
     if same_wording_key(old) == same_wording_key(new):
-        return Relation.DUPLICATE
+        return Relation.DUPLICATE if same_wording(old, new) else Relation.UPDATE
     a, b = _with_acronyms(tokens(old), tokens(new))
     if not a or not b:
         return _duplicate_unless_new(old, new) if a == b else Relation.DISTINCT

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .concurrency import survivor
-from .consolidation import Relation, relate, same_wording_key
+from .consolidation import Relation, relate, same_wording
 from .embeddings.base import Vectors
 from .errors import HeadroomMemoryError
 from .storage.base import Catalogued, Storage, UserCollection
@@ -266,8 +266,7 @@ class WritePath:
         ~0.5 apart, where the texts are 0.99). Without keys, ``similarity`` already is the
         texts' own."""
         if self.duplicate_threshold is None:
-            same = same_wording_key(old) == same_wording_key(new)
-            return Relation.DUPLICATE if same else Relation.DISTINCT
+            return Relation.DUPLICATE if same_wording(old, new) else Relation.DISTINCT
         return relate(
             old,
             new,
@@ -327,7 +326,7 @@ class WritePath:
                 holder = current.get(wanted[index]) or stored.get(wanted[index])
                 if holder is None:
                     memory_id = wanted[index]
-                elif wanted[index] not in current and _same_wording(holder.text, draft.text):
+                elif wanted[index] not in current and same_wording(holder.text, draft.text):
                     existing, decision = holder, _Decision(Outcome.DUPLICATE, holder.id)
                     final[draft.id] = holder.id  # later items that matched this draft
             if decision.outcome is Outcome.DUPLICATE:
@@ -555,10 +554,6 @@ def _revised(old: Memory, new: Memory, *, at: datetime | None = None) -> Memory:
     )
 
 
-def _same_wording(a: str, b: str) -> bool:
-    return same_wording_key(a) == same_wording_key(b)
-
-
 def _earlier_neighbours(vectors: Vectors, floor: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each row of a batch, the earlier rows at least ``floor`` similar to it (at most
     :data:`_EARLIER_KEPT`), most similar first, with their similarities. Computed a block of
@@ -620,7 +615,7 @@ def _still_applies(
     if decision.checked_text is None or existing.text == decision.checked_text:
         return True
     if threshold is None:
-        return same_wording_key(existing.text) == same_wording_key(draft.text)
+        return same_wording(existing.text, draft.text)
     wanted = Relation.DUPLICATE if decision.outcome is Outcome.DUPLICATE else Relation.UPDATE
     # the similarity is not known for the changed text: judge it as a rewording would be
     return relate(existing.text, draft.text, 0.0, duplicate_threshold=threshold) is wanted

@@ -61,11 +61,14 @@ def test_a_correction_supersedes_the_old_fact(
         ("Freezer is set to -18 degrees", "Freezer is set to 18 degrees"),
         ("Main language at work is C++", "Main language at work is C#"),
         ("Email is bob@example.com", "Email is bob+news@example.com"),  # not a sign there
+        ("Wi-Fi password is Tr0ub4dor", "Wi-Fi password is tr0ub4dor"),  # case is the value
+        ("Username is JohnDoe", "Username is johndoe"),
     ],
 )
 def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, new: str) -> None:
     """Punctuation is ignored when wordings are compared, but not a sign that is part of the
-    value: these are corrections, not rewordings."""
+    value, and case is, but not where it is part of the value (a password, a user name):
+    these are corrections, not rewordings."""
     store.remember(old)
     done = store.remember(new)
     assert done.outcome is Outcome.SUPERSEDED
@@ -77,6 +80,7 @@ def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, 
     ("old", "new"),
     [
         ("Prefers Python for backend work", "prefers python for backend work!"),
+        ("Writes C# at work", "writes c# at work"),
         ("Runs 5 km three times a week", "Runs 5 km 3 times a week"),
         ("Allergic to shellfish and peanuts", "Allergic to peanuts and shellfish"),
         ("Works at Stripe as a software engineer", "Works as a software engineer at Stripe"),
