@@ -264,11 +264,61 @@ def agent_state_message(text: str) -> str | None:
     return text[:at] + text.rsplit(message_line, 1)[1].removesuffix("\n")
 
 
+REACT_QUESTION = "Question:"
+REACT_ACTIONS = ("Action:", "Action Input:")
+
+
+def without_react_observations(text: str) -> str | None:
+    """``text`` without what tools returned, when it holds ReAct steps itself, else None. A
+    ReAct agent that works in one prompt (LangChain's ``create_react_agent``, a hand-written
+    loop) sends its steps, the tools' output among them, inside the user message:
+    "...Question: {input}\nThought: ...\nAction: ...\nAction Input: ...\nObservation:
+    {tool output}\nThought: ...". It holds them when a line starting "Observation:" follows one
+    starting "Action:" or "Action Input:".
+
+    Left out: from each line starting "Observation:" to the end, with what the model wrote
+    after it (which can repeat what it read). Once only, a line starting "Question:" ends an
+    observation: a prompt teaches the format with an example observation before the user's
+    question ("Observation: the result of the action ... Begin!\n\nQuestion: {input}")."""
+    lines = text.splitlines(keepends=True)
+    acted = holds = False
+    for line in lines:
+        start = line.lstrip()
+        if start.startswith(REACT_ACTIONS):
+            acted = True
+        elif acted and start.startswith(REACT_OBSERVATION):
+            holds = True
+            break
+    if not holds:
+        return None
+    kept: list[str] = []
+    observing = reopened = False
+    for line in lines:
+        start = line.lstrip()
+        if start.startswith(REACT_OBSERVATION):
+            observing = True
+        elif observing and not reopened and start.startswith(REACT_QUESTION):
+            observing, reopened = False, True
+        if not observing:
+            kept.append(line)
+    return "".join(kept)
+
+
 def user_words(text: str) -> str:
     """What the user wrote in their message ``text``: without an agent's state around it
-    (:func:`agent_state_message`). A call whose user message carries a state is untrusted."""
+    (:func:`agent_state_message`) or the ReAct steps written into it
+    (:func:`without_react_observations`). A call whose user message carries either is
+    untrusted (:func:`holds_agent_text`)."""
     message = agent_state_message(text)
-    return text if message is None else message
+    message = text if message is None else message
+    steps = without_react_observations(message)
+    return message if steps is None else steps
+
+
+def holds_agent_text(text: str) -> bool:
+    """Whether a user message ``text`` carries text an agent put in it: its state, or tools'
+    output in ReAct steps (see :func:`user_words`)."""
+    return agent_state_message(text) is not None or without_react_observations(text) is not None
 
 
 def insert_before(messages: Sequence[M], index: int, message: M) -> list[M]:

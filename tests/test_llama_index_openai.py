@@ -436,12 +436,12 @@ def test_a_state_around_the_last_of_several_text_blocks_is_found(joiner) -> None
     from llama_index.core.prompts import PromptTemplate
 
     from headroom_memory_integrations.flow import user_words
-    from headroom_memory_integrations.llama_index._messages import holds_agent_state
+    from headroom_memory_integrations.llama_index._messages import user_message_holds_agent_text
 
     stated = PromptTemplate(DEFAULT_STATE_PROMPT).format(state={"notes": POISON}, msg=FACT)
     blocks = [TextBlock(text="Hello there,"), TextBlock(text=stated)]
     assert user_words(joiner.join(block.text for block in blocks)) == f"Hello there,{joiner}{FACT}"
-    assert holds_agent_state([ChatMessage(role="user", blocks=blocks)])
+    assert user_message_holds_agent_text([ChatMessage(role="user", blocks=blocks)])
 
 
 @pytest.mark.parametrize("sloppy", ["", "Thought: Python?"])

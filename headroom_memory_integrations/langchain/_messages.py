@@ -31,7 +31,15 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from ..engine import MemoryStore
-from ..flow import AnswerStream, MemoryFlow, Turn, insert_before, latest_index
+from ..flow import (
+    AnswerStream,
+    MemoryFlow,
+    Turn,
+    holds_agent_text,
+    insert_before,
+    latest_index,
+    user_words,
+)
 from ..prompts import (
     MODEL_CALLS,
     fetches_outside_text,
@@ -174,11 +182,15 @@ class MessagesFlow:
         if index is None:
             return call
         previous = latest_index(call.messages[:index], is_user)
+        said = message_text(call.messages[index])
         call.turn = self.flow.start(
-            message_text(call.messages[index]),
-            previous_text=None if previous is None else message_text(call.messages[previous]),
+            user_words(said),
+            previous_text=None
+            if previous is None
+            else user_words(message_text(call.messages[previous])),
             instruct=inline_extraction_allowed(call_kwargs),
-            untrusted=holds_outside_text(call.messages, call_kwargs),
+            untrusted=holds_outside_text(call.messages, call_kwargs)
+            or any(holds_agent_text(message_text(m)) for m in call.messages if is_user(m)),
         )
         prompt = call.turn.prompt
         if prompt:

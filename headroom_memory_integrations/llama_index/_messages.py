@@ -11,7 +11,7 @@ from ..flow import (
     REACT_OBSERVATION,
     REACT_STEP,
     agent_observations,
-    agent_state_message,
+    holds_agent_text,
     user_words,
 )
 from ..prompts import fetches_outside_text, message_text
@@ -138,14 +138,13 @@ def previous_user_text(messages: Sequence[ChatMessage]) -> str | None:
     return None if index is None else latest_user_text(messages[:index])
 
 
-def holds_agent_state(messages: Sequence[ChatMessage]) -> bool:
-    """Whether a message the user wrote comes with an agent's state (``AgentWorkflow``'s
-    ``initial_state``, which its tools can fill with text the user did not write)."""
+def user_message_holds_agent_text(messages: Sequence[ChatMessage]) -> bool:
+    """Whether a message the user wrote comes with text an agent put in it: its state
+    (``AgentWorkflow``'s ``initial_state``, which its tools can fill with text the user did not
+    write) or ReAct steps with what tools returned (``flow.holds_agent_text``)."""
     observations = _observations(messages)
     return any(
-        m.role == MessageRole.USER
-        and index not in observations
-        and agent_state_message(text_of(m)) is not None
+        m.role == MessageRole.USER and index not in observations and holds_agent_text(text_of(m))
         for index, m in enumerate(messages)
     )
 

@@ -62,12 +62,12 @@ from ._instrumentation import astepped, stepped, viewed
 from ._messages import (
     attaches_outside_text,
     calls_tools,
-    holds_agent_state,
     holds_tool_results,
     latest_user_text,
     system_message,
     text_of,
     user_index,
+    user_message_holds_agent_text,
     with_text,
 )
 from ._wiring import PathLike, Pickled, check_saveable, reopening_location
@@ -414,7 +414,7 @@ class MemoryLLM(FlowSettings, Pickled, LLM):
             and _user_wrote(asked, for_a_turn),
             untrusted=holds_tool_results(sent)
             or attaches_outside_text(sent)
-            or holds_agent_state(sent)
+            or user_message_holds_agent_text(sent)
             or _retrieved(),
         )
         if turn.prompt:

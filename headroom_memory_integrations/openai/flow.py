@@ -26,8 +26,8 @@ from ..flow import (
     MemoryFlow,
     Turn,
     agent_observations,
-    agent_state_message,
     harness_request,
+    holds_agent_text,
     insert_before,
     latest_index,
     user_words,
@@ -135,9 +135,7 @@ class CompletionsFlow:
             untrusted=bool(observations)
             or fetches_outside_text(kwargs)
             or any(is_tool_result(message) for message in messages)
-            or any(
-                agent_state_message(text) is not None for text, user in zip(texts, users) if user
-            ),
+            or any(holds_agent_text(text) for text, user in zip(texts, users) if user),
             tool_loop_step=any(i > index for i in observations)
             or any(is_tool_result(message) for message in messages[index + 1 :]),
         )
