@@ -280,6 +280,8 @@ def without_react_observations(text: str) -> str | None:
     after it (which can repeat what it read). Once only, a line starting "Question:" ends an
     observation: a prompt teaches the format with an example observation before the user's
     question ("Observation: the result of the action ... Begin!\n\nQuestion: {input}")."""
+    if REACT_OBSERVATION not in text:
+        return None
     lines = text.splitlines(keepends=True)
     acted = holds = False
     for line in lines:
