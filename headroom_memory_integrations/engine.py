@@ -554,6 +554,11 @@ def _imported_revision(data: Mapping[str, Any]) -> Revision:
     )
 
 
+SURVIVED_LOG_SECONDS = 60.0
+"""A store logs each kind of failure its callers survived at most once per this many seconds
+(:meth:`MemoryStore.survived`); every one is counted."""
+
+
 class MemoryStore(WritePath):
     """One user's long-term memories.
 
@@ -609,6 +614,8 @@ class MemoryStore(WritePath):
         ...): each was logged, and the user's chat call went on. Shown in :meth:`stats`."""
         self._pending: PendingWrites | None = None
         self._counted: tuple[int, float] | None = None  # (memories, when counted)
+        self._logged: dict[str, tuple[float, int]] = {}  # counter -> (last logged, not since)
+        self._log_lock = threading.Lock()
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -1310,9 +1317,20 @@ class MemoryStore(WritePath):
         """Count (``stats()["events"][counter]``) and log a failure of memory that a call
         survived: the wrappers' searches and stores, the adapters' tools and retriever, a
         flush or close whose work stays queued. The log names the user by a tag, never by id;
-        ``exc_info`` adds the traceback of the exception being handled."""
-        self.counters[counter] += 1
-        logger.warning("%s (user %s)", message, user_tag(self.user_id), exc_info=exc_info)
+        ``exc_info`` adds the traceback of the exception being handled. Each kind of failure
+        (``counter``) is logged at most once per :data:`SURVIVED_LOG_SECONDS` for the store;
+        the failures in between are counted, and the next log line says how many there were
+        (storage that is down fails every chat call: a traceback per call flooded the logs)."""
+        now = time.monotonic()
+        with self._log_lock:
+            self.counters[counter] += 1
+            last, unlogged = self._logged.get(counter, (-math.inf, 0))
+            if now - last < SURVIVED_LOG_SECONDS:
+                self._logged[counter] = (last, unlogged + 1)
+                return
+            self._logged[counter] = (now, 0)
+        since = f"; {unlogged} more since the last such log" if unlogged else ""
+        logger.warning("%s (user %s)%s", message, user_tag(self.user_id), since, exc_info=exc_info)
 
     def retry_failed(self) -> int:
         """Queue again the background jobs that failed for good (bad request, malformed

@@ -332,3 +332,34 @@ def test_a_store_of_another_embedder_is_logged_without_the_user_id(
     assert "EmbeddingMismatchError" in caplog.text and "model-a" in caplog.text
     assert user not in caplog.text and user_tag(user) in caplog.text
     assert "model-a" in str(refused.value)
+
+
+def test_a_failure_of_every_call_is_counted_each_time_and_logged_once_a_minute(
+    openai_server, db_path, caplog, monkeypatch
+) -> None:
+    """Memory that is down fails every chat call: each is counted, but a traceback per call
+    flooded the logs at the request rate. The first is logged with its traceback; the next
+    log line, a minute later, says how many were not logged."""
+    from headroom_memory_integrations import EmbeddingError, engine
+
+    class Down(HashEmbedder):
+        def embed(self, texts):
+            raise EmbeddingError("the embedding service is down")
+
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=Down()
+    )
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):
+            assert client.chat.completions.create(**REQUEST).choices[0].message.content
+    logged = [r for r in caplog.records if "answering without them" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert client.memory.stats()["events"]["inject_failures"] == 20
+
+    caplog.clear()
+    monkeypatch.setattr(engine, "SURVIVED_LOG_SECONDS", 0.0)  # the minute has passed
+    with caplog.at_level(logging.WARNING):
+        client.chat.completions.create(**REQUEST)
+    assert "; 19 more since the last such log" in caplog.text
+    assert client.memory.stats()["events"]["inject_failures"] == 21
+    client.close()
