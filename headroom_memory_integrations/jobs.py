@@ -112,6 +112,12 @@ class Backoff:
         return max(0.0, base * (1 + _jitter_source.uniform(-self.jitter, self.jitter)))
 
 
+RETRIES_WARNED = 5
+RETRIES_WARNED_EVERY = 60
+"""A job that keeps failing (a full disk, storage that is down) is logged at WARNING at its 5th
+try (~15 s of failing with the default backoff) and every 60th after (~an hour at its 60 s
+cap); its other retries at INFO, where a passing failure (a 429) stays."""
+
 _jitter_source = random.Random()  # private: never touches (or reseeds) the global random state
 DEFAULT_BACKOFF = Backoff()
 
@@ -816,7 +822,14 @@ class JobWorker:
         if retry:
             delay = self.backoff.delay(job.attempts)
             self._count("retried")
-            logger.info("%s failed with %s; retrying in %.2fs", about, type(exc).__name__, delay)
+            lasting = job.attempts % RETRIES_WARNED_EVERY == RETRIES_WARNED
+            logger.log(
+                logging.WARNING if lasting else logging.INFO,
+                "%s failed with %s; retrying in %.2fs",
+                about,
+                type(exc).__name__,
+                delay,
+            )
             self.queue.retry_later(job.id, error, delay)
         else:
             self._count("failed")

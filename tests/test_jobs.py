@@ -140,6 +140,29 @@ def test_retryable_failures_are_retried_until_success(
     assert worker.stats() == {"processed": 1, "retried": 2, "failed": 0, "pending": 0, "running": 0}
 
 
+def test_a_job_that_keeps_failing_is_logged_at_warning_at_its_fifth_try(
+    queue: JobQueue, make_worker: MakeWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retries are logged at INFO (a passing 429 is no news), so a failure that lasts (a full
+    disk, storage down) showed nothing at WARNING while memories waited: its 5th try is."""
+    attempts: list[int] = []
+
+    def failing(job: Job) -> None:
+        attempts.append(job.attempts)
+        if len(attempts) <= 6:
+            raise OSError("No space left on device")
+
+    worker = make_worker(failing)
+    with caplog.at_level(logging.INFO, logger="headroom_memory_integrations.jobs"):
+        queue.put("extract", "alice", {"turn": "hi"})
+        worker.notify()
+        assert worker.flush(timeout=30)
+    retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert [r.levelno for r in retries] == [logging.INFO] * 4 + [logging.WARNING, logging.INFO]
+    assert "attempt 5" in retries[4].getMessage() and "OSError" in retries[4].getMessage()
+    assert "No space" not in caplog.text  # the error's text may quote the user: DEBUG only
+
+
 def test_permanent_failure_is_dead_lettered_then_requeued(
     queue: JobQueue, make_worker: MakeWorker, caplog: pytest.LogCaptureFixture
 ) -> None:
