@@ -19,7 +19,7 @@ from conftest import RememberingModel, block, instruction_nonce
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.openai.flow import CompletionsFlow
 from headroom_memory_integrations.prompts import CONTEXT_CLOSE, CONTEXT_OPEN
-from headroom_memory_integrations.testing import Reply, ToolCall
+from headroom_memory_integrations.testing import Reply, ToolCall, Usage
 
 pytestmark = pytest.mark.openai_client
 
@@ -580,3 +580,82 @@ def test_a_second_cancellation_leaves_no_error_unretrieved(caplog) -> None:
         asyncio.run(cancelled_twice())
         gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def answer_in_parts(text: str) -> Any:
+    """A responder that answers as some OpenAI-compatible servers do for reasoning models: the
+    message's content a list of parts, the thinking first (with a block of the nonce's)."""
+
+    def respond(body: dict) -> Reply:
+        nonce = instruction_nonce(body)
+        said = text + (block(nonce, [PYTHON]) if nonce else "")
+        parts = [{"type": "thinking", "thinking": "The user likes Python."}]
+        content = [*parts, {"type": "text", "text": said}]
+        return Reply(content=content, usage=Usage(10, 5))  # type: ignore[arg-type]
+
+    return respond
+
+
+def test_an_answer_whose_content_is_a_list_of_parts_has_its_block_cut(
+    client, openai_server
+) -> None:
+    """Mistral's reasoning models (and other compatible servers) answer with ``content`` as a
+    list of parts: the block was shown to the user and nothing was learnt. The block is cut
+    from the text part (the whole answer, the raw body too) and its memory stored."""
+    openai_server.responder = answer_in_parts("Python it is.")
+    answer = ask(client, "I prefer Python for backend work")
+    assert answer.choices[0].message.content == [
+        {"type": "thinking", "thinking": "The user likes Python."},
+        {"type": "text", "text": "Python it is."},
+    ]
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Hello again"}]
+    )
+    assert "<memory-" not in raw.text and "memory-" not in json.dumps(raw.parse().model_dump())
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [PYTHON["text"]]
+
+
+def test_a_streamed_answer_whose_deltas_are_lists_of_parts_has_its_block_cut(client) -> None:
+    """The streamed form: ``delta.content`` as a list of parts, the block's tag split across
+    chunks; the text parts are filtered as text deltas are, other parts pass."""
+    from openai.types.chat import ChatCompletionChunk
+
+    flows = client.chat.completions._flow
+    call = flows.before(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "I prefer Python"}]}
+    )
+    said = "Python it is." + block(call.turn.nonce, [PYTHON])
+    pieces = [said[i : i + 5] for i in range(0, len(said), 5)]
+    editor = flows.editor(call)
+    shown: list[Any] = []
+    for number, piece in enumerate(pieces):
+        last = number == len(pieces) - 1
+        chunk = ChatCompletionChunk.construct(  # as openai builds a chunk: nothing checked
+            id="c",
+            object="chat.completion.chunk",
+            created=0,
+            model="m",
+            choices=[
+                {
+                    "index": 0,
+                    "delta": {
+                        "content": [{"type": "thinking", "thinking": "..."}] * (number == 0)
+                        + [{"type": "text", "text": piece}]
+                    },
+                    "finish_reason": "stop" if last else None,
+                }
+            ],
+        )
+        shown += editor.edit(chunk)
+    shown += editor.end()
+    texts = [
+        part["text"]
+        for chunk in shown
+        for part in chunk.choices[0].delta.content or []
+        if part.get("type") == "text"
+    ]
+    assert "".join(texts) == "Python it is."
+    assert shown[0].choices[0].delta.content[0] == {"type": "thinking", "thinking": "..."}
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [PYTHON["text"]]

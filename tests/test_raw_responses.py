@@ -453,6 +453,46 @@ def test_unwrapped_apis_work_and_warn_once_per_client(clients, openai_server, ca
     assert "alice" not in repr(client.completions) and "not wrapped" in repr(client.completions)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_chats_own_raw_and_streaming_views_have_memory(
+    mode, clients, openai_server, memory_model
+) -> None:
+    """openai reaches raw responses three ways; ``client.chat.with_raw_response.completions``
+    (and ``with_streaming_response``) went to the plain client: no memory, no warning."""
+    client = clients[mode]
+    before = processed(client)
+    raw = client.chat.with_raw_response.completions.create(model="gpt-4o", messages=QUESTION)
+    if mode == "async":
+        raw = in_loop(raw)
+    assert_memory_was_used(openai_server)
+    assert raw.parse().choices[0].message.content == ANSWER
+    assert "<memory-" not in raw.text
+    assert_stored_once(client, before)
+
+    if mode == "sync":
+        with client.chat.with_streaming_response.completions.create(
+            model="gpt-4o", messages=QUESTION
+        ) as streamed:
+            assert streamed.parse().choices[0].message.content == ANSWER
+        assert_memory_was_used(openai_server)
+
+
+def test_the_live_api_and_a_responses_websocket_warn_that_they_have_no_memory(
+    clients, caplog
+) -> None:
+    """``client.live`` (openai 3.x) and ``client.responses.connect`` (a WebSocket session)
+    reach the model without memory: they are the client's own, after a warning."""
+    caplog.set_level(logging.WARNING, logger="headroom_memory_integrations.openai")
+    client = clients["sync"]
+    connect = client.responses.connect
+    assert connect.__wrapped__ == client._wrapped.responses.connect
+    with pytest.raises(Exception):  # noqa: B017 (the scripted server has no WebSocket)
+        connect(model="gpt-4o").__enter__()
+    assert "client.responses.connect(...) is not wrapped" in unwrapped_warnings(caplog)[-1]
+    if hasattr(client._wrapped, "live"):
+        assert "not wrapped" in repr(client.live)
+
+
 def test_the_whole_client_used_as_completions_fails_clearly(clients) -> None:
     client = clients["sync"]
     for attempt in (

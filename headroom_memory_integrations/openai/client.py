@@ -31,12 +31,15 @@ from .responses import (
 )
 from .responses_flow import ResponsesFlow
 from .streams import AsyncMemoryStream, MemoryStream, _Passthrough
-from .unwrapped import Unwrapped, UnwrappedCalls
+from .unwrapped import Unwrapped, UnwrappedCalls, warning_first
 
 __all__ = ["AsyncMemoryStream", "MemoryClient", "MemoryStream"]
 
 log = logging.getLogger("headroom_memory_integrations.openai")
 _NOT_COMPLETIONS = ("create", "parse", "stream")
+_NOT_COVERED = ("connect",)
+"""Methods of ``responses`` that reach the model without memory (``responses.connect``, a
+WebSocket session): they work, after a warning (see :mod:`.unwrapped`)."""
 CLOSE_FLUSH_SECONDS = 5.0
 """How long closing a memory client waits for its user's memories to be stored (what is left
 stays queued for the next process, as at exit)."""
@@ -58,9 +61,22 @@ class _Calls(_Passthrough):
     and ``with_streaming_response``, and openai's ``stream`` helper. Everything else
     (``responses.retrieve``, ``input_items``, ...) is the client's own."""
 
-    def __init__(self, wrapped: Any, flow: CompletionsFlow | ResponsesFlow) -> None:
+    def __init__(
+        self,
+        wrapped: Any,
+        flow: CompletionsFlow | ResponsesFlow,
+        unwrapped: UnwrappedCalls | None = None,
+    ) -> None:
         super().__init__(wrapped)
         self._flow = flow
+        self._unwrapped = unwrapped
+
+    def _forward(self, name: str) -> Any:
+        value = getattr(self._wrapped, name)
+        if self._unwrapped is not None and name in _NOT_COVERED and callable(value):
+            api = f"responses.{name}"
+            return warning_first(value, self._unwrapped, api=api, path=api)
+        return value
 
     def create(self, **kwargs: Any) -> Any:
         """``create`` with memory; same arguments, same result types."""
@@ -193,9 +209,22 @@ class _AsyncStreamingCalls(_StreamingCalls):
 
 
 class _Chat(_Passthrough):
+    """``chat`` of a memory client: ``completions`` is the memory one, also through
+    ``chat.with_raw_response`` and ``chat.with_streaming_response``."""
+
     def __init__(self, chat: Any, completions: Any) -> None:
         super().__init__(chat)
         self.completions = completions
+
+    @property
+    def with_raw_response(self) -> _Chat:
+        return _Chat(self._wrapped.with_raw_response, self.completions.with_raw_response)
+
+    @property
+    def with_streaming_response(self) -> _Chat:
+        return _Chat(
+            self._wrapped.with_streaming_response, self.completions.with_streaming_response
+        )
 
 
 class _Beta(Unwrapped):
@@ -286,7 +315,7 @@ class MemoryClient(_Passthrough):
         import costs ~50-90 ms)."""
         if self._responses is None:
             calls_type = _AsyncCalls if self._asynchronous else _Calls
-            responses = calls_type(self._wrapped.responses, self._responses_flow)
+            responses = calls_type(self._wrapped.responses, self._responses_flow, self._unwrapped)
             self._responses = responses
             return responses
         return self._responses

@@ -70,6 +70,21 @@ def prepend(message: Mapping[str, Any], text: str, part_type: str = "text") -> d
     return user
 
 
+def text_parts(content: Any) -> list[dict[str, Any]] | None:
+    """The text parts of a message's ``content`` given as a list of parts, as some
+    OpenAI-compatible servers answer (a reasoning model's ``[{"type": "thinking", ...},
+    {"type": "text", "text": ...}]``), in order; None when ``content`` is no list."""
+    if not isinstance(content, list):
+        return None
+    return [
+        part
+        for part in content
+        if isinstance(part, dict)
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+    ]
+
+
 class CompletionsFlow:
     """Memory around ``chat.completions.create`` for one user.
 
@@ -162,19 +177,43 @@ class CompletionsFlow:
                 continue
             if getattr(choice, "index", 0) == 0 and first:
                 tool_call = bool(getattr(message, "tool_calls", None))
-                message.content = self.flow.finish(call.turn, message.content, tool_call=tool_call)
+                message.content = self._finished(call.turn, message.content, tool_call)
                 first = False
-            elif isinstance(message.content, str):
-                message.content = self.flow.strip(call.turn, message.content)
+            else:
+                message.content = self._stripped(call.turn, message.content)
         return completion
+
+    def _finished(self, turn: Turn, content: Any, tool_call: bool) -> Any:
+        """A whole answer's ``content`` without its block (:meth:`MemoryFlow.finish`): a text,
+        or a list of parts (:func:`text_parts`), whose last text part holds the block and
+        all of whose text parts are the answer."""
+        parts = text_parts(content)
+        if parts is None:
+            return self.flow.finish(turn, content, tool_call=tool_call)
+        if not turn.nonce:
+            self.flow.finish(turn, "".join(p["text"] for p in parts) or None, tool_call=tool_call)
+            return content
+        for part in parts[:-1]:
+            part["text"] = self.flow.strip(turn, part["text"])
+        last = parts[-1]["text"] if parts else None
+        shown = self.flow.finish(turn, last, tool_call=tool_call)
+        if parts:
+            parts[-1]["text"] = shown
+        return content
+
+    def _stripped(self, turn: Turn, content: Any) -> Any:
+        """``content`` (a text or a list of parts) without a block, storing nothing."""
+        for part in text_parts(content) or ():
+            part["text"] = self.flow.strip(turn, part["text"])
+        return self.flow.strip(turn, content) if isinstance(content, str) else content
 
     def strip(self, call: Call, completion: Any) -> Any:
         """Cut the block from every choice of a completion already finished (another parsed
         form of the same answer); stores nothing."""
         for choice in getattr(completion, "choices", None) or []:
             message = getattr(choice, "message", None)
-            if message is not None and isinstance(message.content, str):
-                message.content = self.flow.strip(call.turn, message.content)
+            if message is not None:
+                message.content = self._stripped(call.turn, message.content)
         return completion
 
     def strip_json(self, call: Call, body: Any) -> Any:
@@ -183,8 +222,8 @@ class CompletionsFlow:
         choices = body.get("choices") if isinstance(body, dict) else None
         for choice in choices if isinstance(choices, list) else []:
             message = choice.get("message") if isinstance(choice, dict) else None
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                message["content"] = self.flow.strip(call.turn, message["content"])
+            if isinstance(message, dict) and "content" in message:
+                message["content"] = self._stripped(call.turn, message["content"])
         return body
 
     def editor(self, call: Call) -> StreamEditor:
@@ -229,14 +268,22 @@ class StreamEditor:
     def _edit_choice(self, choice: Any) -> bool:
         delta = choice.delta
         content = getattr(delta, "content", None)
-        had_content = isinstance(content, str) and content != ""
+        parts = text_parts(content)
+        had_content = (isinstance(content, str) and content != "") or bool(parts)
         if isinstance(content, str):
             delta.content = self._answer(choice.index).feed(content)
+        if parts is not None and isinstance(content, list):
+            for part in parts:
+                part["text"] = self._answer(choice.index).feed(part["text"])
+            emptied = {id(part) for part in parts if not part["text"]}  # held back, or cut
+            delta.content = [part for part in content if id(part) not in emptied] or None
         if getattr(delta, "tool_calls", None):
             self._tool_calls.add(choice.index)
         if choice.finish_reason is not None and choice.index in self._answers:
             tail = self._finish(choice.index)
-            if tail:
+            if tail and isinstance(delta.content, list):
+                delta.content.append({"type": "text", "text": tail})
+            elif tail:
                 delta.content = (delta.content or "") + tail
         other = (
             getattr(delta, "role", None),

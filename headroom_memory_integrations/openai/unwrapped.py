@@ -12,6 +12,7 @@ import functools
 import inspect
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..jobs import user_tag
@@ -22,6 +23,8 @@ log = logging.getLogger("headroom_memory_integrations.openai")
 UNWRAPPED = {
     "beta": "the beta APIs (Assistants threads, Realtime, ...; beta.chat.completions has memory)",
     "realtime": "the Realtime API",
+    "live": "the Live API (voice sessions)",
+    "responses.connect": "the Responses API's WebSocket connection (responses.connect)",
     "completions": "the legacy Completions API",
 }
 """Client attributes whose calls get no memory (attribute name -> what it is)."""
@@ -79,22 +82,28 @@ class Unwrapped(_Passthrough):
             return value
         if not callable(value):
             return Unwrapped(value, self._calls, api=self._api, path=path)
-        calls, api = self._calls, self._api
-        if inspect.iscoroutinefunction(value):
-
-            @functools.wraps(value)
-            async def call_async(*args: Any, **kwargs: Any) -> Any:
-                calls.warn(api, path)
-                return await value(*args, **kwargs)
-
-            return call_async
-
-        @functools.wraps(value)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            calls.warn(api, path)
-            return value(*args, **kwargs)
-
-        return call
+        return warning_first(value, self._calls, api=self._api, path=path)
 
     def __repr__(self) -> str:
         return f"<{self._path} of a memory client: not wrapped with memory>"
+
+
+def warning_first(
+    method: Callable[..., Any], calls: UnwrappedCalls, *, api: str, path: str
+) -> Callable[..., Any]:
+    """``method``, which reaches the model without memory, warning (once) before each call."""
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def call_async(*args: Any, **kwargs: Any) -> Any:
+            calls.warn(api, path)
+            return await method(*args, **kwargs)
+
+        return call_async
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls.warn(api, path)
+        return method(*args, **kwargs)
+
+    return call
