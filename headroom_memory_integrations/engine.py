@@ -1227,8 +1227,9 @@ class MemoryStore(WritePath):
             timeout: Seconds to wait for background work of this user that is running now.
 
         Raises:
-            StorageError: that work did not finish in time (nothing was deleted yet), or the
-                storage failed.
+            StorageError: that work did not finish in time, or the storage failed. No memory
+                was deleted yet then; the user's queued work (held in this process or in the
+                queue file) may be, as asked. Call again to finish.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._pending is None:  # a plain store: turns a wrapper left queued for this user
