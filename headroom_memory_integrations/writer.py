@@ -80,7 +80,8 @@ QUEUED_EXTRACTIONS = 10_000
 (it runs with the extractor of the wrapper that queued it, even if that wrapper was let go of
 meanwhile; one dead-lettered keeps it until ``retry_failed()`` runs it or ``forget()``
 deletes it). Past it, the oldest are let go of (a job another process ran is never reported
-here); such a job runs with its user's current extractor, or any other."""
+here); such a job runs with its user's current extractor, or another of the same
+destination (see ``MemoryWriter._extractor_for``)."""
 
 MAX_MALFORMED_ATTEMPTS = 5
 """How many malformed answers (not valid JSON) an extraction gets: the fifth dead-letters the
@@ -201,6 +202,10 @@ class BackgroundExtractor:
         complete: The call to the model (see :data:`Complete`); the OpenAI wrappers, LangChain
             and LlamaIndex adapters each pass their own.
         model: The extraction model's name, if the caller chose one.
+        destination: A fingerprint of where its calls go (endpoint, credentials, model), if
+            known: a job left without its own extractor (by an earlier process, say) runs
+            only with an extractor of its user or one of the same destination, never through
+            another tenant's client (see :meth:`MemoryWriter._extractor_for`).
     """
 
     def __init__(
@@ -209,10 +214,12 @@ class BackgroundExtractor:
         model: str | None = None,
         *,
         usable: Callable[[], bool] | None = None,
+        destination: str | None = None,
     ) -> None:
         self.complete = complete
         self.model = model
         self._usable = usable
+        self.destination = destination
 
     @property
     def usable(self) -> bool:
@@ -603,6 +610,8 @@ class MemoryWriter:
         the file for the next one (a later wrapper in this process, or the next process)."""
         with self._lock:
             extractor = _newest_usable(self._extractors.get(memory)) if kind == "extract" else None
+        if extractor is not None and extractor.destination is not None:
+            payload = {**payload, "destination": extractor.destination}
         try:
             JobQueue.encode(kind, memory.user_id, payload)  # invalid work fails here, not later
         except Exception:
@@ -849,17 +858,26 @@ class MemoryWriter:
     def _extractor_for(self, job: Job) -> BackgroundExtractor | None:
         """The extractor the job was queued with in this process, while it can still make
         calls; else (its client was closed, a job of an earlier process, or one let go of
-        past QUEUED_EXTRACTIONS) the newest usable one of its user's store, or of any store."""
+        past QUEUED_EXTRACTIONS) the newest usable one of its user's store, or of another
+        store whose calls go where the job's extractor sent them (the same endpoint and
+        credentials: :attr:`BackgroundExtractor.destination`, kept in the job). Never another
+        one: the user's conversation would go to another tenant's model. None: the job waits
+        (retried later) for an extractor of its user."""
         with self._settled:
             queued = self._queued_with.get(job.id)
         if queued is not None and queued[1].usable:
             return queued[1]
+        destination = job.payload.get("destination")
         with self._lock:
             store = self._stores.get(job.user_id)
             own = _newest_usable(self._extractors.get(store)) if store is not None else None
-            return own or next(
-                filter(None, map(_newest_usable, list(self._extractors.values()))), None
+            if own is not None or not isinstance(destination, str):
+                return own
+            alike = (
+                _newest_usable([e for e in extractors if e.destination == destination])
+                for extractors in list(self._extractors.values())
             )
+            return next(filter(None, alike), None)
 
     def _run(self, job: Job) -> None:
         memory = self._store_for(job.user_id)
@@ -868,8 +886,8 @@ class MemoryWriter:
             source = Source.INLINE
         elif job.kind == "extract":
             extractor = self._extractor_for(job)
-            if extractor is None:
-                raise RuntimeError("no background extractor in this process yet")  # retried later
+            if extractor is None:  # retried later
+                raise RuntimeError("no background extractor for this user in this process yet")
             items, source = extractor(memory, job), Source.BACKGROUND
         else:
             raise PermanentJobError(f"unknown job kind {job.kind!r}")

@@ -163,3 +163,74 @@ def test_a_dead_lettered_extraction_retried_after_its_wrapper_went_keeps_its_own
     stored = MemoryStore("alice", storage=bob.memory.storage, embedder=model).get_all()
     assert [m.text for m in stored] == [ALICE["text"]]
     bob.close()
+
+
+def test_a_turn_left_by_an_earlier_process_is_never_extracted_through_another_tenants_client(
+    openai_server, db_path, model
+) -> None:
+    """A process that died left alice's turn in the queue, queued through tenant A's client.
+    The next process's first wrapper was bob's, on tenant B's endpoint and key: bob's
+    extractor ran it, sending alice's conversation to B. Now a left job runs only with an
+    extractor of its user, or of another user whose calls go where its own did (the same
+    endpoint, key and model: one client for all users, the usual case)."""
+    from headroom_memory_integrations.jobs import Backoff, JobQueue
+    from headroom_memory_integrations.openai import client_destination
+    from headroom_memory_integrations.testing import ScriptedOpenAIServer
+
+    extracted: dict[str, list[str]] = {"A": [], "B": []}
+
+    def tenant(name: str):
+        def respond(body: dict) -> Reply:
+            if "You maintain long-term memory" not in body["messages"][0]["content"]:
+                return Reply.text("Noted.")
+            extracted[name].append(json.dumps(body["messages"]))
+            said = ALICE if "I prefer Python" in json.dumps(body["messages"]) else BOB
+            return Reply.text(json.dumps({"memories": [said]}))
+
+        return respond
+
+    openai_server.responder = tenant("A")
+    keyed = [client_destination(openai_server.client(api_key=k), None) for k in "xxy"]
+    assert keyed[0] == keyed[1] != keyed[2]  # one endpoint, another key: another destination
+    with ScriptedOpenAIServer(responder=tenant("B")) as other:
+        tenant_a = openai_server.client(api_key="tenant-A-key")
+        turn = {
+            "exchange": [{"role": "user", "content": "I prefer Python for backend work"}],
+            "injected": {},
+            "model": "m",
+            "untrusted": False,
+            "destination": client_destination(tenant_a, None),
+        }
+        db_path.mkdir(parents=True)
+        queue = JobQueue(db_path / "jobs.sqlite3")  # as the earlier process left it
+        queue.put("extract", "alice", turn)
+        queue.put("extract", "dave", {**turn, "exchange": [{"role": "user", "content": "Hi"}]})
+        queue.close()
+
+        bob = with_memory(
+            other.client(api_key="tenant-B-key"),
+            user_id="bob",
+            db_path=db_path,
+            embedder=model,
+            retry_backoff=Backoff(initial=0.05, maximum=0.2),  # the waiting jobs, tried again
+        )
+        bob.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "I play cello"}]
+        )
+        assert bob.memory.flush(30)  # bob's own turn, through B
+        writer = writer_for(queue_path_for(bob.memory))
+        assert not writer.flush(1.5)  # alice's and dave's wait: no extractor of theirs here
+        assert len(extracted["B"]) == 1 and "I prefer Python" not in extracted["B"][0]
+
+        carol = with_memory(
+            openai_server.client(api_key="tenant-A-key"),
+            user_id="carol",
+            db_path=db_path,
+            embedder=model,
+        )  # tenant A's client: the turns left through it may go there again
+        assert writer.flush(30)
+        assert len(extracted["A"]) == 2 and len(extracted["B"]) == 1
+        stored = MemoryStore("alice", storage=bob.memory.storage, embedder=model).get_all()
+        assert [m.text for m in stored] == [ALICE["text"]]
+        carol.close()
+        bob.close()

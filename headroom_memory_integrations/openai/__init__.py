@@ -17,6 +17,8 @@ beta Assistants and Realtime APIs, legacy completions) still work and log a warn
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -83,6 +85,34 @@ EXTRACTION_TIMEOUT = 60.0
 """Seconds one try of a background extraction call may take (the client's own default is 10
 minutes): a stalled call is given up and retried with backoff, well within the job's lease
 (``jobs.DEFAULT_LEASE_SECONDS``), after which another process could take the job over."""
+
+
+def client_destination(client: Any, model: str | None) -> str | None:
+    """A fingerprint of where an openai client's calls go and as whom (its base URL, API key,
+    organization and project, headers, query; ``model``): a hash, no secret in it. None if the
+    client does not say. The SDK's own platform headers are left out (the same client after an
+    upgrade)."""
+    try:
+        headers = {
+            str(name).lower(): value
+            for name, value in dict(client.default_headers).items()
+            if isinstance(value, str)  # not openai's Omit markers
+            and not str(name).lower().startswith(("x-stainless-", "user-agent"))
+        }
+        query = {
+            str(name): value
+            for name, value in dict(client.default_query).items()
+            if isinstance(value, str)
+        }
+        who = {
+            name: value
+            for name in ("api_key", "organization", "project", "websocket_base_url")
+            if isinstance(value := getattr(client, name, None), str)
+        }
+        said = json.dumps([str(client.base_url), who, headers, query, model], sort_keys=True)
+    except Exception:
+        return None
+    return hashlib.sha256(said.encode("utf-8", "replace")).hexdigest()[:32]
 
 
 def openai_completer(client: Any) -> Complete:
@@ -286,7 +316,12 @@ def with_memory(
     )
     closed = getattr(twin, "is_closed", None)  # openai's clients say when they are closed
     usable = (lambda: not closed()) if callable(closed) else None
-    extractor = BackgroundExtractor(openai_completer(twin), extraction_model, usable=usable)
+    extractor = BackgroundExtractor(
+        openai_completer(twin),
+        extraction_model,
+        usable=usable,
+        destination=client_destination(twin, extraction_model),
+    )
     return _wrap(
         client,
         user_id,
