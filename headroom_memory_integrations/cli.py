@@ -147,6 +147,11 @@ def _parser() -> argparse.ArgumentParser:
 
     load = commands.add_parser("import", parents=[common], help="read memories from JSON Lines")
     load.add_argument("file", type=_file_name, help="a file written by export, or - for stdin")
+    load.add_argument(
+        "--as-is",
+        action="store_true",
+        help="write each memory as it is, by its id, merging none (a backup, a move)",
+    )
     return parser
 
 
@@ -376,7 +381,9 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
                 print(f"exported {_memories(count)} to {args.file}", file=out)
         return {"exported": count}
     if args.command == "import":
-        imported = store.import_with_outcomes(sys.stdin if args.file == "-" else args.file)
+        imported = store.import_with_outcomes(
+            sys.stdin if args.file == "-" else args.file, consolidate=not args.as_is
+        )
         counts = Counter(each.outcome for each in imported)
         if not args.json:
             print(f"imported {_memories(len(imported))}{_import_summary(counts)}", file=out)

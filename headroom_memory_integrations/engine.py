@@ -1356,10 +1356,15 @@ class MemoryStore(WritePath):
             destination.writelines(lines)
         return len(lines)
 
-    def import_(self, source: str | os.PathLike[str] | IO[str] | Iterable[str]) -> int:
+    def import_(
+        self,
+        source: str | os.PathLike[str] | IO[str] | Iterable[str],
+        *,
+        consolidate: bool = True,
+    ) -> int:
         """Load memories written by :meth:`export` (a path, stream or lines) into this user,
         consolidated with the memories stored here like new ones (see
-        :meth:`import_with_outcomes`).
+        :meth:`import_with_outcomes`); with ``consolidate=False``, each as it is, by its id.
 
         Ids, times, sources, metadata and history are kept; the user is always this store's,
         whatever the file says. Importing the same file twice changes nothing. Every line is
@@ -1369,15 +1374,26 @@ class MemoryStore(WritePath):
             How many memories the file held: each is now stored, or was merged into a stored
             memory, or was already known. :meth:`import_with_outcomes` says which.
         """
-        return len(self.import_with_outcomes(source))
+        return len(self.import_with_outcomes(source, consolidate=consolidate))
 
     def import_with_outcomes(
-        self, source: str | os.PathLike[str] | IO[str] | Iterable[str]
+        self,
+        source: str | os.PathLike[str] | IO[str] | Iterable[str],
+        *,
+        consolidate: bool = True,
     ) -> list[Remembered]:
         """:meth:`import_`, saying what became of each memory of the file, in order.
 
-        Each exported memory is consolidated with the stored memories and the file's earlier
-        lines, as :meth:`remember_many` does, as of its own ``updated_at``:
+        With ``consolidate=False`` (a backup restored, a user's memories moved or re-embedded,
+        items of a key-value store such as LangChain's ``HeadroomStore``, which ``put`` keeps
+        apart even when they say the same), each memory is written as it is, under its id: one
+        whose id a memory updated as late or later holds here is ``duplicate``; one an older
+        memory holds supersedes it (the old text joins its history); any other is ``stored``.
+        No two memories of different ids are merged.
+
+        Else each exported memory is consolidated with the stored memories and the file's
+        earlier lines, as :meth:`remember_many` does, as of its own ``updated_at`` (two items
+        a ``put`` kept apart may merge):
 
         - ``duplicate``: it says nothing new (nothing is written); also when it would update a
           stored memory that is newer than it (the store already knows better).
@@ -1394,6 +1410,8 @@ class MemoryStore(WritePath):
         if not memories:
             return []
         vectors = self._vectors(memories)
+        if not consolidate:
+            return self._restore(memories, vectors)
         drafts = [replace(m, id=uuid.uuid4().hex) for m in memories]  # placeholders
         return self._remember(drafts, vectors, [m.id for m in memories], {}, imported=True)
 

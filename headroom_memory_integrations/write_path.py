@@ -112,6 +112,33 @@ class WritePath:
     def _vectors(self, memories: Sequence[Memory]) -> Vectors:
         raise NotImplementedError
 
+    def _restore(self, memories: Sequence[Memory], vectors: Vectors) -> list[Remembered]:
+        """Write exported ``memories`` as they are, by id, in one write: none is consolidated
+        with another (the import of a key-value store's items, or of a backup). A memory whose
+        id is held here by one updated as late or later is ``duplicate`` (the store knows as
+        much or better); by an older one, ``superseded`` (it takes the imported text, the old
+        one joining its history); else ``stored`` with its id."""
+        collection = self._open(vectors.shape[1])
+        with self._write_lock:
+            held = {m.id: m for m in _get_in_chunks(collection, [m.id for m in memories])}
+            written: dict[str, tuple[Memory, int]] = {}  # id -> (memory, its vector's row)
+            results = []
+            for row, memory in enumerate(memories):
+                current = written.get(memory.id, (held.get(memory.id), row))[0]
+                if current is None:
+                    written[memory.id] = (memory, row)
+                    results.append(Remembered(memory, Outcome.STORED))
+                elif current.updated_at >= memory.updated_at:
+                    results.append(Remembered(current, Outcome.DUPLICATE))
+                else:
+                    revised = _revised(current, memory, at=memory.updated_at)
+                    written[memory.id] = (revised, row)
+                    results.append(Remembered(revised, Outcome.SUPERSEDED))
+            if written:
+                rows = [row for _, row in written.values()]
+                collection.upsert([m for m, _ in written.values()], vectors[rows])
+        return results
+
     def _remember(
         self,
         drafts: Sequence[Memory],

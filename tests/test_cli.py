@@ -85,6 +85,27 @@ def test_delete_by_short_id_clear_export_import(run, tmp_path: Path) -> None:
     assert {json.loads(line)["user_id"] for line in out.splitlines()} == {"bob"}
 
 
+def test_import_as_is_merges_no_two_memories(run, tmp_path: Path) -> None:
+    """``import --as-is`` writes each memory by its id: two that say the same stay two (as
+    LangChain's HeadroomStore keeps items under their keys); a plain import merges them."""
+    export = tmp_path / "two.jsonl"
+    lines = []
+    for memory_id in ("pet", "pet_backup"):
+        run("add", "Has a dog named Rex", user=memory_id)  # two users: never consolidated
+        _, out, _ = run("export", user=memory_id)
+        lines.append(json.dumps({**json.loads(out), "id": memory_id}))
+    export.write_text("\n".join(lines) + "\n")
+    code, out, _ = run("import", "--as-is", str(export), user="bob")
+    assert code == 0 and out == "imported 2 memories: 2 stored\n"
+    assert sorted(m["id"] for m in json.loads(run("list", "--json", user="bob")[1])) == [
+        "pet",
+        "pet_backup",
+    ]
+    assert run("import", str(export), user="carol")[1] == (
+        "imported 2 memories: 1 stored, 1 already known\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -348,6 +348,44 @@ def test_export_import_round_trip(store: MemoryStore, db_path, model) -> None:
     assert bob.search("tabs or spaces?")[0].memory.text == "Prefers spaces over tabs"
 
 
+def test_an_import_without_consolidation_keeps_every_item_as_it_is(
+    store: MemoryStore, db_path, model
+) -> None:
+    """Items put under keys (LangChain's HeadroomStore) are kept apart even when they say the
+    same or update one another; an import consolidated them: moved, "pet_backup" was merged
+    into "pet", and "home" took "home_2019"'s text. ``consolidate=False`` writes each by its
+    id: a restore, a move, a re-embedding."""
+    store.put("home", "Lives in New York")
+    store.put("home_2019", "Lives in Boston")
+    store.put("pet", "Has a dog named Rex")
+    store.put("pet_backup", "Has a dog named Rex")
+    store.put("pet", "Has a dog named Rex and a cat")  # "Has a dog named Rex" in its history
+    exported = store.export()
+
+    bob = MemoryStore("bob", db_path=db_path, embedder=model)
+    outcomes = bob.import_with_outcomes(io.StringIO(exported), consolidate=False)
+    assert [r.outcome.value for r in outcomes] == ["stored"] * 4
+    assert bob.get_all() == [
+        m.__class__(**{**m.__dict__, "user_id": "bob"}) for m in store.get_all()
+    ]
+    assert bob.import_(io.StringIO(exported), consolidate=False) == 4  # idempotent
+    assert [
+        r.outcome.value for r in bob.import_with_outcomes(exported.splitlines(), consolidate=False)
+    ] == ["duplicate"] * 4
+    assert bob.count() == 4
+
+    newer = store.put("home", "Lives in Lisbon")  # a later backup supersedes by id ...
+    [line] = [x for x in store.export().splitlines() if json.loads(x)["id"] == "home"]
+    [restored] = bob.import_with_outcomes([line], consolidate=False)
+    assert restored.outcome.value == "superseded" and bob.get("home").text == newer.text
+    assert [r.text for r in bob.get("home").history] == ["Lives in New York"]
+    [older] = [x for x in exported.splitlines() if json.loads(x)["id"] == "home"]
+    [kept] = bob.import_with_outcomes([older], consolidate=False)  # ... an older one never
+    assert kept.outcome.value == "duplicate" and bob.get("home").text == "Lives in Lisbon"
+    assert bob.get("pet_backup").text == "Has a dog named Rex"
+    assert bob.count() == 4
+
+
 def test_export_to_a_file_and_import_bad_lines(store: MemoryStore, tmp_path) -> None:
     store.add("Drinks oat milk")
     path = tmp_path / "alice.jsonl"

@@ -1644,7 +1644,8 @@ class ChromaStorage:
                 f"the memories of user {user_tag(user_id)} in {self.location} were embedded with "
                 f"{meta.get('embedder')!r} ({meta.get('dimension')} dimensions), but this store "
                 f"uses {embedder!r} ({dimension} dimensions). Use the original embedder, another "
-                "db_path, or export the memories, clear() them and import them again."
+                "db_path, or export the memories, clear() them and import them again "
+                "(import_(..., consolidate=False))."
             )
 
     def users(self) -> list[str]:
