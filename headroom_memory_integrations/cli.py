@@ -18,6 +18,7 @@ ambiguous for ``delete``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -355,8 +356,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
         if not args.yes:
             if not sys.stdin.isatty():
                 raise HeadroomMemoryError("refusing to clear without --yes (no terminal to ask)")
+            # asked on stderr: stdout may be a file or a pipe (clear --json > out.json)
+            print(f"Forget every memory of user {args.user!r}? [y/N] ", end="", file=sys.stderr)
+            sys.stderr.flush()
             try:
-                answer = input(f"Forget every memory of user {args.user!r}? [y/N] ")
+                answer = input()
             except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the question
                 answer = ""
             if answer.strip().lower() not in ("y", "yes"):
@@ -446,6 +450,7 @@ def _full_id(store: MemoryStore, given: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``headroom-memory``; returns the exit status."""
     args = _parser().parse_args(argv)  # exits with status 2 on a bad argument
+    _in_utf8()
     try:
         return _main(args)
     except BrokenPipeError:  # the reader left (``| head``): stop quietly, as a shell tool would
@@ -453,6 +458,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
         os.close(devnull)
         return _BROKEN_PIPE
+
+
+def _in_utf8() -> None:
+    """Standard input and output in UTF-8, as the files export and import write and read:
+    with a locale's encoding (Windows' cp1252 in a pipe), an emoji in a memory failed the
+    export and an import read "Zürich" as "ZÃ¼rich"."""
+    for stream in (sys.stdin, sys.stdout):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure) and (getattr(stream, "encoding", "") or "").lower() != "utf-8":
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(encoding="utf-8")
 
 
 def _main(args: argparse.Namespace) -> int:

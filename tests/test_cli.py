@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from headroom_memory_integrations import MemoryStore
 from headroom_memory_integrations.cli import main
 
 
@@ -355,6 +356,34 @@ def test_installed_entry_point(db_path) -> None:
     assert [m["text"] for m in json.loads(listed.stdout)] == ["Speaks Portuguese"]
 
 
+def test_export_and_import_through_pipes_are_utf_8_whatever_the_locale(tmp_path: Path) -> None:
+    """Files are UTF-8; standard input and output took the locale's encoding (Windows' cp1252
+    in a pipe): an emoji failed ``export > file`` with a traceback, and ``import -`` stored
+    "Zürich" as "ZÃ¼rich"."""
+    said = "Lives in Zürich and likes café au lait 🎉"
+    cli = [sys.executable, "-m", "headroom_memory_integrations.cli", "--user", "amy"]
+    cp1252 = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    assert main(["add", "--user", "amy", "--db", str(tmp_path / "a"), said]) == 0
+    exported = subprocess.run(
+        [*cli[:3], "export", *cli[3:], "--db", str(tmp_path / "a")],
+        capture_output=True,
+        env=cp1252,
+        timeout=120,
+    )
+    assert exported.returncode == 0 and b"Traceback" not in exported.stderr, exported.stderr
+    assert json.loads(exported.stdout.decode("utf-8"))["text"] == said
+    imported = subprocess.run(
+        [*cli[:3], "import", *cli[3:], "--db", str(tmp_path / "b"), "-"],
+        input=exported.stdout,
+        capture_output=True,
+        env=cp1252,
+        timeout=120,
+    )
+    assert imported.returncode == 0, imported.stderr
+    [memory] = MemoryStore("amy", db_path=tmp_path / "b").get_all()
+    assert memory.text == said
+
+
 def test_ctrl_d_at_the_clear_question_cancels(tmp_path: Path, capsys) -> None:
     """At a terminal, ``clear`` asks first; Ctrl-D (end of input) is a no, not a traceback."""
     import os
@@ -374,9 +403,10 @@ def test_ctrl_d_at_the_clear_question_cancels(tmp_path: Path, capsys) -> None:
     )
     os.close(follower)
     os.write(leader, b"\x04")  # Ctrl-D
-    _, err = child.communicate(timeout=120)
+    out, err = child.communicate(timeout=120)
     os.close(leader)
     assert child.returncode == 1 and b"cancelled" in err and b"Traceback" not in err
+    assert b"Forget every memory" in err and out == b""  # asked on stderr: stdout is the result
     capsys.readouterr()
     assert main(["list", "--user", "alice", "--db", str(db), "--json"]) == 0
     assert [m["text"] for m in json.loads(capsys.readouterr().out)] == ["Plays the cello"]
