@@ -61,20 +61,24 @@ def fake_model(openai_server) -> Model:
 
 @pytest.fixture
 def client(openai_server, db_path, model):
-    return with_memory(
+    client = with_memory(
         openai_server.client(), user_id="alice", db_path=db_path, embedder=model, retry_backoff=FAST
     )
+    yield client
+    client.memory.close(timeout=0)  # a job left failing is not retried every 0.05 s for good
 
 
 @pytest.fixture
 def async_client(openai_server, db_path, model):
-    return with_memory(
+    client = with_memory(
         openai_server.async_client(),
         user_id="alice",
         db_path=db_path,
         embedder=model,
         retry_backoff=FAST,
     )
+    yield client
+    client.memory.close(timeout=0)
 
 
 def ask(client, text: str, **options):
