@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -451,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``headroom-memory``; returns the exit status."""
     args = _parser().parse_args(argv)  # exits with status 2 on a bad argument
     _in_utf8()
+    _warnings_on_one_line()
     try:
         return _main(args)
     except BrokenPipeError:  # the reader left (``| head``): stop quietly, as a shell tool would
@@ -458,6 +460,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
         os.close(devnull)
         return _BROKEN_PIPE
+
+
+_MESSAGE_CHARS = 500
+"""The longest error or warning the command prints (a server's reply can be a whole page)."""
+
+
+def _one_line(message: str) -> str:
+    """``message`` as the command prints it: its first line (a server's reply quoted in it is
+    data), safe for a terminal (:func:`_visible`), at most :data:`_MESSAGE_CHARS` long."""
+    lines = message.strip().splitlines() or [""]
+    first = _visible(lines[0])
+    if len(first) > _MESSAGE_CHARS:
+        first = first[: _MESSAGE_CHARS - 3] + "..."
+    return first + (" (...)" if len(lines) > 1 else "")
+
+
+class _OneLineWarnings(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"headroom-memory: warning: {_one_line(record.getMessage())}", file=sys.stderr)
+
+
+def _warnings_on_one_line() -> None:
+    """The library's warnings as one line each (without a traceback), as the errors are;
+    Python's last-resort handler printed them whole, a server's reply included."""
+    package = logging.getLogger("headroom_memory_integrations")
+    if not package.handlers and not logging.getLogger().handlers:
+        package.addHandler(_OneLineWarnings(logging.WARNING))
 
 
 def _in_utf8() -> None:
@@ -482,7 +511,7 @@ def _main(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise
     except (HeadroomMemoryError, OSError) as exc:
-        print(f"headroom-memory: error: {exc}", file=sys.stderr)
+        print(f"headroom-memory: error: {_one_line(str(exc))}", file=sys.stderr)
         return 1
     if args.json and not quiet_json:
         json.dump(result, sys.stdout, ensure_ascii=False, indent=2, default=str)

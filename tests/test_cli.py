@@ -384,6 +384,45 @@ def test_export_and_import_through_pipes_are_utf_8_whatever_the_locale(tmp_path:
     assert memory.text == said
 
 
+def test_a_server_that_is_not_chroma_is_one_error_line_safe_for_a_terminal() -> None:
+    """``--db`` on a wrong port (a web app): the server's whole reply was printed twice, a
+    warning through Python's last-resort handler and the error, with its escape sequences."""
+    import http.server
+    import threading
+
+    page = b"<html>\n<h1>Not Found</h1>\n\x1b]0;pwned\x07\x1b[2Jmore\n</html>\n"
+
+    class NotChroma(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotChroma)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        failed = subprocess.run(
+            [sys.executable, "-m", "headroom_memory_integrations.cli", "list", "--db", url],
+            env={**os.environ, "HEADROOM_MEMORY_USER": "a"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    lines = failed.stderr.splitlines()
+    assert failed.returncode == 1 and lines[-1].startswith("headroom-memory: error: ")
+    assert len(lines) <= 2 and "\x1b" not in failed.stderr and "Traceback" not in failed.stderr
+
+
 def test_ctrl_d_at_the_clear_question_cancels(tmp_path: Path, capsys) -> None:
     """At a terminal, ``clear`` asks first; Ctrl-D (end of input) is a no, not a traceback."""
     import os
