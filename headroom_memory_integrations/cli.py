@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_score,
         default=None,
         metavar="SCORE",
-        help="relevance floor (-1 shows every candidate with its score)",
+        help="relevance floor (-1 shows every candidate with its score; write a negative "
+        "exponent with '=': --min-score=-1e-3)",
     )
 
     listing = commands.add_parser("list", parents=[common], help="list memories, oldest first")
