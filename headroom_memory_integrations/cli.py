@@ -350,10 +350,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
             print(_table(memories), file=out)
         return [m.to_dict() for m in memories]
     if args.command == "delete":
-        store.delete(_full_id(store, args.id))
+        memory_id = _full_id(store, args.id)
+        store.delete(memory_id)
         if not args.json:
             print(f"deleted {args.id}", file=out)
-        return {"deleted": args.id}
+        return {"deleted": memory_id}  # the whole id, for a script given a prefix
     if args.command == "clear":
         if not args.yes:
             if not sys.stdin.isatty():

@@ -71,7 +71,11 @@ def test_delete_by_short_id_clear_export_import(run, tmp_path: Path) -> None:
     assert run("export", str(export))[0] == 0
     assert len(export.read_text().splitlines()) == 2
     code, out, _ = run("delete", memory_id[:12])
-    assert code == 0 and "deleted" in out
+    assert code == 0 and out == f"deleted {memory_id[:12]}\n"
+    _, out, _ = run("add", "Is on call this week", "--json")
+    on_call = json.loads(out)["id"]
+    code, out, _ = run("delete", on_call[:12], "--json")
+    assert code == 0 and json.loads(out) == {"deleted": on_call}  # the whole id
     assert len(json.loads(run("list", "--json")[1])) == 1
     one = tmp_path / "one.jsonl"
     assert run("export", str(one))[1] == f"exported 1 memory to {one}\n"
