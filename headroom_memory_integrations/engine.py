@@ -1366,9 +1366,10 @@ class MemoryStore(WritePath):
         consolidated with the memories stored here like new ones (see
         :meth:`import_with_outcomes`); with ``consolidate=False``, each as it is, by its id.
 
-        Ids, times, sources, metadata and history are kept; the user is always this store's,
-        whatever the file says. Importing the same file twice changes nothing. Every line is
-        checked first: one bad line raises (naming the line) and nothing is written.
+        Ids, times (a time still to come is taken as now), sources, metadata and history are
+        kept; the user is always this store's, whatever the file says. Importing the same file
+        twice changes nothing. Every line is checked first: one bad line raises (naming the
+        line) and nothing is written.
 
         Returns:
             How many memories the file held: each is now stored, or was merged into a stored
@@ -1483,15 +1484,19 @@ class MemoryStore(WritePath):
             data = json.loads(line)
             if not isinstance(data, dict):
                 raise InvalidInputError("not a JSON object")
+            now = utc_now()  # a time to come is now: a memory dated in 2100 would outdate
+            # every correction said before then (a dated write older than it is a duplicate)
+            created = min(storable_time(data.get("created_at") or now), now)
+            updated = min(
+                storable_time(data.get("updated_at") or data.get("created_at") or now), now
+            )
             return Memory(
                 id=check_memory_id(data["id"]),
                 user_id=self.user_id,
                 text=clean_text(data["text"]),
                 category=Category.parse(data.get("category", "fact")),
-                created_at=storable_time(data.get("created_at") or utc_now()),
-                updated_at=storable_time(
-                    data.get("updated_at") or data.get("created_at") or utc_now()
-                ),
+                created_at=min(created, updated),  # never updated before it was made
+                updated_at=updated,
                 source=Source.parse(data.get("source", "manual")),
                 metadata=clean_metadata(data.get("metadata")),
                 history=tuple(_imported_revision(r) for r in data.get("history") or ()),

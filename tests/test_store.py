@@ -386,6 +386,26 @@ def test_an_import_without_consolidation_keeps_every_item_as_it_is(
     assert bob.count() == 4
 
 
+def test_an_imported_time_to_come_is_now_so_no_later_correction_is_outdated(
+    store: MemoryStore,
+) -> None:
+    """An import dated a memory in 2100 as given: a correction said before then (a background
+    extraction is dated when the turn was said) was outdated by it, a duplicate, and lost."""
+    line = {"id": "home", "text": "Lives in Paris", "created_at": "2100-01-01T00:00:00+00:00"}
+    line["updated_at"] = line["created_at"]
+    [imported] = store.import_with_outcomes([json.dumps(line)])
+    assert imported.memory.updated_at <= datetime.now(timezone.utc)
+    [moved] = store.remember_many(["Lives in Lisbon"], said_at=datetime.now(timezone.utc))
+    assert moved.outcome.value == "superseded" and store.get("home").text == "Lives in Lisbon"
+    backwards = {**line, "id": "job", "text": "Works at Initech"}
+    backwards["created_at"], backwards["updated_at"] = (
+        "2024-05-01T00:00:00+00:00",
+        "2020-01-01T00:00:00+00:00",
+    )
+    [kept] = store.import_with_outcomes([json.dumps(backwards)])
+    assert kept.memory.created_at <= kept.memory.updated_at
+
+
 def test_export_to_a_file_and_import_bad_lines(store: MemoryStore, tmp_path) -> None:
     store.add("Drinks oat milk")
     path = tmp_path / "alice.jsonl"
