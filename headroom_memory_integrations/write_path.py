@@ -128,7 +128,9 @@ class WritePath:
                 if current is None:
                     written[memory.id] = (memory, row)
                     results.append(Remembered(memory, Outcome.STORED))
-                elif current.updated_at >= memory.updated_at:
+                elif current.updated_at >= memory.updated_at or (
+                    current.text == memory.text and current.category == memory.category
+                ):  # known as well or better (a line dated to come is imported as of now)
                     results.append(Remembered(current, Outcome.DUPLICATE))
                 else:
                     revised = _revised(current, memory, at=memory.updated_at)

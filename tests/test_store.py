@@ -395,6 +395,9 @@ def test_an_imported_time_to_come_is_now_so_no_later_correction_is_outdated(
     line["updated_at"] = line["created_at"]
     [imported] = store.import_with_outcomes([json.dumps(line)])
     assert imported.memory.updated_at <= datetime.now(timezone.utc)
+    for consolidate in (True, False):  # imported again: known, whatever "now" is then
+        [again] = store.import_with_outcomes([json.dumps(line)], consolidate=consolidate)
+        assert again.outcome.value == "duplicate" and not store.get("home").history
     [moved] = store.remember_many(["Lives in Lisbon"], said_at=datetime.now(timezone.utc))
     assert moved.outcome.value == "superseded" and store.get("home").text == "Lives in Lisbon"
     backwards = {**line, "id": "job", "text": "Works at Initech"}
