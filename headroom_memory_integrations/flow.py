@@ -54,7 +54,7 @@ from .prompts import (
     parse_memory_block,
     short_ids,
 )
-from .storage.guard import memory_deadline
+from .storage.guard import DeadlineExceeded, memory_deadline, run_within
 
 log = logging.getLogger("headroom_memory_integrations")
 
@@ -68,15 +68,26 @@ user said is used in their very next call. The call that queued them waits only 
 the queue file, at most :data:`~.writer.QUEUE_WAIT_SECONDS`."""
 
 
-def recall_seconds(memory: MemoryStore) -> float | None:
-    """The time the memory work before a chat call's model call may take, in all, for a store
-    whose storage has a request timeout (a Chroma server: :data:`~.storage.chroma.DEFAULT_TIMEOUT`):
-    :data:`READ_YOUR_WRITES_SECONDS` plus that timeout. Waiting for the user's queued writes,
-    connecting, opening the collection, searching and reading the memories all charge against
-    it (:func:`~.storage.guard.memory_deadline`); once it is up the call goes on without
-    memories. None (no deadline) for storage without a timeout (an embedded folder)."""
+LOCAL_RECALL_SECONDS = 10.0
+"""For storage with no request timeout (an embedded folder), the time the memory work before a
+chat call may take in all, beyond :data:`READ_YOUR_WRITES_SECONDS`: embedding the question,
+opening the folder (a large collection's index loads on its first search) and searching. Work
+that has no timeout of its own can still block with no end (a disk that hangs, another process
+holding the folder's ``chroma.sqlite3`` write lock, an embedder of the app's that hangs), so it
+is waited for this long at most (:func:`~.storage.guard.run_within`)."""
+
+
+def recall_seconds(memory: MemoryStore) -> float:
+    """The time the memory work before a chat call's model call may take, in all:
+    :data:`READ_YOUR_WRITES_SECONDS` plus the storage's request timeout (a Chroma server:
+    :data:`~.storage.chroma.DEFAULT_TIMEOUT`), or plus :data:`LOCAL_RECALL_SECONDS` for storage
+    without one (an embedded folder). Waiting for the user's queued writes, embedding the
+    question, connecting, opening the collection, searching and reading the memories all
+    charge against it (:func:`~.storage.guard.memory_deadline` cuts a server's requests short;
+    :func:`~.storage.guard.run_within` stops waiting for the rest); once it is up the call goes
+    on without memories, and so do the store's next calls at once while that work still runs."""
     timeout = getattr(memory.storage, "timeout", None)
-    return None if timeout is None else READ_YOUR_WRITES_SECONDS + float(timeout)
+    return READ_YOUR_WRITES_SECONDS + float(LOCAL_RECALL_SECONDS if timeout is None else timeout)
 
 
 class MemoryJobs(Protocol):
@@ -392,9 +403,7 @@ class MemoryFlow:
         try:
             parts = []
             if turn.user_text:
-                with memory_deadline(recall_seconds(self.memory)):
-                    self.jobs.settle(self.memory)
-                    context = self._recall(turn, turn.user_text, previous_text)
+                context, turn.injected = self._recall_in_time(turn.user_text, previous_text)
                 parts += [context] if context else []
             if self.inline and instruct:
                 turn.nonce = new_nonce()
@@ -405,9 +414,26 @@ class MemoryFlow:
             turn.prompt, turn.nonce, turn.injected = None, None, {}
         return turn
 
-    def _recall(self, turn: Turn, query: str, previous: str | None = None) -> str:
+    def _recall_in_time(self, query: str, previous: str | None) -> tuple[str, dict[str, str]]:
+        """:meth:`_recall`, after the user's queued writes are stored, within
+        :func:`recall_seconds` (nothing, logged and counted, once that is up)."""
+        seconds = recall_seconds(self.memory)
+
+        def recall() -> tuple[str, dict[str, str]]:
+            with memory_deadline(seconds):
+                self.jobs.settle(self.memory)
+                return self._recall(query, previous)
+
+        try:
+            return run_within(recall, seconds, self.memory.storage.location, "recall memories")
+        except DeadlineExceeded as exc:
+            self.failed("inject_failures", f"{exc}; calling without memories", exc_info=False)
+            return "", {}
+
+    def _recall(self, query: str, previous: str | None = None) -> tuple[str, dict[str, str]]:
         """The context block of the memories relevant to ``query``, the user's message after
-        ``previous`` ("" if none or on failure)."""
+        ``previous``, and the short label of each memory in it, by id ("" and none if there
+        are none, or on failure)."""
         try:
             found = self.memory.search(
                 query_tail(query),
@@ -417,10 +443,9 @@ class MemoryFlow:
             )
         except Exception:
             self.failed("inject_failures", "could not search memories; answering without them")
-            return ""
+            return "", {}
         labelled = [(label, memory) for label, (memory, _) in zip(short_ids(len(found)), found)]
-        turn.injected = {label: memory.id for label, memory in labelled}
-        return format_memory_context(labelled)
+        return format_memory_context(labelled), {label: memory.id for label, memory in labelled}
 
     def strip(self, turn: Turn, answer: str) -> str:
         """``answer`` without its memory block, storing nothing (for extra choices)."""
@@ -530,9 +555,9 @@ class MemoryFlow:
 
         later.append(guarded)
 
-    def failed(self, counter: str, message: str) -> None:
+    def failed(self, counter: str, message: str, *, exc_info: bool = True) -> None:
         """Count and log a failure the call survives."""
-        self.memory.survived(counter, message)
+        self.memory.survived(counter, message, exc_info=exc_info)
 
     def _user(self) -> str:
         return user_tag(self.memory.user_id)

@@ -11,6 +11,9 @@
 - :func:`bound_http_requests` gives an ``HttpClient``'s every later request a timeout.
 - :func:`forget_broken_system` drops what a failed ``PersistentClient`` left in chromadb's
   process-wide cache, so the next attempt to open the folder starts clean.
+- :func:`run_within` runs work on a daemon thread and returns its result, or raises
+  :class:`DeadlineExceeded` after a deadline; while that work still runs, later work for the
+  same place fails at once (a hung disk or embedder holds at most one thread and one call).
 - :func:`memory_deadline` gives the memory work of one chat call one deadline, which every
   storage request made in its context charges against (:func:`time_left`,
   :func:`check_deadline`; a server's requests get at most the time left): a server that
@@ -25,11 +28,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import HeadroomMemoryError, StorageError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 FIRST_RETRY_SECONDS = 1.0
 """After a backend first fails to answer, calls fail at once for this long, then one call tries."""
@@ -227,6 +232,53 @@ def run_for_at_most(
         return thread, failure
     thread.join(seconds)
     return thread, failure
+
+
+_overdue: dict[str, threading.Thread] = {}
+_overdue_lock = threading.Lock()
+
+
+def _still_running_late(place: str) -> bool:
+    with _overdue_lock:
+        thread = _overdue.get(place)
+        if thread is not None and not thread.is_alive():
+            del _overdue[place]
+            return False
+        return thread is not None
+
+
+def run_within(work: Callable[[], T], seconds: float, place: str, what: str) -> T:
+    """``work()``'s result, run on a daemon thread (with a copy of this context) and waited for
+    at most ``seconds``: for work that can block with no timeout of its own (an embedded
+    folder's disk or its ``chroma.sqlite3`` held by another process's write lock, an embedder
+    that hangs).
+
+    If it does not end in time it is left to finish on its own (Python cannot stop a thread),
+    and until it has, every later call for the same ``place`` raises at once instead of
+    starting another thread that would block behind it.
+
+    Raises:
+        DeadlineExceeded: ``work`` did not end within ``seconds``, or earlier work for
+            ``place`` that did not is still running.
+        BaseException: what ``work`` raised.
+    """
+    if _still_running_late(place):
+        raise DeadlineExceeded(
+            f"could not {what}: an earlier call's, which took longer than its deadline, "
+            f"is still running"
+        )
+    result: list[T] = []
+    context = contextvars.copy_context()
+    thread, failure = run_for_at_most(
+        lambda: result.append(context.run(work)), seconds, "headroom-memory-" + what.split()[0]
+    )
+    if failure:
+        raise failure[0]
+    if not result:
+        with _overdue_lock:
+            _overdue[place] = thread
+        raise DeadlineExceeded(f"could not {what} within {seconds:g} s")
+    return result[0]
 
 
 def start_with_deadline(

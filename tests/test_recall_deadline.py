@@ -1,0 +1,139 @@
+"""The memory work before a chat call is waited for a bounded time on every storage, an embedded
+folder included (``flow.recall_seconds``, ``guard.run_within``): an embedder of the app's own
+that hangs (a remote embedding API called with no timeout) used to hold every chat call for as
+long as it hung. Now the call goes on without memories once the time is up, the failure is
+logged and counted, and while the late work still runs the next calls go on at once instead of
+piling up behind it. Real parts: embedded Chroma in a temp dir, the real openai client over
+HTTP against the scripted server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import HashEmbedder
+
+from headroom_memory_integrations import flow
+from headroom_memory_integrations.openai import with_fast_memory
+from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer
+
+TEA = "Prefers green tea"
+
+
+class HangingEmbedder(HashEmbedder):
+    """Embeds like :class:`HashEmbedder`; once ``hang`` is set, a search's question (any text
+    but the stored memory's) waits until ``release`` is set, as an API called with no timeout
+    waits for an endpoint that never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = threading.Event()
+        self.release = threading.Event()
+        self.hung_calls = 0
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.hang.is_set() and TEA not in texts:
+            self.hung_calls += 1
+            assert self.release.wait(60)
+        return super().embed(texts)
+
+
+def memory_context_sent(server: ScriptedOpenAIServer) -> bool:
+    """Whether the latest request the model got carried the stored memory."""
+    system = [m["content"] for m in server.requests[-1].body["messages"] if m["role"] == "system"]
+    return any(TEA in text for text in system)
+
+
+def late_recall_ended(within: float = 30.0) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if not any(t.name == "headroom-memory-recall" for t in threading.enumerate()):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def hanging() -> HangingEmbedder:
+    return HangingEmbedder()
+
+
+@pytest.fixture
+def short_deadline(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 0.3)
+    monkeypatch.setattr(flow, "READ_YOUR_WRITES_SECONDS", 0.2)
+    return 0.5
+
+
+def test_a_hung_embedder_does_not_hold_the_chat_call(
+    openai_server: ScriptedOpenAIServer, tmp_path: Path, hanging: HangingEmbedder, short_deadline
+) -> None:
+    openai_server.responder = lambda body: Reply.text("Sure.")
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=tmp_path / "m", embedder=hanging
+    )
+    asked = iter(range(100))
+
+    def ask() -> dict[str, Any]:  # a new question each time (a question's vector is cached)
+        question = f"green tea for question {next(asked)}?"
+        return {"model": "m", "messages": [{"role": "user", "content": question}]}
+
+    try:
+        client.memory.add(TEA, category="preference")
+        client.chat.completions.create(**ask())
+        assert memory_context_sent(openai_server)
+
+        hanging.hang.set()
+        first = client.chat.completions.create(**ask())
+        # answered while the embedder still hangs: the call did not wait for it
+        assert first.choices[0].message.content == "Sure."
+        assert not hanging.release.is_set() and hanging.hung_calls == 1
+        assert not memory_context_sent(openai_server)
+        assert client.memory.stats()["events"]["inject_failures"] == 1
+
+        # while the late search still runs, the next call goes on at once, without starting
+        # another search that would hang behind it
+        second = client.chat.completions.create(**ask())
+        assert second.choices[0].message.content == "Sure."
+        assert hanging.hung_calls == 1
+        assert client.memory.stats()["events"]["inject_failures"] == 2
+
+        hanging.hang.clear()
+        hanging.release.set()
+        assert late_recall_ended()
+        client.chat.completions.create(**ask())
+        assert memory_context_sent(openai_server)  # memories are back once it has ended
+    finally:
+        hanging.release.set()
+        client.close()
+
+
+def test_a_hung_embedder_does_not_hold_the_async_chat_call(
+    openai_server: ScriptedOpenAIServer, tmp_path: Path, hanging: HangingEmbedder, short_deadline
+) -> None:
+    openai_server.responder = lambda body: Reply.text("Sure.")
+    ask: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "green tea?"}]}
+
+    async def scenario() -> None:
+        client = with_fast_memory(
+            openai_server.async_client(), user_id="alice", db_path=tmp_path / "m", embedder=hanging
+        )
+        try:
+            client.memory.add(TEA, category="preference")
+            hanging.hang.set()
+            answer = await client.chat.completions.create(**ask)
+            assert answer.choices[0].message.content == "Sure."
+            assert not hanging.release.is_set() and hanging.hung_calls == 1
+            assert not memory_context_sent(openai_server)
+            assert client.memory.stats()["events"]["inject_failures"] == 1
+        finally:
+            hanging.release.set()
+            await client.close()
+
+    asyncio.run(scenario())
