@@ -833,7 +833,9 @@ class JobWorker:
             self.queue.retry_later(job.id, error, delay)
         else:
             self._count("failed")
-            logger.warning("%s failed with %s; dead-lettered", about, type(exc).__name__)
+            # a PermanentJobError's message is the library's own (what to fix), never user text
+            why = f"{type(exc).__name__}: {exc}" if isinstance(exc, PermanentJobError) else None
+            logger.warning("%s failed with %s; dead-lettered", about, why or type(exc).__name__)
             self.queue.fail(job.id, error)
 
     def _count(self, key: str) -> None:

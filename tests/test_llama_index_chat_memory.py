@@ -286,6 +286,8 @@ def test_a_copy_for_another_user_or_memories_never_gets_the_buffers_llm(
         assert other.extraction_llm_key != memory.extraction_llm_key
     given = ScriptedLLM()
     assert HeadroomChatMemoryBuffer.from_dict(saved, llm=given)._extraction_llm is given
+    restored = HeadroomChatMemoryBuffer.from_string(memory.to_string(), llm=given)
+    assert restored._extraction_llm is given  # a restore in another process can name its llm
 
 
 def test_the_short_term_history_lives_in_the_chat_store_given(new_buffer, llm) -> None:

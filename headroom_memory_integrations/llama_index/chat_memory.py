@@ -296,8 +296,9 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
         return self.json()
 
     @classmethod
-    def from_string(cls, json_str: str) -> HeadroomChatMemoryBuffer:
-        return cls.from_dict(json.loads(json_str))
+    def from_string(cls, json_str: str, **kwargs: Any) -> HeadroomChatMemoryBuffer:
+        """Rebuild from :meth:`to_string`; ``kwargs`` (e.g. ``llm=``) as for :meth:`from_dict`."""
+        return cls.from_dict(json.loads(json_str), **kwargs)
 
     @property
     def memory(self) -> MemoryStore:
