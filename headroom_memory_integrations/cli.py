@@ -462,7 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
         os.close(devnull)
         return _BROKEN_PIPE
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (an import stays all-or-nothing)
+        print("headroom-memory: interrupted", file=sys.stderr)
+        return _INTERRUPTED
 
+
+_INTERRUPTED = 130
+"""The exit status after Ctrl-C, as a shell gives a command that SIGINT stopped (128 + 2)."""
 
 _MESSAGE_CHARS = 500
 """The longest error or warning the command prints (a server's reply can be a whole page)."""

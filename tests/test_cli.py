@@ -472,3 +472,16 @@ def test_a_reader_that_leaves_early_stops_the_output_quietly(tmp_path: Path, com
     err = child.stderr.read() if child.stderr else b""
     assert child.wait(timeout=120) == 141, err
     assert err == b""
+
+
+def test_ctrl_c_ends_a_command_with_a_line_and_status_130(run, monkeypatch) -> None:
+    """Ctrl-C used to print Python's traceback; a shell tool says one line and exits 130."""
+    assert run("add", "Prefers tea")[0] == 0
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MemoryStore, "get_all", interrupted)
+    status, out, err = run("list")
+    assert status == 130
+    assert err == "headroom-memory: interrupted\n" and "Traceback" not in out + err
