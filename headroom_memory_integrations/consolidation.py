@@ -423,11 +423,23 @@ def _surface_words(text: str) -> list[str]:
     return [
         word.replace(",", "") if _THOUSANDS.fullmatch(word) else word
         for word in _SURFACE.findall(text)
-        if word[0].isalnum() or word in _VALUE_MARKS or unicodedata.category(word)[0] == "S"
+        if word[0].isalnum() or word[0] in _VALUE_MARKS or unicodedata.category(word[0])[0] == "S"
     ]
 
 
-_SURFACE = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W_]+|[^\w\s]")
+_JOINER = r"[._/@#&+]"  # not "-": "follow-up" is "follow up", "COVID-19" is "COVID 19"
+_SURFACE = re.compile(
+    rf"[@#][^\W_]+(?:{_JOINER}[^\W_]+)*"  # a handle or a tag: "@alex" is not "#alex"
+    r"|\d+(?:[.,:/-]\d+)*"  # a number with its inner separators
+    rf"|[^\W_]+(?:{_JOINER}[^\W_]+)+"  # one value spelled with marks: "jane.smith", "db-01"
+    r"|[^\W_]*\d[^\W_]*[!#$&*@]+"  # a value that ends in marks: "hunter2!"
+    r"|[^\W_]+|[^\w\s]"
+)
+"""A text's words, numbers and marks as its wording is compared. The marks inside a run of
+letters and digits belong to it, but for a hyphen, which writes a space ("jane_smith" is not
+"jane.smith" or "jane-smith", "feature/login" not "feature-login", "tiger&lion" not "tiger
+lion"), and so do those around a word with a digit ("hunter2!") and a leading "@" or "#": a
+value corrected by one mark is a correction, never a duplicate."""
 _SENTENCE_ENDS = frozenset(".!?;:")
 _SENTENCE_MARKS = _SENTENCE_ENDS | {"\n"}
 _CLAUSE_WORDS = frozenset(stem(w) for w in "who whose which that named called with".split())
@@ -435,7 +447,7 @@ _CLAUSE_WORDS = frozenset(stem(w) for w in "who whose which that named called wi
 _OWNERS = frozenset({"his", "her"})
 """A leading owner that is someone else's, maybe ("Her son is 7"); "their" is the user's, in a
 third-person memory ("Lives with their wife")."""
-_VALUE_MARKS = frozenset("%‰?")
+_VALUE_MARKS = frozenset("%‰?#@&")
 """Punctuation that is part of a value (``20%``) or of what is stated ("Pregnant?"): kept as
 symbols are."""
 

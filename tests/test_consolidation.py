@@ -63,12 +63,29 @@ def test_a_correction_supersedes_the_old_fact(
         ("Email is bob@example.com", "Email is bob+news@example.com"),  # not a sign there
         ("Wi-Fi password is Tr0ub4dor", "Wi-Fi password is tr0ub4dor"),  # case is the value
         ("Username is JohnDoe", "Username is johndoe"),
+        # a mark inside a value, or around one with a digit, is part of it
+        ("Email is jane_smith@example.com", "Email is jane.smith@example.com"),
+        ("Work email is ann-lee@corp.com", "Work email is ann_lee@corp.com"),
+        ("Username on GitHub is j-smith", "Username on GitHub is j_smith"),
+        ("Username is a.b", "Username is a_b"),
+        ("Instagram is @alex", "Instagram is #alex"),
+        ("Blog is at example.com/my-blog", "Blog is at example.com/my_blog"),
+        (
+            "Repo URL is https://github.com/acme/my-app",
+            "Repo URL is https://github.com/acme/my_app",
+        ),
+        ("Server hostname is db-01", "Server hostname is db_01"),
+        ("Git branch is feature/login", "Git branch is feature-login"),
+        ("Favorite symbol is #", "Favorite symbol is @"),
+        ("Wi-Fi password is hunter2!", "Wi-Fi password is hunter2"),
+        ("Password is tiger&lion", "Password is tiger lion"),
     ],
 )
 def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, new: str) -> None:
     """Punctuation is ignored when wordings are compared, but not a sign that is part of the
-    value, and case is, but not where it is part of the value (a password, a user name):
-    these are corrections, not rewordings."""
+    value (a mark inside a user name, an address, a branch, a password), and case is, but not
+    where it is part of the value (a password, a user name): these are corrections, not
+    rewordings."""
     store.remember(old)
     done = store.remember(new)
     assert done.outcome is Outcome.SUPERSEDED
