@@ -83,11 +83,13 @@ from .types import Category, Memory
 __all__ = [
     "CONTEXT_CLOSE",
     "CONTEXT_OPEN",
+    "FETCHING_FIELDS",
     "MAX_ANSWER_CHARS",
     "MAX_BLOCK_CHARS",
     "MAX_MEMORIES_PER_BLOCK",
     "MAX_MEMORY_CHARS",
     "OWN_PARTS",
+    "OWN_ROLES",
     "ExtractedMemory",
     "ExtractionResult",
     "MemoryStreamFilter",
@@ -102,6 +104,7 @@ __all__ = [
     "inline_extraction_allowed",
     "message_text",
     "new_nonce",
+    "outside_role",
     "parse_extraction_json",
     "parse_memory_block",
     "short_ids",
@@ -537,6 +540,48 @@ hold only the conversation's words; a ``toolResult``, ``image``, ``document`` or
 part carries outside text, as the typed parts above."""
 
 
+OWN_ROLES = frozenset(
+    {
+        "user",
+        "assistant",
+        "system",
+        "developer",
+        # other names of the same roles
+        "human",  # LangChain's user
+        "ai",  # LangChain's assistant
+        "model",  # Gemini's assistant (LlamaIndex's MessageRole.MODEL)
+        "chatbot",  # Cohere's assistant (LlamaIndex's MessageRole.CHATBOT)
+    }
+)
+"""Message roles that hold the words of the user, the application or the model. A message of
+any other role carries text nobody in the conversation wrote: a tool's or function's result
+(``tool``, ``function``), Llama's ``ipython`` (a tool's output, as vLLM and other
+OpenAI-compatible servers take it), and any role not known (:func:`outside_role`)."""
+
+
+def outside_role(role: object) -> bool:
+    """Whether a message's ``role`` is not one of :data:`OWN_ROLES` (a role given as a string
+    enum, such as LlamaIndex's ``MessageRole``, by its value). A message with no role (a
+    Responses API item named by its ``type``) is judged by its type, not here."""
+    role = getattr(role, "value", role)
+    return isinstance(role, str) and role not in OWN_ROLES
+
+
+FETCHING_FIELDS = frozenset(
+    {
+        "web_search_options",  # Chat Completions' web search
+        "plugins",  # OpenRouter: web search, file parsing
+        "search_parameters",  # xAI's live search
+        "enable_search",  # Qwen (DashScope)'s web search
+        "documents",  # vLLM: the sources of a chat template made for retrieval
+    }
+)
+"""Request fields, top-level or in ``extra_body`` (which the openai client adds to the request
+as it is), with which the server gives the model text nobody in the conversation wrote. A field
+a server reads text for that is not listed here is not known: pass ``untrusted_context=True``
+for such calls."""
+
+
 def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     """Whether the model may read text nobody in the conversation wrote while it answers: a
     message part that is not the words of the user, the application or the model (any part
@@ -549,8 +594,29 @@ def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     Responses API call that continues turns the provider stored (``previous_response_id``,
     ``conversation``): the model reads them, tool outputs included, and the request does not
     show them; so is one whose ``input`` refers to a stored item by id (``item_reference``:
-    a tool's output, say)."""
-    if _given(request_kwargs.get("web_search_options")) is not None:
+    a tool's output, say).
+
+    So is a message of a role not in :data:`OWN_ROLES` (a tool's output in Llama's
+    ``ipython`` role, any role not known), a Responses API ``prompt`` whose ``variables``
+    hold a part that is not the conversation's words (an ``input_file`` or ``input_image``
+    given as a variable: only a string or an :data:`OWN_PARTS` part is), and a request with a
+    field of :data:`FETCHING_FIELDS` (a web search, an OpenRouter plugin, a retrieval
+    template's documents), top-level or in ``extra_body``, whose own fields are checked as
+    the request's."""
+    if _fetches(request_kwargs):
+        return True
+    extra = _given(request_kwargs.get("extra_body"))
+    return isinstance(extra, Mapping) and _fetches(extra)
+
+
+def _fetches(request_kwargs: Mapping[str, Any]) -> bool:
+    """:func:`fetches_outside_text` for one level of a request (``extra_body`` left out)."""
+    for name in FETCHING_FIELDS:
+        value = _given(request_kwargs.get(name))
+        if value is not None and value is not False:
+            return True
+    variables = _given(field_value(_given(request_kwargs.get("prompt")), "variables"))
+    if isinstance(variables, Mapping) and not all(_own_part(v) for v in variables.values()):
         return True
     for stored_turns in ("previous_response_id", "conversation"):
         if _given(request_kwargs.get(stored_turns)) is not None:
@@ -560,8 +626,9 @@ def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     ):
         return True
     for field in ("messages", "input"):
-        if any(_holds_outside_text(m) for m in _listed(request_kwargs.get(field))):
-            return True
+        for message in _listed(request_kwargs.get(field)):
+            if outside_role(field_value(message, "role")) or _holds_outside_text(message):
+                return True
     for tool in _listed(request_kwargs.get("tools")):
         kind = field_value(tool, "type")
         if isinstance(kind, str) and kind not in CLIENT_TOOL_TYPES:

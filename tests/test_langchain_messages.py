@@ -18,6 +18,7 @@ from langchain.agents.middleware import SummarizationMiddleware
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
+    ChatMessage,
     HumanMessage,
     HumanMessageChunk,
     ToolMessage,
@@ -228,6 +229,38 @@ SEARCH_CALL = {
     "name": "web_search",
     "args": {"query": "x"},
 }
+
+
+@pytest.mark.parametrize(
+    ("role", "untrusted"), [("ipython", True), ("observation", True), ("assistant", False)]
+)
+def test_a_chat_message_of_a_role_not_known_is_outside_text(
+    role: str,
+    untrusted: bool,
+    openai_server: ScriptedOpenAIServer,
+    db_path: Path,
+    model: Any,
+) -> None:
+    """A ``ChatMessage`` of Llama's ``ipython`` role (GLM's ``observation``) is a tool's
+    output, sent with its role as it is: any role but the user's, the application's and the
+    model's makes the call untrusted (the rule every adapter shares, ``prompts.OWN_ROLES``)."""
+    openai_server.responder = ScriptedChat("Three days.", memories=[PLANTED, LYON])
+    chat = MemoryChatModel(
+        model=chat_openai(openai_server), user_id="alice", db_path=db_path, embedder=model
+    )
+    messages: list[BaseMessage] = [
+        HumanMessage("Please read the shipping FAQ."),
+        AIMessage("<|python_tag|>read_faq()"),
+        ChatMessage(role=role, content=POISON),
+        HumanMessage(QUESTION),
+    ]
+    assert chat.invoke(messages).text == "Three days."
+    assert {"role": role, "content": POISON} in sent(openai_server)
+    if untrusted:
+        assert texts(chat.memory) == [LYON["text"]]
+        assert chat.memory.stats()["events"]["ungrounded_memories"] == 1
+    else:
+        assert texts(chat.memory) == sorted([LYON["text"], PLANTED["text"]])
 
 
 @pytest.mark.parametrize("output_version", ["v1", "v0"])

@@ -901,6 +901,57 @@ def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> 
             },
             False,
         ),
+        # a message of a role that is not the user's, the application's or the model's
+        *(
+            ({"messages": [{"role": role, "content": "t"}]}, fetches)
+            for role, fetches in (
+                ("ipython", True),  # Llama's tool output
+                ("observation", True),  # GLM's
+                ("tool", True),
+                ("function", True),
+                ("environment", True),
+                (None, False),
+                *((role, False) for role in ("user", "assistant", "system", "developer")),
+                *((role, False) for role in ("human", "ai", "model", "chatbot")),  # their aliases
+            )
+        ),
+        ({"input": [{"type": "message", "role": "ipython", "content": "t"}]}, True),
+        # a reusable prompt's variables: a file or an image is not the conversation's words
+        ({"prompt": {"id": "p", "variables": {"f": {"type": "input_file", "file_id": "f"}}}}, True),
+        (
+            {"prompt": {"id": "p", "variables": {"i": {"type": "input_image", "file_id": "i"}}}},
+            True,
+        ),
+        ({"prompt": {"id": "p", "variables": {"x": {"kind": "input_text", "text": "t"}}}}, True),
+        (
+            {
+                "prompt": {
+                    "id": "p",
+                    "variables": {"x": "t", "y": {"type": "input_text", "text": "t"}},
+                }
+            },
+            False,
+        ),
+        ({"prompt": {"id": "p"}}, False),
+        ({"prompt": "Once upon a time"}, False),  # the legacy completions' prompt
+        # fields with which a server gives the model outside text, top-level or in extra_body
+        *(
+            ({**wrap({name: value})}, fetches)
+            for wrap in (lambda d: d, lambda d: {"extra_body": d})
+            for name, value, fetches in (
+                ("plugins", [{"id": "web"}], True),
+                ("web_search_options", {}, True),
+                ("search_parameters", {"mode": "auto"}, True),
+                ("enable_search", True, True),
+                ("enable_search", False, False),
+                ("documents", [{"text": "t"}], True),
+                ("top_k", 20, False),
+                ("plugins", None, False),
+            )
+        ),
+        ({"extra_body": {"tools": [{"type": "web_search"}]}}, True),
+        ({"extra_body": {"messages": [{"role": "ipython", "content": "t"}]}}, True),
+        ({"extra_body": NotGiven()}, False),
     ],
 )
 def test_fetches_outside_text(kwargs: dict[str, object], fetches: bool) -> None:

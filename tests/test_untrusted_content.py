@@ -314,6 +314,96 @@ def test_an_attached_image_makes_the_call_untrusted(openai_server, db_path, mode
     assert client.memory.stats()["events"]["ungrounded_memories"] == 1
 
 
+@pytest.mark.parametrize(
+    ("variable", "untrusted"),
+    [
+        ({"type": "input_file", "file_url": "https://attacker.example/invoice.pdf"}, True),
+        ({"type": "input_image", "image_url": PNG, "detail": "auto"}, True),
+        ({"type": "input_text", "text": "invoice 7"}, False),
+        ("invoice 7", False),
+    ],
+    ids=["input_file", "input_image", "input_text", "string"],
+)
+def test_a_file_given_as_a_prompt_variable_makes_the_call_untrusted(
+    openai_server, db_path, model, variable, untrusted
+) -> None:
+    """A reusable prompt's ``variables`` can attach a file or an image, as an input part can:
+    text the user did not write (before, such a call stayed trusted and the payment account
+    the file asked for was stored). A text variable is the application's words."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    openai_server.responder = obedient_model([PLANTED, OWN])
+    client.responses.create(
+        model="gpt-4o",
+        input="I have a dentist appointment on Friday. Summarise the invoice.",
+        prompt={"id": "pmpt_123", "variables": {"invoice": variable}},
+    )
+    assert client.memory.flush(30)
+    stored = sorted(m.text for m in client.memory.get_all())
+    assert stored == ([OWN["text"]] if untrusted else sorted([OWN["text"], PLANTED["text"]]))
+
+
+@pytest.mark.parametrize(
+    ("extra_body", "untrusted"),
+    [
+        ({"plugins": [{"id": "web"}]}, True),  # OpenRouter's web search
+        ({"web_search_options": {}}, True),
+        ({"documents": [{"title": "FAQ", "text": POISONED_TOOL_RESULT}]}, True),  # vLLM
+        ({"top_k": 20, "plugins": None}, False),  # sampling options fetch nothing
+    ],
+    ids=["plugins", "web_search_options", "documents", "sampling"],
+)
+def test_a_server_that_fetches_text_through_extra_body_makes_the_call_untrusted(
+    openai_server, db_path, model, extra_body, untrusted
+) -> None:
+    """``extra_body`` is sent as part of the request: a field in it that has the server give
+    the model outside text (a web search, an OpenRouter plugin, a retrieval template's
+    documents) makes the call untrusted, as it does top-level."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    openai_server.responder = obedient_model([PLANTED, OWN])
+    client.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "I have a dentist appointment on Friday"}],
+        extra_body=extra_body,
+    )
+    assert openai_server.requests[-1].body.items() >= extra_body.items()  # sent as given
+    assert client.memory.flush(30)
+    stored = sorted(m.text for m in client.memory.get_all())
+    assert stored == ([OWN["text"]] if untrusted else sorted([OWN["text"], PLANTED["text"]]))
+
+
+@pytest.mark.parametrize(
+    ("role", "untrusted"),
+    [("ipython", True), ("observation", True), ("tool", True), ("assistant", False)],
+)
+def test_a_message_of_a_role_not_known_is_outside_text(
+    openai_server, db_path, model, role, untrusted
+) -> None:
+    """Llama's ``ipython`` role (GLM's ``observation``) carries a tool's output, as ``tool``
+    does, on the OpenAI-compatible servers that accept it: any role but the user's, the
+    application's (system, developer) and the model's makes the call untrusted. Before, only
+    ``tool`` and ``function`` did, and the payment account the output asked for was stored."""
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    openai_server.responder = obedient_model([PLANTED, OWN])
+    client.chat.completions.create(
+        model="llama-3.1",
+        messages=[
+            {"role": "user", "content": "Check my calendar please"},
+            {"role": "assistant", "content": "<|python_tag|>calendar.list()"},
+            {"role": role, "content": POISONED_TOOL_RESULT},
+            {"role": "user", "content": "I have a dentist appointment on Friday, what else?"},
+        ],
+    )
+    assert client.memory.flush(30)
+    stored = sorted(m.text for m in client.memory.get_all())
+    assert stored == ([OWN["text"]] if untrusted else sorted([OWN["text"], PLANTED["text"]]))
+
+
 def test_a_react_observation_is_a_tool_result_not_the_users_message(
     openai_server, db_path, model
 ) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from langchain_core.agents import AgentAction, AgentStep
+from langchain_core.documents import Document
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -46,6 +48,7 @@ from ..prompts import (
     field_value,
     inline_extraction_allowed,
     message_text,
+    outside_role,
 )
 
 Injection = Literal["system", "user"]
@@ -93,7 +96,9 @@ def is_user(message: BaseMessage) -> bool:
 
 def is_tool_result(message: BaseMessage) -> bool:
     """Text the user did not write in a conversation: a tool's or function's result (or
-    chunk), a harness notification such as a conversation summary, or an ``AIMessage`` whose
+    chunk), a ``ChatMessage`` of a role that is not the user's, the application's or the
+    model's (Llama's ``ipython``, any role not known: :func:`~...prompts.outside_role`), a
+    harness notification such as a conversation summary, or an ``AIMessage`` whose
     ``additional_kwargs["tool_outputs"]`` holds what provider-run tools found (``ChatOpenAI``'s
     Responses API answers with ``output_version="v0"``). Content blocks that carry such text
     inside any message (a ``tool_result``, ``search_result``, ``server_tool_result`` or
@@ -102,6 +107,8 @@ def is_tool_result(message: BaseMessage) -> bool:
     :data:`~...prompts.OWN_PARTS`)."""
     if isinstance(message, (ToolMessage, FunctionMessage)):
         return True
+    if isinstance(message, ChatMessage):  # a role not the user's, the app's or the model's
+        return outside_role(message.role)
     if isinstance(message, HumanMessage):
         return is_notification(message)
     kwargs = getattr(message, "additional_kwargs", None)
@@ -125,6 +132,25 @@ def holds_outside_text(
     return fetches_outside_text({**(call_kwargs or {}), "messages": messages}) or any(
         is_tool_result(message) for message in messages
     )
+
+
+def holds_tool_steps(value: object) -> bool:
+    """Whether a chain's input or output value holds text the user did not write: an agent's
+    tool steps (an ``AgentAction`` or ``AgentStep``, or the ``(action, observation)`` pairs of
+    an ``AgentExecutor``'s ``intermediate_steps``), a retrieved ``Document`` (a retrieval
+    chain's ``source_documents`` or ``context``), or messages that hold a tool's result or
+    other outside text (:func:`holds_outside_text`). A value is looked into one level deep:
+    itself, or the items of a list or tuple."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    messages: list[BaseMessage] = []
+    for item in items:
+        if isinstance(item, (AgentAction, AgentStep, Document)):
+            return True
+        if isinstance(item, (list, tuple)) and item and isinstance(item[0], AgentAction):
+            return True  # an (action, observation) pair
+        if isinstance(item, BaseMessage):
+            messages.append(item)
+    return holds_outside_text(messages)
 
 
 def _prepend(message: BaseMessage, text: str) -> BaseMessage:

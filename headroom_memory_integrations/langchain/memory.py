@@ -11,6 +11,7 @@ import asyncio
 import threading
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from .._optional import require
@@ -27,7 +28,7 @@ from ..prompts import message_text  # noqa: E402
 from ..wiring import BUILT_FROM, FlowSettings, build_flow  # noqa: E402
 from ..writer import BackgroundExtractor  # noqa: E402
 from ._extract import chat_model_completer, memory_field  # noqa: E402
-from ._messages import is_user  # noqa: E402
+from ._messages import holds_tool_steps, is_user  # noqa: E402
 
 _PENDING_TURNS = 64  # loaded turns waiting for their save_context, per memory object
 _FORGET_TIMEOUT = 30.0  # seconds clear() waits for the user's running background work
@@ -90,7 +91,10 @@ class HeadroomMemory(FlowSettings, BaseMemory):
         untrusted_context: The chain's prompt holds text the user did not write (retrieved
             documents), which the extraction sees in the exchange's answer: keep only memories
             grounded in the user's own words (``stats()["events"]["ungrounded_memories"]``
-            counts the others).
+            counts the others). A run whose outputs show tool steps (an ``AgentExecutor``'s
+            non-empty ``intermediate_steps``) is checked so without it; an
+            ``AgentExecutor`` without ``return_intermediate_steps=True`` shows none, so pass
+            it for such an agent.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
@@ -171,11 +175,12 @@ class HeadroomMemory(FlowSettings, BaseMemory):
         """Queue the exchange for background extraction and return (without ``llm``: nothing)."""
         user_text = self._text(inputs, self.input_key, "input").strip()
         answer = self._text(outputs, self.output_key, "output")
+        untrusted = self.untrusted_context or self._ran_tools(inputs, outputs)
         with self._turns_lock:
-            turn = self._turns.pop(user_text, None) or Turn(
-                user_text=user_text or None, untrusted=self.untrusted_context
-            )
+            turn = self._turns.pop(user_text, None) or Turn(user_text=user_text or None)
             self._previous = user_text or self._previous
+        if untrusted and not turn.untrusted:  # (the turn loaded before the run could not know)
+            turn = replace(turn, untrusted=True)
         if self.llm is not None:
             self._flow.finish(turn, answer)
 
@@ -201,6 +206,19 @@ class HeadroomMemory(FlowSettings, BaseMemory):
 
     async def aclear(self) -> None:
         await asyncio.to_thread(self.clear)
+
+    def _ran_tools(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> bool:
+        """Whether the run's answer was written with text the user did not write in view: its
+        outputs hold tool steps (an ``AgentExecutor``'s non-empty ``intermediate_steps``, or
+        any output with tool steps, retrieved documents or tool messages:
+        :func:`~._messages.holds_tool_steps`), or its input is a chat history that holds them.
+        An ``AgentExecutor`` without ``return_intermediate_steps=True`` returns only its
+        answer, which cannot be told from a chain's: pass ``untrusted_context=True``."""
+        if outputs.get("intermediate_steps"):
+            return True
+        if any(holds_tool_steps(value) for value in outputs.values()):
+            return True
+        return holds_tool_steps(self._value(inputs, self.input_key, "input"))
 
     def _previous_text(self, inputs: dict[str, Any]) -> str | None:
         """The user's message before the run's input: in a chat history given as the input,

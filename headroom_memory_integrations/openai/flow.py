@@ -37,6 +37,7 @@ from ..prompts import (
     field_value,
     inline_extraction_allowed,
     message_text,
+    outside_role,
 )
 
 Injection = Literal["system", "user"]
@@ -56,7 +57,10 @@ def _is_user(message: Any) -> bool:
 
 
 def _is_tool_result(message: Any) -> bool:
-    return isinstance(message, Mapping) and message.get("role") in ("tool", "function")
+    """A message of a role that is not the user's, the application's or the model's: a tool's
+    or function's result, Llama's ``ipython`` tool output, any role not known
+    (:func:`~..prompts.outside_role`)."""
+    return outside_role(field_value(message, "role"))
 
 
 def prepend(message: Mapping[str, Any], text: str, part_type: str = "text") -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..engine import FOLLOW_UP_EARLIER_CHARS
 from ..flow import AnswerStream, MemoryFlow
-from ..prompts import MODEL_CALLS, field_value
+from ..prompts import MODEL_CALLS, field_value, outside_role
 from .flow import Call, CompletionsFlow
 
 OWN_ITEMS = frozenset(
@@ -54,9 +54,13 @@ def _is_user(item: Any) -> bool:
 
 
 def _is_tool_output(item: Any) -> bool:
-    """The item carries text from outside the conversation (see :data:`OWN_ITEMS`)."""
+    """The item carries text from outside the conversation (see :data:`OWN_ITEMS`), or is a
+    message of a role that is not the user's, the application's or the model's
+    (:func:`~..prompts.outside_role`)."""
     kind = field_value(item, "type")
-    return not (isinstance(kind, str) or kind is None) or kind not in OWN_ITEMS
+    if not (isinstance(kind, str) or kind is None) or kind not in OWN_ITEMS:
+        return True
+    return outside_role(field_value(item, "role"))
 
 
 def _output_texts(response: Any) -> list[Any]:
