@@ -30,14 +30,18 @@ example, is ordinary text too and stays visible.
 - Memories come from the *last* block only, and only if it is closed. The payload must be a JSON
   array (a ```json fence around it is tolerated); anything else stores nothing. Entries that are
   not valid are dropped one by one: see :data:`MAX_MEMORIES_PER_BLOCK`, :data:`MAX_MEMORY_CHARS`.
+- A Markdown code fence that held nothing but cut blocks and blank lines goes too (its opening
+  and closing lines, and the blank lines after it): a model that fences its block leaves no empty
+  code block. A fence with anything else in it stays, and so does the text after it.
 - The visible text is the rest, with trailing whitespace removed.
 
 **3. The stream filter** (:class:`MemoryStreamFilter`) applies the same rules to deltas. It holds
 back only what could still turn out to be the start of an opening tag, plus trailing whitespace
-(invisible, and removed anyway if the answer ends there). Inside a block everything is withheld;
-after its closing tag, text streams again. So no chunk ever contains any part of a block, and the
-chunks plus the final :attr:`StreamResult.tail` equal :attr:`ParsedAnswer.visible` of the whole
-text, however it was split.
+(invisible, and removed anyway if the answer ends there), and a line that could open a code fence
+with what follows it while that fence holds only blank lines (and perhaps a block) so far. Inside
+a block everything is withheld; after its closing tag, text streams again. So no chunk ever
+contains any part of a block, and the chunks plus the final :attr:`StreamResult.tail` equal
+:attr:`ParsedAnswer.visible` of the whole text, however it was split.
 
 **4. The injected context** (:func:`format_memory_context`)::
 
@@ -67,6 +71,7 @@ store" from "malformed, retry".
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -167,8 +172,8 @@ class ParsedAnswer:
     """A model's answer split into what the user sees and what gets remembered.
 
     Attributes:
-        visible: The answer without the memory block(s) and the whitespace before a cut one
-            at its end; an answer with no block is left as it is.
+        visible: The answer without the memory block(s), a code fence that held only them, and
+            the whitespace before a cut one at its end; an answer with no block is left as it is.
         memories: Valid entries of the last block (empty if none, if it is unclosed or malformed).
         problem: None, or a short description of what was wrong, for logging.
         block_found: Whether an opening tag with this nonce occurred at all (False means the model
@@ -851,23 +856,108 @@ def _join(notes: list[str]) -> str | None:
 # ---------------------------------------------------------------------------------- the parsers
 
 
-def _split(text: str, open_tag: str, close_tag: str) -> tuple[str, list[str], bool]:
-    """(visible text before rstrip, contents of the closed blocks, whether one is left unclosed)."""
+def _split(text: str, open_tag: str, close_tag: str) -> tuple[str, list[str], list[int], bool]:
+    """(visible text before rstrip, contents of the closed blocks, where each block was cut from
+    the visible text, whether the last one is left unclosed)."""
     pieces: list[str] = []
     blocks: list[str] = []
-    pos = 0
+    cuts: list[int] = []
+    pos = length = 0
     while True:
         start = text.find(open_tag, pos)
         if start < 0:
             pieces.append(text[pos:])
-            return "".join(pieces), blocks, False
+            return "".join(pieces), blocks, cuts, False
         pieces.append(text[pos:start])
+        length += start - pos
+        cuts.append(length)
         inner = start + len(open_tag)
         end = text.find(close_tag, inner)
         if end < 0:
-            return "".join(pieces), blocks, True
+            return "".join(pieces), blocks, cuts, True
         blocks.append(text[inner:end])
         pos = end + len(close_tag)
+
+
+# Markdown code fences (CommonMark, read line by line at the top level): an opening line of three
+# or more backticks or tildes, indented by up to three spaces, then an info string (with no
+# backtick in a backtick fence's); a closing line of at least as many of the same character, then
+# only spaces. The end of the text closes a fence left open. A longer line is no fence's (so the
+# stream filter holds back no more than this of a line that could open one).
+_MAX_FENCE_LINE = 200
+_FENCE_OPENER_RE = re.compile(r" {0,3}(?:(`{3,})[^`\n]*|(~{3,})[^\n]*)")
+_FENCE_OPENER_START_RE = re.compile(r" {0,3}(?:`{1,2}|~{1,2}|`{3,}[^`\n]*|~{3,}[^\n]*)")
+_NOT_BLANK_RE = re.compile(r"\S")
+
+
+def _fence_opener(line: str) -> tuple[str, int] | None:
+    """(character, length) of the fence that ``line`` (without its line break) opens, or None."""
+    match = _FENCE_OPENER_RE.fullmatch(line) if len(line) <= _MAX_FENCE_LINE else None
+    if match is None:
+        return None
+    marks = match.group(1) or match.group(2)
+    return marks[0], len(marks)
+
+
+def _may_open_fence(line: str) -> bool:
+    """Whether ``line``, not complete yet, can still become a fence's opening line."""
+    return len(line) <= _MAX_FENCE_LINE and _FENCE_OPENER_START_RE.fullmatch(line) is not None
+
+
+def _closes_fence(fence: tuple[str, int], line: str, *, started: bool = False) -> bool:
+    """Whether ``line`` closes ``fence``; with ``started``, whether it still can once complete."""
+    return (
+        len(line) <= _MAX_FENCE_LINE and _fence_closer(fence, started).fullmatch(line) is not None
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _fence_closer(fence: tuple[str, int], started: bool) -> re.Pattern[str]:
+    mark, length = re.escape(fence[0]), fence[1]
+    closer = f"{mark}{{{length},}}[ \\t\\r]*"
+    return re.compile(f" {{0,3}}(?:{mark}*|{closer})" if started else f" {{0,3}}{closer}")
+
+
+def _blank_end(text: str, start: int) -> int:
+    """End of the blank lines from ``start`` on (``start`` if the first line is not blank)."""
+    match = _NOT_BLANK_RE.search(text, start)
+    return text.rfind("\n", start, match.start() if match else len(text)) + 1 or start
+
+
+def _without_block_fences(text: str, cuts: list[int]) -> str:
+    """``text`` (an answer whose blocks were cut at ``cuts``) without the code fences that held
+    only cut blocks and blank lines: a model that fences its block would leave an empty code
+    block. Their opening and closing lines go, and the blank lines after them; a block counts if
+    it was cut after the opening line's line break and before the closing line's backticks.
+    :class:`_VisibleText` applies the same rules to a stream.
+    """
+    dropped: list[tuple[int, int]] = []
+    fence: tuple[str, int] | None = None
+    opened = content = start = 0  # the open fence's opening line and content start
+    while start < len(text):
+        newline = text.find("\n", start)
+        end = len(text) if newline < 0 else newline + 1
+        line = text[start:end].removesuffix("\n")
+        if fence is None:
+            fence = _fence_opener(line) if newline >= 0 else None
+            opened, content = start, end
+        elif _closes_fence(fence, line):
+            marks = start + len(line) - len(line.lstrip(" "))
+            if _NOT_BLANK_RE.search(text, content, start) is None and any(
+                content <= cut <= marks for cut in cuts
+            ):
+                dropped.append((opened, end))
+            fence = None
+        start = end
+    if fence is not None and _NOT_BLANK_RE.search(text, content) is None and cuts[-1] >= content:
+        dropped.append((opened, len(text)))  # closed by the end of the answer
+    kept: list[str] = []
+    pos = 0
+    for begin, end in dropped:
+        kept.append(text[pos:begin])
+        pos = _blank_end(text, end)
+    kept.append(text[pos:])
+    return "".join(kept)
 
 
 def _block_memories(content: str) -> tuple[tuple[ExtractedMemory, ...], list[str], int]:
@@ -896,10 +986,10 @@ def parse_memory_block(text: str, nonce: str) -> ParsedAnswer:
     if not _valid_nonce(nonce):
         return ParsedAnswer(text, (), "invalid nonce: no memory block can match")
     open_tag, close_tag = f"<memory-{nonce}>", f"</memory-{nonce}>"
-    visible, blocks, unclosed = _split(text, open_tag, close_tag)
-    found = unclosed or bool(blocks)
-    if found:  # the whitespace that set a cut block apart; an answer without one is unchanged
-        visible = visible.rstrip()
+    visible, blocks, cuts, unclosed = _split(text, open_tag, close_tag)
+    found = bool(cuts)
+    if found:  # a fence around a cut block, the whitespace that set it apart; else unchanged
+        visible = _without_block_fences(visible, cuts).rstrip()
     notes: list[str] = []
     if len(blocks) + unclosed > 1:
         notes.append(f"{len(blocks) + unclosed} memory blocks; only the last counts")
@@ -1007,6 +1097,130 @@ def parse_extraction_json(text: str) -> ExtractionResult:
 # ---------------------------------------------------------------------------- the stream filter
 
 
+class _VisibleText:
+    """The visible text of a streamed answer, built from its text outside blocks and the places
+    where blocks were cut (:meth:`add`, :meth:`add_cut`, :meth:`finish`): the rules of
+    :func:`_without_block_fences` and the final ``rstrip``, applied as the text comes.
+
+    It holds back trailing whitespace; a line that could still open a code fence (``"`"`` to
+    ``"```json"`` at a line start, until its line break); and a fence opened that holds nothing
+    but blank lines so far, until its first other text (shown, a real code block), its closing
+    line (dropped with it if a block was cut inside, shown if not) or the end. A fence with no
+    block cut inside is shown as soon as it holds any text.
+    """
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+        self.cut = False  # a block was cut
+        self._held = ""  # not shown yet: trailing whitespace, then perhaps a fence in question
+        self._line: str | None = ""  # the line so far; None once it cannot open or close a fence
+        self._fence: tuple[str, int] | None = None  # a fence shown and not closed yet
+        self._maybe: int | None = None  # self._held[self._maybe :] is a fence in question
+        self._maybe_fence: tuple[str, int] | None = None  # it, once its opening line is complete
+        self._maybe_cut = False  # a block was cut inside it
+        self._blank_from: int | None = None  # a fence was dropped: blank lines from here go too
+
+    def take(self) -> str:
+        shown, self.shown = "".join(self.shown), []
+        return shown
+
+    def add_cut(self) -> None:
+        self.cut = True
+        if self._maybe_fence is not None and self._line is not None and not self._line.strip():
+            self._maybe_cut = True  # cut before the closing line's backticks
+
+    def add(self, text: str) -> None:
+        start = 0
+        while start < len(text):
+            newline = text.find("\n", start)
+            end = len(text) if newline < 0 else newline + 1
+            self._add_piece(text[start:end], newline >= 0)
+            start = end
+
+    def _add_piece(self, piece: str, ends: bool) -> None:
+        """Take ``piece``, part of one line (ending it if ``ends``)."""
+        line = None if self._line is None else self._line + piece.removesuffix("\n")
+        if line is not None and len(line) > _MAX_FENCE_LINE and not line.strip():
+            line = " " * (_MAX_FENCE_LINE + 1)  # blank, and too long for a fence line: no more
+        if self._maybe is None and self._fence is None and line is not None and line.strip():
+            if self._blank_from is not None:  # the first text after a dropped fence
+                end = self._held.rfind("\n", self._blank_from) + 1
+                if end:
+                    self._held = self._held[: self._blank_from] + self._held[end:]
+                self._blank_from = None
+            if _may_open_fence(line):
+                self._maybe = self._held.rfind("\n") + 1  # its line's start
+        if self._maybe is not None:
+            self._held += piece
+            line = self._in_question(line or "", ends)
+        else:
+            self._show(piece)
+            if line is not None and line.strip():
+                if self._fence is None:
+                    line = None  # no fence opens here
+                elif ends and _closes_fence(self._fence, line):
+                    self._fence = None
+                elif not _closes_fence(self._fence, line, started=True):
+                    line = None
+        self._line = "" if ends else line
+
+    def _in_question(self, line: str, ends: bool) -> str | None:
+        """Go on with a fence in question that ``line`` is part of; return ``line`` or None."""
+        if self._maybe_fence is None:  # its opening line
+            if ends:
+                self._maybe_fence = _fence_opener(line)
+                if self._maybe_fence is None:
+                    self._release()
+            elif not _may_open_fence(line):
+                self._release()
+                return None
+            return line
+        if not line.strip():
+            return line
+        if self._maybe_cut:  # text after a cut block: the closing line, or a real code block
+            closer = _closes_fence(self._maybe_fence, line, started=not ends)
+            if closer and ends:
+                self._drop()
+            if closer:
+                return line
+        self._fence = self._maybe_fence  # a real code block, or an empty one being closed
+        self._release()
+        if ends and _closes_fence(self._fence, line):
+            self._fence = None
+        elif not _closes_fence(self._fence, line, started=True):
+            return None
+        return line
+
+    def _show(self, text: str) -> None:
+        """Show what is held and ``text``, but their trailing whitespace."""
+        text = self._held + text
+        core = text.rstrip()
+        if core:
+            self.shown.append(core)
+        self._held = text[len(core) :]
+
+    def _release(self) -> None:
+        self._maybe, self._maybe_fence, self._maybe_cut = None, None, False
+        self._show("")
+
+    def _drop(self) -> None:
+        self._held = self._held[: self._maybe]
+        self._blank_from = len(self._held)
+        self._maybe, self._maybe_fence, self._maybe_cut = None, None, False
+
+    def finish(self) -> str:
+        """The end of the answer: what is left to show."""
+        if self._maybe is not None:
+            fence, line = self._maybe_fence, self._line or ""
+            closed = fence is not None and (not line.strip() or _closes_fence(fence, line))
+            if closed and self._maybe_cut:
+                self._drop()
+            else:
+                self._release()
+        held, self._held = self._held, ""
+        return self.take() + (held.rstrip() if self.cut else held)
+
+
 class MemoryStreamFilter:
     """Removes the memory block from a streamed answer, delta by delta.
 
@@ -1020,9 +1234,11 @@ class MemoryStreamFilter:
         show(result.tail)
         store(result.memories)
 
-    What it holds back: outside a block, only a suffix that could be the start of the opening tag
-    (e.g. ``"<mem"``) and trailing whitespace; once the opening tag is complete, everything until
-    the closing tag; after the closing tag, text streams again (the parser keeps it visible too).
+    What it holds back: outside a block, a suffix that could be the start of the opening tag
+    (e.g. ``"<mem"``), trailing whitespace, a line that could still open a code fence and a code
+    fence that holds only blank lines so far (the model may have fenced its block: then the
+    fence goes with the block); once the opening tag is complete, everything until the closing
+    tag; after the closing tag, text streams again (the parser keeps it visible too).
     Everything returned by :meth:`feed` plus ``finish().tail`` equals
     ``parse_memory_block(full_text, nonce).visible``.
 
@@ -1035,13 +1251,10 @@ class MemoryStreamFilter:
         self._open, self._close = block_tags(nonce)
         self._raw: list[str] = []
         self._inside = False
-        self._cut = False  # a block was cut: the answer's trailing whitespace goes with it
-        # Outside a block, the text not shown yet: whitespace (self._pending[: self._scan_from])
-        # then a possible start of the opening tag. Inside: the last few characters, enough to find
-        # a closing tag split across deltas.
+        # Outside a block, a possible start of the opening tag; inside, the last few characters,
+        # enough to find a closing tag split across deltas
         self._pending = ""
-        self._scan_from = 0
-        self._whitespace = ""  # whitespace before the current block, shown only if text follows it
+        self._visible = _VisibleText()  # the text outside blocks goes there
         self._result: StreamResult | None = None
 
     @property
@@ -1059,38 +1272,28 @@ class MemoryStreamFilter:
         if not delta:
             return ""
         self._raw.append(delta)
-        shown: list[str] = []
         rest: str | None = delta
         while rest is not None:
-            rest = self._feed_inside(rest) if self._inside else self._feed_outside(rest, shown)
-        return "".join(shown)
+            rest = self._feed_inside(rest) if self._inside else self._feed_outside(rest)
+        return self._visible.take()
 
-    def _feed_outside(self, delta: str, shown: list[str]) -> str | None:
+    def _feed_outside(self, delta: str) -> str | None:
         """Consume ``delta`` outside a block; return the text after an opening tag, if any."""
         buffer = self._pending + delta
-        start = buffer.find(self._open, self._scan_from)
+        start = buffer.find(self._open)
         if start >= 0:
-            self._show(buffer[:start], shown)
-            self._whitespace, self._pending = self._pending, ""
-            self._inside = self._cut = True
+            self._visible.add(buffer[:start])
+            self._visible.add_cut()
+            self._pending, self._inside = "", True
             return buffer[start + len(self._open) :]
         cut = self._tag_prefix_start(buffer)
-        self._show(buffer[:cut], shown)
-        self._scan_from = len(self._pending)
-        self._pending += buffer[cut:]
+        self._visible.add(buffer[:cut])
+        self._pending = buffer[cut:]
         return None
-
-    def _show(self, text: str, shown: list[str]) -> None:
-        """Show ``text`` but its trailing whitespace, which waits in ``_pending`` for more text."""
-        core = text.rstrip()
-        if core:
-            shown.append(core)
-        self._pending = text[len(core) :]
 
     def _tag_prefix_start(self, buffer: str) -> int:
         """Start of the longest suffix of ``buffer`` that is a proper prefix of the opening tag."""
-        first = max(self._scan_from, len(buffer) - len(self._open) + 1)
-        at = buffer.find("<", first)
+        at = buffer.find("<", max(0, len(buffer) - len(self._open) + 1))
         while at >= 0:
             if self._open.startswith(buffer[at:]):
                 return at
@@ -1104,9 +1307,7 @@ class MemoryStreamFilter:
         if end < 0:
             self._pending = buffer[-(len(self._close) - 1) :]
             return None
-        self._inside = False
-        self._pending, self._scan_from = self._whitespace, len(self._whitespace)
-        self._whitespace = ""
+        self._inside, self._pending = False, ""
         return buffer[end + len(self._close) :]
 
     def finish(self) -> StreamResult:
@@ -1115,8 +1316,10 @@ class MemoryStreamFilter:
         Calling it again returns the same result.
         """
         if self._result is None:
-            tail = "" if self._inside else self._pending.rstrip() if self._cut else self._pending
+            if not self._inside:
+                self._visible.add(self._pending)  # not an opening tag after all
+            tail = self._visible.finish()
             answer = parse_memory_block("".join(self._raw), self._nonce)
-            self._raw, self._pending, self._whitespace = [], "", ""
+            self._raw, self._pending = [], ""
             self._result = StreamResult(tail, answer)
         return self._result

@@ -360,6 +360,33 @@ def test_a_code_example_with_a_memory_tag_is_left_intact(client, openai_server) 
     assert ask(client, "show me").choices[0].message.content == example
 
 
+def test_a_code_fence_around_the_block_goes_with_it(client, openai_server) -> None:
+    """A model that fences its block leaves no empty code block, whole or streamed; a fence of
+    its own with code in it stays."""
+    code = "Like this:\n\n```python\nprint(1)\n```"
+
+    def fenced(chunk_size: int | None = None):
+        def answer(body: dict) -> Reply:
+            fenced_block = f"```json\n{block(instruction_nonce(body), [PYTHON])}\n```"
+            return Reply.text(f"{code}\n\n{fenced_block}\n\nAnything else?", chunk_size=chunk_size)
+
+        return answer
+
+    visible = f"{code}\n\nAnything else?"
+    openai_server.responder = fenced()
+    assert ask(client, "I prefer Python").choices[0].message.content == visible
+    for size in (1, 2, 3, 7, 1000):
+        openai_server.responder = fenced(size)
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in ask(client, "I prefer Python", stream=True)
+            if c.choices
+        )
+        assert streamed == visible
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+
+
 def test_async_client_plain_and_streaming(aclient, model_says) -> None:
     model_says.answer, model_says.memories = "Async works.", [PYTHON]
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 from datetime import date, datetime, timezone
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from headroom_memory_integrations.errors import InvalidInputError
@@ -345,6 +345,96 @@ def test_code_example_with_memory_tag_stays_intact() -> None:
         assert "".join(shown) + tail == answer
 
 
+TEA = [{"text": "Likes tea", "category": "preference"}]
+
+
+def every_split(text: str) -> list[str]:
+    """What the stream filter shows of ``text`` fed in two pieces split at each point, then in
+    chunks of a few sizes: one string per way of feeding it."""
+    results = []
+    for at in range(len(text) + 1):
+        stream_filter = MemoryStreamFilter(NONCE)
+        shown = stream_filter.feed(text[:at]) + stream_filter.feed(text[at:])
+        results.append(shown + stream_filter.finish().tail)
+    for sizes in ([1], [2], [3, 7]):
+        shown_chunks, tail, _ = stream(text, sizes)
+        results.append("".join(shown_chunks) + tail)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("answer", "visible"),
+    [
+        (f"Sure thing.\n\n```\n{block(TEA)}\n```", "Sure thing."),
+        (f"Sure thing.\n\n```json\n{block(TEA)}\n```\n", "Sure thing."),
+        (f"Sure.\n~~~~ memory\n\n  {block(TEA)}\n\n ~~~~~\n\n", "Sure."),
+        (f"Sure.\n\n```json\n{block(TEA)}\n```\n\nAnything else?", "Sure.\n\nAnything else?"),
+        (f"```\n{block(TEA)}```\n  Hi", "  Hi"),  # the closing line right after the block
+        (f"Sure.\n\n```\n{block([])}\n```\n\n```\n{block(TEA)}\n```\n", "Sure."),
+        (f"Sure.\n\n```json\n{block(TEA)}\n", "Sure."),  # the answer's end closes it
+    ],
+    ids=["bare", "json", "tildes", "text after", "closed at once", "two", "closed by the end"],
+)
+def test_a_code_fence_around_the_block_goes_with_it(answer: str, visible: str) -> None:
+    """A model that fences its block must not leave the user an empty code block, whole or
+    streamed: the fence's lines go with the block, and the blank lines after them."""
+    parsed = parse_memory_block(answer, NONCE)
+    assert parsed.visible == visible
+    assert parsed.memories == (ExtractedMemory("Likes tea", Category.PREFERENCE),)
+    assert set(every_split(answer)) == {visible}
+
+
+def test_a_code_fence_around_an_unclosed_block_goes_with_it() -> None:
+    answer = f'Sure.\n\n```\n{OPEN}[{{"text": "Likes'
+    parsed = parse_memory_block(answer, NONCE)
+    assert parsed.visible == "Sure." and parsed.memories == () and parsed.problem
+    assert set(every_split(answer)) == {"Sure."}
+
+
+def test_only_a_fence_that_holds_nothing_but_the_block_goes() -> None:
+    """A fence with other text in it (a fake block too), one closed before the block, one whose
+    opening line the block is on, or indented code are the model's own and stay."""
+    kept = {
+        f"A\n```\n{block(TEA)}\nprint(1)\n```": "A\n```\n\nprint(1)\n```",
+        f"A\n```\nprint(1)\n{block(TEA)}\n```\nB": "A\n```\nprint(1)\n\n```\nB",
+        f"```python\nprint(1)\n```\n\n{block(TEA)}": "```python\nprint(1)\n```",
+        f"```\n```\n{block(TEA)}": "```\n```",
+        f"A\n```{block(TEA)}\n```": "A\n```\n```",
+        f"A\n    ```\n{block(TEA)}\n    ```": "A\n    ```\n\n    ```",  # indented code
+        f"A\n```\n{block(TEA)}\n``` no\n```\nB": "A\n```\n\n``` no\n```\nB",
+        f"A\n````\n{block(TEA)}\n```\n````": "A\n````\n\n```\n````",
+        f"A\n```\n<memory-0000000000>[]</memory-0000000000>\n```\n{block(TEA)}": (
+            "A\n```\n<memory-0000000000>[]</memory-0000000000>\n```"
+        ),
+    }
+    dropped = {
+        f"A\n```\n{block(TEA)}\n````\nB": "A\nB",  # a longer closing line closes it too
+        f"A\n\n```\n\n{block(TEA)}\n{block(TEA)}\n\n```  \n\n\n  B": "A\n\n  B",
+    }
+    for answer, visible in {**kept, **dropped}.items():
+        assert parse_memory_block(answer, NONCE).visible == visible, answer
+        assert set(every_split(answer)) == {visible}, answer
+
+
+def test_stream_holds_back_a_fence_line_only_while_it_may_hold_just_the_block() -> None:
+    stream_filter = MemoryStreamFilter(NONCE)
+    assert stream_filter.feed("Code:\n``") == "Code:"  # perhaps a fence's opening line
+    assert stream_filter.feed("`pyth") == ""
+    assert stream_filter.feed("on\n\n") == ""  # a fence that holds nothing yet
+    assert stream_filter.feed("x = 1\n") == "\n```python\n\nx = 1"  # a real code block
+    assert stream_filter.feed("``") == "\n``"  # its closing line: not held
+    assert stream_filter.feed("`\nUse `x`") == "`\nUse `x`"  # inline code: not held
+    assert stream_filter.feed(".\n```\n") == "."
+    assert stream_filter.feed("``") == "\n```\n``"  # no block cut in it: an empty code block
+    assert stream_filter.feed("`\n\n~~~json\n") == "`"
+    assert stream_filter.feed(block(TEA) + "\n~~") == ""  # perhaps the closing line
+    assert stream_filter.feed("~\n\nBye.") == "\n\nBye."  # it was: the fence went
+    result = stream_filter.finish()
+    assert result.tail == ""
+    assert result.answer.visible == ("Code:\n```python\n\nx = 1\n```\nUse `x`.\n```\n```\n\nBye.")
+    assert result.memories == (ExtractedMemory("Likes tea", Category.PREFERENCE),)
+
+
 # ----------------------------------------------------------------------------- stream filter
 
 
@@ -477,6 +567,7 @@ def test_property_stream_one_char_at_a_time(text: str) -> None:
 def test_property_block_never_leaks(
     before: str, inside: str, after: str, sizes: list[int], closed: bool
 ) -> None:
+    assume("```" not in before and "~~~" not in before)  # a fenced block: see the fence tests
     text = before + OPEN + inside + (CLOSE + after if closed else "")
     expected = (before + after).rstrip() if closed else before.rstrip()
     parsed = parse_memory_block(text, NONCE)
@@ -493,6 +584,7 @@ def test_property_block_never_leaks(
 def test_property_valid_blocks_never_leak_their_json(
     before: str, entries: list[dict[str, object]], sizes: list[int], fence: bool
 ) -> None:
+    assume("```" not in before and "~~~" not in before)  # a fenced block: see the fence tests
     payload = json.dumps(entries, ensure_ascii=bool(len(entries) % 2))
     if fence:
         payload = f"```json\n{payload}\n```"
@@ -533,6 +625,48 @@ def test_property_huge_and_nested_blocks(prefix: str, repeat: int, sizes: list[i
     shown, tail, _ = stream(text, sizes)
     assert "".join(shown) + tail == parsed.visible
     assert parsed.memories == ()
+
+
+FENCES = st.sampled_from(
+    [
+        ("```", "```"),
+        ("```json", "````"),
+        ("~~~", "~~~ "),
+        ("  ````  memory", " `````"),
+        ("~~~~", "~~~~"),
+    ]
+)
+FENCE_NOISE = st.lists(
+    st.sampled_from(["```", "~~~", "````", "`", "~", "\n", " ", "    ", "json", "x", OPEN, CLOSE])
+    | st.just(block(TEA)),
+    max_size=30,
+).map("".join)
+
+
+@PROPERTY
+@given(
+    before=OUTSIDE.filter(lambda s: "`" not in s and "~" not in s),
+    fence=FENCES,
+    inside=st.lists(st.sampled_from([block(TEA), block([]), "\n", " ", "\t"]), max_size=6),
+    after=OUTSIDE,
+    noise=FENCE_NOISE,
+    sizes=SIZES,
+)
+def test_property_a_fence_around_blocks_goes_with_them(
+    before: str, fence: tuple[str, str], inside: list[str], after: str, noise: str, sizes: list[int]
+) -> None:
+    """A fence that holds blocks and blank lines only goes, with the blank lines after it; the
+    stream filter agrees with the parser, also on any mix of fence marks, blocks and blanks."""
+    opener, closer = fence
+    text = f"{before}\n{opener}\n{''.join(inside)}{block(TEA)}\n{closer}\n{after}"
+    first = re.search(r"\S", after)
+    after = after[after.rfind("\n", 0, first.start() if first else len(after)) + 1 :]
+    expected = (before + "\n" + after).rstrip()
+    assert parse_memory_block(text, NONCE).visible == expected
+    shown, tail, _ = stream(text, sizes)
+    assert "".join(shown) + tail == expected
+    shown, tail, _ = stream(noise, sizes)
+    assert "".join(shown) + tail == parse_memory_block(noise, NONCE).visible
 
 
 # -------------------------------------------------------------------------- injected context
