@@ -28,6 +28,7 @@ import contextvars
 import inspect
 import logging
 import re
+import threading
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -415,37 +416,40 @@ class MemoryFlow:
         return turn
 
     def _recall_in_time(self, query: str, previous: str | None) -> tuple[str, dict[str, str]]:
-        """:meth:`_recall`, after the user's queued writes are stored, within
-        :func:`recall_seconds` (nothing, logged and counted, once that is up)."""
+        """The context block of the memories relevant to ``query``, the user's message after
+        ``previous``, and the short label of each memory in it, by id ("" and none if there
+        are none, or on failure): searched after the user's queued writes are stored, within
+        :func:`recall_seconds`. A failure is logged and counted once: the search's own, or the
+        deadline's when the search has not ended by then (the search failing later, as the
+        deadline cuts its requests short, is not counted again)."""
         seconds = recall_seconds(self.memory)
+        counted = _Once()
 
         def recall() -> tuple[str, dict[str, str]]:
             with memory_deadline(seconds):
                 self.jobs.settle(self.memory)
-                return self._recall(query, previous)
+                try:
+                    found = self.memory.search(
+                        query_tail(query),
+                        top_k=self.top_k,
+                        chat_message=True,
+                        previous_message=previous,
+                    )
+                except Exception:
+                    if counted.first():
+                        self.failed(
+                            "inject_failures", "could not search memories; answering without them"
+                        )
+                    return "", {}
+            labelled = [(label, m) for label, (m, _) in zip(short_ids(len(found)), found)]
+            return format_memory_context(labelled), {label: m.id for label, m in labelled}
 
         try:
-            return run_within(recall, seconds, self.memory.storage.location, "recall memories")
+            return run_within(recall, seconds, self.memory, "recall memories")
         except DeadlineExceeded as exc:
-            self.failed("inject_failures", f"{exc}; calling without memories", exc_info=False)
+            if counted.first():
+                self.failed("inject_failures", f"{exc}; calling without memories", exc_info=False)
             return "", {}
-
-    def _recall(self, query: str, previous: str | None = None) -> tuple[str, dict[str, str]]:
-        """The context block of the memories relevant to ``query``, the user's message after
-        ``previous``, and the short label of each memory in it, by id ("" and none if there
-        are none, or on failure)."""
-        try:
-            found = self.memory.search(
-                query_tail(query),
-                top_k=self.top_k,
-                chat_message=True,
-                previous_message=previous,
-            )
-        except Exception:
-            self.failed("inject_failures", "could not search memories; answering without them")
-            return "", {}
-        labelled = [(label, memory) for label, (memory, _) in zip(short_ids(len(found)), found)]
-        return format_memory_context(labelled), {label: memory.id for label, memory in labelled}
 
     def strip(self, turn: Turn, answer: str) -> str:
         """``answer`` without its memory block, storing nothing (for extra choices)."""
@@ -561,6 +565,19 @@ class MemoryFlow:
 
     def _user(self) -> str:
         return user_tag(self.memory.user_id)
+
+
+class _Once:
+    """True for the first :meth:`first` asked, from any thread; False after."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = False
+
+    def first(self) -> bool:
+        with self._lock:
+            taken, self._taken = self._taken, True
+        return not taken
 
 
 class _Later(list[Callable[[], None]]):

@@ -9,6 +9,7 @@ HTTP against the scripted server."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import HashEmbedder
 
-from headroom_memory_integrations import flow
+from headroom_memory_integrations import ChromaStorage, flow
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer
 
@@ -107,6 +108,8 @@ def test_a_hung_embedder_does_not_hold_the_chat_call(
         hanging.hang.clear()
         hanging.release.set()
         assert late_recall_ended()
+        # the late search, cut short by the deadline once it went on, is not counted again
+        assert client.memory.stats()["events"]["inject_failures"] == 2
         client.chat.completions.create(**ask())
         assert memory_context_sent(openai_server)  # memories are back once it has ended
     finally:
@@ -137,3 +140,108 @@ def test_a_hung_embedder_does_not_hold_the_async_chat_call(
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_hung_embedder_of_one_user_leaves_the_others_their_memories(
+    openai_server: ScriptedOpenAIServer, tmp_path: Path, hanging: HangingEmbedder, short_deadline
+) -> None:
+    """The calls held back while a late search runs are its store's, not every store's of the
+    folder (or of an app's Chroma client): another user's embedder works."""
+    openai_server.responder = lambda body: Reply.text("Sure.")
+    folder = tmp_path / "m"
+    alice = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=folder, embedder=hanging
+    )
+    bob = with_fast_memory(
+        openai_server.client(), user_id="bob", db_path=folder, embedder=HashEmbedder()
+    )
+    ask = {"model": "m", "messages": [{"role": "user", "content": "green tea for me?"}]}
+    try:
+        alice.memory.add(TEA, category="preference")
+        bob.memory.add(TEA, category="preference")
+        hanging.hang.set()
+        alice.chat.completions.create(**ask)
+        assert not memory_context_sent(openai_server) and hanging.hung_calls == 1
+        for _ in range(3):
+            bob.chat.completions.create(**ask)
+            assert memory_context_sent(openai_server)
+        assert bob.memory.stats()["events"].get("inject_failures", 0) == 0
+    finally:
+        hanging.release.set()
+        alice.close()
+        bob.close()
+
+
+def test_a_call_interrupted_while_its_search_hangs_holds_the_next_calls_back_too(
+    openai_server: ScriptedOpenAIServer, tmp_path: Path, hanging: HangingEmbedder, monkeypatch
+) -> None:
+    """Ctrl-C during the wait left the late search unmarked: the next call waited the whole
+    deadline again and left a second thread stuck in the embedder."""
+    monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 60.0)
+    openai_server.responder = lambda body: Reply.text("Sure.")
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=tmp_path / "m", embedder=hanging
+    )
+    ask = {"model": "m", "messages": [{"role": "user", "content": "green tea for me?"}]}
+    try:
+        client.memory.add(TEA, category="preference")
+        hanging.hang.set()
+        main = threading.main_thread().ident
+        assert threading.get_ident() == main
+        ctrl_c = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+        ctrl_c.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.chat.completions.create(**ask)
+        ctrl_c.join()
+        answer = client.chat.completions.create(**ask)  # at once: not 60 s
+        assert answer.choices[0].message.content == "Sure."
+        assert hanging.hung_calls == 1 and not hanging.release.is_set()
+        assert not memory_context_sent(openai_server)
+    finally:
+        hanging.release.set()
+        client.close()
+
+
+class SlowEmbedder(HashEmbedder):
+    """Embeds a question (not the stored memory) ``delay`` seconds late, once ``slow`` is set:
+    an embedding API that answers, but after the chat call's time for memory."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.slow = threading.Event()
+        self.answered = threading.Event()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.slow.is_set() and TEA not in texts:
+            time.sleep(self.delay)
+            self.answered.set()
+        return super().embed(texts)
+
+
+def test_a_search_cut_short_after_its_deadline_is_counted_once(
+    openai_server: ScriptedOpenAIServer, chroma_server, monkeypatch
+) -> None:
+    """On a server, the late search's requests fail once it goes on past the deadline: that
+    failure was counted (and logged) a second time for a call that had already answered."""
+    monkeypatch.setattr(flow, "READ_YOUR_WRITES_SECONDS", 0.2)
+    storage = ChromaStorage.from_url(chroma_server.url, timeout=0.5)
+    embedder = SlowEmbedder(delay=1.2)
+    openai_server.responder = lambda body: Reply.text("Sure.")
+    client = with_fast_memory(
+        openai_server.client(), user_id="deadline-once", storage=storage, embedder=embedder
+    )
+    try:
+        client.memory.clear()
+        client.memory.add(TEA, category="preference")
+        embedder.slow.set()
+        ask = {"model": "m", "messages": [{"role": "user", "content": "green tea for me?"}]}
+        client.chat.completions.create(**ask)
+        assert not memory_context_sent(openai_server)
+        assert client.memory.stats()["events"]["inject_failures"] == 1
+        assert embedder.answered.wait(30) and late_recall_ended()
+        assert client.memory.stats()["events"]["inject_failures"] == 1
+    finally:
+        client.memory.clear()
+        client.close()
+        storage.close()

@@ -13,7 +13,8 @@
   process-wide cache, so the next attempt to open the folder starts clean.
 - :func:`run_within` runs work on a daemon thread and returns its result, or raises
   :class:`DeadlineExceeded` after a deadline; while that work still runs, later work for the
-  same place fails at once (a hung disk or embedder holds at most one thread and one call).
+  same owner (a user's store) fails at once (a hung embedder holds at most one thread and one
+  call of the store).
 - :func:`memory_deadline` gives the memory work of one chat call one deadline, which every
   storage request made in its context charges against (:func:`time_left`,
   :func:`check_deadline`; a server's requests get at most the time left): a server that
@@ -26,6 +27,7 @@ import contextvars
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -234,49 +236,70 @@ def run_for_at_most(
     return thread, failure
 
 
-_overdue: dict[str, threading.Thread] = {}
+_overdue: weakref.WeakKeyDictionary[Any, threading.Event] = weakref.WeakKeyDictionary()
+"""Per owner, the end of its work that ran late (an event, not the thread: in Python 3.11, a
+``join`` interrupted by Ctrl-C marks a thread still running as stopped)."""
 _overdue_lock = threading.Lock()
 
 
-def _still_running_late(place: str) -> bool:
+def _still_running_late(owner: Any) -> bool:
     with _overdue_lock:
-        thread = _overdue.get(place)
-        if thread is not None and not thread.is_alive():
-            del _overdue[place]
+        ended = _overdue.get(owner)
+        if ended is not None and ended.is_set():
+            del _overdue[owner]
             return False
-        return thread is not None
+        return ended is not None
 
 
-def run_within(work: Callable[[], T], seconds: float, place: str, what: str) -> T:
+def run_within(work: Callable[[], T], seconds: float, owner: Any, what: str) -> T:
     """``work()``'s result, run on a daemon thread (with a copy of this context) and waited for
-    at most ``seconds``: for work that can block with no timeout of its own (an embedded
-    folder's disk or its ``chroma.sqlite3`` held by another process's write lock, an embedder
-    that hangs).
+    at most ``seconds``: for work that can block with no timeout of its own (an embedder that
+    hangs, an embedded folder's reads).
 
-    If it does not end in time it is left to finish on its own (Python cannot stop a thread),
-    and until it has, every later call for the same ``place`` raises at once instead of
-    starting another thread that would block behind it.
+    If it does not end in time, or the wait is interrupted (Ctrl-C), it is left to finish on
+    its own (Python cannot stop a thread), and until it has, every later call for the same
+    ``owner`` (an object, held weakly: a user's store) raises at once instead of starting
+    another thread that would block behind it.
 
     Raises:
         DeadlineExceeded: ``work`` did not end within ``seconds``, or earlier work for
-            ``place`` that did not is still running.
+            ``owner`` that did not is still running.
         BaseException: what ``work`` raised.
     """
-    if _still_running_late(place):
+    if _still_running_late(owner):
         raise DeadlineExceeded(
             f"could not {what}: an earlier call's, which took longer than its deadline, "
             f"is still running"
         )
     result: list[T] = []
+    failure: list[BaseException] = []
     context = contextvars.copy_context()
-    thread, failure = run_for_at_most(
-        lambda: result.append(context.run(work)), seconds, "headroom-memory-" + what.split()[0]
-    )
+
+    ended = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(context.run(work))
+        except BaseException as exc:  # re-raised by the caller, on its own thread
+            failure.append(exc)
+        finally:
+            ended.set()
+
+    thread = threading.Thread(target=run, name="headroom-memory-" + what.split()[0], daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads (the interpreter is shutting down): run it here
+        run()
+    else:
+        try:
+            ended.wait(seconds)
+        finally:  # also when the wait is interrupted: the next call must not wait behind it
+            if not ended.is_set():
+                with _overdue_lock:
+                    _overdue[owner] = ended
     if failure:
         raise failure[0]
     if not result:
-        with _overdue_lock:
-            _overdue[place] = thread
         raise DeadlineExceeded(f"could not {what} within {seconds:g} s")
     return result[0]
 
