@@ -908,8 +908,9 @@ class MemoryStore(WritePath):
         return ranked
 
     def get(self, memory_id: str) -> Memory:
-        """The memory with this id. Raises :class:`MemoryNotFoundError` if there is none."""
-        found = self.get_many([memory_id])
+        """The memory with this id. Raises :class:`MemoryNotFoundError` if there is none, and
+        :class:`InvalidInputError` for what cannot be an id (None, a number, a blank)."""
+        found = self.get_many([check_memory_id(memory_id)])
         if not found:
             raise MemoryNotFoundError(
                 f"user {user_tag(self.user_id)} has no memory with id {memory_id!r}"
@@ -1081,6 +1082,10 @@ class MemoryStore(WritePath):
                 f"remember_many and add_many take a list of memories, got one "
                 f"{type(items).__name__}: pass [item], or use remember / add"
             )
+        if not isinstance(items, Iterable):
+            raise InvalidInputError(
+                f"remember_many and add_many take a list of memories, got {type(items).__name__}"
+            )
         parsed = [self._parse_item(item, default) for item in items]
         drafts = [
             # a microsecond apart: one batch's memories keep their order (get_all: oldest first)
@@ -1154,6 +1159,7 @@ class MemoryStore(WritePath):
         text in ``history``. Search then finds the new text, never the old one. The keys
         follow the text: the memory keeps its keys only if the text stays the same and no
         ``keys`` are given."""
+        check_memory_id(memory_id)
         text = clean_text(text)
         new_category = Category.parse(category) if category is not None else None
         new_metadata = clean_metadata(metadata) if metadata is not None else None
@@ -1196,6 +1202,7 @@ class MemoryStore(WritePath):
         folder's files (docs/reliability.md). Its vector stays in Chroma's index file until
         Chroma reuses the slot: to leave nothing of a user, use :meth:`forget_user`. Raises
         :class:`MemoryNotFoundError` if there is none."""
+        check_memory_id(memory_id)
         with self._write_lock:
             self.get(memory_id)
             self._open().delete([memory_id])
@@ -1231,6 +1238,7 @@ class MemoryStore(WritePath):
                 was deleted yet then; the user's queued work (held in this process or in the
                 queue file) may be, as asked. Call again to finish.
         """
+        timeout = _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._pending is None:  # a plain store: turns a wrapper left queued for this user
             from .writer import forget_queued
@@ -1347,6 +1355,15 @@ class MemoryStore(WritePath):
             The text, if ``destination`` is None; else how many memories were written to the
             file path or text stream.
         """
+        if not (
+            destination is None
+            or isinstance(destination, (str, os.PathLike))
+            or callable(getattr(destination, "writelines", None))
+        ):
+            raise InvalidInputError(
+                "export writes to None (returns the text), a file path or a text stream, "
+                f"got {type(destination).__name__}"
+            )
         lines = [json.dumps(m.to_dict(), ensure_ascii=False) + "\n" for m in self.get_all()]
         if destination is None:
             return "".join(lines)
@@ -1423,12 +1440,22 @@ class MemoryStore(WritePath):
         memories = []
         with contextlib.ExitStack() as stack:
             lines: Iterable[str] = source  # type: ignore[assignment]
+            if not isinstance(source, (str, os.PathLike, Iterable)):
+                raise InvalidInputError(
+                    "import reads a file path, a text stream or lines of text, got "
+                    f"{type(source).__name__}"
+                )
             if isinstance(source, (str, os.PathLike)):
                 lines = stack.enter_context(open(source, encoding="utf-8"))
             if isinstance(lines, io.TextIOBase):  # a file: read no more than a line's limit
                 lines = _bounded_lines(lines)
             try:
                 for number, line in enumerate(lines, start=1):
+                    if not isinstance(line, str):
+                        raise InvalidInputError(
+                            f"line {number} is a {type(line).__name__}, not text: import takes "
+                            "the JSON Lines that export() writes (open a file in text mode)"
+                        )
                     if len(line) > MAX_IMPORT_LINE_CHARS:
                         raise InvalidInputError(
                             f"line {number} is longer than {MAX_IMPORT_LINE_CHARS} characters: "

@@ -19,6 +19,7 @@ from headroom_memory_integrations import (
     MemoryStore,
     NewMemory,
     Source,
+    StorageError,
 )
 from headroom_memory_integrations.engine import MAX_TEXT_CHARS
 from headroom_memory_integrations.storage.chroma import CENTROID_SAMPLE
@@ -190,6 +191,15 @@ def test_duplicate_check_can_be_turned_off(db_path, model) -> None:
         (lambda s: s.search("ok", categories=Category.FACT), "such as ['fact'], not one"),
         (lambda s: s.get_many("some-id"), "a list of ids, not one: use get"),
         (lambda s: s.add_many([{"txt": "typo"}]), "takes 'text'"),
+        # these raised TypeError, AttributeError or MemoryNotFoundError, or were taken
+        (lambda s: s.add_many(None), "take a list of memories, got NoneType"),
+        (lambda s: s.import_(None), "import reads a file path"),
+        (lambda s: s.import_([1, 2]), "line 1 is a int, not text"),
+        (lambda s: s.export(123), "export writes to None"),
+        (lambda s: s.delete(None), "a memory id must be"),
+        (lambda s: s.update(None, "x y"), "a memory id must be"),
+        (lambda s: s.get(" "), "a memory id must be"),
+        (lambda s: s.forget_user(timeout=float("nan")), "timeout must be None or a number"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_writes_nothing(
@@ -743,3 +753,18 @@ def test_a_time_in_utc_written_with_z_is_read_on_every_python(hash_store, writte
     assert hash_store.import_([line]) == 1
     [imported] = [m for m in hash_store.get_all() if m.text == "Plays the cello"]
     assert imported.updated_at.year == 2024
+
+
+def test_a_folder_removed_under_a_store_is_a_storage_error(tmp_path) -> None:
+    """A write to a folder removed while the store was open raised the os.statvfs call's raw
+    FileNotFoundError, which code catching the package's errors missed."""
+    import shutil
+
+    from conftest import HashEmbedder
+
+    folder = tmp_path / "memories"
+    store = MemoryStore("alice", db_path=folder, embedder=HashEmbedder())
+    store.add("Likes tea")
+    shutil.rmtree(folder)
+    with pytest.raises(StorageError, match="removed while in use"):
+        store.add("Likes coffee")

@@ -173,7 +173,13 @@ def check_free_space(folder: Path, index_bytes: int, write_bytes: int) -> None:
     if not hasattr(os, "statvfs"):  # pragma: no cover - Windows
         return
     needed = MIN_FREE_BYTES + 2 * index_bytes + 4 * write_bytes
-    available = free_bytes(folder)
+    try:
+        available = free_bytes(folder)
+    except OSError as exc:  # the folder was removed (or its disk unmounted) under the store
+        raise StorageError(
+            f"the memory folder {folder} cannot be read ({exc.strerror or exc}): was it "
+            "removed while in use? Nothing was written."
+        ) from exc
     if available < needed:
         raise StorageError(
             f"the disk holding {folder} is (almost) full: {available / _MB:.1f} MB free, and a "
