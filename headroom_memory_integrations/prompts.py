@@ -26,7 +26,8 @@ example, is ordinary text too and stays visible.
   tag with this nonce. Every such block is removed from the visible text; text after a closing
   tag stays visible. A closing tag with no opening tag before it is ordinary text.
 - An opening tag with no closing tag after it (a truncated answer) is removed from the tag to the
-  end of the answer and stores nothing.
+  end of the answer and stores nothing. So is the start of one that ends the answer (cut off
+  inside the tag: ``"<m"`` to ``"<memory-3f9a1c2b7"``); a lone ``"<"`` at the end stays.
 - Memories come from the *last* block only, and only if it is closed. The payload must be a JSON
   array (a ```json fence around it is tolerated); anything else stores nothing. Entries that are
   not valid are dropped one by one: see :data:`MAX_MEMORIES_PER_BLOCK`, :data:`MAX_MEMORY_CHARS`.
@@ -856,9 +857,31 @@ def _join(notes: list[str]) -> str | None:
 # ---------------------------------------------------------------------------------- the parsers
 
 
+_MIN_CUT_TAG_CHARS = 2
+"""An answer that ends with this many characters or more of the opening tag (``"<m"`` to
+``"<memory-3f9a1c2b7"``) was cut off inside it (``max_tokens``): that text is removed like an
+unclosed block. A lone ``"<"`` at the end stays: a user's text can end with it."""
+
+
+def _tag_prefix_start(text: str, open_tag: str, start: int = 0) -> int:
+    """Start of the longest suffix of ``text[start:]`` that is a proper prefix of ``open_tag``,
+    or ``len(text)``. The tag holds one ``<``, its first character: only the last ``<`` can
+    start one."""
+    at = text.rfind("<", max(start, len(text) - len(open_tag) + 1))
+    return at if at >= 0 and open_tag.startswith(text[at:]) else len(text)
+
+
+def _cut_tag_start(text: str, open_tag: str, start: int = 0) -> int:
+    """Start of the opening tag that ``text[start:]`` was cut off in (at least
+    ``_MIN_CUT_TAG_CHARS`` of it at its end), or ``len(text)``."""
+    at = _tag_prefix_start(text, open_tag, start)
+    return at if len(text) - at >= _MIN_CUT_TAG_CHARS else len(text)
+
+
 def _split(text: str, open_tag: str, close_tag: str) -> tuple[str, list[str], list[int], bool]:
     """(visible text before rstrip, contents of the closed blocks, where each block was cut from
-    the visible text, whether the last one is left unclosed)."""
+    the visible text, whether the last one is left unclosed). An answer cut off inside an opening
+    tag (``_MIN_CUT_TAG_CHARS``) ends with an unclosed block there."""
     pieces: list[str] = []
     blocks: list[str] = []
     cuts: list[int] = []
@@ -866,8 +889,12 @@ def _split(text: str, open_tag: str, close_tag: str) -> tuple[str, list[str], li
     while True:
         start = text.find(open_tag, pos)
         if start < 0:
-            pieces.append(text[pos:])
-            return "".join(pieces), blocks, cuts, False
+            start = _cut_tag_start(text, open_tag, pos)
+            pieces.append(text[pos:start])
+            if start == len(text):
+                return "".join(pieces), blocks, cuts, False
+            cuts.append(length + start - pos)  # the answer was cut off inside the opening tag
+            return "".join(pieces), blocks, cuts, True
         pieces.append(text[pos:start])
         length += start - pos
         cuts.append(length)
@@ -1235,9 +1262,10 @@ class MemoryStreamFilter:
         store(result.memories)
 
     What it holds back: outside a block, a suffix that could be the start of the opening tag
-    (e.g. ``"<mem"``), trailing whitespace, a line that could still open a code fence and a code
-    fence that holds only blank lines so far (the model may have fenced its block: then the
-    fence goes with the block); once the opening tag is complete, everything until the closing
+    (e.g. ``"<mem"``: cut if the answer ends there, as the parser cuts it), trailing
+    whitespace, a line that could still open a code fence and a code fence that holds only
+    blank lines so far (the model may have fenced its block: then the fence goes with the
+    block); once the opening tag is complete, everything until the closing
     tag; after the closing tag, text streams again (the parser keeps it visible too).
     Everything returned by :meth:`feed` plus ``finish().tail`` equals
     ``parse_memory_block(full_text, nonce).visible``.
@@ -1286,19 +1314,10 @@ class MemoryStreamFilter:
             self._visible.add_cut()
             self._pending, self._inside = "", True
             return buffer[start + len(self._open) :]
-        cut = self._tag_prefix_start(buffer)
+        cut = _tag_prefix_start(buffer, self._open)
         self._visible.add(buffer[:cut])
         self._pending = buffer[cut:]
         return None
-
-    def _tag_prefix_start(self, buffer: str) -> int:
-        """Start of the longest suffix of ``buffer`` that is a proper prefix of the opening tag."""
-        at = buffer.find("<", max(0, len(buffer) - len(self._open) + 1))
-        while at >= 0:
-            if self._open.startswith(buffer[at:]):
-                return at
-            at = buffer.find("<", at + 1)
-        return len(buffer)
 
     def _feed_inside(self, delta: str) -> str | None:
         """Consume ``delta`` inside a block; return the text after the closing tag, if it ends."""
@@ -1316,8 +1335,11 @@ class MemoryStreamFilter:
         Calling it again returns the same result.
         """
         if self._result is None:
-            if not self._inside:
-                self._visible.add(self._pending)  # not an opening tag after all
+            if not self._inside:  # self._pending: a proper prefix of the opening tag
+                if len(self._pending) >= _MIN_CUT_TAG_CHARS:
+                    self._visible.add_cut()  # the answer was cut off inside the opening tag
+                else:
+                    self._visible.add(self._pending)  # "" or a lone "<": ordinary text
             tail = self._visible.finish()
             answer = parse_memory_block("".join(self._raw), self._nonce)
             self._raw, self._pending = [], ""

@@ -354,6 +354,33 @@ def test_an_unclosed_block_is_stripped_and_stores_nothing(client, openai_server)
     assert client.memory.stats()["events"]["malformed_blocks"] == 2
 
 
+@pytest.mark.parametrize("cut", [2, 8, 12, 18])  # "<m", "<memory-", ... one short of whole
+def test_an_answer_cut_off_inside_the_opening_tag_shows_none_of_it(
+    client, openai_server, cut
+) -> None:
+    """max_tokens ended the answer inside the opening tag ("...\n\n<memory-b62f"): the user
+    sees the answer without it, whole and streamed (in pieces of any size), the finish_reason
+    still says it was cut, and nothing is stored."""
+
+    def truncated(chunk_size: int | None = None):
+        def answer(body: dict) -> Reply:
+            tag = f"<memory-{instruction_nonce(body)}>"[:cut]
+            return Reply.text(f"Answer.\n\n{tag}", finish_reason="length", chunk_size=chunk_size)
+
+        return answer
+
+    openai_server.responder = truncated()
+    whole = ask(client, "I like jazz", max_tokens=20).choices[0]
+    assert (whole.message.content, whole.finish_reason) == ("Answer.", "length")
+    for size in (1, 3, 1000):
+        openai_server.responder = truncated(size)
+        chunks = list(ask(client, "I like jazz", max_tokens=20, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == "Answer.", size
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert client.memory.flush(30) and client.memory.get_all() == []
+
+
 def test_a_code_example_with_a_memory_tag_is_left_intact(client, openai_server) -> None:
     example = "Use it like this:\n```xml\n<memory>[1, 2]</memory>\n```"
     openai_server.responder = lambda body: example + "\n" + block(instruction_nonce(body), [])

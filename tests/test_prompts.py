@@ -467,12 +467,69 @@ def test_stream_resumes_after_closing_tag() -> None:
     assert stream_filter.finish().tail == ""
 
 
-def test_stream_tail_releases_a_final_tag_prefix() -> None:
+def test_stream_tail_releases_a_final_lone_angle_bracket() -> None:
+    stream_filter = MemoryStreamFilter(NONCE)
+    assert stream_filter.feed("x <") == "x"
+    result = stream_filter.finish()
+    assert result.tail == " <"
+    assert result.answer.visible == "x <"
+    assert result.answer.problem is None and not result.answer.block_found
+
+
+def test_stream_drops_a_final_tag_prefix_the_answer_was_cut_off_in() -> None:
     stream_filter = MemoryStreamFilter(NONCE)
     assert stream_filter.feed("x <memory-3f") == "x"
     result = stream_filter.finish()
-    assert result.tail == " <memory-3f"
-    assert result.answer.visible == "x <memory-3f"
+    assert result.tail == ""
+    assert result.answer.visible == "x"
+    assert result.answer.problem and "unclosed" in result.answer.problem
+
+
+@pytest.mark.parametrize("cut", range(2, len(OPEN)))
+@pytest.mark.parametrize(
+    ("before", "visible"),
+    [
+        ("Python suits that well.\n\n", "Python suits that well."),
+        ("Sure.\n\n```\n", "Sure."),  # a fence that held only the cut tag goes with it
+        ("Sure.\n\n~~~json\n  ", "Sure."),
+        (f"A {block(TEA)} B \t\n", "A  B"),  # after a closed block
+        ("", ""),
+    ],
+    ids=["plain", "fenced", "fenced tildes", "after a block", "alone"],
+)
+def test_an_answer_cut_off_inside_the_opening_tag_shows_none_of_it(
+    before: str, visible: str, cut: int
+) -> None:
+    """max_tokens can end an answer inside the opening tag ("...\n\n<memory-3f9a"): from its
+    second character on, that start of a tag is cut, whole and streamed alike (at every split
+    point), with the whitespace and a fence before it, as an unclosed block is."""
+    answer = before + OPEN[:cut]
+    parsed = parse_memory_block(answer, NONCE)
+    assert parsed.visible == visible
+    assert parsed.memories == () and parsed.block_found
+    assert parsed.problem and "unclosed" in parsed.problem
+    assert set(every_split(answer)) == {visible}
+
+
+@pytest.mark.parametrize(
+    ("answer", "visible"),
+    [
+        ("Sure.\n\n<", "Sure.\n\n<"),
+        ("Is a <", "Is a <"),
+        (f"A {block(TEA)} B \t\n<", "A  B \t\n<"),
+        ("Sure.\n\n<memory", "Sure."),
+        ("Sure.\n\n<memory-3f9a1c2b7e", "Sure."),
+        ("Sure.\n\n<memory-3f9a1c2b7f", "Sure.\n\n<memory-3f9a1c2b7f"),  # another nonce
+        ("Sure.\n\n<memory-3f9a1c2b7", "Sure."),
+        ("Sure.\n\n<mx", "Sure.\n\n<mx"),
+        ("Sure. <m <", "Sure. <m <"),  # only the end counts
+        ("Sure. <memo x", "Sure. <memo x"),
+    ],
+)
+def test_a_lone_angle_bracket_or_other_text_at_the_end_stays(answer: str, visible: str) -> None:
+    """A user's text can end with "<"; only the start of this nonce's tag, "<m" on, is cut."""
+    assert parse_memory_block(answer, NONCE).visible == visible
+    assert set(every_split(answer)) == {visible}
 
 
 def test_stream_unclosed_block_withholds_everything_after_the_tag() -> None:
@@ -488,6 +545,8 @@ FRAGMENTS = [
     OPEN,
     CLOSE,
     OPEN[:-1],
+    OPEN[:2],
+    OPEN[:6],
     CLOSE[:-1],
     "<memory-",
     "</memory-",
@@ -568,6 +627,7 @@ def test_property_block_never_leaks(
     before: str, inside: str, after: str, sizes: list[int], closed: bool
 ) -> None:
     assume("```" not in before and "~~~" not in before)  # a fenced block: see the fence tests
+    assume(not ends_in_a_cut_tag(after))  # see test_property_a_cut_tag_is_an_unclosed_block
     text = before + OPEN + inside + (CLOSE + after if closed else "")
     expected = (before + after).rstrip() if closed else before.rstrip()
     parsed = parse_memory_block(text, NONCE)
@@ -577,6 +637,23 @@ def test_property_block_never_leaks(
     for chunk in shown:  # each chunk is a piece of the text outside the block
         assert OPEN not in chunk
         assert chunk in before or chunk in after or chunk in (before + after)
+
+
+def ends_in_a_cut_tag(text: str) -> bool:
+    return any(text.endswith(OPEN[:cut]) for cut in range(2, len(OPEN)))
+
+
+@PROPERTY
+@given(before=OUTSIDE, cut=st.integers(min_value=2, max_value=len(OPEN) - 1), sizes=SIZES)
+def test_property_a_cut_tag_is_an_unclosed_block(before: str, cut: int, sizes: list[int]) -> None:
+    """An answer cut off inside the opening tag shows what an unclosed block there would leave
+    (whitespace and a fence that held only it cut too), streamed or not."""
+    text = before + OPEN[:cut]
+    expected = parse_memory_block(before + OPEN, NONCE)
+    assert parse_memory_block(text, NONCE) == expected
+    shown, tail, answer = stream(text, sizes)
+    assert "".join(shown) + tail == expected.visible
+    assert answer == expected
 
 
 @PROPERTY
@@ -637,7 +714,9 @@ FENCES = st.sampled_from(
     ]
 )
 FENCE_NOISE = st.lists(
-    st.sampled_from(["```", "~~~", "````", "`", "~", "\n", " ", "    ", "json", "x", OPEN, CLOSE])
+    st.sampled_from(
+        ["```", "~~~", "````", "`", "~", "\n", " ", "    ", "json", "x", OPEN, CLOSE, OPEN[:4]]
+    )
     | st.just(block(TEA)),
     max_size=30,
 ).map("".join)
@@ -657,6 +736,7 @@ def test_property_a_fence_around_blocks_goes_with_them(
 ) -> None:
     """A fence that holds blocks and blank lines only goes, with the blank lines after it; the
     stream filter agrees with the parser, also on any mix of fence marks, blocks and blanks."""
+    assume(not ends_in_a_cut_tag(after))  # see test_property_a_cut_tag_is_an_unclosed_block
     opener, closer = fence
     text = f"{before}\n{opener}\n{''.join(inside)}{block(TEA)}\n{closer}\n{after}"
     first = re.search(r"\S", after)

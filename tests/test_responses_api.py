@@ -94,6 +94,30 @@ def test_a_later_call_uses_what_an_earlier_one_stored(client, openai_server, mod
     assert '"Lives in Lisbon"' in system_text(sent(openai_server))
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_an_answer_cut_off_inside_the_opening_tag_shows_none_of_it(
+    client, openai_server, chunk_size
+) -> None:
+    """max_output_tokens ended the answer inside the opening tag ("...\n\n<memory-b62f"): no
+    output text, whole or streamed (deltas and the done events), shows any of it."""
+
+    def truncated(body: dict) -> Reply:
+        tag = f"<memory-{nonce_of(body)}>"[:12]
+        return Reply.text(f"{ANSWER}\n\n{tag}", finish_reason="length", chunk_size=chunk_size)
+
+    openai_server.responder = truncated
+    ask = {"model": "gpt-4o", "input": "I prefer Python", "max_output_tokens": 20}
+    assert client.responses.create(**ask).output_text == ANSWER
+    events = list(client.responses.create(**ask, stream=True))
+    assert not [e for e in events if "<mem" in json.dumps(e.model_dump())]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == ANSWER
+    done = {e.type: e for e in events}
+    assert done["response.output_text.done"].text == ANSWER
+    assert done[events[-1].type].response.output_text == ANSWER
+    assert stored(client) == []
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 7])
 def test_no_streamed_event_carries_any_part_of_the_block(
     client, openai_server, model_says, chunk_size
