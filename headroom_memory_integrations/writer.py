@@ -205,7 +205,10 @@ class BackgroundExtractor:
         destination: A fingerprint of where its calls go (endpoint, credentials, model), if
             known: a job left without its own extractor (by an earlier process, say) runs
             only with an extractor of its user or one of the same destination, never through
-            another tenant's client (see :meth:`MemoryWriter._extractor_for`).
+            another tenant's client (see :meth:`MemoryWriter._extractor_for`). A callable
+            gives it each time it is read (a client whose key or URL can change: a job queued
+            before a change keeps the fingerprint it was queued with; its user's extractor
+            still runs it).
     """
 
     def __init__(
@@ -214,12 +217,24 @@ class BackgroundExtractor:
         model: str | None = None,
         *,
         usable: Callable[[], bool] | None = None,
-        destination: str | None = None,
+        destination: str | Callable[[], str | None] | None = None,
     ) -> None:
         self.complete = complete
         self.model = model
         self._usable = usable
-        self.destination = destination
+        self._destination = destination
+
+    @property
+    def destination(self) -> str | None:
+        """Where its calls go now (see the ``destination`` argument), or None if unknown."""
+        where = self._destination
+        if not callable(where):
+            return where
+        try:
+            found = where()
+        except Exception:
+            return None
+        return found if isinstance(found, str) else None
 
     @property
     def usable(self) -> bool:
@@ -610,8 +625,9 @@ class MemoryWriter:
         the file for the next one (a later wrapper in this process, or the next process)."""
         with self._lock:
             extractor = _newest_usable(self._extractors.get(memory)) if kind == "extract" else None
-        if extractor is not None and extractor.destination is not None:
-            payload = {**payload, "destination": extractor.destination}
+        destination = extractor.destination if extractor is not None else None
+        if destination is not None:
+            payload = {**payload, "destination": destination}
         try:
             JobQueue.encode(kind, memory.user_id, payload)  # invalid work fails here, not later
         except Exception:

@@ -136,6 +136,55 @@ def test_leaving_an_async_with_block_also_closes_the_background_twin(
     assert client._wrapped.is_closed() and twin.is_closed()
 
 
+def test_a_key_rotation_reaches_the_background_twin_and_strands_no_turn(
+    async_client, openai_server, fake_model
+) -> None:
+    """An async client's extraction runs on a synchronous twin made when it was wrapped: a key
+    assigned on the memory client goes to the twin too. The turn queued before the rotation
+    is extracted (with the new key: the old one may be revoked); the extractor's destination
+    fingerprint follows the twin, so turns queued after it carry the new one."""
+    from headroom_memory_integrations.openai import client_destination
+    from headroom_memory_integrations.writer import queue_path_for, writer_for
+
+    (twin,) = async_client._owned
+    writer = writer_for(queue_path_for(async_client.memory))
+    extractor = writer._extractors[async_client.memory][-1]
+    old = extractor.destination
+    assert old == client_destination(twin, None)
+
+    def revoked_old_key(body: dict) -> Reply:
+        [sent] = [r for r in openai_server.requests if r.body is body]
+        if sent.headers["authorization"] != "Bearer sk-rotated" and is_extraction(body):
+            return Reply.error(503, "the old key is being retired")  # retried, not failed
+        return fake_model(body)
+
+    openai_server.responder = revoked_old_key
+
+    async def chat(text: str) -> None:
+        await async_client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": text}]
+        )
+
+    async def rotating() -> None:  # one loop: its pooled connection is not used in another
+        await chat("I prefer Python for backend work")
+        async_client.api_key = "sk-rotated"  # while the turn is queued
+        assert twin.api_key == "sk-rotated" and async_client._wrapped.api_key == "sk-rotated"
+        assert extractor.destination == client_destination(twin, None) != old
+        await chat("I live in Lisbon")
+
+    asyncio.run(rotating())
+    assert async_client.memory.flush(30)
+    requests = openai_server.requests
+    chats = [r.headers["authorization"] for r in requests if not is_extraction(r.body)]
+    assert chats == ["Bearer sk-scripted", "Bearer sk-rotated"]
+    assert fake_model.extraction_calls == 2  # the turn queued before the rotation too
+    assert len(async_client.memory.get_all()) == 1  # the same memory, extracted twice
+
+    copy = async_client.with_options(timeout=5)
+    copy.api_key = "sk-copy"  # a copy's assignment is its own: the twin stays the client's
+    assert twin.api_key == "sk-rotated" and async_client.api_key == "sk-rotated"
+
+
 def test_a_client_is_entered_the_way_it_is_used(openai_server, db_path, model) -> None:
     sync = with_memory(openai_server.client(), user_id="a", db_path=db_path, embedder=model)
     asynchronous = with_memory(

@@ -521,6 +521,71 @@ def test_everything_else_passes_through(client, openai_server) -> None:
     assert text == "with_fast_memory(OpenAI, user_id='alice')" and "sk-" not in text
 
 
+def test_a_setting_assigned_on_the_memory_client_is_the_clients(client, openai_server) -> None:
+    """``client.api_key = ...`` (a key rotation) was kept on the proxy: it read back, but the
+    requests went on with the old key. A public attribute of the wrapped client is set on it,
+    as on a plain client: the next request (chat, streamed, Responses) and a copy made after
+    use it; a copy's own assignment is its own; the proxy's own attributes stay its own."""
+
+    def key() -> str | None:
+        return openai_server.requests[-1].headers.get("authorization")
+
+    client.api_key = "sk-rotated"
+    assert client._wrapped.api_key == client.api_key == "sk-rotated"
+    assert "api_key" not in vars(client)
+    ask(client, "hi")
+    assert key() == "Bearer sk-rotated"
+    list(ask(client, "hi", stream=True))
+    assert key() == "Bearer sk-rotated"
+    client.responses.create(model="gpt-4o", input="hi")
+    assert key() == "Bearer sk-rotated"
+
+    faster = client.with_options(timeout=5)  # a copy made after the rotation
+    ask(faster, "hi")
+    assert key() == "Bearer sk-rotated"
+    faster.api_key = "sk-copy"
+    ask(faster, "hi")
+    assert key() == "Bearer sk-copy"
+    ask(client, "hi")
+    assert key() == "Bearer sk-rotated"  # the copy's key is the copy's
+
+    client.max_retries, client.timeout = 0, 7.5
+    assert (client._wrapped.max_retries, client._wrapped.timeout) == (0, 7.5)
+    openai_server.script(Reply.error(500, "down"))
+    before = len(openai_server.requests)
+    with pytest.raises(openai.InternalServerError):
+        ask(client, "hi")
+    assert len(openai_server.requests) == before + 1  # no retry
+
+    chat = client.chat
+    client.note = "mine"  # the wrapped client has no such attribute: the proxy keeps it
+    assert client.note == "mine" and not hasattr(client._wrapped, "note")
+    with pytest.raises(AttributeError):
+        client.memory = None  # the proxy's own, read-only
+    assert client.chat is chat and client.chat.completions is not client._wrapped.chat.completions
+
+
+def test_a_new_base_url_is_where_the_next_request_goes(client, openai_server, model_says) -> None:
+    from headroom_memory_integrations.testing import ScriptedOpenAIServer
+
+    with ScriptedOpenAIServer() as other:
+        client.base_url = other.base_url
+        ask(client, "hi")
+        assert len(other.requests) == 1 and other.requests[0].path == "/v1/chat/completions"
+
+
+def test_an_async_clients_assigned_key_is_sent(aclient, openai_server) -> None:
+    aclient.api_key = "sk-async-rotated"
+
+    async def chat() -> None:
+        await aclient.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+        )
+
+    asyncio.run(chat())
+    assert openai_server.requests[-1].headers["authorization"] == "Bearer sk-async-rotated"
+
+
 def test_a_copy_is_the_same_memory_client(client, openai_server) -> None:
     """copy.copy() asked the half-made copy for __setstate__, which the proxy forwarded to
     an attribute not set yet: every use of the copy recursed without end."""

@@ -28,7 +28,7 @@ from ..jobs import Backoff, PermanentJobError
 from ..storage import Storage
 from ..wiring import build_flow, open_memory
 from ..writer import BackgroundExtractor, Complete
-from .client import MemoryClient
+from .client import TWIN_SETTINGS, MemoryClient
 from .flow import CompletionsFlow, Injection
 from .responses import AsyncMemoryStreamedResponse, MemoryRawResponse, MemoryStreamedResponse
 from .streams import AsyncMemoryStream, MemoryStream
@@ -70,12 +70,7 @@ def sync_twin(client: Any, instead: str) -> Any:
             f"openai.AsyncOpenAI); pass {instead}"
         )
     return openai.OpenAI(
-        api_key=client.api_key,
-        organization=client.organization,
-        project=client.project,
-        base_url=client.base_url,
-        timeout=client.timeout,
-        max_retries=client.max_retries,
+        **{name: getattr(client, name) for name in TWIN_SETTINGS},
         default_headers=getattr(client, "_custom_headers", None),
         default_query=getattr(client, "_custom_query", None),  # a gateway's api-version, say
     )
@@ -320,7 +315,9 @@ def with_memory(
         openai_completer(twin),
         extraction_model,
         usable=usable,
-        destination=client_destination(twin, extraction_model),
+        # read when used: after a key rotation or a new base_url (assigned on the memory
+        # client, which sets it on the twin) the turns queued since carry where they go now
+        destination=lambda: client_destination(twin, extraction_model),
     )
     return _wrap(
         client,

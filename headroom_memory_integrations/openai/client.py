@@ -33,13 +33,18 @@ from .responses_flow import ResponsesFlow
 from .streams import AsyncMemoryStream, MemoryStream, _Passthrough
 from .unwrapped import Unwrapped, UnwrappedCalls, warning_first
 
-__all__ = ["AsyncMemoryStream", "MemoryClient", "MemoryStream"]
+__all__ = ["TWIN_SETTINGS", "AsyncMemoryStream", "MemoryClient", "MemoryStream"]
 
 log = logging.getLogger("headroom_memory_integrations.openai")
 _NOT_COMPLETIONS = ("create", "parse", "stream")
 _NOT_COVERED = ("connect",)
 """Methods of ``responses`` that reach the model without memory (``responses.connect``, a
 WebSocket session): they work, after a warning (see :mod:`.unwrapped`)."""
+TWIN_SETTINGS = ("api_key", "organization", "project", "base_url", "timeout", "max_retries")
+"""The settings a synchronous twin of an async client (``sync_twin``: for background
+extraction or OpenAI embeddings) is made with. Assigned on the memory client whose twins they
+are (``aclient.api_key = ...``, a key rotation), they are set on its twins too, so the
+background work goes where the calls go, as whom."""
 CLOSE_FLUSH_SECONDS = 5.0
 """How long closing a memory client waits for its user's memories to be stored (what is left
 stays queued for the next process, as at exit)."""
@@ -212,6 +217,8 @@ class _Chat(_Passthrough):
     """``chat`` of a memory client: ``completions`` is the memory one, also through
     ``chat.with_raw_response`` and ``chat.with_streaming_response``."""
 
+    _OWN = frozenset({"completions"})
+
     def __init__(self, chat: Any, completions: Any) -> None:
         super().__init__(chat)
         self.completions = completions
@@ -233,6 +240,8 @@ class _Beta(Unwrapped):
     one; the other beta APIs (Assistants threads, Realtime, ...) reach the model without
     memory and warn, as any unwrapped part does."""
 
+    _OWN = frozenset({"chat"})
+
     def __init__(self, beta: Any, chat: _Chat, unwrapped: UnwrappedCalls) -> None:
         super().__init__(beta, unwrapped, api="beta", path="beta")
         self.chat = chat
@@ -244,6 +253,8 @@ class _Beta(Unwrapped):
 class _ClientView(_Passthrough):
     """``client.with_raw_response`` / ``client.with_streaming_response`` of a memory client:
     ``.chat.completions`` and ``.responses`` are the memory ones; unwrapped APIs warn."""
+
+    _OWN = frozenset({"chat"})
 
     def __init__(self, client: MemoryClient, name: str) -> None:
         view = getattr(client._wrapped, name)
@@ -267,9 +278,18 @@ class _ClientView(_Passthrough):
 class MemoryClient(_Passthrough):
     """An OpenAI-compatible client with memory. Use it as the client it wraps.
 
+    Assigning a setting (``client.api_key = ...``, ``base_url``, ``timeout``, ``max_retries``,
+    ...: any public attribute of the wrapped client) sets it on the wrapped client, so the next
+    request uses it, as on a plain client, and so does a ``with_options()`` copy made after.
+    On the client the wrapper was made for, the :data:`TWIN_SETTINGS` go to its synchronous
+    twins too (an async client's background work); a copy's assignments are its own, as a
+    plain client's copy's are.
+
     Attributes:
         memory: The user's :class:`MemoryStore` (search, add, get_all, clear, stats, flush, ...).
     """
+
+    _OWN = frozenset({"chat"})
 
     def __init__(
         self,
@@ -280,6 +300,7 @@ class MemoryClient(_Passthrough):
         unwrapped: UnwrappedCalls | None = None,
         owned: tuple[Any, ...] = (),
         responses_flow: ResponsesFlow | None = None,
+        twins_follow: bool = True,
     ) -> None:
         super().__init__(client)
         self._flow = flow
@@ -287,6 +308,7 @@ class MemoryClient(_Passthrough):
         self._responses_flow = responses_flow or ResponsesFlow(flow)
         self._asynchronous = asynchronous
         self._owned = owned  # synchronous twins made for an async client's background work
+        self._twins_follow = twins_follow  # made from this client: its settings go to them
         self._unwrapped = unwrapped or UnwrappedCalls(flow.memory.user_id)
         calls_type = _AsyncCalls if asynchronous else _Calls
         self.chat = _Chat(client.chat, calls_type(client.chat.completions, flow))
@@ -296,6 +318,12 @@ class MemoryClient(_Passthrough):
         if name in _NOT_COMPLETIONS:
             raise _whole_client_error(name)
         return self._unwrapped.guard(name, getattr(self._wrapped, name))
+
+    def _assign(self, name: str, value: Any) -> None:
+        setattr(self._wrapped, name, value)
+        if self._twins_follow and name in TWIN_SETTINGS:
+            for twin in self._owned:
+                setattr(twin, name, value)
 
     @property
     def memory(self) -> MemoryStore:
@@ -341,6 +369,7 @@ class MemoryClient(_Passthrough):
             unwrapped=self._unwrapped,
             owned=self._owned,
             responses_flow=self._responses_flow,
+            twins_follow=False,  # the twins were made from this client's settings
         )
 
     def close(self) -> Any:

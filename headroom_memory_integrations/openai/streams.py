@@ -4,16 +4,44 @@ base class of every proxy in this package."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from ..flow import ItemEditor, aedited, edited
 
 
 class _Passthrough:
-    """Forwards every attribute it does not define to the wrapped object."""
+    """Forwards every attribute it does not define to the wrapped object: reads, and writes
+    of a public attribute the wrapped object has (``client.api_key = ...`` must reach the
+    client that sends the requests, as on a plain client). The proxy's own attributes stay
+    its own: underscore names, what its class defines (methods, properties) and the names in
+    :attr:`_OWN`."""
+
+    _OWN: ClassVar[frozenset[str]] = frozenset()
+    """Public attributes a proxy sets on itself (``chat``, ``completions``): never forwarded."""
 
     def __init__(self, wrapped: Any) -> None:
         self._wrapped = wrapped
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._forwards(name):
+            self._assign(name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def _forwards(self, name: str) -> bool:
+        """Whether an assignment to ``name`` goes to the wrapped object."""
+        return not (
+            name.startswith("_")
+            or name in self._OWN
+            or hasattr(type(self), name)
+            or name in vars(self)
+            or "_wrapped" not in vars(self)
+            or not hasattr(self._wrapped, name)
+        )
+
+    def _assign(self, name: str, value: Any) -> None:
+        """Set the wrapped object's attribute ``name``, as this proxy does."""
+        setattr(self._wrapped, name, value)
 
     def __getattr__(self, name: str) -> Any:
         if hasattr(type(self), name):  # a property of ours raised AttributeError: never fall
