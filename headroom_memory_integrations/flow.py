@@ -738,9 +738,11 @@ def edited(
         finish_on_error: What an error (an ``Exception``) raised by ``items`` themselves, the
             model's own stream failing midway, does: False, the stream is abandoned (the OpenAI
             wrappers); True, the answer is finished as far as it came before the error goes on
-            to the caller (the LangChain and LlamaIndex adapters).
+            to the caller (the LangChain and LlamaIndex adapters), if any of it came: a request
+            that failed before its first item (a 429, a 500) is abandoned, not counted as an
+            answer without its memory block.
     """
-    ended = False
+    ended = answered = False
     try:
         source = iter(items)
         while True:
@@ -749,10 +751,11 @@ def edited(
             except StopIteration:
                 break
             except Exception:
-                if finish_on_error:
+                if finish_on_error and answered:
                     ended = True
                     editor.end()
                 raise
+            answered = True
             yield from editor.edit(item)  # the caller's leaving is raised here
         ended = True
         yield from editor.end()
@@ -804,7 +807,7 @@ async def aedited(
             event) has its memory work queued in a thread too (:func:`queued_later`), before
             the item is shown.
     """
-    ended = False
+    ended = answered = False
     try:
         source = aiter(items)
         while True:
@@ -813,10 +816,11 @@ async def aedited(
             except StopAsyncIteration:
                 break
             except Exception:
-                if finish_on_error:
+                if finish_on_error and answered:
                     ended = True
                     await finished_in_thread(editor.end) if end_in_thread else editor.end()
                 raise
+            answered = True
             with queued_later() as later:  # an item may finish the answer (a last chunk)
                 edited_items = editor.edit(item)
             if later:

@@ -676,6 +676,26 @@ def test_model_errors_reach_the_caller(chat: MemoryChatModel, openai_server) -> 
         chat.invoke("hi")
 
 
+def test_a_stream_refused_before_its_first_chunk_is_no_answer(chat: MemoryChatModel, openai_server):
+    """A request that failed before any answer (a 429, a 500) was counted as an answer without
+    its memory block, which troubleshooting.md reads as a model that ignores the instruction."""
+    from openai import InternalServerError, RateLimitError
+
+    openai_server.script(Reply.error(429, "slow down"))
+    with pytest.raises(RateLimitError):
+        list(chat.stream("I live in Lyon."))
+
+    async def astream() -> None:
+        openai_server.script(Reply.error(500, "boom"))
+        async for _ in chat.astream("I live in Lyon."):
+            pass
+
+    with pytest.raises(InternalServerError):
+        asyncio.run(astream())
+    events = chat.memory.stats()["events"]
+    assert "missing_blocks" not in events and "malformed_blocks" not in events
+
+
 # -- a model without HTTP: list content, no streaming ---------------------------------------------
 
 

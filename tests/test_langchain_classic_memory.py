@@ -271,32 +271,50 @@ def test_keys_and_clear(scripted, make_memory) -> None:
         ambiguous.load_memory_variables({"question": "?", "lang": "en"})
     with pytest.raises(ValueError, match=r"which output holds the exchange.*pass output_key="):
         ambiguous.save_context({"input": "hi"}, {"a": "1", "b": "2"})
-    memory.clear()
-    assert memory.memory.count() == 0
-    assert memory.load_memory_variables({"question": "Which language?"}) == {"memories": ""}
+    memory.clear()  # a new conversation: the long-term memories stay
+    assert memory.memory.count() == 1
+    assert "Python" in memory.load_memory_variables({"question": "Which language?"})["memories"]
+
+
+@pytest.mark.parametrize("key", ["input_key", "output_key"])
+def test_a_key_the_chain_does_not_have_is_refused(make_memory, key) -> None:
+    """A misspelt key recalled and learnt nothing, silently (an LLMChain's output is "text",
+    a ConversationChain's "response")."""
+    memory = make_memory(**{key: "response"})
+    with pytest.raises(ValueError, match=r"'response' is not among the chain's"):
+        memory.load_memory_variables({"input": "I prefer Python"})
+        memory.save_context({"input": "I prefer Python"}, {"text": "Ok"})
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["clear", "aclear"])
-def test_clear_right_after_a_run_sticks(asynchronous, openai_server, scripted, make_memory) -> None:
-    """The run's extraction is still queued or running when the memory is cleared: what it
-    learns is forgotten too, never stored after the clear."""
-    scripted.delay = 0.5  # the extraction call takes half a second
-    memory = make_memory()
+def test_clear_starts_a_new_conversation_and_keeps_the_users_memories(
+    asynchronous, openai_server, scripted, make_memory
+) -> None:
+    """``CombinedMemory.clear()`` (a "new chat" button) clears every memory it holds: it wiped
+    the user's long-term memories for good. Now it ends the conversation only, as LlamaIndex's
+    ``reset()`` does; ``memory.memory.forget_user()`` forgets the user."""
+    from langchain_classic.memory import CombinedMemory, ConversationBufferMemory
+
+    memory = make_memory(input_key="input")
     memory.memory.add("Is allergic to peanuts")
+    combined = CombinedMemory(
+        memories=[ConversationBufferMemory(memory_key="history", input_key="input"), memory]
+    )
     inputs = {"input": "I prefer Python for backend work."}
-    memory.load_memory_variables(inputs)
-    memory.save_context(inputs, {"output": "Noted."})
+    combined.load_memory_variables(inputs)
+    combined.save_context(inputs, {"response": "Noted."})
+    assert memory.memory.flush(30)
     if asynchronous:
-        asyncio.run(memory.aclear())
+        asyncio.run(combined.aclear())
     else:
-        memory.clear()
+        combined.clear()
+    assert sorted(m.text for m in memory.memory.get_all()) == [
+        "Is allergic to peanuts",
+        "Prefers Python for backend work",
+    ]
+    assert memory._previous is None and not memory._turns
+    memory.memory.forget_user()
     assert memory.memory.get_all() == []
-    assert memory.memory.flush(30)
-    assert memory.memory.get_all() == []
-    # the memory still learns afterwards
-    memory.save_context(inputs, {"output": "Noted."})
-    assert memory.memory.flush(30)
-    assert [m.text for m in memory.memory.get_all()] == ["Prefers Python for backend work"]
 
 
 def test_async_forms_in_a_chain(openai_server, scripted, make_memory) -> None:
@@ -311,12 +329,12 @@ def test_async_forms_in_a_chain(openai_server, scripted, make_memory) -> None:
         )
         await memory.asave_context({"input": "Thanks"}, {"response": "Welcome"})
         await asyncio.to_thread(memory.memory.flush, 30)
-        await memory.aclear()
+        await memory.aclear()  # a new conversation: the memories stay
         return recalled
 
     recalled = run_async(run(), chain.llm)
     assert "Prefers Python for backend work" in recalled["memories"]
-    assert memory.memory.count() == 0
+    assert "Prefers Python for backend work" in [m.text for m in memory.memory.get_all()]
 
 
 def test_a_store_written_memory_is_recalled(make_memory, db_path, model) -> None:

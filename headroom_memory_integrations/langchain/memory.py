@@ -31,7 +31,6 @@ from ._extract import chat_model_completer, memory_field  # noqa: E402
 from ._messages import holds_tool_steps, is_user  # noqa: E402
 
 _PENDING_TURNS = 64  # loaded turns waiting for their save_context, per memory object
-_FORGET_TIMEOUT = 30.0  # seconds clear() waits for the user's running background work
 
 
 class HeadroomMemory(FlowSettings, BaseMemory):
@@ -185,18 +184,14 @@ class HeadroomMemory(FlowSettings, BaseMemory):
             self._flow.finish(turn, answer)
 
     def clear(self) -> None:
-        """Forget every memory of this user (in storage, not only in this object), and the
-        user's queued background work with it (the extraction of a run that just ended), so
-        nothing learned before the clear is stored after it (:meth:`MemoryStore.forget_user`).
-
-        Raises:
-            StorageError: background work of this user that was running did not finish
-                within 30 s (nothing was deleted), or the storage failed.
-        """
+        """Start a new conversation: forget the turn in progress (the one
+        :meth:`load_memory_variables` began) and the previous message, as LangChain's
+        ``CombinedMemory.clear()`` and a "new chat" button expect. The user's long-term
+        memories stay, as LlamaIndex's ``reset()`` keeps them: to forget the user, call
+        ``memory.memory.forget_user()`` (every memory, and the user's queued turns)."""
         with self._turns_lock:
             self._turns.clear()
             self._previous = None
-        self.memory.forget_user(_FORGET_TIMEOUT)
 
     async def aload_memory_variables(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return await asyncio.to_thread(self.load_memory_variables, inputs)
@@ -252,4 +247,9 @@ class HeadroomMemory(FlowSettings, BaseMemory):
                     f"{sorted(keys)}; pass {what}_key="
                 )
             key = keys[0]
-        return values.get(key)
+        elif key not in values:  # a misspelt key would recall and learn nothing, silently
+            raise ValueError(
+                f"HeadroomMemory's {what}_key={key!r} is not among the chain's {what}s "
+                f"{sorted(values)}"
+            )
+        return values[key]
