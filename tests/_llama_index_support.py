@@ -85,7 +85,8 @@ class Brain:
     def answer(self, messages: Sequence[Mapping[str, Any]], *, tools: bool = False) -> Any:
         """The answer text, or a ``(name, kwargs)`` tool call."""
         messages = [{"role": m["role"], "content": _text(m.get("content"))} for m in messages]
-        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        # the Responses API's clients send the application's messages as "developer"
+        system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer"))
         if system.startswith("You maintain long-term memory"):
             return self._extract(messages[-1]["content"])
         self.requests.append(messages)

@@ -153,6 +153,37 @@ def test_open_ai_responses_recalls_through_its_own_memory_clients(
     assert openai_server.requests[-1].path == "/v1/responses"
 
 
+def test_memory_llm_over_open_ai_responses_streams_no_block_in_raw(
+    openai_server, brain, http_clients, db_path, model
+) -> None:
+    """The Responses API's last stream events (text.done, content_part.done, output_item.done,
+    completed) carry the whole answer: ``MemoryLLM`` kept them in each chunk's ``raw``, block
+    included, where apps read the response id and usage (and agents pass it on)."""
+    from llama_index.core.base.llms.types import ChatMessage
+    from llama_index.llms.openai import OpenAIResponses
+
+    plain = OpenAIResponses(
+        **http_clients(),
+        model="gpt-4o-mini",
+        api_base=openai_server.base_url,
+        api_key="test-key",
+        context_window=16000,
+    )
+    llm = MemoryLLM(llm=plain, user_id="alice", db_path=db_path, embedder=model)
+    said = [ChatMessage(role="user", content=FACT)]
+
+    async def astream() -> list:
+        return [chunk async for chunk in await llm.astream_chat(said)]
+
+    for chunks in (list(llm.stream_chat(said)), asyncio.run(astream())):
+        assert chunks[-1].message.content.strip()  # "Noted.", then what it recalls
+        assert any(chunk.raw is not None for chunk in chunks[-3:])  # the final events are kept
+        for chunk in chunks:
+            assert "<memory-" not in repr(chunk.raw) + (chunk.delta or "")
+    flush(llm.memory)
+    assert [m.text for m in llm.memory.get_all()] == [FACT]
+
+
 def test_one_store_for_the_sync_and_async_clients(memory_llm) -> None:
     llm = memory_llm()
     assert isinstance(llm._client, MemoryClient) and isinstance(llm._aclient, MemoryClient)

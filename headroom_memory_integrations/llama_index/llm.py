@@ -672,13 +672,16 @@ class _StreamEditor:
 
     Each response's ``delta`` is what the flow's :class:`AnswerStream` lets through, its
     ``message.content`` the sum of those, and its ``raw`` is dropped where text was held
-    back. Text held back to the end comes in one last response.
+    back, and has the block cut from its texts once the block has begun. Text held back to
+    the end comes in one last response.
     """
 
     def __init__(self, flow: MemoryFlow, turn: Turn, *, remember: bool = True) -> None:
         self._answer: AnswerStream | None = (
             flow.stream(turn, remember=remember) if turn.nonce else None
         )
+        self._flow, self._turn = flow, turn
+        self._open_tag = block_tags(turn.nonce)[0] if turn.nonce else None
         self._received = ""
         self._visible = ""
         self._last: ChatResponse | None = None
@@ -705,11 +708,16 @@ class _StreamEditor:
         self._received += delta
         shown = self._answer.feed(delta)
         self._visible += shown
+        raw = response.raw if shown == delta else None
+        if raw is not None and self._open_tag and self._open_tag in self._received:
+            # once the block has begun, a provider's event may carry the whole text so far (the
+            # Responses API's text.done, output_item.done and completed events)
+            raw = _scrub(self._flow, self._turn, raw)
         return response.model_copy(
             update={
                 "delta": shown,
                 "message": with_text(response.message, self._visible),
-                "raw": response.raw if shown == delta else None,
+                "raw": raw,
             }
         )
 
