@@ -83,6 +83,7 @@ from .guard import (
     time_left,
     within_deadline,
 )
+from .rollback import Rollback, discard, keep, left
 from .vectors import VectorIndex
 
 SCHEMA_VERSION = 2
@@ -395,6 +396,51 @@ def _store_journaled(client: Any, folder: Path) -> None:
     if writes:
         logger.info("stored the writes an earlier process left pending in %s", folder)
     clear_journal(folder)
+
+
+def _roll_back(collection: Any, rollback: Rollback, step: int) -> None:
+    """Undo a write to ``collection``: delete the records it added, put back those it
+    rewrote (their document, metadata and vector as they were). Doing it twice does no harm."""
+    for start in range(0, len(rollback.added), _BATCH):
+        collection.delete(ids=rollback.added[start : start + _BATCH])
+    ids = list(rollback.prior)
+    for start in range(0, len(ids), step):
+        part = ids[start : start + step]
+        collection.upsert(
+            ids=part,
+            embeddings=rollback.vectors[start : start + step],
+            documents=[rollback.prior[i][0] for i in part],
+            metadatas=[_replacing(rollback.prior[i][1]) for i in part],
+        )
+
+
+def _roll_back_left(client: Any, folder: Path) -> str | None:
+    """Undo the write a process left half-done in ``folder`` (killed between two batches of
+    a write larger than one, or its own undo failed: see :mod:`.rollback`), then remove its
+    record. Returns the user whose write it undid, if any. Raises if Chroma refuses: the
+    record is kept, and tried again at the next open or write."""
+    rollback = left(folder)
+    if rollback is None:
+        return None
+    try:
+        collection = client.get_collection(
+            collection_name(rollback.user_id), embedding_function=None
+        )
+    except Exception as exc:
+        if not _is_missing(exc):
+            raise
+        collection = None  # dropped since: nothing of the write is left to undo
+    if collection is not None and (collection.metadata or {}).get("user_id") == rollback.user_id:
+        _roll_back(collection, rollback, int(client.get_max_batch_size()))
+        logger.warning(
+            "undid a write of %d memories of user %s that was left half-done in %s (the "
+            "process writing it was killed, or its undo failed)",
+            len(rollback.added) + len(rollback.prior),
+            user_tag(rollback.user_id),
+            folder,
+        )
+    discard(folder)
+    return rollback.user_id
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -730,17 +776,23 @@ class ChromaCollection:
         )
 
     def _store(self, ids: list[str], metas: list[dict[str, Any]], vectors: Vectors) -> None:
-        """Write these records to Chroma, undoing what was written if a batch fails."""
+        """Write these records to Chroma, undoing what was written if a batch fails. A write
+        of more than one batch to an embedded folder first records its undo on disk, so that
+        it is undone even if the process is killed halfway (see :mod:`.rollback`)."""
         prior = self._prior(ids)
         legacy = {i for i, r in prior.items() if _RECORD_KEY not in (r["metadata"] or {})}
         batch = self._storage._batch_size()
+        rollback = Rollback.of(self._user_id, self.binding[1], ids, prior)
+        kept = len(ids) > batch and self._storage._keep_rollback(rollback)
         try:
             for start in range(0, len(ids), batch):
                 part = slice(start, start + batch)
                 columns = _upsert_columns(ids[part], vectors[part], metas[part], legacy)
                 self._call("write memories", lambda c: c.upsert(**columns), write=True)  # noqa: B023
+            if kept:
+                self._storage._discard_rollback()
         except BaseException as error:
-            self._undo(ids, prior, error)
+            self._undo(rollback, error, kept=kept)
             raise
 
     def _prior(self, ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -772,26 +824,15 @@ class ChromaCollection:
                 }
         return found
 
-    def _undo(self, ids: list[str], prior: dict[str, dict[str, Any]], error: BaseException) -> None:
-        """Delete what a failed write added and restore what it replaced."""
-        added = [i for i in ids if i not in prior]
+    def _undo(self, rollback: Rollback, error: BaseException, *, kept: bool) -> None:
+        """Delete what a failed write added and restore what it replaced; then remove the
+        write's undo record, if ``kept`` on disk. If the undo fails, the record stays (and the
+        storage undoes the write before its next write, or the next process at its open)."""
+        step = self._storage._batch_size()
         try:
-            for start in range(0, len(added), _BATCH):
-                batch = added[start : start + _BATCH]
-                self._call("undo a failed write", lambda c: c.delete(ids=batch))  # noqa: B023
-            restore = list(prior.items())
-            step = self._storage._batch_size()
-            for start in range(0, len(restore), step):
-                part = restore[start : start + step]
-                self._call(
-                    "undo a failed write",
-                    lambda c: c.upsert(
-                        ids=[i for i, _ in part],  # noqa: B023
-                        embeddings=[r["embedding"] for _, r in part],  # noqa: B023
-                        documents=[r["document"] for _, r in part],  # noqa: B023
-                        metadatas=[_replacing(r["metadata"]) for _, r in part],  # noqa: B023
-                    ),
-                )
+            self._call("undo a failed write", lambda c: _roll_back(c, rollback, step))
+            if kept:
+                self._storage._discard_rollback()
         except StorageError as undo_error:
             if not isinstance(error, Exception):  # an interrupt stays one (Ctrl-C, an exit)
                 logger.warning(
@@ -1221,6 +1262,9 @@ class ChromaStorage:
         self._closed = False
         self._release: weakref.finalize[Any, Any] | None = None
         self._deferred: DeferredWrites | None = None  # an embedded folder's (see at())
+        # This process left the undo of a write on disk that is still to be done (its own undo
+        # failed, or the record could not be removed): done before its next write.
+        self._rollback_left = False
         self._applications = client is not None  # a client the application made, not ours
         self._client_place = client_place(client) if self._applications else None
         if client is not None and timeout is not None:
@@ -1247,6 +1291,7 @@ class ChromaStorage:
         self._reload_lock = threading.RLock()
         self._availability = Availability(self.location)
         self._unerased = []
+        self._rollback_left = False  # (the parent's; a child that takes the lock reads it)
         for handle in list(self._collections.values()):
             handle._forked()
 
@@ -1357,12 +1402,71 @@ class ChromaStorage:
             _embedded_opened = True  # (before: the client starts chromadb's threads)
             client = chromadb.PersistentClient(path=folder, settings=_settings())
             if writer:
+                # a write the last writer left half-done is undone first, then the journal
+                # replayed: a journaled write came before that write (which waited for it),
+                # or was that write (the worker's), which the replay then stores whole
+                _roll_back_left(client, self._folder)
                 _store_journaled(client, self._folder)
             return client
         except BaseException:
             self._folder_lock.release()
             forget_broken_system(folder)
             raise
+
+    def _keep_rollback(self, rollback: Rollback) -> bool:
+        """Before the first batch of a write larger than one: record its undo on an embedded
+        folder's disk (see :mod:`.rollback`). False for a server or a client of the
+        application's, which have no folder: a failed write is undone by this process only.
+
+        Raises:
+            StorageError: The record could not be written; nothing was written."""
+        if self._folder is None:
+            return False
+        if self._rollback_left:  # (the writes of this process undo it first: never here)
+            raise StorageError(
+                f"an earlier write to {self._folder} is still to be undone; nothing was written"
+            )
+        try:
+            keep(self._folder, rollback)
+        except OSError as exc:
+            records = len(rollback.added) + len(rollback.prior)
+            raise StorageError(
+                f"could not record how to undo a write of {records} memories in "
+                f"{self._folder} ({exc}); nothing was written"
+            ) from exc
+        self._rollback_left = True
+        return True
+
+    def _discard_rollback(self) -> None:
+        """The write whose undo :meth:`_keep_rollback` recorded is stored, or undone: remove
+        the record (with the text it holds).
+
+        Raises:
+            StorageError: It could not be removed (it is done before the next write)."""
+        assert self._folder is not None
+        try:
+            discard(self._folder)
+        except OSError as exc:
+            raise StorageError(
+                f"could not remove the undo record in {self._folder}: {exc}"
+            ) from exc
+        self._rollback_left = False
+
+    def _undo_left_write(self) -> None:
+        """With the write lock held, before a write: undo the write a process left half-done
+        in the folder (see :func:`_roll_back_left`); every handle of its user then reads
+        afresh (what it read meanwhile may have been half of it)."""
+        assert self._folder is not None
+        action = f"undo a write left half-done in {self._folder}"
+        with self._guard(action), self._erase_lock.shared():
+            user_id = _roll_back_left(self._client_now(), self._folder)
+        self._rollback_left = False
+        if user_id is not None:
+            name = collection_name(user_id)
+            with self._collections_lock:
+                handles = [h for key, h in list(self._collections.items()) if key[0] == name]
+            for handle in handles:
+                handle.written_elsewhere()
 
     def _store_pending(self, write: PendingWrite) -> None:
         """Write a deferred write to Chroma (in the worker thread of :mod:`.deferred`)."""
@@ -1564,24 +1668,28 @@ class ChromaStorage:
                     "server (chroma run --path DIR) and pass db_path='http://host:port'."
                 )
             self._take_over()
+        if self._rollback_left:
+            self._undo_left_write()
         check_free_space(folder, handle._index_bytes() if handle is not None else 0, write_bytes)
 
     def _take_over(self) -> None:
         """This process has just taken the lock of a folder it opened while another process
         wrote it (that process closed its storage, exited or was killed). With the write lock
-        held, before this process writes anything: store what the last writer left journaled
-        (its deferred writes, acknowledged to its callers; see :mod:`.deferred`), as opening
-        the folder would have, then forget what this process holds of any user (another
-        process wrote until now, and the replay may have changed records). If the replay
-        fails, the lock is given back and the write refused: the journal is kept, and the
-        next write (of this process or another) tries again.
+        held, before this process writes anything: undo a write the last writer left half-done
+        (see :mod:`.rollback`) and store what it left journaled (its deferred writes,
+        acknowledged to its callers; see :mod:`.deferred`), as opening the folder would have,
+        then forget what this process holds of any user (another process wrote until now, and
+        the replay may have changed records). If either fails, the lock is given back and the
+        write refused: the records are kept, and the next write (of this process or another)
+        tries again.
 
         Raises:
-            StorageError: Chroma refused a journaled write; nothing was written."""
+            StorageError: Chroma refused the undo or a journaled write; nothing was written."""
         assert self._folder is not None and self._folder_lock is not None
         action = f"store the writes left pending in {self._folder}"
         try:
             with self._guard(action), self._erase_lock.shared():
+                _roll_back_left(self._client_now(), self._folder)  # (first: see _open_folder)
                 _store_journaled(self._client_now(), self._folder)
         except BaseException:
             self._folder_lock.release()
