@@ -915,11 +915,31 @@ _MAX_FENCE_LINE = 200
 _FENCE_OPENER_RE = re.compile(r" {0,3}(?:(`{3,})[^`\n]*|(~{3,})[^\n]*)")
 _FENCE_OPENER_START_RE = re.compile(r" {0,3}(?:`{1,2}|~{1,2}|`{3,}[^`\n]*|~{3,}[^\n]*)")
 _NOT_BLANK_RE = re.compile(r"\S")
+# A list item's line that opens a fence ("- ```bash", "1. ```python"): read so that its closing
+# line is not taken for an opening one; such a fence is never dropped (whole and streamed alike:
+# the stream shows a list item's line as it comes).
+_LISTED_FENCE_OPENER_RE = re.compile(
+    r" {0,3}(?:[-*+]|\d{1,9}[.)])[ \t]+(?:(`{3,})[^`\n]*|(~{3,})[^\n]*)"
+)
+_LISTED_FENCE_START_RE = re.compile(
+    r" {0,3}(?:[-*+]|\d{1,9}[.)]?)(?:[ \t]+(?:`{0,2}|~{0,2}|`{3,}[^`\n]*|~{3,}[^\n]*))?"
+)
 
 
 def _fence_opener(line: str) -> tuple[str, int] | None:
     """(character, length) of the fence that ``line`` (without its line break) opens, or None."""
     match = _FENCE_OPENER_RE.fullmatch(line) if len(line) <= _MAX_FENCE_LINE else None
+    if match is None:
+        return None
+    marks = match.group(1) or match.group(2)
+    return marks[0], len(marks)
+
+
+def _listed_fence_opener(line: str) -> tuple[str, int] | None:
+    """(character, length) of the fence a list item's ``line`` opens, or None."""
+    if len(line) > _MAX_FENCE_LINE:
+        return None
+    match = _LISTED_FENCE_OPENER_RE.fullmatch(line)
     if match is None:
         return None
     marks = match.group(1) or match.group(2)
@@ -960,6 +980,7 @@ def _without_block_fences(text: str, cuts: list[int]) -> str:
     """
     dropped: list[tuple[int, int]] = []
     fence: tuple[str, int] | None = None
+    listed = False  # the open fence is a list item's (never dropped)
     opened = content = start = 0  # the open fence's opening line and content start
     while start < len(text):
         newline = text.find("\n", start)
@@ -967,16 +988,26 @@ def _without_block_fences(text: str, cuts: list[int]) -> str:
         line = text[start:end].removesuffix("\n")
         if fence is None:
             fence = _fence_opener(line) if newline >= 0 else None
+            listed = fence is None and newline >= 0
+            if listed:
+                fence = _listed_fence_opener(line)
             opened, content = start, end
         elif _closes_fence(fence, line):
             marks = start + len(line) - len(line.lstrip(" "))
-            if _NOT_BLANK_RE.search(text, content, start) is None and any(
-                content <= cut <= marks for cut in cuts
+            if (
+                not listed
+                and _NOT_BLANK_RE.search(text, content, start) is None
+                and any(content <= cut <= marks for cut in cuts)
             ):
                 dropped.append((opened, end))
             fence = None
         start = end
-    if fence is not None and _NOT_BLANK_RE.search(text, content) is None and cuts[-1] >= content:
+    if (
+        fence is not None
+        and not listed
+        and _NOT_BLANK_RE.search(text, content) is None
+        and cuts[-1] >= content
+    ):
         dropped.append((opened, len(text)))  # closed by the end of the answer
     kept: list[str] = []
     pos = 0
@@ -1184,7 +1215,10 @@ class _VisibleText:
             self._show(piece)
             if line is not None and line.strip():
                 if self._fence is None:
-                    line = None  # no fence opens here
+                    if ends:  # a list item's fence, shown, or no fence opens here
+                        self._fence, line = _listed_fence_opener(line), None
+                    elif len(line) > _MAX_FENCE_LINE or not _LISTED_FENCE_START_RE.fullmatch(line):
+                        line = None
                 elif ends and _closes_fence(self._fence, line):
                     self._fence = None
                 elif not _closes_fence(self._fence, line, started=True):

@@ -406,10 +406,18 @@ def test_only_a_fence_that_holds_nothing_but_the_block_goes() -> None:
         f"A\n```\n<memory-0000000000>[]</memory-0000000000>\n```\n{block(TEA)}": (
             "A\n```\n<memory-0000000000>[]</memory-0000000000>\n```"
         ),
+        # a list item's code block: its indented closing line is not a fence of its own
+        f"Steps:\n\n- ```bash\n  sudo apt install git\n  ```\n\n{block(TEA)}": (
+            "Steps:\n\n- ```bash\n  sudo apt install git\n  ```"
+        ),
+        f"1. ```python\n   print('hi')\n   ```\n{block(TEA)}": "1. ```python\n   print('hi')\n   ```",
+        f"- ```json\n  {block(TEA)}\n  ```": "- ```json\n  \n  ```",  # a list item's: stays
     }
     dropped = {
         f"A\n```\n{block(TEA)}\n````\nB": "A\nB",  # a longer closing line closes it too
         f"A\n\n```\n\n{block(TEA)}\n{block(TEA)}\n\n```  \n\n\n  B": "A\n\n  B",
+        # after a list item's code block, a fence around the block still goes
+        f"- ```sh\n  ls\n  ```\n\n```json\n{block(TEA)}\n```": "- ```sh\n  ls\n  ```",
     }
     for answer, visible in {**kept, **dropped}.items():
         assert parse_memory_block(answer, NONCE).visible == visible, answer
