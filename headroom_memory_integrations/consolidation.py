@@ -395,7 +395,7 @@ def same_wording_key(text: str) -> str:
     ("$1500" and "€1500", ">100" and "<100", "20%", emoji), quote marks that are units ("6'"
     and '6"') and the separators inside a number ("2015-06-07", "120/80", "1.500" and "1,500",
     ".5" written "0.5")."""
-    return " ".join(_surface_words(_spelled_out(text).casefold()))
+    return " ".join(word.casefold() for word in _surface_words(_spelled_out(text)))
 
 
 def same_wording(old: str, new: str) -> bool:
@@ -405,10 +405,29 @@ def same_wording(old: str, new: str) -> bool:
     correction, never a duplicate; "Likes Python" / "likes python" are the same)."""
     if same_wording_key(old) != same_wording_key(new):
         return False
+    if (_NAMES_A_SECRET.search(old) or _NAMES_A_SECRET.search(new)) and _as_written(
+        old
+    ) != _as_written(new):
+        return False  # "Wi-Fi password is sunshine!" -> "... sunshine": every mark counts
     a, b = _CASED_WORD.findall(old), _CASED_WORD.findall(new)
     return len(a) != len(b) or all(
         x == y or not (_case_matters(x) or _case_matters(y)) for x, y in zip(a, b, strict=True)
     )
+
+
+_NAMES_A_SECRET = re.compile(
+    r"\b(?:pass(?:word|code|phrase)?s?|pins?|codes?|user ?names?|logins?|handles?|ids?|keys?"
+    r"|tokens?|secrets?|e-?mails?|urls?|ssids?|wi-?fi|accounts?)\b",
+    re.IGNORECASE,
+)
+"""Words that name a value spelled exactly (a password, a code, a user name, an address): in a
+text with one, a mark anywhere is part of what it says ("alex_" is not "alex", "*1234" not
+"1234")."""
+
+
+def _as_written(text: str) -> str:
+    """``text`` as written, but for case, spacing and a final full stop."""
+    return " ".join(text.split()).removesuffix(".").casefold()
 
 
 def _case_matters(word: str) -> bool:
@@ -427,7 +446,10 @@ def _surface_words(text: str) -> list[str]:
     ]
 
 
-_JOINER = r"[._/@#&+]"  # not "-": "follow-up" is "follow up", "COVID-19" is "COVID 19"
+_JOINER = r"(?:[_/@#&+]|\.(?![A-Z]))"
+"""Marks that join letters and digits into one value. Not "-" ("follow-up" is "follow up",
+"COVID-19" is "COVID 19"), nor a "." before a capital, which ends a sentence or an
+abbreviation written without its space ("tea.Also", "Dr.Smith")."""
 _SURFACE = re.compile(
     rf"[@#][^\W_]+(?:{_JOINER}[^\W_]+)*"  # a handle or a tag: "@alex" is not "#alex"
     r"|\d+(?:[.,:/-]\d+)*"  # a number with its inner separators

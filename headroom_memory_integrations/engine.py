@@ -544,6 +544,22 @@ def _bounded_lines(stream: io.TextIOBase) -> Iterator[str]:
             return  # refused: the rest is not read
 
 
+def _bounded_byte_lines(stream: io.IOBase) -> Iterator[bytes]:
+    """The lines of a binary ``stream`` (an export read from ``gzip.open(path)`` or an upload),
+    each read up to the bytes :data:`MAX_IMPORT_LINE_CHARS` characters can take."""
+    limit = 4 * MAX_IMPORT_LINE_CHARS + 1
+    while True:
+        line = stream.readline(limit)
+        if not line:
+            return
+        if len(line) >= limit:
+            raise InvalidInputError(
+                f"a line is longer than {MAX_IMPORT_LINE_CHARS} characters: not a line written "
+                "by export()"
+            )
+        yield line
+
+
 def _imported_revision(data: Mapping[str, Any]) -> Revision:
     """An exported memory's earlier text, checked as a memory's text is."""
     revision = Revision.from_dict(data)
@@ -1449,8 +1465,12 @@ class MemoryStore(WritePath):
                 lines = stack.enter_context(open(source, encoding="utf-8"))
             if isinstance(lines, io.TextIOBase):  # a file: read no more than a line's limit
                 lines = _bounded_lines(lines)
+            elif isinstance(lines, (io.BufferedIOBase, io.RawIOBase)):  # gzip.open(path), ...
+                lines = _bounded_byte_lines(lines)
             try:
                 for number, line in enumerate(lines, start=1):
+                    if isinstance(line, (bytes, bytearray)):
+                        line = bytes(line).decode("utf-8")  # not UTF-8: refused below
                     if not isinstance(line, str):
                         raise InvalidInputError(
                             f"line {number} is a {type(line).__name__}, not text: import takes "

@@ -445,7 +445,9 @@ class MemoryFlow:
             return format_memory_context(labelled), {label: m.id for label, m in labelled}
 
         try:
-            return run_within(recall, seconds, self.memory, "recall memories")
+            # held back while late: this store, and its embedder, which other stores may share
+            owners = (self.memory, self.memory.embedder)
+            return run_within(recall, seconds, owners, "recall memories")
         except DeadlineExceeded as exc:
             if counted.first():
                 self.failed("inject_failures", f"{exc}; calling without memories", exc_info=False)

@@ -588,6 +588,22 @@ a server reads text for that is not listed here is not known: pass ``untrusted_c
 for such calls."""
 
 
+def _fetching(name: str, value: Any) -> bool:
+    """Whether a :data:`FETCHING_FIELDS` field's ``value`` has the server fetch text: any for
+    ``web_search_options`` (``{}`` turns OpenAI's search on); else one that is set and not
+    empty, zero or switched off (an app or a gateway may always send ``"plugins": []`` or
+    xAI's ``{"mode": "off"}``)."""
+    if name == "web_search_options":
+        return value is not None
+    if isinstance(value, Mapping) and str(value.get("mode", "")).lower() == "off":
+        return False
+    return (
+        bool(value)
+        if isinstance(value, (Mapping, list, tuple, str, int, float))
+        else (value is not None)
+    )
+
+
 def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     """Whether the model may read text nobody in the conversation wrote while it answers: a
     message part that is not the words of the user, the application or the model (any part
@@ -618,8 +634,7 @@ def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
 def _fetches(request_kwargs: Mapping[str, Any]) -> bool:
     """:func:`fetches_outside_text` for one level of a request (``extra_body`` left out)."""
     for name in FETCHING_FIELDS:
-        value = _given(request_kwargs.get(name))
-        if value is not None and value is not False:
+        if _fetching(name, _given(request_kwargs.get(name))):
             return True
     variables = _given(field_value(_given(request_kwargs.get("prompt")), "variables"))
     if isinstance(variables, Mapping) and not all(_own_part(v) for v in variables.values()):

@@ -79,6 +79,11 @@ def test_a_correction_supersedes_the_old_fact(
         ("Favorite symbol is #", "Favorite symbol is @"),
         ("Wi-Fi password is hunter2!", "Wi-Fi password is hunter2"),
         ("Password is tiger&lion", "Password is tiger lion"),
+        # in a text that names a secret, an address or a user name, every mark counts
+        ("Wi-Fi password is sunshine!", "Wi-Fi password is sunshine"),
+        ("Username on GitHub is alex_", "Username on GitHub is alex"),
+        ("Door code is *1234", "Door code is 1234"),
+        ("Password is p@ss!", "Password is p@ss"),
     ],
 )
 def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, new: str) -> None:
@@ -109,6 +114,9 @@ def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, 
         ("Saves 20% of income", "Saves 20 percent of income"),
         ("Plans a follow-up visit in May", "Plans a follow up visit in May"),
         ("Had COVID-19 in 2021", "Had COVID 19 in 2021"),  # a hyphen, not a minus
+        ("Family doctor is Dr. Smith", "Family doctor is Dr.Smith"),  # a space left out
+        ("Likes green tea. Also likes coffee", "Likes green tea.Also likes coffee"),
+        ("Loves pizza!", "Loves pizza"),  # no secret named: the mark is the sentence's
         ("Takes 0.5 mg of lorazepam", "Takes .5 mg of lorazepam"),  # the same number
         ('Favourite song is "Take 5"', "Favourite song is Take 5"),  # a quote, not inches
         ("Favourite album is 1989", "Favourite album is '1989'"),

@@ -189,6 +189,10 @@ def test_odd_values_keys_and_labels_are_no_storage_failure(store, db_path, model
     surrogate = json.loads('"\\ud800"')
     assert store.get(("acme", "alice"), surrogate) is None
     store.delete(("acme", "alice"), surrogate)
+    for odd in ("note\t1", " padded", "line\nbreak", "k" * 300):  # no id: nothing to delete
+        assert store.get(("acme", "alice"), odd) is None
+        store.delete(("acme", "alice"), odd)
+        store.put(("acme", "alice"), odd, None)
     assert store.get(("acme", "alice"), "a") is not None
     for namespace in ((" ", "team"), ("team", "  ")):
         with pytest.raises(InvalidNamespaceError, match="blank"):

@@ -410,7 +410,9 @@ def test_only_a_fence_that_holds_nothing_but_the_block_goes() -> None:
         f"Steps:\n\n- ```bash\n  sudo apt install git\n  ```\n\n{block(TEA)}": (
             "Steps:\n\n- ```bash\n  sudo apt install git\n  ```"
         ),
-        f"1. ```python\n   print('hi')\n   ```\n{block(TEA)}": "1. ```python\n   print('hi')\n   ```",
+        f"1. ```python\n   print('hi')\n   ```\n{block(TEA)}": (
+            "1. ```python\n   print('hi')\n   ```"
+        ),
         f"- ```json\n  {block(TEA)}\n  ```": "- ```json\n  \n  ```",  # a list item's: stays
     }
     dropped = {
@@ -1169,6 +1171,11 @@ def test_inline_extraction_allowed(kwargs: dict[str, object], allowed: bool) -> 
                 ("documents", [{"text": "t"}], True),
                 ("top_k", 20, False),
                 ("plugins", None, False),
+                # sent empty or switched off (an app or a gateway may always send them)
+                ("plugins", [], False),
+                ("documents", [], False),
+                ("search_parameters", {"mode": "off"}, False),
+                ("enable_search", 0, False),
             )
         ),
         ({"extra_body": {"tools": [{"type": "web_search"}]}}, True),

@@ -245,3 +245,31 @@ def test_a_search_cut_short_after_its_deadline_is_counted_once(
         client.memory.clear()
         client.close()
         storage.close()
+
+
+def test_an_embedder_several_users_share_holds_back_each_of_them_once_it_hangs(
+    openai_server: ScriptedOpenAIServer, tmp_path: Path, hanging: HangingEmbedder, short_deadline
+) -> None:
+    """One embedder for every user (the usual set-up): once it hangs, every user's next call
+    goes on at once, rather than each user paying the deadline and leaving a thread of their
+    own stuck in it."""
+    openai_server.responder = lambda body: Reply.text("Sure.")
+    clients = [
+        with_fast_memory(
+            openai_server.client(), user_id=f"user-{n}", db_path=tmp_path / "m", embedder=hanging
+        )
+        for n in range(4)
+    ]
+    ask = {"model": "m", "messages": [{"role": "user", "content": "green tea for me?"}]}
+    try:
+        for client in clients:
+            client.memory.add(TEA, category="preference")
+        hanging.hang.set()
+        for client in clients:
+            assert client.chat.completions.create(**ask).choices[0].message.content == "Sure."
+            assert client.memory.stats()["events"]["inject_failures"] == 1
+        assert hanging.hung_calls == 1  # one search waits in the embedder, not one per user
+    finally:
+        hanging.release.set()
+        for client in clients:
+            client.close()

@@ -768,3 +768,25 @@ def test_a_folder_removed_under_a_store_is_a_storage_error(tmp_path) -> None:
     shutil.rmtree(folder)
     with pytest.raises(StorageError, match="removed while in use"):
         store.add("Likes coffee")
+
+
+def test_an_export_reads_back_from_a_binary_stream(hash_store: MemoryStore, tmp_path) -> None:
+    """Compressed exports and uploads come as bytes (``gzip.open`` reads bytes by default)."""
+    import gzip
+
+    hash_store.add("Prefers Python for backend work", category="preference")
+    path = tmp_path / "alice.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as out:
+        hash_store.export(out)
+    compressed = path.read_bytes()
+    for binary in (
+        gzip.GzipFile(fileobj=io.BytesIO(compressed)),
+        io.BytesIO(gzip.decompress(compressed)),
+    ):
+        other = MemoryStore("bob", db_path=tmp_path / "other", embedder=hash_store.embedder)
+        with binary as source:
+            assert other.import_(source) == 1
+        assert [m.text for m in other.get_all()] == ["Prefers Python for backend work"]
+        other.clear()
+    with pytest.raises(InvalidInputError, match="UTF-8"):
+        hash_store.import_(io.BytesIO(b'{"text": "\xff"}\n'))

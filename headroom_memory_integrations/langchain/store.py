@@ -597,7 +597,9 @@ class HeadroomStore(BaseStore):
     def _delete(self, user_id: str, key: str) -> None:
         if not _possible_key(key):
             return  # no item has it: nothing to delete
-        with contextlib.suppress(MemoryNotFoundError):
+        # a key no memory can have (a tab, a newline, spaces around it: not an id) is one no
+        # item has either
+        with contextlib.suppress(MemoryNotFoundError, InvalidInputError):
             self.stores(user_id).delete(key)
 
     def _search(self, op: SearchOp) -> list[SearchItem]:

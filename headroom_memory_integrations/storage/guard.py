@@ -13,8 +13,8 @@
   process-wide cache, so the next attempt to open the folder starts clean.
 - :func:`run_within` runs work on a daemon thread and returns its result, or raises
   :class:`DeadlineExceeded` after a deadline; while that work still runs, later work for the
-  same owner (a user's store) fails at once (a hung embedder holds at most one thread and one
-  call of the store).
+  same owners (a user's store, its embedder) fails at once (a hung embedder holds at most one
+  thread and one call, whichever users share it).
 - :func:`memory_deadline` gives the memory work of one chat call one deadline, which every
   storage request made in its context charges against (:func:`time_left`,
   :func:`check_deadline`; a server's requests get at most the time left): a server that
@@ -27,8 +27,7 @@ import contextvars
 import logging
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -236,37 +235,38 @@ def run_for_at_most(
     return thread, failure
 
 
-_overdue: weakref.WeakKeyDictionary[Any, threading.Event] = weakref.WeakKeyDictionary()
-"""Per owner, the end of its work that ran late (an event, not the thread: in Python 3.11, a
-``join`` interrupted by Ctrl-C marks a thread still running as stopped)."""
+_overdue: dict[int, tuple[Any, threading.Event]] = {}
+"""By ``id`` of each owner (held here, so the id is not reused meanwhile), the end of its work
+that ran late: an event, not the thread (in Python 3.11, a ``join`` interrupted by Ctrl-C
+marks a thread still running as stopped). Entries whose work has ended are pruned."""
 _overdue_lock = threading.Lock()
 
 
-def _still_running_late(owner: Any) -> bool:
+def _late_owner(owners: Sequence[Any]) -> bool:
+    """Whether work of any of ``owners`` that ran late is still running (pruning the ended)."""
     with _overdue_lock:
-        ended = _overdue.get(owner)
-        if ended is not None and ended.is_set():
-            del _overdue[owner]
-            return False
-        return ended is not None
+        for key in [key for key, (_, ended) in _overdue.items() if ended.is_set()]:
+            del _overdue[key]
+        return any(id(owner) in _overdue for owner in owners)
 
 
-def run_within(work: Callable[[], T], seconds: float, owner: Any, what: str) -> T:
+def run_within(work: Callable[[], T], seconds: float, owners: Sequence[Any], what: str) -> T:
     """``work()``'s result, run on a daemon thread (with a copy of this context) and waited for
     at most ``seconds``: for work that can block with no timeout of its own (an embedder that
     hangs, an embedded folder's reads).
 
     If it does not end in time, or the wait is interrupted (Ctrl-C), it is left to finish on
-    its own (Python cannot stop a thread), and until it has, every later call for the same
-    ``owner`` (an object, held weakly: a user's store) raises at once instead of starting
-    another thread that would block behind it.
+    its own (Python cannot stop a thread), and until it has, every later call for any of the
+    same ``owners`` (the objects the work may be stuck in: a user's store, its embedder, which
+    several users' stores may share) raises at once instead of starting another thread that
+    would block behind it.
 
     Raises:
-        DeadlineExceeded: ``work`` did not end within ``seconds``, or earlier work for
-            ``owner`` that did not is still running.
+        DeadlineExceeded: ``work`` did not end within ``seconds``, or earlier work of one of
+            ``owners`` that did not is still running.
         BaseException: what ``work`` raised.
     """
-    if _still_running_late(owner):
+    if _late_owner(owners):
         raise DeadlineExceeded(
             f"could not {what}: an earlier call's, which took longer than its deadline, "
             f"is still running"
@@ -296,7 +296,7 @@ def run_within(work: Callable[[], T], seconds: float, owner: Any, what: str) -> 
         finally:  # also when the wait is interrupted: the next call must not wait behind it
             if not ended.is_set():
                 with _overdue_lock:
-                    _overdue[owner] = ended
+                    _overdue.update((id(owner), (owner, ended)) for owner in owners)
     if failure:
         raise failure[0]
     if not result:
