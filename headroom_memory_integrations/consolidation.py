@@ -451,7 +451,8 @@ _JOINER = r"(?:[_/@#&+]|\.(?![A-Z]))"
 "COVID-19" is "COVID 19"), nor a "." before a capital, which ends a sentence or an
 abbreviation written without its space ("tea.Also", "Dr.Smith")."""
 _SURFACE = re.compile(
-    rf"[@#][^\W_]+(?:{_JOINER}[^\W_]+)*"  # a handle or a tag: "@alex" is not "#alex"
+    r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"  # an e-mail address, whole (its case is no part of it)
+    rf"|[@#][^\W_]+(?:{_JOINER}[^\W_]+)*"  # a handle or a tag: "@alex" is not "#alex"
     r"|\d+(?:[.,:/-]\d+)*"  # a number with its inner separators
     rf"|[^\W_]+(?:{_JOINER}[^\W_]+)+"  # one value spelled with marks: "jane.smith", "db-01"
     r"|[^\W_]*\d[^\W_]*[!#$&*@]+"  # a value that ends in marks: "hunter2!"

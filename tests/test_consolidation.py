@@ -115,6 +115,7 @@ def test_a_sign_that_changes_a_value_is_an_update(store: MemoryStore, old: str, 
         ("Plans a follow-up visit in May", "Plans a follow up visit in May"),
         ("Had COVID-19 in 2021", "Had COVID 19 in 2021"),  # a hyphen, not a minus
         ("Family doctor is Dr. Smith", "Family doctor is Dr.Smith"),  # a space left out
+        ("Email is john.doe@gmail.com", "Email is John.Doe@gmail.com"),  # an address's case
         ("Likes green tea. Also likes coffee", "Likes green tea.Also likes coffee"),
         ("Loves pizza!", "Loves pizza"),  # no secret named: the mark is the sentence's
         ("Takes 0.5 mg of lorazepam", "Takes .5 mg of lorazepam"),  # the same number

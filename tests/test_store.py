@@ -757,16 +757,22 @@ def test_a_time_in_utc_written_with_z_is_read_on_every_python(hash_store, writte
 
 def test_a_folder_removed_under_a_store_is_a_storage_error(tmp_path) -> None:
     """A write to a folder removed while the store was open raised the os.statvfs call's raw
-    FileNotFoundError, which code catching the package's errors missed."""
+    FileNotFoundError (the disk-space check before a write), which code catching the
+    package's errors missed; whichever step meets the missing folder first, it is a
+    StorageError."""
     import shutil
 
     from conftest import HashEmbedder
 
+    from headroom_memory_integrations.storage.folder import check_free_space
+
+    with pytest.raises(StorageError, match="removed while in use"):
+        check_free_space(tmp_path / "gone", 0, 0)
     folder = tmp_path / "memories"
     store = MemoryStore("alice", db_path=folder, embedder=HashEmbedder())
     store.add("Likes tea")
     shutil.rmtree(folder)
-    with pytest.raises(StorageError, match="removed while in use"):
+    with pytest.raises(StorageError):
         store.add("Likes coffee")
 
 
