@@ -73,9 +73,11 @@ LOCAL_RECALL_SECONDS = 10.0
 """For storage with no request timeout (an embedded folder), the time the memory work before a
 chat call may take in all, beyond :data:`READ_YOUR_WRITES_SECONDS`: embedding the question,
 opening the folder (a large collection's index loads on its first search) and searching. Work
-that has no timeout of its own can still block with no end (a disk that hangs, another process
-holding the folder's ``chroma.sqlite3`` write lock, an embedder of the app's that hangs), so it
-is waited for this long at most (:func:`~.storage.guard.run_within`)."""
+that has no timeout of its own can block with no end (an embedder of the app's that hangs), so
+it is waited for this long at most (:func:`~.storage.guard.run_within`). Not what blocks inside
+chromadb's embedded core, which keeps the interpreter lock meanwhile: another process holding
+the folder's ``chroma.sqlite3`` locked, or a disk that hangs, stops every thread of the process
+(docs/reliability.md, section 2)."""
 
 
 def recall_seconds(memory: MemoryStore) -> float:

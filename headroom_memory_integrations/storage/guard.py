@@ -252,8 +252,9 @@ def _late_owner(owners: Sequence[Any]) -> bool:
 
 def run_within(work: Callable[[], T], seconds: float, owners: Sequence[Any], what: str) -> T:
     """``work()``'s result, run on a daemon thread (with a copy of this context) and waited for
-    at most ``seconds``: for work that can block with no timeout of its own (an embedder that
-    hangs, an embedded folder's reads).
+    at most ``seconds``: for work that can block with no timeout of its own and lets go of the
+    interpreter lock meanwhile (an embedder that hangs on a request; not chromadb's embedded
+    core waiting on its database, which keeps the lock).
 
     If it does not end in time, or the wait is interrupted (Ctrl-C), it is left to finish on
     its own (Python cannot stop a thread), and until it has, every later call for any of the
