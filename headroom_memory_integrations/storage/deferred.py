@@ -26,7 +26,6 @@ is refused before anything is written.
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
 import json
 import logging
@@ -44,6 +43,7 @@ import numpy as np
 
 from ..embeddings.base import Vectors
 from ..errors import StorageError
+from .vectors import vectors_from_text, vectors_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +75,25 @@ class PendingWrite:
     vectors: Vectors
 
     def to_line(self) -> bytes:
-        vectors = np.ascontiguousarray(self.vectors, dtype="<f4")
         entry = {
             "user_id": self.user_id,
             "embedder": self.embedder,
             "dimension": self.dimension,
             "records": self.records,
-            "vectors": base64.b64encode(vectors.tobytes()).decode("ascii"),
+            "vectors": vectors_to_text(self.vectors),
         }
         return json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> PendingWrite:
         entry = json.loads(line)
-        flat = np.frombuffer(base64.b64decode(entry["vectors"]), dtype="<f4")
         dimension = int(entry["dimension"])
         return cls(
             entry["user_id"],
             entry["embedder"],
             dimension,
             dict(entry["records"]),
-            flat.reshape(-1, dimension).astype(np.float32),
+            vectors_from_text(entry["vectors"], dimension),
         )
 
 

@@ -19,7 +19,6 @@ it is only there while the write runs, is the owner's alone (0600) and, like the
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..embeddings.base import Vectors
+from .vectors import vectors_from_text, vectors_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +65,12 @@ class Rollback:
         )
 
     def to_bytes(self) -> bytes:
-        vectors = np.ascontiguousarray(self.vectors, dtype="<f4")
         entry = {
             "user_id": self.user_id,
             "dimension": self.dimension,
             "added": self.added,
             "prior": [[i, document, meta] for i, (document, meta) in self.prior.items()],
-            "vectors": base64.b64encode(vectors.tobytes()).decode("ascii"),
+            "vectors": vectors_to_text(self.vectors),
         }
         return json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -79,13 +78,12 @@ class Rollback:
     def from_bytes(cls, data: bytes) -> Rollback:
         entry = json.loads(data)
         dimension = int(entry["dimension"])
-        flat = np.frombuffer(base64.b64decode(entry["vectors"]), dtype="<f4")
         return cls(
             str(entry["user_id"]),
             dimension,
             [str(i) for i in entry["added"]],
             {str(i): (document, dict(meta)) for i, document, meta in entry["prior"]},
-            flat.reshape(-1, dimension).astype(np.float32),
+            vectors_from_text(entry["vectors"], dimension),
         )
 
 

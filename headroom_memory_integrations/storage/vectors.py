@@ -9,6 +9,7 @@ its own writes.
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -128,3 +129,14 @@ def one_blas_thread() -> AbstractContextManager[Any]:
         _blas = ThreadpoolController()
     limited: AbstractContextManager[Any] = _blas.limit(limits=1, user_api="blas")
     return limited
+
+
+def vectors_to_text(vectors: Vectors) -> str:
+    """``vectors`` as text for a journal file: their little-endian float32 bytes in base64."""
+    return base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode("ascii")
+
+
+def vectors_from_text(text: str, dimension: int) -> Vectors:
+    """The vectors :func:`vectors_to_text` wrote, one row of ``dimension`` each."""
+    flat = np.frombuffer(base64.b64decode(text), dtype="<f4")
+    return flat.reshape(-1, dimension).astype(np.float32)
