@@ -682,6 +682,7 @@ class _StreamEditor:
         )
         self._flow, self._turn = flow, turn
         self._open_tag = block_tags(turn.nonce)[0] if turn.nonce else None
+        self._block_begun = False  # the opening tag has come in the text received
         self._received = ""
         self._visible = ""
         self._last: ChatResponse | None = None
@@ -708,8 +709,11 @@ class _StreamEditor:
         self._received += delta
         shown = self._answer.feed(delta)
         self._visible += shown
+        if not self._block_begun and self._open_tag:  # only the text just added can begin it
+            tail = self._received[-(len(delta) + len(self._open_tag)) :]
+            self._block_begun = self._open_tag in tail
         raw = response.raw if shown == delta else None
-        if raw is not None and self._open_tag and self._open_tag in self._received:
+        if raw is not None and self._block_begun:
             # once the block has begun, a provider's event may carry the whole text so far (the
             # Responses API's text.done, output_item.done and completed events)
             raw = _scrub(self._flow, self._turn, raw)

@@ -273,31 +273,21 @@ def run_within(work: Callable[[], T], seconds: float, owners: Sequence[Any], wha
             f"is still running"
         )
     result: list[T] = []
-    failure: list[BaseException] = []
     context = contextvars.copy_context()
-
-    ended = threading.Event()
+    ended = threading.Event()  # not the thread's state: see _overdue
 
     def run() -> None:
         try:
             result.append(context.run(work))
-        except BaseException as exc:  # re-raised by the caller, on its own thread
-            failure.append(exc)
         finally:
             ended.set()
 
-    thread = threading.Thread(target=run, name="headroom-memory-" + what.split()[0], daemon=True)
     try:
-        thread.start()
-    except RuntimeError:  # no new threads (the interpreter is shutting down): run it here
-        run()
-    else:
-        try:
-            ended.wait(seconds)
-        finally:  # also when the wait is interrupted: the next call must not wait behind it
-            if not ended.is_set():
-                with _overdue_lock:
-                    _overdue.update((id(owner), (owner, ended)) for owner in owners)
+        _, failure = run_for_at_most(run, seconds, "headroom-memory-" + what.split()[0])
+    finally:  # also when the wait is interrupted: the next call must not wait behind it
+        if not ended.is_set():
+            with _overdue_lock:
+                _overdue.update((id(owner), (owner, ended)) for owner in owners)
     if failure:
         raise failure[0]
     if not result:
