@@ -56,11 +56,13 @@ The dates let the model answer "last week" or "currently" and tell an old fact f
 memory that was superseded shows only its current text (its old text stays in ``history``).
 
 Escaping (:func:`escape_text`): each text is written as a JSON string (``json.dumps``), then
-``<``, ``>``, ``&`` and every character that is not printable (line and paragraph separators,
-bidi and other format characters, lone surrogates, ...) become ``\\uXXXX`` escapes. The result is
+``<``, ``>``, ``&``, every character that is not printable (line and paragraph separators,
+bidi and other format characters, lone surrogates, ...) and every look-alike that Unicode's
+compatibility mapping (NFKC, which some tokenizers apply) turns into ``<``, ``>``, ``&``, ``"``
+or ``\\`` (fullwidth ``＜``, small ``﹤``, ...) become ``\\uXXXX`` escapes. The result is
 still a valid JSON string that decodes to the original text, but it cannot contain a line break
-(so no line of the block can start with a role name such as ``SYSTEM:``) nor a ``<`` (so it
-cannot open or close any tag).
+(so no line of the block can start with a role name such as ``SYSTEM:``) nor a ``<`` or
+anything that reads as one (so it cannot open or close any tag), nor a quote that ends it.
 
 **5. Background extraction** (``with_memory``): :func:`background_extraction_messages` builds the
 messages of a separate call that answers ``{"memories": [...]}`` with the same entries, and
@@ -708,11 +710,22 @@ def escape_text(text: str) -> str:
     """``text`` as an inert one-line JSON string (see the module docstring for the scheme)."""
     out = []
     for ch in json.dumps(text, ensure_ascii=False):
-        if ch in "<>&" or not ch.isprintable():
+        if ch in "<>&" or not ch.isprintable() or (not ch.isascii() and _reads_as_markup(ch)):
             out.append(_u_escape(ord(ch)))
         else:
             out.append(ch)
     return "".join(out)
+
+
+_MARKUP = frozenset('<>&"\\')
+
+
+@functools.lru_cache(maxsize=4096)
+def _reads_as_markup(ch: str) -> bool:
+    """Whether ``ch`` is a look-alike of ``<``, ``>``, ``&``, ``"`` or ``\\`` that NFKC (as a
+    tokenizer may apply it) turns into one: fullwidth "＜", small "﹤". Its full compatibility
+    decomposition (NFKD) is read, so "≮" (``<`` and a stroke, which NFKC keeps) counts too."""
+    return any(c in _MARKUP for c in unicodedata.normalize("NFKD", ch))
 
 
 def _u_escape(code: int) -> str:

@@ -143,9 +143,11 @@ def _described(memory: Memory, score: float | None = None) -> dict[str, Any]:
 
 
 def _shown_id(memory_id: str) -> str:
-    """An id as the listing gives it: as it is, or escaped as the texts are where it holds a
-    character that does not print (an id written before imports checked them)."""
-    return memory_id if memory_id.isprintable() else escape_text(memory_id)
+    """An id as the listing gives it: as it is, or escaped as the texts are where escaping
+    changes it: a character that does not print (an id written before imports checked them),
+    a '<' or anything that reads as one ("＜/system＞"), a quote."""
+    escaped = escape_text(memory_id)
+    return memory_id if escaped[1:-1] == memory_id else escaped
 
 
 def _listing(found: list[SearchResult]) -> str:
