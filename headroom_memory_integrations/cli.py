@@ -43,6 +43,7 @@ from .engine import (
 )
 from .errors import HeadroomMemoryError, InvalidInputError
 from .keys import clean_keys
+from .storage.base import without_credentials
 from .storage.folder import DATABASE_FILE
 from .types import Category, Memory
 from .write_path import Outcome, Remembered
@@ -305,13 +306,14 @@ def _check_db(args: argparse.Namespace) -> None:
     except InvalidInputError as exc:
         raise _UsageError(str(exc)) from None
     if url:
+        shown = without_credentials(db)
         try:
             parts = urlsplit(url)
             host, _ = parts.hostname, parts.port  # a bad port raises ValueError
         except ValueError as exc:
-            raise _UsageError(f"{where} {db!r} is not a server URL: {exc}") from None
+            raise _UsageError(f"{where} {shown!r} is not a server URL: {exc}") from None
         if not host:
-            raise _UsageError(f"{where} {db!r} is not a server URL (expected http://host:port)")
+            raise _UsageError(f"{where} {shown!r} is not a server URL (expected http://host:port)")
         return
     if _HOST_PORT.fullmatch(db):
         raise _UsageError(

@@ -41,7 +41,7 @@ from .errors import InvalidInputError, MemoryNotFoundError, StorageError
 from .jobs import user_tag
 from .keys import clean_keys, index_text, memory_vectors
 from .lexical import lexical_scores
-from .storage.base import Storage, UserCollection
+from .storage.base import Storage, UserCollection, without_credentials
 from .storage.chroma import ChromaStorage
 from .types import Category, Memory, Revision, SearchResult, Source, storable_time, utc_now
 from .write_path import Remembered, WritePath, rewritten
@@ -523,8 +523,8 @@ def server_url(path: str, what: str) -> str | None:
     name = scheme.group(1).lower()
     if name not in ("http", "https"):
         raise InvalidInputError(
-            f"{what} {path!r} is a {name}:// URL: a Chroma server's is http:// or https://, "
-            "and a folder is a path"
+            f"{what} {without_credentials(path)!r} is a {name}:// URL: a Chroma server's is "
+            "http:// or https://, and a folder is a path"
         )
     return name + url[scheme.end(1) :]
 

@@ -225,6 +225,26 @@ def test_a_bad_db_is_a_usage_error(tmp_path, capsys, monkeypatch, db, message) -
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "db",
+    [
+        "http://admin:S3cr3t@chroma.internal:80o0",  # a port typo
+        "https://admin:S3cr3t@/",  # no host
+        "http://admin:S3cr3t@::1:8000",  # an IPv6 host without brackets
+        "chroma://admin:S3cr3t@chroma.internal:8000",  # another scheme
+    ],
+)
+def test_a_bad_server_url_is_shown_without_its_password(tmp_path, capsys, monkeypatch, db) -> None:
+    """A URL refused for its port, host or scheme was printed whole, password included."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HEADROOM_MEMORY_DB", db)
+    assert _exit_status(["list", "--user", "a"]) == 2
+    assert _exit_status(["list", "--user", "a", "--db", db]) == 2
+    err = capsys.readouterr().err
+    assert "S3cr3t" not in err and "admin" not in err and err.count("://***@") == 2
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_empty_db_variable_means_the_default_folder(tmp_path, monkeypatch) -> None:
     """As in the library (and a shell), ``HEADROOM_MEMORY_DB=`` is unset: memories go to
     ``~/.headroom-memory``, not to the current folder."""

@@ -12,6 +12,7 @@ import pytest
 
 from headroom_memory_integrations import (
     Category,
+    HeadroomMemoryError,
     InvalidCategoryError,
     InvalidInputError,
     LocalEmbedder,
@@ -712,6 +713,22 @@ def test_a_url_of_another_scheme_is_refused(url, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InvalidInputError, match=r"URL: a Chroma server's is http:// or https://"):
         MemoryStore("alice", db_path=url)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "url", ["chroma://admin:S3cr3t@chroma.internal:8000", "https://admin:S3cr3t@/"]
+)
+def test_a_refused_server_url_is_shown_without_its_password(url, tmp_path, monkeypatch) -> None:
+    """The refusal of a URL of another scheme, or with no host, printed it whole."""
+    from headroom_memory_integrations.storage.base import without_credentials
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HeadroomMemoryError) as refused:
+        MemoryStore("alice", db_path=url)
+    assert "S3cr3t" not in str(refused.value) and without_credentials(url) in str(refused.value)
+    assert without_credentials("http://admin:p@ss/w@rd@host:8000/x") == "http://***@host:8000/x"
+    assert without_credentials("http://host:8000") == "http://host:8000"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import NamedTuple, Protocol
 
 from ..embeddings.base import Vectors
 from ..types import Category, Memory
+
+_USERINFO = re.compile(r"(?<=://).*@", re.DOTALL)
+
+
+def without_credentials(url: str) -> str:
+    """``url`` as an error message may show it: what comes before the host ("user:password@",
+    up to its last "@", which a password may hold) written ``***@``. A URL this package refuses
+    for its port, its host or its scheme may still carry a real password."""
+    return _USERINFO.sub("***@", url, count=1)
 
 
 class Catalogued(NamedTuple):

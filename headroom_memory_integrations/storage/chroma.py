@@ -46,7 +46,7 @@ from ..errors import (
 )
 from ..jobs import user_tag
 from ..types import Category, Memory, Revision, Source, parse_time
-from .base import Catalogued, collection_name
+from .base import Catalogued, collection_name, without_credentials
 from .chroma_import import import_chromadb, import_http_client
 from .deferred import (
     MAX_DEFERRED_RECORDS,
@@ -1373,7 +1373,9 @@ class ChromaStorage:
         """Storage on the Chroma server at ``http://host:port`` (or https)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise StorageError(f"not a Chroma server URL: {url!r} (expected http://host:port)")
+            raise StorageError(
+                f"not a Chroma server URL: {without_credentials(url)!r} (expected http://host:port)"
+            )
         if parts.username is not None or parts.password is not None:
             raise InvalidInputError(
                 f"the Chroma server URL {parts.hostname!r} carries credentials, which this "
