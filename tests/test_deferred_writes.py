@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import stat
 import subprocess
 import sys
 import time
@@ -241,12 +242,40 @@ def test_the_journal_keeps_only_pending_writes_when_writes_never_pause(
         time.sleep(0.005)
     held = (tmp_path / JOURNAL_FILE).read_bytes()
     assert b"Text of second" in held and b"Text of third" in held
+    assert stat.S_IMODE((tmp_path / JOURNAL_FILE).stat().st_mode) == 0o600  # (not the umask's)
     gates[1].set()
     queue.settle(10)
     assert calls == [["first"], ["second", "third"]]
     assert (tmp_path / JOURNAL_FILE).read_bytes() == b""
     assert not (tmp_path / (JOURNAL_FILE + ".new")).exists()
     queue.stop()
+
+
+@pytest.mark.parametrize("when", ["open", "forget_user"])
+def test_a_compacted_journal_left_beside_the_journal_is_erased(db_path, when) -> None:
+    """A process killed between writing the compacted journal and renaming it over the journal
+    leaves it (``.pending.new``) with memories' text; the journal itself is whole. The next
+    process to open the folder erases it, and so does forgetting a user."""
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    store.add("Plays the cello")
+    left = db_path / (JOURNAL_FILE + ".new")
+    line = PendingWrite(
+        "alice",
+        "test",
+        2,
+        {"m1": {"record": json.dumps({"text": "Saw the divorce lawyer"})}},
+        np.ones((1, 2), np.float32),
+    ).to_line()
+    if when == "open":
+        store.storage.close()
+        left.write_bytes(line)
+        store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+        assert [m.text for m in store.get_all()] == ["Plays the cello"]  # (never replayed)
+    else:
+        left.write_bytes(line)
+        assert store.forget_user() == 1
+    assert not left.exists()
+    assert files_containing(db_path, ["divorce lawyer"]) == {}
 
 
 _OWNER = """

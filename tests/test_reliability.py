@@ -37,7 +37,7 @@ from headroom_memory_integrations import (
 from headroom_memory_integrations.jobs import Backoff
 from headroom_memory_integrations.openai import with_fast_memory, with_memory
 from headroom_memory_integrations.storage import chroma
-from headroom_memory_integrations.storage.folder import scrub_freed_memory
+from headroom_memory_integrations.storage.folder import ERASE_FILE, scrub_freed_memory
 from headroom_memory_integrations.testing import Reply
 
 FAST = Backoff(initial=0.01, factor=2.0, maximum=0.05, jitter=0.0)
@@ -311,6 +311,98 @@ def test_delete_erases_the_deleted_memorys_vector_from_chromas_log(db_path) -> N
     assert reopened.count() == 31
     assert texts_found(reopened, SECRETS[0], top_k=31).count(SECRETS[0]) == 0
     assert texts_found(reopened, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
+
+
+_CHROMA_SEARCH = """
+import json, sys
+import chromadb
+from headroom_memory_integrations.storage.base import collection_name
+client = chromadb.PersistentClient(path={db!r})
+collection = client.get_collection(collection_name("alice"), embedding_function=None)
+found = collection.query(query_embeddings=[{vector!r}], n_results=collection.count())
+print(json.dumps({{"count": collection.count(), "found": found["ids"][0]}}))
+"""
+
+
+def _chroma_search(db_path: Path, vector: np.ndarray) -> dict[str, Any]:
+    """Chroma's own search of alice's collection (its vector index loaded from the files, in a
+    new process), for ``vector``: the count and every id found."""
+    run = run_python(_CHROMA_SEARCH.format(db=str(db_path), vector=vector.tolist()))
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("written", [5, 150], ids=["index-unsaved", "index-saved-before-delete"])
+def test_a_deleted_memorys_id_leaves_the_disk_and_the_index_still_replays(db_path, written) -> None:
+    """A memory's id is a hash of its user's id and its wording: a short secret could be found
+    again from it by trying every guess ("My bank card PIN is 0000" to "9999"). After delete()
+    no file holds it: Chroma's log entries get a random id (still "added, then deleted"), and
+    so does its index's id map when it was saved with the memory in it (every 100 writes: 150
+    writes), whose replay of the log then still deletes it."""
+    embedder = RandomEmbedder()
+    store = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    secret = store.add("My bank card PIN is 4821")
+    store.add_many([f"Ordinary fact number {n}" for n in range(written)])
+    store.flush()
+    assert files_containing(db_path, [secret.id])  # kept while remembered
+    store.delete(secret.id)
+    store.add("A later fact")
+    store.storage.close()
+    assert files_containing(db_path, [secret.id, "4821"]) == {}
+    searched = _chroma_search(db_path, embedder.embed(["My bank card PIN is 4821"])[0])
+    assert searched["count"] == written + 1 and len(searched["found"]) == written + 1
+    assert secret.id not in searched["found"]
+    assert not any(i.startswith("erased-") for i in searched["found"])
+    reopened = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    assert reopened.count() == written + 1
+    assert texts_found(reopened, "Ordinary fact number 3", top_k=1) == ["Ordinary fact number 3"]
+
+
+_DELETE_AND_DIE = """
+import os, sys
+from _reliability_support import RandomEmbedder
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.storage import chroma
+store = MemoryStore("alice", db_path={db!r}, embedder=RandomEmbedder())
+store.add_many([f"Ordinary fact number {{n}}" for n in range(150)])
+secret = store.add({secret!r})
+store.flush()
+print(secret.id, flush=True)
+if {when!r} == "after the delete":
+    chroma.erase_noted = lambda *a, **k: os._exit(9)  # killed before the erase
+else:
+    noted = chroma.note_erase
+    def note_and_die(*args, **kwargs):
+        noted(*args, **kwargs)
+        os._exit(9)  # killed after the erase is noted, before Chroma's delete
+    chroma.note_erase = note_and_die
+store.delete(secret.id)
+"""
+
+
+@pytest.mark.parametrize("when", ["after the delete", "before the delete"])
+def test_a_process_killed_during_delete_leaves_the_erase_to_the_next_one(db_path, when):
+    """delete() notes the erase on disk (no text) before Chroma's delete, and the process that
+    next opens the folder does it: a process killed after Chroma's delete leaves no deleted
+    text behind it for good. One killed before Chroma's delete leaves the memory stored (the
+    delete never happened), and the erase leaves it as it is."""
+    run = run_python(_DELETE_AND_DIE.format(db=str(db_path), secret=SECRETS[0], when=when))
+    assert run.returncode == 9, run.stderr[-2000:]
+    secret_id = run.stdout.split()[0]
+    assert (db_path / ERASE_FILE).exists()
+    store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
+    listed = [m.id for m in store.get_all()]  # (opens the folder)
+    assert not (db_path / ERASE_FILE).exists()
+    if when == "after the delete":
+        assert len(listed) == 150 and secret_id not in listed
+        assert files_containing(db_path, [SECRETS[0], secret_id]) == {}
+    else:
+        assert store.count() == 151 and store.get(secret_id).text == SECRETS[0]
+        assert texts_found(store, SECRETS[0], top_k=1) == [SECRETS[0]]
+    store.storage.close()
+    searched = _chroma_search(db_path, RandomEmbedder().embed([SECRETS[0]])[0])
+    assert (secret_id in searched["found"]) == (when == "before the delete")
+    assert len(searched["found"]) == searched["count"]
 
 
 @pytest.mark.parametrize("how", ["clear", "forget_user"])

@@ -61,10 +61,10 @@ from .folder import (
     FolderLock,
     check_free_space,
     directory_bytes,
-    erase_deleted,
+    erase_noted,
     folder_identity,
     make_private_folder,
-    remove_folder,
+    note_erase,
     scrub_freed_memory,
     vector_segment,
 )
@@ -856,15 +856,22 @@ class ChromaCollection:
         unique = list(dict.fromkeys(ids))
         if not unique:
             return
+        storage = self._storage
+
+        def delete(collection: Any, batch: list[str]) -> None:
+            if erase:  # (first: a process killed after the delete leaves the erase noted)
+                storage._note_erase(str(collection.id), batch)
+            collection.delete(ids=batch)
+
         with self._user_lock:
             for start in range(0, len(unique), _BATCH):
                 batch = unique[start : start + _BATCH]
                 with self._writing(batch):
-                    self._storage._ready_to_write(self, 0)
-                    self._storage._settle_journal()
-                    self._call("delete memories", lambda c: c.delete(ids=batch))  # noqa: B023
-            if erase and self._collection is not None:
-                self._storage._erase(str(self._collection.id), unique)
+                    storage._ready_to_write(self, 0)
+                    storage._settle_journal()
+                    self._call("delete memories", lambda c: delete(c, batch))  # noqa: B023
+            if erase:
+                storage._erase()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -1254,7 +1261,6 @@ class ChromaStorage:
         self._recent: OrderedDict[tuple[str, str, int], ChromaCollection] = OrderedDict()
         self._collections_lock = threading.Lock()
         self._max_batch: int | None = None
-        self._unerased: list[tuple[str, list[str] | None]] = []
         self._erase_lock = _EraseLock()
         # Held by a read while it makes Chroma rebuild an index and reads it (see _UNLOADED),
         # so that two such reads do not let each other's index go in between.
@@ -1290,7 +1296,6 @@ class ChromaStorage:
         self._erase_lock = _EraseLock()
         self._reload_lock = threading.RLock()
         self._availability = Availability(self.location)
-        self._unerased = []
         self._rollback_left = False  # (the parent's; a child that takes the lock reads it)
         for handle in list(self._collections.values()):
             handle._forked()
@@ -1404,9 +1409,12 @@ class ChromaStorage:
             _embedded_opened = True  # (before: the client starts chromadb's threads)
             client = chromadb.PersistentClient(path=folder, settings=_settings())
             if writer:
-                # a write the last writer left half-done is undone first, then the journal
-                # replayed: a journaled write came before that write (which waited for it),
-                # or was that write (the worker's), which the replay then stores whole
+                # the erase of records the last writer deleted (it was killed before it, and
+                # a search could load a vector index that still knows their ids), then a write
+                # it left half-done is undone, then the journal replayed: a journaled write
+                # came before that write (which waited for it), or was that write (the
+                # worker's), which the replay then stores whole
+                self._erase_left()
                 _roll_back_left(client, self._folder)
                 _store_journaled(client, self._folder)
             return client
@@ -1690,6 +1698,8 @@ class ChromaStorage:
         assert self._folder is not None and self._folder_lock is not None
         action = f"store the writes left pending in {self._folder}"
         try:
+            with self._erase_lock.alone():
+                self._erase_left()  # (first: see _open_folder)
             with self._guard(action), self._erase_lock.shared():
                 _roll_back_left(self._client_now(), self._folder)  # (first: see _open_folder)
                 _store_journaled(self._client_now(), self._folder)
@@ -1702,26 +1712,50 @@ class ChromaStorage:
             for other in handles:
                 other.written_elsewhere()
 
-    def _erase(self, collection_id: str, ids: list[str] | None) -> None:
-        """Remove deleted records' text from an embedded folder's files (see
-        :func:`.folder.erase_deleted`). Held with the write lock. If that fails (e.g. no room
-        to rewrite the file), it is logged and tried again after the next delete or clear."""
+    def _note_erase(
+        self, collection_id: str, ids: list[str] | None, index: Path | None = None
+    ) -> None:
+        """Before a delete from an embedded folder (``ids``; the whole collection if None,
+        with its vector ``index`` folder): record its erase on disk (see
+        :func:`.folder.note_erase`), done by :meth:`_erase` after it, or by the next process
+        to write the folder if this one is killed first.
+
+        Raises:
+            StorageError: It could not be recorded; nothing was deleted."""
+        if self._folder is None:
+            return
+        try:
+            note_erase(self._folder, collection_id, ids, index)
+        except OSError as exc:
+            raise StorageError(
+                f"could not record the erase of deleted memories in {self._folder} ({exc}); "
+                "nothing was deleted"
+            ) from exc
+
+    def _erase(self) -> None:
+        """After a delete: remove deleted records' text, vectors and ids from an embedded
+        folder's files, as :meth:`_note_erase` recorded (see :func:`.folder.erase_deleted`).
+        Held with the write lock. If that fails (e.g. no room to rewrite the file), it is
+        logged and tried again after the next delete or clear, and when a process next opens
+        the folder as its writer."""
         if self._folder is None:
             return
         with self._write_lock, self._erase_lock.alone():
-            self._unerased.append((collection_id, ids))
-            try:
-                while self._unerased:
-                    collection, pending = self._unerased[0]
-                    erase_deleted(self._folder, collection, pending)
-                    self._unerased.pop(0)
-            except Exception:
-                logger.warning(
-                    "deleted memories' text could not yet be erased from %s; trying again "
-                    "after the next delete",
-                    self._folder,
-                    exc_info=True,
-                )
+            self._erase_left()
+
+    def _erase_left(self) -> None:
+        """Do the erases recorded in the folder (with Chroma unused meanwhile); a failure is
+        logged, and the record kept for the next try."""
+        assert self._folder is not None
+        try:
+            erase_noted(self._folder)
+        except Exception:
+            logger.warning(
+                "deleted memories' text could not yet be erased from %s; trying again "
+                "after the next delete",
+                self._folder,
+                exc_info=True,
+            )
 
     # -- users ------------------------------------------------------------------------------
 
@@ -1810,7 +1844,9 @@ class ChromaStorage:
                             "a collection named for this user belongs to another; refusing it"
                         )
                     count = int(collection.count())
-                    index_files = self._index_folder(str(collection.id)) if erase else None
+                    if erase:
+                        index_files = self._index_folder(str(collection.id))
+                        self._note_erase(str(collection.id), None, index_files)
                     client.delete_collection(name)
             # and a handle opened meanwhile (its user's was let go of, or never opened): it
             # may have read what was just deleted
@@ -1821,9 +1857,7 @@ class ChromaStorage:
             if collection is None:
                 return 0
             if erase:
-                self._erase(str(collection.id), None)
-                if index_files is not None:
-                    remove_folder(index_files)
+                self._erase()  # (and removes the index folder)
             return count
 
     def _index_folder(self, collection_id: str) -> Path | None:

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..embeddings.base import Vectors
 from ..errors import StorageError
+from .folder import erase_file
 from .vectors import vectors_from_text, vectors_to_text
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,17 @@ def journaled(folder: Path) -> Iterator[PendingWrite]:
             logger.warning("skipping an unreadable line of %s", folder / JOURNAL_FILE)
 
 
+def erase_left_compaction(folder: Path) -> None:
+    """Erase the compacted journal a process left beside the journal (killed before renaming
+    it over the journal, which is then whole: see :meth:`DeferredWrites._compact_journal`).
+    It holds memories' text. Raises OSError."""
+    erase_file(folder / (JOURNAL_FILE + ".new"))
+
+
 def clear_journal(folder: Path) -> None:
-    """Empty the journal once what it held is in Chroma."""
+    """Empty the journal once what it held is in Chroma (and erase a compacted copy left
+    beside it)."""
+    erase_left_compaction(folder)
     path = folder / JOURNAL_FILE
     if path.exists():
         with open(path, "r+b") as handle:
@@ -272,6 +282,7 @@ class DeferredWrites:
                     empty = not self.path.exists() or self.path.stat().st_size == 0
                 if not empty:
                     self._truncate_journal()
+                erase_left_compaction(self.path.parent)  # (a killed process's: it has text)
             except OSError as exc:
                 raise StorageError(
                     f"could not empty {self.path} before a delete ({exc}); nothing was deleted"
@@ -358,13 +369,18 @@ class DeferredWrites:
         fresh = self.path.with_name(self.path.name + ".new")
         try:
             pending = b"".join(line for _, line in self._queue)
-            with open(fresh, "wb") as handle:
-                handle.write(pending)
-                handle.flush()
-                os.fsync(handle.fileno())
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                data = memoryview(pending)
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(fresh, self.path)
         except OSError as exc:  # the old journal is intact: it is only longer
-            fresh.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                erase_file(fresh)
             logger.warning("could not compact %s: %s", self.path, exc)
             return
         old, self._fd = self._fd, None  # the next write opens the new journal

@@ -12,7 +12,10 @@ and erasing deleted text from the files.
   after it, so Chroma never meets a full disk halfway through a write (which can empty its index
   files and lose acknowledged writes).
 - :func:`erase_deleted`: Chroma keeps a deleted record's text in its write-ahead log
-  (``embeddings_queue``), in freed database pages and in its full-text index; this removes it.
+  (``embeddings_queue``), in freed database pages and in its full-text index, and its id there
+  and in its vector index's id map; this removes them. :func:`note_erase` records the erase
+  before the delete, so that a process killed in between leaves it to the next one
+  (:func:`erase_noted`).
 - :func:`scrub_freed_memory`: Chroma's vector index files hold bytes of memory it never
   cleared, which can hold any text the process freed (another user's memories, a deleted one);
   this has the C allocator clear memory as it is freed and handed out.
@@ -22,13 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
+import pickle
+import secrets
 import shutil
 import sqlite3
 import sys
 import weakref
-from collections.abc import Collection
+from collections.abc import Iterable, Mapping
 from contextlib import closing
 from pathlib import Path
 
@@ -37,6 +43,10 @@ from ..errors import StorageError
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".headroom-memory.lock"
+ERASE_FILE = ".headroom-memory.erase"
+"""The erases of deleted records still to be done (see :func:`note_erase`)."""
+INDEX_ID_MAP = "index_metadata.pickle"
+"""The file of a Chroma vector index folder that maps records' ids to the index's numbers."""
 DATABASE_FILE = "chroma.sqlite3"
 """Chroma's database in an embedded folder: a folder without it holds no store."""
 MIN_FREE_BYTES = 64 * 2**20
@@ -203,24 +213,40 @@ def vector_segment(folder: Path, collection_id: str) -> Path | None:
 
 
 # A log entry keeps its vector's length (zeros: replayed, an entry upserts a zero vector that a
-# later entry deletes) and loses its record, whose JSON holds the text.
+# later entry deletes), loses its record, whose JSON holds the text, and gets its placeholder id.
 _BLANK = (
-    "UPDATE embeddings_queue SET metadata = NULL, "
+    "UPDATE embeddings_queue SET id = ?, metadata = NULL, "
     "vector = CASE WHEN vector IS NULL THEN NULL ELSE zeroblob(length(vector)) END"
 )
 
 
-def erase_deleted(folder: Path, collection_id: str, ids: Collection[str] | None) -> None:
-    """Remove the text and vectors of deleted records from ``folder``'s Chroma database file.
+def placeholders(ids: Iterable[str]) -> dict[str, str]:
+    """A random id for each of ``ids``, to stand in for it once it is deleted (see
+    :func:`erase_deleted`): nothing in it can be traced back to the id or its text."""
+    return {memory_id: f"erased-{secrets.token_hex(16)}" for memory_id in ids}
 
-    Blanks the records' entries in Chroma's write-ahead log (all of the collection's when
-    ``ids`` is None; a vector becomes zeros of the same length), merges the full-text index
-    (which keeps deleted documents' trigrams until merged) and rewrites the file (``VACUUM``)
-    so that freed pages keep nothing. Run it after the delete, with no write in progress. It
-    costs a rewrite of the file: about 0.3 s for a 6 MB database here.
+
+def erase_deleted(folder: Path, collection_id: str, ids: Mapping[str, str] | None) -> None:
+    """Remove the text, vectors and ids of deleted records from ``folder``'s Chroma files.
+
+    ``ids`` maps each deleted id to the placeholder (:func:`placeholders`) its entries in
+    Chroma's write-ahead log are renamed to, as is the id in the vector index's id map
+    (``index_metadata.pickle``) if that still holds it: a memory's id is a hash of its user's
+    id and its wording (``concurrency.wording_id``), so a short text could be found again from
+    it by trying every guess. The log still reads "added, then deleted" (of the placeholder),
+    and the index loaded from disk still deletes what the log says. An id still stored (its
+    delete never happened: the process was killed first) is left as it is.
+
+    With ``ids`` None, every record of a collection that was dropped (and nothing, if it
+    still exists). The log entries are blanked (a vector becomes zeros of the same length),
+    the full-text index merged (it keeps deleted documents' trigrams until merged) and the file
+    rewritten (``VACUUM``) so that freed pages keep nothing. Run it after the delete, with no
+    write in progress. It costs a rewrite of the file: about 0.3 s for a 6 MB database here.
+    Running it again changes nothing more.
 
     Raises:
         sqlite3.Error: The file could not be rewritten (e.g. no room for the copy).
+        OSError: The index's id map could not be rewritten.
     """
     path = folder / DATABASE_FILE
     db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
@@ -229,18 +255,24 @@ def erase_deleted(folder: Path, collection_id: str, ids: Collection[str] | None)
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         if "embeddings_queue" in tables:
             topic = f"%/{collection_id}"
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if ids is None:
-                    db.execute(f"{_BLANK} WHERE topic LIKE ?", (topic,))
-                else:
+            gone = _deleted(db, collection_id, ids)
+            if gone:
+                segment = db.execute(
+                    "SELECT id FROM segments WHERE collection = ? AND scope = 'VECTOR'",
+                    (collection_id,),
+                ).fetchone()
+                if segment is not None:  # (first: the log's replay must find what it deletes)
+                    _rename_in_index(folder / segment[0], gone)
+                db.execute("BEGIN IMMEDIATE")
+                try:
                     db.executemany(
-                        f"{_BLANK} WHERE id = ? AND topic LIKE ?", [(i, topic) for i in ids]
+                        f"{_BLANK} WHERE id = ? AND topic LIKE ?",
+                        [(placeholder, i, topic) for i, placeholder in gone.items()],
                     )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
         if "embedding_fulltext_search" in tables:
             try:
                 db.execute(
@@ -252,6 +284,138 @@ def erase_deleted(folder: Path, collection_id: str, ids: Collection[str] | None)
         db.execute("VACUUM")
     finally:
         db.close()
+
+
+def _deleted(
+    db: sqlite3.Connection, collection_id: str, ids: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Of ``ids`` (every id in the dropped collection's log if None), those no longer
+    stored, with their placeholders."""
+    if ids is None:
+        if db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone():
+            return {}  # not dropped
+        logged = db.execute(
+            "SELECT DISTINCT id FROM embeddings_queue WHERE topic LIKE ?", (f"%/{collection_id}",)
+        )
+        return placeholders(row[0] for row in logged)
+    stored = {
+        row[0]
+        for i in ids
+        for row in db.execute(
+            "SELECT e.embedding_id FROM embeddings e JOIN segments s ON s.id = e.segment_id "
+            "WHERE s.collection = ? AND s.scope = 'METADATA' AND e.embedding_id = ?",
+            (collection_id, i),
+        )
+    }
+    return {i: placeholder for i, placeholder in ids.items() if i not in stored}
+
+
+def _rename_in_index(segment: Path, renamed: Mapping[str, str]) -> None:
+    """Rename ids in a vector index's id map (Chroma's ``index_metadata.pickle``: it is written
+    every ``sync_threshold`` writes, so it can hold an id deleted since), written beside it,
+    synced and renamed over it. The index's own files know records by number only."""
+    path = segment / INDEX_ID_MAP
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if not any(i.encode() in data for i in renamed):
+        return
+    saved = pickle.loads(data)  # (the folder's own file, written by Chroma)
+    to_label, to_id = saved.get("id_to_label") or {}, saved.get("label_to_id") or {}
+    to_seq = saved.get("id_to_seq_id") or {}
+    for old, new in renamed.items():
+        if old in to_label:
+            label = to_label[new] = to_label.pop(old)
+            to_id[label] = new
+        if old in to_seq:
+            to_seq[new] = to_seq.pop(old)
+    fresh = path.with_name(path.name + ".new")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "wb", closefd=False) as handle:
+            pickle.dump(saved, handle, protocol=3)  # (Chroma writes protocol 3)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(fresh, path)
+    sync_folder(segment)
+
+
+def note_erase(
+    folder: Path, collection_id: str, ids: Iterable[str] | None, index: Path | None = None
+) -> None:
+    """Before deleting records (``ids``; all of the collection, dropped, if None): record in
+    :data:`ERASE_FILE` that their text, vectors and ids are to be erased, durably (0600,
+    synced), so that a process killed after the delete and before :func:`erase_noted` leaves
+    the erase to the next one that opens the folder. It holds the collection, the ids (with
+    the random placeholder each gets), and a dropped collection's vector index folder
+    (``index``), no text. Raises OSError; the delete must not go on then."""
+    entry = {
+        "collection": collection_id,
+        "ids": None if ids is None else placeholders(ids),
+        "index": None if index is None else index.name,
+    }
+    path = folder / ERASE_FILE
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        data = memoryview(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        sync_folder(folder)
+
+
+def erase_noted(folder: Path) -> None:
+    """Do the erases :func:`note_erase` recorded in ``folder`` (:func:`erase_deleted`; a
+    dropped collection's index folder is removed), then erase the record. Nothing to do if
+    there is none. Raises (see :func:`erase_deleted`); the record is kept then."""
+    path = folder / ERASE_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    erases: list[tuple[str, dict[str, str] | None, str | None]] = []
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+            ids = None if entry["ids"] is None else dict(entry["ids"])
+            erases.append((str(entry["collection"]), ids, entry.get("index")))
+        except (ValueError, KeyError, TypeError):  # a torn last line: that delete never ran
+            continue
+    for collection_id, ids, index in erases:
+        if isinstance(index, str) and index not in ("", ".", "..") and Path(index).name == index:
+            remove_folder(folder / index)  # (a dropped collection's: logs a failure)
+        erase_deleted(folder, collection_id, ids)
+    if erase_file(path):
+        sync_folder(folder)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a file's creation, rename or removal in ``folder`` durable."""
+    with contextlib.suppress(OSError):  # (not every system opens folders: Windows)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def erase_file(path: Path) -> bool:
+    """Empty ``path`` (its text leaves the disk's file), then remove it. False if there was
+    none. Raises OSError."""
+    try:
+        with open(path, "r+b") as handle:
+            handle.truncate(0)
+            os.fsync(handle.fileno())
+    except FileNotFoundError:
+        return False
+    path.unlink(missing_ok=True)
+    return True
 
 
 def remove_folder(folder: Path) -> None:

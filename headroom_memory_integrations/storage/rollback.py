@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..embeddings.base import Vectors
+from .folder import erase_file, sync_folder
 from .vectors import vectors_from_text, vectors_to_text
 
 logger = logging.getLogger(__name__)
@@ -87,16 +88,6 @@ class Rollback:
         )
 
 
-def _sync_folder(folder: Path) -> None:
-    """Make a file's creation, rename or removal in ``folder`` durable."""
-    with contextlib.suppress(OSError):  # (not every system opens folders: Windows)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def keep(folder: Path, rollback: Rollback) -> None:
     """Write ``rollback`` to ``folder`` durably, whole or not at all (written beside, synced,
     renamed over :data:`ROLLBACK_FILE`). Raises OSError; nothing is left then."""
@@ -112,17 +103,17 @@ def keep(folder: Path, rollback: Rollback) -> None:
         finally:
             os.close(fd)
         os.replace(fresh, path)
-        _sync_folder(folder)
+        sync_folder(folder)
     except BaseException:
         with contextlib.suppress(OSError):
-            _erase(fresh)
+            erase_file(fresh)
         raise
 
 
 def left(folder: Path) -> Rollback | None:
     """The undo a process left in ``folder`` (killed during a write, or its undo failed);
     None if there is none. An unreadable one is logged and removed."""
-    _erase(folder / (ROLLBACK_FILE + ".new"))  # killed while writing it: nothing was written
+    erase_file(folder / (ROLLBACK_FILE + ".new"))  # killed while writing it: nothing was written
     try:
         data = (folder / ROLLBACK_FILE).read_bytes()
     except FileNotFoundError:
@@ -141,18 +132,5 @@ def left(folder: Path) -> Rollback | None:
 def discard(folder: Path) -> None:
     """Empty and remove the undo record of ``folder``, durably (raises OSError)."""
     path = folder / ROLLBACK_FILE
-    if _erase(path):
-        _sync_folder(folder)
-
-
-def _erase(path: Path) -> bool:
-    """Empty ``path`` (its text leaves the disk's file), then remove it. False if there was
-    none. Raises OSError."""
-    try:
-        with open(path, "r+b") as handle:
-            handle.truncate(0)
-            os.fsync(handle.fileno())
-    except FileNotFoundError:
-        return False
-    path.unlink(missing_ok=True)
-    return True
+    if erase_file(path):
+        sync_folder(folder)
