@@ -1086,3 +1086,28 @@ def test_a_user_whose_index_chroma_let_go_of_unsaved_still_finds_their_memories(
     run = run_python(_MANY_USERS, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.splitlines()[-1]) == {}
+
+
+def test_an_index_id_map_that_is_not_plain_values_is_never_run(tmp_path: Path) -> None:
+    """The erase reads Chroma's id map with an unpickler that refuses classes and functions: a
+    file planted in the folder cannot run code in the process."""
+    import pickle
+
+    from headroom_memory_integrations.storage import folder as folder_module
+
+    planted = tmp_path / "segment"
+    planted.mkdir()
+    ran = tmp_path / "ran"
+    payload = pickle.dumps(_Planted(str(ran)), protocol=3)
+    (planted / folder_module.INDEX_ID_MAP).write_bytes(payload + b"memory-id")
+    with pytest.raises(OSError, match="not a vector index id map"):
+        folder_module._rename_in_index(planted, {"memory-id": "erased-1"})
+    assert not ran.exists()
+
+
+class _Planted:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (Path(self.path), "ran"))  # type: ignore[return-value]

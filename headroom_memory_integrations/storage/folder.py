@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import json
 import logging
 import os
@@ -310,6 +311,22 @@ def _deleted(
     return {i: placeholder for i, placeholder in ids.items() if i not in stored}
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads a pickle of plain values only (dicts, strings, numbers, None: what Chroma writes
+    in an id map) and refuses any class or function, so a file planted in the folder cannot
+    run code here."""
+
+    def find_class(self, module: str, name: str) -> object:
+        raise pickle.UnpicklingError(f"{module}.{name} is not a plain value")
+
+
+def _plain_pickle(data: bytes) -> object:
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise OSError(f"not a vector index id map: {exc}") from exc
+
+
 def _rename_in_index(segment: Path, renamed: Mapping[str, str]) -> None:
     """Rename ids in a vector index's id map (Chroma's ``index_metadata.pickle``: it is written
     every ``sync_threshold`` writes, so it can hold an id deleted since), written beside it,
@@ -321,7 +338,9 @@ def _rename_in_index(segment: Path, renamed: Mapping[str, str]) -> None:
         return
     if not any(i.encode() in data for i in renamed):
         return
-    saved = pickle.loads(data)  # (the folder's own file, written by Chroma)
+    saved = _plain_pickle(data)
+    if not isinstance(saved, dict):
+        raise OSError(f"{path} is not a vector index id map")
     to_label, to_id = saved.get("id_to_label") or {}, saved.get("label_to_id") or {}
     to_seq = saved.get("id_to_seq_id") or {}
     for old, new in renamed.items():
