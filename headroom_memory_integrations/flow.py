@@ -61,6 +61,7 @@ log = logging.getLogger("headroom_memory_integrations")
 
 M = TypeVar("M")
 R = TypeVar("R")
+T = TypeVar("T")
 
 READ_YOUR_WRITES_SECONDS = 1.0
 """A user's next call waits at most this long for the memories their previous calls queued in
@@ -91,6 +92,29 @@ def recall_seconds(memory: MemoryStore) -> float:
     on without memories, and so do the store's next calls at once while that work still runs."""
     timeout = getattr(memory.storage, "timeout", None)
     return READ_YOUR_WRITES_SECONDS + float(LOCAL_RECALL_SECONDS if timeout is None else timeout)
+
+
+def in_recall_time(memory: MemoryStore, work: Callable[[], T], what: str) -> T:
+    """``work()``'s result (memory work of ``memory``'s: a search), waited for at most
+    :func:`recall_seconds` on a helper thread (:func:`~.storage.guard.run_within`), a server's
+    requests cut short at that time (:func:`~.storage.guard.memory_deadline`). The memory work
+    before a chat call runs this way, and so do the searches an app's chain or an agent makes
+    mid-answer (the LangChain retriever and search tool): an embedder that hangs holds none of
+    them.
+
+    Raises:
+        DeadlineExceeded: (a :class:`~.errors.StorageError`) the time is up, or earlier work
+            of ``memory`` or of its embedder that ran late is still running.
+        Exception: what ``work`` raised.
+    """
+    seconds = recall_seconds(memory)
+
+    def bounded() -> T:
+        with memory_deadline(seconds):
+            return work()
+
+    # held back while late: this store, and its embedder, which other stores may share
+    return run_within(bounded, seconds, (memory, memory.embedder), what)
 
 
 class MemoryJobs(Protocol):
@@ -424,32 +448,28 @@ class MemoryFlow:
         :func:`recall_seconds`. A failure is logged and counted once: the search's own, or the
         deadline's when the search has not ended by then (the search failing later, as the
         deadline cuts its requests short, is not counted again)."""
-        seconds = recall_seconds(self.memory)
         counted = _Once()
 
         def recall() -> tuple[str, dict[str, str]]:
-            with memory_deadline(seconds):
-                self.jobs.settle(self.memory)
-                try:
-                    found = self.memory.search(
-                        query_tail(query),
-                        top_k=self.top_k,
-                        chat_message=True,
-                        previous_message=previous,
+            self.jobs.settle(self.memory)
+            try:
+                found = self.memory.search(
+                    query_tail(query),
+                    top_k=self.top_k,
+                    chat_message=True,
+                    previous_message=previous,
+                )
+            except Exception:
+                if counted.first():
+                    self.failed(
+                        "inject_failures", "could not search memories; answering without them"
                     )
-                except Exception:
-                    if counted.first():
-                        self.failed(
-                            "inject_failures", "could not search memories; answering without them"
-                        )
-                    return "", {}
+                return "", {}
             labelled = [(label, m) for label, (m, _) in zip(short_ids(len(found)), found)]
             return format_memory_context(labelled), {label: m.id for label, m in labelled}
 
         try:
-            # held back while late: this store, and its embedder, which other stores may share
-            owners = (self.memory, self.memory.embedder)
-            return run_within(recall, seconds, owners, "recall memories")
+            return in_recall_time(self.memory, recall, "recall memories")
         except DeadlineExceeded as exc:
             if counted.first():
                 self.failed("inject_failures", f"{exc}; calling without memories", exc_info=False)

@@ -273,3 +273,64 @@ def test_an_embedder_several_users_share_holds_back_each_of_them_once_it_hangs(
         hanging.release.set()
         for client in clients:
             client.close()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_hung_embedder_does_not_hold_the_retriever_or_the_search_tool(
+    tmp_path: Path, hanging: HangingEmbedder, short_deadline: float, asynchronous: bool
+) -> None:
+    """A chain's retriever and an agent's search tool search mid-answer: an embedder that
+    hangs costs them the recall's deadline once, then nothing while it still hangs, and each
+    answers without memories (counted) instead of holding the run."""
+    pytest.importorskip("langchain_core")
+    from headroom_memory_integrations import MemoryStore
+    from headroom_memory_integrations.langchain import HeadroomRetriever, create_search_memory_tool
+
+    memory = MemoryStore(
+        "alice", storage=ChromaStorage.at(tmp_path / "m"), embedder=hanging, min_score=-1
+    )
+    memory.add(TEA, category="preference")
+    retriever = HeadroomRetriever(memory=memory)
+    tool = create_search_memory_tool(memory=memory)
+    asked = iter(range(100))
+
+    def retrieve() -> list[Any]:
+        question = f"green tea for question {next(asked)}?"
+        if asynchronous:
+            return asyncio.run(retriever.ainvoke(question))
+        return retriever.invoke(question)
+
+    def search_tool() -> str:
+        call = {"query": f"green tea for question {next(asked)}?"}
+        return str(asyncio.run(tool.ainvoke(call)) if asynchronous else tool.invoke(call))
+
+    try:
+        assert [d.page_content for d in retrieve()] == [TEA]
+        assert TEA in search_tool()
+
+        hanging.hang.set()
+        started = time.monotonic()
+        assert retrieve() == []
+        assert time.monotonic() - started < short_deadline + 5  # not as long as it hangs
+        assert "Memory is unavailable right now" in search_tool()
+        assert retrieve() == []  # at once, without another thread hung behind the first
+        assert hanging.hung_calls == 1
+        events = memory.stats()["events"]
+        assert events["retrieve_failures"] == 2 and events["tool_failures"] == 1
+
+        hanging.hang.clear()
+        hanging.release.set()
+        assert late_recall_ended() and late_search_ended()
+        assert [d.page_content for d in retrieve()] == [TEA]
+    finally:
+        hanging.release.set()
+        memory.close()
+
+
+def late_search_ended(within: float = 30.0) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if not any(t.name == "headroom-memory-search" for t in threading.enumerate()):
+            return True
+        time.sleep(0.02)
+    return False

@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from ..engine import MAX_TOP_K, MemoryStore, query_tail
 from ..errors import EmbeddingError, InvalidInputError, StorageError
+from ..flow import in_recall_time
 from ..types import Category, Memory
 from ._extract import memory_field
 from ._users import check_call_user
@@ -126,11 +127,15 @@ class HeadroomRetriever(BaseRetriever):
         if not query.strip():
             return []
         try:
-            found = self.memory.search(
-                query_tail(query),
-                top_k=self.k if k is None else k,
-                categories=self.categories,
-                min_score=self.min_score,
+            found = in_recall_time(
+                self.memory,
+                lambda: self.memory.search(
+                    query_tail(query),
+                    top_k=self.k if k is None else k,
+                    categories=self.categories,
+                    min_score=self.min_score,
+                ),
+                "search memories",
             )
         except InvalidInputError:
             raise

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, create_model
 from ..embeddings import Embedder
 from ..engine import MAX_TOP_K, MemoryStore, query_tail
 from ..errors import EmbeddingError, InvalidInputError, MemoryNotFoundError, StorageError
+from ..flow import in_recall_time
 from ..grounding import grounded
 from ..jobs import user_tag
 from ..prompts import escape_text, message_text, noted_dates
@@ -214,7 +215,9 @@ def create_search_memory_tool(
     ) -> tuple[str, list[dict[str, Any]]]:
         store = users.memory_for(config, runtime)
         try:
-            found = store.search(query_tail(query), top_k=limit)
+            found = in_recall_time(
+                store, lambda: store.search(query_tail(query), top_k=limit), "search memories"
+            )
         except InvalidInputError as exc:
             raise ToolException(f"Cannot search: {exc}") from exc
         except Exception as exc:  # the storage or the embedder failed: the run goes on
