@@ -53,6 +53,7 @@ from .prompts import (
     format_memory_context,
     new_nonce,
     parse_memory_block,
+    replaced_ids,
     short_ids,
 )
 from .storage.guard import DeadlineExceeded, memory_deadline, run_within
@@ -537,16 +538,15 @@ class MemoryFlow:
             memories = kept
         if not memories:
             return
+        replaces = replaced_ids(memories, {} if turn.untrusted else turn.injected)
         items = [
             {
                 "text": m.text,
                 "category": m.category.value,
-                "replaces": (
-                    turn.injected.get(m.replaces) if m.replaces and not turn.untrusted else None
-                ),
+                "replaces": r,
                 **({"keys": list(m.keys)} if m.keys and not turn.untrusted else {}),
             }
-            for m in memories
+            for m, r in zip(memories, replaces)
         ]
         self._queue(lambda: self.jobs.store(self.memory, items))
 

@@ -115,6 +115,7 @@ __all__ = [
     "outside_role",
     "parse_extraction_json",
     "parse_memory_block",
+    "replaced_ids",
     "short_ids",
 ]
 
@@ -269,6 +270,30 @@ def short_ids(n: int) -> list[str]:
     ``replaces``. Map them back to real ids yourself; they mean nothing outside the request.
     """
     return [f"m{i}" for i in range(1, max(0, n) + 1)]
+
+
+def replaced_ids(
+    memories: Sequence[ExtractedMemory], labels: Mapping[str, str]
+) -> list[str | None]:
+    """The id of the memory each entry replaces (None for one that replaces none): its
+    ``replaces`` label mapped through ``labels`` (short id shown to the model -> real id; a
+    label not in it is ignored).
+
+    A memory is replaced at most once per answer: a later entry naming the same one replaces
+    nothing and is stored as a new memory. Two entries replacing one would otherwise chain, the
+    second superseding the first entry's new text ("Lives in Berlin" and "Has a dog named Rex",
+    both naming "Lives in Lyon", would leave the move only in history).
+    """
+    replaced: set[str] = set()
+    ids: list[str | None] = []
+    for m in memories:
+        replaces = labels.get(m.replaces) if m.replaces else None
+        if replaces in replaced:
+            replaces = None
+        elif replaces:
+            replaced.add(replaces)
+        ids.append(replaces)
+    return ids
 
 
 # ---------------------------------------------------------------------------------- instructions

@@ -45,6 +45,7 @@ from .prompts import (
     field_value,
     message_text,
     parse_extraction_json,
+    replaced_ids,
     short_ids,
 )
 from .storage.base import Storage
@@ -280,21 +281,11 @@ class BackgroundExtractor:
             kept = [m for m in memories if grounded(m.text, said)]
             memory.counters["ungrounded_memories"] += len(memories) - len(kept)
             memories = kept
-        # a memory is replaced at most once per answer: a later entry naming the same one is
-        # stored as a new memory (two entries replacing one would otherwise chain, the second
-        # superseding the first entry's new text)
-        followed: set[str] = set()
-        new: list[NewMemory] = []
-        for m in memories:
-            replaces = labels.get(m.replaces) if m.replaces and not untrusted else None
-            if replaces in followed:
-                replaces = None
-            elif replaces:
-                followed.add(replaces)
-            new.append(
-                NewMemory(m.text, m.category, replaces=replaces, keys=() if untrusted else m.keys)
-            )
-        return new
+        replaces = replaced_ids(memories, {} if untrusted else labels)
+        return [
+            NewMemory(m.text, m.category, replaces=r, keys=() if untrusted else m.keys)
+            for m, r in zip(memories, replaces)
+        ]
 
 
 def _user_said(exchange: Sequence[Mapping[str, Any]]) -> str:

@@ -339,6 +339,29 @@ def test_a_new_fact_supersedes_an_injected_one(client, openai_server) -> None:
     assert [r.text for r in memory.history] == ["Lives in New York"]
 
 
+def test_two_entries_replacing_one_memory_keep_both_facts(client, openai_server) -> None:
+    """Two entries of one block name the same memory in "replaces": the first replaces it, the
+    second is stored as a new memory (as the background extractor does), not superseding the
+    first entry's new text (which would leave the move only in history)."""
+    old = client.memory.add("Lives in Lyon", category="fact")
+
+    def respond(body):
+        entries = [
+            {"text": "Lives in Berlin", "category": "fact", "replaces": "m1"},
+            {"text": "Has a dog named Rex", "category": "fact", "replaces": "m1"},
+        ]
+        return Reply.text("Congrats on the move!\n" + block(instruction_nonce(body), entries))
+
+    openai_server.responder = respond
+    ask(client, "I moved from Lyon to Berlin. Where do I live now? Also I got a dog named Rex.")
+    assert client.memory.flush(30)
+    memories = {m.text: m for m in client.memory.get_all()}
+    assert set(memories) == {"Lives in Berlin", "Has a dog named Rex"}
+    assert memories["Lives in Berlin"].id == old.id
+    assert [r.text for r in memories["Lives in Berlin"].history] == ["Lives in Lyon"]
+    assert not memories["Has a dog named Rex"].history
+
+
 def test_an_unclosed_block_is_stripped_and_stores_nothing(client, openai_server) -> None:
     openai_server.responder = lambda body: (
         f'Answer.\n<memory-{instruction_nonce(body)}>[{{"text": "half'
