@@ -422,6 +422,32 @@ def test_a_delete_in_a_later_turn_deletes_the_memory_a_create_rewrote(
     assert deleted.status == "success" and memories(db_path, model, "alice") == []
 
 
+def test_a_delete_in_a_later_turn_beside_another_create_deletes_the_rewritten_memory(
+    agent, openai_server, db_path, model
+) -> None:
+    """A create rewrote a memory in one turn; in the next, the model sends a create of an
+    unrelated fact and a delete of that memory ("Forget where I live. Also, I have a dog named
+    Rex."): that create rewrote nothing, and the delete goes through (before: any delete of
+    the memory sent beside any create within a minute was refused)."""
+    lyon = MemoryStore("alice", db_path=db_path, embedder=model).add("Lives in Lyon")
+    create = {"action": "create", "content": "Lives in Berlin"}
+    openai_server.script(Reply.tool_call("manage_memory", create), "Noted.")
+    in_order = {**user("alice"), "max_concurrency": 1}
+    (created,) = tool_messages(agent.invoke(ask("I moved to Berlin"), in_order))
+    assert created.content.startswith(f"Saved by updating memory {lyon.id}, which said:")
+    dog = {"action": "create", "content": "Has a dog named Rex"}
+    delete = {"action": "delete", "id": lyon.id}
+    openai_server.script(
+        Reply.tool_calls(ToolCall("manage_memory", dog), ToolCall("manage_memory", delete)),
+        "Done.",
+    )
+    request = ask("Forget where I live. Also, I have a dog named Rex.")
+    saved, deleted = tool_messages(agent.invoke(request, in_order))
+    assert saved.content.startswith("Saved as memory ")
+    assert deleted.status == "success" and deleted.content == f"Deleted memory {lyon.id}."
+    assert memories(db_path, model, "alice") == [("Has a dog named Rex", "fact")]
+
+
 def test_a_long_query_ending_in_blank_lines_is_searched(db_path, model) -> None:
     """A search keeps the end of a long query, once stripped: trailing blank lines are no part
     of the question (the retriever raised, the tool said the query was empty)."""

@@ -302,8 +302,10 @@ def create_manage_memory_tool(
         try:
             untrusted = _check_grounded(store, action, content, runtime)
             # a tool's output may have chosen the keys, the questions a memory shows up for
-            # a create notes what it rewrote; a delete sent in its turn is checked against it
-            guarded = action == "create" or _sent_beside_a_create(runtime, name)
+            # a create notes what it rewrote under its call's id; a delete is checked against
+            # the creates sent in the same model message
+            call_id = getattr(runtime, "tool_call_id", None)
+            beside = _creates_beside(runtime, name) if action == "delete" else frozenset()
             with rewritten.changing(store.user_id):
                 return _manage(
                     store,
@@ -312,7 +314,7 @@ def create_manage_memory_tool(
                     id,
                     category,
                     None if untrusted else keys,
-                    rewritten if guarded else None,
+                    _Rewrites(rewritten, call_id, beside),
                 )
         except (InvalidInputError, MemoryNotFoundError) as exc:
             raise ToolException(f"Cannot {action} the memory: {exc}") from exc
@@ -425,53 +427,74 @@ def _state_messages(state: Any) -> list[BaseMessage]:
 class _JustRewritten:
     """The memories a create just rewrote: a new fact that supersedes an old one takes the old
     one's id (the old text goes to its history). A model that replaces "Lives in Lyon" may
-    send, in the same turn as the create of "Lives in Berlin", a delete of Lyon's id, which
-    now holds Berlin: that delete is refused with the reason (a delete in a later turn, after
-    the model read the create's answer, deletes). A user's changes run one at a time
-    (``changing``), so the delete sees the create whichever starts first; other users' do not
-    wait (the locks are striped by user)."""
+    send, in the same model message as the create of "Lives in Berlin", a delete of Lyon's id,
+    which now holds Berlin: that delete is refused with the reason. A delete in a later turn,
+    after the model read the create's answer, deletes, even one sent beside another create
+    ("Forget where I live. Also, I have a dog named Rex."): each rewrite is noted with the id
+    of the create's tool call, and a delete is refused only when that call is in its own
+    message. A user's changes run one at a time (``changing``), so the delete sees the create
+    whichever starts first; other users' do not wait (the locks are striped by user)."""
 
     def __init__(self) -> None:
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self._ids: dict[tuple[str, str], float] = {}  # (user, memory id) -> when
+        # (user, memory id) -> (when, the id of the create's tool call)
+        self._ids: dict[tuple[str, str], tuple[float, str]] = {}
 
     def changing(self, user_id: str) -> threading.Lock:
         """The lock this user's changes are made under."""
         return self._locks[hash(user_id) % _LOCK_STRIPES]
 
-    def note(self, user_id: str, memory_id: str) -> None:
-        """A create rewrote this memory (call while holding ``changing``)."""
-        now = time.monotonic()
-        self._ids = {k: t for k, t in self._ids.items() if now - t < _REWRITTEN_SECONDS}
-        self._ids[(user_id, memory_id)] = now
-
-    def take(self, user_id: str, memory_id: str) -> bool:
-        """Whether a create just rewrote this memory, forgotten once asked (call while holding
+    def note(self, user_id: str, memory_id: str, call_id: str) -> None:
+        """The create of tool call ``call_id`` rewrote this memory (call while holding
         ``changing``)."""
-        when = self._ids.pop((user_id, memory_id), None)
-        return when is not None and time.monotonic() - when < _REWRITTEN_SECONDS
+        now = time.monotonic()
+        self._ids = {k: v for k, v in self._ids.items() if now - v[0] < _REWRITTEN_SECONDS}
+        self._ids[(user_id, memory_id)] = (now, call_id)
+
+    def take(self, user_id: str, memory_id: str, call_ids: frozenset[str]) -> bool:
+        """Whether one of the creates of tool calls ``call_ids`` just rewrote this memory,
+        forgotten once asked (call while holding ``changing``)."""
+        noted = self._ids.pop((user_id, memory_id), None)
+        return (
+            noted is not None
+            and noted[1] in call_ids
+            and time.monotonic() - noted[0] < _REWRITTEN_SECONDS
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rewrites:
+    """What one tool call checks and notes in :class:`_JustRewritten`: a create notes a memory
+    it rewrote under ``call_id`` (outside an agent, with no call id, nothing is noted); a
+    delete is refused when one of the creates ``beside`` it rewrote its memory."""
+
+    noted: _JustRewritten
+    call_id: str | None
+    beside: frozenset[str]
 
 
 _REWRITTEN_SECONDS = 60.0
 _LOCK_STRIPES = 64
 
 
-def _sent_beside_a_create(runtime: Any, name: str) -> bool:
-    """Whether this tool call came in one model turn with a ``create`` of the same tool (the
-    model's message holding this call's id also holds the create)."""
+def _creates_beside(runtime: Any, name: str) -> frozenset[str]:
+    """The ids of the ``create`` calls of the same tool sent in one model message with this
+    tool call (the model's message holding this call's id), none outside an agent."""
     call_id = getattr(runtime, "tool_call_id", None)
     if not call_id:
-        return False
+        return frozenset()
     for message in reversed(_state_messages(getattr(runtime, "state", None))):
         calls = getattr(message, "tool_calls", None) or []
         if any(call.get("id") == call_id for call in calls):
-            return any(
-                call.get("name") == name
+            return frozenset(
+                call["id"]
+                for call in calls
+                if call.get("name") == name
+                and call.get("id")
                 and call.get("id") != call_id
                 and (call.get("args") or {}).get("action") == "create"
-                for call in calls
             )
-    return False
+    return frozenset()
 
 
 def _manage(
@@ -481,10 +504,10 @@ def _manage(
     memory_id: str | None,
     category: str | None,
     keys: str | None,
-    rewritten: _JustRewritten | None,
+    rewrites: _Rewrites,
 ) -> tuple[str, dict[str, Any] | None]:
-    """One change; ``rewritten`` for a create, and for a delete sent in one turn with a create
-    (see :class:`_JustRewritten`), else None."""
+    """One change; ``rewrites`` notes what a create rewrote and refuses a delete of it sent in
+    the same model message (see :class:`_JustRewritten`)."""
     if action == "create":
         if content is None:
             raise InvalidInputError("create needs content")
@@ -494,8 +517,8 @@ def _manage(
         saved = done.memory
         text = escape_text(saved.text)
         if done.outcome is Outcome.SUPERSEDED:
-            if rewritten is not None:
-                rewritten.note(store.user_id, saved.id)
+            if rewrites.call_id:
+                rewrites.noted.note(store.user_id, saved.id, rewrites.call_id)
             before = escape_text(saved.history[-1].text) if saved.history else ""
             return (
                 f"Saved by updating memory {saved.id}, which said: {before}. It now says: "
@@ -513,7 +536,7 @@ def _manage(
     if not store.get_many([memory_id]):
         raise MemoryNotFoundError(f"no memory of this user has the id {memory_id!r}")
     if action == "delete":
-        if rewritten is not None and rewritten.take(store.user_id, memory_id):
+        if rewrites.beside and rewrites.noted.take(store.user_id, memory_id, rewrites.beside):
             raise InvalidInputError(
                 f"memory {memory_id} was just rewritten by a create (it superseded the old "
                 "fact and holds the new one), so it was not deleted; call delete again to "
