@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import threading
 import time
@@ -403,6 +404,186 @@ def test_a_process_killed_during_delete_leaves_the_erase_to_the_next_one(db_path
     searched = _chroma_search(db_path, RandomEmbedder().embed([SECRETS[0]])[0])
     assert (secret_id in searched["found"]) == (when == "before the delete")
     assert len(searched["found"]) == searched["count"]
+
+
+_DROP_AND_DIE = """
+import os
+from _reliability_support import RandomEmbedder
+from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.storage import chroma
+store = MemoryStore("alice", db_path={db!r}, embedder=RandomEmbedder())
+store.add_many([f"Ordinary fact number {{n}}" for n in range(150)])
+store.flush()
+noted = chroma.note_erase
+def note_and_die(*args, **kwargs):
+    noted(*args, **kwargs)
+    os._exit(9)  # killed after the erase is noted, before Chroma drops the collection
+chroma.note_erase = note_and_die
+store.{how}()
+"""
+
+
+@pytest.mark.parametrize("how", ["clear", "forget_user"])
+def test_a_process_killed_before_its_drop_leaves_the_users_index_in_use(db_path, how) -> None:
+    """clear()/forget_user() note the erase (with the collection's index folder) before Chroma
+    drops the collection. A process killed in between dropped nothing: the next one to open
+    the folder lets that entry go, and keeps the index folder (it removed it: every search of
+    the user then failed with Chroma's "Error finding id")."""
+    run = run_python(_DROP_AND_DIE.format(db=str(db_path), how=how))
+    assert run.returncode == 9, run.stderr[-2000:]
+    assert (db_path / ERASE_FILE).exists()
+    store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
+    assert store.count() == 150  # (opens the folder, as its writer)
+    assert not (db_path / ERASE_FILE).exists()
+    assert texts_found(store, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
+    store.storage.close()
+    searched = _chroma_search(db_path, RandomEmbedder().embed(["Ordinary fact number 7"])[0])
+    assert searched["count"] == len(searched["found"]) == 150
+
+
+def test_a_failed_drop_leaves_the_users_index_to_later_erases(db_path, monkeypatch) -> None:
+    """forget_user() whose drop Chroma refuses raises, and the user's memories stay; the next
+    delete in the folder (another user's) erases what it deleted and leaves the user's vector
+    index folder alone (it removed it: the user's searches failed from then on)."""
+    import chromadb.api.client
+
+    embedder = RandomEmbedder()
+    alice = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    alice.add_many([f"Ordinary fact number {n}" for n in range(150)])
+    bob = MemoryStore("bob", db_path=db_path, embedder=embedder)
+    tea = bob.add("Bob likes tea")
+    alice.flush()
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk I/O error")
+
+    monkeypatch.setattr(chromadb.api.client.Client, "delete_collection", refused)
+    with pytest.raises(StorageError):
+        alice.forget_user()
+    monkeypatch.undo()
+    assert not (db_path / ERASE_FILE).exists()  # the drop's entry is let go of
+    bob.delete(tea.id)
+    assert files_containing(db_path, ["Bob likes tea"]) == {}
+    alice.storage.close()
+    reopened = MemoryStore("alice", db_path=db_path, embedder=embedder)  # loads the index
+    assert reopened.count() == 150
+    assert texts_found(reopened, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
+
+
+def test_an_erase_noted_after_a_torn_line_is_still_done(db_path) -> None:
+    """A process killed while it noted an erase leaves a torn last line (no newline): the
+    next erase is noted on a line of its own, and done."""
+    store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
+    store.add_many([f"Ordinary fact number {n}" for n in range(5)])
+    secret = store.add(SECRETS[0])
+    store.flush()
+    (db_path / ERASE_FILE).write_bytes(b'{"collection":"torn","ids":{"a')
+    store.delete(secret.id)
+    assert files_containing(db_path, [SECRETS[0], secret.id]) == {}
+    assert not (db_path / ERASE_FILE).exists()
+
+
+def _legacy_id_map(path: Path, monkeypatch) -> None:
+    """Rewrite the id map at ``path`` as chromadb < 1.0 pickled it (an instance of its
+    ``PersistentData`` class with the same fields), which chromadb 1.5 still reads."""
+    import pickle
+    import sys
+    import types
+
+    fields = pickle.loads(path.read_bytes())
+    module = types.ModuleType("chromadb.segment.impl.vector.local_persistent_hnsw")
+    persistent_data = type("PersistentData", (), {"__module__": module.__name__})
+    module.PersistentData = persistent_data  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    legacy = persistent_data()
+    legacy.__dict__.update(fields)
+    path.write_bytes(pickle.dumps(legacy, protocol=3))
+
+
+def test_an_id_map_the_erase_cannot_read_still_lets_the_text_be_erased(
+    db_path, monkeypatch, caplog
+) -> None:
+    """The erase reads the index's id map with an unpickler that refuses classes; one in
+    another layout (chromadb < 1.0's) made the whole erase fail, and the deleted text stayed.
+    Now the text and vector are erased, the log entries keep the id (its delete must still
+    find it in the index), and the id alone stays noted for a later try."""
+    embedder = RandomEmbedder()
+    store = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    secret = store.add("My PIN is 4821")
+    store.add_many([f"Ordinary fact number {n}" for n in range(150)])  # the id map is saved
+    store.flush()
+    store.storage.close()
+    _legacy_id_map(next(db_path.glob("*/index_metadata.pickle")), monkeypatch)
+    store = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    with caplog.at_level(logging.WARNING):
+        store.delete(secret.id)
+    assert files_containing(db_path, ["My PIN is 4821"]) == {}
+    assert "ids of deleted memories stay" in caplog.text
+    noted = [json.loads(line) for line in (db_path / ERASE_FILE).read_text().splitlines()]
+    assert [list(entry["ids"]) for entry in noted] == [[secret.id]]
+    store.storage.close()
+    reopened = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    assert reopened.count() == 150 and reopened.get_many([secret.id]) == []
+    assert texts_found(reopened, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
+    reopened.storage.close()
+    searched = _chroma_search(db_path, embedder.embed(["My PIN is 4821"])[0])
+    assert searched["count"] == len(searched["found"]) == 150
+    assert secret.id not in searched["found"]
+
+
+_READER = """
+import sys
+from _reliability_support import RandomEmbedder
+from headroom_memory_integrations import MemoryStore
+store = MemoryStore("alice", db_path={db!r}, embedder=RandomEmbedder())
+print(store.search("My PIN is 4821", top_k=1, min_score=-1)[0].memory.text, flush=True)
+sys.stdin.readline()  # the writer deleted the memory and closed: this process takes over
+store.add_many([f"Written after the takeover {{n}}" for n in range(150)])
+store.flush()
+store.storage.close()
+print("done", flush=True)
+"""
+
+
+def test_a_reader_that_takes_over_does_not_bring_a_deleted_id_back(db_path) -> None:
+    """A reading process loaded the user's index (Chroma keeps it in memory); the writer then
+    deleted a memory (its log entries renamed to a placeholder) and closed. The reader takes
+    the folder over: its Chroma loads the index from disk again. Before, Chroma replayed the
+    log from where its index in memory stood, deleted the placeholder, kept the real id, and
+    saved it in the index's id map (and its own search returned it)."""
+    import subprocess
+    import sys
+
+    from _reliability_support import ROOT
+
+    embedder = RandomEmbedder()
+    store = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    store.add_many([f"Ordinary fact number {n}" for n in range(150)])
+    secret = store.add("My PIN is 4821")
+    store.flush()
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READER.format(db=str(db_path))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])},
+    )
+    try:
+        assert reader.stdout is not None and reader.stdin is not None
+        assert reader.stdout.readline().strip() == "My PIN is 4821"  # its index is loaded
+        store.delete(secret.id)
+        store.storage.close()
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == "done", reader.stderr.read()[-2000:]
+    finally:
+        reader.kill()
+        reader.wait()
+    assert files_containing(db_path, [secret.id, "My PIN is 4821"]) == {}
+    searched = _chroma_search(db_path, embedder.embed(["My PIN is 4821"])[0])
+    assert searched["count"] == len(searched["found"]) == 300
+    assert secret.id not in searched["found"]
 
 
 @pytest.mark.parametrize("how", ["clear", "forget_user"])

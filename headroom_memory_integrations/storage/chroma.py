@@ -1699,6 +1699,7 @@ class ChromaStorage:
         action = f"store the writes left pending in {self._folder}"
         try:
             with self._erase_lock.alone():
+                self._reopen_client()
                 self._erase_left()  # (first: see _open_folder)
             with self._guard(action), self._erase_lock.shared():
                 _roll_back_left(self._client_now(), self._folder)  # (first: see _open_folder)
@@ -1711,6 +1712,24 @@ class ChromaStorage:
                 handles = list(self._collections.values())
             for other in handles:
                 other.written_elsewhere()
+
+    def _reopen_client(self) -> None:
+        """On taking a folder over (with Chroma unused: the erase lock held alone): close this
+        process's chromadb client, so that the next call opens the folder afresh and Chroma
+        loads each vector index from disk. Chroma keeps an index it loaded in memory and, when
+        it next writes, replays only the log entries after it; the other process may have
+        renamed a deleted record's entries since (see :func:`.folder.erase_deleted`), so that
+        replay would delete the placeholder and keep the real id in the index (and save it in
+        the index's id map). Every handle opens its chromadb collection again. (A chromadb
+        client the application opened on the same folder keeps Chroma's memory alive: then
+        nothing is reloaded.)"""
+        client, self._client = self._client, None
+        with self._collections_lock:
+            handles = list(self._collections.values())
+        for handle in handles:
+            handle._collection = None
+        if client is not None:
+            _close_client(client)
 
     def _note_erase(
         self, collection_id: str, ids: list[str] | None, index: Path | None = None
@@ -1847,7 +1866,12 @@ class ChromaStorage:
                     if erase:
                         index_files = self._index_folder(str(collection.id))
                         self._note_erase(str(collection.id), None, index_files)
-                    client.delete_collection(name)
+                    try:
+                        client.delete_collection(name)
+                    except Exception:
+                        if erase:  # the noted erase: done if the drop went through in part,
+                            self._erase()  # let go of if the collection is still there
+                        raise
             # and a handle opened meanwhile (its user's was let go of, or never opened): it
             # may have read what was just deleted
             with self._collections_lock:

@@ -227,7 +227,9 @@ def placeholders(ids: Iterable[str]) -> dict[str, str]:
     return {memory_id: f"erased-{secrets.token_hex(16)}" for memory_id in ids}
 
 
-def erase_deleted(folder: Path, collection_id: str, ids: Mapping[str, str] | None) -> None:
+def erase_deleted(
+    folder: Path, collection_id: str, ids: Mapping[str, str] | None
+) -> dict[str, str]:
     """Remove the text, vectors and ids of deleted records from ``folder``'s Chroma files.
 
     ``ids`` maps each deleted id to the placeholder (:func:`placeholders`) its entries in
@@ -245,10 +247,16 @@ def erase_deleted(folder: Path, collection_id: str, ids: Mapping[str, str] | Non
     write in progress. It costs a rewrite of the file: about 0.3 s for a 6 MB database here.
     Running it again changes nothing more.
 
+    If the index's id map holds a deleted id but cannot be read (a layout other than Chroma's
+    plain one, see :class:`_PlainUnpickler`) or rewritten, the log entries keep their ids (the
+    log's replay must find in the index what it deletes) and lose the rest as above; those
+    ids, with their placeholders, are returned, for a later try (once Chroma has saved the map
+    anew, without them). Otherwise it returns an empty dict.
+
     Raises:
         sqlite3.Error: The file could not be rewritten (e.g. no room for the copy).
-        OSError: The index's id map could not be rewritten.
     """
+    kept: dict[str, str] = {}
     path = folder / DATABASE_FILE
     db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
     try:
@@ -262,13 +270,24 @@ def erase_deleted(folder: Path, collection_id: str, ids: Mapping[str, str] | Non
                     "SELECT id FROM segments WHERE collection = ? AND scope = 'VECTOR'",
                     (collection_id,),
                 ).fetchone()
+                renamed = gone
                 if segment is not None:  # (first: the log's replay must find what it deletes)
-                    _rename_in_index(folder / segment[0], gone)
+                    try:
+                        _rename_in_index(folder / segment[0], gone)
+                    except Exception:  # (not Chroma's plain layout, or no room to rewrite it)
+                        logger.warning(
+                            "the ids of deleted memories stay in %s: its vector index's id "
+                            "map could not be rewritten (their text and vectors are erased; "
+                            "the ids are tried again after the next delete)",
+                            folder,
+                            exc_info=True,
+                        )
+                        kept, renamed = gone, {i: i for i in gone}
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     db.executemany(
                         f"{_BLANK} WHERE id = ? AND topic LIKE ?",
-                        [(placeholder, i, topic) for i, placeholder in gone.items()],
+                        [(placeholder, i, topic) for i, placeholder in renamed.items()],
                     )
                     db.execute("COMMIT")
                 except BaseException:
@@ -285,6 +304,7 @@ def erase_deleted(folder: Path, collection_id: str, ids: Mapping[str, str] | Non
         db.execute("VACUUM")
     finally:
         db.close()
+    return kept
 
 
 def _deleted(
@@ -350,14 +370,19 @@ def _rename_in_index(segment: Path, renamed: Mapping[str, str]) -> None:
         if old in to_seq:
             to_seq[new] = to_seq.pop(old)
     fresh = path.with_name(path.name + ".new")
-    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with open(fd, "wb", closefd=False) as handle:
-            pickle.dump(saved, handle, protocol=3)  # (Chroma writes protocol 3)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(fresh, path)
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with open(fd, "wb", closefd=False) as handle:
+                pickle.dump(saved, handle, protocol=3)  # (Chroma writes protocol 3)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(fresh, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            fresh.unlink(missing_ok=True)
+        raise
     sync_folder(segment)
 
 
@@ -377,9 +402,13 @@ def note_erase(
     }
     path = folder / ERASE_FILE
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        data = memoryview(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # (after a torn last line, which is then skipped alone)
+        data = memoryview(line)
         while data:
             data = data[os.write(fd, data) :]
         os.fsync(fd)
@@ -390,9 +419,16 @@ def note_erase(
 
 
 def erase_noted(folder: Path) -> None:
-    """Do the erases :func:`note_erase` recorded in ``folder`` (:func:`erase_deleted`; a
-    dropped collection's index folder is removed), then erase the record. Nothing to do if
-    there is none. Raises (see :func:`erase_deleted`); the record is kept then."""
+    """Do the erases :func:`note_erase` recorded in ``folder`` (:func:`erase_deleted`), then
+    erase the record. Nothing to do if there is none.
+
+    A dropped collection's erase is done (and its vector index folder removed) only once
+    Chroma's catalog has neither the collection nor a segment kept in that folder: the
+    process may have been killed before the drop, or the drop failed, and the collection and
+    its index are still in use; that entry is then let go of. Deleted ids that stay in the
+    folder for now (see :func:`erase_deleted`) are recorded anew, for the next try.
+
+    Raises (see :func:`erase_deleted`); the record is kept then."""
     path = folder / ERASE_FILE
     try:
         data = path.read_bytes()
@@ -406,12 +442,62 @@ def erase_noted(folder: Path) -> None:
             erases.append((str(entry["collection"]), ids, entry.get("index")))
         except (ValueError, KeyError, TypeError):  # a torn last line: that delete never ran
             continue
+    left: list[dict[str, object]] = []
     for collection_id, ids, index in erases:
-        if isinstance(index, str) and index not in ("", ".", "..") and Path(index).name == index:
+        if not (
+            isinstance(index, str) and index not in ("", ".", "..") and Path(index).name == index
+        ):
+            index = None
+        if ids is None and _in_catalog(folder, collection_id, index):
+            continue  # never dropped: nothing of it is to be erased
+        if index is not None:
             remove_folder(folder / index)  # (a dropped collection's: logs a failure)
-        erase_deleted(folder, collection_id, ids)
-    if erase_file(path):
+        kept = erase_deleted(folder, collection_id, ids)
+        if kept:
+            left.append({"collection": collection_id, "ids": kept, "index": None})
+    if left:
+        _rewrite_record(path, left)
+    elif erase_file(path):
         sync_folder(folder)
+
+
+def _in_catalog(folder: Path, collection_id: str, segment: str | None) -> bool:
+    """Whether Chroma's catalog in ``folder`` still has a collection, or a segment whose files
+    are in the folder named ``segment``. Raises sqlite3.Error if it cannot be read."""
+    path = folder / DATABASE_FILE
+    if not path.exists():
+        return False
+    with closing(sqlite3.connect(path, timeout=30.0)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        found = (
+            "collections" in tables
+            and db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone()
+        )
+        if not found and segment is not None and "segments" in tables:
+            found = db.execute("SELECT 1 FROM segments WHERE id = ?", (segment,)).fetchone()
+    return bool(found)
+
+
+def _rewrite_record(path: Path, entries: list[dict[str, object]]) -> None:
+    """Replace the erase record ``path`` with ``entries`` (written beside it, synced, renamed
+    over it). Raises OSError."""
+    fresh = path.with_name(path.name + ".new")
+    data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
+    try:
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(fresh, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            fresh.unlink(missing_ok=True)
+        raise
+    sync_folder(path.parent)
 
 
 def sync_folder(folder: Path) -> None:
