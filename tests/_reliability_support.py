@@ -4,6 +4,7 @@ file under a folder, small filesystems (tmpfs) and read-only bind mounts for the
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import socket
@@ -213,3 +214,60 @@ class SlowProxy:
         finally:
             with suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
+
+
+def _close_both(*sockets: socket.socket) -> None:
+    for each in sockets:
+        each.close()
+
+
+class BlackHoleProxy:
+    """A TCP proxy on 127.0.0.1 to ``target_port`` that, while :attr:`hole` is set, passes
+    heartbeats on but never answers any other request, holding its connection open (a server
+    whose connection is lost without a reset: a crashed host, a partition). Once :attr:`hole`
+    is cleared, new requests pass; those held stay unanswered."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target, self.hole, self.held = target_port, True, 0
+        self._closed = threading.Event()
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(100)
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._socket.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._socket.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            ends = threading.Barrier(2, action=functools.partial(_close_both, client, server))
+            for source, sink, up in ((client, server, True), (server, client, False)):
+                threading.Thread(
+                    target=self._pipe, args=(source, sink, up, ends), daemon=True
+                ).start()
+
+    def _pipe(self, source: Any, sink: Any, up: bool, ends: threading.Barrier) -> None:
+        try:
+            while data := source.recv(65536):
+                if up and self.hole and b"/heartbeat" not in data:
+                    self.held += 1
+                    self._closed.wait()  # never answered, the connection left open
+                    with suppress(OSError):
+                        source.shutdown(socket.SHUT_RDWR)  # ends the other direction too
+                    return
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+            with suppress(threading.BrokenBarrierError):
+                ends.wait()  # both directions done: the two sockets are closed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -221,3 +222,112 @@ def test_a_request_the_deadline_cut_short_says_nothing_of_the_server() -> None:
         _charge_deadline(request())
         assert not request_was_cut()  # its whole own timeout: a failure is the server's
     assert not request_was_cut()  # no deadline, nothing cut
+
+
+def test_a_connection_lost_while_the_client_is_built_keeps_memory_away_only_a_while(
+    chroma_server, openai_server, model
+) -> None:
+    """The server's connection is lost without a reset right after the heartbeat, while
+    chromadb's client is built: the build's requests time out as every other does, so once
+    the server answers again memories come back (before, the build waited forever and every
+    later call failed with "has not answered yet")."""
+    from _reliability_support import BlackHoleProxy
+
+    from headroom_memory_integrations.storage import chroma
+
+    openai_server.responder = RememberingModel("Noted.", [CELLO])
+    seed = with_fast_memory(
+        openai_server.client(), user_id="lost-alice", db_path=chroma_server.url, embedder=model
+    )
+    ask(seed, "I play the cello in an orchestra")
+    assert seed.memory.flush(30)
+    openai_server.responder = RememberingModel("Noted.", [])
+
+    proxy = BlackHoleProxy(chroma_server.port)
+    storage = ChromaStorage.from_url(proxy.url, timeout=TIMEOUT)
+    try:
+        client = with_fast_memory(
+            openai_server.client(), user_id="lost-alice", storage=storage, embedder=model
+        )
+        answer, took = ask(client, "Which instrument do I play?")
+        assert answer == "Noted." and not injected(openai_server)
+        assert took < TIMEOUT + READ_YOUR_WRITES_SECONDS + 3.0
+        assert proxy.held >= 1  # the build's first request after the heartbeat was lost
+
+        proxy.hole = False  # the server answers again (what was lost stays lost)
+        healed = time.monotonic()
+        deadline = healed + 30  # calls are held back a while after each failure
+        while True:
+            ask(client, "Which instrument do I play?")
+            if injected(openai_server):
+                break
+            assert time.monotonic() < deadline, "memories never came back after the server did"
+            time.sleep(0.2)
+        # the lost build ended on its own timeout: not given up on after the setup allowance
+        assert time.monotonic() - healed < chroma._CLIENT_SETUP_SECONDS
+        assert [m.text for m in client.memory.get_all()] == [CELLO["text"]]
+    finally:
+        storage.close()
+        proxy.close()
+
+
+def test_a_build_still_running_past_its_time_is_left_to_end_and_another_started(
+    chroma_server, model, monkeypatch
+) -> None:
+    """A build of the client that no timeout reaches (one stuck where chromadb gives none) is
+    given up once it has run its timeout plus the setup allowance: the next call after the
+    hold-back starts another, and at most _ABANDONED_BUILDS are left running. A build given
+    up on that ends later hands over its client, or closes it if another was kept."""
+    import chromadb
+
+    from headroom_memory_integrations import MemoryStore
+    from headroom_memory_integrations.storage import chroma
+
+    monkeypatch.setattr(chroma, "_CLIENT_SETUP_SECONDS", 0.5)
+    monkeypatch.setattr(chroma, "_ABANDONED_BUILDS", 1, raising=False)
+    stuck = threading.Event()
+    builds: list[object] = []
+
+    def hanging_build(hang: int):
+        def build():
+            builds.append(None)
+            if len(builds) <= hang:
+                stuck.wait(60)
+            return chromadb.HttpClient(host="127.0.0.1", port=chroma_server.port)
+
+        return build
+
+    def call_until_answered(store: MemoryStore, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                store.get_all()
+                return True
+            except StorageError:
+                time.sleep(0.1)
+        return False
+
+    # the first build hangs; the one started beside it once it is given up on answers
+    storage = ChromaStorage(connect=hanging_build(1), location="a stuck build", timeout=0.5)
+    try:
+        store = MemoryStore("stuck-alice", storage=storage, embedder=model)
+        assert call_until_answered(store, 20), "no build was started beside the stuck one"
+        assert len(builds) == 2
+        stuck.set()  # the given-up build ends: its client is closed, the kept one stays
+        time.sleep(0.5)
+        assert store.get_all() == []
+    finally:
+        storage.close()
+
+    # every build hangs: one is left running, one more started, then no more
+    stuck.clear()
+    builds.clear()
+    storage = ChromaStorage(connect=hanging_build(100), location="a stuck build", timeout=0.5)
+    try:
+        store = MemoryStore("stuck-alice", storage=storage, embedder=model)
+        assert not call_until_answered(store, 12)
+        assert len(builds) == 2
+        stuck.set()  # both end late: the first to end is kept
+        assert call_until_answered(store, 10)
+    finally:
+        storage.close()

@@ -79,6 +79,7 @@ from .guard import (
     is_unreachable,
     request_starts,
     request_was_cut,
+    requests_bounded_while_built,
     start_with_deadline,
     time_left,
     within_deadline,
@@ -315,6 +316,9 @@ def _settings() -> Any:
 
 
 _CLIENT_SETUP_SECONDS = 10.0  # building a server client (TLS setup, ...) beyond its requests
+_ABANDONED_BUILDS = 2
+"""Builds of a client still running past their time (timeout + _CLIENT_SETUP_SECONDS) that a
+storage leaves behind, at most, to start another: each holds a thread for as long as it hangs."""
 
 
 def _import_clients() -> None:
@@ -1251,6 +1255,8 @@ class ChromaStorage:
         self._write_lock = threading.RLock()
         self._client_lock = threading.Lock()
         self._starting: PendingStart | None = None
+        self._abandoned: list[PendingStart] = []  # builds given up on that may still end
+        self._adopt_lock = threading.Lock()
         self._availability = Availability(location)
         # Every handle alive in the process, held weakly, so that there is never more than one
         # per user (two would each keep a cache, an index and a user lock of their own), and
@@ -1290,6 +1296,8 @@ class ChromaStorage:
                 self._release.detach()
                 self._release = None
         self._starting = None
+        self._abandoned = []
+        self._adopt_lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._client_lock = threading.Lock()
         self._collections_lock = threading.Lock()
@@ -1364,12 +1372,15 @@ class ChromaStorage:
 
             chromadb = import_chromadb("chromadb.api.fastapi")
 
-            # chromadb's client talks to the server while it is built, with no timeout: ask
-            # for a heartbeat first, with one, so a server that does not answer fails in time
+            # chromadb's client talks to the server while it is built, on a session with no
+            # timeout: ask for a heartbeat first, so a server that does not answer fails at
+            # once, and give the build's own requests the timeout too (a connection lost
+            # without a reset after the heartbeat held the build, so memory, forever)
             httpx.get(f"{url}/api/v2/heartbeat", headers=headers, timeout=timeout)
-            return chromadb.HttpClient(
-                host=host, port=port, ssl=ssl, headers=headers, settings=_settings()
-            )
+            with requests_bounded_while_built(timeout) if timeout is not None else nullcontext():
+                return chromadb.HttpClient(
+                    host=host, port=port, ssl=ssl, headers=headers, settings=_settings()
+                )
 
         return cls(connect=make_client, location=url, timeout=timeout)
 
@@ -1538,8 +1549,7 @@ class ChromaStorage:
             if self._closed or self._connect is None:
                 raise StorageError(f"the storage at {self.location} is closed")
             self._availability.check()
-            if self._starting is not None and self._starting.running:
-                raise StorageError(f"{self.location} has not answered yet")
+            self._let_hung_build_be()
             what = (
                 f"open the memory store at {self.location}"
                 if self._folder is not None
@@ -1553,8 +1563,11 @@ class ChromaStorage:
                     check_deadline(what)
                     # the client is made on a helper thread, waited for at most its own
                     # bound or the chat call's time left; it is kept if it comes later
-                    deadline, cut = within_deadline(self.timeout + _CLIENT_SETUP_SECONDS)
-                    self._starting = start_with_deadline(self._connect, self._adopt, deadline, what)
+                    allowed = self.timeout + _CLIENT_SETUP_SECONDS
+                    deadline, cut = within_deadline(allowed)
+                    self._starting = start_with_deadline(
+                        self._connect, self._adopt, deadline, what, give_up_after=allowed
+                    )
                     if self._starting is not None:
                         if cut:  # the call's time is up, not the server's: no pause
                             raise DeadlineExceeded(f"could not {what} in the chat call's time")
@@ -1571,16 +1584,39 @@ class ChromaStorage:
         finally:
             self._client_lock.release()
 
+    def _let_hung_build_be(self) -> None:
+        """Raise while a build of the client started earlier still runs (another would block
+        behind the same server), unless it has run past its time: its requests are then stuck
+        where no timeout reaches, and it is left to end on its own (a client it makes is still
+        kept) while another is started, up to :data:`_ABANDONED_BUILDS` left running."""
+        starting = self._starting
+        if starting is None or not starting.running:
+            return
+        self._abandoned = [build for build in self._abandoned if build.running]
+        if not starting.abandoned or len(self._abandoned) >= _ABANDONED_BUILDS:
+            raise StorageError(f"{self.location} has not answered yet")
+        logger.warning(
+            "connecting to %s has not ended in %.0f s; trying again beside it",
+            self.location,
+            (self.timeout or 0.0) + _CLIENT_SETUP_SECONDS,
+        )
+        self._abandoned.append(starting)
+        self._starting = None
+
     def _adopt(self, client: Any) -> None:
-        """Keep a client just made (possibly late, by a helper thread)."""
+        """Keep a client just made (possibly late, by a helper thread; the first of several
+        builds to end wins, the others' clients are closed)."""
         if self.timeout is not None:
             bound_http_requests(client, self.timeout)
-        if self._closed or self._client is not None:
+        with self._adopt_lock:
+            keep = not self._closed and self._client is None
+            if keep:
+                self._client = client
+        if not keep:
             close = getattr(client, "close", None)
             if callable(close) and client is not self._client:
                 close()
             return
-        self._client = client
         if self._connect is not None and self._folder is None:
             # a server's client made here: closed by close(), or once this is collected (not
             # at exit: work still draining then may need it; embedded storages stay in

@@ -6,9 +6,12 @@
 - :func:`run_for_at_most` runs work on a daemon thread and stops waiting after a deadline
   (the extraction call of background memory uses it too).
 - :func:`start_with_deadline` builds a client in a helper thread and stops waiting after a
-  deadline (chromadb's ``HttpClient`` talks to the server while it is constructed, with no
-  timeout); at most one such thread is ever waiting, and a client it completes later is kept.
-- :func:`bound_http_requests` gives an ``HttpClient``'s every later request a timeout.
+  deadline (chromadb's ``HttpClient`` talks to the server while it is constructed); a client
+  it completes later is kept, and one still running past the time it was given is
+  :attr:`PendingStart.abandoned`.
+- :func:`bound_http_requests` gives an ``HttpClient``'s every later request a timeout, and
+  :func:`requests_bounded_while_built` every request of one built in its context, those its
+  constructor makes included.
 - :func:`forget_broken_system` drops what a failed ``PersistentClient`` left in chromadb's
   process-wide cache, so the next attempt to open the folder starts clean.
 - :func:`run_within` runs work on a daemon thread and returns its result, or raises
@@ -24,6 +27,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -198,14 +202,28 @@ class Availability:
 
 
 class PendingStart:
-    """A client being built in a helper thread that outlived its caller's deadline."""
+    """A client being built in a helper thread that outlived its caller's deadline.
 
-    def __init__(self, thread: threading.Thread) -> None:
+    Args:
+        thread: The helper thread.
+        give_up_after: Seconds after its start past which a build still running is taken
+            for hung (:attr:`abandoned`); None never.
+    """
+
+    def __init__(self, thread: threading.Thread, give_up_after: float | None = None) -> None:
         self.thread = thread
+        self._give_up_at = None if give_up_after is None else time.monotonic() + give_up_after
 
     @property
     def running(self) -> bool:
         return self.thread.is_alive()
+
+    @property
+    def abandoned(self) -> bool:
+        """Still running past the time it was given: its requests are stuck somewhere no
+        timeout reaches, and another build may be started beside it."""
+        give_up_at = self._give_up_at
+        return give_up_at is not None and time.monotonic() >= give_up_at and self.running
 
 
 def run_for_at_most(
@@ -300,8 +318,10 @@ def start_with_deadline(
     adopt: Callable[[Any], None],
     seconds: float,
     what: str,
+    give_up_after: float | None = None,
 ) -> PendingStart | None:
-    """Run ``make()`` in a daemon thread and wait up to ``seconds`` for it.
+    """Run ``make()`` in a daemon thread and wait up to ``seconds`` for it (a build still
+    running ``give_up_after`` seconds from now is :attr:`PendingStart.abandoned`).
 
     ``adopt(client)`` is called with the result in the helper thread, even if it comes after
     the deadline (the backend answered late: the client is good). Returns None when ``make``
@@ -309,14 +329,17 @@ def start_with_deadline(
 
     Returns:
         None if done; a :class:`PendingStart` if the deadline passed (callers keep it and do
-        not start another while it runs).
+        not start another while it runs, unless it is abandoned).
 
     Raises:
         StorageError: ``make`` failed within the deadline.
     """
+    started = time.monotonic()
     thread, failure = run_for_at_most(lambda: adopt(make()), seconds, "headroom-memory-connect")
     if thread.is_alive():
-        return PendingStart(thread)
+        if give_up_after is not None:
+            give_up_after -= time.monotonic() - started
+        return PendingStart(thread, give_up_after)
     if failure:
         exc = failure[0]
         raise StorageError(f"could not {what}: {type(exc).__name__}: {exc}") from exc
@@ -328,8 +351,16 @@ def bound_http_requests(client: Any, seconds: float) -> bool:
     none by default), cut to the time left when made under a :func:`memory_deadline`.
     Returns False if this chromadb keeps its HTTP session elsewhere."""
     session = getattr(getattr(client, "_server", None), "_session", None)
-    if session is None or not hasattr(session, "timeout"):
+    if not _bound_session(session, seconds):
         logger.warning("cannot bound this chromadb client's request time; calls may hang")
+        return False
+    return True
+
+
+def _bound_session(session: Any, seconds: float) -> bool:
+    """Give an httpx session's every later request a timeout of ``seconds``, cut to the time
+    left under a :func:`memory_deadline`. False if ``session`` is not one."""
+    if session is None or not hasattr(session, "timeout"):
         return False
     import httpx
 
@@ -338,6 +369,51 @@ def bound_http_requests(client: Any, seconds: float) -> bool:
     if _charge_deadline not in hooks["request"]:
         session.event_hooks = {**hooks, "request": [*hooks["request"], _charge_deadline]}
     return True
+
+
+_BUILD_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "headroom_memory_build_timeout", default=None
+)
+_hook_lock = threading.Lock()
+
+
+@contextmanager
+def requests_bounded_while_built(seconds: float) -> Iterator[None]:
+    """A chromadb ``HttpClient`` made in this context has a timeout of ``seconds`` on every
+    request, from the first: its constructor asks the server for the user, the tenant and the
+    database before it returns, on an HTTP session made with none (a connection lost without
+    a reset held the build forever). Clients made elsewhere are left as chromadb makes them."""
+    _hook_server_sessions()
+    token = _BUILD_TIMEOUT.set(seconds)
+    try:
+        yield
+    finally:
+        _BUILD_TIMEOUT.reset(token)
+
+
+def _hook_server_sessions() -> None:
+    """Have chromadb's server API (``FastAPI``, made for each ``HttpClient`` and for the admin
+    client its constructor makes) bound its session as soon as it is made, when made in a
+    :func:`requests_bounded_while_built` context. Done once; does nothing with a chromadb that
+    has no such class (its clients are bounded once built, by :func:`bound_http_requests`)."""
+    try:
+        from chromadb.api.fastapi import FastAPI
+    except ImportError:  # pragma: no cover - another chromadb layout
+        return
+    with _hook_lock:
+        make = FastAPI.__init__
+        if getattr(make, "_headroom_bounded", False):
+            return
+
+        @functools.wraps(make)
+        def make_bounded(self: Any, *args: Any, **kwargs: Any) -> None:
+            make(self, *args, **kwargs)
+            seconds = _BUILD_TIMEOUT.get()
+            if seconds is not None:
+                _bound_session(getattr(self, "_session", None), seconds)
+
+        make_bounded._headroom_bounded = True  # type: ignore[attr-defined]
+        FastAPI.__init__ = make_bounded  # type: ignore[method-assign]
 
 
 def forget_broken_system(folder: str) -> None:
