@@ -80,6 +80,21 @@ class PermanentJobError(HeadroomMemoryError):
     """Raised by a handler when retrying cannot help; the job is dead-lettered."""
 
 
+class PartlyDone(Exception):
+    """Raised by a handler that did the costly part of its job but not the rest (an
+    extraction's model answered, then storing its memories failed): the job becomes the job
+    left to do, ``kind`` with ``payload`` (a store of those memories), retried or dead-lettered
+    as ``cause`` would be, so that its retries redo only what is left, not the model call.
+
+    The change is one update of the job's row, made as the try is released: a crash before it
+    leaves the job as it was (it runs whole again), after it the job left; never both, never
+    neither. A job deleted meanwhile (its user forgotten) stays deleted."""
+
+    def __init__(self, kind: str, payload: dict[str, Any], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.kind, self.payload, self.cause = kind, payload, cause
+
+
 class QueueBusy(TimeoutError):
     """:meth:`JobQueue.put` with a ``wait`` found the queue busy that long: nothing written."""
 
@@ -454,21 +469,53 @@ class JobQueue:
             return False
         return not busy
 
-    def retry_later(self, job_id: int, error: str, delay_seconds: float) -> None:
-        """Put the job back, claimable again in ``delay_seconds``."""
-        self._release(job_id, "pending", error, time.time() + delay_seconds)
+    def retry_later(
+        self,
+        job_id: int,
+        error: str,
+        delay_seconds: float,
+        *,
+        becomes: tuple[str, str] | None = None,
+    ) -> None:
+        """Put the job back, claimable again in ``delay_seconds``. ``becomes``: the kind and
+        the encoded payload (:meth:`encode`) of the job left to do, which it turns into in the
+        same update (see :class:`PartlyDone`); a job deleted meanwhile stays deleted."""
+        self._release(job_id, "pending", error, time.time() + delay_seconds, becomes)
 
-    def fail(self, job_id: int, error: str) -> None:
-        """Dead-letter the job: kept with status 'failed', never run again automatically."""
-        self._release(job_id, "failed", error, time.time())
+    def fail(self, job_id: int, error: str, *, becomes: tuple[str, str] | None = None) -> None:
+        """Dead-letter the job: kept with status 'failed', never run again automatically
+        (``becomes`` as in :meth:`retry_later`)."""
+        self._release(job_id, "failed", error, time.time(), becomes)
 
-    def _release(self, job_id: int, status: str, error: str, not_before: float) -> None:
+    def _release(
+        self,
+        job_id: int,
+        status: str,
+        error: str,
+        not_before: float,
+        becomes: tuple[str, str] | None = None,
+    ) -> None:
+        changes = "" if becomes is None else ", kind = ?, payload = ?"
+        values = () if becomes is None else becomes
         with self._locked() as conn:
             conn.execute(
                 "UPDATE jobs SET status = ?, last_error = ?, not_before = ?, owner = NULL,"
-                " lease_until = NULL WHERE id = ?",
-                (status, error[:MAX_ERROR_CHARS], not_before, job_id),
+                f" lease_until = NULL{changes} WHERE id = ?",
+                (status, error[:MAX_ERROR_CHARS], not_before, *values, job_id),
             )
+
+    def make_due(self, kinds: Collection[str] | None = None) -> int:
+        """Make the pending jobs (of ``kinds``, if given) waiting out a backoff due now (the
+        backend they failed on answers again). Returns how many."""
+        now = time.time()
+        kind_sql, kind_args = _kind_filter(kinds)
+        with self._locked() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET not_before = ? WHERE status = 'pending' AND not_before > ?"
+                f"{kind_sql}",
+                (now, now, *kind_args),
+            )
+        return cursor.rowcount
 
     def retry_failed(self) -> int:
         """Requeue every dead-lettered job (attempts reset); return how many."""
@@ -550,7 +597,9 @@ class JobWorker:
     Outcomes: the handler returns -> the job is deleted; it raises an exception that
     ``retryable(exc)`` accepts -> retried after ``backoff.delay(attempts)``, with no limit on
     attempts (a job is never dropped); it raises :class:`PermanentJobError` or a non-retryable
-    exception -> dead-lettered and logged at WARNING. Logs name the job id, kind, a hash of
+    exception -> dead-lettered and logged at WARNING; it raises :class:`PartlyDone` -> the job
+    becomes the job left to do, retried or dead-lettered as its cause would be; :meth:`hurry`
+    makes the jobs waiting out a backoff due at once. Logs name the job id, kind, a hash of
     the user id and the error type, never payload contents. The thread starts on the first
     :meth:`notify` or :meth:`start` (call ``start()`` to resume a previous run's leftovers at
     once), sleeps until notified or for ``poll_interval`` (other processes may enqueue), and at
@@ -569,6 +618,9 @@ class JobWorker:
         threads: How many jobs (of different users) may run at once.
         retryable: Decides whether an exception is transient.
         backoff: Retry delays.
+        longest_delay: The longest retry delay after a given exception, if shorter than
+            ``backoff``'s (a storage that is down is tried again at least this often, so a
+            job is stored soon after it is back, even when nothing else calls it).
         name: The thread's name.
         poll_interval: Seconds between looks at the file when idle.
         lease_seconds: How long a claim lasts before another process may take the job over.
@@ -584,18 +636,21 @@ class JobWorker:
         threads: int = 1,
         retryable: Callable[[BaseException], bool] = default_retryable,
         backoff: Backoff = DEFAULT_BACKOFF,
+        longest_delay: Callable[[BaseException], float] | None = None,
         name: str = "headroom-memory-jobs",
         poll_interval: float = 1.0,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         exit_timeout: float = 5.0,
     ) -> None:
         self.queue, self.handler, self.retryable, self.backoff = queue, handler, retryable, backoff
+        self.longest_delay = longest_delay
         self.name, self.poll_interval = name, poll_interval
         self.kinds = None if kinds is None else tuple(kinds)
         self.threads = threads
         self._kind_sql, self._kind_args = _kind_filter(self.kinds)
         self.lease_seconds, self.exit_timeout = lease_seconds, exit_timeout
         self._wake, self._stop = threading.Event(), threading.Event()
+        self._hurried = threading.Event()  # set by hurry(): backed-off jobs are due now
         self._progress = threading.Condition()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []  # the first one waits for work; see _spread
@@ -614,6 +669,7 @@ class JobWorker:
         child's first use starts threads of its own; the parent's keep running the file's
         other jobs."""
         self._wake, self._stop = threading.Event(), threading.Event()
+        self._hurried = threading.Event()
         self._progress = threading.Condition()
         self._lock = threading.Lock()
         self._threads = []
@@ -636,6 +692,13 @@ class JobWorker:
         with self._lock:
             if user_id is not None and user_id not in self._running.values():
                 self._grow()
+
+    def hurry(self) -> None:
+        """What the jobs waiting out a backoff failed on works again (a storage that was down
+        answers): make them due now and wake the thread. No query of the file here (this may
+        be on a caller's path): the thread does it, before its next claim."""
+        self._hurried.set()
+        self._wake.set()
 
     def erase_wal_later(self) -> None:
         """The queue's WAL could not be erased just now (another connection kept part of it,
@@ -697,6 +760,13 @@ class JobWorker:
                 self._wake.clear()  # before claiming, so a notify() during the claim is kept
                 jobs: list[Job] = []
                 try:
+                    if self._hurried.is_set():
+                        self._hurried.clear()  # (set again if the update fails: see below)
+                        try:
+                            self.queue.make_due(self.kinds)
+                        except BaseException:
+                            self._hurried.set()
+                            raise
                     with self._lock:
                         held = list(self._running)
                     jobs = self.queue.claim(
@@ -811,9 +881,16 @@ class JobWorker:
                 del self._running[job.id]
 
     def _handle_failure(self, job: Job, exc: BaseException) -> None:
-        error = f"{type(exc).__name__}: {exc}"
         about = f"job {job.id} ({job.kind}, user {user_tag(job.user_id)}, attempt {job.attempts})"
         logger.debug("%s raised", about, exc_info=exc)  # may quote user text: DEBUG only
+        becomes: tuple[str, str] | None = None
+        if isinstance(exc, PartlyDone):  # retried (or kept) as the job left to do
+            try:
+                becomes = (exc.kind, JobQueue.encode(exc.kind, job.user_id, exc.payload))
+            except InvalidInputError:
+                logger.warning("%s: the job left to do cannot be kept; kept whole", about)
+            exc = exc.cause
+        error = f"{type(exc).__name__}: {exc}"
         try:
             retry = not isinstance(exc, PermanentJobError) and self.retryable(exc)
         except Exception:
@@ -821,6 +898,8 @@ class JobWorker:
             retry = False
         if retry:
             delay = self.backoff.delay(job.attempts)
+            if self.longest_delay is not None:
+                delay = min(delay, self.longest_delay(exc))
             self._count("retried")
             lasting = job.attempts % RETRIES_WARNED_EVERY == RETRIES_WARNED
             logger.log(
@@ -830,13 +909,13 @@ class JobWorker:
                 type(exc).__name__,
                 delay,
             )
-            self.queue.retry_later(job.id, error, delay)
+            self.queue.retry_later(job.id, error, delay, becomes=becomes)
         else:
             self._count("failed")
             # a PermanentJobError's message is the library's own (what to fix), never user text
             why = f"{type(exc).__name__}: {exc}" if isinstance(exc, PermanentJobError) else None
             logger.warning("%s failed with %s; dead-lettered", about, why or type(exc).__name__)
-            self.queue.fail(job.id, error)
+            self.queue.fail(job.id, error, becomes=becomes)
 
     def _count(self, key: str) -> None:
         with self._lock:

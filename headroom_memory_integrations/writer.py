@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import hashlib
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -36,6 +37,7 @@ from .jobs import (
     Job,
     JobQueue,
     JobWorker,
+    PartlyDone,
     PermanentJobError,
     QueueBusy,
     user_tag,
@@ -50,7 +52,7 @@ from .prompts import (
 )
 from .storage.base import Storage
 from .storage.folder import folder_identity, make_private_folder
-from .storage.guard import run_for_at_most
+from .storage.guard import MAX_RETRY_SECONDS, run_for_at_most, when_back
 from .types import Memory, Source
 
 log = logging.getLogger("headroom_memory_integrations")
@@ -288,6 +290,19 @@ class BackgroundExtractor:
         ]
 
 
+def _store_payload(items: Sequence[NewMemory]) -> dict[str, Any]:
+    """A store job's payload holding an extraction's memories (as an inline block's are)."""
+    memories = []
+    for m in items:
+        item: dict[str, Any] = {"text": m.text, "category": str(m.category), "replaces": m.replaces}
+        if m.keys:
+            item["keys"] = m.keys if isinstance(m.keys, str) else list(m.keys)
+        if m.metadata:
+            item["metadata"] = dict(m.metadata)
+        memories.append(item)
+    return {"memories": memories, "source": Source.BACKGROUND.value}
+
+
 def _user_said(exchange: Sequence[Mapping[str, Any]]) -> str:
     """The text of the turn's user messages (of their text parts, where content is a list)."""
     return "\n".join(message_text(m) for m in exchange if field_value(m, "role") == "user")
@@ -338,6 +353,14 @@ def retryable(exc: BaseException) -> bool:
         return False
     status = getattr(exc, "status_code", None)
     return not isinstance(status, int) or status in (408, 409, 429) or status >= 500
+
+
+def longest_retry_delay(exc: BaseException) -> float:
+    """The longest wait before a job that failed with ``exc`` is tried again: a storage error's
+    is the storage's own longest hold-back (:data:`~.storage.guard.MAX_RETRY_SECONDS`), so a
+    job waits at most about that long once the storage is back, even when nothing else calls
+    it (a call that finds it back makes every waiting job due at once: ``MemoryWriter``)."""
+    return MAX_RETRY_SECONDS if isinstance(exc, StorageError) else math.inf
 
 
 def queue_path_for(memory: MemoryStore) -> Path:
@@ -411,10 +434,21 @@ class MemoryWriter:
                 threads=threads,
                 retryable=retryable,
                 backoff=backoff or DEFAULT_BACKOFF,
+                longest_delay=longest_retry_delay,
                 name=f"headroom-memory {kind} {path.name}",
             )
             for kind, threads in (("store", 1), ("extract", EXTRACTION_THREADS))
         )
+        when_back(self._storage_back)
+
+    def _storage_back(self, location: str) -> None:
+        """A backend held to be down answers again: if it is this queue's storage, its jobs
+        waiting out a backoff are due now (the workers' threads make them so). On the thread
+        whose call found it back, maybe a chat call's: no file I/O here."""
+        storage = self._storage
+        if storage is not None and storage.location == location:
+            for worker in self._workers:
+                worker.hurry()
 
     def register(self, memory: MemoryStore, extractor: BackgroundExtractor | None = None) -> None:
         """Serve ``memory``'s jobs (and, with ``extractor``, its background extraction), and
@@ -482,7 +516,9 @@ class MemoryWriter:
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_handed_over(deadline, user_id):
             return False
-        for worker in self._workers:
+        # the store worker again last: an extraction whose memories could not be stored
+        # became a store job (see _run)
+        for worker in (self.worker, self.extractions, self.worker):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not worker.flush(left, user_id=user_id):
                 return False
@@ -541,7 +577,9 @@ class MemoryWriter:
             deadline = None if timeout is None else time.monotonic() + timeout
             # work still held goes on to the file after the deadline (the hand-over thread)
             drained = self._wait_handed_over(deadline)
-            for worker in self._workers:  # each drains (up to the deadline), then stops
+            # each drains (up to the deadline), then stops; the store worker (which stores
+            # meanwhile) last: an extraction may leave it a store job (see _run)
+            for worker in (self.extractions, self.worker):
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 drained = worker.close(left) and drained
             return drained
@@ -849,6 +887,9 @@ class MemoryWriter:
         try:
             self._run(job)
             done = True
+        except PartlyDone:
+            done = True  # a store job now: its extractor is not needed any more
+            raise
         finally:
             with self._settled:
                 # its extractor is not needed any more; one retried or dead-lettered keeps
@@ -890,7 +931,9 @@ class MemoryWriter:
         memory = self._store_for(job.user_id)
         if job.kind == "store":
             items = [NewMemory(**item) for item in job.payload["memories"]]
-            source = Source.INLINE
+            # an extraction's memories, left to store (see below), or an inline block's
+            background = job.payload.get("source") == Source.BACKGROUND.value
+            source = Source.BACKGROUND if background else Source.INLINE
         elif job.kind == "extract":
             extractor = self._extractor_for(job)
             if extractor is None:  # retried later
@@ -898,9 +941,17 @@ class MemoryWriter:
             items, source = extractor(memory, job), Source.BACKGROUND
         else:
             raise PermanentJobError(f"unknown job kind {job.kind!r}")
-        # dated when the turn was queued: a turn whose try failed, run after the user's next
-        # one, does not undo what that one corrected
-        memory.add_many(items, source=source, said_at=job.created_at)
+        try:
+            # dated when the turn was queued: a turn whose try failed, run after the user's
+            # next one, does not undo what that one corrected
+            memory.add_many(items, source=source, said_at=job.created_at)
+        except Exception as exc:
+            if job.kind != "extract" or not items:
+                raise
+            # The model's answer (a paid call) is kept: the job becomes a store of these
+            # memories, its retries only write them (the same row, dated as the turn, its
+            # replaces, keys and grounding as extracted; a user forgotten meanwhile stays so).
+            raise PartlyDone("store", _store_payload(items), exc) from exc
 
     def _store_for(self, user_id: str) -> MemoryStore:
         """The registered store of ``user_id`` if its application still holds it, else (work

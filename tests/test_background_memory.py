@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from _reliability_support import wait_for, wrapped_for
 
+from headroom_memory_integrations import StorageError
 from headroom_memory_integrations.jobs import Backoff
 from headroom_memory_integrations.openai import with_memory
 from headroom_memory_integrations.testing import Reply
@@ -1013,3 +1014,202 @@ def test_a_model_that_takes_no_temperature_still_extracts(openai_server, db_path
     assert client.memory.stats()["background"]["failed"] == 0
     assert len(refused) == 1  # asked without a temperature from then on
     client.close()
+
+
+# -- a Chroma server that goes down, then comes back ----------------------------------------
+
+
+@pytest.fixture
+def outage(tmp_path, monkeypatch):
+    """A `chroma run` of the test's own: ``kill()`` it, ``restart()`` it on the same port."""
+    import conftest
+
+    servers = [conftest.ChromaServer(tmp_path / "chroma")]
+    first = servers[0]
+
+    class Outage:
+        url = first.url
+
+        @staticmethod
+        def kill() -> None:
+            servers[-1].process.kill()
+            servers[-1].process.wait()
+
+        @staticmethod
+        def restart() -> None:
+            monkeypatch.setattr(conftest, "_free_port", lambda: first.port)
+            servers.append(conftest.ChromaServer(first.path))
+
+    yield Outage
+    for server in servers:
+        server.stop()
+
+
+def extracting(answers: dict[str, str], calls: list[str]):
+    """A responder: chat turns get "Noted.", extraction calls the memory of the first key of
+    ``answers`` their turn contains (each call's key noted in ``calls``)."""
+
+    def respond(body: dict):
+        if not is_extraction(body):
+            return Reply.text("Noted.")
+        said = body["messages"][1]["content"]
+        key = next(k for k in answers if k in said)
+        calls.append(key)
+        memories = [{"text": answers[key], "category": "fact"}]
+        return Reply.text(json.dumps({"memories": memories}))
+
+    return respond
+
+
+def on_server(openai_server, url: str, user_id: str, queue_path, backoff: Backoff = FAST):
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations import ChromaStorage
+
+    storage = ChromaStorage.from_url(url, timeout=2)
+    return with_memory(
+        openai_server.client(),
+        user_id=user_id,
+        storage=storage,
+        embedder=HashEmbedder(),
+        queue_path=queue_path,
+        retry_backoff=backoff,
+    )
+
+
+def queued_jobs(queue_path) -> list[tuple[str, str, str]]:
+    import sqlite3
+
+    with sqlite3.connect(queue_path) as conn:
+        return conn.execute("SELECT kind, status, user_id FROM jobs ORDER BY id").fetchall()
+
+
+@pytest.mark.server
+def test_a_turn_extracted_while_the_storage_is_down_calls_the_model_once(
+    outage, openai_server, tmp_path
+) -> None:
+    """Each retry of the extraction called the model again (a paid call) and threw its
+    answer away when the write failed: once answered, the job only stores the answer. A user
+    forgotten while their answer waits to be stored gets nothing stored."""
+    calls: list[str] = []
+    openai_server.responder = extracting({"Lyon": "Lives in Lyon", "Oslo": "Lives in Oslo"}, calls)
+    queue_path = tmp_path / "jobs.sqlite3"
+    alice = on_server(openai_server, outage.url, "alice", queue_path)
+    bob = on_server(openai_server, outage.url, "bob", queue_path)
+    try:
+        outage.kill()
+        ask(alice, "I live in Lyon")
+        ask(bob, "I live in Oslo")
+        wait_for(lambda: [kind for kind, _, _ in queued_jobs(queue_path)] == ["store", "store"])
+        time.sleep(3)  # ~60 retries with FAST's backoff, each a model call before
+        assert sorted(calls) == ["Lyon", "Oslo"]
+        assert not alice.memory.flush(0.1)  # still waiting for the storage
+        with pytest.raises(StorageError):  # the memories cannot be erased yet; the jobs are
+            bob.memory.forget_user()
+        assert queued_jobs(queue_path) == [("store", "pending", "alice")]
+        outage.restart()
+        assert alice.memory.flush(60)
+        assert [(m.text, m.source.value) for m in alice.memory.get_all()] == [
+            ("Lives in Lyon", "background")
+        ]
+        assert bob.memory.get_all() == []  # forgotten, not brought back
+        assert sorted(calls) == ["Lyon", "Oslo"]
+    finally:
+        alice.memory.close(timeout=0)
+        bob.memory.close(timeout=0)
+
+
+@pytest.mark.server
+def test_a_turn_left_to_store_when_its_process_is_killed_is_stored_by_the_next(
+    outage, openai_server, tmp_path
+) -> None:
+    """The process is killed (SIGKILL) after the model answered and the write failed: the
+    queue file holds the answer to store, which the next process stores, calling no model."""
+    calls: list[str] = []
+    openai_server.responder = extracting({"Lyon": "Lives in Lyon"}, calls)
+    queue_path = tmp_path / "jobs.sqlite3"
+    outage.kill()
+    code = f"""
+        import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from _reliability_support import RandomEmbedder
+        from openai import OpenAI
+        from headroom_memory_integrations import ChromaStorage
+        from headroom_memory_integrations.openai import with_memory
+        raw = OpenAI(base_url={openai_server.base_url!r}, api_key="x", max_retries=0)
+        client = with_memory(raw, user_id="alice", embedder=RandomEmbedder(),
+                             storage=ChromaStorage.from_url({outage.url!r}, timeout=2),
+                             queue_path={str(queue_path)!r})
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{{"role": "user", "content": "I live in Lyon"}}])
+        print("queued", flush=True)
+        import time; time.sleep(120)
+        """
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "queued"
+        wait_for(lambda: queued_jobs(queue_path) == [("store", "pending", "alice")], 30)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+    assert calls == ["Lyon"]
+    outage.restart()
+    from _reliability_support import RandomEmbedder
+
+    from headroom_memory_integrations import ChromaStorage
+
+    client = with_memory(
+        openai_server.client(),
+        user_id="alice",
+        storage=ChromaStorage.from_url(outage.url, timeout=2),
+        embedder=RandomEmbedder(),
+        queue_path=queue_path,
+        retry_backoff=FAST,
+    )
+    try:
+        assert client.memory.flush(60)
+        assert [m.text for m in client.memory.get_all()] == ["Lives in Lyon"]
+        assert calls == ["Lyon"] and queued_jobs(queue_path) == []
+    finally:
+        client.memory.close(timeout=0)
+
+
+@pytest.mark.server
+def test_a_memory_told_while_the_storage_was_down_is_stored_as_soon_as_it_is_back(
+    outage, openai_server, tmp_path
+) -> None:
+    """The job's retries during the outage grew its backoff: it was stored up to a minute
+    after the server was back, while the user's calls already got their older memories. A
+    call that finds the storage back makes the waiting jobs due at once."""
+    calls: list[str] = []
+    openai_server.responder = extracting(
+        {"Python": "Prefers Python for backend work", "Lyon": "Lives in Lyon"}, calls
+    )
+    minute = Backoff(initial=60.0, factor=2.0, maximum=60.0, jitter=0.0)
+    client = on_server(openai_server, outage.url, "alice", tmp_path / "jobs.sqlite3", minute)
+    try:
+        ask(client, "I prefer Python for backend work")
+        assert client.memory.flush(30)
+        outage.kill()
+        ask(client, "I live in Lyon")
+        wait_for(lambda: calls == ["Python", "Lyon"])
+        outage.restart()
+        deadline = time.monotonic() + 30  # calls are held back a while after each failure
+        while True:
+            before = len(openai_server.requests)
+            ask(client, "which python for backend work")
+            if "Prefers Python" in prompt_text(openai_server.requests[before].body):
+                break  # the storage answers this user's calls again
+            assert time.monotonic() < deadline, "the storage never came back"
+            time.sleep(0.2)
+        back = time.monotonic()
+        wait_for(lambda: client.memory.flush(0.1), timeout=5)
+        assert time.monotonic() - back < 5  # not the backoff's minute, nor its 16 s cap
+        assert {m.text for m in client.memory.get_all()} == {
+            "Prefers Python for backend work",
+            "Lives in Lyon",
+        }
+    finally:
+        client.memory.close(timeout=0)

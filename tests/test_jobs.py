@@ -26,6 +26,7 @@ from headroom_memory_integrations.jobs import (
     Job,
     JobQueue,
     JobWorker,
+    PartlyDone,
     PermanentJobError,
     shared_worker,
 )
@@ -162,6 +163,132 @@ def test_a_job_that_keeps_failing_is_logged_at_warning_at_its_fifth_try(
     assert [r.levelno for r in retries] == [logging.INFO] * 4 + [logging.WARNING, logging.INFO]
     assert "attempt 5" in retries[4].getMessage() and "OSError" in retries[4].getMessage()
     assert "No space" not in caplog.text  # the error's text may quote the user: DEBUG only
+
+
+def test_a_partly_done_job_is_retried_as_the_job_left_to_do(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    """An extraction whose model answered but whose write failed: the row becomes a store of
+    the answer (same id, date and user), which the store worker retries; the costly part runs
+    once. A job of a user forgotten before its try ends stays deleted."""
+    extractions: list[int] = []
+    stored: list[Job] = []
+    forget = threading.Event()
+
+    def extract(job: Job) -> None:
+        extractions.append(job.id)
+        if job.user_id == "bob":
+            forget.wait(10)  # bob is forgotten while his extraction runs
+        raise PartlyDone("store", {"memories": [job.payload["turn"]]}, TimeoutError("down"))
+
+    extractor = make_worker(extract, kinds=("extract",))
+    alice = queue.put("extract", "alice", {"turn": "Lives in Lyon"}, created_at=1_000.0)
+    extractor.notify()
+    wait_for(lambda: queue.counts() == {"pending": 1, "running": 0, "failed": 0})
+    extractor.close(timeout=0)
+    assert extractions == [alice]
+    claimed: list[Job] = []
+    wait_for(lambda: bool(claimed.extend(queue.claim(kinds=("store",)))) or bool(claimed))
+    [job] = claimed
+    assert (job.id, job.kind, job.user_id, job.payload, job.created_at, job.attempts) == (
+        alice,
+        "store",
+        "alice",
+        {"memories": ["Lives in Lyon"]},
+        1_000.0,
+        2,
+    )
+    assert job.last_error == "TimeoutError: down"  # the cause's, as it is retried
+    queue.retry_later(job.id, "TimeoutError: down", 0)
+    storer = make_worker(stored.append, kinds=("store",))
+    storer.notify()
+    assert storer.flush(timeout=30)
+    assert [j.id for j in stored] == [alice] and extractions == [alice]
+
+    extractor = make_worker(extract, kinds=("extract",), lease_seconds=0.01)
+    queue.put("extract", "bob", {"turn": "Lives in Oslo"})
+    extractor.notify()
+    wait_for(lambda: queue.counts()["running"] == 1)
+    time.sleep(0.05)
+    assert queue.forget_user("bob") == (1, 0)  # its claim expired: deleted while it runs
+    forget.set()
+    assert extractor.flush(timeout=30)
+    assert queue.counts() == {"pending": 0, "running": 0, "failed": 0}  # not brought back
+
+
+def test_a_partly_done_job_that_cannot_be_retried_is_kept_as_the_job_left(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    def extract(job: Job) -> None:
+        raise PartlyDone("store", {"memories": ["x"]}, PermanentJobError("bad data"))
+
+    worker = make_worker(extract, kinds=("extract",))
+    queue.put("extract", "alice", {"turn": "hi"})
+    worker.notify()
+    assert worker.flush(timeout=30)
+    [dead] = queue.failed()
+    assert (dead.kind, dead.payload, dead.last_error) == (
+        "store",
+        {"memories": ["x"]},
+        "PermanentJobError: bad data",
+    )
+
+
+def test_hurry_makes_the_jobs_waiting_out_a_backoff_due_at_once(
+    queue: JobQueue, path: Path
+) -> None:
+    """A storage that was down answers again: its jobs, backed off for a minute, run now."""
+    tries: list[float] = []
+
+    def handler(job: Job) -> None:
+        tries.append(time.monotonic())
+        if len(tries) == 1:
+            raise TimeoutError("the storage did not answer")
+
+    slow = Backoff(initial=60.0, maximum=60.0, jitter=0.0)
+    worker = JobWorker(JobQueue(path), handler, backoff=slow, poll_interval=0.05)
+    try:
+        queue.put("store", "alice", {})
+        worker.notify()
+        wait_for(lambda: len(tries) == 1 and queue.counts()["pending"] == 1)
+        time.sleep(0.2)
+        assert len(tries) == 1  # waiting out its minute
+        worker.hurry()
+        assert worker.flush(timeout=5)
+        assert len(tries) == 2 and tries[1] - tries[0] < 5
+    finally:
+        worker.close(timeout=0)
+
+
+def test_longest_delay_bounds_the_backoff_after_some_errors(queue: JobQueue, path: Path) -> None:
+    tries: list[str] = []
+
+    def handler(job: Job) -> None:
+        tries.append(job.payload["error"])
+        if len(tries) <= 2:
+            raise (TimeoutError if job.payload["error"] == "timeout" else OSError)("down")
+
+    slow = Backoff(initial=60.0, maximum=60.0, jitter=0.0)
+    worker = JobWorker(
+        JobQueue(path),
+        handler,
+        backoff=slow,
+        poll_interval=0.05,
+        longest_delay=lambda exc: 0.05 if isinstance(exc, TimeoutError) else 3_600.0,
+    )
+    try:
+        queue.put("store", "alice", {"error": "timeout"})
+        worker.notify()
+        assert worker.flush(timeout=5)  # retried twice within 0.05 s each, not a minute
+        assert tries == ["timeout"] * 3
+        tries.clear()
+        queue.put("store", "alice", {"error": "disk"})
+        worker.notify()
+        wait_for(lambda: tries == ["disk"])
+        time.sleep(0.3)
+        assert tries == ["disk"]  # another error: the backoff's minute
+    finally:
+        worker.close(timeout=0)
 
 
 def test_permanent_failure_is_dead_lettered_then_requeued(

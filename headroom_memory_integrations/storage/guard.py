@@ -2,7 +2,8 @@
 
 - :class:`Availability` remembers that a backend did not answer and fails calls at once for a
   while (1 s, doubling to :data:`MAX_RETRY_SECONDS` while it stays down), so a chat call pays a
-  storage timeout at most once per pause instead of on every request.
+  storage timeout at most once per pause instead of on every request; once it answers again,
+  the listeners of :func:`when_back` hear of it (the job queues retry their work at once).
 - :func:`run_for_at_most` runs work on a daemon thread and stops waiting after a deadline
   (the extraction call of background memory uses it too).
 - :func:`start_with_deadline` builds a client in a helper thread and stops waiting after a
@@ -29,8 +30,10 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -155,6 +158,42 @@ def _charge_deadline(request: Any) -> None:
         flag[0] = not timeout or any(value is None or value > left for value in timeout.values())
 
 
+_listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
+_listeners_lock = threading.Lock()
+
+
+def when_back(listener: Callable[[str], None]) -> None:
+    """Call ``listener(location)`` each time a backend held to be down (see
+    :class:`Availability`) answers again, on the thread whose call it answered (maybe a chat
+    call's: it must return at once, and never raise). ``listener`` is a bound method, held
+    weakly: its object is not kept alive for it."""
+    with _listeners_lock:
+        _listeners[:] = [ref for ref in _listeners if ref() is not None]
+        _listeners.append(weakref.WeakMethod(listener))
+
+
+def _after_fork_in_child() -> None:
+    """A thread of the parent may have held the listeners' lock at the fork."""
+    global _listeners_lock
+    _listeners_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _announce_back(location: str) -> None:
+    with _listeners_lock:
+        listeners = [ref() for ref in _listeners]
+    for listener in listeners:
+        if listener is None:
+            continue
+        try:
+            listener(location)
+        except Exception:  # the call that found the backend back goes on
+            logger.debug("a listener of %s coming back failed", location, exc_info=True)
+
+
 class Availability:
     """Whether a backend is worth calling now. Thread-safe.
 
@@ -195,10 +234,14 @@ class Availability:
         )
 
     def succeeded(self) -> None:
-        """The backend answered: call it freely again."""
+        """The backend answered: call it freely again. If it was held to be down, tell the
+        listeners of :func:`when_back` (once per time it comes back)."""
         if self._until or self._pause:
             with self._lock:
+                back = bool(self._pause)
                 self._until = self._pause = 0.0
+            if back:
+                _announce_back(self.location)
 
 
 class PendingStart:
