@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from .engine import MemoryStore, NewMemory
-from .errors import EmbeddingMismatchError, HeadroomMemoryError, InvalidInputError, StorageError
+from .errors import (
+    EmbeddingError,
+    EmbeddingMismatchError,
+    HeadroomMemoryError,
+    InvalidInputError,
+    StorageError,
+)
 from .flow import READ_YOUR_WRITES_SECONDS
 from .grounding import grounded
 from .jobs import (
@@ -324,7 +330,18 @@ def _nearby(
     memory: MemoryStore, exchange: Sequence[Mapping[str, Any]], *, exclude: Mapping[str, Any]
 ) -> list[Memory]:
     """The :data:`KNOWN_NEARBY` memories nearest to the turn's user messages that are not in
-    ``exclude``; none where that search fails (the extraction goes on without them)."""
+    ``exclude``; none where that search fails while the storage and the embedder work (the
+    extraction goes on without them: counted as ``nearby_search_failures``).
+
+    Raises:
+        StorageError, EmbeddingError: The embedder failed, or the storage failed and is held
+            to be down (a server that does not answer): the job waits for it (retried with
+            backoff) before the model is called, so that the model sees the memories the turn
+            may correct ("I quit Acme" and "Works at Acme"), and is called once. An answer
+            extracted without them would be stored as it is once the storage is back (an
+            extraction whose write failed is kept: ``jobs.PartlyDone``), the old fact left
+            beside the correction.
+    """
     said = _user_said(exchange)
     if not said.strip():
         return []
@@ -333,6 +350,9 @@ def _nearby(
             said[:MAX_NEARBY_QUERY], top_k=KNOWN_NEARBY + len(exclude), min_score=NEARBY_FLOOR
         )
     except HeadroomMemoryError as exc:
+        down = isinstance(exc, StorageError) and getattr(memory.storage, "down", False)
+        if down or isinstance(exc, EmbeddingError):
+            raise
         memory.survived("nearby_search_failures", f"could not search for known memories: {exc}")
         return []
     return [m for m, _ in found if m.id not in exclude][:KNOWN_NEARBY]

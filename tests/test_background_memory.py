@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1061,6 +1062,20 @@ def extracting(answers: dict[str, str], calls: list[str]):
     return respond
 
 
+def down_while_answering(outage, respond):
+    """``respond``, the storage killed as the model gets its first extraction call: the job's
+    search for known memories worked, its write of the answer fails."""
+    killed: list[bool] = []
+
+    def answer(body: dict):
+        if is_extraction(body) and not killed:
+            killed.append(True)
+            outage.kill()
+        return respond(body)
+
+    return answer
+
+
 def on_server(openai_server, url: str, user_id: str, queue_path, backoff: Backoff = FAST):
     from conftest import HashEmbedder
 
@@ -1089,20 +1104,22 @@ def test_a_turn_extracted_while_the_storage_is_down_calls_the_model_once(
     outage, openai_server, tmp_path
 ) -> None:
     """Each retry of the extraction called the model again (a paid call) and threw its
-    answer away when the write failed: once answered, the job only stores the answer. A user
-    forgotten while their answer waits to be stored gets nothing stored."""
+    answer away when the write failed: once answered, the job only stores the answer; a turn
+    queued while the storage is down waits for it before the model is called. A user
+    forgotten while their turn waits gets nothing stored."""
     calls: list[str] = []
-    openai_server.responder = extracting({"Lyon": "Lives in Lyon", "Oslo": "Lives in Oslo"}, calls)
+    answers = {"Lyon": "Lives in Lyon", "Oslo": "Lives in Oslo"}
+    openai_server.responder = down_while_answering(outage, extracting(answers, calls))
     queue_path = tmp_path / "jobs.sqlite3"
     alice = on_server(openai_server, outage.url, "alice", queue_path)
     bob = on_server(openai_server, outage.url, "bob", queue_path)
     try:
-        outage.kill()
-        ask(alice, "I live in Lyon")
+        ask(alice, "I live in Lyon")  # the storage goes down while the model answers
+        wait_for(lambda: queued_jobs(queue_path) == [("store", "pending", "alice")])
         ask(bob, "I live in Oslo")
-        wait_for(lambda: [kind for kind, _, _ in queued_jobs(queue_path)] == ["store", "store"])
+        wait_for(lambda: [kind for kind, _, _ in queued_jobs(queue_path)] == ["store", "extract"])
         time.sleep(3)  # ~60 retries with FAST's backoff, each a model call before
-        assert sorted(calls) == ["Lyon", "Oslo"]
+        assert calls == ["Lyon"]  # and none for bob's turn: it waits for the storage
         assert not alice.memory.flush(0.1)  # still waiting for the storage
         with pytest.raises(StorageError):  # the memories cannot be erased yet; the jobs are
             bob.memory.forget_user()
@@ -1112,8 +1129,10 @@ def test_a_turn_extracted_while_the_storage_is_down_calls_the_model_once(
         assert [(m.text, m.source.value) for m in alice.memory.get_all()] == [
             ("Lives in Lyon", "background")
         ]
-        assert bob.memory.get_all() == []  # forgotten, not brought back
-        assert sorted(calls) == ["Lyon", "Oslo"]
+        # forgotten, not brought back (bob's storage may still hold calls back a moment)
+        wait_for(lambda: answers_again(bob.memory))
+        assert bob.memory.get_all() == []
+        assert calls == ["Lyon"]
     finally:
         alice.memory.close(timeout=0)
         bob.memory.close(timeout=0)
@@ -1126,9 +1145,10 @@ def test_a_turn_left_to_store_when_its_process_is_killed_is_stored_by_the_next(
     """The process is killed (SIGKILL) after the model answered and the write failed: the
     queue file holds the answer to store, which the next process stores, calling no model."""
     calls: list[str] = []
-    openai_server.responder = extracting({"Lyon": "Lives in Lyon"}, calls)
+    openai_server.responder = down_while_answering(
+        outage, extracting({"Lyon": "Lives in Lyon"}, calls)
+    )
     queue_path = tmp_path / "jobs.sqlite3"
-    outage.kill()
     code = f"""
         import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
         from _reliability_support import RandomEmbedder
@@ -1194,7 +1214,8 @@ def test_a_memory_told_while_the_storage_was_down_is_stored_as_soon_as_it_is_bac
         assert client.memory.flush(30)
         outage.kill()
         ask(client, "I live in Lyon")
-        wait_for(lambda: calls == ["Python", "Lyon"])
+        wait_for(lambda: tried(tmp_path / "jobs.sqlite3"))  # and its backoff set to a minute
+        assert calls == ["Python"]  # the turn waits for the storage before the model is called
         outage.restart()
         deadline = time.monotonic() + 30  # calls are held back a while after each failure
         while True:
@@ -1211,5 +1232,65 @@ def test_a_memory_told_while_the_storage_was_down_is_stored_as_soon_as_it_is_bac
             "Prefers Python for backend work",
             "Lives in Lyon",
         }
+        assert calls.count("Lyon") == 1  # (the checks above are turns of their own)
+    finally:
+        client.memory.close(timeout=0)
+
+
+def answers_again(memory) -> bool:
+    try:
+        memory.count()
+    except StorageError:
+        return False
+    return True
+
+
+def tried(queue_path) -> bool:
+    """Whether a job of the queue has failed at least once and waits to be tried again."""
+    import sqlite3
+
+    with sqlite3.connect(queue_path) as conn:
+        return bool(conn.execute("SELECT 1 FROM jobs WHERE attempts > 0").fetchone())
+
+
+@pytest.mark.server
+def test_a_correction_told_while_the_storage_is_down_replaces_the_old_memory(
+    outage, openai_server, tmp_path
+) -> None:
+    """Told while the server is down, a correction waits for it before the model is called:
+    the model sees the memory it corrects and replaces it. Called at once, it saw none, and its
+    answer, kept to be stored once the storage was back, left "Works at Acme" beside it."""
+    shown: list[bool] = []
+
+    def respond(body: dict):
+        if not is_extraction(body):
+            return Reply.text("Noted.")
+        said = body["messages"][1]["content"]
+        if "freelance" not in said:
+            memory = {"text": "Works at Acme as a backend engineer", "category": "fact"}
+            return Reply.text(json.dumps({"memories": [memory]}))
+        label = re.search(r'- (m\d+) \([a-z]+, noted [^)]*\): "?Works at Acme', said)
+        shown.append(label is not None)
+        memory = {"text": "Is a freelance designer", "category": "fact"}
+        if label:  # a model shown the old memory replaces it
+            memory["replaces"] = label.group(1)
+        return Reply.text(json.dumps({"memories": [memory]}))
+
+    openai_server.responder = respond
+    client = on_server(openai_server, outage.url, "alice", tmp_path / "jobs.sqlite3")
+    try:
+        ask(client, "I work at Acme as a backend engineer")
+        assert client.memory.flush(30)
+        outage.kill()
+        ask(client, "I quit my job at Acme, now I freelance as a designer")
+        wait_for(lambda: tried(tmp_path / "jobs.sqlite3"))
+        time.sleep(1)  # retries with FAST's backoff meanwhile
+        assert shown == []  # the model is not called while the storage is down
+        outage.restart()
+        assert client.memory.flush(60)
+        assert shown == [True]
+        (current,) = client.memory.get_all()
+        assert current.text == "Is a freelance designer"
+        assert [r.text for r in current.history] == ["Works at Acme as a backend engineer"]
     finally:
         client.memory.close(timeout=0)

@@ -1663,6 +1663,13 @@ class ChromaStorage:
             self._max_batch = size if size > 0 else _BATCH
         return self._max_batch
 
+    @property
+    def down(self) -> bool:
+        """Whether the storage is held to be down now: it did not answer (a server that
+        refused or timed out, a folder that could not be opened), and its calls fail at once
+        for a while."""
+        return self._availability.down
+
     # -- an embedded folder -----------------------------------------------------------------
 
     @property

@@ -210,6 +210,12 @@ class Availability:
         self._pause = 0.0
         self._reason = ""
 
+    @property
+    def down(self) -> bool:
+        """Whether the backend is held to be down now (its calls fail at once)."""
+        until = self._until
+        return bool(until) and time.monotonic() < until
+
     def check(self) -> None:
         """Raise :attr:`error` at once while the backend is held to be down."""
         until = self._until
