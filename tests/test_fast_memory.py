@@ -681,6 +681,58 @@ def test_openai_s_stream_helper_has_memory(client, aclient, openai_server, model
     assert f'"{PYTHON["text"]}"' in sent_messages(openai_server)[0]["content"]
 
 
+def test_beta_chat_completions_calls_the_client_s_own_beta(
+    openai_server, db_path, model, model_says
+) -> None:
+    """Up to openai 1.91 ``parse`` and ``stream`` are only ``beta.chat.completions``' (a class
+    of its own; ``chat.completions`` has neither): a memory client's ``beta.chat.completions``
+    calls the wrapped client's, with memory, and not its ``chat.completions``."""
+    model_says.answer, model_says.memories = "Python is a fine choice.", [PYTHON]
+    model_says.chunk_size = 3
+    plain, async_plain = openai_server.client(), openai_server.async_client()
+    sent_through_beta: list[str] = []
+    for raw in (plain, async_plain):
+
+        def missing(**kwargs: Any) -> Any:  # openai <1.92: chat.completions has no parse
+            raise AttributeError("'Completions' object has no attribute 'parse'")
+
+        raw.chat.completions.parse = missing
+        beta, create = raw.beta.chat.completions, raw.beta.chat.completions.create
+
+        def recorded(create=create, **kwargs: Any) -> Any:
+            sent_through_beta.append(kwargs["messages"][-1]["content"])
+            return create(**kwargs)
+
+        beta.create = recorded  # what beta's own stream helper sends through, from openai 1.92
+    client = with_fast_memory(plain, user_id="alice", db_path=db_path, embedder=model)
+    told = [{"role": "user", "content": "I prefer Python for backend work"}]
+    parsed = client.beta.chat.completions.parse(model="gpt-4o", messages=told)
+    assert parsed.choices[0].message.content == "Python is a fine choice."
+    assert instruction_nonce(openai_server.requests[-1].body)
+    with client.beta.chat.completions.stream(model="gpt-4o", messages=told) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.content == "Python is a fine choice."
+    assert sent_through_beta == [told[0]["content"]]
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [PYTHON["text"]]
+
+    async def ask_async() -> list[str]:
+        aclient = with_fast_memory(async_plain, memory=client.memory)
+        asked = [{"role": "user", "content": "Which language should I use?"}]
+        async with aclient:  # closed in the loop that opened its connection
+            parsed = await aclient.beta.chat.completions.parse(model="gpt-4o", messages=asked)
+            injected = [sent_messages(openai_server)[0]["content"]]
+            async with aclient.beta.chat.completions.stream(model="gpt-4o", messages=asked) as s:
+                final = await s.get_final_completion()
+            injected.append(sent_messages(openai_server)[0]["content"])
+        assert parsed.choices[0].message.content == final.choices[0].message.content
+        return injected
+
+    assert all(f'"{PYTHON["text"]}"' in text for text in asyncio.run(ask_async()))
+    assert sent_through_beta[1:] == ["Which language should I use?"]
+    client.close()
+
+
 @pytest.mark.parametrize("top_k", [0, 1001])
 def test_a_top_k_searches_cannot_take_is_refused_at_once(openai_server, db_path, model, top_k):
     """Past the engine's 1,000 every search would fail inside the flow: memory silently off."""

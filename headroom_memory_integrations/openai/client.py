@@ -2,15 +2,15 @@
 completion request through ``chat.completions``, and a :class:`ResponsesFlow` around every way of
 sending one through ``responses``.
 
-Covered, sync and async: ``create`` and ``parse`` of ``chat.completions`` and of ``responses``,
-plain and ``stream=True``, directly, through ``with_raw_response`` and through
+Covered, sync and async: ``create`` and ``parse`` of ``chat.completions`` (and of
+``beta.chat.completions``, through the same flow) and of ``responses``, plain and
+``stream=True``, directly, through ``with_raw_response`` and through
 ``with_streaming_response`` (also reached as ``client.with_raw_response.chat.completions`` and
-``client.with_raw_response.responses``), and openai's ``stream`` helpers (also
-``beta.chat.completions.stream``). The parts that send messages to a model without memory (the
-beta Assistants and Realtime APIs, legacy completions) still work and log a warning once (see
-:mod:`.unwrapped`). Everything else (``models``, ``embeddings``, ``files``,
-``responses.retrieve``, ...) is the wrapped client's own, untouched. Sync and async proxies
-differ only in how they call the model; the logic is the flows'."""
+``client.with_raw_response.responses``), and openai's ``stream`` helpers. The parts that send
+messages to a model without memory (the beta Assistants and Realtime APIs, legacy completions)
+still work and log a warning once (see :mod:`.unwrapped`). Everything else (``models``,
+``embeddings``, ``files``, ``responses.retrieve``, ...) is the wrapped client's own, untouched.
+Sync and async proxies differ only in how they call the model; the logic is the flows'."""
 
 from __future__ import annotations
 
@@ -71,10 +71,15 @@ class _Calls(_Passthrough):
         wrapped: Any,
         flow: CompletionsFlow | ResponsesFlow,
         unwrapped: UnwrappedCalls | None = None,
+        client: MemoryClient | None = None,
     ) -> None:
         super().__init__(wrapped)
         self._flow = flow
         self._unwrapped = unwrapped
+        if client is not None:
+            # openai <1.92's beta.chat.completions.stream sends its request through
+            # self._client.chat.completions.create: the memory client's, then
+            self._client = client
 
     def _forward(self, name: str) -> Any:
         value = getattr(self._wrapped, name)
@@ -235,10 +240,10 @@ class _Chat(_Passthrough):
 
 
 class _Beta(Unwrapped):
-    """``client.beta`` of a memory client: ``beta.chat.completions`` (openai's alias of
-    ``chat.completions``, whose ``stream`` LangChain's structured output uses) is the memory
-    one; the other beta APIs (Assistants threads, Realtime, ...) reach the model without
-    memory and warn, as any unwrapped part does."""
+    """``client.beta`` of a memory client: ``beta.chat.completions`` (whose ``stream``
+    LangChain's structured output uses) has memory, through the same flow as
+    ``chat.completions``; the other beta APIs (Assistants threads, Realtime, ...) reach the
+    model without memory and warn, as any unwrapped part does."""
 
     _OWN = frozenset({"chat"})
 
@@ -310,8 +315,8 @@ class MemoryClient(_Passthrough):
         self._owned = owned  # synchronous twins made for an async client's background work
         self._twins_follow = twins_follow  # made from this client: its settings go to them
         self._unwrapped = unwrapped or UnwrappedCalls(flow.memory.user_id)
-        calls_type = _AsyncCalls if asynchronous else _Calls
-        self.chat = _Chat(client.chat, calls_type(client.chat.completions, flow))
+        self._calls_type = _AsyncCalls if asynchronous else _Calls
+        self.chat = _Chat(client.chat, self._calls_type(client.chat.completions, flow))
         self._responses: _Calls | None = None
 
     def _forward(self, name: str) -> Any:
@@ -331,19 +336,25 @@ class MemoryClient(_Passthrough):
 
     @property
     def beta(self) -> Any:
-        """The client's ``beta``: ``beta.chat.completions`` has memory, the rest warns."""
+        """The client's ``beta``: ``beta.chat.completions`` has memory, the rest warns.
+
+        Its calls go to the wrapped client's own ``beta.chat.completions``: up to openai 1.91
+        only that one has ``parse`` and ``stream``, and its ``stream`` sends the request
+        through ``chat.completions.create`` of its client, this memory client here."""
         beta = self._wrapped.beta
         if not hasattr(beta, "chat"):
             return self._unwrapped.guard("beta", beta)
-        return _Beta(beta, _Chat(beta.chat, self.chat.completions), self._unwrapped)
+        completions = self._calls_type(beta.chat.completions, self._flow, client=self)
+        return _Beta(beta, _Chat(beta.chat, completions), self._unwrapped)
 
     @property
     def responses(self) -> _Calls:
         """The Responses API with memory (made on first use: openai imports it lazily, and the
         import costs ~50-90 ms)."""
         if self._responses is None:
-            calls_type = _AsyncCalls if self._asynchronous else _Calls
-            responses = calls_type(self._wrapped.responses, self._responses_flow, self._unwrapped)
+            responses = self._calls_type(
+                self._wrapped.responses, self._responses_flow, self._unwrapped
+            )
             self._responses = responses
             return responses
         return self._responses
