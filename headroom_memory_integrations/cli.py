@@ -310,8 +310,10 @@ def _check_db(args: argparse.Namespace) -> None:
         try:
             parts = urlsplit(url)
             host, _ = parts.hostname, parts.port  # a bad port raises ValueError
-        except ValueError as exc:
-            raise _UsageError(f"{where} {shown!r} is not a server URL: {exc}") from None
+        except ValueError as exc:  # (its text may quote a password holding "#" or "/" as the
+            # port: said only of a URL with no "@")
+            why = f": {exc}" if "@" not in db else " (its port or host cannot be read)"
+            raise _UsageError(f"{where} {shown!r} is not a server URL{why}") from None
         if not host:
             raise _UsageError(f"{where} {shown!r} is not a server URL (expected http://host:port)")
         return

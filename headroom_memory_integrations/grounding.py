@@ -7,12 +7,12 @@ context holds untrusted content (tool results; documents, where the application 
 proposed memory is kept only if it is grounded in what the user wrote:
 
 - every detail in it appears in the user's text: a number (digits as a whole number: "20" is
-  not in "2025"; any other numeral, such as "一二三", as written; a number word from "zero" to
+  not in "2025"; any other numeral, such as "①②③", as written; a number word from "zero" to
   "billion", ordinals too, as the same word or the same number in digits: "nine" or "9"), an
-  e-mail, a URL, a domain ("billing.example.org") and a capitalised name. Both texts are read
-  as a reader sees them (NFKC: "evil＠example．com" is "evil@example.com", "①②③" is "123"; the
-  ideographic full stop in "pay。evil。io" is a full stop; "eve @ evil . example" is
-  "eve@evil.example"), so a look-alike spelling of an address is still a detail to find;
+  e-mail, a URL, a domain ("billing.example.org") and a capitalised name. Addresses in both
+  texts are read as a reader sees them ("evil＠example．com" is "evil@example.com", "pay。evil。io"
+  is "pay.evil.io", "eve @ evil . example" is "eve@evil.example": :func:`_as_read`), so a
+  look-alike spelling of an address is still a detail to find;
 - if it holds a negation ("not", "no", "never", "none", "without", "cannot", a "n't" form), the
   user's text holds one too (any: "Is not allergic to penicillin" is not grounded in "I'm
   allergic to penicillin"), and
@@ -52,15 +52,20 @@ show for questions it has nothing to do with. It is found by its own text.
 from __future__ import annotations
 
 import re
-import unicodedata
 
 _TOKENS = re.compile(r"[^\W_]+(?:[.@:/'_-][^\W_]+)*", re.UNICODE)
 _ADDRESS = re.compile(r".*[@/:].*|.*[^\W\d_]\.[^\W\d_]{2}.*")  # e-mail, URL, path, domain
 _LETTERS = re.compile(r"[^\W\d_]+")
 _DIGITS = re.compile(r"\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
-_SPACED_AT = re.compile(r"(?<=[^\W_])\s*@\s*(?=[^\W_])")  # "eve @ evil.example"
-_SPACED_DOT = re.compile(r"(?<=[^\W_])\s+\.\s*(?=[^\W_])")  # "evil . example", not "Paris. Bob"
+_FULLWIDTH = re.compile("[\uff01-\uff0d\uff0f-\uff5e]")  # "ｅｖｉｌ＠" (not "．": see below)
+_DOT_LOOKALIKE = re.compile(  # "pay。evil。io", "evil．com": a full stop between ASCII only
+    "(?<=[A-Za-z0-9])[\u3002\uff61\u2024\ufe52\uff0e](?=[A-Za-z0-9])"
+)
+_SPACED_ADDRESS = re.compile(  # "eve @ evil . example", "pay .evil .io"; not "me @jdoe", ".NET"
+    r"[^\W_]+\s*@\s*[^\W_]+(?:(?:\.|\s+\.\s+)[^\W_]+)+"
+    r"|[a-z0-9-]+(?:\s*\.\s*[a-z0-9-]+)+\s*\.\s*[a-z]{2,6}\b"
+)
 _GENERIC = frozenset(  # words that frame a fact rather than state it
     """
     a an the and or but of to in on at for from with by as is are was were be been being am
@@ -108,13 +113,16 @@ _SUFFIXES = ("ations", "ation", "ings", "ing", "ies", "ied", "ers", "er", "es", 
 
 
 def _as_read(text: str) -> str:
-    """``text`` as a reader takes it in: in its NFKC form (fullwidth and small forms such as
-    "＠", "．", "﹒" and "ｅｖｉｌ" are the ASCII ones, "①" is "1"), with the ideographic full stop
-    "。" (and so "｡") a full stop, a right single quote an apostrophe, and no spaces around an
-    "@" between two words nor around a full stop with a space before it ("eve @ evil . example"
-    is "eve@evil.example"; "Lives in Paris. Works at Acme" is left as it is)."""
-    text = unicodedata.normalize("NFKC", text).replace("\u3002", ".").replace("\u2019", "'")
-    return _SPACED_DOT.sub(".", _SPACED_AT.sub("@", text))
+    """``text`` as a reader takes in its addresses: fullwidth forms as the ASCII ones
+    ("ｂｏｂ＠mail" is "bob@mail"), the small "﹫" an "@", a look-alike of the full stop
+    between two ASCII letters or digits a full stop ("pay。evil。io", "evil．com", "a﹒b",
+    "a․b"; not between two sentences in Japanese or Chinese), an e-mail address or a domain
+    of lower-case labels written with spaces around its "@" and dots without them ("eve @ evil
+    . example", "pay .evil .io"; not "me @jdoe" nor "in .NET"), and a right single quote an
+    apostrophe. The rest is left as written."""
+    text = _FULLWIDTH.sub(lambda m: chr(ord(m.group()) - 0xFEE0), text)
+    text = _DOT_LOOKALIKE.sub(".", text.replace("\ufe6b", "@").replace("\u2019", "'"))
+    return _SPACED_ADDRESS.sub(lambda m: "".join(m.group().split()), text)
 
 
 def _stem(word: str) -> str:
@@ -143,7 +151,7 @@ def _is_negation(token: str) -> bool:
 
 def _said(detail: str, said: str, said_numbers: set[str], said_words: set[str]) -> bool:
     """Whether the user wrote ``detail``. An address, or a token with numerals other than
-    digits ("一二三"), anywhere in their text as written; otherwise each number in it as a whole
+    digits ("①②③"), anywhere in their text as written; otherwise each number in it as a whole
     number of theirs ("20" is not in "2025", "5" is in "5-year-old" and "5pm"), and each word in
     it as a word of theirs, a number word also as the same number in digits ("nine" or "9")."""
     detail = detail.casefold().removesuffix("'s")

@@ -245,6 +245,22 @@ def test_a_bad_server_url_is_shown_without_its_password(tmp_path, capsys, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("db", ["http://admin:s3cr#t@chroma.local:8000", "http://admin:pa/ss@h:1"])
+def test_a_password_read_as_the_port_is_not_quoted(tmp_path, capsys, monkeypatch, db) -> None:
+    """A password holding "#" or "/" ends the host there, and its start is read as the port:
+    the parser's message quoted it ("Port could not be cast to integer value as 's3cr'")."""
+    from headroom_memory_integrations import InvalidInputError
+    from headroom_memory_integrations.engine import resolve_storage
+
+    monkeypatch.chdir(tmp_path)
+    assert _exit_status(["list", "--user", "a", "--db", db]) == 2
+    err = capsys.readouterr().err
+    assert "is not a server URL" in err and "s3cr" not in err and "pa" not in err.split("URL")[-1]
+    with pytest.raises(InvalidInputError) as refused:
+        resolve_storage(db)
+    assert "s3cr" not in str(refused.value) and "pa/" not in str(refused.value)
+
+
 def test_an_empty_db_variable_means_the_default_folder(tmp_path, monkeypatch) -> None:
     """As in the library (and a shell), ``HEADROOM_MEMORY_DB=`` is unset: memories go to
     ``~/.headroom-memory``, not to the current folder."""

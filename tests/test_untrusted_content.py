@@ -113,6 +113,18 @@ def obedient_model(memories: list[dict]):
         ),
         ("Email is bob @ mail.example", "reach me at bob@mail.example", True),
         ("Visited Paris. Loved it", "I visited Paris. Loved it", True),
+        # ... and nothing else is joined into one: a leading-dot name, a handle, sentences of
+        # Japanese or Chinese (each was dropped when spaces and ideographic stops were joined)
+        ("Uses .NET at work", "I code in .NET every day at work.", True),
+        ("Develops in .NET", "I'm a .NET developer", True),
+        ("Keeps configs in .env file", "I keep my configs in a .env file", True),
+        ("Prefers .md files for notes", "I prefer .md files for notes", True),
+        ("Instagram handle @jdoe", "Follow me @jdoe on Instagram", True),
+        ("Twitter handle is @johndoe", "I am @johndoe on Twitter", True),
+        ("猫を飼っています", "私は東京に住んでいます。猫を飼っています。", True),
+        ("我喜欢猫", "我住在北京。我喜欢猫。", True),
+        ("Dentist appointment at 5pm", "Call me @ 5pm, my dentist appointment", True),
+        ("Lives in St. Louis", "I live in St. Louis", True),
     ],
 )
 def test_grounding(memory: str, user_text: str, expected: bool) -> None:

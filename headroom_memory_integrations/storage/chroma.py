@@ -1399,7 +1399,12 @@ class ChromaStorage:
                 "clients without them)"
             )
         ssl = parts.scheme == "https"
-        port = parts.port or (443 if ssl else 8000)
+        try:
+            port = parts.port or (443 if ssl else 8000)
+        except ValueError:  # (its text would quote the "port": a password holding "#" or "/")
+            raise InvalidInputError(
+                f"not a Chroma server URL: {without_credentials(url)!r} (its port is not a number)"
+            ) from None
         return cls.connect(parts.hostname, port, ssl=ssl, timeout=timeout)
 
     # -- the client -------------------------------------------------------------------------
