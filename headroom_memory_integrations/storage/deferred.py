@@ -43,7 +43,7 @@ import numpy as np
 
 from ..embeddings.base import Vectors
 from ..errors import StorageError
-from .folder import erase_file
+from .folder import erase_file, replace_file
 from .vectors import vectors_from_text, vectors_to_text
 
 logger = logging.getLogger(__name__)
@@ -366,21 +366,10 @@ class DeferredWrites:
         """With the lock held: replace the journal by one holding only the pending writes
         (written beside it, synced, then renamed over it), so that it stays small however
         long writes keep coming without a pause."""
-        fresh = self.path.with_name(self.path.name + ".new")
+        pending = b"".join(line for _, line in self._queue)
         try:
-            pending = b"".join(line for _, line in self._queue)
-            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                data = memoryview(pending)
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(fresh, self.path)
+            replace_file(self.path, pending)
         except OSError as exc:  # the old journal is intact: it is only longer
-            with contextlib.suppress(OSError):
-                erase_file(fresh)
             logger.warning("could not compact %s: %s", self.path, exc)
             return
         old, self._fd = self._fd, None  # the next write opens the new journal

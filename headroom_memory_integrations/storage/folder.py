@@ -369,21 +369,7 @@ def _rename_in_index(segment: Path, renamed: Mapping[str, str]) -> None:
             to_id[label] = new
         if old in to_seq:
             to_seq[new] = to_seq.pop(old)
-    fresh = path.with_name(path.name + ".new")
-    try:
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with open(fd, "wb", closefd=False) as handle:
-                pickle.dump(saved, handle, protocol=3)  # (Chroma writes protocol 3)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(fresh, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            fresh.unlink(missing_ok=True)
-        raise
-    sync_folder(segment)
+    replace_file(path, pickle.dumps(saved, protocol=3))  # (Chroma writes protocol 3)
 
 
 def note_erase(
@@ -481,23 +467,9 @@ def _in_catalog(folder: Path, collection_id: str, segment: str | None) -> bool:
 def _rewrite_record(path: Path, entries: list[dict[str, object]]) -> None:
     """Replace the erase record ``path`` with ``entries`` (written beside it, synced, renamed
     over it). Raises OSError."""
-    fresh = path.with_name(path.name + ".new")
-    data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
-    try:
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(fresh, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            fresh.unlink(missing_ok=True)
-        raise
-    sync_folder(path.parent)
+    replace_file(
+        path, b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
+    )
 
 
 def sync_folder(folder: Path) -> None:
@@ -521,6 +493,29 @@ def erase_file(path: Path) -> bool:
         return False
     path.unlink(missing_ok=True)
     return True
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` durably, whole or not at all: written beside it (0600),
+    synced, renamed over it, and the rename synced. On failure the copy beside it is erased (it
+    may hold memories' text) and the error raised (OSError; or an interruption); ``path`` is
+    as it was."""
+    fresh = path.with_name(path.name + ".new")
+    try:
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(fresh, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            erase_file(fresh)
+        raise
+    sync_folder(path.parent)
 
 
 def remove_folder(folder: Path) -> None:

@@ -19,10 +19,8 @@ it is only there while the write runs, is the owner's alone (0600) and, like the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..embeddings.base import Vectors
-from .folder import erase_file, sync_folder
+from .folder import erase_file, replace_file, sync_folder
 from .vectors import vectors_from_text, vectors_to_text
 
 logger = logging.getLogger(__name__)
@@ -91,23 +89,7 @@ class Rollback:
 def keep(folder: Path, rollback: Rollback) -> None:
     """Write ``rollback`` to ``folder`` durably, whole or not at all (written beside, synced,
     renamed over :data:`ROLLBACK_FILE`). Raises OSError; nothing is left then."""
-    path = folder / ROLLBACK_FILE
-    fresh = path.with_name(path.name + ".new")
-    try:
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            data = memoryview(rollback.to_bytes())
-            while data:
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(fresh, path)
-        sync_folder(folder)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            erase_file(fresh)
-        raise
+    replace_file(folder / ROLLBACK_FILE, rollback.to_bytes())
 
 
 def left(folder: Path) -> Rollback | None:
