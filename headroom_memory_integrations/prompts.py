@@ -735,22 +735,20 @@ def escape_text(text: str) -> str:
     """``text`` as an inert one-line JSON string (see the module docstring for the scheme)."""
     out = []
     for ch in json.dumps(text, ensure_ascii=False):
-        if ch in "<>&" or not ch.isprintable() or (not ch.isascii() and _reads_as_markup(ch)):
+        if ch in _ESCAPED or not ch.isprintable():
             out.append(_u_escape(ord(ch)))
         else:
             out.append(ch)
     return "".join(out)
 
 
-_MARKUP = frozenset('<>&"\\')
+MARKUP_LOOK_ALIKES = frozenset("\u226e\u226f\ufe60\ufe64\ufe65\ufe68\uff02\uff06\uff1c\uff1e\uff3c")
+"""Every character whose compatibility decomposition (NFKD, which holds NFKC's: some tokenizers
+apply it) holds ``<``, ``>``, ``&``, ``"`` or ``\\``: fullwidth "＜", small "﹤", "≮" (``<`` and a
+stroke, which NFKC keeps). Listed, not worked out per character: a test checks the list against
+every code point."""
 
-
-@functools.lru_cache(maxsize=4096)
-def _reads_as_markup(ch: str) -> bool:
-    """Whether ``ch`` is a look-alike of ``<``, ``>``, ``&``, ``"`` or ``\\`` that NFKC (as a
-    tokenizer may apply it) turns into one: fullwidth "＜", small "﹤". Its full compatibility
-    decomposition (NFKD) is read, so "≮" (``<`` and a stroke, which NFKC keeps) counts too."""
-    return any(c in _MARKUP for c in unicodedata.normalize("NFKD", ch))
+_ESCAPED = frozenset("<>&") | MARKUP_LOOK_ALIKES
 
 
 def _u_escape(code: int) -> str:

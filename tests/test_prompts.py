@@ -890,6 +890,21 @@ def test_look_alikes_of_markup_are_escaped() -> None:
     assert json.loads(escaped) == text
 
 
+def test_the_look_alikes_of_markup_are_every_one_unicode_has() -> None:
+    import sys
+    import unicodedata
+
+    from headroom_memory_integrations.prompts import MARKUP_LOOK_ALIKES
+
+    markup = set('<>&"\\')
+    found = {
+        ch
+        for ch in map(chr, range(0x80, sys.maxunicode + 1))
+        if markup & set(unicodedata.normalize("NFKD", ch))
+    }
+    assert found == MARKUP_LOOK_ALIKES
+
+
 def test_escape_text_round_trips_astral_nonprintables() -> None:
     text = "tag\U000e0041 private\U000f0000 emoji🙂"
     escaped = escape_text(text)
