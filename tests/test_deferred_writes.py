@@ -211,6 +211,37 @@ def test_while_chroma_refuses_writes_callers_hear_it_and_nothing_pending_is_lost
     assert texts == ["Keeps bees on the roof", "Plays the cello"]
 
 
+def test_a_flush_waits_for_chromas_next_try_however_slow_once_it_accepts_writes_again(
+    hash_store: MemoryStore, monkeypatch
+) -> None:
+    """After Chroma refused a deferred write, ``flush(10)`` waits for the worker's next try
+    even when it takes longer than a refusing Chroma is waited for (1 s: a loaded machine).
+    Before, the wait was cut to 1 s, and flush returned False with the write about to be
+    stored."""
+    hash_store.add("Plays the cello")
+    collection = _read_ahead(hash_store, monkeypatch)
+    monkeypatch.setattr(deferred, "_RETRY_PAUSES", (0.05,))
+    upsert = collection._collection.upsert
+    tries = []
+
+    def refuses_once_then_slow(**request):
+        tries.append(request["ids"])
+        if len(tries) == 1:
+            raise RuntimeError("the disk went away")
+        time.sleep(deferred.FAILING_SETTLE_SECONDS + 0.5)  # a loaded machine's fsync
+        return upsert(**request)
+
+    monkeypatch.setattr(collection._collection, "upsert", refuses_once_then_slow)
+    pending = hash_store.add("Keeps bees on the roof")
+    queue = hash_store.storage._deferred
+    deadline = time.monotonic() + 10
+    while queue.last_error is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert hash_store.flush(10)
+    assert len(tries) == 2 and _in_chroma(collection, pending.id) and queue.pending == 0
+
+
 def test_the_journal_keeps_only_pending_writes_when_writes_never_pause(
     tmp_path, monkeypatch
 ) -> None:

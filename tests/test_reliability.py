@@ -349,7 +349,9 @@ def test_a_deleted_memorys_id_leaves_the_disk_and_the_index_still_replays(db_pat
     store.delete(secret.id)
     store.add("A later fact")
     store.storage.close()
-    assert files_containing(db_path, [secret.id, "4821"]) == {}
+    # (not the bare "4821": the other memories' microsecond timestamps and Chroma's random ids
+    # hold any four digits now and then, found in about 1 run in 20)
+    assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
     searched = _chroma_search(db_path, embedder.embed(["My bank card PIN is 4821"])[0])
     assert searched["count"] == written + 1 and len(searched["found"]) == written + 1
     assert secret.id not in searched["found"]

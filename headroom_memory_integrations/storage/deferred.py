@@ -56,7 +56,8 @@ SETTLE_SECONDS = 30.0
 COMPACT_BYTES = 1 << 20
 """A journal past this size, with writes still pending, is rewritten with only those."""
 FAILING_SETTLE_SECONDS = 1.0
-"""How long that wait is while Chroma refuses the pending writes (the caller gets the error)."""
+"""How long that wait is while Chroma refuses the pending writes (the caller gets the error),
+and then for the worker's try under way or next: it may be storing them by now."""
 EXIT_SECONDS = 10.0
 """How long the process waits at exit for the pending writes (the rest stay journaled)."""
 GROUP_SECONDS = 0.05
@@ -171,6 +172,7 @@ class DeferredWrites:
         self._urgent = False  # somebody waits for the pending writes: store them now
         self.failures = 0  # writes to Chroma that failed (and were tried again)
         self.last_error: str | None = None
+        self._failed_at = float("-inf")  # when the last of them failed (time.monotonic)
         _open_queues.add(self)
 
     @property
@@ -192,6 +194,7 @@ class DeferredWrites:
         self._thread = None
         self._urgent = False
         self.last_error = None
+        self._failed_at = float("-inf")
 
     def in_worker(self) -> bool:
         return threading.current_thread() is self._thread
@@ -227,20 +230,26 @@ class DeferredWrites:
     def settle(self, timeout: float = SETTLE_SECONDS) -> None:
         """Wait until every pending write is in Chroma (at once in the worker itself).
 
+        While Chroma is refusing them, the wait ends sooner: at the first try that fails once
+        :data:`FAILING_SETTLE_SECONDS` have passed. A try under way then (Chroma accepting the
+        writes again, slowly on a loaded machine) is waited for, within ``timeout``.
+
         Raises:
-            StorageError: Writes are still pending after ``timeout`` seconds.
+            StorageError: Writes are still pending after ``timeout`` seconds, or Chroma
+                refused them again.
         """
         if not self._queue or self.in_worker():
             return
-        if self.last_error is not None:  # Chroma is refusing them: wait for one more try only
-            timeout = min(timeout, FAILING_SETTLE_SECONDS)
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
+        refused_until = start + FAILING_SETTLE_SECONDS if self.last_error is not None else None
         with self._lock:
             self._urgent = True
             self._changed.notify_all()
             while self._queue:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._stopped:
+                refused_again = refused_until is not None and self._failed_at >= refused_until
+                if left <= 0 or self._stopped or refused_again:
                     raise StorageError(
                         f"{len(self._queue)} earlier write(s) are not in Chroma yet "
                         f"({self.last_error or 'still being written'}); they are kept in "
@@ -308,8 +317,10 @@ class DeferredWrites:
                 for write in merged(writes):
                     self._store(write)
             except Exception as exc:  # kept and tried again: never lost
-                self.failures += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self.failures += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self._failed_at = time.monotonic()
                 if not self.path.parent.is_dir():  # the folder was removed: nowhere to store
                     logger.error(
                         "the memory folder %s was removed with %d write(s) pending; they are "
@@ -332,6 +343,7 @@ class DeferredWrites:
                     self.last_error,
                 )
                 with self._lock:
+                    self._changed.notify_all()  # (a caller waiting while Chroma refuses)
                     self._changed.wait_for(lambda: self._stopped, pause)
                 continue
             tries = 0
