@@ -169,34 +169,43 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
+def _listen(proxy: Any, target_port: int) -> None:
+    """Start ``proxy`` (a :class:`SlowProxy` or :class:`BlackHoleProxy`): listen on a free port
+    of 127.0.0.1 (its ``url``, its ``_socket``) and, for each connection, connect to
+    ``target_port`` and hand both sockets to its ``_connected``."""
+    proxy._socket = listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(100)
+    proxy.url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = listening.accept()
+                server = socket.create_connection(("127.0.0.1", target_port))
+            except OSError:
+                return
+            proxy._connected(client, server)
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
 class SlowProxy:
     """A TCP proxy on 127.0.0.1 to ``target_port`` that holds back each response ``delay``
     seconds: a server that answers every request, but slowly. Counts the requests."""
 
     def __init__(self, target_port: int, delay: float) -> None:
-        self.delay, self.target, self.requests = delay, target_port, 0
-        self._socket = socket.socket()
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
-        self._socket.listen(100)
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.delay, self.requests = delay, 0
+        _listen(self, target_port)
 
     def close(self) -> None:
         self._socket.close()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._socket.accept()
-                server = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                return
-            state = {"pending": False}
-            for source, sink, up in ((client, server, True), (server, client, False)):
-                threading.Thread(
-                    target=self._pipe, args=(source, sink, state, up), daemon=True
-                ).start()
+    def _connected(self, client: socket.socket, server: socket.socket) -> None:
+        state = {"pending": False}
+        for source, sink, up in ((client, server, True), (server, client, False)):
+            threading.Thread(target=self._pipe, args=(source, sink, state, up), daemon=True).start()
 
     def _pipe(self, source: Any, sink: Any, state: dict[str, bool], up: bool) -> None:
         try:
@@ -228,31 +237,18 @@ class BlackHoleProxy:
     is cleared, new requests pass; those held stay unanswered."""
 
     def __init__(self, target_port: int) -> None:
-        self.target, self.hole, self.held = target_port, True, 0
+        self.hole, self.held = True, 0
         self._closed = threading.Event()
-        self._socket = socket.socket()
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
-        self._socket.listen(100)
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        _listen(self, target_port)
 
     def close(self) -> None:
         self._closed.set()
         self._socket.close()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._socket.accept()
-                server = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                return
-            ends = threading.Barrier(2, action=functools.partial(_close_both, client, server))
-            for source, sink, up in ((client, server, True), (server, client, False)):
-                threading.Thread(
-                    target=self._pipe, args=(source, sink, up, ends), daemon=True
-                ).start()
+    def _connected(self, client: socket.socket, server: socket.socket) -> None:
+        ends = threading.Barrier(2, action=functools.partial(_close_both, client, server))
+        for source, sink, up in ((client, server, True), (server, client, False)):
+            threading.Thread(target=self._pipe, args=(source, sink, up, ends), daemon=True).start()
 
     def _pipe(self, source: Any, sink: Any, up: bool, ends: threading.Barrier) -> None:
         try:

@@ -394,9 +394,7 @@ def note_erase(
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line  # (after a torn last line, which is then skipped alone)
-        data = memoryview(line)
-        while data:
-            data = data[os.write(fd, data) :]
+        _write_all(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -495,6 +493,13 @@ def erase_file(path: Path) -> bool:
     return True
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """Replace ``path`` by ``data`` durably, whole or not at all: written beside it (0600),
     synced, renamed over it, and the rename synced. On failure the copy beside it is erased (it
@@ -504,9 +509,7 @@ def replace_file(path: Path, data: bytes) -> None:
     try:
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
