@@ -51,10 +51,11 @@ def memory_context_sent(server: ScriptedOpenAIServer) -> bool:
     return any(TEA in text for text in system)
 
 
-def late_recall_ended(within: float = 30.0) -> bool:
+def late_recall_ended(within: float = 30.0, thread: str = "headroom-memory-recall") -> bool:
+    """Whether no ``thread`` (the recall's, or a search's) runs any more, within ``within``."""
     end = time.monotonic() + within
     while time.monotonic() < end:
-        if not any(t.name == "headroom-memory-recall" for t in threading.enumerate()):
+        if not any(t.name == thread for t in threading.enumerate()):
             return True
         time.sleep(0.02)
     return False
@@ -320,17 +321,8 @@ def test_a_hung_embedder_does_not_hold_the_retriever_or_the_search_tool(
 
         hanging.hang.clear()
         hanging.release.set()
-        assert late_recall_ended() and late_search_ended()
+        assert late_recall_ended() and late_recall_ended(thread="headroom-memory-search")
         assert [d.page_content for d in retrieve()] == [TEA]
     finally:
         hanging.release.set()
         memory.close()
-
-
-def late_search_ended(within: float = 30.0) -> bool:
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        if not any(t.name == "headroom-memory-search" for t in threading.enumerate()):
-            return True
-        time.sleep(0.02)
-    return False

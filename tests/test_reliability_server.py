@@ -150,18 +150,24 @@ SLOW = 0.8  # seconds the slow server takes for every request, within its timeou
 SLOW_TIMEOUT = 1.5  # seconds per request: every one of them answers in time
 
 
+def remember_cello(openai_server, chroma_server, model, user_id: str) -> None:
+    """``user_id`` tells the server's memories "I play the cello"; the model then learns nothing
+    more."""
+    openai_server.responder = RememberingModel("Noted.", [CELLO])
+    seed = with_fast_memory(
+        openai_server.client(), user_id=user_id, db_path=chroma_server.url, embedder=model
+    )
+    ask(seed, "I play the cello in an orchestra")
+    assert seed.memory.flush(30)
+    openai_server.responder = RememberingModel("Noted.", [])
+
+
 def test_a_slow_server_costs_a_chat_call_one_deadline_not_a_timeout_per_request(
     chroma_server, openai_server, model
 ) -> None:
     from _reliability_support import SlowProxy
 
-    openai_server.responder = RememberingModel("Noted.", [CELLO])
-    seed = with_fast_memory(
-        openai_server.client(), user_id="slow-alice", db_path=chroma_server.url, embedder=model
-    )
-    ask(seed, "I play the cello in an orchestra")
-    assert seed.memory.flush(30)
-    openai_server.responder = RememberingModel("Noted.", [])
+    remember_cello(openai_server, chroma_server, model, "slow-alice")
 
     proxy = SlowProxy(chroma_server.port, SLOW)
     storage = ChromaStorage.from_url(proxy.url, timeout=SLOW_TIMEOUT)
@@ -235,13 +241,7 @@ def test_a_connection_lost_while_the_client_is_built_keeps_memory_away_only_a_wh
 
     from headroom_memory_integrations.storage import chroma
 
-    openai_server.responder = RememberingModel("Noted.", [CELLO])
-    seed = with_fast_memory(
-        openai_server.client(), user_id="lost-alice", db_path=chroma_server.url, embedder=model
-    )
-    ask(seed, "I play the cello in an orchestra")
-    assert seed.memory.flush(30)
-    openai_server.responder = RememberingModel("Noted.", [])
+    remember_cello(openai_server, chroma_server, model, "lost-alice")
 
     proxy = BlackHoleProxy(chroma_server.port)
     storage = ChromaStorage.from_url(proxy.url, timeout=TIMEOUT)
