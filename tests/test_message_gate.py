@@ -15,6 +15,7 @@ from headroom_memory_integrations.embeddings.message_gate import (
     MessageGate,
     message_gate,
     need_for_memory,
+    reads_as_english,
     reads_as_question,
     text_features,
 )
@@ -121,6 +122,11 @@ def test_the_gate_reads_whether_the_writer_asks_about_themself(model) -> None:
         ("here: youtube.com/watch?v=dQw4w9", False),  # a link's "?" ends no sentence
         ('she literally said "why?" lol', False),
         ("", False),
+        ("对我来说呢？", True),  # full-width, Arabic and Greek question marks
+        ("好吗？谢谢", True),
+        ("وماذا عني؟", True),
+        ("και για μένα;", True),
+        ("see you; bye", False),  # an English ";" is no question mark
     ],
 )
 def test_a_message_reads_as_a_question_by_its_mark_or_its_first_word(message, asks) -> None:
@@ -162,3 +168,72 @@ def test_a_wrapper_injects_nothing_for_a_message_that_needs_nothing(
     )
     sent = openai_server.requests[-1].body["messages"][0]["content"]
     assert CONTEXT_OPEN in sent and MEMORIES[1] in sent
+
+
+# the same question in other languages: the gate scored every one far below the threshold
+# (French -2.8, Russian -2.6, Chinese -4.2, Arabic -4.9, Korean -4.0; English +5.2)
+ASKED_ELSEWHERE = {
+    "fr": "Qu'est-ce que je devrais cuisiner ce soir avec mon régime ?",
+    "de": "Was soll ich heute Abend mit meiner Diät kochen?",
+    "es": "¿Qué debo cocinar esta noche con mi dieta?",
+    "pt": "O que devo cozinhar hoje à noite com a minha dieta?",
+    "it": "Cosa dovrei cucinare stasera con la mia dieta?",
+    "nl": "Wat moet ik vanavond koken met mijn dieet?",
+    "ru": "Что мне приготовить на ужин с учётом моей диеты?",
+    "zh": "考虑到我的饮食，今晚我应该做什么菜？",
+    "ja": "私の食事制限を考えると、今夜は何を作ればいいですか？",
+    "ko": "내 식단을 고려하면 오늘 저녁에 뭘 요리해야 할까?",
+    "ar": "ماذا يجب أن أطبخ الليلة بالنظر إلى نظامي الغذائي؟",
+    "hi": "मुझे अपने आहार के अनुसार आज रात क्या बनाना चाहिए?",
+    "el": "Τι να μαγειρέψω απόψε με τη διατροφή μου;",
+}
+ENGLISH = [
+    *NEEDLESS,
+    *NEEDING,
+    SHORT,
+    "thanks!",
+    "Tell me a joke.",
+    "Fix this bug: TypeError: undefined is not a function",
+    "what's memoization?",
+    "lol ok",
+    "👍",
+    "Is a café au lait ok for my diet?",  # two words of French, four of English
+    "Explain the von Neumann architecture",
+    'what does "je ne sais quoi" mean?',
+]
+
+
+@pytest.mark.parametrize("message", ENGLISH)
+def test_english_reads_as_english(message) -> None:
+    assert reads_as_english(message)
+
+
+@pytest.mark.parametrize("language", ASKED_ELSEWHERE)
+def test_other_languages_do_not_read_as_english(language) -> None:
+    assert not reads_as_english(ASKED_ELSEWHERE[language])
+
+
+def test_the_gate_scores_english_only(model) -> None:
+    """The gate learned from English and reads English off the text (its pronouns, its words
+    parted by spaces, its "?"): it turned away the same question in nearly any other language."""
+    assert text_features("今晚吃什么？")[2] == 1.0  # a full-width question mark asks too
+    texts = [*ASKED_ELSEWHERE.values(), *ENGLISH]
+    for text, vector in zip(texts, model.embed(texts)):
+        need = need_for_memory(model.name, vector, text)
+        assert (need is None) is (text in ASKED_ELSEWHERE.values()), text
+
+
+def test_a_chat_message_in_another_language_gets_its_memories(db_path, model) -> None:
+    store = MemoryStore("lea", db_path=db_path, embedder=model)
+    store.add_many(
+        [
+            "Is vegetarian and allergic to peanuts",
+            "Est végétarienne et allergique aux arachides",
+            "是素食者，对花生过敏",
+        ]
+    )
+    for language in ("fr", "zh", "ru", "ar"):
+        assert store.search(ASKED_ELSEWHERE[language], chat_message=True), language
+    assert store.search("What should I cook for dinner tonight given my diet?", chat_message=True)
+    assert store.search("Tell me a joke.", chat_message=True) == []  # English is still gated
+    assert store.stats()["events"]["gated_messages"] == 1

@@ -18,8 +18,9 @@ benchmark question
 ``benchmarks/gate_train/``). A message scoring below :data:`THRESHOLD` gets no memories when it
 is injected as a chat message (``MemoryStore.search(..., chat_message=True)``, which the
 wrappers use); an explicit search (a retriever, a tool, the CLI) is never gated. Only the model
-it was learned for has one (:data:`GATES`). It costs a dot product and a regular expression
-per message.
+it was learned for has one (:data:`GATES`), and it reads English only (:func:`reads_as_english`):
+a message in another language is never turned away. It costs a dot product and a few regular
+expressions per message.
 """
 
 from __future__ import annotations
@@ -63,18 +64,21 @@ pasted document, a framework's output schema) that the gate was not taught to re
 _SPEAKS_OF_SELF = re.compile(
     r"\b(?:i|i'm|im|i've|ive|i'd|i'll|my|me|mine|myself|we|our|us)\b", re.IGNORECASE
 )
+_QUESTION_MARKS = "?\uff1f\u061f\u037e"  # ASCII, full-width (Chinese, Japanese), Arabic, Greek
 
 
 def text_features(text: str) -> np.ndarray:
     """What the gate reads off a message besides its vector: whether the writer speaks of
     themself (I, my, me, we, our...; 1 or 0), the logarithm of 1 + its number of words, and
-    whether it has a question mark. The vector alone reads "how much sleep do adults need?" as
-    near "how much sleep do I get?" as any two questions on one subject."""
+    whether it has a question mark (also a full-width, Arabic or Greek one). The vector alone
+    reads "how much sleep do adults need?" as near "how much sleep do I get?" as any two
+    questions on one subject. The pronouns and the word count are English ones (a Chinese
+    sentence is one word): the gate only scores English (:func:`reads_as_english`)."""
     return np.array(
         [
             float(_SPEAKS_OF_SELF.search(text) is not None),
             math.log1p(len(text.split())),
-            float("?" in text),
+            float(any(mark in text for mark in _QUESTION_MARKS)),
         ],
         dtype=np.float32,
     )
@@ -86,7 +90,10 @@ _AUXILIARIES = r"should|shall|can|could|is|are|am|do|does|did|will|would|was|wer
 _ASKS = re.compile(
     rf"^(?:what|which|how|any|where|when|who|whom|whose|why|{_AUXILIARIES})\b", re.IGNORECASE
 )
-_QUESTION_MARK = re.compile(r"\?+!*(?=\s|$)")  # ending a sentence, not in a link's "?v="
+_QUESTION_MARK = re.compile(  # ending a sentence, not in a link's "?v="; any full-width one
+    r"\?+!*(?=\s|$)|[\uff1f\u061f\u037e]"
+)
+_GREEK_QUESTION = re.compile(r"[\u0370-\u03ff\u1f00-\u1fff][^;]*;$")  # Greek's "?" is ";"
 _EXCLAIMS = re.compile(r"^what\s+an?\b", re.IGNORECASE)  # "what a great idea"
 _SUBJECTLESS = re.compile(  # an auxiliary with no subject after it: "could be worse"
     rf"^(?:{_AUXILIARIES})(?:n?['’]t)?\s+(?:be|been|have|do|not|never|go|get|wait|happen|work"
@@ -96,8 +103,9 @@ _SUBJECTLESS = re.compile(  # an auxiliary with no subject after it: "could be w
 
 
 def reads_as_question(text: str) -> bool:
-    """Whether a chat message reads as a question: a "?" ends one of its sentences, or it
-    begins with a question word or an auxiliary verb, as people type questions without one
+    """Whether a chat message reads as a question: a "?" ends one of its sentences (or it has a
+    full-width or Arabic one, "？" or "؟", or a Greek sentence ends with its ";"), or it begins
+    with an English question word or auxiliary verb, as people type questions without one
     ("which one for me", "is that ok"). "wish me luck" and "so happy for her" do not. On the
     follow-up sets (``benchmarks/followups*.jsonl``), 96-100% of the follow-ups read as
     questions, and 8-36% of the asides (mostly unrelated quick questions, which the gate turns
@@ -107,11 +115,66 @@ def reads_as_question(text: str) -> bool:
     Without a "?", an exclamation is no question ("how exciting!", "what a great idea"), nor
     is an auxiliary with no subject after it ("could be worse", "can't wait", "will do")."""
     stripped = text.strip()
-    if _QUESTION_MARK.search(stripped):  # "?", "?!", "vegan options? thanks!"
-        return True
+    if _QUESTION_MARK.search(stripped) or _GREEK_QUESTION.search(stripped):
+        return True  # "?", "?!", "vegan options? thanks!", "对我呢？", "και για μένα;"
     if stripped.endswith("!") or _EXCLAIMS.match(stripped) or _SUBJECTLESS.match(stripped):
         return False
     return _ASKS.match(stripped) is not None
+
+
+ENGLISH_WORDS = frozenset(
+    """a about after all am an and any are as at be because been but by can could did do does
+    for from had has have he her here him his how i if in into is it its just me mine my no not
+    of on or our please she should so than thank thanks that the their them there these they
+    this those to us was we were what when where which who why will with would you your""".split()
+)
+"""Common English words, most of them words of grammar: evidence that a message is English."""
+
+OTHER_LANGUAGES_WORDS = frozenset(
+    # French
+    """au avec ce ces cette dans des du elle est et il ils je les leur mais mes mon nous ou
+    pourquoi quand que quel quelle qui quoi ses soir sont tes toi tu une vous votre """
+    # German
+    """auch bitte das dein deine dem der ein eine einen heute ich ihr ist kann meine meinem
+    meiner mich mir nicht noch oder sein sich sie sind soll und von warum welche wie wir wo zu
+    """
+    # Spanish and Portuguese
+    """como con debo del ela ele esta este esto hoy meu minha mis para pero por porque puedo
+    qual quando una uma """
+    # Italian
+    """che cosa della devo dovrei gli mia mio oggi quale questa questo sono stasera """
+    # Dutch
+    """dat een het ik jij mijn moet niet vandaag vanavond voor waar wanneer waarom welke""".split()
+)
+"""Common words of French, German, Spanish, Portuguese, Italian and Dutch that are no English
+words, nor a name, an abbreviation or slang in English messages (not "die", "was", "come",
+"son", "hat", "non", "los", "EU", "yo" or "sus"): evidence that a message in the Latin alphabet
+is not English. A word with an accent is evidence already ("où", "qué", "não", "perché")."""
+
+_WORD = re.compile(r"[^\W\d_]+")  # a run of letters: "qu'est-ce" is "qu", "est", "ce"
+
+
+def reads_as_english(text: str) -> bool:
+    """Whether the gate can read ``text``: whether it is English, or at least not evidently in
+    another language. The gate learned from English messages only, and reads English off the
+    text (its pronouns, its words parted by spaces, its "?"): a question in French, Russian or
+    Chinese scores far below :data:`THRESHOLD`, and is therefore not scored at all.
+
+    A message is read as English unless the words that are evidently of another language
+    outnumber the common English ones (:data:`ENGLISH_WORDS`): a word with a letter outside
+    ASCII ("régime", "что", a run of Chinese characters, which spaces do not part) or a common
+    word of French, German, Spanish, Portuguese, Italian or Dutch
+    (:data:`OTHER_LANGUAGES_WORDS`). "thanks!" and "Tell me a joke." are English; "Qu'est-ce
+    que je devrais cuisiner ce soir ?" is not, nor "Wat moet ik koken?"; "Is a café au lait
+    ok for my diet?" still is (2 words of another language, 4 English ones)."""
+    english = other = 0
+    for word in _WORD.findall(text):
+        lowered = word.lower()
+        if lowered in ENGLISH_WORDS:
+            english += 1
+        elif not lowered.isascii() or lowered in OTHER_LANGUAGES_WORDS:
+            other += 1
+    return other <= english
 
 
 class MessageGate:
@@ -162,8 +225,11 @@ def message_gate(model: str) -> MessageGate | None:
 def need_for_memory(model: str, vector: Vectors, text: str) -> float | None:
     """The gate's score of the chat message ``text``, whose ``vector`` (of ``model``) this is:
     the log-odds that it needs a memory (under :data:`THRESHOLD`: it gets none), or None where
-    no gate applies (another model, or a message longer than :data:`MAX_CHARS`)."""
+    no gate applies (another model, a message longer than :data:`MAX_CHARS`, or one not in
+    English: :func:`reads_as_english`)."""
     gate = message_gate(model)
     if gate is None or np.shape(vector)[-1] != gate.dimension or len(text) > MAX_CHARS:
+        return None
+    if not reads_as_english(text):
         return None
     return float(gate.score(vector, text))
