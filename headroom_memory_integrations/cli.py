@@ -36,10 +36,10 @@ from .engine import (
     MAX_MEMORY_ID_CHARS,
     MAX_TOP_K,
     MemoryStore,
+    check_user_id,
     clean_metadata,
     clean_text,
     server_url,
-    validate_user_id,
 )
 from .errors import HeadroomMemoryError, InvalidInputError
 from .keys import clean_keys
@@ -276,7 +276,7 @@ def _check_usage(args: argparse.Namespace) -> None:
     if not args.user:
         raise _UsageError("--user is required (or set HEADROOM_MEMORY_USER)")
     try:
-        validate_user_id(args.user)
+        check_user_id(args.user)
     except InvalidInputError as exc:
         raise _UsageError(f"--user: {exc}") from None
     if args.command == "add":
@@ -379,8 +379,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
     if args.command == "stats":
         stats = store.stats()
         if not args.json:
-            for key, value in stats.items():
-                print(f"{key:<22}{value}", file=out)
+            for key, value in stats.items():  # the user id is data too ("bob\u202e...")
+                print(f"{key:<22}{_visible(str(value))}", file=out)
         return stats
     if args.command == "export":
         if args.file == "-":

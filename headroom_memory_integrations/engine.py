@@ -336,6 +336,20 @@ def validate_user_id(user_id: object) -> str:
     return user_id
 
 
+def check_user_id(user_id: object) -> str:
+    """A user id an application hands an adapter or wrapper: as :class:`MemoryStore` accepts
+    it, and without control characters (a newline or NUL is never part of a real id), but for
+    ``"\x1f"``, which joins the labels of a LangGraph namespace's user
+    (:func:`~.langchain.store.namespace_user`). An application that takes user ids from
+    untrusted input must refuse ``"\x1f"`` itself: ``"alice\x1fmallory"`` is the namespace
+    ``("alice", "mallory")``, inside ``("alice",)``'s searches. The CLI's ``--user`` is checked
+    the same way."""
+    user_id = validate_user_id(user_id)
+    if any(unicodedata.category(ch) == "Cc" and ch != "\x1f" for ch in user_id):
+        raise InvalidInputError(f"user_id must not hold control characters, got {user_id!r}")
+    return user_id
+
+
 def check_embedder(embedder: object) -> Embedder:
     """``embedder``, if it is one: a ``name`` (text), a ``dimension`` (a whole number; 0 while
     a model is not loaded yet) and an ``embed`` method. A model's name given instead would

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from .engine import (
     check_embedder,
     check_min_score,
     check_top_k,
+    check_user_id,
     resolve_storage,
     validate_user_id,
 )
@@ -34,19 +34,6 @@ from .flow import MemoryFlow
 from .jobs import Backoff
 from .storage import ChromaStorage, Storage
 from .writer import BackgroundExtractor, queue_path_for, writer_for
-
-
-def check_user_id(user_id: object) -> str:
-    """A user id an application hands an adapter or wrapper: as :class:`MemoryStore` accepts
-    it, and without control characters (a newline or NUL is never part of a real id), but for
-    ``"\x1f"``, which joins the labels of a LangGraph namespace's user
-    (:func:`~.langchain.store.namespace_user`). An application that takes user ids from
-    untrusted input must refuse ``"\x1f"`` itself: ``"alice\x1fmallory"`` is the namespace
-    ``("alice", "mallory")``, inside ``("alice",)``'s searches."""
-    user_id = validate_user_id(user_id)
-    if any(unicodedata.category(ch) == "Cc" and ch != "\x1f" for ch in user_id):
-        raise InvalidInputError(f"user_id must not hold control characters, got {user_id!r}")
-    return user_id
 
 
 def open_memory(

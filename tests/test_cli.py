@@ -181,6 +181,9 @@ def test_invalid_argument_values_are_usage_errors(db_path, capsys, args, message
         ("", "--user is required"),
         ("  ", "--user: user_id must be a non-empty string"),
         ("u" * 3000, "--user: user_id is 3000 characters; the maximum is 2048"),
+        # as the wrappers refuse it: a CRLF file's line, a terminal's escape sequence
+        ("alice\r", "--user: user_id must not hold control characters, got 'alice\\r'"),
+        ("bob\x1b]0;pwned\x07", "--user: user_id must not hold control characters"),
     ],
 )
 def test_a_missing_or_invalid_user_is_a_usage_error(db_path, capsys, monkeypatch, user, message):
@@ -370,6 +373,16 @@ def test_what_does_not_print_is_shown_escaped(run) -> None:
     assert code == 0 and len(out.splitlines()) == 1
     code, out, _ = run("list")
     assert "\u202e" not in out and "\\u202e" in out and len(out.splitlines()) == 4
+
+
+def test_stats_shows_a_user_id_that_does_not_print_escaped(run) -> None:
+    """A user id is data, chosen by an app's user: printed raw, a bidi override in it reversed
+    the rest of the ``stats`` line (a control character is refused as ``--user`` already)."""
+    user = "bob\u202eevil\u200d"
+    assert run("add", "Likes tea", user=user)[0] == 0
+    code, out, _ = run("stats", user=user)
+    assert code == 0 and "\u202e" not in out and "\u200d" not in out
+    assert "bob\\u202eevil\\u200d" in out.splitlines()[0]
 
 
 def test_installed_entry_point(db_path) -> None:
