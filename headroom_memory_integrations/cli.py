@@ -45,7 +45,7 @@ from .errors import HeadroomMemoryError, InvalidInputError
 from .keys import clean_keys
 from .storage.base import without_credentials
 from .storage.folder import DATABASE_FILE
-from .types import Category, Memory
+from .types import Category, Memory, in_utc
 from .write_path import Outcome, Remembered
 
 _TEXT_WIDTH = 60
@@ -167,7 +167,7 @@ def _table(memories: Sequence[Memory], scores: Sequence[float] | None = None) ->
         + [
             _visible(m.id[:12]),
             m.category.value,
-            m.updated_at.strftime("%Y-%m-%d %H:%M"),
+            in_utc(m.updated_at).strftime("%Y-%m-%d %H:%M"),
             _shorten(m.text),
         ]
         for i, m in enumerate(memories)

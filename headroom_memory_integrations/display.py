@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .types import Memory, SearchResult
+from .types import Memory, SearchResult, in_utc
 
 if TYPE_CHECKING:
     from .engine import MemoryStore
@@ -99,7 +99,7 @@ def _escape(value: object) -> str:
 
 
 def _when(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
+    return in_utc(moment).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _row(cells: Sequence[object], tag: str = "td") -> str:
@@ -147,7 +147,7 @@ def memory_repr(memory: Memory) -> str:
         f"text={memory.text!r}",
         f"category={memory.category.value!r}",
         f"source={memory.source.value!r}",
-        f"updated_at={memory.updated_at.isoformat(timespec='seconds')!r}",
+        f"updated_at={in_utc(memory.updated_at).isoformat(timespec='seconds')!r}",
     ]
     if memory.metadata:
         parts.append(f"metadata={dict(memory.metadata)!r}")

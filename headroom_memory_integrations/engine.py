@@ -574,14 +574,37 @@ def _bounded_byte_lines(stream: io.IOBase) -> Iterator[bytes]:
         yield line
 
 
-def _imported_revision(data: Mapping[str, Any]) -> Revision:
-    """An exported memory's earlier text, checked as a memory's text is."""
-    revision = Revision.from_dict(data)
-    return replace(
-        revision,
-        text=clean_text(data["text"], "history text"),
-        replaced_at=storable_time(revision.replaced_at),
+def _exported_time(data: Mapping[str, Any], name: str, default: datetime) -> datetime:
+    """An exported memory's time ``name``, an ISO 8601 text or a POSIX timestamp (0 is 1970),
+    or ``default`` if there is none.
+
+    Raises:
+        InvalidInputError: It is no time (a bool, a list, ...), or one UTC cannot hold.
+    """
+    value = data.get(name)
+    if value is None:
+        return default
+    no_time = InvalidInputError(
+        f"{name} must be an ISO 8601 text or a POSIX timestamp, got {value!r}"
     )
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise no_time
+    try:
+        return storable_time(value)
+    except ValueError as exc:
+        if str(exc).startswith("time out of range"):
+            raise
+        raise no_time from exc
+
+
+def _imported_revision(data: object, updated_at: datetime) -> Revision:
+    """An exported memory's earlier text, checked as a memory's text is, replaced when the
+    memory was ``updated_at`` at the latest (a later time is taken as that)."""
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(f"a history entry must be an object, got {type(data).__name__}")
+    replaced_at = min(_exported_time(data, "replaced_at", updated_at), updated_at)
+    revision = Revision.from_dict(data)
+    return replace(revision, text=clean_text(data["text"], "history text"), replaced_at=replaced_at)
 
 
 SURVIVED_LOG_SECONDS = 60.0
@@ -1413,10 +1436,10 @@ class MemoryStore(WritePath):
         consolidated with the memories stored here like new ones (see
         :meth:`import_with_outcomes`); with ``consolidate=False``, each as it is, by its id.
 
-        Ids, times (a time still to come is taken as now), sources, metadata and history are
-        kept; the user is always this store's, whatever the file says. Importing the same file
-        twice changes nothing. Every line is checked first: one bad line raises (naming the
-        line) and nothing is written.
+        Ids, times (in UTC; a time still to come is taken as now), sources, metadata and
+        history (oldest first) are kept; the user is always this store's, whatever the file
+        says. Importing the same file twice changes nothing. Every line is checked first: one
+        bad line raises (naming the line) and nothing is written.
 
         Returns:
             How many memories the file held: each is now stored, or was merged into a stored
@@ -1447,8 +1470,14 @@ class MemoryStore(WritePath):
           stored memory that is newer than it (the store already knows better).
         - ``superseded``: it updates an older stored memory, which takes its text (the old text
           and the imported memory's own history join that memory's ``history``).
-        - ``stored``: it is new here, and is stored with its id, times and history (under a
-          fresh id if a different memory holds its id here: nothing is overwritten).
+        - ``stored``: it is new here, and is stored with its id, times and history.
+
+        A memory of this store that holds the id of a line is another version of the same
+        memory (an id is made of the user and the text the memory was first stored with),
+        whatever its text: the line is ``duplicate`` (outdated) if that memory replaced its
+        text (it is in its ``history``) or was updated as late or later, and else
+        ``superseded`` (the memory takes its text): an old backup imported again never makes
+        a text superseded since current again.
 
         Raises:
             InvalidInputError: A line is not an exported memory (nothing was written).
@@ -1547,10 +1576,12 @@ class MemoryStore(WritePath):
                 raise InvalidInputError("not a JSON object")
             now = utc_now()  # a time to come is now: a memory dated in 2100 would outdate
             # every correction said before then (a dated write older than it is a duplicate)
-            created = min(storable_time(data.get("created_at") or now), now)
-            updated = min(
-                storable_time(data.get("updated_at") or data.get("created_at") or now), now
-            )
+            created = min(_exported_time(data, "created_at", now), now)
+            updated = min(_exported_time(data, "updated_at", created), now)
+            history = data.get("history")
+            if history is not None and not isinstance(history, list):
+                raise InvalidInputError(f"history must be a list, got {type(history).__name__}")
+            revisions = [_imported_revision(r, updated) for r in history or ()]
             return Memory(
                 id=check_memory_id(data["id"]),
                 user_id=self.user_id,
@@ -1560,7 +1591,7 @@ class MemoryStore(WritePath):
                 updated_at=updated,
                 source=Source.parse(data.get("source", "manual")),
                 metadata=clean_metadata(data.get("metadata")),
-                history=tuple(_imported_revision(r) for r in data.get("history") or ()),
+                history=tuple(sorted(revisions, key=lambda r: r.replaced_at)),  # oldest first
                 keys=clean_keys(data.get("keys")),
             )
         except RecursionError as exc:  # json.loads on deeply nested brackets

@@ -201,9 +201,18 @@ def _iso_text(text: str) -> str:
     return _FRACTION.sub(lambda m: f"{m.group(1)}.{m.group(2)[:6].ljust(6, '0')}", text)
 
 
+def in_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC (a naive one is UTC already): "2026-02-01T23:30:00-08:00" is
+    "2026-02-02T07:30:00+00:00"."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
 def parse_time(value: Any) -> datetime:
-    """A timezone-aware time from a datetime, an ISO 8601 text or a POSIX timestamp (naive
-    times are UTC). Raises ValueError for one that is no time (a timestamp of 1e20)."""
+    """A time in UTC from a datetime, an ISO 8601 text or a POSIX timestamp (naive times are
+    UTC; one with another offset is converted). Raises ValueError for one that is no time (a
+    timestamp of 1e20)."""
     try:
         if isinstance(value, datetime):
             parsed = value
@@ -211,9 +220,9 @@ def parse_time(value: Any) -> datetime:
             parsed = datetime.fromtimestamp(float(value), timezone.utc)
         else:
             parsed = datetime.fromisoformat(_iso_text(str(value)))
+        return in_utc(parsed)
     except (OverflowError, OSError) as exc:
         raise ValueError(f"time out of range: {value!r}") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def storable_time(value: Any) -> datetime:
@@ -221,7 +230,7 @@ def storable_time(value: Any) -> datetime:
     the year 10000 there), which a store could write but never read back as a timestamp."""
     parsed = parse_time(value)
     try:
-        parsed.astimezone(timezone.utc).timestamp()
+        parsed.timestamp()
     except (OverflowError, OSError, ValueError) as exc:
         raise ValueError(f"time out of range: {value!r}") from exc
     return parsed

@@ -116,10 +116,11 @@ class WritePath:
         """Write exported ``memories`` as they are, by id, in one write: none is consolidated
         with another (the import of a key-value store's items, or of a backup). A memory whose
         id is held here by one updated as late or later is ``duplicate`` (the store knows as
-        much or better); by an older one, ``superseded`` (it takes the imported text, the old
-        one joining its history); else ``stored`` with its id."""
+        much or better: see :func:`_known_better`); by an older one, ``superseded`` (it takes
+        the imported text, the old one joining its history); else ``stored`` with its id."""
         collection = self._open(vectors.shape[1])
         with self._write_lock:
+            now = utc_now()
             held = {m.id: m for m in _get_in_chunks(collection, [m.id for m in memories])}
             written: dict[str, tuple[Memory, int]] = {}  # id -> (memory, its vector's row)
             results = []
@@ -128,9 +129,7 @@ class WritePath:
                 if current is None:
                     written[memory.id] = (memory, row)
                     results.append(Remembered(memory, Outcome.STORED))
-                elif current.updated_at >= memory.updated_at or (
-                    current.text == memory.text and current.category == memory.category
-                ):  # known as well or better (a line dated to come is imported as of now)
+                elif _known_better(current, memory, now):
                     results.append(Remembered(current, Outcome.DUPLICATE))
                 else:
                     revised = _revised(current, memory, at=memory.updated_at)
@@ -216,7 +215,10 @@ class WritePath:
         if dated:
             records = _get_in_chunks(collection, close)
             catalog = {m.id: Catalogued(m.text, m.category, m.keys) for m in records}
-            changed = {m.id: m.updated_at for m in [*named.values(), *records]}
+            now = utc_now()  # a memory changed later than now has no known order: left out
+            changed = {
+                m.id: m.updated_at for m in [*named.values(), *records] if m.updated_at <= now
+            }
         else:
             catalog = _catalog_in_chunks(collection, close)
         texts: dict[str, str] = {}  # id -> text, for memories this batch creates or rewrites
@@ -271,7 +273,9 @@ class WritePath:
         """The draft's outcome against ``candidates`` (similarity, id, text, keys), most similar
         first: a duplicate of any of them, else an update of the most similar one it updates,
         else stored. With ``changed`` (the candidates' ``updated_at``, for dated drafts), an
-        update of a memory changed after the draft is outdated: a duplicate."""
+        update of a memory changed after the draft is outdated: a duplicate. (A memory changed
+        at a time still to come, written while the clock ran ahead, is not in ``changed``: its
+        order with the draft is unknown, and the update is made.)"""
         update: _Decision | None = None
         for similarity, memory_id, text, keys in candidates:
             relation = self._relation(text, draft.text, similarity, keyed=bool(keys or draft.keys))
@@ -324,10 +328,17 @@ class WritePath:
         at once.
 
         A new memory is stored under its wanted id (:func:`.concurrency.wording_id`, or an
-        imported memory's own id) unless a stored memory holds that id: one worded the same
-        (another process just wrote it) makes the new one a duplicate; one with another text
-        (it was updated since) keeps it, and the new memory gets its placeholder id (a fresh
-        id, for an imported one). A memory is never overwritten by a different one."""
+        imported memory's own id) unless a stored memory holds that id. An imported memory's id
+        names the memory (a wording id is made of the user and the text the memory was first
+        stored with): the memory holding it is another version of the same memory, which the
+        imported one supersedes unless it is outdated (:func:`_known_better`: a duplicate).
+        A wording id names a wording, not a memory: a new text worded as one a memory had
+        before it was updated is a memory of its own, and takes its placeholder id, unless
+        the memory still has that wording (another process just wrote it: a duplicate).
+
+        An update dated earlier than the memory it updates changed is outdated: a duplicate
+        (unless the memory changed later than now, while the clock ran ahead)."""
+        now = utc_now()
         final: dict[str, str] = {}  # placeholder id of a draft -> the id it is stored under
         targets = {d.target for d in decisions} - {d.id for d in drafts}
         probes = {
@@ -348,13 +359,26 @@ class WritePath:
                 decision = _Decision(Outcome.STORED, draft.id)  # it changed meanwhile
             if decision.outcome is Outcome.SUPERSEDED:
                 assert existing is not None
-                if dated and draft.updated_at < existing.updated_at:
-                    decision = _Decision(Outcome.DUPLICATE, target)  # outdated: known better
+                if imported and existing.id == wanted[index]:  # a version of the same memory
+                    outdated = _known_better(existing, draft, now)
+                else:
+                    outdated = dated and draft.updated_at < existing.updated_at <= now
+                if outdated:
+                    decision = _Decision(Outcome.DUPLICATE, target)  # the store knows better
             memory_id = draft.id
             if decision.outcome is Outcome.STORED:
                 holder = current.get(wanted[index]) or stored.get(wanted[index])
                 if holder is None:
                     memory_id = wanted[index]
+                elif imported:  # another version of the same memory
+                    outdated = same_wording(holder.text, draft.text) or _known_better(
+                        holder, draft, now
+                    )
+                    existing = holder
+                    decision = _Decision(
+                        Outcome.DUPLICATE if outdated else Outcome.SUPERSEDED, holder.id
+                    )
+                    final[draft.id] = holder.id  # later items that matched this draft
                 elif wanted[index] not in current and same_wording(holder.text, draft.text):
                     existing, decision = holder, _Decision(Outcome.DUPLICATE, holder.id)
                     final[draft.id] = holder.id  # later items that matched this draft
@@ -558,6 +582,7 @@ def rewritten(
         text=text,
         category=category or old.category,
         metadata=metadata if metadata is not None else old.metadata,
+        created_at=min(old.created_at, revision.replaced_at),  # never updated before it was made
         updated_at=revision.replaced_at,
         history=history,
         keys=keys,
@@ -578,9 +603,27 @@ def _revised(old: Memory, new: Memory, *, at: datetime | None = None) -> Memory:
         category=new.category,
         metadata=new.metadata or old.metadata,
         keys=new.keys,
+        created_at=min(old.created_at, revision.replaced_at),  # never updated before it was made
         updated_at=revision.replaced_at,
         history=tuple(sorted(history, key=lambda r: r.replaced_at)),
     )
+
+
+def _known_better(held: Memory, imported: Memory, now: datetime) -> bool:
+    """Whether the stored memory ``held`` knows as much as ``imported``, another version of
+    the same memory (the same id), or more: it says the same; it replaced the imported text
+    (which is in its history, and its own text is not in the imported one's); or, neither
+    having replaced the other, it was updated as late or later (but not later than now: a
+    time still to come was written while the clock ran ahead, and orders nothing)."""
+    held_before = {r.text for r in held.history}
+    imported_before = {r.text for r in imported.history}
+    if held.text == imported.text and held.category == imported.category:
+        return True
+    if imported.text in held_before and held.text not in imported_before:
+        return True
+    if held.text in imported_before and imported.text not in held_before:
+        return False
+    return imported.updated_at <= held.updated_at <= now
 
 
 def _earlier_neighbours(vectors: Vectors, floor: float) -> list[tuple[np.ndarray, np.ndarray]]:

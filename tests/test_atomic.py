@@ -306,13 +306,21 @@ def test_the_cli_reports_what_an_import_did(db_path, model, tmp_path, capsys) ->
     }
 
 
-def test_an_imported_id_that_holds_another_memory_does_not_overwrite_it(db_path, model) -> None:
+def test_an_imported_id_that_a_memory_holds_is_another_version_of_it(db_path, model) -> None:
+    """An id is made of the user and the text a memory was first stored with: a line with the
+    id of a stored memory, worded otherwise, is that memory updated elsewhere (or before). It
+    was stored beside it under a fresh id, so a superseded text became current again."""
     store = MemoryStore("alice", db_path=db_path, embedder=model)
     kept = store.add("Plays the cello")
-    line = _export_line(kept.id, "Speaks fluent Dutch", int(time.time()))
-    [done] = store.import_with_outcomes([line])
-    assert done.outcome is Outcome.STORED and done.memory.id != kept.id
-    assert sorted(m.text for m in store.get_all()) == ["Plays the cello", "Speaks fluent Dutch"]
+    older = _export_line(kept.id, "Speaks fluent Dutch", int(time.time()) - 100)
+    [done] = store.import_with_outcomes([older])  # outdated: the store knows better
+    assert done.outcome is Outcome.DUPLICATE and done.memory == kept
+    newer = _export_line(kept.id, "Speaks fluent Dutch", int(time.time()) + 100)  # now, then
+    [done] = store.import_with_outcomes([newer])
+    assert done.outcome is Outcome.SUPERSEDED and done.memory.id == kept.id
+    assert [(m.text, [r.text for r in m.history]) for m in store.get_all()] == [
+        ("Speaks fluent Dutch", ["Plays the cello"])
+    ]
 
 
 def test_imports_from_two_stores_at_once_store_each_memory_once(db_path, model) -> None:

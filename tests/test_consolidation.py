@@ -19,6 +19,8 @@ from headroom_memory_integrations import (
     NewMemory,
     Outcome,
     Remembered,
+    engine,
+    write_path,
 )
 from headroom_memory_integrations.cli import main
 from headroom_memory_integrations.consolidation import Relation, relate
@@ -816,3 +818,39 @@ def test_a_memory_said_before_the_one_it_would_update_changed_is_outdated(
         with pytest.raises(InvalidInputError, match="said_at must be"):
             store.remember_many(["Speaks Welsh"], said_at=bad)
     assert "Speaks Welsh" not in [m.text for m in store.get_all()]
+
+
+def test_a_memory_written_while_the_clock_ran_ahead_outdates_no_correction(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory written while the clock ran an hour ahead (then stepped back: NTP, a VM
+    resumed) is dated an hour to come. Every write of the wrappers is dated when its turn was
+    queued, so each correction of it was "said before it changed": outdated, and dropped."""
+    real = write_path.utc_now
+
+    def ahead() -> datetime:
+        return real() + timedelta(hours=1)
+
+    for module in (engine, write_path):
+        monkeypatch.setattr(module, "utc_now", ahead)
+    boston = store.add("Lives in Boston")
+    acme = store.add("Works at Acme Corp as a welder")
+    cat = store.add("Has a cat named Tom")
+    for module in (engine, write_path):
+        monkeypatch.setattr(module, "utc_now", real)
+    said = datetime.now(timezone.utc)
+    [moved] = store.remember_many(["Lives in Denver"], said_at=said)
+    assert (moved.outcome, moved.memory.id) == (Outcome.SUPERSEDED, boston.id)
+    [named] = store.remember_many(
+        [NewMemory("Works at Initech as a welder", replaces=acme.id)], said_at=said
+    )
+    assert (named.outcome, named.memory.text) == (
+        Outcome.SUPERSEDED,
+        "Works at Initech as a welder",
+    )
+    renamed = store.update(cat.id, "Has a cat named Felix")
+    for memory in (moved.memory, named.memory, renamed, *store.get_all()):
+        assert memory.created_at <= memory.updated_at <= datetime.now(timezone.utc)
+    # the order of times that have come is known again: an older text is outdated
+    [late] = store.remember_many(["Lives in Boston"], said_at=said - timedelta(minutes=1))
+    assert late.outcome is Outcome.DUPLICATE and store.get(boston.id).text == "Lives in Denver"

@@ -8,6 +8,8 @@ import copy
 import json
 import pickle
 import pprint
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from conftest import HashEmbedder
 from IPython.core.formatters import DisplayFormatter
 
 from headroom_memory_integrations import Memory, MemoryStore, SearchResult
+from headroom_memory_integrations.cli import _table as cli_table
 from headroom_memory_integrations.display import MemoryList, MemoryStats, SearchResults
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.testing import ScriptedOpenAIServer
@@ -128,6 +131,31 @@ def test_a_superseded_memory_shows_what_it_replaced(hash_store: MemoryStore) -> 
     markup = inert(jupyter_html(moved))
     assert "Moved to San Francisco" in markup.cells
     assert "Lives in <b>New York</b>" in markup.cells
+
+
+def test_times_given_with_an_offset_are_kept_and_shown_in_utc(hash_store: MemoryStore) -> None:
+    """A time with an offset (an imported line, ``said_at``) came back as given from get(),
+    search() and add_many() (the store's cache of what it wrote), and a notebook showed its
+    wall time labelled UTC: "2026-02-01 23:30 UTC" for 07:30 UTC on 2 February."""
+    line = {"id": "b" * 32, "text": "Works at Acme as a welder"}
+    line["created_at"] = line["updated_at"] = "2026-02-01T23:30:00-08:00"
+    hash_store.import_([json.dumps(line)])
+    [added] = hash_store.add_many(["Plays the viola"], said_at="2025-12-01T20:00:00-08:00")
+    [found] = hash_store.search("Works at Acme as a welder", min_score=-1.0, top_k=1)
+    utc = timezone.utc
+    for memory in (hash_store.get("b" * 32), found.memory, added):
+        assert memory.updated_at.utcoffset() == timedelta(0)
+        assert memory.created_at.utcoffset() == timedelta(0)
+    assert found.memory.updated_at == datetime(2026, 2, 2, 7, 30, tzinfo=utc)
+    assert added.updated_at.replace(microsecond=0) == datetime(2025, 12, 2, 4, 0, tzinfo=utc)
+    assert "2026-02-02 07:30 UTC" in inert(jupyter_html(found)).cells
+    assert "2025-12-02 04:00 UTC" in inert(jupyter_html(added)).cells
+    # a Memory made by hand with an offset is shown in UTC too, in a notebook and the CLI
+    pacific = timezone(timedelta(hours=-8))
+    made = replace(added, updated_at=datetime(2026, 2, 1, 23, 30, tzinfo=pacific))
+    assert "2026-02-02 07:30 UTC" in inert(jupyter_html(made)).cells
+    assert "2026-02-02 07:30" in cli_table([made])
+    assert "updated_at='2026-02-02T07:30:00+00:00'" in repr(made)
 
 
 def test_get_all_is_a_list_shown_as_one_table(hostile_store: MemoryStore) -> None:

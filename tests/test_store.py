@@ -22,6 +22,7 @@ from headroom_memory_integrations import (
     Source,
     StorageError,
 )
+from headroom_memory_integrations.cli import main
 from headroom_memory_integrations.engine import MAX_TEXT_CHARS
 from headroom_memory_integrations.storage.chroma import CENTROID_SAMPLE
 from headroom_memory_integrations.types import MAX_HISTORY
@@ -397,6 +398,42 @@ def test_an_import_without_consolidation_keeps_every_item_as_it_is(
     assert bob.count() == 4
 
 
+def test_an_import_never_makes_a_superseded_text_current_again(
+    store: MemoryStore, model, tmp_path, capsys
+) -> None:
+    """A line whose id a stored memory holds is another version of that memory (an id is made
+    of the user and the text the memory was first stored with). A consolidating import stored
+    it under a fresh id: a backup restored after "Subscribes to Netflix" was superseded made
+    it current again beside "Cancelled the Netflix subscription", and another store's newer
+    version was stored beside the older one instead of superseding it."""
+    old = store.add("Subscribes to Netflix")
+    backup = tmp_path / "backup.jsonl"
+    store.export(backup)
+    store.supersede(old.id, "Cancelled the Netflix subscription")
+    [restored] = store.import_with_outcomes(backup)  # outdated: the store replaced that text
+    assert restored.outcome.value == "duplicate"
+    assert restored.memory.text == "Cancelled the Netflix subscription"
+    location = str(store.storage.location)
+    assert main(["import", str(backup), "--user", "alice", "--db", location]) == 0
+    assert capsys.readouterr().out.strip() == "imported 1 memory: 1 already known"
+    assert [m.text for m in store.get_all()] == ["Cancelled the Netflix subscription"]
+
+    here = MemoryStore("alice", db_path=tmp_path / "here", embedder=model)
+    there = MemoryStore("alice", db_path=tmp_path / "there", embedder=model)
+    subscribed = here.add("Subscribes to Netflix")
+    there.import_(io.StringIO(str(here.export())))
+    there.supersede(subscribed.id, "Cancelled the Netflix subscription")
+    newer = str(there.export())
+    [synced] = here.import_with_outcomes(io.StringIO(newer))  # a newer version: it supersedes
+    assert synced.outcome.value == "superseded" and synced.memory.id == subscribed.id
+    [memory] = here.get_all()
+    assert memory.text == "Cancelled the Netflix subscription"
+    assert [r.text for r in memory.history] == ["Subscribes to Netflix"]
+    assert [r.outcome.value for r in here.import_with_outcomes(io.StringIO(newer))] == [
+        "duplicate"
+    ]  # imported again: known
+
+
 def test_an_imported_time_to_come_is_now_so_no_later_correction_is_outdated(
     store: MemoryStore,
 ) -> None:
@@ -464,6 +501,43 @@ def test_an_import_line_that_could_not_be_stored_or_read_back_is_refused(
     with pytest.raises(InvalidInputError, match=message):
         store.import_([line])
     assert store.count() == 0 and store.get_all() == []
+
+
+@pytest.mark.parametrize("value", [True, False, [], {}, "", {"t": 1}])
+@pytest.mark.parametrize("name", ["created_at", "updated_at", "replaced_at"])
+def test_an_import_line_with_a_time_that_is_no_time_is_refused(
+    hash_store: MemoryStore, name: str, value: object
+) -> None:
+    """``data.get("created_at") or now`` dated 0, "", [], {} and false now, and true 1970 (a
+    bool is an int): the line was imported with an invented date."""
+    revision = {"text": "Lives in Boston", "category": "fact", "replaced_at": 1.7e9}
+    line = {"id": "x", "text": "Lives in Denver", "history": [revision]}
+    (revision if name == "replaced_at" else line)[name] = value
+    with pytest.raises(InvalidInputError, match=f"line 1: {name} must be an ISO 8601 text"):
+        hash_store.import_([json.dumps(line)], consolidate=False)
+    assert hash_store.count() == 0
+
+
+def test_imported_times_are_kept_in_order(hash_store: MemoryStore) -> None:
+    """The epoch (0) is 1970, not now; an earlier text is replaced when the memory was last
+    updated at the latest (one dated 2999 was kept so), and history is oldest first."""
+    zero = {"id": "z", "text": "Has a dog", "created_at": 0, "updated_at": 0}
+    history = [
+        {"text": "Lives in Austin", "category": "fact", "replaced_at": "2999-01-01T00:00:00Z"},
+        {"text": "Lives in Boston", "category": "fact", "replaced_at": "2025-01-01T00:00:00Z"},
+    ]
+    moved = {"id": "m", "text": "Lives in Denver", "updated_at": "2026-01-01T00:00:00Z"}
+    lines = [json.dumps(zero), json.dumps({**moved, "history": history})]
+    for consolidate in (True, False):
+        hash_store.clear()
+        hash_store.import_(lines, consolidate=consolidate)
+        assert hash_store.get("z").updated_at == datetime(1970, 1, 1, tzinfo=timezone.utc)
+        memory = hash_store.get("m")
+        assert [(r.text, r.replaced_at.year) for r in memory.history] == [
+            ("Lives in Boston", 2025),
+            ("Lives in Austin", 2026),
+        ]
+        assert memory.history[-1].replaced_at == memory.updated_at
 
 
 def test_an_import_takes_any_iterable_of_lines(store: MemoryStore, tmp_path) -> None:
