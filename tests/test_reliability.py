@@ -5,12 +5,16 @@ Real embedded Chroma in temp folders; docs/reliability.md maps each guarantee to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +410,142 @@ def test_a_process_killed_during_delete_leaves_the_erase_to_the_next_one(db_path
     searched = _chroma_search(db_path, RandomEmbedder().embed([SECRETS[0]])[0])
     assert (secret_id in searched["found"]) == (when == "before the delete")
     assert len(searched["found"]) == searched["count"]
+
+
+@contextlib.contextmanager
+def _chroma_cannot_apply_the_delete_of(db_path: Path, memory_id: str) -> Iterator[None]:
+    """While inside: Chroma's second step of deleting ``memory_id`` (applying the delete it
+    has logged to its records) fails, as if the process were killed between the two steps
+    (chromadb raises "Failed to apply logs to the metadata segment"). An SQLite trigger in
+    Chroma's database, removed on leaving."""
+    with closing(sqlite3.connect(db_path / "chroma.sqlite3")) as db, db:
+        db.execute(
+            "CREATE TRIGGER test_hold_delete BEFORE DELETE ON embeddings "
+            f"WHEN OLD.embedding_id = '{memory_id}' BEGIN SELECT RAISE(ABORT, 'held'); END"
+        )
+    try:
+        yield
+    finally:
+        with closing(sqlite3.connect(db_path / "chroma.sqlite3")) as db, db:
+            db.execute("DROP TRIGGER test_hold_delete")
+
+
+def _delete_logged_not_applied(db_path: Path, memory_id: str) -> tuple[int, int]:
+    """Where Chroma's log has the delete of ``memory_id`` and its records do not yet: the
+    newest log entry's operation (3: delete) and how many records hold it."""
+    with closing(sqlite3.connect(db_path / "chroma.sqlite3")) as db:
+        newest = db.execute(
+            "SELECT operation FROM embeddings_queue WHERE id = ? ORDER BY seq_id DESC LIMIT 1",
+            (memory_id,),
+        ).fetchone()
+        stored = db.execute(
+            "SELECT COUNT(*) FROM embeddings WHERE embedding_id = ?", (memory_id,)
+        ).fetchone()
+    return newest[0], stored[0]
+
+
+_DELETE_LOGGED_AND_DIE = """
+import os, sys
+from _reliability_support import RandomEmbedder
+from headroom_memory_integrations import MemoryStore
+store = MemoryStore("alice", db_path={db!r}, embedder=RandomEmbedder())
+try:
+    store.delete({secret_id!r})  # Chroma logs it, then cannot apply it
+except Exception as exc:
+    print(type(exc).__name__, exc, flush=True)
+sys.stdin.readline()  # (holds the folder until killed)
+os._exit(9)
+"""
+
+
+@pytest.mark.parametrize("by", ["the next open", "a reader taking over"])
+def test_a_delete_chroma_logged_and_did_not_apply_is_erased_by_the_next_writer(db_path, by) -> None:
+    """Chroma deletes in two steps: it logs the delete, then applies it to its records. A
+    process killed in between (here the second step fails, then the process dies) leaves the
+    erase noted and the id still stored. Before, the next writer erased first, found the id
+    stored, took the delete for one that never happened and let the erase go; Chroma then
+    applied the logged delete, and the text stayed in freed pages of chroma.sqlite3 and the
+    id in its log and the index's id map, for good. Now Chroma applies the delete first, and
+    the erase follows. The next writer is another user's store: nothing reads alice's
+    collection (which has Chroma apply its log) before the erase."""
+    import subprocess
+    import sys
+
+    from _reliability_support import ROOT
+
+    embedder = RandomEmbedder()
+    store = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    secret = store.add("My bank card PIN is 4821")
+    store.add_many([f"Ordinary fact number {n}" for n in range(150)])  # the id map is saved
+    store.storage.close()
+    with _chroma_cannot_apply_the_delete_of(db_path, secret.id):
+        killed = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _DELETE_LOGGED_AND_DIE.format(db=str(db_path), secret_id=secret.id),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])},
+        )
+        assert killed.stdout is not None and killed.stdin is not None
+        assert "Failed to apply logs" in killed.stdout.readline()
+    try:
+        assert _delete_logged_not_applied(db_path, secret.id) == (3, 1)
+        assert (db_path / ERASE_FILE).exists()
+        bob = MemoryStore("bob", db_path=db_path, embedder=embedder)
+        if by == "a reader taking over":
+            assert bob.storage.users() == ["alice"]  # opened while the other process writes
+    finally:
+        killed.kill()
+        killed.wait()
+    bob.add("Bob likes tea")  # (opens the folder, or takes it over, as its writer)
+    assert not (db_path / ERASE_FILE).exists()
+    alice = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    assert alice.count() == 150 and alice.get_many([secret.id]) == []
+    assert texts_found(alice, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
+    alice.storage.close()
+    assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
+    searched = _chroma_search(db_path, embedder.embed(["My bank card PIN is 4821"])[0])
+    assert searched["count"] == len(searched["found"]) == 150
+    assert secret.id not in searched["found"]
+    assert not any(i.startswith("erased-") for i in searched["found"])
+    assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
+
+
+def test_a_delete_chroma_failed_to_apply_stays_noted_until_the_next_open_erases_it(
+    db_path,
+) -> None:
+    """In a process that goes on: Chroma logged a delete of alice's and failed to apply it
+    (delete() raised; this process's chromadb does not try again). The next erase (after a
+    delete of bob's) keeps alice's noted, and the next open of the folder has Chroma apply
+    it, then erases it. Before, that erase let alice's go, and her text stayed once Chroma
+    applied the delete."""
+    embedder = RandomEmbedder()
+    alice = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    secret = alice.add("My bank card PIN is 4821")
+    alice.add_many([f"Ordinary fact number {n}" for n in range(30)])
+    tea = MemoryStore("bob", db_path=db_path, embedder=embedder).add("Bob likes green tea")
+    alice.storage.close()
+    alice = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    bob = MemoryStore("bob", db_path=db_path, embedder=embedder)
+    with _chroma_cannot_apply_the_delete_of(db_path, secret.id), pytest.raises(StorageError):
+        alice.delete(secret.id)
+    assert _delete_logged_not_applied(db_path, secret.id) == (3, 1)
+    bob.delete(tea.id)
+    assert files_containing(db_path, [tea.id, "Bob likes green tea"]) == {}
+    noted = [json.loads(line) for line in (db_path / ERASE_FILE).read_text().splitlines()]
+    assert [list(entry["ids"]) for entry in noted] == [[secret.id]]
+    alice.storage.close()
+    alice = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    assert alice.count() == 30 and alice.get_many([secret.id]) == []
+    assert not (db_path / ERASE_FILE).exists()
+    assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
+    alice.storage.close()
+    assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
 
 
 _DROP_AND_DIE = """

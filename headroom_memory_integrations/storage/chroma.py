@@ -63,6 +63,7 @@ from .folder import (
     directory_bytes,
     erase_noted,
     folder_identity,
+    logged_deletes,
     make_private_folder,
     note_erase,
     scrub_freed_memory,
@@ -415,6 +416,27 @@ def _roll_back(collection: Any, rollback: Rollback, step: int) -> None:
             embeddings=rollback.vectors[start : start + step],
             documents=[rollback.prior[i][0] for i in part],
             metadatas=[_replacing(rollback.prior[i][1]) for i in part],
+        )
+
+
+def _apply_logged_deletes(client: Any, folder: Path) -> None:
+    """Have Chroma apply the deletes noted for erasing in ``folder`` that it has logged and
+    not yet applied to its records (see :func:`.folder.logged_deletes`): reading the
+    collection applies its log. The erase can then find them gone and erase them. A failure
+    is logged: the erase keeps them noted for a later try."""
+    try:
+        for name in logged_deletes(folder):
+            try:
+                client.get_collection(name, embedding_function=None).count()
+            except Exception as exc:
+                if not _is_missing(exc):  # (dropped since: its records went with it)
+                    raise
+    except Exception:
+        logger.warning(
+            "Chroma could not apply the deletes it logged in %s; their text is erased at a "
+            "later try",
+            folder,
+            exc_info=True,
         )
 
 
@@ -1426,11 +1448,12 @@ class ChromaStorage:
             client = chromadb.PersistentClient(path=folder, settings=_settings())
             if writer:
                 # the erase of records the last writer deleted (it was killed before it, and
-                # a search could load a vector index that still knows their ids), then a write
-                # it left half-done is undone, then the journal replayed: a journaled write
-                # came before that write (which waited for it), or was that write (the
-                # worker's), which the replay then stores whole
-                self._erase_left()
+                # a search could load a vector index that still knows their ids; a delete it
+                # left logged and not applied is applied first), then a write it left
+                # half-done is undone, then the journal replayed: a journaled write came
+                # before that write (which waited for it), or was that write (the worker's),
+                # which the replay then stores whole
+                self._erase_left(client)
                 _roll_back_left(client, self._folder)
                 _store_journaled(client, self._folder)
             return client
@@ -1810,11 +1833,18 @@ class ChromaStorage:
         with self._write_lock, self._erase_lock.alone():
             self._erase_left()
 
-    def _erase_left(self) -> None:
+    def _erase_left(self, client: Any = None) -> None:
         """Do the erases recorded in the folder (with Chroma unused meanwhile); a failure is
-        logged, and the record kept for the next try."""
+        logged, and the record kept for the next try. With the ``client`` just made on
+        opening the folder, a delete Chroma logged and did not apply (a process killed in
+        between, or the second step failed) is applied first, then erased; otherwise it stays
+        noted until then (the erase must come after it: see :func:`.folder.logged_deletes`).
+        (A process's chromadb that failed to apply a delete does not try again: the next one
+        to open the folder applies it.)"""
         assert self._folder is not None
         try:
+            if client is not None:
+                _apply_logged_deletes(client, self._folder)
             erase_noted(self._folder)
         except Exception:
             logger.warning(

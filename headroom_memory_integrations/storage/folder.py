@@ -221,6 +221,11 @@ _BLANK = (
 )
 
 
+_DELETE_OPERATION = 3
+"""How Chroma's log (``embeddings_queue.operation``) writes a delete (0 to 2: add, update,
+upsert)."""
+
+
 def placeholders(ids: Iterable[str]) -> dict[str, str]:
     """A random id for each of ``ids``, to stand in for it once it is deleted (see
     :func:`erase_deleted`): nothing in it can be traced back to the id or its text."""
@@ -237,8 +242,13 @@ def erase_deleted(
     (``index_metadata.pickle``) if that still holds it: a memory's id is a hash of its user's
     id and its wording (``concurrency.wording_id``), so a short text could be found again from
     it by trying every guess. The log still reads "added, then deleted" (of the placeholder),
-    and the index loaded from disk still deletes what the log says. An id still stored (its
-    delete never happened: the process was killed first) is left as it is.
+    and the index loaded from disk still deletes what the log says. An id still stored is left
+    as it is: if the newest entry of its log is its delete, Chroma logged the delete and has
+    not applied it to its records yet (it does that in a second step, and the process was
+    killed in between, or the step failed; the next chromadb to open the folder applies it at
+    the collection's first read or write, see :func:`logged_deletes`), and the id is returned
+    with its placeholder, for a later try; otherwise its delete never happened (the process
+    was killed before Chroma logged it).
 
     With ``ids`` None, every record of a collection that was dropped (and nothing, if it
     still exists). The log entries are blanked (a vector becomes zeros of the same length),
@@ -251,7 +261,8 @@ def erase_deleted(
     plain one, see :class:`_PlainUnpickler`) or rewritten, the log entries keep their ids (the
     log's replay must find in the index what it deletes) and lose the rest as above; those
     ids, with their placeholders, are returned, for a later try (once Chroma has saved the map
-    anew, without them). Otherwise it returns an empty dict.
+    anew, without them), as are the ids whose delete Chroma has logged and not applied yet.
+    Otherwise it returns an empty dict.
 
     Raises:
         sqlite3.Error: The file could not be rewritten (e.g. no room for the copy).
@@ -264,7 +275,7 @@ def erase_deleted(
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         if "embeddings_queue" in tables:
             topic = f"%/{collection_id}"
-            gone = _deleted(db, collection_id, ids)
+            gone, kept = _deleted(db, collection_id, ids)
             if gone:
                 segment = db.execute(
                     "SELECT id FROM segments WHERE collection = ? AND scope = 'VECTOR'",
@@ -282,7 +293,7 @@ def erase_deleted(
                             folder,
                             exc_info=True,
                         )
-                        kept, renamed = gone, {i: i for i in gone}
+                        kept, renamed = {**kept, **gone}, {i: i for i in gone}
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     db.executemany(
@@ -309,17 +320,30 @@ def erase_deleted(
 
 def _deleted(
     db: sqlite3.Connection, collection_id: str, ids: Mapping[str, str] | None
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict[str, str]]:
     """Of ``ids`` (every id in the dropped collection's log if None), those no longer
-    stored, with their placeholders."""
+    stored, and those still stored whose delete Chroma has logged and not applied yet (see
+    :func:`_delete_waits`), each with its placeholder. The other ids were never deleted."""
     if ids is None:
         if db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone():
-            return {}  # not dropped
+            return {}, {}  # not dropped
         logged = db.execute(
             "SELECT DISTINCT id FROM embeddings_queue WHERE topic LIKE ?", (f"%/{collection_id}",)
         )
-        return placeholders(row[0] for row in logged)
-    stored = {
+        return placeholders(row[0] for row in logged), {}
+    stored = _stored(db, collection_id, ids)
+    gone = {i: placeholder for i, placeholder in ids.items() if i not in stored}
+    waiting = {
+        i: placeholder
+        for i, placeholder in ids.items()
+        if i in stored and _delete_waits(db, collection_id, i)
+    }
+    return gone, waiting
+
+
+def _stored(db: sqlite3.Connection, collection_id: str, ids: Iterable[str]) -> set[str]:
+    """Those of ``ids`` that the collection's records hold (its metadata segment)."""
+    return {
         row[0]
         for i in ids
         for row in db.execute(
@@ -328,7 +352,19 @@ def _deleted(
             (collection_id, i),
         )
     }
-    return {i: placeholder for i, placeholder in ids.items() if i not in stored}
+
+
+def _delete_waits(db: sqlite3.Connection, collection_id: str, memory_id: str) -> bool:
+    """Whether the newest entry of a stored id in the collection's log is its delete: Chroma
+    writes a delete to its log, then applies it to its records in a second step (a process
+    killed in between leaves it logged, not applied, until the next chromadb to open the
+    folder reads or writes the collection)."""
+    newest = db.execute(
+        "SELECT operation FROM embeddings_queue WHERE id = ? AND topic LIKE ? "
+        "ORDER BY seq_id DESC LIMIT 1",
+        (memory_id, f"%/{collection_id}"),
+    ).fetchone()
+    return newest is not None and newest[0] == _DELETE_OPERATION
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -414,18 +450,9 @@ def erase_noted(folder: Path) -> None:
 
     Raises (see :func:`erase_deleted`); the record is kept then."""
     path = folder / ERASE_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    erases = _noted(path)
+    if erases is None:
         return
-    erases: list[tuple[str, dict[str, str] | None, str | None]] = []
-    for line in data.splitlines():
-        try:
-            entry = json.loads(line)
-            ids = None if entry["ids"] is None else dict(entry["ids"])
-            erases.append((str(entry["collection"]), ids, entry.get("index")))
-        except (ValueError, KeyError, TypeError):  # a torn last line: that delete never ran
-            continue
     left: list[dict[str, object]] = []
     for collection_id, ids, index in erases:
         if not (
@@ -443,6 +470,53 @@ def erase_noted(folder: Path) -> None:
         _rewrite_record(path, left)
     elif erase_file(path):
         sync_folder(folder)
+
+
+def _noted(path: Path) -> list[tuple[str, dict[str, str] | None, str | None]] | None:
+    """The erases recorded in the erase record ``path`` (see :func:`note_erase`): each
+    collection, its ids with their placeholders (None: all of it, dropped) and its vector
+    index folder's name. None if there is no record."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    erases: list[tuple[str, dict[str, str] | None, str | None]] = []
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+            ids = None if entry["ids"] is None else dict(entry["ids"])
+            erases.append((str(entry["collection"]), ids, entry.get("index")))
+        except (ValueError, KeyError, TypeError):  # a torn last line: that delete never ran
+            continue
+    return erases
+
+
+def logged_deletes(folder: Path) -> list[str]:
+    """The names of the collections with a delete recorded for erasing in ``folder`` that
+    Chroma has logged and not yet applied to its records (see :func:`erase_deleted`): a
+    process killed between the two steps of Chroma's delete, or whose second step failed.
+    The next chromadb to open the folder applies it at the collection's first read or write
+    (one that failed to apply it does not try again); the erase must come after that
+    (before, the id is still stored, and an erase then would leave the text that the applied
+    delete frees in the file). Empty if there is no record. Raises sqlite3.Error if Chroma's
+    database cannot be read."""
+    erases = _noted(folder / ERASE_FILE)
+    path = folder / DATABASE_FILE
+    if not erases or not path.exists():
+        return []
+    names: list[str] = []
+    with closing(sqlite3.connect(path, timeout=30.0)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        if not {"collections", "embeddings", "embeddings_queue"} <= tables:
+            return []
+        for collection_id, ids, _ in erases:
+            if not ids or not _deleted(db, collection_id, ids)[1]:
+                continue
+            row = db.execute("SELECT name FROM collections WHERE id = ?", (collection_id,))
+            name = row.fetchone()
+            if name is not None and name[0] not in names:
+                names.append(name[0])
+    return names
 
 
 def _in_catalog(folder: Path, collection_id: str, segment: str | None) -> bool:
