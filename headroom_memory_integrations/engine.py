@@ -546,6 +546,10 @@ def server_url(path: str, what: str) -> str | None:
 # -- the store -------------------------------------------------------------------------------
 
 
+_BYTE_ORDER_MARK = "\ufeff"
+"""What a UTF-8 file may begin with (an export saved by a Windows editor), read as text."""
+
+
 def _bounded_lines(stream: io.TextIOBase) -> Iterator[str]:
     """The lines of ``stream``, each read up to one character past
     :data:`MAX_IMPORT_LINE_CHARS` (a longer line is cut there, and refused by its length)."""
@@ -1519,6 +1523,8 @@ class MemoryStore(WritePath):
                             f"line {number} is a {type(line).__name__}, not text: import takes "
                             "the JSON Lines that export() writes (open a file in text mode)"
                         )
+                    if number == 1:  # Windows editors and PowerShell 5 begin with a BOM
+                        line = line.removeprefix(_BYTE_ORDER_MARK)
                     if len(line) > MAX_IMPORT_LINE_CHARS:
                         raise InvalidInputError(
                             f"line {number} is longer than {MAX_IMPORT_LINE_CHARS} characters: "

@@ -343,6 +343,31 @@ def test_read_commands_create_no_default_store_nor_one_in_an_empty_folder(
     assert main(["list", "--user", "a"]) == 0 and "Prefers tea" in capsys.readouterr().out
 
 
+_CLI = [sys.executable, "-m", "headroom_memory_integrations.cli"]
+
+
+def test_an_export_saved_with_a_byte_order_mark_is_imported(tmp_path: Path) -> None:
+    """Windows editors and PowerShell 5 save UTF-8 with a byte order mark: its first line was
+    refused ("Unexpected UTF-8 BOM"), from a file and from standard input."""
+    source = MemoryStore("amy", db_path=tmp_path / "a")
+    source.add_many(["Lives in Zürich", "Prefers tea"])
+    saved = tmp_path / "notepad.jsonl"
+    saved.write_bytes(b"\xef\xbb\xbf" + str(source.export()).encode("utf-8"))
+    assert main(["import", "--user", "amy", "--db", str(tmp_path / "b"), str(saved)]) == 0
+    assert {m.text for m in MemoryStore("amy", db_path=tmp_path / "b").get_all()} == {
+        "Lives in Zürich",
+        "Prefers tea",
+    }
+    piped = subprocess.run(
+        [*_CLI, "import", "--user", "amy", "--db", str(tmp_path / "c"), "-"],
+        input=saved.read_bytes(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert len(MemoryStore("amy", db_path=tmp_path / "c").get_all()) == 2
+
+
 def test_import_of_a_binary_or_huge_file_is_a_clear_error(run, tmp_path: Path) -> None:
     binary = tmp_path / "photo.jsonl"
     binary.write_bytes(bytes(range(256)) * 64)
