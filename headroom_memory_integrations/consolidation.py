@@ -66,7 +66,7 @@ from difflib import SequenceMatcher
 from enum import Enum
 from functools import lru_cache
 
-from .lexical import stem
+from .lexical import LETTERS, WORD, stem
 
 
 class Relation(str, Enum):
@@ -261,14 +261,13 @@ _MONTHS = frozenset(
     "january february march april may june july august september october november december".split()
 )  # dates only when capitalised: "may" and "march" are verbs too
 
-_WORDS = re.compile(r"[^\W_]+")
 _BRITISH_OUR = re.compile(
     r"^(col|flav|fav|behavi|neighb|hon|hum|lab|harb|rum|vap|arm|splend|sav)our"
 )
 _BRITISH_TRE = re.compile(r"^(cen|thea|me|li|fib)tre")
 _BRITISH_ISE = re.compile(r"^(organ|real|recogn|special|apolog|optim|minim|summar|analy)is")
 _IDENTIFIER = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+|www\.\S+")
-_WORD_OR_NUMBER = r"\d+(?:[.,:]\d+)*|[^\W\d_]+\d*[^\W_]*"
+_WORD_OR_NUMBER = rf"\d+(?:[.,:]\d+)*|{LETTERS}(?:{WORD})?"
 _TOKEN = re.compile(rf"{_IDENTIFIER.pattern}|{_WORD_OR_NUMBER}")
 _PLAIN_TOKEN = re.compile(_WORD_OR_NUMBER)
 """For a text that holds no address: the address pattern, tried at every position, costs time
@@ -391,10 +390,12 @@ def _spell(text: str) -> str:
 @lru_cache(maxsize=4096)
 def same_wording_key(text: str) -> str:
     """``text`` without case, punctuation and extra spacing: equal keys mean the same memory.
+    Read in one Unicode form (NFC: "José" typed as "Jose" and a combining accent is "José").
     Signs that change a value are kept as words ("A+" and "A-"), and so are symbols
     ("$1500" and "€1500", ">100" and "<100", "20%", emoji), quote marks that are units ("6'"
     and '6"') and the separators inside a number ("2015-06-07", "120/80", "1.500" and "1,500",
     ".5" written "0.5")."""
+    text = unicodedata.normalize("NFC", text)
     return " ".join(word.casefold() for word in _surface_words(_spelled_out(text)))
 
 
@@ -403,6 +404,7 @@ def same_wording(old: str, new: str) -> bool:
     word whose case is part of its value: one with a digit or a capital past its first letter
     ("Wi-Fi password is Tr0ub4dor" / "... tr0ub4dor", "Username is JohnDoe" / "johndoe" are a
     correction, never a duplicate; "Likes Python" / "likes python" are the same)."""
+    old, new = unicodedata.normalize("NFC", old), unicodedata.normalize("NFC", new)
     if same_wording_key(old) != same_wording_key(new):
         return False
     if (_NAMES_A_SECRET.search(old) or _NAMES_A_SECRET.search(new)) and _as_written(
@@ -434,7 +436,7 @@ def _case_matters(word: str) -> bool:
     return any(c.isdigit() for c in word) or any(c.isupper() for c in word[1:])
 
 
-_CASED_WORD = re.compile(r"[^\W_]+")
+_CASED_WORD = re.compile(WORD)
 
 
 def _surface_words(text: str) -> list[str]:
@@ -452,11 +454,11 @@ _JOINER = r"(?:[_/@#&+]|\.(?![A-Z]))"
 abbreviation written without its space ("tea.Also", "Dr.Smith")."""
 _SURFACE = re.compile(
     r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"  # an e-mail address, whole (its case is no part of it)
-    rf"|[@#][^\W_]+(?:{_JOINER}[^\W_]+)*"  # a handle or a tag: "@alex" is not "#alex"
+    rf"|[@#]{WORD}(?:{_JOINER}{WORD})*"  # a handle or a tag: "@alex" is not "#alex"
     r"|\d+(?:[.,:/-]\d+)*"  # a number with its inner separators
-    rf"|[^\W_]+(?:{_JOINER}[^\W_]+)+"  # one value spelled with marks: "jane.smith", "db-01"
-    r"|[^\W_]*\d[^\W_]*[!#$&*@]+"  # a value that ends in marks: "hunter2!"
-    r"|[^\W_]+|[^\w\s]"
+    rf"|{WORD}(?:{_JOINER}{WORD})+"  # one value spelled with marks: "jane.smith", "db-01"
+    rf"|(?:{WORD})?\d(?:{WORD})?[!#$&*@]+"  # a value that ends in marks: "hunter2!"
+    rf"|{WORD}|[^\w\s]"
 )
 """A text's words, numbers and marks as its wording is compared. The marks inside a run of
 letters and digits belong to it, but for a hyphen, which writes a space ("jane_smith" is not

@@ -375,12 +375,16 @@ def check_embedder(embedder: object) -> Embedder:
 
 
 def clean_text(text: object, what: str = "memory text") -> str:
-    """Strip, drop control characters, and check the length of a text."""
+    """Strip, drop control characters, compose characters (NFC: "José" typed as "Jose" and a
+    combining accent, as macOS and some keyboards and PDFs write it, is stored as "José": the
+    same text is then the same memory) and check the length of a text. Nothing visible
+    changes: compatibility forms ("ﬁ", "²", fullwidth letters) are kept as written."""
     if not isinstance(text, str):
         raise InvalidInputError(f"{what} must be a string, got {type(text).__name__}")
     cleaned = "".join(
         ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs")
     ).strip()
+    cleaned = unicodedata.normalize("NFC", cleaned)
     if not cleaned:
         if text.strip():  # e.g. a lone surrogate, which no encoding can store
             raise InvalidInputError(

@@ -13,13 +13,15 @@ proposed memory is kept only if it is grounded in what the user wrote:
   texts are read as a reader sees them ("evil＠example．com" is "evil@example.com", "pay。evil。io"
   is "pay.evil.io", "eve @ evil . example" is "eve@evil.example": :func:`_as_read`), so a
   look-alike spelling of an address is still a detail to find;
-- if it holds a negation ("not", "no", "never", "none", "without", "cannot", a "n't" form), the
-  user's text holds one too (any: "Is not allergic to penicillin" is not grounded in "I'm
-  allergic to penicillin"), and
+- if it holds a negation ("not", "no", "never", "none", "without", "cannot", a "n't" form; in
+  Chinese, Japanese or Thai a few such as "不", "ない", "ไม่"), the user's text holds one too
+  (any: "Is not allergic to penicillin" is not grounded in "I'm allergic to penicillin"), and
 - more than half of its content words are the user's (compared on a crude stem: case, plural
   and common suffixes ignored; a detail counts as two words, as it was checked as written;
   words that frame a fact, such as "user", "prefers", "lives", "years", and negations do not
-  count).
+  count). A word keeps its combining marks ("बेटी", daughter, is not "बेटा", son); in a script
+  written without spaces (Chinese, Japanese, Thai, ...) the words are pairs of characters, so
+  "对花生过敏" copied from "我住在北京，我对花生过敏。" is the user's.
 
 "Prefers Python for backend work" after "I prefer Python for backend work" is kept; "Wants all
 payments sent to account 12345" and "User is an admin" are dropped unless the user said so.
@@ -36,7 +38,8 @@ hospital" after "my mom is in the hospital" are not. Of the 68 everyday paraphra
 ``tests/_grounding_examples.py``, 64 are kept; when one grounded word was enough, 67 were, and
 so were 8 of its 15 planted memories, where now 1 is (59 realistic pairs a review wrote apart:
 52 kept, 55 with one word). A negation in a memory needs one of the user's, or a word that
-says as much ("quit", "stopped", "hate", "avoid"); the word lists are English. Only calls
+says as much ("quit", "stopped", "hate", "avoid"); the word lists are English (but for a few
+negations of scripts written without spaces). Only calls
 with untrusted content drop them: a call without it is not checked. A name that opens the
 memory ("Mallory handles the rent") is not told from a capitalised first word ("Lives in
 Lyon"), so it counts as a content word only.
@@ -52,10 +55,24 @@ show for questions it has nothing to do with. It is found by its own text.
 from __future__ import annotations
 
 import re
+import unicodedata
 
-_TOKENS = re.compile(r"[^\W_]+(?:[.@:/'_-][^\W_]+)*", re.UNICODE)
+from .lexical import LETTERS, WORD
+
+_TOKENS = re.compile(rf"{WORD}(?:[.@:/'_-]{WORD})*")
 _ADDRESS = re.compile(r".*[@/:].*|.*[^\W\d_]\.[^\W\d_]{2}.*")  # e-mail, URL, path, domain
-_LETTERS = re.compile(r"[^\W\d_]+")
+_LETTERS = re.compile(LETTERS)
+_UNSPACED = re.compile(  # scripts written without spaces between words (a group: split)
+    "([\u0e00-\u0eff"  # Thai, Lao
+    "\u1000-\u109f"  # Myanmar
+    "\u1780-\u17ff"  # Khmer
+    "\u3005\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f"  # Japanese kana, "々"
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+)"  # Han
+)
+_UNSPACED_NEGATION = re.compile("[不没沒无無非未别別莫勿]|ない|ません|ず|ไม่")
+"""A negation in Chinese, Japanese or Thai ("不过敏": not allergic): found anywhere in a text,
+as those words are not told apart. It may be part of another word ("ずっと", "不同"): a memory
+that repeats the user's words has it where they did."""
 _DIGITS = re.compile(r"\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _FULLWIDTH = re.compile("[\uff01-\uff0d\uff0f-\uff5e]")  # "ｅｖｉｌ＠" (not "．": see below)
@@ -63,7 +80,7 @@ _DOT_LOOKALIKE = re.compile(  # "pay。evil。io", "evil．com": a full stop bet
     "(?<=[A-Za-z0-9])[\u3002\uff61\u2024\ufe52\uff0e](?=[A-Za-z0-9])"
 )
 _SPACED_ADDRESS = re.compile(  # "eve @ evil . example", "pay .evil .io"; not "me @jdoe", ".NET"
-    r"[^\W_]+\s*@\s*[^\W_]+(?:(?:\.|\s+\.\s+)[^\W_]+)+"
+    rf"{WORD}\s*@\s*{WORD}(?:(?:\.|\s+\.\s+){WORD})+"
     r"|[a-z0-9-]+(?:\s*\.\s*[a-z0-9-]+)+\s*\.\s*[a-z]{2,6}\b"
 )
 _GENERIC = frozenset(  # words that frame a fact rather than state it
@@ -119,10 +136,30 @@ def _as_read(text: str) -> str:
     "a․b"; not between two sentences in Japanese or Chinese), an e-mail address or a domain
     of lower-case labels written with spaces around its "@" and dots without them ("eve @ evil
     . example", "pay .evil .io"; not "me @jdoe" nor "in .NET"), and a right single quote an
-    apostrophe. The rest is left as written."""
+    apostrophe, and composed characters as one (NFC: "Jose" and a combining accent is "José").
+    The rest is left as written."""
+    text = unicodedata.normalize("NFC", text)
     text = _FULLWIDTH.sub(lambda m: chr(ord(m.group()) - 0xFEE0), text)
     text = _DOT_LOOKALIKE.sub(".", text.replace("\ufe6b", "@").replace("\u2019", "'"))
     return _SPACED_ADDRESS.sub(lambda m: "".join(m.group().split()), text)
+
+
+def _words(text: str) -> list[str]:
+    """The words of ``text`` (:data:`_TOKENS`). A run of a script written without spaces
+    (Chinese, Japanese, Thai, ...) is not one word but its character pairs: "对花生过敏" is
+    "对花", "花生", "生过", "过敏", so a memory copied from part of the user's sentence
+    ("我对花生过敏") shares its words; a run of one character is that character."""
+    words: list[str] = []
+    for token in _TOKENS.findall(text):
+        if not _UNSPACED.search(token):
+            words.append(token)
+            continue
+        for index, part in enumerate(_UNSPACED.split(token)):
+            if index % 2:
+                words += [part[i : i + 2] for i in range(len(part) - 1)] or [part]
+            else:
+                words += _TOKENS.findall(part)
+    return words
 
 
 def _stem(word: str) -> str:
@@ -173,11 +210,13 @@ def grounded(memory: str, user_text: str) -> bool:
     said = user_text.casefold()
     said_numbers = set(_numbers(user_text))
     said_words = set(_LETTERS.findall(said))
-    user_tokens = _TOKENS.findall(user_text)
+    user_tokens = _words(user_text)
     said_stems = {_stem(t) for t in user_tokens}
-    tokens = _TOKENS.findall(memory)
-    if any(map(_is_negation, tokens)) and not any(
-        _is_negation(token) or token.casefold() in _GAVE_UP for token in user_tokens
+    tokens = _words(memory)
+    negated = any(map(_is_negation, tokens)) or _UNSPACED_NEGATION.search(memory) is not None
+    if negated and not (
+        any(_is_negation(token) or token.casefold() in _GAVE_UP for token in user_tokens)
+        or _UNSPACED_NEGATION.search(user_text) is not None
     ):
         return False
     words = found = 0  # a detail the user wrote counts as two words: it is checked as written
@@ -186,7 +225,11 @@ def grounded(memory: str, user_text: str) -> bool:
             if not _said(token, said, said_numbers, said_words):
                 return False
             words, found = words + 2, found + 2
-        elif token.casefold() not in _GENERIC and not _is_negation(token) and len(token) >= 2:
+        elif (
+            token.casefold() not in _GENERIC
+            and not _is_negation(token)
+            and (len(token) >= 2 or _UNSPACED.match(token))
+        ):
             words += 1
             found += _stem(token) in said_stems
     return found * 2 > words

@@ -817,6 +817,8 @@ def format_memory_context(items: Sequence[tuple[str, Memory]], today: date | Non
 
 
 def _clean_text(text: str) -> str:
+    """A proposed memory's text on one line, without control or invisible characters, its
+    characters composed (NFC, as :func:`.engine.clean_text` stores them)."""
     kept = []
     for ch in text:
         code = ord(ch)
@@ -827,7 +829,7 @@ def _clean_text(text: str) -> str:
             continue  # other control characters, lone surrogates, invisible characters
         else:
             kept.append(ch)
-    return " ".join("".join(kept).split())
+    return unicodedata.normalize("NFC", " ".join("".join(kept).split()))
 
 
 def _clean_replaces(value: object) -> str | None:
