@@ -437,7 +437,10 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
 
     - ``response_format`` of any kind but ``{"type": "text"}`` (``json_object``, ``json_schema``,
       a pydantic class given to ``.parse()``), or Responses-API ``text={"format": {"type": ...}}``
-      of any type but ``text``, or its ``text_format`` (a class given to ``responses.parse()``);
+      of any type but ``text``, or its ``text_format`` or ``parse_as`` (a class given to
+      ``responses.parse()``: openai 3.x parses the answer with ``parse_as`` though the request
+      sets no schema), or an ``input`` whose last ``configuration_update`` item that sets
+      ``text.format`` sets one of any type but ``text`` (the format of the turns after it);
     - a Responses-API ``background=True`` run, whose answer is read later through
       ``responses.retrieve``, which the wrappers do not edit;
     - ``tool_choice`` that forces a tool: ``"required"``, ``"any"``, a tool's name, or a mapping
@@ -456,6 +459,16 @@ def inline_extraction_allowed(request_kwargs: Mapping[str, Any]) -> bool:
         return False
     if _given(request_kwargs.get("text_format")) is not None:
         return False  # responses.parse(text_format=...): the answer is parsed as JSON
+    if _given(request_kwargs.get("parse_as")) is not None:
+        return False  # responses.parse(parse_as=...): so is this one, with no schema asked for
+    updates = [
+        text_format
+        for item in _listed(request_kwargs.get("input"))
+        if field_value(item, "type") == "configuration_update"
+        and (text_format := _given(field_value(field_value(item, "text"), "format"))) is not None
+    ]
+    if updates and field_value(updates[-1], "type") != "text":
+        return False  # a configuration update set a JSON schema for the turns after it
     if _given(request_kwargs.get("background")) is True:
         return False  # a Responses background run: its answer is read later, unedited
     text_options = _given(request_kwargs.get("text"))

@@ -964,6 +964,45 @@ def test_an_async_client_with_no_twin_says_what_to_pass(openai_server, db_path) 
     assert not db_path.exists()
 
 
+@pytest.mark.parametrize("auth", ["key function", "workload identity", "provider"])
+def test_an_async_client_not_signed_in_by_a_key_has_no_twin(
+    openai_server, db_path, monkeypatch, auth
+) -> None:
+    """A twin copies the async client's ``api_key``. One given an async function as its key
+    (a vault, a rotation) has ``api_key`` "", one signed in by ``workload_identity`` has a
+    placeholder, one built with ``provider=`` has "": a twin would send no key, another key from the
+    environment, or the placeholder (a 401 on every extraction call, nothing ever learnt).
+    Such a client is refused with what to pass, as Azure's is."""
+    import openai
+
+    from headroom_memory_integrations import with_fast_memory
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-another-project")  # what a twin would have sent
+
+    async def key() -> str:
+        return "sk-from-vault"
+
+    if auth == "key function":
+        client = openai.AsyncOpenAI(base_url=openai_server.base_url, api_key=key)
+    elif auth == "workload identity":
+        provider = {"token_type": "jwt", "get_token": lambda: "jwt"}
+        identity = {"identity_provider_id": "idp", "service_account_id": "sa", "provider": provider}
+        client = openai.AsyncOpenAI(base_url=openai_server.base_url, workload_identity=identity)
+    else:
+        from openai.providers import bedrock
+
+        signed_in = bedrock(region="us-east-1", base_url=openai_server.base_url, api_key="k")
+        client = openai.AsyncOpenAI(provider=signed_in)
+    with pytest.raises(
+        TypeError, match=r"AsyncOpenAI that authenticates with .*extraction_client="
+    ):
+        with_memory(client, user_id="alice", db_path=db_path, extraction_model="gpt-4o-mini")
+    with pytest.raises(TypeError, match=r"pass embedder=OpenAIEmbedder\(<a synchronous client>\)"):
+        with_fast_memory(client, user_id="alice", db_path=db_path, use_local_embeddings=False)
+    assert not db_path.exists()
+    assert not openai_server.requests  # no extraction call went out as someone else
+
+
 def test_two_users_stay_isolated(client, fake_model, openai_server, db_path, model) -> None:
     """Two users' wrappers on one folder share its job queue and worker: each turn is
     extracted and stored under its own user, and one user's memories never reach the other's

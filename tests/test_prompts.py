@@ -1018,6 +1018,10 @@ class NotGiven:  # stands in for openai.NOT_GIVEN
     pass
 
 
+JSON_FORMAT = {"type": "json_schema", "name": "city", "schema": {"type": "object"}}
+TEXT_FORMAT = {"type": "text"}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "allowed"),
     [
@@ -1040,6 +1044,29 @@ class NotGiven:  # stands in for openai.NOT_GIVEN
         ({"function_call": {"name": "f"}}, False),
         ({"text": {"format": {"type": "json_schema"}}}, False),
         ({"text": {"format": {"type": "text"}}}, True),
+        ({"parse_as": dict}, False),  # responses.parse(parse_as=...) parses the answer as JSON
+        ({"parse_as": None, "text_format": NotGiven()}, True),  # plain output_text
+        ({"input": [{"type": "configuration_update", "text": {"format": JSON_FORMAT}}]}, False),
+        ({"input": [{"type": "configuration_update", "text": {"format": TEXT_FORMAT}}]}, True),
+        (
+            {
+                "input": [
+                    {"type": "configuration_update", "text": {"format": JSON_FORMAT}},
+                    {"role": "user", "content": "Hi"},
+                    {"type": "configuration_update", "reasoning": {"effort": "low"}},
+                ]
+            },
+            False,
+        ),
+        (
+            {
+                "input": [
+                    {"type": "configuration_update", "text": {"format": JSON_FORMAT}},
+                    {"type": "configuration_update", "text": {"format": TEXT_FORMAT}},
+                ]
+            },
+            True,
+        ),
         ({"modalities": ["text", "audio"]}, False),
         ({"modalities": ["text"]}, True),
         ({"logprobs": True}, False),  # the block's tokens would be listed in them

@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import inspect
 import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
-from conftest import instruction_nonce
+from conftest import RememberingModel, instruction_nonce
 from pydantic import BaseModel
 
 from headroom_memory_integrations.openai import with_fast_memory, with_memory
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
-from headroom_memory_integrations.testing import Reply
+from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer
 
 pytestmark = pytest.mark.openai_client
 
@@ -335,6 +338,64 @@ def test_parse_with_a_text_format_reads_the_json_and_gets_no_instruction(
     assert f'"{PYTHON["text"]}"' in system_text(body) and nonce_of(body) is None
 
 
+def test_parse_as_reads_the_json_and_gets_no_instruction(client, openai_server, model_says) -> None:
+    """openai 3.x's ``responses.parse(parse_as=...)`` parses the answer as JSON with no schema
+    in the request: a block asked for would follow the JSON, and the SDK's parser would fail on
+    it before the wrapper could cut it. ``parse_as=None`` reads plain text: the instruction
+    goes with it."""
+    from openai.resources.responses import Responses
+
+    if "parse_as" not in inspect.signature(Responses.parse).parameters:
+        pytest.skip("parse_as= came with openai 3.x")
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    client.memory.add(PYTHON["text"], category="preference")
+    model_says.answer, model_says.memories = '{"name": "Paris", "country": "France"}', [LISBON]
+    ask = {"model": "gpt-4o", "input": "Which language should I use?"}
+    parsed = client.responses.parse(**ask, parse_as=City)
+    assert parsed.output_parsed == City(name="Paris", country="France")
+    body = sent(openai_server)
+    assert f'"{PYTHON["text"]}"' in system_text(body) and nonce_of(body) is None
+    plain = client.responses.parse(**ask, parse_as=None)
+    assert nonce_of(sent(openai_server)) and plain.output_text == model_says.answer
+    assert stored(client) == [PYTHON["text"], LISBON["text"]]
+
+
+def json_format_update(kind: str) -> dict:
+    """An input item that sets the output format of the turns after it (openai 3.x)."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    formats = {"json": {"type": "json_schema", "name": "city", "schema": schema}}
+    return {"type": "configuration_update", "text": {"format": formats.get(kind, {"type": kind})}}
+
+
+def test_a_configuration_update_to_a_json_format_gets_no_instruction(
+    client, openai_server, model_says
+) -> None:
+    """The last ``configuration_update`` that sets ``text.format`` says what the answer is:
+    JSON gets memories but no instruction (a block would break it), text gets both. An update
+    is the application's own item: the call stays trusted."""
+    client.memory.add(PYTHON["text"], category="preference")
+    model_says.memories = [LISBON]
+    ask = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    question = {"role": "user", "content": "Which language should I use?"}
+    reasoning_only = {"type": "configuration_update", "reasoning": {"effort": "low"}}
+    for updates, instructed in [
+        ([json_format_update("json")], False),
+        ([json_format_update("json"), reasoning_only], False),  # sets no format
+        ([json_format_update("text"), json_format_update("json")], False),
+        ([json_format_update("json"), json_format_update("text")], True),
+    ]:
+        client.responses.create(model="gpt-4o", input=[*ask, *updates, question])
+        body = sent(openai_server)
+        assert f'"{PYTHON["text"]}"' in system_text(body)
+        assert bool(nonce_of(body)) is instructed, updates
+    assert stored(client) == [PYTHON["text"], LISBON["text"]]
+    assert client.memory.counters.get("ungrounded_memories", 0) == 0
+
+
 def test_a_background_run_gets_memories_but_no_instruction(client, openai_server) -> None:
     """Its answer is read later through ``responses.retrieve``, which is not edited: a block
     asked for would be shown there, and its memories never stored."""
@@ -398,6 +459,65 @@ def test_background_extraction_of_a_response(openai_server, db_path, model, stre
     extraction = [r for r in openai_server.requests if r.path == "/v1/chat/completions"]
     quoted = json.dumps(extraction[-1].body)
     assert "I prefer Python for backend work" in quoted and ANSWER in quoted  # the whole turn
+
+
+class FailingStreamServer(ScriptedOpenAIServer):
+    """A scripted server whose streamed answers (not the extraction calls) fail after a few
+    text deltas with ``ending``: OpenAI's ``error`` event, or ``response.failed`` carrying the
+    response as far as it came (here all of it, block included)."""
+
+    ending = "error"
+
+    def _responses(self, body: dict) -> Any:
+        response = super()._responses(body)
+        if not body.get("stream"):
+            return response
+        events = list(response.events)
+        deltas = [i for i, e in enumerate(events) if e["type"] == "response.output_text.delta"]
+        kept = events[: deltas[2] + 1]
+        failure: dict[str, Any] = {"type": self.ending, "sequence_number": len(kept)}
+        if self.ending == "error":
+            failure.update(code="server_error", message="The server had an error.", param=None)
+        else:
+            error = {"code": "server_error", "message": "The server had an error."}
+            failure["response"] = {**events[-1]["response"], "status": "failed", "error": error}
+        return dataclasses.replace(response, events=iter([*kept, failure]))
+
+
+@pytest.mark.parametrize("ending", ["error", "response.failed"])
+def test_a_stream_that_fails_with_the_apis_error_is_a_failed_call(db_path, model, ending) -> None:
+    """A stream ending with an ``error`` event or ``response.failed`` (openai yields them, it
+    raises nothing) is a call that failed, sync or async: no memory is stored from it, it is
+    not extracted in the background, and no block is counted missing; what it shows carries
+    no part of the block."""
+    model_says = RememberingModel(ANSWER, [LISBON])
+    model_says.chunk_size = 3
+
+    def responder(body: dict) -> Reply:
+        if "You maintain long-term memory" in json.dumps(body):
+            return Reply.text(json.dumps({"memories": [LISBON]}))  # the extraction call
+        return model_says(body)
+
+    ask = {"model": "gpt-4o", "input": "I live in Lisbon", "stream": True}
+    with FailingStreamServer(responder=responder) as server:
+        server.ending = ending
+        fast = with_fast_memory(server.client(), user_id="a", db_path=db_path, embedder=model)
+        background = with_memory(server.client(), user_id="b", db_path=db_path, embedder=model)
+        events = [*fast.responses.create(**ask), *background.responses.create(**ask)]
+
+        async def read_async() -> list:
+            async with server.async_client() as plain:
+                aclient = with_fast_memory(plain, memory=fast.memory)
+                return [event async for event in await aclient.responses.create(**ask)]
+
+        events += asyncio.run(read_async())
+        assert [e.type for e in events].count(ending) == 3
+        assert not [e for e in events if "memory-" in json.dumps(e.model_dump())]
+        assert stored(fast) == stored(background) == []
+        assert not [r for r in server.requests if r.path == "/v1/chat/completions"]
+        for client in (fast, background):
+            assert not client.memory.stats()["events"].get("missing_blocks")
+            client.close()
 
 
 def test_openai_s_stream_helper_has_memory(client, openai_server, model_says) -> None:

@@ -58,7 +58,7 @@ def sync_twin(client: Any, instead: str) -> Any:
     parameters, timeout and retries. A custom ``http_client`` (a proxy, mTLS) cannot carry
     over to a synchronous client: pass ``extraction_client=`` (or ``embedder=``) then.
     ``instead`` says what to pass for an async client that has no twin (Azure's, another
-    SDK's)."""
+    SDK's, or one that authenticates otherwise than by a key: see :func:`_uncopied_auth`)."""
     if not _is_async(client):
         return client
     import openai
@@ -69,11 +69,32 @@ def sync_twin(client: Any, instead: str) -> Any:
             f"cannot derive a synchronous client from {type(client).__name__} (only from "
             f"openai.AsyncOpenAI); pass {instead}"
         )
+    auth = _uncopied_auth(client)
+    if auth is not None:
+        raise TypeError(
+            f"cannot derive a synchronous client from an AsyncOpenAI that authenticates with "
+            f"{auth}: a synchronous copy would send no key or a placeholder; pass {instead}"
+        )
     return openai.OpenAI(
         **{name: getattr(client, name) for name in TWIN_SETTINGS},
         default_headers=getattr(client, "_custom_headers", None),
         default_query=getattr(client, "_custom_query", None),  # a gateway's api-version, say
     )
+
+
+def _uncopied_auth(client: Any) -> str | None:
+    """How an ``AsyncOpenAI`` authenticates if not by its ``api_key`` (which a twin copies), in
+    words; None if by its key. openai 2.x and 3.x keep an async callable given as ``api_key``
+    (which a synchronous client cannot call) and leave ``api_key`` empty; with
+    ``workload_identity`` (a token exchange the async client does) or ``provider=`` (a
+    platform's sign-in and URL) ``api_key`` is a placeholder or empty."""
+    if getattr(client, "_api_key_provider", None) is not None:
+        return "an async api_key function"
+    if getattr(client, "workload_identity", None) is not None:
+        return "workload_identity"
+    if getattr(client, "_provider", None) is not None:
+        return "provider="
+    return None
 
 
 EXTRACTION_TIMEOUT = 60.0

@@ -35,6 +35,7 @@ OWN_ITEMS = frozenset(
         None,  # a message given as {"role": ..., "content": ...}
         "message",
         "reasoning",
+        "configuration_update",  # the application's new settings (reasoning effort, format)
         *MODEL_CALLS,  # the model's own calls: what it asked a tool to do, not what came back
     }
 )
@@ -44,7 +45,13 @@ other type carries text from elsewhere: a tool's output (``function_call_output`
 a server wrote (``mcp_list_tools``, ``tool_search_output``), earlier turns the request cannot
 show (``compaction``, ``item_reference``), and any type added to the API later."""
 
-FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+FINAL_EVENTS = frozenset({"response.completed", "response.incomplete"})
+"""Events carrying the final response of an answer that came to its end (``incomplete``: cut
+short by ``max_output_tokens`` or a content filter, the model's answer as far as it went)."""
+
+FAILED_EVENTS = frozenset({"error", "response.failed"})
+"""Events of a stream that failed with the API's error: the call failed (see
+:meth:`ResponseEventEditor.abandon`)."""
 
 _REMEMBERED_TURNS = 256  # responses and conversations whose user message a flow remembers
 
@@ -192,6 +199,8 @@ class ResponseEventEditor:
     events that repeat the text (``output_text.done``, ``content_part.done``,
     ``output_item.done``, and the final ``response``) get it cut out. The memory work is queued
     once, from the final response (or, if the stream stops before it, from the text received).
+    A stream that fails with the API's error (an ``error`` event, or ``response.failed``) is a
+    call that failed: it is abandoned, nothing is queued or counted.
     """
 
     def __init__(self, flow: ResponsesFlow, call: Call) -> None:
@@ -231,6 +240,10 @@ class ResponseEventEditor:
         elif kind == "response.output_item.done":
             for part in field_value(event.item, "content") or []:
                 self._strip(part)
+        elif kind in FAILED_EVENTS:
+            self.abandon()
+            if field_value(event, "response") is not None:
+                self._flow.strip(self._call, event.response)  # what came of the answer
         elif kind in FINAL_EVENTS and field_value(event, "response") is not None:
             held = [e for part in list(self._texts) for e in self._held_back(part)]
             if not self._done:
@@ -255,7 +268,8 @@ class ResponseEventEditor:
         return [event]
 
     def abandon(self) -> None:
-        """The stream stopped before its end: unless its final response came, nothing is queued."""
+        """The stream stopped before its end, or failed: unless its final response came, nothing
+        is queued."""
         self._done = True
 
     def end(self) -> list[Any]:
