@@ -326,9 +326,11 @@ def _check_db(args: argparse.Namespace) -> None:
 
 def _check_store_exists(args: argparse.Namespace, folder: str, hint: str) -> None:
     """A read command never creates a store: raise :class:`HeadroomMemoryError` where
-    ``folder`` holds none (it is missing, or holds no Chroma database)."""
+    ``folder`` holds none (it is missing, or holds no Chroma database). A password in a path
+    that looks like a URL ("ftp:/user:password@host") is not shown."""
     if args.command in _READS and not (Path(folder).expanduser() / DATABASE_FILE).is_file():
-        raise HeadroomMemoryError(f"no memory store at {folder} ({hint}); nothing was created")
+        shown = without_credentials(str(folder))
+        raise HeadroomMemoryError(f"no memory store at {shown} ({hint}); nothing was created")
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> Any:

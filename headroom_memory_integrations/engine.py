@@ -528,15 +528,26 @@ def resolve_storage(db_path: str | os.PathLike[str] | None) -> Storage:
 
 
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_MISTYPED_URL = re.compile(r"(https?)(?::[/\\]*|[/\\]{2,})", re.IGNORECASE)
+"""The start of a server URL typed wrong: "http:/", "http:", "http:\\\\", "http//" (a folder
+is never named so, and taking one for a folder put its password in a folder's name)."""
 
 
 def server_url(path: str, what: str) -> str | None:
     """``path`` as a Chroma server's URL (spaces around it dropped, its scheme in lower case),
     or None for a folder. A URL is never taken for a folder: one of another scheme than
-    ``http`` or ``https`` ("chroma://...", "ftp://...") raises :class:`InvalidInputError`."""
+    ``http`` or ``https`` ("chroma://...", "ftp://...") or one typed wrong ("http:/host:8000",
+    "http//host:8000") raises :class:`InvalidInputError`."""
     url = path.strip()
     scheme = _URL_SCHEME.match(url)
     if not scheme:
+        mistyped = _MISTYPED_URL.match(url)
+        if mistyped:
+            meant = f"{mistyped.group(1).lower()}://{url[mistyped.end() :]}"
+            raise InvalidInputError(
+                f"{what} {without_credentials(path)!r} is neither a folder nor a URL: did you "
+                f"mean {without_credentials(meant)!r}?"
+            )
         return None
     name = scheme.group(1).lower()
     if name not in ("http", "https"):

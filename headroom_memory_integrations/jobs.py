@@ -31,13 +31,14 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import sqlite3
 import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,35 @@ _HOST = socket.gethostname()
 _CHECKPOINT_EVERY = 0.5  # seconds, at most, between the worker's WAL checkpoints
 _QUIET_TRIES = 60  # while the queue keeps failing, one log line per this many tries
 _COLUMNS = "id, kind, user_id, payload, attempts, created_at, last_error"
+
+_SECRETS = (
+    # an API key: OpenAI's and Anthropic's (sk-...), Groq's, xAI's, Hugging Face's, Google's
+    (re.compile(r"\b(sk-|gsk_|xai-)[A-Za-z0-9_-]{8,}"), r"\1***"),
+    (re.compile(r"\b(hf_|AIza)[A-Za-z0-9_-]{20,}"), r"\1***"),
+    (re.compile(r"\b(Bearer\s+)[^\s'\",;]+", re.IGNORECASE), r"\1***"),
+    # a URL's "user:password@" (up to the last "@" before a space: a password may hold one)
+    (re.compile(r"://\S*@"), "://***@"),
+    # api_key=..., "password": "...", ?key=... (a gateway quoting the request)
+    (
+        re.compile(
+            r"(\b(?:api[-_]?key|access[-_]?token|token|password|secret)['\"]?\s*[:=]\s*['\"]?"
+            r"|[?&]key=)[^\s'\",;&}]+",
+            re.IGNORECASE,
+        ),
+        r"\1***",
+    ),
+)
+
+
+def without_secrets(error: str) -> str:
+    """``error`` as the queue file keeps it: API keys, bearer tokens and a URL's password
+    written ``***``, so a provider or gateway that echoes the key it was sent ("Incorrect API
+    key provided: sk-...") does not put it on disk. The exception's type, the status code and
+    the error code stay."""
+    for secret, mask in _SECRETS:
+        error = secret.sub(mask, error)
+    return error
+
 
 #: Schema migrations, applied in order; ``PRAGMA user_version`` is how many have run.
 #: Append new scripts, never edit old ones. One statement per ``;``-terminated line group.
@@ -204,6 +234,15 @@ def _use_wal(conn: sqlite3.Connection, seconds: float) -> None:
         pause = min(pause * 2, 0.2)
 
 
+def _create_private(path: str) -> None:
+    """Create the queue file ``path``, empty, readable by its owner alone (0600; SQLite gives
+    its -wal and -shm files the same mode), if it does not exist: its jobs hold turn texts and
+    their errors. A file that exists keeps its mode; one that cannot be made is left to SQLite,
+    which says why."""
+    with suppress(OSError):  # it exists, or its folder does not
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class JobQueue:
     """A durable FIFO of jobs in one SQLite file, safe across threads and processes.
 
@@ -242,6 +281,7 @@ class JobQueue:
         if self._conn is not None:
             return self._conn
         wait = self._busy_timeout if busy_timeout is None else busy_timeout
+        _create_private(self.path)
         conn = sqlite3.connect(
             self.path, timeout=wait, isolation_level=None, check_same_thread=False
         )
@@ -501,7 +541,7 @@ class JobQueue:
             conn.execute(
                 "UPDATE jobs SET status = ?, last_error = ?, not_before = ?, owner = NULL,"
                 f" lease_until = NULL{changes} WHERE id = ?",
-                (status, error[:MAX_ERROR_CHARS], not_before, *values, job_id),
+                (status, without_secrets(error)[:MAX_ERROR_CHARS], not_before, *values, job_id),
             )
 
     def make_due(self, kinds: Collection[str] | None = None) -> int:

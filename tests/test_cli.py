@@ -248,6 +248,33 @@ def test_a_bad_server_url_is_shown_without_its_password(tmp_path, capsys, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "db", ["http:/admin:S3cr3t@chroma.internal:8000", "http//admin:S3cr3t@chroma.internal:8000"]
+)
+def test_a_mistyped_server_url_is_refused_without_its_password(
+    tmp_path, capsys, monkeypatch, db
+) -> None:
+    """A URL with one slash was taken for a folder: "no memory store at http:/admin:S3cr3t@..."
+    (or, for ``add``, a folder named so holding the memories)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HEADROOM_MEMORY_DB", db)
+    assert _exit_status(["list", "--user", "a"]) == 2
+    assert _exit_status(["add", "Prefers tea", "--user", "a", "--db", db]) == 2
+    err = capsys.readouterr().err
+    assert "S3cr3t" not in err and "admin" not in err
+    assert err.count("did you mean 'http://***@chroma.internal:8000'?") == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_store_is_named_without_a_password(tmp_path, capsys, monkeypatch) -> None:
+    """A path that looks like a URL of no server ("ftp:/user:password@host") is a folder, and
+    the error about its missing store showed the password."""
+    monkeypatch.chdir(tmp_path)
+    assert _exit_status(["list", "--user", "a", "--db", "ftp:/admin:S3cr3t@host"]) == 1
+    err = capsys.readouterr().err
+    assert "no memory store at ftp:/***@host" in err and "S3cr3t" not in err
+
+
 @pytest.mark.parametrize("db", ["http://admin:s3cr#t@chroma.local:8000", "http://admin:pa/ss@h:1"])
 def test_a_password_read_as_the_port_is_not_quoted(tmp_path, capsys, monkeypatch, db) -> None:
     """A password holding "#" or "/" ends the host there, and its start is read as the port:

@@ -787,3 +787,65 @@ def test_a_forked_child_holds_none_of_its_parents_memory_work(tmp_path) -> None:
     os.waitpid(pid, 0)
     assert pickle.loads(os.read(read, 4096)) == (0, None, {}, 0)
     assert len(parent._held) == 1 and parent._unsettled == {"alice": {7}}  # the parent's own
+
+
+class _GatewayError(Exception):
+    """What an OpenAI-compatible gateway's 401 reads as, quoting the key it was sent."""
+
+
+def test_an_error_echoing_the_key_is_kept_without_it(
+    queue: JobQueue, make_worker: MakeWorker, path: Path
+) -> None:
+    """A provider or gateway that echoes the key it was sent ("Incorrect API key provided:
+    sk-...") put the key in the queue file's ``last_error``, on disk, retried or dead-lettered.
+    The type, status code and error code stay: they say what went wrong."""
+    key, token = "sk-proj-SECRET1234567890abcd", "eyJhbGciOiJIUzI1NiJ9.SECRETtoken"
+    echoed = (
+        f"Error code: 401 - {{'error': {{'message': 'Incorrect API key provided: {key}. "
+        f"Sent Authorization: Bearer {token} to http://admin:SECRETpw@gw.example:4000/v1', "
+        "'type': 'invalid_request_error', 'param': None, 'code': 'invalid_api_key'}}"
+    )
+    tries = []
+
+    def handler(job: Job) -> None:
+        tries.append(job.id)
+        raise _GatewayError(echoed)
+
+    worker = make_worker(handler, retryable=lambda exc: len(tries) < 2)
+    queue.put("extract", "alice", {"turn": "I like tea"})
+    worker.notify()
+    wait_for(lambda: worker.stats()["retried"] == 1)
+    wait_for(lambda: worker.stats()["failed"] == 1)
+    [dead] = queue.failed()
+    assert "SECRET" not in (dead.last_error or "")
+    assert dead.last_error is not None and dead.last_error.startswith(
+        "_GatewayError: Error code: 401 - "
+    )
+    assert "'code': 'invalid_api_key'" in dead.last_error and "sk-***" in dead.last_error
+    assert "Bearer ***" in dead.last_error and "http://***@gw.example:4000" in dead.last_error
+    queue.close()
+    for file in (path, Path(f"{path}-wal")):
+        assert not file.exists() or b"SECRET" not in file.read_bytes()
+
+
+def test_a_queue_file_is_its_owners_alone(tmp_path: Path) -> None:
+    """Its jobs hold turns and their errors: the file (and SQLite's -wal and -shm beside it)
+    was created with the umask's 0644 in a folder of the user's; a file that exists keeps
+    its mode."""
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    before = os.umask(0o022)
+    try:
+        queue = JobQueue(shared / "jobs.sqlite3")
+        queue.put("store", "alice", {"turn": "Takes medication for migraines"})
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in shared.iterdir()}
+        queue.close()
+        older = shared / "older.sqlite3"
+        sqlite3.connect(older).close()  # an existing queue file, 0644: left as it is
+        JobQueue(older).close()
+    finally:
+        os.umask(before)
+    assert modes == {"jobs.sqlite3": 0o600, "jobs.sqlite3-wal": 0o600, "jobs.sqlite3-shm": 0o600}
+    assert stat.S_IMODE(older.stat().st_mode) == 0o644

@@ -806,6 +806,48 @@ def test_a_refused_server_url_is_shown_without_its_password(url, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("url", "meant"),
+    [
+        ("http:/admin:S3cr3t@db.example:8000", "http://***@db.example:8000"),
+        ("HTTPS:\\\\admin:S3cr3t@db.example:8000", "https://***@db.example:8000"),
+        ("http//admin:S3cr3t@db.example:8000", "http://***@db.example:8000"),
+        (" http:admin:S3cr3t@db.example:8000", "http://***@db.example:8000"),
+    ],
+)
+def test_a_mistyped_server_url_is_refused_without_its_password(
+    url, meant, tmp_path, monkeypatch
+) -> None:
+    """One slash, backslashes, no colon: the URL was taken for a folder, made in the current
+    directory with the password in its name (and in repr(store), stats() and logs), and the
+    memories were kept there instead of on the server."""
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations import ChromaStorage
+    from headroom_memory_integrations.storage.base import without_credentials
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInputError, match="neither a folder nor a URL") as refused:
+        MemoryStore("alice", db_path=url, embedder=HashEmbedder())
+    assert "S3cr3t" not in str(refused.value) and f"did you mean {meant!r}?" in str(refused.value)
+    assert "S3cr3t" not in without_credentials(url) and "admin" not in without_credentials(url)
+    with pytest.raises(StorageError) as refused:
+        ChromaStorage.from_url(url)
+    assert "S3cr3t" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("folder", ["http/x", "./http/x", "https-notes/x", "https.d/x"])
+def test_a_folder_whose_name_starts_like_a_scheme_is_a_folder(folder, tmp_path, monkeypatch):
+    from conftest import HashEmbedder
+
+    monkeypatch.chdir(tmp_path)
+    store = MemoryStore("alice", db_path=folder, embedder=HashEmbedder())
+    store.add("Prefers tea")
+    assert (tmp_path / folder / "chroma.sqlite3").exists()
+    store.close()
+
+
 @pytest.mark.parametrize("threshold", [2.0, -0.1, float("nan"), "0.9", True])
 def test_a_duplicate_threshold_that_is_not_a_similarity_is_refused(db_path, threshold) -> None:
     with pytest.raises(InvalidInputError, match="duplicate_threshold must be None or a number"):
