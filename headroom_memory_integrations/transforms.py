@@ -125,7 +125,14 @@ class RollingWindowTransform:
 
     Messages are dicts, or an SDK's message objects with ``model_dump`` (the OpenAI SDK's
     ``ChatCompletionMessage``, appended to the history as in OpenAI's function-calling guide):
-    such an object is read, and kept, as its ``model_dump(exclude_none=True)``.
+    such an object is read, and kept, as its ``model_dump(exclude_none=True)``. So are the
+    SDK's objects inside a dict (``{"role": "assistant", "tool_calls": message.tool_calls}``):
+    tool calls, a ``function_call`` and content parts are counted as their dumps.
+
+    The window counts only the messages it is given. A memory wrapper adds its own to the
+    request after it (``with_fast_memory``: a system message of about 230 tokens of instruction
+    plus the memories, about 450 tokens with ``top_k=5``, up to 1,000 with long memories):
+    leave room for it in ``max_tokens``.
 
     The input is never mutated. The result is a new list of shallow copies of the kept
     messages: new dicts, but nested values (content parts, ``tool_calls``) are shared.
@@ -170,7 +177,8 @@ class RollingWindowTransform:
         )
 
     def count(self, messages: Sequence[Mapping[str, Any]]) -> int:
-        """Tokens the messages cost: content, names and tool calls plus per-item overheads."""
+        """Tokens the messages cost: content, names, refusals and tool calls plus per-item
+        overheads."""
         return sum(self._cost(m) for m in _validate(messages))
 
     def apply(self, messages: Sequence[Mapping[str, Any]]) -> list[Message]:
@@ -209,9 +217,13 @@ class RollingWindowTransform:
         total = MESSAGE_OVERHEAD + self._content_cost(message.get("content"))
         if message.get("name"):
             total += count(str(message["name"])) + 1
-        calls = list(message.get("tool_calls") or [])
+        if isinstance(message.get("refusal"), str):  # an assistant message that refused
+            total += count(message["refusal"])
+        # the SDK's tool call objects, put in a dict as they came ({"role": "assistant",
+        # "tool_calls": completion.choices[0].message.tool_calls}), are read as dicts
+        calls = [_as_dict(call) for call in message.get("tool_calls") or []]
         if message.get("function_call"):
-            calls.append({"function": message["function_call"]})
+            calls.append({"function": _as_dict(message["function_call"])})
         for call in calls:
             total += TOOL_CALL_OVERHEAD
             # a function call's arguments, or a custom tool call's free-form input
@@ -229,7 +241,7 @@ class RollingWindowTransform:
         if not isinstance(content, list | tuple):
             raise InvalidInputError(f"content must be str, None or a list, not {type(content)}")
         total = 0
-        for part in content:
+        for part in map(_as_dict, content):
             if isinstance(part, str):
                 total += self.token_counter(part)
             elif isinstance(part, Mapping) and part.get("type") in _TEXT_PARTS:
@@ -241,6 +253,14 @@ class RollingWindowTransform:
         return total
 
 
+def _as_dict(value: Any) -> Any:
+    """``value``, or, for an SDK object with ``model_dump`` (a pydantic model such as the OpenAI
+    SDK's ``ChatCompletionMessageToolCall``), its ``model_dump(exclude_none=True)``."""
+    if not isinstance(value, Mapping) and callable(getattr(value, "model_dump", None)):
+        return value.model_dump(exclude_none=True)
+    return value
+
+
 def _validate(messages: Any) -> list[Mapping[str, Any]]:
     """The messages as mappings: an SDK's message object (the OpenAI SDK's
     ``ChatCompletionMessage``, appended to the history as in OpenAI's function-calling guide)
@@ -249,8 +269,7 @@ def _validate(messages: Any) -> list[Mapping[str, Any]]:
         raise InvalidInputError(f"messages must be a list of dicts, not {type(messages)}")
     valid: list[Mapping[str, Any]] = []
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) and callable(getattr(message, "model_dump", None)):
-            message = message.model_dump(exclude_none=True)
+        message = _as_dict(message)
         if not isinstance(message, Mapping):
             raise InvalidInputError(f"messages[{i}] must be a dict, not {type(message)}")
         if not isinstance(message.get("role"), str) or not message["role"]:

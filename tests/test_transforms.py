@@ -429,3 +429,102 @@ def test_the_openai_sdks_message_objects_are_read_as_dicts(openai_server) -> Non
     assert small.apply([*messages, user("And tomorrow?")]) == [user("And tomorrow?")]
     with pytest.raises(InvalidInputError, match=r"messages\[0\] must be a dict"):
         transform.apply([object()])
+
+
+def test_the_sdks_objects_inside_a_dict_are_counted_as_their_dumps() -> None:
+    """The common tutorial pattern puts the SDK's tool call objects in a dict
+    (``{"role": "assistant", "tool_calls": message.tool_calls}``): a call with 14,000 tokens of
+    arguments counted as a few, so the window kept history far over its budget. The same for
+    a ``function_call`` object and content part objects."""
+    from openai.types.chat import ChatCompletionMessage, ChatCompletionMessageToolCall
+    from openai.types.chat.chat_completion_message import FunctionCall
+
+    arguments = json.dumps({"code": "print('hello world')\n" * 300})
+    sdk_call = ChatCompletionMessageToolCall(
+        id="c1", type="function", function={"name": "run", "arguments": arguments}
+    )
+    transform = RollingWindowTransform(1000, token_counter=words)
+    as_objects = {"role": "assistant", "content": None, "tool_calls": [sdk_call]}
+    as_dicts = {**as_objects, "tool_calls": [sdk_call.model_dump(exclude_none=True)]}
+    assert transform.count([as_objects]) == transform.count([as_dicts]) > 300
+    function = FunctionCall(name="run", arguments=arguments)
+    legacy = {"role": "assistant", "content": None, "function_call": function}
+    assert transform.count([legacy]) == transform.count(
+        [{**legacy, "function_call": function.model_dump()}]
+    )
+    assert transform.count([legacy]) == transform.count([as_objects])
+    message = ChatCompletionMessage(role="assistant", content="Done.")
+    history = [
+        user("Write and run a long script."),
+        as_objects,
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+        message,
+        user("Thanks, now something else."),
+    ]
+    assert RollingWindowTransform(200, token_counter=words).apply(history) == [
+        user("Thanks, now something else.")
+    ]
+
+
+def test_a_refusal_is_counted() -> None:
+    """An assistant message that refused carries its text in ``refusal`` (the SDK's
+    ``ChatCompletionMessage``, sent back with the history): counted as a refusal part is."""
+    from openai.types.chat import ChatCompletionMessage
+
+    text = "I can't help with that request, because it asks for something harmful. " * 20
+    transform = RollingWindowTransform(1000, token_counter=words)
+    as_field = ChatCompletionMessage(role="assistant", content=None, refusal=text)
+    as_part = {"role": "assistant", "content": [{"type": "refusal", "refusal": text}]}
+    assert (
+        transform.count([as_field]) == transform.count([as_part]) == MESSAGE_OVERHEAD + words(text)
+    )
+    assert transform.count([{"role": "assistant", "content": "No.", "refusal": None}]) == (
+        MESSAGE_OVERHEAD + 1
+    )
+
+
+LONG_FACT = (
+    "Works as a backend engineer at a fintech startup in Berlin, where the team builds payment "
+    "reconciliation services in Python with PostgreSQL and Kafka, deploys on Kubernetes and is "
+    "moving from a monolith to services; prefers typed code, thorough tests, small pull "
+    "requests and written design documents before any larger change, and reviews code each "
+    "morning before the stand-up at ten, often with a coffee from the café near the station."
+)
+
+
+@needs_tiktoken
+@pytest.mark.openai_client
+def test_the_room_the_docs_leave_for_the_memory_prompt_is_enough(openai_server, tmp_path) -> None:
+    """The window counts only the messages it is given; with_fast_memory adds its prompt after
+    it. The README and the class's docstring say how much room to leave: about 450 tokens with
+    top_k=5 and short memories, up to 1,000 with long ones."""
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations.openai import with_fast_memory
+
+    transform = RollingWindowTransform(3000)
+    question = [user("which backend language and database do I use at work")]
+    short = [
+        "Uses Python as backend language at work",
+        "Uses PostgreSQL database at work",
+        "Works at a fintech startup on the backend team",
+        "Prefers Python for backend work",
+        "Backend work at work uses Kafka queues",
+    ]
+    for facts, room in ((short, 500), ([f"{i}. {LONG_FACT}" for i in range(5)], 1000)):
+        client = with_fast_memory(
+            openai_server.client(),
+            user_id="dana",
+            db_path=tmp_path / str(room),
+            embedder=HashEmbedder(),
+            min_score=0.0,
+        )
+        for fact in facts:
+            client.memory.add(fact, category="fact")
+        client.chat.completions.create(model="gpt-4o", messages=transform.apply(question))
+        sent = openai_server.requests[-1].body["messages"]
+        injected = sent[0]["content"]
+        assert sum(fact in injected for fact in facts) == 5  # all five, and the instruction
+        assert "<memory-" in injected
+        assert room // 2 < transform.count(sent) - transform.count(question) <= room
+        client.close()
