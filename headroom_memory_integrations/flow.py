@@ -496,7 +496,12 @@ class MemoryFlow:
                     return answer  # a tool call: no text, no block
                 parsed = parse_memory_block(answer, turn.nonce)
                 self.finish_inline(
-                    turn, parsed.memories, parsed.problem, parsed.block_found, parsed.dropped
+                    turn,
+                    parsed.memories,
+                    parsed.problem,
+                    parsed.block_found,
+                    parsed.dropped,
+                    parsed.foreign_blocks,
                 )
                 return parsed.visible
             self.finish_background(turn, answer)
@@ -516,15 +521,22 @@ class MemoryFlow:
         problem: str | None,
         block_found: bool,
         dropped: int = 0,
+        foreign_blocks: int = 0,
     ) -> None:
         """Queue the memories of an inline block for storing; count what was wrong with it
-        (``malformed_blocks``, ``missing_blocks``, ``dropped_entries`` in ``stats()``)."""
+        (``malformed_blocks``, ``missing_blocks``, ``dropped_entries``, ``foreign_blocks`` in
+        ``stats()``)."""
         if dropped:
             self.memory.counters["dropped_entries"] += dropped
+        if foreign_blocks:
+            self.memory.counters["foreign_blocks"] += foreign_blocks
+            log.info(
+                "%d memory blocks of another nonce hidden (user %s)", foreign_blocks, self._user()
+            )
         if problem:
             self.memory.counters["malformed_blocks"] += 1
             log.info("memory block problem (user %s): %s", self._user(), problem)
-        elif not block_found:
+        elif not block_found and not foreign_blocks:
             self.memory.counters["missing_blocks"] += 1
         if turn.untrusted:  # (its "replaces" not followed, its keys not kept: grounding.py)
             kept = [m for m in memories if grounded(m.text, turn.user_text or "")]
@@ -720,6 +732,7 @@ class AnswerStream:
                         result.problem,
                         result.answer.block_found,
                         result.answer.dropped,
+                        result.answer.foreign_blocks,
                     )
             elif self._remember:
                 self._flow.finish_background(self._turn, "".join(self._answer))

@@ -16,15 +16,25 @@ Each entry is ``{"text": str, "category": "preference" | "fact" | "context", "ke
 questions about situations where it matters, indexed with the memory: see :mod:`.keys`),
 ``replaces`` optional (the short id of an injected memory
 this one supersedes); ``[]`` means nothing is worth remembering. Only the system instruction
-carries the nonce, so a block a user types (or makes the model echo) has no nonce or a stale one
-and is ordinary text: it cannot plant memories. A plain ``<memory>`` tag, e.g. in a code
-example, is ordinary text too and stays visible.
+carries the nonce, so a block a user types (or makes the model echo) has no nonce or a stale one:
+it cannot plant memories. A plain ``<memory>`` tag, e.g. in a code example, is ordinary text and
+stays visible.
 
 **2. The parser** (:func:`parse_memory_block`) never raises. The rules, shared with the filter:
 
 - Scanning left to right, a block runs from an opening tag with this nonce to the next closing
   tag with this nonce. Every such block is removed from the visible text; text after a closing
-  tag stays visible. A closing tag with no opening tag before it is ordinary text.
+  tag stays visible. A closing tag with this nonce and no opening tag before it (a nested block,
+  a closing tag written twice, an opening tag forgotten) is left over from a block, since only
+  the model knows the nonce: it is removed too (noted in ``problem``); the text before it stays.
+- A *foreign block*, exactly ``<memory-HEX>`` + blanks + ``[...]`` with no ``<`` in it + blanks
+  + ``</memory-HEX>``, where HEX is any other nonce as :func:`new_nonce` makes them (10 hex
+  characters, here in any case, the same in both tags) and at most :data:`MAX_BLOCK_CHARS`
+  between the tags, is a block the model tagged wrongly (an earlier turn's nonce that it saw in
+  the history, this one in capitals): it is removed from the visible text and stores nothing
+  (counted in ``foreign_blocks``). Anything else like it (no array, a ``<`` inside, a tag never
+  closed, another length) is ordinary text. The scan takes whichever tag comes first; at one
+  place, this nonce's opening tag wins.
 - An opening tag with no closing tag after it (a truncated answer) is removed from the tag to the
   end of the answer and stores nothing. So is the start of one that ends the answer (cut off
   inside the tag: ``"<m"`` to ``"<memory-3f9a1c2b7"``); a lone ``"<"`` at the end stays.
@@ -37,7 +47,9 @@ example, is ordinary text too and stays visible.
 - The visible text is the rest, with trailing whitespace removed.
 
 **3. The stream filter** (:class:`MemoryStreamFilter`) applies the same rules to deltas. It holds
-back only what could still turn out to be the start of an opening tag, plus trailing whitespace
+back only what could still turn out to be the start of a tag (this nonce's opening or closing
+tag, another nonce's opening tag), a foreign block until it is complete or cannot be one (at
+most :data:`MAX_BLOCK_CHARS`), plus trailing whitespace
 (invisible, and removed anyway if the answer ends there), and a line that could open a code fence
 with what follows it while that fence holds only blank lines (and perhaps a block) so far. Inside
 a block everything is withheld; after its closing tag, text streams again. So no chunk ever
@@ -176,13 +188,17 @@ class ParsedAnswer:
     """A model's answer split into what the user sees and what gets remembered.
 
     Attributes:
-        visible: The answer without the memory block(s), a code fence that held only them, and
+        visible: The answer without the memory block(s), closing tags with this nonce left
+            over, foreign blocks, a code fence that held only them, and
             the whitespace before a cut one at its end; an answer with no block is left as it is.
         memories: Valid entries of the last block (empty if none, if it is unclosed or malformed).
         problem: None, or a short description of what was wrong, for logging.
         block_found: Whether an opening tag with this nonce occurred at all (False means the model
-            ignored the instruction).
+            ignored the instruction, or wrote only foreign blocks or a closing tag).
         dropped: Entries of the block left out (invalid, repeated, or past the cap).
+        foreign_blocks: Blocks of another nonce removed from the visible text (a block the
+            model tagged with an earlier turn's nonce or with this one in capitals): they
+            store nothing.
     """
 
     visible: str
@@ -190,6 +206,7 @@ class ParsedAnswer:
     problem: str | None = None
     block_found: bool = False
     dropped: int = 0
+    foreign_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -944,32 +961,116 @@ def _cut_tag_start(text: str, open_tag: str, start: int = 0) -> int:
     return at if len(text) - at >= _MIN_CUT_TAG_CHARS else len(text)
 
 
-def _split(text: str, open_tag: str, close_tag: str) -> tuple[str, list[str], list[int], bool]:
-    """(visible text before rstrip, contents of the closed blocks, where each block was cut from
-    the visible text, whether the last one is left unclosed). An answer cut off inside an opening
-    tag (``_MIN_CUT_TAG_CHARS``) ends with an unclosed block there."""
+_FOREIGN_NONCE_CHARS = 2 * _NONCE_BYTES  # the hex characters of a nonce new_nonce() makes
+_FOREIGN_OPEN = f"<memory-([0-9a-f]{{{_FOREIGN_NONCE_CHARS}}})>"
+# What can still become another nonce's opening tag ("<", "<MEM", "<memory-01234"): the stream
+# filter holds it back as it holds back the start of this nonce's tags
+_FOREIGN_OPEN_START_RE = re.compile(
+    f"<(?:m(?:e(?:m(?:o(?:r(?:y(?:-[0-9a-f]{{0,{_FOREIGN_NONCE_CHARS}}})?)?)?)?)?)?)?",
+    re.IGNORECASE | re.ASCII,
+)
+_FOREIGN_ARRAY_RE = re.compile(r"\[[^<]*\]\s*")
+# What _foreign_block_end says when the text ends before it can tell (at the answer's end: no
+# block), and when it can tell there is no block
+_WAIT_BLANK, _WAIT_ARRAY, _WAIT_CLOSE, _NO_BLOCK = -1, -2, -3, -4
+
+
+@functools.lru_cache(maxsize=64)
+def _tags_re(nonce: str) -> re.Pattern[str]:
+    """The tags the scan outside a block stops at: this nonce's opening tag, its closing tag and
+    the opening tag of any other nonce of :func:`new_nonce`'s length, in any case (group 1: its
+    nonce). At one place, this nonce's opening tag wins."""
+    open_tag, close_tag = block_tags(nonce)
+    return re.compile(
+        f"{re.escape(open_tag)}|{re.escape(close_tag)}|(?i:{_FOREIGN_OPEN})", re.ASCII
+    )
+
+
+def _foreign_close(opening: re.Match[str]) -> str:
+    """The closing tag of the foreign block ``opening`` (a :func:`_tags_re` match) may open."""
+    return f"</memory-{opening.group(1).lower()}>"
+
+
+def _foreign_block_end(text: str, body: int, close_tag: str) -> int:
+    """Where the foreign block whose opening tag ends at ``body`` ends in ``text``; or
+    ``_NO_BLOCK``; or, when ``text`` ends before that can be told, what is awaited
+    (``_WAIT_BLANK``, ``_WAIT_ARRAY``, ``_WAIT_CLOSE``: at the answer's end, no block).
+
+    A foreign block is exactly: the opening tag, blanks, ``[``, anything but ``<``, ``]``,
+    blanks, ``close_tag`` (its nonce in any case), at most :data:`MAX_BLOCK_CHARS` between the
+    tags. Linear in what it reads: up to the first ``<`` after ``body``."""
+    limit = body + MAX_BLOCK_CHARS  # the closing tag starts here at the latest
+    first = _NOT_BLANK_RE.search(text, body, limit + 1)
+    if first is None:
+        return _WAIT_BLANK if len(text) <= limit else _NO_BLOCK
+    if text[first.start()] != "[":
+        return _NO_BLOCK
+    less = text.find("<", first.start(), limit + 1)
+    if less < 0:
+        return _WAIT_ARRAY if len(text) <= limit else _NO_BLOCK
+    tag = text[less : less + len(close_tag)]
+    if not (tag.isascii() and close_tag.startswith(tag.lower())):
+        return _NO_BLOCK
+    if len(tag) < len(close_tag):
+        return _WAIT_CLOSE
+    if _FOREIGN_ARRAY_RE.fullmatch(text, first.start(), less) is None:
+        return _NO_BLOCK
+    return less + len(close_tag)
+
+
+@dataclass
+class _Split:
+    """What :func:`_split` found in an answer."""
+
+    visible: str  # the text outside blocks, before rstrip
+    blocks: list[str]  # the contents of this nonce's closed blocks
+    cuts: list[int]  # where blocks, foreign blocks and closing tags were cut from ``visible``
+    unclosed: bool  # this nonce's last block is left unclosed
+    opened: bool  # an opening tag with this nonce occurred (or the answer ends inside one)
+    orphans: int  # closing tags with this nonce and no opening tag before them
+    foreign: int  # foreign blocks
+
+
+def _split(text: str, nonce: str) -> _Split:
+    """Scan ``text`` left to right for blocks (the rules in the module docstring). An answer cut
+    off inside an opening tag (``_MIN_CUT_TAG_CHARS``) ends with an unclosed block there."""
+    open_tag, close_tag = block_tags(nonce)
+    tags = _tags_re(nonce)
+    found = _Split("", [], [], False, False, 0, 0)
     pieces: list[str] = []
-    blocks: list[str] = []
-    cuts: list[int] = []
     pos = length = 0
-    while True:
-        start = text.find(open_tag, pos)
-        if start < 0:
-            start = _cut_tag_start(text, open_tag, pos)
-            pieces.append(text[pos:start])
-            if start == len(text):
-                return "".join(pieces), blocks, cuts, False
-            cuts.append(length + start - pos)  # the answer was cut off inside the opening tag
-            return "".join(pieces), blocks, cuts, True
-        pieces.append(text[pos:start])
-        length += start - pos
-        cuts.append(length)
-        inner = start + len(open_tag)
-        end = text.find(close_tag, inner)
-        if end < 0:
-            return "".join(pieces), blocks, cuts, True
-        blocks.append(text[inner:end])
-        pos = end + len(close_tag)
+    while (tag := tags.search(text, pos)) is not None:
+        at = tag.start()
+        end = tag.end()
+        if tag.group() == close_tag:
+            found.orphans += 1
+        elif tag.group() != open_tag:
+            end = _foreign_block_end(text, tag.end(), _foreign_close(tag))
+            if end < 0:  # no block: its "<" is text, and the scan goes on after it
+                pieces.append(text[pos : at + 1])
+                length += at + 1 - pos
+                pos = at + 1
+                continue
+            found.foreign += 1
+        pieces.append(text[pos:at])
+        length += at - pos
+        found.cuts.append(length)
+        if tag.group() == open_tag:
+            found.opened = True
+            end = text.find(close_tag, tag.end())
+            if end < 0:
+                found.visible, found.unclosed = "".join(pieces), True
+                return found
+            found.blocks.append(text[tag.end() : end])
+            end += len(close_tag)
+        pos = end
+    start = _cut_tag_start(text, open_tag, pos)
+    pieces.append(text[pos:start])
+    if start < len(text):  # the answer was cut off inside the opening tag
+        found.cuts.append(length + start - pos)
+        found.opened = found.unclosed = True
+    found.visible = "".join(pieces)
+    return found
 
 
 # Markdown code fences (CommonMark, read line by line at the top level): an opening line of three
@@ -1103,31 +1204,35 @@ def parse_memory_block(text: str, nonce: str) -> ParsedAnswer:
     """Split a complete answer into visible text and memories. Never raises.
 
     See the module docstring for the rules (only this nonce counts, the last block wins, an unclosed
-    block is cut and stores nothing, text after a closing tag stays visible).
+    block is cut and stores nothing, text after a closing tag stays visible, a stray closing tag
+    and a foreign block are cut and store nothing).
     """
     if not isinstance(text, str):
         return ParsedAnswer("", (), "answer is not a string")
     if not _valid_nonce(nonce):
         return ParsedAnswer(text, (), "invalid nonce: no memory block can match")
-    open_tag, close_tag = f"<memory-{nonce}>", f"</memory-{nonce}>"
-    visible, blocks, cuts, unclosed = _split(text, open_tag, close_tag)
-    found = bool(cuts)
-    if found:  # a fence around a cut block, the whitespace that set it apart; else unchanged
-        visible = _without_block_fences(visible, cuts).rstrip()
+    found = _split(text, nonce)
+    visible, blocks, unclosed = found.visible, found.blocks, found.unclosed
+    if found.cuts:  # a fence around a cut block, the whitespace that set it apart; else unchanged
+        visible = _without_block_fences(visible, found.cuts).rstrip()
     notes: list[str] = []
+    if found.orphans:
+        notes.append(
+            f"{found.orphans} closing tag{'' if found.orphans == 1 else 's'} with no opening tag"
+        )
     if len(blocks) + unclosed > 1:
         notes.append(f"{len(blocks) + unclosed} memory blocks; only the last counts")
     if unclosed:
         notes.append("unclosed memory block (truncated answer?); nothing stored")
-        return ParsedAnswer(visible, (), _join(notes), found)
-    if not blocks:
-        return ParsedAnswer(visible, (), None, False)
+    if unclosed or not blocks:
+        return ParsedAnswer(visible, (), _join(notes), found.opened, foreign_blocks=found.foreign)
     try:
         memories, block_notes, dropped = _block_memories(blocks[-1])
     except Exception as exc:  # pragma: no cover - a safety net: a parser bug must not break answers
         block_notes = [f"memory block could not be parsed ({type(exc).__name__})"]
         memories, dropped = (), 0
-    return ParsedAnswer(visible, memories, _join(notes + block_notes), found, dropped)
+    problem = _join(notes + block_notes)
+    return ParsedAnswer(visible, memories, problem, True, dropped, found.foreign)
 
 
 # ASCII only: without it, "<thınk>" (a dotless i) matched and named no closing tag
@@ -1237,6 +1342,7 @@ class _VisibleText:
         self.shown: list[str] = []
         self.cut = False  # a block was cut
         self._held = ""  # not shown yet: trailing whitespace, then perhaps a fence in question
+        self._more: list[str] = []  # what follows self._held, not joined to it yet (linear)
         self._line: str | None = ""  # the line so far; None once it cannot open or close a fence
         self._fence: tuple[str, int] | None = None  # a fence shown and not closed yet
         self._maybe: int | None = None  # self._held[self._maybe :] is a fence in question
@@ -1268,14 +1374,16 @@ class _VisibleText:
             line = " " * (_MAX_FENCE_LINE + 1)  # blank, and too long for a fence line: no more
         if self._maybe is None and self._fence is None and line is not None and line.strip():
             if self._blank_from is not None:  # the first text after a dropped fence
+                self._join_held()
                 end = self._held.rfind("\n", self._blank_from) + 1
                 if end:
                     self._held = self._held[: self._blank_from] + self._held[end:]
                 self._blank_from = None
             if _may_open_fence(line):
+                self._join_held()
                 self._maybe = self._held.rfind("\n") + 1  # its line's start
         if self._maybe is not None:
-            self._held += piece
+            self._more.append(piece)
             line = self._in_question(line or "", ends)
         else:
             self._show(piece)
@@ -1320,6 +1428,10 @@ class _VisibleText:
 
     def _show(self, text: str) -> None:
         """Show what is held and ``text``, but their trailing whitespace."""
+        if self._maybe is None and text.isspace():  # what is held is whitespace too
+            self._more.append(text)
+            return
+        self._join_held()
         text = self._held + text
         core = text.rstrip()
         if core:
@@ -1330,7 +1442,13 @@ class _VisibleText:
         self._maybe, self._maybe_fence, self._maybe_cut = None, None, False
         self._show("")
 
+    def _join_held(self) -> None:
+        if self._more:
+            self._held += "".join(self._more)
+            self._more = []
+
     def _drop(self) -> None:
+        self._join_held()
         self._held = self._held[: self._maybe]
         self._blank_from = len(self._held)
         self._maybe, self._maybe_fence, self._maybe_cut = None, None, False
@@ -1344,6 +1462,7 @@ class _VisibleText:
                 self._drop()
             else:
                 self._release()
+        self._join_held()
         held, self._held = self._held, ""
         return self.take() + (held.rstrip() if self.cut else held)
 
@@ -1361,8 +1480,11 @@ class MemoryStreamFilter:
         show(result.tail)
         store(result.memories)
 
-    What it holds back: outside a block, a suffix that could be the start of the opening tag
-    (e.g. ``"<mem"``: cut if the answer ends there, as the parser cuts it), trailing
+    What it holds back: outside a block, a suffix that could be the start of a tag (e.g.
+    ``"<mem"``: cut if the answer ends there and it is the start of this nonce's opening tag, as
+    the parser cuts it; ``"</mem"``, ``"<MEMORY-01"`` are text at the end), what could still be
+    a foreign block (from another nonce's opening tag to its closing tag, at most
+    :data:`MAX_BLOCK_CHARS` on; released if it turns out to be none), trailing
     whitespace, a line that could still open a code fence and a code fence that holds only
     blank lines so far (the model may have fenced its block: then the fence goes with the
     block); once the opening tag is complete, everything until the closing
@@ -1377,11 +1499,21 @@ class MemoryStreamFilter:
     def __init__(self, nonce: str) -> None:
         self._nonce = nonce
         self._open, self._close = block_tags(nonce)
+        self._tags = _tags_re(nonce)
+        self._longest_tag = max(len(self._open), len(self._close), 9 + _FOREIGN_NONCE_CHARS)
         self._raw: list[str] = []
         self._inside = False
-        # Outside a block, a possible start of the opening tag; inside, the last few characters,
-        # enough to find a closing tag split across deltas
+        # Outside a block, a possible start of a tag; inside, the last few characters, enough
+        # to find a closing tag split across deltas
         self._pending = ""
+        # While an opening tag of another nonce may open a foreign block: the text from that
+        # tag on (in pieces), where its body starts, its closing tag, how long it is, and what
+        # _foreign_block_end said of it last
+        self._foreign: list[str] | None = None
+        self._foreign_body = 0
+        self._foreign_close = ""
+        self._foreign_length = 0
+        self._foreign_wait = _WAIT_BLANK
         self._visible = _VisibleText()  # the text outside blocks goes there
         self._result: StreamResult | None = None
 
@@ -1400,34 +1532,96 @@ class MemoryStreamFilter:
         if not delta:
             return ""
         self._raw.append(delta)
-        rest: str | None = delta
-        while rest is not None:
-            rest = self._feed_inside(rest) if self._inside else self._feed_outside(rest)
+        if self._foreign is not None:
+            self._grow_foreign(delta)
+        else:
+            text, self._pending = self._pending + delta, ""
+            self._scan(text, 0)
         return self._visible.take()
 
-    def _feed_outside(self, delta: str) -> str | None:
-        """Consume ``delta`` outside a block; return the text after an opening tag, if any."""
-        buffer = self._pending + delta
-        start = buffer.find(self._open)
-        if start >= 0:
-            self._visible.add(buffer[:start])
-            self._visible.add_cut()
-            self._pending, self._inside = "", True
-            return buffer[start + len(self._open) :]
-        cut = _tag_prefix_start(buffer, self._open)
-        self._visible.add(buffer[:cut])
-        self._pending = buffer[cut:]
-        return None
+    def _scan(self, text: str, pos: int | None) -> None:
+        """Consume ``text`` from ``pos`` on, the end of the answer so far."""
+        while pos is not None:
+            pos = self._scan_inside(text, pos) if self._inside else self._scan_outside(text, pos)
 
-    def _feed_inside(self, delta: str) -> str | None:
-        """Consume ``delta`` inside a block; return the text after the closing tag, if it ends."""
-        buffer = self._pending + delta
-        end = buffer.find(self._close)
-        if end < 0:
-            self._pending = buffer[-(len(self._close) - 1) :]
+    def _scan_outside(self, text: str, pos: int) -> int | None:
+        """Consume ``text[pos:]`` outside a block, up to the next tag; return where to go on."""
+        tag = self._tags.search(text, pos)
+        if tag is None:
+            held = text.rfind("<", max(pos, len(text) - self._longest_tag + 1))
+            if held < 0 or not self._may_start_tag(text[held:]):
+                held = len(text)
+            self._visible.add(text[pos:held])
+            self._pending = text[held:]
             return None
-        self._inside, self._pending = False, ""
-        return buffer[end + len(self._close) :]
+        self._visible.add(text[pos : tag.start()])
+        if tag.group() == self._close:  # a block's leftover closing tag
+            self._visible.add_cut()
+        elif tag.group() == self._open:
+            self._visible.add_cut()
+            self._inside = True
+        else:
+            close_tag = _foreign_close(tag)
+            end = _foreign_block_end(text, tag.end(), close_tag)
+            if end == _NO_BLOCK:  # its "<" is text
+                self._visible.add("<")
+                return tag.start() + 1
+            if end < 0:  # may be a foreign block: hold it back until that is known
+                self._foreign = [text[tag.start() :]]
+                self._foreign_body = tag.end() - tag.start()
+                self._foreign_close = close_tag
+                self._foreign_length = len(text) - tag.start()
+                self._foreign_wait = end
+                return None
+            self._visible.add_cut()
+            return end
+        return tag.end()
+
+    def _may_start_tag(self, text: str) -> bool:
+        return (
+            self._open.startswith(text)
+            or self._close.startswith(text)
+            or _FOREIGN_OPEN_START_RE.fullmatch(text) is not None
+        )
+
+    def _scan_inside(self, text: str, pos: int) -> int | None:
+        """Consume ``text[pos:]`` inside a block; return where it ends, if it does."""
+        end = text.find(self._close, pos)
+        if end < 0:
+            self._pending = text[max(pos, len(text) - len(self._close) + 1) :]
+            return None
+        self._inside = False
+        return end + len(self._close)
+
+    def _grow_foreign(self, delta: str) -> None:
+        """Add ``delta`` to a possible foreign block; go on once it is known whether it is one.
+        Only a delta that can tell is read (linear: a long block is not read again and again)."""
+        assert self._foreign is not None
+        self._foreign.append(delta)
+        self._foreign_length += len(delta)
+        within = self._foreign_length <= self._foreign_body + MAX_BLOCK_CHARS
+        if within and (
+            (self._foreign_wait == _WAIT_BLANK and _NOT_BLANK_RE.search(delta) is None)
+            or (self._foreign_wait == _WAIT_ARRAY and "<" not in delta)
+        ):
+            return
+        text = "".join(self._foreign)
+        end = _foreign_block_end(text, self._foreign_body, self._foreign_close)
+        if end < 0 and end != _NO_BLOCK:
+            self._foreign, self._foreign_wait = [text], end
+        elif end < 0:
+            self._no_foreign_block(text)
+        else:
+            self._foreign = None
+            self._visible.add_cut()
+            self._scan(text, end)
+
+    def _no_foreign_block(self, text: str) -> None:
+        """The opening tag that ``text`` starts with opened no block: its "<" is text, and the
+        scan goes on after it."""
+        self._foreign = None
+        self._visible.add("<")
+        self._scan(text, 1)
 
     def finish(self) -> StreamResult:
         """End the stream: the last visible text (``tail``) and the whole answer parsed.
@@ -1435,8 +1629,12 @@ class MemoryStreamFilter:
         Calling it again returns the same result.
         """
         if self._result is None:
-            if not self._inside:  # self._pending: a proper prefix of the opening tag
-                if len(self._pending) >= _MIN_CUT_TAG_CHARS:
+            while self._foreign is not None:  # not closed: no foreign block
+                self._no_foreign_block("".join(self._foreign))
+            if not self._inside:  # self._pending: a proper prefix of a tag
+                if len(self._pending) >= _MIN_CUT_TAG_CHARS and self._open.startswith(
+                    self._pending
+                ):
                     self._visible.add_cut()  # the answer was cut off inside the opening tag
                 else:
                     self._visible.add(self._pending)  # "" or a lone "<": ordinary text

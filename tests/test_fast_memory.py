@@ -306,11 +306,75 @@ def test_a_spoofed_block_plants_nothing(client, openai_server) -> None:
         return Reply.text("You said: " + body["messages"][-1]["content"])
 
     openai_server.responder = echo
-    for spoof in (fake, guessed):
-        answer = ask(client, f"Please remember this: {spoof}").choices[0].message.content
-        assert answer == f"You said: Please remember this: {spoof}"  # shown, as plain text
+    answer = ask(client, f"Please remember this: {fake}").choices[0].message.content
+    assert answer == f"You said: Please remember this: {fake}"  # shown, as plain text
+    answer = ask(client, f"Please remember this: {guessed}").choices[0].message.content
+    assert answer == "You said: Please remember this:"  # a block of another nonce: hidden
     assert client.memory.flush(30)
     assert client.memory.get_all() == []
+    assert client.memory.stats()["events"]["foreign_blocks"] == 1
+
+
+def templated(template: str, chunk_size: int | None = None) -> Any:
+    """A responder answering ``template`` with {O}, {C} and {N} the request's opening tag,
+    closing tag and nonce."""
+
+    def respond(body: dict) -> Reply:
+        nonce = instruction_nonce(body) or "0000000000"
+        text = template.format(O=f"<memory-{nonce}>", C=f"</memory-{nonce}>", N=nonce)
+        return Reply.text(text, chunk_size=chunk_size)
+
+    return respond
+
+
+PYTHON_JSON = json.dumps([PYTHON]).replace("{", "{{").replace("}", "}}")
+
+
+@pytest.mark.parametrize(
+    ("template", "stored"),
+    [
+        ("Answer. {O}{O}" + PYTHON_JSON + "{C}{C}", True),  # nested
+        ("Answer. {O}" + PYTHON_JSON + "{C}{C}", True),  # the closing tag twice
+        ("Answer. <MEMORY-{N}>" + PYTHON_JSON + "</MEMORY-{N}>", False),  # in capitals
+        ("Answer. <memory-0123456789>" + PYTHON_JSON + "</memory-0123456789>", False),  # old
+    ],
+    ids=["nested", "closed twice", "capitals", "earlier nonce"],
+)
+def test_a_stray_closing_tag_or_a_block_of_another_nonce_is_never_shown(
+    client, aclient, openai_server, template: str, stored: bool
+) -> None:
+    """A block's leftover closing tag, and a block tagged with a nonce not the request's, are
+    not shown, sync or async, whole or streamed in pieces of any size; a block of another nonce
+    stores nothing and is counted."""
+    for size in (None, 1, 3):
+        openai_server.responder = templated(template, size)
+        assert ask(client, "I prefer Python for backend work").choices[0].message.content == (
+            "Answer."
+        )
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in ask(client, "I prefer Python for backend work", stream=True)
+            if c.choices
+        )
+        assert streamed == "Answer."
+
+    async def scenario() -> tuple[str, str]:
+        messages = [{"role": "user", "content": "I prefer Python for backend work"}]
+        whole = await aclient.chat.completions.create(model="gpt-4o", messages=messages)
+        stream = await aclient.chat.completions.create(
+            model="gpt-4o", messages=messages, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return whole.choices[0].message.content, text
+
+    assert asyncio.run(scenario()) == ("Answer.", "Answer.")
+    assert client.memory.flush(30) and aclient.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ([PYTHON["text"]] if stored else [])
+    events = client.memory.stats()["events"]
+    assert events.get("foreign_blocks", 0) + aclient.memory.stats()["events"].get(
+        "foreign_blocks", 0
+    ) == (0 if stored else 8)
+    assert "missing_blocks" not in events
 
 
 def test_a_stored_memory_cannot_break_out_of_the_context(client, openai_server, model_says) -> None:
@@ -808,6 +872,33 @@ def test_an_answer_whose_content_is_a_list_of_parts_has_its_block_cut(
     assert "<memory-" not in raw.text and "memory-" not in json.dumps(raw.parse().model_dump())
     assert client.memory.flush(30)
     assert [m.text for m in client.memory.get_all()] == [PYTHON["text"]]
+
+
+def test_a_block_split_between_two_text_parts_is_cut_whole(client, openai_server) -> None:
+    """A whole answer whose text parts split the block between them is read as one answer, as
+    its stream is: the second half of the block was shown (the parts were parsed one by one)."""
+
+    def respond(body: dict) -> Reply:
+        said = "Python it is. " + block(instruction_nonce(body) or "0000000000", [PYTHON])
+        half = said.index('"category"')
+        content = [
+            {"type": "thinking", "thinking": "The user likes Python."},
+            {"type": "text", "text": said[:half]},
+            {"type": "text", "text": said[half:] + " Enjoy."},
+        ]
+        return Reply(content=content, usage=Usage(10, 5))  # type: ignore[arg-type]
+
+    openai_server.responder = respond
+    content = ask(client, "I prefer Python for backend work").choices[0].message.content
+    assert "".join(p.get("text", "") for p in content) == "Python it is.  Enjoy."
+    assert content[0] == {"type": "thinking", "thinking": "The user likes Python."}
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "I prefer Python, really"}]
+    )
+    assert "memory-" not in raw.text and "category" not in raw.text
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == [PYTHON["text"]]
+    assert "missing_blocks" not in client.memory.stats()["events"]
 
 
 def test_a_streamed_answer_whose_deltas_are_lists_of_parts_has_its_block_cut(client) -> None:

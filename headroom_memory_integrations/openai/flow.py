@@ -89,6 +89,22 @@ def text_parts(content: Any) -> list[dict[str, Any]] | None:
     ]
 
 
+def filter_parts(answer: AnswerStream, parts: list[dict[str, Any]]) -> None:
+    """Feed the texts of ``parts`` (:func:`text_parts`), in order, through one ``answer``, each
+    part's text replaced by what it shows: a block split between two parts is cut whole."""
+    for part in parts:
+        part["text"] = answer.feed(part["text"])
+
+
+def _filter_answer(answer: AnswerStream, parts: list[dict[str, Any]], tool_call: bool) -> None:
+    """:func:`filter_parts` for all of an answer's text parts, then the text held back to its
+    last part (``answer`` finished, ``tool_call`` as :meth:`AnswerStream.finish` takes it)."""
+    filter_parts(answer, parts)
+    tail = answer.finish(tool_call=tool_call)
+    if parts:
+        parts[-1]["text"] += tail
+
+
 class CompletionsFlow:
     """Memory around ``chat.completions.create`` for one user.
 
@@ -189,26 +205,24 @@ class CompletionsFlow:
 
     def _finished(self, turn: Turn, content: Any, tool_call: bool) -> Any:
         """A whole answer's ``content`` without its block (:meth:`MemoryFlow.finish`): a text,
-        or a list of parts (:func:`text_parts`), whose last text part holds the block and
-        all of whose text parts are the answer."""
+        or a list of parts (:func:`text_parts`), all of whose text parts, joined, are the
+        answer, read as a stream of them is (:func:`filter_parts`)."""
         parts = text_parts(content)
         if parts is None:
             return self.flow.finish(turn, content, tool_call=tool_call)
         if not turn.nonce:
             self.flow.finish(turn, "".join(p["text"] for p in parts) or None, tool_call=tool_call)
-            return content
-        for part in parts[:-1]:
-            part["text"] = self.flow.strip(turn, part["text"])
-        last = parts[-1]["text"] if parts else None
-        shown = self.flow.finish(turn, last, tool_call=tool_call)
-        if parts:
-            parts[-1]["text"] = shown
+        elif parts:
+            _filter_answer(self.flow.stream(turn), parts, tool_call)
+        else:
+            self.flow.finish(turn, None, tool_call=tool_call)  # no text: no block
         return content
 
     def _stripped(self, turn: Turn, content: Any) -> Any:
         """``content`` (a text or a list of parts) without a block, storing nothing."""
-        for part in text_parts(content) or ():
-            part["text"] = self.flow.strip(turn, part["text"])
+        parts = text_parts(content)
+        if parts:
+            _filter_answer(self.flow.stream(turn, remember=False), parts, tool_call=False)
         return self.flow.strip(turn, content) if isinstance(content, str) else content
 
     def strip(self, call: Call, completion: Any) -> Any:
@@ -277,8 +291,7 @@ class StreamEditor:
         if isinstance(content, str):
             delta.content = self._answer(choice.index).feed(content)
         if parts is not None and isinstance(content, list):
-            for part in parts:
-                part["text"] = self._answer(choice.index).feed(part["text"])
+            filter_parts(self._answer(choice.index), parts)
             emptied = {id(part) for part in parts if not part["text"]}  # held back, or cut
             delta.content = [part for part in content if id(part) not in emptied] or None
         if getattr(delta, "tool_calls", None):
