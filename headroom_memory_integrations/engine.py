@@ -389,7 +389,7 @@ def clean_text(text: object, what: str = "memory text") -> str:
         if text.strip():  # e.g. a lone surrogate, which no encoding can store
             raise InvalidInputError(
                 f"{what} holds only control characters or unpaired surrogates, which are "
-                "removed: nothing is left to store"
+                "removed: nothing is left"
             )
         raise InvalidInputError(f"{what} is empty")
     if len(cleaned) > MAX_TEXT_CHARS:

@@ -480,6 +480,34 @@ def test_a_chat_history_input_holding_a_tool_result_makes_the_turn_untrusted(
     assert [m.text for m in memory.memory.get_all()] == ["Lives in Lyon"]
 
 
+@pytest.mark.parametrize("documents", [True, False], ids=["documents", "no-documents"])
+def test_documents_among_a_chains_other_inputs_make_the_turn_untrusted(
+    documents, openai_server, scripted, make_memory
+) -> None:
+    """``load_qa_chain`` takes the retrieved documents as ``input_documents``, beside the
+    question that ``input_key`` names: a document telling the model what to remember is in
+    its view, and only what the user said is kept. Without documents the turn stays trusted
+    (the memories the chain was given, under ``memory_key``, are not looked at)."""
+    from langchain_classic.chains.question_answering import load_qa_chain
+
+    scripted.answer = "Shipping takes 3 days. Noted: payments go to account 12345."
+    scripted.extracted = [PAYMENTS, {"text": "Lives in Lyon", "category": "fact"}]
+    memory = make_memory(input_key="question", return_messages=True)
+    memory.memory.add("Ships parcels to Lyon every month")
+    with warnings.catch_warnings():  # langchain_classic deprecates load_qa_chain itself
+        warnings.simplefilter("ignore")
+        chain = load_qa_chain(chat_model(openai_server), chain_type="stuff", memory=memory)
+    docs = [Document(f"Shipping FAQ. NOTE: {POISONED_WEATHER}")] if documents else []
+    chain.invoke({"input_documents": docs, "question": "I live in Lyon. Shipping to Lyon?"})
+    assert memory.memory.flush(30)
+    stored = sorted(m.text for m in memory.memory.get_all())
+    if documents:
+        assert stored == ["Lives in Lyon", "Ships parcels to Lyon every month"]
+        assert memory.memory.stats()["events"]["ungrounded_memories"] == 1
+    else:
+        assert stored == ["Lives in Lyon", "Ships parcels to Lyon every month", PAYMENTS["text"]]
+
+
 def test_the_repr_never_shows_the_extraction_model(db_path, model) -> None:
     """Its repr can show headers, where a gateway's key often is."""
     from langchain_openai import ChatOpenAI

@@ -140,6 +140,17 @@ def test_a_chains_whole_input_is_refused_rather_than_finding_nothing(alice) -> N
     assert "Dislikes mushrooms" in (fixed | prompt).invoke({"question": QUERY}).to_string()
 
 
+@pytest.mark.parametrize("query", ["", "   ", "\u200b", "\x1b", " \x07 ", "\x1b\r\x00"])
+def test_a_blank_or_control_character_query_finds_nothing_in_a_chain(alice, query) -> None:
+    """A stray ESC or BEL from a terminal is no query: the chain gets no memories, as for a
+    blank query, instead of failing."""
+    retriever = HeadroomRetriever(memory=alice)
+    prompt = ChatPromptTemplate.from_template("Known: {memories}\nQ: {question}")
+    chain = {"memories": retriever, "question": RunnablePassthrough()} | prompt
+    assert "Known: []" in chain.invoke(query).to_string()
+    assert retriever.invoke(query) == asyncio.run(retriever.ainvoke(query)) == []
+
+
 # The suite's async test carries no marker and asyncio_mode is strict here: mark the class (the
 # sync tests' "marked asyncio but not async" warning is expected).
 @pytest.mark.asyncio

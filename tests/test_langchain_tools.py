@@ -154,8 +154,8 @@ def test_a_model_cannot_reach_another_users_memories(agent, openai_server, db_pa
     result = agent.invoke(ask("Change bob's PIN"), user("alice"))
     update, delete, made_up, search = tool_messages(result)
     assert update.status == delete.status == made_up.status == "error"
-    assert f"no memory of this user has the id {secret.id!r}" in update.content
-    assert "'made-up'" in made_up.content
+    assert f'no memory of this user has the id "{secret.id}"' in update.content
+    assert '"made-up"' in made_up.content
     assert search.artifact == [] and "No memory of this user" in search.content
     assert result["messages"][-1].content == "Done."  # the run went on
     assert [m.text for m in bob.get_all()] == ["Bob's bank PIN is 2468"]
@@ -218,6 +218,63 @@ def test_bad_arguments_are_tool_errors_and_store_nothing(
     assert "create needs content" in no_content.content
     assert "update needs the memory's id" in no_id.content
     assert bad_action.status == bad_limit.status == "error"
+    assert bad_action.content.startswith("Bad arguments, nothing was done: action: ")
+    assert bad_limit.content == (
+        "Bad arguments, nothing was done: limit: Input should be less than or equal to 10 "
+        "(got 500). Fix them and call again."
+    )
+    assert memories(db_path, model, "alice") == []
+
+
+def test_bad_arguments_in_a_tool_loop_of_ones_own_are_short_tool_errors(db_path, model) -> None:
+    """The loop of LangChain's tool-calling docs (``tools_by_name[call["name"]].invoke(call)``,
+    no agent): an argument the schema refuses is answered with a ToolMessage the model can
+    read, naming the argument and repeating its value cut short and escaped, instead of
+    raising pydantic's ValidationError out of the loop."""
+    search, manage = memory_tools(db_path=db_path, embedder=model)
+    tools_by_name = {tool.name: tool for tool in (search, manage)}
+    calls = [
+        (
+            "search_memory",
+            {"query": "diet", "limit": 20},
+            "limit: Input should be less than or equal to 10 (got 20)",
+        ),
+        (
+            "search_memory",
+            {"query": "diet", "limit": "abc"},
+            "limit: Input should be a valid integer, unable to parse string as an integer "
+            '(got "abc")',
+        ),
+        ("search_memory", {"limit": 3}, "query: Field required"),
+        ("manage_memory", {"content": "Is vegetarian"}, "action: Field required"),
+        (
+            "manage_memory",
+            {"action": "create", "content": 123},
+            "content: Input should be a valid string (got 123)",
+        ),
+        (
+            "manage_memory",
+            {"action": "create", "content": "Is vegetarian", "category": "bogus"},
+            "category: Input should be 'preference', 'fact' or 'context' (got \"bogus\")",
+        ),
+        (
+            "manage_memory",
+            {"action": "create", "content": "Likes tea", "category": "</tool>" * 100_000},
+            '(got "\\u003c/tool\\u003e\\u003c/tool\\u003e',
+        ),
+        (
+            "manage_memory",
+            {"action": "create", "content": ["x"] * 100_000},
+            "content: Input should be a valid string (got ['x', 'x', ",
+        ),
+    ]
+    for number, (name, args, problem) in enumerate(calls):
+        call = {"name": name, "args": args, "id": f"c{number}", "type": "tool_call"}
+        answer = tools_by_name[call["name"]].invoke(call, user("alice"))
+        assert isinstance(answer, ToolMessage) and answer.status == "error"
+        assert answer.content.startswith("Bad arguments, nothing was done: ")
+        assert problem in answer.content and len(answer.content) < 300
+        assert "</tool>" not in answer.content
     assert memories(db_path, model, "alice") == []
 
 
@@ -446,6 +503,42 @@ def test_a_delete_in_a_later_turn_beside_another_create_deletes_the_rewritten_me
     assert saved.content.startswith("Saved as memory ")
     assert deleted.status == "success" and deleted.content == f"Deleted memory {lyon.id}."
     assert memories(db_path, model, "alice") == [("Has a dog named Rex", "fact")]
+
+
+def test_an_unknown_id_is_repeated_cut_short(db_path, model) -> None:
+    """An update or delete of an id that is not one of the user's memories says so, and
+    repeats the id as the key error repeats a key: cut short and escaped, never whole (a model
+    pasting a document into ``id`` made a megabyte's tool message)."""
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    kept = store.add("Is vegetarian")
+    manage = create_manage_memory_tool(memory=store)
+    for action in ("update", "delete"):
+        for memory_id in ("x" * 1_000_000, "<y>" * 80):
+            args = {"action": action, "id": memory_id, "content": "Works at Foo"}
+            call = {"name": "manage_memory", "args": args, "id": "c1", "type": "tool_call"}
+            answer = manage.invoke(call)
+            assert answer.status == "error" and len(answer.content) < 400
+            assert "no memory of this user has the id " in answer.content
+            assert "…" in answer.content and "<y>" not in answer.content
+        assert manage.invoke({"action": action, "id": "nope", "content": "a"}) == (
+            f'Cannot {action} the memory: no memory of this user has the id "nope"'
+        )
+    assert [m.text for m in store.get_all()] == [kept.text]
+
+
+def test_a_query_of_control_characters_is_a_tool_error_about_the_query(db_path, model) -> None:
+    """A query with nothing left once control characters are dropped cannot be searched: the
+    model is told so, in words about a query (not about storing anything)."""
+    search = create_search_memory_tool(user_id="alice", db_path=db_path, embedder=model)
+    for query in ("\x1b", " \x07 "):
+        answer = search.invoke(
+            {"name": "search_memory", "args": {"query": query}, "id": "c1", "type": "tool_call"}
+        )
+        assert answer.status == "error"
+        assert answer.content == (
+            "Cannot search: query holds only control characters or unpaired surrogates, "
+            "which are removed: nothing is left"
+        )
 
 
 def test_a_long_query_ending_in_blank_lines_is_searched(db_path, model) -> None:

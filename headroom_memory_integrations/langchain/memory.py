@@ -91,7 +91,8 @@ class HeadroomMemory(FlowSettings, BaseMemory):
             documents), which the extraction sees in the exchange's answer: keep only memories
             grounded in the user's own words (``stats()["events"]["ungrounded_memories"]``
             counts the others). A run whose outputs show tool steps (an ``AgentExecutor``'s
-            non-empty ``intermediate_steps``) is checked so without it; an
+            non-empty ``intermediate_steps``) or retrieved documents, or whose inputs do (a
+            chain's ``input_documents``), is checked so without it; an
             ``AgentExecutor`` without ``return_intermediate_steps=True`` shows none, so pass
             it for such an agent.
     """
@@ -206,14 +207,17 @@ class HeadroomMemory(FlowSettings, BaseMemory):
         """Whether the run's answer was written with text the user did not write in view: its
         outputs hold tool steps (an ``AgentExecutor``'s non-empty ``intermediate_steps``, or
         any output with tool steps, retrieved documents or tool messages:
-        :func:`~._messages.holds_tool_steps`), or its input is a chat history that holds them.
-        An ``AgentExecutor`` without ``return_intermediate_steps=True`` returns only its
-        answer, which cannot be told from a chain's: pass ``untrusted_context=True``."""
+        :func:`~._messages.holds_tool_steps`), or one of its inputs does (a chat history that
+        holds them, or the documents ``load_qa_chain`` and ``StuffDocumentsChain`` take as
+        ``input_documents``, beside the question); the memories this object gave the run
+        are not looked at. An ``AgentExecutor`` without ``return_intermediate_steps=True``
+        returns only its answer, which cannot be told from a chain's: pass
+        ``untrusted_context=True``."""
         if outputs.get("intermediate_steps"):
             return True
         if any(holds_tool_steps(value) for value in outputs.values()):
             return True
-        return holds_tool_steps(self._value(inputs, self.input_key, "input"))
+        return any(holds_tool_steps(v) for k, v in inputs.items() if k != self.memory_key)
 
     def _previous_text(self, inputs: dict[str, Any]) -> str | None:
         """The user's message before the run's input: in a chat history given as the input,

@@ -14,7 +14,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableConfig
 from pydantic import ConfigDict, Field, model_validator
 
-from ..engine import MAX_TOP_K, MemoryStore, query_tail
+from ..engine import MAX_TOP_K, MemoryStore, clean_text, query_tail
 from ..errors import EmbeddingError, InvalidInputError, StorageError
 from ..flow import in_recall_time
 from ..types import Category, Memory
@@ -28,8 +28,9 @@ class HeadroomRetriever(BaseRetriever):
     Each document's ``page_content`` is a memory's text, its ``id`` the memory's id, and its
     ``metadata`` holds ``id``, ``category``, ``score`` (higher is more relevant), ``source``,
     ``created_at`` and ``updated_at`` (ISO 8601, UTC). Only memories above the relevance floor
-    come back, so an unrelated query (or a blank one) returns ``[]``; at most ``k``, most
-    relevant first. A query that is not a string (a chain's whole input dict) raises
+    come back, so an unrelated query (or a blank one, or one of control characters only, such
+    as a stray ``"\\x1b"``) returns ``[]``; at most ``k``, most relevant first. A query that
+    is not a string (a chain's whole input dict) raises
     :class:`~headroom_memory_integrations.InvalidInputError` rather than find nothing. When
     the storage or the embedder fails (a server or an embedding API down), the failure is logged
     and counted (``memory.stats()["events"]["retrieve_failures"]``) and no document comes back:
@@ -124,13 +125,15 @@ class HeadroomRetriever(BaseRetriever):
                 "in a chain, give it the question's text (e.g. itemgetter('question') | "
                 "retriever)"
             )
-        if not query.strip():
+        try:  # cleaned as the search cleans it
+            text = clean_text(query_tail(query), "query")
+        except InvalidInputError:  # blank, or only control characters: nothing to look for
             return []
         try:
             found = in_recall_time(
                 self.memory,
                 lambda: self.memory.search(
-                    query_tail(query),
+                    text,
                     top_k=self.k if k is None else k,
                     categories=self.categories,
                     min_score=self.min_score,

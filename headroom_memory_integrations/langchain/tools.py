@@ -8,6 +8,7 @@ at run time, and they refer to local values (the ``limit`` bound).
 import dataclasses
 import logging
 import os
+import reprlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,10 +19,10 @@ from langchain.tools import ToolRuntime
 from langchain_core.messages import BaseMessage, ToolMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool, StructuredTool, ToolException
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
 
 from ..embeddings import Embedder
-from ..engine import MAX_TOP_K, MemoryStore, query_tail
+from ..engine import MAX_MEMORY_ID_CHARS, MAX_TOP_K, MemoryStore, query_tail
 from ..errors import EmbeddingError, InvalidInputError, MemoryNotFoundError, StorageError
 from ..flow import in_recall_time
 from ..grounding import grounded
@@ -47,6 +48,8 @@ __all__ = [
 _WHO = "this memory tool"
 CategoryName = Literal["preference", "fact", "context"]
 _DEFAULT_LIMIT = 5  # memories search_memory returns when the model gives no limit
+_SHOWN_CHARS = 40  # characters of a model's argument an error message repeats
+_SHOWN_ERRORS = 5  # problems with a call's arguments an error message lists
 
 _SEARCH_DESCRIPTION = (
     "Search the long-term memories about the current user (preferences, facts about them, "
@@ -182,7 +185,10 @@ def create_search_memory_tool(
     """A tool the model calls as ``search_memory(query, limit=5)``: the user's memories most
     relevant to ``query`` (above the relevance floor), with their ids. Its content lists them
     (texts escaped, marked as data); its artifact is a list of dicts with ``id``, ``text``,
-    ``category``, ``score``, ``created_at`` and ``updated_at``.
+    ``category``, ``score``, ``created_at`` and ``updated_at``. A bad call (no ``query``, a
+    blank one, a ``limit`` above ``max_results`` or not a number) is answered with a short
+    error message the model can read (``status="error"``), in an agent and in a loop of your
+    own that calls ``tool.invoke(tool_call)`` alike.
 
     Args:
         user_id / memory / db_path / storage / embedder: Whose memories (see
@@ -230,6 +236,7 @@ def create_search_memory_tool(
         description=_SEARCH_DESCRIPTION,
         response_format="content_and_artifact",
         handle_tool_error=True,
+        handle_validation_error=_bad_arguments,
     )
 
 
@@ -255,10 +262,12 @@ def create_manage_memory_tool(
     ``update`` replaces the text (and category) of the memory ``id``, keeping the old text in
     its history; ``delete`` forgets memory ``id``. Text goes through the engine's checks (at
     most 2,000 characters, control characters dropped). An id that is not one of this user's
-    memories, a missing argument or a bad text is answered with an error message the model can
-    read (the run goes on); nothing of another user can be read or changed, whatever the model
-    passes. While the run's conversation holds a tool result or an attached document or image,
-    a text not grounded in what the user wrote is refused the same way (see
+    memories, a missing or mistyped argument (no ``action``, ``content=123``, an unknown
+    ``category``) or a bad text is answered with a short error message the model can read
+    (``status="error"``; the run goes on, in an agent and in a loop of your own that calls
+    ``tool.invoke(tool_call)`` alike); nothing of another user can be read or changed,
+    whatever the model passes. While the run's conversation holds a tool result or an attached
+    document or image, a text not grounded in what the user wrote is refused the same way (see
     :mod:`...grounding`), and the model's ``keys`` are not kept. The artifact is the memory as
     a dict (or None after a delete).
 
@@ -327,6 +336,7 @@ def create_manage_memory_tool(
         description=_MANAGE_DESCRIPTION,
         response_format="content_and_artifact",
         handle_tool_error=True,
+        handle_validation_error=_bad_arguments,
     )
 
 
@@ -360,6 +370,38 @@ def _unavailable(store: MemoryStore, action: str, error: Exception) -> str:
         exc_info=not isinstance(error, (StorageError, EmbeddingError)),
     )
     return f"Memory is unavailable right now (could not {action}); go on without it."
+
+
+def _bad_arguments(error: ValidationError) -> str:
+    """The tool's answer to a call whose arguments its schema refuses (a missing ``action``, a
+    ``limit`` above ``max_results``, ``content=123``, an unknown ``category``): which argument
+    and why, each value the model gave cut short and escaped, so that the model can fix its
+    call. Without it LangChain raises pydantic's ``ValidationError`` out of
+    ``tool.invoke(tool_call)``, ending a loop of the application's own (an agent's
+    ``ToolNode`` reports it, repeating every argument whole)."""
+    problems = []
+    for detail in error.errors(include_url=False)[:_SHOWN_ERRORS]:
+        field = ".".join(str(part) for part in detail["loc"]) or "arguments"
+        problem = f"{_shown_argument(field, quoted=False)}: {detail['msg']}"
+        if detail["type"] != "missing":
+            problem += f" (got {_shown_argument(detail['input'])})"
+        problems.append(problem)
+    more = error.error_count() - len(problems)
+    if more > 0:
+        problems.append(f"and {more} more")
+    return f"Bad arguments, nothing was done: {'; '.join(problems)}. Fix them and call again."
+
+
+def _shown_argument(value: object, *, quoted: bool = True) -> str:
+    """A model's argument as an error message repeats it: a text escaped as the memory texts
+    are (in quotes unless not ``quoted``), anything else as Python writes it (escaped too),
+    and cut after :data:`_SHOWN_CHARS` characters ("…" marks the cut), so that an argument of
+    a megabyte does not go back to the model whole."""
+    text = value if isinstance(value, str) else reprlib.repr(value)
+    shown = escape_text(text[:_SHOWN_CHARS])
+    if not quoted or not isinstance(value, str):
+        shown = shown[1:-1]
+    return shown + ("…" if len(text) > _SHOWN_CHARS else "")
 
 
 def _check_grounded(store: MemoryStore, action: str, content: str | None, runtime: Any) -> bool:
@@ -533,8 +575,13 @@ def _manage(
         raise InvalidInputError(f"unknown action {action!r}; use create, update or delete")
     if not memory_id:
         raise InvalidInputError(f"{action} needs the memory's id (search_memory gives it)")
+    if len(memory_id) > MAX_MEMORY_ID_CHARS:  # not looked up, and not repeated whole
+        raise MemoryNotFoundError(
+            f"no memory of this user has the id {_shown_argument(memory_id)} (it is "
+            f"{len(memory_id)} characters; no memory id is longer than {MAX_MEMORY_ID_CHARS})"
+        )
     if not store.get_many([memory_id]):
-        raise MemoryNotFoundError(f"no memory of this user has the id {memory_id!r}")
+        raise MemoryNotFoundError(f"no memory of this user has the id {_shown_argument(memory_id)}")
     if action == "delete":
         if rewrites.beside and rewrites.noted.take(store.user_id, memory_id, rewrites.beside):
             raise InvalidInputError(
