@@ -37,6 +37,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
@@ -266,7 +267,8 @@ class JobQueue:
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._closed = False
-        _QUEUES.add(self)
+        with _FORK_GUARD:  # listed before its first transaction: a fork waits for it
+            _QUEUES.add(self)
         try:
             with self._lock:
                 self._open()
@@ -392,6 +394,7 @@ class JobQueue:
         if wait is None:
             with self._locked() as conn:
                 job_id = int(conn.execute(insert, row).lastrowid or 0)
+                _queued_here(self.path, job_id)
                 if on_queued is not None:
                     on_queued(job_id)
             return job_id
@@ -416,6 +419,7 @@ class JobQueue:
                         f"job queue {self.path} stayed locked by another connection for {wait} s"
                     ) from exc
                 raise
+            _queued_here(self.path, job_id)
             if on_queued is not None:
                 on_queued(job_id)
             return job_id
@@ -471,6 +475,7 @@ class JobQueue:
         the file, and gone from the WAL after the next :meth:`erase_wal`)."""
         with self._locked() as conn:
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        _done_here(self.path, job_id)
 
     def forget_user(self, user_id: str) -> tuple[int, int]:
         """Delete the user's jobs that are not running now: pending, dead-lettered, and those
@@ -503,7 +508,7 @@ class JobQueue:
         if self._closed:
             return False
         try:
-            with closing(sqlite3.connect(self.path, timeout=busy_timeout)) as conn:
+            with _FORK_GUARD, closing(sqlite3.connect(self.path, timeout=busy_timeout)) as conn:
                 busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.Error:
             return False
@@ -543,6 +548,8 @@ class JobQueue:
                 f" lease_until = NULL{changes} WHERE id = ?",
                 (status, without_secrets(error)[:MAX_ERROR_CHARS], not_before, *values, job_id),
             )
+        if status == "failed":
+            _done_here(self.path, job_id)
 
     def make_due(self, kinds: Collection[str] | None = None) -> int:
         """Make the pending jobs (of ``kinds``, if given) waiting out a backoff due now (the
@@ -609,6 +616,33 @@ def _describe(exc: BaseException) -> str:
 _OPEN_WORKERS: weakref.WeakSet[JobWorker] = weakref.WeakSet()
 _EXIT_HOOK_REGISTERED = False
 _EXIT_LOCK = threading.Lock()
+QUEUED_HERE_KEPT = 10_000
+"""How many of the jobs this process queued in a file are remembered (the latest), for the
+exit's drain to wait for them (and for no other process's)."""
+_QUEUED_HERE: dict[str, OrderedDict[int, None]] = {}  # queue file -> ids queued here, not done
+_QUEUED_HERE_LOCK = threading.Lock()  # never held while taking another lock
+
+
+def _queued_here(path: str, job_id: int) -> None:
+    """This process queued job ``job_id`` in the file at ``path``."""
+    with _QUEUED_HERE_LOCK:
+        ids = _QUEUED_HERE.setdefault(path, OrderedDict())
+        ids[job_id] = None
+        if len(ids) > QUEUED_HERE_KEPT:
+            ids.popitem(last=False)
+
+
+def _done_here(path: str, job_id: int) -> None:
+    """Job ``job_id`` of the file at ``path`` was done or dead-lettered in this process."""
+    with _QUEUED_HERE_LOCK:
+        ids = _QUEUED_HERE.get(path)
+        if ids is not None:
+            ids.pop(job_id, None)
+
+
+def _ids_queued_here(path: str) -> set[int]:
+    with _QUEUED_HERE_LOCK:
+        return set(_QUEUED_HERE.get(path, ()))
 
 
 def _drain_at_exit(worker: JobWorker) -> None:
@@ -623,11 +657,13 @@ def _drain_at_exit(worker: JobWorker) -> None:
 
 def _close_open_workers() -> None:
     """At exit, close every worker still open, each waiting at most its ``exit_timeout`` from
-    the start of the exit: they drain side by side (their threads run meanwhile), so a
-    process with many queue files waits about one timeout, not one per file."""
+    the start of the exit for the jobs this process queued (see :meth:`JobWorker.close`'s
+    ``at_exit``): they drain side by side (their threads run meanwhile), so a process with
+    many queue files waits about one timeout, not one per file."""
     started = time.monotonic()
     for worker in list(_OPEN_WORKERS):
-        worker.close(max(0.0, worker.exit_timeout - (time.monotonic() - started)))
+        left = max(0.0, worker.exit_timeout - (time.monotonic() - started))
+        worker.close(left, at_exit=True)
 
 
 class JobWorker:
@@ -643,7 +679,8 @@ class JobWorker:
     the user id and the error type, never payload contents. The thread starts on the first
     :meth:`notify` or :meth:`start` (call ``start()`` to resume a previous run's leftovers at
     once), sleeps until notified or for ``poll_interval`` (other processes may enqueue), and at
-    interpreter exit drains for up to ``exit_timeout`` seconds; the rest stays in the file.
+    interpreter exit waits up to ``exit_timeout`` seconds for the jobs this process queued
+    (see :meth:`close`); the rest stays in the file.
 
     With ``threads`` > 1, the jobs of different users run side by side and each user's one at
     a time, in order (:meth:`JobQueue.claim`'s ``one_per_user``). The one thread above is the
@@ -664,7 +701,7 @@ class JobWorker:
         name: The thread's name.
         poll_interval: Seconds between looks at the file when idle.
         lease_seconds: How long a claim lasts before another process may take the job over.
-        exit_timeout: Seconds the atexit hook waits for the queue to drain.
+        exit_timeout: Seconds the atexit hook waits for this process's jobs to be done.
     """
 
     def __init__(
@@ -1001,11 +1038,66 @@ class JobWorker:
                 self._progress.wait(0.2 if remaining is None else min(remaining, 0.2))
         return True
 
-    def close(self, timeout: float | None = 5.0) -> bool:
+    def _own_left(self, until: float) -> int:
+        """How many jobs (of ``kinds``) this process queued are neither done nor dead-lettered
+        and running or due by ``until`` (``time.time()``)."""
+        ids = _ids_queued_here(self.queue.path)
+        if not ids:
+            return 0
+        with self.queue._locked() as conn:  # the file's backlog from this process's oldest
+            rows = conn.execute(
+                "SELECT id, status, not_before FROM jobs WHERE id >= ? AND status != 'failed'"
+                f"{self._kind_sql}",
+                (min(ids), *self._kind_args),
+            ).fetchall()
+        return sum(
+            1 for id_, status, due in rows if id_ in ids and (status == "running" or due <= until)
+        )
+
+    def _drain_own(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds until no job (of ``kinds``) this process queued is
+        left that could run before then. Returns False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._progress:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                until = math.inf if remaining is None else time.time() + max(remaining, 0.0)
+                if not self._own_left(until):
+                    return True
+                self.start()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._progress.wait(0.2 if remaining is None else min(remaining, 0.2))
+
+    def _log_left(self) -> None:
+        """At exit, after the drain: say how many jobs (of ``kinds``) stay in the file for a
+        later run, in one line (a warning if some are this process's)."""
+        own = self._own_left(math.inf)
+        left = self.queue._scalar(
+            f"SELECT COUNT(*) FROM jobs WHERE status != 'failed'{self._kind_sql}",
+            *self._kind_args,
+        )
+        if left:
+            logger.log(
+                logging.WARNING if own else logging.INFO,
+                "job queue %s: %d job(s) left for a later run (%d queued by this process)",
+                self.queue.path,
+                left,
+                own,
+            )
+
+    def close(self, timeout: float | None = 5.0, *, at_exit: bool = False) -> bool:
         """Drain for up to ``timeout`` seconds, stop the thread, close the queue. Idempotent.
 
+        With ``at_exit`` (the interpreter exits), wait only for the jobs (of ``kinds``) this
+        process queued and that can run before ``timeout`` ends, not for the file's others
+        (another process's, a turn left for an extraction client this process does not
+        have) nor for one waiting out a backoff past it; log how many jobs are left for a
+        later run, if any.
+
         Returns:
-            True if the queue was drained; what is left stays in the file for the next run.
+            True if the queue was drained (at exit: this process's jobs were done); what is
+            left stays in the file for the next run.
         """
         with self._lock:
             if self._closing:
@@ -1014,9 +1106,12 @@ class JobWorker:
         _OPEN_WORKERS.discard(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            drained = self.flush(timeout)
+            drained = self._drain_own(timeout) if at_exit else self.flush(timeout)
+            if at_exit:
+                self._log_left()
         except Exception as exc:  # no new threads at interpreter shutdown (Python >= 3.12), an
-            # unreadable file (a read-only folder): stop all the same, and say why in one line
+            # unreadable file (a read-only folder; at exit, read even with nothing queued here
+            # to count what is left): stop all the same, and say why in one line
             logger.warning(
                 "job queue %s: could not drain (%s); jobs kept for next run",
                 self.queue.path,
@@ -1038,13 +1133,51 @@ _SHARED: dict[tuple[str, str], JobWorker] = {}
 _SHARED_LOCK = threading.Lock()
 _QUEUES: weakref.WeakSet[JobQueue] = weakref.WeakSet()
 _inherited: list[sqlite3.Connection] = []  # a forked child's: never used, closed or collected
+_FORK_GUARD = threading.Lock()
+"""Held while a queue is listed in ``_QUEUES`` and around :meth:`JobQueue.erase_wal`'s
+connection; with every listed queue's lock, it is all a fork waits for (see
+:func:`_before_fork`). Never taken with a queue's lock held."""
+_held_at_fork: list[threading.Lock] = []  # the locks _before_fork took, in the order taken
+FORK_WAIT_SECONDS = 2.0
+"""The longest a fork waits, past a queue's busy timeout, for a thread's transaction on it."""
+
+
+def _before_fork() -> None:
+    """Before ``fork()``: wait until no thread of this process is inside a transaction on a
+    queue file, and hold it so until the fork is done. SQLite keeps its locks' bookkeeping in
+    the process's memory; a child forked during a transaction inherits a lock that nobody
+    in it will ever release, and each connection it opens to that file then finds the file
+    busy for good (``database is locked``: its memory work could never be queued).
+
+    These locks are held only around SQLite statements on local files, never around a
+    handler or the network, so this waits at most for a statement that waits for another
+    process's write lock (the queue's busy timeout). Past that (a fork from a thread that
+    holds one of them itself), the fork goes on without it."""
+    if not _FORK_GUARD.acquire(timeout=FORK_WAIT_SECONDS):
+        return
+    _held_at_fork.append(_FORK_GUARD)
+    for queue in list(_QUEUES):
+        lock = queue._lock
+        if lock.acquire(timeout=queue._busy_timeout + FORK_WAIT_SECONDS):
+            _held_at_fork.append(lock)
+        else:
+            logger.warning("job queue %s: forking while a thread writes it", queue.path)
+
+
+def _after_fork_in_parent() -> None:
+    """The fork is done: the parent's threads may use the queue files again."""
+    while _held_at_fork:
+        _held_at_fork.pop().release()
 
 
 def _after_fork_in_child() -> None:
     """A forked child uses none of the parent's SQLite connections (SQLite forbids it: it
     can corrupt the file) nor its worker threads: each queue opens a connection of its own on
-    first use, each worker starts threads of its own, and :func:`shared_worker` makes new ones."""
-    global _SHARED_LOCK, _EXIT_LOCK
+    first use, each worker starts threads of its own, and :func:`shared_worker` makes new ones.
+    Its locks are new ones (those :func:`_before_fork` took are held in the child)."""
+    global _SHARED_LOCK, _EXIT_LOCK, _FORK_GUARD, _QUEUED_HERE_LOCK
+    _held_at_fork.clear()
+    _FORK_GUARD = threading.Lock()
     for queue in list(_QUEUES):
         if queue._conn is not None:
             _inherited.append(queue._conn)
@@ -1053,7 +1186,9 @@ def _after_fork_in_child() -> None:
         worker._forked()
     _OPEN_WORKERS.clear()  # drained at the child's exit only if the child starts them
     _SHARED.clear()
+    _QUEUED_HERE.clear()  # the parent's jobs: its exit waits for them
     _SHARED_LOCK, _EXIT_LOCK = threading.Lock(), threading.Lock()
+    _QUEUED_HERE_LOCK = threading.Lock()
 
 
 def shared_worker(
@@ -1073,4 +1208,8 @@ def shared_worker(
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

@@ -660,6 +660,47 @@ print(time.monotonic(), flush=True)
     assert 1.0 <= waited < 3.2, waited  # one after the other: over 4 s
 
 
+def test_at_exit_a_process_waits_only_for_the_jobs_it_queued_that_can_run(path: Path) -> None:
+    """The exit's drain waits for this process's jobs that can run before its timeout ends,
+    not for another process's job this process cannot run (a turn waiting for an extraction
+    client it does not have) nor for its own job waiting out a backoff past the timeout; it
+    says in one line how many jobs are left for a later run. Before, every process on the
+    file waited the whole exit_timeout, on every run, while such a job was in the file."""
+    left_by_another = JobQueue(path)
+    left_by_another.put("extract", "tenant-a", {"turn": "left by a killed process"})
+    left_by_another.close()
+    code = f"""
+import logging, time
+from headroom_memory_integrations.jobs import Backoff, JobQueue, JobWorker
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+def handle(job):
+    if job.user_id != "bob":
+        raise RuntimeError("cannot run it in this process")
+    time.sleep(0.3)  # bob's job is still running when the exit starts: it is waited for
+    print("ran", job.user_id, flush=True)
+queue = JobQueue({str(path)!r})
+worker = JobWorker(queue, handle, backoff=Backoff(initial=60.0), exit_timeout=3.0)
+queue.put("store", "carol", {{"n": 1}})  # tried once, then waits out a backoff of 60 s
+queue.put("store", "bob", {{"n": 2}})
+worker.notify("bob")
+print(time.monotonic(), flush=True)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    exited = time.monotonic()
+    assert run.returncode == 0, run.stderr
+    started, ran = run.stdout.split("\n")[:2]
+    assert ran == "ran bob"
+    waited = exited - float(started)
+    assert waited < 2.5, waited  # before: the whole exit_timeout (3 s) and more
+    lines = [line for line in run.stderr.splitlines() if "later run" in line]
+    assert lines == [
+        f"WARNING job queue {path}: 2 job(s) left for a later run (1 queued by this process)"
+    ], run.stderr
+    queue = JobQueue(path)
+    assert queue.counts() == {"pending": 2, "running": 0, "failed": 0}
+    queue.close()
+
+
 def test_schema_version_and_reopening(path: Path) -> None:
     queue = JobQueue(path)
     job_id = queue.put("store", "alice", {"n": 1})
@@ -755,6 +796,84 @@ def test_a_forked_child_uses_no_sqlite_connection_or_thread_of_its_parent(path: 
     worker.queue.put("store", "alice", {"text": "queued by the parent after the fork"})
     worker.notify("alice")
     wait_for(lambda: len(done) >= 2 and worker.queue.counts()["pending"] == 0, 20)  # goes on
+
+
+def _fork_and_queue(path: Path) -> tuple[int, str, float]:
+    """Fork; the child opens the queue file afresh and queues a job. Returns the child's exit
+    code, what it said, and how long the fork itself took in the parent."""
+    read, write = os.pipe()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code, said = 1, "nothing"
+        try:
+            JobQueue(path, busy_timeout=2).put("store", "child", {"text": "queued by the child"})
+            code, said = 0, "queued"
+        except BaseException as exc:
+            said = f"{type(exc).__name__}: {exc}"
+        finally:
+            os.write(write, said.encode())
+            os._exit(code)
+    took = time.monotonic() - started
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read) as said:
+        return os.waitstatus_to_exitcode(status), said.read(), took
+
+
+def test_a_child_forked_while_a_thread_writes_the_queue_file_can_write_it(
+    path: Path, make_worker: MakeWorker
+) -> None:
+    """SQLite keeps its locks' bookkeeping in the process's memory: a child forked while a
+    thread of the parent was inside a transaction on the queue file (a claim, a completion,
+    a migration) inherited a lock nobody in it releases, and every connection it opened to the
+    file found it locked for good (gunicorn --preload, multiprocessing's fork: the child's
+    memory work was never queued, and lost at its exit). The fork now waits for the
+    transaction to end; the child queues its job and the parent's worker runs it."""
+    done: list[str] = []
+    worker = make_worker(lambda job: done.append(job.user_id))
+    queue = worker.queue
+    inside, leave = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with queue._write() as conn:  # as a claim's transaction is, while the fork starts
+            conn.execute("DELETE FROM jobs WHERE id < 0")
+            inside.set()
+            leave.wait(10)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert inside.wait(10)
+    threading.Timer(0.3, leave.set).start()  # the transaction ends 0.3 s into the fork
+    code, said, took = _fork_and_queue(path)
+    leave.set()
+    writer.join(10)
+    # before: "OperationalError: database is locked" in the child, after its busy timeout
+    assert (code, said) == (0, "queued")
+    assert took < 5
+    worker.notify("child")
+    wait_for(lambda: done == ["child"], timeout=20)
+    queue.put("store", "parent", {"text": "queued by the parent after the fork"})
+    worker.notify("parent")
+    wait_for(lambda: done == ["child", "parent"], timeout=20)
+
+
+def test_a_fork_does_not_wait_for_a_running_job(path: Path, make_worker: MakeWorker) -> None:
+    """A fork waits only for SQLite statements on the queue files, never for a handler (a
+    model or a storage call may take minutes): forked while a job runs, the fork is quick,
+    the child can write the file, and the job ends in the parent."""
+    running, release = threading.Event(), threading.Event()
+    worker = make_worker(lambda job: (running.set(), release.wait(30)))
+    worker.queue.put("store", "alice", {"text": "a slow job"})
+    worker.notify("alice")
+    assert running.wait(10)
+    try:
+        code, said, took = _fork_and_queue(path)
+    finally:
+        release.set()
+    assert (code, said) == (0, "queued")
+    assert took < 1.0
+    assert worker.flush(20)
 
 
 def test_a_forked_child_holds_none_of_its_parents_memory_work(tmp_path) -> None:

@@ -75,6 +75,28 @@ def test_closing_an_embedded_storage_lets_the_folder_be_opened_afresh(db_path, m
     assert [m.text for m in store.get_all()] == ["Plays the cello"]
 
 
+def test_a_store_of_a_closed_storage_says_it_is_closed(db_path, model) -> None:
+    """A store still held after its storage was closed raises that the storage is closed, for
+    reads and writes alike (before: chromadb's "'RustBindingsAPI' object has no attribute
+    'bindings'", from the collection the store had kept), and a new store opens it afresh."""
+    from headroom_memory_integrations import ChromaStorage, StorageError
+
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    store.add("Plays the cello")
+    store.flush(10)
+    ChromaStorage.at(db_path).close()
+    for name, use in (
+        ("search", lambda: store.search("cello", min_score=-1)),
+        ("add", lambda: store.add("Has a dog named Rex")),
+        ("get_all", store.get_all),
+    ):
+        with pytest.raises(StorageError, match=r"storage at .* is closed") as raised:
+            use()
+        assert "bindings" not in str(raised.value), name
+    again = MemoryStore("alice", db_path=db_path, embedder=model)
+    assert [m.text for m in again.get_all()] == ["Plays the cello"]
+
+
 def test_the_vector_index_is_saved_every_100_writes_in_new_and_older_collections(
     db_path,
 ) -> None:

@@ -706,8 +706,12 @@ class ChromaCollection:
     def _call(self, action: str, run: Callable[[Any], T], *, write: bool = False) -> T | None:
         """``run(collection)``, its errors raised as :class:`StorageError`. Returns None when
         the collection does not exist and ``write`` is False (nothing to read or delete).
-        A collection dropped meanwhile is opened afresh; transient Chroma errors are retried."""
+        A collection dropped meanwhile is opened afresh; transient Chroma errors are retried.
+        A handle of a closed storage raises that it is closed (not chromadb's error about the
+        client it let go of)."""
         storage = self._storage
+        if storage._closed:
+            raise storage._closed_error()
         storage._settle()  # Chroma is read and written with every deferred write in it
         reload = False  # the last try failed with _UNLOADED: rebuild the index, then read
         for attempt in range(_TRANSIENT_TRIES):
@@ -725,6 +729,8 @@ class ChromaCollection:
                         self._reload_index()
                     return run(collection)
                 except Exception as exc:
+                    if storage._closed:  # closed while this call ran
+                        raise storage._closed_error() from exc
                     if _is_missing(exc) and not last:
                         self._collection = self._segment = None  # dropped: open it afresh
                         continue
@@ -1547,6 +1553,13 @@ class ChromaStorage:
             return False
         return True
 
+    def _closed_error(self) -> StorageError:
+        """What using this storage after :meth:`close` raises."""
+        return StorageError(
+            f"the storage at {self.location} is closed: stores built on it cannot be used "
+            "any more; make new ones (or call ChromaStorage.at again) to open it afresh"
+        )
+
     def _client_now(self) -> Any:
         """The chromadb client, made on first need (see ``connect``)."""
         client = self._client
@@ -1575,7 +1588,7 @@ class ChromaStorage:
             if self._client is not None:
                 return self._client
             if self._closed or self._connect is None:
-                raise StorageError(f"the storage at {self.location} is closed")
+                raise self._closed_error()
             self._availability.check()
             self._let_hung_build_be()
             what = (
