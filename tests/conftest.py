@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import atexit
 import hashlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -27,6 +29,12 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
 from headroom_memory_integrations.embeddings import normalize_rows
+
+# A home of the suite's own: what a test leaves in the default places (~/.headroom-memory's
+# job queues of server URLs, the default folder) must not build up in the user's home, nor
+# be read by a later run (subprocesses inherit it too).
+os.environ["HOME"] = tempfile.mkdtemp(prefix="headroom-tests-home-")
+atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)  # after the exit drains
 
 
 def _allow_the_suites_open_files() -> None:
