@@ -51,12 +51,12 @@ class, which a regex looks up at once, and the others (planes 1 and 14: none are
 plane only: in one class, their ranges were compared one by one with every character that
 ends a word, and reading the words of a text took up to four times as long. Built once, at
 import (about 15 ms here)."""
-WORD = rf"[^\W_]+(?:{MARKS}+[^\W_]*)*"
+WORD = rf"[^\W_]+(?:{MARKS}[^\W_]*)*"
 """A word, as every module here reads one: letters and digits, with the combining marks that
 belong to them. ``[^\\W_]+`` alone cuts a word at each mark and loses the marks, so that Hindi
 "मेरा बेटा" (my son) and "मेरी बेटी" (my daughter) read as the same words. A word written
 without marks matches exactly as it did."""
-LETTERS = rf"[^\W\d_]+(?:{MARKS}+[^\W\d_]*)*"
+LETTERS = rf"[^\W\d_]+(?:{MARKS}[^\W\d_]*)*"
 """A word of letters only (and their marks)."""
 _WORD = re.compile(WORD)
 _SUFFIXES = ("ing", "ed", "es", "s")  # tried in this order

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import unicodedata
 
@@ -121,3 +122,31 @@ def test_a_memory_stored_decomposed_before_is_the_same_as_its_composed_form() ->
         relate(JOSE_DECOMPOSED, JOSE, 0.98, duplicate_threshold=DEFAULT_DUPLICATE_THRESHOLD)
         is Relation.DUPLICATE
     )
+
+
+_ZALGO_CHECK = """
+import time
+from headroom_memory_integrations import consolidation, grounding, lexical
+zalgo = "H" + "\\u0301\\u0302\\u0303\\u0304\\u0323\\u0324" * 10 + "e is my friend @ work."
+for check in (
+    lambda: consolidation.same_wording_key(zalgo),
+    lambda: consolidation.tokens(zalgo),
+    lambda: consolidation.relate("Has a friend at work", zalgo, 0.9, duplicate_threshold=0.95),
+    lambda: grounding.grounded("Has a friend", zalgo),
+    lambda: grounding.grounded(zalgo, "Has a friend"),
+    lambda: lexical.terms(zalgo),
+):
+    check()
+print("done")
+"""
+
+
+def test_a_letter_under_many_marks_is_read_at_once() -> None:
+    """ "Zalgo" text (a letter under dozens of combining marks, a chat prank) made the word
+    pattern backtrack: each run of marks could be parted in 2**n ways, and a pattern that then
+    failed tried them all, holding the GIL (24 marks: 4 s; 30: over 30 s, in any user's message
+    or memory). 60 marks here: a pattern that backtracks never ends; the child is given 60 s."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _ZALGO_CHECK], capture_output=True, text=True, timeout=60
+    )
+    assert ran.stdout.strip() == "done", ran.stderr
