@@ -1492,11 +1492,13 @@ class MemoryStore(WritePath):
         - ``stored``: it is new here, and is stored with its id, times and history.
 
         A memory of this store that holds the id of a line is another version of the same
-        memory (an id is made of the user and the text the memory was first stored with),
-        whatever its text: the line is ``duplicate`` (outdated) if that memory replaced its
-        text (it is in its ``history``) or was updated as late or later, and else
-        ``superseded`` (the memory takes its text): an old backup imported again never makes
-        a text superseded since current again.
+        memory if the id is the one this library made for it (of the user and the line's
+        first text, the oldest in its ``history``), or the two share a text: the line is
+        ``duplicate`` (outdated) if that memory was updated as late or later (or, dated later
+        than now, replaced the line's text), and else ``superseded`` (the memory takes its
+        text): an old backup imported again never makes a text superseded since current
+        again. Any other line holding a stored memory's id (ids of another system, "m1") is a
+        memory of its own, stored under a fresh id.
 
         Raises:
             InvalidInputError: A line is not an exported memory (nothing was written).

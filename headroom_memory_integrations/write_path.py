@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .concurrency import survivor
-from .consolidation import Relation, relate, same_wording
+from .concurrency import survivor, wording_id
+from .consolidation import Relation, relate, same_wording, same_wording_key
 from .embeddings.base import Vectors
 from .errors import HeadroomMemoryError
 from .storage.base import Catalogued, Storage, UserCollection
@@ -328,13 +328,14 @@ class WritePath:
         at once.
 
         A new memory is stored under its wanted id (:func:`.concurrency.wording_id`, or an
-        imported memory's own id) unless a stored memory holds that id. An imported memory's id
-        names the memory (a wording id is made of the user and the text the memory was first
-        stored with): the memory holding it is another version of the same memory, which the
-        imported one supersedes unless it is outdated (:func:`_known_better`: a duplicate).
-        A wording id names a wording, not a memory: a new text worded as one a memory had
-        before it was updated is a memory of its own, and takes its placeholder id, unless
-        the memory still has that wording (another process just wrote it: a duplicate).
+        imported memory's own id) unless a stored memory holds that id. The memory holding an
+        imported memory's id is another version of the same memory if the id names it (see
+        :func:`_same_memory`) or the consolidation found that it updates it: the imported one
+        supersedes it unless it is outdated (:func:`_known_better`: a duplicate). Else the
+        imported one is a memory of its own, stored under its placeholder id. A wording id
+        names a wording, not a memory: a new text worded as one a memory had before it was
+        updated is a memory of its own, and takes its placeholder id, unless the memory still
+        has that wording (another process just wrote it: a duplicate).
 
         An update dated earlier than the memory it updates changed is outdated: a duplicate
         (unless the memory changed later than now, while the clock ran ahead)."""
@@ -359,7 +360,7 @@ class WritePath:
                 decision = _Decision(Outcome.STORED, draft.id)  # it changed meanwhile
             if decision.outcome is Outcome.SUPERSEDED:
                 assert existing is not None
-                if imported and existing.id == wanted[index]:  # a version of the same memory
+                if imported and existing.id == wanted[index]:  # its update: another version
                     outdated = _known_better(existing, draft, now)
                 else:
                     outdated = dated and draft.updated_at < existing.updated_at <= now
@@ -370,7 +371,7 @@ class WritePath:
                 holder = current.get(wanted[index]) or stored.get(wanted[index])
                 if holder is None:
                     memory_id = wanted[index]
-                elif imported:  # another version of the same memory
+                elif imported and _same_memory(holder, draft):  # another version of it
                     outdated = same_wording(holder.text, draft.text) or _known_better(
                         holder, draft, now
                     )
@@ -611,19 +612,36 @@ def _revised(old: Memory, new: Memory, *, at: datetime | None = None) -> Memory:
 
 def _known_better(held: Memory, imported: Memory, now: datetime) -> bool:
     """Whether the stored memory ``held`` knows as much as ``imported``, another version of
-    the same memory (the same id), or more: it says the same; it replaced the imported text
-    (which is in its history, and its own text is not in the imported one's); or, neither
-    having replaced the other, it was updated as late or later (but not later than now: a
-    time still to come was written while the clock ran ahead, and orders nothing)."""
-    held_before = {r.text for r in held.history}
-    imported_before = {r.text for r in imported.history}
+    the same memory, or more: it says the same, or it was updated as late or later (a text
+    said again later is current again: "Lives in Paris", then "Berlin", then "Paris").
+
+    A held time later than now was written while the clock ran ahead, and orders nothing:
+    the held memory then knows better only if it replaced the imported text (which is in its
+    history, and its own text is not in the imported one's); else the imported one
+    supersedes it, and its text joins the history: nothing is lost."""
     if held.text == imported.text and held.category == imported.category:
         return True
-    if imported.text in held_before and held.text not in imported_before:
+    if held.updated_at <= now:
+        return imported.updated_at <= held.updated_at
+    held_before = {r.text for r in held.history}
+    imported_before = {r.text for r in imported.history}
+    return imported.text in held_before and held.text not in imported_before
+
+
+def _same_memory(held: Memory, imported: Memory) -> bool:
+    """Whether ``imported``, an exported memory whose id the stored memory ``held`` holds, is
+    another version of it. An id this library made is the :func:`.concurrency.wording_id` of
+    the user and the text the memory was first stored with (its oldest history entry); any
+    other id (a hand-written file's "m1", another system's) proves nothing, unless the two
+    share a text, worded alike (one replaced the other's text, or they say the same)."""
+    first = imported.history[0].text if imported.history else imported.text
+    if held.id == wording_id(imported.user_id, first):
         return True
-    if held.text in imported_before and imported.text not in held_before:
-        return False
-    return imported.updated_at <= held.updated_at <= now
+    held_texts = {same_wording_key(t) for t in (held.text, *(r.text for r in held.history))}
+    return any(
+        same_wording_key(t) in held_texts
+        for t in (imported.text, *(r.text for r in imported.history))
+    )
 
 
 def _earlier_neighbours(vectors: Vectors, floor: float) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -307,20 +307,61 @@ def test_the_cli_reports_what_an_import_did(db_path, model, tmp_path, capsys) ->
 
 
 def test_an_imported_id_that_a_memory_holds_is_another_version_of_it(db_path, model) -> None:
-    """An id is made of the user and the text a memory was first stored with: a line with the
-    id of a stored memory, worded otherwise, is that memory updated elsewhere (or before). It
-    was stored beside it under a fresh id, so a superseded text became current again."""
+    """An id this library makes is that of the user and the text a memory was first stored
+    with: a line with the id of a stored memory and that first text in its history, worded
+    otherwise now, is that memory updated elsewhere (or before). It was stored beside it under
+    a fresh id, so a superseded text became current again."""
     store = MemoryStore("alice", db_path=db_path, embedder=model)
     kept = store.add("Plays the cello")
-    older = _export_line(kept.id, "Speaks fluent Dutch", int(time.time()) - 100)
-    [done] = store.import_with_outcomes([older])  # outdated: the store knows better
+    now = int(time.time())
+
+    def line(when: int) -> str:
+        first = {"text": "Plays the cello", "category": "fact", "replaced_at": when}
+        return _export_line(kept.id, "Speaks fluent Dutch", when, history=[first])
+
+    [done] = store.import_with_outcomes([line(now - 100)])  # outdated: the store knows better
     assert done.outcome is Outcome.DUPLICATE and done.memory == kept
-    newer = _export_line(kept.id, "Speaks fluent Dutch", int(time.time()) + 100)  # now, then
-    [done] = store.import_with_outcomes([newer])
+    [done] = store.import_with_outcomes([line(now + 100)])  # now, then: newer
     assert done.outcome is Outcome.SUPERSEDED and done.memory.id == kept.id
     assert [(m.text, [r.text for r in m.history]) for m in store.get_all()] == [
         ("Speaks fluent Dutch", ["Plays the cello"])
     ]
+
+
+def test_an_imported_id_that_names_no_memory_here_stores_the_line_beside(db_path, model) -> None:
+    """Ids this library did not make (a hand-written file's "m1", another system's) name no
+    memory: two files that both number their lines from m1 hold unrelated facts under the
+    same ids. Each was taken as another version of the memory holding its id: one fact was
+    dropped as outdated, another overwrote an unrelated memory. So is a line whose id is a
+    stored memory's wording id but not that of its own first text."""
+    store = MemoryStore("alice", db_path=db_path, embedder=model)
+    first = [
+        {"id": "m1", "text": "Likes green tea", "updated_at": "2026-03-01T00:00:00Z"},
+        {"id": "m2", "text": "Has a dog named Rex", "updated_at": "2026-01-01T00:00:00Z"},
+    ]
+    second = [
+        {"id": "m1", "text": "Works at Acme as a nurse", "updated_at": "2026-02-01T00:00:00Z"},
+        {"id": "m2", "text": "Was born in Lisbon", "updated_at": "2026-02-01T00:00:00Z"},
+    ]
+    store.import_([json.dumps(line) for line in first])
+    done = store.import_with_outcomes([json.dumps(line) for line in second])
+    assert [d.outcome for d in done] == [Outcome.STORED, Outcome.STORED]
+    assert {d.memory.id for d in done}.isdisjoint({"m1", "m2"})
+    kept = store.add("Plays the cello")
+    [done] = store.import_with_outcomes([_export_line(kept.id, "Speaks fluent Dutch", 1)])
+    assert done.outcome is Outcome.STORED and done.memory.id != kept.id
+    assert sorted(m.text for m in store.get_all()) == [
+        "Has a dog named Rex",
+        "Likes green tea",
+        "Plays the cello",
+        "Speaks fluent Dutch",
+        "Was born in Lisbon",
+        "Works at Acme as a nurse",
+    ]
+    # a line that shares a text with the memory holding its id is another version of it
+    store.update("m1", "Likes black tea")
+    [done] = store.import_with_outcomes([json.dumps(first[0])])  # an old backup: outdated
+    assert (done.outcome, done.memory.text) == (Outcome.DUPLICATE, "Likes black tea")
 
 
 def test_imports_from_two_stores_at_once_store_each_memory_once(db_path, model) -> None:

@@ -3,6 +3,7 @@ changed value supersedes the old memory (kept in ``history``), and distinct fact
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from collections.abc import Sequence
@@ -854,3 +855,37 @@ def test_a_memory_written_while_the_clock_ran_ahead_outdates_no_correction(
     # the order of times that have come is known again: an older text is outdated
     [late] = store.remember_many(["Lives in Boston"], said_at=said - timedelta(minutes=1))
     assert late.outcome is Outcome.DUPLICATE and store.get(boston.id).text == "Lives in Denver"
+
+
+@pytest.mark.parametrize("consolidate", [True, False])
+def test_an_import_of_a_memory_changed_while_the_clock_ran_ahead_is_ordered_by_history(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch, consolidate: bool
+) -> None:
+    """A memory changed while the clock ran ahead is dated to come: its time orders nothing.
+    An imported version of it whose text it replaced is outdated (a backup restored); any
+    other supersedes it, its text kept in history."""
+    netflix = store.add("Subscribes to Netflix")
+    backup = io.StringIO(str(store.export()))
+    real = write_path.utc_now
+
+    def ahead() -> datetime:
+        return real() + timedelta(hours=1)
+
+    for module in (engine, write_path):
+        monkeypatch.setattr(module, "utc_now", ahead)
+    store.supersede(netflix.id, "Cancelled the Netflix subscription")
+    for module in (engine, write_path):
+        monkeypatch.setattr(module, "utc_now", real)
+    [done] = store.import_with_outcomes(backup, consolidate=consolidate)
+    assert (done.outcome, done.memory.text) == (
+        Outcome.DUPLICATE,
+        "Cancelled the Netflix subscription",
+    )
+    line = {
+        "id": netflix.id,
+        "text": "Subscribes to Disney+",
+        "history": [{"text": "Subscribes to Netflix", "category": "fact", "replaced_at": 0}],
+    }
+    [done] = store.import_with_outcomes([json.dumps(line)], consolidate=consolidate)
+    assert (done.outcome, done.memory.text) == (Outcome.SUPERSEDED, "Subscribes to Disney+")
+    assert "Cancelled the Netflix subscription" in [r.text for r in done.memory.history]

@@ -434,6 +434,37 @@ def test_an_import_never_makes_a_superseded_text_current_again(
     ]  # imported again: known
 
 
+@pytest.mark.parametrize("consolidate", [True, False])
+def test_a_text_said_again_later_elsewhere_stays_current_after_an_import(
+    model, tmp_path, consolidate: bool
+) -> None:
+    """The laptop said "Lives in Paris", then "Lives in Berlin"; later the phone said "Lives
+    in Paris" again (a memory of its own, under the same wording id). The newer text wins,
+    whichever store imports the other: the laptop's history held "Lives in Paris", and that
+    decided before the times did (the phone's Paris was dropped as outdated, or overwritten
+    by the laptop's older Berlin)."""
+
+    def laptop_and_phone(name: str) -> tuple[MemoryStore, MemoryStore]:
+        laptop = MemoryStore("alice", db_path=tmp_path / name / "laptop", embedder=model)
+        paris = laptop.add("Lives in Paris")
+        laptop.update(paris.id, "Lives in Berlin")
+        phone = MemoryStore("alice", db_path=tmp_path / name / "phone", embedder=model)
+        assert phone.add("Lives in Paris").id == paris.id
+        return laptop, phone
+
+    laptop, phone = laptop_and_phone("to_laptop")
+    [done] = laptop.import_with_outcomes(io.StringIO(str(phone.export())), consolidate=consolidate)
+    assert done.outcome.value == "superseded"
+    [memory] = laptop.get_all()
+    assert memory.text == "Lives in Paris"
+    assert [r.text for r in memory.history] == ["Lives in Paris", "Lives in Berlin"]
+
+    laptop, phone = laptop_and_phone("to_phone")
+    [done] = phone.import_with_outcomes(io.StringIO(str(laptop.export())), consolidate=consolidate)
+    assert (done.outcome.value, done.memory.text) == ("duplicate", "Lives in Paris")
+    assert [m.text for m in phone.get_all()] == ["Lives in Paris"]
+
+
 def test_an_imported_time_to_come_is_now_so_no_later_correction_is_outdated(
     store: MemoryStore,
 ) -> None:
