@@ -29,11 +29,13 @@ import inspect
 import logging
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     Callable,
     Generator,
+    Hashable,
     Iterable,
     Iterator,
     Mapping,
@@ -41,6 +43,7 @@ from collections.abc import (
 )
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from .engine import MemoryStore, query_tail
@@ -57,6 +60,7 @@ from .prompts import (
     short_ids,
 )
 from .storage.guard import DeadlineExceeded, memory_deadline, run_within
+from .types import Memory
 
 log = logging.getLogger("headroom_memory_integrations")
 
@@ -157,6 +161,10 @@ class Turn:
             memories are kept only if grounded in the user's text (see :mod:`.grounding`).
         tool_loop_step: Tool results follow the latest user message: a later step of a tool
             loop, whose first step may have queued the background extraction of that message.
+        later_call: A later call of a turn this flow prepared a call for already (see
+            :meth:`MemoryFlow.start`'s ``later_step``): it has that call's memories, and no
+            instruction once an earlier call's answer carried the memory block.
+        conversation: Which conversation the call is of (``start``'s ``conversation``).
     """
 
     user_text: str | None = None
@@ -166,6 +174,31 @@ class Turn:
     model: str | None = None
     untrusted: bool = False
     tool_loop_step: bool = False
+    later_call: bool = False
+    conversation: Hashable = None
+
+
+_Shown = tuple[tuple[str, datetime, str], ...]  # memories as (id, last changed, text)
+
+
+@dataclass(frozen=True)
+class _Recalled:
+    """What the first call of a turn was shown: the memory context, the short label of each
+    memory in it by id, and those memories as they were then (None: not known, such as after
+    a failed search; a later call recalls anew)."""
+
+    context: str
+    injected: dict[str, str]
+    shown: _Shown | None
+
+
+def _as_shown(memories: Iterable[Memory]) -> _Shown:
+    return tuple(sorted((m.id, m.updated_at, m.text) for m in memories))
+
+
+REMEMBERED_TURNS = 256
+"""The turns a flow keeps what it recalled for (see :meth:`MemoryFlow.start`'s
+``later_step``), the latest ones."""
 
 
 def latest_index(messages: Sequence[M], is_user: Callable[[M], bool]) -> int | None:
@@ -396,6 +429,10 @@ class MemoryFlow:
         self.top_k = top_k
         self.untrusted_context = untrusted_context
         self._last_extracted: str | None = None  # the user message last queued for extraction
+        # the latest turns' first calls: what they recalled, and which turns were learnt from
+        self._turns: OrderedDict[tuple[Hashable, str], _Recalled] = OrderedDict()
+        self._learnt: set[tuple[Hashable, str]] = set()
+        self._turns_lock = threading.Lock()
 
     def start(
         self,
@@ -406,6 +443,8 @@ class MemoryFlow:
         untrusted: bool = False,
         previous_text: str | None = None,
         tool_loop_step: bool = False,
+        later_step: bool = False,
+        conversation: Hashable = None,
     ) -> Turn:
         """Prepare a call whose latest user message says ``user_text``. Never raises.
 
@@ -421,19 +460,42 @@ class MemoryFlow:
             tool_loop_step: Tool results follow the latest user message (a tool loop's later
                 step): background extraction does not queue it again when the extraction this
                 flow queued last was of the same message (its first step).
+            later_step: The call may be a later one of the turn of its user message (messages
+                follow that message: an agent's tool calls and their results; or it refines
+                an answer already written). When this flow prepared a call for the same message
+                of the same ``conversation`` already, this one is a later call of that turn
+                (:attr:`Turn.later_call`): it gets the memories that call got, not those learnt
+                since from this very message (which the model would be shown as if from an
+                earlier conversation), unless one of them was deleted or changed meanwhile (a
+                tool that forgets): then the memories are recalled anew. A turn is learnt from
+                once: once an earlier call's answer carried the memory block, a later call gets
+                no instruction (a first call answered with a bare tool call carried none: the
+                next one is instructed). A new turn with the same words (a user who says "yes"
+                twice) is not a later step: it is recalled for and learnt from anew.
+            conversation: Which conversation the call is of (a session's id), for
+                ``later_step``.
         """
         turn = Turn(
             user_text=(user_text or "").strip() or None,
             model=model,
             untrusted=untrusted or self.untrusted_context,
             tool_loop_step=tool_loop_step,
+            conversation=conversation,
         )
         try:
             parts = []
+            learnt = False  # an earlier call of the turn carried the block
             if turn.user_text:
-                context, turn.injected = self._recall_in_time(turn.user_text, previous_text)
+                key = (conversation, turn.user_text)
+                with self._turns_lock:
+                    earlier = self._turns.get(key) if later_step else None
+                    learnt = earlier is not None and key in self._learnt
+                turn.later_call = earlier is not None
+                recalled = self._recall_in_time(turn.user_text, previous_text, earlier)
+                self._remember_turn(key, recalled, new=earlier is None)
+                context, turn.injected = recalled.context, dict(recalled.injected)
                 parts += [context] if context else []
-            if self.inline and instruct:
+            if self.inline and instruct and not learnt:
                 turn.nonce = new_nonce()
                 parts.append(extraction_instruction(turn.nonce, allow_replace=bool(turn.injected)))
             turn.prompt = "\n\n".join(parts) or None
@@ -442,16 +504,23 @@ class MemoryFlow:
             turn.prompt, turn.nonce, turn.injected = None, None, {}
         return turn
 
-    def _recall_in_time(self, query: str, previous: str | None) -> tuple[str, dict[str, str]]:
+    def _recall_in_time(
+        self, query: str, previous: str | None, earlier: _Recalled | None = None
+    ) -> _Recalled:
         """The context block of the memories relevant to ``query``, the user's message after
         ``previous``, and the short label of each memory in it, by id ("" and none if there
-        are none, or on failure): searched after the user's queued writes are stored, within
-        :func:`recall_seconds`. A failure is logged and counted once: the search's own, or the
-        deadline's when the search has not ended by then (the search failing later, as the
-        deadline cuts its requests short, is not counted again)."""
+        are none, or on failure): ``earlier``'s, what an earlier call of the turn was shown,
+        when those memories are all still there unchanged; else searched after the user's
+        queued writes are stored. Within :func:`recall_seconds`. A failure is logged and
+        counted once: the search's own, or the deadline's when the search has not ended by
+        then (the search failing later, as the deadline cuts its requests short, is not
+        counted again)."""
         counted = _Once()
+        failed = _Recalled("", {}, None)
 
-        def recall() -> tuple[str, dict[str, str]]:
+        def recall() -> _Recalled:
+            if earlier is not None and self._unchanged(earlier):
+                return earlier
             self.jobs.settle(self.memory)
             try:
                 found = self.memory.search(
@@ -465,16 +534,42 @@ class MemoryFlow:
                     self.failed(
                         "inject_failures", "could not search memories; answering without them"
                     )
-                return "", {}
+                return failed
             labelled = [(label, m) for label, (m, _) in zip(short_ids(len(found)), found)]
-            return format_memory_context(labelled), {label: m.id for label, m in labelled}
+            return _Recalled(
+                format_memory_context(labelled),
+                {label: m.id for label, m in labelled},
+                _as_shown(m for _, m in labelled),
+            )
 
         try:
             return in_recall_time(self.memory, recall, "recall memories")
         except DeadlineExceeded as exc:
             if counted.first():
                 self.failed("inject_failures", f"{exc}; calling without memories", exc_info=False)
-            return "", {}
+            return failed
+
+    def _remember_turn(self, key: tuple[Hashable, str], recalled: _Recalled, new: bool) -> None:
+        """Keep what a turn's call recalled, for its later calls (a ``new`` turn is not learnt
+        from yet); the oldest turns kept are let go."""
+        with self._turns_lock:
+            self._turns[key] = recalled
+            self._turns.move_to_end(key)
+            if new:
+                self._learnt.discard(key)
+            while len(self._turns) > REMEMBERED_TURNS:
+                self._learnt.discard(self._turns.popitem(last=False)[0])
+
+    def _unchanged(self, recalled: _Recalled) -> bool:
+        """Whether the memories ``recalled`` showed are all still there, unchanged (False when
+        they cannot be read)."""
+        if recalled.shown is None:
+            return False
+        ids = [shown[0] for shown in recalled.shown]
+        try:
+            return not ids or _as_shown(self.memory.get_many(ids)) == recalled.shown
+        except Exception:
+            return False
 
     def strip(self, turn: Turn, answer: str) -> str:
         """``answer`` without its memory block, storing nothing (for extra choices)."""
@@ -538,6 +633,11 @@ class MemoryFlow:
             log.info("memory block problem (user %s): %s", self._user(), problem)
         elif not block_found and not foreign_blocks:
             self.memory.counters["missing_blocks"] += 1
+        if block_found and not problem and turn.user_text:  # its later calls: no instruction
+            key = (turn.conversation, turn.user_text)
+            with self._turns_lock:
+                if key in self._turns:
+                    self._learnt.add(key)
         if turn.untrusted:  # (its "replaces" not followed, its keys not kept: grounding.py)
             kept = [m for m in memories if grounded(m.text, turn.user_text or "")]
             if len(kept) < len(memories):

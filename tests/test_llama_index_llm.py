@@ -27,7 +27,13 @@ from _llama_index_support import (
     leave_stream_early_every_way,
     weather,
 )
-from llama_index.core.base.llms.types import ChatMessage, CompletionResponse, LLMMetadata
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    CompletionResponse,
+    LLMMetadata,
+    TextBlock,
+    ToolCallBlock,
+)
 from llama_index.core.bridge.pydantic import BaseModel, Field
 from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
@@ -801,3 +807,124 @@ def test_async_calls_queue_their_memory_work_off_the_event_loop(
     assert asyncio.run(main()) not in threads
     flush(llm.memory)
     assert [m.text for m in llm.memory.get_all()] == [FACT]
+
+
+# -- later calls of the same turn: the first call's memories, no second instruction ------------
+
+OLDER = "I use Python at work"
+"""A memory from an earlier conversation, recalled for :data:`FACT`."""
+
+
+class TalkyLLM(ScriptedLLM):
+    """Writes text next to its tool calls ("Let me check..."), as Claude and GPT models often
+    do, with the memory block in it when the request carries the instruction."""
+
+    def _message(self, messages: Any, kwargs: dict[str, Any]) -> ChatMessage:
+        message = super()._message(messages, kwargs)
+        calls = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls:
+            return message
+        system = "\n".join(m.content or "" for m in messages if m.role.value == "system")
+        said = [m.content or "" for m in messages if m.role.value == "user"][-1]
+        text = "Let me check the weather."
+        nonce = re.search(r"<memory-([0-9a-f]{8,32})>", system)
+        if nonce:
+            found = json.dumps([{"text": said, "category": "fact"}])
+            text += f"\n<memory-{nonce.group(1)}>{found}</memory-{nonce.group(1)}>"
+        return ChatMessage(role="assistant", blocks=[TextBlock(text=text), *calls])
+
+
+def memories_shown(request: list[dict[str, Any]]) -> str:
+    """The memory context a request carries ("" for none)."""
+    found = re.search(r"<user-memories>.*</user-memories>", json.dumps(request), re.DOTALL)
+    return found.group(0) if found else ""
+
+
+@pytest.mark.parametrize("mode", ["async", "stream"])
+def test_a_tool_loops_next_step_is_not_shown_what_its_first_step_learnt(mode, new_llm) -> None:
+    llm = new_llm(base=TalkyLLM())
+    brain = llm.wrapped_llm.brain
+    llm.memory.add(OLDER, category="fact")
+    brain.tool_calls.append(("weather", {"city": "Oslo"}))
+    seen = ask("function_agent", llm, None, FACT, mode)
+    assert_no_block(seen.all_text())
+    first, after_tool = brain.requests
+    assert "<memory-" in json.dumps(first) and OLDER in memories_shown(first)
+    assert "<memory-" not in json.dumps(after_tool)  # the turn is learnt from once
+    assert memories_shown(after_tool) == memories_shown(first)  # not FACT, learnt in step 1
+    flush(llm.memory)
+    assert sorted(m.text for m in llm.memory.get_all()) == sorted([FACT, OLDER])
+
+    # a new turn in the same words is recalled for anew (FACT is from an earlier turn now)
+    brain.requests.clear()
+    ask("function_agent", llm, None, FACT, mode)
+    assert "<memory-" in json.dumps(brain.requests[0]) and FACT in memories_shown(brain.requests[0])
+
+
+def test_a_tool_loops_next_step_is_instructed_when_the_first_wrote_no_block(new_llm) -> None:
+    llm = new_llm()  # its tool calls come without text: no block in the first step
+    brain = llm.wrapped_llm.brain
+    brain.tool_calls.append(("weather", {"city": "Oslo"}))
+    ask("function_agent", llm, None, FACT, "async")
+    first, after_tool = brain.requests
+    assert "<memory-" in json.dumps(first) and "<memory-" in json.dumps(after_tool)
+    flush(llm.memory)
+    assert [m.text for m in llm.memory.get_all()] == [FACT]
+
+
+def test_the_same_words_after_an_answer_are_a_new_turn(new_llm) -> None:
+    llm = new_llm()
+    brain = llm.wrapped_llm.brain
+    user, answer = (
+        ChatMessage(role="user", content=FACT),
+        ChatMessage(role="assistant", content="Ok"),
+    )
+    call = ToolCallBlock(tool_call_id="c1", tool_name="weather", tool_kwargs={})
+    asked_tool = ChatMessage(role="assistant", blocks=[call])
+    result = ChatMessage(role="tool", content="sunny", additional_kwargs={"tool_call_id": "c1"})
+    llm.chat([user])
+    flush(llm.memory)
+    llm.chat([user, asked_tool, result])  # a later step of the turn
+    assert "<memory-" not in json.dumps(brain.requests[-1]) and not memories_shown(
+        brain.requests[-1]
+    )
+    llm.chat([user, answer, user])  # the user says it again: a new turn
+    assert "<memory-" in json.dumps(brain.requests[-1]) and FACT in memories_shown(
+        brain.requests[-1]
+    )
+    llm.chat([user, answer, user, asked_tool, result])  # that turn's later step
+    assert "<memory-" not in json.dumps(brain.requests[-1])
+    assert memories_shown(brain.requests[-1]) == memories_shown(brain.requests[-2])
+
+
+class LongHandbook(HandbookRetriever):
+    """Three long sections: the answer takes more than one call (CompactAndRefine refines the
+    first call's answer with the next sections)."""
+
+    def _retrieve(self, query_bundle: Any) -> list[Any]:
+        from llama_index.core.schema import NodeWithScore, TextNode
+
+        return [
+            NodeWithScore(node=TextNode(text=f"Handbook section {i}. " + "word " * 6000), score=1.0)
+            for i in range(3)
+        ]
+
+
+@pytest.mark.parametrize("engine", ["context", "condense"])
+def test_a_refine_call_is_not_shown_what_the_first_call_learnt(engine, new_llm) -> None:
+    from llama_index.core.chat_engine import CondensePlusContextChatEngine, ContextChatEngine
+
+    llm = new_llm()
+    brain = llm.wrapped_llm.brain
+    llm.memory.add(OLDER, category="fact")
+    kind = ContextChatEngine if engine == "context" else CondensePlusContextChatEngine
+    answer = kind.from_defaults(retriever=LongHandbook(), llm=llm).chat(FACT)
+    assert_no_block(str(answer))
+    first, *refines = brain.requests
+    assert refines  # the context took more than one call
+    assert "<memory-" in json.dumps(first) and OLDER in memories_shown(first)
+    for refine in refines:
+        assert "<memory-" not in json.dumps(refine)  # the turn is learnt from once
+        assert memories_shown(refine) == memories_shown(first)  # not FACT, learnt just now
+    flush(llm.memory)
+    assert sorted(m.text for m in llm.memory.get_all()) == sorted([FACT, OLDER])

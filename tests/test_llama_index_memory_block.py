@@ -150,3 +150,21 @@ def test_an_agent_asking_again_in_the_same_turn_gets_the_same_memories(new_memor
 
 def contents_of_system(messages: list[ChatMessage]) -> str:
     return "\n".join(str(m.content) for m in messages if m.role.value == "system")
+
+
+def test_the_same_words_after_an_answer_are_a_new_turn(new_memory, llm) -> None:
+    # a user who says the same thing twice ("yes", "yes"): the second time is a new turn,
+    # recalled for anew and learnt from, not a later call of the first
+    memory = new_memory()
+    block = block_of(memory)
+
+    async def turn() -> str:
+        await memory.aput(ChatMessage(role="user", content=FACT))
+        shown = await memory.aget()
+        await memory.aput(ChatMessage(role="assistant", content="Noted."))
+        flush(block.memory)
+        return contents_of_system(shown)
+
+    assert FACT not in asyncio.run(turn())
+    assert FACT in asyncio.run(turn())  # learnt in the first turn: from an earlier one now
+    assert llm.brain.extractions == 2

@@ -142,10 +142,30 @@ def new_llm(db_path, model):
     return build
 
 
+OLDER = "I use Python at work"
+"""A memory from an earlier conversation, recalled for :data:`FACT`."""
+
+
+def resumed(new_llm: Any, base: ScriptedLLM, request: list[dict[str, str]]) -> MemoryLLM:
+    """A new MemoryLLM (as in a new process) asked ``request``, an agent's later step, without
+    the memories the first MemoryLLM put in it: no earlier call of the turn was prepared
+    through it, so the step gets the instruction."""
+    llm = new_llm(base)
+    llm.chat(
+        [
+            ChatMessage(role=m["role"], content=m["content"])
+            for m in request
+            if m["role"] != "system" or "<user-memories>" not in m["content"]
+        ]
+    )
+    return llm
+
+
 @pytest.mark.parametrize("workflow", [False, True])
 def test_a_react_observation_is_not_the_users_message(workflow, new_llm) -> None:
     brain = ReActBrain()
     llm = new_llm(ChatOnly(brain=brain))
+    llm.memory.add(OLDER, category="fact")
     if workflow:
         agent: Any = AgentWorkflow.from_tools_or_functions([lookup_tool()], llm=llm)
         assert [type(a) for a in agent.agents.values()] == [ReActAgent]
@@ -156,10 +176,17 @@ def test_a_react_observation_is_not_the_users_message(workflow, new_llm) -> None
     observed = brain.requests[-1]
     assert [m["role"] for m in observed][-4:] == ["system", "user", "assistant", "user"]
     assert observed[-3]["content"] == FACT  # the memories sit before the user's own message
-    assert "<user-memories>" in observed[-4]["content"] or "<memory-" in observed[-4]["content"]
+    assert OLDER in observed[-4]["content"] and FACT not in observed[-4]["content"]
+    assert "<memory-" not in json.dumps(observed)  # a later step: the turn is learnt from once
     assert observed[-1]["content"].startswith("Observation: ")
-    assert texts(llm.memory) == [FACT]  # the observation, recorded as said, was dropped
-    assert llm.memory.counters["ungrounded_memories"] == 1
+    assert texts(llm.memory) == sorted([FACT, OLDER])
+
+    # instructed (no earlier call of the turn in this process), the observation is recorded
+    # as said, and dropped
+    again = resumed(new_llm, ChatOnly(brain=brain), observed)
+    assert "<memory-" in brain.requests[-1][-4]["content"]
+    assert texts(again.memory) == sorted([FACT, OLDER])
+    assert again.memory.counters["ungrounded_memories"] == 1
 
 
 def test_a_user_message_that_starts_like_an_observation_is_still_the_users(new_llm) -> None:
@@ -336,12 +363,19 @@ RETRIES = {
 def test_reacts_retry_prompt_is_not_the_users_message(sloppy, new_llm) -> None:
     brain = RetriedReActBrain(sloppy=sloppy)
     llm = new_llm(ChatOnly(brain=brain))
+    llm.memory.add(OLDER, category="fact")
     assert "Python it is." in run(ReActAgent(tools=[lookup_tool()], llm=llm), FACT)
-    assert texts(llm.memory) == [FACT]  # the retry prompt, recorded as said, was dropped
+    assert texts(llm.memory) == sorted([FACT, OLDER])
     retried = brain.requests[-1]
     assert retried[-1]["role"] == "user" and retried[-1]["content"].startswith(RETRIES[sloppy])
-    assert retried[-4]["role"] == "system" and retried[-3]["content"] == FACT  # memory before it
-    assert llm.memory.counters["ungrounded_memories"] == 1
+    assert OLDER in retried[-4]["content"] and retried[-3]["content"] == FACT  # memory before it
+    assert "<memory-" not in json.dumps(retried)  # a later step: the turn is learnt from once
+
+    # instructed, the retry prompt is recorded as said, and dropped
+    again = resumed(new_llm, ChatOnly(brain=brain), retried)
+    assert "<memory-" in brain.requests[-1][-4]["content"]
+    assert texts(again.memory) == sorted([FACT, OLDER])
+    assert again.memory.counters["ungrounded_memories"] == 1
 
 
 # -- the buffer's trust follows what the model sees ----------------------------------------

@@ -138,6 +138,25 @@ def previous_user_text(messages: Sequence[ChatMessage]) -> str | None:
     return None if index is None else latest_user_text(messages[:index])
 
 
+def continues_a_turn(messages: Sequence[ChatMessage]) -> bool:
+    """Whether the call may be a later one of the turn of the user's latest message (see
+    ``MemoryFlow.start``'s ``later_step``): messages follow it (an agent's tool calls and
+    their results, a retry prompt), or an agent sent it again after those with no answer in
+    between (``AgentWorkflow`` asks ``Memory.aget(input=...)`` with the user's message after
+    its tool calls). A user message after an answer is a new turn, even in the same words."""
+    index = user_index(messages)
+    if index is None:
+        return False
+    if index < len(messages) - 1:
+        return True
+    before = user_index(messages[:index])
+    return (
+        before is not None
+        and text_of(messages[before]) == text_of(messages[index])
+        and not any(is_final_answer(m) for m in messages[before + 1 : index])
+    )
+
+
 def user_message_holds_agent_text(messages: Sequence[ChatMessage]) -> bool:
     """Whether a message the user wrote comes with text an agent put in it: its state
     (``AgentWorkflow``'s ``initial_state``, which its tools can fill with text the user did not

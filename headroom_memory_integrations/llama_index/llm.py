@@ -62,6 +62,7 @@ from ._instrumentation import astepped, stepped, viewed
 from ._messages import (
     attaches_outside_text,
     calls_tools,
+    continues_a_turn,
     holds_tool_results,
     latest_user_text,
     system_message,
@@ -79,6 +80,7 @@ class _Prompt:
 
     queries: frozenset[str] = frozenset()  # the ``query_str`` it was filled with
     retrieved: bool = False  # it was filled with retrieved documents
+    refines: bool = False  # it refines an answer written already (``existing_answer``)
 
 
 _PROMPT: ContextVar[_Prompt | None] = ContextVar("headroom_llama_index_prompt", default=None)
@@ -88,6 +90,11 @@ _RETRIEVED = ("context_str", "context_msg")
 """LlamaIndex's names for the retrieved text a template is filled with: a chat engine's or a
 query engine's documents (``context_str``), and the next ones its refine step adds
 (``context_msg``)."""
+
+_REFINED = "existing_answer"
+"""LlamaIndex's name for the answer a refine template is filled with: the answer written so far
+from the documents before ``context_msg`` (``CompactAndRefine``'s later calls, in a chat engine
+and a query engine)."""
 
 
 @contextmanager
@@ -107,8 +114,8 @@ def _prompted(prompt: _Prompt | None = None) -> Generator[None, None, None]:
 def _filled(prompt: Any, prompt_args: Mapping[str, Any]) -> _Prompt:
     """What a prompt template is filled with, given with ``prompt_args`` or bound before (a
     response synthesizer's ``partial_format``), in any template a selector may pick: the
-    ``query_str`` (LlamaIndex's name for the user's query), and whether retrieved documents
-    (``context_str``, ``context_msg``)."""
+    ``query_str`` (LlamaIndex's name for the user's query), whether retrieved documents
+    (``context_str``, ``context_msg``), and whether an answer to refine (``existing_answer``)."""
     templates = [prompt, getattr(prompt, "default_template", None)]
     templates += [t for _, t in getattr(prompt, "conditionals", None) or []]
     bound = [getattr(t, "kwargs", None) for t in templates]
@@ -117,6 +124,7 @@ def _filled(prompt: Any, prompt_args: Mapping[str, Any]) -> _Prompt:
     return _Prompt(
         queries=frozenset(q.strip() for q in queries if isinstance(q, str)),
         retrieved=any(kw.get(name) for kw in filled for name in _RETRIEVED),
+        refines=any(_REFINED in kw for kw in filled),
     )
 
 
@@ -143,6 +151,13 @@ def _retrieved() -> bool:
     return prompt is not None and prompt.retrieved
 
 
+def _refines() -> bool:
+    """Whether the call being prepared sends a prompt that refines an answer already written
+    (a later call of the turn whose first call wrote it)."""
+    prompt = _PROMPT.get()
+    return prompt is not None and prompt.refines
+
+
 _SAVED = ("user_id", "db_path", "top_k", "untrusted_context")
 """What :meth:`MemoryLLM.to_dict` saves that :meth:`MemoryLLM.from_dict` reads back."""
 
@@ -165,7 +180,13 @@ class MemoryLLM(FlowSettings, Pickled, LLM):
     answer with a memory block; the block is cut from the response (``message``, ``delta``,
     and ``raw``), from every streamed chunk (each ``delta`` and the cumulative
     ``message.content``), so it never reaches the caller, a stream, or an engine's chat
-    history, and its memories are stored off the caller's path. No extra model call.
+    history, and its memories are stored off the caller's path. No extra model call. A turn
+    is learnt from once: a later call of it (an agent's step after its tool calls, whose
+    results follow the user's message; a chat engine's refine call, filled with
+    ``existing_answer``) gets the memories its first call got (not what the model wrote in
+    that call's block, which it would take for a memory from an earlier conversation), and no
+    instruction once an earlier call's answer carried the block (not after a bare tool call):
+    ``MemoryFlow.start``'s ``later_step``, as for ``HeadroomMemoryBlock``.
 
     A function-calling LLM stays one (``metadata`` is the wrapped LLM's, tool calls pass
     through), so ``FunctionAgent`` and ``AgentWorkflow`` work with it: ``MemoryLLM(llm=...)``
@@ -416,6 +437,7 @@ class MemoryLLM(FlowSettings, Pickled, LLM):
             or attaches_outside_text(sent)
             or user_message_holds_agent_text(sent)
             or _retrieved(),
+            later_step=continues_a_turn(sent) or _refines(),
         )
         if turn.prompt:
             sent = insert_before(sent, index, system_message(turn.prompt))

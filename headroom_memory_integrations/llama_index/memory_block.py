@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage
@@ -19,20 +15,8 @@ from ..engine import MemoryStore
 from ..flow import MemoryFlow
 from ..storage import Storage
 from ..wiring import FlowSettings
-from ._messages import latest_user_text, previous_user_text
+from ._messages import continues_a_turn, latest_user_text, previous_user_text
 from ._wiring import PathLike, Pickled, background_flow, check_saveable, memory_fields
-
-_Shown = tuple[tuple[str, datetime, str], ...]  # memories as (id, last changed, text)
-
-
-@dataclass(frozen=True)
-class _Asked:
-    """A session's latest user message, the memories recalled for it, and those memories as
-    they were then."""
-
-    text: str
-    prompt: str
-    shown: _Shown | None  # None: they could not be read
 
 
 class HeadroomMemoryBlock(FlowSettings, Pickled, BaseMemoryBlock[str]):
@@ -42,19 +26,22 @@ class HeadroomMemoryBlock(FlowSettings, Pickled, BaseMemoryBlock[str]):
     queue (with the defaults, after about 21,000 tokens of conversation), so a block that
     learnt in ``aput`` would learn nothing in most conversations. What ``Memory`` does call on
     every turn is the blocks' ``aget``, with the whole active history plus the new input. So
-    this block learns there: on each ``aget`` whose latest user message it has not seen yet
-    (per ``session_id``), it queues that message for background extraction by ``llm``, and
+    this block learns there: on each ``aget`` whose latest user message begins a turn (per
+    ``session_id``), it queues that message for background extraction by ``llm``, and
     returns the memories relevant to it (the core's escaped context) for ``Memory`` to put in
     its system message (the first one; a new one first when there is none, which a
     ``ReActAgent`` or ``CodeActAgent`` without a ``system_prompt`` takes for its own prompt and
     drops or replaces: give the agent a ``system_prompt``, or give ``Memory``
     ``insert_method=InsertMethod.USER``). Each user message is learnt from once, as soon as it
     is asked, so the last turn of a session is not lost; the assistant's answers are not
-    needed, since only what users say about themselves is remembered. Asked again for the
-    same message (an agent asks after each tool call), the block returns the memories it
-    returned the first time, so the prompt stays the same within a turn and what was just
+    needed, since only what users say about themselves is remembered. Asked again in the
+    same turn (an agent asks after each tool call, with the user's message followed by its
+    tool calls and their results, or sent again after them), the block returns the memories
+    it returned the first time, so the prompt stays the same within a turn and what was just
     learnt from the message is not shown back as if from an earlier conversation; when one of
     those memories was deleted or changed meanwhile (a tool that forgets), it recalls anew.
+    A user message after an answer begins a new turn, even in the same words as the one
+    before ("yes" twice): it is recalled for and learnt from anew (see ``MemoryFlow.start``).
     Messages ``Memory`` flushes later are ignored (they were learnt from already), and so is
     history that was never the latest message of an ``aget`` (``chat_history=``, ``set``).
 
@@ -107,8 +94,6 @@ class HeadroomMemoryBlock(FlowSettings, Pickled, BaseMemoryBlock[str]):
     _unsaveable: str | None = PrivateAttr(default=None)  # why it cannot be serialized
     _extraction_llm: LLM | None = PrivateAttr(default=None)
     _queue_path: PathLike | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _asked: dict[str | None, _Asked] = PrivateAttr(default_factory=dict)  # session -> its latest
 
     def _settings_flow(self) -> MemoryFlow | None:
         return getattr(self, "_flow", None)
@@ -147,52 +132,35 @@ class HeadroomMemoryBlock(FlowSettings, Pickled, BaseMemoryBlock[str]):
 
     async def _aget(self, messages: list[ChatMessage] | None = None, **block_kwargs: Any) -> str:
         """The memories relevant to the latest user message ("" for none); learns from it."""
-        asked = latest_user_text(messages or [])
+        messages = messages or []
+        asked = latest_user_text(messages)
         if not asked or not asked.strip():
             return ""
-        previous = previous_user_text(messages or [])
         return await asyncio.to_thread(
-            self._recall, asked, block_kwargs.get("session_id"), previous
+            self._recall,
+            asked,
+            block_kwargs.get("session_id"),
+            previous_user_text(messages),
+            continues_a_turn(messages),
         )
 
-    def _recall(self, asked: str, session: str | None, previous: str | None = None) -> str:
-        with self._lock:
-            latest = self._asked.get(session)
-        if latest is not None and latest.text == asked.strip() and self._unchanged(latest):
-            # the same turn asks again (an agent after its tool calls): the same memories, not
-            # the ones learnt since from this very message, which the model would be shown as
-            # if from an earlier conversation (and a prompt that changes within a turn). Unless
-            # one of them was deleted or changed meanwhile (a tool that forgets): then anew.
-            return latest.prompt
-        turn = self._flow.start(asked, instruct=False, previous_text=previous)
+    def _recall(
+        self, asked: str, session: str | None, previous: str | None, later_step: bool
+    ) -> str:
+        # asked again in the same turn (an agent after its tool calls): the flow gives the same
+        # memories, not the ones learnt since from this very message (see MemoryFlow.start)
+        turn = self._flow.start(
+            asked,
+            instruct=False,
+            previous_text=previous,
+            later_step=later_step,
+            conversation=session,
+        )
         if turn.user_text is None:
             return ""
-        now = _Asked(turn.user_text, turn.prompt or "", self._as_now(turn.injected.values()))
-        with self._lock:
-            latest = self._asked.get(session)
-            new = latest is None or latest.text != now.text
-            self._asked[session] = now
-        if new:
+        if not turn.later_call:
             self._flow.finish(turn, None)  # the user's message, extracted in the background
-        return now.prompt
-
-    def _as_now(self, memory_ids: Iterable[str]) -> _Shown | None:
-        """The memories with these ids as they are now (None when one is gone or they cannot
-        be read)."""
-        ids = set(memory_ids)
-        try:
-            found = self.memory.get_many(sorted(ids)) if ids else []
-        except Exception:
-            return None
-        if {m.id for m in found} != ids:
-            return None
-        return tuple(sorted((m.id, m.updated_at, m.text) for m in found))
-
-    def _unchanged(self, asked: _Asked) -> bool:
-        """Whether the memories recalled for ``asked`` are all still there, unchanged."""
-        if asked.shown is None:
-            return False
-        return self._as_now(shown[0] for shown in asked.shown) == asked.shown
+        return turn.prompt or ""
 
     async def _aput(self, messages: list[ChatMessage]) -> None:
         """Flushed messages: already learnt from when they were asked (see the class)."""
