@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import inspect
+import json
 import logging
 import re
 import threading
@@ -35,7 +37,6 @@ from collections.abc import (
     AsyncIterable,
     Callable,
     Generator,
-    Hashable,
     Iterable,
     Iterator,
     Mapping,
@@ -164,7 +165,8 @@ class Turn:
         later_call: A later call of a turn this flow prepared a call for already (see
             :meth:`MemoryFlow.start`'s ``later_step``): it has that call's memories, and no
             instruction once an earlier call's answer carried the memory block.
-        conversation: Which conversation the call is of (``start``'s ``conversation``).
+        turn_key: What identifies the call's turn (a digest of its conversation and the
+            user's message), when the flow keeps it for the turn's later calls.
     """
 
     user_text: str | None = None
@@ -175,7 +177,7 @@ class Turn:
     untrusted: bool = False
     tool_loop_step: bool = False
     later_call: bool = False
-    conversation: Hashable = None
+    turn_key: str | None = None
 
 
 _Shown = tuple[tuple[str, datetime, str], ...]  # memories as (id, last changed, text)
@@ -199,6 +201,31 @@ def _as_shown(memories: Iterable[Memory]) -> _Shown:
 REMEMBERED_TURNS = 256
 """The turns a flow keeps what it recalled for (see :meth:`MemoryFlow.start`'s
 ``later_step``), the latest ones."""
+
+CONVERSATION_TAIL = 4
+"""How many of the messages before a user's message tell its conversation apart (see
+:func:`conversation_key`)."""
+
+
+def conversation_key(before: Iterable[tuple[str | None, str]]) -> str:
+    """What tells the conversation of a user message apart, with no session id to go by (for
+    :meth:`MemoryFlow.start`'s ``conversation``): a digest of the roles and texts of the last
+    :data:`CONVERSATION_TAIL` messages ``before`` it, system and developer messages aside.
+    Every call of one turn has the same (an agent's steps send the same history before the
+    user's message; a chat engine's refine call changes only its system message, which holds
+    the documents); two conversations whose users say the same words ("yes") differ in what
+    came before. Only the last few: a chat memory drops the oldest messages as a turn's tool
+    results fill it, between two steps of the turn."""
+    said = [
+        [role if isinstance(role, str) else None, text if isinstance(text, str) else ""]
+        for role, text in before
+        if role not in ("system", "developer")
+    ]
+    return _digest(said[-CONVERSATION_TAIL:])
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).hexdigest()
 
 
 def latest_index(messages: Sequence[M], is_user: Callable[[M], bool]) -> int | None:
@@ -429,9 +456,10 @@ class MemoryFlow:
         self.top_k = top_k
         self.untrusted_context = untrusted_context
         self._last_extracted: str | None = None  # the user message last queued for extraction
-        # the latest turns' first calls: what they recalled, and which turns were learnt from
-        self._turns: OrderedDict[tuple[Hashable, str], _Recalled] = OrderedDict()
-        self._learnt: set[tuple[Hashable, str]] = set()
+        # the latest turns (by Turn.turn_key): what their first calls recalled, and which
+        # turns were learnt from
+        self._turns: OrderedDict[str, _Recalled] = OrderedDict()
+        self._learnt: set[str] = set()
         self._turns_lock = threading.Lock()
 
     def start(
@@ -444,7 +472,8 @@ class MemoryFlow:
         previous_text: str | None = None,
         tool_loop_step: bool = False,
         later_step: bool = False,
-        conversation: Hashable = None,
+        conversation: str | None = None,
+        begins_turn: bool = True,
     ) -> Turn:
         """Prepare a call whose latest user message says ``user_text``. Never raises.
 
@@ -472,27 +501,33 @@ class MemoryFlow:
                 no instruction (a first call answered with a bare tool call carried none: the
                 next one is instructed). A new turn with the same words (a user who says "yes"
                 twice) is not a later step: it is recalled for and learnt from anew.
-            conversation: Which conversation the call is of (a session's id), for
-                ``later_step``.
+            conversation: Which conversation the call is of, for ``later_step``: a session's
+                id, or :func:`conversation_key` of the messages before the user's.
+            begins_turn: The call may be the first of a turn: the user's own message, not one
+                of a framework's prompts (a query engine's, a question condensed from the
+                chat, a completion prompt), which no later step follows. Only such calls are
+                kept for the turn's later calls (a digest of the turn, with what it recalled:
+                never the prompt's text).
         """
         turn = Turn(
             user_text=(user_text or "").strip() or None,
             model=model,
             untrusted=untrusted or self.untrusted_context,
             tool_loop_step=tool_loop_step,
-            conversation=conversation,
         )
         try:
             parts = []
             learnt = False  # an earlier call of the turn carried the block
             if turn.user_text:
-                key = (conversation, turn.user_text)
+                key = _digest([None if conversation is None else str(conversation), turn.user_text])
                 with self._turns_lock:
                     earlier = self._turns.get(key) if later_step else None
                     learnt = earlier is not None and key in self._learnt
                 turn.later_call = earlier is not None
                 recalled = self._recall_in_time(turn.user_text, previous_text, earlier)
-                self._remember_turn(key, recalled, new=earlier is None)
+                if begins_turn or turn.later_call:
+                    turn.turn_key = key
+                    self._remember_turn(key, recalled, new=earlier is None)
                 context, turn.injected = recalled.context, dict(recalled.injected)
                 parts += [context] if context else []
             if self.inline and instruct and not learnt:
@@ -509,19 +544,19 @@ class MemoryFlow:
     ) -> _Recalled:
         """The context block of the memories relevant to ``query``, the user's message after
         ``previous``, and the short label of each memory in it, by id ("" and none if there
-        are none, or on failure): ``earlier``'s, what an earlier call of the turn was shown,
-        when those memories are all still there unchanged; else searched after the user's
-        queued writes are stored. Within :func:`recall_seconds`. A failure is logged and
-        counted once: the search's own, or the deadline's when the search has not ended by
-        then (the search failing later, as the deadline cuts its requests short, is not
-        counted again)."""
+        are none, or on failure), once the user's queued writes are stored: ``earlier``'s, what
+        an earlier call of the turn was shown, when those memories are all still there
+        unchanged (not replaced by a correction that call's block queued); else searched.
+        Within :func:`recall_seconds`. A failure is logged and counted once: the search's
+        own, or the deadline's when the search has not ended by then (the search failing
+        later, as the deadline cuts its requests short, is not counted again)."""
         counted = _Once()
         failed = _Recalled("", {}, None)
 
         def recall() -> _Recalled:
+            self.jobs.settle(self.memory)  # (a correction an earlier call's block queued)
             if earlier is not None and self._unchanged(earlier):
                 return earlier
-            self.jobs.settle(self.memory)
             try:
                 found = self.memory.search(
                     query_tail(query),
@@ -549,7 +584,7 @@ class MemoryFlow:
                 self.failed("inject_failures", f"{exc}; calling without memories", exc_info=False)
             return failed
 
-    def _remember_turn(self, key: tuple[Hashable, str], recalled: _Recalled, new: bool) -> None:
+    def _remember_turn(self, key: str, recalled: _Recalled, new: bool) -> None:
         """Keep what a turn's call recalled, for its later calls (a ``new`` turn is not learnt
         from yet); the oldest turns kept are let go."""
         with self._turns_lock:
@@ -633,11 +668,10 @@ class MemoryFlow:
             log.info("memory block problem (user %s): %s", self._user(), problem)
         elif not block_found and not foreign_blocks:
             self.memory.counters["missing_blocks"] += 1
-        if block_found and not problem and turn.user_text:  # its later calls: no instruction
-            key = (turn.conversation, turn.user_text)
+        if block_found and not problem and turn.turn_key:  # its later calls: no instruction
             with self._turns_lock:
-                if key in self._turns:
-                    self._learnt.add(key)
+                if turn.turn_key in self._turns:
+                    self._learnt.add(turn.turn_key)
         if turn.untrusted:  # (its "replaces" not followed, its keys not kept: grounding.py)
             kept = [m for m in memories if grounded(m.text, turn.user_text or "")]
             if len(kept) < len(memories):

@@ -15,7 +15,7 @@ from langchain_core.tracers.base import BaseTracer
 from langchain_core.tracers.schemas import Run
 
 from headroom_memory_integrations import MemoryStore
-from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer
+from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer, ToolCall
 
 _NONCE = re.compile(r"<memory-([0-9a-f]{8,32})>")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -83,6 +83,8 @@ class ScriptedChat:
         memories: What the model "remembers" in its block (``[]`` by default).
         nonces: Every instruction nonce seen, oldest first.
         chunk_size: Characters per streamed piece (None: the server's default, 4).
+        talks: Its tool calls come with a sentence (as Claude and GPT models often write
+            one), which ends with the memory block when the request asks for one.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class ScriptedChat:
         self.memories = list(memories)
         self.nonces: list[str] = []
         self.chunk_size: int | None = None
+        self.talks = False
 
     def __call__(self, body: dict[str, Any]) -> Reply:
         messages = body["messages"]
@@ -104,7 +107,11 @@ class ScriptedChat:
         choice = body.get("tool_choice")
         if tools and last.get("role") == "user" and choice != "none":
             tool = _chosen_tool(tools, choice, user_text)
-            return Reply.tool_call(tool["name"], _fill(tool.get("parameters") or {}, user_text))
+            call = ToolCall(tool["name"], _fill(tool.get("parameters") or {}, user_text))
+            if not self.talks:
+                return Reply.tool_calls(call)
+            said = "Let me check." + (f"\n\n{memory_block(nonce, self.memories)}" if nonce else "")
+            return Reply.tool_calls(call, content=said)
         response_format = body.get("response_format") or {}
         if response_format.get("type") == "json_schema":
             schema = response_format.get("json_schema", {}).get("schema", {})

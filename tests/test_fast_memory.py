@@ -944,3 +944,52 @@ def test_a_streamed_answer_whose_deltas_are_lists_of_parts_has_its_block_cut(cli
     assert shown[0].choices[0].delta.content[0] == {"type": "thinking", "thinking": "..."}
     assert client.memory.flush(30)
     assert [m.text for m in client.memory.get_all()] == [PYTHON["text"]]
+
+
+def shown(body: dict) -> str:
+    """The memory context a request carries ("" for none)."""
+    text = json.dumps(body["messages"])
+    start, end = text.find(CONTEXT_OPEN), text.find(CONTEXT_CLOSE)
+    return text[start:end] if start >= 0 else ""
+
+
+def test_a_tool_loops_next_step_is_not_shown_what_its_first_step_learnt(
+    client, openai_server
+) -> None:
+    # the model writes a sentence with its tool call, and the memory block in it: the step
+    # after the tool's result is a later call of the same turn (MemoryFlow.start's later_step)
+    def talky(body: dict) -> Reply:
+        nonce = instruction_nonce(body)
+        said = f"\n\n{block(nonce, [PYTHON])}" if nonce else ""
+        if body["messages"][-1]["role"] == "user":
+            return Reply.tool_calls(ToolCall("get_weather", "{}"), content="Let me check." + said)
+        return Reply.text("It is sunny." + said)
+
+    openai_server.responder = talky
+    client.memory.add("Uses Go for command-line tools", category="preference")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    messages: list[dict] = [{"role": "user", "content": "I prefer Python for backend work"}]
+    for step in range(2):
+        message = (
+            client.chat.completions.create(model="gpt-4o", messages=messages, tools=tools)
+            .choices[0]
+            .message
+        )
+        assert client.memory.flush(30)
+        if step == 0:
+            call = message.tool_calls[0]
+            messages += [
+                {
+                    "role": "assistant",
+                    "content": message.content,
+                    "tool_calls": [call.model_dump()],
+                },
+                {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+            ]
+    first, after_tool = (r.body for r in openai_server.requests)
+    assert instruction_nonce(first) and not instruction_nonce(after_tool)  # learnt from once
+    assert shown(after_tool) == shown(first)  # the first step's memories
+    assert PYTHON["text"] not in json.dumps(after_tool)  # not what the first step learnt
+    assert sorted(m.text for m in client.memory.get_all()) == sorted(
+        ["Uses Go for command-line tools", PYTHON["text"]]
+    )

@@ -541,6 +541,22 @@ def test_as_the_model_of_an_agent_through_a_tool_loop(
     assert texts(chat.memory) == [TEA["text"]]
 
 
+def test_an_agents_next_step_is_not_shown_what_its_first_step_learnt(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, says: ScriptedChat
+) -> None:
+    # the model writes a sentence with its tool call, and the memory block in it: the step
+    # after the tool's result is a later call of the same turn (MemoryFlow.start's later_step)
+    says.talks = True
+    agent = create_agent(chat, tools=[get_weather], checkpointer=InMemorySaver())
+    asked = {"messages": [{"role": "user", "content": "I love green tea. Weather in 'Lyon'?"}]}
+    agent.invoke(asked, {"configurable": {"thread_id": "agent"}})
+    first, after_tool = (r.body["messages"] for r in openai_server.requests)
+    assert instruction_nonce(first) and after_tool[-1]["role"] == "tool"
+    assert not instruction_nonce(after_tool)  # the turn is learnt from once
+    assert CONTEXT_OPEN not in json.dumps(after_tool)  # not TEA, learnt in the first step
+    assert texts(chat.memory) == [TEA["text"]]
+
+
 @tool
 def read_faq(topic: str) -> str:
     """Read the shop's FAQ about a topic."""

@@ -544,3 +544,23 @@ def test_a_bad_top_k_is_refused_when_built(db_path: Path, model: Any, top_k: Any
                 embedder=model,
                 top_k=top_k,
             )
+
+
+def test_a_tool_loops_next_step_is_not_shown_what_its_first_step_learnt(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    # the model writes a sentence with its tool call, and the memory block in it: the step
+    # after the tool's result is a later call of the same turn (MemoryFlow.start's later_step)
+    says.talks = True
+    middleware = MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    agent_with(openai_server, middleware).invoke(ASK, thread("t1"))
+    first, after_tool = chat_requests(openai_server)
+    assert nonce_in(first) and after_tool[-1]["role"] == "tool"
+    assert not nonce_in(after_tool)  # the turn is learnt from once
+    assert CONTEXT_OPEN not in json.dumps(after_tool)  # not TEA, learnt in the first step
+    assert texts(middleware.memory) == [TEA["text"]]  # type: ignore[arg-type]
+
+    # the same words in a new turn: recalled for anew (TEA is from an earlier turn now)
+    agent_with(openai_server, middleware).invoke(ASK, thread("t2"))
+    assert nonce_in(chat_requests(openai_server)[2])
+    assert TEA["text"] in json.dumps(chat_requests(openai_server)[2])

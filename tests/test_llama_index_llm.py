@@ -928,3 +928,90 @@ def test_a_refine_call_is_not_shown_what_the_first_call_learnt(engine, new_llm) 
         assert memories_shown(refine) == memories_shown(first)  # not FACT, learnt just now
     flush(llm.memory)
     assert sorted(m.text for m in llm.memory.get_all()) == sorted([FACT, OLDER])
+
+
+def after_a_tool_call(asked: list[ChatMessage]) -> list[ChatMessage]:
+    """``asked`` followed by a call of the weather tool and its result (a tool loop's step)."""
+    call = ToolCallBlock(tool_call_id="c1", tool_name="weather", tool_kwargs={})
+    result = ChatMessage(role="tool", content="sunny", additional_kwargs={"tool_call_id": "c1"})
+    return [*asked, ChatMessage(role="assistant", blocks=[call]), result]
+
+
+WEATHER_TOOL = [{"type": "function", "function": {"name": "weather"}}]
+
+
+def test_two_conversations_sharing_an_llm_in_the_same_words_are_two_turns(new_llm) -> None:
+    # both users say "yes" (to different questions), on one MemoryLLM, with no session id:
+    # conversation B's answer, with its block, is no later call of A's turn
+    llm = new_llm()
+    brain = llm.wrapped_llm.brain
+    llm.memory.add(OLDER, category="fact")
+    flush(llm.memory)
+    a = [ChatMessage(role="assistant", content="Shall I note you use Python?"), user("yes")]
+    b = [ChatMessage(role="assistant", content="Do you want the window seat?"), user("yes")]
+    brain.tool_calls.append(("weather", {}))
+    llm.chat(a, tools=WEATHER_TOOL)  # A's first step: a bare tool call, no block
+    a_first = brain.requests[-1]
+    llm.chat(b)  # B's turn, answered with a block
+    flush(llm.memory)
+    llm.chat(after_a_tool_call(a))  # A's next step
+    a_next = brain.requests[-1]
+    assert "<memory-" in json.dumps(a_next)  # A's turn was not learnt from yet
+    assert memories_shown(a_next) == memories_shown(a_first)  # not B's "yes", learnt since
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def test_the_llms_own_prompts_keep_no_turn_and_no_text(new_llm, monkeypatch) -> None:
+    # a tool that asks the same LLM to summarise, between two steps of a turn: completion
+    # prompts are no turn's first call, so they neither push the turn out nor are kept
+    monkeypatch.setattr("headroom_memory_integrations.flow.REMEMBERED_TURNS", 2)
+    llm = new_llm(base=TalkyLLM())
+    brain = llm.wrapped_llm.brain
+    llm.memory.add(OLDER, category="fact")
+    brain.tool_calls.append(("weather", {}))
+    llm.chat([user(FACT)], tools=WEATHER_TOOL)
+    first = brain.requests[-1]
+    flush(llm.memory)
+    for chunk in range(3):
+        llm.complete(f"Summarise chunk {chunk}: the report says {FACT}")
+    assert len(llm._flow._turns) == 1  # the turn only
+    assert all(FACT not in key for key in llm._flow._turns)  # a digest, not the text
+    llm.chat(after_a_tool_call([user(FACT)]))
+    after_tool = brain.requests[-1]
+    assert "<memory-" not in json.dumps(after_tool)
+    assert memories_shown(after_tool) == memories_shown(first)  # not FACT, learnt in step 1
+
+
+class Correcting(TalkyLLM):
+    """Its block replaces the memory shown as m1 with :data:`BERLIN`."""
+
+    def _message(self, messages: Any, kwargs: dict[str, Any]) -> ChatMessage:
+        message = super()._message(messages, kwargs)
+        text = message.content or ""
+        nonce = re.search(r"<memory-([0-9a-f]{8,32})>", text)
+        if not nonce:
+            return message
+        tag, found = nonce.group(1), [{"text": BERLIN, "category": "fact", "replaces": "m1"}]
+        text = text[: nonce.start()] + f"<memory-{tag}>{json.dumps(found)}</memory-{tag}>"
+        calls = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
+        return ChatMessage(role="assistant", blocks=[TextBlock(text=text), *calls])
+
+
+BERLIN = "I live in Berlin"
+
+
+def test_a_correction_in_a_tool_loops_first_step_is_seen_by_the_next(new_llm) -> None:
+    llm = new_llm(base=Correcting())
+    brain = llm.wrapped_llm.brain
+    llm.memory.add("I live in Paris", category="fact")
+    flush(llm.memory)
+    said = [user("I moved from Paris to Berlin, what's the weather where I live?")]
+    brain.tool_calls.append(("weather", {}))
+    llm.chat(said, tools=WEATHER_TOOL)
+    assert "Paris" in memories_shown(brain.requests[-1])
+    llm.chat(after_a_tool_call(said))  # right away (a fast tool): the correction is queued
+    after_tool = memories_shown(brain.requests[-1])
+    assert "Paris" not in after_tool and BERLIN in after_tool  # not the memory it replaced

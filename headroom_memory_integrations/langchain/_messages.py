@@ -37,6 +37,7 @@ from ..flow import (
     AnswerStream,
     MemoryFlow,
     Turn,
+    conversation_key,
     holds_agent_text,
     insert_before,
     latest_index,
@@ -217,6 +218,8 @@ class MessagesFlow:
             instruct=inline_extraction_allowed(call_kwargs),
             untrusted=holds_outside_text(call.messages, call_kwargs)
             or any(holds_agent_text(message_text(m)) for m in call.messages if is_user(m)),
+            later_step=any(is_tool_result(m) for m in call.messages[index + 1 :]),
+            conversation=conversation_key((m.type, message_text(m)) for m in call.messages[:index]),
         )
         prompt = call.turn.prompt
         if prompt:

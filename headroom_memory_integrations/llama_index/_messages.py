@@ -11,6 +11,7 @@ from ..flow import (
     REACT_OBSERVATION,
     REACT_STEP,
     agent_observations,
+    conversation_key,
     holds_agent_text,
     user_words,
 )
@@ -138,23 +139,39 @@ def previous_user_text(messages: Sequence[ChatMessage]) -> str | None:
     return None if index is None else latest_user_text(messages[:index])
 
 
+def turn_start(messages: Sequence[ChatMessage]) -> int | None:
+    """Index of the message that began the turn of the user's latest message (None when there
+    is no user message): that message, or the same words earlier when an agent sent them again
+    with no answer in between (``AgentWorkflow`` asks ``Memory.aget(input=...)`` with the
+    user's message after its tool calls; ``ReActAgent`` retrying an answer it could not parse
+    sends it twice). A user message after an answer begins a new turn, even in the same
+    words."""
+    index = user_index(messages)
+    while index is not None:
+        before = user_index(messages[:index])
+        if (
+            before is None
+            or text_of(messages[before]) != text_of(messages[index])
+            or any(is_final_answer(m) for m in messages[before + 1 : index])
+        ):
+            return index
+        index = before
+    return None
+
+
 def continues_a_turn(messages: Sequence[ChatMessage]) -> bool:
     """Whether the call may be a later one of the turn of the user's latest message (see
-    ``MemoryFlow.start``'s ``later_step``): messages follow it (an agent's tool calls and
-    their results, a retry prompt), or an agent sent it again after those with no answer in
-    between (``AgentWorkflow`` asks ``Memory.aget(input=...)`` with the user's message after
-    its tool calls). A user message after an answer is a new turn, even in the same words."""
-    index = user_index(messages)
-    if index is None:
-        return False
-    if index < len(messages) - 1:
-        return True
-    before = user_index(messages[:index])
-    return (
-        before is not None
-        and text_of(messages[before]) == text_of(messages[index])
-        and not any(is_final_answer(m) for m in messages[before + 1 : index])
-    )
+    ``MemoryFlow.start``'s ``later_step``): messages follow the message that began it (an
+    agent's tool calls and their results, a retry prompt; see :func:`turn_start`)."""
+    start = turn_start(messages)
+    return start is not None and start < len(messages) - 1
+
+
+def conversation_of(messages: Sequence[ChatMessage]) -> str:
+    """What tells apart the conversation of the user's latest message (``MemoryFlow.start``'s
+    ``conversation``): ``conversation_key`` of the messages before its turn began."""
+    start = turn_start(messages) or 0
+    return conversation_key((str(m.role.value), text_of(m)) for m in messages[:start])
 
 
 def user_message_holds_agent_text(messages: Sequence[ChatMessage]) -> bool:

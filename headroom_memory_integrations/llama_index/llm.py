@@ -63,6 +63,7 @@ from ._messages import (
     attaches_outside_text,
     calls_tools,
     continues_a_turn,
+    conversation_of,
     holds_tool_results,
     latest_user_text,
     system_message,
@@ -427,17 +428,20 @@ class MemoryLLM(FlowSettings, Pickled, LLM):
         if index is None:
             return _Call(Turn(), sent)
         asked = text_of(sent[index])
+        users_own = _user_wrote(asked, for_a_turn)
         turn = self._flow.start(
             user_words(asked),
             previous_text=latest_user_text(sent[:index]),
             instruct=inline_extraction_allowed(kwargs)
             and inline_extraction_allowed(self._own_options())
-            and _user_wrote(asked, for_a_turn),
+            and users_own,
             untrusted=holds_tool_results(sent)
             or attaches_outside_text(sent)
             or user_message_holds_agent_text(sent)
             or _retrieved(),
             later_step=continues_a_turn(sent) or _refines(),
+            conversation=conversation_of(sent),
+            begins_turn=users_own,
         )
         if turn.prompt:
             sent = insert_before(sent, index, system_message(turn.prompt))

@@ -26,6 +26,7 @@ from ..flow import (
     MemoryFlow,
     Turn,
     agent_observations,
+    conversation_key,
     harness_request,
     holds_agent_text,
     insert_before,
@@ -162,6 +163,9 @@ class CompletionsFlow:
             return call
         model = kwargs.get("model")
         previous = latest_index(users[:index], bool)
+        later_step = any(i > index for i in observations) or any(
+            is_tool_result(message) for message in messages[index + 1 :]
+        )
         call.turn = self.flow.start(
             user_words(texts[index]),
             previous_text=earlier if previous is None else user_words(texts[previous]),
@@ -171,8 +175,9 @@ class CompletionsFlow:
             or fetches_outside_text(kwargs)
             or any(is_tool_result(message) for message in messages)
             or any(holds_agent_text(text) for text, user in zip(texts, users) if user),
-            tool_loop_step=any(i > index for i in observations)
-            or any(is_tool_result(message) for message in messages[index + 1 :]),
+            tool_loop_step=later_step,
+            later_step=later_step,
+            conversation=conversation_key(said[:index]),
         )
         prompt = call.turn.prompt
         if prompt:
