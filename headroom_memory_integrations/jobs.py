@@ -54,6 +54,9 @@ _HOST = socket.gethostname()
 _CHECKPOINT_EVERY = 0.5  # seconds, at most, between the worker's WAL checkpoints
 _QUIET_TRIES = 60  # while the queue keeps failing, one log line per this many tries
 _COLUMNS = "id, kind, user_id, payload, attempts, created_at, last_error"
+# How long a statement waits, with the queue's lock held, for another connection's lock on the
+# file; past that the lock is let go of while the wait goes on (see JobQueue._begin)
+_STATEMENT_BUSY_SECONDS = 0.05
 
 _SECRETS = (
     # an API key: OpenAI's and Anthropic's (sk-...), Groq's, xAI's, Hugging Face's, Google's
@@ -247,10 +250,13 @@ def _create_private(path: str) -> None:
 class JobQueue:
     """A durable FIFO of jobs in one SQLite file, safe across threads and processes.
 
-    One connection per queue, guarded by a lock: every operation is a single short statement
-    or transaction (well under a millisecond), SQLite serialises writers anyway, and a single
-    connection closes deterministically. Claims run in ``BEGIN IMMEDIATE`` transactions, so
-    two processes never claim the same job; ``busy_timeout`` absorbs their contention.
+    One connection per queue, guarded by a lock: every operation is one short transaction
+    (well under a millisecond), SQLite serialises writers anyway, and a single connection
+    closes deterministically. Each runs in a ``BEGIN IMMEDIATE`` transaction, so two processes
+    never claim the same job; ``busy_timeout`` absorbs their contention. While another process
+    holds the file's write lock, a thread waits for it with the queue's lock let go of, so
+    the lock is held only while a statement runs here (a fork waits for it: see
+    :func:`_before_fork`).
 
     Args:
         path: The SQLite file; created with its schema on first open.
@@ -270,29 +276,30 @@ class JobQueue:
         with _FORK_GUARD:  # listed before its first transaction: a fork waits for it
             _QUEUES.add(self)
         try:
-            with self._lock:
-                self._open()
+            with self._locked():  # opened (and its schema made) now
+                pass
         except (sqlite3.Error, OSError):
             if not open_later:
                 raise
             logger.warning("job queue %s cannot be opened yet; retrying on use", self.path)
 
-    def _open(self, busy_timeout: float | None = None) -> sqlite3.Connection:
+    def _open(self) -> sqlite3.Connection:
         """Connect, with the lock held (on first use, if the constructor could not), waiting
-        up to ``busy_timeout`` (the queue's, if None) for another process's write lock."""
+        briefly for another process's write lock (:meth:`_begin` waits for the rest)."""
         if self._conn is not None:
             return self._conn
-        wait = self._busy_timeout if busy_timeout is None else busy_timeout
         _create_private(self.path)
         conn = sqlite3.connect(
-            self.path, timeout=wait, isolation_level=None, check_same_thread=False
+            self.path,
+            timeout=_STATEMENT_BUSY_SECONDS,
+            isolation_level=None,
+            check_same_thread=False,
         )
         try:
-            _use_wal(conn, wait)
+            _use_wal(conn, _STATEMENT_BUSY_SECONDS)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA secure_delete=ON")  # deleted payloads are zeroed, not left
             self._migrate(conn)
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         except BaseException:
             conn.close()
             raise
@@ -315,24 +322,62 @@ class JobQueue:
             raise
         conn.execute("COMMIT")
 
+    def _begin(self, wait: float | None = None) -> sqlite3.Connection:
+        """Take the queue's lock and open a ``BEGIN IMMEDIATE`` transaction (the file's write
+        lock) on its connection; return the connection, both held.
+
+        A statement waits only briefly for another connection's lock with the queue's lock
+        held; then the queue's lock is let go of and taken again after a pause, until ``wait``
+        seconds (None: ``busy_timeout``) have passed. So the queue's lock is never held for
+        long while another process writes the file, and a fork never waits for that.
+
+        Raises:
+            QueueBusy: With ``wait``, this process's other threads kept the queue that long.
+            sqlite3.OperationalError: "database is locked": another connection kept the file
+                that long. Or the file cannot be opened.
+            RuntimeError: The queue is closed.
+        """
+        deadline = time.monotonic() + (self._busy_timeout if wait is None else wait)
+        pause = 0.002
+        while True:
+            if wait is None:
+                self._lock.acquire()
+            elif not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+                raise QueueBusy(f"job queue {self.path} stayed busy in this process for {wait} s")
+            try:
+                if self._closed:
+                    raise RuntimeError(f"job queue {self.path} is closed")
+                conn = self._open()
+                conn.execute("BEGIN IMMEDIATE")
+                return conn
+            except sqlite3.OperationalError as exc:
+                self._lock.release()
+                if not _is_locked(exc) or time.monotonic() + pause > deadline:
+                    raise
+            except BaseException:
+                self._lock.release()
+                raise
+            time.sleep(pause * (1 + random.random()))
+            pause = min(pause * 2, 0.05)
+
     @contextmanager
-    def _locked(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"job queue {self.path} is closed")
-            yield self._open()
+    def _locked(self, wait: float | None = None) -> Iterator[sqlite3.Connection]:
+        """The connection, in a transaction that commits at the end (rolled back on an error),
+        with the queue's lock held (see :meth:`_begin`)."""
+        conn = self._begin(wait)
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            self._lock.release()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._locked() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            yield conn
 
     @staticmethod
     def encode(kind: str, user_id: str, payload: dict[str, Any]) -> str:
@@ -391,40 +436,19 @@ class JobQueue:
             "INSERT INTO jobs (kind, user_id, payload, created_at, not_before)"
             " VALUES (?, ?, ?, ?, ?)"
         )
-        if wait is None:
-            with self._locked() as conn:
+        try:
+            with self._locked(wait) as conn:
                 job_id = int(conn.execute(insert, row).lastrowid or 0)
-                _queued_here(self.path, job_id)
+                _queued_here(self.path, job_id)  # before a thread here can claim it
                 if on_queued is not None:
                     on_queued(job_id)
-            return job_id
-        deadline = time.monotonic() + wait
-        if not self._lock.acquire(timeout=max(wait, 0.0)):
-            raise QueueBusy(f"job queue {self.path} stayed busy in this process for {wait} s")
-        try:
-            if self._closed:
-                raise RuntimeError(f"job queue {self.path} is closed")
-            try:
-                opened = self._open(max(deadline - time.monotonic(), 0.0))
-                opened.execute(
-                    f"PRAGMA busy_timeout = {int(max(deadline - time.monotonic(), 0.0) * 1000)}"
-                )
-                try:
-                    job_id = int(opened.execute(insert, row).lastrowid or 0)
-                finally:
-                    opened.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            except sqlite3.OperationalError as exc:
-                if _is_locked(exc):
-                    raise QueueBusy(
-                        f"job queue {self.path} stayed locked by another connection for {wait} s"
-                    ) from exc
-                raise
-            _queued_here(self.path, job_id)
-            if on_queued is not None:
-                on_queued(job_id)
-            return job_id
-        finally:
-            self._lock.release()
+        except sqlite3.OperationalError as exc:
+            if wait is not None and _is_locked(exc):
+                raise QueueBusy(
+                    f"job queue {self.path} stayed locked by another connection for {wait} s"
+                ) from exc
+            raise
+        return job_id
 
     def claim(
         self,
@@ -1137,9 +1161,10 @@ _FORK_GUARD = threading.Lock()
 """Held while a queue is listed in ``_QUEUES`` and around :meth:`JobQueue.erase_wal`'s
 connection; with every listed queue's lock, it is all a fork waits for (see
 :func:`_before_fork`). Never taken with a queue's lock held."""
-_held_at_fork: list[threading.Lock] = []  # the locks _before_fork took, in the order taken
-FORK_WAIT_SECONDS = 2.0
-"""The longest a fork waits, past a queue's busy timeout, for a thread's transaction on it."""
+_held_at_fork = threading.local()  # .locks: those the forking thread's _before_fork took
+FORK_WAIT_SECONDS = 0.5
+"""The longest a fork waits for the threads' transactions on the queue files (each is a
+statement or two on a local file: they never wait for another process with the lock held)."""
 
 
 def _before_fork() -> None:
@@ -1149,25 +1174,31 @@ def _before_fork() -> None:
     in it will ever release, and each connection it opens to that file then finds the file
     busy for good (``database is locked``: its memory work could never be queued).
 
-    These locks are held only around SQLite statements on local files, never around a
-    handler or the network, so this waits at most for a statement that waits for another
-    process's write lock (the queue's busy timeout). Past that (a fork from a thread that
-    holds one of them itself), the fork goes on without it."""
+    These locks are held only while statements run on local files, never around a handler,
+    the network or the wait for another process's write lock (:meth:`JobQueue._begin`), so
+    this waits at most :data:`FORK_WAIT_SECONDS`. Past that (a fork from a thread that holds
+    one of them itself), the fork goes on without it. The locks taken are the forking
+    thread's own: another thread forking at the same time releases none of them."""
+    held: list[threading.Lock] = []
+    _held_at_fork.locks = held
+    deadline = time.monotonic() + FORK_WAIT_SECONDS
     if not _FORK_GUARD.acquire(timeout=FORK_WAIT_SECONDS):
         return
-    _held_at_fork.append(_FORK_GUARD)
+    held.append(_FORK_GUARD)
     for queue in list(_QUEUES):
         lock = queue._lock
-        if lock.acquire(timeout=queue._busy_timeout + FORK_WAIT_SECONDS):
-            _held_at_fork.append(lock)
+        if lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            held.append(lock)
         else:
             logger.warning("job queue %s: forking while a thread writes it", queue.path)
 
 
 def _after_fork_in_parent() -> None:
     """The fork is done: the parent's threads may use the queue files again."""
-    while _held_at_fork:
-        _held_at_fork.pop().release()
+    held: list[threading.Lock] = getattr(_held_at_fork, "locks", [])
+    _held_at_fork.locks = []
+    while held:
+        held.pop().release()
 
 
 def _after_fork_in_child() -> None:
@@ -1176,7 +1207,7 @@ def _after_fork_in_child() -> None:
     first use, each worker starts threads of its own, and :func:`shared_worker` makes new ones.
     Its locks are new ones (those :func:`_before_fork` took are held in the child)."""
     global _SHARED_LOCK, _EXIT_LOCK, _FORK_GUARD, _QUEUED_HERE_LOCK
-    _held_at_fork.clear()
+    _held_at_fork.locks = []
     _FORK_GUARD = threading.Lock()
     for queue in list(_QUEUES):
         if queue._conn is not None:

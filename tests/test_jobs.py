@@ -798,7 +798,7 @@ def test_a_forked_child_uses_no_sqlite_connection_or_thread_of_its_parent(path: 
     wait_for(lambda: len(done) >= 2 and worker.queue.counts()["pending"] == 0, 20)  # goes on
 
 
-def _fork_and_queue(path: Path) -> tuple[int, str, float]:
+def _fork_and_queue(path: Path, busy_timeout: float = 2) -> tuple[int, str, float]:
     """Fork; the child opens the queue file afresh and queues a job. Returns the child's exit
     code, what it said, and how long the fork itself took in the parent."""
     read, write = os.pipe()
@@ -807,7 +807,8 @@ def _fork_and_queue(path: Path) -> tuple[int, str, float]:
     if pid == 0:  # the child
         code, said = 1, "nothing"
         try:
-            JobQueue(path, busy_timeout=2).put("store", "child", {"text": "queued by the child"})
+            child = JobQueue(path, busy_timeout=busy_timeout)
+            child.put("store", "child", {"text": "queued by the child"})
             code, said = 0, "queued"
         except BaseException as exc:
             said = f"{type(exc).__name__}: {exc}"
@@ -874,6 +875,68 @@ def test_a_fork_does_not_wait_for_a_running_job(path: Path, make_worker: MakeWor
     assert (code, said) == (0, "queued")
     assert took < 1.0
     assert worker.flush(20)
+
+
+def test_a_fork_does_not_wait_for_another_process_s_lock_on_the_queue_file(path: Path) -> None:
+    """A thread whose put waits for another process's write lock on the queue file holds the
+    queue's lock only while a statement runs here, not for the whole wait: a fork meanwhile
+    (os.fork, multiprocessing, Popen with preexec_fn) is quick (before, it waited as long as
+    the other process held the file, up to the busy timeout), its child can write the file
+    once the other process lets go, and the thread's job is queued."""
+    queue = JobQueue(path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            'c.execute("BEGIN IMMEDIATE"); print("locked", flush=True)\n'
+            'time.sleep(3); c.execute("COMMIT")\n',
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        putter = threading.Thread(target=queue.put, args=("store", "parent", {"n": 1}))
+        putter.start()
+        time.sleep(0.3)  # the put waits for the other process
+        code, said, took = _fork_and_queue(path, busy_timeout=20)
+        putter.join(20)
+    finally:
+        holder.wait(20)
+    assert took < 1.0  # before: about 2.7 s, until the other process let go
+    assert (code, said) == (0, "queued")
+    assert sorted(job.user_id for job in queue.claim(5)) == ["child", "parent"]
+
+
+def test_a_thread_s_fork_releases_only_the_locks_it_took(path: Path) -> None:
+    """Two threads forking at once: the second one's fork, which could not take the locks the
+    first one holds, no longer lets them go when it is done, while the first one's fork is
+    still going on."""
+    from headroom_memory_integrations import jobs
+
+    queue = JobQueue(path)
+    first_holds, second_done = threading.Event(), threading.Event()
+
+    def first_fork() -> None:
+        jobs._before_fork()
+        first_holds.set()
+        second_done.wait(10)
+        jobs._after_fork_in_parent()
+
+    first = threading.Thread(target=first_fork)
+    first.start()
+    try:
+        assert first_holds.wait(10)
+        jobs._before_fork()  # waits FORK_WAIT_SECONDS for the first one's locks, then forks
+        jobs._after_fork_in_parent()
+        assert queue._lock.locked() and jobs._FORK_GUARD.locked()  # still the first one's
+    finally:
+        second_done.set()
+        first.join(10)
+    assert not queue._lock.locked() and not jobs._FORK_GUARD.locked()
+    queue.put("store", "alice", {"n": 1})
 
 
 def test_a_forked_child_holds_none_of_its_parents_memory_work(tmp_path) -> None:
