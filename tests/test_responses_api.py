@@ -467,6 +467,7 @@ class FailingStreamServer(ScriptedOpenAIServer):
     response as far as it came (here all of it, block included)."""
 
     ending = "error"
+    kept_deltas = 3  # how many text deltas come before the failure
 
     def _responses(self, body: dict) -> Any:
         response = super()._responses(body)
@@ -474,7 +475,7 @@ class FailingStreamServer(ScriptedOpenAIServer):
             return response
         events = list(response.events)
         deltas = [i for i, e in enumerate(events) if e["type"] == "response.output_text.delta"]
-        kept = events[: deltas[2] + 1]
+        kept = events[: deltas[: self.kept_deltas][-1] + 1]
         failure: dict[str, Any] = {"type": self.ending, "sequence_number": len(kept)}
         if self.ending == "error":
             failure.update(code="server_error", message="The server had an error.", param=None)
@@ -518,6 +519,34 @@ def test_a_stream_that_fails_with_the_apis_error_is_a_failed_call(db_path, model
         for client in (fast, background):
             assert not client.memory.stats()["events"].get("missing_blocks")
             client.close()
+
+
+@pytest.mark.parametrize("ending", ["error", "response.failed"])
+def test_a_failed_stream_still_shows_the_text_held_back(db_path, model, ending) -> None:
+    """When a stream fails with the API's error, the text the filter was holding back (here a
+    code fence's opening line, which could have held only the block) is shown before the
+    failure's event, sync and async: the user sees the partial answer as far as it came. It
+    is still a failed call: nothing is stored, extracted or counted."""
+    partial = "Run this:\n\n```bash\n"
+    with FailingStreamServer(responder=lambda body: Reply.text(partial, chunk_size=5)) as server:
+        server.ending, server.kept_deltas = ending, 100
+        client = with_fast_memory(server.client(), user_id="a", db_path=db_path, embedder=model)
+        ask = {"model": "gpt-4o", "input": "How do I list files?", "stream": True}
+        events = list(client.responses.create(**ask))
+
+        async def read_async() -> list:
+            async with server.async_client() as plain:
+                aclient = with_fast_memory(plain, memory=client.memory)
+                return [event async for event in await aclient.responses.create(**ask)]
+
+        for shown in (events, asyncio.run(read_async())):
+            assert [e.type for e in shown][-1] == ending
+            text = "".join(e.delta for e in shown if e.type == "response.output_text.delta")
+            assert text.rstrip() == partial.rstrip()
+        assert stored(client) == []
+        assert not [r for r in server.requests if r.path == "/v1/chat/completions"]
+        assert not client.memory.stats()["events"].get("missing_blocks")
+        client.close()
 
 
 def test_openai_s_stream_helper_has_memory(client, openai_server, model_says) -> None:

@@ -200,7 +200,8 @@ class ResponseEventEditor:
     ``output_item.done``, and the final ``response``) get it cut out. The memory work is queued
     once, from the final response (or, if the stream stops before it, from the text received).
     A stream that fails with the API's error (an ``error`` event, or ``response.failed``) is a
-    call that failed: it is abandoned, nothing is queued or counted.
+    call that failed: it is abandoned, nothing is queued or counted; the text held back so far
+    is still shown, before the failure's event.
     """
 
     def __init__(self, flow: ResponsesFlow, call: Call) -> None:
@@ -242,8 +243,12 @@ class ResponseEventEditor:
                 self._strip(part)
         elif kind in FAILED_EVENTS:
             self.abandon()
+            # The text held back (the start of a code fence, of a tag) ends what was shown of
+            # the answer; its streams remember nothing, so nothing is queued or counted
+            held = [e for part in list(self._texts) for e in self._held_back(part)]
             if field_value(event, "response") is not None:
                 self._flow.strip(self._call, event.response)  # what came of the answer
+            return [*held, event]
         elif kind in FINAL_EVENTS and field_value(event, "response") is not None:
             held = [e for part in list(self._texts) for e in self._held_back(part)]
             if not self._done:
