@@ -27,7 +27,8 @@ stays visible.
   tag stays visible. A closing tag with this nonce and no opening tag before it (a nested block,
   a closing tag written twice, an opening tag forgotten) is left over from a block, since only
   the model knows the nonce: it is removed too (noted in ``problem``); the text before it stays.
-- A *foreign block*, exactly ``<memory-HEX>`` + blanks + ``[...]`` with no ``<`` in it + blanks
+- A *foreign block*, exactly ``<memory-HEX>`` + blanks + ``[...]`` with no ``<`` in it, an
+  array of objects or an empty one (``[`` then, after blanks, ``{`` or ``]``) + blanks
   + ``</memory-HEX>``, where HEX is any other nonce as :func:`new_nonce` makes them (10 hex
   characters, here in any case, the same in both tags) and at most :data:`MAX_BLOCK_CHARS`
   between the tags, is a block the model tagged wrongly (an earlier turn's nonce that it saw in
@@ -969,10 +970,11 @@ _FOREIGN_OPEN_START_RE = re.compile(
     f"<(?:m(?:e(?:m(?:o(?:r(?:y(?:-[0-9a-f]{{0,{_FOREIGN_NONCE_CHARS}}})?)?)?)?)?)?)?",
     re.IGNORECASE | re.ASCII,
 )
-_FOREIGN_ARRAY_RE = re.compile(r"\[[^<]*\]\s*")
+# A block's array: of objects, or empty ("[1]", "[see the docs]" are text)
+_FOREIGN_ARRAY_RE = re.compile(r"\[\s*(?:\{[^<]*)?\]\s*")
 # What _foreign_block_end says when the text ends before it can tell (at the answer's end: no
 # block), and when it can tell there is no block
-_WAIT_BLANK, _WAIT_ARRAY, _WAIT_CLOSE, _NO_BLOCK = -1, -2, -3, -4
+_WAIT_BLANK, _WAIT_ENTRY, _WAIT_ARRAY, _WAIT_CLOSE, _NO_BLOCK = -1, -2, -3, -4, -5
 
 
 @functools.lru_cache(maxsize=64)
@@ -994,16 +996,24 @@ def _foreign_close(opening: re.Match[str]) -> str:
 def _foreign_block_end(text: str, body: int, close_tag: str) -> int:
     """Where the foreign block whose opening tag ends at ``body`` ends in ``text``; or
     ``_NO_BLOCK``; or, when ``text`` ends before that can be told, what is awaited
-    (``_WAIT_BLANK``, ``_WAIT_ARRAY``, ``_WAIT_CLOSE``: at the answer's end, no block).
+    (``_WAIT_BLANK``, ``_WAIT_ENTRY``, ``_WAIT_ARRAY``, ``_WAIT_CLOSE``: at the answer's end,
+    no block).
 
-    A foreign block is exactly: the opening tag, blanks, ``[``, anything but ``<``, ``]``,
-    blanks, ``close_tag`` (its nonce in any case), at most :data:`MAX_BLOCK_CHARS` between the
-    tags. Linear in what it reads: up to the first ``<`` after ``body``."""
+    A foreign block is exactly: the opening tag, blanks, a JSON array of objects or an empty
+    one (``[``, blanks, then ``{`` and anything but ``<`` up to ``]``, or ``]``), blanks,
+    ``close_tag`` (its nonce in any case), at most :data:`MAX_BLOCK_CHARS` between the tags.
+    So text such as ``[1]`` after a tag is told apart at once. Linear in what it reads: up to
+    the first ``<`` after ``body``."""
     limit = body + MAX_BLOCK_CHARS  # the closing tag starts here at the latest
     first = _NOT_BLANK_RE.search(text, body, limit + 1)
     if first is None:
         return _WAIT_BLANK if len(text) <= limit else _NO_BLOCK
     if text[first.start()] != "[":
+        return _NO_BLOCK
+    entry = _NOT_BLANK_RE.search(text, first.end(), limit + 1)
+    if entry is None:
+        return _WAIT_ENTRY if len(text) <= limit else _NO_BLOCK
+    if text[entry.start()] not in "{]":
         return _NO_BLOCK
     less = text.find("<", first.start(), limit + 1)
     if less < 0:
@@ -1601,7 +1611,10 @@ class MemoryStreamFilter:
         self._foreign_length += len(delta)
         within = self._foreign_length <= self._foreign_body + MAX_BLOCK_CHARS
         if within and (
-            (self._foreign_wait == _WAIT_BLANK and _NOT_BLANK_RE.search(delta) is None)
+            (
+                self._foreign_wait in (_WAIT_BLANK, _WAIT_ENTRY)
+                and _NOT_BLANK_RE.search(delta) is None
+            )
             or (self._foreign_wait == _WAIT_ARRAY and "<" not in delta)
         ):
             return

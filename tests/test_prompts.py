@@ -347,7 +347,7 @@ def test_huge_answers_parse_fast() -> None:
         ("Answer:", " ", "done"),  # trailing whitespace, held back
         ("Answer:\n```\n", "\n", "done"),  # a fence that holds only blank lines so far
         ("Answer: <memory-0123456789>", " ", "done"),  # perhaps a block of another nonce
-        ("Answer: <memory-0123456789>[", "x", "]"),
+        ("Answer: <memory-0123456789>[{", "x", "]"),
         ("Answer: ", "</memory-3f9a1c2b7e>", "done"),  # closing tags with no opening tag
     ],
     ids=["whitespace", "fence", "foreign blanks", "foreign array", "closing tags"],
@@ -443,28 +443,45 @@ def test_the_stream_holds_back_a_possible_block_of_another_nonce_until_it_can_te
     assert stream_filter.feed('[{"text": "Has diabetes"') == ""
     assert stream_filter.feed(', "category": "fact"}]</memory-01234') == ""
     assert stream_filter.feed("56789> well.") == "  well."
-    assert stream_filter.feed(" <memory-0000000000>[1, 2") == ""
-    assert stream_filter.feed("] is a <b>list") == " <memory-0000000000>[1, 2] is a <b>list"
+    assert stream_filter.feed(" <memory-0000000000>[{1, 2") == ""
+    assert stream_filter.feed("] is a <b>list") == " <memory-0000000000>[{1, 2] is a <b>list"
     assert stream_filter.feed(" <memory-0000000000>[") == ""
     result = stream_filter.finish()  # never closed: text
     assert result.tail == " <memory-0000000000>["
     assert result.answer.visible == (
-        "Eat  well. <memory-0000000000>[1, 2] is a <b>list <memory-0000000000>["
+        "Eat  well. <memory-0000000000>[{1, 2] is a <b>list <memory-0000000000>["
     )
     assert result.answer.foreign_blocks == 1 and result.memories == ()
 
 
+@pytest.mark.parametrize("bracket", ["[1]", "[see the docs]", "[ 'a' ]", "[\n  1, 2]"])
+def test_another_nonce_s_tag_before_a_bracket_that_opens_no_objects_is_text(bracket: str) -> None:
+    """A block's array holds objects or nothing (``[{`` or ``[]``, blanks aside), so another
+    nonce's tag before a footnote or a list is text at once: the rest of the answer streams as
+    it comes (it was held back up to MAX_BLOCK_CHARS, to the answer's end here), and the whole
+    answer reads the same, even with a closing tag after it."""
+    later = " More of the answer." * 500
+    for closing in ("", "</memory-0123456789>"):
+        text = f"A tag like <memory-0123456789> {bracket}{closing} is added.{later}"
+        assert parse_memory_block(text, NONCE).visible == text
+        assert parse_memory_block(text, NONCE).foreign_blocks == 0
+        stream_filter = MemoryStreamFilter(NONCE)
+        shown = "".join(stream_filter.feed(text[i : i + 4]) for i in range(0, len(text), 4))
+        assert shown == text and stream_filter.finish().tail == ""
+        assert set(every_split(text[:60])) == {text[:60].rstrip()}
+
+
 def test_a_possible_block_of_another_nonce_is_held_back_for_at_most_a_block_length() -> None:
-    opening = "<memory-0123456789>["
+    opening = "<memory-0123456789>[{"
     stream_filter = MemoryStreamFilter(NONCE)
     assert stream_filter.feed("A " + opening) == "A"
-    assert stream_filter.feed("x" * (MAX_BLOCK_CHARS - 1)) == ""
-    assert stream_filter.feed("xy") == " " + opening + "x" * MAX_BLOCK_CHARS + "y"
+    assert stream_filter.feed("x" * (MAX_BLOCK_CHARS - 2)) == ""
+    assert stream_filter.feed("xy") == " " + opening + "x" * (MAX_BLOCK_CHARS - 1) + "y"
     assert stream_filter.feed("]</memory-0123456789>") == "]</memory-0123456789>"
-    answer = "A " + opening + "x" * MAX_BLOCK_CHARS + "y]</memory-0123456789>"
+    answer = "A " + opening + "x" * (MAX_BLOCK_CHARS - 1) + "y]</memory-0123456789>"
     assert stream_filter.finish().answer.visible == answer
     assert parse_memory_block(answer, NONCE).visible == answer
-    fits = "A " + opening + "x" * (MAX_BLOCK_CHARS - 2) + "]</memory-0123456789>"
+    fits = "A " + opening + "x" * (MAX_BLOCK_CHARS - 3) + "]</memory-0123456789>"
     assert parse_memory_block(fits, NONCE).visible == "A"
 
 
@@ -752,7 +769,7 @@ TEXT = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=8)), max_
 SIZES = st.lists(st.integers(min_value=1, max_value=25), min_size=1, max_size=12)
 # A block of another nonce (hidden, storing nothing), as the parser reads it
 FOREIGN_BLOCK = re.compile(
-    r"<memory-([0-9a-f]{10})>\s*\[[^<]*\]\s*</memory-\1>", re.IGNORECASE | re.ASCII
+    r"<memory-([0-9a-f]{10})>\s*\[\s*(?:\{[^<]*)?\]\s*</memory-\1>", re.IGNORECASE | re.ASCII
 )
 # Answer text around a block: anything that holds no tag of this nonce nor a foreign block.
 OUTSIDE = TEXT.filter(lambda s: OPEN not in s and CLOSE not in s and not FOREIGN_BLOCK.search(s))
@@ -863,7 +880,7 @@ def test_property_other_nonces_never_yield_memories(body: str, nonce: str) -> No
 @given(
     before=OUTSIDE,
     nonce=st.sampled_from(["0000000000", "3F9A1C2B7E", "abcdef0123"]),
-    payload=st.one_of(ENTRIES.map(json.dumps), st.just("[]"), TEXT.map(lambda s: f"[{s}]")),
+    payload=st.one_of(ENTRIES.map(json.dumps), st.just("[ \n]"), TEXT.map(lambda s: f"[\n {{{s}]")),
     blanks=st.sampled_from(["", " ", "\n", "\n  \t"]),
     after=OUTSIDE,
     sizes=SIZES,
