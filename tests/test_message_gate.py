@@ -200,6 +200,15 @@ ENGLISH = [
     "Is a café au lait ok for my diet?",  # two words of French, four of English
     "Explain the von Neumann architecture",
     'what does "je ne sais quoi" mean?',
+    # a name or a loanword with an accent, and English words that are also French, Spanish or
+    # Italian ones: these read as another language, so the gate no longer turned them away
+    "Good morning, Zoë!",
+    "Good night, Renée",
+    "C'mon, really?",
+    "Meeting Mon at 9 EST",
+    "Touché",
+    "Déjà vu, haha",
+    "Bon appétit",
 ]
 
 
@@ -211,6 +220,13 @@ def test_english_reads_as_english(message) -> None:
 @pytest.mark.parametrize("language", ASKED_ELSEWHERE)
 def test_other_languages_do_not_read_as_english(language) -> None:
     assert not reads_as_english(ASKED_ELSEWHERE[language])
+
+
+@pytest.mark.parametrize("message", ["Привет!", "Что?", "Γεια σου", "Merci, à vous aussi"])
+def test_short_messages_in_another_language_do_not_read_as_english(message) -> None:
+    """A capitalised word outside the Latin alphabet is no name taken into English, and two
+    words of another language are enough when none is English."""
+    assert not reads_as_english(message)
 
 
 def test_the_gate_scores_english_only(model) -> None:

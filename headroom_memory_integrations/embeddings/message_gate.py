@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -132,24 +133,26 @@ ENGLISH_WORDS = frozenset(
 
 OTHER_LANGUAGES_WORDS = frozenset(
     # French
-    """au avec ce ces cette dans des du elle est et il ils je les leur mais mes mon nous ou
+    """au avec ce ces cette dans des du elle et il ils je les leur mais mes nous ou
     pourquoi quand que quel quelle qui quoi ses soir sont tes toi tu une vous votre """
     # German
     """auch bitte das dein deine dem der ein eine einen heute ich ihr ist kann meine meinem
     meiner mich mir nicht noch oder sein sich sie sind soll und von warum welche wie wir wo zu
     """
     # Spanish and Portuguese
-    """como con debo del ela ele esta este esto hoy meu minha mis para pero por porque puedo
+    """como debo ela ele esta este esto hoy meu minha mis para pero por porque puedo
     qual quando una uma """
     # Italian
-    """che cosa della devo dovrei gli mia mio oggi quale questa questo sono stasera """
+    """cosa della devo dovrei gli mio oggi quale questa questo sono stasera """
     # Dutch
     """dat een het ik jij mijn moet niet vandaag vanavond voor waar wanneer waarom welke""".split()
 )
 """Common words of French, German, Spanish, Portuguese, Italian and Dutch that are no English
 words, nor a name, an abbreviation or slang in English messages (not "die", "was", "come",
-"son", "hat", "non", "los", "EU", "yo" or "sus"): evidence that a message in the Latin alphabet
-is not English. A word with an accent is evidence already ("où", "qué", "não", "perché")."""
+"son", "hat", "non", "los", "EU", "yo" or "sus"; nor "mon", "est", "con", "del", "mia" or
+"che": "C'mon", "Mon at 9 EST", "pros and cons", "Del", "Mia", "Che"): evidence that a
+message in the Latin alphabet is not English. A word with an accent is evidence already
+("où", "qué", "não", "perché"), unless it is capitalised ("Zoë", "Renée": a name)."""
 
 _WORD = re.compile(r"[^\W\d_]+")  # a run of letters: "qu'est-ce" is "qu", "est", "ce"
 
@@ -162,19 +165,33 @@ def reads_as_english(text: str) -> bool:
 
     A message is read as English unless the words that are evidently of another language
     outnumber the common English ones (:data:`ENGLISH_WORDS`): a word with a letter outside
-    ASCII ("régime", "что", a run of Chinese characters, which spaces do not part) or a common
-    word of French, German, Spanish, Portuguese, Italian or Dutch
-    (:data:`OTHER_LANGUAGES_WORDS`). "thanks!" and "Tell me a joke." are English; "Qu'est-ce
-    que je devrais cuisiner ce soir ?" is not, nor "Wat moet ik koken?"; "Is a café au lait
-    ok for my diet?" still is (2 words of another language, 4 English ones)."""
+    ASCII ("régime", "что", a run of Chinese characters, which spaces do not part), but not a
+    capitalised one in the Latin alphabet ("Zoë", "Touché": a name or a loanword, as likely in
+    English), or a common word of French, German, Spanish, Portuguese, Italian or Dutch
+    (:data:`OTHER_LANGUAGES_WORDS`). With no common English word in a message in the Latin
+    alphabet, one such word is not enough ("Bon appétit", "déjà vu"): it takes two. "thanks!"
+    and "Tell me a joke." are English; "Qu'est-ce que je devrais cuisiner ce soir ?" is not,
+    nor "Wat moet ik koken?"; "Is a café au lait ok for my diet?" still is (2 words of another
+    language, 4 English ones)."""
     english = other = 0
+    latin = True
     for word in _WORD.findall(text):
         lowered = word.lower()
         if lowered in ENGLISH_WORDS:
             english += 1
-        elif not lowered.isascii() or lowered in OTHER_LANGUAGES_WORDS:
+        elif lowered in OTHER_LANGUAGES_WORDS:
             other += 1
+        elif not word.isascii():
+            in_latin = _in_latin_alphabet(word)
+            latin = latin and in_latin
+            other += not (in_latin and word[0].isupper())
+    if english == 0 and latin:
+        return other < 2
     return other <= english
+
+
+def _in_latin_alphabet(word: str) -> bool:
+    return all(ch.isascii() or unicodedata.name(ch, "").startswith("LATIN ") for ch in word)
 
 
 class MessageGate:
