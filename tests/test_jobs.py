@@ -873,7 +873,7 @@ def test_a_fork_does_not_wait_for_a_running_job(path: Path, make_worker: MakeWor
     finally:
         release.set()
     assert (code, said) == (0, "queued")
-    assert took < 1.0
+    assert took < 5  # the job runs for 30 s
     assert worker.flush(20)
 
 
@@ -891,7 +891,7 @@ def test_a_fork_does_not_wait_for_another_process_s_lock_on_the_queue_file(path:
             "import sqlite3, sys, time\n"
             f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
             'c.execute("BEGIN IMMEDIATE"); print("locked", flush=True)\n'
-            'time.sleep(3); c.execute("COMMIT")\n',
+            'time.sleep(8); c.execute("COMMIT")\n',
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -905,7 +905,7 @@ def test_a_fork_does_not_wait_for_another_process_s_lock_on_the_queue_file(path:
         putter.join(20)
     finally:
         holder.wait(20)
-    assert took < 1.0  # before: about 2.7 s, until the other process let go
+    assert took < 4  # before: about 7.7 s, until the other process let go
     assert (code, said) == (0, "queued")
     assert sorted(job.user_id for job in queue.claim(5)) == ["child", "parent"]
 
