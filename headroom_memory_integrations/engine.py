@@ -130,8 +130,9 @@ MAX_TEXT_CHARS = 2000
 
 def query_tail(text: str) -> str:
     """What a search of a long message takes: its last :data:`MAX_TEXT_CHARS` characters of
-    text (the question usually comes last). Trailing padding is no part of it: blank lines,
-    control characters, zero-width characters."""
+    text (the question usually comes last; the local model then reads its last 256 tokens,
+    :meth:`~.embeddings.local.LocalEmbedder.embed_query`). Trailing padding is no part of it:
+    blank lines, control characters, zero-width characters."""
     stripped = text.strip()
     if len(stripped) <= MAX_TEXT_CHARS:
         return stripped  # the search drops its control characters itself
@@ -691,8 +692,11 @@ class MemoryStore(WritePath):
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _embed(self, texts: Sequence[str]) -> Vectors:
-        embedded = self.embedder.embed(list(texts))
+    def _embed(self, texts: Sequence[str], *, queries: bool = False) -> Vectors:
+        """The embedder's vectors of ``texts``, checked; of search ``queries`` with its
+        ``embed_query`` where it has one (see :class:`~.embeddings.base.Embedder`)."""
+        embed_query = getattr(self.embedder, "embed_query", None) if queries else None
+        embedded = (embed_query or self.embedder.embed)(list(texts))
         try:
             vectors = np.asarray(embedded, dtype=np.float32)
         except (TypeError, ValueError) as exc:
@@ -727,7 +731,7 @@ class MemoryStore(WritePath):
             if cached is not None:
                 self._query_cache.move_to_end(query)
                 return cached
-        raw = self._embed([query])[0]
+        raw = self._embed([query], queries=True)[0]
         found = _Query(
             adapt_queries(self.embedder.name, raw),
             need_for_memory(self.embedder.name, raw, query),

@@ -414,6 +414,32 @@ def test_vectors_are_unit_length_and_batch_independent(model: LocalEmbedder) -> 
     assert model.embed([]).shape == (0, 384)
 
 
+_PASTED = (
+    "Hi all, here is the plan for next week's team offsite. We meet at the office at 8:30 and "
+    "take the coach to the venue; the morning covers the roadmap and the hiring plan. "
+) * 8
+_QUESTION = "Is there anything on a seafood menu I must avoid?"
+
+
+@pytest.mark.parametrize("backend", ["onnx-int8", "onnx", "numpy"])
+def test_a_long_query_is_read_up_to_its_end_and_a_long_memory_from_its_start(
+    backend: str,
+) -> None:
+    embedder = LocalEmbedder(backend=backend)  # type: ignore[arg-type]
+    message = f"{_PASTED}\n\n{_QUESTION}"
+    # a query keeps its last 256 tokens, where a pasted document's question is
+    asked, without_question = embedder.embed_query([message, _PASTED])
+    assert float(asked @ without_question) < 0.98
+    (question,) = embedder.embed([_QUESTION])
+    assert float(asked @ question) > float(without_question @ question) + 0.05
+    # a memory keeps its first ones; a text that fits is read whole either way
+    stored, stored_without_question = embedder.embed([message, _PASTED])
+    assert float(stored @ stored_without_question) > 0.999
+    short = ["Is allergic to shellfish", _QUESTION]
+    np.testing.assert_allclose(embedder.embed_query(short), embedder.embed(short), atol=1e-6)
+    assert embedder.embed_query([]).shape == (0, 384)
+
+
 def test_meaning(model: LocalEmbedder) -> None:
     a, b, c = model.embed(
         ["Prefers Python for backend work", "Which language should I use?", "What is 2+2?"]

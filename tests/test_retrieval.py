@@ -64,3 +64,26 @@ def test_more_memories_raise_the_bar_for_a_weak_match(store) -> None:
     store.add("Has a rescue greyhound called Pretzel")
     assert store.search("which language?") == []  # but not that of two (0.079)
     assert store.search("Which programming language do I prefer for backend work?")
+
+
+def test_a_question_after_a_long_pasted_text_is_what_the_search_reads(store) -> None:
+    """The model reads 256 tokens: a search keeps the end of a long message (its question),
+    not its start (the document pasted before it)."""
+    store.add_many(
+        [
+            "Is allergic to shellfish",
+            "Lives in Lisbon with their partner",
+            "Plays tennis on Saturday mornings",
+            "Is training for a half marathon in April",
+            "Prefers window seats on flights",
+        ]
+    )
+    pasted = (
+        "Hi all, here is the plan for next week's team offsite. We meet at the office at 8:30 "
+        "on Tuesday and take the coach to the venue, about ninety minutes away. The morning "
+        "sessions cover the quarterly roadmap, the hiring plan and the new on-call rota. After "
+        "lunch we split into three working groups and each presents its proposals at 16:00. "
+    ) * 4
+    question = "I'm booking the dinner for this: is there anything on a seafood menu I must avoid?"
+    found = store.search(f"{pasted}\n\n{question}", chat_message=True)
+    assert "Is allergic to shellfish" in [r.memory.text for r in found]

@@ -19,6 +19,11 @@ class Embedder(Protocol):
         name: Identifies the model; stored with each user's collection so that a store
             built with one model is never silently queried with another.
         dimension: Length of every vector.
+
+    An embedder may also have an ``embed_query(texts)`` method, used for search queries
+    instead of ``embed`` (the same vectors but for texts longer than its model reads:
+    :class:`~.local.LocalEmbedder` reads a long query's end, where its question usually is,
+    and a memory's start).
     """
 
     name: str

@@ -58,9 +58,11 @@ class NumpyBertEncoder(BertEncoder):
             layer["qkv_bias"] = np.concatenate([layer.pop(f"{p}_bias") for p in parts])
             self._layers.append(layer)
 
-    def encode(self, texts: Sequence[str], batch_size: int = 32) -> Vectors:
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 32, *, keep_end: bool = False
+    ) -> Vectors:
         with self._blas.limit(limits=self.threads, user_api="blas"):
-            return super().encode(texts, batch_size)
+            return super().encode(texts, batch_size, keep_end=keep_end)
 
     def _forward(self, ids: TokenIds, mask: Array) -> Array:
         batch, length = ids.shape

@@ -50,7 +50,9 @@ Backend = Literal["auto", "onnx", "onnx-int8", "numpy", "sentence-transformers"]
 class _Encoder(Protocol):
     dimension: int
 
-    def encode(self, texts: Sequence[str], batch_size: int = 32) -> Vectors: ...
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 32, *, keep_end: bool = False
+    ) -> Vectors: ...
 
 
 BUNDLED_TOLERANCE = 3e-4
@@ -62,6 +64,12 @@ INT8_TOLERANCE = 0.08
 INT8_MIN_COSINE = 0.95
 """The least cosine similarity between a text's vector in the 8-bit form and in the original
 (measured 0.970 at worst, on a two-letter text; 0.994 typically)."""
+
+MAX_TOKENS = 256
+"""Most tokens of a text the local BERT model reads (sentence-transformers' ``max_seq_length``
+for all-MiniLM-L6-v2, with its [CLS] and [SEP]): about 1,000 characters of English prose, fewer
+of code, numbers or other scripts. A text to store is read from its start, a query up to its
+end."""
 
 _BUNDLED_DIR = Path(__file__).resolve().parent / "models" / DEFAULT_LOCAL_MODEL
 _encoders: dict[tuple[str, str], _Encoder] = {}
@@ -126,9 +134,21 @@ class _SentenceTransformerEncoder:
         dimension = dimension or self._model.get_sentence_embedding_dimension
         self.dimension = int(cast(int, dimension()))
 
-    def encode(self, texts: Sequence[str], batch_size: int = 32) -> Vectors:
-        vectors = self._model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True)
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 32, *, keep_end: bool = False
+    ) -> Vectors:
+        texts = [self._end(text) for text in texts] if keep_end else list(texts)
+        vectors = self._model.encode(texts, batch_size=batch_size, normalize_embeddings=True)
         return np.asarray(vectors, dtype=np.float32)
+
+    def _end(self, text: str) -> str:
+        """``text``, or where the model would truncate it, the part of it that its last tokens
+        cover (sentence-transformers reads a text from its start)."""
+        fits = int(self._model.max_seq_length) - 2  # the model adds [CLS] and [SEP]
+        offsets = self._model.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True
+        )["offset_mapping"]
+        return text if len(offsets) <= fits else text[offsets[-fits][0] :]
 
 
 def _onnx_runtime_installed() -> bool:
@@ -171,12 +191,13 @@ def _load_encoder(model: str, backend: Backend) -> _Encoder:
         return OnnxBertEncoder(
             model_dir,
             int8=backend == "onnx-int8",
+            max_tokens=MAX_TOKENS,
             threads=cpu_threads(),
             chunk_workers=batch_workers(),
         )
     from .bert_numpy import NumpyBertEncoder
 
-    return NumpyBertEncoder(model_dir, threads=cpu_threads())
+    return NumpyBertEncoder(model_dir, max_tokens=MAX_TOKENS, threads=cpu_threads())
 
 
 class LocalEmbedder:
@@ -223,10 +244,21 @@ class LocalEmbedder:
         return f"{self.name}-int8" if int8 else self.name
 
     def embed(self, texts: Sequence[str]) -> Vectors:
+        """Vectors of texts to store. The model reads at most :data:`MAX_TOKENS` tokens of a
+        text (about 1,000 characters of English): a longer one is read from its start."""
         encoder = self._encoder()
         if not texts:
             return np.zeros((0, encoder.dimension), dtype=np.float32)
         return normalize_rows(encoder.encode(texts))
+
+    def embed_query(self, texts: Sequence[str]) -> Vectors:
+        """Vectors of search queries: as :meth:`embed`, except that a text longer than the
+        model reads is read up to its end (its last :data:`MAX_TOKENS` tokens), where the
+        question of a long chat message usually is (a document pasted, then asked about)."""
+        encoder = self._encoder()
+        if not texts:
+            return np.zeros((0, encoder.dimension), dtype=np.float32)
+        return normalize_rows(encoder.encode(texts, keep_end=True))
 
     def warm_up(self) -> None:
         """Load the model now rather than on the first ``embed``."""
