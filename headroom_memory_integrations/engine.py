@@ -204,6 +204,12 @@ the joined text scores a little lower than it, diluted by the short message's wo
 short message alone misses (looks 16 to 18 of ``benchmarks/paraphrase_fresh_log.md``)."""
 
 _CATEGORY_OVERFETCH = 4  # with a category filter, fetch this many times top_k, then filter
+MAX_CATEGORY_CANDIDATES = 12_800
+"""Most nearest memories a search with ``categories`` widens to (x4 at a time from
+:data:`SEARCH_CANDIDATES`) while too few of them are of those categories: a memory of a rare
+category farther than this from the query is not found. Past it, reading and ranking the
+candidates (a Chroma read of each record for users above the read-ahead limit) took over a
+second per search."""
 _COUNT_SECONDS = 30.0  # how long a store trusts the memory count its floor was set with
 
 
@@ -872,10 +878,12 @@ class MemoryStore(WritePath):
                 wanted is None
                 or len(ranked) >= top_k
                 or len(nearest) < limit
+                or limit >= MAX_CATEGORY_CANDIDATES
                 or not deeper_can_pass
             ):
                 break
-            limit *= 4  # a rare category: widen the net rather than ask Chroma to filter
+            # a rare category: widen the net rather than ask Chroma to filter
+            limit = min(limit * 4, MAX_CATEGORY_CANDIDATES)
             nearest = None
         best = ranked[:top_k]
         fresh = {m.id: m for m in collection.get([memory_id for memory_id, _ in best])}

@@ -68,6 +68,37 @@ def test_category_filter_and_top_k(store: MemoryStore) -> None:
     )
 
 
+def test_many_ids_are_read_from_chroma_in_parts(hash_store: MemoryStore) -> None:
+    """SQLite refuses one statement naming tens of thousands of ids."""
+    stored = [m.id for m in hash_store.add_many(["Likes tea", "Plays chess", "Owns a cat"])]
+    asked = [f"unknown-{i}" for i in range(60_000)]
+    asked[10_000:10_000] = stored[:1]
+    asked.extend(stored[1:])
+    found = MemoryStore("alice", storage=hash_store.storage, embedder=hash_store.embedder)
+    assert sorted(m.id for m in found.get_many(asked)) == sorted(stored)
+
+
+def test_a_rare_category_widens_the_search_up_to_a_bound(
+    hash_store: MemoryStore, monkeypatch
+) -> None:
+    import headroom_memory_integrations.engine as engine
+
+    monkeypatch.setattr(engine, "MAX_CATEGORY_CANDIDATES", 800, raising=False)
+    hash_store.add_many([f"Fact number {i} about thing {i * 7919}" for i in range(1_000)])
+    hash_store.add("Is in a meeting until 3pm", category="context")
+    collection = hash_store._open()
+    asked: list[int] = []
+    nearest = collection.nearest
+
+    def counted(vectors, limit):  # the real search, its sizes noted
+        asked.append(limit)
+        return nearest(vectors, limit)
+
+    monkeypatch.setattr(collection, "nearest", counted)
+    hash_store.search("Fact number about thing", categories=["context"], min_score=-1)
+    assert asked == [200, 800]
+
+
 def test_get_update_delete_and_history(store: MemoryStore) -> None:
     memory = store.add("Lives in New York", category="fact", metadata={"origin": "chat", "turn": 3})
     assert store.get(memory.id) == memory

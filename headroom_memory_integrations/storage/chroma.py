@@ -97,6 +97,9 @@ indexes every document's trigrams for a full-text search this package never make
 one row per field that made a single write ~40% dearer. Records of format 1 are read as they
 are and rewritten in format 2 when they change."""
 _BATCH = 1000  # rows per Chroma call when reading or deleting many
+_IDS_PER_READ = 5000
+"""Most ids one read by ids (``get(ids=...)``) names: SQLite refuses a statement of too many
+variables (tens of thousands of ids: 'too many SQL variables')."""
 HNSW_SYNC_THRESHOLD = 100
 """Writes after which Chroma saves a collection's vector index to disk; until then it keeps
 them in its write log too, and each write costs more the longer that log is. Chroma's default,
@@ -995,8 +998,12 @@ class ChromaCollection:
         if not missing:
             return found
         stamp = self._write_stamp
-        page = self._call("read memories", lambda c: c.get(ids=missing, include=_RECORD))
-        read = _page_records(page) if page else {}
+        read: dict[str, _Record] = {}
+        for start in range(0, len(missing), _IDS_PER_READ):
+            part = missing[start : start + _IDS_PER_READ]
+            page = self._call("read memories", lambda c: c.get(ids=part, include=_RECORD))  # noqa: B023
+            if page:
+                read.update(_page_records(page))
         if stamp % 2 == 0 and stamp == self._write_stamp:  # no write overlapped the read
             self._cache.update(read)
             self._within_cache_limit()
