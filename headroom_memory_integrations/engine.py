@@ -976,12 +976,14 @@ class MemoryStore(WritePath):
         floor, best first."""
         catalog = collection.catalog([memory_id for memory_id, _ in nearest])
         present = [(memory_id, close) for memory_id, close in nearest if memory_id in catalog]
+        sampled = sum(1 for memory_id, _ in nearest[:SEARCH_CANDIDATES] if memory_id in catalog)
         lexical = lexical_scores(
             query,
             [
                 index_text(catalog[memory_id].text, catalog[memory_id].keys)
                 for memory_id, _ in present
             ],
+            statistics_of=sampled,  # the nearest candidates: the same whatever top_k
         )
         ranked = [
             (memory_id, close + LEXICAL_WEIGHT * overlap)

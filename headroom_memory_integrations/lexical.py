@@ -96,11 +96,18 @@ def _document(text: str) -> tuple[Counter[str], int]:
 
 
 def lexical_scores(
-    query: str, documents: Sequence[str], *, k1: float = 1.2, b: float = 0.75
+    query: str,
+    documents: Sequence[str],
+    *,
+    statistics_of: int | None = None,
+    k1: float = 1.2,
+    b: float = 0.75,
 ) -> npt.NDArray[np.float64]:
     """The share of ``query``'s best possible BM25 score each document reaches, in [0, 1].
 
-    Document frequencies and lengths are those of ``documents`` (a search's candidates).
+    Document frequencies and the average length are those of the first ``statistics_of``
+    documents (all of them by default): a search's nearest candidates, however many more it
+    scores, so that a memory's score does not depend on how many results were asked for.
     Plain Python over the few (document, term) pairs that match: numpy's per-call cost is
     larger than the work for a couple of hundred short texts.
     """
@@ -109,7 +116,8 @@ def lexical_scores(
     if not wanted or not count:
         return np.zeros(count)
     parsed = [_document(d) for d in documents]
-    average = max(sum(length for _, length in parsed) / count, 1.0)
+    sample = count if statistics_of is None else max(min(statistics_of, count), 1)
+    average = max(sum(length for _, length in parsed[:sample]) / sample, 1.0)
     holders: dict[str, list[int]] = {term: [] for term in wanted}
     for index, (counted, _) in enumerate(parsed):
         for term in wanted.intersection(counted):
@@ -117,7 +125,8 @@ def lexical_scores(
     scores = [0.0] * count
     best = 0.0
     for term, holding in holders.items():
-        idf = math.log(1 + (count - len(holding) + 0.5) / (len(holding) + 0.5))
+        frequency_in_sample = sum(1 for index in holding if index < sample)
+        idf = math.log(1 + (sample - frequency_in_sample + 0.5) / (frequency_in_sample + 0.5))
         best += idf * (k1 + 1)
         for index in holding:
             counted, length = parsed[index]

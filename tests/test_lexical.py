@@ -72,3 +72,27 @@ def test_a_search_keeps_its_memories_terms_not_its_questions() -> None:
         lexical.lexical_scores(f"question {number} about green tea", ["Drinks green tea daily"])
     assert lexical._document.cache_info().currsize - before <= 1
     assert not hasattr(lexical.terms, "cache_info")
+
+
+def test_term_statistics_come_from_the_nearest_candidates_only() -> None:
+    near = ["Plays tennis", "Plays chess", "Drinks tea"]
+    deeper = ["Plays golf", "Plays cards", "Plays darts"]
+    alone = lexical_scores("who plays tennis", near)
+    widened = lexical_scores("who plays tennis", near + deeper, statistics_of=len(near))
+    assert widened[:3].tolist() == alone.tolist()
+
+
+def test_the_best_results_do_not_depend_on_how_many_are_asked_for(store: MemoryStore) -> None:
+    from benchmarks.corpus import memory_texts
+
+    texts = memory_texts(600, seed=7)
+    store.add_many(texts)
+    differ = []
+    for text in texts[:300:10]:
+        words = text.split()
+        query = f"Who do I {words[0].lower()} {' '.join(words[1:4])} with?"
+        few = [r.memory.id for r in store.search(query, top_k=5)]
+        many = [r.memory.id for r in store.search(query, top_k=100)][:5]
+        if few != many:
+            differ.append(query)
+    assert differ == []
