@@ -489,3 +489,68 @@ def test_a_handle_opened_while_its_user_is_cleared_is_told_of_the_clear(
     assert counted == [1]
     assert handle.get([bees.id]) == []  # not served from what it read before the clear
     assert MemoryStore("alice", storage=storage, embedder=HashEmbedder()).get_all() == []
+
+
+_OVERLAPPING_BLAS_LIMITS = """
+import threading
+
+import numpy
+from threadpoolctl import threadpool_info
+
+from headroom_memory_integrations.storage.vectors import one_blas_thread
+
+
+def blas_threads():
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+before = blas_threads()
+first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+meanwhile = []
+
+
+def first():
+    with one_blas_thread():
+        first_in.set()
+        second_in.wait(10)
+    first_out.set()
+
+
+def second():
+    first_in.wait(10)
+    with one_blas_thread():
+        second_in.set()
+        first_out.wait(10)
+        meanwhile.extend(blas_threads())
+
+
+threads = [threading.Thread(target=first), threading.Thread(target=second)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join(20)
+print(before, meanwhile, blas_threads())
+"""
+
+
+def test_overlapping_blas_limits_leave_the_process_as_it_was() -> None:
+    """Threads limiting BLAS at once (a batch search, a duplicate check, the numpy model): the
+    process's setting is restored when the last of them leaves, whatever the order, and the
+    limit holds until then. In a process of its own whose BLAS starts with 2 threads
+    (OpenBLAS started with one, as the suite's OMP_NUM_THREADS=1 has it, is not raised from
+    another thread)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    done = subprocess.run(
+        [sys.executable, "-c", _OVERLAPPING_BLAS_LIMITS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.split("\n")[0] == "[2] [1] [2]", done.stdout + done.stderr

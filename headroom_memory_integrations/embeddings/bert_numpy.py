@@ -35,14 +35,12 @@ def _layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
 class NumpyBertEncoder(BertEncoder):
     """Embeddings, post-norm transformer layers and mean pooling with numpy.
 
-    BLAS runs on at most ``threads`` threads while encoding (restored afterwards): on a small
-    machine, BLAS threads competing for cores make a batch 10-15 times slower.
+    BLAS runs on at most ``threads`` threads while encoding (restored afterwards, when no other
+    thread of the process still needs it limited: :func:`.storage.vectors.few_blas_threads`):
+    on a small machine, BLAS threads competing for cores make a batch 10-15 times slower.
     """
 
     def _load(self, weights: dict[str, Array]) -> None:
-        from threadpoolctl import ThreadpoolController
-
-        self._blas = ThreadpoolController()
         self._words = weights["embeddings.word_embeddings.weight"]
         self._positions = weights["embeddings.position_embeddings.weight"]
         self._token_type = weights["embeddings.token_type_embeddings.weight"][0]
@@ -61,7 +59,9 @@ class NumpyBertEncoder(BertEncoder):
     def encode(
         self, texts: Sequence[str], batch_size: int = 32, *, keep_end: bool = False
     ) -> Vectors:
-        with self._blas.limit(limits=self.threads, user_api="blas"):
+        from ..storage.vectors import few_blas_threads
+
+        with few_blas_threads(self.threads):
             return super().encode(texts, batch_size, keep_end=keep_end)
 
     def _forward(self, ids: TokenIds, mask: Array) -> Array:

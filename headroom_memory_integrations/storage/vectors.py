@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import base64
 import threading
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
@@ -117,18 +117,48 @@ def most_similar(similarities: Vectors, limit: int) -> np.ndarray:
 
 _BATCH_ROWS = 4  # from this many query rows, one BLAS matrix product beats einsum row by row
 _blas: Any = None
+_blas_lock = threading.Lock()
+_blas_users = 0  # threads inside few_blas_threads
+_blas_limit: Any = None  # threadpoolctl's limiter of the first of them: restores the settings
+_blas_threads = 0  # the limit now in force while some are inside
 
 
-def one_blas_thread() -> AbstractContextManager[Any]:
+@contextmanager
+def few_blas_threads(threads: int = 1) -> Iterator[None]:
+    """Limit BLAS to ``threads`` threads (process-wide: BLAS has one setting) while inside.
+
+    Threads may be inside at once: the settings are saved by the first to enter and restored
+    by the last to leave, and meanwhile the lowest limit any of them asked for holds.
+    (threadpoolctl's own ``limit`` restores what it saw on entry: two threads whose limits
+    overlapped left the whole process at one BLAS thread for good.)"""
+    global _blas, _blas_users, _blas_limit, _blas_threads
+    with _blas_lock:
+        if _blas is None:
+            from threadpoolctl import ThreadpoolController
+
+            _blas = ThreadpoolController()
+        if _blas_users == 0:
+            _blas_limit = _blas.limit(limits=threads, user_api="blas")
+            _blas_threads = threads
+        elif threads < _blas_threads:
+            _blas.limit(limits=threads, user_api="blas")  # restored with the first's settings
+            _blas_threads = threads
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
+
+
+def one_blas_thread() -> AbstractContextManager[None]:
     """Limit BLAS to one thread for a matrix product: on a small busy machine, BLAS threads
-    competing for cores make it several times slower (see :meth:`VectorIndex.nearest_many`)."""
-    global _blas
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController
-
-        _blas = ThreadpoolController()
-    limited: AbstractContextManager[Any] = _blas.limit(limits=1, user_api="blas")
-    return limited
+    competing for cores make it several times slower (see :meth:`VectorIndex.nearest_many`).
+    Safe to overlap between threads (see :func:`few_blas_threads`)."""
+    return few_blas_threads(1)
 
 
 def vectors_to_text(vectors: Vectors) -> str:
