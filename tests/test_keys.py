@@ -181,6 +181,11 @@ def test_keys_bring_a_reworded_question_to_its_memory(db_path, model) -> None:
     assert cosine_only[0].score > next(r.score for r in plain_cosine if r.memory.text == SHELLFISH)
 
 
+def test_a_key_question_may_end_with_any_mark_the_gate_reads_as_a_question_mark() -> None:
+    keys = clean_keys("seafood, Can I eat shrimp?, 我能吃虾吗？, هل يمكنني أكل الروبيان؟, why")
+    assert key_questions(keys) == keys[1:4]
+
+
 def test_a_memory_vector_adds_each_key_question_to_its_index_text(model) -> None:
     """Index texts and key questions are embedded in two calls (no padding of one to the
     other); a memory without key questions keeps its index text's vector, one with them gets
