@@ -385,7 +385,9 @@ def clean_text(text: object, what: str = "memory text") -> str:
     """Strip, drop control characters, compose characters (NFC: "José" typed as "Jose" and a
     combining accent, as macOS and some keyboards and PDFs write it, is stored as "José": the
     same text is then the same memory) and check the length of a text. Nothing visible
-    changes: compatibility forms ("ﬁ", "²", fullwidth letters) are kept as written."""
+    changes: compatibility forms ("ﬁ", "²", fullwidth letters) are kept as written, and so are
+    format characters (a zero-width joiner in an emoji, a ZWNJ in Persian), but a text of
+    nothing else (a lone zero-width space) is empty."""
     if not isinstance(text, str):
         raise InvalidInputError(f"{what} must be a string, got {type(text).__name__}")
     cleaned = "".join(
@@ -399,6 +401,11 @@ def clean_text(text: object, what: str = "memory text") -> str:
                 "removed: nothing is left"
             )
         raise InvalidInputError(f"{what} is empty")
+    if all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in cleaned):
+        raise InvalidInputError(
+            f"{what} holds only invisible format characters (such as zero-width spaces): "
+            "nothing is left"
+        )
     if len(cleaned) > MAX_TEXT_CHARS:
         raise InvalidInputError(
             f"{what} is {len(cleaned)} characters; the maximum is {MAX_TEXT_CHARS}"

@@ -11,7 +11,7 @@ import unicodedata
 
 import pytest
 
-from headroom_memory_integrations import MemoryStore, Outcome
+from headroom_memory_integrations import InvalidInputError, MemoryStore, Outcome
 from headroom_memory_integrations.concurrency import wording_id
 from headroom_memory_integrations.consolidation import (
     Relation,
@@ -150,3 +150,21 @@ def test_a_letter_under_many_marks_is_read_at_once() -> None:
         [sys.executable, "-c", _ZALGO_CHECK], capture_output=True, text=True, timeout=60
     )
     assert ran.stdout.strip() == "done", ran.stderr
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", " \u200b\u200d ", "\ufeff", "\u2060\n\u200c"])
+def test_a_text_of_invisible_format_characters_alone_is_empty(
+    hash_store: MemoryStore, invisible: str
+) -> None:
+    with pytest.raises(InvalidInputError, match="invisible"):
+        hash_store.add(invisible)
+    assert hash_store.count() == 0
+
+
+ZWJ_FAMILY = "Family: \U0001f468\u200d\U0001f469\u200d\U0001f467"  # one emoji, joined by ZWJ
+PERSIAN = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \u0686\u0627\u06cc"  # a ZWNJ inside
+
+
+@pytest.mark.parametrize("text", [ZWJ_FAMILY, PERSIAN])
+def test_format_characters_inside_real_text_are_kept(hash_store: MemoryStore, text: str) -> None:
+    assert hash_store.add(text).text == text
