@@ -440,6 +440,19 @@ def test_a_long_query_is_read_up_to_its_end_and_a_long_memory_from_its_start(
     assert embedder.embed_query([]).shape == (0, 384)
 
 
+def test_one_model_is_loaded_once_whatever_name_or_backend_stands_for_it(
+    model: LocalEmbedder,
+) -> None:
+    from headroom_memory_integrations.embeddings.local import resolved_backend
+
+    same = [
+        LocalEmbedder(backend=resolved_backend(model.model, "auto")),
+        LocalEmbedder("sentence-transformers/all-MiniLM-L6-v2"),
+        LocalEmbedder("ALL-MINILM-L6-V2", backend="auto"),
+    ]
+    assert all(other._encoder() is model._encoder() for other in same)
+
+
 def test_meaning(model: LocalEmbedder) -> None:
     a, b, c = model.embed(
         ["Prefers Python for backend work", "Which language should I use?", "What is 2+2?"]

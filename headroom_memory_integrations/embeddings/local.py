@@ -226,13 +226,15 @@ class LocalEmbedder:
         self.dimension = 384 if is_minilm else 0  # others: known once loaded
 
     def _encoder(self) -> _Encoder:
-        key = (self.model, self.backend)
+        # one per model and backend as resolved: "onnx-int8" is what "auto" picks here, and
+        # "sentence-transformers/all-MiniLM-L6-v2" the bundled model (each copy ~80 MB)
+        key = (self.name, resolved_backend(self.model, self.backend))
         encoder = _encoders.get(key)
         if encoder is None:
             with _encoders_lock:
                 encoder = _encoders.get(key)
                 if encoder is None:
-                    encoder = _encoders[key] = _load_encoder(self.model, self.backend)
+                    encoder = _encoders[key] = _load_encoder(*key)
         self.dimension = encoder.dimension
         return encoder
 
