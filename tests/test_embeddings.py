@@ -674,3 +674,20 @@ def test_the_embedders_timeout_defers_to_a_client_that_set_its_own() -> None:
     assert OpenAIEmbedder(openai.OpenAI(api_key="sk-x", timeout=60))._options == {}
     assert OpenAIEmbedder(object())._options == {}
     assert OpenAIEmbedder(object(), timeout=3)._options == {"timeout": 3}
+
+
+def test_the_guide_says_how_much_of_a_memory_the_model_reads(model: LocalEmbedder) -> None:
+    """A memory is read from its start, up to MAX_TOKENS tokens: what follows (and keys
+    written after the text) changes nothing, and the guide's limits say so."""
+    from headroom_memory_integrations.embeddings.local import MAX_TOKENS
+    from headroom_memory_integrations.keys import index_text
+
+    head = "Notes from the planning call about the kitchen renovation and its tiles. " * 30
+    tail = "My passport number is XK-99120."
+    long, with_tail, with_keys = model.embed(
+        [head, head + tail, index_text(head, ("passport", "travel"))]
+    )
+    assert float(long @ with_tail) > 0.9999 and float(long @ with_keys) > 0.9999
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    limits = guide[guide.index("**What is searched of a long memory.**") :]
+    assert f"first {MAX_TOKENS} tokens" in limits[:300]
