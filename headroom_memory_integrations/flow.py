@@ -180,7 +180,7 @@ class Turn:
     turn_key: str | None = None
 
 
-_Shown = tuple[tuple[str, datetime, str], ...]  # memories as (id, last changed, text)
+_Shown = tuple[tuple[str, datetime, str], ...]  # memories as (id, last changed, text's digest)
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,31 @@ class _Recalled:
 
 
 def _as_shown(memories: Iterable[Memory]) -> _Shown:
-    return tuple(sorted((m.id, m.updated_at, m.text) for m in memories))
+    return tuple(sorted((m.id, m.updated_at, _digest(m.text)) for m in memories))
+
+
+ConversationTail = tuple[str, ...]
+"""A digest of each of the last messages before a user's message (see :func:`conversation_key`)."""
+
+
+@dataclass(frozen=True)
+class _KeptTurn:
+    """A turn kept for its later calls: a digest of the user's message, the digests of the
+    messages before it (None: the turn is told apart by a session's id), and what its first
+    call recalled."""
+
+    said: str
+    tail: ConversationTail | None
+    recalled: _Recalled
+
+    def trimmed_to(self, tail: ConversationTail) -> bool:
+        """Whether ``tail``, shorter than this turn's, is what is left of it once some of its
+        messages are dropped, the rest kept in order (a chat memory trimmed between two steps
+        of the turn: of its oldest messages, or of all but the first and the latest)."""
+        if self.tail is None or len(tail) >= len(self.tail):
+            return False
+        left = iter(self.tail)
+        return all(digest in left for digest in tail)
 
 
 REMEMBERED_TURNS = 256
@@ -207,21 +231,22 @@ CONVERSATION_TAIL = 4
 :func:`conversation_key`)."""
 
 
-def conversation_key(before: Iterable[tuple[str | None, str]]) -> str:
+def conversation_key(before: Iterable[tuple[str | None, str]]) -> ConversationTail:
     """What tells the conversation of a user message apart, with no session id to go by (for
-    :meth:`MemoryFlow.start`'s ``conversation``): a digest of the roles and texts of the last
-    :data:`CONVERSATION_TAIL` messages ``before`` it, system and developer messages aside.
+    :meth:`MemoryFlow.start`'s ``conversation``): a digest of the role and text of each of the
+    last :data:`CONVERSATION_TAIL` messages ``before`` it, system and developer messages aside.
     Every call of one turn has the same (an agent's steps send the same history before the
     user's message; a chat engine's refine call changes only its system message, which holds
     the documents); two conversations whose users say the same words ("yes") differ in what
-    came before. Only the last few: a chat memory drops the oldest messages as a turn's tool
-    results fill it, between two steps of the turn."""
+    came before. Only the last few, each on its own: a chat memory drops messages as a turn's
+    tool results fill it, between two steps of the turn (the oldest, or all but the first), so
+    a later step may have fewer, some of those its first step had."""
     said = [
         [role if isinstance(role, str) else None, text if isinstance(text, str) else ""]
         for role, text in before
         if role not in ("system", "developer")
     ]
-    return _digest(said[-CONVERSATION_TAIL:])
+    return tuple(_digest(message) for message in said[-CONVERSATION_TAIL:])
 
 
 def _digest(value: Any) -> str:
@@ -458,7 +483,7 @@ class MemoryFlow:
         self._last_extracted: str | None = None  # the user message last queued for extraction
         # the latest turns (by Turn.turn_key): what their first calls recalled, and which
         # turns were learnt from
-        self._turns: OrderedDict[str, _Recalled] = OrderedDict()
+        self._turns: OrderedDict[str, _KeptTurn] = OrderedDict()
         self._learnt: set[str] = set()
         self._turns_lock = threading.Lock()
 
@@ -472,7 +497,7 @@ class MemoryFlow:
         previous_text: str | None = None,
         tool_loop_step: bool = False,
         later_step: bool = False,
-        conversation: str | None = None,
+        conversation: str | ConversationTail | None = None,
         begins_turn: bool = True,
     ) -> Turn:
         """Prepare a call whose latest user message says ``user_text``. Never raises.
@@ -502,7 +527,12 @@ class MemoryFlow:
                 next one is instructed). A new turn with the same words (a user who says "yes"
                 twice) is not a later step: it is recalled for and learnt from anew.
             conversation: Which conversation the call is of, for ``later_step``: a session's
-                id, or :func:`conversation_key` of the messages before the user's.
+                id, or :func:`conversation_key` of the messages before the user's. With no
+                turn of the same message and messages before it, a later step whose messages
+                before the user's are what is left of a kept turn's, some dropped (by a chat
+                memory the tool results filled: the oldest, or all but the first), is a later
+                call of that turn when it is the only one they fit (with none left: the only
+                recent turn of the same message).
             begins_turn: The call may be the first of a turn: the user's own message, not one
                 of a framework's prompts (a query engine's, a question condensed from the
                 chat, a completion prompt), which no later step follows. Only such calls are
@@ -519,15 +549,21 @@ class MemoryFlow:
             parts = []
             learnt = False  # an earlier call of the turn carried the block
             if turn.user_text:
-                key = _digest([None if conversation is None else str(conversation), turn.user_text])
+                said = _digest(turn.user_text)
+                tail = conversation if isinstance(conversation, tuple) else None
+                key = _digest([conversation if tail is None else list(tail), turn.user_text])
                 with self._turns_lock:
-                    earlier = self._turns.get(key) if later_step else None
-                    learnt = earlier is not None and key in self._learnt
-                turn.later_call = earlier is not None
+                    if later_step:
+                        key = self._turn_of(key, said, tail)
+                    kept = self._turns.get(key) if later_step else None
+                    learnt = kept is not None and key in self._learnt
+                earlier = None if kept is None else kept.recalled
+                turn.later_call = kept is not None
                 recalled = self._recall_in_time(turn.user_text, previous_text, earlier)
                 if begins_turn or turn.later_call:
                     turn.turn_key = key
-                    self._remember_turn(key, recalled, new=earlier is None)
+                    kept = _KeptTurn(said, tail if kept is None else kept.tail, recalled)
+                    self._remember_turn(key, kept, new=not turn.later_call)
                 context, turn.injected = recalled.context, dict(recalled.injected)
                 parts += [context] if context else []
             if self.inline and instruct and not learnt:
@@ -584,11 +620,20 @@ class MemoryFlow:
                 self.failed("inject_failures", f"{exc}; calling without memories", exc_info=False)
             return failed
 
-    def _remember_turn(self, key: str, recalled: _Recalled, new: bool) -> None:
+    def _turn_of(self, key: str, said: str, tail: ConversationTail | None) -> str:
+        """The key of the kept turn a later step is of (the turns' lock held): ``key`` when
+        kept; else the only kept turn of the same message (digest ``said``) whose messages
+        before it the call's (``tail``) are left of, some dropped; else ``key``."""
+        if key in self._turns or tail is None:
+            return key
+        fits = [k for k, kept in self._turns.items() if kept.said == said and kept.trimmed_to(tail)]
+        return fits[0] if len(fits) == 1 else key
+
+    def _remember_turn(self, key: str, kept: _KeptTurn, new: bool) -> None:
         """Keep what a turn's call recalled, for its later calls (a ``new`` turn is not learnt
         from yet); the oldest turns kept are let go."""
         with self._turns_lock:
-            self._turns[key] = recalled
+            self._turns[key] = kept
             self._turns.move_to_end(key)
             if new:
                 self._learnt.discard(key)

@@ -993,3 +993,69 @@ def test_a_tool_loops_next_step_is_not_shown_what_its_first_step_learnt(
     assert sorted(m.text for m in client.memory.get_all()) == sorted(
         ["Uses Go for command-line tools", PYTHON["text"]]
     )
+
+
+def test_a_tool_loops_next_step_is_a_later_step_when_a_window_drops_the_oldest_messages(
+    client, openai_server
+) -> None:
+    # the tool's long result makes RollingWindowTransform drop the oldest exchange between the
+    # two steps: fewer messages are left before the user's, the last of those step 1 had
+    from headroom_memory_integrations.transforms import RollingWindowTransform
+
+    def talky(body: dict) -> Reply:
+        nonce = instruction_nonce(body)
+        said = f"\n\n{block(nonce, [PYTHON])}" if nonce else ""
+        if body["messages"][-1]["role"] == "user":
+            return Reply.tool_calls(ToolCall("get_weather", "{}"), content="Let me check." + said)
+        return Reply.text("It is sunny." + said)
+
+    openai_server.responder = talky
+    window = RollingWindowTransform(max_tokens=120, token_counter=lambda text: len(text.split()))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    history: list[dict] = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke"},
+        {"role": "assistant", "content": "Why did the chicken cross the road?"},
+        {"role": "user", "content": "I prefer Python for backend work. What's the weather?"},
+    ]
+    answer = client.chat.completions.create(
+        model="gpt-4o", messages=window.apply(history), tools=tools
+    )
+    assert client.memory.flush(30)
+    call = answer.choices[0].message.tool_calls[0]
+    history += [
+        {"role": "assistant", "content": answer.choices[0].message.content, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny " * 60},
+    ]
+    client.chat.completions.create(model="gpt-4o", messages=window.apply(history), tools=tools)
+    first, after_tool = (r.body for r in openai_server.requests)
+    assert len(after_tool["messages"]) < len(first["messages"]) + 2  # the window dropped some
+    assert instruction_nonce(first) and not instruction_nonce(after_tool)  # learnt from once
+    assert PYTHON["text"] not in json.dumps(after_tool)  # not what the first step learnt
+
+
+def test_two_conversations_saying_yes_stay_apart_when_a_window_drops_all_before_it(
+    client, openai_server
+) -> None:
+    # with no message left before the user's "yes", which conversation's turn it is of is not
+    # known when two recent turns said it: the step is prepared as a first step
+    def talky(body: dict) -> Reply:
+        nonce = instruction_nonce(body)
+        said = f"\n\n{block(nonce, [PYTHON])}" if nonce else ""
+        if body["messages"][-1]["role"] == "user":
+            return Reply.tool_calls(ToolCall("get_weather", "{}"), content="Sure." + said)
+        return Reply.text("Done." + said)
+
+    openai_server.responder = talky
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    yes = {"role": "user", "content": "yes"}
+    for question in ("Shall I note you use Python?", "Do you want the window seat?"):
+        asked = [{"role": "assistant", "content": question}, yes]
+        client.chat.completions.create(model="gpt-4o", messages=asked, tools=tools)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    trimmed = [yes, {"role": "assistant", "content": "Sure.", "tool_calls": [call]}]
+    trimmed.append({"role": "tool", "tool_call_id": "c1", "content": "sunny"})
+    client.chat.completions.create(model="gpt-4o", messages=trimmed, tools=tools)
+    assert instruction_nonce(openai_server.requests[-1].body)  # neither turn's later step

@@ -1131,3 +1131,38 @@ def test_a_one_prompt_react_agents_tool_output_cannot_plant_memories(
     assert texts(chat.memory) == ["Is vegetarian"]
     assert chat.memory.stats()["events"]["ungrounded_memories"] == 2
     chat.memory.close()
+
+
+def test_an_agents_next_step_is_a_later_step_when_its_history_is_trimmed(
+    chat: MemoryChatModel, openai_server: ScriptedOpenAIServer, says: ScriptedChat
+) -> None:
+    # LangChain's documented trim (keep the first message and the last 3 or 4) drops messages
+    # before the user's between the turn's two steps: the rest are some of those step 1 had
+    from langchain.agents.middleware import before_model
+    from langchain_core.messages import RemoveMessage
+    from langgraph.graph.message import REMOVE_ALL_MESSAGES
+
+    @before_model
+    def trim(state: Any, runtime: Any) -> dict[str, Any] | None:
+        messages = state["messages"]
+        if len(messages) <= 3:
+            return None
+        recent = messages[-3:] if len(messages) % 2 == 0 else messages[-4:]
+        return {"messages": [RemoveMessage(id=REMOVE_ALL_MESSAGES), messages[0], *recent]}
+
+    says.talks, says.memories = True, []
+    agent = create_agent(chat, tools=[get_weather], middleware=[trim], checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "trimmed"}}
+    for text in ["Weather in 'Paris'?", "Weather in 'Rome'?"]:
+        agent.invoke({"messages": [{"role": "user", "content": text}]}, config)
+    assert chat.memory.flush(30)
+    openai_server.reset()
+    says.memories = [TEA]
+    asked = {"messages": [{"role": "user", "content": "I love green tea. Weather in 'Lyon'?"}]}
+    agent.invoke(asked, config)
+    first, after_tool = (r.body["messages"] for r in openai_server.requests[:2])
+    assert instruction_nonce(first) and after_tool[-1]["role"] == "tool"
+    assert len(after_tool) < len(first) + 2  # the trim dropped some
+    assert not instruction_nonce(after_tool)  # the turn is learnt from once
+    assert CONTEXT_OPEN not in json.dumps(after_tool)  # not TEA, learnt in the first step
+    assert texts(chat.memory) == [TEA["text"]]

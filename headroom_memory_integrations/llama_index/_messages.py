@@ -10,6 +10,7 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole, TextBlock
 from ..flow import (
     REACT_OBSERVATION,
     REACT_STEP,
+    ConversationTail,
     agent_observations,
     conversation_key,
     holds_agent_text,
@@ -167,7 +168,7 @@ def continues_a_turn(messages: Sequence[ChatMessage]) -> bool:
     return start is not None and start < len(messages) - 1
 
 
-def conversation_of(messages: Sequence[ChatMessage]) -> str:
+def conversation_of(messages: Sequence[ChatMessage]) -> ConversationTail:
     """What tells apart the conversation of the user's latest message (``MemoryFlow.start``'s
     ``conversation``): ``conversation_key`` of the messages before its turn began."""
     start = turn_start(messages) or 0
