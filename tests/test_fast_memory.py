@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -953,21 +954,31 @@ def shown(body: dict) -> str:
     return text[start:end] if start >= 0 else ""
 
 
+_WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+
+
+def _talks_with_its_tool_call(opening: str, closing: str) -> Callable[[dict], Reply]:
+    """A model that writes a sentence (``opening``) with its tool call, and the memory block
+    in it when instructed; after the tool's result, ``closing`` (and a block, if instructed)."""
+
+    def talky(body: dict) -> Reply:
+        nonce = instruction_nonce(body)
+        said = f"\n\n{block(nonce, [PYTHON])}" if nonce else ""
+        if body["messages"][-1]["role"] == "user":
+            return Reply.tool_calls(ToolCall("get_weather", "{}"), content=opening + said)
+        return Reply.text(closing + said)
+
+    return talky
+
+
 def test_a_tool_loops_next_step_is_not_shown_what_its_first_step_learnt(
     client, openai_server
 ) -> None:
     # the model writes a sentence with its tool call, and the memory block in it: the step
     # after the tool's result is a later call of the same turn (MemoryFlow.start's later_step)
-    def talky(body: dict) -> Reply:
-        nonce = instruction_nonce(body)
-        said = f"\n\n{block(nonce, [PYTHON])}" if nonce else ""
-        if body["messages"][-1]["role"] == "user":
-            return Reply.tool_calls(ToolCall("get_weather", "{}"), content="Let me check." + said)
-        return Reply.text("It is sunny." + said)
-
-    openai_server.responder = talky
+    openai_server.responder = _talks_with_its_tool_call("Let me check.", "It is sunny.")
     client.memory.add("Uses Go for command-line tools", category="preference")
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    tools = [_WEATHER_TOOL]
     messages: list[dict] = [{"role": "user", "content": "I prefer Python for backend work"}]
     for step in range(2):
         message = (
@@ -1002,16 +1013,9 @@ def test_a_tool_loops_next_step_is_a_later_step_when_a_window_drops_the_oldest_m
     # two steps: fewer messages are left before the user's, the last of those step 1 had
     from headroom_memory_integrations.transforms import RollingWindowTransform
 
-    def talky(body: dict) -> Reply:
-        nonce = instruction_nonce(body)
-        said = f"\n\n{block(nonce, [PYTHON])}" if nonce else ""
-        if body["messages"][-1]["role"] == "user":
-            return Reply.tool_calls(ToolCall("get_weather", "{}"), content="Let me check." + said)
-        return Reply.text("It is sunny." + said)
-
-    openai_server.responder = talky
+    openai_server.responder = _talks_with_its_tool_call("Let me check.", "It is sunny.")
     window = RollingWindowTransform(max_tokens=120, token_counter=lambda text: len(text.split()))
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    tools = [_WEATHER_TOOL]
     history: list[dict] = [
         {"role": "system", "content": "You are helpful."},
         {"role": "user", "content": "Hi there"},
@@ -1041,15 +1045,8 @@ def test_two_conversations_saying_yes_stay_apart_when_a_window_drops_all_before_
 ) -> None:
     # with no message left before the user's "yes", which conversation's turn it is of is not
     # known when two recent turns said it: the step is prepared as a first step
-    def talky(body: dict) -> Reply:
-        nonce = instruction_nonce(body)
-        said = f"\n\n{block(nonce, [PYTHON])}" if nonce else ""
-        if body["messages"][-1]["role"] == "user":
-            return Reply.tool_calls(ToolCall("get_weather", "{}"), content="Sure." + said)
-        return Reply.text("Done." + said)
-
-    openai_server.responder = talky
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    openai_server.responder = _talks_with_its_tool_call("Sure.", "Done.")
+    tools = [_WEATHER_TOOL]
     yes = {"role": "user", "content": "yes"}
     for question in ("Shall I note you use Python?", "Do you want the window seat?"):
         asked = [{"role": "assistant", "content": question}, yes]
