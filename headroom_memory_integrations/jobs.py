@@ -107,6 +107,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX jobs_by_status ON jobs (status, id);
     """,
+    # each user's jobs in order, for claims that take them in order (see JobQueue.claim)
+    """
+    CREATE INDEX jobs_by_user ON jobs (user_id, id);
+    """,
 )
 
 
@@ -198,11 +202,13 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
-def _kind_filter(kinds: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
+def _kind_filter(
+    kinds: Collection[str] | None, column: str = "kind"
+) -> tuple[str, tuple[str, ...]]:
     """An SQL condition (and its parameters) restricting jobs to ``kinds``; None is all."""
     if kinds is None:
         return "", ()
-    return f" AND kind IN ({','.join('?' * len(kinds))})", tuple(kinds)
+    return f" AND {column} IN ({','.join('?' * len(kinds))})", tuple(kinds)
 
 
 def _not_running_users(kind_sql: str, kind_args: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
@@ -210,6 +216,39 @@ def _not_running_users(kind_sql: str, kind_args: tuple[str, ...]) -> tuple[str, 
     the kinds ``kind_sql`` selects) running."""
     sql = f" AND user_id NOT IN (SELECT user_id FROM jobs WHERE status = 'running'{kind_sql})"
     return sql, kind_args
+
+
+def _in_order(waits_for: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
+    """An SQL condition (and its parameters) leaving out the jobs that an earlier job of their
+    user (of the kinds ``waits_for``; None: of any kind) waits for or runs before: only the
+    first job of each user's line is taken. A dead-lettered job is out of the line. One index
+    walk per job (``jobs_by_user``), over the user's earlier jobs only."""
+    kind_sql, kind_args = _kind_filter(waits_for, "earlier.kind")
+    sql = (
+        " AND NOT EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
+        f" AND earlier.id < jobs.id AND earlier.status != 'failed'{kind_sql})"
+    )
+    return sql, kind_args
+
+
+def _waiting(
+    kinds: Collection[str] | None,
+    one_per_user: bool,
+    in_order: bool,
+    waits_for: Collection[str] | None,
+) -> tuple[str, tuple[str, ...]]:
+    """An SQL condition (and its parameters) leaving out the pending jobs that wait for
+    another job of their user (see :meth:`JobQueue.claim`'s ``one_per_user`` and
+    ``in_order``)."""
+    sql = ""
+    args: tuple[str, ...] = ()
+    if one_per_user:
+        sql, args = _not_running_users(*_kind_filter(kinds))
+    if in_order:
+        running_sql, running_args = _not_running_users(*_kind_filter(waits_for))
+        order_sql, order_args = _in_order(waits_for)
+        sql, args = sql + running_sql + order_sql, args + running_args + order_args
+    return sql, args
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -458,6 +497,8 @@ class JobQueue:
         kinds: Collection[str] | None = None,
         one_per_user: bool = False,
         held: Collection[int] = (),
+        in_order: bool = False,
+        waits_for: Collection[str] | None = None,
     ) -> list[Job]:
         """Atomically take up to ``limit`` jobs (of ``kinds``, if given), oldest first.
 
@@ -469,10 +510,16 @@ class JobQueue:
         ``one_per_user``, a pending job waits while another job of its user (of ``kinds``)
         runs, and one claim takes at most one job of each user, so that several threads run
         the jobs of different users side by side and each user's one at a time.
+
+        With ``in_order``, each user's jobs are taken in the order they were queued, across
+        threads and processes: a pending job waits while an earlier job of its user (of the
+        kinds ``waits_for``; None: of any kind) is pending (waiting out a backoff, say) or
+        running, and while another job of its user of those kinds runs. A dead-lettered job
+        does not hold its user's later jobs back (:meth:`retry_failed` puts it back in line).
         """
         owner, now = f"{_HOST}:{os.getpid()}", time.time()
         kind_sql, kind_args = _kind_filter(kinds)
-        busy_sql, busy_args = _not_running_users(kind_sql, kind_args) if one_per_user else ("", ())
+        busy_sql, busy_args = _waiting(kinds, one_per_user, in_order, waits_for)
         with self._write() as conn:
             owners = conn.execute("SELECT DISTINCT owner FROM jobs WHERE status = 'running'")
             dead = [row[0] for row in owners if row[0] and _owner_is_dead(row[0])]
@@ -706,8 +753,9 @@ class JobWorker:
     interpreter exit waits up to ``exit_timeout`` seconds for the jobs this process queued
     (see :meth:`close`); the rest stays in the file.
 
-    With ``threads`` > 1, the jobs of different users run side by side and each user's one at
-    a time, in order (:meth:`JobQueue.claim`'s ``one_per_user``). The one thread above is the
+    Each user's jobs run one at a time, in the order they were queued, even when one waits
+    out a backoff (``in_order``). With ``threads`` > 1, the jobs of different users run side
+    by side (:meth:`JobQueue.claim`'s ``one_per_user``). The one thread above is the
     only one that waits for work: another starts only while every thread runs a job and a job
     of another user is due, and leaves once it has found nothing to claim for
     ``poll_interval`` seconds.
@@ -726,6 +774,12 @@ class JobWorker:
         poll_interval: Seconds between looks at the file when idle.
         lease_seconds: How long a claim lasts before another process may take the job over.
         exit_timeout: Seconds the atexit hook waits for this process's jobs to be done.
+        in_order: Run each user's jobs in the order they were queued, across threads and
+            processes: a job waits while an earlier one of its user (of ``waits_for``) waits
+            out a backoff or runs (:meth:`JobQueue.claim`); a dead-lettered one holds nothing
+            back. False: a job whose try failed lets its user's later jobs run first.
+        waits_for: The kinds of a user's earlier jobs that a job waits for; None: ``kinds``
+            (all kinds if that is None). Another worker on the file takes the other kinds.
     """
 
     def __init__(
@@ -742,8 +796,12 @@ class JobWorker:
         poll_interval: float = 1.0,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         exit_timeout: float = 5.0,
+        in_order: bool = True,
+        waits_for: Collection[str] | None = None,
     ) -> None:
         self.queue, self.handler, self.retryable, self.backoff = queue, handler, retryable, backoff
+        self.in_order = in_order
+        self.waits_for = tuple(waits_for or ()) or (None if kinds is None else tuple(kinds))
         self.longest_delay = longest_delay
         self.name, self.poll_interval = name, poll_interval
         self.kinds = None if kinds is None else tuple(kinds)
@@ -834,7 +892,7 @@ class JobWorker:
             if self.closed or self.threads == 1 or len(self._running) == self.threads:
                 return
         try:
-            if self._due() > time.time():
+            if not self._any_due():
                 return
             self._wake.set()
             with self._lock:
@@ -876,6 +934,8 @@ class JobWorker:
                         kinds=self.kinds,
                         one_per_user=self.threads > 1,
                         held=held,  # a sibling's job outliving its lease is still its
+                        in_order=self.in_order,
+                        waits_for=self.waits_for,
                     )
                     for job in jobs:
                         self._process(job)
@@ -949,17 +1009,34 @@ class JobWorker:
         return _CHECKPOINT_EVERY
 
     def _due(self) -> float:
-        """When the next job this worker may claim is due (inf if none is pending). With
-        ``threads``, a user's jobs are not while one of theirs runs (its thread looks again)."""
-        busy, busy_args = (
-            _not_running_users(self._kind_sql, self._kind_args) if self.threads > 1 else ("", ())
-        )
+        """When the next job this worker may claim is due (inf if none is pending). A job
+        that waits for an earlier one of its user is not (nor, with ``threads``, a user's job
+        while one of theirs runs): its thread looks again once that one is done."""
+        busy, busy_args = self._waiting()
         due = self.queue._scalar(
             f"SELECT MIN(not_before) FROM jobs WHERE status = 'pending'{self._kind_sql}{busy}",
             *self._kind_args,
             *busy_args,
         )
         return math.inf if due is None else float(due)
+
+    def _any_due(self) -> bool:
+        """Whether a job this worker may claim is due now (:meth:`_due`, stopping at the
+        first one found: this runs as each job starts)."""
+        busy, busy_args = self._waiting()
+        return bool(
+            self.queue._scalar(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'pending' AND not_before <= ?"
+                f"{self._kind_sql}{busy})",
+                time.time(),
+                *self._kind_args,
+                *busy_args,
+            )
+        )
+
+    def _waiting(self) -> tuple[str, tuple[str, ...]]:
+        """The SQL condition leaving out the jobs that wait for another of their user."""
+        return _waiting(self.kinds, self.threads > 1, self.in_order, self.waits_for)
 
     def _idle_seconds(self) -> float:
         return min(self.poll_interval, max(self._due() - time.time(), 0.005))
@@ -1068,14 +1145,27 @@ class JobWorker:
         ids = _ids_queued_here(self.queue.path)
         if not ids:
             return 0
+        # in order, a job waits for its user's earlier ones: not one waiting out a backoff past it
+        behind = "0"
+        behind_args: tuple[object, ...] = ()
+        if self.in_order:
+            waits_sql, behind_args = _kind_filter(self.waits_for, "earlier.kind")
+            behind = (
+                "EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
+                " AND earlier.id < jobs.id AND earlier.status = 'pending'"
+                f" AND earlier.not_before > ?{waits_sql})"
+            )
+            behind_args = (min(until, 1e300), *behind_args)
         with self.queue._locked() as conn:  # the file's backlog from this process's oldest
             rows = conn.execute(
-                "SELECT id, status, not_before FROM jobs WHERE id >= ? AND status != 'failed'"
-                f"{self._kind_sql}",
-                (min(ids), *self._kind_args),
+                f"SELECT id, status, not_before, {behind} FROM jobs"
+                f" WHERE id >= ? AND status != 'failed'{self._kind_sql}",
+                (*behind_args, min(ids), *self._kind_args),
             ).fetchall()
         return sum(
-            1 for id_, status, due in rows if id_ in ids and (status == "running" or due <= until)
+            1
+            for id_, status, due, held_back in rows
+            if id_ in ids and (status == "running" or (due <= until and not held_back))
         )
 
     def _drain_own(self, timeout: float | None) -> bool:

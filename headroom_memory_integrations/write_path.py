@@ -202,8 +202,8 @@ class WritePath:
         An item that ``replaces`` a memory (one of ``named``, read already) supersedes it in
         its place in the batch: the items before it are judged against the memory's old text,
         the items after it against its new one. Unless the memory is not there, or the draft
-        is ``dated`` and the memory changed after it was said: the draft is then judged as
-        any other.
+        is ``dated`` and the memory changed after it was said: it is outdated, a duplicate
+        of the memory (never stored beside it, whatever its wording).
 
         Returns:
             The decisions, and the text of every stored memory they were made against (by id).
@@ -229,12 +229,14 @@ class WritePath:
         decisions: list[_Decision] = []
         for index, (draft, row) in enumerate(zip(drafts, neighbours)):
             target = replaces.get(index)
-            if (
-                target is not None
-                and target in named
-                and (changed is None or changed.get(target, draft.updated_at) <= draft.updated_at)
-            ):
+            if target is not None and target in named and not _outdated(draft, target, changed):
                 decision = _Decision(Outcome.SUPERSEDED, target, named=True)
+            elif target is not None and target in named:
+                # said before the memory it replaces changed: the store knows better (a turn
+                # retried after the user's next one, shown that one's correction). Judged by
+                # similarity, a dissimilar wording ("Works at Acme" for "Works as a
+                # freelancer") was stored beside it: the corrected fact current again.
+                decision = _Decision(Outcome.DUPLICATE, target, named=True)
             else:
                 found = [
                     (cosine, memory_id, catalog[memory_id].text, catalog[memory_id].keys)
@@ -279,10 +281,7 @@ class WritePath:
         update: _Decision | None = None
         for similarity, memory_id, text, keys in candidates:
             relation = self._relation(text, draft.text, similarity, keyed=bool(keys or draft.keys))
-            outdated = (
-                changed is not None and changed.get(memory_id, draft.updated_at) > draft.updated_at
-            )
-            if relation is Relation.UPDATE and outdated:
+            if relation is Relation.UPDATE and _outdated(draft, memory_id, changed):
                 relation = Relation.DUPLICATE  # the store already knows better
             if relation is Relation.DUPLICATE:
                 return _Decision(Outcome.DUPLICATE, memory_id, text)
@@ -364,8 +363,8 @@ class WritePath:
                     outdated = _known_better(existing, draft, now)
                 else:
                     outdated = dated and draft.updated_at < existing.updated_at <= now
-                if outdated:
-                    decision = _Decision(Outcome.DUPLICATE, target)  # the store knows better
+                if outdated:  # the store knows better
+                    decision = _Decision(Outcome.DUPLICATE, target, named=decision.named)
             memory_id = draft.id
             if decision.outcome is Outcome.STORED:
                 holder = current.get(wanted[index]) or stored.get(wanted[index])
@@ -385,7 +384,8 @@ class WritePath:
                     final[draft.id] = holder.id  # later items that matched this draft
             if decision.outcome is Outcome.DUPLICATE:
                 assert existing is not None
-                if draft.keys and not existing.keys:  # a restatement brings the keys it lacked
+                # a restatement brings the keys it lacked (an outdated replace is none)
+                if draft.keys and not existing.keys and not decision.named:
                     existing = replace(existing, keys=draft.keys)
                     current[existing.id] = existing
                     row_of[existing.id] = index  # indexed as the restatement with its keys
@@ -642,6 +642,12 @@ def _same_memory(held: Memory, imported: Memory) -> bool:
         same_wording_key(t) in held_texts
         for t in (imported.text, *(r.text for r in imported.history))
     )
+
+
+def _outdated(draft: Memory, memory_id: str, changed: Mapping[str, datetime] | None) -> bool:
+    """Whether the memory ``memory_id`` changed after the dated ``draft`` was said (per
+    ``changed``, the memories' ``updated_at``; None: the draft is not dated)."""
+    return changed is not None and changed.get(memory_id, draft.updated_at) > draft.updated_at
 
 
 def _earlier_neighbours(vectors: Vectors, floor: float) -> list[tuple[np.ndarray, np.ndarray]]:

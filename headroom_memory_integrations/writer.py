@@ -445,19 +445,31 @@ class MemoryWriter:
         # run background extractions (each a model call, which may take seconds or be retried
         # for minutes), different users' side by side: a slow model never holds up storing,
         # nor what a user's next call waits for (settle), nor other users' extractions while
-        # there are threads to spare.
+        # there are threads to spare. Each user's jobs run in the order they were queued, in
+        # every process on the file (JobWorker's in_order): a turn's extraction waits while an
+        # earlier one of its user waits out a retry (or runs), and while an earlier store job
+        # of theirs does (an extraction's memories left to store: PartlyDone), so a turn is
+        # never extracted after the user's next one, which may correct it. A store job waits
+        # for earlier store jobs only: never for an extraction, which may wait minutes for the
+        # model, or for an extractor only another process has (a process without one never
+        # runs extractions), so an inline block's memories are stored at once however the
+        # extractions fare. A dead-lettered job holds nothing back.
         self.worker, self.extractions = (
             JobWorker(
                 JobQueue(path, open_later=True),
                 self._handle,
                 kinds=(kind,),
+                waits_for=waits_for,
                 threads=threads,
                 retryable=retryable,
                 backoff=backoff or DEFAULT_BACKOFF,
                 longest_delay=longest_retry_delay,
                 name=f"headroom-memory {kind} {path.name}",
             )
-            for kind, threads in (("store", 1), ("extract", EXTRACTION_THREADS))
+            for kind, threads, waits_for in (
+                ("store", 1, ("store",)),
+                ("extract", EXTRACTION_THREADS, ("store", "extract")),
+            )
         )
         when_back(self._storage_back)
 
@@ -926,7 +938,8 @@ class MemoryWriter:
     def _extractor_for(self, job: Job) -> BackgroundExtractor | None:
         """The extractor the job was queued with in this process, while it can still make
         calls; else (its client was closed, a job of an earlier process, or one let go of
-        past QUEUED_EXTRACTIONS) the newest usable one of its user's store, or of another
+        past QUEUED_EXTRACTIONS) the newest usable one of its user's store, or that another
+        job of its user was queued with here (its later jobs wait for it), or of another
         store whose calls go where the job's extractor sent them (the same endpoint and
         credentials: :attr:`BackgroundExtractor.destination`, kept in the job). Never another
         one: the user's conversation would go to another tenant's model. None: the job waits
@@ -939,8 +952,14 @@ class MemoryWriter:
         with self._lock:
             store = self._stores.get(job.user_id)
             own = _newest_usable(self._extractors.get(store)) if store is not None else None
-            if own is not None or not isinstance(destination, str):
-                return own
+        if own is None:  # the user's own, that a later job of theirs was queued with here:
+            # that job waits for this one (their order is kept), so this one must run too
+            with self._settled:
+                theirs = [e for user, e in self._queued_with.values() if user == job.user_id]
+            own = _newest_usable(theirs)
+        if own is not None or not isinstance(destination, str):
+            return own
+        with self._lock:
             alike = (
                 _newest_usable([e for e in extractors if e.destination == destination])
                 for extractors in list(self._extractors.values())

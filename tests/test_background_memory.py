@@ -882,28 +882,45 @@ def test_the_extraction_goes_on_when_the_search_for_near_memories_fails(
     assert client.memory.stats()["events"]["nearby_search_failures"] == 1
 
 
-def test_a_turn_retried_after_a_later_one_does_not_bring_back_what_it_corrected(
-    openai_server, db_path, model
-) -> None:
-    """The first turn's extraction fails once and waits for its retry while the second turn's
-    runs: the move to Denver is stored first, then "Lives in Boston", which was said before it
-    and would update it. Dated by when it was said, it is outdated: Denver stays current."""
-    tries = {"Boston": 0}
-    second_done = threading.Event()
+def acme_then_freelance(down: threading.Event | None = None, fail_first: bool = False):
+    """A model extracting "I work at Acme" and then "I quit Acme, I freelance now", saying
+    what a real one says when shown the other fact as known: that it ``replaces`` it. It
+    answers 503 while ``down`` is set, and 500 to the first extraction if ``fail_first``.
+    Returns the responder and the turns it extracted, in order."""
+    extracted: list[str] = []
+    failed: list[str] = []
 
     def respond(body: dict):
         if not is_extraction(body):
             return Reply.text("Noted.")
-        if 'user: "I live in Boston"' in prompt_text(body):
-            tries["Boston"] += 1
-            if tries["Boston"] == 1:
-                return Reply.error(503, "overloaded")
-            assert second_done.wait(30)
-            extracted = [{"text": "Lives in Boston", "category": "fact"}]
+        said = prompt_text(body)
+        turn = "quit" if "I quit Acme" in said else "acme"
+        if (down is not None and down.is_set()) or (fail_first and not failed):
+            failed.append(turn)
+            return Reply.error(503, "overloaded")
+        extracted.append(turn)
+        if turn == "quit":
+            item = {"text": "Works as a freelancer", "category": "fact"}
+            shown = "Works at Acme" in said
         else:
-            extracted = [{"text": "Lives in Denver", "category": "fact"}]
-        return Reply.text(json.dumps({"memories": extracted}))
+            item = {"text": "Works at Acme", "category": "fact"}
+            shown = "Works as a freelancer" in said
+        if shown:  # the other fact is memory m1
+            item["replaces"] = "m1"
+        return Reply.text(json.dumps({"memories": [item]}))
 
+    return respond, extracted, failed
+
+
+def test_a_turn_retried_after_a_later_one_does_not_bring_back_what_it_corrected(
+    openai_server, db_path, model
+) -> None:
+    """The first turn's extraction fails once and waits a second for its retry while the
+    user's next turn, which corrects it, is queued. A user's turns are extracted in order: the
+    second waits for the first (before: it ran first, then the retried first turn, shown "Works
+    as a freelancer", said "Works at Acme" replaces it; outdated, it was judged by similarity
+    alone and stored beside it, current again)."""
+    respond, extracted, failed = acme_then_freelance(fail_first=True)
     openai_server.responder = respond
     slow_retry = Backoff(initial=1.0, factor=2.0, maximum=1.0, jitter=0.0)
     client = with_memory(
@@ -913,16 +930,44 @@ def test_a_turn_retried_after_a_later_one_does_not_bring_back_what_it_corrected(
         embedder=model,
         retry_backoff=slow_retry,
     )
-    ask(client, "I live in Boston")
-    wait_for(lambda: tries["Boston"] == 1)  # failed; its retry waits a second
-    ask(client, "I moved to Denver last month")
-    wait_for(lambda: [m.text for m in client.memory.get_all()] == ["Lives in Denver"])
-    second_done.set()
+    ask(client, "I work at Acme as a data engineer.")
+    wait_for(lambda: failed == ["acme"])  # its retry waits a second
+    ask(client, "Update: I quit Acme, I freelance now.")
     assert client.memory.flush(30)
-    assert tries["Boston"] == 2  # the first turn was extracted after the second
+    assert extracted == ["acme", "quit"]
     [current] = client.memory.get_all()
-    assert current.text == "Lives in Denver"
-    assert current.history == ()  # Boston never superseded it, even for a moment
+    assert current.text == "Works as a freelancer"
+    assert [r.text for r in current.history] == ["Works at Acme"]
+    client.close()
+
+
+def test_turns_queued_while_the_model_is_down_are_extracted_in_order(
+    openai_server, db_path, model
+) -> None:
+    """While the model is down, the first turn has failed twice (its next try 1.2 s off) when
+    the second is queued: the second's first retry would come sooner (0.3 s). It waits for
+    the first: once the model is back, the turns are extracted in the order they were said
+    (before: the second first, and the first, the fact it corrected, stored after it)."""
+    down = threading.Event()
+    down.set()
+    respond, extracted, failed = acme_then_freelance(down=down)
+    openai_server.responder = respond
+    backoff = Backoff(initial=0.3, factor=4.0, maximum=10.0, jitter=0.0)
+    client = with_memory(
+        openai_server.client(max_retries=0),
+        user_id="alice",
+        db_path=db_path,
+        embedder=model,
+        retry_backoff=backoff,
+    )
+    ask(client, "I work at Acme as a data engineer.")
+    wait_for(lambda: failed == ["acme", "acme"])  # next try in 1.2 s
+    ask(client, "Update: I quit Acme, I freelance now.")
+    time.sleep(0.15)  # (before: the second turn failed once meanwhile, its next try in 0.3 s)
+    down.clear()
+    assert client.memory.flush(30)
+    assert extracted == ["acme", "quit"]
+    assert [m.text for m in client.memory.get_all()] == ["Works as a freelancer"]
     client.close()
 
 

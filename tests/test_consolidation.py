@@ -821,6 +821,28 @@ def test_a_memory_said_before_the_one_it_would_update_changed_is_outdated(
     assert "Speaks Welsh" not in [m.text for m in store.get_all()]
 
 
+def test_a_replace_said_before_its_memory_changed_is_outdated_however_worded(
+    store: MemoryStore,
+) -> None:
+    """A turn retried after the user's next one is shown that one's correction and says its
+    old fact "replaces" it, in words unlike it: outdated, a duplicate (before: judged by
+    similarity alone, "Works at Acme" was stored beside "Works as a freelancer", current
+    again). A replace said after the memory changed still supersedes it."""
+    hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    freelance = store.remember("Works as a freelancer").memory
+    [old] = store.remember_many(
+        [NewMemory("Works at Acme", replaces=freelance.id, keys="employer")], said_at=hour_ago
+    )
+    assert (old.outcome, old.memory.id) == (Outcome.DUPLICATE, freelance.id)
+    [current] = store.get_all()
+    assert (current.text, current.history, current.keys) == (freelance.text, (), ())
+    [later] = store.remember_many(
+        [NewMemory("Works at Globex", replaces=freelance.id)], said_at=datetime.now(timezone.utc)
+    )
+    assert later.outcome is Outcome.SUPERSEDED
+    assert [m.text for m in store.get_all()] == ["Works at Globex"]
+
+
 def test_a_memory_written_while_the_clock_ran_ahead_outdates_no_correction(
     store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -352,14 +352,14 @@ def test_handler_errors_do_not_kill_the_worker_and_flush_times_out(
 
     worker = make_worker(handler)
     for n in range(3):
-        queue.put("store", "alice", {"n": n})
+        queue.put("store", f"user{n}", {"n": n})
     worker.notify()
-    wait_for(lambda: done == [1, 2])  # job 0 holds up no other
+    wait_for(lambda: done == [1, 2])  # job 0 holds up no other user's
     started = time.monotonic()
     assert worker.flush(timeout=0.5) is False  # job 0 keeps failing and backing off
     assert 0.45 <= time.monotonic() - started < 10  # (a busy host may come back late)
     assert worker.stats()["retried"] >= 3
-    queue.put("store", "alice", {"n": 3})
+    queue.put("store", "user3", {"n": 3})
     worker.notify()
     wait_for(lambda: done == [1, 2, 3])  # the thread is still alive
     assert worker.close(timeout=0.1) is False
@@ -444,6 +444,67 @@ def test_one_per_user_claims_take_one_job_of_each_user_at_a_time(queue: JobQueue
     alices = [queue.put("work", "alice", {"n": n}) for n in range(3)]
     bobs = queue.put("work", "bob", {})
     assert [job.id for job in queue.claim(limit=4, one_per_user=True)] == [alices[0], bobs]
+
+
+def test_in_order_claims_take_a_users_jobs_in_the_order_queued_across_processes(
+    queue: JobQueue, path: Path
+) -> None:
+    """A user's later job is not taken while an earlier one runs or waits out its retry,
+    whichever process (here: a connection of its own) claims; other users' jobs go on."""
+    other = JobQueue(path)  # another process's connection to the same file
+    try:
+        first, second = (queue.put("extract", "alice", {"n": n}) for n in range(2))
+        bobs = queue.put("extract", "bob", {})
+        assert [job.id for job in queue.claim(in_order=True)] == [first]
+        assert [job.id for job in other.claim(in_order=True)] == [bobs]
+        assert other.claim(in_order=True) == []  # alice's second waits for her first
+        queue.retry_later(first, "RuntimeError: 503", 60.0)  # due in a minute: still first
+        assert other.claim(in_order=True) == []
+        assert queue.claim(in_order=True) == []
+        # an earlier job of a kind waited for holds a later one back, of another kind not
+        store = queue.put("store", "carol", {})
+        carols = queue.put("extract", "carol", {})
+        assert other.claim(kinds=("extract",), in_order=True, waits_for=("store", "extract")) == []
+        assert other.claim(kinds=("extract",), in_order=True) == []  # (None: any kind)
+        taken = other.claim(kinds=("extract",), in_order=True, waits_for=("extract",))
+        assert [job.id for job in taken] == [carols]
+        queue.complete(carols)
+        queue.complete(store)
+        queue.make_due()
+        assert [job.id for job in other.claim(in_order=True)] == [first]
+        other.complete(first)
+        assert [job.id for job in queue.claim(in_order=True)] == [second]
+    finally:
+        other.close()
+
+
+def test_a_dead_lettered_job_does_not_hold_back_its_users_later_jobs(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    """A user's jobs run in the order queued: one waiting out a retry holds the later ones
+    back, one dead-lettered does not (flush() is not kept waiting for ever either)."""
+    done: list[int] = []
+    broken = {0}
+
+    def handler(job: Job) -> None:
+        n = job.payload["n"]
+        if n in broken:
+            raise PermanentJobError("cannot be done")
+        if n == 2 and job.attempts < 3:
+            raise RuntimeError("overloaded")  # retried twice, while 3 waits
+        done.append(n)
+
+    for n in range(4):
+        queue.put("store", "alice", {"n": n})
+    worker = make_worker(handler)
+    assert worker.flush(timeout=30)
+    assert done == [1, 2, 3]
+    assert [job.payload["n"] for job in queue.failed()] == [0]
+    broken.clear()
+    assert queue.retry_failed() == 1  # back in line, first
+    worker.notify()
+    assert worker.flush(timeout=30)
+    assert done == [1, 2, 3, 0]
 
 
 def test_a_job_outliving_its_lease_is_not_taken_back_by_another_thread_of_its_worker(
@@ -712,7 +773,7 @@ def test_schema_version_and_reopening(path: Path) -> None:
     assert [job.id for job in reopened.claim()] == [job_id]
     reopened.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.execute("PRAGMA user_version = 99")
     with pytest.raises(HeadroomMemoryError, match="newer"):
