@@ -107,10 +107,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX jobs_by_status ON jobs (status, id);
     """,
+)
+
+#: Indexes made on every open if missing, outside the schema's version: a file that has them
+#: is still one an older version of the package opens (it refuses a newer ``user_version``),
+#: so downgrading keeps the queued jobs. An index only speeds queries up; none needs it.
+INDEXES: tuple[str, ...] = (
     # each user's jobs in order, for claims that take them in order (see JobQueue.claim)
-    """
-    CREATE INDEX jobs_by_user ON jobs (user_id, id);
-    """,
+    "CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, id)",
 )
 
 
@@ -222,7 +226,7 @@ def _in_order(waits_for: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
     """An SQL condition (and its parameters) leaving out the jobs that an earlier job of their
     user (of the kinds ``waits_for``; None: of any kind) waits for or runs before: only the
     first job of each user's line is taken. A dead-lettered job is out of the line. One index
-    walk per job (``jobs_by_user``), over the user's earlier jobs only."""
+    walk per job (``jobs_by_user``: see :data:`INDEXES`), over the user's earlier jobs only."""
     kind_sql, kind_args = _kind_filter(waits_for, "earlier.kind")
     sql = (
         " AND NOT EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
@@ -355,6 +359,8 @@ class JobQueue:
                 for statement in _statements(MIGRATIONS[number - 1]):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
+            for index in INDEXES:
+                conn.execute(index)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

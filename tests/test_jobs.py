@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +395,8 @@ def test_concurrent_producers_every_job_processed_exactly_once(make_worker: Make
 def test_two_workers_on_one_file_never_share_a_job(
     queue: JobQueue, make_worker: MakeWorker
 ) -> None:
-    ids = [queue.put("store", "alice", {"n": n}) for n in range(200)]
+    # several users: one user's jobs run one at a time, in order (in_order), in either worker
+    ids = [queue.put("store", f"user{n % 10}", {"n": n}) for n in range(200)]
     seen: dict[str, list[int]] = {"a": [], "b": []}
 
     def recorder(name: str) -> Callable[[Job], None]:
@@ -698,6 +700,7 @@ def test_at_exit_workers_of_many_files_drain_side_by_side(tmp_path: Path) -> Non
     the other: a process with work stuck in four queue files exits in about one timeout."""
     code = f"""
 import time
+from contextlib import closing
 from pathlib import Path
 from headroom_memory_integrations.jobs import JobQueue, JobWorker
 for n in range(4):
@@ -773,11 +776,40 @@ def test_schema_version_and_reopening(path: Path) -> None:
     assert [job.id for job in reopened.claim()] == [job_id]
     reopened.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 1
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.execute("PRAGMA user_version = 99")
     with pytest.raises(HeadroomMemoryError, match="newer"):
         JobQueue(path)
+
+
+def _indexes(path: Path) -> set[str]:
+    with closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    return {name for (name,) in rows if not name.startswith("sqlite_")}
+
+
+def test_an_older_version_still_opens_a_file_this_one_opened(path: Path) -> None:
+    # a file of a version without the index of each user's jobs, with a job in it
+    with closing(sqlite3.connect(path)) as conn:
+        for statement in MIGRATIONS[0].split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(
+            "INSERT INTO jobs (kind, user_id, payload, created_at, not_before)"
+            " VALUES ('store', 'alice', '{}', 0, 0)"
+        )
+        conn.commit()
+    queue = JobQueue(path)
+    assert [job.user_id for job in queue.claim(in_order=True)] == ["alice"]
+    queue.close()
+    # the index is made, and the schema's version is the one an older version knows: it
+    # refuses a newer one ("newer job schema"), and its user's background memory with it
+    assert "jobs_by_user" in _indexes(path)
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    JobQueue(path).close()  # reopened, with the index already there
 
 
 def test_shared_worker_is_one_per_file_and_key(path: Path) -> None:
