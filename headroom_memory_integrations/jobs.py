@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import atexit
+import email.utils
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ _COLUMNS = "id, kind, user_id, payload, attempts, created_at, last_error"
 # How long a statement waits, with the queue's lock held, for another connection's lock on the
 # file; past that the lock is let go of while the wait goes on (see JobQueue._begin)
 _STATEMENT_BUSY_SECONDS = 0.05
+_SQLITE_NOTADB = 26  # "file is not a database" (sqlite3.SQLITE_NOTADB from Python 3.11)
 
 _SECRETS = (
     # an API key: OpenAI's and Anthropic's (sk-...), Groq's, xAI's, Hugging Face's, Google's
@@ -184,6 +186,41 @@ def default_retryable(exc: BaseException) -> bool:
     return not isinstance(exc, PermanentJobError)
 
 
+def retry_after(exc: BaseException) -> float | None:
+    """The seconds the server that answered with ``exc`` asked to be left alone for: its HTTP
+    response's ``retry-after-ms``, else ``retry-after`` (seconds, or an HTTP date), as OpenAI's
+    SDK reads them (a 429 or 503 says it; ``exc.response.headers``, on ``exc`` or an exception
+    it was raised from). None when no response says so (or says nonsense)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        headers = getattr(getattr(cause, "response", None), "headers", None)
+        if headers is not None and callable(getattr(headers, "get", None)):
+            seconds = _retry_after_seconds(headers)
+            if seconds is not None:
+                return seconds
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _retry_after_seconds(headers: Any) -> float | None:
+    """``retry-after-ms`` or ``retry-after`` of ``headers`` in seconds, if one makes sense."""
+    with suppress(TypeError, ValueError):
+        milliseconds = headers.get("retry-after-ms")
+        if milliseconds is not None and 0 <= float(milliseconds) < math.inf:
+            return float(milliseconds) / 1000
+    value = headers.get("retry-after")
+    if not isinstance(value, str):
+        return None
+    with suppress(ValueError):
+        seconds = float(value)
+        return seconds if 0 <= seconds < math.inf else None
+    with suppress(TypeError, ValueError, IndexError, OverflowError):
+        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    return None
+
+
 def _is_locked(exc: BaseException) -> bool:
     """Whether ``exc`` is SQLite's "database is locked" (or busy): another connection kept the
     file's write lock longer than the busy timeout, a passing state worth no traceback."""
@@ -290,6 +327,24 @@ def _create_private(path: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` (device, inode), or None if there is none or it cannot be read."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _not_a_database(exc: sqlite3.DatabaseError) -> bool:
+    """Whether ``exc`` is SQLite's "file is not a database" (a file whose header is not
+    SQLite's), not a lock, a permission or another passing state."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    if code is not None:
+        return bool(code == _SQLITE_NOTADB)
+    return "file is not a database" in str(exc)
+
+
 class JobQueue:
     """A durable FIFO of jobs in one SQLite file, safe across threads and processes.
 
@@ -328,26 +383,86 @@ class JobQueue:
 
     def _open(self) -> sqlite3.Connection:
         """Connect, with the lock held (on first use, if the constructor could not), waiting
-        briefly for another process's write lock (:meth:`_begin` waits for the rest)."""
+        briefly for another process's write lock (:meth:`_begin` waits for the rest).
+
+        A file that is not an SQLite database (a bad sector, a partial copy) is set aside
+        (:meth:`_set_aside`) and a fresh queue made in its place: left there, it would turn
+        background memory off for as long as the process runs. A file that is locked or
+        cannot be opened (its folder's permissions) is left as it is."""
         if self._conn is not None:
             return self._conn
         _create_private(self.path)
-        conn = sqlite3.connect(
-            self.path,
-            timeout=_STATEMENT_BUSY_SECONDS,
-            isolation_level=None,
-            check_same_thread=False,
-        )
+        identity = _identity(self.path)
+        conn = self._connect()
         try:
-            _use_wal(conn, _STATEMENT_BUSY_SECONDS)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA secure_delete=ON")  # deleted payloads are zeroed, not left
-            self._migrate(conn)
+            self._prepare(conn)
+        except sqlite3.DatabaseError as exc:
+            # set aside before closing: the last connection's close deletes the -wal
+            again = _not_a_database(exc) and self._set_aside(identity)
+            conn.close()
+            if not again:
+                raise
+            _create_private(self.path)
+            conn = self._connect()
+            try:
+                self._prepare(conn)
+            except BaseException:
+                conn.close()
+                raise
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         return conn
+
+    def _set_aside(self, identity: tuple[int, int] | None) -> bool:
+        """Rename the queue file that is not a database, and its -wal and -shm, to
+        ``<name>.corrupt-<UTC time>`` (their modes kept), logging an ERROR naming both paths.
+        Returns whether the queue may be opened again: also when the file was replaced since
+        ``identity`` was read (another process set it aside first), which is left alone."""
+        if identity is None or _identity(self.path) != identity:
+            return identity is not None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = f"{self.path}.corrupt-{stamp}"
+        number = 1
+        while os.path.lexists(aside):
+            number += 1
+            aside = f"{self.path}.corrupt-{stamp}-{number}"
+        try:
+            os.rename(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                with suppress(FileNotFoundError):
+                    os.rename(self.path + suffix, aside + suffix)
+        except OSError as exc:
+            logger.error(
+                "job queue %s is not an SQLite database and cannot be moved aside (%s): "
+                "background memory is off until it is moved or deleted",
+                self.path,
+                exc,
+            )
+            return False
+        logger.error(
+            "job queue %s is not an SQLite database (a damaged or partly copied file): moved "
+            "to %s, and a new empty queue started; the jobs it held are not run",
+            self.path,
+            aside,
+        )
+        return True
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self.path,
+            timeout=_STATEMENT_BUSY_SECONDS,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Put the file in WAL mode and make its schema."""
+        _use_wal(conn, _STATEMENT_BUSY_SECONDS)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA secure_delete=ON")  # deleted payloads are zeroed, not left
+        self._migrate(conn)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -748,16 +863,17 @@ class JobWorker:
     ``handler(job)``.
 
     Outcomes: the handler returns -> the job is deleted; it raises an exception that
-    ``retryable(exc)`` accepts -> retried after ``backoff.delay(attempts)``, with no limit on
-    attempts (a job is never dropped); it raises :class:`PermanentJobError` or a non-retryable
-    exception -> dead-lettered and logged at WARNING; it raises :class:`PartlyDone` -> the job
-    becomes the job left to do, retried or dead-lettered as its cause would be; :meth:`hurry`
-    makes the jobs waiting out a backoff due at once. Logs name the job id, kind, a hash of
-    the user id and the error type, never payload contents. The thread starts on the first
-    :meth:`notify` or :meth:`start` (call ``start()`` to resume a previous run's leftovers at
-    once), sleeps until notified or for ``poll_interval`` (other processes may enqueue), and at
-    interpreter exit waits up to ``exit_timeout`` seconds for the jobs this process queued
-    (see :meth:`close`); the rest stays in the file.
+    ``retryable(exc)`` accepts -> retried after ``backoff.delay(attempts)`` (or after the
+    server's Retry-After, if longer, up to ``backoff.maximum``: :func:`retry_after`), with no
+    limit on attempts (a job is never dropped); it raises :class:`PermanentJobError` or a
+    non-retryable exception -> dead-lettered and logged at WARNING; it raises
+    :class:`PartlyDone` -> the job becomes the job left to do, retried or dead-lettered as its
+    cause would be; :meth:`hurry` makes the jobs waiting out a backoff due at once. Logs name
+    the job id, kind, a hash of the user id and the error type, never payload contents. The
+    thread starts on the first :meth:`notify` or :meth:`start` (call ``start()`` to resume a
+    previous run's leftovers at once), sleeps until notified or for ``poll_interval`` (other
+    processes may enqueue), and at interpreter exit waits up to ``exit_timeout`` seconds for the
+    jobs this process queued (see :meth:`close`); the rest stays in the file.
 
     Each user's jobs run one at a time, in the order they were queued, even when one waits
     out a backoff (``in_order``). With ``threads`` > 1, the jobs of different users run side
@@ -1082,6 +1198,9 @@ class JobWorker:
             retry = False
         if retry:
             delay = self.backoff.delay(job.attempts)
+            asked = retry_after(exc)  # a 429's Retry-After: no sooner, up to the backoff's cap
+            if asked is not None:
+                delay = max(delay, min(asked, self.backoff.maximum))
             if self.longest_delay is not None:
                 delay = min(delay, self.longest_delay(exc))
             self._count("retried")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -290,6 +291,59 @@ def test_longest_delay_bounds_the_backoff_after_some_errors(queue: JobQueue, pat
         assert tries == ["disk"]  # another error: the backoff's minute
     finally:
         worker.close(timeout=0)
+
+
+def test_a_job_refused_with_retry_after_waits_as_long_as_the_server_asked(
+    queue: JobQueue, path: Path
+) -> None:
+    """A 429 saying ``retry-after`` (seconds or an HTTP date) or ``retry-after-ms``, from an
+    OpenAI client whose own retries are off: the job waits that long, up to the backoff's cap,
+    never less than its backoff (before: the backoff's half second, whatever the server said:
+    200 queued turns made 1,198 calls in a 20 s outage). An error raised from it counts too."""
+    from email.utils import formatdate
+
+    from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer
+
+    asked = {
+        "seconds": {"retry-after": "30"},
+        "milliseconds": {"retry-after-ms": "12500", "retry-after": "99"},
+        "date": {"retry-after": formatdate(time.time() + 45, usegmt=True)},
+        "too long": {"retry-after": "3600"},
+        "wrapped": {"retry-after": "20"},
+        "nonsense": {"retry-after": "soon"},
+    }
+    with ScriptedOpenAIServer() as server:
+        for headers in asked.values():
+            server.script(Reply.error(429, "Rate limit reached", headers=headers))
+        client = server.client(max_retries=0)
+
+        def handler(job: Job) -> None:
+            try:
+                client.chat.completions.create(
+                    model="mini", messages=[{"role": "user", "content": "I like tea"}]
+                )
+            except Exception as exc:
+                if job.user_id == "wrapped":
+                    raise RuntimeError("the extraction failed") from exc
+                raise
+
+        backoff = Backoff(initial=2.0, maximum=120.0, jitter=0.0)
+        worker = JobWorker(JobQueue(path), handler, backoff=backoff, poll_interval=0.05)
+        try:
+            for tried, user in enumerate(asked, 1):  # one at a time: each its scripted reply
+                queue.put("extract", user, {})
+                worker.notify()
+                wait_for(lambda n=tried: worker.stats()["retried"] == n)
+        finally:
+            worker.close(timeout=0)
+    with closing(sqlite3.connect(path)) as conn:
+        waits = dict(conn.execute("SELECT user_id, not_before - ? FROM jobs", (time.time(),)))
+    assert waits["seconds"] == pytest.approx(30, abs=2)
+    assert waits["milliseconds"] == pytest.approx(12.5, abs=2)
+    assert waits["date"] == pytest.approx(45, abs=3)
+    assert waits["too long"] == pytest.approx(120, abs=2)  # the backoff's cap
+    assert waits["wrapped"] == pytest.approx(20, abs=2)
+    assert waits["nonsense"] == pytest.approx(2, abs=1)  # the backoff alone
 
 
 def test_permanent_failure_is_dead_lettered_then_requeued(
@@ -1124,3 +1178,52 @@ def test_a_queue_file_is_its_owners_alone(tmp_path: Path) -> None:
         os.umask(before)
     assert modes == {"jobs.sqlite3": 0o600, "jobs.sqlite3-wal": 0o600, "jobs.sqlite3-shm": 0o600}
     assert stat.S_IMODE(older.stat().st_mode) == 0o644
+
+
+def test_a_queue_file_that_is_not_a_database_is_set_aside_for_a_new_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queue file with a garbage header (a bad sector, a partial copy): SQLite answers "file
+    is not a database" to every use, and background memory was off for as long as the process
+    ran, the log saying "retrying on use". It is moved aside, with its -wal and -shm, its mode
+    kept; an ERROR names both paths; a new queue takes the jobs."""
+    import stat
+
+    path = tmp_path / "jobs.sqlite3"
+    garbage = b"garbage" * 200
+    for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
+        (tmp_path / name).write_bytes(garbage)
+        (tmp_path / name).chmod(0o600)
+    with caplog.at_level(logging.ERROR, logger="headroom_memory_integrations.jobs"):
+        queue = JobQueue(path, open_later=True)
+        queue.put("store", "alice", {"texts": ["Has a dog"]})
+        [job] = queue.claim()
+        queue.close()
+    assert job.payload == {"texts": ["Has a dog"]}
+    [aside] = tmp_path.glob("jobs.sqlite3.corrupt-*Z")
+    assert re.fullmatch(r"jobs\.sqlite3\.corrupt-\d{8}T\d{6}Z", aside.name)
+    for suffix in ("", "-wal", "-shm"):  # (the -shm is SQLite's index of the -wal, remade)
+        moved = Path(f"{aside}{suffix}")
+        assert suffix == "-shm" or moved.read_bytes() == garbage
+        assert stat.S_IMODE(moved.stat().st_mode) == 0o600
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert str(path) in error.getMessage() and str(aside) in error.getMessage()
+
+
+def test_a_queue_file_locked_or_unopenable_is_not_set_aside(tmp_path: Path) -> None:
+    """Only a file that is not a database is moved aside: not one another connection keeps
+    locked, nor one SQLite cannot open (here a folder in its place)."""
+    path = tmp_path / "jobs.sqlite3"
+    with closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            JobQueue(path, busy_timeout=0.2)
+        holder.execute("ROLLBACK")
+    folder = tmp_path / "folder.sqlite3"
+    folder.mkdir()
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        JobQueue(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.sqlite3", "jobs.sqlite3"]
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
