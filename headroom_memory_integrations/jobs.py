@@ -259,15 +259,31 @@ def _not_running_users(kind_sql: str, kind_args: tuple[str, ...]) -> tuple[str, 
     return sql, kind_args
 
 
+HOLDS_THE_LINE_TRIES = 10
+"""A user's job that has failed this many tries (about 4 minutes of failing with the default
+backoff) no longer holds the user's later jobs back (:meth:`JobQueue.claim`'s ``in_order``):
+it keeps being retried, but one turn that always fails (a document too long for the
+extraction model's time limit, an input the model always errors on) must not stop the
+user's background memory for good. An outage longer than that may let a later turn run
+first."""
+
+
+def _holds_the_line(table: str) -> str:
+    """An SQL condition: ``table``'s job still holds its user's later jobs back (it is neither
+    dead-lettered nor past :data:`HOLDS_THE_LINE_TRIES` tries)."""
+    return f"{table}.status != 'failed' AND {table}.attempts < {HOLDS_THE_LINE_TRIES}"
+
+
 def _in_order(waits_for: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
     """An SQL condition (and its parameters) leaving out the jobs that an earlier job of their
     user (of the kinds ``waits_for``; None: of any kind) waits for or runs before: only the
-    first job of each user's line is taken. A dead-lettered job is out of the line. One index
-    walk per job (``jobs_by_user``: see :data:`INDEXES`), over the user's earlier jobs only."""
+    first job of each user's line is taken. A dead-lettered job is out of the line, and so is
+    one that keeps failing (:data:`HOLDS_THE_LINE_TRIES`). One index walk per job
+    (``jobs_by_user``: see :data:`INDEXES`), over the user's earlier jobs only."""
     kind_sql, kind_args = _kind_filter(waits_for, "earlier.kind")
     sql = (
         " AND NOT EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
-        f" AND earlier.id < jobs.id AND earlier.status != 'failed'{kind_sql})"
+        f" AND earlier.id < jobs.id AND {_holds_the_line('earlier')}{kind_sql})"
     )
     return sql, kind_args
 
@@ -1278,7 +1294,7 @@ class JobWorker:
             behind = (
                 "EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
                 " AND earlier.id < jobs.id AND earlier.status = 'pending'"
-                f" AND earlier.not_before > ?{waits_sql})"
+                f" AND {_holds_the_line('earlier')} AND earlier.not_before > ?{waits_sql})"
             )
             behind_args = (min(until, 1e300), *behind_args)
         with self.queue._locked() as conn:  # the file's backlog from this process's oldest

@@ -22,6 +22,7 @@ from _reliability_support import wait_for
 
 from headroom_memory_integrations.errors import HeadroomMemoryError, InvalidInputError
 from headroom_memory_integrations.jobs import (
+    HOLDS_THE_LINE_TRIES,
     MAX_PAYLOAD_BYTES,
     MIGRATIONS,
     Backoff,
@@ -561,6 +562,31 @@ def test_a_dead_lettered_job_does_not_hold_back_its_users_later_jobs(
     worker.notify()
     assert worker.flush(timeout=30)
     assert done == [1, 2, 3, 0]
+
+
+def test_a_job_that_keeps_failing_stops_holding_its_users_later_jobs_back(
+    queue: JobQueue, make_worker: MakeWorker
+) -> None:
+    """One turn that always fails (a document too long for the extraction model's time
+    limit) was retried for ever and held every later job of its user back: nothing the user
+    said after it was ever learnt. After HOLDS_THE_LINE_TRIES tries it is still retried, but
+    out of the line."""
+    done: list[int] = []
+    tries: list[int] = []
+
+    def handler(job: Job) -> None:
+        if job.payload["n"] == 0:
+            tries.append(job.attempts)
+            raise RuntimeError("the extraction timed out")
+        done.append(job.payload["n"])
+
+    for n in range(3):
+        queue.put("store", "alice", {"n": n})
+    make_worker(handler).notify()
+    wait_for(lambda: done == [1, 2], timeout=30)
+    assert min(tries) == 1 and max(tries) >= HOLDS_THE_LINE_TRIES  # it held the line first
+    counts = queue.counts()
+    assert counts["failed"] == 0 and counts["pending"] + counts["running"] == 1  # still retried
 
 
 def test_a_job_outliving_its_lease_is_not_taken_back_by_another_thread_of_its_worker(
