@@ -622,12 +622,16 @@ class MemoryFlow:
 
     def _turn_of(self, key: str, said: str, tail: ConversationTail | None) -> str:
         """The key of the kept turn a later step is of (the turns' lock held): ``key`` when
-        kept; else the only kept turn of the same message (digest ``said``) whose messages
-        before it the call's (``tail``) are left of, some dropped; else ``key``."""
+        kept; else the latest kept turn of the same message (digest ``said``) if it is the
+        only one whose messages before it the call's (``tail``) are left of, some dropped;
+        else ``key``. (An older turn in the same words is not the one a step continues: a
+        window that keeps the first message and the latest ones left an old turn's step that
+        looked like it.)"""
         if key in self._turns or tail is None:
             return key
-        fits = [k for k, kept in self._turns.items() if kept.said == said and kept.trimmed_to(tail)]
-        return fits[0] if len(fits) == 1 else key
+        same = [k for k, kept in self._turns.items() if kept.said == said]
+        fits = [k for k in same if self._turns[k].trimmed_to(tail)]
+        return fits[0] if len(fits) == 1 and fits[0] == same[-1] else key
 
     def _remember_turn(self, key: str, kept: _KeptTurn, new: bool) -> None:
         """Keep what a turn's call recalled, for its later calls (a ``new`` turn is not learnt

@@ -1040,6 +1040,56 @@ def test_a_tool_loops_next_step_is_a_later_step_when_a_window_drops_the_oldest_m
     assert PYTHON["text"] not in json.dumps(after_tool)  # not what the first step learnt
 
 
+def test_a_new_turn_in_an_old_turns_words_is_not_taken_for_its_later_step(
+    client, openai_server
+) -> None:
+    # a window keeping the first message and the latest turn: turn B's "yes" step after its
+    # tool result has only the first message before it, which early turn A's "yes" had too;
+    # it was taken for A's later step (learnt: no instruction), and B was never learnt from
+    facts = {"A": {"text": "Wants a window seat", "category": "preference"}}
+    facts["B"] = {"text": "Is vegetarian", "category": "profile"}
+    current = ["A"]
+
+    def answers(body: dict) -> Reply:
+        if body["messages"][-1]["role"] == "user":
+            return Reply.tool_calls(ToolCall("get_weather", "{}"))  # a bare tool call
+        nonce = instruction_nonce(body)
+        said = f"\n\n{block(nonce, [facts[current[0]]])}" if nonce else ""
+        return Reply.text("Done." + said)
+
+    openai_server.responder = answers
+    history: list[dict] = [
+        {"role": "system", "content": "You are a travel assistant."},
+        {"role": "user", "content": "Hi, I'm planning a trip to Lisbon."},
+        {"role": "assistant", "content": "Great! Shall I book the window seat?"},
+    ]
+
+    def turn(name: str, trimmed: bool) -> dict:
+        current[0] = name
+        history.append({"role": "user", "content": "yes"})
+        start = len(history) - 1
+        client.chat.completions.create(model="gpt-4o", messages=history, tools=[_WEATHER_TOOL])
+        call = {
+            "id": name,
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": ""},
+        }
+        history.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        history.append({"role": "tool", "tool_call_id": name, "content": "booked " * 50})
+        sent = history[:2] + history[start:] if trimmed else history
+        answer = client.chat.completions.create(
+            model="gpt-4o", messages=sent, tools=[_WEATHER_TOOL]
+        )
+        history.append({"role": "assistant", "content": answer.choices[0].message.content})
+        assert client.memory.flush(30)
+        return openai_server.requests[-1].body
+
+    assert instruction_nonce(turn("A", trimmed=False))
+    history.append({"role": "user", "content": "What about dinner on the plane?"})
+    history.append({"role": "assistant", "content": "Shall I order the vegetarian menu?"})
+    assert instruction_nonce(turn("B", trimmed=True))  # before: None, B's step not learnt from
+
+
 def test_two_conversations_saying_yes_stay_apart_when_a_window_drops_all_before_it(
     client, openai_server
 ) -> None:
