@@ -131,7 +131,7 @@ MAX_TEXT_CHARS = 2000
 def query_tail(text: str) -> str:
     """What a search of a long message takes: its last :data:`MAX_TEXT_CHARS` characters of
     text (the question usually comes last; the local model then reads its last 256 tokens,
-    :meth:`~.embeddings.local.LocalEmbedder.embed_query`). Trailing padding is no part of it:
+    :meth:`~.embeddings.local.LocalEmbedder.embed_queries`). Trailing padding is no part of it:
     blank lines, control characters, zero-width characters."""
     stripped = text.strip()
     if len(stripped) <= MAX_TEXT_CHARS:
@@ -707,9 +707,9 @@ class MemoryStore(WritePath):
 
     def _embed(self, texts: Sequence[str], *, queries: bool = False) -> Vectors:
         """The embedder's vectors of ``texts``, checked; of search ``queries`` with its
-        ``embed_query`` where it has one (see :class:`~.embeddings.base.Embedder`)."""
-        embed_query = getattr(self.embedder, "embed_query", None) if queries else None
-        embedded = (embed_query or self.embedder.embed)(list(texts))
+        ``embed_queries`` where it has one (see :class:`~.embeddings.base.Embedder`)."""
+        embed_queries = getattr(self.embedder, "embed_queries", None) if queries else None
+        embedded = (embed_queries or self.embedder.embed)(list(texts))
         try:
             vectors = np.asarray(embedded, dtype=np.float32)
         except (TypeError, ValueError) as exc:

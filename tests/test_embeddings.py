@@ -428,7 +428,7 @@ def test_a_long_query_is_read_up_to_its_end_and_a_long_memory_from_its_start(
     embedder = LocalEmbedder(backend=backend)  # type: ignore[arg-type]
     message = f"{_PASTED}\n\n{_QUESTION}"
     # a query keeps its last 256 tokens, where a pasted document's question is
-    asked, without_question = embedder.embed_query([message, _PASTED])
+    asked, without_question = embedder.embed_queries([message, _PASTED])
     assert float(asked @ without_question) < 0.98
     (question,) = embedder.embed([_QUESTION])
     assert float(asked @ question) > float(without_question @ question) + 0.05
@@ -436,8 +436,30 @@ def test_a_long_query_is_read_up_to_its_end_and_a_long_memory_from_its_start(
     stored, stored_without_question = embedder.embed([message, _PASTED])
     assert float(stored @ stored_without_question) > 0.999
     short = ["Is allergic to shellfish", _QUESTION]
-    np.testing.assert_allclose(embedder.embed_query(short), embedder.embed(short), atol=1e-6)
-    assert embedder.embed_query([]).shape == (0, 384)
+    np.testing.assert_allclose(embedder.embed_queries(short), embedder.embed(short), atol=1e-6)
+    assert embedder.embed_queries([]).shape == (0, 384)
+
+
+def test_a_langchain_embeddings_subclass_is_searched_with_its_embed(db_path: Path) -> None:
+    """LangChain's ``embed_query(text)`` takes one text: it is not the package's
+    ``embed_queries(texts)``, and an embedder built on LangChain's Embeddings is searched
+    with its ``embed``."""
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    from headroom_memory_integrations import MemoryStore
+
+    class LangChainBased(DeterministicFakeEmbedding):
+        name: str = "lc-fake-64"
+        dimension: int = 64
+
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            rows = np.asarray(self.embed_documents(list(texts)), dtype=np.float32)
+            return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    store = MemoryStore("alice", db_path=db_path, embedder=LangChainBased(size=64))
+    store.add("Prefers Python for backend work", category="preference")
+    hits = store.search("Prefers Python for backend work")
+    assert [hit.memory.text for hit in hits] == ["Prefers Python for backend work"]
 
 
 def test_one_model_is_loaded_once_whatever_name_or_backend_stands_for_it(

@@ -20,10 +20,11 @@ class Embedder(Protocol):
             built with one model is never silently queried with another.
         dimension: Length of every vector.
 
-    An embedder may also have an ``embed_query(texts)`` method, used for search queries
+    An embedder may also have an ``embed_queries(texts)`` method, used for search queries
     instead of ``embed`` (the same vectors but for texts longer than its model reads:
     :class:`~.local.LocalEmbedder` reads a long query's end, where its question usually is,
-    and a memory's start).
+    and a memory's start). The name is the package's own: an ``embed_query`` (LangChain's
+    takes one text) is not used.
     """
 
     name: str

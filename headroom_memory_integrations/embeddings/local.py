@@ -253,7 +253,7 @@ class LocalEmbedder:
             return np.zeros((0, encoder.dimension), dtype=np.float32)
         return normalize_rows(encoder.encode(texts))
 
-    def embed_query(self, texts: Sequence[str]) -> Vectors:
+    def embed_queries(self, texts: Sequence[str]) -> Vectors:
         """Vectors of search queries: as :meth:`embed`, except that a text longer than the
         model reads is read up to its end (its last :data:`MAX_TOKENS` tokens), where the
         question of a long chat message usually is (a document pasted, then asked about)."""
