@@ -20,7 +20,7 @@ import unicodedata
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -381,6 +381,15 @@ def check_embedder(embedder: object) -> Embedder:
     return cast(Embedder, embedder)
 
 
+def has_visible_text(text: str) -> bool:
+    """Whether :func:`clean_text` leaves something of ``text`` (a character that is not
+    whitespace, a control character or an invisible format character such as a zero-width
+    space): a search of a text without one is skipped, as a blank one is."""
+    return any(
+        not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cs", "Cf") for ch in text
+    )
+
+
 def clean_text(text: object, what: str = "memory text") -> str:
     """Strip, drop control characters, compose characters (NFC: "José" typed as "Jose" and a
     combining accent, as macOS and some keyboards and PDFs write it, is stored as "José": the
@@ -630,6 +639,18 @@ def _exported_time(data: Mapping[str, Any], name: str, default: datetime) -> dat
         raise no_time from exc
 
 
+def _invisible_only(data: Mapping[str, Any]) -> bool:
+    """Whether an exported memory or history entry's text holds only invisible format
+    characters (a lone zero-width space): earlier versions stored such a text, which is now
+    refused, so an import skips it rather than refusing the file."""
+    text = data.get("text")
+    return (
+        isinstance(text, str)
+        and not has_visible_text(text)
+        and any(unicodedata.category(ch) == "Cf" for ch in text)
+    )
+
+
 def _imported_revision(data: object, updated_at: datetime) -> Revision:
     """An exported memory's earlier text, checked as a memory's text is, replaced when the
     memory was ``updated_at`` at the latest (a later time is taken as that)."""
@@ -638,6 +659,14 @@ def _imported_revision(data: object, updated_at: datetime) -> Revision:
     replaced_at = min(_exported_time(data, "replaced_at", updated_at), updated_at)
     revision = Revision.from_dict(data)
     return replace(revision, text=clean_text(data["text"], "history text"), replaced_at=replaced_at)
+
+
+@dataclass
+class _SkippedInvisible:
+    """What an import left out as holding only invisible format characters."""
+
+    lines: list[int] = field(default_factory=list)
+    history: int = 0
 
 
 SURVIVED_LOG_SECONDS = 60.0
@@ -1479,7 +1508,9 @@ class MemoryStore(WritePath):
         Ids, times (in UTC; a time still to come is taken as now), sources, metadata and
         history (oldest first) are kept; the user is always this store's, whatever the file
         says. Importing the same file twice changes nothing. Every line is checked first: one
-        bad line raises (naming the line) and nothing is written.
+        bad line raises (naming the line) and nothing is written. A memory or history entry
+        of only invisible format characters (a lone zero-width space, which earlier versions
+        stored) is skipped, with a warning logged that counts them.
 
         Returns:
             How many memories the file held: each is now stored, or was merged into a stored
@@ -1537,8 +1568,11 @@ class MemoryStore(WritePath):
     def _read_export(
         self, source: str | os.PathLike[str] | IO[str] | Iterable[str]
     ) -> list[Memory]:
-        """Every memory of an export, each line checked (one bad line raises)."""
+        """Every memory of an export, each line checked (one bad line raises). A memory or
+        history entry of only invisible format characters, which earlier versions stored, is
+        skipped and logged at WARNING."""
         memories = []
+        skipped = _SkippedInvisible()
         with contextlib.ExitStack() as stack:
             lines: Iterable[str] = source  # type: ignore[assignment]
             if not isinstance(source, (str, os.PathLike, Iterable)):
@@ -1569,12 +1603,26 @@ class MemoryStore(WritePath):
                             "not a line written by export()"
                         )
                     if line.strip():
-                        memories.append(self._from_export(line, number))
+                        memory = self._from_export(line, number, skipped)
+                        if memory is not None:
+                            memories.append(memory)
             except UnicodeDecodeError as exc:
                 raise InvalidInputError(
                     f"not a UTF-8 text file (an undecodable byte at offset {exc.start}): "
                     "import takes the JSON Lines that export() writes"
                 ) from exc
+        if skipped.lines or skipped.history:
+            lines_said = ", ".join(map(str, skipped.lines[:10])) + (
+                ", ..." if len(skipped.lines) > 10 else ""
+            )
+            logger.warning(
+                "import skipped what holds only invisible format characters, such as a lone "
+                "zero-width space (nothing to see or search; earlier versions stored it): "
+                "%d memories (lines %s) and %d history entries",
+                len(skipped.lines),
+                lines_said or "none",
+                skipped.history,
+            )
         return memories
 
     # -- helpers -----------------------------------------------------------------------------
@@ -1613,11 +1661,16 @@ class MemoryStore(WritePath):
             keys=clean_keys(item.keys),
         )
 
-    def _from_export(self, line: str, number: int) -> Memory:
+    def _from_export(self, line: str, number: int, skipped: _SkippedInvisible) -> Memory | None:
+        """The memory of an export's line; None for one of invisible text (counted in
+        ``skipped``, as are history entries of invisible text, which are left out)."""
         try:
             data = json.loads(line)
             if not isinstance(data, dict):
                 raise InvalidInputError("not a JSON object")
+            if _invisible_only(data):
+                skipped.lines.append(number)
+                return None
             now = utc_now()  # a time to come is now: a memory dated in 2100 would outdate
             # every correction said before then (a dated write older than it is a duplicate)
             created = min(_exported_time(data, "created_at", now), now)
@@ -1625,7 +1678,9 @@ class MemoryStore(WritePath):
             history = data.get("history")
             if history is not None and not isinstance(history, list):
                 raise InvalidInputError(f"history must be a list, got {type(history).__name__}")
-            revisions = [_imported_revision(r, updated) for r in history or ()]
+            kept = [r for r in history or () if not (isinstance(r, Mapping) and _invisible_only(r))]
+            skipped.history += len(history or ()) - len(kept)
+            revisions = [_imported_revision(r, updated) for r in kept]
             return Memory(
                 id=check_memory_id(data["id"]),
                 user_id=self.user_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -600,6 +601,32 @@ def test_imported_times_are_kept_in_order(hash_store: MemoryStore) -> None:
             ("Lives in Austin", 2026),
         ]
         assert memory.history[-1].replaced_at == memory.updated_at
+
+
+def test_an_import_skips_memories_of_only_invisible_text_that_older_versions_stored(
+    hash_store: MemoryStore, caplog
+) -> None:
+    """Earlier versions stored a lone zero-width space as a memory; it is refused now, and an
+    old export holding one was refused whole. It is skipped (as is such a history entry),
+    with a warning that counts them, and the rest imported."""
+    invisible = {"id": "i", "text": "\u200b", "updated_at": "2026-01-01T00:00:00Z"}
+    moved = {
+        "id": "m",
+        "text": "Works at Acme",
+        "updated_at": "2026-01-01T00:00:00Z",
+        "history": [{"text": "\ufeff", "replaced_at": "2025-01-01T00:00:00Z"}],
+    }
+    lines = [json.dumps(invisible), json.dumps({"id": "l", "text": "Lives in Lisbon"})]
+    lines.append(json.dumps(moved))
+    for consolidate in (True, False):
+        hash_store.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations"):
+            assert hash_store.import_(lines, consolidate=consolidate) == 2
+        assert sorted(m.text for m in hash_store.get_all()) == ["Lives in Lisbon", "Works at Acme"]
+        assert hash_store.get("m").history == ()
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.endswith("1 memories (lines 1) and 1 history entries")
 
 
 def test_an_import_takes_any_iterable_of_lines(store: MemoryStore, tmp_path) -> None:
