@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from .engine import MemoryStore, query_tail
+from .engine import MemoryStore, has_visible_text, query_tail
 from .grounding import grounded
 from .jobs import user_tag
 from .prompts import (
@@ -588,6 +588,8 @@ class MemoryFlow:
         later, as the deadline cuts its requests short, is not counted again)."""
         counted = _Once()
         failed = _Recalled("", {}, None)
+        if not has_visible_text(query):  # a lone zero-width space: nothing to search with
+            return failed
 
         def recall() -> _Recalled:
             self.jobs.settle(self.memory)  # (a correction an earlier call's block queued)

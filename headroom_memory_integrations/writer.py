@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import MemoryStore, NewMemory
+from .engine import MemoryStore, NewMemory, has_visible_text
 from .errors import (
     EmbeddingError,
     EmbeddingMismatchError,
@@ -343,7 +343,7 @@ def _nearby(
             beside the correction.
     """
     said = _user_said(exchange)
-    if not said.strip():
+    if not has_visible_text(said):  # blank, or a lone zero-width space: nothing to search with
         return []
     try:
         found = memory.search(

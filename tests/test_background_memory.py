@@ -882,6 +882,19 @@ def test_the_extraction_goes_on_when_the_search_for_near_memories_fails(
     assert client.memory.stats()["events"]["nearby_search_failures"] == 1
 
 
+def test_a_message_of_only_invisible_characters_is_not_searched_with(client, fake_model) -> None:
+    """A lone zero-width space or byte order mark (a client's "empty" message) is skipped as
+    a blank message is: the search would refuse it, and it was counted as a failure."""
+    client.memory.add("Prefers Python for backend work")
+    for message in ("   ", "\u200b", "\ufeff"):
+        response = ask(client, message)
+        assert response.choices[0].message.content == "Python is a good fit."
+    assert client.memory.flush(30)
+    assert [body["messages"][0]["role"] for body in fake_model.chat_bodies] == ["user"] * 3
+    events = client.memory.stats()["events"]
+    assert not [name for name in events if "fail" in name], events
+
+
 def acme_then_freelance(down: threading.Event | None = None, fail_first: bool = False):
     """A model extracting "I work at Acme" and then "I quit Acme, I freelance now", saying
     what a real one says when shown the other fact as known: that it ``replaces`` it. It
