@@ -554,3 +554,67 @@ def test_overlapping_blas_limits_leave_the_process_as_it_was() -> None:
         check=True,
     )
     assert done.stdout.split("\n")[0] == "[2] [1] [2]", done.stdout + done.stderr
+
+
+_BLAS_LIMITS_ROUNDS = """
+import threading
+
+import numpy
+from threadpoolctl import threadpool_limits, threadpool_info
+
+from headroom_memory_integrations.storage.vectors import few_blas_threads, one_blas_thread
+
+
+def blas_threads():
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"][0]
+
+
+changed = 0
+for _ in range(30):  # A enters, B enters, A leaves (its thread ends), B leaves
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with one_blas_thread():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with one_blas_thread():
+            b_in.set()
+            a_out.wait(10)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    changed += blas_threads() != 2
+threadpool_limits(1, user_api="blas")  # as a restore OpenBLAS lost would leave it
+with few_blas_threads(1):
+    pass
+print(changed, blas_threads())
+"""
+
+
+def test_blas_limits_restore_the_setting_the_process_started_with() -> None:
+    """The setting is saved once, when BLAS is first limited: a later first entry finding one
+    thread (a restore OpenBLAS lost: it may ignore a setting made as another thread that set
+    one ends) does not take it as the setting to restore, and every round of overlapping
+    limits is restored."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    done = subprocess.run(
+        [sys.executable, "-c", _BLAS_LIMITS_ROUNDS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.split("\n")[0] == "0 2", done.stdout + done.stderr

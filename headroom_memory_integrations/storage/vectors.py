@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -119,7 +120,7 @@ _BATCH_ROWS = 4  # from this many query rows, one BLAS matrix product beats eins
 _blas: Any = None
 _blas_lock = threading.Lock()
 _blas_users = 0  # threads inside few_blas_threads
-_blas_limit: Any = None  # threadpoolctl's limiter of the first of them: restores the settings
+_blas_original: list[int] | None = None  # each BLAS library's threads before the first limit
 _blas_threads = 0  # the limit now in force while some are inside
 
 
@@ -127,21 +128,22 @@ _blas_threads = 0  # the limit now in force while some are inside
 def few_blas_threads(threads: int = 1) -> Iterator[None]:
     """Limit BLAS to ``threads`` threads (process-wide: BLAS has one setting) while inside.
 
-    Threads may be inside at once: the settings are saved by the first to enter and restored
-    by the last to leave, and meanwhile the lowest limit any of them asked for holds.
-    (threadpoolctl's own ``limit`` restores what it saw on entry: two threads whose limits
-    overlapped left the whole process at one BLAS thread for good.)"""
-    global _blas, _blas_users, _blas_limit, _blas_threads
+    Threads may be inside at once: the settings are saved once, by the first to enter in
+    the process, and restored by the last to leave, and meanwhile the lowest limit any of
+    them asked for holds. (threadpoolctl's own ``limit`` restores what it saw on entry: two
+    threads whose limits overlapped left the whole process at one BLAS thread for good; and
+    OpenBLAS may lose a setting made just after another thread's, so the setting found on a
+    later entry may be a lost restore's one thread, never the original.)"""
+    global _blas, _blas_users, _blas_original, _blas_threads
     with _blas_lock:
         if _blas is None:
             from threadpoolctl import ThreadpoolController
 
-            _blas = ThreadpoolController()
-        if _blas_users == 0:
-            _blas_limit = _blas.limit(limits=threads, user_api="blas")
-            _blas_threads = threads
-        elif threads < _blas_threads:
-            _blas.limit(limits=threads, user_api="blas")  # restored with the first's settings
+            _blas = ThreadpoolController().select(user_api="blas")
+            _blas_original = [lib.num_threads for lib in _blas.lib_controllers]
+        if _blas_users == 0 or threads < _blas_threads:
+            for lib in _blas.lib_controllers:
+                _set_blas_threads(lib, threads)
             _blas_threads = threads
         _blas_users += 1
     try:
@@ -150,8 +152,19 @@ def few_blas_threads(threads: int = 1) -> Iterator[None]:
         with _blas_lock:
             _blas_users -= 1
             if _blas_users == 0:
-                _blas_limit.restore_original_limits()
-                _blas_limit = None
+                for lib, original in zip(_blas.lib_controllers, _blas_original or ()):
+                    _set_blas_threads(lib, original)
+
+
+def _set_blas_threads(lib: Any, threads: int) -> None:
+    """Set a BLAS library's thread count. OpenBLAS (0.3.31) may ignore a setting made just
+    as another thread that set it ends: it is made again, a millisecond later, up to 3 times."""
+    for attempt in range(3):
+        if attempt:
+            time.sleep(0.001)
+        lib.set_num_threads(threads)
+        if lib.num_threads == threads:
+            return
 
 
 def one_blas_thread() -> AbstractContextManager[None]:
