@@ -440,6 +440,45 @@ def test_a_long_query_is_read_up_to_its_end_and_a_long_memory_from_its_start(
     assert embedder.embed_queries([]).shape == (0, 384)
 
 
+def test_sentence_transformers_is_given_a_long_querys_end_cut_where_a_word_starts() -> None:
+    """sentence-transformers (not installed here) reads a text's first tokens: a long query is
+    cut to its last ones. A cut inside a word ("unbelievably": "un", "##bel", ...) was read
+    as more tokens than it was, and the question's last token was cut off. The model's own
+    WordPiece tokenizer stands for sentence-transformers' one (the same tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    from headroom_memory_integrations.embeddings.local import (
+        _SentenceTransformerEncoder,
+        bundled_model_dir,
+    )
+
+    wordpiece = Tokenizer.from_file(str(bundled_model_dir() / "tokenizer.json"))
+    wordpiece.no_padding()
+    wordpiece.no_truncation()
+
+    class Model:
+        max_seq_length = 256
+
+        def __init__(self) -> None:
+            self.given: list[str] = []
+
+        def tokenizer(self, text, add_special_tokens, return_offsets_mapping):  # type: ignore[no-untyped-def]
+            return {"offset_mapping": wordpiece.encode(text, add_special_tokens=False).offsets}
+
+        def encode(self, texts, batch_size, normalize_embeddings):  # type: ignore[no-untyped-def]
+            self.given.extend(texts)
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    encoder = _SentenceTransformerEncoder.__new__(_SentenceTransformerEncoder)
+    encoder._model, encoder.dimension = Model(), 4
+    for repeated in ("unbelievably ", "antidisestablishmentarianism, ", "日本語の文章"):
+        encoder._model.given.clear()
+        encoder.encode([repeated * 300 + "what is my dog's name?"], keep_end=True)
+        tokens = wordpiece.encode(encoder._model.given[0], add_special_tokens=False).tokens
+        assert 250 <= len(tokens) <= 254, repeated
+        assert tokens[-2:] == ["name", "?"]
+
+
 def test_a_langchain_embeddings_subclass_is_searched_with_its_embed(db_path: Path) -> None:
     """LangChain's ``embed_query(text)`` takes one text: it is not the package's
     ``embed_queries(texts)``, and an embedder built on LangChain's Embeddings is searched

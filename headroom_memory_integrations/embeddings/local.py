@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -114,6 +115,24 @@ def batch_workers() -> int:
     return 2 if not configured and (os.cpu_count() or 1) == 2 else 1
 
 
+_MAX_END_CUTS = 12
+"""How many places sentence-transformers' encoder tries for the start of a long query's end
+(each is tokenized again to check it fits)."""
+
+
+def _starts_word(text: str, before: int, start: int) -> bool:
+    """Whether the token at ``start`` in ``text``, the token before it ending at ``before``,
+    begins a word: a gap or a character other than a letter or digit comes between or
+    begins it, or it is a Chinese, Japanese or Korean character (a word of its own)."""
+    first = text[start]
+    return (
+        start > before
+        or not text[start - 1].isalnum()
+        or not first.isalnum()
+        or unicodedata.east_asian_width(first) == "W"
+    )
+
+
 class _SentenceTransformerEncoder:
     def __init__(self, model: str) -> None:
         try:
@@ -143,12 +162,33 @@ class _SentenceTransformerEncoder:
 
     def _end(self, text: str) -> str:
         """``text``, or where the model would truncate it, the part of it that its last tokens
-        cover (sentence-transformers reads a text from its start)."""
+        cover (sentence-transformers reads a text from its start). It is cut where a word
+        starts (a cut inside one, before a ``##bly``, is read as more tokens than it was, and
+        the last ones, the question's, would be cut off), and checked to fit."""
         fits = int(self._model.max_seq_length) - 2  # the model adds [CLS] and [SEP]
-        offsets = self._model.tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True
-        )["offset_mapping"]
-        return text if len(offsets) <= fits else text[offsets[-fits][0] :]
+        offsets = self._offsets(text)
+        if len(offsets) <= fits:
+            return text
+        first = len(offsets) - fits
+        near = range(first, min(first + _MAX_END_CUTS, len(offsets)))
+        # the words starting among the first tokens that fit; then (a long run of letters,
+        # a URL) each token from the first in turn
+        tried = [i for i in near if _starts_word(text, offsets[i - 1][1], offsets[i][0])][:4]
+        tried += range(first, len(offsets))
+        end = text
+        for i in tried[:_MAX_END_CUTS]:
+            end = text[offsets[i][0] :]
+            if len(self._offsets(end)) <= fits:
+                break
+        return end
+
+    def _offsets(self, text: str) -> list[tuple[int, int]]:
+        """Where each token of ``text`` (no [CLS] nor [SEP]) is in it."""
+        return list(
+            self._model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+                "offset_mapping"
+            ]
+        )
 
 
 def _onnx_runtime_installed() -> bool:
