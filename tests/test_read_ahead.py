@@ -539,6 +539,13 @@ def test_overlapping_blas_limits_leave_the_process_as_it_was() -> None:
     limit holds until then. In a process of its own whose BLAS starts with 2 threads
     (OpenBLAS started with one, as the suite's OMP_NUM_THREADS=1 has it, is not raised from
     another thread)."""
+    said = _with_two_blas_threads(_OVERLAPPING_BLAS_LIMITS)
+    assert said.split("\n")[0] == "[2] [1] [2]", said
+
+
+def _with_two_blas_threads(script: str) -> str:
+    """What ``script`` prints (and writes to stderr), run by Python in a process of its own
+    whose BLAS starts with 2 threads."""
     import os
     import subprocess
     import sys
@@ -546,14 +553,10 @@ def test_overlapping_blas_limits_leave_the_process_as_it_was() -> None:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["OPENBLAS_NUM_THREADS"] = "2"
     done = subprocess.run(
-        [sys.executable, "-c", _OVERLAPPING_BLAS_LIMITS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
     )
-    assert done.stdout.split("\n")[0] == "[2] [1] [2]", done.stdout + done.stderr
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
 
 
 _BLAS_LIMITS_ROUNDS = """
@@ -603,18 +606,5 @@ def test_blas_limits_restore_the_setting_the_process_started_with() -> None:
     thread (a restore OpenBLAS lost: it may ignore a setting made as another thread that set
     one ends) does not take it as the setting to restore, and every round of overlapping
     limits is restored."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    env["OPENBLAS_NUM_THREADS"] = "2"
-    done = subprocess.run(
-        [sys.executable, "-c", _BLAS_LIMITS_ROUNDS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert done.stdout.split("\n")[0] == "0 2", done.stdout + done.stderr
+    said = _with_two_blas_threads(_BLAS_LIMITS_ROUNDS)
+    assert said.split("\n")[0] == "0 2", said
