@@ -54,7 +54,7 @@ QUESTION = "Which language should I use for the new service?"
 RECALLED = "From memory:"
 _NONCE = re.compile(r"<memory-([0-9a-f]{8,32})>")
 _MEMORY_LINE = re.compile(
-    r'^- m\d+ \((?:preference|fact|context), noted [0-9-]+\): (".*")$', re.MULTILINE
+    r'^- m\d+ \((?:preference|fact|context), noted [^)]+\): (".*")$', re.MULTILINE
 )
 _CONVERSATION_LINE = re.compile(r'^- (user|assistant): (".*")$', re.MULTILINE)
 
