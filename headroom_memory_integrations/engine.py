@@ -132,8 +132,10 @@ def query_tail(text: str) -> str:
     """What a search of a long message takes: its last :data:`MAX_TEXT_CHARS` characters of
     text (the question usually comes last; the local model then reads its last 256 tokens,
     :meth:`~.embeddings.local.LocalEmbedder.embed_queries`). Trailing padding is no part of it:
-    blank lines, control characters, zero-width characters."""
-    stripped = text.strip()
+    blank lines, control characters, zero-width characters. Its letters are composed first
+    (NFC), as the search composes them: a letter NFC writes as two characters (a Hindi letter
+    with a nukta typed as one, U+095B) counts as two, so the cut fits the search's limit."""
+    stripped = unicodedata.normalize("NFC", text).strip()
     if len(stripped) <= MAX_TEXT_CHARS:
         return stripped  # the search drops its control characters itself
     kept: list[str] = []

@@ -168,3 +168,24 @@ PERSIAN = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \u0686\u0627\u06cc" 
 @pytest.mark.parametrize("text", [ZWJ_FAMILY, PERSIAN])
 def test_format_characters_inside_real_text_are_kept(hash_store: MemoryStore, text: str) -> None:
     assert hash_store.add(text).text == text
+
+
+def test_a_long_message_of_letters_nfc_writes_as_two_is_searched(db_path) -> None:
+    """A long Hindi message typed with precomposed nukta letters (U+095B, "za"): NFC writes each
+    as two characters, so its last 2,000 characters (query_tail) were more than 2,000 once
+    composed, and the search refused them. The retriever found nothing and the LangGraph
+    store listed every memory unranked, as for no query."""
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations.engine import MAX_TEXT_CHARS, query_tail
+    from headroom_memory_integrations.langchain import HeadroomRetriever, HeadroomStore
+
+    message = "\u095b\u0930\u093e " * 700 + "\u092a\u0928\u0940\u0930"  # "a little" ..., "paneer"
+    assert len(clean_text(query_tail(message), "query")) <= MAX_TEXT_CHARS
+    graph_store = HeadroomStore(db_path=db_path, embedder=HashEmbedder(), min_score=-1.0)
+    graph_store.put(("alice",), "paneer", {"text": "Likes \u092a\u0928\u0940\u0930"})
+    graph_store.put(("alice",), "tea", {"text": "Drinks green tea"})
+    [first, *_] = graph_store.search(("alice",), query=message)
+    assert first.key == "paneer" and first.score is not None
+    retriever = HeadroomRetriever(memory=graph_store.stores("alice"), min_score=-1.0, k=1)
+    assert [document.id for document in retriever.invoke(message)] == ["paneer"]
