@@ -155,6 +155,7 @@ def test_a_query_of_control_characters_only_is_no_query(store) -> None:
     assert [(i.key, i.score) for i in results[1]] == [("tea", None)]
     lone_surrogate = json.loads('"\\ud800"')
     assert [i.key for i in store.search(("alice",), query=lone_surrogate)] == ["tea"]
+    assert [i.score for i in store.search(("alice",), query=" \u200b\ufeff ")] == [None]
 
 
 @pytest.mark.parametrize(

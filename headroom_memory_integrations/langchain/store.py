@@ -40,6 +40,7 @@ from ..engine import (
     check_memory_id,
     clean_metadata,
     clean_text,
+    has_visible_text,
     query_tail,
     validate_user_id,
 )
@@ -363,16 +364,13 @@ def _check_listing(op: ListNamespacesOp) -> None:
 
 
 def _query_text(query: str | None) -> str | None:
-    """The text a search looks for (see :func:`~..engine.query_tail`), or None when nothing
-    is left of ``query`` once blanks and control characters are dropped: the search then
-    has no query (as for ``None``)."""
+    """The text a search looks for (see :func:`~..engine.query_tail`), or None when it has no
+    visible text (blank, control characters or a lone zero-width space: see
+    :func:`~..engine.has_visible_text`): the search then has no query (as for ``None``)."""
     if not query:
         return None
     text = query_tail(query)
-    try:
-        return clean_text(text, "query")
-    except InvalidInputError:  # blank, or control characters only
-        return None
+    return text if has_visible_text(text) else None
 
 
 def _check_page(limit: int, offset: int) -> None:
@@ -445,9 +443,9 @@ class HeadroomStore(BaseStore):
     bonus for shared words; higher is more relevant); only items above the
     relevance floor ``min_score`` come back, so an unrelated query finds nothing
     (``min_score=-1`` ranks everything), at most 1,000 deep per namespace; over several
-    namespaces, each one's matches merged by score. A query with nothing left once blanks and
-    control characters are dropped is no query. Without ``query``, items come oldest first,
-    namespace by namespace. ``filter`` matches value fields exactly or with
+    namespaces, each one's matches merged by score. A query with nothing visible (blanks,
+    control characters, a lone zero-width space) is no query. Without ``query``, items come
+    oldest first, namespace by namespace. ``filter`` matches value fields exactly or with
     ``$eq``, ``$ne``, ``$gt``, ``$gte``, ``$lt``, ``$lte``; ``limit`` and ``offset`` page.
     ``list_namespaces`` lists users' namespaces (one whose items were all deleted may still
     be listed). A search reads the prefix's own namespace directly; its descendants come from
