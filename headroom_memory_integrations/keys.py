@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .embeddings.message_gate import _QUESTION_MARKS
 from .errors import InvalidInputError
+from .lexical import QUESTION_MARKS
 
 MAX_KEYS = 8
 """Most key phrases a memory keeps."""
@@ -123,7 +123,7 @@ def index_text(text: str, keys: tuple[str, ...]) -> str:
 def key_questions(keys: tuple[str, ...]) -> tuple[str, ...]:
     """The keys that are questions (end with a question mark: "?", or the full-width, Arabic or
     Greek one the message gate reads too): each gets a vector of its own."""
-    return tuple(phrase for phrase in keys if phrase.endswith(tuple(_QUESTION_MARKS)))
+    return tuple(phrase for phrase in keys if phrase.endswith(tuple(QUESTION_MARKS)))
 
 
 def memory_vectors(

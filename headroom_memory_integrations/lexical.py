@@ -58,6 +58,9 @@ belong to them. ``[^\\W_]+`` alone cuts a word at each mark and loses the marks,
 without marks matches exactly as it did."""
 LETTERS = rf"[^\W\d_]+(?:{MARKS}[^\W\d_]*)*"
 """A word of letters only (and their marks)."""
+QUESTION_MARKS = "?\uff1f\u061f\u037e"
+"""The question marks a text may end a question with: ASCII, full-width (Chinese, Japanese),
+Arabic, Greek (what the message gate reads as a question, and what marks a key phrase as one)."""
 _WORD = re.compile(WORD)
 _SUFFIXES = ("ing", "ed", "es", "s")  # tried in this order
 

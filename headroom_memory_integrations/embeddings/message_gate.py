@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..lexical import QUESTION_MARKS
 from .base import Vectors
 from .shipped import PerModel
 
@@ -65,7 +66,6 @@ pasted document, a framework's output schema) that the gate was not taught to re
 _SPEAKS_OF_SELF = re.compile(
     r"\b(?:i|i'm|im|i've|ive|i'd|i'll|my|me|mine|myself|we|our|us)\b", re.IGNORECASE
 )
-_QUESTION_MARKS = "?\uff1f\u061f\u037e"  # ASCII, full-width (Chinese, Japanese), Arabic, Greek
 
 
 def text_features(text: str) -> np.ndarray:
@@ -79,7 +79,7 @@ def text_features(text: str) -> np.ndarray:
         [
             float(_SPEAKS_OF_SELF.search(text) is not None),
             math.log1p(len(text.split())),
-            float(any(mark in text for mark in _QUESTION_MARKS)),
+            float(any(mark in text for mark in QUESTION_MARKS)),
         ],
         dtype=np.float32,
     )
