@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import random
-import re
 import socket
 import sqlite3
 import threading
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import HeadroomMemoryError, InvalidInputError
+from .redaction import without_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -59,35 +59,6 @@ _COLUMNS = "id, kind, user_id, payload, attempts, created_at, last_error"
 # file; past that the lock is let go of while the wait goes on (see JobQueue._begin)
 _STATEMENT_BUSY_SECONDS = 0.05
 _SQLITE_NOTADB = 26  # "file is not a database" (sqlite3.SQLITE_NOTADB from Python 3.11)
-
-_SECRETS = (
-    # an API key: OpenAI's and Anthropic's (sk-...), Groq's, xAI's, Hugging Face's, Google's
-    (re.compile(r"\b(sk-|gsk_|xai-)[A-Za-z0-9_-]{8,}"), r"\1***"),
-    (re.compile(r"\b(hf_|AIza)[A-Za-z0-9_-]{20,}"), r"\1***"),
-    (re.compile(r"\b(Bearer\s+)[^\s'\",;]+", re.IGNORECASE), r"\1***"),
-    # a URL's "user:password@" (up to the last "@" before a space: a password may hold one)
-    (re.compile(r"://\S*@"), "://***@"),
-    # api_key=..., "password": "...", ?key=... (a gateway quoting the request)
-    (
-        re.compile(
-            r"(\b(?:api[-_]?key|access[-_]?token|token|password|secret)['\"]?\s*[:=]\s*['\"]?"
-            r"|[?&]key=)[^\s'\",;&}]+",
-            re.IGNORECASE,
-        ),
-        r"\1***",
-    ),
-)
-
-
-def without_secrets(error: str) -> str:
-    """``error`` as the queue file keeps it: API keys, bearer tokens and a URL's password
-    written ``***``, so a provider or gateway that echoes the key it was sent ("Incorrect API
-    key provided: sk-...") does not put it on disk. The exception's type, the status code and
-    the error code stay."""
-    for secret, mask in _SECRETS:
-        error = secret.sub(mask, error)
-    return error
-
 
 #: Schema migrations, applied in order; ``PRAGMA user_version`` is how many have run.
 #: Append new scripts, never edit old ones. One statement per ``;``-terminated line group.

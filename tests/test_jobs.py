@@ -32,6 +32,7 @@ from headroom_memory_integrations.jobs import (
     PartlyDone,
     PermanentJobError,
     shared_worker,
+    without_secrets,
 )
 
 FAST = Backoff(initial=0.01, factor=2.0, maximum=0.05, jitter=0.1)
@@ -1146,6 +1147,24 @@ def test_a_forked_child_holds_none_of_its_parents_memory_work(tmp_path) -> None:
 
 class _GatewayError(Exception):
     """What an OpenAI-compatible gateway's 401 reads as, quoting the key it was sent."""
+
+
+@pytest.mark.parametrize(
+    ("error", "kept"),
+    [
+        (  # two URLs in one message: each keeps its own host
+            "tried http://admin:pw1@gw.example:4000/v1 then https://bob:pw2@backup.example/v1",
+            "tried http://***@gw.example:4000/v1 then https://***@backup.example/v1",
+        ),
+        (  # a password holding "@", ":", "/" or "?"
+            "POST http://admin:p@ss:w0/r?d@gw.example:4000/v1 failed",
+            "POST http://***@gw.example:4000/v1 failed",
+        ),
+    ],
+)
+def test_a_urls_password_is_masked_and_each_url_keeps_its_host(error: str, kept: str) -> None:
+    """Each URL of a message is masked on its own, up to its last "@"."""
+    assert without_secrets(error) == kept
 
 
 def test_an_error_echoing_the_key_is_kept_without_it(

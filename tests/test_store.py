@@ -896,6 +896,25 @@ def test_a_refused_server_url_is_shown_without_its_password(url, tmp_path, monke
 
 
 @pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://admin:p@ss:w0rd@host:8000", "http://***@host:8000"),
+        ("http://user:1234/ss@host:8000", "http://***@host:8000"),  # not "host" user, port 1234
+        ("http://u:p@ss?w@rd@host:8000", "http://***@host:8000"),
+        ("http:/admin:p@ss@host:8000", "http:/***@host:8000"),
+        ("http://host:8000/a@b", "http://***@b"),  # an "@" of the path: more is hidden
+        ("http://[::1]:8000", "http://[::1]:8000"),
+    ],
+)
+def test_a_urls_password_is_hidden_whatever_it_holds(url: str, shown: str) -> None:
+    """A password typed without percent-encoding may hold "@", ":", "/" or "?": the mask
+    runs to the last "@", so none of it is shown (an "@" of the path hides the host too)."""
+    from headroom_memory_integrations.storage.base import without_credentials
+
+    assert without_credentials(url) == shown
+
+
+@pytest.mark.parametrize(
     ("url", "meant"),
     [
         ("http:/admin:S3cr3t@db.example:8000", "http://***@db.example:8000"),
