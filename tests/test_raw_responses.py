@@ -454,6 +454,49 @@ def test_unwrapped_apis_work_and_warn_once_per_client(clients, openai_server, ca
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_the_client_views_beta_warns_as_client_beta_does(
+    mode, clients, openai_server, memory_model, caplog
+) -> None:
+    """``client.with_raw_response.beta`` (and ``with_streaming_response.beta``) has no ``chat``
+    on openai 2.x and 3.x, as on a plain client: beta.chat.completions' raw response is
+    ``client.beta.chat.completions.with_raw_response``, which has memory. What it has (the
+    Assistants API, the beta Responses API) reaches the model without memory, as through
+    ``client.beta``: after a warning naming the path, never silently."""
+    caplog.set_level(logging.WARNING, logger="headroom_memory_integrations.openai")
+    client = clients[mode]
+    for view in ("with_raw_response", "with_streaming_response"):
+        beta = getattr(client, view).beta
+        assert not hasattr(getattr(client._wrapped, view).beta, "chat")
+        with pytest.raises(AttributeError, match="has no attribute 'chat'"):
+            beta.chat  # noqa: B018 (openai's own error, as on a plain client)
+        assert repr(beta) == f"<{view}.beta of a memory client: not wrapped with memory>"
+
+    def beta_call():  # the beta Responses API: unwrapped
+        return client.with_raw_response.beta.responses.create(model="gpt-4o", input="Hi")
+
+    def chat_call():  # beta.chat.completions' raw response: with memory
+        return client.beta.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=QUESTION
+        )
+
+    def sync_calls():
+        beta_raw = beta_call()
+        return beta_raw, openai_server.requests[-1].body, chat_call()
+
+    async def async_calls():
+        beta_raw = await beta_call()
+        return beta_raw, openai_server.requests[-1].body, await chat_call()
+
+    beta_raw, beta_body, chat_raw = run(mode, sync_calls, async_calls, clients)
+    assert beta_raw.http_response.status_code == 200
+    assert KNOWN not in json.dumps(beta_body)  # no memory, as the warning says
+    [warning] = unwrapped_warnings(caplog)
+    assert "client.with_raw_response.beta.responses.create(...) is not wrapped" in warning
+    assert_memory_was_used(openai_server)
+    assert chat_raw.parse().choices[0].message.content == ANSWER
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_chats_own_raw_and_streaming_views_have_memory(
     mode, clients, openai_server, memory_model
 ) -> None:
