@@ -181,6 +181,15 @@ def _answer_within(complete: Complete, messages: list[dict[str, str]], model: st
     return str(answers[0]) if answers[0] is not None else ""
 
 
+class ExtractionCutOff(PermanentJobError):
+    """The extraction answer was cut off at the model's output limit (``finish_reason``
+    "length"). Asking again the same way gets the same cut answer, and the memories of a cut
+    list may lack an entry's ``replaces`` (a corrected fact would come back beside its
+    correction), so nothing of it is stored: the job is dead-lettered at once, logged at
+    WARNING with its user's tag and counted in ``stats()["background"]["failed"]``
+    (``retry_failed()`` runs it again)."""
+
+
 class AfterMalformed(Exception):
     """A transient error of an extraction whose last answer was malformed: retried as that
     error is, with a message that keeps the count of malformed answers

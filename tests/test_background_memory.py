@@ -286,6 +286,32 @@ def test_the_fifth_malformed_answer_fails_the_job_whatever_errors_came_between(
     assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
 
 
+def test_an_answer_cut_at_the_output_limit_is_dead_lettered_at_once(
+    client, fake_model, caplog
+) -> None:
+    """An extraction answer cut at ``finish_reason="length"`` is not asked again 5 times (the
+    call sets no limit to raise, so each answer is cut the same way), and nothing of it is
+    stored (its cut list could lack a ``replaces``): the job is dead-lettered after one call,
+    logged with the user's tag and counted as failed; ``retry_failed()`` runs it again."""
+    from headroom_memory_integrations.jobs import user_tag
+
+    cut = '{"memories": [{"text": "Prefers Python for backend work", "category": "pref'
+    fake_model.extractions = [Reply.text(cut, finish_reason="length")] * 5
+    caplog.set_level("WARNING", logger="headroom_memory_integrations")
+    ask(client, "I prefer Python for backend work")
+    assert client.memory.flush(30)
+    assert fake_model.extraction_calls == 1 and client.memory.get_all() == []
+    stats = client.memory.stats()
+    assert stats["background"]["failed"] == 1 and stats["background"]["retried"] == 0
+    [warning] = [r for r in caplog.records if "ExtractionCutOff" in r.getMessage()]
+    assert warning.levelname == "WARNING" and user_tag("alice") in warning.getMessage()
+    assert "dead-lettered" in warning.getMessage()
+    fake_model.extractions = []  # the model answers in full now
+    assert client.memory.retry_failed() == 1
+    assert client.memory.flush(30)
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+
+
 def test_a_bad_request_is_kept_as_failed_and_can_be_retried(client, fake_model) -> None:
     fake_model.extractions = [Reply.error(400, "model not found")]
     ask(client, "I prefer Python for backend work")

@@ -27,7 +27,7 @@ from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
 from ..jobs import Backoff, PermanentJobError
 from ..storage import Storage
 from ..wiring import build_flow, open_memory
-from ..writer import BackgroundExtractor, Complete
+from ..writer import BackgroundExtractor, Complete, ExtractionCutOff
 from .client import TWIN_SETTINGS, MemoryClient
 from .flow import CompletionsFlow, Injection
 from .responses import AsyncMemoryStreamedResponse, MemoryRawResponse, MemoryStreamedResponse
@@ -135,7 +135,10 @@ def openai_completer(client: Any) -> Complete:
     """Background extraction's call through a synchronous OpenAI-compatible ``client``, each
     try bounded by :data:`EXTRACTION_TIMEOUT`. It asks for ``temperature=0``; a model that
     refuses any temperature but its default (OpenAI's reasoning models: gpt-5, o1, o3, o4-mini
-    answer 400) is asked again without one, and is not asked for one again."""
+    answer 400) is asked again without one, and is not asked for one again. An answer cut off
+    at the model's output limit (``finish_reason`` "length") raises
+    :class:`~headroom_memory_integrations.writer.ExtractionCutOff`: the call sets no
+    ``max_tokens`` to raise, so asking again would be cut the same way."""
     default_only: set[str] = set()  # models that refused temperature=0
 
     def complete(messages: list[dict[str, str]], model: str | None) -> str:
@@ -153,6 +156,11 @@ def openai_completer(client: Any) -> Complete:
             default_only.add(model)
             response = client.chat.completions.create(**ask)
         choices = getattr(response, "choices", None)  # None: a gateway's error body, sent as 200
+        if choices and getattr(choices[0], "finish_reason", None) == "length":
+            raise ExtractionCutOff(
+                f"the extraction answer of {model} was cut off at the model's output limit "
+                "(finish_reason 'length'); nothing of it is stored"
+            )
         message = getattr(choices[0], "message", None) if choices else None
         return getattr(message, "content", None) or ""  # "": a malformed answer, retried
 
