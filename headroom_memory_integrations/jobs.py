@@ -1251,12 +1251,11 @@ class JobWorker:
                 self._progress.wait(0.2 if remaining is None else min(remaining, 0.2))
         return True
 
-    def _own_left(self, until: float) -> int:
-        """How many jobs (of ``kinds``) this process queued are neither done nor dead-lettered
-        and running or due by ``until`` (``time.time()``)."""
-        ids = _ids_queued_here(self.queue.path)
-        if not ids:
-            return 0
+    def _own_left(self, until: float, user_id: str | None = None) -> int:
+        """How many jobs (of ``kinds``, and of ``user_id`` if given) this process queued are
+        neither done nor dead-lettered and running or due by ``until`` (``time.time()``)."""
+        ids = _ids_queued_here(self.queue.path)  # none: the file is read all the same (a
+        # queue that cannot be read is not drained)
         # in order, a job waits for its user's earlier ones: not one waiting out a backoff past it
         behind = "0"
         behind_args: tuple[object, ...] = ()
@@ -1268,11 +1267,12 @@ class JobWorker:
                 f" AND {_holds_the_line('earlier')} AND earlier.not_before > ?{waits_sql})"
             )
             behind_args = (min(until, 1e300), *behind_args)
+        whose, users = ("", ()) if user_id is None else (" AND user_id = ?", (user_id,))
         with self.queue._locked() as conn:  # the file's backlog from this process's oldest
             rows = conn.execute(
                 f"SELECT id, status, not_before, {behind} FROM jobs"
-                f" WHERE id >= ? AND status != 'failed'{self._kind_sql}",
-                (*behind_args, min(ids), *self._kind_args),
+                f" WHERE id >= ? AND status != 'failed'{self._kind_sql}{whose}",
+                (*behind_args, min(ids, default=2**63 - 1), *self._kind_args, *users),
             ).fetchall()
         return sum(
             1
@@ -1280,15 +1280,24 @@ class JobWorker:
             if id_ in ids and (status == "running" or (due <= until and not held_back))
         )
 
-    def _drain_own(self, timeout: float | None) -> bool:
-        """Wait up to ``timeout`` seconds until no job (of ``kinds``) this process queued is
-        left that could run before then. Returns False on timeout."""
+    def drain_own(
+        self, timeout: float | None, *, user_id: str | None = None, runnable_only: bool = False
+    ) -> bool:
+        """Wait up to ``timeout`` seconds until no job (of ``kinds``, and of ``user_id`` if
+        given) that this process queued is left undone, not dead-lettered: unlike
+        :meth:`flush`, never for another process's jobs in the file. With ``runnable_only``
+        (the exit), not for one that cannot run before the timeout ends either (waiting out a
+        backoff past it, or behind such a job of its user). Returns False on timeout."""
+        if threading.current_thread() in self._threads:
+            raise RuntimeError("drain_own() from the worker's own handler would wait for itself")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._progress:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
-                until = math.inf if remaining is None else time.time() + max(remaining, 0.0)
-                if not self._own_left(until):
+                until = math.inf
+                if runnable_only and remaining is not None:
+                    until = time.time() + max(remaining, 0.0)
+                if not self._own_left(until, user_id):
                     return True
                 self.start()
                 if remaining is not None and remaining <= 0:
@@ -1313,17 +1322,18 @@ class JobWorker:
             )
 
     def close(self, timeout: float | None = 5.0, *, at_exit: bool = False) -> bool:
-        """Drain for up to ``timeout`` seconds, stop the thread, close the queue. Idempotent.
+        """Wait up to ``timeout`` seconds for the jobs (of ``kinds``) this process queued
+        (:meth:`drain_own`), not for the file's others (another process's, a turn left for an
+        extraction client this process does not have), then stop the thread and close the
+        queue. Idempotent.
 
-        With ``at_exit`` (the interpreter exits), wait only for the jobs (of ``kinds``) this
-        process queued and that can run before ``timeout`` ends, not for the file's others
-        (another process's, a turn left for an extraction client this process does not
-        have) nor for one waiting out a backoff past it; log how many jobs are left for a
-        later run, if any.
+        With ``at_exit`` (the interpreter exits), wait only for those that can run before
+        ``timeout`` ends, not for one waiting out a backoff past it; log how many jobs are
+        left for a later run, if any.
 
         Returns:
-            True if the queue was drained (at exit: this process's jobs were done); what is
-            left stays in the file for the next run.
+            True if this process's jobs were done; what is left stays in the file for the
+            next run.
         """
         with self._lock:
             if self._closing:
@@ -1332,7 +1342,7 @@ class JobWorker:
         _OPEN_WORKERS.discard(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            drained = self._drain_own(timeout) if at_exit else self.flush(timeout)
+            drained = self.drain_own(timeout, runnable_only=at_exit)
             if at_exit:
                 self._log_left()
         except Exception as exc:  # no new threads at interpreter shutdown (Python >= 3.12), an

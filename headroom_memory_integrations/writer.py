@@ -551,9 +551,12 @@ class MemoryWriter:
     def _workers(self) -> tuple[JobWorker, JobWorker]:
         return self.worker, self.extractions
 
-    def flush(self, timeout: float | None = None, *, user_id: str | None = None) -> bool:
+    def flush(
+        self, timeout: float | None = None, *, user_id: str | None = None, own: bool = False
+    ) -> bool:
         """Wait (up to ``timeout`` seconds) until the jobs queued so far (of ``user_id``, if
-        given) are done. Returns False on timeout."""
+        given) are done; with ``own``, only those this process queued (``close()``: another
+        process's jobs in the file are its own to wait for). Returns False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_handed_over(deadline, user_id):
             return False
@@ -561,7 +564,8 @@ class MemoryWriter:
         # became a store job (see _run)
         for worker in (self.worker, self.extractions, self.worker):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not worker.flush(left, user_id=user_id):
+            wait = worker.drain_own if own else worker.flush
+            if not wait(left, user_id=user_id):
                 return False
         return True
 
@@ -607,14 +611,15 @@ class MemoryWriter:
         return made is not None and folder_identity(Path(self.worker.queue.path).parent) != made
 
     def detach(self, memory: MemoryStore, timeout: float | None) -> bool:
-        """``memory`` is closing: drain its user's jobs (up to ``timeout``); once no store is
-        left, stop the workers (unfinished jobs stay in the file for the next process, and
-        work that comes later, from a call under way, is put there too: see :meth:`_put`)."""
+        """``memory`` is closing: drain its user's jobs that this process queued (up to
+        ``timeout``; not another process's on the same file); once no store is left, stop
+        the workers (unfinished jobs stay in the file for the next process, and work that
+        comes later, from a call under way, is put there too: see :meth:`_put`)."""
         with self._lock:
             last = set(self._stores) <= {memory.user_id}
         try:
             if not last:
-                return self.flush(timeout, user_id=memory.user_id)
+                return self.flush(timeout, user_id=memory.user_id, own=True)
             deadline = None if timeout is None else time.monotonic() + timeout
             # work still held goes on to the file after the deadline (the hand-over thread)
             drained = self._wait_handed_over(deadline)

@@ -8,11 +8,13 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from contextlib import closing
 from typing import Any
 
 import pytest
@@ -781,6 +783,41 @@ def test_close_drains_and_stops(client, fake_model) -> None:
     assert client.memory.count() == 1 and fake_model.extraction_calls == 1
     assert client.memory.close() is True  # idempotent
     assert client.memory.search("Which language should I use for the backend?")  # still works
+
+
+def test_close_waits_for_this_processs_jobs_not_another_processs(
+    openai_server, db_path, model, tmp_path
+) -> None:
+    """``memory.close()`` waits for the turns this process queued (alice's, answered 0.3 s
+    late), not for another process's in the same queue file (bob's turn, for an extraction
+    model this process has no client of: retried here for ever). Before, close() waited its
+    whole timeout for bob's turn and returned False."""
+    openai_server.responder = Model(extractions=[Reply.text(EXTRACTED).delayed(0.3)])
+    queue_path = tmp_path / "shared-jobs.sqlite3"
+    client = with_memory(
+        openai_server.client(),
+        user_id="alice",
+        db_path=db_path,
+        embedder=model,
+        queue_path=queue_path,
+        retry_backoff=FAST,
+    )
+    code = f"""
+from headroom_memory_integrations.jobs import JobQueue
+queue = JobQueue({str(queue_path)!r})
+exchange = [{{"role": "user", "content": "I drink tea"}}]
+queue.put("extract", "bob", {{"exchange": exchange, "injected": {{}}, "model": "gpt-4o",
+                              "untrusted": False, "destination": "another tenant's model"}})
+queue.close()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    ask(client, "I prefer Python for backend work")
+    started = time.monotonic()
+    assert client.memory.close(timeout=3)
+    assert time.monotonic() - started < 2.5  # before: the whole 3 s, and False
+    assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
+    with closing(sqlite3.connect(queue_path)) as conn:  # bob's turn is left for its process
+        assert conn.execute("SELECT user_id, status FROM jobs").fetchall() == [("bob", "pending")]
 
 
 def test_pending_work_is_drained_at_exit(openai_server, db_path, model) -> None:
