@@ -135,16 +135,26 @@ def query_tail(text: str) -> str:
     blank lines, control characters, zero-width characters. Its letters are composed first
     (NFC), as the search composes them: a letter NFC writes as two characters (a Hindi letter
     with a nukta typed as one, U+095B) counts as two, so the cut fits the search's limit."""
-    stripped = unicodedata.normalize("NFC", text).strip()
+    stripped = text.strip()
+    if len(stripped) > MAX_COMPOSED_FROM * MAX_TEXT_CHARS:  # compose a bounded tail only
+        stripped = _last_chars(stripped, MAX_COMPOSED_FROM * MAX_TEXT_CHARS)  # (NFC is
+        # quadratic in a run of combining marks: a long one held the GIL for seconds)
+    stripped = unicodedata.normalize("NFC", stripped).strip()
     if len(stripped) <= MAX_TEXT_CHARS:
         return stripped  # the search drops its control characters itself
+    return _last_chars(stripped, MAX_TEXT_CHARS)
+
+
+def _last_chars(stripped: str, limit: int) -> str:
+    """The last ``limit`` characters of ``stripped`` that the search keeps (no control, format
+    or unpaired surrogate characters, no trailing blanks)."""
     kept: list[str] = []
     for ch in reversed(stripped):  # from the end: only the tail is read
         if (ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs", "Cf")) and (
             kept or not ch.isspace()
         ):
             kept.append(ch)
-            if len(kept) == MAX_TEXT_CHARS:
+            if len(kept) == limit:
                 break
     return "".join(reversed(kept)).strip()
 
@@ -392,6 +402,11 @@ def has_visible_text(text: str) -> bool:
     )
 
 
+MAX_COMPOSED_FROM = 4
+"""The most characters NFC composes into one (a Greek letter with three marks, "ᾇ"): a text
+longer than this many times :data:`MAX_TEXT_CHARS` is too long whatever it composes to."""
+
+
 def clean_text(text: object, what: str = "memory text") -> str:
     """Strip, drop control characters, compose characters (NFC: "José" typed as "Jose" and a
     combining accent, as macOS and some keyboards and PDFs write it, is stored as "José": the
@@ -404,6 +419,10 @@ def clean_text(text: object, what: str = "memory text") -> str:
     cleaned = "".join(
         ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs")
     ).strip()
+    if len(cleaned) > MAX_COMPOSED_FROM * MAX_TEXT_CHARS:  # too long however it composes:
+        raise InvalidInputError(  # refused before NFC, which is quadratic in a run of marks
+            f"{what} is {len(cleaned)} characters; the maximum is {MAX_TEXT_CHARS}"
+        )
     cleaned = unicodedata.normalize("NFC", cleaned)
     if not cleaned:
         if text.strip():  # e.g. a lone surrogate, which no encoding can store

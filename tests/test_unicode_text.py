@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import unicodedata
 
 import pytest
@@ -189,3 +190,27 @@ def test_a_long_message_of_letters_nfc_writes_as_two_is_searched(db_path) -> Non
     assert first.key == "paneer" and first.score is not None
     retriever = HeadroomRetriever(memory=graph_store.stores("alice"), min_score=-1.0, k=1)
     assert [document.id for document in retriever.invoke(message)] == ["paneer"]
+
+
+def test_a_long_run_of_combining_marks_is_cut_before_it_is_composed() -> None:
+    """NFC sorts a run of combining marks in quadratic time, holding the GIL: composing a whole
+    240 KB message of alternating marks froze the process for 24 s (the chat call's recall
+    deadline cannot cut C code short). Only a bounded tail is composed, and a text too long
+    however it composes is refused before it is."""
+    from test_prompts import grows_linearly
+
+    from headroom_memory_integrations.engine import MAX_TEXT_CHARS, query_tail
+
+    def marks(pairs: int) -> str:
+        return "a" + "\u0301\u0316" * pairs
+
+    def seconds_for(pairs: int) -> float:
+        started = time.perf_counter()
+        tail = query_tail(marks(pairs))
+        with pytest.raises(InvalidInputError, match="maximum"):
+            clean_text(marks(pairs))
+        took = time.perf_counter() - started
+        assert len(tail) <= MAX_TEXT_CHARS
+        return took
+
+    assert grows_linearly(seconds_for, 10_000)
