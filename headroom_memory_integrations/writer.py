@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from .engine import MemoryStore, NewMemory, has_visible_text
 from .errors import (
@@ -183,11 +183,33 @@ def _answer_within(complete: Complete, messages: list[dict[str, str]], model: st
 
 class ExtractionCutOff(PermanentJobError):
     """The extraction answer was cut off at the model's output limit (``finish_reason``
-    "length"). Asking again the same way gets the same cut answer, and the memories of a cut
-    list may lack an entry's ``replaces`` (a corrected fact would come back beside its
-    correction), so nothing of it is stored: the job is dead-lettered at once, logged at
-    WARNING with its user's tag and counted in ``stats()["background"]["failed"]``
-    (``retry_failed()`` runs it again)."""
+    "length", or another name of it: :func:`is_cut_off`). Asking again the same way gets the
+    same cut answer, and the memories of a cut list may lack an entry's ``replaces`` (a
+    corrected fact would come back beside its correction), so nothing of it is stored: the job
+    is dead-lettered at once, logged at WARNING with its user's tag and counted in
+    ``stats()["background"]["failed"]`` (``retry_failed()`` runs it again)."""
+
+    @classmethod
+    def of(cls, model: str, reason: str) -> ExtractionCutOff:
+        """The error for an extraction answer of ``model`` that stopped for ``reason``."""
+        return cls(
+            f"the extraction answer of {model} was cut off at the model's output limit "
+            f"(stop reason {reason!r}); nothing of it is stored"
+        )
+
+
+CUT_OFF_REASONS = frozenset({"length", "max_tokens", "max_output_tokens"})
+"""The stop reasons (in any case) that say an answer was cut off at the model's output limit:
+"length" (the ``finish_reason`` of OpenAI and the servers that copy its API, Ollama's
+``done_reason``), "max_tokens" (Anthropic's ``stop_reason``, Bedrock's ``stopReason``,
+Gemini's ``finish_reason`` "MAX_TOKENS"), "max_output_tokens" (the reason of an OpenAI
+Responses API answer left ``incomplete``)."""
+
+
+def is_cut_off(reason: object) -> TypeGuard[str]:
+    """Whether a model's stop reason (whatever its provider calls it) says the answer was cut
+    off at the model's output limit (:data:`CUT_OFF_REASONS`)."""
+    return isinstance(reason, str) and reason.lower() in CUT_OFF_REASONS
 
 
 class AfterMalformed(Exception):

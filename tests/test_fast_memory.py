@@ -442,6 +442,35 @@ def test_an_unclosed_block_is_stripped_and_stores_nothing(client, openai_server)
     assert client.memory.stats()["events"]["malformed_blocks"] == 2
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 1000])  # None: whole
+def test_an_answer_cut_off_inside_the_block_shows_and_stores_none_of_it(
+    client, openai_server, chunk_size
+) -> None:
+    """max_tokens ended the answer inside the block, after a whole first entry: the user sees
+    the answer without any of the block, whole and streamed, the finish_reason still says it
+    was cut, and nothing is stored, not even the whole entry (a cut list may lack the
+    ``replaces`` of what follows)."""
+
+    def answer(body: dict) -> Reply:
+        tag = f"<memory-{instruction_nonce(body)}>"
+        partial = '[{"text": "Likes jazz", "category": "preference"}, {"text": "Pla'
+        return Reply.text(
+            f"Answer.\n\n{tag}{partial}", finish_reason="length", chunk_size=chunk_size
+        )
+
+    openai_server.responder = answer
+    if chunk_size is None:
+        whole = ask(client, "I like jazz", max_tokens=40).choices[0]
+        assert (whole.message.content, whole.finish_reason) == ("Answer.", "length")
+    else:
+        chunks = list(ask(client, "I like jazz", max_tokens=40, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == "Answer."
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert client.memory.flush(30) and client.memory.get_all() == []
+    assert client.memory.stats()["events"]["malformed_blocks"] == 1
+
+
 @pytest.mark.parametrize("cut", [2, 8, 12, 18])  # "<m", "<memory-", ... one short of whole
 def test_an_answer_cut_off_inside_the_opening_tag_shows_none_of_it(
     client, openai_server, cut

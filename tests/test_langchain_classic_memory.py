@@ -18,7 +18,8 @@ from _langgraph_support import (
 from langchain_classic.chains import ConversationChain
 from langchain_core.agents import AgentAction, AgentStep
 from langchain_core.documents import Document
-from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+from langchain_core.language_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
 
 from headroom_memory_integrations import MemoryStore
@@ -165,6 +166,65 @@ def test_save_context_returns_before_the_extraction(scripted, make_memory) -> No
     assert memory.memory.count() == 0  # queued, not stored on the chain's path
     assert memory.memory.flush(30)
     assert [m.text for m in memory.memory.get_all()] == ["Prefers Python for backend work"]
+
+
+CUT = '{"memories": [{"text": "Prefers Python for backend work", "category": "pref'
+
+
+def fake_model(metadata: dict) -> GenericFakeChatModel:
+    """A LangChain chat model whose one answer is the cut list, ``metadata`` its
+    ``response_metadata`` (how another provider says why it stopped)."""
+    return GenericFakeChatModel(messages=iter([AIMessage(CUT, response_metadata=metadata)]))
+
+
+@pytest.mark.parametrize(
+    "llm",
+    [
+        pytest.param(lambda server: chat_model(server), id="openai-length"),
+        pytest.param(lambda server: chat_model(server, use_responses_api=True), id="responses"),
+        pytest.param(lambda _: fake_model({"stop_reason": "max_tokens"}), id="anthropic"),
+        pytest.param(lambda _: fake_model({"stopReason": "max_tokens"}), id="bedrock"),
+        pytest.param(lambda _: fake_model({"finish_reason": "MAX_TOKENS"}), id="gemini"),
+        pytest.param(lambda _: fake_model({"done_reason": "length"}), id="ollama"),
+    ],
+)
+def test_an_extraction_answer_cut_at_the_output_limit_is_dead_lettered_at_once(
+    openai_server, make_memory, caplog, llm
+) -> None:
+    """The extracting model's answer says it was cut off at its output limit (ChatOpenAI's
+    finish_reason "length" over HTTP, or another provider's name for it in
+    ``response_metadata``): one call, the job dead-lettered as ExtractionCutOff, nothing of the
+    cut list stored (before: read as malformed and asked 5 times)."""
+    openai_server.responder = lambda body: Reply.text(CUT, finish_reason="length")
+    caplog.set_level("WARNING", logger="headroom_memory_integrations")
+    model = llm(openai_server)
+    memory = make_memory(llm=model)
+    said = {"input": "I prefer Python for backend work"}
+    memory.load_memory_variables(said)
+    memory.save_context(said, {"response": "Noted."})
+    assert memory.memory.flush(30)
+    if isinstance(model, GenericFakeChatModel):
+        assert next(model.messages, None) is None  # its one answer, asked for once
+    else:
+        assert len([r for r in openai_server.requests if r.body]) == 1
+    assert memory.memory.get_all() == []
+    assert memory.memory.stats()["background"]["failed"] == 1
+    [warning] = [r for r in caplog.records if "ExtractionCutOff" in r.getMessage()]
+    assert "dead-lettered" in warning.getMessage()
+
+
+def test_an_extraction_answer_that_stopped_by_itself_is_stored(make_memory) -> None:
+    """A stop reason that is not the output limit (Anthropic's "end_turn") is no cut."""
+    whole = json.dumps({"memories": [PYTHON]})
+    model = GenericFakeChatModel(
+        messages=iter([AIMessage(whole, response_metadata={"stop_reason": "end_turn"})])
+    )
+    memory = make_memory(llm=model)
+    said = {"input": "I prefer Python for backend work"}
+    memory.load_memory_variables(said)
+    memory.save_context(said, {"response": "Noted."})
+    assert memory.memory.flush(30)
+    assert [m.text for m in memory.memory.get_all()] == [PYTHON["text"]]
 
 
 def test_no_deprecation_warning_of_its_own_and_one_warning_without_llm(

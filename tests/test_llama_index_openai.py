@@ -45,6 +45,7 @@ from headroom_memory_integrations.llama_index import (
     openai_llm_with_memory,
 )
 from headroom_memory_integrations.openai import MemoryClient, with_fast_memory
+from headroom_memory_integrations.testing import Reply
 
 pytestmark = pytest.mark.openai2  # llama-index-llms-openai-like: only in the openai 2.x venv
 
@@ -657,3 +658,36 @@ def test_extraction_does_not_continue_the_llms_stored_conversation(
     assert extraction[0].get("previous_response_id") is None and not extraction[0].get("store")
     assert llm._previous_response_id == chain
     assert [m.text for m in buffer.memory.get_all()] == ["Prefers Python for backend work"]
+
+
+@pytest.mark.parametrize("responses_api", [False, True], ids=["chat-completions", "responses"])
+def test_an_extraction_answer_cut_at_the_output_limit_is_dead_lettered_at_once(
+    openai_server, http_clients, db_path, model, caplog, responses_api
+) -> None:
+    """The extracting LLM's answer was cut off at the model's output limit (finish_reason
+    "length"; the Responses API's incomplete "max_output_tokens"): one call, the job
+    dead-lettered as ExtractionCutOff, nothing of the cut list stored (before: read as
+    malformed and asked 5 times)."""
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.openai import OpenAIResponses
+
+    cut = '{"memories": [{"text": "Prefers Python for backend work", "category": "pref'
+    openai_server.responder = lambda body: Reply.text(cut, finish_reason="length")
+    if responses_api:
+        llm = OpenAIResponses(
+            model="gpt-4o-mini", api_base=openai_server.base_url, api_key="sk-x", max_retries=0
+        )
+    else:
+        llm = scripted_openai_like(openai_server.base_url, **http_clients(), max_retries=0)
+    caplog.set_level("WARNING", logger="headroom_memory_integrations")
+    buffer = HeadroomChatMemoryBuffer.from_defaults(
+        user_id="bob", db_path=db_path, embedder=model, token_limit=3000, llm=llm
+    )
+    buffer.put(ChatMessage(role="user", content=FACT))
+    buffer.put(ChatMessage(role="assistant", content="Noted."))
+    flush(buffer.memory)
+    assert len([r for r in openai_server.requests if r.body]) == 1
+    assert buffer.memory.get_all() == []
+    assert buffer.memory.stats()["background"]["failed"] == 1
+    [warning] = [r for r in caplog.records if "ExtractionCutOff" in r.getMessage()]
+    assert "dead-lettered" in warning.getMessage()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..wiring import open_memory
-from ..writer import Complete
+from ..writer import Complete, ExtractionCutOff, is_cut_off
 
 MEMORY_OPTIONS = ("user_id", "db_path", "storage", "embedder")
 """The constructor arguments that open a user's store, as for ``MemoryStore``."""
@@ -23,16 +23,40 @@ def chat_model_completer(model: Any) -> Complete:
     the harness's own (``metadata["lc_source"]``): a
     :class:`~.chat_model.MemoryChatModel` given as ``model`` passes it through untouched, so
     its user's memories never go into another exchange's extraction, and it learns nothing
-    from the extraction prompt."""
+    from the extraction prompt. An answer whose ``response_metadata`` says it was cut off at
+    the model's output limit (:func:`stop_reason`) raises
+    :class:`~headroom_memory_integrations.writer.ExtractionCutOff`."""
 
     def complete(messages: list[dict[str, str]], model_name: str | None) -> str:
         answer = model.invoke(
             messages,
             config={"run_name": EXTRACTION_RUN, "metadata": {"lc_source": EXTRACTION_RUN}},
         )
+        metadata = getattr(answer, "response_metadata", None)
+        if isinstance(metadata, dict) and is_cut_off(reason := stop_reason(metadata)):
+            raise ExtractionCutOff.of(
+                str(metadata.get("model_name") or type(model).__name__), reason
+            )
         return str(answer.text)
 
     return complete
+
+
+STOP_REASON_KEYS = ("finish_reason", "stop_reason", "stopReason", "done_reason")
+"""Where LangChain's chat models put why an answer stopped, in ``response_metadata`` (the
+core has no standard key): OpenAI, Groq, Mistral and Gemini ``finish_reason``, Anthropic
+``stop_reason``, Bedrock Converse ``stopReason``, Ollama ``done_reason``."""
+
+
+def stop_reason(metadata: dict[str, Any]) -> Any:
+    """Why the answer of this ``response_metadata`` stopped, as its provider said it (None when
+    it says nothing): a :data:`STOP_REASON_KEYS` entry, or the reason of an OpenAI Responses
+    API answer left incomplete (``incomplete_details``)."""
+    for key in STOP_REASON_KEYS:
+        if metadata.get(key) is not None:
+            return metadata[key]
+    incomplete = metadata.get("incomplete_details")
+    return incomplete.get("reason") if isinstance(incomplete, dict) else None
 
 
 def memory_field(data: Any) -> Any:

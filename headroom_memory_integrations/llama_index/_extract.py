@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llama_index.core.llms import LLM
 
 from ..jobs import PermanentJobError
-from ..writer import Complete
+from ..writer import Complete, ExtractionCutOff, is_cut_off
 from ._messages import from_dicts
 
 
@@ -30,7 +31,8 @@ def llm_completer(llm: LLM | None) -> Complete:
     :func:`~.openai_llm.openai_llm_with_memory`, is unwrapped: extraction calls carry no
     memory, and nothing they answer is stored for that LLM's user. The model name a job
     carries is ignored: the LLM object decides. Called from the memory worker's thread, never
-    on the caller's path."""
+    on the caller's path. An answer its LLM says was cut off at the model's output limit
+    (:func:`stop_reason`) raises :class:`~headroom_memory_integrations.writer.ExtractionCutOff`."""
 
     def complete(messages: list[dict[str, str]], model_name: str | None) -> str:
         model: Any = llm if llm is not None else _settings_llm()
@@ -40,6 +42,40 @@ def llm_completer(llm: LLM | None) -> Complete:
 
             model = without_memory(model)
         answer = model.chat(from_dicts(messages))
+        if is_cut_off(reason := stop_reason(answer)):
+            name = getattr(model, "model", None)  # OpenAI's, Anthropic's, Ollama's LLMs
+            raise ExtractionCutOff.of(
+                name if isinstance(name, str) else type(model).__name__, reason
+            )
         return str(answer.message.content or "")
 
     return complete
+
+
+STOP_REASON_KEYS = ("finish_reason", "stop_reason", "done_reason")
+"""Where a LlamaIndex LLM's answer may say why it stopped (LlamaIndex has no standard field):
+the raw response's first choice (OpenAI and the LLMs built on its client), the raw response
+itself (Anthropic ``stop_reason``, Ollama ``done_reason``), or ``additional_kwargs``; else
+the reason of an OpenAI Responses API answer left incomplete (``raw.incomplete_details``)."""
+
+
+def _field(value: Any, name: str) -> Any:
+    """``value[name]`` of a mapping, ``value.name`` of an object; None when it has none."""
+    if isinstance(value, Mapping):
+        return value.get(name)
+    return getattr(value, name, None)
+
+
+def stop_reason(answer: Any) -> Any:
+    """Why a LlamaIndex ``ChatResponse`` stopped, as its provider said it (None when it says
+    nothing)."""
+    raw = getattr(answer, "raw", None)
+    choices = _field(raw, "choices") if raw is not None else None
+    first = choices[0] if isinstance(choices, Sequence) and choices else None
+    places = (first, raw, getattr(answer, "additional_kwargs", None))
+    for place in places:
+        for key in STOP_REASON_KEYS:
+            if place is not None and (reason := _field(place, key)) is not None:
+                return reason
+    incomplete = _field(raw, "incomplete_details") if raw is not None else None
+    return _field(incomplete, "reason") if incomplete is not None else None

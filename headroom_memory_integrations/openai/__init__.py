@@ -27,7 +27,7 @@ from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
 from ..jobs import Backoff, PermanentJobError
 from ..storage import Storage
 from ..wiring import build_flow, open_memory
-from ..writer import BackgroundExtractor, Complete, ExtractionCutOff
+from ..writer import BackgroundExtractor, Complete, ExtractionCutOff, is_cut_off
 from .client import TWIN_SETTINGS, MemoryClient
 from .flow import CompletionsFlow, Injection
 from .responses import AsyncMemoryStreamedResponse, MemoryRawResponse, MemoryStreamedResponse
@@ -156,11 +156,9 @@ def openai_completer(client: Any) -> Complete:
             default_only.add(model)
             response = client.chat.completions.create(**ask)
         choices = getattr(response, "choices", None)  # None: a gateway's error body, sent as 200
-        if choices and getattr(choices[0], "finish_reason", None) == "length":
-            raise ExtractionCutOff(
-                f"the extraction answer of {model} was cut off at the model's output limit "
-                "(finish_reason 'length'); nothing of it is stored"
-            )
+        reason = getattr(choices[0], "finish_reason", None) if choices else None
+        if is_cut_off(reason):
+            raise ExtractionCutOff.of(model, reason)
         message = getattr(choices[0], "message", None) if choices else None
         return getattr(message, "content", None) or ""  # "": a malformed answer, retried
 
