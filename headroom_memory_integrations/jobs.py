@@ -41,7 +41,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
+from urllib.parse import quote
 
 from .errors import HeadroomMemoryError, InvalidInputError
 from .redaction import without_secrets
@@ -323,6 +325,17 @@ def _identity(path: str) -> tuple[int, int] | None:
     return status.st_dev, status.st_ino
 
 
+def sqlite_uri(path: PurePath) -> str:
+    """The SQLite URI of the file at the absolute ``path``, opened for reading and writing
+    only if it exists (``mode=rw``: a plain path would make an empty file). Its characters
+    are quoted as a URI's (spaces, ``%``, ``?``, ``#``, non-ASCII letters), as pathlib's
+    ``as_uri()`` does, and a Windows path is written ``file:///C:/...``; a UNC path
+    ``file:////server/share/...``, which SQLite reads (``as_uri()`` would write the server
+    as the URI's authority, which SQLite refuses)."""
+    posix = path.as_posix()
+    return f"file://{'' if posix.startswith('/') else '/'}{quote(posix, safe='/:')}?mode=rw"
+
+
 def _not_a_database(exc: sqlite3.DatabaseError) -> bool:
     """Whether ``exc`` is SQLite's "file is not a database" (a file whose header is not
     SQLite's), not a lock, a permission or another passing state."""
@@ -357,6 +370,8 @@ class JobQueue:
         self._lock = threading.Lock()
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
+        self._opened: tuple[int, int] | None = None  # the (device, inode) _conn has open
+        self._lost_told = False  # whether the path was found naming another file, or none
         self._closed = False
         with _FORK_GUARD:  # listed before its first transaction: a fork waits for it
             _QUEUES.add(self)
@@ -400,6 +415,7 @@ class JobQueue:
             conn.close()
             raise
         self._conn = conn
+        self._opened = _identity(self.path)
         return conn
 
     def _set_aside(self, identity: tuple[int, int] | None) -> bool:
@@ -682,16 +698,43 @@ class JobQueue:
 
     def erase_wal(self, busy_timeout: float = 0.1) -> bool:
         """Copy the WAL into the file and truncate it to nothing, so deleted jobs' payloads
-        are gone from every file. Uses a connection of its own, so puts never wait for it.
-        Returns False if another connection (or process) kept part of it: try again later."""
+        are gone from every file. Uses a connection of its own, so puts never wait for it,
+        which opens the file only if it exists (it never makes one). Returns False if
+        another connection (or process) kept part of it: try again later; True, with nothing
+        done, when the path names no file any more (see :meth:`_file_lost`)."""
         if self._closed:
             return False
         try:
-            with _FORK_GUARD, closing(sqlite3.connect(self.path, timeout=busy_timeout)) as conn:
-                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            with _FORK_GUARD:
+                here = _identity(self.path)
+                if self._file_lost(here) and here is None:
+                    return True
+                uri = sqlite_uri(PurePath(self.path))
+                with closing(sqlite3.connect(uri, uri=True, timeout=busy_timeout)) as conn:
+                    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.Error:
             return False
         return not busy
+
+    def _file_lost(self, here: tuple[int, int] | None) -> bool:
+        """Whether the path, now naming the file ``here`` (None: none), no longer names the
+        file this queue has open (it was deleted, or another file put in its place). This
+        process goes on with the file it has open, so the jobs it queues from then on are
+        kept only until it exits, and no other process sees them: logged once, at WARNING,
+        naming the path. Checked once per :meth:`erase_wal` (the worker's idle checkpoint),
+        never on a caller's path."""
+        opened = self._opened
+        if opened is None or self._conn is None or here == opened:
+            return False
+        if not self._lost_told:
+            self._lost_told = True
+            logger.warning(
+                "job queue %s was deleted or replaced while this process had it open: the"
+                " jobs this process queues are kept only until it exits, and no other process"
+                " sees them (restart it to use the file at that path)",
+                self.path,
+            )
+        return True
 
     def retry_later(
         self,

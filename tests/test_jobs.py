@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import pytest
@@ -32,6 +32,7 @@ from headroom_memory_integrations.jobs import (
     PartlyDone,
     PermanentJobError,
     shared_worker,
+    sqlite_uri,
     without_secrets,
 )
 
@@ -1272,3 +1273,77 @@ def test_a_queue_file_locked_or_unopenable_is_not_set_aside(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.sqlite3", "jobs.sqlite3"]
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["deleted", "replaced"])
+def test_a_queue_file_deleted_under_a_running_worker_is_not_made_again_and_told_once(
+    path: Path, make_worker: MakeWorker, caplog: pytest.LogCaptureFixture, replaced: bool
+) -> None:
+    """The queue file (with its -wal and -shm) is deleted while a worker runs: the worker goes
+    on with the file it has open, its idle WAL checkpoints make no empty file at the path
+    (before: each made one, where the next process found none of this process's jobs), and
+    one WARNING names the path and says the jobs queued here are kept only until the process
+    exits; a file another process put in its place is told the same way, once."""
+    done: list[int] = []
+    worker = make_worker(lambda job: done.append(job.payload["n"]))
+    caplog.set_level(logging.WARNING, logger="headroom_memory_integrations")
+    worker.queue.put("work", "alice", {"n": 0})
+    worker.notify("alice")
+    assert worker.flush(timeout=30)
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        name.unlink(missing_ok=True)
+    if replaced:
+        JobQueue(path).close()  # another process's new queue file, at the same path
+    for n in range(1, 4):  # jobs finish, so the worker checkpoints when idle, each round
+        worker.queue.put("work", "alice", {"n": n})
+        worker.notify("alice")
+        assert worker.flush(timeout=30)
+        time.sleep(0.6)  # past _CHECKPOINT_EVERY
+    assert done == [0, 1, 2, 3]  # the jobs still run, from the file this process has open
+    assert path.exists() is replaced  # no file made at the path
+    told = [r for r in caplog.records if "deleted or replaced" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelno == logging.WARNING
+    assert str(path) in told[0].getMessage()
+    assert "kept only until it exits" in told[0].getMessage()
+
+
+def test_the_wal_of_a_queue_under_a_path_with_spaces_and_percent_signs_is_erased(
+    tmp_path: Path,
+) -> None:
+    """erase_wal opens the file through an SQLite URI: a folder named with spaces, ``%``,
+    ``#`` and ``?`` is quoted, so the WAL of the file itself is erased and no other file is
+    made (a path read with its ``%20`` decoded, or cut at ``?``)."""
+    folder = tmp_path / "my jobs 100% #1?x%20y"
+    folder.mkdir()
+    queue = JobQueue(folder / "jobs.sqlite3")
+    try:
+        queue.complete(queue.put("work", "alice", {"note": "private note"}))
+        wal = folder / "jobs.sqlite3-wal"
+        assert b"private note" in wal.read_bytes()
+        assert queue.erase_wal()
+        assert wal.stat().st_size == 0
+    finally:
+        queue.close()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    assert [p.name for p in folder.iterdir()] == ["jobs.sqlite3"]  # its -wal goes at close
+
+
+@pytest.mark.parametrize(
+    ("path", "uri"),
+    [
+        (
+            PurePosixPath("/srv/my jobs/100%/a#b?c/jobs.sqlite3"),
+            "file:///srv/my%20jobs/100%25/a%23b%3Fc/jobs.sqlite3?mode=rw",
+        ),
+        (
+            PureWindowsPath(r"C:\Users\Ann Lee\100%\jobs.sqlite3"),
+            "file:///C:/Users/Ann%20Lee/100%25/jobs.sqlite3?mode=rw",
+        ),
+        (  # no authority (SQLite refuses one but localhost): the UNC path is the URI's path
+            PureWindowsPath(r"\\server\share\my jobs\jobs.sqlite3"),
+            "file:////server/share/my%20jobs/jobs.sqlite3?mode=rw",
+        ),
+    ],
+)
+def test_the_uri_of_a_queue_file_quotes_its_path(path: PurePath, uri: str) -> None:
+    assert sqlite_uri(path) == uri
