@@ -527,7 +527,9 @@ class MemoryFlow:
                 next one is instructed). A new turn with the same words (a user who says "yes"
                 twice) is not a later step: it is recalled for and learnt from anew.
             conversation: Which conversation the call is of, for ``later_step``: a session's
-                id, or :func:`conversation_key` of the messages before the user's. With no
+                id (or the user message's own, where a framework gives messages lasting ids,
+                as LangGraph does), or :func:`conversation_key` of the messages before the
+                user's. With no
                 turn of the same message and messages before it, a later step whose messages
                 before the user's are what is left of a kept turn's, some dropped (by a chat
                 memory the tool results filled: the oldest, or all but the first), is a later

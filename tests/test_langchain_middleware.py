@@ -33,6 +33,11 @@ from _langchain_support import (
 from _langchain_support import instruction_nonce as nonce_in
 from conftest import GatedEmbedder
 from langchain.agents import create_agent
+from langchain.agents.middleware import (
+    ClearToolUsesEdit,
+    ContextEditingMiddleware,
+    SummarizationMiddleware,
+)
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.memory import InMemorySaver
@@ -564,3 +569,52 @@ def test_a_tool_loops_next_step_is_not_shown_what_its_first_step_learnt(
     agent_with(openai_server, middleware).invoke(ASK, thread("t2"))
     assert nonce_in(chat_requests(openai_server)[2])
     assert TEA["text"] in json.dumps(chat_requests(openai_server)[2])
+
+
+HOT_DRINK = "Drinks a hot drink every morning"
+
+
+def agent_steps(server: ScriptedOpenAIServer) -> list[list[dict[str, Any]]]:
+    """The agent's model calls, not ``SummarizationMiddleware``'s summary requests."""
+    return [r for r in chat_requests(server) if "Messages to summarize" not in json.dumps(r)]
+
+
+@pytest.mark.parametrize("rewriter", ["summarization", "context_editing"])
+def test_a_tool_loops_next_step_is_of_its_turn_when_middleware_rewrite_what_came_before(
+    rewriter: str,
+    openai_server: ScriptedOpenAIServer,
+    says: ScriptedChat,
+    db_path: Path,
+    model: Any,
+) -> None:
+    """Middleware that summarise or clear the messages before the user's between two steps of
+    a turn keep the user's message and its id: the step after the tool is still a later step
+    of that turn (no instruction, not shown what the first step learnt as an earlier memory)."""
+    says.talks, says.memories = True, []
+    middleware = MemoryMiddleware(user_id="alice", db_path=db_path, embedder=model)
+    middleware.memory.add(HOT_DRINK, category="preference")  # type: ignore[union-attr]
+    rewrite: Any = (
+        SummarizationMiddleware(
+            model=chat_openai(openai_server), trigger=("messages", 7), keep=("messages", 3)
+        )
+        if rewriter == "summarization"
+        else ContextEditingMiddleware(edits=[ClearToolUsesEdit(trigger=20, keep=1)])
+    )
+    agent = create_agent(
+        chat_openai(openai_server),
+        tools=[get_weather],
+        middleware=[middleware, rewrite],
+        checkpointer=InMemorySaver(),
+    )
+    agent.invoke({"messages": [{"role": "user", "content": "Weather in 'Rome'?"}]}, thread("t"))
+    says.memories = [TEA]
+    question = "I love green tea. Which hot drink suits the weather in 'Paris'?"
+    agent.invoke({"messages": [{"role": "user", "content": question}]}, thread("t"))
+
+    first, after_tool = agent_steps(openai_server)[2:4]
+    rewritten = "summary of the conversation" if rewriter == "summarization" else "[cleared]"
+    assert rewritten not in json.dumps(first) and rewritten in json.dumps(after_tool)
+    assert after_tool[-1]["role"] == "tool" and nonce_in(first)
+    assert not nonce_in(after_tool)  # the turn is learnt from once
+    assert HOT_DRINK in json.dumps(after_tool)  # what the first step was shown
+    assert TEA["text"] not in json.dumps(after_tool)  # not what it learnt

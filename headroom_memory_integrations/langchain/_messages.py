@@ -35,6 +35,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from ..engine import MemoryStore
 from ..flow import (
     AnswerStream,
+    ConversationTail,
     MemoryFlow,
     Turn,
     conversation_key,
@@ -73,6 +74,19 @@ def is_notification(message: BaseMessage) -> bool:
     makes it count as untrusted text: it never makes text trusted."""
     kwargs = getattr(message, "additional_kwargs", None)
     return isinstance(kwargs, Mapping) and isinstance(kwargs.get("lc_source"), str)
+
+
+def conversation_of(messages: Sequence[BaseMessage], index: int) -> str | ConversationTail:
+    """What tells the turn of the user message at ``index`` apart from others, for the flow's
+    later steps (:meth:`~..flow.MemoryFlow.start`'s ``conversation``): the message's id, when it
+    has one, else :func:`~..flow.conversation_key` of the messages before it. LangGraph gives
+    every message of an agent's state an id (a UUID) and keeps it while middleware edit, clear,
+    trim or summarise the messages around it (``ContextEditingMiddleware``,
+    ``SummarizationMiddleware``) between two steps of a turn, which change those messages."""
+    message_id = messages[index].id
+    if isinstance(message_id, str) and message_id:
+        return f"message id {message_id}"
+    return conversation_key((m.type, message_text(m)) for m in messages[:index])
 
 
 def is_harness_call(metadata: Mapping[str, Any] | None) -> bool:
@@ -219,7 +233,7 @@ class MessagesFlow:
             untrusted=holds_outside_text(call.messages, call_kwargs)
             or any(holds_agent_text(message_text(m)) for m in call.messages if is_user(m)),
             later_step=any(is_tool_result(m) for m in call.messages[index + 1 :]),
-            conversation=conversation_key((m.type, message_text(m)) for m in call.messages[:index]),
+            conversation=conversation_of(call.messages, index),
         )
         prompt = call.turn.prompt
         if prompt:
