@@ -226,6 +226,20 @@ REMEMBERED_TURNS = 256
 """The turns a flow keeps what it recalled for (see :meth:`MemoryFlow.start`'s
 ``later_step``), the latest ones."""
 
+
+class KeptTurns:
+    """The latest turns a flow keeps for their later calls (by :attr:`Turn.turn_key`): what
+    their first calls recalled, and which turns were learnt from. A flow built anew for the
+    same user (once an adapter let the first one go) can be given its earlier flow's, so a
+    turn in progress meanwhile (a tool running) goes on as one; flows that share them share
+    their lock too."""
+
+    def __init__(self) -> None:
+        self.turns: OrderedDict[str, _KeptTurn] = OrderedDict()
+        self.learnt: set[str] = set()
+        self.lock = threading.Lock()
+
+
 CONVERSATION_TAIL = 4
 """How many of the messages before a user's message tell its conversation apart (see
 :func:`conversation_key`)."""
@@ -464,6 +478,8 @@ class MemoryFlow:
         top_k: Memories injected at most.
         untrusted_context: Treat every call as holding untrusted content (for applications that
             put retrieved documents in the prompt): see :mod:`.grounding`.
+        kept_turns: The turns an earlier flow of the same user kept (:attr:`kept_turns`), to
+            go on with; default: none.
     """
 
     def __init__(
@@ -474,6 +490,7 @@ class MemoryFlow:
         inline: bool,
         top_k: int = 5,
         untrusted_context: bool = False,
+        kept_turns: KeptTurns | None = None,
     ) -> None:
         self.memory = memory
         self.jobs = jobs
@@ -481,11 +498,10 @@ class MemoryFlow:
         self.top_k = top_k
         self.untrusted_context = untrusted_context
         self._last_extracted: str | None = None  # the user message last queued for extraction
-        # the latest turns (by Turn.turn_key): what their first calls recalled, and which
-        # turns were learnt from
-        self._turns: OrderedDict[str, _KeptTurn] = OrderedDict()
-        self._learnt: set[str] = set()
-        self._turns_lock = threading.Lock()
+        self.kept_turns = KeptTurns() if kept_turns is None else kept_turns
+        self._turns = self.kept_turns.turns
+        self._learnt = self.kept_turns.learnt
+        self._turns_lock = self.kept_turns.lock
 
     def start(
         self,

@@ -30,7 +30,7 @@ from .engine import (
     validate_user_id,
 )
 from .errors import InvalidInputError
-from .flow import MemoryFlow
+from .flow import KeptTurns, MemoryFlow
 from .jobs import Backoff
 from .storage import ChromaStorage, Storage
 from .writer import BackgroundExtractor, queue_path_for, writer_for
@@ -127,6 +127,7 @@ def build_flow(
     queue_path: str | os.PathLike[str] | None = None,
     backoff: Backoff | None = None,
     untrusted_context: bool = False,
+    kept_turns: KeptTurns | None = None,
 ) -> MemoryFlow:
     """A flow for ``memory``, its work queued in the process's writer of ``queue_path`` (default:
     beside embedded memories, or in ``~/.headroom-memory`` for a server).
@@ -137,6 +138,8 @@ def build_flow(
         extractor: Required when ``inline`` is False.
         untrusted_context: Every call's context holds untrusted text (e.g. retrieved
             documents): keep only memories grounded in the user's words (:mod:`.grounding`).
+        kept_turns: The turns an earlier flow of the same user kept, to go on with
+            (:class:`~.flow.KeptTurns`).
     """
     if not inline and extractor is None:
         raise InvalidInputError("background extraction needs an extractor")
@@ -146,7 +149,12 @@ def build_flow(
     writer = writer_for(path, backoff=backoff)
     writer.register(memory, extractor)
     return MemoryFlow(
-        memory, writer, inline=inline, top_k=top_k, untrusted_context=untrusted_context
+        memory,
+        writer,
+        inline=inline,
+        top_k=top_k,
+        untrusted_context=untrusted_context,
+        kept_turns=kept_turns,
     )
 
 

@@ -618,3 +618,34 @@ def test_a_tool_loops_next_step_is_of_its_turn_when_middleware_rewrite_what_came
     assert not nonce_in(after_tool)  # the turn is learnt from once
     assert HOT_DRINK in json.dumps(after_tool)  # what the first step was shown
     assert TEA["text"] not in json.dumps(after_tool)  # not what it learnt
+
+
+def test_a_run_whose_user_is_let_go_of_while_its_tool_runs_goes_on_with_its_turn(
+    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+) -> None:
+    """A service with max_users=1 serves another user while alice's tool runs: her flow is
+    let go of, and the step after her tool gets a new one, which goes on with her turn."""
+    says.talks = True  # the tool-call step carries the memory block
+    middleware = MemoryMiddleware(db_path=db_path, embedder=model, max_users=1)
+    middleware.memory_for("alice").add(HOT_DRINK, category="preference")
+
+    @tool
+    def weather_while_bob_is_served(city: str) -> str:
+        """The weather in a city."""
+        middleware.memory_for("bob")  # another user's run, served meanwhile
+        return f"It is sunny in {city}"
+
+    agent = create_agent(
+        chat_openai(openai_server),
+        tools=[weather_while_bob_is_served],
+        context_schema=Context,
+        middleware=[middleware],
+    )
+    agent.invoke(ASK, context=Context(user_id="alice"))
+    first, after_tool = chat_requests(openai_server)
+    assert list(middleware._flows) == ["alice"]  # bob's came and went in between
+    assert nonce_in(first) and after_tool[-1]["role"] == "tool"
+    assert not nonce_in(after_tool)  # the turn is learnt from once
+    assert HOT_DRINK in json.dumps(after_tool)  # what the first step was shown
+    assert TEA["text"] not in json.dumps(after_tool)  # not what it learnt
+    assert sorted(texts(middleware.memory_for("alice"))) == sorted([HOT_DRINK, TEA["text"]])

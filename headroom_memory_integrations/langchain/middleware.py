@@ -15,6 +15,7 @@ from langchain_core.messages import AIMessage
 from ..embeddings import Embedder
 from ..engine import MemoryStore, check_top_k
 from ..errors import InvalidInputError
+from ..flow import KeptTurns
 from ..storage import Storage
 from ..wiring import build_flow, checked_setting, open_memory
 from ._messages import Injection, MessagesFlow
@@ -103,7 +104,8 @@ class MemoryMiddleware(AgentMiddleware):
             (default :data:`DEFAULT_MAX_USERS`). The least recently served one is let go of
             to make room: what its runs queued is still stored (the queue is durable and
             shared), a store of it from :meth:`memory_for` still works, and its next run opens
-            it again.
+            it again, going on with the turns it was in (a run let go of while its tool ran is
+            still in the same turn: see docs/guide.md, "A turn is learnt from once").
     """
 
     def __init__(
@@ -137,6 +139,10 @@ class MemoryMiddleware(AgentMiddleware):
         # (a user's store is opened outside it, so other users' calls never wait for that)
         self._flows: OrderedDict[str, MessagesFlow] = OrderedDict()
         self._opening: dict[str, threading.Lock] = {}  # user -> held while their flow is built
+        # the turns the flows let go of kept (of as many users as max_users, the latest): a
+        # user's flow built anew goes on with them, so a run whose user was let go of while
+        # its tool ran (other users served meanwhile) goes on with its turn
+        self._let_go_turns: OrderedDict[str, KeptTurns] = OrderedDict()
         self._lock = threading.Lock()
         self._shared: tuple[Storage, Embedder] | None = None  # of the first user's store
         self._shared_lock = threading.Lock()
@@ -225,17 +231,25 @@ class MemoryMiddleware(AgentMiddleware):
                 flow = self._served(user_id)
             if flow is not None:
                 return flow
+            with self._lock:
+                kept_turns = self._let_go_turns.pop(user_id, None)
             try:
-                flow = self._flow_for(self._open(user_id))
+                flow = self._flow_for(self._open(user_id), kept_turns)
             except BaseException:
                 with self._lock:
                     self._opening.pop(user_id, None)
+                    if kept_turns is not None:
+                        self._let_go_turns[user_id] = kept_turns
                 raise
             with self._lock:
                 self._opening.pop(user_id, None)
                 self._flows[user_id] = flow
                 while len(self._flows) > self._max_users:
-                    self._flows.popitem(last=False)
+                    let_go, evicted = self._flows.popitem(last=False)
+                    if evicted.flow.kept_turns.turns:
+                        self._let_go_turns[let_go] = evicted.flow.kept_turns
+                while len(self._let_go_turns) > self._max_users:
+                    self._let_go_turns.popitem(last=False)
                 # the evicted flow is let go of, not closed: the writer holds stores weakly and
                 # runs a user's queued jobs on a store of its own once theirs is gone, while a
                 # run (or an application, through memory_for) still holding it keeps it whole:
@@ -261,13 +275,14 @@ class MemoryMiddleware(AgentMiddleware):
             storage, embedder = self._shared
         return MemoryStore(user_id, storage=storage, embedder=embedder)
 
-    def _flow_for(self, memory: MemoryStore) -> MessagesFlow:
+    def _flow_for(self, memory: MemoryStore, kept_turns: KeptTurns | None = None) -> MessagesFlow:
         flow = build_flow(
             memory,
             inline=True,
             top_k=self._top_k,
             queue_path=self._queue_path,
             untrusted_context=self._untrusted_context,
+            kept_turns=kept_turns,
         )
         return MessagesFlow(flow, self._injection)
 
