@@ -335,3 +335,27 @@ def test_an_image_the_model_drew_earlier_is_no_outside_text() -> None:
     assert is_tool_result(searched)
     both = {"type": "image_generation_call"}, {"type": "web_search_call"}
     assert is_tool_result(AIMessage("x", additional_kwargs={"tool_outputs": list(both)}))
+
+
+def test_a_user_message_is_told_apart_by_its_id_only_when_the_id_is_a_uuid() -> None:
+    """LangGraph gives each message a UUID, unique across conversations; an app's own ids may
+    be numbered per conversation ("3" in two of alice's chats), and two conversations whose
+    user messages shared one read as one turn: the second's first step took the first's place,
+    and the first's next step was instructed again and shown what it had just learnt."""
+    from headroom_memory_integrations.langchain._messages import conversation_of
+
+    def conversation(before: str, message_id: str) -> list[Any]:
+        return [
+            HumanMessage(before, id="1"),
+            AIMessage("Sure.", id="2"),
+            HumanMessage("Book Italian food for tonight", id=message_id),
+        ]
+
+    dinner, flight = "Plan dinner tonight", "Plan a flight to Oslo"
+    assert conversation_of(conversation(dinner, "3"), 2) != conversation_of(
+        conversation(flight, "3"), 2
+    )
+    same = "0b7f9a52-6f1c-4f43-9a8e-2f1d4c3b2a10"
+    assert conversation_of(conversation(dinner, same), 2) == conversation_of(
+        conversation(flight, same), 2
+    )  # a UUID is the message's own, whatever was summarised or cleared before it

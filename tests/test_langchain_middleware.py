@@ -620,19 +620,49 @@ def test_a_tool_loops_next_step_is_of_its_turn_when_middleware_rewrite_what_came
     assert TEA["text"] not in json.dumps(after_tool)  # not what it learnt
 
 
+class _ServesAnotherUserOnce:
+    """The real model, serving another user (``serve``) from another thread the first time it
+    embeds a question of more than one word: a request of bob's served while alice's first
+    step is still recalling."""
+
+    def __init__(self, model: Any, serve: Any) -> None:
+        self._model, self._serve, self.served = model, serve, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def embed_queries(self, texts: list[str]) -> Any:
+        if not self.served and any(len(text.split()) > 1 for text in texts):
+            self.served = True
+            other = threading.Thread(target=self._serve)
+            other.start()
+            other.join()
+        return self._model.embed_queries(texts)
+
+
+@pytest.mark.parametrize("bob_served", ["while the tool runs", "while the first step recalls"])
 def test_a_run_whose_user_is_let_go_of_while_its_tool_runs_goes_on_with_its_turn(
-    openai_server: ScriptedOpenAIServer, says: ScriptedChat, db_path: Path, model: Any
+    openai_server: ScriptedOpenAIServer,
+    says: ScriptedChat,
+    db_path: Path,
+    model: Any,
+    bob_served: str,
 ) -> None:
-    """A service with max_users=1 serves another user while alice's tool runs: her flow is
-    let go of, and the step after her tool gets a new one, which goes on with her turn."""
+    """A service with max_users=1 serves another user while alice's tool runs, or while her
+    first step still recalls (before it has noted its turn): her flow is let go of, and the
+    step after her tool gets a new one, which goes on with her turn."""
     says.talks = True  # the tool-call step carries the memory block
-    middleware = MemoryMiddleware(db_path=db_path, embedder=model, max_users=1)
+    embedder = _ServesAnotherUserOnce(model, lambda: middleware.memory_for("bob"))
+    if bob_served == "while the tool runs":
+        embedder.served = True
+    middleware = MemoryMiddleware(db_path=db_path, embedder=embedder, max_users=1)
     middleware.memory_for("alice").add(HOT_DRINK, category="preference")
 
     @tool
     def weather_while_bob_is_served(city: str) -> str:
         """The weather in a city."""
-        middleware.memory_for("bob")  # another user's run, served meanwhile
+        if bob_served == "while the tool runs":
+            middleware.memory_for("bob")  # another user's run, served meanwhile
         return f"It is sunny in {city}"
 
     agent = create_agent(

@@ -14,6 +14,7 @@ agent middleware) uses around every call of the model it wraps, sync or async, s
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -79,14 +80,25 @@ def is_notification(message: BaseMessage) -> bool:
 def conversation_of(messages: Sequence[BaseMessage], index: int) -> str | ConversationTail:
     """What tells the turn of the user message at ``index`` apart from others, for the flow's
     later steps (:meth:`~..flow.MemoryFlow.start`'s ``conversation``): the message's id, when it
-    has one, else :func:`~..flow.conversation_key` of the messages before it. LangGraph gives
-    every message of an agent's state an id (a UUID) and keeps it while middleware edit, clear,
-    trim or summarise the messages around it (``ContextEditingMiddleware``,
-    ``SummarizationMiddleware``) between two steps of a turn, which change those messages."""
+    is a UUID, else :func:`~..flow.conversation_key` of the messages before it. LangGraph gives
+    every message of an agent's state a UUID and keeps it while middleware edit, clear, trim or
+    summarise the messages around it (``ContextEditingMiddleware``,
+    ``SummarizationMiddleware``) between two steps of a turn, which change those messages. An
+    id of another form may be numbered per conversation ("3", a chat platform's message id),
+    so two conversations of one user could share it: such an id tells nothing apart."""
     message_id = messages[index].id
-    if isinstance(message_id, str) and message_id:
+    if isinstance(message_id, str) and _is_uuid(message_id):
         return f"message id {message_id}"
     return conversation_key((m.type, message_text(m)) for m in messages[:index])
+
+
+def _is_uuid(text: str) -> bool:
+    """Whether ``text`` is a UUID (any version, any of its written forms)."""
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_harness_call(metadata: Mapping[str, Any] | None) -> bool:

@@ -246,8 +246,9 @@ class MemoryMiddleware(AgentMiddleware):
                 self._flows[user_id] = flow
                 while len(self._flows) > self._max_users:
                     let_go, evicted = self._flows.popitem(last=False)
-                    if evicted.flow.kept_turns.turns:
-                        self._let_go_turns[let_go] = evicted.flow.kept_turns
+                    # kept even while empty: a first step still recalling notes its turn in
+                    # them after its user is let go of, and its next step reopens the user
+                    self._let_go_turns[let_go] = evicted.flow.kept_turns
                 while len(self._let_go_turns) > self._max_users:
                     self._let_go_turns.popitem(last=False)
                 # the evicted flow is let go of, not closed: the writer holds stores weakly and
