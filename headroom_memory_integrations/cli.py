@@ -41,7 +41,7 @@ from .engine import (
     clean_text,
     server_url,
 )
-from .errors import HeadroomMemoryError, InvalidInputError
+from .errors import HeadroomMemoryError, InvalidInputError, MemoryNotFoundError
 from .keys import clean_keys
 from .storage.base import without_credentials
 from .storage.folder import DATABASE_FILE
@@ -357,7 +357,12 @@ def _run(args: argparse.Namespace, out: TextIO) -> Any:
         return [m.to_dict() for m in memories]
     if args.command == "delete":
         memory_id = _full_id(store, args.id)
-        store.delete(memory_id)
+        try:
+            store.delete(memory_id)
+        except MemoryNotFoundError:  # its message names the user by a hash, as the logs do
+            raise HeadroomMemoryError(
+                f"user {args.user!r} has no memory with id {args.id!r}"
+            ) from None
         if not args.json:
             print(f"deleted {args.id}", file=out)
         return {"deleted": memory_id}  # the whole id, for a script given a prefix

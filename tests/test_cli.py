@@ -125,6 +125,19 @@ def test_errors_exit_1_with_a_message(run, args, message) -> None:
     assert code == 1 and message in err and err.startswith("headroom-memory: error:")
 
 
+def test_delete_of_an_unknown_id_names_the_user_as_typed(run) -> None:
+    """As every other message of the command does (``cleared 2 memories of user 'bob'``), with
+    what does not print escaped; the library's message names the user by the hash its logs use."""
+    for user in ("alice", "bob\u202eevil"):
+        assert run("add", "Likes tea", user=user)[0] == 0
+        code, out, err = run("delete", "0123456789abcdef", user=user)
+        assert code == 1 and out == ""
+        assert err == (
+            f"headroom-memory: error: user {user!r} has no memory with id '0123456789abcdef'\n"
+        )
+        assert "\u202e" not in err
+
+
 def _one_line_usage_error(err: str, message: str) -> None:
     """A usage error: one ``...: error: ...`` line (argparse's usage line may precede it)."""
     errors = [line for line in err.splitlines() if "error:" in line]
