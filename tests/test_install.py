@@ -27,9 +27,9 @@ MODEL = "headroom_memory_integrations/embeddings/models/all-MiniLM-L6-v2/"
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel of this checkout, built with the environment's setuptools (no network), from a
-    copy of the sources (a build in the checkout would reuse whatever its build/ holds)."""
+    copy of the sources (a build in the checkout would leave a build/ folder there)."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copyfile(ROOT / name, source / name)
     shutil.copytree(
         ROOT / "headroom_memory_integrations",
@@ -157,7 +157,7 @@ def test_the_sdist_holds_the_package_and_its_licence_and_no_tests(tmp_path: Path
     import: tests no one could run."""
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE", "MANIFEST.in"):
         shutil.copyfile(ROOT / name, source / name)
     for folder in ("headroom_memory_integrations", "tests"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__py*"))
@@ -174,5 +174,41 @@ def test_the_sdist_holds_the_package_and_its_licence_and_no_tests(tmp_path: Path
     with tarfile.open(built) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     assert {"LICENSE", "README.md", "pyproject.toml", MODEL + "model.int8.safetensors"} <= names
+    assert "setup.py" in names  # a wheel built from the sdist starts from a clean build/ too
     assert "headroom_memory_integrations/langchain/chat_model.py" in names
     assert not [name for name in names if name.startswith("tests")]
+
+
+def test_a_second_build_in_the_same_folder_ships_no_deleted_module(tmp_path: Path) -> None:
+    """``pip install .`` twice in a clone: setuptools reused build/lib/, and the second wheel
+    still held a module deleted (by a ``git pull``) between the two."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copyfile(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "headroom_memory_integrations",
+        source / "headroom_memory_integrations",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    removed = source / "headroom_memory_integrations" / "removed_later.py"
+    removed.write_text("X = 1\n")
+    build = "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])"
+
+    def wheel_names(out: Path) -> list[str]:
+        subprocess.run(
+            [sys.executable, "-c", build, str(out)],
+            cwd=source,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        (built,) = out.glob("headroom_memory_integrations-*.whl")
+        with zipfile.ZipFile(built) as archive:
+            return archive.namelist()
+
+    assert "headroom_memory_integrations/removed_later.py" in wheel_names(tmp_path / "first")
+    removed.unlink()
+    second = wheel_names(tmp_path / "second")
+    assert "headroom_memory_integrations/removed_later.py" not in second
+    assert "headroom_memory_integrations/cli.py" in second
