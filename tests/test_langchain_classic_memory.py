@@ -97,6 +97,9 @@ def test_a_chain_remembers_across_instances(openai_server, scripted, make_memory
 def test_a_new_process_recalls_and_without_the_extra_names_the_install(
     openai_server, scripted, make_memory, db_path
 ) -> None:
+    from headroom_memory_integrations import langchain as adapters
+
+    assert "HeadroomMemory" in adapters.__all__  # langchain-classic is installed here
     memory = make_memory()
     conversation(openai_server, memory).invoke({"input": "I prefer Python for APIs"})
     assert memory.memory.flush(30)
@@ -108,6 +111,9 @@ def test_a_new_process_recalls_and_without_the_extra_names_the_install(
         sys.modules["langchain_classic"] = None
         import headroom_memory_integrations.langchain as adapters  # works without the extra
         print(json.dumps(sorted(adapters.__all__)))
+        star = {{}}
+        exec("from headroom_memory_integrations.langchain import *", star)  # so does *
+        print(json.dumps(sorted(name for name in star if not name.startswith("__"))))
         try:
             from headroom_memory_integrations.langchain import HeadroomMemory
         except ImportError as exc:
@@ -119,8 +125,10 @@ def test_a_new_process_recalls_and_without_the_extra_names_the_install(
         print(json.dumps(memory.load_memory_variables({{"input": "Which language for my API?"}})))
         """
     )
-    names, error, loaded = (json.loads(line) for line in out.splitlines())
-    assert "HeadroomStore" in names and "HeadroomMemory" in names
+    names, star_names, error, loaded = (json.loads(line) for line in out.splitlines())
+    # without the extra, HeadroomMemory is left out of __all__ so that a star import works
+    assert "HeadroomStore" in names and "HeadroomMemory" not in names
+    assert star_names == names
     assert error == (
         "MissingDependencyError: langchain_classic is not installed. Install the package's "
         "'langchain-classic' extra: in a clone of headroom-memory-integrations, "

@@ -9,6 +9,7 @@ wrappers. Install with ``pip install '.[langchain]'``;
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .._optional import require
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from .memory import HeadroomMemory
 
 __all__ = [
-    "HeadroomMemory",
     "HeadroomRetriever",
     "HeadroomStore",
     "MemoryChatModel",
@@ -43,6 +43,11 @@ __all__ = [
     "memory_tools",
     "namespace_user",
 ]
+# HeadroomMemory is exported only where langchain-classic is installed, so that
+# ``from headroom_memory_integrations.langchain import *`` works without it; importing the name
+# itself there still raises MissingDependencyError naming the install.
+if importlib.util.find_spec("langchain_classic") is not None:
+    __all__ += ["HeadroomMemory"]
 
 
 def __getattr__(name: str) -> Any:
