@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from subprocess import CompletedProcess
 
@@ -29,6 +30,7 @@ from _docs_support import (
 )
 
 import headroom_memory_integrations.langchain as adapters
+from headroom_memory_integrations.testing import MemoryFollowingModel, ScriptedOpenAIServer
 
 PAGE = ROOT / "docs" / "langchain.md"
 EXAMPLES = examples_in(PAGE)
@@ -40,6 +42,26 @@ EXPECTED_STDERR = {
         re.MULTILINE,
     ),
 }
+
+FOLLOWER_OUTPUT = re.compile(
+    r"^With `MemoryFollowingModel` it prints.*?:\n\n```text\n(.*?)^```", re.MULTILINE | re.DOTALL
+)
+
+
+def _with_follower_output(examples: list[Example]) -> list[Example]:
+    """The examples under which the page also shows what they print against the package's own
+    offline model (``MemoryFollowingModel``, which calls no tools), that output as ``prints``."""
+    lines = PAGE.read_text(encoding="utf-8").splitlines(keepends=True)
+    found = []
+    for example, after in zip(examples, [*examples[1:], None]):
+        section = "".join(lines[example.line - 1 : after.line - 1 if after else None])
+        shown = FOLLOWER_OUTPUT.search(section)
+        if shown:
+            found.append(replace(example, prints=shown.group(1)))
+    return found
+
+
+FOLLOWED = _with_follower_output(EXAMPLES)
 
 WORKERS = min(2, os.cpu_count() or 1)  # each example is a Python process importing LangChain
 
@@ -131,3 +153,26 @@ def test_the_example_prints_what_the_page_shows(
     expected = EXPECTED_STDERR.get(example.heading)
     stderr = expected.sub("", run.stderr) if expected else run.stderr
     assert stderr == "", f"{example.heading} wrote to stderr:\n{run.stderr}"
+
+
+def test_the_page_shows_where_memory_following_model_prints_otherwise() -> None:
+    """The outputs shown come from the tests' ``DocsModel``, which calls tools; a user without
+    an API key has ``MemoryFollowingModel``, which never does: the page says what it prints
+    under each example whose output it changes."""
+    assert [example.heading for example in FOLLOWED] == [
+        "MemoryMiddleware",
+        "HeadroomStore",
+        "Memory tools",
+        "HeadroomMemory",
+    ]
+    page = PAGE.read_text(encoding="utf-8")
+    assert "`ScriptedOpenAIServer(responder=MemoryFollowingModel())`" in page
+
+
+@pytest.mark.parametrize("followed", FOLLOWED, ids=[example.name for example in FOLLOWED])
+def test_with_memory_following_model_the_example_prints_what_the_page_says(
+    followed: Example, tmp_path: Path
+) -> None:
+    with ScriptedOpenAIServer(responder=MemoryFollowingModel()) as server:
+        run = run_example(followed, tmp_path, example_env(server, tmp_path))
+    assert_prints(followed, run.stdout)
