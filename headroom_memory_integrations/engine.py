@@ -1277,15 +1277,16 @@ class MemoryStore(WritePath):
         with self._write_lock:
             existing = collection.get([memory_id])
             if existing:
-                return self._rewrite(
-                    existing[0],
-                    draft.text,
-                    draft.category,
-                    draft.metadata,
-                    draft.keys,
-                    vector,
-                    keep_history=keep_history,
-                )
+                with contextlib.suppress(MemoryNotFoundError):  # deleted meanwhile: create it
+                    return self._rewrite(
+                        existing[0],
+                        draft.text,
+                        draft.category,
+                        draft.metadata,
+                        draft.keys,
+                        vector,
+                        keep_history=keep_history,
+                    )
             collection.upsert([draft], vector)
             return draft
 
@@ -1327,10 +1328,17 @@ class MemoryStore(WritePath):
         keep_history: bool = True,
         at: datetime | None = None,
     ) -> Memory:
+        """``old`` rewritten (see :func:`.write_path.rewritten`). Raises
+        :class:`MemoryNotFoundError`, and stores nothing, if another process deleted it since
+        it was read (a server's memories): the delete wins."""
         updated = rewritten(old, text, category, metadata, keys, keep_history=keep_history, at=at)
         if updated is old:
             return old  # nothing changes: replaying a supersede is harmless
-        self._open().upsert([updated], vector.reshape(1, -1))
+        if self._open().upsert([updated], vector.reshape(1, -1), rewrites=[old.id]):
+            raise MemoryNotFoundError(
+                f"user {user_tag(self.user_id)} has no memory with id {old.id!r} (it was "
+                "deleted meanwhile)"
+            )
         return updated
 
     def supersede(

@@ -137,7 +137,19 @@ class WritePath:
                     results.append(Remembered(revised, Outcome.SUPERSEDED))
             if written:
                 rows = [row for _, row in written.values()]
-                collection.upsert([m for m, _ in written.values()], vectors[rows])
+                rewrites = written.keys() & held.keys()
+                gone = collection.upsert(
+                    [m for m, _ in written.values()], vectors[rows], rewrites=rewrites
+                )
+                if gone:  # deleted by another process meanwhile: stored as imported, on its own
+                    rows = [written[i][1] for i in gone]
+                    collection.upsert([memories[row] for row in rows], vectors[rows])
+                    results = [
+                        Remembered(memories[written[r.memory.id][1]], Outcome.STORED)
+                        if r.memory.id in gone
+                        else r
+                        for r in results
+                    ]
         return results
 
     def _remember(
@@ -418,8 +430,40 @@ class WritePath:
             results.append(Remembered(memory, decision.outcome))
         if current:
             rows = vectors[[row_of[i] for i in current]]
-            collection.upsert(list(current.values()), rows, behind=not imported)
+            rewrites = current.keys() & stored.keys()
+            gone = collection.upsert(
+                list(current.values()), rows, behind=not imported, rewrites=rewrites
+            )
+            if gone:
+                self._store_instead(collection, drafts, vectors, results, gone, row_of, dated)
         return results
+
+    def _store_instead(
+        self,
+        collection: UserCollection,
+        drafts: Sequence[Memory],
+        vectors: Vectors,
+        results: list[Remembered],
+        gone: set[str],
+        row_of: Mapping[str, int],
+        dated: bool,
+    ) -> None:
+        """The memories ``gone`` were deleted by another process after they were read, and
+        this batch's new versions of them were not written (the delete wins): store the draft
+        that wrote each one as a new memory (what it says is new), under its placeholder id,
+        and let every result that named the deleted memory name it."""
+        now = utc_now()
+        instead: dict[str, Memory] = {}
+        for memory_id in gone:
+            draft = drafts[row_of[memory_id]]
+            instead[memory_id] = draft if dated else replace(draft, created_at=now, updated_at=now)
+        rows = [row_of[i] for i in instead]
+        collection.upsert(list(instead.values()), vectors[rows])
+        for index, done in enumerate(results):
+            memory = instead.get(done.memory.id)
+            if memory is not None:
+                stored = index == row_of[done.memory.id]
+                results[index] = Remembered(memory, Outcome.STORED if stored else done.outcome)
 
     def _reconcile(
         self,
@@ -547,7 +591,8 @@ class WritePath:
         kept = replace(
             now, history=(*now.history, Revision(draft.text, draft.category, now.updated_at))
         )
-        collection.upsert([kept], self._vectors([kept]))
+        if collection.upsert([kept], self._vectors([kept]), rewrites=[kept.id]):
+            return  # deleted since: it stays deleted
         results[index] = Remembered(kept, Outcome.SUPERSEDED)
 
 

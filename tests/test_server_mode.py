@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,123 @@ def test_closing_a_server_storage_closes_its_connections(chroma_server) -> None:
         del storage
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+# -- a delete by another process between a rewrite's read and its write --------------------------
+
+
+def _delete_in_another_process(url: str, user_id: str, memory_id: str) -> None:
+    """Process A: delete ``memory_id`` of ``user_id`` on the server, and exit."""
+    code = f"""
+        from conftest import HashEmbedder
+        from headroom_memory_integrations import MemoryStore
+        MemoryStore({user_id!r}, db_path={url!r}, embedder=HashEmbedder()).delete({memory_id!r})
+        """
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=str(Path(__file__).parent),
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def _delete_meanwhile(monkeypatch, url: str, user_id: str, memory_id: str, when: str) -> list[str]:
+    """Make process A delete the memory once, in this process's next rewrite of it: just after
+    the rewrite read it (``"after the read"``), or just before its first write call to Chroma
+    (``"before the write"``, after every read the write makes). Returns a list that holds
+    ``"deleted"`` once A did."""
+    import chromadb.api.models.Collection as chroma_collection
+
+    from headroom_memory_integrations.storage.chroma import ChromaCollection
+
+    fired: list[str] = []
+
+    def delete_once() -> None:
+        if not fired:
+            _delete_in_another_process(url, user_id, memory_id)
+            fired.append("deleted")
+
+    def then_delete(real):
+        def call(*args, **kwargs):
+            if when == "before the write":
+                delete_once()
+            result = real(*args, **kwargs)
+            if when == "after the read":
+                delete_once()
+            return result
+
+        return call
+
+    if when == "after the read":
+        monkeypatch.setattr(ChromaCollection, "get", then_delete(ChromaCollection.get))
+    else:
+        for write in ("upsert", "update"):
+            real = getattr(chroma_collection.Collection, write)
+            monkeypatch.setattr(chroma_collection.Collection, write, then_delete(real))
+    return fired
+
+
+@pytest.mark.parametrize("when", ["after the read", "before the write"])
+def test_an_update_loses_to_a_delete_made_meanwhile_by_another_process(
+    monkeypatch, chroma_server, when
+) -> None:
+    """ "Forget my PIN" in one process while another updates it: the delete wins. The update
+    raises MemoryNotFoundError and neither text is stored again (Chroma's upsert would have
+    created the memory again, current, with the deleted text in its history)."""
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations import MemoryNotFoundError
+
+    user = f"srv-pin-{when.replace(' ', '-')}"
+    store = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder())
+    secret = store.add("My bank card PIN is 4821")
+    fired = _delete_meanwhile(monkeypatch, chroma_server.url, user, secret.id, when)
+    with pytest.raises(MemoryNotFoundError):
+        store.update(secret.id, "My bank card PIN is 9999")
+    assert fired == ["deleted"]
+    monkeypatch.undo()
+    fresh = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder())
+    assert fresh.get_all() == []
+    assert fresh.search("What is my bank card PIN?") == []
+
+
+def test_a_supersede_of_a_memory_deleted_meanwhile_stores_the_new_memory_alone(
+    monkeypatch, chroma_server
+) -> None:
+    """An item that replaces a memory another process deletes meanwhile: the new text is
+    stored (it is new information), as a memory of its own; the deleted one is not created
+    again, nor its text kept in a history."""
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations import NewMemory
+
+    user = "srv-supersede-deleted"
+    store = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder())
+    old = store.add("Lives in New York")
+    fired = _delete_meanwhile(monkeypatch, chroma_server.url, user, old.id, "before the write")
+    [done] = store.remember_many([NewMemory("Lives in Denver", replaces=old.id)])
+    assert fired == ["deleted"]
+    monkeypatch.undo()
+    stored = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder()).get_all()
+    assert [(m.text, m.history) for m in stored] == [("Lives in Denver", ())]
+    assert stored[0].id != old.id
+    assert (done.memory.id, done.outcome.value) == (stored[0].id, "stored")
+
+
+def test_a_put_over_a_key_deleted_meanwhile_creates_it_without_the_deleted_text(
+    monkeypatch, chroma_server
+) -> None:
+    """put() creates or replaces: over a key another process deletes meanwhile, it creates
+    the key afresh, with no history of the deleted value."""
+    from conftest import HashEmbedder
+
+    user = "srv-put-deleted"
+    store = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder())
+    store.put("pin", "My bank card PIN is 4821")
+    _delete_meanwhile(monkeypatch, chroma_server.url, user, "pin", "before the write")
+    store.put("pin", "My bank card PIN is 9999")
+    monkeypatch.undo()
+    [memory] = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder()).get_all()
+    assert (memory.id, memory.text, memory.history) == ("pin", "My bank card PIN is 9999", ())

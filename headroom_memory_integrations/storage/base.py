@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from typing import NamedTuple, Protocol
 
@@ -50,7 +50,14 @@ class UserCollection(Protocol):
     A storage gives every caller in a process the same object for a user, so what it holds in
     memory (a cache, a search index) follows every write made in the process."""
 
-    def upsert(self, memories: Sequence[Memory], vectors: Vectors, *, behind: bool = False) -> None:
+    def upsert(
+        self,
+        memories: Sequence[Memory],
+        vectors: Vectors,
+        *,
+        behind: bool = False,
+        rewrites: Collection[str] = (),
+    ) -> set[str]:
         """Store new memories or new versions of existing ones. A write that raises stored
         nothing (what it had written is undone first).
 
@@ -58,6 +65,12 @@ class UserCollection(Protocol):
             behind: The write may reach storage just after this returns, once it is durable
                 and every later read of the process sees it (embedded storage, see
                 :mod:`.deferred`); a failure to store it then is retried, not raised.
+            rewrites: Ids of memories the caller read stored and writes new versions of:
+                they are never created. One that another process deleted meanwhile stays
+                deleted (its new version is not stored).
+
+        Returns:
+            The ids of ``rewrites`` that were not stored, being deleted.
         """
         ...
 

@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from types import MappingProxyType
@@ -758,7 +758,14 @@ class ChromaCollection:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def upsert(self, memories: Sequence[Memory], vectors: Vectors, *, behind: bool = False) -> None:
+    def upsert(
+        self,
+        memories: Sequence[Memory],
+        vectors: Vectors,
+        *,
+        behind: bool = False,
+        rewrites: Collection[str] = (),
+    ) -> set[str]:
         """Store ``memories`` (new ones, or new versions of existing ones) with their vectors.
 
         Written in batches of at most the server's maximum. If any batch fails, what the
@@ -768,9 +775,15 @@ class ChromaCollection:
         With ``behind``, a small write of a sole writer that holds the user read ahead is
         journaled, made in memory and stored in Chroma behind the caller (see
         :mod:`.deferred`).
+
+        The memories of ``rewrites`` are only rewritten, never created: one that is not
+        stored as the write starts is not written. A server's client, which another process
+        may delete it from until the write is made, writes them with Chroma's ``update``
+        (which leaves a missing record missing) and reads them back after. Returns the ids of
+        ``rewrites`` that were not stored (deleted meanwhile).
         """
         if not memories:
-            return
+            return set()
         fields = [_fields_of(m) for m in memories]
         metas = [_metadata(f) for f in fields]
         written = {m.id: _Record(f, m) for m, f in zip(memories, fields)}
@@ -778,6 +791,7 @@ class ChromaCollection:
         if len(ids) != len(memories):
             raise StorageError("a write may not name the same memory twice")
         size = sum(_record_bytes(meta, self.binding[1]) for meta in metas)
+        rewriting = written.keys() & set(rewrites)
         with self._user_lock, self._write_lock:
             deferred = self._storage._deferred
             if (
@@ -787,14 +801,23 @@ class ChromaCollection:
                 and self._deferrable(len(ids))
             ):
                 self._storage._ready_to_write(self, size)
+                index = self._index  # complete: a missing memory is not in it
+                gone = {i for i in rewriting if index is None or i not in index}
+                keep = [n for n, i in enumerate(ids) if i not in gone]
                 embedder, dimension = self.binding
-                pending = dict(zip(ids, metas))
-                if deferred.add(PendingWrite(self._user_id, embedder, dimension, pending, vectors)):
-                    with self._writing(ids, written, vectors):
-                        return
-            with self._writing(ids, written, vectors):
+                pending = {ids[n]: metas[n] for n in keep}
+                if not pending:
+                    return gone
+                if deferred.add(
+                    PendingWrite(self._user_id, embedder, dimension, pending, vectors[keep])
+                ):
+                    with self._writing(ids, written, vectors, gone):
+                        return gone
+            gone = set()
+            with self._writing(ids, written, vectors, gone):
                 self._storage._ready_to_write(self, size)
-                self._store(ids, metas, vectors)
+                gone.update(self._store(ids, metas, vectors, rewriting))
+            return gone
 
     def _deferrable(self, records: int) -> bool:
         """Whether a write of ``records`` records may be stored behind the caller: this
@@ -810,25 +833,64 @@ class ChromaCollection:
             and not self._retired
         )
 
-    def _store(self, ids: list[str], metas: list[dict[str, Any]], vectors: Vectors) -> None:
+    def _store(
+        self, ids: list[str], metas: list[dict[str, Any]], vectors: Vectors, rewrites: set[str]
+    ) -> set[str]:
         """Write these records to Chroma, undoing what was written if a batch fails. A write
         of more than one batch to an embedded folder first records its undo on disk, so that
-        it is undone even if the process is killed halfway (see :mod:`.rollback`)."""
+        it is undone even if the process is killed halfway (see :mod:`.rollback`).
+
+        Those of ``rewrites`` that are not stored are not written; a client that is not the
+        sole writer writes the others with ``update`` and reads them back. Returns the ids of
+        ``rewrites`` not stored."""
         prior = self._prior(ids)
+        gone = {i for i in rewrites if i not in prior}
+        if gone:
+            keep = [n for n, i in enumerate(ids) if i not in gone]
+            ids, metas, vectors = [ids[n] for n in keep], [metas[n] for n in keep], vectors[keep]
+            if not ids:
+                return gone
+        # Another process may delete them until they are written: Chroma's update leaves a
+        # deleted record deleted, where an upsert would create it again.
+        updated = set() if self._sole_writer else rewrites & prior.keys()
         legacy = {i for i, r in prior.items() if _RECORD_KEY not in (r["metadata"] or {})}
         batch = self._storage._batch_size()
         rollback = Rollback.of(self._user_id, self.binding[1], ids, prior)
         kept = len(ids) > batch and self._storage._keep_rollback(rollback)
         try:
             for start in range(0, len(ids), batch):
-                part = slice(start, start + batch)
-                columns = _upsert_columns(ids[part], vectors[part], metas[part], legacy)
-                self._call("write memories", lambda c: c.upsert(**columns), write=True)  # noqa: B023
+                part = range(start, min(start + batch, len(ids)))
+                for write, rows in (
+                    ("upsert", [n for n in part if ids[n] not in updated]),
+                    ("update", [n for n in part if ids[n] in updated]),
+                ):
+                    if not rows:
+                        continue
+                    columns = _upsert_columns(
+                        [ids[n] for n in rows], vectors[rows], [metas[n] for n in rows], legacy
+                    )
+                    self._call(
+                        "write memories",
+                        lambda c: getattr(c, write)(**columns),  # noqa: B023
+                        write=True,
+                    )
             if kept:
                 self._storage._discard_rollback()
         except BaseException as error:
             self._undo(rollback, error, kept=kept)
             raise
+        if updated:
+            return gone | (updated - self._stored(list(updated)))
+        return gone
+
+    def _stored(self, ids: list[str]) -> set[str]:
+        """Which of ``ids`` are stored, read from Chroma."""
+        found: set[str] = set()
+        for start in range(0, len(ids), _IDS_PER_READ):
+            part = ids[start : start + _IDS_PER_READ]
+            page = self._call("read memories", lambda c: c.get(ids=part, include=[]))  # noqa: B023
+            found.update(page["ids"] if page else ())
+        return found
 
     def _prior(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """The stored records (document, metadata, vector) of those ``ids`` that exist, to
@@ -1176,10 +1238,13 @@ class ChromaCollection:
         ids: Sequence[str],
         written: dict[str, _Record] | None = None,
         vectors: Vectors | None = None,
+        gone: set[str] | None = None,
     ) -> Iterator[None]:
         """Hold the write lock around a write of ``ids`` (an upsert of ``written`` records
         with ``vectors``, or a delete) and keep what is held in memory honest: after a
-        sole writer's write it holds what was written; otherwise the ids are forgotten."""
+        sole writer's write it holds what was written; otherwise the ids are forgotten.
+        The ids the write put in ``gone`` (filled in by the write) were not written: they
+        are not stored."""
         with self._write_lock:
             self._write_stamp += 1
             try:
@@ -1196,14 +1261,24 @@ class ChromaCollection:
                     self._cache.pop(i, None)
                     self._absent.pop(i, None)
                 self._write_stamp += 1
-            change = _Change(ids, written if self._sole_writer else None, vectors)
-            change.replay(self._cache, self._index)
+            changes = [_Change(ids, written if self._sole_writer else None, vectors)]
+            if gone and vectors is not None:
+                keep = [n for n, i in enumerate(ids) if i not in gone]
+                kept = {i: r for i, r in (written or {}).items() if i not in gone}
+                changes = [
+                    _Change(list(gone), None, None),  # (as a delete: they are not stored)
+                    _Change(
+                        [ids[n] for n in keep], kept if self._sole_writer else None, vectors[keep]
+                    ),
+                ]
+            for change in changes:
+                change.replay(self._cache, self._index)
             sampled = self._sampled_centroid
             if sampled is not None and (sampled[1] is None or sampled[1][1] < CENTROID_SAMPLE):
                 self._sampled_centroid = None  # a few writes move the mean of a few memories
             self._within_cache_limit()
             if self._warm_log is not None:
-                self._warm_log.append(change)
+                self._warm_log.extend(changes)
 
 
 def server_address(url: str) -> str | None:
@@ -1533,7 +1608,7 @@ class ChromaStorage:
     def _store_pending(self, write: PendingWrite) -> None:
         """Write a deferred write to Chroma (in the worker thread of :mod:`.deferred`)."""
         handle = self.open(write.user_id, write.embedder, write.dimension)
-        handle._store(list(write.records), list(write.records.values()), write.vectors)
+        handle._store(list(write.records), list(write.records.values()), write.vectors, set())
 
     def _settle(self) -> None:
         """Wait for this folder's deferred writes to be in Chroma (see :mod:`.deferred`)."""
