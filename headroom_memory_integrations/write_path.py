@@ -142,6 +142,7 @@ class WritePath:
                     [m for m, _ in written.values()], vectors[rows], rewrites=rewrites
                 )
                 if gone:  # deleted by another process meanwhile: stored as imported, on its own
+                    # (a second write: if it fails, the import raises with the rest stored)
                     rows = [written[i][1] for i in gone]
                     collection.upsert([memories[row] for row in rows], vectors[rows])
                     results = [
@@ -451,7 +452,9 @@ class WritePath:
         """The memories ``gone`` were deleted by another process after they were read, and
         this batch's new versions of them were not written (the delete wins): store the draft
         that wrote each one as a new memory (what it says is new), under its placeholder id,
-        and let every result that named the deleted memory name it."""
+        and let every result that named the deleted memory name it. A second write, after the
+        batch's: if it fails, the batch raises with the rest of it stored (Chroma has no
+        transaction to make both one; see docs/reliability.md, section 5)."""
         now = utc_now()
         instead: dict[str, Memory] = {}
         for memory_id in gone:

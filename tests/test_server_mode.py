@@ -253,3 +253,79 @@ def test_a_put_over_a_key_deleted_meanwhile_creates_it_without_the_deleted_text(
     monkeypatch.undo()
     [memory] = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder()).get_all()
     assert (memory.id, memory.text, memory.history) == ("pin", "My bank card PIN is 9999", ())
+
+
+def test_a_failed_rewrite_leaves_a_memory_deleted_meanwhile_deleted(
+    monkeypatch, chroma_server
+) -> None:
+    """Process A deletes a memory while this process updates it, and the update's write then
+    fails (the server answers 500): undoing the write puts back the old version of what it
+    rewrote with Chroma's update, so the deleted memory stays deleted (an upsert created it
+    again, current and searchable, with its old text)."""
+    import chromadb.api.models.Collection as chroma_collection
+    from chromadb.errors import InternalError
+    from conftest import HashEmbedder
+
+    user = "srv-undo-deleted"
+    store = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder())
+    secret = store.add("My bank card PIN is 4821")
+    real_update = chroma_collection.Collection.update
+    fired: list[str] = []
+
+    def delete_then_fail_once(collection, *args, **kwargs):
+        if fired:
+            return real_update(collection, *args, **kwargs)
+        _delete_in_another_process(chroma_server.url, user, secret.id)
+        fired.append("deleted")
+        raise InternalError("Internal server error (the write failed)")
+
+    monkeypatch.setattr(chroma_collection.Collection, "update", delete_then_fail_once)
+    with pytest.raises(StorageError, match="the write failed"):
+        store.update(secret.id, "My bank card PIN is 9999")
+    assert fired == ["deleted"]
+    monkeypatch.undo()
+    fresh = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder())
+    assert fresh.get_all() == []
+    assert fresh.search("What is my bank card PIN?") == []
+
+
+def test_an_update_whose_read_back_fails_is_reported_stored(monkeypatch, tmp_path, caplog) -> None:
+    """The server acknowledges an update's write and goes away before the read-back after
+    it: the new text is stored, so update() returns it (a write that raises stored nothing)
+    and logs one WARNING, without the memory's text."""
+    import logging
+
+    import chromadb.api.models.Collection as chroma_collection
+    from conftest import ChromaServer, HashEmbedder
+
+    server = ChromaServer(tmp_path / "chroma")
+    try:
+        store = MemoryStore("srv-read-back", db_path=server.url, embedder=HashEmbedder())
+        memory = store.add("Works at Acme")
+        real_update = chroma_collection.Collection.update
+
+        def write_then_stop_the_server(collection, *args, **kwargs):
+            result = real_update(collection, *args, **kwargs)
+            server.stop()  # acknowledged, then the server goes away
+            return result
+
+        monkeypatch.setattr(chroma_collection.Collection, "update", write_then_stop_the_server)
+        with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations"):
+            updated = store.update(memory.id, "Works at Globex")
+        monkeypatch.undo()
+        assert updated.text == "Works at Globex"
+        warned = [r for r in caplog.records if "read back" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+        assert not any("Globex" in r.getMessage() or "Acme" in r.getMessage() for r in warned)
+    finally:
+        server.stop()
+    server = ChromaServer(server.path)
+    try:
+        fresh = MemoryStore("srv-read-back", db_path=server.url, embedder=HashEmbedder())
+        [stored] = fresh.get_all()
+        assert (stored.text, [h.text for h in stored.history]) == (
+            "Works at Globex",
+            ["Works at Acme"],
+        )
+    finally:
+        server.stop()

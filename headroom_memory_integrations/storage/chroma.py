@@ -406,15 +406,21 @@ def _store_journaled(client: Any, folder: Path) -> None:
     clear_journal(folder)
 
 
-def _roll_back(collection: Any, rollback: Rollback, step: int) -> None:
+def _roll_back(collection: Any, rollback: Rollback, step: int, *, create: bool = True) -> None:
     """Undo a write to ``collection``: delete the records it added, put back those it
-    rewrote (their document, metadata and vector as they were). Doing it twice does no harm."""
+    rewrote (their document, metadata and vector as they were). Doing it twice does no harm.
+
+    Without ``create`` (a client that is not the collection's sole writer) those it rewrote
+    are put back with Chroma's ``update``, which leaves a record missing if another process
+    deleted it since: a failed write never removes one, so its delete wins (an ``upsert``
+    would create it again, with its old text)."""
     for start in range(0, len(rollback.added), _BATCH):
         collection.delete(ids=rollback.added[start : start + _BATCH])
     ids = list(rollback.prior)
+    restore = collection.upsert if create else collection.update
     for start in range(0, len(ids), step):
         part = ids[start : start + step]
-        collection.upsert(
+        restore(
             ids=part,
             embeddings=rollback.vectors[start : start + step],
             documents=[rollback.prior[i][0] for i in part],
@@ -842,7 +848,8 @@ class ChromaCollection:
 
         Those of ``rewrites`` that are not stored are not written; a client that is not the
         sole writer writes the others with ``update`` and reads them back. Returns the ids of
-        ``rewrites`` not stored."""
+        ``rewrites`` not stored. A read-back that fails (the server went away just after the
+        write) is logged, and the write reported stored: it was, and nothing is undone."""
         prior = self._prior(ids)
         gone = {i for i in rewrites if i not in prior}
         if gone:
@@ -880,7 +887,16 @@ class ChromaCollection:
             self._undo(rollback, error, kept=kept)
             raise
         if updated:
-            return gone | (updated - self._stored(list(updated)))
+            try:
+                return gone | (updated - self._stored(list(updated)))
+            except StorageError as exc:  # stored all the same: a delete meanwhile wins anyway
+                logger.warning(
+                    "could not read back %d rewritten memories of user %s after writing them "
+                    "(%s); they are reported stored",
+                    len(updated),
+                    user_tag(self._user_id),
+                    exc,
+                )
         return gone
 
     def _stored(self, ids: list[str]) -> set[str]:
@@ -926,8 +942,11 @@ class ChromaCollection:
         write's undo record, if ``kept`` on disk. If the undo fails, the record stays (and the
         storage undoes the write before its next write, or the next process at its open)."""
         step = self._storage._batch_size()
+        create = self._sole_writer  # (else another process may have deleted one since)
         try:
-            self._call("undo a failed write", lambda c: _roll_back(c, rollback, step))
+            self._call(
+                "undo a failed write", lambda c: _roll_back(c, rollback, step, create=create)
+            )
             if kept:
                 self._storage._discard_rollback()
         except StorageError as undo_error:
