@@ -124,6 +124,10 @@ word left out is not). Lower values retire more true memories to ``history``,
 higher ones keep more stale memories beside their correction (docs/benchmarks.md,
 "Consolidation")."""
 
+_UNIT_TOLERANCE = 1e-5
+"""How far from 1 the length of an embedder's vector may be for it to count as unit length:
+float32 rounding of a normalised row (the local model's are within 1e-6)."""
+
 MAX_TEXT_CHARS = 2000
 """Longest memory text accepted."""
 
@@ -756,8 +760,13 @@ class MemoryStore(WritePath):
     # -- plumbing ----------------------------------------------------------------------------
 
     def _embed(self, texts: Sequence[str], *, queries: bool = False) -> Vectors:
-        """The embedder's vectors of ``texts``, checked; of search ``queries`` with its
-        ``embed_queries`` where it has one (see :class:`~.embeddings.base.Embedder`)."""
+        """The embedder's vectors of ``texts``, checked and at unit length; of search
+        ``queries`` with its ``embed_queries`` where it has one (see
+        :class:`~.embeddings.base.Embedder`). Every vector of a memory or a query comes from
+        here: an embedder's rows of another length (norm 5, say) are scaled to 1, as the
+        relevance floor and the consolidation thresholds are cosine similarities (before, a
+        row of norm 5 scored 5 times its cosine and passed any floor). A row already of unit
+        length (to float32 rounding: the local model's) is left as it is, bit for bit."""
         embed_queries = getattr(self.embedder, "embed_queries", None) if queries else None
         embedded = (embed_queries or self.embedder.embed)(list(texts))
         try:
@@ -781,6 +790,15 @@ class MemoryStore(WritePath):
             raise InvalidInputError(
                 f"embedder {self.embedder.name!r} returned NaN or infinite numbers"
             )
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+        if not norms.all():  # no direction: its cosine with anything is undefined
+            raise InvalidInputError(
+                f"embedder {self.embedder.name!r} returned a vector of zeros (no direction)"
+            )
+        off_unit = np.abs(norms - 1.0) > _UNIT_TOLERANCE
+        if off_unit.any():
+            vectors = vectors.copy()
+            vectors[off_unit] = (vectors[off_unit] / norms[off_unit, None]).astype(np.float32)
         return vectors
 
     def _vectors(self, memories: Sequence[Memory]) -> Vectors:

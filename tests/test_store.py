@@ -9,6 +9,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from headroom_memory_integrations import (
@@ -343,6 +344,50 @@ def test_vectors_with_nan_infinity_or_no_numbers_are_refused_and_nothing_is_writ
     assert bob.count() == 1
     alice.forget_user()
     assert alice.count() == 0
+
+
+class _Directions:
+    """An embedder of fixed directions, each row ``scale`` long (the protocol asks for unit
+    rows; an embedder of one's own may forget to normalise)."""
+
+    dimension = 3
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+        self.name = f"directions-x{scale:g}"
+
+    def embed(self, texts):
+        directions = {
+            "Plays the cello": (1.0, 0.0, 0.0),
+            "what instrument": (0.5, 0.75**0.5, 0.0),  # cosine 0.5 with the cello
+            "how is the weather": (0.03, 1.0, 0.0),  # cosine 0.03: below the 0.06 floor
+            "nothing at all": (0.0, 0.0, 0.0),
+        }
+        rows = np.asarray([directions[text] for text in texts], dtype=np.float32)
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        return self.scale * rows / np.where(norms == 0, 1, norms)
+
+
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_an_embedders_vectors_are_taken_at_unit_length_so_scores_and_floor_hold(
+    db_path, scale
+) -> None:
+    """The floor and the consolidation thresholds are cosine similarities: an embedder whose
+    rows were 5 long had its memories score 5 times their cosine, past any floor. Its rows are
+    now scaled to unit length where they enter the store, for memories and queries alike, and
+    it searches as the same embedder of unit rows does; a row of zeros (no direction) is
+    refused as NaN is."""
+    store = MemoryStore("alice", db_path=db_path, embedder=_Directions(scale))
+    store.add("Plays the cello", category="fact")
+    (hit,) = store.search("what instrument")
+    assert -1.0 <= hit.score <= 1.0
+    assert hit.score == pytest.approx(0.5, abs=0.01)
+    assert store.search("how is the weather") == []
+    with pytest.raises(InvalidInputError, match="vector of zeros"):
+        store.search("nothing at all")
+    with pytest.raises(InvalidInputError, match="vector of zeros"):
+        store.add("nothing at all", category="fact")
+    assert [m.text for m in store.get_all()] == ["Plays the cello"]
 
 
 def test_a_db_path_that_is_a_file_is_refused_and_left_as_it_is(tmp_path) -> None:
