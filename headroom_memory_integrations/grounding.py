@@ -57,18 +57,11 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from .lexical import LETTERS, WORD
+from .lexical import LETTERS, UNSPACED, WORD, split_unspaced
 
 _TOKENS = re.compile(rf"{WORD}(?:[.@:/'_-]{WORD})*")
 _ADDRESS = re.compile(r".*[@/:].*|.*[^\W\d_]\.[^\W\d_]{2}.*")  # e-mail, URL, path, domain
 _LETTERS = re.compile(LETTERS)
-_UNSPACED = re.compile(  # scripts written without spaces between words (a group: split)
-    "([\u0e00-\u0eff"  # Thai, Lao
-    "\u1000-\u109f"  # Myanmar
-    "\u1780-\u17ff"  # Khmer
-    "\u3005\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f"  # Japanese kana, "々"
-    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+)"  # Han
-)
 _UNSPACED_NEGATION = re.compile("[不没沒无無非未别別莫勿]|ない|ません|ず|ไม่")
 """A negation in Chinese, Japanese or Thai ("不过敏": not allergic): found anywhere in a text,
 as those words are not told apart. It may be part of another word ("ずっと", "不同"): a memory
@@ -149,17 +142,7 @@ def _words(text: str) -> list[str]:
     (Chinese, Japanese, Thai, ...) is not one word but its character pairs: "对花生过敏" is
     "对花", "花生", "生过", "过敏", so a memory copied from part of the user's sentence
     ("我对花生过敏") shares its words; a run of one character is that character."""
-    words: list[str] = []
-    for token in _TOKENS.findall(text):
-        if not _UNSPACED.search(token):
-            words.append(token)
-            continue
-        for index, part in enumerate(_UNSPACED.split(token)):
-            if index % 2:
-                words += [part[i : i + 2] for i in range(len(part) - 1)] or [part]
-            else:
-                words += _TOKENS.findall(part)
-    return words
+    return [word for token in _TOKENS.findall(text) for word in split_unspaced(token, _TOKENS)]
 
 
 def _stem(word: str) -> str:
@@ -228,7 +211,7 @@ def grounded(memory: str, user_text: str) -> bool:
         elif (
             token.casefold() not in _GENERIC
             and not _is_negation(token)
-            and (len(token) >= 2 or _UNSPACED.match(token))
+            and (len(token) >= 2 or UNSPACED.match(token))
         ):
             words += 1
             found += _stem(token) in said_stems

@@ -62,6 +62,33 @@ QUESTION_MARKS = "?\uff1f\u061f\u037e"
 """The question marks a text may end a question with: ASCII, full-width (Chinese, Japanese),
 Arabic, Greek (what the message gate reads as a question, and what marks a key phrase as one)."""
 _WORD = re.compile(WORD)
+UNSPACED = re.compile(  # scripts written without spaces between words (a group: split)
+    "([\u0e00-\u0eff"  # Thai, Lao
+    "\u1000-\u109f"  # Myanmar
+    "\u1780-\u17ff"  # Khmer
+    "\u3005\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f"  # Japanese kana, "々"
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+)"  # Han
+)
+"""A run of a script written without spaces between its words (Chinese, Japanese, Thai, ...)."""
+
+
+def split_unspaced(token: str, words: re.Pattern[str]) -> list[str]:
+    """The words of ``token``: a run of a script written without spaces (:data:`UNSPACED`) is
+    not one word but its character pairs ("对花生过敏" is "对花", "花生", "生过", "过敏"; a run
+    of one character is that character), so that a text sharing part of a sentence shares its
+    words; the rest of the token is read with ``words``. A token without such a run is itself.
+    Grounding and BM25 read words so."""
+    if not UNSPACED.search(token):
+        return [token]
+    found: list[str] = []
+    for index, part in enumerate(UNSPACED.split(token)):
+        if index % 2:
+            found += [part[i : i + 2] for i in range(len(part) - 1)] or [part]
+        else:
+            found += words.findall(part)
+    return found
+
+
 _SUFFIXES = ("ing", "ed", "es", "s")  # tried in this order
 
 STOPWORDS = frozenset(
@@ -76,8 +103,13 @@ STOPWORDS = frozenset(
 
 def terms(text: str) -> Counter[str]:
     """The counted terms of ``text``: lower-cased words without stop words, each cut to a
-    rough stem so that word forms meet ("hike", "hikes", "hiked", "hiking" -> "hik")."""
-    return Counter(stem(word) for word in _WORD.findall(text.lower()) if word not in STOPWORDS)
+    rough stem so that word forms meet ("hike", "hikes", "hiked", "hiking" -> "hik"). In a
+    script written without spaces the words are character pairs (:func:`split_unspaced`):
+    "我住在北京" is not one term, never met, but "我住", "住在", "在北", "北京"."""
+    words = _WORD.findall(text.lower())
+    if not text.isascii():
+        words = [part for word in words for part in split_unspaced(word, _WORD)]
+    return Counter(stem(word) for word in words if word not in STOPWORDS)
 
 
 def stem(word: str) -> str:

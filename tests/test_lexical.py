@@ -96,3 +96,19 @@ def test_the_best_results_do_not_depend_on_how_many_are_asked_for(store: MemoryS
         if few != many:
             differ.append(query)
     assert differ == []
+
+
+def test_a_sentence_written_without_spaces_is_read_as_character_pairs(hash_store) -> None:
+    """BM25 read "我住在北京" (I live in Beijing) as one term, which no question ever held, so
+    a Chinese or Japanese memory never had a lexical score. Its terms are its character pairs
+    now, as grounding reads it (one function, lexical.split_unspaced): a question sharing
+    "北京" (Beijing) ranks the memory above the others, whose scores are their similarity
+    alone (the test embedder's vectors of these texts are near orthogonal)."""
+    assert terms("我住在北京") == {"我住": 1, "住在": 1, "在北": 1, "北京": 1}
+    assert terms("東京に住む, likes hiking") == {
+        "東京": 1, "京に": 1, "に住": 1, "住む": 1, "lik": 1, "hik": 1
+    }  # fmt: skip
+    hash_store.add_many(["我喜欢喝茶", "我住在北京", "我有一只猫"])  # tea; Beijing; a cat
+    hits = hash_store.search("北京的天气怎么样", min_score=-1.0)  # how is the weather in Beijing
+    assert hits[0].memory.text == "我住在北京"
+    assert hits[0].score > 0.02 > 0.001 > max(abs(hit.score) for hit in hits[1:])
