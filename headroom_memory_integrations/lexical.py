@@ -107,7 +107,7 @@ def terms(text: str) -> Counter[str]:
     script written without spaces the words are character pairs (:func:`split_unspaced`):
     "我住在北京" is not one term, never met, but "我住", "住在", "在北", "北京"."""
     words = _WORD.findall(text.lower())
-    if not text.isascii():
+    if not text.isascii() and UNSPACED.search(text):  # one look for the common case
         words = [part for word in words for part in split_unspaced(word, _WORD)]
     return Counter(stem(word) for word in words if word not in STOPWORDS)
 
