@@ -48,6 +48,11 @@ Measured through ``MemoryStore`` with the real local model:
   versions, units, emoji and four languages, and 42 rewordings, 25 of them strict): it found
   that a value corrected by one mark ("jane_smith" -> "jane.smith") was dropped as a
   duplicate, so it is a development set now.
+- **A sixth blind set** (stop 49, ``consolidation_blind6_pairs.jsonl``, 160 pairs: 70
+  updates, 50 distinct facts, 40 rewordings in 12 domains), written by a model instance that
+  read no file of the repository, asked to trick the rules into calling new information a
+  duplicate in ways of its own. Its first run found none; its errors were listed then, so it is
+  a development set from now on.
 - **Teammates**: 1,000 distinct facts in nearly the same words ("Teammate 59 is busy with
   pottery work", "Teammate 62 ...") added with ``remember_many`` in batches of 100; all must be
   stored. The old rule's count is computed on the same vectors.
@@ -93,6 +98,7 @@ BLIND_SETS = {
     "related": Path(__file__).with_name("consolidation_related_pairs.jsonl"),
     "blind4": Path(__file__).with_name("consolidation_blind4_pairs.jsonl"),
     "blind5": Path(__file__).with_name("consolidation_blind5_pairs.jsonl"),
+    "blind6": Path(__file__).with_name("consolidation_blind6_pairs.jsonl"),
 }
 HELD_OUT = frozenset({"blind4"})
 """Sets whose pairs are counted, never listed: their errors are not printed or kept, so that a
