@@ -332,8 +332,9 @@ def sqlite_uri(path: PurePath) -> str:
     ``as_uri()`` does, and a Windows path is written ``file:///C:/...``; a UNC path
     ``file:////server/share/...``, which SQLite reads (``as_uri()`` would write the server
     as the URI's authority, which SQLite refuses)."""
-    posix = path.as_posix()
-    return f"file://{'' if posix.startswith('/') else '/'}{quote(posix, safe='/:')}?mode=rw"
+    posix = path.as_posix()  # its bytes are quoted: a name not in UTF-8 is kept as it is
+    quoted = quote(os.fsencode(posix), safe=b"/:")
+    return f"file://{'' if posix.startswith('/') else '/'}{quoted}?mode=rw"
 
 
 def _not_a_database(exc: sqlite3.DatabaseError) -> bool:
@@ -712,7 +713,7 @@ class JobQueue:
                 uri = sqlite_uri(PurePath(self.path))
                 with closing(sqlite3.connect(uri, uri=True, timeout=busy_timeout)) as conn:
                     busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        except sqlite3.Error:
+        except (sqlite3.Error, ValueError):  # ValueError: a path SQLite cannot be given
             return False
         return not busy
 

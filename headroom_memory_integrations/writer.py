@@ -206,6 +206,13 @@ Gemini's ``finish_reason`` "MAX_TOKENS"), "max_output_tokens" (the reason of an 
 Responses API answer left ``incomplete``)."""
 
 
+STOP_REASON_KEYS = ("finish_reason", "stop_reason", "stopReason", "done_reason")
+"""Where an answer says why it stopped, in the fields a framework passes on from its provider
+(LangChain's ``response_metadata``, LlamaIndex's ``raw`` response; neither has a standard one):
+OpenAI, Groq, Mistral and Gemini ``finish_reason``, Anthropic ``stop_reason``, Bedrock
+Converse ``stopReason``, Ollama ``done_reason``."""
+
+
 def is_cut_off(reason: object) -> TypeGuard[str]:
     """Whether a model's stop reason (whatever its provider calls it) says the answer was cut
     off at the model's output limit (:data:`CUT_OFF_REASONS`)."""

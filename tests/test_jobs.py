@@ -1347,3 +1347,23 @@ def test_the_wal_of_a_queue_under_a_path_with_spaces_and_percent_signs_is_erased
 )
 def test_the_uri_of_a_queue_file_quotes_its_path(path: PurePath, uri: str) -> None:
     assert sqlite_uri(path) == uri
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a file name's bytes: POSIX only")
+def test_the_wal_of_a_queue_in_a_folder_named_in_another_encoding_is_erased(
+    tmp_path: Path,
+) -> None:
+    """A folder whose name is not UTF-8 (latin-1 "café") reaches Python with surrogate escapes:
+    quoting it for the SQLite URI as UTF-8 raised UnicodeEncodeError at every checkpoint, and
+    the WAL kept done jobs' payloads for good."""
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    folder.mkdir()
+    queue = JobQueue(folder / "jobs.sqlite3")
+    try:
+        queue.complete(queue.put("work", "alice", {"note": "private note"}))
+        wal = folder / "jobs.sqlite3-wal"
+        assert b"private note" in wal.read_bytes()
+        assert queue.erase_wal()
+        assert wal.stat().st_size == 0
+    finally:
+        queue.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import warnings
 
 import pytest
@@ -585,3 +586,21 @@ def test_the_repr_never_shows_the_extraction_model(db_path, model) -> None:
     memory = HeadroomMemory(user_id="alice", db_path=db_path, embedder=model, llm=llm)
     assert secret not in repr(memory) and secret not in str(memory)
     assert "alice" in repr(memory)
+
+
+def test_a_stubbed_langchain_classic_does_not_break_the_adapters_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An app's tests may put a stub module, without a spec, in sys.modules for
+    langchain_classic: importlib.util.find_spec raises ValueError for it, and that made
+    ``import headroom_memory_integrations.langchain`` fail, though nothing there needs it."""
+    import importlib
+    import types
+
+    import headroom_memory_integrations.langchain as adapters
+
+    monkeypatch.setitem(sys.modules, "langchain_classic", types.ModuleType("langchain_classic"))
+    reloaded = importlib.reload(adapters)
+    assert "HeadroomMemory" in reloaded.__all__  # a stub in sys.modules counts as installed
+    monkeypatch.delitem(sys.modules, "langchain_classic")
+    importlib.reload(adapters)

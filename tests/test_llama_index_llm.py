@@ -1015,3 +1015,26 @@ def test_a_correction_in_a_tool_loops_first_step_is_seen_by_the_next(new_llm) ->
     llm.chat(after_a_tool_call(said))  # right away (a fast tool): the correction is queued
     after_tool = memories_shown(brain.requests[-1])
     assert "Paris" not in after_tool and BERLIN in after_tool  # not the memory it replaced
+
+
+@pytest.mark.parametrize(
+    ("raw", "cut"),
+    [
+        ({"stopReason": "max_tokens", "output": {}}, True),  # Bedrock Converse (a boto3 dict)
+        ({"stopReason": "end_turn", "output": {}}, False),
+        ({"stop_reason": "max_tokens"}, True),  # Anthropic
+        ({"done_reason": "length"}, True),  # Ollama
+        ({"choices": [{"finish_reason": "length"}]}, True),  # OpenAI's shape, as a dict
+        ({"choices": [{"finish_reason": "stop"}]}, False),
+    ],
+)
+def test_an_answer_cut_off_is_told_whatever_its_provider_calls_it(raw: Any, cut: bool) -> None:
+    """llama-index-llms-bedrock-converse hands on boto3's dict, which says ``stopReason``: a
+    cut answer was read as malformed and asked for 5 times."""
+    from llama_index.core.base.llms.types import ChatResponse
+
+    from headroom_memory_integrations.llama_index._extract import stop_reason
+    from headroom_memory_integrations.writer import is_cut_off
+
+    answer = ChatResponse(message=ChatMessage(role="assistant", content="[{"), raw=raw)
+    assert is_cut_off(stop_reason(answer)) is cut

@@ -10,6 +10,7 @@ wrappers. Install with ``pip install '.[langchain]'``;
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .._optional import require
@@ -43,10 +44,21 @@ __all__ = [
     "memory_tools",
     "namespace_user",
 ]
+
+
 # HeadroomMemory is exported only where langchain-classic is installed, so that
 # ``from headroom_memory_integrations.langchain import *`` works without it; importing the name
 # itself there still raises MissingDependencyError naming the install.
-if importlib.util.find_spec("langchain_classic") is not None:
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (one an app's tests put in ``sys.modules`` as a stub,
+    without a spec, counts: ``find_spec`` raises ValueError for it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return module in sys.modules
+
+
+if _installed("langchain_classic"):
     __all__ += ["HeadroomMemory"]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..wiring import open_memory
-from ..writer import Complete, ExtractionCutOff, is_cut_off
+from ..writer import STOP_REASON_KEYS, Complete, ExtractionCutOff, is_cut_off
 
 MEMORY_OPTIONS = ("user_id", "db_path", "storage", "embedder")
 """The constructor arguments that open a user's store, as for ``MemoryStore``."""
@@ -40,12 +40,6 @@ def chat_model_completer(model: Any) -> Complete:
         return str(answer.text)
 
     return complete
-
-
-STOP_REASON_KEYS = ("finish_reason", "stop_reason", "stopReason", "done_reason")
-"""Where LangChain's chat models put why an answer stopped, in ``response_metadata`` (the
-core has no standard key): OpenAI, Groq, Mistral and Gemini ``finish_reason``, Anthropic
-``stop_reason``, Bedrock Converse ``stopReason``, Ollama ``done_reason``."""
 
 
 def stop_reason(metadata: dict[str, Any]) -> Any:

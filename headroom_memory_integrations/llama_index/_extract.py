@@ -9,7 +9,7 @@ from typing import Any
 from llama_index.core.llms import LLM
 
 from ..jobs import PermanentJobError
-from ..writer import Complete, ExtractionCutOff, is_cut_off
+from ..writer import STOP_REASON_KEYS, Complete, ExtractionCutOff, is_cut_off
 from ._messages import from_dicts
 
 
@@ -52,13 +52,6 @@ def llm_completer(llm: LLM | None) -> Complete:
     return complete
 
 
-STOP_REASON_KEYS = ("finish_reason", "stop_reason", "done_reason")
-"""Where a LlamaIndex LLM's answer may say why it stopped (LlamaIndex has no standard field):
-the raw response's first choice (OpenAI and the LLMs built on its client), the raw response
-itself (Anthropic ``stop_reason``, Ollama ``done_reason``), or ``additional_kwargs``; else
-the reason of an OpenAI Responses API answer left incomplete (``raw.incomplete_details``)."""
-
-
 def _field(value: Any, name: str) -> Any:
     """``value[name]`` of a mapping, ``value.name`` of an object; None when it has none."""
     if isinstance(value, Mapping):
@@ -68,7 +61,10 @@ def _field(value: Any, name: str) -> Any:
 
 def stop_reason(answer: Any) -> Any:
     """Why a LlamaIndex ``ChatResponse`` stopped, as its provider said it (None when it says
-    nothing)."""
+    nothing): a :data:`~headroom_memory_integrations.writer.STOP_REASON_KEYS` field of the raw
+    response's first choice (OpenAI and the LLMs built on its client), of the raw response
+    itself (Anthropic, Bedrock Converse, Ollama) or of ``additional_kwargs``; else the reason of
+    an OpenAI Responses API answer left incomplete (``raw.incomplete_details``)."""
     raw = getattr(answer, "raw", None)
     choices = _field(raw, "choices") if raw is not None else None
     first = choices[0] if isinstance(choices, Sequence) and choices else None
