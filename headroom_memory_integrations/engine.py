@@ -9,7 +9,6 @@ import contextlib
 import contextvars
 import io
 import json
-import logging
 import math
 import numbers
 import os
@@ -41,6 +40,7 @@ from .errors import InvalidInputError, MemoryNotFoundError, StorageError
 from .jobs import user_tag
 from .keys import clean_keys, index_text, memory_vectors
 from .lexical import lexical_scores
+from .redaction import logger_without_secrets
 from .storage.base import Storage, UserCollection, without_credentials
 from .storage.chroma import ChromaStorage
 from .types import Category, Memory, Revision, SearchResult, Source, storable_time, utc_now
@@ -173,7 +173,7 @@ MAX_TOP_K = 1000
 
 MAX_MEMORY_ID_CHARS = 256
 """Longest id a caller may choose (:meth:`MemoryStore.put`)."""
-logger = logging.getLogger(__name__)
+logger = logger_without_secrets(__name__)
 _QUERY_CACHE_SIZE = 1024
 
 

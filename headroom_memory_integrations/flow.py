@@ -28,7 +28,6 @@ import contextvars
 import hashlib
 import inspect
 import json
-import logging
 import re
 import threading
 from collections import OrderedDict
@@ -60,10 +59,11 @@ from .prompts import (
     replaced_ids,
     short_ids,
 )
+from .redaction import logger_without_secrets
 from .storage.guard import DeadlineExceeded, memory_deadline, run_within
 from .types import Memory
 
-log = logging.getLogger("headroom_memory_integrations")
+log = logger_without_secrets("headroom_memory_integrations")
 
 M = TypeVar("M")
 R = TypeVar("R")

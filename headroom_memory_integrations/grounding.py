@@ -57,7 +57,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from .lexical import LETTERS, UNSPACED, WORD, split_unspaced
+from .lexical import LETTERS, MARKS, UNSPACED, WORD, split_unspaced
 
 _TOKENS = re.compile(rf"{WORD}(?:[.@:/'_-]{WORD})*")
 _ADDRESS = re.compile(r".*[@/:].*|.*[^\W\d_]\.[^\W\d_]{2}.*")  # e-mail, URL, path, domain
@@ -73,9 +73,18 @@ _DOT_LOOKALIKE = re.compile(  # "pay。evil。io", "evil．com": a full stop bet
     "(?<=[A-Za-z0-9])[\u3002\uff61\u2024\ufe52\uff0e](?=[A-Za-z0-9])"
 )
 _SPACED_ADDRESS = re.compile(  # "eve @ evil . example", "pay .evil .io"; not "me @jdoe", ".NET"
+    rf"(?<![^\W_])(?<![^\W_]{MARKS})(?<!{MARKS}{MARKS})"  # where a word starts
     rf"{WORD}\s*@\s*{WORD}(?:(?:\.|\s+\.\s+){WORD})+"
-    r"|[a-z0-9-]+(?:\s*\.\s*[a-z0-9-]+)+\s*\.\s*[a-z]{2,6}\b"
+    r"|(?<![a-z0-9-])[a-z0-9-]+(?:\s*\.\s*[a-z0-9-]+)+\s*\.\s*[a-z]{2,6}\b"
+    r"|(?P<passed>(?<![a-z0-9-])[a-z0-9-]+(?:\s*\.\s*[a-z0-9-]+)*\s*\.)"
 )
+"""An address written with spaces, found in time linear in the text's length. Each kind starts
+where a word (or a run of lower-case labels) starts, not inside one: from inside, the search
+read the rest of the word again at each of its letters, and a 20 KB run of letters (a DNA
+read, a hex dump) took tens of seconds. The labels before the last dot of a run that is no
+domain are ``passed`` over, left as written, so that the search does not start again at each
+of them ("a.a.a..."): a domain found from a later label would have been found from the first.
+The last label is searched again, as an e-mail may start there ("bob.smith @ evil . example")."""
 _GENERIC = frozenset(  # words that frame a fact rather than state it
     """
     a an the and or but of to in on at for from with by as is are was were be been being am
@@ -134,7 +143,9 @@ def _as_read(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
     text = _FULLWIDTH.sub(lambda m: chr(ord(m.group()) - 0xFEE0), text)
     text = _DOT_LOOKALIKE.sub(".", text.replace("\ufe6b", "@").replace("\u2019", "'"))
-    return _SPACED_ADDRESS.sub(lambda m: "".join(m.group().split()), text)
+    return _SPACED_ADDRESS.sub(
+        lambda m: m.group() if m.group("passed") else "".join(m.group().split()), text
+    )
 
 
 def _words(text: str) -> list[str]:

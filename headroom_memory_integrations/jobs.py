@@ -46,9 +46,9 @@ from typing import Any
 from urllib.parse import quote
 
 from .errors import HeadroomMemoryError, InvalidInputError
-from .redaction import without_secrets
+from .redaction import logger_without_secrets, without_secrets
 
-logger = logging.getLogger(__name__)
+logger = logger_without_secrets(__name__)
 
 MAX_PAYLOAD_BYTES = 1_000_000
 MAX_ERROR_CHARS = 2_000

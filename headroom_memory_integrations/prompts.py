@@ -151,7 +151,7 @@ CONTEXT_CLOSE = "</user-memories>"
 _NONCE_BYTES = 5  # 10 hex characters, 40 bits: unguessable within one request
 _NONCE_RE = re.compile(r"[0-9a-f]{8,32}")
 _SHORT_ID_RE = re.compile(r"m[1-9][0-9]{0,3}")
-_FENCE_RE = re.compile(r"^```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL)
+_FENCE_OPEN_RE = re.compile(r"```[A-Za-z0-9_-]*")  # "```", "```json"
 _ROLES_RENDERED = ("user", "assistant")
 
 # Characters removed from stored texts: invisible direction overrides (they can reorder what a
@@ -917,12 +917,23 @@ def _entries(items: list[Any]) -> tuple[tuple[ExtractedMemory, ...], list[str]]:
     return tuple(kept), notes
 
 
+def _fenced(text: str) -> str | None:
+    """What the ``` fence that is all of ``text`` holds, without its language and the blanks
+    around it, or None when ``text`` is no such fence. Read by hand: a pattern for the whole
+    fence tried each length of its content, and each length of the blanks around it, so that
+    an answer of "```" and 5,000 spaces took over a minute."""
+    opening = _FENCE_OPEN_RE.match(text)
+    if opening is None or len(text) < opening.end() + 3 or not text.endswith("```"):
+        return None
+    return text[opening.end() : -3].strip()
+
+
 def _loads(text: str, opener: str, closer: str) -> tuple[bool, Any]:
     """Parse JSON leniently: as is, in a ``` fence, or from the first opener to the last closer."""
     candidates = [text.strip()]
-    fenced = _FENCE_RE.match(candidates[0])
-    if fenced:
-        candidates.append(fenced.group(1).strip())
+    fenced = _fenced(candidates[0])
+    if fenced is not None:
+        candidates.append(fenced)
     start, end = text.find(opener), text.rfind(closer)
     if 0 <= start < end:
         candidates.append(text[start : end + 1])

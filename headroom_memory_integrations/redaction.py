@@ -3,6 +3,7 @@ user-info, in error messages, log lines and the job queue's ``last_error``."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 _SECRETS = (
@@ -41,3 +42,38 @@ def without_secrets(text: str) -> str:
     for secret, mask in _SECRETS:
         text = secret.sub(mask, text)
     return text
+
+
+class _WithoutSecrets(logging.Filter):
+    """Takes secrets out of a log record (:func:`without_secrets`): its message, and the
+    traceback it carries, whose last line is the exception's message ("openai.
+    AuthenticationError: ... Incorrect API key provided: sk-..."). A record that holds none is
+    left as it is. One that does gets its message written out, and its traceback as text
+    (``exc_text``, which a ``logging.Formatter`` prints in place of formatting the exception)
+    without the exception itself, so that no handler formats that again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if without_secrets(message) != message:
+            record.msg, record.args = without_secrets(message), None
+        if record.exc_info and record.exc_info[1] is not None:
+            traceback = logging.Formatter().formatException(record.exc_info)
+            if without_secrets(traceback) != traceback:
+                record.exc_text, record.exc_info = without_secrets(traceback), None
+        elif record.exc_text:
+            record.exc_text = without_secrets(record.exc_text)
+        return True
+
+
+_FILTER = _WithoutSecrets()
+
+
+def logger_without_secrets(name: str) -> logging.Logger:
+    """The logger ``name`` (``logging.getLogger``), with secrets taken out of every record it
+    logs: the package's modules log through these, so that an exception whose message holds
+    an API key (a gateway echoing the key it was sent) does not put it in the log, at any
+    level."""
+    named = logging.getLogger(name)
+    if _FILTER not in named.filters:
+        named.addFilter(_FILTER)
+    return named

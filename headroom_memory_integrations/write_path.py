@@ -12,7 +12,6 @@ write (:meth:`WritePath._reconcile`).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -26,11 +25,12 @@ from .concurrency import survivor, wording_id
 from .consolidation import Relation, relate, same_wording, same_wording_key
 from .embeddings.base import Vectors
 from .errors import HeadroomMemoryError
+from .redaction import logger_without_secrets
 from .storage.base import Catalogued, Storage, UserCollection
 from .storage.vectors import most_similar, one_blas_thread
 from .types import Category, Memory, Revision, utc_now
 
-logger = logging.getLogger(__name__)
+logger = logger_without_secrets(__name__)
 
 CONSOLIDATION_NEIGHBOURS = 5
 """How many of the nearest existing memories a new one is compared with."""

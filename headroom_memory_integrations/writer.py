@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import hashlib
-import logging
 import math
 import os
 import re
@@ -56,12 +55,13 @@ from .prompts import (
     replaced_ids,
     short_ids,
 )
+from .redaction import logger_without_secrets
 from .storage.base import Storage
 from .storage.folder import folder_identity, make_private_folder
 from .storage.guard import MAX_RETRY_SECONDS, run_for_at_most, when_back
 from .types import Memory, Source
 
-log = logging.getLogger("headroom_memory_integrations")
+log = logger_without_secrets("headroom_memory_integrations")
 
 
 QUEUE_WAIT_SECONDS = 0.25

@@ -332,3 +332,13 @@ def check_shipped_file(script: str, printed: str) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert printed in done.stdout
+
+
+def grows_linearly(seconds_for: Callable[[int], float], size: int) -> bool:
+    """Whether work of 4 x ``size`` takes less than 8 times as long as of ``size`` (linear: 4
+    times; quadratic: 16), with a second to spare for a busy machine: a ratio on the same
+    machine at the same moment, where a time limit would depend on its load. Each is the
+    quicker of two runs, so that one run slowed by the machine does not decide."""
+    small = min(seconds_for(size) for _ in range(2))
+    large = min(seconds_for(4 * size) for _ in range(2))
+    return large < 8 * small + 1.0

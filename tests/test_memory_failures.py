@@ -15,6 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -363,3 +364,117 @@ def test_a_failure_of_every_call_is_counted_each_time_and_logged_once_a_minute(
     assert "; 19 more since the last such log" in caplog.text
     assert client.memory.stats()["events"]["inject_failures"] == 21
     client.close()
+
+
+KEY = "sk-gw-9f8e7d6c5b4a39281706abcdef"
+
+
+class _EchoingGateway(BaseHTTPRequestHandler):
+    """An OpenAI-compatible gateway that refuses embeddings with a 401 quoting the key it was
+    sent, as OpenAI's "Incorrect API key provided: sk-..." does, and answers chat calls."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        status, body = (
+            200,
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "gpt-4o",
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "Hi!"},
+                    }
+                ],
+            },
+        )
+        if self.path.endswith("/embeddings"):
+            sent = self.headers.get("authorization", "").split()[-1]
+            status, body = (
+                401,
+                {
+                    "error": {
+                        "message": f"Incorrect API key provided: {sent}",
+                        "type": "invalid_request_error",
+                        "code": "invalid_api_key",
+                    }
+                },
+            )
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_an_api_key_an_error_echoes_is_in_no_log_record(db_path, caplog) -> None:
+    """A gateway that echoes the key in its 401 had it masked in the queue file but written in
+    clear to the log: the failed search's WARNING carried the traceback, whose last line is
+    the error's message. Every record the package logs, at any level, is without it; the
+    WARNING still says what failed, with the traceback (the key masked)."""
+    import openai
+
+    from headroom_memory_integrations import OpenAIEmbedder
+
+    gateway = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingGateway)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    formatted: list[str] = []
+
+    class Formatted(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            formatted.append(self.format(record))
+
+    handler = Formatted()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        api = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.server_port}/v1", api_key=KEY, max_retries=0
+        )
+        embedder = OpenAIEmbedder(api, dimensions=8)
+        client = with_fast_memory(api, user_id="alice", db_path=db_path, embedder=embedder)
+        with caplog.at_level(logging.DEBUG, logger="headroom_memory_integrations"):
+            answer = client.chat.completions.create(**REQUEST)
+            client.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        gateway.shutdown()
+        gateway.server_close()
+    assert answer.choices[0].message.content == "Hi!"
+    [warning] = [r for r in caplog.records if "could not search memories" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert "AuthenticationError" in (warning.exc_text or "") and "sk-***" in warning.exc_text
+    assert formatted and not [text for text in formatted if KEY in text]
+    assert KEY not in caplog.text
+    assert not [r for r in caplog.records if KEY in logging.Formatter().format(r)]
+
+
+def test_every_logger_of_the_package_takes_secrets_out() -> None:
+    """The package's modules log through redaction.logger_without_secrets: a module that took
+    logging.getLogger instead would log an echoed key in clear."""
+    import importlib
+    import pkgutil
+
+    import headroom_memory_integrations
+    from headroom_memory_integrations import redaction
+
+    loggers = {}
+    for module_info in pkgutil.walk_packages(
+        headroom_memory_integrations.__path__, "headroom_memory_integrations."
+    ):
+        try:
+            module = importlib.import_module(module_info.name)
+        except ImportError:  # an optional framework that is not installed
+            continue
+        for name, value in vars(module).items():
+            if isinstance(value, logging.Logger):
+                loggers[f"{module_info.name}.{name}"] = value
+    assert len(loggers) >= 16
+    assert [name for name, log in loggers.items() if redaction._FILTER not in log.filters] == []

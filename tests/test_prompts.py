@@ -6,11 +6,11 @@ import json
 import re
 import time
 import unicodedata
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import date, datetime, timezone
 
 import pytest
+from conftest import grows_linearly
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -333,16 +333,6 @@ def test_caps_are_enforced() -> None:
     )
 
 
-def grows_linearly(seconds_for: Callable[[int], float], size: int) -> bool:
-    """Whether work of 4 x ``size`` takes less than 8 times as long as of ``size`` (linear: 4
-    times; quadratic: 16), with a second to spare for a busy machine: a ratio on the same
-    machine at the same moment, where a time limit would depend on its load. Each is the
-    quicker of two runs, so that one run slowed by the machine does not decide."""
-    small = min(seconds_for(size) for _ in range(2))
-    large = min(seconds_for(4 * size) for _ in range(2))
-    return large < 8 * small + 1.0
-
-
 def test_huge_answers_parse_fast() -> None:
     def seconds_for(repeats: int) -> float:
         text = ("All work and no play. <memory> <memory-0000000000> " * repeats) + block([])
@@ -354,6 +344,26 @@ def test_huge_answers_parse_fast() -> None:
         return took
 
     assert grows_linearly(seconds_for, 10_000)
+
+
+@pytest.mark.parametrize(
+    "body", [" ", "\t", "a", " \n", "`"], ids=["spaces", "tabs", "letters", "lines", "ticks"]
+)
+def test_an_extraction_answer_in_a_fence_parses_in_linear_time(body: str) -> None:
+    """A model's answer that opens a ``` fence (up to MAX_ANSWER_CHARS) is read in time linear
+    in its length: "```" and 5,000 spaces took over a minute, 5,000 letters a second."""
+
+    def seconds_for(size: int) -> float:
+        answer = "```json" + body * (size // len(body)) + '{"memories": []}'
+        started = time.perf_counter()
+        result = parse_extraction_json(answer)
+        took = time.perf_counter() - started
+        assert result.memories == ()
+        return took
+
+    assert grows_linearly(seconds_for, 25_000)  # 25 KB, then 100 KB
+    fenced = '```json\n {"memories": [{"text": "Likes tea", "category": "preference"}]} \n```'
+    assert [m.text for m in parse_extraction_json(fenced).memories] == ["Likes tea"]
 
 
 @pytest.mark.parametrize(

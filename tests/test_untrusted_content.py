@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 from _grounding_examples import PARAPHRASES, PLANTS
-from conftest import block, instruction_nonce
+from conftest import block, grows_linearly, instruction_nonce
 
 from headroom_memory_integrations.grounding import grounded
 from headroom_memory_integrations.jobs import Backoff
@@ -162,6 +163,37 @@ def test_the_grounding_trade_off() -> None:
     ]
     assert len(PARAPHRASES) == 68
     assert [m for m, said in PLANTS if grounded(m, said)] == ["Shares the calendar with mallory"]
+
+
+@pytest.mark.parametrize(
+    "run",
+    ["ACGT", "deadbeef", "a", "a-", "a.", "a . ", "a .  ", "1.", "a\u0301", "a@", "x@a "],
+    ids=[
+        "dna",
+        "hex",
+        "letters",
+        "hyphens",
+        "dots",
+        "spaced dots",
+        "wide dots",
+        "digits",
+        "marks",
+        "ats",
+        "e-mails",
+    ],
+)
+def test_grounding_takes_time_linear_in_the_users_text(run: str) -> None:
+    """A long run of letters, digits, labels or addresses in the user's message (a DNA read, a
+    hex dump) is read in linear time: the search for spaced addresses started again inside
+    each word, and a 20 KB read took 18 s of the caller's call (100 KB: minutes)."""
+
+    def seconds_for(size: int) -> float:
+        said = "I work in bioinformatics. Here is my read: " + run * (size // len(run))
+        started = time.perf_counter()
+        assert grounded("Works in bioinformatics", said)
+        return time.perf_counter() - started
+
+    assert grows_linearly(seconds_for, 25_000)  # 25 KB, then 100 KB
 
 
 def test_a_tool_result_cannot_plant_memories_inline(openai_server, db_path, model) -> None:

@@ -6,7 +6,6 @@ at run time, and they refer to local values (the ``limit`` bound).
 """
 
 import dataclasses
-import logging
 import os
 import reprlib
 import threading
@@ -28,6 +27,7 @@ from ..flow import in_recall_time
 from ..grounding import grounded
 from ..jobs import user_tag
 from ..prompts import escape_text, message_text, noted_dates
+from ..redaction import logger_without_secrets
 from ..storage import Storage
 from ..types import Memory, SearchResult
 from ..wiring import UserStores, open_memory
@@ -35,7 +35,7 @@ from ..write_path import Outcome
 from ._messages import holds_outside_text, is_user
 from ._users import run_user
 
-logger = logging.getLogger(__name__)
+logger = logger_without_secrets(__name__)
 
 __all__ = [
     "MemoryScope",

@@ -14,7 +14,6 @@ handlers (LlamaIndex's older callbacks).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -27,9 +26,10 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 
 from ..flow import aclose_quietly, close_quietly
+from ..redaction import logger_without_secrets
 
 T = TypeVar("T")
-log = logging.getLogger("headroom_memory_integrations")
+log = logger_without_secrets("headroom_memory_integrations")
 
 LLM_EVENTS_DISPATCHER = "llama_index.core.llms.callbacks"
 """The dispatcher of ``llm_chat_callback`` / ``llm_completion_callback``, through which

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import pickle
 import threading
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from llama_index.core.utils import get_tokenizer
 from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..flow import MemoryFlow, Turn, insert_before
+from ..redaction import logger_without_secrets
 from ..storage import Storage
 from ..wiring import FlowSettings
 from ._messages import (
@@ -48,7 +48,7 @@ from ._wiring import (
     register_llm,
 )
 
-log = logging.getLogger("headroom_memory_integrations")
+log = logger_without_secrets("headroom_memory_integrations")
 
 
 class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):

@@ -3,17 +3,17 @@ the Responses API) on memory clients."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ..embeddings import Embedder
 from ..engine import MemoryStore
 from ..errors import InvalidInputError
 from ..openai import MemoryClient, with_fast_memory
+from ..redaction import logger_without_secrets
 from ..storage import Storage
 from ._wiring import PathLike
 
-log = logging.getLogger("headroom_memory_integrations")
+log = logger_without_secrets("headroom_memory_integrations")
 
 
 def _is_responses_llm(llm: Any) -> bool:

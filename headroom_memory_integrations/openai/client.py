@@ -15,13 +15,13 @@ Sync and async proxies differ only in how they call the model; the logic is the 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..display import client_html
 from ..engine import MemoryStore
 from ..flow import finished_in_thread
+from ..redaction import logger_without_secrets
 from .flow import CompletionsFlow
 from .responses import (
     AsyncMemoryResponseManager,
@@ -35,7 +35,7 @@ from .unwrapped import Unwrapped, UnwrappedCalls, warning_first
 
 __all__ = ["TWIN_SETTINGS", "AsyncMemoryStream", "MemoryClient", "MemoryStream"]
 
-log = logging.getLogger("headroom_memory_integrations.openai")
+log = logger_without_secrets("headroom_memory_integrations.openai")
 _NOT_COMPLETIONS = ("create", "parse", "stream")
 _NOT_COVERED = ("connect",)
 """Methods of ``responses`` that reach the model without memory (``responses.connect``, a

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..jobs import user_tag
+from ..redaction import logger_without_secrets
 from .streams import _Passthrough
 
-log = logging.getLogger("headroom_memory_integrations.openai")
+log = logger_without_secrets("headroom_memory_integrations.openai")
 
 UNWRAPPED = {
     "beta": "the beta APIs (Assistants threads, Realtime, ...; beta.chat.completions has memory)",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
-import logging
 import os
 import sys
 import threading
@@ -45,6 +44,7 @@ from ..errors import (
     StorageError,
 )
 from ..jobs import user_tag
+from ..redaction import logger_without_secrets
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import Catalogued, collection_name, without_credentials
 from .chroma_import import import_chromadb, import_http_client
@@ -164,7 +164,7 @@ _TRANSIENT_TRIES = 7
 _UNLOADED = "Nothing found on disk"
 _RELOAD_ID = "\x00headroom-memory-reload-index"
 T = TypeVar("T")
-logger = logging.getLogger(__name__)
+logger = logger_without_secrets(__name__)
 
 _stopping = threading.Event()
 _warmers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()

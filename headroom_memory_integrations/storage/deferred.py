@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import logging
 import os
 import threading
 import time
@@ -43,10 +42,11 @@ import numpy as np
 
 from ..embeddings.base import Vectors
 from ..errors import StorageError
+from ..redaction import logger_without_secrets
 from .folder import erase_file, replace_file
 from .vectors import vectors_from_text, vectors_to_text
 
-logger = logging.getLogger(__name__)
+logger = logger_without_secrets(__name__)
 
 JOURNAL_FILE = ".headroom-memory.pending"
 MAX_DEFERRED_RECORDS = 16

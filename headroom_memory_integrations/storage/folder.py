@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import io
 import json
-import logging
 import os
 import pickle
 import secrets
@@ -40,8 +39,9 @@ from contextlib import closing
 from pathlib import Path
 
 from ..errors import StorageError
+from ..redaction import logger_without_secrets
 
-logger = logging.getLogger(__name__)
+logger = logger_without_secrets(__name__)
 
 LOCK_FILE = ".headroom-memory.lock"
 ERASE_FILE = ".headroom-memory.erase"

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import logging
 import os
 import threading
 import time
@@ -39,8 +38,9 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from ..errors import HeadroomMemoryError, StorageError
+from ..redaction import logger_without_secrets
 
-logger = logging.getLogger(__name__)
+logger = logger_without_secrets(__name__)
 
 T = TypeVar("T")
 

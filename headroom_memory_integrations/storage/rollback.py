@@ -20,7 +20,6 @@ it is only there while the write runs, is the owner's alone (0600) and, like the
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from ..embeddings.base import Vectors
+from ..redaction import logger_without_secrets
 from .folder import erase_file, replace_file, sync_folder
 from .vectors import vectors_from_text, vectors_to_text
 
-logger = logging.getLogger(__name__)
+logger = logger_without_secrets(__name__)
 
 ROLLBACK_FILE = ".headroom-memory.rollback"
 
