@@ -197,7 +197,7 @@ def test_a_long_run_of_combining_marks_is_cut_before_it_is_composed() -> None:
     240 KB message of alternating marks froze the process for 24 s (the chat call's recall
     deadline cannot cut C code short). Only a bounded tail is composed, and a text too long
     however it composes is refused before it is."""
-    from test_prompts import grows_linearly
+    from conftest import grows_linearly
 
     from headroom_memory_integrations.engine import MAX_TEXT_CHARS, query_tail
 
