@@ -1324,6 +1324,22 @@ class JobWorker:
             if id_ in ids and (status == "running" or (due <= until and not held_back))
         )
 
+    def held_back(self, ids: Collection[int]) -> set[int]:
+        """Of the jobs ``ids``, those that wait (in order) for an earlier job of their user
+        that has failed and is retried: during an outage they run only once it succeeds."""
+        if not ids or not self.in_order:
+            return set()
+        waits_sql, waits_args = _kind_filter(self.waits_for, "earlier.kind")
+        marks = ",".join("?" * len(ids))
+        with self.queue._locked() as conn:
+            rows = conn.execute(
+                f"SELECT id FROM jobs WHERE id IN ({marks}) AND EXISTS (SELECT 1 FROM jobs AS"
+                " earlier WHERE earlier.user_id = jobs.user_id AND earlier.id < jobs.id AND"
+                f" earlier.last_error IS NOT NULL AND {_holds_the_line('earlier')}{waits_sql})",
+                (*ids, *waits_args),
+            ).fetchall()
+        return {row[0] for row in rows}
+
     def drain_own(
         self, timeout: float | None, *, user_id: str | None = None, runnable_only: bool = False
     ) -> bool:

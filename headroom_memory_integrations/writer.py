@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -614,22 +614,30 @@ class MemoryWriter:
 
     def settle(self, memory: MemoryStore, timeout: float = READ_YOUR_WRITES_SECONDS) -> bool:
         """Wait (up to ``timeout`` seconds) until the memories this process queued for
-        ``memory``'s user have been stored, or tried once. Returns False on timeout."""
+        ``memory``'s user have been stored, or tried once, or wait for an earlier job of the
+        user that failed and is retried (during an outage, each call would wait its whole
+        ``timeout`` for them). Returns False on timeout."""
         deadline = time.monotonic() + timeout
         with self._settled:
-            while self._unsettled_of(memory.user_id):
+            queued = {w for w in self._unsettled.get(memory.user_id, ()) if isinstance(w, int)}
+        try:  # read outside the lock, which the workers take as each job ends
+            held_back = self.worker.held_back(queued)
+        except Exception:  # a queue that cannot be read: wait as for any job
+            held_back = set()
+        with self._settled:
+            while self._unsettled_of(memory.user_id, held_back):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._settled.wait(remaining)
         return True
 
-    def _unsettled_of(self, user_id: str) -> bool:
-        """With ``_settled`` held: whether ``user_id`` has store work to wait for: once the
-        workers are closed, only work still held (the jobs in the file wait for the next
-        writer of the file)."""
+    def _unsettled_of(self, user_id: str, held_back: Collection[int] = ()) -> bool:
+        """With ``_settled`` held: whether ``user_id`` has store work to wait for (but the
+        jobs ``held_back``): once the workers are closed, only work still held (the jobs in
+        the file wait for the next writer of the file)."""
         waiting = self._unsettled.get(user_id)
-        if not waiting:
+        if not waiting or waiting <= set(held_back):
             return False
         return not self.worker.closed or any(isinstance(w, _Handed) for w in waiting)
 
