@@ -425,8 +425,10 @@ def queue_path_for(memory: MemoryStore) -> Path:
     """Where a store's job queue lives: beside embedded memories (even before the folder is
     created: it is opened on first use), else in the home folder, named after the server, or
     for a storage on a chromadb client of the application's, after the client's folder or
-    server (its ``place``; the application's folder is left alone). Storages with no place
-    (an in-memory client) share one file there: give each its own ``queue_path``."""
+    server (its ``place``; the application's folder is left alone). A server storage made
+    with headers is named after its place too (the server with the headers' digest: each
+    token its own file). Storages with no place (an in-memory client) share one file there:
+    give each its own ``queue_path``."""
     storage = memory.storage
     folder = getattr(storage, "folder", None)
     if isinstance(folder, Path):
@@ -434,10 +436,11 @@ def queue_path_for(memory: MemoryStore) -> Path:
     location = storage.location
     if os.path.isdir(location):
         return Path(location) / "jobs.sqlite3"
-    # a server's file is named after its location, as before places; an application's
-    # client's after its place ("chroma client" told them apart from no other)
-    place = getattr(storage, "place", None) if getattr(storage, "db_path", None) is None else None
-    name = place if isinstance(place, str) else location
+    # a server's file is named after its location, as before places (the same file for the
+    # same server, as before); an application's client's, or a server's when its place says
+    # more (the digest of headers), after its place ("chroma client" told them apart from none)
+    place, db_path = getattr(storage, "place", None), getattr(storage, "db_path", None)
+    name = place if isinstance(place, str) and place != db_path else location
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     return Path("~/.headroom-memory").expanduser() / f"jobs-{digest}.sqlite3"
 

@@ -135,6 +135,65 @@ def test_closing_a_server_storage_closes_its_connections(chroma_server) -> None:
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
+def test_storages_sent_other_headers_are_other_places_with_queues_of_their_own(
+    chroma_server, openai_server, tmp_path, monkeypatch
+) -> None:
+    """A server (or a gateway before it) may serve each auth token another tenant's
+    database: storages that send other headers are other places, with default queue files
+    of their own, and a wrapper on one is refused the other's queue file (before: both were
+    the bare URL, so they shared a queue and a turn of A's "alice" could be stored in B's).
+    The same headers are the same place; no headers keep the file named after the URL alone
+    (what earlier versions named it: its jobs are found again). No header value is shown."""
+    import hashlib
+
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations.errors import InvalidInputError
+    from headroom_memory_integrations.openai import with_fast_memory
+    from headroom_memory_integrations.writer import _same_place, queue_path_for
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    token_a, token_b = "token-of-tenant-a-3f9c", "token-of-tenant-b-77e1"
+    host, port = "127.0.0.1", chroma_server.port
+    a = ChromaStorage.connect(host, port, headers={"X-Chroma-Token": token_a})
+    a_again = ChromaStorage.connect(host, port, headers={"x-chroma-token": token_a})
+    b = ChromaStorage.connect(host, port, headers={"X-Chroma-Token": token_b})
+    bare, from_url = ChromaStorage.connect(host, port), ChromaStorage.from_url(chroma_server.url)
+    storages = (a, a_again, b, bare, from_url)
+    try:
+        options = {"embedder": HashEmbedder()}
+        wrapped = {
+            name: with_fast_memory(openai_server.client(), "alice", storage=storage, **options)
+            for name, storage in zip(("a", "a_again", "b", "bare", "from_url"), storages)
+        }
+        for client in wrapped.values():  # each reaches the server, its headers sent
+            client.memory.add("Drinks green tea")
+        queue = {name: queue_path_for(client.memory) for name, client in wrapped.items()}
+
+        assert a.place != b.place and not _same_place(a, b)
+        assert queue["a"] != queue["b"]
+        assert a.place == a_again.place and queue["a"] == queue["a_again"]
+        assert bare.place == from_url.place == chroma_server.url
+        url_digest = hashlib.sha256(chroma_server.url.encode()).hexdigest()[:16]
+        assert queue["bare"] == queue["from_url"]
+        assert queue["bare"] == tmp_path / ".headroom-memory" / f"jobs-{url_digest}.sqlite3"
+        assert len({queue["a"], queue["b"], queue["bare"]}) == 3
+        assert all(queue[name].exists() for name in queue)
+        shown = " ".join(
+            f"{s.place} {s!r} {queue_path_for(c.memory)}"
+            for s, c in zip(storages, wrapped.values())
+        )
+        assert token_a not in shown and token_b not in shown
+
+        with pytest.raises(InvalidInputError, match="give each storage its own queue_path"):
+            with_fast_memory(
+                openai_server.client(), "alice", storage=b, queue_path=queue["a"], **options
+            )
+    finally:
+        for storage in storages:
+            storage.close()
+
+
 # -- a delete by another process between a rewrite's read and its write --------------------------
 
 

@@ -19,6 +19,7 @@ telemetry is off. Collections use cosine space, so a score is ``1 - distance``.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import itertools
 import json
 import os
@@ -1342,6 +1343,14 @@ def client_place(client: Any) -> str | None:
     return where
 
 
+def headers_digest(headers: dict[str, str]) -> str:
+    """What tells apart the headers a storage sends its server, never saying them: the first
+    16 hex digits of a SHA-256 of the names (in lower case, as HTTP reads them) and values,
+    in order of name. Two dicts of the same headers have the same digest."""
+    named = sorted((str(name).lower(), str(value)) for name, value in headers.items())
+    return hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
+
+
 class ChromaStorage:
     """Users' memory collections in Chroma.
 
@@ -1408,6 +1417,7 @@ class ChromaStorage:
         self._rollback_left = False
         self._applications = client is not None  # a client the application made, not ours
         self._client_place = client_place(client) if self._applications else None
+        self._headers_digest: str | None = None  # of the headers connect() sends, if any
         if client is not None and timeout is not None:
             bound_http_requests(client, timeout)
         _storages.add(self)
@@ -1491,7 +1501,9 @@ class ChromaStorage:
     ) -> ChromaStorage:
         """Storage on a Chroma server (``chroma run --path DIR --host HOST --port PORT``),
         contacted on first use. Each request fails after ``timeout`` seconds. An IPv6
-        ``host`` (``"::1"``) is written in brackets in URLs, as it must be."""
+        ``host`` (``"::1"``) is written in brackets in URLs, as it must be. ``headers`` (an
+        auth token, say) may choose the tenant and database the server serves, so they are
+        part of the storage's :attr:`place` (as a digest: :func:`headers_digest`)."""
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         url = f"{'https' if ssl else 'http'}://{host}:{port}"
@@ -1511,7 +1523,10 @@ class ChromaStorage:
                     host=host, port=port, ssl=ssl, headers=headers, settings=_settings()
                 )
 
-        return cls(connect=make_client, location=url, timeout=timeout)
+        storage = cls(connect=make_client, location=url, timeout=timeout)
+        if headers:
+            storage._headers_digest = headers_digest(headers)
+        return storage
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> ChromaStorage:
@@ -1834,9 +1849,15 @@ class ChromaStorage:
     def place(self) -> str | None:
         """Where these memories are, as one string that two storages share only when they
         hold the same memories: :attr:`db_path`, or for a storage on a chromadb client of the
-        application's, what the client's settings say (:func:`client_place`). None when
-        nothing tells it apart: an in-memory client, or one whose settings cannot be read."""
-        return self.db_path or self._client_place
+        application's, what the client's settings say (:func:`client_place`). A server
+        storage made with headers (:meth:`connect`) adds their digest: a server or a gateway
+        may serve another tenant's database to each token (the client of :meth:`connect` asks
+        for the default tenant and database, so they say nothing more). None when nothing
+        tells it apart: an in-memory client, or one whose settings cannot be read."""
+        place = self.db_path or self._client_place
+        if place is not None and self._headers_digest is not None:
+            place += f" (headers sha256 {self._headers_digest})"
+        return place
 
     def _holds_folder(self) -> bool:
         """True unless this is an embedded folder whose lock another process holds."""
