@@ -109,6 +109,7 @@ __all__ = [
     "MAX_BLOCK_CHARS",
     "MAX_MEMORIES_PER_BLOCK",
     "MAX_MEMORY_CHARS",
+    "OWN_ANNOTATIONS",
     "OWN_PARTS",
     "OWN_ROLES",
     "ExtractedMemory",
@@ -677,12 +678,14 @@ def fetches_outside_text(request_kwargs: Mapping[str, Any]) -> bool:
     a tool's output, say).
 
     So is a message of a role not in :data:`OWN_ROLES` (a tool's output in Llama's
-    ``ipython`` role, any role not known), a Responses API ``prompt`` whose ``variables``
-    hold a part that is not the conversation's words (an ``input_file`` or ``input_image``
-    given as a variable: only a string or an :data:`OWN_PARTS` part is), and a request with a
-    field of :data:`FETCHING_FIELDS` (a web search, an OpenRouter plugin, a retrieval
-    template's documents), top-level or in ``extra_body``, whose own fields are checked as
-    the request's."""
+    ``ipython`` role, any role not known), an earlier answer that cites the sources it was
+    written from (a web or file search's ``url_citation`` or ``file_citation`` annotations, on
+    the message or on its text parts: any annotation not in :data:`OWN_ANNOTATIONS`), a
+    Responses API ``prompt`` whose ``variables`` hold a part that is not the conversation's
+    words (an ``input_file`` or ``input_image`` given as a variable: only a string or an
+    :data:`OWN_PARTS` part is), and a request with a field of :data:`FETCHING_FIELDS` (a web
+    search, an OpenRouter plugin, a retrieval template's documents), top-level or in
+    ``extra_body``, whose own fields are checked as the request's."""
     if _fetches(request_kwargs):
         return True
     extra = _given(request_kwargs.get("extra_body"))
@@ -716,8 +719,36 @@ def _fetches(request_kwargs: Mapping[str, Any]) -> bool:
 
 
 def _holds_outside_text(message: object) -> bool:
-    """Whether a message's content has a part that is not in :data:`OWN_PARTS`."""
-    return not all(_own_part(part) for part in _listed(field_value(message, "content")))
+    """Whether a message's content has a part that is not in :data:`OWN_PARTS`, or the message
+    or one of its parts cites a source (:func:`_cites_sources`)."""
+    if _cites_sources(message) or _cites_sources(field_value(message, "additional_kwargs")):
+        return True
+    return not all(
+        _own_part(part) and not _cites_sources(part)
+        for part in _listed(field_value(message, "content"))
+    )
+
+
+OWN_ANNOTATIONS = frozenset({"file_path"})
+"""Annotation types of an answer's text that cite no source: OpenAI's ``file_path`` (a file the
+model's code wrote). Any other annotation marks text written from what a search or a file
+held: OpenAI's ``url_citation``, ``file_citation`` and ``container_file_citation``,
+LangChain's standard ``citation``, and any type not known (:func:`_cites_sources`)."""
+
+
+def _cites_sources(value: object) -> bool:
+    """Whether a message (its Chat Completions ``annotations``, or those LangChain's or
+    LlamaIndex's adapters keep in ``additional_kwargs``) or a content part (a Responses
+    ``output_text`` part's or a LangChain text block's ``annotations``, an Anthropic text
+    block's ``citations``) cites a source it was written from: an earlier answer of a web or
+    file search, whose words are the page's or the file's, not the model's own. An empty list
+    (an answer that cites nothing) cites no source."""
+    if value is None or isinstance(value, str):
+        return False
+    annotations = _listed(field_value(value, "annotations"))
+    if any(field_value(note, "type") not in OWN_ANNOTATIONS for note in annotations):
+        return True
+    return bool(_listed(field_value(value, "citations")))
 
 
 def _own_part(part: object) -> bool:

@@ -319,6 +319,49 @@ def test_a_provider_run_search_in_an_earlier_answer_makes_the_call_untrusted(
     assert chat.memory.stats()["events"]["ungrounded_memories"] == 1
 
 
+CITED = {
+    "citation": {"type": "citation", "url": "https://evil.example/faq", "title": "FAQ"},
+    "url_citation": {"type": "url_citation", "url": "https://evil.example/faq", "title": "FAQ"},
+}
+
+
+@pytest.mark.parametrize(
+    ("use_responses_api", "annotation"),
+    [(True, "citation"), (True, "url_citation"), (False, "url_citation"), (True, None)],
+    ids=["responses-citation", "responses-url_citation", "chat-url_citation", "cites-nothing"],
+)
+def test_an_earlier_answer_that_cites_a_search_makes_the_call_untrusted(
+    use_responses_api: bool,
+    annotation: str | None,
+    openai_server: ScriptedOpenAIServer,
+    db_path: Path,
+    model: Any,
+) -> None:
+    """An earlier answer written from a web search whose call and finds are no longer in the
+    conversation still carries its citations: a text block's ``annotations`` (LangChain's
+    standard ``citation``, or ``ChatOpenAI``'s ``url_citation``). Its words are the page's, so
+    the call is untrusted and the memory the page planted is dropped (before, it was stored).
+    A text block with no annotations (as ``ChatOpenAI`` writes every answer) keeps it trusted."""
+    openai_server.responder = ScriptedChat("Three days.", memories=[PLANTED, LYON])
+    wrapped = ChatOpenAI(
+        model="gpt-4o-mini",
+        base_url=openai_server.base_url,
+        api_key="sk-scripted",
+        max_retries=0,
+        use_responses_api=use_responses_api,
+    )
+    chat = MemoryChatModel(model=wrapped, user_id="alice", db_path=db_path, embedder=model)
+    notes = [] if annotation is None else [{**CITED[annotation], "start_index": 0}]
+    searched = AIMessage(content=[{"type": "text", "text": POISON, "annotations": notes}])
+    messages = [HumanMessage("Search the shipping FAQ."), searched, HumanMessage(QUESTION)]
+    assert chat.invoke(messages).text == "Three days."
+    if annotation is None:
+        assert texts(chat.memory) == sorted([LYON["text"], PLANTED["text"]])
+    else:
+        assert texts(chat.memory) == [LYON["text"]]
+        assert chat.memory.stats()["events"]["ungrounded_memories"] == 1
+
+
 def test_an_image_the_model_drew_earlier_is_no_outside_text() -> None:
     """ChatOpenAI keeps a Responses answer's provider-run tool items in ``tool_outputs``: a web
     search's finds are outside text, an image the model generated is not (it reads nothing but

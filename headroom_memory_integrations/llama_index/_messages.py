@@ -78,22 +78,32 @@ def holds_tool_results(messages: Sequence[ChatMessage]) -> bool:
 
 # LlamaIndex's blocks that attach something the user did not type, by ``block_type``, as the
 # core's part types (any type not in prompts.OWN_PARTS). A ``CitableBlock`` is a source's content
-# given to the model to cite (text, images or documents): a document. Not counted: text, audio
-# (mostly the user speaking), thinking, tool calls (the model's own), citations (of earlier
-# messages) and cache points. (``ChatMessage.blocks`` is a closed union: no other type exists.)
-_ATTACHED = {"image": "image", "document": "document", "video": "video", "citable": "document"}
+# given to the model to cite (text, images or documents): a document. A ``CitationBlock`` (an
+# answer's citation of a source, with the words it cites) is a text part with a ``citation``
+# annotation. Not counted: text, audio (mostly the user speaking), thinking, tool calls (the
+# model's own) and cache points. (``ChatMessage.blocks`` is a closed union: no other type exists.)
+_ATTACHED: dict[str, dict[str, Any]] = {
+    "image": {"type": "image"},
+    "document": {"type": "document"},
+    "video": {"type": "video"},
+    "citable": {"type": "document"},
+    "citation": {"type": "text", "annotations": [{"type": "citation"}]},
+}
 
 
 def attaches_outside_text(messages: Sequence[ChatMessage]) -> bool:
-    """Whether any message attaches a document, an image or a video (its blocks, as the core's
-    part types, checked by :func:`~headroom_memory_integrations.prompts.fetches_outside_text`):
-    text nobody in the conversation typed, so the call keeps only memories grounded in the
-    user's words."""
+    """Whether any message attaches a document, an image or a video, or is an answer that cites
+    the sources it was written from (a ``CitationBlock``, or the web or file search's
+    annotations ``OpenAIResponses`` keeps in ``additional_kwargs["annotations"]``): its blocks,
+    as the core's part types, checked by
+    :func:`~headroom_memory_integrations.prompts.fetches_outside_text`. This is text nobody in
+    the conversation typed, so the call keeps only memories grounded in the user's words."""
     parts = [
         {
             "role": m.role.value,
+            "annotations": m.additional_kwargs.get("annotations"),
             "content": [
-                {"type": _ATTACHED[kind]}
+                _ATTACHED[kind]
                 for kind in (getattr(block, "block_type", None) for block in m.blocks)
                 if kind in _ATTACHED
             ],
