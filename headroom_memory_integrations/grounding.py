@@ -73,7 +73,7 @@ _DOT_LOOKALIKE = re.compile(  # "pay。evil。io", "evil．com": a full stop bet
     "(?<=[A-Za-z0-9])[\u3002\uff61\u2024\ufe52\uff0e](?=[A-Za-z0-9])"
 )
 _SPACED_ADDRESS = re.compile(  # "eve @ evil . example", "pay .evil .io"; not "me @jdoe", ".NET"
-    rf"(?<![^\W_])(?<![^\W_]{MARKS})(?<!{MARKS}{MARKS})"  # where a word starts
+    rf"(?<![^\W_])(?<!{MARKS}){MARKS}*"  # where a word starts (marks before it: part of it)
     rf"{WORD}\s*@\s*{WORD}(?:(?:\.|\s+\.\s+){WORD})+"
     r"|(?<![a-z0-9-])[a-z0-9-]+(?:\s*\.\s*[a-z0-9-]+)+\s*\.\s*[a-z]{2,6}\b"
     r"|(?P<passed>(?<![a-z0-9-])[a-z0-9-]+(?:\s*\.\s*[a-z0-9-]+)*\s*\.)"

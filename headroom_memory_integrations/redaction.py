@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
+from contextlib import suppress
 
 _SECRETS = (
     # an API key: OpenAI's and Anthropic's (sk-...), Groq's, xAI's, Hugging Face's, Google's
@@ -53,16 +55,40 @@ class _WithoutSecrets(logging.Filter):
     without the exception itself, so that no handler formats that again."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        with suppress(Exception):  # never fail the log call (a message whose str() raises
+            self._redact(record)  # is the handler's to report, as without the filter)
+        return True
+
+    @staticmethod
+    def _redact(record: logging.LogRecord) -> None:
         message = record.getMessage()
         if without_secrets(message) != message:
             record.msg, record.args = without_secrets(message), None
         if record.exc_info and record.exc_info[1] is not None:
-            traceback = logging.Formatter().formatException(record.exc_info)
-            if without_secrets(traceback) != traceback:
-                record.exc_text, record.exc_info = without_secrets(traceback), None
+            said = "".join(_messages_of(record.exc_info[1]))
+            if without_secrets(said) != said:  # what an exception says, not its source lines
+                formatted = logging.Formatter().formatException(record.exc_info)
+                record.exc_text, record.exc_info = without_secrets(formatted), None
         elif record.exc_text:
             record.exc_text = without_secrets(record.exc_text)
-        return True
+
+
+def _messages_of(error: BaseException) -> list[str]:
+    """What ``error`` and the exceptions it was raised from or during say (their
+    ``format_exception_only`` lines, notes included): a traceback's source lines
+    (``headers={"Authorization": f"Bearer {token}"}``) hold no secret's value."""
+    said: list[str] = []
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        said += traceback.format_exception_only(type(current), current)
+        pending += [current.__cause__, current.__context__]
+        pending += list(getattr(current, "exceptions", ()))  # an exception group's
+    return said
 
 
 _FILTER = _WithoutSecrets()

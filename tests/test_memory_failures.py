@@ -456,6 +456,44 @@ def test_an_api_key_an_error_echoes_is_in_no_log_record(db_path, caplog) -> None
     assert not [r for r in caplog.records if KEY in logging.Formatter().format(r)]
 
 
+def test_a_record_without_a_secret_keeps_its_exception_and_a_bad_one_does_not_raise() -> None:
+    """Secrets are looked for in what the exceptions say, not in the traceback's source lines:
+    a line such as ``headers={"Authorization": f"Bearer {token}"}`` made the filter drop the
+    exception object (which Sentry or structlog read) of a record holding no secret. And the
+    filter never raises into the log call: a message whose str() raises is the handler's to
+    report, as without it."""
+    from headroom_memory_integrations.redaction import logger_without_secrets
+
+    logger = logger_without_secrets("headroom_memory_integrations.test_redaction")
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    def post(token: str) -> None:
+        headers = {"Authorization": f"Bearer {token}"}  # noqa: F841 (the traceback's line)
+        raise ConnectionError("the embeddings server went away")
+
+    handler = Keep()
+    logger.addHandler(handler)
+    raises, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        try:
+            post("t0k3n-value")
+        except ConnectionError:
+            logger.warning("could not search memories", exc_info=True)
+        logger.warning("storage failed: %s", Unprintable())  # returns, as without the filter
+    finally:
+        logging.raiseExceptions = raises
+        logger.removeHandler(handler)
+    assert seen[0].exc_info is not None and seen[0].exc_info[0] is ConnectionError
+
+
 def test_every_logger_of_the_package_takes_secrets_out() -> None:
     """The package's modules log through redaction.logger_without_secrets: a module that took
     logging.getLogger instead would log an echoed key in clear."""
