@@ -325,16 +325,16 @@ def _identity(path: str) -> tuple[int, int] | None:
     return status.st_dev, status.st_ino
 
 
-def sqlite_uri(path: PurePath) -> str:
-    """The SQLite URI of the file at the absolute ``path``, opened for reading and writing
-    only if it exists (``mode=rw``: a plain path would make an empty file). Its characters
+def sqlite_uri(path: PurePath, mode: str = "rw") -> str:
+    """The SQLite URI of the file at the absolute ``path``, opened only if it exists (``mode``
+    "rw" or "ro": a plain path would make an empty file). Its characters
     are quoted as a URI's (spaces, ``%``, ``?``, ``#``, non-ASCII letters), as pathlib's
     ``as_uri()`` does, and a Windows path is written ``file:///C:/...``; a UNC path
     ``file:////server/share/...``, which SQLite reads (``as_uri()`` would write the server
     as the URI's authority, which SQLite refuses)."""
     posix = path.as_posix()  # its bytes are quoted: a name not in UTF-8 is kept as it is
     quoted = quote(os.fsencode(posix), safe=b"/:")
-    return f"file://{'' if posix.startswith('/') else '/'}{quoted}?mode=rw"
+    return f"file://{'' if posix.startswith('/') else '/'}{quoted}?mode={mode}"
 
 
 def _not_a_database(exc: sqlite3.DatabaseError) -> bool:

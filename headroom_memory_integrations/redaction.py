@@ -62,8 +62,9 @@ class _WithoutSecrets(logging.Filter):
     @staticmethod
     def _redact(record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if without_secrets(message) != message:
-            record.msg, record.args = without_secrets(message), None
+        masked = without_secrets(message)
+        if masked != message:
+            record.msg, record.args = masked, None
         if record.exc_info and record.exc_info[1] is not None:
             said = "".join(_messages_of(record.exc_info[1]))
             if without_secrets(said) != said:  # what an exception says, not its source lines

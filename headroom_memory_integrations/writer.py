@@ -635,7 +635,7 @@ class MemoryWriter:
                 self._settled.wait(remaining)
         return True
 
-    def _unsettled_of(self, user_id: str, held_back: Collection[int] = ()) -> bool:
+    def _unsettled_of(self, user_id: str, held_back: Collection[int]) -> bool:
         """With ``_settled`` held: whether ``user_id`` has store work to wait for (but the
         jobs ``held_back``): once the workers are closed, only work still held (the jobs in
         the file wait for the next writer of the file)."""

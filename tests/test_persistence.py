@@ -236,3 +236,25 @@ _READ_ALICE = (
     "from headroom_memory_integrations import MemoryStore\n"
     "print([m.text for m in MemoryStore('alice', db_path=sys.argv[1]).get_all()])\n"
 )
+
+
+@pytest.mark.parametrize("name", ["mem#1", "100% mine?", "caf\u00e9 folder"])
+def test_a_folder_named_with_uri_characters_has_its_index_cleared(tmp_path, name) -> None:
+    """The index folder of a collection is found in Chroma's catalog through an SQLite URI,
+    which was written unquoted: in a folder named with "#" or "?", SQLite read another path
+    (and made an empty file there), so clear() left the index folder, with stray bytes of the
+    deleted texts, on disk, and the disk check counted it as nothing."""
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations.storage.folder import vector_segment
+
+    folder = tmp_path / name
+    store = MemoryStore("alice", db_path=folder, embedder=HashEmbedder())
+    for number in range(5):
+        store.add(f"Likes fruit number {number} very much")
+    segment = vector_segment(folder, str(store._open()._collection.id))
+    assert segment is not None and segment.is_dir()
+    store.clear()
+    store.storage.close()
+    assert not segment.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # nothing made beside it

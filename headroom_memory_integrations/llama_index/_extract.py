@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from llama_index.core.llms import LLM
 
 from ..jobs import PermanentJobError
+from ..prompts import field_value
 from ..writer import STOP_REASON_KEYS, Complete, ExtractionCutOff, is_cut_off
 from ._messages import from_dicts
 
@@ -52,13 +53,6 @@ def llm_completer(llm: LLM | None) -> Complete:
     return complete
 
 
-def _field(value: Any, name: str) -> Any:
-    """``value[name]`` of a mapping, ``value.name`` of an object; None when it has none."""
-    if isinstance(value, Mapping):
-        return value.get(name)
-    return getattr(value, name, None)
-
-
 def stop_reason(answer: Any) -> Any:
     """Why a LlamaIndex ``ChatResponse`` stopped, as its provider said it (None when it says
     nothing): a :data:`~headroom_memory_integrations.writer.STOP_REASON_KEYS` field of the raw
@@ -66,12 +60,12 @@ def stop_reason(answer: Any) -> Any:
     itself (Anthropic, Bedrock Converse, Ollama) or of ``additional_kwargs``; else the reason of
     an OpenAI Responses API answer left incomplete (``raw.incomplete_details``)."""
     raw = getattr(answer, "raw", None)
-    choices = _field(raw, "choices") if raw is not None else None
+    choices = field_value(raw, "choices") if raw is not None else None
     first = choices[0] if isinstance(choices, Sequence) and choices else None
     places = (first, raw, getattr(answer, "additional_kwargs", None))
     for place in places:
         for key in STOP_REASON_KEYS:
-            if place is not None and (reason := _field(place, key)) is not None:
+            if place is not None and (reason := field_value(place, key)) is not None:
                 return reason
-    incomplete = _field(raw, "incomplete_details") if raw is not None else None
-    return _field(incomplete, "reason") if incomplete is not None else None
+    incomplete = field_value(raw, "incomplete_details") if raw is not None else None
+    return field_value(incomplete, "reason") if incomplete is not None else None

@@ -36,9 +36,10 @@ import sys
 import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import closing
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from ..errors import StorageError
+from ..jobs import sqlite_uri
 from ..redaction import logger_without_secrets
 
 logger = logger_without_secrets(__name__)
@@ -202,7 +203,7 @@ def check_free_space(folder: Path, index_bytes: int, write_bytes: int) -> None:
 def vector_segment(folder: Path, collection_id: str) -> Path | None:
     """The folder of a collection's vector index files, looked up in Chroma's catalog."""
     try:
-        uri = f"file:{folder / DATABASE_FILE}?mode=ro"
+        uri = sqlite_uri(PurePath(os.path.abspath(folder / DATABASE_FILE)), "ro")
         with closing(sqlite3.connect(uri, uri=True)) as db:
             row = db.execute(
                 "SELECT id FROM segments WHERE collection = ? AND scope = 'VECTOR'",
