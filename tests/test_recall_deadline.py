@@ -326,3 +326,38 @@ def test_a_hung_embedder_does_not_hold_the_retriever_or_the_search_tool(
     finally:
         hanging.release.set()
         memory.close()
+
+
+def test_a_hung_embedder_does_not_hold_the_manage_tool(
+    tmp_path: Path, hanging: HangingEmbedder, short_deadline: float
+) -> None:
+    """An agent's manage_memory tool embeds the memory it creates: an embedder that hangs held
+    the tool call, and the agent's run, for as long as it hung. It is waited for as a search
+    is, and the tool says memory is unavailable (counted); the change is made once the
+    embedder answers, never cut short."""
+    pytest.importorskip("langchain_core")
+    from headroom_memory_integrations import MemoryStore
+    from headroom_memory_integrations.langchain import create_manage_memory_tool
+
+    memory = MemoryStore(
+        "alice", storage=ChromaStorage.at(tmp_path / "m"), embedder=hanging, min_score=-1
+    )
+    memory.add(TEA, category="preference")
+    tool = create_manage_memory_tool(memory=memory)
+    try:
+        hanging.hang.set()
+        started = time.monotonic()
+        said = str(tool.invoke({"action": "create", "content": "Has a cat named Miso"}))
+        assert time.monotonic() - started < short_deadline + 5  # not as long as it hangs
+        assert "Memory is unavailable right now" in said
+        assert memory.stats()["events"]["tool_failures"] == 1
+        hanging.hang.clear()
+        hanging.release.set()
+        assert late_recall_ended(thread="headroom-memory-recall")
+        end = time.monotonic() + 30
+        while "Has a cat named Miso" not in [m.text for m in memory.get_all()]:
+            assert time.monotonic() < end, "the late create was never made"
+            time.sleep(0.05)
+    finally:
+        hanging.release.set()
+        memory.close()

@@ -23,12 +23,13 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 from ..embeddings import Embedder
 from ..engine import MAX_MEMORY_ID_CHARS, MAX_TOP_K, MemoryStore, query_tail
 from ..errors import EmbeddingError, InvalidInputError, MemoryNotFoundError, StorageError
-from ..flow import in_recall_time
+from ..flow import in_recall_time, recall_seconds
 from ..grounding import grounded
 from ..jobs import user_tag
 from ..prompts import escape_text, message_text, noted_dates
 from ..redaction import logger_without_secrets
 from ..storage import Storage
+from ..storage.guard import run_within
 from ..types import Memory, SearchResult
 from ..wiring import UserStores, open_memory
 from ..write_path import Outcome
@@ -315,16 +316,23 @@ def create_manage_memory_tool(
             # the creates sent in the same model message
             call_id = getattr(runtime, "tool_call_id", None)
             beside = _creates_beside(runtime, name) if action == "delete" else frozenset()
-            with rewritten.changing(store.user_id):
-                return _manage(
-                    store,
-                    action,
-                    content,
-                    id,
-                    category,
-                    None if untrusted else keys,
-                    _Rewrites(rewritten, call_id, beside),
-                )
+
+            def change() -> tuple[str, dict[str, Any] | None]:
+                with rewritten.changing(store.user_id):
+                    return _manage(
+                        store,
+                        action,
+                        content,
+                        id,
+                        category,
+                        None if untrusted else keys,
+                        _Rewrites(rewritten, call_id, beside),
+                    )
+
+            # waited for as a search is (an embedder that hangs holds no agent's run), but
+            # never cut short: a change that ends late is made all the same
+            seconds = recall_seconds(store)
+            return run_within(change, seconds, (store, store.embedder), f"{action} a memory")
         except (InvalidInputError, MemoryNotFoundError) as exc:
             raise ToolException(f"Cannot {action} the memory: {exc}") from exc
         except Exception as exc:  # the storage or the embedder failed: the run goes on
