@@ -1300,17 +1300,7 @@ class JobWorker:
         neither done nor dead-lettered and running or due by ``until`` (``time.time()``)."""
         ids = _ids_queued_here(self.queue.path)  # none: the file is read all the same (a
         # queue that cannot be read is not drained)
-        # in order, a job waits for its user's earlier ones: not one waiting out a backoff past it
-        behind = "0"
-        behind_args: tuple[object, ...] = ()
-        if self.in_order:
-            waits_sql, behind_args = _kind_filter(self.waits_for, "earlier.kind")
-            behind = (
-                "EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
-                " AND earlier.id < jobs.id AND earlier.status = 'pending'"
-                f" AND {_holds_the_line('earlier')} AND earlier.not_before > ?{waits_sql})"
-            )
-            behind_args = (min(until, 1e300), *behind_args)
+        behind, behind_args = self._behind(until)
         whose, users = ("", ()) if user_id is None else (" AND user_id = ?", (user_id,))
         with self.queue._locked() as conn:  # the file's backlog from this process's oldest
             rows = conn.execute(
@@ -1324,19 +1314,35 @@ class JobWorker:
             if id_ in ids and (status == "running" or (due <= until and not held_back))
         )
 
-    def held_back(self, ids: Collection[int]) -> set[int]:
-        """Of the jobs ``ids``, those that wait (in order) for an earlier job of their user
-        that has failed and is retried: during an outage they run only once it succeeds."""
+    def _behind(self, until: float) -> tuple[str, tuple[object, ...]]:
+        """An SQL expression (and its parameters), true for a job of ``jobs`` that cannot run
+        by ``until`` (``time.time()``): in order, it waits for an earlier job of its user that
+        waits out a backoff past then (always false for a worker not in order)."""
+        if not self.in_order:
+            return "0", ()
+        waits_sql, waits_args = _kind_filter(self.waits_for, "earlier.kind")
+        return (
+            "EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
+            " AND earlier.id < jobs.id AND earlier.status = 'pending'"
+            f" AND {_holds_the_line('earlier')} AND earlier.not_before > ?{waits_sql})"
+        ), (min(until, 1e300), *waits_args)
+
+    def held_back(self, ids: Collection[int], until: float, wait: float = 0.05) -> set[int]:
+        """Of the jobs ``ids``, those that cannot run by ``until`` (``time.time()``): they wait
+        (in order) for an earlier job of their user that failed and waits out a backoff past
+        then. Waits at most ``wait`` seconds for the file (a read on a chat call's path).
+
+        Raises:
+            QueueBusy, sqlite3.Error: the file could not be read in time.
+        """
         if not ids or not self.in_order:
             return set()
-        waits_sql, waits_args = _kind_filter(self.waits_for, "earlier.kind")
+        behind, behind_args = self._behind(until)
         marks = ",".join("?" * len(ids))
-        with self.queue._locked() as conn:
+        with self.queue._locked(wait) as conn:
             rows = conn.execute(
-                f"SELECT id FROM jobs WHERE id IN ({marks}) AND EXISTS (SELECT 1 FROM jobs AS"
-                " earlier WHERE earlier.user_id = jobs.user_id AND earlier.id < jobs.id AND"
-                f" earlier.last_error IS NOT NULL AND {_holds_the_line('earlier')}{waits_sql})",
-                (*ids, *waits_args),
+                f"SELECT id FROM jobs WHERE id IN ({marks}) AND {behind}",
+                (*ids, *behind_args),
             ).fetchall()
         return {row[0] for row in rows}
 

@@ -617,15 +617,17 @@ class MemoryWriter:
 
     def settle(self, memory: MemoryStore, timeout: float = READ_YOUR_WRITES_SECONDS) -> bool:
         """Wait (up to ``timeout`` seconds) until the memories this process queued for
-        ``memory``'s user have been stored, or tried once, or wait for an earlier job of the
-        user that failed and is retried (during an outage, each call would wait its whole
-        ``timeout`` for them). Returns False on timeout."""
+        ``memory``'s user have been stored, or tried once, or cannot be tried before then:
+        behind an earlier job of the user that failed and waits out a backoff past the
+        timeout (during an outage, each call waited its whole ``timeout`` for them). The file
+        is read for that only briefly: kept locked by another process, it is waited for as
+        before. Returns False on timeout."""
         deadline = time.monotonic() + timeout
         with self._settled:
             queued = {w for w in self._unsettled.get(memory.user_id, ()) if isinstance(w, int)}
         try:  # read outside the lock, which the workers take as each job ends
-            held_back = self.worker.held_back(queued)
-        except Exception:  # a queue that cannot be read: wait as for any job
+            held_back = self.worker.held_back(queued, time.time() + timeout)
+        except Exception:  # a queue that cannot be read (at once): wait as for any job
             held_back = set()
         with self._settled:
             while self._unsettled_of(memory.user_id, held_back):

@@ -90,8 +90,10 @@ def test_a_call_does_not_wait_for_writes_held_behind_a_failing_one(
         )
         or settled[-1]
     )
-    for number in range(4):
+    for number in range(7):
         model_says.memories = [{"text": f"Works at Acme{number}", "category": "fact"}]
         ask(client, f"I work at Acme{number} now")
-    assert len(settled) >= 2 and all(settled)  # none waited its whole second in vain
+    # while the first write's backoff is shorter than the wait, a call may still wait for the
+    # writes behind it (they may run); once it is longer, none waits its second in vain
+    assert len(settled) >= 5 and settled[-3:] == [True, True, True]
     assert client.memory.stats()["background"]["retried"] >= 1  # the first write is retried
