@@ -226,8 +226,14 @@ def test_a_server_store_is_saved_as_its_url_without_credentials(
     )
     saved = dumps(chat)
     assert "chroma-key" not in saved and KEY not in saved
-    assert json.loads(saved)["kwargs"]["db_path"] == "http://127.0.0.1:9"
-    loaded = loads(saved, allowed_objects=ALLOWED, valid_namespaces=NAMESPACES, secrets_map=SECRETS)
+    data = json.loads(saved)
+    assert data["kwargs"]["db_path"] == "http://127.0.0.1:9"
+    # the saved storage has no headers: another place than the one saved, which keeps its queue
+    # file in this process (a wrapper on another place naming that file is refused)
+    data["kwargs"]["queue_path"] = str(tmp_path / "loaded-jobs.sqlite3")
+    loaded = loads(
+        json.dumps(data), allowed_objects=ALLOWED, valid_namespaces=NAMESPACES, secrets_map=SECRETS
+    )
     assert loaded.memory.storage.location == "http://127.0.0.1:9"
 
 
