@@ -1327,25 +1327,6 @@ class JobWorker:
             f" AND {_holds_the_line('earlier')} AND earlier.not_before > ?{waits_sql})"
         ), (min(until, 1e300), *waits_args)
 
-    def held_back(self, ids: Collection[int], until: float, wait: float = 0.05) -> set[int]:
-        """Of the jobs ``ids``, those that cannot run by ``until`` (``time.time()``): they wait
-        (in order) for an earlier job of their user that failed and waits out a backoff past
-        then. Waits at most ``wait`` seconds for the file (a read on a chat call's path).
-
-        Raises:
-            QueueBusy, sqlite3.Error: the file could not be read in time.
-        """
-        if not ids or not self.in_order:
-            return set()
-        behind, behind_args = self._behind(until)
-        marks = ",".join("?" * len(ids))
-        with self.queue._locked(wait) as conn:
-            rows = conn.execute(
-                f"SELECT id FROM jobs WHERE id IN ({marks}) AND {behind}",
-                (*ids, *behind_args),
-            ).fetchall()
-        return {row[0] for row in rows}
-
     def drain_own(
         self, timeout: float | None, *, user_id: str | None = None, runnable_only: bool = False
     ) -> bool:

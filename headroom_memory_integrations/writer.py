@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -617,32 +617,22 @@ class MemoryWriter:
 
     def settle(self, memory: MemoryStore, timeout: float = READ_YOUR_WRITES_SECONDS) -> bool:
         """Wait (up to ``timeout`` seconds) until the memories this process queued for
-        ``memory``'s user have been stored, or tried once, or cannot be tried before then:
-        behind an earlier job of the user that failed and waits out a backoff past the
-        timeout (during an outage, each call waited its whole ``timeout`` for them). The file
-        is read for that only briefly: kept locked by another process, it is waited for as
-        before. Returns False on timeout."""
+        ``memory``'s user have been stored, or tried once. Returns False on timeout."""
         deadline = time.monotonic() + timeout
         with self._settled:
-            queued = {w for w in self._unsettled.get(memory.user_id, ()) if isinstance(w, int)}
-        try:  # read outside the lock, which the workers take as each job ends
-            held_back = self.worker.held_back(queued, time.time() + timeout)
-        except Exception:  # a queue that cannot be read (at once): wait as for any job
-            held_back = set()
-        with self._settled:
-            while self._unsettled_of(memory.user_id, held_back):
+            while self._unsettled_of(memory.user_id):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._settled.wait(remaining)
         return True
 
-    def _unsettled_of(self, user_id: str, held_back: Collection[int]) -> bool:
-        """With ``_settled`` held: whether ``user_id`` has store work to wait for (but the
-        jobs ``held_back``): once the workers are closed, only work still held (the jobs in
-        the file wait for the next writer of the file)."""
+    def _unsettled_of(self, user_id: str) -> bool:
+        """With ``_settled`` held: whether ``user_id`` has store work to wait for: once the
+        workers are closed, only work still held (the jobs in the file wait for the next
+        writer of the file)."""
         waiting = self._unsettled.get(user_id)
-        if not waiting or waiting <= set(held_back):
+        if not waiting:
             return False
         return not self.worker.closed or any(isinstance(w, _Handed) for w in waiting)
 

@@ -62,38 +62,3 @@ def test_the_storing_call_itself_does_not_wait(openai_server, db_path, model, mo
     assert stored_call < 5 and next_call < 5  # neither waited for the 8 s store
     assert client.memory.flush(30)
     assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
-
-
-def test_a_call_does_not_wait_for_writes_held_behind_a_failing_one(
-    openai_server, db_path, model, model_says
-) -> None:
-    """While the store is down, each turn's write waits (in order) behind the user's first,
-    which failed and is retried: every later call waited the whole read-your-writes second
-    for writes that could not be tried yet, a second a call for as long as the outage."""
-    from headroom_memory_integrations import StorageError
-
-    client = with_fast_memory(
-        openai_server.client(), user_id="carol", db_path=db_path, embedder=model
-    )
-    ask(client, "hello")
-
-    def down(*args, **kwargs):
-        raise StorageError("could not store memories: the disk went away")
-
-    client.memory.add_many = down  # type: ignore[method-assign]
-    writer = client._flow.flow.jobs
-    settled: list[bool] = []
-    settle = writer.settle
-    writer.settle = lambda memory, *args, **kwargs: (
-        settled.append(  # type: ignore[method-assign]
-            settle(memory, *args, **kwargs)
-        )
-        or settled[-1]
-    )
-    for number in range(7):
-        model_says.memories = [{"text": f"Works at Acme{number}", "category": "fact"}]
-        ask(client, f"I work at Acme{number} now")
-    # while the first write's backoff is shorter than the wait, a call may still wait for the
-    # writes behind it (they may run); once it is longer, none waits its second in vain
-    assert len(settled) >= 5 and settled[-3:] == [True, True, True]
-    assert client.memory.stats()["background"]["retried"] >= 1  # the first write is retried
