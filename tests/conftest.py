@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import atexit
+import gc
 import hashlib
 import os
 import shutil
@@ -338,7 +339,15 @@ def grows_linearly(seconds_for: Callable[[int], float], size: int) -> bool:
     """Whether work of 4 x ``size`` takes less than 8 times as long as of ``size`` (linear: 4
     times; quadratic: 16), with a second to spare for a busy machine: a ratio on the same
     machine at the same moment, where a time limit would depend on its load. Each is the
-    quicker of two runs, so that one run slowed by the machine does not decide."""
-    small = min(seconds_for(size) for _ in range(2))
-    large = min(seconds_for(4 * size) for _ in range(2))
+    quicker of two runs, so that one run slowed by the machine does not decide. The garbage
+    collector is off meanwhile: in the suite's process its pauses grow with the heap of every
+    earlier test, not with the work measured, and made a linear 100 KB run look slow."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        small = min(seconds_for(size) for _ in range(3))
+        large = min(seconds_for(4 * size) for _ in range(3))
+    finally:
+        if collecting:
+            gc.enable()
     return large < 8 * small + 1.0
