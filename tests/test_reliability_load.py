@@ -5,9 +5,13 @@ silently, and every acknowledged memory is stored afterwards."""
 from __future__ import annotations
 
 from benchmarks.load import drive
+from headroom_memory_integrations import flow
 
 
-def test_a_sustained_load_loses_nothing_and_fails_nothing(tmp_path, model) -> None:
+def test_a_sustained_load_loses_nothing_and_fails_nothing(tmp_path, model, monkeypatch) -> None:
+    # Correctness, not speed (that is the benchmark's): a machine shared with others stalled a
+    # recall past its 11 s bound in a CI run, and the call went on without memories as it should
+    monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 120.0)
     report = drive(tmp_path / "memories", seconds=20, prefill=50, window=5, embedder=model)
     assert report["errors"] == 0, report["error_examples"]
     assert report["wrapper_failures"] == {}, report["counters"]
