@@ -1190,7 +1190,9 @@ def test_an_error_echoing_the_key_is_kept_without_it(
     queue.put("extract", "alice", {"turn": "I like tea"})
     worker.notify()
     wait_for(lambda: worker.stats()["retried"] == 1)
-    wait_for(lambda: worker.stats()["failed"] == 1)
+    # the count comes before the queue file's write (flush() watches the file): wait for the file
+    wait_for(lambda: len(queue.failed()) == 1)
+    assert worker.stats()["failed"] == 1
     [dead] = queue.failed()
     assert "SECRET" not in (dead.last_error or "")
     assert dead.last_error is not None and dead.last_error.startswith(
