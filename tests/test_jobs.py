@@ -307,14 +307,33 @@ def test_a_job_refused_with_retry_after_waits_as_long_as_the_server_asked(
 
     from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer
 
+    date = int(time.time()) + 45
     asked = {
         "seconds": {"retry-after": "30"},
         "milliseconds": {"retry-after-ms": "12500", "retry-after": "99"},
-        "date": {"retry-after": formatdate(time.time() + 45, usegmt=True)},
+        "date": {"retry-after": formatdate(date, usegmt=True)},
         "too long": {"retry-after": "3600"},
         "wrapped": {"retry-after": "20"},
         "nonsense": {"retry-after": "soon"},
     }
+    expected = {  # seconds after the failed try; the date is a time of its own
+        "seconds": 30.0,
+        "milliseconds": 12.5,
+        "too long": 120.0,  # the backoff's cap
+        "wrapped": 20.0,
+        "nonsense": 2.0,  # the backoff alone
+    }
+
+    def retry_written(user: str) -> float | None:
+        """The job's ``not_before`` once its retry is in the file (the worker counts it first)."""
+        with closing(sqlite3.connect(path)) as conn:
+            row = conn.execute(
+                "SELECT not_before FROM jobs WHERE user_id = ? AND status = 'pending' "
+                "AND last_error IS NOT NULL",
+                (user,),
+            ).fetchone()
+        return None if row is None else float(row[0])
+
     with ScriptedOpenAIServer() as server:
         for headers in asked.values():
             server.script(Reply.error(429, "Rate limit reached", headers=headers))
@@ -332,21 +351,23 @@ def test_a_job_refused_with_retry_after_waits_as_long_as_the_server_asked(
 
         backoff = Backoff(initial=2.0, maximum=120.0, jitter=0.0)
         worker = JobWorker(JobQueue(path), handler, backoff=backoff, poll_interval=0.05)
+        tried: dict[str, tuple[float, float, float]] = {}  # put, not_before, written
         try:
-            for tried, user in enumerate(asked, 1):  # one at a time: each its scripted reply
+            for user in asked:  # one at a time: each its scripted reply
+                put = time.time()
                 queue.put("extract", user, {})
                 worker.notify()
-                wait_for(lambda n=tried: worker.stats()["retried"] == n)
+                wait_for(lambda u=user: retry_written(u) is not None, timeout=60)
+                tried[user] = (put, retry_written(user) or 0.0, time.time())
         finally:
             worker.close(timeout=0)
-    with closing(sqlite3.connect(path)) as conn:
-        waits = dict(conn.execute("SELECT user_id, not_before - ? FROM jobs", (time.time(),)))
-    assert waits["seconds"] == pytest.approx(30, abs=2)
-    assert waits["milliseconds"] == pytest.approx(12.5, abs=2)
-    assert waits["date"] == pytest.approx(45, abs=3)
-    assert waits["too long"] == pytest.approx(120, abs=2)  # the backoff's cap
-    assert waits["wrapped"] == pytest.approx(20, abs=2)
-    assert waits["nonsense"] == pytest.approx(2, abs=1)  # the backoff alone
+    # each wait counted from its failed try, which lies between the put and the retry's write:
+    # no wall-clock margin that a stalled machine could use up
+    for user, seconds in expected.items():
+        put, not_before, written = tried[user]
+        assert put + seconds - 0.5 <= not_before <= written + seconds + 0.5, user
+    put, not_before, written = tried["date"]  # its wait is read at the try, written after it
+    assert date - 0.5 <= not_before <= date + (written - put) + 0.5
 
 
 def test_permanent_failure_is_dead_lettered_then_requeued(
