@@ -44,7 +44,7 @@ from .redaction import logger_without_secrets
 from .storage.base import Storage, UserCollection, without_credentials
 from .storage.chroma import ChromaStorage
 from .types import Category, Memory, Revision, SearchResult, Source, storable_time, utc_now
-from .write_path import Remembered, WritePath, rewritten
+from .write_path import Remembered, WritePath, rewritten, write_unless_deleted
 
 DEFAULT_DB_PATH = "~/.headroom-memory"
 """Where memories are kept when no ``db_path`` is given (``$HEADROOM_MEMORY_DB`` overrides)."""
@@ -1295,16 +1295,16 @@ class MemoryStore(WritePath):
         with self._write_lock:
             existing = collection.get([memory_id])
             if existing:
-                with contextlib.suppress(MemoryNotFoundError):  # deleted meanwhile: create it
-                    return self._rewrite(
-                        existing[0],
-                        draft.text,
-                        draft.category,
-                        draft.metadata,
-                        draft.keys,
-                        vector,
-                        keep_history=keep_history,
-                    )
+                return self._rewrite(
+                    existing[0],
+                    draft.text,
+                    draft.category,
+                    draft.metadata,
+                    draft.keys,
+                    vector,
+                    keep_history=keep_history,
+                    instead=draft,  # deleted meanwhile: the key is created afresh
+                )
             collection.upsert([draft], vector)
             return draft
 
@@ -1345,19 +1345,26 @@ class MemoryStore(WritePath):
         *,
         keep_history: bool = True,
         at: datetime | None = None,
+        instead: Memory | None = None,
     ) -> Memory:
-        """``old`` rewritten (see :func:`.write_path.rewritten`). Raises
-        :class:`MemoryNotFoundError`, and stores nothing, if another process deleted it since
-        it was read (a server's memories): the delete wins."""
+        """``old`` rewritten (see :func:`.write_path.rewritten`). If another process deleted it
+        since it was read (a server's memories), the delete wins: the new version is not
+        stored, ``instead`` is stored as a new memory and returned, and without it
+        :class:`MemoryNotFoundError` is raised (see :func:`.write_path.write_unless_deleted`)."""
         updated = rewritten(old, text, category, metadata, keys, keep_history=keep_history, at=at)
         if updated is old:
             return old  # nothing changes: replaying a supersede is harmless
-        if self._open().upsert([updated], vector.reshape(1, -1), rewrites=[old.id]):
+        gone = write_unless_deleted(
+            self._open(), [updated], vector.reshape(1, -1), {old.id}, lambda _: instead
+        )
+        if old.id not in gone:
+            return updated
+        if instead is None:
             raise MemoryNotFoundError(
                 f"user {user_tag(self.user_id)} has no memory with id {old.id!r} (it was "
                 "deleted meanwhile)"
             )
-        return updated
+        return instead
 
     def supersede(
         self, old_id: str, new_text: str, category: Category | str | None = None

@@ -13,7 +13,7 @@ write (:meth:`WritePath._reconcile`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
@@ -122,35 +122,30 @@ class WritePath:
         with self._write_lock:
             now = utc_now()
             held = {m.id: m for m in _get_in_chunks(collection, [m.id for m in memories])}
-            written: dict[str, tuple[Memory, int]] = {}  # id -> (memory, its vector's row)
+            written: dict[str, Memory] = {}  # what this import writes, by id
+            row_of: dict[str, int] = {}  # id -> the row of the memory and vector it writes
             results = []
             for row, memory in enumerate(memories):
-                current = written.get(memory.id, (held.get(memory.id), row))[0]
+                current = written.get(memory.id) or held.get(memory.id)
                 if current is None:
-                    written[memory.id] = (memory, row)
+                    written[memory.id], row_of[memory.id] = memory, row
                     results.append(Remembered(memory, Outcome.STORED))
                 elif _known_better(current, memory, now):
                     results.append(Remembered(current, Outcome.DUPLICATE))
                 else:
                     revised = _revised(current, memory, at=memory.updated_at)
-                    written[memory.id] = (revised, row)
+                    written[memory.id], row_of[memory.id] = revised, row
                     results.append(Remembered(revised, Outcome.SUPERSEDED))
-            if written:
-                rows = [row for _, row in written.values()]
-                rewrites = written.keys() & held.keys()
-                gone = collection.upsert(
-                    [m for m, _ in written.values()], vectors[rows], rewrites=rewrites
-                )
-                if gone:  # deleted by another process meanwhile: stored as imported, on its own
-                    # (a second write: if it fails, the import raises with the rest stored)
-                    rows = [written[i][1] for i in gone]
-                    collection.upsert([memories[row] for row in rows], vectors[rows])
-                    results = [
-                        Remembered(memories[written[r.memory.id][1]], Outcome.STORED)
-                        if r.memory.id in gone
-                        else r
-                        for r in results
-                    ]
+            # one deleted meanwhile by another process: its line is stored as it is, on its own
+            _write_batch(
+                collection,
+                written,
+                row_of,
+                vectors,
+                results,
+                rewrites=written.keys() & held.keys(),
+                instead=lambda row: memories[row],
+            )
         return results
 
     def _remember(
@@ -429,44 +424,19 @@ class WritePath:
             current[memory.id] = memory
             row_of[memory.id] = index
             results.append(Remembered(memory, decision.outcome))
-        if current:
-            rows = vectors[[row_of[i] for i in current]]
-            rewrites = current.keys() & stored.keys()
-            gone = collection.upsert(
-                list(current.values()), rows, behind=not imported, rewrites=rewrites
-            )
-            if gone:
-                self._store_instead(collection, drafts, vectors, results, gone, row_of, dated)
+        # one deleted meanwhile by another process: what its draft says is new, and is stored
+        # as a new memory, under the draft's placeholder id
+        _write_batch(
+            collection,
+            current,
+            row_of,
+            vectors,
+            results,
+            rewrites=current.keys() & stored.keys(),
+            instead=lambda row: drafts[row] if dated else _dated_now(drafts[row]),
+            behind=not imported,
+        )
         return results
-
-    def _store_instead(
-        self,
-        collection: UserCollection,
-        drafts: Sequence[Memory],
-        vectors: Vectors,
-        results: list[Remembered],
-        gone: set[str],
-        row_of: Mapping[str, int],
-        dated: bool,
-    ) -> None:
-        """The memories ``gone`` were deleted by another process after they were read, and
-        this batch's new versions of them were not written (the delete wins): store the draft
-        that wrote each one as a new memory (what it says is new), under its placeholder id,
-        and let every result that named the deleted memory name it. A second write, after the
-        batch's: if it fails, the batch raises with the rest of it stored (Chroma has no
-        transaction to make both one; see docs/reliability.md, section 5)."""
-        now = utc_now()
-        instead: dict[str, Memory] = {}
-        for memory_id in gone:
-            draft = drafts[row_of[memory_id]]
-            instead[memory_id] = draft if dated else replace(draft, created_at=now, updated_at=now)
-        rows = [row_of[i] for i in instead]
-        collection.upsert(list(instead.values()), vectors[rows])
-        for index, done in enumerate(results):
-            memory = instead.get(done.memory.id)
-            if memory is not None:
-                stored = index == row_of[done.memory.id]
-                results[index] = Remembered(memory, Outcome.STORED if stored else done.outcome)
 
     def _reconcile(
         self,
@@ -594,9 +564,84 @@ class WritePath:
         kept = replace(
             now, history=(*now.history, Revision(draft.text, draft.category, now.updated_at))
         )
-        if collection.upsert([kept], self._vectors([kept]), rewrites=[kept.id]):
-            return  # deleted since: it stays deleted
-        results[index] = Remembered(kept, Outcome.SUPERSEDED)
+        if not write_unless_deleted(collection, [kept], self._vectors([kept]), {kept.id}):
+            results[index] = Remembered(kept, Outcome.SUPERSEDED)  # (deleted since: it stays so)
+
+
+def write_unless_deleted(
+    collection: UserCollection,
+    memories: Sequence[Memory],
+    vectors: Vectors,
+    rewrites: Collection[str],
+    instead: Callable[[str], Memory | None] = lambda memory_id: None,
+    *,
+    behind: bool = False,
+) -> dict[str, Memory | None]:
+    """Write ``memories`` in one write, of which ``rewrites`` name those that are new versions
+    of memories the caller read stored: the rule of every such write. One that another
+    process deleted after it was read stays deleted (the delete wins): its new version is not
+    written, nor the deleted text in a history. In its place the memory ``instead`` gives
+    for its id (what the caller meant to say, as a new memory), if any, is stored with the
+    new version's vector, by a second write after the first: if that one fails, this raises
+    with the first stored (Chroma has no transaction to make both one; see
+    docs/reliability.md, section 5).
+
+    Args:
+        behind: The first write may reach storage just after this returns (see
+            :meth:`~.storage.base.UserCollection.upsert`).
+
+    Returns:
+        The ids of the rewrites deleted meanwhile, each with the memory stored in its place
+        (None: nothing was).
+    """
+    gone = collection.upsert(memories, vectors, behind=behind, rewrites=rewrites)
+    replaced = {memory_id: instead(memory_id) for memory_id in gone}
+    stored = {memory_id: m for memory_id, m in replaced.items() if m is not None}
+    if stored:
+        row_of = {m.id: row for row, m in enumerate(memories)}
+        collection.upsert(list(stored.values()), vectors[[row_of[i] for i in stored]])
+    return replaced
+
+
+def _write_batch(
+    collection: UserCollection,
+    written: Mapping[str, Memory],
+    row_of: Mapping[str, int],
+    vectors: Vectors,
+    results: list[Remembered],
+    *,
+    rewrites: Collection[str],
+    instead: Callable[[int], Memory],
+    behind: bool = False,
+) -> None:
+    """Write what a batch wrote (``written``, by id, each with the row of its vector and of
+    the result of the item that wrote it last in ``row_of``), with
+    :func:`write_unless_deleted`. A rewrite of a memory deleted meanwhile is replaced by
+    ``instead(its row)``, and every result that named the deleted memory names that one:
+    ``stored`` for the item that wrote it, what it was for any other (the memory it
+    duplicated or superseded is now that one)."""
+    if not written:
+        return
+    rows = [row_of[i] for i in written]
+    replaced = write_unless_deleted(
+        collection,
+        list(written.values()),
+        vectors[rows],
+        rewrites,
+        lambda memory_id: instead(row_of[memory_id]),
+        behind=behind,
+    )
+    for index, done in enumerate(results):
+        memory = replaced.get(done.memory.id)
+        if memory is not None:
+            stored = index == row_of[done.memory.id]
+            results[index] = Remembered(memory, Outcome.STORED if stored else done.outcome)
+
+
+def _dated_now(memory: Memory) -> Memory:
+    """``memory`` created and updated now: a new memory is dated when it is written."""
+    now = utc_now()
+    return replace(memory, created_at=now, updated_at=now)
 
 
 def rewritten(

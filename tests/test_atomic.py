@@ -203,8 +203,9 @@ def test_an_update_overwritten_by_another_process_is_kept_in_history(
             *args: Any, _write=collection.upsert, _before=before, _after=after, **kwargs: Any
         ):
             _before.wait(30)
-            _write(*args, **kwargs)
+            done = _write(*args, **kwargs)
             _after.set()
+            return done
 
         monkeypatch.setattr(store, "_consolidate", decide_together)
         monkeypatch.setattr(collection, "upsert", write_in_turn)

@@ -314,6 +314,38 @@ def test_a_put_over_a_key_deleted_meanwhile_creates_it_without_the_deleted_text(
     assert (memory.id, memory.text, memory.history) == ("pin", "My bank card PIN is 9999", ())
 
 
+def test_a_restore_over_a_memory_deleted_meanwhile_reports_only_the_line_stored(
+    monkeypatch, chroma_server
+) -> None:
+    """A restore (``consolidate=False``) of two versions of a memory that another process
+    deletes meanwhile: the newer line is stored as it is in the file (the deleted memory's
+    text is not kept), and only it is reported stored. The older line, which it outdates, is
+    a duplicate of it: nothing of it was stored (it was reported stored too)."""
+    import json
+
+    from conftest import HashEmbedder
+
+    user = "srv-restore-deleted"
+    store = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder())
+
+    def line(text: str, year: int) -> str:
+        at = f"{year}-01-01T00:00:00+00:00"
+        return json.dumps({"id": "pin", "text": text, "created_at": at, "updated_at": at})
+
+    store.import_([line("My bank card PIN is 1111", 2020)], consolidate=False)
+    fired = _delete_meanwhile(monkeypatch, chroma_server.url, user, "pin", "before the write")
+    newer, older = line("My bank card PIN is 3333", 2022), line("My bank card PIN is 2222", 2021)
+    results = store.import_with_outcomes([newer, older], consolidate=False)
+    assert fired == ["deleted"]
+    monkeypatch.undo()
+    [stored] = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder()).get_all()
+    assert (stored.id, stored.text, stored.history) == ("pin", "My bank card PIN is 3333", ())
+    assert [(r.outcome.value, r.memory.text) for r in results] == [
+        ("stored", "My bank card PIN is 3333"),
+        ("duplicate", "My bank card PIN is 3333"),
+    ]
+
+
 def test_a_failed_rewrite_leaves_a_memory_deleted_meanwhile_deleted(
     monkeypatch, chroma_server
 ) -> None:
