@@ -588,13 +588,13 @@ def write_unless_deleted(
 
     Args:
         behind: The first write may reach storage just after this returns (see
-            :meth:`~.storage.base.UserCollection.upsert`).
+            :meth:`~.storage.base.UserCollection.rewrite`).
 
     Returns:
         The ids of the rewrites deleted meanwhile, each with the memory stored in its place
         (None: nothing was).
     """
-    gone = collection.upsert(memories, vectors, behind=behind, rewrites=rewrites)
+    gone = collection.rewrite(memories, vectors, rewrites=rewrites, behind=behind)
     replaced = {memory_id: instead(memory_id) for memory_id in gone}
     stored = {memory_id: m for memory_id, m in replaced.items() if m is not None}
     if stored:

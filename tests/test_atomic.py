@@ -200,7 +200,7 @@ def test_an_update_overwritten_by_another_process_is_kept_in_history(
             return decisions
 
         def write_in_turn(
-            *args: Any, _write=collection.upsert, _before=before, _after=after, **kwargs: Any
+            *args: Any, _write=collection.rewrite, _before=before, _after=after, **kwargs: Any
         ):
             _before.wait(30)
             done = _write(*args, **kwargs)
@@ -208,7 +208,7 @@ def test_an_update_overwritten_by_another_process_is_kept_in_history(
             return done
 
         monkeypatch.setattr(store, "_consolidate", decide_together)
-        monkeypatch.setattr(collection, "upsert", write_in_turn)
+        monkeypatch.setattr(collection, "rewrite", write_in_turn)
     read = other._open().get
     monkeypatch.setattr(other._open(), "get", lambda *a: (read(*a), other_read.set())[0])
     check = first._reconcile

@@ -426,3 +426,34 @@ def test_a_journal_the_worker_could_not_empty_is_emptied_before_a_delete(
     hash_store.storage.close()
     fresh = MemoryStore("alice", db_path=hash_store.storage.folder, embedder=HashEmbedder())
     assert fresh.get_all() == []
+
+
+@pytest.mark.parametrize("behind", [True, False], ids=["deferred", "written at once"])
+def test_a_rewrite_of_a_memory_gone_stores_the_others_and_nothing_of_it(
+    hash_store: MemoryStore, monkeypatch, held, behind
+) -> None:
+    """``UserCollection.rewrite``: a memory it is told is a rewrite and that is not stored as
+    the write starts is neither written nor created, and its id is returned; the write's
+    other memories are stored, and the handle's cache and index hold what was stored (not
+    the new version of the deleted one). ``upsert`` creates what it does not find."""
+    from dataclasses import replace
+
+    kept, gone = hash_store.add("Plays the cello"), hash_store.add("Lives in Lisbon")
+    collection = _read_ahead(hash_store, monkeypatch)
+    hash_store.delete(gone.id)
+    viola, porto = replace(kept, text="Plays the viola"), replace(gone, text="Lives in Porto")
+    bees = replace(kept, id="bees", text="Keeps bees on the roof", history=())
+    vectors = hash_store._vectors([viola, porto, bees])
+    assert collection.rewrite(
+        [viola, porto, bees], vectors, rewrites={kept.id, gone.id}, behind=behind
+    ) == {gone.id}
+    assert (hash_store.storage._deferred.pending > 0) == behind
+    assert collection.get([gone.id]) == [] and gone.id not in collection._index
+    assert {m.id: m.text for m in hash_store.get_all()} == {
+        kept.id: "Plays the viola",
+        "bees": "Keeps bees on the roof",
+    }
+    assert hash_store.flush(10)
+    assert not _in_chroma(collection, gone.id) and _in_chroma(collection, "bees")
+    assert collection.upsert([porto], vectors[1:2]) is None
+    assert [m.text for m in collection.get([gone.id])] == ["Lives in Porto"]

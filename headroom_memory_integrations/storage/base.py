@@ -50,27 +50,33 @@ class UserCollection(Protocol):
     A storage gives every caller in a process the same object for a user, so what it holds in
     memory (a cache, a search index) follows every write made in the process."""
 
-    def upsert(
-        self,
-        memories: Sequence[Memory],
-        vectors: Vectors,
-        *,
-        behind: bool = False,
-        rewrites: Collection[str] = (),
-    ) -> set[str]:
-        """Store new memories or new versions of existing ones. A write that raises stored
-        nothing (what it had written is undone first).
+    def upsert(self, memories: Sequence[Memory], vectors: Vectors, *, behind: bool = False) -> None:
+        """Store new memories or new versions of existing ones (a memory not stored is
+        created). A write that raises stored nothing (what it had written is undone first).
 
         Args:
             behind: The write may reach storage just after this returns, once it is durable
                 and every later read of the process sees it (embedded storage, see
                 :mod:`.deferred`); a failure to store it then is retried, not raised.
-            rewrites: Ids of memories the caller read stored and writes new versions of:
-                they are never created. One that another process deleted meanwhile stays
-                deleted (its new version is not stored).
+        """
+        ...
+
+    def rewrite(
+        self,
+        memories: Sequence[Memory],
+        vectors: Vectors,
+        *,
+        rewrites: Collection[str],
+        behind: bool = False,
+    ) -> set[str]:
+        """Store memories as :meth:`upsert` does, in one write, of which ``rewrites`` name
+        those that are new versions of memories the caller read stored: they are never
+        created. One that another process deleted meanwhile stays deleted (its new version is
+        not stored); the others are stored.
 
         Returns:
-            The ids of ``rewrites`` that were not stored, being deleted.
+            The ids of ``rewrites`` that were gone (deleted), whose new versions were not
+            stored.
         """
         ...
 

@@ -765,13 +765,18 @@ class ChromaCollection:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def upsert(
+    def upsert(self, memories: Sequence[Memory], vectors: Vectors, *, behind: bool = False) -> None:
+        """Store ``memories`` (new ones, or new versions of existing ones) with their vectors:
+        :meth:`rewrite` with no rewrites."""
+        self.rewrite(memories, vectors, rewrites=(), behind=behind)
+
+    def rewrite(
         self,
         memories: Sequence[Memory],
         vectors: Vectors,
         *,
+        rewrites: Collection[str],
         behind: bool = False,
-        rewrites: Collection[str] = (),
     ) -> set[str]:
         """Store ``memories`` (new ones, or new versions of existing ones) with their vectors.
 
@@ -787,7 +792,7 @@ class ChromaCollection:
         stored as the write starts is not written. A server's client, which another process
         may delete it from until the write is made, writes them with Chroma's ``update``
         (which leaves a missing record missing) and reads them back after. Returns the ids of
-        ``rewrites`` that were not stored (deleted meanwhile).
+        ``rewrites`` that were gone (deleted meanwhile): they were not stored.
         """
         if not memories:
             return set()
