@@ -19,6 +19,7 @@ telemetry is off. Collections use cosine space, so a score is ``1 - distance``.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import itertools
 import json
@@ -32,7 +33,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -606,6 +607,30 @@ def _page_records(page: dict[str, Any]) -> dict[str, _Record]:
 _NO_PAGE: dict[str, Any] = {"ids": [], "documents": [], "metadatas": [], "embeddings": []}
 
 
+class _Write(NamedTuple):
+    """Records to write to Chroma: their ids, Chroma metadata and vectors, row by row, and the
+    records by id (None for a deferred write the worker stores: what is held in memory holds
+    them already)."""
+
+    ids: list[str]
+    metas: list[dict[str, Any]]
+    vectors: Vectors
+    records: dict[str, _Record] | None = None
+
+    def without(self, gone: Collection[str]) -> _Write:
+        """This write less the records of ``gone``: rewrites of memories deleted meanwhile,
+        which are not written."""
+        if not gone:
+            return self
+        keep = [n for n, i in enumerate(self.ids) if i not in gone]
+        records = None
+        if self.records is not None:
+            records = {i: r for i, r in self.records.items() if i not in gone}
+        return _Write(
+            [self.ids[n] for n in keep], [self.metas[n] for n in keep], self.vectors[keep], records
+        )
+
+
 class _Change:
     """A write as it affects what is held in memory: ``ids`` rewritten with ``written``
     records (None: not known, forget them) and ``vectors``, or deleted (``vectors`` None)."""
@@ -797,39 +822,43 @@ class ChromaCollection:
         if not memories:
             return set()
         fields = [_fields_of(m) for m in memories]
-        metas = [_metadata(f) for f in fields]
-        written = {m.id: _Record(f, m) for m, f in zip(memories, fields)}
-        ids = list(written)
-        if len(ids) != len(memories):
+        records = {m.id: _Record(f, m) for m, f in zip(memories, fields)}
+        write = _Write(list(records), [_metadata(f) for f in fields], vectors, records)
+        if len(write.ids) != len(memories):
             raise StorageError("a write may not name the same memory twice")
-        size = sum(_record_bytes(meta, self.binding[1]) for meta in metas)
-        rewriting = written.keys() & set(rewrites)
+        size = sum(_record_bytes(meta, self.binding[1]) for meta in write.metas)
+        rewriting = records.keys() & set(rewrites)
         with self._user_lock, self._write_lock:
             deferred = self._storage._deferred
             if (
                 behind
                 and deferred is not None
                 and deferred.last_error is None  # Chroma refuses writes: the caller hears it
-                and self._deferrable(len(ids))
+                and self._deferrable(len(write.ids))
             ):
                 self._storage._ready_to_write(self, size)
                 index = self._index  # complete: a missing memory is not in it
                 gone = {i for i in rewriting if index is None or i not in index}
-                keep = [n for n, i in enumerate(ids) if i not in gone]
-                embedder, dimension = self.binding
-                pending = {ids[n]: metas[n] for n in keep}
-                if not pending:
+                pending = write.without(gone)
+                if not pending.ids:
                     return gone
+                embedder, dimension = self.binding
                 if deferred.add(
-                    PendingWrite(self._user_id, embedder, dimension, pending, vectors[keep])
+                    PendingWrite(
+                        self._user_id,
+                        embedder,
+                        dimension,
+                        dict(zip(pending.ids, pending.metas)),
+                        pending.vectors,
+                    )
                 ):
-                    with self._writing(ids, written, vectors, gone):
-                        return gone
-            gone = set()
-            with self._writing(ids, written, vectors, gone):
+                    return self._writing(lambda: gone, write.ids, write)  # made in memory
+
+            def store() -> set[str]:
                 self._storage._ready_to_write(self, size)
-                gone.update(self._store(ids, metas, vectors, rewriting))
-            return gone
+                return self._store(write, rewriting)
+
+            return self._writing(store, write.ids, write)
 
     def _deferrable(self, records: int) -> bool:
         """Whether a write of ``records`` records may be stored behind the caller: this
@@ -845,9 +874,7 @@ class ChromaCollection:
             and not self._retired
         )
 
-    def _store(
-        self, ids: list[str], metas: list[dict[str, Any]], vectors: Vectors, rewrites: set[str]
-    ) -> set[str]:
+    def _store(self, records: _Write, rewrites: set[str]) -> set[str]:
         """Write these records to Chroma, undoing what was written if a batch fails. A write
         of more than one batch to an embedded folder first records its undo on disk, so that
         it is undone even if the process is killed halfway (see :mod:`.rollback`).
@@ -856,13 +883,12 @@ class ChromaCollection:
         sole writer writes the others with ``update`` and reads them back. Returns the ids of
         ``rewrites`` not stored. A read-back that fails (the server went away just after the
         write) is logged, and the write reported stored: it was, and nothing is undone."""
-        prior = self._prior(ids)
+        prior = self._prior(records.ids)
         gone = {i for i in rewrites if i not in prior}
-        if gone:
-            keep = [n for n, i in enumerate(ids) if i not in gone]
-            ids, metas, vectors = [ids[n] for n in keep], [metas[n] for n in keep], vectors[keep]
-            if not ids:
-                return gone
+        written = records.without(gone)
+        if not written.ids:
+            return gone
+        ids, metas, vectors = written.ids, written.metas, written.vectors
         # Another process may delete them until they are written: Chroma's update leaves a
         # deleted record deleted, where an upsert would create it again.
         updated = set() if self._sole_writer else rewrites & prior.keys()
@@ -985,13 +1011,16 @@ class ChromaCollection:
                 storage._note_erase(str(collection.id), batch)
             collection.delete(ids=batch)
 
+        def delete_batch(batch: list[str]) -> set[str]:
+            storage._ready_to_write(self, 0)
+            storage._settle_journal()
+            self._call("delete memories", lambda c: delete(c, batch))
+            return set()  # (a delete finds nothing gone)
+
         with self._user_lock:
             for start in range(0, len(unique), _BATCH):
                 batch = unique[start : start + _BATCH]
-                with self._writing(batch):
-                    storage._ready_to_write(self, 0)
-                    storage._settle_journal()
-                    self._call("delete memories", lambda c: delete(c, batch))  # noqa: B023
+                self._writing(functools.partial(delete_batch, batch), batch)
             if erase:
                 storage._erase()
 
@@ -1257,23 +1286,17 @@ class ChromaCollection:
             if retry:
                 self._warm_after = time.monotonic() + _WARM_RETRY_SECONDS
 
-    @contextmanager
     def _writing(
-        self,
-        ids: Sequence[str],
-        written: dict[str, _Record] | None = None,
-        vectors: Vectors | None = None,
-        gone: set[str] | None = None,
-    ) -> Iterator[None]:
-        """Hold the write lock around a write of ``ids`` (an upsert of ``written`` records
-        with ``vectors``, or a delete) and keep what is held in memory honest: after a
-        sole writer's write it holds what was written; otherwise the ids are forgotten.
-        The ids the write put in ``gone`` (filled in by the write) were not written: they
-        are not stored."""
+        self, write: Callable[[], set[str]], ids: Sequence[str], upsert: _Write | None = None
+    ) -> set[str]:
+        """Make ``write``, a write of ``ids`` (an ``upsert``, or a delete), holding the write
+        lock, and keep what is held in memory honest: after a sole writer's write it holds
+        what was written; otherwise the ids are forgotten. Returns what ``write`` returns:
+        the ids of rewrites it found gone (deleted meanwhile), not written and not stored."""
         with self._write_lock:
             self._write_stamp += 1
             try:
-                yield
+                gone = write()
             except BaseException:
                 # the write may have half happened: search with Chroma, read ahead again later
                 self._warm_log = None
@@ -1286,16 +1309,13 @@ class ChromaCollection:
                     self._cache.pop(i, None)
                     self._absent.pop(i, None)
                 self._write_stamp += 1
-            changes = [_Change(ids, written if self._sole_writer else None, vectors)]
-            if gone and vectors is not None:
-                keep = [n for n, i in enumerate(ids) if i not in gone]
-                kept = {i: r for i, r in (written or {}).items() if i not in gone}
-                changes = [
-                    _Change(list(gone), None, None),  # (as a delete: they are not stored)
-                    _Change(
-                        [ids[n] for n in keep], kept if self._sole_writer else None, vectors[keep]
-                    ),
-                ]
+            changes = [_Change(ids, None, None)]  # a delete
+            if upsert is not None:
+                stored = upsert.without(gone)
+                records = stored.records if self._sole_writer else None
+                changes = [_Change(stored.ids, records, stored.vectors)]
+                if gone:  # (as a delete: they are not stored)
+                    changes.insert(0, _Change(list(gone), None, None))
             for change in changes:
                 change.replay(self._cache, self._index)
             sampled = self._sampled_centroid
@@ -1304,6 +1324,7 @@ class ChromaCollection:
             self._within_cache_limit()
             if self._warm_log is not None:
                 self._warm_log.extend(changes)
+            return gone
 
 
 def server_address(url: str) -> str | None:
@@ -1647,7 +1668,9 @@ class ChromaStorage:
     def _store_pending(self, write: PendingWrite) -> None:
         """Write a deferred write to Chroma (in the worker thread of :mod:`.deferred`)."""
         handle = self.open(write.user_id, write.embedder, write.dimension)
-        handle._store(list(write.records), list(write.records.values()), write.vectors, set())
+        handle._store(
+            _Write(list(write.records), list(write.records.values()), write.vectors), set()
+        )
 
     def _settle(self) -> None:
         """Wait for this folder's deferred writes to be in Chroma (see :mod:`.deferred`)."""
