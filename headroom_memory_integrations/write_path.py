@@ -145,6 +145,7 @@ class WritePath:
                 results,
                 rewrites=written.keys() & held.keys(),
                 instead=lambda row: memories[row],
+                others_outdated=True,
             )
         return results
 
@@ -613,13 +614,16 @@ def _write_batch(
     rewrites: Collection[str],
     instead: Callable[[int], Memory],
     behind: bool = False,
+    others_outdated: bool = False,
 ) -> None:
     """Write what a batch wrote (``written``, by id, each with the row of its vector and of
     the result of the item that wrote it last in ``row_of``), with
     :func:`write_unless_deleted`. A rewrite of a memory deleted meanwhile is replaced by
     ``instead(its row)``, and every result that named the deleted memory names that one:
-    ``stored`` for the item that wrote it, what it was for any other (the memory it
-    duplicated or superseded is now that one)."""
+    ``stored`` for the item that wrote it; for any other, ``duplicate`` if
+    ``others_outdated`` (a restore: the line stored outdates the others of its id, whose
+    texts are not kept), else what it was (the memory it duplicated or superseded is now
+    that one)."""
     if not written:
         return
     rows = [row_of[i] for i in written]
@@ -634,8 +638,11 @@ def _write_batch(
     for index, done in enumerate(results):
         memory = replaced.get(done.memory.id)
         if memory is not None:
-            stored = index == row_of[done.memory.id]
-            results[index] = Remembered(memory, Outcome.STORED if stored else done.outcome)
+            if index == row_of[done.memory.id]:
+                outcome = Outcome.STORED
+            else:
+                outcome = Outcome.DUPLICATE if others_outdated else done.outcome
+            results[index] = Remembered(memory, outcome)
 
 
 def _dated_now(memory: Memory) -> Memory:

@@ -314,8 +314,9 @@ def test_a_put_over_a_key_deleted_meanwhile_creates_it_without_the_deleted_text(
     assert (memory.id, memory.text, memory.history) == ("pin", "My bank card PIN is 9999", ())
 
 
+@pytest.mark.parametrize("newer_first", [True, False], ids=["newer-first", "older-first"])
 def test_a_restore_over_a_memory_deleted_meanwhile_reports_only_the_line_stored(
-    monkeypatch, chroma_server
+    monkeypatch, chroma_server, newer_first: bool
 ) -> None:
     """A restore (``consolidate=False``) of two versions of a memory that another process
     deletes meanwhile: the newer line is stored as it is in the file (the deleted memory's
@@ -325,7 +326,7 @@ def test_a_restore_over_a_memory_deleted_meanwhile_reports_only_the_line_stored(
 
     from conftest import HashEmbedder
 
-    user = "srv-restore-deleted"
+    user = f"srv-restore-deleted-{newer_first}"
     store = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder())
 
     def line(text: str, year: int) -> str:
@@ -335,12 +336,16 @@ def test_a_restore_over_a_memory_deleted_meanwhile_reports_only_the_line_stored(
     store.import_([line("My bank card PIN is 1111", 2020)], consolidate=False)
     fired = _delete_meanwhile(monkeypatch, chroma_server.url, user, "pin", "before the write")
     newer, older = line("My bank card PIN is 3333", 2022), line("My bank card PIN is 2222", 2021)
-    results = store.import_with_outcomes([newer, older], consolidate=False)
+    lines = [newer, older] if newer_first else [older, newer]
+    results = store.import_with_outcomes(lines, consolidate=False)
     assert fired == ["deleted"]
     monkeypatch.undo()
     [stored] = MemoryStore(user, db_path=chroma_server.url, embedder=HashEmbedder()).get_all()
     assert (stored.id, stored.text, stored.history) == ("pin", "My bank card PIN is 3333", ())
-    assert [(r.outcome.value, r.memory.text) for r in results] == [
+    outcomes = [(r.outcome.value, r.memory.text) for r in results]
+    if not newer_first:
+        outcomes.reverse()
+    assert outcomes == [
         ("stored", "My bank card PIN is 3333"),
         ("duplicate", "My bank card PIN is 3333"),
     ]
