@@ -397,6 +397,15 @@ def check_embedder(embedder: object) -> Embedder:
     return cast(Embedder, embedder)
 
 
+def search_text(query: str) -> str | None:
+    """The text a search of ``query`` looks for (:func:`query_tail`), or None when it has
+    nothing visible to look for (blank, control characters or a lone zero-width space:
+    :func:`has_visible_text`); what to do then is the caller's (return no memories, or say
+    why)."""
+    text = query_tail(query)
+    return text if has_visible_text(text) else None
+
+
 def has_visible_text(text: str) -> bool:
     """Whether :func:`clean_text` leaves something of ``text`` (a character that is not
     whitespace, a control character or an invisible format character such as a zero-width

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from .engine import MemoryStore, has_visible_text, query_tail
+from .engine import MemoryStore, search_text
 from .grounding import grounded
 from .jobs import user_tag
 from .prompts import (
@@ -606,7 +606,8 @@ class MemoryFlow:
         later, as the deadline cuts its requests short, is not counted again)."""
         counted = _Once()
         failed = _Recalled("", {}, None)
-        if not has_visible_text(query):  # a lone zero-width space: nothing to search with
+        text = search_text(query)
+        if text is None:  # a lone zero-width space: nothing to search with
             return failed
 
         def recall() -> _Recalled:
@@ -615,7 +616,7 @@ class MemoryFlow:
                 return earlier
             try:
                 found = self.memory.search(
-                    query_tail(query),
+                    text,
                     top_k=self.top_k,
                     chat_message=True,
                     previous_message=previous,

@@ -214,3 +214,27 @@ def test_a_long_run_of_combining_marks_is_cut_before_it_is_composed() -> None:
         return took
 
     assert grows_linearly(seconds_for, 10_000)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        " \n\t",
+        "\x1b",
+        "\u200b" * 10_000,  # longer than a search reads
+        "\n\x00" * 3_000,
+        "What should I cook?" + "\u200b" * 2_500,
+        "\u0301",  # a lone mark is visible (as the search sees it)
+        "Likes tea " * 500,
+    ],
+)
+def test_search_text_is_the_querys_tail_or_none_when_nothing_is_visible(query: str) -> None:
+    """One rule for every search of a query (the chat call's recall, the retriever, the
+    LangGraph store, the search tool): its tail, or None when nothing visible is left; the
+    tail has something visible exactly when the whole query has."""
+    from headroom_memory_integrations.engine import has_visible_text, query_tail, search_text
+
+    text = search_text(query)
+    assert text == (query_tail(query) if has_visible_text(query) else None)
+    assert text is None or has_visible_text(text)

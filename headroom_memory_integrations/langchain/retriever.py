@@ -14,7 +14,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableConfig
 from pydantic import ConfigDict, Field, model_validator
 
-from ..engine import MAX_TOP_K, MemoryStore, has_visible_text, query_tail
+from ..engine import MAX_TOP_K, MemoryStore, search_text
 from ..errors import EmbeddingError, InvalidInputError, StorageError
 from ..flow import in_recall_time
 from ..types import Category, Memory
@@ -125,8 +125,8 @@ class HeadroomRetriever(BaseRetriever):
                 "in a chain, give it the question's text (e.g. itemgetter('question') | "
                 "retriever)"
             )
-        text = query_tail(query)
-        if not has_visible_text(text):  # blank, or a lone zero-width space: nothing to look for
+        text = search_text(query)
+        if text is None:  # blank, or a lone zero-width space: nothing to look for
             return []
         try:
             found = in_recall_time(

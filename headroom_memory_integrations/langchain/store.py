@@ -40,8 +40,7 @@ from ..engine import (
     check_memory_id,
     clean_metadata,
     clean_text,
-    has_visible_text,
-    query_tail,
+    search_text,
     validate_user_id,
 )
 from ..errors import InvalidInputError, MemoryNotFoundError
@@ -363,16 +362,6 @@ def _check_listing(op: ListNamespacesOp) -> None:
         raise InvalidInputError(f"max_depth must be a positive integer or None, got {depth!r}")
 
 
-def _query_text(query: str | None) -> str | None:
-    """The text a search looks for (see :func:`~..engine.query_tail`), or None when it has no
-    visible text (blank, control characters or a lone zero-width space: see
-    :func:`~..engine.has_visible_text`): the search then has no query (as for ``None``)."""
-    if not query:
-        return None
-    text = query_tail(query)
-    return text if has_visible_text(text) else None
-
-
 def _check_page(limit: int, offset: int) -> None:
     for name, number in (("limit", limit), ("offset", offset)):
         if isinstance(number, bool) or not isinstance(number, int) or number < 0:
@@ -612,7 +601,8 @@ class HeadroomStore(BaseStore):
         if not users or wanted == 0:
             return []
         found: list[tuple[float | None, str, Memory]]
-        query = _query_text(op.query)
+        # a query with nothing visible to look for (a lone zero-width space) lists, as None does
+        query = search_text(op.query) if op.query else None
         if query is not None:
             found = [*self._ranked(users, query, op.filter, wanted)]
         else:
