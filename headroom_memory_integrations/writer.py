@@ -219,6 +219,24 @@ def is_cut_off(reason: object) -> TypeGuard[str]:
     return isinstance(reason, str) and reason.lower() in CUT_OFF_REASONS
 
 
+def stop_reason(*places: object) -> Any:
+    """Why an answer stopped, as its provider said it (None when it says nothing), read from
+    ``places`` (mappings or objects; None for a place the answer lacks), in the order given:
+    the first :data:`STOP_REASON_KEYS` field one of them has, else the reason of an OpenAI
+    Responses API answer left incomplete (a place's ``incomplete_details``). Pass it whatever
+    a framework hands on from the provider (see :data:`STOP_REASON_KEYS`); check the reason
+    with :func:`is_cut_off`."""
+    present = [place for place in places if place is not None]
+    for place in present:
+        for key in STOP_REASON_KEYS:
+            if (reason := field_value(place, key)) is not None:
+                return reason
+    for place in present:
+        if (incomplete := field_value(place, "incomplete_details")) is not None:
+            return field_value(incomplete, "reason")
+    return None
+
+
 class AfterMalformed(Exception):
     """A transient error of an extraction whose last answer was malformed: retried as that
     error is, with a message that keeps the count of malformed answers

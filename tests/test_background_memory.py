@@ -314,6 +314,29 @@ def test_an_answer_cut_at_the_output_limit_is_dead_lettered_at_once(
     assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
 
 
+@pytest.mark.parametrize(
+    ("places", "reason"),
+    [
+        (({"finish_reason": "length"},), "length"),  # OpenAI's shape, as a dict
+        ((Reply.text("a", finish_reason="length"),), "length"),  # an object's attribute
+        ((None, {"stopReason": "max_tokens"}), "max_tokens"),  # a place the answer lacks
+        (({"finish_reason": None, "done_reason": "length"},), "length"),
+        (({"id": "r1"}, {"stop_reason": "end_turn"}), "end_turn"),  # the first that says
+        (({"finish_reason": "stop"}, {"stop_reason": "max_tokens"}), "stop"),
+        (({"incomplete_details": {"reason": "max_output_tokens"}},), "max_output_tokens"),
+        (({"stop_reason": "stop"}, {"incomplete_details": {"reason": "x"}}), "stop"),
+        (({}, None), None),
+    ],
+)
+def test_a_stop_reason_is_the_first_its_provider_gives(places: Any, reason: Any) -> None:
+    """One reading of why an answer stopped serves the OpenAI, LangChain and LlamaIndex
+    extractors: the first field that names it, in the order of the places given, else the
+    reason of a Responses API answer left incomplete."""
+    from headroom_memory_integrations.writer import stop_reason
+
+    assert stop_reason(*places) == reason
+
+
 def test_a_bad_request_is_kept_as_failed_and_can_be_retried(client, fake_model) -> None:
     fake_model.extractions = [Reply.error(400, "model not found")]
     ask(client, "I prefer Python for backend work")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..wiring import open_memory
-from ..writer import STOP_REASON_KEYS, Complete, ExtractionCutOff, is_cut_off
+from ..writer import Complete, ExtractionCutOff, is_cut_off, stop_reason
 
 MEMORY_OPTIONS = ("user_id", "db_path", "storage", "embedder")
 """The constructor arguments that open a user's store, as for ``MemoryStore``."""
@@ -24,7 +24,7 @@ def chat_model_completer(model: Any) -> Complete:
     :class:`~.chat_model.MemoryChatModel` given as ``model`` passes it through untouched, so
     its user's memories never go into another exchange's extraction, and it learns nothing
     from the extraction prompt. An answer whose ``response_metadata`` says it was cut off at
-    the model's output limit (:func:`stop_reason`) raises
+    the model's output limit (:func:`~headroom_memory_integrations.writer.stop_reason`) raises
     :class:`~headroom_memory_integrations.writer.ExtractionCutOff`."""
 
     def complete(messages: list[dict[str, str]], model_name: str | None) -> str:
@@ -40,17 +40,6 @@ def chat_model_completer(model: Any) -> Complete:
         return str(answer.text)
 
     return complete
-
-
-def stop_reason(metadata: dict[str, Any]) -> Any:
-    """Why the answer of this ``response_metadata`` stopped, as its provider said it (None when
-    it says nothing): a :data:`STOP_REASON_KEYS` entry, or the reason of an OpenAI Responses
-    API answer left incomplete (``incomplete_details``)."""
-    for key in STOP_REASON_KEYS:
-        if metadata.get(key) is not None:
-            return metadata[key]
-    incomplete = metadata.get("incomplete_details")
-    return incomplete.get("reason") if isinstance(incomplete, dict) else None
 
 
 def memory_field(data: Any) -> Any:

@@ -8,9 +8,10 @@ from typing import Any
 
 from llama_index.core.llms import LLM
 
+from .. import writer
 from ..jobs import PermanentJobError
 from ..prompts import field_value
-from ..writer import STOP_REASON_KEYS, Complete, ExtractionCutOff, is_cut_off
+from ..writer import Complete, ExtractionCutOff, is_cut_off
 from ._messages import from_dicts
 
 
@@ -55,17 +56,11 @@ def llm_completer(llm: LLM | None) -> Complete:
 
 def stop_reason(answer: Any) -> Any:
     """Why a LlamaIndex ``ChatResponse`` stopped, as its provider said it (None when it says
-    nothing): a :data:`~headroom_memory_integrations.writer.STOP_REASON_KEYS` field of the raw
-    response's first choice (OpenAI and the LLMs built on its client), of the raw response
-    itself (Anthropic, Bedrock Converse, Ollama) or of ``additional_kwargs``; else the reason of
-    an OpenAI Responses API answer left incomplete (``raw.incomplete_details``)."""
+    nothing: :func:`~headroom_memory_integrations.writer.stop_reason`), read from the raw
+    response's first choice (OpenAI and the LLMs built on its client), the raw response itself
+    (Anthropic, Bedrock Converse, Ollama; an OpenAI Responses API answer left incomplete) and
+    ``additional_kwargs``."""
     raw = getattr(answer, "raw", None)
     choices = field_value(raw, "choices") if raw is not None else None
     first = choices[0] if isinstance(choices, Sequence) and choices else None
-    places = (first, raw, getattr(answer, "additional_kwargs", None))
-    for place in places:
-        for key in STOP_REASON_KEYS:
-            if place is not None and (reason := field_value(place, key)) is not None:
-                return reason
-    incomplete = field_value(raw, "incomplete_details") if raw is not None else None
-    return field_value(incomplete, "reason") if incomplete is not None else None
+    return writer.stop_reason(first, raw, getattr(answer, "additional_kwargs", None))

@@ -27,7 +27,7 @@ from ..engine import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_MIN_SCORE, MemoryStore
 from ..jobs import Backoff, PermanentJobError
 from ..storage import Storage
 from ..wiring import build_flow, open_memory
-from ..writer import BackgroundExtractor, Complete, ExtractionCutOff, is_cut_off
+from ..writer import BackgroundExtractor, Complete, ExtractionCutOff, is_cut_off, stop_reason
 from .client import TWIN_SETTINGS, MemoryClient
 from .flow import CompletionsFlow, Injection
 from .responses import AsyncMemoryStreamedResponse, MemoryRawResponse, MemoryStreamedResponse
@@ -156,7 +156,7 @@ def openai_completer(client: Any) -> Complete:
             default_only.add(model)
             response = client.chat.completions.create(**ask)
         choices = getattr(response, "choices", None)  # None: a gateway's error body, sent as 200
-        reason = getattr(choices[0], "finish_reason", None) if choices else None
+        reason = stop_reason(choices[0]) if choices else None
         if is_cut_off(reason):
             raise ExtractionCutOff.of(model, reason)
         message = getattr(choices[0], "message", None) if choices else None
