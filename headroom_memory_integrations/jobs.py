@@ -247,18 +247,29 @@ def _holds_the_line(table: str) -> str:
     return f"{table}.status != 'failed' AND {table}.attempts < {HOLDS_THE_LINE_TRIES}"
 
 
-def _in_order(waits_for: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
-    """An SQL condition (and its parameters) leaving out the jobs that an earlier job of their
-    user (of the kinds ``waits_for``; None: of any kind) waits for or runs before: only the
-    first job of each user's line is taken. A dead-lettered job is out of the line, and so is
-    one that keeps failing (:data:`HOLDS_THE_LINE_TRIES`). One index walk per job
-    (``jobs_by_user``: see :data:`INDEXES`), over the user's earlier jobs only."""
+def _held_in_line(
+    waits_for: Collection[str] | None, earlier_sql: str = "", earlier_args: tuple[object, ...] = ()
+) -> tuple[str, tuple[object, ...]]:
+    """An SQL expression (and its parameters), true for a job of ``jobs`` that an earlier job
+    of its user (of the kinds ``waits_for``, None: of any kind; meeting ``earlier_sql`` too, a
+    condition on ``earlier`` with ``earlier_args``) waits for or runs before. A dead-lettered
+    job is out of the line, and so is one that keeps failing (:data:`HOLDS_THE_LINE_TRIES`).
+    One index walk per job (``jobs_by_user``: see :data:`INDEXES`), over the user's earlier
+    jobs only."""
     kind_sql, kind_args = _kind_filter(waits_for, "earlier.kind")
     sql = (
-        " AND NOT EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
-        f" AND earlier.id < jobs.id AND {_holds_the_line('earlier')}{kind_sql})"
+        "EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
+        f" AND earlier.id < jobs.id AND {_holds_the_line('earlier')}{earlier_sql}{kind_sql})"
     )
-    return sql, kind_args
+    return sql, (*earlier_args, *kind_args)
+
+
+def _in_order(waits_for: Collection[str] | None) -> tuple[str, tuple[object, ...]]:
+    """An SQL condition (and its parameters) leaving out the jobs that an earlier job of their
+    user (of the kinds ``waits_for``; None: of any kind) waits for or runs before
+    (:func:`_held_in_line`): only the first job of each user's line is taken."""
+    held_sql, held_args = _held_in_line(waits_for)
+    return f" AND NOT {held_sql}", held_args
 
 
 def _waiting(
@@ -266,12 +277,12 @@ def _waiting(
     one_per_user: bool,
     in_order: bool,
     waits_for: Collection[str] | None,
-) -> tuple[str, tuple[str, ...]]:
+) -> tuple[str, tuple[object, ...]]:
     """An SQL condition (and its parameters) leaving out the pending jobs that wait for
     another job of their user (see :meth:`JobQueue.claim`'s ``one_per_user`` and
     ``in_order``)."""
     sql = ""
-    args: tuple[str, ...] = ()
+    args: tuple[object, ...] = ()
     if one_per_user:
         sql, args = _not_running_users(*_kind_filter(kinds))
     if in_order:
@@ -1187,7 +1198,7 @@ class JobWorker:
             )
         )
 
-    def _waiting(self) -> tuple[str, tuple[str, ...]]:
+    def _waiting(self) -> tuple[str, tuple[object, ...]]:
         """The SQL condition leaving out the jobs that wait for another of their user."""
         return _waiting(self.kinds, self.threads > 1, self.in_order, self.waits_for)
 
@@ -1300,7 +1311,16 @@ class JobWorker:
         neither done nor dead-lettered and running or due by ``until`` (``time.time()``)."""
         ids = _ids_queued_here(self.queue.path)  # none: the file is read all the same (a
         # queue that cannot be read is not drained)
-        behind, behind_args = self._behind(until)
+        # a job that cannot run by ``until``: in order, one behind an earlier job of its user
+        # that waits out a backoff past then
+        behind: str = "0"
+        behind_args: tuple[object, ...] = ()
+        if self.in_order:
+            behind, behind_args = _held_in_line(
+                self.waits_for,
+                " AND earlier.status = 'pending' AND earlier.not_before > ?",
+                (min(until, 1e300),),
+            )
         whose, users = ("", ()) if user_id is None else (" AND user_id = ?", (user_id,))
         with self.queue._locked() as conn:  # the file's backlog from this process's oldest
             rows = conn.execute(
@@ -1313,19 +1333,6 @@ class JobWorker:
             for id_, status, due, held_back in rows
             if id_ in ids and (status == "running" or (due <= until and not held_back))
         )
-
-    def _behind(self, until: float) -> tuple[str, tuple[object, ...]]:
-        """An SQL expression (and its parameters), true for a job of ``jobs`` that cannot run
-        by ``until`` (``time.time()``): in order, it waits for an earlier job of its user that
-        waits out a backoff past then (always false for a worker not in order)."""
-        if not self.in_order:
-            return "0", ()
-        waits_sql, waits_args = _kind_filter(self.waits_for, "earlier.kind")
-        return (
-            "EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.user_id = jobs.user_id"
-            " AND earlier.id < jobs.id AND earlier.status = 'pending'"
-            f" AND {_holds_the_line('earlier')} AND earlier.not_before > ?{waits_sql})"
-        ), (min(until, 1e300), *waits_args)
 
     def drain_own(
         self, timeout: float | None, *, user_id: str | None = None, runnable_only: bool = False

@@ -868,6 +868,34 @@ print(time.monotonic(), flush=True)
     queue.close()
 
 
+@pytest.mark.parametrize("in_order", [True, False])
+def test_the_exits_drain_skips_a_job_held_behind_one_waiting_out_a_backoff(
+    path: Path, in_order: bool
+) -> None:
+    """The exit's drain (``runnable_only``) does not wait for a job of this process's that
+    cannot run before its timeout ends: in order, one behind an earlier job of its user that
+    waits out a backoff past then. Out of order, that job can run, and is waited for."""
+    ran: list[int] = []
+
+    def handle(job: Job) -> None:
+        if job.payload["n"] == 1:
+            raise RuntimeError("fails: retried after 60 s")
+        ran.append(job.payload["n"])
+
+    worker = JobWorker(
+        JobQueue(path), handle, backoff=Backoff(initial=60.0, jitter=0.0), in_order=in_order
+    )
+    try:
+        worker.queue.put("store", "carol", {"n": 1})
+        worker.queue.put("store", "carol", {"n": 2})
+        assert worker.drain_own(10.0, runnable_only=True)
+        assert ran == ([] if in_order else [2])
+        assert not worker.drain_own(0.2)  # the first job is left, and (in order) the second
+        assert worker.queue.counts()["pending"] == (2 if in_order else 1)
+    finally:
+        worker.close(timeout=0)
+
+
 def test_schema_version_and_reopening(path: Path) -> None:
     queue = JobQueue(path)
     job_id = queue.put("store", "alice", {"n": 1})
