@@ -900,6 +900,28 @@ def _close_open_workers() -> None:
         worker.close(left, at_exit=True)
 
 
+def wait_until(
+    condition: threading.Condition,
+    done: Callable[[float | None], bool],
+    deadline: float | None,
+    between: Callable[[], object] = lambda: None,
+) -> bool:
+    """Wait, holding ``condition``, until ``done(remaining)`` is true (``remaining``: the
+    seconds left until ``deadline``, a ``time.monotonic()``; None: no deadline), asking again
+    each time ``condition`` is notified and at least every 0.2 s; ``between()`` runs each time
+    it is not (to start a worker that has stopped, say). Returns False once the deadline has
+    passed."""
+    with condition:
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if done(remaining):
+                return True
+            between()
+            if remaining is not None and remaining <= 0:
+                return False
+            condition.wait(0.2 if remaining is None else min(remaining, 0.2))
+
+
 class JobWorker:
     """A daemon thread (or a few) that claims jobs from a :class:`JobQueue` and runs
     ``handler(job)``.
@@ -1297,14 +1319,12 @@ class JobWorker:
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE id <= ? AND status != 'failed'"
             f"{self._kind_sql}{whose})"
         )
-        with self._progress:
-            while self.queue._scalar(unfinished, mark, *self._kind_args, *users):
-                self.start()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._progress.wait(0.2 if remaining is None else min(remaining, 0.2))
-        return True
+        return wait_until(
+            self._progress,
+            lambda _: not self.queue._scalar(unfinished, mark, *self._kind_args, *users),
+            deadline,
+            self.start,
+        )
 
     def _own_left(self, until: float, user_id: str | None = None) -> int:
         """How many jobs (of ``kinds``, and of ``user_id`` if given) this process queued are
@@ -1345,18 +1365,14 @@ class JobWorker:
         if threading.current_thread() in self._threads:
             raise RuntimeError("drain_own() from the worker's own handler would wait for itself")
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._progress:
-            while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                until = math.inf
-                if runnable_only and remaining is not None:
-                    until = time.time() + max(remaining, 0.0)
-                if not self._own_left(until, user_id):
-                    return True
-                self.start()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._progress.wait(0.2 if remaining is None else min(remaining, 0.2))
+
+        def none_left(remaining: float | None) -> bool:
+            until = math.inf
+            if runnable_only and remaining is not None:
+                until = time.time() + max(remaining, 0.0)
+            return not self._own_left(until, user_id)
+
+        return wait_until(self._progress, none_left, deadline, self.start)
 
     def _log_left(self) -> None:
         """At exit, after the drain: say how many jobs (of ``kinds``) stay in the file for a

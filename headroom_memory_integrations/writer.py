@@ -46,6 +46,7 @@ from .jobs import (
     PermanentJobError,
     QueueBusy,
     user_tag,
+    wait_until,
 )
 from .prompts import (
     background_extraction_messages,
@@ -605,8 +606,9 @@ class MemoryWriter:
         self, timeout: float | None = None, *, user_id: str | None = None, own: bool = False
     ) -> bool:
         """Wait (up to ``timeout`` seconds) until the jobs queued so far (of ``user_id``, if
-        given) are done; with ``own``, only those this process queued (``close()``: another
-        process's jobs in the file are its own to wait for). Returns False on timeout."""
+        given) are done; with ``own``, only those this process queued (:meth:`detach`, as a
+        store closes: another process's jobs in the file are its own to wait for). Returns
+        False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_handed_over(deadline, user_id):
             return False
@@ -625,13 +627,10 @@ class MemoryWriter:
         def mine(handed: _Handed | None) -> bool:
             return handed is not None and (user_id is None or handed.memory.user_id == user_id)
 
-        with self._settled:
-            while mine(self._handing) or any(mine(h) for h in self._held):
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._settled.wait(0.2 if remaining is None else min(remaining, 0.2))
-        return True
+        def none_held(_: float | None) -> bool:
+            return not (mine(self._handing) or any(mine(h) for h in self._held))
+
+        return wait_until(self._settled, none_held, deadline)
 
     def settle(self, memory: MemoryStore, timeout: float = READ_YOUR_WRITES_SECONDS) -> bool:
         """Wait (up to ``timeout`` seconds) until the memories this process queued for

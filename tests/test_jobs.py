@@ -33,6 +33,7 @@ from headroom_memory_integrations.jobs import (
     PermanentJobError,
     shared_worker,
     sqlite_uri,
+    wait_until,
     without_secrets,
 )
 
@@ -894,6 +895,33 @@ def test_the_exits_drain_skips_a_job_held_behind_one_waiting_out_a_backoff(
         assert worker.queue.counts()["pending"] == (2 if in_order else 1)
     finally:
         worker.close(timeout=0)
+
+
+def test_a_wait_ends_when_notified_done_or_at_its_deadline() -> None:
+    """The wait that a worker's flush and drain and a writer's hand-over share: it asks again
+    when notified, runs ``between`` after each no, is told the time left, and gives up at the
+    deadline (not before)."""
+    condition, asked, nudged = threading.Condition(), [], []
+    state = {"done": False}
+
+    def done(remaining: float | None) -> bool:
+        asked.append(remaining)
+        return state["done"]
+
+    def finish() -> None:
+        time.sleep(0.05)
+        with condition:
+            state["done"] = True
+            condition.notify_all()
+
+    threading.Thread(target=finish).start()
+    assert wait_until(condition, done, None, lambda: nudged.append(1))
+    assert asked[0] is None and len(nudged) == len(asked) - 1
+    state["done"], asked[:] = False, []
+    started = time.monotonic()
+    assert not wait_until(condition, done, time.monotonic() + 0.3)
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert asked[0] is not None and 0.2 < asked[0] <= 0.3 and asked[-1] <= 0
 
 
 def test_schema_version_and_reopening(path: Path) -> None:
