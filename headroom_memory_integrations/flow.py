@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from .engine import MemoryStore, search_text
+from .engine import MemoryStore, has_visible_text, search_text
 from .grounding import grounded
 from .jobs import user_tag
 from .prompts import (
@@ -606,14 +606,18 @@ class MemoryFlow:
         later, as the deadline cuts its requests short, is not counted again)."""
         counted = _Once()
         failed = _Recalled("", {}, None)
-        text = search_text(query)
-        if text is None:  # a lone zero-width space: nothing to search with
+        if not has_visible_text(query):  # a lone zero-width space: nothing to search with
             return failed
 
         def recall() -> _Recalled:
             self.jobs.settle(self.memory)  # (a correction an earlier call's block queued)
             if earlier is not None and self._unchanged(earlier):
                 return earlier
+            # cut here, within the time: a long run of invisible characters at the end of
+            # the message takes a while to cut off
+            text = search_text(query)
+            if text is None:
+                return failed
             try:
                 found = self.memory.search(
                     text,

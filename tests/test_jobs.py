@@ -914,14 +914,18 @@ def test_a_wait_ends_when_notified_done_or_at_its_deadline() -> None:
             state["done"] = True
             condition.notify_all()
 
-    threading.Thread(target=finish).start()
+    finisher = threading.Thread(target=finish)
+    finisher.start()
     assert wait_until(condition, done, None, lambda: nudged.append(1))
+    finisher.join()
     assert asked[0] is None and len(nudged) == len(asked) - 1
     state["done"], asked[:] = False, []
     started = time.monotonic()
     assert not wait_until(condition, done, time.monotonic() + 0.3)
-    assert 0.3 <= time.monotonic() - started < 2.0
-    assert asked[0] is not None and 0.2 < asked[0] <= 0.3 and asked[-1] <= 0
+    assert 0.3 <= time.monotonic() - started < 30  # (generous: a loaded machine stalls)
+    # told the time left, less each time, the last time none
+    assert None not in asked and asked[0] <= 0.3 and asked[-1] <= 0
+    assert asked == sorted(asked, reverse=True) and len(asked) >= 2
 
 
 def test_schema_version_and_reopening(path: Path) -> None:

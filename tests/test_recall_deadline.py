@@ -248,6 +248,70 @@ def test_a_search_cut_short_after_its_deadline_is_counted_once(
         storage.close()
 
 
+PADDED = 12_000_000
+"""Zero-width spaces after a question: cutting them off (``engine.query_tail``) walks them in
+Python, seconds for this many (0.45 s a million here), far past the 0.3 s given below."""
+
+
+def test_cutting_off_a_long_padding_is_recall_work_bounded_by_its_deadline(
+    openai_server: ScriptedOpenAIServer, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """A message padded with a long run of invisible characters: the cut that leaves the text
+    searched for ran on the caller's thread before the recall's time started, and held the
+    chat call for as long as it took, whatever ``recall_seconds`` said. It is the recall's
+    work: the call goes on without memories once the time is up, counted as a recall that ran
+    out of time (the search itself is quick: unpadded, the same question finds the memory)."""
+    monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 0.2)
+    monkeypatch.setattr(flow, "READ_YOUR_WRITES_SECONDS", 0.1)
+    openai_server.responder = lambda body: Reply.text("Sure.")
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=tmp_path / "m", embedder=HashEmbedder()
+    )
+    question = "Which green tea do I like?"
+    try:
+        client.memory.add(TEA, category="preference")
+        ask = {"model": "m", "messages": [{"role": "user", "content": question}]}
+        client.chat.completions.create(**ask)
+        assert memory_context_sent(openai_server)
+
+        padded = {
+            "model": "m",
+            "messages": [{"role": "user", "content": question + "\u200b" * PADDED}],
+        }
+        answer = client.chat.completions.create(**padded)
+        assert answer.choices[0].message.content == "Sure."
+        assert not memory_context_sent(openai_server)
+        assert client.memory.stats()["events"]["inject_failures"] == 1
+        assert "could not recall memories within 0.3 s" in caplog.text  # its time ran out
+        assert late_recall_ended(within=120)
+    finally:
+        client.close()
+
+
+def test_the_search_tool_cuts_a_long_padding_off_within_its_deadline(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The same for an agent's search tool (the cut had moved out of its bounded search): the
+    tool says memory is unavailable once the time is up, instead of holding the run."""
+    pytest.importorskip("langchain_core")
+    from headroom_memory_integrations import MemoryStore
+    from headroom_memory_integrations.langchain import create_search_memory_tool
+
+    monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 0.2)
+    monkeypatch.setattr(flow, "READ_YOUR_WRITES_SECONDS", 0.1)
+    memory = MemoryStore("alice", db_path=tmp_path / "m", embedder=HashEmbedder())
+    tool = create_search_memory_tool(memory=memory)
+    try:
+        memory.add(TEA, category="preference")
+        assert TEA in str(tool.invoke({"query": "Which green tea do I like?"}))
+        padded = {"query": "Which green tea do I like?" + "\u200b" * PADDED}
+        assert "Memory is unavailable right now" in str(tool.invoke(padded))
+        assert memory.stats()["events"]["tool_failures"] == 1
+        assert late_recall_ended(within=120, thread="headroom-memory-search")
+    finally:
+        memory.close()
+
+
 def test_an_embedder_several_users_share_holds_back_each_of_them_once_it_hangs(
     openai_server: ScriptedOpenAIServer, tmp_path: Path, hanging: HangingEmbedder, short_deadline
 ) -> None:

@@ -21,7 +21,7 @@ from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import BaseModel, Field, ValidationError, create_model
 
 from ..embeddings import Embedder
-from ..engine import MAX_MEMORY_ID_CHARS, MAX_TOP_K, MemoryStore, query_tail, search_text
+from ..engine import MAX_MEMORY_ID_CHARS, MAX_TOP_K, MemoryStore, query_tail
 from ..errors import EmbeddingError, InvalidInputError, MemoryNotFoundError, StorageError
 from ..flow import in_recall_time, recall_seconds
 from ..grounding import grounded
@@ -221,12 +221,11 @@ def create_search_memory_tool(
         runtime: ToolRuntime[Any, Any] = None,  # type: ignore[assignment]  # injected in agents
     ) -> tuple[str, list[dict[str, Any]]]:
         store = users.memory_for(config, runtime)
-        text = search_text(query)
-        if text is None:  # nothing visible to look for: the search refuses it, saying why
-            text = query_tail(query)
+        # the query is cut within the time too (a long run of invisible characters takes a
+        # while); one with nothing visible to look for is the search's to refuse, saying why
         try:
             found = in_recall_time(
-                store, lambda: store.search(text, top_k=limit), "search memories"
+                store, lambda: store.search(query_tail(query), top_k=limit), "search memories"
             )
         except InvalidInputError as exc:
             raise ToolException(f"Cannot search: {exc}") from exc
