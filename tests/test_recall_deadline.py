@@ -261,8 +261,6 @@ def test_cutting_off_a_long_padding_is_recall_work_bounded_by_its_deadline(
     chat call for as long as it took, whatever ``recall_seconds`` said. It is the recall's
     work: the call goes on without memories once the time is up, counted as a recall that ran
     out of time (the search itself is quick: unpadded, the same question finds the memory)."""
-    monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 0.2)
-    monkeypatch.setattr(flow, "READ_YOUR_WRITES_SECONDS", 0.1)
     openai_server.responder = lambda body: Reply.text("Sure.")
     client = with_fast_memory(
         openai_server.client(), user_id="alice", db_path=tmp_path / "m", embedder=HashEmbedder()
@@ -274,6 +272,9 @@ def test_cutting_off_a_long_padding_is_recall_work_bounded_by_its_deadline(
         client.chat.completions.create(**ask)
         assert memory_context_sent(openai_server)
 
+        # short only now: a stalled machine must not time out the call that finds the memory
+        monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 0.2)
+        monkeypatch.setattr(flow, "READ_YOUR_WRITES_SECONDS", 0.1)
         padded = {
             "model": "m",
             "messages": [{"role": "user", "content": question + "\u200b" * PADDED}],
@@ -297,13 +298,13 @@ def test_the_search_tool_cuts_a_long_padding_off_within_its_deadline(
     from headroom_memory_integrations import MemoryStore
     from headroom_memory_integrations.langchain import create_search_memory_tool
 
-    monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 0.2)
-    monkeypatch.setattr(flow, "READ_YOUR_WRITES_SECONDS", 0.1)
     memory = MemoryStore("alice", db_path=tmp_path / "m", embedder=HashEmbedder())
     tool = create_search_memory_tool(memory=memory)
     try:
         memory.add(TEA, category="preference")
         assert TEA in str(tool.invoke({"query": "Which green tea do I like?"}))
+        monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 0.2)  # short only for the padded one
+        monkeypatch.setattr(flow, "READ_YOUR_WRITES_SECONDS", 0.1)
         padded = {"query": "Which green tea do I like?" + "\u200b" * PADDED}
         assert "Memory is unavailable right now" in str(tool.invoke(padded))
         assert memory.stats()["events"]["tool_failures"] == 1
