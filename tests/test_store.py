@@ -1017,6 +1017,30 @@ def test_an_ipv6_server_url_keeps_its_brackets() -> None:
 
 
 @pytest.mark.parametrize(
+    "headers",
+    [
+        [("X-Key", "v4lue")],
+        (("X-Key", "v4lue"),),
+        "X-Key: v4lue",
+        {"X-Key": 5},
+        {b"X-Key": "v4lue"},
+    ],
+)
+def test_headers_that_are_not_a_dict_of_strings_are_refused(headers) -> None:
+    """A list of pairs raised AttributeError ('list' object has no attribute 'items'), and a
+    value that is not a string failed only at the first request, as memory being unavailable."""
+    from types import MappingProxyType
+
+    from headroom_memory_integrations import ChromaStorage
+
+    with pytest.raises(InvalidInputError, match="headers must be a dict of") as refused:
+        ChromaStorage.connect("127.0.0.1", 8123, headers=headers)
+    assert "v4lue" not in str(refused.value)  # a header may be a token: never shown
+    sent = ChromaStorage.connect("127.0.0.1", 8123, headers=MappingProxyType({"X-Key": "v"}))
+    assert sent.place == ChromaStorage.connect("127.0.0.1", 8123, headers={"x-key": "v"}).place
+
+
+@pytest.mark.parametrize(
     "written", ["2024-05-01T10:00:00Z", "2024-05-01T10:00:00.5Z", "2024-05-01T10:00:00.123456789z"]
 )
 def test_a_time_in_utc_written_with_z_is_read_on_every_python(hash_store, written) -> None:

@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from types import MappingProxyType
@@ -1369,6 +1369,26 @@ def client_place(client: Any) -> str | None:
     return where
 
 
+def _checked_headers(headers: object) -> dict[str, str]:
+    """``headers`` as the dict :meth:`ChromaStorage.connect` sends, or :class:`InvalidInputError`
+    for anything but a mapping of names to values that are strings (a list of pairs, a
+    "Name: value" line, a number as a value), which failed only at its first use, or as an
+    AttributeError. What the headers hold is never shown: a value may be a token."""
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(name, str) and isinstance(value, str) for name, value in headers.items()
+    ):
+        got = (
+            f"a {type(headers).__name__}"
+            if not isinstance(headers, Mapping)
+            else "a name or value that is not a string"
+        )
+        raise InvalidInputError(
+            "headers must be a dict of header names to values, all strings, such as "
+            f'{{"Authorization": "Bearer ..."}}; got {got}'
+        )
+    return dict(headers)
+
+
 def headers_digest(headers: dict[str, str]) -> str:
     """What tells apart the headers a storage sends its server, never saying them: the first
     16 hex digits of a SHA-256 of the names (in lower case, as HTTP reads them) and values,
@@ -1528,8 +1548,11 @@ class ChromaStorage:
         """Storage on a Chroma server (``chroma run --path DIR --host HOST --port PORT``),
         contacted on first use. Each request fails after ``timeout`` seconds. An IPv6
         ``host`` (``"::1"``) is written in brackets in URLs, as it must be. ``headers`` (an
-        auth token, say) may choose the tenant and database the server serves, so they are
-        part of the storage's :attr:`place` (as a digest: :func:`headers_digest`)."""
+        auth token, say: a dict of names to values, all strings, or :class:`InvalidInputError`)
+        may choose the tenant and database the server serves, so they are part of the storage's
+        :attr:`place` (as a digest: :func:`headers_digest`)."""
+        if headers is not None:
+            headers = _checked_headers(headers)
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         url = f"{'https' if ssl else 'http'}://{host}:{port}"
