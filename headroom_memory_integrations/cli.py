@@ -43,7 +43,7 @@ from .engine import (
 )
 from .errors import HeadroomMemoryError, InvalidInputError, MemoryNotFoundError
 from .keys import clean_keys
-from .storage.base import without_credentials
+from .redaction import without_credentials
 from .storage.folder import DATABASE_FILE
 from .types import Category, Memory, in_utc
 from .write_path import Outcome, Remembered

@@ -40,8 +40,8 @@ from .errors import InvalidInputError, MemoryNotFoundError, StorageError
 from .jobs import user_tag
 from .keys import clean_keys, index_text, memory_vectors
 from .lexical import lexical_scores
-from .redaction import logger_without_secrets
-from .storage.base import Storage, UserCollection, without_credentials
+from .redaction import logger_without_secrets, without_credentials
+from .storage.base import Storage, UserCollection
 from .storage.chroma import ChromaStorage
 from .types import Category, Memory, Revision, SearchResult, Source, storable_time, utc_now
 from .write_path import Remembered, WritePath, rewritten, write_unless_deleted

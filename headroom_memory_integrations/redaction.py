@@ -8,13 +8,24 @@ import re
 import traceback
 from contextlib import suppress
 
+_AUTHORITY_START = r"://|(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*(?::[/\\]*|[/\\]{2,})"
+"""What comes before a URL's user-info and host: "://", or the scheme of a URL typed wrong
+("http:/", "http:\\\\", "http//", "user:" of "user:password@host"). A scheme starts where a
+run of the characters a scheme is made of starts, so that a long run is read once."""
+
+_URL_START = re.compile(_AUTHORITY_START)
+
 _SECRETS = (
     # an API key: OpenAI's and Anthropic's (sk-...), Groq's, xAI's, Hugging Face's, Google's
     (re.compile(r"\b(sk-|gsk_|xai-)[A-Za-z0-9_-]{8,}"), r"\1***"),
     (re.compile(r"\b(hf_|AIza)[A-Za-z0-9_-]{20,}"), r"\1***"),
     (re.compile(r"\b(Bearer\s+)[^\s'\",;]+", re.IGNORECASE), r"\1***"),
-    # a URL's "user:password@" (see without_user_info; in free text a URL ends at a space)
-    (re.compile(r"(?<=://)\S+"), lambda url: without_user_info(url.group())),
+    # a URL's "user:password@", in a URL typed wrong too (see without_credentials; in free
+    # text a URL ends at a space)
+    (
+        re.compile(rf"({_AUTHORITY_START})(\S+)"),
+        lambda url: url.group(1) + without_user_info(url.group(2)),
+    ),
     # api_key=..., "password": "...", ?key=... (a gateway quoting the request)
     (
         re.compile(
@@ -34,6 +45,16 @@ def without_user_info(authority: str) -> str:
     less. An "@" in the path or the query ("host:8000/a@b") hides the host too."""
     _, at, rest = authority.rpartition("@")
     return f"***@{rest}" if at else authority
+
+
+def without_credentials(url: str) -> str:
+    """``url`` as an error message may show it: what comes before the host ("user:password@",
+    up to its last "@", which a password may hold) written ``***@`` (:func:`without_user_info`).
+    A URL this package refuses for its port, its host or its scheme, or one typed wrong
+    ("http:/user:password@host"), may still carry a real password. The log filter and the job
+    queue (:func:`without_secrets`) mask each URL of a text the same way."""
+    start = _URL_START.search(url)
+    return url if start is None else url[: start.end()] + without_user_info(url[start.end() :])
 
 
 def without_secrets(text: str) -> str:

@@ -494,6 +494,44 @@ def test_a_record_without_a_secret_keeps_its_exception_and_a_bad_one_does_not_ra
     assert seen[0].exc_info is not None and seen[0].exc_info[0] is ConnectionError
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://admin:S3cr3t@db.example:8000",
+        "http:/admin:S3cr3t@db.example:8000",
+        "http:admin:S3cr3t@db.example:8000",
+        "HTTPS:\\\\admin:S3cr3t@db.example:8000",
+        "http//admin:S3cr3t@db.example:8000",
+        "ftp:/admin:p@ss/w0rd@db.example:8000",
+    ],
+)
+def test_the_log_filter_hides_a_password_wherever_error_messages_do(url: str) -> None:
+    """The log filter masked a URL's user-info after "://" alone, while the errors about a
+    URL (redaction.without_credentials) also mask one typed wrong: a log line quoting
+    "http:/admin:S3cr3t@host" kept the password. Both now use one implementation."""
+    from headroom_memory_integrations.redaction import logger_without_secrets, without_credentials
+
+    logger = logger_without_secrets("headroom_memory_integrations.test_redaction")
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        logger.warning("could not open %s: refused", url)
+        logger.warning("tried %r, then (%s)", url, url.upper())
+    finally:
+        logger.removeHandler(handler)
+    shown = without_credentials(url)
+    assert "***@" in shown and "S3cr3t" not in shown and "w0rd" not in shown
+    assert seen[0].getMessage() == f"could not open {shown}: refused"
+    said = seen[1].getMessage()
+    assert "S3CR3T" not in said.upper() and "W0RD" not in said.upper() and repr(shown) in said
+
+
 def test_every_logger_of_the_package_takes_secrets_out() -> None:
     """The package's modules log through redaction.logger_without_secrets: a module that took
     logging.getLogger instead would log an echoed key in clear."""

@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from typing import NamedTuple, Protocol
 
 from ..embeddings.base import Vectors
-from ..redaction import without_user_info
+from ..redaction import without_credentials as without_credentials  # (imported from here too)
 from ..types import Category, Memory
-
-_AUTHORITY_START = re.compile(r"://|^\s*[A-Za-z][A-Za-z0-9+.-]*(?::[/\\]*|[/\\]{2,})")
-"""What comes before a URL's user-info and host: "://", or the scheme of a URL typed wrong
-("http:/", "http:\\\\", "http//", "user:" of "user:password@host")."""
-
-
-def without_credentials(url: str) -> str:
-    """``url`` as an error message may show it: what comes before the host ("user:password@",
-    up to its last "@", which a password may hold) written ``***@``
-    (:func:`~..redaction.without_user_info`). A URL this package refuses for its port, its
-    host or its scheme, or one typed wrong ("http:/user:password@host"), may still carry a
-    real password."""
-    start = _AUTHORITY_START.search(url)
-    return url if start is None else url[: start.end()] + without_user_info(url[start.end() :])
 
 
 class Catalogued(NamedTuple):

@@ -46,9 +46,9 @@ from ..errors import (
     StorageError,
 )
 from ..jobs import user_tag
-from ..redaction import logger_without_secrets
+from ..redaction import logger_without_secrets, without_credentials
 from ..types import Category, Memory, Revision, Source, parse_time
-from .base import Catalogued, collection_name, without_credentials
+from .base import Catalogued, collection_name
 from .chroma_import import import_chromadb, import_http_client
 from .deferred import (
     MAX_DEFERRED_RECORDS,
