@@ -8,22 +8,26 @@ import re
 import traceback
 from contextlib import suppress
 
-_AUTHORITY_START = r"://|(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*(?::[/\\]*|[/\\]{2,})"
-"""What comes before a URL's user-info and host: "://", or the scheme of a URL typed wrong
-("http:/", "http:\\\\", "http//", "user:" of "user:password@host"). A scheme starts where a
-run of the characters a scheme is made of starts, so that a long run is read once."""
+_URL_START = re.compile(r"://|^\s*[A-Za-z][A-Za-z0-9+.-]*(?::[/\\]*|[/\\]{2,})")
+"""What comes before the user-info and host of a whole URL (see :func:`without_credentials`):
+"://", or at its start the scheme of a URL typed wrong ("http:/", "http:\\\\", "http//",
+"user:" of "user:password@host")."""
 
-_URL_START = re.compile(_AUTHORITY_START)
+_URL_IN_TEXT_START = r"://|(?<![A-Za-z0-9+.-])(?i:https?)(?::[/\\]*|[/\\]{2,})"
+"""What comes before a URL's user-info and host in free text (a log line, an error): "://",
+or a server URL typed wrong ("http:/", "http:", "http:\\\\", "http//", as
+``engine._MISTYPED_URL`` reads it). Only http and https are read typed wrong: any other
+"word:" is ordinary text ("to:alice@example.com", "C:\\Users\\bob@corp")."""
 
 _SECRETS = (
     # an API key: OpenAI's and Anthropic's (sk-...), Groq's, xAI's, Hugging Face's, Google's
     (re.compile(r"\b(sk-|gsk_|xai-)[A-Za-z0-9_-]{8,}"), r"\1***"),
     (re.compile(r"\b(hf_|AIza)[A-Za-z0-9_-]{20,}"), r"\1***"),
     (re.compile(r"\b(Bearer\s+)[^\s'\",;]+", re.IGNORECASE), r"\1***"),
-    # a URL's "user:password@", in a URL typed wrong too (see without_credentials; in free
-    # text a URL ends at a space)
+    # a URL's "user:password@", in a server URL typed wrong too (see without_user_info; in
+    # free text a URL ends at a space)
     (
-        re.compile(rf"({_AUTHORITY_START})(\S+)"),
+        re.compile(rf"({_URL_IN_TEXT_START})(\S+)"),
         lambda url: url.group(1) + without_user_info(url.group(2)),
     ),
     # api_key=..., "password": "...", ?key=... (a gateway quoting the request)
@@ -51,8 +55,11 @@ def without_credentials(url: str) -> str:
     """``url`` as an error message may show it: what comes before the host ("user:password@",
     up to its last "@", which a password may hold) written ``***@`` (:func:`without_user_info`).
     A URL this package refuses for its port, its host or its scheme, or one typed wrong
-    ("http:/user:password@host"), may still carry a real password. The log filter and the job
-    queue (:func:`without_secrets`) mask each URL of a text the same way."""
+    ("http:/user:password@host", "ftp:user:password@host"), may still carry a real password.
+    ``url`` is a whole URL: its scheme, typed wrong, is read at its start alone (a folder's
+    "./backups:2024/mem@v2" is shown as it is). The log filter and the job queue
+    (:func:`without_secrets`) mask each URL of a text the same way after "://", and an http or
+    https URL typed wrong."""
     start = _URL_START.search(url)
     return url if start is None else url[: start.end()] + without_user_info(url[start.end() :])
 

@@ -502,13 +502,13 @@ def test_a_record_without_a_secret_keeps_its_exception_and_a_bad_one_does_not_ra
         "http:admin:S3cr3t@db.example:8000",
         "HTTPS:\\\\admin:S3cr3t@db.example:8000",
         "http//admin:S3cr3t@db.example:8000",
-        "ftp:/admin:p@ss/w0rd@db.example:8000",
+        "ftp://admin:p@ss/w0rd@db.example:8000",
     ],
 )
 def test_the_log_filter_hides_a_password_wherever_error_messages_do(url: str) -> None:
     """The log filter masked a URL's user-info after "://" alone, while the errors about a
-    URL (redaction.without_credentials) also mask one typed wrong: a log line quoting
-    "http:/admin:S3cr3t@host" kept the password. Both now use one implementation."""
+    URL (redaction.without_credentials) also mask a server URL typed wrong: a log line
+    quoting "http:/admin:S3cr3t@host" kept the password."""
     from headroom_memory_integrations.redaction import logger_without_secrets, without_credentials
 
     logger = logger_without_secrets("headroom_memory_integrations.test_redaction")
@@ -530,6 +530,47 @@ def test_the_log_filter_hides_a_password_wherever_error_messages_do(url: str) ->
     assert seen[0].getMessage() == f"could not open {shown}: refused"
     said = seen[1].getMessage()
     assert "S3CR3T" not in said.upper() and "W0RD" not in said.upper() and repr(shown) in said
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "to:alice@example.com",
+        "sent to:alice@example.com and cc:carol@example.com",
+        "mailto:bob@example.com",
+        r"could not open C:\Users\bob@corp\memory",
+        "the http: header named user@example.com",
+        "xhttp:/a@b",
+    ],
+)
+def test_the_log_filter_leaves_text_that_is_no_url_as_it_is(text: str) -> None:
+    """Reading any "word:" as the scheme of a URL typed wrong masked ordinary text: an e-mail
+    address after "to:" or "mailto:", a Windows path with an "@" in it. In free text only an
+    http or https URL is read typed wrong (see test_the_log_filter_hides_a_password_...)."""
+    from headroom_memory_integrations.redaction import without_secrets
+
+    assert without_secrets(text) == text
+    assert without_secrets(f"{text} via http:/admin:S3cr3t@db:8000") == (
+        f"{text} via http:/***@db:8000"
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("./backups:2024/mem@v2", "./backups:2024/mem@v2"),
+        ("notes/to:alice@example.com", "notes/to:alice@example.com"),
+        ("ftp:/admin:S3cr3t@db:8000", "ftp:/***@db:8000"),
+        (" admin:S3cr3t@db:8000", " admin:***@db:8000"),
+        ("http://admin:S3cr3t@db:8000", "http://***@db:8000"),
+    ],
+)
+def test_a_refused_db_path_is_masked_as_a_whole_url(given: str, shown: str) -> None:
+    """without_credentials reads a whole URL: its scheme typed wrong at its start alone, so a
+    folder's name with a "word:" inside it ("./backups:2024/mem@v2") is shown as it is."""
+    from headroom_memory_integrations.redaction import without_credentials
+
+    assert without_credentials(given) == shown
 
 
 def test_every_logger_of_the_package_takes_secrets_out() -> None:
