@@ -40,7 +40,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from contextlib import closing, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import Any
 from urllib.parse import quote
@@ -966,6 +966,11 @@ class JobWorker:
             back. False: a job whose try failed lets its user's later jobs run first.
         waits_for: The kinds of a user's earlier jobs that a job waits for; None: ``kinds``
             (all kinds if that is None). Another worker on the file takes the other kinds.
+        on_released: Told of each try as its job is released: ``on_released(job, due)``,
+            with the job as it is now (of the kind a :class:`PartlyDone` made it), and when
+            (``time.time()``) it is due again if it is retried, else None (done or
+            dead-lettered); a retry after :meth:`hurry` is due at once. Called on the
+            worker's thread, after the file is updated; its errors are logged, never raised.
     """
 
     def __init__(
@@ -984,8 +989,10 @@ class JobWorker:
         exit_timeout: float = 5.0,
         in_order: bool = True,
         waits_for: Collection[str] | None = None,
+        on_released: Callable[[Job, float | None], None] | None = None,
     ) -> None:
         self.queue, self.handler, self.retryable, self.backoff = queue, handler, retryable, backoff
+        self.on_released = on_released
         self.in_order = in_order
         self.waits_for = tuple(waits_for or ()) or (None if kinds is None else tuple(kinds))
         self.longest_delay = longest_delay
@@ -1240,6 +1247,7 @@ class JobWorker:
             else:
                 self._count("processed")
                 self.queue.complete(job.id)
+                self._released(job, None)
         finally:
             with self._lock:
                 del self._running[job.id]
@@ -1251,6 +1259,7 @@ class JobWorker:
         if isinstance(exc, PartlyDone):  # retried (or kept) as the job left to do
             try:
                 becomes = (exc.kind, JobQueue.encode(exc.kind, job.user_id, exc.payload))
+                job = replace(job, kind=exc.kind, payload=exc.payload)
             except InvalidInputError:
                 logger.warning("%s: the job left to do cannot be kept; kept whole", about)
             exc = exc.cause
@@ -1276,13 +1285,25 @@ class JobWorker:
                 type(exc).__name__,
                 delay,
             )
+            due = time.time() + delay
             self.queue.retry_later(job.id, error, delay, becomes=becomes)
+            self._released(job, time.time() if self._hurried.is_set() else due)
         else:
             self._count("failed")
             # a PermanentJobError's message is the library's own (what to fix), never user text
             why = f"{type(exc).__name__}: {exc}" if isinstance(exc, PermanentJobError) else None
             logger.warning("%s failed with %s; dead-lettered", about, why or type(exc).__name__)
             self.queue.fail(job.id, error, becomes=becomes)
+            self._released(job, None)
+
+    def _released(self, job: Job, due: float | None) -> None:
+        """Tell ``on_released`` (if any) that ``job``'s try was released."""
+        if self.on_released is None:
+            return
+        try:
+            self.on_released(job, due)
+        except Exception:
+            logger.exception("job queue %s: on_released raised", self.queue.path)
 
     def _count(self, key: str) -> None:
         with self._lock:

@@ -38,6 +38,7 @@ from .flow import READ_YOUR_WRITES_SECONDS
 from .grounding import grounded
 from .jobs import (
     DEFAULT_BACKOFF,
+    HOLDS_THE_LINE_TRIES,
     Backoff,
     Job,
     JobQueue,
@@ -495,6 +496,11 @@ class MemoryWriter:
         self._lock = threading.Lock()
         # user -> store jobs queued here, not yet run: job ids, or work still held in memory
         self._unsettled: dict[str, set[int | _Handed]] = {}
+        # user -> {id: when it is due again} of the user's store jobs whose try failed here
+        # and that hold the user's later store jobs back (in order) until then: settle does
+        # not wait for work that cannot run before its timeout (see _held_back)
+        self._held_lines: dict[str, dict[int, float]] = {}
+        self.settle_timeouts = 0  # settle() calls that waited their whole timeout in vain
         self._settled = threading.Condition()  # held briefly, never around the queue's I/O
         # work the callers could not put into the file in time, oldest first, and the piece
         # the hand-over thread is putting there now (see _hand_over)
@@ -525,6 +531,7 @@ class MemoryWriter:
                 backoff=backoff or DEFAULT_BACKOFF,
                 longest_delay=longest_retry_delay,
                 name=f"headroom-memory {kind} {path.name}",
+                on_released=self._released,
             )
             for kind, threads, waits_for in (
                 ("store", 1, ("store",)),
@@ -541,6 +548,9 @@ class MemoryWriter:
         if storage is not None and storage.location == location:
             for worker in self._workers:
                 worker.hurry()
+            with self._settled:  # the jobs that held their users' lines are due now
+                self._held_lines.clear()
+                self._settled.notify_all()
 
     def register(self, memory: MemoryStore, extractor: BackgroundExtractor | None = None) -> None:
         """Serve ``memory``'s jobs (and, with ``extractor``, its background extraction), and
@@ -634,15 +644,61 @@ class MemoryWriter:
 
     def settle(self, memory: MemoryStore, timeout: float = READ_YOUR_WRITES_SECONDS) -> bool:
         """Wait (up to ``timeout`` seconds) until the memories this process queued for
-        ``memory``'s user have been stored, or tried once. Returns False on timeout."""
+        ``memory``'s user have been stored, or tried once, or cannot be tried before the
+        timeout ends: they wait (in order) behind an earlier store job of the user whose try
+        failed here and that is not due again before then (during a storage outage, each call
+        waited its whole ``timeout`` for them). Known from the failures this process's workers
+        saw, in memory: the queue file is not read. Returns False unless all were stored or
+        tried."""
         deadline = time.monotonic() + timeout
         with self._settled:
             while self._unsettled_of(memory.user_id):
                 remaining = deadline - time.monotonic()
+                if self._held_back(memory.user_id, time.time() + max(remaining, 0.0)):
+                    return False
                 if remaining <= 0:
+                    self.settle_timeouts += 1
                     return False
                 self._settled.wait(remaining)
         return True
+
+    def _held_back(self, user_id: str, until: float) -> bool:
+        """With ``_settled`` held: whether all of ``user_id``'s unsettled store work waits
+        behind a store job of the user that failed and is due again only after ``until``
+        (``time.time()``): queued after it (work held in memory reaches the file after it).
+        A job that has been due since is being tried again: it holds nothing back here."""
+        lines = self._held_lines.get(user_id)
+        if not lines:
+            return False
+        now = time.time()
+        for job_id in [j for j, due in lines.items() if due <= now]:
+            del lines[job_id]
+        if not lines:
+            del self._held_lines[user_id]
+            return False
+        holding = [job_id for job_id, due in lines.items() if due > until]
+        if not holding:
+            return False
+        first = min(holding)
+        waiting = self._unsettled.get(user_id, ())
+        return all(isinstance(w, _Handed) or w > first for w in waiting)
+
+    def _released(self, job: Job, due: float | None) -> None:
+        """The worker released ``job``'s try (``JobWorker``'s ``on_released``): a store job
+        retried at ``due`` holds its user's later store jobs back until then, unless it has
+        failed too often to hold the line (:data:`~.jobs.HOLDS_THE_LINE_TRIES`); one done or
+        dead-lettered holds nothing back."""
+        if job.kind != "store":  # (an extraction holds no store job back)
+            return
+        with self._settled:
+            lines = self._held_lines.get(job.user_id)
+            if due is not None and job.attempts < HOLDS_THE_LINE_TRIES:
+                self._held_lines.setdefault(job.user_id, {})[job.id] = due
+            elif lines is not None:
+                lines.pop(job.id, None)
+                if not lines:
+                    del self._held_lines[job.user_id]
+            self._settled.notify_all()
 
     def _unsettled_of(self, user_id: str) -> bool:
         """With ``_settled`` held: whether ``user_id`` has store work to wait for: once the
@@ -683,6 +739,10 @@ class MemoryWriter:
                 if self._stores.get(memory.user_id) is memory:
                     del self._stores[memory.user_id]
                 self._extractors.pop(memory, None)
+                served = memory.user_id in self._stores
+            if not served:  # no store of the user is left here: its line is not noted
+                with self._settled:
+                    self._held_lines.pop(memory.user_id, None)
 
     def forget(self, memory: MemoryStore, timeout: float | None) -> int:
         """Delete every job of ``memory``'s user from the queue file (waiting up to
@@ -708,6 +768,7 @@ class MemoryWriter:
         deleted = _forget_jobs(queue, memory.user_id, left)
         with self._settled:
             self._unsettled.pop(memory.user_id, None)
+            self._held_lines.pop(memory.user_id, None)
             for job_id, (user_id, _) in list(self._queued_with.items()):
                 if user_id == memory.user_id:  # deleted (one running now holds its own)
                     del self._queued_with[job_id]
@@ -1232,6 +1293,7 @@ def _after_fork_in_child() -> None:
         writer._lock = threading.Lock()
         writer._settled = threading.Condition()
         writer._unsettled = {}
+        writer._held_lines = {}
         writer._queued_with = OrderedDict()
         writer._held = deque()
         writer._handing = None

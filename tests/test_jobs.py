@@ -266,6 +266,55 @@ def test_hurry_makes_the_jobs_waiting_out_a_backoff_due_at_once(
         worker.close(timeout=0)
 
 
+def test_on_released_tells_when_each_job_is_due_again(queue: JobQueue, path: Path) -> None:
+    """The writer learns from ``on_released`` which of a user's jobs wait out a backoff, and
+    until when, without reading the file on a chat call's path: a retried job with the time
+    its retry is due (now, after hurry()), a PartlyDone one as the job left to do, a job done
+    or dead-lettered with None."""
+    released: dict[str, tuple[str, float | None]] = {}
+    worker: JobWorker
+
+    def handler(job: Job) -> None:
+        outcome = job.payload["outcome"]
+        if outcome == "retried":
+            raise TimeoutError("the storage did not answer")
+        if outcome == "partly":
+            raise PartlyDone("store", {"outcome": "left"}, TimeoutError("down"))
+        if outcome == "hurried" and job.attempts == 1:
+            worker.hurry()  # the storage answers again while this try fails
+            raise TimeoutError("the storage did not answer")
+        if outcome == "dead":
+            raise PermanentJobError("cannot be done")
+
+    def on_released(job: Job, due: float | None) -> None:
+        released.setdefault(job.payload["outcome"], (job.kind, due))  # its first try's
+
+    slow = Backoff(initial=60.0, maximum=60.0, jitter=0.0)
+    worker = JobWorker(
+        JobQueue(path), handler, backoff=slow, poll_interval=0.05, on_released=on_released
+    )
+    try:
+        for number, outcome in enumerate(("done", "retried", "partly", "dead")):
+            kind = "extract" if outcome == "partly" else "store"
+            queue.put(kind, f"user-{number}", {"outcome": outcome})
+        started = time.time()
+        worker.notify()
+        wait_for(lambda: len(released) == 4)
+        assert released["done"] == ("store", None)
+        assert released["dead"] == ("store", None)
+        for outcome in ("retried", "left"):  # (a PartlyDone extraction is now a store job)
+            kind, due = released[outcome]
+            assert kind == "store" and due is not None
+            assert started + 59 < due < time.time() + 60.5
+        queue.put("store", "user-9", {"outcome": "hurried"})
+        worker.notify()
+        wait_for(lambda: "hurried" in released)
+        kind, due = released["hurried"]
+        assert due is not None and due <= time.time()  # made due at once
+    finally:
+        worker.close(timeout=0)
+
+
 def test_longest_delay_bounds_the_backoff_after_some_errors(queue: JobQueue, path: Path) -> None:
     tries: list[str] = []
 

@@ -146,6 +146,105 @@ def test_a_killed_server_fails_fast_and_a_restarted_one_is_used_again(
         restarted.stop()
 
 
+OUTAGE_FACTS = [
+    "Has a dog named Rex",
+    "Lives in Lisbon",
+    "Drinks green tea every morning",
+    "Runs marathons on weekends",
+    "Works as a night nurse",
+    "Is learning Japanese",
+]
+
+
+def says(openai_server, text: str) -> bool:
+    """Whether the last chat request carried ``text`` in its memory context."""
+    return any(
+        CONTEXT_OPEN in str(m.get("content")) and text in str(m.get("content"))
+        for m in openai_server.requests[-1].body["messages"]
+        if m["role"] == "system"
+    )
+
+
+def test_calls_during_an_outage_do_not_wait_for_writes_held_behind_a_failing_one(
+    tmp_path, openai_server, model, monkeypatch
+) -> None:
+    """With the server killed, each turn's write waits (in order) behind the user's first
+    one, which failed and waits out its backoff: every call from the third on waited the
+    whole read-your-writes second for writes that could not be tried yet (measured: 0.004,
+    0.003, then 1.007 s a call for as long as the outage lasted). Now the writer knows, from
+    the failure its worker saw, that they cannot run before the wait ends, and the call goes
+    on at once; once the server is back, the writes are stored and read."""
+    import conftest
+
+    from headroom_memory_integrations.jobs import Backoff
+    from headroom_memory_integrations.writer import writer_for
+
+    model_says = RememberingModel("Noted.", [CELLO])
+    openai_server.responder = model_says
+    server = ChromaServer(tmp_path / "chroma")
+    queue_path = tmp_path / "jobs.sqlite3"
+    # a first retry later than any call's wait (the default's 0.5 s may fall within one):
+    # then no write behind the failing one can be stored while a call waits
+    writer = writer_for(queue_path, backoff=Backoff(initial=5.0, jitter=0.0))
+    storage = ChromaStorage.from_url(server.url, timeout=TIMEOUT)
+    client = with_fast_memory(
+        openai_server.client(),
+        user_id="carol",
+        storage=storage,
+        embedder=model,
+        queue_path=queue_path,
+    )
+    restarted: ChromaServer | None = None
+    try:
+        ask(client, "I play the cello in an orchestra")
+        model_says.memories = []
+        ask(client, "Which instrument do I play?")
+        assert injected(openai_server)  # healthy: the next call read the write (settle)
+        assert writer.settle_timeouts == 0
+
+        server.process.kill()
+        server.process.wait()
+        settled: list[bool] = []
+        settle = writer.settle
+
+        def recording(memory, *args, **kwargs) -> bool:
+            settled.append(settle(memory, *args, **kwargs))
+            return settled[-1]
+
+        monkeypatch.setattr(writer, "settle", recording)
+        for fact in OUTAGE_FACTS:
+            model_says.memories = [{"text": fact, "category": "fact"}]
+            ask(client, f"Note this: {fact.lower()}")
+        # the first outage call had nothing to wait for, the second waited for the first
+        # write's try (it failed); each later one found its writes held behind that write,
+        # which is not tried again within the wait: not settled, and not waited for
+        assert len(settled) == len(OUTAGE_FACTS)
+        assert settled[:2] == [True, True]
+        assert settled[2:] == [False] * (len(OUTAGE_FACTS) - 2)
+        assert writer.settle_timeouts == 0, "a call waited its whole second in vain"
+        assert writer.stats()["retried"] >= 1
+
+        monkeypatch.setattr(conftest, "_free_port", lambda: server.port)  # the same port
+        restarted = ChromaServer(server.path)
+        model_says.memories = []
+        deadline = time.monotonic() + 60  # calls are held back a while after each failure
+        while True:  # the held writes are stored, and a next call reads them
+            ask(client, "Which language am I learning?")
+            if says(openai_server, OUTAGE_FACTS[-1]):
+                break
+            assert time.monotonic() < deadline, "the writes held in the outage were not read"
+            time.sleep(0.2)
+        assert client.memory.flush(30)
+        stored = {m.text for m in client.memory.get_all()}
+        assert stored == {CELLO["text"], *OUTAGE_FACTS}
+    finally:
+        client.memory.close(5)
+        storage.close()
+        for running in (restarted, server):
+            if running is not None and running.process.poll() is None:
+                running.stop()
+
+
 SLOW = 0.8  # seconds the slow server takes for every request, within its timeout
 SLOW_TIMEOUT = 1.5  # seconds per request: every one of them answers in time
 
