@@ -130,7 +130,7 @@ class MemoryJobs(Protocol):
         """Wait, briefly and boundedly, for the memories queued for ``memory``'s user in this
         process to be stored, so a user's next call reads their previous call's writes (not
         for background extractions: a model call of their own, seconds long; nor for writes
-        that wait behind a failed one not retried within the wait)."""
+        that wait behind a failed one not retried within the wait, or failed again)."""
         ...
 
     def store(self, memory: MemoryStore, memories: Sequence[Mapping[str, Any]]) -> None: ...

@@ -94,6 +94,15 @@ deletes it). Past it, the oldest are let go of (a job another process ran is nev
 here); such a job runs with its user's current extractor, or another of the same
 destination (see ``MemoryWriter._extractor_for``)."""
 
+HELD_AFTER_TRIES = 2
+"""Tries after which a user's failing store job is not waited for by ``settle`` (nor the
+user's later store jobs, which wait behind it) while it waits out its backoff, however soon
+its retry is due: it failed again on a retry, so its next try most likely fails too (storage
+or an embedder that is down), and a call that waited for that try waited up to its whole
+read-your-writes second for nothing, once per retry, for as long as the outage lasted. A job
+that failed once is waited for if its retry is due within the wait: a single passing failure
+keeps read-your-writes."""
+
 MAX_MALFORMED_ATTEMPTS = 5
 """How many malformed answers (not valid JSON) an extraction gets: the fifth dead-letters the
 job (kept in the queue file; ``memory.retry_failed()`` runs it again, with a count of its own).
@@ -496,10 +505,11 @@ class MemoryWriter:
         self._lock = threading.Lock()
         # user -> store jobs queued here, not yet run: job ids, or work still held in memory
         self._unsettled: dict[str, set[int | _Handed]] = {}
-        # user -> {id: when it is due again} of the user's store jobs whose try failed here
-        # and that hold the user's later store jobs back (in order) until then: settle does
-        # not wait for work that cannot run before its timeout (see _held_back)
-        self._held_lines: dict[str, dict[int, float]] = {}
+        # user -> {id: (when it is due again, its tries so far)} of the user's store jobs whose
+        # try failed here and that hold the user's later store jobs back (in order) until
+        # then: settle does not wait for work that cannot run before its timeout, nor for
+        # work behind one that failed again (HELD_AFTER_TRIES; see _held_back)
+        self._held_lines: dict[str, dict[int, tuple[float, int]]] = {}
         self.settle_timeouts = 0  # settle() calls that waited their whole timeout in vain
         self._settled = threading.Condition()  # held briefly, never around the queue's I/O
         # work the callers could not put into the file in time, oldest first, and the piece
@@ -644,12 +654,12 @@ class MemoryWriter:
 
     def settle(self, memory: MemoryStore, timeout: float = READ_YOUR_WRITES_SECONDS) -> bool:
         """Wait (up to ``timeout`` seconds) until the memories this process queued for
-        ``memory``'s user have been stored, or tried once, or cannot be tried before the
-        timeout ends: they wait (in order) behind an earlier store job of the user whose try
-        failed here and that is not due again before then (during a storage outage, each call
-        waited its whole ``timeout`` for them). Known from the failures this process's workers
-        saw, in memory: the queue file is not read. Returns False unless all were stored or
-        tried."""
+        ``memory``'s user have been stored, or tried once, unless they wait (in order) behind
+        an earlier store job of the user whose try failed here and that is not due again
+        before the timeout ends, or that has failed again (:data:`HELD_AFTER_TRIES`): then
+        not at all (during a storage outage, each call waited its whole ``timeout`` for them,
+        then one call per retry). Known from the failures this process's workers saw, in
+        memory: the queue file is not read. Returns False unless all were stored or tried."""
         deadline = time.monotonic() + timeout
         with self._settled:
             while self._unsettled_of(memory.user_id):
@@ -665,18 +675,23 @@ class MemoryWriter:
     def _held_back(self, user_id: str, until: float) -> bool:
         """With ``_settled`` held: whether all of ``user_id``'s unsettled store work waits
         behind a store job of the user that failed and is due again only after ``until``
-        (``time.time()``): queued after it (work held in memory reaches the file after it).
-        A job that has been due since is being tried again: it holds nothing back here."""
+        (``time.time()``), or failed :data:`HELD_AFTER_TRIES` times, whenever it is due: queued
+        after it (work held in memory reaches the file after it). A job that has been due
+        since is being tried again: it holds nothing back here."""
         lines = self._held_lines.get(user_id)
         if not lines:
             return False
         now = time.time()
-        for job_id in [j for j, due in lines.items() if due <= now]:
+        for job_id in [j for j, (due, _) in lines.items() if due <= now]:
             del lines[job_id]
         if not lines:
             del self._held_lines[user_id]
             return False
-        holding = [job_id for job_id, due in lines.items() if due > until]
+        holding = [
+            job_id
+            for job_id, (due, tries) in lines.items()
+            if due > until or tries >= HELD_AFTER_TRIES
+        ]
         if not holding:
             return False
         first = min(holding)
@@ -685,15 +700,15 @@ class MemoryWriter:
 
     def _released(self, job: Job, due: float | None) -> None:
         """The worker released ``job``'s try (``JobWorker``'s ``on_released``): a store job
-        retried at ``due`` holds its user's later store jobs back until then, unless it has
-        failed too often to hold the line (:data:`~.jobs.HOLDS_THE_LINE_TRIES`); one done or
-        dead-lettered holds nothing back."""
+        retried at ``due`` holds its user's later store jobs back until then (noted with its
+        tries, for :meth:`_held_back`), unless it has failed too often to hold the line
+        (:data:`~.jobs.HOLDS_THE_LINE_TRIES`); one done or dead-lettered holds nothing back."""
         if job.kind != "store":  # (an extraction holds no store job back)
             return
         with self._settled:
             lines = self._held_lines.get(job.user_id)
             if due is not None and job.attempts < HOLDS_THE_LINE_TRIES:
-                self._held_lines.setdefault(job.user_id, {})[job.id] = due
+                self._held_lines.setdefault(job.user_id, {})[job.id] = (due, job.attempts)
             elif lines is not None:
                 lines.pop(job.id, None)
                 if not lines:
@@ -739,10 +754,12 @@ class MemoryWriter:
                 if self._stores.get(memory.user_id) is memory:
                     del self._stores[memory.user_id]
                 self._extractors.pop(memory, None)
-                served = memory.user_id in self._stores
-            if not served:  # no store of the user is left here: its line is not noted
+            # the notes of held lines go when the workers that made them stop, not when one
+            # of a user's stores closes (_stores keeps only the newest store of each user,
+            # and another of theirs may be in use); each also goes when its job is due again
+            if last:
                 with self._settled:
-                    self._held_lines.pop(memory.user_id, None)
+                    self._held_lines.clear()
 
     def forget(self, memory: MemoryStore, timeout: float | None) -> int:
         """Delete every job of ``memory``'s user from the queue file (waiting up to
