@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from .embeddings.base import Embedder
 from .engine import MemoryStore, NewMemory, has_visible_text
 from .errors import (
     EmbeddingError,
@@ -444,11 +445,12 @@ def retryable(exc: BaseException) -> bool:
 
 
 def longest_retry_delay(exc: BaseException) -> float:
-    """The longest wait before a job that failed with ``exc`` is tried again: a storage error's
-    is the storage's own longest hold-back (:data:`~.storage.guard.MAX_RETRY_SECONDS`), so a
-    job waits at most about that long once the storage is back, even when nothing else calls
-    it (a call that finds it back makes every waiting job due at once: ``MemoryWriter``)."""
-    return MAX_RETRY_SECONDS if isinstance(exc, StorageError) else math.inf
+    """The longest wait before a job that failed with ``exc`` is tried again: a storage or an
+    embedding error's is the backend's own longest hold-back
+    (:data:`~.storage.guard.MAX_RETRY_SECONDS`), so a job waits at most about that long once
+    the storage or the embedding API is back, even when nothing else calls it (a call that
+    finds it back makes every waiting job due at once: ``MemoryWriter``)."""
+    return MAX_RETRY_SECONDS if isinstance(exc, (StorageError, EmbeddingError)) else math.inf
 
 
 def queue_path_for(memory: MemoryStore) -> Path:
@@ -560,16 +562,29 @@ class MemoryWriter:
         when_back(self._storage_back)
 
     def _storage_back(self, location: str) -> None:
-        """A backend held to be down answers again: if it is this queue's storage, its jobs
-        waiting out a backoff are due now (the workers' threads make them so). On the thread
-        whose call found it back, maybe a chat call's: no file I/O here."""
+        """A backend held to be down answers again: if it is this queue's storage, or the
+        embedder of a store registered here (an embedding API), its jobs waiting out a backoff
+        are due now (the workers' threads make them so). On the thread whose call found it
+        back, maybe a chat call's: no file I/O here."""
         storage = self._storage
-        if storage is not None and storage.location == location:
+        if (storage is not None and storage.location == location) or any(
+            getattr(embedder, "location", None) == location for embedder in self._embedders()
+        ):
             for worker in self._workers:
                 worker.hurry()
             with self._settled:  # the jobs that held their users' lines are due now
                 self._held_lines.clear()
                 self._settled.notify_all()
+
+    def _embedders(self) -> list[Embedder]:
+        """The embedders of the stores registered here, and the template's (the jobs of a
+        store let go of run with it)."""
+        with self._lock:
+            template = self._template
+            embedders = [memory.embedder for memory in list(self._stores.values())]
+        if template is not None:
+            embedders.append(template["embedder"])
+        return embedders
 
     def register(self, memory: MemoryStore, extractor: BackgroundExtractor | None = None) -> None:
         """Serve ``memory``'s jobs (and, with ``extractor``, its background extraction), and

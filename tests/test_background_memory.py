@@ -1420,6 +1420,122 @@ def test_a_memory_told_while_the_storage_was_down_is_stored_as_soon_as_it_is_bac
         client.memory.close(timeout=0)
 
 
+def bag_of_words_endpoint(hung: threading.Event):
+    """An embedding endpoint's vectors (``ScriptedOpenAIServer.embedder``): the test
+    ``HashEmbedder``'s, after 3 s while ``hung`` is set (past the embedder's timeout)."""
+    from conftest import HashEmbedder
+
+    def embed(text: str, dimensions: int) -> list[float]:
+        if hung.is_set():
+            time.sleep(3.0)
+        return HashEmbedder(dimensions).embed([text])[0].tolist()
+
+    return embed
+
+
+def test_a_memory_told_while_the_embedding_api_was_down_is_stored_as_soon_as_it_is_back(
+    openai_server, db_path
+) -> None:
+    """As for a storage that was down: the embedder's endpoint announces that it answers
+    again, and a call that finds it back makes the jobs waiting out a backoff due at once.
+    Before, only the storage's coming back did: the job waited out its backoff (a minute
+    here; up to the default's 60 s after an outage) while the user's calls had memories."""
+    from headroom_memory_integrations import OpenAIEmbedder
+    from headroom_memory_integrations.writer import queue_path_for
+
+    calls: list[str] = []
+    openai_server.responder = extracting(
+        {"Python": "Prefers Python for backend work", "Lyon": "Lives in Lyon"}, calls
+    )
+    hung = threading.Event()
+    openai_server.embedder = bag_of_words_endpoint(hung)
+    embedder = OpenAIEmbedder(openai_server.client(max_retries=0), dimensions=64, timeout=0.5)
+    minute = Backoff(initial=60.0, factor=2.0, maximum=60.0, jitter=0.0)
+    client = with_memory(
+        openai_server.client(),
+        user_id="alice",
+        db_path=db_path,
+        embedder=embedder,
+        retry_backoff=minute,
+    )
+    try:
+        ask(client, "I prefer Python for backend work")
+        assert client.memory.flush(30)
+        hung.set()
+        ask(client, "I live in Lyon")  # answered without memories; its turn is queued
+        wait_for(lambda: tried(queue_path_for(client.memory)))  # its backoff set to a minute
+        hung.clear()
+        deadline = time.monotonic() + 30  # calls are held back a while after each failure
+        while True:
+            before = len(openai_server.requests)
+            ask(client, "which python for backend work")
+            chat = [r for r in openai_server.requests[before:] if r.path == "/v1/chat/completions"]
+            if "Prefers Python" in prompt_text(chat[0].body):
+                break  # the endpoint answers this user's calls again
+            assert time.monotonic() < deadline, "the embedding endpoint never came back"
+            time.sleep(0.2)
+        back = time.monotonic()
+        wait_for(lambda: client.memory.flush(0.1), timeout=5)
+        assert time.monotonic() - back < 5  # not the backoff's minute, nor its 16 s cap
+        assert {m.text for m in client.memory.get_all()} == {
+            "Prefers Python for backend work",
+            "Lives in Lyon",
+        }
+        assert calls.count("Lyon") == 1
+    finally:
+        client.memory.close(timeout=0)
+
+
+def test_a_job_failed_by_the_embedder_is_retried_within_the_longest_hold_back(
+    openai_server, db_path
+) -> None:
+    """An embedder that raises EmbeddingError (held to be down) has its jobs retried at most
+    ``MAX_RETRY_SECONDS`` later, whatever the backoff has grown to, as a storage's are: the
+    memory is stored soon after the API is back even when no call finds it back. Before, the
+    backoff's minute applied."""
+    from conftest import HashEmbedder
+
+    from headroom_memory_integrations import EmbeddingError
+    from headroom_memory_integrations.storage.guard import MAX_RETRY_SECONDS
+    from headroom_memory_integrations.writer import queue_path_for
+
+    class DownEmbedder(HashEmbedder):
+        down = False
+
+        def embed(self, texts):
+            if self.down:
+                raise EmbeddingError("the embedding endpoint is unavailable")
+            return super().embed(texts)
+
+    openai_server.responder = extracting({"Lyon": "Lives in Lyon"}, [])
+    embedder = DownEmbedder()
+    minute = Backoff(initial=60.0, factor=2.0, maximum=60.0, jitter=0.0)
+    client = with_memory(
+        openai_server.client(),
+        user_id="alice",
+        db_path=db_path,
+        embedder=embedder,
+        retry_backoff=minute,
+    )
+    try:
+        client.memory.count()  # the store's folder and its queue file are made
+        embedder.down = True
+        ask(client, "I live in Lyon")
+        queue = queue_path_for(client.memory)
+
+        def retry() -> tuple[float, str] | None:  # when the failed job is tried again, and why
+            with closing(sqlite3.connect(queue)) as conn:
+                query = "SELECT not_before, last_error FROM jobs WHERE last_error IS NOT NULL"
+                return conn.execute(query).fetchone()
+
+        wait_for(lambda: retry() is not None)
+        due, error = retry()
+        assert "EmbeddingError" in error
+        assert due - time.time() <= MAX_RETRY_SECONDS + 1  # not a minute
+    finally:
+        client.memory.close(timeout=0)
+
+
 def answers_again(memory) -> bool:
     try:
         memory.count()

@@ -25,6 +25,11 @@ class Embedder(Protocol):
     :class:`~.local.LocalEmbedder` reads a long query's end, where its question usually is,
     and a memory's start). The name is the package's own: an ``embed_query`` (LangChain's
     takes one text) is not used.
+
+    An embedder that calls a backend which can be down may also have a ``location``: the name
+    its :class:`~headroom_memory_integrations.storage.guard.Availability` announces when the
+    backend answers again (:class:`~.openai.OpenAIEmbedder`'s), so that the job queues of its
+    stores retry their waiting work at once.
     """
 
     name: str

@@ -90,6 +90,13 @@ class OpenAIEmbedder:
         self.dimension = dimensions or _KNOWN_DIMENSIONS.get(model, 0)
         self.name = f"openai/{model}" + (f"@{dimensions}" if dimensions else "")
 
+    @property
+    def location(self) -> str:
+        """The endpoint, as named when it is held to be down and when it answers again
+        (:func:`~headroom_memory_integrations.storage.guard.when_back`: the job queues of the
+        stores that embed with it then retry their waiting work at once)."""
+        return self._availability.location
+
     def embed(self, texts: Sequence[str]) -> Vectors:
         rows: list[list[float]] = []
         extra = {"dimensions": self._dimensions} if self._dimensions else {}
