@@ -36,13 +36,14 @@ from .embeddings.message_gate import MAX_CHARS as GATE_MAX_CHARS
 from .embeddings.message_gate import THRESHOLD as GATE_THRESHOLD
 from .embeddings.message_gate import need_for_memory, reads_as_question
 from .embeddings.query_adapter import adapt_queries
-from .errors import InvalidInputError, MemoryNotFoundError, StorageError
+from .errors import EmbeddingError, InvalidInputError, MemoryNotFoundError, StorageError
 from .jobs import user_tag
 from .keys import clean_keys, index_text, memory_vectors
 from .lexical import lexical_scores
 from .redaction import logger_without_secrets, without_credentials
 from .storage.base import Storage, UserCollection
 from .storage.chroma import ChromaStorage
+from .storage.guard import is_rust_panic
 from .types import Category, Memory, Revision, SearchResult, Source, storable_time, utc_now
 from .write_path import Remembered, WritePath, rewritten, write_unless_deleted
 
@@ -775,9 +776,20 @@ class MemoryStore(WritePath):
         here: an embedder's rows of another length (norm 5, say) are scaled to 1, as the
         relevance floor and the consolidation thresholds are cosine similarities (before, a
         row of norm 5 scored 5 times its cosine and passed any floor). A row already of unit
-        length (to float32 rounding: the local model's) is left as it is, bit for bit."""
+        length (to float32 rounding: the local model's) is left as it is, bit for bit.
+
+        A panic in an embedder's Rust code (pyo3's ``PanicException``, which HF ``tokenizers``
+        raises) is an :class:`~.errors.EmbeddingError` here: it is a ``BaseException``, which
+        the chat call's ``except Exception`` let through, so the user's call failed with it."""
         embed_queries = getattr(self.embedder, "embed_queries", None) if queries else None
-        embedded = (embed_queries or self.embedder.embed)(list(texts))
+        try:
+            embedded = (embed_queries or self.embedder.embed)(list(texts))
+        except BaseException as exc:
+            if not is_rust_panic(exc):
+                raise  # an interrupt, an exit or a cancellation: never turned into a failure
+            raise EmbeddingError(
+                f"embedder {self.embedder.name!r} failed inside its native code ({exc})"
+            ) from exc
         try:
             vectors = np.asarray(embedded, dtype=np.float32)
         except (TypeError, ValueError) as exc:

@@ -184,9 +184,14 @@ class TestHeadroomRetrieverStandard(RetrieversIntegrationTests):
         return QUERY
 
 
-@pytest.mark.parametrize("failing", ["storage", "embedder"])
+PanicException = type("PanicException", (BaseException,), {"__module__": "pyo3_runtime"})
+"""What pyo3 raises on a panic in Rust code (HF ``tokenizers``): not an ``Exception``."""
+
+
+@pytest.mark.parametrize("failing", ["storage", "embedder", "panicking embedder"])
 def test_a_storage_failure_returns_no_documents_and_is_counted(failing, db_path, model) -> None:
-    """Also when the embedding API is down (``OpenAIEmbedder``): its error failed the chain."""
+    """Also when the embedding API is down (``OpenAIEmbedder``): its error failed the chain;
+    and when the embedder's native code panics: the panic, a BaseException, crashed the run."""
     from conftest import closed_server_url
     from openai import OpenAI
 
@@ -195,6 +200,15 @@ def test_a_storage_failure_returns_no_documents_and_is_counted(failing, db_path,
     down = closed_server_url()
     if failing == "storage":
         retriever = HeadroomRetriever(user_id="alice", db_path=down, embedder=model)
+    elif failing == "panicking embedder":
+
+        class Panicking:
+            name, dimension = model.name, model.dimension
+
+            def embed(self, texts):
+                raise PanicException("called `Option::unwrap()` on a `None` value")
+
+        retriever = HeadroomRetriever(user_id="alice", db_path=db_path, embedder=Panicking())
     else:
         client = OpenAI(base_url=f"{down}/v1", api_key="sk-x", max_retries=0)
         embedder = OpenAIEmbedder(client)

@@ -1340,6 +1340,54 @@ def test_a_panic_in_chromas_core_is_a_storage_failure(openai_server, db_path, mo
     assert [m.text for m in client.memory.get_all()] == ["Plays the cello"]
 
 
+class PanickingEmbedder(HashEmbedder):
+    """An embedder whose native code panics while ``failure`` is set (HF ``tokenizers``, under
+    sentence-transformers or fastembed, raises pyo3's ``PanicException`` then), or raises
+    ``failure`` itself."""
+
+    failure: BaseException | None = None
+
+    def embed(self, texts):
+        if self.failure is not None:
+            raise self.failure
+        return super().embed(texts)
+
+
+def test_a_panic_in_the_embedder_is_an_embedding_failure(openai_server, db_path) -> None:
+    """The panic, a BaseException, went through the chat call's ``except Exception``: the
+    user's call crashed with it. It is an EmbeddingError now: the call is answered without
+    memories (counted), a memory it told is stored once the embedder works again, and the
+    store's own calls raise the package's error with the panic as its cause."""
+    from headroom_memory_integrations import EmbeddingError
+
+    embedder = PanickingEmbedder()
+    openai_server.responder = RememberingModel(
+        "Noted.", [{"text": "Lives in Lyon", "category": "fact"}]
+    )
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=embedder
+    )
+    try:
+        client.memory.add("Plays the cello")
+        embedder.failure = PanicException("called `Option::unwrap()` on a `None` value")
+        answer = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "I live in Lyon"}]
+        )
+        assert answer.choices[0].message.content.startswith("Noted.")
+        assert client.memory.counters["inject_failures"] == 1
+        with pytest.raises(EmbeddingError, match="native code") as raised:
+            client.memory.search("cello")
+        assert isinstance(raised.value.__cause__, PanicException)
+        embedder.failure = KeyboardInterrupt()
+        with pytest.raises(KeyboardInterrupt):  # an interrupt is never taken for a failure
+            client.memory.search("Where do I live?")
+        embedder.failure = None
+        assert client.memory.flush(60)  # the memory block's write, retried
+        assert {m.text for m in client.memory.get_all()} == {"Plays the cello", "Lives in Lyon"}
+    finally:
+        client.close()
+
+
 def test_ctrl_c_during_a_users_first_call_is_not_held_until_the_storage_opens(
     db_path, monkeypatch
 ) -> None:
