@@ -143,6 +143,10 @@ _ERASE_PATIENCE = 2.0
 later) keeps trying to erase the queue's WAL while another connection keeps part of it."""
 
 
+WAITING_WITH_OTHERS = "beside other memory work waiting for the locked queue file"
+"""Why work held behind (or with) work that found the queue file locked is not queued."""
+
+
 @dataclass(eq=False)
 class _Handed:
     """Memory work the caller could not put into the queue file in time: held in memory,
@@ -158,6 +162,9 @@ class _Handed:
     # whether one try of QUEUE_WAIT_SECONDS found the file locked: from then on it waits for
     # the file; until then, a file that cannot be written at all drops it (as a caller's try)
     tried: bool = field(default=False)
+    # whether it was counted as a queue delay and logged: once, when it is first held for a
+    # locked file, by its own try or behind earlier work that waits for the file
+    delayed: bool = field(default=False)
 
 
 def _on_event_loop() -> bool:
@@ -899,10 +906,16 @@ class MemoryWriter:
             if handed.kind == "store":  # unsettled from now on, whether in the file or held
                 self._unsettled.setdefault(handed.memory.user_id, set()).add(handed)
             # held work goes first: jobs reach the file in the order they came
-            hand_over = bool(self._held) or self._handing is not None
-            if hand_over or self.worker.closed or _on_event_loop():
-                self._hold(handed)
-                return
+            ahead = [*self._held, *([self._handing] if self._handing is not None else [])]
+            held = bool(ahead) or self.worker.closed or _on_event_loop()
+            behind_locked = False
+            if held:
+                # behind work that waits for the locked file, it waits for the file too
+                behind_locked = self._hold(handed) and any(h.delayed for h in ahead)
+        if held:
+            if behind_locked:
+                self._count_delays([handed], WAITING_WITH_OTHERS)
+            return
         if not self._first_try(handed, self.worker.queue, late=False):
             with self._settled:
                 self._hold(handed)
@@ -924,16 +937,12 @@ class MemoryWriter:
                 on_queued=lambda job_id: self._queued(handed, job_id, late=late),
             )
         except QueueBusy as exc:
-            log.warning(
-                "could not queue memory work (%s) of user %s within %.2f s (%s); "
-                "it is kept in memory and queued as soon as the queue file can be written",
-                kind,
-                user_tag(memory.user_id),
-                QUEUE_WAIT_SECONDS,
-                f"{type(exc).__name__}: {exc}".splitlines()[0],
-            )
-            memory.counters["queue_delays"] += 1
             handed.tried = True
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self._count_delays([handed], f"within {QUEUE_WAIT_SECONDS:.2f} s ({reason})")
+            with self._settled:  # the work held meanwhile waits for the file too
+                held = list(self._held)
+            self._count_delays(held, WAITING_WITH_OTHERS)
             return False
         except Exception:
             if not late and self.worker.closed:  # closed meanwhile: queued another way
@@ -973,9 +982,27 @@ class MemoryWriter:
                 while len(self._queued_with) > QUEUED_EXTRACTIONS:
                     self._queued_with.popitem(last=False)
 
-    def _hold(self, handed: _Handed) -> None:
+    def _count_delays(self, pieces: Sequence[_Handed], reason: str) -> None:
+        """``pieces`` are held in memory for a locked queue file: count each in its store's
+        ``queue_delays`` and log it, once per piece however often it is found waiting."""
+        with self._settled:
+            first_time = [handed for handed in pieces if not handed.delayed]
+            for handed in first_time:
+                handed.delayed = True
+        for handed in first_time:
+            log.warning(
+                "could not queue memory work (%s) of user %s %s; "
+                "it is kept in memory and queued as soon as the queue file can be written",
+                handed.kind,
+                user_tag(handed.memory.user_id),
+                reason,
+            )
+            handed.memory.counters["queue_delays"] += 1
+
+    def _hold(self, handed: _Handed) -> bool:
         """With ``_settled`` held: keep ``handed`` until the hand-over thread has put it in
-        the file (started if need be); past :data:`HANDED_OVER`, drop it (counted)."""
+        the file (started if need be); past :data:`HANDED_OVER`, drop it (counted). Returns
+        whether it is kept."""
         if len(self._held) >= HANDED_OVER:
             self._unsettle(handed)
             handed.memory.survived(
@@ -984,7 +1011,7 @@ class MemoryWriter:
                 f"written and {HANDED_OVER} pieces of work wait already",
                 exc_info=False,
             )
-            return
+            return False
         self._held.append(handed)
         self._settled.notify_all()
         thread = self._hand_over_thread
@@ -994,6 +1021,7 @@ class MemoryWriter:
             )
             self._hand_over_thread = thread
             thread.start()
+        return True
 
     def _unsettle(self, handed: _Handed) -> None:
         """With ``_settled`` held: ``handed`` will not be stored; its user need not wait."""

@@ -6,6 +6,7 @@ the file can be written."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import threading
@@ -125,6 +126,41 @@ def test_work_held_for_a_locked_file_is_all_queued_and_forget_user_drops_it(
     for name in ("jobs.sqlite3", "jobs.sqlite3-wal"):
         if (tmp_path / name).exists():
             assert b"Keeps bees" not in (tmp_path / name).read_bytes()
+
+
+def test_each_piece_of_work_held_for_a_locked_file_is_counted_and_logged_once(
+    openai_server, tmp_path, caplog
+) -> None:
+    """Work held behind other held work waits in memory for the locked file as much as the
+    first piece: each piece is counted in ``queue_delays`` and logged, once. Before, only the
+    first piece was: another user's memory held behind it (or a later one of the same user)
+    showed nothing, though a process killed meanwhile would lose it."""
+    model = RememberingModel("Noted.", [])
+    openai_server.responder = model
+    alice, bob = users_who_said(openai_server, tmp_path, "Hello", "alice", "bob")
+
+    holder = hold_queue_lock(tmp_path / "jobs.sqlite3", HOLD_SECONDS)
+    try:
+        with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations.writer"):
+            for client, said, memory in (
+                (alice, "I live in Lyon", "Lives in Lyon"),
+                (bob, "I live in Paris", "Lives in Paris"),  # held behind alice's
+                (alice, "I sing in a choir", "Sings in a choir"),  # behind both
+            ):
+                model.memories = [{"text": memory, "category": "fact"}]
+                say(client, said)
+            assert holder.poll() is None, "the lock was let go too early for this test to say"
+            assert alice.memory.counters["queue_delays"] == 2
+            assert bob.memory.counters["queue_delays"] == 1
+        assert alice.memory.flush(30) and bob.memory.flush(30)
+    finally:
+        holder.wait(30)
+    held = [r for r in caplog.records if "kept in memory" in r.getMessage()]
+    assert len(held) == 3, [r.getMessage() for r in held]
+    assert (alice.memory.counters["queue_delays"], bob.memory.counters["queue_delays"]) == (2, 1)
+    texts = sorted(m.text for m in alice.memory.get_all())
+    assert texts == ["Lives in Lyon", "Sings in a choir"], texts
+    assert [m.text for m in bob.memory.get_all()] == ["Lives in Paris"]
 
 
 # -- a store closed while one of its calls waits for the model -------------------------------------
