@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from .embeddings.base import Embedder
-from .engine import MemoryStore, NewMemory, has_visible_text
+from .engine import SURVIVED_LOG_SECONDS, MemoryStore, NewMemory, has_visible_text
 from .errors import (
     EmbeddingError,
     EmbeddingMismatchError,
@@ -535,6 +535,10 @@ class MemoryWriter:
         self._held: deque[_Handed] = deque()
         self._handing: _Handed | None = None
         self._hand_over_thread: threading.Thread | None = None
+        # when a piece of held work was last logged, and how many were held since (each is
+        # counted in its store's queue_delays; one line per SURVIVED_LOG_SECONDS is logged)
+        self._delay_logged_at = -math.inf
+        self._delays_unlogged = 0
         # One thread stores the memories the wrappers' calls left (each a quick write); others
         # run background extractions (each a model call, which may take seconds or be retried
         # for minutes), different users' side by side: a slow model never holds up storing,
@@ -984,20 +988,32 @@ class MemoryWriter:
 
     def _count_delays(self, pieces: Sequence[_Handed], reason: str) -> None:
         """``pieces`` are held in memory for a locked queue file: count each in its store's
-        ``queue_delays`` and log it, once per piece however often it is found waiting."""
+        ``queue_delays``, once per piece however often it is found waiting. The first is
+        logged, then at most one line per :data:`~.engine.SURVIVED_LOG_SECONDS` for the queue,
+        which says how many were held since the last (a lock held a while on a busy server
+        holds a piece per chat call)."""
+        now = time.monotonic()
         with self._settled:
             first_time = [handed for handed in pieces if not handed.delayed]
             for handed in first_time:
                 handed.delayed = True
-        for handed in first_time:
-            log.warning(
-                "could not queue memory work (%s) of user %s %s; "
-                "it is kept in memory and queued as soon as the queue file can be written",
-                handed.kind,
-                user_tag(handed.memory.user_id),
-                reason,
-            )
-            handed.memory.counters["queue_delays"] += 1
+                handed.memory.counters["queue_delays"] += 1
+            if not first_time:
+                return
+            if now - self._delay_logged_at < SURVIVED_LOG_SECONDS:
+                self._delays_unlogged += len(first_time)
+                return
+            since = self._delays_unlogged + len(first_time) - 1
+            self._delay_logged_at, self._delays_unlogged = now, 0
+        handed = first_time[0]
+        log.warning(
+            "could not queue memory work (%s) of user %s %s; "
+            "it is kept in memory and queued as soon as the queue file can be written%s",
+            handed.kind,
+            user_tag(handed.memory.user_id),
+            reason,
+            f" ({since} more pieces held for the file since the last such log)" if since else "",
+        )
 
     def _hold(self, handed: _Handed) -> bool:
         """With ``_settled`` held: keep ``handed`` until the hand-over thread has put it in
