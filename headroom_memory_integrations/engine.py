@@ -780,15 +780,20 @@ class MemoryStore(WritePath):
 
         A panic in an embedder's Rust code (pyo3's ``PanicException``, which HF ``tokenizers``
         raises) is an :class:`~.errors.EmbeddingError` here: it is a ``BaseException``, which
-        the chat call's ``except Exception`` let through, so the user's call failed with it."""
+        the chat call's ``except Exception`` let through, so the user's call failed with it. The
+        error's message names the panic's type, not its text (which may quote the user's); the
+        panic is its cause."""
         embed_queries = getattr(self.embedder, "embed_queries", None) if queries else None
         try:
             embedded = (embed_queries or self.embedder.embed)(list(texts))
         except BaseException as exc:
             if not is_rust_panic(exc):
                 raise  # an interrupt, an exit or a cancellation: never turned into a failure
+            # the panic's type alone: its text may quote the text embedded (Rust's "byte index
+            # 3 is not a char boundary ... of `<text>`"), and this message is logged at WARNING
             raise EmbeddingError(
-                f"embedder {self.embedder.name!r} failed inside its native code ({exc})"
+                f"embedder {self.embedder.name!r} failed inside its native code "
+                f"({type(exc).__name__})"
             ) from exc
         try:
             vectors = np.asarray(embedded, dtype=np.float32)

@@ -47,6 +47,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from .engine import MemoryStore, has_visible_text, search_text
+from .errors import EmbeddingError
 from .grounding import grounded
 from .jobs import user_tag
 from .prompts import (
@@ -626,6 +627,17 @@ class MemoryFlow:
                     chat_message=True,
                     previous_message=previous,
                 )
+            except EmbeddingError as exc:
+                # without its traceback: the cause it chains (a panic's text may quote the
+                # user's message) is logged at DEBUG only
+                log.debug("could not embed for memories", exc_info=True)
+                if counted.first():
+                    self.failed(
+                        "inject_failures",
+                        f"could not search memories ({exc}); answering without them",
+                        exc_info=False,
+                    )
+                return failed
             except Exception:
                 if counted.first():
                     self.failed(

@@ -1388,6 +1388,48 @@ def test_a_panic_in_the_embedder_is_an_embedding_failure(openai_server, db_path)
         client.close()
 
 
+def test_a_panic_that_quotes_the_users_text_is_not_logged_above_debug(
+    openai_server, db_path, caplog
+) -> None:
+    """Rust's commonest panic, slicing a string off a character boundary, quotes the string
+    ("byte index 3 is not a char boundary; ... of `<text>`"): the user's message. The
+    EmbeddingError names the panic's type, not its text, and the chat call logs it at WARNING
+    without its traceback; the panic (its cause) is logged at DEBUG only. Before, the panic's
+    text was in the error's message and its traceback in the WARNING line (docs/security.md:
+    logs above DEBUG never carry memory texts)."""
+    from headroom_memory_integrations import EmbeddingError
+
+    said = "my diagnosis is Crohn's disease, café"
+    embedder = PanickingEmbedder()
+    openai_server.responder = RememberingModel("Noted.", [])
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=embedder
+    )
+    try:
+        client.memory.add("Plays the cello")
+        embedder.failure = PanicException(
+            f"byte index 3 is not a char boundary; it is inside 'é' (bytes 2..4) of `{said}`"
+        )
+        with caplog.at_level(logging.DEBUG, logger="headroom_memory_integrations"):
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": said}]
+            )
+            with pytest.raises(EmbeddingError, match="PanicException") as raised:
+                client.memory.search(said)
+        assert "Crohn" not in str(raised.value)
+        assert isinstance(raised.value.__cause__, PanicException)  # the text is kept there
+        assert client.memory.counters["inject_failures"] == 1
+        formatter = logging.Formatter("%(message)s")
+        loud = [formatter.format(r) for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any("could not search memories" in line for line in loud), loud
+        assert not [line for line in loud if "Crohn" in line]
+        quiet = [formatter.format(r) for r in caplog.records if r.levelno < logging.WARNING]
+        assert any("Crohn" in line for line in quiet)  # for whoever debugs it
+    finally:
+        embedder.failure = None
+        client.close()
+
+
 def test_ctrl_c_during_a_users_first_call_is_not_held_until_the_storage_opens(
     db_path, monkeypatch
 ) -> None:
