@@ -652,7 +652,7 @@ def test_a_slow_embedding_endpoint_fails_in_the_embedders_time(openai_server) ->
 
     import openai
 
-    from headroom_memory_integrations import OpenAIEmbedder
+    from headroom_memory_integrations import EmbeddingError, OpenAIEmbedder
     from headroom_memory_integrations.embeddings.openai import DEFAULT_TIMEOUT
     from headroom_memory_integrations.testing import hash_embedding
 
@@ -664,8 +664,9 @@ def test_a_slow_embedding_endpoint_fails_in_the_embedders_time(openai_server) ->
 
     openai_server.embedder = slow
     embedder = OpenAIEmbedder(openai_server.client(max_retries=0), timeout=0.5)
-    with pytest.raises(openai.APITimeoutError):  # the client alone waits 30 s here
+    with pytest.raises(EmbeddingError, match="did not answer") as raised:  # not in 30 s
         embedder.embed(["Which language do I like?"])
+    assert isinstance(raised.value.__cause__, openai.APITimeoutError)
 
 
 def test_an_embedding_endpoint_that_does_not_answer_is_not_waited_for_again_at_once(
@@ -700,8 +701,9 @@ def test_an_embedding_endpoint_that_does_not_answer_is_not_waited_for_again_at_o
     asked = [r for r in openai_server.requests if r.path == "/v1/embeddings"]
     # held back for 30 s, not 1: the chat calls below all come within it on a busy host too
     monkeypatch.setattr(guard, "FIRST_RETRY_SECONDS", 30.0)
-    with pytest.raises(openai.APITimeoutError):
+    with pytest.raises(EmbeddingError, match="did not answer") as raised:
         embedder.embed(["Where do I live?"])
+    assert isinstance(raised.value.__cause__, openai.APITimeoutError)
     for question in ("Where do I live?", "And my city?"):
         started = time.monotonic()
         answer = client.chat.completions.create(
@@ -718,6 +720,66 @@ def test_an_embedding_endpoint_that_does_not_answer_is_not_waited_for_again_at_o
     embedder._availability._until = time.monotonic()  # the 30 s are over
     assert embedder.embed(["Where do I live?"]).shape == (1, 1536)
     client.close()
+
+
+def test_an_embedding_endpoint_that_fails_raises_embedding_error(openai_server) -> None:
+    """A request that cannot connect, or that the endpoint answers with a 5xx status, is an
+    EmbeddingError (the client's error its cause), as a timeout is: a queued job that fails
+    with it is retried within the longest hold-back (``writer.longest_retry_delay``), not the
+    backoff's minute. Only a failed connection holds later calls back; an error of the request
+    itself (a 404) is the client's, as it is."""
+    import socket
+
+    import openai
+
+    from headroom_memory_integrations import EmbeddingError, OpenAIEmbedder
+    from headroom_memory_integrations.storage.guard import MAX_RETRY_SECONDS
+    from headroom_memory_integrations.writer import longest_retry_delay
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    refused = OpenAIEmbedder(
+        openai.OpenAI(api_key="sk-x", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0),
+        timeout=2.0,
+    )
+    with pytest.raises(EmbeddingError, match="did not answer") as raised:
+        refused.embed(["x"])
+    assert isinstance(raised.value.__cause__, openai.APIConnectionError)
+    assert longest_retry_delay(raised.value) == MAX_RETRY_SECONDS
+    assert refused._availability.down
+
+    def overloaded(text: str, dimensions: int) -> list[float]:
+        raise RuntimeError("overloaded")  # the scripted server answers 500
+
+    openai_server.embedder = overloaded
+    embedder = OpenAIEmbedder(openai_server.client(max_retries=0), timeout=2.0)
+    with pytest.raises(EmbeddingError, match="status 500") as raised:
+        embedder.embed(["x"])
+    assert isinstance(raised.value.__cause__, openai.InternalServerError)
+    assert not embedder._availability.down  # it answered at once
+    lost = openai_server.client(base_url=openai_server.base_url + "/nowhere", max_retries=0)
+    with pytest.raises(openai.NotFoundError):  # a 404: the request's own error
+        OpenAIEmbedder(lost, timeout=2.0).embed(["x"])
+
+
+def test_an_embedders_location_names_its_endpoint_without_credentials() -> None:
+    """Two embedders of one model on two endpoints are two locations (each one's coming back
+    hurries only its own stores' queues); a password or a key in the base URL is not shown."""
+    import openai
+
+    from headroom_memory_integrations import OpenAIEmbedder
+
+    def at(url: str) -> str:
+        return OpenAIEmbedder(openai.OpenAI(api_key="sk-x", base_url=url)).location
+
+    first, second = at("https://api.openai.com/v1"), at("http://localhost:8000/v1")
+    assert first != second and "text-embedding-3-small" in first
+    assert "https://api.openai.com/v1" in first and "localhost:8000" in second
+    hidden = at("https://bob:hunter2@proxy.example/v1?api-key=sk-secret")
+    assert "proxy.example/v1" in hidden
+    assert "hunter2" not in hidden and "sk-secret" not in hidden
+    assert OpenAIEmbedder(object()).location == "the embedding endpoint (text-embedding-3-small)"
 
 
 def test_the_embedders_timeout_defers_to_a_client_that_set_its_own() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EmbeddingError
+from ..redaction import without_credentials
 from ..storage.guard import Availability, is_unreachable
 from .base import Vectors, normalize_rows
 
@@ -44,6 +45,23 @@ def _did_not_answer(exc: BaseException) -> bool:
     return is_unreachable(exc)
 
 
+def _server_failed(exc: BaseException) -> bool:
+    """An answer with a 5xx status: the endpoint is there but cannot embed now."""
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and status >= 500
+
+
+def _endpoint_name(client: Any, model: str) -> str:
+    """The endpoint as logs and errors name it: the client's base URL, without the credentials
+    and the query a URL may carry, and the model (two embedders of one model on different
+    endpoints are told apart: each one's coming back hurries only its own stores' queues)."""
+    base_url = getattr(client, "base_url", None)
+    if base_url is None:
+        return f"the embedding endpoint ({model})"
+    url = str(base_url).split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    return f"the embedding endpoint at {without_credentials(url)} ({model})"
+
+
 class OpenAIEmbedder:
     """Embeds with ``client.embeddings.create`` (default model ``text-embedding-3-small``).
 
@@ -58,10 +76,13 @@ class OpenAIEmbedder:
             :data:`DEFAULT_TIMEOUT` and no retry, since a search embeds its query on the chat
             call's path, which 600 s (or three tries of 10 s) would hold up for as long.
 
-    When the endpoint does not answer (a timeout, a failed connection), calls fail at once with
-    :class:`~headroom_memory_integrations.errors.EmbeddingError` for a while (1 s, doubling to
-    16 s while it stays down), so a chat call waits for it at most once per pause; the chat
-    call itself goes on without memories (a write waits in the job queue and is retried).
+    When the endpoint does not answer (a timeout, a failed connection), the request fails with
+    :class:`~headroom_memory_integrations.errors.EmbeddingError` (the client's error is its
+    cause), and calls fail at once with it for a while (1 s, doubling to 16 s while it stays
+    down), so a chat call waits for it at most once per pause; the chat call itself goes on
+    without memories (a write waits in the job queue and is retried within that longest pause).
+    An answer with a 5xx status is an ``EmbeddingError`` too (not held back: it came at once);
+    any other error of the client's (a bad request, a bad key, a rate limit) is raised as it is.
     """
 
     def __init__(
@@ -86,7 +107,7 @@ class OpenAIEmbedder:
         self._dimensions = dimensions
         self._batch_size = batch_size
         self._options = {"timeout": timeout} if timeout is not None else {}
-        self._availability = Availability(f"the embedding endpoint ({model})", EmbeddingError)
+        self._availability = Availability(_endpoint_name(client, model), EmbeddingError)
         self.dimension = dimensions or _KNOWN_DIMENSIONS.get(model, 0)
         self.name = f"openai/{model}" + (f"@{dimensions}" if dimensions else "")
 
@@ -110,6 +131,14 @@ class OpenAIEmbedder:
             except Exception as exc:
                 if _did_not_answer(exc):
                     self._availability.failed(type(exc).__name__)
+                    raise EmbeddingError(
+                        f"{self.location} did not answer ({type(exc).__name__})"
+                    ) from exc
+                if _server_failed(exc):
+                    raise EmbeddingError(
+                        f"{self.location} failed with status {getattr(exc, 'status_code', '?')} "
+                        f"({type(exc).__name__})"
+                    ) from exc
                 raise
             self._availability.succeeded()
             ordered = sorted(response.data, key=lambda item: item.index)
