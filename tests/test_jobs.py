@@ -819,7 +819,8 @@ def test_jobs_of_a_killed_process_are_resumed(
 ) -> None:
     child, log = run_child(path, tmp_path, "block")
     try:
-        wait_for((tmp_path / "started").exists)
+        started = tmp_path / "started"  # made, then written: wait for its text
+        wait_for(lambda: started.exists() and started.read_text() != "")
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
