@@ -145,9 +145,9 @@ def run_python(
 
 def read_ahead(store: Any) -> Any:
     """The store's collection handle once its user is read ahead (the state in which small
-    writes are deferred): searches until the read-ahead has finished (20 s at most)."""
+    writes are deferred): searches until the read-ahead has finished (60 s at most)."""
     collection = store._open()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while collection._index is None:
         assert time.monotonic() < deadline, "the read-ahead never finished"
         store.search("anything", min_score=-1)
