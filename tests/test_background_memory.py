@@ -490,16 +490,16 @@ def test_a_stalled_extraction_call_is_given_up_and_retried(
     def respond(body: dict):
         if is_extraction(body):
             tries.append(time.monotonic())
-            return follow(body).delayed(30.0) if len(tries) == 1 else follow(body)
+            return follow(body).delayed(300.0) if len(tries) == 1 else follow(body)
         return follow(body)
 
     openai_server.responder = respond
     client = openai_server.client(max_retries=0)
     bob = with_memory(client, user_id="bob", db_path=db_path, embedder=model, retry_backoff=FAST)
     ask(bob, "I like jazz")
-    assert bob.memory.flush(15)
+    assert bob.memory.flush(120)
     assert [m.text for m in bob.memory.get_all()] == ["Likes jazz"]
-    assert len(tries) == 2 and tries[1] - tries[0] < 10
+    assert len(tries) == 2 and tries[1] - tries[0] < 60  # not the stalled answer's 300 s
     assert bob.memory.stats()["background"]["retried"] == 1
     bob.close()
 
@@ -547,7 +547,7 @@ def test_extractions_of_different_users_run_side_by_side_and_each_users_in_order
     )
 
     def wait_for_started(count: int) -> None:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while len(started) < count:
             assert time.monotonic() < deadline, started
             time.sleep(0.01)
@@ -567,13 +567,13 @@ def test_extractions_of_different_users_run_side_by_side_and_each_users_in_order
     wait_for_started(3)
     assert started == ["jazz", "tea", "blues"]
     release["blues"].set()
-    assert alice.memory.flush(10) and bob.memory.flush(10)
+    assert alice.memory.flush(60) and bob.memory.flush(60)
     assert [m.text for m in bob.memory.get_all()] == ["Likes tea"]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while extraction_threads(queue) > 1:  # the second leaves within seconds of idling
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert alice.memory.close(5) and bob.memory.close(5)  # the last one stops the threads
+    assert alice.memory.close(60) and bob.memory.close(60)  # the last one stops the threads
     assert extraction_threads(queue) == 0
     alice.close()
     bob.close()
@@ -836,8 +836,8 @@ queue.close()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     ask(client, "I prefer Python for backend work")
     started = time.monotonic()
-    assert client.memory.close(timeout=3)
-    assert time.monotonic() - started < 2.5  # before: the whole 3 s, and False
+    assert client.memory.close(timeout=300)
+    assert time.monotonic() - started < 60  # before: the whole 300 s, and False
     assert [m.text for m in client.memory.get_all()] == ["Prefers Python for backend work"]
     with closing(sqlite3.connect(queue_path)) as conn:  # bob's turn is left for its process
         assert conn.execute("SELECT user_id, status FROM jobs").fetchall() == [("bob", "pending")]
@@ -1390,14 +1390,14 @@ def test_a_memory_told_while_the_storage_was_down_is_stored_as_soon_as_it_is_bac
     openai_server.responder = extracting(
         {"Python": "Prefers Python for backend work", "Lyon": "Lives in Lyon"}, calls
     )
-    minute = Backoff(initial=60.0, factor=2.0, maximum=60.0, jitter=0.0)
-    client = on_server(openai_server, outage.url, "alice", tmp_path / "jobs.sqlite3", minute)
+    minutes = Backoff(initial=600.0, factor=2.0, maximum=600.0, jitter=0.0)
+    client = on_server(openai_server, outage.url, "alice", tmp_path / "jobs.sqlite3", minutes)
     try:
         ask(client, "I prefer Python for backend work")
         assert client.memory.flush(30)
         outage.kill()
         ask(client, "I live in Lyon")
-        wait_for(lambda: tried(tmp_path / "jobs.sqlite3"))  # and its backoff set to a minute
+        wait_for(lambda: tried(tmp_path / "jobs.sqlite3"))  # and its backoff set to 10 minutes
         assert calls == ["Python"]  # the turn waits for the storage before the model is called
         outage.restart()
         deadline = time.monotonic() + 30  # calls are held back a while after each failure
@@ -1408,9 +1408,8 @@ def test_a_memory_told_while_the_storage_was_down_is_stored_as_soon_as_it_is_bac
                 break  # the storage answers this user's calls again
             assert time.monotonic() < deadline, "the storage never came back"
             time.sleep(0.2)
-        back = time.monotonic()
-        wait_for(lambda: client.memory.flush(0.1), timeout=5)
-        assert time.monotonic() - back < 5  # not the backoff's minute, nor its 16 s cap
+        # within a minute (a shared machine may stall): not the backoff's ten minutes
+        wait_for(lambda: client.memory.flush(0.1), timeout=60)
         assert {m.text for m in client.memory.get_all()} == {
             "Prefers Python for backend work",
             "Lives in Lyon",
