@@ -89,7 +89,7 @@ def test_an_unwritable_folder_never_makes_flush_close_or_stats_raise(
     def after_the_answer() -> tuple[bool, float, dict[str, Any]]:
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations"):
-            flushed = memory.flush(30)
+            flushed = memory.flush(300)
         return flushed, time.monotonic() - started, memory.stats()
 
     if asynchronous:
@@ -106,7 +106,7 @@ def test_an_unwritable_folder_never_makes_flush_close_or_stats_raise(
         closed = client.close()
 
     assert answer.choices[0].message.content == "Noted."  # the chat call went on
-    assert flushed is False and seconds < 15  # not an exception, nor the 30 s wait for nothing
+    assert flushed is False and seconds < 60  # not an exception, nor the 300 s wait for nothing
     assert any(
         "could not wait for the background writes" in r.getMessage()
         for r in caplog.records
@@ -137,8 +137,8 @@ def test_an_unwritable_folder_never_makes_flush_close_or_stats_raise(
         memory.forget_user(timeout=1)
     assert memory.stats()["events"]["flush_failures"] == 2  # close() waited, failed, counted
     started = time.monotonic()
-    assert memory.close() is False  # the store too, at once, without raising
-    assert time.monotonic() - started < 5
+    assert memory.close(timeout=300) is False  # the store too, at once, without raising
+    assert time.monotonic() - started < 60
 
 
 def test_closing_the_stores_of_an_unwritable_folder_stops_its_queue(
@@ -159,7 +159,7 @@ def test_closing_the_stores_of_an_unwritable_folder_stops_its_queue(
     ]
     assert queue_threads(queue.name)
     assert [client.memory.close(0) for client in clients] == [False, False]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while queue_threads(queue.name) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not queue_threads(queue.name)
@@ -255,7 +255,7 @@ def test_flush_and_close_refuse_a_bad_timeout(hash_store, timeout) -> None:
     assert hash_store.flush(0) is True and hash_store.flush(None) is True
 
 
-def wait_for_log(caplog: pytest.LogCaptureFixture, text: str, seconds: float = 30) -> None:
+def wait_for_log(caplog: pytest.LogCaptureFixture, text: str, seconds: float = 60) -> None:
     """Wait until a captured record's message holds ``text``; fail the test after ``seconds``."""
     deadline = time.monotonic() + seconds
     while not any(text in r.getMessage() for r in caplog.records):

@@ -41,7 +41,7 @@ class HangingEmbedder(HashEmbedder):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.hang.is_set() and TEA not in texts:
             self.hung_calls += 1
-            assert self.release.wait(60)
+            assert self.release.wait(300)  # the tests' bounds are far shorter: 60 s
         return super().embed(texts)
 
 
@@ -51,7 +51,7 @@ def memory_context_sent(server: ScriptedOpenAIServer) -> bool:
     return any(TEA in text for text in system)
 
 
-def late_recall_ended(within: float = 30.0, thread: str = "headroom-memory-recall") -> bool:
+def late_recall_ended(within: float = 60.0, thread: str = "headroom-memory-recall") -> bool:
     """Whether no ``thread`` (the recall's, or a search's) runs any more, within ``within``."""
     end = time.monotonic() + within
     while time.monotonic() < end:
@@ -377,7 +377,7 @@ def test_a_hung_embedder_does_not_hold_the_retriever_or_the_search_tool(
         hanging.hang.set()
         started = time.monotonic()
         assert retrieve() == []
-        assert time.monotonic() - started < short_deadline + 5  # not as long as it hangs
+        assert time.monotonic() - started < 60  # not as long as it hangs (300 s)
         assert "Memory is unavailable right now" in search_tool()
         assert retrieve() == []  # at once, without another thread hung behind the first
         assert hanging.hung_calls == 1
@@ -413,7 +413,7 @@ def test_a_hung_embedder_does_not_hold_the_manage_tool(
         hanging.hang.set()
         started = time.monotonic()
         said = str(tool.invoke({"action": "create", "content": "Has a cat named Miso"}))
-        assert time.monotonic() - started < short_deadline + 5  # not as long as it hangs
+        assert time.monotonic() - started < 60  # not as long as it hangs (300 s)
         assert "Memory is unavailable right now" in said
         assert memory.stats()["events"]["tool_failures"] == 1
         hanging.hang.clear()
