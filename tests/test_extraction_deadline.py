@@ -27,7 +27,7 @@ def test_a_stalled_extraction_call_is_given_up_and_retried(
         if is_extraction(body):
             tries.append(time.monotonic())
             reply = Reply.text(json.dumps({"memories": [JAZZ]}))
-            return reply.delayed(60.0) if len(tries) == 1 else reply
+            return reply.delayed(300.0) if len(tries) == 1 else reply
         return Reply.text("Noted.")
 
     openai_server.responder = respond
@@ -35,14 +35,14 @@ def test_a_stalled_extraction_call_is_given_up_and_retried(
         user_id="bob",
         db_path=db_path,
         embedder=model,
-        llm=chat_model(openai_server, timeout=120),  # its own timeout would come too late
+        llm=chat_model(openai_server, timeout=600),  # its own timeout would come too late
     )
     memory.save_context({"input": "I like jazz"}, {"output": "Noted."})
     started = time.monotonic()
-    assert memory.memory.flush(45)
-    assert time.monotonic() - started < 30  # not the 60 s the first answer takes
+    assert memory.memory.flush(120)
+    assert time.monotonic() - started < 60  # not the 300 s the first answer takes
     assert [m.text for m in memory.memory.get_all()] == ["Likes jazz"]
-    assert len(tries) == 2 and tries[1] - tries[0] < 20
+    assert len(tries) == 2 and tries[1] - tries[0] < 60
     stats = memory.memory.stats()
     assert stats["background"]["retried"] == 1 and stats["events"]["extraction_timeouts"] == 1
     # the abandoned call still waits for its answer on a thread of its own
