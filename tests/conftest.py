@@ -9,6 +9,7 @@ import asyncio
 import atexit
 import gc
 import hashlib
+import math
 import os
 import shutil
 import socket
@@ -335,19 +336,28 @@ def check_shipped_file(script: str, printed: str) -> None:
     assert printed in done.stdout
 
 
-def grows_linearly(seconds_for: Callable[[int], float], size: int) -> bool:
-    """Whether work of 4 x ``size`` takes less than 8 times as long as of ``size`` (linear: 4
-    times; quadratic: 16), with a second to spare for a busy machine: a ratio on the same
-    machine at the same moment, where a time limit would depend on its load. Each is the
-    quicker of two runs, so that one run slowed by the machine does not decide. The garbage
-    collector is off meanwhile: in the suite's process its pauses grow with the heap of every
-    earlier test, not with the work measured, and made a linear 100 KB run look slow."""
+SIZE_RATIO = 16
+"""How much larger :func:`grows_linearly`'s large run is than its small one."""
+
+
+def grows_linearly(seconds_for: Callable[[int], float], largest: int, runs: int = 4) -> bool:
+    """Whether work of ``largest`` takes less than 0.3 x 256 (77) times as long as work of a
+    sixteenth of it: linear work takes about 16 times as long (up to 40 times in these tests,
+    as large buffers cost more per byte and some work changes its way past a length),
+    quadratic work 256 times. A ratio on the same machine at the same moment, where a time
+    limit would depend on its load. The small and the large run alternate, ``runs`` times
+    each, and each size's quickest run counts: a stall of a shared machine slows some runs, or
+    both sizes alike, and does not decide. The garbage collector is off meanwhile: in the
+    suite's process its pauses grow with the heap of every earlier test, not with the work
+    measured, and made a linear 100 KB run look slow."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        small = min(seconds_for(size) for _ in range(3))
-        large = min(seconds_for(4 * size) for _ in range(3))
+        small = large = math.inf
+        for _ in range(runs):
+            small = min(small, seconds_for(largest // SIZE_RATIO))
+            large = min(large, seconds_for(largest))
     finally:
         if collecting:
             gc.enable()
-    return large < 8 * small + 1.0
+    return large < 0.3 * SIZE_RATIO**2 * small

@@ -343,7 +343,7 @@ def test_huge_answers_parse_fast() -> None:
         assert parsed.visible == "".join(shown) + tail == text[: -len(block([]))].rstrip()
         return took
 
-    assert grows_linearly(seconds_for, 10_000)
+    assert grows_linearly(seconds_for, 40_000)
 
 
 @pytest.mark.parametrize(
@@ -361,7 +361,7 @@ def test_an_extraction_answer_in_a_fence_parses_in_linear_time(body: str) -> Non
         assert result.memories == ()
         return took
 
-    assert grows_linearly(seconds_for, 25_000)  # 25 KB, then 100 KB
+    assert grows_linearly(seconds_for, 100_000)  # 6.25 KB, then 100 KB
     fenced = '```json\n {"memories": [{"text": "Likes tea", "category": "preference"}]} \n```'
     assert [m.text for m in parse_extraction_json(fenced).memories] == ["Likes tea"]
 
@@ -395,9 +395,9 @@ def test_a_stream_of_small_deltas_is_filtered_in_linear_time(
         assert "".join(shown) + result.tail == parse_memory_block(text, NONCE).visible
         return took
 
-    size = 50_000 // len(delta)
+    size = 200_000 // len(delta)
     if "[" in first:
-        size = (MAX_BLOCK_CHARS - 10) // 4  # held back as a possible block: at most this long
+        size = MAX_BLOCK_CHARS - 10  # held back as a possible block: at most this long
     assert grows_linearly(seconds_for, size)
 
 
