@@ -21,6 +21,7 @@ from headroom_memory_integrations.writer import READ_YOUR_WRITES_SECONDS
 pytestmark = pytest.mark.server
 
 TIMEOUT = 2.0  # seconds per storage request in these tests (the default is 5)
+BOUND = 60.0  # a call "kept to its bound" (a few seconds) against a server that never answers
 CELLO = {"text": "Plays the cello in an orchestra", "category": "fact"}
 
 
@@ -51,45 +52,67 @@ def injected(openai_server) -> bool:
     )
 
 
-def test_a_frozen_server_costs_a_chat_call_at_most_the_bound(own_server, openai_server, model):
+def test_a_frozen_server_costs_a_chat_call_at_most_the_bound(
+    own_server, openai_server, model, monkeypatch
+) -> None:
+    """A frozen server never answers: each call goes on without memories, the first after its
+    request's timeout, the next ones at once, sending the server nothing (counted by a proxy
+    in front of it), while the storage is held to be down; memories come back once it
+    answers again."""
+    from _reliability_support import SlowProxy
+
+    from headroom_memory_integrations import flow
+    from headroom_memory_integrations.storage import guard
+
+    # held down 10 s after a failure (not 1 s), so that a stalled machine does not end the
+    # hold-back before the next call
+    monkeypatch.setattr(guard, "FIRST_RETRY_SECONDS", 10.0)
+    proxy = SlowProxy(own_server.port, 0.0)
     model_says = RememberingModel("Noted.", [CELLO])
     openai_server.responder = model_says
-    storage = ChromaStorage.from_url(own_server.url, timeout=TIMEOUT)
+    storage = ChromaStorage.from_url(proxy.url, timeout=TIMEOUT)
     client = with_fast_memory(
         openai_server.client(), user_id="alice", storage=storage, embedder=model
     )
     ask(client, "I play the cello in an orchestra")
-    assert client.memory.flush(30)
+    assert client.memory.flush(60)
     model_says.memories = []  # from now on the model writes no memories (nothing to store)
     ask(client, "Which instrument do I play?")
     assert injected(openai_server)
 
     os.kill(own_server.process.pid, signal.SIGSTOP)
-    answer, frozen = ask(client, "Which instrument do I play?")
+    with monkeypatch.context() as patch:
+        # the call's time for memory made long: its request (TIMEOUT) ends it, never the
+        # chat call's deadline, which a stalled machine could reach first (not counted as the
+        # server's failure, so the next call would try the server again)
+        patch.setattr(flow, "READ_YOUR_WRITES_SECONDS", 30.0)
+        answer, frozen = ask(client, "Which instrument do I play?")
     assert answer == "Noted." and not injected(openai_server)  # answered, without memories
-    assert frozen < TIMEOUT + READ_YOUR_WRITES_SECONDS + 3.0  # the documented bound, loosely
+    assert frozen < BOUND  # the request's timeout ended it: the server never answers
+    assert storage.down  # held to be down
+    sent = proxy.requests
     answer, again = ask(client, "Which instrument do I play?")
-    assert answer == "Noted." and again < TIMEOUT  # storage calls now fail at once
+    assert answer == "Noted." and again < BOUND
+    assert proxy.requests == sent  # storage calls now fail at once, without a request
     assert client.memory.counters["inject_failures"] >= 2  # counted (stats() needs storage)
 
-    built_started = time.monotonic()
     later = with_fast_memory(
-        openai_server.client(), user_id="alice", db_path=own_server.url, embedder=model
+        openai_server.client(), user_id="alice", db_path=proxy.url, embedder=model
     )  # built while the server is frozen: nothing is contacted yet
-    assert time.monotonic() - built_started < TIMEOUT
+    assert proxy.requests == sent
     bob = with_fast_memory(
         openai_server.client(),
         user_id="bob",
-        storage=ChromaStorage.from_url(own_server.url, timeout=TIMEOUT),
+        storage=ChromaStorage.from_url(proxy.url, timeout=TIMEOUT),
         embedder=model,
     )
     answer, first_contact = ask(bob, "Hello")  # its client cannot be made: answers all the same
-    assert answer == "Noted." and first_contact < TIMEOUT + READ_YOUR_WRITES_SECONDS + 3.0
+    assert answer == "Noted." and first_contact < BOUND
     with pytest.raises(StorageError):
         client.memory.get_all()
 
     os.kill(own_server.process.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 30  # calls are held back a while after each failure
+    deadline = time.monotonic() + 60  # calls are held back a while after each failure
     while True:
         ask(client, "Which instrument do I play?")
         if injected(openai_server):
@@ -111,6 +134,7 @@ def test_a_frozen_server_costs_a_chat_call_at_most_the_bound(own_server, openai_
         except StorageError:
             assert time.monotonic() < deadline, "bob's storage never came back"
             time.sleep(0.2)
+    proxy.close()
 
 
 def test_a_killed_server_fails_fast_and_a_restarted_one_is_used_again(
@@ -125,17 +149,17 @@ def test_a_killed_server_fails_fast_and_a_restarted_one_is_used_again(
         openai_server.client(), user_id="alice", storage=storage, embedder=model
     )
     ask(client, "I play the cello in an orchestra")
-    assert client.memory.flush(30)
+    assert client.memory.flush(60)
     server.process.kill()
     server.process.wait()
     answer, elapsed = ask(client, "Which instrument do I play?")
     assert answer == "Noted." and not injected(openai_server)
-    assert elapsed < READ_YOUR_WRITES_SECONDS + 2.0
+    assert elapsed < BOUND  # refused at once; at most the recall's bound (3 s) in any case
 
     monkeypatch.setattr(conftest, "_free_port", lambda: server.port)  # the same port again
     restarted = ChromaServer(server.path)
     try:
-        deadline = time.monotonic() + 30  # calls are held back a while after each failure
+        deadline = time.monotonic() + 60  # calls are held back a while after each failure
         while True:
             ask(client, "Which instrument do I play?")
             if injected(openai_server):
@@ -257,7 +281,7 @@ def remember_cello(openai_server, chroma_server, model, user_id: str) -> None:
         openai_server.client(), user_id=user_id, db_path=chroma_server.url, embedder=model
     )
     ask(seed, "I play the cello in an orchestra")
-    assert seed.memory.flush(30)
+    assert seed.memory.flush(60)
     openai_server.responder = RememberingModel("Noted.", [])
 
 
@@ -275,17 +299,18 @@ def test_a_slow_server_costs_a_chat_call_one_deadline_not_a_timeout_per_request(
             openai_server.client(), user_id="slow-alice", storage=storage, embedder=model
         )
         bound = READ_YOUR_WRITES_SECONDS + SLOW_TIMEOUT  # flow.recall_seconds, documented
-        # the first call makes a dozen requests (connecting, opening, searching, reading),
-        # each answered in SLOW s: before, it waited for all of them (~12 s); now it goes on
-        # without memories once its one deadline has passed
+        # the first call needs a dozen requests (connecting, opening, searching, reading),
+        # each answered in SLOW s: before, it waited for all of them (~12 s) and answered with
+        # the memory; now it goes on without memories once its one deadline has passed
         answer, first = ask(client, "Which instrument do I play?")
-        assert answer == "Noted." and first < bound + 2.5, first
+        assert answer == "Noted." and first < BOUND, first
+        assert not injected(openai_server)  # cut short: not all its requests were answered
         # later calls keep to the bound, and memories come back once what was cut short (the
         # client, made on its own thread) is done: nothing was left half-done to block them
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             answer, took = ask(client, "Which instrument do I play?")
-            assert answer == "Noted." and took < bound + 2.5, took
+            assert answer == "Noted." and took < BOUND, took
             if injected(openai_server):
                 break
             assert time.monotonic() < deadline, "memories never came back from the slow server"
@@ -330,7 +355,7 @@ def test_a_request_the_deadline_cut_short_says_nothing_of_the_server() -> None:
 
 
 def test_a_connection_lost_while_the_client_is_built_keeps_memory_away_only_a_while(
-    chroma_server, openai_server, model
+    chroma_server, openai_server, model, monkeypatch
 ) -> None:
     """The server's connection is lost without a reset right after the heartbeat, while
     chromadb's client is built: the build's requests time out as every other does, so once
@@ -340,6 +365,9 @@ def test_a_connection_lost_while_the_client_is_built_keeps_memory_away_only_a_wh
 
     from headroom_memory_integrations.storage import chroma
 
+    # a build still running is given up on only after 300 s: memories come back within the
+    # 60 s below only if the lost build ended on its own timeout (TIMEOUT)
+    monkeypatch.setattr(chroma, "_CLIENT_SETUP_SECONDS", 300.0)
     remember_cello(openai_server, chroma_server, model, "lost-alice")
 
     proxy = BlackHoleProxy(chroma_server.port)
@@ -350,20 +378,17 @@ def test_a_connection_lost_while_the_client_is_built_keeps_memory_away_only_a_wh
         )
         answer, took = ask(client, "Which instrument do I play?")
         assert answer == "Noted." and not injected(openai_server)
-        assert took < TIMEOUT + READ_YOUR_WRITES_SECONDS + 3.0
+        assert took < BOUND  # the lost request is never answered
         assert proxy.held >= 1  # the build's first request after the heartbeat was lost
 
         proxy.hole = False  # the server answers again (what was lost stays lost)
-        healed = time.monotonic()
-        deadline = healed + 30  # calls are held back a while after each failure
+        deadline = time.monotonic() + 60  # calls are held back a while after each failure
         while True:
             ask(client, "Which instrument do I play?")
             if injected(openai_server):
                 break
             assert time.monotonic() < deadline, "memories never came back after the server did"
             time.sleep(0.2)
-        # the lost build ended on its own timeout: not given up on after the setup allowance
-        assert time.monotonic() - healed < chroma._CLIENT_SETUP_SECONDS
         assert [m.text for m in client.memory.get_all()] == [CELLO["text"]]
     finally:
         storage.close()
@@ -391,7 +416,7 @@ def test_a_build_still_running_past_its_time_is_left_to_end_and_another_started(
         def build():
             builds.append(None)
             if len(builds) <= hang:
-                stuck.wait(60)
+                stuck.wait(300)
             return chromadb.HttpClient(host="127.0.0.1", port=chroma_server.port)
 
         return build
@@ -410,10 +435,13 @@ def test_a_build_still_running_past_its_time_is_left_to_end_and_another_started(
     storage = ChromaStorage(connect=hanging_build(1), location="a stuck build", timeout=0.5)
     try:
         store = MemoryStore("stuck-alice", storage=storage, embedder=model)
-        assert call_until_answered(store, 20), "no build was started beside the stuck one"
+        assert call_until_answered(store, 60), "no build was started beside the stuck one"
         assert len(builds) == 2
         stuck.set()  # the given-up build ends: its client is closed, the kept one stays
-        time.sleep(0.5)
+        ends = time.monotonic() + 60
+        while any(t.name == "headroom-memory-connect" for t in threading.enumerate()):
+            assert time.monotonic() < ends, "the given-up build never ended"
+            time.sleep(0.05)
         assert store.get_all() == []
     finally:
         storage.close()
@@ -427,6 +455,6 @@ def test_a_build_still_running_past_its_time_is_left_to_end_and_another_started(
         assert not call_until_answered(store, 12)
         assert len(builds) == 2
         stuck.set()  # both end late: the first to end is kept
-        assert call_until_answered(store, 10)
+        assert call_until_answered(store, 60)
     finally:
         storage.close()
