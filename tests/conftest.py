@@ -345,11 +345,14 @@ def grows_linearly(seconds_for: Callable[[int], float], largest: int, runs: int 
     sixteenth of it: linear work takes about 16 times as long (up to 40 times in these tests,
     as large buffers cost more per byte and some work changes its way past a length),
     quadratic work 256 times. A ratio on the same machine at the same moment, where a time
-    limit would depend on its load. The small and the large run alternate, ``runs`` times
-    each, and each size's quickest run counts: a stall of a shared machine slows some runs, or
-    both sizes alike, and does not decide. The garbage collector is off meanwhile: in the
-    suite's process its pauses grow with the heap of every earlier test, not with the work
-    measured, and made a linear 100 KB run look slow."""
+    limit would depend on its load. ``seconds_for`` gives the seconds of CPU the work took on
+    its thread (``time.thread_time``): on a loaded machine a long run is preempted where a
+    short one may fit in one time slice, and wall time made linear work look superlinear.
+    The small and the large run alternate, ``runs`` times each, and each size's quickest run
+    counts: a stall of a shared machine slows some runs, or both sizes alike, and does not
+    decide. The garbage collector is off meanwhile: in the suite's process its pauses grow
+    with the heap of every earlier test, not with the work measured, and made a linear 100 KB
+    run look slow."""
     collecting = gc.isenabled()
     gc.disable()
     try:

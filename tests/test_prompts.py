@@ -336,10 +336,10 @@ def test_caps_are_enforced() -> None:
 def test_huge_answers_parse_fast() -> None:
     def seconds_for(repeats: int) -> float:
         text = ("All work and no play. <memory> <memory-0000000000> " * repeats) + block([])
-        started = time.perf_counter()
+        started = time.thread_time()
         parsed = parse_memory_block(text, NONCE)
         shown, tail, _ = stream(text, [4096])
-        took = time.perf_counter() - started
+        took = time.thread_time() - started
         assert parsed.visible == "".join(shown) + tail == text[: -len(block([]))].rstrip()
         return took
 
@@ -355,9 +355,9 @@ def test_an_extraction_answer_in_a_fence_parses_in_linear_time(body: str) -> Non
 
     def seconds_for(size: int) -> float:
         answer = "```json" + body * (size // len(body)) + '{"memories": []}'
-        started = time.perf_counter()
+        started = time.thread_time()
         result = parse_extraction_json(answer)
-        took = time.perf_counter() - started
+        took = time.thread_time() - started
         assert result.memories == ()
         return took
 
@@ -385,12 +385,12 @@ def test_a_stream_of_small_deltas_is_filtered_in_linear_time(
 
     def seconds_for(deltas: int) -> float:
         stream_filter = MemoryStreamFilter(NONCE)
-        started = time.perf_counter()
+        started = time.thread_time()
         shown = [stream_filter.feed(first)]
         shown += [stream_filter.feed(delta) for _ in range(deltas)]
         shown.append(stream_filter.feed(last))
         result = stream_filter.finish()
-        took = time.perf_counter() - started
+        took = time.thread_time() - started
         text = first + delta * deltas + last
         assert "".join(shown) + result.tail == parse_memory_block(text, NONCE).visible
         return took

@@ -205,11 +205,11 @@ def test_a_long_run_of_combining_marks_is_cut_before_it_is_composed() -> None:
         return "a" + "\u0301\u0316" * pairs
 
     def seconds_for(pairs: int) -> float:
-        started = time.perf_counter()
+        started = time.thread_time()
         tail = query_tail(marks(pairs))
         with pytest.raises(InvalidInputError, match="maximum"):
             clean_text(marks(pairs))
-        took = time.perf_counter() - started
+        took = time.thread_time() - started
         assert len(tail) <= MAX_TEXT_CHARS
         return took
 

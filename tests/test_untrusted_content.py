@@ -191,9 +191,9 @@ def test_grounding_takes_time_linear_in_the_users_text(run: str) -> None:
 
     def seconds_for(size: int) -> float:
         said = "I work in bioinformatics. Here is my read: " + run * (size // len(run))
-        started = time.perf_counter()
+        started = time.thread_time()
         assert grounded("Works in bioinformatics", said)
-        return time.perf_counter() - started
+        return time.thread_time() - started
 
     assert grows_linearly(seconds_for, 100_000)  # 6.25 KB, then 100 KB
 
