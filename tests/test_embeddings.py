@@ -699,8 +699,10 @@ def test_an_embedding_endpoint_that_does_not_answer_is_not_waited_for_again_at_o
     client.memory.add("Lives in Lyon")
     hung.set()
     asked = [r for r in openai_server.requests if r.path == "/v1/embeddings"]
-    # held back for 300 s, not 1: the chat calls below all come within it on a stalled host too
+    # held back for 300 s, not 1 (nor the 16 s the pause is capped at): the chat calls below
+    # all come within it on a stalled host too
     monkeypatch.setattr(guard, "FIRST_RETRY_SECONDS", 300.0)
+    monkeypatch.setattr(guard, "MAX_RETRY_SECONDS", 300.0)
     with pytest.raises(EmbeddingError, match="did not answer") as raised:
         embedder.embed(["Where do I live?"])
     assert isinstance(raised.value.__cause__, openai.APITimeoutError)
@@ -717,7 +719,7 @@ def test_an_embedding_endpoint_that_does_not_answer_is_not_waited_for_again_at_o
     assert len(tried) == len(asked) + 1  # only the first call reached the endpoint
     assert client.memory.stats()["events"]["inject_failures"] == 2
     hung.clear()
-    embedder._availability._until = time.monotonic()  # the 30 s are over
+    embedder._availability._until = time.monotonic()  # the hold-back is over
     assert embedder.embed(["Where do I live?"]).shape == (1, 1536)
     client.close()
 
