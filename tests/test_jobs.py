@@ -853,43 +853,51 @@ def test_atexit_drains_before_the_process_exits(path: Path, tmp_path: Path) -> N
 
 def test_at_exit_workers_of_many_files_drain_side_by_side(tmp_path: Path) -> None:
     """Each worker waits at most its exit_timeout from the start of the exit, not one after
-    the other: a process with work stuck in four queue files exits in about one timeout. Shown
+    the other: a process with work stuck in 32 queue files exits in about one timeout. Shown
     by the time each worker's close is given (the first the whole timeout, the later ones what
-    is left of it), not by the time the exit takes: the machines are shared."""
+    is left of it), and by the time the exit takes, with room for a stalled shared machine:
+    about 5 s side by side, against 160 s one after the other, or 36 s if each close overran
+    its timeout by one second."""
     code = f"""
 import atexit, time
 from contextlib import closing
 from pathlib import Path
 from headroom_memory_integrations.jobs import JobQueue, JobWorker
-given = []
+given, running = [], []
 close = JobWorker.close
 def recorded_close(self, timeout=5.0, **options):
     given.append(timeout)
     return close(self, timeout, **options)
 JobWorker.close = recorded_close
 atexit.register(lambda: print(given, flush=True))  # runs after the workers' drain
-for n in range(4):
+def stuck(job):
+    running.append(job.id)
+    time.sleep(600)
+for n in range(32):
     path = Path({str(tmp_path)!r}) / f"jobs-{{n}}.sqlite3"
-    worker = JobWorker(JobQueue(path), lambda job: time.sleep(60), exit_timeout=1.0)
+    worker = JobWorker(JobQueue(path), stuck, exit_timeout=5.0)
     worker.queue.put("store", "alice", {{"n": n}})
     worker.notify()
-time.sleep(0.3)  # every handler is running
+waited = time.monotonic() + 60
+while len(running) < 32 and time.monotonic() < waited:
+    time.sleep(0.05)  # every handler is running
 print(time.monotonic(), flush=True)
 """
     run = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         cwd=Path(__file__).parent.parent,
     )
     exited = time.monotonic()
     assert run.returncode == 0, run.stderr
     started, given = run.stdout.splitlines()
-    assert exited - float(started) >= 1.0  # the jobs were waited for
+    assert exited - float(started) >= 5.0  # the jobs were waited for
+    assert exited - float(started) < 30.0  # about one timeout: not 32 of them
     timeouts = json.loads(given)
-    assert len(timeouts) == 4 and timeouts[0] <= 1.0, timeouts
-    assert sum(timeouts) < 1.5, timeouts  # one after the other: 4 x 1 s
+    assert len(timeouts) == 32 and timeouts[0] <= 5.0, timeouts
+    assert sum(timeouts) < 7.5, timeouts  # one after the other: 32 x 5 s
 
 
 def test_at_exit_a_process_waits_only_for_the_jobs_it_queued_that_can_run(path: Path) -> None:
