@@ -173,7 +173,7 @@ def test_each_piece_of_work_held_for_a_locked_file_is_counted_and_logged_once(
     def held_lines() -> list[str]:
         return [r.getMessage() for r in caplog.records if "kept in memory" in r.getMessage()]
 
-    holder = hold_queue_lock(tmp_path / "jobs.sqlite3", HOLD_SECONDS)
+    holder = hold_queue_lock(tmp_path / "jobs.sqlite3")
     try:
         with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations.writer"):
             for client, said, memory in (
@@ -189,10 +189,11 @@ def test_each_piece_of_work_held_for_a_locked_file_is_counted_and_logged_once(
             monkeypatch.setattr(writer, "SURVIVED_LOG_SECONDS", 0.0)  # the minute is over
             model.memories = [{"text": "Keeps bees", "category": "fact"}]
             say(bob, "I keep bees")
-            assert holder.poll() is None, "the lock was let go too early for this test to say"
-        assert alice.memory.flush(30) and bob.memory.flush(30)
+            assert holder.poll() is None  # all that while, the file was locked
+        let_go(holder)
+        assert alice.memory.flush(60) and bob.memory.flush(60)
     finally:
-        holder.wait(30)
+        let_go(holder)
     lines = held_lines()
     assert len(lines) == 2 and "2 more pieces held" in lines[1], lines
     assert (alice.memory.counters["queue_delays"], bob.memory.counters["queue_delays"]) == (2, 2)
