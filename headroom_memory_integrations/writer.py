@@ -96,6 +96,12 @@ deletes it). Past it, the oldest are let go of (a job another process ran is nev
 here); such a job runs with its user's current extractor, or another of the same
 destination (see ``MemoryWriter._extractor_for``)."""
 
+QUEUED_EMBEDDERS = 10_000
+"""Jobs queued by this process whose store's embedder it keeps, at most, until each is done
+(it runs with that embedder, even if its wrapper was let go of meanwhile; past it, the oldest
+are let go of, and such a job runs with an embedder of the same identity, or waits for one:
+see ``MemoryWriter._store_for``)."""
+
 HELD_AFTER_TRIES = 2
 """Tries after which a user's failing store job is not waited for by ``settle`` (nor the
 user's later store jobs, which wait behind it) while it waits out its backoff, however soon
@@ -519,6 +525,9 @@ class MemoryWriter:
         )  # several wrappers may share one store: the newest usable one is used
         # extraction job id -> (user, extractor), oldest first, bounded by QUEUED_EXTRACTIONS
         self._queued_with: OrderedDict[int, tuple[str, BackgroundExtractor]] = OrderedDict()
+        # job id -> (user, the embedder of the store that queued it), oldest first, bounded by
+        # QUEUED_EMBEDDERS: a job whose store was let go of runs with its own (see _store_for)
+        self._embedded_with: OrderedDict[int, tuple[str, Any]] = OrderedDict()
         self._storage: Storage | None = None  # the storage whose memories this queue holds
         self._lock = threading.Lock()
         # user -> store jobs queued here, not yet run: job ids, or work still held in memory
@@ -845,9 +854,10 @@ class MemoryWriter:
         with self._settled:
             self._unsettled.pop(memory.user_id, None)
             self._held_lines.pop(memory.user_id, None)
-            for job_id, (user_id, _) in list(self._queued_with.items()):
-                if user_id == memory.user_id:  # deleted (one running now holds its own)
-                    del self._queued_with[job_id]
+            for queued in (self._queued_with, self._embedded_with):
+                for job_id, (user_id, _) in list(queued.items()):
+                    if user_id == memory.user_id:  # deleted (one running now holds its own)
+                        del queued[job_id]
             self._settled.notify_all()
         if not _erase_wal(queue):  # the worker erases it as soon as it can
             self.worker.erase_wal_later()
@@ -889,6 +899,8 @@ class MemoryWriter:
         destination = extractor.destination if extractor is not None else None
         if destination is not None:
             payload = {**payload, "destination": destination}
+        # which embedder the job's texts may be sent to, if it runs without this store
+        payload = {**payload, "embedder": embedder_identity(memory.embedder)}
         try:
             JobQueue.encode(kind, memory.user_id, payload)  # invalid work fails here, not later
         except Exception:
@@ -985,6 +997,10 @@ class MemoryWriter:
                 self._queued_with[job_id] = (user_id, handed.extractor)
                 while len(self._queued_with) > QUEUED_EXTRACTIONS:
                     self._queued_with.popitem(last=False)
+            if not late:
+                self._embedded_with[job_id] = (user_id, handed.memory.embedder)
+                while len(self._embedded_with) > QUEUED_EMBEDDERS:
+                    self._embedded_with.popitem(last=False)
 
     def _count_delays(self, pieces: Sequence[_Handed], reason: str) -> None:
         """``pieces`` are held in memory for a locked queue file: count each in its store's
@@ -1152,6 +1168,8 @@ class MemoryWriter:
         try:
             self._run(job)
             done = True
+            with self._settled:  # (a store job left by PartlyDone still needs it)
+                self._embedded_with.pop(job.id, None)
         except PartlyDone:
             done = True  # a store job now: its extractor is not needed any more
             raise
@@ -1200,7 +1218,7 @@ class MemoryWriter:
             return next(filter(None, alike), None)
 
     def _run(self, job: Job) -> None:
-        memory = self._store_for(job.user_id)
+        memory = self._store_for(job)
         if job.kind == "store":
             items = [NewMemory(**item) for item in job.payload["memories"]]
             # an extraction's memories, left to store (see below), or an inline block's
@@ -1223,21 +1241,57 @@ class MemoryWriter:
             # The model's answer (a paid call) is kept: the job becomes a store of these
             # memories, its retries only write them (the same row, dated as the turn, its
             # replaces, keys and grounding as extracted; a user forgotten meanwhile stays so).
-            raise PartlyDone("store", _store_payload(items), exc) from exc
+            left = _store_payload(items)
+            if "embedder" in job.payload:  # the store job left keeps the job's embedder
+                left["embedder"] = job.payload["embedder"]
+            raise PartlyDone("store", left, exc) from exc
 
-    def _store_for(self, user_id: str) -> MemoryStore:
-        """The registered store of ``user_id`` if its application still holds it, else (work
-        of a user let go of, or left by a previous process) a store built for this job on the
-        registered storage and embedder, not kept: writes of one user are serialised by the
-        storage's per-user lock, whichever store makes them."""
+    def _store_for(self, job: Job) -> MemoryStore:
+        """The registered store of the job's user if its application still holds it, else
+        (work of a user let go of, or left by a previous process) a store built for this job
+        on the registered storage, not kept (writes of one user are serialised by the
+        storage's per-user lock, whichever store makes them), with the embedder of the store
+        that queued it in this process (:data:`QUEUED_EMBEDDERS`), else of a registered store
+        (or of the first one registered) whose :func:`embedder_identity` is the one the job
+        was queued with. Never another one: tenants with embedders of their own (another API
+        key or endpoint) would get each other's memories' text, and the user's collection
+        would be marked with another tenant's embedder. Without one here the job waits
+        (retried later) for a store of its user, or one with its embedder. A job queued by an
+        earlier version (no embedder named in it) runs with the embedder of the first store
+        registered, as it did then."""
         with self._lock:
-            memory = self._stores.get(user_id)
+            memory = self._stores.get(job.user_id)
             template = self._template
+            registered = list(self._stores.values())
         if memory is not None:
             return memory
         if template is None:
             raise RuntimeError("no memory store registered yet")  # retried later
-        return MemoryStore(user_id, **template)
+        with self._settled:
+            queued = self._embedded_with.get(job.id)
+        if queued is not None:
+            return MemoryStore(job.user_id, **{**template, "embedder": queued[1]})
+        wanted = job.payload.get("embedder")
+        if wanted is None:
+            return MemoryStore(job.user_id, **template)
+        embedders = [m.embedder for m in registered] + [template["embedder"]]
+        alike = next((e for e in embedders if embedder_identity(e) == wanted), None)
+        if alike is None:  # retried later
+            raise RuntimeError("no memory store with this user's embedder in this process yet")
+        return MemoryStore(job.user_id, **{**template, "embedder": alike})
+
+
+def embedder_identity(embedder: Any) -> str:
+    """What tells an embedder apart from another tenant's, with no secret in it: the name it
+    marks a user's collection with, and where its texts go (its ``destination``, a
+    fingerprint of endpoint and credentials, where it has one:
+    :attr:`~.embeddings.OpenAIEmbedder.destination`)."""
+    name = str(getattr(embedder, "name", type(embedder).__name__))
+    try:
+        destination = getattr(embedder, "destination", None)
+    except Exception:
+        destination = None
+    return f"{name} at {destination}" if isinstance(destination, str) else name
 
 
 def _where(storage: Storage) -> str:
@@ -1404,6 +1458,7 @@ def _after_fork_in_child() -> None:
         writer._unsettled = {}
         writer._held_lines = {}
         writer._queued_with = OrderedDict()
+        writer._embedded_with = OrderedDict()
         writer._held = deque()
         writer._handing = None
         writer._hand_over_thread = None

@@ -11,9 +11,10 @@ import time
 import weakref
 
 import pytest
-from conftest import GatedEmbedder
+from conftest import GatedEmbedder, HashEmbedder
 
 from headroom_memory_integrations import MemoryStore
+from headroom_memory_integrations.jobs import Backoff
 from headroom_memory_integrations.openai import with_fast_memory, with_memory
 from headroom_memory_integrations.prompts import CONTEXT_OPEN
 from headroom_memory_integrations.testing import Reply
@@ -375,3 +376,107 @@ def test_a_short_close_of_the_last_store_does_not_cut_short_a_longer_close_of_an
     assert not a.memory.stats()["events"].get("flush_failures")
     stored = MemoryStore("alice", storage=a.memory.storage, embedder=model).get_all()
     assert sorted(m.text for m in stored) == ["Likes coffee", "Likes tea"]
+
+
+class TenantEmbedder(HashEmbedder):
+    """A tenant's own embedder (its API key, its endpoint): records every text sent to it;
+    embedding ``hold`` waits for ``gate``."""
+
+    def __init__(self, name: str, hold: str = "", gate: threading.Event | None = None) -> None:
+        super().__init__(name=name)
+        self.hold, self.gate, self.seen = hold, gate, []
+
+    def embed(self, texts):
+        self.seen += list(texts)
+        if self.gate is not None and self.hold in texts:
+            assert self.gate.wait(60)
+        return super().embed(texts)
+
+
+def test_a_job_of_a_wrapper_let_go_of_is_never_embedded_by_another_tenants_embedder(
+    openai_server, db_path, model_says
+) -> None:
+    """Two tenants with embedders of their own on one folder. Alice's wrapper, built for a
+    request and let go of, left her memory queued: it ran on a store built with the first
+    registered store's embedder (bob's), which got her text, then her collection was marked
+    with his embedder and her own store refused. Now it runs with the embedder of the store
+    that queued it."""
+    gate = threading.Event()
+    bobs = TenantEmbedder("tenant-b", hold=BOB["text"], gate=gate)
+    bob = with_fast_memory(openai_server.client(), user_id="bob", db_path=db_path, embedder=bobs)
+    alices = TenantEmbedder("tenant-a")
+    alice = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=alices
+    )
+    model_says.memories = [BOB]
+    bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I play cello"}])
+    model_says.memories = [ALICE]
+    alice.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "I prefer Python for backend work"}]
+    )
+    # bob's write holds the worker at the gate; alice's waits in the queue behind it
+    held = weakref.ref(alice.memory)
+    del alice
+    gc.collect()
+    assert held() is None
+
+    gate.set()
+    writer = writer_for(queue_path_for(bob.memory))
+    assert writer.flush(30)
+    assert ALICE["text"] not in bobs.seen and ALICE["text"] in alices.seen
+    assert not writer._embedded_with  # nothing of alice's is held once her job is done
+    stored = MemoryStore(
+        "alice", storage=bob.memory.storage, embedder=TenantEmbedder("tenant-a")
+    ).get_all()
+    assert [m.text for m in stored] == [ALICE["text"]]
+    bob.memory.close()
+
+
+def test_a_job_left_by_an_earlier_process_waits_for_a_store_with_its_embedder(
+    openai_server, db_path
+) -> None:
+    """A job left in the queue (by a process that died) names its store's embedder; it runs
+    only with an embedder of that name, never with another tenant's (here the first store
+    registered, bob's, on tenant B's key); it waits meanwhile."""
+    from headroom_memory_integrations.jobs import JobQueue
+
+    db_path.mkdir(parents=True)
+    queue = JobQueue(db_path / "jobs.sqlite3")  # as the earlier process left it
+    queue.put("store", "alice", {"memories": [ALICE], "embedder": "tenant-a"})
+    queue.close()
+
+    bobs = TenantEmbedder("tenant-b")
+    bob = with_memory(
+        openai_server.client(),
+        user_id="bob",
+        db_path=db_path,
+        embedder=bobs,
+        retry_backoff=Backoff(initial=0.05, maximum=0.2),  # the waiting job, tried again
+    )
+    writer = writer_for(queue_path_for(bob.memory))
+    assert not writer.flush(1.5)  # alice's job waits: no store with her embedder here
+    assert ALICE["text"] not in bobs.seen
+
+    carols = TenantEmbedder("tenant-a")  # tenant A's embedder, for another of its users
+    carol = with_memory(openai_server.client(), user_id="carol", db_path=db_path, embedder=carols)
+    assert writer.flush(30)
+    assert ALICE["text"] not in bobs.seen and ALICE["text"] in carols.seen
+    stored = MemoryStore(
+        "alice", storage=bob.memory.storage, embedder=TenantEmbedder("tenant-a")
+    ).get_all()
+    assert [m.text for m in stored] == [ALICE["text"]]
+    carol.close()
+    bob.close()
+
+
+def test_openai_embedders_on_other_keys_are_other_embedders(openai_server) -> None:
+    """Tenants often use the same OpenAI model, each with its own key: their embedders share a
+    name, not an identity (which holds no secret)."""
+    from headroom_memory_integrations.embeddings import OpenAIEmbedder
+    from headroom_memory_integrations.writer import embedder_identity
+
+    keys = ["sk-tenant-a-secret", "sk-tenant-a-secret", "sk-tenant-b-secret"]
+    found = [embedder_identity(OpenAIEmbedder(openai_server.client(api_key=k))) for k in keys]
+    assert found[0] == found[1] != found[2]
+    assert all(f.startswith("openai/text-embedding-3-small") for f in found)
+    assert not any("secret" in f for f in found)

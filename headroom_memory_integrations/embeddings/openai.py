@@ -149,5 +149,17 @@ class OpenAIEmbedder:
         self.dimension = vectors.shape[1]
         return vectors
 
+    @property
+    def destination(self) -> str | None:
+        """A fingerprint of where its texts go and as whom (the client's base URL, API key,
+        organization, headers; the model): a hash, no secret in it. None if the client does
+        not say. A job of a user let go of is embedded only by an embedder of the same name
+        and destination, never through another tenant's key (see ``writer.embedder_identity``)."""
+        try:
+            from ..openai import client_destination  # (that module imports this one)
+        except ImportError:  # the openai package is missing: a compatible client
+            return None
+        return client_destination(self._client, self.name)
+
     def __repr__(self) -> str:  # never shows the client (its repr may carry the API key)
         return f"OpenAIEmbedder(model={self.model!r}, dimension={self.dimension})"
