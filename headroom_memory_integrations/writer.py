@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from .embeddings.base import Embedder
+from .embeddings.local import LocalEmbedder
 from .engine import SURVIVED_LOG_SECONDS, MemoryStore, NewMemory, has_visible_text
 from .errors import (
     EmbeddingError,
@@ -1251,18 +1252,19 @@ class MemoryWriter:
         (work of a user let go of, or left by a previous process) a store built for this job
         on the registered storage, not kept (writes of one user are serialised by the
         storage's per-user lock, whichever store makes them), with the embedder of the store
-        that queued it in this process (:data:`QUEUED_EMBEDDERS`), else of a registered store
-        (or of the first one registered) whose :func:`embedder_identity` is the one the job
-        was queued with. Never another one: tenants with embedders of their own (another API
-        key or endpoint) would get each other's memories' text, and the user's collection
-        would be marked with another tenant's embedder. Without one here the job waits
-        (retried later) for a store of its user, or one with its embedder. A job queued by an
-        earlier version (no embedder named in it) runs with the embedder of the first store
-        registered, as it did then."""
+        that queued it in this process (:data:`QUEUED_EMBEDDERS`), else the one embedder among
+        the registered stores' (and the first one registered) whose :func:`embedder_identity`
+        is the one the job was queued with. Ambiguity waits: with several embedder objects of
+        that identity (tenants' custom embedders of one name, each on its own key, or
+        ``OpenAIEmbedder``s whose credentials a hash cannot tell apart) the job is retried
+        later, once its user's store or its kept embedder is here; several
+        :class:`~.embeddings.LocalEmbedder` objects of one model are the same model and do
+        not count. Without one the job waits too. A job queued by an earlier version (no
+        embedder named in it) runs with the embedder of the first store registered, as it did
+        then."""
         with self._lock:
             memory = self._stores.get(job.user_id)
             template = self._template
-            registered = list(self._stores.values())
         if memory is not None:
             return memory
         if template is None:
@@ -1274,11 +1276,19 @@ class MemoryWriter:
         wanted = job.payload.get("embedder")
         if wanted is None:
             return MemoryStore(job.user_id, **template)
-        embedders = [m.embedder for m in registered] + [template["embedder"]]
-        alike = next((e for e in embedders if embedder_identity(e) == wanted), None)
-        if alike is None:  # retried later
+        with self._lock:  # only now: most jobs find their user's store above
+            embedders = [m.embedder for m in self._stores.values()] + [template["embedder"]]
+        alike: list[Any] = []
+        for embedder in embedders:
+            if embedder_identity(embedder) == wanted and not any(embedder is e for e in alike):
+                alike.append(embedder)
+        if not alike:  # retried later
             raise RuntimeError("no memory store with this user's embedder in this process yet")
-        return MemoryStore(job.user_id, **{**template, "embedder": alike})
+        if len(alike) > 1 and not all(isinstance(e, LocalEmbedder) for e in alike):
+            # perhaps other tenants' embedders of one name: retried later, when the user's
+            # own store (or the embedder kept for the job) is here
+            raise RuntimeError("several embedders here could be this user's: the job waits")
+        return MemoryStore(job.user_id, **{**template, "embedder": alike[0]})
 
 
 def embedder_identity(embedder: Any) -> str:

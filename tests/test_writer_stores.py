@@ -480,3 +480,147 @@ def test_openai_embedders_on_other_keys_are_other_embedders(openai_server) -> No
     assert found[0] == found[1] != found[2]
     assert all(f.startswith("openai/text-embedding-3-small") for f in found)
     assert not any("secret" in f for f in found)
+
+
+def left_by_an_earlier_process(db_path, user_id: str, memory: dict, embedder) -> None:
+    """Put a store job in the queue file of ``db_path`` as a process that died left it."""
+    from headroom_memory_integrations.jobs import JobQueue
+    from headroom_memory_integrations.writer import embedder_identity
+
+    queue = JobQueue(db_path / "jobs.sqlite3")
+    queue.put("store", user_id, {"memories": [memory], "embedder": embedder_identity(embedder)})
+    queue.close()
+
+
+def test_a_job_waits_while_several_tenants_embedders_of_its_name_are_here(
+    openai_server, db_path
+) -> None:
+    """Tenants' custom embedders of one model ("voyage-3"), each on its own key, share a name
+    and have no ``destination``: their identities are equal. A job of alice's left by an
+    earlier process ran with the first registered store's embedder, bob's (tenant B): her text
+    went to his key. With several embedders of the job's identity here, the job now waits for
+    her own store."""
+    db_path.mkdir(parents=True)
+    bobs, carols = TenantEmbedder("voyage-3"), TenantEmbedder("voyage-3")  # tenants B and A
+    wrappers = [
+        with_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=db_path,
+            embedder=embedder,
+            retry_backoff=Backoff(initial=0.05, maximum=0.2),  # the waiting job, tried again
+        )
+        for user, embedder in (("bob", bobs), ("carol", carols))
+    ]
+    writer = writer_for(queue_path_for(wrappers[0].memory))
+    left_by_an_earlier_process(db_path, "alice", ALICE, TenantEmbedder("voyage-3"))
+    writer.worker.notify("alice")
+    assert not writer.flush(1.5)  # which of the two is hers cannot be told: it waits
+    assert ALICE["text"] not in bobs.seen + carols.seen
+
+    alices = TenantEmbedder("voyage-3")
+    alice = with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=alices)
+    assert writer.flush(30)
+    assert ALICE["text"] in alices.seen and ALICE["text"] not in bobs.seen + carols.seen
+    assert [m.text for m in alice.memory.get_all()] == [ALICE["text"]]
+    for wrapper in (alice, *wrappers):
+        wrapper.close()
+
+
+def test_a_job_waits_while_openai_embedders_on_several_key_providers_are_here(
+    openai_server, db_path
+) -> None:
+    """OpenAIEmbedders on one endpoint whose clients differ only by a key provider (a
+    callable api_key): the identity hashed only a key given as a string, so they were one
+    identity with a hash, and alice's job left by an earlier process was embedded with bob's
+    key. Such an identity is now the model's name alone, and the job waits while several are
+    here."""
+    from headroom_memory_integrations.embeddings import OpenAIEmbedder
+
+    db_path.mkdir(parents=True)
+
+    def embedder(key: str) -> OpenAIEmbedder:
+        return OpenAIEmbedder(
+            openai_server.client(api_key=lambda: key, max_retries=0)  # type: ignore[arg-type]
+        )
+
+    wrappers = [
+        with_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=db_path,
+            embedder=embedder(key),
+            retry_backoff=Backoff(initial=0.05, maximum=0.2),
+        )
+        for user, key in (("bob", "sk-tenant-b"), ("carol", "sk-tenant-a"))
+    ]
+    writer = writer_for(queue_path_for(wrappers[0].memory))
+    left_by_an_earlier_process(db_path, "alice", ALICE, embedder("sk-tenant-a"))
+    writer.worker.notify("alice")
+    assert not writer.flush(1.5)
+
+    def embedded_alices_text_with() -> list[str]:
+        return [
+            request.headers.get("authorization", "")
+            for request in openai_server.requests
+            if request.path.endswith("/embeddings") and ALICE["text"] in json.dumps(request.body)
+        ]
+
+    assert embedded_alices_text_with() == []
+    alice = with_memory(
+        openai_server.client(),
+        user_id="alice",
+        db_path=db_path,
+        embedder=embedder("sk-tenant-a"),
+    )
+    assert writer.flush(30)
+    assert embedded_alices_text_with() and all(
+        "sk-tenant-a" in found for found in embedded_alices_text_with()
+    )
+    for wrapper in (alice, *wrappers):
+        wrapper.close()
+
+
+def test_a_job_left_by_an_earlier_process_runs_at_once_with_the_one_custom_embedder(
+    openai_server, db_path
+) -> None:
+    """One application, one custom embedder object shared by all its users: a job of a user
+    not here runs at once with it (the waiting is for several embedders of one identity)."""
+    db_path.mkdir(parents=True)
+    shared = TenantEmbedder("voyage-3")
+    wrappers = [
+        with_memory(openai_server.client(), user_id=user, db_path=db_path, embedder=shared)
+        for user in ("bob", "carol")
+    ]
+    writer = writer_for(queue_path_for(wrappers[0].memory))
+    left_by_an_earlier_process(db_path, "alice", ALICE, shared)
+    writer.worker.notify("alice")
+    assert writer.flush(30)
+    stored = MemoryStore(
+        "alice", storage=wrappers[0].memory.storage, embedder=TenantEmbedder("voyage-3")
+    ).get_all()
+    assert [m.text for m in stored] == [ALICE["text"]]
+    for wrapper in wrappers:
+        wrapper.close()
+
+
+def test_openai_clients_with_key_providers_or_azure_ad_have_no_destination() -> None:
+    """A hash of such a client cannot tell two tenants apart: no destination (the extractor's
+    turns then wait for their user's own; an embedder is known by its name alone)."""
+    from openai import AzureOpenAI, OpenAI
+
+    from headroom_memory_integrations.openai import client_destination
+
+    azure = {"azure_endpoint": "https://x.openai.azure.com", "api_version": "2024-02-01"}
+    unknown = [
+        OpenAI(api_key=lambda: "sk-a", base_url="http://127.0.0.1:9/v1"),
+        AzureOpenAI(azure_ad_token_provider=lambda: "token-a", **azure),
+        AzureOpenAI(azure_ad_token="token-a", **azure),
+    ]
+    assert [client_destination(client, "m") for client in unknown] == [None, None, None]
+    keyed = [
+        client_destination(OpenAI(api_key=key, base_url="http://127.0.0.1:9/v1"), "m")
+        for key in ("sk-a", "sk-a", "sk-b")
+    ]
+    assert keyed[0] == keyed[1] != keyed[2] and all(isinstance(k, str) for k in keyed)
+    assert isinstance(client_destination(AzureOpenAI(api_key="k", **azure), "m"), str)

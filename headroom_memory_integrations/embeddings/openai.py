@@ -153,8 +153,9 @@ class OpenAIEmbedder:
     def destination(self) -> str | None:
         """A fingerprint of where its texts go and as whom (the client's base URL, API key,
         organization, headers; the model): a hash, no secret in it. None if the client does
-        not say. A job of a user let go of is embedded only by an embedder of the same name
-        and destination, never through another tenant's key (see ``writer.embedder_identity``)."""
+        not say, or has a key provider or Azure AD credentials (two tenants' would hash
+        alike). A job of a user let go of is embedded only by an embedder of the same name and
+        destination (see ``writer.embedder_identity``)."""
         try:
             from ..openai import client_destination  # (that module imports this one)
         except ImportError:  # the openai package is missing: a compatible client

@@ -106,9 +106,15 @@ minutes): a stalled call is given up and retried with backoff, well within the j
 def client_destination(client: Any, model: str | None) -> str | None:
     """A fingerprint of where an openai client's calls go and as whom (its base URL, API key,
     organization and project, headers, query; ``model``): a hash, no secret in it. None if the
-    client does not say. The SDK's own platform headers are left out (the same client after an
-    upgrade)."""
+    client does not say, or if its credentials are not a plain API key (a key provider,
+    Azure AD token or token provider: two tenants' would hash alike). The SDK's own platform
+    headers are left out (the same client after an upgrade)."""
     try:
+        if not isinstance(getattr(client, "api_key", ""), str) or any(
+            getattr(client, name, None) is not None
+            for name in ("_api_key_provider", "_azure_ad_token", "_azure_ad_token_provider")
+        ):
+            return None
         headers = {
             str(name).lower(): value
             for name, value in dict(client.default_headers).items()
