@@ -1444,6 +1444,35 @@ def bag_of_words_endpoint(hung: threading.Event):
     return embed
 
 
+def alice_on_an_embedding_endpoint(openai_server, db_path, hung: threading.Event):
+    """Alice's with_memory wrapper embedding through the scripted server's endpoint (which
+    hangs once ``hung`` is set) with a 0.5 s timeout, her jobs retried after a minute."""
+    from headroom_memory_integrations import OpenAIEmbedder
+
+    openai_server.embedder = bag_of_words_endpoint(hung)
+    embedder = OpenAIEmbedder(openai_server.client(max_retries=0), dimensions=64, timeout=0.5)
+    return alice_retried_after_a_minute(openai_server, db_path, embedder)
+
+
+def alice_retried_after_a_minute(openai_server, db_path, embedder):
+    """Alice's with_memory wrapper with ``embedder``, her failed jobs retried after a minute."""
+    minute = Backoff(initial=60.0, factor=2.0, maximum=60.0, jitter=0.0)
+    return with_memory(
+        openai_server.client(),
+        user_id="alice",
+        db_path=db_path,
+        embedder=embedder,
+        retry_backoff=minute,
+    )
+
+
+def failed_try(queue) -> tuple[float, str] | None:
+    """When the job that failed in the queue file ``queue`` is tried again, and why it failed."""
+    with closing(sqlite3.connect(queue)) as conn:
+        query = "SELECT not_before, last_error FROM jobs WHERE last_error IS NOT NULL"
+        return conn.execute(query).fetchone()
+
+
 def test_a_memory_told_while_the_embedding_api_was_down_is_stored_as_soon_as_it_is_back(
     openai_server, db_path, monkeypatch
 ) -> None:
@@ -1453,7 +1482,7 @@ def test_a_memory_told_while_the_embedding_api_was_down_is_stored_as_soon_as_it_
     here; up to the default's 60 s after an outage) while the user's calls had memories.
     The longest wait of a failed job is put past the backoff's minute here, so that what is
     measured is the hurry, not that cap (16 s), with room for a stalled machine."""
-    from headroom_memory_integrations import OpenAIEmbedder, writer
+    from headroom_memory_integrations import writer
     from headroom_memory_integrations.writer import queue_path_for
 
     monkeypatch.setattr(writer, "MAX_RETRY_SECONDS", 120.0)
@@ -1463,16 +1492,7 @@ def test_a_memory_told_while_the_embedding_api_was_down_is_stored_as_soon_as_it_
         {"Python": "Prefers Python for backend work", "Lyon": "Lives in Lyon"}, calls
     )
     hung = threading.Event()
-    openai_server.embedder = bag_of_words_endpoint(hung)
-    embedder = OpenAIEmbedder(openai_server.client(max_retries=0), dimensions=64, timeout=0.5)
-    minute = Backoff(initial=60.0, factor=2.0, maximum=60.0, jitter=0.0)
-    client = with_memory(
-        openai_server.client(),
-        user_id="alice",
-        db_path=db_path,
-        embedder=embedder,
-        retry_backoff=minute,
-    )
+    client = alice_on_an_embedding_endpoint(openai_server, db_path, hung)
     try:
         ask(client, "I prefer Python for backend work")
         assert client.memory.flush(30)
@@ -1524,27 +1544,14 @@ def test_a_job_failed_by_the_embedder_is_retried_within_the_longest_hold_back(
 
     openai_server.responder = extracting({"Lyon": "Lives in Lyon"}, [])
     embedder = DownEmbedder()
-    minute = Backoff(initial=60.0, factor=2.0, maximum=60.0, jitter=0.0)
-    client = with_memory(
-        openai_server.client(),
-        user_id="alice",
-        db_path=db_path,
-        embedder=embedder,
-        retry_backoff=minute,
-    )
+    client = alice_retried_after_a_minute(openai_server, db_path, embedder)
     try:
         client.memory.count()  # the store's folder and its queue file are made
         embedder.down = True
         ask(client, "I live in Lyon")
         queue = queue_path_for(client.memory)
-
-        def retry() -> tuple[float, str] | None:  # when the failed job is tried again, and why
-            with closing(sqlite3.connect(queue)) as conn:
-                query = "SELECT not_before, last_error FROM jobs WHERE last_error IS NOT NULL"
-                return conn.execute(query).fetchone()
-
-        wait_for(lambda: retry() is not None)
-        due, error = retry()
+        wait_for(lambda: failed_try(queue) is not None)
+        due, error = failed_try(queue)
         assert "EmbeddingError" in error
         assert due - time.time() <= MAX_RETRY_SECONDS + 1  # not a minute
     finally:
@@ -1560,7 +1567,6 @@ def test_a_job_whose_own_embedding_request_times_out_is_retried_within_the_longe
     ``MAX_RETRY_SECONDS`` later, as one held back is. Before, openai's ``APITimeoutError``
     went through as it was, which the cap did not cover: the job waited out the backoff's
     minute, though the endpoint may have been back long before."""
-    from headroom_memory_integrations import OpenAIEmbedder
     from headroom_memory_integrations.storage.guard import MAX_RETRY_SECONDS
     from headroom_memory_integrations.writer import queue_path_for
 
@@ -1573,28 +1579,13 @@ def test_a_job_whose_own_embedding_request_times_out_is_retried_within_the_longe
         return answer(body)
 
     openai_server.responder = respond
-    openai_server.embedder = bag_of_words_endpoint(hung)
-    embedder = OpenAIEmbedder(openai_server.client(max_retries=0), dimensions=64, timeout=0.5)
-    minute = Backoff(initial=60.0, factor=2.0, maximum=60.0, jitter=0.0)
-    client = with_memory(
-        openai_server.client(),
-        user_id="alice",
-        db_path=db_path,
-        embedder=embedder,
-        retry_backoff=minute,
-    )
+    client = alice_on_an_embedding_endpoint(openai_server, db_path, hung)
     try:
         client.memory.count()  # the store's folder and its queue file are made
         queue = queue_path_for(client.memory)
         ask(client, "I live in Lyon")
-
-        def retry() -> tuple[float, str] | None:  # when the failed job is tried again, and why
-            with closing(sqlite3.connect(queue)) as conn:
-                query = "SELECT not_before, last_error FROM jobs WHERE last_error IS NOT NULL"
-                return conn.execute(query).fetchone()
-
-        wait_for(lambda: retry() is not None)
-        due, error = retry()
+        wait_for(lambda: failed_try(queue) is not None)
+        due, error = failed_try(queue)
         # its own request, not one held back ("unavailable; not trying again")
         assert "EmbeddingError" in error and "did not answer" in error, error
         assert due - time.time() <= MAX_RETRY_SECONDS + 1  # not a minute

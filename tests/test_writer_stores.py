@@ -27,16 +27,13 @@ ALICE = {"text": "Prefers Python for backend work", "category": "preference"}
 DOG = {"text": "Has a dog named Rex", "category": "fact"}
 
 
-def test_a_store_let_go_is_collected_and_its_queued_write_still_lands(
-    openai_server, db_path, model, model_says
-) -> None:
-    gate = threading.Event()
-    embedder = GatedEmbedder(model, BOB["text"], gate)
-    bob = with_fast_memory(
-        openai_server.client(), user_id="bob", db_path=db_path, embedder=embedder
-    )
+def alice_let_go_behind_bob(openai_server, db_path, model_says, bobs, alices):
+    """Bob's wrapper (returned) and alice's, each told a memory; bob's embedder holds his write
+    at its gate, so alice's waits in the queue behind it; then alice's wrapper is let go of,
+    and nothing of the writer's keeps her store alive."""
+    bob = with_fast_memory(openai_server.client(), user_id="bob", db_path=db_path, embedder=bobs)
     alice = with_fast_memory(
-        openai_server.client(), user_id="alice", db_path=db_path, embedder=embedder
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=alices
     )
     model_says.memories = [BOB]
     bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I play cello"}])
@@ -44,11 +41,19 @@ def test_a_store_let_go_is_collected_and_its_queued_write_still_lands(
     alice.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "I prefer Python for backend work"}]
     )
-    # bob's write holds the worker at the gate; alice's waits in the queue behind it
     held = weakref.ref(alice.memory)
     del alice
     gc.collect()
-    assert held() is None  # nothing of the writer's kept her store alive
+    assert held() is None
+    return bob
+
+
+def test_a_store_let_go_is_collected_and_its_queued_write_still_lands(
+    openai_server, db_path, model, model_says
+) -> None:
+    gate = threading.Event()
+    embedder = GatedEmbedder(model, BOB["text"], gate)
+    bob = alice_let_go_behind_bob(openai_server, db_path, model_says, embedder, embedder)
 
     gate.set()
     assert writer_for(queue_path_for(bob.memory)).flush(30)  # every user's jobs
@@ -403,22 +408,8 @@ def test_a_job_of_a_wrapper_let_go_of_is_never_embedded_by_another_tenants_embed
     that queued it."""
     gate = threading.Event()
     bobs = TenantEmbedder("tenant-b", hold=BOB["text"], gate=gate)
-    bob = with_fast_memory(openai_server.client(), user_id="bob", db_path=db_path, embedder=bobs)
     alices = TenantEmbedder("tenant-a")
-    alice = with_fast_memory(
-        openai_server.client(), user_id="alice", db_path=db_path, embedder=alices
-    )
-    model_says.memories = [BOB]
-    bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I play cello"}])
-    model_says.memories = [ALICE]
-    alice.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "I prefer Python for backend work"}]
-    )
-    # bob's write holds the worker at the gate; alice's waits in the queue behind it
-    held = weakref.ref(alice.memory)
-    del alice
-    gc.collect()
-    assert held() is None
+    bob = alice_let_go_behind_bob(openai_server, db_path, model_says, bobs, alices)
 
     gate.set()
     writer = writer_for(queue_path_for(bob.memory))
