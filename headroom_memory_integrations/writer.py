@@ -513,8 +513,6 @@ class MemoryWriter:
         # open: a wrapper and a LangChain model, a wrapper per request): the workers stop once
         # none is left, and a user's closing store leaves its place to their newest other one
         self._open: weakref.WeakKeyDictionary[MemoryStore, int] = weakref.WeakKeyDictionary()
-        # the deadlines of the stores closing now: the last one waits as long as any of them
-        self._closing: list[float | None] = []
         self._registered = itertools.count()
         self._template: dict[str, Any] | None = None  # MemoryStore's arguments but user_id
         # The extractor of each registered store, for as long as the store lives: held by the
@@ -782,24 +780,13 @@ class MemoryWriter:
         any user: another store of the same user is in use too), stop the workers (unfinished
         jobs stay in the file for the next process, and work that comes later, from a call
         under way, is put there too: see :meth:`_put`)."""
-        own_deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._open.pop(memory, None)  # (at once: of two closing together, one is last)
             last = not self._open
-            self._closing.append(own_deadline)
         try:
             if not last:
-                try:
-                    return self.flush(timeout, user_id=memory.user_id, own=True)
-                except RuntimeError:  # the last store closed the workers meanwhile (its wait
-                    if not self.worker.closed:  # was as long as this one's): what is left
-                        raise  # stays in the file for the next process
-                    return False
-            # as long as the longest of the stores closing now (a short close of the last
-            # store must not cut short another store's longer one)
-            with self._lock:
-                waits = list(self._closing)
-            deadline = None if None in waits else max(w for w in waits if w is not None)
+                return self.flush(timeout, user_id=memory.user_id, own=True)
+            deadline = None if timeout is None else time.monotonic() + timeout
             # work still held goes on to the file after the deadline (the hand-over thread)
             drained = self._wait_handed_over(deadline)
             # each drains (up to the deadline), then stops; the store worker (which stores
@@ -810,7 +797,6 @@ class MemoryWriter:
             return drained
         finally:  # only now (pending jobs of this user needed its store), even if flush raised
             with self._lock:
-                self._closing.remove(own_deadline)
                 if self._stores.get(memory.user_id) is memory:
                     self._serve_newest_store_of(memory.user_id)
                 self._extractors.pop(memory, None)

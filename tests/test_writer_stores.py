@@ -340,49 +340,6 @@ def test_closing_a_users_newest_store_hands_their_jobs_to_their_other_store(
     bob.memory.close(5)
 
 
-def test_a_short_close_of_the_last_store_does_not_cut_short_a_longer_close_of_another(
-    openai_server, db_path, model
-) -> None:
-    """Alice's store a closes with a long timeout while its turn is still extracted; her store
-    b closes a moment later with a short one, and is the last store on the queue. b stopped the
-    workers after its own short wait, and a's close, still waiting, failed on the closed queue
-    (a flush failure, its memory left in the file). The last close now waits as long as the
-    longest of the closes under way."""
-
-    def respond(body: dict) -> Reply:
-        if "You maintain long-term memory" not in body["messages"][0]["content"]:
-            return Reply.text("Noted.")
-        said = json.dumps(body["messages"])
-        drink = "tea" if "I like tea" in said else "coffee"
-        memory = {"text": f"Likes {drink}", "category": "preference"}
-        return Reply.text(json.dumps({"memories": [memory]})).delayed(1.5)
-
-    openai_server.responder = respond
-    a, b = (
-        with_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
-        for _ in range(2)
-    )
-    a.chat.completions.create(model="m", messages=[{"role": "user", "content": "I like tea"}])
-    b.chat.completions.create(model="m", messages=[{"role": "user", "content": "I like coffee"}])
-    a_closing = threading.Event()
-    closed: dict[str, bool] = {}
-
-    def close_a() -> None:
-        a_closing.set()
-        closed["a"] = a.memory.close(300)
-
-    closer = threading.Thread(target=close_a)
-    closer.start()
-    a_closing.wait(60)
-    time.sleep(0.05)  # a is no longer open: b is the last store
-    b.memory.close(0.3)
-    closer.join(300)
-    assert closed["a"]
-    assert not a.memory.stats()["events"].get("flush_failures")
-    stored = MemoryStore("alice", storage=a.memory.storage, embedder=model).get_all()
-    assert sorted(m.text for m in stored) == ["Likes coffee", "Likes tea"]
-
-
 class TenantEmbedder(HashEmbedder):
     """A tenant's own embedder (its API key, its endpoint): records every text sent to it;
     embedding ``hold`` waits for ``gate``."""
