@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import hashlib
-import itertools
 import math
 import os
 import re
@@ -508,12 +507,6 @@ class MemoryWriter:
         # wrapper of a user no longer served) is not kept alive; its jobs still run, on a store
         # built for each with the settings of the first store registered (the template)
         self._stores: weakref.WeakValueDictionary[str, MemoryStore] = weakref.WeakValueDictionary()
-        # every store registered here and not closed since, weakly, with the order it was
-        # registered in (_stores holds each user's newest only, and a user may have several
-        # open: a wrapper and a LangChain model, a wrapper per request): the workers stop once
-        # none is left, and a user's closing store leaves its place to their newest other one
-        self._open: weakref.WeakKeyDictionary[MemoryStore, int] = weakref.WeakKeyDictionary()
-        self._registered = itertools.count()
         self._template: dict[str, Any] | None = None  # MemoryStore's arguments but user_id
         # The extractor of each registered store, for as long as the store lives: held by the
         # store, weakly, as the stores are (a dict by user kept the extractor, and with it a
@@ -625,7 +618,6 @@ class MemoryWriter:
                 )
             self._storage = memory.storage
             self._stores[memory.user_id] = memory
-            self._open[memory] = next(self._registered)
             if self._template is None:
                 self._template = {
                     "storage": memory.storage,
@@ -776,13 +768,11 @@ class MemoryWriter:
 
     def detach(self, memory: MemoryStore, timeout: float | None) -> bool:
         """``memory`` is closing: drain its user's jobs that this process queued (up to
-        ``timeout``; not another process's on the same file); once no store is left open (of
-        any user: another store of the same user is in use too), stop the workers (unfinished
-        jobs stay in the file for the next process, and work that comes later, from a call
-        under way, is put there too: see :meth:`_put`)."""
+        ``timeout``; not another process's on the same file); once no store is left, stop
+        the workers (unfinished jobs stay in the file for the next process, and work that
+        comes later, from a call under way, is put there too: see :meth:`_put`)."""
         with self._lock:
-            self._open.pop(memory, None)  # (at once: of two closing together, one is last)
-            last = not self._open
+            last = set(self._stores) <= {memory.user_id}
         try:
             if not last:
                 return self.flush(timeout, user_id=memory.user_id, own=True)
@@ -798,23 +788,14 @@ class MemoryWriter:
         finally:  # only now (pending jobs of this user needed its store), even if flush raised
             with self._lock:
                 if self._stores.get(memory.user_id) is memory:
-                    self._serve_newest_store_of(memory.user_id)
+                    del self._stores[memory.user_id]
                 self._extractors.pop(memory, None)
             # the notes of held lines go when the workers that made them stop, not when one
-            # of a user's stores closes (another of theirs may be in use); each also goes
-            # when its job is due again
+            # of a user's stores closes (_stores keeps only the newest store of each user,
+            # and another of theirs may be in use); each also goes when its job is due again
             if last:
                 with self._settled:
                     self._held_lines.clear()
-
-    def _serve_newest_store_of(self, user_id: str) -> None:
-        """With ``_lock`` held: ``_stores`` holds ``user_id``'s newest open store, if any (its
-        jobs run on it, with its extractor), as the one it held closes."""
-        theirs = [(n, store) for store, n in list(self._open.items()) if store.user_id == user_id]
-        if theirs:
-            self._stores[user_id] = max(theirs, key=lambda found: found[0])[1]
-        else:
-            self._stores.pop(user_id, None)
 
     def forget(self, memory: MemoryStore, timeout: float | None) -> int:
         """Delete every job of ``memory``'s user from the queue file (waiting up to

@@ -16,7 +16,6 @@ from conftest import GatedEmbedder, HashEmbedder
 from headroom_memory_integrations import MemoryStore
 from headroom_memory_integrations.jobs import Backoff
 from headroom_memory_integrations.openai import with_fast_memory, with_memory
-from headroom_memory_integrations.prompts import CONTEXT_OPEN
 from headroom_memory_integrations.testing import Reply
 from headroom_memory_integrations.writer import queue_path_for, writer_for
 
@@ -24,7 +23,6 @@ pytestmark = pytest.mark.openai_client
 
 BOB = {"text": "Plays the cello in an orchestra", "category": "fact"}
 ALICE = {"text": "Prefers Python for backend work", "category": "preference"}
-DOG = {"text": "Has a dog named Rex", "category": "fact"}
 
 
 def alice_let_go_behind_bob(openai_server, db_path, model_says, bobs, alices):
@@ -242,102 +240,6 @@ def test_a_turn_left_by_an_earlier_process_is_never_extracted_through_another_te
         assert [m.text for m in stored] == [ALICE["text"]]
         carol.close()
         bob.close()
-
-
-def alices_two_wrappers(openai_server, db_path, model):
-    """Two with_fast_memory wrappers of alice on one folder, each with a store of its own (a
-    wrapper and a LangChain model of one user, or a wrapper per request), older first."""
-    return [
-        with_fast_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
-        for _ in range(2)
-    ]
-
-
-@pytest.mark.parametrize("closing", ["older", "newer"])
-def test_closing_one_of_a_users_two_stores_keeps_the_other_served(
-    openai_server, db_path, model, model_says, closing
-) -> None:
-    """The writer took the close of either of alice's two stores for the close of the last
-    store on the queue (it judged from the newest store of each user), and stopped the workers
-    while the other was in use: its memories went to the file for the next process, its next
-    call did not find them, and its flush() failed on the closed queue. Now the workers stop
-    once no store is left open, whichever user's."""
-    older, newer = alices_two_wrappers(openai_server, db_path, model)
-    writer = writer_for(queue_path_for(older.memory))
-    closed, in_use = (older, newer) if closing == "older" else (newer, older)
-    assert closed.memory.close(5)  # alice's other store is in use
-
-    model_says.memories = [DOG]
-    in_use.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "My dog is called Rex"}]
-    )
-    model_says.memories = []
-    in_use.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "What is my dog's name?"}]
-    )
-    system = openai_server.requests[-1].body["messages"][0]["content"]
-    recalled = system.partition(CONTEXT_OPEN)[2]
-    assert DOG["text"] in recalled  # stored in this process, and read on the next call
-    assert in_use.memory.flush(5)
-
-    assert in_use.memory.close(5)
-    assert writer.worker.closed and writer.extractions.closed  # the last store on the queue
-    older.close()
-    newer.close()
-
-
-def test_closing_a_users_newest_store_hands_their_jobs_to_their_other_store(
-    openai_server, db_path, model
-) -> None:
-    """Alice has two with_memory wrappers (each extracting with its own model), bob one. When
-    alice's newest store closed, the writer forgot her older one: a turn of hers that an
-    earlier process left queued (no extractor of its own) waited for ever, with none of hers
-    in this process. Now it runs with the extractor of her store still open."""
-    from headroom_memory_integrations.jobs import JobQueue
-
-    extractions: list[str] = []  # the extraction model each call named
-
-    def respond(body: dict) -> Reply:
-        if "You maintain long-term memory" not in body["messages"][0]["content"]:
-            return Reply.text("Noted.")
-        extractions.append(body["model"])
-        return Reply.text(json.dumps({"memories": [ALICE]}))
-
-    openai_server.responder = respond
-    older, newer = (
-        with_memory(
-            openai_server.client(),
-            user_id="alice",
-            db_path=db_path,
-            embedder=model,
-            extraction_model=f"alice-{age}",
-        )
-        for age in ("older", "newer")
-    )
-    bob = with_memory(openai_server.client(), user_id="bob", db_path=db_path, embedder=model)
-    writer = writer_for(queue_path_for(older.memory))
-    assert newer.memory.close(5)
-
-    queue = JobQueue(writer.worker.queue.path)  # as an earlier process left it
-    queue.put(
-        "extract",
-        "alice",
-        {
-            "exchange": [{"role": "user", "content": "I prefer Python for backend work"}],
-            "injected": {},
-            "model": None,
-            "untrusted": False,
-        },
-    )
-    queue.close()
-    writer.extractions.notify("alice")
-    assert writer.flush(10)
-    assert extractions == ["alice-older"]
-    assert [m.text for m in older.memory.get_all()] == [ALICE["text"]]
-    for wrapper in (older, newer, bob):
-        wrapper.close()
-    older.memory.close(5)
-    bob.memory.close(5)
 
 
 class TenantEmbedder(HashEmbedder):
