@@ -1243,10 +1243,8 @@ class MemoryWriter:
         wanted = job.payload.get("embedder")
         if wanted is None:
             return MemoryStore(job.user_id, **template)
-        with self._lock:  # only now: most jobs find their user's store above
-            embedders = [m.embedder for m in self._stores.values()] + [template["embedder"]]
         alike: list[Any] = []
-        for embedder in embedders:
+        for embedder in self._embedders():  # only now: most jobs find their user's store above
             if embedder_identity(embedder) == wanted and not any(embedder is e for e in alike):
                 alike.append(embedder)
         if not alike:  # retried later
