@@ -28,8 +28,12 @@ from _docs_support import (
     examples_in,
     run_example,
 )
+from langchain_core.load import dumps, loads
+from langchain_openai import ChatOpenAI
 
 import headroom_memory_integrations.langchain as adapters
+from headroom_memory_integrations import LocalEmbedder
+from headroom_memory_integrations.langchain import MemoryChatModel
 from headroom_memory_integrations.testing import MemoryFollowingModel, ScriptedOpenAIServer
 
 PAGE = ROOT / "docs" / "langchain.md"
@@ -176,3 +180,40 @@ def test_with_memory_following_model_the_example_prints_what_the_page_says(
     with ScriptedOpenAIServer(responder=MemoryFollowingModel()) as server:
         run = run_example(followed, tmp_path, example_env(server, tmp_path))
     assert_prints(followed, run.stdout)
+
+
+@pytest.mark.filterwarnings("ignore:The function `loads:DeprecationWarning")
+def test_the_page_says_a_relative_db_path_is_found_from_where_the_dump_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: LocalEmbedder
+) -> None:
+    """ "Saving and loading" saves a model built with ``db_path="./memories"``: the dump carries
+    the folder as given, so a process loading it in another working directory opens a new,
+    empty folder there. The page says so, and how to load it from anywhere."""
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "saved")
+    key = "sk-docs-example"
+    chat = MemoryChatModel(
+        model=ChatOpenAI(model="gpt-4o-mini", api_key=key),
+        user_id="alice",
+        db_path="./memories",
+        embedder=model,
+    )
+    chat.memory.add("Prefers Python for backend work", category="preference")
+    saved = dumps(chat)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = loads(
+        saved,
+        allowed_objects=[MemoryChatModel, ChatOpenAI],
+        valid_namespaces=["headroom_memory_integrations"],
+        secrets_map={"OPENAI_API_KEY": key},
+    )
+    assert loaded.memory.get_all() == []
+    assert (
+        Path(loaded.memory.storage.location).resolve()
+        == (tmp_path / "elsewhere" / "memories").resolve()
+    )
+    page = PAGE.read_text(encoding="utf-8")
+    section = page[page.index("### Saving and loading") : page.index("## MemoryMiddleware")]
+    assert "working directory of the process that loads the dump" in section
+    assert "absolute `db_path`" in section

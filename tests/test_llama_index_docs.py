@@ -43,6 +43,18 @@ def test_every_section_has_examples() -> None:
     assert all(SECTIONS.values())
 
 
+def test_the_page_says_what_to_install_for_the_llms_it_uses() -> None:
+    """Each ``llama_index.llms.*`` module the page uses (the ``llm`` of its examples included)
+    comes in a package the page tells how to install: ``.[llama-index]`` brings only the core."""
+    text = DOC.read_text()
+    installs = " ".join(re.findall(r"`pip install ([^`]+)`", text))
+    modules = sorted(set(re.findall(r"llama_index\.llms\.(\w+)", text)))
+    assert modules == ["openai", "openai_like"]
+    for module in modules:
+        package = "llama-index-llms-" + module.replace("_", "-")
+        assert package in installs.split(), f"the page never says: pip install {package}"
+
+
 @pytest.mark.parametrize("title", LOCAL)
 def test_section_runs_and_recalls(title, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
