@@ -432,7 +432,8 @@ class ScriptedOpenAIServer:
         chunk_size: Default characters per streamed piece.
         embedding_dimensions: Length of embeddings when the request gives no ``dimensions``.
         embedder: ``(text, dimensions) -> vector``; default :func:`hash_embedding`. Token-array
-            inputs are passed as their JSON text.
+            inputs are passed as their JSON text. An error :class:`Reply` it returns instead
+            (``Reply.error(429, headers={"retry-after": "60"})``) is the request's answer.
         models: Model ids listed by ``GET /v1/models``.
     """
 
@@ -443,7 +444,7 @@ class ScriptedOpenAIServer:
         responder: Responder | None = None,
         chunk_size: int = 4,
         embedding_dimensions: int = 1536,
-        embedder: Callable[[str, int], Sequence[float]] = hash_embedding,
+        embedder: Callable[[str, int], Sequence[float] | Reply] = hash_embedding,
         models: Sequence[str] = DEFAULT_MODELS,
     ) -> None:
         self.responder: Responder = responder or (lambda _body: "OK")
@@ -765,7 +766,12 @@ class ScriptedOpenAIServer:
         texts = [item if isinstance(item, str) else json.dumps(item) for item in items]
         data: list[dict[str, Any]] = []
         for index, text in enumerate(texts):
-            vector: Any = [float(x) for x in self.embedder(text, dimensions)]
+            answer = self.embedder(text, dimensions)
+            if isinstance(answer, Reply):  # an error reply (a 429, with its headers)
+                return _Response(
+                    answer.status, {"error": dict(answer.error_body or {})}, answer.headers
+                )
+            vector: Any = [float(x) for x in answer]
             if body.get("encoding_format") == "base64":
                 vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": vector})

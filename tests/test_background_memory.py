@@ -1594,6 +1594,57 @@ def test_a_job_whose_own_embedding_request_times_out_is_retried_within_the_longe
         client.memory.close(timeout=0)
 
 
+def test_a_job_rate_limited_by_the_embedding_endpoint_is_retried_within_the_longest_hold_back(
+    openai_server, db_path
+) -> None:
+    """The job's own request to the embedding endpoint is answered 429 with a Retry-After of an
+    hour (the chat call's recall was answered): ``OpenAIEmbedder`` raises EmbeddingError
+    (openai's RateLimitError its cause) and holds calls back, so the job is retried at most
+    ``MAX_RETRY_SECONDS`` later, and once the endpoint answers again its memory is stored.
+    Before, the RateLimitError went through as it was: the job waited the backoff's minute
+    (the Retry-After, capped at the backoff's 60 s), and the endpoint's coming back hurried
+    nothing, since it was never held to be down."""
+    from headroom_memory_integrations import OpenAIEmbedder
+    from headroom_memory_integrations.storage.guard import MAX_RETRY_SECONDS
+    from headroom_memory_integrations.writer import queue_path_for
+
+    limited = threading.Event()
+    words = bag_of_words_endpoint(threading.Event())
+
+    def embed(text: str, dimensions: int):
+        if limited.is_set():
+            return Reply.error(429, "Rate limit reached", headers={"retry-after": "3600"})
+        return words(text, dimensions)
+
+    answer = extracting({"Lyon": "Lives in Lyon"}, [])
+
+    def respond(body: dict):
+        if not is_extraction(body):  # the recall has embedded the question: 429 from here on
+            limited.set()
+        return answer(body)
+
+    openai_server.embedder = embed
+    openai_server.responder = respond
+    embedder = OpenAIEmbedder(openai_server.client(max_retries=0), dimensions=64, timeout=2.0)
+    client = alice_retried_after_a_minute(openai_server, db_path, embedder)
+    try:
+        client.memory.count()  # the store's folder and its queue file are made
+        queue = queue_path_for(client.memory)
+        ask(client, "I live in Lyon")
+        wait_for(lambda: failed_try(queue) is not None)
+        due, error = failed_try(queue)
+        assert "EmbeddingError" in error and "status 429" in error, error
+        assert due - time.time() <= MAX_RETRY_SECONDS + 1  # not a minute, nor an hour
+        limited.clear()
+        embedder._availability._until = time.monotonic()  # the hold-back is over
+        assert embedder.embed(["Where do I live?"]).shape == (1, 64)  # announced back
+        wait_for(lambda: client.memory.flush(0.1), timeout=60)
+        assert [m.text for m in client.memory.get_all()] == ["Lives in Lyon"]
+    finally:
+        limited.clear()
+        client.memory.close(timeout=0)
+
+
 def test_an_embedding_endpoint_coming_back_hurries_only_the_queues_that_embed_with_it(
     openai_server, tmp_path
 ) -> None:

@@ -765,6 +765,82 @@ def test_an_embedding_endpoint_that_fails_raises_embedding_error(openai_server) 
         OpenAIEmbedder(lost, timeout=2.0).embed(["x"])
 
 
+@pytest.mark.parametrize(
+    ("headers", "held_for"),
+    [({"retry-after": "3600"}, "cap"), ({"retry-after-ms": "5000"}, 5.0), ({}, "first")],
+    ids=["an hour: the cap", "5 s", "no retry-after: the first pause"],
+)
+def test_a_rate_limited_embedding_endpoint_is_held_back_as_long_as_it_asks_up_to_the_cap(
+    openai_server, db_path, caplog, headers, held_for
+) -> None:
+    """A 429 from the embedding endpoint is an EmbeddingError (openai's RateLimitError its
+    cause), as a 5xx is, and later calls fail at once, with no request, for as long as its
+    Retry-After asks, up to ``MAX_RETRY_SECONDS`` (16 s; without one, the first pause of 1 s):
+    a chat call answers without memories, logged in one WARNING line without a traceback, and
+    a queued job that failed with it is retried within the longest hold-back. Before: openai's
+    RateLimitError went through as it was: every chat call asked the endpoint again and
+    logged its traceback at WARNING, and a job waited out the backoff's 60 s, whatever the
+    endpoint had asked."""
+    import logging
+    import time
+
+    import openai
+
+    from headroom_memory_integrations import EmbeddingError, OpenAIEmbedder
+    from headroom_memory_integrations.openai import with_fast_memory
+    from headroom_memory_integrations.storage import guard
+    from headroom_memory_integrations.testing import Reply, hash_embedding
+    from headroom_memory_integrations.writer import longest_retry_delay
+
+    limited = threading.Event()
+
+    def embed(text: str, dimensions: int):
+        if limited.is_set():
+            return Reply.error(429, "Rate limit reached for sk-proj-abcdef", headers=headers)
+        return hash_embedding(text, dimensions)
+
+    def asked() -> int:
+        return len([r for r in openai_server.requests if r.path == "/v1/embeddings"])
+
+    openai_server.embedder = embed
+    embedder = OpenAIEmbedder(openai_server.client(max_retries=0), dimensions=64, timeout=2.0)
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=embedder
+    )
+    try:
+        client.memory.add("Lives in Lyon")
+        limited.set()
+        before = asked()
+        with pytest.raises(EmbeddingError, match="status 429") as raised:
+            embedder.embed(["Where do I live?"])
+        assert isinstance(raised.value.__cause__, openai.RateLimitError)
+        assert longest_retry_delay(raised.value) == guard.MAX_RETRY_SECONDS
+        assert embedder._availability.down
+        pause = {"cap": guard.MAX_RETRY_SECONDS, "first": guard.FIRST_RETRY_SECONDS}
+        assert embedder._availability._pause == pause.get(held_for, held_for)
+        # held back for 300 s from here (the calls below come within it on a stalled host too)
+        embedder._availability._until = time.monotonic() + 300
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="headroom_memory_integrations"):
+            for question in ("Where do I live?", "And my city?"):
+                answer = client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": question}]
+                )
+                assert answer.choices[0].message.content
+        assert asked() == before + 1  # only the first call reached the endpoint
+        assert client.memory.stats()["events"]["inject_failures"] == 2
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warned and not any(r.exc_info for r in warned)
+        assert "could not search memories" in warned[0].getMessage()
+        assert "sk-proj-abcdef" not in caplog.text
+        limited.clear()
+        embedder._availability._until = time.monotonic()  # the hold-back is over
+        assert embedder.embed(["Where do I live?"]).shape == (1, 64)
+    finally:
+        limited.clear()
+        client.close()
+
+
 def test_an_embedders_location_names_its_endpoint_without_credentials() -> None:
     """Two embedders of one model on two endpoints are two locations (each one's coming back
     hurries only its own stores' queues); a password or a key in the base URL is not shown."""

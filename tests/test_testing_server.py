@@ -411,6 +411,13 @@ def test_embedding_dimension_and_embedder_are_configurable() -> None:
         assert embed(server, "sync", input="abcd").data[0].embedding == [4.0, 4.0, 4.0]
 
 
+def test_an_embedder_may_answer_with_an_error_reply(server: ScriptedOpenAIServer) -> None:
+    server.embedder = lambda text, dimensions: Reply.error(429, headers={"retry-after": "7"})
+    with pytest.raises(openai.RateLimitError) as caught:
+        embed(server, "sync", input="tea")
+    assert caught.value.response.headers["retry-after"] == "7"
+
+
 def test_models_list_and_retrieve(server: ScriptedOpenAIServer) -> None:
     with server.client() as client:
         models = client.models.list()

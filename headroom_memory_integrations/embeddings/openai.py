@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EmbeddingError
+from ..jobs import retry_after
 from ..redaction import without_credentials
 from ..storage.guard import Availability, is_unreachable
 from .base import Vectors, normalize_rows
@@ -51,6 +52,11 @@ def _server_failed(exc: BaseException) -> bool:
     return isinstance(status, int) and status >= 500
 
 
+def _rate_limited(exc: BaseException) -> bool:
+    """An answer with status 429: the endpoint is there but will not embed for a while."""
+    return getattr(exc, "status_code", None) == 429
+
+
 def _endpoint_name(client: Any, model: str) -> str:
     """The endpoint as logs and errors name it: the client's base URL, without the credentials
     and the query a URL may carry, and the model (two embedders of one model on different
@@ -81,8 +87,12 @@ class OpenAIEmbedder:
     cause), and calls fail at once with it for a while (1 s, doubling to 16 s while it stays
     down), so a chat call waits for it at most once per pause; the chat call itself goes on
     without memories (a write waits in the job queue and is retried within that longest pause).
-    An answer with a 5xx status is an ``EmbeddingError`` too (not held back: it came at once);
-    any other error of the client's (a bad request, a bad key, a rate limit) is raised as it is.
+    An answer with a 5xx status or a 429 (a rate limit) is an ``EmbeddingError`` too. A 429,
+    and a 5xx that says ``Retry-After``, also hold calls back: for as long as its Retry-After
+    asks, up to 16 s (a 429 without one: 1 s, doubling, as above); a 5xx without one is not
+    held back (it came at once). Any other error of the client's (a bad request, a bad key)
+    is raised as it is. (The client's own retries, if it has any, come first: openai's honour
+    a Retry-After of up to 2 minutes; the chat call waits for them at most its recall time.)
     """
 
     def __init__(
@@ -134,10 +144,13 @@ class OpenAIEmbedder:
                     raise EmbeddingError(
                         f"{self.location} did not answer ({type(exc).__name__})"
                     ) from exc
-                if _server_failed(exc):
+                if _server_failed(exc) or _rate_limited(exc):
+                    status = getattr(exc, "status_code", "?")
+                    asked = retry_after(exc)
+                    if asked is not None or _rate_limited(exc):  # it asked to be left alone
+                        self._availability.failed(f"{type(exc).__name__}, status {status}", asked)
                     raise EmbeddingError(
-                        f"{self.location} failed with status {getattr(exc, 'status_code', '?')} "
-                        f"({type(exc).__name__})"
+                        f"{self.location} failed with status {status} ({type(exc).__name__})"
                     ) from exc
                 raise
             self._availability.succeeded()

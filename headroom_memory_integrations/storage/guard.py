@@ -225,11 +225,13 @@ class Availability:
                 f"{until - time.monotonic():.1f} s. Last error: {self._reason}"
             )
 
-    def failed(self, reason: str) -> None:
-        """The backend did not answer, or could not be opened: hold calls back for a while
-        (longer each time)."""
+    def failed(self, reason: str, asked: float | None = None) -> None:
+        """The backend did not answer, or could not be opened, or asked to be left alone (a
+        rate limit): hold calls back for a while, longer each time, or for the ``asked``
+        seconds of its Retry-After; never longer than :data:`MAX_RETRY_SECONDS`."""
         with self._lock:
-            self._pause = min(MAX_RETRY_SECONDS, self._pause * 2 or FIRST_RETRY_SECONDS)
+            doubled = self._pause * 2 or FIRST_RETRY_SECONDS
+            self._pause = min(MAX_RETRY_SECONDS, doubled if asked is None else asked)
             self._until = time.monotonic() + self._pause
             self._reason = reason
         logger.warning(
