@@ -47,7 +47,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from .engine import MemoryStore, has_visible_text, search_text
-from .errors import EmbeddingError
+from .errors import EmbeddingError, StorageError
 from .grounding import grounded
 from .jobs import user_tag
 from .prompts import (
@@ -189,11 +189,13 @@ _Shown = tuple[tuple[str, datetime, str], ...]  # memories as (id, last changed,
 class _Recalled:
     """What the first call of a turn was shown: the memory context, the short label of each
     memory in it by id, and those memories as they were then (None: not known, such as after
-    a failed search; a later call recalls anew)."""
+    a failed search; a later call recalls anew), and whether its search failed (counted: a
+    later call of the turn whose search fails too is not counted again)."""
 
     context: str
     injected: dict[str, str]
     shown: _Shown | None
+    failed: bool = False
 
 
 def _as_shown(memories: Iterable[Memory]) -> _Shown:
@@ -605,11 +607,24 @@ class MemoryFlow:
         unchanged (not replaced by a correction that call's block queued); else searched.
         Within :func:`recall_seconds`. A failure is logged and counted once: the search's
         own, or the deadline's when the search has not ended by then (the search failing
-        later, as the deadline cuts its requests short, is not counted again)."""
+        later, as the deadline cuts its requests short, is not counted again); and once per
+        turn: not again when ``earlier``'s failed too (an agent asks after each tool call).
+        An outage of the storage or the embedder is one WARNING line, its traceback at DEBUG;
+        any other error's traceback is logged with it."""
         counted = _Once()
-        failed = _Recalled("", {}, None)
+        if earlier is not None and earlier.failed:
+            counted.first()  # the turn's failure is counted already, by its earlier call
+
+        def count(message: str, exc_info: bool) -> None:
+            if counted.first():
+                self.failed("inject_failures", message, exc_info=exc_info)
+            else:
+                log.debug("%s (counted already for this turn)", message)
+
+        failed = _Recalled("", {}, None, failed=True)
+        nothing = _Recalled("", {}, None)
         if not has_visible_text(query):  # a lone zero-width space: nothing to search with
-            return failed
+            return nothing
 
         def recall() -> _Recalled:
             self.jobs.settle(self.memory)  # (a correction an earlier call's block queued)
@@ -619,7 +634,7 @@ class MemoryFlow:
             # the message takes a while to cut off
             text = search_text(query)
             if text is None:
-                return failed
+                return nothing
             try:
                 found = self.memory.search(
                     text,
@@ -627,22 +642,14 @@ class MemoryFlow:
                     chat_message=True,
                     previous_message=previous,
                 )
-            except EmbeddingError as exc:
+            except (StorageError, EmbeddingError) as exc:
                 # without its traceback: the cause it chains (a panic's text may quote the
                 # user's message) is logged at DEBUG only
-                log.debug("could not embed for memories", exc_info=True)
-                if counted.first():
-                    self.failed(
-                        "inject_failures",
-                        f"could not search memories ({exc}); answering without them",
-                        exc_info=False,
-                    )
+                log.debug("could not search memories", exc_info=True)
+                count(f"could not search memories ({exc}); answering without them", False)
                 return failed
             except Exception:
-                if counted.first():
-                    self.failed(
-                        "inject_failures", "could not search memories; answering without them"
-                    )
+                count("could not search memories; answering without them", True)
                 return failed
             labelled = [(label, m) for label, (m, _) in zip(short_ids(len(found)), found)]
             return _Recalled(
@@ -654,8 +661,7 @@ class MemoryFlow:
         try:
             return in_recall_time(self.memory, recall, "recall memories")
         except DeadlineExceeded as exc:
-            if counted.first():
-                self.failed("inject_failures", f"{exc}; calling without memories", exc_info=False)
+            count(f"{exc}; calling without memories", False)
             return failed
 
     def _turn_of(self, key: str, said: str, tail: ConversationTail | None) -> str:

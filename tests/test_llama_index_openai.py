@@ -271,6 +271,41 @@ def test_every_adapter_over_http(path, kind, plain_llm, db_path, model) -> None:
     flush(store)
 
 
+@pytest.mark.parametrize("kind", AGENTS)
+@pytest.mark.parametrize("path", ["buffer", "block", "memory_llm", "openai_clients"])
+def test_a_memory_outage_is_counted_once_per_agent_turn(
+    path, kind, plain_llm, brain, model, caplog
+) -> None:
+    """With the Chroma server down, an agent's turn answers without memories and counts one
+    ``inject_failures``, however often the agent asks for memories in it (after its tool call,
+    and once more after it has put its answer), logged in one WARNING line without a
+    traceback. Before: two or three a turn through the chat memory buffer and the memory
+    block, two through MemoryLLM (each later call of the turn recalled anew, failed again and
+    was counted again), each with the storage error's traceback at WARNING."""
+    import logging
+
+    from conftest import closed_server_url
+
+    down = closed_server_url()
+    if path == "openai_clients":
+        settings = {"user_id": "alice", "db_path": down, "embedder": model}
+        llm, memory = openai_llm_with_memory(plain_llm(), **settings), None
+        store = llm_memory(llm)
+    else:
+        llm, memory, store = _adapter(path, plain_llm(), "alice", down, model)
+    try:
+        with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations"):
+            for turn, city in enumerate(["Oslo", "Lyon"], start=1):
+                brain.tool_calls.append(("weather", {"city": city}))
+                seen = ask(kind, llm, memory, f"What is the weather in {city}?", "stream")
+                assert seen.text.startswith(f"The tool says sunny in {city}.")  # answered
+                assert store.counters["inject_failures"] == turn
+        assert any("could not search memories" in r.getMessage() for r in caplog.records)
+        assert not [r for r in caplog.records if r.exc_info]  # no traceback at WARNING
+    finally:
+        store.close(timeout=0)  # its extraction jobs wait for a storage that never comes
+
+
 def test_a_new_process_recalls_through_the_openai_llm(memory_llm, openai_server, db_path) -> None:
     first = memory_llm()
     ask("simple", first, None, FACT, "sync")

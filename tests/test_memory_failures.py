@@ -246,6 +246,46 @@ def test_stats_answers_while_the_chroma_server_is_down(openai_server, tmp_path) 
 # -- bad input -----------------------------------------------------------------------------------
 
 
+def test_a_chroma_outage_on_the_chat_path_is_one_warning_line_without_a_traceback(
+    openai_server, tmp_path, caplog
+) -> None:
+    """The Chroma server stops: the chat call answers without memories and logs one WARNING
+    line saying what failed (the storage error's message) and that it answered without them,
+    with no traceback (at DEBUG only), as an embedder's error is logged; the token the
+    storage sends and the API key are in no record. Before: the line said only "could not
+    search memories", followed by the StorageError's traceback through httpx and chromadb."""
+    from headroom_memory_integrations import ChromaStorage
+
+    token = "chroma-token-5f4e3d2c1b0a"
+    server = ChromaServer(tmp_path / "chroma")
+    storage = ChromaStorage.connect("127.0.0.1", server.port, headers={"x-chroma-token": token})
+    client = with_fast_memory(
+        openai_server.client(api_key="sk-proj-0123456789abcdef"),
+        user_id="alice",
+        storage=storage,
+        embedder=HashEmbedder(),
+        queue_path=tmp_path / "jobs.sqlite3",
+    )
+    try:
+        client.chat.completions.create(**REQUEST)  # connected while the server is up
+    finally:
+        server.stop()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="headroom_memory_integrations"):
+            answer = client.chat.completions.create(**REQUEST)
+        assert answer.choices[0].message.content
+        assert client.memory.counters["inject_failures"] == 1
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        said = [r.getMessage() for r in warned if "could not search memories" in r.getMessage()]
+        assert len(said) == 1 and "answering without them" in said[0], said
+        assert "ConnectError" in said[0], said  # what failed
+        assert not [r for r in warned if r.exc_info]  # one line each, no traceback
+        assert [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
+        assert token not in caplog.text and "sk-proj-0123456789abcdef" not in caplog.text
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("timeout", ["soon", -1, math.nan, True, [5]])
 def test_flush_and_close_refuse_a_bad_timeout(hash_store, timeout) -> None:
     with pytest.raises(InvalidInputError, match="timeout must be None or a number"):

@@ -27,6 +27,7 @@ from ..wiring import FlowSettings
 from ._messages import (
     after_outside_text,
     attaches_outside_text,
+    continues_a_turn,
     is_final_answer,
     is_observation,
     is_tool_output,
@@ -310,7 +311,9 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
     def get(
         self, input: str | ChatMessage | None = None, initial_token_count: int = 0, **kwargs: Any
     ) -> list[ChatMessage]:
-        """The recent history within ``token_limit``, with the relevant memories."""
+        """The recent history within ``token_limit``, with the relevant memories. Asked again
+        in the same turn (an agent after its tool calls, and once it has put its answer), it
+        adds those of the turn's first call, unless one was deleted or changed meanwhile."""
         # ChatMemoryBuffer never reads ``input``: anything but text or a message is ignored
         asked = text_of(input) if isinstance(input, ChatMessage) else input
         if not isinstance(asked, str):
@@ -321,7 +324,17 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
         previous = latest
         if query is None or latest is None or latest.strip() == query.strip():
             previous = previous_user_text(stored)  # the query is the latest stored message
-        turn = self._flow.start(query, instruct=False, previous_text=previous)
+        # asked again in the same turn (an agent after its tool calls, with the user's message
+        # as input, and once it has put its answer): a later call of the turn, which gets the
+        # memories of the first (a failed recall is counted once per turn; see MemoryFlow.start)
+        sent = [*stored, ChatMessage(role=MessageRole.USER, content=asked)] if asked else stored
+        turn = self._flow.start(
+            query,
+            instruct=False,
+            previous_text=previous,
+            later_step=continues_a_turn(sent),
+            conversation=self.chat_store_key,
+        )
         prompt = turn.prompt
         used = len(self.tokenizer_fn(prompt)) if prompt else 0
         if initial_token_count + used > self.token_limit:
