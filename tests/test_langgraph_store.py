@@ -602,6 +602,56 @@ def test_a_state_graph_compiled_with_the_store(db_path, model) -> None:
     ]
 
 
+@pytest.mark.server
+def test_the_store_raises_storage_error_while_its_chroma_server_is_down(
+    tmp_path, model, openai_server
+) -> None:
+    """Unlike the chat-model wrapper, which answers without memories, the store raises
+    StorageError (a HeadroomMemoryError) from every call while its Chroma server is down, at
+    once after the first failure (the storage is held to be down a while): an agent's tool
+    that reads it fails the agent's run unless it catches the error. docs/langchain.md says
+    so; this pins it."""
+    from conftest import ChromaServer
+
+    from headroom_memory_integrations import StorageError
+    from headroom_memory_integrations.langchain import MemoryChatModel
+
+    server = ChromaServer(tmp_path / "chroma")
+    try:
+        store = HeadroomStore(db_path=server.url, embedder=model)
+        store.put(("alice",), "language", PYTHON)
+    finally:
+        server.stop()
+    calls = {
+        "get": lambda: store.get(("alice",), "language"),
+        "put": lambda: store.put(("alice",), "diet", PEANUTS),
+        "search": lambda: store.search(("alice",), query="which programming language"),
+        "search without a query": lambda: store.search(("alice",)),
+        "delete": lambda: store.delete(("alice",), "language"),
+        "list_namespaces": lambda: store.list_namespaces(),
+        "aget": lambda: asyncio.run(store.aget(("alice",), "language")),
+        "asearch": lambda: asyncio.run(store.asearch(("alice",), query="language")),
+    }
+    for name, call in calls.items():
+        with pytest.raises(StorageError):
+            call()
+            pytest.fail(f"{name} did not raise")
+
+    openai_server.script(Reply.tool_call("find_notes", {"query": "programming language"}), "?")
+    agent = create_agent(chat_model(openai_server), tools=[find_notes], store=store)
+    question = {"messages": [{"role": "user", "content": "Which language should I use?"}]}
+    with pytest.raises(StorageError):
+        agent.invoke(question, {"configurable": {"user_id": "alice"}})
+
+    openai_server.reset()
+    openai_server.script("Any language you like.")
+    chat = MemoryChatModel(
+        model=chat_model(openai_server), user_id="alice", db_path=server.url, embedder=model
+    )
+    assert chat.invoke("Which language should I use?").content == "Any language you like."
+    assert chat.memory.counters["inject_failures"] == 1
+
+
 @pytest.mark.parametrize("min_score", [float("nan"), "0.3"])
 def test_a_floor_that_is_not_a_number_is_refused_at_once(db_path, model, min_score) -> None:
     """Not at the first search of some user, later: the store is refused as it is made."""

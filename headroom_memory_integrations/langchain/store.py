@@ -467,6 +467,12 @@ class HeadroomStore(BaseStore):
     Async: ``aget``, ``aput``, ``asearch``, ``adelete``, ``alist_namespaces`` run the same code
     in a worker thread.
 
+    **While the storage is down** (a Chroma server stopped), every call raises
+    :class:`~headroom_memory_integrations.StorageError`, at once for a while after the first
+    failure (1 s, doubling to 16 s): unlike the chat-model wrapper, the store does not go on
+    without memories, and a tool or node that calls it ends the run with the error unless it
+    catches it.
+
     Args:
         db_path: A folder for embedded Chroma or a Chroma server's URL, as for
             :class:`~headroom_memory_integrations.MemoryStore` (default ``~/.headroom-memory``).
