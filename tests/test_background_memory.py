@@ -1473,6 +1473,30 @@ def failed_try(queue) -> tuple[float, str] | None:
         return conn.execute(query).fetchone()
 
 
+def setting(event: threading.Event, answer):
+    """A responder giving ``answer``'s replies that sets ``event`` at the first chat call that
+    is not an extraction (the model's: the chat call's recall has embedded the question)."""
+
+    def respond(body: dict):
+        if not is_extraction(body):
+            event.set()
+        return answer(body)
+
+    return respond
+
+
+def lyon_failed_once(client) -> tuple[float, str]:
+    """Alice tells her city through ``client``; once the job of her turn has failed a try:
+    when it is due again, and its error."""
+    from headroom_memory_integrations.writer import queue_path_for
+
+    client.memory.count()  # the store's folder and its queue file are made
+    queue = queue_path_for(client.memory)
+    ask(client, "I live in Lyon")
+    wait_for(lambda: failed_try(queue) is not None)
+    return failed_try(queue)
+
+
 def test_a_memory_told_while_the_embedding_api_was_down_is_stored_as_soon_as_it_is_back(
     openai_server, db_path, monkeypatch
 ) -> None:
@@ -1568,24 +1592,12 @@ def test_a_job_whose_own_embedding_request_times_out_is_retried_within_the_longe
     went through as it was, which the cap did not cover: the job waited out the backoff's
     minute, though the endpoint may have been back long before."""
     from headroom_memory_integrations.storage.guard import MAX_RETRY_SECONDS
-    from headroom_memory_integrations.writer import queue_path_for
 
-    hung = threading.Event()
-    answer = extracting({"Lyon": "Lives in Lyon"}, [])
-
-    def respond(body: dict):
-        if not is_extraction(body):  # the recall has embedded the question: hang from here on
-            hung.set()
-        return answer(body)
-
-    openai_server.responder = respond
+    hung = threading.Event()  # set from the model's call on: the recall was answered
+    openai_server.responder = setting(hung, extracting({"Lyon": "Lives in Lyon"}, []))
     client = alice_on_an_embedding_endpoint(openai_server, db_path, hung)
     try:
-        client.memory.count()  # the store's folder and its queue file are made
-        queue = queue_path_for(client.memory)
-        ask(client, "I live in Lyon")
-        wait_for(lambda: failed_try(queue) is not None)
-        due, error = failed_try(queue)
+        due, error = lyon_failed_once(client)
         # its own request, not one held back ("unavailable; not trying again")
         assert "EmbeddingError" in error and "did not answer" in error, error
         assert due - time.time() <= MAX_RETRY_SECONDS + 1  # not a minute
@@ -1606,7 +1618,6 @@ def test_a_job_rate_limited_by_the_embedding_endpoint_is_retried_within_the_long
     nothing, since it was never held to be down."""
     from headroom_memory_integrations import OpenAIEmbedder
     from headroom_memory_integrations.storage.guard import MAX_RETRY_SECONDS
-    from headroom_memory_integrations.writer import queue_path_for
 
     limited = threading.Event()
     words = bag_of_words_endpoint(threading.Event())
@@ -1616,23 +1627,13 @@ def test_a_job_rate_limited_by_the_embedding_endpoint_is_retried_within_the_long
             return Reply.error(429, "Rate limit reached", headers={"retry-after": "3600"})
         return words(text, dimensions)
 
-    answer = extracting({"Lyon": "Lives in Lyon"}, [])
-
-    def respond(body: dict):
-        if not is_extraction(body):  # the recall has embedded the question: 429 from here on
-            limited.set()
-        return answer(body)
-
     openai_server.embedder = embed
-    openai_server.responder = respond
+    # 429 from the model's call on: the recall was answered
+    openai_server.responder = setting(limited, extracting({"Lyon": "Lives in Lyon"}, []))
     embedder = OpenAIEmbedder(openai_server.client(max_retries=0), dimensions=64, timeout=2.0)
     client = alice_retried_after_a_minute(openai_server, db_path, embedder)
     try:
-        client.memory.count()  # the store's folder and its queue file are made
-        queue = queue_path_for(client.memory)
-        ask(client, "I live in Lyon")
-        wait_for(lambda: failed_try(queue) is not None)
-        due, error = failed_try(queue)
+        due, error = lyon_failed_once(client)
         assert "EmbeddingError" in error and "status 429" in error, error
         assert due - time.time() <= MAX_RETRY_SECONDS + 1  # not a minute, nor an hour
         limited.clear()
