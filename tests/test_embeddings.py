@@ -766,16 +766,22 @@ def test_an_embedding_endpoint_that_fails_raises_embedding_error(openai_server) 
 
 
 @pytest.mark.parametrize(
-    ("headers", "held_for"),
-    [({"retry-after": "3600"}, "cap"), ({"retry-after-ms": "5000"}, 5.0), ({}, "first")],
-    ids=["an hour: the cap", "5 s", "no retry-after: the first pause"],
+    ("status", "headers", "held_for"),
+    [
+        (429, {"retry-after": "3600"}, "cap"),
+        (429, {"retry-after-ms": "5000"}, 5.0),
+        (429, {}, "first"),
+        (503, {"retry-after": "5"}, 5.0),
+    ],
+    ids=["an hour: the cap", "5 s", "no retry-after: the first pause", "a 503 saying 5 s"],
 )
 def test_a_rate_limited_embedding_endpoint_is_held_back_as_long_as_it_asks_up_to_the_cap(
-    openai_server, db_path, caplog, headers, held_for
+    openai_server, db_path, caplog, status, headers, held_for
 ) -> None:
     """A 429 from the embedding endpoint is an EmbeddingError (openai's RateLimitError its
     cause), as a 5xx is, and later calls fail at once, with no request, for as long as its
-    Retry-After asks, up to ``MAX_RETRY_SECONDS`` (16 s; without one, the first pause of 1 s):
+    Retry-After asks, up to ``MAX_RETRY_SECONDS`` (16 s; without one, the first pause of 1 s;
+    a 5xx is held back only when it says Retry-After):
     a chat call answers without memories, logged in one WARNING line without a traceback, and
     a queued job that failed with it is retried within the longest hold-back. Before: openai's
     RateLimitError went through as it was: every chat call asked the endpoint again and
@@ -796,7 +802,7 @@ def test_a_rate_limited_embedding_endpoint_is_held_back_as_long_as_it_asks_up_to
 
     def embed(text: str, dimensions: int):
         if limited.is_set():
-            return Reply.error(429, "Rate limit reached for sk-proj-abcdef", headers=headers)
+            return Reply.error(status, "Slow down, sk-proj-abcdef", headers=headers)
         return hash_embedding(text, dimensions)
 
     def asked() -> int:
@@ -811,9 +817,10 @@ def test_a_rate_limited_embedding_endpoint_is_held_back_as_long_as_it_asks_up_to
         client.memory.add("Lives in Lyon")
         limited.set()
         before = asked()
-        with pytest.raises(EmbeddingError, match="status 429") as raised:
+        with pytest.raises(EmbeddingError, match=f"status {status}") as raised:
             embedder.embed(["Where do I live?"])
-        assert isinstance(raised.value.__cause__, openai.RateLimitError)
+        assert isinstance(raised.value.__cause__, openai.APIStatusError)
+        assert raised.value.__cause__.status_code == status
         assert longest_retry_delay(raised.value) == guard.MAX_RETRY_SECONDS
         assert embedder._availability.down
         pause = {"cap": guard.MAX_RETRY_SECONDS, "first": guard.FIRST_RETRY_SECONDS}
