@@ -164,6 +164,40 @@ def test_learns_each_exchange_once_in_the_background(new_buffer, llm) -> None:
     assert [m.text for m in memory.memory.get_all()] == [FACT]
 
 
+def test_an_agent_asking_again_in_the_same_turn_gets_the_first_calls_memories(
+    new_buffer,
+) -> None:
+    """An agent asks the buffer again in a turn (``AgentWorkflow`` after its tool calls, with
+    the user's message as ``input``, and once more after it has put its answer): those calls
+    get the memories of the turn's first ``get``, not one stored meanwhile (a tool's, another
+    session's), unless one they showed was changed or deleted meanwhile; the same words after
+    an answer are a new turn, recalled for anew. Before, each call searched anew."""
+    buffer = new_buffer()
+    buffer.memory.add("Works at a fintech startup in Lyon", category="fact")
+    flush(buffer.memory)
+
+    def shown(**asked: str) -> str:
+        return contents(m for m in buffer.get(**asked) if m.role.value == "system")
+
+    buffer.put(ChatMessage(role="user", content=QUESTION))
+    first = shown()
+    buffer.memory.add(FACT, category="preference")  # stored while the turn goes on
+    flush(buffer.memory)
+    assert shown(input=QUESTION) == first and FACT not in first  # after its tool calls
+    buffer.put(ChatMessage(role="assistant", content="Any language you like."))
+    assert shown() == first  # after it has put its answer
+    flush(buffer.memory)
+
+    buffer.put(ChatMessage(role="user", content=QUESTION))  # the same words: a new turn
+    again = shown()
+    assert FACT in again
+    (python,) = [m for m in buffer.memory.get_all() if m.text == FACT]
+    buffer.memory.update(python.id, "I prefer Go for backend work")  # a tool changes it
+    flush(buffer.memory)
+    later = shown(input=QUESTION)
+    assert "Go for backend" in later and FACT not in later
+
+
 def test_async_forms_go_through_the_same_logic(new_buffer, llm) -> None:
     async def run() -> list[ChatMessage]:
         memory = new_buffer()
