@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -131,9 +130,7 @@ def few_blas_threads(threads: int = 1) -> Iterator[None]:
     Threads may be inside at once: the settings are saved once, by the first to enter in
     the process, and restored by the last to leave, and meanwhile the lowest limit any of
     them asked for holds. (threadpoolctl's own ``limit`` restores what it saw on entry: two
-    threads whose limits overlapped left the whole process at one BLAS thread for good; and
-    OpenBLAS may lose a setting made just after another thread's, so the setting found on a
-    later entry may be a lost restore's one thread, never the original.)"""
+    threads whose limits overlapped left the whole process at one BLAS thread for good.)"""
     global _blas, _blas_users, _blas_original, _blas_threads
     with _blas_lock:
         if _blas is None:
@@ -157,14 +154,18 @@ def few_blas_threads(threads: int = 1) -> Iterator[None]:
 
 
 def _set_blas_threads(lib: Any, threads: int) -> None:
-    """Set a BLAS library's thread count. OpenBLAS (0.3.31) may ignore a setting made just
-    as another thread that set it ends: it is made again, a millisecond later, up to 3 times."""
-    for attempt in range(3):
-        if attempt:
-            time.sleep(0.001)
-        lib.set_num_threads(threads)
-        if lib.num_threads == threads:
-            return
+    """Set a BLAS library's thread count, and leave the next setting to any thread.
+
+    threadpoolctl (from 3.8) lets one thread set OpenBLAS's count: the first to set it, for
+    as long as that thread lives; other threads' settings are silently ignored. A thread that
+    limited BLAS and lived on (the main thread, a worker) made every other thread's limit do
+    nothing, and its restore too when it was the last to leave: the process stayed at one
+    BLAS thread. Giving the control back right after each setting lets the next one, from
+    whichever thread, take effect (ours are made one at a time, under ``_blas_lock``)."""
+    lib.set_num_threads(threads)
+    give_back = getattr(lib, "clear_controlling_thread", None)  # threadpoolctl >= 3.8, OpenBLAS
+    if give_back is not None:
+        give_back()
 
 
 def one_blas_thread() -> AbstractContextManager[None]:
