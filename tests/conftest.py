@@ -56,6 +56,12 @@ def _allow_the_suites_open_files() -> None:
 
 
 _PARSING = threading.RLock()
+# How long a parse waits for _PARSING before it goes on without it. A parse holds the lock for
+# milliseconds, but a loaded CI machine can stall for a minute (10 s was once too short there,
+# and the race came back); two minutes outlasts such a stall, and still ends a hang (see below)
+# well inside the 600 s a test may take. Read at each parse: tests/test_harness.py raises it
+# for its own test, whose threads wait for each other's slow parses.
+PARSE_LOCK_WAIT = 120.0
 
 
 def _parse_one_thread_at_a_time() -> None:
@@ -65,13 +71,13 @@ def _parse_one_thread_at_a_time() -> None:
     show its failure while the suite's background threads log tracebacks, which 3.11 also
     parses, to underline the failing expression. One such collision turned a CI run's single
     failure into an INTERNALERROR that ended the session without naming the failing test.
-    Parsing under one lock keeps the two apart; a parse that waits for it more than 10 s goes
-    on without it (a garbage collection inside a parse can run code that waits for the thread
-    that waits here: a hang would be worse than the race)."""
+    Parsing under one lock keeps the two apart; a parse that waits for it longer than
+    PARSE_LOCK_WAIT goes on without it (a garbage collection inside a parse can run code that
+    waits for the thread that waits here: a hang would be worse than the race)."""
     parse = ast.parse
 
     def parse_alone(*args: Any, **kwargs: Any) -> Any:
-        if not _PARSING.acquire(timeout=10):
+        if not _PARSING.acquire(timeout=PARSE_LOCK_WAIT):
             return parse(*args, **kwargs)
         try:
             return parse(*args, **kwargs)
