@@ -39,6 +39,7 @@ from .embeddings.query_adapter import adapt_queries
 from .errors import EmbeddingError, InvalidInputError, MemoryNotFoundError, StorageError
 from .jobs import user_tag
 from .keys import clean_keys, index_text, memory_vectors
+from .late_embeddings import embed_texts
 from .lexical import lexical_scores
 from .redaction import logger_without_secrets, without_credentials
 from .storage.base import Storage, UserCollection
@@ -785,7 +786,9 @@ class MemoryStore(WritePath):
         panic is its cause."""
         embed_queries = getattr(self.embedder, "embed_queries", None) if queries else None
         try:
-            embedded = (embed_queries or self.embedder.embed)(list(texts))
+            call = embed_queries or self.embedder.embed
+            # in a background job: bounded, a late answer kept for its retry (late_embeddings)
+            embedded = embed_texts(self.embedder, call, list(texts), queries)
         except BaseException as exc:
             if not is_rust_panic(exc):
                 raise  # an interrupt, an exit or a cancellation: never turned into a failure

@@ -51,6 +51,7 @@ from .jobs import (
     user_tag,
     wait_until,
 )
+from .late_embeddings import LateEmbeddings
 from .prompts import (
     background_extraction_messages,
     field_value,
@@ -521,6 +522,9 @@ class MemoryWriter:
         # QUEUED_EMBEDDERS: a job whose store was let go of runs with its own (see _store_for)
         self._embedded_with: OrderedDict[int, tuple[str, Any]] = OrderedDict()
         self._storage: Storage | None = None  # the storage whose memories this queue holds
+        # the jobs' embedding calls that ran late, and their answers kept for the jobs' retries:
+        # one user's embedder that hangs holds up no other user's jobs (see late_embeddings)
+        self._late = LateEmbeddings(on_answer=self._hurry)
         self._lock = threading.Lock()
         # user -> store jobs queued here, not yet run: job ids, or work still held in memory
         self._unsettled: dict[str, set[int | _Handed]] = {}
@@ -540,7 +544,8 @@ class MemoryWriter:
         # counted in its store's queue_delays; one line per SURVIVED_LOG_SECONDS is logged)
         self._delay_logged_at = -math.inf
         self._delays_unlogged = 0
-        # One thread stores the memories the wrappers' calls left (each a quick write); others
+        # One thread stores the memories the wrappers' calls left (each a quick write, its
+        # embedding calls waited for a bounded time: late_embeddings); others
         # run background extractions (each a model call, which may take seconds or be retried
         # for minutes), different users' side by side: a slow model never holds up storing,
         # nor what a user's next call waits for (settle), nor other users' extractions while
@@ -582,11 +587,16 @@ class MemoryWriter:
         if (storage is not None and storage.location == location) or any(
             getattr(embedder, "location", None) == location for embedder in self._embedders()
         ):
-            for worker in self._workers:
-                worker.hurry()
-            with self._settled:  # the jobs that held their users' lines are due now
-                self._held_lines.clear()
-                self._settled.notify_all()
+            self._hurry()
+
+    def _hurry(self) -> None:
+        """Make the jobs waiting out a backoff due now (what they failed on works again: the
+        storage, an embedder, a late embedding call that has answered). No file I/O here."""
+        for worker in self._workers:
+            worker.hurry()
+        with self._settled:  # the jobs that held their users' lines are due now
+            self._held_lines.clear()
+            self._settled.notify_all()
 
     def _embedders(self) -> list[Embedder]:
         """The embedders of the stores registered here, and the template's (the jobs of a
@@ -739,6 +749,8 @@ class MemoryWriter:
         retried at ``due`` holds its user's later store jobs back until then (noted with its
         tries, for :meth:`_held_back`), unless it has failed too often to hold the line
         (:data:`~.jobs.HOLDS_THE_LINE_TRIES`); one done or dead-lettered holds nothing back."""
+        if due is None:  # done or dead-lettered: the answers kept for its retries go
+            self._late.done(job.id)
         if job.kind != "store":  # (an extraction holds no store job back)
             return
         with self._settled:
@@ -819,6 +831,7 @@ class MemoryWriter:
                 self._settled.wait(0.2 if remaining is None else min(remaining, 0.2))
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         deleted = _forget_jobs(queue, memory.user_id, left)
+        self._late.forget(memory.user_id)
         with self._settled:
             self._unsettled.pop(memory.user_id, None)
             self._held_lines.pop(memory.user_id, None)
@@ -1134,7 +1147,8 @@ class MemoryWriter:
     def _handle(self, job: Job) -> None:
         done = False
         try:
-            self._run(job)
+            with self._late.running(job.id, job.user_id, embedder_identity):
+                self._run(job)
             done = True
             with self._settled:  # (a store job left by PartlyDone still needs it)
                 self._embedded_with.pop(job.id, None)
@@ -1434,6 +1448,7 @@ def _after_fork_in_child() -> None:
         writer._held_lines = {}
         writer._queued_with = OrderedDict()
         writer._embedded_with = OrderedDict()
+        writer._late = LateEmbeddings(on_answer=writer._hurry)
         writer._held = deque()
         writer._handing = None
         writer._hand_over_thread = None
