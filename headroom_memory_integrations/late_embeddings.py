@@ -13,7 +13,9 @@ While a user's late call runs, every embedding call of that user's jobs fails at
 second call, no second thread stuck behind the first), whatever embedder object the job has:
 embedders may be made per request. Once the late call has answered, its job goes first: the
 user's other jobs wait for its next try (at most :data:`HELD_FOR_RETRY_SECONDS`), so a user's
-jobs are still stored in the order they were queued. Other users are never held back.
+jobs are still stored in the order they were queued. Other users are held back only while a
+late call runs in the very embedder object their job has (one several users share): no other
+thread is started into an object stuck in a call.
 """
 
 from __future__ import annotations
@@ -66,11 +68,13 @@ class _Call:
 
     job_id: int
     key: Key
+    embedder: Any  # the object called (held back while the call runs in it)
     ended: bool = False
     answer: Any = None
     failure: BaseException | None = None
     late: bool = False  # its job stopped waiting for it
     answered_at: float | None = None  # (monotonic) when it answered, if late
+    forgotten: bool = False  # its user was forgotten while it ran: its answer is not kept
 
 
 @dataclass(frozen=True)
@@ -97,15 +101,15 @@ def embed_texts(
     if job is None:
         return call(texts)
     key = (job.identity(embedder), queries, tuple(texts))
-    return job.calls.embed(job.job_id, job.user_id, key, lambda: call(texts))
+    return job.calls.embed(job.job_id, job.user_id, key, embedder, lambda: call(texts))
 
 
 class LateEmbeddings:
     """The late embedding calls of one queue file's jobs, and the answers kept for them.
 
     Args:
-        on_answer: Called (on the late call's thread) when a late call has answered: its
-            job can be tried again at once.
+        on_answer: Called (on the late call's thread) when a late call has ended: its job
+            and the jobs it held back can be tried again at once.
     """
 
     def __init__(self, on_answer: Callable[[], None] = lambda: None) -> None:
@@ -130,13 +134,16 @@ class LateEmbeddings:
         finally:
             _running_job.reset(token)
 
-    def embed(self, job_id: int, user_id: str, key: Key, call: Callable[[], Any]) -> Any:
+    def embed(
+        self, job_id: int, user_id: str, key: Key, embedder: Any, call: Callable[[], Any]
+    ) -> Any:
         """``call()``'s answer: kept from a late call of this job with the same ``key``, else
         made now, on a helper thread, and waited for at most :data:`EMBEDDING_WAIT_SECONDS`.
 
         Raises:
             EmbeddingLate: the call gave no answer in time (it goes on; its answer is kept),
-                or a late call of the user still runs or goes first (no call is made).
+                or a late call of the user still runs or goes first, or one still runs in
+                ``embedder`` (no call is made).
             BaseException: what ``call`` raised in time.
         """
         with self._lock:
@@ -150,7 +157,12 @@ class LateEmbeddings:
                     "an earlier embedding call for this user's memories took longer than "
                     f"{EMBEDDING_WAIT_SECONDS:g} s and has not been used yet; the job waits for it"
                 )
-        made = _Call(job_id, key)
+            if self._running_in(embedder):
+                raise EmbeddingLate(
+                    "an earlier embedding call to this embedder took longer than "
+                    f"{EMBEDDING_WAIT_SECONDS:g} s and still runs; the job waits for it"
+                )
+        made = _Call(job_id, key, embedder)
         context = contextvars.copy_context()
 
         def run() -> None:
@@ -183,12 +195,24 @@ class LateEmbeddings:
                 self._let_go(kept[0], lambda call: call.job_id == job_id and call.ended)
 
     def forget(self, user_id: str) -> None:
-        """The user's jobs were deleted: the answers kept for them go (a call still running
-        still holds the user's next jobs back: its thread is stuck in the embedder)."""
+        """The user's jobs were deleted: the answers kept for them go, and so will those of
+        their calls still running, as they end (deleted means gone: neither the texts nor
+        their vectors are kept). A call still running still holds the user's next jobs back
+        until then: its thread is stuck in the embedder."""
         with self._lock:
             for job_id in [j for j, (user, _) in self._kept.items() if user == user_id]:
                 del self._kept[job_id]
             self._let_go(user_id, lambda call: call.ended)
+            for call in self._late.get(user_id, ()):
+                call.forgotten = True
+
+    def _running_in(self, embedder: Any) -> bool:
+        """With the lock held: whether a late call still runs in ``embedder`` (that object)."""
+        return any(
+            call.embedder is embedder and not call.ended
+            for calls in self._late.values()
+            for call in calls
+        )
 
     def _holding(self, user_id: str) -> bool:
         """With the lock held: whether a late call of the user runs, or answered less than
@@ -208,21 +232,23 @@ class LateEmbeddings:
             self._late.pop(user_id, None)
 
     def _ended(self, call: _Call, user_id: str, answer: Any, failure: BaseException | None) -> None:
-        """``call`` ended, in time or late; a late answer is kept for its job."""
+        """``call`` ended, in time or late. A late answer is kept for its job (not a forgotten
+        user's); the jobs a late call held back are made due."""
         with self._lock:
             call.ended, call.answer, call.failure = True, answer, failure
             if not call.late:
                 return
-            if failure is not None:  # nothing to keep: the job's next try calls again
+            if failure is not None or call.forgotten:  # nothing kept: a next try calls again
                 self._let_go(user_id, lambda one: one is call)
-                return
-            call.answered_at = time.monotonic()
-            answers = self._kept.setdefault(call.job_id, (user_id, {}))[1]
-            answers[call.key] = answer
-            self._kept.move_to_end(call.job_id)
-            while len(self._kept) > KEPT_JOBS:
-                self._kept.popitem(last=False)
+                call.answer = None
+            else:
+                call.answered_at = time.monotonic()
+                answers = self._kept.setdefault(call.job_id, (user_id, {}))[1]
+                answers[call.key] = answer
+                self._kept.move_to_end(call.job_id)
+                while len(self._kept) > KEPT_JOBS:
+                    self._kept.popitem(last=False)
         try:
             self._on_answer()
-        except Exception:  # the answer is kept: the job's retry (within 16 s) uses it
-            log.exception("a late embedding call's answer could not hurry its job")
+        except Exception:  # an answer is kept: the job's retry (within 16 s) uses it
+            log.exception("a late embedding call's end could not hurry the jobs it held back")

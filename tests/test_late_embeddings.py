@@ -185,3 +185,73 @@ def test_a_users_jobs_wait_behind_their_late_call_whatever_embedder_object_they_
             endpoint.release.set()
             one.memory.close(timeout=0)
             other.memory.close(timeout=0)
+
+
+@contextmanager
+def late_call(late, job_id: int, user_id: str, embedder, text: str) -> Iterator[threading.Event]:
+    """A job of ``user_id`` whose call to ``embedder`` embeds ``text`` and hangs until the
+    event yielded is set (at most ``HANG`` s): its try is given up; the call's thread has
+    ended when the block exits."""
+    from headroom_memory_integrations.late_embeddings import EmbeddingLate, embed_texts
+    from headroom_memory_integrations.writer import embedder_identity
+
+    release = threading.Event()
+
+    def hung(texts: list[str]) -> list[list[float]]:
+        release.wait(HANG)
+        return [hash_embedding(text, 8) for text in texts]
+
+    before = set(threading.enumerate())
+    with late.running(job_id, user_id, embedder_identity), pytest.raises(EmbeddingLate):
+        embed_texts(embedder, hung, [text], False)
+    (thread,) = [
+        t for t in set(threading.enumerate()) - before if t.name == "headroom-memory-embed"
+    ]
+    try:
+        yield release
+    finally:
+        release.set()
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def test_a_forgotten_users_late_answer_is_not_kept(patience) -> None:
+    """Alice is forgotten while her job's embedding call hangs: when it answers, neither her
+    text nor its vector is kept for the deleted job (deleted means gone), and nothing of hers
+    holds her next jobs back. Before, the answer was kept (until 1,000 later jobs' answers)."""
+    from headroom_memory_integrations.late_embeddings import LateEmbeddings
+
+    late = LateEmbeddings()
+    with late_call(late, 1, "alice", object(), "Alice's secret"):
+        late.forget("alice")
+    assert late._kept == {} and late._late == {}
+
+
+def test_one_hung_embedder_object_several_users_share_gets_one_thread(patience) -> None:
+    """Twenty users' jobs share one embedder object, whose first call hangs: the others
+    make no call into it (no thread each stuck in the same object, no wait of the store
+    thread each) until it has answered; a user with another object goes on."""
+    from headroom_memory_integrations.late_embeddings import (
+        EmbeddingLate,
+        LateEmbeddings,
+        embed_texts,
+    )
+    from headroom_memory_integrations.writer import embedder_identity
+
+    late, shared, calls = LateEmbeddings(), object(), []
+
+    def call(texts: list[str]) -> list[list[float]]:
+        calls.append(texts)
+        return [hash_embedding(text, 8) for text in texts]
+
+    def job(job_id: int, user_id: str, embedder) -> object:
+        with late.running(job_id, user_id, embedder_identity):
+            return embed_texts(embedder, call, [f"{user_id}'s memory"], False)
+
+    with late_call(late, 1, "user0", shared, "user0's memory"):
+        for n in range(1, 20):
+            with pytest.raises(EmbeddingLate):
+                job(1 + n, f"user{n}", shared)
+        assert calls == []
+        assert job(100, "bob", object()) and calls == [["bob's memory"]]
+    assert job(2, "user1", shared) and calls[-1] == ["user1's memory"]
