@@ -11,7 +11,9 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   been"), number words ("seven" = "7", "3pm" = "3 pm" = "15:00"), British spellings, the
   order of an "A and B" list or of phrases that keep their prepositions ("Works at Stripe as
   an engineer"), and names spelled as one word ("VS Code" = "VSCode"). Symbols are words ("$"
-  and "€", ">" and "<", "%", emoji), and so are quote marks right after a number, units there
+  and "€", ">" and "<", "%", emoji: "Likes 🍕 but hates 🍣" is not "Likes 🍣 but hates 🍕",
+  though the model reads each emoji as one unknown token and gives the two texts one vector),
+  and so are quote marks right after a number, units there
   ("6'" and '6"': feet and inches); a number written without its leading zero is that number
   (".5" = "0.5", never "5"). Every duplicate passes :func:`says_nothing_new`, which
   compares the words as written: a word replaced by another, even a word form ("Lived" for
@@ -627,7 +629,8 @@ class Token:
     """A word of a memory, compared by ``text`` (case-folded, stemmed, numbers normalised).
 
     Attributes:
-        kind: ``word``, ``number``, ``date``, ``name`` (capitalised), ``negation`` or ``tense``.
+        kind: ``word``, ``number``, ``date``, ``name`` (capitalised), ``symbol`` (an emoji, a
+            dingbat: :func:`_symbols`), ``negation`` or ``tense``.
         initials: For a name, its initials ("newyorkcity" -> "nyc"); an all-capitals name is
             its own initials, so an acronym can match the name it stands for.
     """
@@ -640,8 +643,9 @@ class Token:
 
     @property
     def is_detail(self) -> bool:
-        """Numbers, dates and names: the words an embedding model barely tells apart."""
-        return self.kind in ("number", "date", "name")
+        """Numbers, dates, names and symbols (emoji): the words an embedding model barely
+        tells apart, or not at all (all-MiniLM-L6-v2 reads most emoji as one unknown token)."""
+        return self.kind in ("number", "date", "name", "symbol")
 
 
 # ~300 bytes an entry: 16k texts (~5 MB) cover an add_many of 8,000 and the stored memories
@@ -663,6 +667,8 @@ def tokens(text: str) -> tuple[Token, ...]:
         sentence_start = not found or (
             not plain_gap and not _SENTENCE_MARKS.isdisjoint(gap) and not title
         )
+        if not gap.isascii():
+            found.extend(_symbols(gap))  # "Likes 🍕 but hates 🍣"
         classified = list(_classify(match.group(), sentence_start))
         if (
             found
@@ -673,6 +679,8 @@ def tokens(text: str) -> tuple[Token, ...]:
             classified[0] = replace(classified[0], continues_name=True)
         found.extend(classified)
         previous_end = match.end()
+    if not text.isascii():
+        found.extend(_symbols(text[previous_end:]))
     found = _times_and_ordinals(found)
     while found and found[0].text in _LEADING_SUBJECTS | _ARTICLES:
         found.pop(0)
@@ -711,6 +719,30 @@ def _classify(word: str, sentence_start: bool) -> tuple[Token, ...]:
     if capitalised and (not sentence_start or acronym):
         return (Token(lower, "name", lower if acronym else lower[0]),)
     return (Token(stemmed, "word", past=_past_form(lower)),)
+
+
+_JOINERS = frozenset("\u200d\ufe0e\ufe0f\u20e3")
+"""What joins or styles the characters of one emoji: a zero-width joiner ("👨‍👩‍👧"), the text
+and emoji variation selectors ("❤️" = "❤"), a keycap's enclosing square."""
+
+
+def _symbols(gap: str) -> list[Token]:
+    """The symbols between two words (or after the last), a token each run of them written
+    together ("⭐⭐⭐", "👍🏽", "👨‍👩‍👧"; joiners and variation selectors left out): emoji,
+    dingbats, "°", "©" (Unicode's "other symbols", and an emoji's skin tone). Before they
+    were tokens, a text read as though they were not there, and "Likes 🍕 but hates 🍣" and
+    "Likes 🍣 but hates 🍕" were the same words in the same order: a duplicate."""
+    found: list[Token] = []
+    run: list[str] = []
+    for char in gap + " ":
+        if char in _JOINERS:
+            continue
+        if unicodedata.category(char) == "So" or "\U0001f3fb" <= char <= "\U0001f3ff":
+            run.append(char)
+        elif run:
+            found.append(Token("".join(run), "symbol"))
+            run = []
+    return found
 
 
 def _times_and_ordinals(found: list[Token]) -> list[Token]:
@@ -951,7 +983,9 @@ def relate(
     if not a or not b:
         return _duplicate_unless_new(old, new) if a == b else Relation.DISTINCT
     words_a, words_b = Counter(t.text for t in a), Counter(t.text for t in b)
-    if [t.text for t in a] == [t.text for t in b] or (words_a == words_b and _reordered(a, b)):
+    if _words(a) == _words(b) or (words_a == words_b and _reordered(a, b)):
+        # the same words, maybe with other symbols ("Team mascot is 🐶" / "... 🐱"): the
+        # words as written decide
         return _duplicate_unless_new(old, new)
     common = words_a & words_b
     if (
@@ -1026,6 +1060,11 @@ def relate(
     if context & _ONE_VALUE or {t.text for t in change.suffix} & _ONE_VALUE_ROLES:
         return Relation.UPDATE
     return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
+
+
+def _words(sequence: tuple[Token, ...]) -> list[str]:
+    """The tokens of ``sequence`` but its symbols (:func:`_symbols`), in order."""
+    return [t.text for t in sequence if t.kind != "symbol"]
 
 
 def _is_origin(sequence: tuple[Token, ...]) -> bool:

@@ -339,6 +339,18 @@ NEW_INFORMATION = [  # found by an adversarial review (stop 32), by class
     # 16 leading possessive dropped (whose it is)
     ("His son is 7", "Her son is 7"),
     ("Her mother lives in Lisbon", "His mother lives in Lisbon"),
+    # 17 emoji in another order: the model reads each as one unknown token, so the two texts
+    # have the same vector, and the words alone were the same, in the same order
+    ("Likes \U0001f355 but hates \U0001f363", "Likes \U0001f363 but hates \U0001f355"),
+    ("Prefers \U0001f375 over \u2615", "Prefers \u2615 over \U0001f375"),
+    (
+        "Uses \U0001f680 for releases and \U0001f41b for bugs",
+        "Uses \U0001f41b for releases and \U0001f680 for bugs",
+    ),
+    (
+        "Wife's emoji is \U0001f431, son's is \U0001f436",
+        "Wife's emoji is \U0001f436, son's is \U0001f431",
+    ),
 ]
 
 # a third review (stop 32) found words that narrow a statement which no list named, and
@@ -731,6 +743,16 @@ def test_the_cli_says_what_happened(db_path, capsys: pytest.CaptureFixture[str])
         ("Is engaged to Carmen", "Is married to Carmen", Relation.UPDATE),
         ("Bank is Chase", "Bank is Wells Fargo", Relation.UPDATE),
         ("Prefers tea over coffee", "Prefers coffee over tea", Relation.UPDATE),
+        # emoji are words, which the model cannot read (one unknown token each)
+        ("Prefers \U0001f375 over \u2615", "Prefers \u2615 over \U0001f375", Relation.UPDATE),
+        ("Team mascot is \U0001f436", "Team mascot is \U0001f431", Relation.UPDATE),
+        ("Loves \U0001f355", "Loves \U0001f363", Relation.DISTINCT),  # two things loved
+        (
+            "Emoji are \U0001f34e and \U0001f34c",
+            "Emoji are \U0001f34c and \U0001f34e",
+            Relation.DUPLICATE,
+        ),
+        ("Signs off with \u2764\ufe0f", "Signs off with \u2764", Relation.DUPLICATE),  # a style
         (
             "Took the train from Paris to Lyon",
             "Took the train from Lyon to Paris",
