@@ -36,6 +36,7 @@ from .embeddings.message_gate import MAX_CHARS as GATE_MAX_CHARS
 from .embeddings.message_gate import THRESHOLD as GATE_THRESHOLD
 from .embeddings.message_gate import need_for_memory, reads_as_question
 from .embeddings.query_adapter import adapt_queries
+from .embeddings.symbols import named_symbols
 from .errors import EmbeddingError, InvalidInputError, MemoryNotFoundError, StorageError
 from .jobs import user_tag
 from .keys import clean_keys, index_text, memory_vectors
@@ -783,12 +784,16 @@ class MemoryStore(WritePath):
         raises) is an :class:`~.errors.EmbeddingError` here: it is a ``BaseException``, which
         the chat call's ``except Exception`` let through, so the user's call failed with it. The
         error's message names the panic's type, not its text (which may quote the user's); the
-        panic is its cause."""
+        panic is its cause.
+
+        The embedder reads each emoji as its name (:func:`~.embeddings.symbols.named_symbols`:
+        the local model reads every emoji as one unknown token, and texts that differ only by
+        an emoji had one vector); the texts stored are as written."""
         embed_queries = getattr(self.embedder, "embed_queries", None) if queries else None
         try:
             call = embed_queries or self.embedder.embed
             # in a background job: bounded, a late answer kept for its retry (late_embeddings)
-            embedded = embed_texts(self.embedder, call, list(texts), queries)
+            embedded = embed_texts(self.embedder, call, [named_symbols(t) for t in texts], queries)
         except BaseException as exc:
             if not is_rust_panic(exc):
                 raise  # an interrupt, an exit or a cancellation: never turned into a failure
