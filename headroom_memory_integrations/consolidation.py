@@ -29,7 +29,10 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   synonym from an opposite, so the newer wording supersedes and the older stays in
   ``history``), more detail ("Has a dog" -> "Has a dog named Max"), a qualifier left out
   ("Eats only fish" -> "Eats fish"), a name for an acronym ("SF" -> "Santa Fe"), a word that
-  announces a change ("now", "moved", "finished", "cancelled", "married"), or a new value of
+  announces a change ("now", "moved", "finished", "cancelled", "married"), a status that
+  progressed, told of the same goal and nothing else ("Is training for the Boston Marathon" ->
+  "Has finished the Boston Marathon", "Plans to move to Berlin" -> "Has moved to Berlin", "Is
+  single" -> "Is in a relationship": :func:`_status_reached`), or a new value of
   something a person has one of: where they live or work, their preference, their favourite,
   their manager, an attribute stated as "<thing> is <value>" ("Bank is Chase" -> "Bank is
   Wells Fargo").
@@ -987,6 +990,8 @@ def relate(
         # the same words, maybe with other symbols ("Team mascot is 🐶" / "... 🐱"): the
         # words as written decide
         return _duplicate_unless_new(old, new)
+    if _status_reached(a, b):
+        return Relation.UPDATE  # "Is training for the marathon" -> "Has finished the marathon"
     common = words_a & words_b
     if (
         sum(common.values()) < MIN_SHARED_OF_SHORTER * min(len(a), len(b))
@@ -1240,3 +1245,192 @@ def _attribute_is(old: tuple[Token, ...], change: Change) -> bool:
     if value < len(old) and old[value].text in _PREPOSITIONS:
         value += 1  # "Gym is near the office" -> "Gym is near home"
     return change.first_old == value
+
+
+# -- a status that progressed ------------------------------------------------------------------
+
+_PURSUITS = _stems("training studying preparing waiting saving applying looking searching pursuing")
+"""Verbs of working toward something: "Is training for | the marathon"."""
+_INTENTS = _stems("plans planning wants hopes intends going trying aims")
+"""Verbs of a plan, before "to" and the verb planned: "Plans to | move to Berlin"."""
+_REACHED = _stems(
+    "finished completed passed received got earned obtained won ran has holds bought found "
+    "landed started accepted achieved reached graduated owns"
+)
+"""Verbs that tell a pursuit reached its end: "Has finished | the marathon", "Has | a master's
+in biology", "Started | a new job at Stripe"."""
+_PERFECT = _stems("has have had")
+_HAD = _stems("has holds owns")
+_WHEN = _stems("next last this soon later eventually someday ago early earlier up") | _UNITS
+"""Words of when (and "up", of "saving up for"): a plan's time is no part of what is planned
+("Plans to move to Berlin next year" -> "Has moved to Berlin")."""
+_PARTNERED = _stems("single dating engaged married relationship")
+"""The states of a person's love life, each of which a later one ends."""
+_PARTNER_ENDS = _stems("divorced separated widowed")
+_PARTNER_WORDS = (
+    _PARTNERED
+    | _PARTNER_ENDS
+    | _stems("someone named now got became broke up called off split engagement marriage")
+)
+
+
+def _status_reached(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
+    """Whether ``new`` tells that the status of ``old`` progressed, the same subject and the
+    same goal, nothing else said:
+
+    - a pursuit reached: "Is training for the Boston Marathon" -> "Has finished the Boston
+      Marathon", "Is studying for a master's in biology" -> "Has a master's in biology", "Is
+      looking for a new job" -> "Started a new job at Stripe";
+    - a plan carried out: "Plans to move to Berlin next year" -> "Has moved to Berlin";
+    - the same verb, done: "Is learning to drive" -> "Has learned to drive";
+    - a love life's next state: "Is single" -> "Is in a relationship", "Is engaged to Priya"
+      -> "Married Priya in June", "Is married to Tom" -> "Divorced Tom".
+
+    The new text must name the whole goal, and add nothing but names after a preposition,
+    numbers and words of when: "Passed the first of four CPA exam sections" after "Is
+    studying for the CPA exam", or "Completed the first solo flight toward the private pilot
+    license", is progress, and both memories are kept."""
+    if any(t.kind == "negation" for t in new):
+        return False
+    (whose, before), (whose_new, after) = _subject_and_predicate(old), _subject_and_predicate(new)
+    if whose != whose_new:
+        return False
+    if any(t.kind == "negation" for t in before):
+        return _partner_changed(before, after)
+    if len(before) < 2 or not after:
+        return _partner_changed(before, after)
+    verb, rest = before[0], before[1:]
+    if verb.text in _INTENTS and rest[0].text == "to" and len(rest) > 1:
+        verb, rest = rest[1], rest[2:]  # "plans to | move | to Berlin"
+        done = _done(after, verb.text)
+    elif verb.text in _PURSUITS and rest[0].text in ("for", "toward", "up"):
+        done = _done(after, verb.text) or _reached(after, verb.text)
+        rest = tuple(t for t in rest if t.text not in ("for", "toward", "up"))
+    elif _progressive(old) and verb.kind == "word" and not verb.past:
+        done = _done(after, verb.text)  # "Is learning to drive" -> "Has learned to drive"
+    else:
+        done = None
+    if done is not None and _same_goal(rest, done) and not _years(after) - _years(before):
+        return True  # (a year the plan did not name may date an earlier time: "in 2015")
+    return _partner_changed(before, after)
+
+
+def _years(sequence: tuple[Token, ...]) -> set[str]:
+    return {t.text for t in sequence if t.kind == "number" and _YEAR.fullmatch(t.text)}
+
+
+_YEAR = re.compile(r"(?:19|20)\d\d")
+
+
+def _progressive(sequence: tuple[Token, ...]) -> bool:
+    """Whether the predicate opens with "is", "are" or "am" ("Is learning to drive"; not
+    "Works from home on Fridays", a habit, of which "Worked from home last Friday" is one
+    occasion)."""
+    start = _predicate_start(sequence)
+    return start < len(sequence) and sequence[start].text in ("is", "are", "am")
+
+
+def _subject_and_predicate(
+    sequence: tuple[Token, ...],
+) -> tuple[tuple[str, ...], tuple[Token, ...]]:
+    """The subject of ``sequence`` and its predicate without a leading "is", "are", "am" and
+    filler. A text with no verb of :data:`_VERBS` is all predicate, the user's own, when it
+    opens with a word ("Received a kidney transplant", "Broke up with Chris"): its verb is one
+    the list does not name."""
+    if _has_verb(sequence):
+        subject, words = _subject(sequence), sequence[_predicate_start(sequence) :]
+    elif sequence and sequence[0].kind == "word":
+        subject, words = (), sequence
+    else:
+        return _subject(sequence), ()
+    while words and (words[0].text in ("is", "are", "am") or words[0].text in _FILLER):
+        words = words[1:]
+    return subject, words
+
+
+def _done(after: tuple[Token, ...], verb: str) -> tuple[Token, ...] | None:
+    """What follows ``verb`` in ``after`` where ``after`` opens with it in the past or after
+    "has": "Has moved | to Berlin", "Moved | to Berlin" (else None)."""
+    perfect = after[0].text in _PERFECT and len(after) > 1
+    head = after[1] if perfect else after[0]
+    if head.text == verb and (perfect or head.past):
+        return after[2:] if perfect else after[1:]
+    return None
+
+
+def _reached(after: tuple[Token, ...], pursuit: str) -> tuple[Token, ...] | None:
+    """What follows a verb of :data:`_REACHED` that opens ``after`` ("Has finished | the
+    marathon", "Passed | the bar exam"). "Has", "holds" and "owns" only after studying for a
+    degree ("Has | a master's in biology"), and without a time: a thing had after preparing
+    or waiting for it, or had at a time, is an appointment, not a goal reached ("Has a job
+    interview at Google", "Has the bar exam on Friday")."""
+    if len(after) > 1 and after[0].text in _PERFECT and after[1].text in _REACHED:
+        return after[2:]
+    if after[0].text not in _REACHED:
+        return None
+    if after[0].text in _HAD and (pursuit != stem("studying") or any(map(_is_when, after))):
+        return None
+    return after[1:]
+
+
+def _same_goal(goal: tuple[Token, ...], told: tuple[Token, ...]) -> bool:
+    """Whether ``told`` names every word of ``goal`` and adds nothing but numbers, dates,
+    words of when and names after a preposition ("a new job" -> "a new job at Stripe")."""
+    wanted = Counter(t.text for t in goal if _names_goal(t))
+    if not wanted:
+        return False
+    said = Counter(t.text for t in told if _names_goal(t))
+    added = said - wanted
+    after_preposition = {
+        t.text for i, t in enumerate(told) if i and told[i - 1].text in _PREPOSITIONS
+    }
+    return not wanted - said and all(
+        next(t for t in told if t.text == word).kind == "name" and word in after_preposition
+        for word in added
+    )
+
+
+def _is_when(token: Token) -> bool:
+    """Numbers, dates and words of when (:data:`_WHEN`)."""
+    return token.kind in ("number", "date") or token.text in _WHEN
+
+
+def _names_goal(token: Token) -> bool:
+    return not (
+        _is_when(token)
+        or token.text in _PREPOSITIONS
+        or token.text in _FILLER
+        or token.text in _POSSESSIVES
+    )
+
+
+def _partner_changed(before: tuple[Token, ...], after: tuple[Token, ...]) -> bool:
+    """Whether both predicates tell the user's love life (:data:`_PARTNERED`), the new one a
+    later state, with the same partner if the old one named one ("Is engaged to Priya" ->
+    "Married Priya in June"; "Is single" -> "Is dating someone named Alex"; "Is married to
+    Tom" -> "Divorced Tom"; not "Is dating Alex" -> "Is dating Sam")."""
+    if any(t.kind == "negation" for t in after):
+        return False
+    states = {t.text for t in before if t.text in _PARTNERED}
+    if not states or not all(_partner_word(t) for t in before):
+        return False
+    if not all(_partner_word(t) for t in after):
+        return False
+    later = _PARTNER_ENDS if states == {stem("married")} else _PARTNERED | _PARTNER_ENDS
+    if not {t.text for t in after} & (later | _PARTNER_WORDS - _PARTNERED):
+        return False
+    names = {t.text for t in before if t.kind == "name"}
+    return names <= {t.text for t in after if t.kind == "name"}
+
+
+def _partner_word(token: Token) -> bool:
+    return (
+        token.kind in ("name", "negation", "number", "date")
+        or token.text in _PARTNER_WORDS
+        or token.text in _PREPOSITIONS
+        or token.text in _WHEN
+        or token.text in _AUXILIARIES
+        or token.text in _FILLER
+        or token.text in _POSSESSIVES
+        or token.text in ("and", "anyone", "seeing", "summer", "winter", "spring", "fall")
+    )

@@ -456,6 +456,61 @@ def test_the_rules_keep_it_beside_at_any_similarity(old: str, new: str) -> None:
         assert relate(old, new, similarity, duplicate_threshold=0.95) is Relation.DISTINCT
 
 
+# a status that progressed, told of the same goal and nothing else (the sixth blind set's
+# status changes, stop 50): before, each was stored beside the stale one, and both injected
+STATUS_REACHED = [
+    ("Is training for the Boston Marathon", "Has finished the Boston Marathon"),
+    ("Plans to move to Berlin next year", "Has moved to Berlin"),
+    ("Is studying for a master's in biology", "Has a master's in biology"),
+    ("Is looking for a new job", "Started a new job at Stripe"),
+    ("Is waiting for a kidney transplant", "Received a kidney transplant"),
+    ("Is learning to drive", "Has learned to drive"),
+    ("Is single", "Is in a relationship"),
+    ("Is engaged to Priya", "Married Priya in June"),
+    ("Is married to Tom", "Divorced Tom"),
+    ("Dating someone named Chris", "Broke up with Chris"),
+]
+
+# ... and what must stay beside: progress, another goal, an appointment, someone else's
+STATUS_KEPT_BESIDE = [
+    ("Is studying for the CPA exam", "Passed the first of four CPA exam sections"),
+    (
+        "Is training for a private pilot license",
+        "Completed the first solo flight toward the private pilot license",
+    ),
+    ("Is pursuing a PhD in ecology", "Passed the PhD qualifying exams"),
+    ("Is training for the Boston Marathon", "Has finished a 10k race"),
+    ("Is studying for a master's in biology", "Has a master's in chemistry"),
+    ("Is preparing for a job interview at Google", "Has a job interview at Google"),
+    ("Is studying for the bar exam", "Has the bar exam on Friday"),
+    ("Is looking for a new job", "Has a new job offer"),
+    ("Is training for the marathon", "Sister finished the marathon"),
+    ("Is waiting for a kidney transplant", "Dad received a kidney transplant"),
+    ("Plans to move to Berlin", "Moved to Berlin in 2015"),  # maybe an earlier move
+    ("Wants to adopt a rabbit", "Adopted a kitten"),
+    ("Is writing a novel", "Wrote a novel in 2010"),
+    ("Is dating Alex", "Is dating Sam"),
+    ("Is single", "Brother is dating someone named Alex"),
+    ("Is engaged to Priya", "Is planning the wedding with Priya"),
+    ("Is going to the gym on Mondays", "Went to the gym last Monday"),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), STATUS_REACHED)
+def test_a_status_that_progressed_supersedes(store: MemoryStore, old: str, new: str) -> None:
+    store.add(old)
+    done = store.remember(new)
+    assert done.outcome is Outcome.SUPERSEDED
+    assert [m.text for m in store.get_all()] == [new]
+    assert [r.text for r in done.memory.history] == [old]
+
+
+@pytest.mark.parametrize(("old", "new"), STATUS_KEPT_BESIDE)
+def test_progress_or_another_goal_keeps_the_status_beside(old: str, new: str) -> None:
+    for similarity in (0.4, 0.7, 0.94):
+        assert relate(old, new, similarity, duplicate_threshold=0.95) is Relation.DISTINCT
+
+
 def test_a_move_after_a_memory_of_where_the_user_works_from_still_supersedes() -> None:
     """Only "is from" is an origin: "Works from home" is not."""
     old, new = "Works from home on Fridays", "Switched to working from home on Mondays instead"
