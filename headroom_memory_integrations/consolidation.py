@@ -1284,7 +1284,8 @@ def _status_reached(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
     - a plan carried out: "Plans to move to Berlin next year" -> "Has moved to Berlin";
     - the same verb, done: "Is learning to drive" -> "Has learned to drive";
     - a love life's next state: "Is single" -> "Is in a relationship", "Is engaged to Priya"
-      -> "Married Priya in June", "Is married to Tom" -> "Divorced Tom".
+      -> "Married Priya in June", "Is married to Tom" -> "Divorced Tom";
+    - a death: "Dog Biscuit is 3 years old" -> "Dog Biscuit passed away last month".
 
     The new text must name the whole goal, and add nothing but names after a preposition,
     numbers and words of when: "Passed the first of four CPA exam sections" after "Is
@@ -1292,6 +1293,8 @@ def _status_reached(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
     license", is progress, and both memories are kept."""
     if any(t.kind == "negation" for t in new):
         return False
+    if _died(old, new):
+        return True
     (whose, before), (whose_new, after) = _subject_and_predicate(old), _subject_and_predicate(new)
     if whose != whose_new:
         return False
@@ -1313,6 +1316,30 @@ def _status_reached(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
     if done is not None and _same_goal(rest, done) and not _years(after) - _years(before):
         return True  # (a year the plan did not name may date an earlier time: "in 2015")
     return _partner_changed(before, after)
+
+
+def _died(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
+    """Whether ``new`` tells that the someone ``old`` tells of in the present died, and
+    nothing else: "Dog Biscuit is 3 years old" -> "Dog Biscuit passed away last month",
+    "Grandma lives in Ohio" -> "Grandma died in March" (not after the user's own memory, or
+    one in the past: "Dog Biscuit was adopted in 2019" stays true)."""
+    for index, token in enumerate(new):
+        away = index + 1 < len(new) and new[index + 1].text == "away"
+        if token.text == "died" or (token.text == stem("passed") and token.past and away):
+            rest = new[index + 1 + away :]
+            break
+    else:
+        return False
+    whose = tuple(sorted(t.text for t in new[:index] if t.text not in _FILLER))
+    start = _predicate_start(old)
+    return (
+        bool(whose)
+        and whose == _subject(old)
+        and all(_is_when(t) or t.text in _PREPOSITIONS for t in rest)
+        and start < len(old)
+        and not old[start].past
+        and not any(t.kind == "tense" for t in old)
+    )
 
 
 def _years(sequence: tuple[Token, ...]) -> set[str]:

@@ -469,6 +469,7 @@ STATUS_REACHED = [
     ("Is engaged to Priya", "Married Priya in June"),
     ("Is married to Tom", "Divorced Tom"),
     ("Dating someone named Chris", "Broke up with Chris"),
+    ("Dog Biscuit is 3 years old", "Dog Biscuit passed away last month"),
 ]
 
 # ... and what must stay beside: progress, another goal, an appointment, someone else's
@@ -493,6 +494,8 @@ STATUS_KEPT_BESIDE = [
     ("Is single", "Brother is dating someone named Alex"),
     ("Is engaged to Priya", "Is planning the wedding with Priya"),
     ("Is going to the gym on Mondays", "Went to the gym last Monday"),
+    ("Dog Biscuit was adopted in 2019", "Dog Biscuit died"),  # still true
+    ("Grandma lives in Ohio", "Grandpa died in March"),
 ]
 
 
