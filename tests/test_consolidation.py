@@ -457,7 +457,7 @@ def test_the_rules_keep_it_beside_at_any_similarity(old: str, new: str) -> None:
 
 
 # a status that progressed, told of the same goal and nothing else (the sixth blind set's
-# status changes, stop 50): before, each was stored beside the stale one, and both injected
+# status changes, 2026-12-06): before, each was stored beside the stale one, and both injected
 STATUS_REACHED = [
     ("Is training for the Boston Marathon", "Has finished the Boston Marathon"),
     ("Plans to move to Berlin next year", "Has moved to Berlin"),
