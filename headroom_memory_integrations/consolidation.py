@@ -1266,12 +1266,11 @@ _WHEN = _stems("next last this soon later eventually someday ago early earlier u
 ("Plans to move to Berlin next year" -> "Has moved to Berlin")."""
 _PARTNERED = _stems("single dating engaged married relationship")
 """The states of a person's love life, each of which a later one ends."""
-_PARTNER_ENDS = _stems("divorced separated widowed")
-_PARTNER_WORDS = (
-    _PARTNERED
-    | _PARTNER_ENDS
-    | _stems("someone named now got became broke up called off split engagement marriage")
-)
+_PARTNER_ENDS = _stems("divorced separated widowed broke split")
+"""What ends a relationship ("Broke up with Chris"), the only change after "married"."""
+_PARTNER_EVENTS = _PARTNERED | _PARTNER_ENDS | _stems("called engagement marriage")
+"""Words of which the new text must have one: a state or what changed it."""
+_PARTNER_WORDS = _PARTNER_EVENTS | _stems("someone named now got became up off")
 
 
 def _status_reached(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
@@ -1432,10 +1431,12 @@ def _names_goal(token: Token) -> bool:
 
 
 def _partner_changed(before: tuple[Token, ...], after: tuple[Token, ...]) -> bool:
-    """Whether both predicates tell the user's love life (:data:`_PARTNERED`), the new one a
-    later state, with the same partner if the old one named one ("Is engaged to Priya" ->
-    "Married Priya in June"; "Is single" -> "Is dating someone named Alex"; "Is married to
-    Tom" -> "Divorced Tom"; not "Is dating Alex" -> "Is dating Sam")."""
+    """Whether both predicates tell the user's love life and nothing else (:data:`_PARTNERED`),
+    the new one another state or its end (after "married", only its end), with the same
+    partner if the old one named one ("Is engaged to Priya" -> "Married Priya in June"; "Is
+    single" -> "Is dating someone named Alex"; "Is married to Tom" -> "Divorced Tom"; not "Is
+    dating Alex" -> "Is dating Sam", nor "Is married to Tom" -> "Got married to Tom in
+    2015")."""
     if any(t.kind == "negation" for t in after):
         return False
     states = {t.text for t in before if t.text in _PARTNERED}
@@ -1443,8 +1444,8 @@ def _partner_changed(before: tuple[Token, ...], after: tuple[Token, ...]) -> boo
         return False
     if not all(_partner_word(t) for t in after):
         return False
-    later = _PARTNER_ENDS if states == {stem("married")} else _PARTNERED | _PARTNER_ENDS
-    if not {t.text for t in after} & (later | _PARTNER_WORDS - _PARTNERED):
+    later = _PARTNER_ENDS if states == {stem("married")} else _PARTNER_EVENTS
+    if not {t.text for t in after} & later:
         return False
     names = {t.text for t in before if t.kind == "name"}
     return names <= {t.text for t in after if t.kind == "name"}

@@ -493,6 +493,7 @@ STATUS_KEPT_BESIDE = [
     ("Is dating Alex", "Is dating Sam"),
     ("Is single", "Brother is dating someone named Alex"),
     ("Is engaged to Priya", "Is planning the wedding with Priya"),
+    ("Is married to Tom", "Got married to Tom in 2015"),  # after "married", only an end
     ("Is going to the gym on Mondays", "Went to the gym last Monday"),
     ("Dog Biscuit was adopted in 2019", "Dog Biscuit died"),  # still true
     ("Grandma lives in Ohio", "Grandpa died in March"),
