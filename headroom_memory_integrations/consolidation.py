@@ -1312,8 +1312,8 @@ def _status_reached(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
         done = _done(after, verb.text)  # "Is learning to drive" -> "Has learned to drive"
     else:
         done = None
-    if done is not None and _same_goal(rest, done) and not _years(after) - _years(before):
-        return True  # (a year the plan did not name may date an earlier time: "in 2015")
+    if done is not None and _same_goal(rest, done) and not _earlier(before, after):
+        return True
     return _partner_changed(before, after)
 
 
@@ -1339,6 +1339,19 @@ def _died(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
         and not old[start].past
         and not any(t.kind == "tense" for t in old)
     )
+
+
+_EARLIER = _stems("ago before previously times")
+"""Words that date what a text tells to an earlier time, or count its occasions ("Finished
+the marathon years ago", "Has moved to Berlin twice", read "2 times"): the status may be
+newer."""
+
+
+def _earlier(before: tuple[Token, ...], after: tuple[Token, ...]) -> bool:
+    """Whether ``after`` may tell of a time before the status ``before`` tells: it names a
+    year ``before`` did not ("Moved to Berlin in 2015" after "Plans to move to Berlin";
+    "Divorced in 2010" after "Is married"), or a word of :data:`_EARLIER`."""
+    return bool(_years(after) - _years(before)) or any(t.text in _EARLIER for t in after)
 
 
 def _years(sequence: tuple[Token, ...]) -> set[str]:
@@ -1407,12 +1420,34 @@ def _same_goal(goal: tuple[Token, ...], told: tuple[Token, ...]) -> bool:
         return False
     said = Counter(t.text for t in told if _names_goal(t))
     added = said - wanted
-    after_preposition = {
-        t.text for i, t in enumerate(told) if i and told[i - 1].text in _PREPOSITIONS
+    after_preposition = {  # not "for": "Found a new apartment for Mom" is her apartment
+        t.text
+        for i, t in enumerate(told)
+        if i and told[i - 1].text in _PREPOSITIONS and told[i - 1].text != "for"
     }
+    if _amounts(goal) - _amounts(told):  # "Is waiting for the iPhone 16" -> "Got the iPhone 15"
+        return False
     return not wanted - said and all(
         next(t for t in told if t.text == word).kind == "name" and word in after_preposition
         for word in added
+    )
+
+
+_SPANS = _stems(
+    "second seconds minute minutes hour hours day days week weeks month months year years"
+)
+"""What a number before it counts is time ("in 2 years"): a when, not part of a goal."""
+
+
+def _amounts(sequence: tuple[Token, ...]) -> Counter[str]:
+    """The numbers of ``sequence`` that name something rather than a time: not a year, nor
+    followed by a span of time ("iPhone 16", "a 5 km race"; not "in 2 years")."""
+    return Counter(
+        t.text
+        for i, t in enumerate(sequence)
+        if t.kind == "number"
+        and not _YEAR.fullmatch(t.text)
+        and (i + 1 == len(sequence) or sequence[i + 1].text not in _SPANS)
     )
 
 
@@ -1437,7 +1472,7 @@ def _partner_changed(before: tuple[Token, ...], after: tuple[Token, ...]) -> boo
     single" -> "Is dating someone named Alex"; "Is married to Tom" -> "Divorced Tom"; not "Is
     dating Alex" -> "Is dating Sam", nor "Is married to Tom" -> "Got married to Tom in
     2015")."""
-    if any(t.kind == "negation" for t in after):
+    if any(t.kind == "negation" for t in after) or _earlier(before, after):
         return False
     states = {t.text for t in before if t.text in _PARTNERED}
     if not states or not all(_partner_word(t) for t in before):

@@ -497,6 +497,16 @@ STATUS_KEPT_BESIDE = [
     ("Is going to the gym on Mondays", "Went to the gym last Monday"),
     ("Dog Biscuit was adopted in 2019", "Dog Biscuit died"),  # still true
     ("Grandma lives in Ohio", "Grandpa died in March"),
+    # an earlier time or one occasion of several: the status may be the newer fact
+    ("Is married", "Divorced in 2010"),
+    ("Is married", "Got divorced years ago"),
+    ("Is engaged", "Got married in 2005"),
+    ("Is training for the Boston Marathon", "Finished the Boston Marathon years ago"),
+    ("Is training for the Boston Marathon", "Has finished the Boston Marathon twice"),
+    ("Plans to move to Berlin", "Moved to Berlin once before"),
+    # another thing of the same name, or someone else's
+    ("Is waiting for the iPhone 16", "Got the iPhone 15"),
+    ("Is looking for a new apartment", "Found a new apartment for Mom"),
 ]
 
 
