@@ -786,14 +786,17 @@ class MemoryStore(WritePath):
         error's message names the panic's type, not its text (which may quote the user's); the
         panic is its cause.
 
-        The embedder reads each emoji as its name (:func:`~.embeddings.symbols.named_symbols`:
-        the local model reads every emoji as one unknown token, and texts that differ only by
-        an emoji had one vector); the texts stored are as written."""
+        An embedder whose vocabulary has no emoji (``emoji_by_name``: the local
+        all-MiniLM-L6-v2, which read every emoji as one unknown token, so texts that differed
+        only by an emoji had one vector) is given each emoji's name
+        (:func:`~.embeddings.symbols.named_symbols`); any other reads the texts as written."""
+        if getattr(self.embedder, "emoji_by_name", False) is True:
+            texts = [named_symbols(text) for text in texts]
         embed_queries = getattr(self.embedder, "embed_queries", None) if queries else None
         try:
             call = embed_queries or self.embedder.embed
             # in a background job: bounded, a late answer kept for its retry (late_embeddings)
-            embedded = embed_texts(self.embedder, call, [named_symbols(t) for t in texts], queries)
+            embedded = embed_texts(self.embedder, call, list(texts), queries)
         except BaseException as exc:
             if not is_rust_panic(exc):
                 raise  # an interrupt, an exit or a cancellation: never turned into a failure

@@ -256,6 +256,12 @@ class LocalEmbedder:
             :data:`BUNDLED_TOLERANCE` for the shipped copy). ``"auto"`` (default) picks
             onnx-int8 for the bundled model (numpy where onnxruntime is missing) and
             sentence-transformers for anything else.
+
+    Attributes:
+        emoji_by_name: Whether a store should give the model each emoji's name rather than
+            the emoji (:func:`~.symbols.named_symbols`): all-MiniLM-L6-v2's vocabulary has
+            none, and reads each as one unknown token. ``embed`` itself reads texts as they
+            are (the model's own vectors).
     """
 
     def __init__(self, model: str = DEFAULT_LOCAL_MODEL, *, backend: Backend = "auto") -> None:
@@ -264,6 +270,7 @@ class LocalEmbedder:
         is_minilm = model.lower() in _MINILM_NAMES
         self.name = DEFAULT_LOCAL_MODEL if is_minilm else model
         self.dimension = 384 if is_minilm else 0  # others: known once loaded
+        self.emoji_by_name = is_minilm
 
     def _encoder(self) -> _Encoder:
         # one per model and backend as resolved: "onnx-int8" is what "auto" picks here, and

@@ -2,9 +2,10 @@
 
 all-MiniLM-L6-v2's vocabulary has no emoji: its tokenizer reads each as one unknown token, so
 "Favourite fruit emoji is 🍎" and "... is 🍌" had one vector, and no search could tell them
-apart or find either by "banana". :func:`named_symbols` gives the embedder each emoji's
-Unicode name instead ("... is red apple", "... is banana"). The memory's text is stored as
-written; only what the embedder reads changes.
+apart or find either by "banana". :class:`~.local.LocalEmbedder` of this model reads each
+emoji by its Unicode name instead (:func:`named_symbols`: "... is red apple", "... is
+banana"); other embedders read emoji themselves. The memory's text is stored as written; only
+what the model reads changes.
 """
 
 from __future__ import annotations
