@@ -1412,11 +1412,14 @@ class JobWorker:
                 own,
             )
 
-    def close(self, timeout: float | None = 5.0, *, at_exit: bool = False) -> bool:
+    def close(
+        self, timeout: float | None = 5.0, *, at_exit: bool = False, drain: bool = True
+    ) -> bool:
         """Wait up to ``timeout`` seconds for the jobs (of ``kinds``) this process queued
         (:meth:`drain_own`), not for the file's others (another process's, a turn left for an
         extraction client this process does not have), then stop the thread and close the
-        queue. Idempotent.
+        queue. Idempotent. Without ``drain`` (drained already, or to stop now), the jobs are
+        not waited for, only the threads, up to ``timeout``.
 
         With ``at_exit`` (the interpreter exits), wait only for those that can run before
         ``timeout`` ends, not for one waiting out a backoff past it; log how many jobs are
@@ -1433,7 +1436,7 @@ class JobWorker:
         _OPEN_WORKERS.discard(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            drained = self.drain_own(timeout, runnable_only=at_exit)
+            drained = self.drain_own(timeout if drain else 0, runnable_only=at_exit)
             if at_exit:
                 self._log_left()
         except Exception as exc:  # no new threads at interpreter shutdown (Python >= 3.12), an

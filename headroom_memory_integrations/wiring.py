@@ -146,8 +146,8 @@ def build_flow(
     top_k = checked_setting("top_k", top_k)  # as the searches will: refused now, not each call
     untrusted_context = checked_setting("untrusted_context", untrusted_context)
     path = Path(queue_path).expanduser() if queue_path else queue_path_for(memory)
-    writer = writer_for(path, backoff=backoff)
-    writer.register(memory, extractor)
+    # (a new writer of the file if the one found stopped meanwhile: its last store closed)
+    writer = writer_for(path, backoff=backoff).register(memory, extractor)
     return MemoryFlow(
         memory,
         writer,

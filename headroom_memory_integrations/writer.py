@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -62,6 +63,7 @@ from .prompts import (
 )
 from .redaction import logger_without_secrets
 from .storage.base import Storage
+from .storage.closing import when_closed
 from .storage.folder import folder_identity, make_private_folder
 from .storage.guard import MAX_RETRY_SECONDS, run_for_at_most, when_back
 from .types import Memory, Source
@@ -144,6 +146,11 @@ LangChain or LlamaIndex model may have no timeout of its own, and a stalled call
 user's extractions (and ``flush()``) for ever. Past it the try is given up and retried with
 backoff; the call is left to finish on a thread of its own, its answer unused. The OpenAI
 wrappers bound each try sooner (``openai.EXTRACTION_TIMEOUT``)."""
+
+STOP_WAIT_SECONDS = 5.0
+"""The longest closing a storage waits for the threads of its job queue's workers to stop
+(their jobs are not waited for: a job under way that outlasts it ends on its own, and the
+queue file is closed then)."""
 
 _ERASE_PATIENCE = 2.0
 """Seconds a plain store's ``forget_user`` (no writer in this process, so no worker to try again
@@ -508,6 +515,19 @@ class MemoryWriter:
         # wrapper of a user no longer served) is not kept alive; its jobs still run, on a store
         # built for each with the settings of the first store registered (the template)
         self._stores: weakref.WeakValueDictionary[str, MemoryStore] = weakref.WeakValueDictionary()
+        # every store registered here and not closed since (nor its storage), weakly, with the
+        # order it was registered in: _stores holds each user's newest only, and a user may
+        # have several open (a wrapper and a LangChain model, a wrapper per request). The
+        # workers stop once none is left; a user whose newest store closed or was let go of
+        # has their jobs run on their newest other one (see _store_of)
+        self._open: weakref.WeakKeyDictionary[MemoryStore, int] = weakref.WeakKeyDictionary()
+        self._registered = itertools.count()
+        # the deadlines of the stores closing now: the last one waits as long as any of them
+        self._closing: list[float | None] = []
+        # set once the workers are to stop (no store left open): a store registered from then
+        # on is served by a new writer of the file (see register)
+        self._retired = False
+        self._backoff = backoff
         self._template: dict[str, Any] | None = None  # MemoryStore's arguments but user_id
         # The extractor of each registered store, for as long as the store lives: held by the
         # store, weakly, as the stores are (a dict by user kept the extractor, and with it a
@@ -608,10 +628,14 @@ class MemoryWriter:
             embedders.append(template["embedder"])
         return embedders
 
-    def register(self, memory: MemoryStore, extractor: BackgroundExtractor | None = None) -> None:
+    def register(
+        self, memory: MemoryStore, extractor: BackgroundExtractor | None = None
+    ) -> MemoryWriter:
         """Serve ``memory``'s jobs (and, with ``extractor``, its background extraction), and
         resume whatever an earlier process left in the queue (its extractions once an
-        extractor is registered: only then does the extraction thread start).
+        extractor is registered: only then does the extraction thread start). Returns the
+        writer that serves it: this one, or, if this one's workers were stopping meanwhile
+        (the last store on the file closed, or its storage), a new writer of the file.
 
         Raises:
             InvalidInputError: the queue already serves memories kept elsewhere. Its jobs name
@@ -619,31 +643,42 @@ class MemoryWriter:
                 other's memories.
         """
         with self._lock:
-            served = self._storage
-            if served is not None and not _same_place(served, memory.storage):
-                raise InvalidInputError(
-                    f"the job queue {self.worker.queue.path} already serves the memories in "
-                    f"{_where(served)}, not those in {_where(memory.storage)}: give each "
-                    "storage its own queue_path (the default one is, except for in-memory clients)"
-                )
-            self._storage = memory.storage
-            self._stores[memory.user_id] = memory
-            if self._template is None:
-                self._template = {
-                    "storage": memory.storage,
-                    "embedder": memory.embedder,
-                    "min_score": memory.min_score,
-                    "duplicate_threshold": memory.duplicate_threshold,
-                }
-            if extractor is not None:
-                known = self._extractors.setdefault(memory, [])
-                if extractor in known:
-                    known.remove(extractor)
-                known.append(extractor)
+            retired = self._retired
+            if not retired:
+                self._serve(memory, extractor)
+        if retired:  # (a new writer, which serves whatever storage its first store is on)
+            fresh = writer_for(Path(self.worker.queue.path), backoff=self._backoff)
+            return fresh.register(memory, extractor)
         memory.attach_writer(self)
         self.worker.start()
         if extractor is not None:
             self.extractions.start()
+        return self
+
+    def _serve(self, memory: MemoryStore, extractor: BackgroundExtractor | None) -> None:
+        """With ``_lock`` held: :meth:`register`'s bookkeeping."""
+        served = self._storage
+        if served is not None and not _same_place(served, memory.storage):
+            raise InvalidInputError(
+                f"the job queue {self.worker.queue.path} already serves the memories in "
+                f"{_where(served)}, not those in {_where(memory.storage)}: give each "
+                "storage its own queue_path (the default one is, except for in-memory clients)"
+            )
+        self._storage = memory.storage
+        self._stores[memory.user_id] = memory
+        self._open[memory] = next(self._registered)
+        if self._template is None:
+            self._template = {
+                "storage": memory.storage,
+                "embedder": memory.embedder,
+                "min_score": memory.min_score,
+                "duplicate_threshold": memory.duplicate_threshold,
+            }
+        if extractor is not None:
+            known = self._extractors.setdefault(memory, [])
+            if extractor in known:
+                known.remove(extractor)
+            known.append(extractor)
 
     def store(self, memory: MemoryStore, memories: Sequence[Mapping[str, Any]]) -> None:
         self._put("store", memory, {"memories": list(memories)})
@@ -780,34 +815,102 @@ class MemoryWriter:
 
     def detach(self, memory: MemoryStore, timeout: float | None) -> bool:
         """``memory`` is closing: drain its user's jobs that this process queued (up to
-        ``timeout``; not another process's on the same file); once no store is left, stop
+        ``timeout``; not another process's on the same file); once no store is left open (of
+        any user: another store of the same user may be in use), drain every user's, then stop
         the workers (unfinished jobs stay in the file for the next process, and work that
-        comes later, from a call under way, is put there too: see :meth:`_put`)."""
+        comes later, from a call under way, is put there too: see :meth:`_put`). A store
+        registered while the last one drains keeps the workers running."""
+        own_deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            last = set(self._stores) <= {memory.user_id}
+            self._open.pop(memory, None)  # (at once: of two closing together, one is last)
+            last = not self._open
+            self._closing.append(own_deadline)
         try:
             if not last:
-                return self.flush(timeout, user_id=memory.user_id, own=True)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            # work still held goes on to the file after the deadline (the hand-over thread)
-            drained = self._wait_handed_over(deadline)
-            # each drains (up to the deadline), then stops; the store worker (which stores
-            # meanwhile) last: an extraction may leave it a store job (see _run)
-            for worker in (self.extractions, self.worker):
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                drained = worker.close(left) and drained
-            return drained
+                return self._drain(timeout, memory.user_id)
+            # as long as the longest of the stores closing now (a short close of the last
+            # store must not cut short another store's longer one)
+            with self._lock:
+                waits = list(self._closing)
+            deadline = None if None in waits else max(w for w in waits if w is not None)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            drained = self._drain(left, None)
+            with self._lock:
+                if self._open:  # a store registered meanwhile: it is served on
+                    return drained
+                self._retired = True
+            return self._stop(deadline) and drained
         finally:  # only now (pending jobs of this user needed its store), even if flush raised
             with self._lock:
+                self._closing.remove(own_deadline)
+                if self._stores.get(memory.user_id) is memory:
+                    del self._stores[memory.user_id]  # their newest other one serves them
+                self._extractors.pop(memory, None)
+
+    def _drain(self, timeout: float | None, user_id: str | None) -> bool:
+        """Wait up to ``timeout`` seconds for the jobs this process queued (of ``user_id``,
+        if given). False on timeout, or if the workers were stopped meanwhile (the last
+        store's close, or the storage's: what is left stays in the file)."""
+        try:
+            return self.flush(timeout, user_id=user_id, own=True)
+        except RuntimeError:  # a closed queue
+            if not self.worker.closed:
+                raise
+            return False
+
+    def _stop(self, deadline: float | None) -> bool:
+        """Stop the workers without waiting for their jobs (:meth:`detach` drained them), and
+        close their connection to the file once their threads end (waited for until
+        ``deadline``). The extraction worker first: an extraction may leave the store worker
+        a store job (see _run). Returns whether no job queued here was left undone (one
+        queued since the drain, by a call under way, stays in the file for the next writer)."""
+        drained = True
+        for worker in (self.extractions, self.worker):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            drained = worker.close(left, drain=False) and drained
+        # the notes of held lines go when the workers that made them stop, not when one of a
+        # user's stores closes (another of theirs may be in use); each also goes when its job
+        # is due again
+        with self._settled:
+            self._held_lines.clear()
+        return drained
+
+    def _storage_closed(self, storage: Storage) -> None:
+        """``storage`` is closing: the stores built on it are not served any more (their
+        work could not be stored), and once no store is left open, nor the storage the
+        queue serves, the workers stop now (what is left stays in the file for the next
+        process). A store the application still holds but will not close (the first client
+        of a notebook, kept by the kernel's output history) so no longer keeps the queue file
+        open after its folder's storage is closed."""
+        with self._lock:
+            gone = [memory for memory in list(self._open) if memory.storage is storage]
+            for memory in gone:
+                del self._open[memory]
                 if self._stores.get(memory.user_id) is memory:
                     del self._stores[memory.user_id]
-                self._extractors.pop(memory, None)
-            # the notes of held lines go when the workers that made them stop, not when one
-            # of a user's stores closes (_stores keeps only the newest store of each user,
-            # and another of theirs may be in use); each also goes when its job is due again
-            if last:
-                with self._settled:
-                    self._held_lines.clear()
+            if self._storage is not storage and not gone:
+                return
+            if self._open:  # stores on another storage object of the same place serve on
+                other = next(iter(self._open)).storage
+                if self._storage is storage:
+                    self._storage = other
+                if self._template is not None and self._template["storage"] is storage:
+                    self._template = {**self._template, "storage": other}
+                return
+            if self._retired:
+                return
+            self._retired = True
+        self._stop(time.monotonic() + STOP_WAIT_SECONDS)
+
+    def _store_of(self, user_id: str) -> MemoryStore | None:
+        """With ``_lock`` held: the newest store of ``user_id`` registered here and still
+        open (its application holds it, and neither it nor its storage was closed)."""
+        memory = self._stores.get(user_id)
+        if memory is None:
+            theirs = [(n, s) for s, n in list(self._open.items()) if s.user_id == user_id]
+            if theirs:
+                memory = self._stores[user_id] = max(theirs, key=lambda found: found[0])[1]
+        return memory
 
     def forget(self, memory: MemoryStore, timeout: float | None) -> int:
         """Delete every job of ``memory``'s user from the queue file (waiting up to
@@ -1183,7 +1286,7 @@ class MemoryWriter:
             return queued[1]
         destination = job.payload.get("destination")
         with self._lock:
-            store = self._stores.get(job.user_id)
+            store = self._store_of(job.user_id)
             own = _newest_usable(self._extractors.get(store)) if store is not None else None
         if own is None:  # the user's own, that a later job of theirs was queued with here:
             # that job waits for this one (their order is kept), so this one must run too
@@ -1244,7 +1347,7 @@ class MemoryWriter:
         embedder named in it) runs with the embedder of the first store registered, as it did
         then."""
         with self._lock:
-            memory = self._stores.get(job.user_id)
+            memory = self._store_of(job.user_id)
             template = self._template
         if memory is not None:
             return memory
@@ -1405,7 +1508,7 @@ def writer_for(path: Path, *, backoff: Backoff | None = None) -> MemoryWriter:
         writer = _writers.get(key)
         if writer is not None and not writer.worker.closed and writer.folder_removed():
             stale, writer = writer, None
-        if writer is None or writer.worker.closed:
+        if writer is None or writer.worker.closed or writer._retired:
             writer = _writers[key] = MemoryWriter(Path(key), backoff=backoff)
             _every_writer.add(writer)
             global _exit_hook
@@ -1420,6 +1523,18 @@ def writer_for(path: Path, *, backoff: Backoff | None = None) -> MemoryWriter:
 
 
 _exit_hook = False
+
+
+def _stop_serving(storage: Storage) -> None:
+    """A storage is closing: every writer stops serving the stores built on it (see
+    :meth:`MemoryWriter._storage_closed`)."""
+    with _writers_lock:
+        writers = list(_writers.values())
+    for writer in writers:
+        writer._storage_closed(storage)
+
+
+when_closed(_stop_serving)
 
 
 def _hand_over_at_exit() -> None:
@@ -1445,6 +1560,7 @@ def _after_fork_in_child() -> None:
         writer._lock = threading.Lock()
         writer._settled = threading.Condition()
         writer._unsettled = {}
+        writer._closing = []  # (the parent's closes under way)
         writer._held_lines = {}
         writer._queued_with = OrderedDict()
         writer._embedded_with = OrderedDict()

@@ -4,11 +4,15 @@ UserStores keeps the most recently used users' stores."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import os
+import shutil
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 from conftest import GatedEmbedder, HashEmbedder
@@ -474,3 +478,241 @@ def test_openai_clients_with_key_providers_or_azure_ad_have_no_destination() -> 
     ]
     assert keyed[0] == keyed[1] != keyed[2] and all(isinstance(k, str) for k in keyed)
     assert isinstance(client_destination(AzureOpenAI(api_key="k", **azure), "m"), str)
+
+
+DOG = {"text": "Has a dog named Rex", "category": "fact"}
+
+
+def extracting_wrappers(openai_server, db_path, model, *names: tuple[str, str]):
+    """with_memory wrappers on one folder, one per (user, name): each extracts with a model
+    named "<user>-<name>"."""
+    return [
+        with_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=db_path,
+            embedder=model,
+            extraction_model=f"{user}-{name}",
+        )
+        for user, name in names
+    ]
+
+
+def recording_extractions(openai_server, memory: dict, gate: threading.Event | None = None):
+    """The scripted model answers chat calls "Noted." and extraction calls ``memory`` (after
+    ``gate``, if given); returns the list of the extraction model each extraction call named."""
+    extractions: list[str] = []
+
+    def respond(body: dict) -> Reply:
+        if "You maintain long-term memory" not in body["messages"][0]["content"]:
+            return Reply.text("Noted.")
+        extractions.append(body["model"])
+        if gate is not None:
+            assert gate.wait(60)
+        return Reply.text(json.dumps({"memories": [memory]}))
+
+    openai_server.responder = respond
+    return extractions
+
+
+def wait_for(condition, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("closing", ["older", "newer"])
+def test_closing_one_of_a_users_two_stores_keeps_the_other_served(
+    openai_server, db_path, model, model_says, closing
+) -> None:
+    """The writer took the close of either of alice's two stores (a wrapper and a LangChain
+    model, a wrapper per request) for the close of the last store on the queue (it judged
+    from the newest store of each user) and stopped the workers while the other was in use:
+    its memories went to the file for the next process, its next call did not find them, and
+    its flush() failed on the closed queue. Now the workers stop once no store is left open,
+    whichever user's."""
+    from headroom_memory_integrations.prompts import CONTEXT_OPEN
+
+    older, newer = (
+        with_fast_memory(openai_server.client(), user_id="alice", db_path=db_path, embedder=model)
+        for _ in range(2)
+    )
+    writer = writer_for(queue_path_for(older.memory))
+    closed, in_use = (older, newer) if closing == "older" else (newer, older)
+    assert closed.memory.close(5)
+    assert not writer.worker.closed  # alice's other store is in use
+
+    model_says.memories = [DOG]
+    in_use.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "My dog is called Rex"}]
+    )
+    model_says.memories = []
+    in_use.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "What is my dog's name?"}]
+    )
+    system = openai_server.requests[-1].body["messages"][0]["content"]
+    assert DOG["text"] in system.partition(CONTEXT_OPEN)[2]  # stored here, read next call
+    assert in_use.memory.flush(5)
+    assert not in_use.memory.stats()["events"].get("flush_failures")
+
+    assert in_use.memory.close(5)
+    assert writer.worker.closed and writer.extractions.closed  # the last store on the queue
+    older.close()
+    newer.close()
+
+
+@pytest.mark.parametrize("newest", ["closed", "let go of"])
+def test_a_users_jobs_run_with_their_other_store_once_their_newest_is_gone(
+    openai_server, db_path, model, newest
+) -> None:
+    """Alice has two with_memory wrappers (each extracting with its own model), bob one. Once
+    alice's newest store was closed or let go of, the writer forgot her older one: a turn of
+    hers that an earlier process left queued (no extractor of its own) waited for ever, with
+    none of hers in this process. Now it runs with the extractor of her store still open."""
+    from headroom_memory_integrations.jobs import JobQueue
+
+    extractions = recording_extractions(openai_server, ALICE)
+    older, newer, bob = extracting_wrappers(
+        openai_server, db_path, model, ("alice", "older"), ("alice", "newer"), ("bob", "x")
+    )
+    writer = writer_for(queue_path_for(older.memory))
+    if newest == "closed":
+        assert newer.memory.close(5)
+    else:
+        gone = weakref.ref(newer.memory)
+        del newer
+        gc.collect()
+        assert gone() is None
+
+    queue = JobQueue(writer.worker.queue.path)  # as an earlier process left it
+    turn = [{"role": "user", "content": "I prefer Python for backend work"}]
+    queue.put("extract", "alice", {"exchange": turn, "injected": {}, "model": None})
+    queue.close()
+    writer.extractions.notify("alice")
+    assert writer.flush(30)
+    assert extractions == ["alice-older"]
+    assert [m.text for m in older.memory.get_all()] == [ALICE["text"]]
+    older.close()
+    bob.close()
+
+
+def test_a_short_close_of_the_last_store_does_not_cut_short_a_longer_close_of_another(
+    openai_server, db_path, model
+) -> None:
+    """Alice's store a closes with a long timeout while her turn is still extracted; her store
+    b closes meanwhile with a short one, and is the last store on the queue. b stopped the
+    workers after its own short wait, and a's close, still waiting, failed on the closed queue
+    (a flush failure, its memory left in the file). The last close now waits as long as the
+    longest of the closes under way."""
+    gate = threading.Event()
+    extractions = recording_extractions(openai_server, ALICE, gate)
+    a, b = extracting_wrappers(openai_server, db_path, model, ("alice", "a"), ("alice", "b"))
+    writer = writer_for(queue_path_for(a.memory))
+    a.chat.completions.create(model="m", messages=[{"role": "user", "content": "I use Python"}])
+    wait_for(lambda: extractions, "the extraction call")
+    closed: dict[str, bool] = {}
+    closer = threading.Thread(target=lambda: closed.update(a=a.memory.close(300)))
+    closer.start()
+    wait_for(lambda: writer._closing, "a's close")
+    b_closed = threading.Thread(target=lambda: closed.update(b=b.memory.close(0.3)))
+    b_closed.start()
+    wait_for(lambda: len(writer._closing) == 2, "b's close")
+    gate.set()
+    closer.join(300)
+    b_closed.join(300)
+    assert closed["a"]
+    assert not a.memory.stats()["events"].get("flush_failures")
+    assert [m.text for m in a.memory.get_all()] == [ALICE["text"]]
+    assert writer.worker.closed and writer.extractions.closed
+
+
+def test_a_store_registered_while_the_last_one_closes_is_served(
+    openai_server, db_path, model
+) -> None:
+    """Bob's wrapper was built while alice's store, the last on the queue, was closing (its
+    turn still extracted): it got the writer whose workers her close then stopped, so bob's
+    memories went to the file for the next process and his flush() failed. The close now
+    stops the workers only if no store was registered while it drained."""
+    gate = threading.Event()
+    extractions = recording_extractions(openai_server, ALICE, gate)
+    [alice] = extracting_wrappers(openai_server, db_path, model, ("alice", "x"))
+    writer = writer_for(queue_path_for(alice.memory))
+    alice.chat.completions.create(model="m", messages=[{"role": "user", "content": "I use Python"}])
+    wait_for(lambda: extractions, "alice's extraction call")
+    closer = threading.Thread(target=lambda: alice.memory.close(300))
+    closer.start()
+    wait_for(lambda: writer._closing, "alice's close")
+    [bob] = extracting_wrappers(openai_server, db_path, model, ("bob", "x"))
+    gate.set()
+    closer.join(300)
+
+    bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I cook"}])
+    assert bob.memory.flush(30)
+    assert extractions == ["alice-x", "bob-x"]
+    assert [m.text for m in bob.memory.get_all()] == [ALICE["text"]]
+    bob.close()
+
+
+def test_a_store_registered_with_a_writer_stopped_meanwhile_gets_a_new_one(
+    openai_server, db_path, model, model_says
+) -> None:
+    """A wrapper is built in two steps: the file's writer is looked up, then the store is
+    registered with it. The last store closing in between stopped the workers, and the new
+    store was registered with the stopped writer: nothing in this process ran its jobs. Now
+    it is served by a new writer of the file."""
+    alice = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    found = writer_for(queue_path_for(alice.memory))
+    assert alice.memory.close(5) and found.worker.closed
+
+    bob = MemoryStore("bob", storage=alice.memory.storage, embedder=model)
+    serving = found.register(bob)
+    assert serving is writer_for(queue_path_for(bob)) and not serving.worker.closed
+    model_says.memories = [BOB]
+    serving.store(bob, [BOB])
+    assert bob.flush(30)
+    assert [m.text for m in bob.get_all()] == [BOB["text"]]
+    bob.close()
+
+
+def files_held_in(folder) -> list[str]:
+    """The files under ``folder`` this process has open (empty where /proc is missing)."""
+    fds = Path("/proc/self/fd")
+    held = []
+    for fd in fds.iterdir() if fds.is_dir() else ():
+        with contextlib.suppress(OSError):  # (closed meanwhile)
+            held.append(os.readlink(fd))
+    return [p for p in held if p.startswith(str(folder))]
+
+
+def test_stores_never_closed_do_not_keep_the_queue_file_open_once_the_storage_is_closed(
+    openai_server, db_path, model, model_says
+) -> None:
+    """A notebook's first client, kept by the kernel's output history (Out[]), is never
+    closed. Its store counts as open, and kept the workers and the queue file open after the
+    folder's storage was closed (ChromaStorage.at(path).close(), as docs/reliability.md tells
+    a process that cycles through folders): a kernel running notebooks again and again leaked
+    files. Closing the storage now stops the workers of its stores' queue and closes the
+    file; what is left in it stays there for the next process."""
+    from headroom_memory_integrations import ChromaStorage
+
+    kept, bob = (
+        with_fast_memory(openai_server.client(), user_id=user, db_path=db_path, embedder=model)
+        for user in ("alice", "bob")
+    )
+    model_says.memories = [BOB]
+    bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I play cello"}])
+    assert bob.memory.flush(30)
+    writer = writer_for(queue_path_for(bob.memory))
+    assert not writer.worker.closed
+
+    ChromaStorage.at(db_path).close()
+    assert writer.worker.closed and writer.extractions.closed
+    if Path("/proc/self/fd").is_dir():
+        wait_for(lambda: not files_held_in(db_path), "the folder's files closed")
+    shutil.rmtree(db_path)
+    assert not db_path.exists()
+    kept.close()
+    bob.close()

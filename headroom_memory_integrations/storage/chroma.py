@@ -50,6 +50,7 @@ from ..redaction import logger_without_secrets, without_credentials
 from ..types import Category, Memory, Revision, Source, parse_time
 from .base import Catalogued, collection_name
 from .chroma_import import import_chromadb, import_http_client
+from .closing import announce_closed
 from .deferred import (
     MAX_DEFERRED_RECORDS,
     SETTLE_SECONDS,
@@ -2158,7 +2159,10 @@ class ChromaStorage:
         connections, an embedded folder's files and lock). Do not use it, or stores built on
         it, afterwards. :meth:`at` shares one storage per folder in a process: closing it
         closes it for every store of that folder, and the next :meth:`at` opens the folder
-        afresh."""
+        afresh. The job queue serving its stores stops first and closes its file, unless
+        stores on another storage of the same place still use it (their work left stays in
+        the file for the next process)."""
+        announce_closed(self)
         if self._deferred is not None:
             self._deferred.stop()  # what cannot be stored now stays journaled for next time
         with self._write_lock:
