@@ -600,29 +600,32 @@ def test_a_users_jobs_run_with_their_other_store_once_their_newest_is_gone(
 def test_a_short_close_of_the_last_store_does_not_cut_short_a_longer_close_of_another(
     openai_server, db_path, model
 ) -> None:
-    """Alice's store a closes with a long timeout while her turn is still extracted; her store
-    b closes meanwhile with a short one, and is the last store on the queue. b stopped the
-    workers after its own short wait, and a's close, still waiting, failed on the closed queue
-    (a flush failure, its memory left in the file). The last close now waits as long as the
-    longest of the closes under way."""
+    """Alice's store a closes with a long timeout while her turns are still extracted (one
+    under way, the next queued behind it); her store b closes meanwhile with a short one, and
+    is the last store on the queue. b stopped the workers after its own short wait, and a's
+    close, still waiting, failed on the closed queue (a flush failure, her second turn left
+    in the file). The last close now waits as long as the longest of the closes under way."""
     gate = threading.Event()
     extractions = recording_extractions(openai_server, ALICE, gate)
     a, b = extracting_wrappers(openai_server, db_path, model, ("alice", "a"), ("alice", "b"))
     writer = writer_for(queue_path_for(a.memory))
-    a.chat.completions.create(model="m", messages=[{"role": "user", "content": "I use Python"}])
-    wait_for(lambda: extractions, "the extraction call")
+    for said in ("I use Python", "I like it for backend work"):
+        a.chat.completions.create(model="m", messages=[{"role": "user", "content": said}])
+    wait_for(lambda: extractions, "the first extraction call")
     closed: dict[str, bool] = {}
     closer = threading.Thread(target=lambda: closed.update(a=a.memory.close(300)))
     closer.start()
     wait_for(lambda: writer._closing, "a's close")
     b_closed = threading.Thread(target=lambda: closed.update(b=b.memory.close(0.3)))
     b_closed.start()
-    wait_for(lambda: len(writer._closing) == 2, "b's close")
+    b_closed.join(2)  # well past its own 0.3 s (a stalled machine can only make it pass)
+    assert b_closed.is_alive() and not writer.extractions.closed  # waits for a's close
     gate.set()
     closer.join(300)
     b_closed.join(300)
     assert closed["a"]
     assert not a.memory.stats()["events"].get("flush_failures")
+    assert extractions == ["alice-a", "alice-a"]  # both turns, before the workers stopped
     assert [m.text for m in a.memory.get_all()] == [ALICE["text"]]
     assert writer.worker.closed and writer.extractions.closed
 
@@ -655,7 +658,7 @@ def test_a_store_registered_while_the_last_one_closes_is_served(
 
 
 def test_a_store_registered_with_a_writer_stopped_meanwhile_gets_a_new_one(
-    openai_server, db_path, model, model_says
+    openai_server, db_path, model
 ) -> None:
     """A wrapper is built in two steps: the file's writer is looked up, then the store is
     registered with it. The last store closing in between stopped the workers, and the new
@@ -670,8 +673,7 @@ def test_a_store_registered_with_a_writer_stopped_meanwhile_gets_a_new_one(
     bob = MemoryStore("bob", storage=alice.memory.storage, embedder=model)
     serving = found.register(bob)
     assert serving is writer_for(queue_path_for(bob)) and not serving.worker.closed
-    model_says.memories = [BOB]
-    serving.store(bob, [BOB])
+    serving.store(bob, [BOB])  # as bob's wrapper's call does
     assert bob.flush(30)
     assert [m.text for m in bob.get_all()] == [BOB["text"]]
     bob.close()
