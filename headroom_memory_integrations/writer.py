@@ -834,7 +834,12 @@ class MemoryWriter:
                 waits = list(self._closing)
             deadline = None if None in waits else max(w for w in waits if w is not None)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            drained = self._drain(left, None)
+            try:
+                drained = self._drain(left, None)
+            except Exception:  # the file failed (an unwritable folder): the workers stop all
+                # the same, and say so (JobWorker.close); what is left stays in the file
+                log.debug("job queue %s: could not drain", self.worker.queue.path, exc_info=True)
+                drained = False
             with self._lock:
                 if self._open:  # a store registered meanwhile: it is served on
                     return drained

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.openai_client
 
 BOB = {"text": "Plays the cello in an orchestra", "category": "fact"}
 ALICE = {"text": "Prefers Python for backend work", "category": "preference"}
+DOG = {"text": "Has a dog named Rex", "category": "fact"}
 
 
 def alice_let_go_behind_bob(openai_server, db_path, model_says, bobs, alices):
@@ -81,19 +82,26 @@ def test_the_stores_of_many_users_are_bounded(db_path, model) -> None:
     assert stores.users() == ["user-0"]
 
 
-def alice_and_bob(openai_server, db_path, model):
-    """Two with_memory wrappers on one folder, each extracting with a model named after its
-    user ("alice-extractor", "bob-extractor")."""
-    return (
+def extracting_wrappers(openai_server, db_path, model, *names: tuple[str, str]):
+    """with_memory wrappers on one folder, one per (user, name): each extracts with a model
+    named "<user>-<name>"."""
+    return [
         with_memory(
             openai_server.client(),
             user_id=user,
             db_path=db_path,
             embedder=model,
-            extraction_model=f"{user}-extractor",
+            extraction_model=f"{user}-{name}",
         )
-        for user in ("alice", "bob")
-    )
+        for user, name in names
+    ]
+
+
+def alice_and_bob(openai_server, db_path, model):
+    """Two with_memory wrappers on one folder, each extracting with a model named after its
+    user ("alice-extractor", "bob-extractor")."""
+    names = ("alice", "extractor"), ("bob", "extractor")
+    return extracting_wrappers(openai_server, db_path, model, *names)
 
 
 def test_a_wrapper_let_go_of_leaves_no_extractor_and_its_queued_extraction_still_runs(
@@ -478,24 +486,6 @@ def test_openai_clients_with_key_providers_or_azure_ad_have_no_destination() -> 
     ]
     assert keyed[0] == keyed[1] != keyed[2] and all(isinstance(k, str) for k in keyed)
     assert isinstance(client_destination(AzureOpenAI(api_key="k", **azure), "m"), str)
-
-
-DOG = {"text": "Has a dog named Rex", "category": "fact"}
-
-
-def extracting_wrappers(openai_server, db_path, model, *names: tuple[str, str]):
-    """with_memory wrappers on one folder, one per (user, name): each extracts with a model
-    named "<user>-<name>"."""
-    return [
-        with_memory(
-            openai_server.client(),
-            user_id=user,
-            db_path=db_path,
-            embedder=model,
-            extraction_model=f"{user}-{name}",
-        )
-        for user, name in names
-    ]
 
 
 def recording_extractions(openai_server, memory: dict, gate: threading.Event | None = None):
