@@ -878,6 +878,12 @@ class MemoryWriter:
         # is due again
         with self._settled:
             self._held_lines.clear()
+        # the process lets go of it, and so of its storage (a closed one, maybe): the next
+        # store on the file gets a new writer (writer_for), as it would of a stopped one
+        with _writers_lock:
+            for key, writer in list(_writers.items()):
+                if writer is self:
+                    del _writers[key]
         return drained
 
     def _storage_closed(self, storage: Storage) -> None:

@@ -708,3 +708,34 @@ def test_stores_never_closed_do_not_keep_the_queue_file_open_once_the_storage_is
     assert not db_path.exists()
     kept.close()
     bob.close()
+
+
+@pytest.mark.parametrize("store", ["closed", "never closed"])
+def test_closing_a_folders_storage_lets_go_of_its_writer_and_storage(
+    openai_server, db_path, model, model_says, store
+) -> None:
+    """The process kept each queue file's stopped writer, and with it the storage it served
+    (closed) and the first store's embedder, until a store was opened on that file again: a
+    process that cycles through folders, closing each one's storage as docs/reliability.md
+    tells it, kept them all. Once its workers stop, the process lets go of the writer."""
+    from headroom_memory_integrations import ChromaStorage
+
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=db_path, embedder=model
+    )
+    model_says.memories = [ALICE]
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Python"}])
+    assert client.memory.flush(30)
+    storage = weakref.ref(client.memory.storage)
+    writer = weakref.ref(writer_for(queue_path_for(client.memory)))
+    if store == "closed":
+        client.close()
+    ChromaStorage.at(db_path).close()
+    del client
+
+    def let_go() -> bool:
+        gc.collect()
+        return writer() is None and storage() is None
+
+    # (once the storage's own threads have ended: its background reads, a moment)
+    wait_for(let_go, "the process still holds the writer or the storage")
