@@ -361,6 +361,12 @@ def test_delay_past_client_timeout_raises_timeout(server: ScriptedOpenAIServer, 
             asyncio.run(run())
 
     assert time.perf_counter() - start < 60  # the client's 0.2 s, not the reply's 300 s
+    # the client may give up before the server's handler took the delayed reply (a loaded
+    # machine): the next request would take it and wait 300 s; wait for the first to take it
+    deadline = time.monotonic() + 60
+    while server.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.pending == 0
     assert chat(server, mode).choices[0].message.content == "OK"  # still serving
 
 
