@@ -233,8 +233,12 @@ _COMPANY = _stems("with and alongside")
 """A changed value right after these is one more companion or tool ("Lives with their wife
 Carmen", "Lives with their stepfather Carmen"), not a replacement."""
 
-_UNITS = _stems(
-    "second seconds minute minutes hour hours day days week weeks month months year years "
+_SPANS = _stems(
+    "second seconds minute minutes hour hours day days week weeks month months year years"
+)
+"""Spans of time: what a number before one counts is time ("in 2 years"), a when."""
+
+_UNITS = _SPANS | _stems(
     "time times mg g kg lb lbs pound pounds km mile miles m cm mm inch inches foot feet liter "
     "liters litre litres ml percent dollar dollars euro euros"
 )
@@ -1431,12 +1435,6 @@ def _same_goal(goal: tuple[Token, ...], told: tuple[Token, ...]) -> bool:
         next(t for t in told if t.text == word).kind == "name" and word in after_preposition
         for word in added
     )
-
-
-_SPANS = _stems(
-    "second seconds minute minutes hour hours day days week weeks month months year years"
-)
-"""What a number before it counts is time ("in 2 years"): a when, not part of a goal."""
 
 
 def _amounts(sequence: tuple[Token, ...]) -> Counter[str]:
