@@ -824,6 +824,15 @@ class JobQueue:
             counts.update(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
         return counts
 
+    def present(self, ids: Collection[int]) -> set[int]:
+        """Which of ``ids`` are jobs of the file still (pending, running or dead-lettered):
+        the others were done, here or by another process, or deleted."""
+        if not ids:
+            return set()
+        with self._locked() as conn:  # one walk of the id index from the oldest asked for
+            rows = conn.execute("SELECT id FROM jobs WHERE id >= ?", (min(ids),)).fetchall()
+        return {row[0] for row in rows} & set(ids)
+
     def _scalar(self, sql: str, *args: object) -> Any:
         with self._locked() as conn:
             return conn.execute(sql, args).fetchone()[0]
