@@ -332,6 +332,45 @@ def test_the_embedder_kept_for_a_job_another_process_ran_is_let_go_of(
     bob.memory.close()
 
 
+class FailsOnceEmbedder(TenantEmbedder):
+    """A tenant's embedder whose first embedding of ``ALICE["text"]`` raises TypeError (its
+    job is dead-lettered)."""
+
+    def embed(self, texts):
+        if ALICE["text"] in texts and ALICE["text"] not in self.seen:
+            self.seen += list(texts)
+            raise TypeError("a broken first call")
+        return super().embed(texts)
+
+
+def test_the_embedder_kept_for_a_dead_lettered_job_outlasts_the_check_of_jobs_run_elsewhere(
+    openai_server, db_path, model_says, monkeypatch
+) -> None:
+    """The check that lets go of what was kept for jobs another process ran keeps what a job
+    still in the file needs: alice's dead-lettered job, run again by ``retry_failed()`` after
+    a check, runs with her own embedder (let go of, no store of hers is registered here, so
+    it would wait for ever)."""
+    from headroom_memory_integrations import writer
+
+    monkeypatch.setattr(writer, "KEPT_FOR_JOBS_CHECKED_EVERY", 0.0)
+    gate = threading.Event()
+    bobs = TenantEmbedder("tenant-b", hold=BOB["text"], gate=gate)
+    alices = FailsOnceEmbedder("tenant-a")
+    bob = alice_let_go_behind_bob(openai_server, db_path, model_says, bobs, alices)
+    queue = writer_for(queue_path_for(bob.memory))
+    gate.set()
+    wait_for(lambda: queue.stats()["failed"] >= 1, "alice's job dead-lettered")
+    model_says.memories = [DOG]  # bob's next job is handled here: a check runs after it
+    bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I have a dog"}])
+    assert queue.flush(60)
+    assert queue.retry_failed() == 1
+    assert queue.flush(60)  # (without her embedder her job would wait)
+    stored = MemoryStore("alice", storage=bob.memory.storage, embedder=alices).get_all()
+    assert [m.text for m in stored] == [ALICE["text"]]
+    assert ALICE["text"] not in bobs.seen
+    bob.memory.close()
+
+
 def test_a_job_left_by_an_earlier_process_waits_for_a_store_with_its_embedder(
     openai_server, db_path
 ) -> None:
