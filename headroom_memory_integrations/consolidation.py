@@ -71,6 +71,7 @@ from difflib import SequenceMatcher
 from enum import Enum
 from functools import lru_cache
 
+from .embeddings.symbols import EMOJI_JOINERS as _JOINERS
 from .lexical import LETTERS, WORD, stem
 
 
@@ -726,11 +727,6 @@ def _classify(word: str, sentence_start: bool) -> tuple[Token, ...]:
     if capitalised and (not sentence_start or acronym):
         return (Token(lower, "name", lower if acronym else lower[0]),)
     return (Token(stemmed, "word", past=_past_form(lower)),)
-
-
-_JOINERS = frozenset("\u200d\ufe0e\ufe0f\u20e3")
-"""What joins or styles the characters of one emoji: a zero-width joiner ("👨‍👩‍👧"), the text
-and emoji variation selectors ("❤️" = "❤"), a keycap's enclosing square."""
 
 
 def _symbols(gap: str) -> list[Token]:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -559,31 +560,36 @@ def test_a_call_cancelled_after_the_answer_is_not_learned_after_forget_user(
     The post-answer step is slowed here, as on a busy machine."""
     model_says.answer, model_says.memories = "Noted.", [PYTHON]
     after = CompletionsFlow.after
+    answered, done = threading.Event(), threading.Event()
 
     def slow_after(self: CompletionsFlow, call: Any, completion: Any) -> Any:
+        answered.set()
         time.sleep(0.5)
-        return after(self, call, completion)
+        try:
+            return after(self, call, completion)
+        finally:
+            done.set()
 
     monkeypatch.setattr(CompletionsFlow, "after", slow_after)
 
     async def cancelled_then_forgotten() -> None:
-        asked = len(openai_server.requests)
         task = asyncio.ensure_future(
             aclient.chat.completions.create(
                 model="gpt-4o",
                 messages=[{"role": "user", "content": "I prefer Python for backend work"}],
             )
         )
-        while len(openai_server.requests) == asked:
+        deadline = time.monotonic() + 60
+        while not answered.is_set():  # the model has answered: the client disconnects
+            assert time.monotonic() < deadline, "the model never answered"
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.2)  # the model has answered: the client disconnects
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.to_thread(aclient.memory.forget_user)
 
     asyncio.run(cancelled_then_forgotten())
-    time.sleep(1.0)
+    assert done.wait(60)  # the answer's memory work, left to run, has ended
     assert aclient.memory.flush(30)
     assert aclient.memory.get_all() == []
 
@@ -843,7 +849,6 @@ def test_a_second_cancellation_leaves_no_error_unretrieved(caplog) -> None:
     """The answer's memory work failing after two cancellations (an asyncio.timeout inside a
     TaskGroup) was logged by asyncio as "Task exception was never retrieved"."""
     import gc
-    import threading
 
     from headroom_memory_integrations.flow import finished_in_thread
 
