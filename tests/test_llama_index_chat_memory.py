@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from _llama_index_support import (
 )
 from llama_index.core.agent.workflow import AgentWorkflow, ReActAgent
 from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.memory import ChatMemoryBuffer
 from llama_index.core.storage.chat_store import SimpleChatStore
 
@@ -215,6 +217,77 @@ def test_async_forms_go_through_the_same_logic(new_buffer, llm) -> None:
 
     got = asyncio.run(run())
     assert got[-2].role.value == "system" and FACT in got[-2].content
+
+
+class HeldChatStore(SimpleChatStore):
+    """A chat store that holds one call, once, after doing it, until let go: a chat store
+    over the network (Redis, a database) whose answer is late."""
+
+    _hold: str | None = PrivateAttr(default=None)
+    _held: threading.Event = PrivateAttr(default_factory=threading.Event)
+    _go: threading.Event = PrivateAttr(default_factory=threading.Event)
+
+    def hold(self, operation: str) -> None:
+        self._hold = operation
+
+    def wait_held(self) -> bool:
+        return self._held.wait(60)
+
+    def let_go(self) -> None:
+        self._go.set()
+
+    def _done(self, operation: str) -> None:
+        if self._hold == operation:
+            self._hold = None
+            self._held.set()
+            assert self._go.wait(60)
+
+    def add_message(self, key: str, message: ChatMessage, idx: int | None = None) -> None:
+        super().add_message(key, message, idx)
+        self._done("add_message")
+
+    def delete_messages(self, key: str) -> list[ChatMessage] | None:
+        deleted = super().delete_messages(key)
+        self._done("delete_messages")
+        return deleted
+
+
+@pytest.mark.parametrize("held", ["delete_messages", "add_message"])
+def test_a_reset_from_another_thread_comes_wholly_before_or_after_a_put(held, new_buffer) -> None:
+    """``reset()`` on one thread while a message is put on another (a web app's "new chat"
+    beside a request of the same session; a slow chat store widens the window): each comes
+    wholly before or after the other. Before, a reset under way when the next conversation's
+    first message was put forgot that turn after storing the message (its answer was never
+    learnt from), and a reset made while the answer of a turn was being put forgot the turn
+    before its answer was followed (answered before the reset, never learnt from)."""
+    store = HeldChatStore()
+    memory = new_buffer(chat_store=store)
+    if held == "delete_messages":  # the reset is under way as the next conversation begins
+        memory.put(ChatMessage(role="user", content=QUESTION))
+        memory.put(ChatMessage(role="assistant", content="Any language you like."))
+        first, then = memory.reset, lambda: memory.put(ChatMessage(role="user", content=FACT))
+    else:  # the reset comes while the turn's answer is being put
+        memory.put(ChatMessage(role="user", content=FACT))
+        first = lambda: memory.put(ChatMessage(role="assistant", content="Noted."))  # noqa: E731
+        then = memory.reset
+    store.hold(held)
+    holding = threading.Thread(target=first)
+    holding.start()
+    assert store.wait_held()
+    other = threading.Thread(target=then)
+    other.start()
+    other.join(2)  # before the fix, done at once; now it waits for the held call to end
+    store.let_go()
+    holding.join(60)
+    other.join(60)
+    assert not holding.is_alive() and not other.is_alive()
+    if held == "delete_messages":
+        memory.put(ChatMessage(role="assistant", content="Noted."))
+        assert [m.content for m in memory.get_all()] == [FACT, "Noted."]
+    else:
+        assert memory.get_all() == []  # the reset came after the answer
+    flush(memory.memory)
+    assert [m.text for m in memory.memory.get_all()] == [FACT]  # the turn was learnt
 
 
 def test_serializes_without_clients_and_comes_back(new_buffer, db_path) -> None:
