@@ -240,7 +240,7 @@ class HeldChatStore(SimpleChatStore):
         if self._hold == operation:
             self._hold = None
             self._held.set()
-            assert self._go.wait(60)
+            assert self._go.wait(300)
 
     def add_message(self, key: str, message: ChatMessage, idx: int | None = None) -> None:
         super().add_message(key, message, idx)
@@ -250,6 +250,30 @@ class HeldChatStore(SimpleChatStore):
         deleted = super().delete_messages(key)
         self._done("delete_messages")
         return deleted
+
+
+class WatchedLock:
+    """A lock that tells when a thread has to wait for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waited = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.waited.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def waits_or_ends(thread: threading.Thread, lock: WatchedLock) -> bool:
+    """Wait (at most 120 s) until ``thread`` ends or waits for ``lock``; whether it waits."""
+    for _ in range(12_000):
+        if lock.waited.wait(0.01) or not thread.is_alive():
+            break
+    return lock.waited.is_set()
 
 
 @pytest.mark.parametrize("held", ["delete_messages", "add_message"])
@@ -270,13 +294,14 @@ def test_a_reset_from_another_thread_comes_wholly_before_or_after_a_put(held, ne
         memory.put(ChatMessage(role="user", content=FACT))
         first = lambda: memory.put(ChatMessage(role="assistant", content="Noted."))  # noqa: E731
         then = memory.reset
+    memory._history_lock = lock = WatchedLock()
     store.hold(held)
     holding = threading.Thread(target=first)
     holding.start()
     assert store.wait_held()
     other = threading.Thread(target=then)
     other.start()
-    other.join(2)  # before the fix, done at once; now it waits for the held call to end
+    waits_or_ends(other, lock)  # before the fix it ended; now it waits for the held call
     store.let_go()
     holding.join(60)
     other.join(60)
@@ -286,6 +311,32 @@ def test_a_reset_from_another_thread_comes_wholly_before_or_after_a_put(held, ne
         assert [m.content for m in memory.get_all()] == [FACT, "Noted."]
     else:
         assert memory.get_all() == []  # the reset came after the answer
+    flush(memory.memory)
+    assert [m.text for m in memory.memory.get_all()] == [FACT]  # the turn was learnt
+
+
+def test_a_slow_chat_store_write_does_not_hold_up_get(new_buffer) -> None:
+    """``get`` on one thread while another puts a message into a chat store that is slow to
+    answer (over the network): ``get`` reads the history and the memories without waiting
+    for that write. Before, ``put`` held the buffer's lock across the chat store's write and
+    ``get`` waited for it at its end (with a chat store that hangs, forever)."""
+    store = HeldChatStore()
+    memory = new_buffer(chat_store=store)
+    memory.put(ChatMessage(role="user", content=FACT))
+    store.hold("add_message")
+    answer = ChatMessage(role="assistant", content="Noted.")
+    putting = threading.Thread(target=memory.put, args=(answer,))
+    putting.start()
+    assert store.wait_held()
+    got: list[list[ChatMessage]] = []
+    getting = threading.Thread(target=lambda: got.append(memory.get()))
+    getting.start()
+    getting.join(120)  # (the held write waits 300 s)
+    ended_while_held = not getting.is_alive()
+    store.let_go()
+    putting.join(60)
+    getting.join(60)
+    assert ended_while_held and [m.content for m in got[0]][-1:] in ([FACT], ["Noted."])
     flush(memory.memory)
     assert [m.text for m in memory.memory.get_all()] == [FACT]  # the turn was learnt
 

@@ -143,7 +143,11 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
     _unsaveable: str | None = PrivateAttr(default=None)  # why to_dict cannot save the store
     _extraction_llm: LLM | None = PrivateAttr(default=None)
     _queue_path: PathLike | None = PrivateAttr(default=None)
+    # the turn followed (the fields below): held briefly, never across a chat-store call
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    # a change of the short-term history together with the turn followed in it (put, set,
+    # reset): held across the chat-store call, which ``get`` never waits for
+    _history_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _turn: Turn | None = PrivateAttr(default=None)  # the latest get's, for learning
     _asked: str | None = PrivateAttr(default=None)  # the latest user message put
     _awaiting: bool = PrivateAttr(default=False)  # it has no answer yet
@@ -181,8 +185,9 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
         self._live_llm = live
         # a turn in progress when the history was saved (an agent's Context saved while it
         # waits for the human) is learnt from when its answer is put
+        history = self.get_all()
         with self._lock:
-            self._follow(self.get_all())
+            self._follow(history)
 
     @classmethod
     def class_name(cls) -> str:
@@ -387,26 +392,29 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
 
     # -- writing -------------------------------------------------------------------------
 
-    # The short-term history and the turn followed in it change together, under ``_lock``:
-    # a ``reset`` (or ``set``) from another thread comes wholly before or wholly after a
-    # ``put``. Before, a message put while a reset ran was stored in the new history with its
-    # turn forgotten (the next conversation's first turn never learnt), and a reset made while
-    # a turn's answer was being put forgot that turn (answered, never learnt).
+    # The short-term history and the turn followed in it change together, under
+    # ``_history_lock``: a ``reset`` (or ``set``) from another thread comes wholly before or
+    # wholly after a ``put``. Before, a message put while a reset ran was stored in the new
+    # history with its turn forgotten (the next conversation's first turn never learnt), and a
+    # reset made while a turn's answer was being put forgot that turn (answered, never learnt).
+    # ``get`` takes only ``_lock``, so a slow chat store's write does not hold it up.
 
     def put(self, message: ChatMessage) -> None:
         """Store ``message``; the answer to a user message queues the exchange for learning."""
-        with self._lock:
+        with self._history_lock:
             super().put(message)
-            finished = self._observe([message])
+            with self._lock:
+                finished = self._observe([message])
         for turn, answer in finished:  # (a write to the job queue file: outside the lock)
             self._flow.finish(turn, answer)
 
     def set(self, messages: list[ChatMessage]) -> None:
         """Replace the short-term history. Nothing in it is learnt from, except a last message
         the user wrote: a turn whose answer, when put, is learnt."""
-        with self._lock:
+        with self._history_lock:
             super().set(messages)
-            self._follow(messages)
+            with self._lock:
+                self._follow(messages)
 
     def _follow(self, messages: list[ChatMessage]) -> None:
         """Follow the turns from ``messages``, the whole short-term history (``_lock`` held):
@@ -421,9 +429,10 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
     def reset(self) -> None:
         """Clear the short-term history. Long-term memories stay (``memory.clear()``), and so
         does the learning of the turns answered before: their extraction goes on."""
-        with self._lock:
+        with self._history_lock:
             super().reset()
-            self._follow([])
+            with self._lock:
+                self._follow([])
 
     def _observe(self, messages: list[ChatMessage]) -> list[tuple[Turn, str | None]]:
         """Follow the turns put (``_lock`` held): a user message opens one; the answer that
