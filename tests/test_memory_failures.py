@@ -249,7 +249,8 @@ def test_a_message_that_needs_no_memory_counts_no_outage(openai_server, tmp_path
     counted, whether its store had opened the collection before the outage (the question's
     embedding cached or not) or opens it during the outage. Before, a store opening it during
     the outage counted the question in ``inject_failures`` (the opening failed before the gate
-    was read), while one opened before did not. A message that needs a memory counts it."""
+    was read), while one opened before did not. A message that needs a memory counts it, the
+    collection opened or not."""
 
     def ask(client: Any, text: str) -> str:
         messages = [{"role": "user", "content": text}]
@@ -270,9 +271,9 @@ def test_a_message_that_needs_no_memory_counts_no_outage(openai_server, tmp_path
             embedder=model,
             queue_path=tmp_path / "jobs.sqlite3",
         )
-        for user in ("alice", "bob")
+        for user in ("alice", "bob", "carol")
     ]
-    before, during = opened
+    before, during, needing = opened
     try:
         assert ask(before, "What is the capital of France?") == "Noted."  # opens the collection
     finally:
@@ -287,6 +288,8 @@ def test_a_message_that_needs_no_memory_counts_no_outage(openai_server, tmp_path
         assert events(before) == (0, 3) and events(during) == (0, 1)
         assert ask(before, "Which language should I use for my new backend service?") == "Noted."
         assert events(before) == (1, 3)  # it could have had memories: the outage is counted
+        assert ask(needing, "Which language should I use for my new backend service?") == "Noted."
+        assert events(needing) == (1, 0)  # and so when the collection could not be opened
     finally:
         for client in opened:
             client.close()
