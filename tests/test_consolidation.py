@@ -451,8 +451,8 @@ def test_a_change_of_something_else_keeps_the_memory_beside(
 
 @pytest.mark.parametrize(("old", "new"), KEPT_BESIDE)
 def test_the_rules_keep_it_beside_at_any_similarity(old: str, new: str) -> None:
-    """What the store compares (>= 0.4) up to a near rewording: never superseded."""
-    for similarity in (0.4, 0.7, 0.94):
+    """What the store compares (from its floor) up to a near rewording: never superseded."""
+    for similarity in (write_path.CONSOLIDATION_MIN_SIMILARITY, 0.7, 0.94):
         assert relate(old, new, similarity, duplicate_threshold=0.95) is Relation.DISTINCT
 
 
@@ -521,7 +521,7 @@ def test_a_status_that_progressed_supersedes(store: MemoryStore, old: str, new: 
 
 @pytest.mark.parametrize(("old", "new"), STATUS_KEPT_BESIDE)
 def test_progress_or_another_goal_keeps_the_status_beside(old: str, new: str) -> None:
-    for similarity in (0.4, 0.7, 0.94):
+    for similarity in (write_path.CONSOLIDATION_MIN_SIMILARITY, 0.7, 0.94):
         assert relate(old, new, similarity, duplicate_threshold=0.95) is Relation.DISTINCT
 
 
@@ -572,8 +572,28 @@ def test_a_changed_value_of_the_same_slot_supersedes(
 
 @pytest.mark.parametrize(("old", "new"), CHANGES_KEPT_BESIDE)
 def test_a_near_change_of_another_slot_keeps_the_memory_beside(old: str, new: str) -> None:
-    for similarity in (0.4, 0.7, 0.94):
+    for similarity in (write_path.CONSOLIDATION_MIN_SIMILARITY, 0.7, 0.94):
         assert relate(old, new, similarity, duplicate_threshold=0.95) is Relation.DISTINCT
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("Is single", "Is dating someone named Alex"),  # 0.378
+        ("Works at Deloitte", "Works at KPMG"),  # 0.396
+    ],
+)
+def test_a_correction_that_embeds_far_from_the_old_memory_is_still_compared(
+    store: MemoryStore, model: LocalEmbedder, old: str, new: str
+) -> None:
+    """Short texts with a name or a state changed embed far apart: under the old floor of 0.4
+    these were never compared, and the stale memory stayed current beside its correction."""
+    vectors = model.embed([old, new])
+    assert float(vectors[0] @ vectors[1]) < 0.4
+    store.add(old)
+    done = store.remember(new)
+    assert done.outcome is Outcome.SUPERSEDED
+    assert [m.text for m in store.get_all()] == [new]
 
 
 @pytest.mark.parametrize(
