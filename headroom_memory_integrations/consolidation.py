@@ -1118,7 +1118,9 @@ def _relate(
         return Relation.DISTINCT  # "allergic to peanuts" / "shellfish"; "lives with X" / "Y"
     if context & _ONE_VALUE or {t.text for t in change.suffix} & _ONE_VALUE_ROLES:
         return Relation.UPDATE
-    return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
+    if _attribute_is(a, change) or _level_changed(a, change):
+        return Relation.UPDATE
+    return Relation.DISTINCT
 
 
 def _words(sequence: tuple[Token, ...]) -> list[str]:
@@ -1379,6 +1381,36 @@ def _attribute_is(old: tuple[Token, ...], change: Change) -> bool:
     if value < len(old) and old[value].text in _PREPOSITIONS:
         value += 1  # "Gym is near the office" -> "Gym is near home"
     return change.first_old == value
+
+
+_LEVELS = _stems(
+    "junior senior staff principal distinguished entry mid beginner novice intermediate "
+    "advanced expert elementary"
+)
+"""The levels of a role, a class or a skill: one at a time of the same one."""
+
+
+def _level_changed(old: tuple[Token, ...], change: Change) -> bool:
+    """Whether one level of :data:`_LEVELS` replaced another right after "is" (and a
+    preposition), before the same role: "Is a senior engineer at Stripe" -> "Is a staff
+    engineer at Stripe", "Is in the beginner pottery class" -> "Is in the intermediate pottery
+    class". (With a subject before "is", :func:`_attribute_is` says so already; after
+    another verb, "Mentors a junior engineer" and "Mentors a senior engineer" can both be
+    true.)"""
+    start = _predicate_start(old)
+    if start >= len(old) or old[start].text not in ("is", "are", "am"):
+        return False
+    value = start + 1
+    if value < len(old) and old[value].text in _PREPOSITIONS:
+        value += 1
+    return (
+        change.first_old == value
+        and change.spans == 1
+        and len(change.before) == len(change.after) == 1
+        and change.before[0].text in _LEVELS
+        and change.after[0].text in _LEVELS
+        and bool(change.suffix)
+    )
 
 
 # -- a status that progressed ------------------------------------------------------------------

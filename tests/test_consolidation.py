@@ -527,7 +527,7 @@ def test_progress_or_another_goal_keeps_the_status_beside(old: str, new: str) ->
 
 # stop 52: updates the sixth blind set kept beside the stale memory, each by a rule of its own
 # kind: a number after a verb no list names, a time's zone, a count with the things named, a
-# value or a time that "only" now restricts (docs/benchmarks.md, stop 52)
+# value or a time that "only" now restricts, a role's level (docs/benchmarks.md, stop 52)
 CHANGES_SUPERSEDE = [
     ("Saves 10% of each paycheck", "Saves 15% of each paycheck"),  # "saves": in no list
     ("Bikes 10 km to work", "Bikes 15 km to work"),
@@ -539,6 +539,8 @@ CHANGES_SUPERSEDE = [
     ("Is allergic to all nuts", "Is allergic only to peanuts"),
     ("Drinks coffee every morning", "Drinks coffee only on weekend mornings"),
     ("Works from home every Friday", "Works from home only in the summer"),
+    ("Is a senior engineer at Stripe", "Is a staff engineer at Stripe"),  # a level
+    ("Is in the beginner pottery class", "Is in the intermediate pottery class"),
 ]
 
 # ... and near pairs that must stay beside: another thing, another occasion, a name replaced, a
@@ -556,6 +558,9 @@ CHANGES_KEPT_BESIDE = [
     ("Drinks coffee every morning", "Drinks tea only on weekend mornings"),
     ("Is allergic to peanuts", "Is not only allergic to shellfish"),
     ("Eats fish every Friday", "Only eats fish at restaurants"),
+    ("Mentors a junior engineer", "Mentors a senior engineer"),  # both can be true
+    ("Hired a junior designer", "Hired a senior designer"),
+    ("Is a senior", "Is a junior"),  # a level of what?
 ]
 
 
