@@ -32,10 +32,17 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   announces a change ("now", "moved", "finished", "cancelled", "married"), a status that
   progressed, told of the same goal and nothing else ("Is training for the Boston Marathon" ->
   "Has finished the Boston Marathon", "Plans to move to Berlin" -> "Has moved to Berlin", "Is
-  single" -> "Is in a relationship": :func:`_status_reached`), or a new value of
-  something a person has one of: where they live or work, their preference, their favourite,
-  their manager, an attribute stated as "<thing> is <value>" ("Bank is Chase" -> "Bank is
-  Wells Fargo").
+  single" -> "Is in a relationship": :func:`_status_reached`), a count with the things named
+  ("Has one cat named Luna" -> "Has two cats named Luna and Nico"), a value or a time that
+  "only" now restricts ("Is allergic to all nuts" -> "Is allergic only to peanuts",
+  "Drinks coffee every morning" -> "... only on weekend mornings"), a time's zone ("at 10 am
+  Eastern" -> "... Pacific"), a role's level after "is" ("Is a senior engineer at Stripe" ->
+  "Is a staff engineer ..."), or a new value of something a person has one of: where they
+  live or work, their preference, their favourite, their manager, an attribute stated as
+  "<thing> is <value>" ("Bank is Chase" -> "Bank is Wells Fargo"). A text that opens with a
+  verb's third person no list names ("Saves 10% of each paycheck") has its predicate there.
+  A new text written as a question ("Has finished the Boston Marathon?") states no new fact,
+  and is never an update.
 - :attr:`Relation.DISTINCT`: both can be true: a different subject, i.e. a change before the
   verb ("Teammate 59 ..." vs "Teammate 62 ...", "User's daughter ..." vs "User's son ...";
   a text with no verb or preposition, "fact number 3", is all subject); a second value of
