@@ -510,21 +510,6 @@ STATUS_KEPT_BESIDE = [
 ]
 
 
-@pytest.mark.parametrize(("old", "new"), STATUS_REACHED)
-def test_a_status_that_progressed_supersedes(store: MemoryStore, old: str, new: str) -> None:
-    store.add(old)
-    done = store.remember(new)
-    assert done.outcome is Outcome.SUPERSEDED
-    assert [m.text for m in store.get_all()] == [new]
-    assert [r.text for r in done.memory.history] == [old]
-
-
-@pytest.mark.parametrize(("old", "new"), STATUS_KEPT_BESIDE)
-def test_progress_or_another_goal_keeps_the_status_beside(old: str, new: str) -> None:
-    for similarity in (write_path.CONSOLIDATION_MIN_SIMILARITY, 0.7, 0.94):
-        assert relate(old, new, similarity, duplicate_threshold=0.95) is Relation.DISTINCT
-
-
 # stop 52: updates the sixth blind set kept beside the stale memory, each by a rule of its own
 # kind: a number after a verb no list names, a time's zone, a count with the things named, a
 # value or a time that "only" now restricts, a role's level (docs/benchmarks.md, stop 52)
@@ -564,8 +549,8 @@ CHANGES_KEPT_BESIDE = [
 ]
 
 
-@pytest.mark.parametrize(("old", "new"), CHANGES_SUPERSEDE)
-def test_a_changed_value_of_the_same_slot_supersedes(
+@pytest.mark.parametrize(("old", "new"), STATUS_REACHED + CHANGES_SUPERSEDE)
+def test_a_status_that_progressed_or_a_changed_slot_supersedes(
     store: MemoryStore, old: str, new: str
 ) -> None:
     store.add(old)
@@ -575,8 +560,8 @@ def test_a_changed_value_of_the_same_slot_supersedes(
     assert [r.text for r in done.memory.history] == [old]
 
 
-@pytest.mark.parametrize(("old", "new"), CHANGES_KEPT_BESIDE)
-def test_a_near_change_of_another_slot_keeps_the_memory_beside(old: str, new: str) -> None:
+@pytest.mark.parametrize(("old", "new"), STATUS_KEPT_BESIDE + CHANGES_KEPT_BESIDE)
+def test_progress_another_goal_or_another_slot_keeps_the_memory_beside(old: str, new: str) -> None:
     for similarity in (write_path.CONSOLIDATION_MIN_SIMILARITY, 0.7, 0.94):
         assert relate(old, new, similarity, duplicate_threshold=0.95) is Relation.DISTINCT
 
