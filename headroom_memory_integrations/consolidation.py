@@ -898,7 +898,7 @@ def _predicate_start(sequence: tuple[Token, ...]) -> int:
     10% of salary": a memory leaves the user out, and no list names every verb); else the
     first preposition ("Dentist appointment | on Tuesday"). A text with none of these only
     names something ("fact number 3"): all subject."""
-    first = next((t for t in sequence if t.text not in _VERB_ADVERBS), None)
+    first = next((t for t in sequence if t.text not in _VERB_ADVERBS | _FILLER), None)
     opens_with_verb = first is not None and first.kind == "word" and first.s_form
     for index, token in enumerate(sequence):
         if token.text in _PREPOSITIONS and opens_with_verb:
@@ -908,7 +908,7 @@ def _predicate_start(sequence: tuple[Token, ...]) -> int:
                 index -= 1
             return index
     if opens_with_verb:
-        return 0  # "| Usually saves 10%"
+        return 0  # "| Usually saves 10%", "| Really bikes 10 km"
     for index, token in enumerate(sequence):
         if token.text in _PREPOSITIONS:
             return index
