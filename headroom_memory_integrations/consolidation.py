@@ -897,13 +897,14 @@ def _predicate_start(sequence: tuple[Token, ...]) -> int:
     drinks alcohol"); else the first word, where it reads as a verb's third person ("| Saves
     10% of salary": a memory leaves the user out, and no list names every verb); else the
     first preposition ("Dentist appointment | on Tuesday"). A text with none of these only
-    names something ("fact number 3"): all subject."""
+    names something ("fact number 3"): all subject. After such a first word, a listed verb
+    right after a preposition is its object ("| Bikes 10 km to work"), but one elsewhere is
+    the verb, and the first word a plural noun ("Classes on Monday | start at 6 pm")."""
     first = next((t for t in sequence if t.text not in _VERB_ADVERBS | _FILLER), None)
     opens_with_verb = first is not None and first.kind == "word" and first.s_form
     for index, token in enumerate(sequence):
-        if token.text in _PREPOSITIONS and opens_with_verb:
-            return 0  # "| Bikes 10 km to work": a word after a preposition is its object
-        if _starts_predicate(token):
+        after_preposition = index > 0 and sequence[index - 1].text in _PREPOSITIONS
+        if _starts_predicate(token) and not (opens_with_verb and after_preposition):
             while index > 0 and sequence[index - 1].text in _VERB_ADVERBS:
                 index -= 1
             return index
@@ -1294,14 +1295,15 @@ def _is_value(token: Token) -> bool:
 
 
 def _value_at(sequence: tuple[Token, ...], index: int) -> bool:
-    """Whether the token at ``index`` is a value (:func:`_is_value`), or a name right after a
-    time of day, which is that time's zone ("at 10 am Eastern", "at 9:00 CET")."""
+    """Whether the token at ``index`` is a value (:func:`_is_value`), or a time zone
+    (:data:`_TIME_ZONES`) right after a time of day ("at 10 am Eastern", "at 9:00 CET"; not
+    "the 7:45 Caltrain" or "a 9 am Pilates class")."""
     token = sequence[index]
     if _is_value(token):
         return True
     before = sequence[index - 1] if index else None
     return (
-        token.kind == "name"
+        token.text in _TIME_ZONES
         and before is not None
         and before.kind == "number"
         and _TIME_OF_DAY.fullmatch(before.text) is not None
@@ -1310,6 +1312,13 @@ def _value_at(sequence: tuple[Token, ...], index: int) -> bool:
 
 _TIME_OF_DAY = re.compile(r"\d{1,2}:\d{2}")
 """A time of day as a token writes it ("10 am" and "10:00" are ``10:00``)."""
+
+_TIME_ZONES = frozenset(
+    "eastern central mountain pacific atlantic alaska hawaii utc gmt est edt cst cdt mst mdt "
+    "pst pdt akst akdt hst ast bst cet cest eet eest wet west ist jst kst hkt sgt aest aedt "
+    "awst acst nzst nzdt".split()
+)
+"""Time zones as they follow a time of day (a token's text: lower case, not stemmed)."""
 
 
 def _recounted(old: tuple[Token, ...], new: tuple[Token, ...], change: Change) -> bool:
@@ -1335,6 +1344,9 @@ def _recounted(old: tuple[Token, ...], new: tuple[Token, ...], change: Change) -
     return thing == thing_new and set(fewer) < set(more)
 
 
+_ALL = _stems("all every each any daily always everything everywhere")
+"""Words that say a value holds for all, which "only" may narrow."""
+
 _WHEN_WORDS = _stems(
     "every each daily weekly monthly yearly nightly morning mornings afternoon afternoons "
     "evening evenings night nights summer summers winter winters spring autumn fall"
@@ -1347,9 +1359,12 @@ def _narrowed_to_only(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
     """Whether ``new`` is ``old`` with one slot given another value that "only" restricts it
     to, nothing else changed, which leaves the old value no longer true: what is meant ("Is
     allergic to all nuts" -> "Is allergic only to peanuts") or when ("Drinks coffee every
-    morning" -> "Drinks coffee only on weekend mornings"). The value must replace the old
-    one where "only" stands, and add no phrase of its own ("Speaks Spanish" and "Speaks only
-    English at home" can both be true), unless both tell when. Not "not only"."""
+    morning" -> "Drinks coffee only on weekend mornings"). The old value must be said of all
+    (:data:`_ALL`: "Studies at the library" and "Studies only at night" can both be true),
+    and the new one must replace it where "only" stands and add no phrase of its own
+    ("Speaks Spanish" and "Speaks only English at home"), unless both tell when of the same
+    kind ("Goes running every morning" and "... only in the summer" can both be true). Not
+    "not only"."""
     if any(t.text == "only" for t in old) or _polarity(old) != _polarity(new):
         return False
     at = [index for index, token in enumerate(new) if token.text == "only"]
@@ -1357,7 +1372,7 @@ def _narrowed_to_only(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
         return False
     rest = new[: at[0]] + new[at[0] + 1 :]
     change = _diff(old, rest)
-    if change.spans != 1 or not change.before or not change.after:
+    if change.spans != 1 or not change.after or not {t.text for t in change.before} & _ALL:
         return False
     opens = change.first_new == at[0] or (
         change.first_new == at[0] + 1 and rest[at[0]].text in _PREPOSITIONS
@@ -1368,9 +1383,18 @@ def _narrowed_to_only(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
     def tells_when(changed: Sequence[Token]) -> bool:
         return all(_is_when(t) or t.text in _WHEN_WORDS or t.text in _PREPOSITIONS for t in changed)
 
+    def when_words(changed: Sequence[Token]) -> set[str]:
+        # stemmed again: the light stemmer takes "morning" to "morn", "mornings" to "morning"
+        return {stem(t.text) for t in changed if _is_when(t) or t.text in _WHEN_WORDS} - _ALL
+
     prepositions = {t.text for t in change.after if t.text in _PREPOSITIONS}
-    added_phrase = bool(prepositions - {t.text for t in change.before})
-    return not added_phrase or (tells_when(change.before) and tells_when(change.after))
+    if not prepositions - {t.text for t in change.before}:
+        return True  # no phrase of its own
+    return (
+        tells_when(change.before)
+        and tells_when(change.after)
+        and bool(when_words(change.before) & when_words(change.after))
+    )
 
 
 def _announces_change(added: Sequence[Token], old: Sequence[Token]) -> bool:

@@ -523,7 +523,6 @@ CHANGES_SUPERSEDE = [
     ("Has two cats named Luna and Nico", "Has one cat named Luna"),
     ("Is allergic to all nuts", "Is allergic only to peanuts"),
     ("Drinks coffee every morning", "Drinks coffee only on weekend mornings"),
-    ("Works from home every Friday", "Works from home only in the summer"),
     ("Is a senior engineer at Stripe", "Is a staff engineer at Stripe"),  # a level
     ("Is in the beginner pottery class", "Is in the intermediate pottery class"),
 ]
@@ -546,6 +545,21 @@ CHANGES_KEPT_BESIDE = [
     ("Mentors a junior engineer", "Mentors a senior engineer"),  # both can be true
     ("Hired a junior designer", "Hired a senior designer"),
     ("Is a senior", "Is a junior"),  # a level of what?
+    # a plural noun first, its verb listed after: the subject is the noun and its phrase
+    ("Classes on Monday start at 6 pm", "Classes on Wednesday start at 7 pm"),
+    ("Flights in June cost $900", "Flights in July cost $700"),
+    ("Lessons on Tuesday are at 5 pm", "Lessons on Thursday are at 6 pm"),
+    # a name after a time that is no time zone
+    ("Takes the 7:45 Caltrain to work", "Takes the 7:45 BART to work"),
+    ("Has a 9 am Pilates class", "Has a 9 am Spin class"),
+    # "only" narrows no value said of all, or tells when of another kind
+    ("Studies at the library", "Studies only at night"),
+    ("Works at Google", "Works only at night"),
+    ("Reads the news on her phone", "Reads the news only on Sundays"),
+    ("Drinks coffee with oat milk", "Drinks coffee only with breakfast"),
+    ("Wears glasses for reading", "Wears glasses only for driving"),
+    ("Goes running every morning", "Goes running only in the summer"),
+    ("Works from home every Friday", "Works from home only in the summer"),
 ]
 
 
