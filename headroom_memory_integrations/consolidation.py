@@ -33,9 +33,9 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   progressed, told of the same goal and nothing else ("Is training for the Boston Marathon" ->
   "Has finished the Boston Marathon", "Plans to move to Berlin" -> "Has moved to Berlin", "Is
   single" -> "Is in a relationship": :func:`_status_reached`), a count with the things named
-  ("Has one cat named Luna" -> "Has two cats named Luna and Nico"), a value or a time that
-  "only" now restricts ("Is allergic to all nuts" -> "Is allergic only to peanuts",
-  "Drinks coffee every morning" -> "... only on weekend mornings"), a time's zone ("at 10 am
+  ("Has one cat named Luna" -> "Has two cats named Luna and Nico"), a value or a time said of
+  all that "only" now restricts ("Is allergic to all nuts" -> "Is allergic only to peanuts",
+  "Drinks coffee every morning" -> "... only on weekend mornings"), a time zone ("at 10 am
   Eastern" -> "... Pacific"), a role's level after "is" ("Is a senior engineer at Stripe" ->
   "Is a staff engineer ..."), or a new value of something a person has one of: where they
   live or work, their preference, their favourite, their manager, an attribute stated as
