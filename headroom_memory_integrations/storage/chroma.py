@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -34,7 +35,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
 
@@ -1328,9 +1329,14 @@ class ChromaCollection:
             return gone
 
 
+_NOT_IN_A_HOST = re.compile(r"[/?#@\\s]")
+"""Characters of a URL that a host name or address never holds."""
+
+
 def server_address(url: str) -> str | None:
     """A Chroma server's URL as ``scheme://host:port`` (the host lowercased, an IPv6 host in
-    brackets, the port spelled out); None if ``url`` is not an http(s) URL with a host."""
+    brackets, the port spelled out), with its path if it has one (a server behind a reverse
+    proxy at ``/chroma``); None if ``url`` is not an http(s) URL with a host."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -1339,7 +1345,8 @@ def server_address(url: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}:{port or (443 if parts.scheme == 'https' else 8000)}"
+    port = port or (443 if parts.scheme == "https" else 8000)
+    return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
 
 
 def client_place(client: Any) -> str | None:
@@ -1551,12 +1558,36 @@ class ChromaStorage:
         ``host`` (``"::1"``) is written in brackets in URLs, as it must be. ``headers`` (an
         auth token, say: a dict of names to values, all strings, or :class:`InvalidInputError`)
         may choose the tenant and database the server serves, so they are part of the storage's
-        :attr:`place` (as a digest: :func:`headers_digest`)."""
+        :attr:`place` (as a digest: :func:`headers_digest`). ``host`` is a host name or
+        address, never a URL (:class:`InvalidInputError`: use :meth:`from_url`)."""
+        if not isinstance(host, str) or not host or _NOT_IN_A_HOST.search(host):
+            raise InvalidInputError(
+                f"host must be a host name or address, got {without_credentials(str(host))!r}:"
+                " for a URL (a path such as /chroma included) use ChromaStorage.from_url(url)"
+            )
+        return cls._server(host, port, ssl=ssl, headers=headers, timeout=timeout)
+
+    @classmethod
+    def _server(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl: bool,
+        headers: dict[str, str] | None = None,
+        timeout: float | None,
+        prefix: str = "",
+    ) -> ChromaStorage:
+        """Storage on the server at ``host``:``port``, its API under the path ``prefix``
+        (unquoted, no trailing slash; "" for none: a server behind a reverse proxy at
+        ``/chroma`` has ``/chroma``)."""
         if headers is not None:
             headers = _checked_headers(headers)
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        url = f"{'https' if ssl else 'http'}://{host}:{port}"
+        url = f"{'https' if ssl else 'http'}://{host}:{port}{quote(prefix)}"
+        # chromadb's client takes a path only within a whole URL given as its host
+        client_host = url if prefix else host
 
         def make_client() -> Any:
             import httpx
@@ -1570,7 +1601,7 @@ class ChromaStorage:
             httpx.get(f"{url}/api/v2/heartbeat", headers=headers, timeout=timeout)
             with requests_bounded_while_built(timeout) if timeout is not None else nullcontext():
                 return chromadb.HttpClient(
-                    host=host, port=port, ssl=ssl, headers=headers, settings=_settings()
+                    host=client_host, port=port, ssl=ssl, headers=headers, settings=_settings()
                 )
 
         storage = cls(connect=make_client, location=url, timeout=timeout)
@@ -1580,7 +1611,16 @@ class ChromaStorage:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> ChromaStorage:
-        """Storage on the Chroma server at ``http://host:port`` (or https)."""
+        """Storage on the Chroma server at ``http://host:port`` (or https), with a path if
+        it is served under one (``https://gateway.example/chroma``: its API is then
+        ``/chroma/api/v2``).
+
+        Raises:
+            StorageError: Not an http(s) URL with a host.
+            InvalidInputError: The URL carries credentials, a query (``?...``) or a fragment
+                (``#...``), which chromadb's client cannot send: they are refused, never
+                dropped; or its port is not a number.
+        """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise StorageError(
@@ -1599,7 +1639,14 @@ class ChromaStorage:
             raise InvalidInputError(
                 f"not a Chroma server URL: {without_credentials(url)!r} (its port is not a number)"
             ) from None
-        return cls.connect(parts.hostname, port, ssl=ssl, timeout=timeout)
+        if "?" in url or "#" in url:  # (credentials, refused above, may not hold them here)
+            raise InvalidInputError(
+                f"the Chroma server URL {without_credentials(url)!r} has a query ('?...') or a "
+                "fragment ('#...'), which chromadb's client cannot send: remove it (a path, "
+                "such as /chroma, is kept)"
+            )
+        prefix = unquote(parts.path).rstrip("/")
+        return cls._server(parts.hostname, port, ssl=ssl, timeout=timeout, prefix=prefix)
 
     # -- the client -------------------------------------------------------------------------
 
