@@ -1,7 +1,8 @@
 """Another process holding the job queue file's write lock (as a process frozen in the middle
 of a transaction would) costs a chat call at most the documented bound, never blocks another
 user's call, and loses no memory: work that cannot be queued in time is held and queued once
-the file can be written."""
+the file can be written. A lock on Chroma's own database costs a chat call its bound too, and
+``add`` a clear error after a bounded wait."""
 
 from __future__ import annotations
 
@@ -39,19 +40,21 @@ def patient_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(writer, "JobQueue", PatientQueue)
 
 
-def hold_queue_lock(path: Path) -> subprocess.Popen[str]:
-    """A real second process that takes the file's write lock (``BEGIN IMMEDIATE``) and keeps
-    it until :func:`let_go` (BUSY_SECONDS at most). Returns once it holds it."""
+def hold_queue_lock(path: Path, begin: str = "BEGIN IMMEDIATE") -> subprocess.Popen[str]:
+    """A real second process that takes the file's write lock (``begin``: ``BEGIN IMMEDIATE``
+    or ``BEGIN EXCLUSIVE``) and keeps it until :func:`let_go` (BUSY_SECONDS at most). Returns
+    once it holds it."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import select, sqlite3, sys\n"
             "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-            "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True)\n"
+            "c.execute(sys.argv[3]); print('locked', flush=True)\n"
             "select.select([sys.stdin], [], [], float(sys.argv[2])); c.execute('COMMIT')\n",
             str(path),
             str(BUSY_SECONDS),
+            begin,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -459,3 +462,39 @@ def test_memory_work_queued_on_an_event_loops_thread_is_handed_to_a_thread(
     assert loop_thread not in puts.threads
     assert [m.text for m in aclient.memory.get_all()] == ["Likes tea"]
     assert aclient.memory.counters["store_failures"] == 0
+
+
+@pytest.mark.parametrize("begin", ["BEGIN IMMEDIATE", "BEGIN EXCLUSIVE"])
+def test_another_process_locking_chromas_database_freezes_nothing(
+    openai_server, tmp_path, begin
+) -> None:
+    """A second process holds a transaction on the folder's ``chroma.sqlite3`` (a backup
+    tool, an ``sqlite3`` shell) for BUSY_SECONDS. chromadb's core waits for such a lock
+    holding Python's interpreter lock: a chat call's search stopped every thread of the
+    process for as long as the lock was held (300 s here), far past the call's bound, and
+    ``add`` with it. Now the chat call answers without memories within its bound (counted),
+    ``add`` raises a StorageError saying the database is locked, and once the lock goes,
+    memories are read and written again."""
+    from headroom_memory_integrations import StorageError
+
+    model = RememberingModel("Noted.", [{"text": "Plays the cello", "category": "fact"}])
+    openai_server.responder = model
+    [alice] = users_who_said(openai_server, tmp_path, "I play the cello", "alice")
+    model.memories = []
+    holder = hold_queue_lock(tmp_path / "chroma.sqlite3", begin)
+    try:
+        assert say(alice, "What do I play?") < BOUND
+        assert alice.memory.counters["inject_failures"] == 1
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=r"chroma\.sqlite3 locked"):
+            alice.memory.add("Lives in Lyon")
+        assert time.monotonic() - started < BOUND
+        assert holder.poll() is None  # all that while, the file was locked
+    finally:
+        holder.kill()
+        holder.wait(60)
+        for stream in (holder.stdin, holder.stdout):
+            if stream is not None:
+                stream.close()
+    alice.memory.add("Lives in Lyon")
+    assert sorted(m.text for m in alice.memory.get_all()) == ["Lives in Lyon", "Plays the cello"]

@@ -62,8 +62,11 @@ from .deferred import (
     merged,
 )
 from .folder import (
+    DATABASE_FILE,
+    DATABASE_WAIT_SECONDS,
     FolderLock,
     check_free_space,
+    database_free,
     directory_bytes,
     erase_noted,
     folder_identity,
@@ -758,6 +761,7 @@ class ChromaCollection:
                 storage._erase_lock.shared(),
                 storage._reload_lock if reload else nullcontext(),
             ):
+                storage._wait_for_database(action)
                 try:
                     collection = self._chroma(create=write)
                     if collection is None:
@@ -1664,6 +1668,7 @@ class ChromaStorage:
         try:
             global _embedded_opened
             _embedded_opened = True  # (before: the client starts chromadb's threads)
+            self._wait_for_database("open the memory store")
             client = chromadb.PersistentClient(path=folder, settings=_settings())
             if writer:
                 # the erase of records the last writer deleted (it was killed before it, and
@@ -1680,6 +1685,32 @@ class ChromaStorage:
             self._folder_lock.release()
             forget_broken_system(folder)
             raise
+
+    def _wait_for_database(self, action: str) -> None:
+        """Before a call into an embedded folder's Chroma: wait, up to
+        :data:`~.folder.DATABASE_WAIT_SECONDS` or the chat call's time left, for another
+        process's lock on its database (:func:`~.folder.database_free`), rather than let
+        chromadb wait for it with the whole process stopped.
+
+        Raises:
+            StorageError: The lock was still held then (:class:`DeadlineExceeded` on a chat
+                call, which answers without memories)."""
+        if self._folder is None:
+            return
+        seconds, cut = within_deadline(DATABASE_WAIT_SECONDS)
+        if database_free(self._folder, seconds):
+            return
+        database = self._folder / DATABASE_FILE
+        if cut:
+            raise DeadlineExceeded(
+                f"could not {action} in the chat call's time: {database} is locked by another"
+                " process"
+            )
+        raise StorageError(
+            f"could not {action}: another process kept {database} locked for {seconds:.0f} s"
+            " (a program holding a transaction on it); nothing was done, try again once it"
+            " lets go"
+        )
 
     def _keep_rollback(self, rollback: Rollback) -> bool:
         """Before the first batch of a write larger than one: record its undo on an embedded

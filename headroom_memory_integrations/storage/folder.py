@@ -55,6 +55,10 @@ MIN_FREE_BYTES = 64 * 2**20
 """An embedded write starts only if at least this much disk space (plus twice the size of the
 user's index files and four times the size of the write) stays free."""
 _MB = 2**20
+DATABASE_WAIT_SECONDS = 10.0
+"""The longest an embedded Chroma call waits for another process's lock on ``chroma.sqlite3``
+(see :func:`database_free`): chromadb's core waits for it itself, without letting go of
+Python's interpreter lock, so the whole process would stand still for as long as it is held."""
 M_PERTURB = -6  # glibc's mallopt parameter (malloc.h)
 CLEAR_FREED_VARIABLE = "HEADROOM_MEMORY_CLEAR_FREED"  # "0": leave glibc's allocator as it is
 SCRUB_BYTE = 0x5A
@@ -147,6 +151,29 @@ def folder_identity(folder: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (found.st_dev, found.st_ino)
+
+
+def database_free(folder: Path, seconds: float) -> bool:
+    """Whether the folder's Chroma database can be written within ``seconds``: no other
+    connection (another program holding a transaction on ``chroma.sqlite3``: a backup tool,
+    an ``sqlite3`` shell, a process frozen mid-write) keeps a lock that Chroma's next call would
+    wait for. Python's SQLite waits with the interpreter lock let go of; chromadb's core waits
+    holding it, so every thread of the process stood still while another process held the
+    file (a chat call far past its bound, ``add`` for as long as the lock was held).
+
+    A check before the call, not a bound on it: a lock taken between the two is waited for
+    by Chroma as before. True also when the file does not exist or cannot be opened
+    (Chroma says why)."""
+    try:
+        uri = sqlite_uri(folder / DATABASE_FILE)
+        with closing(sqlite3.connect(uri, uri=True, timeout=seconds, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")  # (a write lock, as Chroma's reads take one too)
+            db.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        return "locked" not in str(exc) and "busy" not in str(exc)
+    except (sqlite3.Error, ValueError):  # ValueError: a path SQLite cannot be given
+        return True
+    return True
 
 
 def make_private_folder(folder: Path) -> None:
