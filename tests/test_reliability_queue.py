@@ -498,3 +498,52 @@ def test_another_process_locking_chromas_database_freezes_nothing(
                 stream.close()
     alice.memory.add("Lives in Lyon")
     assert sorted(m.text for m in alice.memory.get_all()) == ["Lives in Lyon", "Plays the cello"]
+
+
+def test_a_queue_file_deleted_while_in_use_keeps_the_work_queued_after_it(
+    openai_server, tmp_path
+) -> None:
+    """``jobs.sqlite3`` (and its -wal and -shm) is deleted while a wrapper runs (the folder
+    emptied by hand, a cleanup script). Before, the process went on writing its jobs into the
+    deleted file: nothing was at the path any more, a process killed then lost them, and
+    another process found another queue. Now the call's memory is queued in a file made at
+    the path, stored, and ``forget_user()`` leaves none of the user's text in any file."""
+    model = RememberingModel("Noted.", [{"text": "Plays the cello", "category": "fact"}])
+    openai_server.responder = model
+    [alice] = users_who_said(openai_server, tmp_path, "I play the cello", "alice")
+    for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    model.memories = [{"text": "Lives in Lyon", "category": "fact"}]
+    assert say(alice, "I live in Lyon") < BOUND
+    assert (tmp_path / "jobs.sqlite3").is_file()  # the queue is at its path again
+    assert alice.memory.flush(60)
+    assert sorted(m.text for m in alice.memory.get_all()) == ["Lives in Lyon", "Plays the cello"]
+    assert alice.memory.counters["store_failures"] == 0
+    alice.memory.forget_user()
+    assert alice.memory.get_all() == []
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"Lives in Lyon" not in path.read_bytes(), path
+
+
+def test_a_memory_folder_removed_while_in_use_is_not_made_again_by_the_queue(
+    openai_server, tmp_path
+) -> None:
+    """The whole folder is removed while a wrapper runs (the user wiped their memories): the
+    next call answers, and its memory work, which cannot be queued, is counted as a store
+    failure (and logged) rather than written into a new file or folder at that path."""
+    folder = tmp_path / "memories"
+    model = RememberingModel("Noted.", [{"text": "Plays the cello", "category": "fact"}])
+    openai_server.responder = model
+    [alice] = users_who_said(openai_server, folder, "I play the cello", "alice")
+    import shutil
+
+    for _ in range(100):  # (a read-ahead may still write in it: removed again until gone)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            break
+        time.sleep(0.1)
+    model.memories = [{"text": "Lives in Lyon", "category": "fact"}]
+    assert say(alice, "I live in Lyon") < BOUND
+    assert alice.memory.counters["store_failures"] == 1
+    assert not (folder / "jobs.sqlite3").exists()
