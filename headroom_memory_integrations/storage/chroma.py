@@ -1448,6 +1448,8 @@ class ChromaStorage:
         self._folder: Path | None = None
         self._folder_lock: FolderLock | None = None
         self._opened_identity: tuple[int, int] | None = None  # the folder it opened
+        self._database: int | None = None  # a descriptor of its chroma.sqlite3 (embedded)
+        self._database_lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._client_lock = threading.Lock()
         self._starting: PendingStart | None = None
@@ -1499,6 +1501,7 @@ class ChromaStorage:
         self._client_lock = threading.Lock()
         self._collections_lock = threading.Lock()
         self._erase_lock = _EraseLock()
+        self._database_lock = threading.Lock()
         self._reload_lock = threading.RLock()
         self._availability = Availability(self.location)
         self._rollback_left = False  # (the parent's; a child that takes the lock reads it)
@@ -1695,10 +1698,13 @@ class ChromaStorage:
         Raises:
             StorageError: The lock was still held then (:class:`DeadlineExceeded` on a chat
                 call, which answers without memories)."""
-        if self._folder is None:
+        if self._folder is None or _forked_after_embedded:  # (refused at once: _client_now)
+            return
+        fd = self._database_fd()
+        if fd is None:
             return
         seconds, cut = within_deadline(DATABASE_WAIT_SECONDS)
-        if database_free(self._folder, seconds):
+        if database_free(fd, seconds):
             return
         database = self._folder / DATABASE_FILE
         if cut:
@@ -1711,6 +1717,20 @@ class ChromaStorage:
             " (a program holding a transaction on it); nothing was done, try again once it"
             " lets go"
         )
+
+    def _database_fd(self) -> int | None:
+        """A descriptor of the folder's ``chroma.sqlite3``, opened once and kept until the
+        storage is closed (closing a descriptor of a file drops every POSIX lock the process
+        holds on it, Chroma's included: it is never closed while Chroma may hold one). None
+        while the file does not exist."""
+        with self._database_lock:
+            if self._database is None:
+                assert self._folder is not None
+                try:
+                    self._database = os.open(self._folder / DATABASE_FILE, os.O_RDONLY)
+                except OSError:
+                    return None
+        return self._database
 
     def _keep_rollback(self, rollback: Rollback) -> bool:
         """Before the first batch of a write larger than one: record its undo on an embedded
@@ -2258,6 +2278,9 @@ class ChromaStorage:
         if self._release is not None:
             self._release.detach()
         _close_client(client)
+        database, self._database = self._database, None
+        if database is not None:
+            os.close(database)
         if self._folder_lock is not None:
             self._folder_lock.release()
 

@@ -33,6 +33,7 @@ import secrets
 import shutil
 import sqlite3
 import sys
+import time
 import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import closing
@@ -153,26 +154,50 @@ def folder_identity(folder: Path) -> tuple[int, int] | None:
     return (found.st_dev, found.st_ino)
 
 
-def database_free(folder: Path, seconds: float) -> bool:
-    """Whether the folder's Chroma database can be written within ``seconds``: no other
-    connection (another program holding a transaction on ``chroma.sqlite3``: a backup tool,
-    an ``sqlite3`` shell, a process frozen mid-write) keeps a lock that Chroma's next call would
-    wait for. Python's SQLite waits with the interpreter lock let go of; chromadb's core waits
-    holding it, so every thread of the process stood still while another process held the
-    file (a chat call far past its bound, ``add`` for as long as the lock was held).
+_SQLITE_WRITE_LOCKS = ((0x40000000, 2, "F_WRLCK"), (0x40000002, 510, "F_RDLCK"))
+"""What another process's write to an SQLite database holds (``os_unix.c``): its pending
+and reserved bytes (any lock on them), or its shared bytes locked for writing (an exclusive
+lock), as (start, length, the kind of lock asked about). A reader's shared lock is not one."""
+_FLOCK = "@hhqqi"  # Linux's struct flock: type, whence, start, length, pid
+
+
+def database_lock_holder(fd: int) -> int | None:
+    """The pid of another process holding a write lock (reserved, pending or exclusive) on
+    the SQLite database open as ``fd`` (``F_GETLK``: asks, takes nothing; this process's own
+    locks are never reported), or None. Linux only (elsewhere always None: the layout of
+    ``struct flock`` differs)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import fcntl
+    import struct
+
+    for start, length, kind in _SQLITE_WRITE_LOCKS:
+        query = struct.pack(_FLOCK, getattr(fcntl, kind), os.SEEK_SET, start, length, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query.ljust(64, b"\0"))
+        held, _, _, _, pid = struct.unpack_from(_FLOCK, answer)
+        if held != fcntl.F_UNLCK:
+            return int(pid)
+    return None
+
+
+def database_free(fd: int, seconds: float) -> bool:
+    """Whether no other process holds a lock on the Chroma database open as ``fd`` (another
+    program holding a transaction on ``chroma.sqlite3``: a backup tool, an ``sqlite3``
+    shell, a process frozen mid-write), waiting up to ``seconds`` for it to let go.
+    chromadb's core waits for such a lock holding Python's interpreter lock, so every thread
+    of the process stood still while another process held the file. This asks the kernel
+    and waits with the interpreter lock let go of; it takes no lock itself (a lock taken
+    here would be one of this process's, which Chroma's own calls would wait for).
 
     A check before the call, not a bound on it: a lock taken between the two is waited for
-    by Chroma as before. True also when the file does not exist or cannot be opened
-    (Chroma says why)."""
-    try:
-        uri = sqlite_uri(folder / DATABASE_FILE)
-        with closing(sqlite3.connect(uri, uri=True, timeout=seconds, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")  # (a write lock, as Chroma's reads take one too)
-            db.execute("ROLLBACK")
-    except sqlite3.OperationalError as exc:
-        return "locked" not in str(exc) and "busy" not in str(exc)
-    except (sqlite3.Error, ValueError):  # ValueError: a path SQLite cannot be given
-        return True
+    by Chroma as before."""
+    deadline = time.monotonic() + seconds
+    pause = 0.002
+    while database_lock_holder(fd) is not None:
+        if time.monotonic() + pause > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
     return True
 
 
