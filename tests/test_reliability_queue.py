@@ -472,9 +472,10 @@ def test_another_process_locking_chromas_database_freezes_nothing(
     tool, an ``sqlite3`` shell) for BUSY_SECONDS. chromadb's core waits for such a lock
     holding Python's interpreter lock: a chat call's search stopped every thread of the
     process for as long as the lock was held (300 s here), far past the call's bound, and
-    ``add`` with it. Now the chat call answers without memories within its bound (counted),
-    ``add`` raises a StorageError saying the database is locked, and once the lock goes,
-    memories are read and written again."""
+    ``add`` with it (a write waits for either lock; a read that writes nothing for the
+    exclusive one). Now the chat call answers within its bound (without memories, counted,
+    when Chroma is locked for it), ``add`` raises a StorageError saying the database is
+    locked, and once the lock goes, memories are read and written again."""
     from headroom_memory_integrations import StorageError
 
     model = RememberingModel("Noted.", [{"text": "Plays the cello", "category": "fact"}])
@@ -489,7 +490,8 @@ def test_another_process_locking_chromas_database_freezes_nothing(
     holder = hold_queue_lock(tmp_path / "chroma.sqlite3", begin)
     try:
         assert say(carol, "What do I play?") < BOUND
-        assert carol.memory.counters["inject_failures"] == 1
+        if begin == "BEGIN EXCLUSIVE":  # (a plain read of Chroma's waits for this one alone)
+            assert carol.memory.counters["inject_failures"] == 1
         started = time.monotonic()
         with pytest.raises(StorageError, match=r"chroma\.sqlite3 locked"):
             carol.memory.add("Lives in Lyon")
