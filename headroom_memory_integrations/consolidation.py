@@ -32,10 +32,17 @@ not allergic to peanuts" 0.979. Merging by similarity alone therefore throws awa
   announces a change ("now", "moved", "finished", "cancelled", "married"), a status that
   progressed, told of the same goal and nothing else ("Is training for the Boston Marathon" ->
   "Has finished the Boston Marathon", "Plans to move to Berlin" -> "Has moved to Berlin", "Is
-  single" -> "Is in a relationship": :func:`_status_reached`), or a new value of
-  something a person has one of: where they live or work, their preference, their favourite,
-  their manager, an attribute stated as "<thing> is <value>" ("Bank is Chase" -> "Bank is
-  Wells Fargo").
+  single" -> "Is in a relationship": :func:`_status_reached`), a count with the things named
+  ("Has one cat named Luna" -> "Has two cats named Luna and Nico"), a value or a time said of
+  all that "only" now restricts ("Is allergic to all nuts" -> "Is allergic only to peanuts",
+  "Drinks coffee every morning" -> "... only on weekend mornings"), a time zone ("at 10 am
+  Eastern" -> "... Pacific"), a role's level after "is" ("Is a senior engineer at Stripe" ->
+  "Is a staff engineer ..."), or a new value of something a person has one of: where they
+  live or work, their preference, their favourite, their manager, an attribute stated as
+  "<thing> is <value>" ("Bank is Chase" -> "Bank is Wells Fargo"). A text that opens with a
+  verb's third person no list names ("Saves 10% of each paycheck") has its predicate there.
+  A new text written as a question ("Has finished the Boston Marathon?") states no new fact,
+  and is never an update.
 - :attr:`Relation.DISTINCT`: both can be true: a different subject, i.e. a change before the
   verb ("Teammate 59 ..." vs "Teammate 62 ...", "User's daughter ..." vs "User's son ...";
   a text with no verb or preposition, "fact number 3", is all subject); a second value of
@@ -71,7 +78,8 @@ from difflib import SequenceMatcher
 from enum import Enum
 from functools import lru_cache
 
-from .lexical import LETTERS, WORD, stem
+from .embeddings.symbols import EMOJI_JOINERS as _JOINERS
+from .lexical import LETTERS, QUESTION_MARKS, WORD, stem
 
 
 class Relation(str, Enum):
@@ -647,6 +655,7 @@ class Token:
     initials: str = ""
     continues_name: bool = False  # a capitalised word right after another ("York" in "New York")
     past: bool = False  # a verb's past form ("lived", "took", "was")
+    s_form: bool = False  # ends in a single "s" ("saves", "bikes"): maybe a verb's third person
 
     @property
     def is_detail(self) -> bool:
@@ -725,12 +734,19 @@ def _classify(word: str, sentence_start: bool) -> tuple[Token, ...]:
     acronym = len(word) >= 2 and word.isupper()
     if capitalised and (not sentence_start or acronym):
         return (Token(lower, "name", lower if acronym else lower[0]),)
-    return (Token(stemmed, "word", past=_past_form(lower)),)
+    return (Token(stemmed, "word", past=_past_form(lower), s_form=_s_form(lower)),)
 
 
-_JOINERS = frozenset("\u200d\ufe0e\ufe0f\u20e3")
-"""What joins or styles the characters of one emoji: a zero-width joiner ("👨‍👩‍👧"), the text
-and emoji variation selectors ("❤️" = "❤"), a keycap's enclosing square."""
+def _s_form(word: str) -> bool:
+    """Whether ``word`` (lower case) ends as a verb's third person does ("saves", "bikes",
+    "teaches"): in a single "s", not "ss", "us", "is" or "ics" ("glass", "status", "basis",
+    "physics")."""
+    return (
+        len(word) > 3
+        and word.endswith("s")
+        and not word.endswith(("ss", "us", "is", "ics"))
+        and word.isalpha()
+    )
 
 
 def _symbols(gap: str) -> list[Token]:
@@ -874,13 +890,22 @@ the same person as "Drinks alcohol" (a qualifier of the statement, not a subject
 def _predicate_start(sequence: tuple[Token, ...]) -> int:
     """Index where the predicate begins: the first auxiliary, verb or negation, with the
     adverbs just before it ("Sister Anna | lives in Berlin"; "| Prefers dark mode"; "| Rarely
-    drinks alcohol"), else the first preposition ("Dentist appointment | on Tuesday"). A text
-    with neither only names something ("fact number 3"): all subject."""
+    drinks alcohol"); else the first word, where it reads as a verb's third person ("| Saves
+    10% of salary": a memory leaves the user out, and no list names every verb); else the
+    first preposition ("Dentist appointment | on Tuesday"). A text with none of these only
+    names something ("fact number 3"): all subject. After such a first word, a listed verb
+    right after a preposition is its object ("| Bikes 10 km to work"), but one elsewhere is
+    the verb, and the first word a plural noun ("Classes on Monday | start at 6 pm")."""
+    first = next((t for t in sequence if t.text not in _VERB_ADVERBS | _FILLER), None)
+    opens_with_verb = first is not None and first.kind == "word" and first.s_form
     for index, token in enumerate(sequence):
-        if _starts_predicate(token):
+        after_preposition = index > 0 and sequence[index - 1].text in _PREPOSITIONS
+        if _starts_predicate(token) and not (opens_with_verb and after_preposition):
             while index > 0 and sequence[index - 1].text in _VERB_ADVERBS:
                 index -= 1
             return index
+    if opens_with_verb:
+        return 0  # "| Usually saves 10%", "| Really bikes 10 km"
     for index, token in enumerate(sequence):
         if token.text in _PREPOSITIONS:
             return index
@@ -984,6 +1009,26 @@ def relate(
             number, date, name, negation or tense changed, is the same statement reworded: an
             update (never a duplicate: the similarity cannot tell a synonym from an opposite).
     """
+    relation = _relate(old, new, similarity, duplicate_threshold, text_similarity)
+    if relation is Relation.UPDATE and _is_question(new):
+        return Relation.DISTINCT  # "Has finished the Boston Marathon?" states no new fact
+    return relation
+
+
+def _is_question(text: str) -> bool:
+    """Whether ``text`` ends as a question does ("Has finished the marathon?"): it asks, and
+    states nothing that could retire a memory."""
+    return text.rstrip().rstrip("\"'\u201d\u2019\u00bb)]").endswith(tuple(QUESTION_MARKS))
+
+
+def _relate(
+    old: str,
+    new: str,
+    similarity: float,
+    duplicate_threshold: float,
+    text_similarity: Callable[[], float] | None,
+) -> Relation:
+    """:func:`relate`, questions aside."""
     if same_wording_key(old) == same_wording_key(new):
         return Relation.DUPLICATE if same_wording(old, new) else Relation.UPDATE
     a, b = _with_acronyms(tokens(old), tokens(new))
@@ -1045,19 +1090,28 @@ def relate(
         # words replaced by others: a synonym or an opposite, which the similarity cannot
         # tell apart ("before" / "after" midnight, 0.96): the newer wording supersedes
         return Relation.UPDATE
+    if _narrowed_to_only(a, b) and not (_in_the_past(a) and _in_the_past(b)):
+        return Relation.UPDATE  # "Is allergic to all nuts" -> "Is allergic only to peanuts"
     if 2 * change.shared < UPDATE_MIN_SHARED * (len(a) + len(b)):
         return Relation.DISTINCT  # too different to be the same statement
     if announced:
         return Relation.UPDATE  # "now", "moved", "finished", "cancelled", ...
     if _in_the_past(a) and _in_the_past(b):
         return Relation.DISTINCT  # "Lived in Paris ..." and "Lived in Rome ...": both were true
-    kinds = {"value" if _is_value(t) else t.kind for t in removed + added}
+    kinds = {
+        "value" if _value_at(sequence, index) else sequence[index].kind
+        for sequence, changed in ((a, change.changed_old), (b, change.changed_new))
+        for index in changed
+        if sequence[index].text not in _FILLER
+    }
     context = {t.text for t in change.prefix}
     if kinds == {"value"}:  # only numbers, dates or times changed
         if context & _MANY_VALUES and _names_things(a, change.changed_old):
             return Relation.DISTINCT  # "Likes language number 3" / "... number 5"
         return Relation.UPDATE
     if "value" in kinds:
+        if _recounted(a, b, change):
+            return Relation.UPDATE  # "Has one cat named Luna" -> "Has two cats named Luna ..."
         return Relation.DISTINCT  # a value and something else: another occasion
     swapped = Counter(t.text for t in removed) == Counter(t.text for t in added)
     if change.spans > 1 and not swapped:
@@ -1068,7 +1122,9 @@ def relate(
         return Relation.DISTINCT  # "allergic to peanuts" / "shellfish"; "lives with X" / "Y"
     if context & _ONE_VALUE or {t.text for t in change.suffix} & _ONE_VALUE_ROLES:
         return Relation.UPDATE
-    return Relation.UPDATE if _attribute_is(a, change) else Relation.DISTINCT
+    if _attribute_is(a, change) or _level_changed(a, change):
+        return Relation.UPDATE
+    return Relation.DISTINCT
 
 
 def _words(sequence: tuple[Token, ...]) -> list[str]:
@@ -1234,6 +1290,109 @@ def _is_value(token: Token) -> bool:
     return token.kind in ("number", "date") or token.text in _UNITS
 
 
+def _value_at(sequence: tuple[Token, ...], index: int) -> bool:
+    """Whether the token at ``index`` is a value (:func:`_is_value`), or a time zone
+    (:data:`_TIME_ZONES`) right after a time of day ("at 10 am Eastern", "at 9:00 CET"; not
+    "the 7:45 Caltrain" or "a 9 am Pilates class")."""
+    token = sequence[index]
+    if _is_value(token):
+        return True
+    before = sequence[index - 1] if index else None
+    return (
+        token.text in _TIME_ZONES
+        and before is not None
+        and before.kind == "number"
+        and _TIME_OF_DAY.fullmatch(before.text) is not None
+    )
+
+
+_TIME_OF_DAY = re.compile(r"\d{1,2}:\d{2}")
+"""A time of day as a token writes it ("10 am" and "10:00" are ``10:00``)."""
+
+_TIME_ZONES = frozenset(
+    "eastern central mountain pacific atlantic alaska hawaii utc gmt est edt cst cdt mst mdt "
+    "pst pdt akst akdt hst ast bst cet cest eet eest wet west ist jst kst hkt sgt aest aedt "
+    "awst acst nzst nzdt".split()
+)
+"""Time zones as they follow a time of day (a token's text: lower case, not stemmed)."""
+
+
+def _recounted(old: tuple[Token, ...], new: tuple[Token, ...], change: Change) -> bool:
+    """Whether ``new`` counts again the things ``old`` counts and names, and nothing else
+    changed: the number before the same word changed, and names joined with "and" added or
+    left out, one for each thing counted, every name of the shorter list kept ("Has one cat
+    named Luna" -> "Has two cats named Luna and Nico"). Not "... two cats named Nico and
+    Max" (Luna's fate untold), nor "... two dogs ...", nor a count the names do not match."""
+    counts = []
+    for sequence, changed in ((old, change.changed_old), (new, change.changed_new)):
+        numbers = [i for i in changed if sequence[i].kind == "number"]
+        others = [sequence[i] for i in changed if i not in numbers]
+        if len(numbers) != 1 or numbers[0] + 1 >= len(sequence):
+            return False
+        if any(t.kind != "name" and t.text != "and" for t in others):
+            return False
+        names = [t.text for t in sequence if t.kind == "name"]
+        if sequence[numbers[0]].text != str(len(names)):
+            return False  # the count must be that of the names listed
+        counts.append((sequence[numbers[0] + 1].text, names))
+    (thing, names_old), (thing_new, names_new) = counts
+    fewer, more = sorted((names_old, names_new), key=len)
+    return thing == thing_new and set(fewer) < set(more)
+
+
+_ALL = _stems("all every each any daily always everything everywhere")
+"""Words that say a value holds for all, which "only" may narrow."""
+
+_WHEN_WORDS = _stems(
+    "every each daily weekly monthly yearly nightly morning mornings afternoon afternoons "
+    "evening evenings night nights summer summers winter winters spring autumn fall"
+)
+"""Words of when a habit happens, beside dates and numbers ("every morning", "only on
+weekend mornings"; both forms, whose stems differ: "morn", "morning")."""
+
+
+def _narrowed_to_only(old: tuple[Token, ...], new: tuple[Token, ...]) -> bool:
+    """Whether ``new`` is ``old`` with one slot given another value that "only" restricts it
+    to, nothing else changed, which leaves the old value no longer true: what is meant ("Is
+    allergic to all nuts" -> "Is allergic only to peanuts") or when ("Drinks coffee every
+    morning" -> "Drinks coffee only on weekend mornings"). The old value must be said of all
+    (:data:`_ALL`: "Studies at the library" and "Studies only at night" can both be true),
+    and the new one must replace it where "only" stands and add no phrase of its own
+    ("Speaks Spanish" and "Speaks only English at home"), unless both tell when of the same
+    kind ("Goes running every morning" and "... only in the summer" can both be true). Not
+    "not only"."""
+    if any(t.text == "only" for t in old) or _polarity(old) != _polarity(new):
+        return False
+    at = [index for index, token in enumerate(new) if token.text == "only"]
+    if len(at) != 1 or (at[0] and new[at[0] - 1].kind == "negation"):
+        return False
+    rest = new[: at[0]] + new[at[0] + 1 :]
+    change = _diff(old, rest)
+    if change.spans != 1 or not change.after or not {t.text for t in change.before} & _ALL:
+        return False
+    opens = change.first_new == at[0] or (
+        change.first_new == at[0] + 1 and rest[at[0]].text in _PREPOSITIONS
+    )
+    if not opens:
+        return False
+
+    def tells_when(changed: Sequence[Token]) -> bool:
+        return all(_is_when(t) or t.text in _WHEN_WORDS or t.text in _PREPOSITIONS for t in changed)
+
+    def when_words(changed: Sequence[Token]) -> set[str]:
+        # stemmed again: the light stemmer takes "morning" to "morn", "mornings" to "morning"
+        return {stem(t.text) for t in changed if _is_when(t) or t.text in _WHEN_WORDS} - _ALL
+
+    prepositions = {t.text for t in change.after if t.text in _PREPOSITIONS}
+    if not prepositions - {t.text for t in change.before}:
+        return True  # no phrase of its own
+    return (
+        tells_when(change.before)
+        and tells_when(change.after)
+        and bool(when_words(change.before) & when_words(change.after))
+    )
+
+
 def _announces_change(added: Sequence[Token], old: Sequence[Token]) -> bool:
     had = {t.text for t in old}
     return any(t.text in _CHANGE_WORDS and t.text not in had for t in added)
@@ -1249,6 +1408,36 @@ def _attribute_is(old: tuple[Token, ...], change: Change) -> bool:
     if value < len(old) and old[value].text in _PREPOSITIONS:
         value += 1  # "Gym is near the office" -> "Gym is near home"
     return change.first_old == value
+
+
+_LEVELS = _stems(
+    "junior senior staff principal distinguished entry mid beginner novice intermediate "
+    "advanced expert elementary"
+)
+"""The levels of a role, a class or a skill: one at a time of the same one."""
+
+
+def _level_changed(old: tuple[Token, ...], change: Change) -> bool:
+    """Whether one level of :data:`_LEVELS` replaced another right after "is" (and a
+    preposition), before the same role: "Is a senior engineer at Stripe" -> "Is a staff
+    engineer at Stripe", "Is in the beginner pottery class" -> "Is in the intermediate pottery
+    class". (With a subject before "is", :func:`_attribute_is` says so already; after
+    another verb, "Mentors a junior engineer" and "Mentors a senior engineer" can both be
+    true.)"""
+    start = _predicate_start(old)
+    if start >= len(old) or old[start].text not in ("is", "are", "am"):
+        return False
+    value = start + 1
+    if value < len(old) and old[value].text in _PREPOSITIONS:
+        value += 1
+    return (
+        change.first_old == value
+        and change.spans == 1
+        and len(change.before) == len(change.after) == 1
+        and change.before[0].text in _LEVELS
+        and change.after[0].text in _LEVELS
+        and bool(change.suffix)
+    )
 
 
 # -- a status that progressed ------------------------------------------------------------------

@@ -943,7 +943,8 @@ class MemoryStore(WritePath):
                 coding question; one of at most 300 characters:
                 :mod:`.embeddings.message_gate`) gets no memories (counted in
                 ``stats()["events"]["gated_messages"]``), unless ``min_score`` is ``-1`` or
-                less (no floor at all).
+                less (no floor at all); also while the storage is down, which such a message
+                does not need (no ``StorageError``, unless it is searched as a follow-up).
 
             previous_message: With ``chat_message``, the user's message before ``query``. A
                 ``query`` of at most :data:`FOLLOW_UP_WORDS` words is then searched joined to
@@ -973,11 +974,23 @@ class MemoryStore(WritePath):
         if followed is not None:
             query, asked, collection, nearest = followed
         else:
-            asked, collection = self._embed_opening(lambda: self._query(query), searching=True)
+            embedded: list[_Query] = []
+
+            def embed() -> _Query:
+                embedded.append(self._query(query))
+                return embedded[0]
+
+            try:
+                asked, collection = self._embed_opening(embed, searching=True)
+            except StorageError:
+                # the storage could not be opened (it is down): a message that needs no
+                # memory gets none either way, as when the collection was opened before
+                if not (chat_message and embedded and self._gates(embedded[0], base)):
+                    raise
+                return self._gated(query)
             nearest = None
-        if chat_message and not asked.could_need_memory and base > -1.0:
-            self.counters["gated_messages"] += 1
-            return SearchResults((), query=query, min_score=None)
+        if chat_message and self._gates(asked, base):
+            return self._gated(query)
         floor: float | None = None
         while True:
             if nearest is None:
@@ -1008,6 +1021,17 @@ class MemoryStore(WritePath):
             query=query,
             min_score=floor,
         )
+
+    @staticmethod
+    def _gates(asked: _Query, base: float) -> bool:
+        """Whether a chat message embedded as ``asked`` gets no memories: the gate reads it
+        as needing none, and the floor ``base`` is not "no floor at all" (``-1``)."""
+        return not asked.could_need_memory and base > -1.0
+
+    def _gated(self, query: str) -> SearchResults:
+        """No memories for a chat message the gate holds back (counted)."""
+        self.counters["gated_messages"] += 1
+        return SearchResults((), query=query, min_score=None)
 
     def _nearest(
         self, collection: UserCollection, asked: Sequence[_Query], limit: int

@@ -64,6 +64,7 @@ _ALL_COLUMNS = (
 # How long a statement waits, with the queue's lock held, for another connection's lock on the
 # file; past that the lock is let go of while the wait goes on (see JobQueue._begin)
 _STATEMENT_BUSY_SECONDS = 0.05
+_IDS_PER_STATEMENT = 500  # job ids asked about in one statement (SQLite's limit is 999 at least)
 _SQLITE_NOTADB = 26  # "file is not a database" (sqlite3.SQLITE_NOTADB from Python 3.11)
 
 #: Schema migrations, applied in order; ``PRAGMA user_version`` is how many have run.
@@ -948,6 +949,26 @@ class JobQueue:
         with self._locked() as conn:
             counts.update(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
         return counts
+
+    def present(self, ids: Collection[int]) -> set[int]:
+        """Which of ``ids`` are jobs of the file still (pending, running or dead-lettered):
+        the others were done, here or by another process, or deleted. Each id is looked up
+        (with the file's lock held for as long as that takes, not for a walk of the backlog
+        from the oldest one asked for)."""
+        asked = sorted(set(ids))
+        found: set[int] = set()
+        if not asked:  # (the file is not opened)
+            return found
+        with self._locked() as conn:
+            for start in range(0, len(asked), _IDS_PER_STATEMENT):
+                part = asked[start : start + _IDS_PER_STATEMENT]
+                found.update(
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(part))})", part
+                    )
+                )
+        return found
 
     def _scalar(self, sql: str, *args: object) -> Any:
         with self._locked() as conn:

@@ -3,7 +3,8 @@
 
 A request's ``instructions`` and ``input`` are read as the chat messages they stand for, so the
 server's queue and responders answer both APIs alike; a :class:`~.testing.Reply` is then written
-as a ``response`` object (a ``message`` item with one ``output_text`` part, then a
+as a ``response`` object (a ``message`` item with one ``output_text`` part, or with a
+``refusal`` part for :meth:`~.testing.Reply.refused`, then a
 ``function_call`` item per call) or as the server-sent events OpenAI streams for it.
 """
 
@@ -55,7 +56,8 @@ class ScriptedResponse:
         self.reply = reply
         self.chunk_size = chunk_size
         self.message_id = f"msg_{_hex()}"
-        self.has_text = reply.content is not None or not reply.calls
+        self.refusal = reply.refusal
+        self.has_text = self.refusal is None and (reply.content is not None or not reply.calls)
         self.calls = [
             {
                 "type": "function_call",
@@ -98,7 +100,10 @@ class ScriptedResponse:
         }
 
     def message(self, text: str, status: str = "completed") -> dict[str, Any]:
-        content = [self.part(text)] if status == "completed" else []
+        return self._message(self.part(text), status)
+
+    def _message(self, part: dict[str, Any], status: str) -> dict[str, Any]:
+        content = [part] if status == "completed" else []
         return {
             "type": "message",
             "id": self.message_id,
@@ -111,7 +116,13 @@ class ScriptedResponse:
     def part(text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
+    @staticmethod
+    def refusal_part(refusal: str) -> dict[str, Any]:
+        return {"type": "refusal", "refusal": refusal}
+
     def output(self) -> list[dict[str, Any]]:
+        if self.refusal is not None:
+            return [self._message(self.refusal_part(self.refusal), "completed")]
         text = [self.message(self.reply.content or "")] if self.has_text else []
         return text + self.calls
 
@@ -126,6 +137,8 @@ class ScriptedResponse:
         yield event("response.created", response=opening)
         yield event("response.in_progress", response=opening)
         index = 0
+        if self.refusal is not None:
+            yield from self._refusal_events(pieces, pause, event)
         if self.has_text:
             text = self.reply.content or ""
             where = {"item_id": self.message_id, "output_index": 0}
@@ -167,3 +180,21 @@ class ScriptedResponse:
             "response.incomplete" if self.final["status"] == "incomplete" else "response.completed"
         )
         yield event(done, response=self.final)
+
+    def _refusal_events(
+        self, pieces: list[str], pause: Any, event: Any
+    ) -> Iterator[dict[str, Any]]:
+        """A refusal's message item, its text streamed as ``response.refusal.delta`` events."""
+        refusal = self.refusal or ""
+        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        opened = self._message(self.refusal_part(""), "in_progress")
+        yield event("response.output_item.added", output_index=0, item=opened)
+        yield event("response.content_part.added", **where, part=self.refusal_part(""))
+        for step, piece in enumerate(pieces):
+            if step:
+                pause()
+            yield event("response.refusal.delta", **where, delta=piece)
+        yield event("response.refusal.done", **where, refusal=refusal)
+        yield event("response.content_part.done", **where, part=self.refusal_part(refusal))
+        item = self._message(self.refusal_part(refusal), "completed")
+        yield event("response.output_item.done", output_index=0, item=item)

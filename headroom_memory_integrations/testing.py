@@ -41,6 +41,9 @@ Reply kinds (all are :class:`Reply` values; a plain ``str`` is shorthand for ``R
   (per reply, else the server's default of 4), or ``Reply.text(["Hel", "lo"])`` for exact chunks.
 * ``Reply.tool_call("name", {"arg": 1})`` / ``Reply.tool_calls(ToolCall(...), ...)`` - function
   calls with ``finish_reason="tool_calls"``; streamed as tool-call deltas, arguments in pieces.
+* ``Reply.refused("I can't help with that.")`` - the model refuses: Chat Completions'
+  ``message.refusal`` (``content`` null), streamed as ``refusal`` deltas; the Responses API's
+  ``refusal`` content part, streamed as ``response.refusal.delta`` / ``.done`` events.
 * ``Reply.error(429, "slow down")`` - an HTTP error with an OpenAI-shaped body, so the client
   raises ``RateLimitError`` (429), ``BadRequestError`` (400), ``InternalServerError`` (5xx), ...
 * ``reply.delayed(2.0)`` - wait before answering (to test client timeouts); ``between_chunks``
@@ -157,6 +160,8 @@ class Reply:
         status: HTTP status; 400 and above makes this an error reply.
         error_body: The ``error`` object of an error reply's body.
         headers: Extra HTTP response headers (e.g. ``{"retry-after-ms": "0"}``).
+        refusal: The model's refusal instead of an answer (``content`` is then ``None``);
+            streamed in pieces as ``content`` is.
     """
 
     content: str | None = None
@@ -170,6 +175,7 @@ class Reply:
     status: int = 200
     error_body: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    refusal: str | None = None
 
     @classmethod
     def text(
@@ -189,6 +195,11 @@ class Reply:
             finish_reason=finish_reason,
             usage=usage,
         )
+
+    @classmethod
+    def refused(cls, refusal: str, *, chunk_size: int | None = None) -> Reply:
+        """Refuse to answer, with the model's ``refusal`` text (no content)."""
+        return cls(refusal=refusal, chunk_size=chunk_size)
 
     @classmethod
     def tool_call(
@@ -273,6 +284,11 @@ def hash_embedding(text: str, dimensions: int = 1536) -> list[float]:
 
 def _rough_tokens(text: str) -> int:
     return (len(text) + 3) // 4
+
+
+def _said(reply: Reply) -> str:
+    """The text a reply's model wrote: its content, or its refusal."""
+    return reply.content or reply.refusal or ""
 
 
 def _split(text: str, size: int) -> list[str]:
@@ -633,10 +649,11 @@ class ScriptedOpenAIServer:
         return reply
 
     def _pieces(self, reply: Reply) -> list[str]:
-        """The streamed pieces of a reply's text."""
+        """The streamed pieces of a reply's text (or of its refusal)."""
         if reply.chunks is not None:
             return list(reply.chunks)
-        return _split(reply.content or "", reply.chunk_size or self.chunk_size)
+        said = reply.refusal if reply.refusal is not None else reply.content
+        return _split(said or "", reply.chunk_size or self.chunk_size)
 
     def _responses(self, body: dict[str, Any]) -> _Response:
         messages = chat_messages(body)
@@ -647,7 +664,7 @@ class ScriptedOpenAIServer:
             return reply
         prompt, completion = reply.usage or (
             _rough_tokens(_prompt_text(messages)),
-            _rough_tokens((reply.content or "") + "".join(c.arguments_json for c in reply.calls)),
+            _rough_tokens(_said(reply) + "".join(c.arguments_json for c in reply.calls)),
         )
         scripted = ScriptedResponse(reply, body, (prompt, completion), self.chunk_size)
         if not body.get("stream"):
@@ -691,7 +708,7 @@ class ScriptedOpenAIServer:
         else:
             prompt = _rough_tokens(_prompt_text(messages))
             completion = n * _rough_tokens(
-                (reply.content or "") + "".join(c.arguments_json for c in reply.calls)
+                _said(reply) + "".join(c.arguments_json for c in reply.calls)
             )
         usage = {
             "prompt_tokens": prompt,
@@ -707,7 +724,7 @@ class ScriptedOpenAIServer:
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": reply.content, "refusal": None}
+                "message": {"role": "assistant", "content": reply.content, "refusal": reply.refusal}
                 | ({"tool_calls": calls[i]} if calls[i] else {}),
                 "logprobs": None,
                 "finish_reason": finish,
@@ -729,8 +746,12 @@ class ScriptedOpenAIServer:
         pieces = self._pieces(reply)
 
         def deltas(choice_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]]
+            if reply.refusal is not None:  # the refusal's pieces, no content
+                out = [{"role": "assistant", "content": None, "refusal": ""}]
+                return out + [{"refusal": piece} for piece in pieces]
             empty = None if reply.content is None and choice_calls else ""
-            out: list[dict[str, Any]] = [{"role": "assistant", "content": empty, "refusal": None}]
+            out = [{"role": "assistant", "content": empty, "refusal": None}]
             out += [{"content": piece} for piece in pieces]
             for index, call in enumerate(choice_calls):  # id and name first, then the arguments
                 function = call["function"]

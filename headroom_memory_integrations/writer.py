@@ -95,15 +95,24 @@ QUEUED_EXTRACTIONS = 10_000
 """Extraction jobs queued by this process whose extractor it keeps, at most, until each is done
 (it runs with the extractor of the wrapper that queued it, even if that wrapper was let go of
 meanwhile; one dead-lettered keeps it until ``retry_failed()`` runs it or ``forget()``
-deletes it). Past it, the oldest are let go of (a job another process ran is never reported
-here); such a job runs with its user's current extractor, or another of the same
-destination (see ``MemoryWriter._extractor_for``)."""
+deletes it), or until the file no longer holds it (another process ran it: see
+:data:`KEPT_FOR_JOBS_CHECKED_EVERY`). Past it, the oldest are let go of; such a job runs with
+its user's current extractor, or another of the same destination (see
+``MemoryWriter._extractor_for``)."""
 
 QUEUED_EMBEDDERS = 10_000
 """Jobs queued by this process whose store's embedder it keeps, at most, until each is done
-(it runs with that embedder, even if its wrapper was let go of meanwhile; past it, the oldest
-are let go of, and such a job runs with an embedder of the same identity, or waits for one:
-see ``MemoryWriter._store_for``)."""
+here or the file no longer holds it (another process ran it: see
+:data:`KEPT_FOR_JOBS_CHECKED_EVERY`). It runs with that embedder, even if its wrapper was let
+go of meanwhile; past it, the oldest are let go of, and such a job runs with an embedder of
+the same identity, or waits for one: see ``MemoryWriter._store_for``."""
+
+KEPT_FOR_JOBS_CHECKED_EVERY = 60.0
+"""Seconds between two checks, on a worker's thread after a job, of which jobs whose
+extractor or embedder this process keeps (:data:`QUEUED_EXTRACTIONS`,
+:data:`QUEUED_EMBEDDERS`) are still in the file: those another process ran are let go of,
+and with them what was kept for them (an application making a client and an embedder per
+request kept up to 10,000 of each, and their connections, for jobs done elsewhere)."""
 
 HELD_AFTER_TRIES = 2
 """Tries after which a user's failing store job is not waited for by ``settle`` (nor the
@@ -541,6 +550,7 @@ class MemoryWriter:
         # job id -> (user, the embedder of the store that queued it), oldest first, bounded by
         # QUEUED_EMBEDDERS: a job whose store was let go of runs with its own (see _store_for)
         self._embedded_with: OrderedDict[int, tuple[str, Any]] = OrderedDict()
+        self._kept_checked = time.monotonic()  # (see KEPT_FOR_JOBS_CHECKED_EVERY)
         self._storage: Storage | None = None  # the storage whose memories this queue holds
         # the jobs' embedding calls that ran late, and their answers kept for the jobs' retries:
         # one user's embedder that hangs holds up no other user's jobs (see late_embeddings)
@@ -1281,6 +1291,28 @@ class MemoryWriter:
                     if not waiting:
                         del self._unsettled[job.user_id]
                     self._settled.notify_all()
+            self._let_go_of_jobs_run_elsewhere()
+
+    def _let_go_of_jobs_run_elsewhere(self) -> None:
+        """At most every :data:`KEPT_FOR_JOBS_CHECKED_EVERY` seconds: let go of the extractors
+        and embedders kept for jobs that are no longer in the file (another process ran them:
+        this one is never told). On a worker's thread; a file that cannot be read now is
+        checked again next time."""
+        now = time.monotonic()
+        if now - self._kept_checked < KEPT_FOR_JOBS_CHECKED_EVERY:
+            return
+        self._kept_checked = now
+        with self._settled:
+            checked = {*self._queued_with, *self._embedded_with}
+        try:
+            present = self.worker.queue.present(checked)
+        except Exception:
+            log.debug("job queue %s: could not be read", self.worker.queue.path, exc_info=True)
+            return
+        with self._settled:
+            for kept in (self._queued_with, self._embedded_with):
+                for job_id in [j for j in kept if j in checked and j not in present]:
+                    del kept[job_id]
 
     def _extractor_for(self, job: Job) -> BackgroundExtractor | None:
         """The extractor the job was queued with in this process, while it can still make

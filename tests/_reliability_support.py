@@ -161,6 +161,17 @@ def wrapped_for(wrap: Any, server: Any, users: Sequence[str], **options: Any) ->
     return tuple(wrap(server.client(), user_id=user, **options) for user in users)
 
 
+def embeds_now(embedder: Any) -> bool:
+    """Whether ``embedder`` embeds now (an endpoint's: not down, nor held to be down)."""
+    from headroom_memory_integrations import EmbeddingError
+
+    try:
+        embedder.embed(["are you back?"])
+    except EmbeddingError:
+        return False
+    return True
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

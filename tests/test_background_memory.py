@@ -18,7 +18,7 @@ from contextlib import closing
 from typing import Any
 
 import pytest
-from _reliability_support import wait_for, wrapped_for
+from _reliability_support import embeds_now, wait_for, wrapped_for
 
 from headroom_memory_integrations import StorageError
 from headroom_memory_integrations.jobs import Backoff
@@ -425,9 +425,10 @@ def test_an_async_stream_left_by_break_closes_its_http_response(async_client, fa
             break
         assert not raw.response.is_closed
         del stream, _
-        for _ in range(20):  # the loop runs the finalizer's aclose() as a task
-            await asyncio.sleep(0)
-        assert raw.response.is_closed
+        deadline = time.monotonic() + 60  # the loop runs the finalizer's aclose() as a task
+        while not raw.response.is_closed:
+            assert time.monotonic() < deadline, "the abandoned stream's response was not closed"
+            await asyncio.sleep(0.01)
         await async_client.close()
 
     gc.disable()  # no collection in between: only the wrapper can have closed it
@@ -1658,21 +1659,26 @@ def test_a_job_rate_limited_by_the_embedding_endpoint_is_retried_within_the_long
 
 
 def test_an_embedding_endpoint_coming_back_hurries_only_the_queues_that_embed_with_it(
-    openai_server, tmp_path
+    openai_server, tmp_path, monkeypatch
 ) -> None:
     """Two embedders of one model on two endpoints (OpenAI and a proxy, two tenants'
-    ``base_url``) are two locations: the first one's coming back leaves the job of a store
-    that embeds with the second, still down, to its backoff. Before, both were "the embedding
-    endpoint (<model>)": the job was retried at once, against a down endpoint, a try spent
-    towards ``HOLDS_THE_LINE_TRIES``."""
-    from headroom_memory_integrations import EmbeddingError, OpenAIEmbedder
+    ``base_url``) are two locations: the first one's coming back hurries the job of a store
+    that embeds with it (alice's), and leaves the job of a store that embeds with the second,
+    still down, to its backoff (bob's). Before, both were "the embedding endpoint (<model>)":
+    bob's job was retried at once, against a down endpoint, a try spent towards
+    ``HOLDS_THE_LINE_TRIES``."""
+    from headroom_memory_integrations import OpenAIEmbedder, writer
     from headroom_memory_integrations.testing import ScriptedOpenAIServer
     from headroom_memory_integrations.writer import queue_path_for
 
-    minute = Backoff(initial=60.0, factor=2.0, maximum=60.0, jitter=0.0)
+    # the jobs failed on an embedder wait their backoff's ten minutes (not at most the longest
+    # hold-back, 16 s): only a hurry makes them due while the test runs
+    monkeypatch.setattr(writer, "MAX_RETRY_SECONDS", 1200.0)
+    minutes = Backoff(initial=600.0, factor=2.0, maximum=600.0, jitter=0.0)
     hung_a, hung_b = threading.Event(), threading.Event()
     with ScriptedOpenAIServer() as server_b:
         openai_server.embedder = bag_of_words_endpoint(hung_a)
+        openai_server.responder = extracting({"Porto": "Lives in Porto"}, [])
         server_b.embedder = bag_of_words_endpoint(hung_b)
         server_b.responder = extracting({"Lyon": "Lives in Lyon"}, [])
         embedder_a, embedder_b = (
@@ -1680,14 +1686,21 @@ def test_an_embedding_endpoint_coming_back_hurries_only_the_queues_that_embed_wi
             for server in (openai_server, server_b)
         )
         assert embedder_a.location != embedder_b.location
-        bob = with_memory(
-            server_b.client(),
-            user_id="bob",
-            db_path=tmp_path / "b",
-            embedder=embedder_b,
-            retry_backoff=minute,
+        alice, bob = (
+            with_memory(
+                server.client(),
+                user_id=user,
+                db_path=tmp_path / user,
+                embedder=embedder,
+                retry_backoff=minutes,
+            )
+            for server, user, embedder in (
+                (openai_server, "alice", embedder_a),
+                (server_b, "bob", embedder_b),
+            )
         )
         try:
+            alice.memory.count()
             bob.memory.count()
             queue = queue_path_for(bob.memory)
 
@@ -1700,16 +1713,17 @@ def test_an_embedding_endpoint_coming_back_hurries_only_the_queues_that_embed_wi
             ask(bob, "I live in Lyon")  # its turn fails on endpoint B and waits its backoff
             wait_for(lambda: (j := job()) is not None and j[0] > 0 and j[1] > time.time() + 5)
             waiting = job()
-            hung_a.set()  # endpoint A goes down, and comes back
-            with pytest.raises(EmbeddingError):
-                embedder_a.embed(["Where do I live?"])
-            hung_a.clear()
-            time.sleep(1.1)  # its first hold-back (1 s) is over
-            assert embedder_a.embed(["Where do I live?"]).shape == (1, 64)  # announced back
-            time.sleep(2.0)  # a hurried job is tried at once
+            hung_a.set()  # endpoint A goes down: alice's turn fails on it, waits its backoff
+            ask(alice, "I live in Porto")
+            wait_for(lambda: tried(queue_path_for(alice.memory)))
+            hung_a.clear()  # and comes back: announced back once its hold-back (1 s) is over
+            wait_for(lambda: embeds_now(embedder_a))
+            wait_for(lambda: alice.memory.flush(0.1), timeout=120)  # her job, hurried, is done
             assert job() == waiting  # bob's job still waits: endpoint B is down
         finally:
+            hung_a.clear()
             hung_b.clear()
+            alice.memory.close(timeout=0)
             bob.memory.close(timeout=0)
 
 
@@ -1723,10 +1737,13 @@ def answers_again(memory) -> bool:
 
 def tried(queue_path) -> bool:
     """Whether a job of the queue has failed at least once and waits to be tried again."""
-    import sqlite3
+    return tries(queue_path) > 0
 
-    with sqlite3.connect(queue_path) as conn:
-        return bool(conn.execute("SELECT 1 FROM jobs WHERE attempts > 0").fetchone())
+
+def tries(queue_path) -> int:
+    """The most tries a job of the queue has had (0: none tried, or none left)."""
+    with closing(sqlite3.connect(queue_path)) as conn:
+        return conn.execute("SELECT COALESCE(MAX(attempts), 0) FROM jobs").fetchone()[0]
 
 
 @pytest.mark.server
@@ -1759,8 +1776,7 @@ def test_a_correction_told_while_the_storage_is_down_replaces_the_old_memory(
         assert client.memory.flush(30)
         outage.kill()
         ask(client, "I quit my job at Acme, now I freelance as a designer")
-        wait_for(lambda: tried(tmp_path / "jobs.sqlite3"))
-        time.sleep(1)  # retries with FAST's backoff meanwhile
+        wait_for(lambda: tries(tmp_path / "jobs.sqlite3") >= 3)  # retried with FAST's backoff
         assert shown == []  # the model is not called while the storage is down
         outage.restart()
         assert client.memory.flush(60)

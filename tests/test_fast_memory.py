@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ from conftest import RememberingModel, block, instruction_nonce
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.openai.flow import CompletionsFlow
 from headroom_memory_integrations.prompts import CONTEXT_CLOSE, CONTEXT_OPEN
-from headroom_memory_integrations.testing import Reply, ToolCall, Usage
+from headroom_memory_integrations.testing import Reply, ScriptedOpenAIServer, ToolCall, Usage
 
 pytestmark = pytest.mark.openai_client
 
@@ -277,6 +278,59 @@ def test_tool_calls_pass_through(client, openai_server, model_says) -> None:
     assert answer.choices[0].message.content == "It is sunny in Porto."
     sent = sent_messages(openai_server)
     assert sent[0]["role"] == "system" and sent[1:] == follow_up  # injected before the user turn
+
+
+class EmptyContentRefusalServer(ScriptedOpenAIServer):
+    """A server that sends an empty ``content`` ("", not null) beside a refusal, in a whole
+    answer and in a stream's first delta (OpenAI-compatible servers differ in this)."""
+
+    def _chat(self, body: dict) -> Any:
+        response = super()._chat(body)
+        for choice in (response.payload or {}).get("choices", []):
+            if choice["message"].get("refusal"):
+                choice["message"]["content"] = ""
+        return response
+
+    def _chunks(self, *args: Any, **kwargs: Any) -> Any:
+        for chunk in super()._chunks(*args, **kwargs):
+            for choice in chunk["choices"]:
+                if choice["delta"].get("refusal") == "":
+                    choice["delta"]["content"] = ""
+            yield chunk
+
+
+@pytest.mark.parametrize("server_type", [ScriptedOpenAIServer, EmptyContentRefusalServer])
+def test_a_refusal_counts_no_missing_block_and_passes_through(server_type, db_path, model) -> None:
+    """A refusal is no answer, so it has no memory block to miss: a whole refused answer
+    (``content`` null or "") and a streamed one (``refusal`` deltas, after a first delta
+    whose ``content`` is null or ""), sync and async, pass through as the model wrote them,
+    plant nothing (a block in a refusal is not read) and count no ``missing_blocks``. Before,
+    a refusal beside an empty ``content`` counted a missing block (with null, none)."""
+    refusal = "I can't help with that."
+
+    def refuse(body: dict) -> Reply:
+        nonce = instruction_nonce(body)
+        return Reply.refused(f"{refusal} {block(nonce, [PYTHON])}", chunk_size=5)
+
+    with server_type(responder=refuse) as server:
+        client = with_fast_memory(server.client(), user_id="alice", db_path=db_path, embedder=model)
+        whole = ask(client, "I prefer Python for backend work").choices[0].message
+        assert whole.refusal.startswith(refusal) and not whole.content
+        chunks = list(ask(client, "I prefer Python for backend work", stream=True))
+
+        async def read_async() -> list:
+            async with server.async_client() as opened:
+                aclient = with_fast_memory(opened, memory=client.memory)
+                answer = await ask(aclient, "I prefer Python for backend work", stream=True)
+                return [chunk async for chunk in answer]
+
+        for shown in (chunks, asyncio.run(read_async())):
+            deltas = [c.choices[0].delta for c in shown if c.choices]
+            assert "".join(d.refusal or "" for d in deltas).startswith(refusal + " <memory-")
+            assert not "".join(d.content or "" for d in deltas)
+        assert client.memory.flush(30) and client.memory.get_all() == []
+        assert not client.memory.stats()["events"].get("missing_blocks")
+        client.close()
 
 
 def test_machine_readable_requests_get_no_instruction(client, openai_server, model_says) -> None:
@@ -559,31 +613,36 @@ def test_a_call_cancelled_after_the_answer_is_not_learned_after_forget_user(
     The post-answer step is slowed here, as on a busy machine."""
     model_says.answer, model_says.memories = "Noted.", [PYTHON]
     after = CompletionsFlow.after
+    answered, done = threading.Event(), threading.Event()
 
     def slow_after(self: CompletionsFlow, call: Any, completion: Any) -> Any:
+        answered.set()
         time.sleep(0.5)
-        return after(self, call, completion)
+        try:
+            return after(self, call, completion)
+        finally:
+            done.set()
 
     monkeypatch.setattr(CompletionsFlow, "after", slow_after)
 
     async def cancelled_then_forgotten() -> None:
-        asked = len(openai_server.requests)
         task = asyncio.ensure_future(
             aclient.chat.completions.create(
                 model="gpt-4o",
                 messages=[{"role": "user", "content": "I prefer Python for backend work"}],
             )
         )
-        while len(openai_server.requests) == asked:
+        deadline = time.monotonic() + 60
+        while not answered.is_set():  # the model has answered: the client disconnects
+            assert time.monotonic() < deadline, "the model never answered"
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.2)  # the model has answered: the client disconnects
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.to_thread(aclient.memory.forget_user)
 
     asyncio.run(cancelled_then_forgotten())
-    time.sleep(1.0)
+    assert done.wait(60)  # the answer's memory work, left to run, has ended
     assert aclient.memory.flush(30)
     assert aclient.memory.get_all() == []
 
@@ -843,7 +902,6 @@ def test_a_second_cancellation_leaves_no_error_unretrieved(caplog) -> None:
     """The answer's memory work failing after two cancellations (an asyncio.timeout inside a
     TaskGroup) was logged by asyncio as "Task exception was never retrieved"."""
     import gc
-    import threading
 
     from headroom_memory_integrations.flow import finished_in_thread
 

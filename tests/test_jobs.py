@@ -459,6 +459,40 @@ def test_permanent_failure_is_dead_lettered_then_requeued(
     assert worker.stats()["processed"] == 1
 
 
+def test_present_tells_which_jobs_are_in_the_file_by_looking_up_each(queue: JobQueue) -> None:
+    """``present`` (the writer's check of jobs run elsewhere, on a worker's thread with the
+    file's lock held) answers which of the ids asked for are still jobs of the file, dead-
+    lettered ones too, past SQLite's bound on a statement's parameters, and does work as
+    many ids are asked about, not as many jobs wait in the file: it walked every job from
+    the oldest id asked for, a backlog of a million after an outage under the lock."""
+    first, done, failed = (queue.put("store", "alice", {"n": n}) for n in range(3))
+    queue.complete(done)
+    queue.fail(failed, "PermanentJobError: no")
+    with queue._locked() as conn:  # a backlog, queued behind them
+        conn.executemany(
+            "INSERT INTO jobs (kind, user_id, payload, created_at, not_before)"
+            " VALUES ('store', 'bob', '{}', 0, 0)",
+            [()] * 20_000,
+        )
+    last = queue.put("store", "alice", {"n": 3})
+    asked = [first, done, failed, last, last + 1, *range(last + 2, last + 2_000)]
+    assert queue.present(asked) == {first, failed, last}
+    assert queue.present([]) == set()
+
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    with queue._lock:
+        assert queue._conn is not None
+        queue._conn.set_progress_handler(step, 100)  # counts SQLite's steps, by hundreds
+    assert queue.present([first, last]) == {first, last}
+    assert steps < 20  # hundreds of steps: a walk of the 20,000 jobs between took hundreds
+
+
 def test_non_retryable_exceptions_follow_the_predicate(
     queue: JobQueue, make_worker: MakeWorker
 ) -> None:

@@ -15,6 +15,7 @@ from headroom_memory_integrations import OpenAIEmbedder, jobs
 from headroom_memory_integrations.openai import with_fast_memory
 from headroom_memory_integrations.testing import (
     MemoryFollowingModel,
+    Reply,
     ScriptedOpenAIServer,
     hash_embedding,
 )
@@ -255,3 +256,50 @@ def test_one_hung_embedder_object_several_users_share_gets_one_thread(patience) 
         assert calls == []
         assert job(100, "bob", object()) and calls == [["bob's memory"]]
     assert job(2, "user1", shared) and calls[-1] == ["user1's memory"]
+
+
+def test_a_late_calls_job_goes_before_the_users_other_jobs_once_it_has_answered(
+    openai_server, db_path, patience, monkeypatch
+) -> None:
+    """Alice's memory "Lives in Paris" (the endpoint failing it) waits out a retry when her
+    memory "Has 2 cats" goes late (the endpoint holds it). Once the late call has answered,
+    both jobs are due at once and the Paris one, queued first, is claimed first; it waits:
+    the job whose late answer is kept is stored before it (the user's other jobs wait for
+    that job's next try). Without that hold, the Paris memory was embedded and stored first,
+    while the cats job's answer waited. (The Paris job is let out of line after one try here:
+    it would be after 10.)"""
+    monkeypatch.setattr(jobs, "HOLDS_THE_LINE_TRIES", 1)
+    openai_server.responder = MemoryFollowingModel()
+    failing = threading.Event()
+    failing.set()
+    stored_when_paris_was_embedded: list[list[str]] = []
+    held = HeldEndpoint("Has 2 cats")  # (not the user's question, "I have 2 cats")
+
+    def endpoint(text: str, dimensions: int) -> list[float] | Reply:
+        if text == "Lives in Paris":
+            if failing.is_set():
+                return Reply.error(503)  # (no Retry-After: the endpoint is not held to be down)
+            stored_when_paris_was_embedded.append(texts(alice.memory))
+        return held(text, dimensions)
+
+    with ScriptedOpenAIServer(embedder=endpoint) as server:
+        alice = with_fast_memory(
+            openai_server.client(), user_id="alice", db_path=db_path, embedder=embedder_on(server)
+        )
+        try:
+            tell(alice, "I live in Paris")
+            wait_for(lambda: any(row[3] for row in queue_rows(alice)), timeout=60)  # failed
+            tell(alice, "I have 2 cats")
+            wait_for(
+                lambda: any(row[3] and "gave no answer" in row[3] for row in queue_rows(alice)),
+                timeout=120,
+            )  # the cats job's call is late (and still held)
+            failing.clear()
+            held.release.set()
+            wait_for(lambda: alice.memory.flush(0.1), timeout=120)
+            assert sorted(texts(alice.memory)) == ["Has 2 cats", "Lives in Paris"]
+            assert stored_when_paris_was_embedded == [["Has 2 cats"]]
+            assert held.asked.count("Has 2 cats") == 1  # its late answer was used
+        finally:
+            held.release.set()
+            alice.memory.close(timeout=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from _llama_index_support import (
 )
 from llama_index.core.agent.workflow import AgentWorkflow, ReActAgent
 from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.memory import ChatMemoryBuffer
 from llama_index.core.storage.chat_store import SimpleChatStore
 
@@ -215,6 +217,128 @@ def test_async_forms_go_through_the_same_logic(new_buffer, llm) -> None:
 
     got = asyncio.run(run())
     assert got[-2].role.value == "system" and FACT in got[-2].content
+
+
+class HeldChatStore(SimpleChatStore):
+    """A chat store that holds one call, once, after doing it, until let go: a chat store
+    over the network (Redis, a database) whose answer is late."""
+
+    _hold: str | None = PrivateAttr(default=None)
+    _held: threading.Event = PrivateAttr(default_factory=threading.Event)
+    _go: threading.Event = PrivateAttr(default_factory=threading.Event)
+
+    def hold(self, operation: str) -> None:
+        self._hold = operation
+
+    def wait_held(self) -> bool:
+        return self._held.wait(60)
+
+    def let_go(self) -> None:
+        self._go.set()
+
+    def _done(self, operation: str) -> None:
+        if self._hold == operation:
+            self._hold = None
+            self._held.set()
+            assert self._go.wait(300)
+
+    def add_message(self, key: str, message: ChatMessage, idx: int | None = None) -> None:
+        super().add_message(key, message, idx)
+        self._done("add_message")
+
+    def delete_messages(self, key: str) -> list[ChatMessage] | None:
+        deleted = super().delete_messages(key)
+        self._done("delete_messages")
+        return deleted
+
+
+class WatchedLock:
+    """A lock that tells when a thread has to wait for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waited = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.waited.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def waits_or_ends(thread: threading.Thread, lock: WatchedLock) -> bool:
+    """Wait (at most 120 s) until ``thread`` ends or waits for ``lock``; whether it waits."""
+    for _ in range(12_000):
+        if lock.waited.wait(0.01) or not thread.is_alive():
+            break
+    return lock.waited.is_set()
+
+
+@pytest.mark.parametrize("held", ["delete_messages", "add_message"])
+def test_a_reset_from_another_thread_comes_wholly_before_or_after_a_put(held, new_buffer) -> None:
+    """``reset()`` on one thread while a message is put on another (a web app's "new chat"
+    beside a request of the same session; a slow chat store widens the window): each comes
+    wholly before or after the other. Before, a reset under way when the next conversation's
+    first message was put forgot that turn after storing the message (its answer was never
+    learnt from), and a reset made while the answer of a turn was being put forgot the turn
+    before its answer was followed (answered before the reset, never learnt from)."""
+    store = HeldChatStore()
+    memory = new_buffer(chat_store=store)
+    if held == "delete_messages":  # the reset is under way as the next conversation begins
+        memory.put(ChatMessage(role="user", content=QUESTION))
+        memory.put(ChatMessage(role="assistant", content="Any language you like."))
+        first, then = memory.reset, lambda: memory.put(ChatMessage(role="user", content=FACT))
+    else:  # the reset comes while the turn's answer is being put
+        memory.put(ChatMessage(role="user", content=FACT))
+        first = lambda: memory.put(ChatMessage(role="assistant", content="Noted."))  # noqa: E731
+        then = memory.reset
+    memory._history_lock = lock = WatchedLock()
+    store.hold(held)
+    holding = threading.Thread(target=first)
+    holding.start()
+    assert store.wait_held()
+    other = threading.Thread(target=then)
+    other.start()
+    waits_or_ends(other, lock)  # before the fix it ended; now it waits for the held call
+    store.let_go()
+    holding.join(60)
+    other.join(60)
+    assert not holding.is_alive() and not other.is_alive()
+    if held == "delete_messages":
+        memory.put(ChatMessage(role="assistant", content="Noted."))
+        assert [m.content for m in memory.get_all()] == [FACT, "Noted."]
+    else:
+        assert memory.get_all() == []  # the reset came after the answer
+    flush(memory.memory)
+    assert [m.text for m in memory.memory.get_all()] == [FACT]  # the turn was learnt
+
+
+def test_a_slow_chat_store_write_does_not_hold_up_get(new_buffer) -> None:
+    """``get`` on one thread while another puts a message into a chat store that is slow to
+    answer (over the network): ``get`` reads the history and the memories without waiting
+    for that write. Before, ``put`` held the buffer's lock across the chat store's write and
+    ``get`` waited for it at its end (with a chat store that hangs, forever)."""
+    store = HeldChatStore()
+    memory = new_buffer(chat_store=store)
+    memory.put(ChatMessage(role="user", content=FACT))
+    store.hold("add_message")
+    answer = ChatMessage(role="assistant", content="Noted.")
+    putting = threading.Thread(target=memory.put, args=(answer,))
+    putting.start()
+    assert store.wait_held()
+    got: list[list[ChatMessage]] = []
+    getting = threading.Thread(target=lambda: got.append(memory.get()))
+    getting.start()
+    getting.join(120)  # (the held write waits 300 s)
+    ended_while_held = not getting.is_alive()
+    store.let_go()
+    putting.join(60)
+    getting.join(60)
+    assert ended_while_held and [m.content for m in got[0]][-1:] in ([FACT], ["Noted."])
+    flush(memory.memory)
+    assert [m.text for m in memory.memory.get_all()] == [FACT]  # the turn was learnt
 
 
 def test_serializes_without_clients_and_comes_back(new_buffer, db_path) -> None:

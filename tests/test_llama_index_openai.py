@@ -281,7 +281,9 @@ def test_a_memory_outage_is_counted_once_per_agent_turn(
     and once more after it has put its answer), logged in one WARNING line without a
     traceback. Before: two or three a turn through the chat memory buffer and the memory
     block, two through MemoryLLM (each later call of the turn recalled anew, failed again and
-    was counted again), each with the storage error's traceback at WARNING."""
+    was counted again), each with the storage error's traceback at WARNING. (The user's
+    message could need a memory: one the gate holds back, such as "What is the weather in
+    Oslo?", needs none and counts no outage.)"""
     import logging
 
     from conftest import closed_server_url
@@ -297,7 +299,8 @@ def test_a_memory_outage_is_counted_once_per_agent_turn(
         with caplog.at_level(logging.WARNING, logger="headroom_memory_integrations"):
             for turn, city in enumerate(["Oslo", "Lyon"], start=1):
                 brain.tool_calls.append(("weather", {"city": city}))
-                seen = ask(kind, llm, memory, f"What is the weather in {city}?", "stream")
+                asked = f"Should I pack an umbrella for my trip to {city}?"
+                seen = ask(kind, llm, memory, asked, "stream")
                 assert seen.text.startswith(f"The tool says sunny in {city}.")  # answered
                 assert store.counters["inject_failures"] == turn
         assert any("could not search memories" in r.getMessage() for r in caplog.records)

@@ -243,6 +243,59 @@ def test_stats_answers_while_the_chroma_server_is_down(openai_server, tmp_path) 
     alone.storage.close()
 
 
+def test_a_message_that_needs_no_memory_counts_no_outage(openai_server, tmp_path, model) -> None:
+    """The gate reads a general question as needing no memory: with the Chroma server down it
+    is answered as with the server up (no memories, no storage request), and no failure is
+    counted, whether its store had opened the collection before the outage (the question's
+    embedding cached or not) or opens it during the outage. Before, a store opening it during
+    the outage counted the question in ``inject_failures`` (the opening failed before the gate
+    was read), while one opened before did not. A message that needs a memory counts it, the
+    collection opened or not."""
+
+    def ask(client: Any, text: str) -> str:
+        messages = [{"role": "user", "content": text}]
+        answer = client.chat.completions.create(model="gpt-4o", messages=messages)
+        return answer.choices[0].message.content
+
+    def events(client: Any) -> tuple[int, int]:
+        counted = client.memory.stats()["events"]
+        return counted.get("inject_failures", 0), counted.get("gated_messages", 0)
+
+    server = ChromaServer(tmp_path / "chroma")
+    openai_server.responder = lambda body: "Noted."
+    opened = [
+        with_fast_memory(
+            openai_server.client(),
+            user_id=user,
+            db_path=server.url,
+            embedder=model,
+            queue_path=tmp_path / "jobs.sqlite3",
+        )
+        for user in ("alice", "bob", "carol")
+    ]
+    before, during, needing = opened
+    try:
+        assert ask(before, "What is the capital of France?") == "Noted."  # opens the collection
+    finally:
+        server.stop()
+    try:
+        for client, text in (
+            (before, "What is the capital of France?"),  # its embedding cached
+            (before, "Tell me a joke about cats."),
+            (during, "What is the capital of France?"),  # the collection not opened yet
+        ):
+            assert ask(client, text) == "Noted."
+        assert events(before) == (0, 3) and events(during) == (0, 1)
+        assert ask(before, "Which language should I use for my new backend service?") == "Noted."
+        assert events(before) == (1, 3)  # it could have had memories: the outage is counted
+        assert ask(needing, "Which language should I use for my new backend service?") == "Noted."
+        assert events(needing) == (1, 0)  # and so when the collection could not be opened
+    finally:
+        for client in opened:
+            client.close()
+            client.memory.storage.close()
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

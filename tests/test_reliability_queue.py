@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _reliability_support import wait_for
 from conftest import HashEmbedder, RememberingModel
 
 from headroom_memory_integrations import writer
@@ -98,15 +99,18 @@ def test_a_locked_queue_file_holds_no_call_and_loses_no_memory(openai_server, tm
     model = RememberingModel("Noted.", [{"text": "Plays the cello", "category": "fact"}])
     openai_server.responder = model
     alice, bob = users_who_said(openai_server, tmp_path, "I play the cello", "alice", "bob")
-    model.memories = [{"text": "Lives in Lyon", "category": "fact"}]
+    lyon = RememberingModel("Noted.", [{"text": "Lives in Lyon", "category": "fact"}])
+    openai_server.responder = lambda body: (
+        lyon if "I live in Lyon" in str(body["messages"][-1]["content"]) else RememberingModel()
+    )(body)
 
     holder = hold_queue_lock(tmp_path / "jobs.sqlite3")
     try:
         took: dict[str, float] = {}
+        asked = len(openai_server.requests)
         call = threading.Thread(target=lambda: took.update(alice=say(alice, "I live in Lyon")))
         call.start()
-        time.sleep(0.3)
-        model.memories = []
+        wait_for(lambda: len(openai_server.requests) > asked)  # she has her answer, or soon
         took["bob"] = say(bob, "What's the weather like?")  # another user, meanwhile
         call.join(BOUND)
         assert not call.is_alive(), "alice's call waited for the locked file"

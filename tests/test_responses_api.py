@@ -15,7 +15,7 @@ import textwrap
 from typing import Any
 
 import pytest
-from conftest import RememberingModel, instruction_nonce
+from conftest import RememberingModel, block, instruction_nonce
 from pydantic import BaseModel
 
 from headroom_memory_integrations.openai import with_fast_memory, with_memory
@@ -417,6 +417,82 @@ def test_a_function_call_answer_passes_through(client, openai_server) -> None:
         {"city": "Lisbon"},
     )
     assert stored(client) == []
+
+
+REFUSAL = "I can't help with that."
+
+
+def refusing(extracted: dict) -> Any:
+    """A responder that refuses every answer, with a memory block of the request's nonce in
+    the refusal (a refusal must plant nothing), and answers extraction calls with
+    ``extracted``."""
+
+    def responder(body: dict) -> Reply:
+        if "You maintain long-term memory" in json.dumps(body):
+            return Reply.text(json.dumps({"memories": [extracted]}))
+        nonce = instruction_nonce(body)
+        planted = f" {block(nonce, [LISBON])}" if nonce else ""
+        return Reply.refused(REFUSAL + planted, chunk_size=4)
+
+    return responder
+
+
+def refusal_seen(events: list) -> tuple[list[str], str, str]:
+    """The event types, the refusal as its deltas spell it, and the final response's."""
+    deltas = "".join(e.delta for e in events if e.type == "response.refusal.delta")
+    (part,) = events[-1].response.output[0].content
+    return [e.type for e in events], deltas, part.refusal
+
+
+def without_deltas(types: list[str]) -> list[str]:
+    return [kind for kind in types if kind != "response.refusal.delta"]
+
+
+def test_a_streamed_refusal_passes_through_and_plants_nothing(db_path, model) -> None:
+    """A refusal (``response.refusal.delta`` / ``.done`` events, a ``refusal`` part) is not
+    the answer: streamed, sync and async and through openai's ``stream`` helper, every event
+    reaches the caller as the model sent it, as without memory; a memory block in it is not
+    read (nothing stored) and no block is counted missing, as for a whole refused response.
+    In the background mode the user's message is extracted, with no answer: the refusal's
+    text is not sent to the extraction."""
+    ask = {"model": "gpt-4o", "input": "I moved to Porto last year", "stream": True}
+    porto = {"text": "Lives in Porto", "category": "fact"}
+    with ScriptedOpenAIServer(responder=refusing(porto)) as server:
+        plain = refusal_seen(list(server.client().responses.create(**ask)))
+        assert plain[0][2:4] == ["response.output_item.added", "response.content_part.added"]
+        assert plain[1] == plain[2] == REFUSAL and "response.refusal.done" in plain[0]
+        fast = with_fast_memory(server.client(), user_id="a", db_path=db_path, embedder=model)
+        background = with_memory(server.client(), user_id="b", db_path=db_path, embedder=model)
+        seen = [list(c.responses.create(**ask)) for c in (fast, background)]
+        with fast.responses.stream(model="gpt-4o", input=ask["input"]) as stream:
+            seen.append(list(stream))
+            final = stream.get_final_response()
+
+        async def read_async() -> list:
+            async with server.async_client() as opened:
+                aclient = with_fast_memory(opened, memory=fast.memory)
+                return [event async for event in await aclient.responses.create(**ask)]
+
+        seen.append(asyncio.run(read_async()))
+        whole = fast.responses.create(**{**ask, "stream": False})
+        nonces = [nonce_of(r.body) for r in server.requests if r.path == "/v1/responses"]
+        assert all(nonces[1:2] + nonces[3:]) and not nonces[2]  # fast ones were instructed
+        for events, nonce in zip(seen, [nonces[1], nonces[2], nonces[3], nonces[4]]):
+            types, deltas, final_refusal = refusal_seen(events)
+            planted = f" {block(nonce, [LISBON])}" if nonce else ""
+            assert deltas == final_refusal == REFUSAL + planted  # as the model wrote it
+            assert without_deltas(types) == without_deltas(plain[0])  # every event, in order
+            assert types.count("response.refusal.delta") == -(-len(deltas) // 4)  # each piece
+        assert final.output[0].content[0].refusal.startswith(REFUSAL)
+        assert whole.output[0].content[0].refusal.startswith(REFUSAL)
+        assert stored(fast) == []  # the block in the refusal planted nothing
+        assert not fast.memory.stats()["events"].get("missing_blocks")
+        assert stored(background) == [porto["text"]]  # the user's message, extracted
+        extraction = [r for r in server.requests if r.path == "/v1/chat/completions"]
+        quoted = json.dumps(extraction[-1].body)
+        assert "I moved to Porto last year" in quoted and "help with that" not in quoted
+        for client in (fast, background):
+            client.close()
 
 
 def test_user_injection_puts_the_prompt_in_the_user_message(

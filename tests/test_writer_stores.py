@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import weakref
@@ -291,6 +292,82 @@ def test_a_job_of_a_wrapper_let_go_of_is_never_embedded_by_another_tenants_embed
         "alice", storage=bob.memory.storage, embedder=TenantEmbedder("tenant-a")
     ).get_all()
     assert [m.text for m in stored] == [ALICE["text"]]
+    bob.memory.close()
+
+
+def test_the_embedder_kept_for_a_job_another_process_ran_is_let_go_of(
+    openai_server, db_path, model_says, monkeypatch
+) -> None:
+    """An application makes an embedder per request: alice's wrapper, let go of, left her
+    memory queued, and the writer keeps her embedder for the job (it runs with it). Another
+    process on the folder runs the job: this one is never told, and kept the embedder (and
+    its client's connections) until 10,000 later jobs. Now it is let go of once the file no
+    longer holds the job."""
+    from headroom_memory_integrations import writer
+
+    monkeypatch.setattr(writer, "KEPT_FOR_JOBS_CHECKED_EVERY", 0.0)
+    gate = threading.Event()
+    bobs = TenantEmbedder("tenant-b", hold=BOB["text"], gate=gate)
+    alices = TenantEmbedder("tenant-a")
+    kept = weakref.ref(alices)
+    bob = alice_let_go_behind_bob(openai_server, db_path, model_says, bobs, alices)
+    del alices
+    queue = queue_path_for(bob.memory)
+
+    def alices_jobs() -> int:
+        with contextlib.closing(sqlite3.connect(queue)) as conn:
+            return conn.execute("SELECT COUNT(*) FROM jobs WHERE user_id = 'alice'").fetchone()[0]
+
+    # queued behind bob's, held at his embedder's gate
+    wait_for(lambda: alices_jobs() == 1, "alice's job queued")
+    with contextlib.closing(sqlite3.connect(queue)) as conn, conn:  # another process ran it
+        conn.execute("DELETE FROM jobs WHERE user_id = 'alice'")
+    gc.collect()
+    assert kept() is not None  # kept for the job while it may run here
+    gate.set()
+    assert writer_for(queue).flush(30)
+    gc.collect()
+    assert kept() is None
+    assert ALICE["text"] not in bobs.seen
+    bob.memory.close()
+
+
+class FailsOnceEmbedder(TenantEmbedder):
+    """A tenant's embedder whose first embedding of ``ALICE["text"]`` raises TypeError (its
+    job is dead-lettered)."""
+
+    def embed(self, texts):
+        if ALICE["text"] in texts and ALICE["text"] not in self.seen:
+            self.seen += list(texts)
+            raise TypeError("a broken first call")
+        return super().embed(texts)
+
+
+def test_the_embedder_kept_for_a_dead_lettered_job_outlasts_the_check_of_jobs_run_elsewhere(
+    openai_server, db_path, model_says, monkeypatch
+) -> None:
+    """The check that lets go of what was kept for jobs another process ran keeps what a job
+    still in the file needs: alice's dead-lettered job, run again by ``retry_failed()`` after
+    a check, runs with her own embedder (let go of, no store of hers is registered here, so
+    it would wait for ever)."""
+    from headroom_memory_integrations import writer
+
+    monkeypatch.setattr(writer, "KEPT_FOR_JOBS_CHECKED_EVERY", 0.0)
+    gate = threading.Event()
+    bobs = TenantEmbedder("tenant-b", hold=BOB["text"], gate=gate)
+    alices = FailsOnceEmbedder("tenant-a")
+    bob = alice_let_go_behind_bob(openai_server, db_path, model_says, bobs, alices)
+    queue = writer_for(queue_path_for(bob.memory))
+    gate.set()
+    wait_for(lambda: queue.stats()["failed"] >= 1, "alice's job dead-lettered")
+    model_says.memories = [DOG]  # bob's next job is handled here: a check runs after it
+    bob.chat.completions.create(model="m", messages=[{"role": "user", "content": "I have a dog"}])
+    assert queue.flush(60)
+    assert queue.retry_failed() == 1
+    assert queue.flush(60)  # (without her embedder her job would wait)
+    stored = MemoryStore("alice", storage=bob.memory.storage, embedder=alices).get_all()
+    assert [m.text for m in stored] == [ALICE["text"]]
+    assert ALICE["text"] not in bobs.seen
     bob.memory.close()
 
 

@@ -144,10 +144,11 @@ class OpenAIEmbedder:
                     raise EmbeddingError(
                         f"{self.location} did not answer ({type(exc).__name__})"
                     ) from exc
-                if _server_failed(exc) or _rate_limited(exc):
+                rate_limited = _rate_limited(exc)
+                if rate_limited or _server_failed(exc):
                     status = getattr(exc, "status_code", "?")
                     asked = retry_after(exc)
-                    if asked is not None or _rate_limited(exc):  # it asked to be left alone
+                    if asked is not None or rate_limited:  # it asked to be left alone
                         self._availability.failed(f"{type(exc).__name__}, status {status}", asked)
                     raise EmbeddingError(
                         f"{self.location} failed with status {status} ({type(exc).__name__})"

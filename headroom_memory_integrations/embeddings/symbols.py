@@ -17,7 +17,10 @@ _EMOJI_BLOCKS = "\u2300-\u2bff\U0001f000-\U0001faff"
 """Miscellaneous technical and symbols, dingbats, arrows and stars (⌚, ☕, ✅, ⭐), and the
 emoji planes' blocks (🍎, 😂, 🇫🇷, 🏽). The symbols the model knows by name ("©", "°", "™", "→",
 "€") come before them and are left as they are."""
-_EMOJI_RUN = re.compile(f"[{_EMOJI_BLOCKS}][{_EMOJI_BLOCKS}\u200d\ufe0e\ufe0f\u20e3]*")
+EMOJI_JOINERS = "\u200d\ufe0e\ufe0f\u20e3"
+"""What joins or styles the characters of one emoji: a zero-width joiner ("👨‍👩‍👧"), the text
+and emoji variation selectors ("❤️" = "❤"), a keycap's enclosing square."""
+_EMOJI_RUN = re.compile(f"[{_EMOJI_BLOCKS}][{_EMOJI_BLOCKS}{EMOJI_JOINERS}]*")
 """Emoji written together, with the joiners and variation selectors between them."""
 _SKIN_TONES = {
     "\U0001f3fb": "light skin tone",

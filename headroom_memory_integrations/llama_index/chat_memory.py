@@ -143,7 +143,11 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
     _unsaveable: str | None = PrivateAttr(default=None)  # why to_dict cannot save the store
     _extraction_llm: LLM | None = PrivateAttr(default=None)
     _queue_path: PathLike | None = PrivateAttr(default=None)
+    # the turn followed (the fields below): held briefly, never across a chat-store call
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    # a change of the short-term history together with the turn followed in it (put, set,
+    # reset): held across the chat-store call, which ``get`` never waits for
+    _history_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _turn: Turn | None = PrivateAttr(default=None)  # the latest get's, for learning
     _asked: str | None = PrivateAttr(default=None)  # the latest user message put
     _awaiting: bool = PrivateAttr(default=False)  # it has no answer yet
@@ -181,7 +185,9 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
         self._live_llm = live
         # a turn in progress when the history was saved (an agent's Context saved while it
         # waits for the human) is learnt from when its answer is put
-        self._follow(self.get_all())
+        history = self.get_all()
+        with self._lock:
+            self._follow(history)
 
     @classmethod
     def class_name(cls) -> str:
@@ -386,65 +392,77 @@ class HeadroomChatMemoryBuffer(FlowSettings, Pickled, BaseChatStoreMemory):
 
     # -- writing -------------------------------------------------------------------------
 
+    # The short-term history and the turn followed in it change together, under
+    # ``_history_lock``: a ``reset`` (or ``set``) from another thread comes wholly before or
+    # wholly after a ``put``. Before, a message put while a reset ran was stored in the new
+    # history with its turn forgotten (the next conversation's first turn never learnt), and a
+    # reset made while a turn's answer was being put forgot that turn (answered, never learnt).
+    # ``get`` takes only ``_lock``, so a slow chat store's write does not hold it up.
+
     def put(self, message: ChatMessage) -> None:
         """Store ``message``; the answer to a user message queues the exchange for learning."""
-        super().put(message)
-        self._observe([message])
+        with self._history_lock:
+            super().put(message)
+            with self._lock:
+                finished = self._observe([message])
+        for turn, answer in finished:  # (a write to the job queue file: outside the lock)
+            self._flow.finish(turn, answer)
 
     def set(self, messages: list[ChatMessage]) -> None:
         """Replace the short-term history. Nothing in it is learnt from, except a last message
         the user wrote: a turn whose answer, when put, is learnt."""
-        super().set(messages)
-        self._follow(messages)
+        with self._history_lock:
+            super().set(messages)
+            with self._lock:
+                self._follow(messages)
 
     def _follow(self, messages: list[ChatMessage]) -> None:
-        """Follow the turns from ``messages``, the whole short-term history: a last message
-        the user wrote is a turn whose answer is still to come (learnt as untrusted when that
-        message attaches a document, an image or a video, as when it is put)."""
-        with self._lock:
-            self._turn, self._recent = None, list(messages[-8:])
-            self._awaiting = bool(messages) and user_index(messages) == len(messages) - 1
-            self._asked = text_of(messages[-1]).strip() if self._awaiting else None
-            self._tools = self._awaiting and attaches_outside_text(messages[-1:])
+        """Follow the turns from ``messages``, the whole short-term history (``_lock`` held):
+        a last message the user wrote is a turn whose answer is still to come (learnt as
+        untrusted when that message attaches a document, an image or a video, as when it is
+        put)."""
+        self._turn, self._recent = None, list(messages[-8:])
+        self._awaiting = bool(messages) and user_index(messages) == len(messages) - 1
+        self._asked = text_of(messages[-1]).strip() if self._awaiting else None
+        self._tools = self._awaiting and attaches_outside_text(messages[-1:])
 
     def reset(self) -> None:
-        """Clear the short-term history. Long-term memories stay (``memory.clear()``)."""
-        super().reset()
-        with self._lock:
-            self._turn, self._asked, self._awaiting = None, None, False
-            self._tools, self._recent = False, []
+        """Clear the short-term history. Long-term memories stay (``memory.clear()``), and so
+        does the learning of the turns answered before: their extraction goes on."""
+        with self._history_lock:
+            super().reset()
+            with self._lock:
+                self._follow([])
 
-    def _observe(self, messages: list[ChatMessage]) -> None:
-        """Follow the turns put: a user message opens one; the answer that ends it queues the
-        exchange for learning. An agent puts a turn's tool calls and results only when it
-        finishes (``finalize``), after ``get``: an exchange whose turn put any tool output (or
-        a document, image or video) is learnt as untrusted (kept only if grounded in the
-        user's words), and an answer that is a tool's output (``return_direct``, a ReAct
-        transcript) is not given as the answer."""
+    def _observe(self, messages: list[ChatMessage]) -> list[tuple[Turn, str | None]]:
+        """Follow the turns put (``_lock`` held): a user message opens one; the answer that
+        ends it is returned, its exchange to queue for learning. An agent puts a turn's tool
+        calls and results only when it finishes (``finalize``), after ``get``: an exchange
+        whose turn put any tool output (or a document, image or video) is learnt as untrusted
+        (kept only if grounded in the user's words), and an answer that is a tool's output
+        (``return_direct``, a ReAct transcript) is not given as the answer."""
         finished: list[tuple[Turn, str | None]] = []
-        with self._lock:
-            for message in messages:
-                self._recent = [*self._recent[-7:], message]
-                observation = is_observation(self._recent, len(self._recent) - 1)
-                attached = attaches_outside_text([message])
-                if message.role == MessageRole.USER and not observation:
-                    self._asked, self._awaiting = text_of(message).strip(), True
-                    self._tools = attached
-                    continue
-                if not self._awaiting:
-                    continue
-                tool_output = observation or is_tool_output(message)
-                self._tools = self._tools or tool_output or attached
-                if self._asked and is_final_answer(message):
-                    turn = self._turn
-                    if turn is None or turn.user_text != self._asked:
-                        turn = Turn(user_text=self._asked)
-                    if self._tools:
-                        turn = dataclasses.replace(turn, untrusted=True)
-                    finished.append((turn, None if tool_output else text_of(message)))
-                    self._turn, self._awaiting, self._tools = None, False, False
-        for turn, answer in finished:
-            self._flow.finish(turn, answer)
+        for message in messages:
+            self._recent = [*self._recent[-7:], message]
+            observation = is_observation(self._recent, len(self._recent) - 1)
+            attached = attaches_outside_text([message])
+            if message.role == MessageRole.USER and not observation:
+                self._asked, self._awaiting = text_of(message).strip(), True
+                self._tools = attached
+                continue
+            if not self._awaiting:
+                continue
+            tool_output = observation or is_tool_output(message)
+            self._tools = self._tools or tool_output or attached
+            if self._asked and is_final_answer(message):
+                turn = self._turn
+                if turn is None or turn.user_text != self._asked:
+                    turn = Turn(user_text=self._asked)
+                if self._tools:
+                    turn = dataclasses.replace(turn, untrusted=True)
+                finished.append((turn, None if tool_output else text_of(message)))
+                self._turn, self._awaiting, self._tools = None, False, False
+        return finished
 
     # -- async: the same work, off the event loop ------------------------------------------
 

@@ -106,6 +106,13 @@ def _filter_answer(answer: AnswerStream, parts: list[dict[str, Any]], tool_call:
         parts[-1]["text"] += tail
 
 
+def _refused(message: Any) -> bool:
+    """Whether a message or a streamed delta carries the model's ``refusal`` (its text is
+    passed on as it is: it is no answer, never read for a memory block)."""
+    refusal = getattr(message, "refusal", None)
+    return isinstance(refusal, str) and refusal != ""
+
+
 class CompletionsFlow:
     """Memory around ``chat.completions.create`` for one user.
 
@@ -201,8 +208,9 @@ class CompletionsFlow:
             if message is None:
                 continue
             if getattr(choice, "index", 0) == 0 and first:
-                tool_call = bool(getattr(message, "tool_calls", None))
-                message.content = self._finished(call.turn, message.content, tool_call)
+                # a refusal, like a tool call, has no block to miss when it comes with no text
+                without_text = bool(getattr(message, "tool_calls", None)) or _refused(message)
+                message.content = self._finished(call.turn, message.content, without_text)
                 first = False
             else:
                 message.content = self._stripped(call.turn, message.content)
@@ -258,8 +266,8 @@ class StreamEditor:
 
     No chunk it returns contains any part of the memory block: each choice's content goes
     through an :class:`~..flow.AnswerStream`, which holds back only a possible tag prefix.
-    Chunks left with nothing to say are dropped; tool-call deltas, finish reasons, usage chunks
-    and other choices pass through as they are.
+    Chunks left with nothing to say are dropped; tool-call and refusal deltas, finish reasons,
+    usage chunks and other choices pass through as they are.
     """
 
     def __init__(self, flow: MemoryFlow, turn: Turn) -> None:
@@ -267,6 +275,7 @@ class StreamEditor:
         self._turn = turn
         self._answers: dict[int, AnswerStream] = {}
         self._tool_calls: set[int] = set()  # the choices that call a tool
+        self._refused: set[int] = set()  # the choices that refuse (OpenAI's ``refusal``)
         self._last_chunk: Any = None
         self._done = False
 
@@ -301,6 +310,8 @@ class StreamEditor:
             delta.content = [part for part in content if id(part) not in emptied] or None
         if getattr(delta, "tool_calls", None):
             self._tool_calls.add(choice.index)
+        if _refused(delta):
+            self._refused.add(choice.index)
         if choice.finish_reason is not None and choice.index in self._answers:
             tail = self._finish(choice.index)
             if tail and isinstance(delta.content, list):
@@ -318,7 +329,10 @@ class StreamEditor:
         return bool(delta.content) or any(v is not None for v in other) or not had_content
 
     def _finish(self, index: int) -> str:
-        return self._answers[index].finish(tool_call=index in self._tool_calls)
+        # a refusal with no text has no block to miss, as a bare tool call (and as a whole
+        # refused answer, whose content is null)
+        without_text = index in self._tool_calls or index in self._refused
+        return self._answers[index].finish(tool_call=without_text)
 
     def abandon(self) -> None:
         """The stream stopped before its end: the answers that did not finish queue nothing."""
