@@ -642,7 +642,7 @@ class JobQueue:
             raise
         if renumbered:
             with _QUEUED_HERE_LOCK:
-                _MOVED_AWAY.setdefault(self.path, set()).update(renumbered)
+                _MOVED_AWAY.setdefault(self.path, {}).update(renumbered)
                 ids = _QUEUED_HERE.get(self.path)
                 for old_id, new_id in renumbered.items():
                     if ids is not None and ids.pop(old_id, False) is None:
@@ -1001,10 +1001,17 @@ QUEUED_HERE_KEPT = 10_000
 exit's drain to wait for them (and for no other process's)."""
 _QUEUED_HERE: dict[str, OrderedDict[int, None]] = {}  # queue file -> ids queued here, not done
 _QUEUED_HERE_LOCK = threading.Lock()  # never held while taking another lock
-_MOVED_AWAY: dict[str, set[int]] = {}
-"""Queue file -> ids of jobs this process moved to a file at the same path under another id
-(see :meth:`JobQueue._move_jobs`): completing or releasing them here touches nothing (the
-id may be another job's there)."""
+_MOVED_AWAY: dict[str, dict[int, int]] = {}
+"""Queue file -> ids of jobs this process moved to a file at the same path under another id,
+each with its new id (see :meth:`JobQueue._move_jobs`): completing or releasing them here
+touches nothing (the id may be another job's there)."""
+
+
+def renumbered(path: str) -> dict[int, int]:
+    """The jobs this process moved to a new file at ``path`` under a new id: old id -> new
+    id (empty unless a moved job's id was taken there; see :meth:`JobQueue._move_jobs`)."""
+    with _QUEUED_HERE_LOCK:
+        return dict(_MOVED_AWAY.get(path, {}))
 
 
 def _moved_away(path: str, job_id: int) -> bool:
