@@ -537,3 +537,13 @@ def test_connect_refuses_a_url_for_a_host(host) -> None:
 
     with pytest.raises(InvalidInputError, match=r"use ChromaStorage\.from_url"):
         ChromaStorage.connect(host, 8000)
+
+
+def test_connect_takes_a_host_name_with_an_s(chroma_server) -> None:
+    """The check refusing a URL as a host took ``\\s`` in a raw string for the letter "s":
+    ``connect("localhost", port)`` (and any host name holding an "s") was refused."""
+    storage = ChromaStorage.connect("localhost", chroma_server.port)
+    try:
+        assert storage.location == f"http://localhost:{chroma_server.port}"
+    finally:
+        storage.close()

@@ -1333,7 +1333,7 @@ class ChromaCollection:
             return gone
 
 
-_NOT_IN_A_HOST = re.compile(r"[/?#@\\s]")
+_NOT_IN_A_HOST = re.compile(r"[/?#@\s]")
 """Characters of a URL that a host name or address never holds."""
 
 
