@@ -316,6 +316,11 @@ def _check_db(args: argparse.Namespace) -> None:
             raise _UsageError(f"{where} {shown!r} is not a server URL{why}") from None
         if not host:
             raise _UsageError(f"{where} {shown!r} is not a server URL (expected http://host:port)")
+        if "@" not in db and ("?" in db or "#" in db):
+            raise _UsageError(
+                f"{where} {shown!r} has a query or a fragment, which Chroma's client cannot"
+                " send (a path, such as /chroma, is kept)"
+            )
         return
     if _HOST_PORT.fullmatch(db):
         raise _UsageError(

@@ -57,6 +57,10 @@ _HOST = socket.gethostname()
 _CHECKPOINT_EVERY = 0.5  # seconds, at most, between the worker's WAL checkpoints
 _QUIET_TRIES = 60  # while the queue keeps failing, one log line per this many tries
 _COLUMNS = "id, kind, user_id, payload, attempts, created_at, last_error"
+_ALL_COLUMNS = (
+    "id, kind, user_id, payload, status, attempts, created_at, not_before, owner, lease_until,"
+    " last_error"
+)
 # How long a statement waits, with the queue's lock held, for another connection's lock on the
 # file; past that the lock is let go of while the wait goes on (see JobQueue._begin)
 _STATEMENT_BUSY_SECONDS = 0.05
@@ -115,6 +119,12 @@ class PartlyDone(Exception):
 
 class QueueBusy(TimeoutError):
     """:meth:`JobQueue.put` with a ``wait`` found the queue busy that long: nothing written."""
+
+
+class QueueGone(OSError):
+    """:meth:`JobQueue.put` found the queue file's folder removed (or replaced by another)
+    while the queue was open: nothing written (nothing is made again where the user removed
+    their memories). The jobs left in the removed file are run from it while the process lasts."""
 
 
 @dataclass(frozen=True)
@@ -328,6 +338,15 @@ def _create_private(path: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+def _first_id() -> int:
+    """The number a new queue file's jobs are numbered after: the time in microseconds. A
+    file made later numbers its jobs above every job of a file made earlier (which would
+    have to take more than a job a microsecond to reach them), so the jobs of a deleted file
+    keep their ids when they are moved into the one made in its place, also when another
+    process made it and queued jobs there first (see :meth:`JobQueue._move_jobs`)."""
+    return int(time.time() * 1_000_000)
+
+
 def _identity(path: str) -> tuple[int, int] | None:
     """The file at ``path`` (device, inode), or None if there is none or it cannot be read."""
     try:
@@ -384,7 +403,8 @@ class JobQueue:
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._opened: tuple[int, int] | None = None  # the (device, inode) _conn has open
-        self._lost_told = False  # whether the path was found naming another file, or none
+        self._folder: tuple[int, int] | None = None  # its folder's, when it was opened
+        self._lost_told = False  # whether the folder was found removed (told once)
         self._closed = False
         with _FORK_GUARD:  # listed before its first transaction: a fork waits for it
             _QUEUES.add(self)
@@ -429,6 +449,7 @@ class JobQueue:
             raise
         self._conn = conn
         self._opened = _identity(self.path)
+        self._folder = _identity(os.path.dirname(self.path))
         return conn
 
     def _set_aside(self, identity: tuple[int, int] | None) -> bool:
@@ -490,6 +511,10 @@ class JobQueue:
                 for statement in _statements(MIGRATIONS[number - 1]):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
+            if version == 0:  # a new file: see _first_id
+                conn.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)", (_first_id(),)
+                )
             for index in INDEXES:
                 conn.execute(index)
         except BaseException:
@@ -498,7 +523,7 @@ class JobQueue:
             raise
         conn.execute("COMMIT")
 
-    def _begin(self, wait: float | None = None) -> sqlite3.Connection:
+    def _begin(self, wait: float | None = None, *, adding: bool = False) -> sqlite3.Connection:
         """Take the queue's lock and open a ``BEGIN IMMEDIATE`` transaction (the file's write
         lock) on its connection; return the connection, both held.
 
@@ -507,8 +532,12 @@ class JobQueue:
         seconds (None: ``busy_timeout``) have passed. So the queue's lock is never held for
         long while another process writes the file, and a fork never waits for that.
 
+        The file at the path is checked to be the one open first (:meth:`_follow`);
+        ``adding``: a new job is to be written (refused if the folder is gone).
+
         Raises:
             QueueBusy: With ``wait``, this process's other threads kept the queue that long.
+            QueueGone: ``adding``, and the file's folder was removed.
             sqlite3.OperationalError: "database is locked": another connection kept the file
                 that long. Or the file cannot be opened.
             RuntimeError: The queue is closed.
@@ -523,7 +552,7 @@ class JobQueue:
             try:
                 if self._closed:
                     raise RuntimeError(f"job queue {self.path} is closed")
-                conn = self._open()
+                conn = self._follow(self._open(), adding)
                 conn.execute("BEGIN IMMEDIATE")
                 return conn
             except sqlite3.OperationalError as exc:
@@ -536,11 +565,125 @@ class JobQueue:
             time.sleep(pause * (1 + random.random()))
             pause = min(pause * 2, 0.05)
 
+    def _follow(self, conn: sqlite3.Connection, adding: bool) -> sqlite3.Connection:
+        """``conn``, or a connection to the file now at the path if it is not the one
+        ``conn`` has open, with the jobs moved there (with the lock held, before each
+        transaction: one ``stat``).
+
+        Before, a queue file deleted while the process ran (the folder emptied by hand, a
+        cleanup script) was used on, unlinked, until the process exited: the jobs queued
+        meanwhile went with it, and another process opening the folder found another queue.
+        Now a queue file made afresh at the path (or the one another process made there)
+        takes every job of the old one (:meth:`_move_jobs`), their ids kept, and is used
+        from then on. If the folder itself was removed (or replaced by another folder at
+        the same path), nothing is made there (what was deleted stays deleted): the jobs
+        still in the old file are run from it while the process lasts, and new ones are
+        refused (:class:`QueueGone`)."""
+        here = _identity(self.path)
+        if here == self._opened or self._opened is None:
+            return conn
+        folder = _identity(os.path.dirname(self.path))
+        if folder is None or folder != self._folder:
+            if not self._lost_told:
+                self._lost_told = True
+                logger.warning(
+                    "job queue %s: its folder was removed while in use; the jobs left in it"
+                    " are run while this process lasts, and new ones are refused",
+                    self.path,
+                )
+            if adding:
+                raise QueueGone(f"the folder of job queue {self.path} was removed while in use")
+            return conn
+        _create_private(self.path)
+        fresh = self._connect()
+        try:
+            self._prepare(fresh)
+            moved = self._move_jobs(conn, fresh)
+        except BaseException:
+            fresh.close()
+            raise
+        conn.close()
+        self._conn, self._opened = fresh, _identity(self.path)
+        logger.log(  # (another queue of this process on the file may have moved them)
+            logging.WARNING if moved else logging.INFO,
+            "job queue %s was deleted or replaced while in use: %d job(s) moved to the file"
+            " now at that path",
+            self.path,
+            moved,
+        )
+        return fresh
+
+    def _move_jobs(self, old: sqlite3.Connection, new: sqlite3.Connection) -> int:
+        """Move every job of the file ``old`` has open into ``new``'s, keeping their ids
+        (and their state: a running job stays claimed by its worker, which completes it in
+        the new file), and delete them from the old file in the same transaction of it, so
+        that another process still on the old file does not move them again. An id the new
+        file has already (both files numbered from one: made by an older version) is given
+        a new one, and its job made pending, to run again (a handler is idempotent); this
+        process's claim of the old id is let go of (:data:`_MOVED_AWAY`). Returns how many
+        were moved."""
+        old.execute("BEGIN IMMEDIATE")
+        try:
+            rows = old.execute(f"SELECT {_ALL_COLUMNS} FROM jobs ORDER BY id").fetchall()
+            row = old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+            new.execute("BEGIN IMMEDIATE")
+            try:
+                renumbered = self._insert_moved(new, rows, int(row[0]) if row else 0)
+                new.execute("COMMIT")
+            except BaseException:
+                new.execute("ROLLBACK")
+                raise
+            old.execute("DELETE FROM jobs")
+            old.execute("COMMIT")
+        except BaseException:
+            if old.in_transaction:
+                with suppress(sqlite3.Error):
+                    old.execute("ROLLBACK")
+            raise
+        if renumbered:
+            with _QUEUED_HERE_LOCK:
+                _MOVED_AWAY.setdefault(self.path, {}).update(renumbered)
+                ids = _QUEUED_HERE.get(self.path)
+                for old_id, new_id in renumbered.items():
+                    if ids is not None and ids.pop(old_id, False) is None:
+                        ids[new_id] = None
+        return len(rows)
+
+    @staticmethod
+    def _insert_moved(new: sqlite3.Connection, rows: list[Any], sequence: int) -> dict[int, int]:
+        """Insert the moved ``rows`` into ``new``'s file (in its transaction), and number its
+        later jobs after ``sequence`` (the old file's: ids are never reused). Returns the ids
+        that were taken there, each with the new id its job got."""
+        renumbered: dict[int, int] = {}
+        columns = _ALL_COLUMNS.split(", ")
+        marks = ", ".join("?" * len(columns))
+        for row in rows:
+            inserted = new.execute(
+                f"INSERT OR IGNORE INTO jobs ({_ALL_COLUMNS}) VALUES ({marks})", row
+            ).rowcount
+            if not inserted:
+                values = dict(zip(columns, row, strict=True))
+                values.update(status="pending" if row[4] == "running" else row[4], owner=None)
+                values["lease_until"] = None
+                del values["id"]
+                renumbered[row[0]] = int(
+                    new.execute(
+                        f"INSERT INTO jobs ({', '.join(values)})"
+                        f" VALUES ({', '.join('?' * len(values))})",
+                        tuple(values.values()),
+                    ).lastrowid
+                    or 0
+                )
+        new.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'jobs'", (sequence,))
+        return renumbered
+
     @contextmanager
-    def _locked(self, wait: float | None = None) -> Iterator[sqlite3.Connection]:
+    def _locked(
+        self, wait: float | None = None, *, adding: bool = False
+    ) -> Iterator[sqlite3.Connection]:
         """The connection, in a transaction that commits at the end (rolled back on an error),
         with the queue's lock held (see :meth:`_begin`)."""
-        conn = self._begin(wait)
+        conn = self._begin(wait, adding=adding)
         try:
             yield conn
             conn.execute("COMMIT")
@@ -613,7 +756,7 @@ class JobQueue:
             " VALUES (?, ?, ?, ?, ?)"
         )
         try:
-            with self._locked(wait) as conn:
+            with self._locked(wait, adding=True) as conn:
                 job_id = int(conn.execute(insert, row).lastrowid or 0)
                 _queued_here(self.path, job_id)  # before a thread here can claim it
                 if on_queued is not None:
@@ -681,8 +824,9 @@ class JobQueue:
     def complete(self, job_id: int) -> None:
         """The job succeeded: delete it (done jobs do not accumulate; its payload is zeroed in
         the file, and gone from the WAL after the next :meth:`erase_wal`)."""
-        with self._locked() as conn:
-            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        if not _moved_away(self.path, job_id):
+            with self._locked() as conn:
+                conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         _done_here(self.path, job_id)
 
     def forget_user(self, user_id: str) -> tuple[int, int]:
@@ -714,40 +858,19 @@ class JobQueue:
         are gone from every file. Uses a connection of its own, so puts never wait for it,
         which opens the file only if it exists (it never makes one). Returns False if
         another connection (or process) kept part of it: try again later; True, with nothing
-        done, when the path names no file any more (see :meth:`_file_lost`)."""
+        done, when the path names no file any more (see :meth:`_follow`)."""
         if self._closed:
             return False
         try:
             with _FORK_GUARD:
-                here = _identity(self.path)
-                if self._file_lost(here) and here is None:
-                    return True
+                if _identity(self.path) is None:  # deleted: the next use moves the jobs to
+                    return True  # a new file there (see _follow); none is made here
                 uri = sqlite_uri(PurePath(self.path))
                 with closing(sqlite3.connect(uri, uri=True, timeout=busy_timeout)) as conn:
                     busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except (sqlite3.Error, ValueError):  # ValueError: a path SQLite cannot be given
             return False
         return not busy
-
-    def _file_lost(self, here: tuple[int, int] | None) -> bool:
-        """Whether the path, now naming the file ``here`` (None: none), no longer names the
-        file this queue has open (it was deleted, or another file put in its place). This
-        process goes on with the file it has open, so the jobs it queues from then on are
-        kept only until it exits, and no other process sees them: logged once, at WARNING,
-        naming the path. Checked once per :meth:`erase_wal` (the worker's idle checkpoint),
-        never on a caller's path."""
-        opened = self._opened
-        if opened is None or self._conn is None or here == opened:
-            return False
-        if not self._lost_told:
-            self._lost_told = True
-            logger.warning(
-                "job queue %s was deleted or replaced while this process had it open: the"
-                " jobs this process queues are kept only until it exits, and no other process"
-                " sees them (restart it to use the file at that path)",
-                self.path,
-            )
-        return True
 
     def retry_later(
         self,
@@ -775,6 +898,8 @@ class JobQueue:
         not_before: float,
         becomes: tuple[str, str] | None = None,
     ) -> None:
+        if _moved_away(self.path, job_id):  # it runs again under its new id
+            return
         changes = "" if becomes is None else ", kind = ?, payload = ?"
         values = () if becomes is None else becomes
         with self._locked() as conn:
@@ -876,6 +1001,22 @@ QUEUED_HERE_KEPT = 10_000
 exit's drain to wait for them (and for no other process's)."""
 _QUEUED_HERE: dict[str, OrderedDict[int, None]] = {}  # queue file -> ids queued here, not done
 _QUEUED_HERE_LOCK = threading.Lock()  # never held while taking another lock
+_MOVED_AWAY: dict[str, dict[int, int]] = {}
+"""Queue file -> ids of jobs this process moved to a file at the same path under another id,
+each with its new id (see :meth:`JobQueue._move_jobs`): completing or releasing them here
+touches nothing (the id may be another job's there)."""
+
+
+def renumbered(path: str) -> dict[int, int]:
+    """The jobs this process moved to a new file at ``path`` under a new id: old id -> new
+    id (empty unless a moved job's id was taken there; see :meth:`JobQueue._move_jobs`)."""
+    with _QUEUED_HERE_LOCK:
+        return dict(_MOVED_AWAY.get(path, {}))
+
+
+def _moved_away(path: str, job_id: int) -> bool:
+    with _QUEUED_HERE_LOCK:
+        return job_id in _MOVED_AWAY.get(path, ())
 
 
 def _queued_here(path: str, job_id: int) -> None:

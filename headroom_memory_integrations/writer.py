@@ -49,6 +49,7 @@ from .jobs import (
     PartlyDone,
     PermanentJobError,
     QueueBusy,
+    renumbered,
     user_tag,
     wait_until,
 )
@@ -1269,6 +1270,7 @@ class MemoryWriter:
             )
 
     def _handle(self, job: Job) -> None:
+        self._follow_renumbered()
         done = False
         try:
             with self._late.running(job.id, job.user_id, embedder_identity):
@@ -1309,10 +1311,28 @@ class MemoryWriter:
         except Exception:
             log.debug("job queue %s: could not be read", self.worker.queue.path, exc_info=True)
             return
+        self._follow_renumbered()  # (present() may have moved the jobs to a new file)
         with self._settled:
             for kept in (self._queued_with, self._embedded_with):
                 for job_id in [j for j in kept if j in checked and j not in present]:
                     del kept[job_id]
+
+    def _follow_renumbered(self) -> None:
+        """Keep what was kept for a job under its new id when the queue moved it to a new
+        file under another one (its id was taken there: :func:`~.jobs.renumbered`), so it
+        runs with its own extractor and embedder, the check above does not let go of them,
+        and its user's reads wait for the job under its new id."""
+        moved = renumbered(self.worker.queue.path)
+        if not moved:
+            return
+        with self._settled:
+            for kept in (self._queued_with, self._embedded_with):
+                for old_id in [j for j in kept if j in moved]:
+                    kept[moved[old_id]] = kept.pop(old_id)
+            for waiting in self._unsettled.values():  # (its user's reads wait for the new one)
+                for old_id in [j for j in waiting if isinstance(j, int) and j in moved]:
+                    waiting.discard(old_id)
+                    waiting.add(moved[old_id])
 
     def _extractor_for(self, job: Job) -> BackgroundExtractor | None:
         """The extractor the job was queued with in this process, while it can still make

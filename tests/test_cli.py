@@ -599,3 +599,12 @@ def test_ctrl_c_ends_a_command_with_a_line_and_status_130(run, monkeypatch) -> N
     status, out, err = run("list")
     assert status == 130
     assert err == "headroom-memory: interrupted\n" and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("db", ["http://127.0.0.1:9/chroma?tenant=x", "http://127.0.0.1:9#a"])
+def test_a_server_url_with_a_query_is_a_usage_error(tmp_path, capsys, monkeypatch, db) -> None:
+    """The query and fragment of a ``--db`` URL were dropped without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert _exit_status(["list", "--user", "a", "--db", db]) == 2
+    assert "has a query or a fragment" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

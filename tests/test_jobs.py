@@ -32,6 +32,7 @@ from headroom_memory_integrations.jobs import (
     JobWorker,
     PartlyDone,
     PermanentJobError,
+    QueueGone,
     shared_worker,
     sqlite_uri,
     wait_until,
@@ -1501,36 +1502,94 @@ def test_a_queue_file_locked_or_unopenable_is_not_set_aside(tmp_path: Path) -> N
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
 
 
+def _delete_queue_file(path: Path) -> None:
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        name.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("replaced", [False, True], ids=["deleted", "replaced"])
-def test_a_queue_file_deleted_under_a_running_worker_is_not_made_again_and_told_once(
+def test_a_queue_file_deleted_while_in_use_moves_its_jobs_to_a_file_at_its_path(
     path: Path, make_worker: MakeWorker, caplog: pytest.LogCaptureFixture, replaced: bool
 ) -> None:
-    """The queue file (with its -wal and -shm) is deleted while a worker runs: the worker goes
-    on with the file it has open, its idle WAL checkpoints make no empty file at the path
-    (before: each made one, where the next process found none of this process's jobs), and
-    one WARNING names the path and says the jobs queued here are kept only until the process
-    exits; a file another process put in its place is told the same way, once."""
+    """The queue file (with its -wal and -shm) is deleted while a process uses it, or another
+    process made a new queue file at the path since (and queued a job there). Before, the
+    process went on with the deleted file: every job queued from then on went with it at
+    exit, and another process opening the path (here a second JobQueue, as it would) saw
+    another queue without them. Now the next use makes a file at the path (or takes the one
+    there), moves every job into it with its id (a job claimed before, running, stays
+    claimed and is completed there), and one WARNING says so; another process sees them."""
     done: list[int] = []
-    worker = make_worker(lambda job: done.append(job.payload["n"]))
+    worker = make_worker(lambda job: done.append(job.payload["n"]), kinds=("work",))
     caplog.set_level(logging.WARNING, logger="headroom_memory_integrations")
     worker.queue.put("work", "alice", {"n": 0})
     worker.notify("alice")
     assert worker.flush(timeout=30)
-    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        name.unlink(missing_ok=True)
+    queue = JobQueue(path)  # this process's other connection, say a second worker's
+    queue.put("later", "bob", {"n": 1})  # (no worker takes this kind)
+    [claimed] = queue.claim(kinds=("later",))  # running when the file goes
+    queued = queue.put("later", "bob", {"n": 2})
+    _delete_queue_file(path)
+    theirs = None
     if replaced:
-        JobQueue(path).close()  # another process's new queue file, at the same path
-    for n in range(1, 4):  # jobs finish, so the worker checkpoints when idle, each round
+        other = JobQueue(path)  # another process's new queue file, at the same path
+        theirs = other.put("later", "carol", {"n": 9})
+        other.close()
+    new = queue.put("later", "bob", {"n": 3})  # queued after the delete: kept
+    assert path.exists()
+    seen = JobQueue(path)  # another process opening the path sees every job
+    try:
+        jobs = {(j.id, j.payload["n"]) for j in seen.claim(10, kinds=("later",), held=[])}
+        assert {(queued, 2), (new, 3)} <= jobs
+        assert seen.counts()["running"] >= 1  # bob's claimed job, still claimed
+        if replaced:
+            assert (theirs, 9) in jobs
+        assert len({claimed.id, queued, new, theirs} - {None}) == 3 + replaced
+    finally:
+        seen.close()
+    queue.complete(claimed.id)  # completed in the file now at the path
+    with closing(sqlite3.connect(path)) as conn:
+        gone = conn.execute("SELECT COUNT(*) FROM jobs WHERE id = ?", (claimed.id,)).fetchone()
+    assert gone == (0,)
+    for n in range(4, 6):  # the worker's own connection follows too
         worker.queue.put("work", "alice", {"n": n})
         worker.notify("alice")
         assert worker.flush(timeout=30)
-        time.sleep(0.6)  # past _CHECKPOINT_EVERY
-    assert done == [0, 1, 2, 3]  # the jobs still run, from the file this process has open
-    assert path.exists() is replaced  # no file made at the path
+    assert done == [0, 4, 5]
     told = [r for r in caplog.records if "deleted or replaced" in r.getMessage()]
-    assert len(told) == 1 and told[0].levelno == logging.WARNING
-    assert str(path) in told[0].getMessage()
-    assert "kept only until it exits" in told[0].getMessage()
+    assert len(told) == 1 and told[0].levelno == logging.WARNING  # the other follows quietly
+    assert str(path) in told[0].getMessage() and "moved to the file" in told[0].getMessage()
+    queue.close()
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["removed", "replaced-by-another"])
+def test_a_queue_whose_folder_was_removed_refuses_new_jobs_and_makes_nothing_there(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, replaced: bool
+) -> None:
+    """The whole folder is removed (a user wiping their memories): nothing is made again
+    where it was, nor in a new folder made at the same path, so what was deleted stays
+    deleted; a new job is refused with QueueGone (an OSError: the writer counts and logs it
+    as work that could not be queued), once told at WARNING; the jobs left in the removed
+    file are still run while the process lasts."""
+    import shutil
+
+    folder = tmp_path / "memories"
+    folder.mkdir()
+    queue = JobQueue(folder / "jobs.sqlite3")
+    caplog.set_level(logging.WARNING, logger="headroom_memory_integrations")
+    try:
+        left = queue.put("work", "alice", {"secret": "my PIN is 4512"})
+        shutil.rmtree(folder)
+        if replaced:
+            folder.mkdir()
+        for _ in range(2):
+            with pytest.raises(QueueGone, match="was removed while in use"):
+                queue.put("work", "alice", {"n": 1})
+        assert [job.id for job in queue.claim(5)] == [left]  # still run from the old file
+        assert list(folder.iterdir()) == [] if replaced else not folder.exists()
+        told = [r for r in caplog.records if "folder was removed" in r.getMessage()]
+        assert len(told) == 1 and told[0].levelno == logging.WARNING
+    finally:
+        queue.close()
 
 
 @pytest.mark.parametrize(

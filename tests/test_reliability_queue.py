@@ -1,7 +1,8 @@
 """Another process holding the job queue file's write lock (as a process frozen in the middle
 of a transaction would) costs a chat call at most the documented bound, never blocks another
 user's call, and loses no memory: work that cannot be queued in time is held and queued once
-the file can be written."""
+the file can be written. A lock on Chroma's own database costs a chat call its bound too, and
+``add`` a clear error after a bounded wait."""
 
 from __future__ import annotations
 
@@ -40,19 +41,21 @@ def patient_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(writer, "JobQueue", PatientQueue)
 
 
-def hold_queue_lock(path: Path) -> subprocess.Popen[str]:
-    """A real second process that takes the file's write lock (``BEGIN IMMEDIATE``) and keeps
-    it until :func:`let_go` (BUSY_SECONDS at most). Returns once it holds it."""
+def hold_queue_lock(path: Path, begin: str = "BEGIN IMMEDIATE") -> subprocess.Popen[str]:
+    """A real second process that takes the file's write lock (``begin``: ``BEGIN IMMEDIATE``
+    or ``BEGIN EXCLUSIVE``) and keeps it until :func:`let_go` (BUSY_SECONDS at most). Returns
+    once it holds it."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import select, sqlite3, sys\n"
             "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-            "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True)\n"
+            "c.execute(sys.argv[3]); print('locked', flush=True)\n"
             "select.select([sys.stdin], [], [], float(sys.argv[2])); c.execute('COMMIT')\n",
             str(path),
             str(BUSY_SECONDS),
+            begin,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -463,3 +466,95 @@ def test_memory_work_queued_on_an_event_loops_thread_is_handed_to_a_thread(
     assert loop_thread not in puts.threads
     assert [m.text for m in aclient.memory.get_all()] == ["Likes tea"]
     assert aclient.memory.counters["store_failures"] == 0
+
+
+@pytest.mark.parametrize("begin", ["BEGIN IMMEDIATE", "BEGIN EXCLUSIVE"])
+def test_another_process_locking_chromas_database_freezes_nothing(
+    openai_server, tmp_path, begin
+) -> None:
+    """A second process holds a transaction on the folder's ``chroma.sqlite3`` (a backup
+    tool, an ``sqlite3`` shell) for BUSY_SECONDS. chromadb's core waits for such a lock
+    holding Python's interpreter lock: a chat call's search stopped every thread of the
+    process for as long as the lock was held (300 s here), far past the call's bound, and
+    ``add`` with it (a write waits for either lock; a read that writes nothing for the
+    exclusive one). Now the chat call answers within its bound (without memories, counted,
+    when Chroma is locked for it), ``add`` raises a StorageError saying the database is
+    locked, and once the lock goes, memories are read and written again."""
+    from headroom_memory_integrations import StorageError
+
+    model = RememberingModel("Noted.", [{"text": "Plays the cello", "category": "fact"}])
+    openai_server.responder = model
+    users_who_said(openai_server, tmp_path, "I play the cello", "alice")
+    model.memories = []
+    # carol is new in this process: her call and her add go to Chroma (nothing of hers is
+    # read ahead or cached to answer from)
+    carol = with_fast_memory(
+        openai_server.client(), user_id="carol", db_path=tmp_path, embedder=HashEmbedder()
+    )
+    holder = hold_queue_lock(tmp_path / "chroma.sqlite3", begin)
+    try:
+        assert say(carol, "What do I play?") < BOUND
+        if begin == "BEGIN EXCLUSIVE":  # (a plain read of Chroma's waits for this one alone)
+            assert carol.memory.counters["inject_failures"] == 1
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=r"chroma\.sqlite3 locked"):
+            carol.memory.add("Lives in Lyon")
+        assert time.monotonic() - started < BOUND
+        assert holder.poll() is None  # all that while, the file was locked
+    finally:
+        holder.kill()
+        holder.wait(60)
+        for stream in (holder.stdin, holder.stdout):
+            if stream is not None:
+                stream.close()
+    carol.memory.add("Lives in Lyon")
+    assert [m.text for m in carol.memory.get_all()] == ["Lives in Lyon"]
+
+
+def test_a_queue_file_deleted_while_in_use_keeps_the_work_queued_after_it(
+    openai_server, tmp_path
+) -> None:
+    """``jobs.sqlite3`` (and its -wal and -shm) is deleted while a wrapper runs (the folder
+    emptied by hand, a cleanup script). Before, the process went on writing its jobs into the
+    deleted file: nothing was at the path any more, a process killed then lost them, and
+    another process found another queue. Now the call's memory is queued in a file made at
+    the path, stored, and ``forget_user()`` leaves none of the user's text in any file."""
+    model = RememberingModel("Noted.", [{"text": "Plays the cello", "category": "fact"}])
+    openai_server.responder = model
+    [alice] = users_who_said(openai_server, tmp_path, "I play the cello", "alice")
+    for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    model.memories = [{"text": "Lives in Lyon", "category": "fact"}]
+    assert say(alice, "I live in Lyon") < BOUND
+    assert (tmp_path / "jobs.sqlite3").is_file()  # the queue is at its path again
+    assert alice.memory.flush(60)
+    assert sorted(m.text for m in alice.memory.get_all()) == ["Lives in Lyon", "Plays the cello"]
+    assert alice.memory.counters["store_failures"] == 0
+    alice.memory.forget_user()
+    assert alice.memory.get_all() == []
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"Lives in Lyon" not in path.read_bytes(), path
+
+
+def test_a_memory_folder_removed_while_in_use_is_not_made_again_by_the_queue(
+    openai_server, tmp_path
+) -> None:
+    """The whole folder is removed while a wrapper runs (the user wiped their memories): the
+    next call answers, and its memory work, which cannot be queued, is counted as a store
+    failure (and logged) rather than written into a new file or folder at that path."""
+    folder = tmp_path / "memories"
+    model = RememberingModel("Noted.", [{"text": "Plays the cello", "category": "fact"}])
+    openai_server.responder = model
+    [alice] = users_who_said(openai_server, folder, "I play the cello", "alice")
+    import shutil
+
+    for _ in range(100):  # (a read-ahead may still write in it: removed again until gone)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            break
+        time.sleep(0.1)
+    model.memories = [{"text": "Lives in Lyon", "category": "fact"}]
+    assert say(alice, "I live in Lyon") < BOUND
+    assert alice.memory.counters["store_failures"] == 1
+    assert not (folder / "jobs.sqlite3").exists()

@@ -425,3 +425,125 @@ def test_an_update_whose_read_back_fails_is_reported_stored(monkeypatch, tmp_pat
         )
     finally:
         server.stop()
+
+
+class _PrefixProxy:
+    """A reverse proxy that serves a Chroma server under ``/chroma`` only (as a gateway
+    does): a request to any other path is answered 404, and each request's path is noted."""
+
+    def __init__(self, target: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target_port = urlsplit(target).port
+        self.paths: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                proxy.paths.append(self.path)
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else None
+                if not self.path.startswith("/chroma/"):
+                    self.send_response(404)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                    upstream.request(
+                        self.command, self.path[len("/chroma") :], body=body, headers=headers
+                    )
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(name, value)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def test_a_server_url_with_a_path_is_served_under_that_path(chroma_server) -> None:
+    """``from_url("http://host:port/chroma")`` (a server behind a gateway at /chroma) talked
+    to ``host:port`` with the path dropped: every request missed the server. The path is
+    now kept, for the heartbeat and every request of chromadb's client, and in the storage's
+    location and ``db_path`` (which reopen it)."""
+    from conftest import HashEmbedder
+
+    proxy = _PrefixProxy(chroma_server.url)
+    try:
+        for url in (f"{proxy.url}/chroma", f"{proxy.url}/chroma/"):
+            storage = ChromaStorage.from_url(url)
+            try:
+                assert storage.location == storage.db_path == f"{proxy.url}/chroma"
+                store = MemoryStore("srv-prefixed", storage=storage, embedder=HashEmbedder())
+                store.add("Keeps bees on the roof")
+                assert [m.text for m in store.get_all()] == ["Keeps bees on the roof"]
+                store.clear()
+            finally:
+                storage.close()
+        assert proxy.paths and all(path.startswith("/chroma/api/v2/") for path in proxy.paths)
+        via_db_path = MemoryStore(
+            "srv-prefixed", db_path=f"{proxy.url}/chroma", embedder=HashEmbedder()
+        )
+        assert via_db_path.get_all() == [] and via_db_path.stats()["storage"].endswith("/chroma")
+        via_db_path.storage.close()
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000/chroma?tenant=x", "http://127.0.0.1:8000?x=1", "http://h:1/#a"]
+)
+def test_a_server_url_with_a_query_or_fragment_is_refused(url, tmp_path, monkeypatch) -> None:
+    """A query or a fragment was dropped without a word (chromadb's client cannot send
+    them): refused, by ``from_url`` and by ``db_path``, naming what is not supported."""
+    from headroom_memory_integrations import InvalidInputError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInputError, match=r"has a query \('\?\.\.\.'\) or a fragment"):
+        ChromaStorage.from_url(url)
+    with pytest.raises(InvalidInputError, match="chromadb's client cannot send"):
+        MemoryStore("alice", db_path=url)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("host", ["http://127.0.0.1", "127.0.0.1/chroma", "h?x=1", "u@h"])
+def test_connect_refuses_a_url_for_a_host(host) -> None:
+    """``connect("http://127.0.0.1", 8000)`` took the URL for an IPv6 host
+    (``http://[http://127.0.0.1]:8000``) and never connected."""
+    from headroom_memory_integrations import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"use ChromaStorage\.from_url"):
+        ChromaStorage.connect(host, 8000)
+
+
+def test_connect_takes_a_host_name_with_an_s(chroma_server) -> None:
+    """The check refusing a URL as a host took ``\\s`` in a raw string for the letter "s":
+    ``connect("localhost", port)`` (and any host name holding an "s") was refused."""
+    storage = ChromaStorage.connect("localhost", chroma_server.port)
+    try:
+        assert storage.location == f"http://localhost:{chroma_server.port}"
+    finally:
+        storage.close()

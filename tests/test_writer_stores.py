@@ -819,3 +819,51 @@ def test_closing_a_folders_storage_lets_go_of_its_writer_and_storage(
 
     # (once the storage's own threads have ended: its background reads, a moment)
     wait_for(let_go, "the process still holds the writer or the storage")
+
+
+def test_a_job_renumbered_when_its_queue_file_was_replaced_runs_with_its_own_embedder(
+    openai_server, db_path, model_says, monkeypatch
+) -> None:
+    """Alice's job waits behind bob's; her wrapper is let go of, so only the writer keeps her
+    embedder (under her job's id). The queue file is deleted and a file made by an older
+    version put at its path, whose job has her job's id: the queue moves her job there
+    under a new id. It still runs with her embedder (the writer follows the new id; before,
+    it looked for her embedder under the new id, found none and waited for ever), and the
+    check of jobs run elsewhere does not let go of it."""
+    from headroom_memory_integrations import writer
+    from headroom_memory_integrations.jobs import JobQueue
+
+    monkeypatch.setattr(writer, "KEPT_FOR_JOBS_CHECKED_EVERY", 0.0)
+    gate = threading.Event()
+    bobs = TenantEmbedder("tenant-b", hold=BOB["text"], gate=gate)
+    alices = TenantEmbedder("tenant-a")
+    bob = alice_let_go_behind_bob(openai_server, db_path, model_says, bobs, alices)
+    queue = os.fspath(queue_path_for(bob.memory))
+
+    def alices_ids() -> list[int]:
+        with contextlib.closing(sqlite3.connect(queue)) as conn:
+            return [r[0] for r in conn.execute("SELECT id FROM jobs WHERE user_id = 'alice'")]
+
+    wait_for(lambda: len(alices_ids()) == 1, "alice's job queued")
+    [alices_id] = alices_ids()
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(queue + suffix)
+    older = JobQueue(queue)  # another process's file, numbered as an older version did
+    theirs = older.put("later", "carol", {"n": 1})
+    with contextlib.closing(sqlite3.connect(queue)) as conn, conn:
+        conn.execute("UPDATE jobs SET id = ? WHERE id = ?", (alices_id, theirs))
+    older.close()
+    writer_for(queue).worker.queue.counts()  # the writer's queue moves the jobs now
+    moved = [i for i in alices_ids() if i != alices_id]
+    assert len(moved) == 1  # her job, under a new id
+    with contextlib.closing(sqlite3.connect(queue)) as conn, conn:  # the other process ran its
+        conn.execute("DELETE FROM jobs WHERE id = ?", (alices_id,))
+    gate.set()
+    assert writer_for(queue).flush(60)
+    with writer_for(queue)._settled:  # her reads wait for nothing more (not the old id)
+        assert not writer_for(queue)._unsettled_of("alice")
+    assert ALICE["text"] in alices.seen and ALICE["text"] not in bobs.seen
+    stored = MemoryStore("alice", storage=bob.memory.storage, embedder=alices).get_all()
+    assert [m.text for m in stored] == [ALICE["text"]]
+    bob.memory.close()

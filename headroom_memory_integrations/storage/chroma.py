@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -34,7 +35,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
 
@@ -61,8 +62,11 @@ from .deferred import (
     merged,
 )
 from .folder import (
+    DATABASE_FILE,
+    DATABASE_WAIT_SECONDS,
     FolderLock,
     check_free_space,
+    database_free,
     directory_bytes,
     erase_noted,
     folder_identity,
@@ -757,6 +761,7 @@ class ChromaCollection:
                 storage._erase_lock.shared(),
                 storage._reload_lock if reload else nullcontext(),
             ):
+                storage._wait_for_database(action)
                 try:
                     collection = self._chroma(create=write)
                     if collection is None:
@@ -1328,9 +1333,14 @@ class ChromaCollection:
             return gone
 
 
+_NOT_IN_A_HOST = re.compile(r"[/?#@\s]")
+"""Characters of a URL that a host name or address never holds."""
+
+
 def server_address(url: str) -> str | None:
     """A Chroma server's URL as ``scheme://host:port`` (the host lowercased, an IPv6 host in
-    brackets, the port spelled out); None if ``url`` is not an http(s) URL with a host."""
+    brackets, the port spelled out), with its path if it has one (a server behind a reverse
+    proxy at ``/chroma``); None if ``url`` is not an http(s) URL with a host."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -1339,7 +1349,8 @@ def server_address(url: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}:{port or (443 if parts.scheme == 'https' else 8000)}"
+    port = port or (443 if parts.scheme == "https" else 8000)
+    return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
 
 
 def client_place(client: Any) -> str | None:
@@ -1437,6 +1448,8 @@ class ChromaStorage:
         self._folder: Path | None = None
         self._folder_lock: FolderLock | None = None
         self._opened_identity: tuple[int, int] | None = None  # the folder it opened
+        self._database: int | None = None  # a descriptor of its chroma.sqlite3 (embedded)
+        self._database_lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._client_lock = threading.Lock()
         self._starting: PendingStart | None = None
@@ -1488,6 +1501,7 @@ class ChromaStorage:
         self._client_lock = threading.Lock()
         self._collections_lock = threading.Lock()
         self._erase_lock = _EraseLock()
+        self._database_lock = threading.Lock()
         self._reload_lock = threading.RLock()
         self._availability = Availability(self.location)
         self._rollback_left = False  # (the parent's; a child that takes the lock reads it)
@@ -1551,12 +1565,36 @@ class ChromaStorage:
         ``host`` (``"::1"``) is written in brackets in URLs, as it must be. ``headers`` (an
         auth token, say: a dict of names to values, all strings, or :class:`InvalidInputError`)
         may choose the tenant and database the server serves, so they are part of the storage's
-        :attr:`place` (as a digest: :func:`headers_digest`)."""
+        :attr:`place` (as a digest: :func:`headers_digest`). ``host`` is a host name or
+        address, never a URL (:class:`InvalidInputError`: use :meth:`from_url`)."""
+        if not isinstance(host, str) or not host or _NOT_IN_A_HOST.search(host):
+            raise InvalidInputError(
+                f"host must be a host name or address, got {without_credentials(str(host))!r}:"
+                " for a URL (a path such as /chroma included) use ChromaStorage.from_url(url)"
+            )
+        return cls._server(host, port, ssl=ssl, headers=headers, timeout=timeout)
+
+    @classmethod
+    def _server(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl: bool,
+        headers: dict[str, str] | None = None,
+        timeout: float | None,
+        prefix: str = "",
+    ) -> ChromaStorage:
+        """Storage on the server at ``host``:``port``, its API under the path ``prefix``
+        (unquoted, no trailing slash; "" for none: a server behind a reverse proxy at
+        ``/chroma`` has ``/chroma``)."""
         if headers is not None:
             headers = _checked_headers(headers)
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        url = f"{'https' if ssl else 'http'}://{host}:{port}"
+        url = f"{'https' if ssl else 'http'}://{host}:{port}{quote(prefix)}"
+        # chromadb's client takes a path only within a whole URL given as its host
+        client_host = url if prefix else host
 
         def make_client() -> Any:
             import httpx
@@ -1570,7 +1608,7 @@ class ChromaStorage:
             httpx.get(f"{url}/api/v2/heartbeat", headers=headers, timeout=timeout)
             with requests_bounded_while_built(timeout) if timeout is not None else nullcontext():
                 return chromadb.HttpClient(
-                    host=host, port=port, ssl=ssl, headers=headers, settings=_settings()
+                    host=client_host, port=port, ssl=ssl, headers=headers, settings=_settings()
                 )
 
         storage = cls(connect=make_client, location=url, timeout=timeout)
@@ -1580,7 +1618,16 @@ class ChromaStorage:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> ChromaStorage:
-        """Storage on the Chroma server at ``http://host:port`` (or https)."""
+        """Storage on the Chroma server at ``http://host:port`` (or https), with a path if
+        it is served under one (``https://gateway.example/chroma``: its API is then
+        ``/chroma/api/v2``).
+
+        Raises:
+            StorageError: Not an http(s) URL with a host.
+            InvalidInputError: The URL carries credentials, a query (``?...``) or a fragment
+                (``#...``), which chromadb's client cannot send: they are refused, never
+                dropped; or its port is not a number.
+        """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise StorageError(
@@ -1599,7 +1646,14 @@ class ChromaStorage:
             raise InvalidInputError(
                 f"not a Chroma server URL: {without_credentials(url)!r} (its port is not a number)"
             ) from None
-        return cls.connect(parts.hostname, port, ssl=ssl, timeout=timeout)
+        if "?" in url or "#" in url:  # (credentials, refused above, may not hold them here)
+            raise InvalidInputError(
+                f"the Chroma server URL {without_credentials(url)!r} has a query ('?...') or a "
+                "fragment ('#...'), which chromadb's client cannot send: remove it (a path, "
+                "such as /chroma, is kept)"
+            )
+        prefix = unquote(parts.path).rstrip("/")
+        return cls._server(parts.hostname, port, ssl=ssl, timeout=timeout, prefix=prefix)
 
     # -- the client -------------------------------------------------------------------------
 
@@ -1617,6 +1671,7 @@ class ChromaStorage:
         try:
             global _embedded_opened
             _embedded_opened = True  # (before: the client starts chromadb's threads)
+            self._wait_for_database("open the memory store")
             client = chromadb.PersistentClient(path=folder, settings=_settings())
             if writer:
                 # the erase of records the last writer deleted (it was killed before it, and
@@ -1633,6 +1688,49 @@ class ChromaStorage:
             self._folder_lock.release()
             forget_broken_system(folder)
             raise
+
+    def _wait_for_database(self, action: str) -> None:
+        """Before a call into an embedded folder's Chroma: wait, up to
+        :data:`~.folder.DATABASE_WAIT_SECONDS` or the chat call's time left, for another
+        process's lock on its database (:func:`~.folder.database_free`), rather than let
+        chromadb wait for it with the whole process stopped.
+
+        Raises:
+            StorageError: The lock was still held then (:class:`DeadlineExceeded` on a chat
+                call, which answers without memories)."""
+        if self._folder is None or _forked_after_embedded:  # (refused at once: _client_now)
+            return
+        fd = self._database_fd()
+        if fd is None:
+            return
+        seconds, cut = within_deadline(DATABASE_WAIT_SECONDS)
+        if database_free(fd, seconds):
+            return
+        database = self._folder / DATABASE_FILE
+        if cut:
+            raise DeadlineExceeded(
+                f"could not {action} in the chat call's time: {database} is locked by another"
+                " process"
+            )
+        raise StorageError(
+            f"could not {action}: another process kept {database} locked for {seconds:.0f} s"
+            " (a program holding a transaction on it); nothing was done, try again once it"
+            " lets go"
+        )
+
+    def _database_fd(self) -> int | None:
+        """A descriptor of the folder's ``chroma.sqlite3``, opened once and kept until the
+        storage is closed (closing a descriptor of a file drops every POSIX lock the process
+        holds on it, Chroma's included: it is never closed while Chroma may hold one). None
+        while the file does not exist."""
+        with self._database_lock:
+            if self._database is None:
+                assert self._folder is not None
+                try:
+                    self._database = os.open(self._folder / DATABASE_FILE, os.O_RDONLY)
+                except OSError:
+                    return None
+        return self._database
 
     def _keep_rollback(self, rollback: Rollback) -> bool:
         """Before the first batch of a write larger than one: record its undo on an embedded
@@ -2180,6 +2278,9 @@ class ChromaStorage:
         if self._release is not None:
             self._release.detach()
         _close_client(client)
+        database, self._database = self._database, None
+        if database is not None:
+            os.close(database)
         if self._folder_lock is not None:
             self._folder_lock.release()
 

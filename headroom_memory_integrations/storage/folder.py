@@ -33,6 +33,7 @@ import secrets
 import shutil
 import sqlite3
 import sys
+import time
 import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import closing
@@ -55,6 +56,10 @@ MIN_FREE_BYTES = 64 * 2**20
 """An embedded write starts only if at least this much disk space (plus twice the size of the
 user's index files and four times the size of the write) stays free."""
 _MB = 2**20
+DATABASE_WAIT_SECONDS = 10.0
+"""The longest an embedded Chroma call waits for another process's lock on ``chroma.sqlite3``
+(see :func:`database_free`): chromadb's core waits for it itself, without letting go of
+Python's interpreter lock, so the whole process would stand still for as long as it is held."""
 M_PERTURB = -6  # glibc's mallopt parameter (malloc.h)
 CLEAR_FREED_VARIABLE = "HEADROOM_MEMORY_CLEAR_FREED"  # "0": leave glibc's allocator as it is
 SCRUB_BYTE = 0x5A
@@ -147,6 +152,53 @@ def folder_identity(folder: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (found.st_dev, found.st_ino)
+
+
+_SQLITE_WRITE_LOCKS = ((0x40000000, 2, "F_WRLCK"), (0x40000002, 510, "F_RDLCK"))
+"""What another process's write to an SQLite database holds (``os_unix.c``): its pending
+and reserved bytes (any lock on them), or its shared bytes locked for writing (an exclusive
+lock), as (start, length, the kind of lock asked about). A reader's shared lock is not one."""
+_FLOCK = "@hhqqi"  # Linux's struct flock: type, whence, start, length, pid
+
+
+def database_lock_holder(fd: int) -> int | None:
+    """The pid of another process holding a write lock (reserved, pending or exclusive) on
+    the SQLite database open as ``fd`` (``F_GETLK``: asks, takes nothing; this process's own
+    locks are never reported), or None. Linux only (elsewhere always None: the layout of
+    ``struct flock`` differs)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import fcntl
+    import struct
+
+    for start, length, kind in _SQLITE_WRITE_LOCKS:
+        query = struct.pack(_FLOCK, getattr(fcntl, kind), os.SEEK_SET, start, length, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query.ljust(64, b"\0"))
+        held, _, _, _, pid = struct.unpack_from(_FLOCK, answer)
+        if held != fcntl.F_UNLCK:
+            return int(pid)
+    return None
+
+
+def database_free(fd: int, seconds: float) -> bool:
+    """Whether no other process holds a lock on the Chroma database open as ``fd`` (another
+    program holding a transaction on ``chroma.sqlite3``: a backup tool, an ``sqlite3``
+    shell, a process frozen mid-write), waiting up to ``seconds`` for it to let go.
+    chromadb's core waits for such a lock holding Python's interpreter lock, so every thread
+    of the process stood still while another process held the file. This asks the kernel
+    and waits with the interpreter lock let go of; it takes no lock itself (a lock taken
+    here would be one of this process's, which Chroma's own calls would wait for).
+
+    A check before the call, not a bound on it: a lock taken between the two is waited for
+    by Chroma as before."""
+    deadline = time.monotonic() + seconds
+    pause = 0.002
+    while database_lock_holder(fd) is not None:
+        if time.monotonic() + pause > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    return True
 
 
 def make_private_folder(folder: Path) -> None:
