@@ -486,11 +486,13 @@ def test_another_process_locking_chromas_database_freezes_nothing(
     openai_server.responder = model
     users_who_said(openai_server, tmp_path, "I play the cello", "alice")
     model.memories = []
-    # carol is new in this process: her call and her add go to Chroma (nothing of hers is
-    # read ahead or cached to answer from)
+    # carol is new in this process and has never searched: her collection is open (her first
+    # memory stored) but nothing of it is read ahead, so her call's search and her add go to
+    # Chroma (a user with no collection yet may be answered without asking it)
     carol = with_fast_memory(
         openai_server.client(), user_id="carol", db_path=tmp_path, embedder=HashEmbedder()
     )
+    carol.memory.add("Plays the viola")
     holder = hold_queue_lock(tmp_path / "chroma.sqlite3", begin)
     try:
         assert say(carol, "What do I play?") < BOUND
@@ -508,7 +510,7 @@ def test_another_process_locking_chromas_database_freezes_nothing(
             if stream is not None:
                 stream.close()
     carol.memory.add("Lives in Lyon")
-    assert [m.text for m in carol.memory.get_all()] == ["Lives in Lyon"]
+    assert sorted(m.text for m in carol.memory.get_all()) == ["Lives in Lyon", "Plays the viola"]
 
 
 def test_a_queue_file_deleted_while_in_use_keeps_the_work_queued_after_it(
