@@ -24,6 +24,7 @@ from headroom_memory_integrations.embeddings.bert_onnx import (
     INT8_FILE,
     int8_columns,
     int8_layer_matrices,
+    session_options,
 )
 from headroom_memory_integrations.embeddings.local import (
     BUNDLED_TOLERANCE,
@@ -79,6 +80,50 @@ def test_the_8_bit_form_gives_the_original_vectors_within_its_tolerance(
     assert np.abs(ours @ ours.T - expected @ expected.T).max() <= 2 * INT8_TOLERANCE
     # and it is a form of its own: further than the float32 forms are from each other
     assert np.abs(ours - expected).max() > BUNDLED_TOLERANCE
+
+
+def test_the_8_bit_products_are_exact_on_this_cpu() -> None:
+    """ONNX Runtime's 8-bit kernel on x86 CPUs without VNNI (AVX2 only: an AMD EPYC, say)
+    adds each pair of activation x weight products in 16 bits, which saturates: the default
+    embedder's vectors differed from one CPU to another, and two tests tuned on a CPU with
+    VNNI failed on one without. With the model's session options the products come out as
+    integer arithmetic gives them, pairs past 16 bits included (on any CPU)."""
+    import onnxruntime as ort
+
+    from headroom_memory_integrations.embeddings import onnx_format
+
+    rng = np.random.default_rng(7)
+    width, out = 64, 16
+    # activations 0..255 with both ends present: ONNX Runtime's dynamic quantization maps them
+    # to themselves (scale 1, zero point 0), so the exact answer is an integer product
+    x = rng.integers(0, 256, size=(3, width)).astype(np.float32)
+    x[0] = 255.0  # pairs of 255 x 127 = 64,770: past the 32,767 of 16 bits
+    x[1, 0], x[2, 0] = 0.0, 255.0
+    weights = rng.integers(-127, 128, size=(width, out)).astype(np.int8)
+    weights[:, 0], weights[:, 1] = 127, -127
+    scales, bias = np.ones(out, np.float32), np.zeros(out, np.float32)
+    tensors = {"w": weights, "scales": scales, "bias": bias}
+    kinds = {"w": onnx_format.INT8, "scales": onnx_format.FLOAT, "bias": onnx_format.FLOAT}
+    graph = onnx_format.model(
+        "product",
+        [
+            onnx_format.node(
+                "DynamicQuantizeMatMul", ["x", "w", "scales", "", "bias"], ["y"], "com.microsoft"
+            )
+        ],
+        [onnx_format.external_tensor(n, t.shape, kinds[n]) for n, t in tensors.items()],
+        [onnx_format.value_info("x", onnx_format.FLOAT, ["rows", "width"])],
+        [onnx_format.value_info("y", onnx_format.FLOAT, ["rows", "out"])],
+        17,
+        [("com.microsoft", 1)],
+    )
+    options = session_options(1)
+    values = [ort.OrtValue.ortvalue_from_numpy(t) for t in tensors.values()]
+    options.add_external_initializers(list(tensors), values)
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    (found,) = session.run(["y"], {"x": x})
+    exact = x.astype(np.int64) @ weights.astype(np.int64)
+    assert np.array_equal(found, exact.astype(np.float32))
 
 
 def test_the_8_bit_form_gives_a_text_the_same_vector_in_any_batch() -> None:
