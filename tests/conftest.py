@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import atexit
+import contextlib
 import gc
 import hashlib
 import math
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,26 @@ def _no_http_client_outlives_its_test() -> Iterator[None]:
         cache = getattr(shared, name, None)
         if cache is not None:
             cache.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _storages_a_test_opened_are_closed_after_it() -> Iterator[None]:
+    """A process shares an embedded folder's storage until it is closed, and most tests open a
+    folder of their own and leave it open. Each open storage keeps chromadb's threads (a
+    runtime and a connection pool) and its job queue's worker: by the middle of the suite the
+    process held over 4,000 idle threads, which slowed the suite several times over and
+    starved the timing of later tests' background work (a fresh-clone CI run took 80 minutes
+    and failed two such tests). A storage opened while the test ran is closed when it ends,
+    after the test's own fixtures (set up after this one, torn down before it) closed theirs.
+    Storages of wider-scoped fixtures were opened before this one was set up and are kept."""
+    from headroom_memory_integrations.storage import chroma
+
+    before = weakref.WeakSet(chroma._storages)
+    yield
+    for storage in list(chroma._storages):
+        if storage not in before and not storage._closed:
+            with contextlib.suppress(Exception):  # (a test may have broken it on purpose)
+                storage.close()
 
 
 class HashEmbedder:
