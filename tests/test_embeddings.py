@@ -85,8 +85,8 @@ def test_the_8_bit_form_gives_the_original_vectors_within_its_tolerance(
 def test_the_8_bit_products_are_exact_on_this_cpu() -> None:
     """ONNX Runtime's 8-bit kernel on x86 CPUs without VNNI (AVX2 only: an AMD EPYC, say)
     adds each pair of activation x weight products in 16 bits, which saturates: the default
-    embedder's vectors differed from one CPU to another, and two tests tuned on a CPU with
-    VNNI failed on one without. With the model's session options the products come out as
+    embedder's vectors differed from one CPU to another, and twelve tests tuned on a CPU
+    with VNNI failed on one without. With the model's session options the products come out as
     integer arithmetic gives them, pairs past 16 bits included (on any CPU)."""
     import onnxruntime as ort
 
