@@ -6,11 +6,11 @@ import gc
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
 import pytest
+from _reliability_support import wait_for
 
 from headroom_memory_integrations import ChromaStorage, MemoryStore, StorageError
 
@@ -114,10 +114,12 @@ def test_a_storage_dropped_unclosed_lets_go_of_its_client(chroma_server, model) 
     client = storage._client
     collected = weakref.ref(storage)
     del store, storage
-    deadline = time.monotonic() + 60  # a thread still ending may hold it a moment longer
-    while gc.collect() is not None and collected() is not None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert collected() is None
+
+    def let_go() -> bool:
+        gc.collect()
+        return collected() is None
+
+    wait_for(let_go)  # a thread still ending may hold it a moment longer (60 s at most)
     assert client._closed
     assert not any(h._user_id == "srv-dropped" for h in chroma._read_aheads.held())
 
