@@ -1280,11 +1280,14 @@ class ChromaCollection:
                         retry = True
             _read_aheads.add(self, len(records))
         except HeadroomMemoryError as exc:
-            if self._retired:  # the storage was closed under the read: nothing to warn of
+            # the storage was closed under the read (this handle may not be retired yet: close()
+            # marks the storage closed first): nothing to warn of, nor to try again
+            closed = self._retired or self._storage._closed
+            if closed:
                 logger.debug("reading memories ahead stopped by close(): %s", exc)
             else:
                 logger.warning("reading memories ahead failed; Chroma serves searches: %s", exc)
-            retry = not self._retired
+            retry = not closed
         finally:
             with self._write_lock:
                 if self._warm_log is log:
