@@ -121,8 +121,12 @@ class VectorCache:
 
     def _chunk_vectors(self, chunk: list[str]) -> np.ndarray:
         # the vectors' form (the name, with -int8 for the 8-bit form) keys the cache: the
-        # forms' vectors differ more than the float32 ones of different backends do
+        # forms' vectors differ more than the float32 ones of different backends do. The 8-bit
+        # form's key also says its products are exact: vectors cached before that on a CPU
+        # without VNNI came from a kernel that saturated (bert_onnx.session_options)
         form = self.real.vector_form
+        if form.endswith("-int8"):
+            form += " exact"
         key = hashlib.sha256("\n".join([form, *chunk]).encode()).hexdigest()[:32]
         path = self.directory / f"{key}.npy"
         if path.exists():
