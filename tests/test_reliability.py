@@ -238,6 +238,8 @@ def test_ctrl_c_while_a_delete_waits_leaves_the_storage_usable(db_path, monkeypa
     process (every user's) waited forever."""
     store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
     doomed = store.add("Keeps the spare key under the blue flowerpot")
+    store.flush()
+    store._open()._index_bytes()  # (its index folder looked up now, which waits too)
     lock = store.storage._erase_lock
     inside, leave = threading.Event(), threading.Event()
 
@@ -269,6 +271,49 @@ def test_ctrl_c_while_a_delete_waits_leaves_the_storage_usable(db_path, monkeypa
     assert found == [[]]  # answered (the memory was deleted before the wait for the erase)
     store.add("Plays the cello")
     assert [m.text for m in store.get_all()] == ["Plays the cello"]
+
+
+def test_chromas_catalog_is_read_with_python_sqlite_only_while_no_chroma_call_runs(
+    db_path, monkeypatch
+) -> None:
+    """Python's sqlite3 is another copy of SQLite in the process, and POSIX locks are the
+    process's: its reading the file (locking and unlocking it) and closing it change or drop
+    the locks of a Chroma transaction under way in another thread, and another process could
+    then roll Chroma's unfinished write back under it. The lookup of a user's vector index
+    folder (on the first write of a collection, and on clear()) waits for the Chroma calls of other
+    threads, as the erase does, and they wait for it."""
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    store.add("Keeps bees on the roof")
+    store.flush()  # (the folder is looked up on the first write to a collection that exists)
+    lock = store.storage._erase_lock
+    looked_up: list[tuple[bool, int]] = []
+    catalog = chroma.vector_segment
+
+    def watched(*args: Any) -> Any:
+        looked_up.append((lock._erasing, lock._sharers))
+        return catalog(*args)
+
+    monkeypatch.setattr(chroma, "vector_segment", watched)
+    inside, leave = threading.Event(), threading.Event()
+
+    def another_threads_call() -> None:
+        with lock.shared():
+            inside.set()
+            leave.wait(10)
+
+    reader = threading.Thread(target=another_threads_call)
+    reader.start()
+    inside.wait(10)
+    writer = threading.Thread(target=lambda: store.add("Plays the cello"))
+    writer.start()
+    writer.join(1.0)
+    assert writer.is_alive() and looked_up == []  # waits for the other thread's call
+    leave.set()
+    reader.join(10)
+    writer.join(30)
+    assert not writer.is_alive() and looked_up == [(True, 0)]
+    store.clear()
+    assert looked_up[1:] == [(True, 0)] and store.count() == 0
 
 
 # -- 6: deleted text leaves every file ---------------------------------------------------------

@@ -1165,7 +1165,7 @@ class ChromaCollection:
         if folder is None or self._collection is None:
             return 0
         if self._segment is None:
-            self._segment = vector_segment(folder, str(self._collection.id))
+            self._segment = self._storage._index_folder(str(self._collection.id))
         return directory_bytes(self._segment) if self._segment is not None else 0
 
     def dropped(self) -> None:
@@ -2253,7 +2253,15 @@ class ChromaStorage:
     def _index_folder(self, collection_id: str) -> Path | None:
         """An embedded collection's vector index folder: Chroma may leave it behind when the
         collection is deleted, and its files may hold stray bytes of the deleted texts."""
-        return vector_segment(self._folder, collection_id) if self._folder is not None else None
+        if self._folder is None:
+            return None
+        # read with Python's sqlite3 while no Chroma call of this process runs: it is another
+        # copy of SQLite, and POSIX locks are the process's, not a connection's, so its locking
+        # and unlocking of the file would change or drop the locks of a Chroma transaction
+        # under way; a reader in another process could then take Chroma's unfinished write
+        # for one whose writer died, and roll it back under it
+        with self._erase_lock.alone():
+            return vector_segment(self._folder, collection_id)
 
     def close(self) -> None:
         """Stop this storage's background reads and release its client (a server's
