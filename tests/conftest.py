@@ -201,16 +201,21 @@ class ChromaServer:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         chroma = shutil.which("chroma", path=str(Path(sys.executable).parent)) or "chroma"
-        self.process = subprocess.Popen(
-            [chroma, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
-        )
+        # its errors go to a file beside its data: a pipe nobody reads while the server runs
+        # would stop it once full
+        self.log = path.parent / f"{path.name}.stderr"
+        address = ["--host", "127.0.0.1", "--port", str(self.port)]
+        with self.log.open("wb") as errors:
+            self.process = subprocess.Popen(
+                [chroma, "run", "--path", str(path), *address],
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"chroma run exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
+                raise RuntimeError(f"chroma run exited: {self.log.read_text(errors='replace')}")
             try:
                 urllib.request.urlopen(f"{self.url}/api/v2/heartbeat", timeout=1).read()
                 return
@@ -226,8 +231,6 @@ class ChromaServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
 
 
 @pytest.fixture(scope="session")
