@@ -232,15 +232,10 @@ def test_ctrl_c_stays_an_interrupt_when_the_undo_fails_too(db_path, monkeypatch,
     assert "undoing a write cut short by KeyboardInterrupt failed" in caplog.text
 
 
-def test_ctrl_c_while_a_delete_waits_leaves_the_storage_usable(db_path, monkeypatch) -> None:
-    """A delete waits for the Chroma calls of other threads before it erases the text; a
-    Ctrl-C during that wait left the storage marked as erasing, and every later call of the
-    process (every user's) waited forever."""
-    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
-    doomed = store.add("Keeps the spare key under the blue flowerpot")
-    store.flush()
-    store._open()._index_bytes()  # (its index folder looked up now, which waits too)
-    lock = store.storage._erase_lock
+@contextlib.contextmanager
+def _another_thread_in_a_chroma_call(lock: Any) -> Iterator[None]:
+    """While inside: another thread is inside a Chroma call of the storage whose erase lock
+    is ``lock`` (it shares the lock), and leaves it on the way out."""
     inside, leave = threading.Event(), threading.Event()
 
     def another_threads_call() -> None:
@@ -250,20 +245,35 @@ def test_ctrl_c_while_a_delete_waits_leaves_the_storage_usable(db_path, monkeypa
 
     reader = threading.Thread(target=another_threads_call)
     reader.start()
-    inside.wait(10)
-    wait = lock._condition.wait
+    try:
+        assert inside.wait(10)
+        yield
+    finally:
+        leave.set()
+        reader.join(10)
 
-    def interrupted_wait(timeout: float | None = None) -> bool:
-        if threading.current_thread() is threading.main_thread():
-            raise KeyboardInterrupt
-        return wait(timeout)
 
-    monkeypatch.setattr(lock._condition, "wait", interrupted_wait)
-    with pytest.raises(KeyboardInterrupt):
-        store.delete(doomed.id)
-    monkeypatch.undo()
-    leave.set()
-    reader.join(10)
+def test_ctrl_c_while_a_delete_waits_leaves_the_storage_usable(db_path, monkeypatch) -> None:
+    """A delete waits for the Chroma calls of other threads before it erases the text; a
+    Ctrl-C during that wait left the storage marked as erasing, and every later call of the
+    process (every user's) waited forever."""
+    store = MemoryStore("alice", db_path=db_path, embedder=HashEmbedder())
+    doomed = store.add("Keeps the spare key under the blue flowerpot")
+    store.flush()
+    store._open()._index_bytes()  # (its index folder looked up now, which waits too)
+    lock = store.storage._erase_lock
+    with _another_thread_in_a_chroma_call(lock):
+        wait = lock._condition.wait
+
+        def interrupted_wait(timeout: float | None = None) -> bool:
+            if threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt
+            return wait(timeout)
+
+        monkeypatch.setattr(lock._condition, "wait", interrupted_wait)
+        with pytest.raises(KeyboardInterrupt):
+            store.delete(doomed.id)
+        monkeypatch.undo()
     found: list[list[str]] = []
     later = threading.Thread(target=lambda: found.append([m.text for m in store.get_all()]))
     later.start()
@@ -294,22 +304,11 @@ def test_chromas_catalog_is_read_with_python_sqlite_only_while_no_chroma_call_ru
         return catalog(*args)
 
     monkeypatch.setattr(chroma, "vector_segment", watched)
-    inside, leave = threading.Event(), threading.Event()
-
-    def another_threads_call() -> None:
-        with lock.shared():
-            inside.set()
-            leave.wait(10)
-
-    reader = threading.Thread(target=another_threads_call)
-    reader.start()
-    inside.wait(10)
     writer = threading.Thread(target=lambda: store.add("Plays the cello"))
-    writer.start()
-    writer.join(1.0)
-    assert writer.is_alive() and looked_up == []  # waits for the other thread's call
-    leave.set()
-    reader.join(10)
+    with _another_thread_in_a_chroma_call(lock):
+        writer.start()
+        writer.join(1.0)
+        assert writer.is_alive() and looked_up == []  # waits for the other thread's call
     writer.join(30)
     assert not writer.is_alive() and looked_up == [(True, 0)]
     store.clear()
