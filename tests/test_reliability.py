@@ -371,19 +371,27 @@ collection = client.get_collection(collection_name("alice"), embedding_function=
 count = collection.count()
 found = collection.query(query_embeddings=[{vector!r}], n_results=count)["ids"][0]
 records = collection.get(include=["embeddings"])
-unfound = sorted(set(records["ids"]) - set(found))
-# (for a failure's message: whether Chroma finds a memory it missed when asked with its own vector)
 vectors = dict(zip(records["ids"], records["embeddings"]))
-own = {{i: collection.query(query_embeddings=[vectors[i]], n_results=1)["ids"][0] for i in unfound}}
-print(json.dumps({{"count": count, "found": found, "unfound": unfound, "own_vector_finds": own}}))
+unfound = sorted(set(records["ids"]) - set(found))
+unreachable = [
+    i for i in unfound
+    if i not in collection.query(query_embeddings=[vectors[i]], n_results=count)["ids"][0]
+]
+missed = [i for i in unfound if i not in unreachable]
+print(json.dumps({{"count": count, "found": found, "missed": missed, "unreachable": unreachable}}))
 """
 
 
 def _chroma_search(db_path: Path, vector: np.ndarray) -> dict[str, Any]:
     """Chroma's own search of alice's collection (its vector index loaded from the files, in a
     new process), for ``vector``, asking for as many as it counts: the count, every id found,
-    and the ids of its records the search did not find ("unfound"), each with what a search
-    for its own vector finds first."""
+    and the ids of the records it did not find, in two lists. "unreachable": not found either
+    when searched with their own vector, asking for all: chromadb 1.5.9 can leave a live
+    record out of its graph's reach after deletes and upserts (chroma-core/chroma#7758, open;
+    a CI run here once found 150 of 151), which no change to the files of this package's makes.
+    "missed": found with their own vector, so reachable, yet not among the results: what a
+    deleted memory still live in the index (filtered out by Chroma, taking a place) would do.
+    The tests want "missed" empty."""
     run = run_python(_CHROMA_SEARCH.format(db=str(db_path), vector=vector.tolist()))
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.splitlines()[-1])
@@ -410,7 +418,7 @@ def test_a_deleted_memorys_id_leaves_the_disk_and_the_index_still_replays(db_pat
     assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
     searched = _chroma_search(db_path, embedder.embed(["My bank card PIN is 4821"])[0])
     assert searched["count"] == written + 1
-    assert searched["unfound"] == [], searched["own_vector_finds"]
+    assert searched["missed"] == [], searched
     assert secret.id not in searched["found"]
     assert not any(i.startswith("erased-") for i in searched["found"])
     reopened = MemoryStore("alice", db_path=db_path, embedder=embedder)
@@ -462,7 +470,7 @@ def test_a_process_killed_during_delete_leaves_the_erase_to_the_next_one(db_path
     store.storage.close()
     searched = _chroma_search(db_path, RandomEmbedder().embed([SECRETS[0]])[0])
     assert (secret_id in searched["found"]) == (when == "before the delete")
-    assert searched["unfound"] == [], searched["own_vector_finds"]
+    assert searched["missed"] == [], searched
 
 
 @contextlib.contextmanager
@@ -563,7 +571,7 @@ def test_a_delete_chroma_logged_and_did_not_apply_is_erased_by_the_next_writer(d
     alice.storage.close()
     assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
     searched = _chroma_search(db_path, embedder.embed(["My bank card PIN is 4821"])[0])
-    assert searched["count"] == 150 and searched["unfound"] == [], searched["own_vector_finds"]
+    assert searched["count"] == 150 and searched["missed"] == [], searched
     assert secret.id not in searched["found"]
     assert not any(i.startswith("erased-") for i in searched["found"])
     assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
@@ -633,7 +641,7 @@ def test_a_process_killed_before_its_drop_leaves_the_users_index_in_use(db_path,
     assert texts_found(store, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
     store.storage.close()
     searched = _chroma_search(db_path, RandomEmbedder().embed(["Ordinary fact number 7"])[0])
-    assert searched["count"] == 150 and searched["unfound"] == [], searched["own_vector_finds"]
+    assert searched["count"] == 150 and searched["missed"] == [], searched
 
 
 def test_a_failed_drop_leaves_the_users_index_to_later_erases(db_path, monkeypatch) -> None:
@@ -722,7 +730,7 @@ def test_an_id_map_the_erase_cannot_read_still_lets_the_text_be_erased(
     assert texts_found(reopened, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
     reopened.storage.close()
     searched = _chroma_search(db_path, embedder.embed(["My PIN is 4821"])[0])
-    assert searched["count"] == 150 and searched["unfound"] == [], searched["own_vector_finds"]
+    assert searched["count"] == 150 and searched["missed"] == [], searched
     assert secret.id not in searched["found"]
 
 
@@ -777,7 +785,7 @@ def test_a_reader_that_takes_over_does_not_bring_a_deleted_id_back(db_path) -> N
         reader.wait()
     assert files_containing(db_path, [secret.id, "My PIN is 4821"]) == {}
     searched = _chroma_search(db_path, embedder.embed(["My PIN is 4821"])[0])
-    assert searched["count"] == 300 and searched["unfound"] == [], searched["own_vector_finds"]
+    assert searched["count"] == 300 and searched["missed"] == [], searched
     assert secret.id not in searched["found"]
 
 
