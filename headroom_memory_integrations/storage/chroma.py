@@ -1161,8 +1161,7 @@ class ChromaCollection:
 
     def _index_bytes(self) -> int:
         """The size of an embedded collection's vector index files (a write may rewrite them)."""
-        folder = self._storage._folder
-        if folder is None or self._collection is None:
+        if self._storage._folder is None or self._collection is None:
             return 0
         if self._segment is None:
             self._segment = self._storage._index_folder(str(self._collection.id))
