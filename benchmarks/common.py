@@ -441,33 +441,75 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextmanager
-def chroma_server(path: Path) -> Iterator[str]:
-    """A real ``chroma run`` server on 127.0.0.1 with its data in ``path``; yields its URL."""
-    chroma = shutil.which("chroma", path=str(Path(sys.executable).parent)) or "chroma"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [chroma, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)]
-    log_file = (path.parent / f"{path.name}.log").open("w")
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=child_env())
-    try:
-        deadline = clock() + 60
+class ChromaServer:
+    """A real ``chroma run`` server on 127.0.0.1 with its data in ``path``, answering once
+    built: on ``port``, or a free one. Its output goes to a file beside the data (``<name>.log``:
+    a pipe nobody reads would stop it once full). On Linux it is stopped when the process that
+    started it dies, even killed by a signal, so a killed test run or benchmark leaves no server
+    behind (build it on a thread that lives as long as the server: the signal follows the
+    thread that started it)."""
+
+    def __init__(self, path: Path, port: int | None = None, wait: float = 60.0) -> None:
+        self.path = path
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = path.parent / f"{path.name}.log"
+        chroma = shutil.which("chroma", path=str(Path(sys.executable).parent)) or "chroma"
+        address = ["--host", "127.0.0.1", "--port", str(self.port)]
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(
+                [chroma, "run", "--path", str(path), *address],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+                preexec_fn=_stopped_with_parent(os.getpid()),
+            )
+        deadline = clock() + wait
         while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"chroma run exited with {process.returncode}; see {log_file}")
+            if self.process.poll() is not None:
+                log = self.log.read_text(errors="replace")
+                raise RuntimeError(f"chroma run exited with {self.process.returncode}: {log}")
             try:
-                urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1).read()
-                break
+                urllib.request.urlopen(f"{self.url}/api/v2/heartbeat", timeout=1).read()
+                return
             except OSError:
                 if clock() > deadline:
-                    raise RuntimeError("chroma run did not answer within 60 s") from None
+                    self.stop()
+                    raise RuntimeError(f"chroma run did not answer within {wait:g} s") from None
                 time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
+
+    def stop(self) -> None:
+        self.process.terminate()
         try:
-            process.wait(15)
+            self.process.wait(15)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log_file.close()
+            self.process.kill()
+            self.process.wait()
+
+
+def _stopped_with_parent(parent: int) -> Callable[[], None] | None:
+    """For ``Popen(preexec_fn=...)``: on Linux, the child is sent SIGTERM when ``parent`` dies
+    (``prctl(PR_SET_PDEATHSIG)``), and exits at once if it already has. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def stop_with_parent() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)
+
+    return stop_with_parent
+
+
+@contextmanager
+def chroma_server(path: Path) -> Iterator[str]:
+    """A :class:`ChromaServer` for a ``with`` block; yields its URL."""
+    server = ChromaServer(path)
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -13,13 +13,10 @@ import hashlib
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +28,7 @@ import pytest
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 
+from benchmarks.common import ChromaServer, free_port
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
 from headroom_memory_integrations.embeddings import normalize_rows
 
@@ -184,53 +182,9 @@ class GatedEmbedder:
         return self.inner.embed(texts)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def closed_server_url() -> str:
     """A Chroma server URL where nothing listens (the memory storage is down)."""
-    return f"http://127.0.0.1:{_free_port()}"
-
-
-class ChromaServer:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        chroma = shutil.which("chroma", path=str(Path(sys.executable).parent)) or "chroma"
-        # its errors go to a file beside its data: a pipe nobody reads while the server runs
-        # would stop it once full
-        self.log = path.parent / f"{path.name}.stderr"
-        address = ["--host", "127.0.0.1", "--port", str(self.port)]
-        with self.log.open("wb") as errors:
-            self.process = subprocess.Popen(
-                [chroma, "run", "--path", str(path), *address],
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
-                env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"chroma run exited: {self.log.read_text(errors='replace')}")
-            try:
-                urllib.request.urlopen(f"{self.url}/api/v2/heartbeat", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("chroma run did not answer within 30 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture(scope="session")

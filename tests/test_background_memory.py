@@ -1210,7 +1210,7 @@ def test_a_model_that_takes_no_temperature_still_extracts(openai_server, db_path
 
 
 @pytest.fixture
-def outage(tmp_path, monkeypatch):
+def outage(tmp_path):
     """A `chroma run` of the test's own: ``kill()`` it, ``restart()`` it on the same port."""
     import conftest
 
@@ -1227,8 +1227,7 @@ def outage(tmp_path, monkeypatch):
 
         @staticmethod
         def restart() -> None:
-            monkeypatch.setattr(conftest, "_free_port", lambda: first.port)
-            servers.append(conftest.ChromaServer(first.path))
+            servers.append(conftest.ChromaServer(first.path, port=first.port))
 
     yield Outage
     for server in servers:

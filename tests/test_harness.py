@@ -112,7 +112,52 @@ def test_a_test_never_gets_a_connection_left_on_an_earlier_tests_closed_loop(tmp
         text=True,
         timeout=240,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        # conftest, and the repository's root, which it imports benchmarks from
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, Path(__file__).parents[:2]))},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 passed" in run.stdout
+
+
+STARTS_A_SERVER = """
+import sys, time
+from pathlib import Path
+from benchmarks.common import ChromaServer
+server = ChromaServer(Path(sys.argv[1]))
+print(server.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie nobody has reaped yet does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_chroma_server_stops_when_the_process_that_started_it_is_killed(tmp_path) -> None:
+    """A test run or benchmark killed by a signal (a timeout, a CI job cancelled) left its
+    `chroma run` servers running for good."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTS_A_SERVER, str(tmp_path / "chroma")],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert starter.stdout is not None
+    server = int(starter.stdout.readline())
+    try:
+        assert _running(server)
+        starter.kill()
+        starter.wait(30)
+        deadline = time.monotonic() + 30
+        while _running(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(server), "the server outlived the process that started it"
+    finally:
+        if _running(server):
+            os.kill(server, 9)

@@ -138,10 +138,8 @@ def test_a_frozen_server_costs_a_chat_call_at_most_the_bound(
 
 
 def test_a_killed_server_fails_fast_and_a_restarted_one_is_used_again(
-    tmp_path, openai_server, model, monkeypatch
+    tmp_path, openai_server, model
 ) -> None:
-    import conftest
-
     openai_server.responder = RememberingModel("Noted.", [CELLO])
     server = ChromaServer(tmp_path / "chroma")
     storage = ChromaStorage.from_url(server.url, timeout=TIMEOUT)
@@ -156,8 +154,7 @@ def test_a_killed_server_fails_fast_and_a_restarted_one_is_used_again(
     assert answer == "Noted." and not injected(openai_server)
     assert elapsed < BOUND  # refused at once; at most the recall's bound (3 s) in any case
 
-    monkeypatch.setattr(conftest, "_free_port", lambda: server.port)  # the same port again
-    restarted = ChromaServer(server.path)
+    restarted = ChromaServer(server.path, port=server.port)  # the same port again
     try:
         deadline = time.monotonic() + 60  # calls are held back a while after each failure
         while True:
@@ -198,8 +195,6 @@ def test_calls_during_an_outage_do_not_wait_for_writes_held_behind_a_failing_one
     0.003, then 1.007 s a call for as long as the outage lasted). Now the writer knows, from
     the failure its worker saw, that they cannot run before the wait ends, and the call goes
     on at once; once the server is back, the writes are stored and read."""
-    import conftest
-
     from headroom_memory_integrations.jobs import Backoff
     from headroom_memory_integrations.writer import writer_for
 
@@ -248,8 +243,7 @@ def test_calls_during_an_outage_do_not_wait_for_writes_held_behind_a_failing_one
         assert writer.settle_timeouts == 0, "a call waited its whole second in vain"
         assert writer.stats()["retried"] >= 1
 
-        monkeypatch.setattr(conftest, "_free_port", lambda: server.port)  # the same port
-        restarted = ChromaServer(server.path)
+        restarted = ChromaServer(server.path, port=server.port)  # the same port
         model_says.memories = []
         deadline = time.monotonic() + 60  # calls are held back a while after each failure
         while True:  # the held writes are stored, and a next call reads them
