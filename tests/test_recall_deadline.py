@@ -54,6 +54,20 @@ class HangingEmbedder(HashEmbedder):
         return self.hung_calls
 
 
+@contextmanager
+def python_takes_ctrl_c() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in the main thread while inside, as Python's default
+    handler does, whatever handler or signal mask this process had (a pytest-xdist worker, or
+    code an earlier test ran, may have changed them); both restored after."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    masked = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+        signal.signal(signal.SIGINT, handler)
+
+
 def memory_context_sent(server: ScriptedOpenAIServer) -> bool:
     """Whether the latest request the model got carried the stored memory."""
     system = [m["content"] for m in server.requests[-1].body["messages"] if m["role"] == "system"]
@@ -224,11 +238,12 @@ def test_a_call_interrupted_while_its_search_hangs_holds_the_next_calls_back_too
         hanging.hang.set()
         main = threading.main_thread().ident
         assert threading.get_ident() == main
-        ctrl_c = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
-        ctrl_c.start()
-        with pytest.raises(KeyboardInterrupt):
-            client.chat.completions.create(**ask)
-        ctrl_c.join()
+        with python_takes_ctrl_c():
+            ctrl_c = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+            ctrl_c.start()
+            with pytest.raises(KeyboardInterrupt):
+                client.chat.completions.create(**ask)
+            ctrl_c.join()
         answer = client.chat.completions.create(**ask)  # at once: not 60 s
         assert answer.choices[0].message.content == "Sure."
         assert hanging.calls_hung() == 1 and not hanging.release.is_set()
