@@ -28,6 +28,10 @@ import pytest
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 
+# the repository's root, for benchmarks.common, also where a test's subprocess imports this
+# file with only tests/ on its path
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
 from benchmarks.common import ChromaServer, free_port
 from headroom_memory_integrations import ChromaStorage, LocalEmbedder, MemoryStore
 from headroom_memory_integrations.embeddings import normalize_rows
