@@ -28,8 +28,8 @@ PY_TORCH := $(VENV_TORCH)/bin/python
 STAMP_TORCH := $(VENV_TORCH)/.installed
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION ?= 2.13.0
-# the suite on two worker processes (pytest-xdist), each test file whole on one of them: ~11
-# minutes instead of ~17 on 2 cores. `make test TEST_WORKERS=` runs it in one process.
+# the suite on two worker processes (pytest-xdist), each test file whole on one of them: 8-11
+# minutes instead of 16-18 on 2 cores. `make test TEST_WORKERS=` runs it in one process.
 TEST_WORKERS ?= -n 2 --dist loadfile
 
 .PHONY: demo test test-torch lint docs bench bench-quick clean
