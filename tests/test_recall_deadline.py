@@ -9,10 +9,7 @@ HTTP against the scripted server."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -211,59 +208,34 @@ def test_a_hung_embedder_of_one_user_leaves_the_others_their_memories(
         bob.close()
 
 
-def test_a_call_interrupted_while_its_search_hangs_holds_the_next_calls_back_too() -> None:
+def test_a_call_interrupted_while_its_search_hangs_holds_the_next_calls_back_too(
+    openai_server: ScriptedOpenAIServer, tmp_path: Path, hanging: HangingEmbedder, monkeypatch
+) -> None:
     """Ctrl-C during the wait left the late search unmarked: the next call waited the whole
-    deadline again and left a second thread stuck in the embedder. Run in a process of its
-    own, where nothing of earlier tests runs beside the main thread that Ctrl-C must reach
-    (in one run on a pytest-xdist worker it was not raised, and the call waited the whole
-    60 s; cause not found)."""
-    tests = Path(__file__).resolve().parent
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import {Path(__file__).stem} as t; t.{ctrl_c_mid_search.__name__}()",
-        ],
-        cwd=tests,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    deadline again and left a second thread stuck in the embedder."""
+    monkeypatch.setattr(flow, "LOCAL_RECALL_SECONDS", 60.0)
+    openai_server.responder = lambda body: Reply.text("Sure.")
+    client = with_fast_memory(
+        openai_server.client(), user_id="alice", db_path=tmp_path / "m", embedder=hanging
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ctrl-c ok"), done.stdout[-3000:]
-
-
-def ctrl_c_mid_search() -> None:
-    """The scenario of the test above, in the process that calls it (its main thread)."""
-    import tempfile
-
-    flow.LOCAL_RECALL_SECONDS = 60.0
-    hanging = HangingEmbedder()
-    with ScriptedOpenAIServer() as openai_server, tempfile.TemporaryDirectory() as folder:
-        openai_server.responder = lambda body: Reply.text("Sure.")
-        client = with_fast_memory(
-            openai_server.client(), user_id="alice", db_path=Path(folder) / "m", embedder=hanging
-        )
-        ask = {"model": "m", "messages": [{"role": "user", "content": "green tea for me?"}]}
-        try:
-            client.memory.add(TEA, category="preference")
-            hanging.hang.set()
-            main = threading.main_thread().ident
-            assert threading.get_ident() == main
-            ctrl_c = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
-            ctrl_c.start()
-            with pytest.raises(KeyboardInterrupt):
-                client.chat.completions.create(**ask)
-            ctrl_c.join()
-            answer = client.chat.completions.create(**ask)  # at once: not 60 s
-            assert answer.choices[0].message.content == "Sure."
-            assert hanging.calls_hung() == 1 and not hanging.release.is_set()
-            assert not memory_context_sent(openai_server)
-        finally:
-            hanging.release.set()
-            client.close()
-    print("ctrl-c ok")
+    ask = {"model": "m", "messages": [{"role": "user", "content": "green tea for me?"}]}
+    try:
+        client.memory.add(TEA, category="preference")
+        hanging.hang.set()
+        main = threading.main_thread().ident
+        assert threading.get_ident() == main
+        ctrl_c = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+        ctrl_c.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.chat.completions.create(**ask)
+        ctrl_c.join()
+        answer = client.chat.completions.create(**ask)  # at once: not 60 s
+        assert answer.choices[0].message.content == "Sure."
+        assert hanging.calls_hung() == 1 and not hanging.release.is_set()
+        assert not memory_context_sent(openai_server)
+    finally:
+        hanging.release.set()
+        client.close()
 
 
 class SlowEmbedder(HashEmbedder):
