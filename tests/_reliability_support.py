@@ -54,6 +54,30 @@ def files_containing(folder: Path, needles: Iterable[str]) -> dict[str, list[str
     return found
 
 
+def files_holding_vector(folder: Path, vector: np.ndarray, atol: float = 1e-6) -> list[str]:
+    """The files under ``folder`` whose raw bytes hold ``vector`` as float32 numbers in a row,
+    at any byte offset, each to within ``atol`` (Chroma stores it normalised again, which may
+    change its last bits)."""
+    target = np.asarray(vector, dtype=np.float32)
+    found: list[str] = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        for shift in range(4):
+            count = (len(data) - shift) // 4
+            if count < len(target):
+                continue
+            floats = np.frombuffer(data, np.float32, count, shift)
+            with np.errstate(invalid="ignore"):  # (bytes that read as NaN)
+                gaps = np.abs(floats[: count - len(target) + 1] - target[0])
+                starts = np.flatnonzero(gaps <= atol)
+                if any(np.allclose(floats[i : i + len(target)], target, atol=atol) for i in starts):
+                    found.append(str(path.relative_to(folder)))
+                    break
+    return found
+
+
 def freed_text_handed_back(sizes: Iterable[int] = (4096, 65536), rounds: int = 10) -> int:
     """With the C library's allocator: how many of ``rounds`` cycles per block size (write a
     text into a new block, free it, allocate the same size again) found the text in the new

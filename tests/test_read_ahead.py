@@ -105,6 +105,8 @@ def _writing_during_first_page(collection, write) -> None:
         if kwargs.get("offset") == 0:  # the read-ahead's first page
             collection._collection.get = chroma_get
             write()
+            # (a delete's erase opens Chroma anew: its collection is another object now)
+            return collection._chroma(create=False).get(*args, **kwargs)
         return chroma_get(*args, **kwargs)
 
     collection._collection.get = get_and_write

@@ -23,6 +23,7 @@ import pytest
 from _reliability_support import (
     RandomEmbedder,
     files_containing,
+    files_holding_vector,
     freed_text_handed_back,
     is_root,
     make_writable,
@@ -426,14 +427,47 @@ def test_a_deleted_memorys_id_leaves_the_disk_and_the_index_still_replays(db_pat
     assert texts_found(reopened, "Ordinary fact number 3", top_k=1) == ["Ordinary fact number 3"]
 
 
+@pytest.mark.parametrize("saved", [True, False], ids=["index-saved-before-delete", "index-unsaved"])
+def test_a_deleted_memorys_vector_leaves_the_vector_index_for_good(db_path, saved) -> None:
+    """Text can be partly reconstructed from a sentence vector. Chroma keeps a deleted record's
+    vector in its vector index's elements file (``data_level0.bin``, saved every 100 writes),
+    and in its memory, from which it saves it again with the index's next save. The erase
+    clears the saved copy and has Chroma load the index anew. Before, the vector stayed on
+    disk for good: at once when the index had been saved with it, else from the next save."""
+    embedder = RandomEmbedder()
+    store = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    if not saved:  # the index is saved before the secret comes
+        store.add_many([f"Earlier fact number {n}" for n in range(150)])
+        store.flush()
+    secret = store.add("My bank card PIN is 4821")
+    store.add_many([f"Ordinary fact number {n}" for n in range(150 if saved else 5)])
+    store.flush()
+    vector = embedder.embed([secret.text])[0]
+    in_index = [f for f in files_holding_vector(db_path, vector) if f.endswith("data_level0.bin")]
+    assert bool(in_index) == saved
+    store.delete(secret.id)
+    assert files_holding_vector(db_path, vector) == []
+    store.add_many([f"Later fact number {n}" for n in range(150)])  # Chroma saves the index
+    store.flush()
+    kept = 150 + 150 + (0 if saved else 5)
+    assert store.count() == kept
+    store.storage.close()
+    assert files_holding_vector(db_path, vector) == []
+    searched = _chroma_search(db_path, embedder.embed(["Later fact number 7"])[0])
+    assert searched["count"] == kept and searched["missed"] == [], searched
+    reopened = MemoryStore("alice", db_path=db_path, embedder=embedder)
+    assert texts_found(reopened, "Ordinary fact number 3", top_k=1) == ["Ordinary fact number 3"]
+    assert texts_found(reopened, "Later fact number 7", top_k=1) == ["Later fact number 7"]
+
+
 _DELETE_AND_DIE = """
 import os, sys
 from _reliability_support import RandomEmbedder
 from headroom_memory_integrations import MemoryStore
 from headroom_memory_integrations.storage import chroma
 store = MemoryStore("alice", db_path={db!r}, embedder=RandomEmbedder())
-store.add_many([f"Ordinary fact number {{n}}" for n in range(150)])
 secret = store.add({secret!r})
+store.add_many([f"Ordinary fact number {{n}}" for n in range(150)])  # the index saved with it
 store.flush()
 print(secret.id, flush=True)
 if {when!r} == "after the delete":
@@ -464,6 +498,9 @@ def test_a_process_killed_during_delete_leaves_the_erase_to_the_next_one(db_path
     if when == "after the delete":
         assert len(listed) == 150 and secret_id not in listed
         assert files_containing(db_path, [SECRETS[0], secret_id]) == {}
+        store.add_many([f"Later fact number {n}" for n in range(150)])  # Chroma saves the index
+        store.flush()
+        assert files_holding_vector(db_path, RandomEmbedder().embed([SECRETS[0]])[0]) == []
     else:
         assert store.count() == 151 and store.get(secret_id).text == SECRETS[0]
         assert texts_found(store, SECRETS[0], top_k=1) == [SECRETS[0]]
@@ -568,10 +605,12 @@ def test_a_delete_chroma_logged_and_did_not_apply_is_erased_by_the_next_writer(d
     alice = MemoryStore("alice", db_path=db_path, embedder=embedder)
     assert alice.count() == 150 and alice.get_many([secret.id]) == []
     assert texts_found(alice, "Ordinary fact number 7", top_k=1) == ["Ordinary fact number 7"]
+    alice.add_many([f"Later fact number {n}" for n in range(150)])  # Chroma saves the index
     alice.storage.close()
     assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
+    assert files_holding_vector(db_path, embedder.embed([secret.text])[0]) == []
     searched = _chroma_search(db_path, embedder.embed(["My bank card PIN is 4821"])[0])
-    assert searched["count"] == 150 and searched["missed"] == [], searched
+    assert searched["count"] == 300 and searched["missed"] == [], searched
     assert secret.id not in searched["found"]
     assert not any(i.startswith("erased-") for i in searched["found"])
     assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
@@ -582,9 +621,9 @@ def test_a_delete_chroma_failed_to_apply_stays_noted_until_the_next_open_erases_
 ) -> None:
     """In a process that goes on: Chroma logged a delete of alice's and failed to apply it
     (delete() raised; this process's chromadb does not try again). The next erase (after a
-    delete of bob's) keeps alice's noted, and the next open of the folder has Chroma apply
-    it, then erases it. Before, that erase let alice's go, and her text stayed once Chroma
-    applied the delete."""
+    delete of bob's) keeps alice's noted; Chroma, opened anew after that erase (which clears
+    deleted vectors Chroma would otherwise save again), applies it, and it is erased then.
+    Before, that erase let alice's go, and her text stayed once Chroma applied the delete."""
     embedder = RandomEmbedder()
     alice = MemoryStore("alice", db_path=db_path, embedder=embedder)
     secret = alice.add("My bank card PIN is 4821")
@@ -596,10 +635,22 @@ def test_a_delete_chroma_failed_to_apply_stays_noted_until_the_next_open_erases_
     with _chroma_cannot_apply_the_delete_of(db_path, secret.id), pytest.raises(StorageError):
         alice.delete(secret.id)
     assert _delete_logged_not_applied(db_path, secret.id) == (3, 1)
-    bob.delete(tea.id)
+    noted = chroma.erase_noted
+    left: list[list[list[str]]] = []
+
+    def erase_noted(folder: Path) -> None:  # what each erase finds noted
+        record = folder / ERASE_FILE
+        lines = record.read_text().splitlines() if record.exists() else []
+        left.append([list(json.loads(line)["ids"]) for line in lines])
+        noted(folder)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chroma, "erase_noted", erase_noted)
+        bob.delete(tea.id)
+    assert left == [[[secret.id], [tea.id]], [[secret.id]]]  # bob's erase, then the reopen's
     assert files_containing(db_path, [tea.id, "Bob likes green tea"]) == {}
-    noted = [json.loads(line) for line in (db_path / ERASE_FILE).read_text().splitlines()]
-    assert [list(entry["ids"]) for entry in noted] == [[secret.id]]
+    assert not (db_path / ERASE_FILE).exists()
+    assert files_containing(db_path, [secret.id, "PIN is 4821"]) == {}
     alice.storage.close()
     alice = MemoryStore("alice", db_path=db_path, embedder=embedder)
     assert alice.count() == 30 and alice.get_many([secret.id]) == []

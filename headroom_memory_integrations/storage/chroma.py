@@ -435,13 +435,16 @@ def _roll_back(collection: Any, rollback: Rollback, step: int, *, create: bool =
         )
 
 
-def _apply_logged_deletes(client: Any, folder: Path) -> None:
+def _apply_logged_deletes(client: Any, folder: Path) -> bool:
     """Have Chroma apply the deletes noted for erasing in ``folder`` that it has logged and
     not yet applied to its records (see :func:`.folder.logged_deletes`): reading the
     collection applies its log. The erase can then find them gone and erase them. A failure
-    is logged: the erase keeps them noted for a later try."""
+    is logged: the erase keeps them noted for a later try. Returns whether Chroma was asked
+    to (it then holds those collections' vector indexes in memory)."""
+    asked = False
     try:
         for name in logged_deletes(folder):
+            asked = True
             try:
                 client.get_collection(name, embedding_function=None).count()
             except Exception as exc:
@@ -454,6 +457,7 @@ def _apply_logged_deletes(client: Any, folder: Path) -> None:
             folder,
             exc_info=True,
         )
+    return asked
 
 
 def _roll_back_left(client: Any, folder: Path) -> str | None:
@@ -1029,6 +1033,9 @@ class ChromaCollection:
                 self._writing(functools.partial(delete_batch, batch), batch)
             if erase:
                 storage._erase()
+                # (the erase closed Chroma: the user's collection is opened again at once, so
+                # that the next small write may still be stored behind the caller)
+                self._call("open memories", lambda c: None)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -1678,11 +1685,14 @@ class ChromaStorage:
             if writer:
                 # the erase of records the last writer deleted (it was killed before it, and
                 # a search could load a vector index that still knows their ids; a delete it
-                # left logged and not applied is applied first), then a write it left
-                # half-done is undone, then the journal replayed: a journaled write came
-                # before that write (which waited for it), or was that write (the worker's),
-                # which the replay then stores whole
-                self._erase_left(client)
+                # left logged and not applied is applied first, and Chroma then opened anew,
+                # so that it loads the index whose deleted vectors the erase cleared), then a
+                # write it left half-done is undone, then the journal replayed: a journaled
+                # write came before that write (which waited for it), or was that write (the
+                # worker's), which the replay then stores whole
+                if self._erase_left(client):
+                    _close_client(client)
+                    client = chromadb.PersistentClient(path=folder, settings=_settings())
                 _roll_back_left(client, self._folder)
                 _store_journaled(client, self._folder)
             return client
@@ -2072,13 +2082,15 @@ class ChromaStorage:
                 other.written_elsewhere()
 
     def _reopen_client(self) -> None:
-        """On taking a folder over (with Chroma unused: the erase lock held alone): close this
-        process's chromadb client, so that the next call opens the folder afresh and Chroma
-        loads each vector index from disk. Chroma keeps an index it loaded in memory and, when
-        it next writes, replays only the log entries after it; the other process may have
-        renamed a deleted record's entries since (see :func:`.folder.erase_deleted`), so that
-        replay would delete the placeholder and keep the real id in the index (and save it in
-        the index's id map). Every handle opens its chromadb collection again. (A chromadb
+        """On taking a folder over, and before erasing deleted records (with Chroma unused:
+        the erase lock held alone): close this process's chromadb client, so that the next
+        call opens the folder afresh and Chroma loads each vector index from disk. Chroma
+        keeps an index it loaded in memory and, when it next writes, replays only the log
+        entries after it; the other process may have renamed a deleted record's entries since
+        (see :func:`.folder.erase_deleted`), so that replay would delete the placeholder and
+        keep the real id in the index (and save it in the index's id map). And it keeps a
+        deleted record's vector in memory and saves it again with the index's next save, over
+        the erase's cleared copy. Every handle opens its chromadb collection again. (A chromadb
         client the application opened on the same folder keeps Chroma's memory alive: then
         nothing is reloaded.)"""
         client, self._client = self._client, None
@@ -2118,20 +2130,25 @@ class ChromaStorage:
         if self._folder is None:
             return
         with self._write_lock, self._erase_lock.alone():
+            # Chroma keeps the deleted records' vectors in its memory and would save them
+            # again: it loads the cleared index file when next used (see _reopen_client)
+            self._reopen_client()
             self._erase_left()
 
-    def _erase_left(self, client: Any = None) -> None:
+    def _erase_left(self, client: Any = None) -> bool:
         """Do the erases recorded in the folder (with Chroma unused meanwhile); a failure is
         logged, and the record kept for the next try. With the ``client`` just made on
         opening the folder, a delete Chroma logged and did not apply (a process killed in
         between, or the second step failed) is applied first, then erased; otherwise it stays
         noted until then (the erase must come after it: see :func:`.folder.logged_deletes`).
         (A process's chromadb that failed to apply a delete does not try again: the next one
-        to open the folder applies it.)"""
+        to open the folder applies it.) Returns whether ``client`` was used: it must then be
+        closed, as it holds vector indexes whose deleted vectors the erase cleared on disk."""
         assert self._folder is not None
+        used = False
         try:
             if client is not None:
-                _apply_logged_deletes(client, self._folder)
+                used = _apply_logged_deletes(client, self._folder)
             erase_noted(self._folder)
         except Exception:
             logger.warning(
@@ -2140,6 +2157,7 @@ class ChromaStorage:
                 self._folder,
                 exc_info=True,
             )
+        return used
 
     # -- users ------------------------------------------------------------------------------
 

@@ -12,8 +12,9 @@ and erasing deleted text from the files.
   after it, so Chroma never meets a full disk halfway through a write (which can empty its index
   files and lose acknowledged writes).
 - :func:`erase_deleted`: Chroma keeps a deleted record's text in its write-ahead log
-  (``embeddings_queue``), in freed database pages and in its full-text index, and its id there
-  and in its vector index's id map; this removes them. :func:`note_erase` records the erase
+  (``embeddings_queue``), in freed database pages and in its full-text index, its id there
+  and in its vector index's id map, and its vector in that index's elements file; this
+  removes them. :func:`note_erase` records the erase
   before the delete, so that a process killed in between leaves it to the next one
   (:func:`erase_noted`).
 - :func:`scrub_freed_memory`: Chroma's vector index files hold bytes of memory it never
@@ -32,12 +33,15 @@ import pickle
 import secrets
 import shutil
 import sqlite3
+import struct
 import sys
 import time
 import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import closing
 from pathlib import Path, PurePath
+
+import numpy as np
 
 from ..errors import StorageError
 from ..jobs import sqlite_uri
@@ -49,6 +53,8 @@ LOCK_FILE = ".headroom-memory.lock"
 ERASE_FILE = ".headroom-memory.erase"
 """The erases of deleted records still to be done (see :func:`note_erase`)."""
 INDEX_ID_MAP = "index_metadata.pickle"
+INDEX_HEADER = "header.bin"
+INDEX_ELEMENTS = "data_level0.bin"
 """The file of a Chroma vector index folder that maps records' ids to the index's numbers."""
 DATABASE_FILE = "chroma.sqlite3"
 """Chroma's database in an embedded folder: a folder without it holds no store."""
@@ -337,6 +343,15 @@ def erase_deleted(
                 renamed = gone
                 if segment is not None:  # (first: the log's replay must find what it deletes)
                     try:
+                        _clear_vectors(folder / segment[0], [*gone, *gone.values()])
+                    except Exception:  # (not the layout read here, or the file is unwritable)
+                        logger.warning(
+                            "the vectors of deleted memories may stay in %s's vector index "
+                            "(their text and ids are erased)",
+                            folder,
+                            exc_info=True,
+                        )
+                    try:
                         _rename_in_index(folder / segment[0], gone)
                     except Exception:  # (not Chroma's plain layout, or no room to rewrite it)
                         logger.warning(
@@ -434,6 +449,58 @@ def _plain_pickle(data: bytes) -> object:
         return _PlainUnpickler(io.BytesIO(data)).load()
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise OSError(f"not a vector index id map: {exc}") from exc
+
+
+_HEADER = struct.Struct("<IQQQQQQ")
+"""The start of a vector index's ``header.bin`` (Chroma's hnswlib): its format's version,
+where the elements start in ``data_level0.bin``, room, elements stored, each one's size, where
+its label and its vector lie in it."""
+
+
+def _clear_vectors(segment: Path, ids: Iterable[str]) -> bool:
+    """Zero the saved vector of each of ``ids`` in a vector index's elements file
+    (``data_level0.bin``), in place, synced; whether any was. The id map gives each id's label
+    (an id it does not hold was not saved in the index yet); the element holding that label
+    is found by reading every element's label. Chroma keeps a deleted element, vector and
+    all, and writes it out again from its own memory when it next saves the index: its client
+    must be closed before this (Chroma then loads the cleared file when it next opens it).
+
+    Raises:
+        OSError: The files are not in the layout read here, or could not be written."""
+    try:
+        saved = _plain_pickle((segment / INDEX_ID_MAP).read_bytes())
+    except FileNotFoundError:
+        return False
+    to_label = saved.get("id_to_label") if isinstance(saved, dict) else None
+    if not isinstance(to_label, dict):
+        raise OSError(f"{segment / INDEX_ID_MAP} is not a vector index id map")
+    labels = {to_label[i] for i in ids if i in to_label}
+    if not labels:
+        return False
+    if not all(type(label) is int and label >= 0 for label in labels):
+        raise OSError(f"{segment / INDEX_ID_MAP} has labels that are not numbers")
+    header = (segment / INDEX_HEADER).read_bytes()
+    if len(header) < _HEADER.size:
+        raise OSError(f"{segment / INDEX_HEADER} is too short for a vector index header")
+    _, start, _, count, size, label_at, vector_at = _HEADER.unpack_from(header)
+    if not count:
+        return False
+    path = segment / INDEX_ELEMENTS
+    fd = os.open(path, os.O_RDWR)
+    try:
+        length = os.fstat(fd).st_size
+        if not (0 < vector_at < label_at <= size - 8 and start + count * size <= length):
+            raise OSError(f"{path} is not laid out as its header says")
+        elements = os.pread(fd, count * size, start)
+        stored = np.ndarray((count,), "<u8", elements, label_at, (size,))
+        found = np.flatnonzero(np.isin(stored, np.fromiter(labels, "<u8", len(labels))))
+        for element in found.tolist():
+            _write_all_at(fd, bytes(label_at - vector_at), start + element * size + vector_at)
+        if len(found):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return bool(len(found))
 
 
 def _rename_in_index(segment: Path, renamed: Mapping[str, str]) -> None:
@@ -625,6 +692,13 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _write_all_at(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` to ``fd`` at ``offset`` (``os.pwrite`` may write part of it)."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def replace_file(path: Path, data: bytes) -> None:
