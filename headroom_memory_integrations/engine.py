@@ -1435,9 +1435,8 @@ class MemoryStore(WritePath):
         return self.update(old_id, new_text, category=category)
 
     def delete(self, memory_id: str) -> None:
-        """Forget one memory, and erase its text (with its earlier versions) from an embedded
-        folder's files (docs/reliability.md). Its vector stays in Chroma's index file until
-        Chroma reuses the slot: to leave nothing of a user, use :meth:`forget_user`. Raises
+        """Forget one memory, and erase its text (with its earlier versions), its id and its
+        vector from an embedded folder's files (docs/reliability.md, section 6). Raises
         :class:`MemoryNotFoundError` if there is none."""
         check_memory_id(memory_id)
         with self._write_lock:

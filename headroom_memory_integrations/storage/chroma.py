@@ -1666,9 +1666,11 @@ class ChromaStorage:
 
     # -- the client -------------------------------------------------------------------------
 
-    def _open_folder(self) -> Any:
+    def _open_folder(self, *, recover: bool = True) -> Any:
         """Make the embedded client: create the folder, take its lock if no other process
-        holds it, open Chroma. A failed open leaves nothing behind to spoil the next one."""
+        holds it, open Chroma, and as its writer first finish what an earlier writer left
+        (not with ``recover`` False: this process opens Chroma anew, see :meth:`_erase`). A
+        failed open leaves nothing behind to spoil the next one."""
         chromadb = import_chromadb("chromadb.api.rust")
 
         assert self._folder is not None and self._folder_lock is not None
@@ -1682,7 +1684,7 @@ class ChromaStorage:
             _embedded_opened = True  # (before: the client starts chromadb's threads)
             self._wait_for_database("open the memory store")
             client = chromadb.PersistentClient(path=folder, settings=_settings())
-            if writer:
+            if writer and recover:
                 # the erase of records the last writer deleted (it was killed before it, and
                 # a search could load a vector index that still knows their ids; a delete it
                 # left logged and not applied is applied first, and Chroma then opened anew,
@@ -2131,9 +2133,23 @@ class ChromaStorage:
             return
         with self._write_lock, self._erase_lock.alone():
             # Chroma keeps the deleted records' vectors in its memory and would save them
-            # again: it loads the cleared index file when next used (see _reopen_client)
+            # again: it is closed, and opened anew on the cleared index files (_reopen_client)
             self._reopen_client()
-            self._erase_left()
+            try:
+                self._erase_left()
+            finally:
+                self._open_again()
+
+    def _open_again(self) -> None:
+        """After an erase (the write lock and the erase lock held): open the folder's Chroma
+        again at once, without what an open does for an earlier writer's leftovers (this
+        process's own large write, journal and erases are its own; done then, an open could
+        undo a large write another thread is starting). If that fails, it is logged, and the
+        next call opens it (with them)."""
+        try:
+            self._adopt(self._open_folder(recover=False))
+        except Exception:
+            logger.warning("could not open %s again after an erase", self._folder, exc_info=True)
 
     def _erase_left(self, client: Any = None) -> bool:
         """Do the erases recorded in the folder (with Chroma unused meanwhile); a failure is

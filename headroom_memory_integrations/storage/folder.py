@@ -301,7 +301,9 @@ def erase_deleted(
     (``index_metadata.pickle``) if that still holds it: a memory's id is a hash of its user's
     id and its wording (``concurrency.wording_id``), so a short text could be found again from
     it by trying every guess. The log still reads "added, then deleted" (of the placeholder),
-    and the index loaded from disk still deletes what the log says. An id still stored is left
+    and the index loaded from disk still deletes what the log says; the vector the index saved
+    for each is zeroed (:func:`_clear_vectors`: close Chroma's client first, or it saves the
+    vector again from its memory). An id still stored is left
     as it is: if the newest entry of its log is its delete, Chroma logged the delete and has
     not applied it to its records yet (it does that in a second step, and the process was
     killed in between, or the step failed; the next chromadb to open the folder applies it at
