@@ -460,6 +460,32 @@ def test_a_deleted_memorys_vector_leaves_the_vector_index_for_good(db_path, save
     assert texts_found(reopened, "Later fact number 7", top_k=1) == ["Later fact number 7"]
 
 
+@pytest.mark.parametrize("spoiled", ["version", "element size", "links"])
+def test_vector_index_files_of_another_layout_are_left_as_they_are(db_path, spoiled) -> None:
+    """The erase writes into Chroma's vector index files only in the layout it reads (its
+    header's version, sizes that fit the file and the vectors): otherwise it would zero bytes
+    that are not a vector, and break the index. It refuses, the file unchanged."""
+    from headroom_memory_integrations.storage import folder
+
+    store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
+    secret = store.add("My bank card PIN is 4821")
+    store.add_many([f"Ordinary fact number {n}" for n in range(150)])  # the index is saved
+    store.storage.close()
+    (segment,) = {path.parent for path in db_path.glob("*/" + folder.INDEX_ELEMENTS)}
+    header = bytearray((segment / folder.INDEX_HEADER).read_bytes())
+    if spoiled == "version":
+        header[0:4] = (2).to_bytes(4, "little")
+    elif spoiled == "element size":  # a byte larger, as if a field were added to each
+        header[28:36] = (int.from_bytes(header[28:36], "little") + 4).to_bytes(8, "little")
+    else:  # more links in an element than fit before its vector
+        header[68:76] = (int.from_bytes(header[68:76], "little") + 1).to_bytes(8, "little")
+    (segment / folder.INDEX_HEADER).write_bytes(bytes(header))
+    elements = (segment / folder.INDEX_ELEMENTS).read_bytes()
+    with pytest.raises(OSError):
+        folder._clear_vectors(segment, [secret.id], RandomEmbedder().dimension)
+    assert (segment / folder.INDEX_ELEMENTS).read_bytes() == elements
+
+
 def test_the_erase_opens_chroma_again_without_an_opens_recovery(db_path, monkeypatch) -> None:
     """The erase closes Chroma (above) and opens it again at once, without what an open does
     for a dead writer's leftovers (undo a large write left half-done, replay the journal):

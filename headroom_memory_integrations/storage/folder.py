@@ -343,9 +343,14 @@ def erase_deleted(
                     (collection_id,),
                 ).fetchone()
                 renamed = gone
+                dimension = db.execute(
+                    "SELECT dimension FROM collections WHERE id = ?", (collection_id,)
+                ).fetchone()
                 if segment is not None:  # (first: the log's replay must find what it deletes)
                     try:
-                        _clear_vectors(folder / segment[0], [*gone, *gone.values()])
+                        if dimension is None or not isinstance(dimension[0], int):
+                            raise OSError(f"collection {collection_id} has no dimension")
+                        _clear_vectors(folder / segment[0], [*gone, *gone.values()], dimension[0])
                     except Exception:  # (not the layout read here, or the file is unwritable)
                         logger.warning(
                             "the vectors of deleted memories may stay in %s's vector index "
@@ -453,19 +458,23 @@ def _plain_pickle(data: bytes) -> object:
         raise OSError(f"not a vector index id map: {exc}") from exc
 
 
-_HEADER = struct.Struct("<IQQQQQQ")
+_HEADER = struct.Struct("<IQQQQQQiiQQ")
 """The start of a vector index's ``header.bin`` (Chroma's hnswlib): its format's version,
 where the elements start in ``data_level0.bin``, room, elements stored, each one's size, where
-its label and its vector lie in it."""
+its label and its vector lie in it, the top layer, the entry point, and the most links an
+element has above the bottom layer and in it (the links come first in an element)."""
 
 
-def _clear_vectors(segment: Path, ids: Iterable[str]) -> bool:
-    """Zero the saved vector of each of ``ids`` in a vector index's elements file
-    (``data_level0.bin``), in place, synced; whether any was. The id map gives each id's label
-    (an id it does not hold was not saved in the index yet); the element holding that label
-    is found by reading every element's label. Chroma keeps a deleted element, vector and
-    all, and writes it out again from its own memory when it next saves the index: its client
-    must be closed before this (Chroma then loads the cleared file when it next opens it).
+def _clear_vectors(segment: Path, ids: Iterable[str], dimension: int) -> bool:
+    """Zero the saved vector (of ``dimension`` numbers) of each of ``ids`` in a vector index's
+    elements file (``data_level0.bin``), in place, synced; whether any was. The id map gives
+    each id's label (an id it does not hold was not saved in the index yet); the element
+    holding that label is found by reading every element's label. Only the layout read here
+    is written into (its header's version, and sizes that fit the links, the vector and the
+    label of an element): zeroing other bytes would break the index. Chroma keeps a deleted
+    element, vector and all, and writes it out again from its own memory when it next saves
+    the index: its client must be closed before this (Chroma then loads the cleared file when
+    it next opens it).
 
     Raises:
         OSError: The files are not in the layout read here, or could not be written."""
@@ -484,15 +493,22 @@ def _clear_vectors(segment: Path, ids: Iterable[str]) -> bool:
     header = (segment / INDEX_HEADER).read_bytes()
     if len(header) < _HEADER.size:
         raise OSError(f"{segment / INDEX_HEADER} is too short for a vector index header")
-    _, start, _, count, size, label_at, vector_at = _HEADER.unpack_from(header)
+    version, start, _, count, size, label_at, vector_at, *_, links = _HEADER.unpack_from(header)
+    if not (
+        version == 1
+        and vector_at == 4 + 4 * links  # (a count, then the links)
+        and label_at == vector_at + 4 * dimension
+        and size == label_at + 8
+    ):
+        raise OSError(f"{segment / INDEX_HEADER} is not a header of the layout read here")
     if not count:
         return False
     path = segment / INDEX_ELEMENTS
     fd = os.open(path, os.O_RDWR)
     try:
         length = os.fstat(fd).st_size
-        if not (0 < vector_at < label_at <= size - 8 and start + count * size <= length):
-            raise OSError(f"{path} is not laid out as its header says")
+        if start + count * size > length:
+            raise OSError(f"{path} is shorter than its header says")
         elements = os.pread(fd, count * size, start)
         stored = np.ndarray((count,), "<u8", elements, label_at, (size,))
         found = np.flatnonzero(np.isin(stored, np.fromiter(labels, "<u8", len(labels))))
