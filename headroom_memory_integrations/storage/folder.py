@@ -343,14 +343,10 @@ def erase_deleted(
                     (collection_id,),
                 ).fetchone()
                 renamed = gone
-                dimension = db.execute(
-                    "SELECT dimension FROM collections WHERE id = ?", (collection_id,)
-                ).fetchone()
                 if segment is not None:  # (first: the log's replay must find what it deletes)
                     try:
-                        if dimension is None or not isinstance(dimension[0], int):
-                            raise OSError(f"collection {collection_id} has no dimension")
-                        _clear_vectors(folder / segment[0], [*gone, *gone.values()], dimension[0])
+                        dimension = _dimension(db, collection_id)
+                        _clear_vectors(folder / segment[0], [*gone, *gone.values()], dimension)
                     except Exception:  # (not the layout read here, or the file is unwritable)
                         logger.warning(
                             "the vectors of deleted memories may stay in %s's vector index "
@@ -391,6 +387,15 @@ def erase_deleted(
     finally:
         db.close()
     return kept
+
+
+def _dimension(db: sqlite3.Connection, collection_id: str) -> int:
+    """The length of the collection's vectors, from Chroma's catalog. Raises OSError if it
+    has none (sqlite3.Error if it cannot be read)."""
+    row = db.execute("SELECT dimension FROM collections WHERE id = ?", (collection_id,)).fetchone()
+    if row is None or type(row[0]) is not int or row[0] <= 0:
+        raise OSError(f"Chroma's catalog gives collection {collection_id} no dimension")
+    return int(row[0])
 
 
 def _deleted(
