@@ -1090,6 +1090,10 @@ class ChromaCollection:
         mean = None
         if found and found["ids"]:
             matrix = np.asarray(found["embeddings"], dtype=np.float32)
+            if matrix.ndim != 2 or len(matrix) != len(found["ids"]):
+                # (seen under concurrent writes: the records' ids without their vectors) no
+                # mean this time, and none kept: the next search reads them again
+                return None
             count = len(matrix) if len(matrix) < CENTROID_SAMPLE else self.count()
             mean = (matrix.mean(axis=0), max(count, len(matrix)))  # it stands for them all
         self._sampled_centroid = (now, mean)
