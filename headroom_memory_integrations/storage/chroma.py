@@ -497,8 +497,8 @@ def _is_transient(exc: BaseException) -> bool:
 
 def _with_vectors(page: Any) -> Any:
     """``page`` if it holds a vector for each of its ids. A server's read that races another
-    client's delete may return an id without its vector: that is retried, as a transient
-    error."""
+    client's delete may return an id without its vector, and so may an embedded read beside
+    this process's own writes: that is retried, as a transient error."""
     from chromadb.errors import InternalError
 
     vectors = page.get("embeddings") if page is not None else None
@@ -1084,16 +1084,14 @@ class ChromaCollection:
         # One read of the first records (Chroma returns them in the order they were written).
         # Pages spread over the collection: 8 ranked no better on the benchmarks, 32 as well as
         # the exact mean, but each page costs a scan to its offset (~20 ms at 50k memories).
+        # (ids without their vectors, seen under concurrent writes, are read again)
         found = self._call(
-            "read memories", lambda c: c.get(limit=CENTROID_SAMPLE, include=["embeddings"])
+            "read memories",
+            lambda c: _with_vectors(c.get(limit=CENTROID_SAMPLE, include=["embeddings"])),
         )
         mean = None
         if found and found["ids"]:
             matrix = np.asarray(found["embeddings"], dtype=np.float32)
-            if matrix.ndim != 2 or len(matrix) != len(found["ids"]):
-                # (seen under concurrent writes: the records' ids without their vectors) no
-                # mean this time, and none kept: the next search reads them again
-                return None
             count = len(matrix) if len(matrix) < CENTROID_SAMPLE else self.count()
             mean = (matrix.mean(axis=0), max(count, len(matrix)))  # it stands for them all
         self._sampled_centroid = (now, mean)
