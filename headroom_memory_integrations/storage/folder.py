@@ -472,9 +472,9 @@ its label and its vector lie in it, the top layer, the entry point, and the most
 element has above the bottom layer and in it (the links come first in an element)."""
 
 
-def _clear_vectors(segment: Path, ids: Iterable[str], dimension: int) -> bool:
+def _clear_vectors(segment: Path, ids: Iterable[str], dimension: int) -> None:
     """Zero the saved vector (of ``dimension`` numbers) of each of ``ids`` in a vector index's
-    elements file (``data_level0.bin``), in place, synced; whether any was. The id map gives
+    elements file (``data_level0.bin``), in place, synced. The id map gives
     each id's label (an id it does not hold was not saved in the index yet); the element
     holding that label is found by reading every element's label. Only the layout read here
     is written into (its header's version, and sizes that fit the links, the vector and the
@@ -488,13 +488,13 @@ def _clear_vectors(segment: Path, ids: Iterable[str], dimension: int) -> bool:
     try:
         saved = _plain_pickle((segment / INDEX_ID_MAP).read_bytes())
     except FileNotFoundError:
-        return False
+        return
     to_label = saved.get("id_to_label") if isinstance(saved, dict) else None
     if not isinstance(to_label, dict):
         raise OSError(f"{segment / INDEX_ID_MAP} is not a vector index id map")
     labels = {to_label[i] for i in ids if i in to_label}
     if not labels:
-        return False
+        return
     if not all(type(label) is int and label >= 0 for label in labels):
         raise OSError(f"{segment / INDEX_ID_MAP} has labels that are not numbers")
     header = (segment / INDEX_HEADER).read_bytes()
@@ -509,7 +509,7 @@ def _clear_vectors(segment: Path, ids: Iterable[str], dimension: int) -> bool:
     ):
         raise OSError(f"{segment / INDEX_HEADER} is not a header of the layout read here")
     if not count:
-        return False
+        return
     path = segment / INDEX_ELEMENTS
     fd = os.open(path, os.O_RDWR)
     try:
@@ -525,7 +525,6 @@ def _clear_vectors(segment: Path, ids: Iterable[str], dimension: int) -> bool:
             os.fsync(fd)
     finally:
         os.close(fd)
-    return bool(len(found))
 
 
 def _rename_in_index(segment: Path, renamed: Mapping[str, str]) -> None:
