@@ -112,8 +112,11 @@ def terms(text: str) -> Counter[str]:
     return Counter(stem(word) for word in words if word not in STOPWORDS)
 
 
+@lru_cache(maxsize=65_536)
 def stem(word: str) -> str:
-    """A deliberately light stemmer: one common ending off, then a final "e"."""
+    """A deliberately light stemmer: one common ending off, then a final "e". Cached: a
+    search reads the terms of up to a couple of hundred memories it has not read before, and
+    their words are mostly words already met."""
     for suffix in _SUFFIXES:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
             word = word[: -len(suffix)]
@@ -155,8 +158,9 @@ def lexical_scores(
     average = max(sum(length for _, length in parsed[:sample]) / sample, 1.0)
     holders: dict[str, list[int]] = {term: [] for term in wanted}
     for index, (counted, _) in enumerate(parsed):
-        for term in wanted.intersection(counted):
-            holders[term].append(index)
+        for term, holding in holders.items():
+            if term in counted:
+                holding.append(index)
     scores = [0.0] * count
     best = 0.0
     for term, holding in holders.items():

@@ -103,7 +103,8 @@ class VectorIndex:
 
     def _best(self, similarities: Vectors, limit: int) -> list[tuple[str, float]]:
         top = most_similar(similarities, limit)
-        return [(self._ids[i], float(similarities[i])) for i in top.tolist()]
+        ids = self._ids
+        return list(zip([ids[i] for i in top.tolist()], similarities[top].tolist()))
 
 
 def most_similar(similarities: Vectors, limit: int) -> np.ndarray:
