@@ -1035,7 +1035,14 @@ class ChromaCollection:
                 storage._erase()
                 # (the erase closed Chroma: the user's collection is opened again at once, so
                 # that the next small write may still be stored behind the caller)
-                self._call("open memories", lambda c: None)
+                try:
+                    self._call("open memories", lambda c: None)
+                except StorageError as exc:  # the delete is done: the next call opens it
+                    logger.warning(
+                        "could not open the memories of user %s again after a delete (%s)",
+                        user_tag(self._user_id),
+                        exc,
+                    )
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -2144,10 +2151,14 @@ class ChromaStorage:
 
     def _open_again(self) -> None:
         """After an erase (the write lock and the erase lock held): open the folder's Chroma
-        again at once, without what an open does for an earlier writer's leftovers (this
-        process's own large write, journal and erases are its own; done then, an open could
-        undo a large write another thread is starting). If that fails, it is logged, and the
-        next call opens it (with them)."""
+        again at once, without what an open does for an earlier writer's leftovers: what the
+        folder holds of them now is this process's own (its worker's journal, which that worker
+        is storing; a delete it left to the next process), and an open's recovery would only
+        store the journal twice. If that fails, it is logged, and the next call opens it, with
+        the recovery: harmless then too, as no write of this process has an undo record on disk
+        without holding the write lock with the client open (``_ready_to_write`` opens it
+        before ``_store`` records the undo, and only an erase or a take-over, both under the
+        write lock, closes it)."""
         try:
             self._adopt(self._open_folder(recover=False))
         except Exception:
