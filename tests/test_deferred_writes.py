@@ -432,6 +432,29 @@ def test_a_journal_the_worker_could_not_empty_is_emptied_before_a_delete(
     assert fresh.get_all() == []
 
 
+def test_after_one_users_delete_another_users_small_write_is_still_stored_behind_the_caller(
+    hash_store: MemoryStore, monkeypatch, held
+) -> None:
+    """A delete closes Chroma for its erase and opens it anew (docs/reliability.md, section 6):
+    every user's handle lets go of its chromadb collection, not of knowing that the collection
+    exists, so another user's next small write is still journaled and left to the worker, not
+    made in the caller's call (where Chroma would load that user's vector index first)."""
+    bob = MemoryStore("bob", storage=hash_store.storage, embedder=hash_store.embedder)
+    bob.add("Plays the oboe")
+    hash_store.add("Plays the cello")
+    gone = hash_store.add("Lives in Lisbon")
+    _read_ahead(hash_store, monkeypatch)
+    bobs = _read_ahead(bob, monkeypatch)
+    hash_store.delete(gone.id)
+    memory = bob.add("Keeps bees on the roof")
+    assert hash_store.storage._deferred.pending == 1
+    assert b"Keeps bees on the roof" in _journal(bob)
+    assert bob.flush(10) and _journal(bob) == b""
+    assert _in_chroma(bobs, memory.id)
+    assert sorted(m.text for m in bob.get_all()) == ["Keeps bees on the roof", "Plays the oboe"]
+    assert [m.text for m in hash_store.get_all()] == ["Plays the cello"]
+
+
 @pytest.mark.parametrize("behind", [True, False], ids=["deferred", "written at once"])
 def test_a_rewrite_of_a_memory_gone_stores_the_others_and_nothing_of_it(
     hash_store: MemoryStore, monkeypatch, held, behind

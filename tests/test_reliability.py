@@ -507,7 +507,7 @@ def test_a_delete_done_is_not_reported_failed_when_chroma_cannot_be_opened_again
 ) -> None:
     """The erase closes Chroma and opens it again (above). If Chroma cannot be opened then (no
     file descriptors left, say), the delete is done all the same: delete() returns, with a
-    warning, rather than raise for memories it deleted; the next call opens Chroma."""
+    warning, and the next call opens Chroma."""
     store = MemoryStore("alice", db_path=db_path, embedder=RandomEmbedder())
     store.add("Plays the cello")
     gone = store.add("Lives in Lisbon")
@@ -527,7 +527,7 @@ def test_a_delete_done_is_not_reported_failed_when_chroma_cannot_be_opened_again
     monkeypatch.setattr(chroma.ChromaStorage, "_erase", erase_then_fail_to_open)
     with caplog.at_level(logging.WARNING):
         store.delete(gone.id)
-    assert "could not open" in caplog.text and "after a delete" in caplog.text
+    assert "could not open" in caplog.text and "again after an erase" in caplog.text
     assert storage._client is None
     monkeypatch.setattr(storage, "_open_folder", opening)
     monkeypatch.setattr(storage, "_connect", opening)

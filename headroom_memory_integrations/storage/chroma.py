@@ -680,6 +680,9 @@ class ChromaCollection:
         self._name = collection_name(user_id)
         self.binding = binding  # (embedder, dimension) it is used with
         self._collection: Any = None  # the chromadb collection, once opened
+        # It was opened (it exists, its owner checked): kept while Chroma is closed and opened
+        # anew (an erase), which lets go of the chromadb collection but not of the collection
+        self._exists = False
         self._segment: Path | None = None  # an embedded collection's index folder, once known
         self._write_lock = storage._write_lock
         self._user_lock = threading.RLock()
@@ -745,6 +748,7 @@ class ChromaCollection:
         storage._check_owner(collection.metadata or {}, self._user_id, embedder, dimension)
         _save_index_often(collection)
         self._collection = collection
+        self._exists = True
         return collection
 
     def _call(self, action: str, run: Callable[[Any], T], *, write: bool = False) -> T | None:
@@ -778,6 +782,7 @@ class ChromaCollection:
                         raise storage._closed_error() from exc
                     if _is_missing(exc) and not last:
                         self._collection = self._segment = None  # dropped: open it afresh
+                        self._exists = False
                         continue
                     if not _is_transient(exc) or last:
                         raise
@@ -877,7 +882,7 @@ class ChromaCollection:
         the write is small."""
         return (
             records <= MAX_DEFERRED_RECORDS
-            and self._collection is not None
+            and self._exists
             and self._index is not None
             and self._warm_log is None
             and self._sole_writer
@@ -1033,16 +1038,6 @@ class ChromaCollection:
                 self._writing(functools.partial(delete_batch, batch), batch)
             if erase:
                 storage._erase()
-                # (the erase closed Chroma: the user's collection is opened again at once, so
-                # that the next small write may still be stored behind the caller)
-                try:
-                    self._call("open memories", lambda c: None)
-                except StorageError as exc:  # the delete is done: the next call opens it
-                    logger.warning(
-                        "could not open the memories of user %s again after a delete (%s)",
-                        user_tag(self._user_id),
-                        exc,
-                    )
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -1190,6 +1185,7 @@ class ChromaCollection:
         self._write_stamp += 2  # a read that overlapped keeps nothing
         self._warm_log = None  # nor does a read-ahead under way
         self._collection = self._segment = None
+        self._exists = False
         self._index = None
         self._cache.clear()
         self._absent.clear()
@@ -1217,6 +1213,7 @@ class ChromaCollection:
         self._user_lock = threading.RLock()
         self._warm_lock = threading.Lock()
         self._collection = self._segment = None
+        self._exists = False
         self._write_stamp = self._write_stamp // 2 * 2  # (a parent's write under way: over)
         self.written_elsewhere()
 
