@@ -751,6 +751,13 @@ class ChromaCollection:
         self._exists = True
         return collection
 
+    def _let_go_of_collection(self) -> None:
+        """Forget the chromadb collection, its index folder and that it exists: it may be
+        gone (dropped), or belong to another client (a fork). (Chroma opened anew keeps all
+        but the chromadb collection: see :meth:`ChromaStorage._reopen_client`.)"""
+        self._collection = self._segment = None
+        self._exists = False
+
     def _call(self, action: str, run: Callable[[Any], T], *, write: bool = False) -> T | None:
         """``run(collection)``, its errors raised as :class:`StorageError`. Returns None when
         the collection does not exist and ``write`` is False (nothing to read or delete).
@@ -781,8 +788,7 @@ class ChromaCollection:
                     if storage._closed:  # closed while this call ran
                         raise storage._closed_error() from exc
                     if _is_missing(exc) and not last:
-                        self._collection = self._segment = None  # dropped: open it afresh
-                        self._exists = False
+                        self._let_go_of_collection()  # dropped: open it afresh
                         continue
                     if not _is_transient(exc) or last:
                         raise
@@ -1184,8 +1190,7 @@ class ChromaCollection:
         collection again, and the next search reads it ahead again."""
         self._write_stamp += 2  # a read that overlapped keeps nothing
         self._warm_log = None  # nor does a read-ahead under way
-        self._collection = self._segment = None
-        self._exists = False
+        self._let_go_of_collection()
         self._index = None
         self._cache.clear()
         self._absent.clear()
@@ -1212,8 +1217,7 @@ class ChromaCollection:
         self._write_lock = self._storage._write_lock
         self._user_lock = threading.RLock()
         self._warm_lock = threading.Lock()
-        self._collection = self._segment = None
-        self._exists = False
+        self._let_go_of_collection()
         self._write_stamp = self._write_stamp // 2 * 2  # (a parent's write under way: over)
         self.written_elsewhere()
 
